@@ -1,0 +1,15 @@
+//! Compiles `pipeline/v1/*.proto` with `protox` (pure Rust, so no system `protoc`) and generates
+//! the prost messages and tonic services into `OUT_DIR`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["pipeline/v1/pipeline.proto"];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(protos, ["."])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

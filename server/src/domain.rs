@@ -1,0 +1,508 @@
+//! Domain types shared by the coordinator, the store and the gRPC edge: validated identifiers,
+//! task and run records, and the small enums of the lifecycle.
+//!
+//! Every constructor here validates. A [`TaskId`] that exists is safe to hand to git (as a ref
+//! component) and to a path; nothing else in the server re-checks it.
+
+use std::fmt;
+
+use crate::error::Error;
+
+/// Milliseconds since the Unix epoch (UTC).
+pub type Millis = i64;
+
+/// Priorities run from 0 (highest) to this value (lowest).
+pub const LOWEST_PRIORITY: u8 = 4;
+/// The priority of a task created without one (as in the seed, P2).
+pub const DEFAULT_PRIORITY: u8 = 2;
+/// Titles longer than this are refused.
+pub const MAX_TITLE_BYTES: usize = 1024;
+/// Descriptions longer than this are refused.
+pub const MAX_DESCRIPTION_BYTES: usize = 1024 * 1024;
+
+/// A task identifier: `t-<n>` when generated; when given by a user it must match
+/// `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` and be a valid git ref component.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(String);
+
+impl TaskId {
+    /// Validates a user-given identifier; the error says what is wrong with it.
+    pub fn parse(raw: &str) -> Result<Self, Error> {
+        let refuse = |why: &str| {
+            Err(Error::InvalidArgument(format!(
+                "invalid task id {}: {why}",
+                quote_for_message(raw)
+            )))
+        };
+        if raw.is_empty() {
+            return refuse("it is empty");
+        }
+        if raw.len() > 64 {
+            return refuse(&format!("it is {} characters long, the limit is 64", raw.len()));
+        }
+        let first = raw.as_bytes()[0];
+        if !first.is_ascii_alphanumeric() {
+            return refuse("it must start with a letter or a digit");
+        }
+        if let Some(bad) = raw
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return refuse(&format!(
+                "{} is not allowed (use letters, digits, '.', '_' and '-')",
+                quote_char(bad)
+            ));
+        }
+        if raw.contains("..") {
+            return refuse("it must not contain '..'");
+        }
+        if raw.ends_with('.') {
+            return refuse("it must not end with '.'");
+        }
+        if raw.ends_with(".lock") {
+            return refuse("it must not end with '.lock'");
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The identifier generated for the `n`th task.
+    pub fn generated(n: u64) -> Self {
+        Self(format!("t-{n}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Quotes user input for an error message, escaping control characters and cutting it short.
+pub fn quote_for_message(raw: &str) -> String {
+    const LIMIT: usize = 80;
+    let mut shown: String = raw.chars().take(LIMIT).collect::<String>();
+    if raw.chars().count() > LIMIT {
+        shown.push('…');
+    }
+    format!("{shown:?}")
+}
+
+fn quote_char(c: char) -> String {
+    match c {
+        ' ' => "a space".to_owned(),
+        c if c.is_control() => format!("the control character {:?}", c),
+        c => format!("{c:?}"),
+    }
+}
+
+/// Where a task is in its life; see the lifecycle in `CONTRACT.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaskStatus {
+    Open,
+    InProgress,
+    Verified,
+    Done,
+    NeedsHelp,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Open,
+        TaskStatus::InProgress,
+        TaskStatus::Verified,
+        TaskStatus::Done,
+        TaskStatus::NeedsHelp,
+        TaskStatus::Cancelled,
+    ];
+
+    /// The lowercase word used in the database, in JSON and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Open => "open",
+            TaskStatus::InProgress => "in_progress",
+            TaskStatus::Verified => "verified",
+            TaskStatus::Done => "done",
+            TaskStatus::NeedsHelp => "needs_help",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == raw)
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The phase a run belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Dev,
+    Verify,
+    Integrate,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Dev => "dev",
+            Phase::Verify => "verify",
+            Phase::Integrate => "integrate",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Phase::Dev, Phase::Verify, Phase::Integrate]
+            .into_iter()
+            .find(|p| p.as_str() == raw)
+    }
+}
+
+/// The outcome of a run so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Success,
+    Failure,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Success => "success",
+            RunStatus::Failure => "failure",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [RunStatus::Running, RunStatus::Success, RunStatus::Failure]
+            .into_iter()
+            .find(|s| s.as_str() == raw)
+    }
+}
+
+/// The mutable part of a task: everything the lifecycle reads and writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskState {
+    pub status: TaskStatus,
+    /// Commits accepted from runners for this task.
+    pub patchset: u32,
+    /// Failed attempts since creation or the last explicit retry.
+    pub failures: u32,
+    /// Total cost of every run of the task, in cents.
+    pub cost_cents: f64,
+    /// `cost_cents` at the last explicit retry: the cost cap counts from here.
+    pub cost_at_retry: f64,
+    /// Not eligible for a lease before this instant.
+    pub backoff_until: Option<Millis>,
+    /// Why the last attempt was rejected, for the next prompt.
+    pub feedback: Option<String>,
+    /// Whether the next attempt amends the previous patchset (after a verify failure) or starts
+    /// fresh from the current base (first attempt, dev failure, conflict, red integration build).
+    pub amend: bool,
+}
+
+impl TaskState {
+    /// The state of a task that was just created.
+    pub fn new() -> Self {
+        Self {
+            status: TaskStatus::Open,
+            patchset: 0,
+            failures: 0,
+            cost_cents: 0.0,
+            cost_at_retry: 0.0,
+            backoff_until: None,
+            feedback: None,
+            amend: false,
+        }
+    }
+}
+
+impl TaskState {
+    /// Cost counted against the task's cost cap: everything since the last retry.
+    pub fn budget_spent(&self) -> f64 {
+        self.cost_cents - self.cost_at_retry
+    }
+}
+
+impl Default for TaskState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A task as stored: its fixed attributes, its dependencies and its current state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    pub id: TaskId,
+    /// Order of creation; breaks priority ties (oldest first).
+    pub seq: i64,
+    pub title: String,
+    pub description: String,
+    pub namespace: Option<String>,
+    pub priority: u8,
+    pub parent: Option<TaskId>,
+    pub depends_on: Vec<TaskId>,
+    pub state: TaskState,
+    /// Incremented by every write; the store refuses a write made from a stale read.
+    pub version: i64,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// What a user asks for when creating a task, already validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewTask {
+    /// `None` to generate `t-<n>`.
+    pub id: Option<TaskId>,
+    pub title: String,
+    pub description: String,
+    pub namespace: Option<String>,
+    pub priority: u8,
+    pub parent: Option<TaskId>,
+    pub depends_on: Vec<TaskId>,
+}
+
+impl NewTask {
+    /// Validates the free-text fields of a new task.
+    pub fn new(
+        id: Option<TaskId>,
+        title: String,
+        description: String,
+        namespace: Option<String>,
+        priority: Option<u32>,
+        parent: Option<TaskId>,
+        depends_on: Vec<TaskId>,
+    ) -> Result<Self, Error> {
+        let title = title.trim().to_owned();
+        if title.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a task needs a title: pass --title".to_owned(),
+            ));
+        }
+        if title.len() > MAX_TITLE_BYTES || title.contains(['\n', '\r', '\0']) {
+            return Err(Error::InvalidArgument(format!(
+                "invalid title: it must be one line of at most {MAX_TITLE_BYTES} bytes"
+            )));
+        }
+        if description.len() > MAX_DESCRIPTION_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "the description is {} bytes, the limit is {MAX_DESCRIPTION_BYTES} (1 MiB)",
+                description.len()
+            )));
+        }
+        if description.contains('\0') {
+            return Err(Error::InvalidArgument(
+                "the description contains a NUL byte".to_owned(),
+            ));
+        }
+        let namespace = match namespace.map(|ns| ns.trim().to_owned()) {
+            None => None,
+            Some(ns) if ns.is_empty() => None,
+            Some(ns) => Some(validate_namespace(ns)?),
+        };
+        let priority = match priority {
+            None => DEFAULT_PRIORITY,
+            Some(p) if p <= u32::from(LOWEST_PRIORITY) => p as u8,
+            Some(p) => {
+                return Err(Error::InvalidArgument(format!(
+                    "invalid priority {p}: use 0 (highest) to {LOWEST_PRIORITY} (lowest)"
+                )));
+            }
+        };
+        let mut deps = depends_on;
+        deps.sort();
+        deps.dedup();
+        if let Some(id) = &id {
+            if deps.contains(id) {
+                return Err(Error::InvalidArgument(format!(
+                    "task {id} cannot depend on itself"
+                )));
+            }
+            if parent.as_ref() == Some(id) {
+                return Err(Error::InvalidArgument(format!(
+                    "task {id} cannot be its own parent"
+                )));
+            }
+        }
+        Ok(Self {
+            id,
+            title,
+            description,
+            namespace,
+            priority,
+            parent,
+            depends_on: deps,
+        })
+    }
+}
+
+/// A namespace names what `bild` builds (e.g. `Omni/Pipeline.hs`): a relative path inside the
+/// repository. It reaches a command line, so it must not look like an option or leave the tree.
+fn validate_namespace(ns: String) -> Result<String, Error> {
+    let refuse = |why: &str| {
+        Err(Error::InvalidArgument(format!(
+            "invalid namespace {}: {why}",
+            quote_for_message(&ns)
+        )))
+    };
+    if ns.len() > 256 {
+        return refuse("it is longer than 256 bytes");
+    }
+    if ns.starts_with('-') {
+        return refuse("it must not start with '-'");
+    }
+    if ns.starts_with('/') {
+        return refuse("it must be a path relative to the repository");
+    }
+    if ns.split('/').any(|part| part == "..") {
+        return refuse("it must not contain '..'");
+    }
+    if ns.chars().any(|c| c.is_control()) {
+        return refuse("it must not contain control characters");
+    }
+    Ok(ns)
+}
+
+/// One run of a task: a dev attempt on a runner, a verification, or an integration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Run {
+    pub id: i64,
+    pub task_id: TaskId,
+    pub phase: Phase,
+    pub patchset: u32,
+    pub attempt: u32,
+    /// The runner's name; `None` for the server's own runs.
+    pub runner: Option<String>,
+    pub status: RunStatus,
+    pub cost_cents: f64,
+    pub started_at: Millis,
+    pub finished_at: Option<Millis>,
+    pub error: Option<String>,
+}
+
+/// One entry of a task's history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskEvent {
+    pub id: i64,
+    pub task_id: TaskId,
+    pub at: Millis,
+    pub kind: String,
+    pub from: Option<TaskStatus>,
+    pub to: TaskStatus,
+    pub message: String,
+}
+
+/// Counts of tasks by status, for `pipelinectl status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatusCounts {
+    pub open: u64,
+    pub in_progress: u64,
+    pub verified: u64,
+    pub done: u64,
+    pub needs_help: u64,
+    pub cancelled: u64,
+    pub active_dev_runs: u64,
+}
+
+impl StatusCounts {
+    pub fn add(&mut self, status: TaskStatus, n: u64) {
+        let slot = match status {
+            TaskStatus::Open => &mut self.open,
+            TaskStatus::InProgress => &mut self.in_progress,
+            TaskStatus::Verified => &mut self.verified,
+            TaskStatus::Done => &mut self.done,
+            TaskStatus::NeedsHelp => &mut self.needs_help,
+            TaskStatus::Cancelled => &mut self.cancelled,
+        };
+        *slot += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_follow_the_contract() {
+        for ok in ["t-1", "a", "A.b_c-d", "9lives", &"x".repeat(64), "v1.2"] {
+            assert!(TaskId::parse(ok).is_ok(), "{ok} should be accepted");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("../x", "must start with a letter"),
+            ("-x", "must start with a letter"),
+            ("a b", "a space"),
+            (&"x".repeat(80), "limit is 64"),
+            ("a..b", "'..'"),
+            ("a.", "end with '.'"),
+            ("a.lock", "'.lock'"),
+            ("a/b", "'/'"),
+            ("a\0b", "control character"),
+            ("é", "must start with a letter"),
+            ("a~1", "'~'"),
+        ] {
+            let err = TaskId::parse(bad).expect_err(bad).to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn new_task_validates_its_fields() {
+        let mk = |title: &str, desc: &str, ns: Option<&str>, prio: Option<u32>| {
+            NewTask::new(
+                None,
+                title.to_owned(),
+                desc.to_owned(),
+                ns.map(str::to_owned),
+                prio,
+                None,
+                vec![],
+            )
+        };
+        assert_eq!(mk("fix it", "", None, None).map(|t| t.priority).ok(), Some(2));
+        assert!(mk("  ", "", None, None).is_err());
+        assert!(mk("two\nlines", "", None, None).is_err());
+        assert!(mk("t", "nul\0", None, None).is_err());
+        assert!(mk("t", &"x".repeat(MAX_DESCRIPTION_BYTES + 1), None, None).is_err());
+        assert!(mk("t", "", Some("--help"), None).is_err());
+        assert!(mk("t", "", Some("../etc"), None).is_err());
+        assert!(mk("t", "", Some("/abs"), None).is_err());
+        assert_eq!(
+            mk("t", "", Some("Omni/Pipeline.hs"), Some(0))
+                .map(|t| (t.namespace, t.priority))
+                .ok(),
+            Some((Some("Omni/Pipeline.hs".to_owned()), 0))
+        );
+        assert_eq!(mk("t", "", Some(""), None).map(|t| t.namespace).ok(), Some(None));
+        let err = mk("t", "", None, Some(9)).expect_err("priority 9").to_string();
+        assert!(err.contains("invalid priority 9"), "{err}");
+    }
+
+    #[test]
+    fn a_task_cannot_depend_on_itself() {
+        let id = TaskId::parse("a").ok();
+        let err = NewTask::new(
+            id.clone(),
+            "t".into(),
+            String::new(),
+            None,
+            None,
+            None,
+            id.into_iter().collect(),
+        )
+        .expect_err("self dependency");
+        assert!(err.to_string().contains("cannot depend on itself"));
+    }
+}

@@ -1,0 +1,39 @@
+//! The one error type of the coordinator's domain. Each variant maps to one gRPC status code (in
+//! `grpc::status_from_error`); the message is one lowercase line a person can act on.
+
+/// What went wrong, classified by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong (a malformed ID, a priority out of range): fix the request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A thing to be created exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is well-formed but the state does not allow it (cancel a done task, a cycle).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A write raced another and lost; the caller may read again and retry.
+    #[error("{0}")]
+    Conflict(String),
+    /// Something the server depends on failed (the database, git).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        Error::Internal(format!("database: {err}"))
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(err: sqlx::migrate::MigrateError) -> Self {
+        Error::Internal(format!("database migration: {err}"))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,403 @@
+//! The gRPC edge of the control API. Each method decodes and validates its request into domain
+//! types, calls one [`Coordinator`] method, encodes the answer, and maps the error with
+//! [`status_from_error`]. Nothing else happens here.
+//!
+//! Architecture invariant: only this module (and the `pipeline-proto` crate) knows prost types.
+
+use std::sync::Arc;
+
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::control_service_server::ControlService;
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::{Coordinator, RunnerInfo, RunnerState, TaskDetail};
+use crate::domain::{NewTask, Phase, Run, RunStatus, Task, TaskEvent, TaskId, TaskStatus};
+use crate::error::Error;
+use crate::store::Store;
+
+/// The one mapping from domain errors to gRPC statuses.
+pub fn status_from_error(err: Error) -> Status {
+    match err {
+        Error::InvalidArgument(m) => Status::invalid_argument(m),
+        Error::NotFound(m) => Status::not_found(m),
+        Error::AlreadyExists(m) => Status::already_exists(m),
+        Error::FailedPrecondition(m) => Status::failed_precondition(m),
+        Error::Conflict(m) => Status::aborted(m),
+        err @ Error::Internal(_) => {
+            tracing::error!(error = %err, "internal error");
+            Status::internal(err.to_string())
+        }
+    }
+}
+
+fn task_id(raw: &str) -> Result<TaskId, Status> {
+    TaskId::parse(raw).map_err(status_from_error)
+}
+
+fn dependency_ids(raw: &[String]) -> Result<Vec<TaskId>, Status> {
+    raw.iter()
+        .map(|d| {
+            TaskId::parse(d).map_err(|e| Status::invalid_argument(format!("dependency: {e}")))
+        })
+        .collect()
+}
+
+fn status_to_pb(s: TaskStatus) -> pb::TaskStatus {
+    match s {
+        TaskStatus::Open => pb::TaskStatus::Open,
+        TaskStatus::InProgress => pb::TaskStatus::InProgress,
+        TaskStatus::Verified => pb::TaskStatus::Verified,
+        TaskStatus::Done => pb::TaskStatus::Done,
+        TaskStatus::NeedsHelp => pb::TaskStatus::NeedsHelp,
+        TaskStatus::Cancelled => pb::TaskStatus::Cancelled,
+    }
+}
+
+fn status_from_pb(raw: i32) -> Result<TaskStatus, Status> {
+    match pb::TaskStatus::try_from(raw) {
+        Ok(pb::TaskStatus::Open) => Ok(TaskStatus::Open),
+        Ok(pb::TaskStatus::InProgress) => Ok(TaskStatus::InProgress),
+        Ok(pb::TaskStatus::Verified) => Ok(TaskStatus::Verified),
+        Ok(pb::TaskStatus::Done) => Ok(TaskStatus::Done),
+        Ok(pb::TaskStatus::NeedsHelp) => Ok(TaskStatus::NeedsHelp),
+        Ok(pb::TaskStatus::Cancelled) => Ok(TaskStatus::Cancelled),
+        Ok(pb::TaskStatus::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "unknown task status {raw}; use open, in_progress, verified, done, needs_help or cancelled"
+        ))),
+    }
+}
+
+impl From<&Task> for pb::Task {
+    fn from(t: &Task) -> Self {
+        pb::Task {
+            id: t.id.to_string(),
+            title: t.title.clone(),
+            description: t.description.clone(),
+            namespace: t.namespace.clone(),
+            priority: u32::from(t.priority),
+            parent: t.parent.as_ref().map(ToString::to_string),
+            depends_on: t.depends_on.iter().map(ToString::to_string).collect(),
+            status: status_to_pb(t.state.status).into(),
+            patchset: t.state.patchset,
+            failures: t.state.failures,
+            cost_cents: t.state.cost_cents,
+            backoff_until_ms: t.state.backoff_until,
+            feedback: t.state.feedback.clone(),
+            created_at_ms: t.created_at,
+            updated_at_ms: t.updated_at,
+        }
+    }
+}
+
+impl From<&Run> for pb::Run {
+    fn from(r: &Run) -> Self {
+        let phase = match r.phase {
+            Phase::Dev => pb::RunPhase::Dev,
+            Phase::Verify => pb::RunPhase::Verify,
+            Phase::Integrate => pb::RunPhase::Integrate,
+        };
+        let status = match r.status {
+            RunStatus::Running => pb::RunStatus::Running,
+            RunStatus::Success => pb::RunStatus::Success,
+            RunStatus::Failure => pb::RunStatus::Failure,
+        };
+        pb::Run {
+            id: r.id,
+            phase: phase.into(),
+            patchset: r.patchset,
+            attempt: r.attempt,
+            runner: r.runner.clone(),
+            status: status.into(),
+            cost_cents: r.cost_cents,
+            started_at_ms: r.started_at,
+            finished_at_ms: r.finished_at,
+            error: r.error.clone(),
+        }
+    }
+}
+
+impl From<&TaskEvent> for pb::TaskEvent {
+    fn from(e: &TaskEvent) -> Self {
+        pb::TaskEvent {
+            id: e.id,
+            at_ms: e.at,
+            kind: e.kind.clone(),
+            from_status: e
+                .from
+                .map_or(pb::TaskStatus::Unspecified, status_to_pb)
+                .into(),
+            to_status: status_to_pb(e.to).into(),
+            message: e.message.clone(),
+        }
+    }
+}
+
+impl From<&RunnerInfo> for pb::Runner {
+    fn from(r: &RunnerInfo) -> Self {
+        let state = match r.state {
+            RunnerState::Idle => pb::RunnerState::Idle,
+            RunnerState::Busy => pb::RunnerState::Busy,
+            RunnerState::Draining => pb::RunnerState::Draining,
+            RunnerState::Offline => pb::RunnerState::Offline,
+        };
+        pb::Runner {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            state: state.into(),
+            slots_used: r.slots_used,
+            slots_total: r.slots_total,
+            last_heartbeat_ms: r.last_heartbeat,
+            labels: r.labels.clone(),
+            version: r.version.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::CreateTaskRequest> for NewTask {
+    type Error = Status;
+
+    fn try_from(req: pb::CreateTaskRequest) -> Result<Self, Status> {
+        let id = req.id.as_deref().map(task_id).transpose()?;
+        let parent = req
+            .parent
+            .as_deref()
+            .map(|p| TaskId::parse(p).map_err(|e| Status::invalid_argument(format!("parent: {e}"))))
+            .transpose()?;
+        let depends_on = dependency_ids(&req.depends_on)?;
+        NewTask::new(
+            id,
+            req.title,
+            req.description,
+            req.namespace,
+            req.priority,
+            parent,
+            depends_on,
+        )
+        .map_err(status_from_error)
+    }
+}
+
+/// The control service over a shared coordinator.
+pub struct ControlApi<S> {
+    coordinator: Arc<Coordinator<S>>,
+}
+
+impl<S> ControlApi<S> {
+    pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
+        Self { coordinator }
+    }
+}
+
+fn detail_to_pb(d: &TaskDetail) -> pb::GetTaskResponse {
+    pb::GetTaskResponse {
+        task: Some((&d.task).into()),
+        runs: d.runs.iter().map(Into::into).collect(),
+        events: d.events.iter().map(Into::into).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> ControlService for ControlApi<S> {
+    async fn create_task(
+        &self,
+        request: Request<pb::CreateTaskRequest>,
+    ) -> Result<Response<pb::CreateTaskResponse>, Status> {
+        let new = NewTask::try_from(request.into_inner())?;
+        let task = self
+            .coordinator
+            .create_task(new)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::CreateTaskResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let status = request.into_inner().status.map(status_from_pb).transpose()?;
+        let tasks = self
+            .coordinator
+            .list_tasks(status)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let id = task_id(&request.into_inner().id)?;
+        let detail = self
+            .coordinator
+            .show_task(&id)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(detail_to_pb(&detail)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let id = task_id(&request.into_inner().id)?;
+        let task = self
+            .coordinator
+            .cancel(&id)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::CancelTaskResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
+    async fn retry_task(
+        &self,
+        request: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::RetryTaskResponse>, Status> {
+        let id = task_id(&request.into_inner().id)?;
+        let task = self
+            .coordinator
+            .retry(&id)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RetryTaskResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
+    async fn add_dependencies(
+        &self,
+        request: Request<pb::AddDependenciesRequest>,
+    ) -> Result<Response<pb::AddDependenciesResponse>, Status> {
+        let req = request.into_inner();
+        let id = task_id(&req.id)?;
+        let deps = dependency_ids(&req.depends_on)?;
+        if deps.is_empty() {
+            return Err(Status::invalid_argument(
+                "name at least one dependency with --on",
+            ));
+        }
+        let task = self
+            .coordinator
+            .add_dependencies(&id, &deps)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::AddDependenciesResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let s = self.coordinator.status().await.map_err(status_from_error)?;
+        Ok(Response::new(pb::GetStatusResponse {
+            open: s.counts.open,
+            in_progress: s.counts.in_progress,
+            verified: s.counts.verified,
+            done: s.counts.done,
+            needs_help: s.counts.needs_help,
+            cancelled: s.counts.cancelled,
+            active_dev_runs: s.counts.active_dev_runs,
+            runners: s.runners,
+            base: s.base,
+        }))
+    }
+
+    async fn list_runners(
+        &self,
+        _request: Request<pb::ListRunnersRequest>,
+    ) -> Result<Response<pb::ListRunnersResponse>, Status> {
+        Ok(Response::new(pb::ListRunnersResponse {
+            runners: self.coordinator.runners().iter().map(Into::into).collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_requests_are_validated_at_the_edge() {
+        let ok = pb::CreateTaskRequest {
+            id: Some("fix-1".into()),
+            title: "Fix it".into(),
+            priority: Some(1),
+            depends_on: vec!["t-1".into(), "t-1".into()],
+            ..Default::default()
+        };
+        let new = NewTask::try_from(ok).expect("valid");
+        assert_eq!(new.depends_on.len(), 1, "duplicates folded");
+        for (req, code, says) in [
+            (
+                pb::CreateTaskRequest {
+                    id: Some("../x".into()),
+                    title: "t".into(),
+                    ..Default::default()
+                },
+                tonic::Code::InvalidArgument,
+                "invalid task id",
+            ),
+            (
+                pb::CreateTaskRequest {
+                    title: "t".into(),
+                    priority: Some(9),
+                    ..Default::default()
+                },
+                tonic::Code::InvalidArgument,
+                "invalid priority 9",
+            ),
+            (
+                pb::CreateTaskRequest {
+                    title: "t".into(),
+                    depends_on: vec!["-rf".into()],
+                    ..Default::default()
+                },
+                tonic::Code::InvalidArgument,
+                "dependency: invalid task id",
+            ),
+            (
+                pb::CreateTaskRequest::default(),
+                tonic::Code::InvalidArgument,
+                "needs a title",
+            ),
+        ] {
+            let status = NewTask::try_from(req).expect_err(says);
+            assert_eq!(status.code(), code);
+            assert!(status.message().contains(says), "{}", status.message());
+        }
+    }
+
+    #[test]
+    fn unspecified_or_unknown_statuses_are_refused() {
+        assert!(status_from_pb(0).is_err());
+        assert!(status_from_pb(99).is_err());
+        assert_eq!(status_from_pb(4).ok(), Some(TaskStatus::Done));
+    }
+
+    #[test]
+    fn errors_map_to_a_small_code_set() {
+        let cases = [
+            (Error::InvalidArgument("a".into()), tonic::Code::InvalidArgument),
+            (Error::NotFound("a".into()), tonic::Code::NotFound),
+            (Error::AlreadyExists("a".into()), tonic::Code::AlreadyExists),
+            (
+                Error::FailedPrecondition("a".into()),
+                tonic::Code::FailedPrecondition,
+            ),
+            (Error::Conflict("a".into()), tonic::Code::Aborted),
+            (Error::Internal("a".into()), tonic::Code::Internal),
+        ];
+        for (err, code) in cases {
+            assert_eq!(status_from_error(err).code(), code);
+        }
+    }
+}

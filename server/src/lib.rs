@@ -1,0 +1,16 @@
+//! `pipeline-server`, the coordinator: the one owner of task state.
+//!
+//! Layers, from the edge inwards: [`grpc`] (decode, validate, call one coordinator method,
+//! encode) → [`coordinator`] (read, decide with [`lifecycle`], persist, act) → [`store`]
+//! (durable state behind a trait; SQLite by default). [`domain`] holds the validated types all
+//! layers share; [`git`] is the only way to run git; [`server`] wires it all up.
+
+pub mod config;
+pub mod coordinator;
+pub mod domain;
+pub mod error;
+pub mod git;
+pub mod grpc;
+pub mod lifecycle;
+pub mod server;
+pub mod store;

@@ -1,0 +1,724 @@
+//! The task lifecycle of `CONTRACT.md` as a pure state machine: no IO, no clock, no database.
+//!
+//! [`apply`] takes a task's state, an [`Event`], the [`Policy`] and the current time, and
+//! returns the next state with the history entry to record and the [`Effect`]s to carry out, or
+//! refuses the event with a reason. [`leasable`] and [`lease_order`] decide which task a runner
+//! gets next. The coordinator persists what `apply` returns first, and only then acts on it.
+//!
+//! ```text
+//! Open ──lease──▶ InProgress ──dev ok + verify pass/skip──▶ Verified ──integrate──▶ Done
+//!   ▲                 │ dev failed / verify failed / lease lost        │ conflict / red build
+//!   └─────────────────┴────────────────────────────────────────────────┘
+//! Open ──retries or cost cap exceeded──▶ NeedsHelp        any ──cancel──▶ Cancelled
+//! ```
+
+use std::cmp::Ordering;
+
+use crate::domain::{Millis, TaskState, TaskStatus};
+
+/// Back-off never exceeds this many seconds (as in the seed).
+pub const MAX_BACKOFF_SECS: u64 = 600;
+
+/// The limits that apply to every task; from the server's flags.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// A task becomes NeedsHelp after this many failed attempts; 0 means no limit.
+    pub max_retries: u32,
+    /// A task becomes NeedsHelp once its cost since the last retry reaches this many cents;
+    /// 0 means no limit.
+    pub max_task_cost_cents: f64,
+    /// Back-off after `n` failures is `min(600, backoff_base_secs * 2^n)` seconds.
+    pub backoff_base_secs: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_retries: 5,
+            max_task_cost_cents: 0.0,
+            backoff_base_secs: 10,
+        }
+    }
+}
+
+impl Policy {
+    /// Seconds a task waits after its `failures`th failed attempt.
+    pub fn backoff_secs(&self, failures: u32) -> u64 {
+        let factor = 1u64.checked_shl(failures).unwrap_or(u64::MAX);
+        self.backoff_base_secs
+            .saturating_mul(factor)
+            .min(MAX_BACKOFF_SECS)
+    }
+
+    fn over_retry_limit(&self, state: &TaskState) -> bool {
+        self.max_retries > 0 && state.failures >= self.max_retries
+    }
+
+    fn over_cost_limit(&self, state: &TaskState) -> bool {
+        self.max_task_cost_cents > 0.0 && state.budget_spent() >= self.max_task_cost_cents
+    }
+}
+
+/// Something that happened to a task.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A runner took the task.
+    Leased,
+    /// The agent failed, timed out, or left something other than one commit on the base.
+    DevFailed { reason: String, cost_cents: f64 },
+    /// The runner's verification of the agent's commit failed; the commit is kept as the next
+    /// patchset's starting point and the next agent amends it.
+    VerifyFailed { reason: String, cost_cents: f64 },
+    /// The agent's commit passed (or skipped) verification on the runner and was accepted.
+    Verified { cost_cents: f64 },
+    /// The lease lapsed or was revoked before a result arrived.
+    LeaseLost { reason: String },
+    /// The cherry-pick conflicted or the post-integration build was red; the next attempt
+    /// starts fresh from the current base.
+    IntegrationFailed { reason: String },
+    /// The commit is on the base branch.
+    Integrated,
+    /// A person cancelled the task.
+    Cancel,
+    /// A person asked for another go: the failure count and back-off are cleared.
+    Retry,
+    /// At start-up the server found the task InProgress with no live lease (it crashed).
+    Recover,
+}
+
+impl Event {
+    /// The one-word name recorded in the task's history.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Leased => "leased",
+            Event::DevFailed { .. } => "dev_failed",
+            Event::VerifyFailed { .. } => "verify_failed",
+            Event::Verified { .. } => "verified",
+            Event::LeaseLost { .. } => "lease_lost",
+            Event::IntegrationFailed { .. } => "integration_failed",
+            Event::Integrated => "integrated",
+            Event::Cancel => "cancelled",
+            Event::Retry => "retried",
+            Event::Recover => "recovered",
+        }
+    }
+
+    fn verb(&self) -> &'static str {
+        match self {
+            Event::Leased => "lease",
+            Event::DevFailed { .. } | Event::VerifyFailed { .. } | Event::Verified { .. } => {
+                "record a dev result for"
+            }
+            Event::LeaseLost { .. } => "expire the lease of",
+            Event::IntegrationFailed { .. } | Event::Integrated => "record an integration of",
+            Event::Cancel => "cancel",
+            Event::Retry => "retry",
+            Event::Recover => "recover",
+        }
+    }
+}
+
+/// Work the coordinator must do after persisting a transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Stop the agent working on the task and drop its lease.
+    StopRun,
+    /// A task may have become leasable: offer work to idle runners.
+    WakeScheduler,
+    /// A task became Verified: wake the integrator.
+    WakeIntegrator,
+    /// A task became Done: tasks depending on it may have become leasable.
+    DependentsUnblocked,
+}
+
+/// The outcome of a successful [`apply`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    pub state: TaskState,
+    /// The history entry's kind (see [`Event::kind`]).
+    pub kind: &'static str,
+    /// The history entry's text: what happened and why.
+    pub message: String,
+    pub effects: Vec<Effect>,
+}
+
+/// Why an event does not apply to a task in its current state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {verb} a task that is {status}{hint}")]
+pub struct Refusal {
+    pub verb: &'static str,
+    pub status: TaskStatus,
+    pub hint: &'static str,
+}
+
+/// Applies `event` to `state`. Pure: the same inputs always give the same output.
+pub fn apply(
+    state: &TaskState,
+    event: &Event,
+    policy: &Policy,
+    now: Millis,
+) -> Result<Transition, Refusal> {
+    use TaskStatus::*;
+    let refuse = |hint: &'static str| Refusal {
+        verb: event.verb(),
+        status: state.status,
+        hint,
+    };
+    let mut next = state.clone();
+    let (message, effects) = match (state.status, event) {
+        (Open, Event::Leased) => {
+            if !leasable(state, true, policy, now) {
+                return Err(refuse(" in back-off or over its limits"));
+            }
+            next.status = InProgress;
+            next.backoff_until = None;
+            ("leased".to_owned(), vec![])
+        }
+        (InProgress, Event::DevFailed { reason, cost_cents }) => {
+            return Ok(fail(state, event, reason, *cost_cents, 0, false, policy, now));
+        }
+        (InProgress, Event::VerifyFailed { reason, cost_cents }) => {
+            return Ok(fail(state, event, reason, *cost_cents, 1, true, policy, now));
+        }
+        (InProgress, Event::LeaseLost { reason }) => {
+            // The work in flight is lost, so the next attempt starts where this one did.
+            return Ok(fail(state, event, reason, 0.0, 0, state.amend, policy, now));
+        }
+        (InProgress, Event::Verified { cost_cents }) => {
+            next.status = Verified;
+            next.patchset += 1;
+            next.cost_cents += cost_cents;
+            (
+                format!("patchset {} verified", next.patchset),
+                vec![Effect::WakeIntegrator],
+            )
+        }
+        (Verified, Event::IntegrationFailed { reason }) => {
+            return Ok(fail(state, event, reason, 0.0, 0, false, policy, now));
+        }
+        (Verified, Event::Integrated) => {
+            next.status = Done;
+            next.feedback = None;
+            (
+                format!("patchset {} integrated", state.patchset),
+                vec![Effect::DependentsUnblocked, Effect::WakeScheduler],
+            )
+        }
+        (Done, Event::Cancel) => {
+            return Err(refuse(": its commit is already on the base"));
+        }
+        (Cancelled, Event::Cancel) => return Err(refuse(" already")),
+        (_, Event::Cancel) => {
+            next.status = Cancelled;
+            next.backoff_until = None;
+            let effects = if state.status == InProgress {
+                vec![Effect::StopRun]
+            } else {
+                vec![]
+            };
+            (format!("cancelled while {}", state.status), effects)
+        }
+        (Open | NeedsHelp | Cancelled, Event::Retry) => {
+            next.status = Open;
+            next.failures = 0;
+            next.backoff_until = None;
+            next.cost_at_retry = next.cost_cents;
+            (
+                format!("retry requested (was {})", state.status),
+                vec![Effect::WakeScheduler],
+            )
+        }
+        (Done, Event::Retry) => {
+            return Err(refuse(
+                ": its commit is on the base; create a new task to change it further",
+            ));
+        }
+        (InProgress | Verified, Event::Retry) => {
+            return Err(refuse(": it is still being worked on; cancel it first"));
+        }
+        (InProgress, Event::Recover) => {
+            next.status = Open;
+            (
+                "the server restarted while the task was in progress; its run was abandoned"
+                    .to_owned(),
+                vec![Effect::WakeScheduler],
+            )
+        }
+        _ => return Err(refuse("")),
+    };
+    Ok(Transition {
+        state: next,
+        kind: event.kind(),
+        message,
+        effects,
+    })
+}
+
+/// A failed attempt: count it, then back off, or give up past the retry or cost limit.
+#[allow(clippy::too_many_arguments)]
+fn fail(
+    state: &TaskState,
+    event: &Event,
+    reason: &str,
+    cost_cents: f64,
+    accepted_commits: u32,
+    amend: bool,
+    policy: &Policy,
+    now: Millis,
+) -> Transition {
+    let mut next = state.clone();
+    next.failures += 1;
+    next.cost_cents += cost_cents;
+    next.patchset += accepted_commits;
+    next.feedback = Some(reason.to_owned());
+    next.amend = amend;
+    let (message, effects) = if policy.over_retry_limit(&next) {
+        next.status = TaskStatus::NeedsHelp;
+        next.backoff_until = None;
+        (
+            format!(
+                "needs help after {} failed attempts (limit {}): {reason}",
+                next.failures, policy.max_retries
+            ),
+            vec![],
+        )
+    } else if policy.over_cost_limit(&next) {
+        next.status = TaskStatus::NeedsHelp;
+        next.backoff_until = None;
+        (
+            format!(
+                "needs help: cost {:.0} cents reached the limit of {:.0}: {reason}",
+                next.budget_spent(),
+                policy.max_task_cost_cents
+            ),
+            vec![],
+        )
+    } else {
+        let secs = policy.backoff_secs(next.failures);
+        next.status = TaskStatus::Open;
+        next.backoff_until = Some(now.saturating_add(secs as i64 * 1000));
+        (
+            format!(
+                "attempt failed ({}/{}), retrying after {secs} s: {reason}",
+                next.failures,
+                if policy.max_retries == 0 {
+                    "unlimited".to_owned()
+                } else {
+                    policy.max_retries.to_string()
+                }
+            ),
+            vec![Effect::WakeScheduler],
+        )
+    };
+    Transition {
+        state: next,
+        kind: event.kind(),
+        message,
+        effects,
+    }
+}
+
+/// Whether a runner may lease the task now: it is Open, every task it depends on is Done
+/// (`deps_done`, known to the caller), it is not in back-off, and it is under its limits.
+pub fn leasable(state: &TaskState, deps_done: bool, policy: &Policy, now: Millis) -> bool {
+    state.status == TaskStatus::Open
+        && deps_done
+        && state.backoff_until.is_none_or(|until| until <= now)
+        && !policy.over_retry_limit(state)
+        && !policy.over_cost_limit(state)
+}
+
+/// The order in which leasable tasks are handed out: higher priority (lower number) first,
+/// then the oldest (lowest creation sequence).
+pub fn lease_order(a: (u8, i64), b: (u8, i64)) -> Ordering {
+    a.0.cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TaskStatus::*;
+
+    const NOW: Millis = 1_000_000;
+
+    fn policy() -> Policy {
+        Policy {
+            max_retries: 3,
+            max_task_cost_cents: 0.0,
+            backoff_base_secs: 10,
+        }
+    }
+
+    fn state(status: TaskStatus) -> TaskState {
+        TaskState {
+            status,
+            ..TaskState::new()
+        }
+    }
+
+    fn dev_failed() -> Event {
+        Event::DevFailed {
+            reason: "agent failed".into(),
+            cost_cents: 5.0,
+        }
+    }
+
+    /// Applies `event` and checks the resulting status and effects.
+    fn check(from: &TaskState, event: Event, to: TaskStatus, effects: &[Effect]) -> TaskState {
+        let t = apply(from, &event, &policy(), NOW)
+            .unwrap_or_else(|r| panic!("{event:?} from {:?} refused: {r}", from.status));
+        assert_eq!(t.state.status, to, "{event:?} from {:?}", from.status);
+        assert_eq!(t.effects, effects, "{event:?} from {:?}", from.status);
+        assert_eq!(t.kind, event.kind());
+        t.state
+    }
+
+    fn check_refused(from: TaskStatus, event: Event, says: &str) {
+        let err = apply(&state(from), &event, &policy(), NOW).expect_err("refused");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+
+    #[test]
+    fn happy_path_open_to_done() {
+        let s = check(&state(Open), Event::Leased, InProgress, &[]);
+        let s = check(
+            &s,
+            Event::Verified { cost_cents: 12.5 },
+            Verified,
+            &[Effect::WakeIntegrator],
+        );
+        assert_eq!((s.patchset, s.cost_cents, s.failures), (1, 12.5, 0));
+        let s = check(
+            &s,
+            Event::Integrated,
+            Done,
+            &[Effect::DependentsUnblocked, Effect::WakeScheduler],
+        );
+        assert_eq!(s.patchset, 1);
+    }
+
+    #[test]
+    fn dev_failure_backs_off_and_counts() {
+        let s = check(&state(InProgress), dev_failed(), Open, &[Effect::WakeScheduler]);
+        assert_eq!(s.failures, 1);
+        assert_eq!(s.cost_cents, 5.0);
+        assert_eq!(s.backoff_until, Some(NOW + 20_000), "10 * 2^1 seconds");
+        assert_eq!(s.patchset, 0, "no commit was accepted");
+        assert!(!s.amend, "a dev failure starts fresh");
+        assert_eq!(s.feedback.as_deref(), Some("agent failed"));
+    }
+
+    #[test]
+    fn verify_failure_keeps_the_commit_for_amending() {
+        let s = check(
+            &state(InProgress),
+            Event::VerifyFailed {
+                reason: "tests failed".into(),
+                cost_cents: 1.0,
+            },
+            Open,
+            &[Effect::WakeScheduler],
+        );
+        assert_eq!((s.patchset, s.failures), (1, 1));
+        assert!(s.amend);
+        assert_eq!(s.feedback.as_deref(), Some("tests failed"));
+    }
+
+    #[test]
+    fn lease_lost_counts_as_a_failed_attempt() {
+        let s = check(
+            &state(InProgress),
+            Event::LeaseLost {
+                reason: "lease expired".into(),
+            },
+            Open,
+            &[Effect::WakeScheduler],
+        );
+        assert_eq!(s.failures, 1);
+    }
+
+    #[test]
+    fn integration_failure_counts_and_starts_fresh() {
+        let verified = TaskState {
+            patchset: 2,
+            amend: true,
+            ..state(Verified)
+        };
+        let s = check(
+            &verified,
+            Event::IntegrationFailed {
+                reason: "conflict in a.txt".into(),
+            },
+            Open,
+            &[Effect::WakeScheduler],
+        );
+        assert_eq!((s.failures, s.patchset), (1, 2));
+        assert!(!s.amend, "the next attempt starts from the current base");
+    }
+
+    #[test]
+    fn every_kind_of_failure_counts_towards_needs_help() {
+        let failures = [
+            dev_failed(),
+            Event::VerifyFailed {
+                reason: "red".into(),
+                cost_cents: 0.0,
+            },
+            Event::LeaseLost {
+                reason: "lapsed".into(),
+            },
+        ];
+        let mut s = state(Open);
+        for (i, failure) in failures.into_iter().enumerate() {
+            s.backoff_until = None;
+            s = check(&s, Event::Leased, InProgress, &[]);
+            let expect = if i == 2 { NeedsHelp } else { Open };
+            let effects: &[Effect] = if i == 2 { &[] } else { &[Effect::WakeScheduler] };
+            s = check(&s, failure, expect, effects);
+        }
+        assert_eq!(s.failures, 3);
+        assert_eq!(s.backoff_until, None);
+    }
+
+    #[test]
+    fn zero_max_retries_means_unlimited() {
+        let p = Policy {
+            max_retries: 0,
+            ..policy()
+        };
+        let mut s = state(InProgress);
+        s.failures = 1_000;
+        let t = apply(&s, &dev_failed(), &p, NOW).expect("applies");
+        assert_eq!(t.state.status, Open);
+        assert!(t.message.contains("/unlimited"), "{}", t.message);
+    }
+
+    #[test]
+    fn cost_cap_sends_to_needs_help() {
+        let p = Policy {
+            max_task_cost_cents: 10.0,
+            ..policy()
+        };
+        let s = TaskState {
+            cost_cents: 6.0,
+            ..state(InProgress)
+        };
+        let t = apply(&s, &dev_failed(), &p, NOW).expect("applies");
+        assert_eq!(t.state.status, NeedsHelp);
+        assert!(t.message.contains("cost 11 cents"), "{}", t.message);
+        // A success over the cap is still a success.
+        let t = apply(&s, &Event::Verified { cost_cents: 50.0 }, &p, NOW).expect("applies");
+        assert_eq!(t.state.status, Verified);
+        // After a retry the budget starts again.
+        let mut over = t.state.clone();
+        over.status = NeedsHelp;
+        let t = apply(&over, &Event::Retry, &p, NOW).expect("applies");
+        assert!(leasable(&t.state, true, &p, NOW));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_ten_minutes() {
+        let p = policy();
+        assert_eq!(
+            (1..=7).map(|n| p.backoff_secs(n)).collect::<Vec<_>>(),
+            [20, 40, 80, 160, 320, 600, 600]
+        );
+        assert_eq!(p.backoff_secs(0), 10);
+        assert_eq!(p.backoff_secs(200), 600, "no overflow");
+        let none = Policy {
+            backoff_base_secs: 0,
+            ..p
+        };
+        assert_eq!(none.backoff_secs(5), 0);
+    }
+
+    #[test]
+    fn eligibility_rules() {
+        let p = policy();
+        let open = state(Open);
+        assert!(leasable(&open, true, &p, NOW));
+        assert!(!leasable(&open, false, &p, NOW), "dependencies not done");
+        let backing_off = TaskState {
+            backoff_until: Some(NOW + 1),
+            ..open.clone()
+        };
+        assert!(!leasable(&backing_off, true, &p, NOW));
+        assert!(leasable(&backing_off, true, &p, NOW + 1), "back-off over");
+        let spent = TaskState {
+            failures: 3,
+            ..open.clone()
+        };
+        assert!(!leasable(&spent, true, &p, NOW));
+        for status in [InProgress, Verified, Done, NeedsHelp, Cancelled] {
+            assert!(!leasable(&state(status), true, &p, NOW), "{status}");
+        }
+        let err = apply(&backing_off, &Event::Leased, &p, NOW).expect_err("in back-off");
+        assert!(err.to_string().contains("back-off"));
+    }
+
+    #[test]
+    fn lease_order_is_priority_then_age() {
+        let mut tasks = vec![(2, 5), (0, 9), (2, 1), (4, 0), (0, 3)];
+        tasks.sort_by(|a, b| lease_order(*a, *b));
+        assert_eq!(tasks, [(0, 3), (0, 9), (2, 1), (2, 5), (4, 0)]);
+    }
+
+    #[test]
+    fn cancel_from_every_live_state() {
+        for from in [Open, Verified, NeedsHelp] {
+            check(&state(from), Event::Cancel, Cancelled, &[]);
+        }
+        check(&state(InProgress), Event::Cancel, Cancelled, &[Effect::StopRun]);
+        let backing_off = TaskState {
+            backoff_until: Some(NOW + 5),
+            ..state(Open)
+        };
+        assert_eq!(check(&backing_off, Event::Cancel, Cancelled, &[]).backoff_until, None);
+        check_refused(Done, Event::Cancel, "already on the base");
+        check_refused(Cancelled, Event::Cancel, "cancelled already");
+    }
+
+    #[test]
+    fn retry_clears_the_count() {
+        for from in [Open, NeedsHelp, Cancelled] {
+            let s = TaskState {
+                failures: 3,
+                backoff_until: Some(NOW + 100),
+                ..state(from)
+            };
+            let s = check(&s, Event::Retry, Open, &[Effect::WakeScheduler]);
+            assert_eq!((s.failures, s.backoff_until), (0, None));
+            assert!(leasable(&s, true, &policy(), NOW));
+        }
+        check_refused(Done, Event::Retry, "create a new task");
+        check_refused(InProgress, Event::Retry, "cancel it first");
+        check_refused(Verified, Event::Retry, "cancel it first");
+    }
+
+    #[test]
+    fn recovery_reopens_in_progress_without_counting() {
+        let s = check(&state(InProgress), Event::Recover, Open, &[Effect::WakeScheduler]);
+        assert_eq!(s.failures, 0);
+        for from in [Open, Verified, Done, NeedsHelp, Cancelled] {
+            check_refused(from, Event::Recover, "cannot recover");
+        }
+    }
+
+    #[test]
+    fn results_only_apply_to_their_phase() {
+        for from in [Open, Verified, Done, NeedsHelp, Cancelled] {
+            check_refused(from, dev_failed(), "cannot record a dev result");
+            check_refused(from, Event::Verified { cost_cents: 0.0 }, "dev result");
+            check_refused(
+                from,
+                Event::LeaseLost { reason: "x".into() },
+                "cannot expire the lease",
+            );
+        }
+        for from in [Open, InProgress, Done, NeedsHelp, Cancelled] {
+            check_refused(from, Event::Integrated, "cannot record an integration");
+            check_refused(
+                from,
+                Event::IntegrationFailed { reason: "x".into() },
+                "integration",
+            );
+        }
+        for from in [InProgress, Verified, Done, NeedsHelp, Cancelled] {
+            check_refused(from, Event::Leased, "cannot lease");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn event() -> impl Strategy<Value = Event> {
+            prop_oneof![
+                Just(Event::Leased),
+                (0u8..50).prop_map(|c| Event::DevFailed {
+                    reason: "dev".into(),
+                    cost_cents: f64::from(c)
+                }),
+                (0u8..50).prop_map(|c| Event::VerifyFailed {
+                    reason: "verify".into(),
+                    cost_cents: f64::from(c)
+                }),
+                (0u8..50).prop_map(|c| Event::Verified {
+                    cost_cents: f64::from(c)
+                }),
+                Just(Event::LeaseLost {
+                    reason: "lapsed".into()
+                }),
+                Just(Event::IntegrationFailed {
+                    reason: "conflict".into()
+                }),
+                Just(Event::Integrated),
+                Just(Event::Cancel),
+                Just(Event::Retry),
+                Just(Event::Recover),
+            ]
+        }
+
+        fn policies() -> impl Strategy<Value = Policy> {
+            (0u32..6, prop_oneof![Just(0.0), 1.0..200.0f64], 0u64..30).prop_map(
+                |(max_retries, max_task_cost_cents, backoff_base_secs)| Policy {
+                    max_retries,
+                    max_task_cost_cents,
+                    backoff_base_secs,
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn invariants_hold_over_any_history(
+                policy in policies(),
+                steps in prop::collection::vec((event(), 0i64..700_000), 1..60),
+            ) {
+                let mut s = TaskState::new();
+                let mut now = 0;
+                for (event, dt) in steps {
+                    now += dt;
+                    let before = s.clone();
+                    match apply(&before, &event, &policy, now) {
+                        Ok(t) => {
+                            if before.status == Done {
+                                prop_assert!(false, "a done task changed: {event:?}");
+                            }
+                            if t.state.status == NeedsHelp && before.status != NeedsHelp {
+                                prop_assert!(
+                                    matches!(event, Event::DevFailed{..} | Event::VerifyFailed{..}
+                                        | Event::LeaseLost{..} | Event::IntegrationFailed{..}),
+                                    "only a failure leads to NeedsHelp"
+                                );
+                            }
+                            if matches!(event, Event::Retry) {
+                                prop_assert_eq!(t.state.failures, 0);
+                            }
+                            prop_assert!(t.state.patchset >= before.patchset, "patchset never decreases");
+                            prop_assert!(t.state.cost_cents >= before.cost_cents, "cost never decreases");
+                            s = t.state;
+                        }
+                        Err(_) => {}
+                    }
+                    // No task is leasable unless it is Open.
+                    if leasable(&s, true, &policy, now) {
+                        prop_assert_eq!(s.status, Open);
+                    }
+                    // Back-off only ever applies to an Open task.
+                    if s.backoff_until.is_some() {
+                        prop_assert_eq!(s.status, Open);
+                    }
+                    // Past the retry limit a task is never Open and leasable.
+                    if policy.max_retries > 0 && s.failures >= policy.max_retries {
+                        prop_assert!(!leasable(&s, true, &policy, now));
+                    }
+                    // A back-off never exceeds ten minutes.
+                    if let Some(until) = s.backoff_until {
+                        prop_assert!(until - now <= 600_000);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Start-up and the serving loop: check the repository, open the store, recover what a crash
+//! left behind, serve gRPC until the shutdown token fires, then drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pipeline_proto::v1::control_service_server::ControlServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::error::{Error, Result};
+use crate::git::Repo;
+use crate::grpc::ControlApi;
+use crate::lifecycle::Policy;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+/// The largest gRPC message the server accepts (descriptions are at most 1 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long in-flight requests may take to finish after a shutdown signal.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs the server until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    config.validate().map_err(Error::InvalidArgument)?;
+    let repo = Repo::open(&config.repo).await?;
+    let base_commit = repo.branch_commit(&config.base).await?;
+    let state_dir = match &config.state_dir {
+        Some(dir) => dir.clone(),
+        None => repo.common_dir().await?.join("pipeline"),
+    };
+    std::fs::create_dir_all(&state_dir).map_err(|e| {
+        Error::Internal(format!(
+            "cannot create the state directory {}: {e}",
+            state_dir.display()
+        ))
+    })?;
+    let db_url = config
+        .db
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("pipeline.db").display()));
+    let store = SqliteStore::open(&db_url).await?;
+    let settings = serde_json::to_string(&config)
+        .map_err(|e| Error::Internal(format!("cannot record the settings: {e}")))?;
+    store.put_meta("settings", &settings).await?;
+
+    let policy = Policy {
+        max_retries: config.max_retries,
+        max_task_cost_cents: config.max_task_cost as f64,
+        backoff_base_secs: config.backoff_base,
+    };
+    let coordinator = Arc::new(Coordinator::new(store.clone(), policy, config.base.clone()));
+    let recovered = coordinator.recover().await?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("cannot read the listening address: {e}")))?;
+    tracing::info!(
+        repo = %config.repo.display(),
+        base = %config.base,
+        base_commit = %base_commit,
+        state_dir = %state_dir.display(),
+        recovered,
+        "pipeline-server ready"
+    );
+    if config.local_runners > 0 {
+        tracing::warn!(
+            local_runners = config.local_runners,
+            "--local-runners is accepted but runners are not implemented yet"
+        );
+    }
+    // Tests and scripts wait for this line to learn the port.
+    tracing::info!("listening on {addr}");
+
+    let service = ControlServiceServer::new(ControlApi::new(coordinator))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let serve = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let mut served = tokio::spawn(serve);
+    tokio::select! {
+        result = &mut served => {
+            // The server stopped without being asked to.
+            store.close().await;
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Error::Internal(format!("grpc server: {e}"))),
+                Err(e) => Err(Error::Internal(format!("grpc server task: {e}"))),
+            };
+        }
+        () = shutdown.cancelled() => {}
+    }
+    tracing::info!("shutting down");
+    match tokio::time::timeout(DRAIN_DEADLINE, served).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(Error::Internal(format!("grpc server: {e}"))),
+        Ok(Err(e)) => return Err(Error::Internal(format!("grpc server task: {e}"))),
+        Err(_) => tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping anyway"),
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! Durable task state behind the [`Store`] trait, so that a second backend (Postgres) can be
+//! added and run the same test suite ([`suite`]). [`sqlite::SqliteStore`] is the default.
+//!
+//! The store is deliberately dumb: it validates references (a dependency must exist, no cycles)
+//! and persists, but the lifecycle rules live in [`crate::lifecycle`]. A state change is written
+//! with [`Store::commit_transition`], a compare-and-swap on the task's `version`, so a decision
+//! made on a stale read is refused instead of overwriting a newer state.
+
+use std::future::Future;
+
+use crate::domain::{
+    Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId, TaskState,
+    TaskStatus,
+};
+use crate::error::Result;
+
+pub mod sqlite;
+#[cfg(test)]
+pub mod suite;
+
+/// A state change to persist atomically: the task's new state, its history entry, and the runs
+/// it starts or ends.
+#[derive(Clone, Debug)]
+pub struct TransitionWrite {
+    pub task_id: TaskId,
+    /// The version the decision was made on; the write fails with `Error::Conflict` otherwise.
+    pub expected_version: i64,
+    pub from: TaskStatus,
+    pub state: TaskState,
+    pub kind: String,
+    pub message: String,
+    pub at: Millis,
+    /// Ends every run of the task that is still running.
+    pub close_runs: Option<RunEnd>,
+    /// Starts a run.
+    pub start_run: Option<NewRun>,
+}
+
+/// How the runs still running end.
+#[derive(Clone, Debug)]
+pub struct RunEnd {
+    pub status: RunStatus,
+    pub cost_cents: f64,
+    pub error: Option<String>,
+}
+
+/// A run to start.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub phase: Phase,
+    pub patchset: u32,
+    pub runner: Option<String>,
+}
+
+/// Persistence of tasks, runs and history. Every write is one short transaction.
+pub trait Store: Send + Sync + 'static {
+    /// Creates a task in state Open, generating `t-<n>` when no ID is given. Fails with
+    /// `AlreadyExists` for a taken ID and `NotFound` for an unknown parent or dependency.
+    fn create_task(&self, new: NewTask, now: Millis) -> impl Future<Output = Result<Task>> + Send;
+
+    fn get_task(&self, id: &TaskId) -> impl Future<Output = Result<Option<Task>>> + Send;
+
+    /// Tasks in lease order (priority, then age), optionally only those with one status.
+    fn list_tasks(
+        &self,
+        status: Option<TaskStatus>,
+    ) -> impl Future<Output = Result<Vec<Task>>> + Send;
+
+    /// Adds dependencies to an existing task. Fails with `NotFound` for an unknown task and
+    /// `FailedPrecondition` when a dependency would close a cycle.
+    fn add_dependencies(
+        &self,
+        id: &TaskId,
+        deps: &[TaskId],
+        now: Millis,
+    ) -> impl Future<Output = Result<Task>> + Send;
+
+    /// Persists a transition if the task is still at `expected_version`.
+    fn commit_transition(&self, write: TransitionWrite)
+    -> impl Future<Output = Result<Task>> + Send;
+
+    /// The task's runs, oldest first.
+    fn runs(&self, id: &TaskId) -> impl Future<Output = Result<Vec<Run>>> + Send;
+
+    /// The task's history, oldest first.
+    fn events(&self, id: &TaskId) -> impl Future<Output = Result<Vec<TaskEvent>>> + Send;
+
+    /// Counts of tasks per status and of dev runs still running.
+    fn status_counts(&self) -> impl Future<Output = Result<StatusCounts>> + Send;
+
+    /// Whether every task `id` depends on is Done.
+    fn dependencies_done(&self, id: &TaskId) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Reads a server fact (see `meta`).
+    fn get_meta(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Writes a server fact.
+    fn put_meta(&self, key: &str, value: &str) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,607 @@
+//! The SQLite [`Store`]: one file, WAL, `synchronous = NORMAL`, foreign keys on, a busy timeout,
+//! migrations from `migrations/sqlite` run at open, and `BEGIN IMMEDIATE` for every write
+//! transaction (a deferred transaction that reads then writes fails with `SQLITE_BUSY` instead of
+//! waiting for the lock).
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{FromRow, Sqlite, SqliteConnection, Transaction};
+
+use super::{Store, TransitionWrite};
+use crate::domain::{
+    Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId, TaskState,
+    TaskStatus,
+};
+use crate::error::{Error, Result};
+
+const NEXT_TASK_NUMBER: &str = "next_task_number";
+
+/// A task store in one SQLite file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://PATH` or a plain path) and
+    /// brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Self> {
+        let url = if url.starts_with("sqlite:") {
+            url.to_owned()
+        } else {
+            format!("sqlite://{url}")
+        };
+        let options = SqliteConnectOptions::from_str(&url)
+            .map_err(|e| Error::InvalidArgument(format!("invalid database url {url}: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|e| Error::Internal(format!("cannot open the database {url}: {e}")))?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Closes every connection, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+#[derive(FromRow)]
+struct TaskRow {
+    seq: i64,
+    id: String,
+    title: String,
+    description: String,
+    namespace: Option<String>,
+    priority: i64,
+    parent: Option<String>,
+    status: String,
+    patchset: i64,
+    failures: i64,
+    cost_cents: f64,
+    cost_at_retry: f64,
+    backoff_until: Option<i64>,
+    feedback: Option<String>,
+    amend: i64,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
+     patchset, failures, cost_cents, cost_at_retry, backoff_until, feedback, amend, version, \
+     created_at, updated_at";
+
+fn corrupt(what: &str, value: &str) -> Error {
+    Error::Internal(format!("database holds an invalid {what}: {value:?}"))
+}
+
+fn stored_id(raw: &str) -> Result<TaskId> {
+    TaskId::parse(raw).map_err(|_| corrupt("task id", raw))
+}
+
+fn stored_status(raw: &str) -> Result<TaskStatus> {
+    TaskStatus::parse(raw).ok_or_else(|| corrupt("task status", raw))
+}
+
+fn to_u32(what: &str, n: i64) -> Result<u32> {
+    u32::try_from(n).map_err(|_| corrupt(what, &n.to_string()))
+}
+
+impl TaskRow {
+    fn into_task(self, depends_on: Vec<TaskId>) -> Result<Task> {
+        Ok(Task {
+            id: stored_id(&self.id)?,
+            seq: self.seq,
+            title: self.title,
+            description: self.description,
+            namespace: self.namespace,
+            priority: u8::try_from(self.priority)
+                .map_err(|_| corrupt("priority", &self.priority.to_string()))?,
+            parent: self.parent.as_deref().map(stored_id).transpose()?,
+            depends_on,
+            state: TaskState {
+                status: stored_status(&self.status)?,
+                patchset: to_u32("patchset", self.patchset)?,
+                failures: to_u32("failure count", self.failures)?,
+                cost_cents: self.cost_cents,
+                cost_at_retry: self.cost_at_retry,
+                backoff_until: self.backoff_until,
+                feedback: self.feedback,
+                amend: self.amend != 0,
+            },
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct RunRow {
+    id: i64,
+    task_id: String,
+    phase: String,
+    patchset: i64,
+    attempt: i64,
+    runner: Option<String>,
+    status: String,
+    cost_cents: f64,
+    started_at: i64,
+    finished_at: Option<i64>,
+    error: Option<String>,
+}
+
+impl RunRow {
+    fn into_run(self) -> Result<Run> {
+        Ok(Run {
+            id: self.id,
+            task_id: stored_id(&self.task_id)?,
+            phase: Phase::parse(&self.phase).ok_or_else(|| corrupt("phase", &self.phase))?,
+            patchset: to_u32("patchset", self.patchset)?,
+            attempt: to_u32("attempt", self.attempt)?,
+            runner: self.runner,
+            status: RunStatus::parse(&self.status)
+                .ok_or_else(|| corrupt("run status", &self.status))?,
+            cost_cents: self.cost_cents,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            error: self.error,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct EventRow {
+    id: i64,
+    task_id: String,
+    at: i64,
+    kind: String,
+    from_status: Option<String>,
+    to_status: String,
+    message: String,
+}
+
+async fn task_exists(conn: &mut SqliteConnection, id: &str) -> Result<bool> {
+    let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM tasks WHERE id = ?")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(found.is_some())
+}
+
+async fn load_task(conn: &mut SqliteConnection, id: &str) -> Result<Option<Task>> {
+    let row: Option<TaskRow> =
+        sqlx::query_as(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(row) = row else { return Ok(None) };
+    let deps: Vec<String> = sqlx::query_scalar(
+        "SELECT depends_on FROM task_deps WHERE task_id = ? ORDER BY depends_on",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let deps = deps.iter().map(|d| stored_id(d)).collect::<Result<_>>()?;
+    row.into_task(deps).map(Some)
+}
+
+async fn require_existing(conn: &mut SqliteConnection, ids: &[TaskId], role: &str) -> Result<()> {
+    for dep in ids {
+        if !task_exists(conn, dep.as_str()).await? {
+            return Err(Error::NotFound(format!(
+                "{role} {dep} does not exist; create it first"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn insert_event(
+    conn: &mut SqliteConnection,
+    id: &TaskId,
+    at: Millis,
+    kind: &str,
+    from: Option<TaskStatus>,
+    to: TaskStatus,
+    message: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO task_events (task_id, at, kind, from_status, to_status, message) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id.as_str())
+    .bind(at)
+    .bind(kind)
+    .bind(from.map(TaskStatus::as_str))
+    .bind(to.as_str())
+    .bind(message)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Picks the next free `t-<n>`, skipping numbers a user already took by hand.
+async fn generate_id(conn: &mut SqliteConnection) -> Result<TaskId> {
+    let next: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+        .bind(NEXT_TASK_NUMBER)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let mut n: u64 = match next {
+        Some(v) => v.parse().map_err(|_| corrupt("task counter", &v))?,
+        None => 1,
+    };
+    loop {
+        let id = TaskId::generated(n);
+        n += 1;
+        if !task_exists(conn, id.as_str()).await? {
+            sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)")
+                .bind(NEXT_TASK_NUMBER)
+                .bind(n.to_string())
+                .execute(&mut *conn)
+                .await?;
+            return Ok(id);
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
+        let mut tx = self.write().await?;
+        let id = match new.id {
+            Some(id) => {
+                if task_exists(&mut tx, id.as_str()).await? {
+                    return Err(Error::AlreadyExists(format!(
+                        "task {id} already exists; pick another --id or leave it out"
+                    )));
+                }
+                id
+            }
+            None => generate_id(&mut tx).await?,
+        };
+        if let Some(parent) = &new.parent {
+            require_existing(&mut tx, std::slice::from_ref(parent), "parent task").await?;
+        }
+        require_existing(&mut tx, &new.depends_on, "dependency").await?;
+        sqlx::query(
+            "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
+             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+        )
+        .bind(id.as_str())
+        .bind(&new.title)
+        .bind(&new.description)
+        .bind(&new.namespace)
+        .bind(i64::from(new.priority))
+        .bind(new.parent.as_ref().map(TaskId::as_str))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        for dep in &new.depends_on {
+            sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
+                .bind(id.as_str())
+                .bind(dep.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert_event(
+            &mut tx,
+            &id,
+            now,
+            "created",
+            None,
+            TaskStatus::Open,
+            &format!("created with priority {}", new.priority),
+        )
+        .await?;
+        let task = load_task(&mut tx, id.as_str())
+            .await?
+            .ok_or_else(|| Error::Internal(format!("task {id} vanished while being created")))?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
+        let mut conn = self.pool.acquire().await?;
+        load_task(&mut conn, id.as_str()).await
+    }
+
+    async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<Task>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows: Vec<TaskRow> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE ?1 IS NULL OR status = ?1 \
+             ORDER BY priority, seq"
+        ))
+        .bind(status.map(TaskStatus::as_str))
+        .fetch_all(&mut *conn)
+        .await?;
+        let edges: Vec<(String, String)> = sqlx::query_as(
+            "SELECT task_id, depends_on FROM task_deps ORDER BY task_id, depends_on",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut deps: HashMap<String, Vec<TaskId>> = HashMap::new();
+        for (task, dep) in edges {
+            deps.entry(task).or_default().push(stored_id(&dep)?);
+        }
+        rows.into_iter()
+            .map(|row| {
+                let d = deps.remove(&row.id).unwrap_or_default();
+                row.into_task(d)
+            })
+            .collect()
+    }
+
+    async fn add_dependencies(&self, id: &TaskId, deps: &[TaskId], now: Millis) -> Result<Task> {
+        let mut tx = self.write().await?;
+        let task = load_task(&mut tx, id.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
+        if task.state.status == TaskStatus::Done {
+            return Err(Error::FailedPrecondition(format!(
+                "task {id} is done; dependencies can no longer hold it back"
+            )));
+        }
+        require_existing(&mut tx, deps, "dependency").await?;
+        let mut added = Vec::new();
+        for dep in deps {
+            if task.depends_on.contains(dep) || added.contains(&dep) {
+                continue;
+            }
+            // A cycle closes if `id` is reachable from `dep` (or is `dep`).
+            let reaches: Option<i64> = sqlx::query_scalar(
+                "WITH RECURSIVE reach(id) AS ( \
+                     SELECT ?1 \
+                     UNION SELECT d.depends_on FROM task_deps d JOIN reach r ON d.task_id = r.id) \
+                 SELECT 1 FROM reach WHERE id = ?2 LIMIT 1",
+            )
+            .bind(dep.as_str())
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if reaches.is_some() {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {id} cannot depend on {dep}: {dep} already depends on {id} \
+                     (directly or through other tasks), which would make a cycle"
+                )));
+            }
+            sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
+                .bind(id.as_str())
+                .bind(dep.as_str())
+                .execute(&mut *tx)
+                .await?;
+            added.push(dep);
+        }
+        if !added.is_empty() {
+            let names: Vec<&str> = added.iter().map(|d| d.as_str()).collect();
+            insert_event(
+                &mut tx,
+                id,
+                now,
+                "dependencies_added",
+                Some(task.state.status),
+                task.state.status,
+                &format!("now also depends on {}", names.join(", ")),
+            )
+            .await?;
+            sqlx::query(
+                "UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?",
+            )
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        let task = load_task(&mut tx, id.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    async fn commit_transition(&self, w: TransitionWrite) -> Result<Task> {
+        let mut tx = self.write().await?;
+        let s = &w.state;
+        let updated = sqlx::query(
+            "UPDATE tasks SET status = ?, patchset = ?, failures = ?, cost_cents = ?, \
+             cost_at_retry = ?, backoff_until = ?, feedback = ?, amend = ?, \
+             version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
+        )
+        .bind(s.status.as_str())
+        .bind(i64::from(s.patchset))
+        .bind(i64::from(s.failures))
+        .bind(s.cost_cents)
+        .bind(s.cost_at_retry)
+        .bind(s.backoff_until)
+        .bind(&s.feedback)
+        .bind(i64::from(s.amend))
+        .bind(w.at)
+        .bind(w.task_id.as_str())
+        .bind(w.expected_version)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(if task_exists(&mut tx, w.task_id.as_str()).await? {
+                Error::Conflict(format!(
+                    "task {} changed while this request was being decided; try again",
+                    w.task_id
+                ))
+            } else {
+                Error::NotFound(format!("task {} does not exist", w.task_id))
+            });
+        }
+        insert_event(
+            &mut tx,
+            &w.task_id,
+            w.at,
+            &w.kind,
+            Some(w.from),
+            s.status,
+            &w.message,
+        )
+        .await?;
+        if let Some(end) = &w.close_runs {
+            sqlx::query(
+                "UPDATE runs SET status = ?, finished_at = ?, cost_cents = cost_cents + ?, \
+                 error = ? WHERE task_id = ? AND status = 'running'",
+            )
+            .bind(end.status.as_str())
+            .bind(w.at)
+            .bind(end.cost_cents)
+            .bind(&end.error)
+            .bind(w.task_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(run) = &w.start_run {
+            sqlx::query(
+                "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at) \
+                 VALUES (?1, ?2, ?3, \
+                   (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
+                   ?4, 'running', ?5)",
+            )
+            .bind(w.task_id.as_str())
+            .bind(run.phase.as_str())
+            .bind(i64::from(run.patchset))
+            .bind(&run.runner)
+            .bind(w.at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let task = load_task(&mut tx, w.task_id.as_str())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task {} does not exist", w.task_id)))?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    async fn runs(&self, id: &TaskId) -> Result<Vec<Run>> {
+        let rows: Vec<RunRow> = sqlx::query_as(
+            "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
+             started_at, finished_at, error FROM runs WHERE task_id = ? ORDER BY id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(RunRow::into_run).collect()
+    }
+
+    async fn events(&self, id: &TaskId) -> Result<Vec<TaskEvent>> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT id, task_id, at, kind, from_status, to_status, message \
+             FROM task_events WHERE task_id = ? ORDER BY id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(TaskEvent {
+                    id: r.id,
+                    task_id: stored_id(&r.task_id)?,
+                    at: r.at,
+                    kind: r.kind,
+                    from: r.from_status.as_deref().map(stored_status).transpose()?,
+                    to: stored_status(&r.to_status)?,
+                    message: r.message,
+                })
+            })
+            .collect()
+    }
+
+    async fn status_counts(&self) -> Result<StatusCounts> {
+        let mut conn = self.pool.acquire().await?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+                .fetch_all(&mut *conn)
+                .await?;
+        let mut counts = StatusCounts::default();
+        for (status, n) in rows {
+            counts.add(stored_status(&status)?, n.unsigned_abs());
+        }
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM runs WHERE status = 'running' AND phase = 'dev'",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        counts.active_dev_runs = active.unsigned_abs();
+        Ok(counts)
+    }
+
+    async fn dependencies_done(&self, id: &TaskId) -> Result<bool> {
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM task_deps d JOIN tasks t ON t.id = d.depends_on \
+             WHERE d.task_id = ? AND t.status <> 'done'",
+        )
+        .bind(id.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(pending == 0)
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn put_meta(&self, key: &str, value: &str) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SqliteStore;
+    use crate::store::suite;
+
+    async fn fresh() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pipeline.db");
+        let store = SqliteStore::open(path.to_str().expect("utf-8 path"))
+            .await
+            .expect("open store");
+        (dir, store)
+    }
+
+    crate::store_test_suite!(fresh);
+
+    #[tokio::test]
+    async fn state_survives_reopening_the_file() {
+        let (dir, store) = fresh().await;
+        let created = suite::create(&store, "survivor").await;
+        store.close().await;
+        let path = dir.path().join("pipeline.db");
+        let reopened = SqliteStore::open(path.to_str().expect("utf-8 path"))
+            .await
+            .expect("reopen");
+        use crate::store::Store;
+        let again = reopened.get_task(&created.id).await.expect("read");
+        assert_eq!(again, Some(created));
+    }
+}

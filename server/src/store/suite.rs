@@ -1,0 +1,333 @@
+//! The behaviour every [`Store`] backend must have, as generic async checks. A backend runs them
+//! all with `store_test_suite!(factory)`, where `factory` is an async fn returning
+//! `(guard, store)` over a fresh, empty database.
+
+use crate::domain::{NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus};
+use crate::error::Error;
+use crate::store::{NewRun, RunEnd, Store, TransitionWrite};
+
+/// Generates one `#[tokio::test]` per check of the suite for a backend.
+#[macro_export]
+macro_rules! store_test_suite {
+    ($factory:path) => {
+        $crate::store_test_suite!(@tests $factory;
+            generates_ids_and_skips_taken_ones,
+            refuses_taken_ids_and_unknown_references,
+            refuses_dependency_cycles,
+            lists_in_lease_order_and_filters,
+            transitions_are_compare_and_swap,
+            runs_are_numbered_and_closed,
+            counts_by_status,
+            knows_when_dependencies_are_done,
+            keeps_meta,
+        );
+    };
+    (@tests $factory:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (_guard, store) = $factory().await;
+                $crate::store::suite::$name(&store).await;
+            }
+        )*
+    };
+}
+
+fn id(raw: &str) -> TaskId {
+    TaskId::parse(raw).expect("valid id")
+}
+
+fn new_task(id: Option<&str>, title: &str, priority: u8, deps: &[&str]) -> NewTask {
+    NewTask {
+        id: id.map(self::id),
+        title: title.to_owned(),
+        description: String::new(),
+        namespace: None,
+        priority,
+        parent: None,
+        depends_on: deps.iter().map(|d| self::id(d)).collect(),
+    }
+}
+
+/// Creates a task with a generated ID.
+pub async fn create<S: Store>(store: &S, title: &str) -> Task {
+    store
+        .create_task(new_task(None, title, 2, &[]), 1_000)
+        .await
+        .expect("create task")
+}
+
+async fn transition<S: Store>(store: &S, task: &Task, to: TaskStatus) -> Result<Task, Error> {
+    store
+        .commit_transition(TransitionWrite {
+            task_id: task.id.clone(),
+            expected_version: task.version,
+            from: task.state.status,
+            state: TaskState {
+                status: to,
+                ..task.state.clone()
+            },
+            kind: "test".into(),
+            message: format!("to {to}"),
+            at: 2_000,
+            close_runs: None,
+            start_run: None,
+        })
+        .await
+}
+
+pub async fn generates_ids_and_skips_taken_ones<S: Store>(store: &S) {
+    let first = create(store, "first").await;
+    assert_eq!(first.id.as_str(), "t-1");
+    assert_eq!(first.state, TaskState::new());
+    assert_eq!(first.created_at, 1_000);
+    store
+        .create_task(new_task(Some("t-2"), "by hand", 2, &[]), 1_000)
+        .await
+        .expect("user-given id");
+    assert_eq!(create(store, "third").await.id.as_str(), "t-3");
+    let events = store.events(&first.id).await.expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].kind.as_str(), events[0].from, events[0].to),
+        ("created", None, TaskStatus::Open)
+    );
+}
+
+pub async fn refuses_taken_ids_and_unknown_references<S: Store>(store: &S) {
+    store
+        .create_task(new_task(Some("a"), "a", 2, &[]), 1)
+        .await
+        .expect("create a");
+    let err = store
+        .create_task(new_task(Some("a"), "again", 2, &[]), 1)
+        .await
+        .expect_err("taken");
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    let err = store
+        .create_task(new_task(Some("b"), "b", 2, &["nope"]), 1)
+        .await
+        .expect_err("unknown dependency");
+    assert!(
+        matches!(&err, Error::NotFound(m) if m.contains("dependency nope does not exist")),
+        "{err}"
+    );
+    let mut orphan = new_task(Some("c"), "c", 2, &[]);
+    orphan.parent = Some(id("ghost"));
+    let err = store.create_task(orphan, 1).await.expect_err("unknown parent");
+    assert!(matches!(&err, Error::NotFound(m) if m.contains("parent task ghost")), "{err}");
+    // Nothing of the refused tasks was kept.
+    assert_eq!(store.list_tasks(None).await.expect("list").len(), 1);
+}
+
+pub async fn refuses_dependency_cycles<S: Store>(store: &S) {
+    for name in ["a", "b", "c"] {
+        store
+            .create_task(new_task(Some(name), name, 2, &[]), 1)
+            .await
+            .expect("create");
+    }
+    store
+        .add_dependencies(&id("b"), &[id("a")], 2)
+        .await
+        .expect("b -> a");
+    store
+        .add_dependencies(&id("c"), &[id("b")], 2)
+        .await
+        .expect("c -> b");
+    let err = store
+        .add_dependencies(&id("a"), &[id("c")], 3)
+        .await
+        .expect_err("a -> c closes a cycle");
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("cycle")),
+        "{err}"
+    );
+    let err = store
+        .add_dependencies(&id("a"), &[id("a")], 3)
+        .await
+        .expect_err("self");
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    let err = store
+        .add_dependencies(&id("a"), &[id("zzz")], 3)
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    let err = store
+        .add_dependencies(&id("zzz"), &[id("a")], 3)
+        .await
+        .expect_err("unknown task");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    let a = store.get_task(&id("a")).await.expect("get").expect("a");
+    assert!(a.depends_on.is_empty(), "refused edges are not kept");
+    let c = store.get_task(&id("c")).await.expect("get").expect("c");
+    assert_eq!(c.depends_on, vec![id("b")]);
+    // Adding an edge that exists is a no-op.
+    let again = store
+        .add_dependencies(&id("c"), &[id("b")], 4)
+        .await
+        .expect("again");
+    assert_eq!(again.version, c.version);
+}
+
+pub async fn lists_in_lease_order_and_filters<S: Store>(store: &S) {
+    for (name, prio) in [("low", 4), ("mid1", 2), ("high", 0), ("mid2", 2)] {
+        store
+            .create_task(new_task(Some(name), name, prio, &[]), 1)
+            .await
+            .expect("create");
+    }
+    let all = store.list_tasks(None).await.expect("list");
+    let names: Vec<&str> = all.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(names, ["high", "mid1", "mid2", "low"]);
+    transition(store, &all[1], TaskStatus::Cancelled)
+        .await
+        .expect("cancel mid1");
+    let open = store
+        .list_tasks(Some(TaskStatus::Open))
+        .await
+        .expect("list open");
+    assert_eq!(open.len(), 3);
+    let cancelled = store
+        .list_tasks(Some(TaskStatus::Cancelled))
+        .await
+        .expect("list cancelled");
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].id.as_str(), "mid1");
+}
+
+pub async fn transitions_are_compare_and_swap<S: Store>(store: &S) {
+    let task = create(store, "cas").await;
+    let moved = transition(store, &task, TaskStatus::InProgress)
+        .await
+        .expect("first write");
+    assert_eq!(moved.state.status, TaskStatus::InProgress);
+    assert_eq!(moved.version, task.version + 1);
+    assert_eq!(moved.updated_at, 2_000);
+    let err = transition(store, &task, TaskStatus::Cancelled)
+        .await
+        .expect_err("stale version");
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    let now = store.get_task(&task.id).await.expect("get").expect("task");
+    assert_eq!(now.state.status, TaskStatus::InProgress, "the loser changed nothing");
+    let mut ghost = task.clone();
+    ghost.id = id("ghost");
+    let err = transition(store, &ghost, TaskStatus::Open)
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    let events = store.events(&task.id).await.expect("events");
+    let kinds: Vec<(&str, Option<TaskStatus>, TaskStatus)> = events
+        .iter()
+        .map(|e| (e.kind.as_str(), e.from, e.to))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("created", None, TaskStatus::Open),
+            ("test", Some(TaskStatus::Open), TaskStatus::InProgress)
+        ]
+    );
+}
+
+pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
+    let task = create(store, "runs").await;
+    let mut current = task.clone();
+    for attempt in 1..=2u32 {
+        current = store
+            .commit_transition(TransitionWrite {
+                task_id: current.id.clone(),
+                expected_version: current.version,
+                from: current.state.status,
+                state: current.state.clone(),
+                kind: "leased".into(),
+                message: "leased".into(),
+                at: 10 * i64::from(attempt),
+                close_runs: None,
+                start_run: Some(NewRun {
+                    phase: Phase::Dev,
+                    patchset: 0,
+                    runner: Some("r1".into()),
+                }),
+            })
+            .await
+            .expect("start run");
+        let counts = store.status_counts().await.expect("counts");
+        assert_eq!(counts.active_dev_runs, 1);
+        current = store
+            .commit_transition(TransitionWrite {
+                task_id: current.id.clone(),
+                expected_version: current.version,
+                from: current.state.status,
+                state: current.state.clone(),
+                kind: "dev_failed".into(),
+                message: "failed".into(),
+                at: 10 * i64::from(attempt) + 5,
+                close_runs: Some(RunEnd {
+                    status: RunStatus::Failure,
+                    cost_cents: 2.5,
+                    error: Some("agent exited 1".into()),
+                }),
+                start_run: None,
+            })
+            .await
+            .expect("close run");
+    }
+    let runs = store.runs(&task.id).await.expect("runs");
+    assert_eq!(runs.len(), 2);
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(run.attempt as usize, i + 1);
+        assert_eq!(run.phase, Phase::Dev);
+        assert_eq!(run.status, RunStatus::Failure);
+        assert_eq!(run.runner.as_deref(), Some("r1"));
+        assert_eq!(run.cost_cents, 2.5);
+        assert_eq!(run.error.as_deref(), Some("agent exited 1"));
+        assert_eq!(run.finished_at, Some(run.started_at + 5));
+    }
+    assert_eq!(store.status_counts().await.expect("counts").active_dev_runs, 0);
+}
+
+pub async fn counts_by_status<S: Store>(store: &S) {
+    let a = create(store, "a").await;
+    create(store, "b").await;
+    let c = create(store, "c").await;
+    transition(store, &a, TaskStatus::Done).await.expect("a");
+    transition(store, &c, TaskStatus::NeedsHelp)
+        .await
+        .expect("c");
+    let counts = store.status_counts().await.expect("counts");
+    assert_eq!(
+        (
+            counts.open,
+            counts.in_progress,
+            counts.verified,
+            counts.done,
+            counts.needs_help,
+            counts.cancelled
+        ),
+        (1, 0, 0, 1, 1, 0)
+    );
+}
+
+pub async fn knows_when_dependencies_are_done<S: Store>(store: &S) {
+    let dep = store
+        .create_task(new_task(Some("dep"), "dep", 2, &[]), 1)
+        .await
+        .expect("dep");
+    let task = store
+        .create_task(new_task(Some("task"), "task", 2, &["dep"]), 1)
+        .await
+        .expect("task");
+    assert_eq!(task.depends_on, vec![id("dep")]);
+    assert!(!store.dependencies_done(&task.id).await.expect("deps"));
+    assert!(store.dependencies_done(&dep.id).await.expect("no deps"));
+    transition(store, &dep, TaskStatus::Done).await.expect("done");
+    assert!(store.dependencies_done(&task.id).await.expect("deps"));
+}
+
+pub async fn keeps_meta<S: Store>(store: &S) {
+    assert_eq!(store.get_meta("k").await.expect("get"), None);
+    store.put_meta("k", "v1").await.expect("put");
+    store.put_meta("k", "v2").await.expect("put");
+    assert_eq!(store.get_meta("k").await.expect("get").as_deref(), Some("v2"));
+}
