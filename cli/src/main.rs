@@ -1,1 +1,218 @@
-fn main() {}
+//! `pipelinectl`: see and steer a pipeline server. Human-readable tables by default, `--json`
+//! for scripts; every failure is one line on stderr and a stable exit code (see [`Failure`]).
+
+mod client;
+mod output;
+mod time;
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pipeline_proto::v1 as pb;
+
+use crate::client::{Client, Failure};
+
+/// See and steer a pipeline: tasks, runners, status.
+#[derive(Debug, Parser)]
+#[command(name = "pipelinectl", version)]
+struct Cli {
+    /// The server's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "PIPELINE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Counts of tasks by status, active dev runs and runners.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create, list, show, retry and cancel tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// The runners known to the server.
+    Runners {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A task's run logs, oldest first.
+    Logs {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+        /// Stream new lines live until the task is done, needs help or is cancelled.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Create a task; prints its ID alone on stdout.
+    Add {
+        #[arg(long)]
+        title: String,
+        #[arg(long, conflicts_with = "description_file")]
+        description: Option<String>,
+        /// Read the description from a file (`-` for standard input).
+        #[arg(long)]
+        description_file: Option<String>,
+        /// What `bild` verifies (e.g. `Omni/Pipeline.hs`); none skips verification.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// 0 (highest) to 4 (lowest).
+        #[arg(long, default_value_t = 2)]
+        priority: u32,
+        #[arg(long, allow_hyphen_values = true)]
+        parent: Option<String>,
+        /// A task that must be done first; repeat for several.
+        #[arg(long = "depends-on", allow_hyphen_values = true)]
+        depends_on: Vec<String>,
+        /// Choose the ID instead of the generated `t-<n>`.
+        #[arg(long, allow_hyphen_values = true)]
+        id: Option<String>,
+    },
+    /// List tasks, highest priority and oldest first.
+    List {
+        #[arg(long, value_parser = ["open", "in_progress", "verified", "done", "needs_help", "cancelled"])]
+        status: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A task with its runs and history.
+    Show {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Back to Open with the failure count cleared (from needs_help, cancelled or open).
+    Retry {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
+    /// Cancel a task, stopping its agent if one is running.
+    Cancel {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
+    /// Make a task wait for others to be done.
+    Depend {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+        /// The task it waits for; repeat for several.
+        #[arg(long = "on", required = true, allow_hyphen_values = true)]
+        on: Vec<String>,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("pipelinectl: {}", failure.message);
+            ExitCode::from(failure.exit_code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    // Checked before connecting, so that a mistake is reported even with no server.
+    let add_description = match &cli.command {
+        Command::Task(TaskCommand::Add {
+            description,
+            description_file,
+            ..
+        }) => Some(read_description(
+            description.clone(),
+            description_file.as_deref(),
+        )?),
+        _ => None,
+    };
+    let mut client = Client::connect(&cli.server).await?;
+    match cli.command {
+        Command::Status { json } => {
+            let s = client.status().await?;
+            output::status(&s, json);
+        }
+        Command::Runners { json } => {
+            let runners = client.runners().await?;
+            output::runners(&runners, json);
+        }
+        Command::Task(TaskCommand::Add {
+            title,
+            namespace,
+            priority,
+            parent,
+            depends_on,
+            id,
+            ..
+        }) => {
+            let task = client
+                .create_task(pb::CreateTaskRequest {
+                    id,
+                    title,
+                    description: add_description.unwrap_or_default(),
+                    namespace,
+                    priority: Some(priority),
+                    parent,
+                    depends_on,
+                })
+                .await?;
+            println!("{}", task.id);
+        }
+        Command::Task(TaskCommand::List { status, json }) => {
+            let tasks = client.list_tasks(status.as_deref()).await?;
+            output::task_list(&tasks, json);
+        }
+        Command::Task(TaskCommand::Show { id, json }) => {
+            let detail = client.get_task(id).await?;
+            output::task_detail(&detail, json)?;
+        }
+        Command::Task(TaskCommand::Retry { id }) => {
+            let task = client.retry_task(id).await?;
+            println!("{}: {}", task.id, output::status_word(task.status));
+        }
+        Command::Task(TaskCommand::Cancel { id }) => {
+            let task = client.cancel_task(id).await?;
+            println!("{}: {}", task.id, output::status_word(task.status));
+        }
+        Command::Task(TaskCommand::Depend { id, on }) => {
+            let task = client.add_dependencies(id, on).await?;
+            println!("{} depends on {}", task.id, task.depends_on.join(", "));
+        }
+        Command::Logs { .. } => {
+            return Err(Failure::unavailable_feature(
+                "logs are not available yet: run logs arrive with the runners",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn read_description(inline: Option<String>, file: Option<&str>) -> Result<String, Failure> {
+    match (inline, file) {
+        (Some(d), _) => Ok(d),
+        (None, None) => Ok(String::new()),
+        (None, Some("-")) => {
+            let mut buf = String::new();
+            std::io::stdin().read_to_string(&mut buf).map_err(|e| {
+                Failure::usage(format!("cannot read the description from stdin: {e}"))
+            })?;
+            Ok(buf)
+        }
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| Failure::usage(format!("cannot read --description-file {path}: {e}"))),
+    }
+}

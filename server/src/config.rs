@@ -150,7 +150,10 @@ mod tests {
         assert_eq!(c.lease_ttl, 30);
         assert_eq!(c.local_runners, 0);
         assert_eq!(c.agent.agent, AgentMode::Agentd);
-        assert_eq!((c.agent.timeout, c.agent.max_iter, c.agent.max_cost), (1800, 80, 300));
+        assert_eq!(
+            (c.agent.timeout, c.agent.max_iter, c.agent.max_cost),
+            (1800, 80, 300)
+        );
         assert!(c.validate().is_ok());
     }
 

@@ -224,7 +224,10 @@ mod tests {
         let store = SqliteStore::open(path.to_str().expect("utf-8"))
             .await
             .expect("open");
-        (dir, Coordinator::new(store, Policy::default(), "main".into()))
+        (
+            dir,
+            Coordinator::new(store, Policy::default(), "main".into()),
+        )
     }
 
     fn new_task(title: &str) -> NewTask {
@@ -238,7 +241,10 @@ mod tests {
         let t = c.cancel(&t.id).await.expect("cancel");
         assert_eq!(t.state.status, TaskStatus::Cancelled);
         let err = c.cancel(&t.id).await.expect_err("twice");
-        assert_eq!(err.to_string(), "task t-1: cannot cancel a task that is cancelled already");
+        assert_eq!(
+            err.to_string(),
+            "task t-1: cannot cancel a task that is cancelled already"
+        );
         let t = c.retry(&t.id).await.expect("retry");
         assert_eq!(t.state.status, TaskStatus::Open);
         let detail = c.show_task(&t.id).await.expect("show");

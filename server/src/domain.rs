@@ -38,7 +38,10 @@ impl TaskId {
             return refuse("it is empty");
         }
         if raw.len() > 64 {
-            return refuse(&format!("it is {} characters long, the limit is 64", raw.len()));
+            return refuse(&format!(
+                "it is {} characters long, the limit is 64",
+                raw.len()
+            ));
         }
         let first = raw.as_bytes()[0];
         if !first.is_ascii_alphanumeric() {
@@ -471,7 +474,10 @@ mod tests {
                 vec![],
             )
         };
-        assert_eq!(mk("fix it", "", None, None).map(|t| t.priority).ok(), Some(2));
+        assert_eq!(
+            mk("fix it", "", None, None).map(|t| t.priority).ok(),
+            Some(2)
+        );
         assert!(mk("  ", "", None, None).is_err());
         assert!(mk("two\nlines", "", None, None).is_err());
         assert!(mk("t", "nul\0", None, None).is_err());
@@ -485,8 +491,13 @@ mod tests {
                 .ok(),
             Some((Some("Omni/Pipeline.hs".to_owned()), 0))
         );
-        assert_eq!(mk("t", "", Some(""), None).map(|t| t.namespace).ok(), Some(None));
-        let err = mk("t", "", None, Some(9)).expect_err("priority 9").to_string();
+        assert_eq!(
+            mk("t", "", Some(""), None).map(|t| t.namespace).ok(),
+            Some(None)
+        );
+        let err = mk("t", "", None, Some(9))
+            .expect_err("priority 9")
+            .to_string();
         assert!(err.contains("invalid priority 9"), "{err}");
     }
 

@@ -66,7 +66,13 @@ impl Repo {
         }
         let refname = format!("refs/heads/{branch}");
         let out = self
-            .run(&["rev-parse", "--verify", "--quiet", "--end-of-options", &format!("{refname}^{{commit}}")])
+            .run(&[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                "--end-of-options",
+                &format!("{refname}^{{commit}}"),
+            ])
             .await
             .map_err(|_| {
                 Error::FailedPrecondition(format!(

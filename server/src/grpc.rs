@@ -36,9 +36,7 @@ fn task_id(raw: &str) -> Result<TaskId, Status> {
 
 fn dependency_ids(raw: &[String]) -> Result<Vec<TaskId>, Status> {
     raw.iter()
-        .map(|d| {
-            TaskId::parse(d).map_err(|e| Status::invalid_argument(format!("dependency: {e}")))
-        })
+        .map(|d| TaskId::parse(d).map_err(|e| Status::invalid_argument(format!("dependency: {e}"))))
         .collect()
 }
 
@@ -217,7 +215,11 @@ impl<S: Store> ControlService for ControlApi<S> {
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let status = request.into_inner().status.map(status_from_pb).transpose()?;
+        let status = request
+            .into_inner()
+            .status
+            .map(status_from_pb)
+            .transpose()?;
         let tasks = self
             .coordinator
             .list_tasks(status)
@@ -386,7 +388,10 @@ mod tests {
     #[test]
     fn errors_map_to_a_small_code_set() {
         let cases = [
-            (Error::InvalidArgument("a".into()), tonic::Code::InvalidArgument),
+            (
+                Error::InvalidArgument("a".into()),
+                tonic::Code::InvalidArgument,
+            ),
             (Error::NotFound("a".into()), tonic::Code::NotFound),
             (Error::AlreadyExists("a".into()), tonic::Code::AlreadyExists),
             (

@@ -175,10 +175,28 @@ pub fn apply(
             ("leased".to_owned(), vec![])
         }
         (InProgress, Event::DevFailed { reason, cost_cents }) => {
-            return Ok(fail(state, event, reason, *cost_cents, 0, false, policy, now));
+            return Ok(fail(
+                state,
+                event,
+                reason,
+                *cost_cents,
+                0,
+                false,
+                policy,
+                now,
+            ));
         }
         (InProgress, Event::VerifyFailed { reason, cost_cents }) => {
-            return Ok(fail(state, event, reason, *cost_cents, 1, true, policy, now));
+            return Ok(fail(
+                state,
+                event,
+                reason,
+                *cost_cents,
+                1,
+                true,
+                policy,
+                now,
+            ));
         }
         (InProgress, Event::LeaseLost { reason }) => {
             // The work in flight is lost, so the next attempt starts where this one did.
@@ -399,7 +417,12 @@ mod tests {
 
     #[test]
     fn dev_failure_backs_off_and_counts() {
-        let s = check(&state(InProgress), dev_failed(), Open, &[Effect::WakeScheduler]);
+        let s = check(
+            &state(InProgress),
+            dev_failed(),
+            Open,
+            &[Effect::WakeScheduler],
+        );
         assert_eq!(s.failures, 1);
         assert_eq!(s.cost_cents, 5.0);
         assert_eq!(s.backoff_until, Some(NOW + 20_000), "10 * 2^1 seconds");
@@ -473,7 +496,11 @@ mod tests {
             s.backoff_until = None;
             s = check(&s, Event::Leased, InProgress, &[]);
             let expect = if i == 2 { NeedsHelp } else { Open };
-            let effects: &[Effect] = if i == 2 { &[] } else { &[Effect::WakeScheduler] };
+            let effects: &[Effect] = if i == 2 {
+                &[]
+            } else {
+                &[Effect::WakeScheduler]
+            };
             s = check(&s, failure, expect, effects);
         }
         assert_eq!(s.failures, 3);
@@ -568,12 +595,20 @@ mod tests {
         for from in [Open, Verified, NeedsHelp] {
             check(&state(from), Event::Cancel, Cancelled, &[]);
         }
-        check(&state(InProgress), Event::Cancel, Cancelled, &[Effect::StopRun]);
+        check(
+            &state(InProgress),
+            Event::Cancel,
+            Cancelled,
+            &[Effect::StopRun],
+        );
         let backing_off = TaskState {
             backoff_until: Some(NOW + 5),
             ..state(Open)
         };
-        assert_eq!(check(&backing_off, Event::Cancel, Cancelled, &[]).backoff_until, None);
+        assert_eq!(
+            check(&backing_off, Event::Cancel, Cancelled, &[]).backoff_until,
+            None
+        );
         check_refused(Done, Event::Cancel, "already on the base");
         check_refused(Cancelled, Event::Cancel, "cancelled already");
     }
@@ -597,7 +632,12 @@ mod tests {
 
     #[test]
     fn recovery_reopens_in_progress_without_counting() {
-        let s = check(&state(InProgress), Event::Recover, Open, &[Effect::WakeScheduler]);
+        let s = check(
+            &state(InProgress),
+            Event::Recover,
+            Open,
+            &[Effect::WakeScheduler],
+        );
         assert_eq!(s.failures, 0);
         for from in [Open, Verified, Done, NeedsHelp, Cancelled] {
             check_refused(from, Event::Recover, "cannot recover");
@@ -680,8 +720,7 @@ mod tests {
                 for (event, dt) in steps {
                     now += dt;
                     let before = s.clone();
-                    match apply(&before, &event, &policy, now) {
-                        Ok(t) => {
+                    if let Ok(t) = apply(&before, &event, &policy, now) {
                             if before.status == Done {
                                 prop_assert!(false, "a done task changed: {event:?}");
                             }
@@ -698,8 +737,6 @@ mod tests {
                             prop_assert!(t.state.patchset >= before.patchset, "patchset never decreases");
                             prop_assert!(t.state.cost_cents >= before.cost_cents, "cost never decreases");
                             s = t.state;
-                        }
-                        Err(_) => {}
                     }
                     // No task is leasable unless it is Open.
                     if leasable(&s, true, &policy, now) {

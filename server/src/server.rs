@@ -105,7 +105,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(Error::Internal(format!("grpc server: {e}"))),
         Ok(Err(e)) => return Err(Error::Internal(format!("grpc server task: {e}"))),
-        Err(_) => tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping anyway"),
+        Err(_) => {
+            tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping anyway")
+        }
     }
     store.close().await;
     tracing::info!("stopped");

@@ -76,8 +76,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Task>> + Send;
 
     /// Persists a transition if the task is still at `expected_version`.
-    fn commit_transition(&self, write: TransitionWrite)
-    -> impl Future<Output = Result<Task>> + Send;
+    fn commit_transition(
+        &self,
+        write: TransitionWrite,
+    ) -> impl Future<Output = Result<Task>> + Send;
 
     /// The task's runs, oldest first.
     fn runs(&self, id: &TaskId) -> impl Future<Output = Result<Vec<Run>>> + Send;

@@ -401,13 +401,11 @@ impl Store for SqliteStore {
                 &format!("now also depends on {}", names.join(", ")),
             )
             .await?;
-            sqlx::query(
-                "UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?",
-            )
-            .bind(now)
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
         }
         let task = load_task(&mut tx, id.as_str())
             .await?

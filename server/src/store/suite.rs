@@ -114,8 +114,14 @@ pub async fn refuses_taken_ids_and_unknown_references<S: Store>(store: &S) {
     );
     let mut orphan = new_task(Some("c"), "c", 2, &[]);
     orphan.parent = Some(id("ghost"));
-    let err = store.create_task(orphan, 1).await.expect_err("unknown parent");
-    assert!(matches!(&err, Error::NotFound(m) if m.contains("parent task ghost")), "{err}");
+    let err = store
+        .create_task(orphan, 1)
+        .await
+        .expect_err("unknown parent");
+    assert!(
+        matches!(&err, Error::NotFound(m) if m.contains("parent task ghost")),
+        "{err}"
+    );
     // Nothing of the refused tasks was kept.
     assert_eq!(store.list_tasks(None).await.expect("list").len(), 1);
 }
@@ -209,7 +215,11 @@ pub async fn transitions_are_compare_and_swap<S: Store>(store: &S) {
         .expect_err("stale version");
     assert!(matches!(err, Error::Conflict(_)), "{err}");
     let now = store.get_task(&task.id).await.expect("get").expect("task");
-    assert_eq!(now.state.status, TaskStatus::InProgress, "the loser changed nothing");
+    assert_eq!(
+        now.state.status,
+        TaskStatus::InProgress,
+        "the loser changed nothing"
+    );
     let mut ghost = task.clone();
     ghost.id = id("ghost");
     let err = transition(store, &ghost, TaskStatus::Open)
@@ -284,7 +294,10 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
         assert_eq!(run.error.as_deref(), Some("agent exited 1"));
         assert_eq!(run.finished_at, Some(run.started_at + 5));
     }
-    assert_eq!(store.status_counts().await.expect("counts").active_dev_runs, 0);
+    assert_eq!(
+        store.status_counts().await.expect("counts").active_dev_runs,
+        0
+    );
 }
 
 pub async fn counts_by_status<S: Store>(store: &S) {
@@ -321,7 +334,9 @@ pub async fn knows_when_dependencies_are_done<S: Store>(store: &S) {
     assert_eq!(task.depends_on, vec![id("dep")]);
     assert!(!store.dependencies_done(&task.id).await.expect("deps"));
     assert!(store.dependencies_done(&dep.id).await.expect("no deps"));
-    transition(store, &dep, TaskStatus::Done).await.expect("done");
+    transition(store, &dep, TaskStatus::Done)
+        .await
+        .expect("done");
     assert!(store.dependencies_done(&task.id).await.expect("deps"));
 }
 
@@ -329,5 +344,8 @@ pub async fn keeps_meta<S: Store>(store: &S) {
     assert_eq!(store.get_meta("k").await.expect("get"), None);
     store.put_meta("k", "v1").await.expect("put");
     store.put_meta("k", "v2").await.expect("put");
-    assert_eq!(store.get_meta("k").await.expect("get").as_deref(), Some("v2"));
+    assert_eq!(
+        store.get_meta("k").await.expect("get").as_deref(),
+        Some("v2")
+    );
 }

@@ -1,0 +1,203 @@
+//! The connection to the server and the one mapping from gRPC failures to a line a person can
+//! act on and a stable exit code.
+
+use std::time::Duration;
+
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::control_service_client::ControlServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Exit codes, stable for scripts (also listed in the README).
+pub mod exit {
+    /// Anything unexpected, including an internal error of the server.
+    pub const FAILURE: u8 = 1;
+    /// The request was refused as malformed (also clap's code for bad flags).
+    pub const USAGE: u8 = 2;
+    /// The named task (or other thing) does not exist.
+    pub const NOT_FOUND: u8 = 3;
+    /// The request is valid but the current state does not allow it.
+    pub const REFUSED: u8 = 4;
+    /// The server cannot be reached, or the feature is not available.
+    pub const UNAVAILABLE: u8 = 5;
+    /// A missing or wrong credential.
+    pub const AUTH: u8 = 6;
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A failed command: one line for stderr and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub exit_code: u8,
+}
+
+impl Failure {
+    pub fn usage(message: String) -> Self {
+        Self {
+            message,
+            exit_code: exit::USAGE,
+        }
+    }
+
+    pub fn unavailable_feature(message: &str) -> Self {
+        Self {
+            message: message.to_owned(),
+            exit_code: exit::UNAVAILABLE,
+        }
+    }
+
+    pub fn internal(message: String) -> Self {
+        Self {
+            message,
+            exit_code: exit::FAILURE,
+        }
+    }
+}
+
+/// Makes any text one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The innermost cause of an error, which is the useful part of a transport error
+/// ("Connection refused (os error 111)" rather than "transport error").
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = err;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+/// A client of the control API.
+pub struct Client {
+    url: String,
+    inner: ControlServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `url` (`http://host:port`, or just `host:port`).
+    pub async fn connect(url: &str) -> Result<Self, Failure> {
+        let url = if url.contains("://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| {
+                Failure::usage(format!(
+                    "invalid server URL {url:?}: {}; use http://HOST:PORT",
+                    root_cause(&e)
+                ))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|e| Failure {
+            message: format!(
+                "cannot reach the pipeline server at {url}: {}; is pipeline-server running? \
+                 (set --server or PIPELINE_SERVER)",
+                one_line(&root_cause(&e))
+            ),
+            exit_code: exit::UNAVAILABLE,
+        })?;
+        let inner = ControlServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { url, inner })
+    }
+
+    fn failure(&self, status: Status) -> Failure {
+        let message = one_line(status.message());
+        let (exit_code, message) = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => (exit::USAGE, message),
+            Code::NotFound => (exit::NOT_FOUND, message),
+            Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => {
+                (exit::REFUSED, message)
+            }
+            Code::Unavailable => (
+                exit::UNAVAILABLE,
+                format!(
+                    "cannot reach the pipeline server at {}: {message}",
+                    self.url
+                ),
+            ),
+            Code::DeadlineExceeded => (
+                exit::UNAVAILABLE,
+                format!(
+                    "the pipeline server at {} did not answer within {} s",
+                    self.url,
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            ),
+            Code::Unauthenticated | Code::PermissionDenied => (exit::AUTH, message),
+            Code::ResourceExhausted => (exit::REFUSED, message),
+            _ => (exit::FAILURE, format!("server error: {message}")),
+        };
+        Failure { message, exit_code }
+    }
+
+    pub async fn status(&mut self) -> Result<pb::GetStatusResponse, Failure> {
+        let r = self.inner.get_status(pb::GetStatusRequest {}).await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|s| self.failure(s))
+    }
+
+    pub async fn runners(&mut self) -> Result<Vec<pb::Runner>, Failure> {
+        let r = self.inner.list_runners(pb::ListRunnersRequest {}).await;
+        r.map(|r| r.into_inner().runners)
+            .map_err(|s| self.failure(s))
+    }
+
+    pub async fn create_task(&mut self, req: pb::CreateTaskRequest) -> Result<pb::Task, Failure> {
+        let r = self.inner.create_task(req).await;
+        let task = r.map_err(|s| self.failure(s))?.into_inner().task;
+        task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+    }
+
+    pub async fn list_tasks(&mut self, status: Option<&str>) -> Result<Vec<pb::Task>, Failure> {
+        let status = status
+            .map(|s| {
+                pb::TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_uppercase()))
+                    .map(i32::from)
+                    .ok_or_else(|| Failure::usage(format!("unknown status {s}")))
+            })
+            .transpose()?;
+        let r = self.inner.list_tasks(pb::ListTasksRequest { status }).await;
+        r.map(|r| r.into_inner().tasks).map_err(|s| self.failure(s))
+    }
+
+    pub async fn get_task(&mut self, id: String) -> Result<pb::GetTaskResponse, Failure> {
+        let r = self.inner.get_task(pb::GetTaskRequest { id }).await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|s| self.failure(s))
+    }
+
+    pub async fn retry_task(&mut self, id: String) -> Result<pb::Task, Failure> {
+        let r = self.inner.retry_task(pb::RetryTaskRequest { id }).await;
+        let task = r.map_err(|s| self.failure(s))?.into_inner().task;
+        task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+    }
+
+    pub async fn cancel_task(&mut self, id: String) -> Result<pb::Task, Failure> {
+        let r = self.inner.cancel_task(pb::CancelTaskRequest { id }).await;
+        let task = r.map_err(|s| self.failure(s))?.into_inner().task;
+        task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+    }
+
+    pub async fn add_dependencies(
+        &mut self,
+        id: String,
+        depends_on: Vec<String>,
+    ) -> Result<pb::Task, Failure> {
+        let r = self
+            .inner
+            .add_dependencies(pb::AddDependenciesRequest { id, depends_on })
+            .await;
+        let task = r.map_err(|s| self.failure(s))?.into_inner().task;
+        task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+    }
+}

@@ -1,0 +1,331 @@
+//! What `pipelinectl` prints: aligned tables for people, and for `--json` the shapes of
+//! `CONTRACT.md` (statuses as lowercase words, times as RFC 3339 strings, absent values as null).
+
+use pipeline_proto::v1 as pb;
+use serde_json::{Value, json};
+
+use crate::client::Failure;
+use crate::time::rfc3339;
+
+/// The lowercase word for a task status, as in the contract.
+pub fn status_word(raw: i32) -> &'static str {
+    match pb::TaskStatus::try_from(raw) {
+        Ok(pb::TaskStatus::Open) => "open",
+        Ok(pb::TaskStatus::InProgress) => "in_progress",
+        Ok(pb::TaskStatus::Verified) => "verified",
+        Ok(pb::TaskStatus::Done) => "done",
+        Ok(pb::TaskStatus::NeedsHelp) => "needs_help",
+        Ok(pb::TaskStatus::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+fn phase_word(raw: i32) -> &'static str {
+    match pb::RunPhase::try_from(raw) {
+        Ok(pb::RunPhase::Dev) => "dev",
+        Ok(pb::RunPhase::Verify) => "verify",
+        Ok(pb::RunPhase::Integrate) => "integrate",
+        _ => "unknown",
+    }
+}
+
+fn run_status_word(raw: i32) -> &'static str {
+    match pb::RunStatus::try_from(raw) {
+        Ok(pb::RunStatus::Running) => "running",
+        Ok(pb::RunStatus::Success) => "success",
+        Ok(pb::RunStatus::Failure) => "failure",
+        _ => "unknown",
+    }
+}
+
+fn runner_state_word(raw: i32) -> &'static str {
+    match pb::RunnerState::try_from(raw) {
+        Ok(pb::RunnerState::Idle) => "idle",
+        Ok(pb::RunnerState::Busy) => "busy",
+        Ok(pb::RunnerState::Draining) => "draining",
+        Ok(pb::RunnerState::Offline) => "offline",
+        _ => "unknown",
+    }
+}
+
+fn time_or_null(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, |ms| Value::String(rfc3339(ms)))
+}
+
+fn print_json(value: &Value) {
+    // Serializing a `Value` cannot fail.
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn task_json(t: &pb::Task) -> Value {
+    json!({
+        "id": t.id,
+        "title": t.title,
+        "description": t.description,
+        "status": status_word(t.status),
+        "priority": t.priority,
+        "patchset": t.patchset,
+        "namespace": t.namespace,
+        "depends_on": t.depends_on,
+        "parent": t.parent,
+        "failures": t.failures,
+        "cost_cents": t.cost_cents,
+        "backoff_until": time_or_null(t.backoff_until_ms),
+        "feedback": t.feedback,
+        "created_at": rfc3339(t.created_at_ms),
+        "updated_at": rfc3339(t.updated_at_ms),
+    })
+}
+
+fn run_json(r: &pb::Run) -> Value {
+    json!({
+        "id": r.id,
+        "phase": phase_word(r.phase),
+        "patchset": r.patchset,
+        "attempt": r.attempt,
+        "status": run_status_word(r.status),
+        "runner": r.runner,
+        "cost_cents": r.cost_cents,
+        "started_at": rfc3339(r.started_at_ms),
+        "finished_at": time_or_null(r.finished_at_ms),
+        "error": r.error,
+    })
+}
+
+fn event_json(e: &pb::TaskEvent) -> Value {
+    let from = match pb::TaskStatus::try_from(e.from_status) {
+        Ok(pb::TaskStatus::Unspecified) | Err(_) => Value::Null,
+        Ok(_) => Value::String(status_word(e.from_status).to_owned()),
+    };
+    json!({
+        "at": rfc3339(e.at_ms),
+        "kind": e.kind,
+        "from": from,
+        "to": status_word(e.to_status),
+        "message": e.message,
+    })
+}
+
+pub fn status(s: &pb::GetStatusResponse, as_json: bool) {
+    if as_json {
+        print_json(&json!({
+            "open": s.open,
+            "in_progress": s.in_progress,
+            "verified": s.verified,
+            "done": s.done,
+            "needs_help": s.needs_help,
+            "cancelled": s.cancelled,
+            "active_dev_runs": s.active_dev_runs,
+            "runners": s.runners,
+            "base": s.base,
+        }));
+        return;
+    }
+    println!("base branch:     {}", s.base);
+    println!("open:            {}", s.open);
+    println!("in progress:     {}", s.in_progress);
+    println!("verified:        {}", s.verified);
+    println!("done:            {}", s.done);
+    println!("needs help:      {}", s.needs_help);
+    println!("cancelled:       {}", s.cancelled);
+    println!("active dev runs: {}", s.active_dev_runs);
+    println!("runners:         {}", s.runners);
+}
+
+pub fn task_list(tasks: &[pb::Task], as_json: bool) {
+    if as_json {
+        print_json(&Value::Array(tasks.iter().map(task_json).collect()));
+        return;
+    }
+    if tasks.is_empty() {
+        println!("no tasks");
+        return;
+    }
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                status_word(t.status).to_owned(),
+                format!("P{}", t.priority),
+                t.patchset.to_string(),
+                t.failures.to_string(),
+                if t.depends_on.is_empty() {
+                    "-".to_owned()
+                } else {
+                    t.depends_on.join(",")
+                },
+                t.title.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "STATUS",
+            "PRI",
+            "PATCHSET",
+            "FAILURES",
+            "DEPENDS ON",
+            "TITLE",
+        ],
+        &rows,
+    );
+}
+
+pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure> {
+    let t = d
+        .task
+        .as_ref()
+        .ok_or_else(|| Failure::internal("the server answered without the task".into()))?;
+    if as_json {
+        let mut value = task_json(t);
+        value["runs"] = Value::Array(d.runs.iter().map(run_json).collect());
+        value["events"] = Value::Array(d.events.iter().map(event_json).collect());
+        print_json(&value);
+        return Ok(());
+    }
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    println!("{}  {}", t.id, t.title);
+    println!("status:      {}", status_word(t.status));
+    println!("priority:    P{}", t.priority);
+    println!("namespace:   {}", or_dash(&t.namespace));
+    println!("parent:      {}", or_dash(&t.parent));
+    let deps = if t.depends_on.is_empty() {
+        "-".to_owned()
+    } else {
+        t.depends_on.join(", ")
+    };
+    println!("depends on:  {deps}");
+    println!("patchset:    {}", t.patchset);
+    println!("failures:    {}", t.failures);
+    println!("cost:        {} cents", t.cost_cents);
+    if let Some(until) = t.backoff_until_ms {
+        println!("back-off:    until {}", rfc3339(until));
+    }
+    println!("created:     {}", rfc3339(t.created_at_ms));
+    println!("updated:     {}", rfc3339(t.updated_at_ms));
+    if !t.description.is_empty() {
+        println!("\ndescription:");
+        for line in t.description.lines() {
+            println!("  {line}");
+        }
+    }
+    if let Some(feedback) = &t.feedback {
+        println!("\nlast rejection:");
+        for line in feedback.lines() {
+            println!("  {line}");
+        }
+    }
+    println!("\nruns:");
+    if d.runs.is_empty() {
+        println!("  none yet");
+    } else {
+        let rows: Vec<Vec<String>> = d
+            .runs
+            .iter()
+            .map(|r| {
+                vec![
+                    format!("  {}", phase_word(r.phase)),
+                    r.attempt.to_string(),
+                    r.patchset.to_string(),
+                    r.runner.clone().unwrap_or_else(|| "(server)".into()),
+                    run_status_word(r.status).to_owned(),
+                    r.cost_cents.to_string(),
+                    rfc3339(r.started_at_ms),
+                    r.finished_at_ms.map_or_else(|| "-".into(), rfc3339),
+                    r.error
+                        .as_deref()
+                        .and_then(|e| e.lines().next())
+                        .unwrap_or("-")
+                        .to_owned(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "  PHASE", "ATTEMPT", "PATCHSET", "RUNNER", "STATUS", "COST", "STARTED",
+                "FINISHED", "ERROR",
+            ],
+            &rows,
+        );
+    }
+    println!("\nhistory:");
+    for e in &d.events {
+        println!(
+            "  {}  {:<18}  {:<11}  {}",
+            rfc3339(e.at_ms),
+            e.kind,
+            status_word(e.to_status),
+            e.message
+        );
+    }
+    Ok(())
+}
+
+pub fn runners(runners: &[pb::Runner], as_json: bool) {
+    if as_json {
+        let values = runners
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": r.id,
+                    "name": r.name,
+                    "state": runner_state_word(r.state),
+                    "slots_used": r.slots_used,
+                    "slots_total": r.slots_total,
+                    "last_heartbeat": time_or_null(r.last_heartbeat_ms),
+                    "labels": r.labels,
+                    "version": r.version,
+                })
+            })
+            .collect();
+        print_json(&Value::Array(values));
+        return;
+    }
+    if runners.is_empty() {
+        println!("no runners");
+        return;
+    }
+    let rows: Vec<Vec<String>> = runners
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                runner_state_word(r.state).to_owned(),
+                format!("{}/{}", r.slots_used, r.slots_total),
+                r.last_heartbeat_ms.map_or_else(|| "-".into(), rfc3339),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "STATE", "SLOTS", "LAST HEARTBEAT"], &rows);
+}

@@ -1,0 +1,396 @@
+//! The control API end to end: the real `pipeline-server` on a loopback port, driven by the
+//! real `pipelinectl`.
+
+use pipeline_tests::{Server, TestRepo, bin, ctl, run};
+use serde_json::Value;
+
+fn assert_task_shape(task: &Value) {
+    for key in [
+        "id",
+        "title",
+        "status",
+        "priority",
+        "patchset",
+        "namespace",
+        "depends_on",
+        "parent",
+    ] {
+        assert!(task.get(key).is_some(), "task JSON lacks {key}: {task}");
+    }
+    assert!(task["id"].is_string());
+    assert!(task["priority"].is_u64());
+    assert!(task["patchset"].is_u64());
+    assert!(task["depends_on"].is_array());
+}
+
+#[test]
+fn add_list_show_cancel_retry() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+
+    let first = server.add(&[
+        "--title",
+        "Write the parser",
+        "--description",
+        "Parse the input.\nSecond line.",
+        "--namespace",
+        "Omni/Parser.hs",
+        "--priority",
+        "1",
+    ]);
+    assert_eq!(first, "t-1", "task add prints the new ID alone");
+    let second = server.add(&["--title", "Use the parser", "--depends-on", &first]);
+    assert_eq!(second, "t-2");
+    let chosen = server.add(&["--title", "Urgent", "--priority", "0", "--id", "fix-42"]);
+    assert_eq!(chosen, "fix-42");
+    let child = server.add(&["--title", "Sub-task", "--parent", &first]);
+
+    // List: priority first, then age.
+    let list = server.ctl(&["task", "list", "--json"]).json();
+    let ids: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|t| t["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, ["fix-42", "t-1", "t-2", child.as_str()]);
+    for task in list.as_array().expect("array") {
+        assert_task_shape(task);
+        assert_eq!(task["status"], "open");
+    }
+    let table = server.ctl(&["task", "list"]).ok();
+    let header = table.lines().next().expect("header");
+    assert!(header.starts_with("ID") && header.contains("STATUS") && header.contains("TITLE"));
+    assert!(table.contains("Write the parser"));
+
+    // Show, with runs and events.
+    let shown = server.ctl(&["task", "show", &second, "--json"]).json();
+    assert_task_shape(&shown);
+    assert_eq!(shown["depends_on"], serde_json::json!(["t-1"]));
+    assert_eq!(shown["parent"], Value::Null);
+    assert_eq!(shown["namespace"], Value::Null);
+    assert_eq!(shown["runs"], serde_json::json!([]));
+    assert_eq!(shown["events"][0]["kind"], "created");
+    let shown = server.ctl(&["task", "show", &first, "--json"]).json();
+    assert_eq!(shown["namespace"], "Omni/Parser.hs");
+    assert_eq!(shown["priority"], 1);
+    assert_eq!(shown["description"], "Parse the input.\nSecond line.");
+    let shown = server.ctl(&["task", "show", &child, "--json"]).json();
+    assert_eq!(shown["parent"], "t-1");
+    let human = server.ctl(&["task", "show", &first]).ok();
+    assert!(human.contains("status:      open"), "{human}");
+    assert!(human.contains("  Second line."), "{human}");
+
+    // Cancel, then retry.
+    assert_eq!(
+        server.ctl(&["task", "cancel", &second]).ok().trim(),
+        "t-2: cancelled"
+    );
+    let listed = server
+        .ctl(&["task", "list", "--status", "cancelled", "--json"])
+        .json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    assert_eq!(listed[0]["id"], "t-2");
+    server
+        .ctl(&["task", "cancel", &second])
+        .refused(4, "cancelled already");
+    assert_eq!(
+        server.ctl(&["task", "retry", &second]).ok().trim(),
+        "t-2: open"
+    );
+    let shown = server.ctl(&["task", "show", &second, "--json"]).json();
+    assert_eq!(shown["status"], "open");
+    let kinds: Vec<&str> = shown["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(kinds, ["created", "cancelled", "retried"]);
+    assert_eq!(shown["events"][1]["from"], "open");
+    assert_eq!(shown["events"][1]["to"], "cancelled");
+
+    // Status counts.
+    server.ctl(&["task", "cancel", &chosen]).ok();
+    let status = server.ctl(&["status", "--json"]).json();
+    for key in [
+        "open",
+        "in_progress",
+        "verified",
+        "done",
+        "needs_help",
+        "cancelled",
+        "active_dev_runs",
+        "runners",
+    ] {
+        assert!(status[key].is_u64(), "status.{key} is an integer: {status}");
+    }
+    assert_eq!(status["open"], 3);
+    assert_eq!(status["cancelled"], 1);
+    assert_eq!(status["runners"], 0);
+    let human = server.ctl(&["status"]).ok();
+    assert!(human.contains("open:            3"), "{human}");
+
+    // Runners: none yet, in both forms.
+    assert_eq!(
+        server.ctl(&["runners", "--json"]).json(),
+        serde_json::json!([])
+    );
+    assert_eq!(server.ctl(&["runners"]).ok().trim(), "no runners");
+}
+
+#[test]
+fn description_from_a_file_and_from_stdin() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let file = repo.dir.path().join("desc.md");
+    std::fs::write(&file, "From a file.\n").expect("write");
+    let id = server.add(&[
+        "--title",
+        "t",
+        "--description-file",
+        file.to_str().expect("utf-8"),
+    ]);
+    let shown = server.ctl(&["task", "show", &id, "--json"]).json();
+    assert_eq!(shown["description"], "From a file.\n");
+
+    let out = run(std::process::Command::new(bin("pipelinectl"))
+        .args(["--server", &server.url, "task", "add", "--title", "stdin"])
+        .args(["--description-file", "/nonexistent/desc"]));
+    out.refused(2, "cannot read --description-file /nonexistent/desc");
+}
+
+#[test]
+fn bad_input_is_refused_with_one_line_and_changes_nothing() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let a = server.add(&["--title", "a"]);
+    let b = server.add(&["--title", "b", "--depends-on", &a]);
+    let before = server.ctl(&["task", "list", "--json"]).json();
+
+    let long = "x".repeat(80);
+    for (id, says) in [
+        ("../x", "invalid task id \"../x\""),
+        ("-x", "invalid task id \"-x\""),
+        ("a b", "a space is not allowed"),
+        (long.as_str(), "limit is 64"),
+        ("", "invalid task id \"\": it is empty"),
+        ("x.lock", "must not end with '.lock'"),
+    ] {
+        server
+            .ctl(&["task", "add", "--title", "t", "--id", id])
+            .refused(2, says);
+        server.ctl(&["task", "show", id]).refused(2, says);
+        server.ctl(&["task", "cancel", id]).refused(2, says);
+        server.ctl(&["task", "retry", id]).refused(2, says);
+    }
+    server
+        .ctl(&["task", "add", "--title", "t", "--priority", "9"])
+        .refused(2, "invalid priority 9: use 0 (highest) to 4 (lowest)");
+    server
+        .ctl(&["task", "add", "--title", " "])
+        .refused(2, "a task needs a title");
+    server
+        .ctl(&["task", "show", "nope"])
+        .refused(3, "task nope does not exist");
+    server
+        .ctl(&["task", "cancel", "nope"])
+        .refused(3, "task nope does not exist");
+    server
+        .ctl(&["task", "retry", "nope"])
+        .refused(3, "task nope does not exist");
+    server
+        .ctl(&["task", "add", "--title", "t", "--depends-on", "ghost"])
+        .refused(3, "dependency ghost does not exist; create it first");
+    server
+        .ctl(&["task", "add", "--title", "t", "--parent", "ghost"])
+        .refused(3, "parent task ghost does not exist");
+    server
+        .ctl(&["task", "add", "--title", "t", "--id", &a])
+        .refused(4, "task t-1 already exists");
+    server
+        .ctl(&[
+            "task",
+            "add",
+            "--title",
+            "t",
+            "--id",
+            "self",
+            "--depends-on",
+            "self",
+        ])
+        .refused(2, "task self cannot depend on itself");
+    // A cycle: b already depends on a.
+    server
+        .ctl(&["task", "depend", &a, "--on", &b])
+        .refused(4, "would make a cycle");
+    server
+        .ctl(&["task", "depend", &a, "--on", &a])
+        .refused(4, "would make a cycle");
+    server.ctl(&["task", "retry", &b]).ok();
+    server
+        .ctl(&["task", "list", "--status", "bogus"])
+        .code()
+        .filter(|c| *c == 2)
+        .expect("unknown status is a usage error");
+
+    let after = server.ctl(&["task", "list", "--json"]).json();
+    // `retry` of an open task is allowed and only clears its (zero) count: compare the rest.
+    let strip = |v: &Value| {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|t| {
+                (
+                    t["id"].clone(),
+                    t["status"].clone(),
+                    t["depends_on"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&before), strip(&after), "refusals changed nothing");
+    assert_eq!(after.as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn a_server_that_cannot_be_reached_is_one_line() {
+    // Port 1 on loopback: nothing listens there.
+    let out = ctl("http://127.0.0.1:1", &["status"]);
+    let line = out.refused(5, "cannot reach the pipeline server at http://127.0.0.1:1");
+    assert!(line.contains("PIPELINE_SERVER"), "{line}");
+    let out = ctl("http://127.0.0.1:1", &["task", "list"]);
+    out.refused(5, "cannot reach");
+    let out = ctl("not a url", &["status"]);
+    out.refused(2, "invalid server URL");
+}
+
+#[test]
+fn state_survives_restarts_and_sigkill() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let a = server.add(&["--title", "kept", "--priority", "3"]);
+    let b = server.add(&["--title", "also kept", "--depends-on", &a]);
+    server.ctl(&["task", "cancel", &b]).ok();
+    let before = server.ctl(&["task", "show", &b, "--json"]).json();
+    let status = server.terminate();
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+
+    let server = Server::start(&repo, &[]);
+    let after = server.ctl(&["task", "show", &b, "--json"]).json();
+    assert_eq!(before, after);
+    assert_eq!(
+        server.ctl(&["task", "show", &a, "--json"]).json()["priority"],
+        3
+    );
+    // The ID counter survives too.
+    let c = server.add(&["--title", "third"]);
+    assert_eq!(c, "t-3");
+
+    // SIGKILL right after a write: the write is durable.
+    let d = server.add(&["--title", "written just before the kill"]);
+    server.kill();
+    let server = Server::start(&repo, &[]);
+    let shown = server.ctl(&["task", "show", &d, "--json"]).json();
+    assert_eq!(shown["title"], "written just before the kill");
+    assert_eq!(
+        server.ctl(&["status", "--json"]).json()["open"],
+        3,
+        "a, t-3 and d are open; b is cancelled"
+    );
+}
+
+#[test]
+fn the_database_lives_in_the_state_dir_or_where_db_says() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    server.add(&["--title", "x"]);
+    drop(server);
+    assert!(repo.state_dir().join("pipeline.db").is_file());
+
+    let other = repo.dir.path().join("elsewhere.db");
+    let url = format!("sqlite://{}", other.display());
+    let server = Server::start(&repo, &["--db", &url]);
+    assert_eq!(server.ctl(&["status", "--json"]).json()["open"], 0);
+    server.add(&["--title", "y"]);
+    drop(server);
+    assert!(other.is_file());
+}
+
+#[test]
+fn the_server_refuses_to_start_without_a_repo_or_base() {
+    let repo = TestRepo::new();
+    let not_a_repo = repo.dir.path().join("plain");
+    std::fs::create_dir(&not_a_repo).expect("mkdir");
+    let log = Server::spawn(
+        std::process::Command::new(bin("pipeline-server"))
+            .arg("--repo")
+            .arg(&not_a_repo)
+            .args(["--listen", "127.0.0.1:0"]),
+    )
+    .err()
+    .expect("refused");
+    assert!(log.contains("not a git repository"), "{log}");
+
+    let log = Server::spawn(&mut Server::command(&repo, &["--base", "nope"]))
+        .err()
+        .expect("refused");
+    assert!(log.contains("the base branch nope does not exist"), "{log}");
+
+    let log = Server::spawn(&mut Server::command(&repo, &["--base=-rf"]))
+        .err()
+        .expect("refused");
+    assert!(log.contains("not a valid branch name"), "{log}");
+}
+
+#[test]
+fn logs_and_runner_say_they_are_not_ready() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let id = server.add(&["--title", "x"]);
+    server
+        .ctl(&["logs", &id])
+        .refused(5, "logs are not available yet");
+    let out = run(&mut std::process::Command::new(bin("pipeline-runner")));
+    assert_eq!(out.code(), Some(2));
+    assert!(out.stderr.contains("not ready"), "{}", out.stderr);
+}
+
+#[test]
+fn the_server_accepts_the_contract_flags() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &[
+            "--base",
+            "main",
+            "--max-retries",
+            "3",
+            "--max-task-cost",
+            "500",
+            "--backoff-base",
+            "1",
+            "--lease-ttl",
+            "5",
+            "--build-cmd",
+            "make {namespace}",
+            "--test-cmd",
+            "make test",
+            "--local-runners",
+            "0",
+            "--agent",
+            "command",
+            "--agent-cmd",
+            "true",
+            "--timeout",
+            "60",
+            "--max-iter",
+            "3",
+            "--max-cost",
+            "10",
+            "--provider",
+            "p",
+        ],
+    );
+    assert_eq!(server.ctl(&["status", "--json"]).json()["base"], "main");
+}
