@@ -49,6 +49,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub lease_ttl: u64,
 
+    /// The largest commit bundle a runner may send, in bytes.
+    #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_bundle_bytes: u64,
+
     #[command(flatten)]
     pub verify: VerifyArgs,
 

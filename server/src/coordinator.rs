@@ -3,12 +3,20 @@
 //! with a compare-and-swap on the task's version (a lost race is retried on a fresh read), and
 //! only then act on the effects. The gRPC layer calls these methods and nothing else.
 
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::domain::{Millis, NewTask, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId};
+use tokio::sync::Notify;
+
+use crate::domain::{
+    Millis, NewTask, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId, TaskStatus,
+};
 use crate::error::{Error, Result};
+use crate::git::Repo;
 use crate::lifecycle::{self, Effect, Event, Policy};
-use crate::store::{RunEnd, Store, TransitionWrite};
+use crate::registry::{LeaseRef, Push, Registry};
+use crate::store::{LeaseChange, RunEnd, Store, TransitionWrite};
 
 /// How many times a transition is re-decided after losing a race to another writer.
 const MAX_CAS_ATTEMPTS: usize = 8;
@@ -59,19 +67,38 @@ pub struct Status {
     pub base: String,
 }
 
-/// The coordinator's domain API over a [`Store`].
+/// What the coordinator needs besides its store.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policy: Policy,
+    /// The base branch's name.
+    pub base: String,
+    /// Where incoming bundles are spooled.
+    pub spool_dir: PathBuf,
+    /// A lease's lifetime without a heartbeat.
+    pub lease_ttl_ms: Millis,
+    /// The largest bundle a runner may send.
+    pub max_bundle_bytes: u64,
+}
+
+/// The coordinator's domain API over a [`Store`]: tasks, runners, leases.
 pub struct Coordinator<S> {
-    store: S,
-    policy: Policy,
-    base: String,
+    pub(crate) store: S,
+    pub(crate) settings: Settings,
+    pub(crate) repo: Repo,
+    pub(crate) registry: Mutex<Registry>,
+    /// Wakes the dispatch loop: a task may have become leasable or a slot may have freed.
+    pub(crate) wake: Notify,
 }
 
 impl<S: Store> Coordinator<S> {
-    pub fn new(store: S, policy: Policy, base: String) -> Self {
+    pub fn new(store: S, settings: Settings, repo: Repo) -> Self {
         Self {
             store,
-            policy,
-            base,
+            settings,
+            repo,
+            registry: Mutex::new(Registry::default()),
+            wake: Notify::new(),
         }
     }
 
@@ -80,16 +107,29 @@ impl<S: Store> Coordinator<S> {
     }
 
     pub fn policy(&self) -> &Policy {
-        &self.policy
+        &self.settings.policy
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The registry, even if a thread panicked while holding it (its data stays consistent:
+    /// every method leaves it whole).
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub async fn create_task(&self, new: NewTask) -> Result<Task> {
         let task = self.store.create_task(new, now_ms()).await?;
         tracing::info!(task = %task.id, priority = task.priority, "task created");
+        self.wake.notify_one();
         Ok(task)
     }
 
-    pub async fn list_tasks(&self, status: Option<crate::domain::TaskStatus>) -> Result<Vec<Task>> {
+    pub async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<Task>> {
         self.store.list_tasks(status).await
     }
 
@@ -104,7 +144,7 @@ impl<S: Store> Coordinator<S> {
         self.store.add_dependencies(id, deps, now_ms()).await
     }
 
-    /// Cancels a task; a running agent is stopped (once runners exist).
+    /// Cancels a task; a running agent is told to stop at once.
     pub async fn cancel(&self, id: &TaskId) -> Result<Task> {
         self.transition(id, Event::Cancel).await
     }
@@ -117,30 +157,67 @@ impl<S: Store> Coordinator<S> {
     pub async fn status(&self) -> Result<Status> {
         Ok(Status {
             counts: self.store.status_counts().await?,
-            runners: self.runners().len() as u64,
-            base: self.base.clone(),
+            runners: self.registry().connected_count() as u64,
+            base: self.settings.base.clone(),
         })
     }
 
-    /// The runners known to the server; none until the runner protocol exists.
+    /// The runners known to the server, by name.
     pub fn runners(&self) -> Vec<RunnerInfo> {
-        Vec::new()
+        self.registry()
+            .runners()
+            .into_iter()
+            .map(|r| RunnerInfo {
+                state: if !r.connected {
+                    RunnerState::Offline
+                } else if r.draining {
+                    RunnerState::Draining
+                } else if r.used > 0 {
+                    RunnerState::Busy
+                } else {
+                    RunnerState::Idle
+                },
+                id: r.id,
+                name: r.name,
+                slots_used: r.used,
+                slots_total: r.slots,
+                last_heartbeat: r.last_heartbeat,
+                labels: r.labels,
+                version: r.version,
+            })
+            .collect()
     }
 
-    /// At start-up, sends every task a crash left InProgress back to Open; returns how many.
-    pub async fn recover(&self) -> Result<usize> {
-        let stale = self
-            .store
-            .list_tasks(Some(crate::domain::TaskStatus::InProgress))
-            .await?;
+    /// At start-up: a task in progress with a lease keeps it for one more TTL, so that its
+    /// runner can reconnect and re-attach it; one without a lease goes back to Open. Returns
+    /// (leases restored, tasks reopened).
+    pub async fn recover(&self) -> Result<(usize, usize)> {
+        let stale = self.store.list_tasks(Some(TaskStatus::InProgress)).await?;
+        let (mut restored, mut reopened) = (0, 0);
+        let expires_at = now_ms() + self.settings.lease_ttl_ms;
         for task in &stale {
-            self.transition(&task.id, Event::Recover).await?;
-            tracing::warn!(task = %task.id, "recovered a task left in progress by a restart");
+            if let Some(lease) = &task.lease {
+                self.registry().restore_lease(
+                    lease.id.clone(),
+                    crate::registry::LiveLease {
+                        task: task.id.clone(),
+                        epoch: lease.epoch,
+                        runner_id: lease.runner_id.clone(),
+                        runner: lease.runner.clone(),
+                        expires_at,
+                    },
+                );
+                restored += 1;
+            } else {
+                self.transition(&task.id, Event::Recover).await?;
+                tracing::warn!(task = %task.id, "reopened a task left in progress without a lease");
+                reopened += 1;
+            }
         }
-        Ok(stale.len())
+        Ok((restored, reopened))
     }
 
-    async fn get(&self, id: &TaskId) -> Result<Task> {
+    pub(crate) async fn get(&self, id: &TaskId) -> Result<Task> {
         self.store
             .get_task(id)
             .await?
@@ -150,33 +227,46 @@ impl<S: Store> Coordinator<S> {
     /// Reads the task, decides with the lifecycle, persists by compare-and-swap, then carries
     /// out the effects. A lost race is re-decided on a fresh read.
     pub async fn transition(&self, id: &TaskId, event: Event) -> Result<Task> {
+        self.transition_with(id, &event, |_| Ok(()), |_, _| {})
+            .await
+    }
+
+    /// [`Coordinator::transition`] with a precondition `check` on the freshly read task (e.g.
+    /// "this lease is still the task's") and a `shape` that adds to the write (runs, a lease,
+    /// a commit). Leaving InProgress always clears the lease.
+    pub(crate) async fn transition_with(
+        &self,
+        id: &TaskId,
+        event: &Event,
+        check: impl Fn(&Task) -> Result<()>,
+        shape: impl Fn(&Task, &mut TransitionWrite),
+    ) -> Result<Task> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let task = self.get(id).await?;
+            check(&task)?;
             let now = now_ms();
-            let decided = lifecycle::apply(&task.state, &event, &self.policy, now)
+            let decided = lifecycle::apply(&task.state, event, self.policy(), now)
                 .map_err(|refusal| Error::FailedPrecondition(format!("task {id}: {refusal}")))?;
-            let close_runs = run_end_for(&event, &decided.message);
-            let write = TransitionWrite {
-                task_id: id.clone(),
-                expected_version: task.version,
-                from: task.state.status,
-                state: decided.state,
-                kind: decided.kind.to_owned(),
-                message: decided.message,
-                at: now,
-                close_runs,
-                start_run: None,
-            };
+            let effects = decided.effects.clone();
+            let kind = decided.kind;
+            let mut write = TransitionWrite::new(&task, decided, now);
+            write.close_runs = run_end_for(event, &write.message);
+            if task.state.status == TaskStatus::InProgress
+                && write.state.status != TaskStatus::InProgress
+            {
+                write.lease = LeaseChange::Clear;
+            }
+            shape(&task, &mut write);
             match self.store.commit_transition(write).await {
                 Ok(updated) => {
                     tracing::info!(
                         task = %id,
                         from = %task.state.status,
                         to = %updated.state.status,
-                        kind = decided.kind,
+                        kind,
                         "task transition"
                     );
-                    self.carry_out(id, &decided.effects);
+                    self.carry_out(&task, &updated, &effects);
                     return Ok(updated);
                 }
                 Err(Error::Conflict(_)) => continue,
@@ -188,10 +278,33 @@ impl<S: Store> Coordinator<S> {
         )))
     }
 
-    fn carry_out(&self, id: &TaskId, effects: &[Effect]) {
+    /// Acts on a persisted transition: forget a lease that ended, tell its runner to stop when
+    /// the work was taken away, wake the dispatcher.
+    fn carry_out(&self, before: &Task, after: &Task, effects: &[Effect]) {
+        if let Some(old) = &before.lease
+            && after.lease.as_ref().is_none_or(|l| l.id != old.id)
+        {
+            let mut registry = self.registry();
+            let live = registry.remove_lease(&old.id);
+            if effects.contains(&Effect::StopRun)
+                && let Some(live) = live
+            {
+                registry.push(
+                    &live.runner_id,
+                    Push::Cancel(LeaseRef {
+                        id: old.id.clone(),
+                        epoch: old.epoch,
+                    }),
+                );
+            }
+            self.wake.notify_one();
+        }
         for effect in effects {
-            // Runners, the scheduler and the integrator subscribe here as they arrive.
-            tracing::debug!(task = %id, ?effect, "effect");
+            match effect {
+                Effect::WakeScheduler | Effect::DependentsUnblocked => self.wake.notify_one(),
+                // The integrator subscribes here (integration issue); the runner was told above.
+                Effect::WakeIntegrator | Effect::StopRun => {}
+            }
         }
     }
 }
@@ -208,6 +321,8 @@ fn run_end_for(event: &Event, message: &str) -> Option<RunEnd> {
     match event {
         Event::Cancel => failure("cancelled".to_owned()),
         Event::Recover => failure(message.to_owned()),
+        Event::LeaseLost { reason } => failure(reason.clone()),
+        Event::Released { reason } => failure(format!("released: {reason}")),
         _ => None,
     }
 }
@@ -215,7 +330,6 @@ fn run_end_for(event: &Event, message: &str) -> Option<RunEnd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::TaskStatus;
     use crate::store::sqlite::SqliteStore;
 
     async fn coordinator() -> (tempfile::TempDir, Coordinator<SqliteStore>) {
@@ -224,10 +338,15 @@ mod tests {
         let store = SqliteStore::open(path.to_str().expect("utf-8"))
             .await
             .expect("open");
-        (
-            dir,
-            Coordinator::new(store, Policy::default(), "main".into()),
-        )
+        let settings = Settings {
+            policy: Policy::default(),
+            base: "main".into(),
+            spool_dir: dir.path().join("spool"),
+            lease_ttl_ms: 30_000,
+            max_bundle_bytes: 1 << 20,
+        };
+        let repo = Repo::at(dir.path());
+        (dir, Coordinator::new(store, settings, repo))
     }
 
     fn new_task(title: &str) -> NewTask {
@@ -256,31 +375,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recovery_reopens_in_progress_tasks_and_closes_their_runs() {
+    async fn recovery_reopens_in_progress_tasks_without_a_lease() {
         let (_dir, c) = coordinator().await;
         let t = c.create_task(new_task("x")).await.expect("create");
         // Simulate a lease taken before a crash.
         let decided =
             lifecycle::apply(&t.state, &Event::Leased, c.policy(), now_ms()).expect("lease");
-        c.store()
-            .commit_transition(TransitionWrite {
-                task_id: t.id.clone(),
-                expected_version: t.version,
-                from: t.state.status,
-                state: decided.state,
-                kind: "leased".into(),
-                message: "leased".into(),
-                at: now_ms(),
-                close_runs: None,
-                start_run: Some(crate::store::NewRun {
-                    phase: crate::domain::Phase::Dev,
-                    patchset: 0,
-                    runner: Some("r1".into()),
-                }),
-            })
-            .await
-            .expect("lease");
-        assert_eq!(c.recover().await.expect("recover"), 1);
+        let mut write = TransitionWrite::new(&t, decided, now_ms());
+        write.start_run = Some(crate::store::NewRun {
+            phase: crate::domain::Phase::Dev,
+            patchset: 0,
+            runner: Some("r1".into()),
+        });
+        c.store().commit_transition(write).await.expect("lease");
+        assert_eq!(c.recover().await.expect("recover"), (0, 1));
         let detail = c.show_task(&t.id).await.expect("show");
         assert_eq!(detail.task.state.status, TaskStatus::Open);
         assert_eq!(detail.task.state.failures, 0);
@@ -292,6 +400,6 @@ mod tests {
                 .as_deref()
                 .is_some_and(|e| e.contains("restarted"))
         );
-        assert_eq!(c.recover().await.expect("again"), 0);
+        assert_eq!(c.recover().await.expect("again"), (0, 0));
     }
 }

@@ -257,10 +257,40 @@ pub struct Task {
     pub parent: Option<TaskId>,
     pub depends_on: Vec<TaskId>,
     pub state: TaskState,
+    /// The lease a runner holds while the task is in progress.
+    pub lease: Option<Lease>,
+    /// The highest lease epoch ever issued for the task.
+    pub lease_epoch: u64,
+    /// The commit of the last accepted patchset.
+    pub patch_commit: Option<String>,
+    /// The runner whose lease lapsed last: the next lease prefers another.
+    pub avoid_runner: Option<String>,
     /// Incremented by every write; the store refuses a write made from a stale read.
     pub version: i64,
     pub created_at: Millis,
     pub updated_at: Millis,
+}
+
+/// A runner's claim on a task. The pair (`id`, `epoch`) fences: a message naming any other
+/// lease of the task is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub id: String,
+    pub epoch: u64,
+    /// The runner's name (for people) and ID (for ownership checks).
+    pub runner: String,
+    pub runner_id: String,
+    /// The commit the work starts from.
+    pub base_commit: String,
+    /// The previous patchset's commit, which the agent amends (its parent is `base_commit`).
+    pub previous_commit: Option<String>,
+}
+
+impl Lease {
+    /// The lease ID for a task's `epoch`th lease.
+    pub fn make_id(task: &TaskId, epoch: u64) -> String {
+        format!("{task}@{epoch}")
+    }
 }
 
 /// What a user asks for when creating a task, already validated.

@@ -12,5 +12,8 @@ pub mod error;
 pub mod git;
 pub mod grpc;
 pub mod lifecycle;
+pub mod prompt;
+pub mod registry;
+pub mod runners;
 pub mod server;
 pub mod store;

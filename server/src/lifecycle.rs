@@ -73,6 +73,9 @@ pub enum Event {
     Verified { cost_cents: f64 },
     /// The lease lapsed or was revoked before a result arrived.
     LeaseLost { reason: String },
+    /// The runner gave the lease back unfinished (it is draining or stopping): not the task's
+    /// fault, so it does not count as a failed attempt.
+    Released { reason: String },
     /// The cherry-pick conflicted or the post-integration build was red; the next attempt
     /// starts fresh from the current base.
     IntegrationFailed { reason: String },
@@ -95,6 +98,7 @@ impl Event {
             Event::VerifyFailed { .. } => "verify_failed",
             Event::Verified { .. } => "verified",
             Event::LeaseLost { .. } => "lease_lost",
+            Event::Released { .. } => "released",
             Event::IntegrationFailed { .. } => "integration_failed",
             Event::Integrated => "integrated",
             Event::Cancel => "cancelled",
@@ -109,7 +113,7 @@ impl Event {
             Event::DevFailed { .. } | Event::VerifyFailed { .. } | Event::Verified { .. } => {
                 "record a dev result for"
             }
-            Event::LeaseLost { .. } => "expire the lease of",
+            Event::LeaseLost { .. } | Event::Released { .. } => "end the lease of",
             Event::IntegrationFailed { .. } | Event::Integrated => "record an integration of",
             Event::Cancel => "cancel",
             Event::Retry => "retry",
@@ -201,6 +205,13 @@ pub fn apply(
         (InProgress, Event::LeaseLost { reason }) => {
             // The work in flight is lost, so the next attempt starts where this one did.
             return Ok(fail(state, event, reason, 0.0, 0, state.amend, policy, now));
+        }
+        (InProgress, Event::Released { reason }) => {
+            next.status = Open;
+            (
+                format!("the runner gave the lease back: {reason}"),
+                vec![Effect::WakeScheduler],
+            )
         }
         (InProgress, Event::Verified { cost_cents }) => {
             next.status = Verified;
@@ -461,6 +472,24 @@ mod tests {
     }
 
     #[test]
+    fn a_released_lease_does_not_count() {
+        let s = check(
+            &state(InProgress),
+            Event::Released {
+                reason: "runner draining".into(),
+            },
+            Open,
+            &[Effect::WakeScheduler],
+        );
+        assert_eq!((s.failures, s.backoff_until), (0, None));
+        check_refused(
+            Open,
+            Event::Released { reason: "x".into() },
+            "cannot end the lease",
+        );
+    }
+
+    #[test]
     fn integration_failure_counts_and_starts_fresh() {
         let verified = TaskState {
             patchset: 2,
@@ -652,7 +681,7 @@ mod tests {
             check_refused(
                 from,
                 Event::LeaseLost { reason: "x".into() },
-                "cannot expire the lease",
+                "cannot end the lease",
             );
         }
         for from in [Open, InProgress, Done, NeedsHelp, Cancelled] {
@@ -693,6 +722,9 @@ mod tests {
                     reason: "conflict".into()
                 }),
                 Just(Event::Integrated),
+                Just(Event::Released {
+                    reason: "draining".into()
+                }),
                 Just(Event::Cancel),
                 Just(Event::Retry),
                 Just(Event::Recover),

@@ -5,15 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pipeline_proto::v1::control_service_server::ControlServiceServer;
+use pipeline_proto::v1::runner_service_server::RunnerServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Coordinator, Settings};
 use crate::error::{Error, Result};
 use crate::git::Repo;
 use crate::grpc::ControlApi;
+use crate::grpc::runner::RunnerApi;
 use crate::lifecycle::Policy;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -53,8 +55,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         max_task_cost_cents: config.max_task_cost as f64,
         backoff_base_secs: config.backoff_base,
     };
-    let coordinator = Arc::new(Coordinator::new(store.clone(), policy, config.base.clone()));
-    let recovered = coordinator.recover().await?;
+    let settings = Settings {
+        policy,
+        base: config.base.clone(),
+        spool_dir: state_dir.join("spool"),
+        lease_ttl_ms: i64::try_from(config.lease_ttl.saturating_mul(1000)).unwrap_or(i64::MAX),
+        max_bundle_bytes: config.max_bundle_bytes,
+    };
+    let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo));
+    let (leases_restored, tasks_reopened) = coordinator.recover().await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -67,7 +76,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         base = %config.base,
         base_commit = %base_commit,
         state_dir = %state_dir.display(),
-        recovered,
+        leases_restored,
+        tasks_reopened,
         "pipeline-server ready"
     );
     if config.local_runners > 0 {
@@ -79,10 +89,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // Tests and scripts wait for this line to learn the port.
     tracing::info!("listening on {addr}");
 
-    let service = ControlServiceServer::new(ControlApi::new(coordinator))
+    let dispatcher = tokio::spawn(Arc::clone(&coordinator).dispatch_loop(shutdown.clone()));
+    let control = ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator)))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let runner = RunnerServiceServer::new(RunnerApi::new(coordinator, shutdown.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let serve = tonic::transport::Server::builder()
-        .add_service(service)
+        .add_service(control)
+        .add_service(runner)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
@@ -109,6 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping anyway")
         }
     }
+    let _ = dispatcher.await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

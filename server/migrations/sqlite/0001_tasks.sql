@@ -18,6 +18,18 @@ CREATE TABLE tasks (
     backoff_until  INTEGER,
     feedback       TEXT,
     amend          INTEGER NOT NULL DEFAULT 0 CHECK (amend IN (0, 1)),
+    -- The current lease, while the task is in progress. `lease_epoch` only ever grows: it fences
+    -- off every earlier lease of the task.
+    lease_id         TEXT,
+    lease_epoch      INTEGER NOT NULL DEFAULT 0,
+    lease_runner     TEXT,
+    lease_runner_id  TEXT,
+    lease_base       TEXT,
+    lease_previous   TEXT,
+    -- The last patchset's commit (kept under refs/pipeline/tasks/<id>/<epoch>).
+    patch_commit   TEXT,
+    -- The runner whose lease lapsed last; the next lease prefers another one.
+    avoid_runner   TEXT,
     version        INTEGER NOT NULL DEFAULT 1,
     created_at     INTEGER NOT NULL,
     updated_at     INTEGER NOT NULL

@@ -9,10 +9,11 @@
 use std::future::Future;
 
 use crate::domain::{
-    Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId, TaskState,
-    TaskStatus,
+    Lease, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
+    TaskState, TaskStatus,
 };
 use crate::error::Result;
+use crate::lifecycle::Transition;
 
 pub mod sqlite;
 #[cfg(test)]
@@ -34,6 +35,54 @@ pub struct TransitionWrite {
     pub close_runs: Option<RunEnd>,
     /// Starts a run.
     pub start_run: Option<NewRun>,
+    /// Records runs that are already over (a runner's verification).
+    pub record_runs: Vec<FinishedRun>,
+    pub lease: LeaseChange,
+    /// A newly accepted patchset's commit.
+    pub patch_commit: Option<String>,
+    /// The runner the next lease should avoid (its lease lapsed).
+    pub avoid_runner: Option<String>,
+}
+
+impl TransitionWrite {
+    /// The write of a decided transition of `task`, changing nothing else.
+    pub fn new(task: &Task, decided: Transition, at: Millis) -> Self {
+        Self {
+            task_id: task.id.clone(),
+            expected_version: task.version,
+            from: task.state.status,
+            state: decided.state,
+            kind: decided.kind.to_owned(),
+            message: decided.message,
+            at,
+            close_runs: None,
+            start_run: None,
+            record_runs: Vec::new(),
+            lease: LeaseChange::Keep,
+            patch_commit: None,
+            avoid_runner: None,
+        }
+    }
+}
+
+/// What happens to the task's lease.
+#[derive(Clone, Debug)]
+pub enum LeaseChange {
+    Keep,
+    Set(Lease),
+    Clear,
+}
+
+/// A run that is already over when it is recorded.
+#[derive(Clone, Debug)]
+pub struct FinishedRun {
+    pub phase: Phase,
+    pub patchset: u32,
+    pub runner: Option<String>,
+    pub status: RunStatus,
+    pub cost_cents: f64,
+    pub started_at: Millis,
+    pub error: Option<String>,
 }
 
 /// How the runs still running end.
@@ -89,6 +138,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts of tasks per status and of dev runs still running.
     fn status_counts(&self) -> impl Future<Output = Result<StatusCounts>> + Send;
+
+    /// Open tasks out of back-off at `now` whose dependencies are all Done, in lease order; the
+    /// caller applies the rest of the eligibility rules (`lifecycle::leasable`).
+    fn lease_candidates(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Task>>> + Send;
+
+    /// The earliest end of a back-off still running at `now`.
+    fn next_backoff_end(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
 
     /// Whether every task `id` depends on is Done.
     fn dependencies_done(&self, id: &TaskId) -> impl Future<Output = Result<bool>> + Send;

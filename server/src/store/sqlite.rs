@@ -12,10 +12,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{FromRow, Sqlite, SqliteConnection, Transaction};
 
-use super::{Store, TransitionWrite};
+use super::{LeaseChange, Store, TransitionWrite};
 use crate::domain::{
-    Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId, TaskState,
-    TaskStatus,
+    Lease, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
+    TaskState, TaskStatus,
 };
 use crate::error::{Error, Result};
 
@@ -79,14 +79,23 @@ struct TaskRow {
     backoff_until: Option<i64>,
     feedback: Option<String>,
     amend: i64,
+    lease_id: Option<String>,
+    lease_epoch: i64,
+    lease_runner: Option<String>,
+    lease_runner_id: Option<String>,
+    lease_base: Option<String>,
+    lease_previous: Option<String>,
+    patch_commit: Option<String>,
+    avoid_runner: Option<String>,
     version: i64,
     created_at: i64,
     updated_at: i64,
 }
 
 const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
-     patchset, failures, cost_cents, cost_at_retry, backoff_until, feedback, amend, version, \
-     created_at, updated_at";
+     patchset, failures, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
+     lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
+     avoid_runner, version, created_at, updated_at";
 
 fn corrupt(what: &str, value: &str) -> Error {
     Error::Internal(format!("database holds an invalid {what}: {value:?}"))
@@ -106,6 +115,24 @@ fn to_u32(what: &str, n: i64) -> Result<u32> {
 
 impl TaskRow {
     fn into_task(self, depends_on: Vec<TaskId>) -> Result<Task> {
+        let lease_epoch = u64::try_from(self.lease_epoch)
+            .map_err(|_| corrupt("lease epoch", &self.lease_epoch.to_string()))?;
+        let lease = match (
+            self.lease_id,
+            self.lease_runner,
+            self.lease_runner_id,
+            self.lease_base,
+        ) {
+            (Some(id), Some(runner), Some(runner_id), Some(base_commit)) => Some(Lease {
+                id,
+                epoch: lease_epoch,
+                runner,
+                runner_id,
+                base_commit,
+                previous_commit: self.lease_previous,
+            }),
+            _ => None,
+        };
         Ok(Task {
             id: stored_id(&self.id)?,
             seq: self.seq,
@@ -126,6 +153,10 @@ impl TaskRow {
                 feedback: self.feedback,
                 amend: self.amend != 0,
             },
+            lease,
+            lease_epoch,
+            patch_commit: self.patch_commit,
+            avoid_runner: self.avoid_runner,
             version: self.version,
             created_at: self.created_at,
             updated_at: self.updated_at,
@@ -445,6 +476,50 @@ impl Store for SqliteStore {
                 Error::NotFound(format!("task {} does not exist", w.task_id))
             });
         }
+        match &w.lease {
+            LeaseChange::Keep => {}
+            LeaseChange::Set(lease) => {
+                sqlx::query(
+                    "UPDATE tasks SET lease_id = ?, lease_epoch = ?, lease_runner = ?, \
+                     lease_runner_id = ?, lease_base = ?, lease_previous = ? WHERE id = ?",
+                )
+                .bind(&lease.id)
+                .bind(i64::try_from(lease.epoch).map_err(|_| {
+                    Error::Internal(format!("lease epoch {} is out of range", lease.epoch))
+                })?)
+                .bind(&lease.runner)
+                .bind(&lease.runner_id)
+                .bind(&lease.base_commit)
+                .bind(&lease.previous_commit)
+                .bind(w.task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+            LeaseChange::Clear => {
+                sqlx::query(
+                    "UPDATE tasks SET lease_id = NULL, lease_runner = NULL, \
+                     lease_runner_id = NULL, lease_base = NULL, lease_previous = NULL \
+                     WHERE id = ?",
+                )
+                .bind(w.task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        if let Some(commit) = &w.patch_commit {
+            sqlx::query("UPDATE tasks SET patch_commit = ? WHERE id = ?")
+                .bind(commit)
+                .bind(w.task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(runner) = &w.avoid_runner {
+            sqlx::query("UPDATE tasks SET avoid_runner = ? WHERE id = ?")
+                .bind(runner)
+                .bind(w.task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         insert_event(
             &mut tx,
             &w.task_id,
@@ -483,11 +558,66 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
+        for run in &w.record_runs {
+            sqlx::query(
+                "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
+                 cost_cents, started_at, finished_at, error) VALUES (?1, ?2, ?3, \
+                 (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
+                 ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .bind(w.task_id.as_str())
+            .bind(run.phase.as_str())
+            .bind(i64::from(run.patchset))
+            .bind(&run.runner)
+            .bind(run.status.as_str())
+            .bind(run.cost_cents)
+            .bind(run.started_at)
+            .bind(w.at)
+            .bind(&run.error)
+            .execute(&mut *tx)
+            .await?;
+        }
         let task = load_task(&mut tx, w.task_id.as_str())
             .await?
             .ok_or_else(|| Error::NotFound(format!("task {} does not exist", w.task_id)))?;
         tx.commit().await?;
         Ok(task)
+    }
+
+    async fn lease_candidates(&self, now: Millis, limit: u32) -> Result<Vec<Task>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows: Vec<TaskRow> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks t WHERE status = 'open' \
+               AND (backoff_until IS NULL OR backoff_until <= ?) AND NOT EXISTS ( \
+                 SELECT 1 FROM task_deps d JOIN tasks u ON u.id = d.depends_on \
+                 WHERE d.task_id = t.id AND u.status <> 'done') \
+             ORDER BY priority, seq LIMIT ?"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut tasks = Vec::with_capacity(rows.len());
+        for row in rows {
+            let deps: Vec<String> = sqlx::query_scalar(
+                "SELECT depends_on FROM task_deps WHERE task_id = ? ORDER BY depends_on",
+            )
+            .bind(&row.id)
+            .fetch_all(&mut *conn)
+            .await?;
+            let deps = deps.iter().map(|d| stored_id(d)).collect::<Result<_>>()?;
+            tasks.push(row.into_task(deps)?);
+        }
+        Ok(tasks)
+    }
+
+    async fn next_backoff_end(&self, now: Millis) -> Result<Option<Millis>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(backoff_until) FROM tasks WHERE status = 'open' AND backoff_until > ?",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     async fn runs(&self, id: &TaskId) -> Result<Vec<Run>> {

@@ -4,7 +4,23 @@
 
 use crate::domain::{NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus};
 use crate::error::Error;
+use crate::lifecycle::Transition;
 use crate::store::{NewRun, RunEnd, Store, TransitionWrite};
+
+/// A write that moves `task` to `state` and records `kind`, changing nothing else.
+fn write(task: &Task, state: TaskState, kind: &'static str, at: i64) -> TransitionWrite {
+    let to = state.status;
+    TransitionWrite::new(
+        task,
+        Transition {
+            state,
+            kind,
+            message: format!("to {to}"),
+            effects: vec![],
+        },
+        at,
+    )
+}
 
 /// Generates one `#[tokio::test]` per check of the suite for a backend.
 #[macro_export]
@@ -58,21 +74,12 @@ pub async fn create<S: Store>(store: &S, title: &str) -> Task {
 }
 
 async fn transition<S: Store>(store: &S, task: &Task, to: TaskStatus) -> Result<Task, Error> {
+    let state = TaskState {
+        status: to,
+        ..task.state.clone()
+    };
     store
-        .commit_transition(TransitionWrite {
-            task_id: task.id.clone(),
-            expected_version: task.version,
-            from: task.state.status,
-            state: TaskState {
-                status: to,
-                ..task.state.clone()
-            },
-            kind: "test".into(),
-            message: format!("to {to}"),
-            at: 2_000,
-            close_runs: None,
-            start_run: None,
-        })
+        .commit_transition(write(task, state, "test", 2_000))
         .await
 }
 
@@ -244,44 +251,32 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
     let task = create(store, "runs").await;
     let mut current = task.clone();
     for attempt in 1..=2u32 {
-        current = store
-            .commit_transition(TransitionWrite {
-                task_id: current.id.clone(),
-                expected_version: current.version,
-                from: current.state.status,
-                state: current.state.clone(),
-                kind: "leased".into(),
-                message: "leased".into(),
-                at: 10 * i64::from(attempt),
-                close_runs: None,
-                start_run: Some(NewRun {
-                    phase: Phase::Dev,
-                    patchset: 0,
-                    runner: Some("r1".into()),
-                }),
-            })
-            .await
-            .expect("start run");
+        let mut start = write(
+            &current,
+            current.state.clone(),
+            "leased",
+            10 * i64::from(attempt),
+        );
+        start.start_run = Some(NewRun {
+            phase: Phase::Dev,
+            patchset: 0,
+            runner: Some("r1".into()),
+        });
+        current = store.commit_transition(start).await.expect("start run");
         let counts = store.status_counts().await.expect("counts");
         assert_eq!(counts.active_dev_runs, 1);
-        current = store
-            .commit_transition(TransitionWrite {
-                task_id: current.id.clone(),
-                expected_version: current.version,
-                from: current.state.status,
-                state: current.state.clone(),
-                kind: "dev_failed".into(),
-                message: "failed".into(),
-                at: 10 * i64::from(attempt) + 5,
-                close_runs: Some(RunEnd {
-                    status: RunStatus::Failure,
-                    cost_cents: 2.5,
-                    error: Some("agent exited 1".into()),
-                }),
-                start_run: None,
-            })
-            .await
-            .expect("close run");
+        let mut end = write(
+            &current,
+            current.state.clone(),
+            "dev_failed",
+            10 * i64::from(attempt) + 5,
+        );
+        end.close_runs = Some(RunEnd {
+            status: RunStatus::Failure,
+            cost_cents: 2.5,
+            error: Some("agent exited 1".into()),
+        });
+        current = store.commit_transition(end).await.expect("close run");
     }
     let runs = store.runs(&task.id).await.expect("runs");
     assert_eq!(runs.len(), 2);

@@ -3,6 +3,9 @@
 //! [`status_from_error`]. Nothing else happens here.
 //!
 //! Architecture invariant: only this module (and the `pipeline-proto` crate) knows prost types.
+//! The runner service is in [`runner`].
+
+pub mod runner;
 
 use std::sync::Arc;
 
@@ -40,7 +43,7 @@ fn dependency_ids(raw: &[String]) -> Result<Vec<TaskId>, Status> {
         .collect()
 }
 
-fn status_to_pb(s: TaskStatus) -> pb::TaskStatus {
+pub(crate) fn status_to_pb(s: TaskStatus) -> pb::TaskStatus {
     match s {
         TaskStatus::Open => pb::TaskStatus::Open,
         TaskStatus::InProgress => pb::TaskStatus::InProgress,

@@ -1,0 +1,405 @@
+//! The gRPC edge of the runner API: decode and validate, call the coordinator, encode. Streams
+//! (the work stream, bundles in and out) are plumbing here; every decision is the
+//! coordinator's.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::runner_service_server::RunnerService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::status_from_error;
+use crate::coordinator::{Coordinator, now_ms};
+use crate::registry::{Assignment, LeaseRef, Push};
+use crate::runners::{LeaseResult, Outcome, RunnerHello};
+use crate::store::Store;
+
+/// Bundles travel in chunks of this size, well under gRPC's 4 MiB message limit.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The runner service over a shared coordinator.
+pub struct RunnerApi<S> {
+    coordinator: Arc<Coordinator<S>>,
+    shutdown: CancellationToken,
+    spool_seq: AtomicU64,
+}
+
+impl<S> RunnerApi<S> {
+    pub fn new(coordinator: Arc<Coordinator<S>>, shutdown: CancellationToken) -> Self {
+        Self {
+            coordinator,
+            shutdown,
+            spool_seq: AtomicU64::new(0),
+        }
+    }
+}
+
+fn lease_ref(raw: Option<pb::LeaseRef>) -> Result<LeaseRef, Status> {
+    let raw = raw.ok_or_else(|| Status::invalid_argument("the request names no lease"))?;
+    if raw.lease_id.is_empty() || raw.lease_id.len() > 200 {
+        return Err(Status::invalid_argument("invalid lease id"));
+    }
+    Ok(LeaseRef {
+        id: raw.lease_id,
+        epoch: raw.epoch,
+    })
+}
+
+fn lease_refs(raw: Vec<pb::LeaseRef>) -> Result<Vec<LeaseRef>, Status> {
+    raw.into_iter().map(|l| lease_ref(Some(l))).collect()
+}
+
+fn lease_to_pb(l: &LeaseRef) -> pb::LeaseRef {
+    pb::LeaseRef {
+        lease_id: l.id.clone(),
+        epoch: l.epoch,
+    }
+}
+
+fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
+    pb::Assignment {
+        lease: Some(lease_to_pb(&a.lease)),
+        task_id: a.task_id.to_string(),
+        run_id: a.run_id.clone(),
+        title: a.title.clone(),
+        namespace: a.namespace.clone(),
+        base: a.base.clone(),
+        base_commit: a.base_commit.clone(),
+        previous_commit: a.previous_commit.clone(),
+        patchset: a.patchset,
+        prompt: a.prompt.clone(),
+    }
+}
+
+fn push_to_pb(push: &Push) -> pb::WorkMessage {
+    let kind = match push {
+        Push::Assign(a) => pb::work_message::Kind::Assignment(assignment_to_pb(a)),
+        Push::Cancel(l) => pb::work_message::Kind::Cancel(lease_to_pb(l)),
+    };
+    pb::WorkMessage { kind: Some(kind) }
+}
+
+fn runner_id(raw: &str) -> Result<&str, Status> {
+    if raw.is_empty() || raw.len() > 100 {
+        return Err(Status::invalid_argument("invalid runner id"));
+    }
+    Ok(raw)
+}
+
+#[tonic::async_trait]
+impl<S: Store> RunnerService for RunnerApi<S> {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = request.into_inner();
+        let registered = self
+            .coordinator
+            .register(RunnerHello {
+                name: r.name,
+                labels: r.labels,
+                slots: r.slots,
+                version: r.version,
+                protocol_version: r.protocol_version,
+            })
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RegisterResponse {
+            runner_id: registered.runner_id,
+            heartbeat_interval_ms: registered.heartbeat_interval_ms,
+            lease_ttl_ms: registered.lease_ttl_ms,
+        }))
+    }
+
+    type OpenWorkStream = BoxStream<pb::WorkMessage>;
+
+    async fn open_work(
+        &self,
+        request: Request<pb::OpenWorkRequest>,
+    ) -> Result<Response<Self::OpenWorkStream>, Status> {
+        let r = request.into_inner();
+        let id = runner_id(&r.runner_id)?.to_owned();
+        let held = lease_refs(r.held)?;
+        let (generation, attached, mut pushes) = self
+            .coordinator
+            .open_work(&id, &held, r.draining)
+            .map_err(status_from_error)?;
+        let (tx, rx) = mpsc::channel(16);
+        let first = pb::WorkMessage {
+            kind: Some(pb::work_message::Kind::Attached(pb::Attached {
+                kept: attached.kept.iter().map(lease_to_pb).collect(),
+                dropped: attached.dropped.iter().map(lease_to_pb).collect(),
+            })),
+        };
+        let coordinator = Arc::clone(&self.coordinator);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_ok() {
+                loop {
+                    tokio::select! {
+                        push = pushes.recv() => match push {
+                            Some(push) => {
+                                if tx.send(Ok(push_to_pb(&push))).await.is_err() {
+                                    break;
+                                }
+                            }
+                            None => break,
+                        },
+                        () = tx.closed() => break,
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+            }
+            coordinator.close_work(&id, generation);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let id = runner_id(&r.runner_id)?;
+        let held = lease_refs(r.held)?;
+        let dropped = self
+            .coordinator
+            .heartbeat(id, &held, r.draining)
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            dropped: dropped.iter().map(lease_to_pb).collect(),
+        }))
+    }
+
+    type FetchBaseStream = BoxStream<pb::BundleChunk>;
+
+    async fn fetch_base(
+        &self,
+        request: Request<pb::FetchBaseRequest>,
+    ) -> Result<Response<Self::FetchBaseStream>, Status> {
+        let r = request.into_inner();
+        let id = runner_id(&r.runner_id)?;
+        let lease = lease_ref(r.lease)?;
+        if r.have.len() > 64 {
+            return Err(Status::invalid_argument("at most 64 'have' commits"));
+        }
+        let mut child = self
+            .coordinator
+            .base_bundle(id, &lease, &r.have)
+            .await
+            .map_err(status_from_error)?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let Some(mut stdout) = child.stdout.take() else {
+                return;
+            };
+            let mut stderr = child.stderr.take();
+            let mut sent = false;
+            loop {
+                let mut buf = vec![0u8; CHUNK_BYTES];
+                match read_full(&mut stdout, &mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        sent = true;
+                        if tx
+                            .send(Ok(pb::BundleChunk { data: buf.into() }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading the bundle: {e}"))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+            let mut err = String::new();
+            if let Some(stderr) = stderr.as_mut() {
+                let _ = stderr.read_to_string(&mut err).await;
+            }
+            let ok = child.wait().await.is_ok_and(|s| s.success());
+            // An empty bundle means the runner already has every object.
+            if !ok && !(err.contains("empty bundle") && !sent) {
+                let _ = tx
+                    .send(Err(Status::internal(format!(
+                        "git bundle create failed: {}",
+                        err.trim()
+                    ))))
+                    .await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn complete_lease(
+        &self,
+        request: Request<Streaming<pb::CompleteLeaseRequest>>,
+    ) -> Result<Response<pb::CompleteLeaseResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::CompleteLeaseRequest {
+                kind: Some(pb::complete_lease_request::Kind::Header(h)),
+            })) => h,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of CompleteLease must be its header",
+                ));
+            }
+        };
+        let id = runner_id(&header.runner_id)?.to_owned();
+        let lease = lease_ref(header.lease)?;
+        let outcome = match pb::LeaseOutcome::try_from(header.outcome) {
+            Ok(pb::LeaseOutcome::DevFailed) => Outcome::DevFailed,
+            Ok(pb::LeaseOutcome::VerifyFailed) => Outcome::VerifyFailed,
+            Ok(pb::LeaseOutcome::Verified) => Outcome::Verified,
+            _ => return Err(Status::invalid_argument("unknown lease outcome")),
+        };
+        if !header.cost_cents.is_finite() || header.cost_cents < 0.0 {
+            return Err(Status::invalid_argument(
+                "cost_cents must be a non-negative number",
+            ));
+        }
+        // Refuse a dead lease before reading a possibly large bundle.
+        self.coordinator
+            .check_lease(&id, &lease)
+            .await
+            .map_err(status_from_error)?;
+        let spool = self
+            .spool(&mut stream, outcome != Outcome::DevFailed)
+            .await?;
+        let result = LeaseResult {
+            lease,
+            outcome,
+            error: header.error,
+            cost_cents: header.cost_cents,
+            commit: header.commit,
+            verify_skipped: header.verify_skipped,
+            dev_finished_at: if header.dev_finished_at_ms > 0 {
+                header.dev_finished_at_ms
+            } else {
+                now_ms()
+            },
+        };
+        let done = self
+            .coordinator
+            .complete(&id, result, spool.as_deref())
+            .await;
+        if let Some(path) = &spool {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        let task = done.map_err(status_from_error)?;
+        Ok(Response::new(pb::CompleteLeaseResponse {
+            status: super::status_to_pb(task.state.status).into(),
+            patchset: task.state.patchset,
+        }))
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<pb::ReleaseLeaseRequest>,
+    ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+        let r = request.into_inner();
+        let id = runner_id(&r.runner_id)?;
+        let lease = lease_ref(r.lease)?;
+        self.coordinator
+            .release(id, &lease, &r.reason)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::ReleaseLeaseResponse {}))
+    }
+}
+
+impl<S: Store> RunnerApi<S> {
+    /// Writes the bundle chunks that follow a header to a spool file, up to the size cap.
+    async fn spool(
+        &self,
+        stream: &mut Streaming<pb::CompleteLeaseRequest>,
+        expect_bundle: bool,
+    ) -> Result<Option<PathBuf>, Status> {
+        let dir = &self.coordinator.settings().spool_dir;
+        let cap = self.coordinator.settings().max_bundle_bytes;
+        let mut file = None;
+        let mut size: u64 = 0;
+        let path = dir.join(format!(
+            "{}-{}.bundle",
+            std::process::id(),
+            self.spool_seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        while let Some(msg) = stream.next().await {
+            let chunk = match msg?.kind {
+                Some(pb::complete_lease_request::Kind::Chunk(c)) => c,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "only one header per CompleteLease",
+                    ));
+                }
+            };
+            size += chunk.data.len() as u64;
+            if size > cap {
+                drop(file.take());
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(Status::resource_exhausted(format!(
+                    "the bundle is over the {cap}-byte limit"
+                )));
+            }
+            if file.is_none() {
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| Status::internal(format!("spool dir: {e}")))?;
+                file = Some(
+                    tokio::fs::File::create(&path)
+                        .await
+                        .map_err(|e| Status::internal(format!("spool file: {e}")))?,
+                );
+            }
+            if let Some(f) = file.as_mut() {
+                f.write_all(&chunk.data)
+                    .await
+                    .map_err(|e| Status::internal(format!("spool write: {e}")))?;
+            }
+        }
+        match file {
+            Some(mut f) => {
+                f.flush()
+                    .await
+                    .map_err(|e| Status::internal(format!("spool flush: {e}")))?;
+                Ok(Some(path))
+            }
+            None if expect_bundle => Err(Status::invalid_argument(
+                "a verified or verify-failed result needs its commit's bundle",
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+async fn read_full(
+    reader: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = reader.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}

@@ -1,0 +1,520 @@
+//! The in-memory side of runners and leases: who is connected, how many free slots each has,
+//! which live leases exist and when they expire. Heartbeats touch only this (no database write);
+//! the database holds the lease itself (ID and epoch, the fence) and is the source of truth
+//! across restarts, when [`Registry::restore_lease`] rebuilds the live set with a fresh TTL.
+//!
+//! Pure data: no IO and no clock (times are passed in), so it is unit-tested directly.
+
+use std::collections::{BTreeSet, HashMap};
+
+use tokio::sync::mpsc;
+
+use crate::domain::{Millis, TaskId};
+
+/// A lease as named on the wire: its ID and epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseRef {
+    pub id: String,
+    pub epoch: u64,
+}
+
+/// Work handed to a runner.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub lease: LeaseRef,
+    pub task_id: TaskId,
+    pub run_id: String,
+    pub title: String,
+    pub namespace: Option<String>,
+    pub base: String,
+    pub base_commit: String,
+    pub previous_commit: Option<String>,
+    pub patchset: u32,
+    pub prompt: String,
+}
+
+/// What the server pushes on a runner's work stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Push {
+    Assign(Box<Assignment>),
+    Cancel(LeaseRef),
+}
+
+/// A connected (or recently connected) runner.
+#[derive(Debug)]
+pub struct RunnerEntry {
+    pub id: String,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub slots: u32,
+    pub version: String,
+    pub last_heartbeat: Option<Millis>,
+    pub draining: bool,
+    /// The open work stream, with a generation so that an old stream's end does not detach
+    /// a newer one.
+    push: Option<(u64, mpsc::Sender<Push>)>,
+    pub leases: BTreeSet<String>,
+}
+
+impl RunnerEntry {
+    pub fn connected(&self) -> bool {
+        self.push.as_ref().is_some_and(|(_, tx)| !tx.is_closed())
+    }
+
+    /// Slots that may take a new lease now.
+    pub fn free_slots(&self) -> u32 {
+        if !self.connected() || self.draining {
+            return 0;
+        }
+        self.slots.saturating_sub(self.leases.len() as u32)
+    }
+}
+
+/// A lease that is live in memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveLease {
+    pub task: TaskId,
+    pub epoch: u64,
+    pub runner_id: String,
+    pub runner: String,
+    pub expires_at: Millis,
+}
+
+/// Why a runner's message about a lease is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseRefusal {
+    #[error("lease {0} is not live: it lapsed, was cancelled or was never issued")]
+    Unknown(String),
+    #[error("lease {id} is at epoch {live}, not {given}: it was re-issued")]
+    Reissued { id: String, live: u64, given: u64 },
+    #[error("lease {0} belongs to another runner")]
+    NotYours(String),
+    #[error("lease {0} expired")]
+    Expired(String),
+}
+
+/// Runners and live leases.
+#[derive(Debug, Default)]
+pub struct Registry {
+    runners: HashMap<String, RunnerEntry>,
+    leases: HashMap<String, LiveLease>,
+    next_runner: u64,
+    next_stream: u64,
+}
+
+/// What `pipelinectl runners` shows of a runner.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunnerView {
+    pub id: String,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub slots: u32,
+    pub used: u32,
+    pub version: String,
+    pub last_heartbeat: Option<Millis>,
+    pub connected: bool,
+    pub draining: bool,
+}
+
+impl Registry {
+    /// Registers a runner. A runner that registers again under a name whose previous runner is
+    /// disconnected takes its place (its live leases can be re-attached by the new one).
+    pub fn register(
+        &mut self,
+        name: &str,
+        labels: Vec<String>,
+        slots: u32,
+        version: String,
+        now: Millis,
+    ) -> Result<String, String> {
+        if let Some(existing) = self.runners.values().find(|r| r.name == name) {
+            if existing.connected() {
+                return Err(format!(
+                    "a runner named {name} is already connected; give this one another --name"
+                ));
+            }
+            let old = existing.id.clone();
+            self.runners.remove(&old);
+        }
+        self.next_runner += 1;
+        let id = format!("r{}-{}", self.next_runner, now);
+        self.runners.insert(
+            id.clone(),
+            RunnerEntry {
+                id: id.clone(),
+                name: name.to_owned(),
+                labels,
+                slots,
+                version,
+                last_heartbeat: Some(now),
+                draining: false,
+                push: None,
+                leases: BTreeSet::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn runner(&self, id: &str) -> Option<&RunnerEntry> {
+        self.runners.get(id)
+    }
+
+    /// Attaches a work stream; returns its generation.
+    pub fn attach(
+        &mut self,
+        runner_id: &str,
+        tx: mpsc::Sender<Push>,
+        draining: bool,
+    ) -> Option<u64> {
+        self.next_stream += 1;
+        let generation = self.next_stream;
+        let runner = self.runners.get_mut(runner_id)?;
+        runner.push = Some((generation, tx));
+        runner.draining = draining;
+        Some(generation)
+    }
+
+    /// Detaches the work stream of `generation`, if it is still the current one.
+    pub fn detach(&mut self, runner_id: &str, generation: u64) {
+        if let Some(runner) = self.runners.get_mut(runner_id)
+            && runner.push.as_ref().is_some_and(|(g, _)| *g == generation)
+        {
+            runner.push = None;
+        }
+    }
+
+    /// Sends `push` to a runner; false if it has no open stream (or the stream is full).
+    pub fn push(&self, runner_id: &str, push: Push) -> bool {
+        self.runners
+            .get(runner_id)
+            .and_then(|r| r.push.as_ref())
+            .is_some_and(|(_, tx)| tx.try_send(push).is_ok())
+    }
+
+    /// Re-attaches a lease a runner reports holding after a reconnect: kept if it is live at the
+    /// same epoch and its owner is this runner or a runner of the same name that is gone.
+    pub fn reattach(
+        &mut self,
+        runner_id: &str,
+        lease: &LeaseRef,
+        now: Millis,
+        ttl: Millis,
+    ) -> bool {
+        let Some(name) = self.runners.get(runner_id).map(|r| r.name.clone()) else {
+            return false;
+        };
+        let Some(live) = self.leases.get(&lease.id) else {
+            return false;
+        };
+        if live.epoch != lease.epoch || live.expires_at <= now {
+            return false;
+        }
+        let owner_ok = live.runner_id == runner_id
+            || (live.runner == name
+                && self
+                    .runners
+                    .get(&live.runner_id)
+                    .is_none_or(|r| !r.connected()));
+        if !owner_ok {
+            return false;
+        }
+        let old_owner = live.runner_id.clone();
+        if let Some(old) = self.runners.get_mut(&old_owner) {
+            old.leases.remove(&lease.id);
+        }
+        if let Some(live) = self.leases.get_mut(&lease.id) {
+            live.runner_id = runner_id.to_owned();
+            live.expires_at = now + ttl;
+        }
+        if let Some(runner) = self.runners.get_mut(runner_id) {
+            runner.leases.insert(lease.id.clone());
+        }
+        true
+    }
+
+    /// Records a heartbeat: renews the runner's leases it reports and returns those it reports
+    /// but must drop. `None` if the runner is unknown.
+    pub fn heartbeat(
+        &mut self,
+        runner_id: &str,
+        held: &[LeaseRef],
+        draining: bool,
+        now: Millis,
+        ttl: Millis,
+    ) -> Option<Vec<LeaseRef>> {
+        let runner = self.runners.get_mut(runner_id)?;
+        runner.last_heartbeat = Some(now);
+        runner.draining = draining;
+        let mut dropped = Vec::new();
+        for lease in held {
+            match self.leases.get_mut(&lease.id) {
+                Some(live)
+                    if live.epoch == lease.epoch
+                        && live.runner_id == runner_id
+                        && live.expires_at > now =>
+                {
+                    live.expires_at = now + ttl;
+                }
+                _ => dropped.push(lease.clone()),
+            }
+        }
+        Some(dropped)
+    }
+
+    /// Checks that `lease` is live, at this epoch, and `runner_id`'s.
+    pub fn check(
+        &self,
+        runner_id: &str,
+        lease: &LeaseRef,
+        now: Millis,
+    ) -> Result<&LiveLease, LeaseRefusal> {
+        let live = self
+            .leases
+            .get(&lease.id)
+            .ok_or_else(|| LeaseRefusal::Unknown(lease.id.clone()))?;
+        if live.epoch != lease.epoch {
+            return Err(LeaseRefusal::Reissued {
+                id: lease.id.clone(),
+                live: live.epoch,
+                given: lease.epoch,
+            });
+        }
+        if live.runner_id != runner_id {
+            return Err(LeaseRefusal::NotYours(lease.id.clone()));
+        }
+        if live.expires_at <= now {
+            return Err(LeaseRefusal::Expired(lease.id.clone()));
+        }
+        Ok(live)
+    }
+
+    /// Adds a live lease owned by `runner_id`.
+    pub fn add_lease(&mut self, id: String, live: LiveLease) {
+        if let Some(runner) = self.runners.get_mut(&live.runner_id) {
+            runner.leases.insert(id.clone());
+        }
+        self.leases.insert(id, live);
+    }
+
+    /// Rebuilds a lease from the database at start-up; it lives for one TTL unless a runner
+    /// re-attaches it.
+    pub fn restore_lease(&mut self, id: String, live: LiveLease) {
+        self.leases.insert(id, live);
+    }
+
+    /// Forgets a lease; returns it if it was live.
+    pub fn remove_lease(&mut self, id: &str) -> Option<LiveLease> {
+        let live = self.leases.remove(id)?;
+        if let Some(runner) = self.runners.get_mut(&live.runner_id) {
+            runner.leases.remove(id);
+        }
+        Some(live)
+    }
+
+    /// The leases whose time is up.
+    pub fn expired(&self, now: Millis) -> Vec<(String, LiveLease)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.expires_at <= now)
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect()
+    }
+
+    /// When the next lease expires.
+    pub fn next_expiry(&self) -> Option<Millis> {
+        self.leases.values().map(|l| l.expires_at).min()
+    }
+
+    /// Runners with free slots: (id, name, free), most free first.
+    pub fn free_slots(&self) -> Vec<(String, String, u32)> {
+        let mut free: Vec<(String, String, u32)> = self
+            .runners
+            .values()
+            .filter(|r| r.free_slots() > 0)
+            .map(|r| (r.id.clone(), r.name.clone(), r.free_slots()))
+            .collect();
+        free.sort_by(|a, b| b.2.cmp(&a.2).then(a.1.cmp(&b.1)));
+        free
+    }
+
+    /// Every runner, by name.
+    pub fn runners(&self) -> Vec<RunnerView> {
+        let mut all: Vec<RunnerView> = self
+            .runners
+            .values()
+            .map(|r| RunnerView {
+                id: r.id.clone(),
+                name: r.name.clone(),
+                labels: r.labels.clone(),
+                slots: r.slots,
+                used: r.leases.len() as u32,
+                version: r.version.clone(),
+                last_heartbeat: r.last_heartbeat,
+                connected: r.connected(),
+                draining: r.draining,
+            })
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Number of runners with an open work stream.
+    pub fn connected_count(&self) -> usize {
+        self.runners.values().filter(|r| r.connected()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Millis = 30_000;
+
+    fn lease(id: &str, epoch: u64) -> LeaseRef {
+        LeaseRef {
+            id: id.into(),
+            epoch,
+        }
+    }
+
+    fn live(runner_id: &str, name: &str, epoch: u64, expires_at: Millis) -> LiveLease {
+        LiveLease {
+            task: TaskId::parse("t-1").expect("id"),
+            epoch,
+            runner_id: runner_id.into(),
+            runner: name.into(),
+            expires_at,
+        }
+    }
+
+    fn connected(reg: &mut Registry, name: &str, slots: u32) -> (String, mpsc::Receiver<Push>) {
+        let id = reg
+            .register(name, vec![], slots, "1".into(), 0)
+            .expect("register");
+        let (tx, rx) = mpsc::channel(8);
+        reg.attach(&id, tx, false).expect("attach");
+        (id, rx)
+    }
+
+    #[test]
+    fn slots_count_only_connected_undrained_runners() {
+        let mut reg = Registry::default();
+        let (a, _rx_a) = connected(&mut reg, "a", 2);
+        let b = reg.register("b", vec![], 4, "1".into(), 0).expect("b");
+        assert_eq!(reg.free_slots(), vec![(a.clone(), "a".into(), 2)]);
+        reg.add_lease("L1".into(), live(&a, "a", 1, 100));
+        assert_eq!(reg.free_slots()[0].2, 1);
+        assert!(
+            reg.heartbeat(&a, &[lease("L1", 1)], true, 10, TTL)
+                .is_some()
+        );
+        assert!(reg.free_slots().is_empty(), "draining takes no work");
+        assert!(
+            reg.runner(&b).is_some_and(|r| r.free_slots() == 0),
+            "not connected"
+        );
+    }
+
+    #[test]
+    fn a_connected_name_cannot_be_taken_but_a_gone_one_can() {
+        let mut reg = Registry::default();
+        let (a, rx) = connected(&mut reg, "a", 1);
+        let err = reg
+            .register("a", vec![], 1, "1".into(), 5)
+            .expect_err("taken");
+        assert!(err.contains("already connected"));
+        drop(rx);
+        let again = reg.register("a", vec![], 1, "1".into(), 6).expect("gone");
+        assert_ne!(again, a);
+        assert_eq!(reg.runners().len(), 1);
+    }
+
+    #[test]
+    fn heartbeats_renew_own_live_leases_and_drop_the_rest() {
+        let mut reg = Registry::default();
+        let (a, _rx) = connected(&mut reg, "a", 2);
+        let (b, _rx_b) = connected(&mut reg, "b", 2);
+        reg.add_lease("L1".into(), live(&a, "a", 3, 1_000));
+        reg.add_lease("L2".into(), live(&b, "b", 1, 1_000));
+        let dropped = reg
+            .heartbeat(
+                &a,
+                &[
+                    lease("L1", 3),
+                    lease("L2", 1),
+                    lease("L1", 2),
+                    lease("L9", 1),
+                ],
+                false,
+                500,
+                TTL,
+            )
+            .expect("known");
+        assert_eq!(
+            dropped,
+            vec![lease("L2", 1), lease("L1", 2), lease("L9", 1)]
+        );
+        assert_eq!(
+            reg.check(&a, &lease("L1", 3), 600).map(|l| l.expires_at),
+            Ok(500 + TTL)
+        );
+        assert!(reg.heartbeat("nobody", &[], false, 1, TTL).is_none());
+    }
+
+    #[test]
+    fn checks_fence_by_epoch_owner_and_expiry() {
+        let mut reg = Registry::default();
+        let (a, _rx) = connected(&mut reg, "a", 2);
+        reg.add_lease("L1".into(), live(&a, "a", 2, 1_000));
+        assert!(reg.check(&a, &lease("L1", 2), 999).is_ok());
+        assert!(matches!(
+            reg.check(&a, &lease("L1", 1), 0),
+            Err(LeaseRefusal::Reissued { .. })
+        ));
+        assert!(matches!(
+            reg.check("x", &lease("L1", 2), 0),
+            Err(LeaseRefusal::NotYours(_))
+        ));
+        assert!(matches!(
+            reg.check(&a, &lease("L1", 2), 1_000),
+            Err(LeaseRefusal::Expired(_))
+        ));
+        assert!(matches!(
+            reg.check(&a, &lease("L0", 2), 0),
+            Err(LeaseRefusal::Unknown(_))
+        ));
+        assert_eq!(reg.expired(1_000).len(), 1);
+        assert_eq!(reg.next_expiry(), Some(1_000));
+        assert!(reg.remove_lease("L1").is_some());
+        assert!(reg.runner(&a).is_some_and(|r| r.leases.is_empty()));
+        assert_eq!(reg.next_expiry(), None);
+    }
+
+    #[test]
+    fn a_re_registered_runner_re_attaches_its_leases() {
+        let mut reg = Registry::default();
+        // After a server restart the lease is restored with an owner nobody knows.
+        reg.restore_lease("L1".into(), live("old-id", "a", 4, 1_000));
+        let (a, _rx) = connected(&mut reg, "a", 1);
+        assert!(!reg.reattach(&a, &lease("L1", 3), 10, TTL), "wrong epoch");
+        assert!(reg.reattach(&a, &lease("L1", 4), 10, TTL));
+        assert!(reg.check(&a, &lease("L1", 4), 20).is_ok());
+        assert_eq!(reg.runner(&a).map(|r| r.leases.len()), Some(1));
+        // Another runner cannot take it while its owner is connected.
+        let (b, _rx_b) = connected(&mut reg, "b", 1);
+        assert!(!reg.reattach(&b, &lease("L1", 4), 10, TTL));
+    }
+
+    #[test]
+    fn an_old_stream_ending_does_not_detach_a_newer_one() {
+        let mut reg = Registry::default();
+        let id = reg.register("a", vec![], 1, "1".into(), 0).expect("a");
+        let (tx1, _rx1) = mpsc::channel(1);
+        let g1 = reg.attach(&id, tx1, false).expect("attach");
+        let (tx2, mut rx2) = mpsc::channel(1);
+        reg.attach(&id, tx2, false).expect("attach");
+        reg.detach(&id, g1);
+        assert!(reg.push(&id, Push::Cancel(lease("L", 1))));
+        assert_eq!(rx2.try_recv().ok(), Some(Push::Cancel(lease("L", 1))));
+    }
+}

@@ -1,0 +1,586 @@
+//! The coordinator's runner side: registration, work streams, heartbeats, leases with fencing,
+//! results and commits, and the dispatch loop that pushes eligible tasks to free slots.
+//!
+//! The dispatch loop sleeps until something can change the answer: a task became leasable or
+//! a slot freed (the `wake` notification), a back-off ends or a lease expires (a timer set to
+//! that instant). There is no fixed polling interval.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::{Coordinator, now_ms};
+use crate::domain::{Lease, Millis, Phase, RunStatus, Task, TaskId};
+use crate::error::{Error, Result};
+use crate::lifecycle::{self, Event};
+use crate::prompt::{self, PromptContext};
+use crate::registry::{Assignment, LeaseRef, LiveLease, Push};
+use crate::store::{FinishedRun, LeaseChange, NewRun, RunEnd, Store};
+
+/// The largest number of slots one runner may announce.
+pub const MAX_SLOTS: u32 = 64;
+/// How many pushes may wait for a slow runner before its stream counts as broken.
+const PUSH_BUFFER: usize = 64;
+/// After a failed dispatch round (database or git trouble), try again this much later.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+
+/// What a runner says about itself when it registers.
+#[derive(Clone, Debug)]
+pub struct RunnerHello {
+    pub name: String,
+    pub labels: Vec<String>,
+    pub slots: u32,
+    pub version: String,
+    pub protocol_version: u32,
+}
+
+/// The server's answer to a registration.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub runner_id: String,
+    pub heartbeat_interval_ms: u64,
+    pub lease_ttl_ms: u64,
+}
+
+/// What became of the leases a runner reported when it opened its work stream.
+#[derive(Clone, Debug, Default)]
+pub struct Attached {
+    pub kept: Vec<LeaseRef>,
+    pub dropped: Vec<LeaseRef>,
+}
+
+/// How a lease ended on the runner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    DevFailed,
+    VerifyFailed,
+    Verified,
+}
+
+/// A runner's result for a lease.
+#[derive(Clone, Debug)]
+pub struct LeaseResult {
+    pub lease: LeaseRef,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    pub cost_cents: f64,
+    pub commit: Option<String>,
+    pub verify_skipped: Option<String>,
+    pub dev_finished_at: Millis,
+}
+
+/// A runner name: like a task ID, safe in logs, paths and messages.
+fn check_runner_name(name: &str) -> Result<()> {
+    TaskId::parse(name)
+        .map(drop)
+        .map_err(|e| Error::InvalidArgument(e.to_string().replace("task id", "runner name")))
+}
+
+fn refused(lease: &LeaseRef, why: impl std::fmt::Display) -> Error {
+    Error::FailedPrecondition(format!(
+        "lease {} (epoch {}) is no longer yours: {why}; drop the work",
+        lease.id, lease.epoch
+    ))
+}
+
+impl<S: Store> Coordinator<S> {
+    /// Registers a runner and tells it how often to heartbeat.
+    pub fn register(&self, hello: RunnerHello) -> Result<Registered> {
+        if hello.protocol_version != pipeline_proto::PROTOCOL_VERSION {
+            return Err(Error::FailedPrecondition(format!(
+                "this runner speaks protocol version {} but the server speaks {}: run the same \
+                 pipeline release on both",
+                hello.protocol_version,
+                pipeline_proto::PROTOCOL_VERSION
+            )));
+        }
+        check_runner_name(&hello.name)?;
+        if hello.slots == 0 || hello.slots > MAX_SLOTS {
+            return Err(Error::InvalidArgument(format!(
+                "a runner needs 1 to {MAX_SLOTS} slots, not {}",
+                hello.slots
+            )));
+        }
+        let ttl = self.settings.lease_ttl_ms;
+        let runner_id = self
+            .registry()
+            .register(
+                &hello.name,
+                hello.labels,
+                hello.slots,
+                hello.version,
+                now_ms(),
+            )
+            .map_err(Error::AlreadyExists)?;
+        tracing::info!(runner = %hello.name, %runner_id, slots = hello.slots, "runner registered");
+        Ok(Registered {
+            runner_id,
+            heartbeat_interval_ms: (ttl / 3).max(1) as u64,
+            lease_ttl_ms: ttl as u64,
+        })
+    }
+
+    /// Opens a runner's work stream: re-attaches the leases it still holds (after a reconnect)
+    /// and returns the receiving end of its pushes, with the stream's generation.
+    pub fn open_work(
+        &self,
+        runner_id: &str,
+        held: &[LeaseRef],
+        draining: bool,
+    ) -> Result<(u64, Attached, mpsc::Receiver<Push>)> {
+        let (tx, rx) = mpsc::channel(PUSH_BUFFER);
+        let now = now_ms();
+        let mut registry = self.registry();
+        let generation = registry.attach(runner_id, tx, draining).ok_or_else(|| {
+            Error::NotFound(format!(
+                "runner {runner_id} is not registered (the server may have restarted); \
+                 register again"
+            ))
+        })?;
+        let mut attached = Attached::default();
+        for lease in held {
+            if registry.reattach(runner_id, lease, now, self.settings.lease_ttl_ms) {
+                attached.kept.push(lease.clone());
+            } else {
+                attached.dropped.push(lease.clone());
+            }
+        }
+        drop(registry);
+        tracing::info!(
+            %runner_id,
+            kept = attached.kept.len(),
+            dropped = attached.dropped.len(),
+            "runner connected"
+        );
+        self.wake.notify_one();
+        Ok((generation, attached, rx))
+    }
+
+    /// The work stream of `generation` ended.
+    pub fn close_work(&self, runner_id: &str, generation: u64) {
+        self.registry().detach(runner_id, generation);
+        tracing::info!(%runner_id, "runner disconnected");
+    }
+
+    /// Renews the runner's leases; returns those it must drop.
+    pub fn heartbeat(
+        &self,
+        runner_id: &str,
+        held: &[LeaseRef],
+        draining: bool,
+    ) -> Result<Vec<LeaseRef>> {
+        let mut registry = self.registry();
+        let was_draining = registry.runner(runner_id).is_some_and(|r| r.draining);
+        let dropped = registry
+            .heartbeat(
+                runner_id,
+                held,
+                draining,
+                now_ms(),
+                self.settings.lease_ttl_ms,
+            )
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "runner {runner_id} is not registered (the server may have restarted); \
+                     register again"
+                ))
+            })?;
+        drop(registry);
+        if was_draining && !draining {
+            self.wake.notify_one();
+        }
+        Ok(dropped)
+    }
+
+    /// Checks that `lease` is live and `runner_id`'s, in memory and in the database; returns the
+    /// task it is for.
+    pub async fn check_lease(&self, runner_id: &str, lease: &LeaseRef) -> Result<Task> {
+        let task_id = {
+            let registry = self.registry();
+            let live = registry
+                .check(runner_id, lease, now_ms())
+                .map_err(|why| refused(lease, why))?;
+            live.task.clone()
+        };
+        let task = self.get(&task_id).await?;
+        lease_matches(&task, lease)?;
+        Ok(task)
+    }
+
+    /// Starts `git bundle create` for what a lease's runner lacks: the base commit (and the
+    /// previous patchset's) less what it already `have`s. Its stdout is the bundle; an empty
+    /// bundle (git refuses to make one) means the runner has everything. The refs it bundles are
+    /// written under `refs/pipeline/fetch/<task>/`.
+    pub async fn base_bundle(
+        &self,
+        runner_id: &str,
+        lease: &LeaseRef,
+        have: &[String],
+    ) -> Result<tokio::process::Child> {
+        let task = self.check_lease(runner_id, lease).await?;
+        let l = task
+            .lease
+            .as_ref()
+            .ok_or_else(|| refused(lease, "the task has no lease"))?;
+        let base_ref = format!("refs/pipeline/fetch/{}/base", task.id);
+        self.repo.update_ref(&base_ref, &l.base_commit).await?;
+        let mut refs = vec![base_ref];
+        if let Some(previous) = &l.previous_commit {
+            let prev_ref = format!("refs/pipeline/fetch/{}/previous", task.id);
+            self.repo.update_ref(&prev_ref, previous).await?;
+            refs.push(prev_ref);
+        }
+        let known = self.repo.existing_commits(have).await?;
+        self.repo.bundle_create(&refs, &known)
+    }
+
+    /// Records a runner's result: stores its commit (checked) under
+    /// `refs/pipeline/tasks/<id>/<epoch>`, records the dev and verify runs, and moves the task.
+    pub async fn complete(
+        &self,
+        runner_id: &str,
+        result: LeaseResult,
+        bundle: Option<&Path>,
+    ) -> Result<Task> {
+        let task = self.check_lease(runner_id, &result.lease).await?;
+        let lease = task
+            .lease
+            .clone()
+            .ok_or_else(|| refused(&result.lease, "the task has no lease"))?;
+        let mut commit = None;
+        let mut refusal = None;
+        if result.outcome != Outcome::DevFailed {
+            let stored = match (&result.commit, bundle) {
+                (Some(c), Some(path)) => {
+                    self.repo.receive_bundle(path, &lease.base_commit, c).await
+                }
+                _ => Err(Error::InvalidArgument(
+                    "commit refused: a verified or verify-failed result needs the commit and \
+                     its bundle"
+                        .to_owned(),
+                )),
+            };
+            match stored {
+                Ok(c) => {
+                    let refname = format!("refs/pipeline/tasks/{}/{}", task.id, lease.epoch);
+                    self.repo.update_ref(&refname, &c).await?;
+                    commit = Some(c);
+                }
+                Err(Error::InvalidArgument(why)) => refusal = Some(why),
+                Err(other) => return Err(other),
+            }
+        }
+        let (event, dev_status, dev_error) = match (&refusal, result.outcome) {
+            (Some(why), _) => (
+                Event::DevFailed {
+                    reason: why.clone(),
+                    cost_cents: result.cost_cents,
+                },
+                RunStatus::Failure,
+                Some(why.clone()),
+            ),
+            (None, Outcome::DevFailed) => {
+                let reason = result
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the agent failed".to_owned());
+                (
+                    Event::DevFailed {
+                        reason: reason.clone(),
+                        cost_cents: result.cost_cents,
+                    },
+                    RunStatus::Failure,
+                    Some(reason),
+                )
+            }
+            (None, Outcome::VerifyFailed) => (
+                Event::VerifyFailed {
+                    reason: result
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "verification failed".to_owned()),
+                    cost_cents: result.cost_cents,
+                },
+                RunStatus::Success,
+                None,
+            ),
+            (None, Outcome::Verified) => (
+                Event::Verified {
+                    cost_cents: result.cost_cents,
+                },
+                RunStatus::Success,
+                None,
+            ),
+        };
+        let verify_run = match (&refusal, result.outcome) {
+            (None, Outcome::VerifyFailed | Outcome::Verified) => Some(FinishedRun {
+                phase: Phase::Verify,
+                patchset: task.state.patchset + 1,
+                runner: Some(lease.runner.clone()),
+                status: if result.outcome == Outcome::Verified {
+                    RunStatus::Success
+                } else {
+                    RunStatus::Failure
+                },
+                cost_cents: 0.0,
+                started_at: result.dev_finished_at,
+                error: if result.outcome == Outcome::Verified {
+                    result
+                        .verify_skipped
+                        .clone()
+                        .map(|s| format!("skipped: {s}"))
+                } else {
+                    result.error.clone()
+                },
+            }),
+            _ => None,
+        };
+        let lease_ref = result.lease.clone();
+        let updated = self
+            .transition_with(
+                &task.id,
+                &event,
+                |t| lease_matches(t, &lease_ref),
+                |_, w| {
+                    w.close_runs = Some(RunEnd {
+                        status: dev_status,
+                        cost_cents: result.cost_cents,
+                        error: dev_error.clone(),
+                    });
+                    w.record_runs.extend(verify_run.clone());
+                    w.patch_commit = commit.clone();
+                },
+            )
+            .await?;
+        match refusal {
+            Some(why) => Err(Error::InvalidArgument(why)),
+            None => Ok(updated),
+        }
+    }
+
+    /// A runner gives a lease back unfinished; the task is offered again without counting.
+    pub async fn release(&self, runner_id: &str, lease: &LeaseRef, reason: &str) -> Result<Task> {
+        let task = self.check_lease(runner_id, lease).await?;
+        let event = Event::Released {
+            reason: if reason.trim().is_empty() {
+                "no reason given".to_owned()
+            } else {
+                reason.trim().to_owned()
+            },
+        };
+        self.transition_with(&task.id, &event, |t| lease_matches(t, lease), |_, _| {})
+            .await
+    }
+
+    /// Pushes eligible tasks to free slots and expires lapsed leases, until `shutdown`.
+    pub async fn dispatch_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = match self.dispatch_once().await {
+                Ok(next) => next,
+                Err(err) => {
+                    tracing::error!(error = %err, "dispatch round failed; retrying");
+                    Some(now_ms() + RETRY_AFTER_ERROR.as_millis() as i64)
+                }
+            };
+            let sleep = match next {
+                Some(at) => Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64),
+                None => Duration::from_secs(24 * 3600),
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// One round: expire lapsed leases, then fill free slots. Returns when the next timer
+    /// (a back-off ending, a lease expiring) is due.
+    pub async fn dispatch_once(&self) -> Result<Option<Millis>> {
+        let now = now_ms();
+        let expired = self.registry().expired(now);
+        for (lease_id, live) in expired {
+            self.expire(&lease_id, &live).await;
+        }
+        let mut free = self.registry().free_slots();
+        let mut total: u32 = free.iter().map(|f| f.2).sum();
+        if total > 0 {
+            let candidates = self
+                .store
+                .lease_candidates(now, total.saturating_mul(2))
+                .await?;
+            for task in candidates {
+                if total == 0 {
+                    break;
+                }
+                if !lifecycle::leasable(&task.state, true, self.policy(), now) {
+                    continue;
+                }
+                let pick = free
+                    .iter()
+                    .position(|f| f.2 > 0 && task.avoid_runner.as_deref() != Some(f.1.as_str()))
+                    .or_else(|| free.iter().position(|f| f.2 > 0));
+                let Some(i) = pick else { break };
+                let (runner_id, runner_name) = (free[i].0.clone(), free[i].1.clone());
+                match self.lease_to(&task, &runner_id, &runner_name).await {
+                    Ok(()) => {
+                        free[i].2 -= 1;
+                        total -= 1;
+                    }
+                    Err(Error::Conflict(_) | Error::FailedPrecondition(_)) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        let next_backoff = self.store.next_backoff_end(now).await?;
+        let next_expiry = self.registry().next_expiry();
+        Ok([next_backoff, next_expiry].into_iter().flatten().min())
+    }
+
+    /// Gives `task` to a runner: persists the lease and the dev run, then pushes the work.
+    async fn lease_to(&self, task: &Task, runner_id: &str, runner_name: &str) -> Result<()> {
+        let (base_commit, previous_commit) = match (&task.patch_commit, task.state.amend) {
+            (Some(previous), true) => {
+                let parents = self.repo.parents(previous).await?;
+                match parents.as_slice() {
+                    [parent] => (parent.clone(), Some(previous.clone())),
+                    _ => (self.repo.tip(&self.settings.base).await?, None),
+                }
+            }
+            _ => (self.repo.tip(&self.settings.base).await?, None),
+        };
+        let version = task.version;
+        let leased = self
+            .transition_with(
+                &task.id,
+                &Event::Leased,
+                |t| {
+                    if t.version == version {
+                        Ok(())
+                    } else {
+                        Err(Error::Conflict(format!("task {} changed", t.id)))
+                    }
+                },
+                |t, w| {
+                    let epoch = t.lease_epoch + 1;
+                    w.lease = LeaseChange::Set(Lease {
+                        id: Lease::make_id(&t.id, epoch),
+                        epoch,
+                        runner: runner_name.to_owned(),
+                        runner_id: runner_id.to_owned(),
+                        base_commit: base_commit.clone(),
+                        previous_commit: previous_commit.clone(),
+                    });
+                    w.start_run = Some(NewRun {
+                        phase: Phase::Dev,
+                        patchset: t.state.patchset,
+                        runner: Some(runner_name.to_owned()),
+                    });
+                    w.message = format!("leased to {runner_name} (epoch {epoch})");
+                },
+            )
+            .await?;
+        let lease = leased.lease.clone().ok_or_else(|| {
+            Error::Internal(format!("task {} was leased without a lease", task.id))
+        })?;
+        let lease_ref = LeaseRef {
+            id: lease.id.clone(),
+            epoch: lease.epoch,
+        };
+        let prompt = prompt::build(
+            &leased,
+            &PromptContext {
+                base: &self.settings.base,
+                base_commit: &lease.base_commit,
+                amend: lease.previous_commit.is_some(),
+            },
+        );
+        let assignment = Assignment {
+            lease: lease_ref.clone(),
+            task_id: leased.id.clone(),
+            run_id: format!("dev-{}-{}", leased.id, lease.epoch),
+            title: leased.title.clone(),
+            namespace: leased.namespace.clone(),
+            base: self.settings.base.clone(),
+            base_commit: lease.base_commit.clone(),
+            previous_commit: lease.previous_commit.clone(),
+            patchset: leased.state.patchset,
+            prompt,
+        };
+        let pushed = {
+            let mut registry = self.registry();
+            registry.add_lease(
+                lease.id.clone(),
+                LiveLease {
+                    task: leased.id.clone(),
+                    epoch: lease.epoch,
+                    runner_id: runner_id.to_owned(),
+                    runner: runner_name.to_owned(),
+                    expires_at: now_ms() + self.settings.lease_ttl_ms,
+                },
+            );
+            registry.push(runner_id, Push::Assign(Box::new(assignment)))
+        };
+        tracing::info!(task = %leased.id, runner = runner_name, epoch = lease.epoch, pushed, "leased");
+        if !pushed {
+            self.release(
+                runner_id,
+                &lease_ref,
+                "the runner disconnected before the work reached it",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A lease's time ran out: the attempt counts as failed, and its runner is told to stop.
+    async fn expire(&self, lease_id: &str, live: &LiveLease) {
+        let lease = LeaseRef {
+            id: lease_id.to_owned(),
+            epoch: live.epoch,
+        };
+        let reason = format!(
+            "lease lost: runner {} sent no heartbeat for {} s",
+            live.runner,
+            self.settings.lease_ttl_ms / 1000
+        );
+        let runner = live.runner.clone();
+        let result = self
+            .transition_with(
+                &live.task,
+                &Event::LeaseLost {
+                    reason: reason.clone(),
+                },
+                |t| lease_matches(t, &lease),
+                |_, w| w.avoid_runner = Some(runner.clone()),
+            )
+            .await;
+        let mut registry = self.registry();
+        registry.remove_lease(lease_id);
+        registry.push(&live.runner_id, Push::Cancel(lease));
+        match result {
+            Ok(_) => tracing::warn!(task = %live.task, runner = %live.runner, "{reason}"),
+            Err(err) => {
+                tracing::info!(task = %live.task, error = %err, "expired lease was already over")
+            }
+        }
+    }
+}
+
+/// Fails unless `lease` is the task's current lease.
+fn lease_matches(task: &Task, lease: &LeaseRef) -> Result<()> {
+    match &task.lease {
+        Some(l) if l.id == lease.id && l.epoch == lease.epoch => Ok(()),
+        Some(l) => Err(refused(
+            lease,
+            format!("task {} was re-leased (epoch {})", task.id, l.epoch),
+        )),
+        None => Err(refused(
+            lease,
+            format!("task {} is {} with no lease", task.id, task.state.status),
+        )),
+    }
+}
