@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Payloads (bundles, logs) as `bytes::Bytes`: shared, not copied.
+        .bytes(".pipeline.v1")
         .compile_fds(fds)?;
     Ok(())
 }

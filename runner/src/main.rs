@@ -1,10 +1,58 @@
-//! `pipeline-runner`: will register with a `pipeline-server`, lease tasks, and run the agent and
-//! the verification in local worktrees. Not implemented yet: it says so and exits non-zero.
+//! The `pipeline-runner` binary: parse the flags, set up logging, run until drained (first
+//! SIGTERM/SIGINT) or stopped (second signal).
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "pipeline-runner: not ready yet: runners arrive with the runner protocol; \
-         until then the server holds the queue and pipelinectl steers it"
-    );
-    std::process::ExitCode::from(2)
+use std::process::ExitCode;
+
+use clap::Parser;
+use pipeline_runner::config::Config;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let drain = CancellationToken::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(watch_signals(drain.clone(), stop.clone()));
+    match pipeline_runner::run(config, drain, stop).await {
+        Ok(()) => {
+            tracing::info!("runner exited");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("pipeline-runner: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// First SIGTERM/SIGINT drains; the second stops at once.
+async fn watch_signals(drain: CancellationToken, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received: draining (send another to stop now)");
+    drain.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: stopping now");
+    stop.cancel();
 }

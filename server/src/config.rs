@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, ValueEnum};
+use clap::Parser;
+pub use pipeline_runner::config::{AgentArgs, AgentMode, VerifyArgs, VerifyMode};
 use serde::Serialize;
 
 /// The pipeline coordinator: owns task state, the canonical git repository and the integration
@@ -64,73 +65,10 @@ pub struct Config {
     pub agent: AgentArgs,
 }
 
-/// How a commit is verified (the same flags on the server and the runner).
-#[derive(Clone, Debug, Args, Serialize)]
-pub struct VerifyArgs {
-    /// The verifier: `bild NAMESPACE` then `bild --test NAMESPACE`.
-    #[arg(long, env = "PIPELINE_VERIFY", value_enum, default_value_t = VerifyMode::Bild)]
-    pub verify: VerifyMode,
-
-    /// Build command, run through `sh -c` in the worktree with {namespace} replaced.
-    #[arg(long, env = "PIPELINE_BUILD_CMD")]
-    pub build_cmd: Option<String>,
-
-    /// Test command, run through `sh -c` in the worktree with {namespace} replaced.
-    #[arg(long, env = "PIPELINE_TEST_CMD")]
-    pub test_cmd: Option<String>,
-
-    /// Skip verification.
-    #[arg(long, env = "PIPELINE_NO_VERIFY", conflicts_with_all = ["build_cmd", "test_cmd"])]
-    pub no_verify: bool,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VerifyMode {
-    Bild,
-}
-
-/// How agents run, for `--local-runners` (the same flags as `pipeline-runner`).
-#[derive(Clone, Debug, Args, Serialize)]
-pub struct AgentArgs {
-    /// How the agent is started.
-    #[arg(long, env = "PIPELINE_AGENT", value_enum, default_value_t = AgentMode::Agentd)]
-    pub agent: AgentMode,
-
-    /// With `--agent command`: the command, run through `sh -c` in the worktree.
-    #[arg(long, env = "PIPELINE_AGENT_CMD")]
-    pub agent_cmd: Option<String>,
-
-    /// The agent's time limit in seconds.
-    #[arg(long, env = "PIPELINE_AGENT_TIMEOUT", default_value_t = 1800)]
-    pub timeout: u64,
-
-    /// The agent's iteration limit (agentd).
-    #[arg(long, env = "PIPELINE_AGENT_MAX_ITER", default_value_t = 80)]
-    pub max_iter: u32,
-
-    /// The agent's cost limit per run in cents (agentd).
-    #[arg(long, env = "PIPELINE_AGENT_MAX_COST", default_value_t = 300)]
-    pub max_cost: u64,
-
-    /// The agent's model provider (agentd -p).
-    #[arg(long, env = "PIPELINE_AGENT_PROVIDER")]
-    pub provider: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AgentMode {
-    Agentd,
-    Command,
-}
-
 impl Config {
     /// Checks what clap cannot: combinations of flags.
     pub fn validate(&self) -> Result<(), String> {
-        if self.agent.agent == AgentMode::Command && self.agent.agent_cmd.is_none() {
-            return Err("--agent command needs --agent-cmd 'CMD'".to_owned());
-        }
+        self.agent.validate()?;
         if self.local_runners > 64 {
             return Err(format!(
                 "--local-runners {} is too many for one machine (at most 64)",

@@ -200,6 +200,12 @@ impl<S: Store> Coordinator<S> {
     pub async fn check_lease(&self, runner_id: &str, lease: &LeaseRef) -> Result<Task> {
         let task_id = {
             let registry = self.registry();
+            if registry.runner(runner_id).is_none() {
+                return Err(Error::NotFound(format!(
+                    "runner {runner_id} is not registered (the server may have restarted); \
+                     register again"
+                )));
+            }
             let live = registry
                 .check(runner_id, lease, now_ms())
                 .map_err(|why| refused(lease, why))?;

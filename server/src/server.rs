@@ -80,12 +80,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         tasks_reopened,
         "pipeline-server ready"
     );
-    if config.local_runners > 0 {
-        tracing::warn!(
-            local_runners = config.local_runners,
-            "--local-runners is accepted but runners are not implemented yet"
-        );
-    }
     // Tests and scripts wait for this line to learn the port.
     tracing::info!("listening on {addr}");
 
@@ -102,6 +96,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             shutdown.clone().cancelled_owned(),
         );
     let mut served = tokio::spawn(serve);
+    let runners_stop = CancellationToken::new();
+    let local_runners = start_local_runners(&config, &state_dir, addr, &runners_stop);
     tokio::select! {
         result = &mut served => {
             // The server stopped without being asked to.
@@ -115,6 +111,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         () = shutdown.cancelled() => {}
     }
     tracing::info!("shutting down");
+    // Local runners stop first, giving their leases back while the server still listens.
+    runners_stop.cancel();
+    for runner in local_runners {
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, runner).await;
+    }
     match tokio::time::timeout(DRAIN_DEADLINE, served).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(Error::Internal(format!("grpc server: {e}"))),
@@ -127,4 +128,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts `--local-runners` runners in this process, speaking the runner protocol to the server
+/// over loopback, each with one slot and its own work dir under the state dir.
+fn start_local_runners(
+    config: &Config,
+    state_dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    (1..=config.local_runners)
+        .map(|i| {
+            let name = format!("local-{i}");
+            let runner = pipeline_runner::config::Config {
+                server: format!("http://{host}"),
+                name: Some(name.clone()),
+                slots: 1,
+                work_dir: Some(state_dir.join("runners").join(&name)),
+                labels: vec!["local".to_owned()],
+                drain_timeout: 0,
+                agent: config.agent.clone(),
+                verify: config.verify.clone(),
+            };
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                // A local runner stops with the server: it gives its leases back at once.
+                if let Err(err) = pipeline_runner::run(runner, stop.clone(), stop).await {
+                    tracing::error!(runner = %name, "local runner failed: {err:#}");
+                }
+            })
+        })
+        .collect()
 }

@@ -233,7 +233,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             }
             let ok = child.wait().await.is_ok_and(|s| s.success());
             // An empty bundle means the runner already has every object.
-            if !ok && !(err.contains("empty bundle") && !sent) {
+            if !ok && (!err.contains("empty bundle") || sent) {
                 let _ = tx
                     .send(Err(Status::internal(format!(
                         "git bundle create failed: {}",

@@ -1,0 +1,177 @@
+//! The runner's command line, and the agent and verification flags that `pipeline-server
+//! --local-runners` shares with it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+use serde::Serialize;
+
+/// Runs coding agents and verification for a pipeline server: registers, leases tasks, works in
+/// local git worktrees, and sends one commit back per task.
+#[derive(Clone, Debug, Parser, Serialize)]
+#[command(name = "pipeline-runner", version)]
+pub struct Config {
+    /// The server's URL.
+    #[arg(
+        long,
+        env = "PIPELINE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+
+    /// This runner's name, unique among connected runners [default: the host name].
+    #[arg(long, env = "PIPELINE_RUNNER_NAME")]
+    pub name: Option<String>,
+
+    /// Tasks worked on at once (one worktree each).
+    #[arg(long, env = "PIPELINE_RUNNER_SLOTS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub slots: u32,
+
+    /// Where the mirror and the worktrees live [default: ~/.cache/pipeline-runner/<name>].
+    #[arg(long, env = "PIPELINE_RUNNER_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Labels describing this runner (repeat, or separate with commas).
+    #[arg(long = "label", env = "PIPELINE_RUNNER_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+
+    /// On SIGTERM/SIGINT, how long to let running tasks finish before giving them back.
+    #[arg(long, env = "PIPELINE_DRAIN_TIMEOUT", default_value_t = 600)]
+    pub drain_timeout: u64,
+
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    #[command(flatten)]
+    pub verify: VerifyArgs,
+}
+
+/// How agents run (the same flags on `pipeline-server --local-runners`).
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct AgentArgs {
+    /// How the agent is started.
+    #[arg(long, env = "PIPELINE_AGENT", value_enum, default_value_t = AgentMode::Agentd)]
+    pub agent: AgentMode,
+
+    /// With `--agent command`: the command, run through `sh -c` in the worktree.
+    #[arg(long, env = "PIPELINE_AGENT_CMD")]
+    pub agent_cmd: Option<String>,
+
+    /// The agent's time limit in seconds.
+    #[arg(long, env = "PIPELINE_AGENT_TIMEOUT", default_value_t = 1800)]
+    pub timeout: u64,
+
+    /// The agent's iteration limit (agentd).
+    #[arg(long, env = "PIPELINE_AGENT_MAX_ITER", default_value_t = 80)]
+    pub max_iter: u32,
+
+    /// The agent's cost limit per run in cents (agentd).
+    #[arg(long, env = "PIPELINE_AGENT_MAX_COST", default_value_t = 300)]
+    pub max_cost: u64,
+
+    /// The agent's model provider (agentd -p).
+    #[arg(long, env = "PIPELINE_AGENT_PROVIDER")]
+    pub provider: Option<String>,
+
+    /// Seconds between SIGTERM and SIGKILL when an agent or build is stopped.
+    #[arg(long, env = "PIPELINE_KILL_GRACE", default_value_t = 10)]
+    pub kill_grace: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentMode {
+    Agentd,
+    Command,
+}
+
+/// How a commit is verified (the same flags on the server).
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct VerifyArgs {
+    /// The verifier: `bild NAMESPACE` then `bild --test NAMESPACE`.
+    #[arg(long, env = "PIPELINE_VERIFY", value_enum, default_value_t = VerifyMode::Bild)]
+    pub verify: VerifyMode,
+
+    /// Build command, run through `sh -c` in the worktree with {namespace} replaced.
+    #[arg(long, env = "PIPELINE_BUILD_CMD")]
+    pub build_cmd: Option<String>,
+
+    /// Test command, run through `sh -c` in the worktree with {namespace} replaced.
+    #[arg(long, env = "PIPELINE_TEST_CMD")]
+    pub test_cmd: Option<String>,
+
+    /// Skip verification.
+    #[arg(long, env = "PIPELINE_NO_VERIFY", conflicts_with_all = ["build_cmd", "test_cmd"])]
+    pub no_verify: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    Bild,
+}
+
+impl AgentArgs {
+    /// Checks what clap cannot: combinations of flags.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.agent == AgentMode::Command && self.agent_cmd.is_none() {
+            return Err("--agent command needs --agent-cmd 'CMD'".to_owned());
+        }
+        Ok(())
+    }
+
+    pub fn kill_grace(&self) -> Duration {
+        Duration::from_secs(self.kill_grace)
+    }
+}
+
+impl Config {
+    /// The runner's name: `--name`, or the host name.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "runner".to_owned())
+        })
+    }
+
+    /// The work directory: `--work-dir`, or `~/.cache/pipeline-runner/<name>`.
+    pub fn work_dir(&self) -> PathBuf {
+        self.work_dir.clone().unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+            home.join(".cache")
+                .join("pipeline-runner")
+                .join(self.name())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = Config::try_parse_from(["pipeline-runner"]).expect("parse");
+        assert_eq!(c.server, "http://127.0.0.1:50051");
+        assert_eq!(c.slots, 2);
+        assert_eq!(c.agent.agent, AgentMode::Agentd);
+        assert_eq!(
+            (c.agent.timeout, c.agent.max_iter, c.agent.max_cost),
+            (1800, 80, 300)
+        );
+        assert_eq!(c.verify.verify, VerifyMode::Bild);
+        assert!(!c.verify.no_verify);
+    }
+
+    #[test]
+    fn command_mode_needs_a_command() {
+        let c = Config::try_parse_from(["r", "--agent", "command"]).expect("parse");
+        assert!(c.agent.validate().is_err());
+        assert!(Config::try_parse_from(["r", "--slots", "0"]).is_err());
+    }
+}

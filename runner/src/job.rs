@@ -1,0 +1,432 @@
+//! One lease, start to finish: fetch the base (only the objects the mirror lacks), reset the
+//! slot's worktree, write the prompt outside it, run the agent, check for exactly one commit,
+//! verify, and send the result with the commit's bundle. Stops at once when cancelled.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::agent::{self, AgentJob, AgentResult};
+use crate::config::Config;
+use crate::git::{Mirror, check_sha};
+use crate::process::Stream;
+use crate::verify::{self, Verdict};
+
+/// Bundle chunks sent to the server.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// What every job shares.
+pub struct JobContext {
+    pub config: Config,
+    pub mirror: Mirror,
+    pub work_dir: PathBuf,
+    pub client: RunnerServiceClient<Channel>,
+    /// The runner's current ID (it changes when the runner registers again).
+    pub runner_id: Arc<RwLock<String>>,
+}
+
+impl JobContext {
+    pub fn runner_id(&self) -> String {
+        self.runner_id
+            .read()
+            .map(|id| id.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// How a job ended, for the session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JobEnd {
+    /// The server took the result.
+    Delivered,
+    /// The server no longer wants it (lease gone, commit refused): nothing more to do.
+    Refused(String),
+    /// Stopped before a result.
+    Cancelled,
+    /// The runner could not do the work (not the task's fault): give the lease back.
+    Release(String),
+}
+
+/// The result of the dev and verify steps, ready to send.
+struct Report {
+    outcome: pb::LeaseOutcome,
+    error: Option<String>,
+    cost_cents: f64,
+    commit: Option<String>,
+    verify_skipped: Option<String>,
+    dev_finished_at_ms: i64,
+    bundle: Option<PathBuf>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn lease_pb(a: &pb::Assignment) -> Option<pb::LeaseRef> {
+    a.lease.clone()
+}
+
+/// Runs one assignment in worktree `slot`.
+pub async fn run(
+    ctx: Arc<JobContext>,
+    a: pb::Assignment,
+    slot: usize,
+    cancel: CancellationToken,
+) -> JobEnd {
+    let started = Instant::now();
+    let task = a.task_id.clone();
+    let end = match develop(&ctx, &a, slot, &cancel).await {
+        Ok(report) => {
+            let end = deliver(&ctx, &a, &report, &cancel).await;
+            if let Some(bundle) = &report.bundle {
+                let _ = std::fs::remove_file(bundle);
+            }
+            end
+        }
+        Err(end) => end,
+    };
+    tracing::info!(task, run = %a.run_id, ?end, secs = started.elapsed().as_secs_f64(), "job over");
+    end
+}
+
+async fn develop(
+    ctx: &JobContext,
+    a: &pb::Assignment,
+    slot: usize,
+    cancel: &CancellationToken,
+) -> Result<Report, JobEnd> {
+    let task = a.task_id.as_str();
+    let base = check_sha(&a.base_commit)
+        .map_err(|e| JobEnd::Release(format!("the assignment's base is invalid: {e}")))?
+        .to_owned();
+    let previous = match &a.previous_commit {
+        Some(p) => Some(
+            check_sha(p)
+                .map_err(|e| JobEnd::Release(format!("the assignment's patchset is invalid: {e}")))?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    tracing::info!(task, run = %a.run_id, patchset = a.patchset, "leased");
+
+    fetch_base(ctx, a, &base, previous.as_deref(), cancel).await?;
+    let worktree = ctx.work_dir.join("slots").join(slot.to_string());
+    let start = previous.as_deref().unwrap_or(&base);
+    ctx.mirror
+        .prepare_worktree(&worktree, start)
+        .await
+        .map_err(|e| JobEnd::Release(format!("cannot prepare the worktree: {e}")))?;
+    tracing::info!(task, worktree = %worktree.display(), "worktree ready");
+
+    let prompts = ctx.work_dir.join("prompts");
+    std::fs::create_dir_all(&prompts)
+        .map_err(|e| JobEnd::Release(format!("cannot create {}: {e}", prompts.display())))?;
+    let prompt_file = prompts.join(format!("{}.md", a.run_id));
+    let cost_file = prompts.join(format!("{}.cost", a.run_id));
+    let _ = std::fs::remove_file(&cost_file);
+    std::fs::write(&prompt_file, &a.prompt)
+        .map_err(|e| JobEnd::Release(format!("cannot write the prompt: {e}")))?;
+    let env = vec![
+        ("PIPELINE_TASK_ID".to_owned(), a.task_id.clone()),
+        ("PIPELINE_RUN_ID".to_owned(), a.run_id.clone()),
+        (
+            "PIPELINE_PROMPT_FILE".to_owned(),
+            prompt_file.display().to_string(),
+        ),
+        ("PIPELINE_BASE".to_owned(), a.base.clone()),
+        ("PIPELINE_BASE_COMMIT".to_owned(), base.clone()),
+        ("PIPELINE_PATCHSET".to_owned(), a.patchset.to_string()),
+        (
+            "PIPELINE_NAMESPACE".to_owned(),
+            a.namespace.clone().unwrap_or_default(),
+        ),
+        (
+            "PIPELINE_COST_FILE".to_owned(),
+            cost_file.display().to_string(),
+        ),
+    ];
+    let job = AgentJob {
+        run_id: a.run_id.clone(),
+        worktree: worktree.clone(),
+        prompt_file: prompt_file.clone(),
+        cost_file: cost_file.clone(),
+        env: env.clone(),
+    };
+    let agent_started = Instant::now();
+    let on_line = |stream: Stream, line: &str| tracing::debug!(task, ?stream, "{line}");
+    let result = agent::run(&ctx.config.agent, &job, cancel, on_line).await;
+    let _ = std::fs::remove_file(&prompt_file);
+    let _ = std::fs::remove_file(&cost_file);
+    let dev_finished_at_ms = now_ms();
+    let cost_cents = match result {
+        AgentResult::Cancelled => return Err(JobEnd::Cancelled),
+        AgentResult::Failed { reason, cost_cents } => {
+            tracing::info!(
+                task,
+                "agent failed after {:.1} s",
+                agent_started.elapsed().as_secs_f64()
+            );
+            return Ok(Report::dev_failed(reason, cost_cents, dev_finished_at_ms));
+        }
+        AgentResult::Completed { cost_cents } => cost_cents,
+    };
+    tracing::info!(
+        task,
+        "agent exited 0 after {:.1} s",
+        agent_started.elapsed().as_secs_f64()
+    );
+    let commit = match ctx
+        .mirror
+        .one_commit(&worktree, &base, previous.as_deref())
+        .await
+    {
+        Ok(c) => c,
+        Err(reason) => return Ok(Report::dev_failed(reason, cost_cents, dev_finished_at_ms)),
+    };
+    let verdict = verify::verify(
+        &ctx.config.verify,
+        &worktree,
+        a.namespace.as_deref(),
+        &env,
+        ctx.config.agent.kill_grace(),
+        cancel,
+        |stream, line| tracing::debug!(task, ?stream, "verify: {line}"),
+    )
+    .await;
+    let (outcome, error, verify_skipped) = match verdict {
+        Verdict::Cancelled => return Err(JobEnd::Cancelled),
+        Verdict::Pass => (pb::LeaseOutcome::Verified, None, None),
+        Verdict::Skipped(why) => (pb::LeaseOutcome::Verified, None, Some(why)),
+        Verdict::Fail(why) => (pb::LeaseOutcome::VerifyFailed, Some(why), None),
+    };
+    tracing::info!(task, ?outcome, "verification over; sending commit");
+    let tmp = ctx.work_dir.join("tmp");
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| JobEnd::Release(format!("cannot create {}: {e}", tmp.display())))?;
+    let bundle = tmp.join(format!("{}.out.bundle", a.run_id));
+    ctx.mirror
+        .bundle_commit(slot, &commit, &base, &bundle)
+        .await
+        .map_err(|e| JobEnd::Release(format!("cannot bundle the commit: {e}")))?;
+    Ok(Report {
+        outcome,
+        error,
+        cost_cents,
+        commit: Some(commit),
+        verify_skipped,
+        dev_finished_at_ms,
+        bundle: Some(bundle),
+    })
+}
+
+impl Report {
+    fn dev_failed(reason: String, cost_cents: f64, at: i64) -> Self {
+        Self {
+            outcome: pb::LeaseOutcome::DevFailed,
+            error: Some(reason),
+            cost_cents,
+            commit: None,
+            verify_skipped: None,
+            dev_finished_at_ms: at,
+            bundle: None,
+        }
+    }
+}
+
+/// Waits before retrying a call to a server that is away, unless cancelled first.
+async fn pause(attempt: u32, cancel: &CancellationToken) -> bool {
+    let ms = (100u64 << attempt.min(6)).min(5_000);
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(ms)) => true,
+        () = cancel.cancelled() => false,
+    }
+}
+
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::NotFound
+    )
+}
+
+/// Fetches what the mirror lacks of the base (and the previous patchset).
+async fn fetch_base(
+    ctx: &JobContext,
+    a: &pb::Assignment,
+    base: &str,
+    previous: Option<&str>,
+    cancel: &CancellationToken,
+) -> Result<(), JobEnd> {
+    let wanted: Vec<&str> = std::iter::once(base).chain(previous).collect();
+    let mut have_all = true;
+    for c in &wanted {
+        have_all &= ctx.mirror.has_commit(c).await;
+    }
+    if have_all {
+        ctx.mirror.remember(&wanted).await;
+        return Ok(());
+    }
+    let tmp = ctx.work_dir.join("tmp");
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| JobEnd::Release(format!("cannot create {}: {e}", tmp.display())))?;
+    let file = tmp.join(format!("{}.base.bundle", a.run_id));
+    let mut attempt = 0;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(JobEnd::Cancelled);
+        }
+        match fetch_once(ctx, a, &file).await {
+            Ok(chunks) => {
+                if chunks > 0 {
+                    let stored = ctx.mirror.unbundle(&file, &wanted).await;
+                    let _ = std::fs::remove_file(&file);
+                    stored.map_err(|e| JobEnd::Release(format!("cannot store the base: {e}")))?;
+                }
+                for c in &wanted {
+                    if !ctx.mirror.has_commit(c).await {
+                        return Err(JobEnd::Release(format!("the server's bundle lacks {c}")));
+                    }
+                }
+                ctx.mirror.remember(&wanted).await;
+                return Ok(());
+            }
+            Err(status) if status.code() == Code::FailedPrecondition => {
+                return Err(JobEnd::Refused(status.message().to_owned()));
+            }
+            Err(status) if retryable(status.code()) && attempt < 20 => {
+                tracing::warn!(task = %a.task_id, error = %status.message(), "fetching the base failed; retrying");
+                attempt += 1;
+                if !pause(attempt, cancel).await {
+                    return Err(JobEnd::Cancelled);
+                }
+            }
+            Err(status) => {
+                return Err(JobEnd::Release(format!(
+                    "cannot fetch the base: {}",
+                    status.message()
+                )));
+            }
+        }
+    }
+}
+
+async fn fetch_once(
+    ctx: &JobContext,
+    a: &pb::Assignment,
+    file: &Path,
+) -> Result<usize, tonic::Status> {
+    let have = ctx.mirror.haves().await.unwrap_or_default();
+    let mut client = ctx.client.clone();
+    let mut stream = client
+        .fetch_base(pb::FetchBaseRequest {
+            runner_id: ctx.runner_id(),
+            lease: lease_pb(a),
+            have,
+        })
+        .await?
+        .into_inner();
+    let mut out = tokio::fs::File::create(file)
+        .await
+        .map_err(|e| tonic::Status::internal(format!("cannot write {}: {e}", file.display())))?;
+    let mut chunks = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        out.write_all(&chunk.data)
+            .await
+            .map_err(|e| tonic::Status::internal(format!("cannot write the bundle: {e}")))?;
+        chunks += 1;
+    }
+    out.flush()
+        .await
+        .map_err(|e| tonic::Status::internal(format!("cannot write the bundle: {e}")))?;
+    Ok(chunks)
+}
+
+/// Sends the report, retrying while the server is away; the lease's fence makes a repeat
+/// harmless (a second delivery is refused as a dead lease).
+async fn deliver(
+    ctx: &JobContext,
+    a: &pb::Assignment,
+    r: &Report,
+    cancel: &CancellationToken,
+) -> JobEnd {
+    let bundle = match &r.bundle {
+        Some(path) => match tokio::fs::read(path).await {
+            Ok(bytes) => Some(bytes::Bytes::from(bytes)),
+            Err(e) => return JobEnd::Release(format!("cannot read the commit's bundle: {e}")),
+        },
+        None => None,
+    };
+    let mut attempt = 0;
+    loop {
+        let header = pb::CompleteLeaseHeader {
+            runner_id: ctx.runner_id(),
+            lease: lease_pb(a),
+            outcome: r.outcome.into(),
+            error: r.error.clone(),
+            cost_cents: r.cost_cents,
+            commit: r.commit.clone(),
+            verify_skipped: r.verify_skipped.clone(),
+            dev_finished_at_ms: r.dev_finished_at_ms,
+        };
+        let mut messages = vec![pb::CompleteLeaseRequest {
+            kind: Some(pb::complete_lease_request::Kind::Header(header)),
+        }];
+        if let Some(bytes) = &bundle {
+            let mut at = 0;
+            while at < bytes.len() {
+                let end = (at + CHUNK_BYTES).min(bytes.len());
+                messages.push(pb::CompleteLeaseRequest {
+                    kind: Some(pb::complete_lease_request::Kind::Chunk(pb::BundleChunk {
+                        data: bytes.slice(at..end),
+                    })),
+                });
+                at = end;
+            }
+        }
+        let mut client = ctx.client.clone();
+        let sent = tokio::select! {
+            sent = client.complete_lease(tokio_stream::iter(messages)) => sent,
+            () = cancel.cancelled() => return JobEnd::Cancelled,
+        };
+        match sent {
+            Ok(resp) => {
+                let status = resp.into_inner().status;
+                tracing::info!(task = %a.task_id, status, "result delivered");
+                return JobEnd::Delivered;
+            }
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::FailedPrecondition | Code::InvalidArgument | Code::ResourceExhausted
+                ) =>
+            {
+                tracing::warn!(task = %a.task_id, error = %s.message(), "the server refused the result");
+                return JobEnd::Refused(s.message().to_owned());
+            }
+            Err(s) => {
+                attempt += 1;
+                tracing::warn!(task = %a.task_id, error = %s.message(), attempt, "delivering the result failed; retrying");
+                if !pause(attempt, cancel).await {
+                    return JobEnd::Cancelled;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! `pipeline-runner`: runs coding agents and verification for a pipeline server on a build
+//! machine. It reaches the server over gRPC and nothing else: the base commit arrives as a git
+//! bundle and the agent's commit goes back as one.
+//!
+//! [`session`] is the runner's life (register, work stream, heartbeats, reconnect, drain);
+//! [`job`] is one lease; [`agent`] and [`verify`] run the agent and the verifier through
+//! [`process`] (process groups, time limits); [`git`] is the mirror and the per-slot worktrees.
+
+pub mod agent;
+pub mod config;
+pub mod git;
+pub mod job;
+pub mod process;
+pub mod session;
+pub mod verify;
+
+pub use session::run;

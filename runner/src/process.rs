@@ -1,0 +1,379 @@
+//! Child processes the way a runner must run them: in their own process group, with null
+//! stdin, output read line by line (each line handed to a callback and the last ones kept for
+//! error messages), a time limit, and a stop that reaches grandchildren: SIGTERM to the group, a
+//! grace period, then SIGKILL. The group is also killed once the child exits, so a stray
+//! grandchild cannot hold the pipes open.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Lines of output kept for error messages.
+const TAIL_LINES: usize = 60;
+/// Bytes of output kept for error messages.
+const TAIL_BYTES: usize = 16 * 1024;
+/// A longer line is cut (with a marker) before it is handed on.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Which output a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    pub cwd: PathBuf,
+    /// Variables added to the environment.
+    pub env: Vec<(String, String)>,
+    /// Variables removed from the environment.
+    pub env_remove: Vec<String>,
+    pub timeout: Option<Duration>,
+    pub kill_grace: Duration,
+}
+
+impl Spec {
+    /// `sh -c SCRIPT` in `cwd`.
+    pub fn shell(script: &str, cwd: PathBuf) -> Self {
+        Self {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            cwd,
+            env: Vec::new(),
+            env_remove: Vec::new(),
+            timeout: None,
+            kill_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a process ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// `None` when it was stopped (time limit or cancellation).
+    pub status: Option<ExitStatus>,
+    pub timed_out: bool,
+    pub cancelled: bool,
+    /// The last lines of its output, stdout and stderr interleaved.
+    pub tail: String,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// The exit code, if it exited.
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    /// "exit 3", "killed by signal 9", "timed out", "cancelled".
+    pub fn describe(&self) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        if self.timed_out {
+            return "timed out".to_owned();
+        }
+        if self.cancelled {
+            return "cancelled".to_owned();
+        }
+        match self.status {
+            Some(s) => match (s.code(), s.signal()) {
+                (Some(code), _) => format!("exit {code}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                _ => "ended".to_owned(),
+            },
+            None => "ended".to_owned(),
+        }
+    }
+}
+
+/// Sends `signal` to the process group `pgid`. Errors (the group is gone) are ignored.
+#[allow(unsafe_code)]
+fn signal_group(pgid: u32, signal: libc::c_int) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions; a negative pid names a process
+    // group, and we only ever name the group of a child we spawned as its leader.
+    unsafe {
+        libc::kill(-pgid, signal);
+    }
+}
+
+/// Runs `spec` to completion (or until its time limit or `cancel`), handing each output line
+/// to `on_line`.
+pub async fn run(
+    spec: &Spec,
+    cancel: &CancellationToken,
+    mut on_line: impl FnMut(Stream, &str),
+) -> std::io::Result<Finished> {
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for key in &spec.env_remove {
+        cmd.env_remove(key);
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn()?;
+    let pgid = child.id().unwrap_or(0);
+    let (tx, mut rx) = mpsc::channel::<(Stream, String)>(256);
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|o| spawn_reader(o, Stream::Stdout, tx.clone())),
+        child
+            .stderr
+            .take()
+            .map(|e| spawn_reader(e, Stream::Stderr, tx.clone())),
+    ];
+    drop(tx);
+
+    let mut tail = Tail::default();
+    let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut timed_out = false;
+    let mut cancelled = false;
+    let mut lines_open = true;
+    let status = loop {
+        tokio::select! {
+            line = rx.recv(), if lines_open => match line {
+                Some((stream, line)) => {
+                    on_line(stream, &line);
+                    tail.push(&line);
+                }
+                None => lines_open = false,
+            },
+            status = child.wait() => break Some(status?),
+            () = sleep_until(deadline) => {
+                timed_out = true;
+                break None;
+            }
+            () = cancel.cancelled() => {
+                cancelled = true;
+                break None;
+            }
+        }
+    };
+    let status = match status {
+        Some(status) => Some(status),
+        None => {
+            signal_group(pgid, libc::SIGTERM);
+            match tokio::time::timeout(spec.kill_grace, child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    signal_group(pgid, libc::SIGKILL);
+                    let _ = child.wait().await;
+                }
+            }
+            None
+        }
+    };
+    // Whatever is left of the group (daemonised grandchildren) goes too.
+    signal_group(pgid, libc::SIGKILL);
+    // Drain what the readers already have, without waiting on a pipe someone else holds.
+    let drain = async {
+        while let Some((stream, line)) = rx.recv().await {
+            on_line(stream, &line);
+            tail.push(&line);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    for reader in readers.into_iter().flatten() {
+        reader.abort();
+    }
+    Ok(Finished {
+        status,
+        timed_out,
+        cancelled,
+        tail: tail.text(),
+    })
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn spawn_reader(
+    pipe: impl AsyncRead + Unpin + Send + 'static,
+    stream: Stream,
+    tx: mpsc::Sender<(Stream, String)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if buf.last() == Some(&b'\n') {
+                        buf.pop();
+                    }
+                    let line = cut_line(&String::from_utf8_lossy(&buf));
+                    if tx.send((stream, line)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Cuts a line over [`MAX_LINE_BYTES`] with a marker saying how much went.
+pub fn cut_line(line: &str) -> String {
+    if line.len() <= MAX_LINE_BYTES {
+        return line.to_owned();
+    }
+    let mut end = MAX_LINE_BYTES;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{} [… line cut: {} more bytes]",
+        &line[..end],
+        line.len() - end
+    )
+}
+
+/// The last lines of output, bounded in lines and bytes.
+#[derive(Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn push(&mut self, line: &str) {
+        let line: String = line.chars().take(2048).collect();
+        self.bytes += line.len() + 1;
+        self.lines.push_back(line);
+        while self.lines.len() > TAIL_LINES || self.bytes > TAIL_BYTES {
+            if let Some(old) = self.lines.pop_front() {
+                self.bytes -= old.len() + 1;
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        self.lines
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(script: &str) -> Spec {
+        Spec {
+            kill_grace: Duration::from_millis(200),
+            ..Spec::shell(script, std::env::temp_dir())
+        }
+    }
+
+    #[tokio::test]
+    async fn captures_lines_and_exit_codes() {
+        let mut seen = Vec::new();
+        let f = run(
+            &spec("echo out; echo err >&2; exit 3"),
+            &CancellationToken::new(),
+            |s, l| seen.push((s, l.to_owned())),
+        )
+        .await
+        .expect("run");
+        assert_eq!(f.code(), Some(3));
+        assert_eq!(f.describe(), "exit 3");
+        seen.sort_by_key(|(s, _)| *s == Stream::Stderr);
+        assert_eq!(
+            seen,
+            vec![
+                (Stream::Stdout, "out".to_owned()),
+                (Stream::Stderr, "err".to_owned())
+            ]
+        );
+        assert!(f.tail.contains("out") && f.tail.contains("err"));
+    }
+
+    /// Whether `pid` is a live (not zombie) process.
+    fn alive(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .map(|rest| rest.trim_start().to_owned())
+            })
+            .is_some_and(|rest| !rest.starts_with('Z'))
+    }
+
+    #[tokio::test]
+    async fn a_time_limit_kills_the_whole_group() {
+        let dir = tempfile::tempdir().expect("dir");
+        let pidfile = dir.path().join("grandchild.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let mut s = spec(&script);
+        s.timeout = Some(Duration::from_millis(300));
+        let f = run(&s, &CancellationToken::new(), |_, _| {})
+            .await
+            .expect("run");
+        assert!(f.timed_out);
+        assert!(!f.success());
+        let pid = std::fs::read_to_string(&pidfile).expect("pid file");
+        let pid = pid.trim();
+        let start = std::time::Instant::now();
+        while alive(pid) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "grandchild {pid} outlived the stop"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn cancellation_stops_it() {
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let handle = tokio::spawn(async move { run(&spec("sleep 30"), &c, |_, _| {}).await });
+        cancel.cancel();
+        let f = handle.await.expect("join").expect("run");
+        assert!(f.cancelled);
+        assert_eq!(f.describe(), "cancelled");
+    }
+
+    #[test]
+    fn long_lines_are_cut_with_a_marker() {
+        let long = "x".repeat(MAX_LINE_BYTES + 10);
+        let cut = cut_line(&long);
+        assert!(cut.ends_with("[… line cut: 10 more bytes]"));
+        assert_eq!(cut_line("short"), "short");
+    }
+}

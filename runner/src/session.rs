@@ -1,0 +1,515 @@
+//! The runner's life: register, hold the work stream open (the server pushes assignments and
+//! cancellations on it), heartbeat every interval the server set, run each assignment as a
+//! job in a free slot, and survive the server going away.
+//!
+//! - Reconnect: when the stream breaks the runner keeps its jobs, retries with jittered
+//!   exponential back-off, and on reconnect reports the leases it holds; the server keeps the
+//!   valid ones and names the rest, which are stopped.
+//! - Watchdog: a runner that could not renew its leases for a whole TTL stops its jobs itself
+//!   (the server has given them away by then).
+//! - Drain (first SIGTERM/SIGINT): take no more work, let jobs finish for up to
+//!   `--drain-timeout`, give back what is left, exit. Stop (second signal): stop jobs now, give
+//!   their leases back, exit.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Streaming};
+
+use crate::config::Config;
+use crate::git::Mirror;
+use crate::job::{self, JobContext, JobEnd};
+
+/// A job in a slot.
+struct Running {
+    lease: pb::LeaseRef,
+    task: String,
+    slot: usize,
+    cancel: CancellationToken,
+    /// Set when the session stops the job and must give its lease back.
+    release: bool,
+}
+
+/// Why the connected phase ended.
+enum Disconnect {
+    /// The stream broke or the server went away: reconnect.
+    Lost,
+    /// The server forgot this runner (it restarted): register again.
+    Unregistered,
+    /// The runner is done.
+    Exit,
+}
+
+/// Jittered exponential back-off for reconnecting.
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        self.attempt = (self.attempt + 1).min(16);
+        let base = (100u64 << self.attempt.min(6)).min(5_000);
+        // Jitter from the clock's low bits: runners that lost the same server spread out.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::from(d.subsec_nanos()))
+            .unwrap_or(0);
+        Duration::from_millis(base / 2 + nanos % (base / 2 + 1))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Runs the runner until it has drained or been stopped.
+pub async fn run(
+    config: Config,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    config.agent.validate().map_err(anyhow::Error::msg)?;
+    let name = config.name();
+    let work_dir = config.work_dir();
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("cannot create the work dir {}", work_dir.display()))?;
+    let mirror = Mirror::open(&work_dir)
+        .await
+        .with_context(|| format!("cannot open the mirror in {}", work_dir.display()))?;
+    let url = if config.server.contains("://") {
+        config.server.clone()
+    } else {
+        format!("http://{}", config.server)
+    };
+    let channel = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid server URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let client = RunnerServiceClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(JobContext {
+        config: config.clone(),
+        mirror,
+        work_dir,
+        client: client.clone(),
+        runner_id: Arc::new(RwLock::new(String::new())),
+    });
+    let mut session = Session {
+        name,
+        url,
+        slots: config.slots,
+        drain_timeout: Duration::from_secs(config.drain_timeout),
+        client,
+        ctx,
+        runner_id: None,
+        heartbeat: Duration::from_secs(10),
+        ttl: Duration::from_secs(30),
+        last_renewed: Instant::now(),
+        jobs: HashMap::new(),
+        free: (0..config.slots as usize).collect(),
+        done_tx,
+        done_rx,
+        draining: false,
+        drain_deadline: None,
+        drain,
+        stop,
+    };
+    session.main().await
+}
+
+struct Session {
+    name: String,
+    url: String,
+    slots: u32,
+    drain_timeout: Duration,
+    client: RunnerServiceClient<Channel>,
+    ctx: Arc<JobContext>,
+    runner_id: Option<String>,
+    heartbeat: Duration,
+    ttl: Duration,
+    /// The last time the server renewed this runner's leases.
+    last_renewed: Instant,
+    jobs: HashMap<String, Running>,
+    free: BTreeSet<usize>,
+    done_tx: mpsc::UnboundedSender<(String, JobEnd)>,
+    done_rx: mpsc::UnboundedReceiver<(String, JobEnd)>,
+    draining: bool,
+    drain_deadline: Option<Instant>,
+    drain: CancellationToken,
+    stop: CancellationToken,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    async fn main(&mut self) -> anyhow::Result<()> {
+        let mut backoff = Backoff { attempt: 0 };
+        loop {
+            if self.finished() {
+                return Ok(());
+            }
+            if self.runner_id.is_none() {
+                match self.register().await {
+                    Ok(()) => {}
+                    Err(status) if fatal(&status) => {
+                        anyhow::bail!(
+                            "the server at {} refused this runner: {}",
+                            self.url,
+                            status.message()
+                        );
+                    }
+                    Err(status) => {
+                        tracing::warn!(server = %self.url, error = %status.message(), "cannot register; retrying");
+                        if self.wait(backoff.next()).await {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                }
+            }
+            let stream = match self.open_work().await {
+                Ok(stream) => stream,
+                Err(status) if status.code() == Code::NotFound => {
+                    self.runner_id = None;
+                    continue;
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "cannot open the work stream; retrying");
+                    if self.wait(backoff.next()).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            backoff.reset();
+            match self.connected(stream).await {
+                Disconnect::Exit => return Ok(()),
+                Disconnect::Unregistered => self.runner_id = None,
+                Disconnect::Lost => {
+                    tracing::warn!(server = %self.url, "lost the server; reconnecting");
+                    if self.wait(backoff.next()).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Draining with nothing left to do.
+    fn finished(&self) -> bool {
+        self.draining && self.jobs.is_empty()
+    }
+
+    async fn register(&mut self) -> Result<(), tonic::Status> {
+        let resp = self
+            .client
+            .register(pb::RegisterRequest {
+                name: self.name.clone(),
+                labels: self.ctx.config.labels.clone(),
+                slots: self.slots,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol_version: pipeline_proto::PROTOCOL_VERSION,
+            })
+            .await?
+            .into_inner();
+        self.heartbeat = Duration::from_millis(resp.heartbeat_interval_ms.max(10));
+        self.ttl = Duration::from_millis(resp.lease_ttl_ms.max(30));
+        tracing::info!(runner = %self.name, id = %resp.runner_id, server = %self.url, "registered");
+        self.runner_id = Some(resp.runner_id);
+        Ok(())
+    }
+
+    fn held(&self) -> Vec<pb::LeaseRef> {
+        self.jobs.values().map(|j| j.lease.clone()).collect()
+    }
+
+    async fn open_work(&mut self) -> Result<Streaming<pb::WorkMessage>, tonic::Status> {
+        let id = self.runner_id.clone().unwrap_or_default();
+        let mut stream = self
+            .client
+            .open_work(pb::OpenWorkRequest {
+                runner_id: id.clone(),
+                held: self.held(),
+                draining: self.draining,
+            })
+            .await?
+            .into_inner();
+        // The first message says which held leases survived.
+        match stream.message().await? {
+            Some(pb::WorkMessage {
+                kind: Some(pb::work_message::Kind::Attached(attached)),
+            }) => {
+                for lease in &attached.dropped {
+                    self.drop_lease(lease, "the server no longer holds it for this runner");
+                }
+            }
+            _ => {
+                return Err(tonic::Status::internal(
+                    "the work stream did not start with 'attached'",
+                ));
+            }
+        }
+        // Jobs use the new ID only now that their leases are re-attached to it.
+        if let Ok(mut shared) = self.ctx.runner_id.write() {
+            *shared = id;
+        }
+        self.last_renewed = Instant::now();
+        Ok(stream)
+    }
+
+    /// Stops the job holding `lease` without giving it back (the server already took it).
+    fn drop_lease(&mut self, lease: &pb::LeaseRef, why: &str) {
+        if let Some(job) = self.jobs.get(&lease.lease_id)
+            && job.lease.epoch == lease.epoch
+        {
+            tracing::warn!(task = %job.task, lease = %lease.lease_id, "stopping: {why}");
+            job.cancel.cancel();
+        }
+    }
+
+    fn start(&mut self, a: pb::Assignment) {
+        let Some(lease) = a.lease.clone() else { return };
+        let Some(slot) = self.free.pop_first() else {
+            tracing::error!(task = %a.task_id, "assignment with no free slot; giving it back");
+            self.spawn_release(lease, "the runner had no free slot".to_owned());
+            return;
+        };
+        let cancel = CancellationToken::new();
+        self.jobs.insert(
+            lease.lease_id.clone(),
+            Running {
+                lease: lease.clone(),
+                task: a.task_id.clone(),
+                slot,
+                cancel: cancel.clone(),
+                release: false,
+            },
+        );
+        let ctx = Arc::clone(&self.ctx);
+        let done = self.done_tx.clone();
+        let lease_id = lease.lease_id;
+        tokio::spawn(async move {
+            let end = job::run(ctx, a, slot, cancel).await;
+            let _ = done.send((lease_id, end));
+        });
+    }
+
+    fn spawn_release(&self, lease: pb::LeaseRef, reason: String) {
+        let mut client = self.client.clone();
+        let runner_id = self.runner_id.clone().unwrap_or_default();
+        tokio::spawn(async move {
+            let req = pb::ReleaseLeaseRequest {
+                runner_id,
+                lease: Some(lease),
+                reason,
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(req)).await;
+        });
+    }
+
+    /// A job ended: free its slot, and give its lease back if the session or the job asked.
+    async fn finish(&mut self, lease_id: &str, end: JobEnd) {
+        let Some(job) = self.jobs.remove(lease_id) else {
+            return;
+        };
+        self.free.insert(job.slot);
+        let reason = match (&end, job.release) {
+            (JobEnd::Release(why), _) => Some(why.clone()),
+            (JobEnd::Cancelled, true) => Some(if self.stop.is_cancelled() {
+                "the runner was stopped".to_owned()
+            } else {
+                "the runner drained and its grace period ran out".to_owned()
+            }),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let req = pb::ReleaseLeaseRequest {
+                runner_id: self.runner_id.clone().unwrap_or_default(),
+                lease: Some(job.lease),
+                reason,
+            };
+            let mut client = self.client.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(req)).await;
+        }
+    }
+
+    /// Stops every job; with `release`, their leases are given back as they end.
+    fn stop_jobs(&mut self, release: bool) {
+        for job in self.jobs.values_mut() {
+            job.release |= release;
+            job.cancel.cancel();
+        }
+    }
+
+    /// Handles what can happen whether or not the runner is connected. Returns true when the
+    /// runner must exit now.
+    async fn on_stop_or_drain(&mut self) -> bool {
+        if self.stop.is_cancelled() {
+            tracing::warn!(jobs = self.jobs.len(), "stopping now; giving leases back");
+            self.stop_jobs(true);
+            let deadline =
+                Instant::now() + self.ctx.config.agent.kill_grace() + Duration::from_secs(5);
+            while !self.jobs.is_empty() {
+                match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                    Ok(Some((lease, end))) => self.finish(&lease, end).await,
+                    _ => break,
+                }
+            }
+            return true;
+        }
+        if self.drain.is_cancelled() && !self.draining {
+            self.draining = true;
+            self.drain_deadline = Some(Instant::now() + self.drain_timeout);
+            tracing::info!(jobs = self.jobs.len(), "draining: taking no more work");
+        }
+        false
+    }
+
+    /// Waits `pause` while jobs keep running; true if the runner must exit.
+    async fn wait(&mut self, pause: Duration) -> bool {
+        let until = Instant::now() + pause;
+        loop {
+            let watchdog = (!self.jobs.is_empty()).then_some(self.last_renewed + self.ttl);
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return self.finished(),
+                Some((lease, end)) = self.done_rx.recv() => {
+                    self.finish(&lease, end).await;
+                    if self.finished() { return true; }
+                }
+                () = self.stop.cancelled() => return self.on_stop_or_drain().await,
+                () = self.drain.cancelled(), if !self.draining => {
+                    self.on_stop_or_drain().await;
+                    if self.finished() { return true; }
+                }
+                () = sleep_until(self.drain_deadline), if self.draining => {
+                    self.drain_deadline = None;
+                    self.stop_jobs(true);
+                }
+                () = sleep_until(watchdog) => self.watchdog(),
+            }
+        }
+    }
+
+    /// No renewal for a whole TTL: the server has given the work away, so stop it.
+    fn watchdog(&mut self) {
+        tracing::warn!(
+            jobs = self.jobs.len(),
+            "could not renew leases for a whole TTL; dropping the work"
+        );
+        self.stop_jobs(false);
+        self.last_renewed = Instant::now();
+    }
+
+    async fn send_heartbeat(&mut self) -> Option<Disconnect> {
+        let req = pb::HeartbeatRequest {
+            runner_id: self.runner_id.clone().unwrap_or_default(),
+            held: self.held(),
+            draining: self.draining,
+        };
+        let sent = tokio::time::timeout(
+            self.heartbeat.max(Duration::from_secs(1)),
+            self.client.heartbeat(req),
+        )
+        .await;
+        match sent {
+            Ok(Ok(resp)) => {
+                self.last_renewed = Instant::now();
+                for lease in &resp.into_inner().dropped {
+                    self.drop_lease(lease, "the server dropped the lease");
+                }
+                None
+            }
+            Ok(Err(status)) if status.code() == Code::NotFound => Some(Disconnect::Unregistered),
+            Ok(Err(status)) => {
+                tracing::warn!(error = %status.message(), "heartbeat failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("heartbeat timed out");
+                None
+            }
+        }
+    }
+
+    async fn connected(&mut self, mut stream: Streaming<pb::WorkMessage>) -> Disconnect {
+        let mut ticker = tokio::time::interval(self.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            if self.finished() {
+                return Disconnect::Exit;
+            }
+            let watchdog = (!self.jobs.is_empty()).then_some(self.last_renewed + self.ttl);
+            tokio::select! {
+                msg = stream.message() => match msg {
+                    Ok(Some(pb::WorkMessage { kind: Some(kind) })) => match kind {
+                        pb::work_message::Kind::Assignment(a) => {
+                            if self.draining {
+                                if let Some(lease) = a.lease {
+                                    self.spawn_release(lease, "the runner is draining".to_owned());
+                                }
+                            } else {
+                                self.start(a);
+                            }
+                        }
+                        pb::work_message::Kind::Cancel(lease) => {
+                            self.drop_lease(&lease, "the task was cancelled or its lease ended");
+                        }
+                        pb::work_message::Kind::Attached(_) => {}
+                    },
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return Disconnect::Lost,
+                },
+                _ = ticker.tick() => {
+                    if let Some(d) = self.send_heartbeat().await {
+                        return d;
+                    }
+                }
+                Some((lease, end)) = self.done_rx.recv() => self.finish(&lease, end).await,
+                () = self.stop.cancelled() => {
+                    self.on_stop_or_drain().await;
+                    return Disconnect::Exit;
+                }
+                () = self.drain.cancelled(), if !self.draining => {
+                    self.on_stop_or_drain().await;
+                    // Tell the server at once, so it assigns nothing more.
+                    if let Some(d) = self.send_heartbeat().await {
+                        return d;
+                    }
+                }
+                () = sleep_until(self.drain_deadline), if self.draining => {
+                    self.drain_deadline = None;
+                    self.stop_jobs(true);
+                }
+                () = sleep_until(watchdog) => self.watchdog(),
+            }
+        }
+    }
+}
+
+/// A registration refusal that retrying cannot fix.
+fn fatal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::FailedPrecondition
+            | Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+    )
+}

@@ -1,0 +1,114 @@
+//! Verification, the same on the runner and (later) the server, in the modes of
+//! `CONTRACT.md`: `bild NAMESPACE` then `bild --test NAMESPACE` (exit 2: not buildable, or no
+//! tests), or `--build-cmd`/`--test-cmd` through `sh -c`, or `--no-verify`.
+
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{WITHHELD_ENV, with_tail};
+use crate::config::VerifyArgs;
+use crate::process::{self, Spec, Stream};
+
+/// What verification concluded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Nothing to verify, with why.
+    Skipped(String),
+    /// The reason, with the tail of the failing command's output.
+    Fail(String),
+    Cancelled,
+}
+
+/// Quotes `s` for `sh`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Verifies the worktree at `dir` for a task with `namespace`.
+pub async fn verify(
+    args: &VerifyArgs,
+    dir: &Path,
+    namespace: Option<&str>,
+    env: &[(String, String)],
+    kill_grace: std::time::Duration,
+    cancel: &CancellationToken,
+    mut on_line: impl FnMut(Stream, &str),
+) -> Verdict {
+    if args.no_verify {
+        return Verdict::Skipped("verification is off (--no-verify)".to_owned());
+    }
+    let mut env = env.to_vec();
+    env.push((
+        "PIPELINE_NAMESPACE".to_owned(),
+        namespace.unwrap_or_default().to_owned(),
+    ));
+    let run = |script: String| Spec {
+        env: env.clone(),
+        env_remove: WITHHELD_ENV.iter().map(|s| (*s).to_owned()).collect(),
+        kill_grace,
+        ..Spec::shell(&script, dir.to_path_buf())
+    };
+    if args.build_cmd.is_some() || args.test_cmd.is_some() {
+        let quoted = shell_quote(namespace.unwrap_or_default());
+        for (what, cmd) in [("build", &args.build_cmd), ("tests", &args.test_cmd)] {
+            let Some(cmd) = cmd else { continue };
+            let spec = run(cmd.replace("{namespace}", &quoted));
+            match process::run(&spec, cancel, &mut on_line).await {
+                Ok(f) if f.cancelled => return Verdict::Cancelled,
+                Ok(f) if f.success() => {}
+                Ok(f) => {
+                    return Verdict::Fail(with_tail(
+                        format!("{what} failed ({}): {cmd}", f.describe()),
+                        &f.tail,
+                    ));
+                }
+                Err(e) => return Verdict::Fail(format!("cannot run the {what} command: {e}")),
+            }
+        }
+        return Verdict::Pass;
+    }
+    let Some(ns) = namespace else {
+        return Verdict::Skipped("the task has no namespace".to_owned());
+    };
+    let bild = |args: &[&str]| Spec {
+        program: "bild".into(),
+        args: args.iter().map(Into::into).collect(),
+        ..run(String::new())
+    };
+    match process::run(&bild(&[ns]), cancel, &mut on_line).await {
+        Ok(f) if f.cancelled => return Verdict::Cancelled,
+        Ok(f) if f.success() => {}
+        Ok(f) if f.code() == Some(2) => {
+            return Verdict::Skipped(format!("{ns} is not buildable (bild exit 2)"));
+        }
+        Ok(f) => {
+            return Verdict::Fail(with_tail(
+                format!("build failed for {ns} ({})", f.describe()),
+                &f.tail,
+            ));
+        }
+        Err(e) => return Verdict::Fail(format!("cannot run bild: {e}")),
+    }
+    match process::run(&bild(&["--test", ns]), cancel, &mut on_line).await {
+        Ok(f) if f.cancelled => Verdict::Cancelled,
+        Ok(f) if f.success() || f.code() == Some(2) => Verdict::Pass,
+        Ok(f) => Verdict::Fail(with_tail(
+            format!("tests failed for {ns} ({})", f.describe()),
+            &f.tail,
+        )),
+        Err(e) => Verdict::Fail(format!("cannot run bild --test: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn quoting_survives_hostile_namespaces() {
+        assert_eq!(shell_quote("Omni/A.hs"), "'Omni/A.hs'");
+        assert_eq!(shell_quote("a'b; rm -rf /"), r"'a'\''b; rm -rf /'");
+    }
+}
