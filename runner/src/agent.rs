@@ -155,8 +155,14 @@ async fn run_agentd(
         env_remove: WITHHELD_ENV.iter().map(|s| (*s).to_owned()).collect(),
         timeout: Some(Duration::from_secs(60)),
         kill_grace: args.kill_grace(),
+        reap_group: true,
     };
-    let started = match process::run(&spec(start_args), cancel, &mut on_line).await {
+    // `agentd run` starts the run in the background: what it leaves behind must live on.
+    let start = Spec {
+        reap_group: false,
+        ..spec(start_args)
+    };
+    let started = match process::run(&start, cancel, &mut on_line).await {
         Ok(f) => f,
         Err(e) => {
             return AgentResult::Failed {

@@ -96,6 +96,16 @@ pub async fn run(
         }
         Err(end) => end,
     };
+    if matches!(end, JobEnd::Cancelled | JobEnd::Refused(_)) {
+        // Leave nothing of the abandoned work behind.
+        let worktree = ctx.work_dir.join("slots").join(slot.to_string());
+        if worktree.exists() && check_sha(&a.base_commit).is_ok() {
+            match ctx.mirror.prepare_worktree(&worktree, &a.base_commit).await {
+                Ok(()) => tracing::info!(task, "worktree cleaned"),
+                Err(e) => tracing::warn!(task, error = %e, "cannot clean the worktree"),
+            }
+        }
+    }
     tracing::info!(task, run = %a.run_id, ?end, secs = started.elapsed().as_secs_f64(), "job over");
     end
 }

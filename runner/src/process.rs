@@ -41,6 +41,9 @@ pub struct Spec {
     pub env_remove: Vec<String>,
     pub timeout: Option<Duration>,
     pub kill_grace: Duration,
+    /// Kill what is left of the process group once the process exits. Off only for commands
+    /// whose contract is to leave a background process behind (`agentd run`).
+    pub reap_group: bool,
 }
 
 impl Spec {
@@ -54,6 +57,7 @@ impl Spec {
             env_remove: Vec::new(),
             timeout: None,
             kill_grace: Duration::from_secs(10),
+            reap_group: true,
         }
     }
 }
@@ -191,7 +195,9 @@ pub async fn run(
         }
     };
     // Whatever is left of the group (daemonised grandchildren) goes too.
-    signal_group(pgid, libc::SIGKILL);
+    if spec.reap_group || status.is_none() {
+        signal_group(pgid, libc::SIGKILL);
+    }
     // Drain what the readers already have, without waiting on a pipe someone else holds.
     let drain = async {
         while let Some((stream, line)) = rx.recv().await {

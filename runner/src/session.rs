@@ -117,6 +117,7 @@ pub async fn run(
         ttl: Duration::from_secs(30),
         last_renewed: Instant::now(),
         jobs: HashMap::new(),
+        queued: std::collections::VecDeque::new(),
         free: (0..config.slots as usize).collect(),
         done_tx,
         done_rx,
@@ -141,6 +142,9 @@ struct Session {
     /// The last time the server renewed this runner's leases.
     last_renewed: Instant,
     jobs: HashMap<String, Running>,
+    /// Assignments that arrived before the job whose slot they take had reported its end (the
+    /// server frees a slot as soon as it accepts a result).
+    queued: std::collections::VecDeque<pb::Assignment>,
     free: BTreeSet<usize>,
     done_tx: mpsc::UnboundedSender<(String, JobEnd)>,
     done_rx: mpsc::UnboundedReceiver<(String, JobEnd)>,
@@ -213,7 +217,7 @@ impl Session {
 
     /// Draining with nothing left to do.
     fn finished(&self) -> bool {
-        self.draining && self.jobs.is_empty()
+        self.draining && self.jobs.is_empty() && self.queued.is_empty()
     }
 
     async fn register(&mut self) -> Result<(), tonic::Status> {
@@ -236,7 +240,11 @@ impl Session {
     }
 
     fn held(&self) -> Vec<pb::LeaseRef> {
-        self.jobs.values().map(|j| j.lease.clone()).collect()
+        self.jobs
+            .values()
+            .map(|j| j.lease.clone())
+            .chain(self.queued.iter().filter_map(|a| a.lease.clone()))
+            .collect()
     }
 
     async fn open_work(&mut self) -> Result<Streaming<pb::WorkMessage>, tonic::Status> {
@@ -275,6 +283,7 @@ impl Session {
 
     /// Stops the job holding `lease` without giving it back (the server already took it).
     fn drop_lease(&mut self, lease: &pb::LeaseRef, why: &str) {
+        self.queued.retain(|a| a.lease.as_ref() != Some(lease));
         if let Some(job) = self.jobs.get(&lease.lease_id)
             && job.lease.epoch == lease.epoch
         {
@@ -285,9 +294,25 @@ impl Session {
 
     fn start(&mut self, a: pb::Assignment) {
         let Some(lease) = a.lease.clone() else { return };
+        // A job that just delivered its result may not have reported its end yet.
+        while self.free.is_empty() {
+            match self.done_rx.try_recv() {
+                Ok((lease, end)) => {
+                    if let Some((lease, reason)) = self.free_slot(&lease, end) {
+                        self.spawn_release(lease, reason);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
         let Some(slot) = self.free.pop_first() else {
-            tracing::error!(task = %a.task_id, "assignment with no free slot; giving it back");
-            self.spawn_release(lease, "the runner had no free slot".to_owned());
+            if self.queued.len() < self.slots as usize {
+                tracing::info!(task = %a.task_id, "assignment queued until a job reports its end");
+                self.queued.push_back(a);
+            } else {
+                tracing::error!(task = %a.task_id, "assignment with no free slot; giving it back");
+                self.spawn_release(lease, "the runner had no free slot".to_owned());
+            }
             return;
         };
         let cancel = CancellationToken::new();
@@ -323,11 +348,28 @@ impl Session {
         });
     }
 
-    /// A job ended: free its slot, and give its lease back if the session or the job asked.
+    /// A job ended: free its slot, start a queued assignment in it, and give the lease back if
+    /// the session or the job asked.
     async fn finish(&mut self, lease_id: &str, end: JobEnd) {
-        let Some(job) = self.jobs.remove(lease_id) else {
-            return;
-        };
+        if let Some((lease, reason)) = self.free_slot(lease_id, end) {
+            let req = pb::ReleaseLeaseRequest {
+                runner_id: self.runner_id.clone().unwrap_or_default(),
+                lease: Some(lease),
+                reason,
+            };
+            let mut client = self.client.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(req)).await;
+        }
+        if !self.free.is_empty()
+            && let Some(next) = self.queued.pop_front()
+        {
+            self.start(next);
+        }
+    }
+
+    /// Frees a finished job's slot; returns its lease and why, when it must be given back.
+    fn free_slot(&mut self, lease_id: &str, end: JobEnd) -> Option<(pb::LeaseRef, String)> {
+        let job = self.jobs.remove(lease_id)?;
         self.free.insert(job.slot);
         let reason = match (&end, job.release) {
             (JobEnd::Release(why), _) => Some(why.clone()),
@@ -338,22 +380,19 @@ impl Session {
             }),
             _ => None,
         };
-        if let Some(reason) = reason {
-            let req = pb::ReleaseLeaseRequest {
-                runner_id: self.runner_id.clone().unwrap_or_default(),
-                lease: Some(job.lease),
-                reason,
-            };
-            let mut client = self.client.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(req)).await;
-        }
+        reason.map(|r| (job.lease, r))
     }
 
-    /// Stops every job; with `release`, their leases are given back as they end.
+    /// Stops every job; with `release`, their leases (and queued ones) are given back.
     fn stop_jobs(&mut self, release: bool) {
         for job in self.jobs.values_mut() {
             job.release |= release;
             job.cancel.cancel();
+        }
+        for a in std::mem::take(&mut self.queued) {
+            if release && let Some(lease) = a.lease {
+                self.spawn_release(lease, "the runner stopped before starting it".to_owned());
+            }
         }
     }
 

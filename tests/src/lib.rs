@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod fake_runner;
+
 /// How long a test waits for anything before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -120,6 +122,22 @@ impl TestRepo {
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
+
+    /// Where the scripted agent and the fakes log what they saw.
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.path().join("agent-log")
+    }
+
+    /// Lets every agent waiting in `wait` mode go on.
+    pub fn release_agents(&self) {
+        std::fs::create_dir_all(self.agent_log()).expect("mkdir");
+        std::fs::write(self.agent_log().join("release"), "").expect("release");
+    }
+
+    /// A file the scripted agent or a fake wrote, if it exists.
+    pub fn agent_file(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.agent_log().join(name)).ok()
+    }
 }
 
 impl Default for TestRepo {
@@ -207,13 +225,104 @@ pub fn run(cmd: &mut Command) -> Output {
     }
 }
 
-/// A running `pipeline-server`; SIGKILLed when dropped.
-pub struct Server {
+/// A child process whose stderr (its log) is captured line by line; SIGKILLed when dropped.
+pub struct Proc {
     child: Child,
-    pub addr: String,
-    pub url: String,
     log: Arc<Mutex<Vec<String>>>,
     lines: Receiver<String>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with its stderr captured.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut log) = sink.lock() {
+                    log.push(line.clone());
+                }
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, log, lines }
+    }
+
+    /// Waits for a log line containing `needle` and returns it; `Err` with the whole log if the
+    /// process closed its log first.
+    pub fn wait_for_line(&self, needle: &str) -> Result<String, String> {
+        if let Some(line) = self.log_lines().into_iter().find(|l| l.contains(needle)) {
+            return Ok(line);
+        }
+        let start = Instant::now();
+        loop {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(self.log()),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no log line with {needle:?} within {DEADLINE:?}:\n{}",
+                        self.log()
+                    )
+                }
+            }
+        }
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. "TERM", "STOP") to the process.
+    pub fn signal(&self, signal: &str) {
+        run(Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()])).ok();
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        wait_for("the process to exit", || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `pipeline-server`.
+pub struct Server {
+    pub proc: Proc,
+    pub addr: String,
+    pub url: String,
 }
 
 impl Server {
@@ -230,10 +339,14 @@ impl Server {
         cmd.arg("--repo")
             .arg(repo.repo())
             .arg("--state-dir")
-            .arg(repo.state_dir())
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
+            .arg(repo.state_dir());
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(extra)
             .env("RUST_LOG", "info")
+            .env("PATH", scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log())
             .env_remove("PIPELINE_DB");
         cmd
     }
@@ -241,51 +354,19 @@ impl Server {
     /// Spawns the command and waits for its "listening on" line; on exit before it, returns
     /// the log.
     pub fn spawn(cmd: &mut Command) -> Result<Self, String> {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pipeline-server");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, lines) = mpsc::channel();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(mut log) = sink.lock() {
-                    log.push(line.clone());
-                }
-                let _ = tx.send(line);
-            }
-        });
-        let start = Instant::now();
-        loop {
-            let left = DEADLINE.saturating_sub(start.elapsed());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.split("listening on ").nth(1) {
-                        let addr = addr.trim().to_owned();
-                        return Ok(Self {
-                            child,
-                            url: format!("http://{addr}"),
-                            addr,
-                            log,
-                            lines,
-                        });
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = child.wait();
-                    return Err(log.lock().map(|l| l.join("\n")).unwrap_or_default());
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    panic!("server did not listen within {DEADLINE:?}");
-                }
-            }
-        }
+        let proc = Proc::spawn(cmd);
+        let line = proc.wait_for_line("listening on ")?;
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .expect("address")
+            .trim()
+            .to_owned();
+        Ok(Self {
+            proc,
+            url: format!("http://{addr}"),
+            addr,
+        })
     }
 
     /// Runs `pipelinectl ARGS` against this server.
@@ -300,52 +381,138 @@ impl Server {
         self.ctl(&full).ok().trim().to_owned()
     }
 
-    /// Everything the server logged so far.
-    pub fn log(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    /// `task show ID --json`.
+    pub fn show(&self, id: &str) -> Value {
+        self.ctl(&["task", "show", id, "--json"]).json()
+    }
+
+    /// Waits until the task's JSON satisfies `cond`; returns it.
+    pub fn wait_task(&self, id: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let task = self.show(id);
+            if cond(&task) {
+                return task;
+            }
+            if start.elapsed() > DEADLINE {
+                panic!(
+                    "task {id} never became {what}; last: {}\nserver log:\n{}",
+                    serde_json::to_string_pretty(&task).unwrap_or_default(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the task has `status`.
+    pub fn wait_status(&self, id: &str, status: &str) -> Value {
+        self.wait_task(id, status, |t| t["status"] == status)
     }
 
     /// Waits for a log line containing `needle`.
     pub fn wait_for_log(&self, needle: &str) {
-        if self.log().contains(needle) {
-            return;
-        }
-        let start = Instant::now();
-        loop {
-            let left = DEADLINE.saturating_sub(start.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(_) => {}
-                Err(_) => panic!("the server never logged {needle:?}:\n{}", self.log()),
-            }
+        if let Err(log) = self.proc.wait_for_line(needle) {
+            panic!("the server exited before logging {needle:?}:\n{log}");
         }
     }
 
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns its status.
     pub fn terminate(mut self) -> ExitStatus {
-        let pid = self.child.id().to_string();
-        run(Command::new("kill").args(["-TERM", &pid])).ok();
-        let status = wait_for("the server to exit", || {
-            self.child.try_wait().ok().flatten()
-        });
-        // The reader thread ends at EOF; give the log a chance to hold the last lines.
-        status
+        self.proc.signal("TERM");
+        self.proc.wait_exit()
     }
 
     /// SIGKILLs the process and reaps it.
     pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The directory of the test scripts (the scripted agent, fake `bild` and `agentd`).
+pub fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
+}
+
+/// `PATH` with the fake `bild` and `agentd` first.
+pub fn scripts_path() -> String {
+    format!(
+        "{}:{}",
+        scripts_dir().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// The scripted agent, as `--agent command` flags.
+pub fn scripted_agent() -> Vec<String> {
+    vec![
+        "--agent".into(),
+        "command".into(),
+        "--agent-cmd".into(),
+        format!("sh {}", scripts_dir().join("agent.sh").display()),
+    ]
+}
+
+/// A running `pipeline-runner`.
+pub struct Runner {
+    pub proc: Proc,
+    pub name: String,
+}
+
+impl Runner {
+    /// Starts a runner named `name` for `server`, working in the repo's temp dir, with `args`
+    /// (agent and verification flags), and waits until it has registered.
+    pub fn start(repo: &TestRepo, server: &Server, name: &str, args: &[&str]) -> Self {
+        let runner = Self::spawn(repo, &server.url, name, args);
+        if let Err(log) = runner.proc.wait_for_line("registered") {
+            panic!("runner {name} did not register:\n{log}");
+        }
+        runner
     }
+
+    /// Spawns a runner without waiting for it.
+    pub fn spawn(repo: &TestRepo, url: &str, name: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new(bin("pipeline-runner"));
+        cmd.args(["--server", url, "--name", name, "--slots", "1"])
+            .arg("--work-dir")
+            .arg(repo.dir.path().join("runners").join(name))
+            .args(["--kill-grace", "2"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("PATH", scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log())
+            .env_remove("PIPELINE_SERVER")
+            .env_remove("PIPELINE_TOKEN");
+        Self {
+            proc: Proc::spawn(&mut cmd),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Everything the runner logged so far.
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+}
+
+/// The commit message of `commit` in `repo`.
+pub fn commit_message(repo: &Path, commit: &str) -> String {
+    git(repo, &["log", "-1", "--format=%B", commit])
+}
+
+/// The one commit ID stored for a task's lease `epoch`.
+pub fn task_ref(repo: &Path, task: &str, epoch: u64) -> String {
+    git(
+        repo,
+        &["rev-parse", &format!("refs/pipeline/tasks/{task}/{epoch}")],
+    )
 }

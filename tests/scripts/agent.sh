@@ -1,0 +1,57 @@
+#!/bin/sh
+# The scripted agent of the end-to-end tests (`--agent command`). What it does is chosen by a
+# line "MODE: <mode>" in the task's description (it reads the prompt):
+#   commit (default)  write notes/<task>.md and commit it with the Task-Id trailer; when the
+#                     prompt says the previous patchset was rejected, add "fixed" and amend
+#   fail              exit 1           fail-once   fail on the first attempt only
+#   nocommit          exit 0, no commit             twocommits  make two commits
+#   wait              leave a scratch file, record its pid, wait for $AGENT_LOG_DIR/release
+#   wait-once         wait on the first attempt only, commit on the next
+#   cost              commit, and report 25 cents through PIPELINE_COST_FILE
+# It logs each prompt and environment under $AGENT_LOG_DIR.
+set -eu
+log=${AGENT_LOG_DIR:?AGENT_LOG_DIR must be set}
+mkdir -p "$log"
+cp "$PIPELINE_PROMPT_FILE" "$log/$PIPELINE_RUN_ID.prompt"
+env | grep '^PIPELINE_' | sort > "$log/$PIPELINE_RUN_ID.env"
+pwd > "$log/$PIPELINE_RUN_ID.cwd"
+n=$(cat "$log/$PIPELINE_TASK_ID.attempts" 2>/dev/null || echo 0)
+n=$((n + 1))
+echo "$n" > "$log/$PIPELINE_TASK_ID.attempts"
+mode=$(sed -n 's/^MODE: *//p' "$PIPELINE_PROMPT_FILE" | head -n 1)
+echo "agent: task $PIPELINE_TASK_ID attempt $n mode ${mode:-commit}"
+
+wait_for_release() {
+    echo $$ > "$log/$PIPELINE_TASK_ID.pid"
+    echo scratch > scratch.txt
+    i=0
+    while [ ! -e "$log/release" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+    rm -f scratch.txt
+}
+
+case "$mode" in
+    fail) echo "agent: deliberate failure" >&2; exit 1 ;;
+    fail-once) if [ "$n" -eq 1 ]; then echo "agent: first attempt fails" >&2; exit 1; fi ;;
+    nocommit) echo "agent: did nothing"; exit 0 ;;
+    wait) wait_for_release ;;
+    wait-once) if [ "$n" -eq 1 ]; then wait_for_release; fi ;;
+    cost) echo 25 > "$PIPELINE_COST_FILE" ;;
+esac
+
+git="git -c user.name=agent -c user.email=agent@example.invalid"
+mkdir -p notes
+echo "task $PIPELINE_TASK_ID attempt $n" > "notes/$PIPELINE_TASK_ID.md"
+if grep -q "previous patchset was rejected" "$PIPELINE_PROMPT_FILE"; then
+    echo fixed >> "notes/$PIPELINE_TASK_ID.md"
+fi
+$git add notes
+if [ "$(git rev-parse HEAD)" != "$PIPELINE_BASE_COMMIT" ]; then
+    $git commit --quiet --amend --no-edit
+else
+    $git commit --quiet -m "notes for $PIPELINE_TASK_ID" -m "Task-Id: $PIPELINE_TASK_ID"
+fi
+if [ "$mode" = twocommits ]; then
+    echo more >> "notes/$PIPELINE_TASK_ID.md"
+    $git commit --quiet -am "a second commit"
+fi
+echo "agent: committed"

@@ -1,0 +1,152 @@
+//! A runner spoken by hand over the real gRPC protocol, for the tests that need to misbehave:
+//! stop heartbeating, send a late result for a dead lease, announce the wrong protocol version.
+
+use std::time::Duration;
+
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+use crate::DEADLINE;
+
+/// A hand-driven runner (blocking API over its own Tokio runtime).
+pub struct FakeRunner {
+    rt: tokio::runtime::Runtime,
+    client: RunnerServiceClient<Channel>,
+    pub id: String,
+    stream: Option<Streaming<pb::WorkMessage>>,
+}
+
+impl FakeRunner {
+    /// Registers `name` with `slots` slots, announcing `protocol_version`.
+    pub fn register(url: &str, name: &str, protocol_version: u32) -> Result<Self, Status> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut client = rt
+            .block_on(RunnerServiceClient::connect(url.to_owned()))
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let resp = rt.block_on(client.register(pb::RegisterRequest {
+            name: name.to_owned(),
+            labels: vec!["fake".into()],
+            slots: 1,
+            version: "test".into(),
+            protocol_version,
+        }))?;
+        Ok(Self {
+            rt,
+            client,
+            id: resp.into_inner().runner_id,
+            stream: None,
+        })
+    }
+
+    /// Opens the work stream, reporting `held` leases; returns the `attached` answer.
+    pub fn open(&mut self, held: Vec<pb::LeaseRef>) -> Result<pb::Attached, Status> {
+        let mut stream = self
+            .rt
+            .block_on(self.client.open_work(pb::OpenWorkRequest {
+                runner_id: self.id.clone(),
+                held,
+                draining: false,
+            }))?
+            .into_inner();
+        let first = self.rt.block_on(stream.message())?;
+        self.stream = Some(stream);
+        match first.and_then(|m| m.kind) {
+            Some(pb::work_message::Kind::Attached(a)) => Ok(a),
+            other => panic!("the work stream began with {other:?}"),
+        }
+    }
+
+    /// The next message pushed on the work stream.
+    pub fn next(&mut self) -> pb::work_message::Kind {
+        let stream = self.stream.as_mut().expect("open the stream first");
+        let msg = self
+            .rt
+            .block_on(async { tokio::time::timeout(DEADLINE, stream.message()).await })
+            .expect("a push within the deadline")
+            .expect("stream ok")
+            .expect("stream open");
+        msg.kind.expect("a message kind")
+    }
+
+    /// The next assignment pushed on the work stream.
+    pub fn next_assignment(&mut self) -> pb::Assignment {
+        match self.next() {
+            pb::work_message::Kind::Assignment(a) => a,
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    }
+
+    pub fn heartbeat(&mut self, held: Vec<pb::LeaseRef>) -> Result<pb::HeartbeatResponse, Status> {
+        let req = pb::HeartbeatRequest {
+            runner_id: self.id.clone(),
+            held,
+            draining: false,
+        };
+        Ok(self.rt.block_on(self.client.heartbeat(req))?.into_inner())
+    }
+
+    /// Fetches a lease's base bundle; returns its bytes.
+    pub fn fetch(&mut self, lease: pb::LeaseRef) -> Result<Vec<u8>, Status> {
+        let req = pb::FetchBaseRequest {
+            runner_id: self.id.clone(),
+            lease: Some(lease),
+            have: vec![],
+        };
+        self.rt.block_on(async {
+            let mut stream = self.client.fetch_base(req).await?.into_inner();
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                out.extend_from_slice(&chunk.data);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Sends a result for `lease`, with `bundle` as its commit's bundle when not empty.
+    pub fn complete(
+        &mut self,
+        lease: pb::LeaseRef,
+        outcome: pb::LeaseOutcome,
+        commit: Option<String>,
+        bundle: Vec<u8>,
+    ) -> Result<pb::CompleteLeaseResponse, Status> {
+        let mut messages = vec![pb::CompleteLeaseRequest {
+            kind: Some(pb::complete_lease_request::Kind::Header(
+                pb::CompleteLeaseHeader {
+                    runner_id: self.id.clone(),
+                    lease: Some(lease),
+                    outcome: outcome.into(),
+                    error: Some("from the fake runner".into()),
+                    cost_cents: 1.0,
+                    commit,
+                    verify_skipped: None,
+                    dev_finished_at_ms: 0,
+                },
+            )),
+        }];
+        if !bundle.is_empty() {
+            messages.push(pb::CompleteLeaseRequest {
+                kind: Some(pb::complete_lease_request::Kind::Chunk(pb::BundleChunk {
+                    data: bundle.into(),
+                })),
+            });
+        }
+        let call = self.client.complete_lease(tokio_stream_iter(messages));
+        Ok(self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), call).await })
+            .map_err(|_| Status::deadline_exceeded("complete_lease"))??
+            .into_inner())
+    }
+}
+
+fn tokio_stream_iter<T: Send + 'static>(
+    items: Vec<T>,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send {
+    tonic::codegen::tokio_stream::iter(items)
+}

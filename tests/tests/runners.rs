@@ -1,0 +1,688 @@
+//! Runners end to end: the real `pipeline-server` and `pipeline-runner` binaries, real git, the
+//! scripted agent (`tests/scripts/agent.sh`, driven by a `MODE:` line in the description) and
+//! fake `bild`/`agentd` scripts.
+
+use std::collections::BTreeSet;
+
+use pipeline_proto::v1 as pb;
+use pipeline_tests::fake_runner::FakeRunner;
+use pipeline_tests::{Runner, Server, TestRepo, git, scripted_agent, task_ref, wait_for};
+use serde_json::Value;
+
+/// The scripted agent's flags plus `extra`.
+fn agent_args(extra: &[&str]) -> Vec<String> {
+    let mut args = scripted_agent();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn runs(task: &Value) -> Vec<Value> {
+    task["runs"].as_array().cloned().unwrap_or_default()
+}
+
+fn event_kinds(task: &Value) -> Vec<String> {
+    task["events"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .map(|e| e["kind"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|r| r.trim_start().to_owned()))
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+fn main_tip(repo: &TestRepo) -> String {
+    git(&repo.repo(), &["rev-parse", "refs/heads/main"])
+}
+
+#[test]
+fn happy_path_on_two_runners() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&["--no-verify"]);
+    let _a = Runner::start(&repo, &server, "runner-a", &as_strs(&args));
+    let _b = Runner::start(&repo, &server, "runner-b", &as_strs(&args));
+    wait_for("two connected runners", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        (runners.as_array().map(Vec::len) == Some(2)
+            && runners
+                .as_array()
+                .is_some_and(|r| r.iter().all(|r| r["state"] != "offline")))
+        .then_some(())
+    });
+
+    let ids: Vec<String> = (1..=4)
+        .map(|i| server.add(&["--title", &format!("task {i}")]))
+        .collect();
+    let base = main_tip(&repo);
+    let mut used = BTreeSet::new();
+    for id in &ids {
+        let task = server.wait_status(id, "verified");
+        assert_eq!(task["patchset"], 1);
+        assert_eq!(task["failures"], 0);
+        let runs = runs(&task);
+        assert_eq!(runs.len(), 2, "a dev run and a verify run: {runs:?}");
+        assert_eq!(runs[0]["phase"], "dev");
+        assert_eq!(runs[0]["status"], "success");
+        assert_eq!(runs[1]["phase"], "verify");
+        assert_eq!(runs[1]["status"], "success");
+        assert_eq!(runs[0]["runner"], runs[1]["runner"]);
+        assert!(runs[0]["finished_at"].is_string());
+        used.insert(runs[0]["runner"].as_str().expect("runner").to_owned());
+        // The commit is stored under the task's ref: one commit on the base, with the trailer.
+        let commit = task_ref(&repo.repo(), id, 1);
+        assert_eq!(
+            git(&repo.repo(), &["rev-parse", &format!("{commit}^")]),
+            base
+        );
+        let message = git(&repo.repo(), &["log", "-1", "--format=%B", &commit]);
+        assert!(message.contains(&format!("Task-Id: {id}")), "{message}");
+        assert_eq!(
+            git(&repo.repo(), &["show", &format!("{commit}:notes/{id}.md")]),
+            format!("task {id} attempt 1")
+        );
+        assert_eq!(
+            task["events"]
+                .as_array()
+                .map(|e| e.iter().map(|e| e["kind"].clone()).collect::<Vec<_>>()),
+            Some(vec!["created".into(), "leased".into(), "verified".into()])
+        );
+    }
+    assert_eq!(
+        used,
+        BTreeSet::from(["runner-a".to_owned(), "runner-b".to_owned()]),
+        "both runners worked"
+    );
+    assert_eq!(
+        main_tip(&repo),
+        base,
+        "the base does not move before integration"
+    );
+
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["verified"], 4);
+    assert_eq!(status["runners"], 2);
+    assert_eq!(status["active_dev_runs"], 0);
+    let runners = server.ctl(&["runners", "--json"]).json();
+    for r in runners.as_array().expect("array") {
+        assert_eq!(r["state"], "idle");
+        assert_eq!(r["slots_used"], 0);
+        assert_eq!(r["slots_total"], 1);
+        assert!(r["last_heartbeat"].is_string());
+    }
+    let table = server.ctl(&["runners"]).ok();
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("runner-a") && table.contains("0/1"),
+        "{table}"
+    );
+}
+
+#[test]
+fn verify_fails_then_passes_with_the_feedback_in_the_second_prompt() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "0"]);
+    let args = agent_args(&[]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "needs a fix", "--namespace", "needs-fix"]);
+    let task = server.wait_status(&id, "verified");
+    assert_eq!(task["patchset"], 2, "two commits accepted");
+    assert_eq!(task["failures"], 1);
+    let runs = runs(&task);
+    let shape: Vec<(&str, &str)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["phase"].as_str().unwrap_or_default(),
+                r["status"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("dev", "success"),
+            ("verify", "failure"),
+            ("dev", "success"),
+            ("verify", "success")
+        ]
+    );
+    let error = runs[1]["error"].as_str().expect("verify error");
+    assert!(
+        error.contains("build failed for needs-fix (exit 1)"),
+        "{error}"
+    );
+    assert!(error.contains("missing fix"), "the output's tail: {error}");
+
+    let first = repo
+        .agent_file(&format!("dev-{id}-1.prompt"))
+        .expect("prompt 1");
+    assert!(!first.contains("rejected"), "{first}");
+    let second = repo
+        .agent_file(&format!("dev-{id}-2.prompt"))
+        .expect("prompt 2");
+    assert!(
+        second.contains("## The previous patchset was rejected"),
+        "{second}"
+    );
+    assert!(second.contains("missing fix"), "{second}");
+    assert!(second.contains("git commit --amend"), "{second}");
+    let env = repo.agent_file(&format!("dev-{id}-2.env")).expect("env 2");
+    assert!(env.contains("PIPELINE_PATCHSET=1"), "{env}");
+
+    // The agent amended: still one commit on the base, now with the fix.
+    let commit = task_ref(&repo.repo(), &id, 2);
+    assert_eq!(
+        git(&repo.repo(), &["rev-parse", &format!("{commit}^")]),
+        main_tip(&repo)
+    );
+    let notes = git(&repo.repo(), &["show", &format!("{commit}:notes/{id}.md")]);
+    assert!(notes.contains("fixed"), "{notes}");
+}
+
+#[test]
+fn a_dev_failure_is_retried_after_the_back_off() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "1"]);
+    let args = agent_args(&["--no-verify"]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "flaky", "--description", "MODE: fail-once"]);
+    let task = server.wait_status(&id, "verified");
+    assert_eq!(task["failures"], 1);
+    let runs = runs(&task);
+    assert_eq!(runs[0]["phase"], "dev");
+    assert_eq!(runs[0]["status"], "failure");
+    let error = runs[0]["error"].as_str().expect("error");
+    assert!(error.contains("the agent failed (exit 1)"), "{error}");
+    assert!(
+        error.contains("first attempt fails"),
+        "output tail: {error}"
+    );
+    assert_eq!(runs[1]["phase"], "dev");
+    assert_eq!(runs[1]["status"], "success");
+    assert_eq!(runs[1]["attempt"], 2);
+    let failed = task["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["kind"] == "dev_failed"))
+        .expect("dev_failed event");
+    let message = failed["message"].as_str().expect("message");
+    assert!(message.contains("retrying after 2 s"), "1 * 2^1: {message}");
+    // The second attempt waited out the back-off.
+    let first_end = runs[0]["finished_at"].as_str().expect("finished");
+    let second_start = runs[1]["started_at"].as_str().expect("started");
+    let secs = |t: &str| -> f64 {
+        let (_, time) = t.split_once('T').expect("time");
+        let parts: Vec<f64> = time
+            .trim_end_matches('Z')
+            .split(':')
+            .map(|p| p.parse().expect("number"))
+            .collect();
+        parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+    };
+    assert!(
+        secs(second_start) - secs(first_end) >= 1.99,
+        "{first_end} -> {second_start}"
+    );
+    let second_prompt = repo
+        .agent_file(&format!("dev-{id}-2.prompt"))
+        .expect("prompt");
+    assert!(
+        second_prompt.contains("## The previous attempt failed"),
+        "{second_prompt}"
+    );
+}
+
+#[test]
+fn needs_help_after_the_retry_limit_and_retry_clears_it() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "2", "--backoff-base", "0"]);
+    let args = agent_args(&["--no-verify"]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "hopeless", "--description", "MODE: fail"]);
+    let task = server.wait_status(&id, "needs_help");
+    assert_eq!(task["failures"], 2);
+    let first = runs(&task);
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|r| r["status"] == "failure"));
+    let last = task["events"]
+        .as_array()
+        .and_then(|e| e.last())
+        .expect("event");
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("needs help after 2 failed attempts (limit 2)")),
+        "{last}"
+    );
+    // A retry clears the count: two more attempts, then needs help again.
+    server.ctl(&["task", "retry", &id]).ok();
+    let task = server.wait_task(&id, "needs help again", |t| {
+        t["status"] == "needs_help" && runs(t).len() == 4
+    });
+    assert_eq!(task["failures"], 2);
+}
+
+#[test]
+fn an_agent_that_makes_no_commit_or_two_commits_fails_with_what_was_found() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "1"]);
+    let args = agent_args(&["--no-verify"]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let none = server.add(&["--title", "lazy", "--description", "MODE: nocommit"]);
+    let two = server.add(&["--title", "chatty", "--description", "MODE: twocommits"]);
+    let task = server.wait_status(&none, "needs_help");
+    let error = runs(&task)[0]["error"].as_str().expect("error").to_owned();
+    assert!(
+        error.contains("the agent made no commit on top of the base"),
+        "{error}"
+    );
+    let task = server.wait_status(&two, "needs_help");
+    let error = runs(&task)[0]["error"].as_str().expect("error").to_owned();
+    assert!(
+        error.contains("the agent made 2 commits on top of the base; there must be exactly one"),
+        "{error}"
+    );
+    assert_eq!(task["patchset"], 0, "nothing was accepted");
+}
+
+#[test]
+fn a_runner_killed_mid_task_loses_its_lease_to_another_runner() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "2", "--backoff-base", "0"]);
+    let args = agent_args(&["--no-verify"]);
+    let mut a = Runner::start(&repo, &server, "runner-a", &as_strs(&args));
+    let id = server.add(&["--title", "slow first", "--description", "MODE: wait-once"]);
+    wait_for("the agent on runner-a", || {
+        repo.agent_file(&format!("{id}.pid"))
+    });
+    let _b = Runner::start(&repo, &server, "runner-b", &as_strs(&args));
+    a.proc.kill();
+    let task = server.wait_status(&id, "verified");
+    let runs = runs(&task);
+    assert_eq!(runs[0]["runner"], "runner-a");
+    assert_eq!(runs[0]["status"], "failure");
+    let error = runs[0]["error"].as_str().expect("error");
+    assert!(
+        error.contains("lease lost: runner runner-a sent no heartbeat for 2 s"),
+        "{error}"
+    );
+    assert_eq!(runs[1]["runner"], "runner-b");
+    assert_eq!(runs[1]["status"], "success");
+    assert_eq!(task["failures"], 1, "a lapsed lease counts");
+    assert!(event_kinds(&task).contains(&"lease_lost".to_owned()));
+    let runners = server.ctl(&["runners", "--json"]).json();
+    let a_state = runners
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "runner-a"))
+        .map(|r| r["state"].clone());
+    assert_eq!(a_state, Some("offline".into()));
+    repo.release_agents();
+}
+
+#[test]
+fn a_late_result_from_a_dead_lease_is_refused() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "2", "--backoff-base", "0"]);
+    let mut fake = FakeRunner::register(&server.url, "fake", pipeline_proto::PROTOCOL_VERSION)
+        .expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "contested"]);
+    let assignment = fake.next_assignment();
+    assert_eq!(assignment.task_id, id);
+    assert!(assignment.prompt.contains(&format!("- ID: {id}")));
+    let lease = assignment.lease.clone().expect("lease");
+    let bundle = fake
+        .fetch(lease.clone())
+        .expect("fetch while the lease lives");
+    assert!(bundle.starts_with(b"# v2 git bundle"), "a git bundle");
+    // The fake stops heartbeating; a real runner takes over after the lease lapses.
+    let args = agent_args(&["--no-verify"]);
+    let _b = Runner::start(&repo, &server, "runner-b", &as_strs(&args));
+    match fake.next() {
+        pb::work_message::Kind::Cancel(l) => assert_eq!(l, lease),
+        other => panic!("expected a cancel of the lapsed lease, got {other:?}"),
+    }
+    let task = server.wait_status(&id, "verified");
+    // The late result, the late fetch and the late heartbeat are all refused.
+    let late = fake
+        .complete(
+            lease.clone(),
+            pb::LeaseOutcome::Verified,
+            Some(assignment.base_commit.clone()),
+            bundle,
+        )
+        .expect_err("late result");
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late:?}");
+    assert!(
+        late.message().contains("is no longer yours"),
+        "{}",
+        late.message()
+    );
+    let late = fake.fetch(lease.clone()).expect_err("late fetch");
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition);
+    let beat = fake.heartbeat(vec![lease.clone()]).expect("heartbeat");
+    assert_eq!(beat.dropped, vec![lease]);
+    assert_eq!(server.show(&id), task, "nothing changed");
+}
+
+#[test]
+fn a_bundle_that_is_not_one_commit_on_the_base_is_refused() {
+    let repo = TestRepo::new();
+    // The default back-off keeps the task Open after the refusal.
+    let server = Server::start(&repo, &[]);
+    let mut fake = FakeRunner::register(&server.url, "fake", pipeline_proto::PROTOCOL_VERSION)
+        .expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "t"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    fake.heartbeat(vec![lease.clone()]).expect("heartbeat");
+    let err = fake
+        .complete(
+            lease,
+            pb::LeaseOutcome::Verified,
+            Some("0".repeat(40)),
+            b"not a bundle".to_vec(),
+        )
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("commit refused: not a valid bundle"),
+        "{}",
+        err.message()
+    );
+    let task = server.show(&id);
+    assert_eq!(task["status"], "open", "the attempt failed");
+    assert_eq!(task["failures"], 1);
+    assert_eq!(task["patchset"], 0);
+    let error = runs(&task)[0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("commit refused: not a valid bundle"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_protocol_version_is_checked_at_registration() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let err = FakeRunner::register(&server.url, "old", 99)
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("protocol version 99 but the server speaks 1"),
+        "{}",
+        err.message()
+    );
+    let err = FakeRunner::register(&server.url, "../bad", pipeline_proto::PROTOCOL_VERSION)
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[test]
+fn cancel_stops_the_agent_group_and_cleans_the_worktree() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "endless", "--description", "MODE: wait"]);
+    let pid = wait_for("the agent to start", || {
+        repo.agent_file(&format!("{id}.pid"))
+    });
+    let scratch = repo.dir.path().join("runners/r/slots/0/scratch.txt");
+    wait_for("the scratch file", || scratch.exists().then_some(()));
+    assert!(alive(&pid));
+    server.ctl(&["task", "cancel", &id]).ok();
+    wait_for("the agent to be stopped", || (!alive(&pid)).then_some(()));
+    wait_for("the worktree to be cleaned", || {
+        (!scratch.exists()).then_some(())
+    });
+    let task = server.show(&id);
+    assert_eq!(task["status"], "cancelled");
+    assert_eq!(runs(&task)[0]["status"], "failure");
+    assert_eq!(runs(&task)[0]["error"], "cancelled");
+    wait_for("the runner to log the stop", || {
+        runner
+            .log()
+            .contains("the task was cancelled")
+            .then_some(())
+    });
+    // The runner is free again.
+    let next = server.add(&["--title", "next"]);
+    server.wait_status(&next, "verified");
+}
+
+#[test]
+fn the_server_restarting_while_a_runner_works_loses_nothing() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "10"]);
+    let addr = server.addr.clone();
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "survivor", "--description", "MODE: wait"]);
+    wait_for("the agent to start", || {
+        repo.agent_file(&format!("{id}.pid"))
+    });
+    server.kill();
+    let server = Server::start(&repo, &["--lease-ttl", "10", "--listen", &addr]);
+    server.wait_for_log("kept=1");
+    repo.release_agents();
+    let task = server.wait_status(&id, "verified");
+    let runs = runs(&task);
+    assert_eq!(runs.len(), 2, "one dev run and one verify run: {runs:?}");
+    assert_eq!(runs[0]["status"], "success");
+    assert_eq!(task["failures"], 0);
+    assert!(!event_kinds(&task).contains(&"lease_lost".to_owned()));
+    assert!(runner.log().contains("reconnecting"), "{}", runner.log());
+}
+
+#[test]
+fn agentd_mode_passes_the_limits_through() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _r = Runner::start(
+        &repo,
+        &server,
+        "r",
+        &[
+            "--agent",
+            "agentd",
+            "--timeout",
+            "77",
+            "--max-iter",
+            "5",
+            "--max-cost",
+            "42",
+            "--provider",
+            "test-provider",
+            "--no-verify",
+        ],
+    );
+    let id = server.add(&["--title", "via agentd"]);
+    let task = server.wait_status(&id, "verified");
+    assert_eq!(runs(&task)[0]["cost_cents"], 7.0, "cost from agentd status");
+    assert_eq!(task["cost_cents"], 7.0);
+    let args = repo
+        .agent_file(&format!("agentd-dev-{id}-1.args"))
+        .expect("agentd args");
+    let (prompt, flags) = args.trim().split_once(' ').expect("prompt and flags");
+    assert_eq!(
+        flags,
+        format!("-n dev-{id}-1 --timeout 77 --max-iter 5 --max-cost 42 -p test-provider")
+    );
+    let worktree = repo.dir.path().join("runners/r/slots/0");
+    assert!(
+        !std::path::Path::new(prompt).starts_with(&worktree),
+        "the prompt {prompt} is outside the worktree"
+    );
+}
+
+#[test]
+fn the_command_agent_gets_the_contract_environment_and_its_cost_is_recorded() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&["--no-verify"]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&[
+        "--title",
+        "costly",
+        "--description",
+        "MODE: cost",
+        "--namespace",
+        "Omni/X.hs",
+    ]);
+    let task = server.wait_status(&id, "verified");
+    assert_eq!(runs(&task)[0]["cost_cents"], 25.0);
+    assert_eq!(task["cost_cents"], 25.0);
+    let env = repo.agent_file(&format!("dev-{id}-1.env")).expect("env");
+    let base = main_tip(&repo);
+    for line in [
+        format!("PIPELINE_TASK_ID={id}"),
+        format!("PIPELINE_RUN_ID=dev-{id}-1"),
+        "PIPELINE_BASE=main".to_owned(),
+        format!("PIPELINE_BASE_COMMIT={base}"),
+        "PIPELINE_PATCHSET=0".to_owned(),
+        "PIPELINE_NAMESPACE=Omni/X.hs".to_owned(),
+    ] {
+        assert!(
+            env.lines().any(|l| l == line),
+            "{line} missing from:\n{env}"
+        );
+    }
+    let prompt_file = env
+        .lines()
+        .find_map(|l| l.strip_prefix("PIPELINE_PROMPT_FILE="))
+        .expect("prompt file");
+    let cwd = repo.agent_file(&format!("dev-{id}-1.cwd")).expect("cwd");
+    assert!(
+        !prompt_file.starts_with(cwd.trim()),
+        "prompt outside the worktree"
+    );
+    assert!(env.contains("PIPELINE_COST_FILE="));
+}
+
+#[test]
+fn bild_exit_codes_0_2_and_1() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "1"]);
+    let args = agent_args(&[]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let ok = server.add(&["--title", "ok", "--namespace", "ok"]);
+    let unbuildable = server.add(&["--title", "u", "--namespace", "unbuildable"]);
+    let notests = server.add(&["--title", "n", "--namespace", "notests"]);
+    let broken = server.add(&["--title", "b", "--namespace", "broken"]);
+    let none = server.add(&["--title", "no namespace"]);
+
+    let verify_run = |id: &str, status: &str| -> Value {
+        let task = server.wait_status(id, status);
+        runs(&task)
+            .into_iter()
+            .find(|r| r["phase"] == "verify")
+            .expect("a verify run")
+    };
+    let run = verify_run(&ok, "verified");
+    assert_eq!(
+        (run["status"].clone(), run["error"].clone()),
+        ("success".into(), Value::Null)
+    );
+    let run = verify_run(&unbuildable, "verified");
+    assert_eq!(run["status"], "success");
+    assert_eq!(
+        run["error"],
+        "skipped: unbuildable is not buildable (bild exit 2)"
+    );
+    let run = verify_run(&notests, "verified");
+    assert_eq!(
+        (run["status"].clone(), run["error"].clone()),
+        ("success".into(), Value::Null)
+    );
+    let run = verify_run(&broken, "needs_help");
+    assert_eq!(run["status"], "failure");
+    let error = run["error"].as_str().expect("error");
+    assert!(
+        error.contains("build failed for broken (exit 1)"),
+        "{error}"
+    );
+    assert!(error.contains("error: broken does not compile"), "{error}");
+    let run = verify_run(&none, "verified");
+    assert_eq!(run["error"], "skipped: the task has no namespace");
+
+    let calls = repo.agent_file("bild.calls").expect("bild calls");
+    for call in [
+        "test=0 ok",
+        "test=1 ok",
+        "test=1 notests",
+        "test=0 unbuildable",
+    ] {
+        assert!(
+            calls.lines().any(|l| l == call),
+            "{call} missing from:\n{calls}"
+        );
+    }
+    assert!(
+        !calls.lines().any(|l| l == "test=1 unbuildable"),
+        "no tests run on an unbuildable namespace"
+    );
+}
+
+#[test]
+fn a_draining_runner_finishes_its_work_and_a_second_signal_gives_it_back() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&["--no-verify"]);
+    let mut runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "finish me", "--description", "MODE: wait"]);
+    wait_for("the agent to start", || {
+        repo.agent_file(&format!("{id}.pid"))
+    });
+    runner.proc.signal("TERM");
+    wait_for("the runner to drain", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        (runners[0]["state"] == "draining").then_some(())
+    });
+    // A task added while draining is not given to it.
+    let waiting = server.add(&["--title", "not for a draining runner"]);
+    repo.release_agents();
+    server.wait_status(&id, "verified");
+    let status = runner.proc.wait_exit();
+    assert!(status.success(), "a drained runner exits 0: {status:?}");
+    assert_eq!(server.show(&waiting)["status"], "open");
+
+    // Stop: two signals give the work back at once, without counting a failure.
+    std::fs::remove_file(repo.agent_log().join("release")).expect("unrelease");
+    let mut runner = Runner::start(&repo, &server, "r2", &as_strs(&args));
+    let id = server.add(&["--title", "give me back", "--description", "MODE: wait"]);
+    wait_for("the agent to start", || {
+        repo.agent_file(&format!("{id}.pid"))
+    });
+    runner.proc.signal("TERM");
+    wait_for("the runner to drain", || {
+        runner.log().contains("draining").then_some(())
+    });
+    runner.proc.signal("TERM");
+    let status = runner.proc.wait_exit();
+    assert!(status.success(), "{status:?}\n{}", runner.log());
+    let task = server.wait_task(&id, "given back", |t| {
+        event_kinds(t).contains(&"released".to_owned())
+    });
+    assert_eq!(task["failures"], 0);
+    assert_ne!(task["status"], "in_progress");
+    repo.release_agents();
+}
