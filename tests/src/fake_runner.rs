@@ -62,7 +62,7 @@ impl FakeRunner {
     }
 
     /// The next message pushed on the work stream.
-    pub fn next(&mut self) -> pb::work_message::Kind {
+    pub fn next_push(&mut self) -> pb::work_message::Kind {
         let stream = self.stream.as_mut().expect("open the stream first");
         let msg = self
             .rt
@@ -75,7 +75,7 @@ impl FakeRunner {
 
     /// The next assignment pushed on the work stream.
     pub fn next_assignment(&mut self) -> pb::Assignment {
-        match self.next() {
+        match self.next_push() {
             pb::work_message::Kind::Assignment(a) => a,
             other => panic!("expected an assignment, got {other:?}"),
         }

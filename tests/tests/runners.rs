@@ -350,7 +350,7 @@ fn a_late_result_from_a_dead_lease_is_refused() {
     // The fake stops heartbeating; a real runner takes over after the lease lapses.
     let args = agent_args(&["--no-verify"]);
     let _b = Runner::start(&repo, &server, "runner-b", &as_strs(&args));
-    match fake.next() {
+    match fake.next_push() {
         pb::work_message::Kind::Cancel(l) => assert_eq!(l, lease),
         other => panic!("expected a cancel of the lapsed lease, got {other:?}"),
     }
