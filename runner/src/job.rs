@@ -290,6 +290,7 @@ async fn fetch_base(
     }
     if have_all {
         ctx.mirror.remember(&wanted).await;
+        tracing::info!(task = %a.task_id, "base already in the mirror; nothing fetched");
         return Ok(());
     }
     let tmp = ctx.work_dir.join("tmp");
@@ -302,7 +303,8 @@ async fn fetch_base(
             return Err(JobEnd::Cancelled);
         }
         match fetch_once(ctx, a, &file).await {
-            Ok(chunks) => {
+            Ok((chunks, bytes)) => {
+                tracing::info!(task = %a.task_id, bytes, "fetched the base's missing objects");
                 if chunks > 0 {
                     let stored = ctx.mirror.unbundle(&file, &wanted).await;
                     let _ = std::fs::remove_file(&file);
@@ -336,11 +338,12 @@ async fn fetch_base(
     }
 }
 
+/// Fetches the bundle into `file`; returns (chunks, bytes).
 async fn fetch_once(
     ctx: &JobContext,
     a: &pb::Assignment,
     file: &Path,
-) -> Result<usize, tonic::Status> {
+) -> Result<(usize, usize), tonic::Status> {
     let have = ctx.mirror.haves().await.unwrap_or_default();
     let mut client = ctx.client.clone();
     let mut stream = client
@@ -354,9 +357,10 @@ async fn fetch_once(
     let mut out = tokio::fs::File::create(file)
         .await
         .map_err(|e| tonic::Status::internal(format!("cannot write {}: {e}", file.display())))?;
-    let mut chunks = 0;
+    let (mut chunks, mut bytes) = (0, 0);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
+        bytes += chunk.data.len();
         out.write_all(&chunk.data)
             .await
             .map_err(|e| tonic::Status::internal(format!("cannot write the bundle: {e}")))?;
@@ -365,7 +369,7 @@ async fn fetch_once(
     out.flush()
         .await
         .map_err(|e| tonic::Status::internal(format!("cannot write the bundle: {e}")))?;
-    Ok(chunks)
+    Ok((chunks, bytes))
 }
 
 /// Sends the report, retrying while the server is away; the lease's fence makes a repeat

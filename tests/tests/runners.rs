@@ -686,3 +686,187 @@ fn a_draining_runner_finishes_its_work_and_a_second_signal_gives_it_back() {
     assert_ne!(task["status"], "in_progress");
     repo.release_agents();
 }
+
+#[test]
+fn one_command_runs_the_pipeline_with_local_runners_and_the_example_agent() {
+    let repo = TestRepo::new();
+    let agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../runner/agents/example-agent.sh")
+        .canonicalize()
+        .expect("example agent");
+    let agent = agent.to_str().expect("utf-8");
+    let server = Server::start(
+        &repo,
+        &[
+            "--local-runners",
+            "2",
+            "--agent",
+            "command",
+            "--agent-cmd",
+            agent,
+            "--no-verify",
+        ],
+    );
+    wait_for("two local runners", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        let names: Vec<&str> = runners
+            .as_array()?
+            .iter()
+            .filter(|r| r["state"] == "idle")
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        (names == ["local-1", "local-2"]).then_some(())
+    });
+    let ids: Vec<String> = (1..=3)
+        .map(|i| {
+            server.add(&[
+                "--title",
+                &format!("note {i}"),
+                "--description",
+                &format!("Remember thing {i}."),
+            ])
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        server.wait_status(id, "verified");
+        let commit = task_ref(&repo.repo(), id, 1);
+        let note = git(&repo.repo(), &["show", &format!("{commit}:notes/{id}.md")]);
+        assert_eq!(note, format!("Remember thing {}.", i + 1));
+        let message = git(&repo.repo(), &["log", "-1", "--format=%B", &commit]);
+        assert!(message.contains(&format!("Task-Id: {id}")), "{message}");
+    }
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_runner_that_cannot_renew_its_lease_for_a_ttl_stops_its_agent() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "2", "--backoff-base", "0"]);
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "cut off", "--description", "MODE: wait-once"]);
+    let pid = wait_for("the agent to start", || {
+        repo.agent_file(&format!("{id}.pid"))
+    });
+    // A frozen server answers nothing: the runner cannot renew and must stop by itself.
+    server.proc.signal("STOP");
+    wait_for("the runner to stop its agent", || {
+        (!alive(&pid)).then_some(())
+    });
+    assert!(
+        runner
+            .log()
+            .contains("could not renew leases for a whole TTL"),
+        "{}",
+        runner.log()
+    );
+    server.proc.signal("CONT");
+    let task = server.wait_status(&id, "verified");
+    assert_eq!(runs(&task)[0]["status"], "failure");
+    assert_eq!(task["failures"], 1);
+}
+
+#[test]
+fn the_agent_time_limit_is_enforced() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "1"]);
+    let args = agent_args(&["--no-verify", "--timeout", "1"]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "too slow", "--description", "MODE: wait"]);
+    let task = server.wait_status(&id, "needs_help");
+    let error = runs(&task)[0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.starts_with("the agent timed out after 1 s"),
+        "{error}"
+    );
+    let pid = repo.agent_file(&format!("{id}.pid")).expect("pid");
+    wait_for("the agent to be gone", || (!alive(&pid)).then_some(()));
+}
+
+#[test]
+fn a_bundle_of_two_commits_is_refused() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let mut fake = FakeRunner::register(&server.url, "fake", pipeline_proto::PROTOCOL_VERSION)
+        .expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "t"]);
+    let a = fake.next_assignment();
+    let lease = a.lease.clone().expect("lease");
+    // Two commits on top of the base, bundled.
+    let work = repo.dir.path().join("work");
+    git(
+        repo.dir.path(),
+        &["clone", "-q", repo.repo().to_str().expect("utf-8"), "work"],
+    );
+    git(&work, &["checkout", "-q", "--detach", &a.base_commit]);
+    for n in 1..=2 {
+        std::fs::write(work.join(format!("f{n}")), "x").expect("write");
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", &format!("commit {n}")]);
+    }
+    let head = git(&work, &["rev-parse", "HEAD"]);
+    git(&work, &["update-ref", "refs/heads/out", &head]);
+    git(
+        &work,
+        &[
+            "bundle",
+            "create",
+            "-q",
+            "../two.bundle",
+            "refs/heads/out",
+            &format!("^{}", a.base_commit),
+        ],
+    );
+    let bundle = std::fs::read(repo.dir.path().join("two.bundle")).expect("bundle");
+    let err = fake
+        .complete(
+            lease,
+            pb::LeaseOutcome::Verified,
+            Some(head.clone()),
+            bundle,
+        )
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains(&format!(
+            "{head} is not one commit on top of the leased base"
+        )),
+        "{}",
+        err.message()
+    );
+    let task = server.show(&id);
+    assert_eq!(
+        (task["status"].clone(), task["patchset"].clone()),
+        ("open".into(), 0.into())
+    );
+    let refs = git(&repo.repo(), &["for-each-ref", "refs/pipeline/tasks/"]);
+    assert!(refs.is_empty(), "nothing stored: {refs}");
+}
+
+#[test]
+fn a_runner_fetches_only_what_its_mirror_lacks() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let first = server.add(&["--title", "first"]);
+    server.wait_status(&first, "verified");
+    let second = server.add(&["--title", "second"]);
+    server.wait_status(&second, "verified");
+    let log = runner.log();
+    assert_eq!(
+        log.matches("fetched the base's missing objects").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("base already in the mirror").count(),
+        1,
+        "{log}"
+    );
+}
