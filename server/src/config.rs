@@ -50,6 +50,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub lease_ttl: u64,
 
+    /// After each integration, push the base to this git remote (with a lease on its old value;
+    /// a rejected push is retried after fetching, never forced).
+    #[arg(long, env = "PIPELINE_PUSH_REMOTE")]
+    pub push_remote: Option<String>,
+
     /// The largest commit bundle a runner may send, in bytes.
     #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_bundle_bytes: u64,
@@ -69,6 +74,17 @@ impl Config {
     /// Checks what clap cannot: combinations of flags.
     pub fn validate(&self) -> Result<(), String> {
         self.agent.validate()?;
+        if let Some(remote) = &self.push_remote
+            && (remote.is_empty()
+                || remote.starts_with('-')
+                || !remote
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "--push-remote {remote:?} must name a remote of the repository (e.g. origin)"
+            ));
+        }
         if self.local_runners > 64 {
             return Err(format!(
                 "--local-runners {} is too many for one machine (at most 64)",

@@ -79,6 +79,14 @@ pub struct Settings {
     pub lease_ttl_ms: Millis,
     /// The largest bundle a runner may send.
     pub max_bundle_bytes: u64,
+    /// How the server verifies an integrated commit.
+    pub verify: pipeline_runner::config::VerifyArgs,
+    /// SIGTERM → SIGKILL delay when a build is stopped.
+    pub kill_grace: std::time::Duration,
+    /// The worktree where integrated commits are built.
+    pub integration_dir: PathBuf,
+    /// The remote the base is pushed to after each integration.
+    pub push_remote: Option<String>,
 }
 
 /// The coordinator's domain API over a [`Store`]: tasks, runners, leases.
@@ -89,6 +97,8 @@ pub struct Coordinator<S> {
     pub(crate) registry: Mutex<Registry>,
     /// Wakes the dispatch loop: a task may have become leasable or a slot may have freed.
     pub(crate) wake: Notify,
+    /// Wakes the integrator: a task became Verified or a dependency Done.
+    pub(crate) integrate_wake: Notify,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -99,6 +109,7 @@ impl<S: Store> Coordinator<S> {
             repo,
             registry: Mutex::new(Registry::default()),
             wake: Notify::new(),
+            integrate_wake: Notify::new(),
         }
     }
 
@@ -301,9 +312,14 @@ impl<S: Store> Coordinator<S> {
         }
         for effect in effects {
             match effect {
-                Effect::WakeScheduler | Effect::DependentsUnblocked => self.wake.notify_one(),
-                // The integrator subscribes here (integration issue); the runner was told above.
-                Effect::WakeIntegrator | Effect::StopRun => {}
+                Effect::WakeScheduler => self.wake.notify_one(),
+                Effect::DependentsUnblocked => {
+                    self.wake.notify_one();
+                    self.integrate_wake.notify_one();
+                }
+                Effect::WakeIntegrator => self.integrate_wake.notify_one(),
+                // The runner was told above.
+                Effect::StopRun => {}
             }
         }
     }
@@ -344,6 +360,15 @@ mod tests {
             spool_dir: dir.path().join("spool"),
             lease_ttl_ms: 30_000,
             max_bundle_bytes: 1 << 20,
+            verify: pipeline_runner::config::VerifyArgs {
+                verify: pipeline_runner::config::VerifyMode::Bild,
+                build_cmd: None,
+                test_cmd: None,
+                no_verify: true,
+            },
+            kill_grace: std::time::Duration::from_secs(1),
+            integration_dir: dir.path().join("integration"),
+            push_remote: None,
         };
         let repo = Repo::at(dir.path());
         (dir, Coordinator::new(store, settings, repo))

@@ -265,6 +265,8 @@ pub struct Task {
     pub patch_commit: Option<String>,
     /// The runner whose lease lapsed last: the next lease prefers another.
     pub avoid_runner: Option<String>,
+    /// The tree of the last patchset, if the runner's verification passed (not skipped).
+    pub verified_tree: Option<String>,
     /// Incremented by every write; the store refuses a write made from a stale read.
     pub version: i64,
     pub created_at: Millis,

@@ -204,6 +204,364 @@ impl Repo {
         }
     }
 
+    /// The tree of a commit.
+    pub async fn tree_of(&self, commit: &str) -> Result<String> {
+        check_sha(commit)?;
+        Ok(self
+            .run(&[
+                "rev-parse",
+                "--verify",
+                "--end-of-options",
+                &format!("{commit}^{{tree}}"),
+            ])
+            .await?
+            .trim()
+            .to_owned())
+    }
+
+    /// Whether `ancestor` is `descendant` or one of its ancestors.
+    pub async fn is_ancestor(&self, ancestor: &str, descendant: &str) -> Result<bool> {
+        check_sha(ancestor)?;
+        check_sha(descendant)?;
+        let out = self
+            .output(
+                &["merge-base", "--is-ancestor", ancestor, descendant],
+                &[],
+                None,
+            )
+            .await?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(Error::Internal(format!(
+                "git merge-base --is-ancestor: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))),
+        }
+    }
+
+    /// The commit in `since..tip` whose `Task-Id` trailer is `task`, if any: how a landed task
+    /// is recognised.
+    pub async fn find_task_commit(
+        &self,
+        task: &str,
+        since: &str,
+        tip: &str,
+    ) -> Result<Option<String>> {
+        check_sha(since)?;
+        check_sha(tip)?;
+        let out = self
+            .run(&[
+                "log",
+                "--format=%H %(trailers:key=Task-Id,valueonly,separator=%x2C)",
+                &format!("{since}..{tip}"),
+            ])
+            .await?;
+        Ok(out.lines().find_map(|line| {
+            let (sha, ids) = line.split_once(' ')?;
+            ids.split(',')
+                .any(|id| id.trim() == task)
+                .then(|| sha.to_owned())
+        }))
+    }
+
+    /// Cherry-picks `commit` (whose parent is `parent`) onto `onto` without touching any files:
+    /// the merged tree, or git's conflict messages.
+    pub async fn cherry_pick_tree(
+        &self,
+        parent: &str,
+        onto: &str,
+        commit: &str,
+    ) -> Result<std::result::Result<String, String>> {
+        for c in [parent, onto, commit] {
+            check_sha(c)?;
+        }
+        let merge_base = format!("--merge-base={parent}");
+        let out = self
+            .output(
+                &[
+                    "merge-tree",
+                    "--write-tree",
+                    "--name-only",
+                    &merge_base,
+                    onto,
+                    commit,
+                ],
+                &[],
+                None,
+            )
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match out.status.code() {
+            Some(0) => Ok(Ok(stdout
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned())),
+            Some(1) => {
+                // Tree, conflicted files, a blank line, then git's messages.
+                let messages: Vec<&str> = stdout
+                    .split("\n\n")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .collect();
+                Ok(Err(messages.join("\n")))
+            }
+            _ => Err(Error::Internal(format!(
+                "git merge-tree: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))),
+        }
+    }
+
+    /// Makes the integrated commit: `tree` on top of `parent`, with `original`'s author and
+    /// message, and a `Task-Id: <task>` trailer (added if missing, corrected if wrong).
+    pub async fn commit_for_task(
+        &self,
+        tree: &str,
+        parent: &str,
+        original: &str,
+        task: &str,
+    ) -> Result<String> {
+        check_sha(tree)?;
+        check_sha(parent)?;
+        check_sha(original)?;
+        let meta = self
+            .run(&["show", "-s", "--format=%an%x00%ae%x00%aI%x00%B", original])
+            .await?;
+        let mut parts = meta.splitn(4, '\0');
+        let (name, email, date, message) = (
+            parts.next().unwrap_or_default().to_owned(),
+            parts.next().unwrap_or_default().to_owned(),
+            parts.next().unwrap_or_default().to_owned(),
+            parts.next().unwrap_or_default().to_owned(),
+        );
+        let trailer = format!("Task-Id: {task}");
+        let message = self
+            .run_with_input(
+                &[
+                    "interpret-trailers",
+                    "--if-exists",
+                    "replace",
+                    "--trailer",
+                    &trailer,
+                ],
+                &message,
+            )
+            .await?;
+        let env = [
+            ("GIT_AUTHOR_NAME", name.as_str()),
+            ("GIT_AUTHOR_EMAIL", email.as_str()),
+            ("GIT_AUTHOR_DATE", date.as_str()),
+            ("GIT_COMMITTER_NAME", "pipeline"),
+            ("GIT_COMMITTER_EMAIL", "pipeline@localhost"),
+        ];
+        let out = self
+            .output(
+                &["commit-tree", tree, "-p", parent, "-F", "-"],
+                &env,
+                Some(&message),
+            )
+            .await?;
+        if !out.status.success() {
+            return Err(Error::Internal(format!(
+                "git commit-tree: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let sha = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        check_sha(&sha)?;
+        Ok(sha)
+    }
+
+    /// Moves `refname` from `old` to `new` only if it is still at `old`; false if it moved.
+    pub async fn compare_and_swap_ref(&self, refname: &str, new: &str, old: &str) -> Result<bool> {
+        check_sha(new)?;
+        check_sha(old)?;
+        let out = self
+            .output(
+                &["update-ref", "--end-of-options", refname, new, old],
+                &[],
+                None,
+            )
+            .await?;
+        if out.status.success() {
+            return Ok(true);
+        }
+        let now = self
+            .run(&["rev-parse", "--verify", "--end-of-options", refname])
+            .await?;
+        if now.trim() != old {
+            return Ok(false);
+        }
+        Err(Error::Internal(format!(
+            "git update-ref {refname}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+
+    /// Whether the repository is bare.
+    pub async fn is_bare(&self) -> Result<bool> {
+        Ok(self
+            .run(&["rev-parse", "--is-bare-repository"])
+            .await?
+            .trim()
+            == "true")
+    }
+
+    /// The worktrees (including the main one) that have `refs/heads/<branch>` checked out.
+    pub async fn worktrees_on(&self, branch: &str) -> Result<Vec<PathBuf>> {
+        let out = self.run(&["worktree", "list", "--porcelain"]).await?;
+        let wanted = format!("branch refs/heads/{branch}");
+        let mut found = Vec::new();
+        let mut current: Option<PathBuf> = None;
+        for line in out.lines() {
+            if let Some(path) = line.strip_prefix("worktree ") {
+                current = Some(PathBuf::from(path));
+            } else if line == wanted
+                && let Some(path) = current.take()
+            {
+                found.push(path);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Puts the detached worktree at `path` on `commit`, clean: created if missing, recreated
+    /// if damaged.
+    pub async fn checkout_worktree(&self, path: &Path, commit: &str) -> Result<()> {
+        check_sha(commit)?;
+        let p = path
+            .to_str()
+            .ok_or_else(|| Error::Internal("worktree path is not UTF-8".into()))?;
+        if path.join(".git").exists() {
+            let wt = Repo::at(path);
+            let reset = async {
+                wt.run(&["checkout", "--quiet", "--force", "--detach", commit])
+                    .await?;
+                wt.run(&["clean", "-ffdxq"]).await?;
+                Ok::<(), Error>(())
+            };
+            match reset.await {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!(error = %e, "repairing the integration worktree"),
+            }
+        }
+        if path.exists() {
+            std::fs::remove_dir_all(path)
+                .map_err(|e| Error::Internal(format!("cannot remove {}: {e}", path.display())))?;
+        }
+        self.run(&["worktree", "prune"]).await?;
+        self.run(&[
+            "worktree", "add", "--quiet", "--force", "--detach", p, commit,
+        ])
+        .await
+        .map(drop)
+    }
+
+    /// Fetches `branch` from `remote` into `refs/pipeline/remote/<branch>`; returns its commit.
+    pub async fn fetch_branch(&self, remote: &str, branch: &str) -> Result<String> {
+        let spec = format!("+refs/heads/{branch}:refs/pipeline/remote/{branch}");
+        self.run(&[
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--end-of-options",
+            remote,
+            &spec,
+        ])
+        .await?;
+        Ok(self
+            .run(&[
+                "rev-parse",
+                "--verify",
+                &format!("refs/pipeline/remote/{branch}"),
+            ])
+            .await?
+            .trim()
+            .to_owned())
+    }
+
+    /// Pushes `new` to `remote`'s `branch` only if it is still at `expected`; false when the
+    /// remote refused (it moved). Never forces.
+    pub async fn push_with_lease(
+        &self,
+        remote: &str,
+        branch: &str,
+        new: &str,
+        expected: &str,
+    ) -> Result<bool> {
+        check_sha(new)?;
+        check_sha(expected)?;
+        let lease = format!("--force-with-lease=refs/heads/{branch}:{expected}");
+        let spec = format!("{new}:refs/heads/{branch}");
+        let out = self
+            .output(
+                &[
+                    "push",
+                    "--quiet",
+                    "--porcelain",
+                    &lease,
+                    "--end-of-options",
+                    remote,
+                    &spec,
+                ],
+                &[],
+                None,
+            )
+            .await?;
+        if out.status.success() {
+            return Ok(true);
+        }
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if text.contains("stale info") || text.contains("rejected") || text.contains("fetch first")
+        {
+            return Ok(false);
+        }
+        Err(Error::Internal(format!(
+            "git push {remote}: {}",
+            text.trim()
+        )))
+    }
+
+    /// Runs git and returns its whole output, whatever the exit status.
+    async fn output(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        input: Option<&str>,
+    ) -> Result<std::process::Output> {
+        let mut cmd = self.command();
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if input.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
+        let what = format!("git {}", args.join(" "));
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Internal(format!("{what}: cannot run git: {e}")))?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin
+                .write_all(text.as_bytes())
+                .await
+                .map_err(|e| Error::Internal(format!("{what}: writing stdin: {e}")))?;
+        }
+        tokio::time::timeout(GIT_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| Error::Internal(format!("{what}: timed out after {GIT_TIMEOUT:?}")))?
+            .map_err(|e| Error::Internal(format!("{what}: {e}")))
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new("git");
         cmd.arg("-C")

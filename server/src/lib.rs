@@ -3,7 +3,8 @@
 //! Layers, from the edge inwards: [`grpc`] (decode, validate, call one coordinator method,
 //! encode) → [`coordinator`] (read, decide with [`lifecycle`], persist, act) → [`store`]
 //! (durable state behind a trait; SQLite by default). [`domain`] holds the validated types all
-//! layers share; [`git`] is the only way to run git; [`server`] wires it all up.
+//! layers share; [`git`] is the only way to run git; [`runners`] and [`integrate`] are the
+//! coordinator's dispatch loop and integrator; [`server`] wires it all up.
 
 pub mod config;
 pub mod coordinator;
@@ -11,6 +12,7 @@ pub mod domain;
 pub mod error;
 pub mod git;
 pub mod grpc;
+pub mod integrate;
 pub mod lifecycle;
 pub mod prompt;
 pub mod registry;

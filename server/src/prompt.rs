@@ -88,6 +88,7 @@ mod tests {
             lease_epoch: 0,
             patch_commit: None,
             avoid_runner: None,
+            verified_tree: None,
             version: 1,
             created_at: 0,
             updated_at: 0,

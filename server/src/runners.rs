@@ -344,6 +344,11 @@ impl<S: Store> Coordinator<S> {
             }),
             _ => None,
         };
+        // Remember the tree the runner really verified: a build of the same tree can be skipped.
+        let verified_tree = match (&commit, result.outcome, &result.verify_skipped) {
+            (Some(c), Outcome::Verified, None) => Some(self.repo.tree_of(c).await?),
+            _ => None,
+        };
         let lease_ref = result.lease.clone();
         let updated = self
             .transition_with(
@@ -358,6 +363,7 @@ impl<S: Store> Coordinator<S> {
                     });
                     w.record_runs.extend(verify_run.clone());
                     w.patch_commit = commit.clone();
+                    w.verified_tree = Some(verified_tree.clone());
                 },
             )
             .await?;

@@ -31,6 +31,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     config.validate().map_err(Error::InvalidArgument)?;
     let repo = Repo::open(&config.repo).await?;
     let base_commit = repo.branch_commit(&config.base).await?;
+    if !repo.is_bare().await? {
+        let checked_out = repo.worktrees_on(&config.base).await?;
+        if let Some(path) = checked_out.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "the base branch {base} is checked out in {path}, and the server moves it without \
+                 touching those files; use a bare clone (git clone --bare {repo} REPO.git) or \
+                 check out another branch there (git -C {path} checkout --detach)",
+                base = config.base,
+                path = path.display(),
+                repo = config.repo.display(),
+            )));
+        }
+    }
+    if let Some(remote) = &config.push_remote {
+        repo.run(&["remote", "get-url", "--end-of-options", remote])
+            .await
+            .map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "--push-remote {remote}: the repository has no such remote (git remote add)"
+                ))
+            })?;
+    }
     let state_dir = match &config.state_dir {
         Some(dir) => dir.clone(),
         None => repo.common_dir().await?.join("pipeline"),
@@ -61,9 +83,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         spool_dir: state_dir.join("spool"),
         lease_ttl_ms: i64::try_from(config.lease_ttl.saturating_mul(1000)).unwrap_or(i64::MAX),
         max_bundle_bytes: config.max_bundle_bytes,
+        verify: config.verify.clone(),
+        kill_grace: config.agent.kill_grace(),
+        integration_dir: state_dir.join("integration"),
+        push_remote: config.push_remote.clone(),
     };
     let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo));
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
+    let integrations_finished = coordinator.recover_integrations().await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -78,12 +105,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         state_dir = %state_dir.display(),
         leases_restored,
         tasks_reopened,
+        integrations_finished,
         "pipeline-server ready"
     );
     // Tests and scripts wait for this line to learn the port.
     tracing::info!("listening on {addr}");
 
     let dispatcher = tokio::spawn(Arc::clone(&coordinator).dispatch_loop(shutdown.clone()));
+    let integrator = tokio::spawn(Arc::clone(&coordinator).integrate_loop(shutdown.clone()));
     let control = ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator)))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let runner = RunnerServiceServer::new(RunnerApi::new(coordinator, shutdown.clone()))
@@ -125,6 +154,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     }
     let _ = dispatcher.await;
+    let _ = integrator.await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -66,27 +66,25 @@ fn happy_path_on_two_runners() {
     let ids: Vec<String> = (1..=4)
         .map(|i| server.add(&["--title", &format!("task {i}")]))
         .collect();
-    let base = main_tip(&repo);
     let mut used = BTreeSet::new();
     for id in &ids {
-        let task = server.wait_status(id, "verified");
+        let task = server.wait_status(id, "done");
         assert_eq!(task["patchset"], 1);
         assert_eq!(task["failures"], 0);
         let runs = runs(&task);
-        assert_eq!(runs.len(), 2, "a dev run and a verify run: {runs:?}");
+        assert_eq!(runs.len(), 3, "dev, verify and integrate runs: {runs:?}");
         assert_eq!(runs[0]["phase"], "dev");
         assert_eq!(runs[0]["status"], "success");
         assert_eq!(runs[1]["phase"], "verify");
         assert_eq!(runs[1]["status"], "success");
+        assert_eq!(runs[2]["phase"], "integrate");
+        assert_eq!(runs[2]["status"], "success");
+        assert_eq!(runs[2]["runner"], Value::Null, "the server's own run");
         assert_eq!(runs[0]["runner"], runs[1]["runner"]);
         assert!(runs[0]["finished_at"].is_string());
         used.insert(runs[0]["runner"].as_str().expect("runner").to_owned());
-        // The commit is stored under the task's ref: one commit on the base, with the trailer.
+        // The runner's commit is kept under the task's ref, with the trailer.
         let commit = task_ref(&repo.repo(), id, 1);
-        assert_eq!(
-            git(&repo.repo(), &["rev-parse", &format!("{commit}^")]),
-            base
-        );
         let message = git(&repo.repo(), &["log", "-1", "--format=%B", &commit]);
         assert!(message.contains(&format!("Task-Id: {id}")), "{message}");
         assert_eq!(
@@ -94,10 +92,8 @@ fn happy_path_on_two_runners() {
             format!("task {id} attempt 1")
         );
         assert_eq!(
-            task["events"]
-                .as_array()
-                .map(|e| e.iter().map(|e| e["kind"].clone()).collect::<Vec<_>>()),
-            Some(vec!["created".into(), "leased".into(), "verified".into()])
+            event_kinds(&task),
+            ["created", "leased", "verified", "integrated"]
         );
     }
     assert_eq!(
@@ -105,14 +101,21 @@ fn happy_path_on_two_runners() {
         BTreeSet::from(["runner-a".to_owned(), "runner-b".to_owned()]),
         "both runners worked"
     );
-    assert_eq!(
-        main_tip(&repo),
-        base,
-        "the base does not move before integration"
+    // Every task's commit is on the base exactly once.
+    let landed = git(
+        &repo.repo(),
+        &["log", "--format=%(trailers:key=Task-Id,valueonly)", "main"],
     );
+    for id in &ids {
+        assert_eq!(
+            landed.lines().filter(|l| l.trim() == id).count(),
+            1,
+            "{landed}"
+        );
+    }
 
     let status = server.ctl(&["status", "--json"]).json();
-    assert_eq!(status["verified"], 4);
+    assert_eq!(status["done"], 4);
     assert_eq!(status["runners"], 2);
     assert_eq!(status["active_dev_runs"], 0);
     let runners = server.ctl(&["runners", "--json"]).json();
@@ -136,8 +139,9 @@ fn verify_fails_then_passes_with_the_feedback_in_the_second_prompt() {
     let server = Server::start(&repo, &["--backoff-base", "0"]);
     let args = agent_args(&[]);
     let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let base = main_tip(&repo);
     let id = server.add(&["--title", "needs a fix", "--namespace", "needs-fix"]);
-    let task = server.wait_status(&id, "verified");
+    let task = server.wait_status(&id, "done");
     assert_eq!(task["patchset"], 2, "two commits accepted");
     assert_eq!(task["failures"], 1);
     let runs = runs(&task);
@@ -156,8 +160,13 @@ fn verify_fails_then_passes_with_the_feedback_in_the_second_prompt() {
             ("dev", "success"),
             ("verify", "failure"),
             ("dev", "success"),
-            ("verify", "success")
+            ("verify", "success"),
+            ("integrate", "success")
         ]
+    );
+    assert_eq!(
+        runs[4]["error"],
+        "build skipped: the tree is the one the runner verified (the base did not move)"
     );
     let error = runs[1]["error"].as_str().expect("verify error");
     assert!(
@@ -186,7 +195,7 @@ fn verify_fails_then_passes_with_the_feedback_in_the_second_prompt() {
     let commit = task_ref(&repo.repo(), &id, 2);
     assert_eq!(
         git(&repo.repo(), &["rev-parse", &format!("{commit}^")]),
-        main_tip(&repo)
+        base
     );
     let notes = git(&repo.repo(), &["show", &format!("{commit}:notes/{id}.md")]);
     assert!(notes.contains("fixed"), "{notes}");
@@ -199,7 +208,7 @@ fn a_dev_failure_is_retried_after_the_back_off() {
     let args = agent_args(&["--no-verify"]);
     let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "flaky", "--description", "MODE: fail-once"]);
-    let task = server.wait_status(&id, "verified");
+    let task = server.wait_status(&id, "done");
     assert_eq!(task["failures"], 1);
     let runs = runs(&task);
     assert_eq!(runs[0]["phase"], "dev");
@@ -309,7 +318,7 @@ fn a_runner_killed_mid_task_loses_its_lease_to_another_runner() {
     });
     let _b = Runner::start(&repo, &server, "runner-b", &as_strs(&args));
     a.proc.kill();
-    let task = server.wait_status(&id, "verified");
+    let task = server.wait_status(&id, "done");
     let runs = runs(&task);
     assert_eq!(runs[0]["runner"], "runner-a");
     assert_eq!(runs[0]["status"], "failure");
@@ -354,7 +363,7 @@ fn a_late_result_from_a_dead_lease_is_refused() {
         pb::work_message::Kind::Cancel(l) => assert_eq!(l, lease),
         other => panic!("expected a cancel of the lapsed lease, got {other:?}"),
     }
-    let task = server.wait_status(&id, "verified");
+    let task = server.wait_status(&id, "done");
     // The late result, the late fetch and the late heartbeat are all refused.
     let late = fake
         .complete(
@@ -466,7 +475,7 @@ fn cancel_stops_the_agent_group_and_cleans_the_worktree() {
     });
     // The runner is free again.
     let next = server.add(&["--title", "next"]);
-    server.wait_status(&next, "verified");
+    server.wait_status(&next, "done");
 }
 
 #[test]
@@ -484,9 +493,13 @@ fn the_server_restarting_while_a_runner_works_loses_nothing() {
     let server = Server::start(&repo, &["--lease-ttl", "10", "--listen", &addr]);
     server.wait_for_log("kept=1");
     repo.release_agents();
-    let task = server.wait_status(&id, "verified");
+    let task = server.wait_status(&id, "done");
     let runs = runs(&task);
-    assert_eq!(runs.len(), 2, "one dev run and one verify run: {runs:?}");
+    assert_eq!(
+        runs.len(),
+        3,
+        "one dev, one verify and one integrate run: {runs:?}"
+    );
     assert_eq!(runs[0]["status"], "success");
     assert_eq!(task["failures"], 0);
     assert!(!event_kinds(&task).contains(&"lease_lost".to_owned()));
@@ -516,7 +529,7 @@ fn agentd_mode_passes_the_limits_through() {
         ],
     );
     let id = server.add(&["--title", "via agentd"]);
-    let task = server.wait_status(&id, "verified");
+    let task = server.wait_status(&id, "done");
     assert_eq!(runs(&task)[0]["cost_cents"], 7.0, "cost from agentd status");
     assert_eq!(task["cost_cents"], 7.0);
     let args = repo
@@ -537,7 +550,7 @@ fn agentd_mode_passes_the_limits_through() {
 #[test]
 fn the_command_agent_gets_the_contract_environment_and_its_cost_is_recorded() {
     let repo = TestRepo::new();
-    let server = Server::start(&repo, &[]);
+    let server = Server::start(&repo, &["--no-verify"]);
     let args = agent_args(&["--no-verify"]);
     let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&[
@@ -548,11 +561,11 @@ fn the_command_agent_gets_the_contract_environment_and_its_cost_is_recorded() {
         "--namespace",
         "Omni/X.hs",
     ]);
-    let task = server.wait_status(&id, "verified");
+    let base = main_tip(&repo);
+    let task = server.wait_status(&id, "done");
     assert_eq!(runs(&task)[0]["cost_cents"], 25.0);
     assert_eq!(task["cost_cents"], 25.0);
     let env = repo.agent_file(&format!("dev-{id}-1.env")).expect("env");
-    let base = main_tip(&repo);
     for line in [
         format!("PIPELINE_TASK_ID={id}"),
         format!("PIPELINE_RUN_ID=dev-{id}-1"),
@@ -597,18 +610,18 @@ fn bild_exit_codes_0_2_and_1() {
             .find(|r| r["phase"] == "verify")
             .expect("a verify run")
     };
-    let run = verify_run(&ok, "verified");
+    let run = verify_run(&ok, "done");
     assert_eq!(
         (run["status"].clone(), run["error"].clone()),
         ("success".into(), Value::Null)
     );
-    let run = verify_run(&unbuildable, "verified");
+    let run = verify_run(&unbuildable, "done");
     assert_eq!(run["status"], "success");
     assert_eq!(
         run["error"],
         "skipped: unbuildable is not buildable (bild exit 2)"
     );
-    let run = verify_run(&notests, "verified");
+    let run = verify_run(&notests, "done");
     assert_eq!(
         (run["status"].clone(), run["error"].clone()),
         ("success".into(), Value::Null)
@@ -621,7 +634,7 @@ fn bild_exit_codes_0_2_and_1() {
         "{error}"
     );
     assert!(error.contains("error: broken does not compile"), "{error}");
-    let run = verify_run(&none, "verified");
+    let run = verify_run(&none, "done");
     assert_eq!(run["error"], "skipped: the task has no namespace");
 
     let calls = repo.agent_file("bild.calls").expect("bild calls");
@@ -660,7 +673,7 @@ fn a_draining_runner_finishes_its_work_and_a_second_signal_gives_it_back() {
     // A task added while draining is not given to it.
     let waiting = server.add(&["--title", "not for a draining runner"]);
     repo.release_agents();
-    server.wait_status(&id, "verified");
+    server.wait_status(&id, "done");
     let status = runner.proc.wait_exit();
     assert!(status.success(), "a drained runner exits 0: {status:?}");
     assert_eq!(server.show(&waiting)["status"], "open");
@@ -728,7 +741,7 @@ fn one_command_runs_the_pipeline_with_local_runners_and_the_example_agent() {
         })
         .collect();
     for (i, id) in ids.iter().enumerate() {
-        server.wait_status(id, "verified");
+        server.wait_status(id, "done");
         let commit = task_ref(&repo.repo(), id, 1);
         let note = git(&repo.repo(), &["show", &format!("{commit}:notes/{id}.md")]);
         assert_eq!(note, format!("Remember thing {}.", i + 1));
@@ -762,7 +775,7 @@ fn a_runner_that_cannot_renew_its_lease_for_a_ttl_stops_its_agent() {
         runner.log()
     );
     server.proc.signal("CONT");
-    let task = server.wait_status(&id, "verified");
+    let task = server.wait_status(&id, "done");
     assert_eq!(runs(&task)[0]["status"], "failure");
     assert_eq!(task["failures"], 1);
 }
@@ -851,22 +864,63 @@ fn a_bundle_of_two_commits_is_refused() {
 #[test]
 fn a_runner_fetches_only_what_its_mirror_lacks() {
     let repo = TestRepo::new();
-    let server = Server::start(&repo, &[]);
+    // A base with a large file (incompressible, so the bundle cannot shrink it).
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let big: String = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let work = repo.dir.path().join("seed");
+    git(
+        repo.dir.path(),
+        &["clone", "-q", repo.repo().to_str().expect("utf-8"), "seed"],
+    );
+    std::fs::write(work.join("big.txt"), big).expect("write");
+    git(&work, &["add", "big.txt"]);
+    git(&work, &["commit", "-q", "-m", "big"]);
+    git(&work, &["push", "-q", "origin", "HEAD:main"]);
+
+    let server = Server::start(&repo, &["--backoff-base", "0"]);
     let args = agent_args(&["--no-verify"]);
     let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let fetched = |log: &str| -> Vec<usize> {
+        log.lines()
+            .filter(|l| l.contains("fetched the base's missing objects"))
+            .filter_map(|l| {
+                l.split("bytes=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
     let first = server.add(&["--title", "first"]);
-    server.wait_status(&first, "verified");
+    server.wait_status(&first, "done");
+    // The base moved by one small commit: only that is sent.
     let second = server.add(&["--title", "second"]);
-    server.wait_status(&second, "verified");
-    let log = runner.log();
-    assert_eq!(
-        log.matches("fetched the base's missing objects").count(),
-        1,
-        "{log}"
+    server.wait_status(&second, "done");
+    let sizes = fetched(&runner.log());
+    assert_eq!(sizes.len(), 2, "{}", runner.log());
+    assert!(
+        sizes[0] > 100_000,
+        "the first fetch carries the big file: {sizes:?}"
     );
-    assert_eq!(
-        log.matches("base already in the mirror").count(),
-        1,
-        "{log}"
+    assert!(
+        sizes[1] < 5_000,
+        "the second only the new commit: {sizes:?}"
+    );
+    // A retry on an unchanged base fetches nothing.
+    let third = server.add(&["--title", "third", "--description", "MODE: fail-once"]);
+    server.wait_status(&third, "done");
+    assert!(
+        runner.log().contains("base already in the mirror"),
+        "{}",
+        runner.log()
     );
 }

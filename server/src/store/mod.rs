@@ -42,6 +42,10 @@ pub struct TransitionWrite {
     pub patch_commit: Option<String>,
     /// The runner the next lease should avoid (its lease lapsed).
     pub avoid_runner: Option<String>,
+    /// The tree the runner verified (not merely skipped), or `Some(None)` to forget it.
+    pub verified_tree: Option<Option<String>>,
+    /// Ends the task's integration journal entry (the base move is recorded or abandoned).
+    pub end_integration: bool,
 }
 
 impl TransitionWrite {
@@ -61,8 +65,19 @@ impl TransitionWrite {
             lease: LeaseChange::Keep,
             patch_commit: None,
             avoid_runner: None,
+            verified_tree: None,
+            end_integration: false,
         }
     }
+}
+
+/// A base move in flight: written before `update-ref`, removed with the Done transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Journal {
+    pub task_id: TaskId,
+    pub old_tip: String,
+    pub new_commit: String,
+    pub started_at: Millis,
 }
 
 /// What happens to the task's lease.
@@ -152,6 +167,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether every task `id` depends on is Done.
     fn dependencies_done(&self, id: &TaskId) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Records a base move about to happen.
+    fn begin_integration(&self, entry: &Journal) -> impl Future<Output = Result<()>> + Send;
+
+    /// Forgets a base move that did not happen.
+    fn abort_integration(&self, task: &TaskId) -> impl Future<Output = Result<()>> + Send;
+
+    /// Base moves a crash may have interrupted.
+    fn pending_integrations(&self) -> impl Future<Output = Result<Vec<Journal>>> + Send;
 
     /// Reads a server fact (see `meta`).
     fn get_meta(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;

@@ -12,7 +12,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{FromRow, Sqlite, SqliteConnection, Transaction};
 
-use super::{LeaseChange, Store, TransitionWrite};
+use super::{Journal, LeaseChange, Store, TransitionWrite};
 use crate::domain::{
     Lease, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
     TaskState, TaskStatus,
@@ -87,6 +87,7 @@ struct TaskRow {
     lease_previous: Option<String>,
     patch_commit: Option<String>,
     avoid_runner: Option<String>,
+    verified_tree: Option<String>,
     version: i64,
     created_at: i64,
     updated_at: i64,
@@ -95,7 +96,7 @@ struct TaskRow {
 const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
      patchset, failures, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
-     avoid_runner, version, created_at, updated_at";
+     avoid_runner, verified_tree, version, created_at, updated_at";
 
 fn corrupt(what: &str, value: &str) -> Error {
     Error::Internal(format!("database holds an invalid {what}: {value:?}"))
@@ -157,6 +158,7 @@ impl TaskRow {
             lease_epoch,
             patch_commit: self.patch_commit,
             avoid_runner: self.avoid_runner,
+            verified_tree: self.verified_tree,
             version: self.version,
             created_at: self.created_at,
             updated_at: self.updated_at,
@@ -520,6 +522,19 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        if let Some(tree) = &w.verified_tree {
+            sqlx::query("UPDATE tasks SET verified_tree = ? WHERE id = ?")
+                .bind(tree)
+                .bind(w.task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        if w.end_integration {
+            sqlx::query("DELETE FROM integrations WHERE task_id = ?")
+                .bind(w.task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         insert_event(
             &mut tx,
             &w.task_id,
@@ -682,6 +697,50 @@ impl Store for SqliteStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(pending == 0)
+    }
+
+    async fn begin_integration(&self, entry: &Journal) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO integrations (task_id, old_tip, new_commit, started_at) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(entry.task_id.as_str())
+        .bind(&entry.old_tip)
+        .bind(&entry.new_commit)
+        .bind(entry.started_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn abort_integration(&self, task: &TaskId) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM integrations WHERE task_id = ?")
+            .bind(task.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn pending_integrations(&self) -> Result<Vec<Journal>> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT task_id, old_tip, new_commit, started_at FROM integrations ORDER BY started_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(task, old_tip, new_commit, started_at)| {
+                Ok(Journal {
+                    task_id: stored_id(&task)?,
+                    old_tip,
+                    new_commit,
+                    started_at,
+                })
+            })
+            .collect()
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {
