@@ -6,8 +6,11 @@
 #   fail              exit 1           fail-once   fail on the first attempt only
 #   nocommit          exit 0, no commit             twocommits  make two commits
 #   wait              leave a scratch file, record its pid, wait for $AGENT_LOG_DIR/release
+#                     (or release-<task>)
 #   wait-once         wait on the first attempt only, commit on the next
 #   cost              commit, and report 25 cents through PIPELINE_COST_FILE
+#   sameline          wait like "wait", then write shared.txt (every task edits the same line)
+#   notrailer         commit without the Task-Id trailer
 # It logs each prompt and environment under $AGENT_LOG_DIR.
 set -eu
 log=${AGENT_LOG_DIR:?AGENT_LOG_DIR must be set}
@@ -25,7 +28,9 @@ wait_for_release() {
     echo $$ > "$log/$PIPELINE_TASK_ID.pid"
     echo scratch > scratch.txt
     i=0
-    while [ ! -e "$log/release" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+    while [ ! -e "$log/release" ] && [ ! -e "$log/release-$PIPELINE_TASK_ID" ] && [ $i -lt 1200 ]; do
+        sleep 0.05; i=$((i + 1))
+    done
     rm -f scratch.txt
 }
 
@@ -36,6 +41,7 @@ case "$mode" in
     wait) wait_for_release ;;
     wait-once) if [ "$n" -eq 1 ]; then wait_for_release; fi ;;
     cost) echo 25 > "$PIPELINE_COST_FILE" ;;
+    sameline) if [ "$n" -eq 1 ]; then wait_for_release; fi; echo "$PIPELINE_TASK_ID attempt $n" > shared.txt ;;
 esac
 
 git="git -c user.name=agent -c user.email=agent@example.invalid"
@@ -45,8 +51,11 @@ if grep -q "previous patchset was rejected" "$PIPELINE_PROMPT_FILE"; then
     echo fixed >> "notes/$PIPELINE_TASK_ID.md"
 fi
 $git add notes
+[ -e shared.txt ] && $git add shared.txt
 if [ "$(git rev-parse HEAD)" != "$PIPELINE_BASE_COMMIT" ]; then
     $git commit --quiet --amend --no-edit
+elif [ "$mode" = notrailer ]; then
+    $git commit --quiet -m "notes for $PIPELINE_TASK_ID, no trailer"
 else
     $git commit --quiet -m "notes for $PIPELINE_TASK_ID" -m "Task-Id: $PIPELINE_TASK_ID"
 fi

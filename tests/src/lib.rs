@@ -134,6 +134,41 @@ impl TestRepo {
         std::fs::write(self.agent_log().join("release"), "").expect("release");
     }
 
+    /// Lets the agent of one task waiting in `wait` mode go on.
+    pub fn release_task(&self, id: &str) {
+        std::fs::create_dir_all(self.agent_log()).expect("mkdir");
+        std::fs::write(self.agent_log().join(format!("release-{id}")), "").expect("release");
+    }
+
+    /// Creates a file in the agent log dir (the tests' slow builds wait for one).
+    pub fn touch(&self, name: &str) {
+        std::fs::create_dir_all(self.agent_log()).expect("mkdir");
+        std::fs::write(self.agent_log().join(name), "").expect("touch");
+    }
+
+    /// Commits a file straight onto `main` of the repository, as a person pushing would;
+    /// returns the new commit.
+    pub fn push_to_main(&self, file: &str, content: &str) -> String {
+        push_commit(
+            &self.repo(),
+            &self.dir.path().join(format!("person-{file}")),
+            file,
+            content,
+        )
+    }
+
+    /// The `Task-Id` trailers of `main`'s history, newest first.
+    pub fn landed(&self) -> Vec<String> {
+        git(
+            &self.repo(),
+            &["log", "--format=%(trailers:key=Task-Id,valueonly)", "main"],
+        )
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+    }
+
     /// A file the scripted agent or a fake wrote, if it exists.
     pub fn agent_file(&self, name: &str) -> Option<String> {
         std::fs::read_to_string(self.agent_log().join(name)).ok()
@@ -502,6 +537,34 @@ impl Runner {
     pub fn log(&self) -> String {
         self.proc.log()
     }
+}
+
+/// Clones `repo` into `work`, commits `file` with `content` on top of `main` there, and pushes
+/// it to `main`; returns the commit.
+pub fn push_commit(repo: &Path, work: &Path, file: &str, content: &str) -> String {
+    if !work.exists() {
+        let parent = work.parent().expect("parent");
+        let name = work.file_name().and_then(|n| n.to_str()).expect("name");
+        git(
+            parent,
+            &["clone", "-q", repo.to_str().expect("utf-8"), name],
+        );
+    }
+    git(work, &["fetch", "-q", "origin", "main"]);
+    git(work, &["checkout", "-q", "--detach", "FETCH_HEAD"]);
+    std::fs::write(work.join(file), content).expect("write");
+    git(work, &["add", file]);
+    git(
+        work,
+        &[
+            "commit",
+            "-q",
+            "-m",
+            &format!("a person's change to {file}"),
+        ],
+    );
+    git(work, &["push", "-q", "origin", "HEAD:main"]);
+    git(work, &["rev-parse", "HEAD"])
 }
 
 /// The commit message of `commit` in `repo`.
