@@ -5,7 +5,7 @@
 use crate::domain::{NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus};
 use crate::error::Error;
 use crate::lifecycle::Transition;
-use crate::store::{NewRun, RunEnd, Store, TransitionWrite};
+use crate::store::{Journal, NewRun, RunEnd, Store, TransitionWrite};
 
 /// A write that moves `task` to `state` and records `kind`, changing nothing else.
 fn write(task: &Task, state: TaskState, kind: &'static str, at: i64) -> TransitionWrite {
@@ -36,6 +36,8 @@ macro_rules! store_test_suite {
             counts_by_status,
             knows_when_dependencies_are_done,
             keeps_meta,
+            offers_lease_candidates_out_of_back_off_with_dependencies_done,
+            keeps_an_integration_journal,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
@@ -342,5 +344,99 @@ pub async fn keeps_meta<S: Store>(store: &S) {
     assert_eq!(
         store.get_meta("k").await.expect("get").as_deref(),
         Some("v2")
+    );
+}
+
+pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: Store>(store: &S) {
+    let dep = store
+        .create_task(new_task(Some("dep"), "dep", 3, &[]), 1)
+        .await
+        .expect("dep");
+    store
+        .create_task(new_task(Some("blocked"), "blocked", 0, &["dep"]), 1)
+        .await
+        .expect("blocked");
+    let waiting = store
+        .create_task(new_task(Some("waiting"), "waiting", 1, &[]), 1)
+        .await
+        .expect("waiting");
+    let state = TaskState {
+        backoff_until: Some(5_000),
+        ..waiting.state.clone()
+    };
+    store
+        .commit_transition(write(&waiting, state, "test", 2))
+        .await
+        .expect("back off");
+    let ids = |tasks: Vec<Task>| {
+        tasks
+            .into_iter()
+            .map(|t| t.id.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(store.lease_candidates(4_999, 10).await.expect("candidates")),
+        ["dep"]
+    );
+    assert_eq!(
+        ids(store.lease_candidates(5_000, 10).await.expect("candidates")),
+        ["waiting", "dep"],
+        "priority order once the back-off is over"
+    );
+    assert_eq!(
+        store.next_backoff_end(4_000).await.expect("next"),
+        Some(5_000)
+    );
+    assert_eq!(store.next_backoff_end(5_000).await.expect("next"), None);
+    let done = TaskState {
+        status: TaskStatus::Done,
+        ..dep.state.clone()
+    };
+    store
+        .commit_transition(write(&dep, done, "test", 3))
+        .await
+        .expect("done");
+    assert_eq!(
+        ids(store.lease_candidates(5_000, 10).await.expect("candidates")),
+        ["blocked", "waiting"]
+    );
+    assert_eq!(
+        store.lease_candidates(5_000, 1).await.expect("limit").len(),
+        1
+    );
+}
+
+pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
+    let task = create(store, "landing").await;
+    let entry = Journal {
+        task_id: task.id.clone(),
+        old_tip: "a".repeat(40),
+        new_commit: "b".repeat(40),
+        started_at: 7,
+    };
+    store.begin_integration(&entry).await.expect("begin");
+    assert_eq!(
+        store.pending_integrations().await.expect("pending"),
+        vec![entry.clone()]
+    );
+    store.abort_integration(&task.id).await.expect("abort");
+    assert!(
+        store
+            .pending_integrations()
+            .await
+            .expect("pending")
+            .is_empty()
+    );
+    // Ending it with a transition removes it in the same transaction.
+    store.begin_integration(&entry).await.expect("begin");
+    let mut w = write(&task, task.state.clone(), "test", 8);
+    w.end_integration = true;
+    store.commit_transition(w).await.expect("transition");
+    assert!(
+        store
+            .pending_integrations()
+            .await
+            .expect("pending")
+            .is_empty()
     );
 }
