@@ -18,13 +18,14 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 3;
     /// The request is valid but the current state does not allow it.
     pub const REFUSED: u8 = 4;
-    /// The server cannot be reached, or the feature is not available.
+    /// The server cannot be reached.
     pub const UNAVAILABLE: u8 = 5;
     /// A missing or wrong credential.
     pub const AUTH: u8 = 6;
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Unary requests give up after this long (streams live as long as they are read).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -40,13 +41,6 @@ impl Failure {
         Self {
             message,
             exit_code: exit::USAGE,
-        }
-    }
-
-    pub fn unavailable_feature(message: &str) -> Self {
-        Self {
-            message: message.to_owned(),
-            exit_code: exit::UNAVAILABLE,
         }
     }
 
@@ -73,6 +67,13 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
+/// A request with the unary time limit.
+fn unary<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(REQUEST_TIMEOUT);
+    req
+}
+
 /// A client of the control API.
 pub struct Client {
     url: String,
@@ -94,8 +95,7 @@ impl Client {
                     root_cause(&e)
                 ))
             })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT);
+            .connect_timeout(CONNECT_TIMEOUT);
         let channel = endpoint.connect().await.map_err(|e| Failure {
             message: format!(
                 "cannot reach the pipeline server at {url}: {}; is pipeline-server running? \
@@ -127,11 +127,7 @@ impl Client {
             ),
             Code::DeadlineExceeded => (
                 exit::UNAVAILABLE,
-                format!(
-                    "the pipeline server at {} did not answer within {} s",
-                    self.url,
-                    REQUEST_TIMEOUT.as_secs()
-                ),
+                format!("the pipeline server at {} did not answer in time", self.url),
             ),
             Code::Unauthenticated | Code::PermissionDenied => (exit::AUTH, message),
             Code::ResourceExhausted => (exit::REFUSED, message),
@@ -140,20 +136,49 @@ impl Client {
         Failure { message, exit_code }
     }
 
+    /// A task's logs as a stream (with `follow`, live until the caller stops reading).
+    pub async fn task_logs(
+        &mut self,
+        id: String,
+        follow: bool,
+    ) -> Result<tonic::Streaming<pb::TaskLogsResponse>, Failure> {
+        let r = self
+            .inner
+            .task_logs(pb::TaskLogsRequest { id, follow })
+            .await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|s| self.failure(s))
+    }
+
+    /// Every task transition, live.
+    pub async fn watch(&mut self) -> Result<tonic::Streaming<pb::TaskTransition>, Failure> {
+        let r = self.inner.watch(pb::WatchRequest {}).await;
+        r.map(tonic::Response::into_inner)
+            .map_err(|s| self.failure(s))
+    }
+
+    /// The next message of a stream; `None` at its end.
+    pub async fn next<T>(&self, stream: &mut tonic::Streaming<T>) -> Result<Option<T>, Failure> {
+        stream.message().await.map_err(|s| self.failure(s))
+    }
+
     pub async fn status(&mut self) -> Result<pb::GetStatusResponse, Failure> {
-        let r = self.inner.get_status(pb::GetStatusRequest {}).await;
+        let r = self.inner.get_status(unary(pb::GetStatusRequest {})).await;
         r.map(tonic::Response::into_inner)
             .map_err(|s| self.failure(s))
     }
 
     pub async fn runners(&mut self) -> Result<Vec<pb::Runner>, Failure> {
-        let r = self.inner.list_runners(pb::ListRunnersRequest {}).await;
+        let r = self
+            .inner
+            .list_runners(unary(pb::ListRunnersRequest {}))
+            .await;
         r.map(|r| r.into_inner().runners)
             .map_err(|s| self.failure(s))
     }
 
     pub async fn create_task(&mut self, req: pb::CreateTaskRequest) -> Result<pb::Task, Failure> {
-        let r = self.inner.create_task(req).await;
+        let r = self.inner.create_task(unary(req)).await;
         let task = r.map_err(|s| self.failure(s))?.into_inner().task;
         task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
     }
@@ -166,24 +191,33 @@ impl Client {
                     .ok_or_else(|| Failure::usage(format!("unknown status {s}")))
             })
             .transpose()?;
-        let r = self.inner.list_tasks(pb::ListTasksRequest { status }).await;
+        let r = self
+            .inner
+            .list_tasks(unary(pb::ListTasksRequest { status }))
+            .await;
         r.map(|r| r.into_inner().tasks).map_err(|s| self.failure(s))
     }
 
     pub async fn get_task(&mut self, id: String) -> Result<pb::GetTaskResponse, Failure> {
-        let r = self.inner.get_task(pb::GetTaskRequest { id }).await;
+        let r = self.inner.get_task(unary(pb::GetTaskRequest { id })).await;
         r.map(tonic::Response::into_inner)
             .map_err(|s| self.failure(s))
     }
 
     pub async fn retry_task(&mut self, id: String) -> Result<pb::Task, Failure> {
-        let r = self.inner.retry_task(pb::RetryTaskRequest { id }).await;
+        let r = self
+            .inner
+            .retry_task(unary(pb::RetryTaskRequest { id }))
+            .await;
         let task = r.map_err(|s| self.failure(s))?.into_inner().task;
         task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
     }
 
     pub async fn cancel_task(&mut self, id: String) -> Result<pb::Task, Failure> {
-        let r = self.inner.cancel_task(pb::CancelTaskRequest { id }).await;
+        let r = self
+            .inner
+            .cancel_task(unary(pb::CancelTaskRequest { id }))
+            .await;
         let task = r.map_err(|s| self.failure(s))?.into_inner().task;
         task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
     }
@@ -195,7 +229,7 @@ impl Client {
     ) -> Result<pb::Task, Failure> {
         let r = self
             .inner
-            .add_dependencies(pb::AddDependenciesRequest { id, depends_on })
+            .add_dependencies(unary(pb::AddDependenciesRequest { id, depends_on }))
             .await;
         let task = r.map_err(|s| self.failure(s))?.into_inner().task;
         task.ok_or_else(|| Failure::internal("the server answered without the task".into()))

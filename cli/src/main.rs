@@ -45,13 +45,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A task's run logs, oldest first.
+    /// A task's run logs, oldest run first, each under a header naming the run.
     Logs {
         #[arg(allow_hyphen_values = true)]
         id: String,
-        /// Stream new lines live until the task is done, needs help or is cancelled.
-        #[arg(long)]
+        /// Stream new lines live; exit once the task is done, needs help or is cancelled.
+        #[arg(long, short = 'f')]
         follow: bool,
+    },
+    /// Every task transition, live, one line each.
+    Watch {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -192,10 +197,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let task = client.add_dependencies(id, on).await?;
             println!("{} depends on {}", task.id, task.depends_on.join(", "));
         }
-        Command::Logs { .. } => {
-            return Err(Failure::unavailable_feature(
-                "logs are not available yet: run logs arrive with the runners",
-            ));
+        Command::Logs { id, follow } => {
+            let mut stream = client.task_logs(id, follow).await?;
+            let mut printer = output::LogPrinter::default();
+            while let Some(msg) = client.next(&mut stream).await? {
+                if let Some(status) = printer.print(msg)
+                    && follow
+                    && matches!(status, "done" | "needs_help" | "cancelled")
+                {
+                    break;
+                }
+            }
+        }
+        Command::Watch { json } => {
+            let mut stream = client.watch().await?;
+            while let Some(t) = client.next(&mut stream).await? {
+                output::transition(&t, json);
+            }
         }
     }
     Ok(())

@@ -329,3 +329,102 @@ pub fn runners(runners: &[pb::Runner], as_json: bool) {
         .collect();
     print_table(&["NAME", "STATE", "SLOTS", "LAST HEARTBEAT"], &rows);
 }
+
+fn stream_word(raw: i32) -> &'static str {
+    match pb::LogStream::try_from(raw) {
+        Ok(pb::LogStream::Stdout) => "stdout",
+        Ok(pb::LogStream::Stderr) => "stderr",
+        Ok(pb::LogStream::Runner) => "runner",
+        Ok(pb::LogStream::Server) => "server",
+        _ => "?",
+    }
+}
+
+/// Prints a `logs` stream: a header per run (and per phase within it), each line with its
+/// time and stream, and a marker where lines were cut.
+#[derive(Default)]
+pub struct LogPrinter {
+    runs: std::collections::HashMap<i64, pb::LogRunHeader>,
+    current: Option<(i64, i32)>,
+    last_seq: std::collections::HashMap<i64, u64>,
+}
+
+impl LogPrinter {
+    /// Prints one message; returns the task's status when the message is one.
+    pub fn print(&mut self, msg: pb::TaskLogsResponse) -> Option<&'static str> {
+        use pb::task_logs_response::Kind;
+        match msg.kind? {
+            Kind::Run(header) => {
+                self.runs.insert(header.run_id, header);
+                None
+            }
+            Kind::Lines(batch) => {
+                for line in &batch.lines {
+                    if self.current != Some((batch.run_id, line.phase)) {
+                        self.current = Some((batch.run_id, line.phase));
+                        let header = self.runs.get(&batch.run_id);
+                        let attempt = header.map_or(0, |h| h.attempt);
+                        let runner = header
+                            .and_then(|h| h.runner.clone())
+                            .unwrap_or_else(|| "server".to_owned());
+                        println!(
+                            "=== {} · attempt {attempt} · {runner} ===",
+                            phase_word(line.phase)
+                        );
+                    }
+                    let last = self.last_seq.get(&batch.run_id).copied().unwrap_or(0);
+                    if line.seq > last + 1 {
+                        println!(
+                            "[… lines {}–{} cut: the run's log passed its size cap …]",
+                            last + 1,
+                            line.seq - 1
+                        );
+                    }
+                    self.last_seq.insert(batch.run_id, line.seq);
+                    println!(
+                        "{} {:<6} {}",
+                        rfc3339(line.at_ms),
+                        stream_word(line.stream),
+                        line.text
+                    );
+                }
+                None
+            }
+            Kind::Status(raw) => Some(status_word(raw)),
+        }
+    }
+}
+
+/// Prints one task transition, as a line or as JSON.
+pub fn transition(t: &pb::TaskTransition, as_json: bool) {
+    let from = match pb::TaskStatus::try_from(t.from_status) {
+        Ok(pb::TaskStatus::Unspecified) | Err(_) => None,
+        Ok(_) => Some(status_word(t.from_status)),
+    };
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "at": rfc3339(t.at_ms),
+                "task": t.task_id,
+                "kind": t.kind,
+                "from": from,
+                "to": status_word(t.to_status),
+                "message": t.message,
+            })
+        );
+    } else {
+        println!(
+            "{} {} {} -> {} ({}) {}",
+            rfc3339(t.at_ms),
+            t.task_id,
+            from.unwrap_or("-"),
+            status_word(t.to_status),
+            t.kind,
+            t.message.lines().next().unwrap_or_default()
+        );
+    }
+    // A pipe reader (`| grep`) sees each transition at once.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}

@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::config::Config;
 use crate::git::{Mirror, check_sha};
+use crate::logship::RunLog;
 use crate::process::Stream;
 use crate::verify::{self, Verdict};
 
@@ -73,6 +74,13 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+fn pb_stream(stream: Stream) -> pb::LogStream {
+    match stream {
+        Stream::Stdout => pb::LogStream::Stdout,
+        Stream::Stderr => pb::LogStream::Stderr,
+    }
+}
+
 fn lease_pb(a: &pb::Assignment) -> Option<pb::LeaseRef> {
     a.lease.clone()
 }
@@ -86,8 +94,22 @@ pub async fn run(
 ) -> JobEnd {
     let started = Instant::now();
     let task = a.task_id.clone();
-    let end = match develop(&ctx, &a, slot, &cancel).await {
+    let log = match &a.lease {
+        Some(lease) => RunLog::start(
+            ctx.client.clone(),
+            Arc::clone(&ctx.runner_id),
+            lease.clone(),
+        ),
+        None => return JobEnd::Refused("the assignment names no lease".to_owned()),
+    };
+    let end = match develop(&ctx, &a, slot, &cancel, &log).await {
         Ok(report) => {
+            log.note(pb::RunPhase::Verify, "sending the result");
+            // Every line reaches the server before the result ends the lease.
+            tokio::select! {
+                () = log.flush() => {}
+                () = cancel.cancelled() => {}
+            }
             let end = deliver(&ctx, &a, &report, &cancel).await;
             if let Some(bundle) = &report.bundle {
                 let _ = std::fs::remove_file(bundle);
@@ -115,7 +137,9 @@ async fn develop(
     a: &pb::Assignment,
     slot: usize,
     cancel: &CancellationToken,
+    log: &RunLog,
 ) -> Result<Report, JobEnd> {
+    let dev = pb::RunPhase::Dev;
     let task = a.task_id.as_str();
     let base = check_sha(&a.base_commit)
         .map_err(|e| JobEnd::Release(format!("the assignment's base is invalid: {e}")))?
@@ -129,6 +153,10 @@ async fn develop(
         None => None,
     };
     tracing::info!(task, run = %a.run_id, patchset = a.patchset, "leased");
+    log.note(
+        dev,
+        &format!("leased {task} (run {}, patchset {})", a.run_id, a.patchset),
+    );
 
     fetch_base(ctx, a, &base, previous.as_deref(), cancel).await?;
     let worktree = ctx.work_dir.join("slots").join(slot.to_string());
@@ -138,6 +166,7 @@ async fn develop(
         .await
         .map_err(|e| JobEnd::Release(format!("cannot prepare the worktree: {e}")))?;
     tracing::info!(task, worktree = %worktree.display(), "worktree ready");
+    log.note(dev, &format!("worktree ready at {start}"));
 
     let prompts = ctx.work_dir.join("prompts");
     std::fs::create_dir_all(&prompts)
@@ -174,7 +203,8 @@ async fn develop(
         env: env.clone(),
     };
     let agent_started = Instant::now();
-    let on_line = |stream: Stream, line: &str| tracing::debug!(task, ?stream, "{line}");
+    log.note(dev, "starting the agent");
+    let on_line = |stream: Stream, line: &str| log.line(pb_stream(stream), dev, line);
     let result = agent::run(&ctx.config.agent, &job, cancel, on_line).await;
     let _ = std::fs::remove_file(&prompt_file);
     let _ = std::fs::remove_file(&cost_file);
@@ -182,28 +212,29 @@ async fn develop(
     let cost_cents = match result {
         AgentResult::Cancelled => return Err(JobEnd::Cancelled),
         AgentResult::Failed { reason, cost_cents } => {
-            tracing::info!(
-                task,
-                "agent failed after {:.1} s",
-                agent_started.elapsed().as_secs_f64()
-            );
+            let secs = agent_started.elapsed().as_secs_f64();
+            tracing::info!(task, "agent failed after {secs:.1} s");
+            log.note(dev, &format!("agent failed after {secs:.1} s"));
             return Ok(Report::dev_failed(reason, cost_cents, dev_finished_at_ms));
         }
         AgentResult::Completed { cost_cents } => cost_cents,
     };
-    tracing::info!(
-        task,
-        "agent exited 0 after {:.1} s",
-        agent_started.elapsed().as_secs_f64()
-    );
+    let secs = agent_started.elapsed().as_secs_f64();
+    tracing::info!(task, "agent exited 0 after {secs:.1} s");
+    log.note(dev, &format!("agent exited 0 after {secs:.1} s"));
     let commit = match ctx
         .mirror
         .one_commit(&worktree, &base, previous.as_deref())
         .await
     {
         Ok(c) => c,
-        Err(reason) => return Ok(Report::dev_failed(reason, cost_cents, dev_finished_at_ms)),
+        Err(reason) => {
+            log.note(dev, &reason);
+            return Ok(Report::dev_failed(reason, cost_cents, dev_finished_at_ms));
+        }
     };
+    let check = pb::RunPhase::Verify;
+    log.note(check, &format!("verifying {commit}"));
     let verdict = verify::verify(
         &ctx.config.verify,
         &worktree,
@@ -211,7 +242,7 @@ async fn develop(
         &env,
         ctx.config.agent.kill_grace(),
         cancel,
-        |stream, line| tracing::debug!(task, ?stream, "verify: {line}"),
+        |stream, line| log.line(pb_stream(stream), check, line),
     )
     .await;
     let (outcome, error, verify_skipped) = match verdict {
@@ -221,6 +252,14 @@ async fn develop(
         Verdict::Fail(why) => (pb::LeaseOutcome::VerifyFailed, Some(why), None),
     };
     tracing::info!(task, ?outcome, "verification over; sending commit");
+    log.note(
+        check,
+        match (&error, &verify_skipped) {
+            (Some(_), _) => "verification failed",
+            (None, Some(_)) => "verification skipped",
+            (None, None) => "verification passed",
+        },
+    );
     let tmp = ctx.work_dir.join("tmp");
     std::fs::create_dir_all(&tmp)
         .map_err(|e| JobEnd::Release(format!("cannot create {}: {e}", tmp.display())))?;

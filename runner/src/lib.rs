@@ -10,6 +10,7 @@ pub mod agent;
 pub mod config;
 pub mod git;
 pub mod job;
+pub mod logship;
 pub mod process;
 pub mod session;
 pub mod verify;

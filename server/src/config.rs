@@ -55,6 +55,14 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_PUSH_REMOTE")]
     pub push_remote: Option<String>,
 
+    /// A run's log beyond this many bytes keeps its head and tail, with a marker between.
+    #[arg(long, env = "PIPELINE_LOG_CAP_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub log_cap_bytes: u64,
+
+    /// Delete the logs of runs that finished more than this many days ago (0 keeps them).
+    #[arg(long, env = "PIPELINE_LOG_RETENTION_DAYS", default_value_t = 0)]
+    pub log_retention_days: u64,
+
     /// The largest commit bundle a runner may send, in bytes.
     #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_bundle_bytes: u64,

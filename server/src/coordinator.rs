@@ -87,6 +87,8 @@ pub struct Settings {
     pub integration_dir: PathBuf,
     /// The remote the base is pushed to after each integration.
     pub push_remote: Option<String>,
+    /// A run's log beyond this many bytes keeps its head and tail only.
+    pub log_cap_bytes: u64,
 }
 
 /// The coordinator's domain API over a [`Store`]: tasks, runners, leases.
@@ -99,11 +101,14 @@ pub struct Coordinator<S> {
     pub(crate) wake: Notify,
     /// Wakes the integrator: a task became Verified or a dependency Done.
     pub(crate) integrate_wake: Notify,
+    /// Run logs and live transitions.
+    pub(crate) logs: crate::logs::LogHub,
 }
 
 impl<S: Store> Coordinator<S> {
     pub fn new(store: S, settings: Settings, repo: Repo) -> Self {
         Self {
+            logs: crate::logs::LogHub::new(settings.log_cap_bytes),
             store,
             settings,
             repo,
@@ -137,6 +142,9 @@ impl<S: Store> Coordinator<S> {
         let task = self.store.create_task(new, now_ms()).await?;
         tracing::info!(task = %task.id, priority = task.priority, "task created");
         self.wake.notify_one();
+        if let Some(created) = self.store.events(&task.id).await?.pop() {
+            self.logs.publish_transition(created);
+        }
         Ok(task)
     }
 
@@ -208,6 +216,7 @@ impl<S: Store> Coordinator<S> {
         let expires_at = now_ms() + self.settings.lease_ttl_ms;
         for task in &stale {
             if let Some(lease) = &task.lease {
+                let run_id = self.store.running_run(&task.id).await?;
                 self.registry().restore_lease(
                     lease.id.clone(),
                     crate::registry::LiveLease {
@@ -216,6 +225,7 @@ impl<S: Store> Coordinator<S> {
                         runner_id: lease.runner_id.clone(),
                         runner: lease.runner.clone(),
                         expires_at,
+                        run_id,
                     },
                 );
                 restored += 1;
@@ -268,8 +278,21 @@ impl<S: Store> Coordinator<S> {
                 write.lease = LeaseChange::Clear;
             }
             shape(&task, &mut write);
+            let event = crate::domain::TaskEvent {
+                id: 0,
+                task_id: id.clone(),
+                at: now,
+                kind: write.kind.clone(),
+                from: Some(task.state.status),
+                to: write.state.status,
+                message: write.message.clone(),
+            };
             match self.store.commit_transition(write).await {
-                Ok(updated) => {
+                Ok((updated, event_id)) => {
+                    self.logs.publish_transition(crate::domain::TaskEvent {
+                        id: event_id,
+                        ..event
+                    });
                     tracing::info!(
                         task = %id,
                         from = %task.state.status,
@@ -369,6 +392,7 @@ mod tests {
             kill_grace: std::time::Duration::from_secs(1),
             integration_dir: dir.path().join("integration"),
             push_remote: None,
+            log_cap_bytes: 1 << 20,
         };
         let repo = Repo::at(dir.path());
         (dir, Coordinator::new(store, settings, repo))

@@ -170,6 +170,45 @@ impl Phase {
     }
 }
 
+/// Where a log line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// The runner's own lifecycle lines.
+    Runner,
+    /// The server's lines (integration).
+    Server,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Runner => "runner",
+            LogStream::Server => "server",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::Stdout, Self::Stderr, Self::Runner, Self::Server]
+            .into_iter()
+            .find(|s| s.as_str() == raw)
+    }
+}
+
+/// One line of a run's log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogLine {
+    /// Per run, from 1; a gap means lines were cut.
+    pub seq: u64,
+    pub at: Millis,
+    pub stream: LogStream,
+    pub phase: Phase,
+    pub text: String,
+}
+
 /// The outcome of a run so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunStatus {

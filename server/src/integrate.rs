@@ -16,11 +16,37 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::coordinator::{Coordinator, now_ms};
-use crate::domain::{Phase, RunStatus, Task, TaskStatus};
+use crate::domain::{LogLine, LogStream, Phase, RunStatus, Task, TaskId, TaskStatus};
 use crate::error::{Error, Result};
 use crate::lifecycle::Event;
-use crate::store::{FinishedRun, Journal, Store};
+use crate::store::{FinishedRun, Journal, NewRun, RunEnd, Store};
+
+/// Where the integrator's lines for one run go: the task log, numbered.
+struct RunLog<'a, S> {
+    coordinator: &'a Coordinator<S>,
+    task: TaskId,
+    run_id: i64,
+    seq: AtomicU64,
+}
+
+impl<S: Store> RunLog<'_, S> {
+    fn line(&self, text: String) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let line = LogLine {
+            seq,
+            at: now_ms(),
+            stream: LogStream::Server,
+            phase: Phase::Integrate,
+            text: crate::logs::cut_line(text),
+        };
+        self.coordinator
+            .logs
+            .append_nowait(self.task.clone(), self.run_id, vec![line]);
+    }
+}
 
 /// How many times an integration is redone because the base moved under it before giving up
 /// for now (it is tried again on the next wake).
@@ -119,19 +145,33 @@ impl<S: Store> Coordinator<S> {
     }
 
     async fn integrate(&self, task: &Task, shutdown: &CancellationToken) -> Result<()> {
-        let started = now_ms();
         let id = &task.id;
         let base = self.settings.base.clone();
+        let run = NewRun {
+            phase: Phase::Integrate,
+            patchset: task.state.patchset,
+            runner: None,
+        };
+        let log = RunLog {
+            coordinator: self,
+            task: id.clone(),
+            run_id: self.store.start_run(id, &run, now_ms()).await?,
+            seq: AtomicU64::new(0),
+        };
+        log.line(format!(
+            "integrating patchset {} onto {base}",
+            task.state.patchset
+        ));
         let Some(commit) = task.patch_commit.clone() else {
             return self
-                .integration_failed(task, started, "no commit was recorded for the task".into())
+                .integration_failed(task, "no commit was recorded for the task".into())
                 .await;
         };
         let parent = match self.repo.parents(&commit).await?.as_slice() {
             [p] => p.clone(),
             other => {
                 let reason = format!("the commit {commit} has {} parents", other.len());
-                return self.integration_failed(task, started, reason).await;
+                return self.integration_failed(task, reason).await;
             }
         };
         for _ in 0..MAX_SWAP_ATTEMPTS {
@@ -142,7 +182,8 @@ impl<S: Store> Coordinator<S> {
                 .await?
             {
                 let note = format!("already on {base} as {landed}");
-                return self.integrated(task, &commit, started, Some(note)).await;
+                log.line(note.clone());
+                return self.integrated(task, &commit, None, Some(note)).await;
             }
             let tree = match self.repo.cherry_pick_tree(&parent, &tip, &commit).await? {
                 Ok(tree) => tree,
@@ -151,18 +192,23 @@ impl<S: Store> Coordinator<S> {
                         "the commit does not apply to {base} at {tip} (cherry-pick conflict); \
                          redo the task on the current base:\n{conflict}"
                     );
-                    return self.integration_failed(task, started, reason).await;
+                    log.line(reason.clone());
+                    return self.integration_failed(task, reason).await;
                 }
             };
             let new = self
                 .repo
                 .commit_for_task(&tree, &tip, &commit, id.as_str())
                 .await?;
+            log.line(format!("cherry-picked onto {base} at {tip} as {new}"));
             let skipped = self.build_skip_reason(task, &tree);
-            if skipped.is_none() {
+            if let Some(why) = &skipped {
+                log.line(format!("build skipped: {why}"));
+            } else {
                 let dir = &self.settings.integration_dir;
                 self.repo.checkout_worktree(dir, &new).await?;
                 tracing::info!(task = %id, commit = %new, "building the integrated commit");
+                log.line(format!("building {new} in {}", dir.display()));
                 let env = vec![
                     ("PIPELINE_TASK_ID".to_owned(), id.to_string()),
                     ("PIPELINE_BASE".to_owned(), base.clone()),
@@ -175,17 +221,18 @@ impl<S: Store> Coordinator<S> {
                     &env,
                     self.settings.kill_grace,
                     shutdown,
-                    |_, line| tracing::debug!(task = %id, "build: {line}"),
+                    |_, line| log.line(line.to_owned()),
                 )
                 .await;
                 use pipeline_runner::verify::Verdict;
                 match verdict {
-                    Verdict::Pass | Verdict::Skipped(_) => {}
+                    Verdict::Pass | Verdict::Skipped(_) => log.line("build passed".to_owned()),
                     Verdict::Cancelled => return Ok(()),
                     Verdict::Fail(why) => {
                         let reason =
                             format!("the build of the commit on {base} at {tip} failed: {why}");
-                        return self.integration_failed(task, started, reason).await;
+                        log.line(format!("build failed; {base} stays at {tip}"));
+                        return self.integration_failed(task, reason).await;
                     }
                 }
             }
@@ -210,6 +257,9 @@ impl<S: Store> Coordinator<S> {
             {
                 self.store.abort_integration(id).await?;
                 tracing::info!(task = %id, remote, "push rejected: the remote moved; fetching and redoing");
+                log.line(format!(
+                    "push to {remote} rejected: it moved; fetching and redoing"
+                ));
                 continue;
             }
             failpoint("before-base-update");
@@ -217,33 +267,43 @@ impl<S: Store> Coordinator<S> {
             if !self.repo.compare_and_swap_ref(&refname, &new, &tip).await? {
                 self.store.abort_integration(id).await?;
                 tracing::info!(task = %id, "the base moved during the integration; redoing it on the new tip");
+                log.line(format!(
+                    "{base} moved during the integration; redoing it on the new tip"
+                ));
                 continue;
             }
             failpoint("after-base-update");
             tracing::info!(task = %id, commit = %new, "landed on {base}");
+            log.line(format!("landed on {base} as {new}"));
             let note = skipped.map(|why| format!("build skipped: {why}"));
-            return self.integrated(task, &commit, started, note).await;
+            return self.integrated(task, &commit, None, note).await;
         }
         Err(Error::Conflict(format!(
             "the base kept moving while task {id} was being integrated; will try again"
         )))
     }
 
-    /// Records the task Done (and ends its journal entry).
+    /// Records the task Done (and ends its journal entry), ending its running integrate run,
+    /// or recording one that started at `recorded_from` (after a restart).
     async fn integrated(
         &self,
         task: &Task,
         commit: &str,
-        started: i64,
+        recorded_from: Option<i64>,
         note: Option<String>,
     ) -> Result<()> {
-        let run = FinishedRun {
+        let run = recorded_from.map(|started_at| FinishedRun {
             phase: Phase::Integrate,
             patchset: task.state.patchset,
             runner: None,
             status: RunStatus::Success,
             cost_cents: 0.0,
-            started_at: started,
+            started_at,
+            error: note.clone(),
+        });
+        let end = RunEnd {
+            status: RunStatus::Success,
+            cost_cents: 0.0,
             error: note,
         };
         let commit = commit.to_owned();
@@ -261,7 +321,8 @@ impl<S: Store> Coordinator<S> {
                 }
             },
             |_, w| {
-                w.record_runs.push(run.clone());
+                w.record_runs.extend(run.clone());
+                w.close_runs = Some(end.clone());
                 w.end_integration = true;
             },
         )
@@ -270,15 +331,11 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Sends the task back to Open with the reason; its next attempt starts from the base.
-    async fn integration_failed(&self, task: &Task, started: i64, reason: String) -> Result<()> {
+    async fn integration_failed(&self, task: &Task, reason: String) -> Result<()> {
         tracing::warn!(task = %task.id, "integration failed: {reason}");
-        let run = FinishedRun {
-            phase: Phase::Integrate,
-            patchset: task.state.patchset,
-            runner: None,
+        let end = RunEnd {
             status: RunStatus::Failure,
             cost_cents: 0.0,
-            started_at: started,
             error: Some(reason.clone()),
         };
         self.transition_with(
@@ -286,7 +343,7 @@ impl<S: Store> Coordinator<S> {
             &Event::IntegrationFailed { reason },
             |_| Ok(()),
             |_, w| {
-                w.record_runs.push(run.clone());
+                w.close_runs = Some(end.clone());
                 w.verified_tree = Some(None);
                 w.end_integration = true;
             },
@@ -299,6 +356,13 @@ impl<S: Store> Coordinator<S> {
     /// and forgets the ones that did not (the task is integrated again). Returns how many were
     /// finished.
     pub async fn recover_integrations(&self) -> Result<usize> {
+        self.store
+            .abandon_runs(
+                Phase::Integrate,
+                "interrupted by a restart of the server",
+                now_ms(),
+            )
+            .await?;
         let mut finished = 0;
         for entry in self.store.pending_integrations().await? {
             let landed_on = match &self.settings.push_remote {
@@ -323,7 +387,7 @@ impl<S: Store> Coordinator<S> {
                     "landed as {} before a restart; recorded after it",
                     entry.new_commit
                 ));
-                self.integrated(&task, &commit, entry.started_at, note)
+                self.integrated(&task, &commit, Some(entry.started_at), note)
                     .await?;
                 tracing::warn!(task = %task.id, "finished an integration interrupted by a restart");
                 finished += 1;

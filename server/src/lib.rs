@@ -14,6 +14,7 @@ pub mod git;
 pub mod grpc;
 pub mod integrate;
 pub mod lifecycle;
+pub mod logs;
 pub mod prompt;
 pub mod registry;
 pub mod runners;

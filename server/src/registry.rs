@@ -78,6 +78,8 @@ pub struct LiveLease {
     pub runner_id: String,
     pub runner: String,
     pub expires_at: Millis,
+    /// The lease's dev run, whose log the runner's lines go to.
+    pub run_id: Option<i64>,
 }
 
 /// Why a runner's message about a lease is refused.
@@ -384,6 +386,7 @@ mod tests {
             runner_id: runner_id.into(),
             runner: name.into(),
             expires_at,
+            run_id: None,
         }
     }
 

@@ -522,6 +522,7 @@ impl<S: Store> Coordinator<S> {
             patchset: leased.state.patchset,
             prompt,
         };
+        let run_id = self.store.running_run(&leased.id).await?;
         let pushed = {
             let mut registry = self.registry();
             registry.add_lease(
@@ -532,6 +533,7 @@ impl<S: Store> Coordinator<S> {
                     runner_id: runner_id.to_owned(),
                     runner: runner_name.to_owned(),
                     expires_at: now_ms() + self.settings.lease_ttl_ms,
+                    run_id,
                 },
             );
             registry.push(runner_id, Push::Assign(Box::new(assignment)))

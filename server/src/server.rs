@@ -87,6 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         kill_grace: config.agent.kill_grace(),
         integration_dir: state_dir.join("integration"),
         push_remote: config.push_remote.clone(),
+        log_cap_bytes: config.log_cap_bytes.max(1024),
     };
     let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo));
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
@@ -113,6 +114,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 
     let dispatcher = tokio::spawn(Arc::clone(&coordinator).dispatch_loop(shutdown.clone()));
     let integrator = tokio::spawn(Arc::clone(&coordinator).integrate_loop(shutdown.clone()));
+    let log_writer = tokio::spawn(Arc::clone(&coordinator).log_writer(shutdown.clone()));
+    if config.log_retention_days > 0 {
+        tokio::spawn(prune_logs(
+            store.clone(),
+            config.log_retention_days,
+            shutdown.clone(),
+        ));
+    }
     let control = ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator)))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let runner = RunnerServiceServer::new(RunnerApi::new(coordinator, shutdown.clone()))
@@ -155,6 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     let _ = dispatcher.await;
     let _ = integrator.await;
+    let _ = log_writer.await;
     store.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -195,4 +205,22 @@ fn start_local_runners(
             })
         })
         .collect()
+}
+
+/// Deletes the logs of runs older than the retention, now and then once an hour (a
+/// housekeeping timer, not a poll of anything on the work path).
+async fn prune_logs(store: SqliteStore, days: u64, shutdown: CancellationToken) {
+    let keep_ms = i64::try_from(days.saturating_mul(24 * 3600 * 1000)).unwrap_or(i64::MAX);
+    loop {
+        let before = crate::coordinator::now_ms().saturating_sub(keep_ms);
+        match store.prune_logs(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(lines = n, days, "pruned old run logs"),
+            Err(e) => tracing::error!(error = %e, "pruning old run logs failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
 }

@@ -11,6 +11,9 @@
 #   cost              commit, and report 25 cents through PIPELINE_COST_FILE
 #   sameline          wait like "wait", then write shared.txt (every task edits the same line)
 #   notrailer         commit without the Task-Id trailer
+#   chatty            print "line i of N" for i = 1..N (N from a "LINES: N" line, default 200)
+#   chatty-wait       print the first half, wait like "wait", print the rest
+#   longline          print one line of 100,000 characters
 # It logs each prompt and environment under $AGENT_LOG_DIR.
 set -eu
 log=${AGENT_LOG_DIR:?AGENT_LOG_DIR must be set}
@@ -34,7 +37,14 @@ wait_for_release() {
     rm -f scratch.txt
 }
 
+lines=$(sed -n 's/^LINES: *//p' "$PIPELINE_PROMPT_FILE" | head -n 1)
+lines=${lines:-200}
+chatter() { i=$1; while [ "$i" -le "$2" ]; do echo "line $i of $lines"; i=$((i + 1)); done; }
+
 case "$mode" in
+    chatty) chatter 1 "$lines" ;;
+    chatty-wait) half=$((lines / 2)); chatter 1 "$half"; wait_for_release; chatter $((half + 1)) "$lines" ;;
+    longline) head -c 100000 /dev/zero | tr '\0' x; echo ;;
     fail) echo "agent: deliberate failure" >&2; exit 1 ;;
     fail-once) if [ "$n" -eq 1 ]; then echo "agent: first attempt fails" >&2; exit 1; fi ;;
     nocommit) echo "agent: did nothing"; exit 0 ;;

@@ -344,16 +344,6 @@ fn the_server_refuses_to_start_without_a_repo_or_base() {
 }
 
 #[test]
-fn logs_say_they_are_not_ready() {
-    let repo = TestRepo::new();
-    let server = Server::start(&repo, &[]);
-    let id = server.add(&["--title", "x"]);
-    server
-        .ctl(&["logs", &id])
-        .refused(5, "logs are not available yet");
-}
-
-#[test]
 fn the_server_accepts_the_contract_flags() {
     let repo = TestRepo::new();
     let server = Server::start(

@@ -273,9 +273,12 @@ fn crash_at(failpoint: &str) -> Value {
 fn a_crash_after_moving_the_base_is_finished_on_restart() {
     let task = crash_at("after-base-update");
     let runs = integrate_runs(&task);
-    assert_eq!(runs.len(), 1);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[0]["status"], "failure");
+    assert_eq!(runs[0]["error"], "interrupted by a restart of the server");
+    assert_eq!(runs[1]["status"], "success");
     assert!(
-        runs[0]["error"]
+        runs[1]["error"]
             .as_str()
             .is_some_and(|e| e.contains("before a restart; recorded after it")),
         "{runs:?}"
@@ -285,8 +288,11 @@ fn a_crash_after_moving_the_base_is_finished_on_restart() {
 #[test]
 fn a_crash_before_moving_the_base_is_undone_and_redone() {
     let task = crash_at("before-base-update");
-    assert_eq!(integrate_runs(&task).len(), 1);
-    assert_eq!(task["failures"], 0);
+    let runs = integrate_runs(&task);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[0]["error"], "interrupted by a restart of the server");
+    assert_eq!(runs[1]["status"], "success", "redone after the restart");
+    assert_eq!(task["failures"], 0, "an interruption is not the task's failure");
 }
 
 #[test]

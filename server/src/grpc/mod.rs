@@ -14,8 +14,11 @@ use pipeline_proto::v1::control_service_server::ControlService;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{Coordinator, RunnerInfo, RunnerState, TaskDetail};
-use crate::domain::{NewTask, Phase, Run, RunStatus, Task, TaskEvent, TaskId, TaskStatus};
+use crate::domain::{
+    LogLine, LogStream, NewTask, Phase, Run, RunStatus, Task, TaskEvent, TaskId, TaskStatus,
+};
 use crate::error::Error;
+use crate::logs::LogItem;
 use crate::store::Store;
 
 /// The one mapping from domain errors to gRPC statuses.
@@ -90,13 +93,68 @@ impl From<&Task> for pb::Task {
     }
 }
 
+pub(crate) fn phase_to_pb(p: Phase) -> pb::RunPhase {
+    match p {
+        Phase::Dev => pb::RunPhase::Dev,
+        Phase::Verify => pb::RunPhase::Verify,
+        Phase::Integrate => pb::RunPhase::Integrate,
+    }
+}
+
+impl From<&LogLine> for pb::LogLine {
+    fn from(l: &LogLine) -> Self {
+        let stream = match l.stream {
+            LogStream::Stdout => pb::LogStream::Stdout,
+            LogStream::Stderr => pb::LogStream::Stderr,
+            LogStream::Runner => pb::LogStream::Runner,
+            LogStream::Server => pb::LogStream::Server,
+        };
+        pb::LogLine {
+            seq: l.seq,
+            at_ms: l.at,
+            stream: stream.into(),
+            phase: phase_to_pb(l.phase).into(),
+            text: l.text.clone(),
+        }
+    }
+}
+
+/// A runner's log line, validated: a seq from 1, a known stream, a dev or verify phase.
+pub(crate) fn log_line_from_pb(l: pb::LogLine) -> Result<LogLine, Status> {
+    let stream = match pb::LogStream::try_from(l.stream) {
+        Ok(pb::LogStream::Stdout) => LogStream::Stdout,
+        Ok(pb::LogStream::Stderr) => LogStream::Stderr,
+        Ok(pb::LogStream::Runner) => LogStream::Runner,
+        _ => {
+            return Err(Status::invalid_argument(
+                "a log line needs a stream: stdout, stderr or runner",
+            ));
+        }
+    };
+    let phase = match pb::RunPhase::try_from(l.phase) {
+        Ok(pb::RunPhase::Dev) => Phase::Dev,
+        Ok(pb::RunPhase::Verify) => Phase::Verify,
+        _ => {
+            return Err(Status::invalid_argument(
+                "a runner's log line is of the dev or verify phase",
+            ));
+        }
+    };
+    if l.seq == 0 {
+        return Err(Status::invalid_argument("log lines are numbered from 1"));
+    }
+    Ok(LogLine {
+        seq: l.seq,
+        at: l.at_ms,
+        stream,
+        phase,
+        text: l.text,
+    })
+}
+
 impl From<&Run> for pb::Run {
     fn from(r: &Run) -> Self {
-        let phase = match r.phase {
-            Phase::Dev => pb::RunPhase::Dev,
-            Phase::Verify => pb::RunPhase::Verify,
-            Phase::Integrate => pb::RunPhase::Integrate,
-        };
+        let phase = phase_to_pb(r.phase);
         let status = match r.status {
             RunStatus::Running => pb::RunStatus::Running,
             RunStatus::Success => pb::RunStatus::Success,
@@ -187,6 +245,69 @@ impl<S> ControlApi<S> {
     pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
         Self { coordinator }
     }
+}
+
+fn log_item_to_pb(item: &LogItem) -> pb::TaskLogsResponse {
+    use pb::task_logs_response::Kind;
+    let kind = match item {
+        LogItem::Run(run) => Kind::Run(pb::LogRunHeader {
+            run_id: run.id,
+            phase: phase_to_pb(run.phase).into(),
+            attempt: run.attempt,
+            runner: run.runner.clone(),
+        }),
+        LogItem::Lines { run_id, lines } => Kind::Lines(pb::LogBatch {
+            run_id: *run_id,
+            lines: lines.iter().map(Into::into).collect(),
+        }),
+        LogItem::Status(s) => Kind::Status(status_to_pb(*s).into()),
+    };
+    pb::TaskLogsResponse { kind: Some(kind) }
+}
+
+fn transition_to_pb(e: &TaskEvent) -> pb::TaskTransition {
+    pb::TaskTransition {
+        task_id: e.task_id.to_string(),
+        at_ms: e.at,
+        kind: e.kind.clone(),
+        from_status: e
+            .from
+            .map_or(pb::TaskStatus::Unspecified, status_to_pb)
+            .into(),
+        to_status: status_to_pb(e.to).into(),
+        message: e.message.clone(),
+    }
+}
+
+/// Runs `produce` into a channel and streams what it sends, mapped by `map`; a failure of
+/// `produce` ends the stream with its status.
+fn stream_from<T, U, F>(
+    produce: impl FnOnce(tokio::sync::mpsc::Sender<T>) -> F,
+    map: fn(&T) -> U,
+) -> std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<U, Status>> + Send>>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    F: std::future::Future<Output = crate::error::Result<()>> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(64);
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<U, Status>>(64);
+    let work = produce(tx);
+    tokio::spawn(async move {
+        let fail = out_tx.clone();
+        let forward = async move {
+            while let Some(item) = rx.recv().await {
+                if out_tx.send(Ok(map(&item))).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (result, ()) = tokio::join!(work, forward);
+        if let Err(err) = result {
+            let _ = fail.send(Err(status_from_error(err))).await;
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))
 }
 
 fn detail_to_pb(d: &TaskDetail) -> pb::GetTaskResponse {
@@ -323,6 +444,44 @@ impl<S: Store> ControlService for ControlApi<S> {
         Ok(Response::new(pb::ListRunnersResponse {
             runners: self.coordinator.runners().iter().map(Into::into).collect(),
         }))
+    }
+
+    type TaskLogsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::TaskLogsResponse, Status>> + Send>,
+    >;
+
+    async fn task_logs(
+        &self,
+        request: Request<pb::TaskLogsRequest>,
+    ) -> Result<Response<Self::TaskLogsStream>, Status> {
+        let req = request.into_inner();
+        let id = task_id(&req.id)?;
+        // Refuse an unknown task before the stream starts.
+        self.coordinator
+            .show_task(&id)
+            .await
+            .map_err(status_from_error)?;
+        let coordinator = Arc::clone(&self.coordinator);
+        let follow = req.follow;
+        Ok(Response::new(stream_from(
+            move |tx| coordinator.stream_logs(id, follow, tx),
+            log_item_to_pb,
+        )))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::TaskTransition, Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        _request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let coordinator = Arc::clone(&self.coordinator);
+        Ok(Response::new(stream_from(
+            move |tx| coordinator.stream_transitions(tx),
+            |e: &Arc<TaskEvent>| transition_to_pb(e),
+        )))
     }
 }
 

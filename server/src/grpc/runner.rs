@@ -309,6 +309,26 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         }))
     }
 
+    async fn append_logs(
+        &self,
+        request: Request<pb::AppendLogsRequest>,
+    ) -> Result<Response<pb::AppendLogsResponse>, Status> {
+        let r = request.into_inner();
+        let id = runner_id(&r.runner_id)?;
+        let lease = lease_ref(r.lease)?;
+        let lines = r
+            .lines
+            .into_iter()
+            .map(super::log_line_from_pb)
+            .collect::<Result<Vec<_>, _>>()?;
+        let acked_seq = self
+            .coordinator
+            .append_logs(id, &lease, lines)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::AppendLogsResponse { acked_seq }))
+    }
+
     async fn release_lease(
         &self,
         request: Request<pb::ReleaseLeaseRequest>,

@@ -9,7 +9,7 @@
 use std::future::Future;
 
 use crate::domain::{
-    Lease, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
+    Lease, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
     TaskState, TaskStatus,
 };
 use crate::error::Result;
@@ -117,7 +117,7 @@ pub struct NewRun {
 }
 
 /// Persistence of tasks, runs and history. Every write is one short transaction.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Clone + Send + Sync + 'static {
     /// Creates a task in state Open, generating `t-<n>` when no ID is given. Fails with
     /// `AlreadyExists` for a taken ID and `NotFound` for an unknown parent or dependency.
     fn create_task(&self, new: NewTask, now: Millis) -> impl Future<Output = Result<Task>> + Send;
@@ -139,11 +139,12 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> impl Future<Output = Result<Task>> + Send;
 
-    /// Persists a transition if the task is still at `expected_version`.
+    /// Persists a transition if the task is still at `expected_version`; returns the task and
+    /// the ID of the history entry recorded.
     fn commit_transition(
         &self,
         write: TransitionWrite,
-    ) -> impl Future<Output = Result<Task>> + Send;
+    ) -> impl Future<Output = Result<(Task, i64)>> + Send;
 
     /// The task's runs, oldest first.
     fn runs(&self, id: &TaskId) -> impl Future<Output = Result<Vec<Run>>> + Send;
@@ -176,6 +177,59 @@ pub trait Store: Send + Sync + 'static {
 
     /// Base moves a crash may have interrupted.
     fn pending_integrations(&self) -> impl Future<Output = Result<Vec<Journal>>> + Send;
+
+    /// The ID of the task's run that is still running, if any (a lease's dev run).
+    fn running_run(&self, task: &TaskId) -> impl Future<Output = Result<Option<i64>>> + Send;
+
+    /// Starts a run outside a transition (the server's integration run); returns its ID.
+    fn start_run(
+        &self,
+        task: &TaskId,
+        run: &NewRun,
+        at: Millis,
+    ) -> impl Future<Output = Result<i64>> + Send;
+
+    /// Ends every run of `phase` still running (at start-up, runs a crash interrupted).
+    fn abandon_runs(
+        &self,
+        phase: Phase,
+        error: &str,
+        at: Millis,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// One run.
+    fn run(&self, id: i64) -> impl Future<Output = Result<Option<Run>>> + Send;
+
+    /// Appends log lines to runs in one transaction; a line whose (run, seq) is stored already
+    /// is ignored.
+    fn append_logs(&self, lines: &[(i64, LogLine)]) -> impl Future<Output = Result<()>> + Send;
+
+    /// A run's lines after `after_seq`, in order, at most `limit`.
+    fn read_logs(
+        &self,
+        run: i64,
+        after_seq: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<LogLine>>> + Send;
+
+    /// Cuts a run's log to its head (lines up to `head_last_seq`) and its newest lines worth
+    /// at most `keep_tail_bytes`; returns the bytes the tail keeps.
+    fn trim_log(
+        &self,
+        run: i64,
+        head_last_seq: u64,
+        keep_tail_bytes: u64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Deletes the logs of runs that finished before `before`; returns the lines deleted.
+    fn prune_logs(&self, before: Millis) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Task history entries after `after_id`, oldest first, at most `limit` (for `watch`).
+    fn events_after(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<TaskEvent>>> + Send;
 
     /// Reads a server fact (see `meta`).
     fn get_meta(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;

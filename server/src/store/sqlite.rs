@@ -12,10 +12,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{FromRow, Sqlite, SqliteConnection, Transaction};
 
-use super::{Journal, LeaseChange, Store, TransitionWrite};
+use super::{Journal, LeaseChange, NewRun, Store, TransitionWrite};
 use crate::domain::{
-    Lease, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
-    TaskState, TaskStatus,
+    Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task,
+    TaskEvent, TaskId, TaskState, TaskStatus,
 };
 use crate::error::{Error, Result};
 
@@ -211,6 +211,20 @@ struct EventRow {
     message: String,
 }
 
+impl EventRow {
+    fn into_event(self) -> Result<TaskEvent> {
+        Ok(TaskEvent {
+            id: self.id,
+            task_id: stored_id(&self.task_id)?,
+            at: self.at,
+            kind: self.kind,
+            from: self.from_status.as_deref().map(stored_status).transpose()?,
+            to: stored_status(&self.to_status)?,
+            message: self.message,
+        })
+    }
+}
+
 async fn task_exists(conn: &mut SqliteConnection, id: &str) -> Result<bool> {
     let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM tasks WHERE id = ?")
         .bind(id)
@@ -255,10 +269,10 @@ async fn insert_event(
     from: Option<TaskStatus>,
     to: TaskStatus,
     message: &str,
-) -> Result<()> {
-    sqlx::query(
+) -> Result<i64> {
+    let id: i64 = sqlx::query_scalar(
         "INSERT INTO task_events (task_id, at, kind, from_status, to_status, message) \
-         VALUES (?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(id.as_str())
     .bind(at)
@@ -266,9 +280,9 @@ async fn insert_event(
     .bind(from.map(TaskStatus::as_str))
     .bind(to.as_str())
     .bind(message)
-    .execute(conn)
+    .fetch_one(conn)
     .await?;
-    Ok(())
+    Ok(id)
 }
 
 /// Picks the next free `t-<n>`, skipping numbers a user already took by hand.
@@ -447,7 +461,7 @@ impl Store for SqliteStore {
         Ok(task)
     }
 
-    async fn commit_transition(&self, w: TransitionWrite) -> Result<Task> {
+    async fn commit_transition(&self, w: TransitionWrite) -> Result<(Task, i64)> {
         let mut tx = self.write().await?;
         let s = &w.state;
         let updated = sqlx::query(
@@ -535,7 +549,7 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        insert_event(
+        let event_id = insert_event(
             &mut tx,
             &w.task_id,
             w.at,
@@ -596,7 +610,7 @@ impl Store for SqliteStore {
             .await?
             .ok_or_else(|| Error::NotFound(format!("task {} does not exist", w.task_id)))?;
         tx.commit().await?;
-        Ok(task)
+        Ok((task, event_id))
     }
 
     async fn lease_candidates(&self, now: Millis, limit: u32) -> Result<Vec<Task>> {
@@ -654,19 +668,7 @@ impl Store for SqliteStore {
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(TaskEvent {
-                    id: r.id,
-                    task_id: stored_id(&r.task_id)?,
-                    at: r.at,
-                    kind: r.kind,
-                    from: r.from_status.as_deref().map(stored_status).transpose()?,
-                    to: stored_status(&r.to_status)?,
-                    message: r.message,
-                })
-            })
-            .collect()
+        rows.into_iter().map(EventRow::into_event).collect()
     }
 
     async fn status_counts(&self) -> Result<StatusCounts> {
@@ -741,6 +743,161 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn running_run(&self, task: &TaskId) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM runs WHERE task_id = ? AND status = 'running' ORDER BY id DESC LIMIT 1",
+        )
+        .bind(task.as_str())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn start_run(&self, task: &TaskId, run: &NewRun, at: Millis) -> Result<i64> {
+        let mut tx = self.write().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at) \
+             VALUES (?1, ?2, ?3, \
+               (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
+               ?4, 'running', ?5) RETURNING id",
+        )
+        .bind(task.as_str())
+        .bind(run.phase.as_str())
+        .bind(i64::from(run.patchset))
+        .bind(&run.runner)
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn abandon_runs(&self, phase: Phase, error: &str, at: Millis) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query(
+            "UPDATE runs SET status = 'failure', finished_at = ?, error = ? \
+             WHERE status = 'running' AND phase = ?",
+        )
+        .bind(at)
+        .bind(error)
+        .bind(phase.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn run(&self, id: i64) -> Result<Option<Run>> {
+        let row: Option<RunRow> = sqlx::query_as(
+            "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
+             started_at, finished_at, error FROM runs WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(RunRow::into_run).transpose()
+    }
+
+    async fn append_logs(&self, lines: &[(i64, LogLine)]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write().await?;
+        // 6 parameters a row, well under SQLite's limit of 32766 a statement.
+        for chunk in lines.chunks(1000) {
+            let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT OR IGNORE INTO log_lines (run_id, seq, at, stream, phase, line) ",
+            );
+            q.push_values(chunk, |mut row, (run, line)| {
+                row.push_bind(*run)
+                    .push_bind(i64::try_from(line.seq).unwrap_or(i64::MAX))
+                    .push_bind(line.at)
+                    .push_bind(line.stream.as_str())
+                    .push_bind(line.phase.as_str())
+                    .push_bind(line.text.as_str());
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn read_logs(&self, run: i64, after_seq: u64, limit: u32) -> Result<Vec<LogLine>> {
+        let rows: Vec<(i64, i64, String, String, String)> = sqlx::query_as(
+            "SELECT seq, at, stream, phase, line FROM log_lines \
+             WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(run)
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(seq, at, stream, phase, text)| {
+                Ok(LogLine {
+                    seq: seq.unsigned_abs(),
+                    at,
+                    stream: LogStream::parse(&stream)
+                        .ok_or_else(|| corrupt("log stream", &stream))?,
+                    phase: Phase::parse(&phase).ok_or_else(|| corrupt("phase", &phase))?,
+                    text,
+                })
+            })
+            .collect()
+    }
+
+    async fn trim_log(&self, run: i64, head_last_seq: u64, keep_tail_bytes: u64) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let head = i64::try_from(head_last_seq).unwrap_or(i64::MAX);
+        let keep = i64::try_from(keep_tail_bytes).unwrap_or(i64::MAX);
+        sqlx::query(
+            "DELETE FROM log_lines WHERE run_id = ?1 AND seq IN ( \
+                SELECT seq FROM ( \
+                    SELECT seq, SUM(length(CAST(line AS BLOB)) + 1) \
+                        OVER (ORDER BY seq DESC) AS newer \
+                    FROM log_lines WHERE run_id = ?1 AND seq > ?2) \
+                WHERE newer > ?3)",
+        )
+        .bind(run)
+        .bind(head)
+        .bind(keep)
+        .execute(&mut *tx)
+        .await?;
+        let kept: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(length(CAST(line AS BLOB)) + 1) FROM log_lines WHERE run_id = ? AND seq > ?",
+        )
+        .bind(run)
+        .bind(head)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(kept.unwrap_or(0).unsigned_abs())
+    }
+
+    async fn prune_logs(&self, before: Millis) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query(
+            "DELETE FROM log_lines WHERE run_id IN ( \
+                SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?)",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<TaskEvent>> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT id, task_id, at, kind, from_status, to_status, message \
+             FROM task_events WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(EventRow::into_event).collect()
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {

@@ -83,6 +83,7 @@ async fn transition<S: Store>(store: &S, task: &Task, to: TaskStatus) -> Result<
     store
         .commit_transition(write(task, state, "test", 2_000))
         .await
+        .map(|(t, _)| t)
 }
 
 pub async fn generates_ids_and_skips_taken_ones<S: Store>(store: &S) {
@@ -264,7 +265,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
             patchset: 0,
             runner: Some("r1".into()),
         });
-        current = store.commit_transition(start).await.expect("start run");
+        current = store.commit_transition(start).await.expect("start run").0;
         let counts = store.status_counts().await.expect("counts");
         assert_eq!(counts.active_dev_runs, 1);
         let mut end = write(
@@ -278,7 +279,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
             cost_cents: 2.5,
             error: Some("agent exited 1".into()),
         });
-        current = store.commit_transition(end).await.expect("close run");
+        current = store.commit_transition(end).await.expect("close run").0;
     }
     let runs = store.runs(&task.id).await.expect("runs");
     assert_eq!(runs.len(), 2);

@@ -1,0 +1,188 @@
+//! Ships one lease's log to the server as it happens: each line is numbered (per run, from 1)
+//! and timestamped, kept until the server acknowledges it, and sent in whatever batch has
+//! accumulated while the previous call was in flight (so a chatty agent costs one call per
+//! batch, a quiet one a call per line). While the server is away the lines wait here and go
+//! out on reconnect; a line the server already has is ignored there, so nothing is doubled.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::process::cut_line;
+
+/// Lines waiting for the server beyond this many bytes are dropped oldest first (the reader
+/// sees the gap in the numbering).
+const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
+/// The most lines one call carries.
+const MAX_BATCH_LINES: usize = 5_000;
+/// The most bytes one call carries (well under the 4 MiB message limit).
+const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+enum Msg {
+    Line(pb::LogLine),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The writing end of a lease's log.
+#[derive(Clone)]
+pub struct RunLog {
+    tx: mpsc::UnboundedSender<Msg>,
+    seq: Arc<AtomicU64>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl RunLog {
+    /// Starts shipping the log of `lease`.
+    pub fn start(
+        client: RunnerServiceClient<Channel>,
+        runner_id: Arc<RwLock<String>>,
+        lease: pb::LeaseRef,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(ship(client, runner_id, lease, rx));
+        Self {
+            tx,
+            seq: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Adds a line.
+    pub fn line(&self, stream: pb::LogStream, phase: pb::RunPhase, text: &str) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.tx.send(Msg::Line(pb::LogLine {
+            seq,
+            at_ms: now_ms(),
+            stream: stream.into(),
+            phase: phase.into(),
+            text: cut_line(text),
+        }));
+    }
+
+    /// A lifecycle line of the runner's own.
+    pub fn note(&self, phase: pb::RunPhase, text: &str) {
+        self.line(pb::LogStream::Runner, phase, text);
+    }
+
+    /// Waits until every line so far is stored by the server (or the lease is gone).
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn ship(
+    mut client: RunnerServiceClient<Channel>,
+    runner_id: Arc<RwLock<String>>,
+    lease: pb::LeaseRef,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+) {
+    let mut pending: VecDeque<pb::LogLine> = VecDeque::new();
+    let mut pending_bytes = 0usize;
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut open = true;
+    let mut attempt = 0u32;
+    let take = |msg: Msg,
+                pending: &mut VecDeque<pb::LogLine>,
+                bytes: &mut usize,
+                waiters: &mut Vec<oneshot::Sender<()>>| match msg {
+        Msg::Line(line) => {
+            *bytes += line.text.len();
+            pending.push_back(line);
+            while *bytes > MAX_PENDING_BYTES {
+                match pending.pop_front() {
+                    Some(old) => *bytes -= old.text.len(),
+                    None => break,
+                }
+            }
+        }
+        Msg::Flush(done) => waiters.push(done),
+    };
+    loop {
+        if pending.is_empty() {
+            for w in waiters.drain(..) {
+                let _ = w.send(());
+            }
+            if !open {
+                return;
+            }
+            match rx.recv().await {
+                Some(msg) => take(msg, &mut pending, &mut pending_bytes, &mut waiters),
+                None => open = false,
+            }
+            continue;
+        }
+        // Everything that arrived meanwhile joins this batch.
+        while let Ok(msg) = rx.try_recv() {
+            take(msg, &mut pending, &mut pending_bytes, &mut waiters);
+        }
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for line in pending.iter() {
+            if batch.len() >= MAX_BATCH_LINES
+                || size + line.text.len() > MAX_BATCH_BYTES && !batch.is_empty()
+            {
+                break;
+            }
+            size += line.text.len();
+            batch.push(line.clone());
+        }
+        let req = pb::AppendLogsRequest {
+            runner_id: runner_id.read().map(|id| id.clone()).unwrap_or_default(),
+            lease: Some(lease.clone()),
+            lines: batch,
+        };
+        match client.append_logs(req).await {
+            Ok(resp) => {
+                attempt = 0;
+                let acked = resp.into_inner().acked_seq;
+                while pending.front().is_some_and(|l| l.seq <= acked) {
+                    if let Some(line) = pending.pop_front() {
+                        pending_bytes -= line.text.len();
+                    }
+                }
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::FailedPrecondition | Code::InvalidArgument
+                ) =>
+            {
+                // The lease is over (or the lines are refused): nothing more will be taken.
+                tracing::warn!(lease = %lease.lease_id, error = %status.message(), "log shipping stopped");
+                pending.clear();
+                pending_bytes = 0;
+            }
+            Err(_) => {
+                // The server is away: keep the lines, wait, try again, still taking new ones.
+                attempt += 1;
+                let pause = Duration::from_millis((100u64 << attempt.min(6)).min(5_000));
+                let sleep = tokio::time::sleep(pause);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        () = &mut sleep => break,
+                        msg = rx.recv(), if open => match msg {
+                            Some(msg) => take(msg, &mut pending, &mut pending_bytes, &mut waiters),
+                            None => open = false,
+                        },
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! Run logs and live task transitions.
+//!
+//! - Ingest: runners (and the integrator) hand lines to one writer task, which batches whatever
+//!   is waiting into one transaction (a 1,000-row statement costs about what a 1-row one does),
+//!   then acknowledges each batch to its sender. Lines carry a per-run `seq`; a resent line is
+//!   ignored by the store, so a runner resends freely after a reconnect.
+//! - Fan-out: after each commit the writer publishes the lines on the task's broadcast channel
+//!   (shared `Arc`s, built once). Followers are fed from memory; one that falls behind (the
+//!   channel overflows for it) catches up from storage, so a slow follower never slows the
+//!   writer, the runner or other followers.
+//! - Limits: a line over 64 KiB is cut with a marker; a run's log past `--log-cap-bytes` keeps
+//!   its first half-cap of lines and its newest half-cap, and readers show the gap.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::Coordinator;
+use crate::domain::{LogLine, Run, TaskEvent, TaskId, TaskStatus};
+use crate::error::{Error, Result};
+use crate::registry::LeaseRef;
+use crate::store::Store;
+
+/// A longer line is cut, with a marker.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// How many appends may wait for the writer before senders wait.
+const WRITER_QUEUE: usize = 1024;
+/// The most lines the writer puts in one transaction.
+const MAX_BATCH_LINES: usize = 20_000;
+/// Events a follower may fall behind by before it catches up from storage.
+const FOLLOW_BUFFER: usize = 1024;
+/// Lines read from storage at a time when catching up.
+const PAGE: u32 = 2_000;
+
+/// What followers of a task receive.
+#[derive(Clone, Debug)]
+pub enum LogEvent {
+    Lines { run_id: i64, lines: Arc<[LogLine]> },
+    Status(TaskStatus),
+}
+
+/// What a `logs` stream sends, in order.
+#[derive(Clone, Debug)]
+pub enum LogItem {
+    /// The run the lines that follow belong to.
+    Run(Run),
+    Lines {
+        run_id: i64,
+        lines: Arc<[LogLine]>,
+    },
+    Status(TaskStatus),
+}
+
+/// Lines for the writer.
+pub struct Append {
+    task: TaskId,
+    run_id: i64,
+    lines: Vec<LogLine>,
+    done: Option<oneshot::Sender<std::result::Result<u64, String>>>,
+}
+
+/// The in-memory side of logs: the writer's queue and the broadcast channels.
+pub struct LogHub {
+    writer: mpsc::Sender<Append>,
+    queue: Mutex<Option<mpsc::Receiver<Append>>>,
+    followers: Mutex<HashMap<TaskId, broadcast::Sender<LogEvent>>>,
+    transitions: broadcast::Sender<Arc<TaskEvent>>,
+    /// A run's log beyond this many bytes keeps its head and tail only.
+    pub cap_bytes: u64,
+}
+
+/// Cuts a line over [`MAX_LINE_BYTES`], saying how much went.
+pub fn cut_line(mut text: String) -> String {
+    if text.len() <= MAX_LINE_BYTES {
+        return text;
+    }
+    let mut end = MAX_LINE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!(" [… line cut: {cut} more bytes]"));
+    text
+}
+
+impl LogHub {
+    pub fn new(cap_bytes: u64) -> Self {
+        let (writer, queue) = mpsc::channel(WRITER_QUEUE);
+        let (transitions, _) = broadcast::channel(FOLLOW_BUFFER);
+        Self {
+            writer,
+            queue: Mutex::new(Some(queue)),
+            followers: Mutex::new(HashMap::new()),
+            transitions,
+            cap_bytes,
+        }
+    }
+
+    fn followers(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, broadcast::Sender<LogEvent>>> {
+        self.followers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A receiver of the task's log events from now on.
+    pub fn subscribe(&self, task: &TaskId) -> broadcast::Receiver<LogEvent> {
+        self.followers()
+            .entry(task.clone())
+            .or_insert_with(|| broadcast::channel(FOLLOW_BUFFER).0)
+            .subscribe()
+    }
+
+    fn publish(&self, task: &TaskId, event: LogEvent) {
+        let mut followers = self.followers();
+        if let Some(tx) = followers.get(task) {
+            if tx.receiver_count() == 0 {
+                followers.remove(task);
+            } else {
+                let _ = tx.send(event);
+            }
+        }
+    }
+
+    /// Tells the task's followers and every watcher about a transition.
+    pub fn publish_transition(&self, event: TaskEvent) {
+        self.publish(&event.task_id, LogEvent::Status(event.to));
+        let _ = self.transitions.send(Arc::new(event));
+    }
+
+    /// A receiver of every task transition from now on.
+    pub fn watch(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+        self.transitions.subscribe()
+    }
+
+    /// Queues lines and waits until they are durable; returns the highest seq stored.
+    pub async fn append(&self, task: TaskId, run_id: i64, lines: Vec<LogLine>) -> Result<u64> {
+        let (done, wait) = oneshot::channel();
+        self.writer
+            .send(Append {
+                task,
+                run_id,
+                lines,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| Error::Internal("the log writer has stopped".into()))?;
+        wait.await
+            .map_err(|_| Error::Internal("the log writer has stopped".into()))?
+            .map_err(Error::Internal)
+    }
+
+    /// Queues the server's own lines without waiting.
+    pub fn append_nowait(&self, task: TaskId, run_id: i64, lines: Vec<LogLine>) {
+        let _ = self.writer.try_send(Append {
+            task,
+            run_id,
+            lines,
+            done: None,
+        });
+    }
+}
+
+/// Per run, how much of the log is kept, for the cap.
+#[derive(Default)]
+struct RunSize {
+    bytes: u64,
+    /// The last line of the head, once the head is full.
+    head_last: Option<u64>,
+    tail_bytes: u64,
+}
+
+impl<S: Store> Coordinator<S> {
+    /// Appends a runner's lines for a lease; returns the highest seq stored.
+    pub async fn append_logs(
+        &self,
+        runner_id: &str,
+        lease: &LeaseRef,
+        lines: Vec<LogLine>,
+    ) -> Result<u64> {
+        let (task, run_id) = {
+            let registry = self.registry();
+            let live = registry
+                .check(runner_id, lease, crate::coordinator::now_ms())
+                .map_err(|why| {
+                    Error::FailedPrecondition(format!(
+                        "lease {} (epoch {}) is no longer yours: {why}; drop the work",
+                        lease.id, lease.epoch
+                    ))
+                })?;
+            (live.task.clone(), live.run_id)
+        };
+        let run_id = match run_id {
+            Some(id) => id,
+            None => self.store.running_run(&task).await?.ok_or_else(|| {
+                Error::FailedPrecondition(format!("task {task} has no running run"))
+            })?,
+        };
+        let lines = lines
+            .into_iter()
+            .map(|mut l| {
+                l.text = cut_line(l.text);
+                l
+            })
+            .collect();
+        self.logs.append(task, run_id, lines).await
+    }
+
+    /// Writes queued log lines in batches until `shutdown` (then drains the queue).
+    pub async fn log_writer(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(mut queue) = self.logs.queue.lock().ok().and_then(|mut q| q.take()) else {
+            return;
+        };
+        let mut sizes: HashMap<i64, RunSize> = HashMap::new();
+        loop {
+            let first = tokio::select! {
+                first = queue.recv() => first,
+                () = shutdown.cancelled() => queue.try_recv().ok(),
+            };
+            let Some(first) = first else { return };
+            let mut batch = vec![first];
+            let mut count = batch[0].lines.len();
+            while count < MAX_BATCH_LINES {
+                match queue.try_recv() {
+                    Ok(more) => {
+                        count += more.lines.len();
+                        batch.push(more);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut rows = Vec::with_capacity(count);
+            let mut to_trim = BTreeMap::new();
+            for a in &batch {
+                let size = sizes.entry(a.run_id).or_default();
+                for line in &a.lines {
+                    let n = line.text.len() as u64 + 1;
+                    match size.head_last {
+                        None => {
+                            size.bytes += n;
+                            if size.bytes > self.logs.cap_bytes / 2 {
+                                size.head_last = Some(line.seq);
+                            }
+                        }
+                        Some(head_last) => {
+                            size.tail_bytes += n;
+                            if size.tail_bytes > self.logs.cap_bytes / 2 + self.logs.cap_bytes / 16
+                            {
+                                to_trim.insert(a.run_id, head_last);
+                            }
+                        }
+                    }
+                    rows.push((a.run_id, line.clone()));
+                }
+            }
+            let stored = self.store.append_logs(&rows).await;
+            for a in batch {
+                let result = match &stored {
+                    Ok(()) => {
+                        let top = a.lines.iter().map(|l| l.seq).max().unwrap_or(0);
+                        if !a.lines.is_empty() {
+                            self.logs.publish(
+                                &a.task,
+                                LogEvent::Lines {
+                                    run_id: a.run_id,
+                                    lines: a.lines.into(),
+                                },
+                            );
+                        }
+                        Ok(top)
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Some(done) = a.done {
+                    let _ = done.send(result);
+                }
+            }
+            if let Err(e) = &stored {
+                tracing::error!(error = %e, "storing log lines failed");
+            }
+            for (run, head_last) in to_trim {
+                match self
+                    .store
+                    .trim_log(run, head_last, self.logs.cap_bytes / 2)
+                    .await
+                {
+                    Ok(kept) => {
+                        if let Some(size) = sizes.get_mut(&run) {
+                            size.tail_bytes = kept;
+                        }
+                    }
+                    Err(e) => tracing::error!(run, error = %e, "cutting a log to its cap failed"),
+                }
+            }
+        }
+    }
+
+    /// Streams a task's logs: every run's stored lines, oldest run first; with `follow`, then
+    /// the task's status and new lines as they come. Ends when the receiver hangs up.
+    pub async fn stream_logs(
+        self: Arc<Self>,
+        task: TaskId,
+        follow: bool,
+        out: mpsc::Sender<LogItem>,
+    ) -> Result<()> {
+        let mut live = follow.then(|| self.logs.subscribe(&task));
+        let current = self.get(&task).await?;
+        let mut sent: BTreeMap<i64, u64> = BTreeMap::new();
+        self.catch_up(&task, &mut sent, &out).await?;
+        let Some(live) = live.as_mut() else {
+            return Ok(());
+        };
+        if out
+            .send(LogItem::Status(current.state.status))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        loop {
+            match live.recv().await {
+                Ok(LogEvent::Lines { run_id, lines }) => {
+                    if !sent.contains_key(&run_id) {
+                        // A new run: its header, then what is stored of it so far.
+                        self.catch_up(&task, &mut sent, &out).await?;
+                    }
+                    let last = sent.get(&run_id).copied().unwrap_or(0);
+                    let fresh: Vec<LogLine> =
+                        lines.iter().filter(|l| l.seq > last).cloned().collect();
+                    if let Some(top) = fresh.iter().map(|l| l.seq).max() {
+                        sent.insert(run_id, top);
+                        let lines = if fresh.len() == lines.len() {
+                            lines
+                        } else {
+                            fresh.into()
+                        };
+                        if out.send(LogItem::Lines { run_id, lines }).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(LogEvent::Status(status)) => {
+                    if out.send(LogItem::Status(status)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(%task, missed, "a log follower fell behind; catching up from storage");
+                    self.catch_up(&task, &mut sent, &out).await?;
+                    let status = self.get(&task).await?.state.status;
+                    if out.send(LogItem::Status(status)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+
+    /// Sends what storage holds beyond what was `sent`, run by run.
+    async fn catch_up(
+        &self,
+        task: &TaskId,
+        sent: &mut BTreeMap<i64, u64>,
+        out: &mpsc::Sender<LogItem>,
+    ) -> Result<()> {
+        for run in self.store.runs(task).await? {
+            let id = run.id;
+            if let std::collections::btree_map::Entry::Vacant(e) = sent.entry(id) {
+                e.insert(0);
+                if out.send(LogItem::Run(run)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            loop {
+                let after = sent.get(&id).copied().unwrap_or(0);
+                let page = self.store.read_logs(id, after, PAGE).await?;
+                let Some(top) = page.last().map(|l| l.seq) else {
+                    break;
+                };
+                let full = page.len() == PAGE as usize;
+                sent.insert(id, top);
+                if out
+                    .send(LogItem::Lines {
+                        run_id: id,
+                        lines: page.into(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams every task transition from now on; a watcher that falls behind catches up from
+    /// the stored history. Ends when the receiver hangs up.
+    pub async fn stream_transitions(
+        self: Arc<Self>,
+        out: mpsc::Sender<Arc<TaskEvent>>,
+    ) -> Result<()> {
+        let mut live = self.logs.watch();
+        let mut last_id = 0;
+        loop {
+            match live.recv().await {
+                Ok(event) => {
+                    last_id = event.id;
+                    if out.send(event).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => loop {
+                    let missed = self.store.events_after(last_id, PAGE).await?;
+                    let Some(last) = missed.last() else { break };
+                    last_id = last.id;
+                    let full = missed.len() == PAGE as usize;
+                    for event in missed {
+                        if out.send(Arc::new(event)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if !full {
+                        break;
+                    }
+                },
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_line;
+
+    #[test]
+    fn long_lines_are_cut_with_a_marker() {
+        let cut = cut_line("é".repeat(40_000));
+        assert!(cut.len() < 64 * 1024 + 64);
+        assert!(cut.ends_with("more bytes]"), "{}", &cut[cut.len() - 40..]);
+        assert_eq!(cut_line("short".into()), "short");
+    }
+}
