@@ -358,6 +358,17 @@ impl LogPrinter {
                 self.runs.insert(header.run_id, header);
                 None
             }
+            Kind::EncodedLines(bytes) => {
+                match <pb::LogBatch as prost::Message>::decode(bytes.as_ref()) {
+                    Ok(batch) => self.print(pb::TaskLogsResponse {
+                        kind: Some(Kind::Lines(batch)),
+                    }),
+                    Err(e) => {
+                        eprintln!("pipelinectl: a log batch could not be decoded: {e}");
+                        None
+                    }
+                }
+            }
             Kind::Lines(batch) => {
                 for line in &batch.lines {
                     if self.current != Some((batch.run_id, line.phase)) {

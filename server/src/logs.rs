@@ -34,10 +34,18 @@ const FOLLOW_BUFFER: usize = 1024;
 /// Lines read from storage at a time when catching up.
 const PAGE: u32 = 2_000;
 
+/// A batch's wire encoding, made by the first follower that sends it and shared by the rest
+/// (opaque bytes here: only the gRPC edge knows the encoding).
+pub type SharedEncoding = Arc<std::sync::OnceLock<bytes::Bytes>>;
+
 /// What followers of a task receive.
 #[derive(Clone, Debug)]
 pub enum LogEvent {
-    Lines { run_id: i64, lines: Arc<[LogLine]> },
+    Lines {
+        run_id: i64,
+        lines: Arc<[LogLine]>,
+        encoded: SharedEncoding,
+    },
     Status(TaskStatus),
 }
 
@@ -49,6 +57,7 @@ pub enum LogItem {
     Lines {
         run_id: i64,
         lines: Arc<[LogLine]>,
+        encoded: SharedEncoding,
     },
     Status(TaskStatus),
 }
@@ -266,6 +275,7 @@ impl<S: Store> Coordinator<S> {
                                 LogEvent::Lines {
                                     run_id: a.run_id,
                                     lines: a.lines.into(),
+                                    encoded: SharedEncoding::default(),
                                 },
                             );
                         }
@@ -321,24 +331,40 @@ impl<S: Store> Coordinator<S> {
         }
         loop {
             match live.recv().await {
-                Ok(LogEvent::Lines { run_id, lines }) => {
+                Ok(LogEvent::Lines {
+                    run_id,
+                    lines,
+                    encoded,
+                }) => {
                     if !sent.contains_key(&run_id) {
                         // A new run: its header, then what is stored of it so far.
                         self.catch_up(&task, &mut sent, &out).await?;
                     }
                     let last = sent.get(&run_id).copied().unwrap_or(0);
-                    let fresh: Vec<LogLine> =
-                        lines.iter().filter(|l| l.seq > last).cloned().collect();
-                    if let Some(top) = fresh.iter().map(|l| l.seq).max() {
-                        sent.insert(run_id, top);
-                        let lines = if fresh.len() == lines.len() {
-                            lines
-                        } else {
-                            fresh.into()
-                        };
-                        if out.send(LogItem::Lines { run_id, lines }).await.is_err() {
-                            return Ok(());
+                    let item = if lines.first().is_some_and(|l| l.seq > last) {
+                        // The usual case: all new, sent as is (and encoded once for all).
+                        LogItem::Lines {
+                            run_id,
+                            lines: Arc::clone(&lines),
+                            encoded,
                         }
+                    } else {
+                        let fresh: Vec<LogLine> =
+                            lines.iter().filter(|l| l.seq > last).cloned().collect();
+                        if fresh.is_empty() {
+                            continue;
+                        }
+                        LogItem::Lines {
+                            run_id,
+                            lines: fresh.into(),
+                            encoded: SharedEncoding::default(),
+                        }
+                    };
+                    if let Some(top) = lines.iter().map(|l| l.seq).max() {
+                        sent.insert(run_id, top.max(last));
+                    }
+                    if out.send(item).await.is_err() {
+                        return Ok(());
                     }
                 }
                 Ok(LogEvent::Status(status)) => {
@@ -386,6 +412,7 @@ impl<S: Store> Coordinator<S> {
                     .send(LogItem::Lines {
                         run_id: id,
                         lines: page.into(),
+                        encoded: SharedEncoding::default(),
                     })
                     .await
                     .is_err()

@@ -292,7 +292,10 @@ fn a_crash_before_moving_the_base_is_undone_and_redone() {
     assert_eq!(runs.len(), 2, "{runs:?}");
     assert_eq!(runs[0]["error"], "interrupted by a restart of the server");
     assert_eq!(runs[1]["status"], "success", "redone after the restart");
-    assert_eq!(task["failures"], 0, "an interruption is not the task's failure");
+    assert_eq!(
+        task["failures"], 0,
+        "an interruption is not the task's failure"
+    );
 }
 
 #[test]

@@ -256,10 +256,21 @@ fn log_item_to_pb(item: &LogItem) -> pb::TaskLogsResponse {
             attempt: run.attempt,
             runner: run.runner.clone(),
         }),
-        LogItem::Lines { run_id, lines } => Kind::Lines(pb::LogBatch {
-            run_id: *run_id,
-            lines: lines.iter().map(Into::into).collect(),
-        }),
+        LogItem::Lines {
+            run_id,
+            lines,
+            encoded,
+        } => Kind::EncodedLines(
+            encoded
+                .get_or_init(|| {
+                    prost::Message::encode_to_vec(&pb::LogBatch {
+                        run_id: *run_id,
+                        lines: lines.iter().map(Into::into).collect(),
+                    })
+                    .into()
+                })
+                .clone(),
+        ),
         LogItem::Status(s) => Kind::Status(status_to_pb(*s).into()),
     };
     pb::TaskLogsResponse { kind: Some(kind) }
