@@ -93,6 +93,9 @@ pub async fn run(
         .with_context(|| format!("invalid server URL {url:?}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // Large log batches and bundle chunks are not held up by HTTP/2 flow control.
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
         .connect_lazy();
     let client = RunnerServiceClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)

@@ -126,7 +126,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let runner = RunnerServiceServer::new(RunnerApi::new(coordinator, shutdown.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // Windows large enough that a batch of log lines or a bundle chunk is not held up by
+    // HTTP/2 flow control (the 64 KiB default costs round trips on every large message).
     let serve = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .tcp_nodelay(true)
         .add_service(control)
         .add_service(runner)
         .serve_with_incoming_shutdown(

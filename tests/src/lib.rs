@@ -24,12 +24,14 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The directory holding the workspace's binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
-    // Test executables live in target/<profile>/deps.
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Builds the binaries once per process; `cargo test` builds only this crate's targets.
@@ -38,9 +40,14 @@ pub fn ensure_built() {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "--bins", "--manifest-path"])
-            .arg(manifest)
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bins", "--manifest-path"])
+            .arg(manifest);
+        // The benchmark (built with --release) drives release binaries.
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd
             .args([
                 "-p",
                 "pipeline-server",

@@ -1,0 +1,266 @@
+//! `pipeline-bench`: the load generator. It starts a real release-build `pipeline-server` on a
+//! temp repository and drives it over real gRPC on loopback, printing each figure as median, p99
+//! and max. Run it (it builds what it needs) with:
+//!
+//! ```sh
+//! cargo run --release -p pipeline-tests --bin pipeline-bench -- logs          # full run
+//! cargo run --release -p pipeline-tests --bin pipeline-bench -- logs --quick  # seconds (CI)
+//! ```
+//!
+//! `logs`: durable ingest (lines/s, as one runner ships them: sequential batches of up to
+//! 5,000 lines; and from 4 senders at once), then follow latency with 100 followers attached
+//! (line sent to the server → line delivered to each follower, so it includes both loopback
+//! hops: an upper bound on the server's share).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::control_service_client::ControlServiceClient;
+use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+use pipeline_tests::{Server, TestRepo};
+use tonic::transport::Channel;
+
+/// Median, p99 and max of a set of durations, in milliseconds.
+fn summary(mut xs: Vec<Duration>) -> String {
+    xs.sort();
+    let at = |q: f64| xs[((xs.len() as f64 - 1.0) * q).round() as usize];
+    format!(
+        "p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms (n = {})",
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        at(1.0).as_secs_f64() * 1e3,
+        xs.len()
+    )
+}
+
+fn line(seq: u64, text: String) -> pb::LogLine {
+    pb::LogLine {
+        seq,
+        at_ms: 0,
+        stream: pb::LogStream::Stdout.into(),
+        phase: pb::RunPhase::Dev.into(),
+        text,
+    }
+}
+
+struct Lease {
+    runner: RunnerServiceClient<Channel>,
+    runner_id: String,
+    lease: pb::LeaseRef,
+    task: String,
+    _work: tonic::Streaming<pb::WorkMessage>,
+}
+
+/// Registers a runner and takes one lease on a new task.
+async fn take_lease(server: &Server, name: &str) -> Lease {
+    // The same transport settings as `pipeline-runner`.
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .expect("url")
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .connect()
+        .await
+        .expect("connect");
+    let mut runner = RunnerServiceClient::new(channel);
+    let mut control = ControlServiceClient::connect(server.url.clone())
+        .await
+        .expect("connect");
+    let runner_id = runner
+        .register(pb::RegisterRequest {
+            name: name.into(),
+            labels: vec![],
+            slots: 1,
+            version: "bench".into(),
+            protocol_version: pipeline_proto::PROTOCOL_VERSION,
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .runner_id;
+    let mut work = runner
+        .open_work(pb::OpenWorkRequest {
+            runner_id: runner_id.clone(),
+            held: vec![],
+            draining: false,
+        })
+        .await
+        .expect("open work")
+        .into_inner();
+    work.message().await.expect("attached");
+    let task = control
+        .create_task(pb::CreateTaskRequest {
+            title: format!("bench {name}"),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .task
+        .expect("task")
+        .id;
+    let lease = loop {
+        match work.message().await.expect("push").and_then(|m| m.kind) {
+            Some(pb::work_message::Kind::Assignment(a)) => break a.lease.expect("lease"),
+            _ => continue,
+        }
+    };
+    Lease {
+        runner,
+        runner_id,
+        lease,
+        task,
+        _work: work,
+    }
+}
+
+/// Sends `lines` lines in batches of `batch`, numbered from `first`, one call at a time.
+async fn ship(l: &mut Lease, first: u64, lines: u64, batch: u64) {
+    let text = "x".repeat(80);
+    let mut seq = first;
+    while seq < first + lines {
+        let n = batch.min(first + lines - seq);
+        let req = pb::AppendLogsRequest {
+            runner_id: l.runner_id.clone(),
+            lease: Some(l.lease.clone()),
+            lines: (seq..seq + n)
+                .map(|s| line(s, format!("{s} {text}")))
+                .collect(),
+        };
+        l.runner.append_logs(req).await.expect("append");
+        seq += n;
+    }
+}
+
+async fn bench_logs(server: &Server, quick: bool) {
+    let total: u64 = if quick { 50_000 } else { 1_000_000 };
+    // Ingest, one sender.
+    let mut one = take_lease(server, "ingest-1").await;
+    ship(&mut one, 1, 5_000, 5_000).await; // warm up
+    let start = Instant::now();
+    ship(&mut one, 5_001, total, 5_000).await;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "logs ingest, one sender (batches of 5,000): {total} lines in {secs:.2} s = {:.0} lines/s",
+        total as f64 / secs
+    );
+    // Ingest, four senders at once.
+    let mut senders = Vec::new();
+    for i in 0..4 {
+        senders.push(take_lease(server, &format!("ingest-4-{i}")).await);
+    }
+    let start = Instant::now();
+    let per = total / 4;
+    let handles: Vec<_> = senders
+        .into_iter()
+        .map(|mut l| tokio::spawn(async move { ship(&mut l, 1, per, 5_000).await }))
+        .collect();
+    for h in handles {
+        h.await.expect("sender");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "logs ingest, four senders: {} lines in {secs:.2} s = {:.0} lines/s",
+        per * 4,
+        (per * 4) as f64 / secs
+    );
+
+    // Follow latency, 100 followers.
+    let followers_n = 100;
+    let lines: u64 = if quick { 200 } else { 2_000 };
+    let mut lease = take_lease(server, "follow").await;
+    let sent: Arc<Vec<std::sync::OnceLock<Instant>>> =
+        Arc::new((0..=lines).map(|_| std::sync::OnceLock::new()).collect());
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(followers_n);
+    let mut followers = Vec::new();
+    for _ in 0..followers_n {
+        let url = server.url.clone();
+        let task = lease.task.clone();
+        let sent = Arc::clone(&sent);
+        let ready = ready_tx.clone();
+        followers.push(tokio::spawn(async move {
+            let mut control = ControlServiceClient::connect(url).await.expect("connect");
+            let mut stream = control
+                .task_logs(pb::TaskLogsRequest {
+                    id: task,
+                    follow: true,
+                })
+                .await
+                .expect("follow")
+                .into_inner();
+            let mut latencies = Vec::with_capacity(lines as usize);
+            while let Some(msg) = stream.message().await.expect("stream") {
+                match msg.kind {
+                    Some(pb::task_logs_response::Kind::Status(_)) => {
+                        let _ = ready.send(()).await;
+                    }
+                    Some(pb::task_logs_response::Kind::EncodedLines(bytes)) => {
+                        let now = Instant::now();
+                        let batch: pb::LogBatch =
+                            prost::Message::decode(bytes.as_ref()).expect("decode");
+                        for l in batch.lines {
+                            if let Some(at) = sent.get(l.seq as usize).and_then(|c| c.get()) {
+                                latencies.push(now.duration_since(*at));
+                            }
+                            if l.seq == lines {
+                                return latencies;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            latencies
+        }));
+    }
+    for _ in 0..followers_n {
+        ready_rx.recv().await.expect("ready");
+    }
+    let text = "y".repeat(80);
+    for seq in 1..=lines {
+        let req = pb::AppendLogsRequest {
+            runner_id: lease.runner_id.clone(),
+            lease: Some(lease.lease.clone()),
+            lines: vec![line(seq, format!("{seq} {text}"))],
+        };
+        let _ = sent[seq as usize].set(Instant::now());
+        lease.runner.append_logs(req).await.expect("append");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut all = Vec::new();
+    for f in followers {
+        all.extend(f.await.expect("follower"));
+    }
+    println!(
+        "logs follow latency, {followers_n} followers, {lines} lines at ~1/ms: {}",
+        summary(all)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let what = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map_or("logs", String::as_str);
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "600"]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "pipeline-bench {what}{} on {} cores",
+        if quick { " --quick" } else { "" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    match what {
+        "logs" => rt.block_on(bench_logs(&server, quick)),
+        other => {
+            eprintln!("pipeline-bench: unknown benchmark {other:?}; try: logs");
+            std::process::exit(2);
+        }
+    }
+}
