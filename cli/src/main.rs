@@ -120,8 +120,20 @@ enum TaskCommand {
     },
 }
 
+/// Lets a closed pipe (`pipelinectl … | head`) end the process quietly, as it does for other
+/// command-line tools, instead of making `println!` panic.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default before any thread starts has no
+    // memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    default_sigpipe();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -46,6 +46,16 @@ impl<S: Store> RunLog<'_, S> {
             .logs
             .append_nowait(self.task.clone(), self.run_id, vec![line]);
     }
+
+    /// Waits until every line so far is stored and published (the writer works in order), so
+    /// that a transition published next cannot overtake them.
+    async fn flush(&self) {
+        let _ = self
+            .coordinator
+            .logs
+            .append(self.task.clone(), self.run_id, Vec::new())
+            .await;
+    }
 }
 
 /// How many times an integration is redone because the base moved under it before giving up
@@ -183,6 +193,7 @@ impl<S: Store> Coordinator<S> {
             {
                 let note = format!("already on {base} as {landed}");
                 log.line(note.clone());
+                log.flush().await;
                 return self.integrated(task, &commit, None, Some(note)).await;
             }
             let tree = match self.repo.cherry_pick_tree(&parent, &tip, &commit).await? {
@@ -193,6 +204,7 @@ impl<S: Store> Coordinator<S> {
                          redo the task on the current base:\n{conflict}"
                     );
                     log.line(reason.clone());
+                    log.flush().await;
                     return self.integration_failed(task, reason).await;
                 }
             };
@@ -232,6 +244,7 @@ impl<S: Store> Coordinator<S> {
                         let reason =
                             format!("the build of the commit on {base} at {tip} failed: {why}");
                         log.line(format!("build failed; {base} stays at {tip}"));
+                        log.flush().await;
                         return self.integration_failed(task, reason).await;
                     }
                 }
@@ -275,6 +288,7 @@ impl<S: Store> Coordinator<S> {
             failpoint("after-base-update");
             tracing::info!(task = %id, commit = %new, "landed on {base}");
             log.line(format!("landed on {base} as {new}"));
+            log.flush().await;
             let note = skipped.map(|why| format!("build skipped: {why}"));
             return self.integrated(task, &commit, None, note).await;
         }

@@ -381,3 +381,26 @@ fn the_server_accepts_the_contract_flags() {
     );
     assert_eq!(server.ctl(&["status", "--json"]).json()["base"], "main");
 }
+
+#[test]
+fn a_closed_pipe_ends_pipelinectl_quietly() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    for i in 0..50 {
+        server.add(&[
+            "--title",
+            &format!("task number {i} with a title long enough to fill"),
+        ]);
+    }
+    let mut child = std::process::Command::new(bin("pipelinectl"))
+        .args(["--server", &server.url, "task", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The reader goes away at once, like `| head -1` after its line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
