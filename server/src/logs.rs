@@ -191,6 +191,14 @@ impl<S: Store> Coordinator<S> {
     ) -> Result<u64> {
         let (task, run_id) = {
             let registry = self.registry();
+            // An ID the server does not know (it restarted, the runner is registering again)
+            // is worth a retry; a lease that is someone else's is not.
+            if registry.runner(runner_id).is_none() {
+                return Err(Error::NotFound(format!(
+                    "runner {runner_id} is not registered (the server may have restarted); \
+                     register again"
+                )));
+            }
             let live = registry
                 .check(runner_id, lease, crate::coordinator::now_ms())
                 .map_err(|why| {

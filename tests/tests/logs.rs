@@ -151,8 +151,10 @@ fn a_runner_that_loses_the_server_mid_run_leaves_a_complete_log() {
     let server = Server::start(&repo, &["--lease-ttl", "10", "--listen", &addr]);
     server.wait_status(&id, "done");
     let log = server.ctl(&["logs", &id]).ok();
-    assert_eq!(agent_lines(&log), expected(1000), "{log}");
-    assert!(!log.contains("cut"), "nothing lost: {log}");
+    let lines = agent_lines(&log);
+    assert_eq!(lines.len(), 1000, "every line, once: {:?}", lines.last());
+    assert!(lines == expected(1000), "in order");
+    assert!(!log.contains("cut"), "nothing lost");
 }
 
 #[test]
