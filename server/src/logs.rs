@@ -21,6 +21,7 @@ use crate::coordinator::Coordinator;
 use crate::domain::{LogLine, Run, TaskEvent, TaskId, TaskStatus};
 use crate::error::{Error, Result};
 use crate::registry::LeaseRef;
+use crate::runners::unregistered;
 use crate::store::Store;
 
 /// A longer line is cut, with a marker.
@@ -194,10 +195,7 @@ impl<S: Store> Coordinator<S> {
             // An ID the server does not know (it restarted, the runner is registering again)
             // is worth a retry; a lease that is someone else's is not.
             if registry.runner(runner_id).is_none() {
-                return Err(Error::NotFound(format!(
-                    "runner {runner_id} is not registered (the server may have restarted); \
-                     register again"
-                )));
+                return Err(unregistered(runner_id));
             }
             let live = registry
                 .check(runner_id, lease, crate::coordinator::now_ms())

@@ -79,6 +79,14 @@ fn check_runner_name(name: &str) -> Result<()> {
         .map_err(|e| Error::InvalidArgument(e.to_string().replace("task id", "runner name")))
 }
 
+/// A runner ID the server does not know (it restarted): the runner registers again and
+/// retries, so this is `NotFound`, never a refusal of its leases.
+pub fn unregistered(runner_id: &str) -> Error {
+    Error::NotFound(format!(
+        "runner {runner_id} is not registered (the server may have restarted); register again"
+    ))
+}
+
 fn refused(lease: &LeaseRef, why: impl std::fmt::Display) -> Error {
     Error::FailedPrecondition(format!(
         "lease {} (epoch {}) is no longer yours: {why}; drop the work",
@@ -134,12 +142,9 @@ impl<S: Store> Coordinator<S> {
         let (tx, rx) = mpsc::channel(PUSH_BUFFER);
         let now = now_ms();
         let mut registry = self.registry();
-        let generation = registry.attach(runner_id, tx, draining).ok_or_else(|| {
-            Error::NotFound(format!(
-                "runner {runner_id} is not registered (the server may have restarted); \
-                 register again"
-            ))
-        })?;
+        let generation = registry
+            .attach(runner_id, tx, draining)
+            .ok_or_else(|| unregistered(runner_id))?;
         let mut attached = Attached::default();
         for lease in held {
             if registry.reattach(runner_id, lease, now, self.settings.lease_ttl_ms) {
@@ -182,12 +187,7 @@ impl<S: Store> Coordinator<S> {
                 now_ms(),
                 self.settings.lease_ttl_ms,
             )
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "runner {runner_id} is not registered (the server may have restarted); \
-                     register again"
-                ))
-            })?;
+            .ok_or_else(|| unregistered(runner_id))?;
         drop(registry);
         if was_draining && !draining {
             self.wake.notify_one();
@@ -201,10 +201,7 @@ impl<S: Store> Coordinator<S> {
         let task_id = {
             let registry = self.registry();
             if registry.runner(runner_id).is_none() {
-                return Err(Error::NotFound(format!(
-                    "runner {runner_id} is not registered (the server may have restarted); \
-                     register again"
-                )));
+                return Err(unregistered(runner_id));
             }
             let live = registry
                 .check(runner_id, lease, now_ms())
