@@ -2,7 +2,9 @@
 //! all with `store_test_suite!(factory)`, where `factory` is an async fn returning
 //! `(guard, store)` over a fresh, empty database.
 
-use crate::domain::{NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus};
+use crate::domain::{
+    LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus,
+};
 use crate::error::Error;
 use crate::lifecycle::Transition;
 use crate::store::{Journal, NewRun, RunEnd, Store, TransitionWrite};
@@ -38,6 +40,7 @@ macro_rules! store_test_suite {
             keeps_meta,
             offers_lease_candidates_out_of_back_off_with_dependencies_done,
             keeps_an_integration_journal,
+            stores_trims_and_prunes_logs,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
@@ -440,4 +443,80 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
             .expect("pending")
             .is_empty()
     );
+}
+
+fn log_line(seq: u64, text: &str) -> LogLine {
+    LogLine {
+        seq,
+        at: 10,
+        stream: LogStream::Stdout,
+        phase: Phase::Dev,
+        text: text.to_owned(),
+    }
+}
+
+pub async fn stores_trims_and_prunes_logs<S: Store>(store: &S) {
+    let task = create(store, "logged").await;
+    let run = store
+        .start_run(
+            &task.id,
+            &NewRun {
+                phase: Phase::Integrate,
+                patchset: 0,
+                runner: None,
+            },
+            100,
+        )
+        .await
+        .expect("run");
+    assert_eq!(
+        store.running_run(&task.id).await.expect("running"),
+        Some(run)
+    );
+    let lines: Vec<(i64, LogLine)> = (1..=10).map(|i| (run, log_line(i, "0123456789"))).collect();
+    store.append_logs(&lines).await.expect("append");
+    // A resent line is ignored, not doubled or overwritten.
+    store
+        .append_logs(&[(run, log_line(3, "changed"))])
+        .await
+        .expect("resend");
+    let read = store.read_logs(run, 0, 100).await.expect("read");
+    assert_eq!(read.len(), 10);
+    assert_eq!(read[2].text, "0123456789");
+    assert_eq!(store.read_logs(run, 8, 100).await.expect("after").len(), 2);
+    assert_eq!(store.read_logs(run, 0, 4).await.expect("page").len(), 4);
+    // Keep the head (1-2) and the newest 33 bytes (three lines of 11): 8, 9, 10.
+    let kept = store.trim_log(run, 2, 33).await.expect("trim");
+    assert_eq!(kept, 33);
+    let seqs: Vec<u64> = store
+        .read_logs(run, 0, 100)
+        .await
+        .expect("read")
+        .iter()
+        .map(|l| l.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 8, 9, 10]);
+    // Pruning removes the logs of runs finished before the cut-off only.
+    assert_eq!(
+        store.prune_logs(1_000).await.expect("prune"),
+        0,
+        "still running"
+    );
+    assert_eq!(
+        store
+            .abandon_runs(Phase::Integrate, "stopped", 500)
+            .await
+            .expect("abandon"),
+        1
+    );
+    assert_eq!(
+        store.prune_logs(500).await.expect("prune"),
+        0,
+        "not before 500"
+    );
+    assert_eq!(store.prune_logs(501).await.expect("prune"), 5);
+    assert!(store.read_logs(run, 0, 100).await.expect("read").is_empty());
+    let finished = store.run(run).await.expect("run").expect("exists");
+    assert_eq!(finished.status, RunStatus::Failure);
+    assert_eq!(finished.error.as_deref(), Some("stopped"));
 }
