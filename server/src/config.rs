@@ -25,6 +25,11 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Allow listening on a non-loopback address without TLS: anyone who can reach the port
+    /// can then lease work, send commits and steer the queue.
+    #[arg(long, env = "PIPELINE_INSECURE")]
+    pub insecure: bool,
+
     /// Where the server keeps its database and files [default: <git common dir>/pipeline].
     #[arg(long, env = "PIPELINE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -82,6 +87,14 @@ impl Config {
     /// Checks what clap cannot: combinations of flags.
     pub fn validate(&self) -> Result<(), String> {
         self.agent.validate()?;
+        if !self.listen.ip().is_loopback() && !self.insecure {
+            return Err(format!(
+                "refusing to listen on {} without TLS: anyone who can reach it could lease work, \
+                 send commits and steer the queue; listen on a loopback address (127.0.0.1), or \
+                 pass --insecure on a network you trust",
+                self.listen
+            ));
+        }
         if let Some(remote) = &self.push_remote
             && (remote.is_empty()
                 || remote.starts_with('-')
@@ -121,6 +134,30 @@ mod tests {
             (1800, 80, 300)
         );
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_public_address_needs_insecure() {
+        let c = Config::try_parse_from(["s", "--repo", "/r", "--listen", "0.0.0.0:50051"])
+            .expect("parse");
+        let err = c.validate().expect_err("refused");
+        assert!(
+            err.contains("refusing to listen on 0.0.0.0:50051 without TLS"),
+            "{err}"
+        );
+        let c = Config::try_parse_from([
+            "s",
+            "--repo",
+            "/r",
+            "--listen",
+            "0.0.0.0:50051",
+            "--insecure",
+        ])
+        .expect("parse");
+        assert!(c.validate().is_ok());
+        let c =
+            Config::try_parse_from(["s", "--repo", "/r", "--listen", "[::1]:1"]).expect("parse");
+        assert!(c.validate().is_ok(), "IPv6 loopback is loopback");
     }
 
     #[test]

@@ -404,3 +404,17 @@ fn a_closed_pipe_ends_pipelinectl_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_public_listen_address_without_tls_is_refused() {
+    let repo = TestRepo::new();
+    let log = Server::spawn(&mut Server::command(&repo, &["--listen", "0.0.0.0:0"]))
+        .err()
+        .expect("refused");
+    assert!(
+        log.contains("refusing to listen on 0.0.0.0:0 without TLS") && log.contains("--insecure"),
+        "{log}"
+    );
+    let server = Server::start(&repo, &["--listen", "0.0.0.0:0", "--insecure"]);
+    assert!(server.ctl(&["status", "--json"]).json()["open"].is_u64());
+}
