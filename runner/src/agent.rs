@@ -25,7 +25,7 @@ pub struct AgentJob {
     pub worktree: PathBuf,
     pub prompt_file: PathBuf,
     pub cost_file: PathBuf,
-    /// The `PIPELINE_*` variables.
+    /// The whole environment: the allowed variables and the `PIPELINE_*` ones.
     pub env: Vec<(String, String)>,
 }
 
@@ -36,9 +36,6 @@ pub enum AgentResult {
     Failed { reason: String, cost_cents: f64 },
     Cancelled,
 }
-
-/// Variables an agent or build never inherits from the runner.
-pub const WITHHELD_ENV: &[&str] = &["PIPELINE_TOKEN"];
 
 /// Runs the agent for `job`.
 pub async fn run(
@@ -75,7 +72,7 @@ async fn run_command(
     };
     let spec = Spec {
         env: job.env.clone(),
-        env_remove: WITHHELD_ENV.iter().map(|s| (*s).to_owned()).collect(),
+        clear_env: true,
         timeout: Some(Duration::from_secs(args.timeout)),
         kill_grace: args.kill_grace(),
         ..Spec::shell(cmd, job.worktree.clone())
@@ -152,7 +149,7 @@ async fn run_agentd(
         args: args_.into_iter().map(Into::into).collect(),
         cwd: job.worktree.clone(),
         env: job.env.clone(),
-        env_remove: WITHHELD_ENV.iter().map(|s| (*s).to_owned()).collect(),
+        clear_env: true,
         timeout: Some(Duration::from_secs(60)),
         kill_grace: args.kill_grace(),
         reap_group: true,

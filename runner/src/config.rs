@@ -75,10 +75,22 @@ pub struct AgentArgs {
     #[arg(long, env = "PIPELINE_AGENT_PROVIDER")]
     pub provider: Option<String>,
 
+    /// Environment variables agents and builds may inherit, besides PATH, HOME, USER, LOGNAME,
+    /// SHELL, LANG, LC_ALL, LC_CTYPE, TZ, TMPDIR and TERM (repeat, or separate with commas).
+    /// Nothing else of this process's environment reaches them, credentials included.
+    #[arg(long = "env-allow", env = "PIPELINE_ENV_ALLOW", value_delimiter = ',')]
+    pub env_allow: Vec<String>,
+
     /// Seconds between SIGTERM and SIGKILL when an agent or build is stopped.
     #[arg(long, env = "PIPELINE_KILL_GRACE", default_value_t = 10)]
     pub kill_grace: u64,
 }
+
+/// Variables agents and builds always inherit (when the runner has them).
+pub const DEFAULT_ENV_ALLOW: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+    "TERM",
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -124,6 +136,17 @@ impl AgentArgs {
 
     pub fn kill_grace(&self) -> Duration {
         Duration::from_secs(self.kill_grace)
+    }
+
+    /// The environment an agent or a build starts from: the allowed variables this process
+    /// has (never a `PIPELINE_*` one: those are set per run).
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        std::env::vars()
+            .filter(|(k, _)| {
+                !k.starts_with("PIPELINE_")
+                    && (DEFAULT_ENV_ALLOW.contains(&k.as_str()) || self.env_allow.contains(k))
+            })
+            .collect()
     }
 }
 

@@ -176,7 +176,8 @@ async fn develop(
     let _ = std::fs::remove_file(&cost_file);
     std::fs::write(&prompt_file, &a.prompt)
         .map_err(|e| JobEnd::Release(format!("cannot write the prompt: {e}")))?;
-    let env = vec![
+    let mut env = ctx.config.agent.child_env();
+    env.extend([
         ("PIPELINE_TASK_ID".to_owned(), a.task_id.clone()),
         ("PIPELINE_RUN_ID".to_owned(), a.run_id.clone()),
         (
@@ -194,7 +195,7 @@ async fn develop(
             "PIPELINE_COST_FILE".to_owned(),
             cost_file.display().to_string(),
         ),
-    ];
+    ]);
     let job = AgentJob {
         run_id: a.run_id.clone(),
         worktree: worktree.clone(),

@@ -37,8 +37,8 @@ pub struct Spec {
     pub cwd: PathBuf,
     /// Variables added to the environment.
     pub env: Vec<(String, String)>,
-    /// Variables removed from the environment.
-    pub env_remove: Vec<String>,
+    /// Start from an empty environment (then `env`), instead of this process's.
+    pub clear_env: bool,
     pub timeout: Option<Duration>,
     pub kill_grace: Duration,
     /// Kill what is left of the process group once the process exits. Off only for commands
@@ -54,7 +54,7 @@ impl Spec {
             args: vec!["-c".into(), script.into()],
             cwd,
             env: Vec::new(),
-            env_remove: Vec::new(),
+            clear_env: false,
             timeout: None,
             kill_grace: Duration::from_secs(10),
             reap_group: true,
@@ -134,8 +134,8 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    for key in &spec.env_remove {
-        cmd.env_remove(key);
+    if spec.clear_env {
+        cmd.env_clear();
     }
     for (k, v) in &spec.env {
         cmd.env(k, v);

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{WITHHELD_ENV, with_tail};
+use crate::agent::with_tail;
 use crate::config::VerifyArgs;
 use crate::process::{self, Spec, Stream};
 
@@ -26,7 +26,8 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// Verifies the worktree at `dir` for a task with `namespace`.
+/// Verifies the worktree at `dir` for a task with `namespace`. The commands get exactly `env`
+/// (plus `PIPELINE_NAMESPACE`), nothing else of this process's environment.
 pub async fn verify(
     args: &VerifyArgs,
     dir: &Path,
@@ -46,7 +47,7 @@ pub async fn verify(
     ));
     let run = |script: String| Spec {
         env: env.clone(),
-        env_remove: WITHHELD_ENV.iter().map(|s| (*s).to_owned()).collect(),
+        clear_env: true,
         kill_grace,
         ..Spec::shell(&script, dir.to_path_buf())
     };

@@ -89,6 +89,8 @@ pub struct Settings {
     pub push_remote: Option<String>,
     /// A run's log beyond this many bytes keeps its head and tail only.
     pub log_cap_bytes: u64,
+    /// The environment integration builds start from (the allow-listed variables).
+    pub build_env: Vec<(String, String)>,
 }
 
 /// The coordinator's domain API over a [`Store`]: tasks, runners, leases.
@@ -393,6 +395,7 @@ mod tests {
             integration_dir: dir.path().join("integration"),
             push_remote: None,
             log_cap_bytes: 1 << 20,
+            build_env: Vec::new(),
         };
         let repo = Repo::at(dir.path());
         (dir, Coordinator::new(store, settings, repo))

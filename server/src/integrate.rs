@@ -221,11 +221,12 @@ impl<S: Store> Coordinator<S> {
                 self.repo.checkout_worktree(dir, &new).await?;
                 tracing::info!(task = %id, commit = %new, "building the integrated commit");
                 log.line(format!("building {new} in {}", dir.display()));
-                let env = vec![
+                let mut env = self.settings.build_env.clone();
+                env.extend([
                     ("PIPELINE_TASK_ID".to_owned(), id.to_string()),
                     ("PIPELINE_BASE".to_owned(), base.clone()),
                     ("PIPELINE_BASE_COMMIT".to_owned(), tip.clone()),
-                ];
+                ]);
                 let verdict = pipeline_runner::verify::verify(
                     &self.settings.verify,
                     dir,

@@ -88,6 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         integration_dir: state_dir.join("integration"),
         push_remote: config.push_remote.clone(),
         log_cap_bytes: config.log_cap_bytes.max(1024),
+        build_env: config.agent.child_env(),
     };
     let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo));
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;

@@ -20,6 +20,7 @@ log=${AGENT_LOG_DIR:?AGENT_LOG_DIR must be set}
 mkdir -p "$log"
 cp "$PIPELINE_PROMPT_FILE" "$log/$PIPELINE_RUN_ID.prompt"
 env | grep '^PIPELINE_' | sort > "$log/$PIPELINE_RUN_ID.env"
+env | sort > "$log/$PIPELINE_RUN_ID.fullenv"
 pwd > "$log/$PIPELINE_RUN_ID.cwd"
 n=$(cat "$log/$PIPELINE_TASK_ID.attempts" 2>/dev/null || echo 0)
 n=$((n + 1))

@@ -381,7 +381,8 @@ impl Server {
         cmd.arg("--repo")
             .arg(repo.repo())
             .arg("--state-dir")
-            .arg(repo.state_dir());
+            .arg(repo.state_dir())
+            .args(["--env-allow", "AGENT_LOG_DIR"]);
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -523,17 +524,29 @@ impl Runner {
 
     /// Spawns a runner without waiting for it.
     pub fn spawn(repo: &TestRepo, url: &str, name: &str, args: &[&str]) -> Self {
+        Self::spawn_with_env(repo, url, name, args, &[])
+    }
+
+    /// Spawns a runner with extra environment variables, without waiting for it.
+    pub fn spawn_with_env(
+        repo: &TestRepo,
+        url: &str,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = Command::new(bin("pipeline-runner"));
         cmd.args(["--server", url, "--name", name, "--slots", "1"])
             .arg("--work-dir")
             .arg(repo.dir.path().join("runners").join(name))
-            .args(["--kill-grace", "2"])
+            .args(["--kill-grace", "2", "--env-allow", "AGENT_LOG_DIR"])
             .args(args)
             .env("RUST_LOG", "info")
             .env("PATH", scripts_path())
             .env("AGENT_LOG_DIR", repo.agent_log())
             .env_remove("PIPELINE_SERVER")
-            .env_remove("PIPELINE_TOKEN");
+            .env_remove("PIPELINE_TOKEN")
+            .envs(env.iter().copied());
         Self {
             proc: Proc::spawn(&mut cmd),
             name: name.to_owned(),

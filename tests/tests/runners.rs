@@ -924,3 +924,42 @@ fn a_runner_fetches_only_what_its_mirror_lacks() {
         runner.log()
     );
 }
+
+#[test]
+fn agents_and_builds_get_a_controlled_environment() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&[]);
+    let mut cmd_runner = Runner::spawn_with_env(
+        &repo,
+        &server.url,
+        "r",
+        &as_strs(&args),
+        &[("SECRET_TOKEN", "hunter2"), ("PIPELINE_TOKEN", "hunter3")],
+    );
+    cmd_runner
+        .proc
+        .wait_for_line("registered")
+        .expect("registered");
+    let id = server.add(&["--title", "t", "--namespace", "ok"]);
+    server.wait_status(&id, "done");
+    let agent_env = repo
+        .agent_file(&format!("dev-{id}-1.fullenv"))
+        .expect("agent env");
+    let build_env = repo.agent_file("bild.env").expect("build env");
+    for env in [&agent_env, &build_env] {
+        assert!(!env.contains("hunter"), "a secret leaked:\n{env}");
+        assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+        assert!(
+            env.lines().any(|l| l.starts_with("AGENT_LOG_DIR=")),
+            "allowed: {env}"
+        );
+        assert!(env.contains(&format!("PIPELINE_TASK_ID={id}")), "{env}");
+    }
+    assert!(build_env.contains("PIPELINE_NAMESPACE=ok"));
+    assert!(
+        !agent_env.lines().any(|l| l.starts_with("RUST_LOG=")),
+        "only allowed variables: {agent_env}"
+    );
+    cmd_runner.proc.kill();
+}
