@@ -111,7 +111,13 @@ impl Client {
     }
 
     fn failure(&self, status: Status) -> Failure {
-        let message = one_line(status.message());
+        let mut message = one_line(status.message());
+        if message.contains("message length too large") {
+            message = format!(
+                "the request is too large for the server ({}); a description may be at most 1 MiB",
+                message.trim_start_matches("Error, ")
+            );
+        }
         let (exit_code, message) = match status.code() {
             Code::InvalidArgument | Code::OutOfRange => (exit::USAGE, message),
             Code::NotFound => (exit::NOT_FOUND, message),

@@ -418,3 +418,63 @@ fn a_public_listen_address_without_tls_is_refused() {
     let server = Server::start(&repo, &["--listen", "0.0.0.0:0", "--insecure"]);
     assert!(server.ctl(&["status", "--json"]).json()["open"].is_u64());
 }
+
+#[test]
+fn hostile_descriptions_and_oversized_messages_are_refused() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let dir = repo.dir.path();
+    let nul = dir.join("nul.txt");
+    std::fs::write(&nul, "before\0after").expect("write");
+    let big = dir.join("big.txt");
+    std::fs::write(&big, "x".repeat(2 * 1024 * 1024)).expect("write");
+    let huge = dir.join("huge.txt");
+    std::fs::write(&huge, "x".repeat(5 * 1024 * 1024)).expect("write");
+    let file = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+    server
+        .ctl(&[
+            "task",
+            "add",
+            "--title",
+            "t",
+            "--description-file",
+            &file(&nul),
+        ])
+        .refused(2, "the description contains a NUL byte");
+    server
+        .ctl(&[
+            "task",
+            "add",
+            "--title",
+            "t",
+            "--description-file",
+            &file(&big),
+        ])
+        .refused(
+            2,
+            "the description is 2097152 bytes, the limit is 1048576 (1 MiB)",
+        );
+    // Over the gRPC message limit: refused by the transport, with a reason.
+    let line = server
+        .ctl(&[
+            "task",
+            "add",
+            "--title",
+            "t",
+            "--description-file",
+            &file(&huge),
+        ])
+        .refused(2, "the request is too large for the server");
+    assert!(line.contains("the limit is: 4194304 bytes"), "{line}");
+    server
+        .ctl(&["task", "add", "--title", "t", "--namespace=--help"])
+        .refused(
+            2,
+            "invalid namespace \"--help\": it must not start with '-'",
+        );
+    assert_eq!(
+        server.ctl(&["task", "list", "--json"]).json(),
+        serde_json::json!([]),
+        "nothing was created"
+    );
+}

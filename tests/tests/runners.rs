@@ -963,3 +963,37 @@ fn agents_and_builds_get_a_controlled_environment() {
     );
     cmd_runner.proc.kill();
 }
+
+#[test]
+fn a_bundle_over_the_size_cap_is_refused() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-bundle-bytes", "1000"]);
+    let mut fake = FakeRunner::register(&server.url, "fake", pipeline_proto::PROTOCOL_VERSION)
+        .expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "t"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    let err = fake
+        .complete(
+            lease,
+            pb::LeaseOutcome::Verified,
+            Some("0".repeat(40)),
+            vec![b'x'; 2000],
+        )
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("over the 1000-byte limit"),
+        "{}",
+        err.message()
+    );
+    let task = server.show(&id);
+    assert_eq!(task["patchset"], 0);
+    assert!(
+        std::fs::read_dir(repo.state_dir().join("spool"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "nothing left in the spool"
+    );
+}
