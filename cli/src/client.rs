@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_client::ControlServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -74,15 +75,42 @@ fn unary<T>(message: T) -> tonic::Request<T> {
     req
 }
 
+/// Puts `authorization: Bearer <token>` on every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The admin token of a server on this host, found through the note the server leaves at
+/// `~/.local/state/pipeline/servers/<port>` (the path of its token file).
+fn local_admin_token(url: &str) -> Option<String> {
+    let port = url.rsplit(':').next()?.trim_end_matches('/');
+    let home = std::env::var_os("HOME")?;
+    let note = std::path::Path::new(&home)
+        .join(".local/state/pipeline/servers")
+        .join(port);
+    let path = std::fs::read_to_string(note).ok()?;
+    let token = std::fs::read_to_string(path.trim()).ok()?;
+    Some(token.trim().to_owned())
+}
+
 /// A client of the control API.
 pub struct Client {
     url: String,
-    inner: ControlServiceClient<Channel>,
+    inner: ControlServiceClient<InterceptedService<Channel, Bearer>>,
 }
 
 impl Client {
-    /// Connects to `url` (`http://host:port`, or just `host:port`).
-    pub async fn connect(url: &str) -> Result<Self, Failure> {
+    /// Connects to `url` (`http://host:port`, or just `host:port`) with `token` (or the local
+    /// server's admin token).
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Self, Failure> {
         let url = if url.contains("://") {
             url.to_owned()
         } else {
@@ -104,7 +132,9 @@ impl Client {
             ),
             exit_code: exit::UNAVAILABLE,
         })?;
-        let inner = ControlServiceClient::new(channel)
+        let token = token.map(str::to_owned).or_else(|| local_admin_token(&url));
+        let bearer = Bearer(token.and_then(|t| format!("Bearer {}", t.trim()).parse().ok()));
+        let inner = ControlServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self { url, inner })
@@ -140,6 +170,29 @@ impl Client {
             _ => (exit::FAILURE, format!("server error: {message}")),
         };
         Failure { message, exit_code }
+    }
+
+    /// Revokes runner `name`; returns how many leases went back to Open.
+    pub async fn revoke_runner(&mut self, name: String) -> Result<u32, Failure> {
+        let r = self
+            .inner
+            .revoke_runner(unary(pb::RevokeRunnerRequest { name }))
+            .await;
+        r.map(|r| r.into_inner().leases_released)
+            .map_err(|s| self.failure(s))
+    }
+
+    /// Replaces the registration token; returns it and where the server keeps it.
+    pub async fn rotate_registration_token(&mut self) -> Result<(String, String), Failure> {
+        let r = self
+            .inner
+            .rotate_registration_token(unary(pb::RotateRegistrationTokenRequest {}))
+            .await;
+        r.map(|r| {
+            let r = r.into_inner();
+            (r.token, r.path)
+        })
+        .map_err(|s| self.failure(s))
     }
 
     /// A task's logs as a stream (with `follow`, live until the caller stops reading).

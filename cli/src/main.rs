@@ -26,6 +26,10 @@ struct Cli {
     )]
     server: String,
 
+    /// The admin token [default: found in the local server's state dir].
+    #[arg(long, global = true, env = "PIPELINE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -44,7 +48,12 @@ enum Command {
     Runners {
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<RunnersAction>,
     },
+    /// Credentials.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// A task's run logs, oldest run first, each under a header naming the run.
     Logs {
         #[arg(allow_hyphen_values = true)]
@@ -58,6 +67,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum RunnersAction {
+    /// Cut a runner off at once: its credential stops working, its leases go back to Open.
+    Revoke {
+        #[arg(allow_hyphen_values = true)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Replace the runner registration token; prints the new one.
+    Rotate,
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,15 +181,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )?),
         _ => None,
     };
-    let mut client = Client::connect(&cli.server).await?;
+    let mut client = Client::connect(&cli.server, cli.token.as_deref()).await?;
     match cli.command {
         Command::Status { json } => {
             let s = client.status().await?;
             output::status(&s, json);
         }
-        Command::Runners { json } => {
+        Command::Runners { json, action: None } => {
             let runners = client.runners().await?;
             output::runners(&runners, json);
+        }
+        Command::Runners {
+            action: Some(RunnersAction::Revoke { name }),
+            ..
+        } => {
+            let released = client.revoke_runner(name.clone()).await?;
+            println!("{name}: revoked; {released} lease(s) given back");
+        }
+        Command::Token(TokenCommand::Rotate) => {
+            let (token, path) = client.rotate_registration_token().await?;
+            eprintln!("the new runner registration token (also in {path}):");
+            println!("{token}");
         }
         Command::Task(TaskCommand::Add {
             title,

@@ -41,6 +41,11 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_DRAIN_TIMEOUT", default_value_t = 600)]
     pub drain_timeout: u64,
 
+    /// The registration token (first start) or this runner's own credential.
+    #[arg(long, env = "PIPELINE_TOKEN", hide_env_values = true)]
+    #[serde(skip)]
+    pub token: Option<String>,
+
     #[command(flatten)]
     pub agent: AgentArgs,
 

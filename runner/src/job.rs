@@ -7,12 +7,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use pipeline_proto::v1 as pb;
-use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::config::Config;
@@ -29,7 +27,7 @@ pub struct JobContext {
     pub config: Config,
     pub mirror: Mirror,
     pub work_dir: PathBuf,
-    pub client: RunnerServiceClient<Channel>,
+    pub client: crate::client::Client,
     /// The runner's current ID (it changes when the runner registers again).
     pub runner_id: Arc<RwLock<String>>,
 }

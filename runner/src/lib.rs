@@ -7,6 +7,7 @@
 //! [`process`] (process groups, time limits); [`git`] is the mirror and the per-slot worktrees.
 
 pub mod agent;
+pub mod client;
 pub mod config;
 pub mod git;
 pub mod job;

@@ -10,10 +10,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use pipeline_proto::v1 as pb;
-use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::process::cut_line;
 
@@ -47,7 +45,7 @@ fn now_ms() -> i64 {
 impl RunLog {
     /// Starts shipping the log of `lease`.
     pub fn start(
-        client: RunnerServiceClient<Channel>,
+        client: crate::client::Client,
         runner_id: Arc<RwLock<String>>,
         lease: pb::LeaseRef,
     ) -> Self {
@@ -86,7 +84,7 @@ impl RunLog {
 }
 
 async fn ship(
-    mut client: RunnerServiceClient<Channel>,
+    mut client: crate::client::Client,
     runner_id: Arc<RwLock<String>>,
     lease: pb::LeaseRef,
     mut rx: mpsc::UnboundedReceiver<Msg>,

@@ -21,7 +21,7 @@ use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Streaming};
 
 use crate::config::Config;
@@ -46,6 +46,8 @@ enum Disconnect {
     Unregistered,
     /// The runner is done.
     Exit,
+    /// The server refuses this runner's credential (it was revoked): stop everything.
+    Revoked,
 }
 
 /// Jittered exponential back-off for reconnecting.
@@ -97,7 +99,11 @@ pub async fn run(
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .connect_lazy();
-    let client = RunnerServiceClient::new(channel)
+    let bearer = crate::client::Bearer::default();
+    if let Some(token) = &config.token {
+        bearer.set(token);
+    }
+    let client = RunnerServiceClient::with_interceptor(channel, bearer.clone())
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -109,6 +115,7 @@ pub async fn run(
         runner_id: Arc::new(RwLock::new(String::new())),
     });
     let mut session = Session {
+        bearer,
         name,
         url,
         slots: config.slots,
@@ -133,11 +140,13 @@ pub async fn run(
 }
 
 struct Session {
+    /// The credential calls present; replaced by the runner's own once it is issued.
+    bearer: crate::client::Bearer,
     name: String,
     url: String,
     slots: u32,
     drain_timeout: Duration,
-    client: RunnerServiceClient<Channel>,
+    client: crate::client::Client,
     ctx: Arc<JobContext>,
     runner_id: Option<String>,
     heartbeat: Duration,
@@ -196,6 +205,14 @@ impl Session {
                     self.runner_id = None;
                     continue;
                 }
+                Err(status) if fatal(&status) => {
+                    self.stop_jobs(false);
+                    anyhow::bail!(
+                        "the server at {} refused this runner: {}",
+                        self.url,
+                        status.message()
+                    );
+                }
                 Err(status) => {
                     tracing::warn!(error = %status.message(), "cannot open the work stream; retrying");
                     if self.wait(backoff.next()).await {
@@ -207,6 +224,13 @@ impl Session {
             backoff.reset();
             match self.connected(stream).await {
                 Disconnect::Exit => return Ok(()),
+                Disconnect::Revoked => {
+                    self.stop_jobs(false);
+                    anyhow::bail!(
+                        "the server at {} no longer accepts this runner's credential (revoked?)",
+                        self.url
+                    );
+                }
                 Disconnect::Unregistered => self.runner_id = None,
                 Disconnect::Lost => {
                     tracing::warn!(server = %self.url, "lost the server; reconnecting");
@@ -235,6 +259,10 @@ impl Session {
             })
             .await?
             .into_inner();
+        if let Some(credential) = &resp.credential {
+            // From now on the runner is itself: its own credential, never the shared token.
+            self.bearer.set(credential);
+        }
         self.heartbeat = Duration::from_millis(resp.heartbeat_interval_ms.max(10));
         self.ttl = Duration::from_millis(resp.lease_ttl_ms.max(30));
         tracing::info!(runner = %self.name, id = %resp.runner_id, server = %self.url, "registered");
@@ -478,6 +506,10 @@ impl Session {
                 None
             }
             Ok(Err(status)) if status.code() == Code::NotFound => Some(Disconnect::Unregistered),
+            Ok(Err(status)) if status.code() == Code::Unauthenticated => {
+                tracing::error!(error = %status.message(), "the server no longer accepts this runner's credential");
+                Some(Disconnect::Revoked)
+            }
             Ok(Err(status)) => {
                 tracing::warn!(error = %status.message(), "heartbeat failed");
                 None

@@ -68,6 +68,14 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_LOG_RETENTION_DAYS", default_value_t = 0)]
     pub log_retention_days: u64,
 
+    /// Registrations allowed per minute from one credential.
+    #[arg(
+        long,
+        env = "PIPELINE_MAX_REGISTRATIONS_PER_MINUTE",
+        default_value_t = 60
+    )]
+    pub max_registrations_per_minute: usize,
+
     /// The largest commit bundle a runner may send, in bytes.
     #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_bundle_bytes: u64,

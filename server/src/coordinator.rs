@@ -105,11 +105,14 @@ pub struct Coordinator<S> {
     pub(crate) integrate_wake: Notify,
     /// Run logs and live transitions.
     pub(crate) logs: crate::logs::LogHub,
+    /// Credentials and roles.
+    pub auth: crate::auth::Auth,
 }
 
 impl<S: Store> Coordinator<S> {
-    pub fn new(store: S, settings: Settings, repo: Repo) -> Self {
+    pub fn new(store: S, settings: Settings, repo: Repo, auth: crate::auth::Auth) -> Self {
         Self {
+            auth,
             logs: crate::logs::LogHub::new(settings.log_cap_bytes),
             store,
             settings,
@@ -398,7 +401,10 @@ mod tests {
             build_env: Vec::new(),
         };
         let repo = Repo::at(dir.path());
-        (dir, Coordinator::new(store, settings, repo))
+        let auth = crate::auth::Auth::open(&store, dir.path(), 10)
+            .await
+            .expect("auth");
+        (dir, Coordinator::new(store, settings, repo, auth))
     }
 
     fn new_task(title: &str) -> NewTask {

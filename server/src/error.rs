@@ -16,6 +16,15 @@ pub enum Error {
     /// The request is well-formed but the state does not allow it (cancel a done task, a cycle).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// No credential, or one the server does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid credential that may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Too much, too fast: a rate or size limit.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A write raced another and lost; the caller may read again and retry.
     #[error("{0}")]
     Conflict(String),

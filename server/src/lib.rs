@@ -6,6 +6,7 @@
 //! layers share; [`git`] is the only way to run git; [`runners`] and [`integrate`] are the
 //! coordinator's dispatch loop and integrator; [`server`] wires it all up.
 
+pub mod auth;
 pub mod config;
 pub mod coordinator;
 pub mod domain;

@@ -360,6 +360,31 @@ impl Registry {
         all
     }
 
+    /// Disconnects every runner called `name` and forgets them; returns their live leases, or
+    /// `None` if there was no such runner.
+    pub fn disconnect(&mut self, name: &str) -> Option<Vec<(String, LiveLease)>> {
+        let ids: Vec<String> = self
+            .runners
+            .values()
+            .filter(|r| r.name == name)
+            .map(|r| r.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return None;
+        }
+        let mut leases = Vec::new();
+        for id in ids {
+            if let Some(runner) = self.runners.remove(&id) {
+                for lease in runner.leases {
+                    if let Some(live) = self.leases.get(&lease) {
+                        leases.push((lease.clone(), live.clone()));
+                    }
+                }
+            }
+        }
+        Some(leases)
+    }
+
     /// Number of runners with an open work stream.
     pub fn connected_count(&self) -> usize {
         self.runners.values().filter(|r| r.connected()).count()

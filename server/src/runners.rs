@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Caller;
 use crate::coordinator::{Coordinator, now_ms};
 use crate::domain::{Lease, Millis, Phase, RunStatus, Task, TaskId};
 use crate::error::{Error, Result};
@@ -43,6 +44,8 @@ pub struct Registered {
     pub runner_id: String,
     pub heartbeat_interval_ms: u64,
     pub lease_ttl_ms: u64,
+    /// The runner's own credential, issued when it registered with the registration token.
+    pub credential: Option<String>,
 }
 
 /// What became of the leases a runner reported when it opened its work stream.
@@ -95,8 +98,32 @@ fn refused(lease: &LeaseRef, why: impl std::fmt::Display) -> Error {
 }
 
 impl<S: Store> Coordinator<S> {
-    /// Registers a runner and tells it how often to heartbeat.
-    pub fn register(&self, hello: RunnerHello) -> Result<Registered> {
+    /// Registers a runner and tells it how often to heartbeat. The registration token gets the
+    /// runner a credential of its own; a runner's credential may register again only under its
+    /// own name (after a restart of either side).
+    pub async fn register(&self, hello: RunnerHello, caller: &Caller) -> Result<Registered> {
+        let issue = match caller {
+            Caller::Registration => {
+                self.auth.count_registration("registration token")?;
+                true
+            }
+            Caller::Runner(name) if *name == hello.name => {
+                self.auth.count_registration(name)?;
+                false
+            }
+            Caller::Runner(name) => {
+                return Err(Error::PermissionDenied(format!(
+                    "this credential belongs to runner {name}; it cannot register as {}",
+                    hello.name
+                )));
+            }
+            Caller::Admin => {
+                return Err(Error::PermissionDenied(
+                    "the admin token cannot register a runner; use the runner registration token"
+                        .to_owned(),
+                ));
+            }
+        };
         if hello.protocol_version != pipeline_proto::PROTOCOL_VERSION {
             return Err(Error::FailedPrecondition(format!(
                 "this runner speaks protocol version {} but the server speaks {}: run the same \
@@ -123,12 +150,75 @@ impl<S: Store> Coordinator<S> {
                 now_ms(),
             )
             .map_err(Error::AlreadyExists)?;
+        let credential = if issue {
+            Some(self.auth.issue(&self.store, &hello.name).await?)
+        } else {
+            None
+        };
         tracing::info!(runner = %hello.name, %runner_id, slots = hello.slots, "runner registered");
         Ok(Registered {
             runner_id,
             heartbeat_interval_ms: (ttl / 3).max(1) as u64,
             lease_ttl_ms: ttl as u64,
+            credential,
         })
+    }
+
+    /// Checks that `caller` is the runner `runner_id` (a runner acts only for itself).
+    pub fn authorize_runner(&self, caller: &Caller, runner_id: &str) -> Result<()> {
+        let Caller::Runner(name) = caller else {
+            return Err(Error::PermissionDenied(
+                "only a runner's own credential may use the runner API".to_owned(),
+            ));
+        };
+        match self.registry().runner(runner_id) {
+            None => Err(unregistered(runner_id)),
+            Some(r) if r.name == *name => Ok(()),
+            Some(r) => Err(Error::PermissionDenied(format!(
+                "runner {name} may act only for itself, not for runner {}",
+                r.name
+            ))),
+        }
+    }
+
+    /// Cuts runner `name` off: its credential stops working, its work stream closes, and its
+    /// leases go back to Open (not counted against their tasks). Returns how many.
+    pub async fn revoke(&self, name: &str) -> Result<u32> {
+        check_runner_name(name)?;
+        let had_credential = self.auth.revoke(&self.store, name).await?;
+        let leases = self.registry().disconnect(name);
+        if !had_credential && leases.is_none() {
+            return Err(Error::NotFound(format!("no runner named {name}")));
+        }
+        let mut released = 0;
+        for (lease_id, live) in leases.unwrap_or_default() {
+            let lease = LeaseRef {
+                id: lease_id,
+                epoch: live.epoch,
+            };
+            let event = Event::Released {
+                reason: format!("runner {name} was revoked"),
+            };
+            if self
+                .transition_with(&live.task, &event, |t| lease_matches(t, &lease), |_, _| {})
+                .await
+                .is_ok()
+            {
+                released += 1;
+            }
+        }
+        tracing::warn!(runner = name, released, "runner revoked");
+        Ok(released)
+    }
+
+    /// Replaces the runner registration token; returns it and where it is kept.
+    pub async fn rotate_registration_token(&self) -> Result<(String, std::path::PathBuf)> {
+        let token = self.auth.rotate_registration(&self.store).await?;
+        tracing::warn!(
+            path = %self.auth.registration_file.display(),
+            "runner registration token replaced"
+        );
+        Ok((token, self.auth.registration_file.clone()))
     }
 
     /// Opens a runner's work stream: re-attaches the leases it still holds (after a reconnect)

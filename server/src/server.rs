@@ -68,6 +68,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("pipeline.db").display()));
     let store = SqliteStore::open(&db_url).await?;
+    let auth =
+        crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
+    // Where, never what: the tokens stay in their files.
+    tracing::info!(
+        admin_token = %auth.admin_file.display(),
+        runner_registration_token = %auth.registration_file.display(),
+        "credentials (files readable by their owner only)"
+    );
+    let registration_token = std::fs::read_to_string(&auth.registration_file)
+        .map_err(|e| Error::Internal(format!("cannot read the registration token: {e}")))?
+        .trim()
+        .to_owned();
     let settings = serde_json::to_string(&config)
         .map_err(|e| Error::Internal(format!("cannot record the settings: {e}")))?;
     store.put_meta("settings", &settings).await?;
@@ -90,7 +102,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         log_cap_bytes: config.log_cap_bytes.max(1024),
         build_env: config.agent.child_env(),
     };
-    let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo));
+    let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo, auth));
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
     let integrations_finished = coordinator.recover_integrations().await?;
 
@@ -123,10 +135,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             shutdown.clone(),
         ));
     }
-    let control = ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator)))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let runner = RunnerServiceServer::new(RunnerApi::new(coordinator, shutdown.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let identify: crate::grpc::Identify = {
+        let coordinator = Arc::clone(&coordinator);
+        Arc::new(move |token: &str| coordinator.auth.identify(token))
+    };
+    let control = tonic::service::interceptor::InterceptedService::new(
+        ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        crate::grpc::Authenticate {
+            auth: identify.clone(),
+            admin_only: true,
+        },
+    );
+    let runner = tonic::service::interceptor::InterceptedService::new(
+        RunnerServiceServer::new(RunnerApi::new(coordinator, shutdown.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        crate::grpc::Authenticate {
+            auth: identify,
+            admin_only: false,
+        },
+    );
     // Windows large enough that a batch of log lines or a bundle chunk is not held up by
     // HTTP/2 flow control (the 64 KiB default costs round trips on every large message).
     let serve = tonic::transport::Server::builder()
@@ -141,7 +169,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         );
     let mut served = tokio::spawn(serve);
     let runners_stop = CancellationToken::new();
-    let local_runners = start_local_runners(&config, &state_dir, addr, &runners_stop);
+    let local_runners = start_local_runners(
+        &config,
+        &state_dir,
+        addr,
+        &registration_token,
+        &runners_stop,
+    );
+    publish_admin_token_path(addr, &state_dir);
     tokio::select! {
         result = &mut served => {
             // The server stopped without being asked to.
@@ -182,6 +217,7 @@ fn start_local_runners(
     config: &Config,
     state_dir: &std::path::Path,
     addr: std::net::SocketAddr,
+    registration_token: &str,
     stop: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let host = if addr.ip().is_unspecified() {
@@ -195,6 +231,7 @@ fn start_local_runners(
             let runner = pipeline_runner::config::Config {
                 server: format!("http://{host}"),
                 name: Some(name.clone()),
+                token: Some(registration_token.to_owned()),
                 slots: 1,
                 work_dir: Some(state_dir.join("runners").join(&name)),
                 labels: vec!["local".to_owned()],
@@ -228,5 +265,25 @@ async fn prune_logs(store: SqliteStore, days: u64, shutdown: CancellationToken) 
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
+    }
+}
+
+/// Tells a `pipelinectl` on this host where the admin token is, so that the local quick start
+/// needs no `--token`: `~/.local/state/pipeline/servers/<port>` holds the token file's path
+/// (never the token).
+fn publish_admin_token_path(addr: std::net::SocketAddr, state_dir: &std::path::Path) {
+    let Some(home) = std::env::var_os("HOME") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(home).join(".local/state/pipeline/servers");
+    let path = state_dir.join("admin.token");
+    let path = path.canonicalize().unwrap_or(path);
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::write(
+            dir.join(addr.port().to_string()),
+            path.display().to_string(),
+        )
+    }) {
+        tracing::debug!(error = %e, "cannot note where the admin token is");
     }
 }

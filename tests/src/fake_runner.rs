@@ -15,12 +15,28 @@ pub struct FakeRunner {
     rt: tokio::runtime::Runtime,
     client: RunnerServiceClient<Channel>,
     pub id: String,
+    /// The credential the server issued at registration.
+    pub credential: String,
     stream: Option<Streaming<pb::WorkMessage>>,
 }
 
+/// `message` with `authorization: Bearer <token>`.
+pub fn authorized<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        req.metadata_mut().insert("authorization", value);
+    }
+    req
+}
+
 impl FakeRunner {
-    /// Registers `name` with `slots` slots, announcing `protocol_version`.
-    pub fn register(url: &str, name: &str, protocol_version: u32) -> Result<Self, Status> {
+    /// Registers `name` with the registration `token`, announcing `protocol_version`.
+    pub fn register(
+        url: &str,
+        token: &str,
+        name: &str,
+        protocol_version: u32,
+    ) -> Result<Self, Status> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -28,17 +44,23 @@ impl FakeRunner {
         let mut client = rt
             .block_on(RunnerServiceClient::connect(url.to_owned()))
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let resp = rt.block_on(client.register(pb::RegisterRequest {
-            name: name.to_owned(),
-            labels: vec!["fake".into()],
-            slots: 1,
-            version: "test".into(),
-            protocol_version,
-        }))?;
+        let resp = rt
+            .block_on(client.register(authorized(
+                token,
+                pb::RegisterRequest {
+                    name: name.to_owned(),
+                    labels: vec!["fake".into()],
+                    slots: 1,
+                    version: "test".into(),
+                    protocol_version,
+                },
+            )))?
+            .into_inner();
         Ok(Self {
             rt,
             client,
-            id: resp.into_inner().runner_id,
+            id: resp.runner_id,
+            credential: resp.credential.unwrap_or_default(),
             stream: None,
         })
     }
@@ -47,11 +69,14 @@ impl FakeRunner {
     pub fn open(&mut self, held: Vec<pb::LeaseRef>) -> Result<pb::Attached, Status> {
         let mut stream = self
             .rt
-            .block_on(self.client.open_work(pb::OpenWorkRequest {
-                runner_id: self.id.clone(),
-                held,
-                draining: false,
-            }))?
+            .block_on(self.client.open_work(authorized(
+                &self.credential,
+                pb::OpenWorkRequest {
+                    runner_id: self.id.clone(),
+                    held,
+                    draining: false,
+                },
+            )))?
             .into_inner();
         let first = self.rt.block_on(stream.message())?;
         self.stream = Some(stream);
@@ -87,6 +112,7 @@ impl FakeRunner {
             held,
             draining: false,
         };
+        let req = authorized(&self.credential, req);
         Ok(self.rt.block_on(self.client.heartbeat(req))?.into_inner())
     }
 
@@ -98,6 +124,7 @@ impl FakeRunner {
             have: vec![],
         };
         self.rt.block_on(async {
+            let req = authorized(&self.credential, req);
             let mut stream = self.client.fetch_base(req).await?.into_inner();
             let mut out = Vec::new();
             while let Some(chunk) = stream.message().await? {
@@ -136,7 +163,9 @@ impl FakeRunner {
                 })),
             });
         }
-        let call = self.client.complete_lease(tokio_stream_iter(messages));
+        let call = self
+            .client
+            .complete_lease(authorized(&self.credential, tokio_stream_iter(messages)));
         Ok(self
             .rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(60), call).await })

@@ -135,6 +135,16 @@ impl TestRepo {
         self.dir.path().join("agent-log")
     }
 
+    /// The server's runner registration token (from its state dir).
+    pub fn registration_token(&self) -> String {
+        read_token(&self.state_dir().join("runner-registration.token"))
+    }
+
+    /// The server's admin token (from its state dir).
+    pub fn admin_token(&self) -> String {
+        read_token(&self.state_dir().join("admin.token"))
+    }
+
     /// Lets every agent waiting in `wait` mode go on.
     pub fn release_agents(&self) {
         std::fs::create_dir_all(self.agent_log()).expect("mkdir");
@@ -537,6 +547,7 @@ impl Runner {
     ) -> Self {
         let mut cmd = Command::new(bin("pipeline-runner"));
         cmd.args(["--server", url, "--name", name, "--slots", "1"])
+            .args(["--token", &repo.registration_token()])
             .arg("--work-dir")
             .arg(repo.dir.path().join("runners").join(name))
             .args(["--kill-grace", "2", "--env-allow", "AGENT_LOG_DIR"])
@@ -557,6 +568,13 @@ impl Runner {
     pub fn log(&self) -> String {
         self.proc.log()
     }
+}
+
+fn read_token(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        .trim()
+        .to_owned()
 }
 
 /// Clones `repo` into `work`, commits `file` with `content` on top of `main` there, and pushes

@@ -344,8 +344,13 @@ fn a_runner_killed_mid_task_loses_its_lease_to_another_runner() {
 fn a_late_result_from_a_dead_lease_is_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--lease-ttl", "2", "--backoff-base", "0"]);
-    let mut fake = FakeRunner::register(&server.url, "fake", pipeline_proto::PROTOCOL_VERSION)
-        .expect("register");
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
     fake.open(vec![]).expect("open");
     let id = server.add(&["--title", "contested"]);
     let assignment = fake.next_assignment();
@@ -391,8 +396,13 @@ fn a_bundle_that_is_not_one_commit_on_the_base_is_refused() {
     let repo = TestRepo::new();
     // The default back-off keeps the task Open after the refusal.
     let server = Server::start(&repo, &[]);
-    let mut fake = FakeRunner::register(&server.url, "fake", pipeline_proto::PROTOCOL_VERSION)
-        .expect("register");
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
     fake.open(vec![]).expect("open");
     let id = server.add(&["--title", "t"]);
     let lease = fake.next_assignment().lease.expect("lease");
@@ -429,7 +439,7 @@ fn a_bundle_that_is_not_one_commit_on_the_base_is_refused() {
 fn the_protocol_version_is_checked_at_registration() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    let err = FakeRunner::register(&server.url, "old", 99)
+    let err = FakeRunner::register(&server.url, &repo.registration_token(), "old", 99)
         .err()
         .expect("refused");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -439,9 +449,14 @@ fn the_protocol_version_is_checked_at_registration() {
         "{}",
         err.message()
     );
-    let err = FakeRunner::register(&server.url, "../bad", pipeline_proto::PROTOCOL_VERSION)
-        .err()
-        .expect("refused");
+    let err = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "../bad",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .err()
+    .expect("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
 
@@ -804,8 +819,13 @@ fn the_agent_time_limit_is_enforced() {
 fn a_bundle_of_two_commits_is_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    let mut fake = FakeRunner::register(&server.url, "fake", pipeline_proto::PROTOCOL_VERSION)
-        .expect("register");
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
     fake.open(vec![]).expect("open");
     let id = server.add(&["--title", "t"]);
     let a = fake.next_assignment();
@@ -968,8 +988,13 @@ fn agents_and_builds_get_a_controlled_environment() {
 fn a_bundle_over_the_size_cap_is_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--max-bundle-bytes", "1000"]);
-    let mut fake = FakeRunner::register(&server.url, "fake", pipeline_proto::PROTOCOL_VERSION)
-        .expect("register");
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
     fake.open(vec![]).expect("open");
     let id = server.add(&["--title", "t"]);
     let lease = fake.next_assignment().lease.expect("lease");

@@ -13,6 +13,7 @@ use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_server::ControlService;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::coordinator::{Coordinator, RunnerInfo, RunnerState, TaskDetail};
 use crate::domain::{
     LogLine, LogStream, NewTask, Phase, Run, RunStatus, Task, TaskEvent, TaskId, TaskStatus,
@@ -20,6 +21,52 @@ use crate::domain::{
 use crate::error::Error;
 use crate::logs::LogItem;
 use crate::store::Store;
+
+/// Who holds a token (the server's `Auth::identify`).
+pub type Identify = Arc<dyn Fn(&str) -> Option<Caller> + Send + Sync>;
+
+/// Identifies the caller from `authorization: Bearer <token>` and puts a [`Caller`] in the
+/// request's extensions; a missing or unknown credential is `Unauthenticated`. With
+/// `admin_only` (the control API), anything but the admin token is `PermissionDenied`.
+#[derive(Clone)]
+pub struct Authenticate {
+    pub auth: Identify,
+    pub admin_only: bool,
+}
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(token) = token else {
+            return Err(Status::unauthenticated(
+                "no credential: pass --token or set PIPELINE_TOKEN",
+            ));
+        };
+        let caller = (self.auth)(token).ok_or_else(|| {
+            Status::unauthenticated("the credential is not valid (unknown, rotated or revoked)")
+        })?;
+        if self.admin_only && caller != Caller::Admin {
+            return Err(Status::permission_denied(
+                "this credential may not use the control API; use the admin token",
+            ));
+        }
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
+/// The caller the interceptor found.
+pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no credential"))
+}
 
 /// The one mapping from domain errors to gRPC statuses.
 pub fn status_from_error(err: Error) -> Status {
@@ -29,6 +76,9 @@ pub fn status_from_error(err: Error) -> Status {
         Error::AlreadyExists(m) => Status::already_exists(m),
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
         Error::Conflict(m) => Status::aborted(m),
+        Error::Unauthenticated(m) => Status::unauthenticated(m),
+        Error::PermissionDenied(m) => Status::permission_denied(m),
+        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
         err @ Error::Internal(_) => {
             tracing::error!(error = %err, "internal error");
             Status::internal(err.to_string())
@@ -478,6 +528,34 @@ impl<S: Store> ControlService for ControlApi<S> {
             move |tx| coordinator.stream_logs(id, follow, tx),
             log_item_to_pb,
         )))
+    }
+
+    async fn revoke_runner(
+        &self,
+        request: Request<pb::RevokeRunnerRequest>,
+    ) -> Result<Response<pb::RevokeRunnerResponse>, Status> {
+        let name = request.into_inner().name;
+        let leases_released = self
+            .coordinator
+            .revoke(&name)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RevokeRunnerResponse { leases_released }))
+    }
+
+    async fn rotate_registration_token(
+        &self,
+        _request: Request<pb::RotateRegistrationTokenRequest>,
+    ) -> Result<Response<pb::RotateRegistrationTokenResponse>, Status> {
+        let (token, path) = self
+            .coordinator
+            .rotate_registration_token()
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RotateRegistrationTokenResponse {
+            token,
+            path: path.display().to_string(),
+        }))
     }
 
     type WatchStream = std::pin::Pin<

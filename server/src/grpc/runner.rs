@@ -102,21 +102,25 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let who = super::caller(&request)?;
         let r = request.into_inner();
+        let hello = RunnerHello {
+            name: r.name,
+            labels: r.labels,
+            slots: r.slots,
+            version: r.version,
+            protocol_version: r.protocol_version,
+        };
         let registered = self
             .coordinator
-            .register(RunnerHello {
-                name: r.name,
-                labels: r.labels,
-                slots: r.slots,
-                version: r.version,
-                protocol_version: r.protocol_version,
-            })
+            .register(hello, &who)
+            .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::RegisterResponse {
             runner_id: registered.runner_id,
             heartbeat_interval_ms: registered.heartbeat_interval_ms,
             lease_ttl_ms: registered.lease_ttl_ms,
+            credential: registered.credential,
         }))
     }
 
@@ -126,8 +130,10 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         &self,
         request: Request<pb::OpenWorkRequest>,
     ) -> Result<Response<Self::OpenWorkStream>, Status> {
+        let who = super::caller(&request)?;
         let r = request.into_inner();
         let id = runner_id(&r.runner_id)?.to_owned();
+        self.authorize(&who, &id)?;
         let held = lease_refs(r.held)?;
         let (generation, attached, mut pushes) = self
             .coordinator
@@ -168,8 +174,10 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let who = super::caller(&request)?;
         let r = request.into_inner();
         let id = runner_id(&r.runner_id)?;
+        self.authorize(&who, id)?;
         let held = lease_refs(r.held)?;
         let dropped = self
             .coordinator
@@ -186,8 +194,10 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         &self,
         request: Request<pb::FetchBaseRequest>,
     ) -> Result<Response<Self::FetchBaseStream>, Status> {
+        let who = super::caller(&request)?;
         let r = request.into_inner();
         let id = runner_id(&r.runner_id)?;
+        self.authorize(&who, id)?;
         let lease = lease_ref(r.lease)?;
         if r.have.len() > 64 {
             return Err(Status::invalid_argument("at most 64 'have' commits"));
@@ -249,6 +259,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         &self,
         request: Request<Streaming<pb::CompleteLeaseRequest>>,
     ) -> Result<Response<pb::CompleteLeaseResponse>, Status> {
+        let who = super::caller(&request)?;
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::CompleteLeaseRequest {
@@ -262,6 +273,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             }
         };
         let id = runner_id(&header.runner_id)?.to_owned();
+        self.authorize(&who, &id)?;
         let lease = lease_ref(header.lease)?;
         let outcome = match pb::LeaseOutcome::try_from(header.outcome) {
             Ok(pb::LeaseOutcome::DevFailed) => Outcome::DevFailed,
@@ -313,8 +325,10 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         &self,
         request: Request<pb::AppendLogsRequest>,
     ) -> Result<Response<pb::AppendLogsResponse>, Status> {
+        let who = super::caller(&request)?;
         let r = request.into_inner();
         let id = runner_id(&r.runner_id)?;
+        self.authorize(&who, id)?;
         let lease = lease_ref(r.lease)?;
         let lines = r
             .lines
@@ -333,8 +347,10 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         &self,
         request: Request<pb::ReleaseLeaseRequest>,
     ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+        let who = super::caller(&request)?;
         let r = request.into_inner();
         let id = runner_id(&r.runner_id)?;
+        self.authorize(&who, id)?;
         let lease = lease_ref(r.lease)?;
         self.coordinator
             .release(id, &lease, &r.reason)
@@ -345,6 +361,12 @@ impl<S: Store> RunnerService for RunnerApi<S> {
 }
 
 impl<S: Store> RunnerApi<S> {
+    fn authorize(&self, who: &crate::auth::Caller, runner_id: &str) -> Result<(), Status> {
+        self.coordinator
+            .authorize_runner(who, runner_id)
+            .map_err(status_from_error)
+    }
+
     /// Writes the bundle chunks that follow a header to a spool file, up to the size cap.
     async fn spool(
         &self,

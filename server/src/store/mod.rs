@@ -236,4 +236,11 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Writes a server fact.
     fn put_meta(&self, key: &str, value: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every fact whose key starts with `prefix`.
+    fn list_meta(&self, prefix: &str)
+    -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
+
+    /// Forgets a fact.
+    fn delete_meta(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
 }

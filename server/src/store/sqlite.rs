@@ -907,6 +907,25 @@ impl Store for SqliteStore {
             .await?)
     }
 
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT key, value FROM meta WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn delete_meta(&self, key: &str) -> Result<()> {
+        let mut tx = self.write().await?;
+        sqlx::query("DELETE FROM meta WHERE key = ?")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn put_meta(&self, key: &str, value: &str) -> Result<()> {
         let mut tx = self.write().await?;
         sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)")

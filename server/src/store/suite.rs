@@ -349,6 +349,18 @@ pub async fn keeps_meta<S: Store>(store: &S) {
         store.get_meta("k").await.expect("get").as_deref(),
         Some("v2")
     );
+    store.put_meta("p:a", "1").await.expect("put");
+    store.put_meta("p:b", "2").await.expect("put");
+    store.put_meta("q:c", "3").await.expect("put");
+    assert_eq!(
+        store.list_meta("p:").await.expect("list"),
+        vec![
+            ("p:a".to_owned(), "1".to_owned()),
+            ("p:b".to_owned(), "2".to_owned())
+        ]
+    );
+    store.delete_meta("p:a").await.expect("delete");
+    assert_eq!(store.list_meta("p:").await.expect("list").len(), 1);
 }
 
 pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: Store>(store: &S) {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_client::ControlServiceClient;
 use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+use pipeline_tests::fake_runner::authorized;
 use pipeline_tests::{Server, TestRepo};
 use tonic::transport::Channel;
 
@@ -46,6 +47,7 @@ fn line(seq: u64, text: String) -> pb::LogLine {
 
 struct Lease {
     runner: RunnerServiceClient<Channel>,
+    credential: String,
     runner_id: String,
     lease: pb::LeaseRef,
     task: String,
@@ -53,7 +55,7 @@ struct Lease {
 }
 
 /// Registers a runner and takes one lease on a new task.
-async fn take_lease(server: &Server, name: &str) -> Lease {
+async fn take_lease(server: &Server, repo: &TestRepo, name: &str) -> Lease {
     // The same transport settings as `pipeline-runner`.
     let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
         .expect("url")
@@ -67,33 +69,43 @@ async fn take_lease(server: &Server, name: &str) -> Lease {
     let mut control = ControlServiceClient::connect(server.url.clone())
         .await
         .expect("connect");
-    let runner_id = runner
-        .register(pb::RegisterRequest {
-            name: name.into(),
-            labels: vec![],
-            slots: 1,
-            version: "bench".into(),
-            protocol_version: pipeline_proto::PROTOCOL_VERSION,
-        })
+    let registered = runner
+        .register(authorized(
+            &repo.registration_token(),
+            pb::RegisterRequest {
+                name: name.into(),
+                labels: vec![],
+                slots: 1,
+                version: "bench".into(),
+                protocol_version: pipeline_proto::PROTOCOL_VERSION,
+            },
+        ))
         .await
         .expect("register")
-        .into_inner()
-        .runner_id;
+        .into_inner();
+    let runner_id = registered.runner_id;
+    let credential = registered.credential.unwrap_or_default();
     let mut work = runner
-        .open_work(pb::OpenWorkRequest {
-            runner_id: runner_id.clone(),
-            held: vec![],
-            draining: false,
-        })
+        .open_work(authorized(
+            &credential,
+            pb::OpenWorkRequest {
+                runner_id: runner_id.clone(),
+                held: vec![],
+                draining: false,
+            },
+        ))
         .await
         .expect("open work")
         .into_inner();
     work.message().await.expect("attached");
     let task = control
-        .create_task(pb::CreateTaskRequest {
-            title: format!("bench {name}"),
-            ..Default::default()
-        })
+        .create_task(authorized(
+            &repo.admin_token(),
+            pb::CreateTaskRequest {
+                title: format!("bench {name}"),
+                ..Default::default()
+            },
+        ))
         .await
         .expect("create")
         .into_inner()
@@ -108,6 +120,7 @@ async fn take_lease(server: &Server, name: &str) -> Lease {
     };
     Lease {
         runner,
+        credential,
         runner_id,
         lease,
         task,
@@ -128,15 +141,18 @@ async fn ship(l: &mut Lease, first: u64, lines: u64, batch: u64) {
                 .map(|s| line(s, format!("{s} {text}")))
                 .collect(),
         };
-        l.runner.append_logs(req).await.expect("append");
+        l.runner
+            .append_logs(authorized(&l.credential, req))
+            .await
+            .expect("append");
         seq += n;
     }
 }
 
-async fn bench_logs(server: &Server, quick: bool) {
+async fn bench_logs(server: &Server, repo: &TestRepo, quick: bool) {
     let total: u64 = if quick { 50_000 } else { 1_000_000 };
     // Ingest, one sender.
-    let mut one = take_lease(server, "ingest-1").await;
+    let mut one = take_lease(server, repo, "ingest-1").await;
     ship(&mut one, 1, 5_000, 5_000).await; // warm up
     let start = Instant::now();
     ship(&mut one, 5_001, total, 5_000).await;
@@ -148,7 +164,7 @@ async fn bench_logs(server: &Server, quick: bool) {
     // Ingest, four senders at once.
     let mut senders = Vec::new();
     for i in 0..4 {
-        senders.push(take_lease(server, &format!("ingest-4-{i}")).await);
+        senders.push(take_lease(server, repo, &format!("ingest-4-{i}")).await);
     }
     let start = Instant::now();
     let per = total / 4;
@@ -169,7 +185,7 @@ async fn bench_logs(server: &Server, quick: bool) {
     // Follow latency, 100 followers.
     let followers_n = 100;
     let lines: u64 = if quick { 200 } else { 2_000 };
-    let mut lease = take_lease(server, "follow").await;
+    let mut lease = take_lease(server, repo, "follow").await;
     let sent: Arc<Vec<std::sync::OnceLock<Instant>>> =
         Arc::new((0..=lines).map(|_| std::sync::OnceLock::new()).collect());
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(followers_n);
@@ -179,13 +195,17 @@ async fn bench_logs(server: &Server, quick: bool) {
         let task = lease.task.clone();
         let sent = Arc::clone(&sent);
         let ready = ready_tx.clone();
+        let admin = repo.admin_token();
         followers.push(tokio::spawn(async move {
             let mut control = ControlServiceClient::connect(url).await.expect("connect");
             let mut stream = control
-                .task_logs(pb::TaskLogsRequest {
-                    id: task,
-                    follow: true,
-                })
+                .task_logs(authorized(
+                    &admin,
+                    pb::TaskLogsRequest {
+                        id: task,
+                        follow: true,
+                    },
+                ))
                 .await
                 .expect("follow")
                 .into_inner();
@@ -225,7 +245,11 @@ async fn bench_logs(server: &Server, quick: bool) {
             lines: vec![line(seq, format!("{seq} {text}"))],
         };
         let _ = sent[seq as usize].set(Instant::now());
-        lease.runner.append_logs(req).await.expect("append");
+        lease
+            .runner
+            .append_logs(authorized(&lease.credential, req))
+            .await
+            .expect("append");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let mut all = Vec::new();
@@ -257,7 +281,7 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     match what {
-        "logs" => rt.block_on(bench_logs(&server, quick)),
+        "logs" => rt.block_on(bench_logs(&server, &repo, quick)),
         other => {
             eprintln!("pipeline-bench: unknown benchmark {other:?}; try: logs");
             std::process::exit(2);
