@@ -184,6 +184,7 @@ impl Session {
                 match self.register().await {
                     Ok(()) => {}
                     Err(status) if fatal(&status) => {
+                        self.abandon_all().await;
                         anyhow::bail!(
                             "the server at {} refused this runner: {}",
                             self.url,
@@ -206,7 +207,7 @@ impl Session {
                     continue;
                 }
                 Err(status) if fatal(&status) => {
-                    self.stop_jobs(false);
+                    self.abandon_all().await;
                     anyhow::bail!(
                         "the server at {} refused this runner: {}",
                         self.url,
@@ -225,7 +226,7 @@ impl Session {
             match self.connected(stream).await {
                 Disconnect::Exit => return Ok(()),
                 Disconnect::Revoked => {
-                    self.stop_jobs(false);
+                    self.abandon_all().await;
                     anyhow::bail!(
                         "the server at {} no longer accepts this runner's credential (revoked?)",
                         self.url
@@ -412,6 +413,21 @@ impl Session {
             _ => None,
         };
         reason.map(|r| (job.lease, r))
+    }
+
+    /// Stops every job and waits (a bounded time) for them to end, without giving anything
+    /// back: the server no longer takes this runner's word. Agents' process groups are stopped.
+    async fn abandon_all(&mut self) {
+        self.stop_jobs(false);
+        let deadline = Instant::now() + self.ctx.config.agent.kill_grace() + Duration::from_secs(5);
+        while !self.jobs.is_empty() {
+            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                Ok(Some((lease, end))) => {
+                    self.free_slot(&lease, end);
+                }
+                _ => break,
+            }
+        }
     }
 
     /// Stops every job; with `release`, their leases (and queued ones) are given back.

@@ -122,7 +122,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         integrations_finished,
         "pipeline-server ready"
     );
-    // Tests and scripts wait for this line to learn the port.
+    publish_admin_token_path(addr, &state_dir);
+    // Tests and scripts wait for this line to learn the port (everything a client needs is in
+    // place by then).
     tracing::info!("listening on {addr}");
 
     let dispatcher = tokio::spawn(Arc::clone(&coordinator).dispatch_loop(shutdown.clone()));
@@ -176,7 +178,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         &registration_token,
         &runners_stop,
     );
-    publish_admin_token_path(addr, &state_dir);
     tokio::select! {
         result = &mut served => {
             // The server stopped without being asked to.

@@ -1,0 +1,222 @@
+//! Credentials and roles end to end: nothing without a credential, each credential only for its
+//! role, a runner only for itself; revoke, rotate, rate limits; no token value in any log.
+
+use std::process::Command;
+
+use pipeline_proto::v1 as pb;
+use pipeline_tests::fake_runner::FakeRunner;
+use pipeline_tests::{Runner, Server, TestRepo, bin, run, scripted_agent, wait_for};
+
+/// `pipelinectl` with no way to find a token (no `--token`, no local note).
+fn ctl_without_token(server: &Server, args: &[&str]) -> pipeline_tests::Output {
+    let home = tempfile::tempdir().expect("home");
+    run(Command::new(bin("pipelinectl"))
+        .args(["--server", &server.url])
+        .args(args)
+        .env("HOME", home.path())
+        .env_remove("PIPELINE_TOKEN"))
+}
+
+fn runner(repo: &TestRepo, server: &Server, name: &str) -> Runner {
+    let mut args = scripted_agent();
+    args.push("--no-verify".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Runner::start(repo, server, name, &args)
+}
+
+#[test]
+fn the_control_api_needs_the_admin_token() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    ctl_without_token(&server, &["status"])
+        .refused(6, "no credential: pass --token or set PIPELINE_TOKEN");
+    ctl_without_token(&server, &["--token", "pla_wrong", "task", "list"])
+        .refused(6, "the credential is not valid");
+    let registration = repo.registration_token();
+    ctl_without_token(&server, &["--token", &registration, "status"]).refused(
+        6,
+        "this credential may not use the control API; use the admin token",
+    );
+    let admin = repo.admin_token();
+    let out = ctl_without_token(&server, &["--token", &admin, "status", "--json"]).json();
+    assert_eq!(out["open"], 0);
+    // The local quick start needs no token: pipelinectl finds it.
+    assert_eq!(server.ctl(&["status", "--json"]).json()["open"], 0);
+    // The token files are the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["admin.token", "runner-registration.token"] {
+        let mode = std::fs::metadata(repo.state_dir().join(file))
+            .expect("token file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+}
+
+#[test]
+fn each_credential_serves_only_its_role() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let v = pipeline_proto::PROTOCOL_VERSION;
+    // The admin token cannot register a runner; a made-up one cannot either.
+    let err = FakeRunner::register(&server.url, &repo.admin_token(), "a", v)
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = FakeRunner::register(&server.url, "plr_made_up", "a", v)
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // A runner's credential is its own: not for the control API, not for another runner.
+    let mut a = FakeRunner::register(&server.url, &repo.registration_token(), "a", v).expect("a");
+    assert!(a.credential.starts_with("plc_"), "{}", a.credential);
+    let b = FakeRunner::register(&server.url, &repo.registration_token(), "b", v).expect("b");
+    ctl_without_token(&server, &["--token", &a.credential, "status"])
+        .refused(6, "may not use the control API");
+    a.id = b.id.clone();
+    let err = a.heartbeat(vec![]).expect_err("not its own");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("runner a may act only for itself, not for runner b")
+    );
+    // It may register again under its own name only.
+    let err = FakeRunner::register(&server.url, &b.credential, "c", v)
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+}
+
+#[test]
+fn a_revoked_runner_is_cut_off_and_its_task_runs_elsewhere() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let v = pipeline_proto::PROTOCOL_VERSION;
+    let mut fake =
+        FakeRunner::register(&server.url, &repo.registration_token(), "fake", v).expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "t"]);
+    let a = fake.next_assignment();
+    let lease = a.lease.clone().expect("lease");
+    let out = server.ctl(&["runners", "revoke", "fake"]).ok();
+    assert_eq!(out.trim(), "fake: revoked; 1 lease(s) given back");
+    // Its late result and any other call are refused; the task goes to another runner.
+    let err = fake
+        .complete(
+            lease,
+            pb::LeaseOutcome::Verified,
+            Some(a.base_commit.clone()),
+            vec![1],
+        )
+        .expect_err("revoked");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let _r = runner(&repo, &server, "honest");
+    let task = server.wait_status(&id, "done");
+    let runs = task["runs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(runs[0]["runner"], "fake");
+    assert_eq!(runs[0]["error"], "released: runner fake was revoked");
+    assert_eq!(runs[1]["runner"], "honest");
+    assert_eq!(
+        task["failures"], 0,
+        "a revocation is not the task's failure"
+    );
+    server
+        .ctl(&["runners", "revoke", "nobody"])
+        .refused(3, "no runner named nobody");
+}
+
+#[test]
+fn a_revoked_real_runner_stops_its_agent_and_exits() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "3"]);
+    let mut r = runner(&repo, &server, "r");
+    let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
+    let pid = wait_for("the agent", || repo.agent_file(&format!("{id}.pid")));
+    server.ctl(&["runners", "revoke", "r"]).ok();
+    let status = r.proc.wait_exit();
+    assert!(!status.success(), "a revoked runner exits with an error");
+    assert!(
+        r.log().contains("credential is not valid")
+            || r.log()
+                .contains("no longer accepts this runner's credential"),
+        "{}",
+        r.log()
+    );
+    let gone = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    let start = std::time::Instant::now();
+    while !gone(&pid) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the agent {pid} outlived its revoked runner; runner log:\n{}",
+            r.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(server.show(&id)["status"], "open");
+    repo.release_agents();
+}
+
+#[test]
+fn rotating_the_registration_token_retires_the_old_one() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let old = repo.registration_token();
+    let new = server.ctl(&["token", "rotate"]).ok().trim().to_owned();
+    assert!(new.starts_with("plr_") && new != old);
+    assert_eq!(
+        repo.registration_token(),
+        new,
+        "the file holds the new token"
+    );
+    let v = pipeline_proto::PROTOCOL_VERSION;
+    let err = FakeRunner::register(&server.url, &old, "r", v)
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    FakeRunner::register(&server.url, &new, "r", v).expect("the new token works");
+}
+
+#[test]
+fn registrations_are_rate_limited_per_credential() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-registrations-per-minute", "2"]);
+    let token = repo.registration_token();
+    let v = pipeline_proto::PROTOCOL_VERSION;
+    FakeRunner::register(&server.url, &token, "r1", v).expect("1");
+    FakeRunner::register(&server.url, &token, "r2", v).expect("2");
+    let err = FakeRunner::register(&server.url, &token, "r3", v)
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        err.message().contains("more than 2 registrations a minute"),
+        "{}",
+        err.message()
+    );
+}
+
+#[test]
+fn no_token_value_appears_in_any_log() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let r = runner(&repo, &server, "r");
+    let id = server.add(&["--title", "t"]);
+    server.wait_status(&id, "done");
+    let tokens = [repo.admin_token(), repo.registration_token()];
+    let logs = format!("{}\n{}", server.log(), r.log());
+    for token in &tokens {
+        assert!(!logs.contains(token.as_str()), "a token value was logged");
+        assert!(!logs.contains(&token[4..]), "a token value was logged");
+    }
+    assert!(!logs.contains("plc_"), "no runner credential was logged");
+    assert!(
+        server.log().contains("admin.token") && server.log().contains("runner-registration.token"),
+        "the server says where the tokens are"
+    );
+}
