@@ -68,6 +68,28 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
+/// TLS for an https:// URL (trusting `ca`, or the system's roots).
+fn tls(
+    url: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, Failure> {
+    if !url.starts_with("https://") {
+        return match ca {
+            Some(_) => Err(Failure::usage(format!(
+                "--tls-ca is set but the server URL {url} is not https://; use https://"
+            ))),
+            None => Ok(None),
+        };
+    }
+    let mut config = tonic::transport::ClientTlsConfig::new().with_native_roots();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| Failure::usage(format!("cannot read --tls-ca {}: {e}", ca.display())))?;
+        config = config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    }
+    Ok(Some(config))
+}
+
 /// A request with the unary time limit.
 fn unary<T>(message: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
@@ -110,7 +132,11 @@ pub struct Client {
 impl Client {
     /// Connects to `url` (`http://host:port`, or just `host:port`) with `token` (or the local
     /// server's admin token).
-    pub async fn connect(url: &str, token: Option<&str>) -> Result<Self, Failure> {
+    pub async fn connect(
+        url: &str,
+        token: Option<&str>,
+        tls_ca: Option<&std::path::Path>,
+    ) -> Result<Self, Failure> {
         let url = if url.contains("://") {
             url.to_owned()
         } else {
@@ -124,6 +150,12 @@ impl Client {
                 ))
             })?
             .connect_timeout(CONNECT_TIMEOUT);
+        let endpoint = match tls(&url, tls_ca)? {
+            Some(tls) => endpoint
+                .tls_config(tls)
+                .map_err(|e| Failure::usage(format!("invalid TLS settings: {}", root_cause(&e))))?,
+            None => endpoint,
+        };
         let channel = endpoint.connect().await.map_err(|e| Failure {
             message: format!(
                 "cannot reach the pipeline server at {url}: {}; is pipeline-server running? \
@@ -161,6 +193,19 @@ impl Client {
                     self.url
                 ),
             ),
+            Code::Unknown | Code::Internal
+                if message.contains("transport error") || message.contains("h2 protocol error") =>
+            {
+                (
+                    exit::UNAVAILABLE,
+                    format!(
+                        "cannot reach the pipeline server at {}: {}; if it serves TLS, use an \
+                     https:// URL (and --tls-ca for a private CA)",
+                        self.url,
+                        one_line(&root_cause(&status))
+                    ),
+                )
+            }
             Code::DeadlineExceeded => (
                 exit::UNAVAILABLE,
                 format!("the pipeline server at {} did not answer in time", self.url),

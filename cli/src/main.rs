@@ -26,6 +26,10 @@ struct Cli {
     )]
     server: String,
 
+    /// The CA to trust for the server's certificate (PEM), for an https:// server.
+    #[arg(long, global = true, env = "PIPELINE_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+
     /// The admin token [default: found in the local server's state dir].
     #[arg(long, global = true, env = "PIPELINE_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -144,20 +148,28 @@ enum TaskCommand {
     },
 }
 
-/// Lets a closed pipe (`pipelinectl … | head`) end the process quietly, as it does for other
-/// command-line tools, instead of making `println!` panic.
-#[allow(unsafe_code)]
-fn default_sigpipe() {
-    // SAFETY: setting a signal's disposition to the default before any thread starts has no
-    // memory-safety preconditions.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+/// Lets a closed pipe (`pipelinectl … | head`) end the process quietly, as other tools do,
+/// instead of a panic message from `println!`. (Restoring the default SIGPIPE would do it too,
+/// but would also let a peer that hangs up on a socket kill the process without a word.)
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    default_sigpipe();
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,7 +193,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )?),
         _ => None,
     };
-    let mut client = Client::connect(&cli.server, cli.token.as_deref()).await?;
+    let mut client =
+        Client::connect(&cli.server, cli.token.as_deref(), cli.tls_ca.as_deref()).await?;
     match cli.command {
         Command::Status { json } => {
             let s = client.status().await?;

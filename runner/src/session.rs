@@ -91,8 +91,16 @@ pub async fn run(
     } else {
         format!("http://{}", config.server)
     };
-    let channel = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("invalid server URL {url:?}"))?
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid server URL {url:?}"))?;
+    if let Some(tls) =
+        crate::config::client_tls(&url, config.tls_ca.as_deref()).map_err(anyhow::Error::msg)?
+    {
+        endpoint = endpoint
+            .tls_config(tls)
+            .with_context(|| "invalid TLS settings".to_owned())?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // Large log batches and bundle chunks are not held up by HTTP/2 flow control.

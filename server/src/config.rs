@@ -25,6 +25,18 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "PIPELINE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "PIPELINE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA that --local-runners trust for the server's certificate (PEM).
+    #[arg(long, env = "PIPELINE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
     /// Allow listening on a non-loopback address without TLS: anyone who can reach the port
     /// can then lease work, send commits and steer the queue.
     #[arg(long, env = "PIPELINE_INSECURE")]
@@ -95,11 +107,11 @@ impl Config {
     /// Checks what clap cannot: combinations of flags.
     pub fn validate(&self) -> Result<(), String> {
         self.agent.validate()?;
-        if !self.listen.ip().is_loopback() && !self.insecure {
+        if !self.listen.ip().is_loopback() && !self.insecure && self.tls_cert.is_none() {
             return Err(format!(
                 "refusing to listen on {} without TLS: anyone who can reach it could lease work, \
-                 send commits and steer the queue; listen on a loopback address (127.0.0.1), or \
-                 pass --insecure on a network you trust",
+                 send commits and steer the queue; pass --tls-cert and --tls-key, listen on a \
+                 loopback address (127.0.0.1), or pass --insecure on a network you trust",
                 self.listen
             ));
         }

@@ -159,7 +159,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     );
     // Windows large enough that a batch of log lines or a bundle chunk is not held up by
     // HTTP/2 flow control (the 64 KiB default costs round trips on every large message).
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", p.display())))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| Error::InvalidArgument(format!("invalid TLS certificate or key: {e}")))?;
+        tracing::info!(cert = %cert.display(), "serving TLS");
+    }
+    let serve = builder
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .tcp_nodelay(true)
@@ -229,8 +241,14 @@ fn start_local_runners(
     (1..=config.local_runners)
         .map(|i| {
             let name = format!("local-{i}");
+            let scheme = if config.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let runner = pipeline_runner::config::Config {
-                server: format!("http://{host}"),
+                server: format!("{scheme}://{host}"),
+                tls_ca: config.tls_ca.clone(),
                 name: Some(name.clone()),
                 token: Some(registration_token.to_owned()),
                 slots: 1,

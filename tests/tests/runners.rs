@@ -1022,3 +1022,60 @@ fn a_bundle_over_the_size_cap_is_refused() {
         "nothing left in the spool"
     );
 }
+
+#[test]
+fn a_bundle_carrying_other_refs_is_refused() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "t"]);
+    let a = fake.next_assignment();
+    let work = repo.dir.path().join("work");
+    git(
+        repo.dir.path(),
+        &["clone", "-q", repo.repo().to_str().expect("utf-8"), "work"],
+    );
+    git(&work, &["checkout", "-q", "--detach", &a.base_commit]);
+    std::fs::write(work.join("f"), "x").expect("write");
+    git(&work, &["add", "f"]);
+    git(&work, &["commit", "-q", "-m", "one commit"]);
+    let head = git(&work, &["rev-parse", "HEAD"]);
+    git(&work, &["update-ref", "refs/heads/out", &head]);
+    git(&work, &["update-ref", "refs/heads/smuggled", &head]);
+    git(
+        &work,
+        &[
+            "bundle",
+            "create",
+            "-q",
+            "../two-refs.bundle",
+            "refs/heads/out",
+            "refs/heads/smuggled",
+            &format!("^{}", a.base_commit),
+        ],
+    );
+    let bundle = std::fs::read(repo.dir.path().join("two-refs.bundle")).expect("bundle");
+    let err = fake
+        .complete(
+            a.lease.expect("lease"),
+            pb::LeaseOutcome::Verified,
+            Some(head),
+            bundle,
+        )
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("the bundle holds 2 refs; send exactly one"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(server.show(&id)["patchset"], 0);
+}

@@ -220,3 +220,90 @@ fn no_token_value_appears_in_any_log() {
         "the server says where the tokens are"
     );
 }
+
+/// Makes a CA and a server certificate for localhost / 127.0.0.1 in `dir` with `openssl`;
+/// returns (ca.pem, server.pem, server.key).
+fn make_certs(dir: &std::path::Path) -> (String, String, String) {
+    let sh = |script: &str| {
+        let out = run(Command::new("sh").arg("-c").arg(script).current_dir(dir));
+        assert!(out.status.success(), "{script}: {}", out.stderr);
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+        -subj '/CN=pipeline test CA' 2>/dev/null",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+        -subj '/CN=localhost' 2>/dev/null",
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    sh(
+        "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out server.pem -days 2 -extfile ext.cnf 2>/dev/null",
+    );
+    let p = |f: &str| dir.join(f).to_str().expect("utf-8").to_owned();
+    (p("ca.pem"), p("server.pem"), p("server.key"))
+}
+
+#[test]
+fn a_tls_round_trip_with_a_ca_made_in_the_test() {
+    let repo = TestRepo::new();
+    let (ca, cert, key) = make_certs(repo.dir.path());
+    // With TLS, a non-loopback address needs no --insecure.
+    let server = Server::start(
+        &repo,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--listen",
+            "0.0.0.0:0",
+        ],
+    );
+    let port = server.addr.rsplit(':').next().expect("port").to_owned();
+    let url = format!("https://127.0.0.1:{port}");
+    let ok = pipeline_tests::ctl(&url, &["--tls-ca", &ca, "status", "--json"]).json();
+    assert_eq!(ok["open"], 0);
+    // Not trusting the CA, or speaking plain HTTP to a TLS port: one line, exit 5.
+    let line =
+        pipeline_tests::ctl(&url, &["status"]).refused(5, "cannot reach the pipeline server");
+    assert!(
+        line.to_lowercase().contains("certificate") || line.contains("UnknownIssuer"),
+        "{line}"
+    );
+    pipeline_tests::ctl(&format!("http://127.0.0.1:{port}"), &["status"])
+        .refused(5, "cannot reach");
+    pipeline_tests::ctl(
+        &format!("http://127.0.0.1:{port}"),
+        &["--tls-ca", &ca, "status"],
+    )
+    .refused(2, "--tls-ca is set but the server URL");
+    // A runner over TLS: register, lease, bundles both ways, logs, result.
+    let mut args = scripted_agent();
+    args.extend(["--no-verify".to_owned(), "--tls-ca".to_owned(), ca.clone()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let runner = Runner::spawn(&repo, &url, "tls-runner", &args);
+    runner
+        .proc
+        .wait_for_line("registered")
+        .expect("registered over TLS");
+    let id = pipeline_tests::ctl(
+        &url,
+        &["--tls-ca", &ca, "task", "add", "--title", "over tls"],
+    )
+    .ok()
+    .trim()
+    .to_owned();
+    wait_for("the task to land", || {
+        let t = pipeline_tests::ctl(&url, &["--tls-ca", &ca, "task", "show", &id, "--json"]).json();
+        (t["status"] == "done").then_some(())
+    });
+    let log = pipeline_tests::ctl(&url, &["--tls-ca", &ca, "logs", &id]).ok();
+    assert!(log.contains("landed on main"), "{log}");
+}
