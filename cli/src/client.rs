@@ -68,28 +68,6 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
-/// TLS for an https:// URL (trusting `ca`, or the system's roots).
-fn tls(
-    url: &str,
-    ca: Option<&std::path::Path>,
-) -> Result<Option<tonic::transport::ClientTlsConfig>, Failure> {
-    if !url.starts_with("https://") {
-        return match ca {
-            Some(_) => Err(Failure::usage(format!(
-                "--tls-ca is set but the server URL {url} is not https://; use https://"
-            ))),
-            None => Ok(None),
-        };
-    }
-    let mut config = tonic::transport::ClientTlsConfig::new().with_native_roots();
-    if let Some(ca) = ca {
-        let pem = std::fs::read(ca)
-            .map_err(|e| Failure::usage(format!("cannot read --tls-ca {}: {e}", ca.display())))?;
-        config = config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
-    }
-    Ok(Some(config))
-}
-
 /// A request with the unary time limit.
 fn unary<T>(message: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
@@ -150,7 +128,7 @@ impl Client {
                 ))
             })?
             .connect_timeout(CONNECT_TIMEOUT);
-        let endpoint = match tls(&url, tls_ca)? {
+        let endpoint = match pipeline_proto::client_tls(&url, tls_ca).map_err(Failure::usage)? {
             Some(tls) => endpoint
                 .tls_config(tls)
                 .map_err(|e| Failure::usage(format!("invalid TLS settings: {}", root_cause(&e))))?,

@@ -101,29 +101,6 @@ pub const DEFAULT_ENV_ALLOW: &[&str] = &[
     "TERM",
 ];
 
-/// TLS settings for a client of `url`: with an `https://` URL, trust `ca` (or the system's
-/// roots); `--tls-ca` with a plain `http://` URL is a mistake worth saying.
-pub fn client_tls(
-    url: &str,
-    ca: Option<&std::path::Path>,
-) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
-    if !url.starts_with("https://") {
-        return match ca {
-            Some(_) => Err(format!(
-                "--tls-ca is set but the server URL {url} is not https://; use https://"
-            )),
-            None => Ok(None),
-        };
-    }
-    let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
-    if let Some(ca) = ca {
-        let pem =
-            std::fs::read(ca).map_err(|e| format!("cannot read --tls-ca {}: {e}", ca.display()))?;
-        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
-    }
-    Ok(Some(tls))
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentMode {

@@ -94,7 +94,7 @@ pub async fn run(
     let mut endpoint = Endpoint::from_shared(url.clone())
         .with_context(|| format!("invalid server URL {url:?}"))?;
     if let Some(tls) =
-        crate::config::client_tls(&url, config.tls_ca.as_deref()).map_err(anyhow::Error::msg)?
+        pipeline_proto::client_tls(&url, config.tls_ca.as_deref()).map_err(anyhow::Error::msg)?
     {
         endpoint = endpoint
             .tls_config(tls)
@@ -191,14 +191,7 @@ impl Session {
             if self.runner_id.is_none() {
                 match self.register().await {
                     Ok(()) => {}
-                    Err(status) if fatal(&status) => {
-                        self.abandon_all().await;
-                        anyhow::bail!(
-                            "the server at {} refused this runner: {}",
-                            self.url,
-                            status.message()
-                        );
-                    }
+                    Err(status) if fatal(&status) => return Err(self.refused(&status).await),
                     Err(status) => {
                         tracing::warn!(server = %self.url, error = %status.message(), "cannot register; retrying");
                         if self.wait(backoff.next()).await {
@@ -214,14 +207,7 @@ impl Session {
                     self.runner_id = None;
                     continue;
                 }
-                Err(status) if fatal(&status) => {
-                    self.abandon_all().await;
-                    anyhow::bail!(
-                        "the server at {} refused this runner: {}",
-                        self.url,
-                        status.message()
-                    );
-                }
+                Err(status) if fatal(&status) => return Err(self.refused(&status).await),
                 Err(status) => {
                     tracing::warn!(error = %status.message(), "cannot open the work stream; retrying");
                     if self.wait(backoff.next()).await {
@@ -421,6 +407,16 @@ impl Session {
             _ => None,
         };
         reason.map(|r| (job.lease, r))
+    }
+
+    /// The server refused this runner for good: stop all work, and say why.
+    async fn refused(&mut self, status: &tonic::Status) -> anyhow::Error {
+        self.abandon_all().await;
+        anyhow::anyhow!(
+            "the server at {} refused this runner: {}",
+            self.url,
+            status.message()
+        )
     }
 
     /// Stops every job and waits (a bounded time) for them to end, without giving anything
