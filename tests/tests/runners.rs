@@ -43,6 +43,56 @@ fn alive(pid: &str) -> bool {
         .is_some_and(|rest| !rest.starts_with('Z'))
 }
 
+/// A fake runner, registered as "fake" with its work stream open.
+fn fake_runner(repo: &TestRepo, server: &Server) -> FakeRunner {
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    fake
+}
+
+/// A bundle made by hand in a clone of the repo: `commits` commits on top of `base`, the head
+/// under each of `refs`. Returns the head and the bundle's bytes.
+fn hand_made_bundle(
+    repo: &TestRepo,
+    base: &str,
+    commits: usize,
+    refs: &[&str],
+) -> (String, Vec<u8>) {
+    let work = repo.dir.path().join("hand-made");
+    git(
+        repo.dir.path(),
+        &[
+            "clone",
+            "-q",
+            repo.repo().to_str().expect("utf-8"),
+            "hand-made",
+        ],
+    );
+    git(&work, &["checkout", "-q", "--detach", base]);
+    for n in 1..=commits {
+        std::fs::write(work.join(format!("f{n}")), "x").expect("write");
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", &format!("commit {n}")]);
+    }
+    let head = git(&work, &["rev-parse", "HEAD"]);
+    let mut args = vec!["bundle", "create", "-q", "../hand-made.bundle"];
+    for r in refs {
+        git(&work, &["update-ref", r, &head]);
+        args.push(r);
+    }
+    let not_base = format!("^{base}");
+    args.push(&not_base);
+    git(&work, &args);
+    let bundle = std::fs::read(repo.dir.path().join("hand-made.bundle")).expect("bundle");
+    (head, bundle)
+}
+
 fn main_tip(repo: &TestRepo) -> String {
     git(&repo.repo(), &["rev-parse", "refs/heads/main"])
 }
@@ -344,14 +394,7 @@ fn a_runner_killed_mid_task_loses_its_lease_to_another_runner() {
 fn a_late_result_from_a_dead_lease_is_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--lease-ttl", "2", "--backoff-base", "0"]);
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "contested"]);
     let assignment = fake.next_assignment();
     assert_eq!(assignment.task_id, id);
@@ -396,14 +439,7 @@ fn a_bundle_that_is_not_one_commit_on_the_base_is_refused() {
     let repo = TestRepo::new();
     // The default back-off keeps the task Open after the refusal.
     let server = Server::start(&repo, &[]);
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "t"]);
     let lease = fake.next_assignment().lease.expect("lease");
     fake.heartbeat(vec![lease.clone()]).expect("heartbeat");
@@ -819,46 +855,13 @@ fn the_agent_time_limit_is_enforced() {
 fn a_bundle_of_two_commits_is_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "t"]);
     let a = fake.next_assignment();
-    let lease = a.lease.clone().expect("lease");
-    // Two commits on top of the base, bundled.
-    let work = repo.dir.path().join("work");
-    git(
-        repo.dir.path(),
-        &["clone", "-q", repo.repo().to_str().expect("utf-8"), "work"],
-    );
-    git(&work, &["checkout", "-q", "--detach", &a.base_commit]);
-    for n in 1..=2 {
-        std::fs::write(work.join(format!("f{n}")), "x").expect("write");
-        git(&work, &["add", "."]);
-        git(&work, &["commit", "-q", "-m", &format!("commit {n}")]);
-    }
-    let head = git(&work, &["rev-parse", "HEAD"]);
-    git(&work, &["update-ref", "refs/heads/out", &head]);
-    git(
-        &work,
-        &[
-            "bundle",
-            "create",
-            "-q",
-            "../two.bundle",
-            "refs/heads/out",
-            &format!("^{}", a.base_commit),
-        ],
-    );
-    let bundle = std::fs::read(repo.dir.path().join("two.bundle")).expect("bundle");
+    let (head, bundle) = hand_made_bundle(&repo, &a.base_commit, 2, &["refs/heads/out"]);
     let err = fake
         .complete(
-            lease,
+            a.lease.expect("lease"),
             pb::LeaseOutcome::Verified,
             Some(head.clone()),
             bundle,
@@ -988,14 +991,7 @@ fn agents_and_builds_get_a_controlled_environment() {
 fn a_bundle_over_the_size_cap_is_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--max-bundle-bytes", "1000"]);
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "t"]);
     let lease = fake.next_assignment().lease.expect("lease");
     let err = fake
@@ -1027,41 +1023,15 @@ fn a_bundle_over_the_size_cap_is_refused() {
 fn a_bundle_carrying_other_refs_is_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "t"]);
     let a = fake.next_assignment();
-    let work = repo.dir.path().join("work");
-    git(
-        repo.dir.path(),
-        &["clone", "-q", repo.repo().to_str().expect("utf-8"), "work"],
+    let (head, bundle) = hand_made_bundle(
+        &repo,
+        &a.base_commit,
+        1,
+        &["refs/heads/out", "refs/heads/smuggled"],
     );
-    git(&work, &["checkout", "-q", "--detach", &a.base_commit]);
-    std::fs::write(work.join("f"), "x").expect("write");
-    git(&work, &["add", "f"]);
-    git(&work, &["commit", "-q", "-m", "one commit"]);
-    let head = git(&work, &["rev-parse", "HEAD"]);
-    git(&work, &["update-ref", "refs/heads/out", &head]);
-    git(&work, &["update-ref", "refs/heads/smuggled", &head]);
-    git(
-        &work,
-        &[
-            "bundle",
-            "create",
-            "-q",
-            "../two-refs.bundle",
-            "refs/heads/out",
-            "refs/heads/smuggled",
-            &format!("^{}", a.base_commit),
-        ],
-    );
-    let bundle = std::fs::read(repo.dir.path().join("two-refs.bundle")).expect("bundle");
     let err = fake
         .complete(
             a.lease.expect("lease"),
