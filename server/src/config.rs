@@ -88,6 +88,12 @@ pub struct Config {
     )]
     pub max_registrations_per_minute: usize,
 
+    /// Leases committed per database transaction when many are handed out at once (group
+    /// commit); 1 commits each lease on its own.
+    #[arg(long, env = "PIPELINE_DISPATCH_BATCH", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub dispatch_batch: u32,
+
     /// The largest commit bundle a runner may send, in bytes.
     #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_bundle_bytes: u64,

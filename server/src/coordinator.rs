@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::domain::{
-    Millis, NewTask, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId, TaskStatus,
+    Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId, TaskStatus,
 };
 use crate::error::{Error, Result};
 use crate::git::Repo;
@@ -91,6 +91,8 @@ pub struct Settings {
     pub log_cap_bytes: u64,
     /// The environment integration builds start from (the allow-listed variables).
     pub build_env: Vec<(String, String)>,
+    /// Leases committed per database transaction (1 = one transaction per lease).
+    pub dispatch_batch: usize,
 }
 
 /// The coordinator's domain API over a [`Store`]: tasks, runners, leases.
@@ -107,6 +109,9 @@ pub struct Coordinator<S> {
     pub(crate) logs: crate::logs::LogHub,
     /// Credentials and roles.
     pub auth: crate::auth::Auth,
+    /// Task counts kept in step with every committed change, so `status` reads no database;
+    /// `None` until [`Coordinator::load_counts`].
+    counts: Mutex<Option<StatusCounts>>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -120,7 +125,22 @@ impl<S: Store> Coordinator<S> {
             registry: Mutex::new(Registry::default()),
             wake: Notify::new(),
             integrate_wake: Notify::new(),
+            counts: Mutex::new(None),
         }
+    }
+
+    /// Reads the task counts from the store once; from then on every committed change keeps
+    /// them current (call it before any change can happen: at start-up, before serving).
+    pub async fn load_counts(&self) -> Result<()> {
+        let counts = self.store.status_counts().await?;
+        *self.counts_mut() = Some(counts);
+        Ok(())
+    }
+
+    fn counts_mut(&self) -> MutexGuard<'_, Option<StatusCounts>> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn store(&self) -> &S {
@@ -145,6 +165,9 @@ impl<S: Store> Coordinator<S> {
 
     pub async fn create_task(&self, new: NewTask) -> Result<Task> {
         let task = self.store.create_task(new, now_ms()).await?;
+        if let Some(counts) = self.counts_mut().as_mut() {
+            counts.add(TaskStatus::Open, 1);
+        }
         tracing::info!(task = %task.id, priority = task.priority, "task created");
         self.wake.notify_one();
         if let Some(created) = self.store.events(&task.id).await?.pop() {
@@ -179,8 +202,13 @@ impl<S: Store> Coordinator<S> {
     }
 
     pub async fn status(&self) -> Result<Status> {
+        let counts = self.counts_mut().clone();
+        let counts = match counts {
+            Some(counts) => counts,
+            None => self.store.status_counts().await?,
+        };
         Ok(Status {
-            counts: self.store.status_counts().await?,
+            counts,
             runners: self.registry().connected_count() as u64,
             base: self.settings.base.clone(),
         })
@@ -270,42 +298,11 @@ impl<S: Store> Coordinator<S> {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let task = self.get(id).await?;
             check(&task)?;
-            let now = now_ms();
-            let decided = lifecycle::apply(&task.state, event, self.policy(), now)
-                .map_err(|refusal| Error::FailedPrecondition(format!("task {id}: {refusal}")))?;
-            let effects = decided.effects.clone();
-            let kind = decided.kind;
-            let mut write = TransitionWrite::new(&task, decided, now);
-            write.close_runs = run_end_for(event, &write.message);
-            if task.state.status == TaskStatus::InProgress
-                && write.state.status != TaskStatus::InProgress
-            {
-                write.lease = LeaseChange::Clear;
-            }
+            let (mut write, effects) = self.decide(&task, event, now_ms())?;
             shape(&task, &mut write);
-            let event = crate::domain::TaskEvent {
-                id: 0,
-                task_id: id.clone(),
-                at: now,
-                kind: write.kind.clone(),
-                from: Some(task.state.status),
-                to: write.state.status,
-                message: write.message.clone(),
-            };
-            match self.store.commit_transition(write).await {
+            match self.store.commit_transition(write.clone()).await {
                 Ok((updated, event_id)) => {
-                    self.logs.publish_transition(crate::domain::TaskEvent {
-                        id: event_id,
-                        ..event
-                    });
-                    tracing::info!(
-                        task = %id,
-                        from = %task.state.status,
-                        to = %updated.state.status,
-                        kind,
-                        "task transition"
-                    );
-                    self.carry_out(&task, &updated, &effects);
+                    self.committed(&task, &write, &updated, event_id, &effects);
                     return Ok(updated);
                 }
                 Err(Error::Conflict(_)) => continue,
@@ -315,6 +312,71 @@ impl<S: Store> Coordinator<S> {
         Err(Error::Conflict(format!(
             "task {id} kept changing while this request was being decided; try again"
         )))
+    }
+
+    /// Decides what `event` does to `task` at `now`: the write to persist and the effects to
+    /// carry out once it is. Leaving InProgress always clears the lease.
+    pub(crate) fn decide(
+        &self,
+        task: &Task,
+        event: &Event,
+        now: Millis,
+    ) -> Result<(TransitionWrite, Vec<Effect>)> {
+        let decided = lifecycle::apply(&task.state, event, self.policy(), now)
+            .map_err(|refusal| Error::FailedPrecondition(format!("task {}: {refusal}", task.id)))?;
+        let effects = decided.effects.clone();
+        let mut write = TransitionWrite::new(task, decided, now);
+        write.close_runs = run_end_for(event, &write.message);
+        if task.state.status == TaskStatus::InProgress
+            && write.state.status != TaskStatus::InProgress
+        {
+            write.lease = LeaseChange::Clear;
+        }
+        Ok((write, effects))
+    }
+
+    /// After a transition of `before` is persisted as `after`: publish it, log it, carry out
+    /// its effects.
+    pub(crate) fn committed(
+        &self,
+        before: &Task,
+        write: &TransitionWrite,
+        after: &Task,
+        event_id: i64,
+        effects: &[Effect],
+    ) {
+        if let Some(counts) = self.counts_mut().as_mut() {
+            counts.moved(before.state.status, after.state.status);
+            // A dev run runs exactly while its task is leased: it starts with the lease and
+            // the change that takes the task out of InProgress ends it.
+            if write
+                .start_run
+                .as_ref()
+                .is_some_and(|r| r.phase == Phase::Dev)
+            {
+                counts.active_dev_runs += 1;
+            }
+            if write.close_runs.is_some() && before.state.status == TaskStatus::InProgress {
+                counts.active_dev_runs = counts.active_dev_runs.saturating_sub(1);
+            }
+        }
+        self.logs.publish_transition(crate::domain::TaskEvent {
+            id: event_id,
+            task_id: before.id.clone(),
+            at: write.at,
+            kind: write.kind.clone(),
+            from: Some(before.state.status),
+            to: write.state.status,
+            message: write.message.clone(),
+        });
+        tracing::info!(
+            task = %before.id,
+            from = %before.state.status,
+            to = %after.state.status,
+            kind = %write.kind,
+            "task transition"
+        );
+        self.carry_out(before, after, effects);
     }
 
     /// Acts on a persisted transition: forget a lease that ended, tell its runner to stop when
@@ -399,6 +461,7 @@ mod tests {
             push_remote: None,
             log_cap_bytes: 1 << 20,
             build_env: Vec::new(),
+            dispatch_batch: 64,
         };
         let repo = Repo::at(dir.path());
         let auth = crate::auth::Auth::open(&store, dir.path(), 10)
@@ -459,5 +522,40 @@ mod tests {
                 .is_some_and(|e| e.contains("restarted"))
         );
         assert_eq!(c.recover().await.expect("again"), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn status_counts_kept_in_memory_match_the_database() {
+        let (_dir, c) = coordinator().await;
+        let a = c.create_task(new_task("a")).await.expect("create");
+        let decided =
+            lifecycle::apply(&a.state, &Event::Leased, c.policy(), now_ms()).expect("lease");
+        let mut write = TransitionWrite::new(&a, decided, now_ms());
+        write.start_run = Some(crate::store::NewRun {
+            phase: crate::domain::Phase::Dev,
+            patchset: 0,
+            runner: Some("r1".into()),
+        });
+        c.store().commit_transition(write).await.expect("lease");
+        c.load_counts().await.expect("load");
+        let check = || async {
+            let memory = c.status().await.expect("status").counts;
+            let stored = c.store().status_counts().await.expect("counts");
+            assert_eq!(memory, stored);
+            memory
+        };
+        assert_eq!(check().await.active_dev_runs, 1);
+        let b = c.create_task(new_task("b")).await.expect("create");
+        c.create_task(new_task("c")).await.expect("create");
+        c.cancel(&b.id).await.expect("cancel");
+        check().await;
+        c.recover().await.expect("recover");
+        let after = check().await;
+        assert_eq!(
+            (after.open, after.cancelled, after.active_dev_runs),
+            (2, 1, 0)
+        );
+        c.retry(&b.id).await.expect("retry");
+        assert_eq!(check().await.open, 3);
     }
 }

@@ -491,15 +491,25 @@ pub struct StatusCounts {
 
 impl StatusCounts {
     pub fn add(&mut self, status: TaskStatus, n: u64) {
-        let slot = match status {
+        *self.slot(status) += n;
+    }
+
+    /// A task went from `from` to `to`.
+    pub fn moved(&mut self, from: TaskStatus, to: TaskStatus) {
+        let from = self.slot(from);
+        *from = from.saturating_sub(1);
+        *self.slot(to) += 1;
+    }
+
+    fn slot(&mut self, status: TaskStatus) -> &mut u64 {
+        match status {
             TaskStatus::Open => &mut self.open,
             TaskStatus::InProgress => &mut self.in_progress,
             TaskStatus::Verified => &mut self.verified,
             TaskStatus::Done => &mut self.done,
             TaskStatus::NeedsHelp => &mut self.needs_help,
             TaskStatus::Cancelled => &mut self.cancelled,
-        };
-        *slot += n;
+        }
     }
 }
 

@@ -11,6 +11,25 @@ use tokio::process::{Child, Command};
 
 use crate::error::{Error, Result};
 
+/// A ref's object ID from the files backend: the loose ref file if there is one, else its line
+/// in `packed-refs`; `None` when neither holds a plain object ID for it.
+fn read_ref_files(dir: &Path, refname: &str) -> Option<String> {
+    let is_sha = |s: &str| check_sha(s).is_ok();
+    match std::fs::read_to_string(dir.join(refname)) {
+        Ok(content) => {
+            let sha = content.trim();
+            return is_sha(sha).then(|| sha.to_owned());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(_) => return None,
+    }
+    let packed = std::fs::read_to_string(dir.join("packed-refs")).ok()?;
+    packed.lines().find_map(|line| {
+        let (sha, name) = line.split_once(' ')?;
+        (name == refname && is_sha(sha)).then(|| sha.to_owned())
+    })
+}
+
 /// How long one git command may run before it is killed.
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -18,6 +37,9 @@ const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Clone, Debug)]
 pub struct Repo {
     path: PathBuf,
+    /// The common git directory, where branch refs are files (`refs/heads/…`, `packed-refs`):
+    /// a branch tip is read from there without spawning git.
+    refs_dir: Option<PathBuf>,
 }
 
 impl Repo {
@@ -29,15 +51,14 @@ impl Repo {
                 path.display()
             )));
         }
-        let repo = Self {
-            path: path.to_path_buf(),
-        };
+        let mut repo = Self::at(path);
         repo.run(&["rev-parse", "--git-dir"]).await.map_err(|_| {
             Error::InvalidArgument(format!(
                 "--repo {}: not a git repository (create one with `git init`)",
                 path.display()
             ))
         })?;
+        repo.refs_dir = Some(repo.common_dir().await?);
         Ok(repo)
     }
 
@@ -45,6 +66,7 @@ impl Repo {
     pub fn at(path: &Path) -> Self {
         Self {
             path: path.to_path_buf(),
+            refs_dir: None,
         }
     }
 
@@ -92,8 +114,15 @@ impl Repo {
         Ok(out.trim().to_owned())
     }
 
-    /// The commit a branch points at.
+    /// The commit a branch points at. Read from the ref files when they hold it (a loose ref,
+    /// else `packed-refs`, as git itself resolves it; both are replaced atomically by git), so
+    /// the hot path spawns nothing; otherwise (another ref backend, a symbolic ref) git says.
     pub async fn tip(&self, branch: &str) -> Result<String> {
+        if let Some(dir) = &self.refs_dir
+            && let Some(sha) = read_ref_files(dir, &format!("refs/heads/{branch}"))
+        {
+            return Ok(sha);
+        }
         let refname = format!("refs/heads/{branch}^{{commit}}");
         Ok(self
             .run(&["rev-parse", "--verify", "--end-of-options", &refname])

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::lifecycle::{self, Event};
 use crate::prompt::{self, PromptContext};
 use crate::registry::{Assignment, LeaseRef, LiveLease, Push};
-use crate::store::{FinishedRun, LeaseChange, NewRun, RunEnd, Store};
+use crate::store::{FinishedRun, LeaseChange, NewRun, RunEnd, Store, TransitionWrite};
 
 /// The largest number of slots one runner may announce.
 pub const MAX_SLOTS: u32 = 64;
@@ -496,8 +496,9 @@ impl<S: Store> Coordinator<S> {
         }
     }
 
-    /// One round: expire lapsed leases, then fill free slots. Returns when the next timer
-    /// (a back-off ending, a lease expiring) is due.
+    /// One round: expire lapsed leases, then fill free slots. Leases are decided in memory and
+    /// committed in groups of up to `--dispatch-batch` per database transaction. Returns when
+    /// the next timer (a back-off ending, a lease expiring) is due.
     pub async fn dispatch_once(&self) -> Result<Option<Millis>> {
         let now = now_ms();
         let expired = self.registry().expired(now);
@@ -511,6 +512,8 @@ impl<S: Store> Coordinator<S> {
                 .store
                 .lease_candidates(now, total.saturating_mul(2))
                 .await?;
+            let mut tip = None;
+            let mut batch = Vec::new();
             for task in candidates {
                 if total == 0 {
                     break;
@@ -523,15 +526,24 @@ impl<S: Store> Coordinator<S> {
                     .position(|f| f.2 > 0 && task.avoid_runner.as_deref() != Some(f.1.as_str()))
                     .or_else(|| free.iter().position(|f| f.2 > 0));
                 let Some(i) = pick else { break };
-                let (runner_id, runner_name) = (free[i].0.clone(), free[i].1.clone());
-                match self.lease_to(&task, &runner_id, &runner_name).await {
-                    Ok(()) => {
+                match self
+                    .plan_lease(task, &free[i].0, &free[i].1, &mut tip)
+                    .await
+                {
+                    Ok(planned) => {
+                        batch.push(planned);
                         free[i].2 -= 1;
                         total -= 1;
                     }
-                    Err(Error::Conflict(_) | Error::FailedPrecondition(_)) => {}
+                    Err(Error::FailedPrecondition(_)) => continue,
                     Err(err) => return Err(err),
                 }
+                if batch.len() >= self.settings.dispatch_batch.max(1) {
+                    self.commit_leases(std::mem::take(&mut batch)).await?;
+                }
+            }
+            if !batch.is_empty() {
+                self.commit_leases(batch).await?;
             }
         }
         let next_backoff = self.store.next_backoff_end(now).await?;
@@ -539,58 +551,106 @@ impl<S: Store> Coordinator<S> {
         Ok([next_backoff, next_expiry].into_iter().flatten().min())
     }
 
-    /// Gives `task` to a runner: persists the lease and the dev run, then pushes the work.
-    async fn lease_to(&self, task: &Task, runner_id: &str, runner_name: &str) -> Result<()> {
+    /// Decides to give `task` to a runner: the lease, its dev run, the history entry. `tip` is
+    /// the base tip, read once per round.
+    async fn plan_lease(
+        &self,
+        task: Task,
+        runner_id: &str,
+        runner_name: &str,
+        tip: &mut Option<String>,
+    ) -> Result<PlannedLease> {
         let (base_commit, previous_commit) = match (&task.patch_commit, task.state.amend) {
-            (Some(previous), true) => {
-                let parents = self.repo.parents(previous).await?;
-                match parents.as_slice() {
-                    [parent] => (parent.clone(), Some(previous.clone())),
-                    _ => (self.repo.tip(&self.settings.base).await?, None),
+            (Some(previous), true) => match self.repo.parents(previous).await?.as_slice() {
+                [parent] => (parent.clone(), Some(previous.clone())),
+                _ => (self.base_tip_cached(tip).await?, None),
+            },
+            _ => (self.base_tip_cached(tip).await?, None),
+        };
+        let (mut write, effects) = self.decide(&task, &Event::Leased, now_ms())?;
+        let epoch = task.lease_epoch + 1;
+        write.lease = LeaseChange::Set(Lease {
+            id: Lease::make_id(&task.id, epoch),
+            epoch,
+            runner: runner_name.to_owned(),
+            runner_id: runner_id.to_owned(),
+            base_commit,
+            previous_commit,
+        });
+        write.start_run = Some(NewRun {
+            phase: Phase::Dev,
+            patchset: task.state.patchset,
+            runner: Some(runner_name.to_owned()),
+        });
+        write.message = format!("leased to {runner_name} (epoch {epoch})");
+        Ok(PlannedLease {
+            task,
+            write,
+            effects,
+            runner_id: runner_id.to_owned(),
+            runner_name: runner_name.to_owned(),
+        })
+    }
+
+    async fn base_tip_cached(&self, tip: &mut Option<String>) -> Result<String> {
+        if let Some(t) = tip {
+            return Ok(t.clone());
+        }
+        let t = self.repo.tip(&self.settings.base).await?;
+        *tip = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Persists planned leases in one transaction, then pushes each to its runner. A lease
+    /// that lost a race (the task changed) is dropped and another round is asked for.
+    async fn commit_leases(&self, batch: Vec<PlannedLease>) -> Result<()> {
+        let writes = batch.iter().map(|p| p.write.clone()).collect();
+        let results = self.store.commit_transitions(writes).await?;
+        for (planned, result) in batch.into_iter().zip(results) {
+            match result {
+                Ok(done) => {
+                    self.committed(
+                        &planned.task,
+                        &planned.write,
+                        &done.task,
+                        done.event_id,
+                        &planned.effects,
+                    );
+                    self.push_lease(
+                        &done.task,
+                        done.run_id,
+                        &planned.runner_id,
+                        &planned.runner_name,
+                    )
+                    .await?;
+                }
+                Err(err) => {
+                    tracing::info!(task = %planned.task.id, error = %err, "lease not taken");
+                    self.wake.notify_one();
                 }
             }
-            _ => (self.repo.tip(&self.settings.base).await?, None),
-        };
-        let version = task.version;
-        let leased = self
-            .transition_with(
-                &task.id,
-                &Event::Leased,
-                |t| {
-                    if t.version == version {
-                        Ok(())
-                    } else {
-                        Err(Error::Conflict(format!("task {} changed", t.id)))
-                    }
-                },
-                |t, w| {
-                    let epoch = t.lease_epoch + 1;
-                    w.lease = LeaseChange::Set(Lease {
-                        id: Lease::make_id(&t.id, epoch),
-                        epoch,
-                        runner: runner_name.to_owned(),
-                        runner_id: runner_id.to_owned(),
-                        base_commit: base_commit.clone(),
-                        previous_commit: previous_commit.clone(),
-                    });
-                    w.start_run = Some(NewRun {
-                        phase: Phase::Dev,
-                        patchset: t.state.patchset,
-                        runner: Some(runner_name.to_owned()),
-                    });
-                    w.message = format!("leased to {runner_name} (epoch {epoch})");
-                },
-            )
-            .await?;
+        }
+        Ok(())
+    }
+
+    /// Registers a committed lease as live and pushes its work to the runner; if the runner is
+    /// gone, the lease is released at once.
+    async fn push_lease(
+        &self,
+        leased: &Task,
+        run_id: Option<i64>,
+        runner_id: &str,
+        runner_name: &str,
+    ) -> Result<()> {
         let lease = leased.lease.clone().ok_or_else(|| {
-            Error::Internal(format!("task {} was leased without a lease", task.id))
+            Error::Internal(format!("task {} was leased without a lease", leased.id))
         })?;
         let lease_ref = LeaseRef {
             id: lease.id.clone(),
             epoch: lease.epoch,
         };
         let prompt = prompt::build(
-            &leased,
+            leased,
             &PromptContext {
                 base: &self.settings.base,
                 base_commit: &lease.base_commit,
@@ -609,7 +669,6 @@ impl<S: Store> Coordinator<S> {
             patchset: leased.state.patchset,
             prompt,
         };
-        let run_id = self.store.running_run(&leased.id).await?;
         let pushed = {
             let mut registry = self.registry();
             registry.add_lease(
@@ -669,6 +728,15 @@ impl<S: Store> Coordinator<S> {
             }
         }
     }
+}
+
+/// A lease decided but not yet committed.
+struct PlannedLease {
+    task: Task,
+    write: TransitionWrite,
+    effects: Vec<crate::lifecycle::Effect>,
+    runner_id: String,
+    runner_name: String,
 }
 
 /// Fails unless `lease` is the task's current lease.

@@ -101,8 +101,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         push_remote: config.push_remote.clone(),
         log_cap_bytes: config.log_cap_bytes.max(1024),
         build_env: config.agent.child_env(),
+        dispatch_batch: config.dispatch_batch as usize,
     };
     let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo, auth));
+    coordinator.load_counts().await?;
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
     let integrations_finished = coordinator.recover_integrations().await?;
 

@@ -26,6 +26,9 @@ pub struct TransitionWrite {
     pub task_id: TaskId,
     /// The version the decision was made on; the write fails with `Error::Conflict` otherwise.
     pub expected_version: i64,
+    /// The task's dependencies as of that version (they change only with the version, so the
+    /// written task is returned without reading them again).
+    pub depends_on: Vec<TaskId>,
     pub from: TaskStatus,
     pub state: TaskState,
     pub kind: String,
@@ -54,6 +57,7 @@ impl TransitionWrite {
         Self {
             task_id: task.id.clone(),
             expected_version: task.version,
+            depends_on: task.depends_on.clone(),
             from: task.state.status,
             state: decided.state,
             kind: decided.kind.to_owned(),
@@ -69,6 +73,14 @@ impl TransitionWrite {
             end_integration: false,
         }
     }
+}
+
+/// A persisted transition: the task as written, its history entry, and the run it started.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub task: Task,
+    pub event_id: i64,
+    pub run_id: Option<i64>,
 }
 
 /// A base move in flight: written before `update-ref`, removed with the Done transition.
@@ -145,6 +157,14 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         write: TransitionWrite,
     ) -> impl Future<Output = Result<(Task, i64)>> + Send;
+
+    /// Persists several transitions in one transaction (a group commit), each a compare-and-swap
+    /// like [`Store::commit_transition`]: one that lost its race is `Err(Conflict)` in its place
+    /// and the others are still written. The outer error means nothing was written.
+    fn commit_transitions(
+        &self,
+        writes: Vec<TransitionWrite>,
+    ) -> impl Future<Output = Result<Vec<Result<Committed>>>> + Send;
 
     /// The task's runs, oldest first.
     fn runs(&self, id: &TaskId) -> impl Future<Output = Result<Vec<Run>>> + Send;

@@ -12,7 +12,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{FromRow, Sqlite, SqliteConnection, Transaction};
 
-use super::{Journal, LeaseChange, NewRun, Store, TransitionWrite};
+use super::{Committed, Journal, LeaseChange, NewRun, Store, TransitionWrite};
 use crate::domain::{
     Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task,
     TaskEvent, TaskId, TaskState, TaskStatus,
@@ -91,6 +91,14 @@ struct TaskRow {
     version: i64,
     created_at: i64,
     updated_at: i64,
+}
+
+/// A task row with its dependencies joined into one column.
+#[derive(FromRow)]
+struct CandidateRow {
+    #[sqlx(flatten)]
+    task: TaskRow,
+    deps: Option<String>,
 }
 
 const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
@@ -285,6 +293,144 @@ async fn insert_event(
     Ok(id)
 }
 
+/// One transition inside a write transaction: the compare-and-swap on the version (with every
+/// column and the row read back in the same statement), its history entry, and its runs.
+async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Result<Committed> {
+    let s = &w.state;
+    let (lease_set, lease_clear) = match &w.lease {
+        LeaseChange::Keep => (None, false),
+        LeaseChange::Set(lease) => (Some(lease), false),
+        LeaseChange::Clear => (None, true),
+    };
+    let epoch = lease_set
+        .map(|l| {
+            i64::try_from(l.epoch)
+                .map_err(|_| Error::Internal(format!("lease epoch {} is out of range", l.epoch)))
+        })
+        .transpose()?;
+    let keep_lease = lease_set.is_none() && !lease_clear;
+    let row: Option<TaskRow> = sqlx::query_as(&format!(
+        "UPDATE tasks SET status = ?1, patchset = ?2, failures = ?3, cost_cents = ?4, \
+         cost_at_retry = ?5, backoff_until = ?6, feedback = ?7, amend = ?8, \
+         version = version + 1, updated_at = ?9, \
+         lease_id = CASE WHEN ?10 THEN lease_id ELSE ?11 END, \
+         lease_epoch = COALESCE(?12, lease_epoch), \
+         lease_runner = CASE WHEN ?10 THEN lease_runner ELSE ?13 END, \
+         lease_runner_id = CASE WHEN ?10 THEN lease_runner_id ELSE ?14 END, \
+         lease_base = CASE WHEN ?10 THEN lease_base ELSE ?15 END, \
+         lease_previous = CASE WHEN ?10 THEN lease_previous ELSE ?16 END, \
+         patch_commit = COALESCE(?17, patch_commit), \
+         avoid_runner = COALESCE(?18, avoid_runner), \
+         verified_tree = CASE WHEN ?19 THEN ?20 ELSE verified_tree END \
+         WHERE id = ?21 AND version = ?22 RETURNING {TASK_COLUMNS}"
+    ))
+    .bind(s.status.as_str())
+    .bind(i64::from(s.patchset))
+    .bind(i64::from(s.failures))
+    .bind(s.cost_cents)
+    .bind(s.cost_at_retry)
+    .bind(s.backoff_until)
+    .bind(&s.feedback)
+    .bind(i64::from(s.amend))
+    .bind(w.at)
+    .bind(keep_lease)
+    .bind(lease_set.map(|l| l.id.as_str()))
+    .bind(epoch)
+    .bind(lease_set.map(|l| l.runner.as_str()))
+    .bind(lease_set.map(|l| l.runner_id.as_str()))
+    .bind(lease_set.map(|l| l.base_commit.as_str()))
+    .bind(lease_set.and_then(|l| l.previous_commit.as_deref()))
+    .bind(w.patch_commit.as_deref())
+    .bind(w.avoid_runner.as_deref())
+    .bind(w.verified_tree.is_some())
+    .bind(w.verified_tree.clone().flatten())
+    .bind(w.task_id.as_str())
+    .bind(w.expected_version)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(if task_exists(tx, w.task_id.as_str()).await? {
+            Error::Conflict(format!(
+                "task {} changed while this request was being decided; try again",
+                w.task_id
+            ))
+        } else {
+            Error::NotFound(format!("task {} does not exist", w.task_id))
+        });
+    };
+    if w.end_integration {
+        sqlx::query("DELETE FROM integrations WHERE task_id = ?")
+            .bind(w.task_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    let event_id = insert_event(
+        tx,
+        &w.task_id,
+        w.at,
+        &w.kind,
+        Some(w.from),
+        s.status,
+        &w.message,
+    )
+    .await?;
+    if let Some(end) = &w.close_runs {
+        sqlx::query(
+            "UPDATE runs SET status = ?, finished_at = ?, cost_cents = cost_cents + ?, \
+             error = ? WHERE task_id = ? AND status = 'running'",
+        )
+        .bind(end.status.as_str())
+        .bind(w.at)
+        .bind(end.cost_cents)
+        .bind(&end.error)
+        .bind(w.task_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut run_id = None;
+    if let Some(run) = &w.start_run {
+        run_id = Some(
+            sqlx::query_scalar(
+                "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at) \
+                 VALUES (?1, ?2, ?3, \
+                   (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
+                   ?4, 'running', ?5) RETURNING id",
+            )
+            .bind(w.task_id.as_str())
+            .bind(run.phase.as_str())
+            .bind(i64::from(run.patchset))
+            .bind(&run.runner)
+            .bind(w.at)
+            .fetch_one(&mut *tx)
+            .await?,
+        );
+    }
+    for run in &w.record_runs {
+        sqlx::query(
+            "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
+             cost_cents, started_at, finished_at, error) VALUES (?1, ?2, ?3, \
+             (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
+             ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(w.task_id.as_str())
+        .bind(run.phase.as_str())
+        .bind(i64::from(run.patchset))
+        .bind(&run.runner)
+        .bind(run.status.as_str())
+        .bind(run.cost_cents)
+        .bind(run.started_at)
+        .bind(w.at)
+        .bind(&run.error)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(Committed {
+        task: row.into_task(w.depends_on.clone())?,
+        event_id,
+        run_id,
+    })
+}
+
 /// Picks the next free `t-<n>`, skipping numbers a user already took by hand.
 async fn generate_id(conn: &mut SqliteConnection) -> Result<TaskId> {
     let next: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
@@ -463,160 +609,36 @@ impl Store for SqliteStore {
 
     async fn commit_transition(&self, w: TransitionWrite) -> Result<(Task, i64)> {
         let mut tx = self.write().await?;
-        let s = &w.state;
-        let updated = sqlx::query(
-            "UPDATE tasks SET status = ?, patchset = ?, failures = ?, cost_cents = ?, \
-             cost_at_retry = ?, backoff_until = ?, feedback = ?, amend = ?, \
-             version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
-        )
-        .bind(s.status.as_str())
-        .bind(i64::from(s.patchset))
-        .bind(i64::from(s.failures))
-        .bind(s.cost_cents)
-        .bind(s.cost_at_retry)
-        .bind(s.backoff_until)
-        .bind(&s.feedback)
-        .bind(i64::from(s.amend))
-        .bind(w.at)
-        .bind(w.task_id.as_str())
-        .bind(w.expected_version)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 0 {
-            return Err(if task_exists(&mut tx, w.task_id.as_str()).await? {
-                Error::Conflict(format!(
-                    "task {} changed while this request was being decided; try again",
-                    w.task_id
-                ))
-            } else {
-                Error::NotFound(format!("task {} does not exist", w.task_id))
-            });
-        }
-        match &w.lease {
-            LeaseChange::Keep => {}
-            LeaseChange::Set(lease) => {
-                sqlx::query(
-                    "UPDATE tasks SET lease_id = ?, lease_epoch = ?, lease_runner = ?, \
-                     lease_runner_id = ?, lease_base = ?, lease_previous = ? WHERE id = ?",
-                )
-                .bind(&lease.id)
-                .bind(i64::try_from(lease.epoch).map_err(|_| {
-                    Error::Internal(format!("lease epoch {} is out of range", lease.epoch))
-                })?)
-                .bind(&lease.runner)
-                .bind(&lease.runner_id)
-                .bind(&lease.base_commit)
-                .bind(&lease.previous_commit)
-                .bind(w.task_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-            }
-            LeaseChange::Clear => {
-                sqlx::query(
-                    "UPDATE tasks SET lease_id = NULL, lease_runner = NULL, \
-                     lease_runner_id = NULL, lease_base = NULL, lease_previous = NULL \
-                     WHERE id = ?",
-                )
-                .bind(w.task_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        if let Some(commit) = &w.patch_commit {
-            sqlx::query("UPDATE tasks SET patch_commit = ? WHERE id = ?")
-                .bind(commit)
-                .bind(w.task_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(runner) = &w.avoid_runner {
-            sqlx::query("UPDATE tasks SET avoid_runner = ? WHERE id = ?")
-                .bind(runner)
-                .bind(w.task_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(tree) = &w.verified_tree {
-            sqlx::query("UPDATE tasks SET verified_tree = ? WHERE id = ?")
-                .bind(tree)
-                .bind(w.task_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        if w.end_integration {
-            sqlx::query("DELETE FROM integrations WHERE task_id = ?")
-                .bind(w.task_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        let event_id = insert_event(
-            &mut tx,
-            &w.task_id,
-            w.at,
-            &w.kind,
-            Some(w.from),
-            s.status,
-            &w.message,
-        )
-        .await?;
-        if let Some(end) = &w.close_runs {
-            sqlx::query(
-                "UPDATE runs SET status = ?, finished_at = ?, cost_cents = cost_cents + ?, \
-                 error = ? WHERE task_id = ? AND status = 'running'",
-            )
-            .bind(end.status.as_str())
-            .bind(w.at)
-            .bind(end.cost_cents)
-            .bind(&end.error)
-            .bind(w.task_id.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if let Some(run) = &w.start_run {
-            sqlx::query(
-                "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at) \
-                 VALUES (?1, ?2, ?3, \
-                   (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-                   ?4, 'running', ?5)",
-            )
-            .bind(w.task_id.as_str())
-            .bind(run.phase.as_str())
-            .bind(i64::from(run.patchset))
-            .bind(&run.runner)
-            .bind(w.at)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for run in &w.record_runs {
-            sqlx::query(
-                "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
-                 cost_cents, started_at, finished_at, error) VALUES (?1, ?2, ?3, \
-                 (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-                 ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
-            .bind(w.task_id.as_str())
-            .bind(run.phase.as_str())
-            .bind(i64::from(run.patchset))
-            .bind(&run.runner)
-            .bind(run.status.as_str())
-            .bind(run.cost_cents)
-            .bind(run.started_at)
-            .bind(w.at)
-            .bind(&run.error)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let task = load_task(&mut tx, w.task_id.as_str())
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("task {} does not exist", w.task_id)))?;
+        let done = write_transition(&mut tx, &w).await?;
         tx.commit().await?;
-        Ok((task, event_id))
+        Ok((done.task, done.event_id))
+    }
+
+    async fn commit_transitions(
+        &self,
+        writes: Vec<TransitionWrite>,
+    ) -> Result<Vec<Result<Committed>>> {
+        let mut tx = self.write().await?;
+        let mut out = Vec::with_capacity(writes.len());
+        for w in &writes {
+            match write_transition(&mut tx, w).await {
+                // A lost race wrote nothing (the CAS is the first statement): go on.
+                Err(e @ (Error::Conflict(_) | Error::NotFound(_))) => out.push(Err(e)),
+                Err(other) => return Err(other),
+                Ok(done) => out.push(Ok(done)),
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn lease_candidates(&self, now: Millis, limit: u32) -> Result<Vec<Task>> {
-        let mut conn = self.pool.acquire().await?;
-        let rows: Vec<TaskRow> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks t WHERE status = 'open' \
+        // The dependencies come in the same statement, joined by a separator no ID holds.
+        let rows: Vec<(TaskRow, Option<String>)> = sqlx::query_as::<_, CandidateRow>(&format!(
+            "SELECT {TASK_COLUMNS}, (SELECT group_concat(depends_on, char(31)) FROM \
+               (SELECT depends_on FROM task_deps WHERE task_id = t.id ORDER BY depends_on)) \
+               AS deps \
+             FROM tasks t WHERE status = 'open' \
                AND (backoff_until IS NULL OR backoff_until <= ?) AND NOT EXISTS ( \
                  SELECT 1 FROM task_deps d JOIN tasks u ON u.id = d.depends_on \
                  WHERE d.task_id = t.id AND u.status <> 'done') \
@@ -624,20 +646,21 @@ impl Store for SqliteStore {
         ))
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut tasks = Vec::with_capacity(rows.len());
-        for row in rows {
-            let deps: Vec<String> = sqlx::query_scalar(
-                "SELECT depends_on FROM task_deps WHERE task_id = ? ORDER BY depends_on",
-            )
-            .bind(&row.id)
-            .fetch_all(&mut *conn)
-            .await?;
-            let deps = deps.iter().map(|d| stored_id(d)).collect::<Result<_>>()?;
-            tasks.push(row.into_task(deps)?);
-        }
-        Ok(tasks)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|c| (c.task, c.deps))
+        .collect();
+        rows.into_iter()
+            .map(|(row, deps)| {
+                let deps = deps
+                    .as_deref()
+                    .map(|d| d.split('\u{1f}').map(stored_id).collect::<Result<Vec<_>>>())
+                    .transpose()?
+                    .unwrap_or_default();
+                row.into_task(deps)
+            })
+            .collect()
     }
 
     async fn next_backoff_end(&self, now: Millis) -> Result<Option<Millis>> {

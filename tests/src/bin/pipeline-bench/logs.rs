@@ -1,16 +1,7 @@
-//! `pipeline-bench`: the load generator. It starts a real release-build `pipeline-server` on a
-//! temp repository and drives it over real gRPC on loopback, printing each figure as median, p99
-//! and max. Run it (it builds what it needs) with:
-//!
-//! ```sh
-//! cargo run --release -p pipeline-tests --bin pipeline-bench -- logs          # full run
-//! cargo run --release -p pipeline-tests --bin pipeline-bench -- logs --quick  # seconds (CI)
-//! ```
-//!
-//! `logs`: durable ingest (lines/s, as one runner ships them: sequential batches of up to
-//! 5,000 lines; and from 4 senders at once), then follow latency with 100 followers attached
-//! (line sent to the server → line delivered to each follower, so it includes both loopback
-//! hops: an upper bound on the server's share).
+//! Logs: durable ingest (lines/s, as one runner ships them: sequential batches of up to 5,000
+//! lines; and from 4 senders at once), then follow latency with 100 followers attached (line
+//! sent to the server → line delivered to each follower, so it includes both loopback hops: an
+//! upper bound on the server's share).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,17 +13,8 @@ use pipeline_tests::fake_runner::authorized;
 use pipeline_tests::{Server, TestRepo};
 use tonic::transport::Channel;
 
-/// Median, p99 and max of a set of durations, in milliseconds.
-fn summary(mut xs: Vec<Duration>) -> String {
-    xs.sort();
-    let at = |q: f64| xs[((xs.len() as f64 - 1.0) * q).round() as usize];
-    format!(
-        "p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms (n = {})",
-        at(0.5).as_secs_f64() * 1e3,
-        at(0.99).as_secs_f64() * 1e3,
-        at(1.0).as_secs_f64() * 1e3,
-        xs.len()
-    )
+fn summary(xs: Vec<Duration>) -> String {
+    crate::common::Summary::of(xs).to_string()
 }
 
 fn line(seq: u64, text: String) -> pb::LogLine {
@@ -262,29 +244,8 @@ async fn bench_logs(server: &Server, repo: &TestRepo, quick: bool) {
     );
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let what = args
-        .iter()
-        .find(|a| !a.starts_with("--"))
-        .map_or("logs", String::as_str);
+pub async fn logs(quick: bool) {
     let repo = TestRepo::new();
-    let server = Server::start(&repo, &["--lease-ttl", "600"]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    println!(
-        "pipeline-bench {what}{} on {} cores",
-        if quick { " --quick" } else { "" },
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    match what {
-        "logs" => rt.block_on(bench_logs(&server, &repo, quick)),
-        other => {
-            eprintln!("pipeline-bench: unknown benchmark {other:?}; try: logs");
-            std::process::exit(2);
-        }
-    }
+    let server = Server::start(&repo, crate::dispatch::SERVER_FLAGS);
+    bench_logs(&server, &repo, quick).await;
 }

@@ -1,0 +1,92 @@
+//! `pipeline-bench`: the load generator. Each benchmark starts a real release-build
+//! `pipeline-server` on a temp repository and drives it over real gRPC on loopback, with
+//! simulated runners (the real runner protocol, no agent) or the real `pipeline-runner`.
+//! Every figure is printed as median, p99 and max, and against a floor measured in the same run
+//! (a raw TCP round trip, an fsync, bare git). Run it (it builds what it needs) with:
+//!
+//! ```sh
+//! cargo run --release -p pipeline-tests --bin pipeline-bench              # everything
+//! cargo run --release -p pipeline-tests --bin pipeline-bench -- dispatch  # one benchmark
+//! cargo run --release -p pipeline-tests --bin pipeline-bench -- --quick   # seconds (CI)
+//! ```
+
+mod common;
+mod control;
+mod dispatch;
+mod e2e;
+mod floors;
+mod heartbeats;
+mod integration;
+mod logs;
+
+use pipeline_tests::TestRepo;
+
+const BENCHMARKS: &[&str] = &[
+    "dispatch",
+    "leases",
+    "heartbeats",
+    "status",
+    "integration",
+    "e2e",
+    "memory",
+    "logs",
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let chosen: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    if let Some(bad) = chosen.iter().find(|c| !BENCHMARKS.contains(c)) {
+        eprintln!(
+            "pipeline-bench: unknown benchmark {bad:?}; choose from: {}",
+            BENCHMARKS.join(", ")
+        );
+        std::process::exit(2);
+    }
+    let run: Vec<&str> = if chosen.is_empty() {
+        BENCHMARKS.to_vec()
+    } else {
+        chosen
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "pipeline-bench{} on {} cores: {}",
+        if quick { " --quick" } else { "" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        run.join(", ")
+    );
+    rt.block_on(async {
+        let scratch = TestRepo::new();
+        let floors = floors::measure(scratch.dir.path(), &scratch.repo(), quick).await;
+        for what in run {
+            match what {
+                "dispatch" => dispatch::latency(&floors, quick).await,
+                "leases" => {
+                    dispatch::throughput(
+                        "one transaction per lease",
+                        &["--dispatch-batch", "1"],
+                        ">= 2,500 leases/s",
+                        quick,
+                    )
+                    .await;
+                    dispatch::throughput("batched commits", &[], ">= 10,000 leases/s", quick).await;
+                }
+                "heartbeats" => heartbeats::heartbeats(quick).await,
+                "status" => control::status(&floors, quick).await,
+                "integration" => integration::integration(&floors, quick).await,
+                "e2e" => e2e::e2e(quick).await,
+                "memory" => control::memory(quick).await,
+                "logs" => logs::logs(quick).await,
+                _ => unreachable!("checked above"),
+            }
+        }
+    });
+    println!("pipeline-bench: done");
+}
