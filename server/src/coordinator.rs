@@ -295,8 +295,23 @@ impl<S: Store> Coordinator<S> {
         check: impl Fn(&Task) -> Result<()>,
         shape: impl Fn(&Task, &mut TransitionWrite),
     ) -> Result<Task> {
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            let task = self.get(id).await?;
+        let task = self.get(id).await?;
+        self.transition_from(task, event, check, shape).await
+    }
+
+    /// [`Coordinator::transition_with`] deciding first on `task` as the caller just read it
+    /// (saving a read); a lost race is re-decided on a fresh read.
+    pub(crate) async fn transition_from(
+        &self,
+        mut task: Task,
+        event: &Event,
+        check: impl Fn(&Task) -> Result<()>,
+        shape: impl Fn(&Task, &mut TransitionWrite),
+    ) -> Result<Task> {
+        for attempt in 0..MAX_CAS_ATTEMPTS {
+            if attempt > 0 {
+                task = self.get(&task.id).await?;
+            }
             check(&task)?;
             let (mut write, effects) = self.decide(&task, event, now_ms())?;
             shape(&task, &mut write);
@@ -310,7 +325,8 @@ impl<S: Store> Coordinator<S> {
             }
         }
         Err(Error::Conflict(format!(
-            "task {id} kept changing while this request was being decided; try again"
+            "task {} kept changing while this request was being decided; try again",
+            task.id
         )))
     }
 

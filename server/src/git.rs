@@ -2,12 +2,13 @@
 //! fixed environment (no prompts, C locale, no user config), and arguments built only from
 //! validated values. Later issues (bundles, integration) add their operations here.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::error::{Error, Result};
 
@@ -30,6 +31,134 @@ fn read_ref_files(dir: &Path, refname: &str) -> Option<String> {
     })
 }
 
+/// What a bundle's header says: the commits it needs and the commits of its refs.
+#[derive(Debug, Default)]
+struct BundleHeader {
+    prerequisites: Vec<String>,
+    refs: Vec<String>,
+}
+
+/// Reads a bundle's header (v2 or v3) without git: the signature line, capabilities,
+/// prerequisites (`-<id> …`) and refs (`<id> <name>`), up to the blank line before the pack.
+async fn read_bundle_header(path: &Path) -> std::result::Result<BundleHeader, String> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The header is text; a real one is far smaller than this.
+    let mut reader = BufReader::new(file).take(1 << 20);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !matches!(line.as_str(), "# v2 git bundle\n" | "# v3 git bundle\n") {
+        return Err("it does not start with a git bundle signature".to_owned());
+    }
+    let mut header = BundleHeader::default();
+    loop {
+        line.clear();
+        if reader
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("its header does not end".to_owned());
+        }
+        let l = line.trim_end_matches('\n');
+        if l.is_empty() {
+            return Ok(header);
+        }
+        if l.starts_with('@') {
+            continue;
+        }
+        if let Some(rest) = l.strip_prefix('-') {
+            let id = rest.split(' ').next().unwrap_or_default();
+            check_sha(id).map_err(|_| format!("bad prerequisite line {l:?}"))?;
+            header.prerequisites.push(id.to_owned());
+        } else {
+            let id = l.split(' ').next().unwrap_or_default();
+            check_sha(id).map_err(|_| format!("bad ref line {l:?}"))?;
+            header.refs.push(id.to_owned());
+        }
+    }
+}
+
+/// A commit as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub tree: String,
+    pub parents: Vec<String>,
+    pub author_name: String,
+    pub author_email: String,
+    /// `<unix seconds> <zone>`, as git stores it.
+    pub author_date: String,
+    pub message: String,
+}
+
+impl CommitInfo {
+    /// Parses a raw commit object.
+    fn parse(raw: &str) -> Option<Self> {
+        let (headers, message) = raw.split_once("\n\n").unwrap_or((raw, ""));
+        let mut info = Self {
+            tree: String::new(),
+            parents: Vec::new(),
+            author_name: String::new(),
+            author_email: String::new(),
+            author_date: String::new(),
+            message: message.to_owned(),
+        };
+        for line in headers.lines() {
+            if let Some(tree) = line.strip_prefix("tree ") {
+                info.tree = tree.to_owned();
+            } else if let Some(parent) = line.strip_prefix("parent ") {
+                info.parents.push(parent.to_owned());
+            } else if let Some(author) = line.strip_prefix("author ") {
+                let (name, rest) = author.split_once(" <")?;
+                let (email, date) = rest.rsplit_once("> ")?;
+                info.author_name = name.to_owned();
+                info.author_email = email.to_owned();
+                info.author_date = date.to_owned();
+            }
+        }
+        (!info.tree.is_empty()).then_some(info)
+    }
+
+    /// The values of the `Task-Id` trailers in the message's last paragraph.
+    pub fn task_ids(&self) -> Vec<String> {
+        let last = self
+            .message
+            .trim_end()
+            .rsplit("\n\n")
+            .next()
+            .unwrap_or_default();
+        last.lines()
+            .filter_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                key.trim()
+                    .eq_ignore_ascii_case("Task-Id")
+                    .then(|| value.trim().to_owned())
+            })
+            .collect()
+    }
+}
+
+/// A running `git cat-file --batch`: write an object ID, read its header and content.
+#[derive(Debug)]
+struct CatFile {
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// A commit of the base's history: its first parent and the task IDs its message names.
+type HistoryEntry = (Option<String>, Vec<String>);
+
+/// How many commits of the base's history are remembered before the memory starts over.
+const HISTORY_CAP: usize = 100_000;
+/// How many commits a search for a landed task reads before it asks `git log` instead.
+const HISTORY_WALK: usize = 256;
+
 /// How long one git command may run before it is killed.
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -37,6 +166,11 @@ const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Clone, Debug)]
 pub struct Repo {
     path: PathBuf,
+    /// One long-lived `git cat-file --batch` that reads commits for every caller.
+    objects: std::sync::Arc<tokio::sync::Mutex<Option<CatFile>>>,
+    /// What is known of the base's history: commit → (first parent, its `Task-Id`s), so that
+    /// "is this task on the base already" rarely reads anything.
+    history: std::sync::Arc<std::sync::Mutex<HashMap<String, HistoryEntry>>>,
     /// The common git directory, where branch refs are files (`refs/heads/…`, `packed-refs`):
     /// a branch tip is read from there without spawning git.
     refs_dir: Option<PathBuf>,
@@ -67,6 +201,8 @@ impl Repo {
         Self {
             path: path.to_path_buf(),
             refs_dir: None,
+            objects: Default::default(),
+            history: Default::default(),
         }
     }
 
@@ -131,20 +267,91 @@ impl Repo {
             .to_owned())
     }
 
+    /// Reads a commit through the long-lived `git cat-file --batch` (started on first use,
+    /// restarted if it died): no process is spawned per read.
+    pub async fn commit_info(&self, commit: &str) -> Result<CommitInfo> {
+        check_sha(commit)?;
+        let mut slot = self.objects.lock().await;
+        let raw = match self.cat(&mut slot, commit).await {
+            Ok(raw) => raw,
+            Err(first) => {
+                // The process may have died: start a fresh one once.
+                *slot = None;
+                self.cat(&mut slot, commit).await.map_err(|_| first)?
+            }
+        };
+        drop(slot);
+        let raw = raw
+            .ok_or_else(|| Error::NotFound(format!("commit {commit} is not in the repository")))?;
+        CommitInfo::parse(&raw).ok_or_else(|| {
+            Error::Internal(format!("git cat-file: {commit} is not a readable commit"))
+        })
+    }
+
+    async fn cat(&self, slot: &mut Option<CatFile>, commit: &str) -> Result<Option<String>> {
+        let io = |e: std::io::Error| Error::Internal(format!("git cat-file --batch: {e}"));
+        if slot.is_none() {
+            let mut cmd = self.command();
+            cmd.args(["cat-file", "--batch"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            let mut child = cmd.spawn().map_err(io)?;
+            let stdin = child
+                .stdin
+                .take()
+                .ok_or_else(|| Error::Internal("git cat-file: no stdin".into()))?;
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| Error::Internal("git cat-file: no stdout".into()))?;
+            *slot = Some(CatFile {
+                _child: child,
+                stdin,
+                stdout: BufReader::new(stdout),
+            });
+        }
+        let proc = slot
+            .as_mut()
+            .ok_or_else(|| Error::Internal("git cat-file is not running".into()))?;
+        let exchange = async {
+            proc.stdin
+                .write_all(format!("{commit}\n").as_bytes())
+                .await
+                .map_err(io)?;
+            proc.stdin.flush().await.map_err(io)?;
+            let mut header = String::new();
+            if proc.stdout.read_line(&mut header).await.map_err(io)? == 0 {
+                return Err(Error::Internal("git cat-file --batch exited".into()));
+            }
+            let fields: Vec<&str> = header.split_whitespace().collect();
+            match fields.as_slice() {
+                [_, "missing"] => Ok(None),
+                [_, kind, size] => {
+                    let size: usize = size.parse().map_err(|_| {
+                        Error::Internal(format!("git cat-file: bad header {header:?}"))
+                    })?;
+                    let mut content = vec![0; size + 1];
+                    proc.stdout.read_exact(&mut content).await.map_err(io)?;
+                    content.pop();
+                    if *kind != "commit" {
+                        return Ok(None);
+                    }
+                    Ok(Some(String::from_utf8_lossy(&content).into_owned()))
+                }
+                _ => Err(Error::Internal(format!(
+                    "git cat-file: bad header {header:?}"
+                ))),
+            }
+        };
+        tokio::time::timeout(GIT_TIMEOUT, exchange)
+            .await
+            .map_err(|_| Error::Internal("git cat-file --batch: timed out".into()))?
+    }
+
     /// The parents of a commit.
     pub async fn parents(&self, commit: &str) -> Result<Vec<String>> {
-        check_sha(commit)?;
-        let out = self
-            .run(&[
-                "rev-list",
-                "--parents",
-                "-n",
-                "1",
-                "--end-of-options",
-                commit,
-            ])
-            .await?;
-        Ok(out.split_whitespace().skip(1).map(str::to_owned).collect())
+        Ok(self.commit_info(commit).await?.parents)
     }
 
     /// Those of `shas` that name commits present in the repository.
@@ -202,24 +409,31 @@ impl Repo {
         let file = path
             .to_str()
             .ok_or_else(|| Error::Internal("bundle path is not UTF-8".into()))?;
-        if let Err(e) = self.run(&["bundle", "verify", "--quiet", file]).await {
-            return refuse(format!("not a valid bundle on top of the base: {e}"));
-        }
-        let heads = self.run(&["bundle", "list-heads", file]).await?;
-        let heads: Vec<&str> = heads.lines().filter(|l| !l.trim().is_empty()).collect();
-        if heads.len() != 1 {
+        let header = match read_bundle_header(path).await {
+            Ok(header) => header,
+            Err(why) => return refuse(format!("not a valid bundle: {why}")),
+        };
+        if header.refs.len() != 1 {
             return refuse(format!(
                 "the bundle holds {} refs; send exactly one",
-                heads.len()
+                header.refs.len()
             ));
         }
-        let head = heads[0].split_whitespace().next().unwrap_or_default();
+        let head = header.refs[0].as_str();
         if head != expected {
             return refuse(format!(
                 "the bundle holds {head}, not the announced {expected}"
             ));
         }
-        self.run(&["bundle", "unbundle", file]).await?;
+        if let Some(other) = header.prerequisites.iter().find(|p| *p != base) {
+            return refuse(format!(
+                "the bundle needs {other}, which is not the leased base {base}"
+            ));
+        }
+        // Unbundling checks the prerequisites are present and indexes the pack.
+        if let Err(e) = self.run(&["bundle", "unbundle", file]).await {
+            return refuse(format!("not a valid bundle on top of the base: {e}"));
+        }
         let parents = self.parents(expected).await?;
         match parents.as_slice() {
             [p] if p == base => Ok(expected.to_owned()),
@@ -235,17 +449,7 @@ impl Repo {
 
     /// The tree of a commit.
     pub async fn tree_of(&self, commit: &str) -> Result<String> {
-        check_sha(commit)?;
-        Ok(self
-            .run(&[
-                "rev-parse",
-                "--verify",
-                "--end-of-options",
-                &format!("{commit}^{{tree}}"),
-            ])
-            .await?
-            .trim()
-            .to_owned())
+        Ok(self.commit_info(commit).await?.tree)
     }
 
     /// Whether `ancestor` is `descendant` or one of its ancestors.
@@ -270,7 +474,9 @@ impl Repo {
     }
 
     /// The commit in `since..tip` whose `Task-Id` trailer is `task`, if any: how a landed task
-    /// is recognised.
+    /// is recognised. The base's first-parent history is walked from memory, reading only the
+    /// commits not seen before; a merge, a walk that does not reach `since`, or a long unread
+    /// stretch is answered by `git log` instead.
     pub async fn find_task_commit(
         &self,
         task: &str,
@@ -279,6 +485,61 @@ impl Repo {
     ) -> Result<Option<String>> {
         check_sha(since)?;
         check_sha(tip)?;
+        let mut at = tip.to_owned();
+        let mut read = 0;
+        while at != since {
+            let known = self.remembered(&at);
+            let (parent, ids) = match known {
+                Some(entry) => entry,
+                None if read < HISTORY_WALK => {
+                    read += 1;
+                    let info = self.commit_info(&at).await?;
+                    if info.parents.len() != 1 {
+                        return self.find_task_commit_by_log(task, since, tip).await;
+                    }
+                    let entry = (info.parents.first().cloned(), info.task_ids());
+                    self.remember(&at, entry.clone());
+                    entry
+                }
+                None => return self.find_task_commit_by_log(task, since, tip).await,
+            };
+            if ids.iter().any(|id| id == task) {
+                return Ok(Some(at));
+            }
+            match parent {
+                Some(p) => at = p,
+                None => return self.find_task_commit_by_log(task, since, tip).await,
+            }
+        }
+        Ok(None)
+    }
+
+    fn remembered(&self, commit: &str) -> Option<HistoryEntry> {
+        let history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        history.get(commit).cloned()
+    }
+
+    /// Remembers a commit of the base's history (its first parent and task IDs).
+    pub fn remember(&self, commit: &str, entry: HistoryEntry) {
+        let mut history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if history.len() >= HISTORY_CAP {
+            history.clear();
+        }
+        history.insert(commit.to_owned(), entry);
+    }
+
+    async fn find_task_commit_by_log(
+        &self,
+        task: &str,
+        since: &str,
+        tip: &str,
+    ) -> Result<Option<String>> {
         let out = self
             .run(&[
                 "log",
@@ -358,19 +619,15 @@ impl Repo {
         check_sha(tree)?;
         check_sha(parent)?;
         check_sha(original)?;
-        let meta = self
-            .run(&["show", "-s", "--format=%an%x00%ae%x00%aI%x00%B", original])
-            .await?;
-        let mut parts = meta.splitn(4, '\0');
-        let (name, email, date, message) = (
-            parts.next().unwrap_or_default().to_owned(),
-            parts.next().unwrap_or_default().to_owned(),
-            parts.next().unwrap_or_default().to_owned(),
-            parts.next().unwrap_or_default().to_owned(),
-        );
+        let info = self.commit_info(original).await?;
+        let (name, email) = (info.author_name.clone(), info.author_email.clone());
+        let date = format!("@{}", info.author_date);
         let trailer = format!("Task-Id: {task}");
-        let message = self
-            .run_with_input(
+        // The agent usually wrote the trailer itself; git rewrites the message only otherwise.
+        let message = if info.task_ids() == [task] {
+            info.message.clone()
+        } else {
+            self.run_with_input(
                 &[
                     "interpret-trailers",
                     "--if-exists",
@@ -378,9 +635,10 @@ impl Repo {
                     "--trailer",
                     &trailer,
                 ],
-                &message,
+                &info.message,
             )
-            .await?;
+            .await?
+        };
         let env = [
             ("GIT_AUTHOR_NAME", name.as_str()),
             ("GIT_AUTHOR_EMAIL", email.as_str()),
@@ -403,6 +661,7 @@ impl Repo {
         }
         let sha = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         check_sha(&sha)?;
+        self.remember(&sha, (Some(parent.to_owned()), vec![task.to_owned()]));
         Ok(sha)
     }
 
@@ -664,4 +923,100 @@ fn finish(what: &str, output: std::process::Output) -> Result<String> {
     }
     String::from_utf8(output.stdout)
         .map_err(|_| Error::Internal(format!("{what}: output is not UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn commit(dir: &Path, file: &str, message: &str) -> String {
+        std::fs::write(dir.join(file), file).expect("write");
+        git(dir, &["add", file]);
+        git(dir, &["commit", "-q", "-m", message]);
+        git(dir, &["rev-parse", "HEAD"])
+    }
+
+    #[tokio::test]
+    async fn commits_are_read_through_one_cat_file_and_tasks_found_like_git_log() {
+        let dir = tempfile::tempdir().expect("temp");
+        let d = dir.path();
+        git(d, &["init", "-q", "-b", "main"]);
+        let root = commit(d, "a", "root");
+        let one = commit(d, "b", "one\n\nTask-Id: t-1");
+        let two = commit(d, "c", "two\n\nSigned-off-by: x\ntask-id: t-2");
+        let repo = Repo::open(d).await.expect("open");
+        let info = repo.commit_info(&two).await.expect("read");
+        assert_eq!(info.parents, std::slice::from_ref(&one));
+        assert_eq!(info.author_name, "T");
+        assert_eq!(info.author_email, "t@example.invalid");
+        assert_eq!(info.tree, git(d, &["rev-parse", "HEAD^{tree}"]));
+        assert_eq!(info.task_ids(), ["t-2"]);
+        assert_eq!(repo.tip("main").await.expect("tip"), two);
+        for (task, want) in [("t-1", Some(&one)), ("t-2", Some(&two)), ("t-3", None)] {
+            let walked = repo
+                .find_task_commit(task, &root, &two)
+                .await
+                .expect("walk");
+            let logged = repo
+                .find_task_commit_by_log(task, &root, &two)
+                .await
+                .expect("log");
+            assert_eq!(walked.as_ref(), want);
+            assert_eq!(walked, logged);
+        }
+        // Not past `since`.
+        assert_eq!(
+            repo.find_task_commit("t-1", &one, &two)
+                .await
+                .expect("walk"),
+            None
+        );
+        let missing = "0".repeat(40);
+        assert!(matches!(
+            repo.commit_info(&missing).await,
+            Err(Error::NotFound(_))
+        ));
+        // The reader survives a miss and still answers.
+        assert_eq!(repo.parents(&one).await.expect("parents"), [root]);
+    }
+
+    #[tokio::test]
+    async fn bundle_headers_are_read_without_git() {
+        let dir = tempfile::tempdir().expect("temp");
+        let d = dir.path();
+        git(d, &["init", "-q", "-b", "main"]);
+        let root = commit(d, "a", "root");
+        let one = commit(d, "b", "one");
+        let file = d.join("b.bundle");
+        git(
+            d,
+            &[
+                "bundle",
+                "create",
+                "-q",
+                file.to_str().expect("utf-8"),
+                "main",
+                &format!("^{root}"),
+            ],
+        );
+        let header = read_bundle_header(&file).await.expect("header");
+        assert_eq!(header.prerequisites, [root]);
+        assert_eq!(header.refs, [one]);
+        std::fs::write(&file, "not a bundle\n").expect("write");
+        assert!(read_bundle_header(&file).await.is_err());
+        std::fs::write(&file, "# v2 git bundle\n").expect("write");
+        assert!(read_bundle_header(&file).await.is_err());
+    }
 }

@@ -96,7 +96,7 @@ impl<S: Store> Coordinator<S> {
     /// Integrates the first Verified task whose dependencies are Done; false if there is none.
     pub async fn integrate_next(&self, shutdown: &CancellationToken) -> Result<bool> {
         for task in self.store.list_tasks(Some(TaskStatus::Verified)).await? {
-            if !self.store.dependencies_done(&task.id).await? {
+            if !task.depends_on.is_empty() && !self.store.dependencies_done(&task.id).await? {
                 tracing::info!(task = %task.id, "waiting for its dependencies before integrating");
                 continue;
             }
@@ -291,7 +291,7 @@ impl<S: Store> Coordinator<S> {
             log.line(format!("landed on {base} as {new}"));
             log.flush().await;
             let note = skipped.map(|why| format!("build skipped: {why}"));
-            return self.integrated(task, &commit, None, note).await;
+            return self.integrated(&now, &commit, None, note).await;
         }
         Err(Error::Conflict(format!(
             "the base kept moving while task {id} was being integrated; will try again"
@@ -322,8 +322,8 @@ impl<S: Store> Coordinator<S> {
             error: note,
         };
         let commit = commit.to_owned();
-        self.transition_with(
-            &task.id,
+        self.transition_from(
+            task.clone(),
             &Event::Integrated,
             |t| {
                 if t.patch_commit.as_deref() == Some(commit.as_str()) {

@@ -438,8 +438,8 @@ impl<S: Store> Coordinator<S> {
         };
         let lease_ref = result.lease.clone();
         let updated = self
-            .transition_with(
-                &task.id,
+            .transition_from(
+                task,
                 &event,
                 |t| lease_matches(t, &lease_ref),
                 |_, w| {
@@ -470,7 +470,7 @@ impl<S: Store> Coordinator<S> {
                 reason.trim().to_owned()
             },
         };
-        self.transition_with(&task.id, &event, |t| lease_matches(t, lease), |_, _| {})
+        self.transition_from(task, &event, |t| lease_matches(t, lease), |_, _| {})
             .await
     }
 

@@ -2,8 +2,8 @@
 //! commits) on a 10,000-file repository: task created → its commit is on the base. The floor is
 //! the same work done with bare git and the same agent script, in the same kind of places: a
 //! server repository, a runner mirror and a kept worktree (base bundle out and in, reset the
-//! worktree, run the agent, bundle the commit, unbundle it and land it with merge-tree,
-//! commit-tree and update-ref).
+//! worktree, run the agent, bundle the commit, unbundle it and keep it under a ref, land it
+//! with merge-tree, commit-tree and update-ref).
 
 use std::path::Path;
 use std::process::Command;
@@ -139,6 +139,7 @@ fn git_floor(repo: &Path, dir: &Path, agent: &Path, n: usize) -> Vec<Duration> {
         );
         let commit = git(&w, &["rev-parse", "HEAD"]);
         git(&s, &["bundle", "unbundle", &out]);
+        git(&s, &["update-ref", &format!("refs/floor/{i}"), &commit]);
         let tree = git(
             &s,
             &[

@@ -1,8 +1,9 @@
 //! Integration: simulated runners send verified one-commit bundles; the figure is the time
 //! from sending a result to the task's `integrated` transition (bundle in → base moved, no
 //! build), one task at a time, and the rate with many results queued. The floor is the bare
-//! git a minimal integrator must run for the same bundles: `bundle unbundle`,
-//! `merge-tree --write-tree`, `commit-tree`, `update-ref`.
+//! git the work needs, run on the same bundles: `bundle unbundle` (store the commit),
+//! `update-ref` (keep it under a ref until it lands), `merge-tree --write-tree`, `commit-tree`,
+//! `update-ref` (move the base by compare-and-swap).
 
 use std::io::Write;
 use std::path::Path;
@@ -187,7 +188,7 @@ pub async fn integration(floors: &crate::floors::Floors, quick: bool) {
     let (one_by_one, queued) = works.split_at(n);
     let floor = Summary::of(git_floor(&repo.repo(), repo.dir.path(), "main", one_by_one));
     report(
-        "floor: bare git per integration (unbundle, merge-tree, commit-tree, update-ref)",
+        "floor: bare git per integration (unbundle, update-ref, merge-tree, commit-tree, update-ref)",
         floor,
         None,
         "-",
