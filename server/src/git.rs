@@ -159,6 +159,11 @@ const HISTORY_CAP: usize = 100_000;
 /// How many commits a search for a landed task reads before it asks `git log` instead.
 const HISTORY_WALK: usize = 256;
 
+/// Every received bundle adds a pack, and every git command slows down with the number of
+/// packs; after this many, `git gc --auto` runs in the background (it repacks once git's own
+/// thresholds are passed and does nothing otherwise).
+const PACKS_BEFORE_GC: u32 = 20;
+
 /// How long one git command may run before it is killed.
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -171,6 +176,11 @@ pub struct Repo {
     /// What is known of the base's history: commit → (first parent, its `Task-Id`s), so that
     /// "is this task on the base already" rarely reads anything.
     history: std::sync::Arc<std::sync::Mutex<HashMap<String, HistoryEntry>>>,
+    /// Bounds how many bundles are unbundled at once (one per core): a burst of results then
+    /// queues instead of thrashing the machine with git processes.
+    unbundles: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Packs added by unbundling since git last tidied the repository.
+    new_packs: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// The common git directory, where branch refs are files (`refs/heads/…`, `packed-refs`):
     /// a branch tip is read from there without spawning git.
     refs_dir: Option<PathBuf>,
@@ -203,6 +213,10 @@ impl Repo {
             refs_dir: None,
             objects: Default::default(),
             history: Default::default(),
+            new_packs: Default::default(),
+            unbundles: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         }
     }
 
@@ -374,6 +388,31 @@ impl Repo {
             .collect())
     }
 
+    /// Counts a pack added; every [`PACKS_BEFORE_GC`] packs, lets `git gc --auto` tidy the
+    /// repository in the background, off every request's path.
+    fn pack_added(&self) {
+        use std::sync::atomic::Ordering;
+        if self.new_packs.fetch_add(1, Ordering::Relaxed) + 1 < PACKS_BEFORE_GC {
+            return;
+        }
+        self.new_packs.store(0, Ordering::Relaxed);
+        let repo = self.clone();
+        tokio::spawn(async move {
+            let gc = [
+                "-c",
+                "gc.autoPackLimit=10",
+                "-c",
+                "gc.autoDetach=false",
+                "gc",
+                "--auto",
+                "--quiet",
+            ];
+            if let Err(e) = repo.run(&gc).await {
+                tracing::warn!(error = %e, "git gc --auto failed");
+            }
+        });
+    }
+
     /// Points `refname` at `commit`.
     pub async fn update_ref(&self, refname: &str, commit: &str) -> Result<()> {
         check_sha(commit)?;
@@ -431,9 +470,13 @@ impl Repo {
             ));
         }
         // Unbundling checks the prerequisites are present and indexes the pack.
-        if let Err(e) = self.run(&["bundle", "unbundle", file]).await {
+        let permit = self.unbundles.acquire().await;
+        let unbundled = self.run(&["bundle", "unbundle", file]).await;
+        drop(permit);
+        if let Err(e) = unbundled {
             return refuse(format!("not a valid bundle on top of the base: {e}"));
         }
+        self.pack_added();
         let parents = self.parents(expected).await?;
         match parents.as_slice() {
             [p] if p == base => Ok(expected.to_owned()),

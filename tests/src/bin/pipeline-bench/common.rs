@@ -309,15 +309,19 @@ impl Sim {
     }
 }
 
-/// Registers `n` simulated runners named `<prefix>-<i>` with `slots` each, `per_channel` to a
-/// connection.
+/// Registers `n` simulated runners named `<prefix>-<i>` with `slots` each, each on its own
+/// connection, 32 connecting at a time (as a fleet starting up would, without overflowing the
+/// listen backlog).
 pub async fn register_sims(url: &str, token: &str, prefix: &str, n: usize, slots: u32) -> Vec<Sim> {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
     let mut handles = Vec::new();
     for i in 0..n {
         let url = url.to_owned();
         let token = token.to_owned();
         let name = format!("{prefix}-{i}");
+        let gate = std::sync::Arc::clone(&gate);
         handles.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("semaphore");
             Sim::register(channel(&url).await, &token, &name, slots).await
         }));
     }
