@@ -29,6 +29,40 @@ pub fn authorized<T>(token: &str, message: T) -> tonic::Request<T> {
     req
 }
 
+/// The messages of a `CompleteLease` call: the header, then the bundle in one chunk (if any).
+pub fn complete_messages(
+    runner_id: &str,
+    lease: pb::LeaseRef,
+    outcome: pb::LeaseOutcome,
+    error: Option<String>,
+    cost_cents: f64,
+    commit: Option<String>,
+    bundle: Vec<u8>,
+) -> Vec<pb::CompleteLeaseRequest> {
+    let mut messages = vec![pb::CompleteLeaseRequest {
+        kind: Some(pb::complete_lease_request::Kind::Header(
+            pb::CompleteLeaseHeader {
+                runner_id: runner_id.to_owned(),
+                lease: Some(lease),
+                outcome: outcome.into(),
+                error,
+                cost_cents,
+                commit,
+                verify_skipped: None,
+                dev_finished_at_ms: 0,
+            },
+        )),
+    }];
+    if !bundle.is_empty() {
+        messages.push(pb::CompleteLeaseRequest {
+            kind: Some(pb::complete_lease_request::Kind::Chunk(pb::BundleChunk {
+                data: bundle.into(),
+            })),
+        });
+    }
+    messages
+}
+
 impl FakeRunner {
     /// Registers `name` with the registration `token`, announcing `protocol_version`.
     pub fn register(
@@ -142,27 +176,15 @@ impl FakeRunner {
         commit: Option<String>,
         bundle: Vec<u8>,
     ) -> Result<pb::CompleteLeaseResponse, Status> {
-        let mut messages = vec![pb::CompleteLeaseRequest {
-            kind: Some(pb::complete_lease_request::Kind::Header(
-                pb::CompleteLeaseHeader {
-                    runner_id: self.id.clone(),
-                    lease: Some(lease),
-                    outcome: outcome.into(),
-                    error: Some("from the fake runner".into()),
-                    cost_cents: 1.0,
-                    commit,
-                    verify_skipped: None,
-                    dev_finished_at_ms: 0,
-                },
-            )),
-        }];
-        if !bundle.is_empty() {
-            messages.push(pb::CompleteLeaseRequest {
-                kind: Some(pb::complete_lease_request::Kind::Chunk(pb::BundleChunk {
-                    data: bundle.into(),
-                })),
-            });
-        }
+        let messages = complete_messages(
+            &self.id,
+            lease,
+            outcome,
+            Some("from the fake runner".into()),
+            1.0,
+            commit,
+            bundle,
+        );
         let call = self
             .client
             .complete_lease(authorized(&self.credential, tokio_stream_iter(messages)));

@@ -283,27 +283,9 @@ impl Sim {
         commit: Option<String>,
         bundle: Vec<u8>,
     ) {
-        let mut messages = vec![pb::CompleteLeaseRequest {
-            kind: Some(pb::complete_lease_request::Kind::Header(
-                pb::CompleteLeaseHeader {
-                    runner_id: self.id.clone(),
-                    lease: Some(lease),
-                    outcome: outcome.into(),
-                    error: None,
-                    cost_cents: 0.0,
-                    commit,
-                    verify_skipped: None,
-                    dev_finished_at_ms: 0,
-                },
-            )),
-        }];
-        if !bundle.is_empty() {
-            messages.push(pb::CompleteLeaseRequest {
-                kind: Some(pb::complete_lease_request::Kind::Chunk(pb::BundleChunk {
-                    data: bundle.into(),
-                })),
-            });
-        }
+        let messages = pipeline_tests::fake_runner::complete_messages(
+            &self.id, lease, outcome, None, 0.0, commit, bundle,
+        );
         let req = self.auth(tokio_stream::iter(messages));
         self.client.complete_lease(req).await.expect("complete");
     }

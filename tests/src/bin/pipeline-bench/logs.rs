@@ -10,6 +10,8 @@ use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_client::ControlServiceClient;
 use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
 use pipeline_tests::fake_runner::authorized;
+
+use crate::common::{Admin, Sim, channel};
 use pipeline_tests::{Server, TestRepo};
 use tonic::transport::Channel;
 
@@ -38,62 +40,11 @@ struct Lease {
 
 /// Registers a runner and takes one lease on a new task.
 async fn take_lease(server: &Server, repo: &TestRepo, name: &str) -> Lease {
-    // The same transport settings as `pipeline-runner`.
-    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
-        .expect("url")
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(16 * 1024 * 1024))
-        .connect()
-        .await
-        .expect("connect");
-    let mut runner = RunnerServiceClient::new(channel);
-    let mut control = ControlServiceClient::connect(server.url.clone())
-        .await
-        .expect("connect");
-    let registered = runner
-        .register(authorized(
-            &repo.registration_token(),
-            pb::RegisterRequest {
-                name: name.into(),
-                labels: vec![],
-                slots: 1,
-                version: "bench".into(),
-                protocol_version: pipeline_proto::PROTOCOL_VERSION,
-            },
-        ))
-        .await
-        .expect("register")
-        .into_inner();
-    let runner_id = registered.runner_id;
-    let credential = registered.credential.unwrap_or_default();
-    let mut work = runner
-        .open_work(authorized(
-            &credential,
-            pb::OpenWorkRequest {
-                runner_id: runner_id.clone(),
-                held: vec![],
-                draining: false,
-            },
-        ))
-        .await
-        .expect("open work")
-        .into_inner();
-    work.message().await.expect("attached");
-    let task = control
-        .create_task(authorized(
-            &repo.admin_token(),
-            pb::CreateTaskRequest {
-                title: format!("bench {name}"),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner()
-        .task
-        .expect("task")
-        .id;
+    let token = repo.registration_token();
+    let mut sim = Sim::register(channel(&server.url).await, &token, name, 1).await;
+    let mut work = sim.open().await;
+    let mut admin = Admin::connect(&server.url, repo.admin_token()).await;
+    let task = admin.create(format!("bench {name}")).await;
     let lease = loop {
         match work.message().await.expect("push").and_then(|m| m.kind) {
             Some(pb::work_message::Kind::Assignment(a)) => break a.lease.expect("lease"),
@@ -101,9 +52,9 @@ async fn take_lease(server: &Server, repo: &TestRepo, name: &str) -> Lease {
         }
     };
     Lease {
-        runner,
-        credential,
-        runner_id,
+        runner: sim.client,
+        credential: sim.credential,
+        runner_id: sim.id,
         lease,
         task,
         _work: work,
