@@ -7,6 +7,7 @@ use std::time::Duration;
 use pipeline_proto::v1::control_service_server::ControlServiceServer;
 use pipeline_proto::v1::runner_service_server::RunnerServiceServer;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
@@ -176,11 +177,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let serve = builder
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
-        .tcp_nodelay(true)
         .add_service(control)
         .add_service(runner)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            accept_no_delay(listener),
             shutdown.clone().cancelled_owned(),
         );
     let mut served = tokio::spawn(serve);
@@ -228,6 +228,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 
 /// Starts `--local-runners` runners in this process, speaking the runner protocol to the server
 /// over loopback, each with one slot and its own work dir under the state dir.
+/// The listener's connections with Nagle's algorithm off. tonic's `tcp_nodelay` applies only
+/// to listeners it binds itself; with Nagle on, a message pushed on a stream right after an
+/// earlier write waits for the peer's delayed ACK (~40 ms on Linux).
+fn accept_no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(conn) = &conn
+            && let Err(e) = conn.set_nodelay(true)
+        {
+            tracing::warn!(error = %e, "cannot turn Nagle's algorithm off");
+        }
+        conn
+    })
+}
+
 fn start_local_runners(
     config: &Config,
     state_dir: &std::path::Path,
@@ -306,5 +322,22 @@ fn publish_admin_token_path(addr: std::net::SocketAddr, state_dir: &std::path::P
         )
     }) {
         tracing::debug!(error = %e, "cannot note where the admin token is");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(accept_no_delay(listener));
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let conn = incoming.next().await.unwrap().unwrap();
+        assert!(conn.nodelay().unwrap());
+        // A plain accept leaves it on, so the check above means something.
+        assert!(!client.nodelay().unwrap());
     }
 }

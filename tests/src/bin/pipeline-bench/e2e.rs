@@ -33,7 +33,19 @@ fn populate(repo: &Path, n: usize) {
         .expect("write");
     }
     git(repo, &["add", "-A"]);
-    git(repo, &["commit", "-q", "-m", "10,000 files"]);
+    // No background maintenance racing the clones below; the objects packed, as in a real repo.
+    git(
+        repo,
+        &[
+            "-c",
+            "maintenance.auto=false",
+            "commit",
+            "-q",
+            "-m",
+            "10,000 files",
+        ],
+    );
+    git(repo, &["repack", "-adq"]);
     git(repo, &["update-ref", "refs/heads/main", "HEAD"]);
 }
 
