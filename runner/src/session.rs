@@ -1,6 +1,7 @@
 //! The runner's life: register, hold the work stream open (the server pushes assignments and
-//! cancellations on it), heartbeat every interval the server set, run each assignment as a
-//! job in a free slot, and survive the server going away.
+//! cancellations on it), heartbeat every interval the server set (as messages on one
+//! heartbeat stream, or single calls to a server without it), run each assignment as a job in
+//! a free slot, and survive the server going away.
 //!
 //! - Reconnect: when the stream breaks the runner keeps its jobs, retries with jittered
 //!   exponential back-off, and on reconnect reports the leases it holds; the server keeps the
@@ -20,6 +21,7 @@ use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tonic::{Code, Streaming};
@@ -48,6 +50,22 @@ enum Disconnect {
     Exit,
     /// The server refuses this runner's credential (it was revoked): stop everything.
     Revoked,
+}
+
+/// The heartbeat stream: requests go out on `tx`, one reply comes back for each.
+struct Beats {
+    tx: mpsc::Sender<pb::HeartbeatRequest>,
+    replies: Streaming<pb::HeartbeatResponse>,
+}
+
+/// The next heartbeat reply; never, without a stream.
+async fn next_reply(
+    beats: &mut Option<Beats>,
+) -> Result<Option<pb::HeartbeatResponse>, tonic::Status> {
+    match beats {
+        Some(b) => b.replies.message().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Jittered exponential back-off for reconnecting.
@@ -506,12 +524,69 @@ impl Session {
         self.last_renewed = Instant::now();
     }
 
-    async fn send_heartbeat(&mut self) -> Option<Disconnect> {
-        let req = pb::HeartbeatRequest {
+    fn heartbeat_request(&self) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
             runner_id: self.runner_id.clone().unwrap_or_default(),
             held: self.held(),
             draining: self.draining,
-        };
+        }
+    }
+
+    /// Opens the heartbeat stream; `Ok(None)` when the server only takes single calls.
+    async fn open_heartbeats(&mut self) -> Result<Option<Beats>, Disconnect> {
+        let (tx, rx) = mpsc::channel(4);
+        match self.client.heartbeats(ReceiverStream::new(rx)).await {
+            Ok(replies) => Ok(Some(Beats {
+                tx,
+                replies: replies.into_inner(),
+            })),
+            Err(status) if status.code() == Code::Unimplemented => {
+                tracing::info!("the server takes heartbeats one call at a time");
+                Ok(None)
+            }
+            Err(status) => Err(self.heartbeat_refused(&status)),
+        }
+    }
+
+    /// Sends a heartbeat: a message on the stream (its reply comes to [`Session::renewed`]), or
+    /// a call when the server has no stream.
+    async fn beat(&mut self, beats: &Option<Beats>) -> Option<Disconnect> {
+        match beats {
+            // A full queue means the server is not reading: the watchdog deals with that.
+            Some(b) => {
+                let _ = b.tx.try_send(self.heartbeat_request());
+                None
+            }
+            None => self.send_heartbeat().await,
+        }
+    }
+
+    /// The server answered a heartbeat.
+    fn renewed(&mut self, reply: pb::HeartbeatResponse) {
+        self.last_renewed = Instant::now();
+        for lease in &reply.dropped {
+            self.drop_lease(lease, "the server dropped the lease");
+        }
+    }
+
+    /// What a refused heartbeat means for the connection.
+    fn heartbeat_refused(&self, status: &tonic::Status) -> Disconnect {
+        match status.code() {
+            Code::NotFound => Disconnect::Unregistered,
+            Code::Unauthenticated => {
+                tracing::error!(error = %status.message(), "the server no longer accepts this runner's credential");
+                Disconnect::Revoked
+            }
+            _ => {
+                tracing::warn!(error = %status.message(), "the heartbeat stream broke");
+                Disconnect::Lost
+            }
+        }
+    }
+
+    /// One heartbeat as a call of its own (servers without the heartbeat stream).
+    async fn send_heartbeat(&mut self) -> Option<Disconnect> {
+        let req = self.heartbeat_request();
         let sent = tokio::time::timeout(
             self.heartbeat.max(Duration::from_secs(1)),
             self.client.heartbeat(req),
@@ -519,16 +594,11 @@ impl Session {
         .await;
         match sent {
             Ok(Ok(resp)) => {
-                self.last_renewed = Instant::now();
-                for lease in &resp.into_inner().dropped {
-                    self.drop_lease(lease, "the server dropped the lease");
-                }
+                self.renewed(resp.into_inner());
                 None
             }
-            Ok(Err(status)) if status.code() == Code::NotFound => Some(Disconnect::Unregistered),
-            Ok(Err(status)) if status.code() == Code::Unauthenticated => {
-                tracing::error!(error = %status.message(), "the server no longer accepts this runner's credential");
-                Some(Disconnect::Revoked)
+            Ok(Err(status)) if matches!(status.code(), Code::NotFound | Code::Unauthenticated) => {
+                Some(self.heartbeat_refused(&status))
             }
             Ok(Err(status)) => {
                 tracing::warn!(error = %status.message(), "heartbeat failed");
@@ -542,6 +612,10 @@ impl Session {
     }
 
     async fn connected(&mut self, mut stream: Streaming<pb::WorkMessage>) -> Disconnect {
+        let mut beats = match self.open_heartbeats().await {
+            Ok(beats) => beats,
+            Err(d) => return d,
+        };
         let mut ticker = tokio::time::interval(self.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
@@ -571,10 +645,15 @@ impl Session {
                     Ok(None) | Err(_) => return Disconnect::Lost,
                 },
                 _ = ticker.tick() => {
-                    if let Some(d) = self.send_heartbeat().await {
+                    if let Some(d) = self.beat(&beats).await {
                         return d;
                     }
                 }
+                reply = next_reply(&mut beats) => match reply {
+                    Ok(Some(reply)) => self.renewed(reply),
+                    Ok(None) => return Disconnect::Lost,
+                    Err(status) => return self.heartbeat_refused(&status),
+                },
                 Some((lease, end)) = self.done_rx.recv() => self.finish(&lease, end).await,
                 () = self.stop.cancelled() => {
                     self.on_stop_or_drain().await;
@@ -583,7 +662,7 @@ impl Session {
                 () = self.drain.cancelled(), if !self.draining => {
                     self.on_stop_or_drain().await;
                     // Tell the server at once, so it assigns nothing more.
-                    if let Some(d) = self.send_heartbeat().await {
+                    if let Some(d) = self.beat(&beats).await {
                         return d;
                     }
                 }

@@ -391,6 +391,38 @@ fn a_runner_killed_mid_task_loses_its_lease_to_another_runner() {
 }
 
 #[test]
+fn a_lease_outlives_its_ttl_while_the_runner_heartbeats() {
+    let repo = TestRepo::new();
+    // A 2 s TTL: the runner heartbeats every 2/3 s on its heartbeat stream.
+    let server = Server::start(&repo, &["--lease-ttl", "2", "--backoff-base", "0"]);
+    let args = agent_args(&["--no-verify"]);
+    let _runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&[
+        "--title",
+        "longer than a ttl",
+        "--description",
+        "MODE: wait",
+    ]);
+    wait_for("the agent to start", || {
+        repo.agent_file(&format!("{id}.pid"))
+    });
+    // Seven distinct heartbeats after the agent started span six intervals: two TTLs.
+    let mut seen = BTreeSet::new();
+    wait_for("seven heartbeats while the agent works", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        let beat = runners[0]["last_heartbeat"].as_str().map(str::to_owned);
+        seen.extend(beat);
+        (seen.len() >= 7).then_some(())
+    });
+    assert_eq!(server.show(&id)["status"], "in_progress");
+    repo.release_agents();
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0);
+    assert!(!event_kinds(&task).contains(&"lease_lost".to_owned()));
+    assert_eq!(runs(&task)[0]["status"], "success");
+}
+
+#[test]
 fn a_late_result_from_a_dead_lease_is_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--lease-ttl", "2", "--backoff-base", "0"]);

@@ -7,10 +7,14 @@
 
 pub mod runner;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_server::ControlService;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Caller;
@@ -34,22 +38,28 @@ pub struct Authenticate {
     pub admin_only: bool,
 }
 
+/// The bearer token a call presents.
+pub(crate) fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Said when a credential is not (or no longer) valid.
+pub(crate) const INVALID_CREDENTIAL: &str =
+    "the credential is not valid (unknown, rotated or revoked)";
+
 impl tonic::service::Interceptor for Authenticate {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let Some(token) = token else {
+        let Some(token) = bearer(req.metadata()) else {
             return Err(Status::unauthenticated(
                 "no credential: pass --token or set PIPELINE_TOKEN",
             ));
         };
-        let caller = (self.auth)(token).ok_or_else(|| {
-            Status::unauthenticated("the credential is not valid (unknown, rotated or revoked)")
-        })?;
+        let caller =
+            (self.auth)(token).ok_or_else(|| Status::unauthenticated(INVALID_CREDENTIAL))?;
         if self.admin_only && caller != Caller::Admin {
             return Err(Status::permission_denied(
                 "this credential may not use the control API; use the admin token",
@@ -571,6 +581,37 @@ impl<S: Store> ControlService for ControlApi<S> {
             move |tx| coordinator.stream_transitions(tx),
             |e: &Arc<TaskEvent>| transition_to_pb(e),
         )))
+    }
+}
+
+/// `stream` until `token` is cancelled: a long-lived response stream that would otherwise hold
+/// a graceful shutdown up ends with OK instead.
+pub(crate) fn until_cancelled<St: Stream>(
+    stream: St,
+    token: CancellationToken,
+) -> UntilCancelled<St> {
+    UntilCancelled {
+        stream: Box::pin(stream),
+        cancelled: Box::pin(token.cancelled_owned()),
+    }
+}
+
+pub(crate) struct UntilCancelled<St> {
+    stream: Pin<Box<St>>,
+    cancelled: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<St: Stream> Stream for UntilCancelled<St> {
+    type Item = St::Item;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<St::Item>> {
+        if self.cancelled.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        self.stream.as_mut().poll_next(cx)
     }
 }
 

@@ -96,6 +96,25 @@ fn runner_id(raw: &str) -> Result<&str, Status> {
     Ok(raw)
 }
 
+/// One heartbeat from `who`: renews its leases; answers those it must drop.
+fn beat<S: Store>(
+    coordinator: &Coordinator<S>,
+    who: &crate::auth::Caller,
+    r: pb::HeartbeatRequest,
+) -> Result<pb::HeartbeatResponse, Status> {
+    let id = runner_id(&r.runner_id)?;
+    coordinator
+        .authorize_runner(who, id)
+        .map_err(status_from_error)?;
+    let held = lease_refs(r.held)?;
+    let dropped = coordinator
+        .heartbeat(id, &held, r.draining)
+        .map_err(status_from_error)?;
+    Ok(pb::HeartbeatResponse {
+        dropped: dropped.iter().map(lease_to_pb).collect(),
+    })
+}
+
 #[tonic::async_trait]
 impl<S: Store> RunnerService for RunnerApi<S> {
     async fn register(
@@ -175,17 +194,34 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let who = super::caller(&request)?;
-        let r = request.into_inner();
-        let id = runner_id(&r.runner_id)?;
-        self.authorize(&who, id)?;
-        let held = lease_refs(r.held)?;
-        let dropped = self
-            .coordinator
-            .heartbeat(id, &held, r.draining)
-            .map_err(status_from_error)?;
-        Ok(Response::new(pb::HeartbeatResponse {
-            dropped: dropped.iter().map(lease_to_pb).collect(),
-        }))
+        beat(&self.coordinator, &who, request.into_inner()).map(Response::new)
+    }
+
+    type HeartbeatsStream = BoxStream<pb::HeartbeatResponse>;
+
+    /// Heartbeats on one stream: each message is handled where it is read (no task, no
+    /// channel). The credential is checked again on every message, so a revoked runner hears
+    /// of it at its next heartbeat, as with single calls.
+    async fn heartbeats(
+        &self,
+        request: Request<Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatsStream>, Status> {
+        let who = super::caller(&request)?;
+        let token = super::bearer(request.metadata())
+            .unwrap_or_default()
+            .to_owned();
+        let coordinator = Arc::clone(&self.coordinator);
+        let beats = request.into_inner().map(move |r| {
+            if coordinator.auth.identify(&token).as_ref() != Some(&who) {
+                return Err(Status::unauthenticated(super::INVALID_CREDENTIAL));
+            }
+            beat(&coordinator, &who, r?)
+        });
+        // Ends at shutdown, so an open stream does not hold the server up.
+        Ok(Response::new(Box::pin(super::until_cancelled(
+            beats,
+            self.shutdown.clone(),
+        ))))
     }
 
     type FetchBaseStream = BoxStream<pb::BundleChunk>;

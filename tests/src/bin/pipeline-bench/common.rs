@@ -261,18 +261,21 @@ impl Sim {
         });
     }
 
-    pub async fn heartbeat(&mut self, held: Vec<pb::LeaseRef>) {
-        assert!(self.try_heartbeat(held).await, "heartbeat failed");
-    }
-
-    /// A heartbeat; false if the server did not answer (it is gone).
-    pub async fn try_heartbeat(&mut self, held: Vec<pb::LeaseRef>) -> bool {
-        let req = self.auth(pb::HeartbeatRequest {
-            runner_id: self.id.clone(),
-            held,
-            draining: false,
-        });
-        self.client.heartbeat(req).await.is_ok()
+    /// Opens the heartbeat stream, as `pipeline-runner` does once connected.
+    pub async fn beats(&mut self) -> Beats {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let req = self.auth(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let replies = self
+            .client
+            .heartbeats(req)
+            .await
+            .expect("heartbeat stream")
+            .into_inner();
+        Beats {
+            id: self.id.clone(),
+            tx,
+            replies,
+        }
     }
 
     /// Sends a result with the commit's bundle.
@@ -288,6 +291,25 @@ impl Sim {
         );
         let req = self.auth(tokio_stream::iter(messages));
         self.client.complete_lease(req).await.expect("complete");
+    }
+}
+
+/// A simulated runner's heartbeat stream.
+pub struct Beats {
+    id: String,
+    tx: tokio::sync::mpsc::Sender<pb::HeartbeatRequest>,
+    replies: tonic::Streaming<pb::HeartbeatResponse>,
+}
+
+impl Beats {
+    /// One heartbeat and its reply; false if the server did not answer (it is gone).
+    pub async fn beat(&mut self, held: Vec<pb::LeaseRef>) -> bool {
+        let req = pb::HeartbeatRequest {
+            runner_id: self.id.clone(),
+            held,
+            draining: false,
+        };
+        self.tx.send(req).await.is_ok() && matches!(self.replies.message().await, Ok(Some(_)))
     }
 }
 

@@ -16,24 +16,35 @@ pub async fn status(floors: &Floors, quick: bool) {
     let repo = TestRepo::new();
     let server = Server::start(&repo, SERVER_FLAGS);
     let tasks = if quick { 500 } else { 10_000 };
-    let mut admin = Admin::connect(&server.url, repo.admin_token()).await;
+    let admin = Admin::connect(&server.url, repo.admin_token()).await;
     admin.create_many(tasks, 8, "status").await;
     let n = if quick { 2_000 } else { 20_000 };
-    for _ in 0..200 {
-        admin.status().await;
-    }
-    let xs = time_each(n, |_| {
-        let mut a = admin.clone();
-        async move {
-            a.status().await;
-        }
+    // The caller is built like `pipelinectl`: a current-thread runtime of its own.
+    let (url, token) = (server.url.clone(), repo.admin_token());
+    let xs = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let admin = Admin::connect(&url, token).await;
+            timed_status_calls(&admin, n).await
+        })
     })
-    .await;
+    .join()
+    .expect("caller thread");
     report(
-        &format!("control RPC status, one caller, {tasks} tasks queued"),
+        &format!("control RPC status, one caller (like pipelinectl), {tasks} tasks queued"),
         Summary::of(xs),
         Some(("TCP round trip", floors.tcp)),
         "p50 <= 1.5x TCP round trip",
+    );
+    // The same from a multi-threaded caller: the wakeups between its threads are the difference.
+    report(
+        "  the same from a caller on a multi-threaded runtime",
+        Summary::of(timed_status_calls(&admin, n).await),
+        Some(("TCP round trip", floors.tcp)),
+        "-",
     );
 
     let connections = 4;
@@ -77,6 +88,20 @@ pub async fn status(floors: &Floors, quick: bool) {
         count as f64 / secs,
         Summary::of(all)
     );
+}
+
+/// `n` status calls one after another (after 200 unmeasured), each timed.
+async fn timed_status_calls(admin: &Admin, n: usize) -> Vec<Duration> {
+    for _ in 0..200 {
+        admin.clone().status().await;
+    }
+    time_each(n, |_| {
+        let mut a = admin.clone();
+        async move {
+            a.status().await;
+        }
+    })
+    .await
 }
 
 pub async fn memory(quick: bool) {
