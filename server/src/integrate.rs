@@ -250,22 +250,18 @@ impl<S: Store> Coordinator<S> {
                     }
                 }
             }
-            // The task may have been cancelled while it was being built.
-            let now = self.get(id).await?;
-            if now.state.status != TaskStatus::Verified
-                || now.patch_commit.as_ref() != Some(&commit)
-            {
-                tracing::info!(task = %id, status = %now.state.status, "task changed during integration; not landing it");
+            // Journaled only if the task is still this patchset, Verified: it may have been
+            // cancelled while it was being built.
+            let journal = Journal {
+                task_id: id.clone(),
+                old_tip: tip.clone(),
+                new_commit: new.clone(),
+                started_at: now_ms(),
+            };
+            if !self.store.begin_integration(&journal, &commit).await? {
+                tracing::info!(task = %id, "task changed during integration; not landing it");
                 return Ok(());
             }
-            self.store
-                .begin_integration(&Journal {
-                    task_id: id.clone(),
-                    old_tip: tip.clone(),
-                    new_commit: new.clone(),
-                    started_at: now_ms(),
-                })
-                .await?;
             if let Some(remote) = &self.settings.push_remote
                 && !self.repo.push_with_lease(remote, &base, &new, &tip).await?
             {
@@ -291,7 +287,7 @@ impl<S: Store> Coordinator<S> {
             log.line(format!("landed on {base} as {new}"));
             log.flush().await;
             let note = skipped.map(|why| format!("build skipped: {why}"));
-            return self.integrated(&now, &commit, None, note).await;
+            return self.integrated(task, &commit, None, note).await;
         }
         Err(Error::Conflict(format!(
             "the base kept moving while task {id} was being integrated; will try again"

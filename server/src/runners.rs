@@ -285,19 +285,23 @@ impl<S: Store> Coordinator<S> {
         Ok(dropped)
     }
 
+    /// Checks that `lease` is live and `runner_id`'s, in memory only (no database round trip);
+    /// returns the task it is for.
+    pub fn check_live_lease(&self, runner_id: &str, lease: &LeaseRef) -> Result<TaskId> {
+        let registry = self.registry();
+        if registry.runner(runner_id).is_none() {
+            return Err(unregistered(runner_id));
+        }
+        let live = registry
+            .check(runner_id, lease, now_ms())
+            .map_err(|why| refused(lease, why))?;
+        Ok(live.task.clone())
+    }
+
     /// Checks that `lease` is live and `runner_id`'s, in memory and in the database; returns the
     /// task it is for.
     pub async fn check_lease(&self, runner_id: &str, lease: &LeaseRef) -> Result<Task> {
-        let task_id = {
-            let registry = self.registry();
-            if registry.runner(runner_id).is_none() {
-                return Err(unregistered(runner_id));
-            }
-            let live = registry
-                .check(runner_id, lease, now_ms())
-                .map_err(|why| refused(lease, why))?;
-            live.task.clone()
-        };
+        let task_id = self.check_live_lease(runner_id, lease)?;
         let task = self.get(&task_id).await?;
         lease_matches(&task, lease)?;
         Ok(task)

@@ -250,6 +250,23 @@ fn sigkill_of_the_server_during_an_integration_build_then_restart() {
     assert_eq!(repo.landed(), [id]);
 }
 
+#[test]
+fn a_task_cancelled_while_its_integration_builds_never_lands() {
+    let repo = TestRepo::new();
+    let build = slow_build("build-go");
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let _r = runner(&repo, &server, "r");
+    let before = main_tip(&repo);
+    let id = server.add(&["--title", "cancelled mid-build"]);
+    server.wait_for_log("building the integrated commit");
+    server.ctl(&["task", "cancel", &id]).ok();
+    repo.touch("build-go");
+    server.wait_for_log("task changed during integration; not landing it");
+    assert_eq!(server.show(&id)["status"], "cancelled");
+    assert_eq!(main_tip(&repo), before, "the base did not move");
+    assert!(repo.landed().is_empty());
+}
+
 /// Kills the server (abort) at a failpoint of the integration, restarts it, and checks the task
 /// ends Done with its commit on the base once.
 fn crash_at(failpoint: &str) -> Value {

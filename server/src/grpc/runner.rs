@@ -322,10 +322,10 @@ impl<S: Store> RunnerService for RunnerApi<S> {
                 "cost_cents must be a non-negative number",
             ));
         }
-        // Refuse a dead lease before reading a possibly large bundle.
+        // Refuse a dead lease before reading a possibly large bundle (the full check, against
+        // the database too, comes with the result).
         self.coordinator
-            .check_lease(&id, &lease)
-            .await
+            .check_live_lease(&id, &lease)
             .map_err(status_from_error)?;
         let spool = self
             .spool(&mut stream, outcome != Outcome::DevFailed)

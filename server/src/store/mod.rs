@@ -189,8 +189,13 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Whether every task `id` depends on is Done.
     fn dependencies_done(&self, id: &TaskId) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Records a base move about to happen.
-    fn begin_integration(&self, entry: &Journal) -> impl Future<Output = Result<()>> + Send;
+    /// Records a base move about to happen, if the task is still Verified with `commit` as its
+    /// patch; false, recording nothing, if it changed meanwhile (cancelled, a newer patchset).
+    fn begin_integration(
+        &self,
+        entry: &Journal,
+        commit: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Forgets a base move that did not happen.
     fn abort_integration(&self, task: &TaskId) -> impl Future<Output = Result<()>> + Send;

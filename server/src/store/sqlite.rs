@@ -1,10 +1,13 @@
 //! The SQLite [`Store`]: one file, WAL, `synchronous = NORMAL`, foreign keys on, a busy timeout,
 //! migrations from `migrations/sqlite` run at open, and `BEGIN IMMEDIATE` for every write
 //! transaction (a deferred transaction that reads then writes fails with `SQLITE_BUSY` instead of
-//! waiting for the lock).
+//! waiting for the lock). Write transactions take turns at an in-process queue before they
+//! begin: two writers never meet at SQLite's lock, whose busy handler waits by sleeping (1 ms
+//! and up), and readers (WAL) never wait for writers.
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -25,6 +28,35 @@ const NEXT_TASK_NUMBER: &str = "next_task_number";
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One write transaction at a time, in arrival order.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction holding the store's write turn until it commits or is dropped.
+struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl WriteTx {
+    async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
 }
 
 impl SqliteStore {
@@ -49,7 +81,10 @@ impl SqliteStore {
             .await
             .map_err(|e| Error::Internal(format!("cannot open the database {url}: {e}")))?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+        })
     }
 
     /// Closes every connection, checkpointing the WAL.
@@ -57,8 +92,12 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
-    async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn write(&self) -> Result<WriteTx> {
+        let turn = Arc::clone(&self.writer).lock_owned().await;
+        Ok(WriteTx {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            _turn: turn,
+        })
     }
 }
 
@@ -724,20 +763,23 @@ impl Store for SqliteStore {
         Ok(pending == 0)
     }
 
-    async fn begin_integration(&self, entry: &Journal) -> Result<()> {
+    async fn begin_integration(&self, entry: &Journal, commit: &str) -> Result<bool> {
         let mut tx = self.write().await?;
-        sqlx::query(
+        let done = sqlx::query(
             "INSERT OR REPLACE INTO integrations (task_id, old_tip, new_commit, started_at) \
-             VALUES (?, ?, ?, ?)",
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM tasks \
+               WHERE id = ?1 AND status = ?5 AND patch_commit = ?6)",
         )
         .bind(entry.task_id.as_str())
         .bind(&entry.old_tip)
         .bind(&entry.new_commit)
         .bind(entry.started_at)
+        .bind(TaskStatus::Verified.as_str())
+        .bind(commit)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn abort_integration(&self, task: &TaskId) -> Result<()> {

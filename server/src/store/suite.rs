@@ -424,13 +424,44 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
 
 pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     let task = create(store, "landing").await;
+    let patch = "c".repeat(40);
     let entry = Journal {
         task_id: task.id.clone(),
         old_tip: "a".repeat(40),
         new_commit: "b".repeat(40),
         started_at: 7,
     };
-    store.begin_integration(&entry).await.expect("begin");
+    // Only a Verified task whose patch is still the one being landed gets an entry.
+    assert!(
+        !store
+            .begin_integration(&entry, &patch)
+            .await
+            .expect("begin")
+    );
+    let mut verified = task.state.clone();
+    verified.status = TaskStatus::Verified;
+    let mut w = write(&task, verified, "verified", 8);
+    w.patch_commit = Some(patch.clone());
+    let (task, _) = store.commit_transition(w).await.expect("verified");
+    assert!(
+        !store
+            .begin_integration(&entry, &"d".repeat(40))
+            .await
+            .expect("begin")
+    );
+    assert!(
+        store
+            .pending_integrations()
+            .await
+            .expect("pending")
+            .is_empty()
+    );
+    assert!(
+        store
+            .begin_integration(&entry, &patch)
+            .await
+            .expect("begin")
+    );
     assert_eq!(
         store.pending_integrations().await.expect("pending"),
         vec![entry.clone()]
@@ -444,7 +475,12 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
             .is_empty()
     );
     // Ending it with a transition removes it in the same transaction.
-    store.begin_integration(&entry).await.expect("begin");
+    assert!(
+        store
+            .begin_integration(&entry, &patch)
+            .await
+            .expect("begin")
+    );
     let mut w = write(&task, task.state.clone(), "test", 8);
     w.end_integration = true;
     store.commit_transition(w).await.expect("transition");

@@ -122,6 +122,10 @@ pub fn git_floor(repo: &Path, dir: &Path, branch: &str, works: &[Work]) -> Vec<D
             &floor,
             &["bundle", "unbundle", file.to_str().expect("utf-8")],
         );
+        git(
+            &floor,
+            &["update-ref", &format!("refs/floor/{i}"), &w.commit],
+        );
         let base = &w.assignment.base_commit;
         let tree = git(
             &floor,
