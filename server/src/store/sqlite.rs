@@ -92,10 +92,13 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
+    /// Begins a write transaction: a connection first, then the write turn, so the turn is
+    /// held only while the transaction runs.
     async fn write(&self) -> Result<WriteTx> {
+        let conn = self.pool.acquire().await?;
         let turn = Arc::clone(&self.writer).lock_owned().await;
         Ok(WriteTx {
-            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            tx: Transaction::begin(conn, Some("BEGIN IMMEDIATE".into())).await?,
             _turn: turn,
         })
     }
