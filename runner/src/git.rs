@@ -1,9 +1,15 @@
 //! The runner's git: one local bare mirror under the work dir, holding only what the server sent
 //! and what agents committed, and one worktree per slot, reset (not recreated) for each task.
 //! Every commit ID that reaches a command line has been checked to be a full hex object ID.
+//!
+//! Git is spawned only for work: the commits the mirror keeps for the server
+//! (`refs/pipeline/base` and `refs/pipeline/previous`) are read once at start and then known
+//! in memory, a result is checked with one `rev-list`, and its bundle is made straight from
+//! the worktree's `HEAD`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::Command;
@@ -56,6 +62,25 @@ async fn git(dir: &Path, args: &[&str]) -> Result<String> {
 #[derive(Clone, Debug)]
 pub struct Mirror {
     dir: PathBuf,
+    /// What `refs/pipeline/base` and `refs/pipeline/previous` hold (the runner is their only
+    /// writer).
+    kept: Arc<Mutex<Kept>>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    base: Option<String>,
+    previous: Option<String>,
+}
+
+impl Kept {
+    fn slot(&mut self, name: &str) -> &mut Option<String> {
+        if name == "base" {
+            &mut self.base
+        } else {
+            &mut self.previous
+        }
+    }
 }
 
 impl Mirror {
@@ -69,7 +94,33 @@ impl Mirror {
         }
         // Worktrees of a crashed run may be registered but gone.
         git(&dir, &["worktree", "prune"]).await?;
-        Ok(Self { dir })
+        let mut kept = Kept::default();
+        let refs = git(
+            &dir,
+            &[
+                "for-each-ref",
+                "--format=%(refname) %(objectname)",
+                "refs/pipeline/",
+            ],
+        )
+        .await?;
+        for line in refs.lines() {
+            match line.split_once(' ') {
+                Some(("refs/pipeline/base", c)) => kept.base = Some(c.to_owned()),
+                Some(("refs/pipeline/previous", c)) => kept.previous = Some(c.to_owned()),
+                _ => {}
+            }
+        }
+        Ok(Self {
+            dir,
+            kept: Arc::new(Mutex::new(kept)),
+        })
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn dir(&self) -> &Path {
@@ -77,36 +128,41 @@ impl Mirror {
     }
 
     /// Commits the server sent earlier: the bundle for the next lease leaves them out.
-    pub async fn haves(&self) -> Result<Vec<String>> {
-        let out = git(
-            &self.dir,
-            &["for-each-ref", "--format=%(objectname)", "refs/pipeline/"],
-        )
-        .await?;
-        Ok(out.lines().map(str::to_owned).collect())
+    pub fn haves(&self) -> Vec<String> {
+        let kept = self.kept();
+        kept.base.iter().chain(&kept.previous).cloned().collect()
     }
 
-    /// Stores a bundle's objects and remembers `commits` as things the server knows we have.
-    pub async fn unbundle(&self, bundle: &Path, commits: &[&str]) -> Result<()> {
+    /// Whether `commit` is one the mirror keeps (so it is surely there).
+    pub fn keeps(&self, commit: &str) -> bool {
+        let kept = self.kept();
+        kept.base.as_deref() == Some(commit) || kept.previous.as_deref() == Some(commit)
+    }
+
+    /// Stores a bundle's objects; returns the commits its refs point at.
+    pub async fn unbundle(&self, bundle: &Path) -> Result<Vec<String>> {
         let file = bundle
             .to_str()
             .ok_or_else(|| GitError("bundle path is not UTF-8".into()))?;
-        git(&self.dir, &["bundle", "unbundle", file]).await?;
-        self.remember(commits).await;
-        Ok(())
+        let heads = git(&self.dir, &["bundle", "unbundle", file]).await?;
+        Ok(heads
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect())
     }
 
-    /// Keeps `commits` reachable from `refs/pipeline/have/*` (best effort: it only saves
-    /// transfer next time).
+    /// Keeps `commits` (the base, then the previous patchset) under `refs/pipeline/base` and
+    /// `refs/pipeline/previous`, so they stay and the next bundle leaves them out (best effort:
+    /// it only saves transfer next time). A ref already there is not rewritten.
     pub async fn remember(&self, commits: &[&str]) {
-        for (i, c) in commits.iter().enumerate() {
-            if check_sha(c).is_ok() {
-                let name = if i == 0 { "base" } else { "previous" };
-                let _ = git(
-                    &self.dir,
-                    &["update-ref", &format!("refs/pipeline/{name}"), c],
-                )
-                .await;
+        for (c, name) in commits.iter().zip(["base", "previous"]) {
+            if check_sha(c).is_err() || self.kept().slot(name).as_deref() == Some(*c) {
+                continue;
+            }
+            let refname = format!("refs/pipeline/{name}");
+            if git(&self.dir, &["update-ref", &refname, c]).await.is_ok() {
+                *self.kept().slot(name) = Some((*c).to_owned());
             }
         }
     }
@@ -167,9 +223,16 @@ impl Mirror {
         base: &str,
         previous: Option<&str>,
     ) -> std::result::Result<String, String> {
-        let head = git(worktree, &["rev-parse", "--verify", "HEAD^{commit}"])
+        // HEAD and its parents, in one spawn.
+        let line = git(worktree, &["rev-list", "--parents", "-n", "1", "HEAD"])
             .await
             .map_err(|e| format!("cannot read HEAD after the agent: {e}"))?;
+        let mut ids = line.split_whitespace();
+        let head = ids
+            .next()
+            .ok_or("cannot read HEAD after the agent: git printed nothing")?
+            .to_owned();
+        let parents: Vec<&str> = ids.collect();
         if head == base {
             return Err("the agent made no commit on top of the base".to_owned());
         }
@@ -178,6 +241,10 @@ impl Mirror {
                 "the agent left the previous patchset unchanged; amend it with the fix".to_owned(),
             );
         }
+        if parents == [base] {
+            return Ok(head);
+        }
+        // Not one commit on the base: find out what it is, to say so.
         let descends = git(worktree, &["merge-base", "--is-ancestor", base, &head])
             .await
             .is_ok();
@@ -192,10 +259,6 @@ impl Mirror {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let parents = git(worktree, &["rev-list", "--parents", "-n", "1", &head])
-            .await
-            .map_err(|e| e.to_string())?;
-        let parents: Vec<&str> = parents.split_whitespace().skip(1).collect();
         if count != "1" {
             return Err(format!(
                 "the agent made {count} commits on top of the base; there must be exactly one \
@@ -211,29 +274,21 @@ impl Mirror {
         Ok(head)
     }
 
-    /// Writes a bundle of `commit` (one commit on top of `base`) to `out`.
-    pub async fn bundle_commit(
-        &self,
-        slot: usize,
-        commit: &str,
-        base: &str,
-        out: &Path,
-    ) -> Result<()> {
-        let commit = check_sha(commit)?;
+    /// Writes a bundle of the worktree's `HEAD` (one commit on top of `base`) to `out`. The
+    /// server checks it holds the announced commit.
+    pub async fn bundle_head(&self, worktree: &Path, base: &str, out: &Path) -> Result<()> {
         let base = check_sha(base)?;
-        let refname = format!("refs/runner/out/slot-{slot}");
-        git(&self.dir, &["update-ref", &refname, commit]).await?;
         let file = out
             .to_str()
             .ok_or_else(|| GitError("bundle path is not UTF-8".into()))?;
         git(
-            &self.dir,
+            worktree,
             &[
                 "bundle",
                 "create",
                 "--quiet",
                 file,
-                &refname,
+                "HEAD",
                 &format!("^{base}"),
             ],
         )

@@ -264,7 +264,7 @@ async fn develop(
         .map_err(|e| JobEnd::Release(format!("cannot create {}: {e}", tmp.display())))?;
     let bundle = tmp.join(format!("{}.out.bundle", a.run_id));
     ctx.mirror
-        .bundle_commit(slot, &commit, &base, &bundle)
+        .bundle_head(&worktree, &base, &bundle)
         .await
         .map_err(|e| JobEnd::Release(format!("cannot bundle the commit: {e}")))?;
     Ok(Report {
@@ -322,12 +322,7 @@ async fn fetch_base(
     cancel: &CancellationToken,
 ) -> Result<(), JobEnd> {
     let wanted: Vec<&str> = std::iter::once(base).chain(previous).collect();
-    let mut have_all = true;
-    for c in &wanted {
-        have_all &= ctx.mirror.has_commit(c).await;
-    }
-    if have_all {
-        ctx.mirror.remember(&wanted).await;
+    if wanted.iter().all(|c| ctx.mirror.keeps(c)) {
         tracing::info!(task = %a.task_id, "base already in the mirror; nothing fetched");
         return Ok(());
     }
@@ -343,13 +338,20 @@ async fn fetch_base(
         match fetch_once(ctx, a, &file).await {
             Ok((chunks, bytes)) => {
                 tracing::info!(task = %a.task_id, bytes, "fetched the base's missing objects");
+                let mut heads = Vec::new();
                 if chunks > 0 {
-                    let stored = ctx.mirror.unbundle(&file, &wanted).await;
+                    let stored = ctx.mirror.unbundle(&file).await;
                     let _ = std::fs::remove_file(&file);
-                    stored.map_err(|e| JobEnd::Release(format!("cannot store the base: {e}")))?;
+                    heads = stored
+                        .map_err(|e| JobEnd::Release(format!("cannot store the base: {e}")))?;
                 }
+                // What the bundle did not bring the mirror must have had (the server left it
+                // out): check that with git.
                 for c in &wanted {
-                    if !ctx.mirror.has_commit(c).await {
+                    if !heads.iter().any(|h| h == c)
+                        && !ctx.mirror.keeps(c)
+                        && !ctx.mirror.has_commit(c).await
+                    {
                         return Err(JobEnd::Release(format!("the server's bundle lacks {c}")));
                     }
                 }
@@ -382,7 +384,7 @@ async fn fetch_once(
     a: &pb::Assignment,
     file: &Path,
 ) -> Result<(usize, usize), tonic::Status> {
-    let have = ctx.mirror.haves().await.unwrap_or_default();
+    let have = ctx.mirror.haves();
     let mut client = ctx.client.clone();
     let mut stream = client
         .fetch_base(pb::FetchBaseRequest {

@@ -978,6 +978,14 @@ fn a_runner_fetches_only_what_its_mirror_lacks() {
         "{}",
         runner.log()
     );
+    // A restarted runner still knows what its mirror holds: again only the new commits.
+    drop(runner);
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let fourth = server.add(&["--title", "fourth"]);
+    server.wait_status(&fourth, "done");
+    let sizes = fetched(&runner.log());
+    assert_eq!(sizes.len(), 1, "{}", runner.log());
+    assert!(sizes[0] < 5_000, "after a restart: {sizes:?}");
 }
 
 #[test]
