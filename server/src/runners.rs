@@ -511,17 +511,27 @@ impl<S: Store> Coordinator<S> {
         }
         let mut free = self.registry().free_slots();
         let mut total: u32 = free.iter().map(|f| f.2).sum();
-        if total > 0 {
-            let candidates = self
-                .store
-                .lease_candidates(now, total.saturating_mul(2))
-                .await?;
-            let mut tip = None;
-            let mut batch = Vec::new();
+        // Candidates come in pages (two groups, at least 128), so the first leases go out
+        // after a small query however many slots are free; at most twice the free slots are
+        // looked at.
+        let page = u32::try_from(self.settings.dispatch_batch)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(2)
+            .max(128);
+        let mut budget = total.saturating_mul(2);
+        let mut after = None;
+        let mut tip = None;
+        let mut batch = Vec::new();
+        while total > 0 && budget > 0 {
+            let limit = page.min(budget);
+            let candidates = self.store.lease_candidates(now, after, limit).await?;
+            budget -= limit;
+            let last_page = candidates.len() < limit as usize;
             for task in candidates {
                 if total == 0 {
                     break;
                 }
+                after = Some((task.priority, task.seq));
                 if !lifecycle::leasable(&task.state, true, self.policy(), now) {
                     continue;
                 }
@@ -546,9 +556,12 @@ impl<S: Store> Coordinator<S> {
                     self.commit_leases(std::mem::take(&mut batch)).await?;
                 }
             }
-            if !batch.is_empty() {
-                self.commit_leases(batch).await?;
+            if last_page {
+                break;
             }
+        }
+        if !batch.is_empty() {
+            self.commit_leases(batch).await?;
         }
         let next_backoff = self.store.next_backoff_end(now).await?;
         let next_expiry = self.registry().next_expiry();

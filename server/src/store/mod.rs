@@ -175,11 +175,13 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Counts of tasks per status and of dev runs still running.
     fn status_counts(&self) -> impl Future<Output = Result<StatusCounts>> + Send;
 
-    /// Open tasks out of back-off at `now` whose dependencies are all Done, in lease order; the
-    /// caller applies the rest of the eligibility rules (`lifecycle::leasable`).
+    /// Open tasks out of back-off at `now` whose dependencies are all Done, in lease order
+    /// (priority, then `seq`), after `after` if given (a page after the last one seen), at most
+    /// `limit`; the caller applies the rest of the eligibility rules (`lifecycle::leasable`).
     fn lease_candidates(
         &self,
         now: Millis,
+        after: Option<(u8, i64)>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
 

@@ -674,19 +674,27 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn lease_candidates(&self, now: Millis, limit: u32) -> Result<Vec<Task>> {
+    async fn lease_candidates(
+        &self,
+        now: Millis,
+        after: Option<(u8, i64)>,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
         // The dependencies come in the same statement, joined by a separator no ID holds.
         let rows: Vec<(TaskRow, Option<String>)> = sqlx::query_as::<_, CandidateRow>(&format!(
             "SELECT {TASK_COLUMNS}, (SELECT group_concat(depends_on, char(31)) FROM \
                (SELECT depends_on FROM task_deps WHERE task_id = t.id ORDER BY depends_on)) \
                AS deps \
              FROM tasks t WHERE status = 'open' \
-               AND (backoff_until IS NULL OR backoff_until <= ?) AND NOT EXISTS ( \
+               AND (backoff_until IS NULL OR backoff_until <= ?1) AND NOT EXISTS ( \
                  SELECT 1 FROM task_deps d JOIN tasks u ON u.id = d.depends_on \
                  WHERE d.task_id = t.id AND u.status <> 'done') \
-             ORDER BY priority, seq LIMIT ?"
+               AND (?2 IS NULL OR (priority, seq) > (?2, ?3)) \
+             ORDER BY priority, seq LIMIT ?4"
         ))
         .bind(now)
+        .bind(after.map(|(priority, _)| i64::from(priority)))
+        .bind(after.map(|(_, seq)| seq))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?

@@ -391,11 +391,17 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
             .collect::<Vec<_>>()
     };
     assert_eq!(
-        ids(store.lease_candidates(4_999, 10).await.expect("candidates")),
+        ids(store
+            .lease_candidates(4_999, None, 10)
+            .await
+            .expect("candidates")),
         ["dep"]
     );
     assert_eq!(
-        ids(store.lease_candidates(5_000, 10).await.expect("candidates")),
+        ids(store
+            .lease_candidates(5_000, None, 10)
+            .await
+            .expect("candidates")),
         ["waiting", "dep"],
         "priority order once the back-off is over"
     );
@@ -413,12 +419,22 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
         .await
         .expect("done");
     assert_eq!(
-        ids(store.lease_candidates(5_000, 10).await.expect("candidates")),
+        ids(store
+            .lease_candidates(5_000, None, 10)
+            .await
+            .expect("candidates")),
         ["blocked", "waiting"]
     );
+    let first = store.lease_candidates(5_000, None, 1).await.expect("limit");
+    assert_eq!(ids(first.clone()), ["blocked"]);
+    // The next page starts after the last one seen.
+    let after = Some((first[0].priority, first[0].seq));
     assert_eq!(
-        store.lease_candidates(5_000, 1).await.expect("limit").len(),
-        1
+        ids(store
+            .lease_candidates(5_000, after, 10)
+            .await
+            .expect("page")),
+        ["waiting"]
     );
 }
 
