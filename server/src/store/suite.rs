@@ -447,6 +447,7 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
         new_commit: "b".repeat(40),
         started_at: 7,
     };
+    let pending = async || store.pending_integrations().await.expect("pending");
     // Only a Verified task whose patch is still the one being landed gets an entry.
     assert!(
         !store
@@ -465,31 +466,16 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
             .await
             .expect("begin")
     );
-    assert!(
-        store
-            .pending_integrations()
-            .await
-            .expect("pending")
-            .is_empty()
-    );
+    assert!(pending().await.is_empty());
     assert!(
         store
             .begin_integration(&entry, &patch)
             .await
             .expect("begin")
     );
-    assert_eq!(
-        store.pending_integrations().await.expect("pending"),
-        vec![entry.clone()]
-    );
+    assert_eq!(pending().await, vec![entry.clone()]);
     store.abort_integration(&task.id).await.expect("abort");
-    assert!(
-        store
-            .pending_integrations()
-            .await
-            .expect("pending")
-            .is_empty()
-    );
+    assert!(pending().await.is_empty());
     // Ending it with a transition removes it in the same transaction.
     assert!(
         store
@@ -500,13 +486,7 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     let mut w = write(&task, task.state.clone(), "test", 8);
     w.end_integration = true;
     store.commit_transition(w).await.expect("transition");
-    assert!(
-        store
-            .pending_integrations()
-            .await
-            .expect("pending")
-            .is_empty()
-    );
+    assert!(pending().await.is_empty());
 }
 
 fn log_line(seq: u64, text: &str) -> LogLine {
