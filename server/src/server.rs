@@ -130,9 +130,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // place by then).
     tracing::info!("listening on {addr}");
 
+    // The signal stops the work (no more leases or landings); serving (the gRPC server, its
+    // streams and the log writer) ends only after the local runners have stopped, so they can
+    // still give their leases back and ship their last lines.
+    let serving = CancellationToken::new();
     let dispatcher = tokio::spawn(Arc::clone(&coordinator).dispatch_loop(shutdown.clone()));
     let integrator = tokio::spawn(Arc::clone(&coordinator).integrate_loop(shutdown.clone()));
-    let log_writer = tokio::spawn(Arc::clone(&coordinator).log_writer(shutdown.clone()));
+    let log_writer = tokio::spawn(Arc::clone(&coordinator).log_writer(serving.clone()));
     if config.log_retention_days > 0 {
         tokio::spawn(prune_logs(
             store.clone(),
@@ -153,7 +157,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         },
     );
     let runner = tonic::service::interceptor::InterceptedService::new(
-        RunnerServiceServer::new(RunnerApi::new(coordinator, shutdown.clone()))
+        RunnerServiceServer::new(RunnerApi::new(coordinator, serving.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         crate::grpc::Authenticate {
             auth: identify,
@@ -179,10 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .add_service(control)
         .add_service(runner)
-        .serve_with_incoming_shutdown(
-            accept_no_delay(listener),
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(accept_no_delay(listener), serving.clone().cancelled_owned());
     let mut served = tokio::spawn(serve);
     let runners_stop = CancellationToken::new();
     let local_runners = start_local_runners(
@@ -210,6 +211,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     for runner in local_runners {
         let _ = tokio::time::timeout(DRAIN_DEADLINE, runner).await;
     }
+    serving.cancel();
     match tokio::time::timeout(DRAIN_DEADLINE, served).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(Error::Internal(format!("grpc server: {e}"))),
@@ -226,8 +228,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     Ok(())
 }
 
-/// Starts `--local-runners` runners in this process, speaking the runner protocol to the server
-/// over loopback, each with one slot and its own work dir under the state dir.
 /// The listener's connections with Nagle's algorithm off. tonic's `tcp_nodelay` applies only
 /// to listeners it binds itself; with Nagle on, a message pushed on a stream right after an
 /// earlier write waits for the peer's delayed ACK (~40 ms on Linux).
@@ -244,6 +244,8 @@ fn accept_no_delay(
     })
 }
 
+/// Starts `--local-runners` runners in this process, speaking the runner protocol to the server
+/// over loopback, each with one slot and its own work dir under the state dir.
 fn start_local_runners(
     config: &Config,
     state_dir: &std::path::Path,

@@ -836,6 +836,31 @@ fn one_command_runs_the_pipeline_with_local_runners_and_the_example_agent() {
 }
 
 #[test]
+fn sigterm_gives_a_busy_local_runners_lease_back_before_the_server_stops() {
+    let repo = TestRepo::new();
+    let mut flags = vec!["--local-runners".to_owned(), "1".to_owned()];
+    flags.extend(agent_args(&["--no-verify"]));
+    let server = Server::start(&repo, &as_strs(&flags));
+    let addr = server.addr.clone();
+    let id = server.add(&["--title", "busy at shutdown", "--description", "MODE: wait"]);
+    let pid = wait_for("the agent to start", || {
+        repo.agent_file(&format!("{id}.pid"))
+    });
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(!alive(&pid), "the agent was stopped");
+    // Given back, not left to lapse: the task is Open again and nothing counts against it.
+    let server = Server::start(&repo, &["--listen", &addr]);
+    let task = server.show(&id);
+    assert_eq!(task["status"], "open", "{task}");
+    assert_eq!(task["failures"], 0);
+    assert!(
+        event_kinds(&task).contains(&"released".to_owned()),
+        "{task}"
+    );
+}
+
+#[test]
 fn a_runner_that_cannot_renew_its_lease_for_a_ttl_stops_its_agent() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--lease-ttl", "2", "--backoff-base", "0"]);
