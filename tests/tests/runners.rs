@@ -5,9 +5,11 @@
 use std::collections::BTreeSet;
 
 use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::runner_service_server::{RunnerService, RunnerServiceServer};
 use pipeline_tests::fake_runner::FakeRunner;
 use pipeline_tests::{Runner, Server, TestRepo, git, scripted_agent, task_ref, wait_for};
 use serde_json::Value;
+use tonic::{Request, Response, Status};
 
 /// The scripted agent's flags plus `extra`.
 fn agent_args(extra: &[&str]) -> Vec<String> {
@@ -1113,4 +1115,129 @@ fn a_bundle_carrying_other_refs_is_refused() {
         err.message()
     );
     assert_eq!(server.show(&id)["patchset"], 0);
+}
+
+/// A server of the runner protocol from before the heartbeat stream: it answers single
+/// `Heartbeat` calls (counting them) and nothing else beyond registering and the work stream.
+struct OldServer {
+    beats: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+type Boxed<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RunnerService for OldServer {
+    async fn register(
+        &self,
+        _: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        Ok(Response::new(pb::RegisterResponse {
+            runner_id: "old-1".into(),
+            heartbeat_interval_ms: 100,
+            lease_ttl_ms: 30_000,
+            credential: None,
+        }))
+    }
+
+    type OpenWorkStream = Boxed<pb::WorkMessage>;
+
+    async fn open_work(
+        &self,
+        _: Request<pb::OpenWorkRequest>,
+    ) -> Result<Response<Self::OpenWorkStream>, Status> {
+        let attached = pb::WorkMessage {
+            kind: Some(pb::work_message::Kind::Attached(pb::Attached::default())),
+        };
+        let stream = tokio_stream::StreamExt::chain(
+            tokio_stream::iter([Ok(attached)]),
+            tokio_stream::pending(),
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn heartbeat(
+        &self,
+        _: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.beats
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Response::new(pb::HeartbeatResponse::default()))
+    }
+
+    type HeartbeatsStream = Boxed<pb::HeartbeatResponse>;
+
+    async fn heartbeats(
+        &self,
+        _: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatsStream>, Status> {
+        Err(Status::unimplemented("not in this version"))
+    }
+
+    type FetchBaseStream = Boxed<pb::BundleChunk>;
+
+    async fn fetch_base(
+        &self,
+        _: Request<pb::FetchBaseRequest>,
+    ) -> Result<Response<Self::FetchBaseStream>, Status> {
+        Err(Status::unimplemented("not needed here"))
+    }
+
+    async fn complete_lease(
+        &self,
+        _: Request<tonic::Streaming<pb::CompleteLeaseRequest>>,
+    ) -> Result<Response<pb::CompleteLeaseResponse>, Status> {
+        Err(Status::unimplemented("not needed here"))
+    }
+
+    async fn release_lease(
+        &self,
+        _: Request<pb::ReleaseLeaseRequest>,
+    ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+        Err(Status::unimplemented("not needed here"))
+    }
+
+    async fn append_logs(
+        &self,
+        _: Request<pb::AppendLogsRequest>,
+    ) -> Result<Response<pb::AppendLogsResponse>, Status> {
+        Err(Status::unimplemented("not needed here"))
+    }
+}
+
+#[test]
+fn a_runner_heartbeats_with_single_calls_to_a_server_without_the_heartbeat_stream() {
+    let repo = TestRepo::new();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let beats = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let service = RunnerServiceServer::new(OldServer {
+        beats: std::sync::Arc::clone(&beats),
+    });
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // This server takes any token; the runner presents the one a real server would have made.
+    std::fs::create_dir_all(repo.state_dir()).expect("mkdir");
+    std::fs::write(
+        repo.state_dir().join("runner-registration.token"),
+        "plr_old",
+    )
+    .expect("token");
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::spawn(&repo, &url, "old", &as_strs(&args));
+    wait_for("three single heartbeat calls", || {
+        (beats.load(std::sync::atomic::Ordering::Relaxed) >= 3).then_some(())
+    });
+    assert!(
+        runner
+            .log()
+            .contains("the server takes heartbeats one call at a time"),
+        "{}",
+        runner.log()
+    );
 }
