@@ -62,26 +62,13 @@ async fn git(dir: &Path, args: &[&str]) -> Result<String> {
 #[derive(Clone, Debug)]
 pub struct Mirror {
     dir: PathBuf,
-    /// What `refs/pipeline/base` and `refs/pipeline/previous` hold (the runner is their only
-    /// writer).
-    kept: Arc<Mutex<Kept>>,
+    /// What the [`KEPT_REFS`] hold (the runner is their only writer).
+    kept: Arc<Mutex<[Option<String>; 2]>>,
 }
 
-#[derive(Debug, Default)]
-struct Kept {
-    base: Option<String>,
-    previous: Option<String>,
-}
-
-impl Kept {
-    fn slot(&mut self, name: &str) -> &mut Option<String> {
-        if name == "base" {
-            &mut self.base
-        } else {
-            &mut self.previous
-        }
-    }
-}
+/// Where the mirror keeps the commits the server knows it has: the last base, and the last
+/// previous patchset.
+const KEPT_REFS: [&str; 2] = ["refs/pipeline/base", "refs/pipeline/previous"];
 
 impl Mirror {
     /// Opens the mirror under `work_dir`, creating it on first use.
@@ -94,7 +81,7 @@ impl Mirror {
         }
         // Worktrees of a crashed run may be registered but gone.
         git(&dir, &["worktree", "prune"]).await?;
-        let mut kept = Kept::default();
+        let mut kept: [Option<String>; 2] = Default::default();
         let refs = git(
             &dir,
             &[
@@ -104,11 +91,9 @@ impl Mirror {
             ],
         )
         .await?;
-        for line in refs.lines() {
-            match line.split_once(' ') {
-                Some(("refs/pipeline/base", c)) => kept.base = Some(c.to_owned()),
-                Some(("refs/pipeline/previous", c)) => kept.previous = Some(c.to_owned()),
-                _ => {}
+        for (refname, commit) in refs.lines().filter_map(|l| l.split_once(' ')) {
+            if let Some(i) = KEPT_REFS.iter().position(|k| *k == refname) {
+                kept[i] = Some(commit.to_owned());
             }
         }
         Ok(Self {
@@ -117,7 +102,7 @@ impl Mirror {
         })
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, [Option<String>; 2]> {
         self.kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -129,14 +114,12 @@ impl Mirror {
 
     /// Commits the server sent earlier: the bundle for the next lease leaves them out.
     pub fn haves(&self) -> Vec<String> {
-        let kept = self.kept();
-        kept.base.iter().chain(&kept.previous).cloned().collect()
+        self.kept().iter().flatten().cloned().collect()
     }
 
     /// Whether `commit` is one the mirror keeps (so it is surely there).
     pub fn keeps(&self, commit: &str) -> bool {
-        let kept = self.kept();
-        kept.base.as_deref() == Some(commit) || kept.previous.as_deref() == Some(commit)
+        self.kept().iter().any(|k| k.as_deref() == Some(commit))
     }
 
     /// Stores a bundle's objects; returns the commits its refs point at.
@@ -152,17 +135,16 @@ impl Mirror {
             .collect())
     }
 
-    /// Keeps `commits` (the base, then the previous patchset) under `refs/pipeline/base` and
-    /// `refs/pipeline/previous`, so they stay and the next bundle leaves them out (best effort:
-    /// it only saves transfer next time). A ref already there is not rewritten.
+    /// Keeps `commits` (the base, then the previous patchset) under the [`KEPT_REFS`], so they
+    /// stay and the next bundle leaves them out (best effort: it only saves transfer next
+    /// time). A ref already there is not rewritten.
     pub async fn remember(&self, commits: &[&str]) {
-        for (c, name) in commits.iter().zip(["base", "previous"]) {
-            if check_sha(c).is_err() || self.kept().slot(name).as_deref() == Some(*c) {
+        for (i, (c, refname)) in commits.iter().zip(KEPT_REFS).enumerate() {
+            if check_sha(c).is_err() || self.kept()[i].as_deref() == Some(*c) {
                 continue;
             }
-            let refname = format!("refs/pipeline/{name}");
-            if git(&self.dir, &["update-ref", &refname, c]).await.is_ok() {
-                *self.kept().slot(name) = Some((*c).to_owned());
+            if git(&self.dir, &["update-ref", refname, c]).await.is_ok() {
+                self.kept()[i] = Some((*c).to_owned());
             }
         }
     }

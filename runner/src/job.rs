@@ -65,13 +65,6 @@ struct Report {
     bundle: Option<PathBuf>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn pb_stream(stream: Stream) -> pb::LogStream {
     match stream {
         Stream::Stdout => pb::LogStream::Stdout,
@@ -207,7 +200,7 @@ async fn develop(
     let result = agent::run(&ctx.config.agent, &job, cancel, on_line).await;
     let _ = std::fs::remove_file(&prompt_file);
     let _ = std::fs::remove_file(&cost_file);
-    let dev_finished_at_ms = now_ms();
+    let dev_finished_at_ms = crate::now_ms();
     let cost_cents = match result {
         AgentResult::Cancelled => return Err(JobEnd::Cancelled),
         AgentResult::Failed { reason, cost_cents } => {

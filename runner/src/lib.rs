@@ -17,3 +17,11 @@ pub mod session;
 pub mod verify;
 
 pub use session::run;
+
+/// Milliseconds since the Unix epoch, the protocol's time unit.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

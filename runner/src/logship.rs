@@ -35,13 +35,6 @@ pub struct RunLog {
     seq: Arc<AtomicU64>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl RunLog {
     /// Starts shipping the log of `lease`.
     pub fn start(
@@ -62,7 +55,7 @@ impl RunLog {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = self.tx.send(Msg::Line(pb::LogLine {
             seq,
-            at_ms: now_ms(),
+            at_ms: crate::now_ms(),
             stream: stream.into(),
             phase: phase.into(),
             text: cut_line(text),

@@ -147,7 +147,12 @@ impl Auth {
 
     /// Who holds `token`, if anyone.
     pub fn identify(&self, token: &str) -> Option<Caller> {
-        let h = hash(token);
+        self.identify_hash(&hash(token))
+    }
+
+    /// [`Auth::identify`] for a token already hashed with [`hash`] (a stream checks its
+    /// credential on every message without hashing it again).
+    pub fn identify_hash(&self, h: &str) -> Option<Caller> {
         let state = self.read();
         if h == state.admin {
             Some(Caller::Admin)
@@ -156,7 +161,7 @@ impl Auth {
         } else {
             state
                 .runners
-                .get(&h)
+                .get(h)
                 .map(|name| Caller::Runner(name.clone()))
         }
     }

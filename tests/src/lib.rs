@@ -190,6 +190,13 @@ impl TestRepo {
     pub fn agent_file(&self, name: &str) -> Option<String> {
         std::fs::read_to_string(self.agent_log().join(name)).ok()
     }
+
+    /// Waits until the scripted agent working on `task` has started; returns its pid.
+    pub fn wait_agent(&self, task: &str) -> String {
+        wait_for(&format!("the agent of {task} to start"), || {
+            self.agent_file(&format!("{task}.pid"))
+        })
+    }
 }
 
 impl Default for TestRepo {

@@ -2,7 +2,7 @@
 //! exactly once, never red, never before their dependencies, never losing a person's push, and
 //! surviving SIGKILL of the server at any point.
 
-use pipeline_tests::{Runner, Server, TestRepo, git, scripted_agent, wait_for};
+use pipeline_tests::{Runner, Server, TestRepo, git, scripted_agent};
 use serde_json::Value;
 
 fn runner(repo: &TestRepo, server: &Server, name: &str) -> Runner {
@@ -95,11 +95,8 @@ fn two_tasks_editing_the_same_line_both_land_the_second_redeveloped() {
     let first = server.add(&["--title", "first", "--description", "MODE: sameline"]);
     let second = server.add(&["--title", "second", "--description", "MODE: sameline"]);
     // Both are developed on the same base before either lands.
-    wait_for("both agents", || {
-        (repo.agent_file(&format!("{first}.pid")).is_some()
-            && repo.agent_file(&format!("{second}.pid")).is_some())
-        .then_some(())
-    });
+    repo.wait_agent(&first);
+    repo.wait_agent(&second);
     repo.release_task(&first);
     server.wait_status(&first, "done");
     repo.release_task(&second);
@@ -168,7 +165,7 @@ fn a_concurrent_push_to_the_base_by_a_person_is_kept() {
     let server = Server::start(&repo, &["--build-cmd", &build]);
     let _r = runner(&repo, &server, "r");
     let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
-    wait_for("the agent", || repo.agent_file(&format!("{id}.pid")));
+    repo.wait_agent(&id);
     // The base moves before integration, so the server must build ...
     let p1 = repo.push_to_main("person1.txt", "one");
     repo.release_agents();
@@ -197,11 +194,8 @@ fn a_task_never_lands_before_the_tasks_it_depends_on() {
     let _b = runner(&repo, &server, "runner-b");
     let dep = server.add(&["--title", "dependency", "--description", "MODE: wait"]);
     let later = server.add(&["--title", "dependent", "--description", "MODE: wait"]);
-    wait_for("both agents", || {
-        (repo.agent_file(&format!("{dep}.pid")).is_some()
-            && repo.agent_file(&format!("{later}.pid")).is_some())
-        .then_some(())
-    });
+    repo.wait_agent(&dep);
+    repo.wait_agent(&later);
     // The dependency is added while both are in progress.
     server.ctl(&["task", "depend", &later, "--on", &dep]).ok();
     repo.release_task(&later);
@@ -226,7 +220,7 @@ fn sigkill_of_the_server_during_a_dev_run_then_restart() {
     let addr = server.addr.clone();
     let _r = runner(&repo, &server, "r");
     let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
-    wait_for("the agent", || repo.agent_file(&format!("{id}.pid")));
+    repo.wait_agent(&id);
     server.kill();
     let server = Server::start(&repo, &["--lease-ttl", "10", "--listen", &addr]);
     repo.release_agents();
@@ -381,7 +375,7 @@ fn push_remote_keeps_the_remote_in_step_and_retries_a_rejected_push() {
 
     // A person's push to the remote before integration is followed, and kept.
     let id = server.add(&["--title", "one", "--description", "MODE: wait"]);
-    wait_for("the agent", || repo.agent_file(&format!("{id}.pid")));
+    repo.wait_agent(&id);
     let p1 = pipeline_tests::push_commit(&origin, &person, "p1.txt", "one");
     repo.release_agents();
     server.wait_for_log("building the integrated commit");

@@ -365,9 +365,7 @@ fn a_runner_killed_mid_task_loses_its_lease_to_another_runner() {
     let args = agent_args(&["--no-verify"]);
     let mut a = Runner::start(&repo, &server, "runner-a", &as_strs(&args));
     let id = server.add(&["--title", "slow first", "--description", "MODE: wait-once"]);
-    wait_for("the agent on runner-a", || {
-        repo.agent_file(&format!("{id}.pid"))
-    });
+    repo.wait_agent(&id);
     let _b = Runner::start(&repo, &server, "runner-b", &as_strs(&args));
     a.proc.kill();
     let task = server.wait_status(&id, "done");
@@ -405,9 +403,7 @@ fn a_lease_outlives_its_ttl_while_the_runner_heartbeats() {
         "--description",
         "MODE: wait",
     ]);
-    wait_for("the agent to start", || {
-        repo.agent_file(&format!("{id}.pid"))
-    });
+    repo.wait_agent(&id);
     // Seven distinct heartbeats after the agent started span six intervals: two TTLs.
     let mut seen = BTreeSet::new();
     wait_for("seven heartbeats while the agent works", || {
@@ -537,9 +533,7 @@ fn cancel_stops_the_agent_group_and_cleans_the_worktree() {
     let args = agent_args(&["--no-verify"]);
     let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "endless", "--description", "MODE: wait"]);
-    let pid = wait_for("the agent to start", || {
-        repo.agent_file(&format!("{id}.pid"))
-    });
+    let pid = repo.wait_agent(&id);
     let scratch = repo.dir.path().join("runners/r/slots/0/scratch.txt");
     wait_for("the scratch file", || scratch.exists().then_some(()));
     assert!(alive(&pid));
@@ -571,9 +565,7 @@ fn the_server_restarting_while_a_runner_works_loses_nothing() {
     let args = agent_args(&["--no-verify"]);
     let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "survivor", "--description", "MODE: wait"]);
-    wait_for("the agent to start", || {
-        repo.agent_file(&format!("{id}.pid"))
-    });
+    repo.wait_agent(&id);
     server.kill();
     let server = Server::start(&repo, &["--lease-ttl", "10", "--listen", &addr]);
     server.wait_for_log("kept=1");
@@ -747,9 +739,7 @@ fn a_draining_runner_finishes_its_work_and_a_second_signal_gives_it_back() {
     let args = agent_args(&["--no-verify"]);
     let mut runner = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "finish me", "--description", "MODE: wait"]);
-    wait_for("the agent to start", || {
-        repo.agent_file(&format!("{id}.pid"))
-    });
+    repo.wait_agent(&id);
     runner.proc.signal("TERM");
     wait_for("the runner to drain", || {
         let runners = server.ctl(&["runners", "--json"]).json();
@@ -767,9 +757,7 @@ fn a_draining_runner_finishes_its_work_and_a_second_signal_gives_it_back() {
     std::fs::remove_file(repo.agent_log().join("release")).expect("unrelease");
     let mut runner = Runner::start(&repo, &server, "r2", &as_strs(&args));
     let id = server.add(&["--title", "give me back", "--description", "MODE: wait"]);
-    wait_for("the agent to start", || {
-        repo.agent_file(&format!("{id}.pid"))
-    });
+    repo.wait_agent(&id);
     runner.proc.signal("TERM");
     wait_for("the runner to drain", || {
         runner.log().contains("draining").then_some(())
@@ -845,9 +833,7 @@ fn sigterm_gives_a_busy_local_runners_lease_back_before_the_server_stops() {
     let server = Server::start(&repo, &as_strs(&flags));
     let addr = server.addr.clone();
     let id = server.add(&["--title", "busy at shutdown", "--description", "MODE: wait"]);
-    let pid = wait_for("the agent to start", || {
-        repo.agent_file(&format!("{id}.pid"))
-    });
+    let pid = repo.wait_agent(&id);
     let status = server.terminate();
     assert!(status.success(), "{status:?}");
     assert!(!alive(&pid), "the agent was stopped");
@@ -869,9 +855,7 @@ fn a_runner_that_cannot_renew_its_lease_for_a_ttl_stops_its_agent() {
     let args = agent_args(&["--no-verify"]);
     let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "cut off", "--description", "MODE: wait-once"]);
-    let pid = wait_for("the agent to start", || {
-        repo.agent_file(&format!("{id}.pid"))
-    });
+    let pid = repo.wait_agent(&id);
     // A frozen server answers nothing: the runner cannot renew and must stop by itself.
     server.proc.signal("STOP");
     wait_for("the runner to stop its agent", || {

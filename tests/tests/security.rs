@@ -131,7 +131,7 @@ fn a_revoked_real_runner_stops_its_agent_and_exits() {
     let server = Server::start(&repo, &["--lease-ttl", "3"]);
     let mut r = runner(&repo, &server, "r");
     let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
-    let pid = wait_for("the agent", || repo.agent_file(&format!("{id}.pid")));
+    let pid = repo.wait_agent(&id);
     server.ctl(&["runners", "revoke", "r"]).ok();
     let status = r.proc.wait_exit();
     assert!(!status.success(), "a revoked runner exits with an error");

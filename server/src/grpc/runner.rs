@@ -207,12 +207,10 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatsStream>, Status> {
         let who = super::caller(&request)?;
-        let token = super::bearer(request.metadata())
-            .unwrap_or_default()
-            .to_owned();
+        let token = crate::auth::hash(super::bearer(request.metadata()).unwrap_or_default());
         let coordinator = Arc::clone(&self.coordinator);
         let beats = request.into_inner().map(move |r| {
-            if coordinator.auth.identify(&token).as_ref() != Some(&who) {
+            if coordinator.auth.identify_hash(&token).as_ref() != Some(&who) {
                 return Err(Status::unauthenticated(super::INVALID_CREDENTIAL));
             }
             beat(&coordinator, &who, r?)

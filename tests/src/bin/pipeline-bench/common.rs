@@ -376,3 +376,10 @@ pub fn rss(pid: u32) -> (u64, u64) {
 pub fn git(dir: &Path, args: &[&str]) -> String {
     pipeline_tests::git(dir, args)
 }
+
+/// A bare clone of `repo` at `dest`.
+pub fn bare_clone(repo: &Path, dest: &Path) {
+    let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    let parent = dest.parent().expect("a parent dir");
+    git(parent, &["clone", "-q", "--bare", &path(repo), &path(dest)]);
+}

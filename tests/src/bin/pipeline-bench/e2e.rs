@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use pipeline_tests::{Runner, Server, TestRepo};
 
-use crate::common::{Admin, Summary, git, report, wait_transition};
+use crate::common::{Admin, Summary, bare_clone, git, report, wait_transition};
 use crate::dispatch::SERVER_FLAGS;
 
 const AGENT: &str = r#"#!/bin/sh
@@ -110,8 +110,8 @@ fn git_floor(repo: &Path, dir: &Path, agent: &Path, n: usize) -> Vec<Duration> {
     let m = dir.join("floor-mirror.git");
     let w = dir.join("floor-worktree");
     let p = |p: &Path| p.to_str().expect("utf-8").to_owned();
-    git(dir, &["clone", "-q", "--bare", &p(repo), &p(&s)]);
-    git(dir, &["clone", "-q", "--bare", &p(repo), &p(&m)]);
+    bare_clone(repo, &s);
+    bare_clone(repo, &m);
     git(&m, &["worktree", "add", "-q", "--detach", &p(&w), "main"]);
     let mut mirror_tip = git(&m, &["rev-parse", "main"]);
     let mut xs = Vec::new();

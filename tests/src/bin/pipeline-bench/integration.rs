@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use pipeline_proto::v1 as pb;
 use pipeline_tests::{Server, TestRepo};
 
-use crate::common::{Admin, Sim, Summary, git, register_sims, report, wait_transition};
+use crate::common::{Admin, Sim, Summary, bare_clone, git, register_sims, report, wait_transition};
 use crate::dispatch::SERVER_FLAGS;
 
 /// A task's work as a runner would send it.
@@ -29,16 +29,7 @@ pub struct Work {
 /// `git fast-import` in a bare clone of `repo` under `dir`, and bundles each.
 pub fn make_commits(repo: &Path, dir: &Path, assignments: &[(usize, pb::Assignment)]) -> Vec<Work> {
     let clone = dir.join("bench-work.git");
-    git(
-        dir,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            repo.to_str().expect("utf-8"),
-            clone.to_str().expect("utf-8"),
-        ],
-    );
+    bare_clone(repo, &clone);
     let mut stream = Vec::new();
     for (i, (_, a)) in assignments.iter().enumerate() {
         let msg = format!("bench: {}\n\nTask-Id: {}\n", a.task_id, a.task_id);
@@ -101,16 +92,7 @@ pub fn make_commits(repo: &Path, dir: &Path, assignments: &[(usize, pb::Assignme
 /// The bare git for landing each bundle in turn on `branch` of a bare copy of `repo`.
 pub fn git_floor(repo: &Path, dir: &Path, branch: &str, works: &[Work]) -> Vec<Duration> {
     let floor = dir.join("bench-floor.git");
-    git(
-        dir,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            repo.to_str().expect("utf-8"),
-            floor.to_str().expect("utf-8"),
-        ],
-    );
+    bare_clone(repo, &floor);
     let refname = format!("refs/heads/{branch}");
     let mut tip = git(&floor, &["rev-parse", &refname]);
     let mut xs = Vec::new();
