@@ -118,7 +118,16 @@ fn run_json(r: &pb::Run) -> Value {
         "started_at": rfc3339(r.started_at_ms),
         "finished_at": time_or_null(r.finished_at_ms),
         "error": r.error,
+        "failure_kind": failure_kind_word(r.failure_kind),
     })
+}
+
+fn failure_kind_word(raw: i32) -> Value {
+    match pb::FailureKind::try_from(raw) {
+        Ok(pb::FailureKind::Task) => json!("task"),
+        Ok(pb::FailureKind::Infrastructure) => json!("infrastructure"),
+        _ => Value::Null,
+    }
 }
 
 fn event_json(e: &pb::TaskEvent) -> Value {
@@ -306,6 +315,8 @@ pub fn runners(runners: &[pb::Runner], as_json: bool) {
                     "last_heartbeat": time_or_null(r.last_heartbeat_ms),
                     "labels": r.labels,
                     "version": r.version,
+                    "health": if r.unhealthy_reason.is_some() { "unhealthy" } else { "healthy" },
+                    "health_reason": r.unhealthy_reason,
                 })
             })
             .collect();
@@ -324,10 +335,17 @@ pub fn runners(runners: &[pb::Runner], as_json: bool) {
                 runner_state_word(r.state).to_owned(),
                 format!("{}/{}", r.slots_used, r.slots_total),
                 r.last_heartbeat_ms.map_or_else(|| "-".into(), rfc3339),
+                match &r.unhealthy_reason {
+                    Some(why) => format!("unhealthy: {why}"),
+                    None => "healthy".to_owned(),
+                },
             ]
         })
         .collect();
-    print_table(&["NAME", "STATE", "SLOTS", "LAST HEARTBEAT"], &rows);
+    print_table(
+        &["NAME", "STATE", "SLOTS", "LAST HEARTBEAT", "HEALTH"],
+        &rows,
+    );
 }
 
 fn stream_word(raw: i32) -> &'static str {

@@ -32,9 +32,26 @@ pub struct AgentJob {
 /// How the agent's run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentResult {
-    Completed { cost_cents: f64 },
-    Failed { reason: String, cost_cents: f64 },
+    Completed {
+        cost_cents: f64,
+    },
+    /// The agent ran and failed: the task's attempt.
+    Failed {
+        reason: String,
+        cost_cents: f64,
+    },
+    /// The agent could not be run at all (a missing program, an exec failure): the runner's
+    /// fault, not the task's.
+    Infra {
+        reason: String,
+    },
     Cancelled,
+}
+
+/// Exit codes of `sh -c CMD` that mean CMD itself could not be run: 126 (found but not
+/// executable) and 127 (not found).
+pub fn could_not_run(code: Option<i32>) -> bool {
+    matches!(code, Some(126 | 127))
 }
 
 /// Runs the agent for `job`.
@@ -44,7 +61,7 @@ pub async fn run(
     cancel: &CancellationToken,
     on_line: impl FnMut(Stream, &str),
 ) -> AgentResult {
-    match args.agent {
+    match args.mode() {
         AgentMode::Command => run_command(args, job, cancel, on_line).await,
         AgentMode::Agentd => run_agentd(args, job, cancel, on_line).await,
     }
@@ -65,9 +82,8 @@ async fn run_command(
     on_line: impl FnMut(Stream, &str),
 ) -> AgentResult {
     let Some(cmd) = &args.agent_cmd else {
-        return AgentResult::Failed {
+        return AgentResult::Infra {
             reason: "--agent command needs --agent-cmd".to_owned(),
-            cost_cents: 0.0,
         };
     };
     let spec = Spec {
@@ -80,9 +96,8 @@ async fn run_command(
     let finished = match process::run(&spec, cancel, on_line).await {
         Ok(f) => f,
         Err(e) => {
-            return AgentResult::Failed {
-                reason: format!("cannot start the agent command: {e}"),
-                cost_cents: 0.0,
+            return AgentResult::Infra {
+                reason: format!("cannot start the agent command (sh -c {cmd}): {e}"),
             };
         }
     };
@@ -92,6 +107,17 @@ async fn run_command(
     }
     if finished.success() {
         return AgentResult::Completed { cost_cents };
+    }
+    if could_not_run(finished.code()) {
+        return AgentResult::Infra {
+            reason: with_tail(
+                format!(
+                    "the agent command could not be run ({}): {cmd}",
+                    finished.describe()
+                ),
+                &finished.tail,
+            ),
+        };
     }
     let reason = if finished.timed_out {
         format!("the agent timed out after {} s", args.timeout)
@@ -162,14 +188,21 @@ async fn run_agentd(
     let started = match process::run(&start, cancel, &mut on_line).await {
         Ok(f) => f,
         Err(e) => {
-            return AgentResult::Failed {
+            return AgentResult::Infra {
                 reason: format!("cannot run agentd: {e}"),
-                cost_cents: 0.0,
             };
         }
     };
     if started.cancelled {
         return AgentResult::Cancelled;
+    }
+    if could_not_run(started.code()) {
+        return AgentResult::Infra {
+            reason: with_tail(
+                format!("agentd could not be run ({})", started.describe()),
+                &started.tail,
+            ),
+        };
     }
     if !started.success() {
         return AgentResult::Failed {

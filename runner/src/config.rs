@@ -60,11 +60,11 @@ pub struct Config {
 /// How agents run (the same flags on `pipeline-server --local-runners`).
 #[derive(Clone, Debug, Args, Serialize)]
 pub struct AgentArgs {
-    /// How the agent is started.
-    #[arg(long, env = "PIPELINE_AGENT", value_enum, default_value_t = AgentMode::Agentd)]
-    pub agent: AgentMode,
+    /// How the agent is started [default: agentd, or command when --agent-cmd is given].
+    #[arg(long, env = "PIPELINE_AGENT", value_enum)]
+    pub agent: Option<AgentMode>,
 
-    /// With `--agent command`: the command, run through `sh -c` in the worktree.
+    /// The agent command, run through `sh -c` in the worktree (implies `--agent command`).
     #[arg(long, env = "PIPELINE_AGENT_CMD")]
     pub agent_cmd: Option<String>,
 
@@ -93,6 +93,12 @@ pub struct AgentArgs {
     /// Seconds between SIGTERM and SIGKILL when an agent or build is stopped.
     #[arg(long, env = "PIPELINE_KILL_GRACE", default_value_t = 10)]
     pub kill_grace: u64,
+
+    /// Infrastructure failures in a row (an agent or build tool that cannot start, a git or
+    /// disk error) after which the runner takes no more work and shows as unhealthy.
+    #[arg(long, env = "PIPELINE_MAX_INFRA_FAILURES", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_infra_failures: u32,
 }
 
 /// Variables agents and builds always inherit (when the runner has them).
@@ -135,12 +141,26 @@ pub enum VerifyMode {
 }
 
 impl AgentArgs {
+    /// How the agent runs: `--agent`, or `command` when only `--agent-cmd` is given.
+    pub fn mode(&self) -> AgentMode {
+        match (self.agent, &self.agent_cmd) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => AgentMode::Command,
+            (None, None) => AgentMode::Agentd,
+        }
+    }
+
     /// Checks what clap cannot: combinations of flags.
     pub fn validate(&self) -> Result<(), String> {
-        if self.agent == AgentMode::Command && self.agent_cmd.is_none() {
-            return Err("--agent command needs --agent-cmd 'CMD'".to_owned());
+        match (self.mode(), &self.agent_cmd) {
+            (AgentMode::Command, None) => Err("--agent command needs --agent-cmd 'CMD'".to_owned()),
+            (AgentMode::Agentd, Some(_)) => Err(
+                "--agent-cmd is for --agent command; with --agent agentd the runner starts \
+                 agentd itself (drop one of them)"
+                    .to_owned(),
+            ),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     pub fn kill_grace(&self) -> Duration {
@@ -191,7 +211,7 @@ mod tests {
         let c = Config::try_parse_from(["pipeline-runner"]).expect("parse");
         assert_eq!(c.server, "http://127.0.0.1:50051");
         assert_eq!(c.slots, 2);
-        assert_eq!(c.agent.agent, AgentMode::Agentd);
+        assert_eq!(c.agent.mode(), AgentMode::Agentd);
         assert_eq!(
             (c.agent.timeout, c.agent.max_iter, c.agent.max_cost),
             (1800, 80, 300)
@@ -205,5 +225,15 @@ mod tests {
         let c = Config::try_parse_from(["r", "--agent", "command"]).expect("parse");
         assert!(c.agent.validate().is_err());
         assert!(Config::try_parse_from(["r", "--slots", "0"]).is_err());
+    }
+
+    #[test]
+    fn an_agent_command_alone_implies_command_mode() {
+        let c = Config::try_parse_from(["r", "--agent-cmd", "my-agent"]).expect("parse");
+        assert_eq!(c.agent.mode(), AgentMode::Command);
+        assert!(c.agent.validate().is_ok());
+        let c =
+            Config::try_parse_from(["r", "--agent", "agentd", "--agent-cmd", "x"]).expect("parse");
+        assert!(c.agent.validate().unwrap_err().contains("--agent-cmd"));
     }
 }

@@ -23,6 +23,15 @@ pub struct GitError(pub String);
 
 type Result<T> = std::result::Result<T, GitError>;
 
+/// What the agent left, when it is not one commit on the base.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Not what the contract asks (no commit, two, a merge): the task's failure.
+    Wrong(String),
+    /// Git could not tell: the runner's failure.
+    GitFailed(String),
+}
+
 /// Checks that `s` is a full hexadecimal object ID.
 pub fn check_sha(s: &str) -> Result<&str> {
     if (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -198,30 +207,36 @@ impl Mirror {
     }
 
     /// Checks that the worktree holds exactly one commit on top of `base` (and, when amending,
-    /// not the unchanged `previous`); returns it, or says what was found instead.
+    /// not the unchanged `previous`); returns it, or says what was found instead (the task's
+    /// failure) or that git itself failed (the runner's).
     pub async fn one_commit(
         &self,
         worktree: &Path,
         base: &str,
         previous: Option<&str>,
-    ) -> std::result::Result<String, String> {
+    ) -> std::result::Result<String, Found> {
+        let infra = |e: GitError| Found::GitFailed(format!("cannot read the agent's commit: {e}"));
         // HEAD and its parents, in one spawn.
         let line = git(worktree, &["rev-list", "--parents", "-n", "1", "HEAD"])
             .await
-            .map_err(|e| format!("cannot read HEAD after the agent: {e}"))?;
+            .map_err(infra)?;
         let mut ids = line.split_whitespace();
         let head = ids
             .next()
-            .ok_or("cannot read HEAD after the agent: git printed nothing")?
+            .ok_or_else(|| {
+                Found::GitFailed("cannot read HEAD after the agent: git printed nothing".into())
+            })?
             .to_owned();
         let parents: Vec<&str> = ids.collect();
         if head == base {
-            return Err("the agent made no commit on top of the base".to_owned());
+            return Err(Found::Wrong(
+                "the agent made no commit on top of the base".to_owned(),
+            ));
         }
         if previous == Some(head.as_str()) {
-            return Err(
+            return Err(Found::Wrong(
                 "the agent left the previous patchset unchanged; amend it with the fix".to_owned(),
-            );
+            ));
         }
         if parents == [base] {
             return Ok(head);
@@ -231,27 +246,27 @@ impl Mirror {
             .await
             .is_ok();
         if !descends {
-            return Err(format!(
+            return Err(Found::Wrong(format!(
                 "HEAD {head} does not descend from the base {base}; commit on top of the base"
-            ));
+            )));
         }
         let count = git(
             worktree,
             &["rev-list", "--count", &format!("{base}..{head}")],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(infra)?;
         if count != "1" {
-            return Err(format!(
+            return Err(Found::Wrong(format!(
                 "the agent made {count} commits on top of the base; there must be exactly one \
                  (squash them)"
-            ));
+            )));
         }
         if parents != [base] {
-            return Err(format!(
+            return Err(Found::Wrong(format!(
                 "the commit {head} has {} parents; make one ordinary commit on top of the base",
                 parents.len()
-            ));
+            )));
         }
         Ok(head)
     }

@@ -14,7 +14,7 @@ use tonic::Code;
 
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::config::Config;
-use crate::git::{Mirror, check_sha};
+use crate::git::{Found, Mirror, check_sha};
 use crate::logship::RunLog;
 use crate::process::Stream;
 use crate::verify::{self, Verdict};
@@ -50,8 +50,9 @@ pub enum JobEnd {
     Refused(String),
     /// Stopped before a result.
     Cancelled,
-    /// The runner could not do the work (not the task's fault): give the lease back.
-    Release(String),
+    /// The runner could not do the work (a missing program, a git or disk error: not the
+    /// task's fault): give the lease back, uncharged, saying why.
+    Infra(String),
 }
 
 /// The result of the dev and verify steps, ready to send.
@@ -107,6 +108,14 @@ pub async fn run(
             }
             end
         }
+        Err(end @ JobEnd::Infra(_)) => {
+            // The reason reaches the run's log before the lease is given back.
+            tokio::select! {
+                () = log.flush() => {}
+                () = cancel.cancelled() => {}
+            }
+            end
+        }
         Err(end) => end,
     };
     if matches!(end, JobEnd::Cancelled | JobEnd::Refused(_)) {
@@ -133,12 +142,12 @@ async fn develop(
     let dev = pb::RunPhase::Dev;
     let task = a.task_id.as_str();
     let base = check_sha(&a.base_commit)
-        .map_err(|e| JobEnd::Release(format!("the assignment's base is invalid: {e}")))?
+        .map_err(|e| JobEnd::Infra(format!("the assignment's base is invalid: {e}")))?
         .to_owned();
     let previous = match &a.previous_commit {
         Some(p) => Some(
             check_sha(p)
-                .map_err(|e| JobEnd::Release(format!("the assignment's patchset is invalid: {e}")))?
+                .map_err(|e| JobEnd::Infra(format!("the assignment's patchset is invalid: {e}")))?
                 .to_owned(),
         ),
         None => None,
@@ -155,18 +164,18 @@ async fn develop(
     ctx.mirror
         .prepare_worktree(&worktree, start)
         .await
-        .map_err(|e| JobEnd::Release(format!("cannot prepare the worktree: {e}")))?;
+        .map_err(|e| JobEnd::Infra(format!("cannot prepare the worktree: {e}")))?;
     tracing::info!(task, worktree = %worktree.display(), "worktree ready");
     log.note(dev, &format!("worktree ready at {start}"));
 
     let prompts = ctx.work_dir.join("prompts");
     std::fs::create_dir_all(&prompts)
-        .map_err(|e| JobEnd::Release(format!("cannot create {}: {e}", prompts.display())))?;
+        .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", prompts.display())))?;
     let prompt_file = prompts.join(format!("{}.md", a.run_id));
     let cost_file = prompts.join(format!("{}.cost", a.run_id));
     let _ = std::fs::remove_file(&cost_file);
     std::fs::write(&prompt_file, &a.prompt)
-        .map_err(|e| JobEnd::Release(format!("cannot write the prompt: {e}")))?;
+        .map_err(|e| JobEnd::Infra(format!("cannot write the prompt: {e}")))?;
     let mut env = ctx.config.agent.child_env();
     env.extend([
         ("PIPELINE_TASK_ID".to_owned(), a.task_id.clone()),
@@ -203,6 +212,13 @@ async fn develop(
     let dev_finished_at_ms = crate::now_ms();
     let cost_cents = match result {
         AgentResult::Cancelled => return Err(JobEnd::Cancelled),
+        AgentResult::Infra { reason } => {
+            log.note(
+                dev,
+                &format!("infrastructure failure (not the task's): {reason}"),
+            );
+            return Err(JobEnd::Infra(reason));
+        }
         AgentResult::Failed { reason, cost_cents } => {
             let secs = agent_started.elapsed().as_secs_f64();
             tracing::info!(task, "agent failed after {secs:.1} s");
@@ -220,9 +236,16 @@ async fn develop(
         .await
     {
         Ok(c) => c,
-        Err(reason) => {
+        Err(Found::Wrong(reason)) => {
             log.note(dev, &reason);
             return Ok(Report::dev_failed(reason, cost_cents, dev_finished_at_ms));
+        }
+        Err(Found::GitFailed(reason)) => {
+            log.note(
+                dev,
+                &format!("infrastructure failure (not the task's): {reason}"),
+            );
+            return Err(JobEnd::Infra(reason));
         }
     };
     let check = pb::RunPhase::Verify;
@@ -239,6 +262,13 @@ async fn develop(
     .await;
     let (outcome, error, verify_skipped) = match verdict {
         Verdict::Cancelled => return Err(JobEnd::Cancelled),
+        Verdict::Infra(reason) => {
+            log.note(
+                check,
+                &format!("infrastructure failure (not the task's): {reason}"),
+            );
+            return Err(JobEnd::Infra(reason));
+        }
         Verdict::Pass => (pb::LeaseOutcome::Verified, None, None),
         Verdict::Skipped(why) => (pb::LeaseOutcome::Verified, None, Some(why)),
         Verdict::Fail(why) => (pb::LeaseOutcome::VerifyFailed, Some(why), None),
@@ -254,12 +284,12 @@ async fn develop(
     );
     let tmp = ctx.work_dir.join("tmp");
     std::fs::create_dir_all(&tmp)
-        .map_err(|e| JobEnd::Release(format!("cannot create {}: {e}", tmp.display())))?;
+        .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
     let bundle = tmp.join(format!("{}.out.bundle", a.run_id));
     ctx.mirror
         .bundle_head(&worktree, &base, &bundle)
         .await
-        .map_err(|e| JobEnd::Release(format!("cannot bundle the commit: {e}")))?;
+        .map_err(|e| JobEnd::Infra(format!("cannot bundle the commit: {e}")))?;
     Ok(Report {
         outcome,
         error,
@@ -321,7 +351,7 @@ async fn fetch_base(
     }
     let tmp = ctx.work_dir.join("tmp");
     std::fs::create_dir_all(&tmp)
-        .map_err(|e| JobEnd::Release(format!("cannot create {}: {e}", tmp.display())))?;
+        .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
     let file = tmp.join(format!("{}.base.bundle", a.run_id));
     let mut attempt = 0;
     loop {
@@ -335,8 +365,8 @@ async fn fetch_base(
                 if chunks > 0 {
                     let stored = ctx.mirror.unbundle(&file).await;
                     let _ = std::fs::remove_file(&file);
-                    heads = stored
-                        .map_err(|e| JobEnd::Release(format!("cannot store the base: {e}")))?;
+                    heads =
+                        stored.map_err(|e| JobEnd::Infra(format!("cannot store the base: {e}")))?;
                 }
                 // What the bundle did not bring the mirror must have had (the server left it
                 // out): check that with git.
@@ -345,7 +375,7 @@ async fn fetch_base(
                         && !ctx.mirror.keeps(c)
                         && !ctx.mirror.has_commit(c).await
                     {
-                        return Err(JobEnd::Release(format!("the server's bundle lacks {c}")));
+                        return Err(JobEnd::Infra(format!("the server's bundle lacks {c}")));
                     }
                 }
                 ctx.mirror.remember(&wanted).await;
@@ -362,7 +392,7 @@ async fn fetch_base(
                 }
             }
             Err(status) => {
-                return Err(JobEnd::Release(format!(
+                return Err(JobEnd::Infra(format!(
                     "cannot fetch the base: {}",
                     status.message()
                 )));
@@ -416,7 +446,7 @@ async fn deliver(
     let bundle = match &r.bundle {
         Some(path) => match tokio::fs::read(path).await {
             Ok(bytes) => Some(bytes::Bytes::from(bytes)),
-            Err(e) => return JobEnd::Release(format!("cannot read the commit's bundle: {e}")),
+            Err(e) => return JobEnd::Infra(format!("cannot read the commit's bundle: {e}")),
         },
         None => None,
     };

@@ -12,6 +12,7 @@ pub mod config;
 pub mod git;
 pub mod job;
 pub mod logship;
+pub mod preflight;
 pub mod process;
 pub mod session;
 pub mod verify;

@@ -38,6 +38,8 @@ struct Running {
     cancel: CancellationToken,
     /// Set when the session stops the job and must give its lease back.
     release: bool,
+    /// Whether its end was counted towards the runner's health.
+    accounted: bool,
 }
 
 /// Why the connected phase ended.
@@ -99,8 +101,9 @@ pub async fn run(
     config.agent.validate().map_err(anyhow::Error::msg)?;
     let name = config.name();
     let work_dir = config.work_dir();
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("cannot create the work dir {}", work_dir.display()))?;
+    let path = std::env::var("PATH").unwrap_or_default();
+    crate::preflight::check_programs(&config.agent, &config.verify, &path)?;
+    crate::preflight::check_work_dir(&work_dir)?;
     let mirror = Mirror::open(&work_dir)
         .await
         .with_context(|| format!("cannot open the mirror in {}", work_dir.display()))?;
@@ -161,6 +164,9 @@ pub async fn run(
         drain_deadline: None,
         drain,
         stop,
+        infra_failures: 0,
+        unhealthy: None,
+        said_out_of_touch: false,
     };
     session.main().await
 }
@@ -190,6 +196,12 @@ struct Session {
     drain_deadline: Option<Instant>,
     drain: CancellationToken,
     stop: CancellationToken,
+    /// Infrastructure failures in a row (reset by a delivered result).
+    infra_failures: u32,
+    /// Why the runner takes no work, once it has had too many infrastructure failures.
+    unhealthy: Option<String>,
+    /// Whether "no contact with the server" was said since the last contact.
+    said_out_of_touch: bool,
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -212,7 +224,8 @@ impl Session {
                     Err(status) if fatal(&status) => return Err(self.refused(&status).await),
                     Err(status) => {
                         tracing::warn!(server = %self.url, error = %status.message(), "cannot register; retrying");
-                        if self.wait(backoff.next()).await {
+                        let pause = self.reconnect_pause(&mut backoff);
+                        if self.wait(pause).await {
                             return Ok(());
                         }
                         continue;
@@ -228,7 +241,8 @@ impl Session {
                 Err(status) if fatal(&status) => return Err(self.refused(&status).await),
                 Err(status) => {
                     tracing::warn!(error = %status.message(), "cannot open the work stream; retrying");
-                    if self.wait(backoff.next()).await {
+                    let pause = self.reconnect_pause(&mut backoff);
+                    if self.wait(pause).await {
                         return Ok(());
                     }
                     continue;
@@ -247,7 +261,8 @@ impl Session {
                 Disconnect::Unregistered => self.runner_id = None,
                 Disconnect::Lost => {
                     tracing::warn!(server = %self.url, "lost the server; reconnecting");
-                    if self.wait(backoff.next()).await {
+                    let pause = self.reconnect_pause(&mut backoff);
+                    if self.wait(pause).await {
                         return Ok(());
                     }
                 }
@@ -299,6 +314,7 @@ impl Session {
                 runner_id: id.clone(),
                 held: self.held(),
                 draining: self.draining,
+                unhealthy: self.unhealthy.clone(),
             })
             .await?
             .into_inner();
@@ -321,7 +337,7 @@ impl Session {
         if let Ok(mut shared) = self.ctx.runner_id.write() {
             *shared = id;
         }
-        self.last_renewed = Instant::now();
+        self.renewed_now();
         Ok(stream)
     }
 
@@ -338,12 +354,18 @@ impl Session {
 
     fn start(&mut self, a: pb::Assignment) {
         let Some(lease) = a.lease.clone() else { return };
+        if let Some(why) = &self.unhealthy {
+            tracing::warn!(task = %a.task_id, "unhealthy: giving the assignment back");
+            self.spawn_release(lease, format!("the runner is unhealthy: {why}"), false);
+            return;
+        }
         // A job that just delivered its result may not have reported its end yet.
         while self.free.is_empty() {
             match self.done_rx.try_recv() {
                 Ok((lease, end)) => {
-                    if let Some((lease, reason)) = self.free_slot(&lease, end) {
-                        self.spawn_release(lease, reason);
+                    self.account(&lease, &end);
+                    if let Some((lease, reason, infra)) = self.free_slot(&lease, end) {
+                        self.spawn_release(lease, reason, infra);
                     }
                 }
                 Err(_) => break,
@@ -355,7 +377,7 @@ impl Session {
                 self.queued.push_back(a);
             } else {
                 tracing::error!(task = %a.task_id, "assignment with no free slot; giving it back");
-                self.spawn_release(lease, "the runner had no free slot".to_owned());
+                self.spawn_release(lease, "the runner had no free slot".to_owned(), false);
             }
             return;
         };
@@ -368,6 +390,7 @@ impl Session {
                 slot,
                 cancel: cancel.clone(),
                 release: false,
+                accounted: false,
             },
         );
         let ctx = Arc::clone(&self.ctx);
@@ -379,14 +402,17 @@ impl Session {
         });
     }
 
-    fn spawn_release(&self, lease: pb::LeaseRef, reason: String) {
+    fn spawn_release(&self, lease: pb::LeaseRef, reason: String, infrastructure: bool) {
         let mut client = self.client.clone();
         let runner_id = self.runner_id.clone().unwrap_or_default();
+        let unhealthy = self.unhealthy.clone();
         tokio::spawn(async move {
             let req = pb::ReleaseLeaseRequest {
                 runner_id,
                 lease: Some(lease),
                 reason,
+                infrastructure,
+                unhealthy,
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(req)).await;
         });
@@ -395,11 +421,16 @@ impl Session {
     /// A job ended: free its slot, start a queued assignment in it, and give the lease back if
     /// the session or the job asked.
     async fn finish(&mut self, lease_id: &str, end: JobEnd) {
-        if let Some((lease, reason)) = self.free_slot(lease_id, end) {
+        self.account(lease_id, &end);
+        if let Some((lease, reason, infrastructure)) = self.free_slot(lease_id, end) {
+            // The runner's health goes with it, so that the server does not hand the freed slot
+            // to a runner that has just turned unhealthy.
             let req = pb::ReleaseLeaseRequest {
                 runner_id: self.runner_id.clone().unwrap_or_default(),
                 lease: Some(lease),
                 reason,
+                infrastructure,
+                unhealthy: self.unhealthy.clone(),
             };
             let mut client = self.client.clone();
             let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(req)).await;
@@ -411,20 +442,65 @@ impl Session {
         }
     }
 
-    /// Frees a finished job's slot; returns its lease and why, when it must be given back.
-    fn free_slot(&mut self, lease_id: &str, end: JobEnd) -> Option<(pb::LeaseRef, String)> {
+    /// Counts a job's end towards the runner's health: a delivered result starts the count of
+    /// infrastructure failures again. Idempotent per job (it runs before the job is removed).
+    fn account(&mut self, lease_id: &str, end: &JobEnd) {
+        let Some(job) = self.jobs.get_mut(lease_id) else {
+            return;
+        };
+        if std::mem::replace(&mut job.accounted, true) {
+            return;
+        }
+        let task = job.task.clone();
+        match end {
+            JobEnd::Delivered => self.infra_failures = 0,
+            JobEnd::Infra(why) => self.infra_failure(&task, why),
+            _ => {}
+        }
+    }
+
+    /// Counts an infrastructure failure; past `--max-infra-failures` in a row the runner takes
+    /// no more work and says so.
+    fn infra_failure(&mut self, task: &str, why: &str) {
+        self.infra_failures += 1;
+        let first = why.lines().next().unwrap_or_default();
+        tracing::error!(
+            task,
+            in_a_row = self.infra_failures,
+            "infrastructure failure, lease given back uncharged: {first}"
+        );
+        let max = self.ctx.config.agent.max_infra_failures;
+        if self.infra_failures >= max && self.unhealthy.is_none() {
+            tracing::error!(
+                "unhealthy after {} infrastructure failures in a row: taking no more work until \
+                 restarted (last: {first})",
+                self.infra_failures
+            );
+            self.unhealthy = Some(format!(
+                "{} infrastructure failures in a row; last: {first}",
+                self.infra_failures
+            ));
+        }
+    }
+
+    /// Frees a finished job's slot; returns its lease, why, and whether it was an
+    /// infrastructure failure, when it must be given back.
+    fn free_slot(&mut self, lease_id: &str, end: JobEnd) -> Option<(pb::LeaseRef, String, bool)> {
         let job = self.jobs.remove(lease_id)?;
         self.free.insert(job.slot);
         let reason = match (&end, job.release) {
-            (JobEnd::Release(why), _) => Some(why.clone()),
-            (JobEnd::Cancelled, true) => Some(if self.stop.is_cancelled() {
-                "the runner was stopped".to_owned()
-            } else {
-                "the runner drained and its grace period ran out".to_owned()
-            }),
+            (JobEnd::Infra(why), _) => Some((why.clone(), true)),
+            (JobEnd::Cancelled, true) => Some((
+                if self.stop.is_cancelled() {
+                    "the runner was stopped".to_owned()
+                } else {
+                    "the runner drained and its grace period ran out".to_owned()
+                },
+                false,
+            )),
             _ => None,
         };
-        reason.map(|r| (job.lease, r))
+        reason.map(|(r, infra)| (job.lease, r, infra))
     }
 
     /// The server refused this runner for good: stop all work, and say why.
@@ -460,7 +536,11 @@ impl Session {
         }
         for a in std::mem::take(&mut self.queued) {
             if release && let Some(lease) = a.lease {
-                self.spawn_release(lease, "the runner stopped before starting it".to_owned());
+                self.spawn_release(
+                    lease,
+                    "the runner stopped before starting it".to_owned(),
+                    false,
+                );
             }
         }
     }
@@ -489,11 +569,15 @@ impl Session {
         false
     }
 
-    /// Waits `pause` while jobs keep running; true if the runner must exit.
+    /// Waits `pause` while jobs keep running; true if the runner must exit. The jobs keep
+    /// their leases while the server cannot be reached: a server that restarts keeps every
+    /// lease for one TTL from its start, and one that is up but unreachable names the leases it
+    /// gave away when the runner reconnects.
     async fn wait(&mut self, pause: Duration) -> bool {
         let until = Instant::now() + pause;
         loop {
-            let watchdog = (!self.jobs.is_empty()).then_some(self.last_renewed + self.ttl);
+            let out_of_touch = (!self.jobs.is_empty() && !self.said_out_of_touch)
+                .then_some(self.last_renewed + self.ttl);
             tokio::select! {
                 () = tokio::time::sleep_until(until) => return self.finished(),
                 Some((lease, end)) = self.done_rx.recv() => {
@@ -509,9 +593,34 @@ impl Session {
                     self.drain_deadline = None;
                     self.stop_jobs(true);
                 }
-                () = sleep_until(watchdog) => self.watchdog(),
+                () = sleep_until(out_of_touch) => {
+                    self.said_out_of_touch = true;
+                    tracing::warn!(
+                        jobs = self.jobs.len(),
+                        "no contact with the server for {} s (the lease TTL); keeping the work \
+                         until it answers",
+                        self.ttl.as_secs()
+                    );
+                }
             }
         }
+    }
+
+    fn renewed_now(&mut self) {
+        self.last_renewed = Instant::now();
+        self.said_out_of_touch = false;
+    }
+
+    /// How long to wait before reconnecting: the back-off, but never so long that the leases
+    /// held would lapse meanwhile (a restarted server keeps them for one TTL from its start, so
+    /// a runner that is quick to come back keeps its work).
+    fn reconnect_pause(&self, backoff: &mut Backoff) -> Duration {
+        let pause = backoff.next();
+        if self.jobs.is_empty() {
+            return pause;
+        }
+        let left = (self.last_renewed + self.ttl).saturating_duration_since(Instant::now());
+        pause.min((left / 4).max(Duration::from_millis(250)))
     }
 
     /// No renewal for a whole TTL: the server has given the work away, so stop it.
@@ -529,6 +638,7 @@ impl Session {
             runner_id: self.runner_id.clone().unwrap_or_default(),
             held: self.held(),
             draining: self.draining,
+            unhealthy: self.unhealthy.clone(),
         }
     }
 
@@ -563,7 +673,7 @@ impl Session {
 
     /// The server answered a heartbeat.
     fn renewed(&mut self, reply: pb::HeartbeatResponse) {
-        self.last_renewed = Instant::now();
+        self.renewed_now();
         for lease in &reply.dropped {
             self.drop_lease(lease, "the server dropped the lease");
         }
@@ -630,7 +740,7 @@ impl Session {
                         pb::work_message::Kind::Assignment(a) => {
                             if self.draining {
                                 if let Some(lease) = a.lease {
-                                    self.spawn_release(lease, "the runner is draining".to_owned());
+                                    self.spawn_release(lease, "the runner is draining".to_owned(), false);
                                 }
                             } else {
                                 self.start(a);
@@ -654,7 +764,19 @@ impl Session {
                     Ok(None) => return Disconnect::Lost,
                     Err(status) => return self.heartbeat_refused(&status),
                 },
-                Some((lease, end)) = self.done_rx.recv() => self.finish(&lease, end).await,
+                Some((lease, end)) = self.done_rx.recv() => {
+                    let was_healthy = self.unhealthy.is_none();
+                    self.account(&lease, &end);
+                    // Tell the server before the lease goes back, so it assigns nothing more.
+                    if was_healthy
+                        && self.unhealthy.is_some()
+                        && let Some(d) = self.beat(&beats).await
+                    {
+                        self.finish(&lease, end).await;
+                        return d;
+                    }
+                    self.finish(&lease, end).await;
+                }
                 () = self.stop.cancelled() => {
                     self.on_stop_or_drain().await;
                     return Disconnect::Exit;

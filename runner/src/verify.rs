@@ -6,7 +6,7 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::with_tail;
+use crate::agent::{could_not_run, with_tail};
 use crate::config::VerifyArgs;
 use crate::process::{self, Spec, Stream};
 
@@ -18,6 +18,8 @@ pub enum Verdict {
     Skipped(String),
     /// The reason, with the tail of the failing command's output.
     Fail(String),
+    /// The verifier could not be run (missing, not executable): not the commit's fault.
+    Infra(String),
     Cancelled,
 }
 
@@ -55,17 +57,30 @@ pub async fn verify(
         let quoted = shell_quote(namespace.unwrap_or_default());
         for (what, cmd) in [("build", &args.build_cmd), ("tests", &args.test_cmd)] {
             let Some(cmd) = cmd else { continue };
-            let spec = run(cmd.replace("{namespace}", &quoted));
+            // The command as run, not its template, is what a person needs to see.
+            let command = cmd.replace("{namespace}", &quoted);
+            let spec = run(command.clone());
             match process::run(&spec, cancel, &mut on_line).await {
                 Ok(f) if f.cancelled => return Verdict::Cancelled,
                 Ok(f) if f.success() => {}
-                Ok(f) => {
-                    return Verdict::Fail(with_tail(
-                        format!("{what} failed ({}): {cmd}", f.describe()),
+                Ok(f) if could_not_run(f.code()) => {
+                    return Verdict::Infra(with_tail(
+                        format!(
+                            "the {what} command could not be run ({}): {command}",
+                            f.describe()
+                        ),
                         &f.tail,
                     ));
                 }
-                Err(e) => return Verdict::Fail(format!("cannot run the {what} command: {e}")),
+                Ok(f) => {
+                    return Verdict::Fail(with_tail(
+                        format!("{what} failed ({}): {command}", f.describe()),
+                        &f.tail,
+                    ));
+                }
+                Err(e) => {
+                    return Verdict::Infra(format!("cannot run the {what} command {command}: {e}"));
+                }
             }
         }
         return Verdict::Pass;
@@ -90,16 +105,17 @@ pub async fn verify(
                 &f.tail,
             ));
         }
-        Err(e) => return Verdict::Fail(format!("cannot run bild: {e}")),
+        Err(e) => return Verdict::Infra(format!("cannot run bild {ns}: {e}")),
     }
     match process::run(&bild(&["--test", ns]), cancel, &mut on_line).await {
         Ok(f) if f.cancelled => Verdict::Cancelled,
+        // No tests (exit 2): the build passed, and that is all there is to verify.
         Ok(f) if f.success() || f.code() == Some(2) => Verdict::Pass,
         Ok(f) => Verdict::Fail(with_tail(
             format!("tests failed for {ns} ({})", f.describe()),
             &f.tail,
         )),
-        Err(e) => Verdict::Fail(format!("cannot run bild --test: {e}")),
+        Err(e) => Verdict::Infra(format!("cannot run bild --test {ns}: {e}")),
     }
 }
 

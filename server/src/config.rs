@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_BACKOFF_BASE", default_value_t = 10)]
     pub backoff_base: u64,
 
+    /// Leases a task may lose in a row (its runner died, froze or was cut off while on it)
+    /// before it needs help (0 = no limit); they are not counted as its failures.
+    #[arg(long, env = "PIPELINE_MAX_LOST_LEASES", default_value_t = 5)]
+    pub max_lost_leases: u32,
+
     /// Seconds a runner's lease lives without a heartbeat.
     #[arg(long, env = "PIPELINE_LEASE_TTL", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -154,7 +159,7 @@ mod tests {
         assert_eq!((c.max_retries, c.max_task_cost, c.backoff_base), (5, 0, 10));
         assert_eq!(c.lease_ttl, 30);
         assert_eq!(c.local_runners, 0);
-        assert_eq!(c.agent.agent, AgentMode::Agentd);
+        assert_eq!(c.agent.mode(), AgentMode::Agentd);
         assert_eq!(
             (c.agent.timeout, c.agent.max_iter, c.agent.max_cost),
             (1800, 80, 300)

@@ -10,7 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::domain::{
-    Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId, TaskStatus,
+    FailureKind, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
+    TaskStatus,
 };
 use crate::error::{Error, Result};
 use crate::git::Repo;
@@ -48,6 +49,8 @@ pub struct RunnerInfo {
     pub last_heartbeat: Option<Millis>,
     pub labels: Vec<String>,
     pub version: String,
+    /// Why the runner takes no work (it said so after repeated infrastructure failures).
+    pub unhealthy: Option<String>,
 }
 
 /// What a runner is doing.
@@ -236,6 +239,7 @@ impl<S: Store> Coordinator<S> {
                 last_heartbeat: r.last_heartbeat,
                 labels: r.labels,
                 version: r.version,
+                unhealthy: r.unhealthy,
             })
             .collect()
     }
@@ -433,18 +437,24 @@ impl<S: Store> Coordinator<S> {
 
 /// How the runs still running end when `event` happens to their task.
 fn run_end_for(event: &Event, message: &str) -> Option<RunEnd> {
-    let failure = |error: String| {
+    let failure = |error: String, failure_kind| {
         Some(RunEnd {
             status: RunStatus::Failure,
             cost_cents: 0.0,
             error: Some(error),
+            failure_kind,
         })
     };
+    let infra = Some(FailureKind::Infrastructure);
     match event {
-        Event::Cancel => failure("cancelled".to_owned()),
-        Event::Recover => failure(message.to_owned()),
-        Event::LeaseLost { reason } => failure(reason.clone()),
-        Event::Released { reason } => failure(format!("released: {reason}")),
+        Event::Cancel => failure("cancelled".to_owned(), None),
+        Event::Recover => failure(message.to_owned(), infra),
+        Event::LeaseLost { reason } => failure(reason.clone(), infra),
+        Event::Released {
+            reason,
+            infrastructure: true,
+        } => failure(reason.clone(), infra),
+        Event::Released { reason, .. } => failure(format!("released: {reason}"), None),
         _ => None,
     }
 }

@@ -233,6 +233,31 @@ impl RunStatus {
     }
 }
 
+/// Whose fault a failed run was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The task's own (its agent's work, its build): counted towards its retry limit.
+    Task,
+    /// Not the task's (a missing program, a git or disk error, a lost runner or connection):
+    /// the lease went back uncharged.
+    Infrastructure,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Task => "task",
+            FailureKind::Infrastructure => "infrastructure",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::Task, Self::Infrastructure]
+            .into_iter()
+            .find(|k| k.as_str() == raw)
+    }
+}
+
 /// The mutable part of a task: everything the lifecycle reads and writes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskState {
@@ -241,6 +266,9 @@ pub struct TaskState {
     pub patchset: u32,
     /// Failed attempts since creation or the last explicit retry.
     pub failures: u32,
+    /// Leases lost in a row (their runner died or was cut off): not the task's failures, but a
+    /// task that keeps losing its runners is stopped.
+    pub lost_leases: u32,
     /// Total cost of every run of the task, in cents.
     pub cost_cents: f64,
     /// `cost_cents` at the last explicit retry: the cost cap counts from here.
@@ -261,6 +289,7 @@ impl TaskState {
             status: TaskStatus::Open,
             patchset: 0,
             failures: 0,
+            lost_leases: 0,
             cost_cents: 0.0,
             cost_at_retry: 0.0,
             backoff_until: None,
@@ -463,6 +492,8 @@ pub struct Run {
     pub started_at: Millis,
     pub finished_at: Option<Millis>,
     pub error: Option<String>,
+    /// Whose fault it was, for a failed run (none for one given back or cancelled).
+    pub failure_kind: Option<FailureKind>,
 }
 
 /// One entry of a task's history.

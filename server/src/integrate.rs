@@ -241,6 +241,19 @@ impl<S: Store> Coordinator<S> {
                 match verdict {
                     Verdict::Pass | Verdict::Skipped(_) => log.line("build passed".to_owned()),
                     Verdict::Cancelled => return Ok(()),
+                    Verdict::Infra(why) => {
+                        // The server cannot build at all: nobody's commit is to blame.
+                        log.line(format!(
+                            "the build could not run (not the task's fault): {why}"
+                        ));
+                        log.flush().await;
+                        self.store
+                            .abandon_runs(Phase::Integrate, &why, now_ms())
+                            .await?;
+                        return Err(Error::Internal(format!(
+                            "the integration build of task {id} could not run: {why}"
+                        )));
+                    }
                     Verdict::Fail(why) => {
                         let reason =
                             format!("the build of the commit on {base} at {tip} failed: {why}");
@@ -311,11 +324,13 @@ impl<S: Store> Coordinator<S> {
             cost_cents: 0.0,
             started_at,
             error: note.clone(),
+            failure_kind: None,
         });
         let end = RunEnd {
             status: RunStatus::Success,
             cost_cents: 0.0,
             error: note,
+            failure_kind: None,
         };
         let commit = commit.to_owned();
         self.transition_from(
@@ -348,6 +363,7 @@ impl<S: Store> Coordinator<S> {
             status: RunStatus::Failure,
             cost_cents: 0.0,
             error: Some(reason.clone()),
+            failure_kind: Some(crate::domain::FailureKind::Task),
         };
         self.transition_with(
             &task.id,

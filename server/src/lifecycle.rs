@@ -29,6 +29,9 @@ pub struct Policy {
     pub max_task_cost_cents: f64,
     /// Back-off after `n` failures is `min(600, backoff_base_secs * 2^n)` seconds.
     pub backoff_base_secs: u64,
+    /// A task whose lease is lost this many times in a row (its runners died or were cut off
+    /// while on it) needs help; 0 means no limit. Lost leases are not the task's failures.
+    pub max_lost_leases: u32,
 }
 
 impl Default for Policy {
@@ -37,6 +40,7 @@ impl Default for Policy {
             max_retries: 5,
             max_task_cost_cents: 0.0,
             backoff_base_secs: 10,
+            max_lost_leases: 5,
         }
     }
 }
@@ -71,11 +75,15 @@ pub enum Event {
     VerifyFailed { reason: String, cost_cents: f64 },
     /// The agent's commit passed (or skipped) verification on the runner and was accepted.
     Verified { cost_cents: f64 },
-    /// The lease lapsed or was revoked before a result arrived.
+    /// The lease lapsed before a result arrived (the runner died, froze or was cut off): not
+    /// the task's failure, so it is not counted; only a run of them stops the task.
     LeaseLost { reason: String },
-    /// The runner gave the lease back unfinished (it is draining or stopping): not the task's
-    /// fault, so it does not count as a failed attempt.
-    Released { reason: String },
+    /// The runner gave the lease back unfinished (it is draining or stopping, or it could not
+    /// do the work: `infrastructure`): not the task's fault, so it does not count.
+    Released {
+        reason: String,
+        infrastructure: bool,
+    },
     /// The cherry-pick conflicted or the post-integration build was red; the next attempt
     /// starts fresh from the current base.
     IntegrationFailed { reason: String },
@@ -203,18 +211,45 @@ pub fn apply(
             ));
         }
         (InProgress, Event::LeaseLost { reason }) => {
-            // The work in flight is lost, so the next attempt starts where this one did.
-            return Ok(fail(state, event, reason, 0.0, 0, state.amend, policy, now));
+            // The work in flight is lost, so the next attempt starts where this one did, at
+            // once (no back-off: it was not the task's failure).
+            next.lost_leases += 1;
+            if policy.max_lost_leases > 0 && next.lost_leases >= policy.max_lost_leases {
+                next.status = NeedsHelp;
+                (
+                    format!(
+                        "needs help: its lease was lost {} times in a row (its runners died or \
+                         were cut off while working on it): {reason}",
+                        next.lost_leases
+                    ),
+                    vec![],
+                )
+            } else {
+                next.status = Open;
+                (
+                    format!("lease lost (not counted as a failure): {reason}"),
+                    vec![Effect::WakeScheduler],
+                )
+            }
         }
-        (InProgress, Event::Released { reason }) => {
+        (
+            InProgress,
+            Event::Released {
+                reason,
+                infrastructure,
+            },
+        ) => {
             next.status = Open;
-            (
-                format!("the runner gave the lease back: {reason}"),
-                vec![Effect::WakeScheduler],
-            )
+            let what = if *infrastructure {
+                "the runner could not do the work (infrastructure, not counted)"
+            } else {
+                "the runner gave the lease back"
+            };
+            (format!("{what}: {reason}"), vec![Effect::WakeScheduler])
         }
         (InProgress, Event::Verified { cost_cents }) => {
             next.status = Verified;
+            next.lost_leases = 0;
             next.patchset += 1;
             next.cost_cents += cost_cents;
             (
@@ -250,6 +285,7 @@ pub fn apply(
         (Open | NeedsHelp | Cancelled, Event::Retry) => {
             next.status = Open;
             next.failures = 0;
+            next.lost_leases = 0;
             next.backoff_until = None;
             next.cost_at_retry = next.cost_cents;
             (
@@ -297,6 +333,7 @@ fn fail(
 ) -> Transition {
     let mut next = state.clone();
     next.failures += 1;
+    next.lost_leases = 0;
     next.cost_cents += cost_cents;
     next.patchset += accepted_commits;
     next.feedback = Some(reason.to_owned());
@@ -375,6 +412,7 @@ mod tests {
             max_retries: 3,
             max_task_cost_cents: 0.0,
             backoff_base_secs: 10,
+            max_lost_leases: 2,
         }
     }
 
@@ -458,33 +496,78 @@ mod tests {
         assert_eq!(s.feedback.as_deref(), Some("tests failed"));
     }
 
+    fn lost() -> Event {
+        Event::LeaseLost {
+            reason: "lease expired".into(),
+        }
+    }
+
     #[test]
-    fn lease_lost_counts_as_a_failed_attempt() {
-        let s = check(
-            &state(InProgress),
-            Event::LeaseLost {
-                reason: "lease expired".into(),
-            },
-            Open,
-            &[Effect::WakeScheduler],
+    fn a_lost_lease_is_not_charged_but_a_run_of_them_stops_the_task() {
+        let s = check(&state(InProgress), lost(), Open, &[Effect::WakeScheduler]);
+        assert_eq!((s.failures, s.lost_leases, s.backoff_until), (0, 1, None));
+        // A result in between starts the count again.
+        let s = check(&s, Event::Leased, InProgress, &[]);
+        let s = check(&s, dev_failed(), Open, &[Effect::WakeScheduler]);
+        assert_eq!((s.failures, s.lost_leases), (1, 0));
+        let mut s = TaskState {
+            backoff_until: None,
+            ..s
+        };
+        for _ in 0..2 {
+            s = check(&s, Event::Leased, InProgress, &[]);
+            s = apply(&s, &lost(), &policy(), NOW).expect("applies").state;
+        }
+        assert_eq!(s.status, NeedsHelp, "two in a row with max_lost_leases 2");
+        assert_eq!(s.failures, 1, "still only the task's own failure counted");
+        let s = check(&s, Event::Retry, Open, &[Effect::WakeScheduler]);
+        assert_eq!(s.lost_leases, 0);
+        let unlimited = Policy {
+            max_lost_leases: 0,
+            ..policy()
+        };
+        let s = TaskState {
+            lost_leases: 1_000,
+            ..state(InProgress)
+        };
+        assert_eq!(
+            apply(&s, &lost(), &unlimited, NOW)
+                .expect("applies")
+                .state
+                .status,
+            Open
         );
-        assert_eq!(s.failures, 1);
     }
 
     #[test]
     fn a_released_lease_does_not_count() {
-        let s = check(
-            &state(InProgress),
-            Event::Released {
-                reason: "runner draining".into(),
-            },
-            Open,
-            &[Effect::WakeScheduler],
-        );
-        assert_eq!((s.failures, s.backoff_until), (0, None));
+        for infrastructure in [false, true] {
+            let t = apply(
+                &state(InProgress),
+                &Event::Released {
+                    reason: "agentd: not found".into(),
+                    infrastructure,
+                },
+                &policy(),
+                NOW,
+            )
+            .expect("applies");
+            assert_eq!(t.state.status, Open);
+            assert_eq!((t.state.failures, t.state.backoff_until), (0, None));
+            assert_eq!(t.effects, [Effect::WakeScheduler]);
+            assert_eq!(
+                t.message.contains("infrastructure"),
+                infrastructure,
+                "{}",
+                t.message
+            );
+        }
         check_refused(
             Open,
-            Event::Released { reason: "x".into() },
+            Event::Released {
+                reason: "x".into(),
+                infrastructure: false,
+            },
             "cannot end the lease",
         );
     }
@@ -516,8 +599,9 @@ mod tests {
                 reason: "red".into(),
                 cost_cents: 0.0,
             },
-            Event::LeaseLost {
-                reason: "lapsed".into(),
+            Event::DevFailed {
+                reason: "again".into(),
+                cost_cents: 0.0,
             },
         ];
         let mut s = state(Open);
@@ -722,8 +806,9 @@ mod tests {
                     reason: "conflict".into()
                 }),
                 Just(Event::Integrated),
-                Just(Event::Released {
-                    reason: "draining".into()
+                any::<bool>().prop_map(|infrastructure| Event::Released {
+                    reason: "draining".into(),
+                    infrastructure,
                 }),
                 Just(Event::Cancel),
                 Just(Event::Retry),
@@ -732,13 +817,22 @@ mod tests {
         }
 
         fn policies() -> impl Strategy<Value = Policy> {
-            (0u32..6, prop_oneof![Just(0.0), 1.0..200.0f64], 0u64..30).prop_map(
-                |(max_retries, max_task_cost_cents, backoff_base_secs)| Policy {
-                    max_retries,
-                    max_task_cost_cents,
-                    backoff_base_secs,
-                },
+            (
+                0u32..6,
+                prop_oneof![Just(0.0), 1.0..200.0f64],
+                0u64..30,
+                0u32..4,
             )
+                .prop_map(
+                    |(max_retries, max_task_cost_cents, backoff_base_secs, max_lost_leases)| {
+                        Policy {
+                            max_retries,
+                            max_task_cost_cents,
+                            backoff_base_secs,
+                            max_lost_leases,
+                        }
+                    },
+                )
         }
 
         proptest! {
@@ -765,6 +859,10 @@ mod tests {
                             }
                             if matches!(event, Event::Retry) {
                                 prop_assert_eq!(t.state.failures, 0);
+                            }
+                            if matches!(event, Event::LeaseLost { .. } | Event::Released { .. }) {
+                                prop_assert_eq!(t.state.failures, before.failures,
+                                    "a lost or released lease is never charged");
                             }
                             prop_assert!(t.state.patchset >= before.patchset, "patchset never decreases");
                             prop_assert!(t.state.cost_cents >= before.cost_cents, "cost never decreases");

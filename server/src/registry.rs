@@ -50,6 +50,8 @@ pub struct RunnerEntry {
     pub version: String,
     pub last_heartbeat: Option<Millis>,
     pub draining: bool,
+    /// Why the runner takes no work, when it said it is unhealthy.
+    pub unhealthy: Option<String>,
     /// The open work stream, with a generation so that an old stream's end does not detach
     /// a newer one.
     push: Option<(u64, mpsc::Sender<Push>)>,
@@ -63,7 +65,7 @@ impl RunnerEntry {
 
     /// Slots that may take a new lease now.
     pub fn free_slots(&self) -> u32 {
-        if !self.connected() || self.draining {
+        if !self.connected() || self.draining || self.unhealthy.is_some() {
             return 0;
         }
         self.slots.saturating_sub(self.leases.len() as u32)
@@ -116,6 +118,7 @@ pub struct RunnerView {
     pub last_heartbeat: Option<Millis>,
     pub connected: bool,
     pub draining: bool,
+    pub unhealthy: Option<String>,
 }
 
 impl Registry {
@@ -150,6 +153,7 @@ impl Registry {
                 version,
                 last_heartbeat: Some(now),
                 draining: false,
+                unhealthy: None,
                 push: None,
                 leases: BTreeSet::new(),
             },
@@ -161,18 +165,24 @@ impl Registry {
         self.runners.get(id)
     }
 
+    pub fn runner_mut(&mut self, id: &str) -> Option<&mut RunnerEntry> {
+        self.runners.get_mut(id)
+    }
+
     /// Attaches a work stream; returns its generation.
     pub fn attach(
         &mut self,
         runner_id: &str,
         tx: mpsc::Sender<Push>,
         draining: bool,
+        unhealthy: Option<String>,
     ) -> Option<u64> {
         self.next_stream += 1;
         let generation = self.next_stream;
         let runner = self.runners.get_mut(runner_id)?;
         runner.push = Some((generation, tx));
         runner.draining = draining;
+        runner.unhealthy = unhealthy;
         Some(generation)
     }
 
@@ -241,12 +251,14 @@ impl Registry {
         runner_id: &str,
         held: &[LeaseRef],
         draining: bool,
+        unhealthy: Option<String>,
         now: Millis,
         ttl: Millis,
     ) -> Option<Vec<LeaseRef>> {
         let runner = self.runners.get_mut(runner_id)?;
         runner.last_heartbeat = Some(now);
         runner.draining = draining;
+        runner.unhealthy = unhealthy;
         let mut dropped = Vec::new();
         for lease in held {
             match self.leases.get_mut(&lease.id) {
@@ -354,6 +366,7 @@ impl Registry {
                 last_heartbeat: r.last_heartbeat,
                 connected: r.connected(),
                 draining: r.draining,
+                unhealthy: r.unhealthy.clone(),
             })
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
@@ -420,7 +433,7 @@ mod tests {
             .register(name, vec![], slots, "1".into(), 0)
             .expect("register");
         let (tx, rx) = mpsc::channel(8);
-        reg.attach(&id, tx, false).expect("attach");
+        reg.attach(&id, tx, false, None).expect("attach");
         (id, rx)
     }
 
@@ -433,7 +446,7 @@ mod tests {
         reg.add_lease("L1".into(), live(&a, "a", 1, 100));
         assert_eq!(reg.free_slots()[0].2, 1);
         assert!(
-            reg.heartbeat(&a, &[lease("L1", 1)], true, 10, TTL)
+            reg.heartbeat(&a, &[lease("L1", 1)], true, None, 10, TTL)
                 .is_some()
         );
         assert!(reg.free_slots().is_empty(), "draining takes no work");
@@ -474,6 +487,7 @@ mod tests {
                     lease("L9", 1),
                 ],
                 false,
+                None,
                 500,
                 TTL,
             )
@@ -486,7 +500,7 @@ mod tests {
             reg.check(&a, &lease("L1", 3), 600).map(|l| l.expires_at),
             Ok(500 + TTL)
         );
-        assert!(reg.heartbeat("nobody", &[], false, 1, TTL).is_none());
+        assert!(reg.heartbeat("nobody", &[], false, None, 1, TTL).is_none());
     }
 
     #[test]
@@ -538,9 +552,9 @@ mod tests {
         let mut reg = Registry::default();
         let id = reg.register("a", vec![], 1, "1".into(), 0).expect("a");
         let (tx1, _rx1) = mpsc::channel(1);
-        let g1 = reg.attach(&id, tx1, false).expect("attach");
+        let g1 = reg.attach(&id, tx1, false, None).expect("attach");
         let (tx2, mut rx2) = mpsc::channel(1);
-        reg.attach(&id, tx2, false).expect("attach");
+        reg.attach(&id, tx2, false, None).expect("attach");
         reg.detach(&id, g1);
         assert!(reg.push(&id, Push::Cancel(lease("L", 1))));
         assert_eq!(rx2.try_recv().ok(), Some(Push::Cancel(lease("L", 1))));

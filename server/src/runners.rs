@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Caller;
 use crate::coordinator::{Coordinator, now_ms};
-use crate::domain::{Lease, Millis, Phase, RunStatus, Task, TaskId};
+use crate::domain::{FailureKind, Lease, Millis, Phase, RunStatus, Task, TaskId};
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Event};
 use crate::prompt::{self, PromptContext};
@@ -198,6 +198,7 @@ impl<S: Store> Coordinator<S> {
             };
             let event = Event::Released {
                 reason: format!("runner {name} was revoked"),
+                infrastructure: false,
             };
             if self
                 .transition_with(&live.task, &event, |t| lease_matches(t, &lease), |_, _| {})
@@ -228,12 +229,13 @@ impl<S: Store> Coordinator<S> {
         runner_id: &str,
         held: &[LeaseRef],
         draining: bool,
+        unhealthy: Option<String>,
     ) -> Result<(u64, Attached, mpsc::Receiver<Push>)> {
         let (tx, rx) = mpsc::channel(PUSH_BUFFER);
         let now = now_ms();
         let mut registry = self.registry();
         let generation = registry
-            .attach(runner_id, tx, draining)
+            .attach(runner_id, tx, draining, unhealthy)
             .ok_or_else(|| unregistered(runner_id))?;
         let mut attached = Attached::default();
         for lease in held {
@@ -260,26 +262,47 @@ impl<S: Store> Coordinator<S> {
         tracing::info!(%runner_id, "runner disconnected");
     }
 
-    /// Renews the runner's leases; returns those it must drop.
+    /// The runner says it takes no more work (before it gives a lease back).
+    pub fn runner_unhealthy(&self, runner_id: &str, why: String) {
+        let mut registry = self.registry();
+        if let Some(r) = registry.runner_mut(runner_id)
+            && r.unhealthy.is_none()
+        {
+            tracing::error!(runner = %r.name, "runner unhealthy, taking no work: {why}");
+            r.unhealthy = Some(why);
+        }
+    }
+
+    /// Renews the runner's leases; returns those it must drop. The runner also says whether it
+    /// drains and whether it is unhealthy (then it takes no work).
     pub fn heartbeat(
         &self,
         runner_id: &str,
         held: &[LeaseRef],
         draining: bool,
+        unhealthy: Option<String>,
     ) -> Result<Vec<LeaseRef>> {
         let mut registry = self.registry();
-        let was_draining = registry.runner(runner_id).is_some_and(|r| r.draining);
+        let before = registry.runner(runner_id).map(|r| r.free_slots());
+        if let Some(why) = &unhealthy
+            && let Some(r) = registry.runner(runner_id)
+            && r.unhealthy.is_none()
+        {
+            tracing::error!(runner = %r.name, "runner unhealthy, taking no work: {why}");
+        }
         let dropped = registry
             .heartbeat(
                 runner_id,
                 held,
                 draining,
+                unhealthy,
                 now_ms(),
                 self.settings.lease_ttl_ms,
             )
             .ok_or_else(|| unregistered(runner_id))?;
+        let after = registry.runner(runner_id).map(|r| r.free_slots());
         drop(registry);
-        if was_draining && !draining {
+        if after > before {
             self.wake.notify_one();
         }
         Ok(dropped)
@@ -432,6 +455,8 @@ impl<S: Store> Coordinator<S> {
                 } else {
                     result.error.clone()
                 },
+                failure_kind: (result.outcome == Outcome::VerifyFailed)
+                    .then_some(FailureKind::Task),
             }),
             _ => None,
         };
@@ -451,6 +476,8 @@ impl<S: Store> Coordinator<S> {
                         status: dev_status,
                         cost_cents: result.cost_cents,
                         error: dev_error.clone(),
+                        failure_kind: (dev_status == RunStatus::Failure)
+                            .then_some(FailureKind::Task),
                     });
                     w.record_runs.extend(verify_run.clone());
                     w.patch_commit = commit.clone();
@@ -465,14 +492,37 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// A runner gives a lease back unfinished; the task is offered again without counting.
-    pub async fn release(&self, runner_id: &str, lease: &LeaseRef, reason: &str) -> Result<Task> {
+    /// With `infrastructure`, the runner could not do the work (a missing program, a git or
+    /// disk error): the run records that, and the reason.
+    pub async fn release(
+        &self,
+        runner_id: &str,
+        lease: &LeaseRef,
+        reason: &str,
+        infrastructure: bool,
+    ) -> Result<Task> {
         let task = self.check_lease(runner_id, lease).await?;
+        let reason = if reason.trim().is_empty() {
+            "no reason given".to_owned()
+        } else {
+            reason.trim().to_owned()
+        };
+        if infrastructure {
+            let runner = task
+                .lease
+                .as_ref()
+                .map(|l| l.runner.clone())
+                .unwrap_or_default();
+            tracing::warn!(
+                task = %task.id,
+                runner,
+                "infrastructure failure on the runner, lease given back uncharged: {}",
+                reason.lines().next().unwrap_or_default()
+            );
+        }
         let event = Event::Released {
-            reason: if reason.trim().is_empty() {
-                "no reason given".to_owned()
-            } else {
-                reason.trim().to_owned()
-            },
+            reason,
+            infrastructure,
         };
         self.transition_from(task, &event, |t| lease_matches(t, lease), |_, _| {})
             .await
@@ -707,6 +757,7 @@ impl<S: Store> Coordinator<S> {
                 runner_id,
                 &lease_ref,
                 "the runner disconnected before the work reached it",
+                false,
             )
             .await?;
         }

@@ -89,6 +89,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         max_retries: config.max_retries,
         max_task_cost_cents: config.max_task_cost as f64,
         backoff_base_secs: config.backoff_base,
+        max_lost_leases: config.max_lost_leases,
     };
     let settings = Settings {
         policy,

@@ -109,6 +109,7 @@ impl FakeRunner {
                     runner_id: self.id.clone(),
                     held,
                     draining: false,
+                    unhealthy: None,
                 },
             )))?
             .into_inner();
@@ -145,6 +146,7 @@ impl FakeRunner {
             runner_id: self.id.clone(),
             held,
             draining: false,
+            unhealthy: None,
         };
         let req = authorized(&self.credential, req);
         Ok(self.rt.block_on(self.client.heartbeat(req))?.into_inner())

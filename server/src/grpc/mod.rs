@@ -20,7 +20,8 @@ use tonic::{Request, Response, Status};
 use crate::auth::Caller;
 use crate::coordinator::{Coordinator, RunnerInfo, RunnerState, TaskDetail};
 use crate::domain::{
-    LogLine, LogStream, NewTask, Phase, Run, RunStatus, Task, TaskEvent, TaskId, TaskStatus,
+    FailureKind, LogLine, LogStream, NewTask, Phase, Run, RunStatus, Task, TaskEvent, TaskId,
+    TaskStatus,
 };
 use crate::error::Error;
 use crate::logs::LogItem;
@@ -231,6 +232,12 @@ impl From<&Run> for pb::Run {
             started_at_ms: r.started_at,
             finished_at_ms: r.finished_at,
             error: r.error.clone(),
+            failure_kind: match r.failure_kind {
+                None => pb::FailureKind::Unspecified,
+                Some(FailureKind::Task) => pb::FailureKind::Task,
+                Some(FailureKind::Infrastructure) => pb::FailureKind::Infrastructure,
+            }
+            .into(),
         }
     }
 }
@@ -268,6 +275,7 @@ impl From<&RunnerInfo> for pb::Runner {
             last_heartbeat_ms: r.last_heartbeat,
             labels: r.labels.clone(),
             version: r.version.clone(),
+            unhealthy_reason: r.unhealthy.clone(),
         }
     }
 }

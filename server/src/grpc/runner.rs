@@ -89,6 +89,22 @@ fn push_to_pb(push: &Push) -> pb::WorkMessage {
     pb::WorkMessage { kind: Some(kind) }
 }
 
+/// A runner's word that it is unhealthy (why), cut to one short line.
+fn health(unhealthy: Option<String>) -> Option<String> {
+    unhealthy.map(|why| {
+        let line = why.lines().next().unwrap_or_default().trim();
+        let mut end = line.len().min(500);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        if line.is_empty() {
+            "unhealthy (no reason given)".to_owned()
+        } else {
+            line[..end].to_owned()
+        }
+    })
+}
+
 fn runner_id(raw: &str) -> Result<&str, Status> {
     if raw.is_empty() || raw.len() > 100 {
         return Err(Status::invalid_argument("invalid runner id"));
@@ -108,7 +124,7 @@ fn beat<S: Store>(
         .map_err(status_from_error)?;
     let held = lease_refs(r.held)?;
     let dropped = coordinator
-        .heartbeat(id, &held, r.draining)
+        .heartbeat(id, &held, r.draining, health(r.unhealthy))
         .map_err(status_from_error)?;
     Ok(pb::HeartbeatResponse {
         dropped: dropped.iter().map(lease_to_pb).collect(),
@@ -156,7 +172,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let held = lease_refs(r.held)?;
         let (generation, attached, mut pushes) = self
             .coordinator
-            .open_work(&id, &held, r.draining)
+            .open_work(&id, &held, r.draining, health(r.unhealthy))
             .map_err(status_from_error)?;
         let (tx, rx) = mpsc::channel(16);
         let first = pb::WorkMessage {
@@ -386,8 +402,11 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let id = runner_id(&r.runner_id)?;
         self.authorize(&who, id)?;
         let lease = lease_ref(r.lease)?;
+        if let Some(why) = health(r.unhealthy) {
+            self.coordinator.runner_unhealthy(id, why);
+        }
         self.coordinator
-            .release(id, &lease, &r.reason)
+            .release(id, &lease, &r.reason, r.infrastructure)
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::ReleaseLeaseResponse {}))

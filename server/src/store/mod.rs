@@ -9,8 +9,8 @@
 use std::future::Future;
 
 use crate::domain::{
-    Lease, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
-    TaskState, TaskStatus,
+    FailureKind, Lease, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task,
+    TaskEvent, TaskId, TaskState, TaskStatus,
 };
 use crate::error::Result;
 use crate::lifecycle::Transition;
@@ -110,6 +110,7 @@ pub struct FinishedRun {
     pub cost_cents: f64,
     pub started_at: Millis,
     pub error: Option<String>,
+    pub failure_kind: Option<FailureKind>,
 }
 
 /// How the runs still running end.
@@ -118,6 +119,7 @@ pub struct RunEnd {
     pub status: RunStatus,
     pub cost_cents: f64,
     pub error: Option<String>,
+    pub failure_kind: Option<FailureKind>,
 }
 
 /// A run to start.

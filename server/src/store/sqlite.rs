@@ -17,8 +17,8 @@ use sqlx::{FromRow, Sqlite, SqliteConnection, Transaction};
 
 use super::{Committed, Journal, LeaseChange, NewRun, Store, TransitionWrite};
 use crate::domain::{
-    Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task,
-    TaskEvent, TaskId, TaskState, TaskStatus,
+    FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus, StatusCounts,
+    Task, TaskEvent, TaskId, TaskState, TaskStatus,
 };
 use crate::error::{Error, Result};
 
@@ -116,6 +116,7 @@ struct TaskRow {
     status: String,
     patchset: i64,
     failures: i64,
+    lost_leases: i64,
     cost_cents: f64,
     cost_at_retry: f64,
     backoff_until: Option<i64>,
@@ -144,7 +145,7 @@ struct CandidateRow {
 }
 
 const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
-     patchset, failures, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
+     patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
      avoid_runner, verified_tree, version, created_at, updated_at";
 
@@ -198,6 +199,7 @@ impl TaskRow {
                 status: stored_status(&self.status)?,
                 patchset: to_u32("patchset", self.patchset)?,
                 failures: to_u32("failure count", self.failures)?,
+                lost_leases: to_u32("lost lease count", self.lost_leases)?,
                 cost_cents: self.cost_cents,
                 cost_at_retry: self.cost_at_retry,
                 backoff_until: self.backoff_until,
@@ -229,6 +231,7 @@ struct RunRow {
     started_at: i64,
     finished_at: Option<i64>,
     error: Option<String>,
+    failure_kind: Option<String>,
 }
 
 impl RunRow {
@@ -246,6 +249,11 @@ impl RunRow {
             started_at: self.started_at,
             finished_at: self.finished_at,
             error: self.error,
+            failure_kind: self
+                .failure_kind
+                .as_deref()
+                .map(|k| FailureKind::parse(k).ok_or_else(|| corrupt("failure kind", k)))
+                .transpose()?,
         })
     }
 }
@@ -354,7 +362,7 @@ async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Res
     let row: Option<TaskRow> = sqlx::query_as(&format!(
         "UPDATE tasks SET status = ?1, patchset = ?2, failures = ?3, cost_cents = ?4, \
          cost_at_retry = ?5, backoff_until = ?6, feedback = ?7, amend = ?8, \
-         version = version + 1, updated_at = ?9, \
+         version = version + 1, updated_at = ?9, lost_leases = ?23, \
          lease_id = CASE WHEN ?10 THEN lease_id ELSE ?11 END, \
          lease_epoch = COALESCE(?12, lease_epoch), \
          lease_runner = CASE WHEN ?10 THEN lease_runner ELSE ?13 END, \
@@ -388,6 +396,7 @@ async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Res
     .bind(w.verified_tree.clone().flatten())
     .bind(w.task_id.as_str())
     .bind(w.expected_version)
+    .bind(i64::from(s.lost_leases))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else {
@@ -419,12 +428,13 @@ async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Res
     if let Some(end) = &w.close_runs {
         sqlx::query(
             "UPDATE runs SET status = ?, finished_at = ?, cost_cents = cost_cents + ?, \
-             error = ? WHERE task_id = ? AND status = 'running'",
+             error = ?, failure_kind = ? WHERE task_id = ? AND status = 'running'",
         )
         .bind(end.status.as_str())
         .bind(w.at)
         .bind(end.cost_cents)
         .bind(&end.error)
+        .bind(end.failure_kind.map(FailureKind::as_str))
         .bind(w.task_id.as_str())
         .execute(&mut *tx)
         .await?;
@@ -450,9 +460,9 @@ async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Res
     for run in &w.record_runs {
         sqlx::query(
             "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
-             cost_cents, started_at, finished_at, error) VALUES (?1, ?2, ?3, \
+             cost_cents, started_at, finished_at, error, failure_kind) VALUES (?1, ?2, ?3, \
              (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-             ?4, ?5, ?6, ?7, ?8, ?9)",
+             ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .bind(w.task_id.as_str())
         .bind(run.phase.as_str())
@@ -463,6 +473,7 @@ async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Res
         .bind(run.started_at)
         .bind(w.at)
         .bind(&run.error)
+        .bind(run.failure_kind.map(FailureKind::as_str))
         .execute(&mut *tx)
         .await?;
     }
@@ -725,7 +736,7 @@ impl Store for SqliteStore {
     async fn runs(&self, id: &TaskId) -> Result<Vec<Run>> {
         let rows: Vec<RunRow> = sqlx::query_as(
             "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
-             started_at, finished_at, error FROM runs WHERE task_id = ? ORDER BY id",
+             started_at, finished_at, error, failure_kind FROM runs WHERE task_id = ? ORDER BY id",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -852,8 +863,8 @@ impl Store for SqliteStore {
     async fn abandon_runs(&self, phase: Phase, error: &str, at: Millis) -> Result<u64> {
         let mut tx = self.write().await?;
         let done = sqlx::query(
-            "UPDATE runs SET status = 'failure', finished_at = ?, error = ? \
-             WHERE status = 'running' AND phase = ?",
+            "UPDATE runs SET status = 'failure', finished_at = ?, error = ?, \
+             failure_kind = 'infrastructure' WHERE status = 'running' AND phase = ?",
         )
         .bind(at)
         .bind(error)
@@ -867,7 +878,7 @@ impl Store for SqliteStore {
     async fn run(&self, id: i64) -> Result<Option<Run>> {
         let row: Option<RunRow> = sqlx::query_as(
             "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
-             started_at, finished_at, error FROM runs WHERE id = ?",
+             started_at, finished_at, error, failure_kind FROM runs WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.pool)

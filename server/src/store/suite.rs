@@ -281,6 +281,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
             status: RunStatus::Failure,
             cost_cents: 2.5,
             error: Some("agent exited 1".into()),
+            failure_kind: Some(crate::domain::FailureKind::Task),
         });
         current = store.commit_transition(end).await.expect("close run").0;
     }
@@ -293,6 +294,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
         assert_eq!(run.runner.as_deref(), Some("r1"));
         assert_eq!(run.cost_cents, 2.5);
         assert_eq!(run.error.as_deref(), Some("agent exited 1"));
+        assert_eq!(run.failure_kind, Some(crate::domain::FailureKind::Task));
         assert_eq!(run.finished_at, Some(run.started_at + 5));
     }
     assert_eq!(

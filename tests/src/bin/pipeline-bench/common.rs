@@ -233,6 +233,7 @@ impl Sim {
             runner_id: self.id.clone(),
             held: vec![],
             draining: false,
+            unhealthy: None,
         });
         let mut work = self
             .client
@@ -308,6 +309,7 @@ impl Beats {
             runner_id: self.id.clone(),
             held,
             draining: false,
+            unhealthy: None,
         };
         self.tx.send(req).await.is_ok() && matches!(self.replies.message().await, Ok(Some(_)))
     }
