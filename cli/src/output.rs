@@ -156,8 +156,13 @@ pub fn status(s: &pb::GetStatusResponse, as_json: bool) {
             "active_dev_runs": s.active_dev_runs,
             "runners": s.runners,
             "base": s.base,
+            "health": if s.unhealthy.is_some() { "unhealthy" } else { "healthy" },
+            "health_reason": s.unhealthy,
         }));
         return;
+    }
+    if let Some(why) = &s.unhealthy {
+        println!("health:          UNHEALTHY: {why}");
     }
     println!("base branch:     {}", s.base);
     println!("open:            {}", s.open);

@@ -191,14 +191,16 @@ impl Config {
         })
     }
 
-    /// The work directory: `--work-dir`, or `~/.cache/pipeline-runner/<name>`.
+    /// The work directory: `--work-dir`, or `~/.cache/pipeline-runner/<name>`, absolute (git
+    /// and agents run in other directories, where a relative path would name something else).
     pub fn work_dir(&self) -> PathBuf {
-        self.work_dir.clone().unwrap_or_else(|| {
+        let dir = self.work_dir.clone().unwrap_or_else(|| {
             let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
             home.join(".cache")
                 .join("pipeline-runner")
                 .join(self.name())
-        })
+        });
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 }
 

@@ -50,6 +50,12 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_DB")]
     pub db: Option<String>,
 
+    /// Start on an empty database although the repository shows an earlier pipeline's history
+    /// (its refs, or Task-Id trailers on the base); new task IDs continue after the highest
+    /// one found. Without it such a start is refused: the database was probably lost.
+    #[arg(long, env = "PIPELINE_ACCEPT_EXISTING_HISTORY")]
+    pub accept_existing_history: bool,
+
     /// Failed attempts before a task needs help (0 = no limit).
     #[arg(long, env = "PIPELINE_MAX_RETRIES", default_value_t = 5)]
     pub max_retries: u32,
@@ -115,6 +121,50 @@ pub struct Config {
 }
 
 impl Config {
+    /// The same settings with every path absolute, resolved against the current directory now:
+    /// later the server and its git and build processes work in other directories, where a
+    /// relative path would name something else.
+    pub fn with_absolute_paths(mut self) -> Result<Self, String> {
+        let abs = |p: &std::path::Path| {
+            std::path::absolute(p)
+                .map_err(|e| format!("cannot resolve the path {}: {e}", p.display()))
+        };
+        self.repo = abs(&self.repo)?;
+        for p in [
+            &mut self.state_dir,
+            &mut self.tls_cert,
+            &mut self.tls_key,
+            &mut self.tls_ca,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = abs(p)?;
+        }
+        if let Some(db) = &self.db {
+            let (scheme, rest) = match db.strip_prefix("sqlite://") {
+                Some(rest) => ("sqlite://", rest),
+                None => match db.strip_prefix("sqlite:") {
+                    Some(rest) => ("sqlite:", rest),
+                    None if !db.contains(':') => ("", db.as_str()),
+                    None => ("", ""),
+                },
+            };
+            let (path, query) = rest
+                .split_once('?')
+                .map_or((rest, None), |(p, q)| (p, Some(q)));
+            if !path.is_empty() && !path.starts_with(':') {
+                let mut url = format!("{scheme}{}", abs(std::path::Path::new(path))?.display());
+                if let Some(q) = query {
+                    url.push('?');
+                    url.push_str(q);
+                }
+                self.db = Some(url);
+            }
+        }
+        Ok(self)
+    }
+
     /// Checks what clap cannot: combinations of flags.
     pub fn validate(&self) -> Result<(), String> {
         self.agent.validate()?;

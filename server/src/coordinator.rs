@@ -19,6 +19,9 @@ use crate::lifecycle::{self, Effect, Event, Policy};
 use crate::registry::{LeaseRef, Push, Registry};
 use crate::store::{LeaseChange, RunEnd, Store, TransitionWrite};
 
+/// The base tip up to which the trailers on the base were scanned for task IDs (`meta`).
+const HISTORY_SCANNED: &str = "history_scanned_tip";
+
 /// How many times a transition is re-decided after losing a race to another writer.
 const MAX_CAS_ATTEMPTS: usize = 8;
 
@@ -68,6 +71,8 @@ pub struct Status {
     pub counts: StatusCounts,
     pub runners: u64,
     pub base: String,
+    /// Why the server is not healthy (its database refuses writes), if it is not.
+    pub unhealthy: Option<String>,
 }
 
 /// What the coordinator needs besides its store.
@@ -214,6 +219,10 @@ impl<S: Store> Coordinator<S> {
             counts,
             runners: self.registry().connected_count() as u64,
             base: self.settings.base.clone(),
+            unhealthy: self
+                .store
+                .write_failure()
+                .map(|why| format!("database writes are failing: {why}")),
         })
     }
 
@@ -273,6 +282,80 @@ impl<S: Store> Coordinator<S> {
             }
         }
         Ok((restored, reopened))
+    }
+
+    /// At start-up, before any task is created: no generated task ID may repeat one the
+    /// repository already knows (in the pipeline's refs or in a `Task-Id:` trailer on the
+    /// base), and an empty database beside a repository with an earlier pipeline's history is
+    /// refused (the database was probably lost) unless `accept_history`. The base is scanned
+    /// once in full, then only for what is new since the last start.
+    pub async fn guard_task_ids(&self, accept_history: bool) -> Result<()> {
+        let base = &self.settings.base;
+        if self.store.is_fresh().await?
+            && let Some(found) = self.repo.pipeline_history(base).await?
+        {
+            if !accept_history {
+                return Err(Error::FailedPrecondition(format!(
+                    "the database is empty but the repository shows an earlier pipeline: {found}; \
+                     if its database was lost, restore it (or point --db at it), or pass \
+                     --accept-existing-history to start afresh beside that history (new task \
+                     IDs then continue after the highest one found)"
+                )));
+            }
+            tracing::warn!(
+                "starting an empty database beside an earlier pipeline's history: {found}"
+            );
+        }
+        let tip = self.repo.tip(base).await?;
+        let range = match self.store.get_meta(HISTORY_SCANNED).await? {
+            Some(scanned)
+                if crate::git::check_sha(&scanned).is_ok()
+                    && self.repo.is_ancestor(&scanned, &tip).await.unwrap_or(false) =>
+            {
+                format!("{scanned}..{tip}")
+            }
+            _ => tip.clone(),
+        };
+        let highest = self.repo.highest_task_number(&range).await?;
+        if highest > 0 {
+            self.store.raise_next_task_number(highest + 1).await?;
+        }
+        self.store.put_meta(HISTORY_SCANNED, &tip).await?;
+        Ok(())
+    }
+
+    /// At start-up: a task that is not Done although the server's own record of its landing
+    /// (`refs/pipeline/landed/<id>`) is on the base is recorded Done (the database lost it, e.g.
+    /// rolled back after a power loss). Returns how many.
+    pub async fn reconcile_landed(&self) -> Result<usize> {
+        let tip = self.repo.tip(&self.settings.base).await?;
+        let landed = self.repo.landed_commits().await?;
+        if landed.is_empty() {
+            return Ok(0);
+        }
+        let mut found = 0;
+        for task in self.store.unfinished().await? {
+            if landed.contains_key(task.id.as_str()) && self.record_if_landed(task, &tip).await? {
+                found += 1;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records `task` Done if its own landed commit is on `tip`; true if it was.
+    pub(crate) async fn record_if_landed(&self, task: Task, tip: &str) -> Result<bool> {
+        let Some(commit) = self.repo.landed_on(task.id.as_str(), tip).await? else {
+            return Ok(false);
+        };
+        tracing::warn!(task = %task.id, %commit, "found the task's commit on the base; recording it done");
+        self.transition_from(
+            task,
+            &Event::FoundLanded { commit },
+            |_| Ok(()),
+            |_, w| w.end_integration = true,
+        )
+        .await?;
+        Ok(true)
     }
 
     pub(crate) async fn get(&self, id: &TaskId) -> Result<Task> {
@@ -455,6 +538,10 @@ fn run_end_for(event: &Event, message: &str) -> Option<RunEnd> {
             infrastructure: true,
         } => failure(reason.clone(), infra),
         Event::Released { reason, .. } => failure(format!("released: {reason}"), None),
+        Event::FoundLanded { commit } => failure(
+            format!("abandoned: the task's commit {commit} was found on the base"),
+            None,
+        ),
         _ => None,
     }
 }

@@ -2,7 +2,6 @@
 //! fixed environment (no prompts, C locale, no user config), and arguments built only from
 //! validated values. Later issues (bundles, integration) add their operations here.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -123,24 +122,6 @@ impl CommitInfo {
         }
         (!info.tree.is_empty()).then_some(info)
     }
-
-    /// The values of the `Task-Id` trailers in the message's last paragraph.
-    pub fn task_ids(&self) -> Vec<String> {
-        let last = self
-            .message
-            .trim_end()
-            .rsplit("\n\n")
-            .next()
-            .unwrap_or_default();
-        last.lines()
-            .filter_map(|l| {
-                let (key, value) = l.split_once(':')?;
-                key.trim()
-                    .eq_ignore_ascii_case("Task-Id")
-                    .then(|| value.trim().to_owned())
-            })
-            .collect()
-    }
 }
 
 /// A running `git cat-file --batch`: write an object ID, read its header and content.
@@ -150,14 +131,6 @@ struct CatFile {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
-
-/// A commit of the base's history: its first parent and the task IDs its message names.
-type HistoryEntry = (Option<String>, Vec<String>);
-
-/// How many commits of the base's history are remembered before the memory starts over.
-const HISTORY_CAP: usize = 100_000;
-/// How many commits a search for a landed task reads before it asks `git log` instead.
-const HISTORY_WALK: usize = 256;
 
 /// Every received bundle adds a pack, and every git command slows down with the number of
 /// packs; after this many, `git gc --auto` runs in the background (it repacks once git's own
@@ -173,9 +146,6 @@ pub struct Repo {
     path: PathBuf,
     /// One long-lived `git cat-file --batch` that reads commits for every caller.
     objects: std::sync::Arc<tokio::sync::Mutex<Option<CatFile>>>,
-    /// What is known of the base's history: commit → (first parent, its `Task-Id`s), so that
-    /// "is this task on the base already" rarely reads anything.
-    history: std::sync::Arc<std::sync::Mutex<HashMap<String, HistoryEntry>>>,
     /// Bounds how many bundles are unbundled at once (one per core): a burst of results then
     /// queues instead of thrashing the machine with git processes.
     unbundles: std::sync::Arc<tokio::sync::Semaphore>,
@@ -212,7 +182,6 @@ impl Repo {
             path: path.to_path_buf(),
             refs_dir: None,
             objects: Default::default(),
-            history: Default::default(),
             new_packs: Default::default(),
             unbundles: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -471,10 +440,20 @@ impl Repo {
         }
         // Unbundling checks the prerequisites are present and indexes the pack.
         let permit = self.unbundles.acquire().await;
-        let unbundled = self.run(&["bundle", "unbundle", file]).await;
+        let unbundled = self.output(&["bundle", "unbundle", file], &[], None).await;
         drop(permit);
-        if let Err(e) = unbundled {
-            return refuse(format!("not a valid bundle on top of the base: {e}"));
+        // A git that cannot run, or fails for want of a resource, says nothing of the bundle:
+        // that is the server's trouble (Internal: the runner sends it again), never a refusal.
+        let out = unbundled?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr.trim();
+            if is_resource_failure(why) {
+                return Err(Error::Internal(format!(
+                    "git bundle unbundle failed on the server: {why}"
+                )));
+            }
+            return refuse(format!("not a valid bundle on top of the base: {why}"));
         }
         self.pack_added();
         let parents = self.parents(expected).await?;
@@ -516,86 +495,144 @@ impl Repo {
         }
     }
 
-    /// The commit in `since..tip` whose `Task-Id` trailer is `task`, if any: how a landed task
-    /// is recognised. The base's first-parent history is walked from memory, reading only the
-    /// commits not seen before; a merge, a walk that does not reach `since`, or a long unread
-    /// stretch is answered by `git log` instead.
-    pub async fn find_task_commit(
-        &self,
-        task: &str,
-        since: &str,
-        tip: &str,
-    ) -> Result<Option<String>> {
-        check_sha(since)?;
-        check_sha(tip)?;
-        let mut at = tip.to_owned();
-        let mut read = 0;
-        while at != since {
-            let known = self.remembered(&at);
-            let (parent, ids) = match known {
-                Some(entry) => entry,
-                None if read < HISTORY_WALK => {
-                    read += 1;
-                    let info = self.commit_info(&at).await?;
-                    if info.parents.len() != 1 {
-                        return self.find_task_commit_by_log(task, since, tip).await;
-                    }
-                    let entry = (info.parents.first().cloned(), info.task_ids());
-                    self.remember(&at, entry.clone());
-                    entry
-                }
-                None => return self.find_task_commit_by_log(task, since, tip).await,
-            };
-            if ids.iter().any(|id| id == task) {
-                return Ok(Some(at));
+    /// The commit `refs/pipeline/landed/<task>` names: the commit the integrator made for the
+    /// task and moved (or tried to move) the base to. Read from the ref files (no process) when
+    /// they hold it. This, not a trailer any commit could carry, is how the server knows a
+    /// task's own commit.
+    pub async fn landed_commit(&self, task: &str) -> Result<Option<String>> {
+        let refname = format!("refs/pipeline/landed/{task}");
+        if let Some(dir) = &self.refs_dir {
+            if let Some(sha) = read_ref_files(dir, &refname) {
+                return Ok(Some(sha));
             }
-            match parent {
-                Some(p) => at = p,
-                None => return self.find_task_commit_by_log(task, since, tip).await,
+            // Neither a loose ref nor in packed-refs: there is none (for the files backend).
+            if dir.join("packed-refs").exists() || dir.join("refs").is_dir() {
+                return Ok(None);
             }
         }
-        Ok(None)
+        let out = self
+            .output(
+                &[
+                    "rev-parse",
+                    "--verify",
+                    "--quiet",
+                    "--end-of-options",
+                    &refname,
+                ],
+                &[],
+                None,
+            )
+            .await?;
+        let sha = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok((out.status.success() && check_sha(&sha).is_ok()).then_some(sha))
     }
 
-    fn remembered(&self, commit: &str) -> Option<HistoryEntry> {
-        let history = self
-            .history
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        history.get(commit).cloned()
-    }
-
-    /// Remembers a commit of the base's history (its first parent and task IDs).
-    pub fn remember(&self, commit: &str, entry: HistoryEntry) {
-        let mut history = self
-            .history
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if history.len() >= HISTORY_CAP {
-            history.clear();
+    /// Whether the task's own landed commit is in the history of `tip`; the commit if so.
+    pub async fn landed_on(&self, task: &str, tip: &str) -> Result<Option<String>> {
+        match self.landed_commit(task).await? {
+            Some(commit) if self.is_ancestor(&commit, tip).await? => Ok(Some(commit)),
+            _ => Ok(None),
         }
-        history.insert(commit.to_owned(), entry);
     }
 
-    async fn find_task_commit_by_log(
-        &self,
-        task: &str,
-        since: &str,
-        tip: &str,
-    ) -> Result<Option<String>> {
+    /// Every task's landed commit, by task ID (one `for-each-ref`; for start-up checks).
+    pub async fn landed_commits(&self) -> Result<std::collections::HashMap<String, String>> {
         let out = self
             .run(&[
-                "log",
-                "--format=%H %(trailers:key=Task-Id,valueonly,separator=%x2C)",
-                &format!("{since}..{tip}"),
+                "for-each-ref",
+                "--format=%(objectname) %(refname)",
+                "refs/pipeline/landed/",
             ])
             .await?;
-        Ok(out.lines().find_map(|line| {
-            let (sha, ids) = line.split_once(' ')?;
-            ids.split(',')
-                .any(|id| id.trim() == task)
-                .then(|| sha.to_owned())
-        }))
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let (sha, name) = l.split_once(' ')?;
+                let task = name.strip_prefix("refs/pipeline/landed/")?;
+                Some((task.to_owned(), sha.to_owned()))
+            })
+            .collect())
+    }
+
+    /// Records `commit` as the task's own landed commit (before the base is moved to it).
+    pub async fn record_landing(&self, task: &str, commit: &str) -> Result<()> {
+        self.update_ref(&format!("refs/pipeline/landed/{task}"), commit)
+            .await
+    }
+
+    /// Signs of an earlier pipeline in the repository, for a server starting on an empty
+    /// database: refs under `refs/pipeline/`, or a `Task-Id:` trailer on `branch`. Says which.
+    pub async fn pipeline_history(&self, branch: &str) -> Result<Option<String>> {
+        let refs = self
+            .run(&[
+                "for-each-ref",
+                "--count=1",
+                "--format=%(refname)",
+                "refs/pipeline/",
+            ])
+            .await?;
+        if let Some(r) = refs.lines().next().filter(|l| !l.trim().is_empty()) {
+            return Ok(Some(format!("it has pipeline refs ({})", r.trim())));
+        }
+        let found = self
+            .run(&[
+                "log",
+                "-n",
+                "1",
+                "--format=%h",
+                "-i",
+                "--grep=^Task-Id:",
+                &format!("refs/heads/{branch}"),
+                "--",
+            ])
+            .await?;
+        Ok(found
+            .lines()
+            .next()
+            .filter(|l| !l.trim().is_empty())
+            .map(|c| format!("{branch} has commits with Task-Id trailers ({})", c.trim())))
+    }
+
+    /// The highest `n` of the generated task IDs (`t-<n>`) the repository knows: in the
+    /// pipeline's refs, and in the `Task-Id:` trailers of `range` (e.g. `main`, or `A..main`).
+    pub async fn highest_task_number(&self, range: &str) -> Result<u64> {
+        let number = |id: &str| {
+            id.trim()
+                .strip_prefix("t-")
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        let mut max = 0;
+        let refs = self
+            .run(&[
+                "for-each-ref",
+                "--format=%(refname)",
+                "refs/pipeline/tasks/",
+                "refs/pipeline/landed/",
+            ])
+            .await?;
+        for r in refs.lines() {
+            let id = r
+                .strip_prefix("refs/pipeline/tasks/")
+                .and_then(|rest| rest.split('/').next())
+                .or_else(|| r.strip_prefix("refs/pipeline/landed/"));
+            if let Some(n) = id.and_then(number) {
+                max = max.max(n);
+            }
+        }
+        let trailers = self
+            .run(&[
+                "log",
+                "--format=%(trailers:key=Task-Id,valueonly,separator=%x2C)",
+                range,
+                "--",
+            ])
+            .await?;
+        for id in trailers.lines().flat_map(|l| l.split(',')) {
+            if let Some(n) = number(id) {
+                max = max.max(n);
+            }
+        }
+        Ok(max)
     }
 
     /// Cherry-picks `commit` (whose parent is `parent`) onto `onto` without touching any files:
@@ -651,7 +688,8 @@ impl Repo {
     }
 
     /// Makes the integrated commit: `tree` on top of `parent`, with `original`'s author and
-    /// message, and a `Task-Id: <task>` trailer (added if missing, corrected if wrong).
+    /// message, and exactly one `Task-Id:` trailer, the task's own (any other the message
+    /// carried is removed: a commit may not speak for another task).
     pub async fn commit_for_task(
         &self,
         tree: &str,
@@ -659,32 +697,42 @@ impl Repo {
         original: &str,
         task: &str,
     ) -> Result<String> {
+        let info = self.commit_info(original).await?;
+        let message = with_own_trailer(&info.message, task);
+        self.commit_tree(tree, parent, &info, &message).await
+    }
+
+    /// Replays `commit` (whose parent is `parent`) onto `onto` without touching files: the same
+    /// change, author and message on a new parent. A conflict is `Ok(Err(git's message))`.
+    pub async fn replay(
+        &self,
+        parent: &str,
+        onto: &str,
+        commit: &str,
+    ) -> Result<std::result::Result<String, String>> {
+        let tree = match self.cherry_pick_tree(parent, onto, commit).await? {
+            Ok(tree) => tree,
+            Err(conflict) => return Ok(Err(conflict)),
+        };
+        let info = self.commit_info(commit).await?;
+        let message = info.message.clone();
+        Ok(Ok(self.commit_tree(&tree, onto, &info, &message).await?))
+    }
+
+    /// `git commit-tree TREE -p PARENT` with `author`'s author and `message`.
+    async fn commit_tree(
+        &self,
+        tree: &str,
+        parent: &str,
+        author: &CommitInfo,
+        message: &str,
+    ) -> Result<String> {
         check_sha(tree)?;
         check_sha(parent)?;
-        check_sha(original)?;
-        let info = self.commit_info(original).await?;
-        let (name, email) = (info.author_name.clone(), info.author_email.clone());
-        let date = format!("@{}", info.author_date);
-        let trailer = format!("Task-Id: {task}");
-        // The agent usually wrote the trailer itself; git rewrites the message only otherwise.
-        let message = if info.task_ids() == [task] {
-            info.message.clone()
-        } else {
-            self.run_with_input(
-                &[
-                    "interpret-trailers",
-                    "--if-exists",
-                    "replace",
-                    "--trailer",
-                    &trailer,
-                ],
-                &info.message,
-            )
-            .await?
-        };
+        let date = format!("@{}", author.author_date);
         let env = [
-            ("GIT_AUTHOR_NAME", name.as_str()),
-            ("GIT_AUTHOR_EMAIL", email.as_str()),
+            ("GIT_AUTHOR_NAME", author.author_name.as_str()),
+            ("GIT_AUTHOR_EMAIL", author.author_email.as_str()),
             ("GIT_AUTHOR_DATE", date.as_str()),
             ("GIT_COMMITTER_NAME", "pipeline"),
             ("GIT_COMMITTER_EMAIL", "pipeline@localhost"),
@@ -693,7 +741,7 @@ impl Repo {
             .output(
                 &["commit-tree", tree, "-p", parent, "-F", "-"],
                 &env,
-                Some(&message),
+                Some(message),
             )
             .await?;
         if !out.status.success() {
@@ -704,7 +752,6 @@ impl Repo {
         }
         let sha = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         check_sha(&sha)?;
-        self.remember(&sha, (Some(parent.to_owned()), vec![task.to_owned()]));
         Ok(sha)
     }
 
@@ -942,6 +989,56 @@ impl Repo {
     }
 }
 
+/// `message` with every `Task-Id:` line removed and one `Task-Id: <task>` trailer added (in
+/// the last paragraph if that is a trailer block, else as a paragraph of its own).
+pub fn with_own_trailer(message: &str, task: &str) -> String {
+    let is_task_id = |line: &str| {
+        line.split_once(':')
+            .is_some_and(|(key, _)| key.trim().eq_ignore_ascii_case("task-id"))
+    };
+    let kept: Vec<&str> = message.lines().filter(|l| !is_task_id(l)).collect();
+    let mut text = kept.join("\n").trim_end().to_owned();
+    let last = text.rsplit("\n\n").next().unwrap_or_default();
+    let is_trailer = |l: &str| {
+        l.split_once(':').is_some_and(|(key, _)| {
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+    };
+    let last_is_trailers =
+        text.contains("\n\n") && !last.is_empty() && last.lines().all(is_trailer);
+    if text.is_empty() {
+        text = format!("Task {task}");
+    }
+    if last_is_trailers {
+        text.push('\n');
+    } else {
+        text.push_str("\n\n");
+    }
+    text.push_str(&format!("Task-Id: {task}\n"));
+    text
+}
+
+/// Whether git's message says it failed for want of a resource of this machine (files, disk,
+/// memory, permissions) rather than because of what it was given.
+pub fn is_resource_failure(message: &str) -> bool {
+    const SIGNS: &[&str] = &[
+        "Too many open files",
+        "No space left on device",
+        "Disk quota exceeded",
+        "Cannot allocate memory",
+        "Out of memory",
+        "out of memory",
+        "Permission denied",
+        "Read-only file system",
+        "Resource temporarily unavailable",
+        "unable to create temporary file",
+        "Input/output error",
+        "cannot fork",
+        "unable to fork",
+    ];
+    SIGNS.iter().any(|s| message.contains(s))
+}
+
 /// Checks that `s` is a full hexadecimal object ID (SHA-1 or SHA-256), so that it can never be
 /// read by git as an option or a revision expression.
 pub fn check_sha(s: &str) -> Result<()> {
@@ -992,7 +1089,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn commits_are_read_through_one_cat_file_and_tasks_found_like_git_log() {
+    async fn commits_are_read_through_one_cat_file_and_landings_from_refs() {
         let dir = tempfile::tempdir().expect("temp");
         let d = dir.path();
         git(d, &["init", "-q", "-b", "main"]);
@@ -1005,27 +1102,30 @@ mod tests {
         assert_eq!(info.author_name, "T");
         assert_eq!(info.author_email, "t@example.invalid");
         assert_eq!(info.tree, git(d, &["rev-parse", "HEAD^{tree}"]));
-        assert_eq!(info.task_ids(), ["t-2"]);
         assert_eq!(repo.tip("main").await.expect("tip"), two);
-        for (task, want) in [("t-1", Some(&one)), ("t-2", Some(&two)), ("t-3", None)] {
-            let walked = repo
-                .find_task_commit(task, &root, &two)
-                .await
-                .expect("walk");
-            let logged = repo
-                .find_task_commit_by_log(task, &root, &two)
-                .await
-                .expect("log");
-            assert_eq!(walked.as_ref(), want);
-            assert_eq!(walked, logged);
-        }
-        // Not past `since`.
+        // A trailer says nothing of a landing: only the landed ref does.
+        assert_eq!(repo.landed_on("t-1", &two).await.expect("read"), None);
+        repo.record_landing("t-1", &one).await.expect("record");
         assert_eq!(
-            repo.find_task_commit("t-1", &one, &two)
-                .await
-                .expect("walk"),
-            None
+            repo.landed_commit("t-1").await.expect("read"),
+            Some(one.clone())
         );
+        assert_eq!(
+            repo.landed_on("t-1", &two).await.expect("read"),
+            Some(one.clone())
+        );
+        assert_eq!(
+            repo.landed_on("t-1", &root).await.expect("read"),
+            None,
+            "not on that tip"
+        );
+        // Packed refs are read too.
+        git(d, &["pack-refs", "--all"]);
+        assert_eq!(
+            repo.landed_commit("t-1").await.expect("read"),
+            Some(one.clone())
+        );
+        assert_eq!(repo.highest_task_number("main").await.expect("scan"), 2);
         let missing = "0".repeat(40);
         assert!(matches!(
             repo.commit_info(&missing).await,
@@ -1033,6 +1133,25 @@ mod tests {
         ));
         // The reader survives a miss and still answers.
         assert_eq!(repo.parents(&one).await.expect("parents"), [root]);
+    }
+
+    #[test]
+    fn an_integrated_commit_carries_its_own_trailer_only() {
+        for (message, want) in [
+            ("fix it", "fix it\n\nTask-Id: t-1\n"),
+            ("fix it\n\nTask-Id: t-1\n", "fix it\n\nTask-Id: t-1\n"),
+            (
+                "fix it\n\nTask-Id: t-9\nTask-Id: t-1\n",
+                "fix it\n\nTask-Id: t-1\n",
+            ),
+            (
+                "fix\n\nbody says\ntask-id: t-9 in it\n\nSigned-off-by: a <a@b>\nTASK-ID: t-8",
+                "fix\n\nbody says\n\nSigned-off-by: a <a@b>\nTask-Id: t-1\n",
+            ),
+            ("", "Task t-1\n\nTask-Id: t-1\n"),
+        ] {
+            assert_eq!(with_own_trailer(message, "t-1"), want, "{message:?}");
+        }
     }
 
     #[tokio::test]

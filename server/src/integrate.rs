@@ -186,11 +186,7 @@ impl<S: Store> Coordinator<S> {
         };
         for _ in 0..MAX_SWAP_ATTEMPTS {
             let tip = self.base_tip().await?;
-            if let Some(landed) = self
-                .repo
-                .find_task_commit(id.as_str(), &parent, &tip)
-                .await?
-            {
+            if let Some(landed) = self.repo.landed_on(id.as_str(), &tip).await? {
                 let note = format!("already on {base} as {landed}");
                 log.line(note.clone());
                 log.flush().await;
@@ -275,6 +271,9 @@ impl<S: Store> Coordinator<S> {
                 tracing::info!(task = %id, "task changed during integration; not landing it");
                 return Ok(());
             }
+            // The server's own record of the task's commit, in the repository itself, so that
+            // it outlives the database (a rolled-back or lost database cannot land it twice).
+            self.repo.record_landing(id.as_str(), &new).await?;
             if let Some(remote) = &self.settings.push_remote
                 && !self.repo.push_with_lease(remote, &base, &new, &tip).await?
             {

@@ -95,6 +95,9 @@ pub enum Event {
     Retry,
     /// At start-up the server found the task InProgress with no live lease (it crashed).
     Recover,
+    /// The task's own landed commit (the server's record of it) is on the base, although the
+    /// task is not Done (the database lost that, e.g. rolled back after a power loss).
+    FoundLanded { commit: String },
 }
 
 impl Event {
@@ -112,6 +115,7 @@ impl Event {
             Event::Cancel => "cancelled",
             Event::Retry => "retried",
             Event::Recover => "recovered",
+            Event::FoundLanded { .. } => "found_landed",
         }
     }
 
@@ -126,6 +130,7 @@ impl Event {
             Event::Cancel => "cancel",
             Event::Retry => "retry",
             Event::Recover => "recover",
+            Event::FoundLanded { .. } => "record the landing of",
         }
     }
 }
@@ -300,6 +305,27 @@ pub fn apply(
         }
         (InProgress | Verified, Event::Retry) => {
             return Err(refuse(": it is still being worked on; cancel it first"));
+        }
+        (Open | InProgress | Verified | NeedsHelp, Event::FoundLanded { commit }) => {
+            next.status = Done;
+            next.feedback = None;
+            next.backoff_until = None;
+            let effects = if state.status == InProgress {
+                vec![
+                    Effect::StopRun,
+                    Effect::DependentsUnblocked,
+                    Effect::WakeScheduler,
+                ]
+            } else {
+                vec![Effect::DependentsUnblocked, Effect::WakeScheduler]
+            };
+            (
+                format!(
+                    "its commit {commit} is on the base already (the server's record of its \
+                     landing); recorded done"
+                ),
+                effects,
+            )
         }
         (InProgress, Event::Recover) => {
             next.status = Open;
@@ -744,6 +770,33 @@ mod tests {
     }
 
     #[test]
+    fn a_task_found_landed_is_done_from_any_unfinished_state() {
+        let landed = || Event::FoundLanded {
+            commit: "abc".into(),
+        };
+        for from in [Open, Verified, NeedsHelp] {
+            check(
+                &state(from),
+                landed(),
+                Done,
+                &[Effect::DependentsUnblocked, Effect::WakeScheduler],
+            );
+        }
+        check(
+            &state(InProgress),
+            landed(),
+            Done,
+            &[
+                Effect::StopRun,
+                Effect::DependentsUnblocked,
+                Effect::WakeScheduler,
+            ],
+        );
+        check_refused(Done, landed(), "record the landing");
+        check_refused(Cancelled, landed(), "record the landing");
+    }
+
+    #[test]
     fn recovery_reopens_in_progress_without_counting() {
         let s = check(
             &state(InProgress),
@@ -813,6 +866,7 @@ mod tests {
                 Just(Event::Cancel),
                 Just(Event::Retry),
                 Just(Event::Recover),
+                Just(Event::FoundLanded { commit: "c".into() }),
             ]
         }
 

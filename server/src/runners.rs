@@ -390,7 +390,16 @@ impl<S: Store> Coordinator<S> {
                     commit = Some(c);
                 }
                 Err(Error::InvalidArgument(why)) => refusal = Some(why),
-                Err(other) => return Err(other),
+                Err(other) => {
+                    // The server's trouble, not the commit's: the runner sends it again.
+                    tracing::warn!(
+                        task = %task.id,
+                        runner = %lease.runner,
+                        "could not store the commit (not the task's fault; the runner will send \
+                         it again): {other}"
+                    );
+                    return Err(other);
+                }
             }
         }
         let (event, dev_status, dev_error) = match (&refusal, result.outcome) {
@@ -557,7 +566,7 @@ impl<S: Store> Coordinator<S> {
         let now = now_ms();
         let expired = self.registry().expired(now);
         for (lease_id, live) in expired {
-            self.expire(&lease_id, &live).await;
+            self.expire(&lease_id, &live).await?;
         }
         let mut free = self.registry().free_slots();
         let mut total: u32 = free.iter().map(|f| f.2).sum();
@@ -584,6 +593,14 @@ impl<S: Store> Coordinator<S> {
                 after = Some((task.priority, task.seq));
                 if !lifecycle::leasable(&task.state, true, self.policy(), now) {
                     continue;
+                }
+                // A task with a patchset may have landed already (the database lost that):
+                // the server's own record of its landing says so, without a process.
+                if task.patch_commit.is_some() {
+                    let tip = self.base_tip_cached(&mut tip).await?;
+                    if self.record_if_landed(task.clone(), &tip).await? {
+                        continue;
+                    }
                 }
                 let pick = free
                     .iter()
@@ -627,14 +644,47 @@ impl<S: Store> Coordinator<S> {
         runner_name: &str,
         tip: &mut Option<String>,
     ) -> Result<PlannedLease> {
-        let (base_commit, previous_commit) = match (&task.patch_commit, task.state.amend) {
+        // Every attempt starts from the current base tip. The previous patchset, when it is to
+        // be amended, is first replayed onto the tip (without a worktree, as the integrator
+        // does); if it no longer applies, the attempt starts fresh, with the feedback.
+        let base_commit = self.base_tip_cached(tip).await?;
+        let mut fresh_note = None;
+        let previous_commit = match (&task.patch_commit, task.state.amend) {
             (Some(previous), true) => match self.repo.parents(previous).await?.as_slice() {
-                [parent] => (parent.clone(), Some(previous.clone())),
-                _ => (self.base_tip_cached(tip).await?, None),
+                [parent] if *parent == base_commit => Some(previous.clone()),
+                [parent] => match self.repo.replay(parent, &base_commit, previous).await? {
+                    Ok(replayed) => {
+                        // Kept under a ref until the runner has fetched it.
+                        self.repo
+                            .update_ref(
+                                &format!("refs/pipeline/fetch/{}/previous", task.id),
+                                &replayed,
+                            )
+                            .await?;
+                        tracing::info!(task = %task.id, %previous, %replayed, "previous patchset replayed onto the current base");
+                        Some(replayed)
+                    }
+                    Err(conflict) => {
+                        fresh_note = Some(format!(
+                            "The previous patchset no longer applies to {} at {base_commit} \
+                             (the base moved); this attempt starts fresh from the base:\n{conflict}",
+                            self.settings.base
+                        ));
+                        None
+                    }
+                },
+                _ => None,
             },
-            _ => (self.base_tip_cached(tip).await?, None),
+            _ => None,
         };
         let (mut write, effects) = self.decide(&task, &Event::Leased, now_ms())?;
+        if let Some(note) = fresh_note {
+            write.state.amend = false;
+            write.state.feedback = Some(match &write.state.feedback {
+                Some(feedback) => format!("{feedback}\n\n{note}"),
+                None => note,
+            });
+        }
         let epoch = task.lease_epoch + 1;
         write.lease = LeaseChange::Set(Lease {
             id: Lease::make_id(&task.id, epoch),
@@ -764,8 +814,11 @@ impl<S: Store> Coordinator<S> {
         Ok(())
     }
 
-    /// A lease's time ran out: the attempt counts as failed, and its runner is told to stop.
-    async fn expire(&self, lease_id: &str, live: &LiveLease) {
+    /// A lease's time ran out: the task goes back to Open (not charged: its runner died, froze
+    /// or was cut off), and the runner is told to stop. The lease leaves memory only once the
+    /// database has recorded that; if the write fails (a full disk), the lease stays, still
+    /// expired, and the next round tries again.
+    async fn expire(&self, lease_id: &str, live: &LiveLease) -> Result<()> {
         let lease = LeaseRef {
             id: lease_id.to_owned(),
             epoch: live.epoch,
@@ -786,15 +839,18 @@ impl<S: Store> Coordinator<S> {
                 |_, w| w.avoid_runner = Some(runner.clone()),
             )
             .await;
+        match result {
+            Ok(_) => tracing::warn!(task = %live.task, runner = %live.runner, "{reason}"),
+            // The lease was over already (the task moved on): only memory lagged.
+            Err(err @ (Error::FailedPrecondition(_) | Error::NotFound(_))) => {
+                tracing::info!(task = %live.task, error = %err, "expired lease was already over")
+            }
+            Err(err) => return Err(err),
+        }
         let mut registry = self.registry();
         registry.remove_lease(lease_id);
         registry.push(&live.runner_id, Push::Cancel(lease));
-        match result {
-            Ok(_) => tracing::warn!(task = %live.task, runner = %live.runner, "{reason}"),
-            Err(err) => {
-                tracing::info!(task = %live.task, error = %err, "expired lease was already over")
-            }
-        }
+        Ok(())
     }
 }
 

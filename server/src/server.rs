@@ -30,6 +30,9 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// Runs the server until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     config.validate().map_err(Error::InvalidArgument)?;
+    let config = config
+        .with_absolute_paths()
+        .map_err(Error::InvalidArgument)?;
     let repo = Repo::open(&config.repo).await?;
     let base_commit = repo.branch_commit(&config.base).await?;
     if !repo.is_bare().await? {
@@ -68,6 +71,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .db
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("pipeline.db").display()));
+    // One server per state dir and per database: a second one would expire the first one's
+    // leases and land its tasks twice.
+    let mut locks = vec![StateLock::take(
+        &state_dir.join("server.lock"),
+        "state dir",
+        &state_dir,
+    )?];
+    if let Some(db) = sqlite_path(&db_url) {
+        let lock = db.with_file_name(format!(
+            "{}.lock",
+            db.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("pipeline.db")
+        ));
+        locks.push(StateLock::take(&lock, "database", &db)?);
+    }
+    let cleaned = crate::grpc::runner::clean_spool(&state_dir.join("spool"));
+    if cleaned > 0 {
+        tracing::info!(files = cleaned, "removed bundles a crash left in the spool");
+    }
     let store = SqliteStore::open(&db_url).await?;
     let auth =
         crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
@@ -107,8 +130,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     };
     let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo, auth));
     coordinator.load_counts().await?;
+    coordinator
+        .guard_task_ids(config.accept_existing_history)
+        .await?;
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
     let integrations_finished = coordinator.recover_integrations().await?;
+    let found_landed = coordinator.reconcile_landed().await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -124,8 +151,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         leases_restored,
         tasks_reopened,
         integrations_finished,
+        found_landed,
         "pipeline-server ready"
     );
+    for lock in &mut locks {
+        lock.note_address(addr);
+    }
     publish_admin_token_path(addr, &state_dir);
     // Tests and scripts wait for this line to learn the port (everything a client needs is in
     // place by then).
@@ -150,7 +181,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         Arc::new(move |token: &str| coordinator.auth.identify(token))
     };
     let control = tonic::service::interceptor::InterceptedService::new(
-        ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator)))
+        ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator), shutdown.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         crate::grpc::Authenticate {
             auth: identify.clone(),
@@ -225,8 +256,79 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let _ = integrator.await;
     let _ = log_writer.await;
     store.close().await;
+    drop(locks);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The path of an SQLite database URL's file (`sqlite://PATH`, `sqlite:PATH` or a plain path).
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.starts_with(':')).then(|| std::path::PathBuf::from(path))
+}
+
+/// An exclusive lock on a file beside what it guards, held for the server's life (the kernel
+/// drops it when the process ends, however it ends). The file names the holder: its PID, then
+/// its address once it listens.
+struct StateLock {
+    file: std::fs::File,
+    pid: u32,
+}
+
+impl StateLock {
+    fn take(path: &std::path::Path, what: &str, guarded: &std::path::Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| {
+                Error::Internal(format!("cannot open the lock file {}: {e}", path.display()))
+            })?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
+                let holder = if holder.is_empty() {
+                    "another pipeline-server".to_owned()
+                } else {
+                    format!("another pipeline-server ({holder})")
+                };
+                return Err(Error::FailedPrecondition(format!(
+                    "{holder} is using the {what} {}; stop it first, or give this server its own \
+                     --state-dir (and --db)",
+                    guarded.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::Internal(format!(
+                    "cannot lock {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+        let pid = std::process::id();
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "pid {pid}");
+        Ok(Self { file, pid })
+    }
+
+    /// Adds the listening address to the note.
+    fn note_address(&mut self, addr: std::net::SocketAddr) {
+        use std::io::{Seek, Write};
+        let _ = self.file.set_len(0);
+        let _ = self.file.rewind();
+        let _ = write!(self.file, "pid {}, address {addr}", self.pid);
+    }
 }
 
 /// The listener's connections with Nagle's algorithm off. tonic's `tcp_nodelay` applies only

@@ -198,6 +198,56 @@ impl FakeRunner {
     }
 }
 
+impl FakeRunner {
+    /// Sends `messages` as one `CompleteLease` call and waits for the answer.
+    pub fn complete_raw(
+        &mut self,
+        messages: Vec<pb::CompleteLeaseRequest>,
+    ) -> Result<pb::CompleteLeaseResponse, Status> {
+        let call = self
+            .client
+            .complete_lease(authorized(&self.credential, tokio_stream_iter(messages)));
+        Ok(self
+            .rt
+            .block_on(async { tokio::time::timeout(DEADLINE, call).await })
+            .map_err(|_| Status::deadline_exceeded("complete_lease"))??
+            .into_inner())
+    }
+
+    /// Sends `messages` as the start of a `CompleteLease` call that never ends, until `sent`
+    /// says the server has them; then hangs up (a cancelled upload).
+    pub fn complete_then_hang_up(
+        &mut self,
+        messages: Vec<pb::CompleteLeaseRequest>,
+        sent: impl Fn() -> bool,
+    ) {
+        use tonic::codegen::tokio_stream::StreamExt;
+        let endless = tokio_stream_iter(messages).chain(tonic::codegen::tokio_stream::pending());
+        let mut client = self.client.clone();
+        let req = authorized(&self.credential, endless);
+        self.rt.block_on(async move {
+            let call = client.complete_lease(req);
+            tokio::pin!(call);
+            let start = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    answer = &mut call => panic!("the server answered a call that never ended: {answer:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {
+                        if sent() {
+                            break;
+                        }
+                        assert!(start.elapsed() < DEADLINE, "the server never received the upload");
+                    }
+                }
+            }
+        });
+        // The connection runs on this runtime: drive it a moment so that it tells the server
+        // the call was cancelled.
+        self.rt
+            .block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+    }
+}
+
 fn tokio_stream_iter<T: Send + 'static>(
     items: Vec<T>,
 ) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send {

@@ -22,8 +22,13 @@ pub mod fake_runner;
 /// How long a test waits for anything before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The directory holding the workspace's binaries (`target/debug`).
+/// The directory holding the workspace's binaries (`target/debug`), or `PIPELINE_TEST_BIN_DIR`
+/// when set (to run these tests against other binaries, e.g. an older build, to see a test
+/// fail there).
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PIPELINE_TEST_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
     // Test executables live in target/<profile>/deps, binaries in target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
@@ -38,6 +43,9 @@ pub fn bin_dir() -> PathBuf {
 pub fn ensure_built() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        if std::env::var_os("PIPELINE_TEST_BIN_DIR").is_some() {
+            return;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let mut cmd = Command::new(cargo);
@@ -168,7 +176,10 @@ impl TestRepo {
     pub fn push_to_main(&self, file: &str, content: &str) -> String {
         push_commit(
             &self.repo(),
-            &self.dir.path().join(format!("person-{file}")),
+            &self
+                .dir
+                .path()
+                .join(format!("person-{}", file.replace('/', "-"))),
             file,
             content,
         )
@@ -597,6 +608,9 @@ pub fn push_commit(repo: &Path, work: &Path, file: &str, content: &str) -> Strin
     }
     git(work, &["fetch", "-q", "origin", "main"]);
     git(work, &["checkout", "-q", "--detach", "FETCH_HEAD"]);
+    if let Some(dir) = work.join(file).parent() {
+        std::fs::create_dir_all(dir).expect("mkdir");
+    }
     std::fs::write(work.join(file), content).expect("write");
     git(work, &["add", file]);
     git(
@@ -623,4 +637,68 @@ pub fn task_ref(repo: &Path, task: &str, epoch: u64) -> String {
         repo,
         &["rev-parse", &format!("refs/pipeline/tasks/{task}/{epoch}")],
     )
+}
+
+/// A small file system of its own (a tmpfs), for the tests that fill a disk. Mounting needs the
+/// right to (root, as in CI); without it the constructor fails the test with a line saying so.
+pub struct SmallDisk {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// A fresh tmpfs of `mib` MiB.
+    pub fn new(mib: u32) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).expect("mkdir");
+        let out = run(Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m"),
+            "tmpfs",
+            path.to_str().expect("utf-8"),
+        ]));
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill it and needs the right to (run as root): {}",
+            out.stderr.trim()
+        );
+        Self { path, _dir: dir }
+    }
+
+    /// Fills the disk to the last byte with a file; returns it.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut f = std::fs::File::create(&filler).expect("create filler");
+        let block = vec![0u8; 64 * 1024];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        // The last partial block.
+        for _ in 0..64 {
+            if f.write(&block[..1024]).is_err() {
+                break;
+            }
+        }
+        let _ = f.flush();
+        filler
+    }
+
+    /// Frees what [`SmallDisk::fill`] took.
+    pub fn free(&self) {
+        let _ = std::fs::remove_file(self.path.join("filler"));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = run(Command::new("umount").args(["-l", self.path.to_str().unwrap_or_default()]));
+    }
 }

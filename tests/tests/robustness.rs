@@ -219,3 +219,507 @@ fn an_agent_that_cannot_start_is_not_charged_and_its_runner_turns_unhealthy() {
     let status = server.ctl(&["runners"]).ok();
     assert!(status.contains("unhealthy"), "{status}");
 }
+
+#[test]
+fn a_second_server_on_the_same_state_dir_refuses_to_start() {
+    let repo = TestRepo::new();
+    let first = Server::start(&repo, &[]);
+    let refused = |cmd: &mut Command| match Server::spawn(cmd) {
+        Ok(second) => panic!("a second server started:\n{}", second.log()),
+        Err(log) => log,
+    };
+    let log = refused(&mut Server::command(&repo, &[]));
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("pipeline-server:"))
+        .unwrap_or_else(|| panic!("no one-line reason: {log}"))
+        .to_owned();
+    assert!(
+        line.contains(&format!("pid {}", first.pid()))
+            && line.contains(&format!("address {}", first.addr)),
+        "{line}"
+    );
+    // The same database from another state dir is refused too.
+    let db = repo.state_dir().join("pipeline.db");
+    let other = repo.dir.path().join("other-state");
+    let log = refused(
+        Command::new(bin("pipeline-server"))
+            .arg("--repo")
+            .arg(repo.repo())
+            .arg("--state-dir")
+            .arg(&other)
+            .arg("--db")
+            .arg(format!("sqlite://{}", db.display()))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info"),
+    );
+    assert!(log.contains("is using the database"), "{log}");
+    // The first one is unharmed, and once it stops another may start.
+    first.ctl(&["status"]).ok();
+    first.terminate();
+    let again = Server::start(&repo, &[]);
+    again.ctl(&["status"]).ok();
+}
+
+#[test]
+fn sigterm_ends_watch_and_follow_streams_at_once() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let id = server.add(&["--title", "never starts"]);
+    // Their output goes to the captured stderr, to see that they are connected.
+    let ctl = |args: &str| {
+        pipeline_tests::Proc::spawn(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "exec {} --server {} {args} 1>&2",
+                    bin("pipelinectl").display(),
+                    server.url
+                ))
+                .env_remove("PIPELINE_TOKEN"),
+        )
+    };
+    let follow = ctl(&format!("logs {id} --follow"));
+    let watch = ctl("watch");
+    let other = server.add(&["--title", "a transition to see"]);
+    server.ctl(&["task", "cancel", &other]).ok();
+    watch.wait_for_line("cancelled").expect("watch connected");
+    let log = {
+        let mut server = server;
+        server.proc.signal("TERM");
+        server.proc.wait_exit();
+        server.log()
+    };
+    assert!(log.contains("stopped"), "{log}");
+    assert!(
+        !log.contains("still running"),
+        "the shutdown waited for read-only streams:\n{log}"
+    );
+    let _ = follow;
+}
+
+#[test]
+fn a_server_down_longer_than_the_ttl_keeps_the_runners_work() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "2"]);
+    let addr = server.addr.clone();
+    let args = {
+        let mut a = scripted_agent();
+        a.push("--no-verify".into());
+        a
+    };
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "long work", "--description", "MODE: wait"]);
+    let pid = repo.wait_agent(&id);
+    server.kill();
+    // The runner has had no answer for a whole TTL, and keeps working.
+    runner
+        .proc
+        .wait_for_line("no contact with the server")
+        .expect("runner alive");
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok(),
+        "the agent was stopped"
+    );
+    let server = Server::start(&repo, &["--lease-ttl", "2", "--listen", &addr]);
+    server.wait_for_log("kept=1");
+    repo.release_agents();
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+    let dev: Vec<Value> = runs(&task)
+        .into_iter()
+        .filter(|r| r["phase"] == "dev")
+        .collect();
+    assert_eq!(dev.len(), 1, "one dev run, not redone: {dev:?}");
+    assert_eq!(dev[0]["status"], "success");
+    assert!(
+        !runner.log().contains("dropping the work"),
+        "{}",
+        runner.log()
+    );
+}
+
+/// The files in the server's spool dir.
+fn spooled(repo: &TestRepo) -> Vec<String> {
+    std::fs::read_dir(repo.state_dir().join("spool"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn spooled_bundles_never_leak() {
+    use pipeline_proto::v1 as pb;
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let mut fake = pipeline_tests::fake_runner::FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    server.add(&["--title", "t"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    let runner_id = fake.id.clone();
+    let header = || {
+        pipeline_tests::fake_runner::complete_messages(
+            &runner_id,
+            lease.clone(),
+            pb::LeaseOutcome::Verified,
+            None,
+            0.0,
+            Some("0".repeat(40)),
+            vec![b'x'; 1000],
+        )
+    };
+    // An upload cancelled half way.
+    let messages = header();
+    fake.complete_then_hang_up(messages, || !spooled(&repo).is_empty());
+    wait_for("the cancelled upload's file to go", || {
+        spooled(&repo).is_empty().then_some(())
+    });
+    // An upload with a second header.
+    let mut messages = header();
+    messages.extend(header());
+    let err = fake.complete_raw(messages).expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(spooled(&repo).is_empty(), "{:?}", spooled(&repo));
+    // What a crash leaves is cleaned at start-up.
+    drop(fake);
+    server.kill();
+    std::fs::write(repo.state_dir().join("spool").join("9-9.bundle"), "junk").expect("write");
+    let _server = Server::start(&repo, &[]);
+    assert!(spooled(&repo).is_empty(), "{:?}", spooled(&repo));
+}
+
+/// A `git` for the server that fails `bundle unbundle` for want of file descriptors while
+/// `marker` exists, and is the real git otherwise.
+fn failing_git(repo: &TestRepo, marker: &std::path::Path) -> std::path::PathBuf {
+    let dir = repo.dir.path().join("failing-git");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let real = which("git").expect("git on PATH");
+    let script = format!(
+        "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = unbundle ] && [ -e {marker} ]; then\n    \
+         echo 'fatal: unable to create pipe: Too many open files' >&2\n    exit 128\n  fi\n\
+         done\nexec {real} \"$@\"\n",
+        marker = marker.display(),
+        real = real.display()
+    );
+    let git = dir.join("git");
+    std::fs::write(&git, script).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&git, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+#[test]
+fn a_git_failure_on_the_server_is_not_charged_to_the_task() {
+    let repo = TestRepo::new();
+    let marker = repo.dir.path().join("git-fails");
+    std::fs::write(&marker, "").expect("marker");
+    let path = format!(
+        "{}:{}",
+        failing_git(&repo, &marker).display(),
+        pipeline_tests::scripts_path()
+    );
+    let mut cmd = Server::command(&repo, &[]);
+    cmd.env("PATH", &path);
+    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
+    let args = {
+        let mut a = scripted_agent();
+        a.push("--no-verify".into());
+        a
+    };
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "a valid commit"]);
+    server.wait_for_log("could not store the commit");
+    std::fs::remove_file(&marker).expect("git works again");
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+    assert_eq!(task["patchset"], 1, "{task}");
+    let dev: Vec<Value> = runs(&task)
+        .into_iter()
+        .filter(|r| r["phase"] == "dev")
+        .collect();
+    assert_eq!(dev.len(), 1, "the same run delivered again: {dev:?}");
+}
+
+#[test]
+fn relative_paths_are_resolved_at_start_up() {
+    let repo = TestRepo::new();
+    let cwd = repo.dir.path();
+    let mut cmd = Command::new(bin("pipeline-server"));
+    cmd.current_dir(cwd)
+        .args(["--repo", "repo", "--state-dir", "st-scratch"])
+        .args(["--listen", "127.0.0.1:0", "--env-allow", "AGENT_LOG_DIR"])
+        .env("RUST_LOG", "info")
+        .env("PATH", pipeline_tests::scripts_path())
+        .env("AGENT_LOG_DIR", repo.agent_log());
+    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
+    let token = std::fs::read_to_string(cwd.join("st-scratch/runner-registration.token"))
+        .expect("token")
+        .trim()
+        .to_owned();
+    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
+    let _runner = pipeline_tests::Proc::spawn(
+        Command::new(bin("pipeline-runner"))
+            .current_dir(cwd)
+            .args(["--server", &server.url, "--name", "rel", "--token", &token])
+            .args([
+                "--work-dir",
+                "runner-scratch",
+                "--agent-cmd",
+                &agent,
+                "--no-verify",
+            ])
+            .args(["--env-allow", "AGENT_LOG_DIR"])
+            .env("PATH", pipeline_tests::scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log()),
+    );
+    let id = server.add(&["--title", "relative"]);
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+    assert!(cwd.join("runner-scratch/mirror.git").is_dir());
+}
+
+#[test]
+fn a_retry_starts_from_the_current_base() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "1", "--backoff-base", "0"]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&scripted_agent()));
+    let id = server.add(&[
+        "--title",
+        "on a broken base",
+        "--namespace",
+        "needs-base-fix",
+    ]);
+    let task = server.wait_status(&id, "needs_help");
+    assert_eq!(task["patchset"], 1, "its commit was kept: {task}");
+    // A person fixes the base; the retry must build on the fix.
+    let fixed = repo.push_to_main("base-fixed", "yes\n");
+    server.ctl(&["task", "retry", &id]).ok();
+    let task = server.wait_status(&id, "done");
+    let env = repo
+        .agent_file(&format!("dev-{id}-2.env"))
+        .expect("second run's env");
+    assert!(
+        env.contains(&format!("PIPELINE_BASE_COMMIT={fixed}")),
+        "the retry ran on the old base:\n{env}"
+    );
+    assert_eq!(task["patchset"], 2, "{task}");
+    let prompt = repo
+        .agent_file(&format!("dev-{id}-2.prompt"))
+        .expect("prompt");
+    assert!(
+        prompt.contains("previous patchset was rejected"),
+        "{prompt}"
+    );
+    assert!(repo.landed().contains(&id));
+}
+
+#[test]
+fn a_retry_whose_patchset_no_longer_applies_starts_fresh() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "1", "--backoff-base", "0"]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&scripted_agent()));
+    let id = server.add(&[
+        "--title",
+        "on a broken base",
+        "--namespace",
+        "needs-base-fix",
+    ]);
+    server.wait_status(&id, "needs_help");
+    // The fix also rewrites the very file the patchset wrote.
+    repo.push_to_main("base-fixed", "yes\n");
+    let fixed = repo.push_to_main(&format!("notes/{id}.md"), "the person's version\n");
+    server.ctl(&["task", "retry", &id]).ok();
+    let task = server.wait_status(&id, "done");
+    let env = repo.agent_file(&format!("dev-{id}-2.env")).expect("env");
+    assert!(
+        env.contains(&format!("PIPELINE_BASE_COMMIT={fixed}")),
+        "{env}"
+    );
+    let prompt = repo
+        .agent_file(&format!("dev-{id}-2.prompt"))
+        .expect("prompt");
+    assert!(prompt.contains("no longer applies"), "{prompt}");
+    assert!(!prompt.contains("--amend"), "a fresh start: {prompt}");
+    assert_eq!(task["status"], "done");
+}
+
+#[test]
+fn an_empty_database_beside_an_earlier_pipelines_history_is_refused() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--no-verify"]);
+    let args = {
+        let mut a = scripted_agent();
+        a.push("--no-verify".into());
+        a
+    };
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let first = server.add(&["--title", "first"]);
+    server.wait_status(&first, "done");
+    drop(runner);
+    server.kill();
+    // The database is lost.
+    for f in ["pipeline.db", "pipeline.db-wal", "pipeline.db-shm"] {
+        let _ = std::fs::remove_file(repo.state_dir().join(f));
+    }
+    let log = match Server::spawn(&mut Server::command(&repo, &[])) {
+        Ok(s) => panic!("started on an empty database:\n{}", s.log()),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("the database is empty but the repository shows an earlier pipeline"),
+        "{log}"
+    );
+    // Knowingly: the new IDs do not repeat the old ones.
+    let server = Server::start(&repo, &["--accept-existing-history"]);
+    let _runner = Runner::start(&repo, &server, "r2", &as_strs(&args));
+    let next = server.add(&["--title", "after the loss"]);
+    assert_ne!(next, first, "a task ID was reused");
+    server.wait_status(&next, "done");
+    let landed = repo.landed();
+    assert_eq!(
+        landed.iter().filter(|t| **t == first).count(),
+        1,
+        "{landed:?}"
+    );
+}
+
+#[test]
+fn done_tasks_a_rolled_back_database_forgot_are_recorded_done_not_redone() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = {
+        let mut a = scripted_agent();
+        a.push("--no-verify".into());
+        a
+    };
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    // A snapshot of the database while the task is in progress...
+    let id = server.add(&[
+        "--title",
+        "landed, then forgotten",
+        "--description",
+        "MODE: wait",
+    ]);
+    repo.wait_agent(&id);
+    let snapshot = repo.dir.path().join("snapshot.db");
+    let out = Command::new("sqlite3")
+        .arg(repo.state_dir().join("pipeline.db"))
+        .arg(format!(".backup {}", snapshot.display()))
+        .output();
+    let snapshot_taken = out.is_ok_and(|o| o.status.success());
+    if !snapshot_taken {
+        // No sqlite3 tool: copy the files (the server writes nothing while the agent waits).
+        std::fs::copy(repo.state_dir().join("pipeline.db"), &snapshot).expect("copy");
+        let _ = std::fs::copy(
+            repo.state_dir().join("pipeline.db-wal"),
+            repo.dir.path().join("snapshot.db-wal"),
+        );
+    }
+    repo.release_agents();
+    server.wait_status(&id, "done");
+    drop(runner);
+    // ...comes back after a power loss: the task is in progress again, its commit on the base.
+    server.kill();
+    for f in ["pipeline.db-wal", "pipeline.db-shm"] {
+        let _ = std::fs::remove_file(repo.state_dir().join(f));
+    }
+    std::fs::copy(&snapshot, repo.state_dir().join("pipeline.db")).expect("restore");
+    let wal = repo.dir.path().join("snapshot.db-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, repo.state_dir().join("pipeline.db-wal")).expect("restore wal");
+    }
+    let server = Server::start(&repo, &[]);
+    let _runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let task = server.wait_status(&id, "done");
+    let dev = runs(&task)
+        .into_iter()
+        .filter(|r| r["phase"] == "dev")
+        .count();
+    assert_eq!(dev, 1, "leased again: {task}");
+    let landed = repo.landed();
+    assert_eq!(landed.iter().filter(|t| **t == id).count(), 1, "{landed:?}");
+}
+
+#[test]
+fn a_full_disk_fails_writes_cleanly_and_they_come_back_with_the_space() {
+    let repo = TestRepo::new();
+    let disk = pipeline_tests::SmallDisk::new(24);
+    let state = disk.path.join("state");
+    let mut cmd = Command::new(bin("pipeline-server"));
+    cmd.arg("--repo")
+        .arg(repo.repo())
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            "2",
+            "--backoff-base",
+            "0",
+        ])
+        .env("RUST_LOG", "info");
+    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
+    let token = std::fs::read_to_string(state.join("runner-registration.token"))
+        .expect("token")
+        .trim()
+        .to_owned();
+    let runner = |name: &str| {
+        let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
+        pipeline_tests::Proc::spawn(
+            Command::new(bin("pipeline-runner"))
+                .args(["--server", &server.url, "--name", name, "--token", &token])
+                .arg("--work-dir")
+                .arg(repo.dir.path().join("runners").join(name))
+                .args(["--agent-cmd", &agent, "--no-verify", "--kill-grace", "1"])
+                .args(["--env-allow", "AGENT_LOG_DIR"])
+                .env("PATH", pipeline_tests::scripts_path())
+                .env("AGENT_LOG_DIR", repo.agent_log()),
+        )
+    };
+    let mut first = runner("first");
+    let id = server.add(&[
+        "--title",
+        "running when the disk fills",
+        "--description",
+        "MODE: wait",
+    ]);
+    repo.wait_agent(&id);
+    disk.fill();
+    // Writes fail with one line, every time, and the server says it is not healthy.
+    for _ in 0..2 {
+        let out = server.ctl(&["task", "add", "--title", "no room"]);
+        let line = out.refused(1, "disk is full");
+        assert!(!line.contains("transaction depth"), "{line}");
+    }
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["health"], "unhealthy", "{status}");
+    assert!(
+        status["health_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("database")),
+        "{status}"
+    );
+    // The lease lapses while nothing can be written: it must not be forgotten.
+    first.kill();
+    server.wait_for_log("dispatch round failed");
+    disk.free();
+    let next = server.add(&["--title", "room again"]);
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["health"], "healthy", "{status}");
+    let _second = runner("second");
+    repo.release_agents();
+    for task in [&id, &next] {
+        let done = server.wait_status(task, "done");
+        assert_eq!(done["failures"], 0, "{done}");
+    }
+}

@@ -307,11 +307,17 @@ impl TryFrom<pb::CreateTaskRequest> for NewTask {
 /// The control service over a shared coordinator.
 pub struct ControlApi<S> {
     coordinator: Arc<Coordinator<S>>,
+    /// Cancelled when the server is asked to stop: streams that only read (logs, watch) end
+    /// at once, so they do not hold the shutdown up.
+    shutdown: CancellationToken,
 }
 
 impl<S> ControlApi<S> {
-    pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
-        Self { coordinator }
+    pub fn new(coordinator: Arc<Coordinator<S>>, shutdown: CancellationToken) -> Self {
+        Self {
+            coordinator,
+            shutdown,
+        }
     }
 }
 
@@ -513,6 +519,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             active_dev_runs: s.counts.active_dev_runs,
             runners: s.runners,
             base: s.base,
+            unhealthy: s.unhealthy,
         }))
     }
 
@@ -542,10 +549,13 @@ impl<S: Store> ControlService for ControlApi<S> {
             .map_err(status_from_error)?;
         let coordinator = Arc::clone(&self.coordinator);
         let follow = req.follow;
-        Ok(Response::new(stream_from(
-            move |tx| coordinator.stream_logs(id, follow, tx),
-            log_item_to_pb,
-        )))
+        Ok(Response::new(Box::pin(until_cancelled(
+            stream_from(
+                move |tx| coordinator.stream_logs(id, follow, tx),
+                log_item_to_pb,
+            ),
+            self.shutdown.clone(),
+        ))))
     }
 
     async fn revoke_runner(
@@ -585,10 +595,13 @@ impl<S: Store> ControlService for ControlApi<S> {
         _request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let coordinator = Arc::clone(&self.coordinator);
-        Ok(Response::new(stream_from(
-            move |tx| coordinator.stream_transitions(tx),
-            |e: &Arc<TaskEvent>| transition_to_pb(e),
-        )))
+        Ok(Response::new(Box::pin(until_cancelled(
+            stream_from(
+                move |tx| coordinator.stream_transitions(tx),
+                |e: &Arc<TaskEvent>| transition_to_pb(e),
+            ),
+            self.shutdown.clone(),
+        ))))
     }
 }
 

@@ -359,11 +359,9 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         };
         let done = self
             .coordinator
-            .complete(&id, result, spool.as_deref())
+            .complete(&id, result, spool.as_ref().map(|s| s.0.as_path()))
             .await;
-        if let Some(path) = &spool {
-            let _ = tokio::fs::remove_file(path).await;
-        }
+        drop(spool);
         let task = done.map_err(status_from_error)?;
         Ok(Response::new(pb::CompleteLeaseResponse {
             status: super::status_to_pb(task.state.status).into(),
@@ -420,21 +418,23 @@ impl<S: Store> RunnerApi<S> {
             .map_err(status_from_error)
     }
 
-    /// Writes the bundle chunks that follow a header to a spool file, up to the size cap.
+    /// Writes the bundle chunks that follow a header to a spool file, up to the size cap. The
+    /// file is removed when the returned guard is dropped, whatever happens: a cancelled
+    /// upload, a refused one, a full disk.
     async fn spool(
         &self,
         stream: &mut Streaming<pb::CompleteLeaseRequest>,
         expect_bundle: bool,
-    ) -> Result<Option<PathBuf>, Status> {
+    ) -> Result<Option<Spooled>, Status> {
         let dir = &self.coordinator.settings().spool_dir;
         let cap = self.coordinator.settings().max_bundle_bytes;
         let mut file = None;
         let mut size: u64 = 0;
-        let path = dir.join(format!(
+        let spooled = Spooled(dir.join(format!(
             "{}-{}.bundle",
             std::process::id(),
             self.spool_seq.fetch_add(1, Ordering::Relaxed)
-        ));
+        )));
         while let Some(msg) = stream.next().await {
             let chunk = match msg?.kind {
                 Some(pb::complete_lease_request::Kind::Chunk(c)) => c,
@@ -446,8 +446,6 @@ impl<S: Store> RunnerApi<S> {
             };
             size += chunk.data.len() as u64;
             if size > cap {
-                drop(file.take());
-                let _ = tokio::fs::remove_file(&path).await;
                 return Err(Status::resource_exhausted(format!(
                     "the bundle is over the {cap}-byte limit"
                 )));
@@ -457,7 +455,7 @@ impl<S: Store> RunnerApi<S> {
                     .await
                     .map_err(|e| Status::internal(format!("spool dir: {e}")))?;
                 file = Some(
-                    tokio::fs::File::create(&path)
+                    tokio::fs::File::create(&spooled.0)
                         .await
                         .map_err(|e| Status::internal(format!("spool file: {e}")))?,
                 );
@@ -473,7 +471,7 @@ impl<S: Store> RunnerApi<S> {
                 f.flush()
                     .await
                     .map_err(|e| Status::internal(format!("spool flush: {e}")))?;
-                Ok(Some(path))
+                Ok(Some(spooled))
             }
             None if expect_bundle => Err(Status::invalid_argument(
                 "a verified or verify-failed result needs its commit's bundle",
@@ -481,6 +479,32 @@ impl<S: Store> RunnerApi<S> {
             None => Ok(None),
         }
     }
+}
+
+/// A spooled bundle, removed when dropped.
+struct Spooled(PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %self.0.display(), error = %e, "cannot remove a spooled bundle")
+            }
+        }
+    }
+}
+
+/// Empties the spool dir (at start-up: what a crash left there).
+pub fn clean_spool(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// Reads until `buf` is full or the reader ends; returns the bytes read.

@@ -187,6 +187,16 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
 
+    /// Tasks not yet done (open, in progress, verified, needing help): those a lost landing
+    /// could concern.
+    fn unfinished(&self) -> impl Future<Output = Result<Vec<Task>>> + Send;
+
+    /// Makes sure no task ID `t-<n>` with `n` below `at_least` is generated from now on.
+    fn raise_next_task_number(&self, at_least: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether the store has never held a task (no task, no generated ID).
+    fn is_fresh(&self) -> impl Future<Output = Result<bool>> + Send;
+
     /// The earliest end of a back-off still running at `now`.
     fn next_backoff_end(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
 
@@ -269,6 +279,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Every fact whose key starts with `prefix`.
     fn list_meta(&self, prefix: &str)
     -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
+
+    /// Why writes are failing, when the last one failed (cleared by one that succeeds).
+    fn write_failure(&self) -> Option<String>;
 
     /// Forgets a fact.
     fn delete_meta(&self, key: &str) -> impl Future<Output = Result<()>> + Send;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{FromRow, Sqlite, SqliteConnection, Transaction};
+use sqlx::{FromRow, Sqlite, SqliteConnection};
 
 use super::{Committed, Journal, LeaseChange, NewRun, Store, TransitionWrite};
 use crate::domain::{
@@ -30,18 +30,86 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// One write transaction at a time, in arrival order.
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Why the last write failed, until one succeeds again (for the server's health).
+    write_failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
-/// A write transaction holding the store's write turn until it commits or is dropped.
+/// A write transaction holding the store's write turn until it ends. It is begun, committed
+/// and rolled back by hand (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`), and a connection whose
+/// transaction did not end cleanly (a failed statement or commit, a full disk, a cancelled
+/// future) is closed instead of going back to the pool: the next write gets a fresh one, so a
+/// fault never outlives its cause.
 struct WriteTx {
-    tx: Transaction<'static, Sqlite>,
+    conn: sqlx::pool::PoolConnection<Sqlite>,
     _turn: tokio::sync::OwnedMutexGuard<()>,
+    ended: bool,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl WriteTx {
-    async fn commit(self) -> Result<()> {
-        self.tx.commit().await?;
-        Ok(())
+    async fn commit(mut self) -> Result<()> {
+        match sqlx::query("COMMIT").execute(&mut *self.conn).await {
+            Ok(_) => {
+                self.ended = true;
+                self.set_failure(None);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *self.conn).await;
+                self.set_failure(Some(format!("committing a write failed: {e}")));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Ends the transaction without writing anything (a refused request).
+    async fn rollback(mut self) {
+        if sqlx::query("ROLLBACK")
+            .execute(&mut *self.conn)
+            .await
+            .is_ok()
+        {
+            self.ended = true;
+        }
+    }
+
+    /// Commits when `result` is a success, rolls back when it is a refusal (the connection
+    /// stays usable), and otherwise drops the transaction (closing its connection).
+    async fn finish<T>(self, result: Result<T>) -> Result<T> {
+        match result {
+            Ok(value) => self.commit().await.map(|()| value),
+            Err(
+                refusal @ (Error::Conflict(_)
+                | Error::NotFound(_)
+                | Error::AlreadyExists(_)
+                | Error::FailedPrecondition(_)
+                | Error::InvalidArgument(_)),
+            ) => {
+                self.rollback().await;
+                Err(refusal)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    fn set_failure(&self, failure: Option<String>) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = failure;
+        }
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Closing the connection rolls back whatever it held.
+            self.conn.close_on_drop();
+            if let Ok(mut f) = self.failure.lock()
+                && f.is_none()
+            {
+                *f = Some("a write transaction failed (see the server log)".to_owned());
+            }
+        }
     }
 }
 
@@ -49,13 +117,13 @@ impl std::ops::Deref for WriteTx {
     type Target = SqliteConnection;
 
     fn deref(&self) -> &SqliteConnection {
-        &self.tx
+        &self.conn
     }
 }
 
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
+        &mut self.conn
     }
 }
 
@@ -84,6 +152,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             writer: Arc::new(tokio::sync::Mutex::new(())),
+            write_failure: Arc::default(),
         })
     }
 
@@ -97,10 +166,19 @@ impl SqliteStore {
     async fn write(&self) -> Result<WriteTx> {
         let conn = self.pool.acquire().await?;
         let turn = Arc::clone(&self.writer).lock_owned().await;
-        Ok(WriteTx {
-            tx: Transaction::begin(conn, Some("BEGIN IMMEDIATE".into())).await?,
+        let mut tx = WriteTx {
+            conn,
             _turn: turn,
-        })
+            ended: true,
+            failure: Arc::clone(&self.write_failure),
+        };
+        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx.conn).await {
+            tx.conn.close_on_drop();
+            tx.set_failure(Some(format!("beginning a write failed: {e}")));
+            return Err(e.into());
+        }
+        tx.ended = false;
+        Ok(tx)
     }
 }
 
@@ -508,60 +586,132 @@ async fn generate_id(conn: &mut SqliteConnection) -> Result<TaskId> {
     }
 }
 
+async fn insert_task(tx: &mut SqliteConnection, new: NewTask, now: Millis) -> Result<Task> {
+    let id = match new.id {
+        Some(id) => {
+            if task_exists(&mut *tx, id.as_str()).await? {
+                return Err(Error::AlreadyExists(format!(
+                    "task {id} already exists; pick another --id or leave it out"
+                )));
+            }
+            id
+        }
+        None => generate_id(&mut *tx).await?,
+    };
+    if let Some(parent) = &new.parent {
+        require_existing(&mut *tx, std::slice::from_ref(parent), "parent task").await?;
+    }
+    require_existing(&mut *tx, &new.depends_on, "dependency").await?;
+    sqlx::query(
+        "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
+         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+    )
+    .bind(id.as_str())
+    .bind(&new.title)
+    .bind(&new.description)
+    .bind(&new.namespace)
+    .bind(i64::from(new.priority))
+    .bind(new.parent.as_ref().map(TaskId::as_str))
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    for dep in &new.depends_on {
+        sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
+            .bind(id.as_str())
+            .bind(dep.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    insert_event(
+        &mut *tx,
+        &id,
+        now,
+        "created",
+        None,
+        TaskStatus::Open,
+        &format!("created with priority {}", new.priority),
+    )
+    .await?;
+    let task = load_task(&mut *tx, id.as_str())
+        .await?
+        .ok_or_else(|| Error::Internal(format!("task {id} vanished while being created")))?;
+    Ok(task)
+}
+
+async fn insert_dependencies(
+    tx: &mut SqliteConnection,
+    id: &TaskId,
+    deps: &[TaskId],
+    now: Millis,
+) -> Result<Task> {
+    let task = load_task(&mut *tx, id.as_str())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
+    if task.state.status == TaskStatus::Done {
+        return Err(Error::FailedPrecondition(format!(
+            "task {id} is done; dependencies can no longer hold it back"
+        )));
+    }
+    require_existing(&mut *tx, deps, "dependency").await?;
+    let mut added = Vec::new();
+    for dep in deps {
+        if task.depends_on.contains(dep) || added.contains(&dep) {
+            continue;
+        }
+        // A cycle closes if `id` is reachable from `dep` (or is `dep`).
+        let reaches: Option<i64> = sqlx::query_scalar(
+            "WITH RECURSIVE reach(id) AS ( \
+                 SELECT ?1 \
+                 UNION SELECT d.depends_on FROM task_deps d JOIN reach r ON d.task_id = r.id) \
+             SELECT 1 FROM reach WHERE id = ?2 LIMIT 1",
+        )
+        .bind(dep.as_str())
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if reaches.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "task {id} cannot depend on {dep}: {dep} already depends on {id} \
+                 (directly or through other tasks), which would make a cycle"
+            )));
+        }
+        sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
+            .bind(id.as_str())
+            .bind(dep.as_str())
+            .execute(&mut *tx)
+            .await?;
+        added.push(dep);
+    }
+    if !added.is_empty() {
+        let names: Vec<&str> = added.iter().map(|d| d.as_str()).collect();
+        insert_event(
+            &mut *tx,
+            id,
+            now,
+            "dependencies_added",
+            Some(task.state.status),
+            task.state.status,
+            &format!("now also depends on {}", names.join(", ")),
+        )
+        .await?;
+        sqlx::query("UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    let task = load_task(&mut *tx, id.as_str())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
+    Ok(task)
+}
+
 impl Store for SqliteStore {
     async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
         let mut tx = self.write().await?;
-        let id = match new.id {
-            Some(id) => {
-                if task_exists(&mut tx, id.as_str()).await? {
-                    return Err(Error::AlreadyExists(format!(
-                        "task {id} already exists; pick another --id or leave it out"
-                    )));
-                }
-                id
-            }
-            None => generate_id(&mut tx).await?,
-        };
-        if let Some(parent) = &new.parent {
-            require_existing(&mut tx, std::slice::from_ref(parent), "parent task").await?;
-        }
-        require_existing(&mut tx, &new.depends_on, "dependency").await?;
-        sqlx::query(
-            "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
-             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?)",
-        )
-        .bind(id.as_str())
-        .bind(&new.title)
-        .bind(&new.description)
-        .bind(&new.namespace)
-        .bind(i64::from(new.priority))
-        .bind(new.parent.as_ref().map(TaskId::as_str))
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        for dep in &new.depends_on {
-            sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
-                .bind(id.as_str())
-                .bind(dep.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        insert_event(
-            &mut tx,
-            &id,
-            now,
-            "created",
-            None,
-            TaskStatus::Open,
-            &format!("created with priority {}", new.priority),
-        )
-        .await?;
-        let task = load_task(&mut tx, id.as_str())
-            .await?
-            .ok_or_else(|| Error::Internal(format!("task {id} vanished while being created")))?;
-        tx.commit().await?;
-        Ok(task)
+        let result = insert_task(&mut tx, new, now).await;
+        tx.finish(result).await
     }
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
@@ -597,73 +747,14 @@ impl Store for SqliteStore {
 
     async fn add_dependencies(&self, id: &TaskId, deps: &[TaskId], now: Millis) -> Result<Task> {
         let mut tx = self.write().await?;
-        let task = load_task(&mut tx, id.as_str())
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
-        if task.state.status == TaskStatus::Done {
-            return Err(Error::FailedPrecondition(format!(
-                "task {id} is done; dependencies can no longer hold it back"
-            )));
-        }
-        require_existing(&mut tx, deps, "dependency").await?;
-        let mut added = Vec::new();
-        for dep in deps {
-            if task.depends_on.contains(dep) || added.contains(&dep) {
-                continue;
-            }
-            // A cycle closes if `id` is reachable from `dep` (or is `dep`).
-            let reaches: Option<i64> = sqlx::query_scalar(
-                "WITH RECURSIVE reach(id) AS ( \
-                     SELECT ?1 \
-                     UNION SELECT d.depends_on FROM task_deps d JOIN reach r ON d.task_id = r.id) \
-                 SELECT 1 FROM reach WHERE id = ?2 LIMIT 1",
-            )
-            .bind(dep.as_str())
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            if reaches.is_some() {
-                return Err(Error::FailedPrecondition(format!(
-                    "task {id} cannot depend on {dep}: {dep} already depends on {id} \
-                     (directly or through other tasks), which would make a cycle"
-                )));
-            }
-            sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
-                .bind(id.as_str())
-                .bind(dep.as_str())
-                .execute(&mut *tx)
-                .await?;
-            added.push(dep);
-        }
-        if !added.is_empty() {
-            let names: Vec<&str> = added.iter().map(|d| d.as_str()).collect();
-            insert_event(
-                &mut tx,
-                id,
-                now,
-                "dependencies_added",
-                Some(task.state.status),
-                task.state.status,
-                &format!("now also depends on {}", names.join(", ")),
-            )
-            .await?;
-            sqlx::query("UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?")
-                .bind(now)
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        let task = load_task(&mut tx, id.as_str())
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
-        tx.commit().await?;
-        Ok(task)
+        let result = insert_dependencies(&mut tx, id, deps, now).await;
+        tx.finish(result).await
     }
 
     async fn commit_transition(&self, w: TransitionWrite) -> Result<(Task, i64)> {
         let mut tx = self.write().await?;
-        let done = write_transition(&mut tx, &w).await?;
-        tx.commit().await?;
+        let result = write_transition(&mut tx, &w).await;
+        let done = tx.finish(result).await?;
         Ok((done.task, done.event_id))
     }
 
@@ -722,6 +813,59 @@ impl Store for SqliteStore {
                 row.into_task(deps)
             })
             .collect()
+    }
+
+    async fn unfinished(&self) -> Result<Vec<Task>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows: Vec<TaskRow> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE status IN \
+             ('open', 'in_progress', 'verified', 'needs_help') ORDER BY priority, seq"
+        ))
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut tasks = Vec::with_capacity(rows.len());
+        for row in rows {
+            let deps: Vec<String> = sqlx::query_scalar(
+                "SELECT depends_on FROM task_deps WHERE task_id = ? ORDER BY depends_on",
+            )
+            .bind(&row.id)
+            .fetch_all(&mut *conn)
+            .await?;
+            let deps = deps.iter().map(|d| stored_id(d)).collect::<Result<_>>()?;
+            tasks.push(row.into_task(deps)?);
+        }
+        Ok(tasks)
+    }
+
+    async fn raise_next_task_number(&self, at_least: u64) -> Result<()> {
+        let mut tx = self.write().await?;
+        let next: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(NEXT_TASK_NUMBER)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let next: u64 = match next {
+            Some(v) => v.parse().map_err(|_| corrupt("task counter", &v))?,
+            None => 1,
+        };
+        if at_least > next {
+            sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)")
+                .bind(NEXT_TASK_NUMBER)
+                .bind(at_least.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn is_fresh(&self) -> Result<bool> {
+        let any_task: Option<i64> = sqlx::query_scalar("SELECT 1 FROM tasks LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        let counter: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(NEXT_TASK_NUMBER)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(any_task.is_none() && counter.is_none())
     }
 
     async fn next_backoff_end(&self, now: Millis) -> Result<Option<Millis>> {
@@ -985,6 +1129,10 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(EventRow::into_event).collect()
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.write_failure.lock().ok().and_then(|f| f.clone())
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {
