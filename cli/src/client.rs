@@ -1,11 +1,14 @@
 //! The connection to the server and the one mapping from gRPC failures to a line a person can
 //! act on and a stable exit code.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_client::ControlServiceClient;
 use tonic::service::interceptor::InterceptedService;
+use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -88,17 +91,78 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-/// The admin token of a server on this host, found through the note the server leaves at
-/// `~/.local/state/pipeline/servers/<port>` (the path of its token file).
-fn local_admin_token(url: &str) -> Option<String> {
-    let port = url.rsplit(':').next()?.trim_end_matches('/');
+/// The admin token of a server on this host, and the address to reach it at.
+#[derive(Debug, PartialEq)]
+struct LocalToken {
+    token: String,
+    /// For a URL naming a host (`localhost`), the address whose note was used: the client
+    /// connects there, so the token goes to the server it was noted for and no other.
+    pin: Option<SocketAddr>,
+}
+
+/// Where servers on this host note their admin token's path, one file per listening address.
+fn notes_dir() -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
-    let note = std::path::Path::new(&home)
-        .join(".local/state/pipeline/servers")
-        .join(port);
-    let path = std::fs::read_to_string(note).ok()?;
-    let token = std::fs::read_to_string(path.trim()).ok()?;
-    Some(token.trim().to_owned())
+    Some(PathBuf::from(home).join(".local/state/pipeline/servers"))
+}
+
+/// The file name of the note for a server listening on `addr` (the server writes the same
+/// name): `127.0.0.1-50051`, `__1-50051` for `[::1]:50051`.
+fn note_name(addr: SocketAddr) -> String {
+    format!("{}-{}", addr.ip().to_string().replace(':', "_"), addr.port())
+}
+
+/// The token file noted for the server that answers at `addr`: one listening on exactly that
+/// address, else one listening on every address of the family (`0.0.0.0`, `::`), which is the
+/// one the kernel hands the connection to when nobody listens on the address itself.
+fn noted_token_file(dir: &Path, addr: SocketAddr) -> Option<String> {
+    let unspecified: &[IpAddr] = match addr.ip() {
+        IpAddr::V4(_) => &[IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+        IpAddr::V6(_) => &[IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+    };
+    std::iter::once(addr.ip())
+        .chain(unspecified.iter().copied())
+        .find_map(|ip| {
+            let note = dir.join(note_name(SocketAddr::new(ip, addr.port())));
+            std::fs::read_to_string(note).ok()
+        })
+        .map(|path| path.trim().to_owned())
+}
+
+/// The admin token of a server on this host, found through the note the server leaves at
+/// `~/.local/state/pipeline/servers/<ip>-<port>` (the path of its token file). Offered only to
+/// a loopback address: a URL with a loopback IP gets the note of exactly that address; a host
+/// name (`localhost`) gets one only if every address it resolves to is loopback, and then the
+/// client is pinned to the address whose note it uses. Anything else gets nothing.
+fn local_admin_token(url: &str) -> Option<LocalToken> {
+    let uri: Uri = url.parse().ok()?;
+    let host = uri.host()?;
+    let port = uri.port_u16()?;
+    let dir = notes_dir()?;
+    local_admin_token_in(&dir, host, port)
+}
+
+fn local_admin_token_in(dir: &Path, host: &str, port: u16) -> Option<LocalToken> {
+    let literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok();
+    let addrs: Vec<SocketAddr> = match literal {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None => (host, port).to_socket_addrs().ok()?.collect(),
+    };
+    if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return None;
+    }
+    addrs.into_iter().find_map(|addr| {
+        let path = noted_token_file(dir, addr)?;
+        let token = std::fs::read_to_string(path).ok()?.trim().to_owned();
+        Some(LocalToken {
+            token,
+            pin: literal.is_none().then_some(addr),
+        })
+    })
 }
 
 /// A client of the control API.
@@ -120,7 +184,23 @@ impl Client {
         } else {
             format!("http://{url}")
         };
-        let endpoint = Endpoint::from_shared(url.clone())
+        // Checked before anything else: a malformed URL is reported as such.
+        let uri: Uri = url.parse().map_err(|e| {
+            Failure::usage(format!(
+                "invalid server URL {url:?}: {}; use http://HOST:PORT",
+                root_cause(&e)
+            ))
+        })?;
+        let local = match token {
+            Some(_) => None,
+            None => local_admin_token(&url),
+        };
+        // A host name whose address has a note is reached at that very address.
+        let target = match local.as_ref().and_then(|l| l.pin) {
+            Some(addr) => format!("{}://{addr}", uri.scheme_str().unwrap_or("http")),
+            None => url.clone(),
+        };
+        let endpoint = Endpoint::from_shared(target)
             .map_err(|e| {
                 Failure::usage(format!(
                     "invalid server URL {url:?}: {}; use http://HOST:PORT",
@@ -129,9 +209,16 @@ impl Client {
             })?
             .connect_timeout(CONNECT_TIMEOUT);
         let endpoint = match pipeline_proto::client_tls(&url, tls_ca).map_err(Failure::usage)? {
-            Some(tls) => endpoint
-                .tls_config(tls)
-                .map_err(|e| Failure::usage(format!("invalid TLS settings: {}", root_cause(&e))))?,
+            Some(tls) => {
+                // Pinned to an address, the certificate is still checked for the URL's host.
+                let tls = match (uri.host(), local.as_ref().and_then(|l| l.pin)) {
+                    (Some(host), Some(_)) => tls.domain_name(host),
+                    _ => tls,
+                };
+                endpoint.tls_config(tls).map_err(|e| {
+                    Failure::usage(format!("invalid TLS settings: {}", root_cause(&e)))
+                })?
+            }
             None => endpoint,
         };
         let channel = endpoint.connect().await.map_err(|e| Failure {
@@ -142,7 +229,7 @@ impl Client {
             ),
             exit_code: exit::UNAVAILABLE,
         })?;
-        let token = token.map(str::to_owned).or_else(|| local_admin_token(&url));
+        let token = token.map(str::to_owned).or(local.map(|l| l.token));
         let bearer = Bearer(token.and_then(|t| format!("Bearer {}", t.trim()).parse().ok()));
         let inner = ControlServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -315,5 +402,91 @@ impl Client {
             .await;
         let task = r.map_err(|s| self.failure(s))?.into_inner().task;
         task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A notes dir holding a note for each `(address, token)`, with the token files beside it.
+    fn notes(entries: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("dir");
+        for (i, (addr, token)) in entries.iter().enumerate() {
+            let addr: SocketAddr = addr.parse().expect("addr");
+            let file = dir.path().join(format!("token-{i}"));
+            std::fs::write(&file, format!("{token}\n")).expect("token");
+            std::fs::write(dir.path().join(note_name(addr)), file.display().to_string())
+                .expect("note");
+        }
+        dir
+    }
+
+    fn token(dir: &tempfile::TempDir, host: &str, port: u16) -> Option<String> {
+        local_admin_token_in(dir.path(), host, port).map(|l| l.token)
+    }
+
+    #[test]
+    fn note_names_are_the_exact_address_and_safe_in_a_path() {
+        let name = |a: &str| note_name(a.parse().expect("addr"));
+        assert_eq!(name("127.0.0.1:50051"), "127.0.0.1-50051");
+        assert_eq!(name("127.0.0.2:50051"), "127.0.0.2-50051");
+        assert_eq!(name("[::1]:7"), "__1-7");
+        assert_eq!(name("0.0.0.0:7"), "0.0.0.0-7");
+    }
+
+    #[test]
+    fn a_token_goes_only_to_the_loopback_address_it_was_noted_for() {
+        let dir = notes(&[("127.0.0.1:5000", "pla_a"), ("127.0.0.2:5000", "pla_b")]);
+        assert_eq!(token(&dir, "127.0.0.1", 5000).as_deref(), Some("pla_a"));
+        assert_eq!(token(&dir, "127.0.0.2", 5000).as_deref(), Some("pla_b"));
+        assert_eq!(token(&dir, "127.0.0.3", 5000), None, "no note for it");
+        assert_eq!(token(&dir, "127.0.0.1", 5001), None, "another port");
+        assert_eq!(token(&dir, "192.0.2.7", 5000), None, "not loopback");
+        assert_eq!(token(&dir, "[::1]", 5000), None, "another address");
+    }
+
+    #[test]
+    fn a_server_on_every_address_is_found_through_loopback_only() {
+        let dir = notes(&[("0.0.0.0:5000", "pla_all"), ("[::]:6000", "pla_v6")]);
+        assert_eq!(token(&dir, "127.0.0.1", 5000).as_deref(), Some("pla_all"));
+        assert_eq!(token(&dir, "192.0.2.7", 5000), None);
+        assert_eq!(token(&dir, "0.0.0.0", 5000), None, "not a loopback address");
+        assert_eq!(token(&dir, "[::1]", 6000).as_deref(), Some("pla_v6"));
+        assert_eq!(
+            token(&dir, "127.0.0.1", 6000).as_deref(),
+            Some("pla_v6"),
+            "a dual-stack listener takes IPv4 too"
+        );
+        // An exact note wins over the catch-all one.
+        let dir = notes(&[("0.0.0.0:5000", "pla_all"), ("127.0.0.1:5000", "pla_one")]);
+        assert_eq!(token(&dir, "127.0.0.1", 5000).as_deref(), Some("pla_one"));
+    }
+
+    #[test]
+    fn a_host_name_is_pinned_to_the_noted_address() {
+        let dir = notes(&[("127.0.0.1:5000", "pla_a")]);
+        // `localhost` resolves to loopback addresses only (whichever this host lists).
+        match local_admin_token_in(dir.path(), "localhost", 5000) {
+            Some(l) => {
+                assert_eq!(l.token, "pla_a");
+                assert_eq!(l.pin, Some("127.0.0.1:5000".parse().expect("addr")));
+            }
+            None => {
+                let addrs: Vec<SocketAddr> = ("localhost", 5000)
+                    .to_socket_addrs()
+                    .map(Iterator::collect)
+                    .unwrap_or_default();
+                assert!(
+                    !addrs.iter().any(|a| a.ip() == Ipv4Addr::LOCALHOST),
+                    "localhost resolves to {addrs:?}"
+                );
+            }
+        }
+        assert_eq!(
+            local_admin_token_in(dir.path(), "127.0.0.1", 5000).map(|l| l.pin),
+            Some(None),
+            "an address needs no pin"
+        );
     }
 }
