@@ -52,6 +52,11 @@ pub struct RunnerEntry {
     pub draining: bool,
     /// Why the runner takes no work, when it said it is unhealthy.
     pub unhealthy: Option<String>,
+    /// When it registered.
+    pub registered_at: Millis,
+    /// Whether it ever opened a work stream (one that never does is forgotten, see
+    /// [`Registry::set_forget_unopened_after`]).
+    opened: bool,
     /// The open work stream, with a generation so that an old stream's end does not detach
     /// a newer one.
     push: Option<(u64, mpsc::Sender<Push>)>,
@@ -97,9 +102,16 @@ pub enum LeaseRefusal {
     Expired(String),
 }
 
+/// How long a runner that registered but never opened its work stream is kept, unless the
+/// server says otherwise ([`Registry::set_forget_unopened_after`]): twice the default lease TTL.
+pub const FORGET_UNOPENED_AFTER: Millis = 60_000;
+
 /// Runners and live leases.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
+    /// Runners that registered longer ago than this and never opened a work stream are
+    /// forgotten at the next registration.
+    forget_unopened_after: Millis,
     runners: HashMap<String, RunnerEntry>,
     leases: HashMap<String, LiveLease>,
     next_runner: u64,
@@ -121,7 +133,38 @@ pub struct RunnerView {
     pub unhealthy: Option<String>,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            forget_unopened_after: FORGET_UNOPENED_AFTER,
+            runners: HashMap::new(),
+            leases: HashMap::new(),
+            next_runner: 0,
+            next_stream: 0,
+        }
+    }
+}
+
 impl Registry {
+    /// Runners that register and never open their work stream (junk, or a runner that died at
+    /// once) are forgotten this long after registering, so they do not pile up.
+    pub fn set_forget_unopened_after(&mut self, after: Millis) {
+        self.forget_unopened_after = after.max(1);
+    }
+
+    /// Forgets the runners that registered at least `forget_unopened_after` before `now` and
+    /// never opened a work stream (they hold no leases: leases go only to connected runners).
+    /// Returns how many. Called at each registration: the sweep costs one pass over the
+    /// runners, where registrations happen anyway, and needs no timer.
+    fn forget_unopened(&mut self, now: Millis) -> usize {
+        let before = self.runners.len();
+        let after = self.forget_unopened_after;
+        self.runners.retain(|_, r| {
+            r.opened || !r.leases.is_empty() || now.saturating_sub(r.registered_at) < after
+        });
+        before - self.runners.len()
+    }
+
     /// Registers a runner. A runner that registers again under a name whose previous runner is
     /// disconnected takes its place (its live leases can be re-attached by the new one).
     pub fn register(
@@ -132,6 +175,7 @@ impl Registry {
         version: String,
         now: Millis,
     ) -> Result<String, String> {
+        self.forget_unopened(now);
         if let Some(existing) = self.runners.values().find(|r| r.name == name) {
             if existing.connected() {
                 return Err(format!(
@@ -154,6 +198,8 @@ impl Registry {
                 last_heartbeat: Some(now),
                 draining: false,
                 unhealthy: None,
+                registered_at: now,
+                opened: false,
                 push: None,
                 leases: BTreeSet::new(),
             },
@@ -180,6 +226,7 @@ impl Registry {
         self.next_stream += 1;
         let generation = self.next_stream;
         let runner = self.runners.get_mut(runner_id)?;
+        runner.opened = true;
         runner.push = Some((generation, tx));
         runner.draining = draining;
         runner.unhealthy = unhealthy;
@@ -545,6 +592,23 @@ mod tests {
         // Another runner cannot take it while its owner is connected.
         let (b, _rx_b) = connected(&mut reg, "b", 1);
         assert!(!reg.reattach(&b, &lease("L1", 4), 10, TTL));
+    }
+
+    #[test]
+    fn registrations_forget_runners_that_never_opened_their_stream() {
+        let mut reg = Registry::default();
+        reg.set_forget_unopened_after(1_000);
+        let junk = reg.register("junk", vec![], 1, "1".into(), 0).expect("junk");
+        let (worker, rx) = connected(&mut reg, "worker", 1);
+        // A runner that opened its stream and lost it stays (it may come back for its leases).
+        drop(rx);
+        reg.register("young", vec![], 1, "1".into(), 500).expect("young");
+        assert!(reg.runner(&junk).is_some(), "not yet");
+        reg.register("later", vec![], 1, "1".into(), 1_000).expect("later");
+        assert!(reg.runner(&junk).is_none(), "forgotten");
+        assert!(reg.runner(&worker).is_some(), "it opened its stream once");
+        let names: Vec<String> = reg.runners().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, vec!["later", "worker", "young"]);
     }
 
     #[test]

@@ -128,7 +128,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         build_env: config.agent.child_env(),
         dispatch_batch: config.dispatch_batch as usize,
     };
+    let lease_ttl_ms = settings.lease_ttl_ms;
     let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo, auth));
+    // A registration that never opens its work stream is forgotten after two lease TTLs.
+    coordinator
+        .registry()
+        .set_forget_unopened_after(lease_ttl_ms.saturating_mul(2));
     coordinator.load_counts().await?;
     coordinator
         .guard_task_ids(config.accept_existing_history)

@@ -71,24 +71,35 @@ impl FakeRunner {
         name: &str,
         protocol_version: u32,
     ) -> Result<Self, Status> {
+        Self::register_with(
+            url,
+            token,
+            pb::RegisterRequest {
+                name: name.to_owned(),
+                labels: vec!["fake".into()],
+                slots: 1,
+                version: "test".into(),
+                protocol_version,
+            },
+        )
+    }
+
+    /// Registers with the registration `token` and a request made by the test.
+    pub fn register_with(
+        url: &str,
+        token: &str,
+        request: pb::RegisterRequest,
+    ) -> Result<Self, Status> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let mut client = rt
             .block_on(RunnerServiceClient::connect(url.to_owned()))
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .max_encoding_message_size(64 * 1024 * 1024);
         let resp = rt
-            .block_on(client.register(authorized(
-                token,
-                pb::RegisterRequest {
-                    name: name.to_owned(),
-                    labels: vec!["fake".into()],
-                    slots: 1,
-                    version: "test".into(),
-                    protocol_version,
-                },
-            )))?
+            .block_on(client.register(authorized(token, request)))?
             .into_inner();
         Ok(Self {
             rt,

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pipeline_tests::{Output, Server, TestRepo, bin, run};
+use pipeline_proto::v1 as pb;
+use pipeline_tests::fake_runner::FakeRunner;
+use pipeline_tests::{Output, Server, TestRepo, bin, run, wait_for};
 
 /// Starts a server whose `HOME` is `home` (so its note for `pipelinectl` goes there).
 fn start_with_home(repo: &TestRepo, home: &Path, extra: &[&str]) -> Server {
@@ -126,4 +128,105 @@ fn a_non_loopback_url_gets_no_local_token() {
         &["status"],
     )
     .refused(6, "no credential: pass --token or set PIPELINE_TOKEN");
+}
+
+fn hello(name: &str, labels: Vec<String>, version: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        name: name.to_owned(),
+        labels,
+        slots: 1,
+        version: version.to_owned(),
+        protocol_version: pipeline_proto::PROTOCOL_VERSION,
+    }
+}
+
+#[test]
+fn oversized_or_malformed_runner_descriptions_are_refused() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let token = repo.registration_token();
+    let refused = |req: pb::RegisterRequest, says: &str| {
+        let err = FakeRunner::register_with(&server.url, &token, req)
+            .err()
+            .expect("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{:?} should say {says:?}", err.message());
+        assert!(!err.message().contains('\n'), "one line: {:?}", err.message());
+        assert!(err.message().len() < 400, "short: {:?}", err.message());
+    };
+    let mib = "x".repeat(1024 * 1024);
+    refused(
+        hello("r", vec![mib.clone(), mib.clone(), mib], "1"),
+        "label 1 is 1048576 bytes; a label is at most 128 bytes",
+    );
+    refused(
+        hello("r", (0..33).map(|i| format!("l{i}")).collect(), "1"),
+        "33 labels; a runner may have at most 32",
+    );
+    refused(
+        hello("r", vec!["gpu".into(), "os=li\0nux".into()], "1"),
+        "label 2 (\"os=li\\0nux\") contains the control character '\\0'",
+    );
+    refused(
+        hello("r", vec!["a b".into()], "1"),
+        "label 1 (\"a b\") contains a space",
+    );
+    refused(hello("r", vec!["=x".into()], "1"), "its key is empty");
+    refused(hello("r", vec![String::new()], "1"), "label 1 is empty");
+    refused(
+        hello("r", vec![], &"1".repeat(65)),
+        "the version is 65 bytes; at most 64",
+    );
+    refused(
+        hello("r", vec![], "1.0\u{1b}[2J"),
+        "the version contains the control character '\\u{1b}'",
+    );
+    refused(hello("../r", vec![], "1"), "invalid runner name \"../r\"");
+    refused(hello(&"r".repeat(1 << 20), vec![], "1"), "invalid runner name");
+    // The limits themselves pass, and nothing refused was kept.
+    let fine: Vec<String> = (0..32)
+        .map(|i| format!("k{i}={}", "v".repeat(120)))
+        .collect();
+    FakeRunner::register_with(&server.url, &token, hello("ok", fine, &"9".repeat(64)))
+        .expect("at the limits");
+    let runners = server.ctl(&["runners", "--json"]).json();
+    let names: Vec<&str> = runners
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["ok"]);
+}
+
+#[test]
+fn runners_that_never_open_a_work_stream_are_forgotten() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "1"]);
+    let token = repo.registration_token();
+    let v = pipeline_proto::PROTOCOL_VERSION;
+    let _junk = FakeRunner::register(&server.url, &token, "junk", v).expect("junk");
+    let mut worker = FakeRunner::register(&server.url, &token, "worker", v).expect("worker");
+    worker.open(vec![]).expect("open");
+    let names = || -> Vec<String> {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        runners
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|r| r["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(names(), vec!["junk", "worker"]);
+    // Registrations sweep those that never opened their work stream within two lease TTLs.
+    let mut probes = 0;
+    wait_for("the junk registration to be forgotten", || {
+        probes += 1;
+        FakeRunner::register(&server.url, &token, &format!("probe-{probes}"), v).expect("probe");
+        let now = names();
+        (!now.iter().any(|n| n == "junk")).then_some(now)
+    });
+    let now = names();
+    assert!(now.contains(&"worker".to_owned()), "{now:?}");
+    assert!(now.len() < probes + 1, "older probes go too: {now:?}");
 }

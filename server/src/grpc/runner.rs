@@ -105,6 +105,106 @@ fn health(unhealthy: Option<String>) -> Option<String> {
     })
 }
 
+/// The most labels a runner may announce.
+pub const MAX_LABELS: usize = 32;
+/// The longest label, in bytes.
+pub const MAX_LABEL_BYTES: usize = 128;
+/// The longest version string, in bytes.
+pub const MAX_VERSION_BYTES: usize = 64;
+
+/// How a character is named in a refusal.
+fn describe_char(c: char) -> String {
+    match c {
+        ' ' => "a space".to_owned(),
+        c if c.is_control() => format!("the control character {c:?}"),
+        c => format!("{c:?}, which is not printable ASCII"),
+    }
+}
+
+/// Labels are `KEY` or `KEY=VALUE`: printable ASCII without spaces, each at most
+/// [`MAX_LABEL_BYTES`], at most [`MAX_LABELS`] of them. The refusal names the label (by position,
+/// from 1) and what is wrong with it.
+fn check_labels(labels: &[String]) -> Result<(), Status> {
+    const RULE: &str = "a label is KEY or KEY=VALUE of printable ASCII without spaces";
+    if labels.len() > MAX_LABELS {
+        return Err(Status::invalid_argument(format!(
+            "{} labels; a runner may have at most {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    for (i, label) in labels.iter().enumerate() {
+        let n = i + 1;
+        if label.len() > MAX_LABEL_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "label {n} is {} bytes; a label is at most {MAX_LABEL_BYTES} bytes",
+                label.len()
+            )));
+        }
+        if label.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "label {n} is empty; {RULE}"
+            )));
+        }
+        if let Some(bad) = label.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(Status::invalid_argument(format!(
+                "label {n} ({}) contains {}; {RULE}",
+                crate::domain::quote_for_message(label),
+                describe_char(bad)
+            )));
+        }
+        if label.starts_with('=') {
+            return Err(Status::invalid_argument(format!(
+                "label {n} ({}): its key is empty; {RULE}",
+                crate::domain::quote_for_message(label)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A version string is at most [`MAX_VERSION_BYTES`] of printable ASCII (spaces allowed).
+fn check_version(version: &str) -> Result<(), Status> {
+    if version.len() > MAX_VERSION_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the version is {} bytes; at most {MAX_VERSION_BYTES}",
+            version.len()
+        )));
+    }
+    if let Some(bad) = version.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+        return Err(Status::invalid_argument(format!(
+            "the version contains {}; use printable ASCII",
+            describe_char(bad)
+        )));
+    }
+    Ok(())
+}
+
+/// A runner name: like a task ID, safe in logs, paths, messages and as a map key.
+fn check_runner_name(name: &str) -> Result<(), Status> {
+    crate::domain::TaskId::parse(name).map(drop).map_err(|e| {
+        Status::invalid_argument(e.to_string().replace("task id", "runner name"))
+    })
+}
+
+impl TryFrom<pb::RegisterRequest> for RunnerHello {
+    type Error = Status;
+
+    /// Everything a runner says about itself is bounded here, before it is kept in memory or
+    /// shown by `pipelinectl runners`.
+    fn try_from(r: pb::RegisterRequest) -> Result<Self, Status> {
+        check_runner_name(&r.name)?;
+        check_labels(&r.labels)?;
+        check_version(&r.version)?;
+        Ok(RunnerHello {
+            name: r.name,
+            labels: r.labels,
+            slots: r.slots,
+            version: r.version,
+            protocol_version: r.protocol_version,
+        })
+    }
+}
+
 fn runner_id(raw: &str) -> Result<&str, Status> {
     if raw.is_empty() || raw.len() > 100 {
         return Err(Status::invalid_argument("invalid runner id"));
@@ -138,14 +238,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let who = super::caller(&request)?;
-        let r = request.into_inner();
-        let hello = RunnerHello {
-            name: r.name,
-            labels: r.labels,
-            slots: r.slots,
-            version: r.version,
-            protocol_version: r.protocol_version,
-        };
+        let hello = RunnerHello::try_from(request.into_inner())?;
         let registered = self
             .coordinator
             .register(hello, &who)
@@ -521,4 +614,44 @@ async fn read_full(
         filled += n;
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(raw: &[&str]) -> Vec<String> {
+        raw.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn labels_are_bounded_printable_keys_or_pairs() {
+        assert!(check_labels(&labels(&["gpu", "os=linux", "zone=eu-1", "k=v=w"])).is_ok());
+        assert!(check_labels(&labels(&["k="])).is_ok(), "an empty value is a value");
+        assert!(check_labels(&vec!["x".repeat(MAX_LABEL_BYTES); MAX_LABELS]).is_ok());
+        for (raw, says) in [
+            (vec!["x".repeat(MAX_LABEL_BYTES + 1)], "label 1 is 129 bytes"),
+            (vec!["l".to_owned(); MAX_LABELS + 1], "33 labels"),
+            (labels(&["ok", ""]), "label 2 is empty"),
+            (labels(&["a\tb"]), "the control character '\\t'"),
+            (labels(&["caf\u{e9}"]), "'é', which is not printable ASCII"),
+            (labels(&["=v"]), "its key is empty"),
+        ] {
+            let err = check_labels(&raw).expect_err(says);
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains(says), "{}", err.message());
+        }
+    }
+
+    #[test]
+    fn versions_and_names_are_bounded() {
+        assert!(check_version("0.1.0 (abc123)").is_ok());
+        assert!(check_version("").is_ok());
+        assert!(check_version(&"1".repeat(MAX_VERSION_BYTES + 1)).is_err());
+        assert!(check_version("1\n").is_err());
+        assert!(check_runner_name("build-7").is_ok());
+        let err = check_runner_name(&"r".repeat(1 << 20)).expect_err("long");
+        assert!(err.message().len() < 200, "the message is short: {}", err.message());
+        assert!(err.message().starts_with("invalid runner name"));
+    }
 }
