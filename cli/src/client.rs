@@ -131,9 +131,10 @@ fn noted_token_file(dir: &Path, addr: SocketAddr) -> Option<String> {
 
 /// The admin token of a server on this host, found through the note the server leaves at
 /// `~/.local/state/pipeline/servers/<ip>-<port>` (the path of its token file). Offered only to
-/// a loopback address: a URL with a loopback IP gets the note of exactly that address; a host
-/// name (`localhost`) gets one only if every address it resolves to is loopback, and then the
-/// client is pinned to the address whose note it uses. Anything else gets nothing.
+/// a loopback address: a URL with a loopback IP (or `0.0.0.0`/`::`, which connect to loopback)
+/// gets the note of exactly that address; a host name (`localhost`) gets one only if every
+/// address it resolves to is loopback, and then the client is pinned to the address whose note
+/// it uses. Anything else gets nothing.
 fn local_admin_token(url: &str) -> Option<LocalToken> {
     let uri: Uri = url.parse().ok()?;
     let host = uri.host()?;
@@ -143,11 +144,17 @@ fn local_admin_token(url: &str) -> Option<LocalToken> {
 }
 
 fn local_admin_token_in(dir: &Path, host: &str, port: u16) -> Option<LocalToken> {
+    // Connecting to 0.0.0.0 (or ::) reaches this host's loopback address.
     let literal = host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .parse::<IpAddr>()
-        .ok();
+        .ok()
+        .map(|ip| match ip {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        });
     let addrs: Vec<SocketAddr> = match literal {
         Some(ip) => vec![SocketAddr::new(ip, port)],
         None => (host, port).to_socket_addrs().ok()?.collect(),
@@ -451,7 +458,11 @@ mod tests {
         let dir = notes(&[("0.0.0.0:5000", "pla_all"), ("[::]:6000", "pla_v6")]);
         assert_eq!(token(&dir, "127.0.0.1", 5000).as_deref(), Some("pla_all"));
         assert_eq!(token(&dir, "192.0.2.7", 5000), None);
-        assert_eq!(token(&dir, "0.0.0.0", 5000), None, "not a loopback address");
+        assert_eq!(
+            token(&dir, "0.0.0.0", 5000).as_deref(),
+            Some("pla_all"),
+            "connecting to 0.0.0.0 reaches 127.0.0.1"
+        );
         assert_eq!(token(&dir, "[::1]", 6000).as_deref(), Some("pla_v6"));
         assert_eq!(
             token(&dir, "127.0.0.1", 6000).as_deref(),
