@@ -278,6 +278,15 @@ impl Client {
                     ),
                 )
             }
+            // pipelinectl cancels nothing itself: the server dropped the connection.
+            Code::Cancelled => (
+                exit::UNAVAILABLE,
+                format!(
+                    "the pipeline server at {} closed the connection before answering ({message}); \
+                     it may be shutting down or at its connection limit: try again",
+                    self.url
+                ),
+            ),
             Code::DeadlineExceeded => (
                 exit::UNAVAILABLE,
                 format!("the pipeline server at {} did not answer in time", self.url),

@@ -105,6 +105,28 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub dispatch_batch: u32,
 
+    /// Connections open at once (keep it under the open-file limit, `ulimit -n`, less what git
+    /// and the database need); past it new connections are closed as they arrive.
+    #[arg(long, env = "PIPELINE_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Seconds a new connection has to finish its TLS and HTTP/2 handshake and send its first
+    /// request before it is closed.
+    #[arg(long, env = "PIPELINE_HANDSHAKE_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout: u64,
+
+    /// Seconds between HTTP/2 pings on a connection that is otherwise quiet.
+    #[arg(long, env = "PIPELINE_KEEPALIVE_INTERVAL", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_interval: u64,
+
+    /// Seconds a peer has to answer a ping before its connection is closed.
+    #[arg(long, env = "PIPELINE_KEEPALIVE_TIMEOUT", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_timeout: u64,
+
     /// The largest commit bundle a runner may send, in bytes.
     #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_bundle_bytes: u64,
@@ -209,6 +231,11 @@ mod tests {
         assert_eq!((c.max_retries, c.max_task_cost, c.backoff_base), (5, 0, 10));
         assert_eq!(c.lease_ttl, 30);
         assert_eq!(c.local_runners, 0);
+        assert_eq!(c.max_connections, 4096);
+        assert_eq!(
+            (c.handshake_timeout, c.keepalive_interval, c.keepalive_timeout),
+            (10, 30, 20)
+        );
         assert_eq!(c.agent.mode(), AgentMode::Agentd);
         assert_eq!(
             (c.agent.timeout, c.agent.max_iter, c.agent.max_cost),

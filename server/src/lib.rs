@@ -4,7 +4,8 @@
 //! encode) → [`coordinator`] (read, decide with [`lifecycle`], persist, act) → [`store`]
 //! (durable state behind a trait; SQLite by default). [`domain`] holds the validated types all
 //! layers share; [`git`] is the only way to run git; [`runners`] and [`integrate`] are the
-//! coordinator's dispatch loop and integrator; [`server`] wires it all up.
+//! coordinator's dispatch loop and integrator; [`listener`] bounds the connections the server
+//! accepts; [`server`] wires it all up.
 
 pub mod auth;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod git;
 pub mod grpc;
 pub mod integrate;
 pub mod lifecycle;
+pub mod listener;
 pub mod logs;
 pub mod prompt;
 pub mod registry;

@@ -7,8 +7,6 @@ use std::time::Duration;
 use pipeline_proto::v1::control_service_server::ControlServiceServer;
 use pipeline_proto::v1::runner_service_server::RunnerServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -16,8 +14,10 @@ use crate::coordinator::{Coordinator, Settings};
 use crate::error::{Error, Result};
 use crate::git::Repo;
 use crate::grpc::ControlApi;
+use crate::grpc::edge::Edge;
 use crate::grpc::runner::RunnerApi;
 use crate::lifecycle::Policy;
+use crate::listener::{Incoming, Limits};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 
@@ -185,42 +185,56 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         let coordinator = Arc::clone(&coordinator);
         Arc::new(move |token: &str| coordinator.auth.identify(token))
     };
-    let control = tonic::service::interceptor::InterceptedService::new(
+    let control = Edge::new(tonic::service::interceptor::InterceptedService::new(
         ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator), shutdown.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         crate::grpc::Authenticate {
             auth: identify.clone(),
             admin_only: true,
         },
-    );
-    let runner = tonic::service::interceptor::InterceptedService::new(
+    ));
+    let runner = Edge::new(tonic::service::interceptor::InterceptedService::new(
         RunnerServiceServer::new(RunnerApi::new(coordinator, serving.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         crate::grpc::Authenticate {
             auth: identify,
             admin_only: false,
         },
-    );
+    ));
     // Windows large enough that a batch of log lines or a bundle chunk is not held up by
     // HTTP/2 flow control (the 64 KiB default costs round trips on every large message).
-    let mut builder = tonic::transport::Server::builder();
+    let handshake_timeout = Duration::from_secs(config.handshake_timeout);
+    // Quiet connections are pinged; one whose peer does not answer in time is closed.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(config.keepalive_interval)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout)));
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         let read = |p: &std::path::Path| {
             std::fs::read(p)
                 .map_err(|e| Error::InvalidArgument(format!("cannot read {}: {e}", p.display())))
         };
         let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(handshake_timeout);
         builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .tls_config(tls)
             .map_err(|e| Error::InvalidArgument(format!("invalid TLS certificate or key: {e}")))?;
         tracing::info!(cert = %cert.display(), "serving TLS");
     }
+    let incoming = Incoming::new(
+        listener,
+        Limits {
+            max_connections: config.max_connections as usize,
+            handshake_timeout,
+        },
+    );
     let serve = builder
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .add_service(control)
         .add_service(runner)
-        .serve_with_incoming_shutdown(accept_no_delay(listener), serving.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming, serving.clone().cancelled_owned());
     let mut served = tokio::spawn(serve);
     let runners_stop = CancellationToken::new();
     let local_runners = start_local_runners(
@@ -334,22 +348,6 @@ impl StateLock {
         let _ = self.file.rewind();
         let _ = write!(self.file, "pid {}, address {addr}", self.pid);
     }
-}
-
-/// The listener's connections with Nagle's algorithm off. tonic's `tcp_nodelay` applies only
-/// to listeners it binds itself; with Nagle on, a message pushed on a stream right after an
-/// earlier write waits for the peer's delayed ACK (~40 ms on Linux).
-fn accept_no_delay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(conn) = &conn
-            && let Err(e) = conn.set_nodelay(true)
-        {
-            tracing::warn!(error = %e, "cannot turn Nagle's algorithm off");
-        }
-        conn
-    })
 }
 
 /// Starts `--local-runners` runners in this process, speaking the runner protocol to the server
@@ -469,17 +467,5 @@ mod tests {
         assert_eq!(name("127.0.0.1:50051"), "127.0.0.1-50051");
         assert_eq!(name("[::1]:7"), "__1-7");
         assert_eq!(name("0.0.0.0:7"), "0.0.0.0-7");
-    }
-
-    #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut incoming = Box::pin(accept_no_delay(listener));
-        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let conn = incoming.next().await.unwrap().unwrap();
-        assert!(conn.nodelay().unwrap());
-        // A plain accept leaves it on, so the check above means something.
-        assert!(!client.nodelay().unwrap());
     }
 }

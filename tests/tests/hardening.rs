@@ -230,3 +230,100 @@ fn runners_that_never_open_a_work_stream_are_forgotten() {
     assert!(now.contains(&"worker".to_owned()), "{now:?}");
     assert!(now.len() < probes + 1, "older probes go too: {now:?}");
 }
+
+/// Starts a server with extra environment variables.
+fn start_with_env(repo: &TestRepo, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut cmd = Server::command(repo, extra);
+    cmd.envs(env.iter().copied());
+    Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("server did not start:\n{log}"))
+}
+
+/// Reads from `conn` until the peer closes it; false if it is still open after the deadline.
+fn closed_by_peer(conn: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < pipeline_tests::DEADLINE {
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {} // the server's HTTP/2 settings
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading an idle connection: {e}"),
+        }
+    }
+    false
+}
+
+#[test]
+fn connections_that_never_speak_are_closed_and_capped() {
+    let repo = TestRepo::new();
+    // Through the environment, as an operator would set them.
+    let server = start_with_env(
+        &repo,
+        &[],
+        &[
+            ("PIPELINE_MAX_CONNECTIONS", "50"),
+            ("PIPELINE_HANDSHAKE_TIMEOUT", "1"),
+        ],
+    );
+    let mut idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            let conn = std::net::TcpStream::connect(&server.addr).expect("connect");
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                .expect("timeout");
+            conn
+        })
+        .collect();
+    for (i, conn) in idle.iter_mut().enumerate() {
+        assert!(
+            closed_by_peer(conn),
+            "idle connection {i} is still open after {:?}",
+            pipeline_tests::DEADLINE
+        );
+    }
+    // The limit was reached and said so once for the burst, not once per connection.
+    let warnings = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("connection limit reached"))
+        .count();
+    assert!((1..10).contains(&warnings), "{warnings} warnings:\n{}", server.log());
+    // The slots are free again: a real client is served.
+    assert_eq!(server.ctl(&["status", "--json"]).json()["open"], 0);
+}
+
+#[test]
+fn a_peer_that_stops_answering_pings_is_dropped() {
+    let repo = TestRepo::new();
+    let server = start_with_env(
+        &repo,
+        &[],
+        &[
+            ("PIPELINE_MAX_CONNECTIONS", "1"),
+            ("PIPELINE_KEEPALIVE_INTERVAL", "1"),
+            ("PIPELINE_KEEPALIVE_TIMEOUT", "1"),
+        ],
+    );
+    // A client that registers (so its connection is past the handshake) and then freezes: its
+    // runtime no longer runs, so nothing answers the server's pings.
+    let frozen = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "frozen",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    // It holds the only connection slot...
+    server.ctl(&["status"]).refused(5, "the pipeline server at");
+    // ...until the keepalive gives up on it.
+    wait_for("the frozen connection to be dropped", || {
+        let out = server.ctl(&["status", "--json"]);
+        out.status.success().then_some(())
+    });
+    drop(frozen);
+}

@@ -5,6 +5,7 @@
 //! Architecture invariant: only this module (and the `pipeline-proto` crate) knows prost types.
 //! The runner service is in [`runner`].
 
+pub mod edge;
 pub mod runner;
 
 use std::future::Future;
