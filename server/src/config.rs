@@ -127,6 +127,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub keepalive_timeout: u64,
 
+    /// Seconds a runner has to read a base bundle (FetchBase); past it the fetch is cut off and
+    /// its git stopped.
+    #[arg(long, env = "PIPELINE_FETCH_BASE_TIMEOUT", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub fetch_base_timeout: u64,
+
     /// The largest commit bundle a runner may send, in bytes.
     #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_bundle_bytes: u64,
@@ -232,6 +238,7 @@ mod tests {
         assert_eq!(c.lease_ttl, 30);
         assert_eq!(c.local_runners, 0);
         assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.fetch_base_timeout, 600);
         assert_eq!(
             (c.handshake_timeout, c.keepalive_interval, c.keepalive_timeout),
             (10, 30, 20)

@@ -194,7 +194,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         },
     ));
     let runner = Edge::new(tonic::service::interceptor::InterceptedService::new(
-        RunnerServiceServer::new(RunnerApi::new(coordinator, serving.clone()))
+        RunnerServiceServer::new(
+            RunnerApi::new(coordinator, serving.clone())
+                .with_fetch_base_timeout(Duration::from_secs(config.fetch_base_timeout)),
+        )
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         crate::grpc::Authenticate {
             auth: identify,

@@ -327,3 +327,146 @@ fn a_peer_that_stops_answering_pings_is_dropped() {
     });
     drop(frozen);
 }
+
+/// The processes whose parent is `pid`, with their command lines (arguments joined by spaces).
+fn children(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …; comm may hold spaces, so read after the last ')'.
+        let mut rest = stat.rsplit(')').next().unwrap_or_default().split_whitespace();
+        let state = rest.next().unwrap_or_default();
+        let ppid = rest.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(pid) || state == "Z" {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        out.push((child, cmdline));
+    }
+    out
+}
+
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// A commit on `main` with a file of `bytes` hex digits that do not compress much.
+fn commit_big_file(repo: &TestRepo, bytes: usize) {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let content: String = (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"0123456789abcdef"[(x & 15) as usize])
+        })
+        .collect();
+    repo.push_to_main("big.txt", &content);
+}
+
+#[test]
+fn a_base_fetch_nobody_reads_stops_its_git_at_the_deadline() {
+    use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+    use pipeline_tests::fake_runner::authorized;
+    let repo = TestRepo::new();
+    // Far more than the HTTP/2 window and the server's buffers: git blocks writing it.
+    commit_big_file(&repo, 24 << 20);
+    let server = start_with_env(&repo, &[], &[("PIPELINE_FETCH_BASE_TIMEOUT", "3")]);
+    let token = repo.registration_token();
+    // A runner on a runtime of its own threads: its connection keeps answering pings while
+    // nobody reads the fetch.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (runner_id, credential, mut client, mut work) = rt.block_on(async {
+        let mut client = RunnerServiceClient::connect(server.url.clone())
+            .await
+            .expect("connect");
+        let reg = client
+            .register(authorized(&token, hello("stall", vec![], "1")))
+            .await
+            .expect("register")
+            .into_inner();
+        let credential = reg.credential.expect("credential");
+        let mut work = client
+            .open_work(authorized(
+                &credential,
+                pb::OpenWorkRequest {
+                    runner_id: reg.runner_id.clone(),
+                    held: vec![],
+                    draining: false,
+                },
+            ))
+            .await
+            .expect("open")
+            .into_inner();
+        work.message().await.expect("attached");
+        (reg.runner_id, credential, client, work)
+    });
+    server.add(&["--title", "t"]);
+    let (lease, stalled) = rt.block_on(async {
+        let lease = loop {
+            match work.message().await.expect("push").and_then(|m| m.kind) {
+                Some(pb::work_message::Kind::Assignment(a)) => break a.lease.expect("lease"),
+                other => panic!("expected an assignment, got {other:?}"),
+            }
+        };
+        let stalled = client
+            .fetch_base(authorized(
+                &credential,
+                pb::FetchBaseRequest {
+                    runner_id: runner_id.clone(),
+                    lease: Some(lease.clone()),
+                    have: vec![],
+                },
+            ))
+            .await
+            .expect("fetch starts")
+            .into_inner();
+        (lease, stalled)
+    });
+    // The bundle is being made and nobody reads it...
+    let (git, pack) = wait_for("git bundle create to start", || {
+        let git = children(server.pid())
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("bundle create"))?;
+        let pack: Vec<u32> = children(git.0).into_iter().map(|(pid, _)| pid).collect();
+        Some((git.0, pack))
+    });
+    // ...and at the deadline its git (and what git started) is stopped.
+    wait_for("git bundle create to be stopped", || gone(git).then_some(()));
+    for pid in pack {
+        wait_for("git pack-objects to be gone", || gone(pid).then_some(()));
+    }
+    server.wait_for_log("a base fetch was not read within its deadline");
+    // The runner's connection is alive all along (it was the fetch that was cut, not the
+    // connection): a heartbeat on it still works.
+    rt.block_on(async {
+        client
+            .heartbeat(authorized(
+                &credential,
+                pb::HeartbeatRequest {
+                    runner_id: runner_id.clone(),
+                    held: vec![lease.clone()],
+                    draining: false,
+                },
+            ))
+            .await
+            .expect("heartbeat");
+    });
+    drop(stalled);
+    drop(work);
+}

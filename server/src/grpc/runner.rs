@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::runner_service_server::RunnerService;
@@ -27,11 +28,16 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// How long a base fetch may take unless the server says otherwise (`--fetch-base-timeout`).
+pub const FETCH_BASE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// The runner service over a shared coordinator.
 pub struct RunnerApi<S> {
     coordinator: Arc<Coordinator<S>>,
     shutdown: CancellationToken,
     spool_seq: AtomicU64,
+    /// A base fetch whose bundle is not all read by then is cut off and its git stopped.
+    fetch_base_timeout: Duration,
 }
 
 impl<S> RunnerApi<S> {
@@ -40,7 +46,14 @@ impl<S> RunnerApi<S> {
             coordinator,
             shutdown,
             spool_seq: AtomicU64::new(0),
+            fetch_base_timeout: FETCH_BASE_TIMEOUT,
         }
+    }
+
+    /// Bounds each base fetch by `timeout`.
+    pub fn with_fetch_base_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_base_timeout = timeout;
+        self
     }
 }
 
@@ -351,49 +364,33 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             .await
             .map_err(status_from_error)?;
         let (tx, rx) = mpsc::channel(4);
+        let deadline = self.fetch_base_timeout;
+        let shutdown = self.shutdown.clone();
+        let (runner, lease_id) = (id.to_owned(), lease.id);
         tokio::spawn(async move {
-            let Some(mut stdout) = child.stdout.take() else {
-                return;
+            let sent = tokio::select! {
+                sent = tokio::time::timeout(deadline, send_bundle(&mut child, &tx)) => sent,
+                () = shutdown.cancelled() => Ok(Sent::Stopped),
             };
-            let mut stderr = child.stderr.take();
-            let mut sent = false;
-            loop {
-                let mut buf = vec![0u8; CHUNK_BYTES];
-                match read_full(&mut stdout, &mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        sent = true;
-                        if tx
-                            .send(Ok(pb::BundleChunk { data: buf.into() }))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("reading the bundle: {e}"))))
-                            .await;
-                        return;
-                    }
+            match sent {
+                Ok(Sent::All) => return,
+                Ok(Sent::Stopped) => {}
+                Err(_) => {
+                    tracing::warn!(
+                        %runner,
+                        lease = %lease_id,
+                        deadline_secs = deadline.as_secs(),
+                        "a base fetch was not read within its deadline; stopped its git bundle create"
+                    );
+                    let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
+                        "the base bundle was not read within {} s (--fetch-base-timeout); \
+                         fetch it again",
+                        deadline.as_secs()
+                    ))));
                 }
             }
-            let mut err = String::new();
-            if let Some(stderr) = stderr.as_mut() {
-                let _ = stderr.read_to_string(&mut err).await;
-            }
-            let ok = child.wait().await.is_ok_and(|s| s.success());
-            // An empty bundle means the runner already has every object.
-            if !ok && (!err.contains("empty bundle") || sent) {
-                let _ = tx
-                    .send(Err(Status::internal(format!(
-                        "git bundle create failed: {}",
-                        err.trim()
-                    ))))
-                    .await;
-            }
+            // SIGKILL and reap; whatever git started dies on the closed pipe.
+            let _ = child.kill().await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -598,6 +595,64 @@ pub fn clean_spool(dir: &std::path::Path) -> usize {
         .flatten()
         .filter(|e| std::fs::remove_file(e.path()).is_ok())
         .count()
+}
+
+/// How a bundle's sending ended.
+enum Sent {
+    /// Everything git wrote was sent (or its failure reported).
+    All,
+    /// The receiver went away, or reading git failed: git is to be stopped.
+    Stopped,
+}
+
+/// Streams the bundle `git bundle create` writes to its stdout, in [`CHUNK_BYTES`] chunks, then
+/// reports git's failure if it failed (an empty bundle is not one: the runner has everything).
+async fn send_bundle(
+    child: &mut tokio::process::Child,
+    tx: &mpsc::Sender<Result<pb::BundleChunk, Status>>,
+) -> Sent {
+    let Some(mut stdout) = child.stdout.take() else {
+        return Sent::Stopped;
+    };
+    let mut stderr = child.stderr.take();
+    let mut sent = false;
+    loop {
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        match read_full(&mut stdout, &mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.truncate(n);
+                sent = true;
+                if tx
+                    .send(Ok(pb::BundleChunk { data: buf.into() }))
+                    .await
+                    .is_err()
+                {
+                    return Sent::Stopped;
+                }
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::internal(format!("reading the bundle: {e}"))))
+                    .await;
+                return Sent::Stopped;
+            }
+        }
+    }
+    let mut err = String::new();
+    if let Some(stderr) = stderr.as_mut() {
+        let _ = stderr.read_to_string(&mut err).await;
+    }
+    let ok = child.wait().await.is_ok_and(|s| s.success());
+    if !ok && (!err.contains("empty bundle") || sent) {
+        let _ = tx
+            .send(Err(Status::internal(format!(
+                "git bundle create failed: {}",
+                err.trim()
+            ))))
+            .await;
+    }
+    Sent::All
 }
 
 /// Reads until `buf` is full or the reader ends; returns the bytes read.
