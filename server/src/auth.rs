@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -85,17 +86,58 @@ struct State {
     registration: String,
     /// Credential hash → runner name.
     runners: HashMap<String, String>,
-    /// Recent registrations per caller, for the rate limit.
+    /// Recent registrations per key (a credential, `address:…`, `name:…`), for the rate limits.
     registrations: HashMap<String, VecDeque<Instant>>,
+    /// Past this many keys, those without a registration in the last minute are dropped.
+    sweep_at: usize,
 }
+
+/// The window of the registration rate limits.
+const WINDOW: Duration = Duration::from_secs(60);
+/// Registrations allowed per minute from one source address unless set otherwise.
+pub const DEFAULT_REGISTRATIONS_PER_ADDRESS: usize = 60;
+/// Registrations allowed per minute under one runner name unless set otherwise.
+pub const DEFAULT_REGISTRATIONS_PER_NAME: usize = 20;
 
 /// The server's credentials.
 pub struct Auth {
     state: RwLock<State>,
     pub admin_file: PathBuf,
     pub registration_file: PathBuf,
-    /// Registrations allowed per minute from one credential.
+    /// Registrations allowed per minute from one credential (the shared registration token,
+    /// or a runner's own): generous, since the whole fleet shares the token.
     pub max_registrations_per_minute: usize,
+    /// Registrations allowed per minute from one source address (an IPv6 /64 counts as one):
+    /// strict, so that one host cannot use up the token's allowance.
+    pub max_registrations_per_address: usize,
+    /// Registrations allowed per minute under one runner name: strict, so that one runner
+    /// registering in a loop does not crowd out the others.
+    pub max_registrations_per_name: usize,
+}
+
+/// Drops the instants of `recent` older than the window.
+fn prune(recent: &mut VecDeque<Instant>, now: Instant) {
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > WINDOW)
+    {
+        recent.pop_front();
+    }
+}
+
+/// How a source address is counted: an IPv4 address (also one mapped into IPv6) alone, an
+/// IPv6 address by its /64 (a host usually has the whole prefix).
+pub fn address_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("address:{v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("address:{v4}"),
+            None => {
+                let s = v6.segments();
+                format!("address:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
 }
 
 impl Auth {
@@ -126,10 +168,13 @@ impl Auth {
                 registration: hash(&registration),
                 runners,
                 registrations: HashMap::new(),
+                sweep_at: 1024,
             }),
             admin_file,
             registration_file,
             max_registrations_per_minute: max_registrations_per_minute.max(1),
+            max_registrations_per_address: DEFAULT_REGISTRATIONS_PER_ADDRESS,
+            max_registrations_per_name: DEFAULT_REGISTRATIONS_PER_NAME,
         })
     }
 
@@ -166,24 +211,65 @@ impl Auth {
         }
     }
 
-    /// Counts a registration by `caller`; refuses past the per-minute limit.
+    /// Counts a registration by `caller` (a credential); refuses past the per-minute limit.
     pub fn count_registration(&self, caller: &str) -> Result<()> {
+        let limit = self.max_registrations_per_minute;
+        self.count(&[(caller.to_owned(), limit)], |_| {
+            format!("more than {limit} registrations a minute from one credential; wait a minute")
+        })
+    }
+
+    /// Counts a registration from `peer` (when known) under runner `name`; refuses past the
+    /// per-address or the per-name limit, counting nothing then. Checked before the
+    /// credential's count, so a host or a name over its limit does not use up the allowance of
+    /// the credential the whole fleet shares.
+    pub fn count_registration_source(&self, peer: Option<IpAddr>, name: &str) -> Result<()> {
+        let (per_address, per_name) = (
+            self.max_registrations_per_address.max(1),
+            self.max_registrations_per_name.max(1),
+        );
+        let mut keys = vec![(format!("name:{name}"), per_name)];
+        if let Some(ip) = peer {
+            keys.push((address_key(ip), per_address));
+        }
+        self.count(&keys, |i| match (i, peer) {
+            (0, _) => format!(
+                "more than {per_name} registrations a minute of runner {name}; wait a minute"
+            ),
+            (_, Some(ip)) => format!(
+                "more than {per_address} registrations a minute from {ip}; wait a minute"
+            ),
+            (_, None) => "too many registrations; wait a minute".to_owned(),
+        })
+    }
+
+    /// Counts one registration under every key of `keys` (each with its limit a minute) if
+    /// none is at its limit; otherwise refuses with `refusal(index of the full key)`.
+    fn count(&self, keys: &[(String, usize)], refusal: impl Fn(usize) -> String) -> Result<()> {
         let now = Instant::now();
         let mut state = self.write();
-        let recent = state.registrations.entry(caller.to_owned()).or_default();
-        while recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
-            recent.pop_front();
+        if state.registrations.len() > state.sweep_at {
+            state.registrations.retain(|_, recent| {
+                prune(recent, now);
+                !recent.is_empty()
+            });
+            state.sweep_at = (state.registrations.len() * 2).max(1024);
         }
-        if recent.len() >= self.max_registrations_per_minute {
-            return Err(Error::ResourceExhausted(format!(
-                "more than {} registrations a minute from one credential; wait a minute",
-                self.max_registrations_per_minute
-            )));
+        for (i, (key, limit)) in keys.iter().enumerate() {
+            if let Some(recent) = state.registrations.get_mut(key) {
+                prune(recent, now);
+                if recent.len() >= *limit {
+                    return Err(Error::ResourceExhausted(refusal(i)));
+                }
+            }
         }
-        recent.push_back(now);
+        for (key, _) in keys {
+            state
+                .registrations
+                .entry(key.clone())
+                .or_default()
+                .push_back(now);
+        }
         Ok(())
     }
 
@@ -237,6 +323,47 @@ mod tests {
             hash("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    async fn auth() -> (Auth, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = crate::store::sqlite::SqliteStore::open(&format!(
+            "sqlite://{}",
+            dir.path().join("db").display()
+        ))
+        .await
+        .expect("store");
+        let auth = Auth::open(&store, dir.path(), 100).await.expect("auth");
+        (auth, dir)
+    }
+
+    #[tokio::test]
+    async fn registrations_are_limited_per_address_and_per_name_independently() {
+        let (mut auth, _dir) = auth().await;
+        auth.max_registrations_per_address = 3;
+        auth.max_registrations_per_name = 2;
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        // One name, twice: then that name is refused, from anywhere...
+        auth.count_registration_source(Some(a), "r").expect("1");
+        auth.count_registration_source(Some(a), "r").expect("2");
+        let err = auth.count_registration_source(Some(b), "r").expect_err("name");
+        assert!(err.to_string().contains("of runner r"), "{err}");
+        // ...but the refusal counted nothing: the address has room for one more name.
+        auth.count_registration_source(Some(a), "s").expect("3");
+        let err = auth.count_registration_source(Some(a), "t").expect_err("address");
+        assert!(err.to_string().contains("from 10.0.0.1"), "{err}");
+        auth.count_registration_source(Some(b), "t").expect("another host");
+        auth.count_registration_source(None, "u").expect("no address known");
+    }
+
+    #[test]
+    fn an_ipv6_host_is_counted_by_its_prefix() {
+        let key = |s: &str| address_key(s.parse().expect("ip"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.1"), key("192.0.2.1"));
+        assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
     }
 
     #[test]

@@ -91,13 +91,30 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_LOG_RETENTION_DAYS", default_value_t = 0)]
     pub log_retention_days: u64,
 
-    /// Registrations allowed per minute from one credential.
+    /// Registrations allowed per minute from one credential (the registration token the fleet
+    /// shares, or a runner's own).
     #[arg(
         long,
         env = "PIPELINE_MAX_REGISTRATIONS_PER_MINUTE",
-        default_value_t = 60
+        default_value_t = 600
     )]
     pub max_registrations_per_minute: usize,
+
+    /// Registrations allowed per minute from one source address (an IPv6 /64 counts as one).
+    #[arg(
+        long,
+        env = "PIPELINE_MAX_REGISTRATIONS_PER_ADDRESS",
+        default_value_t = crate::auth::DEFAULT_REGISTRATIONS_PER_ADDRESS
+    )]
+    pub max_registrations_per_address: usize,
+
+    /// Registrations allowed per minute under one runner name.
+    #[arg(
+        long,
+        env = "PIPELINE_MAX_REGISTRATIONS_PER_NAME",
+        default_value_t = crate::auth::DEFAULT_REGISTRATIONS_PER_NAME
+    )]
+    pub max_registrations_per_name: usize,
 
     /// Leases committed per database transaction when many are handed out at once (group
     /// commit); 1 commits each lease on its own.
@@ -239,6 +256,14 @@ mod tests {
         assert_eq!(c.local_runners, 0);
         assert_eq!(c.max_connections, 4096);
         assert_eq!(c.fetch_base_timeout, 600);
+        assert_eq!(
+            (
+                c.max_registrations_per_minute,
+                c.max_registrations_per_address,
+                c.max_registrations_per_name
+            ),
+            (600, 60, 20)
+        );
         assert_eq!(
             (c.handshake_timeout, c.keepalive_interval, c.keepalive_timeout),
             (10, 30, 20)

@@ -92,8 +92,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         tracing::info!(files = cleaned, "removed bundles a crash left in the spool");
     }
     let store = SqliteStore::open(&db_url).await?;
-    let auth =
+    let mut auth =
         crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
+    auth.max_registrations_per_address = config.max_registrations_per_address;
+    auth.max_registrations_per_name = config.max_registrations_per_name;
     // Where, never what: the tokens stay in their files.
     tracing::info!(
         admin_token = %auth.admin_file.display(),

@@ -470,3 +470,88 @@ fn a_base_fetch_nobody_reads_stops_its_git_at_the_deadline() {
     drop(stalled);
     drop(work);
 }
+
+/// Registers under each of `names` with `token`, over one connection from the local address
+/// `source`; returns each outcome.
+fn register_from(
+    url: &str,
+    token: &str,
+    source: &str,
+    names: impl Iterator<Item = String>,
+) -> Vec<Result<(), tonic::Status>> {
+    use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+    use pipeline_tests::fake_runner::authorized;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .expect("url")
+            .local_address(Some(source.parse().expect("ip")))
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = RunnerServiceClient::new(channel);
+        let mut out = Vec::new();
+        for name in names {
+            let r = client
+                .register(authorized(token, hello(&name, vec![], "1")))
+                .await;
+            out.push(r.map(drop));
+        }
+        out
+    })
+}
+
+/// The refusals among `outcomes`, checked to be rate limits saying `says`.
+fn rate_limited(outcomes: &[Result<(), tonic::Status>], says: &str) -> usize {
+    outcomes
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .inspect(|e| {
+            assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+            assert!(e.message().contains(says), "{:?} should say {says:?}", e.message());
+        })
+        .count()
+}
+
+#[test]
+fn a_registration_flood_from_one_host_does_not_lock_out_the_fleet() {
+    let repo = TestRepo::new();
+    // The defaults: 20 a minute per runner name, 60 per source address, 600 per credential.
+    let server = Server::start(&repo, &[]);
+    let token = repo.registration_token();
+    // All of 127/8 is loopback, so the test can be several hosts.
+    // One name, registered over and over: cut by the per-name limit.
+    let one_name = register_from(
+        &server.url,
+        &token,
+        "127.0.0.2",
+        (0..100).map(|_| "flood".to_owned()),
+    );
+    let refused = rate_limited(&one_name, "registrations a minute of runner flood");
+    assert_eq!(refused, 80, "20 passed");
+    // Many names from one address: cut by the per-address limit.
+    let one_host = register_from(
+        &server.url,
+        &token,
+        "127.0.0.3",
+        (0..100).map(|i| format!("flood-{i}")),
+    );
+    let refused = rate_limited(&one_host, "registrations a minute from 127.0.0.3");
+    assert_eq!(refused, 40, "60 passed");
+    // Neither stops another runner, from another host or from the flood's own host under its
+    // own name: the shared registration token was not used up.
+    let honest = register_from(&server.url, &token, "127.0.0.1", ["honest".to_owned()].into_iter());
+    assert!(honest[0].is_ok(), "{:?}", honest[0]);
+    let other = register_from(&server.url, &token, "127.0.0.2", ["build-2".to_owned()].into_iter());
+    assert!(other[0].is_ok(), "{:?}", other[0]);
+    // A real runner registers and works.
+    let mut args = pipeline_tests::scripted_agent();
+    args.push("--no-verify".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _runner = pipeline_tests::Runner::start(&repo, &server, "real", &args);
+    let id = server.add(&["--title", "t"]);
+    server.wait_status(&id, "done");
+}

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::status_from_error;
+use crate::auth::Caller;
 use crate::coordinator::{Coordinator, now_ms};
 use crate::registry::{Assignment, LeaseRef, Push};
 use crate::runners::{LeaseResult, Outcome, RunnerHello};
@@ -251,7 +252,16 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let who = super::caller(&request)?;
+        let peer = request.remote_addr().map(|a| a.ip());
         let hello = RunnerHello::try_from(request.into_inner())?;
+        // Per host and per name before the credential's own count (in `register`), so that
+        // one host or one name over its limit does not use up the shared token's allowance.
+        if matches!(who, Caller::Registration | Caller::Runner(_)) {
+            self.coordinator
+                .auth
+                .count_registration_source(peer, &hello.name)
+                .map_err(status_from_error)?;
+        }
         let registered = self
             .coordinator
             .register(hello, &who)

@@ -10,11 +10,13 @@ use crate::common::{Admin, Summary, register_sims, report};
 use crate::floors::Floors;
 
 /// Flags every benchmark server gets: long leases (nothing expires mid-run) and no cap on
-/// registrations (hundreds of simulated runners register at once).
+/// registrations (hundreds of simulated runners register at once, all from 127.0.0.1).
 pub const SERVER_FLAGS: &[&str] = &[
     "--lease-ttl",
     "600",
     "--max-registrations-per-minute",
+    "1000000",
+    "--max-registrations-per-address",
     "1000000",
     "--no-verify",
 ];

@@ -21,6 +21,8 @@ pub async fn heartbeats(quick: bool) {
             "3",
             "--max-registrations-per-minute",
             "1000000",
+            "--max-registrations-per-address",
+            "1000000",
             "--no-verify",
         ],
     );
