@@ -245,14 +245,27 @@ impl Client {
     }
 
     fn failure(&self, status: Status) -> Failure {
-        let mut message = one_line(status.message());
-        if message.contains("message length too large") {
-            message = format!(
-                "the request is too large for the server ({}); a description may be at most 1 MiB",
-                message.trim_start_matches("Error, ")
-            );
-        }
+        let message = one_line(status.message());
         let (exit_code, message) = match status.code() {
+            // The server refused a request message over its size limit: the request is wrong.
+            Code::ResourceExhausted if message.starts_with("the request message is too large") => (
+                exit::USAGE,
+                format!(
+                    "the request is too large for the server ({}); a description may be at \
+                     most 1 MiB",
+                    message
+                        .trim_start_matches("the request message is too large: ")
+                        .trim_end_matches("; send less in one request")
+                ),
+            ),
+            // pipelinectl's own decoder refused an answer over its size limit.
+            Code::OutOfRange if message.contains("message length too large") => (
+                exit::FAILURE,
+                format!(
+                    "the server's answer is too large for pipelinectl ({})",
+                    message.trim_start_matches("Error, ")
+                ),
+            ),
             Code::InvalidArgument | Code::OutOfRange => (exit::USAGE, message),
             Code::NotFound => (exit::NOT_FOUND, message),
             Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => {

@@ -555,3 +555,89 @@ fn a_registration_flood_from_one_host_does_not_lock_out_the_fleet() {
     let id = server.add(&["--title", "t"]);
     server.wait_status(&id, "done");
 }
+
+/// A control-API client with the admin token, on a runtime of its own.
+fn admin_call<T>(
+    server: &Server,
+    token: &str,
+    call: impl AsyncFnOnce(
+        pipeline_proto::v1::control_service_client::ControlServiceClient<
+            tonic::transport::Channel,
+        >,
+        String,
+    ) -> T,
+) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = pipeline_proto::v1::control_service_client::ControlServiceClient::connect(
+            server.url.clone(),
+        )
+        .await
+        .expect("connect");
+        call(client, token.to_owned()).await
+    })
+}
+
+#[test]
+fn messages_over_the_size_limit_are_resource_exhausted() {
+    use pipeline_tests::fake_runner::authorized;
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let huge = "x".repeat(5 * 1024 * 1024);
+    let status = admin_call(&server, &repo.admin_token(), async |mut client, token| {
+        client
+            .create_task(authorized(
+                &token,
+                pb::CreateTaskRequest {
+                    title: "t".into(),
+                    description: huge.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect_err("refused")
+    });
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("the limit is: 4194304 bytes"),
+        "{}",
+        status.message()
+    );
+    // A stream of a runner's: a bundle chunk over the limit.
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    server.add(&["--title", "t"]);
+    let a = fake.next_assignment();
+    let err = fake
+        .complete(
+            a.lease.expect("lease"),
+            pb::LeaseOutcome::Verified,
+            Some(a.base_commit),
+            vec![0; 5 * 1024 * 1024],
+        )
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    // pipelinectl says it in one line, as a malformed request.
+    let file = repo.dir.path().join("huge.txt");
+    std::fs::write(&file, &huge).expect("write");
+    let line = server
+        .ctl(&[
+            "task",
+            "add",
+            "--title",
+            "t",
+            "--description-file",
+            file.to_str().expect("utf-8"),
+        ])
+        .refused(2, "the request is too large for the server");
+    assert!(line.contains("a description may be at most 1 MiB"), "{line}");
+}

@@ -345,7 +345,8 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             if coordinator.auth.identify_hash(&token).as_ref() != Some(&who) {
                 return Err(Status::unauthenticated(super::INVALID_CREDENTIAL));
             }
-            beat(&coordinator, &who, r?)
+            // An oversized message fails the stream itself, after the edge's rewriting.
+            beat(&coordinator, &who, r.map_err(super::edge::oversized)?)
         });
         // Ends at shutdown, so an open stream does not hold the server up.
         Ok(Response::new(Box::pin(super::until_cancelled(
