@@ -641,3 +641,27 @@ fn messages_over_the_size_limit_are_resource_exhausted() {
         .refused(2, "the request is too large for the server");
     assert!(line.contains("a description may be at most 1 MiB"), "{line}");
 }
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let status = admin_call(&server, &repo.admin_token(), async |mut client, token| {
+            let mut req = tonic::Request::new(pb::GetStatusRequest {});
+            let value = format!("{scheme} {token}").parse().expect("header");
+            req.metadata_mut().insert("authorization", value);
+            client.get_status(req).await
+        });
+        assert!(status.is_ok(), "{scheme}: {status:?}");
+    }
+    // Another scheme is no credential at all.
+    let status = admin_call(&server, &repo.admin_token(), async |mut client, token| {
+        let mut req = tonic::Request::new(pb::GetStatusRequest {});
+        let value = format!("Basic {token}").parse().expect("header");
+        req.metadata_mut().insert("authorization", value);
+        client.get_status(req).await
+    });
+    let err = status.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+}

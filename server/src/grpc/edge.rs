@@ -7,8 +7,9 @@
 //! - it answers a request message over the size limit with `RESOURCE_EXHAUSTED` and a message a
 //!   person can act on. tonic's decoder says `OUT_OF_RANGE` ("decoded message length too
 //!   large"), but gRPC's code for a message over the receiver's limit is `RESOURCE_EXHAUSTED`.
-//!   This covers every refusal made before a handler runs (unary and server-streaming calls);
-//!   the handlers of client-streaming calls map what their stream yields with [`oversized`].
+//!   This covers every refusal that ends a call before its answer starts (a unary request, or
+//!   a handler returning its stream's error); the heartbeat stream, whose refusal travels in
+//!   the trailers of an answer under way, maps what it reads with [`oversized`].
 
 use std::future::Future;
 use std::pin::Pin;

@@ -40,13 +40,15 @@ pub struct Authenticate {
     pub admin_only: bool,
 }
 
-/// The bearer token a call presents.
+/// The bearer token a call presents: `authorization: Bearer <token>`, the scheme matched
+/// without regard to case (RFC 6750 §2.1, RFC 9110 §11.1).
 pub(crate) fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
-    metadata
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let value = metadata.get("authorization")?.to_str().ok()?.trim_start();
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// Said when a credential is not (or no longer) valid.
@@ -690,6 +692,22 @@ mod tests {
             assert_eq!(status.code(), code);
             assert!(status.message().contains(says), "{}", status.message());
         }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_regard_to_case() {
+        let token = |value: &str| {
+            let mut md = tonic::metadata::MetadataMap::new();
+            md.insert("authorization", value.parse().expect("value"));
+            bearer(&md).map(str::to_owned)
+        };
+        for value in ["Bearer pla_x", "bearer pla_x", "BEARER pla_x", "Bearer  pla_x "] {
+            assert_eq!(token(value).as_deref(), Some("pla_x"), "{value:?}");
+        }
+        for value in ["Basic pla_x", "Bearerpla_x", "Bearer ", "pla_x", "Bearer"] {
+            assert_eq!(token(value), None, "{value:?}");
+        }
+        assert_eq!(bearer(&tonic::metadata::MetadataMap::new()), None);
     }
 
     #[test]
