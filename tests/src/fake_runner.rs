@@ -189,12 +189,24 @@ impl FakeRunner {
         commit: Option<String>,
         bundle: Vec<u8>,
     ) -> Result<pb::CompleteLeaseResponse, Status> {
+        self.complete_with_cost(lease, outcome, 1.0, commit, bundle)
+    }
+
+    /// [`FakeRunner::complete`], reporting `cost_cents`.
+    pub fn complete_with_cost(
+        &mut self,
+        lease: pb::LeaseRef,
+        outcome: pb::LeaseOutcome,
+        cost_cents: f64,
+        commit: Option<String>,
+        bundle: Vec<u8>,
+    ) -> Result<pb::CompleteLeaseResponse, Status> {
         let messages = complete_messages(
             &self.id,
             lease,
             outcome,
             Some("from the fake runner".into()),
-            1.0,
+            cost_cents,
             commit,
             bundle,
         );

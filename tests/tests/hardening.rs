@@ -665,3 +665,38 @@ fn the_bearer_scheme_is_case_insensitive() {
     let err = status.expect_err("refused");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 }
+
+#[test]
+fn reported_costs_are_bounded_and_totals_stay_numbers() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "0", "--max-retries", "0"]);
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "t"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    for cost in [1.7e308, 1e9 + 1.0, f64::INFINITY, f64::NAN, -1.0] {
+        let err = fake
+            .complete_with_cost(lease.clone(), pb::LeaseOutcome::DevFailed, cost, None, vec![])
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{cost}: {err:?}");
+        assert!(
+            err.message().contains("one attempt reports 0 to 1e9 cents"),
+            "{}",
+            err.message()
+        );
+    }
+    // The bound itself is a cost, twice: the total is a number, not inf (JSON null).
+    fake.complete_with_cost(lease, pb::LeaseOutcome::DevFailed, 1e9, None, vec![])
+        .expect("at the bound");
+    let lease = fake.next_assignment().lease.expect("lease again");
+    fake.complete_with_cost(lease, pb::LeaseOutcome::DevFailed, 1e9, None, vec![])
+        .expect("again");
+    let task = server.show(&id);
+    assert_eq!(task["cost_cents"].as_f64(), Some(2e9), "{task}");
+}

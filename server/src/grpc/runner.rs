@@ -126,6 +126,22 @@ pub const MAX_LABEL_BYTES: usize = 128;
 /// The longest version string, in bytes.
 pub const MAX_VERSION_BYTES: usize = 64;
 
+/// The largest cost one attempt may report, in cents (ten million dollars). Bounding each
+/// report keeps every sum of them finite: a task's total would need 10^299 attempts to reach
+/// infinity (which JSON cannot even say: `task show --json` printed `null`).
+pub const MAX_REPORTED_COST_CENTS: f64 = 1e9;
+
+/// A reported cost is a finite number of cents from 0 to [`MAX_REPORTED_COST_CENTS`].
+fn check_cost(cents: f64) -> Result<(), Status> {
+    if cents.is_finite() && (0.0..=MAX_REPORTED_COST_CENTS).contains(&cents) {
+        return Ok(());
+    }
+    Err(Status::invalid_argument(format!(
+        "cost_cents {cents:e} is not a cost: one attempt reports 0 to {MAX_REPORTED_COST_CENTS:e} \
+         cents"
+    )))
+}
+
 /// How a character is named in a refusal.
 fn describe_char(c: char) -> String {
     match c {
@@ -432,11 +448,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             Ok(pb::LeaseOutcome::Verified) => Outcome::Verified,
             _ => return Err(Status::invalid_argument("unknown lease outcome")),
         };
-        if !header.cost_cents.is_finite() || header.cost_cents < 0.0 {
-            return Err(Status::invalid_argument(
-                "cost_cents must be a non-negative number",
-            ));
-        }
+        check_cost(header.cost_cents)?;
         // Refuse a dead lease before reading a possibly large bundle (the full check, against
         // the database too, comes with the result).
         self.coordinator
@@ -707,6 +719,21 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.message().contains(says), "{}", err.message());
         }
+    }
+
+    #[test]
+    fn costs_are_finite_and_bounded() {
+        for ok in [0.0, 0.5, 1e9] {
+            assert!(check_cost(ok).is_ok(), "{ok}");
+        }
+        for bad in [-0.1, 1e9 + 1.0, 1.7e308, f64::INFINITY, f64::NAN] {
+            let err = check_cost(bad).expect_err("refused");
+            assert!(err.message().len() < 120, "{}", err.message());
+        }
+        assert_eq!(
+            check_cost(1.7e308).expect_err("refused").message(),
+            "cost_cents 1.7e308 is not a cost: one attempt reports 0 to 1e9 cents"
+        );
     }
 
     #[test]
