@@ -407,7 +407,7 @@ impl LogPrinter {
                         );
                     }
                     let last = self.last_seq.get(&batch.run_id).copied().unwrap_or(0);
-                    if line.seq > last + 1 {
+                    if line.seq > last.saturating_add(1) {
                         println!(
                             "[… lines {}–{} cut: the run's log passed its size cap …]",
                             last + 1,

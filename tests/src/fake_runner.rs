@@ -163,6 +163,21 @@ impl FakeRunner {
         Ok(self.rt.block_on(self.client.heartbeat(req))?.into_inner())
     }
 
+    /// Sends log lines for `lease`.
+    pub fn append_logs(
+        &mut self,
+        lease: pb::LeaseRef,
+        lines: Vec<pb::LogLine>,
+    ) -> Result<pb::AppendLogsResponse, Status> {
+        let req = pb::AppendLogsRequest {
+            runner_id: self.id.clone(),
+            lease: Some(lease),
+            lines,
+        };
+        let req = authorized(&self.credential, req);
+        Ok(self.rt.block_on(self.client.append_logs(req))?.into_inner())
+    }
+
     /// Fetches a lease's base bundle; returns its bytes.
     pub fn fetch(&mut self, lease: pb::LeaseRef) -> Result<Vec<u8>, Status> {
         let req = pb::FetchBaseRequest {

@@ -700,3 +700,56 @@ fn reported_costs_are_bounded_and_totals_stay_numbers() {
     let task = server.show(&id);
     assert_eq!(task["cost_cents"].as_f64(), Some(2e9), "{task}");
 }
+
+/// A dev-phase stdout line.
+fn log_line(seq: u64, text: &str) -> pb::LogLine {
+    pb::LogLine {
+        seq,
+        at_ms: 1_700_000_000_000,
+        stream: pb::LogStream::Stdout.into(),
+        phase: pb::RunPhase::Dev.into(),
+        text: text.to_owned(),
+    }
+}
+
+#[test]
+fn log_numbers_past_the_databases_range_are_refused() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "t"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    let top = i64::MAX as u64;
+    let acked = fake
+        .append_logs(
+            lease.clone(),
+            vec![log_line(1, "first"), log_line(top, "last")],
+        )
+        .expect("the largest number is fine");
+    assert_eq!(acked.acked_seq, top);
+    for seq in [top + 1, u64::MAX] {
+        let err = fake
+            .append_logs(lease.clone(), vec![log_line(seq, "wrapped")])
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{seq}: {err:?}");
+        assert!(
+            err.message().contains(&format!("log line {seq} is past")),
+            "{}",
+            err.message()
+        );
+    }
+    let out = server.ctl(&["logs", &id]).ok();
+    assert!(out.contains("first") && out.contains("last"), "{out}");
+    assert!(!out.contains("wrapped"), "{out}");
+    assert!(
+        out.contains(&format!("lines 2–{} cut", top - 1)),
+        "the gap is shown, nothing wraps: {out}"
+    );
+}

@@ -184,6 +184,10 @@ impl From<&LogLine> for pb::LogLine {
 }
 
 /// A runner's log line, validated: a seq from 1, a known stream, a dev or verify phase.
+/// The largest log line number: lines are stored under SQLite's signed 64-bit integers, so a
+/// larger number would not be the number stored (nor the one acknowledged).
+pub const MAX_LOG_SEQ: u64 = i64::MAX.unsigned_abs();
+
 pub(crate) fn log_line_from_pb(l: pb::LogLine) -> Result<LogLine, Status> {
     let stream = match pb::LogStream::try_from(l.stream) {
         Ok(pb::LogStream::Stdout) => LogStream::Stdout,
@@ -206,6 +210,12 @@ pub(crate) fn log_line_from_pb(l: pb::LogLine) -> Result<LogLine, Status> {
     };
     if l.seq == 0 {
         return Err(Status::invalid_argument("log lines are numbered from 1"));
+    }
+    if l.seq > MAX_LOG_SEQ {
+        return Err(Status::invalid_argument(format!(
+            "log line {} is past the largest line number, {MAX_LOG_SEQ}; number lines from 1",
+            l.seq
+        )));
     }
     Ok(LogLine {
         seq: l.seq,
@@ -708,6 +718,26 @@ mod tests {
             assert_eq!(token(value), None, "{value:?}");
         }
         assert_eq!(bearer(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn log_line_numbers_fit_the_database() {
+        let line = |seq| pb::LogLine {
+            seq,
+            stream: pb::LogStream::Stdout.into(),
+            phase: pb::RunPhase::Dev.into(),
+            ..Default::default()
+        };
+        assert!(log_line_from_pb(line(1)).is_ok());
+        assert_eq!(
+            log_line_from_pb(line(MAX_LOG_SEQ)).map(|l| l.seq).ok(),
+            Some(MAX_LOG_SEQ)
+        );
+        assert_eq!(i64::try_from(MAX_LOG_SEQ).ok(), Some(i64::MAX));
+        for seq in [0, MAX_LOG_SEQ + 1, u64::MAX] {
+            let err = log_line_from_pb(line(seq)).expect_err("refused");
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{seq}");
+        }
     }
 
     #[test]
