@@ -260,7 +260,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Logs { id, follow } => {
             let mut stream = client.task_logs(id, follow).await?;
-            let mut printer = output::LogPrinter::default();
+            let mut printer = output::LogPrinter::new(output::stdout_is_terminal());
             while let Some(msg) = client.next(&mut stream).await? {
                 if let Some(status) = printer.print(msg)
                     && follow

@@ -1,11 +1,70 @@
 //! What `pipelinectl` prints: aligned tables for people, and for `--json` the shapes of
 //! `CONTRACT.md` (statuses as lowercase words, times as RFC 3339 strings, absent values as null).
+//!
+//! Text that comes from agents and builds (log lines, run errors, rejection feedback, event
+//! messages) is shown escaped when stdout is a terminal ([`terminal_safe`]): an escape sequence
+//! in an agent's output must not reach a person's terminal, where it could retitle the window,
+//! move the cursor, rewrite what was printed or worse. Piped or redirected, the text is
+//! printed as it was written (scripts and files get the bytes); `--json` is JSON-escaped anyway.
+
+use std::borrow::Cow;
+use std::io::IsTerminal;
 
 use pipeline_proto::v1 as pb;
 use serde_json::{Value, json};
 
 use crate::client::Failure;
 use crate::time::rfc3339;
+
+/// Whether a character is shown escaped on a terminal: the C0 controls but tab (ESC starts
+/// every escape sequence; CR and BS overwrite what was printed), DEL, the C1 controls (U+009B
+/// is a one-character CSI on some terminals), and the bidirectional overrides and isolates
+/// (which make a line read differently from what it is).
+fn dangerous(c: char) -> bool {
+    matches!(c, '\u{0}'..='\u{8}' | '\u{a}'..='\u{1f}' | '\u{7f}'..='\u{9f}')
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` safe to show on a terminal: every [`dangerous`] character written as an escape, `\xNN`
+/// for those below U+0080 and `\u{NNNN}` for the others; everything else as it is (a
+/// backslash too, so `\x1b` typed by the agent looks the same as an escaped ESC: it is text
+/// either way).
+pub fn terminal_safe(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(dangerous) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if !dangerous(c) {
+            out.push(c);
+        } else if u32::from(c) < 0x80 {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `text` as shown: [`terminal_safe`] if `terminal`, as it is otherwise.
+pub fn shown(text: &str, terminal: bool) -> Cow<'_, str> {
+    if terminal {
+        terminal_safe(text)
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// Whether stdout is a terminal (asked once).
+pub fn stdout_is_terminal() -> bool {
+    static TERMINAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TERMINAL.get_or_init(|| std::io::stdout().is_terminal())
+}
+
+/// Text from agents and builds, as shown on this process's stdout.
+fn agent_text(text: &str) -> Cow<'_, str> {
+    shown(text, stdout_is_terminal())
+}
 
 /// The lowercase word for a task status, as in the contract.
 pub fn status_word(raw: i32) -> &'static str {
@@ -229,7 +288,7 @@ pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure
         return Ok(());
     }
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
-    println!("{}  {}", t.id, t.title);
+    println!("{}  {}", t.id, agent_text(&t.title));
     println!("status:      {}", status_word(t.status));
     println!("priority:    P{}", t.priority);
     println!("namespace:   {}", or_dash(&t.namespace));
@@ -251,13 +310,13 @@ pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure
     if !t.description.is_empty() {
         println!("\ndescription:");
         for line in t.description.lines() {
-            println!("  {line}");
+            println!("  {}", agent_text(line));
         }
     }
     if let Some(feedback) = &t.feedback {
         println!("\nlast rejection:");
         for line in feedback.lines() {
-            println!("  {line}");
+            println!("  {}", agent_text(line));
         }
     }
     println!("\nruns:");
@@ -277,11 +336,8 @@ pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure
                     r.cost_cents.to_string(),
                     rfc3339(r.started_at_ms),
                     r.finished_at_ms.map_or_else(|| "-".into(), rfc3339),
-                    r.error
-                        .as_deref()
-                        .and_then(|e| e.lines().next())
-                        .unwrap_or("-")
-                        .to_owned(),
+                    agent_text(r.error.as_deref().and_then(|e| e.lines().next()).unwrap_or("-"))
+                        .into_owned(),
                 ]
             })
             .collect();
@@ -300,7 +356,7 @@ pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure
             rfc3339(e.at_ms),
             e.kind,
             status_word(e.to_status),
-            e.message
+            agent_text(&e.message)
         );
     }
     Ok(())
@@ -365,14 +421,24 @@ fn stream_word(raw: i32) -> &'static str {
 
 /// Prints a `logs` stream: a header per run (and per phase within it), each line with its
 /// time and stream, and a marker where lines were cut.
+/// Lines are shown escaped when printing to a terminal ([`terminal_safe`]).
 #[derive(Default)]
 pub struct LogPrinter {
     runs: std::collections::HashMap<i64, pb::LogRunHeader>,
     current: Option<(i64, i32)>,
     last_seq: std::collections::HashMap<i64, u64>,
+    terminal: bool,
 }
 
 impl LogPrinter {
+    /// A printer for stdout; `terminal` when it is one.
+    pub fn new(terminal: bool) -> Self {
+        Self {
+            terminal,
+            ..Self::default()
+        }
+    }
+
     /// Prints one message; returns the task's status when the message is one.
     pub fn print(&mut self, msg: pb::TaskLogsResponse) -> Option<&'static str> {
         use pb::task_logs_response::Kind;
@@ -419,7 +485,7 @@ impl LogPrinter {
                         "{} {:<6} {}",
                         rfc3339(line.at_ms),
                         stream_word(line.stream),
-                        line.text
+                        shown(&line.text, self.terminal)
                     );
                 }
                 None
@@ -455,10 +521,46 @@ pub fn transition(t: &pb::TaskTransition, as_json: bool) {
             from.unwrap_or("-"),
             status_word(t.to_status),
             t.kind,
-            t.message.lines().next().unwrap_or_default()
+            agent_text(t.message.lines().next().unwrap_or_default())
         );
     }
     // A pipe reader (`| grep`) sees each transition at once.
     use std::io::Write;
     let _ = std::io::stdout().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_controls_are_shown_escaped_for_a_terminal() {
+        let cases = [
+            ("plain text, with a\ttab", "plain text, with a\ttab"),
+            ("\u{1b}[31mred\u{1b}[0m", "\\x1b[31mred\\x1b[0m"),
+            ("\u{1b}]0;title\u{7}", "\\x1b]0;title\\x07"),
+            ("over\rwrite", "over\\x0dwrite"),
+            ("nul\0", "nul\\x00"),
+            ("del\u{7f}", "del\\x7f"),
+            ("csi\u{9b}2J", "csi\\u{9b}2J"),
+            ("bidi \u{202e}txt.exe", "bidi \\u{202e}txt.exe"),
+            ("isolate \u{2066}x\u{2069}", "isolate \\u{2066}x\\u{2069}"),
+            ("unicode é ✓ stays", "unicode é ✓ stays"),
+            ("a\\x1b stays as typed", "a\\x1b stays as typed"),
+        ];
+        for (raw, shown) in cases {
+            assert_eq!(terminal_safe(raw), shown, "{raw:?}");
+        }
+        assert!(
+            matches!(terminal_safe("nothing to do"), std::borrow::Cow::Borrowed(_)),
+            "no copy when nothing changes"
+        );
+    }
+
+    #[test]
+    fn only_a_terminal_gets_the_escaped_form() {
+        let line = "\u{1b}[2Jgone";
+        assert_eq!(shown(line, true), "\\x1b[2Jgone");
+        assert_eq!(shown(line, false), line, "a pipe gets the bytes as they are");
+    }
 }

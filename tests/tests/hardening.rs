@@ -753,3 +753,45 @@ fn log_numbers_past_the_databases_range_are_refused() {
         "the gap is shown, nothing wraps: {out}"
     );
 }
+
+#[test]
+fn logs_are_escaped_on_a_terminal_and_kept_raw_through_a_pipe() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let mut fake = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    let id = server.add(&["--title", "t"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    let hostile = "\u{1b}[31mred\u{1b}[0m\u{7} \u{1b}]0;title\u{7}\rover\tcol \u{9b}2J";
+    fake.append_logs(lease, vec![log_line(1, hostile)])
+        .expect("append");
+    // Not a terminal (the test reads a pipe): the bytes come through as the agent wrote them.
+    let out = server.ctl(&["logs", &id]).ok();
+    assert!(out.contains(hostile), "{out:?}");
+    // On a terminal (util-linux `script` gives it one), the same line is shown escaped.
+    let command = format!(
+        "'{}' --server {} --token {} logs {id}",
+        bin("pipelinectl").display(),
+        server.url,
+        repo.admin_token()
+    );
+    let out = run(Command::new("script").args(["-qec", &command, "/dev/null"]));
+    if out.status.code() == Some(127) || out.stderr.contains("not found") {
+        eprintln!("no `script` here to give pipelinectl a terminal; the unit tests cover it");
+        return;
+    }
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("\\x1b[31mred\\x1b[0m\\x07 \\x1b]0;title\\x07\\x0dover\tcol \\u{9b}2J"),
+        "{:?}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains('\u{1b}'), "no escape reaches the terminal: {:?}", out.stdout);
+}
