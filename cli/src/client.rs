@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_client::ControlServiceClient;
-use tonic::service::interceptor::InterceptedService;
 use tonic::codegen::http::Uri;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -109,7 +109,11 @@ fn notes_dir() -> Option<PathBuf> {
 /// The file name of the note for a server listening on `addr` (the server writes the same
 /// name): `127.0.0.1-50051`, `__1-50051` for `[::1]:50051`.
 fn note_name(addr: SocketAddr) -> String {
-    format!("{}-{}", addr.ip().to_string().replace(':', "_"), addr.port())
+    format!(
+        "{}-{}",
+        addr.ip().to_string().replace(':', "_"),
+        addr.port()
+    )
 }
 
 /// The token file noted for the server that answers at `addr`: one listening on exactly that
@@ -117,7 +121,10 @@ fn note_name(addr: SocketAddr) -> String {
 /// one the kernel hands the connection to when nobody listens on the address itself.
 fn noted_token_file(dir: &Path, addr: SocketAddr) -> Option<String> {
     let unspecified: &[IpAddr] = match addr.ip() {
-        IpAddr::V4(_) => &[IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+        IpAddr::V4(_) => &[
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ],
         IpAddr::V6(_) => &[IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
     };
     std::iter::once(addr.ip())

@@ -336,8 +336,13 @@ pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure
                     r.cost_cents.to_string(),
                     rfc3339(r.started_at_ms),
                     r.finished_at_ms.map_or_else(|| "-".into(), rfc3339),
-                    agent_text(r.error.as_deref().and_then(|e| e.lines().next()).unwrap_or("-"))
-                        .into_owned(),
+                    agent_text(
+                        r.error
+                            .as_deref()
+                            .and_then(|e| e.lines().next())
+                            .unwrap_or("-"),
+                    )
+                    .into_owned(),
                 ]
             })
             .collect();
@@ -552,7 +557,10 @@ mod tests {
             assert_eq!(terminal_safe(raw), shown, "{raw:?}");
         }
         assert!(
-            matches!(terminal_safe("nothing to do"), std::borrow::Cow::Borrowed(_)),
+            matches!(
+                terminal_safe("nothing to do"),
+                std::borrow::Cow::Borrowed(_)
+            ),
             "no copy when nothing changes"
         );
     }
@@ -561,6 +569,10 @@ mod tests {
     fn only_a_terminal_gets_the_escaped_form() {
         let line = "\u{1b}[2Jgone";
         assert_eq!(shown(line, true), "\\x1b[2Jgone");
-        assert_eq!(shown(line, false), line, "a pipe gets the bytes as they are");
+        assert_eq!(
+            shown(line, false),
+            line,
+            "a pipe gets the bytes as they are"
+        );
     }
 }

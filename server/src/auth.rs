@@ -236,9 +236,9 @@ impl Auth {
             (0, _) => format!(
                 "more than {per_name} registrations a minute of runner {name}; wait a minute"
             ),
-            (_, Some(ip)) => format!(
-                "more than {per_address} registrations a minute from {ip}; wait a minute"
-            ),
+            (_, Some(ip)) => {
+                format!("more than {per_address} registrations a minute from {ip}; wait a minute")
+            }
             (_, None) => "too many registrations; wait a minute".to_owned(),
         })
     }
@@ -347,14 +347,20 @@ mod tests {
         // One name, twice: then that name is refused, from anywhere...
         auth.count_registration_source(Some(a), "r").expect("1");
         auth.count_registration_source(Some(a), "r").expect("2");
-        let err = auth.count_registration_source(Some(b), "r").expect_err("name");
+        let err = auth
+            .count_registration_source(Some(b), "r")
+            .expect_err("name");
         assert!(err.to_string().contains("of runner r"), "{err}");
         // ...but the refusal counted nothing: the address has room for one more name.
         auth.count_registration_source(Some(a), "s").expect("3");
-        let err = auth.count_registration_source(Some(a), "t").expect_err("address");
+        let err = auth
+            .count_registration_source(Some(a), "t")
+            .expect_err("address");
         assert!(err.to_string().contains("from 10.0.0.1"), "{err}");
-        auth.count_registration_source(Some(b), "t").expect("another host");
-        auth.count_registration_source(None, "u").expect("no address known");
+        auth.count_registration_source(Some(b), "t")
+            .expect("another host");
+        auth.count_registration_source(None, "u")
+            .expect("no address known");
     }
 
     #[test]

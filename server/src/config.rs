@@ -265,7 +265,11 @@ mod tests {
             (600, 60, 20)
         );
         assert_eq!(
-            (c.handshake_timeout, c.keepalive_interval, c.keepalive_timeout),
+            (
+                c.handshake_timeout,
+                c.keepalive_interval,
+                c.keepalive_timeout
+            ),
             (10, 30, 20)
         );
         assert_eq!(c.agent.mode(), AgentMode::Agentd);

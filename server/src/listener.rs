@@ -296,7 +296,11 @@ mod tests {
         assert_eq!(third.read(&mut buf).await.expect("eof"), 0, "closed");
         drop(first);
         let _fourth = TcpStream::connect(addr).await.expect("connect");
-        assert_eq!(next.await.expect("join"), Some(true), "accepted after a slot freed");
+        assert_eq!(
+            next.await.expect("join"),
+            Some(true),
+            "accepted after a slot freed"
+        );
     }
 
     #[tokio::test]

@@ -598,13 +598,17 @@ mod tests {
     fn registrations_forget_runners_that_never_opened_their_stream() {
         let mut reg = Registry::default();
         reg.set_forget_unopened_after(1_000);
-        let junk = reg.register("junk", vec![], 1, "1".into(), 0).expect("junk");
+        let junk = reg
+            .register("junk", vec![], 1, "1".into(), 0)
+            .expect("junk");
         let (worker, rx) = connected(&mut reg, "worker", 1);
         // A runner that opened its stream and lost it stays (it may come back for its leases).
         drop(rx);
-        reg.register("young", vec![], 1, "1".into(), 500).expect("young");
+        reg.register("young", vec![], 1, "1".into(), 500)
+            .expect("young");
         assert!(reg.runner(&junk).is_some(), "not yet");
-        reg.register("later", vec![], 1, "1".into(), 1_000).expect("later");
+        reg.register("later", vec![], 1, "1".into(), 1_000)
+            .expect("later");
         assert!(reg.runner(&junk).is_none(), "forgotten");
         assert!(reg.runner(&worker).is_some(), "it opened its stream once");
         let names: Vec<String> = reg.runners().into_iter().map(|r| r.name).collect();

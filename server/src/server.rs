@@ -200,7 +200,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             RunnerApi::new(coordinator, serving.clone())
                 .with_fetch_base_timeout(Duration::from_secs(config.fetch_base_timeout)),
         )
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
         crate::grpc::Authenticate {
             auth: identify,
             admin_only: false,
@@ -439,7 +439,11 @@ impl Drop for AdminNote {
 /// The file name of the note for a server listening on `addr` (`pipelinectl` reads the same
 /// name): `127.0.0.1-50051`, `__1-50051` for `[::1]:50051`.
 fn admin_note_name(addr: std::net::SocketAddr) -> String {
-    format!("{}-{}", addr.ip().to_string().replace(':', "_"), addr.port())
+    format!(
+        "{}-{}",
+        addr.ip().to_string().replace(':', "_"),
+        addr.port()
+    )
 }
 
 /// Writes the [`AdminNote`] for `addr`; `None` if there is no home or it cannot be written

@@ -57,7 +57,11 @@ fn two_servers_on_one_port_each_get_their_own_admin_token() {
     assert_ne!(repo_a.admin_token(), repo_b.admin_token());
     for server in [&a, &b] {
         let out = ctl_home(&server.url, home.path(), &["status", "--json"]).json();
-        assert_eq!(out["open"], 0, "{} accepts the token noted for it", server.url);
+        assert_eq!(
+            out["open"], 0,
+            "{} accepts the token noted for it",
+            server.url
+        );
     }
     // The two tokens are not interchangeable, so the successes above used the right one each.
     ctl_home(
@@ -103,11 +107,7 @@ fn non_loopback_address() -> Option<std::net::IpAddr> {
 fn a_non_loopback_url_gets_no_local_token() {
     let home = tempfile::tempdir().expect("home");
     let repo = TestRepo::new();
-    let server = start_with_home(
-        &repo,
-        home.path(),
-        &["--listen", "0.0.0.0:0", "--insecure"],
-    );
+    let server = start_with_home(&repo, home.path(), &["--listen", "0.0.0.0:0", "--insecure"]);
     let port = server.addr.rsplit(':').next().expect("port").to_owned();
     // Loopback reaches a server listening on every address: its note is offered there.
     let out = ctl_home(
@@ -122,12 +122,8 @@ fn a_non_loopback_url_gets_no_local_token() {
         return;
     };
     // The same server through a non-loopback address: the token is not offered.
-    ctl_home(
-        &format!("http://{ip}:{port}"),
-        home.path(),
-        &["status"],
-    )
-    .refused(6, "no credential: pass --token or set PIPELINE_TOKEN");
+    ctl_home(&format!("http://{ip}:{port}"), home.path(), &["status"])
+        .refused(6, "no credential: pass --token or set PIPELINE_TOKEN");
 }
 
 fn hello(name: &str, labels: Vec<String>, version: &str) -> pb::RegisterRequest {
@@ -150,8 +146,16 @@ fn oversized_or_malformed_runner_descriptions_are_refused() {
             .err()
             .expect("refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains(says), "{:?} should say {says:?}", err.message());
-        assert!(!err.message().contains('\n'), "one line: {:?}", err.message());
+        assert!(
+            err.message().contains(says),
+            "{:?} should say {says:?}",
+            err.message()
+        );
+        assert!(
+            !err.message().contains('\n'),
+            "one line: {:?}",
+            err.message()
+        );
         assert!(err.message().len() < 400, "short: {:?}", err.message());
     };
     let mib = "x".repeat(1024 * 1024);
@@ -182,7 +186,10 @@ fn oversized_or_malformed_runner_descriptions_are_refused() {
         "the version contains the control character '\\u{1b}'",
     );
     refused(hello("../r", vec![], "1"), "invalid runner name \"../r\"");
-    refused(hello(&"r".repeat(1 << 20), vec![], "1"), "invalid runner name");
+    refused(
+        hello(&"r".repeat(1 << 20), vec![], "1"),
+        "invalid runner name",
+    );
     // The limits themselves pass, and nothing refused was kept.
     let fine: Vec<String> = (0..32)
         .map(|i| format!("k{i}={}", "v".repeat(120)))
@@ -292,7 +299,11 @@ fn connections_that_never_speak_are_closed_and_capped() {
         .lines()
         .filter(|l| l.contains("connection limit reached"))
         .count();
-    assert!((1..10).contains(&warnings), "{warnings} warnings:\n{}", server.log());
+    assert!(
+        (1..10).contains(&warnings),
+        "{warnings} warnings:\n{}",
+        server.log()
+    );
     // The slots are free again: a real client is served.
     assert_eq!(server.ctl(&["status", "--json"]).json()["open"], 0);
 }
@@ -332,14 +343,22 @@ fn a_peer_that_stops_answering_pings_is_dropped() {
 fn children(pid: u32) -> Vec<(u32, String)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
             continue;
         };
         // pid (comm) state ppid …; comm may hold spaces, so read after the last ')'.
-        let mut rest = stat.rsplit(')').next().unwrap_or_default().split_whitespace();
+        let mut rest = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or_default()
+            .split_whitespace();
         let state = rest.next().unwrap_or_default();
         let ppid = rest.next().and_then(|p| p.parse::<u32>().ok());
         if ppid != Some(pid) || state == "Z" {
@@ -418,11 +437,9 @@ fn a_base_fetch_nobody_reads_stops_its_git_at_the_deadline() {
     });
     server.add(&["--title", "t"]);
     let (lease, stalled) = rt.block_on(async {
-        let lease = loop {
-            match work.message().await.expect("push").and_then(|m| m.kind) {
-                Some(pb::work_message::Kind::Assignment(a)) => break a.lease.expect("lease"),
-                other => panic!("expected an assignment, got {other:?}"),
-            }
+        let lease = match work.message().await.expect("push").and_then(|m| m.kind) {
+            Some(pb::work_message::Kind::Assignment(a)) => a.lease.expect("lease"),
+            other => panic!("expected an assignment, got {other:?}"),
         };
         let stalled = client
             .fetch_base(authorized(
@@ -447,7 +464,9 @@ fn a_base_fetch_nobody_reads_stops_its_git_at_the_deadline() {
         Some((git.0, pack))
     });
     // ...and at the deadline its git (and what git started) is stopped.
-    wait_for("git bundle create to be stopped", || gone(git).then_some(()));
+    wait_for("git bundle create to be stopped", || {
+        gone(git).then_some(())
+    });
     for pid in pack {
         wait_for("git pack-objects to be gone", || gone(pid).then_some(()));
     }
@@ -511,7 +530,11 @@ fn rate_limited(outcomes: &[Result<(), tonic::Status>], says: &str) -> usize {
         .filter_map(|r| r.as_ref().err())
         .inspect(|e| {
             assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
-            assert!(e.message().contains(says), "{:?} should say {says:?}", e.message());
+            assert!(
+                e.message().contains(says),
+                "{:?} should say {says:?}",
+                e.message()
+            );
         })
         .count()
 }
@@ -543,9 +566,19 @@ fn a_registration_flood_from_one_host_does_not_lock_out_the_fleet() {
     assert_eq!(refused, 40, "60 passed");
     // Neither stops another runner, from another host or from the flood's own host under its
     // own name: the shared registration token was not used up.
-    let honest = register_from(&server.url, &token, "127.0.0.1", ["honest".to_owned()].into_iter());
+    let honest = register_from(
+        &server.url,
+        &token,
+        "127.0.0.1",
+        ["honest".to_owned()].into_iter(),
+    );
     assert!(honest[0].is_ok(), "{:?}", honest[0]);
-    let other = register_from(&server.url, &token, "127.0.0.2", ["build-2".to_owned()].into_iter());
+    let other = register_from(
+        &server.url,
+        &token,
+        "127.0.0.2",
+        ["build-2".to_owned()].into_iter(),
+    );
     assert!(other[0].is_ok(), "{:?}", other[0]);
     // A real runner registers and works.
     let mut args = pipeline_tests::scripted_agent();
@@ -561,9 +594,7 @@ fn admin_call<T>(
     server: &Server,
     token: &str,
     call: impl AsyncFnOnce(
-        pipeline_proto::v1::control_service_client::ControlServiceClient<
-            tonic::transport::Channel,
-        >,
+        pipeline_proto::v1::control_service_client::ControlServiceClient<tonic::transport::Channel>,
         String,
     ) -> T,
 ) -> T {
@@ -639,7 +670,10 @@ fn messages_over_the_size_limit_are_resource_exhausted() {
             file.to_str().expect("utf-8"),
         ])
         .refused(2, "the request is too large for the server");
-    assert!(line.contains("a description may be at most 1 MiB"), "{line}");
+    assert!(
+        line.contains("a description may be at most 1 MiB"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -682,7 +716,13 @@ fn reported_costs_are_bounded_and_totals_stay_numbers() {
     let lease = fake.next_assignment().lease.expect("lease");
     for cost in [1.7e308, 1e9 + 1.0, f64::INFINITY, f64::NAN, -1.0] {
         let err = fake
-            .complete_with_cost(lease.clone(), pb::LeaseOutcome::DevFailed, cost, None, vec![])
+            .complete_with_cost(
+                lease.clone(),
+                pb::LeaseOutcome::DevFailed,
+                cost,
+                None,
+                vec![],
+            )
             .expect_err("refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{cost}: {err:?}");
         assert!(
@@ -793,5 +833,9 @@ fn logs_are_escaped_on_a_terminal_and_kept_raw_through_a_pipe() {
         "{:?}",
         out.stdout
     );
-    assert!(!out.stdout.contains('\u{1b}'), "no escape reaches the terminal: {:?}", out.stdout);
+    assert!(
+        !out.stdout.contains('\u{1b}'),
+        "no escape reaches the terminal: {:?}",
+        out.stdout
+    );
 }

@@ -140,7 +140,11 @@ mod tests {
         map_oversized(&mut resp);
         let status = Status::from_header_map(resp.headers()).expect("status");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(status.message().contains("found 9 bytes"), "{}", status.message());
+        assert!(
+            status.message().contains("found 9 bytes"),
+            "{}",
+            status.message()
+        );
         let mut ok: http::Response<()> = Status::not_found("no task t-9").into_http();
         map_oversized(&mut ok);
         let status = Status::from_header_map(ok.headers()).expect("status");

@@ -711,7 +711,12 @@ mod tests {
             md.insert("authorization", value.parse().expect("value"));
             bearer(&md).map(str::to_owned)
         };
-        for value in ["Bearer pla_x", "bearer pla_x", "BEARER pla_x", "Bearer  pla_x "] {
+        for value in [
+            "Bearer pla_x",
+            "bearer pla_x",
+            "BEARER pla_x",
+            "Bearer  pla_x ",
+        ] {
             assert_eq!(token(value).as_deref(), Some("pla_x"), "{value:?}");
         }
         for value in ["Basic pla_x", "Bearerpla_x", "Bearer ", "pla_x", "Bearer"] {

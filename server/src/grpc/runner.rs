@@ -200,7 +200,10 @@ fn check_version(version: &str) -> Result<(), Status> {
             version.len()
         )));
     }
-    if let Some(bad) = version.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+    if let Some(bad) = version
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || *c == ' '))
+    {
         return Err(Status::invalid_argument(format!(
             "the version contains {}; use printable ASCII",
             describe_char(bad)
@@ -211,9 +214,9 @@ fn check_version(version: &str) -> Result<(), Status> {
 
 /// A runner name: like a task ID, safe in logs, paths, messages and as a map key.
 fn check_runner_name(name: &str) -> Result<(), Status> {
-    crate::domain::TaskId::parse(name).map(drop).map_err(|e| {
-        Status::invalid_argument(e.to_string().replace("task id", "runner name"))
-    })
+    crate::domain::TaskId::parse(name)
+        .map(drop)
+        .map_err(|e| Status::invalid_argument(e.to_string().replace("task id", "runner name")))
 }
 
 impl TryFrom<pb::RegisterRequest> for RunnerHello {
@@ -705,10 +708,16 @@ mod tests {
     #[test]
     fn labels_are_bounded_printable_keys_or_pairs() {
         assert!(check_labels(&labels(&["gpu", "os=linux", "zone=eu-1", "k=v=w"])).is_ok());
-        assert!(check_labels(&labels(&["k="])).is_ok(), "an empty value is a value");
+        assert!(
+            check_labels(&labels(&["k="])).is_ok(),
+            "an empty value is a value"
+        );
         assert!(check_labels(&vec!["x".repeat(MAX_LABEL_BYTES); MAX_LABELS]).is_ok());
         for (raw, says) in [
-            (vec!["x".repeat(MAX_LABEL_BYTES + 1)], "label 1 is 129 bytes"),
+            (
+                vec!["x".repeat(MAX_LABEL_BYTES + 1)],
+                "label 1 is 129 bytes",
+            ),
             (vec!["l".to_owned(); MAX_LABELS + 1], "33 labels"),
             (labels(&["ok", ""]), "label 2 is empty"),
             (labels(&["a\tb"]), "the control character '\\t'"),
@@ -744,7 +753,11 @@ mod tests {
         assert!(check_version("1\n").is_err());
         assert!(check_runner_name("build-7").is_ok());
         let err = check_runner_name(&"r".repeat(1 << 20)).expect_err("long");
-        assert!(err.message().len() < 200, "the message is short: {}", err.message());
+        assert!(
+            err.message().len() < 200,
+            "the message is short: {}",
+            err.message()
+        );
         assert!(err.message().starts_with("invalid runner name"));
     }
 }
