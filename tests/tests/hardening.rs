@@ -427,6 +427,7 @@ fn a_base_fetch_nobody_reads_stops_its_git_at_the_deadline() {
                     runner_id: reg.runner_id.clone(),
                     held: vec![],
                     draining: false,
+                    unhealthy: None,
                 },
             ))
             .await
@@ -481,6 +482,7 @@ fn a_base_fetch_nobody_reads_stops_its_git_at_the_deadline() {
                     runner_id: runner_id.clone(),
                     held: vec![lease.clone()],
                     draining: false,
+                    unhealthy: None,
                 },
             ))
             .await
