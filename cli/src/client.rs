@@ -131,9 +131,32 @@ fn noted_token_file(dir: &Path, addr: SocketAddr) -> Option<String> {
         .chain(unspecified.iter().copied())
         .find_map(|ip| {
             let note = dir.join(note_name(SocketAddr::new(ip, addr.port())));
-            std::fs::read_to_string(note).ok()
+            let path = std::fs::read_to_string(note).ok()?.trim().to_owned();
+            server_alive(Path::new(&path)).then_some(path)
         })
-        .map(|path| path.trim().to_owned())
+}
+
+/// Whether the server whose admin token is at `token_file` still runs: it holds the lock on
+/// its state dir (`server.lock` beside the token) for as long as it lives, so a note left by a
+/// server that was killed (and could not remove it) is not taken for a live one on the same
+/// address.
+fn server_alive(token_file: &Path) -> bool {
+    let Some(lock) = token_file.parent().map(|d| d.join("server.lock")) else {
+        return false;
+    };
+    match std::fs::File::open(&lock) {
+        // Free to take: nobody holds it.
+        Ok(file) => match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                false
+            }
+            Err(std::fs::TryLockError::WouldBlock) => true,
+            Err(std::fs::TryLockError::Error(_)) => true,
+        },
+        // A server from before the lock, or one that cannot be told: trust the note.
+        Err(_) => true,
+    }
 }
 
 /// The admin token of a server on this host, found through the note the server leaves at

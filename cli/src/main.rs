@@ -259,6 +259,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("{} depends on {}", task.id, task.depends_on.join(", "));
         }
         Command::Logs { id, follow } => {
+            if follow {
+                // Say once what the task waits for, so a follow that shows nothing is not silent.
+                let task = client.get_task(id.clone()).await?.task;
+                for why in task.map(|t| t.waiting_for).unwrap_or_default() {
+                    eprintln!("{id} is waiting: {why}");
+                }
+            }
             let mut stream = client.task_logs(id, follow).await?;
             let mut printer = output::LogPrinter::new(output::stdout_is_terminal());
             while let Some(msg) = client.next(&mut stream).await? {

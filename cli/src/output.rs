@@ -157,11 +157,13 @@ pub fn task_json(t: &pb::Task) -> Value {
         "depends_on": t.depends_on,
         "parent": t.parent,
         "failures": t.failures,
+        "lost_leases": t.lost_leases,
         "cost_cents": t.cost_cents,
         "backoff_until": time_or_null(t.backoff_until_ms),
         "feedback": t.feedback,
         "created_at": rfc3339(t.created_at_ms),
         "updated_at": rfc3339(t.updated_at_ms),
+        "waiting_for": t.waiting_for,
     })
 }
 
@@ -290,6 +292,9 @@ pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     println!("{}  {}", t.id, agent_text(&t.title));
     println!("status:      {}", status_word(t.status));
+    for why in &t.waiting_for {
+        println!("waiting:     {why}");
+    }
     println!("priority:    P{}", t.priority);
     println!("namespace:   {}", or_dash(&t.namespace));
     println!("parent:      {}", or_dash(&t.parent));
@@ -339,7 +344,8 @@ pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure
                     agent_text(
                         r.error
                             .as_deref()
-                            .and_then(|e| e.lines().next())
+                            .map(one_line_summary)
+                            .as_deref()
                             .unwrap_or("-"),
                     )
                     .into_owned(),
@@ -477,8 +483,12 @@ impl LogPrinter {
                             phase_word(line.phase)
                         );
                     }
-                    let last = self.last_seq.get(&batch.run_id).copied().unwrap_or(0);
-                    if line.seq > last.saturating_add(1) {
+                    // A gap between two lines of a run means lines were cut (a run's first
+                    // line may come after lines of another run of the same lease).
+                    let last = self.last_seq.get(&batch.run_id).copied();
+                    if let Some(last) = last
+                        && line.seq > last.saturating_add(1)
+                    {
                         println!(
                             "[… lines {}–{} cut: the run's log passed its size cap …]",
                             last + 1,
@@ -497,6 +507,20 @@ impl LogPrinter {
             }
             Kind::Status(raw) => Some(status_word(raw)),
         }
+    }
+}
+
+/// A reason of several lines as one: its first line, and when that ends with a colon (a
+/// command's output follows), the last line of what follows, which is usually the error.
+pub fn one_line_summary(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    match first.strip_suffix(':') {
+        Some(head) => match lines.next_back() {
+            Some(last) => format!("{head}: … {last}"),
+            None => head.to_owned(),
+        },
+        None => first.to_owned(),
     }
 }
 
@@ -526,12 +550,32 @@ pub fn transition(t: &pb::TaskTransition, as_json: bool) {
             from.unwrap_or("-"),
             status_word(t.to_status),
             t.kind,
-            agent_text(t.message.lines().next().unwrap_or_default())
+            agent_text(&one_line_summary(&t.message))
         );
     }
     // A pipe reader (`| grep`) sees each transition at once.
     use std::io::Write;
     let _ = std::io::stdout().flush();
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::one_line_summary;
+
+    #[test]
+    fn a_reason_ending_in_a_colon_shows_what_followed() {
+        assert_eq!(
+            one_line_summary("agent failed (exit 1)"),
+            "agent failed (exit 1)"
+        );
+        assert_eq!(
+            one_line_summary("build failed (exit 1): make test:\ncc x.c\nerror: x.c:3: bad\n"),
+            "build failed (exit 1): make test: … error: x.c:3: bad"
+        );
+        assert_eq!(one_line_summary("tests failed:"), "tests failed");
+        assert_eq!(one_line_summary("\n\n  first\nsecond"), "first");
+        assert_eq!(one_line_summary(""), "");
+    }
 }
 
 #[cfg(test)]

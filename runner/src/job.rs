@@ -96,7 +96,21 @@ pub async fn run(
     };
     let end = match develop(&ctx, &a, slot, &cancel, &log).await {
         Ok(report) => {
-            log.note(pb::RunPhase::Verify, "sending the result");
+            // The run's last line says how it ended.
+            let last = match (&report.outcome, &report.error) {
+                (pb::LeaseOutcome::Verified, _) => "sending the result".to_owned(),
+                (_, Some(why)) => format!(
+                    "sending the result: {}",
+                    why.lines().next().unwrap_or_default()
+                ),
+                (_, None) => "sending the result".to_owned(),
+            };
+            let phase = if report.outcome == pb::LeaseOutcome::DevFailed {
+                pb::RunPhase::Dev
+            } else {
+                pb::RunPhase::Verify
+            };
+            log.note(phase, &last);
             // Every line reaches the server before the result ends the lease.
             tokio::select! {
                 () = log.flush() => {}
@@ -274,14 +288,15 @@ async fn develop(
         Verdict::Fail(why) => (pb::LeaseOutcome::VerifyFailed, Some(why), None),
     };
     tracing::info!(task, ?outcome, "verification over; sending commit");
-    log.note(
-        check,
-        match (&error, &verify_skipped) {
-            (Some(_), _) => "verification failed",
-            (None, Some(_)) => "verification skipped",
-            (None, None) => "verification passed",
-        },
-    );
+    let verdict = match (&error, &verify_skipped) {
+        (Some(why), _) => format!(
+            "verification failed: {}",
+            why.lines().next().unwrap_or_default()
+        ),
+        (None, Some(why)) => format!("verification skipped: {why}"),
+        (None, None) => "verification passed".to_owned(),
+    };
+    log.note(check, &verdict);
     let tmp = ctx.work_dir.join("tmp");
     std::fs::create_dir_all(&tmp)
         .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;

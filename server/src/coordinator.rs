@@ -39,6 +39,8 @@ pub struct TaskDetail {
     pub task: Task,
     pub runs: Vec<Run>,
     pub events: Vec<TaskEvent>,
+    /// Why it is not moving (see [`lifecycle::waiting_for`]).
+    pub waiting_for: Vec<String>,
 }
 
 /// A registered runner as `pipelinectl runners` shows it.
@@ -172,6 +174,7 @@ impl<S: Store> Coordinator<S> {
     }
 
     pub async fn create_task(&self, new: NewTask) -> Result<Task> {
+        self.refuse_cancelled(None, &new.depends_on).await?;
         let task = self.store.create_task(new, now_ms()).await?;
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.add(TaskStatus::Open, 1);
@@ -184,18 +187,115 @@ impl<S: Store> Coordinator<S> {
         Ok(task)
     }
 
-    pub async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<Task>> {
-        self.store.list_tasks(status).await
+    /// Tasks in lease order, each with what it waits for.
+    pub async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<(Task, Vec<String>)>> {
+        let tasks = self.store.list_tasks(status).await?;
+        let mut known: std::collections::HashMap<String, TaskStatus> = tasks
+            .iter()
+            .map(|t| (t.id.to_string(), t.state.status))
+            .collect();
+        let missing: Vec<TaskId> = tasks
+            .iter()
+            .flat_map(|t| t.depends_on.iter())
+            .filter(|d| !known.contains_key(d.as_str()))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            for (id, status) in self.store.statuses(&missing).await? {
+                known.insert(id.to_string(), status);
+            }
+        }
+        let (capacity, now) = (self.capacity(), now_ms());
+        Ok(tasks
+            .into_iter()
+            .map(|task| {
+                let deps: Vec<(String, TaskStatus)> = task
+                    .depends_on
+                    .iter()
+                    .filter_map(|d| known.get(d.as_str()).map(|s| (d.to_string(), *s)))
+                    .collect();
+                let why = lifecycle::waiting_for(
+                    task.id.as_str(),
+                    &task.state,
+                    &deps,
+                    self.policy(),
+                    now,
+                    capacity,
+                );
+                (task, why)
+            })
+            .collect())
     }
 
     pub async fn show_task(&self, id: &TaskId) -> Result<TaskDetail> {
         let task = self.get(id).await?;
         let runs = self.store.runs(id).await?;
         let events = self.store.events(id).await?;
-        Ok(TaskDetail { task, runs, events })
+        let waiting_for = self.waiting_for(&task).await?;
+        Ok(TaskDetail {
+            task,
+            runs,
+            events,
+            waiting_for,
+        })
+    }
+
+    /// Why `task` is not moving, in sentences.
+    pub async fn waiting_for(&self, task: &Task) -> Result<Vec<String>> {
+        let deps: Vec<(String, TaskStatus)> = self
+            .store
+            .statuses(&task.depends_on)
+            .await?
+            .into_iter()
+            .map(|(id, s)| (id.to_string(), s))
+            .collect();
+        Ok(lifecycle::waiting_for(
+            task.id.as_str(),
+            &task.state,
+            &deps,
+            self.policy(),
+            now_ms(),
+            self.capacity(),
+        ))
+    }
+
+    /// What the runners can take now.
+    fn capacity(&self) -> lifecycle::Capacity {
+        let registry = self.registry();
+        let mut capacity = lifecycle::Capacity {
+            connected: 0,
+            taking: 0,
+            free_slots: 0,
+        };
+        for r in registry.runners() {
+            if !r.connected {
+                continue;
+            }
+            capacity.connected += 1;
+            if !r.draining && r.unhealthy.is_none() {
+                capacity.taking += 1;
+                capacity.free_slots += r.slots.saturating_sub(r.used);
+            }
+        }
+        capacity
+    }
+
+    /// Refuses a dependency on a cancelled task: the dependent would wait for ever.
+    async fn refuse_cancelled(&self, id: Option<&TaskId>, deps: &[TaskId]) -> Result<()> {
+        for (dep, status) in self.store.statuses(deps).await? {
+            if status == TaskStatus::Cancelled {
+                let who = id.map_or_else(|| "the task".to_owned(), |i| format!("task {i}"));
+                return Err(Error::FailedPrecondition(format!(
+                    "{dep} is cancelled, so {who} would wait for it for ever; retry {dep} first \
+                     (pipelinectl task retry {dep}) or leave it out"
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub async fn add_dependencies(&self, id: &TaskId, deps: &[TaskId]) -> Result<Task> {
+        self.refuse_cancelled(Some(id), deps).await?;
         self.store.add_dependencies(id, deps, now_ms()).await
     }
 
@@ -262,7 +362,13 @@ impl<S: Store> Coordinator<S> {
         let expires_at = now_ms() + self.settings.lease_ttl_ms;
         for task in &stale {
             if let Some(lease) = &task.lease {
-                let run_id = self.store.running_run(&task.id).await?;
+                let running = self.store.running_runs(&task.id).await?;
+                let of = |phase| running.iter().find(|r| r.phase == phase).map(|r| r.id);
+                let (run_id, verify_run_id) = (of(Phase::Dev), of(Phase::Verify));
+                let mut last_seq = 0;
+                for run in &running {
+                    last_seq = last_seq.max(self.store.last_log_seq(run.id).await?);
+                }
                 self.registry().restore_lease(
                     lease.id.clone(),
                     crate::registry::LiveLease {
@@ -272,6 +378,8 @@ impl<S: Store> Coordinator<S> {
                         runner: lease.runner.clone(),
                         expires_at,
                         run_id,
+                        verify_run_id,
+                        last_seq,
                     },
                 );
                 restored += 1;
@@ -463,6 +571,31 @@ impl<S: Store> Coordinator<S> {
                 counts.active_dev_runs = counts.active_dev_runs.saturating_sub(1);
             }
         }
+        // A lease that ended: its run's log says why (a line of the server's, before the
+        // status change reaches the run's followers), and its runner is told to stop.
+        if let Some(old) = &before.lease
+            && after.lease.as_ref().is_none_or(|l| l.id != old.id)
+        {
+            let live = self.registry().remove_lease(&old.id);
+            if let Some(live) = live {
+                if !matches!(
+                    write.kind.as_str(),
+                    "verified" | "dev_failed" | "verify_failed"
+                ) {
+                    self.note_on_run(&live, &format!("{}: {}", write.kind, write.message));
+                }
+                if effects.contains(&Effect::StopRun) {
+                    self.registry().push(
+                        &live.runner_id,
+                        Push::Cancel(LeaseRef {
+                            id: old.id.clone(),
+                            epoch: old.epoch,
+                        }),
+                    );
+                }
+            }
+            self.wake.notify_one();
+        }
         self.logs.publish_transition(crate::domain::TaskEvent {
             id: event_id,
             task_id: before.id.clone(),
@@ -479,30 +612,11 @@ impl<S: Store> Coordinator<S> {
             kind = %write.kind,
             "task transition"
         );
-        self.carry_out(before, after, effects);
+        self.carry_out(effects);
     }
 
-    /// Acts on a persisted transition: forget a lease that ended, tell its runner to stop when
-    /// the work was taken away, wake the dispatcher.
-    fn carry_out(&self, before: &Task, after: &Task, effects: &[Effect]) {
-        if let Some(old) = &before.lease
-            && after.lease.as_ref().is_none_or(|l| l.id != old.id)
-        {
-            let mut registry = self.registry();
-            let live = registry.remove_lease(&old.id);
-            if effects.contains(&Effect::StopRun)
-                && let Some(live) = live
-            {
-                registry.push(
-                    &live.runner_id,
-                    Push::Cancel(LeaseRef {
-                        id: old.id.clone(),
-                        epoch: old.epoch,
-                    }),
-                );
-            }
-            self.wake.notify_one();
-        }
+    /// Acts on a persisted transition's effects: wake the dispatcher or the integrator.
+    fn carry_out(&self, effects: &[Effect]) {
         for effect in effects {
             match effect {
                 Effect::WakeScheduler => self.wake.notify_one(),

@@ -54,11 +54,13 @@ impl Policy {
             .min(MAX_BACKOFF_SECS)
     }
 
-    fn over_retry_limit(&self, state: &TaskState) -> bool {
+    /// Whether the task has failed as often as it may.
+    pub fn over_retry_limit(&self, state: &TaskState) -> bool {
         self.max_retries > 0 && state.failures >= self.max_retries
     }
 
-    fn over_cost_limit(&self, state: &TaskState) -> bool {
+    /// Whether the task has spent its budget.
+    pub fn over_cost_limit(&self, state: &TaskState) -> bool {
         self.max_task_cost_cents > 0.0 && state.budget_spent() >= self.max_task_cost_cents
     }
 }
@@ -420,6 +422,97 @@ pub fn leasable(state: &TaskState, deps_done: bool, policy: &Policy, now: Millis
         && !policy.over_cost_limit(state)
 }
 
+/// What the runners can take now, for [`waiting_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Runners with an open work stream.
+    pub connected: usize,
+    /// Of those, runners that take work (not draining, not unhealthy).
+    pub taking: usize,
+    /// Free slots on the runners that take work.
+    pub free_slots: u32,
+}
+
+/// Why a task is not moving, in short sentences (empty when nothing holds it): its
+/// dependencies that are not done (`deps`, with their statuses), its back-off, its limits, the
+/// runners. Pure, like the rest of the lifecycle.
+pub fn waiting_for(
+    id: &str,
+    state: &TaskState,
+    deps: &[(String, TaskStatus)],
+    policy: &Policy,
+    now: Millis,
+    capacity: Capacity,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    let blocking = || {
+        deps.iter()
+            .filter(|(_, status)| *status != TaskStatus::Done)
+            .map(|(dep, status)| match status {
+                TaskStatus::Cancelled => format!(
+                    "depends on {dep}, which is cancelled: it waits for ever unless {dep} is \
+                     retried"
+                ),
+                TaskStatus::NeedsHelp => {
+                    format!("depends on {dep}, which needs help (pipelinectl task retry {dep})")
+                }
+                other => format!("depends on {dep}, which is {other}"),
+            })
+    };
+    match state.status {
+        TaskStatus::Open => {
+            why.extend(blocking());
+            if let Some(until) = state.backoff_until.filter(|u| *u > now) {
+                let secs = (until - now + 999) / 1000;
+                why.push(format!(
+                    "in back-off for {secs} s more after {} failed attempt{}",
+                    state.failures,
+                    if state.failures == 1 { "" } else { "s" }
+                ));
+            }
+            if why.is_empty() {
+                if capacity.connected == 0 {
+                    why.push("no runner is connected".to_owned());
+                } else if capacity.taking == 0 {
+                    why.push(format!(
+                        "no connected runner takes work ({} draining or unhealthy)",
+                        capacity.connected
+                    ));
+                } else if capacity.free_slots == 0 {
+                    why.push(format!(
+                        "every slot of the {} runner{} is busy",
+                        capacity.taking,
+                        if capacity.taking == 1 { "" } else { "s" }
+                    ));
+                }
+            }
+        }
+        TaskStatus::Verified => {
+            why.extend(blocking().map(|d| format!("lands once done: it {d}")));
+        }
+        TaskStatus::NeedsHelp => {
+            if policy.over_retry_limit(state) {
+                why.push(format!(
+                    "retry limit reached: {} failed attempts (pipelinectl task retry {id})",
+                    state.failures
+                ));
+            } else if policy.over_cost_limit(state) {
+                why.push(format!(
+                    "cost limit reached: {:.0} of {:.0} cents (pipelinectl task retry {id})",
+                    state.budget_spent(),
+                    policy.max_task_cost_cents
+                ));
+            } else {
+                why.push(format!(
+                    "needs a person: see its history (pipelinectl task retry {id})"
+                ));
+            }
+        }
+        TaskStatus::InProgress | TaskStatus::Done | TaskStatus::Cancelled => {}
+    }
+    why
+}
+
 /// The order in which leasable tasks are handed out: higher priority (lower number) first,
 /// then the oldest (lowest creation sequence).
 pub fn lease_order(a: (u8, i64), b: (u8, i64)) -> Ordering {
@@ -720,6 +813,63 @@ mod tests {
         }
         let err = apply(&backing_off, &Event::Leased, &p, NOW).expect_err("in back-off");
         assert!(err.to_string().contains("back-off"));
+    }
+
+    #[test]
+    fn waiting_for_says_what_holds_a_task() {
+        let cap = Capacity {
+            connected: 1,
+            taking: 1,
+            free_slots: 1,
+        };
+        let deps = [
+            ("t-1".to_owned(), Done),
+            ("t-2".to_owned(), Open),
+            ("t-3".to_owned(), Cancelled),
+        ];
+        let w = waiting_for("t-9", &state(Open), &deps, &policy(), NOW, cap);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(w[0], "depends on t-2, which is open");
+        assert!(w[1].contains("t-3, which is cancelled"), "{w:?}");
+        let backing_off = TaskState {
+            backoff_until: Some(NOW + 1500),
+            failures: 1,
+            ..state(Open)
+        };
+        assert_eq!(
+            waiting_for("t-9", &backing_off, &[], &policy(), NOW, cap),
+            ["in back-off for 2 s more after 1 failed attempt"]
+        );
+        assert!(waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap).is_empty());
+        let none = Capacity {
+            connected: 0,
+            taking: 0,
+            free_slots: 0,
+        };
+        assert_eq!(
+            waiting_for("t-9", &state(Open), &[], &policy(), NOW, none),
+            ["no runner is connected"]
+        );
+        let busy = Capacity {
+            free_slots: 0,
+            ..cap
+        };
+        assert_eq!(
+            waiting_for("t-9", &state(Open), &[], &policy(), NOW, busy),
+            ["every slot of the 1 runner is busy"]
+        );
+        let spent = TaskState {
+            failures: 3,
+            ..state(NeedsHelp)
+        };
+        let w = waiting_for("t-9", &spent, &[], &policy(), NOW, cap);
+        assert!(w[0].starts_with("retry limit reached: 3"), "{w:?}");
+        assert!(w[0].contains("pipelinectl task retry t-9"), "{w:?}");
+        for s in [InProgress, Done, Cancelled] {
+            assert!(waiting_for("t-9", &state(s), &deps, &policy(), NOW, none).is_empty());
+        }
+        let w = waiting_for("t-9", &state(Verified), &deps, &policy(), NOW, cap);
+        assert_eq!(w[0], "lands once done: it depends on t-2, which is open");
     }
 
     #[test]

@@ -18,11 +18,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::Coordinator;
-use crate::domain::{LogLine, Run, TaskEvent, TaskId, TaskStatus};
+use crate::domain::{LogLine, Phase, Run, TaskEvent, TaskId, TaskStatus};
 use crate::error::{Error, Result};
 use crate::registry::LeaseRef;
 use crate::runners::unregistered;
-use crate::store::Store;
+use crate::store::{NewRun, Store};
 
 /// A longer line is cut, with a marker.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
@@ -63,11 +63,13 @@ pub enum LogItem {
     Status(TaskStatus),
 }
 
-/// Lines for the writer.
+/// Lines for the writer (or, with `status`, a transition to tell the task's followers once
+/// the lines before it are stored).
 pub struct Append {
     task: TaskId,
     run_id: i64,
     lines: Vec<LogLine>,
+    status: Option<TaskStatus>,
     done: Option<oneshot::Sender<std::result::Result<u64, String>>>,
 }
 
@@ -134,9 +136,24 @@ impl LogHub {
         }
     }
 
-    /// Tells the task's followers and every watcher about a transition.
+    /// Tells every watcher about a transition, and the task's followers through the writer,
+    /// after the lines queued before it (so a follower that stops at the end of a task has
+    /// seen its last lines).
     pub fn publish_transition(&self, event: TaskEvent) {
-        self.publish(&event.task_id, LogEvent::Status(event.to));
+        let status = Append {
+            task: event.task_id.clone(),
+            run_id: 0,
+            lines: Vec::new(),
+            status: Some(event.to),
+            done: None,
+        };
+        if let Err(err) = self.writer.try_send(status) {
+            // The writer is swamped (or gone): tell the followers now rather than late.
+            let a = err.into_inner();
+            if let Some(to) = a.status {
+                self.publish(&a.task, LogEvent::Status(to));
+            }
+        }
         let _ = self.transitions.send(Arc::new(event));
     }
 
@@ -153,6 +170,7 @@ impl LogHub {
                 task,
                 run_id,
                 lines,
+                status: None,
                 done: Some(done),
             })
             .await
@@ -168,6 +186,7 @@ impl LogHub {
             task,
             run_id,
             lines,
+            status: None,
             done: None,
         });
     }
@@ -183,15 +202,17 @@ struct RunSize {
 }
 
 impl<S: Store> Coordinator<S> {
-    /// Appends a runner's lines for a lease; returns the highest seq stored.
+    /// Appends a runner's lines for a lease; returns the highest seq stored. The lines of the
+    /// dev phase go to the lease's dev run, those of the verify phase to its verify run (started
+    /// by the first of them), so each run's log is what its header says.
     pub async fn append_logs(
         &self,
         runner_id: &str,
         lease: &LeaseRef,
         lines: Vec<LogLine>,
     ) -> Result<u64> {
-        let (task, run_id) = {
-            let registry = self.registry();
+        let (task, run_id, verify_run_id, runner) = {
+            let mut registry = self.registry();
             // An ID the server does not know (it restarted, the runner is registering again)
             // is worth a retry; a lease that is someone else's is not.
             if registry.runner(runner_id).is_none() {
@@ -205,22 +226,86 @@ impl<S: Store> Coordinator<S> {
                         lease.id, lease.epoch
                     ))
                 })?;
-            (live.task.clone(), live.run_id)
+            let found = (
+                live.task.clone(),
+                live.run_id,
+                live.verify_run_id,
+                live.runner.clone(),
+            );
+            if let Some(top) = lines.iter().map(|l| l.seq).max() {
+                registry.note_seq(&lease.id, top);
+            }
+            found
         };
         let run_id = match run_id {
             Some(id) => id,
-            None => self.store.running_run(&task).await?.ok_or_else(|| {
-                Error::FailedPrecondition(format!("task {task} has no running run"))
-            })?,
+            None => self
+                .store
+                .running_runs(&task)
+                .await?
+                .into_iter()
+                .find(|r| r.phase == Phase::Dev)
+                .map(|r| r.id)
+                .ok_or_else(|| {
+                    Error::FailedPrecondition(format!("task {task} has no running run"))
+                })?,
         };
-        let lines = lines
+        let (dev, verify): (Vec<LogLine>, Vec<LogLine>) = lines
             .into_iter()
             .map(|mut l| {
                 l.text = cut_line(l.text);
                 l
             })
-            .collect();
-        self.logs.append(task, run_id, lines).await
+            .partition(|l| l.phase != Phase::Verify);
+        let mut acked = 0;
+        if !dev.is_empty() {
+            acked = self.logs.append(task.clone(), run_id, dev).await?;
+        }
+        if !verify.is_empty() {
+            let verify_run = match verify_run_id {
+                Some(id) => id,
+                None => {
+                    // The verify run belongs to the patchset the runner is about to send.
+                    let patchset = self.get(&task).await?.state.patchset + 1;
+                    let id = self
+                        .store
+                        .start_run(
+                            &task,
+                            &NewRun {
+                                phase: Phase::Verify,
+                                patchset,
+                                runner: Some(runner),
+                            },
+                            crate::coordinator::now_ms(),
+                        )
+                        .await?;
+                    self.registry().set_verify_run(&lease.id, id);
+                    id
+                }
+            };
+            acked = acked.max(self.logs.append(task, verify_run, verify).await?);
+        }
+        Ok(acked)
+    }
+
+    /// Adds a line of the server's to the log of a lease's current run (why it ended: a
+    /// cancel, a lapsed lease), numbered after every line the runner sent.
+    pub(crate) fn note_on_run(&self, live: &crate::registry::LiveLease, text: &str) {
+        let Some(run) = live.verify_run_id.or(live.run_id) else {
+            return;
+        };
+        let line = LogLine {
+            seq: live.last_seq + 1,
+            at: crate::coordinator::now_ms(),
+            stream: crate::domain::LogStream::Server,
+            phase: if live.verify_run_id.is_some() {
+                Phase::Verify
+            } else {
+                Phase::Dev
+            },
+            text: cut_line(text.to_owned()),
+        };
+        self.logs.append_nowait(live.task.clone(), run, vec![line]);
     }
 
     /// Writes queued log lines in batches until `shutdown` (then drains the queue).
@@ -272,6 +357,8 @@ impl<S: Store> Coordinator<S> {
             }
             let stored = self.store.append_logs(&rows).await;
             for a in batch {
+                let status = a.status;
+                let task = a.task.clone();
                 let result = match &stored {
                     Ok(()) => {
                         let top = a.lines.iter().map(|l| l.seq).max().unwrap_or(0);
@@ -291,6 +378,9 @@ impl<S: Store> Coordinator<S> {
                 };
                 if let Some(done) = a.done {
                     let _ = done.send(result);
+                }
+                if let Some(status) = status {
+                    self.logs.publish(&task, LogEvent::Status(status));
                 }
             }
             if let Err(e) = &stored {

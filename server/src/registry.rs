@@ -85,8 +85,13 @@ pub struct LiveLease {
     pub runner_id: String,
     pub runner: String,
     pub expires_at: Millis,
-    /// The lease's dev run, whose log the runner's lines go to.
+    /// The lease's dev run, whose log the runner's dev lines go to.
     pub run_id: Option<i64>,
+    /// The lease's verify run, started by the first line of the verify phase.
+    pub verify_run_id: Option<i64>,
+    /// The highest log line number taken for the lease (its runner numbers the lines of both
+    /// its runs in one sequence); a line the server adds (a cancel) comes after it.
+    pub last_seq: u64,
 }
 
 /// Why a runner's message about a lease is refused.
@@ -349,6 +354,29 @@ impl Registry {
         Ok(live)
     }
 
+    /// A live lease.
+    pub fn lease(&self, id: &str) -> Option<&LiveLease> {
+        self.leases.get(id)
+    }
+
+    /// Takes the log line numbers up to `seq` for a live lease.
+    pub fn note_seq(&mut self, lease_id: &str, seq: u64) {
+        if let Some(live) = self.leases.get_mut(lease_id) {
+            live.last_seq = live.last_seq.max(seq);
+        }
+    }
+
+    /// Notes the verify run of a live lease; false if the lease is gone.
+    pub fn set_verify_run(&mut self, lease_id: &str, run_id: i64) -> bool {
+        match self.leases.get_mut(lease_id) {
+            Some(live) => {
+                live.verify_run_id = Some(run_id);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Adds a live lease owned by `runner_id`.
     pub fn add_lease(&mut self, id: String, live: LiveLease) {
         if let Some(runner) = self.runners.get_mut(&live.runner_id) {
@@ -472,6 +500,8 @@ mod tests {
             runner: name.into(),
             expires_at,
             run_id: None,
+            verify_run_id: None,
+            last_seq: 0,
         }
     }
 

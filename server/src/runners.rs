@@ -444,6 +444,10 @@ impl<S: Store> Coordinator<S> {
                 None,
             ),
         };
+        let verify_run_id = self
+            .registry()
+            .lease(&result.lease.id)
+            .and_then(|l| l.verify_run_id);
         let verify_run = match (&refusal, result.outcome) {
             (None, Outcome::VerifyFailed | Outcome::Verified) => Some(FinishedRun {
                 phase: Phase::Verify,
@@ -488,7 +492,19 @@ impl<S: Store> Coordinator<S> {
                         failure_kind: (dev_status == RunStatus::Failure)
                             .then_some(FailureKind::Task),
                     });
-                    w.record_runs.extend(verify_run.clone());
+                    match (verify_run_id, &verify_run) {
+                        // The verify run began with its first log line: it ends now.
+                        (Some(id), Some(run)) => w.end_runs.push((
+                            id,
+                            RunEnd {
+                                status: run.status,
+                                cost_cents: 0.0,
+                                error: run.error.clone(),
+                                failure_kind: run.failure_kind,
+                            },
+                        )),
+                        _ => w.record_runs.extend(verify_run.clone()),
+                    }
                     w.patch_commit = commit.clone();
                     w.verified_tree = Some(verified_tree.clone());
                 },
@@ -797,6 +813,8 @@ impl<S: Store> Coordinator<S> {
                     runner: runner_name.to_owned(),
                     expires_at: now_ms() + self.settings.lease_ttl_ms,
                     run_id,
+                    verify_run_id: None,
+                    last_seq: 0,
                 },
             );
             registry.push(runner_id, Push::Assign(Box::new(assignment)))

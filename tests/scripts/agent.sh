@@ -14,6 +14,8 @@
 #   chatty            print "line i of N" for i = 1..N (N from a "LINES: N" line, default 200)
 #   chatty-wait       print the first half, wait like "wait", print the rest
 #   longline          print one line of 100,000 characters
+#   slow              commit after a short pause (0.3 s), so that faults meet work in progress
+#   interleave        print out-1, err-2, out-3, ... err-10 alternately on stdout and stderr
 # It logs each prompt and environment under $AGENT_LOG_DIR.
 set -eu
 log=${AGENT_LOG_DIR:?AGENT_LOG_DIR must be set}
@@ -46,9 +48,13 @@ case "$mode" in
     chatty) chatter 1 "$lines" ;;
     chatty-wait) half=$((lines / 2)); chatter 1 "$half"; wait_for_release; chatter $((half + 1)) "$lines" ;;
     longline) head -c 100000 /dev/zero | tr '\0' x; echo ;;
+    interleave) i=1; while [ $i -le 10 ]; do
+            if [ $((i % 2)) -eq 1 ]; then echo "out-$i"; else echo "err-$i" >&2; fi
+            i=$((i + 1)); sleep 0.01; done ;;
     fail) echo "agent: deliberate failure" >&2; exit 1 ;;
     fail-once) if [ "$n" -eq 1 ]; then echo "agent: first attempt fails" >&2; exit 1; fi ;;
     nocommit) echo "agent: did nothing"; exit 0 ;;
+    slow) sleep 0.3 ;;
     wait) wait_for_release ;;
     wait-once) if [ "$n" -eq 1 ]; then wait_for_release; fi ;;
     cost) echo 25 > "$PIPELINE_COST_FILE" ;;

@@ -723,3 +723,235 @@ fn a_full_disk_fails_writes_cleanly_and_they_come_back_with_the_space() {
         assert_eq!(done["failures"], 0, "{done}");
     }
 }
+
+#[test]
+fn a_dependency_on_a_cancelled_task_is_refused_and_waiting_is_explained() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let cancelled = server.add(&["--title", "abandoned"]);
+    server.ctl(&["task", "cancel", &cancelled]).ok();
+    server
+        .ctl(&[
+            "task",
+            "add",
+            "--title",
+            "waits for ever",
+            "--depends-on",
+            &cancelled,
+        ])
+        .refused(4, &format!("{cancelled} is cancelled"));
+    let other = server.add(&["--title", "other"]);
+    server
+        .ctl(&["task", "depend", &other, "--on", &cancelled])
+        .refused(4, "is cancelled");
+    // What holds a task, in show and list; no runner is connected yet.
+    let first = server.add(&["--title", "first"]);
+    let second = server.add(&["--title", "second", "--depends-on", &first]);
+    let show = server.show(&second);
+    assert_eq!(
+        show["waiting_for"],
+        serde_json::json!([format!("depends on {first}, which is open")]),
+        "{show}"
+    );
+    assert_eq!(
+        server.show(&first)["waiting_for"],
+        serde_json::json!(["no runner is connected"])
+    );
+    let list = server.ctl(&["task", "list", "--json"]).json();
+    let listed = list
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["id"] == second.as_str()))
+        .cloned()
+        .expect("listed");
+    assert_eq!(listed["waiting_for"], show["waiting_for"]);
+    let table = server.ctl(&["task", "show", &second]).ok();
+    assert!(
+        table.contains(&format!("waiting:     depends on {first}")),
+        "{table}"
+    );
+    // `logs --follow` of a task that has not started says why, then waits.
+    let follow = pipeline_tests::Proc::spawn(
+        Command::new(bin("pipelinectl"))
+            .args(["--server", &server.url, "logs", &second, "--follow"])
+            .env_remove("PIPELINE_TOKEN"),
+    );
+    let line = follow
+        .wait_for_line("is waiting")
+        .expect("logs --follow said nothing");
+    assert!(line.contains(&format!("depends on {first}")), "{line}");
+}
+
+#[test]
+fn logs_name_the_real_phase_and_attempt_and_end_with_the_reason() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "0"]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&scripted_agent()));
+    // Fails its verification once (needs-fix), then passes.
+    let id = server.add(&["--title", "fix me", "--namespace", "needs-fix"]);
+    let task = server.wait_status(&id, "done");
+    let verify_runs: Vec<Value> = runs(&task)
+        .into_iter()
+        .filter(|r| r["phase"] == "verify")
+        .collect();
+    assert_eq!(verify_runs.len(), 2, "{task}");
+    let logs = server.ctl(&["logs", &id]).ok();
+    // Each run's lines are under a header naming its phase and the attempt task show gives.
+    let headers: Vec<&str> = logs.lines().filter(|l| l.starts_with("=== ")).collect();
+    assert_eq!(
+        headers,
+        [
+            "=== dev · attempt 1 · r ===",
+            "=== verify · attempt 1 · r ===",
+            "=== dev · attempt 2 · r ===",
+            "=== verify · attempt 2 · r ===",
+            "=== integrate · attempt 1 · server ===",
+        ],
+        "{logs}"
+    );
+    assert!(!logs.contains("lines 1–"), "no cut marker: {logs}");
+    // The failed verification's log ends with its reason.
+    let first_verify: Vec<&str> = logs
+        .split("=== verify · attempt 1 · r ===")
+        .nth(1)
+        .and_then(|rest| rest.split("=== ").next())
+        .expect("the first verify run's lines")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let last = first_verify.last().expect("a line");
+    assert!(
+        last.contains("build failed for needs-fix (exit 1)"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn a_cancel_leaves_a_line_in_the_log() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = {
+        let mut a = scripted_agent();
+        a.push("--no-verify".into());
+        a
+    };
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "cancelled", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    // Wait until the agent's first line is in the log, then cancel.
+    wait_for("the agent's first line", || {
+        server
+            .ctl(&["logs", &id])
+            .ok()
+            .contains("agent: task")
+            .then_some(())
+    });
+    server.ctl(&["task", "cancel", &id]).ok();
+    let logs = wait_for("the cancel in the log", || {
+        let logs = server.ctl(&["logs", &id]).ok();
+        logs.contains("cancelled").then_some(logs)
+    });
+    let last = logs.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("server") && last.contains("cancelled"),
+        "{logs}"
+    );
+    assert!(!logs.contains("cut:"), "{logs}");
+}
+
+#[test]
+fn failure_messages_show_the_command_as_run_and_are_not_cut_after_a_colon() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "1"]);
+    let args = {
+        let mut a = scripted_agent();
+        a.extend([
+            "--test-cmd".into(),
+            "echo checking {namespace}; echo 'error: no good' >&2; exit 3".into(),
+        ]);
+        a
+    };
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "red", "--namespace", "Omni/A.hs"]);
+    let task = server.wait_status(&id, "needs_help");
+    let error = runs(&task)
+        .into_iter()
+        .find(|r| r["phase"] == "verify")
+        .and_then(|r| r["error"].as_str().map(str::to_owned))
+        .expect("verify error");
+    assert!(error.contains("echo checking 'Omni/A.hs'"), "{error}");
+    assert!(!error.contains("{namespace}"), "{error}");
+    let table = server.ctl(&["task", "show", &id]).ok();
+    let row = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("verify"))
+        .expect("verify row");
+    assert!(row.contains("error: no good"), "cut after a colon: {row}");
+    let transitions = pipeline_tests::run(
+        Command::new(bin("pipelinectl"))
+            .args(["--server", &server.url, "task", "show", &id])
+            .env_remove("PIPELINE_TOKEN"),
+    );
+    assert!(transitions.status.success());
+}
+
+#[test]
+fn stdout_and_stderr_keep_the_order_they_were_written_in() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = {
+        let mut a = scripted_agent();
+        a.push("--no-verify".into());
+        a
+    };
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    for _ in 0..3 {
+        let id = server.add(&["--title", "chatty", "--description", "MODE: interleave"]);
+        server.wait_status(&id, "done");
+        let logs = server.ctl(&["logs", &id]).ok();
+        let order: Vec<String> = logs
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_owned))
+            .filter(|w| w.starts_with("out-") || w.starts_with("err-"))
+            .collect();
+        let want: Vec<String> = (1..=10)
+            .map(|i| format!("{}-{i}", if i % 2 == 1 { "out" } else { "err" }))
+            .collect();
+        assert_eq!(order, want, "{logs}");
+    }
+}
+
+#[test]
+fn a_killed_servers_token_note_is_not_offered_to_the_next_server_on_its_port() {
+    let repo = TestRepo::new();
+    let home = repo.dir.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let start = |state: &str, listen: &str| {
+        let mut cmd = Command::new(bin("pipeline-server"));
+        cmd.arg("--repo")
+            .arg(repo.repo())
+            .arg("--state-dir")
+            .arg(repo.dir.path().join(state))
+            .args(["--listen", listen, "--insecure"])
+            .env("HOME", &home)
+            .env("RUST_LOG", "info");
+        Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"))
+    };
+    let ctl = |url: &str| {
+        pipeline_tests::run(
+            Command::new(bin("pipelinectl"))
+                .args(["--server", url, "status", "--json"])
+                .env("HOME", &home)
+                .env_remove("PIPELINE_TOKEN"),
+        )
+    };
+    let first = start("state-a", "127.0.0.1:0");
+    let port = first.addr.rsplit(':').next().expect("port").to_owned();
+    first.kill();
+    // Another server takes the port on every address; the dead one's note must not be used.
+    let second = start("state-b", &format!("0.0.0.0:{port}"));
+    let out = ctl(&format!("http://0.0.0.0:{port}"));
+    assert!(out.status.success(), "{}", out.stderr);
+    let out = ctl(&format!("http://127.0.0.1:{port}"));
+    assert!(out.status.success(), "{}", out.stderr);
+    drop(second);
+}

@@ -153,6 +153,8 @@ impl From<&Task> for pb::Task {
             feedback: t.state.feedback.clone(),
             created_at_ms: t.created_at,
             updated_at_ms: t.updated_at,
+            waiting_for: Vec::new(),
+            lost_leases: t.state.lost_leases,
         }
     }
 }
@@ -409,8 +411,10 @@ where
 }
 
 fn detail_to_pb(d: &TaskDetail) -> pb::GetTaskResponse {
+    let mut task = pb::Task::from(&d.task);
+    task.waiting_for = d.waiting_for.clone();
     pb::GetTaskResponse {
-        task: Some((&d.task).into()),
+        task: Some(task),
         runs: d.runs.iter().map(Into::into).collect(),
         events: d.events.iter().map(Into::into).collect(),
     }
@@ -448,7 +452,14 @@ impl<S: Store> ControlService for ControlApi<S> {
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: tasks.iter().map(Into::into).collect(),
+            tasks: tasks
+                .iter()
+                .map(|(t, why)| {
+                    let mut task = pb::Task::from(t);
+                    task.waiting_for = why.clone();
+                    task
+                })
+                .collect(),
         }))
     }
 

@@ -569,24 +569,24 @@ impl<S: Store> RunnerApi<S> {
             if file.is_none() {
                 tokio::fs::create_dir_all(dir)
                     .await
-                    .map_err(|e| Status::internal(format!("spool dir: {e}")))?;
+                    .map_err(|e| spool_failed("spool dir", &e))?;
                 file = Some(
                     tokio::fs::File::create(&spooled.0)
                         .await
-                        .map_err(|e| Status::internal(format!("spool file: {e}")))?,
+                        .map_err(|e| spool_failed("spool file", &e))?,
                 );
             }
             if let Some(f) = file.as_mut() {
                 f.write_all(&chunk.data)
                     .await
-                    .map_err(|e| Status::internal(format!("spool write: {e}")))?;
+                    .map_err(|e| spool_failed("spool write", &e))?;
             }
         }
         match file {
             Some(mut f) => {
                 f.flush()
                     .await
-                    .map_err(|e| Status::internal(format!("spool flush: {e}")))?;
+                    .map_err(|e| spool_failed("spool flush", &e))?;
                 Ok(Some(spooled))
             }
             None if expect_bundle => Err(Status::invalid_argument(
@@ -595,6 +595,16 @@ impl<S: Store> RunnerApi<S> {
             None => Ok(None),
         }
     }
+}
+
+/// A bundle that cannot be spooled (a full disk): the server's trouble, not the commit's; the
+/// runner sends it again. Said in the server's log, once a failure.
+fn spool_failed(what: &str, e: &std::io::Error) -> Status {
+    tracing::warn!(
+        error = %e,
+        "cannot spool a commit's bundle ({what}); the runner will send it again"
+    );
+    Status::internal(format!("the server cannot store the bundle ({what}): {e}"))
 }
 
 /// A spooled bundle, removed when dropped.

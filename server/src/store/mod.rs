@@ -34,6 +34,8 @@ pub struct TransitionWrite {
     pub kind: String,
     pub message: String,
     pub at: Millis,
+    /// Ends these runs, each its own way (before `close_runs`).
+    pub end_runs: Vec<(i64, RunEnd)>,
     /// Ends every run of the task that is still running.
     pub close_runs: Option<RunEnd>,
     /// Starts a run.
@@ -63,6 +65,7 @@ impl TransitionWrite {
             kind: decided.kind.to_owned(),
             message: decided.message,
             at,
+            end_runs: Vec::new(),
             close_runs: None,
             start_run: None,
             record_runs: Vec::new(),
@@ -200,6 +203,12 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The earliest end of a back-off still running at `now`.
     fn next_backoff_end(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
 
+    /// The statuses of the tasks among `ids` that exist.
+    fn statuses(
+        &self,
+        ids: &[TaskId],
+    ) -> impl Future<Output = Result<Vec<(TaskId, TaskStatus)>>> + Send;
+
     /// Whether every task `id` depends on is Done.
     fn dependencies_done(&self, id: &TaskId) -> impl Future<Output = Result<bool>> + Send;
 
@@ -217,8 +226,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Base moves a crash may have interrupted.
     fn pending_integrations(&self) -> impl Future<Output = Result<Vec<Journal>>> + Send;
 
-    /// The ID of the task's run that is still running, if any (a lease's dev run).
-    fn running_run(&self, task: &TaskId) -> impl Future<Output = Result<Option<i64>>> + Send;
+    /// The task's runs that are still running (a lease's dev run, and its verify run once it
+    /// started), oldest first.
+    fn running_runs(&self, task: &TaskId) -> impl Future<Output = Result<Vec<Run>>> + Send;
 
     /// Starts a run outside a transition (the server's integration run); returns its ID.
     fn start_run(
@@ -242,6 +252,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Appends log lines to runs in one transaction; a line whose (run, seq) is stored already
     /// is ignored.
     fn append_logs(&self, lines: &[(i64, LogLine)]) -> impl Future<Output = Result<()>> + Send;
+
+    /// The highest line number stored for a run (0 when it has none).
+    fn last_log_seq(&self, run: i64) -> impl Future<Output = Result<u64>> + Send;
 
     /// A run's lines after `after_seq`, in order, at most `limit`.
     fn read_logs(

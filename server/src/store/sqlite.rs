@@ -503,6 +503,21 @@ async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Res
         &w.message,
     )
     .await?;
+    for (run, end) in &w.end_runs {
+        sqlx::query(
+            "UPDATE runs SET status = ?, finished_at = ?, cost_cents = cost_cents + ?, \
+             error = ?, failure_kind = ? WHERE id = ? AND task_id = ? AND status = 'running'",
+        )
+        .bind(end.status.as_str())
+        .bind(w.at)
+        .bind(end.cost_cents)
+        .bind(&end.error)
+        .bind(end.failure_kind.map(FailureKind::as_str))
+        .bind(*run)
+        .bind(w.task_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
     if let Some(end) = &w.close_runs {
         sqlx::query(
             "UPDATE runs SET status = ?, finished_at = ?, cost_cents = cost_cents + ?, \
@@ -918,6 +933,25 @@ impl Store for SqliteStore {
         Ok(counts)
     }
 
+    async fn statuses(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, TaskStatus)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        // One parameter a task: well under SQLite's limit of 32,766 a statement.
+        for chunk in ids.chunks(10_000) {
+            let mut q =
+                sqlx::QueryBuilder::<Sqlite>::new("SELECT id, status FROM tasks WHERE id IN (");
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(id.as_str());
+            }
+            q.push(")");
+            let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&self.pool).await?;
+            for (id, status) in rows {
+                out.push((stored_id(&id)?, stored_status(&status)?));
+            }
+        }
+        Ok(out)
+    }
+
     async fn dependencies_done(&self, id: &TaskId) -> Result<bool> {
         let pending: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM task_deps d JOIN tasks t ON t.id = d.depends_on \
@@ -976,13 +1010,16 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn running_run(&self, task: &TaskId) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
-            "SELECT id FROM runs WHERE task_id = ? AND status = 'running' ORDER BY id DESC LIMIT 1",
+    async fn running_runs(&self, task: &TaskId) -> Result<Vec<Run>> {
+        let rows: Vec<RunRow> = sqlx::query_as(
+            "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
+             started_at, finished_at, error, failure_kind FROM runs \
+             WHERE task_id = ? AND status = 'running' ORDER BY id",
         )
         .bind(task.as_str())
-        .fetch_optional(&self.pool)
-        .await?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(RunRow::into_run).collect()
     }
 
     async fn start_run(&self, task: &TaskId, run: &NewRun, at: Millis) -> Result<i64> {
@@ -1052,6 +1089,15 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn last_log_seq(&self, run: i64) -> Result<u64> {
+        let top: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM log_lines WHERE run_id = ?")
+                .bind(run)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(top.unwrap_or(0).unsigned_abs())
     }
 
     async fn read_logs(&self, run: i64, after_seq: u64, limit: u32) -> Result<Vec<LogLine>> {

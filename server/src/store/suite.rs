@@ -516,9 +516,16 @@ pub async fn stores_trims_and_prunes_logs<S: Store>(store: &S) {
         .await
         .expect("run");
     assert_eq!(
-        store.running_run(&task.id).await.expect("running"),
-        Some(run)
+        store
+            .running_runs(&task.id)
+            .await
+            .expect("running")
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
+        [run]
     );
+    assert_eq!(store.last_log_seq(run).await.expect("none yet"), 0);
     let lines: Vec<(i64, LogLine)> = (1..=10).map(|i| (run, log_line(i, "0123456789"))).collect();
     store.append_logs(&lines).await.expect("append");
     // A resent line is ignored, not doubled or overwritten.
@@ -528,6 +535,7 @@ pub async fn stores_trims_and_prunes_logs<S: Store>(store: &S) {
         .expect("resend");
     let read = store.read_logs(run, 0, 100).await.expect("read");
     assert_eq!(read.len(), 10);
+    assert_eq!(store.last_log_seq(run).await.expect("top"), 10);
     assert_eq!(read[2].text, "0123456789");
     assert_eq!(store.read_logs(run, 8, 100).await.expect("after").len(), 2);
     assert_eq!(store.read_logs(run, 0, 4).await.expect("page").len(), 4);

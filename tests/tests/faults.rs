@@ -1,0 +1,220 @@
+//! The fault run: tasks on several runners while the server is SIGKILLed and restarted, a
+//! runner is SIGKILLed, another is SIGSTOPped past the lease TTL, and the server's state disk
+//! fills up and is freed again. At the end every task is done, each task's commit is on the base
+//! exactly once, and no attempt was charged for a fault that was not the task's: a task's
+//! failure count is exactly the failures it was made to have.
+//!
+//! The short form runs in CI; `PIPELINE_FAULT_TASKS`, `PIPELINE_FAULT_RUNNERS` and
+//! `PIPELINE_FAULT_SERVER_KILLS` make it the long one (e.g. 100, 3 and 10).
+
+use std::process::Command;
+
+use pipeline_tests::{Proc, Server, SmallDisk, TestRepo, bin, scripts_dir, wait_for};
+use serde_json::Value;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The server, its state on `disk`, on `listen`.
+fn server(repo: &TestRepo, disk: &SmallDisk, listen: &str) -> Server {
+    let mut cmd = Command::new(bin("pipeline-server"));
+    cmd.arg("--repo")
+        .arg(repo.repo())
+        .arg("--state-dir")
+        .arg(disk.path.join("state"))
+        .args([
+            "--listen",
+            listen,
+            "--lease-ttl",
+            "2",
+            "--backoff-base",
+            "0",
+        ])
+        .args(["--max-retries", "5", "--env-allow", "AGENT_LOG_DIR"])
+        .env("RUST_LOG", "info")
+        .env("PATH", pipeline_tests::scripts_path())
+        .env("AGENT_LOG_DIR", repo.agent_log());
+    Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("the server did not start:\n{log}"))
+}
+
+fn runner(repo: &TestRepo, disk: &SmallDisk, url: &str, name: &str) -> Proc {
+    let token = std::fs::read_to_string(disk.path.join("state/runner-registration.token"))
+        .expect("token")
+        .trim()
+        .to_owned();
+    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
+    Proc::spawn(
+        Command::new(bin("pipeline-runner"))
+            .args(["--server", url, "--name", name, "--token", &token])
+            .arg("--work-dir")
+            .arg(repo.dir.path().join("runners").join(name))
+            .args(["--agent-cmd", &agent, "--kill-grace", "1", "--slots", "1"])
+            .args(["--env-allow", "AGENT_LOG_DIR"])
+            .env("RUST_LOG", "info")
+            .env("PATH", pipeline_tests::scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log()),
+    )
+}
+
+/// The tasks' JSON, by ID.
+fn tasks(server: &Server) -> Vec<Value> {
+    server
+        .ctl(&["task", "list", "--json"])
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn done_count(server: &Server) -> usize {
+    tasks(server)
+        .iter()
+        .filter(|t| t["status"] == "done")
+        .count()
+}
+
+/// Waits until at least `n` tasks are done, through whatever the server is living through.
+fn wait_done(server: &Server, n: usize) {
+    wait_for(&format!("{n} tasks done"), || {
+        (done_count(server) >= n).then_some(())
+    });
+}
+
+/// A runner that holds a lease now, by name.
+fn busy_runner(server: &Server) -> String {
+    wait_for("a runner with work", || {
+        server
+            .ctl(&["runners", "--json"])
+            .json()
+            .as_array()
+            .and_then(|rs| {
+                rs.iter()
+                    .find(|r| r["slots_used"] == 1 && r["state"] == "busy")
+                    .and_then(|r| r["name"].as_str().map(str::to_owned))
+            })
+    })
+}
+
+#[test]
+fn the_fault_run_loses_nothing_and_charges_no_task_for_a_fault() {
+    let n_tasks = env_or("PIPELINE_FAULT_TASKS", 18);
+    let n_runners = env_or("PIPELINE_FAULT_RUNNERS", 3).max(2);
+    let server_kills = env_or("PIPELINE_FAULT_SERVER_KILLS", 3);
+    let repo = TestRepo::new();
+    let disk = SmallDisk::new(32);
+    let mut srv = server(&repo, &disk, "127.0.0.1:0");
+    let addr = srv.addr.clone();
+    let names: Vec<String> = (1..=n_runners).map(|i| format!("r{i}")).collect();
+    let mut runners: Vec<Proc> = names
+        .iter()
+        .map(|n| runner(&repo, &disk, &srv.url, n))
+        .collect();
+    // Every sixth task fails its verification once, by its own fault (needs-fix); the others
+    // take a moment, so that the faults meet work in progress.
+    let mut expected_failures = std::collections::BTreeMap::new();
+    for i in 0..n_tasks {
+        let id = if i % 6 == 5 {
+            srv.add(&["--title", &format!("fix {i}"), "--namespace", "needs-fix"])
+        } else {
+            srv.add(&[
+                "--title",
+                &format!("slow {i}"),
+                "--description",
+                "MODE: slow",
+            ])
+        };
+        expected_failures.insert(id, u64::from(i % 6 == 5));
+    }
+    let step = (n_tasks / (server_kills + 4)).max(1);
+    let mut goal = 0;
+    // The server is killed and restarted, again and again.
+    for _ in 0..server_kills {
+        goal = (goal + step).min(n_tasks);
+        wait_done(&srv, goal);
+        srv.kill();
+        srv = server(&repo, &disk, &addr);
+    }
+    // A runner is killed while it works, and comes back.
+    goal = (goal + step).min(n_tasks);
+    wait_done(&srv, goal);
+    let victim = busy_runner(&srv);
+    let i = names
+        .iter()
+        .position(|n| *n == victim)
+        .expect("known runner");
+    runners[i].kill();
+    srv.wait_for_log(&format!("lease lost: runner {victim}"));
+    runners[i] = runner(&repo, &disk, &srv.url, &victim);
+    // Another freezes past the lease TTL, then thaws.
+    goal = (goal + step).min(n_tasks);
+    wait_done(&srv, goal);
+    let frozen = busy_runner(&srv);
+    let i = names
+        .iter()
+        .position(|n| *n == frozen)
+        .expect("known runner");
+    runners[i].signal("STOP");
+    srv.wait_for_log(&format!("lease lost: runner {frozen}"));
+    runners[i].signal("CONT");
+    // The state disk fills up, and is freed.
+    goal = (goal + step).min(n_tasks);
+    wait_done(&srv, goal);
+    disk.fill();
+    wait_for("the server to meet the full disk", || {
+        let status = srv.ctl(&["status", "--json"]).json();
+        (status["health"] == "unhealthy" || srv.log().contains("cannot spool a commit"))
+            .then_some(())
+    });
+    disk.free();
+    wait_done(&srv, n_tasks);
+
+    // Every task is done, each commit on the base exactly once, and no task was charged for
+    // anything but its own failures.
+    let landed = repo.landed();
+    for task in tasks(&srv) {
+        let id = task["id"].as_str().expect("id").to_owned();
+        assert_eq!(task["status"], "done", "{task}");
+        assert_eq!(
+            landed.iter().filter(|t| **t == id).count(),
+            1,
+            "{id} on the base: {landed:?}"
+        );
+        assert_eq!(
+            task["failures"],
+            expected_failures[&id],
+            "{id} was charged for a fault not its own: {}",
+            srv.show(&id)
+        );
+        let detail = srv.show(&id);
+        for run in detail["runs"].as_array().cloned().unwrap_or_default() {
+            if run["failure_kind"] == "task" {
+                assert_eq!(expected_failures[&id], 1, "{detail}");
+            }
+        }
+    }
+    assert_eq!(landed.len(), n_tasks, "{landed:?}");
+    let (mut infra, mut lost, mut own) = (0, 0, 0);
+    for task in tasks(&srv) {
+        let detail = srv.show(task["id"].as_str().unwrap_or_default());
+        lost += detail["lost_leases"].as_u64().unwrap_or(0);
+        for run in detail["runs"].as_array().cloned().unwrap_or_default() {
+            match run["failure_kind"].as_str() {
+                Some("infrastructure") => infra += 1,
+                Some("task") => own += 1,
+                _ => {}
+            }
+        }
+    }
+    println!(
+        "fault run: {n_tasks} tasks on {n_runners} runners, {server_kills} server SIGKILLs, a \
+         runner SIGKILL and a SIGSTOP past the TTL, a full state disk: all done, each landed \
+         once; {own} runs failed by the tasks' own fault (as made), {infra} runs ended by \
+         infrastructure faults ({lost} lost leases), none charged"
+    );
+    let status = srv.ctl(&["status", "--json"]).json();
+    assert_eq!(status["health"], "healthy", "{status}");
+}
