@@ -351,6 +351,15 @@ impl Client {
             .map_err(|s| self.failure(s))
     }
 
+    /// Forgets runner `name` (not connected), freeing its name.
+    pub async fn forget_runner(&mut self, name: String) -> Result<(), Failure> {
+        let r = self
+            .inner
+            .forget_runner(unary(pb::ForgetRunnerRequest { name }))
+            .await;
+        r.map(drop).map_err(|s| self.failure(s))
+    }
+
     /// Replaces the registration token; returns it and where the server keeps it.
     pub async fn rotate_registration_token(&mut self) -> Result<(String, String), Failure> {
         let r = self

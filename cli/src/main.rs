@@ -75,8 +75,14 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum RunnersAction {
-    /// Cut a runner off at once: its credential stops working, its leases go back to Open.
+    /// Cut a runner off at once: its credential stops working, its leases go back to Open, and
+    /// its name cannot be registered again until it is forgotten.
     Revoke {
+        #[arg(allow_hyphen_values = true)]
+        name: String,
+    },
+    /// Remove a runner that is not connected from the list, freeing its name.
+    Forget {
         #[arg(allow_hyphen_values = true)]
         name: String,
     },
@@ -210,6 +216,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let released = client.revoke_runner(name.clone()).await?;
             println!("{name}: revoked; {released} lease(s) given back");
+        }
+        Command::Runners {
+            action: Some(RunnersAction::Forget { name }),
+            ..
+        } => {
+            client.forget_runner(name.clone()).await?;
+            println!("{name}: forgotten; the name is free");
         }
         Command::Token(TokenCommand::Rotate) => {
             let (token, path) = client.rotate_registration_token().await?;

@@ -128,9 +128,16 @@ pub async fn run(
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .connect_lazy();
+    // The runner's own credential, saved when the server issued it, is what it presents; the
+    // registration token is needed only the first time (or once the server forgot the runner).
+    let saved = SavedCredential(work_dir.join("credential"));
     let bearer = crate::client::Bearer::default();
-    if let Some(token) = &config.token {
-        bearer.set(token);
+    match saved.load().or_else(|| config.token.clone()) {
+        Some(token) => bearer.set(&token),
+        None => anyhow::bail!(
+            "no credential: pass the runner registration token with --token or PIPELINE_TOKEN \
+             (the server's log says where it is)"
+        ),
     }
     let client = RunnerServiceClient::with_interceptor(channel, bearer.clone())
         .max_decoding_message_size(64 * 1024 * 1024)
@@ -145,6 +152,8 @@ pub async fn run(
     });
     let mut session = Session {
         bearer,
+        saved,
+        registration_token: config.token.clone(),
         name,
         url,
         slots: config.slots,
@@ -174,6 +183,10 @@ pub async fn run(
 struct Session {
     /// The credential calls present; replaced by the runner's own once it is issued.
     bearer: crate::client::Bearer,
+    /// Where the runner's own credential is kept between runs.
+    saved: SavedCredential,
+    /// The registration token (or a credential) given on the command line.
+    registration_token: Option<String>,
     name: String,
     url: String,
     slots: u32,
@@ -276,20 +289,42 @@ impl Session {
     }
 
     async fn register(&mut self) -> Result<(), tonic::Status> {
-        let resp = self
-            .client
-            .register(pb::RegisterRequest {
-                name: self.name.clone(),
-                labels: self.ctx.config.labels.clone(),
-                slots: self.slots,
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-                protocol_version: pipeline_proto::PROTOCOL_VERSION,
-            })
-            .await?
-            .into_inner();
+        let request = pb::RegisterRequest {
+            name: self.name.clone(),
+            labels: self.ctx.config.labels.clone(),
+            slots: self.slots,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol_version: pipeline_proto::PROTOCOL_VERSION,
+        };
+        let resp = match self.client.register(request.clone()).await {
+            Ok(resp) => resp,
+            // The saved credential is unknown to the server (it lost its database, or the
+            // runner was forgotten): the registration token, if given, registers it afresh.
+            Err(status)
+                if status.code() == Code::Unauthenticated
+                    && self.saved.load().is_some()
+                    && let Some(token) = self.registration_token.clone()
+                    && self.saved.load().as_deref() != Some(token.trim()) =>
+            {
+                tracing::warn!(
+                    error = %status.message(),
+                    "the server does not know this runner's saved credential; registering \
+                     with the registration token"
+                );
+                self.saved.forget();
+                self.bearer.set(&token);
+                self.client.register(request).await?
+            }
+            Err(status) => return Err(status),
+        }
+        .into_inner();
         if let Some(credential) = &resp.credential {
-            // From now on the runner is itself: its own credential, never the shared token.
+            // From now on the runner is itself: its own credential, never the shared token,
+            // kept for its next start.
             self.bearer.set(credential);
+            if let Err(e) = self.saved.store(credential) {
+                tracing::warn!(error = %e, "cannot save the runner's credential; the next start needs the registration token again");
+            }
         }
         self.heartbeat = Duration::from_millis(resp.heartbeat_interval_ms.max(10));
         self.ttl = Duration::from_millis(resp.lease_ttl_ms.max(30));
@@ -795,6 +830,37 @@ impl Session {
                 () = sleep_until(watchdog) => self.watchdog(),
             }
         }
+    }
+}
+
+/// The runner's own credential in its work dir (mode 0600).
+struct SavedCredential(std::path::PathBuf);
+
+impl SavedCredential {
+    fn load(&self) -> Option<String> {
+        std::fs::read_to_string(&self.0)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    }
+
+    fn store(&self, credential: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = self.0.with_extension("new");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(format!("{credential}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.0)
+    }
+
+    fn forget(&self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

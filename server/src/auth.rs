@@ -33,6 +33,8 @@ pub enum Caller {
 const ADMIN_FILE: &str = "admin.token";
 const REGISTRATION_FILE: &str = "runner-registration.token";
 const RUNNER_KEY: &str = "runner_credential:";
+/// A revoked runner's name: it cannot be registered again until forgotten.
+const REVOKED_KEY: &str = "runner_revoked:";
 
 /// A new random token with `prefix`.
 pub fn new_token(prefix: &str) -> Result<String> {
@@ -86,6 +88,8 @@ struct State {
     registration: String,
     /// Credential hash → runner name.
     runners: HashMap<String, String>,
+    /// Names of revoked runners (until `pipelinectl runners forget`).
+    revoked: std::collections::HashSet<String>,
     /// Recent registrations per key (a credential, `address:…`, `name:…`), for the rate limits.
     registrations: HashMap<String, VecDeque<Instant>>,
     /// Past this many keys, those without a registration in the last minute are dropped.
@@ -162,11 +166,18 @@ impl Auth {
                 runners.insert(value, name.to_owned());
             }
         }
+        let revoked = store
+            .list_meta(REVOKED_KEY)
+            .await?
+            .into_iter()
+            .filter_map(|(key, _)| key.strip_prefix(REVOKED_KEY).map(str::to_owned))
+            .collect();
         Ok(Self {
             state: RwLock::new(State {
                 admin: hash(&admin),
                 registration: hash(&registration),
                 runners,
+                revoked,
                 registrations: HashMap::new(),
                 sweep_at: 1024,
             }),
@@ -284,13 +295,41 @@ impl Auth {
         Ok(token)
     }
 
-    /// Cuts `name` off; false if it had no credential.
+    /// Whether a live credential holds the runner name `name` (then only that credential may
+    /// register under it).
+    pub fn name_taken(&self, name: &str) -> bool {
+        self.read().runners.values().any(|n| n == name)
+    }
+
+    /// Whether `name` was revoked (and not forgotten since).
+    pub fn is_revoked(&self, name: &str) -> bool {
+        self.read().revoked.contains(name)
+    }
+
+    /// Cuts `name` off: its credential stops working, and the name cannot be registered again
+    /// with the registration token until it is forgotten. False if it had no credential.
     pub async fn revoke<S: Store>(&self, store: &S, name: &str) -> Result<bool> {
+        store
+            .put_meta(&format!("{REVOKED_KEY}{name}"), "revoked")
+            .await?;
         store.delete_meta(&format!("{RUNNER_KEY}{name}")).await?;
         let mut state = self.write();
+        state.revoked.insert(name.to_owned());
         let before = state.runners.len();
         state.runners.retain(|_, n| n != name);
         Ok(state.runners.len() < before)
+    }
+
+    /// Frees the name `name`: no credential holds it and it is not revoked any more. True if
+    /// there was anything to forget.
+    pub async fn forget<S: Store>(&self, store: &S, name: &str) -> Result<bool> {
+        store.delete_meta(&format!("{REVOKED_KEY}{name}")).await?;
+        store.delete_meta(&format!("{RUNNER_KEY}{name}")).await?;
+        let mut state = self.write();
+        let had = state.revoked.remove(name);
+        let before = state.runners.len();
+        state.runners.retain(|_, n| n != name);
+        Ok(had || state.runners.len() < before)
     }
 
     /// Replaces the registration token (file and hash); returns the new one.

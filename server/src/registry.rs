@@ -473,6 +473,14 @@ impl Registry {
         Some(leases)
     }
 
+    /// Forgets every runner called `name` that is not connected; true if there was one. Their
+    /// live leases stay until they lapse.
+    pub fn forget(&mut self, name: &str) -> bool {
+        let before = self.runners.len();
+        self.runners.retain(|_, r| r.name != name || r.connected());
+        self.runners.len() < before
+    }
+
     /// Number of runners with an open work stream.
     pub fn connected_count(&self) -> usize {
         self.runners.values().filter(|r| r.connected()).count()

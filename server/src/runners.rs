@@ -104,6 +104,24 @@ impl<S: Store> Coordinator<S> {
     pub async fn register(&self, hello: RunnerHello, caller: &Caller) -> Result<Registered> {
         let issue = match caller {
             Caller::Registration => {
+                // A name belongs to the credential that registered it: the shared token cannot
+                // take it over (a runner that lost its saved credential is revoked, then
+                // forgotten, to free its name).
+                if self.auth.is_revoked(&hello.name) {
+                    return Err(Error::PermissionDenied(format!(
+                        "runner {} was revoked; an admin can free the name with \
+                         `pipelinectl runners forget {}`",
+                        hello.name, hello.name
+                    )));
+                }
+                if self.auth.name_taken(&hello.name) {
+                    return Err(Error::PermissionDenied(format!(
+                        "the runner name {} belongs to a registered runner: register with its \
+                         own credential (the runner keeps it in its work dir), use another \
+                         --name, or have an admin revoke and forget {}",
+                        hello.name, hello.name
+                    )));
+                }
                 self.auth.count_registration("registration token")?;
                 true
             }
@@ -210,6 +228,30 @@ impl<S: Store> Coordinator<S> {
         }
         tracing::warn!(runner = name, released, "runner revoked");
         Ok(released)
+    }
+
+    /// Forgets runner `name`, which must not be connected: it leaves the list and its name is
+    /// free again (its credential, if any, stops working; a revoked name may be registered
+    /// again).
+    pub async fn forget(&self, name: &str) -> Result<()> {
+        check_runner_name(name)?;
+        if self
+            .registry()
+            .runners()
+            .iter()
+            .any(|r| r.name == name && r.connected)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "runner {name} is connected; stop it (or revoke it) first"
+            )));
+        }
+        let known = self.registry().forget(name);
+        let freed = self.auth.forget(&self.store, name).await?;
+        if !known && !freed {
+            return Err(Error::NotFound(format!("no runner named {name}")));
+        }
+        tracing::warn!(runner = name, "runner forgotten; its name is free");
+        Ok(())
     }
 
     /// Replaces the runner registration token; returns it and where it is kept.

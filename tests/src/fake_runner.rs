@@ -105,7 +105,8 @@ impl FakeRunner {
             rt,
             client,
             id: resp.runner_id,
-            credential: resp.credential.unwrap_or_default(),
+            // Registering with its own credential, a runner gets none new: it keeps that one.
+            credential: resp.credential.unwrap_or_else(|| token.to_owned()),
             stream: None,
         })
     }
@@ -130,6 +131,14 @@ impl FakeRunner {
             Some(pb::work_message::Kind::Attached(a)) => Ok(a),
             other => panic!("the work stream began with {other:?}"),
         }
+    }
+
+    /// Drops the work stream (the runner loses its connection).
+    pub fn close(&mut self) {
+        self.stream = None;
+        // The connection runs on this runtime: let it tell the server.
+        self.rt
+            .block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
     }
 
     /// The next message pushed on the work stream.

@@ -204,8 +204,11 @@ impl TestRepo {
 
     /// Waits until the scripted agent working on `task` has started; returns its pid.
     pub fn wait_agent(&self, task: &str) -> String {
+        // The shell creates the file before it writes the pid into it: wait for the number.
         wait_for(&format!("the agent of {task} to start"), || {
             self.agent_file(&format!("{task}.pid"))
+                .map(|pid| pid.trim().to_owned())
+                .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
         })
     }
 }

@@ -548,12 +548,21 @@ fn a_registration_flood_from_one_host_does_not_lock_out_the_fleet() {
     let server = Server::start(&repo, &[]);
     let token = repo.registration_token();
     // All of 127/8 is loopback, so the test can be several hosts.
-    // One name, registered over and over: cut by the per-name limit.
-    let one_name = register_from(
+    // One name, registered over and over (a runner stuck in a loop, with its own credential:
+    // the registration token cannot register a taken name at all): cut by the per-name limit.
+    let credential = pipeline_tests::fake_runner::FakeRunner::register(
         &server.url,
         &token,
+        "flood",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("the first registration")
+    .credential;
+    let one_name = register_from(
+        &server.url,
+        &credential,
         "127.0.0.2",
-        (0..100).map(|_| "flood".to_owned()),
+        (0..99).map(|_| "flood".to_owned()),
     );
     let refused = rate_limited(&one_name, "registrations a minute of runner flood");
     assert_eq!(refused, 80, "20 passed");

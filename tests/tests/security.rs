@@ -307,3 +307,118 @@ fn a_tls_round_trip_with_a_ca_made_in_the_test() {
     let log = pipeline_tests::ctl(&url, &["--tls-ca", &ca, "logs", &id]).ok();
     assert!(log.contains("landed on main"), "{log}");
 }
+
+#[test]
+fn a_runner_name_belongs_to_its_credential_not_to_the_registration_token() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "30"]);
+    let mut victim = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "victim",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    victim.open(vec![]).expect("open");
+    server.add(&["--title", "the victim's"]);
+    let lease = victim.next_assignment().lease.expect("lease");
+    // The victim loses its connection; its lease lives on for it.
+    victim.close();
+    wait_for("the victim to be offline", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        (runners[0]["state"] == "offline").then_some(())
+    });
+    // The registration token cannot take the victim's name...
+    let err = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "victim",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .err()
+    .expect("the takeover was refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("belongs to a registered runner"),
+        "{err:?}"
+    );
+    // ...nor, under a name of its own, the victim's lease.
+    let mut mallory = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "mallory",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    let attached = mallory.open(vec![lease.clone()]).expect("open");
+    assert!(attached.kept.is_empty(), "{attached:?}");
+    // The victim, with its own credential, gets it back.
+    let mut back = FakeRunner::register(
+        &server.url,
+        &victim.credential,
+        "victim",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("the victim registers again");
+    let attached = back.open(vec![lease.clone()]).expect("open");
+    assert_eq!(attached.kept, [lease]);
+}
+
+#[test]
+fn a_runner_keeps_its_credential_and_a_revoked_one_needs_an_admin_to_come_back() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let mut args = scripted_agent();
+    args.push("--no-verify".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut first = Runner::start(&repo, &server, "keeper", &args);
+    // The runner keeps its own credential, for its owner only.
+    let saved = repo.dir.path().join("runners/keeper/credential");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&saved)
+        .expect("saved credential")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        std::fs::read_to_string(&saved)
+            .expect("read")
+            .starts_with("plc_")
+    );
+    first.proc.kill();
+    // After a restart it needs no registration token: its own credential is enough.
+    let second = pipeline_tests::Proc::spawn(
+        Command::new(bin("pipeline-runner"))
+            .args(["--server", &server.url, "--name", "keeper", "--slots", "1"])
+            .args(["--token", "plr_not-the-token"])
+            .arg("--work-dir")
+            .arg(repo.dir.path().join("runners/keeper"))
+            .args(["--env-allow", "AGENT_LOG_DIR"])
+            .args(&args)
+            .env("PATH", pipeline_tests::scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log())
+            .env("RUST_LOG", "info"),
+    );
+    second.wait_for_line("registered").expect("registered");
+    let id = server.add(&["--title", "after a restart"]);
+    server.wait_status(&id, "done");
+    // Revoked, it cannot come back with the registration token alone...
+    server.ctl(&["runners", "revoke", "keeper"]).ok();
+    let mut second = second;
+    second.wait_exit();
+    let mut again = Runner::spawn(&repo, &server.url, "keeper", &args);
+    let line = again
+        .proc
+        .wait_for_line("refused this runner")
+        .expect("refused");
+    assert!(line.contains("was revoked"), "{line}");
+    again.proc.wait_exit();
+    // ...until an admin forgets it; a connected runner cannot be forgotten.
+    server.ctl(&["runners", "forget", "keeper"]).ok();
+    let _back = Runner::start(&repo, &server, "keeper", &args);
+    let next = server.add(&["--title", "after forgiveness"]);
+    server.wait_status(&next, "done");
+    server
+        .ctl(&["runners", "forget", "keeper"])
+        .refused(4, "is connected");
+}

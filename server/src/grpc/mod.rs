@@ -595,6 +595,18 @@ impl<S: Store> ControlService for ControlApi<S> {
         Ok(Response::new(pb::RevokeRunnerResponse { leases_released }))
     }
 
+    async fn forget_runner(
+        &self,
+        request: Request<pb::ForgetRunnerRequest>,
+    ) -> Result<Response<pb::ForgetRunnerResponse>, Status> {
+        let name = request.into_inner().name;
+        self.coordinator
+            .forget(&name)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::ForgetRunnerResponse {}))
+    }
+
     async fn rotate_registration_token(
         &self,
         _request: Request<pb::RotateRegistrationTokenRequest>,
