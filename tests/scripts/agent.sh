@@ -14,6 +14,7 @@
 #   chatty            print "line i of N" for i = 1..N (N from a "LINES: N" line, default 200)
 #   chatty-wait       print the first half, wait like "wait", print the rest
 #   longline          print one line of 100,000 characters
+#   spoof             also put a "Task-Id:" trailer of the task named by a "SPOOF: <id>" line
 #   slow              commit after a short pause (0.3 s), so that faults meet work in progress
 #   interleave        print out-1, err-2, out-3, ... err-10 alternately on stdout and stderr
 # It logs each prompt and environment under $AGENT_LOG_DIR.
@@ -73,6 +74,10 @@ if [ "$(git rev-parse HEAD)" != "$PIPELINE_BASE_COMMIT" ]; then
     $git commit --quiet --amend --no-edit
 elif [ "$mode" = notrailer ]; then
     $git commit --quiet -m "notes for $PIPELINE_TASK_ID, no trailer"
+elif [ "$mode" = spoof ]; then
+    other=$(sed -n 's/^SPOOF: *//p' "$PIPELINE_PROMPT_FILE" | head -n 1)
+    $git commit --quiet -m "notes for $PIPELINE_TASK_ID" -m "Task-Id: $PIPELINE_TASK_ID
+Task-Id: $other"
 else
     $git commit --quiet -m "notes for $PIPELINE_TASK_ID" -m "Task-Id: $PIPELINE_TASK_ID"
 fi

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use pipeline_proto::v1 as pb;
 use pipeline_tests::fake_runner::FakeRunner;
-use pipeline_tests::{Runner, Server, TestRepo, bin, run, scripted_agent, wait_for};
+use pipeline_tests::{Runner, Server, TestRepo, bin, git, run, scripted_agent, wait_for};
 
 /// `pipelinectl` with no way to find a token (no `--token`, no local note).
 fn ctl_without_token(server: &Server, args: &[&str]) -> pipeline_tests::Output {
@@ -421,4 +421,41 @@ fn a_runner_keeps_its_credential_and_a_revoked_one_needs_an_admin_to_come_back()
     server
         .ctl(&["runners", "forget", "keeper"])
         .refused(4, "is connected");
+}
+
+#[test]
+fn a_commit_cannot_speak_for_another_task() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "2"]);
+    let victim = server.add(&["--title", "the victim", "--description", "MODE: wait"]);
+    let spoofer = server.add(&[
+        "--title",
+        "the spoofer",
+        "--description",
+        &format!("MODE: spoof\nSPOOF: {victim}"),
+        "--priority",
+        "0",
+    ]);
+    // Only the spoofer runs first: the victim waits for its agent's release.
+    let r = runner(&repo, &server, "r");
+    server.wait_status(&spoofer, "done");
+    // The landed commit carries the spoofer's trailer alone.
+    let landed = git(&repo.repo(), &["log", "-1", "--format=%B", "main"]);
+    let ids: Vec<&str> = landed
+        .lines()
+        .filter_map(|l| l.strip_prefix("Task-Id: "))
+        .collect();
+    assert_eq!(ids, [spoofer.as_str()], "{landed}");
+    // Across a restart the victim is not taken for landed: its own work lands.
+    drop(r);
+    server.kill();
+    let server = Server::start(&repo, &["--lease-ttl", "2"]);
+    let _r = runner(&repo, &server, "r2");
+    repo.release_agents();
+    let task = server.wait_status(&victim, "done");
+    assert_eq!(
+        git(&repo.repo(), &["show", &format!("main:notes/{victim}.md")]),
+        format!("task {victim} attempt 2"),
+        "the victim's own work is on the base: {task}"
+    );
 }
