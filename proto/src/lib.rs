@@ -37,3 +37,64 @@ pub fn client_tls(
 
 /// The protocol version a runner must announce at registration; bumped on breaking changes.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What a client should do about a call that failed: the one reading of a gRPC status that
+/// runners and `pipelinectl` share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// The server is away, busy or failed inside: try again later (with back-off).
+    Retry,
+    /// The server does not know the caller (it restarted): register again, then retry.
+    Unregistered,
+    /// The request cannot succeed as it is (a lease that is no longer the caller's, a malformed
+    /// or oversized request, a state that does not allow it): drop it.
+    Refused,
+    /// The caller may not do this at all (no or a revoked credential, the wrong role, a server
+    /// that lacks the call): stop.
+    Fatal,
+}
+
+/// How to take a failed call's status.
+pub fn classify(status: &tonic::Status) -> Disposition {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Internal
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Aborted
+        | Code::ResourceExhausted
+        | Code::Ok => Disposition::Retry,
+        Code::NotFound => Disposition::Unregistered,
+        Code::FailedPrecondition
+        | Code::InvalidArgument
+        | Code::AlreadyExists
+        | Code::OutOfRange => Disposition::Refused,
+        Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented | Code::DataLoss => {
+            Disposition::Fatal
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_one_reading() {
+        use tonic::{Code, Status};
+        for (code, want) in [
+            (Code::Unavailable, Disposition::Retry),
+            (Code::Internal, Disposition::Retry),
+            (Code::ResourceExhausted, Disposition::Retry),
+            (Code::NotFound, Disposition::Unregistered),
+            (Code::FailedPrecondition, Disposition::Refused),
+            (Code::InvalidArgument, Disposition::Refused),
+            (Code::Unauthenticated, Disposition::Fatal),
+            (Code::PermissionDenied, Disposition::Fatal),
+        ] {
+            assert_eq!(classify(&Status::new(code, "x")), want, "{code:?}");
+        }
+    }
+}

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentArgs, AgentMode};
-use crate::process::{self, Spec, Stream};
+use pipeline_core::process::{self, Spec, Stream, could_not_run, with_tail};
 
 /// What the agent needs to know about its run.
 #[derive(Clone, Debug)]
@@ -46,12 +46,6 @@ pub enum AgentResult {
         reason: String,
     },
     Cancelled,
-}
-
-/// Exit codes of `sh -c CMD` that mean CMD itself could not be run: 126 (found but not
-/// executable) and 127 (not found).
-pub fn could_not_run(code: Option<i32>) -> bool {
-    matches!(code, Some(126 | 127))
 }
 
 /// Runs the agent for `job`.
@@ -127,15 +121,6 @@ async fn run_command(
     AgentResult::Failed {
         reason: with_tail(reason, &finished.tail),
         cost_cents,
-    }
-}
-
-/// `reason`, then the output's last lines if there are any.
-pub fn with_tail(reason: String, tail: &str) -> String {
-    if tail.trim().is_empty() {
-        reason
-    } else {
-        format!("{reason}:\n{tail}")
     }
 }
 

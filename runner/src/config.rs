@@ -140,6 +140,23 @@ pub enum VerifyMode {
     Bild,
 }
 
+impl VerifyArgs {
+    /// The verifier these flags ask for.
+    pub fn verifier(&self) -> pipeline_core::verify::Verifier {
+        use pipeline_core::verify::Verifier;
+        if self.no_verify {
+            Verifier::Off
+        } else if self.build_cmd.is_some() || self.test_cmd.is_some() {
+            Verifier::Commands {
+                build: self.build_cmd.clone(),
+                test: self.test_cmd.clone(),
+            }
+        } else {
+            Verifier::Bild
+        }
+    }
+}
+
 impl AgentArgs {
     /// How the agent runs: `--agent`, or `command` when only `--agent-cmd` is given.
     pub fn mode(&self) -> AgentMode {

@@ -16,8 +16,8 @@ use crate::agent::{self, AgentJob, AgentResult};
 use crate::config::Config;
 use crate::git::{Found, Mirror, check_sha};
 use crate::logship::RunLog;
-use crate::process::Stream;
-use crate::verify::{self, Verdict};
+use pipeline_core::process::Stream;
+use pipeline_core::verify::{self, Verdict};
 
 /// Bundle chunks sent to the server.
 const CHUNK_BYTES: usize = 256 * 1024;
@@ -265,7 +265,7 @@ async fn develop(
     let check = pb::RunPhase::Verify;
     log.note(check, &format!("verifying {commit}"));
     let verdict = verify::verify(
-        &ctx.config.verify,
+        &ctx.config.verify.verifier(),
         &worktree,
         a.namespace.as_deref(),
         &env,

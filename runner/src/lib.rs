@@ -3,8 +3,9 @@
 //! bundle and the agent's commit goes back as one.
 //!
 //! [`session`] is the runner's life (register, work stream, heartbeats, reconnect, drain);
-//! [`job`] is one lease; [`agent`] and [`verify`] run the agent and the verifier through
-//! [`process`] (process groups, time limits); [`git`] is the mirror and the per-slot worktrees.
+//! [`job`] is one lease; [`agent`] runs the agent and `pipeline_core::verify` the verifier,
+//! through `pipeline_core::process` (process groups, time limits); [`git`] is the mirror and
+//! the per-slot worktrees.
 
 pub mod agent;
 pub mod client;
@@ -13,9 +14,7 @@ pub mod git;
 pub mod job;
 pub mod logship;
 pub mod preflight;
-pub mod process;
 pub mod session;
-pub mod verify;
 
 pub use session::run;
 

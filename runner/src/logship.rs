@@ -13,7 +13,7 @@ use pipeline_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 
-use crate::process::cut_line;
+use pipeline_core::lines::cut_line;
 
 /// Lines waiting for the server beyond this many bytes are dropped oldest first (the reader
 /// sees the gap in the numbering).

@@ -6,10 +6,9 @@
 
 use std::fmt;
 
-use crate::error::Error;
+pub use pipeline_core::ids::{Millis, TaskId, quote_for_message};
 
-/// Milliseconds since the Unix epoch (UTC).
-pub type Millis = i64;
+use crate::error::Error;
 
 /// Priorities run from 0 (highest) to this value (lowest).
 pub const LOWEST_PRIORITY: u8 = 4;
@@ -19,88 +18,6 @@ pub const DEFAULT_PRIORITY: u8 = 2;
 pub const MAX_TITLE_BYTES: usize = 1024;
 /// Descriptions longer than this are refused.
 pub const MAX_DESCRIPTION_BYTES: usize = 1024 * 1024;
-
-/// A task identifier: `t-<n>` when generated; when given by a user it must match
-/// `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` and be a valid git ref component.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TaskId(String);
-
-impl TaskId {
-    /// Validates a user-given identifier; the error says what is wrong with it.
-    pub fn parse(raw: &str) -> Result<Self, Error> {
-        let refuse = |why: &str| {
-            Err(Error::InvalidArgument(format!(
-                "invalid task id {}: {why}",
-                quote_for_message(raw)
-            )))
-        };
-        if raw.is_empty() {
-            return refuse("it is empty");
-        }
-        if raw.len() > 64 {
-            return refuse(&format!(
-                "it is {} characters long, the limit is 64",
-                raw.len()
-            ));
-        }
-        let first = raw.as_bytes()[0];
-        if !first.is_ascii_alphanumeric() {
-            return refuse("it must start with a letter or a digit");
-        }
-        if let Some(bad) = raw
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
-            return refuse(&format!(
-                "{} is not allowed (use letters, digits, '.', '_' and '-')",
-                quote_char(bad)
-            ));
-        }
-        if raw.contains("..") {
-            return refuse("it must not contain '..'");
-        }
-        if raw.ends_with('.') {
-            return refuse("it must not end with '.'");
-        }
-        if raw.ends_with(".lock") {
-            return refuse("it must not end with '.lock'");
-        }
-        Ok(Self(raw.to_owned()))
-    }
-
-    /// The identifier generated for the `n`th task.
-    pub fn generated(n: u64) -> Self {
-        Self(format!("t-{n}"))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for TaskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Quotes user input for an error message, escaping control characters and cutting it short.
-pub fn quote_for_message(raw: &str) -> String {
-    const LIMIT: usize = 80;
-    let mut shown: String = raw.chars().take(LIMIT).collect::<String>();
-    if raw.chars().count() > LIMIT {
-        shown.push('…');
-    }
-    format!("{shown:?}")
-}
-
-fn quote_char(c: char) -> String {
-    match c {
-        ' ' => "a space".to_owned(),
-        c if c.is_control() => format!("the control character {:?}", c),
-        c => format!("{c:?}"),
-    }
-}
 
 /// Where a task is in its life; see the lifecycle in `CONTRACT.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -547,31 +464,6 @@ impl StatusCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn task_ids_follow_the_contract() {
-        for ok in ["t-1", "a", "A.b_c-d", "9lives", &"x".repeat(64), "v1.2"] {
-            assert!(TaskId::parse(ok).is_ok(), "{ok} should be accepted");
-        }
-        for (bad, why) in [
-            ("", "empty"),
-            ("../x", "must start with a letter"),
-            ("-x", "must start with a letter"),
-            ("a b", "a space"),
-            (&"x".repeat(80), "limit is 64"),
-            ("a..b", "'..'"),
-            ("a.", "end with '.'"),
-            ("a.lock", "'.lock'"),
-            ("a/b", "'/'"),
-            ("a\0b", "control character"),
-            ("é", "must start with a letter"),
-            ("a~1", "'~'"),
-        ] {
-            let err = TaskId::parse(bad).expect_err(bad).to_string();
-            assert!(err.contains(why), "{bad:?}: {err}");
-            assert!(!err.contains('\n'), "one line: {err}");
-        }
-    }
 
     #[test]
     fn new_task_validates_its_fields() {

@@ -33,6 +33,12 @@ pub enum Error {
     Internal(String),
 }
 
+impl From<pipeline_core::ids::InvalidId> for Error {
+    fn from(err: pipeline_core::ids::InvalidId) -> Self {
+        Error::InvalidArgument(err.0)
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
         Error::Internal(format!("database: {err}"))

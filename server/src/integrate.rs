@@ -223,8 +223,8 @@ impl<S: Store> Coordinator<S> {
                     ("PIPELINE_BASE".to_owned(), base.clone()),
                     ("PIPELINE_BASE_COMMIT".to_owned(), tip.clone()),
                 ]);
-                let verdict = pipeline_runner::verify::verify(
-                    &self.settings.verify,
+                let verdict = pipeline_core::verify::verify(
+                    &self.settings.verify.verifier(),
                     dir,
                     task.namespace.as_deref(),
                     &env,
@@ -233,7 +233,7 @@ impl<S: Store> Coordinator<S> {
                     |_, line| log.line(line.to_owned()),
                 )
                 .await;
-                use pipeline_runner::verify::Verdict;
+                use pipeline_core::verify::Verdict;
                 match verdict {
                     Verdict::Pass | Verdict::Skipped(_) => log.line("build passed".to_owned()),
                     Verdict::Cancelled => return Ok(()),

@@ -24,8 +24,6 @@ use crate::registry::LeaseRef;
 use crate::runners::unregistered;
 use crate::store::{NewRun, Store};
 
-/// A longer line is cut, with a marker.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// How many appends may wait for the writer before senders wait.
 const WRITER_QUEUE: usize = 1024;
 /// The most lines the writer puts in one transaction.
@@ -83,19 +81,15 @@ pub struct LogHub {
     pub cap_bytes: u64,
 }
 
+pub use pipeline_core::lines::MAX_LINE_BYTES;
+
 /// Cuts a line over [`MAX_LINE_BYTES`], saying how much went.
-pub fn cut_line(mut text: String) -> String {
+pub fn cut_line(text: String) -> String {
     if text.len() <= MAX_LINE_BYTES {
-        return text;
+        text
+    } else {
+        pipeline_core::lines::cut_line(&text)
     }
-    let mut end = MAX_LINE_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let cut = text.len() - end;
-    text.truncate(end);
-    text.push_str(&format!(" [… line cut: {cut} more bytes]"));
-    text
 }
 
 impl LogHub {
@@ -556,18 +550,5 @@ impl<S: Store> Coordinator<S> {
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cut_line;
-
-    #[test]
-    fn long_lines_are_cut_with_a_marker() {
-        let cut = cut_line("é".repeat(40_000));
-        assert!(cut.len() < 64 * 1024 + 64);
-        assert!(cut.ends_with("more bytes]"), "{}", &cut[cut.len() - 40..]);
-        assert_eq!(cut_line("short".into()), "short");
     }
 }

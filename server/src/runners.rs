@@ -77,9 +77,9 @@ pub struct LeaseResult {
 
 /// A runner name: like a task ID, safe in logs, paths and messages.
 fn check_runner_name(name: &str) -> Result<()> {
-    TaskId::parse(name)
+    pipeline_core::ids::RunnerName::parse(name)
         .map(drop)
-        .map_err(|e| Error::InvalidArgument(e.to_string().replace("task id", "runner name")))
+        .map_err(Error::from)
 }
 
 /// A runner ID the server does not know (it restarted): the runner registers again and

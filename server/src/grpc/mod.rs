@@ -101,7 +101,7 @@ pub fn status_from_error(err: Error) -> Status {
 }
 
 fn task_id(raw: &str) -> Result<TaskId, Status> {
-    TaskId::parse(raw).map_err(status_from_error)
+    TaskId::parse(raw).map_err(|e| status_from_error(e.into()))
 }
 
 fn dependency_ids(raw: &[String]) -> Result<Vec<TaskId>, Status> {

@@ -214,9 +214,9 @@ fn check_version(version: &str) -> Result<(), Status> {
 
 /// A runner name: like a task ID, safe in logs, paths, messages and as a map key.
 fn check_runner_name(name: &str) -> Result<(), Status> {
-    crate::domain::TaskId::parse(name)
+    pipeline_core::ids::RunnerName::parse(name)
         .map(drop)
-        .map_err(|e| Status::invalid_argument(e.to_string().replace("task id", "runner name")))
+        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 impl TryFrom<pb::RegisterRequest> for RunnerHello {

@@ -1,14 +1,37 @@
-//! Verification, the same on the runner and (later) the server, in the modes of
-//! `CONTRACT.md`: `bild NAMESPACE` then `bild --test NAMESPACE` (exit 2: not buildable, or no
-//! tests), or `--build-cmd`/`--test-cmd` through `sh -c`, or `--no-verify`.
+//! Verification, the same on the runner and the server, in the modes of `CONTRACT.md`:
+//! `bild NAMESPACE` then `bild --test NAMESPACE` (exit 2: not buildable, or no tests), or
+//! build and test commands through `sh -c`, or off.
 
 use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{could_not_run, with_tail};
-use crate::config::VerifyArgs;
-use crate::process::{self, Spec, Stream};
+use crate::process::{self, Spec, Stream, could_not_run, with_tail};
+
+/// How commits are verified.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Verifier {
+    /// Verification is off.
+    Off,
+    /// `bild NAMESPACE`, then `bild --test NAMESPACE`; a task without a namespace skips it.
+    Bild,
+    /// Commands through `sh -c` in the worktree, `{namespace}` replaced (quoted).
+    Commands {
+        build: Option<String>,
+        test: Option<String>,
+    },
+}
+
+impl Verifier {
+    /// Whether a task with `namespace` has anything to verify.
+    pub fn applies_to(&self, namespace: Option<&str>) -> bool {
+        match self {
+            Verifier::Off => false,
+            Verifier::Bild => namespace.is_some(),
+            Verifier::Commands { .. } => true,
+        }
+    }
+}
 
 /// What verification concluded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,7 +54,7 @@ pub fn shell_quote(s: &str) -> String {
 /// Verifies the worktree at `dir` for a task with `namespace`. The commands get exactly `env`
 /// (plus `PIPELINE_NAMESPACE`), nothing else of this process's environment.
 pub async fn verify(
-    args: &VerifyArgs,
+    verifier: &Verifier,
     dir: &Path,
     namespace: Option<&str>,
     env: &[(String, String)],
@@ -39,7 +62,7 @@ pub async fn verify(
     cancel: &CancellationToken,
     mut on_line: impl FnMut(Stream, &str),
 ) -> Verdict {
-    if args.no_verify {
+    if *verifier == Verifier::Off {
         return Verdict::Skipped("verification is off (--no-verify)".to_owned());
     }
     let mut env = env.to_vec();
@@ -53,9 +76,9 @@ pub async fn verify(
         kill_grace,
         ..Spec::shell(&script, dir.to_path_buf())
     };
-    if args.build_cmd.is_some() || args.test_cmd.is_some() {
+    if let Verifier::Commands { build, test } = verifier {
         let quoted = shell_quote(namespace.unwrap_or_default());
-        for (what, cmd) in [("build", &args.build_cmd), ("tests", &args.test_cmd)] {
+        for (what, cmd) in [("build", build), ("tests", test)] {
             let Some(cmd) = cmd else { continue };
             // The command as run, not its template, is what a person needs to see.
             let command = cmd.replace("{namespace}", &quoted);

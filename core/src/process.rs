@@ -15,12 +15,27 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::lines::{MAX_LINE_BYTES, cut_line};
+
 /// Lines of output kept for error messages.
 const TAIL_LINES: usize = 60;
 /// Bytes of output kept for error messages.
 const TAIL_BYTES: usize = 16 * 1024;
-/// A longer line is cut (with a marker) before it is handed on.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// `reason`, then the output's last lines if there are any.
+pub fn with_tail(reason: String, tail: &str) -> String {
+    if tail.trim().is_empty() {
+        reason
+    } else {
+        format!("{reason}:\n{tail}")
+    }
+}
+
+/// Exit codes of `sh -c CMD` that mean CMD itself could not be run: 126 (found but not
+/// executable) and 127 (not found).
+pub fn could_not_run(code: Option<i32>) -> bool {
+    matches!(code, Some(126 | 127))
+}
 
 /// Which output a line came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,22 +265,6 @@ fn spawn_reader(
     })
 }
 
-/// Cuts a line over [`MAX_LINE_BYTES`] with a marker saying how much went.
-pub fn cut_line(line: &str) -> String {
-    if line.len() <= MAX_LINE_BYTES {
-        return line.to_owned();
-    }
-    let mut end = MAX_LINE_BYTES;
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!(
-        "{} [… line cut: {} more bytes]",
-        &line[..end],
-        line.len() - end
-    )
-}
-
 /// The last lines of output, bounded in lines and bytes.
 #[derive(Default)]
 struct Tail {
@@ -373,13 +372,5 @@ mod tests {
         let f = handle.await.expect("join").expect("run");
         assert!(f.cancelled);
         assert_eq!(f.describe(), "cancelled");
-    }
-
-    #[test]
-    fn long_lines_are_cut_with_a_marker() {
-        let long = "x".repeat(MAX_LINE_BYTES + 10);
-        let cut = cut_line(&long);
-        assert!(cut.ends_with("[… line cut: 10 more bytes]"));
-        assert_eq!(cut_line("short"), "short");
     }
 }

@@ -1,0 +1,1164 @@
+//! The one typed layer over the `git` command line, used by the server (its canonical
+//! repository) and the runner (its mirror and worktrees) alike.
+//!
+//! Every git process is started here, by one private function: with a time limit, a fixed
+//! environment (no prompts, the C locale, no system config), null stdin unless input is given,
+//! `kill_on_drop`, and a tracing span naming the command. Arguments are built only from
+//! validated values: object IDs are [`CommitId`]/[`TreeId`], refs are [`RefName`]s made by
+//! the constructors below from validated IDs, paths are paths. There is no public way to run an
+//! arbitrary git command.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::ids::{CommitId, InvalidId, TaskId, TreeId};
+
+/// How long one git command may run before it is killed, unless a repository says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Why a git command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// git could not be started (not installed, too many open files, no memory).
+    #[error("{what}: cannot run git: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    /// git ran and failed; `stderr` is its message.
+    #[error("{what}: {stderr}")]
+    Failed { what: String, stderr: String },
+    #[error("{what}: timed out after {after:?}")]
+    TimedOut { what: String, after: Duration },
+    /// git's answer was not what it should be (or a value was refused before running it).
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+impl GitError {
+    /// Whether the failure is the machine's (git could not run, ran out of a resource, timed
+    /// out) rather than about what git was given: the caller's own fault, never a task's.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            GitError::Spawn { .. } | GitError::TimedOut { .. } => true,
+            GitError::Failed { stderr, .. } => is_resource_failure(stderr),
+            GitError::Unexpected(_) => false,
+        }
+    }
+}
+
+impl From<InvalidId> for GitError {
+    fn from(e: InvalidId) -> Self {
+        GitError::Unexpected(e.0)
+    }
+}
+
+pub type Result<T, E = GitError> = std::result::Result<T, E>;
+
+/// Whether git's message says it failed for want of a resource of this machine (files, disk,
+/// memory, permissions) rather than because of what it was given.
+pub fn is_resource_failure(message: &str) -> bool {
+    const SIGNS: &[&str] = &[
+        "Too many open files",
+        "No space left on device",
+        "Disk quota exceeded",
+        "Cannot allocate memory",
+        "Out of memory",
+        "out of memory",
+        "Permission denied",
+        "Read-only file system",
+        "Resource temporarily unavailable",
+        "unable to create temporary file",
+        "Input/output error",
+        "cannot fork",
+        "unable to fork",
+    ];
+    SIGNS.iter().any(|s| message.contains(s))
+}
+
+/// A branch name, checked like `git check-ref-format --branch` would (letters, digits and
+/// `._/-`, no `..`, no component starting with `.` or `-` or ending with `.lock`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BranchName(String);
+
+impl BranchName {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        let bad = raw.is_empty()
+            || raw.len() > 255
+            || raw.starts_with('/')
+            || raw.ends_with('/')
+            || raw.ends_with('.')
+            || raw.contains("..")
+            || raw.contains("//")
+            || raw.contains("@{")
+            || !raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'))
+            || raw.split('/').any(|part| {
+                part.starts_with('.') || part.starts_with('-') || part.ends_with(".lock")
+            });
+        if bad {
+            return Err(InvalidId(format!(
+                "{} is not a valid branch name",
+                crate::ids::quote_for_message(raw)
+            )));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for BranchName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A remote's name, as `git remote` knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteName(String);
+
+impl RemoteName {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        if raw.is_empty()
+            || raw.starts_with('-')
+            || !raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(InvalidId(format!(
+                "{} must name a remote of the repository (e.g. origin)",
+                crate::ids::quote_for_message(raw)
+            )));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A full ref name, made only by the constructors below from validated parts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RefName(String);
+
+impl RefName {
+    /// `refs/heads/<branch>`.
+    pub fn branch(branch: &BranchName) -> Self {
+        Self(format!("refs/heads/{branch}"))
+    }
+
+    /// `refs/pipeline/tasks/<task>/<epoch>`: a runner's commit for a lease, as received.
+    pub fn task_patch(task: &TaskId, epoch: u64) -> Self {
+        Self(format!("refs/pipeline/tasks/{task}/{epoch}"))
+    }
+
+    /// `refs/pipeline/landed/<task>`: the commit the integrator made for the task and moved the
+    /// base to (the server's own record of a landing).
+    pub fn landed(task: &TaskId) -> Self {
+        Self(format!("refs/pipeline/landed/{task}"))
+    }
+
+    /// `refs/pipeline/fetch/<task>/base` or `…/previous`: what a lease's runner fetches.
+    pub fn fetch(task: &TaskId, what: FetchRef) -> Self {
+        let what = match what {
+            FetchRef::Base => "base",
+            FetchRef::Previous => "previous",
+        };
+        Self(format!("refs/pipeline/fetch/{task}/{what}"))
+    }
+
+    /// `refs/pipeline/remote/<branch>`: a remote's branch as last fetched.
+    pub fn remote_copy(branch: &BranchName) -> Self {
+        Self(format!("refs/pipeline/remote/{branch}"))
+    }
+
+    /// `refs/pipeline/train/<n>`: a train's chain, kept while it is built.
+    pub fn train(n: u64) -> Self {
+        Self(format!("refs/pipeline/train/{n}"))
+    }
+
+    /// `refs/pipeline/<name>` for the runner's mirror (`base`, `previous`).
+    pub fn kept(name: KeptRef) -> Self {
+        Self(format!(
+            "refs/pipeline/{}",
+            match name {
+                KeptRef::Base => "base",
+                KeptRef::Previous => "previous",
+            }
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RefName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which of a lease's fetch refs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchRef {
+    Base,
+    Previous,
+}
+
+/// The refs a runner's mirror keeps for the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeptRef {
+    Base,
+    Previous,
+}
+
+/// A prefix of ref names to list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefPrefix {
+    /// Everything under `refs/pipeline/`.
+    Pipeline,
+    /// `refs/pipeline/tasks/`.
+    TaskPatches,
+    /// `refs/pipeline/landed/`.
+    Landed,
+}
+
+impl RefPrefix {
+    fn as_str(self) -> &'static str {
+        match self {
+            RefPrefix::Pipeline => "refs/pipeline/",
+            RefPrefix::TaskPatches => "refs/pipeline/tasks/",
+            RefPrefix::Landed => "refs/pipeline/landed/",
+        }
+    }
+}
+
+/// A commit's author, as git stores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Author {
+    pub name: String,
+    pub email: String,
+    /// `<unix seconds> <zone>`.
+    pub date: String,
+}
+
+/// A commit as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub tree: TreeId,
+    pub parents: Vec<CommitId>,
+    pub author: Author,
+    pub message: String,
+}
+
+impl CommitInfo {
+    /// Parses a raw commit object.
+    fn parse(raw: &str) -> Option<Self> {
+        let (headers, message) = raw.split_once("\n\n").unwrap_or((raw, ""));
+        let mut tree = None;
+        let mut parents = Vec::new();
+        let mut author = None;
+        for line in headers.lines() {
+            if let Some(t) = line.strip_prefix("tree ") {
+                tree = TreeId::parse(t).ok();
+            } else if let Some(p) = line.strip_prefix("parent ") {
+                parents.push(CommitId::parse(p).ok()?);
+            } else if let Some(a) = line.strip_prefix("author ") {
+                let (name, rest) = a.split_once(" <")?;
+                let (email, date) = rest.rsplit_once("> ")?;
+                author = Some(Author {
+                    name: name.to_owned(),
+                    email: email.to_owned(),
+                    date: date.to_owned(),
+                });
+            }
+        }
+        Some(Self {
+            tree: tree?,
+            parents,
+            author: author.unwrap_or(Author {
+                name: String::new(),
+                email: String::new(),
+                date: String::new(),
+            }),
+            message: message.to_owned(),
+        })
+    }
+}
+
+/// What a three-way merge of trees gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Merged {
+    Clean(TreeId),
+    /// git's messages about the conflicts.
+    Conflict(String),
+}
+
+/// One git repository (or worktree) directory, and how its commands are run.
+#[derive(Clone, Debug)]
+pub struct Git {
+    dir: PathBuf,
+    timeout: Duration,
+}
+
+/// A finished git command.
+struct Output {
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Git {
+    /// The repository or worktree at `dir`.
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The same repository with another time limit per command.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The one way a git process is made: fixed environment, null stdin, killed when dropped.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("git");
+        cmd.arg("-C")
+            .arg(&self.dir)
+            .args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs git to the end, with `env` added and `input` on stdin; its output whatever its
+    /// exit status.
+    async fn output(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        input: Option<&[u8]>,
+    ) -> Result<Output> {
+        let what = format!("git {}", args.join(" "));
+        let span = tracing::debug_span!("git", command = %what, dir = %self.dir.display());
+        let _enter = span.enter();
+        let mut cmd = self.command(args);
+        cmd.envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if input.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
+        let mut child = cmd.spawn().map_err(|source| GitError::Spawn {
+            what: what.clone(),
+            source,
+        })?;
+        if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin
+                .write_all(bytes)
+                .await
+                .map_err(|e| GitError::Unexpected(format!("{what}: writing its input: {e}")))?;
+        }
+        let out = tokio::time::timeout(self.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| GitError::TimedOut {
+                what: what.clone(),
+                after: self.timeout,
+            })?
+            .map_err(|source| GitError::Spawn {
+                what: what.clone(),
+                source,
+            })?;
+        Ok(Output {
+            status: out.status,
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+
+    /// Runs git and returns its stdout (trimmed), failing with its stderr on a non-zero exit.
+    async fn run(&self, args: &[&str]) -> Result<String> {
+        self.run_with(args, &[], None).await
+    }
+
+    async fn run_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        input: Option<&[u8]>,
+    ) -> Result<String> {
+        let out = self.output(args, env, input).await?;
+        if !out.status.success() {
+            return Err(GitError::Failed {
+                what: format!("git {}", args.join(" ")),
+                stderr: out.stderr,
+            });
+        }
+        String::from_utf8(out.stdout)
+            .map(|s| s.trim().to_owned())
+            .map_err(|_| GitError::Unexpected(format!("git {}: output is not UTF-8", args[0])))
+    }
+
+    /// Whether the directory is a git repository (or worktree).
+    pub async fn is_repository(&self) -> bool {
+        self.run(&["rev-parse", "--git-dir"]).await.is_ok()
+    }
+
+    /// Makes a new bare repository here.
+    pub async fn init_bare(&self) -> Result<()> {
+        self.run(&["init", "--quiet", "--bare"]).await.map(drop)
+    }
+
+    /// The directory holding the repository's objects and refs (`.git`, or the bare repo).
+    pub async fn common_dir(&self) -> Result<PathBuf> {
+        Ok(PathBuf::from(
+            self.run(&["rev-parse", "--path-format=absolute", "--git-common-dir"])
+                .await?,
+        ))
+    }
+
+    /// Whether the repository is bare.
+    pub async fn is_bare(&self) -> Result<bool> {
+        Ok(self.run(&["rev-parse", "--is-bare-repository"]).await? == "true")
+    }
+
+    /// The commit `name` points at (peeled), if it exists.
+    pub async fn resolve(&self, name: &RefName) -> Result<Option<CommitId>> {
+        let rev = format!("{name}^{{commit}}");
+        let out = self
+            .output(
+                &["rev-parse", "--verify", "--quiet", "--end-of-options", &rev],
+                &[],
+                None,
+            )
+            .await?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        let sha = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok(Some(CommitId::parse(&sha)?))
+    }
+
+    /// Points `name` at `commit`.
+    pub async fn update_ref(&self, name: &RefName, commit: &CommitId) -> Result<()> {
+        self.run(&[
+            "update-ref",
+            "--end-of-options",
+            name.as_str(),
+            commit.as_str(),
+        ])
+        .await
+        .map(drop)
+    }
+
+    /// Moves `name` from `old` to `new` only if it is still at `old`; false if it moved.
+    pub async fn compare_and_swap(
+        &self,
+        name: &RefName,
+        new: &CommitId,
+        old: &CommitId,
+    ) -> Result<bool> {
+        let out = self
+            .output(
+                &[
+                    "update-ref",
+                    "--end-of-options",
+                    name.as_str(),
+                    new.as_str(),
+                    old.as_str(),
+                ],
+                &[],
+                None,
+            )
+            .await?;
+        if out.status.success() {
+            return Ok(true);
+        }
+        match self.resolve(name).await? {
+            Some(now) if now != *old => Ok(false),
+            _ => Err(GitError::Failed {
+                what: format!("git update-ref {name}"),
+                stderr: out.stderr,
+            }),
+        }
+    }
+
+    /// The refs under `prefix` with their commits.
+    pub async fn refs_under(&self, prefix: RefPrefix) -> Result<Vec<(String, CommitId)>> {
+        let out = self
+            .run(&[
+                "for-each-ref",
+                "--format=%(objectname) %(refname)",
+                prefix.as_str(),
+            ])
+            .await?;
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let (sha, name) = l
+                    .split_once(' ')
+                    .ok_or_else(|| GitError::Unexpected(format!("git for-each-ref: {l:?}")))?;
+                Ok((name.to_owned(), CommitId::parse(sha)?))
+            })
+            .collect()
+    }
+
+    /// Whether any ref exists under `prefix`; the first one if so.
+    pub async fn first_ref_under(&self, prefix: RefPrefix) -> Result<Option<String>> {
+        let out = self
+            .run(&[
+                "for-each-ref",
+                "--count=1",
+                "--format=%(refname)",
+                prefix.as_str(),
+            ])
+            .await?;
+        Ok(out
+            .lines()
+            .next()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned))
+    }
+
+    /// Whether `ancestor` is `descendant` or one of its ancestors.
+    pub async fn is_ancestor(&self, ancestor: &CommitId, descendant: &CommitId) -> Result<bool> {
+        let out = self
+            .output(
+                &[
+                    "merge-base",
+                    "--is-ancestor",
+                    ancestor.as_str(),
+                    descendant.as_str(),
+                ],
+                &[],
+                None,
+            )
+            .await?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(GitError::Failed {
+                what: "git merge-base --is-ancestor".to_owned(),
+                stderr: out.stderr,
+            }),
+        }
+    }
+
+    /// How many commits `base..head` holds.
+    pub async fn count_between(&self, base: &CommitId, head: &CommitId) -> Result<u64> {
+        let out = self
+            .run(&["rev-list", "--count", &format!("{base}..{head}")])
+            .await?;
+        out.parse()
+            .map_err(|_| GitError::Unexpected(format!("git rev-list --count printed {out:?}")))
+    }
+
+    /// `HEAD` of a worktree, and its parents.
+    pub async fn head_and_parents(&self) -> Result<(CommitId, Vec<CommitId>)> {
+        let line = self
+            .run(&["rev-list", "--parents", "-n", "1", "HEAD"])
+            .await?;
+        let mut ids = line.split_whitespace();
+        let head = ids
+            .next()
+            .ok_or_else(|| GitError::Unexpected("git rev-list printed nothing".to_owned()))?;
+        Ok((
+            CommitId::parse(head)?,
+            ids.map(CommitId::parse).collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// Whether the commit object is here.
+    pub async fn has_commit(&self, commit: &CommitId) -> bool {
+        self.run(&["cat-file", "-e", &format!("{commit}^{{commit}}")])
+            .await
+            .is_ok()
+    }
+
+    /// Those of `ids` that name commits present in the repository.
+    pub async fn existing(&self, ids: &[CommitId]) -> Result<Vec<CommitId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let input: String = ids.iter().map(|c| format!("{c}\n")).collect();
+        let out = self
+            .run_with(
+                &["cat-file", "--batch-check=%(objectname) %(objecttype)"],
+                &[],
+                Some(input.as_bytes()),
+            )
+            .await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.strip_suffix(" commit"))
+            .filter_map(|sha| CommitId::parse(sha).ok())
+            .collect())
+    }
+
+    /// A long-lived `git cat-file --batch`, for reading many objects without a process each.
+    pub fn object_reader(&self) -> Result<ObjectReader> {
+        let mut cmd = self.command(&["cat-file", "--batch"]);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().map_err(|source| GitError::Spawn {
+            what: "git cat-file --batch".to_owned(),
+            source,
+        })?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| GitError::Unexpected("git cat-file: no stdin".into()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| GitError::Unexpected("git cat-file: no stdout".into()))?;
+        Ok(ObjectReader {
+            _child: child,
+            stdin,
+            stdout: BufReader::new(stdout),
+            timeout: self.timeout,
+        })
+    }
+
+    /// The merge of `theirs` into `ours` with `base` as their merge base, without touching any
+    /// files (`git merge-tree --write-tree`): the tree, or git's conflict messages.
+    pub async fn merge_trees(
+        &self,
+        base: &CommitId,
+        ours: &CommitId,
+        theirs: &CommitId,
+    ) -> Result<Merged> {
+        let merge_base = format!("--merge-base={base}");
+        let out = self
+            .output(
+                &[
+                    "merge-tree",
+                    "--write-tree",
+                    "--name-only",
+                    &merge_base,
+                    ours.as_str(),
+                    theirs.as_str(),
+                ],
+                &[],
+                None,
+            )
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match out.status.code() {
+            Some(0) => Ok(Merged::Clean(TreeId::parse(
+                stdout.lines().next().unwrap_or_default().trim(),
+            )?)),
+            Some(1) => {
+                // The tree, the conflicted files, a blank line, then git's messages.
+                let messages: Vec<&str> = stdout
+                    .split("\n\n")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .collect();
+                Ok(Merged::Conflict(messages.join("\n")))
+            }
+            _ => Err(GitError::Failed {
+                what: "git merge-tree".to_owned(),
+                stderr: out.stderr,
+            }),
+        }
+    }
+
+    /// Writes a commit of `tree` on `parent` with `author` and `message`, committed by the
+    /// pipeline.
+    pub async fn commit_tree(
+        &self,
+        tree: &TreeId,
+        parent: &CommitId,
+        author: &Author,
+        message: &str,
+    ) -> Result<CommitId> {
+        let date = format!("@{}", author.date);
+        let mut env = vec![
+            ("GIT_COMMITTER_NAME", "pipeline"),
+            ("GIT_COMMITTER_EMAIL", "pipeline@localhost"),
+        ];
+        if !author.name.is_empty() {
+            env.extend([
+                ("GIT_AUTHOR_NAME", author.name.as_str()),
+                ("GIT_AUTHOR_EMAIL", author.email.as_str()),
+            ]);
+        }
+        if !author.date.is_empty() {
+            env.push(("GIT_AUTHOR_DATE", date.as_str()));
+        }
+        let out = self
+            .run_with(
+                &[
+                    "commit-tree",
+                    tree.as_str(),
+                    "-p",
+                    parent.as_str(),
+                    "-F",
+                    "-",
+                ],
+                &env,
+                Some(message.as_bytes()),
+            )
+            .await?;
+        Ok(CommitId::parse(&out)?)
+    }
+
+    /// Starts `git bundle create - REFS --not NOT...`; its stdout is the bundle. An empty result
+    /// (the receiver has everything) makes git fail with "Refusing to create empty bundle".
+    pub fn bundle_to_stdout(&self, refs: &[RefName], not: &[CommitId]) -> Result<Child> {
+        let mut args = vec!["bundle", "create", "--quiet", "-"];
+        args.extend(refs.iter().map(RefName::as_str));
+        args.push("--not");
+        args.extend(not.iter().map(CommitId::as_str));
+        let mut cmd = self.command(&args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().map_err(|source| GitError::Spawn {
+            what: "git bundle create".to_owned(),
+            source,
+        })
+    }
+
+    /// Writes a bundle of `HEAD` less `base` (one commit on top of it) to `out`.
+    pub async fn bundle_head(&self, base: &CommitId, out: &Path) -> Result<()> {
+        let file = utf8(out)?;
+        let not_base = format!("^{base}");
+        self.run(&["bundle", "create", "--quiet", file, "HEAD", &not_base])
+            .await
+            .map(drop)
+    }
+
+    /// Stores a bundle's objects (checking its prerequisites and its pack); returns the
+    /// commits its refs point at.
+    pub async fn unbundle(&self, bundle: &Path) -> Result<Vec<CommitId>> {
+        let out = self.run(&["bundle", "unbundle", utf8(bundle)?]).await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter_map(|sha| CommitId::parse(sha).ok())
+            .collect())
+    }
+
+    /// Lets `git gc --auto` tidy the repository (it does nothing below git's thresholds).
+    pub async fn gc_auto(&self) -> Result<()> {
+        self.run(&[
+            "-c",
+            "gc.autoPackLimit=10",
+            "-c",
+            "gc.autoDetach=false",
+            "gc",
+            "--auto",
+            "--quiet",
+        ])
+        .await
+        .map(drop)
+    }
+
+    /// The worktrees (including the main one) that have `branch` checked out.
+    pub async fn worktrees_on(&self, branch: &BranchName) -> Result<Vec<PathBuf>> {
+        let out = self.run(&["worktree", "list", "--porcelain"]).await?;
+        let wanted = format!("branch {}", RefName::branch(branch));
+        let mut found = Vec::new();
+        let mut current: Option<PathBuf> = None;
+        for line in out.lines() {
+            if let Some(path) = line.strip_prefix("worktree ") {
+                current = Some(PathBuf::from(path));
+            } else if line == wanted
+                && let Some(path) = current.take()
+            {
+                found.push(path);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Forgets worktrees whose directories are gone.
+    pub async fn prune_worktrees(&self) -> Result<()> {
+        self.run(&["worktree", "prune"]).await.map(drop)
+    }
+
+    /// Puts the detached worktree at `path` of this repository on `commit`, clean: reset if it
+    /// exists, created if not, recreated if it is damaged.
+    pub async fn checkout_worktree(&self, path: &Path, commit: &CommitId) -> Result<()> {
+        if path.join(".git").exists() {
+            let wt = Git::at(path).with_timeout(self.timeout);
+            let reset = async {
+                wt.run(&[
+                    "checkout",
+                    "--quiet",
+                    "--force",
+                    "--detach",
+                    commit.as_str(),
+                ])
+                .await?;
+                wt.run(&["clean", "-ffdxq"]).await?;
+                Ok::<(), GitError>(())
+            };
+            match reset.await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(worktree = %path.display(), error = %e, "recreating a damaged worktree")
+                }
+            }
+        }
+        if path.exists() {
+            std::fs::remove_dir_all(path).map_err(|e| {
+                GitError::Unexpected(format!("cannot remove {}: {e}", path.display()))
+            })?;
+        }
+        self.prune_worktrees().await?;
+        self.run(&[
+            "worktree",
+            "add",
+            "--quiet",
+            "--force",
+            "--detach",
+            utf8(path)?,
+            commit.as_str(),
+        ])
+        .await
+        .map(drop)
+    }
+
+    /// Whether `remote` is a remote of the repository.
+    pub async fn has_remote(&self, remote: &RemoteName) -> bool {
+        self.run(&["remote", "get-url", "--end-of-options", remote.as_str()])
+            .await
+            .is_ok()
+    }
+
+    /// Fetches `branch` from `remote` into `refs/pipeline/remote/<branch>`; returns its commit.
+    pub async fn fetch_branch(&self, remote: &RemoteName, branch: &BranchName) -> Result<CommitId> {
+        let copy = RefName::remote_copy(branch);
+        let spec = format!("+{}:{copy}", RefName::branch(branch));
+        self.run(&[
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--end-of-options",
+            remote.as_str(),
+            &spec,
+        ])
+        .await?;
+        self.resolve(&copy).await?.ok_or_else(|| {
+            GitError::Unexpected(format!("{copy} is missing after fetching {remote:?}"))
+        })
+    }
+
+    /// Pushes `new` to `remote`'s `branch` only if it is still at `expected`; false when the
+    /// remote refused (it moved). Never forces.
+    pub async fn push_with_lease(
+        &self,
+        remote: &RemoteName,
+        branch: &BranchName,
+        new: &CommitId,
+        expected: &CommitId,
+    ) -> Result<bool> {
+        let lease = format!("--force-with-lease={}:{expected}", RefName::branch(branch));
+        let spec = format!("{new}:{}", RefName::branch(branch));
+        let out = self
+            .output(
+                &[
+                    "push",
+                    "--quiet",
+                    "--porcelain",
+                    &lease,
+                    "--end-of-options",
+                    remote.as_str(),
+                    &spec,
+                ],
+                &[],
+                None,
+            )
+            .await?;
+        if out.status.success() {
+            return Ok(true);
+        }
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), out.stderr);
+        if text.contains("stale info") || text.contains("rejected") || text.contains("fetch first")
+        {
+            return Ok(false);
+        }
+        Err(GitError::Failed {
+            what: format!("git push {}", remote.as_str()),
+            stderr: text.trim().to_owned(),
+        })
+    }
+
+    /// The `Task-Id:` trailer values of the commits in `tip`'s history, or in `since..tip`.
+    pub async fn task_trailers(
+        &self,
+        since: Option<&CommitId>,
+        tip: &CommitId,
+    ) -> Result<Vec<String>> {
+        let range = match since {
+            Some(since) => format!("{since}..{tip}"),
+            None => tip.to_string(),
+        };
+        let out = self
+            .run(&[
+                "log",
+                "--format=%(trailers:key=Task-Id,valueonly,separator=%x2C)",
+                &range,
+                "--",
+            ])
+            .await?;
+        Ok(out
+            .lines()
+            .flat_map(|l| l.split(','))
+            .map(|id| id.trim().to_owned())
+            .filter(|id| !id.is_empty())
+            .collect())
+    }
+
+    /// A commit of `tip`'s history whose message has a `Task-Id:` line, if any.
+    pub async fn any_task_trailer(&self, tip: &CommitId) -> Result<Option<CommitId>> {
+        let out = self
+            .run(&[
+                "log",
+                "-n",
+                "1",
+                "--format=%H",
+                "-i",
+                "--grep=^Task-Id:",
+                tip.as_str(),
+                "--",
+            ])
+            .await?;
+        Ok(out
+            .lines()
+            .next()
+            .and_then(|l| CommitId::parse(l.trim()).ok()))
+    }
+}
+
+/// A path on a git command line must be text.
+fn utf8(path: &Path) -> Result<&str> {
+    path.to_str()
+        .ok_or_else(|| GitError::Unexpected(format!("{} is not UTF-8", path.display())))
+}
+
+/// A running `git cat-file --batch`: write an object ID, read its header and content.
+#[derive(Debug)]
+pub struct ObjectReader {
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    timeout: Duration,
+}
+
+impl ObjectReader {
+    /// The commit `id`, or `None` if the repository has no such commit.
+    pub async fn commit(&mut self, id: &CommitId) -> Result<Option<CommitInfo>> {
+        let raw = tokio::time::timeout(self.timeout, self.read(id.as_str()))
+            .await
+            .map_err(|_| GitError::TimedOut {
+                what: "git cat-file --batch".to_owned(),
+                after: self.timeout,
+            })??;
+        match raw {
+            None => Ok(None),
+            Some(raw) => CommitInfo::parse(&raw).map(Some).ok_or_else(|| {
+                GitError::Unexpected(format!("git cat-file: {id} is not a readable commit"))
+            }),
+        }
+    }
+
+    async fn read(&mut self, id: &str) -> Result<Option<String>> {
+        let io = |e: std::io::Error| GitError::Unexpected(format!("git cat-file --batch: {e}"));
+        self.stdin
+            .write_all(format!("{id}\n").as_bytes())
+            .await
+            .map_err(io)?;
+        self.stdin.flush().await.map_err(io)?;
+        let mut header = String::new();
+        if self.stdout.read_line(&mut header).await.map_err(io)? == 0 {
+            return Err(GitError::Unexpected("git cat-file --batch exited".into()));
+        }
+        let fields: Vec<&str> = header.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "missing"] => Ok(None),
+            [_, kind, size] => {
+                let size: usize = size.parse().map_err(|_| {
+                    GitError::Unexpected(format!("git cat-file: bad header {header:?}"))
+                })?;
+                let mut content = vec![0; size + 1];
+                self.stdout.read_exact(&mut content).await.map_err(io)?;
+                content.pop();
+                if *kind != "commit" {
+                    return Ok(None);
+                }
+                Ok(Some(String::from_utf8_lossy(&content).into_owned()))
+            }
+            _ => Err(GitError::Unexpected(format!(
+                "git cat-file: bad header {header:?}"
+            ))),
+        }
+    }
+}
+
+/// Reads a ref's object ID from the files backend, without git: the loose ref file if there is
+/// one, else its line in `packed-refs`. `None` when neither holds a plain object ID for it.
+pub fn read_ref_file(common_dir: &Path, name: &RefName) -> Option<CommitId> {
+    match std::fs::read_to_string(common_dir.join(name.as_str())) {
+        Ok(content) => return CommitId::parse(content.trim()).ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(_) => return None,
+    }
+    let packed = std::fs::read_to_string(common_dir.join("packed-refs")).ok()?;
+    packed.lines().find_map(|line| {
+        let (sha, refname) = line.split_once(' ')?;
+        (refname == name.as_str())
+            .then(|| CommitId::parse(sha).ok())
+            .flatten()
+    })
+}
+
+/// Whether the files backend holds refs here at all (so that a ref absent from it is absent).
+pub fn has_ref_files(common_dir: &Path) -> bool {
+    common_dir.join("refs").is_dir()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh_git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn commit(dir: &Path, file: &str, message: &str) -> CommitId {
+        std::fs::write(dir.join(file), file).expect("write");
+        sh_git(dir, &["add", file]);
+        sh_git(dir, &["commit", "-q", "-m", message]);
+        CommitId::parse(&sh_git(dir, &["rev-parse", "HEAD"])).expect("id")
+    }
+
+    #[tokio::test]
+    async fn typed_operations_on_a_real_repository() {
+        let dir = tempfile::tempdir().expect("dir");
+        let d = dir.path();
+        sh_git(d, &["init", "-q", "-b", "main"]);
+        let root = commit(d, "a", "root");
+        let one = commit(d, "b", "one\n\nTask-Id: t-1");
+        let git = Git::at(d);
+        assert!(git.is_repository().await);
+        let main = RefName::branch(&BranchName::parse("main").expect("branch"));
+        assert_eq!(
+            git.resolve(&main).await.expect("resolve"),
+            Some(one.clone())
+        );
+        assert!(git.is_ancestor(&root, &one).await.expect("ancestor"));
+        assert!(!git.is_ancestor(&one, &root).await.expect("ancestor"));
+        assert_eq!(git.count_between(&root, &one).await.expect("count"), 1);
+        let mut reader = git.object_reader().expect("reader");
+        let info = reader.commit(&one).await.expect("read").expect("present");
+        assert_eq!(info.parents, std::slice::from_ref(&root));
+        assert_eq!(info.author.name, "T");
+        let missing = CommitId::parse(&"0".repeat(40)).expect("id");
+        assert_eq!(reader.commit(&missing).await.expect("read"), None);
+        // A ref moves only from where it is.
+        let task = TaskId::parse("t-1").expect("id");
+        let landed = RefName::landed(&task);
+        git.update_ref(&landed, &root).await.expect("update");
+        assert!(
+            !git.compare_and_swap(&landed, &one, &one)
+                .await
+                .expect("cas")
+        );
+        assert!(
+            git.compare_and_swap(&landed, &one, &root)
+                .await
+                .expect("cas")
+        );
+        let common = git.common_dir().await.expect("common dir");
+        assert_eq!(read_ref_file(&common, &landed), Some(one.clone()));
+        assert_eq!(
+            git.refs_under(RefPrefix::Landed).await.expect("refs"),
+            [("refs/pipeline/landed/t-1".to_owned(), one.clone())]
+        );
+        assert_eq!(git.task_trailers(None, &one).await.expect("log"), ["t-1"]);
+        assert_eq!(
+            git.any_task_trailer(&one).await.expect("log"),
+            Some(one.clone())
+        );
+        // A merge of trees, clean.
+        let info = reader.commit(&one).await.expect("read").expect("present");
+        let merged = git.merge_trees(&root, &one, &one).await.expect("merge");
+        assert_eq!(merged, Merged::Clean(info.tree.clone()));
+        let made = git
+            .commit_tree(&info.tree, &one, &info.author, "again\n")
+            .await
+            .expect("commit");
+        assert!(git.is_ancestor(&one, &made).await.expect("ancestor"));
+    }
+
+    #[test]
+    fn refs_come_only_from_validated_parts() {
+        let t = TaskId::parse("t-9").expect("id");
+        assert_eq!(
+            RefName::task_patch(&t, 2).as_str(),
+            "refs/pipeline/tasks/t-9/2"
+        );
+        assert_eq!(
+            RefName::fetch(&t, FetchRef::Previous).as_str(),
+            "refs/pipeline/fetch/t-9/previous"
+        );
+        for bad in [
+            "", "-x", "a..b", "a/.b", "a.lock", "a b", "x@{1}", "/a", "a/",
+        ] {
+            assert!(BranchName::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(BranchName::parse("release/1.2").is_ok());
+        assert!(RemoteName::parse("--upload-pack=x").is_err());
+    }
+
+    #[test]
+    fn resource_failures_are_the_machines() {
+        let failed = |stderr: &str| GitError::Failed {
+            what: "git x".into(),
+            stderr: stderr.into(),
+        };
+        assert!(failed("fatal: unable to create pipe: Too many open files").is_infrastructure());
+        assert!(failed("error: No space left on device").is_infrastructure());
+        assert!(!failed("fatal: bad object abc").is_infrastructure());
+        assert!(
+            GitError::Spawn {
+                what: "git".into(),
+                source: std::io::Error::other("x")
+            }
+            .is_infrastructure()
+        );
+    }
+}

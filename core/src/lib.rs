@@ -1,0 +1,19 @@
+//! `pipeline-core`: what the pipeline's server and runner share, and nothing of the wire (no
+//! tonic, no prost).
+//!
+//! - [`ids`]: validated identifiers (`TaskId`, `RunnerName`, `RunnerId`, `LeaseRef`,
+//!   `CommitId`, `TreeId`); a value that exists is safe on a command line and in a path.
+//! - [`clock`]: the clock behind a trait, and a fake one for tests.
+//! - [`lines`]: the one cap on a log line's length.
+//! - [`process`]: child processes in their own group, with time limits and a stop that
+//!   reaches grandchildren.
+//! - [`verify`]: the verifier (`bild`, build and test commands, or off), the same on runner and
+//!   server.
+//! - [`git`]: the one typed layer over the `git` command line.
+
+pub mod clock;
+pub mod git;
+pub mod ids;
+pub mod lines;
+pub mod process;
+pub mod verify;
