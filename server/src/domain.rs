@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-pub use pipeline_core::ids::{Millis, TaskId, quote_for_message};
+pub use pipeline_core::ids::{CommitId, LeaseRef, Millis, TaskId, TreeId, quote_for_message};
 
 use crate::error::Error;
 
@@ -241,17 +241,19 @@ pub struct Task {
     pub priority: u8,
     pub parent: Option<TaskId>,
     pub depends_on: Vec<TaskId>,
+    /// How many of `depends_on` are not Done (kept by the store as the dependencies move).
+    pub deps_pending: u32,
     pub state: TaskState,
     /// The lease a runner holds while the task is in progress.
     pub lease: Option<Lease>,
     /// The highest lease epoch ever issued for the task.
     pub lease_epoch: u64,
     /// The commit of the last accepted patchset.
-    pub patch_commit: Option<String>,
+    pub patch_commit: Option<CommitId>,
     /// The runner whose lease lapsed last: the next lease prefers another.
     pub avoid_runner: Option<String>,
     /// The tree of the last patchset, if the runner's verification passed (not skipped).
-    pub verified_tree: Option<String>,
+    pub verified_tree: Option<TreeId>,
     /// Incremented by every write; the store refuses a write made from a stale read.
     pub version: i64,
     pub created_at: Millis,
@@ -268,15 +270,18 @@ pub struct Lease {
     pub runner: String,
     pub runner_id: String,
     /// The commit the work starts from.
-    pub base_commit: String,
+    pub base_commit: CommitId,
     /// The previous patchset's commit, which the agent amends (its parent is `base_commit`).
-    pub previous_commit: Option<String>,
+    pub previous_commit: Option<CommitId>,
 }
 
 impl Lease {
-    /// The lease ID for a task's `epoch`th lease.
-    pub fn make_id(task: &TaskId, epoch: u64) -> String {
-        format!("{task}@{epoch}")
+    /// The (ID, epoch) pair that names the lease on the wire.
+    pub fn lease_ref(&self) -> LeaseRef {
+        LeaseRef {
+            id: self.id.clone(),
+            epoch: self.epoch,
+        }
     }
 }
 
@@ -411,6 +416,58 @@ pub struct Run {
     pub error: Option<String>,
     /// Whose fault it was, for a failed run (none for one given back or cancelled).
     pub failure_kind: Option<FailureKind>,
+}
+
+/// A run that is already over when it is recorded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinishedRun {
+    pub phase: Phase,
+    pub patchset: u32,
+    pub runner: Option<String>,
+    pub status: RunStatus,
+    pub cost_cents: f64,
+    pub started_at: Millis,
+    pub error: Option<String>,
+    pub failure_kind: Option<FailureKind>,
+}
+
+/// How a run ends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunEnd {
+    pub status: RunStatus,
+    pub cost_cents: f64,
+    pub error: Option<String>,
+    pub failure_kind: Option<FailureKind>,
+}
+
+impl RunEnd {
+    /// A successful end.
+    pub fn success(cost_cents: f64, note: Option<String>) -> Self {
+        Self {
+            status: RunStatus::Success,
+            cost_cents,
+            error: note,
+            failure_kind: None,
+        }
+    }
+
+    /// A failed end, whose fault `kind` says.
+    pub fn failure(error: String, kind: Option<FailureKind>) -> Self {
+        Self {
+            status: RunStatus::Failure,
+            cost_cents: 0.0,
+            error: Some(error),
+            failure_kind: kind,
+        }
+    }
+}
+
+/// A run to start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewRun {
+    pub phase: Phase,
+    pub patchset: u32,
+    pub runner: Option<String>,
 }
 
 /// One entry of a task's history.

@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
         .init();
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    match pipeline_server::server::run(config, shutdown).await {
+    match pipeline_server::app::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("pipeline-server: {err}");

@@ -79,6 +79,7 @@ mod tests {
             priority: 2,
             parent: None,
             depends_on: vec![],
+            deps_pending: 0,
             state: TaskState {
                 patchset,
                 feedback: feedback.map(str::to_owned),

@@ -261,6 +261,28 @@ fn a_task_cancelled_while_its_integration_builds_never_lands() {
     assert!(repo.landed().is_empty());
 }
 
+/// A background loop that dies does not leave a server that answers but does nothing: the
+/// server says which loop ended and exits non-zero, so a supervisor restarts it.
+#[test]
+fn a_server_whose_dispatch_loop_panics_stops_with_an_error() {
+    let repo = TestRepo::new();
+    let mut cmd = Server::command(&repo, &[]);
+    // (No backtrace: resolving one in a debug build takes seconds.)
+    cmd.env("PIPELINE_FAILPOINT", "panic-dispatch")
+        .env("RUST_BACKTRACE", "0");
+    let mut server = Server::spawn(&mut cmd).expect("server");
+    let status = server.proc.wait_exit();
+    assert!(!status.success(), "exits non-zero: {status:?}");
+    let log = server.log();
+    assert!(
+        log.contains("the dispatch loop panicked; stopping the server"),
+        "{log}"
+    );
+    // Nothing was lost: the next server (without the fault) serves the same state.
+    let server = Server::start(&repo, &[]);
+    assert_eq!(server.ctl(&["status", "--json"]).json()["open"], 0);
+}
+
 /// Kills the server (abort) at a failpoint of the integration, restarts it, and checks the task
 /// ends Done with its commit on the base once.
 fn crash_at(failpoint: &str) -> Value {

@@ -10,18 +10,21 @@ use std::time::Duration;
 
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::runner_service_server::RunnerService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use pipeline_core::ids::CommitId;
+
 use super::status_from_error;
 use crate::auth::Caller;
-use crate::coordinator::{Coordinator, now_ms};
-use crate::registry::{Assignment, LeaseRef, Push};
-use crate::runners::{LeaseResult, Outcome, RunnerHello};
+use crate::coordinator::{Coordinator, LeaseResult, RunnerHello};
+use crate::lifecycle::judge::{Outcome, RunnerResult};
+use crate::repo::BundleStream;
+use crate::scheduler::registry::{Assignment, LeaseRef, Push};
 use crate::store::Store;
 
 /// Bundles travel in chunks of this size, well under gRPC's 4 MiB message limit.
@@ -60,13 +63,7 @@ impl<S> RunnerApi<S> {
 
 fn lease_ref(raw: Option<pb::LeaseRef>) -> Result<LeaseRef, Status> {
     let raw = raw.ok_or_else(|| Status::invalid_argument("the request names no lease"))?;
-    if raw.lease_id.is_empty() || raw.lease_id.len() > 200 {
-        return Err(Status::invalid_argument("invalid lease id"));
-    }
-    Ok(LeaseRef {
-        id: raw.lease_id,
-        epoch: raw.epoch,
-    })
+    LeaseRef::parse(raw.lease_id, raw.epoch).map_err(|e| Status::invalid_argument(e.0))
 }
 
 fn lease_refs(raw: Vec<pb::LeaseRef>) -> Result<Vec<LeaseRef>, Status> {
@@ -88,8 +85,8 @@ fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
         title: a.title.clone(),
         namespace: a.namespace.clone(),
         base: a.base.clone(),
-        base_commit: a.base_commit.clone(),
-        previous_commit: a.previous_commit.clone(),
+        base_commit: a.base_commit.to_string(),
+        previous_commit: a.previous_commit.as_ref().map(ToString::to_string),
         patchset: a.patchset,
         prompt: a.prompt.clone(),
     }
@@ -277,7 +274,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         // one host or one name over its limit does not use up the shared token's allowance.
         if matches!(who, Caller::Registration | Caller::Runner(_)) {
             self.coordinator
-                .auth
+                .auth()
                 .count_registration_source(peer, &hello.name)
                 .map_err(status_from_error)?;
         }
@@ -361,7 +358,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let token = crate::auth::hash(super::bearer(request.metadata()).unwrap_or_default());
         let coordinator = Arc::clone(&self.coordinator);
         let beats = request.into_inner().map(move |r| {
-            if coordinator.auth.identify_hash(&token).as_ref() != Some(&who) {
+            if coordinator.auth().identify_hash(&token).as_ref() != Some(&who) {
                 return Err(Status::unauthenticated(super::INVALID_CREDENTIAL));
             }
             // An oversized message fails the stream itself, after the edge's rewriting.
@@ -388,18 +385,25 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         if r.have.len() > 64 {
             return Err(Status::invalid_argument("at most 64 'have' commits"));
         }
-        let mut child = self
+        // Commits of `have` that are not full IDs are not the server's to know: left out.
+        let have: Vec<CommitId> = r
+            .have
+            .iter()
+            .filter_map(|c| CommitId::parse(c).ok())
+            .collect();
+        let child = self
             .coordinator
-            .base_bundle(id, &lease, &r.have)
+            .base_bundle(id, &lease, &have)
             .await
             .map_err(status_from_error)?;
+        let mut bundle = BundleStream::new(child);
         let (tx, rx) = mpsc::channel(4);
         let deadline = self.fetch_base_timeout;
         let shutdown = self.shutdown.clone();
         let (runner, lease_id) = (id.to_owned(), lease.id);
         tokio::spawn(async move {
             let sent = tokio::select! {
-                sent = tokio::time::timeout(deadline, send_bundle(&mut child, &tx)) => sent,
+                sent = tokio::time::timeout(deadline, send_bundle(&mut bundle, &tx)) => sent,
                 () = shutdown.cancelled() => Ok(Sent::Stopped),
             };
             match sent {
@@ -420,7 +424,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
                 }
             }
             // SIGKILL and reap; whatever git started dies on the closed pipe.
-            let _ = child.kill().await;
+            bundle.stop().await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -460,18 +464,26 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let spool = self
             .spool(&mut stream, outcome != Outcome::DevFailed)
             .await?;
+        let commit = header
+            .commit
+            .as_deref()
+            .map(CommitId::parse)
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("commit refused: {e}")))?;
         let result = LeaseResult {
             lease,
-            outcome,
-            error: header.error,
-            cost_cents: header.cost_cents,
-            commit: header.commit,
-            verify_skipped: header.verify_skipped,
-            dev_finished_at: if header.dev_finished_at_ms > 0 {
-                header.dev_finished_at_ms
-            } else {
-                now_ms()
+            result: RunnerResult {
+                outcome,
+                error: header.error,
+                cost_cents: header.cost_cents,
+                verify_skipped: header.verify_skipped,
+                dev_finished_at: if header.dev_finished_at_ms > 0 {
+                    header.dev_finished_at_ms
+                } else {
+                    self.coordinator.now()
+                },
             },
+            commit,
         };
         let done = self
             .coordinator
@@ -480,7 +492,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         drop(spool);
         let task = done.map_err(status_from_error)?;
         Ok(Response::new(pb::CompleteLeaseResponse {
-            status: super::status_to_pb(task.state.status).into(),
+            status: super::convert::status_to_pb(task.state.status).into(),
             patchset: task.state.patchset,
         }))
     }
@@ -497,7 +509,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let lines = r
             .lines
             .into_iter()
-            .map(super::log_line_from_pb)
+            .map(super::convert::log_line_from_pb)
             .collect::<Result<Vec<_>, _>>()?;
         let acked_seq = self
             .coordinator
@@ -641,70 +653,25 @@ enum Sent {
     Stopped,
 }
 
-/// Streams the bundle `git bundle create` writes to its stdout, in [`CHUNK_BYTES`] chunks, then
-/// reports git's failure if it failed (an empty bundle is not one: the runner has everything).
+/// Sends the bundle's chunks, then reports git's failure if it failed.
 async fn send_bundle(
-    child: &mut tokio::process::Child,
+    bundle: &mut BundleStream,
     tx: &mpsc::Sender<Result<pb::BundleChunk, Status>>,
 ) -> Sent {
-    let Some(mut stdout) = child.stdout.take() else {
-        return Sent::Stopped;
-    };
-    let mut stderr = child.stderr.take();
-    let mut sent = false;
     loop {
-        let mut buf = vec![0u8; CHUNK_BYTES];
-        match read_full(&mut stdout, &mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.truncate(n);
-                sent = true;
-                if tx
-                    .send(Ok(pb::BundleChunk { data: buf.into() }))
-                    .await
-                    .is_err()
-                {
+        match bundle.next_chunk(CHUNK_BYTES).await {
+            Ok(Some(data)) => {
+                if tx.send(Ok(pb::BundleChunk { data })).await.is_err() {
                     return Sent::Stopped;
                 }
             }
+            Ok(None) => return Sent::All,
             Err(e) => {
-                let _ = tx
-                    .send(Err(Status::internal(format!("reading the bundle: {e}"))))
-                    .await;
+                let _ = tx.send(Err(status_from_error(e))).await;
                 return Sent::Stopped;
             }
         }
     }
-    let mut err = String::new();
-    if let Some(stderr) = stderr.as_mut() {
-        let _ = stderr.read_to_string(&mut err).await;
-    }
-    let ok = child.wait().await.is_ok_and(|s| s.success());
-    if !ok && (!err.contains("empty bundle") || sent) {
-        let _ = tx
-            .send(Err(Status::internal(format!(
-                "git bundle create failed: {}",
-                err.trim()
-            ))))
-            .await;
-    }
-    Sent::All
-}
-
-/// Reads until `buf` is full or the reader ends; returns the bytes read.
-async fn read_full(
-    reader: &mut (impl AsyncReadExt + Unpin),
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let n = reader.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            break;
-        }
-        filled += n;
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]

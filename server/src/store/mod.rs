@@ -1,81 +1,94 @@
 //! Durable task state behind the [`Store`] trait, so that a second backend (Postgres) can be
-//! added and run the same test suite ([`suite`]). [`sqlite::SqliteStore`] is the default.
+//! added and run the same test suite ([`suite`]). [`sqlite::SqliteStore`] is the default;
+//! [`memory::MemoryStore`] is the in-memory fake the unit tests of the layers above use.
 //!
-//! The store is deliberately dumb: it validates references (a dependency must exist, no cycles)
-//! and persists, but the lifecycle rules live in [`crate::lifecycle`]. A state change is written
-//! with [`Store::commit_transition`], a compare-and-swap on the task's `version`, so a decision
-//! made on a stale read is refused instead of overwriting a newer state.
+//! Architecture invariant: the store applies no lifecycle rule. It persists what it is given
+//! and checks references (a dependency must exist, no cycles); the rules are in
+//! [`crate::lifecycle`], applied by the coordinator. A state change is one [`TaskWrite`]: the
+//! task's whole mutable record, written by compare-and-swap on its `version`, with its history
+//! entry and its runs, in one transaction. The store keeps one derived count, `deps_pending`
+//! (how many of a task's dependencies are not Done), up to date in the same transaction as the
+//! write that changes it, so that eligibility never needs a scan.
 
 use std::future::Future;
 
+pub use crate::domain::{FinishedRun, NewRun, RunEnd};
 use crate::domain::{
-    FailureKind, Lease, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task,
-    TaskEvent, TaskId, TaskState, TaskStatus,
+    Lease, LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEvent, TaskId, TaskState,
+    TaskStatus,
 };
 use crate::error::Result;
-use crate::lifecycle::Transition;
+use pipeline_core::ids::{CommitId, TreeId};
 
+#[cfg(test)]
+pub mod memory;
 pub mod sqlite;
 #[cfg(test)]
 pub mod suite;
 
-/// A state change to persist atomically: the task's new state, its history entry, and the runs
-/// it starts or ends.
-#[derive(Clone, Debug)]
-pub struct TransitionWrite {
+/// Everything about a task that changes as it lives; a [`TaskWrite`] writes all of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRecord {
+    pub state: TaskState,
+    pub lease: Option<Lease>,
+    pub lease_epoch: u64,
+    pub patch_commit: Option<CommitId>,
+    pub avoid_runner: Option<String>,
+    pub verified_tree: Option<TreeId>,
+}
+
+impl TaskRecord {
+    /// The record of `task` as it is.
+    pub fn of(task: &Task) -> Self {
+        Self {
+            state: task.state.clone(),
+            lease: task.lease.clone(),
+            lease_epoch: task.lease_epoch,
+            patch_commit: task.patch_commit.clone(),
+            avoid_runner: task.avoid_runner.clone(),
+            verified_tree: task.verified_tree.clone(),
+        }
+    }
+}
+
+/// The history entry a write records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub kind: String,
+    pub message: String,
+    pub from: TaskStatus,
+    pub to: TaskStatus,
+}
+
+/// What a write does to the task's runs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunChanges {
+    /// Ends these runs, each its own way (before `close_rest`).
+    pub end: Vec<(i64, RunEnd)>,
+    /// Ends every run of the task still running.
+    pub close_rest: Option<RunEnd>,
+    /// Starts a run.
+    pub start: Option<NewRun>,
+    /// Records runs that are already over (a runner's verification without log lines).
+    pub record: Vec<FinishedRun>,
+}
+
+/// A state change to persist atomically.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskWrite {
     pub task_id: TaskId,
     /// The version the decision was made on; the write fails with `Error::Conflict` otherwise.
     pub expected_version: i64,
-    /// The task's dependencies as of that version (they change only with the version, so the
-    /// written task is returned without reading them again).
+    /// The task's dependencies as of that version (they change only with the version), so the
+    /// written task is returned without reading them again.
     pub depends_on: Vec<TaskId>,
-    pub from: TaskStatus,
-    pub state: TaskState,
-    pub kind: String,
-    pub message: String,
     pub at: Millis,
-    /// Ends these runs, each its own way (before `close_runs`).
-    pub end_runs: Vec<(i64, RunEnd)>,
-    /// Ends every run of the task that is still running.
-    pub close_runs: Option<RunEnd>,
-    /// Starts a run.
-    pub start_run: Option<NewRun>,
-    /// Records runs that are already over (a runner's verification).
-    pub record_runs: Vec<FinishedRun>,
-    pub lease: LeaseChange,
-    /// A newly accepted patchset's commit.
-    pub patch_commit: Option<String>,
-    /// The runner the next lease should avoid (its lease lapsed).
-    pub avoid_runner: Option<String>,
-    /// The tree the runner verified (not merely skipped), or `Some(None)` to forget it.
-    pub verified_tree: Option<Option<String>>,
+    /// The whole mutable record after the change.
+    pub next: TaskRecord,
+    pub event: NewEvent,
+    pub runs: RunChanges,
     /// Ends the task's integration journal entry (the base move is recorded or abandoned).
     pub end_integration: bool,
-}
-
-impl TransitionWrite {
-    /// The write of a decided transition of `task`, changing nothing else.
-    pub fn new(task: &Task, decided: Transition, at: Millis) -> Self {
-        Self {
-            task_id: task.id.clone(),
-            expected_version: task.version,
-            depends_on: task.depends_on.clone(),
-            from: task.state.status,
-            state: decided.state,
-            kind: decided.kind.to_owned(),
-            message: decided.message,
-            at,
-            end_runs: Vec::new(),
-            close_runs: None,
-            start_run: None,
-            record_runs: Vec::new(),
-            lease: LeaseChange::Keep,
-            patch_commit: None,
-            avoid_runner: None,
-            verified_tree: None,
-            end_integration: false,
-        }
-    }
 }
 
 /// A persisted transition: the task as written, its history entry, and the run it started.
@@ -90,47 +103,9 @@ pub struct Committed {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Journal {
     pub task_id: TaskId,
-    pub old_tip: String,
-    pub new_commit: String,
+    pub old_tip: CommitId,
+    pub new_commit: CommitId,
     pub started_at: Millis,
-}
-
-/// What happens to the task's lease.
-#[derive(Clone, Debug)]
-pub enum LeaseChange {
-    Keep,
-    Set(Lease),
-    Clear,
-}
-
-/// A run that is already over when it is recorded.
-#[derive(Clone, Debug)]
-pub struct FinishedRun {
-    pub phase: Phase,
-    pub patchset: u32,
-    pub runner: Option<String>,
-    pub status: RunStatus,
-    pub cost_cents: f64,
-    pub started_at: Millis,
-    pub error: Option<String>,
-    pub failure_kind: Option<FailureKind>,
-}
-
-/// How the runs still running end.
-#[derive(Clone, Debug)]
-pub struct RunEnd {
-    pub status: RunStatus,
-    pub cost_cents: f64,
-    pub error: Option<String>,
-    pub failure_kind: Option<FailureKind>,
-}
-
-/// A run to start.
-#[derive(Clone, Debug)]
-pub struct NewRun {
-    pub phase: Phase,
-    pub patchset: u32,
-    pub runner: Option<String>,
 }
 
 /// Persistence of tasks, runs and history. Every write is one short transaction.
@@ -147,28 +122,27 @@ pub trait Store: Clone + Send + Sync + 'static {
         status: Option<TaskStatus>,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
 
-    /// Adds dependencies to an existing task. Fails with `NotFound` for an unknown task and
-    /// `FailedPrecondition` when a dependency would close a cycle.
+    /// Adds dependencies to an existing task, recording `event` in its history. Fails with
+    /// `NotFound` for an unknown task or dependency and `FailedPrecondition` when a dependency
+    /// would close a cycle. Edges that exist already are left as they are; when nothing is new
+    /// nothing is written.
     fn add_dependencies(
         &self,
         id: &TaskId,
         deps: &[TaskId],
+        event: NewEvent,
         now: Millis,
     ) -> impl Future<Output = Result<Task>> + Send;
 
-    /// Persists a transition if the task is still at `expected_version`; returns the task and
-    /// the ID of the history entry recorded.
-    fn commit_transition(
-        &self,
-        write: TransitionWrite,
-    ) -> impl Future<Output = Result<(Task, i64)>> + Send;
+    /// Persists a write if the task is still at `expected_version`.
+    fn commit(&self, write: TaskWrite) -> impl Future<Output = Result<Committed>> + Send;
 
-    /// Persists several transitions in one transaction (a group commit), each a compare-and-swap
-    /// like [`Store::commit_transition`]: one that lost its race is `Err(Conflict)` in its place
-    /// and the others are still written. The outer error means nothing was written.
-    fn commit_transitions(
+    /// Persists several writes in one transaction (a group commit), each a compare-and-swap
+    /// like [`Store::commit`]: one that lost its race is `Err(Conflict)` in its place and the
+    /// others are still written. The outer error means nothing was written.
+    fn commit_all(
         &self,
-        writes: Vec<TransitionWrite>,
+        writes: Vec<TaskWrite>,
     ) -> impl Future<Output = Result<Vec<Result<Committed>>>> + Send;
 
     /// The task's runs, oldest first.
@@ -180,9 +154,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Counts of tasks per status and of dev runs still running.
     fn status_counts(&self) -> impl Future<Output = Result<StatusCounts>> + Send;
 
-    /// Open tasks out of back-off at `now` whose dependencies are all Done, in lease order
+    /// Open tasks with no dependency pending, out of back-off at `now`, in lease order
     /// (priority, then `seq`), after `after` if given (a page after the last one seen), at most
-    /// `limit`; the caller applies the rest of the eligibility rules (`lifecycle::leasable`).
+    /// `limit`. The lifecycle decides which of them may be leased.
     fn lease_candidates(
         &self,
         now: Millis,
@@ -190,9 +164,18 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
 
+    /// Verified tasks, in landing order (priority, then `seq`).
+    fn verified(&self) -> impl Future<Output = Result<Vec<Task>>> + Send;
+
     /// Tasks not yet done (open, in progress, verified, needing help): those a lost landing
     /// could concern.
     fn unfinished(&self) -> impl Future<Output = Result<Vec<Task>>> + Send;
+
+    /// The statuses of the tasks among `ids` that exist.
+    fn statuses(
+        &self,
+        ids: &[TaskId],
+    ) -> impl Future<Output = Result<Vec<(TaskId, TaskStatus)>>> + Send;
 
     /// Makes sure no task ID `t-<n>` with `n` below `at_least` is generated from now on.
     fn raise_next_task_number(&self, at_least: u64) -> impl Future<Output = Result<()>> + Send;
@@ -203,21 +186,12 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The earliest end of a back-off still running at `now`.
     fn next_backoff_end(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
 
-    /// The statuses of the tasks among `ids` that exist.
-    fn statuses(
-        &self,
-        ids: &[TaskId],
-    ) -> impl Future<Output = Result<Vec<(TaskId, TaskStatus)>>> + Send;
-
-    /// Whether every task `id` depends on is Done.
-    fn dependencies_done(&self, id: &TaskId) -> impl Future<Output = Result<bool>> + Send;
-
     /// Records a base move about to happen, if the task is still Verified with `commit` as its
     /// patch; false, recording nothing, if it changed meanwhile (cancelled, a newer patchset).
     fn begin_integration(
         &self,
         entry: &Journal,
-        commit: &str,
+        commit: &CommitId,
     ) -> impl Future<Output = Result<bool>> + Send;
 
     /// Forgets a base move that did not happen.
@@ -230,13 +204,22 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// started), oldest first.
     fn running_runs(&self, task: &TaskId) -> impl Future<Output = Result<Vec<Run>>> + Send;
 
-    /// Starts a run outside a transition (the server's integration run); returns its ID.
+    /// Starts a run outside a transition (the server's integration run, a verify run begun by
+    /// its first log line); returns its ID.
     fn start_run(
         &self,
         task: &TaskId,
         run: &NewRun,
         at: Millis,
     ) -> impl Future<Output = Result<i64>> + Send;
+
+    /// Ends one run outside a transition, if it is still running.
+    fn end_run(
+        &self,
+        run: i64,
+        end: &RunEnd,
+        at: Millis,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Ends every run of `phase` still running (at start-up, runs a crash interrupted).
     fn abandon_runs(

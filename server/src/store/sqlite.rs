@@ -15,12 +15,13 @@ use sqlx::sqlite::{
 };
 use sqlx::{FromRow, Sqlite, SqliteConnection};
 
-use super::{Committed, Journal, LeaseChange, NewRun, Store, TransitionWrite};
+use super::{Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite};
 use crate::domain::{
     FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus, StatusCounts,
     Task, TaskEvent, TaskId, TaskState, TaskStatus,
 };
 use crate::error::{Error, Result};
+use pipeline_core::ids::{CommitId, TreeId};
 
 const NEXT_TASK_NUMBER: &str = "next_task_number";
 
@@ -209,6 +210,7 @@ struct TaskRow {
     patch_commit: Option<String>,
     avoid_runner: Option<String>,
     verified_tree: Option<String>,
+    deps_pending: i64,
     version: i64,
     created_at: i64,
     updated_at: i64,
@@ -222,10 +224,22 @@ struct CandidateRow {
     deps: Option<String>,
 }
 
+impl CandidateRow {
+    fn into_task(self) -> Result<Task> {
+        let deps = self
+            .deps
+            .as_deref()
+            .map(|d| d.split('\u{1f}').map(stored_id).collect::<Result<Vec<_>>>())
+            .transpose()?
+            .unwrap_or_default();
+        self.task.into_task(deps)
+    }
+}
+
 const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
      patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
-     avoid_runner, verified_tree, version, created_at, updated_at";
+     avoid_runner, verified_tree, deps_pending, version, created_at, updated_at";
 
 fn corrupt(what: &str, value: &str) -> Error {
     Error::Internal(format!("database holds an invalid {what}: {value:?}"))
@@ -243,6 +257,14 @@ fn to_u32(what: &str, n: i64) -> Result<u32> {
     u32::try_from(n).map_err(|_| corrupt(what, &n.to_string()))
 }
 
+fn stored_commit(raw: &str) -> Result<CommitId> {
+    CommitId::parse(raw).map_err(|_| corrupt("commit id", raw))
+}
+
+fn stored_tree(raw: &str) -> Result<TreeId> {
+    TreeId::parse(raw).map_err(|_| corrupt("tree id", raw))
+}
+
 impl TaskRow {
     fn into_task(self, depends_on: Vec<TaskId>) -> Result<Task> {
         let lease_epoch = u64::try_from(self.lease_epoch)
@@ -258,8 +280,12 @@ impl TaskRow {
                 epoch: lease_epoch,
                 runner,
                 runner_id,
-                base_commit,
-                previous_commit: self.lease_previous,
+                base_commit: stored_commit(&base_commit)?,
+                previous_commit: self
+                    .lease_previous
+                    .as_deref()
+                    .map(stored_commit)
+                    .transpose()?,
             }),
             _ => None,
         };
@@ -273,6 +299,7 @@ impl TaskRow {
                 .map_err(|_| corrupt("priority", &self.priority.to_string()))?,
             parent: self.parent.as_deref().map(stored_id).transpose()?,
             depends_on,
+            deps_pending: to_u32("pending dependency count", self.deps_pending)?,
             state: TaskState {
                 status: stored_status(&self.status)?,
                 patchset: to_u32("patchset", self.patchset)?,
@@ -286,9 +313,13 @@ impl TaskRow {
             },
             lease,
             lease_epoch,
-            patch_commit: self.patch_commit,
+            patch_commit: self
+                .patch_commit
+                .as_deref()
+                .map(stored_commit)
+                .transpose()?,
             avoid_runner: self.avoid_runner,
-            verified_tree: self.verified_tree,
+            verified_tree: self.verified_tree.as_deref().map(stored_tree).transpose()?,
             version: self.version,
             created_at: self.created_at,
             updated_at: self.updated_at,
@@ -421,62 +452,94 @@ async fn insert_event(
     Ok(id)
 }
 
-/// One transition inside a write transaction: the compare-and-swap on the version (with every
-/// column and the row read back in the same statement), its history entry, and its runs.
-async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Result<Committed> {
-    let s = &w.state;
-    let (lease_set, lease_clear) = match &w.lease {
-        LeaseChange::Keep => (None, false),
-        LeaseChange::Set(lease) => (Some(lease), false),
-        LeaseChange::Clear => (None, true),
-    };
-    let epoch = lease_set
-        .map(|l| {
-            i64::try_from(l.epoch)
-                .map_err(|_| Error::Internal(format!("lease epoch {} is out of range", l.epoch)))
-        })
-        .transpose()?;
-    let keep_lease = lease_set.is_none() && !lease_clear;
-    let row: Option<TaskRow> = sqlx::query_as(&format!(
-        "UPDATE tasks SET status = ?1, patchset = ?2, failures = ?3, cost_cents = ?4, \
-         cost_at_retry = ?5, backoff_until = ?6, feedback = ?7, amend = ?8, \
-         version = version + 1, updated_at = ?9, lost_leases = ?23, \
-         lease_id = CASE WHEN ?10 THEN lease_id ELSE ?11 END, \
-         lease_epoch = COALESCE(?12, lease_epoch), \
-         lease_runner = CASE WHEN ?10 THEN lease_runner ELSE ?13 END, \
-         lease_runner_id = CASE WHEN ?10 THEN lease_runner_id ELSE ?14 END, \
-         lease_base = CASE WHEN ?10 THEN lease_base ELSE ?15 END, \
-         lease_previous = CASE WHEN ?10 THEN lease_previous ELSE ?16 END, \
-         patch_commit = COALESCE(?17, patch_commit), \
-         avoid_runner = COALESCE(?18, avoid_runner), \
-         verified_tree = CASE WHEN ?19 THEN ?20 ELSE verified_tree END \
-         WHERE id = ?21 AND version = ?22 RETURNING {TASK_COLUMNS}"
-    ))
-    .bind(s.status.as_str())
-    .bind(i64::from(s.patchset))
-    .bind(i64::from(s.failures))
-    .bind(s.cost_cents)
-    .bind(s.cost_at_retry)
-    .bind(s.backoff_until)
-    .bind(&s.feedback)
-    .bind(i64::from(s.amend))
-    .bind(w.at)
-    .bind(keep_lease)
-    .bind(lease_set.map(|l| l.id.as_str()))
-    .bind(epoch)
-    .bind(lease_set.map(|l| l.runner.as_str()))
-    .bind(lease_set.map(|l| l.runner_id.as_str()))
-    .bind(lease_set.map(|l| l.base_commit.as_str()))
-    .bind(lease_set.and_then(|l| l.previous_commit.as_deref()))
-    .bind(w.patch_commit.as_deref())
-    .bind(w.avoid_runner.as_deref())
-    .bind(w.verified_tree.is_some())
-    .bind(w.verified_tree.clone().flatten())
-    .bind(w.task_id.as_str())
-    .bind(w.expected_version)
-    .bind(i64::from(s.lost_leases))
-    .fetch_optional(&mut *tx)
+/// Inserts a run that starts now; returns its ID.
+async fn insert_run(
+    tx: &mut SqliteConnection,
+    task: &TaskId,
+    run: &NewRun,
+    at: Millis,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at) \
+         VALUES (?1, ?2, ?3, \
+           (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
+           ?4, 'running', ?5) RETURNING id",
+    )
+    .bind(task.as_str())
+    .bind(run.phase.as_str())
+    .bind(i64::from(run.patchset))
+    .bind(&run.runner)
+    .bind(at)
+    .fetch_one(&mut *tx)
+    .await?)
+}
+
+/// Ends runs of `task` still running: the one `run`, or all of them.
+async fn end_runs(
+    tx: &mut SqliteConnection,
+    task: &TaskId,
+    run: Option<i64>,
+    end: &RunEnd,
+    at: Millis,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE runs SET status = ?1, finished_at = ?2, cost_cents = cost_cents + ?3, \
+         error = ?4, failure_kind = ?5 \
+         WHERE task_id = ?6 AND status = 'running' AND (?7 IS NULL OR id = ?7)",
+    )
+    .bind(end.status.as_str())
+    .bind(at)
+    .bind(end.cost_cents)
+    .bind(&end.error)
+    .bind(end.failure_kind.map(FailureKind::as_str))
+    .bind(task.as_str())
+    .bind(run)
+    .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// One write inside a write transaction: the compare-and-swap on the version (every mutable
+/// column set from the record, the row read back in the same statement), the dependents'
+/// pending counts when the task became Done, its history entry and its runs.
+async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committed> {
+    let n = &w.next;
+    let s = &n.state;
+    let lease = n.lease.as_ref();
+    let row: Option<TaskRow> =
+        sqlx::query_as(&format!(
+            "UPDATE tasks SET status = ?1, patchset = ?2, failures = ?3, lost_leases = ?4, \
+         cost_cents = ?5, cost_at_retry = ?6, backoff_until = ?7, feedback = ?8, amend = ?9, \
+         lease_id = ?10, lease_epoch = ?11, lease_runner = ?12, lease_runner_id = ?13, \
+         lease_base = ?14, lease_previous = ?15, patch_commit = ?16, avoid_runner = ?17, \
+         verified_tree = ?18, version = version + 1, updated_at = ?19 \
+         WHERE id = ?20 AND version = ?21 RETURNING {TASK_COLUMNS}"
+        ))
+        .bind(s.status.as_str())
+        .bind(i64::from(s.patchset))
+        .bind(i64::from(s.failures))
+        .bind(i64::from(s.lost_leases))
+        .bind(s.cost_cents)
+        .bind(s.cost_at_retry)
+        .bind(s.backoff_until)
+        .bind(&s.feedback)
+        .bind(i64::from(s.amend))
+        .bind(lease.map(|l| l.id.as_str()))
+        .bind(i64::try_from(n.lease_epoch).map_err(|_| {
+            Error::Internal(format!("lease epoch {} is out of range", n.lease_epoch))
+        })?)
+        .bind(lease.map(|l| l.runner.as_str()))
+        .bind(lease.map(|l| l.runner_id.as_str()))
+        .bind(lease.map(|l| l.base_commit.as_str()))
+        .bind(lease.and_then(|l| l.previous_commit.as_ref().map(CommitId::as_str)))
+        .bind(n.patch_commit.as_ref().map(CommitId::as_str))
+        .bind(n.avoid_runner.as_deref())
+        .bind(n.verified_tree.as_ref().map(TreeId::as_str))
+        .bind(w.at)
+        .bind(w.task_id.as_str())
+        .bind(w.expected_version)
+        .fetch_optional(&mut *tx)
+        .await?;
     let Some(row) = row else {
         return Err(if task_exists(tx, w.task_id.as_str()).await? {
             Error::Conflict(format!(
@@ -487,6 +550,15 @@ async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Res
             Error::NotFound(format!("task {} does not exist", w.task_id))
         });
     };
+    if s.status == TaskStatus::Done && w.event.from != TaskStatus::Done {
+        sqlx::query(
+            "UPDATE tasks SET deps_pending = deps_pending - 1 WHERE deps_pending > 0 AND id IN \
+             (SELECT task_id FROM task_deps WHERE depends_on = ?)",
+        )
+        .bind(w.task_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
     if w.end_integration {
         sqlx::query("DELETE FROM integrations WHERE task_id = ?")
             .bind(w.task_id.as_str())
@@ -497,60 +569,23 @@ async fn write_transition(tx: &mut SqliteConnection, w: &TransitionWrite) -> Res
         tx,
         &w.task_id,
         w.at,
-        &w.kind,
-        Some(w.from),
-        s.status,
-        &w.message,
+        &w.event.kind,
+        Some(w.event.from),
+        w.event.to,
+        &w.event.message,
     )
     .await?;
-    for (run, end) in &w.end_runs {
-        sqlx::query(
-            "UPDATE runs SET status = ?, finished_at = ?, cost_cents = cost_cents + ?, \
-             error = ?, failure_kind = ? WHERE id = ? AND task_id = ? AND status = 'running'",
-        )
-        .bind(end.status.as_str())
-        .bind(w.at)
-        .bind(end.cost_cents)
-        .bind(&end.error)
-        .bind(end.failure_kind.map(FailureKind::as_str))
-        .bind(*run)
-        .bind(w.task_id.as_str())
-        .execute(&mut *tx)
-        .await?;
+    for (run, end) in &w.runs.end {
+        end_runs(tx, &w.task_id, Some(*run), end, w.at).await?;
     }
-    if let Some(end) = &w.close_runs {
-        sqlx::query(
-            "UPDATE runs SET status = ?, finished_at = ?, cost_cents = cost_cents + ?, \
-             error = ?, failure_kind = ? WHERE task_id = ? AND status = 'running'",
-        )
-        .bind(end.status.as_str())
-        .bind(w.at)
-        .bind(end.cost_cents)
-        .bind(&end.error)
-        .bind(end.failure_kind.map(FailureKind::as_str))
-        .bind(w.task_id.as_str())
-        .execute(&mut *tx)
-        .await?;
+    if let Some(end) = &w.runs.close_rest {
+        end_runs(tx, &w.task_id, None, end, w.at).await?;
     }
     let mut run_id = None;
-    if let Some(run) = &w.start_run {
-        run_id = Some(
-            sqlx::query_scalar(
-                "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at) \
-                 VALUES (?1, ?2, ?3, \
-                   (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-                   ?4, 'running', ?5) RETURNING id",
-            )
-            .bind(w.task_id.as_str())
-            .bind(run.phase.as_str())
-            .bind(i64::from(run.patchset))
-            .bind(&run.runner)
-            .bind(w.at)
-            .fetch_one(&mut *tx)
-            .await?,
-        );
+    if let Some(run) = &w.runs.start {
+        run_id = Some(insert_run(tx, &w.task_id, run, w.at).await?);
     }
-    for run in &w.record_runs {
+    for run in &w.runs.record {
         sqlx::query(
             "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
              cost_cents, started_at, finished_at, error, failure_kind) VALUES (?1, ?2, ?3, \
@@ -638,6 +673,9 @@ async fn insert_task(tx: &mut SqliteConnection, new: NewTask, now: Millis) -> Re
             .execute(&mut *tx)
             .await?;
     }
+    if !new.depends_on.is_empty() {
+        refresh_deps_pending(&mut *tx, &id).await?;
+    }
     insert_event(
         &mut *tx,
         &id,
@@ -658,20 +696,16 @@ async fn insert_dependencies(
     tx: &mut SqliteConnection,
     id: &TaskId,
     deps: &[TaskId],
+    event: &NewEvent,
     now: Millis,
 ) -> Result<Task> {
     let task = load_task(&mut *tx, id.as_str())
         .await?
         .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
-    if task.state.status == TaskStatus::Done {
-        return Err(Error::FailedPrecondition(format!(
-            "task {id} is done; dependencies can no longer hold it back"
-        )));
-    }
     require_existing(&mut *tx, deps, "dependency").await?;
-    let mut added = Vec::new();
+    let mut added = 0;
     for dep in deps {
-        if task.depends_on.contains(dep) || added.contains(&dep) {
+        if task.depends_on.contains(dep) {
             continue;
         }
         // A cycle closes if `id` is reachable from `dep` (or is `dep`).
@@ -691,23 +725,24 @@ async fn insert_dependencies(
                  (directly or through other tasks), which would make a cycle"
             )));
         }
-        sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
-            .bind(id.as_str())
-            .bind(dep.as_str())
-            .execute(&mut *tx)
-            .await?;
-        added.push(dep);
+        let inserted =
+            sqlx::query("INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?, ?)")
+                .bind(id.as_str())
+                .bind(dep.as_str())
+                .execute(&mut *tx)
+                .await?;
+        added += inserted.rows_affected();
     }
-    if !added.is_empty() {
-        let names: Vec<&str> = added.iter().map(|d| d.as_str()).collect();
+    if added > 0 {
+        refresh_deps_pending(&mut *tx, id).await?;
         insert_event(
             &mut *tx,
             id,
             now,
-            "dependencies_added",
-            Some(task.state.status),
-            task.state.status,
-            &format!("now also depends on {}", names.join(", ")),
+            &event.kind,
+            Some(event.from),
+            event.to,
+            &event.message,
         )
         .await?;
         sqlx::query("UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?")
@@ -716,10 +751,22 @@ async fn insert_dependencies(
             .execute(&mut *tx)
             .await?;
     }
-    let task = load_task(&mut *tx, id.as_str())
+    load_task(&mut *tx, id.as_str())
         .await?
-        .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
-    Ok(task)
+        .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))
+}
+
+/// Recounts how many of `id`'s dependencies are not Done.
+async fn refresh_deps_pending(tx: &mut SqliteConnection, id: &TaskId) -> Result<()> {
+    sqlx::query(
+        "UPDATE tasks SET deps_pending = (SELECT COUNT(*) FROM task_deps d \
+           JOIN tasks u ON u.id = d.depends_on WHERE d.task_id = ?1 AND u.status <> 'done') \
+         WHERE id = ?1",
+    )
+    .bind(id.as_str())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 impl Store for SqliteStore {
@@ -760,27 +807,29 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn add_dependencies(&self, id: &TaskId, deps: &[TaskId], now: Millis) -> Result<Task> {
+    async fn add_dependencies(
+        &self,
+        id: &TaskId,
+        deps: &[TaskId],
+        event: NewEvent,
+        now: Millis,
+    ) -> Result<Task> {
         let mut tx = self.write().await?;
-        let result = insert_dependencies(&mut tx, id, deps, now).await;
+        let result = insert_dependencies(&mut tx, id, deps, &event, now).await;
         tx.finish(result).await
     }
 
-    async fn commit_transition(&self, w: TransitionWrite) -> Result<(Task, i64)> {
+    async fn commit(&self, w: TaskWrite) -> Result<Committed> {
         let mut tx = self.write().await?;
-        let result = write_transition(&mut tx, &w).await;
-        let done = tx.finish(result).await?;
-        Ok((done.task, done.event_id))
+        let result = write_task(&mut tx, &w).await;
+        tx.finish(result).await
     }
 
-    async fn commit_transitions(
-        &self,
-        writes: Vec<TransitionWrite>,
-    ) -> Result<Vec<Result<Committed>>> {
+    async fn commit_all(&self, writes: Vec<TaskWrite>) -> Result<Vec<Result<Committed>>> {
         let mut tx = self.write().await?;
         let mut out = Vec::with_capacity(writes.len());
         for w in &writes {
-            match write_transition(&mut tx, w).await {
+            match write_task(&mut tx, w).await {
                 // A lost race wrote nothing (the CAS is the first statement): go on.
                 Err(e @ (Error::Conflict(_) | Error::NotFound(_))) => out.push(Err(e)),
                 Err(other) => return Err(other),
@@ -797,15 +846,14 @@ impl Store for SqliteStore {
         after: Option<(u8, i64)>,
         limit: u32,
     ) -> Result<Vec<Task>> {
-        // The dependencies come in the same statement, joined by a separator no ID holds.
-        let rows: Vec<(TaskRow, Option<String>)> = sqlx::query_as::<_, CandidateRow>(&format!(
+        // An index range (tasks_ready): no blocked task is read. Their dependencies come in
+        // the same statement, joined by a separator no ID holds.
+        let rows: Vec<CandidateRow> = sqlx::query_as(&format!(
             "SELECT {TASK_COLUMNS}, (SELECT group_concat(depends_on, char(31)) FROM \
                (SELECT depends_on FROM task_deps WHERE task_id = t.id ORDER BY depends_on)) \
                AS deps \
-             FROM tasks t WHERE status = 'open' \
-               AND (backoff_until IS NULL OR backoff_until <= ?1) AND NOT EXISTS ( \
-                 SELECT 1 FROM task_deps d JOIN tasks u ON u.id = d.depends_on \
-                 WHERE d.task_id = t.id AND u.status <> 'done') \
+             FROM tasks t WHERE status = 'open' AND deps_pending = 0 \
+               AND (backoff_until IS NULL OR backoff_until <= ?1) \
                AND (?2 IS NULL OR (priority, seq) > (?2, ?3)) \
              ORDER BY priority, seq LIMIT ?4"
         ))
@@ -814,20 +862,20 @@ impl Store for SqliteStore {
         .bind(after.map(|(_, seq)| seq))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|c| (c.task, c.deps))
-        .collect();
-        rows.into_iter()
-            .map(|(row, deps)| {
-                let deps = deps
-                    .as_deref()
-                    .map(|d| d.split('\u{1f}').map(stored_id).collect::<Result<Vec<_>>>())
-                    .transpose()?
-                    .unwrap_or_default();
-                row.into_task(deps)
-            })
-            .collect()
+        .await?;
+        rows.into_iter().map(CandidateRow::into_task).collect()
+    }
+
+    async fn verified(&self) -> Result<Vec<Task>> {
+        let rows: Vec<CandidateRow> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS}, (SELECT group_concat(depends_on, char(31)) FROM \
+               (SELECT depends_on FROM task_deps WHERE task_id = t.id ORDER BY depends_on)) \
+               AS deps \
+             FROM tasks t WHERE status = 'verified' ORDER BY priority, seq"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(CandidateRow::into_task).collect()
     }
 
     async fn unfinished(&self) -> Result<Vec<Task>> {
@@ -952,18 +1000,7 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn dependencies_done(&self, id: &TaskId) -> Result<bool> {
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM task_deps d JOIN tasks t ON t.id = d.depends_on \
-             WHERE d.task_id = ? AND t.status <> 'done'",
-        )
-        .bind(id.as_str())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(pending == 0)
-    }
-
-    async fn begin_integration(&self, entry: &Journal, commit: &str) -> Result<bool> {
+    async fn begin_integration(&self, entry: &Journal, commit: &CommitId) -> Result<bool> {
         let mut tx = self.write().await?;
         let done = sqlx::query(
             "INSERT OR REPLACE INTO integrations (task_id, old_tip, new_commit, started_at) \
@@ -971,11 +1008,11 @@ impl Store for SqliteStore {
                WHERE id = ?1 AND status = ?5 AND patch_commit = ?6)",
         )
         .bind(entry.task_id.as_str())
-        .bind(&entry.old_tip)
-        .bind(&entry.new_commit)
+        .bind(entry.old_tip.as_str())
+        .bind(entry.new_commit.as_str())
         .bind(entry.started_at)
         .bind(TaskStatus::Verified.as_str())
-        .bind(commit)
+        .bind(commit.as_str())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1002,8 +1039,8 @@ impl Store for SqliteStore {
             .map(|(task, old_tip, new_commit, started_at)| {
                 Ok(Journal {
                     task_id: stored_id(&task)?,
-                    old_tip,
-                    new_commit,
+                    old_tip: stored_commit(&old_tip)?,
+                    new_commit: stored_commit(&new_commit)?,
                     started_at,
                 })
             })
@@ -1024,21 +1061,21 @@ impl Store for SqliteStore {
 
     async fn start_run(&self, task: &TaskId, run: &NewRun, at: Millis) -> Result<i64> {
         let mut tx = self.write().await?;
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at) \
-             VALUES (?1, ?2, ?3, \
-               (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-               ?4, 'running', ?5) RETURNING id",
-        )
-        .bind(task.as_str())
-        .bind(run.phase.as_str())
-        .bind(i64::from(run.patchset))
-        .bind(&run.runner)
-        .bind(at)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(id)
+        let result = insert_run(&mut tx, task, run, at).await;
+        tx.finish(result).await
+    }
+
+    async fn end_run(&self, run: i64, end: &RunEnd, at: Millis) -> Result<()> {
+        let mut tx = self.write().await?;
+        let task: Option<String> = sqlx::query_scalar("SELECT task_id FROM runs WHERE id = ?")
+            .bind(run)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let result = match task {
+            Some(task) => end_runs(&mut tx, &stored_id(&task)?, Some(run), end, at).await,
+            None => Err(Error::NotFound(format!("run {run} does not exist"))),
+        };
+        tx.finish(result).await
     }
 
     async fn abandon_runs(&self, phase: Phase, error: &str, at: Millis) -> Result<u64> {

@@ -6,22 +6,77 @@ use crate::domain::{
     LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus,
 };
 use crate::error::Error;
-use crate::lifecycle::Transition;
-use crate::store::{Journal, NewRun, RunEnd, Store, TransitionWrite};
+use crate::store::{Journal, NewEvent, NewRun, RunChanges, RunEnd, Store, TaskRecord, TaskWrite};
+use pipeline_core::ids::CommitId;
 
 /// A write that moves `task` to `state` and records `kind`, changing nothing else.
-fn write(task: &Task, state: TaskState, kind: &'static str, at: i64) -> TransitionWrite {
+fn write(task: &Task, state: TaskState, kind: &'static str, at: i64) -> TaskWrite {
     let to = state.status;
-    TransitionWrite::new(
-        task,
-        Transition {
-            state,
-            kind,
-            message: format!("to {to}"),
-            effects: vec![],
-        },
+    let mut next = TaskRecord::of(task);
+    next.state = state;
+    TaskWrite {
+        task_id: task.id.clone(),
+        expected_version: task.version,
+        depends_on: task.depends_on.clone(),
         at,
-    )
+        next,
+        event: NewEvent {
+            kind: kind.to_owned(),
+            message: format!("to {to}"),
+            from: task.state.status,
+            to,
+        },
+        runs: RunChanges::default(),
+        end_integration: false,
+    }
+}
+
+fn sha(c: char) -> CommitId {
+    CommitId::parse(&c.to_string().repeat(40)).expect("sha")
+}
+
+fn deps_event(task: &Task) -> NewEvent {
+    NewEvent {
+        kind: "dependencies_added".into(),
+        message: "now also depends on others".into(),
+        from: task.state.status,
+        to: task.state.status,
+    }
+}
+
+async fn add_deps<S: Store>(store: &S, task: &str, deps: &[&str], at: i64) -> Result<Task, Error> {
+    let t = store
+        .get_task(&id(task))
+        .await
+        .expect("get")
+        .unwrap_or_else(|| ghost(task));
+    let deps: Vec<TaskId> = deps.iter().map(|d| id(d)).collect();
+    store
+        .add_dependencies(&t.id, &deps, deps_event(&t), at)
+        .await
+}
+
+fn ghost(raw: &str) -> Task {
+    Task {
+        id: id(raw),
+        seq: 0,
+        title: String::new(),
+        description: String::new(),
+        namespace: None,
+        priority: 2,
+        parent: None,
+        depends_on: vec![],
+        deps_pending: 0,
+        state: TaskState::new(),
+        lease: None,
+        lease_epoch: 0,
+        patch_commit: None,
+        avoid_runner: None,
+        verified_tree: None,
+        version: 1,
+        created_at: 0,
+        updated_at: 0,
+    }
 }
 
 /// Generates one `#[tokio::test]` per check of the suite for a backend.
@@ -36,7 +91,7 @@ macro_rules! store_test_suite {
             transitions_are_compare_and_swap,
             runs_are_numbered_and_closed,
             counts_by_status,
-            knows_when_dependencies_are_done,
+            counts_pending_dependencies,
             keeps_meta,
             offers_lease_candidates_out_of_back_off_with_dependencies_done,
             keeps_an_integration_journal,
@@ -84,9 +139,9 @@ async fn transition<S: Store>(store: &S, task: &Task, to: TaskStatus) -> Result<
         ..task.state.clone()
     };
     store
-        .commit_transition(write(task, state, "test", 2_000))
+        .commit(write(task, state, "test", 2_000))
         .await
-        .map(|(t, _)| t)
+        .map(|c| c.task)
 }
 
 pub async fn generates_ids_and_skips_taken_ones<S: Store>(store: &S) {
@@ -146,34 +201,22 @@ pub async fn refuses_dependency_cycles<S: Store>(store: &S) {
             .await
             .expect("create");
     }
-    store
-        .add_dependencies(&id("b"), &[id("a")], 2)
-        .await
-        .expect("b -> a");
-    store
-        .add_dependencies(&id("c"), &[id("b")], 2)
-        .await
-        .expect("c -> b");
-    let err = store
-        .add_dependencies(&id("a"), &[id("c")], 3)
+    add_deps(store, "b", &["a"], 2).await.expect("b -> a");
+    add_deps(store, "c", &["b"], 2).await.expect("c -> b");
+    let err = add_deps(store, "a", &["c"], 3)
         .await
         .expect_err("a -> c closes a cycle");
     assert!(
         matches!(&err, Error::FailedPrecondition(m) if m.contains("cycle")),
         "{err}"
     );
-    let err = store
-        .add_dependencies(&id("a"), &[id("a")], 3)
-        .await
-        .expect_err("self");
+    let err = add_deps(store, "a", &["a"], 3).await.expect_err("self");
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
-    let err = store
-        .add_dependencies(&id("a"), &[id("zzz")], 3)
+    let err = add_deps(store, "a", &["zzz"], 3)
         .await
         .expect_err("unknown");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
-    let err = store
-        .add_dependencies(&id("zzz"), &[id("a")], 3)
+    let err = add_deps(store, "zzz", &["a"], 3)
         .await
         .expect_err("unknown task");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
@@ -181,12 +224,18 @@ pub async fn refuses_dependency_cycles<S: Store>(store: &S) {
     assert!(a.depends_on.is_empty(), "refused edges are not kept");
     let c = store.get_task(&id("c")).await.expect("get").expect("c");
     assert_eq!(c.depends_on, vec![id("b")]);
+    assert_eq!(c.deps_pending, 1);
     // Adding an edge that exists is a no-op.
-    let again = store
-        .add_dependencies(&id("c"), &[id("b")], 4)
-        .await
-        .expect("again");
+    let again = add_deps(store, "c", &["b"], 4).await.expect("again");
     assert_eq!(again.version, c.version);
+    let kinds: Vec<String> = store
+        .events(&id("c"))
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["created", "dependencies_added"]);
 }
 
 pub async fn lists_in_lease_order_and_filters<S: Store>(store: &S) {
@@ -263,12 +312,12 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
             "leased",
             10 * i64::from(attempt),
         );
-        start.start_run = Some(NewRun {
+        start.runs.start = Some(NewRun {
             phase: Phase::Dev,
             patchset: 0,
             runner: Some("r1".into()),
         });
-        current = store.commit_transition(start).await.expect("start run").0;
+        current = store.commit(start).await.expect("start run").task;
         let counts = store.status_counts().await.expect("counts");
         assert_eq!(counts.active_dev_runs, 1);
         let mut end = write(
@@ -277,13 +326,13 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
             "dev_failed",
             10 * i64::from(attempt) + 5,
         );
-        end.close_runs = Some(RunEnd {
+        end.runs.close_rest = Some(RunEnd {
             status: RunStatus::Failure,
             cost_cents: 2.5,
             error: Some("agent exited 1".into()),
             failure_kind: Some(crate::domain::FailureKind::Task),
         });
-        current = store.commit_transition(end).await.expect("close run").0;
+        current = store.commit(end).await.expect("close run").task;
     }
     let runs = store.runs(&task.id).await.expect("runs");
     assert_eq!(runs.len(), 2);
@@ -325,22 +374,51 @@ pub async fn counts_by_status<S: Store>(store: &S) {
     );
 }
 
-pub async fn knows_when_dependencies_are_done<S: Store>(store: &S) {
+pub async fn counts_pending_dependencies<S: Store>(store: &S) {
     let dep = store
         .create_task(new_task(Some("dep"), "dep", 2, &[]), 1)
         .await
         .expect("dep");
+    let other = store
+        .create_task(new_task(Some("other"), "other", 2, &[]), 1)
+        .await
+        .expect("other");
     let task = store
         .create_task(new_task(Some("task"), "task", 2, &["dep"]), 1)
         .await
         .expect("task");
     assert_eq!(task.depends_on, vec![id("dep")]);
-    assert!(!store.dependencies_done(&task.id).await.expect("deps"));
-    assert!(store.dependencies_done(&dep.id).await.expect("no deps"));
+    assert_eq!(task.deps_pending, 1);
+    assert_eq!(dep.deps_pending, 0);
+    let task = add_deps(store, "task", &["other"], 2).await.expect("more");
+    assert_eq!(task.deps_pending, 2);
     transition(store, &dep, TaskStatus::Done)
         .await
         .expect("done");
-    assert!(store.dependencies_done(&task.id).await.expect("deps"));
+    let task = store
+        .get_task(&id("task"))
+        .await
+        .expect("get")
+        .expect("task");
+    assert_eq!(task.deps_pending, 1, "one dependency is done");
+    // A dependency that is Done already does not hold a new dependent back.
+    let late = store
+        .create_task(new_task(Some("late"), "late", 2, &["dep"]), 1)
+        .await
+        .expect("late");
+    assert_eq!(late.deps_pending, 0);
+    transition(store, &other, TaskStatus::Cancelled)
+        .await
+        .expect("cancelled");
+    let task = store
+        .get_task(&id("task"))
+        .await
+        .expect("get")
+        .expect("task");
+    assert_eq!(
+        task.deps_pending, 1,
+        "a cancelled dependency still holds it"
+    );
 }
 
 pub async fn keeps_meta<S: Store>(store: &S) {
@@ -383,7 +461,7 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
         ..waiting.state.clone()
     };
     store
-        .commit_transition(write(&waiting, state, "test", 2))
+        .commit(write(&waiting, state, "test", 2))
         .await
         .expect("back off");
     let ids = |tasks: Vec<Task>| {
@@ -417,7 +495,7 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
         ..dep.state.clone()
     };
     store
-        .commit_transition(write(&dep, done, "test", 3))
+        .commit(write(&dep, done, "test", 3))
         .await
         .expect("done");
     assert_eq!(
@@ -442,11 +520,11 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
 
 pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     let task = create(store, "landing").await;
-    let patch = "c".repeat(40);
+    let patch = sha('c');
     let entry = Journal {
         task_id: task.id.clone(),
-        old_tip: "a".repeat(40),
-        new_commit: "b".repeat(40),
+        old_tip: sha('a'),
+        new_commit: sha('b'),
         started_at: 7,
     };
     let pending = async || store.pending_integrations().await.expect("pending");
@@ -460,11 +538,13 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     let mut verified = task.state.clone();
     verified.status = TaskStatus::Verified;
     let mut w = write(&task, verified, "verified", 8);
-    w.patch_commit = Some(patch.clone());
-    let (task, _) = store.commit_transition(w).await.expect("verified");
+    w.next.patch_commit = Some(patch.clone());
+    let task = store.commit(w).await.expect("verified").task;
+    assert_eq!(task.patch_commit, Some(patch.clone()));
+    assert_eq!(store.verified().await.expect("verified").len(), 1);
     assert!(
         !store
-            .begin_integration(&entry, &"d".repeat(40))
+            .begin_integration(&entry, &sha('d'))
             .await
             .expect("begin")
     );
@@ -487,7 +567,7 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     );
     let mut w = write(&task, task.state.clone(), "test", 8);
     w.end_integration = true;
-    store.commit_transition(w).await.expect("transition");
+    store.commit(w).await.expect("transition");
     assert!(pending().await.is_empty());
 }
 

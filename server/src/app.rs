@@ -1,5 +1,11 @@
-//! Start-up and the serving loop: check the repository, open the store, recover what a crash
-//! left behind, serve gRPC until the shutdown token fires, then drain.
+//! The server's wiring: check the repository, lock the state dir, open the store, recover what a
+//! crash left behind, start the background loops under supervision, serve gRPC until the
+//! shutdown token fires, then drain.
+//!
+//! Supervision: the dispatch loop, the integrator and the log writer (and the log pruner) run
+//! as named tasks, each in its span, in one `JoinSet`. If one ends or panics while the server
+//! runs, the server logs which and stops with an error (exit non-zero), so that systemd or the
+//! operator restarts it (recovery is crash-safe): it never keeps answering while doing nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,15 +15,20 @@ use pipeline_proto::v1::runner_service_server::RunnerServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use pipeline_core::clock::SystemClock;
+use pipeline_core::git::{BranchName, RemoteName};
+use tracing::Instrument;
+
 use crate::config::Config;
 use crate::coordinator::{Coordinator, Settings};
 use crate::error::{Error, Result};
-use crate::git::Repo;
 use crate::grpc::ControlApi;
 use crate::grpc::edge::Edge;
 use crate::grpc::runner::RunnerApi;
+use crate::integrate::Integrator;
 use crate::lifecycle::Policy;
 use crate::listener::{Incoming, Limits};
+use crate::repo::Repo;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 
@@ -34,29 +45,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .with_absolute_paths()
         .map_err(Error::InvalidArgument)?;
     let repo = Repo::open(&config.repo).await?;
-    let base_commit = repo.branch_commit(&config.base).await?;
+    let base = BranchName::parse(&config.base)
+        .map_err(|e| Error::InvalidArgument(format!("--base: {e}")))?;
+    let base_commit = repo.tip(&base).await.map_err(|e| match e {
+        Error::NotFound(m) => Error::FailedPrecondition(m),
+        other => other,
+    })?;
     if !repo.is_bare().await? {
-        let checked_out = repo.worktrees_on(&config.base).await?;
+        let checked_out = repo.worktrees_on(&base).await?;
         if let Some(path) = checked_out.first() {
             return Err(Error::FailedPrecondition(format!(
                 "the base branch {base} is checked out in {path}, and the server moves it without \
                  touching those files; use a bare clone (git clone --bare {repo} REPO.git) or \
                  check out another branch there (git -C {path} checkout --detach)",
-                base = config.base,
                 path = path.display(),
                 repo = config.repo.display(),
             )));
         }
     }
-    if let Some(remote) = &config.push_remote {
-        repo.run(&["remote", "get-url", "--end-of-options", remote])
-            .await
-            .map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "--push-remote {remote}: the repository has no such remote (git remote add)"
-                ))
-            })?;
-    }
+    let push_remote = match &config.push_remote {
+        Some(remote) => {
+            let remote = RemoteName::parse(remote)
+                .map_err(|e| Error::InvalidArgument(format!("--push-remote {e}")))?;
+            if !repo.has_remote(&remote).await {
+                return Err(Error::InvalidArgument(format!(
+                    "--push-remote {}: the repository has no such remote (git remote add)",
+                    remote.as_str()
+                )));
+            }
+            Some(remote)
+        }
+        None => None,
+    };
     let state_dir = match &config.state_dir {
         Some(dir) => dir.clone(),
         None => repo.common_dir().await?.join("pipeline"),
@@ -118,30 +138,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     };
     let settings = Settings {
         policy,
-        base: config.base.clone(),
+        base: base.clone(),
         spool_dir: state_dir.join("spool"),
         lease_ttl_ms: i64::try_from(config.lease_ttl.saturating_mul(1000)).unwrap_or(i64::MAX),
         max_bundle_bytes: config.max_bundle_bytes,
-        verify: config.verify.clone(),
+        verifier: config.verify.verifier(),
         kill_grace: config.agent.kill_grace(),
         integration_dir: state_dir.join("integration"),
-        push_remote: config.push_remote.clone(),
+        push_remote,
         log_cap_bytes: config.log_cap_bytes.max(1024),
         build_env: config.agent.child_env(),
         dispatch_batch: config.dispatch_batch as usize,
     };
     let lease_ttl_ms = settings.lease_ttl_ms;
-    let coordinator = Arc::new(Coordinator::new(store.clone(), settings, repo, auth));
+    let coordinator = Arc::new(Coordinator::new(
+        store.clone(),
+        settings,
+        repo,
+        auth,
+        Arc::new(SystemClock),
+    ));
     // A registration that never opens its work stream is forgotten after two lease TTLs.
-    coordinator
-        .registry()
-        .set_forget_unopened_after(lease_ttl_ms.saturating_mul(2));
+    coordinator.forget_unopened_after(lease_ttl_ms.saturating_mul(2));
     coordinator.load_counts().await?;
     coordinator
         .guard_task_ids(config.accept_existing_history)
         .await?;
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
-    let integrations_finished = coordinator.recover_integrations().await?;
+    let integrations_finished = Integrator::new(Arc::clone(&coordinator)).recover().await?;
     let found_landed = coordinator.reconcile_landed().await?;
 
     let listener = TcpListener::bind(config.listen)
@@ -173,19 +197,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // streams and the log writer) ends only after the local runners have stopped, so they can
     // still give their leases back and ship their last lines.
     let serving = CancellationToken::new();
-    let dispatcher = tokio::spawn(Arc::clone(&coordinator).dispatch_loop(shutdown.clone()));
-    let integrator = tokio::spawn(Arc::clone(&coordinator).integrate_loop(shutdown.clone()));
-    let log_writer = tokio::spawn(Arc::clone(&coordinator).log_writer(serving.clone()));
-    if config.log_retention_days > 0 {
-        tokio::spawn(prune_logs(
+    let mut loops = Supervisor::default();
+    loops.spawn(
+        "dispatch",
+        Arc::clone(&coordinator).dispatch_loop(shutdown.clone()),
+    );
+    loops.spawn(
+        "integrator",
+        Integrator::new(Arc::clone(&coordinator)).run(shutdown.clone()),
+    );
+    loops.spawn(
+        "log writer",
+        crate::logs::writer(
+            Arc::clone(coordinator.logs()),
             store.clone(),
-            config.log_retention_days,
-            shutdown.clone(),
-        ));
+            serving.clone(),
+        ),
+    );
+    if config.log_retention_days > 0 {
+        loops.spawn(
+            "log pruner",
+            prune_logs(store.clone(), config.log_retention_days, shutdown.clone()),
+        );
     }
     let identify: crate::grpc::Identify = {
         let coordinator = Arc::clone(&coordinator);
-        Arc::new(move |token: &str| coordinator.auth.identify(token))
+        Arc::new(move |token: &str| coordinator.auth().identify(token))
     };
     let control = Edge::new(tonic::service::interceptor::InterceptedService::new(
         ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator), shutdown.clone()))
@@ -249,7 +286,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         &registration_token,
         &runners_stop,
     );
-    tokio::select! {
+    let failed = tokio::select! {
+        // A loop ends on its own once the shutdown token fires: that is no failure.
+        biased;
+        () = shutdown.cancelled() => None,
         result = &mut served => {
             // The server stopped without being asked to.
             store.close().await;
@@ -259,7 +299,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 Err(e) => Err(Error::Internal(format!("grpc server task: {e}"))),
             };
         }
-        () = shutdown.cancelled() => {}
+        ended = loops.next_end() => (!shutdown.is_cancelled()).then_some(ended),
+    };
+    if let Some(ended) = &failed {
+        // A loop the server cannot do without is gone: stop, and say so; a restart recovers.
+        tracing::error!("{ended}; stopping the server");
+        shutdown.cancel();
     }
     tracing::info!("shutting down");
     // Local runners stop first, giving their leases back while the server still listens.
@@ -276,13 +321,64 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping anyway")
         }
     }
-    let _ = dispatcher.await;
-    let _ = integrator.await;
-    let _ = log_writer.await;
+    loops.wait_all().await;
     store.close().await;
     drop(locks);
+    if let Some(ended) = failed {
+        return Err(Error::Internal(ended));
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The background loops, each a named task in its span, in one `JoinSet`.
+#[derive(Default)]
+struct Supervisor {
+    tasks: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Supervisor {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let span = tracing::info_span!("loop", name);
+        let handle = self.tasks.spawn(work.instrument(span));
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits for the first loop to end, and says which ended and how.
+    async fn next_end(&mut self) -> String {
+        match self.tasks.join_next_with_id().await {
+            Some(Ok((id, ()))) => format!(
+                "the {} loop stopped unexpectedly",
+                self.names.get(&id).copied().unwrap_or("unknown")
+            ),
+            Some(Err(e)) => {
+                let name = self.names.get(&e.id()).copied().unwrap_or("unknown");
+                if e.is_panic() {
+                    format!("the {name} loop panicked")
+                } else {
+                    format!("the {name} loop was cancelled")
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for every loop to end (after the shutdown token fired).
+    async fn wait_all(&mut self) {
+        while let Some(ended) = self.tasks.join_next_with_id().await {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                let name = self.names.get(&e.id()).copied().unwrap_or("unknown");
+                tracing::error!("the {name} loop panicked while stopping");
+            }
+        }
+    }
 }
 
 /// The path of an SQLite database URL's file (`sqlite://PATH`, `sqlite:PATH` or a plain path).
@@ -405,7 +501,7 @@ fn start_local_runners(
 async fn prune_logs(store: SqliteStore, days: u64, shutdown: CancellationToken) {
     let keep_ms = i64::try_from(days.saturating_mul(24 * 3600 * 1000)).unwrap_or(i64::MAX);
     loop {
-        let before = crate::coordinator::now_ms().saturating_sub(keep_ms);
+        let before = pipeline_core::clock::now_ms().saturating_sub(keep_ms);
         match store.prune_logs(before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(lines = n, days, "pruned old run logs"),

@@ -11,12 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::domain::{Millis, TaskId};
 
-/// A lease as named on the wire: its ID and epoch.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseRef {
-    pub id: String,
-    pub epoch: u64,
-}
+pub use pipeline_core::ids::LeaseRef;
 
 /// Work handed to a runner.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,8 +22,8 @@ pub struct Assignment {
     pub title: String,
     pub namespace: Option<String>,
     pub base: String,
-    pub base_commit: String,
-    pub previous_commit: Option<String>,
+    pub base_commit: pipeline_core::ids::CommitId,
+    pub previous_commit: Option<pipeline_core::ids::CommitId>,
     pub patchset: u32,
     pub prompt: String,
 }
@@ -414,15 +409,19 @@ impl Registry {
         self.leases.values().map(|l| l.expires_at).min()
     }
 
-    /// Runners with free slots: (id, name, free), most free first.
-    pub fn free_slots(&self) -> Vec<(String, String, u32)> {
-        let mut free: Vec<(String, String, u32)> = self
+    /// Runners with free slots, most free first.
+    pub fn free_slots(&self) -> Vec<super::planner::Slot> {
+        let mut free: Vec<super::planner::Slot> = self
             .runners
             .values()
             .filter(|r| r.free_slots() > 0)
-            .map(|r| (r.id.clone(), r.name.clone(), r.free_slots()))
+            .map(|r| super::planner::Slot {
+                runner_id: r.id.clone(),
+                runner: r.name.clone(),
+                free: r.free_slots(),
+            })
             .collect();
-        free.sort_by(|a, b| b.2.cmp(&a.2).then(a.1.cmp(&b.1)));
+        free.sort_by(|a, b| b.free.cmp(&a.free).then(a.runner.cmp(&b.runner)));
         free
     }
 
@@ -527,9 +526,16 @@ mod tests {
         let mut reg = Registry::default();
         let (a, _rx_a) = connected(&mut reg, "a", 2);
         let b = reg.register("b", vec![], 4, "1".into(), 0).expect("b");
-        assert_eq!(reg.free_slots(), vec![(a.clone(), "a".into(), 2)]);
+        assert_eq!(
+            reg.free_slots(),
+            vec![super::super::planner::Slot {
+                runner_id: a.clone(),
+                runner: "a".into(),
+                free: 2
+            }]
+        );
         reg.add_lease("L1".into(), live(&a, "a", 1, 100));
-        assert_eq!(reg.free_slots()[0].2, 1);
+        assert_eq!(reg.free_slots()[0].free, 1);
         assert!(
             reg.heartbeat(&a, &[lease("L1", 1)], true, None, 10, TTL)
                 .is_some()

@@ -3,7 +3,9 @@
 //! [`apply`] takes a task's state, an [`Event`], the [`Policy`] and the current time, and
 //! returns the next state with the history entry to record and the [`Effect`]s to carry out, or
 //! refuses the event with a reason. [`leasable`] and [`lease_order`] decide which task a runner
-//! gets next. The coordinator persists what `apply` returns first, and only then acts on it.
+//! gets next and [`waiting_for`] says why one is not moving ([`eligibility`]); [`judge`] turns
+//! a runner's result into the event it is. The coordinator persists what `apply` returns first,
+//! and only then acts on it.
 //!
 //! ```text
 //! Open ──lease──▶ InProgress ──dev ok + verify pass/skip──▶ Verified ──integrate──▶ Done
@@ -12,9 +14,12 @@
 //! Open ──retries or cost cap exceeded──▶ NeedsHelp        any ──cancel──▶ Cancelled
 //! ```
 
-use std::cmp::Ordering;
-
 use crate::domain::{Millis, TaskState, TaskStatus};
+
+mod eligibility;
+pub mod judge;
+
+pub use eligibility::{Capacity, leasable, lease_order, waiting_for};
 
 /// Back-off never exceeds this many seconds (as in the seed).
 pub const MAX_BACKOFF_SECS: u64 = 600;
@@ -68,8 +73,9 @@ impl Policy {
 /// Something that happened to a task.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// A runner took the task.
-    Leased,
+    /// A runner took the task; `deps_pending` is how many of its dependencies were not Done
+    /// when it was chosen (a lease needs none).
+    Leased { deps_pending: u32 },
     /// The agent failed, timed out, or left something other than one commit on the base.
     DevFailed { reason: String, cost_cents: f64 },
     /// The runner's verification of the agent's commit failed; the commit is kept as the next
@@ -106,7 +112,7 @@ impl Event {
     /// The one-word name recorded in the task's history.
     pub fn kind(&self) -> &'static str {
         match self {
-            Event::Leased => "leased",
+            Event::Leased { .. } => "leased",
             Event::DevFailed { .. } => "dev_failed",
             Event::VerifyFailed { .. } => "verify_failed",
             Event::Verified { .. } => "verified",
@@ -123,7 +129,7 @@ impl Event {
 
     fn verb(&self) -> &'static str {
         match self {
-            Event::Leased => "lease",
+            Event::Leased { .. } => "lease",
             Event::DevFailed { .. } | Event::VerifyFailed { .. } | Event::Verified { .. } => {
                 "record a dev result for"
             }
@@ -185,8 +191,11 @@ pub fn apply(
     };
     let mut next = state.clone();
     let (message, effects) = match (state.status, event) {
-        (Open, Event::Leased) => {
-            if !leasable(state, true, policy, now) {
+        (Open, Event::Leased { deps_pending }) => {
+            if *deps_pending > 0 {
+                return Err(refuse(" with dependencies not done"));
+            }
+            if !leasable(state, 0, policy, now) {
                 return Err(refuse(" in back-off or over its limits"));
             }
             next.status = InProgress;
@@ -412,113 +421,6 @@ fn fail(
     }
 }
 
-/// Whether a runner may lease the task now: it is Open, every task it depends on is Done
-/// (`deps_done`, known to the caller), it is not in back-off, and it is under its limits.
-pub fn leasable(state: &TaskState, deps_done: bool, policy: &Policy, now: Millis) -> bool {
-    state.status == TaskStatus::Open
-        && deps_done
-        && state.backoff_until.is_none_or(|until| until <= now)
-        && !policy.over_retry_limit(state)
-        && !policy.over_cost_limit(state)
-}
-
-/// What the runners can take now, for [`waiting_for`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capacity {
-    /// Runners with an open work stream.
-    pub connected: usize,
-    /// Of those, runners that take work (not draining, not unhealthy).
-    pub taking: usize,
-    /// Free slots on the runners that take work.
-    pub free_slots: u32,
-}
-
-/// Why a task is not moving, in short sentences (empty when nothing holds it): its
-/// dependencies that are not done (`deps`, with their statuses), its back-off, its limits, the
-/// runners. Pure, like the rest of the lifecycle.
-pub fn waiting_for(
-    id: &str,
-    state: &TaskState,
-    deps: &[(String, TaskStatus)],
-    policy: &Policy,
-    now: Millis,
-    capacity: Capacity,
-) -> Vec<String> {
-    let mut why = Vec::new();
-    let blocking = || {
-        deps.iter()
-            .filter(|(_, status)| *status != TaskStatus::Done)
-            .map(|(dep, status)| match status {
-                TaskStatus::Cancelled => format!(
-                    "depends on {dep}, which is cancelled: it waits for ever unless {dep} is \
-                     retried"
-                ),
-                TaskStatus::NeedsHelp => {
-                    format!("depends on {dep}, which needs help (pipelinectl task retry {dep})")
-                }
-                other => format!("depends on {dep}, which is {other}"),
-            })
-    };
-    match state.status {
-        TaskStatus::Open => {
-            why.extend(blocking());
-            if let Some(until) = state.backoff_until.filter(|u| *u > now) {
-                let secs = (until - now + 999) / 1000;
-                why.push(format!(
-                    "in back-off for {secs} s more after {} failed attempt{}",
-                    state.failures,
-                    if state.failures == 1 { "" } else { "s" }
-                ));
-            }
-            if why.is_empty() {
-                if capacity.connected == 0 {
-                    why.push("no runner is connected".to_owned());
-                } else if capacity.taking == 0 {
-                    why.push(format!(
-                        "no connected runner takes work ({} draining or unhealthy)",
-                        capacity.connected
-                    ));
-                } else if capacity.free_slots == 0 {
-                    why.push(format!(
-                        "every slot of the {} runner{} is busy",
-                        capacity.taking,
-                        if capacity.taking == 1 { "" } else { "s" }
-                    ));
-                }
-            }
-        }
-        TaskStatus::Verified => {
-            why.extend(blocking().map(|d| format!("lands once done: it {d}")));
-        }
-        TaskStatus::NeedsHelp => {
-            if policy.over_retry_limit(state) {
-                why.push(format!(
-                    "retry limit reached: {} failed attempts (pipelinectl task retry {id})",
-                    state.failures
-                ));
-            } else if policy.over_cost_limit(state) {
-                why.push(format!(
-                    "cost limit reached: {:.0} of {:.0} cents (pipelinectl task retry {id})",
-                    state.budget_spent(),
-                    policy.max_task_cost_cents
-                ));
-            } else {
-                why.push(format!(
-                    "needs a person: see its history (pipelinectl task retry {id})"
-                ));
-            }
-        }
-        TaskStatus::InProgress | TaskStatus::Done | TaskStatus::Cancelled => {}
-    }
-    why
-}
-
-/// The order in which leasable tasks are handed out: higher priority (lower number) first,
-/// then the oldest (lowest creation sequence).
-pub fn lease_order(a: (u8, i64), b: (u8, i64)) -> Ordering {
-    a.0.cmp(&b.0).then(a.1.cmp(&b.1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +442,10 @@ mod tests {
             status,
             ..TaskState::new()
         }
+    }
+
+    fn leased() -> Event {
+        Event::Leased { deps_pending: 0 }
     }
 
     fn dev_failed() -> Event {
@@ -566,7 +472,7 @@ mod tests {
 
     #[test]
     fn happy_path_open_to_done() {
-        let s = check(&state(Open), Event::Leased, InProgress, &[]);
+        let s = check(&state(Open), leased(), InProgress, &[]);
         let s = check(
             &s,
             Event::Verified { cost_cents: 12.5 },
@@ -626,7 +532,7 @@ mod tests {
         let s = check(&state(InProgress), lost(), Open, &[Effect::WakeScheduler]);
         assert_eq!((s.failures, s.lost_leases, s.backoff_until), (0, 1, None));
         // A result in between starts the count again.
-        let s = check(&s, Event::Leased, InProgress, &[]);
+        let s = check(&s, leased(), InProgress, &[]);
         let s = check(&s, dev_failed(), Open, &[Effect::WakeScheduler]);
         assert_eq!((s.failures, s.lost_leases), (1, 0));
         let mut s = TaskState {
@@ -634,7 +540,7 @@ mod tests {
             ..s
         };
         for _ in 0..2 {
-            s = check(&s, Event::Leased, InProgress, &[]);
+            s = check(&s, leased(), InProgress, &[]);
             s = apply(&s, &lost(), &policy(), NOW).expect("applies").state;
         }
         assert_eq!(s.status, NeedsHelp, "two in a row with max_lost_leases 2");
@@ -726,7 +632,7 @@ mod tests {
         let mut s = state(Open);
         for (i, failure) in failures.into_iter().enumerate() {
             s.backoff_until = None;
-            s = check(&s, Event::Leased, InProgress, &[]);
+            s = check(&s, leased(), InProgress, &[]);
             let expect = if i == 2 { NeedsHelp } else { Open };
             let effects: &[Effect] = if i == 2 {
                 &[]
@@ -772,7 +678,7 @@ mod tests {
         let mut over = t.state.clone();
         over.status = NeedsHelp;
         let t = apply(&over, &Event::Retry, &p, NOW).expect("applies");
-        assert!(leasable(&t.state, true, &p, NOW));
+        assert!(leasable(&t.state, 0, &p, NOW));
     }
 
     #[test]
@@ -795,23 +701,23 @@ mod tests {
     fn eligibility_rules() {
         let p = policy();
         let open = state(Open);
-        assert!(leasable(&open, true, &p, NOW));
-        assert!(!leasable(&open, false, &p, NOW), "dependencies not done");
+        assert!(leasable(&open, 0, &p, NOW));
+        assert!(!leasable(&open, 1, &p, NOW), "dependencies not done");
         let backing_off = TaskState {
             backoff_until: Some(NOW + 1),
             ..open.clone()
         };
-        assert!(!leasable(&backing_off, true, &p, NOW));
-        assert!(leasable(&backing_off, true, &p, NOW + 1), "back-off over");
+        assert!(!leasable(&backing_off, 0, &p, NOW));
+        assert!(leasable(&backing_off, 0, &p, NOW + 1), "back-off over");
         let spent = TaskState {
             failures: 3,
             ..open.clone()
         };
-        assert!(!leasable(&spent, true, &p, NOW));
+        assert!(!leasable(&spent, 0, &p, NOW));
         for status in [InProgress, Verified, Done, NeedsHelp, Cancelled] {
-            assert!(!leasable(&state(status), true, &p, NOW), "{status}");
+            assert!(!leasable(&state(status), 0, &p, NOW), "{status}");
         }
-        let err = apply(&backing_off, &Event::Leased, &p, NOW).expect_err("in back-off");
+        let err = apply(&backing_off, &leased(), &p, NOW).expect_err("in back-off");
         assert!(err.to_string().contains("back-off"));
     }
 
@@ -912,7 +818,7 @@ mod tests {
             };
             let s = check(&s, Event::Retry, Open, &[Effect::WakeScheduler]);
             assert_eq!((s.failures, s.backoff_until), (0, None));
-            assert!(leasable(&s, true, &policy(), NOW));
+            assert!(leasable(&s, 0, &policy(), NOW));
         }
         check_refused(Done, Event::Retry, "create a new task");
         check_refused(InProgress, Event::Retry, "cancel it first");
@@ -980,7 +886,7 @@ mod tests {
             );
         }
         for from in [InProgress, Verified, Done, NeedsHelp, Cancelled] {
-            check_refused(from, Event::Leased, "cannot lease");
+            check_refused(from, leased(), "cannot lease");
         }
     }
 
@@ -990,7 +896,7 @@ mod tests {
 
         fn event() -> impl Strategy<Value = Event> {
             prop_oneof![
-                Just(Event::Leased),
+                Just(leased()),
                 (0u8..50).prop_map(|c| Event::DevFailed {
                     reason: "dev".into(),
                     cost_cents: f64::from(c)
@@ -1073,7 +979,7 @@ mod tests {
                             s = t.state;
                     }
                     // No task is leasable unless it is Open.
-                    if leasable(&s, true, &policy, now) {
+                    if leasable(&s, 0, &policy, now) {
                         prop_assert_eq!(s.status, Open);
                     }
                     // Back-off only ever applies to an Open task.
@@ -1082,7 +988,7 @@ mod tests {
                     }
                     // Past the retry limit a task is never Open and leasable.
                     if policy.max_retries > 0 && s.failures >= policy.max_retries {
-                        prop_assert!(!leasable(&s, true, &policy, now));
+                        prop_assert!(!leasable(&s, 0, &policy, now));
                     }
                     // A back-off never exceeds ten minutes.
                     if let Some(until) = s.backoff_until {

@@ -1,0 +1,347 @@
+//! The dispatch loop: expire lapsed leases, then fill free slots. It sleeps until something can
+//! change the answer: a task became leasable or a slot freed (the `wake` notification), a
+//! back-off ends or a lease expires (a timer set to that instant). There is no fixed polling
+//! interval.
+//!
+//! A round reads lease candidates in pages, has the pure [`planner`] match them to free slots,
+//! prepares each lease (the base tip, the previous patchset replayed onto it), and commits the
+//! leases through the coordinator's one commit path, up to `--dispatch-batch` in one
+//! transaction; each committed lease is then pushed to its runner.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pipeline_core::git::{FetchRef, RefName};
+use pipeline_core::ids::CommitId;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{Lease, LeaseRef, Millis, NewRun, Phase, Task};
+use crate::error::{Error, Result};
+use crate::lifecycle::Event;
+use crate::prompt::{self, PromptContext};
+use crate::scheduler::planner::{self, Pick};
+use crate::scheduler::registry::{Assignment, LiveLease, Push};
+use crate::store::Store;
+
+use super::runners::lease_matches;
+use super::{Coordinator, Decision};
+
+/// After a failed dispatch round (database or git trouble), try again this much later.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+
+/// A lease decided but not yet committed: who gets it.
+struct Planned {
+    decision: Decision,
+    runner_id: String,
+    runner: String,
+}
+
+impl<S: Store> Coordinator<S> {
+    /// Pushes eligible tasks to free slots and expires lapsed leases, until `shutdown`.
+    pub async fn dispatch_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = match self.dispatch_once().await {
+                Ok(next) => next,
+                Err(err) => {
+                    tracing::error!(error = %err, "dispatch round failed; retrying");
+                    Some(self.now() + RETRY_AFTER_ERROR.as_millis() as i64)
+                }
+            };
+            let sleep = match next {
+                Some(at) => Duration::from_millis(at.saturating_sub(self.now()).max(0) as u64),
+                None => Duration::from_secs(24 * 3600),
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// One round: expire lapsed leases, then fill free slots. Returns when the next timer (a
+    /// back-off ending, a lease expiring) is due.
+    pub async fn dispatch_once(&self) -> Result<Option<Millis>> {
+        crate::failpoint::panic_at("panic-dispatch");
+        let now = self.now();
+        let expired = self.registry().expired(now);
+        for (lease_id, live) in expired {
+            self.expire(&lease_id, &live).await?;
+        }
+        let mut slots = self.registry().free_slots();
+        // Candidates come in pages (two groups, at least 128), so the first leases go out
+        // after a small query however many slots are free; at most twice the free slots are
+        // looked at.
+        let page = u32::try_from(self.settings.dispatch_batch)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(2)
+            .max(128);
+        let mut budget = planner::total(&slots).saturating_mul(2);
+        let mut after = None;
+        let mut tip = None;
+        let mut batch = Vec::new();
+        while planner::total(&slots) > 0 && budget > 0 {
+            let limit = page.min(budget);
+            let mut candidates = self.store.lease_candidates(now, after, limit).await?;
+            budget -= limit;
+            let last_page = candidates.len() < limit as usize;
+            if let Some(last) = candidates.last() {
+                after = Some((last.priority, last.seq));
+            }
+            // A task with a patchset may have landed already (the database lost that): the
+            // server's own record of its landing says so, and it is recorded Done instead.
+            let mut kept = Vec::with_capacity(candidates.len());
+            for task in candidates.drain(..) {
+                if task.patch_commit.is_some() {
+                    let tip = self.base_tip_cached(&mut tip).await?;
+                    if self.record_if_landed(task.clone(), &tip).await? {
+                        continue;
+                    }
+                }
+                kept.push(task);
+            }
+            let max = planner::total(&slots) as usize;
+            for Pick {
+                task,
+                runner_id,
+                runner,
+            } in planner::plan(&kept, &mut slots, self.policy(), now, max)
+            {
+                match self.prepare_lease(&kept[task], &mut tip).await {
+                    Ok(decision) => batch.push(Planned {
+                        decision,
+                        runner_id,
+                        runner,
+                    }),
+                    Err(Error::FailedPrecondition(_)) => continue,
+                    Err(err) => return Err(err),
+                }
+                if batch.len() >= self.settings.dispatch_batch.max(1) {
+                    self.commit_leases(std::mem::take(&mut batch)).await?;
+                }
+            }
+            if last_page {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            self.commit_leases(batch).await?;
+        }
+        let next_backoff = self.store.next_backoff_end(now).await?;
+        let next_expiry = self.registry().next_expiry();
+        Ok([next_backoff, next_expiry].into_iter().flatten().min())
+    }
+
+    /// Decides to lease `task` (the runner is filled in when it is committed): the lease's
+    /// base is the current tip, and the previous patchset, when it is to be amended, is first
+    /// replayed onto it (worktree-free); if it no longer applies, the attempt starts fresh,
+    /// with the feedback saying so. `tip` is the base tip, read once per round.
+    async fn prepare_lease(&self, task: &Task, tip: &mut Option<CommitId>) -> Result<Decision> {
+        let base_commit = self.base_tip_cached(tip).await?;
+        let mut fresh_note = None;
+        let previous_commit = match (&task.patch_commit, task.state.amend) {
+            (Some(previous), true) => match self.repo.parents(previous).await?.as_slice() {
+                [parent] if *parent == base_commit => Some(previous.clone()),
+                [parent] => match self.repo.replay(parent, &base_commit, previous).await? {
+                    Ok(replayed) => {
+                        // Kept under a ref until the runner has fetched it.
+                        self.repo
+                            .update_ref(&RefName::fetch(&task.id, FetchRef::Previous), &replayed)
+                            .await?;
+                        tracing::info!(task = %task.id, %previous, %replayed, "previous patchset replayed onto the current base");
+                        Some(replayed)
+                    }
+                    Err(conflict) => {
+                        fresh_note = Some(format!(
+                            "The previous patchset no longer applies to {} at {base_commit} \
+                             (the base moved); this attempt starts fresh from the base:\n{conflict}",
+                            self.settings.base
+                        ));
+                        None
+                    }
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        let mut decision = self.decide(
+            task,
+            &Event::Leased {
+                deps_pending: task.deps_pending,
+            },
+        )?;
+        let next = &mut decision.write.next;
+        if let Some(note) = fresh_note {
+            next.state.amend = false;
+            next.state.feedback = Some(match &next.state.feedback {
+                Some(feedback) => format!("{feedback}\n\n{note}"),
+                None => note,
+            });
+        }
+        let epoch = task.lease_epoch + 1;
+        next.lease_epoch = epoch;
+        next.lease = Some(Lease {
+            id: LeaseRef::of(&task.id, epoch).id,
+            epoch,
+            runner: String::new(),
+            runner_id: String::new(),
+            base_commit,
+            previous_commit,
+        });
+        Ok(decision)
+    }
+
+    async fn base_tip_cached(&self, tip: &mut Option<CommitId>) -> Result<CommitId> {
+        if let Some(t) = tip {
+            return Ok(t.clone());
+        }
+        let t = self.repo.tip(&self.settings.base).await?;
+        *tip = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Commits planned leases in one transaction (through the one commit path), then pushes
+    /// each to its runner. A lease that lost a race (the task changed) is dropped and another
+    /// round is asked for.
+    async fn commit_leases(&self, batch: Vec<Planned>) -> Result<()> {
+        let mut runners = Vec::with_capacity(batch.len());
+        let decisions = batch
+            .into_iter()
+            .map(|mut p| {
+                let epoch = p.decision.write.next.lease_epoch;
+                if let Some(lease) = p.decision.write.next.lease.as_mut() {
+                    lease.runner = p.runner.clone();
+                    lease.runner_id = p.runner_id.clone();
+                }
+                p.decision.write.runs.start = Some(NewRun {
+                    phase: Phase::Dev,
+                    patchset: p.decision.before.state.patchset,
+                    runner: Some(p.runner.clone()),
+                });
+                p.decision.write.event.message = format!("leased to {} (epoch {epoch})", p.runner);
+                runners.push((p.runner_id, p.runner, p.decision.before.id.clone()));
+                p.decision
+            })
+            .collect();
+        let results = self.commit(decisions).await?;
+        for ((runner_id, runner, task), result) in runners.into_iter().zip(results) {
+            match result {
+                Ok(done) => {
+                    self.push_lease(&done.task, done.run_id, &runner_id, &runner)
+                        .await?
+                }
+                Err(err) => {
+                    tracing::info!(%task, error = %err, "lease not taken");
+                    self.wake.notify_one();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a committed lease as live and pushes its work to the runner; if the runner is
+    /// gone, the lease is released at once.
+    async fn push_lease(
+        &self,
+        leased: &Task,
+        run_id: Option<i64>,
+        runner_id: &str,
+        runner_name: &str,
+    ) -> Result<()> {
+        let lease = leased.lease.clone().ok_or_else(|| {
+            Error::Internal(format!("task {} was leased without a lease", leased.id))
+        })?;
+        let lease_ref = lease.lease_ref();
+        let prompt = prompt::build(
+            leased,
+            &PromptContext {
+                base: self.settings.base.as_str(),
+                base_commit: lease.base_commit.as_str(),
+                amend: lease.previous_commit.is_some(),
+            },
+        );
+        let assignment = Assignment {
+            lease: lease_ref.clone(),
+            task_id: leased.id.clone(),
+            run_id: format!("dev-{}-{}", leased.id, lease.epoch),
+            title: leased.title.clone(),
+            namespace: leased.namespace.clone(),
+            base: self.settings.base.to_string(),
+            base_commit: lease.base_commit.clone(),
+            previous_commit: lease.previous_commit.clone(),
+            patchset: leased.state.patchset,
+            prompt,
+        };
+        let pushed = {
+            let mut registry = self.registry();
+            registry.add_lease(
+                lease.id.clone(),
+                LiveLease {
+                    task: leased.id.clone(),
+                    epoch: lease.epoch,
+                    runner_id: runner_id.to_owned(),
+                    runner: runner_name.to_owned(),
+                    expires_at: self.now() + self.settings.lease_ttl_ms,
+                    run_id,
+                    verify_run_id: None,
+                    last_seq: 0,
+                },
+            );
+            registry.push(runner_id, Push::Assign(Box::new(assignment)))
+        };
+        tracing::info!(task = %leased.id, runner = runner_name, epoch = lease.epoch, pushed, "leased");
+        if !pushed {
+            self.release(
+                runner_id,
+                &lease_ref,
+                "the runner disconnected before the work reached it",
+                false,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A lease's time ran out: the task goes back to Open (not charged: its runner died, froze
+    /// or was cut off), and the runner is told to stop. The lease leaves memory only once the
+    /// database has recorded that; if the write fails (a full disk), the lease stays, still
+    /// expired, and the next round tries again.
+    async fn expire(&self, lease_id: &str, live: &LiveLease) -> Result<()> {
+        let lease = LeaseRef {
+            id: lease_id.to_owned(),
+            epoch: live.epoch,
+        };
+        let reason = format!(
+            "lease lost: runner {} sent no heartbeat for {} s",
+            live.runner,
+            self.settings.lease_ttl_ms / 1000
+        );
+        let runner = live.runner.clone();
+        let result = match self.get(&live.task).await {
+            Ok(task) => {
+                self.transition_from(
+                    task,
+                    &Event::LeaseLost {
+                        reason: reason.clone(),
+                    },
+                    |t| lease_matches(t, &lease),
+                    |_, w| w.next.avoid_runner = Some(runner.clone()),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(_) => tracing::warn!(task = %live.task, runner = %live.runner, "{reason}"),
+            // The lease was over already (the task moved on): only memory lagged.
+            Err(err @ (Error::FailedPrecondition(_) | Error::NotFound(_))) => {
+                tracing::info!(task = %live.task, error = %err, "expired lease was already over")
+            }
+            Err(err) => return Err(err),
+        }
+        let mut registry = self.registry();
+        registry.remove_lease(lease_id);
+        registry.push(&live.runner_id, Push::Cancel(lease));
+        Ok(())
+    }
+}

@@ -1,0 +1,388 @@
+//! The coordinator: the one owner of task state, and the one place that commits a change to it
+//! and carries out what follows.
+//!
+//! Every change goes through one path: read the task, [`Coordinator::decide`] with the pure
+//! [`lifecycle::apply`] (a [`Decision`]: the write and its effects), shape the write (a lease,
+//! runs, a commit), [`Coordinator::commit`] it by compare-and-swap on the task's version (a lost
+//! race is re-decided on a fresh read), and only then, in [`Coordinator::committed`], change
+//! memory (the registry, the counts), publish the transition and carry out the effects. Leases
+//! go through it too, many in one transaction.
+//!
+//! - [`tasks`]: the control API (create, list, show, cancel, retry, dependencies, status).
+//! - [`runners`]: the runner API (register, work stream, heartbeats, results, logs).
+//! - [`dispatch`]: the dispatch loop, which expires lapsed leases and hands out new ones.
+//! - [`recovery`]: what start-up finds (leases to restore, lost landings, task IDs in use).
+
+pub mod dispatch;
+pub mod recovery;
+pub mod runners;
+pub mod tasks;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pipeline_core::clock::Clock;
+use pipeline_core::git::{BranchName, RemoteName};
+use pipeline_core::verify::Verifier;
+use tokio::sync::Notify;
+
+use crate::domain::{
+    FailureKind, Millis, Phase, RunEnd, StatusCounts, Task, TaskEvent, TaskStatus,
+};
+use crate::error::{Error, Result};
+use crate::lifecycle::{self, Effect, Event, Policy};
+use crate::logs::LogHub;
+use crate::repo::Repo;
+use crate::scheduler::registry::{LeaseRef, Push, Registry};
+use crate::store::{Committed, NewEvent, RunChanges, Store, TaskRecord, TaskWrite};
+
+pub use runners::{Attached, LeaseResult, Registered, RunnerHello, unregistered};
+pub use tasks::{RunnerInfo, RunnerState, Status, TaskDetail};
+
+/// How many times a transition is re-decided after losing a race to another writer.
+const MAX_CAS_ATTEMPTS: usize = 8;
+
+/// What the coordinator needs besides its store.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policy: Policy,
+    /// The base branch.
+    pub base: BranchName,
+    /// Where incoming bundles are spooled.
+    pub spool_dir: PathBuf,
+    /// A lease's lifetime without a heartbeat.
+    pub lease_ttl_ms: Millis,
+    /// The largest bundle a runner may send.
+    pub max_bundle_bytes: u64,
+    /// How the server verifies an integrated commit.
+    pub verifier: Verifier,
+    /// SIGTERM → SIGKILL delay when a build is stopped.
+    pub kill_grace: std::time::Duration,
+    /// The worktree where integrated commits are built.
+    pub integration_dir: PathBuf,
+    /// The remote the base is pushed to after each integration.
+    pub push_remote: Option<RemoteName>,
+    /// A run's log beyond this many bytes keeps its head and tail only.
+    pub log_cap_bytes: u64,
+    /// The environment integration builds start from (the allow-listed variables).
+    pub build_env: Vec<(String, String)>,
+    /// Leases committed per database transaction (1 = one transaction per lease).
+    pub dispatch_batch: usize,
+}
+
+/// A change decided on a task as it was read: the write to commit and what to do once it is.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    /// The task the decision was made on.
+    pub before: Task,
+    pub write: TaskWrite,
+    pub effects: Vec<Effect>,
+}
+
+/// The coordinator's domain API over a [`Store`]: tasks, runners, leases.
+pub struct Coordinator<S> {
+    store: S,
+    settings: Settings,
+    repo: Repo,
+    clock: Arc<dyn Clock>,
+    registry: Mutex<Registry>,
+    /// Wakes the dispatch loop: a task may have become leasable or a slot may have freed.
+    wake: Notify,
+    /// Wakes the integrator: a task became Verified or a dependency Done.
+    integrate_wake: Notify,
+    /// Run logs and live transitions.
+    logs: Arc<LogHub>,
+    /// Credentials and roles.
+    auth: crate::auth::Auth,
+    /// Task counts kept in step with every committed change, so `status` reads no database;
+    /// `None` until [`Coordinator::load_counts`].
+    counts: Mutex<Option<StatusCounts>>,
+}
+
+impl<S: Store> Coordinator<S> {
+    pub fn new(
+        store: S,
+        settings: Settings,
+        repo: Repo,
+        auth: crate::auth::Auth,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            auth,
+            logs: Arc::new(LogHub::new(settings.log_cap_bytes)),
+            store,
+            settings,
+            repo,
+            clock,
+            registry: Mutex::new(Registry::default()),
+            wake: Notify::new(),
+            integrate_wake: Notify::new(),
+            counts: Mutex::new(None),
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.settings.policy
+    }
+
+    pub fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
+    pub fn logs(&self) -> &Arc<LogHub> {
+        &self.logs
+    }
+
+    pub fn auth(&self) -> &crate::auth::Auth {
+        &self.auth
+    }
+
+    /// Now, by the coordinator's clock.
+    pub fn now(&self) -> Millis {
+        self.clock.now_ms()
+    }
+
+    /// Wakes the dispatch loop.
+    pub fn wake_dispatch(&self) {
+        self.wake.notify_one();
+    }
+
+    /// What the integrator waits on.
+    pub fn integrator_wakeup(&self) -> &Notify {
+        &self.integrate_wake
+    }
+
+    fn counts_mut(&self) -> MutexGuard<'_, Option<StatusCounts>> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The registry, even if a thread panicked while holding it (its data stays consistent:
+    /// every method leaves it whole).
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) async fn get(&self, id: &crate::domain::TaskId) -> Result<Task> {
+        self.store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))
+    }
+
+    /// Reads the task, decides with the lifecycle, persists by compare-and-swap, then carries
+    /// out the effects. A lost race is re-decided on a fresh read.
+    pub async fn transition(&self, id: &crate::domain::TaskId, event: Event) -> Result<Task> {
+        let task = self.get(id).await?;
+        self.transition_from(task, &event, |_| Ok(()), |_, _| {})
+            .await
+    }
+
+    /// [`Coordinator::transition`] deciding first on `task` as the caller just read it, with a
+    /// precondition `check` on the task as read (e.g. "this lease is still the task's") and a
+    /// `shape` that adds to the write (runs, a lease, a commit). A lost race is re-decided on a
+    /// fresh read.
+    pub(crate) async fn transition_from(
+        &self,
+        mut task: Task,
+        event: &Event,
+        check: impl Fn(&Task) -> Result<()>,
+        shape: impl Fn(&Task, &mut TaskWrite),
+    ) -> Result<Task> {
+        for attempt in 0..MAX_CAS_ATTEMPTS {
+            if attempt > 0 {
+                task = self.get(&task.id).await?;
+            }
+            check(&task)?;
+            let mut decision = self.decide(&task, event)?;
+            shape(&task, &mut decision.write);
+            match self.commit(vec![decision]).await?.pop() {
+                Some(Ok(committed)) => return Ok(committed.task),
+                Some(Err(Error::Conflict(_))) => continue,
+                Some(Err(err)) => return Err(err),
+                None => return Err(Error::Internal("a commit returned nothing".into())),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "task {} kept changing while this request was being decided; try again",
+            task.id
+        )))
+    }
+
+    /// Decides what `event` does to `task` now: the write (the whole next record, its history
+    /// entry, how its running runs end) and the effects to carry out once it is committed.
+    /// Leaving InProgress always clears the lease.
+    pub fn decide(&self, task: &Task, event: &Event) -> Result<Decision> {
+        let now = self.now();
+        let decided = lifecycle::apply(&task.state, event, self.policy(), now)
+            .map_err(|refusal| Error::FailedPrecondition(format!("task {}: {refusal}", task.id)))?;
+        let mut next = TaskRecord::of(task);
+        next.state = decided.state;
+        if task.state.status == TaskStatus::InProgress
+            && next.state.status != TaskStatus::InProgress
+        {
+            next.lease = None;
+        }
+        let to = next.state.status;
+        Ok(Decision {
+            before: task.clone(),
+            write: TaskWrite {
+                task_id: task.id.clone(),
+                expected_version: task.version,
+                depends_on: task.depends_on.clone(),
+                at: now,
+                next,
+                event: NewEvent {
+                    kind: decided.kind.to_owned(),
+                    message: decided.message.clone(),
+                    from: task.state.status,
+                    to,
+                },
+                runs: RunChanges {
+                    close_rest: run_end_for(event, &decided.message),
+                    ..RunChanges::default()
+                },
+                end_integration: false,
+            },
+            effects: decided.effects,
+        })
+    }
+
+    /// Commits decisions, one transaction for all of them (each its own compare-and-swap: one
+    /// that lost its race is `Err(Conflict)` in its place), then acts on each that committed.
+    /// The outer error means nothing was written.
+    pub async fn commit(&self, decisions: Vec<Decision>) -> Result<Vec<Result<Committed>>> {
+        let writes: Vec<TaskWrite> = decisions.iter().map(|d| d.write.clone()).collect();
+        let results = if writes.len() == 1 {
+            let mut writes = writes;
+            match self.store.commit(writes.remove(0)).await {
+                Ok(c) => vec![Ok(c)],
+                Err(e @ (Error::Conflict(_) | Error::NotFound(_))) => vec![Err(e)],
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.store.commit_all(writes).await?
+        };
+        for (decision, result) in decisions.iter().zip(&results) {
+            if let Ok(committed) = result {
+                self.committed(decision, committed);
+            }
+        }
+        Ok(results)
+    }
+
+    /// After `decision` is persisted as `committed`: memory follows (the counts, the lease in
+    /// the registry, the runner told to stop), the run's log says why a lease ended, the
+    /// transition is published, the effects are carried out.
+    fn committed(&self, decision: &Decision, committed: &Committed) {
+        let (before, write, after) = (&decision.before, &decision.write, &committed.task);
+        if let Some(counts) = self.counts_mut().as_mut() {
+            counts.moved(before.state.status, after.state.status);
+            // A dev run runs exactly while its task is leased: it starts with the lease and
+            // the change that takes the task out of InProgress ends it.
+            if write
+                .runs
+                .start
+                .as_ref()
+                .is_some_and(|r| r.phase == Phase::Dev)
+            {
+                counts.active_dev_runs += 1;
+            }
+            if write.runs.close_rest.is_some() && before.state.status == TaskStatus::InProgress {
+                counts.active_dev_runs = counts.active_dev_runs.saturating_sub(1);
+            }
+        }
+        // A lease that ended: its run's log says why (a line of the server's, before the
+        // status change reaches the run's followers), and its runner is told to stop.
+        if let Some(old) = &before.lease
+            && after.lease.as_ref().is_none_or(|l| l.id != old.id)
+        {
+            let live = self.registry().remove_lease(&old.id);
+            if let Some(live) = live {
+                if !matches!(
+                    write.event.kind.as_str(),
+                    "verified" | "dev_failed" | "verify_failed"
+                ) {
+                    self.note_on_run(
+                        &live,
+                        &format!("{}: {}", write.event.kind, write.event.message),
+                    );
+                }
+                if decision.effects.contains(&Effect::StopRun) {
+                    self.registry().push(
+                        &live.runner_id,
+                        Push::Cancel(LeaseRef {
+                            id: old.id.clone(),
+                            epoch: old.epoch,
+                        }),
+                    );
+                }
+            }
+            self.wake.notify_one();
+        }
+        self.logs.publish_transition(TaskEvent {
+            id: committed.event_id,
+            task_id: before.id.clone(),
+            at: write.at,
+            kind: write.event.kind.clone(),
+            from: Some(before.state.status),
+            to: write.next.state.status,
+            message: write.event.message.clone(),
+        });
+        tracing::info!(
+            task = %before.id,
+            from = %before.state.status,
+            to = %after.state.status,
+            kind = %write.event.kind,
+            "task transition"
+        );
+        for effect in &decision.effects {
+            match effect {
+                Effect::WakeScheduler => self.wake.notify_one(),
+                Effect::DependentsUnblocked => {
+                    self.wake.notify_one();
+                    self.integrate_wake.notify_one();
+                }
+                Effect::WakeIntegrator => self.integrate_wake.notify_one(),
+                // The runner was told above.
+                Effect::StopRun => {}
+            }
+        }
+    }
+}
+
+/// How the runs still running end when `event` happens to their task.
+fn run_end_for(event: &Event, message: &str) -> Option<RunEnd> {
+    let infra = Some(FailureKind::Infrastructure);
+    match event {
+        Event::Cancel => Some(RunEnd::failure("cancelled".to_owned(), None)),
+        Event::Recover => Some(RunEnd::failure(message.to_owned(), infra)),
+        Event::LeaseLost { reason } => Some(RunEnd::failure(reason.clone(), infra)),
+        Event::Released {
+            reason,
+            infrastructure: true,
+        } => Some(RunEnd::failure(reason.clone(), infra)),
+        Event::Released { reason, .. } => {
+            Some(RunEnd::failure(format!("released: {reason}"), None))
+        }
+        Event::FoundLanded { commit } => Some(RunEnd::failure(
+            format!("abandoned: the task's commit {commit} was found on the base"),
+            None,
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! The control API of the coordinator: what people and scripts ask of the queue (create, list,
+//! show, cancel, retry, dependencies, status, runners). Each method decides with the lifecycle
+//! and commits through the one path of [`super`].
+
+use crate::domain::{Millis, NewTask, Run, StatusCounts, Task, TaskEvent, TaskId, TaskStatus};
+use crate::error::{Error, Result};
+use crate::lifecycle::{self, Event};
+use crate::store::{NewEvent, Store};
+
+use super::Coordinator;
+
+/// A task with its runs and history, for `task show`.
+#[derive(Clone, Debug)]
+pub struct TaskDetail {
+    pub task: Task,
+    pub runs: Vec<Run>,
+    pub events: Vec<TaskEvent>,
+    /// Why it is not moving (see [`lifecycle::waiting_for`]).
+    pub waiting_for: Vec<String>,
+}
+
+/// A registered runner as `pipelinectl runners` shows it.
+#[derive(Clone, Debug)]
+pub struct RunnerInfo {
+    pub id: String,
+    pub name: String,
+    pub state: RunnerState,
+    pub slots_used: u32,
+    pub slots_total: u32,
+    pub last_heartbeat: Option<Millis>,
+    pub labels: Vec<String>,
+    pub version: String,
+    /// Why the runner takes no work (it said so after repeated infrastructure failures).
+    pub unhealthy: Option<String>,
+}
+
+/// What a runner is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunnerState {
+    Idle,
+    Busy,
+    Draining,
+    Offline,
+}
+
+/// Task counts plus the number of connected runners.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub counts: StatusCounts,
+    pub runners: u64,
+    pub base: String,
+    /// Why the server is not healthy (its database refuses writes), if it is not.
+    pub unhealthy: Option<String>,
+}
+
+impl<S: Store> Coordinator<S> {
+    pub async fn create_task(&self, new: NewTask) -> Result<Task> {
+        self.refuse_cancelled(None, &new.depends_on).await?;
+        let task = self.store.create_task(new, self.now()).await?;
+        if let Some(counts) = self.counts_mut().as_mut() {
+            counts.add(TaskStatus::Open, 1);
+        }
+        tracing::info!(task = %task.id, priority = task.priority, "task created");
+        self.wake.notify_one();
+        if let Some(created) = self.store.events(&task.id).await?.pop() {
+            self.logs.publish_transition(created);
+        }
+        Ok(task)
+    }
+
+    /// Tasks in lease order, each with what it waits for.
+    pub async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<(Task, Vec<String>)>> {
+        let tasks = self.store.list_tasks(status).await?;
+        let mut known: std::collections::HashMap<String, TaskStatus> = tasks
+            .iter()
+            .map(|t| (t.id.to_string(), t.state.status))
+            .collect();
+        let missing: Vec<TaskId> = tasks
+            .iter()
+            .flat_map(|t| t.depends_on.iter())
+            .filter(|d| !known.contains_key(d.as_str()))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            for (id, status) in self.store.statuses(&missing).await? {
+                known.insert(id.to_string(), status);
+            }
+        }
+        let (capacity, now) = (self.capacity(), self.now());
+        Ok(tasks
+            .into_iter()
+            .map(|task| {
+                let deps: Vec<(String, TaskStatus)> = task
+                    .depends_on
+                    .iter()
+                    .filter_map(|d| known.get(d.as_str()).map(|s| (d.to_string(), *s)))
+                    .collect();
+                let why = lifecycle::waiting_for(
+                    task.id.as_str(),
+                    &task.state,
+                    &deps,
+                    self.policy(),
+                    now,
+                    capacity,
+                );
+                (task, why)
+            })
+            .collect())
+    }
+
+    pub async fn show_task(&self, id: &TaskId) -> Result<TaskDetail> {
+        let task = self.get(id).await?;
+        let runs = self.store.runs(id).await?;
+        let events = self.store.events(id).await?;
+        let waiting_for = self.waiting_for(&task).await?;
+        Ok(TaskDetail {
+            task,
+            runs,
+            events,
+            waiting_for,
+        })
+    }
+
+    /// Why `task` is not moving, in sentences.
+    pub async fn waiting_for(&self, task: &Task) -> Result<Vec<String>> {
+        let deps: Vec<(String, TaskStatus)> = self
+            .store
+            .statuses(&task.depends_on)
+            .await?
+            .into_iter()
+            .map(|(id, s)| (id.to_string(), s))
+            .collect();
+        Ok(lifecycle::waiting_for(
+            task.id.as_str(),
+            &task.state,
+            &deps,
+            self.policy(),
+            self.now(),
+            self.capacity(),
+        ))
+    }
+
+    /// What the runners can take now.
+    fn capacity(&self) -> lifecycle::Capacity {
+        let registry = self.registry();
+        let mut capacity = lifecycle::Capacity {
+            connected: 0,
+            taking: 0,
+            free_slots: 0,
+        };
+        for r in registry.runners() {
+            if !r.connected {
+                continue;
+            }
+            capacity.connected += 1;
+            if !r.draining && r.unhealthy.is_none() {
+                capacity.taking += 1;
+                capacity.free_slots += r.slots.saturating_sub(r.used);
+            }
+        }
+        capacity
+    }
+
+    /// Refuses a dependency on a cancelled task: the dependent would wait for ever.
+    async fn refuse_cancelled(&self, id: Option<&TaskId>, deps: &[TaskId]) -> Result<()> {
+        for (dep, status) in self.store.statuses(deps).await? {
+            if status == TaskStatus::Cancelled {
+                let who = id.map_or_else(|| "the task".to_owned(), |i| format!("task {i}"));
+                return Err(Error::FailedPrecondition(format!(
+                    "{dep} is cancelled, so {who} would wait for it for ever; retry {dep} first \
+                     (pipelinectl task retry {dep}) or leave it out"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `id` wait for `deps` too. A Done task can no longer be held back, and a
+    /// dependency on a cancelled task would hold it for ever: both are refused.
+    pub async fn add_dependencies(&self, id: &TaskId, deps: &[TaskId]) -> Result<Task> {
+        let task = self.get(id).await?;
+        if task.state.status == TaskStatus::Done {
+            return Err(Error::FailedPrecondition(format!(
+                "task {id} is done; dependencies can no longer hold it back"
+            )));
+        }
+        self.refuse_cancelled(Some(id), deps).await?;
+        let mut new: Vec<&str> = deps
+            .iter()
+            .filter(|d| !task.depends_on.contains(d))
+            .map(TaskId::as_str)
+            .collect();
+        new.dedup();
+        let event = NewEvent {
+            kind: "dependencies_added".to_owned(),
+            message: format!("now also depends on {}", new.join(", ")),
+            from: task.state.status,
+            to: task.state.status,
+        };
+        let task = self
+            .store
+            .add_dependencies(id, deps, event, self.now())
+            .await?;
+        // A new dependency that is not done takes the task out of the lease candidates.
+        self.wake.notify_one();
+        Ok(task)
+    }
+
+    /// Cancels a task; a running agent is told to stop at once.
+    pub async fn cancel(&self, id: &TaskId) -> Result<Task> {
+        self.transition(id, Event::Cancel).await
+    }
+
+    /// Sends a NeedsHelp, Cancelled or Open task back to Open with its failure count cleared.
+    pub async fn retry(&self, id: &TaskId) -> Result<Task> {
+        self.transition(id, Event::Retry).await
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let counts = self.counts_mut().clone();
+        let counts = match counts {
+            Some(counts) => counts,
+            None => self.store.status_counts().await?,
+        };
+        Ok(Status {
+            counts,
+            runners: self.registry().connected_count() as u64,
+            base: self.settings.base.to_string(),
+            unhealthy: self
+                .store
+                .write_failure()
+                .map(|why| format!("database writes are failing: {why}")),
+        })
+    }
+
+    /// The runners known to the server, by name.
+    pub fn runners(&self) -> Vec<RunnerInfo> {
+        self.registry()
+            .runners()
+            .into_iter()
+            .map(|r| RunnerInfo {
+                state: if !r.connected {
+                    RunnerState::Offline
+                } else if r.draining {
+                    RunnerState::Draining
+                } else if r.used > 0 {
+                    RunnerState::Busy
+                } else {
+                    RunnerState::Idle
+                },
+                id: r.id,
+                name: r.name,
+                slots_used: r.used,
+                slots_total: r.slots,
+                last_heartbeat: r.last_heartbeat,
+                labels: r.labels,
+                version: r.version,
+                unhealthy: r.unhealthy,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,261 @@
+//! The coordinator's middle layer, against the in-memory store, a fake clock and a real git
+//! repository in a temp dir: transitions through the one commit path, leases handed out by the
+//! dispatcher and expired by the clock, recovery.
+
+use std::sync::Arc;
+
+use pipeline_core::clock::FakeClock;
+use pipeline_core::git::BranchName;
+use pipeline_core::verify::Verifier;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::auth::Caller;
+use crate::domain::{NewTask, RunStatus, TaskId};
+use crate::scheduler::registry::Push;
+use crate::store::memory::MemoryStore;
+
+const TTL: i64 = 30_000;
+
+struct World {
+    _dir: tempfile::TempDir,
+    clock: FakeClock,
+    c: Coordinator<MemoryStore>,
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
+        .args(args)
+        .output()
+        .expect("git");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+}
+
+async fn world() -> World {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo_dir = dir.path().join("repo");
+    std::fs::create_dir(&repo_dir).expect("mkdir");
+    git(&repo_dir, &["init", "-q", "-b", "main"]);
+    git(&repo_dir, &["commit", "-q", "--allow-empty", "-m", "root"]);
+    let store = MemoryStore::new();
+    let settings = Settings {
+        policy: Policy::default(),
+        base: BranchName::parse("main").expect("branch"),
+        spool_dir: dir.path().join("spool"),
+        lease_ttl_ms: TTL,
+        max_bundle_bytes: 1 << 20,
+        verifier: Verifier::Off,
+        kill_grace: std::time::Duration::from_secs(1),
+        integration_dir: dir.path().join("integration"),
+        push_remote: None,
+        log_cap_bytes: 1 << 20,
+        build_env: Vec::new(),
+        dispatch_batch: 64,
+    };
+    let repo = Repo::open(&repo_dir).await.expect("repo");
+    let auth = crate::auth::Auth::open(&store, dir.path(), 10)
+        .await
+        .expect("auth");
+    let clock = FakeClock::at(1_000_000);
+    let c = Coordinator::new(store, settings, repo, auth, Arc::new(clock.clone()));
+    c.load_counts().await.expect("counts");
+    World {
+        _dir: dir,
+        clock,
+        c,
+    }
+}
+
+fn new_task(title: &str) -> NewTask {
+    NewTask::new(None, title.into(), String::new(), None, None, None, vec![]).expect("valid")
+}
+
+/// A runner registered and connected, with the receiving end of its pushes.
+async fn runner(
+    c: &Coordinator<MemoryStore>,
+    name: &str,
+    slots: u32,
+) -> (String, mpsc::Receiver<Push>) {
+    let registered = c
+        .register(
+            RunnerHello {
+                name: name.into(),
+                labels: vec![],
+                slots,
+                version: "test".into(),
+                protocol_version: pipeline_proto::PROTOCOL_VERSION,
+            },
+            &Caller::Registration,
+        )
+        .await
+        .expect("register");
+    let (_, attached, rx) = c
+        .open_work(&registered.runner_id, &[], false, None)
+        .expect("open");
+    assert!(attached.kept.is_empty());
+    (registered.runner_id, rx)
+}
+
+#[tokio::test]
+async fn cancel_and_retry_go_through_the_lifecycle() {
+    let w = world().await;
+    let c = &w.c;
+    let t = c.create_task(new_task("x")).await.expect("create");
+    let t = c.cancel(&t.id).await.expect("cancel");
+    assert_eq!(t.state.status, TaskStatus::Cancelled);
+    let err = c.cancel(&t.id).await.expect_err("twice");
+    assert_eq!(
+        err.to_string(),
+        "task t-1: cannot cancel a task that is cancelled already"
+    );
+    let t = c.retry(&t.id).await.expect("retry");
+    assert_eq!(t.state.status, TaskStatus::Open);
+    let detail = c.show_task(&t.id).await.expect("show");
+    let kinds: Vec<&str> = detail.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["created", "cancelled", "retried"]);
+    let unknown = TaskId::parse("nope").expect("id");
+    let err = c.cancel(&unknown).await.expect_err("unknown");
+    assert!(matches!(err, Error::NotFound(_)));
+}
+
+#[tokio::test]
+async fn the_dispatcher_leases_to_free_slots_and_pushes_the_work() {
+    let w = world().await;
+    let c = &w.c;
+    let (runner_id, mut rx) = runner(c, "r1", 2).await;
+    let a = c.create_task(new_task("a")).await.expect("a");
+    let b = c.create_task(new_task("b")).await.expect("b");
+    let blocked = c
+        .create_task(
+            NewTask::new(
+                None,
+                "c".into(),
+                String::new(),
+                None,
+                None,
+                None,
+                vec![a.id.clone()],
+            )
+            .expect("valid"),
+        )
+        .await
+        .expect("c");
+    assert_eq!(blocked.deps_pending, 1);
+    c.dispatch_once().await.expect("round");
+    for task in [&a, &b] {
+        let leased = c.get(&task.id).await.expect("get");
+        assert_eq!(leased.state.status, TaskStatus::InProgress, "{}", task.id);
+        let lease = leased.lease.expect("lease");
+        assert_eq!(
+            (lease.runner.as_str(), lease.runner_id.as_str()),
+            ("r1", runner_id.as_str())
+        );
+        let Push::Assign(assignment) = rx.try_recv().expect("pushed") else {
+            panic!("an assignment")
+        };
+        assert_eq!(assignment.lease, lease.lease_ref());
+        assert!(assignment.prompt.contains(task.id.as_str()));
+    }
+    assert_eq!(
+        c.get(&blocked.id).await.expect("get").state.status,
+        TaskStatus::Open
+    );
+    let status = c.status().await.expect("status");
+    assert_eq!(
+        (status.counts.in_progress, status.counts.active_dev_runs),
+        (2, 2)
+    );
+    let runs = c.store().runs(&a.id).await.expect("runs");
+    assert_eq!((runs.len(), runs[0].status), (1, RunStatus::Running));
+}
+
+#[tokio::test]
+async fn a_lease_the_clock_lets_lapse_goes_back_uncharged_and_its_runner_is_told() {
+    let w = world().await;
+    let c = &w.c;
+    let (_runner_id, mut rx) = runner(c, "r1", 1).await;
+    let t = c.create_task(new_task("a")).await.expect("a");
+    let next = c.dispatch_once().await.expect("round");
+    assert_eq!(
+        next,
+        Some(w.clock.now_ms() + TTL),
+        "it wakes when the lease would lapse"
+    );
+    let Push::Assign(assignment) = rx.try_recv().expect("pushed") else {
+        panic!("an assignment")
+    };
+    w.clock.advance(TTL);
+    c.dispatch_once().await.expect("round");
+    assert_eq!(
+        rx.try_recv().expect("told"),
+        Push::Cancel(assignment.lease.clone())
+    );
+    let lapsed = c.get(&t.id).await.expect("get");
+    // Back to Open, uncharged, and at once given to the runner again (it is the only one).
+    assert_eq!(lapsed.state.failures, 0);
+    assert_eq!(lapsed.state.lost_leases, 1);
+    assert_eq!(lapsed.avoid_runner.as_deref(), Some("r1"));
+    assert_eq!(lapsed.state.status, TaskStatus::InProgress, "re-leased");
+    let runs = c.store().runs(&t.id).await.expect("runs");
+    assert_eq!(runs[0].failure_kind, Some(FailureKind::Infrastructure));
+}
+
+#[tokio::test]
+async fn recovery_reopens_in_progress_tasks_without_a_lease() {
+    let w = world().await;
+    let c = &w.c;
+    let t = c.create_task(new_task("x")).await.expect("create");
+    // A lease taken before a crash, whose lease record was lost.
+    let mut decision = c
+        .decide(&t, &Event::Leased { deps_pending: 0 })
+        .expect("decide");
+    decision.write.runs.start = Some(crate::domain::NewRun {
+        phase: Phase::Dev,
+        patchset: 0,
+        runner: Some("r1".into()),
+    });
+    c.store().commit(decision.write).await.expect("lease");
+    assert_eq!(c.recover().await.expect("recover"), (0, 1));
+    let detail = c.show_task(&t.id).await.expect("show");
+    assert_eq!(detail.task.state.status, TaskStatus::Open);
+    assert_eq!(detail.task.state.failures, 0);
+    assert_eq!(detail.runs.len(), 1);
+    assert_eq!(detail.runs[0].status, RunStatus::Failure);
+    assert!(
+        detail.runs[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("restarted"))
+    );
+    assert_eq!(c.recover().await.expect("again"), (0, 0));
+}
+
+#[tokio::test]
+async fn status_counts_kept_in_memory_match_the_store() {
+    let w = world().await;
+    let c = &w.c;
+    let (_id, _rx) = runner(c, "r1", 1).await;
+    let a = c.create_task(new_task("a")).await.expect("create");
+    c.dispatch_once().await.expect("round");
+    let check = || async {
+        let memory = c.status().await.expect("status").counts;
+        let stored = c.store().status_counts().await.expect("counts");
+        assert_eq!(memory, stored);
+        memory
+    };
+    assert_eq!(check().await.active_dev_runs, 1);
+    let b = c.create_task(new_task("b")).await.expect("create");
+    c.create_task(new_task("c")).await.expect("create");
+    c.cancel(&b.id).await.expect("cancel");
+    c.cancel(&a.id).await.expect("cancel the leased one");
+    let after = check().await;
+    assert_eq!(
+        (after.open, after.cancelled, after.active_dev_runs),
+        (1, 2, 0)
+    );
+    c.retry(&b.id).await.expect("retry");
+    assert_eq!(check().await.open, 2);
+}

@@ -1,0 +1,269 @@
+//! The control service: what `pipelinectl` calls. Each method decodes and validates, calls one
+//! coordinator method, encodes the answer, and maps the error.
+
+use std::sync::Arc;
+
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::control_service_server::ControlService;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    dependency_ids, detail_to_pb, log_item_to_pb, status_from_pb, task_id, transition_to_pb,
+};
+use super::{status_from_error, stream_from, until_cancelled};
+use crate::coordinator::Coordinator;
+use crate::domain::{NewTask, TaskEvent};
+use crate::store::Store;
+
+/// The control service over a shared coordinator.
+pub struct ControlApi<S> {
+    coordinator: Arc<Coordinator<S>>,
+    /// Cancelled when the server is asked to stop: streams that only read (logs, watch) end
+    /// at once, so they do not hold the shutdown up.
+    shutdown: CancellationToken,
+}
+
+impl<S> ControlApi<S> {
+    pub fn new(coordinator: Arc<Coordinator<S>>, shutdown: CancellationToken) -> Self {
+        Self {
+            coordinator,
+            shutdown,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> ControlService for ControlApi<S> {
+    async fn create_task(
+        &self,
+        request: Request<pb::CreateTaskRequest>,
+    ) -> Result<Response<pb::CreateTaskResponse>, Status> {
+        let new = NewTask::try_from(request.into_inner())?;
+        let task = self
+            .coordinator
+            .create_task(new)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::CreateTaskResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let status = request
+            .into_inner()
+            .status
+            .map(status_from_pb)
+            .transpose()?;
+        let tasks = self
+            .coordinator
+            .list_tasks(status)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks
+                .iter()
+                .map(|(t, why)| {
+                    let mut task = pb::Task::from(t);
+                    task.waiting_for = why.clone();
+                    task
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let id = task_id(&request.into_inner().id)?;
+        let detail = self
+            .coordinator
+            .show_task(&id)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(detail_to_pb(&detail)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let id = task_id(&request.into_inner().id)?;
+        let task = self
+            .coordinator
+            .cancel(&id)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::CancelTaskResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
+    async fn retry_task(
+        &self,
+        request: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::RetryTaskResponse>, Status> {
+        let id = task_id(&request.into_inner().id)?;
+        let task = self
+            .coordinator
+            .retry(&id)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RetryTaskResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
+    async fn add_dependencies(
+        &self,
+        request: Request<pb::AddDependenciesRequest>,
+    ) -> Result<Response<pb::AddDependenciesResponse>, Status> {
+        let req = request.into_inner();
+        let id = task_id(&req.id)?;
+        let deps = dependency_ids(&req.depends_on)?;
+        if deps.is_empty() {
+            return Err(Status::invalid_argument(
+                "name at least one dependency with --on",
+            ));
+        }
+        let task = self
+            .coordinator
+            .add_dependencies(&id, &deps)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::AddDependenciesResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let s = self.coordinator.status().await.map_err(status_from_error)?;
+        Ok(Response::new(pb::GetStatusResponse {
+            open: s.counts.open,
+            in_progress: s.counts.in_progress,
+            verified: s.counts.verified,
+            done: s.counts.done,
+            needs_help: s.counts.needs_help,
+            cancelled: s.counts.cancelled,
+            active_dev_runs: s.counts.active_dev_runs,
+            runners: s.runners,
+            base: s.base,
+            unhealthy: s.unhealthy,
+        }))
+    }
+
+    async fn list_runners(
+        &self,
+        _request: Request<pb::ListRunnersRequest>,
+    ) -> Result<Response<pb::ListRunnersResponse>, Status> {
+        Ok(Response::new(pb::ListRunnersResponse {
+            runners: self.coordinator.runners().iter().map(Into::into).collect(),
+        }))
+    }
+
+    type TaskLogsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::TaskLogsResponse, Status>> + Send>,
+    >;
+
+    async fn task_logs(
+        &self,
+        request: Request<pb::TaskLogsRequest>,
+    ) -> Result<Response<Self::TaskLogsStream>, Status> {
+        let req = request.into_inner();
+        let id = task_id(&req.id)?;
+        // Refuse an unknown task before the stream starts.
+        self.coordinator
+            .show_task(&id)
+            .await
+            .map_err(status_from_error)?;
+        let coordinator = Arc::clone(&self.coordinator);
+        let follow = req.follow;
+        Ok(Response::new(Box::pin(until_cancelled(
+            stream_from(
+                move |tx| {
+                    crate::logs::stream_logs(
+                        Arc::clone(coordinator.logs()),
+                        coordinator.store().clone(),
+                        id,
+                        follow,
+                        tx,
+                    )
+                },
+                log_item_to_pb,
+            ),
+            self.shutdown.clone(),
+        ))))
+    }
+
+    async fn revoke_runner(
+        &self,
+        request: Request<pb::RevokeRunnerRequest>,
+    ) -> Result<Response<pb::RevokeRunnerResponse>, Status> {
+        let name = request.into_inner().name;
+        let leases_released = self
+            .coordinator
+            .revoke(&name)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RevokeRunnerResponse { leases_released }))
+    }
+
+    async fn forget_runner(
+        &self,
+        request: Request<pb::ForgetRunnerRequest>,
+    ) -> Result<Response<pb::ForgetRunnerResponse>, Status> {
+        let name = request.into_inner().name;
+        self.coordinator
+            .forget(&name)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::ForgetRunnerResponse {}))
+    }
+
+    async fn rotate_registration_token(
+        &self,
+        _request: Request<pb::RotateRegistrationTokenRequest>,
+    ) -> Result<Response<pb::RotateRegistrationTokenResponse>, Status> {
+        let (token, path) = self
+            .coordinator
+            .rotate_registration_token()
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RotateRegistrationTokenResponse {
+            token,
+            path: path.display().to_string(),
+        }))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::TaskTransition, Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        _request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let coordinator = Arc::clone(&self.coordinator);
+        Ok(Response::new(Box::pin(until_cancelled(
+            stream_from(
+                move |tx| {
+                    crate::logs::stream_transitions(
+                        Arc::clone(coordinator.logs()),
+                        coordinator.store().clone(),
+                        tx,
+                    )
+                },
+                |e: &Arc<TaskEvent>| transition_to_pb(e),
+            ),
+            self.shutdown.clone(),
+        ))))
+    }
+}

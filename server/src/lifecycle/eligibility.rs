@@ -1,0 +1,114 @@
+//! Eligibility: which task may be leased, in which order, and why one is not moving. Pure.
+
+use std::cmp::Ordering;
+
+use super::Policy;
+use crate::domain::{Millis, TaskState, TaskStatus};
+
+/// Whether a runner may lease the task now: it is Open, none of the tasks it depends on is
+/// still not Done (`deps_pending`, counted by the store), it is not in back-off, and it is
+/// under its limits.
+pub fn leasable(state: &TaskState, deps_pending: u32, policy: &Policy, now: Millis) -> bool {
+    state.status == TaskStatus::Open
+        && deps_pending == 0
+        && state.backoff_until.is_none_or(|until| until <= now)
+        && !policy.over_retry_limit(state)
+        && !policy.over_cost_limit(state)
+}
+
+/// What the runners can take now, for [`waiting_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Runners with an open work stream.
+    pub connected: usize,
+    /// Of those, runners that take work (not draining, not unhealthy).
+    pub taking: usize,
+    /// Free slots on the runners that take work.
+    pub free_slots: u32,
+}
+
+/// Why a task is not moving, in short sentences (empty when nothing holds it): its
+/// dependencies that are not done (`deps`, with their statuses), its back-off, its limits, the
+/// runners. Pure, like the rest of the lifecycle.
+pub fn waiting_for(
+    id: &str,
+    state: &TaskState,
+    deps: &[(String, TaskStatus)],
+    policy: &Policy,
+    now: Millis,
+    capacity: Capacity,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    let blocking = || {
+        deps.iter()
+            .filter(|(_, status)| *status != TaskStatus::Done)
+            .map(|(dep, status)| match status {
+                TaskStatus::Cancelled => format!(
+                    "depends on {dep}, which is cancelled: it waits for ever unless {dep} is \
+                     retried"
+                ),
+                TaskStatus::NeedsHelp => {
+                    format!("depends on {dep}, which needs help (pipelinectl task retry {dep})")
+                }
+                other => format!("depends on {dep}, which is {other}"),
+            })
+    };
+    match state.status {
+        TaskStatus::Open => {
+            why.extend(blocking());
+            if let Some(until) = state.backoff_until.filter(|u| *u > now) {
+                let secs = (until - now + 999) / 1000;
+                why.push(format!(
+                    "in back-off for {secs} s more after {} failed attempt{}",
+                    state.failures,
+                    if state.failures == 1 { "" } else { "s" }
+                ));
+            }
+            if why.is_empty() {
+                if capacity.connected == 0 {
+                    why.push("no runner is connected".to_owned());
+                } else if capacity.taking == 0 {
+                    why.push(format!(
+                        "no connected runner takes work ({} draining or unhealthy)",
+                        capacity.connected
+                    ));
+                } else if capacity.free_slots == 0 {
+                    why.push(format!(
+                        "every slot of the {} runner{} is busy",
+                        capacity.taking,
+                        if capacity.taking == 1 { "" } else { "s" }
+                    ));
+                }
+            }
+        }
+        TaskStatus::Verified => {
+            why.extend(blocking().map(|d| format!("lands once done: it {d}")));
+        }
+        TaskStatus::NeedsHelp => {
+            if policy.over_retry_limit(state) {
+                why.push(format!(
+                    "retry limit reached: {} failed attempts (pipelinectl task retry {id})",
+                    state.failures
+                ));
+            } else if policy.over_cost_limit(state) {
+                why.push(format!(
+                    "cost limit reached: {:.0} of {:.0} cents (pipelinectl task retry {id})",
+                    state.budget_spent(),
+                    policy.max_task_cost_cents
+                ));
+            } else {
+                why.push(format!(
+                    "needs a person: see its history (pipelinectl task retry {id})"
+                ));
+            }
+        }
+        TaskStatus::InProgress | TaskStatus::Done | TaskStatus::Cancelled => {}
+    }
+    why
+}
+
+/// The order in which leasable tasks are handed out: higher priority (lower number) first,
+/// then the oldest (lowest creation sequence).
+pub fn lease_order(a: (u8, i64), b: (u8, i64)) -> Ordering {
+    a.0.cmp(&b.0).then(a.1.cmp(&b.1))
+}

@@ -1,0 +1,286 @@
+//! The judge of a runner's result: what a lease's outcome means for its task, as the event to
+//! apply and how its runs end. Pure: the coordinator receives the commit first (or learns it was
+//! refused) and hands the judge what happened.
+
+use super::Event;
+use crate::domain::{FailureKind, FinishedRun, Millis, Phase, RunEnd, RunStatus};
+use pipeline_core::ids::{CommitId, TreeId};
+
+/// How a lease ended on the runner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The agent failed or left something other than one commit; no commit comes with it.
+    DevFailed,
+    /// The commit was made but its verification failed.
+    VerifyFailed,
+    /// The commit passed (or skipped) verification.
+    Verified,
+}
+
+/// A runner's result for a lease, as it reported it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunnerResult {
+    pub outcome: Outcome,
+    /// The reason, for a failure (with the tail of the failing command's output).
+    pub error: Option<String>,
+    pub cost_cents: f64,
+    /// Why verification was skipped, when it was.
+    pub verify_skipped: Option<String>,
+    pub dev_finished_at: Millis,
+}
+
+/// What became of the commit a result carried.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Received {
+    /// A dev failure carries none.
+    Nothing,
+    /// Checked and stored; with its tree when the runner really verified it (not skipped).
+    Stored {
+        commit: CommitId,
+        verified_tree: Option<TreeId>,
+    },
+    /// Refused, with why (it is not one commit on the leased base, say).
+    Refused(String),
+}
+
+/// The judgement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Judgement {
+    pub event: Event,
+    /// How the dev run ends.
+    pub dev: RunEnd,
+    /// The verify run, when there was a verification.
+    pub verify: Option<FinishedRun>,
+    /// The new patchset's commit, if one was accepted.
+    pub patch_commit: Option<CommitId>,
+    /// The tree the runner verified, if it really did.
+    pub verified_tree: Option<TreeId>,
+    /// Why the commit was refused, to tell the runner.
+    pub refusal: Option<String>,
+}
+
+/// Judges `result`: `received` says what became of its commit, `patchset` is the number the
+/// new patchset would get, `runner` who ran it.
+pub fn judge(result: &RunnerResult, received: Received, patchset: u32, runner: &str) -> Judgement {
+    let cost_cents = result.cost_cents;
+    let task_failure = |reason: String| RunEnd {
+        status: RunStatus::Failure,
+        cost_cents,
+        error: Some(reason),
+        failure_kind: Some(FailureKind::Task),
+    };
+    let (commit, verified_tree) = match received {
+        Received::Refused(why) => {
+            return Judgement {
+                event: Event::DevFailed {
+                    reason: why.clone(),
+                    cost_cents,
+                },
+                dev: task_failure(why.clone()),
+                verify: None,
+                patch_commit: None,
+                verified_tree: None,
+                refusal: Some(why),
+            };
+        }
+        Received::Nothing => (None, None),
+        Received::Stored {
+            commit,
+            verified_tree,
+        } => (Some(commit), verified_tree),
+    };
+    let verify_run = |status: RunStatus, error: Option<String>| FinishedRun {
+        phase: Phase::Verify,
+        patchset,
+        runner: Some(runner.to_owned()),
+        status,
+        cost_cents: 0.0,
+        started_at: result.dev_finished_at,
+        failure_kind: (status == RunStatus::Failure).then_some(FailureKind::Task),
+        error,
+    };
+    match (result.outcome, commit) {
+        (Outcome::DevFailed, _) => {
+            let reason = result
+                .error
+                .clone()
+                .unwrap_or_else(|| "the agent failed".to_owned());
+            Judgement {
+                event: Event::DevFailed {
+                    reason: reason.clone(),
+                    cost_cents,
+                },
+                dev: task_failure(reason),
+                verify: None,
+                patch_commit: None,
+                verified_tree: None,
+                refusal: None,
+            }
+        }
+        (Outcome::VerifyFailed, Some(commit)) => {
+            let reason = result
+                .error
+                .clone()
+                .unwrap_or_else(|| "verification failed".to_owned());
+            Judgement {
+                event: Event::VerifyFailed {
+                    reason: reason.clone(),
+                    cost_cents,
+                },
+                dev: RunEnd::success(cost_cents, None),
+                verify: Some(verify_run(RunStatus::Failure, Some(reason))),
+                patch_commit: Some(commit),
+                verified_tree: None,
+                refusal: None,
+            }
+        }
+        (Outcome::Verified, Some(commit)) => Judgement {
+            event: Event::Verified { cost_cents },
+            dev: RunEnd::success(cost_cents, None),
+            verify: Some(verify_run(
+                RunStatus::Success,
+                result
+                    .verify_skipped
+                    .as_ref()
+                    .map(|s| format!("skipped: {s}")),
+            )),
+            patch_commit: Some(commit),
+            verified_tree: if result.verify_skipped.is_none() {
+                verified_tree
+            } else {
+                None
+            },
+            refusal: None,
+        },
+        // A verified or verify-failed result without a stored commit is refused earlier; if
+        // one gets here, it is the runner's fault, counted as a failed attempt.
+        (Outcome::VerifyFailed | Outcome::Verified, None) => {
+            let why = "commit refused: a verified or verify-failed result needs the commit and \
+                       its bundle"
+                .to_owned();
+            Judgement {
+                event: Event::DevFailed {
+                    reason: why.clone(),
+                    cost_cents,
+                },
+                dev: task_failure(why.clone()),
+                verify: None,
+                patch_commit: None,
+                verified_tree: None,
+                refusal: Some(why),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcome: Outcome, error: Option<&str>, skipped: Option<&str>) -> RunnerResult {
+        RunnerResult {
+            outcome,
+            error: error.map(str::to_owned),
+            cost_cents: 7.0,
+            verify_skipped: skipped.map(str::to_owned),
+            dev_finished_at: 500,
+        }
+    }
+
+    fn commit() -> CommitId {
+        CommitId::parse(&"c".repeat(40)).expect("sha")
+    }
+
+    fn tree() -> TreeId {
+        TreeId::parse(&"e".repeat(40)).expect("sha")
+    }
+
+    fn stored() -> Received {
+        Received::Stored {
+            commit: commit(),
+            verified_tree: Some(tree()),
+        }
+    }
+
+    #[test]
+    fn a_dev_failure_is_the_tasks_with_its_reason_and_cost() {
+        let j = judge(
+            &result(Outcome::DevFailed, Some("agent exited 1"), None),
+            Received::Nothing,
+            1,
+            "r",
+        );
+        assert_eq!(
+            j.event,
+            Event::DevFailed {
+                reason: "agent exited 1".into(),
+                cost_cents: 7.0
+            }
+        );
+        assert_eq!(j.dev.status, RunStatus::Failure);
+        assert_eq!(j.dev.failure_kind, Some(FailureKind::Task));
+        assert_eq!(j.dev.cost_cents, 7.0);
+        assert!(j.verify.is_none() && j.patch_commit.is_none() && j.refusal.is_none());
+    }
+
+    #[test]
+    fn a_verify_failure_keeps_the_commit_and_records_the_verify_run() {
+        let j = judge(
+            &result(Outcome::VerifyFailed, Some("tests failed"), None),
+            stored(),
+            3,
+            "r",
+        );
+        assert!(matches!(j.event, Event::VerifyFailed { .. }));
+        assert_eq!(j.dev.status, RunStatus::Success, "the agent did its part");
+        let v = j.verify.expect("verify run");
+        assert_eq!(
+            (v.status, v.patchset, v.started_at),
+            (RunStatus::Failure, 3, 500)
+        );
+        assert_eq!(v.failure_kind, Some(FailureKind::Task));
+        assert_eq!(j.patch_commit, Some(commit()));
+        assert_eq!(j.verified_tree, None);
+    }
+
+    #[test]
+    fn a_pass_remembers_the_tree_only_when_really_verified() {
+        let j = judge(&result(Outcome::Verified, None, None), stored(), 1, "r");
+        assert_eq!(j.event, Event::Verified { cost_cents: 7.0 });
+        assert_eq!(j.verified_tree, Some(tree()));
+        assert_eq!(j.verify.map(|v| v.status), Some(RunStatus::Success));
+        let j = judge(
+            &result(Outcome::Verified, None, Some("the task has no namespace")),
+            stored(),
+            1,
+            "r",
+        );
+        assert_eq!(j.verified_tree, None, "skipped is not verified");
+        assert_eq!(
+            j.verify.and_then(|v| v.error).as_deref(),
+            Some("skipped: the task has no namespace")
+        );
+    }
+
+    #[test]
+    fn a_refused_commit_fails_the_attempt_and_says_why() {
+        for outcome in [Outcome::Verified, Outcome::VerifyFailed] {
+            let j = judge(
+                &result(outcome, None, None),
+                Received::Refused("commit refused: two commits".into()),
+                1,
+                "r",
+            );
+            assert!(matches!(j.event, Event::DevFailed { .. }));
+            assert_eq!(j.refusal.as_deref(), Some("commit refused: two commits"));
+            assert!(j.patch_commit.is_none() && j.verify.is_none());
+        }
+        let j = judge(
+            &result(Outcome::Verified, None, None),
+            Received::Nothing,
+            1,
+            "r",
+        );
+        assert!(j.refusal.is_some_and(|r| r.contains("needs the commit")));
+    }
+}

@@ -1,0 +1,689 @@
+//! An in-memory [`Store`] for the unit tests of the layers above it (the coordinator, the
+//! dispatcher, the integrator): the same behaviour as the SQLite store, checked by the same
+//! suite ([`super::suite`]), with nothing on disk. Not for production: it keeps everything in
+//! one mutex and forgets it all when dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite};
+use crate::domain::{
+    LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
+    TaskState, TaskStatus,
+};
+use crate::error::{Error, Result};
+use pipeline_core::ids::CommitId;
+
+#[derive(Default)]
+struct Tables {
+    tasks: HashMap<TaskId, Task>,
+    next_seq: i64,
+    deps: Vec<(TaskId, TaskId)>,
+    runs: Vec<Run>,
+    events: Vec<TaskEvent>,
+    integrations: BTreeMap<TaskId, Journal>,
+    logs: BTreeMap<(i64, u64), LogLine>,
+    meta: BTreeMap<String, String>,
+}
+
+/// A store held in memory.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    tables: Arc<Mutex<Tables>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+const NEXT_TASK_NUMBER: &str = "next_task_number";
+
+impl Tables {
+    fn sorted(&self, keep: impl Fn(&Task) -> bool) -> Vec<Task> {
+        let mut tasks: Vec<Task> = self.tasks.values().filter(|t| keep(t)).cloned().collect();
+        tasks.sort_by_key(|t| (t.priority, t.seq));
+        tasks
+    }
+
+    fn event(
+        &mut self,
+        task: &TaskId,
+        at: Millis,
+        kind: &str,
+        from: Option<TaskStatus>,
+        to: TaskStatus,
+        message: &str,
+    ) -> i64 {
+        let id = self.events.len() as i64 + 1;
+        self.events.push(TaskEvent {
+            id,
+            task_id: task.clone(),
+            at,
+            kind: kind.to_owned(),
+            from,
+            to,
+            message: message.to_owned(),
+        });
+        id
+    }
+
+    fn start_run(&mut self, task: &TaskId, run: &NewRun, at: Millis) -> i64 {
+        let attempt = self
+            .runs
+            .iter()
+            .filter(|r| r.task_id == *task && r.phase == run.phase)
+            .count() as u32
+            + 1;
+        let id = self.runs.len() as i64 + 1;
+        self.runs.push(Run {
+            id,
+            task_id: task.clone(),
+            phase: run.phase,
+            patchset: run.patchset,
+            attempt,
+            runner: run.runner.clone(),
+            status: RunStatus::Running,
+            cost_cents: 0.0,
+            started_at: at,
+            finished_at: None,
+            error: None,
+            failure_kind: None,
+        });
+        id
+    }
+
+    fn end_runs(&mut self, task: &TaskId, only: Option<i64>, end: &RunEnd, at: Millis) {
+        for run in &mut self.runs {
+            if run.task_id == *task
+                && run.status == RunStatus::Running
+                && only.is_none_or(|id| id == run.id)
+            {
+                run.status = end.status;
+                run.finished_at = Some(at);
+                run.cost_cents += end.cost_cents;
+                run.error = end.error.clone();
+                run.failure_kind = end.failure_kind;
+            }
+        }
+    }
+
+    fn deps_of(&self, task: &TaskId) -> Vec<TaskId> {
+        let mut deps: Vec<TaskId> = self
+            .deps
+            .iter()
+            .filter(|(t, _)| t == task)
+            .map(|(_, d)| d.clone())
+            .collect();
+        deps.sort();
+        deps
+    }
+
+    fn pending_of(&self, task: &TaskId) -> u32 {
+        self.deps
+            .iter()
+            .filter(|(t, d)| {
+                t == task
+                    && self
+                        .tasks
+                        .get(d)
+                        .is_some_and(|d| d.state.status != TaskStatus::Done)
+            })
+            .count() as u32
+    }
+
+    fn reaches(&self, from: &TaskId, to: &TaskId) -> bool {
+        let mut stack = vec![from.clone()];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(at) = stack.pop() {
+            if at == *to {
+                return true;
+            }
+            if seen.insert(at.clone()) {
+                stack.extend(
+                    self.deps
+                        .iter()
+                        .filter(|(t, _)| *t == at)
+                        .map(|(_, d)| d.clone()),
+                );
+            }
+        }
+        false
+    }
+
+    fn write(&mut self, w: &TaskWrite) -> Result<Committed> {
+        let Some(current) = self.tasks.get(&w.task_id) else {
+            return Err(Error::NotFound(format!(
+                "task {} does not exist",
+                w.task_id
+            )));
+        };
+        if current.version != w.expected_version {
+            return Err(Error::Conflict(format!(
+                "task {} changed while this request was being decided; try again",
+                w.task_id
+            )));
+        }
+        let mut task = current.clone();
+        task.state = w.next.state.clone();
+        task.lease = w.next.lease.clone();
+        task.lease_epoch = w.next.lease_epoch;
+        task.patch_commit = w.next.patch_commit.clone();
+        task.avoid_runner = w.next.avoid_runner.clone();
+        task.verified_tree = w.next.verified_tree.clone();
+        task.version += 1;
+        task.updated_at = w.at;
+        task.depends_on = w.depends_on.clone();
+        self.tasks.insert(task.id.clone(), task.clone());
+        if task.state.status == TaskStatus::Done && w.event.from != TaskStatus::Done {
+            let dependents: Vec<TaskId> = self
+                .deps
+                .iter()
+                .filter(|(_, d)| *d == task.id)
+                .map(|(t, _)| t.clone())
+                .collect();
+            for t in dependents {
+                if let Some(dependent) = self.tasks.get_mut(&t) {
+                    dependent.deps_pending = dependent.deps_pending.saturating_sub(1);
+                }
+            }
+        }
+        if w.end_integration {
+            self.integrations.remove(&w.task_id);
+        }
+        let event_id = self.event(
+            &w.task_id,
+            w.at,
+            &w.event.kind,
+            Some(w.event.from),
+            w.event.to,
+            &w.event.message,
+        );
+        for (run, end) in &w.runs.end {
+            self.end_runs(&w.task_id, Some(*run), end, w.at);
+        }
+        if let Some(end) = &w.runs.close_rest {
+            self.end_runs(&w.task_id, None, end, w.at);
+        }
+        let run_id = w
+            .runs
+            .start
+            .as_ref()
+            .map(|run| self.start_run(&w.task_id, run, w.at));
+        for run in &w.runs.record {
+            let id = self.start_run(
+                &w.task_id,
+                &NewRun {
+                    phase: run.phase,
+                    patchset: run.patchset,
+                    runner: run.runner.clone(),
+                },
+                run.started_at,
+            );
+            self.end_runs(
+                &w.task_id,
+                Some(id),
+                &RunEnd {
+                    status: run.status,
+                    cost_cents: run.cost_cents,
+                    error: run.error.clone(),
+                    failure_kind: run.failure_kind,
+                },
+                w.at,
+            );
+        }
+        Ok(Committed {
+            task,
+            event_id,
+            run_id,
+        })
+    }
+}
+
+impl Store for MemoryStore {
+    async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
+        let mut t = self.lock();
+        let id = match new.id {
+            Some(id) if t.tasks.contains_key(&id) => {
+                return Err(Error::AlreadyExists(format!(
+                    "task {id} already exists; pick another --id or leave it out"
+                )));
+            }
+            Some(id) => id,
+            None => {
+                let mut n: u64 = t
+                    .meta
+                    .get(NEXT_TASK_NUMBER)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                loop {
+                    let id = TaskId::generated(n);
+                    n += 1;
+                    if !t.tasks.contains_key(&id) {
+                        t.meta.insert(NEXT_TASK_NUMBER.to_owned(), n.to_string());
+                        break id;
+                    }
+                }
+            }
+        };
+        if let Some(parent) = &new.parent
+            && !t.tasks.contains_key(parent)
+        {
+            return Err(Error::NotFound(format!(
+                "parent task {parent} does not exist; create it first"
+            )));
+        }
+        if let Some(dep) = new.depends_on.iter().find(|d| !t.tasks.contains_key(*d)) {
+            return Err(Error::NotFound(format!(
+                "dependency {dep} does not exist; create it first"
+            )));
+        }
+        t.next_seq += 1;
+        let task = Task {
+            id: id.clone(),
+            seq: t.next_seq,
+            title: new.title,
+            description: new.description,
+            namespace: new.namespace,
+            priority: new.priority,
+            parent: new.parent,
+            depends_on: new.depends_on.clone(),
+            deps_pending: 0,
+            state: TaskState::new(),
+            lease: None,
+            lease_epoch: 0,
+            patch_commit: None,
+            avoid_runner: None,
+            verified_tree: None,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+        t.tasks.insert(id.clone(), task);
+        for dep in &new.depends_on {
+            t.deps.push((id.clone(), dep.clone()));
+        }
+        let pending = t.pending_of(&id);
+        if let Some(task) = t.tasks.get_mut(&id) {
+            task.deps_pending = pending;
+            task.depends_on.sort();
+        }
+        t.event(
+            &id,
+            now,
+            "created",
+            None,
+            TaskStatus::Open,
+            &format!("created with priority {}", new.priority),
+        );
+        Ok(t.tasks[&id].clone())
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
+        Ok(self.lock().tasks.get(id).cloned())
+    }
+
+    async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<Task>> {
+        Ok(self
+            .lock()
+            .sorted(|t| status.is_none_or(|s| t.state.status == s)))
+    }
+
+    async fn add_dependencies(
+        &self,
+        id: &TaskId,
+        deps: &[TaskId],
+        event: NewEvent,
+        now: Millis,
+    ) -> Result<Task> {
+        let mut t = self.lock();
+        let Some(task) = t.tasks.get(id).cloned() else {
+            return Err(Error::NotFound(format!("task {id} does not exist")));
+        };
+        if let Some(dep) = deps.iter().find(|d| !t.tasks.contains_key(*d)) {
+            return Err(Error::NotFound(format!(
+                "dependency {dep} does not exist; create it first"
+            )));
+        }
+        let new: Vec<&TaskId> = deps
+            .iter()
+            .filter(|d| !task.depends_on.contains(d))
+            .collect();
+        for dep in &new {
+            if t.reaches(dep, id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "task {id} cannot depend on {dep}: {dep} already depends on {id} \
+                     (directly or through other tasks), which would make a cycle"
+                )));
+            }
+        }
+        if new.is_empty() {
+            return Ok(task);
+        }
+        for dep in new {
+            if !t.deps.contains(&(id.clone(), dep.clone())) {
+                t.deps.push((id.clone(), dep.clone()));
+            }
+        }
+        let pending = t.pending_of(id);
+        let depends_on = t.deps_of(id);
+        t.event(
+            id,
+            now,
+            &event.kind,
+            Some(event.from),
+            event.to,
+            &event.message,
+        );
+        let task = t.tasks.get_mut(id).ok_or_else(|| {
+            Error::Internal(format!(
+                "task {id} vanished while its dependencies were added"
+            ))
+        })?;
+        task.deps_pending = pending;
+        task.depends_on = depends_on;
+        task.version += 1;
+        task.updated_at = now;
+        Ok(task.clone())
+    }
+
+    async fn commit(&self, write: TaskWrite) -> Result<Committed> {
+        self.lock().write(&write)
+    }
+
+    async fn commit_all(&self, writes: Vec<TaskWrite>) -> Result<Vec<Result<Committed>>> {
+        let mut t = self.lock();
+        Ok(writes.iter().map(|w| t.write(w)).collect())
+    }
+
+    async fn runs(&self, id: &TaskId) -> Result<Vec<Run>> {
+        Ok(self
+            .lock()
+            .runs
+            .iter()
+            .filter(|r| r.task_id == *id)
+            .cloned()
+            .collect())
+    }
+
+    async fn events(&self, id: &TaskId) -> Result<Vec<TaskEvent>> {
+        Ok(self
+            .lock()
+            .events
+            .iter()
+            .filter(|e| e.task_id == *id)
+            .cloned()
+            .collect())
+    }
+
+    async fn status_counts(&self) -> Result<StatusCounts> {
+        let t = self.lock();
+        let mut counts = StatusCounts::default();
+        for task in t.tasks.values() {
+            counts.add(task.state.status, 1);
+        }
+        counts.active_dev_runs = t
+            .runs
+            .iter()
+            .filter(|r| r.status == RunStatus::Running && r.phase == Phase::Dev)
+            .count() as u64;
+        Ok(counts)
+    }
+
+    async fn lease_candidates(
+        &self,
+        now: Millis,
+        after: Option<(u8, i64)>,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
+        let t = self.lock();
+        let mut out = t.sorted(|task| {
+            task.state.status == TaskStatus::Open
+                && task.deps_pending == 0
+                && task.state.backoff_until.is_none_or(|u| u <= now)
+                && after.is_none_or(|a| (task.priority, task.seq) > a)
+        });
+        out.truncate(limit as usize);
+        Ok(out)
+    }
+
+    async fn verified(&self) -> Result<Vec<Task>> {
+        Ok(self
+            .lock()
+            .sorted(|t| t.state.status == TaskStatus::Verified))
+    }
+
+    async fn unfinished(&self) -> Result<Vec<Task>> {
+        Ok(self.lock().sorted(|t| {
+            matches!(
+                t.state.status,
+                TaskStatus::Open
+                    | TaskStatus::InProgress
+                    | TaskStatus::Verified
+                    | TaskStatus::NeedsHelp
+            )
+        }))
+    }
+
+    async fn statuses(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, TaskStatus)>> {
+        let t = self.lock();
+        Ok(ids
+            .iter()
+            .filter_map(|id| t.tasks.get(id).map(|task| (id.clone(), task.state.status)))
+            .collect())
+    }
+
+    async fn raise_next_task_number(&self, at_least: u64) -> Result<()> {
+        let mut t = self.lock();
+        let next: u64 = t
+            .meta
+            .get(NEXT_TASK_NUMBER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        if at_least > next {
+            t.meta
+                .insert(NEXT_TASK_NUMBER.to_owned(), at_least.to_string());
+        }
+        Ok(())
+    }
+
+    async fn is_fresh(&self) -> Result<bool> {
+        let t = self.lock();
+        Ok(t.tasks.is_empty() && !t.meta.contains_key(NEXT_TASK_NUMBER))
+    }
+
+    async fn next_backoff_end(&self, now: Millis) -> Result<Option<Millis>> {
+        Ok(self
+            .lock()
+            .tasks
+            .values()
+            .filter(|t| t.state.status == TaskStatus::Open)
+            .filter_map(|t| t.state.backoff_until)
+            .filter(|u| *u > now)
+            .min())
+    }
+
+    async fn begin_integration(&self, entry: &Journal, commit: &CommitId) -> Result<bool> {
+        let mut t = self.lock();
+        let ok = t.tasks.get(&entry.task_id).is_some_and(|task| {
+            task.state.status == TaskStatus::Verified && task.patch_commit.as_ref() == Some(commit)
+        });
+        if ok {
+            t.integrations.insert(entry.task_id.clone(), entry.clone());
+        }
+        Ok(ok)
+    }
+
+    async fn abort_integration(&self, task: &TaskId) -> Result<()> {
+        self.lock().integrations.remove(task);
+        Ok(())
+    }
+
+    async fn pending_integrations(&self) -> Result<Vec<Journal>> {
+        let mut out: Vec<Journal> = self.lock().integrations.values().cloned().collect();
+        out.sort_by_key(|j| j.started_at);
+        Ok(out)
+    }
+
+    async fn running_runs(&self, task: &TaskId) -> Result<Vec<Run>> {
+        Ok(self
+            .lock()
+            .runs
+            .iter()
+            .filter(|r| r.task_id == *task && r.status == RunStatus::Running)
+            .cloned()
+            .collect())
+    }
+
+    async fn start_run(&self, task: &TaskId, run: &NewRun, at: Millis) -> Result<i64> {
+        Ok(self.lock().start_run(task, run, at))
+    }
+
+    async fn end_run(&self, run: i64, end: &RunEnd, at: Millis) -> Result<()> {
+        let mut t = self.lock();
+        let task = t
+            .runs
+            .iter()
+            .find(|r| r.id == run)
+            .map(|r| r.task_id.clone())
+            .ok_or_else(|| Error::NotFound(format!("run {run} does not exist")))?;
+        t.end_runs(&task, Some(run), end, at);
+        Ok(())
+    }
+
+    async fn abandon_runs(&self, phase: Phase, error: &str, at: Millis) -> Result<u64> {
+        let mut t = self.lock();
+        let mut n = 0;
+        for run in &mut t.runs {
+            if run.phase == phase && run.status == RunStatus::Running {
+                run.status = RunStatus::Failure;
+                run.finished_at = Some(at);
+                run.error = Some(error.to_owned());
+                run.failure_kind = Some(crate::domain::FailureKind::Infrastructure);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn run(&self, id: i64) -> Result<Option<Run>> {
+        Ok(self.lock().runs.iter().find(|r| r.id == id).cloned())
+    }
+
+    async fn append_logs(&self, lines: &[(i64, LogLine)]) -> Result<()> {
+        let mut t = self.lock();
+        for (run, line) in lines {
+            t.logs
+                .entry((*run, line.seq))
+                .or_insert_with(|| line.clone());
+        }
+        Ok(())
+    }
+
+    async fn last_log_seq(&self, run: i64) -> Result<u64> {
+        Ok(self
+            .lock()
+            .logs
+            .range((run, 0)..=(run, u64::MAX))
+            .next_back()
+            .map_or(0, |((_, seq), _)| *seq))
+    }
+
+    async fn read_logs(&self, run: i64, after_seq: u64, limit: u32) -> Result<Vec<LogLine>> {
+        Ok(self
+            .lock()
+            .logs
+            .range((run, after_seq.saturating_add(1))..=(run, u64::MAX))
+            .take(limit as usize)
+            .map(|(_, l)| l.clone())
+            .collect())
+    }
+
+    async fn trim_log(&self, run: i64, head_last_seq: u64, keep_tail_bytes: u64) -> Result<u64> {
+        let mut t = self.lock();
+        let tail: Vec<(u64, u64)> = t
+            .logs
+            .range((run, head_last_seq.saturating_add(1))..=(run, u64::MAX))
+            .map(|((_, seq), l)| (*seq, l.text.len() as u64 + 1))
+            .collect();
+        let mut newer = 0;
+        let mut kept = 0;
+        for (seq, bytes) in tail.into_iter().rev() {
+            newer += bytes;
+            if newer > keep_tail_bytes {
+                t.logs.remove(&(run, seq));
+            } else {
+                kept += bytes;
+            }
+        }
+        Ok(kept)
+    }
+
+    async fn prune_logs(&self, before: Millis) -> Result<u64> {
+        let mut t = self.lock();
+        let old: Vec<i64> = t
+            .runs
+            .iter()
+            .filter(|r| r.finished_at.is_some_and(|f| f < before))
+            .map(|r| r.id)
+            .collect();
+        let before_len = t.logs.len();
+        t.logs.retain(|(run, _), _| !old.contains(run));
+        Ok((before_len - t.logs.len()) as u64)
+    }
+
+    async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<TaskEvent>> {
+        Ok(self
+            .lock()
+            .events
+            .iter()
+            .filter(|e| e.id > after_id)
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.lock().meta.get(key).cloned())
+    }
+
+    async fn put_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.lock().meta.insert(key.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .lock()
+            .meta
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
+
+    async fn delete_meta(&self, key: &str) -> Result<()> {
+        self.lock().meta.remove(key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    async fn fresh() -> ((), super::MemoryStore) {
+        ((), super::MemoryStore::new())
+    }
+
+    crate::store_test_suite!(fresh);
+}
