@@ -10,8 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pipeline_proto::v1::control_service_server::ControlServiceServer;
-use pipeline_proto::v1::runner_service_server::RunnerServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -22,18 +20,12 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::coordinator::{Coordinator, Settings};
 use crate::error::{Error, Result};
-use crate::grpc::ControlApi;
-use crate::grpc::edge::Edge;
-use crate::grpc::runner::RunnerApi;
+use crate::grpc::listener::{Incoming, Limits};
 use crate::integrate::Integrator;
 use crate::lifecycle::Policy;
-use crate::listener::{Incoming, Limits};
 use crate::repo::Repo;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
-
-/// The largest gRPC message the server accepts (descriptions are at most 1 MiB).
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -220,29 +212,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             prune_logs(store.clone(), config.log_retention_days, shutdown.clone()),
         );
     }
-    let identify: crate::grpc::Identify = {
-        let coordinator = Arc::clone(&coordinator);
-        Arc::new(move |token: &str| coordinator.auth().identify(token))
-    };
-    let control = Edge::new(tonic::service::interceptor::InterceptedService::new(
-        ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator), shutdown.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        crate::grpc::Authenticate {
-            auth: identify.clone(),
-            admin_only: true,
-        },
-    ));
-    let runner = Edge::new(tonic::service::interceptor::InterceptedService::new(
-        RunnerServiceServer::new(
-            RunnerApi::new(coordinator, serving.clone())
-                .with_fetch_base_timeout(Duration::from_secs(config.fetch_base_timeout)),
-        )
-        .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        crate::grpc::Authenticate {
-            auth: identify,
-            admin_only: false,
-        },
-    ));
+    let services = crate::grpc::services(
+        Arc::clone(&coordinator),
+        shutdown.clone(),
+        serving.clone(),
+        Duration::from_secs(config.fetch_base_timeout),
+    );
     // Windows large enough that a batch of log lines or a bundle chunk is not held up by
     // HTTP/2 flow control (the 64 KiB default costs round trips on every large message).
     let handshake_timeout = Duration::from_secs(config.handshake_timeout);
@@ -274,8 +249,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let serve = builder
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
-        .add_service(control)
-        .add_service(runner)
+        .add_service(services.control)
+        .add_service(services.runner)
         .serve_with_incoming_shutdown(incoming, serving.clone().cancelled_owned());
     let mut served = tokio::spawn(serve);
     let runners_stop = CancellationToken::new();

@@ -6,7 +6,7 @@
 //! coordinator: [`scheduler`] (the registry of runners and leases, and the pure lease planner),
 //! [`integrate`] (the integrator, which lands Verified tasks), [`logs`] (run logs and live
 //! transitions), [`repo`] (the canonical repository, through `pipeline_core::git`). [`domain`]
-//! holds the types every layer shares; [`listener`] bounds the connections the server accepts;
+//! holds the types every layer shares;
 //! [`app`] wires it all up and supervises the background loops.
 
 pub mod app;
@@ -19,7 +19,6 @@ pub mod failpoint;
 pub mod grpc;
 pub mod integrate;
 pub mod lifecycle;
-pub mod listener;
 pub mod logs;
 pub mod prompt;
 pub mod repo;

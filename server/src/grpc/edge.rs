@@ -20,7 +20,7 @@ use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::listener::ConnInfo;
+use crate::grpc::listener::ConnInfo;
 
 /// A service with the edge's bookkeeping around it.
 #[derive(Clone, Debug)]

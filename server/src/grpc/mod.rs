@@ -3,7 +3,9 @@
 //!
 //! - [`control`]: the control API (`pipelinectl`); [`runner`]: the runner API.
 //! - [`convert`]: domain types to and from prost types, validating at the edge.
-//! - [`edge`]: the service wrapper that tells connections apart and fixes status codes.
+//! - [`edge`]: the service wrapper that tells connections apart and fixes status codes;
+//!   [`listener`]: the bounds on accepted connections.
+//! - [`services`]: both services, wrapped, for the app to serve.
 //! - This module: authentication (the interceptor), the one mapping from domain errors to
 //!   statuses (`From<Error> for Status`), and the stream helpers.
 //!
@@ -12,6 +14,7 @@
 pub mod control;
 pub mod convert;
 pub mod edge;
+pub mod listener;
 pub mod runner;
 
 pub use control::ControlApi;
@@ -20,12 +23,61 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use pipeline_proto::v1::control_service_server::ControlServiceServer;
+use pipeline_proto::v1::runner_service_server::RunnerServiceServer;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::auth::Caller;
 use crate::error::Error;
+
+/// The largest gRPC message the server accepts (descriptions are at most 1 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// A service as served: authenticated, then wrapped by the edge.
+pub type Served<T> = edge::Edge<tonic::service::interceptor::InterceptedService<T, Authenticate>>;
+
+/// Both services, ready to add to a tonic server.
+pub struct Services<S: crate::store::Store> {
+    pub control: Served<ControlServiceServer<ControlApi<S>>>,
+    pub runner: Served<RunnerServiceServer<runner::RunnerApi<S>>>,
+}
+
+/// The control service (admin token only) and the runner service, each behind the
+/// authentication interceptor and the [`edge::Edge`] wrapper, ready to add to a tonic server.
+/// `shutdown` stops the work (watch streams end); `serving` ends the runner streams, later.
+pub fn services<S: crate::store::Store>(
+    coordinator: Arc<crate::coordinator::Coordinator<S>>,
+    shutdown: CancellationToken,
+    serving: CancellationToken,
+    fetch_base_timeout: std::time::Duration,
+) -> Services<S> {
+    let identify: Identify = {
+        let coordinator = Arc::clone(&coordinator);
+        Arc::new(move |token: &str| coordinator.auth().identify(token))
+    };
+    let control = edge::Edge::new(tonic::service::interceptor::InterceptedService::new(
+        ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator), shutdown))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        Authenticate {
+            auth: identify.clone(),
+            admin_only: true,
+        },
+    ));
+    let runner = edge::Edge::new(tonic::service::interceptor::InterceptedService::new(
+        RunnerServiceServer::new(
+            runner::RunnerApi::new(coordinator, serving)
+                .with_fetch_base_timeout(fetch_base_timeout),
+        )
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        Authenticate {
+            auth: identify,
+            admin_only: false,
+        },
+    ));
+    Services { control, runner }
+}
 
 /// Who holds a token (the server's `Auth::identify`).
 pub type Identify = Arc<dyn Fn(&str) -> Option<Caller> + Send + Sync>;
