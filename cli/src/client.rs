@@ -1,5 +1,6 @@
 //! The connection to the server and the one mapping from gRPC failures to a line a person can
-//! act on and a stable exit code.
+//! act on and a stable exit code. Every answer comes back as the view types of `model.rs`
+//! (converted by `wire.rs`); streams as a [`Feed`] of them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,9 @@ use tonic::codegen::http::Uri;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+use crate::model::{self, LogItem, NewTask, Runner, Task, TaskDetail, TaskStatus, Transition};
+use crate::wire;
 
 /// Exit codes, stable for scripts (also listed in the README).
 pub mod exit {
@@ -202,6 +206,68 @@ fn local_admin_token_in(dir: &Path, host: &str, port: u16) -> Option<LocalToken>
     })
 }
 
+/// The one mapping from a failed call's status to a line a person can act on and an exit code;
+/// `url` is the server's.
+fn failure(url: &str, status: Status) -> Failure {
+    let message = one_line(status.message());
+    let (exit_code, message) = match status.code() {
+        // The server refused a request message over its size limit: the request is wrong.
+        Code::ResourceExhausted if message.starts_with("the request message is too large") => (
+            exit::USAGE,
+            format!(
+                "the request is too large for the server ({}); a description may be at \
+                 most 1 MiB",
+                message
+                    .trim_start_matches("the request message is too large: ")
+                    .trim_end_matches("; send less in one request")
+            ),
+        ),
+        // pipelinectl's own decoder refused an answer over its size limit.
+        Code::OutOfRange if message.contains("message length too large") => (
+            exit::FAILURE,
+            format!(
+                "the server's answer is too large for pipelinectl ({})",
+                message.trim_start_matches("Error, ")
+            ),
+        ),
+        Code::InvalidArgument | Code::OutOfRange => (exit::USAGE, message),
+        Code::NotFound => (exit::NOT_FOUND, message),
+        Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => (exit::REFUSED, message),
+        Code::Unavailable => (
+            exit::UNAVAILABLE,
+            format!("cannot reach the pipeline server at {url}: {message}"),
+        ),
+        Code::Unknown | Code::Internal
+            if message.contains("transport error") || message.contains("h2 protocol error") =>
+        {
+            (
+                exit::UNAVAILABLE,
+                format!(
+                    "cannot reach the pipeline server at {url}: {}; if it serves TLS, use an \
+                     https:// URL (and --tls-ca for a private CA)",
+                    one_line(&root_cause(&status))
+                ),
+            )
+        }
+        // pipelinectl cancels nothing itself: the server dropped the connection.
+        Code::Cancelled => (
+            exit::UNAVAILABLE,
+            format!(
+                "the pipeline server at {url} closed the connection before answering \
+                 ({message}); it may be shutting down or at its connection limit: try again"
+            ),
+        ),
+        Code::DeadlineExceeded => (
+            exit::UNAVAILABLE,
+            format!("the pipeline server at {url} did not answer in time"),
+        ),
+        Code::Unauthenticated | Code::PermissionDenied => (exit::AUTH, message),
+        Code::ResourceExhausted => (exit::REFUSED, message),
+        _ => (exit::FAILURE, format!("server error: {message}")),
+    };
+    Failure { message, exit_code }
+}
+
 /// A client of the control API.
 pub struct Client {
     url: String,
@@ -275,70 +341,7 @@ impl Client {
     }
 
     fn failure(&self, status: Status) -> Failure {
-        let message = one_line(status.message());
-        let (exit_code, message) = match status.code() {
-            // The server refused a request message over its size limit: the request is wrong.
-            Code::ResourceExhausted if message.starts_with("the request message is too large") => (
-                exit::USAGE,
-                format!(
-                    "the request is too large for the server ({}); a description may be at \
-                     most 1 MiB",
-                    message
-                        .trim_start_matches("the request message is too large: ")
-                        .trim_end_matches("; send less in one request")
-                ),
-            ),
-            // pipelinectl's own decoder refused an answer over its size limit.
-            Code::OutOfRange if message.contains("message length too large") => (
-                exit::FAILURE,
-                format!(
-                    "the server's answer is too large for pipelinectl ({})",
-                    message.trim_start_matches("Error, ")
-                ),
-            ),
-            Code::InvalidArgument | Code::OutOfRange => (exit::USAGE, message),
-            Code::NotFound => (exit::NOT_FOUND, message),
-            Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => {
-                (exit::REFUSED, message)
-            }
-            Code::Unavailable => (
-                exit::UNAVAILABLE,
-                format!(
-                    "cannot reach the pipeline server at {}: {message}",
-                    self.url
-                ),
-            ),
-            Code::Unknown | Code::Internal
-                if message.contains("transport error") || message.contains("h2 protocol error") =>
-            {
-                (
-                    exit::UNAVAILABLE,
-                    format!(
-                        "cannot reach the pipeline server at {}: {}; if it serves TLS, use an \
-                     https:// URL (and --tls-ca for a private CA)",
-                        self.url,
-                        one_line(&root_cause(&status))
-                    ),
-                )
-            }
-            // pipelinectl cancels nothing itself: the server dropped the connection.
-            Code::Cancelled => (
-                exit::UNAVAILABLE,
-                format!(
-                    "the pipeline server at {} closed the connection before answering ({message}); \
-                     it may be shutting down or at its connection limit: try again",
-                    self.url
-                ),
-            ),
-            Code::DeadlineExceeded => (
-                exit::UNAVAILABLE,
-                format!("the pipeline server at {} did not answer in time", self.url),
-            ),
-            Code::Unauthenticated | Code::PermissionDenied => (exit::AUTH, message),
-            Code::ResourceExhausted => (exit::REFUSED, message),
-            _ => (exit::FAILURE, format!("server error: {message}")),
-        };
-        Failure { message, exit_code }
+        failure(&self.url, status)
     }
 
     /// Revokes runner `name`; returns how many leases went back to Open.
@@ -378,98 +381,145 @@ impl Client {
         &mut self,
         id: String,
         follow: bool,
-    ) -> Result<tonic::Streaming<pb::TaskLogsResponse>, Failure> {
+    ) -> Result<Feed<pb::TaskLogsResponse>, Failure> {
         let r = self
             .inner
             .task_logs(pb::TaskLogsRequest { id, follow })
             .await;
-        r.map(tonic::Response::into_inner)
-            .map_err(|s| self.failure(s))
+        r.map(|r| self.feed(r)).map_err(|s| self.failure(s))
     }
 
     /// Every task transition, live.
-    pub async fn watch(&mut self) -> Result<tonic::Streaming<pb::TaskTransition>, Failure> {
+    pub async fn watch(&mut self) -> Result<Feed<pb::TaskTransition>, Failure> {
         let r = self.inner.watch(pb::WatchRequest {}).await;
-        r.map(tonic::Response::into_inner)
-            .map_err(|s| self.failure(s))
+        r.map(|r| self.feed(r)).map_err(|s| self.failure(s))
     }
 
-    /// The next message of a stream; `None` at its end.
-    pub async fn next<T>(&self, stream: &mut tonic::Streaming<T>) -> Result<Option<T>, Failure> {
-        stream.message().await.map_err(|s| self.failure(s))
+    fn feed<W>(&self, response: tonic::Response<tonic::Streaming<W>>) -> Feed<W> {
+        Feed {
+            messages: response.into_inner(),
+            url: self.url.clone(),
+        }
     }
 
-    pub async fn status(&mut self) -> Result<pb::GetStatusResponse, Failure> {
+    pub async fn status(&mut self) -> Result<model::Status, Failure> {
         let r = self.inner.get_status(unary(pb::GetStatusRequest {})).await;
-        r.map(tonic::Response::into_inner)
+        r.map(|r| r.into_inner().into())
             .map_err(|s| self.failure(s))
     }
 
-    pub async fn runners(&mut self) -> Result<Vec<pb::Runner>, Failure> {
+    pub async fn runners(&mut self) -> Result<Vec<Runner>, Failure> {
         let r = self
             .inner
             .list_runners(unary(pb::ListRunnersRequest {}))
             .await;
-        r.map(|r| r.into_inner().runners)
-            .map_err(|s| self.failure(s))
+        r.map(|r| {
+            r.into_inner()
+                .runners
+                .into_iter()
+                .map(Runner::from)
+                .collect()
+        })
+        .map_err(|s| self.failure(s))
     }
 
-    pub async fn create_task(&mut self, req: pb::CreateTaskRequest) -> Result<pb::Task, Failure> {
-        let r = self.inner.create_task(unary(req)).await;
-        let task = r.map_err(|s| self.failure(s))?.into_inner().task;
-        task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+    pub async fn create_task(&mut self, task: NewTask) -> Result<Task, Failure> {
+        let r = self
+            .inner
+            .create_task(unary(pb::CreateTaskRequest::from(task)))
+            .await;
+        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
     }
 
-    pub async fn list_tasks(&mut self, status: Option<&str>) -> Result<Vec<pb::Task>, Failure> {
-        let status = status
-            .map(|s| {
-                pb::TaskStatus::from_str_name(&format!("TASK_STATUS_{}", s.to_uppercase()))
-                    .map(i32::from)
-                    .ok_or_else(|| Failure::usage(format!("unknown status {s}")))
-            })
-            .transpose()?;
+    /// The tasks, or those with `status`.
+    pub async fn list_tasks(&mut self, status: Option<TaskStatus>) -> Result<Vec<Task>, Failure> {
+        let status = status.map(wire::task_status);
         let r = self
             .inner
             .list_tasks(unary(pb::ListTasksRequest { status }))
             .await;
-        r.map(|r| r.into_inner().tasks).map_err(|s| self.failure(s))
-    }
-
-    pub async fn get_task(&mut self, id: String) -> Result<pb::GetTaskResponse, Failure> {
-        let r = self.inner.get_task(unary(pb::GetTaskRequest { id })).await;
-        r.map(tonic::Response::into_inner)
+        r.map(|r| r.into_inner().tasks.into_iter().map(Task::from).collect())
             .map_err(|s| self.failure(s))
     }
 
-    pub async fn retry_task(&mut self, id: String) -> Result<pb::Task, Failure> {
+    /// A task with its runs and history.
+    pub async fn get_task(&mut self, id: String) -> Result<TaskDetail, Failure> {
+        let r = self.inner.get_task(unary(pb::GetTaskRequest { id })).await;
+        TaskDetail::try_from(r.map_err(|s| self.failure(s))?.into_inner())
+    }
+
+    /// What holds a task, in sentences (nothing when the answer lacks the task).
+    pub async fn waiting_for(&mut self, id: String) -> Result<Vec<String>, Failure> {
+        let r = self.inner.get_task(unary(pb::GetTaskRequest { id })).await;
+        Ok(wire::waiting_for(
+            r.map_err(|s| self.failure(s))?.into_inner(),
+        ))
+    }
+
+    pub async fn retry_task(&mut self, id: String) -> Result<Task, Failure> {
         let r = self
             .inner
             .retry_task(unary(pb::RetryTaskRequest { id }))
             .await;
-        let task = r.map_err(|s| self.failure(s))?.into_inner().task;
-        task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
     }
 
-    pub async fn cancel_task(&mut self, id: String) -> Result<pb::Task, Failure> {
+    pub async fn cancel_task(&mut self, id: String) -> Result<Task, Failure> {
         let r = self
             .inner
             .cancel_task(unary(pb::CancelTaskRequest { id }))
             .await;
-        let task = r.map_err(|s| self.failure(s))?.into_inner().task;
-        task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
     }
 
     pub async fn add_dependencies(
         &mut self,
         id: String,
         depends_on: Vec<String>,
-    ) -> Result<pb::Task, Failure> {
+    ) -> Result<Task, Failure> {
         let r = self
             .inner
             .add_dependencies(unary(pb::AddDependenciesRequest { id, depends_on }))
             .await;
-        let task = r.map_err(|s| self.failure(s))?.into_inner().task;
-        task.ok_or_else(|| Failure::internal("the server answered without the task".into()))
+        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+    }
+}
+
+/// A stream from the server, read one view value at a time.
+pub struct Feed<W> {
+    messages: tonic::Streaming<W>,
+    url: String,
+}
+
+impl<W> Feed<W> {
+    /// The next message; `None` at the stream's end.
+    async fn message(&mut self) -> Result<Option<W>, Failure> {
+        self.messages
+            .message()
+            .await
+            .map_err(|s| failure(&self.url, s))
+    }
+}
+
+impl Feed<pb::TaskLogsResponse> {
+    /// The next item of a `logs` stream; `None` at its end.
+    pub async fn next(&mut self) -> Result<Option<LogItem>, Failure> {
+        loop {
+            let Some(msg) = self.message().await? else {
+                return Ok(None);
+            };
+            // A message without a kind (from a newer server) says nothing to this client.
+            if let Some(item) = wire::log_item(msg) {
+                return Ok(Some(item));
+            }
+        }
+    }
+}
+
+impl Feed<pb::TaskTransition> {
+    /// The next transition; `None` at the stream's end.
+    pub async fn next(&mut self) -> Result<Option<Transition>, Failure> {
+        Ok(self.message().await?.map(Transition::from))
     }
 }
 
@@ -492,6 +542,49 @@ mod tests {
 
     fn token(dir: &tempfile::TempDir, host: &str, port: u16) -> Option<String> {
         local_admin_token_in(dir.path(), host, port).map(|l| l.token)
+    }
+
+    #[test]
+    fn a_failed_call_is_one_line_and_an_exit_code() {
+        let url = "http://127.0.0.1:7";
+        let cases = [
+            (
+                Status::not_found("task nope\ndoes not exist"),
+                exit::NOT_FOUND,
+                "task nope does not exist",
+            ),
+            (
+                Status::failed_precondition("cancelled already"),
+                exit::REFUSED,
+                "cancelled already",
+            ),
+            (
+                Status::unavailable("connection refused"),
+                exit::UNAVAILABLE,
+                "cannot reach the pipeline server at http://127.0.0.1:7: connection refused",
+            ),
+            (
+                Status::cancelled("gone"),
+                exit::UNAVAILABLE,
+                "the pipeline server at http://127.0.0.1:7 closed the connection before \
+                 answering (gone); it may be shutting down or at its connection limit: try again",
+            ),
+            (
+                Status::deadline_exceeded("slow"),
+                exit::UNAVAILABLE,
+                "the pipeline server at http://127.0.0.1:7 did not answer in time",
+            ),
+            (
+                Status::unauthenticated("no credential"),
+                exit::AUTH,
+                "no credential",
+            ),
+            (Status::data_loss("x"), exit::FAILURE, "server error: x"),
+        ];
+        for (status, code, message) in cases {
+            let f = failure(url, status);
+            assert_eq!((f.exit_code, f.message.as_str()), (code, message));
+        }
     }
 
     #[test]

@@ -1,17 +1,25 @@
 //! `pipelinectl`: see and steer a pipeline server. Human-readable tables by default, `--json`
 //! for scripts; every failure is one line on stderr and a stable exit code (see [`Failure`]).
+//!
+//! `client.rs` makes the calls and answers in the view types of `model.rs`, which `wire.rs`
+//! converts from the protocol's messages (the only module besides `client.rs` that names
+//! them); `output.rs` prints view values to the writer it is given; `main` parses the command,
+//! runs it and prints to stdout.
 
 mod client;
+mod model;
 mod output;
 mod time;
+mod wire;
 
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pipeline_proto::v1 as pb;
 
 use crate::client::{Client, Failure};
+use crate::model::{NewTask, TaskStatus};
+use crate::output::Format;
 
 /// See and steer a pipeline: tasks, runners, status.
 #[derive(Debug, Parser)]
@@ -154,39 +162,48 @@ enum TaskCommand {
     },
 }
 
-/// Lets a closed pipe (`pipelinectl … | head`) end the process quietly, as other tools do,
-/// instead of a panic message from `println!`. (Restoring the default SIGPIPE would do it too,
-/// but would also let a peer that hangs up on a socket kill the process without a word.)
-fn quiet_on_broken_pipe() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or_default();
-        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(0);
-        }
-        default(info);
-    }));
+/// Why a command stopped before its end.
+enum Stop {
+    /// It failed: one line for stderr and an exit code.
+    Failed(Failure),
+    /// Stdout could not be written.
+    Stdout(io::Error),
+}
+
+impl From<Failure> for Stop {
+    fn from(failure: Failure) -> Self {
+        Stop::Failed(failure)
+    }
+}
+
+impl From<io::Error> for Stop {
+    fn from(err: io::Error) -> Self {
+        Stop::Stdout(err)
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    quiet_on_broken_pipe();
     let cli = Cli::parse();
-    match run(cli).await {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    match run(cli, &mut out).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => {
+        // A closed pipe (`pipelinectl … | head`) ends the process quietly, as other tools do.
+        Err(Stop::Stdout(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(Stop::Stdout(e)) => {
+            eprintln!("pipelinectl: cannot write to stdout: {e}");
+            ExitCode::from(client::exit::FAILURE)
+        }
+        Err(Stop::Failed(failure)) => {
             eprintln!("pipelinectl: {}", failure.message);
             ExitCode::from(failure.exit_code)
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Failure> {
+/// Runs one command, printing to `out`.
+async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
     // Checked before connecting, so that a mistake is reported even with no server.
     let add_description = match &cli.command {
         Command::Task(TaskCommand::Add {
@@ -204,30 +221,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Status { json } => {
             let s = client.status().await?;
-            output::status(&s, json);
+            output::status(out, &s, Format::for_stdout(json))?;
         }
         Command::Runners { json, action: None } => {
             let runners = client.runners().await?;
-            output::runners(&runners, json);
+            output::runners(out, &runners, Format::for_stdout(json))?;
         }
         Command::Runners {
             action: Some(RunnersAction::Revoke { name }),
             ..
         } => {
             let released = client.revoke_runner(name.clone()).await?;
-            println!("{name}: revoked; {released} lease(s) given back");
+            writeln!(out, "{name}: revoked; {released} lease(s) given back")?;
         }
         Command::Runners {
             action: Some(RunnersAction::Forget { name }),
             ..
         } => {
             client.forget_runner(name.clone()).await?;
-            println!("{name}: forgotten; the name is free");
+            writeln!(out, "{name}: forgotten; the name is free")?;
         }
         Command::Token(TokenCommand::Rotate) => {
             let (token, path) = client.rotate_registration_token().await?;
             eprintln!("the new runner registration token (also in {path}):");
-            println!("{token}");
+            writeln!(out, "{token}")?;
         }
         Command::Task(TaskCommand::Add {
             title,
@@ -239,64 +256,71 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ..
         }) => {
             let task = client
-                .create_task(pb::CreateTaskRequest {
+                .create_task(NewTask {
                     id,
                     title,
                     description: add_description.unwrap_or_default(),
                     namespace,
-                    priority: Some(priority),
+                    priority,
                     parent,
                     depends_on,
                 })
                 .await?;
-            println!("{}", task.id);
+            writeln!(out, "{}", task.id)?;
         }
         Command::Task(TaskCommand::List { status, json }) => {
-            let tasks = client.list_tasks(status.as_deref()).await?;
-            output::task_list(&tasks, json);
+            let status = status
+                .map(|s| {
+                    TaskStatus::from_word(&s)
+                        .ok_or_else(|| Failure::usage(format!("unknown status {s}")))
+                })
+                .transpose()?;
+            let tasks = client.list_tasks(status).await?;
+            output::task_list(out, &tasks, Format::for_stdout(json))?;
         }
         Command::Task(TaskCommand::Show { id, json }) => {
             let detail = client.get_task(id).await?;
-            output::task_detail(&detail, json)?;
+            output::task_detail(out, &detail, Format::for_stdout(json))?;
         }
         Command::Task(TaskCommand::Retry { id }) => {
             let task = client.retry_task(id).await?;
-            println!("{}: {}", task.id, output::status_word(task.status));
+            writeln!(out, "{}: {}", task.id, task.status.word())?;
         }
         Command::Task(TaskCommand::Cancel { id }) => {
             let task = client.cancel_task(id).await?;
-            println!("{}: {}", task.id, output::status_word(task.status));
+            writeln!(out, "{}: {}", task.id, task.status.word())?;
         }
         Command::Task(TaskCommand::Depend { id, on }) => {
             let task = client.add_dependencies(id, on).await?;
-            println!("{} depends on {}", task.id, task.depends_on.join(", "));
+            writeln!(out, "{} depends on {}", task.id, task.depends_on.join(", "))?;
         }
         Command::Logs { id, follow } => {
             if follow {
                 // Say once what the task waits for, so a follow that shows nothing is not silent.
-                let task = client.get_task(id.clone()).await?.task;
-                for why in task.map(|t| t.waiting_for).unwrap_or_default() {
+                for why in client.waiting_for(id.clone()).await? {
                     eprintln!("{id} is waiting: {why}");
                 }
             }
-            let mut stream = client.task_logs(id, follow).await?;
+            let mut logs = client.task_logs(id, follow).await?;
             let mut printer = output::LogPrinter::new(output::stdout_is_terminal());
-            while let Some(msg) = client.next(&mut stream).await? {
-                if let Some(status) = printer.print(msg)
+            while let Some(item) = logs.next().await? {
+                if let Some(status) = printer.print(out, item)?
                     && follow
-                    && matches!(status, "done" | "needs_help" | "cancelled")
+                    && status.is_final()
                 {
                     break;
                 }
             }
         }
         Command::Watch { json } => {
-            let mut stream = client.watch().await?;
-            while let Some(t) = client.next(&mut stream).await? {
-                output::transition(&t, json);
+            let format = Format::for_stdout(json);
+            let mut transitions = client.watch().await?;
+            while let Some(t) = transitions.next().await? {
+                output::transition(out, &t, format)?;
             }
         }
     }
+    out.flush()?;
     Ok(())
 }
 

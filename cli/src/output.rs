@@ -1,5 +1,7 @@
 //! What `pipelinectl` prints: aligned tables for people, and for `--json` the shapes of
 //! `CONTRACT.md` (statuses as lowercase words, times as RFC 3339 strings, absent values as null).
+//! Every function prints view values (`model.rs`, never a protocol type) to the writer it is
+//! given; `main` hands it stdout, the snapshot tests a buffer.
 //!
 //! Text that comes from agents and builds (log lines, run errors, rejection feedback, event
 //! messages) is shown escaped when stdout is a terminal ([`terminal_safe`]): an escape sequence
@@ -8,12 +10,15 @@
 //! printed as it was written (scripts and files get the bytes); `--json` is JSON-escaped anyway.
 
 use std::borrow::Cow;
-use std::io::IsTerminal;
+use std::collections::HashMap;
+use std::io::{self, IsTerminal, Write};
 
-use pipeline_proto::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::client::Failure;
+use crate::model::{
+    FailureKind, Health, LogItem, LogLine, LogRun, Phase, Run, Runner, Status, Task, TaskDetail,
+    TaskEvent, TaskStatus, Transition,
+};
 use crate::time::rfc3339;
 
 /// Whether a character is shown escaped on a terminal: the C0 controls but tab (ESC starts
@@ -61,49 +66,27 @@ pub fn stdout_is_terminal() -> bool {
     *TERMINAL.get_or_init(|| std::io::stdout().is_terminal())
 }
 
-/// Text from agents and builds, as shown on this process's stdout.
-fn agent_text(text: &str) -> Cow<'_, str> {
-    shown(text, stdout_is_terminal())
+/// How a command prints: JSON for scripts, or text for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    /// Aligned text; `terminal` when it goes to one, so that text from agents and builds is
+    /// shown escaped ([`terminal_safe`]).
+    Text {
+        terminal: bool,
+    },
 }
 
-/// The lowercase word for a task status, as in the contract.
-pub fn status_word(raw: i32) -> &'static str {
-    match pb::TaskStatus::try_from(raw) {
-        Ok(pb::TaskStatus::Open) => "open",
-        Ok(pb::TaskStatus::InProgress) => "in_progress",
-        Ok(pb::TaskStatus::Verified) => "verified",
-        Ok(pb::TaskStatus::Done) => "done",
-        Ok(pb::TaskStatus::NeedsHelp) => "needs_help",
-        Ok(pb::TaskStatus::Cancelled) => "cancelled",
-        _ => "unknown",
-    }
-}
-
-fn phase_word(raw: i32) -> &'static str {
-    match pb::RunPhase::try_from(raw) {
-        Ok(pb::RunPhase::Dev) => "dev",
-        Ok(pb::RunPhase::Verify) => "verify",
-        Ok(pb::RunPhase::Integrate) => "integrate",
-        _ => "unknown",
-    }
-}
-
-fn run_status_word(raw: i32) -> &'static str {
-    match pb::RunStatus::try_from(raw) {
-        Ok(pb::RunStatus::Running) => "running",
-        Ok(pb::RunStatus::Success) => "success",
-        Ok(pb::RunStatus::Failure) => "failure",
-        _ => "unknown",
-    }
-}
-
-fn runner_state_word(raw: i32) -> &'static str {
-    match pb::RunnerState::try_from(raw) {
-        Ok(pb::RunnerState::Idle) => "idle",
-        Ok(pb::RunnerState::Busy) => "busy",
-        Ok(pb::RunnerState::Draining) => "draining",
-        Ok(pb::RunnerState::Offline) => "offline",
-        _ => "unknown",
+impl Format {
+    /// JSON with `--json`, else text for this process's stdout.
+    pub fn for_stdout(json: bool) -> Self {
+        if json {
+            Format::Json
+        } else {
+            Format::Text {
+                terminal: stdout_is_terminal(),
+            }
+        }
     }
 }
 
@@ -111,46 +94,48 @@ fn time_or_null(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, |ms| Value::String(rfc3339(ms)))
 }
 
-fn print_json(value: &Value) {
+fn print_json(out: &mut impl Write, value: &Value) -> io::Result<()> {
     // Serializing a `Value` cannot fail.
-    println!(
+    writeln!(
+        out,
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-    );
+    )
 }
 
 /// Prints rows under a header, each column as wide as its widest cell.
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+fn print_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let line = |out: &mut dyn Write, cells: Vec<&str>| {
         let last = cells.len().saturating_sub(1);
-        let mut out = String::new();
+        let mut text = String::new();
         for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             if i == last {
-                out.push_str(cell);
+                text.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:<w$}  "));
+                text.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        writeln!(out, "{}", text.trim_end())
     };
-    line(header.to_vec());
+    line(out, header.to_vec())?;
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(out, row.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
-pub fn task_json(t: &pb::Task) -> Value {
+pub fn task_json(t: &Task) -> Value {
     json!({
         "id": t.id,
         "title": t.title,
         "description": t.description,
-        "status": status_word(t.status),
+        "status": t.status.word(),
         "priority": t.priority,
         "patchset": t.patchset,
         "namespace": t.namespace,
@@ -167,90 +152,78 @@ pub fn task_json(t: &pb::Task) -> Value {
     })
 }
 
-fn run_json(r: &pb::Run) -> Value {
+fn run_json(r: &Run) -> Value {
     json!({
         "id": r.id,
-        "phase": phase_word(r.phase),
+        "phase": r.phase.word(),
         "patchset": r.patchset,
         "attempt": r.attempt,
-        "status": run_status_word(r.status),
+        "status": r.status.word(),
         "runner": r.runner,
         "cost_cents": r.cost_cents,
         "started_at": rfc3339(r.started_at_ms),
         "finished_at": time_or_null(r.finished_at_ms),
         "error": r.error,
-        "failure_kind": failure_kind_word(r.failure_kind),
+        "failure_kind": r.failure_kind.map(FailureKind::word),
     })
 }
 
-fn failure_kind_word(raw: i32) -> Value {
-    match pb::FailureKind::try_from(raw) {
-        Ok(pb::FailureKind::Task) => json!("task"),
-        Ok(pb::FailureKind::Infrastructure) => json!("infrastructure"),
-        _ => Value::Null,
-    }
-}
-
-fn event_json(e: &pb::TaskEvent) -> Value {
-    let from = match pb::TaskStatus::try_from(e.from_status) {
-        Ok(pb::TaskStatus::Unspecified) | Err(_) => Value::Null,
-        Ok(_) => Value::String(status_word(e.from_status).to_owned()),
-    };
+fn event_json(e: &TaskEvent) -> Value {
     json!({
         "at": rfc3339(e.at_ms),
         "kind": e.kind,
-        "from": from,
-        "to": status_word(e.to_status),
+        "from": e.from.map(TaskStatus::word),
+        "to": e.to.word(),
         "message": e.message,
     })
 }
 
-pub fn status(s: &pb::GetStatusResponse, as_json: bool) {
-    if as_json {
-        print_json(&json!({
-            "open": s.open,
-            "in_progress": s.in_progress,
-            "verified": s.verified,
-            "done": s.done,
-            "needs_help": s.needs_help,
-            "cancelled": s.cancelled,
-            "active_dev_runs": s.active_dev_runs,
-            "runners": s.runners,
-            "base": s.base,
-            "health": if s.unhealthy.is_some() { "unhealthy" } else { "healthy" },
-            "health_reason": s.unhealthy,
-        }));
-        return;
+pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()> {
+    if format == Format::Json {
+        return print_json(
+            out,
+            &json!({
+                "open": s.open,
+                "in_progress": s.in_progress,
+                "verified": s.verified,
+                "done": s.done,
+                "needs_help": s.needs_help,
+                "cancelled": s.cancelled,
+                "active_dev_runs": s.active_dev_runs,
+                "runners": s.runners,
+                "base": s.base,
+                "health": s.health.word(),
+                "health_reason": s.health.reason(),
+            }),
+        );
     }
-    if let Some(why) = &s.unhealthy {
-        println!("health:          UNHEALTHY: {why}");
+    if let Some(why) = s.health.reason() {
+        writeln!(out, "health:          UNHEALTHY: {why}")?;
     }
-    println!("base branch:     {}", s.base);
-    println!("open:            {}", s.open);
-    println!("in progress:     {}", s.in_progress);
-    println!("verified:        {}", s.verified);
-    println!("done:            {}", s.done);
-    println!("needs help:      {}", s.needs_help);
-    println!("cancelled:       {}", s.cancelled);
-    println!("active dev runs: {}", s.active_dev_runs);
-    println!("runners:         {}", s.runners);
+    writeln!(out, "base branch:     {}", s.base)?;
+    writeln!(out, "open:            {}", s.open)?;
+    writeln!(out, "in progress:     {}", s.in_progress)?;
+    writeln!(out, "verified:        {}", s.verified)?;
+    writeln!(out, "done:            {}", s.done)?;
+    writeln!(out, "needs help:      {}", s.needs_help)?;
+    writeln!(out, "cancelled:       {}", s.cancelled)?;
+    writeln!(out, "active dev runs: {}", s.active_dev_runs)?;
+    writeln!(out, "runners:         {}", s.runners)
 }
 
-pub fn task_list(tasks: &[pb::Task], as_json: bool) {
-    if as_json {
-        print_json(&Value::Array(tasks.iter().map(task_json).collect()));
-        return;
+pub fn task_list(out: &mut impl Write, tasks: &[Task], format: Format) -> io::Result<()> {
+    if format == Format::Json {
+        return print_json(out, &Value::Array(tasks.iter().map(task_json).collect()));
     }
     if tasks.is_empty() {
-        println!("no tasks");
-        return;
+        return writeln!(out, "no tasks");
     }
     let rows: Vec<Vec<String>> = tasks
         .iter()
         .map(|t| {
             vec![
                 t.id.clone(),
-                status_word(t.status).to_owned(),
+                t.status.word().to_owned(),
                 format!("P{}", t.priority),
                 t.patchset.to_string(),
                 t.failures.to_string(),
@@ -264,6 +237,7 @@ pub fn task_list(tasks: &[pb::Task], as_json: bool) {
         })
         .collect();
     print_table(
+        out,
         &[
             "ID",
             "STATUS",
@@ -274,70 +248,70 @@ pub fn task_list(tasks: &[pb::Task], as_json: bool) {
             "TITLE",
         ],
         &rows,
-    );
+    )
 }
 
-pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure> {
-    let t = d
-        .task
-        .as_ref()
-        .ok_or_else(|| Failure::internal("the server answered without the task".into()))?;
-    if as_json {
-        let mut value = task_json(t);
-        value["runs"] = Value::Array(d.runs.iter().map(run_json).collect());
-        value["events"] = Value::Array(d.events.iter().map(event_json).collect());
-        print_json(&value);
-        return Ok(());
-    }
+pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::Result<()> {
+    let t = &d.task;
+    let terminal = match format {
+        Format::Json => {
+            let mut value = task_json(t);
+            value["runs"] = Value::Array(d.runs.iter().map(run_json).collect());
+            value["events"] = Value::Array(d.events.iter().map(event_json).collect());
+            return print_json(out, &value);
+        }
+        Format::Text { terminal } => terminal,
+    };
+    let agent_text = |text: &str| shown(text, terminal).into_owned();
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
-    println!("{}  {}", t.id, agent_text(&t.title));
-    println!("status:      {}", status_word(t.status));
+    writeln!(out, "{}  {}", t.id, agent_text(&t.title))?;
+    writeln!(out, "status:      {}", t.status.word())?;
     for why in &t.waiting_for {
-        println!("waiting:     {why}");
+        writeln!(out, "waiting:     {why}")?;
     }
-    println!("priority:    P{}", t.priority);
-    println!("namespace:   {}", or_dash(&t.namespace));
-    println!("parent:      {}", or_dash(&t.parent));
+    writeln!(out, "priority:    P{}", t.priority)?;
+    writeln!(out, "namespace:   {}", or_dash(&t.namespace))?;
+    writeln!(out, "parent:      {}", or_dash(&t.parent))?;
     let deps = if t.depends_on.is_empty() {
         "-".to_owned()
     } else {
         t.depends_on.join(", ")
     };
-    println!("depends on:  {deps}");
-    println!("patchset:    {}", t.patchset);
-    println!("failures:    {}", t.failures);
-    println!("cost:        {} cents", t.cost_cents);
+    writeln!(out, "depends on:  {deps}")?;
+    writeln!(out, "patchset:    {}", t.patchset)?;
+    writeln!(out, "failures:    {}", t.failures)?;
+    writeln!(out, "cost:        {} cents", t.cost_cents)?;
     if let Some(until) = t.backoff_until_ms {
-        println!("back-off:    until {}", rfc3339(until));
+        writeln!(out, "back-off:    until {}", rfc3339(until))?;
     }
-    println!("created:     {}", rfc3339(t.created_at_ms));
-    println!("updated:     {}", rfc3339(t.updated_at_ms));
+    writeln!(out, "created:     {}", rfc3339(t.created_at_ms))?;
+    writeln!(out, "updated:     {}", rfc3339(t.updated_at_ms))?;
     if !t.description.is_empty() {
-        println!("\ndescription:");
+        writeln!(out, "\ndescription:")?;
         for line in t.description.lines() {
-            println!("  {}", agent_text(line));
+            writeln!(out, "  {}", agent_text(line))?;
         }
     }
     if let Some(feedback) = &t.feedback {
-        println!("\nlast rejection:");
+        writeln!(out, "\nlast rejection:")?;
         for line in feedback.lines() {
-            println!("  {}", agent_text(line));
+            writeln!(out, "  {}", agent_text(line))?;
         }
     }
-    println!("\nruns:");
+    writeln!(out, "\nruns:")?;
     if d.runs.is_empty() {
-        println!("  none yet");
+        writeln!(out, "  none yet")?;
     } else {
         let rows: Vec<Vec<String>> = d
             .runs
             .iter()
             .map(|r| {
                 vec![
-                    format!("  {}", phase_word(r.phase)),
+                    format!("  {}", r.phase.word()),
                     r.attempt.to_string(),
                     r.patchset.to_string(),
                     r.runner.clone().unwrap_or_else(|| "(server)".into()),
-                    run_status_word(r.status).to_owned(),
+                    r.status.word().to_owned(),
                     r.cost_cents.to_string(),
                     rfc3339(r.started_at_ms),
                     r.finished_at_ms.map_or_else(|| "-".into(), rfc3339),
@@ -347,87 +321,77 @@ pub fn task_detail(d: &pb::GetTaskResponse, as_json: bool) -> Result<(), Failure
                             .map(one_line_summary)
                             .as_deref()
                             .unwrap_or("-"),
-                    )
-                    .into_owned(),
+                    ),
                 ]
             })
             .collect();
         print_table(
+            out,
             &[
                 "  PHASE", "ATTEMPT", "PATCHSET", "RUNNER", "STATUS", "COST", "STARTED",
                 "FINISHED", "ERROR",
             ],
             &rows,
-        );
+        )?;
     }
-    println!("\nhistory:");
+    writeln!(out, "\nhistory:")?;
     for e in &d.events {
-        println!(
+        writeln!(
+            out,
             "  {}  {:<18}  {:<11}  {}",
             rfc3339(e.at_ms),
             e.kind,
-            status_word(e.to_status),
+            e.to.word(),
             agent_text(&e.message)
-        );
+        )?;
     }
     Ok(())
 }
 
-pub fn runners(runners: &[pb::Runner], as_json: bool) {
-    if as_json {
+pub fn runners(out: &mut impl Write, runners: &[Runner], format: Format) -> io::Result<()> {
+    if format == Format::Json {
         let values = runners
             .iter()
             .map(|r| {
                 json!({
                     "id": r.id,
                     "name": r.name,
-                    "state": runner_state_word(r.state),
+                    "state": r.state.word(),
                     "slots_used": r.slots_used,
                     "slots_total": r.slots_total,
                     "last_heartbeat": time_or_null(r.last_heartbeat_ms),
                     "labels": r.labels,
                     "version": r.version,
-                    "health": if r.unhealthy_reason.is_some() { "unhealthy" } else { "healthy" },
-                    "health_reason": r.unhealthy_reason,
+                    "health": r.health.word(),
+                    "health_reason": r.health.reason(),
                 })
             })
             .collect();
-        print_json(&Value::Array(values));
-        return;
+        return print_json(out, &Value::Array(values));
     }
     if runners.is_empty() {
-        println!("no runners");
-        return;
+        return writeln!(out, "no runners");
     }
     let rows: Vec<Vec<String>> = runners
         .iter()
         .map(|r| {
             vec![
                 r.name.clone(),
-                runner_state_word(r.state).to_owned(),
+                r.state.word().to_owned(),
                 format!("{}/{}", r.slots_used, r.slots_total),
                 r.last_heartbeat_ms.map_or_else(|| "-".into(), rfc3339),
-                match &r.unhealthy_reason {
-                    Some(why) => format!("unhealthy: {why}"),
-                    None => "healthy".to_owned(),
+                match &r.health {
+                    Health::Unhealthy(why) => format!("unhealthy: {why}"),
+                    Health::Healthy => "healthy".to_owned(),
                 },
             ]
         })
         .collect();
     print_table(
+        out,
         &["NAME", "STATE", "SLOTS", "LAST HEARTBEAT", "HEALTH"],
         &rows,
-    );
-}
-
-fn stream_word(raw: i32) -> &'static str {
-    match pb::LogStream::try_from(raw) {
-        Ok(pb::LogStream::Stdout) => "stdout",
-        Ok(pb::LogStream::Stderr) => "stderr",
-        Ok(pb::LogStream::Runner) => "runner",
-        Ok(pb::LogStream::Server) => "server",
-        _ => "?",
-    }
+    )
 }
 
 /// Prints a `logs` stream: a header per run (and per phase within it), each line with its
@@ -435,14 +399,14 @@ fn stream_word(raw: i32) -> &'static str {
 /// Lines are shown escaped when printing to a terminal ([`terminal_safe`]).
 #[derive(Default)]
 pub struct LogPrinter {
-    runs: std::collections::HashMap<i64, pb::LogRunHeader>,
-    current: Option<(i64, i32)>,
-    last_seq: std::collections::HashMap<i64, u64>,
+    runs: HashMap<i64, LogRun>,
+    current: Option<(i64, Phase)>,
+    last_seq: HashMap<i64, u64>,
     terminal: bool,
 }
 
 impl LogPrinter {
-    /// A printer for stdout; `terminal` when it is one.
+    /// A printer for `out` in [`LogPrinter::print`]; `terminal` when it is one.
     pub fn new(terminal: bool) -> Self {
         Self {
             terminal,
@@ -450,63 +414,60 @@ impl LogPrinter {
         }
     }
 
-    /// Prints one message; returns the task's status when the message is one.
-    pub fn print(&mut self, msg: pb::TaskLogsResponse) -> Option<&'static str> {
-        use pb::task_logs_response::Kind;
-        match msg.kind? {
-            Kind::Run(header) => {
-                self.runs.insert(header.run_id, header);
-                None
+    /// Prints one item; returns the task's status when the item is one.
+    pub fn print(&mut self, out: &mut impl Write, item: LogItem) -> io::Result<Option<TaskStatus>> {
+        match item {
+            LogItem::Run(run) => {
+                self.runs.insert(run.run_id, run);
             }
-            Kind::EncodedLines(bytes) => {
-                match <pb::LogBatch as prost::Message>::decode(bytes.as_ref()) {
-                    Ok(batch) => self.print(pb::TaskLogsResponse {
-                        kind: Some(Kind::Lines(batch)),
-                    }),
-                    Err(e) => {
-                        eprintln!("pipelinectl: a log batch could not be decoded: {e}");
-                        None
-                    }
+            LogItem::Undecodable(why) => {
+                eprintln!("pipelinectl: a log batch could not be decoded: {why}");
+            }
+            LogItem::Lines { run_id, lines } => {
+                for line in &lines {
+                    self.line(out, run_id, line)?;
                 }
             }
-            Kind::Lines(batch) => {
-                for line in &batch.lines {
-                    if self.current != Some((batch.run_id, line.phase)) {
-                        self.current = Some((batch.run_id, line.phase));
-                        let header = self.runs.get(&batch.run_id);
-                        let attempt = header.map_or(0, |h| h.attempt);
-                        let runner = header
-                            .and_then(|h| h.runner.clone())
-                            .unwrap_or_else(|| "server".to_owned());
-                        println!(
-                            "=== {} · attempt {attempt} · {runner} ===",
-                            phase_word(line.phase)
-                        );
-                    }
-                    // A gap between two lines of a run means lines were cut (a run's first
-                    // line may come after lines of another run of the same lease).
-                    let last = self.last_seq.get(&batch.run_id).copied();
-                    if let Some(last) = last
-                        && line.seq > last.saturating_add(1)
-                    {
-                        println!(
-                            "[… lines {}–{} cut: the run's log passed its size cap …]",
-                            last + 1,
-                            line.seq - 1
-                        );
-                    }
-                    self.last_seq.insert(batch.run_id, line.seq);
-                    println!(
-                        "{} {:<6} {}",
-                        rfc3339(line.at_ms),
-                        stream_word(line.stream),
-                        shown(&line.text, self.terminal)
-                    );
-                }
-                None
-            }
-            Kind::Status(raw) => Some(status_word(raw)),
+            LogItem::Status(status) => return Ok(Some(status)),
         }
+        Ok(None)
+    }
+
+    fn line(&mut self, out: &mut impl Write, run_id: i64, line: &LogLine) -> io::Result<()> {
+        if self.current != Some((run_id, line.phase)) {
+            self.current = Some((run_id, line.phase));
+            let run = self.runs.get(&run_id);
+            let attempt = run.map_or(0, |r| r.attempt);
+            let runner = run
+                .and_then(|r| r.runner.clone())
+                .unwrap_or_else(|| "server".to_owned());
+            writeln!(
+                out,
+                "=== {} · attempt {attempt} · {runner} ===",
+                line.phase.word()
+            )?;
+        }
+        // A gap between two lines of a run means lines were cut (a run's first line may come
+        // after lines of another run of the same lease).
+        let last = self.last_seq.get(&run_id).copied();
+        if let Some(last) = last
+            && line.seq > last.saturating_add(1)
+        {
+            writeln!(
+                out,
+                "[… lines {}–{} cut: the run's log passed its size cap …]",
+                last + 1,
+                line.seq - 1
+            )?;
+        }
+        self.last_seq.insert(run_id, line.seq);
+        writeln!(
+            out,
+            "{} {:<6} {}",
+            rfc3339(line.at_ms),
+            line.stream.word(),
+            shown(&line.text, self.terminal)
+        )
     }
 }
 
@@ -524,38 +485,35 @@ pub fn one_line_summary(text: &str) -> String {
     }
 }
 
-/// Prints one task transition, as a line or as JSON.
-pub fn transition(t: &pb::TaskTransition, as_json: bool) {
-    let from = match pb::TaskStatus::try_from(t.from_status) {
-        Ok(pb::TaskStatus::Unspecified) | Err(_) => None,
-        Ok(_) => Some(status_word(t.from_status)),
-    };
-    if as_json {
-        println!(
+/// Prints one task transition, as a line or as JSON, and flushes it (a pipe reader, `| grep`,
+/// sees each transition at once).
+pub fn transition(out: &mut impl Write, t: &Transition, format: Format) -> io::Result<()> {
+    let from = t.from.map(TaskStatus::word);
+    match format {
+        Format::Json => writeln!(
+            out,
             "{}",
             json!({
                 "at": rfc3339(t.at_ms),
                 "task": t.task_id,
                 "kind": t.kind,
                 "from": from,
-                "to": status_word(t.to_status),
+                "to": t.to.word(),
                 "message": t.message,
             })
-        );
-    } else {
-        println!(
+        )?,
+        Format::Text { terminal } => writeln!(
+            out,
             "{} {} {} -> {} ({}) {}",
             rfc3339(t.at_ms),
             t.task_id,
             from.unwrap_or("-"),
-            status_word(t.to_status),
+            t.to.word(),
             t.kind,
-            agent_text(&one_line_summary(&t.message))
-        );
+            shown(&one_line_summary(&t.message), terminal)
+        )?,
     }
-    // A pipe reader (`| grep`) sees each transition at once.
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    out.flush()
 }
 
 #[cfg(test)]

@@ -1,0 +1,339 @@
+//! What `pipelinectl` knows of the server's answers, in its own types: the view that
+//! `output.rs` prints. Statuses are enums that print as the contract's lowercase words, times
+//! are milliseconds since the Unix epoch, absent values are `None`. Nothing here names a
+//! protocol type: `wire.rs` converts the server's messages into these.
+
+/// A task's status. `Unknown` stands for a value this client does not know (or none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskStatus {
+    Open,
+    InProgress,
+    Verified,
+    Done,
+    NeedsHelp,
+    Cancelled,
+    Unknown,
+}
+
+impl TaskStatus {
+    /// Every status a task can be in, as `task list --status` takes them.
+    pub const KNOWN: [TaskStatus; 6] = [
+        TaskStatus::Open,
+        TaskStatus::InProgress,
+        TaskStatus::Verified,
+        TaskStatus::Done,
+        TaskStatus::NeedsHelp,
+        TaskStatus::Cancelled,
+    ];
+
+    /// The lowercase word of the contract (`unknown` for `Unknown`).
+    pub fn word(self) -> &'static str {
+        match self {
+            TaskStatus::Open => "open",
+            TaskStatus::InProgress => "in_progress",
+            TaskStatus::Verified => "verified",
+            TaskStatus::Done => "done",
+            TaskStatus::NeedsHelp => "needs_help",
+            TaskStatus::Cancelled => "cancelled",
+            TaskStatus::Unknown => "unknown",
+        }
+    }
+
+    /// The status a contract word names.
+    pub fn from_word(word: &str) -> Option<Self> {
+        Self::KNOWN.into_iter().find(|s| s.word() == word)
+    }
+
+    /// Whether the task has stopped moving on its own: done, needs help or cancelled.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Done | TaskStatus::NeedsHelp | TaskStatus::Cancelled
+        )
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Dev,
+    Verify,
+    Integrate,
+    Unknown,
+}
+
+impl Phase {
+    pub fn word(self) -> &'static str {
+        match self {
+            Phase::Dev => "dev",
+            Phase::Verify => "verify",
+            Phase::Integrate => "integrate",
+            Phase::Unknown => "unknown",
+        }
+    }
+}
+
+/// How a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Success,
+    Failure,
+    Unknown,
+}
+
+impl RunStatus {
+    pub fn word(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Success => "success",
+            RunStatus::Failure => "failure",
+            RunStatus::Unknown => "unknown",
+        }
+    }
+}
+
+/// Whose fault a failed run was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The task's own (its agent's work or its build): counts towards the retry limit.
+    Task,
+    /// Not the task's (a missing program, a git or disk error, a lost runner): uncharged.
+    Infrastructure,
+}
+
+impl FailureKind {
+    pub fn word(self) -> &'static str {
+        match self {
+            FailureKind::Task => "task",
+            FailureKind::Infrastructure => "infrastructure",
+        }
+    }
+}
+
+/// Whether the server (or a runner) can do its work, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Unhealthy(String),
+}
+
+impl Health {
+    /// `healthy` or `unhealthy`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Unhealthy(_) => "unhealthy",
+        }
+    }
+
+    /// Why it is unhealthy; `None` when healthy.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Health::Healthy => None,
+            Health::Unhealthy(why) => Some(why),
+        }
+    }
+}
+
+/// What a runner is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerState {
+    Idle,
+    Busy,
+    Draining,
+    Offline,
+    Unknown,
+}
+
+impl RunnerState {
+    pub fn word(self) -> &'static str {
+        match self {
+            RunnerState::Idle => "idle",
+            RunnerState::Busy => "busy",
+            RunnerState::Draining => "draining",
+            RunnerState::Offline => "offline",
+            RunnerState::Unknown => "unknown",
+        }
+    }
+}
+
+/// Where a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// The runner's own lifecycle lines.
+    Runner,
+    /// The server's lines (integration, cancels, lapsed leases).
+    Server,
+    Unknown,
+}
+
+impl LogStream {
+    /// `stdout`, `stderr`, `runner`, `server`, or `?`.
+    pub fn word(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Runner => "runner",
+            LogStream::Server => "server",
+            LogStream::Unknown => "?",
+        }
+    }
+}
+
+/// A new task, as `task add` asks for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// `None` lets the server choose `t-<n>`.
+    pub id: Option<String>,
+    pub title: String,
+    pub description: String,
+    pub namespace: Option<String>,
+    pub priority: u32,
+    pub parent: Option<String>,
+    pub depends_on: Vec<String>,
+}
+
+/// A task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub title: String,
+    pub description: String,
+    pub status: TaskStatus,
+    pub priority: u32,
+    /// Commits the server has accepted from runners for this task.
+    pub patchset: u32,
+    pub namespace: Option<String>,
+    pub depends_on: Vec<String>,
+    pub parent: Option<String>,
+    /// Failed attempts since creation or the last explicit retry.
+    pub failures: u32,
+    /// Leases it lost in a row (not counted as failures).
+    pub lost_leases: u32,
+    pub cost_cents: f64,
+    pub backoff_until_ms: Option<i64>,
+    /// Why the last attempt was rejected.
+    pub feedback: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Why it is not moving, in sentences; empty when nothing holds it.
+    pub waiting_for: Vec<String>,
+}
+
+/// One run of a task: a dev run on a runner, its verification, or the server's integration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: i64,
+    pub phase: Phase,
+    pub patchset: u32,
+    pub attempt: u32,
+    /// The runner's name; `None` for the server's own runs.
+    pub runner: Option<String>,
+    pub status: RunStatus,
+    pub cost_cents: f64,
+    pub started_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub error: Option<String>,
+    /// `None` for runs that did not fail (or were given back).
+    pub failure_kind: Option<FailureKind>,
+}
+
+/// One entry of a task's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEvent {
+    pub at_ms: i64,
+    /// What happened, one word: created, leased, dev_failed, verified, …
+    pub kind: String,
+    /// `None` for the first event (or a status this client does not know).
+    pub from: Option<TaskStatus>,
+    pub to: TaskStatus,
+    pub message: String,
+}
+
+/// A task with its runs and history, as `task show` prints it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskDetail {
+    pub task: Task,
+    pub runs: Vec<Run>,
+    pub events: Vec<TaskEvent>,
+}
+
+/// The server's counts and health, as `status` prints them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub open: u64,
+    pub in_progress: u64,
+    pub verified: u64,
+    pub done: u64,
+    pub needs_help: u64,
+    pub cancelled: u64,
+    pub active_dev_runs: u64,
+    pub runners: u64,
+    /// The base branch's name.
+    pub base: String,
+    pub health: Health,
+}
+
+/// A runner known to the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Runner {
+    pub id: String,
+    pub name: String,
+    pub state: RunnerState,
+    pub slots_used: u32,
+    pub slots_total: u32,
+    pub last_heartbeat_ms: Option<i64>,
+    pub labels: Vec<String>,
+    pub version: String,
+    pub health: Health,
+}
+
+/// The run that the log lines after it belong to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRun {
+    pub run_id: i64,
+    /// The run's phase; each line carries its own, which is what headers show.
+    pub phase: Phase,
+    pub attempt: u32,
+    /// `None` for the server's own runs.
+    pub runner: Option<String>,
+}
+
+/// One line of a run's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogLine {
+    /// Per run, from 1; a gap means lines were cut.
+    pub seq: u64,
+    pub at_ms: i64,
+    pub stream: LogStream,
+    pub phase: Phase,
+    pub text: String,
+}
+
+/// One message of a `logs` stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogItem {
+    /// The run the lines that follow belong to.
+    Run(LogRun),
+    /// Lines of one run.
+    Lines { run_id: i64, lines: Vec<LogLine> },
+    /// The task's status (first with `--follow`, then on every change).
+    Status(TaskStatus),
+    /// A batch of lines that could not be decoded, and why.
+    Undecodable(String),
+}
+
+/// A task's transition, as `watch` prints it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub task_id: String,
+    pub at_ms: i64,
+    pub kind: String,
+    /// `None` for a task's creation (or a status this client does not know).
+    pub from: Option<TaskStatus>,
+    pub to: TaskStatus,
+    pub message: String,
+}
