@@ -578,3 +578,404 @@ mod tests {
         );
     }
 }
+
+/// Snapshots of what people read (`cargo insta review` after a deliberate change): built from
+/// view values made by hand, at fixed times.
+#[cfg(test)]
+mod snapshots {
+    use super::*;
+    use crate::model::{FailureKind, LogStream, RunStatus, RunnerState};
+
+    /// 2026-11-24T01:01:02.123Z, and `s` seconds later.
+    fn at(s: i64) -> i64 {
+        1_795_482_062_123 + s * 1000
+    }
+
+    const TEXT: Format = Format::Text { terminal: false };
+
+    /// What `print` wrote.
+    fn printed(print: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> String {
+        let mut out = Vec::new();
+        print(&mut out).expect("print");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    fn task(id: &str, title: &str, status: TaskStatus) -> Task {
+        Task {
+            id: id.to_owned(),
+            title: title.to_owned(),
+            description: String::new(),
+            status,
+            priority: 2,
+            patchset: 0,
+            namespace: None,
+            depends_on: vec![],
+            parent: None,
+            failures: 0,
+            lost_leases: 0,
+            cost_cents: 0.0,
+            backoff_until_ms: None,
+            feedback: None,
+            created_at_ms: at(0),
+            updated_at_ms: at(0),
+            waiting_for: vec![],
+        }
+    }
+
+    fn status_of(health: Health) -> Status {
+        Status {
+            open: 3,
+            in_progress: 2,
+            verified: 1,
+            done: 12,
+            needs_help: 1,
+            cancelled: 0,
+            active_dev_runs: 2,
+            runners: 3,
+            base: "main".into(),
+            health,
+        }
+    }
+
+    #[test]
+    fn status() {
+        let s = status_of(Health::Healthy);
+        insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+    }
+
+    #[test]
+    fn status_unhealthy() {
+        let s = status_of(Health::Unhealthy(
+            "the database refuses writes: disk full".into(),
+        ));
+        insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+    }
+
+    #[test]
+    fn task_list() {
+        let tasks = vec![
+            Task {
+                priority: 0,
+                ..task("fix-42", "Urgent: the build is red", TaskStatus::InProgress)
+            },
+            Task {
+                priority: 1,
+                patchset: 2,
+                failures: 1,
+                ..task("t-1", "Write the parser", TaskStatus::Open)
+            },
+            Task {
+                depends_on: vec!["t-1".into(), "fix-42".into()],
+                ..task("t-2", "Use the parser — everywhere", TaskStatus::Open)
+            },
+            Task {
+                priority: 4,
+                patchset: 1,
+                ..task("t-3", "Done already", TaskStatus::Done)
+            },
+            task("t-10", "Too hard", TaskStatus::NeedsHelp),
+        ];
+        insta::assert_snapshot!(printed(|out| super::task_list(out, &tasks, TEXT)));
+    }
+
+    #[test]
+    fn task_list_empty() {
+        insta::assert_snapshot!(printed(|out| super::task_list(out, &[], TEXT)));
+    }
+
+    /// A task that was rejected once, landed on its second attempt's base and now waits.
+    fn detail() -> TaskDetail {
+        let run = |id, phase, attempt, runner: Option<&str>, status, started: i64| Run {
+            id,
+            phase,
+            patchset: attempt,
+            attempt,
+            runner: runner.map(str::to_owned),
+            status,
+            cost_cents: 0.0,
+            started_at_ms: at(started),
+            finished_at_ms: Some(at(started + 30)),
+            error: None,
+            failure_kind: None,
+        };
+        TaskDetail {
+            task: Task {
+                description: "Parse the input.\n\nSecond paragraph.".into(),
+                priority: 1,
+                patchset: 2,
+                namespace: Some("Omni/Parser.hs".into()),
+                parent: Some("epic-1".into()),
+                depends_on: vec!["t-1".into(), "t-2".into()],
+                failures: 1,
+                lost_leases: 1,
+                cost_cents: 42.5,
+                backoff_until_ms: Some(at(600)),
+                feedback: Some(
+                    "build failed (exit 1): make test:\ncc x.c\nerror: x.c:3: bad".into(),
+                ),
+                updated_at_ms: at(300),
+                waiting_for: vec![
+                    "depends on t-2, which is open".into(),
+                    "in back-off for 300 s more after 1 failed attempt".into(),
+                ],
+                ..task("t-3", "Write the parser", TaskStatus::Open)
+            },
+            runs: vec![
+                Run {
+                    cost_cents: 12.5,
+                    ..run(1, Phase::Dev, 1, Some("runner-a"), RunStatus::Success, 10)
+                },
+                Run {
+                    error: Some(
+                        "tests failed (exit 1): make test:\ncc x.c\nerror: x.c:3: bad\n".into(),
+                    ),
+                    failure_kind: Some(FailureKind::Task),
+                    ..run(
+                        2,
+                        Phase::Verify,
+                        1,
+                        Some("runner-a"),
+                        RunStatus::Failure,
+                        40,
+                    )
+                },
+                Run {
+                    cost_cents: 30.0,
+                    ..run(3, Phase::Dev, 2, Some("runner-b"), RunStatus::Success, 100)
+                },
+                run(
+                    4,
+                    Phase::Verify,
+                    2,
+                    Some("runner-b"),
+                    RunStatus::Success,
+                    130,
+                ),
+                Run {
+                    error: Some("conflict with main in src/parser.rs".into()),
+                    failure_kind: Some(FailureKind::Task),
+                    ..run(5, Phase::Integrate, 2, None, RunStatus::Failure, 200)
+                },
+                Run {
+                    finished_at_ms: None,
+                    ..run(6, Phase::Dev, 3, Some("runner-a"), RunStatus::Running, 290)
+                },
+            ],
+            events: vec![
+                TaskEvent {
+                    at_ms: at(0),
+                    kind: "created".into(),
+                    from: None,
+                    to: TaskStatus::Open,
+                    message: String::new(),
+                },
+                TaskEvent {
+                    at_ms: at(10),
+                    kind: "leased".into(),
+                    from: Some(TaskStatus::Open),
+                    to: TaskStatus::InProgress,
+                    message: "runner-a".into(),
+                },
+                TaskEvent {
+                    at_ms: at(70),
+                    kind: "verify_failed".into(),
+                    from: Some(TaskStatus::InProgress),
+                    to: TaskStatus::Open,
+                    message: "tests failed (exit 1)".into(),
+                },
+                TaskEvent {
+                    at_ms: at(230),
+                    kind: "integration_failed".into(),
+                    from: Some(TaskStatus::Verified),
+                    to: TaskStatus::Open,
+                    message: "conflict with main in src/parser.rs".into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn task_show() {
+        let d = detail();
+        insta::assert_snapshot!(printed(|out| super::task_detail(out, &d, TEXT)));
+    }
+
+    #[test]
+    fn task_show_new() {
+        let d = TaskDetail {
+            task: task("t-1", "Nothing yet", TaskStatus::Open),
+            runs: vec![],
+            events: vec![TaskEvent {
+                at_ms: at(0),
+                kind: "created".into(),
+                from: None,
+                to: TaskStatus::Open,
+                message: String::new(),
+            }],
+        };
+        insta::assert_snapshot!(printed(|out| super::task_detail(out, &d, TEXT)));
+    }
+
+    #[test]
+    fn task_show_on_a_terminal() {
+        let mut d = detail();
+        d.task.title = "\u{1b}]0;owned\u{7}title".into();
+        d.task.feedback = Some("red \u{1b}[31mline\u{1b}[0m".into());
+        d.runs.truncate(2);
+        d.runs[1].error = Some("over\rwritten".into());
+        d.events.truncate(1);
+        d.events[0].message = "bidi \u{202e}txt.exe".into();
+        let terminal = Format::Text { terminal: true };
+        insta::assert_snapshot!(printed(|out| super::task_detail(out, &d, terminal)));
+    }
+
+    #[test]
+    fn task_show_json() {
+        let d = detail();
+        insta::assert_snapshot!(printed(|out| super::task_detail(out, &d, Format::Json)));
+    }
+
+    #[test]
+    fn runners() {
+        let runner = |name: &str, state, used, heartbeat: Option<i64>, health| Runner {
+            id: format!("r-{name}"),
+            name: name.to_owned(),
+            state,
+            slots_used: used,
+            slots_total: 2,
+            last_heartbeat_ms: heartbeat.map(at),
+            labels: vec![],
+            version: "0.1.0".into(),
+            health,
+        };
+        let runners = vec![
+            runner("runner-a", RunnerState::Busy, 2, Some(5), Health::Healthy),
+            runner(
+                "build-box-long-name",
+                RunnerState::Idle,
+                0,
+                Some(7),
+                Health::Healthy,
+            ),
+            runner(
+                "runner-c",
+                RunnerState::Idle,
+                0,
+                Some(6),
+                Health::Unhealthy("3 infrastructure failures in a row: git: disk full".into()),
+            ),
+            runner("gone", RunnerState::Offline, 0, None, Health::Healthy),
+        ];
+        insta::assert_snapshot!(printed(|out| super::runners(out, &runners, TEXT)));
+    }
+
+    #[test]
+    fn runners_none() {
+        insta::assert_snapshot!(printed(|out| super::runners(out, &[], TEXT)));
+    }
+
+    #[test]
+    fn logs_of_two_runs_with_a_cut() {
+        let line = |seq, s, stream, phase, text: &str| LogLine {
+            seq,
+            at_ms: at(s),
+            stream,
+            phase,
+            text: text.to_owned(),
+        };
+        let items = vec![
+            LogItem::Status(TaskStatus::InProgress),
+            LogItem::Run(LogRun {
+                run_id: 7,
+                phase: Phase::Dev,
+                attempt: 1,
+                runner: Some("runner-a".into()),
+            }),
+            LogItem::Lines {
+                run_id: 7,
+                lines: vec![
+                    line(1, 0, LogStream::Runner, Phase::Dev, "leased"),
+                    line(2, 1, LogStream::Stdout, Phase::Dev, "line 1 of 3"),
+                    line(3, 1, LogStream::Stderr, Phase::Dev, "warning: unused"),
+                ],
+            },
+            LogItem::Lines {
+                run_id: 7,
+                lines: vec![
+                    line(9, 2, LogStream::Stdout, Phase::Dev, "line 3 of 3"),
+                    line(10, 3, LogStream::Runner, Phase::Verify, "verify: make test"),
+                ],
+            },
+            LogItem::Run(LogRun {
+                run_id: 8,
+                phase: Phase::Integrate,
+                attempt: 1,
+                runner: None,
+            }),
+            LogItem::Lines {
+                run_id: 8,
+                lines: vec![line(
+                    1,
+                    9,
+                    LogStream::Server,
+                    Phase::Integrate,
+                    "landed on main",
+                )],
+            },
+            LogItem::Status(TaskStatus::Done),
+        ];
+        let mut printer = LogPrinter::new(false);
+        let mut statuses = Vec::new();
+        let text = printed(|out| {
+            for item in items {
+                statuses.extend(printer.print(out, item)?);
+            }
+            Ok(())
+        });
+        assert_eq!(statuses, [TaskStatus::InProgress, TaskStatus::Done]);
+        insta::assert_snapshot!(text);
+    }
+
+    fn transitions() -> Vec<Transition> {
+        vec![
+            Transition {
+                task_id: "t-1".into(),
+                at_ms: at(0),
+                kind: "created".into(),
+                from: None,
+                to: TaskStatus::Open,
+                message: String::new(),
+            },
+            Transition {
+                task_id: "t-1".into(),
+                at_ms: at(42),
+                kind: "dev_failed".into(),
+                from: Some(TaskStatus::InProgress),
+                to: TaskStatus::Open,
+                message: "build failed (exit 2): make:\ncc x.c\nerror: x.c:3: bad".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn watch() {
+        let text = printed(|out| {
+            for t in transitions() {
+                super::transition(out, &t, TEXT)?;
+            }
+            Ok(())
+        });
+        insta::assert_snapshot!(text);
+    }
+
+    #[test]
+    fn watch_json() {
+        let text = printed(|out| {
+            for t in transitions() {
+                super::transition(out, &t, Format::Json)?;
+            }
+            Ok(())
+        });
+        insta::assert_snapshot!(text);
+    }
+}
