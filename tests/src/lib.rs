@@ -6,7 +6,12 @@
 //! - [`TestRepo`] is a git repository with a `main` branch and one commit.
 //! - [`Server`] runs `pipeline-server` on `127.0.0.1:0`, learns its port from its log, and kills
 //!   it when dropped; [`Server::ctl`] runs `pipelinectl` against it.
+//! - [`Runner`] runs `pipeline-runner`; [`runner`] starts one with the scripted agent
+//!   ([`scripted_agent`], [`agent_args`]) and `--no-verify`, [`fake_runner`] registers one that
+//!   the test drives by hand ([`fake_runner::FakeRunner`]).
 //! - [`wait_for`] waits for a condition with a deadline: no test sleeps to synchronise.
+//! - Small readers shared by the test files: a task's [`runs`] and [`event_kinds`] from its
+//!   JSON, [`main_tip`], whether a process is [`alive`], [`as_strs`] for flags.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -536,6 +541,37 @@ pub fn scripted_agent() -> Vec<String> {
     ]
 }
 
+/// The scripted agent's flags plus `extra`.
+pub fn agent_args(extra: &[&str]) -> Vec<String> {
+    let mut args = scripted_agent();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+/// The strings of `v` as `&str`s (flags built as `String`s, passed as `&[&str]`).
+pub fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A runner named `name` for `server` with the scripted agent and `--no-verify`, registered.
+pub fn runner(repo: &TestRepo, server: &Server, name: &str) -> Runner {
+    let args = agent_args(&["--no-verify"]);
+    Runner::start(repo, server, name, &as_strs(&args))
+}
+
+/// A fake runner, registered as "fake" with its work stream open.
+pub fn fake_runner(repo: &TestRepo, server: &Server) -> fake_runner::FakeRunner {
+    let mut fake = fake_runner::FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    fake
+}
+
 /// A running `pipeline-runner`.
 pub struct Runner {
     pub proc: Proc,
@@ -596,6 +632,36 @@ fn read_token(path: &Path) -> String {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
         .trim()
         .to_owned()
+}
+
+/// A task's runs, from its `task show --json`; none when it has none.
+pub fn runs(task: &Value) -> Vec<Value> {
+    task["runs"].as_array().cloned().unwrap_or_default()
+}
+
+/// The kinds of a task's events (`created`, `leased`, …) in order, from its `task show --json`.
+pub fn event_kinds(task: &Value) -> Vec<String> {
+    task["events"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .map(|e| e["kind"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The commit `main` of the test repository is at.
+pub fn main_tip(repo: &TestRepo) -> String {
+    git(&repo.repo(), &["rev-parse", "refs/heads/main"])
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: impl std::fmt::Display) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.to_string().trim()))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|r| r.trim_start().to_owned()))
+        .is_some_and(|rest| !rest.starts_with('Z'))
 }
 
 /// Clones `repo` into `work`, commits `file` with `content` on top of `main` there, and pushes

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use pipeline_proto::v1 as pb;
 use pipeline_tests::fake_runner::FakeRunner;
-use pipeline_tests::{Output, Server, TestRepo, bin, run, wait_for};
+use pipeline_tests::{Output, Server, TestRepo, alive, bin, fake_runner, run, wait_for};
 
 /// Starts a server whose `HOME` is `home` (so its note for `pipelinectl` goes there).
 fn start_with_home(repo: &TestRepo, home: &Path, extra: &[&str]) -> Server {
@@ -371,15 +371,6 @@ fn children(pid: u32) -> Vec<(u32, String)> {
     out
 }
 
-/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
-fn gone(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'))
-    })
-}
-
 /// A commit on `main` with a file of `bytes` hex digits that do not compress much.
 fn commit_big_file(repo: &TestRepo, bytes: usize) {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
@@ -466,10 +457,12 @@ fn a_base_fetch_nobody_reads_stops_its_git_at_the_deadline() {
     });
     // ...and at the deadline its git (and what git started) is stopped.
     wait_for("git bundle create to be stopped", || {
-        gone(git).then_some(())
+        (!alive(git)).then_some(())
     });
     for pid in pack {
-        wait_for("git pack-objects to be gone", || gone(pid).then_some(()));
+        wait_for("git pack-objects to be gone", || {
+            (!alive(pid)).then_some(())
+        });
     }
     server.wait_for_log("a base fetch was not read within its deadline");
     // The runner's connection is alive all along (it was the fetch that was cut, not the
@@ -649,14 +642,7 @@ fn messages_over_the_size_limit_are_resource_exhausted() {
         status.message()
     );
     // A stream of a runner's: a bundle chunk over the limit.
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     server.add(&["--title", "t"]);
     let a = fake.next_assignment();
     let err = fake
@@ -715,14 +701,7 @@ fn the_bearer_scheme_is_case_insensitive() {
 fn reported_costs_are_bounded_and_totals_stay_numbers() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--backoff-base", "0", "--max-retries", "0"]);
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "t"]);
     let lease = fake.next_assignment().lease.expect("lease");
     for cost in [1.7e308, 1e9 + 1.0, f64::INFINITY, f64::NAN, -1.0] {
@@ -767,14 +746,7 @@ fn log_line(seq: u64, text: &str) -> pb::LogLine {
 fn log_numbers_past_the_databases_range_are_refused() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "t"]);
     let lease = fake.next_assignment().lease.expect("lease");
     let top = i64::MAX as u64;
@@ -809,14 +781,7 @@ fn log_numbers_past_the_databases_range_are_refused() {
 fn logs_are_escaped_on_a_terminal_and_kept_raw_through_a_pipe() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "t"]);
     let lease = fake.next_assignment().lease.expect("lease");
     let hostile = "\u{1b}[31mred\u{1b}[0m\u{7} \u{1b}]0;title\u{7}\rover\tcol \u{9b}2J";

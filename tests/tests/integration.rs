@@ -2,29 +2,14 @@
 //! exactly once, never red, never before their dependencies, never losing a person's push, and
 //! surviving SIGKILL of the server at any point.
 
-use pipeline_tests::{Runner, Server, TestRepo, git, scripted_agent};
+use pipeline_tests::{Server, TestRepo, git, main_tip, runner, runs};
 use serde_json::Value;
-
-fn runner(repo: &TestRepo, server: &Server, name: &str) -> Runner {
-    let mut args = scripted_agent();
-    args.push("--no-verify".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Runner::start(repo, server, name, &args)
-}
-
-fn runs(task: &Value) -> Vec<Value> {
-    task["runs"].as_array().cloned().unwrap_or_default()
-}
 
 fn integrate_runs(task: &Value) -> Vec<Value> {
     runs(task)
         .into_iter()
         .filter(|r| r["phase"] == "integrate")
         .collect()
-}
-
-fn main_tip(repo: &TestRepo) -> String {
-    git(&repo.repo(), &["rev-parse", "refs/heads/main"])
 }
 
 /// The commit on `main` carrying `Task-Id: id`.

@@ -2,15 +2,8 @@
 
 use std::process::{Command, Stdio};
 
-use pipeline_tests::{Runner, Server, TestRepo, bin, scripted_agent, wait_for};
+use pipeline_tests::{Server, TestRepo, bin, runner, wait_for};
 use serde_json::Value;
-
-fn runner(repo: &TestRepo, server: &Server, name: &str) -> Runner {
-    let mut args = scripted_agent();
-    args.push("--no-verify".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Runner::start(repo, server, name, &args)
-}
 
 /// `pipelinectl logs ID --follow` in the background, its stdout collected to a file.
 struct Follower {

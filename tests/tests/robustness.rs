@@ -4,16 +4,10 @@
 
 use std::process::Command;
 
-use pipeline_tests::{Runner, Server, TestRepo, bin, scripted_agent, scripts_dir, wait_for};
+use pipeline_tests::{
+    Runner, Server, TestRepo, as_strs, bin, runs, scripted_agent, scripts_dir, wait_for,
+};
 use serde_json::Value;
-
-fn runs(task: &Value) -> Vec<Value> {
-    task["runs"].as_array().cloned().unwrap_or_default()
-}
-
-fn as_strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
 
 /// `pipeline-runner ARGS` against `url` with `path` as its PATH, run to completion.
 fn runner_once(repo: &TestRepo, url: &str, path: &str, args: &[&str]) -> pipeline_tests::Output {
@@ -355,14 +349,7 @@ fn spooled_bundles_never_leak() {
     use pipeline_proto::v1 as pb;
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    let mut fake = pipeline_tests::fake_runner::FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = pipeline_tests::fake_runner(&repo, &server);
     server.add(&["--title", "t"]);
     let lease = fake.next_assignment().lease.expect("lease");
     let runner_id = fake.id.clone();

@@ -7,56 +7,12 @@ use std::collections::BTreeSet;
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::runner_service_server::{RunnerService, RunnerServiceServer};
 use pipeline_tests::fake_runner::FakeRunner;
-use pipeline_tests::{Runner, Server, TestRepo, git, scripted_agent, task_ref, wait_for};
+use pipeline_tests::{
+    Runner, Server, TestRepo, agent_args, alive, as_strs, event_kinds, fake_runner, git, main_tip,
+    runs, task_ref, wait_for,
+};
 use serde_json::Value;
 use tonic::{Request, Response, Status};
-
-/// The scripted agent's flags plus `extra`.
-fn agent_args(extra: &[&str]) -> Vec<String> {
-    let mut args = scripted_agent();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args
-}
-
-fn as_strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-fn runs(task: &Value) -> Vec<Value> {
-    task["runs"].as_array().cloned().unwrap_or_default()
-}
-
-fn event_kinds(task: &Value) -> Vec<String> {
-    task["events"]
-        .as_array()
-        .map(|e| {
-            e.iter()
-                .map(|e| e["kind"].as_str().unwrap_or_default().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Whether `pid` is a live (not zombie) process.
-fn alive(pid: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
-        .ok()
-        .and_then(|stat| stat.rsplit(')').next().map(|r| r.trim_start().to_owned()))
-        .is_some_and(|rest| !rest.starts_with('Z'))
-}
-
-/// A fake runner, registered as "fake" with its work stream open.
-fn fake_runner(repo: &TestRepo, server: &Server) -> FakeRunner {
-    let mut fake = FakeRunner::register(
-        &server.url,
-        &repo.registration_token(),
-        "fake",
-        pipeline_proto::PROTOCOL_VERSION,
-    )
-    .expect("register");
-    fake.open(vec![]).expect("open");
-    fake
-}
 
 /// A bundle made by hand in a clone of the repo: `commits` commits on top of `base`, the head
 /// under each of `refs`. Returns the head and the bundle's bytes.
@@ -93,10 +49,6 @@ fn hand_made_bundle(
     git(&work, &args);
     let bundle = std::fs::read(repo.dir.path().join("hand-made.bundle")).expect("bundle");
     (head, bundle)
-}
-
-fn main_tip(repo: &TestRepo) -> String {
-    git(&repo.repo(), &["rev-parse", "refs/heads/main"])
 }
 
 #[test]

@@ -5,7 +5,9 @@ use std::process::Command;
 
 use pipeline_proto::v1 as pb;
 use pipeline_tests::fake_runner::FakeRunner;
-use pipeline_tests::{Runner, Server, TestRepo, bin, git, run, scripted_agent, wait_for};
+use pipeline_tests::{
+    Runner, Server, TestRepo, alive, bin, fake_runner, git, run, runner, scripted_agent, wait_for,
+};
 
 /// `pipelinectl` with no way to find a token (no `--token`, no local note).
 fn ctl_without_token(server: &Server, args: &[&str]) -> pipeline_tests::Output {
@@ -15,13 +17,6 @@ fn ctl_without_token(server: &Server, args: &[&str]) -> pipeline_tests::Output {
         .args(args)
         .env("HOME", home.path())
         .env_remove("PIPELINE_TOKEN"))
-}
-
-fn runner(repo: &TestRepo, server: &Server, name: &str) -> Runner {
-    let mut args = scripted_agent();
-    args.push("--no-verify".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Runner::start(repo, server, name, &args)
 }
 
 #[test]
@@ -91,10 +86,7 @@ fn each_credential_serves_only_its_role() {
 fn a_revoked_runner_is_cut_off_and_its_task_runs_elsewhere() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    let v = pipeline_proto::PROTOCOL_VERSION;
-    let mut fake =
-        FakeRunner::register(&server.url, &repo.registration_token(), "fake", v).expect("register");
-    fake.open(vec![]).expect("open");
+    let mut fake = fake_runner(&repo, &server);
     let id = server.add(&["--title", "t"]);
     let a = fake.next_assignment();
     let lease = a.lease.clone().expect("lease");
@@ -142,15 +134,8 @@ fn a_revoked_real_runner_stops_its_agent_and_exits() {
         "{}",
         r.log()
     );
-    let gone = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).map_or(true, |s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-    };
     let start = std::time::Instant::now();
-    while !gone(&pid) {
+    while alive(&pid) {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(30),
             "the agent {pid} outlived its revoked runner; runner log:\n{}",
