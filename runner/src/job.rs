@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pipeline_proto::v1 as pb;
 use tokio::io::AsyncWriteExt;
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::agent::{self, AgentJob, AgentResult};
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::git::{Found, Mirror, check_sha};
 use crate::logship::RunLog;
@@ -331,10 +332,9 @@ impl Report {
 }
 
 /// Waits before retrying a call to a server that is away, unless cancelled first.
-async fn pause(attempt: u32, cancel: &CancellationToken) -> bool {
-    let ms = (100u64 << attempt.min(6)).min(5_000);
+async fn pause(backoff: &mut Backoff, cancel: &CancellationToken) -> bool {
     tokio::select! {
-        () = tokio::time::sleep(Duration::from_millis(ms)) => true,
+        () = tokio::time::sleep(backoff.next()) => true,
         () = cancel.cancelled() => false,
     }
 }
@@ -368,7 +368,7 @@ async fn fetch_base(
     std::fs::create_dir_all(&tmp)
         .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
     let file = tmp.join(format!("{}.base.bundle", a.run_id));
-    let mut attempt = 0;
+    let (mut attempt, mut backoff) = (0, Backoff::new());
     loop {
         if cancel.is_cancelled() {
             return Err(JobEnd::Cancelled);
@@ -402,7 +402,7 @@ async fn fetch_base(
             Err(status) if retryable(status.code()) && attempt < 20 => {
                 tracing::warn!(task = %a.task_id, error = %status.message(), "fetching the base failed; retrying");
                 attempt += 1;
-                if !pause(attempt, cancel).await {
+                if !pause(&mut backoff, cancel).await {
                     return Err(JobEnd::Cancelled);
                 }
             }
@@ -465,7 +465,7 @@ async fn deliver(
         },
         None => None,
     };
-    let mut attempt = 0;
+    let (mut attempt, mut backoff) = (0, Backoff::new());
     loop {
         let header = pb::CompleteLeaseHeader {
             runner_id: ctx.runner_id(),
@@ -515,7 +515,7 @@ async fn deliver(
             Err(s) => {
                 attempt += 1;
                 tracing::warn!(task = %a.task_id, error = %s.message(), attempt, "delivering the result failed; retrying");
-                if !pause(attempt, cancel).await {
+                if !pause(&mut backoff, cancel).await {
                     return JobEnd::Cancelled;
                 }
             }

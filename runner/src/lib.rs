@@ -5,9 +5,10 @@
 //! [`session`] is the runner's life (register, work stream, heartbeats, reconnect, drain);
 //! [`job`] is one lease; [`agent`] runs the agent and `pipeline_core::verify` the verifier,
 //! through `pipeline_core::process` (process groups, time limits); [`git`] is the mirror and
-//! the per-slot worktrees.
+//! the per-slot worktrees; [`backoff`] is the one back-off of every retry.
 
 pub mod agent;
+pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod git;

@@ -7,12 +7,12 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use pipeline_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 
+use crate::backoff::Backoff;
 use pipeline_core::lines::cut_line;
 
 /// Lines waiting for the server beyond this many bytes are dropped oldest first (the reader
@@ -86,7 +86,7 @@ async fn ship(
     let mut pending_bytes = 0usize;
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut open = true;
-    let mut attempt = 0u32;
+    let mut backoff = Backoff::new();
     let take = |msg: Msg,
                 pending: &mut VecDeque<pb::LogLine>,
                 bytes: &mut usize,
@@ -139,7 +139,7 @@ async fn ship(
         };
         match client.append_logs(req).await {
             Ok(resp) => {
-                attempt = 0;
+                backoff.reset();
                 let acked = resp.into_inner().acked_seq;
                 while pending.front().is_some_and(|l| l.seq <= acked) {
                     if let Some(line) = pending.pop_front() {
@@ -160,9 +160,7 @@ async fn ship(
             }
             Err(_) => {
                 // The server is away: keep the lines, wait, try again, still taking new ones.
-                attempt += 1;
-                let pause = Duration::from_millis((100u64 << attempt.min(6)).min(5_000));
-                let sleep = tokio::time::sleep(pause);
+                let sleep = tokio::time::sleep(backoff.next());
                 tokio::pin!(sleep);
                 loop {
                     tokio::select! {

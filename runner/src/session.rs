@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tonic::{Code, Streaming};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::git::Mirror;
 use crate::job::{self, JobContext, JobEnd};
@@ -67,28 +68,6 @@ async fn next_reply(
     match beats {
         Some(b) => b.replies.message().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Jittered exponential back-off for reconnecting.
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        self.attempt = (self.attempt + 1).min(16);
-        let base = (100u64 << self.attempt.min(6)).min(5_000);
-        // Jitter from the clock's low bits: runners that lost the same server spread out.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::from(d.subsec_nanos()))
-            .unwrap_or(0);
-        Duration::from_millis(base / 2 + nanos % (base / 2 + 1))
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
@@ -226,7 +205,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 impl Session {
     async fn main(&mut self) -> anyhow::Result<()> {
-        let mut backoff = Backoff { attempt: 0 };
+        let mut backoff = Backoff::new();
         loop {
             if self.finished() {
                 return Ok(());
