@@ -1,6 +1,7 @@
 //! The runner's git: one local bare mirror under the work dir, holding only what the server sent
 //! and what agents committed, and one worktree per slot, reset (not recreated) for each task.
-//! Every commit ID that reaches a command line has been checked to be a full hex object ID.
+//! Every command goes through `pipeline_core::git::Git` (its time limit, fixed environment and
+//! typed arguments); commits are [`CommitId`]s, so nothing unchecked reaches a command line.
 //!
 //! Git is spawned only for work: the commits the mirror keeps for the server
 //! (`refs/pipeline/base` and `refs/pipeline/previous`) are read once at start and then known
@@ -8,18 +9,10 @@
 //! the worktree's `HEAD`.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokio::process::Command;
-
-const GIT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// A git failure, with git's own message.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct GitError(pub String);
+use pipeline_core::git::{Git, GitError, KeptRef, RefName, RefPrefix};
+use pipeline_core::ids::CommitId;
 
 type Result<T> = std::result::Result<T, GitError>;
 
@@ -32,178 +25,94 @@ pub enum Found {
     GitFailed(String),
 }
 
-/// Checks that `s` is a full hexadecimal object ID.
-pub fn check_sha(s: &str) -> Result<&str> {
-    if (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(s)
-    } else {
-        Err(GitError(format!("{s:?} is not a full commit id")))
-    }
-}
-
-async fn git(dir: &Path, args: &[&str]) -> Result<String> {
-    let what = format!("git {}", args.join(" "));
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(GIT_TIMEOUT, out)
-        .await
-        .map_err(|_| GitError(format!("{what}: timed out")))?
-        .map_err(|e| GitError(format!("{what}: cannot run git: {e}")))?;
-    if !out.status.success() {
-        return Err(GitError(format!(
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
+/// The refs the mirror keeps for the server, in the order of [`Mirror::remember`]'s commits:
+/// the last base, and the last previous patchset.
+const KEPT: [KeptRef; 2] = [KeptRef::Base, KeptRef::Previous];
 
 /// The mirror and its worktrees.
 #[derive(Clone, Debug)]
 pub struct Mirror {
-    dir: PathBuf,
-    /// What the [`KEPT_REFS`] hold (the runner is their only writer).
-    kept: Arc<Mutex<[Option<String>; 2]>>,
+    git: Git,
+    /// What the [`KEPT`] refs hold (the runner is their only writer).
+    kept: Arc<Mutex<[Option<CommitId>; 2]>>,
 }
-
-/// Where the mirror keeps the commits the server knows it has: the last base, and the last
-/// previous patchset.
-const KEPT_REFS: [&str; 2] = ["refs/pipeline/base", "refs/pipeline/previous"];
 
 impl Mirror {
     /// Opens the mirror under `work_dir`, creating it on first use.
     pub async fn open(work_dir: &Path) -> Result<Self> {
         let dir = work_dir.join("mirror.git");
+        let git = Git::at(&dir);
         if !dir.join("HEAD").is_file() {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| GitError(format!("cannot create {}: {e}", dir.display())))?;
-            git(&dir, &["init", "--quiet", "--bare"]).await?;
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                GitError::Unexpected(format!("cannot create {}: {e}", dir.display()))
+            })?;
+            git.init_bare().await?;
         }
         // Worktrees of a crashed run may be registered but gone.
-        git(&dir, &["worktree", "prune"]).await?;
-        let mut kept: [Option<String>; 2] = Default::default();
-        let refs = git(
-            &dir,
-            &[
-                "for-each-ref",
-                "--format=%(refname) %(objectname)",
-                "refs/pipeline/",
-            ],
-        )
-        .await?;
-        for (refname, commit) in refs.lines().filter_map(|l| l.split_once(' ')) {
-            if let Some(i) = KEPT_REFS.iter().position(|k| *k == refname) {
-                kept[i] = Some(commit.to_owned());
+        git.prune_worktrees().await?;
+        let mut kept: [Option<CommitId>; 2] = Default::default();
+        for (refname, commit) in git.refs_under(RefPrefix::Pipeline).await? {
+            if let Some(i) = KEPT
+                .iter()
+                .position(|k| RefName::kept(*k).as_str() == refname)
+            {
+                kept[i] = Some(commit);
             }
         }
         Ok(Self {
-            dir,
+            git,
             kept: Arc::new(Mutex::new(kept)),
         })
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, [Option<String>; 2]> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, [Option<CommitId>; 2]> {
         self.kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Commits the server sent earlier: the bundle for the next lease leaves them out.
-    pub fn haves(&self) -> Vec<String> {
+    pub fn haves(&self) -> Vec<CommitId> {
         self.kept().iter().flatten().cloned().collect()
     }
 
     /// Whether `commit` is one the mirror keeps (so it is surely there).
-    pub fn keeps(&self, commit: &str) -> bool {
-        self.kept().iter().any(|k| k.as_deref() == Some(commit))
+    pub fn keeps(&self, commit: &CommitId) -> bool {
+        self.kept().iter().any(|k| k.as_ref() == Some(commit))
     }
 
     /// Stores a bundle's objects; returns the commits its refs point at.
-    pub async fn unbundle(&self, bundle: &Path) -> Result<Vec<String>> {
-        let file = bundle
-            .to_str()
-            .ok_or_else(|| GitError("bundle path is not UTF-8".into()))?;
-        let heads = git(&self.dir, &["bundle", "unbundle", file]).await?;
-        Ok(heads
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .map(str::to_owned)
-            .collect())
+    pub async fn unbundle(&self, bundle: &Path) -> Result<Vec<CommitId>> {
+        self.git.unbundle(bundle).await
     }
 
-    /// Keeps `commits` (the base, then the previous patchset) under the [`KEPT_REFS`], so they
+    /// Keeps `commits` (the base, then the previous patchset) under the [`KEPT`] refs, so they
     /// stay and the next bundle leaves them out (best effort: it only saves transfer next
     /// time). A ref already there is not rewritten.
-    pub async fn remember(&self, commits: &[&str]) {
-        for (i, (c, refname)) in commits.iter().zip(KEPT_REFS).enumerate() {
-            if check_sha(c).is_err() || self.kept()[i].as_deref() == Some(*c) {
+    pub async fn remember(&self, commits: &[CommitId]) {
+        for (i, (commit, which)) in commits.iter().zip(KEPT).enumerate() {
+            if self.kept()[i].as_ref() == Some(commit) {
                 continue;
             }
-            if git(&self.dir, &["update-ref", refname, c]).await.is_ok() {
-                self.kept()[i] = Some((*c).to_owned());
+            if self
+                .git
+                .update_ref(&RefName::kept(which), commit)
+                .await
+                .is_ok()
+            {
+                self.kept()[i] = Some(commit.clone());
             }
         }
     }
 
-    pub async fn has_commit(&self, sha: &str) -> bool {
-        match check_sha(sha) {
-            Ok(sha) => git(&self.dir, &["cat-file", "-e", &format!("{sha}^{{commit}}")])
-                .await
-                .is_ok(),
-            Err(_) => false,
-        }
+    pub async fn has_commit(&self, commit: &CommitId) -> bool {
+        self.git.has_commit(commit).await
     }
 
     /// Puts the worktree at `path` on `commit` (detached), clean: reset if it exists, created
     /// if not, recreated if it is damaged.
-    pub async fn prepare_worktree(&self, path: &Path, commit: &str) -> Result<()> {
-        let commit = check_sha(commit)?;
-        if path.join(".git").exists() {
-            let reset = async {
-                git(
-                    path,
-                    &["checkout", "--quiet", "--force", "--detach", commit],
-                )
-                .await?;
-                git(path, &["clean", "-ffdxq"]).await?;
-                Ok::<(), GitError>(())
-            };
-            match reset.await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(worktree = %path.display(), error = %e, "recreating a damaged worktree")
-                }
-            }
-            let _ = std::fs::remove_dir_all(path);
-            git(&self.dir, &["worktree", "prune"]).await?;
-        } else if path.exists() {
-            let _ = std::fs::remove_dir_all(path);
-            git(&self.dir, &["worktree", "prune"]).await?;
-        }
-        let p = path
-            .to_str()
-            .ok_or_else(|| GitError("worktree path is not UTF-8".into()))?;
-        git(
-            &self.dir,
-            &[
-                "worktree", "add", "--quiet", "--force", "--detach", p, commit,
-            ],
-        )
-        .await?;
-        Ok(())
+    pub async fn prepare_worktree(&self, path: &Path, commit: &CommitId) -> Result<()> {
+        self.git.checkout_worktree(path, commit).await
     }
 
     /// Checks that the worktree holds exactly one commit on top of `base` (and, when amending,
@@ -212,84 +121,142 @@ impl Mirror {
     pub async fn one_commit(
         &self,
         worktree: &Path,
-        base: &str,
-        previous: Option<&str>,
-    ) -> std::result::Result<String, Found> {
+        base: &CommitId,
+        previous: Option<&CommitId>,
+    ) -> std::result::Result<CommitId, Found> {
         let infra = |e: GitError| Found::GitFailed(format!("cannot read the agent's commit: {e}"));
+        let wt = Git::at(worktree);
         // HEAD and its parents, in one spawn.
-        let line = git(worktree, &["rev-list", "--parents", "-n", "1", "HEAD"])
-            .await
-            .map_err(infra)?;
-        let mut ids = line.split_whitespace();
-        let head = ids
-            .next()
-            .ok_or_else(|| {
-                Found::GitFailed("cannot read HEAD after the agent: git printed nothing".into())
-            })?
-            .to_owned();
-        let parents: Vec<&str> = ids.collect();
-        if head == base {
+        let (head, parents) = wt.head_and_parents().await.map_err(infra)?;
+        if head == *base {
             return Err(Found::Wrong(
                 "the agent made no commit on top of the base".to_owned(),
             ));
         }
-        if previous == Some(head.as_str()) {
+        if previous == Some(&head) {
             return Err(Found::Wrong(
                 "the agent left the previous patchset unchanged; amend it with the fix".to_owned(),
             ));
         }
-        if parents == [base] {
+        if parents == std::slice::from_ref(base) {
             return Ok(head);
         }
-        // Not one commit on the base: find out what it is, to say so.
-        let descends = git(worktree, &["merge-base", "--is-ancestor", base, &head])
-            .await
-            .is_ok();
+        // Not one commit on the base: find out what it is, to say so. A `merge-base` that
+        // fails says no more than one that answers "no".
+        let descends = wt.is_ancestor(base, &head).await.unwrap_or(false);
         if !descends {
             return Err(Found::Wrong(format!(
                 "HEAD {head} does not descend from the base {base}; commit on top of the base"
             )));
         }
-        let count = git(
-            worktree,
-            &["rev-list", "--count", &format!("{base}..{head}")],
-        )
-        .await
-        .map_err(infra)?;
-        if count != "1" {
+        let count = wt.count_between(base, &head).await.map_err(infra)?;
+        if count != 1 {
             return Err(Found::Wrong(format!(
                 "the agent made {count} commits on top of the base; there must be exactly one \
                  (squash them)"
             )));
         }
-        if parents != [base] {
-            return Err(Found::Wrong(format!(
-                "the commit {head} has {} parents; make one ordinary commit on top of the base",
-                parents.len()
-            )));
-        }
-        Ok(head)
+        Err(Found::Wrong(format!(
+            "the commit {head} has {} parents; make one ordinary commit on top of the base",
+            parents.len()
+        )))
     }
 
     /// Writes a bundle of the worktree's `HEAD` (one commit on top of `base`) to `out`. The
     /// server checks it holds the announced commit.
-    pub async fn bundle_head(&self, worktree: &Path, base: &str, out: &Path) -> Result<()> {
-        let base = check_sha(base)?;
-        let file = out
-            .to_str()
-            .ok_or_else(|| GitError("bundle path is not UTF-8".into()))?;
-        git(
-            worktree,
-            &[
-                "bundle",
-                "create",
-                "--quiet",
-                file,
-                "HEAD",
-                &format!("^{base}"),
-            ],
-        )
-        .await?;
-        Ok(())
+    pub async fn bundle_head(&self, worktree: &Path, base: &CommitId, out: &Path) -> Result<()> {
+        Git::at(worktree).bundle_head(base, out).await
+    }
+
+    /// The worktree of `slot`.
+    pub fn worktree(work_dir: &Path, slot: usize) -> PathBuf {
+        work_dir.join("slots").join(slot.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh_git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn commit(dir: &Path, file: &str) -> CommitId {
+        std::fs::write(dir.join(file), file).expect("write");
+        sh_git(dir, &["add", file]);
+        sh_git(dir, &["commit", "-q", "-m", file]);
+        CommitId::parse(&sh_git(dir, &["rev-parse", "HEAD"])).expect("id")
+    }
+
+    /// A server's repository with a base, and a bundle of it.
+    fn origin(dir: &Path) -> (PathBuf, CommitId, PathBuf) {
+        let repo = dir.join("origin");
+        std::fs::create_dir_all(&repo).expect("dir");
+        sh_git(&repo, &["init", "-q", "-b", "main"]);
+        let base = commit(&repo, "a");
+        let bundle = dir.join("base.bundle");
+        let file = bundle.to_str().expect("utf-8");
+        sh_git(&repo, &["bundle", "create", "-q", file, "main"]);
+        (repo, base, bundle)
+    }
+
+    #[tokio::test]
+    async fn the_mirror_keeps_what_it_was_sent_and_checks_the_agents_commit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (_repo, base, bundle) = origin(dir.path());
+        let work = dir.path().join("work");
+        let mirror = Mirror::open(&work).await.expect("open");
+        assert!(mirror.haves().is_empty());
+        assert_eq!(
+            mirror.unbundle(&bundle).await.expect("unbundle"),
+            std::slice::from_ref(&base)
+        );
+        assert!(mirror.has_commit(&base).await);
+        assert!(!mirror.keeps(&base));
+        mirror.remember(std::slice::from_ref(&base)).await;
+        assert!(mirror.keeps(&base));
+        // Known again after a restart, without asking git for each commit.
+        let again = Mirror::open(&work).await.expect("reopen");
+        assert_eq!(again.haves(), std::slice::from_ref(&base));
+
+        let wt = Mirror::worktree(&work, 0);
+        mirror.prepare_worktree(&wt, &base).await.expect("worktree");
+        assert_eq!(
+            mirror.one_commit(&wt, &base, None).await,
+            Err(Found::Wrong(
+                "the agent made no commit on top of the base".to_owned()
+            ))
+        );
+        let one = commit(&wt, "b");
+        assert_eq!(mirror.one_commit(&wt, &base, None).await, Ok(one.clone()));
+        assert!(matches!(
+            mirror.one_commit(&wt, &base, Some(&one)).await,
+            Err(Found::Wrong(why)) if why.contains("unchanged")
+        ));
+        let out = dir.path().join("out.bundle");
+        mirror.bundle_head(&wt, &base, &out).await.expect("bundle");
+        assert!(out.is_file());
+        commit(&wt, "c");
+        assert!(matches!(
+            mirror.one_commit(&wt, &base, None).await,
+            Err(Found::Wrong(why)) if why.contains("made 2 commits")
+        ));
+        // Reset in place for the next task, not recreated: what the agent left is gone.
+        std::fs::write(wt.join("stray"), "x").expect("write");
+        mirror.prepare_worktree(&wt, &base).await.expect("reset");
+        assert!(!wt.join("stray").exists() && !wt.join("b").exists());
+        assert_eq!(
+            CommitId::parse(&sh_git(&wt, &["rev-parse", "HEAD"])).expect("id"),
+            base
+        );
     }
 }

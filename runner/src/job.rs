@@ -15,8 +15,9 @@ use tonic::Code;
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::git::{Found, Mirror, check_sha};
+use crate::git::{Found, Mirror};
 use crate::logship::RunLog;
+use pipeline_core::ids::CommitId;
 use pipeline_core::process::Stream;
 use pipeline_core::verify::{self, Verdict};
 
@@ -135,9 +136,11 @@ pub async fn run(
     };
     if matches!(end, JobEnd::Cancelled | JobEnd::Refused(_)) {
         // Leave nothing of the abandoned work behind.
-        let worktree = ctx.work_dir.join("slots").join(slot.to_string());
-        if worktree.exists() && check_sha(&a.base_commit).is_ok() {
-            match ctx.mirror.prepare_worktree(&worktree, &a.base_commit).await {
+        let worktree = Mirror::worktree(&ctx.work_dir, slot);
+        if worktree.exists()
+            && let Ok(base) = CommitId::parse(&a.base_commit)
+        {
+            match ctx.mirror.prepare_worktree(&worktree, &base).await {
                 Ok(()) => tracing::info!(task, "worktree cleaned"),
                 Err(e) => tracing::warn!(task, error = %e, "cannot clean the worktree"),
             }
@@ -156,14 +159,12 @@ async fn develop(
 ) -> Result<Report, JobEnd> {
     let dev = pb::RunPhase::Dev;
     let task = a.task_id.as_str();
-    let base = check_sha(&a.base_commit)
-        .map_err(|e| JobEnd::Infra(format!("the assignment's base is invalid: {e}")))?
-        .to_owned();
+    let base = CommitId::parse(&a.base_commit)
+        .map_err(|e| JobEnd::Infra(format!("the assignment's base is invalid: {e}")))?;
     let previous = match &a.previous_commit {
         Some(p) => Some(
-            check_sha(p)
-                .map_err(|e| JobEnd::Infra(format!("the assignment's patchset is invalid: {e}")))?
-                .to_owned(),
+            CommitId::parse(p)
+                .map_err(|e| JobEnd::Infra(format!("the assignment's patchset is invalid: {e}")))?,
         ),
         None => None,
     };
@@ -173,9 +174,9 @@ async fn develop(
         &format!("leased {task} (run {}, patchset {})", a.run_id, a.patchset),
     );
 
-    fetch_base(ctx, a, &base, previous.as_deref(), cancel).await?;
-    let worktree = ctx.work_dir.join("slots").join(slot.to_string());
-    let start = previous.as_deref().unwrap_or(&base);
+    fetch_base(ctx, a, &base, previous.as_ref(), cancel).await?;
+    let worktree = Mirror::worktree(&ctx.work_dir, slot);
+    let start = previous.as_ref().unwrap_or(&base);
     ctx.mirror
         .prepare_worktree(&worktree, start)
         .await
@@ -200,7 +201,7 @@ async fn develop(
             prompt_file.display().to_string(),
         ),
         ("PIPELINE_BASE".to_owned(), a.base.clone()),
-        ("PIPELINE_BASE_COMMIT".to_owned(), base.clone()),
+        ("PIPELINE_BASE_COMMIT".to_owned(), base.to_string()),
         ("PIPELINE_PATCHSET".to_owned(), a.patchset.to_string()),
         (
             "PIPELINE_NAMESPACE".to_owned(),
@@ -247,7 +248,7 @@ async fn develop(
     log.note(dev, &format!("agent exited 0 after {secs:.1} s"));
     let commit = match ctx
         .mirror
-        .one_commit(&worktree, &base, previous.as_deref())
+        .one_commit(&worktree, &base, previous.as_ref())
         .await
     {
         Ok(c) => c,
@@ -310,7 +311,7 @@ async fn develop(
         outcome,
         error,
         cost_cents,
-        commit: Some(commit),
+        commit: Some(commit.to_string()),
         verify_skipped,
         dev_finished_at_ms,
         bundle: Some(bundle),
@@ -355,11 +356,11 @@ fn retryable(code: Code) -> bool {
 async fn fetch_base(
     ctx: &JobContext,
     a: &pb::Assignment,
-    base: &str,
-    previous: Option<&str>,
+    base: &CommitId,
+    previous: Option<&CommitId>,
     cancel: &CancellationToken,
 ) -> Result<(), JobEnd> {
-    let wanted: Vec<&str> = std::iter::once(base).chain(previous).collect();
+    let wanted: Vec<CommitId> = std::iter::once(base).chain(previous).cloned().collect();
     if wanted.iter().all(|c| ctx.mirror.keeps(c)) {
         tracing::info!(task = %a.task_id, "base already in the mirror; nothing fetched");
         return Ok(());
@@ -422,7 +423,7 @@ async fn fetch_once(
     a: &pb::Assignment,
     file: &Path,
 ) -> Result<(usize, usize), tonic::Status> {
-    let have = ctx.mirror.haves();
+    let have = ctx.mirror.haves().iter().map(CommitId::to_string).collect();
     let mut client = ctx.client.clone();
     let mut stream = client
         .fetch_base(pb::FetchBaseRequest {
