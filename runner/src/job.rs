@@ -6,45 +6,107 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use pipeline_proto::v1 as pb;
+use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
+use pipeline_core::process::Stream;
+use pipeline_core::verify::{self, Verdict};
 use tokio::io::AsyncWriteExt;
-use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
+use tonic::{Code, Status};
 
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::git::{Found, Mirror};
-use crate::logship::RunLog;
-use pipeline_core::ids::CommitId;
-use pipeline_core::process::Stream;
-use pipeline_core::verify::{self, Verdict};
+use crate::logship::{Channel, Phase, RunLog};
+use crate::wire::Client;
 
-/// Bundle chunks sent to the server.
-const CHUNK_BYTES: usize = 256 * 1024;
+/// A lease the server gave this runner, as the edge checked it: everything a job needs, valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub lease: LeaseRef,
+    pub task: TaskId,
+    pub run_id: RunId,
+    pub namespace: Option<String>,
+    /// The base branch's name.
+    pub base_branch: String,
+    /// The commit the work starts from.
+    pub base: CommitId,
+    /// The previous patchset, when the agent amends it (its parent is `base`).
+    pub previous: Option<CommitId>,
+    pub patchset: u32,
+    /// The whole prompt, built by the server.
+    pub prompt: String,
+}
+
+/// A run's ID as the server names it (`dev-<task>-<epoch>`): safe in a file name and as an
+/// argument (letters, digits, `.`, `_` and `-`, starting with a letter or a digit, at most 200
+/// bytes).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RunId(String);
+
+impl RunId {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        let ok = !raw.is_empty()
+            && raw.len() <= 200
+            && raw.as_bytes()[0].is_ascii_alphanumeric()
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            return Err(InvalidId(format!(
+                "invalid run id {}",
+                pipeline_core::ids::quote_for_message(raw)
+            )));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RunId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The runner ID calls about leases carry: the current registration's, published by the
+/// session once the server has re-attached the runner's leases to it.
+#[derive(Clone, Debug, Default)]
+pub struct CurrentRunner(Arc<RwLock<Option<RunnerId>>>);
+
+impl CurrentRunner {
+    pub fn set(&self, id: RunnerId) {
+        if let Ok(mut current) = self.0.write() {
+            *current = Some(id);
+        }
+    }
+
+    /// The ID, for a call. Before the first attachment a call fails as if the server were away
+    /// (no job starts before it, so none is made).
+    pub fn get(&self) -> Result<RunnerId, Status> {
+        self.0
+            .read()
+            .ok()
+            .and_then(|id| id.clone())
+            .ok_or_else(|| Status::unavailable("the runner is not registered yet"))
+    }
+}
 
 /// What every job shares.
 pub struct JobContext {
     pub config: Config,
     pub mirror: Mirror,
     pub work_dir: PathBuf,
-    pub client: crate::client::Client,
+    pub client: Client,
     /// The runner's current ID (it changes when the runner registers again).
-    pub runner_id: Arc<RwLock<String>>,
-}
-
-impl JobContext {
-    pub fn runner_id(&self) -> String {
-        self.runner_id
-            .read()
-            .map(|id| id.clone())
-            .unwrap_or_default()
-    }
+    pub runner: CurrentRunner,
 }
 
 /// How a job ended, for the session.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobEnd {
     /// The server took the result.
     Delivered,
@@ -57,60 +119,63 @@ pub enum JobEnd {
     Infra(String),
 }
 
+/// How a lease's work came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The agent failed or left something other than one commit; no bundle follows.
+    DevFailed,
+    /// The commit was made but verification failed; its bundle follows.
+    VerifyFailed,
+    /// The commit passed (or skipped) verification; its bundle follows.
+    Verified,
+}
+
+/// A lease's result, as sent to the server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseResult {
+    pub outcome: Outcome,
+    /// The reason, with the tail of the failing command's output.
+    pub error: Option<String>,
+    pub cost_cents: f64,
+    /// The commit the bundle holds (for `VerifyFailed` and `Verified`).
+    pub commit: Option<CommitId>,
+    /// Why verification was skipped, when it was.
+    pub verify_skipped: Option<String>,
+    pub dev_finished_at_ms: i64,
+}
+
 /// The result of the dev and verify steps, ready to send.
 struct Report {
-    outcome: pb::LeaseOutcome,
-    error: Option<String>,
-    cost_cents: f64,
-    commit: Option<String>,
-    verify_skipped: Option<String>,
-    dev_finished_at_ms: i64,
+    result: LeaseResult,
+    /// The commit's bundle, for a result with a commit.
     bundle: Option<PathBuf>,
-}
-
-fn pb_stream(stream: Stream) -> pb::LogStream {
-    match stream {
-        Stream::Stdout => pb::LogStream::Stdout,
-        Stream::Stderr => pb::LogStream::Stderr,
-    }
-}
-
-fn lease_pb(a: &pb::Assignment) -> Option<pb::LeaseRef> {
-    a.lease.clone()
 }
 
 /// Runs one assignment in worktree `slot`.
 pub async fn run(
     ctx: Arc<JobContext>,
-    a: pb::Assignment,
+    a: Assignment,
     slot: usize,
     cancel: CancellationToken,
 ) -> JobEnd {
     let started = Instant::now();
-    let task = a.task_id.clone();
-    let log = match &a.lease {
-        Some(lease) => RunLog::start(
-            ctx.client.clone(),
-            Arc::clone(&ctx.runner_id),
-            lease.clone(),
-        ),
-        None => return JobEnd::Refused("the assignment names no lease".to_owned()),
-    };
+    let task = a.task.as_str();
+    let log = RunLog::start(ctx.client.clone(), ctx.runner.clone(), a.lease.clone());
     let end = match develop(&ctx, &a, slot, &cancel, &log).await {
         Ok(report) => {
             // The run's last line says how it ended.
-            let last = match (&report.outcome, &report.error) {
-                (pb::LeaseOutcome::Verified, _) => "sending the result".to_owned(),
+            let last = match (&report.result.outcome, &report.result.error) {
+                (Outcome::Verified, _) => "sending the result".to_owned(),
                 (_, Some(why)) => format!(
                     "sending the result: {}",
                     why.lines().next().unwrap_or_default()
                 ),
                 (_, None) => "sending the result".to_owned(),
             };
-            let phase = if report.outcome == pb::LeaseOutcome::DevFailed {
-                pb::RunPhase::Dev
+            let phase = if report.result.outcome == Outcome::DevFailed {
+                Phase::Dev
             } else {
-                pb::RunPhase::Verify
+                Phase::Verify
             };
             log.note(phase, &last);
             // Every line reaches the server before the result ends the lease.
@@ -137,10 +202,8 @@ pub async fn run(
     if matches!(end, JobEnd::Cancelled | JobEnd::Refused(_)) {
         // Leave nothing of the abandoned work behind.
         let worktree = Mirror::worktree(&ctx.work_dir, slot);
-        if worktree.exists()
-            && let Ok(base) = CommitId::parse(&a.base_commit)
-        {
-            match ctx.mirror.prepare_worktree(&worktree, &base).await {
+        if worktree.exists() {
+            match ctx.mirror.prepare_worktree(&worktree, &a.base).await {
                 Ok(()) => tracing::info!(task, "worktree cleaned"),
                 Err(e) => tracing::warn!(task, error = %e, "cannot clean the worktree"),
             }
@@ -152,31 +215,23 @@ pub async fn run(
 
 async fn develop(
     ctx: &JobContext,
-    a: &pb::Assignment,
+    a: &Assignment,
     slot: usize,
     cancel: &CancellationToken,
     log: &RunLog,
 ) -> Result<Report, JobEnd> {
-    let dev = pb::RunPhase::Dev;
-    let task = a.task_id.as_str();
-    let base = CommitId::parse(&a.base_commit)
-        .map_err(|e| JobEnd::Infra(format!("the assignment's base is invalid: {e}")))?;
-    let previous = match &a.previous_commit {
-        Some(p) => Some(
-            CommitId::parse(p)
-                .map_err(|e| JobEnd::Infra(format!("the assignment's patchset is invalid: {e}")))?,
-        ),
-        None => None,
-    };
+    let dev = Phase::Dev;
+    let task = a.task.as_str();
+    let (base, previous) = (&a.base, a.previous.as_ref());
     tracing::info!(task, run = %a.run_id, patchset = a.patchset, "leased");
     log.note(
         dev,
         &format!("leased {task} (run {}, patchset {})", a.run_id, a.patchset),
     );
 
-    fetch_base(ctx, a, &base, previous.as_ref(), cancel).await?;
+    fetch_base(ctx, a, cancel).await?;
     let worktree = Mirror::worktree(&ctx.work_dir, slot);
-    let start = previous.as_ref().unwrap_or(&base);
+    let start = previous.unwrap_or(base);
     ctx.mirror
         .prepare_worktree(&worktree, start)
         .await
@@ -194,13 +249,13 @@ async fn develop(
         .map_err(|e| JobEnd::Infra(format!("cannot write the prompt: {e}")))?;
     let mut env = ctx.config.agent.child_env();
     env.extend([
-        ("PIPELINE_TASK_ID".to_owned(), a.task_id.clone()),
-        ("PIPELINE_RUN_ID".to_owned(), a.run_id.clone()),
+        ("PIPELINE_TASK_ID".to_owned(), a.task.to_string()),
+        ("PIPELINE_RUN_ID".to_owned(), a.run_id.to_string()),
         (
             "PIPELINE_PROMPT_FILE".to_owned(),
             prompt_file.display().to_string(),
         ),
-        ("PIPELINE_BASE".to_owned(), a.base.clone()),
+        ("PIPELINE_BASE".to_owned(), a.base_branch.clone()),
         ("PIPELINE_BASE_COMMIT".to_owned(), base.to_string()),
         ("PIPELINE_PATCHSET".to_owned(), a.patchset.to_string()),
         (
@@ -213,7 +268,7 @@ async fn develop(
         ),
     ]);
     let job = AgentJob {
-        run_id: a.run_id.clone(),
+        run_id: a.run_id.to_string(),
         worktree: worktree.clone(),
         prompt_file: prompt_file.clone(),
         cost_file: cost_file.clone(),
@@ -221,7 +276,7 @@ async fn develop(
     };
     let agent_started = Instant::now();
     log.note(dev, "starting the agent");
-    let on_line = |stream: Stream, line: &str| log.line(pb_stream(stream), dev, line);
+    let on_line = |stream: Stream, line: &str| log.line(Channel::from(stream), dev, line);
     let result = agent::run(&ctx.config.agent, &job, cancel, on_line).await;
     let _ = std::fs::remove_file(&prompt_file);
     let _ = std::fs::remove_file(&cost_file);
@@ -246,11 +301,7 @@ async fn develop(
     let secs = agent_started.elapsed().as_secs_f64();
     tracing::info!(task, "agent exited 0 after {secs:.1} s");
     log.note(dev, &format!("agent exited 0 after {secs:.1} s"));
-    let commit = match ctx
-        .mirror
-        .one_commit(&worktree, &base, previous.as_ref())
-        .await
-    {
+    let commit = match ctx.mirror.one_commit(&worktree, base, previous).await {
         Ok(c) => c,
         Err(Found::Wrong(reason)) => {
             log.note(dev, &reason);
@@ -264,7 +315,7 @@ async fn develop(
             return Err(JobEnd::Infra(reason));
         }
     };
-    let check = pb::RunPhase::Verify;
+    let check = Phase::Verify;
     log.note(check, &format!("verifying {commit}"));
     let verdict = verify::verify(
         &ctx.config.verify.verifier(),
@@ -273,7 +324,7 @@ async fn develop(
         &env,
         ctx.config.agent.kill_grace(),
         cancel,
-        |stream, line| log.line(pb_stream(stream), check, line),
+        |stream, line| log.line(Channel::from(stream), check, line),
     )
     .await;
     let (outcome, error, verify_skipped) = match verdict {
@@ -285,9 +336,9 @@ async fn develop(
             );
             return Err(JobEnd::Infra(reason));
         }
-        Verdict::Pass => (pb::LeaseOutcome::Verified, None, None),
-        Verdict::Skipped(why) => (pb::LeaseOutcome::Verified, None, Some(why)),
-        Verdict::Fail(why) => (pb::LeaseOutcome::VerifyFailed, Some(why), None),
+        Verdict::Pass => (Outcome::Verified, None, None),
+        Verdict::Skipped(why) => (Outcome::Verified, None, Some(why)),
+        Verdict::Fail(why) => (Outcome::VerifyFailed, Some(why), None),
     };
     tracing::info!(task, ?outcome, "verification over; sending commit");
     let verdict = match (&error, &verify_skipped) {
@@ -304,16 +355,18 @@ async fn develop(
         .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
     let bundle = tmp.join(format!("{}.out.bundle", a.run_id));
     ctx.mirror
-        .bundle_head(&worktree, &base, &bundle)
+        .bundle_head(&worktree, base, &bundle)
         .await
         .map_err(|e| JobEnd::Infra(format!("cannot bundle the commit: {e}")))?;
     Ok(Report {
-        outcome,
-        error,
-        cost_cents,
-        commit: Some(commit.to_string()),
-        verify_skipped,
-        dev_finished_at_ms,
+        result: LeaseResult {
+            outcome,
+            error,
+            cost_cents,
+            commit: Some(commit),
+            verify_skipped,
+            dev_finished_at_ms,
+        },
         bundle: Some(bundle),
     })
 }
@@ -321,12 +374,14 @@ async fn develop(
 impl Report {
     fn dev_failed(reason: String, cost_cents: f64, at: i64) -> Self {
         Self {
-            outcome: pb::LeaseOutcome::DevFailed,
-            error: Some(reason),
-            cost_cents,
-            commit: None,
-            verify_skipped: None,
-            dev_finished_at_ms: at,
+            result: LeaseResult {
+                outcome: Outcome::DevFailed,
+                error: Some(reason),
+                cost_cents,
+                commit: None,
+                verify_skipped: None,
+                dev_finished_at_ms: at,
+            },
             bundle: None,
         }
     }
@@ -355,14 +410,15 @@ fn retryable(code: Code) -> bool {
 /// Fetches what the mirror lacks of the base (and the previous patchset).
 async fn fetch_base(
     ctx: &JobContext,
-    a: &pb::Assignment,
-    base: &CommitId,
-    previous: Option<&CommitId>,
+    a: &Assignment,
     cancel: &CancellationToken,
 ) -> Result<(), JobEnd> {
-    let wanted: Vec<CommitId> = std::iter::once(base).chain(previous).cloned().collect();
+    let wanted: Vec<CommitId> = std::iter::once(&a.base)
+        .chain(a.previous.as_ref())
+        .cloned()
+        .collect();
     if wanted.iter().all(|c| ctx.mirror.keeps(c)) {
-        tracing::info!(task = %a.task_id, "base already in the mirror; nothing fetched");
+        tracing::info!(task = %a.task, "base already in the mirror; nothing fetched");
         return Ok(());
     }
     let tmp = ctx.work_dir.join("tmp");
@@ -376,7 +432,7 @@ async fn fetch_base(
         }
         match fetch_once(ctx, a, &file).await {
             Ok((chunks, bytes)) => {
-                tracing::info!(task = %a.task_id, bytes, "fetched the base's missing objects");
+                tracing::info!(task = %a.task, bytes, "fetched the base's missing objects");
                 let mut heads = Vec::new();
                 if chunks > 0 {
                     let stored = ctx.mirror.unbundle(&file).await;
@@ -387,9 +443,7 @@ async fn fetch_base(
                 // What the bundle did not bring the mirror must have had (the server left it
                 // out): check that with git.
                 for c in &wanted {
-                    if !heads.iter().any(|h| h == c)
-                        && !ctx.mirror.keeps(c)
-                        && !ctx.mirror.has_commit(c).await
+                    if !heads.contains(c) && !ctx.mirror.keeps(c) && !ctx.mirror.has_commit(c).await
                     {
                         return Err(JobEnd::Infra(format!("the server's bundle lacks {c}")));
                     }
@@ -401,7 +455,7 @@ async fn fetch_base(
                 return Err(JobEnd::Refused(status.message().to_owned()));
             }
             Err(status) if retryable(status.code()) && attempt < 20 => {
-                tracing::warn!(task = %a.task_id, error = %status.message(), "fetching the base failed; retrying");
+                tracing::warn!(task = %a.task, error = %status.message(), "fetching the base failed; retrying");
                 attempt += 1;
                 if !pause(&mut backoff, cancel).await {
                     return Err(JobEnd::Cancelled);
@@ -420,34 +474,27 @@ async fn fetch_base(
 /// Fetches the bundle into `file`; returns (chunks, bytes).
 async fn fetch_once(
     ctx: &JobContext,
-    a: &pb::Assignment,
+    a: &Assignment,
     file: &Path,
-) -> Result<(usize, usize), tonic::Status> {
-    let have = ctx.mirror.haves().iter().map(CommitId::to_string).collect();
-    let mut client = ctx.client.clone();
-    let mut stream = client
-        .fetch_base(pb::FetchBaseRequest {
-            runner_id: ctx.runner_id(),
-            lease: lease_pb(a),
-            have,
-        })
-        .await?
-        .into_inner();
+) -> Result<(usize, usize), Status> {
+    let mut chunks_in = ctx
+        .client
+        .fetch_base(&ctx.runner.get()?, &a.lease, &ctx.mirror.haves())
+        .await?;
     let mut out = tokio::fs::File::create(file)
         .await
-        .map_err(|e| tonic::Status::internal(format!("cannot write {}: {e}", file.display())))?;
+        .map_err(|e| Status::internal(format!("cannot write {}: {e}", file.display())))?;
     let (mut chunks, mut bytes) = (0, 0);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        bytes += chunk.data.len();
-        out.write_all(&chunk.data)
+    while let Some(chunk) = chunks_in.next().await? {
+        bytes += chunk.len();
+        out.write_all(&chunk)
             .await
-            .map_err(|e| tonic::Status::internal(format!("cannot write the bundle: {e}")))?;
+            .map_err(|e| Status::internal(format!("cannot write the bundle: {e}")))?;
         chunks += 1;
     }
     out.flush()
         .await
-        .map_err(|e| tonic::Status::internal(format!("cannot write the bundle: {e}")))?;
+        .map_err(|e| Status::internal(format!("cannot write the bundle: {e}")))?;
     Ok((chunks, bytes))
 }
 
@@ -455,7 +502,7 @@ async fn fetch_once(
 /// harmless (a second delivery is refused as a dead lease).
 async fn deliver(
     ctx: &JobContext,
-    a: &pb::Assignment,
+    a: &Assignment,
     r: &Report,
     cancel: &CancellationToken,
 ) -> JobEnd {
@@ -468,40 +515,19 @@ async fn deliver(
     };
     let (mut attempt, mut backoff) = (0, Backoff::new());
     loop {
-        let header = pb::CompleteLeaseHeader {
-            runner_id: ctx.runner_id(),
-            lease: lease_pb(a),
-            outcome: r.outcome.into(),
-            error: r.error.clone(),
-            cost_cents: r.cost_cents,
-            commit: r.commit.clone(),
-            verify_skipped: r.verify_skipped.clone(),
-            dev_finished_at_ms: r.dev_finished_at_ms,
+        let send = async {
+            let runner = ctx.runner.get()?;
+            ctx.client
+                .complete_lease(&runner, &a.lease, &r.result, bundle.as_ref())
+                .await
         };
-        let mut messages = vec![pb::CompleteLeaseRequest {
-            kind: Some(pb::complete_lease_request::Kind::Header(header)),
-        }];
-        if let Some(bytes) = &bundle {
-            let mut at = 0;
-            while at < bytes.len() {
-                let end = (at + CHUNK_BYTES).min(bytes.len());
-                messages.push(pb::CompleteLeaseRequest {
-                    kind: Some(pb::complete_lease_request::Kind::Chunk(pb::BundleChunk {
-                        data: bytes.slice(at..end),
-                    })),
-                });
-                at = end;
-            }
-        }
-        let mut client = ctx.client.clone();
         let sent = tokio::select! {
-            sent = client.complete_lease(tokio_stream::iter(messages)) => sent,
+            sent = send => sent,
             () = cancel.cancelled() => return JobEnd::Cancelled,
         };
         match sent {
-            Ok(resp) => {
-                let status = resp.into_inner().status;
-                tracing::info!(task = %a.task_id, status, "result delivered");
+            Ok(status) => {
+                tracing::info!(task = %a.task, status, "result delivered");
                 return JobEnd::Delivered;
             }
             Err(s)
@@ -510,12 +536,12 @@ async fn deliver(
                     Code::FailedPrecondition | Code::InvalidArgument | Code::ResourceExhausted
                 ) =>
             {
-                tracing::warn!(task = %a.task_id, error = %s.message(), "the server refused the result");
+                tracing::warn!(task = %a.task, error = %s.message(), "the server refused the result");
                 return JobEnd::Refused(s.message().to_owned());
             }
             Err(s) => {
                 attempt += 1;
-                tracing::warn!(task = %a.task_id, error = %s.message(), attempt, "delivering the result failed; retrying");
+                tracing::warn!(task = %a.task, error = %s.message(), attempt, "delivering the result failed; retrying");
                 if !pause(&mut backoff, cancel).await {
                     return JobEnd::Cancelled;
                 }

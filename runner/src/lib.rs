@@ -3,19 +3,21 @@
 //! bundle and the agent's commit goes back as one.
 //!
 //! [`session`] is the runner's life (register, work stream, heartbeats, reconnect, drain);
-//! [`job`] is one lease; [`agent`] runs the agent and `pipeline_core::verify` the verifier,
-//! through `pipeline_core::process` (process groups, time limits); [`git`] is the mirror and
-//! the per-slot worktrees; [`backoff`] is the one back-off of every retry.
+//! [`job`] is one lease; [`logship`] its log on the way to the server; [`agent`] runs the agent
+//! and `pipeline_core::verify` the verifier, through `pipeline_core::process` (process groups,
+//! time limits); [`git`] is the mirror and the per-slot worktrees; [`backoff`] is the one
+//! back-off of every retry. [`wire`] is the edge: the only module that knows the protocol's
+//! generated types, converting them to and from the runner's own.
 
 pub mod agent;
 pub mod backoff;
-pub mod client;
 pub mod config;
 pub mod git;
 pub mod job;
 pub mod logship;
 pub mod preflight;
 pub mod session;
+pub mod wire;
 
 pub use session::run;
 

@@ -5,15 +5,18 @@
 //! out on reconnect; a line the server already has is ignored there, so nothing is doubled.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 
-use pipeline_proto::v1 as pb;
+use pipeline_core::ids::LeaseRef;
+use pipeline_core::lines::cut_line;
+use pipeline_core::process::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 
 use crate::backoff::Backoff;
-use pipeline_core::lines::cut_line;
+use crate::job::CurrentRunner;
+use crate::wire::Client;
 
 /// Lines waiting for the server beyond this many bytes are dropped oldest first (the reader
 /// sees the gap in the numbering).
@@ -23,8 +26,44 @@ const MAX_BATCH_LINES: usize = 5_000;
 /// The most bytes one call carries (well under the 4 MiB message limit).
 const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
+/// Where a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    Stdout,
+    Stderr,
+    /// The runner's own lifecycle lines ("leased", "worktree ready", ...).
+    Runner,
+}
+
+impl From<Stream> for Channel {
+    fn from(stream: Stream) -> Self {
+        match stream {
+            Stream::Stdout => Channel::Stdout,
+            Stream::Stderr => Channel::Stderr,
+        }
+    }
+}
+
+/// The phase of the run a line belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Dev,
+    Verify,
+}
+
+/// One line of a lease's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogLine {
+    /// Per run, from 1; a gap means lines were dropped.
+    pub seq: u64,
+    pub at_ms: i64,
+    pub channel: Channel,
+    pub phase: Phase,
+    pub text: String,
+}
+
 enum Msg {
-    Line(pb::LogLine),
+    Line(LogLine),
     Flush(oneshot::Sender<()>),
 }
 
@@ -37,13 +76,9 @@ pub struct RunLog {
 
 impl RunLog {
     /// Starts shipping the log of `lease`.
-    pub fn start(
-        client: crate::client::Client,
-        runner_id: Arc<RwLock<String>>,
-        lease: pb::LeaseRef,
-    ) -> Self {
+    pub fn start(client: Client, runner: CurrentRunner, lease: LeaseRef) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(ship(client, runner_id, lease, rx));
+        tokio::spawn(ship(client, runner, lease, rx));
         Self {
             tx,
             seq: Arc::new(AtomicU64::new(0)),
@@ -51,20 +86,20 @@ impl RunLog {
     }
 
     /// Adds a line.
-    pub fn line(&self, stream: pb::LogStream, phase: pb::RunPhase, text: &str) {
+    pub fn line(&self, channel: Channel, phase: Phase, text: &str) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let _ = self.tx.send(Msg::Line(pb::LogLine {
+        let _ = self.tx.send(Msg::Line(LogLine {
             seq,
             at_ms: crate::now_ms(),
-            stream: stream.into(),
-            phase: phase.into(),
+            channel,
+            phase,
             text: cut_line(text),
         }));
     }
 
     /// A lifecycle line of the runner's own.
-    pub fn note(&self, phase: pb::RunPhase, text: &str) {
-        self.line(pb::LogStream::Runner, phase, text);
+    pub fn note(&self, phase: Phase, text: &str) {
+        self.line(Channel::Runner, phase, text);
     }
 
     /// Waits until every line so far is stored by the server (or the lease is gone).
@@ -77,18 +112,18 @@ impl RunLog {
 }
 
 async fn ship(
-    mut client: crate::client::Client,
-    runner_id: Arc<RwLock<String>>,
-    lease: pb::LeaseRef,
+    client: Client,
+    runner: CurrentRunner,
+    lease: LeaseRef,
     mut rx: mpsc::UnboundedReceiver<Msg>,
 ) {
-    let mut pending: VecDeque<pb::LogLine> = VecDeque::new();
+    let mut pending: VecDeque<LogLine> = VecDeque::new();
     let mut pending_bytes = 0usize;
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut open = true;
     let mut backoff = Backoff::new();
     let take = |msg: Msg,
-                pending: &mut VecDeque<pb::LogLine>,
+                pending: &mut VecDeque<LogLine>,
                 bytes: &mut usize,
                 waiters: &mut Vec<oneshot::Sender<()>>| match msg {
         Msg::Line(line) => {
@@ -132,15 +167,13 @@ async fn ship(
             size += line.text.len();
             batch.push(line.clone());
         }
-        let req = pb::AppendLogsRequest {
-            runner_id: runner_id.read().map(|id| id.clone()).unwrap_or_default(),
-            lease: Some(lease.clone()),
-            lines: batch,
+        let sent = match runner.get() {
+            Ok(id) => client.append_logs(&id, &lease, &batch).await,
+            Err(status) => Err(status),
         };
-        match client.append_logs(req).await {
-            Ok(resp) => {
+        match sent {
+            Ok(acked) => {
                 backoff.reset();
-                let acked = resp.into_inner().acked_seq;
                 while pending.front().is_some_and(|l| l.seq <= acked) {
                     if let Some(line) = pending.pop_front() {
                         pending_bytes -= line.text.len();
@@ -154,7 +187,7 @@ async fn ship(
                 ) =>
             {
                 // The lease is over (or the lines are refused): nothing more will be taken.
-                tracing::warn!(lease = %lease.lease_id, error = %status.message(), "log shipping stopped");
+                tracing::warn!(lease = %lease.id, error = %status.message(), "log shipping stopped");
                 pending.clear();
                 pending_bytes = 0;
             }

@@ -13,28 +13,26 @@
 //!   their leases back, exit.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use pipeline_proto::v1 as pb;
-use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+use pipeline_core::ids::{LeaseRef, RunnerId, TaskId};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
-use tonic::{Code, Streaming};
+use tonic::Code;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::git::Mirror;
-use crate::job::{self, JobContext, JobEnd};
+use crate::job::{self, Assignment, CurrentRunner, JobContext, JobEnd};
+use crate::wire::{Bearer, Client, Heartbeats, Hello, Pushed, Standing, WorkStream};
 
 /// A job in a slot.
 struct Running {
-    lease: pb::LeaseRef,
-    task: String,
+    lease: LeaseRef,
+    task: TaskId,
     slot: usize,
     cancel: CancellationToken,
     /// Set when the session stops the job and must give its lease back.
@@ -55,18 +53,12 @@ enum Disconnect {
     Revoked,
 }
 
-/// The heartbeat stream: requests go out on `tx`, one reply comes back for each.
-struct Beats {
-    tx: mpsc::Sender<pb::HeartbeatRequest>,
-    replies: Streaming<pb::HeartbeatResponse>,
-}
-
-/// The next heartbeat reply; never, without a stream.
+/// The next heartbeat reply (the leases to drop); never, without a stream.
 async fn next_reply(
-    beats: &mut Option<Beats>,
-) -> Result<Option<pb::HeartbeatResponse>, tonic::Status> {
+    beats: &mut Option<Heartbeats>,
+) -> Result<Option<Vec<LeaseRef>>, tonic::Status> {
     match beats {
-        Some(b) => b.replies.message().await,
+        Some(b) => b.reply().await,
         None => std::future::pending().await,
     }
 }
@@ -91,26 +83,10 @@ pub async fn run(
     } else {
         format!("http://{}", config.server)
     };
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("invalid server URL {url:?}"))?;
-    if let Some(tls) =
-        pipeline_proto::client_tls(&url, config.tls_ca.as_deref()).map_err(anyhow::Error::msg)?
-    {
-        endpoint = endpoint
-            .tls_config(tls)
-            .with_context(|| "invalid TLS settings".to_owned())?;
-    }
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        // Large log batches and bundle chunks are not held up by HTTP/2 flow control.
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(16 * 1024 * 1024))
-        .connect_lazy();
     // The runner's own credential, saved when the server issued it, is what it presents; the
     // registration token is needed only the first time (or once the server forgot the runner).
     let saved = SavedCredential(work_dir.join("credential"));
-    let bearer = crate::client::Bearer::default();
+    let bearer = Bearer::default();
     match saved.load().or_else(|| config.token.clone()) {
         Some(token) => bearer.set(&token),
         None => anyhow::bail!(
@@ -118,22 +94,24 @@ pub async fn run(
              (the server's log says where it is)"
         ),
     }
-    let client = RunnerServiceClient::with_interceptor(channel, bearer.clone())
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(64 * 1024 * 1024);
+    let client = Client::connect_lazy(&url, config.tls_ca.as_deref(), bearer.clone())?;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(JobContext {
         config: config.clone(),
         mirror,
         work_dir,
         client: client.clone(),
-        runner_id: Arc::new(RwLock::new(String::new())),
+        runner: CurrentRunner::default(),
     });
     let mut session = Session {
         bearer,
         saved,
         registration_token: config.token.clone(),
-        name,
+        hello: Hello {
+            name,
+            labels: config.labels.clone(),
+            slots: config.slots,
+        },
         url,
         slots: config.slots,
         drain_timeout: Duration::from_secs(config.drain_timeout),
@@ -161,18 +139,18 @@ pub async fn run(
 
 struct Session {
     /// The credential calls present; replaced by the runner's own once it is issued.
-    bearer: crate::client::Bearer,
+    bearer: Bearer,
     /// Where the runner's own credential is kept between runs.
     saved: SavedCredential,
     /// The registration token (or a credential) given on the command line.
     registration_token: Option<String>,
-    name: String,
+    hello: Hello,
     url: String,
     slots: u32,
     drain_timeout: Duration,
-    client: crate::client::Client,
+    client: Client,
     ctx: Arc<JobContext>,
-    runner_id: Option<String>,
+    runner_id: Option<RunnerId>,
     heartbeat: Duration,
     ttl: Duration,
     /// The last time the server renewed this runner's leases.
@@ -180,7 +158,7 @@ struct Session {
     jobs: HashMap<String, Running>,
     /// Assignments that arrived before the job whose slot they take had reported its end (the
     /// server frees a slot as soon as it accepts a result).
-    queued: std::collections::VecDeque<pb::Assignment>,
+    queued: std::collections::VecDeque<Assignment>,
     free: BTreeSet<usize>,
     done_tx: mpsc::UnboundedSender<(String, JobEnd)>,
     done_rx: mpsc::UnboundedReceiver<(String, JobEnd)>,
@@ -268,14 +246,7 @@ impl Session {
     }
 
     async fn register(&mut self) -> Result<(), tonic::Status> {
-        let request = pb::RegisterRequest {
-            name: self.name.clone(),
-            labels: self.ctx.config.labels.clone(),
-            slots: self.slots,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            protocol_version: pipeline_proto::PROTOCOL_VERSION,
-        };
-        let resp = match self.client.register(request.clone()).await {
+        let resp = match self.client.register(&self.hello).await {
             Ok(resp) => resp,
             // The saved credential is unknown to the server (it lost its database, or the
             // runner was forgotten): the registration token, if given, registers it afresh.
@@ -292,11 +263,10 @@ impl Session {
                 );
                 self.saved.forget();
                 self.bearer.set(&token);
-                self.client.register(request).await?
+                self.client.register(&self.hello).await?
             }
             Err(status) => return Err(status),
-        }
-        .into_inner();
+        };
         if let Some(credential) = &resp.credential {
             // From now on the runner is itself: its own credential, never the shared token,
             // kept for its next start.
@@ -305,71 +275,60 @@ impl Session {
                 tracing::warn!(error = %e, "cannot save the runner's credential; the next start needs the registration token again");
             }
         }
-        self.heartbeat = Duration::from_millis(resp.heartbeat_interval_ms.max(10));
-        self.ttl = Duration::from_millis(resp.lease_ttl_ms.max(30));
-        tracing::info!(runner = %self.name, id = %resp.runner_id, server = %self.url, "registered");
+        self.heartbeat = resp.heartbeat.max(Duration::from_millis(10));
+        self.ttl = resp.ttl.max(Duration::from_millis(30));
+        tracing::info!(runner = %self.hello.name, id = %resp.runner_id, server = %self.url, "registered");
         self.runner_id = Some(resp.runner_id);
         Ok(())
     }
 
-    fn held(&self) -> Vec<pb::LeaseRef> {
+    fn held(&self) -> Vec<LeaseRef> {
         self.jobs
             .values()
             .map(|j| j.lease.clone())
-            .chain(self.queued.iter().filter_map(|a| a.lease.clone()))
+            .chain(self.queued.iter().map(|a| a.lease.clone()))
             .collect()
     }
 
-    async fn open_work(&mut self) -> Result<Streaming<pb::WorkMessage>, tonic::Status> {
-        let id = self.runner_id.clone().unwrap_or_default();
-        let mut stream = self
-            .client
-            .open_work(pb::OpenWorkRequest {
-                runner_id: id.clone(),
-                held: self.held(),
-                draining: self.draining,
-                unhealthy: self.unhealthy.clone(),
-            })
-            .await?
-            .into_inner();
-        // The first message says which held leases survived.
-        match stream.message().await? {
-            Some(pb::WorkMessage {
-                kind: Some(pb::work_message::Kind::Attached(attached)),
-            }) => {
-                for lease in &attached.dropped {
-                    self.drop_lease(lease, "the server no longer holds it for this runner");
-                }
-            }
-            _ => {
-                return Err(tonic::Status::internal(
-                    "the work stream did not start with 'attached'",
-                ));
-            }
+    /// Where the runner stands, for the server.
+    fn standing(&self) -> Standing {
+        Standing {
+            held: self.held(),
+            draining: self.draining,
+            unhealthy: self.unhealthy.clone(),
+        }
+    }
+
+    async fn open_work(&mut self) -> Result<WorkStream, tonic::Status> {
+        let Some(id) = self.runner_id.clone() else {
+            return Err(tonic::Status::not_found("the runner is not registered"));
+        };
+        let (stream, dropped) = self.client.open_work(&id, &self.standing()).await?;
+        // The first message said which held leases survived.
+        for lease in &dropped {
+            self.drop_lease(lease, "the server no longer holds it for this runner");
         }
         // Jobs use the new ID only now that their leases are re-attached to it.
-        if let Ok(mut shared) = self.ctx.runner_id.write() {
-            *shared = id;
-        }
+        self.ctx.runner.set(id);
         self.renewed_now();
         Ok(stream)
     }
 
     /// Stops the job holding `lease` without giving it back (the server already took it).
-    fn drop_lease(&mut self, lease: &pb::LeaseRef, why: &str) {
-        self.queued.retain(|a| a.lease.as_ref() != Some(lease));
-        if let Some(job) = self.jobs.get(&lease.lease_id)
+    fn drop_lease(&mut self, lease: &LeaseRef, why: &str) {
+        self.queued.retain(|a| a.lease != *lease);
+        if let Some(job) = self.jobs.get(&lease.id)
             && job.lease.epoch == lease.epoch
         {
-            tracing::warn!(task = %job.task, lease = %lease.lease_id, "stopping: {why}");
+            tracing::warn!(task = %job.task, lease = %lease.id, "stopping: {why}");
             job.cancel.cancel();
         }
     }
 
-    fn start(&mut self, a: pb::Assignment) {
-        let Some(lease) = a.lease.clone() else { return };
+    fn start(&mut self, a: Assignment) {
+        let lease = a.lease.clone();
         if let Some(why) = &self.unhealthy {
-            tracing::warn!(task = %a.task_id, "unhealthy: giving the assignment back");
+            tracing::warn!(task = %a.task, "unhealthy: giving the assignment back");
             self.spawn_release(lease, format!("the runner is unhealthy: {why}"), false);
             return;
         }
@@ -387,20 +346,20 @@ impl Session {
         }
         let Some(slot) = self.free.pop_first() else {
             if self.queued.len() < self.slots as usize {
-                tracing::info!(task = %a.task_id, "assignment queued until a job reports its end");
+                tracing::info!(task = %a.task, "assignment queued until a job reports its end");
                 self.queued.push_back(a);
             } else {
-                tracing::error!(task = %a.task_id, "assignment with no free slot; giving it back");
+                tracing::error!(task = %a.task, "assignment with no free slot; giving it back");
                 self.spawn_release(lease, "the runner had no free slot".to_owned(), false);
             }
             return;
         };
         let cancel = CancellationToken::new();
         self.jobs.insert(
-            lease.lease_id.clone(),
+            lease.id.clone(),
             Running {
                 lease: lease.clone(),
-                task: a.task_id.clone(),
+                task: a.task.clone(),
                 slot,
                 cancel: cancel.clone(),
                 release: false,
@@ -409,26 +368,24 @@ impl Session {
         );
         let ctx = Arc::clone(&self.ctx);
         let done = self.done_tx.clone();
-        let lease_id = lease.lease_id;
+        let lease_id = lease.id;
         tokio::spawn(async move {
             let end = job::run(ctx, a, slot, cancel).await;
             let _ = done.send((lease_id, end));
         });
     }
 
-    fn spawn_release(&self, lease: pb::LeaseRef, reason: String, infrastructure: bool) {
-        let mut client = self.client.clone();
-        let runner_id = self.runner_id.clone().unwrap_or_default();
+    fn spawn_release(&self, lease: LeaseRef, reason: String, infrastructure: bool) {
+        let client = self.client.clone();
+        // Not registered, the runner has nothing the server would take back.
+        let Some(runner_id) = self.runner_id.clone() else {
+            return;
+        };
         let unhealthy = self.unhealthy.clone();
         tokio::spawn(async move {
-            let req = pb::ReleaseLeaseRequest {
-                runner_id,
-                lease: Some(lease),
-                reason,
-                infrastructure,
-                unhealthy,
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(req)).await;
+            let release =
+                client.release_lease(&runner_id, &lease, &reason, infrastructure, unhealthy);
+            let _ = tokio::time::timeout(Duration::from_secs(5), release).await;
         });
     }
 
@@ -439,15 +396,16 @@ impl Session {
         if let Some((lease, reason, infrastructure)) = self.free_slot(lease_id, end) {
             // The runner's health goes with it, so that the server does not hand the freed slot
             // to a runner that has just turned unhealthy.
-            let req = pb::ReleaseLeaseRequest {
-                runner_id: self.runner_id.clone().unwrap_or_default(),
-                lease: Some(lease),
-                reason,
-                infrastructure,
-                unhealthy: self.unhealthy.clone(),
-            };
-            let mut client = self.client.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.release_lease(req)).await;
+            if let Some(runner_id) = &self.runner_id {
+                let release = self.client.release_lease(
+                    runner_id,
+                    &lease,
+                    &reason,
+                    infrastructure,
+                    self.unhealthy.clone(),
+                );
+                let _ = tokio::time::timeout(Duration::from_secs(5), release).await;
+            }
         }
         if !self.free.is_empty()
             && let Some(next) = self.queued.pop_front()
@@ -468,7 +426,7 @@ impl Session {
         let task = job.task.clone();
         match end {
             JobEnd::Delivered => self.infra_failures = 0,
-            JobEnd::Infra(why) => self.infra_failure(&task, why),
+            JobEnd::Infra(why) => self.infra_failure(task.as_str(), why),
             _ => {}
         }
     }
@@ -499,7 +457,7 @@ impl Session {
 
     /// Frees a finished job's slot; returns its lease, why, and whether it was an
     /// infrastructure failure, when it must be given back.
-    fn free_slot(&mut self, lease_id: &str, end: JobEnd) -> Option<(pb::LeaseRef, String, bool)> {
+    fn free_slot(&mut self, lease_id: &str, end: JobEnd) -> Option<(LeaseRef, String, bool)> {
         let job = self.jobs.remove(lease_id)?;
         self.free.insert(job.slot);
         let reason = match (&end, job.release) {
@@ -549,9 +507,9 @@ impl Session {
             job.cancel.cancel();
         }
         for a in std::mem::take(&mut self.queued) {
-            if release && let Some(lease) = a.lease {
+            if release {
                 self.spawn_release(
-                    lease,
+                    a.lease,
                     "the runner stopped before starting it".to_owned(),
                     false,
                 );
@@ -637,6 +595,17 @@ impl Session {
         pause.min((left / 4).max(Duration::from_millis(250)))
     }
 
+    /// An assignment the edge refused: its lease goes back as the runner's failure (not the
+    /// task's), counted towards the runner's health like any job's.
+    fn refuse(&mut self, lease: Option<LeaseRef>, why: &str) {
+        let Some(lease) = lease else {
+            tracing::warn!("ignoring an assignment naming no valid lease: {why}");
+            return;
+        };
+        self.infra_failure(&lease.id, why);
+        self.spawn_release(lease, why.to_owned(), true);
+    }
+
     /// No renewal for a whole TTL: the server has given the work away, so stop it.
     fn watchdog(&mut self) {
         tracing::warn!(
@@ -647,23 +616,10 @@ impl Session {
         self.last_renewed = Instant::now();
     }
 
-    fn heartbeat_request(&self) -> pb::HeartbeatRequest {
-        pb::HeartbeatRequest {
-            runner_id: self.runner_id.clone().unwrap_or_default(),
-            held: self.held(),
-            draining: self.draining,
-            unhealthy: self.unhealthy.clone(),
-        }
-    }
-
     /// Opens the heartbeat stream; `Ok(None)` when the server only takes single calls.
-    async fn open_heartbeats(&mut self) -> Result<Option<Beats>, Disconnect> {
-        let (tx, rx) = mpsc::channel(4);
-        match self.client.heartbeats(ReceiverStream::new(rx)).await {
-            Ok(replies) => Ok(Some(Beats {
-                tx,
-                replies: replies.into_inner(),
-            })),
+    async fn open_heartbeats(&mut self) -> Result<Option<Heartbeats>, Disconnect> {
+        match self.client.open_heartbeats().await {
+            Ok(beats) => Ok(Some(beats)),
             Err(status) if status.code() == Code::Unimplemented => {
                 tracing::info!("the server takes heartbeats one call at a time");
                 Ok(None)
@@ -674,21 +630,22 @@ impl Session {
 
     /// Sends a heartbeat: a message on the stream (its reply comes to [`Session::renewed`]), or
     /// a call when the server has no stream.
-    async fn beat(&mut self, beats: &Option<Beats>) -> Option<Disconnect> {
-        match beats {
+    async fn beat(&mut self, beats: &Option<Heartbeats>) -> Option<Disconnect> {
+        match (beats, &self.runner_id) {
             // A full queue means the server is not reading: the watchdog deals with that.
-            Some(b) => {
-                let _ = b.tx.try_send(self.heartbeat_request());
+            (Some(b), Some(id)) => {
+                b.send(id, &self.standing());
                 None
             }
-            None => self.send_heartbeat().await,
+            (Some(_), None) => None,
+            (None, _) => self.send_heartbeat().await,
         }
     }
 
-    /// The server answered a heartbeat.
-    fn renewed(&mut self, reply: pb::HeartbeatResponse) {
+    /// The server answered a heartbeat, naming the leases to drop.
+    fn renewed(&mut self, dropped: Vec<LeaseRef>) {
         self.renewed_now();
-        for lease in &reply.dropped {
+        for lease in &dropped {
             self.drop_lease(lease, "the server dropped the lease");
         }
     }
@@ -710,15 +667,15 @@ impl Session {
 
     /// One heartbeat as a call of its own (servers without the heartbeat stream).
     async fn send_heartbeat(&mut self) -> Option<Disconnect> {
-        let req = self.heartbeat_request();
+        let id = self.runner_id.clone()?;
         let sent = tokio::time::timeout(
             self.heartbeat.max(Duration::from_secs(1)),
-            self.client.heartbeat(req),
+            self.client.heartbeat(&id, &self.standing()),
         )
         .await;
         match sent {
-            Ok(Ok(resp)) => {
-                self.renewed(resp.into_inner());
+            Ok(Ok(dropped)) => {
+                self.renewed(dropped);
                 None
             }
             Ok(Err(status)) if matches!(status.code(), Code::NotFound | Code::Unauthenticated) => {
@@ -735,7 +692,7 @@ impl Session {
         }
     }
 
-    async fn connected(&mut self, mut stream: Streaming<pb::WorkMessage>) -> Disconnect {
+    async fn connected(&mut self, mut stream: WorkStream) -> Disconnect {
         let mut beats = match self.open_heartbeats().await {
             Ok(beats) => beats,
             Err(d) => return d,
@@ -749,23 +706,19 @@ impl Session {
             }
             let watchdog = (!self.jobs.is_empty()).then_some(self.last_renewed + self.ttl);
             tokio::select! {
-                msg = stream.message() => match msg {
-                    Ok(Some(pb::WorkMessage { kind: Some(kind) })) => match kind {
-                        pb::work_message::Kind::Assignment(a) => {
-                            if self.draining {
-                                if let Some(lease) = a.lease {
-                                    self.spawn_release(lease, "the runner is draining".to_owned(), false);
-                                }
-                            } else {
-                                self.start(a);
-                            }
+                msg = stream.next() => match msg {
+                    Ok(Some(Pushed::Assignment(a))) => {
+                        if self.draining {
+                            self.spawn_release(a.lease, "the runner is draining".to_owned(), false);
+                        } else {
+                            self.start(*a);
                         }
-                        pb::work_message::Kind::Cancel(lease) => {
-                            self.drop_lease(&lease, "the task was cancelled or its lease ended");
-                        }
-                        pb::work_message::Kind::Attached(_) => {}
-                    },
-                    Ok(Some(_)) => {}
+                    }
+                    Ok(Some(Pushed::Cancel(lease))) => {
+                        self.drop_lease(&lease, "the task was cancelled or its lease ended");
+                    }
+                    Ok(Some(Pushed::Refused { lease, why })) => self.refuse(lease, &why),
+                    Ok(Some(Pushed::Ignored)) => {}
                     Ok(None) | Err(_) => return Disconnect::Lost,
                 },
                 _ = ticker.tick() => {

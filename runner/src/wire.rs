@@ -1,0 +1,690 @@
+//! The runner's edge: the only module of the runner that names `pipeline_proto::v1` types.
+//!
+//! What the server pushes is converted here, once and with validation, into the runner's own
+//! types: an [`Assignment`] has a lease, a valid task ID, run ID and commit IDs, or it is
+//! [`Pushed::Refused`] here and never reaches a job. What the runner sends is built here from its
+//! own types. [`Client`] wraps the generated client: every call takes and returns domain types
+//! and fails with the call's `tonic::Status`, which the caller reads with
+//! `pipeline_proto::classify`. [`Bearer`] is the credential every call presents.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
+use pipeline_proto::v1 as pb;
+use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Status, Streaming};
+
+use crate::job::{Assignment, LeaseResult, Outcome, RunId};
+use crate::logship::{Channel as LogChannel, LogLine, Phase};
+
+/// Bundle chunks sent to the server (well under tonic's 4 MiB message limit).
+const CHUNK_BYTES: usize = 256 * 1024;
+/// The largest message either way (bundle chunks and log batches are far smaller).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The credential every call presents (`authorization: Bearer <token>`): the registration token
+/// until the server issues the runner its own. Shared by the session and its jobs.
+#[derive(Clone, Default)]
+pub struct Bearer(Arc<RwLock<Option<MetadataValue<Ascii>>>>);
+
+impl Bearer {
+    /// Presents `token` from now on (a token that is not valid header text is dropped).
+    pub fn set(&self, token: &str) {
+        let value = format!("Bearer {}", token.trim()).parse().ok();
+        if let Ok(mut current) = self.0.write() {
+            *current = value;
+        }
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = self.0.read().ok().and_then(|v| v.clone()) {
+            req.metadata_mut().insert("authorization", value);
+        }
+        Ok(req)
+    }
+}
+
+/// What a runner says about itself when it registers.
+#[derive(Clone, Debug)]
+pub struct Hello {
+    pub name: String,
+    pub labels: Vec<String>,
+    pub slots: u32,
+}
+
+/// The server's answer to a registration.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub runner_id: RunnerId,
+    /// How often to heartbeat, as the server set it (unclamped).
+    pub heartbeat: Duration,
+    /// How long a lease lives without a heartbeat.
+    pub ttl: Duration,
+    /// The runner's own credential, when it registered with the registration token.
+    pub credential: Option<String>,
+}
+
+/// Where the runner stands, as every work-stream opening and heartbeat tells the server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// The leases it works on or has queued.
+    pub held: Vec<LeaseRef>,
+    pub draining: bool,
+    /// Why it takes no work, once it has had too many infrastructure failures.
+    pub unhealthy: Option<String>,
+}
+
+/// What the server pushed on the work stream, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Assignment(Box<Assignment>),
+    /// Stop the job holding this lease and forget it (cancelled, lapsed or re-issued).
+    Cancel(LeaseRef),
+    /// An assignment the runner cannot work on, refused here: its lease (when it names a valid
+    /// one) goes back, saying why.
+    Refused {
+        lease: Option<LeaseRef>,
+        why: String,
+    },
+    /// Nothing for the runner (a repeated `attached`, an empty or unknown message, a
+    /// cancellation naming no valid lease).
+    Ignored,
+}
+
+/// An assignment that does not hold what a job needs.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{why}")]
+pub struct InvalidAssignment {
+    /// Its lease, when it names a valid one.
+    pub lease: Option<LeaseRef>,
+    pub why: String,
+}
+
+impl TryFrom<pb::Assignment> for Assignment {
+    type Error = InvalidAssignment;
+
+    fn try_from(a: pb::Assignment) -> Result<Self, Self::Error> {
+        let lease = match a.lease {
+            None => None,
+            Some(l) => Some(lease_from_pb(l).map_err(|e| InvalidAssignment {
+                lease: None,
+                why: format!("the assignment's lease is invalid: {e}"),
+            })?),
+        };
+        let Some(lease) = lease else {
+            return Err(InvalidAssignment {
+                lease: None,
+                why: "the assignment names no lease".to_owned(),
+            });
+        };
+        let invalid = |what: &str, e: InvalidId| InvalidAssignment {
+            lease: Some(lease.clone()),
+            why: format!("the assignment's {what} is invalid: {e}"),
+        };
+        let task = TaskId::parse(&a.task_id).map_err(|e| invalid("task", e))?;
+        let run_id = RunId::parse(&a.run_id).map_err(|e| invalid("run id", e))?;
+        let base = CommitId::parse(&a.base_commit).map_err(|e| invalid("base", e))?;
+        let previous = match &a.previous_commit {
+            Some(p) => Some(CommitId::parse(p).map_err(|e| invalid("patchset", e))?),
+            None => None,
+        };
+        Ok(Assignment {
+            lease,
+            task,
+            run_id,
+            namespace: a.namespace,
+            base_branch: a.base,
+            base,
+            previous,
+            patchset: a.patchset,
+            prompt: a.prompt,
+        })
+    }
+}
+
+impl From<pb::WorkMessage> for Pushed {
+    fn from(msg: pb::WorkMessage) -> Self {
+        match msg.kind {
+            Some(pb::work_message::Kind::Assignment(a)) => match Assignment::try_from(a) {
+                Ok(a) => Pushed::Assignment(Box::new(a)),
+                Err(InvalidAssignment { lease, why }) => Pushed::Refused { lease, why },
+            },
+            Some(pb::work_message::Kind::Cancel(lease)) => match lease_from_pb(lease) {
+                Ok(lease) => Pushed::Cancel(lease),
+                Err(_) => Pushed::Ignored,
+            },
+            Some(pb::work_message::Kind::Attached(_)) | None => Pushed::Ignored,
+        }
+    }
+}
+
+fn lease_from_pb(l: pb::LeaseRef) -> Result<LeaseRef, InvalidId> {
+    LeaseRef::parse(l.lease_id, l.epoch)
+}
+
+fn lease_to_pb(l: &LeaseRef) -> pb::LeaseRef {
+    pb::LeaseRef {
+        lease_id: l.id.clone(),
+        epoch: l.epoch,
+    }
+}
+
+/// Leases the server names: one that is not valid cannot be one the runner holds.
+fn leases_from_pb(leases: Vec<pb::LeaseRef>) -> Vec<LeaseRef> {
+    leases
+        .into_iter()
+        .filter_map(|l| lease_from_pb(l).ok())
+        .collect()
+}
+
+fn log_line_to_pb(l: &LogLine) -> pb::LogLine {
+    let stream = match l.channel {
+        LogChannel::Stdout => pb::LogStream::Stdout,
+        LogChannel::Stderr => pb::LogStream::Stderr,
+        LogChannel::Runner => pb::LogStream::Runner,
+    };
+    let phase = match l.phase {
+        Phase::Dev => pb::RunPhase::Dev,
+        Phase::Verify => pb::RunPhase::Verify,
+    };
+    pb::LogLine {
+        seq: l.seq,
+        at_ms: l.at_ms,
+        stream: stream.into(),
+        phase: phase.into(),
+        text: l.text.clone(),
+    }
+}
+
+fn outcome_to_pb(o: Outcome) -> pb::LeaseOutcome {
+    match o {
+        Outcome::DevFailed => pb::LeaseOutcome::DevFailed,
+        Outcome::VerifyFailed => pb::LeaseOutcome::VerifyFailed,
+        Outcome::Verified => pb::LeaseOutcome::Verified,
+    }
+}
+
+/// The messages of one `CompleteLease` call: the header, then the bundle in chunks.
+fn complete_lease_messages(
+    runner: &RunnerId,
+    lease: &LeaseRef,
+    result: &LeaseResult,
+    bundle: Option<&Bytes>,
+) -> Vec<pb::CompleteLeaseRequest> {
+    let header = pb::CompleteLeaseHeader {
+        runner_id: runner.to_string(),
+        lease: Some(lease_to_pb(lease)),
+        outcome: outcome_to_pb(result.outcome).into(),
+        error: result.error.clone(),
+        cost_cents: result.cost_cents,
+        commit: result.commit.as_ref().map(CommitId::to_string),
+        verify_skipped: result.verify_skipped.clone(),
+        dev_finished_at_ms: result.dev_finished_at_ms,
+    };
+    let mut messages = vec![pb::CompleteLeaseRequest {
+        kind: Some(pb::complete_lease_request::Kind::Header(header)),
+    }];
+    if let Some(bytes) = bundle {
+        let mut at = 0;
+        while at < bytes.len() {
+            let end = (at + CHUNK_BYTES).min(bytes.len());
+            messages.push(pb::CompleteLeaseRequest {
+                kind: Some(pb::complete_lease_request::Kind::Chunk(pb::BundleChunk {
+                    data: bytes.slice(at..end),
+                })),
+            });
+            at = end;
+        }
+    }
+    messages
+}
+
+fn heartbeat_request(runner: &RunnerId, standing: &Standing) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        runner_id: runner.to_string(),
+        held: standing.held.iter().map(lease_to_pb).collect(),
+        draining: standing.draining,
+        unhealthy: standing.unhealthy.clone(),
+    }
+}
+
+/// The runner's client of the runner API, in the runner's types.
+#[derive(Clone)]
+pub struct Client {
+    inner: RunnerServiceClient<InterceptedService<Channel, Bearer>>,
+}
+
+impl Client {
+    /// A client of the server at `url` (`host:port` means `http://host:port`) presenting
+    /// `bearer`; it connects on first use, and again after the connection breaks.
+    pub fn connect_lazy(url: &str, tls_ca: Option<&Path>, bearer: Bearer) -> anyhow::Result<Self> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .with_context(|| format!("invalid server URL {url:?}"))?;
+        if let Some(tls) = pipeline_proto::client_tls(url, tls_ca).map_err(anyhow::Error::msg)? {
+            endpoint = endpoint
+                .tls_config(tls)
+                .with_context(|| "invalid TLS settings".to_owned())?;
+        }
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            // Large log batches and bundle chunks are not held up by HTTP/2 flow control.
+            .initial_stream_window_size(Some(4 * 1024 * 1024))
+            .initial_connection_window_size(Some(16 * 1024 * 1024))
+            .connect_lazy();
+        let inner = RunnerServiceClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { inner })
+    }
+
+    /// Registers (again); the server answers with the runner's ID for this registration.
+    pub async fn register(&self, hello: &Hello) -> Result<Registered, Status> {
+        let request = pb::RegisterRequest {
+            name: hello.name.clone(),
+            labels: hello.labels.clone(),
+            slots: hello.slots,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol_version: pipeline_proto::PROTOCOL_VERSION,
+        };
+        let resp = self.inner.clone().register(request).await?.into_inner();
+        let runner_id = RunnerId::parse(&resp.runner_id)
+            .map_err(|e| Status::internal(format!("the server's registration answer: {e}")))?;
+        Ok(Registered {
+            runner_id,
+            heartbeat: Duration::from_millis(resp.heartbeat_interval_ms),
+            ttl: Duration::from_millis(resp.lease_ttl_ms),
+            credential: resp.credential,
+        })
+    }
+
+    /// Opens the work stream, reporting the leases the runner holds; returns the stream and the
+    /// held leases the server no longer has for this runner (its first message, `attached`).
+    pub async fn open_work(
+        &self,
+        runner: &RunnerId,
+        standing: &Standing,
+    ) -> Result<(WorkStream, Vec<LeaseRef>), Status> {
+        let request = pb::OpenWorkRequest {
+            runner_id: runner.to_string(),
+            held: standing.held.iter().map(lease_to_pb).collect(),
+            draining: standing.draining,
+            unhealthy: standing.unhealthy.clone(),
+        };
+        let mut stream = self.inner.clone().open_work(request).await?.into_inner();
+        match stream.message().await? {
+            Some(pb::WorkMessage {
+                kind: Some(pb::work_message::Kind::Attached(attached)),
+            }) => Ok((WorkStream(stream), leases_from_pb(attached.dropped))),
+            _ => Err(Status::internal(
+                "the work stream did not start with 'attached'",
+            )),
+        }
+    }
+
+    /// Opens the heartbeat stream (a server without it answers `UNIMPLEMENTED`).
+    pub async fn open_heartbeats(&self) -> Result<Heartbeats, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let replies = self
+            .inner
+            .clone()
+            .heartbeats(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Heartbeats { tx, replies })
+    }
+
+    /// One heartbeat as a call of its own; returns the leases the runner must drop.
+    pub async fn heartbeat(
+        &self,
+        runner: &RunnerId,
+        standing: &Standing,
+    ) -> Result<Vec<LeaseRef>, Status> {
+        let reply = self
+            .inner
+            .clone()
+            .heartbeat(heartbeat_request(runner, standing))
+            .await?
+            .into_inner();
+        Ok(leases_from_pb(reply.dropped))
+    }
+
+    /// Asks for the objects of `lease`'s base (and previous patchset) the runner lacks, as a
+    /// bundle in chunks; `have` are the commits it has.
+    pub async fn fetch_base(
+        &self,
+        runner: &RunnerId,
+        lease: &LeaseRef,
+        have: &[CommitId],
+    ) -> Result<BaseChunks, Status> {
+        let request = pb::FetchBaseRequest {
+            runner_id: runner.to_string(),
+            lease: Some(lease_to_pb(lease)),
+            have: have.iter().map(CommitId::to_string).collect(),
+        };
+        let stream = self.inner.clone().fetch_base(request).await?.into_inner();
+        Ok(BaseChunks(stream))
+    }
+
+    /// Sends `lease`'s result, with the commit's bundle; returns the task's status after it
+    /// (for the log).
+    pub async fn complete_lease(
+        &self,
+        runner: &RunnerId,
+        lease: &LeaseRef,
+        result: &LeaseResult,
+        bundle: Option<&Bytes>,
+    ) -> Result<String, Status> {
+        let messages = complete_lease_messages(runner, lease, result, bundle);
+        let resp = self
+            .inner
+            .clone()
+            .complete_lease(tokio_stream::iter(messages))
+            .await?
+            .into_inner();
+        Ok(resp
+            .status()
+            .as_str_name()
+            .trim_start_matches("TASK_STATUS_")
+            .to_ascii_lowercase())
+    }
+
+    /// Gives `lease` back without a result, saying why, whether it was an infrastructure
+    /// failure, and the runner's health.
+    pub async fn release_lease(
+        &self,
+        runner: &RunnerId,
+        lease: &LeaseRef,
+        reason: &str,
+        infrastructure: bool,
+        unhealthy: Option<String>,
+    ) -> Result<(), Status> {
+        let request = pb::ReleaseLeaseRequest {
+            runner_id: runner.to_string(),
+            lease: Some(lease_to_pb(lease)),
+            reason: reason.to_owned(),
+            infrastructure,
+            unhealthy,
+        };
+        self.inner.clone().release_lease(request).await.map(drop)
+    }
+
+    /// Appends log lines to `lease`'s run; returns the last line number the server stored.
+    pub async fn append_logs(
+        &self,
+        runner: &RunnerId,
+        lease: &LeaseRef,
+        lines: &[LogLine],
+    ) -> Result<u64, Status> {
+        let request = pb::AppendLogsRequest {
+            runner_id: runner.to_string(),
+            lease: Some(lease_to_pb(lease)),
+            lines: lines.iter().map(log_line_to_pb).collect(),
+        };
+        let resp = self.inner.clone().append_logs(request).await?;
+        Ok(resp.into_inner().acked_seq)
+    }
+}
+
+/// The work stream: what the server pushes, in order.
+pub struct WorkStream(Streaming<pb::WorkMessage>);
+
+impl WorkStream {
+    /// The next message; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Pushed>, Status> {
+        Ok(self.0.message().await?.map(Pushed::from))
+    }
+}
+
+/// The heartbeat stream: requests go out on one side, one reply comes back for each.
+pub struct Heartbeats {
+    tx: mpsc::Sender<pb::HeartbeatRequest>,
+    replies: Streaming<pb::HeartbeatResponse>,
+}
+
+impl Heartbeats {
+    /// Queues a heartbeat; false when the queue is full (the server is not reading).
+    pub fn send(&self, runner: &RunnerId, standing: &Standing) -> bool {
+        self.tx
+            .try_send(heartbeat_request(runner, standing))
+            .is_ok()
+    }
+
+    /// The next reply: the leases the runner must drop; `None` when the server ended the
+    /// stream.
+    pub async fn reply(&mut self) -> Result<Option<Vec<LeaseRef>>, Status> {
+        Ok(self
+            .replies
+            .message()
+            .await?
+            .map(|r| leases_from_pb(r.dropped)))
+    }
+}
+
+/// A base bundle as it arrives.
+pub struct BaseChunks(Streaming<pb::BundleChunk>);
+
+impl BaseChunks {
+    /// The next chunk; `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, Status> {
+        Ok(self.0.message().await?.map(|c| c.data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(c: char) -> String {
+        c.to_string().repeat(40)
+    }
+
+    fn assignment() -> pb::Assignment {
+        pb::Assignment {
+            lease: Some(pb::LeaseRef {
+                lease_id: "t-1@2".into(),
+                epoch: 2,
+            }),
+            task_id: "t-1".into(),
+            run_id: "dev-t-1-2".into(),
+            title: "a title".into(),
+            namespace: Some("ns".into()),
+            base: "main".into(),
+            base_commit: sha('a'),
+            previous_commit: Some(sha('b')),
+            patchset: 1,
+            prompt: "do it".into(),
+        }
+    }
+
+    fn pushed(a: pb::Assignment) -> Pushed {
+        Pushed::from(pb::WorkMessage {
+            kind: Some(pb::work_message::Kind::Assignment(a)),
+        })
+    }
+
+    fn refusal(a: pb::Assignment) -> (Option<LeaseRef>, String) {
+        match pushed(a) {
+            Pushed::Refused { lease, why } => (lease, why),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_assignment_becomes_the_runners_own() {
+        let Pushed::Assignment(a) = pushed(assignment()) else {
+            panic!("refused")
+        };
+        assert_eq!(a.lease, LeaseRef::parse("t-1@2".into(), 2).expect("lease"));
+        assert_eq!(a.task.as_str(), "t-1");
+        assert_eq!(a.run_id.as_str(), "dev-t-1-2");
+        assert_eq!(a.base.as_str(), sha('a'));
+        assert_eq!(a.previous.as_ref().map(CommitId::as_str), Some(&*sha('b')));
+        assert_eq!(
+            (a.base_branch.as_str(), a.patchset, a.prompt.as_str()),
+            ("main", 1, "do it")
+        );
+        assert_eq!(a.namespace.as_deref(), Some("ns"));
+    }
+
+    #[test]
+    fn an_assignment_without_a_lease_is_refused_with_nothing_to_give_back() {
+        let (lease, why) = refusal(pb::Assignment {
+            lease: None,
+            ..assignment()
+        });
+        assert_eq!(
+            (lease, why.as_str()),
+            (None, "the assignment names no lease")
+        );
+        let (lease, why) = refusal(pb::Assignment {
+            lease: Some(pb::LeaseRef {
+                lease_id: String::new(),
+                epoch: 1,
+            }),
+            ..assignment()
+        });
+        assert_eq!(lease, None);
+        assert!(why.contains("lease is invalid"), "{why}");
+    }
+
+    #[test]
+    fn an_assignment_with_a_bad_field_is_refused_and_its_lease_named() {
+        let lease = Some(LeaseRef::parse("t-1@2".into(), 2).expect("lease"));
+        for (bad, says) in [
+            (
+                pb::Assignment {
+                    base_commit: "HEAD".into(),
+                    ..assignment()
+                },
+                "the assignment's base is invalid",
+            ),
+            (
+                pb::Assignment {
+                    previous_commit: Some("--all".into()),
+                    ..assignment()
+                },
+                "the assignment's patchset is invalid",
+            ),
+            (
+                pb::Assignment {
+                    task_id: "../x".into(),
+                    ..assignment()
+                },
+                "the assignment's task is invalid",
+            ),
+            (
+                pb::Assignment {
+                    run_id: "-n/../../x".into(),
+                    ..assignment()
+                },
+                "the assignment's run id is invalid",
+            ),
+        ] {
+            let (refused, why) = refusal(bad);
+            assert_eq!(refused, lease);
+            assert!(why.starts_with(says), "{why}");
+        }
+    }
+
+    #[test]
+    fn cancellations_and_other_messages() {
+        let cancel = |id: &str| {
+            Pushed::from(pb::WorkMessage {
+                kind: Some(pb::work_message::Kind::Cancel(pb::LeaseRef {
+                    lease_id: id.into(),
+                    epoch: 3,
+                })),
+            })
+        };
+        assert_eq!(
+            cancel("t-1@3"),
+            Pushed::Cancel(LeaseRef::parse("t-1@3".into(), 3).expect("lease"))
+        );
+        assert_eq!(cancel(""), Pushed::Ignored);
+        assert_eq!(
+            Pushed::from(pb::WorkMessage { kind: None }),
+            Pushed::Ignored
+        );
+        let attached = pb::WorkMessage {
+            kind: Some(pb::work_message::Kind::Attached(pb::Attached::default())),
+        };
+        assert_eq!(Pushed::from(attached), Pushed::Ignored);
+    }
+
+    #[test]
+    fn a_result_goes_out_as_a_header_then_its_bundle_in_chunks() {
+        let runner = RunnerId::parse("r1-1").expect("id");
+        let lease = LeaseRef::parse("t-1@2".into(), 2).expect("lease");
+        let result = LeaseResult {
+            outcome: Outcome::Verified,
+            error: None,
+            cost_cents: 1.5,
+            commit: Some(CommitId::parse(&sha('c')).expect("id")),
+            verify_skipped: None,
+            dev_finished_at_ms: 7,
+        };
+        let bundle = Bytes::from(vec![0u8; CHUNK_BYTES * 2 + 1]);
+        let messages = complete_lease_messages(&runner, &lease, &result, Some(&bundle));
+        assert_eq!(messages.len(), 4);
+        let Some(pb::complete_lease_request::Kind::Header(h)) = &messages[0].kind else {
+            panic!("no header first")
+        };
+        assert_eq!(h.runner_id, "r1-1");
+        assert_eq!(h.lease, Some(lease_to_pb(&lease)));
+        assert_eq!(h.outcome(), pb::LeaseOutcome::Verified);
+        assert_eq!(h.commit.as_deref(), Some(&*sha('c')));
+        let sizes: Vec<usize> = messages[1..]
+            .iter()
+            .map(|m| match &m.kind {
+                Some(pb::complete_lease_request::Kind::Chunk(c)) => c.data.len(),
+                _ => panic!("not a chunk"),
+            })
+            .collect();
+        assert_eq!(sizes, [CHUNK_BYTES, CHUNK_BYTES, 1]);
+        assert_eq!(
+            complete_lease_messages(&runner, &lease, &result, None).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn log_lines_and_heartbeats_carry_the_runners_values() {
+        let line = LogLine {
+            seq: 4,
+            at_ms: 9,
+            channel: LogChannel::Runner,
+            phase: Phase::Verify,
+            text: "hello".into(),
+        };
+        let pb_line = log_line_to_pb(&line);
+        assert_eq!(pb_line.stream(), pb::LogStream::Runner);
+        assert_eq!(pb_line.phase(), pb::RunPhase::Verify);
+        assert_eq!(
+            (pb_line.seq, pb_line.at_ms, &*pb_line.text),
+            (4, 9, "hello")
+        );
+        let runner = RunnerId::parse("r1-1").expect("id");
+        let standing = Standing {
+            held: vec![LeaseRef::parse("t-1@2".into(), 2).expect("lease")],
+            draining: true,
+            unhealthy: Some("why".into()),
+        };
+        let beat = heartbeat_request(&runner, &standing);
+        assert_eq!(beat.held.len(), 1);
+        assert!(beat.draining);
+        assert_eq!(beat.unhealthy.as_deref(), Some("why"));
+    }
+}
