@@ -9,6 +9,7 @@ use std::time::Instant;
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
 use pipeline_core::process::Stream;
 use pipeline_core::verify::{self, Verdict};
+use pipeline_proto::{Disposition, classify};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -395,16 +396,47 @@ async fn pause(backoff: &mut Backoff, cancel: &CancellationToken) -> bool {
     }
 }
 
-fn retryable(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Internal
-            | Code::DeadlineExceeded
-            | Code::Cancelled
-            | Code::NotFound
-    )
+/// What a failed base fetch means for the job.
+#[derive(Debug, PartialEq, Eq)]
+enum FetchFailed {
+    /// The lease is no longer this runner's: nothing more to do.
+    Refused,
+    /// Try again: the server is away or failed inside, or does not know the runner until it
+    /// registers again.
+    Retry,
+    /// The runner's failure (a malformed request, a credential not allowed, a conflict or a
+    /// limit on the fetch): give the lease back.
+    Infra,
+}
+
+/// `classify`'s reading of a failed fetch, as the runner has always taken it: of the Refused
+/// codes only `FAILED_PRECONDITION` refuses the lease, and `ABORTED` and `RESOURCE_EXHAUSTED`
+/// are not retried.
+fn fetch_failed(status: &Status) -> FetchFailed {
+    match classify(status) {
+        Disposition::Refused if status.code() == Code::FailedPrecondition => FetchFailed::Refused,
+        Disposition::Retry | Disposition::Unregistered
+            if !matches!(
+                status.code(),
+                Code::Aborted | Code::ResourceExhausted | Code::Ok
+            ) =>
+        {
+            FetchFailed::Retry
+        }
+        _ => FetchFailed::Infra,
+    }
+}
+
+/// Whether the server refused a result for good; any other failure is sent again (until the
+/// session stops the job). `classify`'s Refused, but for `ALREADY_EXISTS` and `OUT_OF_RANGE`,
+/// which the server does not send for a result; and `RESOURCE_EXHAUSTED`, which it sends for a
+/// bundle over its size limit: sending that again cannot help.
+fn result_refused(status: &Status) -> bool {
+    match classify(status) {
+        Disposition::Refused => !matches!(status.code(), Code::AlreadyExists | Code::OutOfRange),
+        Disposition::Retry => status.code() == Code::ResourceExhausted,
+        Disposition::Unregistered | Disposition::Fatal => false,
+    }
 }
 
 /// Fetches what the mirror lacks of the base (and the previous patchset).
@@ -451,10 +483,10 @@ async fn fetch_base(
                 ctx.mirror.remember(&wanted).await;
                 return Ok(());
             }
-            Err(status) if status.code() == Code::FailedPrecondition => {
+            Err(status) if fetch_failed(&status) == FetchFailed::Refused => {
                 return Err(JobEnd::Refused(status.message().to_owned()));
             }
-            Err(status) if retryable(status.code()) && attempt < 20 => {
+            Err(status) if fetch_failed(&status) == FetchFailed::Retry && attempt < 20 => {
                 tracing::warn!(task = %a.task, error = %status.message(), "fetching the base failed; retrying");
                 attempt += 1;
                 if !pause(&mut backoff, cancel).await {
@@ -530,12 +562,7 @@ async fn deliver(
                 tracing::info!(task = %a.task, status, "result delivered");
                 return JobEnd::Delivered;
             }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::FailedPrecondition | Code::InvalidArgument | Code::ResourceExhausted
-                ) =>
-            {
+            Err(s) if result_refused(&s) => {
                 tracing::warn!(task = %a.task, error = %s.message(), "the server refused the result");
                 return JobEnd::Refused(s.message().to_owned());
             }
@@ -546,6 +573,47 @@ async fn deliver(
                     return JobEnd::Cancelled;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_status() -> impl Iterator<Item = Status> {
+        (0..=16).map(|c| Status::new(Code::from(c), "x"))
+    }
+
+    #[test]
+    fn failed_fetches_and_deliveries_are_read_as_they_always_were() {
+        for status in every_status() {
+            let code = status.code();
+            let fetch_before = match code {
+                Code::FailedPrecondition => FetchFailed::Refused,
+                Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::NotFound => FetchFailed::Retry,
+                _ => FetchFailed::Infra,
+            };
+            assert_eq!(fetch_failed(&status), fetch_before, "{code:?}");
+            let refused_before = matches!(
+                code,
+                Code::FailedPrecondition | Code::InvalidArgument | Code::ResourceExhausted
+            );
+            assert_eq!(result_refused(&status), refused_before, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn run_ids_are_safe_in_file_names_and_arguments() {
+        assert!(RunId::parse("dev-t-1-2").is_ok());
+        assert!(RunId::parse(&format!("dev-{}-18446744073709551615", "x".repeat(64))).is_ok());
+        for bad in ["", "-n", ".hidden", "a/b", "../x", "a b", &"x".repeat(201)] {
+            assert!(RunId::parse(bad).is_err(), "{bad:?}");
         }
     }
 }

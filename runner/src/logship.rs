@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use pipeline_core::ids::LeaseRef;
 use pipeline_core::lines::cut_line;
 use pipeline_core::process::Stream;
+use pipeline_proto::{Disposition, classify};
 use tokio::sync::{mpsc, oneshot};
-use tonic::Code;
+use tonic::{Code, Status};
 
 use crate::backoff::Backoff;
 use crate::job::CurrentRunner;
@@ -180,12 +181,7 @@ async fn ship(
                     }
                 }
             }
-            Err(status)
-                if matches!(
-                    status.code(),
-                    Code::FailedPrecondition | Code::InvalidArgument
-                ) =>
-            {
+            Err(status) if lines_refused(&status) => {
                 // The lease is over (or the lines are refused): nothing more will be taken.
                 tracing::warn!(lease = %lease.id, error = %status.message(), "log shipping stopped");
                 pending.clear();
@@ -205,6 +201,27 @@ async fn ship(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Whether the server refused the lines for good (the lease is over, or the lines are
+/// malformed); any other failure is retried. `classify`'s Refused, but for `ALREADY_EXISTS` and
+/// `OUT_OF_RANGE`, which the server does not send for log lines and the runner always retried.
+fn lines_refused(status: &Status) -> bool {
+    classify(status) == Disposition::Refused
+        && !matches!(status.code(), Code::AlreadyExists | Code::OutOfRange)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_refused_on_the_codes_they_always_were() {
+        for code in (0..=16).map(Code::from) {
+            let before = matches!(code, Code::FailedPrecondition | Code::InvalidArgument);
+            assert_eq!(lines_refused(&Status::new(code, "x")), before, "{code:?}");
         }
     }
 }

@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pipeline_core::ids::{LeaseRef, RunnerId, TaskId};
+use pipeline_proto::{Disposition, classify};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
+use tonic::{Code, Status};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -191,7 +192,7 @@ impl Session {
             if self.runner_id.is_none() {
                 match self.register().await {
                     Ok(()) => {}
-                    Err(status) if fatal(&status) => return Err(self.refused(&status).await),
+                    Err(status) if gives_up(&status) => return Err(self.refused(&status).await),
                     Err(status) => {
                         tracing::warn!(server = %self.url, error = %status.message(), "cannot register; retrying");
                         let pause = self.reconnect_pause(&mut backoff);
@@ -204,11 +205,11 @@ impl Session {
             }
             let stream = match self.open_work().await {
                 Ok(stream) => stream,
-                Err(status) if status.code() == Code::NotFound => {
+                Err(status) if classify(&status) == Disposition::Unregistered => {
                     self.runner_id = None;
                     continue;
                 }
-                Err(status) if fatal(&status) => return Err(self.refused(&status).await),
+                Err(status) if gives_up(&status) => return Err(self.refused(&status).await),
                 Err(status) => {
                     tracing::warn!(error = %status.message(), "cannot open the work stream; retrying");
                     let pause = self.reconnect_pause(&mut backoff);
@@ -250,6 +251,7 @@ impl Session {
             Ok(resp) => resp,
             // The saved credential is unknown to the server (it lost its database, or the
             // runner was forgotten): the registration token, if given, registers it afresh.
+            // (A reading of this one call, narrower than `classify`'s Fatal.)
             Err(status)
                 if status.code() == Code::Unauthenticated
                     && self.saved.load().is_some()
@@ -620,6 +622,7 @@ impl Session {
     async fn open_heartbeats(&mut self) -> Result<Option<Heartbeats>, Disconnect> {
         match self.client.open_heartbeats().await {
             Ok(beats) => Ok(Some(beats)),
+            // A server older than the heartbeat stream: a capability, not a refusal.
             Err(status) if status.code() == Code::Unimplemented => {
                 tracing::info!("the server takes heartbeats one call at a time");
                 Ok(None)
@@ -652,17 +655,17 @@ impl Session {
 
     /// What a refused heartbeat means for the connection.
     fn heartbeat_refused(&self, status: &tonic::Status) -> Disconnect {
-        match status.code() {
-            Code::NotFound => Disconnect::Unregistered,
-            Code::Unauthenticated => {
+        let d = heartbeat_disconnect(status);
+        match d {
+            Disconnect::Revoked => {
                 tracing::error!(error = %status.message(), "the server no longer accepts this runner's credential");
-                Disconnect::Revoked
             }
-            _ => {
+            Disconnect::Lost => {
                 tracing::warn!(error = %status.message(), "the heartbeat stream broke");
-                Disconnect::Lost
             }
+            Disconnect::Unregistered | Disconnect::Exit => {}
         }
+        d
     }
 
     /// One heartbeat as a call of its own (servers without the heartbeat stream).
@@ -678,13 +681,13 @@ impl Session {
                 self.renewed(dropped);
                 None
             }
-            Ok(Err(status)) if matches!(status.code(), Code::NotFound | Code::Unauthenticated) => {
-                Some(self.heartbeat_refused(&status))
-            }
-            Ok(Err(status)) => {
+            // One lost heartbeat is no lost connection: the watchdog deals with a server that
+            // keeps not answering.
+            Ok(Err(status)) if matches!(heartbeat_disconnect(&status), Disconnect::Lost) => {
                 tracing::warn!(error = %status.message(), "heartbeat failed");
                 None
             }
+            Ok(Err(status)) => Some(self.heartbeat_refused(&status)),
             Err(_) => {
                 tracing::warn!("heartbeat timed out");
                 None
@@ -796,13 +799,69 @@ impl SavedCredential {
     }
 }
 
-/// A registration refusal that retrying cannot fix.
-fn fatal(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        Code::FailedPrecondition
-            | Code::InvalidArgument
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-    )
+/// Whether a refused registration or work stream is final (the runner stops): `classify`'s
+/// Refused and Fatal, but for what the runner has always retried: `AlreadyExists` (its name is
+/// held by a runner still connected, such as its own earlier connection, which goes away) and
+/// codes the server does not send for these calls (`OutOfRange`, `Unimplemented`, `DataLoss`).
+fn gives_up(status: &Status) -> bool {
+    match classify(status) {
+        Disposition::Refused | Disposition::Fatal => !matches!(
+            status.code(),
+            Code::AlreadyExists | Code::OutOfRange | Code::Unimplemented | Code::DataLoss
+        ),
+        Disposition::Retry | Disposition::Unregistered => false,
+    }
+}
+
+/// What a refused heartbeat means for the connection. Of `classify`'s Fatal readings only a
+/// refused credential cuts the runner off; the others (such as a credential acting for another
+/// runner) are taken as a broken connection, and reconnecting says whether the server still
+/// takes the runner.
+fn heartbeat_disconnect(status: &Status) -> Disconnect {
+    match classify(status) {
+        Disposition::Unregistered => Disconnect::Unregistered,
+        Disposition::Fatal if status.code() == Code::Unauthenticated => Disconnect::Revoked,
+        Disposition::Fatal | Disposition::Refused | Disposition::Retry => Disconnect::Lost,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_status() -> impl Iterator<Item = Status> {
+        (0..=16).map(|c| Status::new(Code::from(c), "x"))
+    }
+
+    #[test]
+    fn registration_gives_up_on_the_codes_it_always_did() {
+        for status in every_status() {
+            let before = matches!(
+                status.code(),
+                Code::FailedPrecondition
+                    | Code::InvalidArgument
+                    | Code::PermissionDenied
+                    | Code::Unauthenticated
+            );
+            assert_eq!(gives_up(&status), before, "{:?}", status.code());
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_disconnects_as_it_always_did() {
+        for status in every_status() {
+            let got = match heartbeat_disconnect(&status) {
+                Disconnect::Unregistered => "unregistered",
+                Disconnect::Revoked => "revoked",
+                Disconnect::Lost => "lost",
+                Disconnect::Exit => "exit",
+            };
+            let before = match status.code() {
+                Code::NotFound => "unregistered",
+                Code::Unauthenticated => "revoked",
+                _ => "lost",
+            };
+            assert_eq!(got, before, "{:?}", status.code());
+        }
+    }
 }
