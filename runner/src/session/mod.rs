@@ -1,0 +1,863 @@
+//! The runner's life: register, hold the work stream open (the server pushes assignments and
+//! cancellations on it), heartbeat every interval the server set (as messages on one
+//! heartbeat stream, or single calls to a server without it), run each assignment as a job in
+//! a free slot, and survive the server going away.
+//!
+//! One event loop runs it, connected or not; what differs between the two is which of its arms
+//! are live:
+//!
+//! - Connected: the work stream, the heartbeat ticker and replies, and the watchdog: a runner
+//!   that could not renew its leases for a whole TTL stops its jobs itself (the server has
+//!   given them away by then).
+//! - Disconnected: the time of the next attempt and, once a TTL has passed, a note that the
+//!   server is out of touch. The jobs keep their leases meanwhile: a server that restarts keeps
+//!   every lease for one TTL from its start, and one that is up but unreachable names, when the
+//!   runner reconnects, the leases it gave away, which are stopped. Attempts back off
+//!   ([`Backoff`]), but never so long that the held leases would lapse.
+//! - Either: jobs ending, drain (first SIGTERM/SIGINT: take no more work, let jobs finish for up
+//!   to `--drain-timeout`, give back what is left, exit) and stop (second signal: stop jobs
+//!   now, give their leases back, exit).
+//!
+//! `slots` keeps the books (slots, leases, the queue, health), without IO; `credential` is
+//! what the runner presents. Leases go back through one path, `Session::release`, in the
+//! background, with the runner's health; the releases still under way are waited for (a
+//! bounded time) when the runner exits.
+
+mod credential;
+mod slots;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pipeline_core::ids::{LeaseRef, RunnerId};
+use pipeline_proto::{Disposition, classify};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Interval};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+use tracing::Instrument;
+
+use self::credential::Credential;
+use self::slots::{Busy, InfraFailure, Offer, Release, Slots};
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::git::Mirror;
+use crate::job::{self, Assignment, CurrentRunner, JobContext, JobEnd};
+use crate::wire::{Client, Heartbeats, Hello, Pushed, Standing, WorkStream};
+
+/// How long one release call may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the runner until it has drained or been stopped.
+pub async fn run(
+    config: Config,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    config.agent.validate().map_err(anyhow::Error::msg)?;
+    let name = config.name();
+    let work_dir = config.work_dir();
+    let path = std::env::var("PATH").unwrap_or_default();
+    crate::preflight::check_programs(&config.agent, &config.verify, &path)?;
+    crate::preflight::check_work_dir(&work_dir)?;
+    let mirror = Mirror::open(&work_dir)
+        .await
+        .with_context(|| format!("cannot open the mirror in {}", work_dir.display()))?;
+    let url = if config.server.contains("://") {
+        config.server.clone()
+    } else {
+        format!("http://{}", config.server)
+    };
+    let credential = Credential::load(&work_dir, config.token.clone())?;
+    let client = Client::connect_lazy(&url, config.tls_ca.as_deref(), credential.bearer())?;
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let mut session = Session {
+        credential,
+        hello: Hello {
+            name,
+            labels: config.labels.clone(),
+            slots: config.slots,
+        },
+        url,
+        runner_id: None,
+        contact: Contact {
+            heartbeat: Duration::from_secs(10),
+            ttl: Duration::from_secs(30),
+            last_renewed: Instant::now(),
+            said_out_of_touch: false,
+        },
+        slots: Slots::new(config.slots, config.agent.max_infra_failures),
+        done_tx,
+        done_rx,
+        drain,
+        stop,
+        drain_timeout: Duration::from_secs(config.drain_timeout),
+        drain_deadline: None,
+        releases: JoinSet::new(),
+        ctx: Arc::new(JobContext {
+            config,
+            mirror,
+            work_dir,
+            client: client.clone(),
+            runner: CurrentRunner::default(),
+        }),
+        client,
+    };
+    let lived = session.life().await;
+    session.finish_releases().await;
+    lived
+}
+
+struct Session {
+    client: Client,
+    credential: Credential,
+    hello: Hello,
+    url: String,
+    /// What every job shares (the runner ID it presents is published there).
+    ctx: Arc<JobContext>,
+    /// This registration's ID: `None` until registered, and again once the server forgot the
+    /// runner.
+    runner_id: Option<RunnerId>,
+    contact: Contact,
+    slots: Slots<CancellationToken>,
+    /// Jobs report their ends here: (lease ID, how it ended).
+    done_tx: mpsc::UnboundedSender<(String, JobEnd)>,
+    done_rx: mpsc::UnboundedReceiver<(String, JobEnd)>,
+    drain: CancellationToken,
+    stop: CancellationToken,
+    drain_timeout: Duration,
+    /// While draining: when the jobs still running are stopped and given back.
+    drain_deadline: Option<Instant>,
+    /// Releases under way.
+    releases: JoinSet<()>,
+}
+
+/// How the runner keeps in touch with the server: the intervals the server set, and when it
+/// last renewed the leases.
+struct Contact {
+    heartbeat: Duration,
+    ttl: Duration,
+    last_renewed: Instant,
+    /// Whether "no contact with the server" was said since the last contact.
+    said_out_of_touch: bool,
+}
+
+impl Contact {
+    fn renewed(&mut self) {
+        self.last_renewed = Instant::now();
+        self.said_out_of_touch = false;
+    }
+
+    /// When a whole TTL without renewal will have passed.
+    fn lapses_at(&self) -> Instant {
+        self.last_renewed + self.ttl
+    }
+}
+
+/// The connection to the server, while there is one.
+struct Link {
+    work: WorkStream,
+    /// `None` for a server that takes heartbeats only as single calls.
+    beats: Option<Heartbeats>,
+    ticker: Interval,
+}
+
+/// Why there is no link to the server, or no longer one.
+enum Cut {
+    /// The server could not be reached or refused for now (already said): try again later.
+    Unreachable,
+    /// The link broke: reconnect after a pause.
+    Lost,
+    /// The server does not know this runner (it restarted): register again, at once.
+    Unregistered,
+    /// The server no longer accepts this runner's credential (it was revoked): stop everything.
+    Revoked,
+    /// The server refused this runner for good.
+    Refused(Status),
+}
+
+/// What woke the loop.
+enum Event {
+    /// Time to try connecting again.
+    Retry,
+    Pushed(Result<Option<Pushed>, Status>),
+    Tick,
+    Reply(Result<Option<Vec<LeaseRef>>, Status>),
+    Ended(String, JobEnd),
+    Stop,
+    Drain,
+    DrainDeadline,
+    /// A whole TTL without renewal.
+    Lapsed,
+}
+
+/// What the loop does next.
+enum Next {
+    Go,
+    Cut(Cut),
+    Exit,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next message pushed; never, without a link.
+async fn next_push(work: Option<&mut WorkStream>) -> Result<Option<Pushed>, Status> {
+    match work {
+        Some(work) => work.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next heartbeat tick; never, without a link.
+async fn next_tick(ticker: Option<&mut Interval>) {
+    match ticker {
+        Some(ticker) => drop(ticker.tick().await),
+        None => std::future::pending().await,
+    }
+}
+
+/// The next heartbeat reply (the leases to drop); never, without a heartbeat stream.
+async fn next_reply(beats: Option<&mut Heartbeats>) -> Result<Option<Vec<LeaseRef>>, Status> {
+    match beats {
+        Some(beats) => beats.reply().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    /// The loop: connects when there is no link and it is time, waits for the next event,
+    /// handles it. Returns once drained or stopped, or with why the runner must stop.
+    async fn life(&mut self) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new();
+        let mut link: Option<Link> = None;
+        // While there is no link: when to try again.
+        let mut retry_at = Instant::now();
+        loop {
+            if self.slots.finished() {
+                return Ok(());
+            }
+            if link.is_none() && Instant::now() >= retry_at {
+                match self.connect(&mut backoff).await {
+                    Ok(l) => link = Some(l),
+                    Err(cut) => retry_at = self.after_cut(cut, &mut backoff).await?,
+                }
+                continue;
+            }
+            let event = self.next_event(link.as_mut(), retry_at).await;
+            match self.on_event(event, link.as_ref()).await {
+                Next::Go => {}
+                Next::Exit => return Ok(()),
+                Next::Cut(cut) => {
+                    link = None;
+                    retry_at = self.after_cut(cut, &mut backoff).await?;
+                }
+            }
+        }
+    }
+
+    /// Waits for what happens next; the link's arms are live only with a link, the retry only
+    /// without one.
+    async fn next_event(&mut self, link: Option<&mut Link>, retry_at: Instant) -> Event {
+        let connected = link.is_some();
+        let (work, ticker, beats) = match link {
+            Some(Link {
+                work,
+                beats,
+                ticker,
+            }) => (Some(work), Some(ticker), beats.as_mut()),
+            None => (None, None, None),
+        };
+        // Connected, a lapsed TTL sets off the watchdog; disconnected, it is said once.
+        let lapses = (self.slots.jobs() > 0 && (connected || !self.contact.said_out_of_touch))
+            .then(|| self.contact.lapses_at());
+        let draining = self.slots.is_draining();
+        tokio::select! {
+            () = tokio::time::sleep_until(retry_at), if !connected => Event::Retry,
+            msg = next_push(work) => Event::Pushed(msg),
+            () = next_tick(ticker) => Event::Tick,
+            reply = next_reply(beats) => Event::Reply(reply),
+            Some((lease, end)) = self.done_rx.recv() => Event::Ended(lease, end),
+            () = self.stop.cancelled() => Event::Stop,
+            () = self.drain.cancelled(), if !draining => Event::Drain,
+            () = sleep_until(self.drain_deadline), if draining => Event::DrainDeadline,
+            () = sleep_until(lapses) => Event::Lapsed,
+        }
+    }
+
+    async fn on_event(&mut self, event: Event, link: Option<&Link>) -> Next {
+        match event {
+            Event::Retry => Next::Go,
+            Event::Pushed(Ok(Some(pushed))) => {
+                match pushed {
+                    Pushed::Assignment(a) => self.assign(*a),
+                    Pushed::Cancel(lease) => {
+                        self.drop_lease(&lease, "the task was cancelled or its lease ended");
+                    }
+                    Pushed::Refused { lease, why } => return self.refuse(lease, &why, link).await,
+                    Pushed::Ignored => {}
+                }
+                Next::Go
+            }
+            Event::Pushed(Ok(None) | Err(_)) => Next::Cut(Cut::Lost),
+            Event::Tick => match link {
+                Some(link) => self.beat(link).await,
+                None => Next::Go,
+            },
+            Event::Reply(Ok(Some(dropped))) => {
+                self.renewed(dropped);
+                Next::Go
+            }
+            Event::Reply(Ok(None)) => Next::Cut(Cut::Lost),
+            Event::Reply(Err(status)) => Next::Cut(self.heartbeat_refused(&status)),
+            Event::Ended(lease, end) => self.job_ended(&lease, end, link).await,
+            Event::Stop => {
+                self.stop_now().await;
+                Next::Exit
+            }
+            Event::Drain if self.stop.is_cancelled() => {
+                self.stop_now().await;
+                Next::Exit
+            }
+            Event::Drain => {
+                if self.slots.drain() {
+                    self.drain_deadline = Some(Instant::now() + self.drain_timeout);
+                    tracing::info!(jobs = self.slots.jobs(), "draining: taking no more work");
+                }
+                // Tell the server at once, so it assigns nothing more.
+                match link {
+                    Some(link) => self.beat(link).await,
+                    None => Next::Go,
+                }
+            }
+            Event::DrainDeadline => {
+                self.drain_deadline = None;
+                self.stop_jobs(true);
+                Next::Go
+            }
+            Event::Lapsed if link.is_some() => {
+                // No renewal for a whole TTL: the server has given the work away, so stop it.
+                tracing::warn!(
+                    jobs = self.slots.jobs(),
+                    "could not renew leases for a whole TTL; dropping the work"
+                );
+                self.stop_jobs(false);
+                self.contact.last_renewed = Instant::now();
+                Next::Go
+            }
+            Event::Lapsed => {
+                self.contact.said_out_of_touch = true;
+                tracing::warn!(
+                    jobs = self.slots.jobs(),
+                    "no contact with the server for {} s (the lease TTL); keeping the work \
+                     until it answers",
+                    self.contact.ttl.as_secs()
+                );
+                Next::Go
+            }
+        }
+    }
+
+    /// Registers if the server does not know the runner, opens the work stream (reporting the
+    /// leases held) and the heartbeat stream.
+    async fn connect(&mut self, backoff: &mut Backoff) -> Result<Link, Cut> {
+        if self.runner_id.is_none() {
+            match self.register().await {
+                Ok(()) => {}
+                Err(status) if gives_up(&status) => return Err(Cut::Refused(status)),
+                Err(status) => {
+                    tracing::warn!(server = %self.url, error = %status.message(), "cannot register; retrying");
+                    return Err(Cut::Unreachable);
+                }
+            }
+        }
+        let work = match self.open_work().await {
+            Ok(work) => work,
+            Err(status) if classify(&status) == Disposition::Unregistered => {
+                return Err(Cut::Unregistered);
+            }
+            Err(status) if gives_up(&status) => return Err(Cut::Refused(status)),
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "cannot open the work stream; retrying");
+                return Err(Cut::Unreachable);
+            }
+        };
+        backoff.reset();
+        let beats = match self.client.open_heartbeats().await {
+            Ok(beats) => Some(beats),
+            // A server older than the heartbeat stream: a capability, not a refusal.
+            Err(status) if status.code() == Code::Unimplemented => {
+                tracing::info!("the server takes heartbeats one call at a time");
+                None
+            }
+            Err(status) => return Err(self.heartbeat_refused(&status)),
+        };
+        let mut ticker = tokio::time::interval(self.contact.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        Ok(Link {
+            work,
+            beats,
+            ticker,
+        })
+    }
+
+    /// After a cut: when to try connecting again, or why the runner must stop.
+    async fn after_cut(&mut self, cut: Cut, backoff: &mut Backoff) -> anyhow::Result<Instant> {
+        match cut {
+            Cut::Unreachable => Ok(Instant::now() + self.reconnect_pause(backoff)),
+            Cut::Lost => {
+                tracing::warn!(server = %self.url, "lost the server; reconnecting");
+                Ok(Instant::now() + self.reconnect_pause(backoff))
+            }
+            Cut::Unregistered => {
+                self.runner_id = None;
+                Ok(Instant::now())
+            }
+            Cut::Revoked => {
+                self.abandon_all().await;
+                anyhow::bail!(
+                    "the server at {} no longer accepts this runner's credential (revoked?)",
+                    self.url
+                );
+            }
+            Cut::Refused(status) => {
+                self.abandon_all().await;
+                anyhow::bail!(
+                    "the server at {} refused this runner: {}",
+                    self.url,
+                    status.message()
+                );
+            }
+        }
+    }
+
+    /// How long to wait before reconnecting: the back-off, but never so long that the leases
+    /// held would lapse meanwhile (a restarted server keeps them for one TTL from its start, so
+    /// a runner that is quick to come back keeps its work).
+    fn reconnect_pause(&self, backoff: &mut Backoff) -> Duration {
+        let pause = backoff.next();
+        if self.slots.jobs() == 0 {
+            return pause;
+        }
+        let left = self
+            .contact
+            .lapses_at()
+            .saturating_duration_since(Instant::now());
+        pause.min((left / 4).max(Duration::from_millis(250)))
+    }
+
+    async fn register(&mut self) -> Result<(), Status> {
+        let registered = match self.client.register(&self.hello).await {
+            Ok(registered) => registered,
+            // The saved credential is unknown to the server (it lost its database, or the
+            // runner was forgotten): the registration token, if given, registers it afresh.
+            // (A reading of this one call, narrower than `classify`'s Fatal.)
+            Err(status)
+                if status.code() == Code::Unauthenticated && self.credential.can_fall_back() =>
+            {
+                tracing::warn!(
+                    error = %status.message(),
+                    "the server does not know this runner's saved credential; registering \
+                     with the registration token"
+                );
+                self.credential.fall_back();
+                self.client.register(&self.hello).await?
+            }
+            Err(status) => return Err(status),
+        };
+        if let Some(credential) = &registered.credential {
+            self.credential.issued(credential);
+        }
+        self.contact.heartbeat = registered.heartbeat.max(Duration::from_millis(10));
+        self.contact.ttl = registered.ttl.max(Duration::from_millis(30));
+        tracing::info!(runner = %self.hello.name, id = %registered.runner_id, server = %self.url, "registered");
+        self.runner_id = Some(registered.runner_id);
+        Ok(())
+    }
+
+    /// Where the runner stands, for the server.
+    fn standing(&self) -> Standing {
+        Standing {
+            held: self.slots.held(),
+            draining: self.slots.is_draining(),
+            unhealthy: self.slots.unhealthy().map(str::to_owned),
+        }
+    }
+
+    async fn open_work(&mut self) -> Result<WorkStream, Status> {
+        let Some(id) = self.runner_id.clone() else {
+            return Err(Status::not_found("the runner is not registered"));
+        };
+        let (work, dropped) = self.client.open_work(&id, &self.standing()).await?;
+        // The server's first message said which held leases survived.
+        for lease in &dropped {
+            self.drop_lease(lease, "the server no longer holds it for this runner");
+        }
+        // Jobs use the new ID only now that their leases are re-attached to it.
+        self.ctx.runner.set(id);
+        self.contact.renewed();
+        Ok(work)
+    }
+
+    /// Sends a heartbeat: a message on the stream (its reply comes as an event), or a call
+    /// when the server has no stream.
+    async fn beat(&mut self, link: &Link) -> Next {
+        let Some(id) = self.runner_id.clone() else {
+            return Next::Go;
+        };
+        match &link.beats {
+            // A full queue means the server is not reading: the watchdog deals with that.
+            Some(beats) => {
+                beats.send(&id, &self.standing());
+                Next::Go
+            }
+            None => self.send_heartbeat(&id).await,
+        }
+    }
+
+    /// One heartbeat as a call of its own (servers without the heartbeat stream).
+    async fn send_heartbeat(&mut self, id: &RunnerId) -> Next {
+        let sent = tokio::time::timeout(
+            self.contact.heartbeat.max(Duration::from_secs(1)),
+            self.client.heartbeat(id, &self.standing()),
+        )
+        .await;
+        match sent {
+            Ok(Ok(dropped)) => {
+                self.renewed(dropped);
+                Next::Go
+            }
+            // One lost heartbeat is no lost connection: the watchdog deals with a server that
+            // keeps not answering.
+            Ok(Err(status)) if matches!(heartbeat_cut(&status), Cut::Lost) => {
+                tracing::warn!(error = %status.message(), "heartbeat failed");
+                Next::Go
+            }
+            Ok(Err(status)) => Next::Cut(self.heartbeat_refused(&status)),
+            Err(_) => {
+                tracing::warn!("heartbeat timed out");
+                Next::Go
+            }
+        }
+    }
+
+    /// The server answered a heartbeat, naming the leases to drop.
+    fn renewed(&mut self, dropped: Vec<LeaseRef>) {
+        self.contact.renewed();
+        for lease in &dropped {
+            self.drop_lease(lease, "the server dropped the lease");
+        }
+    }
+
+    /// What a refused heartbeat (or heartbeat stream) means, said.
+    fn heartbeat_refused(&self, status: &Status) -> Cut {
+        let cut = heartbeat_cut(status);
+        match cut {
+            Cut::Revoked => {
+                tracing::error!(error = %status.message(), "the server no longer accepts this runner's credential");
+            }
+            Cut::Lost => {
+                tracing::warn!(error = %status.message(), "the heartbeat stream broke");
+            }
+            Cut::Unregistered | Cut::Unreachable | Cut::Refused(_) => {}
+        }
+        cut
+    }
+
+    /// An assignment from the server: started in a free slot, queued, or given back.
+    fn assign(&mut self, a: Assignment) {
+        // A job that just delivered its result may not have reported its end yet.
+        while self.slots.needs_a_slot() {
+            let Ok((lease, end)) = self.done_rx.try_recv() else {
+                break;
+            };
+            if let Some(ended) = self.slots.ended(&lease, &end, self.stop.is_cancelled()) {
+                if let Some(infra) = &ended.infra {
+                    say_infra_failure(ended.task.as_str(), infra);
+                }
+                if let Some(release) = ended.release {
+                    self.release(release);
+                }
+            }
+        }
+        let cancel = CancellationToken::new();
+        let offer = self.slots.offer(a, cancel.clone());
+        self.take(offer, cancel);
+    }
+
+    /// Acts on what the slots made of an assignment.
+    fn take(&mut self, offer: Offer, cancel: CancellationToken) {
+        match offer {
+            Offer::Start(a, slot) => self.spawn_job(*a, slot, cancel),
+            Offer::Queued(task) => {
+                tracing::info!(%task, "assignment queued until a job reports its end");
+            }
+            Offer::Refuse {
+                task,
+                busy,
+                release,
+            } => {
+                match busy {
+                    Busy::Draining => {}
+                    Busy::Unhealthy => {
+                        tracing::warn!(%task, "unhealthy: giving the assignment back");
+                    }
+                    Busy::NoSlot => {
+                        tracing::error!(%task, "assignment with no free slot; giving it back");
+                    }
+                }
+                self.release(release);
+            }
+        }
+    }
+
+    fn spawn_job(&self, a: Assignment, slot: usize, cancel: CancellationToken) {
+        let ctx = Arc::clone(&self.ctx);
+        let done = self.done_tx.clone();
+        let lease_id = a.lease.id.clone();
+        let span = tracing::info_span!("job", task = %a.task, slot);
+        tokio::spawn(
+            async move {
+                let end = job::run(ctx, a, slot, cancel).await;
+                let _ = done.send((lease_id, end));
+            }
+            .instrument(span),
+        );
+    }
+
+    /// A job ended: its slot is free, its end counted, its lease given back if it must be,
+    /// and a queued assignment started in its slot.
+    async fn job_ended(&mut self, lease_id: &str, end: JobEnd, link: Option<&Link>) -> Next {
+        let mut next = Next::Go;
+        if let Some(ended) = self.slots.ended(lease_id, &end, self.stop.is_cancelled()) {
+            if let Some(infra) = &ended.infra {
+                next = self.infra_failed(ended.task.as_str(), infra, link).await;
+            }
+            if let Some(release) = ended.release {
+                self.release(release);
+            }
+        }
+        let cancel = CancellationToken::new();
+        if let Some(offer) = self.slots.start_queued(cancel.clone()) {
+            self.take(offer, cancel);
+        }
+        next
+    }
+
+    /// An assignment the edge refused: its lease (if it names a valid one) goes back as the
+    /// runner's failure, not the task's, counted towards the runner's health like a job's.
+    async fn refuse(&mut self, lease: Option<LeaseRef>, why: &str, link: Option<&Link>) -> Next {
+        let Some(lease) = lease else {
+            tracing::warn!("ignoring an assignment naming no valid lease: {why}");
+            return Next::Go;
+        };
+        let what = lease.id.clone();
+        let (release, infra) = self.slots.refused(lease, why);
+        let next = self.infra_failed(&what, &infra, link).await;
+        self.release(release);
+        next
+    }
+
+    /// Says an infrastructure failure; when it made the runner unhealthy, tells the server at
+    /// once (before the lease goes back), so that it assigns nothing more.
+    async fn infra_failed(
+        &mut self,
+        task: &str,
+        infra: &InfraFailure,
+        link: Option<&Link>,
+    ) -> Next {
+        say_infra_failure(task, infra);
+        match link {
+            Some(link) if infra.turned_unhealthy => self.beat(link).await,
+            _ => Next::Go,
+        }
+    }
+
+    /// The one way a lease goes back: in the background, with the runner's health as it is
+    /// now, so that the server does not hand the freed slot to a runner that has just turned
+    /// unhealthy. Not registered, the runner has nothing the server would take back.
+    fn release(&mut self, release: Release) {
+        while self.releases.try_join_next().is_some() {}
+        let Some(runner) = self.runner_id.clone() else {
+            tracing::debug!(lease = %release.lease.id, "not registered: nothing to give back");
+            return;
+        };
+        let client = self.client.clone();
+        let unhealthy = self.slots.unhealthy().map(str::to_owned);
+        let span = tracing::info_span!("release", lease = %release.lease.id);
+        self.releases.spawn(
+            async move {
+                let call = client.release_lease(
+                    &runner,
+                    &release.lease,
+                    &release.reason,
+                    release.infrastructure,
+                    unhealthy,
+                );
+                match tokio::time::timeout(RELEASE_TIMEOUT, call).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(status)) => {
+                        tracing::debug!(error = %status.message(), "the release was refused");
+                    }
+                    Err(_) => tracing::debug!("the release timed out"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Waits (a bounded time) for the releases still under way; the rest go on detached.
+    async fn finish_releases(&mut self) {
+        let all = async { while self.releases.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(RELEASE_TIMEOUT, all).await;
+        self.releases.detach_all();
+    }
+
+    /// Stops the job holding `lease` without giving it back (the server already took it).
+    fn drop_lease(&mut self, lease: &LeaseRef, why: &str) {
+        if let Some((task, cancel)) = self.slots.drop_lease(lease) {
+            tracing::warn!(%task, lease = %lease.id, "stopping: {why}");
+            cancel.cancel();
+        }
+    }
+
+    /// Stops every job; with `release`, their leases (and queued ones) are given back.
+    fn stop_jobs(&mut self, release: bool) {
+        let (running, queued) = self.slots.stop_all(release);
+        for cancel in running {
+            cancel.cancel();
+        }
+        for release in queued {
+            self.release(release);
+        }
+    }
+
+    /// Waits, a bounded time, for the stopped jobs to end.
+    async fn wait_for_jobs(&mut self, mut on_end: impl FnMut(&mut Self, String, JobEnd)) {
+        let deadline = Instant::now() + self.ctx.config.agent.kill_grace() + Duration::from_secs(5);
+        while self.slots.jobs() > 0 {
+            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                Ok(Some((lease, end))) => on_end(self, lease, end),
+                _ => break,
+            }
+        }
+    }
+
+    /// Stop (the second signal): stops every job and gives its lease back.
+    async fn stop_now(&mut self) {
+        tracing::warn!(jobs = self.slots.jobs(), "stopping now; giving leases back");
+        self.stop_jobs(true);
+        self.wait_for_jobs(|s, lease, end| {
+            if let Some(ended) = s.slots.ended(&lease, &end, true) {
+                if let Some(infra) = &ended.infra {
+                    say_infra_failure(ended.task.as_str(), infra);
+                }
+                if let Some(release) = ended.release {
+                    s.release(release);
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Stops every job and waits (a bounded time) for them to end, without giving anything
+    /// back: the server no longer takes this runner's word. Agents' process groups are stopped.
+    async fn abandon_all(&mut self) {
+        self.stop_jobs(false);
+        self.wait_for_jobs(|s, lease, end| {
+            s.slots.ended(&lease, &end, s.stop.is_cancelled());
+        })
+        .await;
+    }
+}
+
+/// Says an infrastructure failure, and the runner turning unhealthy.
+fn say_infra_failure(task: &str, infra: &InfraFailure) {
+    let first = &infra.why;
+    tracing::error!(
+        task,
+        in_a_row = infra.in_a_row,
+        "infrastructure failure, lease given back uncharged: {first}"
+    );
+    if infra.turned_unhealthy {
+        tracing::error!(
+            "unhealthy after {} infrastructure failures in a row: taking no more work until \
+             restarted (last: {first})",
+            infra.in_a_row
+        );
+    }
+}
+
+/// Whether a refused registration or work stream is final (the runner stops): `classify`'s
+/// Refused and Fatal, but for what the runner has always retried: `AlreadyExists` (its name is
+/// held by a runner still connected, such as its own earlier connection, which goes away) and
+/// codes the server does not send for these calls (`OutOfRange`, `Unimplemented`, `DataLoss`).
+fn gives_up(status: &Status) -> bool {
+    match classify(status) {
+        Disposition::Refused | Disposition::Fatal => !matches!(
+            status.code(),
+            Code::AlreadyExists | Code::OutOfRange | Code::Unimplemented | Code::DataLoss
+        ),
+        Disposition::Retry | Disposition::Unregistered => false,
+    }
+}
+
+/// What a refused heartbeat means for the link. Of `classify`'s Fatal readings only a refused
+/// credential cuts the runner off; the others (such as a credential acting for another runner)
+/// are taken as a broken link, and reconnecting says whether the server still takes the
+/// runner.
+fn heartbeat_cut(status: &Status) -> Cut {
+    match classify(status) {
+        Disposition::Unregistered => Cut::Unregistered,
+        Disposition::Fatal if status.code() == Code::Unauthenticated => Cut::Revoked,
+        Disposition::Fatal | Disposition::Refused | Disposition::Retry => Cut::Lost,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_status() -> impl Iterator<Item = Status> {
+        (0..=16).map(|c| Status::new(Code::from(c), "x"))
+    }
+
+    #[test]
+    fn registration_gives_up_on_the_codes_it_always_did() {
+        for status in every_status() {
+            let before = matches!(
+                status.code(),
+                Code::FailedPrecondition
+                    | Code::InvalidArgument
+                    | Code::PermissionDenied
+                    | Code::Unauthenticated
+            );
+            assert_eq!(gives_up(&status), before, "{:?}", status.code());
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_cuts_the_link_as_it_always_did() {
+        for status in every_status() {
+            let got = match heartbeat_cut(&status) {
+                Cut::Unregistered => "unregistered",
+                Cut::Revoked => "revoked",
+                Cut::Lost => "lost",
+                Cut::Unreachable | Cut::Refused(_) => "other",
+            };
+            let before = match status.code() {
+                Code::NotFound => "unregistered",
+                Code::Unauthenticated => "revoked",
+                _ => "lost",
+            };
+            assert_eq!(got, before, "{:?}", status.code());
+        }
+    }
+}

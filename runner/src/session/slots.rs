@@ -1,0 +1,579 @@
+//! The session's bookkeeping of its slots, pure (no IO, no clock, no tokio), so that each rule
+//! is tested on its own:
+//!
+//! - A slot is free or holds one job, known by its lease. A job keeps its slot until it reports
+//!   its end.
+//! - An assignment that arrives while no slot is free is queued (at most one per slot): the
+//!   server frees a slot as soon as it accepts a result, which can be before the job that
+//!   delivered it has reported its end here. It starts in the next slot freed.
+//! - A job the session stops is marked to be given back (a release: drain timeout, stop) or not
+//!   (a cancellation: the server took the lease back, or no longer takes the runner's word).
+//! - Infrastructure failures in a row are counted (a delivered result starts the count again);
+//!   at `--max-infra-failures` the runner turns unhealthy and takes no more work until it is
+//!   restarted.
+//! - Draining, the runner takes no more work, and it has finished once no job is left, running
+//!   or queued.
+//!
+//! A job's handle `H` (the session's cancellation token) is kept with it, opaque.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use pipeline_core::ids::{LeaseRef, TaskId};
+
+use crate::job::{Assignment, JobEnd};
+
+/// A lease to give back to the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub lease: LeaseRef,
+    pub reason: String,
+    /// The runner could not do the work: recorded as its failure, never charged to the task.
+    pub infrastructure: bool,
+}
+
+/// Why an assignment offered is given back at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Busy {
+    Draining,
+    Unhealthy,
+    /// No free slot and the queue full: the server gave the runner more than it has slots.
+    NoSlot,
+}
+
+/// What to do with an assignment offered.
+#[derive(Debug, PartialEq)]
+pub enum Offer {
+    /// Start it in this slot: it is the slot's job from now on.
+    Start(Box<Assignment>, usize),
+    /// Kept until a slot is freed.
+    Queued(TaskId),
+    /// Give it back.
+    Refuse {
+        task: TaskId,
+        busy: Busy,
+        release: Release,
+    },
+}
+
+/// An infrastructure failure, counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InfraFailure {
+    /// Failures in a row, this one included.
+    pub in_a_row: u32,
+    /// The first line of why.
+    pub why: String,
+    /// Whether this one made the runner unhealthy.
+    pub turned_unhealthy: bool,
+}
+
+/// What a job's end means.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub task: TaskId,
+    /// Its lease, when it must go back.
+    pub release: Option<Release>,
+    /// Set when it ended with an infrastructure failure.
+    pub infra: Option<InfraFailure>,
+}
+
+struct Job<H> {
+    lease: LeaseRef,
+    task: TaskId,
+    slot: usize,
+    handle: H,
+    /// Set when the session stops the job and must give its lease back.
+    release: bool,
+}
+
+/// The runner's slots, its jobs and queued assignments, and its health.
+pub struct Slots<H> {
+    capacity: usize,
+    free: BTreeSet<usize>,
+    /// By lease ID.
+    jobs: HashMap<String, Job<H>>,
+    queued: VecDeque<Assignment>,
+    draining: bool,
+    max_infra_failures: u32,
+    infra_failures: u32,
+    /// Why the runner takes no work, once it has had too many infrastructure failures.
+    unhealthy: Option<String>,
+}
+
+impl<H> Slots<H> {
+    /// `capacity` free slots (numbered from 0); unhealthy after `max_infra_failures` in a row.
+    pub fn new(capacity: u32, max_infra_failures: u32) -> Self {
+        Self {
+            capacity: capacity as usize,
+            free: (0..capacity as usize).collect(),
+            jobs: HashMap::new(),
+            queued: VecDeque::new(),
+            draining: false,
+            max_infra_failures,
+            infra_failures: 0,
+            unhealthy: None,
+        }
+    }
+
+    /// Whether an assignment would find no free slot though the runner takes work: then the
+    /// session first collects ends its jobs have reported but it has not yet read.
+    pub fn needs_a_slot(&self) -> bool {
+        !self.draining && self.unhealthy.is_none() && self.free.is_empty()
+    }
+
+    /// An assignment from the server; `handle` is kept with the job if it starts.
+    pub fn offer(&mut self, a: Assignment, handle: H) -> Offer {
+        if self.draining {
+            let release = Release {
+                lease: a.lease,
+                reason: "the runner is draining".to_owned(),
+                infrastructure: false,
+            };
+            return Offer::Refuse {
+                task: a.task,
+                busy: Busy::Draining,
+                release,
+            };
+        }
+        self.place(a, handle)
+    }
+
+    /// Starts the first queued assignment if a slot is free (draining or not: the runner took
+    /// it before); `None` if there is none or no slot.
+    pub fn start_queued(&mut self, handle: H) -> Option<Offer> {
+        if self.free.is_empty() {
+            return None;
+        }
+        let a = self.queued.pop_front()?;
+        Some(self.place(a, handle))
+    }
+
+    fn place(&mut self, a: Assignment, handle: H) -> Offer {
+        if let Some(why) = &self.unhealthy {
+            let release = Release {
+                lease: a.lease,
+                reason: format!("the runner is unhealthy: {why}"),
+                infrastructure: false,
+            };
+            return Offer::Refuse {
+                task: a.task,
+                busy: Busy::Unhealthy,
+                release,
+            };
+        }
+        let Some(slot) = self.free.pop_first() else {
+            if self.queued.len() < self.capacity {
+                let task = a.task.clone();
+                self.queued.push_back(a);
+                return Offer::Queued(task);
+            }
+            let release = Release {
+                lease: a.lease,
+                reason: "the runner had no free slot".to_owned(),
+                infrastructure: false,
+            };
+            return Offer::Refuse {
+                task: a.task,
+                busy: Busy::NoSlot,
+                release,
+            };
+        };
+        self.jobs.insert(
+            a.lease.id.clone(),
+            Job {
+                lease: a.lease.clone(),
+                task: a.task.clone(),
+                slot,
+                handle,
+                release: false,
+            },
+        );
+        Offer::Start(Box::new(a), slot)
+    }
+
+    /// The job holding `lease_id` ended: its slot is free, its end counted towards the runner's
+    /// health, and its lease must go back if it failed for the runner's reasons or the session
+    /// stopped it to give it back (`stopping` says whether that was a stop or the end of a
+    /// drain). `None` for a lease no job holds.
+    pub fn ended(&mut self, lease_id: &str, end: &JobEnd, stopping: bool) -> Option<Ended> {
+        let job = self.jobs.remove(lease_id)?;
+        self.free.insert(job.slot);
+        let infra = match end {
+            JobEnd::Delivered => {
+                self.infra_failures = 0;
+                None
+            }
+            JobEnd::Infra(why) => Some(self.infra_failure(why)),
+            JobEnd::Refused(_) | JobEnd::Cancelled => None,
+        };
+        let release = match (end, job.release) {
+            (JobEnd::Infra(why), _) => Some((why.clone(), true)),
+            (JobEnd::Cancelled, true) => Some((
+                if stopping {
+                    "the runner was stopped".to_owned()
+                } else {
+                    "the runner drained and its grace period ran out".to_owned()
+                },
+                false,
+            )),
+            _ => None,
+        };
+        Some(Ended {
+            task: job.task,
+            release: release.map(|(reason, infrastructure)| Release {
+                lease: job.lease,
+                reason,
+                infrastructure,
+            }),
+            infra,
+        })
+    }
+
+    /// An assignment refused at the edge (it could not be worked on): its lease goes back as
+    /// the runner's failure, counted like a job's.
+    pub fn refused(&mut self, lease: LeaseRef, why: &str) -> (Release, InfraFailure) {
+        let infra = self.infra_failure(why);
+        let release = Release {
+            lease,
+            reason: why.to_owned(),
+            infrastructure: true,
+        };
+        (release, infra)
+    }
+
+    fn infra_failure(&mut self, why: &str) -> InfraFailure {
+        self.infra_failures = self.infra_failures.saturating_add(1);
+        let first = why.lines().next().unwrap_or_default().to_owned();
+        let turned_unhealthy =
+            self.infra_failures >= self.max_infra_failures && self.unhealthy.is_none();
+        if turned_unhealthy {
+            self.unhealthy = Some(format!(
+                "{} infrastructure failures in a row; last: {first}",
+                self.infra_failures
+            ));
+        }
+        InfraFailure {
+            in_a_row: self.infra_failures,
+            why: first,
+            turned_unhealthy,
+        }
+    }
+
+    /// The server took `lease` back: a queued assignment for it is forgotten; the job holding
+    /// it (at that epoch), if any, is returned to be stopped. It is not given back.
+    pub fn drop_lease(&mut self, lease: &LeaseRef) -> Option<(&TaskId, &H)> {
+        self.queued.retain(|a| a.lease != *lease);
+        self.jobs
+            .get(&lease.id)
+            .filter(|job| job.lease.epoch == lease.epoch)
+            .map(|job| (&job.task, &job.handle))
+    }
+
+    /// Stops everything: every job's handle, to be stopped, and the queue is emptied. With
+    /// `release` the jobs' leases go back when they end, and the queued ones now (returned).
+    pub fn stop_all(&mut self, release: bool) -> (Vec<&H>, Vec<Release>) {
+        let queued: Vec<Release> = std::mem::take(&mut self.queued)
+            .into_iter()
+            .filter(|_| release)
+            .map(|a| Release {
+                lease: a.lease,
+                reason: "the runner stopped before starting it".to_owned(),
+                infrastructure: false,
+            })
+            .collect();
+        let handles = self
+            .jobs
+            .values_mut()
+            .map(|job| {
+                job.release |= release;
+                &job.handle
+            })
+            .collect();
+        (handles, queued)
+    }
+
+    /// The leases the runner holds: its jobs' and its queued assignments'.
+    pub fn held(&self) -> Vec<LeaseRef> {
+        self.jobs
+            .values()
+            .map(|j| j.lease.clone())
+            .chain(self.queued.iter().map(|a| a.lease.clone()))
+            .collect()
+    }
+
+    /// Running jobs (queued assignments not counted).
+    pub fn jobs(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Takes no more work from now on; true the first time.
+    pub fn drain(&mut self) -> bool {
+        !std::mem::replace(&mut self.draining, true)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Draining with nothing left to do.
+    pub fn finished(&self) -> bool {
+        self.draining && self.jobs.is_empty() && self.queued.is_empty()
+    }
+
+    /// Why the runner takes no work, once it is unhealthy.
+    pub fn unhealthy(&self) -> Option<&str> {
+        self.unhealthy.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipeline_core::ids::CommitId;
+
+    use crate::job::RunId;
+
+    fn assignment(task: &str) -> Assignment {
+        let task = TaskId::parse(task).expect("task");
+        Assignment {
+            lease: LeaseRef::of(&task, 1),
+            run_id: RunId::parse(&format!("dev-{task}-1")).expect("run id"),
+            task,
+            namespace: None,
+            base_branch: "main".into(),
+            base: CommitId::parse(&"a".repeat(40)).expect("commit"),
+            previous: None,
+            patchset: 1,
+            prompt: String::new(),
+        }
+    }
+
+    fn lease(task: &str) -> LeaseRef {
+        LeaseRef::of(&TaskId::parse(task).expect("task"), 1)
+    }
+
+    fn lease_id(task: &str) -> String {
+        lease(task).id
+    }
+
+    /// Slots whose handles are the tasks' names.
+    fn slots(capacity: u32) -> Slots<&'static str> {
+        Slots::new(capacity, 3)
+    }
+
+    fn started(offer: Offer) -> usize {
+        match offer {
+            Offer::Start(_, slot) => slot,
+            other => panic!("not started: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn assignments_take_the_lowest_free_slot_and_a_job_ending_frees_it() {
+        let mut s = slots(2);
+        assert_eq!(started(s.offer(assignment("t-1"), "t-1")), 0);
+        assert_eq!(started(s.offer(assignment("t-2"), "t-2")), 1);
+        assert_eq!(s.jobs(), 2);
+        assert!(s.needs_a_slot());
+        let ended = s
+            .ended(&lease_id("t-1"), &JobEnd::Delivered, false)
+            .expect("a job");
+        assert_eq!(ended.task.as_str(), "t-1");
+        assert_eq!((ended.release, ended.infra), (None, None));
+        assert!(!s.needs_a_slot());
+        assert_eq!(started(s.offer(assignment("t-3"), "t-3")), 0);
+        assert_eq!(
+            s.ended(&lease_id("t-1"), &JobEnd::Delivered, false),
+            None,
+            "ended once"
+        );
+    }
+
+    #[test]
+    fn an_assignment_that_overtakes_its_slots_report_waits_for_it() {
+        let mut s = slots(1);
+        started(s.offer(assignment("t-1"), "t-1"));
+        // The server took t-1's result and assigned t-2 before t-1's job reported its end.
+        assert_eq!(
+            s.offer(assignment("t-2"), "t-2"),
+            Offer::Queued(TaskId::parse("t-2").expect("task"))
+        );
+        assert_eq!(s.held(), [lease("t-1"), lease("t-2")]);
+        assert_eq!(s.start_queued("t-2"), None, "no free slot yet");
+        // One queued per slot: beyond that the server is wrong, and it is given back.
+        match s.offer(assignment("t-3"), "t-3") {
+            Offer::Refuse { busy, release, .. } => {
+                assert_eq!(busy, Busy::NoSlot);
+                assert_eq!(release.lease, lease("t-3"));
+                assert!(!release.infrastructure);
+            }
+            other => panic!("{other:?}"),
+        }
+        s.ended(&lease_id("t-1"), &JobEnd::Delivered, false);
+        match s.start_queued("t-2") {
+            Some(Offer::Start(a, 0)) => assert_eq!(a.task.as_str(), "t-2"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.start_queued("none"), None);
+    }
+
+    #[test]
+    fn a_dropped_lease_is_cancelled_not_given_back() {
+        let mut s = slots(1);
+        started(s.offer(assignment("t-1"), "t-1"));
+        s.offer(assignment("t-2"), "t-2");
+        // The queued one is forgotten; the running one is handed out to be stopped.
+        assert_eq!(s.drop_lease(&lease("t-2")), None);
+        assert_eq!(s.held(), [lease("t-1")]);
+        let other_epoch = LeaseRef::of(&TaskId::parse("t-1").expect("task"), 2);
+        assert_eq!(s.drop_lease(&other_epoch), None, "another epoch's lease");
+        let (task, handle) = s.drop_lease(&lease("t-1")).expect("the job");
+        assert_eq!((task.as_str(), *handle), ("t-1", "t-1"));
+        let ended = s
+            .ended(&lease_id("t-1"), &JobEnd::Cancelled, false)
+            .expect("a job");
+        assert_eq!(ended.release, None);
+    }
+
+    #[test]
+    fn stopped_jobs_are_released_when_they_end_and_cancelled_ones_are_not() {
+        let mut s = slots(2);
+        started(s.offer(assignment("t-1"), "t-1"));
+        started(s.offer(assignment("t-2"), "t-2"));
+        s.offer(assignment("t-3"), "t-3");
+        let (mut handles, queued) = s.stop_all(true);
+        handles.sort();
+        assert_eq!(handles, [&"t-1", &"t-2"]);
+        assert_eq!(
+            queued,
+            [Release {
+                lease: lease("t-3"),
+                reason: "the runner stopped before starting it".into(),
+                infrastructure: false,
+            }]
+        );
+        let drained = s.ended(&lease_id("t-1"), &JobEnd::Cancelled, false);
+        let release = drained.and_then(|e| e.release).expect("given back");
+        assert_eq!(
+            release.reason,
+            "the runner drained and its grace period ran out"
+        );
+        let stopped = s.ended(&lease_id("t-2"), &JobEnd::Cancelled, true);
+        let release = stopped.and_then(|e| e.release).expect("given back");
+        assert_eq!(release.reason, "the runner was stopped");
+
+        // Stopped without releasing (the watchdog, a revoked runner): nothing goes back.
+        let mut s = slots(1);
+        started(s.offer(assignment("t-1"), "t-1"));
+        s.offer(assignment("t-2"), "t-2");
+        let (handles, queued) = s.stop_all(false);
+        assert_eq!((handles.len(), queued.len()), (1, 0));
+        assert_eq!(s.held(), [lease("t-1")]);
+        let ended = s.ended(&lease_id("t-1"), &JobEnd::Cancelled, true);
+        assert_eq!(ended.and_then(|e| e.release), None);
+        // A job that finished its work anyway is not given back either.
+        started(s.offer(assignment("t-4"), "t-4"));
+        s.stop_all(true);
+        let ended = s.ended(&lease_id("t-4"), &JobEnd::Delivered, true);
+        assert_eq!(ended.and_then(|e| e.release), None);
+    }
+
+    #[test]
+    fn infrastructure_failures_in_a_row_make_the_runner_unhealthy() {
+        let mut s = slots(1);
+        let fail = |s: &mut Slots<&str>, task: &'static str| {
+            started(s.offer(assignment(task), task));
+            s.ended(
+                &lease_id(task),
+                &JobEnd::Infra("git: No space left on device\nmore".into()),
+                false,
+            )
+            .expect("a job")
+        };
+        let first = fail(&mut s, "t-1");
+        let release = first.release.expect("given back");
+        assert!(release.infrastructure);
+        assert_eq!(release.reason, "git: No space left on device\nmore");
+        assert_eq!(
+            first.infra,
+            Some(InfraFailure {
+                in_a_row: 1,
+                why: "git: No space left on device".into(),
+                turned_unhealthy: false,
+            })
+        );
+        fail(&mut s, "t-2");
+        // A delivered result starts the count again.
+        started(s.offer(assignment("t-3"), "t-3"));
+        s.ended(&lease_id("t-3"), &JobEnd::Delivered, false);
+        fail(&mut s, "t-4");
+        fail(&mut s, "t-5");
+        assert_eq!(s.unhealthy(), None);
+        let third = fail(&mut s, "t-6");
+        assert!(third.infra.expect("counted").turned_unhealthy);
+        assert_eq!(
+            s.unhealthy(),
+            Some("3 infrastructure failures in a row; last: git: No space left on device")
+        );
+        assert!(!s.needs_a_slot(), "an unhealthy runner takes no work");
+        match s.offer(assignment("t-7"), "t-7") {
+            Offer::Refuse { busy, release, .. } => {
+                assert_eq!(busy, Busy::Unhealthy);
+                assert!(
+                    release
+                        .reason
+                        .starts_with("the runner is unhealthy: 3 infrastructure")
+                );
+                assert!(!release.infrastructure);
+            }
+            other => panic!("{other:?}"),
+        }
+        // It turns unhealthy once, and stays so.
+        let (_, again) = s.refused(lease("t-8"), "the assignment's base is invalid");
+        assert!(!again.turned_unhealthy);
+        assert_eq!(again.in_a_row, 4);
+        assert!(s.unhealthy().is_some());
+    }
+
+    #[test]
+    fn an_assignment_refused_at_the_edge_counts_as_an_infrastructure_failure() {
+        let mut s = slots(1);
+        let (release, infra) = s.refused(lease("t-1"), "the assignment's base is invalid: x");
+        assert_eq!(
+            release,
+            Release {
+                lease: lease("t-1"),
+                reason: "the assignment's base is invalid: x".into(),
+                infrastructure: true,
+            }
+        );
+        assert_eq!(infra.in_a_row, 1);
+        assert!(s.held().is_empty());
+    }
+
+    #[test]
+    fn a_drain_takes_no_more_work_and_finishes_with_the_last_job() {
+        let mut s = slots(1);
+        started(s.offer(assignment("t-1"), "t-1"));
+        s.offer(assignment("t-2"), "t-2");
+        assert!(!s.finished());
+        assert!(s.drain());
+        assert!(!s.drain(), "once");
+        assert!(s.is_draining() && !s.needs_a_slot());
+        match s.offer(assignment("t-3"), "t-3") {
+            Offer::Refuse { busy, release, .. } => {
+                assert_eq!(busy, Busy::Draining);
+                assert_eq!(release.reason, "the runner is draining");
+            }
+            other => panic!("{other:?}"),
+        }
+        s.ended(&lease_id("t-1"), &JobEnd::Delivered, false);
+        assert!(
+            !s.finished(),
+            "the queued one was taken before the drain: it runs"
+        );
+        started(s.start_queued("t-2").expect("started"));
+        assert!(!s.finished());
+        s.ended(&lease_id("t-2"), &JobEnd::Refused("gone".into()), false);
+        assert!(s.finished());
+    }
+}
