@@ -33,7 +33,7 @@ const KEPT: [KeptRef; 2] = [KeptRef::Base, KeptRef::Previous];
 #[derive(Clone, Debug)]
 pub struct Mirror {
     git: Git,
-    /// What the [`KEPT`] refs hold (the runner is their only writer).
+    /// What the kept refs hold (the runner is their only writer).
     kept: Arc<Mutex<[Option<CommitId>; 2]>>,
 }
 
@@ -86,8 +86,8 @@ impl Mirror {
         self.git.unbundle(bundle).await
     }
 
-    /// Keeps `commits` (the base, then the previous patchset) under the [`KEPT`] refs, so they
-    /// stay and the next bundle leaves them out (best effort: it only saves transfer next
+    /// Keeps `commits` (the base, then the previous patchset) under `refs/pipeline/base` and
+    /// `refs/pipeline/previous`, so they stay and the next bundle leaves them out (best effort: it only saves transfer next
     /// time). A ref already there is not rewritten.
     pub async fn remember(&self, commits: &[CommitId]) {
         for (i, (commit, which)) in commits.iter().zip(KEPT).enumerate() {

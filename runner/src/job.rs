@@ -1,6 +1,11 @@
 //! One lease, start to finish: fetch the base (only the objects the mirror lacks), reset the
 //! slot's worktree, write the prompt outside it, run the agent, check for exactly one commit,
 //! verify, and send the result with the commit's bundle. Stops at once when cancelled.
+//!
+//! A lease's own types live here: the [`Assignment`] the edge validated (so nothing is checked
+//! again here), its [`RunId`], the [`LeaseResult`] sent, and the [`JobEnd`] the session gets.
+//! A fetch or a delivery that fails is read with `pipeline_proto::classify` and retried with
+//! the runner's [`Backoff`] while the server is away.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

@@ -2,12 +2,16 @@
 //! machine. It reaches the server over gRPC and nothing else: the base commit arrives as a git
 //! bundle and the agent's commit goes back as one.
 //!
-//! [`session`] is the runner's life (register, work stream, heartbeats, reconnect, drain);
-//! [`job`] is one lease; [`logship`] its log on the way to the server; [`agent`] runs the agent
-//! and `pipeline_core::verify` the verifier, through `pipeline_core::process` (process groups,
-//! time limits); [`git`] is the mirror and the per-slot worktrees; [`backoff`] is the one
-//! back-off of every retry. [`wire`] is the edge: the only module that knows the protocol's
-//! generated types, converting them to and from the runner's own.
+//! - [`session`]: the runner's life (register, work stream, heartbeats, reconnect, drain,
+//!   stop) in one event loop; its slots' bookkeeping is pure (`session/slots.rs`).
+//! - [`job`]: one lease, and the lease's own types; [`logship`]: its log on the way to the
+//!   server; [`agent`]: the agent (`pipeline_core::verify` runs the verifier, and
+//!   `pipeline_core::process` both, in process groups with time limits).
+//! - [`git`]: the mirror and the per-slot worktrees, on `pipeline_core::git`.
+//! - [`wire`]: the edge, the only module that names the protocol's generated types: it
+//!   converts them, validated, to and from the runner's own, and wraps the generated client.
+//! - [`backoff`]: the one back-off of every retry; [`config`]: the flags; [`preflight`]: what
+//!   is checked before registering.
 
 pub mod agent;
 pub mod backoff;

@@ -3,6 +3,8 @@
 //! accumulated while the previous call was in flight (so a chatty agent costs one call per
 //! batch, a quiet one a call per line). While the server is away the lines wait here and go
 //! out on reconnect; a line the server already has is ignored there, so nothing is doubled.
+//! Failed calls are retried with the runner's [`Backoff`] until the server refuses the lines
+//! for good (the lease is over).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
