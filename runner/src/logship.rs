@@ -159,19 +159,19 @@ async fn ship(
         while let Ok(msg) = rx.try_recv() {
             take(msg, &mut pending, &mut pending_bytes, &mut waiters);
         }
-        let mut batch = Vec::new();
-        let mut size = 0;
+        let (mut batch, mut size) = (0, 0);
         for line in pending.iter() {
-            if batch.len() >= MAX_BATCH_LINES
-                || size + line.text.len() > MAX_BATCH_BYTES && !batch.is_empty()
-            {
+            if batch >= MAX_BATCH_LINES || size + line.text.len() > MAX_BATCH_BYTES && batch > 0 {
                 break;
             }
             size += line.text.len();
-            batch.push(line.clone());
+            batch += 1;
         }
         let sent = match runner.get() {
-            Ok(id) => client.append_logs(&id, &lease, &batch).await,
+            Ok(id) => {
+                let lines = pending.iter().take(batch);
+                client.append_logs(&id, &lease, lines).await
+            }
             Err(status) => Err(status),
         };
         match sent {

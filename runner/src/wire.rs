@@ -426,12 +426,12 @@ impl Client {
         &self,
         runner: &RunnerId,
         lease: &LeaseRef,
-        lines: &[LogLine],
+        lines: impl IntoIterator<Item = &LogLine>,
     ) -> Result<u64, Status> {
         let request = pb::AppendLogsRequest {
             runner_id: runner.to_string(),
             lease: Some(lease_to_pb(lease)),
-            lines: lines.iter().map(log_line_to_pb).collect(),
+            lines: lines.into_iter().map(log_line_to_pb).collect(),
         };
         let resp = self.inner.clone().append_logs(request).await?;
         Ok(resp.into_inner().acked_seq)
