@@ -136,7 +136,8 @@ fn noted_token_file(dir: &Path, addr: SocketAddr) -> Option<String> {
         .find_map(|ip| {
             let note = dir.join(note_name(SocketAddr::new(ip, addr.port())));
             let path = std::fs::read_to_string(note).ok()?.trim().to_owned();
-            server_alive(Path::new(&path)).then_some(path)
+            // A note whose token file is gone (its state dir deleted) is stale: look further.
+            (Path::new(&path).is_file() && server_alive(Path::new(&path))).then_some(path)
         })
 }
 
@@ -594,6 +595,18 @@ mod tests {
         assert_eq!(name("127.0.0.2:50051"), "127.0.0.2-50051");
         assert_eq!(name("[::1]:7"), "__1-7");
         assert_eq!(name("0.0.0.0:7"), "0.0.0.0-7");
+    }
+
+    #[test]
+    fn a_stale_note_whose_token_file_is_gone_does_not_hide_the_catch_all_one() {
+        let dir = notes(&[("0.0.0.0:5000", "pla_all")]);
+        std::fs::write(
+            dir.path()
+                .join(note_name("127.0.0.1:5000".parse().expect("addr"))),
+            "/nonexistent/admin.token",
+        )
+        .expect("stale note");
+        assert_eq!(token(&dir, "127.0.0.1", 5000).as_deref(), Some("pla_all"));
     }
 
     #[test]

@@ -23,6 +23,37 @@ pub enum Verifier {
 }
 
 impl Verifier {
+    /// Names this policy: the same on every machine for the same mode and commands, different
+    /// for any other (`v1:` and a SHA-256 of the mode and each command, length-prefixed). A
+    /// runner's pass counts as a build of a tree only under the server's own digest.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut part = |p: &str| {
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p.as_bytes());
+        };
+        match self {
+            Verifier::Off => part("off"),
+            Verifier::Bild => part("bild"),
+            Verifier::Commands { build, test } => {
+                part("commands");
+                for c in [build, test] {
+                    match c {
+                        Some(c) => {
+                            part("some");
+                            part(c);
+                        }
+                        None => part("none"),
+                    }
+                }
+            }
+        }
+        let bytes = h.finalize();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("v1:{}", &hex[..32])
+    }
+
     /// Whether a task with `namespace` has anything to verify.
     pub fn applies_to(&self, namespace: Option<&str>) -> bool {
         match self {
@@ -144,7 +175,30 @@ pub async fn verify(
 
 #[cfg(test)]
 mod tests {
-    use super::shell_quote;
+    use super::{Verifier, shell_quote};
+
+    #[test]
+    fn digests_tell_policies_apart_and_agree_on_the_same_one() {
+        let cmds = |b: Option<&str>, t: Option<&str>| Verifier::Commands {
+            build: b.map(str::to_owned),
+            test: t.map(str::to_owned),
+        };
+        let all = [
+            Verifier::Off,
+            Verifier::Bild,
+            cmds(Some("make"), None),
+            cmds(None, Some("make")),
+            cmds(Some("make"), Some("make test")),
+            cmds(Some("ma"), Some("kemake test")),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(a.digest().starts_with("v1:"));
+            assert_eq!(a.digest(), a.clone().digest());
+            for b in &all[i + 1..] {
+                assert_ne!(a.digest(), b.digest(), "{a:?} vs {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn quoting_survives_hostile_namespaces() {

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
 use pipeline_core::process::Stream;
-use pipeline_core::verify::{self, Verdict};
+use pipeline_core::verify::{self, Verdict, Verifier};
 use pipeline_proto::{Disposition, classify};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,9 @@ pub struct Assignment {
     pub patchset: u32,
     /// The whole prompt, built by the server.
     pub prompt: String,
+    /// How the server verifies: the job verifies the same way. `None` from an older server,
+    /// which leaves it to the runner's own verification flags.
+    pub verification: Option<Verifier>,
 }
 
 /// A run's ID as the server names it (`dev-<task>-<epoch>`): safe in a file name and as an
@@ -147,6 +150,8 @@ pub struct LeaseResult {
     pub commit: Option<CommitId>,
     /// Why verification was skipped, when it was.
     pub verify_skipped: Option<String>,
+    /// The digest of the verification run, when one ran.
+    pub verify_digest: Option<String>,
     pub dev_finished_at_ms: i64,
 }
 
@@ -322,9 +327,21 @@ async fn develop(
         }
     };
     let check = Phase::Verify;
-    log.note(check, &format!("verifying {commit}"));
+    // The server's verification is the gate: the job runs exactly that, so that its pass can
+    // stand for a build of the tree. The runner's own flags serve an older server only.
+    let (verifier, whose) = match &a.verification {
+        Some(v) => (v.clone(), "the server's"),
+        None => (ctx.config.verify.verifier(), "this runner's"),
+    };
+    log.note(
+        check,
+        &format!(
+            "verifying {commit} ({whose} verification: {})",
+            describe(&verifier)
+        ),
+    );
     let verdict = verify::verify(
-        &ctx.config.verify.verifier(),
+        &verifier,
         &worktree,
         a.namespace.as_deref(),
         &env,
@@ -333,6 +350,8 @@ async fn develop(
         |stream, line| log.line(Channel::from(stream), check, line),
     )
     .await;
+    let ran = matches!(verdict, Verdict::Pass | Verdict::Fail(_));
+    let verify_digest = ran.then(|| verifier.digest());
     let (outcome, error, verify_skipped) = match verdict {
         Verdict::Cancelled => return Err(JobEnd::Cancelled),
         Verdict::Infra(reason) => {
@@ -371,10 +390,30 @@ async fn develop(
             cost_cents,
             commit: Some(commit),
             verify_skipped,
+            verify_digest,
             dev_finished_at_ms,
         },
         bundle: Some(bundle),
     })
+}
+
+/// A verification in a few words, for the log.
+fn describe(v: &Verifier) -> String {
+    match v {
+        Verifier::Off => "off".to_owned(),
+        Verifier::Bild => "bild".to_owned(),
+        Verifier::Commands { build, test } => {
+            let parts: Vec<String> = [("build", build), ("test", test)]
+                .into_iter()
+                .filter_map(|(what, c)| c.as_ref().map(|c| format!("{what}: {c}")))
+                .collect();
+            if parts.is_empty() {
+                "no commands".to_owned()
+            } else {
+                parts.join("; ")
+            }
+        }
+    }
 }
 
 impl Report {
@@ -386,6 +425,7 @@ impl Report {
                 cost_cents,
                 commit: None,
                 verify_skipped: None,
+                verify_digest: None,
                 dev_finished_at_ms: at,
             },
             bundle: None,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
+use pipeline_core::verify::Verifier;
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
 use tokio::sync::mpsc;
@@ -150,7 +151,22 @@ impl TryFrom<pb::Assignment> for Assignment {
             previous,
             patchset: a.patchset,
             prompt: a.prompt,
+            verification: a.verification.and_then(verification_from_pb),
         })
+    }
+}
+
+/// The server's verification; `None` when it sent none (an older server) or a mode this
+/// runner does not know.
+fn verification_from_pb(v: pb::Verification) -> Option<Verifier> {
+    match v.mode() {
+        pb::VerifyMode::Off => Some(Verifier::Off),
+        pb::VerifyMode::Bild => Some(Verifier::Bild),
+        pb::VerifyMode::Commands => Some(Verifier::Commands {
+            build: v.build_cmd,
+            test: v.test_cmd,
+        }),
+        pb::VerifyMode::Unspecified => None,
     }
 }
 
@@ -232,6 +248,7 @@ fn complete_lease_messages(
         commit: result.commit.as_ref().map(CommitId::to_string),
         verify_skipped: result.verify_skipped.clone(),
         dev_finished_at_ms: result.dev_finished_at_ms,
+        verify_digest: result.verify_digest.clone(),
     };
     let mut messages = vec![pb::CompleteLeaseRequest {
         kind: Some(pb::complete_lease_request::Kind::Header(header)),
@@ -506,6 +523,12 @@ mod tests {
             previous_commit: Some(sha('b')),
             patchset: 1,
             prompt: "do it".into(),
+            verification: Some(pb::Verification {
+                mode: pb::VerifyMode::Commands.into(),
+                build_cmd: None,
+                test_cmd: Some("make test".into()),
+                digest: "v1:x".into(),
+            }),
         }
     }
 
@@ -537,6 +560,22 @@ mod tests {
             ("main", 1, "do it")
         );
         assert_eq!(a.namespace.as_deref(), Some("ns"));
+        assert_eq!(
+            a.verification,
+            Some(Verifier::Commands {
+                build: None,
+                test: Some("make test".into())
+            }),
+            "the server's verification"
+        );
+        // An older server sends none: the runner's own flags apply.
+        let Pushed::Assignment(a) = pushed(pb::Assignment {
+            verification: None,
+            ..assignment()
+        }) else {
+            panic!("refused")
+        };
+        assert_eq!(a.verification, None);
     }
 
     #[test]
@@ -634,6 +673,7 @@ mod tests {
             cost_cents: 1.5,
             commit: Some(CommitId::parse(&sha('c')).expect("id")),
             verify_skipped: None,
+            verify_digest: Some("v1:d".into()),
             dev_finished_at_ms: 7,
         };
         let bundle = Bytes::from(vec![0u8; CHUNK_BYTES * 2 + 1]);
@@ -646,6 +686,7 @@ mod tests {
         assert_eq!(h.lease, Some(lease_to_pb(&lease)));
         assert_eq!(h.outcome(), pb::LeaseOutcome::Verified);
         assert_eq!(h.commit.as_deref(), Some(&*sha('c')));
+        assert_eq!(h.verify_digest.as_deref(), Some("v1:d"));
         let sizes: Vec<usize> = messages[1..]
             .iter()
             .map(|m| match &m.kind {

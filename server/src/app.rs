@@ -141,6 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         log_cap_bytes: config.log_cap_bytes.max(1024),
         build_env: config.agent.child_env(),
         dispatch_batch: config.dispatch_batch as usize,
+        batch_max: config.batch_max as usize,
     };
     let lease_ttl_ms = settings.lease_ttl_ms;
     let coordinator = Arc::new(Coordinator::new(
@@ -153,6 +154,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // A registration that never opens its work stream is forgotten after two lease TTLs.
     coordinator.forget_unopened_after(lease_ttl_ms.saturating_mul(2));
     coordinator.load_counts().await?;
+    coordinator.load_landing().await?;
     coordinator
         .guard_task_ids(config.accept_existing_history)
         .await?;

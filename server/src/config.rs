@@ -116,6 +116,18 @@ pub struct Config {
     )]
     pub max_registrations_per_name: usize,
 
+    /// The most Verified tasks one merge train lands with one build (its tip's); a red tip is
+    /// searched for its first red commit. 1 builds every task's commit on its own.
+    #[arg(long, env = "PIPELINE_BATCH_MAX", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub batch_max: u32,
+
+    /// Merge trains built at once. Only 1 is supported so far (speculative trains, built on
+    /// the tip of the one before, are to come).
+    #[arg(long, env = "PIPELINE_INTEGRATION_SLOTS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub integration_slots: u32,
+
     /// Leases committed per database transaction when many are handed out at once (group
     /// commit); 1 commits each lease on its own.
     #[arg(long, env = "PIPELINE_DISPATCH_BATCH", default_value_t = 256,
@@ -230,6 +242,13 @@ impl Config {
         {
             return Err(format!(
                 "--push-remote {remote:?} must name a remote of the repository (e.g. origin)"
+            ));
+        }
+        if self.integration_slots > 1 {
+            return Err(format!(
+                "--integration-slots {}: speculative trains are not supported yet; use 1 (one \
+                 train at a time, up to --batch-max tasks each)",
+                self.integration_slots
             ));
         }
         if self.local_runners > 64 {

@@ -416,6 +416,9 @@ pub struct Run {
     pub error: Option<String>,
     /// Whose fault it was, for a failed run (none for one given back or cancelled).
     pub failure_kind: Option<FailureKind>,
+    /// For an integrate run: the merge train it was in, and how many builds covered the task.
+    pub train: Option<i64>,
+    pub builds: Option<u32>,
 }
 
 /// A run that is already over when it is recorded.
@@ -429,6 +432,8 @@ pub struct FinishedRun {
     pub started_at: Millis,
     pub error: Option<String>,
     pub failure_kind: Option<FailureKind>,
+    pub train: Option<i64>,
+    pub builds: Option<u32>,
 }
 
 /// How a run ends.
@@ -438,6 +443,8 @@ pub struct RunEnd {
     pub cost_cents: f64,
     pub error: Option<String>,
     pub failure_kind: Option<FailureKind>,
+    /// For an integrate run: how many builds covered the task.
+    pub builds: Option<u32>,
 }
 
 impl RunEnd {
@@ -448,6 +455,7 @@ impl RunEnd {
             cost_cents,
             error: note,
             failure_kind: None,
+            builds: None,
         }
     }
 
@@ -458,7 +466,14 @@ impl RunEnd {
             cost_cents: 0.0,
             error: Some(error),
             failure_kind: kind,
+            builds: None,
         }
+    }
+
+    /// The same end, saying how many builds covered the task.
+    pub fn with_builds(mut self, builds: u32) -> Self {
+        self.builds = Some(builds);
+        self
     }
 }
 
@@ -468,6 +483,8 @@ pub struct NewRun {
     pub phase: Phase,
     pub patchset: u32,
     pub runner: Option<String>,
+    /// For an integrate run: its merge train.
+    pub train: Option<i64>,
 }
 
 /// One entry of a task's history.

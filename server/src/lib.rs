@@ -18,6 +18,7 @@ pub mod error;
 pub mod failpoint;
 pub mod grpc;
 pub mod integrate;
+pub mod landing;
 pub mod lifecycle;
 pub mod logs;
 pub mod prompt;

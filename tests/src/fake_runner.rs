@@ -50,6 +50,7 @@ pub fn complete_messages(
                 commit,
                 verify_skipped: None,
                 dev_finished_at_ms: 0,
+                verify_digest: None,
             },
         )),
     }];

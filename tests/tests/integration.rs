@@ -33,7 +33,11 @@ fn landed_commit(repo: &TestRepo, id: &str) -> String {
 
 /// A build command that waits for `$AGENT_LOG_DIR/<file>`.
 fn slow_build(file: &str) -> String {
-    format!("while [ ! -e \"$AGENT_LOG_DIR/{file}\" ]; do sleep 0.05; done")
+    // Slow in the server's integration worktree only: the runners run the same command.
+    format!(
+        "case $PWD in */integration) while [ ! -e \"$AGENT_LOG_DIR/{file}\" ]; do sleep 0.05; \
+         done;; esac"
+    )
 }
 
 #[test]
@@ -123,12 +127,23 @@ fn a_commit_that_fails_the_servers_build_never_reaches_the_base() {
             "--max-retries",
             "1",
             "--build-cmd",
-            "echo the server build broke >&2; exit 1",
+            // The runner runs the server's verification too, so it passes there: the task's
+            // change breaks the build only together with what a person pushed meanwhile (a
+            // semantic conflict the runner could not see); the base alone builds green.
+            "if ls notes/*.md >/dev/null 2>&1 && [ -e person.txt ]; then \
+             echo the server build broke >&2; exit 1; fi",
         ],
     );
     let _r = runner(&repo, &server, "r");
-    let before = main_tip(&repo);
-    let id = server.add(&["--title", "green on the runner only"]);
+    let id = server.add(&[
+        "--title",
+        "green on the runner only",
+        "--description",
+        "MODE: wait",
+    ]);
+    repo.wait_agent(&id);
+    let before = repo.push_to_main("person.txt", "a person's change");
+    repo.release_agents();
     let task = server.wait_status(&id, "needs_help");
     assert_eq!(main_tip(&repo), before, "the base did not move");
     let runs = integrate_runs(&task);
@@ -220,7 +235,12 @@ fn sigkill_of_the_server_during_an_integration_build_then_restart() {
     let server = Server::start(&repo, &["--build-cmd", &build]);
     let addr = server.addr.clone();
     let _r = runner(&repo, &server, "r");
-    let id = server.add(&["--title", "t"]);
+    // The base moves while the agent works, so the runner's pass is not a build of the tree
+    // the server lands: the server builds.
+    let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    repo.push_to_main("person.txt", "a person's change");
+    repo.release_agents();
     server.wait_for_log("building the integrated commit");
     server.kill();
     repo.touch("build-go");
@@ -235,8 +255,16 @@ fn a_task_cancelled_while_its_integration_builds_never_lands() {
     let build = slow_build("build-go");
     let server = Server::start(&repo, &["--build-cmd", &build]);
     let _r = runner(&repo, &server, "r");
-    let before = main_tip(&repo);
-    let id = server.add(&["--title", "cancelled mid-build"]);
+    let id = server.add(&[
+        "--title",
+        "cancelled mid-build",
+        "--description",
+        "MODE: wait",
+    ]);
+    repo.wait_agent(&id);
+    // The base moves, so the server builds (see above).
+    let before = repo.push_to_main("person.txt", "a person's change");
+    repo.release_agents();
     server.wait_for_log("building the integrated commit");
     server.ctl(&["task", "cancel", &id]).ok();
     repo.touch("build-go");

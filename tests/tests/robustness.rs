@@ -848,15 +848,17 @@ fn a_cancel_leaves_a_line_in_the_log() {
 #[test]
 fn failure_messages_show_the_command_as_run_and_are_not_cut_after_a_colon() {
     let repo = TestRepo::new();
-    let server = Server::start(&repo, &["--max-retries", "1"]);
-    let args = {
-        let mut a = scripted_agent();
-        a.extend([
-            "--test-cmd".into(),
-            "echo checking {namespace}; echo 'error: no good' >&2; exit 3".into(),
-        ]);
-        a
-    };
+    // The server's verification, which the runner runs.
+    let server = Server::start(
+        &repo,
+        &[
+            "--max-retries",
+            "1",
+            "--test-cmd",
+            "echo checking {namespace}; echo 'error: no good' >&2; exit 3",
+        ],
+    );
+    let args = scripted_agent();
     let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "red", "--namespace", "Omni/A.hs"]);
     let task = server.wait_status(&id, "needs_help");

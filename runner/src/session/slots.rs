@@ -344,6 +344,7 @@ mod tests {
             previous: None,
             patchset: 1,
             prompt: String::new(),
+            verification: None,
         }
     }
 

@@ -68,7 +68,13 @@ impl<S: Store> Coordinator<S> {
         for (lease_id, live) in expired {
             self.expire(&lease_id, &live).await?;
         }
-        let mut slots = self.registry().free_slots();
+        // A paused queue hands out nothing (running work goes on, and lapsed leases still
+        // expire above); `queue resume` wakes this loop.
+        let mut slots = if self.leases_paused() {
+            Default::default()
+        } else {
+            self.registry().free_slots()
+        };
         // Candidates come in pages (two groups, at least 128), so the first leases go out
         // after a small query however many slots are free; at most twice the free slots are
         // looked at.
@@ -217,6 +223,7 @@ impl<S: Store> Coordinator<S> {
                     phase: Phase::Dev,
                     patchset: p.decision.before.state.patchset,
                     runner: Some(p.runner.clone()),
+                    train: None,
                 });
                 p.decision.write.event.message = format!("leased to {} (epoch {epoch})", p.runner);
                 runners.push((p.runner_id, p.runner, p.decision.before.id.clone()));
@@ -271,6 +278,7 @@ impl<S: Store> Coordinator<S> {
             previous_commit: lease.previous_commit.clone(),
             patchset: leased.state.patchset,
             prompt,
+            verification: self.settings.verifier.clone(),
         };
         let pushed = {
             let mut registry = self.registry();

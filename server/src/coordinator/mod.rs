@@ -11,9 +11,11 @@
 //! - [`tasks`]: the control API (create, list, show, cancel, retry, dependencies, status).
 //! - [`runners`]: the runner API (register, work stream, heartbeats, results, logs).
 //! - [`dispatch`]: the dispatch loop, which expires lapsed leases and hands out new ones.
+//! - [`queue`]: the queue as a whole (the merge train and what waits behind it, pauses).
 //! - [`recovery`]: what start-up finds (leases to restore, lost landings, task IDs in use).
 
 pub mod dispatch;
+pub mod queue;
 pub mod recovery;
 pub mod runners;
 pub mod tasks;
@@ -30,6 +32,7 @@ use crate::domain::{
     FailureKind, Millis, Phase, RunEnd, StatusCounts, Task, TaskEvent, TaskStatus,
 };
 use crate::error::{Error, Result};
+use crate::landing::Landing;
 use crate::lifecycle::{self, Effect, Event, Policy};
 use crate::logs::LogHub;
 use crate::repo::Repo;
@@ -68,6 +71,8 @@ pub struct Settings {
     pub build_env: Vec<(String, String)>,
     /// Leases committed per database transaction (1 = one transaction per lease).
     pub dispatch_batch: usize,
+    /// The most tasks one merge train takes.
+    pub batch_max: usize,
 }
 
 /// A change decided on a task as it was read: the write to commit and what to do once it is.
@@ -97,6 +102,10 @@ pub struct Coordinator<S> {
     /// Task counts kept in step with every committed change, so `status` reads no database;
     /// `None` until [`Coordinator::load_counts`].
     counts: Mutex<Option<StatusCounts>>,
+    /// The landing side: pauses, the train now, recent trains.
+    landing: Mutex<Landing>,
+    /// The digest of the server's verification ([`Verifier::digest`]).
+    verify_digest: String,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -108,6 +117,7 @@ impl<S: Store> Coordinator<S> {
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
+            verify_digest: settings.verifier.digest(),
             auth,
             logs: Arc::new(LogHub::new(settings.log_cap_bytes)),
             store,
@@ -118,6 +128,7 @@ impl<S: Store> Coordinator<S> {
             wake: Notify::new(),
             integrate_wake: Notify::new(),
             counts: Mutex::new(None),
+            landing: Mutex::new(Landing::default()),
         }
     }
 
@@ -158,6 +169,13 @@ impl<S: Store> Coordinator<S> {
     /// What the integrator waits on.
     pub fn integrator_wakeup(&self) -> &Notify {
         &self.integrate_wake
+    }
+
+    /// The landing side's state.
+    pub fn landing(&self) -> MutexGuard<'_, Landing> {
+        self.landing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn counts_mut(&self) -> MutexGuard<'_, Option<StatusCounts>> {

@@ -450,6 +450,7 @@ impl<S: Store> Coordinator<S> {
             received,
             task.state.patchset + 1,
             &lease.runner,
+            &self.verify_digest,
         );
         let verify_run_id = self
             .registry()
@@ -471,6 +472,7 @@ impl<S: Store> Coordinator<S> {
                                 cost_cents: 0.0,
                                 error: run.error.clone(),
                                 failure_kind: run.failure_kind,
+                                builds: None,
                             },
                         ));
                     } else {
@@ -600,6 +602,7 @@ impl<S: Store> Coordinator<S> {
                                 phase: Phase::Verify,
                                 patchset,
                                 runner: Some(runner),
+                                train: None,
                             },
                             self.now(),
                         )

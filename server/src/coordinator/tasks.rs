@@ -51,6 +51,12 @@ pub struct Status {
     pub base: String,
     /// Why the server is not healthy (its database refuses writes), if it is not.
     pub unhealthy: Option<String>,
+    /// Landing: "running" or "paused", and why it is paused.
+    pub landing: (&'static str, Option<String>),
+    /// Whether new leases are paused.
+    pub queue_paused: bool,
+    /// Integration builds per landed task over the last hour.
+    pub builds_per_landed: Option<f64>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -87,6 +93,7 @@ impl<S: Store> Coordinator<S> {
             }
         }
         let (capacity, now) = (self.capacity(), self.now());
+        let pauses = self.pauses();
         Ok(tasks
             .into_iter()
             .map(|task| {
@@ -95,14 +102,21 @@ impl<S: Store> Coordinator<S> {
                     .iter()
                     .filter_map(|d| known.get(d.as_str()).map(|s| (d.to_string(), *s)))
                     .collect();
-                let why = lifecycle::waiting_for(
+                let mut why: Vec<String> = lifecycle::held_by_pauses(
+                    task.state.status,
+                    pauses.0.as_deref(),
+                    pauses.1.as_deref(),
+                )
+                .into_iter()
+                .collect();
+                why.extend(lifecycle::waiting_for(
                     task.id.as_str(),
                     &task.state,
                     &deps,
                     self.policy(),
                     now,
                     capacity,
-                );
+                ));
                 (task, why)
             })
             .collect())
@@ -130,14 +144,32 @@ impl<S: Store> Coordinator<S> {
             .into_iter()
             .map(|(id, s)| (id.to_string(), s))
             .collect();
-        Ok(lifecycle::waiting_for(
+        let pauses = self.pauses();
+        let mut why: Vec<String> =
+            lifecycle::held_by_pauses(task.state.status, pauses.0.as_deref(), pauses.1.as_deref())
+                .into_iter()
+                .collect();
+        why.extend(lifecycle::waiting_for(
             task.id.as_str(),
             &task.state,
             &deps,
             self.policy(),
             self.now(),
             self.capacity(),
-        ))
+        ));
+        Ok(why)
+    }
+
+    /// The reasons of the pauses in force: (new leases, landing).
+    fn pauses(&self) -> (Option<String>, Option<String>) {
+        let landing = self.landing();
+        (
+            landing
+                .queue_paused
+                .as_ref()
+                .map(|p| p.reason.clone().unwrap_or_default()),
+            landing.paused.as_ref().map(|p| p.reason.clone()),
+        )
     }
 
     /// What the runners can take now.
@@ -222,7 +254,12 @@ impl<S: Store> Coordinator<S> {
             Some(counts) => counts,
             None => self.store.status_counts().await?,
         };
+        let now = self.now();
+        let landing = self.landing();
         Ok(Status {
+            landing: landing.state(),
+            queue_paused: landing.queue_paused.is_some(),
+            builds_per_landed: landing.builds_per_landed(now),
             counts,
             runners: self.registry().connected_count() as u64,
             base: self.settings.base.to_string(),

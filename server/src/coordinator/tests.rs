@@ -54,6 +54,7 @@ async fn world() -> World {
         log_cap_bytes: 1 << 20,
         build_env: Vec::new(),
         dispatch_batch: 64,
+        batch_max: 8,
     };
     let repo = Repo::open(&repo_dir).await.expect("repo");
     let auth = crate::auth::Auth::open(&store, dir.path(), 10)
@@ -216,6 +217,7 @@ async fn recovery_reopens_in_progress_tasks_without_a_lease() {
         phase: Phase::Dev,
         patchset: 0,
         runner: Some("r1".into()),
+        train: None,
     });
     c.store().commit(decision.write).await.expect("lease");
     assert_eq!(c.recover().await.expect("recover"), (0, 1));

@@ -157,7 +157,71 @@ impl<S: Store> ControlService for ControlApi<S> {
             runners: s.runners,
             base: s.base,
             unhealthy: s.unhealthy,
+            landing: Some(landing_to_pb(s.landing)),
+            queue_paused: s.queue_paused,
+            builds_per_landed: s.builds_per_landed,
         }))
+    }
+
+    async fn get_queue(
+        &self,
+        _request: Request<pb::GetQueueRequest>,
+    ) -> Result<Response<pb::GetQueueResponse>, Status> {
+        let q = self.coordinator.queue().await.map_err(status_from_error)?;
+        Ok(Response::new(pb::GetQueueResponse {
+            train: q.train.map(|t| pb::QueueTrain {
+                id: t.id,
+                tasks: t.tasks.iter().map(ToString::to_string).collect(),
+                step: t.step,
+            }),
+            waiting: q
+                .waiting
+                .into_iter()
+                .map(|w| pb::QueueEntry {
+                    id: w.id.to_string(),
+                    status: crate::grpc::convert::status_to_pb(w.status).into(),
+                    position: w.position,
+                    waiting_for: w.waiting_for,
+                    eta_seconds: w.eta_seconds,
+                })
+                .collect(),
+            landing: Some(landing_to_pb(q.landing)),
+            queue_paused: q.queue_paused,
+        }))
+    }
+
+    async fn pause_queue(
+        &self,
+        request: Request<pb::PauseQueueRequest>,
+    ) -> Result<Response<pb::PauseQueueResponse>, Status> {
+        let r = request.into_inner();
+        let reason = r
+            .reason
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        if let Some(reason) = &reason
+            && (reason.len() > 1000 || reason.chars().any(|c| c.is_control()))
+        {
+            return Err(Status::invalid_argument(
+                "--reason must be one line of at most 1000 bytes",
+            ));
+        }
+        self.coordinator
+            .pause_queue(reason, r.landing)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::PauseQueueResponse {}))
+    }
+
+    async fn resume_queue(
+        &self,
+        _request: Request<pb::ResumeQueueRequest>,
+    ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
+        self.coordinator
+            .resume_queue()
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::ResumeQueueResponse {}))
     }
 
     async fn list_runners(
@@ -265,5 +329,12 @@ impl<S: Store> ControlService for ControlApi<S> {
             ),
             self.shutdown.clone(),
         ))))
+    }
+}
+
+fn landing_to_pb((state, reason): (&'static str, Option<String>)) -> pb::Landing {
+    pb::Landing {
+        state: state.to_owned(),
+        reason,
     }
 }

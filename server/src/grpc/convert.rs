@@ -165,6 +165,8 @@ impl From<&Run> for pb::Run {
                 Some(FailureKind::Infrastructure) => pb::FailureKind::Infrastructure,
             }
             .into(),
+            train: r.train,
+            builds: r.builds,
         }
     }
 }

@@ -89,6 +89,24 @@ fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
         previous_commit: a.previous_commit.as_ref().map(ToString::to_string),
         patchset: a.patchset,
         prompt: a.prompt.clone(),
+        verification: Some(verification_to_pb(&a.verification)),
+    }
+}
+
+fn verification_to_pb(v: &pipeline_core::verify::Verifier) -> pb::Verification {
+    use pipeline_core::verify::Verifier;
+    let (mode, build_cmd, test_cmd) = match v {
+        Verifier::Off => (pb::VerifyMode::Off, None, None),
+        Verifier::Bild => (pb::VerifyMode::Bild, None, None),
+        Verifier::Commands { build, test } => {
+            (pb::VerifyMode::Commands, build.clone(), test.clone())
+        }
+    };
+    pb::Verification {
+        mode: mode.into(),
+        build_cmd,
+        test_cmd,
+        digest: v.digest(),
     }
 }
 
@@ -477,6 +495,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
                 error: header.error,
                 cost_cents: header.cost_cents,
                 verify_skipped: header.verify_skipped,
+                verify_digest: header.verify_digest,
                 dev_finished_at: if header.dev_finished_at_ms > 0 {
                     header.dev_finished_at_ms
                 } else {

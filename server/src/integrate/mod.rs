@@ -1,22 +1,28 @@
-//! The integrator: lands Verified tasks on the base branch, one at a time, by priority then age,
-//! each only once its dependencies are Done. It is the only writer of `refs/heads/<base>`.
+//! The integrator: lands Verified tasks on the base branch in merge trains. It is the only
+//! writer of `refs/heads/<base>`.
 //!
-//! One task's landing is an [`attempt::Attempt`], a pure state machine this module drives: read
-//! the tip (the task may be on it already: the server's own landed record says so), cherry-pick
-//! without touching files (a conflict is known here), build only when it can change the outcome,
-//! journal the move, push with a lease if `--push-remote` is set, and move the base by
-//! compare-and-swap (a base that moved meanwhile is read again, so nothing anyone pushed is
-//! lost). A crash after the journal entry is finished or undone by
-//! [`Integrator::recover`] at start-up, so a task's commit lands exactly once.
+//! A train takes up to `--batch-max` Verified tasks, by priority then age, each of whose
+//! dependencies is Done or earlier in the train ([`train::select`]), and is driven as a pure
+//! state machine ([`train::Train`]): read the tip (a task may be on it already: the server's
+//! own landed record says so), cherry-pick the commits in order onto it without touching files
+//! (a conflict is known here, without a build), build the chain's tip once, and on red search
+//! the prefixes for the first red commit; the green prefix before it lands, the culprit goes
+//! back with its build's output, the tasks after it wait for the next train uncharged. A base
+//! that fails its own build pauses landing (no one is charged) until it changes or
+//! `queue resume`. Each landing is journaled for the whole train before the base moves by
+//! compare-and-swap (with a push with lease first when `--push-remote` is set); a crash after
+//! the journal entry is finished or undone by [`Integrator::recover`] at start-up, so a
+//! task's commit lands exactly once.
 
-pub mod attempt;
+pub mod train;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pipeline_core::git::{Merged, RefName};
-use pipeline_core::ids::CommitId;
+use pipeline_core::ids::{CommitId, TreeId};
 use pipeline_core::verify::{Verdict, Verifier};
 use tokio_util::sync::CancellationToken;
 
@@ -26,16 +32,28 @@ use crate::domain::{
     TaskStatus,
 };
 use crate::error::{Error, Result};
+use crate::landing::{Pause, TrainView};
 use crate::lifecycle::Event;
-use crate::store::{Journal, Store};
-use attempt::{Attempt, Input, Outcome, Plan, Step};
+use crate::store::{Journal, Store, TrainEnd, TrainStat};
+use train::{Candidate, Fate, Input, Member, Outcome, Plan, Step, Train};
 
 /// After a failed round (git or database trouble), try again this much later.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
+/// While landing is paused because the base is red, how often the base is looked at for a
+/// change (a person pushing a fix wakes nothing here; `queue resume` does at once). Not a hot
+/// path: nothing lands meanwhile.
+const RED_BASE_RECHECK: Duration = Duration::from_secs(5);
+
+/// How many trees built green are remembered (so a base that is a landed tip is not built
+/// again to clear a red first commit).
+const GREEN_TREES: usize = 64;
+
 /// The integrator over a coordinator.
 pub struct Integrator<S> {
     coordinator: Arc<Coordinator<S>>,
+    /// Trees built green under the server's verification, newest last.
+    green: std::sync::Mutex<Vec<TreeId>>,
 }
 
 /// Where the integrator's lines for one run go: the task log, numbered.
@@ -70,9 +88,19 @@ impl RunLog<'_> {
     }
 }
 
+/// A task of the train being driven, with its run and log.
+struct Rider<'a> {
+    task: Task,
+    commit: CommitId,
+    log: RunLog<'a>,
+}
+
 impl<S: Store> Integrator<S> {
     pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
-        Self { coordinator }
+        Self {
+            coordinator,
+            green: std::sync::Mutex::new(Vec::new()),
+        }
     }
 
     fn c(&self) -> &Coordinator<S> {
@@ -84,6 +112,7 @@ impl<S: Store> Integrator<S> {
         loop {
             let pause = match self.next(&shutdown).await {
                 Ok(true) => continue,
+                Ok(false) if self.red_base().is_some() => Some(RED_BASE_RECHECK),
                 Ok(false) => None,
                 Err(err) => {
                     tracing::error!(error = %err, "integration round failed; retrying");
@@ -98,17 +127,57 @@ impl<S: Store> Integrator<S> {
         }
     }
 
-    /// Integrates the first Verified task whose dependencies are Done; false if there is none.
+    /// The base commit found red, while landing is paused for it.
+    fn red_base(&self) -> Option<CommitId> {
+        self.c()
+            .landing()
+            .paused
+            .as_ref()
+            .and_then(|p| p.red_base.clone())
+    }
+
+    /// Runs the next train; false if there is none to run (nothing Verified can land, or
+    /// landing is paused).
     pub async fn next(&self, shutdown: &CancellationToken) -> Result<bool> {
-        for task in self.c().store().verified().await? {
-            if task.deps_pending > 0 {
-                tracing::info!(task = %task.id, "waiting for its dependencies before integrating");
-                continue;
+        if let Some(red) = self.red_base() {
+            let tip = self.base_tip().await?;
+            if tip == red {
+                return Ok(false);
             }
-            self.integrate(&task, shutdown).await?;
-            return Ok(true);
+            self.c()
+                .resume_landing(&format!("the base moved from {red} to {tip}"))
+                .await?;
         }
-        Ok(false)
+        if self.c().landing().paused.is_some() {
+            return Ok(false);
+        }
+        let batch_max = self.c().settings().batch_max.max(1);
+        let verified = self.c().store().verified().await?;
+        let candidates: Vec<Candidate<TaskId>> = verified
+            .iter()
+            .map(|t| Candidate {
+                id: t.id.clone(),
+                deps_pending: t.deps_pending,
+                depends_on: t.depends_on.clone(),
+            })
+            .collect();
+        let chosen = train::select(&candidates, batch_max);
+        if chosen.len() < batch_max {
+            for (i, t) in verified.iter().enumerate() {
+                if t.deps_pending > 0 && !chosen.iter().any(|(c, _)| *c == i) {
+                    tracing::info!(task = %t.id, "waiting for its dependencies before integrating");
+                }
+            }
+        }
+        if chosen.is_empty() {
+            return Ok(false);
+        }
+        let tasks: Vec<(Task, Vec<usize>)> = chosen
+            .into_iter()
+            .map(|(i, after)| (verified[i].clone(), after))
+            .collect();
+        self.run_train(tasks, shutdown).await?;
+        Ok(true)
     }
 
     /// The base tip to integrate on. With `--push-remote`, the remote's branch is the truth:
@@ -142,178 +211,417 @@ impl<S: Store> Integrator<S> {
         )))
     }
 
-    /// Why no build of the task can change the outcome, whatever its tree.
-    fn never_build(&self, task: &Task) -> Option<String> {
-        match &self.c().settings().verifier {
-            Verifier::Off => Some("verification is off (--no-verify)".to_owned()),
-            verifier if !verifier.applies_to(task.namespace.as_deref()) => {
-                Some("the task has no namespace".to_owned())
-            }
-            _ => None,
+    /// Whether the server's verification builds anything for `task`.
+    fn buildable(&self, task: &Task) -> bool {
+        self.c()
+            .settings()
+            .verifier
+            .applies_to(task.namespace.as_deref())
+    }
+
+    /// Why no build can change any outcome (verification is off), if so.
+    fn never_build(&self) -> Option<String> {
+        matches!(self.c().settings().verifier, Verifier::Off)
+            .then(|| "verification is off (--no-verify)".to_owned())
+    }
+
+    /// The trees known green, for a train's plan.
+    fn green_set(&self) -> HashSet<TreeId> {
+        self.green
+            .lock()
+            .map(|g| g.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn remember_green(&self, tree: TreeId) {
+        if let Ok(mut g) = self.green.lock() {
+            g.retain(|t| *t != tree);
+            g.push(tree);
+            let excess = g.len().saturating_sub(GREEN_TREES);
+            g.drain(..excess);
         }
     }
 
-    async fn integrate(&self, task: &Task, shutdown: &CancellationToken) -> Result<()> {
+    fn set_step(&self, train: i64, step: String) {
+        if let Some(view) = self.c().landing().train.as_mut()
+            && view.id == train
+        {
+            view.step = step;
+        }
+    }
+
+    /// Forms and drives one train of `tasks` (each with the members it depends on), then
+    /// records what became of each.
+    async fn run_train(
+        &self,
+        tasks: Vec<(Task, Vec<usize>)>,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         let c = self.c();
-        let id = &task.id;
         let base = c.settings().base.clone();
-        let run = NewRun {
-            phase: Phase::Integrate,
-            patchset: task.state.patchset,
-            runner: None,
-        };
-        let now = || c.now();
-        let log = RunLog {
-            logs: c.logs(),
-            task: id.clone(),
-            run_id: c.store().start_run(id, &run, c.now()).await?,
-            seq: AtomicU64::new(0),
-            now: &now,
-        };
-        log.line(format!(
-            "integrating patchset {} onto {base}",
-            task.state.patchset
-        ));
-        let Some(commit) = task.patch_commit.clone() else {
-            return self
-                .integration_failed(task, "no commit was recorded for the task".into())
-                .await;
-        };
-        let parent = match c.repo().parents(&commit).await?.as_slice() {
-            [p] => p.clone(),
-            other => {
-                let reason = format!("the commit {commit} has {} parents", other.len());
-                return self.integration_failed(task, reason).await;
+        // A task whose record is broken (no commit, a merge commit) fails on its own; its
+        // dependents wait for another train.
+        let mut kept: Vec<(Task, CommitId, CommitId, Vec<usize>)> = Vec::new();
+        let mut index: Vec<Option<usize>> = Vec::new();
+        for (task, after) in tasks {
+            let mapped: Option<Vec<usize>> = after.iter().map(|a| index[*a]).collect();
+            let Some(after) = mapped else {
+                index.push(None);
+                continue;
+            };
+            let Some(commit) = task.patch_commit.clone() else {
+                self.integration_failed(&task, "no commit was recorded for the task".into())
+                    .await?;
+                index.push(None);
+                continue;
+            };
+            match c.repo().parents(&commit).await?.as_slice() {
+                [parent] => {
+                    index.push(Some(kept.len()));
+                    let parent = parent.clone();
+                    kept.push((task, commit, parent, after));
+                }
+                other => {
+                    let reason = format!("the commit {commit} has {} parents", other.len());
+                    self.integration_failed(&task, reason).await?;
+                    index.push(None);
+                }
             }
-        };
-        let mut attempt = Attempt::new(Plan {
-            commit: commit.clone(),
-            parent: parent.clone(),
-            verified_tree: task.verified_tree.clone(),
-            never_build: self.never_build(task),
+        }
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let tip = self.base_tip().await?;
+        let started_at = c.now();
+        let train_id = c.store().start_train(&tip, started_at).await?;
+        let now = || c.now();
+        let mut riders = Vec::with_capacity(kept.len());
+        let mut members = Vec::with_capacity(kept.len());
+        for (task, commit, parent, after) in kept {
+            let run = NewRun {
+                phase: Phase::Integrate,
+                patchset: task.state.patchset,
+                runner: None,
+                train: Some(train_id),
+            };
+            let run_id = c.store().start_run(&task.id, &run, c.now()).await?;
+            members.push(Member {
+                commit: commit.clone(),
+                parent,
+                verified_tree: task.verified_tree.clone(),
+                after,
+                buildable: self.buildable(&task),
+            });
+            riders.push(Rider {
+                log: RunLog {
+                    logs: c.logs(),
+                    task: task.id.clone(),
+                    run_id,
+                    seq: AtomicU64::new(0),
+                    now: &now,
+                },
+                task,
+                commit,
+            });
+        }
+        let ids: Vec<TaskId> = riders.iter().map(|r| r.task.id.clone()).collect();
+        let names = ids.iter().map(TaskId::as_str).collect::<Vec<_>>().join(" ");
+        for r in &riders {
+            r.log.line(format!(
+                "integrating patchset {} onto {base} in train {train_id} ({} task{}: {names})",
+                r.task.state.patchset,
+                ids.len(),
+                if ids.len() == 1 { "" } else { "s" }
+            ));
+        }
+        c.landing().train = Some(TrainView {
+            id: train_id,
+            tasks: ids,
+            step: "cherry-picking".to_owned(),
         });
+        let mut train = Train::new(Plan {
+            members,
+            never_build: self.never_build(),
+            green: self.green_set(),
+        });
+        let driven = self.drive(train_id, &mut train, &riders, shutdown).await;
+        c.landing().train = None;
+        match driven {
+            Ok(Some(outcome)) => {
+                self.finish(train_id, started_at, &riders, &train, outcome)
+                    .await
+            }
+            Ok(None) => Ok(()),
+            Err(err) => {
+                // Nobody's fault: the train ends uncharged and is formed again.
+                let why = format!("the integration could not go on (not the task's fault): {err}");
+                for (i, r) in riders.iter().enumerate() {
+                    r.log.line(why.clone());
+                    r.log.flush().await;
+                    c.store()
+                        .end_run(
+                            r.log.run_id,
+                            &RunEnd::failure(why.clone(), Some(FailureKind::Infrastructure))
+                                .with_builds(train.builds()[i]),
+                            c.now(),
+                        )
+                        .await?;
+                }
+                let end = TrainEnd {
+                    outcome: "error".to_owned(),
+                    builds: train.total_builds(),
+                    landed: 0,
+                    red_commit: None,
+                };
+                c.store().end_train(train_id, &end, c.now()).await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Drives the train to its outcome; `None` if the server is stopping.
+    async fn drive(
+        &self,
+        train_id: i64,
+        train: &mut Train,
+        riders: &[Rider<'_>],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Outcome>> {
+        let c = self.c();
+        let base = c.settings().base.clone();
         loop {
-            let input = match attempt.step().clone() {
+            let input = match train.step().clone() {
                 Step::ReadTip => {
                     let tip = self.base_tip().await?;
-                    let landed = c.repo().landed_on(id, &tip).await?;
-                    Input::Tip { tip, landed }
+                    let tree = c.repo().tree_of(&tip).await?;
+                    let mut landed = Vec::new();
+                    for (i, r) in riders.iter().enumerate() {
+                        if let Some(commit) = c.repo().landed_on(&r.task.id, &tip).await? {
+                            landed.push((i, commit));
+                        }
+                    }
+                    Input::Tip { tip, tree, landed }
                 }
-                Step::CherryPick { tip } => {
-                    match c.repo().cherry_pick(&parent, &tip, &commit).await? {
+                Step::Pick { member, onto } => {
+                    let r = &riders[member];
+                    let parent = &train.plan().members[member].parent;
+                    match c.repo().cherry_pick(parent, &onto, &r.commit).await? {
                         Merged::Clean(tree) => {
-                            let new = c.repo().commit_for_task(&tree, &tip, &commit, id).await?;
-                            log.line(format!("cherry-picked onto {base} at {tip} as {new}"));
+                            let new = c
+                                .repo()
+                                .commit_for_task(&tree, &onto, &r.commit, &r.task.id)
+                                .await?;
+                            r.log.line(format!("cherry-picked onto {onto} as {new}"));
                             Input::Picked(Ok((new, tree)))
                         }
-                        Merged::Conflict(conflict) => Input::Picked(Err(format!(
-                            "the commit does not apply to {base} at {tip} (cherry-pick \
-                             conflict); redo the task on the current base:\n{conflict}"
-                        ))),
-                    }
-                }
-                Step::Build { tip, commit: new } => {
-                    let dir = &c.settings().integration_dir;
-                    c.repo().checkout_worktree(dir, &new).await?;
-                    tracing::info!(task = %id, commit = %new, "building the integrated commit");
-                    log.line(format!("building {new} in {}", dir.display()));
-                    let mut env = c.settings().build_env.clone();
-                    env.extend([
-                        ("PIPELINE_TASK_ID".to_owned(), id.to_string()),
-                        ("PIPELINE_BASE".to_owned(), base.to_string()),
-                        ("PIPELINE_BASE_COMMIT".to_owned(), tip.to_string()),
-                    ]);
-                    let verdict = pipeline_core::verify::verify(
-                        &c.settings().verifier,
-                        dir,
-                        task.namespace.as_deref(),
-                        &env,
-                        c.settings().kill_grace,
-                        shutdown,
-                        |_, line| log.line(line.to_owned()),
-                    )
-                    .await;
-                    match verdict {
-                        Verdict::Pass | Verdict::Skipped(_) => {
-                            log.line("build passed".to_owned());
-                            Input::Built(Ok(()))
-                        }
-                        Verdict::Cancelled => return Ok(()),
-                        Verdict::Infra(why) => {
-                            // The server cannot build at all: nobody's commit is to blame.
-                            log.line(format!(
-                                "the build could not run (not the task's fault): {why}"
-                            ));
-                            log.flush().await;
-                            c.store()
-                                .end_run(
-                                    log.run_id,
-                                    &RunEnd::failure(
-                                        why.clone(),
-                                        Some(FailureKind::Infrastructure),
-                                    ),
-                                    c.now(),
-                                )
-                                .await?;
-                            return Err(Error::Internal(format!(
-                                "the integration build of task {id} could not run: {why}"
-                            )));
-                        }
-                        Verdict::Fail(why) => {
-                            log.line(format!("build failed; {base} stays at {tip}"));
-                            Input::Built(Err(format!(
-                                "the build of the commit on {base} at {tip} failed: {why}"
-                            )))
+                        Merged::Conflict(conflict) => {
+                            Input::Picked(Err(conflict_reason(&base, &onto, &conflict)))
                         }
                     }
                 }
-                Step::Journal { tip, commit: new } => {
-                    // Journaled only if the task is still this patchset, Verified: it may have
-                    // been cancelled while it was being built.
-                    let journal = Journal {
-                        task_id: id.clone(),
-                        old_tip: tip.clone(),
-                        new_commit: new.clone(),
-                        started_at: c.now(),
-                    };
-                    let written = c.store().begin_integration(&journal, &commit).await?;
-                    if written {
-                        // The server's own record of the task's commit, in the repository
-                        // itself, so that it outlives the database (a rolled-back or lost
-                        // database cannot land it twice).
-                        c.repo().record_landing(id, &new).await?;
+                Step::PickAlone { member, tip } => {
+                    let r = &riders[member];
+                    let parent = &train.plan().members[member].parent;
+                    match c.repo().cherry_pick(parent, &tip, &r.commit).await? {
+                        Merged::Clean(_) => Input::PickedAlone(None),
+                        Merged::Conflict(conflict) => {
+                            Input::PickedAlone(Some(conflict_reason(&base, &tip, &conflict)))
+                        }
                     }
-                    Input::Journaled(written)
                 }
-                Step::Swap { tip, commit: new } => {
-                    Input::Swapped(self.swap(id, &tip, &new, &log).await?)
+                Step::Build { len, commit } => {
+                    let k = train.chained().len();
+                    self.set_step(
+                        train_id,
+                        match len {
+                            0 => format!("building the base {base} alone"),
+                            n if n == k => format!("building the train's tip ({k} commits)"),
+                            n => format!("building prefix {n} of {k}"),
+                        },
+                    );
+                    match self.build(train, riders, len, &commit, shutdown).await? {
+                        Some(result) => Input::Built(result),
+                        None => return Ok(None),
+                    }
                 }
-                Step::Done(outcome) => return self.finish(task, &commit, outcome, &log).await,
+                Step::Journal { len, tip, commit } => {
+                    self.set_step(train_id, "landing".to_owned());
+                    let prefix = train.prefix(len);
+                    let entries: Vec<(Journal, CommitId)> = prefix
+                        .iter()
+                        .map(|m| {
+                            (
+                                Journal {
+                                    task_id: riders[*m].task.id.clone(),
+                                    train: Some(train_id),
+                                    old_tip: tip.clone(),
+                                    new_commit: commit.clone(),
+                                    started_at: c.now(),
+                                },
+                                riders[*m].commit.clone(),
+                            )
+                        })
+                        .collect();
+                    match c.store().begin_integration(&entries).await? {
+                        Some(changed) => {
+                            tracing::info!(task = %changed, "task changed during integration; not landing it");
+                            let member = riders
+                                .iter()
+                                .position(|r| r.task.id == changed)
+                                .unwrap_or_default();
+                            Input::Journaled(Err(member))
+                        }
+                        None => {
+                            // The server's own record of each task's commit, in the repository
+                            // itself, so that it outlives the database (a rolled-back or lost
+                            // database cannot land it twice).
+                            for m in &prefix {
+                                if let Some(own) = train.link(*m) {
+                                    c.repo().record_landing(&riders[*m].task.id, own).await?;
+                                }
+                            }
+                            Input::Journaled(Ok(()))
+                        }
+                    }
+                }
+                Step::Swap { len, tip, commit } => {
+                    let prefix: Vec<&Rider<'_>> =
+                        train.prefix(len).iter().map(|m| &riders[*m]).collect();
+                    Input::Swapped(self.swap(&prefix, &tip, &commit).await?)
+                }
+                Step::Done(outcome) => return Ok(Some(outcome)),
             };
-            attempt.on(input);
+            train.on(input);
         }
+    }
+
+    /// Builds the chain's prefix of `len` (`commit`; 0: the base alone) in the integration
+    /// worktree, once per namespace its tasks name (under `bild`); `None` if the server is
+    /// stopping. A build that cannot run at all is an error: no one's commit is to blame.
+    async fn build(
+        &self,
+        train: &Train,
+        riders: &[Rider<'_>],
+        len: usize,
+        commit: &CommitId,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<std::result::Result<(), String>>> {
+        let c = self.c();
+        let base = &c.settings().base;
+        let dir = &c.settings().integration_dir;
+        let chain = train.chained();
+        let covered: Vec<&Rider<'_>> = chain.iter().take(len.max(1)).map(|m| &riders[*m]).collect();
+        // The build's output goes to the run of the task whose commit is built (the first
+        // task's for the base); the others get one line saying where.
+        let owner = covered.last().expect("a chain is never empty here");
+        let what = if len == 0 {
+            format!("the base {base} at {commit} alone")
+        } else {
+            format!("{commit} (prefix {len} of {} of the train)", chain.len())
+        };
+        for r in riders {
+            if covered.iter().any(|c| c.task.id == r.task.id) || len == 0 {
+                r.log.line(if r.task.id == owner.task.id {
+                    format!("building {what} in {}", dir.display())
+                } else {
+                    format!("building {what}; its output is in {}'s log", owner.task.id)
+                });
+            }
+        }
+        c.repo().checkout_worktree(dir, commit).await?;
+        tracing::info!(commit = %commit, len, "building the integrated commit");
+        // One run per namespace named in the prefix (the last task naming it gives the
+        // task ID), or one run when the commands do not name one.
+        let mut runs: Vec<(&Rider<'_>, Option<&str>)> = Vec::new();
+        for r in &covered {
+            let ns = r.task.namespace.as_deref();
+            if !c.settings().verifier.applies_to(ns) {
+                continue;
+            }
+            match runs.iter_mut().find(|(_, n)| *n == ns) {
+                Some(slot) => slot.0 = r,
+                None => runs.push((r, ns)),
+            }
+        }
+        if !verifier_names_namespace(&c.settings().verifier) && runs.len() > 1 {
+            let last = runs.last().copied().expect("not empty");
+            runs = vec![last];
+        }
+        let tip_of_base = train.base_tip().cloned().unwrap_or_else(|| commit.clone());
+        for (r, ns) in runs {
+            let mut env = c.settings().build_env.clone();
+            env.extend([
+                ("PIPELINE_TASK_ID".to_owned(), r.task.id.to_string()),
+                ("PIPELINE_BASE".to_owned(), base.to_string()),
+                ("PIPELINE_BASE_COMMIT".to_owned(), tip_of_base.to_string()),
+            ]);
+            let verdict = pipeline_core::verify::verify(
+                &c.settings().verifier,
+                dir,
+                ns,
+                &env,
+                c.settings().kill_grace,
+                shutdown,
+                |_, line| owner.log.line(line.to_owned()),
+            )
+            .await;
+            match verdict {
+                Verdict::Pass | Verdict::Skipped(_) => {}
+                Verdict::Cancelled => return Ok(None),
+                Verdict::Infra(why) => {
+                    return Err(Error::Internal(format!(
+                        "the integration build could not run: {why}"
+                    )));
+                }
+                Verdict::Fail(why) => {
+                    owner.log.line(format!("build failed: {what}"));
+                    return Ok(Some(Err(if len == 0 {
+                        format!("the build of the base {base} at {commit} failed: {why}")
+                    } else if len == 1 {
+                        format!("the build of the commit on {base} at {tip_of_base} failed: {why}")
+                    } else {
+                        let before: Vec<&str> = covered[..covered.len() - 1]
+                            .iter()
+                            .map(|r| r.task.id.as_str())
+                            .collect();
+                        format!(
+                            "the build of the commit on {base} at {tip_of_base}, after {} (which \
+                             build green without it), failed: {why}",
+                            before.join(" ")
+                        )
+                    })));
+                }
+            }
+        }
+        owner.log.line("build passed".to_owned());
+        Ok(Some(Ok(())))
     }
 
     /// Pushes (with `--push-remote`) and moves the base from `tip` to `new`; false (and the
-    /// journal entry undone) if either moved first.
-    async fn swap(
-        &self,
-        id: &TaskId,
-        tip: &CommitId,
-        new: &CommitId,
-        log: &RunLog<'_>,
-    ) -> Result<bool> {
+    /// journal entries undone) if either moved first.
+    async fn swap(&self, prefix: &[&Rider<'_>], tip: &CommitId, new: &CommitId) -> Result<bool> {
         let c = self.c();
         let base = &c.settings().base;
+        let undo = async || -> Result<()> {
+            for r in prefix {
+                c.store().abort_integration(&r.task.id).await?;
+            }
+            Ok(())
+        };
         if let Some(remote) = &c.settings().push_remote
             && !c.repo().push_with_lease(remote, base, new, tip).await?
         {
-            c.store().abort_integration(id).await?;
+            undo().await?;
             let remote = remote.as_str();
-            tracing::info!(task = %id, remote, "push rejected: the remote moved; fetching and redoing");
-            log.line(format!(
-                "push to {remote} rejected: it moved; fetching and redoing"
-            ));
+            tracing::info!(
+                remote,
+                "push rejected: the remote moved; fetching and redoing"
+            );
+            for r in prefix {
+                r.log.line(format!(
+                    "push to {remote} rejected: it moved; fetching and forming the train again"
+                ));
+            }
             return Ok(false);
         }
         crate::failpoint::abort_at("before-base-update");
@@ -322,58 +630,151 @@ impl<S: Store> Integrator<S> {
             .compare_and_swap(&RefName::branch(base), new, tip)
             .await?
         {
-            c.store().abort_integration(id).await?;
-            tracing::info!(task = %id, "the base moved during the integration; redoing it on the new tip");
-            log.line(format!(
-                "{base} moved during the integration; redoing it on the new tip"
-            ));
+            undo().await?;
+            tracing::info!("the base moved during the integration; redoing it on the new tip");
+            for r in prefix {
+                r.log.line(format!(
+                    "{base} moved during the integration; forming the train again on the new tip"
+                ));
+            }
             return Ok(false);
         }
         crate::failpoint::abort_at("after-base-update");
         Ok(true)
     }
 
-    /// Records what the attempt came to.
+    /// Records what became of each task of the train, and the train itself.
     async fn finish(
         &self,
-        task: &Task,
-        commit: &CommitId,
+        train_id: i64,
+        started_at: i64,
+        riders: &[Rider<'_>],
+        train: &Train,
         outcome: Outcome,
-        log: &RunLog<'_>,
     ) -> Result<()> {
-        let base = &self.c().settings().base;
-        match outcome {
-            Outcome::Landed {
-                commit: new, note, ..
-            } => {
-                tracing::info!(task = %task.id, commit = %new, "landed on {base}");
-                if let Some(note) = &note {
-                    log.line(note.clone());
+        let c = self.c();
+        let base = &c.settings().base;
+        let k = riders.len();
+        let mut landed = 0u32;
+        for (i, (r, fate)) in riders.iter().zip(&outcome.fates).enumerate() {
+            let builds = outcome.builds[i];
+            let covered = match builds {
+                0 => String::new(),
+                1 => "; 1 build covered it".to_owned(),
+                n => format!("; {n} builds covered it"),
+            };
+            match fate {
+                Fate::Landed { commit } => {
+                    landed += 1;
+                    tracing::info!(task = %r.task.id, commit = %commit, train = train_id, "landed on {base}");
+                    let note = match &outcome.skipped {
+                        Some(why) => format!("build skipped: {why}"),
+                        None if k == 1 => format!("landed in train {train_id}{covered}"),
+                        None => format!(
+                            "landed in train {train_id} with {} other task{}{covered}",
+                            k - 1,
+                            if k == 2 { "" } else { "s" }
+                        ),
+                    };
+                    r.log.line(note.clone());
+                    r.log.line(format!("landed on {base} as {commit}"));
+                    r.log.flush().await;
+                    self.integrated(&r.task, &r.commit, None, Some(note), builds)
+                        .await?;
                 }
-                log.line(format!("landed on {base} as {new}"));
-                log.flush().await;
-                self.integrated(task, commit, None, note).await
+                Fate::AlreadyLanded { commit } => {
+                    landed += 1;
+                    let note = format!("already on {base} as {commit}");
+                    r.log.line(note.clone());
+                    r.log.flush().await;
+                    self.integrated(&r.task, &r.commit, None, Some(note), builds)
+                        .await?;
+                }
+                Fate::Failed { reason } => {
+                    let reason = match &outcome.red {
+                        Some(red) if outcome.fates.len() > 1 => {
+                            format!(
+                                "{reason}\n(train {train_id} found {red}, this task's commit, red)"
+                            )
+                        }
+                        _ => reason.clone(),
+                    };
+                    r.log.line(reason.clone());
+                    r.log.flush().await;
+                    self.integration_failed_in_run(&r.task, reason, builds)
+                        .await?;
+                }
+                Fate::Requeued { reason } => {
+                    let why = format!("not landed, not charged: {reason}");
+                    r.log.line(why.clone());
+                    r.log.flush().await;
+                    c.store()
+                        .end_run(
+                            r.log.run_id,
+                            &RunEnd::failure(why, None).with_builds(builds),
+                            c.now(),
+                        )
+                        .await?;
+                }
             }
-            Outcome::AlreadyLanded { commit: landed } => {
-                let note = format!("already on {base} as {landed}");
-                log.line(note.clone());
-                log.flush().await;
-                self.integrated(task, commit, None, Some(note)).await
-            }
-            Outcome::Failed { reason, .. } => {
-                log.line(reason.clone());
-                log.flush().await;
-                self.integration_failed(task, reason).await
-            }
-            Outcome::Abandoned => {
-                tracing::info!(task = %task.id, "task changed during integration; not landing it");
-                Ok(())
-            }
-            Outcome::GaveUp => Err(Error::Conflict(format!(
-                "the base kept moving while task {} was being integrated; will try again",
-                task.id
-            ))),
         }
+        if let Some(why) = &outcome.red_base {
+            let tip = outcome
+                .tip
+                .clone()
+                .unwrap_or_else(|| riders[0].commit.clone());
+            self.c()
+                .pause_landing(Pause {
+                    reason: format!(
+                        "the base {base} at {tip} fails its own build, so nothing can be \
+                         verified on it; landing resumes once {base} moves (push a fix) or on \
+                         pipelinectl queue resume. {}",
+                        first_line(why)
+                    ),
+                    red_base: Some(tip),
+                })
+                .await?;
+        }
+        // Trees built green (the base's, a landed tip's): a red first commit on them is then
+        // the commit's fault, without building the base again.
+        for tree in &outcome.green_trees {
+            self.remember_green(tree.clone());
+        }
+        let word = if outcome.red_base.is_some() {
+            "red_base"
+        } else if outcome.red.is_some() {
+            "red"
+        } else if outcome.gave_up {
+            "gave_up"
+        } else if landed > 0 {
+            "landed"
+        } else {
+            "nothing_landed"
+        };
+        let end = TrainEnd {
+            outcome: word.to_owned(),
+            builds: outcome.total_builds,
+            landed,
+            red_commit: outcome.red.clone(),
+        };
+        let now = c.now();
+        c.store().end_train(train_id, &end, now).await?;
+        c.landing().record(
+            TrainStat {
+                started_at,
+                ended_at: now,
+                builds: outcome.total_builds,
+                landed,
+            },
+            now,
+        );
+        let _ = train;
+        if outcome.gave_up {
+            return Err(Error::Conflict(
+                "the base kept moving while a train was being integrated; will try again".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Records the task Done (and ends its journal entry), ending its running integrate run,
@@ -382,10 +783,11 @@ impl<S: Store> Integrator<S> {
         &self,
         task: &Task,
         commit: &CommitId,
-        recorded_from: Option<i64>,
+        recorded_from: Option<(i64, Option<i64>)>,
         note: Option<String>,
+        builds: u32,
     ) -> Result<()> {
-        let run = recorded_from.map(|started_at| FinishedRun {
+        let run = recorded_from.map(|(started_at, train)| FinishedRun {
             phase: Phase::Integrate,
             patchset: task.state.patchset,
             runner: None,
@@ -394,8 +796,10 @@ impl<S: Store> Integrator<S> {
             started_at,
             error: note.clone(),
             failure_kind: None,
+            train,
+            builds: None,
         });
-        let end = RunEnd::success(0.0, note);
+        let end = RunEnd::success(0.0, note).with_builds(builds);
         let commit = commit.clone();
         self.c()
             .transition_from(
@@ -421,10 +825,16 @@ impl<S: Store> Integrator<S> {
             .map(drop)
     }
 
-    /// Sends the task back to Open with the reason; its next attempt starts from the base.
-    async fn integration_failed(&self, task: &Task, reason: String) -> Result<()> {
+    /// Sends the task back to Open with the reason (charged: a conflict or a red build of its
+    /// own); its next attempt starts from the base.
+    async fn integration_failed_in_run(
+        &self,
+        task: &Task,
+        reason: String,
+        builds: u32,
+    ) -> Result<()> {
         tracing::warn!(task = %task.id, "integration failed: {reason}");
-        let end = RunEnd::failure(reason.clone(), Some(FailureKind::Task));
+        let end = RunEnd::failure(reason.clone(), Some(FailureKind::Task)).with_builds(builds);
         let current = self.c().get(&task.id).await?;
         self.c()
             .transition_from(
@@ -439,6 +849,11 @@ impl<S: Store> Integrator<S> {
             )
             .await
             .map(drop)
+    }
+
+    /// [`Self::integration_failed_in_run`] for a task that never joined a train.
+    async fn integration_failed(&self, task: &Task, reason: String) -> Result<()> {
+        self.integration_failed_in_run(task, reason, 0).await
     }
 
     /// At start-up: finishes every journaled base move that happened (the task becomes Done)
@@ -483,8 +898,14 @@ impl<S: Store> Integrator<S> {
                     "landed as {} before a restart; recorded after it",
                     entry.new_commit
                 ));
-                self.integrated(&task, &commit, Some(entry.started_at), note)
-                    .await?;
+                self.integrated(
+                    &task,
+                    &commit,
+                    Some((entry.started_at, entry.train)),
+                    note,
+                    0,
+                )
+                .await?;
                 tracing::warn!(task = %task.id, "finished an integration interrupted by a restart");
                 finished += 1;
             } else {
@@ -496,4 +917,31 @@ impl<S: Store> Integrator<S> {
         }
         Ok(finished)
     }
+}
+
+/// The feedback for a cherry-pick conflict: git's messages, and what to do.
+fn conflict_reason(
+    base: &pipeline_core::git::BranchName,
+    onto: &CommitId,
+    conflict: &str,
+) -> String {
+    format!(
+        "the commit does not apply to {base} at {onto} (cherry-pick conflict); redo the task on \
+         the current base:\n{conflict}"
+    )
+}
+
+/// Whether the verifier's commands name the namespace (so each namespace is its own build).
+fn verifier_names_namespace(verifier: &Verifier) -> bool {
+    match verifier {
+        Verifier::Bild => true,
+        Verifier::Commands { build, test } => [build, test]
+            .iter()
+            .any(|c| c.as_deref().is_some_and(|c| c.contains("{namespace}"))),
+        Verifier::Off => false,
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default()
 }

@@ -107,6 +107,28 @@ pub fn waiting_for(
     why
 }
 
+/// What the queue's pauses hold back of a task with `status` (before what [`waiting_for`]
+/// says): new leases paused holds Open tasks, landing paused holds Verified ones.
+pub fn held_by_pauses(
+    status: TaskStatus,
+    leases_paused: Option<&str>,
+    landing_paused: Option<&str>,
+) -> Option<String> {
+    let why = |r: Option<&str>| r.filter(|r| !r.is_empty()).map(|r| format!(": {r}"));
+    match status {
+        TaskStatus::Open => leases_paused.map(|r| {
+            format!(
+                "the queue is paused, so no new leases{} (pipelinectl queue resume)",
+                why(Some(r)).unwrap_or_default()
+            )
+        }),
+        TaskStatus::Verified => {
+            landing_paused.map(|r| format!("landing is paused{}", why(Some(r)).unwrap_or_default()))
+        }
+        _ => None,
+    }
+}
+
 /// The order in which leasable tasks are handed out: higher priority (lower number) first,
 /// then the oldest (lowest creation sequence).
 pub fn lease_order(a: (u8, i64), b: (u8, i64)) -> Ordering {

@@ -26,6 +26,8 @@ pub struct RunnerResult {
     pub cost_cents: f64,
     /// Why verification was skipped, when it was.
     pub verify_skipped: Option<String>,
+    /// The digest of the verification the runner ran, when it ran one.
+    pub verify_digest: Option<String>,
     pub dev_finished_at: Millis,
 }
 
@@ -61,13 +63,22 @@ pub struct Judgement {
 
 /// Judges `result`: `received` says what became of its commit, `patchset` is the number the
 /// new patchset would get, `runner` who ran it.
-pub fn judge(result: &RunnerResult, received: Received, patchset: u32, runner: &str) -> Judgement {
+/// `server_digest` names the server's own verification: only a pass under it counts as a
+/// build of the commit's tree (one the integrator may then skip).
+pub fn judge(
+    result: &RunnerResult,
+    received: Received,
+    patchset: u32,
+    runner: &str,
+    server_digest: &str,
+) -> Judgement {
     let cost_cents = result.cost_cents;
     let task_failure = |reason: String| RunEnd {
         status: RunStatus::Failure,
         cost_cents,
         error: Some(reason),
         failure_kind: Some(FailureKind::Task),
+        builds: None,
     };
     let (commit, verified_tree) = match received {
         Received::Refused(why) => {
@@ -98,6 +109,8 @@ pub fn judge(result: &RunnerResult, received: Received, patchset: u32, runner: &
         started_at: result.dev_finished_at,
         failure_kind: (status == RunStatus::Failure).then_some(FailureKind::Task),
         error,
+        train: None,
+        builds: None,
     };
     match (result.outcome, commit) {
         (Outcome::DevFailed, _) => {
@@ -145,7 +158,9 @@ pub fn judge(result: &RunnerResult, received: Received, patchset: u32, runner: &
                     .map(|s| format!("skipped: {s}")),
             )),
             patch_commit: Some(commit),
-            verified_tree: if result.verify_skipped.is_none() {
+            verified_tree: if result.verify_skipped.is_none()
+                && result.verify_digest.as_deref() == Some(server_digest)
+            {
                 verified_tree
             } else {
                 None
@@ -183,6 +198,7 @@ mod tests {
             error: error.map(str::to_owned),
             cost_cents: 7.0,
             verify_skipped: skipped.map(str::to_owned),
+            verify_digest: Some("D".into()),
             dev_finished_at: 500,
         }
     }
@@ -209,6 +225,7 @@ mod tests {
             Received::Nothing,
             1,
             "r",
+            "D",
         );
         assert_eq!(
             j.event,
@@ -230,6 +247,7 @@ mod tests {
             stored(),
             3,
             "r",
+            "D",
         );
         assert!(matches!(j.event, Event::VerifyFailed { .. }));
         assert_eq!(j.dev.status, RunStatus::Success, "the agent did its part");
@@ -245,7 +263,13 @@ mod tests {
 
     #[test]
     fn a_pass_remembers_the_tree_only_when_really_verified() {
-        let j = judge(&result(Outcome::Verified, None, None), stored(), 1, "r");
+        let j = judge(
+            &result(Outcome::Verified, None, None),
+            stored(),
+            1,
+            "r",
+            "D",
+        );
         assert_eq!(j.event, Event::Verified { cost_cents: 7.0 });
         assert_eq!(j.verified_tree, Some(tree()));
         assert_eq!(j.verify.map(|v| v.status), Some(RunStatus::Success));
@@ -254,12 +278,22 @@ mod tests {
             stored(),
             1,
             "r",
+            "D",
         );
         assert_eq!(j.verified_tree, None, "skipped is not verified");
         assert_eq!(
             j.verify.and_then(|v| v.error).as_deref(),
             Some("skipped: the task has no namespace")
         );
+        // A pass under another verification (the runner's own commands, an older runner
+        // without a digest) is no build of the tree for the server.
+        for digest in [Some("E"), None] {
+            let mut r = result(Outcome::Verified, None, None);
+            r.verify_digest = digest.map(str::to_owned);
+            let j = judge(&r, stored(), 1, "r", "D");
+            assert_eq!(j.event, Event::Verified { cost_cents: 7.0 });
+            assert_eq!(j.verified_tree, None, "{digest:?}");
+        }
     }
 
     #[test]
@@ -270,6 +304,7 @@ mod tests {
                 Received::Refused("commit refused: two commits".into()),
                 1,
                 "r",
+                "D",
             );
             assert!(matches!(j.event, Event::DevFailed { .. }));
             assert_eq!(j.refusal.as_deref(), Some("commit refused: two commits"));
@@ -280,6 +315,7 @@ mod tests {
             Received::Nothing,
             1,
             "r",
+            "D",
         );
         assert!(j.refusal.is_some_and(|r| r.contains("needs the commit")));
     }

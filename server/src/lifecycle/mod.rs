@@ -19,7 +19,7 @@ use crate::domain::{Millis, TaskState, TaskStatus};
 mod eligibility;
 pub mod judge;
 
-pub use eligibility::{Capacity, leasable, lease_order, waiting_for};
+pub use eligibility::{Capacity, held_by_pauses, leasable, lease_order, waiting_for};
 
 /// Back-off never exceeds this many seconds (as in the seed).
 pub const MAX_BACKOFF_SECS: u64 = 600;
@@ -776,6 +776,26 @@ mod tests {
         }
         let w = waiting_for("t-9", &state(Verified), &deps, &policy(), NOW, cap);
         assert_eq!(w[0], "lands once done: it depends on t-2, which is open");
+    }
+
+    #[test]
+    fn pauses_hold_open_and_verified_tasks() {
+        assert_eq!(
+            held_by_pauses(Open, Some("release freeze"), None).as_deref(),
+            Some(
+                "the queue is paused, so no new leases: release freeze (pipelinectl queue resume)"
+            )
+        );
+        assert_eq!(
+            held_by_pauses(Open, Some(""), None).as_deref(),
+            Some("the queue is paused, so no new leases (pipelinectl queue resume)")
+        );
+        assert_eq!(held_by_pauses(Verified, Some("x"), None), None);
+        assert_eq!(
+            held_by_pauses(Verified, None, Some("the base is red")).as_deref(),
+            Some("landing is paused: the base is red")
+        );
+        assert_eq!(held_by_pauses(InProgress, Some("x"), Some("y")), None);
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Assignment {
     pub previous_commit: Option<pipeline_core::ids::CommitId>,
     pub patchset: u32,
     pub prompt: String,
+    /// How the server verifies; the runner verifies the same way.
+    pub verification: pipeline_core::verify::Verifier,
 }
 
 /// What the server pushes on a runner's work stream.

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite};
+use super::{Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite, TrainEnd, TrainStat};
 use crate::domain::{
     LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
     TaskState, TaskStatus,
@@ -22,9 +22,13 @@ struct Tables {
     runs: Vec<Run>,
     events: Vec<TaskEvent>,
     integrations: BTreeMap<TaskId, Journal>,
+    trains: Vec<TrainRow>,
     logs: BTreeMap<(i64, u64), LogLine>,
     meta: BTreeMap<String, String>,
 }
+
+/// A train: its base tip, when it started, and when and how it ended.
+type TrainRow = (CommitId, Millis, Option<(Millis, TrainEnd)>);
 
 /// A store held in memory.
 #[derive(Clone, Default)]
@@ -96,6 +100,8 @@ impl Tables {
             finished_at: None,
             error: None,
             failure_kind: None,
+            train: run.train,
+            builds: None,
         });
         id
     }
@@ -111,6 +117,7 @@ impl Tables {
                 run.cost_cents += end.cost_cents;
                 run.error = end.error.clone();
                 run.failure_kind = end.failure_kind;
+                run.builds = end.builds.or(run.builds);
             }
         }
     }
@@ -224,6 +231,7 @@ impl Tables {
                     phase: run.phase,
                     patchset: run.patchset,
                     runner: run.runner.clone(),
+                    train: run.train,
                 },
                 run.started_at,
             );
@@ -235,6 +243,7 @@ impl Tables {
                     cost_cents: run.cost_cents,
                     error: run.error.clone(),
                     failure_kind: run.failure_kind,
+                    builds: run.builds,
                 },
                 w.at,
             );
@@ -510,15 +519,54 @@ impl Store for MemoryStore {
             .min())
     }
 
-    async fn begin_integration(&self, entry: &Journal, commit: &CommitId) -> Result<bool> {
+    async fn begin_integration(&self, entries: &[(Journal, CommitId)]) -> Result<Option<TaskId>> {
         let mut t = self.lock();
-        let ok = t.tasks.get(&entry.task_id).is_some_and(|task| {
-            task.state.status == TaskStatus::Verified && task.patch_commit.as_ref() == Some(commit)
-        });
-        if ok {
+        for (entry, commit) in entries {
+            let ok = t.tasks.get(&entry.task_id).is_some_and(|task| {
+                task.state.status == TaskStatus::Verified
+                    && task.patch_commit.as_ref() == Some(commit)
+            });
+            if !ok {
+                return Ok(Some(entry.task_id.clone()));
+            }
+        }
+        for (entry, _) in entries {
             t.integrations.insert(entry.task_id.clone(), entry.clone());
         }
-        Ok(ok)
+        Ok(None)
+    }
+
+    async fn start_train(&self, base_tip: &CommitId, at: Millis) -> Result<i64> {
+        let mut t = self.lock();
+        t.trains.push((base_tip.clone(), at, None));
+        Ok(t.trains.len() as i64)
+    }
+
+    async fn end_train(&self, id: i64, end: &TrainEnd, at: Millis) -> Result<()> {
+        let mut t = self.lock();
+        let train = usize::try_from(id - 1)
+            .ok()
+            .and_then(|i| t.trains.get_mut(i))
+            .ok_or_else(|| crate::error::Error::NotFound(format!("train {id} does not exist")))?;
+        train.2 = Some((at, end.clone()));
+        Ok(())
+    }
+
+    async fn trains_since(&self, since: Millis) -> Result<Vec<TrainStat>> {
+        Ok(self
+            .lock()
+            .trains
+            .iter()
+            .filter_map(|(_, started_at, end)| {
+                let (ended_at, end) = end.as_ref()?;
+                (*ended_at >= since).then_some(TrainStat {
+                    started_at: *started_at,
+                    ended_at: *ended_at,
+                    builds: end.builds,
+                    landed: end.landed,
+                })
+            })
+            .collect())
     }
 
     async fn abort_integration(&self, task: &TaskId) -> Result<()> {

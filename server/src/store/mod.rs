@@ -103,9 +103,33 @@ pub struct Committed {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Journal {
     pub task_id: TaskId,
+    /// The train whose base move this is.
+    pub train: Option<i64>,
     pub old_tip: CommitId,
+    /// Where the base moves: the commit at the end of the landing prefix (the task's own is
+    /// at or before it).
     pub new_commit: CommitId,
     pub started_at: Millis,
+}
+
+/// How a merge train ended, as recorded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainEnd {
+    /// One word: landed, red, red_base, abandoned, gave_up, empty.
+    pub outcome: String,
+    pub builds: u32,
+    pub landed: u32,
+    /// The first red commit of its chain, when one was found.
+    pub red_commit: Option<CommitId>,
+}
+
+/// A finished train, for the recent-throughput figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainStat {
+    pub started_at: Millis,
+    pub ended_at: Millis,
+    pub builds: u32,
+    pub landed: u32,
 }
 
 /// Persistence of tasks, runs and history. Every write is one short transaction.
@@ -186,13 +210,31 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The earliest end of a back-off still running at `now`.
     fn next_backoff_end(&self, now: Millis) -> impl Future<Output = Result<Option<Millis>>> + Send;
 
-    /// Records a base move about to happen, if the task is still Verified with `commit` as its
-    /// patch; false, recording nothing, if it changed meanwhile (cancelled, a newer patchset).
+    /// Records a base move about to happen for every task of a train, each still Verified with
+    /// its commit as its patch; if one changed meanwhile (cancelled, a newer patchset), records
+    /// nothing and returns it.
     fn begin_integration(
         &self,
-        entry: &Journal,
-        commit: &CommitId,
-    ) -> impl Future<Output = Result<bool>> + Send;
+        entries: &[(Journal, CommitId)],
+    ) -> impl Future<Output = Result<Option<TaskId>>> + Send;
+
+    /// Starts a merge train on `base_tip`; returns its ID.
+    fn start_train(
+        &self,
+        base_tip: &CommitId,
+        at: Millis,
+    ) -> impl Future<Output = Result<i64>> + Send;
+
+    /// Records how a train ended.
+    fn end_train(
+        &self,
+        id: i64,
+        end: &TrainEnd,
+        at: Millis,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Trains that ended at or after `since`, oldest first.
+    fn trains_since(&self, since: Millis) -> impl Future<Output = Result<Vec<TrainStat>>> + Send;
 
     /// Forgets a base move that did not happen.
     fn abort_integration(&self, task: &TaskId) -> impl Future<Output = Result<()>> + Send;

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{FromRow, Sqlite, SqliteConnection};
 
-use super::{Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite};
+use super::{Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite, TrainEnd, TrainStat};
 use crate::domain::{
     FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus, StatusCounts,
     Task, TaskEvent, TaskId, TaskState, TaskStatus,
@@ -341,6 +341,8 @@ struct RunRow {
     finished_at: Option<i64>,
     error: Option<String>,
     failure_kind: Option<String>,
+    train: Option<i64>,
+    builds: Option<i64>,
 }
 
 impl RunRow {
@@ -363,6 +365,8 @@ impl RunRow {
                 .as_deref()
                 .map(|k| FailureKind::parse(k).ok_or_else(|| corrupt("failure kind", k)))
                 .transpose()?,
+            train: self.train,
+            builds: self.builds.map(|b| to_u32("builds", b)).transpose()?,
         })
     }
 }
@@ -460,16 +464,17 @@ async fn insert_run(
     at: Millis,
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(
-        "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at) \
-         VALUES (?1, ?2, ?3, \
+        "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at, \
+         train) VALUES (?1, ?2, ?3, \
            (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-           ?4, 'running', ?5) RETURNING id",
+           ?4, 'running', ?5, ?6) RETURNING id",
     )
     .bind(task.as_str())
     .bind(run.phase.as_str())
     .bind(i64::from(run.patchset))
     .bind(&run.runner)
     .bind(at)
+    .bind(run.train)
     .fetch_one(&mut *tx)
     .await?)
 }
@@ -484,7 +489,7 @@ async fn end_runs(
 ) -> Result<()> {
     sqlx::query(
         "UPDATE runs SET status = ?1, finished_at = ?2, cost_cents = cost_cents + ?3, \
-         error = ?4, failure_kind = ?5 \
+         error = ?4, failure_kind = ?5, builds = COALESCE(?8, builds) \
          WHERE task_id = ?6 AND status = 'running' AND (?7 IS NULL OR id = ?7)",
     )
     .bind(end.status.as_str())
@@ -494,6 +499,7 @@ async fn end_runs(
     .bind(end.failure_kind.map(FailureKind::as_str))
     .bind(task.as_str())
     .bind(run)
+    .bind(end.builds.map(i64::from))
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -588,9 +594,10 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
     for run in &w.runs.record {
         sqlx::query(
             "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
-             cost_cents, started_at, finished_at, error, failure_kind) VALUES (?1, ?2, ?3, \
+             cost_cents, started_at, finished_at, error, failure_kind, train, builds) \
+             VALUES (?1, ?2, ?3, \
              (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-             ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )
         .bind(w.task_id.as_str())
         .bind(run.phase.as_str())
@@ -602,6 +609,8 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
         .bind(w.at)
         .bind(&run.error)
         .bind(run.failure_kind.map(FailureKind::as_str))
+        .bind(run.train)
+        .bind(run.builds.map(i64::from))
         .execute(&mut *tx)
         .await?;
     }
@@ -943,7 +952,7 @@ impl Store for SqliteStore {
     async fn runs(&self, id: &TaskId) -> Result<Vec<Run>> {
         let rows: Vec<RunRow> = sqlx::query_as(
             "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
-             started_at, finished_at, error, failure_kind FROM runs WHERE task_id = ? ORDER BY id",
+             started_at, finished_at, error, failure_kind, train, builds FROM runs WHERE task_id = ? ORDER BY id",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -1000,23 +1009,95 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    async fn begin_integration(&self, entry: &Journal, commit: &CommitId) -> Result<bool> {
+    async fn begin_integration(&self, entries: &[(Journal, CommitId)]) -> Result<Option<TaskId>> {
         let mut tx = self.write().await?;
-        let done = sqlx::query(
-            "INSERT OR REPLACE INTO integrations (task_id, old_tip, new_commit, started_at) \
-             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM tasks \
-               WHERE id = ?1 AND status = ?5 AND patch_commit = ?6)",
+        let result: Result<Option<TaskId>> = async {
+            for (entry, commit) in entries {
+                let done = sqlx::query(
+                    "INSERT OR REPLACE INTO integrations \
+                     (task_id, old_tip, new_commit, started_at, train) \
+                     SELECT ?1, ?2, ?3, ?4, ?7 WHERE EXISTS (SELECT 1 FROM tasks \
+                       WHERE id = ?1 AND status = ?5 AND patch_commit = ?6)",
+                )
+                .bind(entry.task_id.as_str())
+                .bind(entry.old_tip.as_str())
+                .bind(entry.new_commit.as_str())
+                .bind(entry.started_at)
+                .bind(TaskStatus::Verified.as_str())
+                .bind(commit.as_str())
+                .bind(entry.train)
+                .execute(&mut *tx)
+                .await?;
+                if done.rows_affected() != 1 {
+                    return Ok(Some(entry.task_id.clone()));
+                }
+            }
+            Ok(None)
+        }
+        .await;
+        match result {
+            Ok(None) => {
+                tx.commit().await?;
+                Ok(None)
+            }
+            Ok(Some(changed)) => {
+                tx.rollback().await;
+                Ok(Some(changed))
+            }
+            Err(e) => tx.finish(Err(e)).await,
+        }
+    }
+
+    async fn start_train(&self, base_tip: &CommitId, at: Millis) -> Result<i64> {
+        let mut tx = self.write().await?;
+        let result = sqlx::query_scalar(
+            "INSERT INTO trains (base_tip, started_at) VALUES (?, ?) RETURNING id",
         )
-        .bind(entry.task_id.as_str())
-        .bind(entry.old_tip.as_str())
-        .bind(entry.new_commit.as_str())
-        .bind(entry.started_at)
-        .bind(TaskStatus::Verified.as_str())
-        .bind(commit.as_str())
+        .bind(base_tip.as_str())
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(Error::from);
+        tx.finish(result).await
+    }
+
+    async fn end_train(&self, id: i64, end: &TrainEnd, at: Millis) -> Result<()> {
+        let mut tx = self.write().await?;
+        let result = sqlx::query(
+            "UPDATE trains SET ended_at = ?, outcome = ?, builds = ?, landed = ?, red_commit = ? \
+             WHERE id = ?",
+        )
+        .bind(at)
+        .bind(&end.outcome)
+        .bind(i64::from(end.builds))
+        .bind(i64::from(end.landed))
+        .bind(end.red_commit.as_ref().map(CommitId::as_str))
+        .bind(id)
         .execute(&mut *tx)
+        .await
+        .map(drop)
+        .map_err(Error::from);
+        tx.finish(result).await
+    }
+
+    async fn trains_since(&self, since: Millis) -> Result<Vec<TrainStat>> {
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT started_at, ended_at, builds, landed FROM trains \
+             WHERE ended_at IS NOT NULL AND ended_at >= ? ORDER BY ended_at",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        rows.into_iter()
+            .map(|(started_at, ended_at, builds, landed)| {
+                Ok(TrainStat {
+                    started_at,
+                    ended_at,
+                    builds: to_u32("builds", builds)?,
+                    landed: to_u32("landed", landed)?,
+                })
+            })
+            .collect()
     }
 
     async fn abort_integration(&self, task: &TaskId) -> Result<()> {
@@ -1030,15 +1111,17 @@ impl Store for SqliteStore {
     }
 
     async fn pending_integrations(&self) -> Result<Vec<Journal>> {
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "SELECT task_id, old_tip, new_commit, started_at FROM integrations ORDER BY started_at",
+        let rows: Vec<(String, String, String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT task_id, old_tip, new_commit, started_at, train FROM integrations \
+             ORDER BY started_at",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(task, old_tip, new_commit, started_at)| {
+            .map(|(task, old_tip, new_commit, started_at, train)| {
                 Ok(Journal {
                     task_id: stored_id(&task)?,
+                    train,
                     old_tip: stored_commit(&old_tip)?,
                     new_commit: stored_commit(&new_commit)?,
                     started_at,
@@ -1050,7 +1133,7 @@ impl Store for SqliteStore {
     async fn running_runs(&self, task: &TaskId) -> Result<Vec<Run>> {
         let rows: Vec<RunRow> = sqlx::query_as(
             "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
-             started_at, finished_at, error, failure_kind FROM runs \
+             started_at, finished_at, error, failure_kind, train, builds FROM runs \
              WHERE task_id = ? AND status = 'running' ORDER BY id",
         )
         .bind(task.as_str())
@@ -1096,7 +1179,7 @@ impl Store for SqliteStore {
     async fn run(&self, id: i64) -> Result<Option<Run>> {
         let row: Option<RunRow> = sqlx::query_as(
             "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
-             started_at, finished_at, error, failure_kind FROM runs WHERE id = ?",
+             started_at, finished_at, error, failure_kind, train, builds FROM runs WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.pool)

@@ -6,7 +6,10 @@ use crate::domain::{
     LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus,
 };
 use crate::error::Error;
-use crate::store::{Journal, NewEvent, NewRun, RunChanges, RunEnd, Store, TaskRecord, TaskWrite};
+use crate::store::{
+    Journal, NewEvent, NewRun, RunChanges, RunEnd, Store, TaskRecord, TaskWrite, TrainEnd,
+    TrainStat,
+};
 use pipeline_core::ids::CommitId;
 
 /// A write that moves `task` to `state` and records `kind`, changing nothing else.
@@ -95,6 +98,7 @@ macro_rules! store_test_suite {
             keeps_meta,
             offers_lease_candidates_out_of_back_off_with_dependencies_done,
             keeps_an_integration_journal,
+            records_trains_and_their_runs,
             stores_trims_and_prunes_logs,
         );
     };
@@ -316,6 +320,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
             phase: Phase::Dev,
             patchset: 0,
             runner: Some("r1".into()),
+            train: None,
         });
         current = store.commit(start).await.expect("start run").task;
         let counts = store.status_counts().await.expect("counts");
@@ -331,6 +336,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
             cost_cents: 2.5,
             error: Some("agent exited 1".into()),
             failure_kind: Some(crate::domain::FailureKind::Task),
+            builds: None,
         });
         current = store.commit(end).await.expect("close run").task;
     }
@@ -520,55 +526,120 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
 
 pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     let task = create(store, "landing").await;
+    let other = create(store, "landing too").await;
     let patch = sha('c');
+    let train = store.start_train(&sha('a'), 6).await.expect("train");
     let entry = Journal {
         task_id: task.id.clone(),
+        train: Some(train),
         old_tip: sha('a'),
         new_commit: sha('b'),
         started_at: 7,
     };
     let pending = async || store.pending_integrations().await.expect("pending");
+    let begin = async |entries: &[(Journal, CommitId)]| {
+        store.begin_integration(entries).await.expect("begin")
+    };
     // Only a Verified task whose patch is still the one being landed gets an entry.
-    assert!(
-        !store
-            .begin_integration(&entry, &patch)
-            .await
-            .expect("begin")
+    assert_eq!(
+        begin(&[(entry.clone(), patch.clone())]).await,
+        Some(task.id.clone())
     );
     let mut verified = task.state.clone();
     verified.status = TaskStatus::Verified;
-    let mut w = write(&task, verified, "verified", 8);
+    let mut w = write(&task, verified.clone(), "verified", 8);
     w.next.patch_commit = Some(patch.clone());
     let task = store.commit(w).await.expect("verified").task;
     assert_eq!(task.patch_commit, Some(patch.clone()));
     assert_eq!(store.verified().await.expect("verified").len(), 1);
-    assert!(
-        !store
-            .begin_integration(&entry, &sha('d'))
-            .await
-            .expect("begin")
+    assert_eq!(
+        begin(&[(entry.clone(), sha('d'))]).await,
+        Some(task.id.clone())
     );
     assert!(pending().await.is_empty());
-    assert!(
-        store
-            .begin_integration(&entry, &patch)
-            .await
-            .expect("begin")
+    // A train is journaled whole or not at all: `other` is not Verified, so nothing is.
+    let other_entry = Journal {
+        task_id: other.id.clone(),
+        ..entry.clone()
+    };
+    assert_eq!(
+        begin(&[
+            (entry.clone(), patch.clone()),
+            (other_entry.clone(), sha('e'))
+        ])
+        .await,
+        Some(other.id.clone())
     );
+    assert!(pending().await.is_empty());
+    let mut w = write(&other, verified, "verified", 8);
+    w.next.patch_commit = Some(sha('e'));
+    store.commit(w).await.expect("verified");
+    assert_eq!(
+        begin(&[
+            (entry.clone(), patch.clone()),
+            (other_entry.clone(), sha('e'))
+        ])
+        .await,
+        None
+    );
+    assert_eq!(pending().await.len(), 2);
+    store.abort_integration(&other.id).await.expect("abort");
     assert_eq!(pending().await, vec![entry.clone()]);
     store.abort_integration(&task.id).await.expect("abort");
     assert!(pending().await.is_empty());
     // Ending it with a transition removes it in the same transaction.
-    assert!(
-        store
-            .begin_integration(&entry, &patch)
-            .await
-            .expect("begin")
-    );
+    assert_eq!(begin(&[(entry.clone(), patch.clone())]).await, None);
     let mut w = write(&task, task.state.clone(), "test", 8);
     w.end_integration = true;
     store.commit(w).await.expect("transition");
     assert!(pending().await.is_empty());
+}
+
+pub async fn records_trains_and_their_runs<S: Store>(store: &S) {
+    let task = create(store, "train").await;
+    assert!(store.trains_since(0).await.expect("trains").is_empty());
+    let first = store.start_train(&sha('a'), 100).await.expect("train");
+    let second = store.start_train(&sha('b'), 200).await.expect("train");
+    assert_ne!(first, second);
+    let run = store
+        .start_run(
+            &task.id,
+            &NewRun {
+                phase: Phase::Integrate,
+                patchset: 0,
+                runner: None,
+                train: Some(second),
+            },
+            200,
+        )
+        .await
+        .expect("run");
+    store
+        .end_run(run, &RunEnd::success(0.0, None).with_builds(3), 250)
+        .await
+        .expect("end");
+    let runs = store.runs(&task.id).await.expect("runs");
+    assert_eq!((runs[0].train, runs[0].builds), (Some(second), Some(3)));
+    let end = |builds, landed| TrainEnd {
+        outcome: "landed".into(),
+        builds,
+        landed,
+        red_commit: None,
+    };
+    store.end_train(first, &end(1, 6), 150).await.expect("end");
+    store.end_train(second, &end(4, 3), 300).await.expect("end");
+    // Unfinished trains are not counted; the window starts at `since`.
+    assert_eq!(store.trains_since(0).await.expect("trains").len(), 2);
+    let recent = store.trains_since(200).await.expect("trains");
+    assert_eq!(
+        recent,
+        vec![TrainStat {
+            started_at: 200,
+            ended_at: 300,
+            builds: 4,
+            landed: 3
+        }]
+    );
 }
 
 fn log_line(seq: u64, text: &str) -> LogLine {
@@ -590,6 +661,7 @@ pub async fn stores_trims_and_prunes_logs<S: Store>(store: &S) {
                 phase: Phase::Integrate,
                 patchset: 0,
                 runner: None,
+                train: None,
             },
             100,
         )

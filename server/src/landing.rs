@@ -1,0 +1,190 @@
+//! The landing side as people see it: whether landing runs or is paused and why, whether new
+//! leases are paused, the merge train now, and the trains of the last hour (builds per landed
+//! task, how long a train takes, so how long a waiting task will wait).
+//!
+//! The integrator and the queue commands write it; `status` and `queue` read it, without a
+//! database round trip. The pauses are persisted (`meta`: `landing_paused`, `queue_paused`)
+//! before they change here, and loaded at start-up with the last hour's trains: memory
+//! follows the database.
+
+use std::collections::VecDeque;
+
+use pipeline_core::ids::CommitId;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Millis, TaskId};
+use crate::store::TrainStat;
+
+/// The `meta` key of a landing pause.
+pub const LANDING_PAUSED: &str = "landing_paused";
+/// The `meta` key of a pause of new leases.
+pub const QUEUE_PAUSED: &str = "queue_paused";
+
+/// How far back the recent figures look.
+pub const WINDOW_MS: Millis = 3_600_000;
+
+/// Why landing is paused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pause {
+    pub reason: String,
+    /// When the base itself was found red: that base commit. Landing resumes on its own once
+    /// the base is somewhere else (a person pushed a fix).
+    #[serde(with = "commit_text")]
+    pub red_base: Option<CommitId>,
+}
+
+/// A commit ID as its text in the stored pause.
+mod commit_text {
+    use pipeline_core::ids::CommitId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &Option<CommitId>, s: S) -> Result<S::Ok, S::Error> {
+        match c {
+            Some(c) => s.serialize_some(c.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<CommitId>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| CommitId::parse(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Why new leases are paused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueuePause {
+    pub reason: Option<String>,
+}
+
+/// The train being integrated now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainView {
+    pub id: i64,
+    pub tasks: Vec<TaskId>,
+    /// What it is doing, in a few words: "cherry-picking", "building prefix 2 of 4", …
+    pub step: String,
+}
+
+/// The landing side's state.
+#[derive(Clone, Debug, Default)]
+pub struct Landing {
+    pub paused: Option<Pause>,
+    pub queue_paused: Option<QueuePause>,
+    pub train: Option<TrainView>,
+    /// Trains that ended within the window (and the last few, whatever their age, for the
+    /// estimates), oldest first.
+    recent: VecDeque<TrainStat>,
+}
+
+/// How many finished trains the estimates use at least, however old.
+const KEEP_FOR_ESTIMATES: usize = 16;
+
+impl Landing {
+    /// Records a finished train.
+    pub fn record(&mut self, stat: TrainStat, now: Millis) {
+        self.recent.push_back(stat);
+        self.prune(now);
+    }
+
+    /// Loads the trains of the window (at start-up).
+    pub fn load(&mut self, recent: Vec<TrainStat>, now: Millis) {
+        self.recent = recent.into();
+        self.prune(now);
+    }
+
+    fn prune(&mut self, now: Millis) {
+        while self.recent.len() > KEEP_FOR_ESTIMATES
+            && self
+                .recent
+                .front()
+                .is_some_and(|t| t.ended_at < now - WINDOW_MS)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Integration builds per landed task over the last hour; `None` when none landed.
+    pub fn builds_per_landed(&self, now: Millis) -> Option<f64> {
+        let (builds, landed) = self
+            .recent
+            .iter()
+            .filter(|t| t.ended_at >= now - WINDOW_MS)
+            .fold((0u64, 0u64), |(b, l), t| {
+                (b + u64::from(t.builds), l + u64::from(t.landed))
+            });
+        (landed > 0).then(|| builds as f64 / landed as f64)
+    }
+
+    /// How long a train that builds takes, on average over the recent ones; `None` without
+    /// one.
+    pub fn train_secs(&self) -> Option<f64> {
+        let built: Vec<&TrainStat> = self.recent.iter().filter(|t| t.builds > 0).collect();
+        if built.is_empty() {
+            return None;
+        }
+        let total: i64 = built.iter().map(|t| t.ended_at - t.started_at).sum();
+        Some(total.max(0) as f64 / 1000.0 / built.len() as f64)
+    }
+
+    /// An estimate of when the task waiting at `position` (0: next) behind the current train
+    /// lands, with trains of up to `batch_max`.
+    pub fn eta_secs(&self, position: usize, batch_max: usize) -> Option<f64> {
+        let per_train = self.train_secs()?;
+        let ahead = usize::from(self.train.is_some()) + position / batch_max.max(1);
+        Some(per_train * (ahead + 1) as f64)
+    }
+
+    /// Landing's state and reason, as `status` shows it.
+    pub fn state(&self) -> (&'static str, Option<String>) {
+        match &self.paused {
+            Some(p) => ("paused", Some(p.reason.clone())),
+            None => ("running", None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(started_at: Millis, ended_at: Millis, builds: u32, landed: u32) -> TrainStat {
+        TrainStat {
+            started_at,
+            ended_at,
+            builds,
+            landed,
+        }
+    }
+
+    #[test]
+    fn builds_per_landed_counts_the_last_hour() {
+        let mut l = Landing::default();
+        assert_eq!(l.builds_per_landed(0), None);
+        l.record(stat(0, 2_000, 1, 8), 2_000);
+        l.record(stat(2_000, 10_000, 4, 3), 10_000);
+        assert_eq!(l.builds_per_landed(10_000), Some(5.0 / 11.0));
+        // An hour later only the second counts.
+        assert_eq!(l.builds_per_landed(2_001 + WINDOW_MS), Some(4.0 / 3.0));
+        assert_eq!(l.builds_per_landed(10_001 + WINDOW_MS), None);
+    }
+
+    #[test]
+    fn estimates_come_from_recent_trains_that_built() {
+        let mut l = Landing::default();
+        assert_eq!(l.eta_secs(0, 8), None);
+        l.record(stat(0, 2_000, 1, 8), 2_000);
+        l.record(stat(2_000, 6_000, 2, 8), 6_000);
+        l.record(stat(6_000, 6_000, 0, 1), 6_000);
+        assert_eq!(l.train_secs(), Some(3.0));
+        assert_eq!(l.eta_secs(0, 8), Some(3.0));
+        assert_eq!(l.eta_secs(8, 8), Some(6.0));
+        l.train = Some(TrainView {
+            id: 1,
+            tasks: vec![],
+            step: "building".into(),
+        });
+        assert_eq!(l.eta_secs(0, 8), Some(6.0));
+    }
+}
