@@ -364,6 +364,35 @@ impl Client {
         r.map(drop).map_err(|s| self.failure(s))
     }
 
+    /// The merge train now and the tasks waiting behind it.
+    pub async fn queue(&mut self) -> Result<model::Queue, Failure> {
+        let r = self.inner.get_queue(unary(pb::GetQueueRequest {})).await;
+        r.map(|r| r.into_inner().into())
+            .map_err(|s| self.failure(s))
+    }
+
+    /// Stops new leases (and landing, with `landing`).
+    pub async fn pause_queue(
+        &mut self,
+        reason: Option<String>,
+        landing: bool,
+    ) -> Result<(), Failure> {
+        let r = self
+            .inner
+            .pause_queue(unary(pb::PauseQueueRequest { reason, landing }))
+            .await;
+        r.map(drop).map_err(|s| self.failure(s))
+    }
+
+    /// Lets leases (and landing) go on.
+    pub async fn resume_queue(&mut self) -> Result<(), Failure> {
+        let r = self
+            .inner
+            .resume_queue(unary(pb::ResumeQueueRequest {}))
+            .await;
+        r.map(drop).map_err(|s| self.failure(s))
+    }
+
     /// Replaces the registration token; returns it and where the server keeps it.
     pub async fn rotate_registration_token(&mut self) -> Result<(String, String), Failure> {
         let r = self

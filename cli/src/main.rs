@@ -63,6 +63,13 @@ enum Command {
         #[command(subcommand)]
         action: Option<RunnersAction>,
     },
+    /// The merge train now, then the tasks waiting behind it in order; pause or resume it.
+    Queue {
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<QueueAction>,
+    },
     /// Credentials.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -94,6 +101,21 @@ enum RunnersAction {
         #[arg(allow_hyphen_values = true)]
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueAction {
+    /// Stop new leases; running work goes on, and so does landing unless --landing.
+    Pause {
+        /// Why, for `status` and `queue` to show.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Hold the merge train too (the train in flight finishes first).
+        #[arg(long)]
+        landing: bool,
+    },
+    /// Lift every pause: leases, landing, and a red base's hold on landing.
+    Resume,
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,6 +262,28 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         } => {
             client.forget_runner(name.clone()).await?;
             writeln!(out, "{name}: forgotten; the name is free")?;
+        }
+        Command::Queue { json, action: None } => {
+            let q = client.queue().await?;
+            output::queue(out, &q, Format::for_stdout(json))?;
+        }
+        Command::Queue {
+            action: Some(QueueAction::Pause { reason, landing }),
+            ..
+        } => {
+            client.pause_queue(reason, landing).await?;
+            let held = if landing { ", and landing is held" } else { "" };
+            writeln!(
+                out,
+                "queue paused: no new leases{held}; `pipelinectl queue resume` goes on"
+            )?;
+        }
+        Command::Queue {
+            action: Some(QueueAction::Resume),
+            ..
+        } => {
+            client.resume_queue().await?;
+            writeln!(out, "queue resumed")?;
         }
         Command::Token(TokenCommand::Rotate) => {
             let (token, path) = client.rotate_registration_token().await?;

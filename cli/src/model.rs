@@ -239,6 +239,10 @@ pub struct Run {
     pub error: Option<String>,
     /// `None` for runs that did not fail (or were given back).
     pub failure_kind: Option<FailureKind>,
+    /// For an integrate run: the merge train it was in.
+    pub train: Option<i64>,
+    /// For an integrate run: how many builds covered the task.
+    pub builds: Option<u32>,
 }
 
 /// One entry of a task's history.
@@ -275,6 +279,67 @@ pub struct Status {
     /// The base branch's name.
     pub base: String,
     pub health: Health,
+    pub landing: Landing,
+    /// New leases are paused (`queue pause`).
+    pub queue_paused: bool,
+    /// Integration builds per landed task over the last hour; `None` when none landed.
+    pub builds_per_landed: Option<f64>,
+}
+
+/// Whether verified tasks land, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Landing {
+    Running,
+    Paused(String),
+}
+
+impl Landing {
+    /// `running` or `paused`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Landing::Running => "running",
+            Landing::Paused(_) => "paused",
+        }
+    }
+
+    /// Why landing is paused; `None` while it runs.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Landing::Running => None,
+            Landing::Paused(why) => Some(why),
+        }
+    }
+}
+
+/// The merge train being integrated now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Train {
+    pub id: i64,
+    /// Its tasks, in the order of the chain.
+    pub tasks: Vec<String>,
+    /// What it is doing: cherry-picking, building prefix i of k, landing.
+    pub step: String,
+}
+
+/// A task waiting behind the train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    pub id: String,
+    pub status: TaskStatus,
+    /// From 1: verified tasks in landing order, then open ones in lease order.
+    pub position: u32,
+    pub waiting_for: Vec<String>,
+    /// When it should land, from recent build times; `None` when there is no estimate.
+    pub eta_seconds: Option<f64>,
+}
+
+/// The merge train and the tasks behind it, as `queue` prints them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queue {
+    pub train: Option<Train>,
+    pub waiting: Vec<Waiting>,
+    pub landing: Landing,
+    pub queue_paused: bool,
 }
 
 /// A runner known to the server.

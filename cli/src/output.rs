@@ -16,8 +16,8 @@ use std::io::{self, IsTerminal, Write};
 use serde_json::{Value, json};
 
 use crate::model::{
-    FailureKind, Health, LogItem, LogLine, LogRun, Phase, Run, Runner, Status, Task, TaskDetail,
-    TaskEvent, TaskStatus, Transition,
+    FailureKind, Health, Landing, LogItem, LogLine, LogRun, Phase, Queue, Run, Runner, Status,
+    Task, TaskDetail, TaskEvent, TaskStatus, Transition,
 };
 use crate::time::rfc3339;
 
@@ -165,6 +165,8 @@ fn run_json(r: &Run) -> Value {
         "finished_at": time_or_null(r.finished_at_ms),
         "error": r.error,
         "failure_kind": r.failure_kind.map(FailureKind::word),
+        "train": r.train,
+        "builds": r.builds,
     })
 }
 
@@ -194,11 +196,20 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
                 "base": s.base,
                 "health": s.health.word(),
                 "health_reason": s.health.reason(),
+                "landing": landing_json(&s.landing),
+                "queue_paused": s.queue_paused,
+                "builds_per_landed": s.builds_per_landed,
             }),
         );
     }
     if let Some(why) = s.health.reason() {
         writeln!(out, "health:          UNHEALTHY: {why}")?;
+    }
+    if s.queue_paused {
+        writeln!(out, "leases:          PAUSED (pipelinectl queue resume)")?;
+    }
+    if let Some(why) = s.landing.reason() {
+        writeln!(out, "landing:         PAUSED: {}", terminal_safe(why))?;
     }
     writeln!(out, "base branch:     {}", s.base)?;
     writeln!(out, "open:            {}", s.open)?;
@@ -208,7 +219,76 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
     writeln!(out, "needs help:      {}", s.needs_help)?;
     writeln!(out, "cancelled:       {}", s.cancelled)?;
     writeln!(out, "active dev runs: {}", s.active_dev_runs)?;
-    writeln!(out, "runners:         {}", s.runners)
+    writeln!(out, "runners:         {}", s.runners)?;
+    if let Some(b) = s.builds_per_landed {
+        writeln!(out, "builds/landed:   {b:.2} (last hour)")?;
+    }
+    Ok(())
+}
+
+fn landing_json(l: &Landing) -> Value {
+    json!({"state": l.word(), "reason": l.reason()})
+}
+
+/// The merge train now and the tasks behind it.
+pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> {
+    if format == Format::Json {
+        return print_json(
+            out,
+            &json!({
+                "train": q.train.as_ref().map(|t| json!({
+                    "id": t.id,
+                    "tasks": t.tasks,
+                    "step": t.step,
+                })),
+                "waiting": q.waiting.iter().map(|w| json!({
+                    "id": w.id,
+                    "status": w.status.word(),
+                    "position": w.position,
+                    "waiting_for": w.waiting_for,
+                    "eta_seconds": w.eta_seconds,
+                })).collect::<Vec<_>>(),
+                "landing": landing_json(&q.landing),
+                "queue_paused": q.queue_paused,
+            }),
+        );
+    }
+    if q.queue_paused {
+        writeln!(out, "leases:  PAUSED (pipelinectl queue resume)")?;
+    }
+    if let Some(why) = q.landing.reason() {
+        writeln!(out, "landing: PAUSED: {}", terminal_safe(why))?;
+    }
+    match &q.train {
+        Some(t) => writeln!(out, "train {}: {} ({})", t.id, t.step, t.tasks.join(", "))?,
+        None => writeln!(out, "train:   none")?,
+    }
+    if q.waiting.is_empty() {
+        return writeln!(out, "nothing waiting");
+    }
+    let rows: Vec<Vec<String>> = q
+        .waiting
+        .iter()
+        .map(|w| {
+            vec![
+                w.position.to_string(),
+                w.id.clone(),
+                w.status.word().to_owned(),
+                w.eta_seconds
+                    .map_or_else(|| "-".to_owned(), |s| format!("~{}s", s.round())),
+                if w.waiting_for.is_empty() {
+                    "-".to_owned()
+                } else {
+                    terminal_safe(&w.waiting_for.join("; ")).into_owned()
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        out,
+        &["#", "ID", "STATUS", "LANDS IN", "WAITING FOR"],
+        &rows,
+    )
 }
 
 pub fn task_list(out: &mut impl Write, tasks: &[Task], format: Format) -> io::Result<()> {
@@ -584,7 +664,7 @@ mod tests {
 #[cfg(test)]
 mod snapshots {
     use super::*;
-    use crate::model::{FailureKind, LogStream, RunStatus, RunnerState};
+    use crate::model::{FailureKind, LogStream, RunStatus, RunnerState, Train, Waiting};
 
     /// 2026-11-24T01:01:02.123Z, and `s` seconds later.
     fn at(s: i64) -> i64 {
@@ -634,6 +714,9 @@ mod snapshots {
             runners: 3,
             base: "main".into(),
             health,
+            landing: Landing::Running,
+            queue_paused: false,
+            builds_per_landed: None,
         }
     }
 
@@ -649,6 +732,62 @@ mod snapshots {
             "the database refuses writes: disk full".into(),
         ));
         insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+    }
+
+    #[test]
+    fn status_with_landing_paused() {
+        let s = Status {
+            landing: Landing::Paused("the base is red: main at 1a2b3c4d fails its build".into()),
+            queue_paused: true,
+            builds_per_landed: Some(0.25),
+            ..status_of(Health::Healthy)
+        };
+        insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+        insta::assert_snapshot!(printed(|out| super::status(out, &s, Format::Json)));
+    }
+
+    fn queue_now() -> Queue {
+        let waiting = |id: &str, status, position, eta, why: &[&str]| Waiting {
+            id: id.to_owned(),
+            status,
+            position,
+            waiting_for: why.iter().map(|w| (*w).to_owned()).collect(),
+            eta_seconds: eta,
+        };
+        Queue {
+            train: Some(Train {
+                id: 7,
+                tasks: vec!["t-1".into(), "t-2".into(), "t-3".into()],
+                step: "building prefix 2 of 3".into(),
+            }),
+            waiting: vec![
+                waiting("t-4", TaskStatus::Verified, 1, Some(12.4), &[]),
+                waiting("t-5", TaskStatus::Open, 2, None, &["t-4 to be done"]),
+            ],
+            landing: Landing::Running,
+            queue_paused: false,
+        }
+    }
+
+    #[test]
+    fn queue() {
+        insta::assert_snapshot!(printed(|out| super::queue(out, &queue_now(), TEXT)));
+    }
+
+    #[test]
+    fn queue_json() {
+        insta::assert_snapshot!(printed(|out| super::queue(out, &queue_now(), Format::Json)));
+    }
+
+    #[test]
+    fn queue_empty_and_paused() {
+        let q = Queue {
+            train: None,
+            waiting: vec![],
+            landing: Landing::Paused("paused by pipelinectl queue pause".into()),
+            queue_paused: true,
+        };
+        insta::assert_snapshot!(printed(|out| super::queue(out, &q, TEXT)));
     }
 
     #[test]
@@ -697,6 +836,8 @@ mod snapshots {
             finished_at_ms: Some(at(started + 30)),
             error: None,
             failure_kind: None,
+            train: None,
+            builds: None,
         };
         TaskDetail {
             task: Task {

@@ -12,8 +12,9 @@ use prost::Message as _;
 
 use crate::client::Failure;
 use crate::model::{
-    FailureKind, Health, LogItem, LogLine, LogRun, LogStream, NewTask, Phase, Run, RunStatus,
-    Runner, RunnerState, Status, Task, TaskDetail, TaskEvent, TaskStatus, Transition,
+    FailureKind, Health, Landing, LogItem, LogLine, LogRun, LogStream, NewTask, Phase, Queue, Run,
+    RunStatus, Runner, RunnerState, Status, Task, TaskDetail, TaskEvent, TaskStatus, Train,
+    Transition, Waiting,
 };
 
 /// The failure of a reply that should carry a task and does not.
@@ -170,6 +171,8 @@ impl From<pb::Run> for Run {
             finished_at_ms: r.finished_at_ms,
             error: r.error,
             failure_kind: failure_kind(r.failure_kind),
+            train: r.train,
+            builds: r.builds,
         }
     }
 }
@@ -216,6 +219,44 @@ impl From<pb::GetStatusResponse> for Status {
             runners: s.runners,
             base: s.base,
             health: health(s.unhealthy),
+            landing: landing(s.landing),
+            queue_paused: s.queue_paused,
+            builds_per_landed: s.builds_per_landed,
+        }
+    }
+}
+
+/// Landing as the server reports it; a server that says nothing (an older one) lands.
+fn landing(l: Option<pb::Landing>) -> Landing {
+    match l {
+        Some(l) if l.state == "paused" => {
+            Landing::Paused(l.reason.unwrap_or_else(|| "no reason given".into()))
+        }
+        _ => Landing::Running,
+    }
+}
+
+impl From<pb::GetQueueResponse> for Queue {
+    fn from(q: pb::GetQueueResponse) -> Self {
+        Queue {
+            train: q.train.map(|t| Train {
+                id: t.id,
+                tasks: t.tasks,
+                step: t.step,
+            }),
+            waiting: q
+                .waiting
+                .into_iter()
+                .map(|w| Waiting {
+                    id: w.id,
+                    status: w.status.into(),
+                    position: w.position,
+                    waiting_for: w.waiting_for,
+                    eta_seconds: w.eta_seconds,
+                })
+                .collect(),
+            landing: landing(q.landing),
+            queue_paused: q.queue_paused,
         }
     }
 }
@@ -341,6 +382,21 @@ mod tests {
             Status::from(status).health.reason(),
             Some("the disk is full")
         );
+    }
+
+    #[test]
+    fn landing_is_paused_only_when_the_server_says_so() {
+        assert_eq!(landing(None), Landing::Running);
+        let paused = pb::Landing {
+            state: "paused".into(),
+            reason: Some("the base is red".into()),
+        };
+        assert_eq!(landing(Some(paused)).reason(), Some("the base is red"));
+        let running = pb::Landing {
+            state: "running".into(),
+            reason: None,
+        };
+        assert_eq!(landing(Some(running)), Landing::Running);
     }
 
     #[test]

@@ -603,8 +603,11 @@ impl Runner {
         env: &[(&str, &str)],
     ) -> Self {
         let mut cmd = Command::new(bin("pipeline-runner"));
-        cmd.args(["--server", url, "--name", name, "--slots", "1"])
-            .args(["--token", &repo.registration_token()])
+        cmd.args(["--server", url, "--name", name]);
+        if !args.contains(&"--slots") {
+            cmd.args(["--slots", "1"]);
+        }
+        cmd.args(["--token", &repo.registration_token()])
             .arg("--work-dir")
             .arg(repo.dir.path().join("runners").join(name))
             .args(["--kill-grace", "2", "--env-allow", "AGENT_LOG_DIR"])
@@ -770,4 +773,41 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = run(Command::new("umount").args(["-l", self.path.to_str().unwrap_or_default()]));
     }
+}
+
+/// A bundle made by hand in a clone of the repo: `commits` commits on top of `base`, the head
+/// under each of `refs`. Returns the head and the bundle's bytes.
+pub fn hand_made_bundle(
+    repo: &TestRepo,
+    base: &str,
+    commits: usize,
+    refs: &[&str],
+) -> (String, Vec<u8>) {
+    let work = repo.dir.path().join("hand-made");
+    git(
+        repo.dir.path(),
+        &[
+            "clone",
+            "-q",
+            repo.repo().to_str().expect("utf-8"),
+            "hand-made",
+        ],
+    );
+    git(&work, &["checkout", "-q", "--detach", base]);
+    for n in 1..=commits {
+        std::fs::write(work.join(format!("f{n}")), "x").expect("write");
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", &format!("commit {n}")]);
+    }
+    let head = git(&work, &["rev-parse", "HEAD"]);
+    let mut args = vec!["bundle", "create", "-q", "../hand-made.bundle"];
+    for r in refs {
+        git(&work, &["update-ref", r, &head]);
+        args.push(r);
+    }
+    let not_base = format!("^{base}");
+    args.push(&not_base);
+    git(&work, &args);
+    let bundle = std::fs::read(repo.dir.path().join("hand-made.bundle")).expect("bundle");
+    (head, bundle)
 }

@@ -8,48 +8,11 @@ use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::runner_service_server::{RunnerService, RunnerServiceServer};
 use pipeline_tests::fake_runner::FakeRunner;
 use pipeline_tests::{
-    Runner, Server, TestRepo, agent_args, alive, as_strs, event_kinds, fake_runner, git, main_tip,
-    runs, task_ref, wait_for,
+    Runner, Server, TestRepo, agent_args, alive, as_strs, event_kinds, fake_runner, git,
+    hand_made_bundle, main_tip, runs, task_ref, wait_for,
 };
 use serde_json::Value;
 use tonic::{Request, Response, Status};
-
-/// A bundle made by hand in a clone of the repo: `commits` commits on top of `base`, the head
-/// under each of `refs`. Returns the head and the bundle's bytes.
-fn hand_made_bundle(
-    repo: &TestRepo,
-    base: &str,
-    commits: usize,
-    refs: &[&str],
-) -> (String, Vec<u8>) {
-    let work = repo.dir.path().join("hand-made");
-    git(
-        repo.dir.path(),
-        &[
-            "clone",
-            "-q",
-            repo.repo().to_str().expect("utf-8"),
-            "hand-made",
-        ],
-    );
-    git(&work, &["checkout", "-q", "--detach", base]);
-    for n in 1..=commits {
-        std::fs::write(work.join(format!("f{n}")), "x").expect("write");
-        git(&work, &["add", "."]);
-        git(&work, &["commit", "-q", "-m", &format!("commit {n}")]);
-    }
-    let head = git(&work, &["rev-parse", "HEAD"]);
-    let mut args = vec!["bundle", "create", "-q", "../hand-made.bundle"];
-    for r in refs {
-        git(&work, &["update-ref", r, &head]);
-        args.push(r);
-    }
-    let not_base = format!("^{base}");
-    args.push(&not_base);
-    git(&work, &args);
-    let bundle = std::fs::read(repo.dir.path().join("hand-made.bundle")).expect("bundle");
-    (head, bundle)
-}
 
 #[test]
 fn happy_path_on_two_runners() {

@@ -1,0 +1,463 @@
+//! Merge trains end to end: Verified tasks land in batches with one build of the train's tip,
+//! a red tip is searched for its first red commit, a conflicting task is left out without a
+//! build, a red base pauses landing until it is fixed, and SIGKILL of the server during a
+//! train's build or right after its swap loses and duplicates nothing.
+//!
+//! The server's build below records every build of its integration worktree (the notes in the
+//! tree and a checksum of them) in `$AGENT_LOG_DIR/builds`; the runners run the same command
+//! (the server's verification) in their own worktrees, where it records nothing.
+
+use pipeline_proto::v1 as pb;
+use pipeline_tests::{
+    Runner, Server, TestRepo, agent_args, as_strs, fake_runner, git, hand_made_bundle, main_tip,
+    runs, wait_for,
+};
+use serde_json::Value;
+
+/// A build command that records each integration build and then runs `then` there.
+fn build_cmd(then: &str) -> String {
+    format!(
+        "case $PWD in */integration) mkdir -p \"$AGENT_LOG_DIR\"; \
+         echo \"$(ls notes 2>/dev/null | tr '\\n' ' ')$(cat notes/* 2>/dev/null | cksum)\" \
+         >> \"$AGENT_LOG_DIR/builds\"; {then};; esac"
+    )
+}
+
+/// The integration builds so far, oldest first.
+fn builds(repo: &TestRepo) -> Vec<String> {
+    repo.agent_file("builds")
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn integrate_runs(task: &Value) -> Vec<Value> {
+    runs(task)
+        .into_iter()
+        .filter(|r| r["phase"] == "integrate")
+        .collect()
+}
+
+fn dev_runs(task: &Value) -> usize {
+    runs(task).iter().filter(|r| r["phase"] == "dev").count()
+}
+
+/// The train a task landed in (its successful integrate run's).
+fn landed_train(task: &Value) -> i64 {
+    let runs = integrate_runs(task);
+    let landed: Vec<&Value> = runs.iter().filter(|r| r["status"] == "success").collect();
+    assert_eq!(landed.len(), 1, "one successful integration: {runs:?}");
+    landed[0]["train"].as_i64().expect("a train ID")
+}
+
+/// A runner with `slots` slots and the scripted agent.
+fn runner_with_slots(repo: &TestRepo, server: &Server, slots: u32) -> Runner {
+    let slots = slots.to_string();
+    let args = agent_args(&["--slots", &slots]);
+    Runner::start(repo, server, "r", &as_strs(&args))
+}
+
+/// Adds tasks `ids` (in that order) whose agents wait, each with `description` after the mode.
+fn add_waiting(server: &Server, ids: &[&str], description: &str) {
+    for id in ids {
+        server.add(&[
+            "--id",
+            id,
+            "--title",
+            id,
+            "--description",
+            &format!("MODE: {description}"),
+        ]);
+    }
+}
+
+/// Lets the waiting agents of `ids` commit while landing is held, then lets them land together:
+/// the integrator sees all of them Verified at once.
+fn verify_then_land_together(repo: &TestRepo, server: &Server, ids: &[&str]) {
+    for id in ids {
+        repo.wait_agent(id);
+    }
+    server.ctl(&["queue", "pause", "--landing"]).ok();
+    repo.release_agents();
+    for id in ids {
+        server.wait_status(id, "verified");
+    }
+    let queue = server.ctl(&["queue", "--json"]).json();
+    assert_eq!(queue["landing"]["state"], "paused", "{queue}");
+    assert_eq!(queue["waiting"].as_array().map(Vec::len), Some(ids.len()));
+    server.ctl(&["queue", "resume"]).ok();
+}
+
+#[test]
+fn a_train_of_six_lands_with_one_build() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--build-cmd", &build_cmd("true")]);
+    let _r = runner_with_slots(&repo, &server, 6);
+    let ids = ["a1", "a2", "a3", "a4", "a5", "a6"];
+    add_waiting(&server, &ids, "wait");
+    let before = main_tip(&repo);
+    verify_then_land_together(&repo, &server, &ids);
+    let tasks: Vec<Value> = ids
+        .iter()
+        .map(|id| server.wait_status(id, "done"))
+        .collect();
+    assert_eq!(builds(&repo).len(), 1, "one build: {:?}", builds(&repo));
+    let mut newest_first = ids.to_vec();
+    newest_first.reverse();
+    assert_eq!(repo.landed(), newest_first, "in order, each once");
+    // One compare-and-swap moved the base over the whole chain.
+    assert_eq!(
+        git(
+            &repo.repo(),
+            &["rev-list", "--count", &format!("{before}..main")]
+        ),
+        "6"
+    );
+    let train = landed_train(&tasks[0]);
+    for t in &tasks {
+        assert_eq!(landed_train(t), train, "the same train");
+        let run = integrate_runs(t).pop().expect("integrate run");
+        assert_eq!(run["builds"], 1, "{run}");
+        assert!(
+            run["error"]
+                .as_str()
+                .is_some_and(|n| n.contains(&format!("landed in train {train} with 5 other"))),
+            "{run}"
+        );
+    }
+    let status = server.ctl(&["status", "--json"]).json();
+    let per_landed = status["builds_per_landed"].as_f64().expect("a figure");
+    assert!((per_landed - 1.0 / 6.0).abs() < 1e-9, "{status}");
+    assert_eq!(status["landing"]["state"], "running");
+    assert_eq!(status["queue_paused"], false);
+}
+
+#[test]
+fn a_culprit_in_the_middle_of_a_train_is_found_and_the_others_land_without_new_dev_runs() {
+    let repo = TestRepo::new();
+    let build = build_cmd(
+        "if [ -e notes/c4.md ] && ! grep -q fixed notes/c4.md; then \
+         echo 'c4 breaks the build' >&2; exit 1; fi",
+    );
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let _r = runner_with_slots(&repo, &server, 8);
+    let ids = ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8"];
+    add_waiting(&server, &ids, "wait-once");
+    verify_then_land_together(&repo, &server, &ids);
+    let tasks: Vec<Value> = ids
+        .iter()
+        .map(|id| server.wait_status(id, "done"))
+        .collect();
+
+    let first = landed_train(&tasks[0]);
+    for t in &tasks[..3] {
+        assert_eq!(landed_train(t), first, "the green prefix landed: {t}");
+    }
+    // The culprit was charged, with the build's output in its next prompt.
+    let culprit = &tasks[3];
+    let failed = &integrate_runs(culprit)[0];
+    assert_eq!(failed["status"], "failure");
+    assert_eq!(failed["failure_kind"], "task");
+    assert_eq!(failed["train"], first);
+    let error = failed["error"].as_str().expect("error");
+    assert!(error.contains("c4 breaks the build"), "{error}");
+    assert!(error.contains("this task's commit, red"), "{error}");
+    assert_eq!(culprit["failures"], 1);
+    let prompt = repo.agent_file("dev-c4-2.prompt").expect("second prompt");
+    assert!(prompt.contains("c4 breaks the build"), "{prompt}");
+    // The ones after it went back uncharged and landed later with their first commit.
+    let mut later = None;
+    for t in &tasks[4..] {
+        assert_eq!(dev_runs(t), 1, "no new dev run: {t}");
+        assert_eq!(t["failures"], 0);
+        let requeued = &integrate_runs(t)[0];
+        assert_eq!(requeued["status"], "failure");
+        assert_eq!(requeued["failure_kind"], Value::Null, "not charged");
+        assert!(
+            requeued["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("not landed, not charged")),
+            "{requeued}"
+        );
+        let train = landed_train(t);
+        assert_ne!(train, first);
+        assert_eq!(*later.get_or_insert(train), train, "together in one train");
+    }
+    // The first train built its tip and then bisected: no tree twice, at most 1 + log2(8).
+    let all = builds(&repo);
+    let mut unique = all.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), all.len(), "no tree built twice: {all:?}");
+    assert!(
+        all[0].starts_with("c1.md c2.md c3.md c4.md c5.md c6.md c7.md c8.md "),
+        "{all:?}"
+    );
+    let first_train = all.iter().take_while(|b| b.contains("c4.md")).count();
+    assert!((2..=4).contains(&first_train), "{all:?}");
+    // Each task is on the base once, and no red tree ever was.
+    let mut landed = repo.landed();
+    landed.sort();
+    assert_eq!(landed, ids);
+}
+
+#[test]
+fn a_conflicting_task_is_left_out_of_the_train_without_a_build() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--build-cmd", &build_cmd("true")]);
+    let _r = runner_with_slots(&repo, &server, 3);
+    // x1 and x2 write the same line of shared.txt; x3 writes only its own file.
+    add_waiting(&server, &["x1", "x2"], "sameline");
+    add_waiting(&server, &["x3"], "wait");
+    verify_then_land_together(&repo, &server, &["x1", "x2", "x3"]);
+    let x1 = server.wait_status("x1", "done");
+    let x3 = server.wait_status("x3", "done");
+    assert_eq!(landed_train(&x1), landed_train(&x3));
+    let first_build = builds(&repo).first().cloned().expect("a build");
+    assert!(
+        first_build.starts_with("x1.md x3.md "),
+        "the chain without x2: {first_build}"
+    );
+    let x2 = server.wait_status("x2", "done");
+    let runs = integrate_runs(&x2);
+    // It conflicted only with x1, a commit before it in the same train: it waited for the
+    // next train uncharged (x1 might not have landed), where it conflicted with the base.
+    let waited = &runs[0];
+    assert_eq!(waited["status"], "failure");
+    assert_eq!(waited["failure_kind"], Value::Null, "{waited}");
+    assert_eq!(waited["builds"], 0, "no build spent on it: {waited}");
+    let sent_back = &runs[1];
+    assert_eq!(sent_back["status"], "failure");
+    assert_eq!(sent_back["failure_kind"], "task", "{sent_back}");
+    assert_eq!(sent_back["builds"], 0, "no build spent on it: {sent_back}");
+    assert!(
+        sent_back["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cherry-pick conflict")),
+        "{sent_back}"
+    );
+    assert_eq!(x2["failures"], 1);
+    assert_eq!(dev_runs(&x2), 2);
+    let prompt = repo.agent_file("dev-x2-2.prompt").expect("second prompt");
+    assert!(prompt.contains("CONFLICT"), "git's message: {prompt}");
+    assert_eq!(repo.landed(), ["x2", "x3", "x1"]);
+}
+
+#[test]
+fn a_red_base_pauses_landing_until_a_fix_is_pushed() {
+    let repo = TestRepo::new();
+    let build = build_cmd(
+        "if [ -e broken.txt ] && [ ! -e fixed.txt ]; then echo 'the base is broken' >&2; \
+         exit 1; fi",
+    );
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let _r = runner_with_slots(&repo, &server, 2);
+    add_waiting(&server, &["r1", "r2"], "wait");
+    repo.wait_agent("r1");
+    repo.wait_agent("r2");
+    // A person breaks the base while the agents work on the green one before it.
+    let broken = repo.push_to_main("broken.txt", "oops");
+    repo.release_agents();
+    let status = wait_for("landing to pause", || {
+        let s = server.ctl(&["status", "--json"]).json();
+        (s["landing"]["state"] == "paused").then_some(s)
+    });
+    let reason = status["landing"]["reason"].as_str().expect("a reason");
+    assert!(reason.contains(&broken), "names the red base: {reason}");
+    let text = server.ctl(&["status"]).ok();
+    assert!(
+        text.contains("landing:         PAUSED: the base main"),
+        "{text}"
+    );
+    // No one was charged, and nothing landed on the red base.
+    for id in ["r1", "r2"] {
+        let t = server.show(id);
+        assert_eq!(t["status"], "verified", "{t}");
+        assert_eq!(t["failures"], 0);
+        assert!(
+            t["waiting_for"].as_array().is_some_and(|w| w
+                .iter()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("landing is paused")))),
+            "{t}"
+        );
+    }
+    assert_eq!(main_tip(&repo), broken);
+    // A person pushes a fix: landing resumes on its own.
+    repo.push_to_main("fixed.txt", "fixed");
+    server.wait_status("r1", "done");
+    server.wait_status("r2", "done");
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["landing"]["state"], "running", "{status}");
+    for id in ["r1", "r2"] {
+        let t = server.show(id);
+        assert_eq!(t["failures"], 0, "{t}");
+        assert_eq!(dev_runs(&t), 1);
+    }
+}
+
+#[test]
+fn a_pass_under_another_verification_does_not_make_the_server_skip_its_build() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &["--test-cmd", &build_cmd("true"), "--build-cmd", "true"],
+    );
+    // A runner that does not run the server's verification (an older one) says Verified
+    // with no digest: the base did not move, yet the server builds the tree itself.
+    let mut fake = fake_runner(&repo, &server);
+    let id = server.add(&["--title", "t"]);
+    let a = fake.next_assignment();
+    let v = a
+        .verification
+        .clone()
+        .expect("the server sends its verification");
+    assert!(v.test_cmd.is_some_and(|c| c.contains("integration")));
+    let (head, bundle) = hand_made_bundle(&repo, &a.base_commit, 1, &["refs/heads/out"]);
+    fake.complete(
+        a.lease.expect("lease"),
+        pb::LeaseOutcome::Verified,
+        Some(head),
+        bundle,
+    )
+    .expect("complete");
+    server.wait_status(&id, "done");
+    assert_eq!(
+        builds(&repo).len(),
+        1,
+        "the server built it: {}",
+        server.ctl(&["logs", &id]).ok()
+    );
+
+    // A real runner given its own --test-cmd runs the server's instead.
+    fake.close();
+    let args = agent_args(&["--test-cmd", "touch \"$AGENT_LOG_DIR/runner-test-ran\""]);
+    let r = Runner::start(&repo, &server, "real", &as_strs(&args));
+    let id = server.add(&["--title", "u"]);
+    server.wait_status(&id, "done");
+    assert!(repo.agent_file("runner-test-ran").is_none(), "{}", r.log());
+    let logs = server.ctl(&["logs", &id]).ok();
+    assert!(logs.contains("the server's verification"), "{logs}");
+}
+
+#[test]
+fn dependencies_inside_one_train_keep_their_order() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--build-cmd", &build_cmd("true")]);
+    let _r = runner_with_slots(&repo, &server, 2);
+    // `later` comes first by priority, but depends on `first`.
+    server.add(&[
+        "--id",
+        "later",
+        "--title",
+        "l",
+        "--priority",
+        "0",
+        "--description",
+        "MODE: wait",
+    ]);
+    server.add(&[
+        "--id",
+        "first",
+        "--title",
+        "f",
+        "--priority",
+        "3",
+        "--description",
+        "MODE: wait",
+    ]);
+    repo.wait_agent("later");
+    repo.wait_agent("first");
+    server
+        .ctl(&["task", "depend", "later", "--on", "first"])
+        .ok();
+    verify_then_land_together(&repo, &server, &["later", "first"]);
+    let later = server.wait_status("later", "done");
+    let first = server.wait_status("first", "done");
+    assert_eq!(landed_train(&later), landed_train(&first), "one train");
+    assert_eq!(repo.landed(), ["later", "first"], "the dependency first");
+    assert_eq!(builds(&repo).len(), 1);
+}
+
+#[test]
+fn sigkill_of_the_server_during_a_trains_build_then_restart() {
+    let repo = TestRepo::new();
+    let build = build_cmd("while [ ! -e \"$AGENT_LOG_DIR/build-go\" ]; do sleep 0.05; done");
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let addr = server.addr.clone();
+    let _r = runner_with_slots(&repo, &server, 3);
+    let ids = ["k1", "k2", "k3"];
+    add_waiting(&server, &ids, "wait");
+    verify_then_land_together(&repo, &server, &ids);
+    server.wait_for_log("building the integrated commit");
+    server.kill();
+    repo.touch("build-go");
+    let server = Server::start(&repo, &["--build-cmd", &build, "--listen", &addr]);
+    for id in ids {
+        let t = server.wait_status(id, "done");
+        assert_eq!(t["failures"], 0, "{t}");
+        assert_eq!(dev_runs(&t), 1, "{t}");
+    }
+    assert_eq!(repo.landed(), ["k3", "k2", "k1"], "each once");
+}
+
+#[test]
+fn sigkill_of_the_server_right_after_a_trains_swap_then_restart() {
+    let repo = TestRepo::new();
+    let build = build_cmd("true");
+    let mut cmd = Server::command(&repo, &["--build-cmd", &build]);
+    cmd.env("PIPELINE_FAILPOINT", "after-base-update");
+    let mut server = Server::spawn(&mut cmd).expect("server");
+    let addr = server.addr.clone();
+    let _r = runner_with_slots(&repo, &server, 3);
+    let ids = ["s1", "s2", "s3"];
+    add_waiting(&server, &ids, "wait");
+    verify_then_land_together(&repo, &server, &ids);
+    let status = server.proc.wait_exit();
+    assert!(
+        !status.success(),
+        "aborted right after the swap: {status:?}"
+    );
+    assert_eq!(
+        repo.landed(),
+        ["s3", "s2", "s1"],
+        "the swap reached the base"
+    );
+    let server = Server::start(&repo, &["--build-cmd", &build, "--listen", &addr]);
+    for id in ids {
+        let t = server.wait_status(id, "done");
+        let runs = integrate_runs(&t);
+        assert!(
+            runs.last()
+                .and_then(|r| r["error"].as_str())
+                .is_some_and(|e| e.contains("before a restart; recorded after it")),
+            "{runs:?}"
+        );
+    }
+    assert_eq!(repo.landed(), ["s3", "s2", "s1"], "nothing landed twice");
+    assert_eq!(builds(&repo).len(), 1, "not built again");
+}
+
+#[test]
+fn batch_max_one_builds_every_commit_of_the_base_on_its_own() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &["--build-cmd", &build_cmd("true"), "--batch-max", "1"],
+    );
+    let _r = runner_with_slots(&repo, &server, 3);
+    let ids = ["b1", "b2", "b3"];
+    add_waiting(&server, &ids, "wait");
+    verify_then_land_together(&repo, &server, &ids);
+    let trains: Vec<i64> = ids
+        .iter()
+        .map(|id| landed_train(&server.wait_status(id, "done")))
+        .collect();
+    let mut distinct = trains.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "a train each: {trains:?}");
+    // The first one's tree is the one its runner built under the server's verification; each
+    // later one sits on a base that moved, and the server builds it.
+    assert_eq!(builds(&repo).len(), 2, "{:?}", builds(&repo));
+    assert_eq!(repo.landed(), ["b3", "b2", "b1"]);
+}
