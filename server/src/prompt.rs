@@ -140,4 +140,22 @@ mod tests {
         assert!(p.contains("## The previous attempt failed"), "{p}");
         assert!(p.contains("the agent made no commit"));
     }
+
+    /// The whole prompt, as agents read it: a change to the template shows in review.
+    #[test]
+    fn the_prompt_of_a_rejected_patchset() {
+        let p = build(
+            &task(
+                2,
+                Some("tests failed (exit 1): bild --test Omni/Test.hs\nassertion failed"),
+            ),
+            &PromptContext { amend: true, ..CTX },
+        );
+        insta::assert_snapshot!(p);
+    }
+
+    #[test]
+    fn the_prompt_of_a_first_attempt() {
+        insta::assert_snapshot!(build(&task(0, None), &CTX));
+    }
 }
