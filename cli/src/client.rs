@@ -438,19 +438,25 @@ impl Client {
             .map_err(|s| self.failure(s))
     }
 
+    /// Every runner, by name (walking the server's pages).
     pub async fn runners(&mut self) -> Result<Vec<Runner>, Failure> {
-        let r = self
-            .inner
-            .list_runners(unary(pb::ListRunnersRequest {}))
-            .await;
-        r.map(|r| {
-            r.into_inner()
-                .runners
-                .into_iter()
-                .map(Runner::from)
-                .collect()
-        })
-        .map_err(|s| self.failure(s))
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let r = self
+                .inner
+                .list_runners(unary(pb::ListRunnersRequest {
+                    page_size: 1000,
+                    page_token,
+                }))
+                .await;
+            let page = r.map_err(|s| self.failure(s))?.into_inner();
+            all.extend(page.runners.into_iter().map(Runner::from));
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     pub async fn create_task(&mut self, task: NewTask) -> Result<Task, Failure> {
@@ -461,15 +467,37 @@ impl Client {
         wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
     }
 
-    /// The tasks, or those with `status`.
-    pub async fn list_tasks(&mut self, status: Option<TaskStatus>) -> Result<Vec<Task>, Failure> {
+    /// One page of tasks (or of those with `status`), and the token of the next page (`None`
+    /// after the last).
+    pub async fn list_tasks(
+        &mut self,
+        status: Option<TaskStatus>,
+        page_token: String,
+        page_size: u32,
+    ) -> Result<(Vec<Task>, Option<String>), Failure> {
         let status = status.map(wire::task_status);
         let r = self
             .inner
-            .list_tasks(unary(pb::ListTasksRequest { status }))
+            .list_tasks(unary(pb::ListTasksRequest {
+                status,
+                page_size,
+                page_token,
+            }))
             .await;
-        r.map(|r| r.into_inner().tasks.into_iter().map(Task::from).collect())
-            .map_err(|s| self.failure(s))
+        let page = r.map_err(|s| self.failure(s))?.into_inner();
+        let next = Some(page.next_page_token).filter(|t| !t.is_empty());
+        Ok((page.tasks.into_iter().map(Task::from).collect(), next))
+    }
+
+    /// Creates the tasks in one call, in order, all or none.
+    pub async fn create_tasks(&mut self, tasks: Vec<NewTask>) -> Result<Vec<Task>, Failure> {
+        let tasks = tasks.into_iter().map(pb::CreateTaskRequest::from).collect();
+        let r = self
+            .inner
+            .create_tasks(unary(pb::CreateTasksRequest { tasks }))
+            .await;
+        let created = r.map_err(|s| self.failure(s))?.into_inner().tasks;
+        Ok(created.into_iter().map(Task::from).collect())
     }
 
     /// A task with its runs and history.

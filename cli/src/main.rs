@@ -6,6 +6,7 @@
 //! them); `output.rs` prints view values to the writer it is given; `main` parses the command,
 //! runs it and prints to stdout.
 
+mod batch;
 mod client;
 mod model;
 mod output;
@@ -126,10 +127,15 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum TaskCommand {
-    /// Create a task; prints its ID alone on stdout.
+    /// Create a task; prints its ID alone on stdout. With --from-file, many tasks, one ID a line.
     Add {
-        #[arg(long)]
-        title: String,
+        #[arg(long, required_unless_present = "from_file")]
+        title: Option<String>,
+        /// Create one task per line of this JSON-lines file (`-` for standard input); keys:
+        /// title (required), description, namespace, priority, parent, depends_on, id.
+        #[arg(long, conflicts_with_all = ["title", "description", "description_file", "namespace",
+              "parent", "depends_on", "id"])]
+        from_file: Option<String>,
         #[arg(long, conflicts_with = "description_file")]
         description: Option<String>,
         /// Read the description from a file (`-` for standard input).
@@ -150,10 +156,13 @@ enum TaskCommand {
         #[arg(long, allow_hyphen_values = true)]
         id: Option<String>,
     },
-    /// List tasks, highest priority and oldest first.
+    /// List tasks, highest priority and oldest first (printed page by page as they arrive).
     List {
         #[arg(long, value_parser = ["open", "in_progress", "verified", "done", "needs_help", "cancelled"])]
         status: Option<String>,
+        /// At most this many tasks.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -231,6 +240,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         Command::Task(TaskCommand::Add {
             description,
             description_file,
+            from_file: None,
             ..
         }) => Some(read_description(
             description.clone(),
@@ -291,6 +301,12 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             writeln!(out, "{token}")?;
         }
         Command::Task(TaskCommand::Add {
+            from_file: Some(path),
+            ..
+        }) => {
+            batch::create_from_file(&mut client, &path, out).await?;
+        }
+        Command::Task(TaskCommand::Add {
             title,
             namespace,
             priority,
@@ -299,6 +315,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             id,
             ..
         }) => {
+            let title = title.unwrap_or_default();
             let task = client
                 .create_task(NewTask {
                     id,
@@ -312,15 +329,33 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                 .await?;
             writeln!(out, "{}", task.id)?;
         }
-        Command::Task(TaskCommand::List { status, json }) => {
+        Command::Task(TaskCommand::List {
+            status,
+            limit,
+            json,
+        }) => {
             let status = status
                 .map(|s| {
                     TaskStatus::from_word(&s)
                         .ok_or_else(|| Failure::usage(format!("unknown status {s}")))
                 })
                 .transpose()?;
-            let tasks = client.list_tasks(status).await?;
-            output::task_list(out, &tasks, Format::for_stdout(json))?;
+            // Page by page, each printed as it arrives: memory stays bounded however many.
+            let mut printer = output::TaskListPrinter::new(Format::for_stdout(json));
+            let mut left = limit.unwrap_or(u64::MAX);
+            let mut token = String::new();
+            while left > 0 {
+                let size = u32::try_from(left.min(1000)).unwrap_or(1000);
+                let (tasks, next) = client.list_tasks(status, token, size).await?;
+                let tasks = &tasks[..tasks.len().min(usize::try_from(left).unwrap_or(usize::MAX))];
+                printer.page(out, tasks)?;
+                left -= tasks.len() as u64;
+                match next {
+                    Some(next) => token = next,
+                    None => break,
+                }
+            }
+            printer.finish(out)?;
         }
         Command::Task(TaskCommand::Show { id, json }) => {
             let detail = client.get_task(id).await?;

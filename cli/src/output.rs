@@ -105,29 +105,37 @@ fn print_json(out: &mut impl Write, value: &Value) -> io::Result<()> {
 
 /// Prints rows under a header, each column as wide as its widest cell.
 fn print_table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
+    let widths = column_widths(header, rows);
+    print_row(out, &widths, header)?;
+    for row in rows {
+        print_row(out, &widths, row)?;
+    }
+    Ok(())
+}
+
+/// Each column as wide as its widest cell (the header's included).
+fn column_widths(header: &[&str], rows: &[Vec<String>]) -> Vec<usize> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |out: &mut dyn Write, cells: Vec<&str>| {
-        let last = cells.len().saturating_sub(1);
-        let mut text = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i == last {
-                text.push_str(cell);
-            } else {
-                text.push_str(&format!("{cell:<w$}  "));
-            }
+    widths
+}
+
+/// One row, each cell but the last padded to its column's width.
+fn print_row(out: &mut impl Write, widths: &[usize], cells: &[impl AsRef<str>]) -> io::Result<()> {
+    let last = cells.len().saturating_sub(1);
+    let mut text = String::new();
+    for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        if i == last {
+            text.push_str(cell.as_ref());
+        } else {
+            text.push_str(&format!("{:<w$}  ", cell.as_ref()));
         }
-        writeln!(out, "{}", text.trim_end())
-    };
-    line(out, header.to_vec())?;
-    for row in rows {
-        line(out, row.iter().map(String::as_str).collect())?;
     }
-    Ok(())
+    writeln!(out, "{}", text.trim_end())
 }
 
 pub fn task_json(t: &Task) -> Value {
@@ -291,44 +299,95 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
     )
 }
 
-pub fn task_list(out: &mut impl Write, tasks: &[Task], format: Format) -> io::Result<()> {
-    if format == Format::Json {
-        return print_json(out, &Value::Array(tasks.iter().map(task_json).collect()));
+const TASK_LIST_HEADER: [&str; 7] = [
+    "ID",
+    "STATUS",
+    "PRI",
+    "PATCHSET",
+    "FAILURES",
+    "DEPENDS ON",
+    "TITLE",
+];
+
+/// `task list` printed page by page as the pages arrive, in bounded memory: the table's
+/// columns take their widths from the first page; the JSON is one array, written as it goes.
+pub struct TaskListPrinter {
+    format: Format,
+    widths: Option<Vec<usize>>,
+    printed: usize,
+}
+
+impl TaskListPrinter {
+    pub fn new(format: Format) -> Self {
+        Self {
+            format,
+            widths: None,
+            printed: 0,
+        }
     }
-    if tasks.is_empty() {
-        return writeln!(out, "no tasks");
+
+    /// Prints one page.
+    pub fn page(&mut self, out: &mut impl Write, tasks: &[Task]) -> io::Result<()> {
+        if self.format == Format::Json {
+            for t in tasks {
+                // Serializing a `Value` cannot fail.
+                let one = serde_json::to_string_pretty(&task_json(t)).unwrap_or_default();
+                out.write_all(if self.printed == 0 { b"[\n" } else { b",\n" })?;
+                for (i, line) in one.lines().enumerate() {
+                    if i > 0 {
+                        out.write_all(b"\n")?;
+                    }
+                    write!(out, "  {line}")?;
+                }
+                self.printed += 1;
+            }
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = tasks
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    t.status.word().to_owned(),
+                    format!("P{}", t.priority),
+                    t.patchset.to_string(),
+                    t.failures.to_string(),
+                    if t.depends_on.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        t.depends_on.join(",")
+                    },
+                    t.title.clone(),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let widths = match &self.widths {
+            Some(w) => w,
+            None => {
+                let w = column_widths(&TASK_LIST_HEADER, &rows);
+                print_row(out, &w, &TASK_LIST_HEADER)?;
+                self.widths.insert(w)
+            }
+        };
+        for row in &rows {
+            print_row(out, widths, row)?;
+        }
+        self.printed += rows.len();
+        Ok(())
     }
-    let rows: Vec<Vec<String>> = tasks
-        .iter()
-        .map(|t| {
-            vec![
-                t.id.clone(),
-                t.status.word().to_owned(),
-                format!("P{}", t.priority),
-                t.patchset.to_string(),
-                t.failures.to_string(),
-                if t.depends_on.is_empty() {
-                    "-".to_owned()
-                } else {
-                    t.depends_on.join(",")
-                },
-                t.title.clone(),
-            ]
-        })
-        .collect();
-    print_table(
-        out,
-        &[
-            "ID",
-            "STATUS",
-            "PRI",
-            "PATCHSET",
-            "FAILURES",
-            "DEPENDS ON",
-            "TITLE",
-        ],
-        &rows,
-    )
+
+    /// Ends the list.
+    pub fn finish(&mut self, out: &mut impl Write) -> io::Result<()> {
+        match (self.format, self.printed) {
+            (Format::Json, 0) => writeln!(out, "[]"),
+            (Format::Json, _) => writeln!(out, "\n]"),
+            (_, 0) => writeln!(out, "no tasks"),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::Result<()> {
@@ -673,6 +732,13 @@ mod snapshots {
 
     const TEXT: Format = Format::Text { terminal: false };
 
+    /// A whole list, as one page.
+    fn whole_list(out: &mut impl Write, tasks: &[Task], format: Format) -> io::Result<()> {
+        let mut printer = TaskListPrinter::new(format);
+        printer.page(out, tasks)?;
+        printer.finish(out)
+    }
+
     /// What `print` wrote.
     fn printed(print: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> String {
         let mut out = Vec::new();
@@ -814,12 +880,33 @@ mod snapshots {
             },
             task("t-10", "Too hard", TaskStatus::NeedsHelp),
         ];
-        insta::assert_snapshot!(printed(|out| super::task_list(out, &tasks, TEXT)));
+        insta::assert_snapshot!(printed(|out| whole_list(out, &tasks, TEXT)));
+    }
+
+    #[test]
+    fn a_list_printed_page_by_page_is_one_json_array() {
+        let tasks = [
+            task("t-1", "one", TaskStatus::Open),
+            task("t-2", "two", TaskStatus::Done),
+            task("t-3", "three", TaskStatus::Open),
+        ];
+        let streamed = printed(|out| {
+            let mut p = TaskListPrinter::new(Format::Json);
+            p.page(out, &tasks[..2])?;
+            p.page(out, &[])?;
+            p.page(out, &tasks[2..])?;
+            p.finish(out)
+        });
+        let whole =
+            serde_json::to_string_pretty(&Value::Array(tasks.iter().map(task_json).collect()))
+                .expect("json");
+        assert_eq!(streamed, format!("{whole}\n"));
+        assert_eq!(printed(|out| whole_list(out, &[], Format::Json)), "[]\n");
     }
 
     #[test]
     fn task_list_empty() {
-        insta::assert_snapshot!(printed(|out| super::task_list(out, &[], TEXT)));
+        insta::assert_snapshot!(printed(|out| whole_list(out, &[], TEXT)));
     }
 
     /// A task that was rejected once, landed on its second attempt's base and now waits.

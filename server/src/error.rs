@@ -33,6 +33,24 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// The same error, saying which task of a batch (`index`, from 0) it is about.
+    pub fn in_batch(self, index: usize) -> Self {
+        let at = |m: String| format!("task {} of the batch: {m}", index + 1);
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(at(m)),
+            Error::NotFound(m) => Error::NotFound(at(m)),
+            Error::AlreadyExists(m) => Error::AlreadyExists(at(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(at(m)),
+            Error::Unauthenticated(m) => Error::Unauthenticated(m),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(at(m)),
+            Error::Conflict(m) => Error::Conflict(at(m)),
+            Error::Internal(m) => Error::Internal(at(m)),
+        }
+    }
+}
+
 impl From<pipeline_core::ids::InvalidId> for Error {
     fn from(err: pipeline_core::ids::InvalidId) -> Self {
         Error::InvalidArgument(err.0)

@@ -478,3 +478,113 @@ fn hostile_descriptions_and_oversized_messages_are_refused() {
         "nothing was created"
     );
 }
+
+/// `task add --from-file`: one task per JSON line, created in order (a task may depend on one
+/// earlier in the file), one ID a line; `task list` walks the server's pages (1,000 at most
+/// each) and prints every task once, in lease order, without descriptions; `--limit` stops
+/// early.
+#[test]
+fn tasks_from_a_file_and_a_list_that_walks_pages() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let file = repo.dir.path().join("tasks.jsonl");
+    let mut lines =
+        String::from("{\"id\": \"root\", \"title\": \"the root\", \"priority\": 0}\n\n");
+    for i in 0..2_499 {
+        lines.push_str(&format!(
+            "{{\"title\": \"task {i}\", \"description\": \"do {i}\", \"priority\": {}, \
+             \"depends_on\": [\"root\"]}}\n",
+            1 + i % 3
+        ));
+    }
+    std::fs::write(&file, lines).expect("write");
+    let out = server
+        .ctl(&["task", "add", "--from-file", file.to_str().expect("utf-8")])
+        .ok();
+    let ids: Vec<&str> = out.lines().collect();
+    assert_eq!(ids.len(), 2_500, "one ID a line");
+    assert_eq!(ids[0], "root");
+    assert_eq!(ids[1], "t-1");
+    assert_eq!(ids[2_499], "t-2499");
+
+    let listed = server.ctl(&["task", "list", "--json"]).json();
+    let listed = listed.as_array().expect("an array");
+    assert_eq!(listed.len(), 2_500, "every task once, across three pages");
+    let mut seen: Vec<&str> = listed.iter().filter_map(|t| t["id"].as_str()).collect();
+    assert_eq!(seen[0], "root", "priority 0 first");
+    let priorities: Vec<u64> = listed
+        .iter()
+        .filter_map(|t| t["priority"].as_u64())
+        .collect();
+    assert!(priorities.windows(2).all(|w| w[0] <= w[1]), "lease order");
+    assert!(
+        listed.iter().all(|t| t["description"] == ""),
+        "no descriptions"
+    );
+    assert_eq!(listed[1]["depends_on"], serde_json::json!(["root"]));
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 2_500, "no task twice");
+    let shown = server.show("t-7");
+    assert_eq!(shown["description"], "do 6", "show keeps it");
+
+    let five = server
+        .ctl(&["task", "list", "--limit", "5", "--json"])
+        .json();
+    assert_eq!(five.as_array().map(Vec::len), Some(5));
+    let table = server.ctl(&["task", "list", "--limit", "3"]).ok();
+    assert_eq!(table.lines().count(), 4, "a header and three rows: {table}");
+    assert_eq!(
+        server
+            .ctl(&["task", "list", "--status", "done", "--json"])
+            .ok(),
+        "[]\n"
+    );
+    assert_eq!(
+        server.ctl(&["task", "list", "--status", "done"]).ok(),
+        "no tasks\n"
+    );
+    let zero = server.ctl(&["task", "list", "--limit", "0"]);
+    assert_eq!(zero.code(), Some(2), "{}", zero.stderr);
+    assert!(zero.stderr.contains("--limit"), "{}", zero.stderr);
+}
+
+#[test]
+fn a_bad_line_in_a_task_file_is_named_and_nothing_is_created() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let file = repo.dir.path().join("tasks.jsonl");
+    let path = file.to_str().expect("utf-8");
+    std::fs::write(
+        &file,
+        "{\"title\": \"one\"}\n{\"title\": \"two\"}\n{\"title\": \"three\", \"dependson\": []}\n",
+    )
+    .expect("write");
+    let said = server
+        .ctl(&["task", "add", "--from-file", path])
+        .refused(2, "line 3: unknown field `dependson`");
+    assert!(said.contains("no task was created"), "{said}");
+    // A dependency on a task that does not exist: the server refuses the whole batch.
+    std::fs::write(
+        &file,
+        "{\"title\": \"one\"}\n{\"title\": \"two\", \"depends_on\": [\"ghost\"]}\n",
+    )
+    .expect("write");
+    let said = server
+        .ctl(&["task", "add", "--from-file", path])
+        .refused(3, "task 2 of the batch: dependency ghost does not exist");
+    assert!(said.contains("from line 1 to 2"), "{said}");
+    assert_eq!(
+        server.ctl(&["task", "list", "--json"]).json(),
+        serde_json::json!([])
+    );
+    server
+        .ctl(&["task", "add", "--from-file", "/nonexistent/tasks.jsonl"])
+        .refused(2, "cannot read --from-file /nonexistent/tasks.jsonl");
+    let no_title = server.ctl(&["task", "add"]);
+    assert_eq!(
+        no_title.code(),
+        Some(2),
+        "--title or --from-file is required"
+    );
+}

@@ -40,7 +40,7 @@ use crate::scheduler::registry::{LeaseRef, Push, Registry};
 use crate::store::{Committed, NewEvent, RunChanges, Store, TaskRecord, TaskWrite};
 
 pub use runners::{Attached, LeaseResult, Registered, RunnerHello, unregistered};
-pub use tasks::{RunnerInfo, RunnerState, Status, TaskDetail};
+pub use tasks::{Page, RunnerInfo, RunnerState, Status, TaskDetail};
 
 /// How many times a transition is re-decided after losing a race to another writer.
 const MAX_CAS_ATTEMPTS: usize = 8;

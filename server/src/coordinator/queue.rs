@@ -126,7 +126,11 @@ impl<S: Store> Coordinator<S> {
         let in_train = |id: &TaskId| train.as_ref().is_some_and(|t| t.tasks.contains(id));
         let mut waiting = Vec::new();
         let verified = self.store.verified().await?;
-        let open = self.store.list_tasks(Some(TaskStatus::Open)).await?;
+        let room = QUEUE_LIMIT.saturating_sub(verified.len());
+        let open = self
+            .store
+            .list_tasks(Some(TaskStatus::Open), None, room as u32)
+            .await?;
         let batch_max = self.settings.batch_max;
         for task in verified
             .into_iter()

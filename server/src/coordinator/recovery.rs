@@ -29,7 +29,7 @@ impl<S: Store> Coordinator<S> {
     /// runner can reconnect and re-attach it; one without a lease goes back to Open. Returns
     /// (leases restored, tasks reopened).
     pub async fn recover(&self) -> Result<(usize, usize)> {
-        let stale = self.store.list_tasks(Some(TaskStatus::InProgress)).await?;
+        let stale = self.all_tasks(TaskStatus::InProgress).await?;
         let (mut restored, mut reopened) = (0, 0);
         let expires_at = self.now() + self.settings.lease_ttl_ms;
         for task in &stale {

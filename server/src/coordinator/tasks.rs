@@ -59,6 +59,19 @@ pub struct Status {
     pub builds_per_landed: Option<f64>,
 }
 
+/// Which page of a list: after the key of the last item of the previous one, at most `size`.
+#[derive(Clone, Copy, Debug)]
+pub struct Page {
+    pub after: Option<(u8, i64)>,
+    pub size: u32,
+}
+
+impl Page {
+    /// The page size when the caller names none, and the most a caller may ask for.
+    pub const DEFAULT_SIZE: u32 = 100;
+    pub const MAX_SIZE: u32 = 1000;
+}
+
 impl<S: Store> Coordinator<S> {
     pub async fn create_task(&self, new: NewTask) -> Result<Task> {
         self.refuse_cancelled(None, &new.depends_on).await?;
@@ -74,9 +87,64 @@ impl<S: Store> Coordinator<S> {
         Ok(task)
     }
 
-    /// Tasks in lease order, each with what it waits for.
-    pub async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<(Task, Vec<String>)>> {
-        let tasks = self.store.list_tasks(status).await?;
+    /// Creates the tasks in order, all or none; a task may depend on one before it in the
+    /// batch.
+    pub async fn create_tasks(&self, new: Vec<NewTask>) -> Result<Vec<Task>> {
+        for (i, task) in new.iter().enumerate() {
+            self.refuse_cancelled(None, &task.depends_on)
+                .await
+                .map_err(|e| e.in_batch(i))?;
+        }
+        let created = self.store.create_tasks(new, self.now()).await?;
+        if let Some(counts) = self.counts_mut().as_mut() {
+            counts.add(TaskStatus::Open, created.len() as u64);
+        }
+        tracing::info!(tasks = created.len(), "tasks created");
+        self.wake.notify_one();
+        let mut tasks = Vec::with_capacity(created.len());
+        for (task, event) in created {
+            self.logs.publish_transition(event);
+            tasks.push(task);
+        }
+        Ok(tasks)
+    }
+
+    /// Every task with `status`, walked page by page (for start-up, not for requests).
+    pub(crate) async fn all_tasks(&self, status: TaskStatus) -> Result<Vec<Task>> {
+        let mut all: Vec<Task> = Vec::new();
+        loop {
+            let after = all.last().map(|t| (t.priority, t.seq));
+            let page = self.store.list_tasks(Some(status), after, 1000).await?;
+            let last = page.len() < 1000;
+            all.extend(page);
+            if last {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// One page of tasks in lease order, each with what it waits for, and the key to ask for
+    /// the next page with (`None` after the last).
+    pub async fn list_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        page: Page,
+    ) -> Result<(Vec<(Task, Vec<String>)>, Option<(u8, i64)>)> {
+        let mut tasks = self
+            .store
+            .list_tasks(status, page.after, page.size.saturating_add(1))
+            .await?;
+        let next = if tasks.len() > page.size as usize {
+            tasks.truncate(page.size as usize);
+            tasks.last().map(|t| (t.priority, t.seq))
+        } else {
+            None
+        };
+        Ok((self.with_reasons(tasks).await?, next))
+    }
+
+    /// Each task with what it waits for (its dependencies' statuses read in one query).
+    async fn with_reasons(&self, tasks: Vec<Task>) -> Result<Vec<(Task, Vec<String>)>> {
         let mut known: std::collections::HashMap<String, TaskStatus> = tasks
             .iter()
             .map(|t| (t.id.to_string(), t.state.status))
@@ -271,6 +339,16 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// The runners known to the server, by name.
+    /// One page of runners by name, after `after`, and whether there are more.
+    pub fn runners_page(&self, after: Option<&str>, size: u32) -> (Vec<RunnerInfo>, bool) {
+        let mut all = self.runners();
+        all.retain(|r| after.is_none_or(|a| r.name.as_str() > a));
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let more = all.len() > size as usize;
+        all.truncate(size as usize);
+        (all, more)
+    }
+
     pub fn runners(&self) -> Vec<RunnerInfo> {
         self.registry()
             .runners()

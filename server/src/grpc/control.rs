@@ -12,7 +12,7 @@ use super::convert::{
     dependency_ids, detail_to_pb, log_item_to_pb, status_from_pb, task_id, transition_to_pb,
 };
 use super::{status_from_error, stream_from, until_cancelled};
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Coordinator, Page};
 use crate::domain::{NewTask, TaskEvent};
 use crate::store::Store;
 
@@ -50,18 +50,59 @@ impl<S: Store> ControlService for ControlApi<S> {
         }))
     }
 
+    async fn create_tasks(
+        &self,
+        request: Request<pb::CreateTasksRequest>,
+    ) -> Result<Response<pb::CreateTasksResponse>, Status> {
+        let asked = request.into_inner().tasks;
+        if asked.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} tasks in one call; send at most {MAX_BATCH} at a time",
+                asked.len()
+            )));
+        }
+        let new = asked
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                NewTask::try_from(t).map_err(|s| {
+                    Status::new(
+                        s.code(),
+                        format!("task {} of the batch: {}", i + 1, s.message()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let tasks = self
+            .coordinator
+            .create_tasks(new)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::CreateTasksResponse {
+            tasks: tasks
+                .iter()
+                .map(|t| {
+                    let mut task = pb::Task::from(t);
+                    task.description.clear();
+                    task
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_tasks(
         &self,
         request: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
-        let status = request
-            .into_inner()
-            .status
-            .map(status_from_pb)
-            .transpose()?;
-        let tasks = self
+        let r = request.into_inner();
+        let status = r.status.map(status_from_pb).transpose()?;
+        let page = Page {
+            after: task_page_key(&r.page_token)?,
+            size: page_size(r.page_size),
+        };
+        let (tasks, next) = self
             .coordinator
-            .list_tasks(status)
+            .list_tasks(status, page)
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::ListTasksResponse {
@@ -73,6 +114,7 @@ impl<S: Store> ControlService for ControlApi<S> {
                     task
                 })
                 .collect(),
+            next_page_token: next.map_or_else(String::new, |(p, seq)| format!("t{p}.{seq}")),
         }))
     }
 
@@ -226,10 +268,26 @@ impl<S: Store> ControlService for ControlApi<S> {
 
     async fn list_runners(
         &self,
-        _request: Request<pb::ListRunnersRequest>,
+        request: Request<pb::ListRunnersRequest>,
     ) -> Result<Response<pb::ListRunnersResponse>, Status> {
+        let r = request.into_inner();
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => Some(
+                token
+                    .strip_prefix('r')
+                    .filter(|name| !name.is_empty())
+                    .ok_or_else(bad_page_token)?,
+            ),
+        };
+        let (runners, more) = self.coordinator.runners_page(after, page_size(r.page_size));
+        let next_page_token = match runners.last() {
+            Some(last) if more => format!("r{}", last.name),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListRunnersResponse {
-            runners: self.coordinator.runners().iter().map(Into::into).collect(),
+            runners: runners.iter().map(Into::into).collect(),
+            next_page_token,
         }))
     }
 
@@ -336,5 +394,55 @@ fn landing_to_pb((state, reason): (&'static str, Option<String>)) -> pb::Landing
     pb::Landing {
         state: state.to_owned(),
         reason,
+    }
+}
+
+/// The most tasks one `CreateTasks` call may create.
+const MAX_BATCH: usize = 10_000;
+
+/// The page size asked for: the default when none, at most the maximum.
+fn page_size(asked: u32) -> u32 {
+    match asked {
+        0 => Page::DEFAULT_SIZE,
+        n => n.min(Page::MAX_SIZE),
+    }
+}
+
+fn bad_page_token() -> Status {
+    Status::invalid_argument(
+        "the page token is not one this server gave out; list again from the first page",
+    )
+}
+
+/// The key a task page token stands for: `t<priority>.<seq>` (empty: the first page).
+fn task_page_key(token: &str) -> Result<Option<(u8, i64)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let (priority, seq) = token
+        .strip_prefix('t')
+        .and_then(|t| t.split_once('.'))
+        .ok_or_else(bad_page_token)?;
+    match (priority.parse::<u8>(), seq.parse::<i64>()) {
+        (Ok(p), Ok(s)) if p <= 4 && s >= 0 => Ok(Some((p, s))),
+        _ => Err(bad_page_token()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_are_read_back_or_refused() {
+        assert_eq!(task_page_key("").expect("first"), None);
+        assert_eq!(task_page_key("t2.41").expect("key"), Some((2, 41)));
+        for bad in ["x", "t", "t2", "t9.1", "t2.-1", "t2.x", "r2.1", "t2.1.1"] {
+            let err = task_page_key(bad).expect_err(bad);
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+        assert_eq!(page_size(0), 100);
+        assert_eq!(page_size(7), 7);
+        assert_eq!(page_size(5000), 1000);
     }
 }

@@ -14,7 +14,7 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use pipeline_core::ids::CommitId;
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Tables {
     tasks: HashMap<TaskId, Task>,
     next_seq: i64,
@@ -339,10 +339,42 @@ impl Store for MemoryStore {
         Ok(self.lock().tasks.get(id).cloned())
     }
 
-    async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<Task>> {
-        Ok(self
-            .lock()
-            .sorted(|t| status.is_none_or(|s| t.state.status == s)))
+    async fn create_tasks(&self, new: Vec<NewTask>, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
+        // All or none: on a failure the tables go back to what they were.
+        let before = self.lock().clone();
+        let mut created = Vec::with_capacity(new.len());
+        for (i, task) in new.into_iter().enumerate() {
+            match self.create_task(task, now).await {
+                Ok(t) => {
+                    let event = self.events(&t.id).await?.pop().ok_or_else(|| {
+                        Error::Internal(format!("task {} was created without history", t.id))
+                    })?;
+                    created.push((t, event));
+                }
+                Err(e) => {
+                    *self.lock() = before;
+                    return Err(e.in_batch(i));
+                }
+            }
+        }
+        Ok(created)
+    }
+
+    async fn list_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        after: Option<(u8, i64)>,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
+        let mut page = self.lock().sorted(|t| {
+            status.is_none_or(|s| t.state.status == s)
+                && after.is_none_or(|key| (t.priority, t.seq) > key)
+        });
+        page.truncate(limit as usize);
+        for t in &mut page {
+            t.description.clear();
+        }
+        Ok(page)
     }
 
     async fn add_dependencies(

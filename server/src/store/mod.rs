@@ -140,10 +140,23 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     fn get_task(&self, id: &TaskId) -> impl Future<Output = Result<Option<Task>>> + Send;
 
-    /// Tasks in lease order (priority, then age), optionally only those with one status.
+    /// Creates the tasks in order, all or none, in one transaction: a task may depend on one
+    /// created before it in the same batch. A failure names the task of the batch it is about.
+    /// Returns each task with its history's first entry.
+    fn create_tasks(
+        &self,
+        new: Vec<NewTask>,
+        now: Millis,
+    ) -> impl Future<Output = Result<Vec<(Task, TaskEvent)>>> + Send;
+
+    /// One page of tasks in lease order (priority, then age): at most `limit`, after the key
+    /// `(priority, seq)` of the last task of the previous page, optionally only those with one
+    /// status. Descriptions are left empty: a list never carries them.
     fn list_tasks(
         &self,
         status: Option<TaskStatus>,
+        after: Option<(u8, i64)>,
+        limit: u32,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
 
     /// Adds dependencies to an existing task, recording `event` in its history. Fails with

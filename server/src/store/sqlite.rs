@@ -5,7 +5,6 @@
 //! begin: two writers never meet at SQLite's lock, whose busy handler waits by sleeping (1 ms
 //! and up), and readers (WAL) never wait for writers.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -235,6 +234,32 @@ impl CandidateRow {
         self.task.into_task(deps)
     }
 }
+
+/// The task columns of a list: the description stays behind (lists never carry it).
+const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priority, parent, \
+     status, patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, \
+     feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
+     lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
+     created_at, updated_at";
+
+/// One page of `columns` of the tasks matching `filter` in lease order, after the key
+/// (`?1` priority, `?2` seq), at most `?3` rows; `filter` binds from `?4`. Two index ranges, the
+/// rest of the key's priority and then the priorities after it: a row value `(priority, seq) >
+/// (?, ?)` would seek on the priority alone and scan the seqs before the key.
+fn keyset_page(columns: &str, filter: &str) -> String {
+    format!(
+        "SELECT * FROM (SELECT {columns} FROM tasks t WHERE {filter} \
+           AND priority = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3) \
+         UNION ALL \
+         SELECT * FROM (SELECT {columns} FROM tasks t WHERE {filter} \
+           AND priority > ?1 ORDER BY priority, seq LIMIT ?3) \
+         LIMIT ?3"
+    )
+}
+
+/// A task's dependencies in one column, joined by a separator no ID holds.
+const DEPS_COLUMN: &str = "(SELECT group_concat(depends_on, char(31)) FROM \
+     (SELECT depends_on FROM task_deps WHERE task_id = t.id ORDER BY depends_on)) AS deps";
 
 const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
      patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
@@ -645,7 +670,12 @@ async fn generate_id(conn: &mut SqliteConnection) -> Result<TaskId> {
     }
 }
 
-async fn insert_task(tx: &mut SqliteConnection, new: NewTask, now: Millis) -> Result<Task> {
+/// Inserts a task in state Open with its history's first entry; returns both.
+async fn insert_task(
+    tx: &mut SqliteConnection,
+    new: NewTask,
+    now: Millis,
+) -> Result<(Task, TaskEvent)> {
     let id = match new.id {
         Some(id) => {
             if task_exists(&mut *tx, id.as_str()).await? {
@@ -685,20 +715,30 @@ async fn insert_task(tx: &mut SqliteConnection, new: NewTask, now: Millis) -> Re
     if !new.depends_on.is_empty() {
         refresh_deps_pending(&mut *tx, &id).await?;
     }
-    insert_event(
+    let message = format!("created with priority {}", new.priority);
+    let event_id = insert_event(
         &mut *tx,
         &id,
         now,
         "created",
         None,
         TaskStatus::Open,
-        &format!("created with priority {}", new.priority),
+        &message,
     )
     .await?;
     let task = load_task(&mut *tx, id.as_str())
         .await?
         .ok_or_else(|| Error::Internal(format!("task {id} vanished while being created")))?;
-    Ok(task)
+    let event = TaskEvent {
+        id: event_id,
+        task_id: id,
+        at: now,
+        kind: "created".to_owned(),
+        from: None,
+        to: TaskStatus::Open,
+        message,
+    };
+    Ok((task, event))
 }
 
 async fn insert_dependencies(
@@ -781,7 +821,7 @@ async fn refresh_deps_pending(tx: &mut SqliteConnection, id: &TaskId) -> Result<
 impl Store for SqliteStore {
     async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
         let mut tx = self.write().await?;
-        let result = insert_task(&mut tx, new, now).await;
+        let result = insert_task(&mut tx, new, now).await.map(|(task, _)| task);
         tx.finish(result).await
     }
 
@@ -790,30 +830,54 @@ impl Store for SqliteStore {
         load_task(&mut conn, id.as_str()).await
     }
 
-    async fn list_tasks(&self, status: Option<TaskStatus>) -> Result<Vec<Task>> {
-        let mut conn = self.pool.acquire().await?;
-        let rows: Vec<TaskRow> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE ?1 IS NULL OR status = ?1 \
-             ORDER BY priority, seq"
-        ))
-        .bind(status.map(TaskStatus::as_str))
-        .fetch_all(&mut *conn)
-        .await?;
-        let edges: Vec<(String, String)> = sqlx::query_as(
-            "SELECT task_id, depends_on FROM task_deps ORDER BY task_id, depends_on",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut deps: HashMap<String, Vec<TaskId>> = HashMap::new();
-        for (task, dep) in edges {
-            deps.entry(task).or_default().push(stored_id(&dep)?);
+    async fn list_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        after: Option<(u8, i64)>,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
+        // One statement per filter shape, each an index range (tasks_by_status or
+        // tasks_by_order) from the last key of the previous page: a page costs the same on the
+        // millionth task as on the first. Descriptions stay behind; dependencies come along.
+        let (priority, seq) = after.map_or((-1, -1), |(p, s)| (i64::from(p), s));
+        let columns = format!("{LIST_COLUMNS}, {DEPS_COLUMN}");
+        let rows: Vec<CandidateRow> = match status {
+            Some(status) => {
+                sqlx::query_as(&keyset_page(&columns, "status = ?4"))
+                    .bind(priority)
+                    .bind(seq)
+                    .bind(i64::from(limit))
+                    .bind(status.as_str())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query_as(&keyset_page(&columns, "1"))
+                    .bind(priority)
+                    .bind(seq)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.into_iter().map(CandidateRow::into_task).collect()
+    }
+
+    async fn create_tasks(&self, new: Vec<NewTask>, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
+        let mut tx = self.write().await?;
+        let mut created = Vec::with_capacity(new.len());
+        let mut result = Ok(());
+        for (i, task) in new.into_iter().enumerate() {
+            match insert_task(&mut tx, task, now).await {
+                Ok(t) => created.push(t),
+                Err(e) => {
+                    result = Err(e.in_batch(i));
+                    break;
+                }
+            }
         }
-        rows.into_iter()
-            .map(|row| {
-                let d = deps.remove(&row.id).unwrap_or_default();
-                row.into_task(d)
-            })
-            .collect()
+        tx.finish(result).await?;
+        Ok(created)
     }
 
     async fn add_dependencies(
@@ -857,19 +921,16 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Task>> {
         // An index range (tasks_ready): no blocked task is read. Their dependencies come in
         // the same statement, joined by a separator no ID holds.
-        let rows: Vec<CandidateRow> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS}, (SELECT group_concat(depends_on, char(31)) FROM \
-               (SELECT depends_on FROM task_deps WHERE task_id = t.id ORDER BY depends_on)) \
-               AS deps \
-             FROM tasks t WHERE status = 'open' AND deps_pending = 0 \
-               AND (backoff_until IS NULL OR backoff_until <= ?1) \
-               AND (?2 IS NULL OR (priority, seq) > (?2, ?3)) \
-             ORDER BY priority, seq LIMIT ?4"
+        let (priority, seq) = after.map_or((-1, -1), |(p, s)| (i64::from(p), s));
+        let rows: Vec<CandidateRow> = sqlx::query_as(&keyset_page(
+            &format!("{TASK_COLUMNS}, {DEPS_COLUMN}"),
+            "status = 'open' AND deps_pending = 0 \
+             AND (backoff_until IS NULL OR backoff_until <= ?4)",
         ))
-        .bind(now)
-        .bind(after.map(|(priority, _)| i64::from(priority)))
-        .bind(after.map(|(_, seq)| seq))
+        .bind(priority)
+        .bind(seq)
         .bind(i64::from(limit))
+        .bind(now)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(CandidateRow::into_task).collect()
@@ -941,11 +1002,14 @@ impl Store for SqliteStore {
     }
 
     async fn next_backoff_end(&self, now: Millis) -> Result<Option<Millis>> {
+        // The partial index of open tasks in back-off, named so that the planner never picks
+        // the status index and scans every open task instead.
         Ok(sqlx::query_scalar(
-            "SELECT MIN(backoff_until) FROM tasks WHERE status = 'open' AND backoff_until > ?",
+            "SELECT backoff_until FROM tasks INDEXED BY tasks_backoff \
+             WHERE status = 'open' AND backoff_until > ? ORDER BY backoff_until LIMIT 1",
         )
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await?)
     }
 

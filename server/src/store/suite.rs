@@ -91,6 +91,8 @@ macro_rules! store_test_suite {
             refuses_taken_ids_and_unknown_references,
             refuses_dependency_cycles,
             lists_in_lease_order_and_filters,
+            lists_page_by_page_without_descriptions,
+            creates_a_batch_all_or_none,
             transitions_are_compare_and_swap,
             runs_are_numbered_and_closed,
             counts_by_status,
@@ -195,7 +197,10 @@ pub async fn refuses_taken_ids_and_unknown_references<S: Store>(store: &S) {
         "{err}"
     );
     // Nothing of the refused tasks was kept.
-    assert_eq!(store.list_tasks(None).await.expect("list").len(), 1);
+    assert_eq!(
+        store.list_tasks(None, None, 100).await.expect("list").len(),
+        1
+    );
 }
 
 pub async fn refuses_dependency_cycles<S: Store>(store: &S) {
@@ -249,23 +254,99 @@ pub async fn lists_in_lease_order_and_filters<S: Store>(store: &S) {
             .await
             .expect("create");
     }
-    let all = store.list_tasks(None).await.expect("list");
+    let all = store.list_tasks(None, None, 100).await.expect("list");
     let names: Vec<&str> = all.iter().map(|t| t.id.as_str()).collect();
     assert_eq!(names, ["high", "mid1", "mid2", "low"]);
     transition(store, &all[1], TaskStatus::Cancelled)
         .await
         .expect("cancel mid1");
     let open = store
-        .list_tasks(Some(TaskStatus::Open))
+        .list_tasks(Some(TaskStatus::Open), None, 100)
         .await
         .expect("list open");
     assert_eq!(open.len(), 3);
     let cancelled = store
-        .list_tasks(Some(TaskStatus::Cancelled))
+        .list_tasks(Some(TaskStatus::Cancelled), None, 100)
         .await
         .expect("list cancelled");
     assert_eq!(cancelled.len(), 1);
     assert_eq!(cancelled[0].id.as_str(), "mid1");
+    let none = store
+        .list_tasks(Some(TaskStatus::Done), None, 100)
+        .await
+        .expect("list done");
+    assert!(none.is_empty());
+}
+
+pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
+    let mut asked = Vec::new();
+    for i in 0..25u8 {
+        let mut t = new_task(None, &format!("task {i}"), i % 3, &[]);
+        t.description = "a long description that lists leave behind".into();
+        asked.push(t);
+    }
+    let created = store.create_tasks(asked, 5).await.expect("create");
+    assert_eq!(created.len(), 25);
+    assert!(
+        created
+            .iter()
+            .all(|(t, e)| e.task_id == t.id && e.kind == "created")
+    );
+    let full = store
+        .get_task(&created[0].0.id)
+        .await
+        .expect("get")
+        .expect("task");
+    assert!(!full.description.is_empty(), "show keeps the description");
+    for status in [None, Some(TaskStatus::Open)] {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.list_tasks(status, after, 7).await.expect("page");
+            assert!(page.len() <= 7);
+            assert!(
+                page.iter().all(|t| t.description.is_empty()),
+                "no descriptions"
+            );
+            after = page.last().map(|t| (t.priority, t.seq));
+            let last = page.len() < 7;
+            seen.extend(page.into_iter().map(|t| (t.priority, t.seq)));
+            if last {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 25, "each once");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in lease order");
+    }
+}
+
+pub async fn creates_a_batch_all_or_none<S: Store>(store: &S) {
+    let first = new_task(Some("b-1"), "first", 2, &[]);
+    let second = new_task(Some("b-2"), "second", 2, &["b-1"]);
+    let created = store
+        .create_tasks(vec![first, second], 1)
+        .await
+        .expect("a dependency earlier in the batch");
+    assert_eq!(created[1].0.depends_on, [id("b-1")]);
+    assert_eq!(created[1].0.deps_pending, 1);
+    let ok = new_task(Some("c-1"), "fine", 2, &[]);
+    let bad = new_task(Some("c-2"), "bad", 2, &["ghost"]);
+    let err = store
+        .create_tasks(vec![ok, bad], 1)
+        .await
+        .expect_err("unknown dependency");
+    assert!(
+        matches!(&err, Error::NotFound(m) if m.starts_with("task 2 of the batch: ")),
+        "{err}"
+    );
+    assert!(
+        store.get_task(&id("c-1")).await.expect("get").is_none(),
+        "none kept"
+    );
+    assert_eq!(
+        store.list_tasks(None, None, 100).await.expect("list").len(),
+        2
+    );
 }
 
 pub async fn transitions_are_compare_and_swap<S: Store>(store: &S) {
