@@ -647,34 +647,68 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
 }
 
 /// Picks the next free `t-<n>`, skipping numbers a user already took by hand.
-async fn generate_id(conn: &mut SqliteConnection) -> Result<TaskId> {
-    let next: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
-        .bind(NEXT_TASK_NUMBER)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let mut n: u64 = match next {
-        Some(v) => v.parse().map_err(|_| corrupt("task counter", &v))?,
-        None => 1,
-    };
-    loop {
-        let id = TaskId::generated(n);
-        n += 1;
-        if !task_exists(conn, id.as_str()).await? {
+/// The next generated task number, read from `meta` once per transaction (see
+/// [`IdCounter::store`]).
+struct IdCounter {
+    next: Option<u64>,
+    changed: bool,
+}
+
+impl IdCounter {
+    fn new() -> Self {
+        Self {
+            next: None,
+            changed: false,
+        }
+    }
+
+    /// The next free `t-<n>`.
+    async fn generate(&mut self, conn: &mut SqliteConnection) -> Result<TaskId> {
+        let mut n = match self.next {
+            Some(n) => n,
+            None => {
+                let stored: Option<String> =
+                    sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+                        .bind(NEXT_TASK_NUMBER)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                match stored {
+                    Some(v) => v.parse().map_err(|_| corrupt("task counter", &v))?,
+                    None => 1,
+                }
+            }
+        };
+        loop {
+            let id = TaskId::generated(n);
+            n += 1;
+            if !task_exists(conn, id.as_str()).await? {
+                self.next = Some(n);
+                self.changed = true;
+                return Ok(id);
+            }
+        }
+    }
+
+    /// Writes the counter back, if it moved (in the same transaction).
+    async fn store(self, conn: &mut SqliteConnection) -> Result<()> {
+        if let (true, Some(n)) = (self.changed, self.next) {
             sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)")
                 .bind(NEXT_TASK_NUMBER)
                 .bind(n.to_string())
                 .execute(&mut *conn)
                 .await?;
-            return Ok(id);
         }
+        Ok(())
     }
 }
 
-/// Inserts a task in state Open with its history's first entry; returns both.
+/// Inserts a task in state Open with its history's first entry; returns both (built from
+/// what was written, without reading the row back).
 async fn insert_task(
     tx: &mut SqliteConnection,
     new: NewTask,
     now: Millis,
+    ids: &mut IdCounter,
 ) -> Result<(Task, TaskEvent)> {
     let id = match new.id {
         Some(id) => {
@@ -685,15 +719,15 @@ async fn insert_task(
             }
             id
         }
-        None => generate_id(&mut *tx).await?,
+        None => ids.generate(&mut *tx).await?,
     };
     if let Some(parent) = &new.parent {
         require_existing(&mut *tx, std::slice::from_ref(parent), "parent task").await?;
     }
     require_existing(&mut *tx, &new.depends_on, "dependency").await?;
-    sqlx::query(
+    let seq: i64 = sqlx::query_scalar(
         "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
-         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?) RETURNING seq",
     )
     .bind(id.as_str())
     .bind(&new.title)
@@ -703,7 +737,7 @@ async fn insert_task(
     .bind(new.parent.as_ref().map(TaskId::as_str))
     .bind(now)
     .bind(now)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
     for dep in &new.depends_on {
         sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
@@ -712,9 +746,11 @@ async fn insert_task(
             .execute(&mut *tx)
             .await?;
     }
-    if !new.depends_on.is_empty() {
-        refresh_deps_pending(&mut *tx, &id).await?;
-    }
+    let deps_pending = if new.depends_on.is_empty() {
+        0
+    } else {
+        refresh_deps_pending(&mut *tx, &id).await?
+    };
     let message = format!("created with priority {}", new.priority);
     let event_id = insert_event(
         &mut *tx,
@@ -726,9 +762,28 @@ async fn insert_task(
         &message,
     )
     .await?;
-    let task = load_task(&mut *tx, id.as_str())
-        .await?
-        .ok_or_else(|| Error::Internal(format!("task {id} vanished while being created")))?;
+    let mut depends_on = new.depends_on;
+    depends_on.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let task = Task {
+        id: id.clone(),
+        seq,
+        title: new.title,
+        description: new.description,
+        namespace: new.namespace,
+        priority: new.priority,
+        parent: new.parent,
+        depends_on,
+        deps_pending,
+        state: TaskState::new(),
+        lease: None,
+        lease_epoch: 0,
+        patch_commit: None,
+        avoid_runner: None,
+        verified_tree: None,
+        version: 1,
+        created_at: now,
+        updated_at: now,
+    };
     let event = TaskEvent {
         id: event_id,
         task_id: id,
@@ -806,22 +861,27 @@ async fn insert_dependencies(
 }
 
 /// Recounts how many of `id`'s dependencies are not Done.
-async fn refresh_deps_pending(tx: &mut SqliteConnection, id: &TaskId) -> Result<()> {
-    sqlx::query(
+/// Recounts how many of the task's dependencies are not Done; returns the count.
+async fn refresh_deps_pending(tx: &mut SqliteConnection, id: &TaskId) -> Result<u32> {
+    let pending: i64 = sqlx::query_scalar(
         "UPDATE tasks SET deps_pending = (SELECT COUNT(*) FROM task_deps d \
            JOIN tasks u ON u.id = d.depends_on WHERE d.task_id = ?1 AND u.status <> 'done') \
-         WHERE id = ?1",
+         WHERE id = ?1 RETURNING deps_pending",
     )
     .bind(id.as_str())
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    Ok(())
+    u32::try_from(pending).map_err(|_| corrupt("dependency count", &pending.to_string()))
 }
 
 impl Store for SqliteStore {
     async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
         let mut tx = self.write().await?;
-        let result = insert_task(&mut tx, new, now).await.map(|(task, _)| task);
+        let mut ids = IdCounter::new();
+        let result = match insert_task(&mut tx, new, now, &mut ids).await {
+            Ok((task, _)) => ids.store(&mut tx).await.map(|()| task),
+            Err(e) => Err(e),
+        };
         tx.finish(result).await
     }
 
@@ -866,15 +926,19 @@ impl Store for SqliteStore {
     async fn create_tasks(&self, new: Vec<NewTask>, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
         let mut tx = self.write().await?;
         let mut created = Vec::with_capacity(new.len());
+        let mut ids = IdCounter::new();
         let mut result = Ok(());
         for (i, task) in new.into_iter().enumerate() {
-            match insert_task(&mut tx, task, now).await {
+            match insert_task(&mut tx, task, now, &mut ids).await {
                 Ok(t) => created.push(t),
                 Err(e) => {
                     result = Err(e.in_batch(i));
                     break;
                 }
             }
+        }
+        if result.is_ok() {
+            result = ids.store(&mut tx).await;
         }
         tx.finish(result).await?;
         Ok(created)

@@ -329,6 +329,38 @@ pub async fn creates_a_batch_all_or_none<S: Store>(store: &S) {
         .expect("a dependency earlier in the batch");
     assert_eq!(created[1].0.depends_on, [id("b-1")]);
     assert_eq!(created[1].0.deps_pending, 1);
+    for (task, _) in &created {
+        let stored = store.get_task(&task.id).await.expect("get").expect("task");
+        assert_eq!(&stored, task, "what create returns is what is stored");
+    }
+    let generated = store
+        .create_tasks(
+            vec![
+                new_task(None, "g1", 2, &["b-2", "b-1"]),
+                new_task(None, "g2", 2, &[]),
+            ],
+            1,
+        )
+        .await
+        .expect("generated IDs");
+    let ids: Vec<&str> = generated.iter().map(|(t, _)| t.id.as_str()).collect();
+    assert_eq!(ids, ["t-1", "t-2"]);
+    assert_eq!(
+        generated[0].0.depends_on,
+        [id("b-1"), id("b-2")],
+        "in order"
+    );
+    let stored = store
+        .get_task(&id("t-1"))
+        .await
+        .expect("get")
+        .expect("task");
+    assert_eq!(stored, generated[0].0);
+    assert_eq!(
+        create(store, "next").await.id.as_str(),
+        "t-3",
+        "the counter moved once"
+    );
     let ok = new_task(Some("c-1"), "fine", 2, &[]);
     let bad = new_task(Some("c-2"), "bad", 2, &["ghost"]);
     let err = store
@@ -345,7 +377,7 @@ pub async fn creates_a_batch_all_or_none<S: Store>(store: &S) {
     );
     assert_eq!(
         store.list_tasks(None, None, 100).await.expect("list").len(),
-        2
+        5
     );
 }
 
