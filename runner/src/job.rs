@@ -15,6 +15,8 @@ use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
 use pipeline_core::process::Stream;
 use pipeline_core::verify::{self, Verdict, Verifier};
 use pipeline_proto::{Disposition, classify};
+
+use crate::usage::Usage;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -153,6 +155,8 @@ pub struct LeaseResult {
     /// The digest of the verification run, when one ran.
     pub verify_digest: Option<String>,
     pub dev_finished_at_ms: i64,
+    /// What the agent used, when known.
+    pub usage: Option<Usage>,
 }
 
 /// The result of the dev and verify steps, ready to send.
@@ -392,6 +396,7 @@ async fn develop(
             verify_skipped,
             verify_digest,
             dev_finished_at_ms,
+            usage: None,
         },
         bundle: Some(bundle),
     })
@@ -427,6 +432,7 @@ impl Report {
                 verify_skipped: None,
                 verify_digest: None,
                 dev_finished_at_ms: at,
+                usage: None,
             },
             bundle: None,
         }

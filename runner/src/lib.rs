@@ -10,6 +10,7 @@
 //! - [`git`]: the mirror and the per-slot worktrees, on `pipeline_core::git`.
 //! - [`wire`]: the edge, the only module that names the protocol's generated types: it
 //!   converts them, validated, to and from the runner's own, and wraps the generated client.
+//! - [`usage`]: what an agent run used (tokens, cents, where the cents came from).
 //! - [`backoff`]: the one back-off of every retry; [`config`]: the flags; [`preflight`]: what
 //!   is checked before registering.
 
@@ -21,6 +22,7 @@ pub mod job;
 pub mod logship;
 pub mod preflight;
 pub mod session;
+pub mod usage;
 pub mod wire;
 
 pub use session::run;

@@ -16,6 +16,8 @@ use bytes::Bytes;
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
 use pipeline_core::verify::Verifier;
 use pipeline_proto::v1 as pb;
+
+use crate::usage::{CostSource, Usage};
 use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -232,6 +234,27 @@ fn outcome_to_pb(o: Outcome) -> pb::LeaseOutcome {
     }
 }
 
+fn usage_to_pb(u: &Usage) -> pb::Usage {
+    pb::Usage {
+        agent: u.agent.clone(),
+        model: u.model.clone(),
+        input_tokens: u.input_tokens,
+        cached_input_tokens: u.cached_input_tokens,
+        cache_write_tokens: u.cache_write_tokens,
+        output_tokens: u.output_tokens,
+        reasoning_tokens: u.reasoning_tokens,
+        cost_cents: u.cost_cents,
+        cost_source: match u.cost_source {
+            CostSource::Reported => pb::CostSource::Reported,
+            CostSource::Estimated => pb::CostSource::Estimated,
+            CostSource::None => pb::CostSource::None,
+        }
+        .into(),
+        complete: u.complete,
+        session_id: u.session_id.clone(),
+    }
+}
+
 /// The messages of one `CompleteLease` call: the header, then the bundle in chunks.
 fn complete_lease_messages(
     runner: &RunnerId,
@@ -249,6 +272,7 @@ fn complete_lease_messages(
         verify_skipped: result.verify_skipped.clone(),
         dev_finished_at_ms: result.dev_finished_at_ms,
         verify_digest: result.verify_digest.clone(),
+        usage: result.usage.as_ref().map(usage_to_pb),
     };
     let mut messages = vec![pb::CompleteLeaseRequest {
         kind: Some(pb::complete_lease_request::Kind::Header(header)),
@@ -529,6 +553,8 @@ mod tests {
                 test_cmd: Some("make test".into()),
                 digest: "v1:x".into(),
             }),
+            budget_cents: None,
+            resume_session: None,
         }
     }
 
@@ -675,6 +701,7 @@ mod tests {
             verify_skipped: None,
             verify_digest: Some("v1:d".into()),
             dev_finished_at_ms: 7,
+            usage: None,
         };
         let bundle = Bytes::from(vec![0u8; CHUNK_BYTES * 2 + 1]);
         let messages = complete_lease_messages(&runner, &lease, &result, Some(&bundle));

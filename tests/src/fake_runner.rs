@@ -51,6 +51,7 @@ pub fn complete_messages(
                 verify_skipped: None,
                 dev_finished_at_ms: 0,
                 verify_digest: None,
+                usage: None,
             },
         )),
     }];

@@ -167,6 +167,7 @@ impl From<&Run> for pb::Run {
             .into(),
             train: r.train,
             builds: r.builds,
+            usage: None,
         }
     }
 }

@@ -90,6 +90,8 @@ fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
         patchset: a.patchset,
         prompt: a.prompt.clone(),
         verification: Some(verification_to_pb(&a.verification)),
+        budget_cents: None,
+        resume_session: None,
     }
 }
 
