@@ -843,6 +843,36 @@ impl Git {
         .map(drop)
     }
 
+    /// Commits everything the worktree at this directory holds (its changes, new files
+    /// included) as one commit with `message`, amending `HEAD` when `amend`; for agents that
+    /// leave their change uncommitted. Returns `false` when there was nothing to commit.
+    pub async fn commit_all(&self, message: &str, amend: bool) -> Result<bool> {
+        self.run(&["add", "--all"]).await?;
+        let staged = self
+            .output(&["diff", "--cached", "--quiet"], &[], None)
+            .await?;
+        if staged.status.success() && !amend {
+            return Ok(false);
+        }
+        let mut args = vec![
+            "-c",
+            "user.name=pipeline-runner",
+            "-c",
+            "user.email=pipeline-runner@localhost",
+            "commit",
+            "--quiet",
+            "--no-verify",
+            "--allow-empty",
+            "--file=-",
+        ];
+        if amend {
+            args.push("--amend");
+        }
+        self.run_with(&args, &[], Some(message.as_bytes()))
+            .await
+            .map(|_| true)
+    }
+
     /// Whether `remote` is a remote of the repository.
     pub async fn has_remote(&self, remote: &RemoteName) -> bool {
         self.run(&["remote", "get-url", "--end-of-options", remote.as_str()])

@@ -1,5 +1,5 @@
 //! Child processes the way a runner must run them: in their own process group, with null
-//! stdin, output read line by line (each line handed to a callback and the last ones kept for
+//! stdin (or given bytes, then closed), output read line by line (each line handed to a callback and the last ones kept for
 //! error messages), a time limit, and a stop that reaches grandchildren: SIGTERM to the group, a
 //! grace period, then SIGKILL. The group is also killed once the child exits, so a stray
 //! grandchild cannot hold the pipes open.
@@ -59,6 +59,13 @@ pub struct Spec {
     /// Kill what is left of the process group once the process exits. Off only for commands
     /// whose contract is to leave a background process behind (`agentd run`).
     pub reap_group: bool,
+    /// Written to the process's stdin, which is then closed; `None`: stdin is null.
+    pub stdin: Option<Vec<u8>>,
+    /// Fired (by the caller, typically from its line callback) when the process has said all
+    /// it will say: it gets `finish_grace` to exit on its own, then it is stopped like a
+    /// timed-out one, and [`Finished::finished_early`] says so.
+    pub finish: Option<CancellationToken>,
+    pub finish_grace: Duration,
 }
 
 impl Spec {
@@ -73,6 +80,18 @@ impl Spec {
             timeout: None,
             kill_grace: Duration::from_secs(10),
             reap_group: true,
+            stdin: None,
+            finish: None,
+            finish_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// `program ARGS` in `cwd`.
+    pub fn program(program: &str, args: Vec<String>, cwd: PathBuf) -> Self {
+        Self {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            ..Self::shell("", cwd)
         }
     }
 }
@@ -84,6 +103,8 @@ pub struct Finished {
     pub status: Option<ExitStatus>,
     pub timed_out: bool,
     pub cancelled: bool,
+    /// It was stopped after its `finish` fired and its grace passed (it hung after its end).
+    pub finished_early: bool,
     /// The last lines of its output, stdout and stderr interleaved.
     pub tail: String,
 }
@@ -106,6 +127,9 @@ impl Finished {
         }
         if self.cancelled {
             return "cancelled".to_owned();
+        }
+        if self.finished_early {
+            return "stopped after its final report".to_owned();
         }
         match self.status {
             Some(s) => match (s.code(), s.signal()) {
@@ -144,7 +168,11 @@ pub async fn run(
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .current_dir(&spec.cwd)
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -157,6 +185,19 @@ pub async fn run(
     }
     let mut child = cmd.spawn()?;
     let pgid = child.id().unwrap_or(0);
+    // The input goes in from its own task, so a child that does not read it cannot block the
+    // reading of its output; the pipe closes when it is written.
+    let writer = match (child.stdin.take(), &spec.stdin) {
+        (Some(mut pipe), Some(bytes)) => {
+            let bytes = bytes.clone();
+            Some(tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = pipe.write_all(&bytes).await;
+                let _ = pipe.shutdown().await;
+            }))
+        }
+        _ => None,
+    };
     let (tx, mut rx) = mpsc::channel::<(Stream, String)>(256);
     let readers = [
         child
@@ -174,9 +215,19 @@ pub async fn run(
     let deadline = spec.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut timed_out = false;
     let mut cancelled = false;
+    let mut finished_early = false;
     let mut lines_open = true;
+    let finish = spec.finish.clone().unwrap_or_default();
+    let mut finish_deadline: Option<tokio::time::Instant> = None;
     let status = loop {
         tokio::select! {
+            () = finish.cancelled(), if spec.finish.is_some() && finish_deadline.is_none() => {
+                finish_deadline = Some(tokio::time::Instant::now() + spec.finish_grace);
+            }
+            () = sleep_until(finish_deadline) => {
+                finished_early = true;
+                break None;
+            }
             line = rx.recv(), if lines_open => match line {
                 Some((stream, line)) => {
                     on_line(stream, &line);
@@ -224,10 +275,14 @@ pub async fn run(
     for reader in readers.into_iter().flatten() {
         reader.abort();
     }
+    if let Some(writer) = writer {
+        writer.abort();
+    }
     Ok(Finished {
         status,
         timed_out,
         cancelled,
+        finished_early,
         tail: tail.text(),
     })
 }
@@ -325,6 +380,53 @@ mod tests {
             ]
         );
         assert!(f.tail.contains("out") && f.tail.contains("err"));
+    }
+
+    #[tokio::test]
+    async fn stdin_is_written_then_closed() {
+        let s = Spec {
+            stdin: Some(b"first\nsecond\n".to_vec()),
+            ..spec("cat; echo done")
+        };
+        let mut seen = Vec::new();
+        let f = run(&s, &CancellationToken::new(), |_, l| {
+            seen.push(l.to_owned())
+        })
+        .await
+        .expect("run");
+        assert!(f.success(), "cat saw the end of its input");
+        assert_eq!(seen, ["first", "second", "done"]);
+    }
+
+    #[tokio::test]
+    async fn a_process_that_hangs_after_its_final_word_is_stopped() {
+        let finish = CancellationToken::new();
+        let s = Spec {
+            finish: Some(finish.clone()),
+            finish_grace: Duration::from_millis(100),
+            ..spec("echo result; sleep 30")
+        };
+        let f = run(&s, &CancellationToken::new(), |_, l| {
+            if l == "result" {
+                finish.cancel();
+            }
+        })
+        .await
+        .expect("run");
+        assert!(f.finished_early && !f.timed_out && !f.cancelled);
+        assert_eq!(f.describe(), "stopped after its final report");
+        // One that exits within its grace ends as itself.
+        let finish = CancellationToken::new();
+        let s = Spec {
+            finish: Some(finish.clone()),
+            finish_grace: Duration::from_secs(30),
+            ..spec("echo result; exit 4")
+        };
+        let f = run(&s, &CancellationToken::new(), |_, _| finish.cancel())
+            .await
+            .expect("run");
+        assert!(!f.finished_early);
+        assert_eq!(f.code(), Some(4));
     }
 
     /// Whether `pid` is a live (not zombie) process.

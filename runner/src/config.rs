@@ -84,6 +84,27 @@ pub struct AgentArgs {
     #[arg(long, env = "PIPELINE_AGENT_PROVIDER")]
     pub provider: Option<String>,
 
+    /// The model the agent uses (claude, codex, aider: passed as `--model`).
+    #[arg(long, env = "PIPELINE_AGENT_MODEL")]
+    pub model: Option<String>,
+
+    /// The agent's turn limit (claude `--max-turns`).
+    #[arg(long, env = "PIPELINE_AGENT_MAX_TURNS", default_value_t = 80,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_turns: u32,
+
+    /// Prices per million tokens, for agents that report tokens but not money (codex): a
+    /// JSON object {"MODEL": {"input": USD, "cached_input": USD, "output": USD}}, added to
+    /// (and overriding) the shipped defaults.
+    #[arg(long, env = "PIPELINE_PRICE_TABLE")]
+    pub price_table: Option<PathBuf>,
+
+    /// The agent leaves its change uncommitted: the runner commits it (with the task's title
+    /// and its Task-Id trailer), amending the previous patchset when the prompt says so.
+    /// Always on for aider.
+    #[arg(long, env = "PIPELINE_COMMIT_FOR_AGENT")]
+    pub commit_for_agent: bool,
+
     /// Environment variables agents and builds may inherit, besides PATH, HOME, USER, LOGNAME,
     /// SHELL, LANG, LC_ALL, LC_CTYPE, TZ, TMPDIR and TERM (repeat, or separate with commas).
     /// Nothing else of this process's environment reaches them, credentials included.
@@ -112,6 +133,66 @@ pub const DEFAULT_ENV_ALLOW: &[&str] = &[
 pub enum AgentMode {
     Agentd,
     Command,
+    /// Claude Code (`claude -p --output-format stream-json`).
+    Claude,
+    /// OpenAI Codex CLI (`codex exec --json`).
+    Codex,
+    /// aider (`aider --message-file`).
+    Aider,
+}
+
+impl AgentMode {
+    /// The variables the agent needs from the runner's environment (its credentials and
+    /// endpoints, as each documents them), added to the allow-list, and nothing else.
+    pub fn env_allow(self) -> &'static [&'static str] {
+        match self {
+            AgentMode::Agentd | AgentMode::Command => &[],
+            AgentMode::Claude => &[
+                "ANTHROPIC_API_KEY",
+                "ANTHROPIC_AUTH_TOKEN",
+                "ANTHROPIC_BASE_URL",
+                "ANTHROPIC_MODEL",
+                "CLAUDE_CONFIG_DIR",
+                "CLAUDE_CODE_USE_BEDROCK",
+                "CLAUDE_CODE_USE_VERTEX",
+            ],
+            AgentMode::Codex => &[
+                "OPENAI_API_KEY",
+                "CODEX_API_KEY",
+                "OPENAI_BASE_URL",
+                "CODEX_HOME",
+            ],
+            AgentMode::Aider => &[
+                "OPENAI_API_KEY",
+                "ANTHROPIC_API_KEY",
+                "OPENROUTER_API_KEY",
+                "GEMINI_API_KEY",
+                "DEEPSEEK_API_KEY",
+                "OPENAI_API_BASE",
+            ],
+        }
+    }
+
+    /// The program a preset runs; `None` for agentd and command (checked on their own).
+    pub fn program(self) -> Option<&'static str> {
+        match self {
+            AgentMode::Agentd | AgentMode::Command => None,
+            AgentMode::Claude => Some("claude"),
+            AgentMode::Codex => Some("codex"),
+            AgentMode::Aider => Some("aider"),
+        }
+    }
+
+    /// The name usage reports carry.
+    pub fn word(self) -> &'static str {
+        match self {
+            AgentMode::Agentd => "agentd",
+            AgentMode::Command => "command",
+            AgentMode::Claude => "claude",
+            AgentMode::Codex => "codex",
+            AgentMode::Aider => "aider",
+        }
+    }
 }
 
 /// How a commit is verified (the same flags on the server).
@@ -176,6 +257,14 @@ impl AgentArgs {
                  agentd itself (drop one of them)"
                     .to_owned(),
             ),
+            (mode @ (AgentMode::Claude | AgentMode::Codex | AgentMode::Aider), Some(_)) => {
+                Err(format!(
+                    "--agent-cmd is for --agent command; --agent {} runs {} itself (drop one \
+                     of them)",
+                    mode.word(),
+                    mode.program().unwrap_or_default()
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -190,7 +279,9 @@ impl AgentArgs {
         std::env::vars()
             .filter(|(k, _)| {
                 !k.starts_with("PIPELINE_")
-                    && (DEFAULT_ENV_ALLOW.contains(&k.as_str()) || self.env_allow.contains(k))
+                    && (DEFAULT_ENV_ALLOW.contains(&k.as_str())
+                        || self.env_allow.contains(k)
+                        || self.mode().env_allow().contains(&k.as_str()))
             })
             .collect()
     }

@@ -115,6 +115,17 @@ impl Mirror {
         self.git.checkout_worktree(path, commit).await
     }
 
+    /// Commits everything the agent left in `worktree` as one commit with `message` (amending
+    /// the previous patchset's when `amend`); `false` when there was nothing to commit.
+    pub async fn commit_for_agent(
+        &self,
+        worktree: &Path,
+        message: &str,
+        amend: bool,
+    ) -> Result<bool> {
+        Git::at(worktree).commit_all(message, amend).await
+    }
+
     /// Checks that the worktree holds exactly one commit on top of `base` (and, when amending,
     /// not the unchanged `previous`); returns it, or says what was found instead (the task's
     /// failure) or that git itself failed (the runner's).

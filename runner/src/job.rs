@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
 use pipeline_core::process::Stream;
@@ -23,17 +23,19 @@ use tonic::{Code, Status};
 
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::backoff::Backoff;
-use crate::config::Config;
+use crate::config::{AgentMode, Config};
 use crate::git::{Found, Mirror};
 use crate::logship::{Channel, Phase, RunLog};
 use crate::wire::Client;
 
 /// A lease the server gave this runner, as the edge checked it: everything a job needs, valid.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Assignment {
     pub lease: LeaseRef,
     pub task: TaskId,
     pub run_id: RunId,
+    /// The task's title (the message of a commit the runner makes for its agent).
+    pub title: String,
     pub namespace: Option<String>,
     /// The base branch's name.
     pub base_branch: String,
@@ -47,6 +49,10 @@ pub struct Assignment {
     /// How the server verifies: the job verifies the same way. `None` from an older server,
     /// which leaves it to the runner's own verification flags.
     pub verification: Option<Verifier>,
+    /// What the task may still spend, in cents (finite, ≥ 0); `None`: no cap.
+    pub budget_cents: Option<f64>,
+    /// The agent's session of the previous attempt (letters, digits, `.`, `_`, `-`).
+    pub resume_session: Option<String>,
 }
 
 /// A run's ID as the server names it (`dev-<task>-<epoch>`): safe in a file name and as an
@@ -114,6 +120,8 @@ pub struct JobContext {
     pub client: Client,
     /// The runner's current ID (it changes when the runner registers again).
     pub runner: CurrentRunner,
+    /// Prices per million tokens, for agents that report only tokens.
+    pub prices: Arc<agent::Prices>,
 }
 
 /// How a job ended, for the session.
@@ -128,6 +136,12 @@ pub enum JobEnd {
     /// The runner could not do the work (a missing program, a git or disk error: not the
     /// task's fault): give the lease back, uncharged, saying why.
     Infra(String),
+    /// As `Infra`, and the next task would fail the same way (the agent has no credentials,
+    /// no network): the runner turns unhealthy at once, in the agent's words.
+    Unusable(String),
+    /// The agent's provider refused work for now (a rate limit): the lease goes back
+    /// uncharged and the runner takes no new work until `until_ms` (ms since the epoch).
+    RateLimited { reason: String, until_ms: i64 },
 }
 
 /// How a lease's work came out.
@@ -286,9 +300,16 @@ async fn develop(
         run_id: a.run_id.to_string(),
         worktree: worktree.clone(),
         prompt_file: prompt_file.clone(),
+        prompt: a.prompt.clone(),
         cost_file: cost_file.clone(),
         env: env.clone(),
+        budget_cents: a.budget_cents,
+        resume_session: a.resume_session.clone(),
+        prices: ctx.prices.clone(),
     };
+    if let Some(budget) = a.budget_cents {
+        log.note(dev, &format!("the task may spend {budget:.2} more cents"));
+    }
     let agent_started = Instant::now();
     log.note(dev, "starting the agent");
     let on_line = |stream: Stream, line: &str| log.line(Channel::from(stream), dev, line);
@@ -296,23 +317,62 @@ async fn develop(
     let _ = std::fs::remove_file(&prompt_file);
     let _ = std::fs::remove_file(&cost_file);
     let dev_finished_at_ms = crate::now_ms();
-    let cost_cents = match result {
+    let usage = match result {
         AgentResult::Cancelled => return Err(JobEnd::Cancelled),
-        AgentResult::Infra { reason } => {
+        AgentResult::Infra { reason, unhealthy } => {
             log.note(
                 dev,
                 &format!("infrastructure failure (not the task's): {reason}"),
             );
-            return Err(JobEnd::Infra(reason));
+            return Err(if unhealthy {
+                JobEnd::Unusable(reason)
+            } else {
+                JobEnd::Infra(reason)
+            });
         }
-        AgentResult::Failed { reason, cost_cents } => {
+        AgentResult::RateLimited {
+            reason,
+            until_ms,
+            usage,
+        } => {
+            // A limit that does not say when it resets is tried again in a minute.
+            let until_ms = until_ms.unwrap_or_else(|| crate::now_ms() + RATE_LIMIT_PAUSE_MS);
+            let reason = format!("{reason}; no new work until {}", rfc3339(until_ms));
+            log.note(dev, &format!("{reason}; {}", usage_note(&usage)));
+            return Err(JobEnd::RateLimited { reason, until_ms });
+        }
+        AgentResult::Failed { reason, usage } => {
             let secs = agent_started.elapsed().as_secs_f64();
             tracing::info!(task, "agent failed after {secs:.1} s");
-            log.note(dev, &format!("agent failed after {secs:.1} s"));
-            return Ok(Report::dev_failed(reason, cost_cents, dev_finished_at_ms));
+            log.note(
+                dev,
+                &format!("agent failed after {secs:.1} s; {}", usage_note(&usage)),
+            );
+            return Ok(Report::dev_failed(reason, usage, dev_finished_at_ms));
         }
-        AgentResult::Completed { cost_cents } => cost_cents,
+        AgentResult::Completed { usage } => usage,
     };
+    let cost_cents = usage.cost_cents;
+    if ctx.config.agent.commit_for_agent || ctx.config.agent.mode() == AgentMode::Aider {
+        let message = format!("{}\n\nTask-Id: {}\n", a.title, a.task);
+        match ctx
+            .mirror
+            .commit_for_agent(&worktree, &message, previous.is_some())
+            .await
+        {
+            Ok(true) => log.note(dev, "committed the agent's change for it"),
+            Ok(false) => log.note(dev, "the agent changed nothing; no commit made for it"),
+            Err(e) => {
+                let reason = format!("cannot commit the agent's change: {e}");
+                log.note(
+                    dev,
+                    &format!("infrastructure failure (not the task's): {reason}"),
+                );
+                return Err(JobEnd::Infra(reason));
+            }
+        }
+    }
+    log.note(dev, &usage_note(&usage));
     let secs = agent_started.elapsed().as_secs_f64();
     tracing::info!(task, "agent exited 0 after {secs:.1} s");
     log.note(dev, &format!("agent exited 0 after {secs:.1} s"));
@@ -320,7 +380,7 @@ async fn develop(
         Ok(c) => c,
         Err(Found::Wrong(reason)) => {
             log.note(dev, &reason);
-            return Ok(Report::dev_failed(reason, cost_cents, dev_finished_at_ms));
+            return Ok(Report::dev_failed(reason, usage, dev_finished_at_ms));
         }
         Err(Found::GitFailed(reason)) => {
             log.note(
@@ -396,10 +456,36 @@ async fn develop(
             verify_skipped,
             verify_digest,
             dev_finished_at_ms,
-            usage: None,
+            usage: Some(usage),
         },
         bundle: Some(bundle),
     })
+}
+
+/// How long a rate limit that does not say when it resets pauses the runner.
+const RATE_LIMIT_PAUSE_MS: i64 = 60_000;
+
+/// Milliseconds since the epoch as an RFC 3339 time (UTC, seconds).
+fn rfc3339(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// A usage in a few words, for the log.
+fn usage_note(u: &Usage) -> String {
+    let source = match u.cost_source {
+        crate::usage::CostSource::Reported => "reported",
+        crate::usage::CostSource::Estimated => "estimated",
+        crate::usage::CostSource::None => "unknown",
+    };
+    format!(
+        "usage: {} input ({} cached) / {} output tokens, {:.2} cents ({source}){}",
+        u.input_tokens,
+        u.cached_input_tokens,
+        u.output_tokens,
+        u.cost_cents,
+        if u.complete { "" } else { ", incomplete" }
+    )
 }
 
 /// A verification in a few words, for the log.
@@ -422,17 +508,17 @@ fn describe(v: &Verifier) -> String {
 }
 
 impl Report {
-    fn dev_failed(reason: String, cost_cents: f64, at: i64) -> Self {
+    fn dev_failed(reason: String, usage: Usage, at: i64) -> Self {
         Self {
             result: LeaseResult {
                 outcome: Outcome::DevFailed,
                 error: Some(reason),
-                cost_cents,
+                cost_cents: usage.cost_cents,
                 commit: None,
                 verify_skipped: None,
                 verify_digest: None,
                 dev_finished_at_ms: at,
-                usage: None,
+                usage: Some(usage),
             },
             bundle: None,
         }

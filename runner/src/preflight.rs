@@ -76,6 +76,15 @@ pub fn check_programs(agent: &AgentArgs, verify: &VerifyArgs, path: &str) -> Res
             "the agent program",
             "install agentd, or run another agent with --agent command --agent-cmd 'CMD'",
         )?,
+        mode @ (AgentMode::Claude | AgentMode::Codex | AgentMode::Aider) => {
+            let program = mode.program().unwrap_or_default();
+            require(
+                program,
+                path,
+                "the agent program",
+                &format!("install {program}, or choose another --agent"),
+            )?;
+        }
         AgentMode::Command => {
             require("sh", path, "the shell", "agent commands run through sh -c")?;
             if let Some(program) = agent.agent_cmd.as_deref().and_then(command_program) {
@@ -116,6 +125,27 @@ pub fn check_programs(agent: &AgentArgs, verify: &VerifyArgs, path: &str) -> Res
 }
 
 /// Creates the work dir if needed and checks a file can be written there.
+/// The agent's own account of its version (`claude --version`, …), for the log; `None` for
+/// agentd and command, or when it says nothing within 10 s.
+pub async fn agent_version(agent: &AgentArgs, path: &str) -> Option<String> {
+    let program = agent.mode().program()?;
+    let found = find_program(program, path)?;
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::process::Command::new(&found)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next()?.trim();
+    (!line.is_empty()).then(|| format!("{program} {line}"))
+}
+
 pub fn check_work_dir(dir: &Path) -> Result<(), Missing> {
     let fail = |e: std::io::Error| {
         Missing(format!(

@@ -90,7 +90,7 @@ pub struct Standing {
 }
 
 /// What the server pushed on the work stream, validated.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Pushed {
     Assignment(Box<Assignment>),
     /// Stop the job holding this lease and forget it (cancelled, lapsed or re-issued).
@@ -152,8 +152,16 @@ impl TryFrom<pb::Assignment> for Assignment {
             base,
             previous,
             patchset: a.patchset,
+            title: a.title,
             prompt: a.prompt,
             verification: a.verification.and_then(verification_from_pb),
+            budget_cents: a.budget_cents.filter(|b| b.is_finite() && *b >= 0.0),
+            resume_session: a.resume_session.filter(|s| {
+                !s.is_empty()
+                    && s.len() <= 200
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            }),
         })
     }
 }

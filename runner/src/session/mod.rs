@@ -62,6 +62,11 @@ pub async fn run(
     let path = std::env::var("PATH").unwrap_or_default();
     crate::preflight::check_programs(&config.agent, &config.verify, &path)?;
     crate::preflight::check_work_dir(&work_dir)?;
+    let prices = crate::agent::Prices::load(config.agent.price_table.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    if let Some(version) = crate::preflight::agent_version(&config.agent, &path).await {
+        tracing::info!("agent: {version}");
+    }
     let mirror = Mirror::open(&work_dir)
         .await
         .with_context(|| format!("cannot open the mirror in {}", work_dir.display()))?;
@@ -102,6 +107,7 @@ pub async fn run(
             work_dir,
             client: client.clone(),
             runner: CurrentRunner::default(),
+            prices: Arc::new(prices),
         }),
         client,
     };
@@ -191,6 +197,8 @@ enum Event {
     DrainDeadline,
     /// A whole TTL without renewal.
     Lapsed,
+    /// A rate limit's pause is over.
+    Resume,
 }
 
 /// What the loop does next.
@@ -278,6 +286,11 @@ impl Session {
         let lapses = (self.slots.jobs() > 0 && (connected || !self.contact.said_out_of_touch))
             .then(|| self.contact.lapses_at());
         let draining = self.slots.is_draining();
+        // A rate limit's end, as an instant of this process's clock.
+        let paused_until = self.slots.paused_until().map(|until| {
+            let wait = until.saturating_sub(crate::now_ms()).max(0);
+            Instant::now() + Duration::from_millis(u64::try_from(wait).unwrap_or(0))
+        });
         tokio::select! {
             () = tokio::time::sleep_until(retry_at), if !connected => Event::Retry,
             msg = next_push(work) => Event::Pushed(msg),
@@ -288,6 +301,7 @@ impl Session {
             () = self.drain.cancelled(), if !draining => Event::Drain,
             () = sleep_until(self.drain_deadline), if draining => Event::DrainDeadline,
             () = sleep_until(lapses) => Event::Lapsed,
+            () = sleep_until(paused_until), if paused_until.is_some() => Event::Resume,
         }
     }
 
@@ -360,6 +374,15 @@ impl Session {
                     self.contact.ttl.as_secs()
                 );
                 Next::Go
+            }
+            Event::Resume => {
+                self.slots.resume();
+                tracing::info!("the rate limit has reset: taking work again");
+                // Tell the server now, so that it hands out work without waiting a beat.
+                match link {
+                    Some(link) => self.beat(link).await,
+                    None => Next::Go,
+                }
             }
         }
     }

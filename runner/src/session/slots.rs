@@ -11,6 +11,9 @@
 //! - Infrastructure failures in a row are counted (a delivered result starts the count again);
 //!   at `--max-infra-failures` the runner turns unhealthy and takes no more work until it is
 //!   restarted.
+//! - An agent that cannot work on this machine at all (no credentials, no network) makes the
+//!   runner unhealthy at once; a provider's rate limit pauses it (no new work) until a time
+//!   the session watches for.
 //! - Draining, the runner takes no more work, and it has finished once no job is left, running
 //!   or queued.
 //!
@@ -97,6 +100,8 @@ pub struct Slots<H> {
     infra_failures: u32,
     /// Why the runner takes no work, once it has had too many infrastructure failures.
     unhealthy: Option<String>,
+    /// Until when (ms since the epoch) and why it takes no new work: a rate limit.
+    paused: Option<(i64, String)>,
 }
 
 impl<H> Slots<H> {
@@ -111,6 +116,7 @@ impl<H> Slots<H> {
             max_infra_failures,
             infra_failures: 0,
             unhealthy: None,
+            paused: None,
         }
     }
 
@@ -148,7 +154,7 @@ impl<H> Slots<H> {
     }
 
     fn place(&mut self, a: Assignment, handle: H) -> Offer {
-        if let Some(why) = &self.unhealthy {
+        if let Some(why) = self.unhealthy() {
             let release = Release {
                 lease: a.lease,
                 reason: format!("the runner is unhealthy: {why}"),
@@ -202,11 +208,17 @@ impl<H> Slots<H> {
                 self.infra_failures = 0;
                 None
             }
-            JobEnd::Infra(why) => Some(self.infra_failure(why)),
+            JobEnd::Infra(why) => Some(self.infra_failure(why, false)),
+            JobEnd::Unusable(why) => Some(self.infra_failure(why, true)),
+            JobEnd::RateLimited { reason, until_ms } => {
+                self.paused = Some((*until_ms, reason.clone()));
+                None
+            }
             JobEnd::Refused(_) | JobEnd::Cancelled => None,
         };
         let release = match (end, job.release) {
-            (JobEnd::Infra(why), _) => Some((why.clone(), true)),
+            (JobEnd::Infra(why) | JobEnd::Unusable(why), _) => Some((why.clone(), true)),
+            (JobEnd::RateLimited { reason, .. }, _) => Some((reason.clone(), true)),
             (JobEnd::Cancelled, true) => Some((
                 if stopping {
                     "the runner was stopped".to_owned()
@@ -231,7 +243,7 @@ impl<H> Slots<H> {
     /// An assignment refused at the edge (it could not be worked on): its lease goes back as
     /// the runner's failure, counted like a job's.
     pub fn refused(&mut self, lease: LeaseRef, why: &str) -> (Release, InfraFailure) {
-        let infra = self.infra_failure(why);
+        let infra = self.infra_failure(why, false);
         let release = Release {
             lease,
             reason: why.to_owned(),
@@ -240,16 +252,22 @@ impl<H> Slots<H> {
         (release, infra)
     }
 
-    fn infra_failure(&mut self, why: &str) -> InfraFailure {
+    /// Counts an infrastructure failure; `at_once`: the next task would fail the same way, so
+    /// the runner turns unhealthy now, in the failure's words.
+    fn infra_failure(&mut self, why: &str, at_once: bool) -> InfraFailure {
         self.infra_failures = self.infra_failures.saturating_add(1);
         let first = why.lines().next().unwrap_or_default().to_owned();
         let turned_unhealthy =
-            self.infra_failures >= self.max_infra_failures && self.unhealthy.is_none();
+            (at_once || self.infra_failures >= self.max_infra_failures) && self.unhealthy.is_none();
         if turned_unhealthy {
-            self.unhealthy = Some(format!(
-                "{} infrastructure failures in a row; last: {first}",
-                self.infra_failures
-            ));
+            self.unhealthy = Some(if at_once {
+                first.clone()
+            } else {
+                format!(
+                    "{} infrastructure failures in a row; last: {first}",
+                    self.infra_failures
+                )
+            });
         }
         InfraFailure {
             in_a_row: self.infra_failures,
@@ -319,9 +337,21 @@ impl<H> Slots<H> {
         self.draining && self.jobs.is_empty() && self.queued.is_empty()
     }
 
-    /// Why the runner takes no work, once it is unhealthy.
+    /// Why the runner takes no work: it is unhealthy, or paused by a rate limit.
     pub fn unhealthy(&self) -> Option<&str> {
-        self.unhealthy.as_deref()
+        self.unhealthy
+            .as_deref()
+            .or(self.paused.as_ref().map(|(_, why)| why.as_str()))
+    }
+
+    /// Until when (ms since the epoch) a rate limit pauses the runner.
+    pub fn paused_until(&self) -> Option<i64> {
+        self.paused.as_ref().map(|(until, _)| *until)
+    }
+
+    /// The pause is over: the runner takes work again (unless it is unhealthy).
+    pub fn resume(&mut self) {
+        self.paused = None;
     }
 }
 
@@ -338,6 +368,7 @@ mod tests {
             lease: LeaseRef::of(&task, 1),
             run_id: RunId::parse(&format!("dev-{task}-1")).expect("run id"),
             task,
+            title: "a task".into(),
             namespace: None,
             base_branch: "main".into(),
             base: CommitId::parse(&"a".repeat(40)).expect("commit"),
@@ -345,6 +376,8 @@ mod tests {
             patchset: 1,
             prompt: String::new(),
             verification: None,
+            budget_cents: None,
+            resume_session: None,
         }
     }
 
@@ -476,6 +509,59 @@ mod tests {
         s.stop_all(true);
         let ended = s.ended(&lease_id("t-4"), &JobEnd::Delivered, true);
         assert_eq!(ended.and_then(|e| e.release), None);
+    }
+
+    #[test]
+    fn an_unusable_agent_makes_the_runner_unhealthy_at_once() {
+        let mut s = slots(2);
+        started(s.offer(assignment("t-1"), "t-1"));
+        let ended = s
+            .ended(
+                &lease_id("t-1"),
+                &JobEnd::Unusable(
+                    "claude cannot authenticate on this runner: Not logged in".into(),
+                ),
+                false,
+            )
+            .expect("a job");
+        assert!(ended.infra.expect("counted").turned_unhealthy);
+        assert!(ended.release.expect("given back").infrastructure);
+        assert_eq!(
+            s.unhealthy(),
+            Some("claude cannot authenticate on this runner: Not logged in")
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_pauses_the_runner_until_it_resets() {
+        let mut s = slots(2);
+        started(s.offer(assignment("t-1"), "t-1"));
+        let ended = s
+            .ended(
+                &lease_id("t-1"),
+                &JobEnd::RateLimited {
+                    reason: "claude's rate limit was reached".into(),
+                    until_ms: 5_000,
+                },
+                false,
+            )
+            .expect("a job");
+        assert_eq!(ended.infra, None, "not counted as a failure");
+        assert!(
+            ended.release.expect("given back").infrastructure,
+            "uncharged"
+        );
+        assert_eq!(s.paused_until(), Some(5_000));
+        assert_eq!(s.unhealthy(), Some("claude's rate limit was reached"));
+        assert!(matches!(
+            s.offer(assignment("t-2"), "t-2"),
+            Offer::Refuse {
+                busy: Busy::Unhealthy,
+                ..
+            }
+        ));
+        s.resume();
+        assert_eq!(s.unhealthy(), None);
     }
 
     #[test]

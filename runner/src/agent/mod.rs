@@ -1,4 +1,4 @@
-//! Running the agent, in one of the two modes of `CONTRACT.md`:
+//! Running the agent, in one of the modes of `CONTRACT.md`:
 //!
 //! - `command`: `sh -c CMD` in the worktree with the `PIPELINE_*` variables; exit 0 means
 //!   completed; the cost, if any, is read from `PIPELINE_COST_FILE`.
@@ -6,17 +6,30 @@
 //!   starts a background run; `agentd status RUN_ID --json` is asked until it says `completed`,
 //!   `failed` or `timeout`. agentd offers nothing to wait on, so this is the one place the
 //!   runner polls: from 200 ms, doubling to 5 s.
+//! - The presets for the agents teams run: [`claude`] (Claude Code), [`codex`] (Codex CLI) and
+//!   [`aider`], each with its non-interactive invocation, its output read for a readable log,
+//!   its ending classified and its usage (tokens, cents) recorded; [`prices`] estimates the
+//!   cost of agents that report only tokens.
 //!
-//! Either way the time limit is enforced here too, and the cost is recorded.
+//! Either way the time limit is enforced here too, and the usage is recorded.
+
+pub mod aider;
+pub mod claude;
+pub mod codex;
+pub mod prices;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentArgs, AgentMode};
+use crate::usage::{CostSource, Usage};
 use pipeline_core::process::{self, Spec, Stream, could_not_run, with_tail};
+
+pub use prices::Prices;
 
 /// What the agent needs to know about its run.
 #[derive(Clone, Debug)]
@@ -24,28 +37,85 @@ pub struct AgentJob {
     pub run_id: String,
     pub worktree: PathBuf,
     pub prompt_file: PathBuf,
+    /// The prompt itself (the presets give it on stdin).
+    pub prompt: String,
     pub cost_file: PathBuf,
     /// The whole environment: the allowed variables and the `PIPELINE_*` ones.
     pub env: Vec<(String, String)>,
+    /// What the task may still spend, in cents; `None`: no cap.
+    pub budget_cents: Option<f64>,
+    /// The agent's session of the previous attempt, to resume.
+    pub resume_session: Option<String>,
+    pub prices: Arc<Prices>,
+}
+
+#[cfg(test)]
+impl AgentJob {
+    pub fn for_tests() -> Self {
+        Self {
+            run_id: "dev-t-1-1".into(),
+            worktree: std::env::temp_dir(),
+            prompt_file: std::env::temp_dir().join("prompt.md"),
+            prompt: "do it".into(),
+            cost_file: std::env::temp_dir().join("cost"),
+            env: vec![],
+            budget_cents: None,
+            resume_session: None,
+            prices: Arc::new(Prices::default()),
+        }
+    }
 }
 
 /// How the agent's run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentResult {
     Completed {
-        cost_cents: f64,
+        usage: Usage,
     },
     /// The agent ran and failed: the task's attempt.
     Failed {
         reason: String,
-        cost_cents: f64,
+        usage: Usage,
     },
-    /// The agent could not be run at all (a missing program, an exec failure): the runner's
-    /// fault, not the task's.
+    /// The agent could not do its work for the machine's reasons (a missing program, an exec
+    /// failure, no credentials, no network): the runner's fault, not the task's. `unhealthy`:
+    /// the next task would fail the same way, so the runner takes no more work at once.
     Infra {
         reason: String,
+        unhealthy: bool,
+    },
+    /// The agent's provider refused more work for now: not the task's fault; the runner takes
+    /// no new work until `until_ms` (when known).
+    RateLimited {
+        reason: String,
+        until_ms: Option<i64>,
+        usage: Usage,
     },
     Cancelled,
+}
+
+/// `text` on one line, at most 300 characters: newlines shown as ⏎.
+pub fn one_line(text: &str) -> String {
+    let flat = text.trim().replace('\n', " ⏎ ");
+    if flat.chars().count() > 300 {
+        let cut: String = flat.chars().take(300).collect();
+        format!("{cut}…")
+    } else {
+        flat
+    }
+}
+
+/// The usage of an agent that reports only a cost (agentd, command).
+fn cost_only(mode: AgentMode, cost_cents: f64) -> Usage {
+    let mut u = Usage::new(mode.word());
+    u.cost_cents = cost_cents;
+    u.cost_source = if cost_cents > 0.0 {
+        CostSource::Reported
+    } else {
+        CostSource::None
+    };
+    u.complete = true;
+    u
 }
 
 /// Runs the agent for `job`.
@@ -58,6 +128,9 @@ pub async fn run(
     match args.mode() {
         AgentMode::Command => run_command(args, job, cancel, on_line).await,
         AgentMode::Agentd => run_agentd(args, job, cancel, on_line).await,
+        AgentMode::Claude => claude::run(args, job, cancel, on_line).await,
+        AgentMode::Codex => codex::run(args, job, cancel, on_line).await,
+        AgentMode::Aider => aider::run(args, job, cancel, on_line).await,
     }
 }
 
@@ -78,6 +151,7 @@ async fn run_command(
     let Some(cmd) = &args.agent_cmd else {
         return AgentResult::Infra {
             reason: "--agent command needs --agent-cmd".to_owned(),
+            unhealthy: true,
         };
     };
     let spec = Spec {
@@ -92,15 +166,16 @@ async fn run_command(
         Err(e) => {
             return AgentResult::Infra {
                 reason: format!("cannot start the agent command (sh -c {cmd}): {e}"),
+                unhealthy: false,
             };
         }
     };
-    let cost_cents = read_cost(&job.cost_file);
+    let usage = cost_only(AgentMode::Command, read_cost(&job.cost_file));
     if finished.cancelled {
         return AgentResult::Cancelled;
     }
     if finished.success() {
-        return AgentResult::Completed { cost_cents };
+        return AgentResult::Completed { usage };
     }
     if could_not_run(finished.code()) {
         return AgentResult::Infra {
@@ -111,6 +186,7 @@ async fn run_command(
                 ),
                 &finished.tail,
             ),
+            unhealthy: false,
         };
     }
     let reason = if finished.timed_out {
@@ -120,7 +196,7 @@ async fn run_command(
     };
     AgentResult::Failed {
         reason: with_tail(reason, &finished.tail),
-        cost_cents,
+        usage,
     }
 }
 
@@ -156,14 +232,11 @@ async fn run_agentd(
         start_args.extend(["-p".to_owned(), p.clone()]);
     }
     let spec = |args_: Vec<String>| Spec {
-        program: "agentd".into(),
-        args: args_.into_iter().map(Into::into).collect(),
-        cwd: job.worktree.clone(),
         env: job.env.clone(),
         clear_env: true,
         timeout: Some(Duration::from_secs(60)),
         kill_grace: args.kill_grace(),
-        reap_group: true,
+        ..Spec::program("agentd", args_, job.worktree.clone())
     };
     // `agentd run` starts the run in the background: what it leaves behind must live on.
     let start = Spec {
@@ -175,6 +248,7 @@ async fn run_agentd(
         Err(e) => {
             return AgentResult::Infra {
                 reason: format!("cannot run agentd: {e}"),
+                unhealthy: false,
             };
         }
     };
@@ -187,6 +261,7 @@ async fn run_agentd(
                 format!("agentd could not be run ({})", started.describe()),
                 &started.tail,
             ),
+            unhealthy: false,
         };
     }
     if !started.success() {
@@ -195,7 +270,7 @@ async fn run_agentd(
                 format!("agentd run failed to start ({})", started.describe()),
                 &started.tail,
             ),
-            cost_cents: 0.0,
+            usage: cost_only(AgentMode::Agentd, 0.0),
         };
     }
     let limit = Duration::from_secs(args.timeout) + Duration::from_secs(30);
@@ -219,13 +294,15 @@ async fn run_agentd(
         {
             match serde_json::from_str::<AgentdStatus>(out.trim()) {
                 Ok(s) => {
-                    let cost_cents = s
-                        .cost_cents
-                        .filter(|c| c.is_finite() && *c >= 0.0)
-                        .unwrap_or(0.0);
+                    let usage = cost_only(
+                        AgentMode::Agentd,
+                        s.cost_cents
+                            .filter(|c| c.is_finite() && *c >= 0.0)
+                            .unwrap_or(0.0),
+                    );
                     match s.status.as_str() {
                         "running" => {}
-                        "completed" => return AgentResult::Completed { cost_cents },
+                        "completed" => return AgentResult::Completed { usage },
                         "failed" => {
                             return AgentResult::Failed {
                                 reason: format!(
@@ -233,13 +310,13 @@ async fn run_agentd(
                                     s.error
                                         .unwrap_or_else(|| "agentd gave no reason".to_owned())
                                 ),
-                                cost_cents,
+                                usage,
                             };
                         }
                         "timeout" => {
                             return AgentResult::Failed {
                                 reason: format!("the agent timed out after {} s", args.timeout),
-                                cost_cents,
+                                usage,
                             };
                         }
                         other => {
@@ -259,7 +336,7 @@ async fn run_agentd(
                     job.run_id,
                     limit.as_secs()
                 ),
-                cost_cents: 0.0,
+                usage: cost_only(AgentMode::Agentd, 0.0),
             };
         }
         tokio::select! {
