@@ -175,6 +175,63 @@ impl FailureKind {
     }
 }
 
+/// Where a run's cost came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CostSource {
+    /// The agent reported its cost.
+    Reported,
+    /// Estimated by the runner from the tokens and its price table.
+    Estimated,
+    /// Neither: the cost is unknown.
+    None,
+}
+
+impl CostSource {
+    /// The lowercase word used in the database and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CostSource::Reported => "reported",
+            CostSource::Estimated => "estimated",
+            CostSource::None => "none",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::Reported, Self::Estimated, Self::None]
+            .into_iter()
+            .find(|s| s.as_str() == raw)
+    }
+}
+
+/// What one agent run used, as its runner reported it (bounded at the edge). Cached input is
+/// part of input; reasoning is part of output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Usage {
+    /// claude, codex, aider, agentd or command.
+    pub agent: String,
+    pub model: Option<String>,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// The agent's cost in cents (stored as its run's `cost_cents`).
+    pub cost_cents: f64,
+    pub cost_source: CostSource,
+    /// False when the run ended before the agent's final report (a lower bound).
+    pub complete: bool,
+    /// The agent's session, for resuming it on the next attempt.
+    pub session_id: Option<String>,
+}
+
+impl Usage {
+    /// The tokens the last-day figures count: input and output (cached input and reasoning
+    /// are parts of those).
+    pub fn tokens(&self) -> u64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+}
+
 /// The mutable part of a task: everything the lifecycle reads and writes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskState {
@@ -419,6 +476,8 @@ pub struct Run {
     /// For an integrate run: the merge train it was in, and how many builds covered the task.
     pub train: Option<i64>,
     pub builds: Option<u32>,
+    /// For a dev run: what its agent used, when the runner said.
+    pub usage: Option<Usage>,
 }
 
 /// A run that is already over when it is recorded.
@@ -445,6 +504,8 @@ pub struct RunEnd {
     pub failure_kind: Option<FailureKind>,
     /// For an integrate run: how many builds covered the task.
     pub builds: Option<u32>,
+    /// For a dev run: what its agent used (its `cost_cents` is the end's).
+    pub usage: Option<Usage>,
 }
 
 impl RunEnd {
@@ -456,6 +517,7 @@ impl RunEnd {
             error: note,
             failure_kind: None,
             builds: None,
+            usage: None,
         }
     }
 
@@ -467,6 +529,7 @@ impl RunEnd {
             error: Some(error),
             failure_kind: kind,
             builds: None,
+            usage: None,
         }
     }
 

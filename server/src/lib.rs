@@ -6,7 +6,8 @@
 //! coordinator: [`scheduler`] (the registry of runners and leases, and the pure lease planner),
 //! [`integrate`] (the integrator, which lands Verified tasks), [`logs`] (run logs and live
 //! transitions), [`repo`] (the canonical repository, through `pipeline_core::git`). [`domain`]
-//! holds the types every layer shares;
+//! holds the types every layer shares; [`landing`] and [`usage`] what `status` reads from memory
+//! (landing and its pauses, the last day's cost);
 //! [`app`] wires it all up and supervises the background loops.
 
 pub mod app;
@@ -25,3 +26,4 @@ pub mod prompt;
 pub mod repo;
 pub mod scheduler;
 pub mod store;
+pub mod usage;

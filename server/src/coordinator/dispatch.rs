@@ -29,11 +29,12 @@ use super::{Coordinator, Decision};
 /// After a failed dispatch round (database or git trouble), try again this much later.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
-/// A lease decided but not yet committed: who gets it.
+/// A lease decided but not yet committed: who gets it, and the agent session it may resume.
 struct Planned {
     decision: Decision,
     runner_id: String,
     runner: String,
+    resume_session: Option<String>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -118,6 +119,7 @@ impl<S: Store> Coordinator<S> {
                         decision,
                         runner_id,
                         runner,
+                        resume_session: self.resume_session(&kept[task]).await?,
                     }),
                     Err(Error::FailedPrecondition(_)) => continue,
                     Err(err) => return Err(err),
@@ -197,6 +199,18 @@ impl<S: Store> Coordinator<S> {
         Ok(decision)
     }
 
+    /// The agent session a new attempt of `task` may resume: that of its latest dev run that
+    /// reported one, whatever became of that attempt (the runner resumes it only when its
+    /// worktree is at the commit the session left, as after a verify failure). Read before the
+    /// lease is committed, so a failed read fails the round, not a lease; a task never leased
+    /// has none and costs no read.
+    async fn resume_session(&self, task: &Task) -> Result<Option<String>> {
+        if task.lease_epoch == 0 {
+            return Ok(None);
+        }
+        self.store.latest_session(&task.id).await
+    }
+
     async fn base_tip_cached(&self, tip: &mut Option<CommitId>) -> Result<CommitId> {
         if let Some(t) = tip {
             return Ok(t.clone());
@@ -226,15 +240,21 @@ impl<S: Store> Coordinator<S> {
                     train: None,
                 });
                 p.decision.write.event.message = format!("leased to {} (epoch {epoch})", p.runner);
-                runners.push((p.runner_id, p.runner, p.decision.before.id.clone()));
+                runners.push((
+                    p.runner_id,
+                    p.runner,
+                    p.decision.before.id.clone(),
+                    p.resume_session,
+                ));
                 p.decision
             })
             .collect();
         let results = self.commit(decisions).await?;
-        for ((runner_id, runner, task), result) in runners.into_iter().zip(results) {
+        for ((runner_id, runner, task, resume_session), result) in runners.into_iter().zip(results)
+        {
             match result {
                 Ok(done) => {
-                    self.push_lease(&done.task, done.run_id, &runner_id, &runner)
+                    self.push_lease(&done.task, done.run_id, &runner_id, &runner, resume_session)
                         .await?
                 }
                 Err(err) => {
@@ -254,6 +274,7 @@ impl<S: Store> Coordinator<S> {
         run_id: Option<i64>,
         runner_id: &str,
         runner_name: &str,
+        resume_session: Option<String>,
     ) -> Result<()> {
         let lease = leased.lease.clone().ok_or_else(|| {
             Error::Internal(format!("task {} was leased without a lease", leased.id))
@@ -279,6 +300,8 @@ impl<S: Store> Coordinator<S> {
             patchset: leased.state.patchset,
             prompt,
             verification: self.settings.verifier.clone(),
+            budget_cents: self.policy().remaining_budget(&leased.state),
+            resume_session,
         };
         let pushed = {
             let mut registry = self.registry();

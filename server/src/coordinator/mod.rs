@@ -38,6 +38,7 @@ use crate::logs::LogHub;
 use crate::repo::Repo;
 use crate::scheduler::registry::{LeaseRef, Push, Registry};
 use crate::store::{Committed, NewEvent, RunChanges, Store, TaskRecord, TaskWrite};
+use crate::usage::LastDay;
 
 pub use runners::{Attached, LeaseResult, Registered, RunnerHello, unregistered};
 pub use tasks::{Page, RunnerInfo, RunnerState, Status, TaskDetail};
@@ -104,6 +105,9 @@ pub struct Coordinator<S> {
     counts: Mutex<Option<StatusCounts>>,
     /// The landing side: pauses, the train now, recent trains.
     landing: Mutex<Landing>,
+    /// What the runs that ended over the last day cost, kept in step with every committed
+    /// change (loaded with the counts), so `status` reads no database.
+    last_day: Mutex<LastDay>,
     /// The digest of the server's verification ([`Verifier::digest`]).
     verify_digest: String,
 }
@@ -129,6 +133,7 @@ impl<S: Store> Coordinator<S> {
             integrate_wake: Notify::new(),
             counts: Mutex::new(None),
             landing: Mutex::new(Landing::default()),
+            last_day: Mutex::new(LastDay::default()),
         }
     }
 
@@ -174,6 +179,12 @@ impl<S: Store> Coordinator<S> {
     /// The landing side's state.
     pub fn landing(&self) -> MutexGuard<'_, Landing> {
         self.landing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn last_day(&self) -> MutexGuard<'_, LastDay> {
+        self.last_day
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -320,6 +331,21 @@ impl<S: Store> Coordinator<S> {
             if write.runs.close_rest.is_some() && before.state.status == TaskStatus::InProgress {
                 counts.active_dev_runs = counts.active_dev_runs.saturating_sub(1);
             }
+        }
+        // What the runs this write ended cost (a dev run's agent; nothing else costs).
+        let ended = write
+            .runs
+            .end
+            .iter()
+            .map(|(_, e)| e)
+            .chain(&write.runs.close_rest);
+        let (cents, tokens) = ended.fold((0.0, 0u64), |(c, t), e| {
+            let used = e.usage.as_ref().map_or(0, crate::domain::Usage::tokens);
+            (c + e.cost_cents, t.saturating_add(used))
+        });
+        let recorded: f64 = write.runs.record.iter().map(|r| r.cost_cents).sum();
+        if cents + recorded > 0.0 || tokens > 0 {
+            self.last_day().record(write.at, cents + recorded, tokens);
         }
         // A lease that ended: its run's log says why (a line of the server's, before the
         // status change reaches the run's followers), and its runner is told to stop.

@@ -1,5 +1,5 @@
-//! What the coordinator finds at start-up and puts right before it serves: the counts
-//! `status` answers from memory, the leases in the database (each restored for one TTL, for
+//! What the coordinator finds at start-up and puts right before it serves: the counts (and the
+//! last day's cost) `status` answers from memory, the leases in the database (each restored for one TTL, for
 //! its runner to come back), task IDs the repository already knows (never generated again),
 //! and tasks whose landing the database lost (recorded Done, never landed twice).
 
@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::lifecycle::Event;
 use crate::scheduler::registry::LiveLease;
 use crate::store::Store;
+use crate::usage::{self, LastDay};
 
 use super::Coordinator;
 
@@ -17,11 +18,18 @@ use super::Coordinator;
 const HISTORY_SCANNED: &str = "history_scanned_tip";
 
 impl<S: Store> Coordinator<S> {
-    /// Reads the task counts from the store once; from then on every committed change keeps
-    /// them current (call it before any change can happen: at start-up, before serving).
+    /// Reads the task counts and the last day's cost from the store once; from then on every
+    /// committed change keeps them current (call it before any change can happen: at
+    /// start-up, before serving).
     pub async fn load_counts(&self) -> Result<()> {
         let counts = self.store.status_counts().await?;
+        let now = self.now();
+        let spent = self
+            .store
+            .usage_since(LastDay::since(now), usage::BUCKET_MS)
+            .await?;
         *self.counts_mut() = Some(counts);
+        self.last_day().load(spent, now);
         Ok(())
     }
 

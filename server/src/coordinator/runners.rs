@@ -473,6 +473,7 @@ impl<S: Store> Coordinator<S> {
                                 error: run.error.clone(),
                                 failure_kind: run.failure_kind,
                                 builds: None,
+                                usage: None,
                             },
                         ));
                     } else {

@@ -57,6 +57,10 @@ pub struct Status {
     pub queue_paused: bool,
     /// Integration builds per landed task over the last hour.
     pub builds_per_landed: Option<f64>,
+    /// What the runs that ended over the last day cost, in cents, and their input and output
+    /// tokens.
+    pub cost_cents_last_day: f64,
+    pub tokens_last_day: u64,
 }
 
 /// Which page of a list: after the key of the last item of the previous one, at most `size`.
@@ -323,8 +327,11 @@ impl<S: Store> Coordinator<S> {
             None => self.store.status_counts().await?,
         };
         let now = self.now();
+        let (cost_cents_last_day, tokens_last_day) = self.last_day().totals(now);
         let landing = self.landing();
         Ok(Status {
+            cost_cents_last_day,
+            tokens_last_day,
             landing: landing.state(),
             queue_paused: landing.queue_paused.is_some(),
             builds_per_landed: landing.builds_per_landed(now),

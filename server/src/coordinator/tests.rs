@@ -35,6 +35,10 @@ fn git(dir: &std::path::Path, args: &[&str]) {
 }
 
 async fn world() -> World {
+    world_with(Policy::default()).await
+}
+
+async fn world_with(policy: Policy) -> World {
     let dir = tempfile::tempdir().expect("temp dir");
     let repo_dir = dir.path().join("repo");
     std::fs::create_dir(&repo_dir).expect("mkdir");
@@ -42,7 +46,7 @@ async fn world() -> World {
     git(&repo_dir, &["commit", "-q", "--allow-empty", "-m", "root"]);
     let store = MemoryStore::new();
     let settings = Settings {
-        policy: Policy::default(),
+        policy,
         base: BranchName::parse("main").expect("branch"),
         spool_dir: dir.path().join("spool"),
         lease_ttl_ms: TTL,
@@ -260,4 +264,95 @@ async fn status_counts_kept_in_memory_match_the_store() {
     );
     c.retry(&b.id).await.expect("retry");
     assert_eq!(check().await.open, 2);
+}
+
+/// What an agent used, by the runner's report.
+fn usage(cost_cents: f64, session: &str) -> crate::domain::Usage {
+    crate::domain::Usage {
+        agent: "claude".into(),
+        model: Some("claude-sonnet-4-5".into()),
+        input_tokens: 1000,
+        cached_input_tokens: 800,
+        cache_write_tokens: 0,
+        output_tokens: 200,
+        reasoning_tokens: 0,
+        cost_cents,
+        cost_source: crate::domain::CostSource::Reported,
+        complete: true,
+        session_id: Some(session.into()),
+    }
+}
+
+#[tokio::test]
+async fn a_dev_runs_usage_is_its_cost_counts_for_the_day_and_shapes_the_next_assignment() {
+    use crate::lifecycle::judge::{Outcome, RunnerResult};
+    let w = world_with(Policy {
+        max_task_cost_cents: 100.0,
+        ..Policy::default()
+    })
+    .await;
+    let c = &w.c;
+    let (runner_id, mut rx) = runner(c, "r1", 1).await;
+    let t = c.create_task(new_task("a")).await.expect("create");
+    c.dispatch_once().await.expect("round");
+    let Push::Assign(first) = rx.try_recv().expect("pushed") else {
+        panic!("an assignment")
+    };
+    assert_eq!(
+        (first.budget_cents, first.resume_session.as_deref()),
+        (Some(100.0), None),
+        "the whole cap, and nothing to resume"
+    );
+    let result = LeaseResult {
+        lease: first.lease.clone(),
+        result: RunnerResult {
+            outcome: Outcome::DevFailed,
+            error: Some("the agent stopped".into()),
+            // The header's cost gives way to the report's.
+            cost_cents: 1.0,
+            usage: Some(usage(30.0, "s-1")),
+            verify_skipped: None,
+            verify_digest: None,
+            dev_finished_at: w.clock.now_ms(),
+        },
+        commit: None,
+    };
+    let failed = c
+        .complete(&runner_id, result, None)
+        .await
+        .expect("complete");
+    assert_eq!(failed.state.cost_cents, 30.0);
+    let runs = c.store().runs(&t.id).await.expect("runs");
+    assert_eq!(runs[0].cost_cents, 30.0);
+    assert_eq!(runs[0].usage, Some(usage(30.0, "s-1")));
+    let status = c.status().await.expect("status");
+    assert_eq!(
+        (status.cost_cents_last_day, status.tokens_last_day),
+        (30.0, 1200)
+    );
+    // Loaded again from the store, memory says the same.
+    c.load_counts().await.expect("reload");
+    let status = c.status().await.expect("status");
+    assert_eq!(
+        (status.cost_cents_last_day, status.tokens_last_day),
+        (30.0, 1200)
+    );
+
+    w.clock.advance(3_600_000);
+    c.dispatch_once().await.expect("round");
+    let Push::Assign(second) = rx.try_recv().expect("pushed again") else {
+        panic!("an assignment")
+    };
+    assert_eq!(second.lease.epoch, 2);
+    assert_eq!(
+        (second.budget_cents, second.resume_session.as_deref()),
+        (Some(70.0), Some("s-1"))
+    );
+    // A day later the run no longer counts.
+    w.clock.advance(crate::usage::DAY_MS);
+    let status = c.status().await.expect("status");
+    assert_eq!(
+        (status.cost_cents_last_day, status.tokens_last_day),
+        (0.0, 0)
+    );
 }

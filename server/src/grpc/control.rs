@@ -202,8 +202,8 @@ impl<S: Store> ControlService for ControlApi<S> {
             landing: Some(landing_to_pb(s.landing)),
             queue_paused: s.queue_paused,
             builds_per_landed: s.builds_per_landed,
-            cost_cents_last_day: 0.0,
-            tokens_last_day: 0,
+            cost_cents_last_day: s.cost_cents_last_day,
+            tokens_last_day: s.tokens_last_day,
         }))
     }
 

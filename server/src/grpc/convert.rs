@@ -7,8 +7,8 @@ use tonic::Status;
 use super::status_from_error;
 use crate::coordinator::{RunnerInfo, RunnerState, TaskDetail};
 use crate::domain::{
-    FailureKind, LogLine, LogStream, NewTask, Phase, Run, RunStatus, Task, TaskEvent, TaskId,
-    TaskStatus,
+    CostSource, FailureKind, LogLine, LogStream, NewTask, Phase, Run, RunStatus, Task, TaskEvent,
+    TaskId, TaskStatus, Usage,
 };
 use crate::logs::LogItem;
 
@@ -167,8 +167,29 @@ impl From<&Run> for pb::Run {
             .into(),
             train: r.train,
             builds: r.builds,
-            usage: None,
+            usage: r.usage.as_ref().map(usage_to_pb),
         }
+    }
+}
+
+fn usage_to_pb(u: &Usage) -> pb::Usage {
+    pb::Usage {
+        agent: u.agent.clone(),
+        model: u.model.clone(),
+        input_tokens: u.input_tokens,
+        cached_input_tokens: u.cached_input_tokens,
+        cache_write_tokens: u.cache_write_tokens,
+        output_tokens: u.output_tokens,
+        reasoning_tokens: u.reasoning_tokens,
+        cost_cents: u.cost_cents,
+        cost_source: match u.cost_source {
+            CostSource::Reported => pb::CostSource::Reported,
+            CostSource::Estimated => pb::CostSource::Estimated,
+            CostSource::None => pb::CostSource::None,
+        }
+        .into(),
+        complete: u.complete,
+        session_id: u.session_id.clone(),
     }
 }
 

@@ -22,6 +22,7 @@ use pipeline_core::ids::CommitId;
 use super::status_from_error;
 use crate::auth::Caller;
 use crate::coordinator::{Coordinator, LeaseResult, RunnerHello};
+use crate::domain::{CostSource, Usage};
 use crate::lifecycle::judge::{Outcome, RunnerResult};
 use crate::repo::BundleStream;
 use crate::scheduler::registry::{Assignment, LeaseRef, Push};
@@ -90,8 +91,8 @@ fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
         patchset: a.patchset,
         prompt: a.prompt.clone(),
         verification: Some(verification_to_pb(&a.verification)),
-        budget_cents: None,
-        resume_session: None,
+        budget_cents: a.budget_cents,
+        resume_session: a.resume_session.clone(),
     }
 }
 
@@ -157,6 +158,96 @@ fn check_cost(cents: f64) -> Result<(), Status> {
         "cost_cents {cents:e} is not a cost: one attempt reports 0 to {MAX_REPORTED_COST_CENTS:e} \
          cents"
     )))
+}
+
+/// The most tokens of one kind one attempt may report (a trillion): bounded so that stored
+/// counts and their sums stay exact integers.
+pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000_000;
+/// The longest agent name in a usage report, in bytes.
+pub const MAX_AGENT_BYTES: usize = 32;
+/// The longest model name in a usage report, in bytes.
+pub const MAX_MODEL_BYTES: usize = 200;
+/// The longest agent session ID in a usage report, in bytes.
+pub const MAX_SESSION_BYTES: usize = 200;
+
+/// A text field of a usage report: at most `max` bytes, no control characters. The refusal is
+/// short whatever the field holds.
+fn check_usage_text(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "usage.{field} is {} bytes; at most {max}",
+            value.len()
+        )));
+    }
+    if let Some(bad) = value.chars().find(|c| c.is_control()) {
+        return Err(Status::invalid_argument(format!(
+            "usage.{field} contains {}",
+            describe_char(bad)
+        )));
+    }
+    Ok(())
+}
+
+/// An optional text field: an empty one is none.
+fn usage_text(field: &str, value: Option<String>, max: usize) -> Result<Option<String>, Status> {
+    match value.filter(|v| !v.is_empty()) {
+        Some(v) => check_usage_text(field, &v, max).map(|()| Some(v)),
+        None => Ok(None),
+    }
+}
+
+/// A runner's usage report, bounded: a named agent, a model and session of sane length without
+/// control characters, token counts up to [`MAX_REPORTED_TOKENS`], a cost as [`check_cost`]
+/// allows, a known cost source.
+fn usage_from_pb(u: pb::Usage) -> Result<Usage, Status> {
+    if u.agent.is_empty() {
+        return Err(Status::invalid_argument(
+            "usage.agent is empty; name the agent",
+        ));
+    }
+    check_usage_text("agent", &u.agent, MAX_AGENT_BYTES)?;
+    let model = usage_text("model", u.model, MAX_MODEL_BYTES)?;
+    let session_id = usage_text("session_id", u.session_id, MAX_SESSION_BYTES)?;
+    for (field, n) in [
+        ("input_tokens", u.input_tokens),
+        ("cached_input_tokens", u.cached_input_tokens),
+        ("cache_write_tokens", u.cache_write_tokens),
+        ("output_tokens", u.output_tokens),
+        ("reasoning_tokens", u.reasoning_tokens),
+    ] {
+        if n > MAX_REPORTED_TOKENS {
+            return Err(Status::invalid_argument(format!(
+                "usage.{field} {n} is not a token count: one attempt reports at most \
+                 {MAX_REPORTED_TOKENS}"
+            )));
+        }
+    }
+    check_cost(u.cost_cents)
+        .map_err(|e| Status::invalid_argument(format!("usage.{}", e.message())))?;
+    let cost_source = match pb::CostSource::try_from(u.cost_source) {
+        Ok(pb::CostSource::Reported) => CostSource::Reported,
+        Ok(pb::CostSource::Estimated) => CostSource::Estimated,
+        Ok(pb::CostSource::None) => CostSource::None,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "usage.cost_source {} is not reported, estimated or none",
+                u.cost_source
+            )));
+        }
+    };
+    Ok(Usage {
+        agent: u.agent,
+        model,
+        input_tokens: u.input_tokens,
+        cached_input_tokens: u.cached_input_tokens,
+        cache_write_tokens: u.cache_write_tokens,
+        output_tokens: u.output_tokens,
+        reasoning_tokens: u.reasoning_tokens,
+        cost_cents: u.cost_cents,
+        cost_source,
+        complete: u.complete,
+        session_id,
+    })
 }
 
 /// How a character is named in a refusal.
@@ -476,6 +567,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             _ => return Err(Status::invalid_argument("unknown lease outcome")),
         };
         check_cost(header.cost_cents)?;
+        let usage = header.usage.map(usage_from_pb).transpose()?;
         // Refuse a dead lease before reading a possibly large bundle (the full check, against
         // the database too, comes with the result).
         self.coordinator
@@ -496,6 +588,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
                 outcome,
                 error: header.error,
                 cost_cents: header.cost_cents,
+                usage,
                 verify_skipped: header.verify_skipped,
                 verify_digest: header.verify_digest,
                 dev_finished_at: if header.dev_finished_at_ms > 0 {
@@ -740,6 +833,129 @@ mod tests {
         assert_eq!(
             check_cost(1.7e308).expect_err("refused").message(),
             "cost_cents 1.7e308 is not a cost: one attempt reports 0 to 1e9 cents"
+        );
+    }
+
+    fn usage() -> pb::Usage {
+        pb::Usage {
+            agent: "claude".into(),
+            model: Some("claude-sonnet-4-5".into()),
+            input_tokens: 1200,
+            cached_input_tokens: 1000,
+            cache_write_tokens: 100,
+            output_tokens: 300,
+            reasoning_tokens: 0,
+            cost_cents: 4.25,
+            cost_source: pb::CostSource::Reported.into(),
+            complete: true,
+            session_id: Some("0b5e-41".into()),
+        }
+    }
+
+    #[test]
+    fn usage_reports_are_bounded() {
+        let ok = usage_from_pb(usage()).expect("valid");
+        assert_eq!(
+            (ok.agent.as_str(), ok.model.as_deref(), ok.cost_source),
+            ("claude", Some("claude-sonnet-4-5"), CostSource::Reported)
+        );
+        assert_eq!(
+            (ok.input_tokens, ok.output_tokens, ok.cost_cents),
+            (1200, 300, 4.25)
+        );
+        let empty = usage_from_pb(pb::Usage {
+            model: Some(String::new()),
+            session_id: Some(String::new()),
+            ..usage()
+        })
+        .expect("empty texts are none");
+        assert_eq!((empty.model, empty.session_id), (None, None));
+        let refused: Vec<(pb::Usage, &str)> = vec![
+            (
+                pb::Usage {
+                    cost_cents: f64::NAN,
+                    ..usage()
+                },
+                "usage.cost_cents NaN is not a cost",
+            ),
+            (
+                pb::Usage {
+                    cost_cents: -1.0,
+                    ..usage()
+                },
+                "usage.cost_cents -1e0 is not a cost",
+            ),
+            (
+                pb::Usage {
+                    model: Some("m".repeat(1 << 20)),
+                    ..usage()
+                },
+                "usage.model is 1048576 bytes; at most 200",
+            ),
+            (
+                pb::Usage {
+                    agent: "a".repeat(MAX_AGENT_BYTES + 1),
+                    ..usage()
+                },
+                "usage.agent is 33 bytes; at most 32",
+            ),
+            (
+                pb::Usage {
+                    agent: String::new(),
+                    ..usage()
+                },
+                "usage.agent is empty",
+            ),
+            (
+                pb::Usage {
+                    session_id: Some("s\n".into()),
+                    ..usage()
+                },
+                "usage.session_id contains the control character '\\n'",
+            ),
+            (
+                pb::Usage {
+                    model: Some("m\u{1b}[2J".into()),
+                    ..usage()
+                },
+                "usage.model contains the control character '\\u{1b}'",
+            ),
+            (
+                pb::Usage {
+                    output_tokens: u64::MAX,
+                    ..usage()
+                },
+                "usage.output_tokens 18446744073709551615 is not a token count",
+            ),
+            (
+                pb::Usage {
+                    cost_source: pb::CostSource::Unspecified.into(),
+                    ..usage()
+                },
+                "usage.cost_source 0 is not reported, estimated or none",
+            ),
+            (
+                pb::Usage {
+                    cost_source: 9,
+                    ..usage()
+                },
+                "usage.cost_source 9",
+            ),
+        ];
+        for (raw, says) in refused {
+            let err = usage_from_pb(raw).expect_err(says);
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{says}");
+            assert!(err.message().starts_with(says), "{}", err.message());
+            assert!(err.message().len() < 120, "{}", err.message());
+        }
+        assert!(
+            usage_from_pb(pb::Usage {
+                input_tokens: MAX_REPORTED_TOKENS,
+                model: Some("m".repeat(MAX_MODEL_BYTES)),
+                session_id: Some("s".repeat(MAX_SESSION_BYTES)),
+                ..usage()
+            })
+            .is_ok()
         );
     }
 

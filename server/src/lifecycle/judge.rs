@@ -3,7 +3,9 @@
 //! refused) and hands the judge what happened.
 
 use super::Event;
-use crate::domain::{FailureKind, FinishedRun, Millis, Phase, RunEnd, RunStatus};
+use crate::domain::{
+    CostSource, FailureKind, FinishedRun, Millis, Phase, RunEnd, RunStatus, Usage,
+};
 use pipeline_core::ids::{CommitId, TreeId};
 
 /// How a lease ended on the runner.
@@ -23,12 +25,32 @@ pub struct RunnerResult {
     pub outcome: Outcome,
     /// The reason, for a failure (with the tail of the failing command's output).
     pub error: Option<String>,
+    /// The cost the result's header reports (for runners that send no usage report).
     pub cost_cents: f64,
+    /// What the agent used, when the runner says.
+    pub usage: Option<Usage>,
     /// Why verification was skipped, when it was.
     pub verify_skipped: Option<String>,
     /// The digest of the verification the runner ran, when it ran one.
     pub verify_digest: Option<String>,
     pub dev_finished_at: Millis,
+}
+
+impl RunnerResult {
+    /// What the attempt cost: the usage report's cents when it has a cost (reported or
+    /// estimated), else the header's.
+    pub fn charged_cents(&self) -> f64 {
+        match &self.usage {
+            Some(u) if u.cost_source != CostSource::None => u.cost_cents,
+            _ => self.cost_cents,
+        }
+    }
+
+    /// The usage report as the dev run keeps it: its cost is the run's.
+    fn run_usage(&self) -> Option<Usage> {
+        let cost_cents = self.charged_cents();
+        self.usage.clone().map(|u| Usage { cost_cents, ..u })
+    }
 }
 
 /// What became of the commit a result carried.
@@ -72,13 +94,19 @@ pub fn judge(
     runner: &str,
     server_digest: &str,
 ) -> Judgement {
-    let cost_cents = result.cost_cents;
+    let cost_cents = result.charged_cents();
+    let usage = result.run_usage();
     let task_failure = |reason: String| RunEnd {
         status: RunStatus::Failure,
         cost_cents,
         error: Some(reason),
         failure_kind: Some(FailureKind::Task),
         builds: None,
+        usage: usage.clone(),
+    };
+    let success = || RunEnd {
+        usage: usage.clone(),
+        ..RunEnd::success(cost_cents, None)
     };
     let (commit, verified_tree) = match received {
         Received::Refused(why) => {
@@ -140,7 +168,7 @@ pub fn judge(
                     reason: reason.clone(),
                     cost_cents,
                 },
-                dev: RunEnd::success(cost_cents, None),
+                dev: success(),
                 verify: Some(verify_run(RunStatus::Failure, Some(reason))),
                 patch_commit: Some(commit),
                 verified_tree: None,
@@ -149,7 +177,7 @@ pub fn judge(
         }
         (Outcome::Verified, Some(commit)) => Judgement {
             event: Event::Verified { cost_cents },
-            dev: RunEnd::success(cost_cents, None),
+            dev: success(),
             verify: Some(verify_run(
                 RunStatus::Success,
                 result
@@ -197,6 +225,7 @@ mod tests {
             outcome,
             error: error.map(str::to_owned),
             cost_cents: 7.0,
+            usage: None,
             verify_skipped: skipped.map(str::to_owned),
             verify_digest: Some("D".into()),
             dev_finished_at: 500,
@@ -294,6 +323,62 @@ mod tests {
             assert_eq!(j.event, Event::Verified { cost_cents: 7.0 });
             assert_eq!(j.verified_tree, None, "{digest:?}");
         }
+    }
+
+    fn usage(cost_cents: f64, cost_source: CostSource) -> Usage {
+        Usage {
+            agent: "claude".into(),
+            model: None,
+            input_tokens: 10,
+            cached_input_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: 5,
+            reasoning_tokens: 0,
+            cost_cents,
+            cost_source,
+            complete: true,
+            session_id: Some("s".into()),
+        }
+    }
+
+    #[test]
+    fn the_usage_report_names_the_cost_and_goes_with_the_dev_run() {
+        for (outcome, received) in [
+            (Outcome::DevFailed, Received::Nothing),
+            (Outcome::VerifyFailed, stored()),
+            (Outcome::Verified, stored()),
+            (Outcome::Verified, Received::Refused("two commits".into())),
+        ] {
+            let mut r = result(outcome, None, None);
+            r.usage = Some(usage(30.0, CostSource::Reported));
+            let j = judge(&r, received, 1, "r", "D");
+            assert_eq!(
+                j.dev.cost_cents, 30.0,
+                "{outcome:?}: the report's, not the header's"
+            );
+            assert_eq!(j.dev.usage, r.usage, "{outcome:?}");
+            let charged = match j.event {
+                Event::DevFailed { cost_cents, .. }
+                | Event::VerifyFailed { cost_cents, .. }
+                | Event::Verified { cost_cents } => cost_cents,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(charged, 30.0, "{outcome:?}");
+            assert!(j.verify.is_none_or(|v| v.cost_cents == 0.0));
+        }
+        // A report without a cost leaves the header's, and keeps it as the run's.
+        let mut r = result(Outcome::DevFailed, None, None);
+        r.usage = Some(usage(0.0, CostSource::None));
+        let j = judge(&r, Received::Nothing, 1, "r", "D");
+        assert_eq!(j.dev.cost_cents, 7.0);
+        assert_eq!(j.dev.usage.map(|u| u.cost_cents), Some(7.0));
+        // An estimate is a cost.
+        r.usage = Some(usage(2.5, CostSource::Estimated));
+        assert_eq!(r.charged_cents(), 2.5);
+        r.usage = None;
+        assert_eq!(r.charged_cents(), 7.0);
+        let j = judge(&r, Received::Nothing, 1, "r", "D");
+        assert_eq!((j.dev.cost_cents, j.dev.usage), (7.0, None));
     }
 
     #[test]

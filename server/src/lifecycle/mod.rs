@@ -64,6 +64,13 @@ impl Policy {
         self.max_retries > 0 && state.failures >= self.max_retries
     }
 
+    /// What the task may still spend, in cents: its cap less what it has cost since the last
+    /// retry, never below 0; `None` when there is no cap.
+    pub fn remaining_budget(&self, state: &TaskState) -> Option<f64> {
+        (self.max_task_cost_cents > 0.0)
+            .then(|| (self.max_task_cost_cents - state.budget_spent()).max(0.0))
+    }
+
     /// Whether the task has spent its budget.
     pub fn over_cost_limit(&self, state: &TaskState) -> bool {
         self.max_task_cost_cents > 0.0 && state.budget_spent() >= self.max_task_cost_cents
@@ -468,6 +475,24 @@ mod tests {
     fn check_refused(from: TaskStatus, event: Event, says: &str) {
         let err = apply(&state(from), &event, &policy(), NOW).expect_err("refused");
         assert!(err.to_string().contains(says), "{err}");
+    }
+
+    #[test]
+    fn the_remaining_budget_counts_from_the_last_retry_and_never_goes_below_zero() {
+        let capped = Policy {
+            max_task_cost_cents: 100.0,
+            ..policy()
+        };
+        let spent = |cost_cents, cost_at_retry| TaskState {
+            cost_cents,
+            cost_at_retry,
+            ..state(Open)
+        };
+        assert_eq!(policy().remaining_budget(&spent(30.0, 0.0)), None, "no cap");
+        assert_eq!(capped.remaining_budget(&spent(0.0, 0.0)), Some(100.0));
+        assert_eq!(capped.remaining_budget(&spent(30.0, 0.0)), Some(70.0));
+        assert_eq!(capped.remaining_budget(&spent(130.0, 100.0)), Some(70.0));
+        assert_eq!(capped.remaining_budget(&spent(150.0, 0.0)), Some(0.0));
     }
 
     #[test]

@@ -106,7 +106,7 @@ async fn catch_up<S: Store>(
         let id = run.id;
         if let std::collections::btree_map::Entry::Vacant(e) = sent.entry(id) {
             e.insert(0);
-            if out.send(LogItem::Run(run)).await.is_err() {
+            if out.send(LogItem::Run(Box::new(run))).await.is_err() {
                 return Ok(());
             }
         }

@@ -48,8 +48,8 @@ pub enum LogEvent {
 /// What a `logs` stream sends, in order.
 #[derive(Clone, Debug)]
 pub enum LogItem {
-    /// The run the lines that follow belong to.
-    Run(Run),
+    /// The run the lines that follow belong to (boxed: a run is large beside lines).
+    Run(Box<Run>),
     Lines {
         run_id: i64,
         lines: Arc<[LogLine]>,

@@ -28,6 +28,10 @@ pub struct Assignment {
     pub prompt: String,
     /// How the server verifies; the runner verifies the same way.
     pub verification: pipeline_core::verify::Verifier,
+    /// What the task may still spend, in cents, when it has a cap.
+    pub budget_cents: Option<f64>,
+    /// The agent's session of the task's latest dev run that reported one, to resume.
+    pub resume_session: Option<String>,
 }
 
 /// What the server pushes on a runner's work stream.

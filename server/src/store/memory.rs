@@ -6,7 +6,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite, TrainEnd, TrainStat};
+use super::{
+    Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite, TrainEnd, TrainStat,
+    UsageBucket,
+};
 use crate::domain::{
     LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
     TaskState, TaskStatus,
@@ -102,6 +105,7 @@ impl Tables {
             failure_kind: None,
             train: run.train,
             builds: None,
+            usage: None,
         });
         id
     }
@@ -118,6 +122,11 @@ impl Tables {
                 run.error = end.error.clone();
                 run.failure_kind = end.failure_kind;
                 run.builds = end.builds.or(run.builds);
+                // As stored: the report's cost is the run's.
+                run.usage = end.usage.clone().map(|mut u| {
+                    u.cost_cents = run.cost_cents;
+                    u
+                });
             }
         }
     }
@@ -244,6 +253,7 @@ impl Tables {
                     error: run.error.clone(),
                     failure_kind: run.failure_kind,
                     builds: run.builds,
+                    usage: None,
                 },
                 w.at,
             );
@@ -620,6 +630,39 @@ impl Store for MemoryStore {
             .filter(|r| r.task_id == *task && r.status == RunStatus::Running)
             .cloned()
             .collect())
+    }
+
+    async fn usage_since(&self, since: Millis, bucket_ms: Millis) -> Result<Vec<UsageBucket>> {
+        let bucket_ms = bucket_ms.max(1);
+        let mut buckets: BTreeMap<i64, UsageBucket> = BTreeMap::new();
+        for run in &self.lock().runs {
+            let Some(at) = run.finished_at.filter(|at| *at >= since) else {
+                continue;
+            };
+            if run.cost_cents <= 0.0 && run.usage.is_none() {
+                continue;
+            }
+            let b = buckets.entry(at / bucket_ms).or_insert(UsageBucket {
+                start: at / bucket_ms * bucket_ms,
+                cost_cents: 0.0,
+                tokens: 0,
+            });
+            b.cost_cents += run.cost_cents;
+            b.tokens = b
+                .tokens
+                .saturating_add(run.usage.as_ref().map_or(0, crate::domain::Usage::tokens));
+        }
+        Ok(buckets.into_values().collect())
+    }
+
+    async fn latest_session(&self, task: &TaskId) -> Result<Option<String>> {
+        Ok(self
+            .lock()
+            .runs
+            .iter()
+            .rev()
+            .filter(|r| r.task_id == *task && r.phase == Phase::Dev)
+            .find_map(|r| r.usage.as_ref().and_then(|u| u.session_id.clone())))
     }
 
     async fn start_run(&self, task: &TaskId, run: &NewRun, at: Millis) -> Result<i64> {

@@ -132,6 +132,16 @@ pub struct TrainStat {
     pub landed: u32,
 }
 
+/// What the runs that finished in one span of time cost: the sum of their cents and of their
+/// input and output tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageBucket {
+    /// The start of the span (a multiple of its length).
+    pub start: Millis,
+    pub cost_cents: f64,
+    pub tokens: u64,
+}
+
 /// Persistence of tasks, runs and history. Every write is one short transaction.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Creates a task in state Open, generating `t-<n>` when no ID is given. Fails with
@@ -258,6 +268,18 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The task's runs that are still running (a lease's dev run, and its verify run once it
     /// started), oldest first.
     fn running_runs(&self, task: &TaskId) -> impl Future<Output = Result<Vec<Run>>> + Send;
+
+    /// What the runs that finished at or after `since` cost, summed per span of `bucket_ms`
+    /// of their finish (spans that start at multiples of it), oldest first; spans without a
+    /// cost or a usage report are left out.
+    fn usage_since(
+        &self,
+        since: Millis,
+        bucket_ms: Millis,
+    ) -> impl Future<Output = Result<Vec<UsageBucket>>> + Send;
+
+    /// The agent's session of the task's latest dev run that reported one.
+    fn latest_session(&self, task: &TaskId) -> impl Future<Output = Result<Option<String>>> + Send;
 
     /// Starts a run outside a transition (the server's integration run, a verify run begun by
     /// its first log line); returns its ID.

@@ -14,10 +14,13 @@ use sqlx::sqlite::{
 };
 use sqlx::{FromRow, Sqlite, SqliteConnection};
 
-use super::{Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite, TrainEnd, TrainStat};
+use super::{
+    Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite, TrainEnd, TrainStat,
+    UsageBucket,
+};
 use crate::domain::{
-    FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus, StatusCounts,
-    Task, TaskEvent, TaskId, TaskState, TaskStatus,
+    CostSource, FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus,
+    StatusCounts, Task, TaskEvent, TaskId, TaskState, TaskStatus, Usage,
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::{CommitId, TreeId};
@@ -368,10 +371,58 @@ struct RunRow {
     failure_kind: Option<String>,
     train: Option<i64>,
     builds: Option<i64>,
+    agent: Option<String>,
+    model: Option<String>,
+    input_tokens: Option<i64>,
+    cached_input_tokens: Option<i64>,
+    cache_write_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    reasoning_tokens: Option<i64>,
+    cost_source: Option<String>,
+    usage_complete: Option<i64>,
+    session_id: Option<String>,
+}
+
+/// The columns a [`RunRow`] reads.
+const RUN_COLUMNS: &str = "id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
+     started_at, finished_at, error, failure_kind, train, builds, agent, model, input_tokens, \
+     cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost_source, \
+     usage_complete, session_id";
+
+/// A stored token count (never negative: the table checks).
+fn to_tokens(what: &str, n: Option<i64>) -> Result<u64> {
+    u64::try_from(n.unwrap_or(0)).map_err(|_| corrupt(what, &format!("{n:?}")))
+}
+
+/// A token count to store: the edge bounds them far below `i64::MAX`.
+fn tokens_to_sql(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl RunRow {
-    fn into_run(self) -> Result<Run> {
+    /// The run's usage report, when it has one (`agent` is set); its cost is the run's.
+    fn usage(&mut self) -> Result<Option<Usage>> {
+        let Some(agent) = self.agent.take() else {
+            return Ok(None);
+        };
+        let source = self.cost_source.as_deref().unwrap_or("none");
+        Ok(Some(Usage {
+            agent,
+            model: self.model.take(),
+            input_tokens: to_tokens("input_tokens", self.input_tokens)?,
+            cached_input_tokens: to_tokens("cached_input_tokens", self.cached_input_tokens)?,
+            cache_write_tokens: to_tokens("cache_write_tokens", self.cache_write_tokens)?,
+            output_tokens: to_tokens("output_tokens", self.output_tokens)?,
+            reasoning_tokens: to_tokens("reasoning_tokens", self.reasoning_tokens)?,
+            cost_cents: self.cost_cents,
+            cost_source: CostSource::parse(source).ok_or_else(|| corrupt("cost source", source))?,
+            complete: self.usage_complete == Some(1),
+            session_id: self.session_id.take(),
+        }))
+    }
+
+    fn into_run(mut self) -> Result<Run> {
+        let usage = self.usage()?;
         Ok(Run {
             id: self.id,
             task_id: stored_id(&self.task_id)?,
@@ -392,6 +443,7 @@ impl RunRow {
                 .transpose()?,
             train: self.train,
             builds: self.builds.map(|b| to_u32("builds", b)).transpose()?,
+            usage,
         })
     }
 }
@@ -512,9 +564,13 @@ async fn end_runs(
     end: &RunEnd,
     at: Millis,
 ) -> Result<()> {
+    let u = end.usage.as_ref();
     sqlx::query(
         "UPDATE runs SET status = ?1, finished_at = ?2, cost_cents = cost_cents + ?3, \
-         error = ?4, failure_kind = ?5, builds = COALESCE(?8, builds) \
+         error = ?4, failure_kind = ?5, builds = COALESCE(?8, builds), agent = ?9, \
+         model = ?10, input_tokens = ?11, cached_input_tokens = ?12, cache_write_tokens = ?13, \
+         output_tokens = ?14, reasoning_tokens = ?15, cost_source = ?16, usage_complete = ?17, \
+         session_id = ?18 \
          WHERE task_id = ?6 AND status = 'running' AND (?7 IS NULL OR id = ?7)",
     )
     .bind(end.status.as_str())
@@ -525,6 +581,16 @@ async fn end_runs(
     .bind(task.as_str())
     .bind(run)
     .bind(end.builds.map(i64::from))
+    .bind(u.map(|u| u.agent.as_str()))
+    .bind(u.and_then(|u| u.model.as_deref()))
+    .bind(u.map(|u| tokens_to_sql(u.input_tokens)))
+    .bind(u.map(|u| tokens_to_sql(u.cached_input_tokens)))
+    .bind(u.map(|u| tokens_to_sql(u.cache_write_tokens)))
+    .bind(u.map(|u| tokens_to_sql(u.output_tokens)))
+    .bind(u.map(|u| tokens_to_sql(u.reasoning_tokens)))
+    .bind(u.map(|u| u.cost_source.as_str()))
+    .bind(u.map(|u| i64::from(u.complete)))
+    .bind(u.and_then(|u| u.session_id.as_deref()))
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -1078,10 +1144,9 @@ impl Store for SqliteStore {
     }
 
     async fn runs(&self, id: &TaskId) -> Result<Vec<Run>> {
-        let rows: Vec<RunRow> = sqlx::query_as(
-            "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
-             started_at, finished_at, error, failure_kind, train, builds FROM runs WHERE task_id = ? ORDER BY id",
-        )
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE task_id = ? ORDER BY id"
+        ))
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
@@ -1259,15 +1324,47 @@ impl Store for SqliteStore {
     }
 
     async fn running_runs(&self, task: &TaskId) -> Result<Vec<Run>> {
-        let rows: Vec<RunRow> = sqlx::query_as(
-            "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
-             started_at, finished_at, error, failure_kind, train, builds FROM runs \
-             WHERE task_id = ? AND status = 'running' ORDER BY id",
-        )
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs \
+             WHERE task_id = ? AND status = 'running' ORDER BY id"
+        ))
         .bind(task.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(RunRow::into_run).collect()
+    }
+
+    async fn usage_since(&self, since: Millis, bucket_ms: Millis) -> Result<Vec<UsageBucket>> {
+        // The terms of runs_charged's WHERE, so the index serves the range.
+        let rows: Vec<(i64, f64, f64)> = sqlx::query_as(
+            "SELECT finished_at / ?2 AS bucket, TOTAL(cost_cents), \
+             TOTAL(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)) FROM runs \
+             WHERE (cost_cents > 0 OR agent IS NOT NULL) AND finished_at >= ?1 \
+             GROUP BY bucket ORDER BY bucket",
+        )
+        .bind(since)
+        .bind(bucket_ms.max(1))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(bucket, cost_cents, tokens)| UsageBucket {
+                start: bucket * bucket_ms.max(1),
+                cost_cents,
+                // A float sum (TOTAL never overflows), whole and bounded by the edge's caps.
+                tokens: tokens as u64,
+            })
+            .collect())
+    }
+
+    async fn latest_session(&self, task: &TaskId) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT session_id FROM runs WHERE task_id = ? AND phase = 'dev' \
+             AND session_id IS NOT NULL ORDER BY id DESC LIMIT 1",
+        )
+        .bind(task.as_str())
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     async fn start_run(&self, task: &TaskId, run: &NewRun, at: Millis) -> Result<i64> {
@@ -1305,13 +1402,11 @@ impl Store for SqliteStore {
     }
 
     async fn run(&self, id: i64) -> Result<Option<Run>> {
-        let row: Option<RunRow> = sqlx::query_as(
-            "SELECT id, task_id, phase, patchset, attempt, runner, status, cost_cents, \
-             started_at, finished_at, error, failure_kind, train, builds FROM runs WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<RunRow> =
+            sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(RunRow::into_run).transpose()
     }
 

@@ -3,12 +3,13 @@
 //! `(guard, store)` over a fresh, empty database.
 
 use crate::domain::{
-    LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus,
+    CostSource, LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus,
+    Usage,
 };
 use crate::error::Error;
 use crate::store::{
     Journal, NewEvent, NewRun, RunChanges, RunEnd, Store, TaskRecord, TaskWrite, TrainEnd,
-    TrainStat,
+    TrainStat, UsageBucket,
 };
 use pipeline_core::ids::CommitId;
 
@@ -95,6 +96,7 @@ macro_rules! store_test_suite {
             creates_a_batch_all_or_none,
             transitions_are_compare_and_swap,
             runs_are_numbered_and_closed,
+            keeps_usage_and_sums_it_by_time,
             counts_by_status,
             counts_pending_dependencies,
             keeps_meta,
@@ -450,6 +452,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
             error: Some("agent exited 1".into()),
             failure_kind: Some(crate::domain::FailureKind::Task),
             builds: None,
+            usage: None,
         });
         current = store.commit(end).await.expect("close run").task;
     }
@@ -464,10 +467,111 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
         assert_eq!(run.error.as_deref(), Some("agent exited 1"));
         assert_eq!(run.failure_kind, Some(crate::domain::FailureKind::Task));
         assert_eq!(run.finished_at, Some(run.started_at + 5));
+        assert_eq!(run.usage, None);
     }
     assert_eq!(
         store.status_counts().await.expect("counts").active_dev_runs,
         0
+    );
+}
+
+/// A usage report of `agent` with `input`/`output` tokens, `cents` and session `session`.
+fn usage(agent: &str, input: u64, output: u64, cents: f64, session: Option<&str>) -> Usage {
+    Usage {
+        agent: agent.to_owned(),
+        model: Some("gpt-5-codex".into()),
+        input_tokens: input,
+        cached_input_tokens: input / 2,
+        cache_write_tokens: 3,
+        output_tokens: output,
+        reasoning_tokens: output / 4,
+        cost_cents: cents,
+        cost_source: CostSource::Estimated,
+        complete: session.is_some(),
+        session_id: session.map(str::to_owned),
+    }
+}
+
+pub async fn keeps_usage_and_sums_it_by_time<S: Store>(store: &S) {
+    let task = create(store, "usage").await;
+    let other = create(store, "other").await;
+    assert_eq!(store.latest_session(&task.id).await.expect("none"), None);
+    // Dev runs of `task` ending at 60_010, 60_020 and 120_000 (with usage, the last with
+    // none but a cost), and of `other` at 30_000 (with usage).
+    let ends = [
+        (
+            &task,
+            60_000,
+            Some(usage("codex", 1000, 200, 12.5, Some("s-1"))),
+            12.5,
+        ),
+        (&task, 60_010, Some(usage("claude", 10, 2, 0.0, None)), 0.0),
+        (&task, 119_990, None, 4.0),
+        (
+            &other,
+            29_990,
+            Some(usage("aider", 5, 5, 1.0, Some("s-o"))),
+            1.0,
+        ),
+    ];
+    for (t, at, usage, cost_cents) in ends {
+        let current = store.get_task(&t.id).await.expect("get").expect("task");
+        let mut start = write(&current, current.state.clone(), "leased", at);
+        start.runs.start = Some(NewRun {
+            phase: Phase::Dev,
+            patchset: 0,
+            runner: Some("r1".into()),
+            train: None,
+        });
+        let current = store.commit(start).await.expect("start").task;
+        let mut end = write(&current, current.state.clone(), "dev_failed", at + 10);
+        end.runs.close_rest = Some(RunEnd {
+            usage,
+            ..RunEnd::success(cost_cents, None)
+        });
+        store.commit(end).await.expect("end");
+    }
+    let runs = store.runs(&task.id).await.expect("runs");
+    assert_eq!(
+        runs.iter().map(|r| r.usage.clone()).collect::<Vec<_>>(),
+        vec![
+            Some(usage("codex", 1000, 200, 12.5, Some("s-1"))),
+            Some(usage("claude", 10, 2, 0.0, None)),
+            None,
+        ],
+        "usage round-trips, its cost the run's"
+    );
+    assert_eq!(runs[2].cost_cents, 4.0);
+    assert_eq!(
+        store.latest_session(&task.id).await.expect("session"),
+        Some("s-1".into()),
+        "the latest dev run that reported a session"
+    );
+    assert_eq!(
+        store.latest_session(&other.id).await.expect("session"),
+        Some("s-o".into())
+    );
+    let bucket = |start, cost_cents, tokens| UsageBucket {
+        start,
+        cost_cents,
+        tokens,
+    };
+    assert_eq!(
+        store.usage_since(0, 60_000).await.expect("sums"),
+        vec![
+            bucket(0, 1.0, 10),
+            bucket(60_000, 12.5, 1212),
+            bucket(120_000, 4.0, 0),
+        ]
+    );
+    assert_eq!(
+        store.usage_since(60_015, 60_000).await.expect("sums"),
+        vec![bucket(60_000, 0.0, 12), bucket(120_000, 4.0, 0)],
+        "only runs that finished at or after the start"
+    );
+    assert_eq!(
+        store.usage_since(120_001, 60_000).await.expect("sums"),
+        vec![]
     );
 }
 
