@@ -111,6 +111,45 @@ impl FailureKind {
     }
 }
 
+/// Where a run's cost came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostSource {
+    /// The agent reported it.
+    Reported,
+    /// The runner estimated it from the tokens and its price table.
+    Estimated,
+    /// Unknown (also a source this client does not know).
+    None,
+}
+
+impl CostSource {
+    /// `reported`, `estimated` or `none`.
+    pub fn word(self) -> &'static str {
+        match self {
+            CostSource::Reported => "reported",
+            CostSource::Estimated => "estimated",
+            CostSource::None => "none",
+        }
+    }
+}
+
+/// What a dev run's agent used. Cached input is part of input; reasoning is part of output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    /// claude, codex, aider, agentd or command.
+    pub agent: String,
+    pub model: Option<String>,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost_cents: f64,
+    pub cost_source: CostSource,
+    /// False when the run ended before the agent's final report (a lower bound).
+    pub complete: bool,
+}
+
 /// Whether the server (or a runner) can do its work, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -243,6 +282,8 @@ pub struct Run {
     pub train: Option<i64>,
     /// For an integrate run: how many builds covered the task.
     pub builds: Option<u32>,
+    /// For a dev run: what its agent used, when the runner said.
+    pub usage: Option<Usage>,
 }
 
 /// One entry of a task's history.
@@ -284,6 +325,9 @@ pub struct Status {
     pub queue_paused: bool,
     /// Integration builds per landed task over the last hour; `None` when none landed.
     pub builds_per_landed: Option<f64>,
+    /// What agents cost over the last 24 hours, in cents, and their input and output tokens.
+    pub cost_cents_last_day: f64,
+    pub tokens_last_day: u64,
 }
 
 /// Whether verified tasks land, and if not, why.

@@ -16,8 +16,8 @@ use std::io::{self, IsTerminal, Write};
 use serde_json::{Value, json};
 
 use crate::model::{
-    FailureKind, Health, Landing, LogItem, LogLine, LogRun, Phase, Queue, Run, Runner, Status,
-    Task, TaskDetail, TaskEvent, TaskStatus, Transition,
+    CostSource, FailureKind, Health, Landing, LogItem, LogLine, LogRun, Phase, Queue, Run, Runner,
+    Status, Task, TaskDetail, TaskEvent, TaskStatus, Transition, Usage,
 };
 use crate::time::rfc3339;
 
@@ -175,7 +175,78 @@ fn run_json(r: &Run) -> Value {
         "failure_kind": r.failure_kind.map(FailureKind::word),
         "train": r.train,
         "builds": r.builds,
+        "usage": r.usage.as_ref().map(usage_json),
     })
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "agent": u.agent,
+        "model": u.model,
+        "input_tokens": u.input_tokens,
+        "cached_input_tokens": u.cached_input_tokens,
+        "cache_write_tokens": u.cache_write_tokens,
+        "output_tokens": u.output_tokens,
+        "reasoning_tokens": u.reasoning_tokens,
+        "cost_cents": u.cost_cents,
+        "cost_source": u.cost_source.word(),
+        "complete": u.complete,
+    })
+}
+
+/// A count with thousands separators: `12,345`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// Cents to at most two decimals, without trailing zeros: `42.5`, `30`, `0.03`.
+fn cents(c: f64) -> String {
+    let text = format!("{c:.2}");
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// A run's tokens, briefly: `12,345/2,345` (in/out), marked when the figure is a lower bound.
+fn tokens_brief(u: &Usage) -> String {
+    let mut text = format!(
+        "{}/{}",
+        thousands(u.input_tokens),
+        thousands(u.output_tokens)
+    );
+    if !u.complete {
+        text.push_str(" (incomplete)");
+    }
+    text
+}
+
+/// The usage of a task's dev runs together, for `task show`: `12,345 in / 2,345 out tokens,
+/// 42.5 cents (1 figure incomplete)`; `None` when no run reported any.
+fn usage_total(runs: &[Run]) -> Option<String> {
+    let reports: Vec<&Usage> = runs.iter().filter_map(|r| r.usage.as_ref()).collect();
+    if reports.is_empty() {
+        return None;
+    }
+    let sum = |f: fn(&Usage) -> u64| reports.iter().fold(0u64, |n, u| n.saturating_add(f(u)));
+    let cost: f64 = reports.iter().map(|u| u.cost_cents).sum();
+    let mut text = format!(
+        "{} in / {} out tokens, {} cents",
+        thousands(sum(|u| u.input_tokens)),
+        thousands(sum(|u| u.output_tokens)),
+        cents(cost)
+    );
+    match reports.iter().filter(|u| !u.complete).count() {
+        0 => {}
+        1 => text.push_str(" (1 figure incomplete)"),
+        n => text.push_str(&format!(" ({n} figures incomplete)")),
+    }
+    Some(text)
 }
 
 fn event_json(e: &TaskEvent) -> Value {
@@ -207,6 +278,8 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
                 "landing": landing_json(&s.landing),
                 "queue_paused": s.queue_paused,
                 "builds_per_landed": s.builds_per_landed,
+                "cost_cents_last_day": s.cost_cents_last_day,
+                "tokens_last_day": s.tokens_last_day,
             }),
         );
     }
@@ -230,6 +303,14 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
     writeln!(out, "runners:         {}", s.runners)?;
     if let Some(b) = s.builds_per_landed {
         writeln!(out, "builds/landed:   {b:.2} (last hour)")?;
+    }
+    if s.cost_cents_last_day > 0.0 || s.tokens_last_day > 0 {
+        writeln!(
+            out,
+            "last day:        {} cents, {} tokens",
+            cents(s.cost_cents_last_day),
+            thousands(s.tokens_last_day)
+        )?;
     }
     Ok(())
 }
@@ -420,6 +501,9 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
     writeln!(out, "patchset:    {}", t.patchset)?;
     writeln!(out, "failures:    {}", t.failures)?;
     writeln!(out, "cost:        {} cents", t.cost_cents)?;
+    if let Some(total) = usage_total(&d.runs) {
+        writeln!(out, "usage:       {total}")?;
+    }
     if let Some(until) = t.backoff_until_ms {
         writeln!(out, "back-off:    until {}", rfc3339(until))?;
     }
@@ -451,7 +535,15 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
                     r.patchset.to_string(),
                     r.runner.clone().unwrap_or_else(|| "(server)".into()),
                     r.status.word().to_owned(),
-                    r.cost_cents.to_string(),
+                    match &r.usage {
+                        Some(u) if u.cost_source == CostSource::Estimated => {
+                            format!("{} (est.)", cents(r.cost_cents))
+                        }
+                        _ => cents(r.cost_cents),
+                    },
+                    r.usage
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), tokens_brief),
                     rfc3339(r.started_at_ms),
                     r.finished_at_ms.map_or_else(|| "-".into(), rfc3339),
                     agent_text(
@@ -467,8 +559,16 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
         print_table(
             out,
             &[
-                "  PHASE", "ATTEMPT", "PATCHSET", "RUNNER", "STATUS", "COST", "STARTED",
-                "FINISHED", "ERROR",
+                "  PHASE",
+                "ATTEMPT",
+                "PATCHSET",
+                "RUNNER",
+                "STATUS",
+                "COST",
+                "TOKENS IN/OUT",
+                "STARTED",
+                "FINISHED",
+                "ERROR",
             ],
             &rows,
         )?;
@@ -783,6 +883,8 @@ mod snapshots {
             landing: Landing::Running,
             queue_paused: false,
             builds_per_landed: None,
+            cost_cents_last_day: 0.0,
+            tokens_last_day: 0,
         }
     }
 
@@ -798,6 +900,32 @@ mod snapshots {
             "the database refuses writes: disk full".into(),
         ));
         insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+    }
+
+    #[test]
+    fn status_with_the_last_days_cost() {
+        let s = Status {
+            cost_cents_last_day: 1234.5,
+            tokens_last_day: 2_345_678,
+            ..status_of(Health::Healthy)
+        };
+        insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+    }
+
+    #[test]
+    fn counts_and_cents_read_easily() {
+        for (n, text) in [
+            (0, "0"),
+            (999, "999"),
+            (1_000, "1,000"),
+            (12_345, "12,345"),
+            (1_234_567, "1,234,567"),
+        ] {
+            assert_eq!(thousands(n), text);
+        }
+        for (c, text) in [(0.0, "0"), (42.5, "42.5"), (30.0, "30"), (0.1 + 0.2, "0.3")] {
+            assert_eq!(cents(c), text);
+        }
     }
 
     #[test]
@@ -925,6 +1053,19 @@ mod snapshots {
             failure_kind: None,
             train: None,
             builds: None,
+            usage: None,
+        };
+        let usage = |input, output, cost_cents, cost_source, complete| Usage {
+            agent: "claude".into(),
+            model: Some("claude-sonnet-4-5".into()),
+            input_tokens: input,
+            cached_input_tokens: input / 2,
+            cache_write_tokens: 120,
+            output_tokens: output,
+            reasoning_tokens: 0,
+            cost_cents,
+            cost_source,
+            complete,
         };
         TaskDetail {
             task: Task {
@@ -951,6 +1092,7 @@ mod snapshots {
             runs: vec![
                 Run {
                     cost_cents: 12.5,
+                    usage: Some(usage(10_345, 1_345, 12.5, CostSource::Estimated, false)),
                     ..run(1, Phase::Dev, 1, Some("runner-a"), RunStatus::Success, 10)
                 },
                 Run {
@@ -969,6 +1111,7 @@ mod snapshots {
                 },
                 Run {
                     cost_cents: 30.0,
+                    usage: Some(usage(2_000, 1_000, 30.0, CostSource::Reported, true)),
                     ..run(3, Phase::Dev, 2, Some("runner-b"), RunStatus::Success, 100)
                 },
                 run(

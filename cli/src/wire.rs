@@ -12,9 +12,9 @@ use prost::Message as _;
 
 use crate::client::Failure;
 use crate::model::{
-    FailureKind, Health, Landing, LogItem, LogLine, LogRun, LogStream, NewTask, Phase, Queue, Run,
-    RunStatus, Runner, RunnerState, Status, Task, TaskDetail, TaskEvent, TaskStatus, Train,
-    Transition, Waiting,
+    CostSource, FailureKind, Health, Landing, LogItem, LogLine, LogRun, LogStream, NewTask, Phase,
+    Queue, Run, RunStatus, Runner, RunnerState, Status, Task, TaskDetail, TaskEvent, TaskStatus,
+    Train, Transition, Usage, Waiting,
 };
 
 /// The failure of a reply that should carry a task and does not.
@@ -82,6 +82,32 @@ impl From<i32> for RunStatus {
             Ok(pb::RunStatus::Success) => RunStatus::Success,
             Ok(pb::RunStatus::Failure) => RunStatus::Failure,
             Ok(pb::RunStatus::Unspecified) | Err(_) => RunStatus::Unknown,
+        }
+    }
+}
+
+/// Where a cost came from: a source this client does not know (or none) is `None`.
+fn cost_source(raw: i32) -> CostSource {
+    match pb::CostSource::try_from(raw) {
+        Ok(pb::CostSource::Reported) => CostSource::Reported,
+        Ok(pb::CostSource::Estimated) => CostSource::Estimated,
+        Ok(pb::CostSource::None | pb::CostSource::Unspecified) | Err(_) => CostSource::None,
+    }
+}
+
+impl From<pb::Usage> for Usage {
+    fn from(u: pb::Usage) -> Self {
+        Usage {
+            agent: u.agent,
+            model: u.model,
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+            output_tokens: u.output_tokens,
+            reasoning_tokens: u.reasoning_tokens,
+            cost_cents: u.cost_cents,
+            cost_source: cost_source(u.cost_source),
+            complete: u.complete,
         }
     }
 }
@@ -173,6 +199,7 @@ impl From<pb::Run> for Run {
             failure_kind: failure_kind(r.failure_kind),
             train: r.train,
             builds: r.builds,
+            usage: r.usage.map(Usage::from),
         }
     }
 }
@@ -222,6 +249,8 @@ impl From<pb::GetStatusResponse> for Status {
             landing: landing(s.landing),
             queue_paused: s.queue_paused,
             builds_per_landed: s.builds_per_landed,
+            cost_cents_last_day: s.cost_cents_last_day,
+            tokens_last_day: s.tokens_last_day,
         }
     }
 }
@@ -342,6 +371,10 @@ mod tests {
         assert_eq!(LogStream::from(9), LogStream::Unknown);
         assert_eq!(failure_kind(0), None);
         assert_eq!(failure_kind(2), Some(FailureKind::Infrastructure));
+        assert_eq!(cost_source(0), CostSource::None);
+        assert_eq!(cost_source(9), CostSource::None);
+        assert_eq!(cost_source(1), CostSource::Reported);
+        assert_eq!(cost_source(2), CostSource::Estimated);
     }
 
     #[test]
