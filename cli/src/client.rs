@@ -514,10 +514,16 @@ impl Client {
         ))
     }
 
-    pub async fn retry_task(&mut self, id: String) -> Result<Task, Failure> {
+    /// Back to Open; `note` for the next prompt, `fresh` to start from the base.
+    pub async fn retry_task(
+        &mut self,
+        id: String,
+        note: Option<String>,
+        fresh: bool,
+    ) -> Result<Task, Failure> {
         let r = self
             .inner
-            .retry_task(unary(pb::RetryTaskRequest { id }))
+            .retry_task(unary(pb::RetryTaskRequest { id, note, fresh }))
             .await;
         wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
     }

@@ -78,14 +78,38 @@ enum Command {
     Logs {
         #[arg(allow_hyphen_values = true)]
         id: String,
-        /// Stream new lines live; exit once the task is done, needs help or is cancelled.
+        /// Stream new lines live; exit once the task is done, needs help or is cancelled. A
+        /// server that goes away is waited for, and the stream resumes where it was.
         #[arg(long, short = 'f')]
         follow: bool,
+        /// Only the last N lines (then, with --follow, the new ones).
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Only lines from this long ago on (e.g. 10m, 2h, 1d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only the runs of this attempt (the number in the `=== dev · attempt N ===` headers).
+        #[arg(long, value_name = "N")]
+        run: Option<u32>,
     },
     /// Every task transition, live, one line each.
     Watch {
         #[arg(long)]
         json: bool,
+        /// Only this task's transitions.
+        #[arg(long, allow_hyphen_values = true, conflicts_with = "parent")]
+        task: Option<String>,
+        /// Only the transitions of this epic's children (and of the epic itself).
+        #[arg(long, allow_hyphen_values = true)]
+        parent: Option<String>,
+        /// Only transitions into this status.
+        #[arg(long, value_parser = ["open", "in_progress", "verified", "done", "needs_help", "cancelled"])]
+        status: Option<String>,
+    },
+    /// Why a task is where it is, in sentences.
+    Explain {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
     },
 }
 
@@ -177,6 +201,12 @@ enum TaskCommand {
     Retry {
         #[arg(allow_hyphen_values = true)]
         id: String,
+        /// Guidance for the agent, added to the next prompt.
+        #[arg(long)]
+        note: Option<String>,
+        /// Drop the previous patchset: the next attempt starts from the current base.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Cancel a task, stopping its agent if one is running.
     Cancel {
@@ -361,8 +391,8 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             let detail = client.get_task(id).await?;
             output::task_detail(out, &detail, Format::for_stdout(json))?;
         }
-        Command::Task(TaskCommand::Retry { id }) => {
-            let task = client.retry_task(id).await?;
+        Command::Task(TaskCommand::Retry { id, note, fresh }) => {
+            let task = client.retry_task(id, note, fresh).await?;
             writeln!(out, "{}: {}", task.id, task.status.word())?;
         }
         Command::Task(TaskCommand::Cancel { id }) => {
@@ -373,34 +403,130 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             let task = client.add_dependencies(id, on).await?;
             writeln!(out, "{} depends on {}", task.id, task.depends_on.join(", "))?;
         }
-        Command::Logs { id, follow } => {
+        Command::Logs {
+            id,
+            follow,
+            tail,
+            since,
+            run,
+        } => {
             if follow {
                 // Say once what the task waits for, so a follow that shows nothing is not silent.
                 for why in client.waiting_for(id.clone()).await? {
                     eprintln!("{id} is waiting: {why}");
                 }
             }
-            let mut logs = client.task_logs(id, follow).await?;
             let mut printer = output::LogPrinter::new(output::stdout_is_terminal());
+            printer.attempt = run;
+            printer.since_ms =
+                since.map(|d| time::now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            printer.tail = tail;
+            if tail.is_some() {
+                // The stored lines first, their last N kept; then, with --follow, the live ones.
+                let mut logs = client.task_logs(id.clone(), false).await?;
+                while let Some(item) = logs.next().await? {
+                    printer.print(out, item)?;
+                }
+                printer.flush_tail(out)?;
+                if !follow {
+                    out.flush()?;
+                    return Ok(());
+                }
+            }
+            follow_logs(&mut client, &id, follow, &mut printer, out).await?;
+        }
+        Command::Watch {
+            json,
+            task,
+            parent,
+            status,
+        } => {
+            let format = Format::for_stdout(json);
+            let status = status.as_deref().and_then(TaskStatus::from_word);
+            if let Some(id) = task.as_ref().or(parent.as_ref()) {
+                // A mistyped ID is said at once, not watched for ever.
+                client.get_task(id.clone()).await?;
+            }
+            // Each task's parent, looked up once, for --parent.
+            let mut parents: std::collections::HashMap<String, Option<String>> = Default::default();
+            let mut transitions = client.watch().await?;
+            while let Some(t) = transitions.next().await? {
+                if task.as_ref().is_some_and(|id| *id != t.task_id)
+                    || status.is_some_and(|s| s != t.to)
+                {
+                    continue;
+                }
+                if let Some(epic) = &parent
+                    && *epic != t.task_id
+                {
+                    let of = match parents.get(&t.task_id) {
+                        Some(p) => p.clone(),
+                        None => {
+                            let p = client.get_task(t.task_id.clone()).await?.task.parent;
+                            parents.insert(t.task_id.clone(), p.clone());
+                            p
+                        }
+                    };
+                    if of.as_ref() != Some(epic) {
+                        continue;
+                    }
+                }
+                output::transition(out, &t, format)?;
+                out.flush()?;
+            }
+        }
+        Command::Explain { id } => {
+            let detail = client.get_task(id).await?;
+            output::explain(out, &detail)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Prints a task's logs; with `follow`, until the task is final, waiting for a server that goes
+/// away and resuming where the stream was (the printer skips lines it has printed).
+async fn follow_logs(
+    client: &mut Client,
+    id: &str,
+    follow: bool,
+    printer: &mut output::LogPrinter,
+    out: &mut impl Write,
+) -> Result<(), Stop> {
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        let read = async {
+            let mut logs = client.task_logs(id.to_owned(), follow).await?;
             while let Some(item) = logs.next().await? {
                 if let Some(status) = printer.print(out, item)?
                     && follow
                     && status.is_final()
                 {
-                    break;
+                    return Ok::<bool, Stop>(true);
                 }
+                out.flush()?;
             }
-        }
-        Command::Watch { json } => {
-            let format = Format::for_stdout(json);
-            let mut transitions = client.watch().await?;
-            while let Some(t) = transitions.next().await? {
-                output::transition(out, &t, format)?;
+            Ok(!follow)
+        };
+        match read.await {
+            Ok(true) => return Ok(()),
+            // The server ended the stream (it is stopping): read it again.
+            Ok(false) => {}
+            Err(Stop::Failed(f)) if follow && f.exit_code == client::exit::UNAVAILABLE => {
+                eprintln!("pipelinectl: {}; waiting for it", f.message);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                continue;
             }
+            Err(other) => return Err(other),
         }
+        pause = std::time::Duration::from_millis(200);
     }
-    out.flush()?;
-    Ok(())
+}
+
+/// A duration as people write it: `90s`, `10m`, `2h`, `1d`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (write it like 90s, 10m, 2h or 1d)"))
 }
 
 fn read_description(inline: Option<String>, file: Option<&str>) -> Result<String, Failure> {

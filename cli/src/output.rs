@@ -471,6 +471,82 @@ impl TaskListPrinter {
     }
 }
 
+/// Why a task is where it is, in sentences (`pipelinectl explain`).
+pub fn explain(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
+    let t = &d.task;
+    let title = terminal_safe(&t.title);
+    let state = match t.status {
+        TaskStatus::Open if t.patchset == 0 && t.failures == 0 => {
+            "is open and has not been worked on yet".to_owned()
+        }
+        TaskStatus::Open => format!(
+            "is open: it goes back to an agent for patchset {} after {} failed attempt{}",
+            t.patchset + 1,
+            t.failures,
+            if t.failures == 1 { "" } else { "s" }
+        ),
+        TaskStatus::InProgress => match d
+            .runs
+            .iter()
+            .rev()
+            .find(|r| r.status == crate::model::RunStatus::Running)
+        {
+            Some(r) => format!(
+                "is in progress: its {} run (attempt {}) is running on {} since {}",
+                r.phase.word(),
+                r.attempt,
+                r.runner.as_deref().unwrap_or("the server"),
+                rfc3339(r.started_at_ms)
+            ),
+            None => "is in progress".to_owned(),
+        },
+        TaskStatus::Verified => {
+            "is verified: its commit passed on its runner and waits to land on the base".to_owned()
+        }
+        TaskStatus::Done => "is done: its commit is on the base".to_owned(),
+        TaskStatus::NeedsHelp => format!(
+            "needs help: it stopped after {} failed attempt{} (pipelinectl task retry {} to go on)",
+            t.failures,
+            if t.failures == 1 { "" } else { "s" },
+            t.id
+        ),
+        TaskStatus::Cancelled => {
+            format!(
+                "is cancelled (pipelinectl task retry {} to reopen it)",
+                t.id
+            )
+        }
+        TaskStatus::Unknown => "is in a state this pipelinectl does not know".to_owned(),
+    };
+    writeln!(out, "{} ({title}) {state}.", t.id)?;
+    if t.waiting_for.is_empty() && matches!(t.status, TaskStatus::Open | TaskStatus::Verified) {
+        writeln!(
+            out,
+            "Nothing holds it: it goes next when a slot (or the merge train) is free."
+        )?;
+    }
+    for why in &t.waiting_for {
+        writeln!(
+            out,
+            "It waits: {}.",
+            terminal_safe(why.trim_end_matches('.'))
+        )?;
+    }
+    if let Some(feedback) = &t.feedback
+        && !t.status.is_final()
+    {
+        writeln!(
+            out,
+            "Its last attempt was rejected: {}",
+            terminal_safe(&one_line_summary(feedback))
+        )?;
+    }
+    if t.cost_cents > 0.0 {
+        writeln!(out, "It has cost {} cents so far.", t.cost_cents)?;
+    }
+    Ok(())
+}
+
 pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::Result<()> {
     let t = &d.task;
     let terminal = match format {
@@ -642,6 +718,13 @@ pub struct LogPrinter {
     current: Option<(i64, Phase)>,
     last_seq: HashMap<i64, u64>,
     terminal: bool,
+    /// Only the runs of this attempt (`logs --run N`).
+    pub attempt: Option<u32>,
+    /// Only lines from this time on (`logs --since`), ms since the epoch.
+    pub since_ms: Option<i64>,
+    /// Keep only the last this many lines until [`LogPrinter::flush_tail`] (`logs --tail`).
+    pub tail: Option<usize>,
+    held: std::collections::VecDeque<(i64, LogLine)>,
 }
 
 impl LogPrinter {
@@ -672,7 +755,46 @@ impl LogPrinter {
         Ok(None)
     }
 
+    /// Prints the lines `--tail` held back, and prints lines as they come from then on.
+    pub fn flush_tail(&mut self, out: &mut impl Write) -> io::Result<()> {
+        self.tail = None;
+        for (run_id, line) in std::mem::take(&mut self.held) {
+            self.line(out, run_id, &line)?;
+        }
+        Ok(())
+    }
+
     fn line(&mut self, out: &mut impl Write, run_id: i64, line: &LogLine) -> io::Result<()> {
+        if self
+            .attempt
+            .is_some_and(|a| self.runs.get(&run_id).is_some_and(|r| r.attempt != a))
+        {
+            return Ok(());
+        }
+        if self.since_ms.is_some_and(|since| line.at_ms < since) {
+            // Left out on purpose: not a gap to report.
+            self.last_seq.insert(run_id, line.seq);
+            return Ok(());
+        }
+        // A line already printed (a stream read again after a reconnect) is not printed twice.
+        if self
+            .last_seq
+            .get(&run_id)
+            .is_some_and(|last| line.seq <= *last)
+            || self
+                .held
+                .iter()
+                .any(|(r, l)| *r == run_id && l.seq >= line.seq)
+        {
+            return Ok(());
+        }
+        if let Some(n) = self.tail {
+            self.held.push_back((run_id, line.clone()));
+            while self.held.len() > n {
+                self.held.pop_front();
+            }
+            return Ok(());
+        }
         if self.current != Some((run_id, line.phase)) {
             self.current = Some((run_id, line.phase));
             let run = self.runs.get(&run_id);

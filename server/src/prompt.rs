@@ -51,7 +51,17 @@ pub fn build(task: &Task, ctx: &PromptContext<'_>) -> String {
             task.description.trim_end()
         ));
     }
-    if let Some(feedback) = &task.state.feedback {
+    // A person's note (`task retry --note`) leads the feedback; what follows it, if anything,
+    // is the last rejection.
+    let mut feedback = task.state.feedback.as_deref();
+    if let Some(rest) = feedback.and_then(|f| f.strip_prefix(crate::lifecycle::GUIDANCE)) {
+        let (note, after) = rest.split_once("\n\n").unwrap_or((rest, ""));
+        out.push_str("\n## Guidance from a person\n");
+        out.push_str(note.trim_end());
+        out.push('\n');
+        feedback = Some(after).filter(|f| !f.trim().is_empty());
+    }
+    if let Some(feedback) = feedback {
         if task.state.patchset > 0 {
             out.push_str("\n## The previous patchset was rejected\n");
         } else {
@@ -157,5 +167,25 @@ mod tests {
     #[test]
     fn the_prompt_of_a_first_attempt() {
         insta::assert_snapshot!(build(&task(0, None), &CTX));
+    }
+
+    #[test]
+    fn a_persons_note_is_shown_as_guidance() {
+        let p = build(
+            &task(
+                1,
+                Some("Guidance from a person: use the other parser\n\nbuild failed"),
+            ),
+            &PromptContext { amend: true, ..CTX },
+        );
+        assert!(
+            p.contains("## Guidance from a person\nuse the other parser\n"),
+            "{p}"
+        );
+        assert!(p.contains("## The previous patchset was rejected"), "{p}");
+        assert!(p.contains("build failed"));
+        let alone = build(&task(0, Some("Guidance from a person: start over")), &CTX);
+        assert!(alone.contains("start over"));
+        assert!(!alone.contains("previous attempt failed"), "{alone}");
     }
 }

@@ -315,9 +315,11 @@ impl<S: Store> Coordinator<S> {
         self.transition(id, Event::Cancel).await
     }
 
-    /// Sends a NeedsHelp, Cancelled or Open task back to Open with its failure count cleared.
-    pub async fn retry(&self, id: &TaskId) -> Result<Task> {
-        self.transition(id, Event::Retry).await
+    /// Sends a NeedsHelp, Cancelled or Open task back to Open with its failure count cleared;
+    /// `note` goes to the next prompt as a person's guidance, and `fresh` drops the previous
+    /// patchset so the next attempt starts from the current base.
+    pub async fn retry(&self, id: &TaskId, note: Option<String>, fresh: bool) -> Result<Task> {
+        self.transition(id, Event::Retry { note, fresh }).await
     }
 
     pub async fn status(&self) -> Result<Status> {

@@ -116,7 +116,7 @@ async fn cancel_and_retry_go_through_the_lifecycle() {
         err.to_string(),
         "task t-1: cannot cancel a task that is cancelled already"
     );
-    let t = c.retry(&t.id).await.expect("retry");
+    let t = c.retry(&t.id, None, false).await.expect("retry");
     assert_eq!(t.state.status, TaskStatus::Open);
     let detail = c.show_task(&t.id).await.expect("show");
     let kinds: Vec<&str> = detail.events.iter().map(|e| e.kind.as_str()).collect();
@@ -262,7 +262,7 @@ async fn status_counts_kept_in_memory_match_the_store() {
         (after.open, after.cancelled, after.active_dev_runs),
         (1, 2, 0)
     );
-    c.retry(&b.id).await.expect("retry");
+    c.retry(&b.id, None, false).await.expect("retry");
     assert_eq!(check().await.open, 2);
 }
 

@@ -150,10 +150,22 @@ impl<S: Store> ControlService for ControlApi<S> {
         &self,
         request: Request<pb::RetryTaskRequest>,
     ) -> Result<Response<pb::RetryTaskResponse>, Status> {
-        let id = task_id(&request.into_inner().id)?;
+        let r = request.into_inner();
+        let id = task_id(&r.id)?;
+        let note = r
+            .note
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty());
+        if let Some(note) = &note
+            && (note.len() > 64 * 1024 || note.contains('\0'))
+        {
+            return Err(Status::invalid_argument(
+                "--note must be text of at most 64 KiB (no NUL bytes)",
+            ));
+        }
         let task = self
             .coordinator
-            .retry(&id)
+            .retry(&id, note, r.fresh)
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::RetryTaskResponse {

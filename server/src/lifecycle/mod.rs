@@ -77,6 +77,10 @@ impl Policy {
     }
 }
 
+/// How a person's note to the agent (`task retry --note`) begins the task's feedback; the
+/// prompt shows it as guidance, apart from a rejection's output.
+pub const GUIDANCE: &str = "Guidance from a person: ";
+
 /// Something that happened to a task.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
@@ -106,8 +110,10 @@ pub enum Event {
     Integrated,
     /// A person cancelled the task.
     Cancel,
-    /// A person asked for another go: the failure count and back-off are cleared.
-    Retry,
+    /// A person asked for another go: the failure count and back-off are cleared. `note` is
+    /// guidance for the next prompt; `fresh` drops the previous patchset and its feedback, so
+    /// the next attempt starts from the current base.
+    Retry { note: Option<String>, fresh: bool },
     /// At start-up the server found the task InProgress with no live lease (it crashed).
     Recover,
     /// The task's own landed commit (the server's record of it) is on the base, although the
@@ -128,7 +134,7 @@ impl Event {
             Event::IntegrationFailed { .. } => "integration_failed",
             Event::Integrated => "integrated",
             Event::Cancel => "cancelled",
-            Event::Retry => "retried",
+            Event::Retry { .. } => "retried",
             Event::Recover => "recovered",
             Event::FoundLanded { .. } => "found_landed",
         }
@@ -143,7 +149,7 @@ impl Event {
             Event::LeaseLost { .. } | Event::Released { .. } => "end the lease of",
             Event::IntegrationFailed { .. } | Event::Integrated => "record an integration of",
             Event::Cancel => "cancel",
-            Event::Retry => "retry",
+            Event::Retry { .. } => "retry",
             Event::Recover => "recover",
             Event::FoundLanded { .. } => "record the landing of",
         }
@@ -305,23 +311,37 @@ pub fn apply(
             };
             (format!("cancelled while {}", state.status), effects)
         }
-        (Open | NeedsHelp | Cancelled, Event::Retry) => {
+        (Open | NeedsHelp | Cancelled, Event::Retry { note, fresh }) => {
             next.status = Open;
             next.failures = 0;
             next.lost_leases = 0;
             next.backoff_until = None;
             next.cost_at_retry = next.cost_cents;
-            (
-                format!("retry requested (was {})", state.status),
-                vec![Effect::WakeScheduler],
-            )
+            if *fresh {
+                next.amend = false;
+                next.feedback = None;
+            }
+            if let Some(note) = note {
+                next.feedback = Some(match &next.feedback {
+                    Some(before) => format!("{GUIDANCE}{note}\n\n{before}"),
+                    None => format!("{GUIDANCE}{note}"),
+                });
+            }
+            let mut message = format!("retry requested (was {})", state.status);
+            if *fresh {
+                message.push_str(", starting fresh from the base");
+            }
+            if note.is_some() {
+                message.push_str(", with a note for the agent");
+            }
+            (message, vec![Effect::WakeScheduler])
         }
-        (Done, Event::Retry) => {
+        (Done, Event::Retry { .. }) => {
             return Err(refuse(
                 ": its commit is on the base; create a new task to change it further",
             ));
         }
-        (InProgress | Verified, Event::Retry) => {
+        (InProgress | Verified, Event::Retry { .. }) => {
             return Err(refuse(": it is still being worked on; cancel it first"));
         }
         (Open | InProgress | Verified | NeedsHelp, Event::FoundLanded { commit }) => {
@@ -431,6 +451,47 @@ fn fail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RETRY: Event = Event::Retry {
+        note: None,
+        fresh: false,
+    };
+
+    #[test]
+    fn a_retry_with_a_note_and_fresh_starts_over_with_guidance() {
+        let s = TaskState {
+            status: NeedsHelp,
+            patchset: 2,
+            failures: 5,
+            amend: true,
+            feedback: Some("tests failed".into()),
+            ..TaskState::new()
+        };
+        let retry = |note: Option<&str>, fresh| Event::Retry {
+            note: note.map(str::to_owned),
+            fresh,
+        };
+        let t = apply(
+            &s,
+            &retry(Some("use the other parser"), false),
+            &policy(),
+            NOW,
+        )
+        .expect("applies");
+        assert_eq!(
+            t.state.feedback.as_deref(),
+            Some("Guidance from a person: use the other parser\n\ntests failed")
+        );
+        assert!(t.state.amend, "keeps the patchset");
+        assert!(
+            t.message.ends_with("with a note for the agent"),
+            "{}",
+            t.message
+        );
+        let t = apply(&s, &retry(None, true), &policy(), NOW).expect("applies");
+        assert_eq!((t.state.feedback, t.state.amend), (None, false));
+        assert!(t.message.contains("starting fresh"), "{}", t.message);
+    }
     use TaskStatus::*;
 
     const NOW: Millis = 1_000_000;
@@ -570,7 +631,7 @@ mod tests {
         }
         assert_eq!(s.status, NeedsHelp, "two in a row with max_lost_leases 2");
         assert_eq!(s.failures, 1, "still only the task's own failure counted");
-        let s = check(&s, Event::Retry, Open, &[Effect::WakeScheduler]);
+        let s = check(&s, RETRY, Open, &[Effect::WakeScheduler]);
         assert_eq!(s.lost_leases, 0);
         let unlimited = Policy {
             max_lost_leases: 0,
@@ -702,7 +763,7 @@ mod tests {
         // After a retry the budget starts again.
         let mut over = t.state.clone();
         over.status = NeedsHelp;
-        let t = apply(&over, &Event::Retry, &p, NOW).expect("applies");
+        let t = apply(&over, &RETRY, &p, NOW).expect("applies");
         assert!(leasable(&t.state, 0, &p, NOW));
     }
 
@@ -861,13 +922,13 @@ mod tests {
                 backoff_until: Some(NOW + 100),
                 ..state(from)
             };
-            let s = check(&s, Event::Retry, Open, &[Effect::WakeScheduler]);
+            let s = check(&s, RETRY, Open, &[Effect::WakeScheduler]);
             assert_eq!((s.failures, s.backoff_until), (0, None));
             assert!(leasable(&s, 0, &policy(), NOW));
         }
-        check_refused(Done, Event::Retry, "create a new task");
-        check_refused(InProgress, Event::Retry, "cancel it first");
-        check_refused(Verified, Event::Retry, "cancel it first");
+        check_refused(Done, RETRY, "create a new task");
+        check_refused(InProgress, RETRY, "cancel it first");
+        check_refused(Verified, RETRY, "cancel it first");
     }
 
     #[test]
@@ -965,7 +1026,7 @@ mod tests {
                     infrastructure,
                 }),
                 Just(Event::Cancel),
-                Just(Event::Retry),
+                Just(RETRY),
                 Just(Event::Recover),
                 Just(Event::FoundLanded { commit: "c".into() }),
             ]
@@ -1012,7 +1073,7 @@ mod tests {
                                     "only a failure leads to NeedsHelp"
                                 );
                             }
-                            if matches!(event, Event::Retry) {
+                            if matches!(event, Event::Retry { .. }) {
                                 prop_assert_eq!(t.state.failures, 0);
                             }
                             if matches!(event, Event::LeaseLost { .. } | Event::Released { .. }) {

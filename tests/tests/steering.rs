@@ -1,0 +1,175 @@
+//! Steering end to end: `task retry --note/--fresh`, `explain`, `watch` filters and the `logs`
+//! options (`--tail`, `--since`, `--run`, and `--follow` across a server restart).
+
+use std::process::Command;
+
+use pipeline_tests::{Proc, Server, TestRepo, bin, event_kinds, runner, scripts_path};
+use serde_json::Value;
+
+/// `pipelinectl ARGS` in the background, its stdout captured with its stderr.
+fn ctl_in_background(server_url: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("exec \"$0\" \"$@\" 1>&2")
+        .arg(bin("pipelinectl"))
+        .args(["--server", server_url])
+        .args(args)
+        .env("PATH", scripts_path())
+        .env_remove("PIPELINE_SERVER")
+        .env_remove("PIPELINE_TOKEN");
+    Proc::spawn(&mut cmd)
+}
+
+#[test]
+fn a_retry_with_a_note_reaches_the_next_prompt_and_fresh_starts_from_the_base() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "1"]);
+    let _r = runner(&repo, &server, "r");
+    let id = server.add(&["--title", "t", "--description", "MODE: fail-once"]);
+    server.wait_status(&id, "needs_help");
+    let explained = server.ctl(&["explain", &id]).ok();
+    assert!(
+        explained.contains(&format!(
+            "{id} (t) needs help: it stopped after 1 failed attempt (pipelinectl task retry {id} to go on)."
+        )),
+        "{explained}"
+    );
+    assert!(
+        explained.contains("It waits: retry limit reached"),
+        "{explained}"
+    );
+    server
+        .ctl(&[
+            "task",
+            "retry",
+            &id,
+            "--note",
+            "look at notes/ first",
+            "--fresh",
+        ])
+        .ok();
+    let task = server.wait_status(&id, "done");
+    let prompt = repo
+        .agent_file(&format!("dev-{id}-2.prompt"))
+        .expect("prompt");
+    assert!(
+        prompt.contains("## Guidance from a person\nlook at notes/ first\n"),
+        "{prompt}"
+    );
+    assert!(event_kinds(&task).contains(&"retried".to_owned()));
+    let retried = task["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["kind"] == "retried").cloned())
+        .unwrap_or(Value::Null);
+    let message = retried["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("starting fresh") && message.contains("with a note"),
+        "{message}"
+    );
+    let done = server.ctl(&["explain", &id]).ok();
+    assert!(
+        done.contains("is done: its commit is on the base."),
+        "{done}"
+    );
+    server
+        .ctl(&["explain", "no-such-task"])
+        .refused(3, "no-such-task");
+}
+
+#[test]
+fn logs_take_tail_since_and_run() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _r = runner(&repo, &server, "r");
+    let id = server.add(&["--title", "t", "--description", "MODE: chatty\nLINES: 50"]);
+    server.wait_status(&id, "done");
+    let all = server.ctl(&["logs", &id]).ok();
+    assert!(all.contains("line 1 of 50"), "{all}");
+    let tail = server.ctl(&["logs", &id, "--tail", "3"]).ok();
+    let lines: Vec<&str> = tail.lines().filter(|l| !l.starts_with("===")).collect();
+    assert_eq!(lines.len(), 3, "{tail}");
+    assert!(!tail.contains("line 1 of 50"), "{tail}");
+    assert!(
+        all.ends_with(&format!("{}\n", lines[2])),
+        "the last line of all: {tail}"
+    );
+    let none = server.ctl(&["logs", &id, "--run", "2"]).ok();
+    assert_eq!(none, "", "no attempt 2");
+    let first = server.ctl(&["logs", &id, "--run", "1"]).ok();
+    assert_eq!(first, all, "attempt 1 is everything");
+    assert_eq!(server.ctl(&["logs", &id, "--since", "1h"]).ok(), all);
+    let bad = server.ctl(&["logs", &id, "--since", "soon"]);
+    assert_eq!(bad.code(), Some(2), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("write it like 90s, 10m, 2h or 1d"),
+        "{}",
+        bad.stderr
+    );
+}
+
+#[test]
+fn watch_filters_by_task_and_status() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _r = runner(&repo, &server, "r");
+    let watched = server.add(&["--title", "watched", "--description", "MODE: wait"]);
+    let watch = ctl_in_background(
+        &server.url,
+        &["watch", "--task", &watched, "--status", "done", "--json"],
+    );
+    repo.wait_agent(&watched);
+    let other = server.add(&["--title", "other"]);
+    repo.release_agents();
+    server.wait_status(&watched, "done");
+    server.wait_status(&other, "done");
+    let line = watch.wait_for_line("\"to\"").expect("a transition");
+    let seen: Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(seen["task"], watched.as_str(), "{line}");
+    assert_eq!(seen["to"], "done");
+    assert!(
+        !watch.log().contains(&format!("\"{other}\"")),
+        "the other task is filtered out: {}",
+        watch.log()
+    );
+    server
+        .ctl(&["watch", "--task", "ghost"])
+        .refused(3, "ghost");
+}
+
+#[test]
+fn logs_follow_waits_for_a_restarted_server_and_prints_each_line_once() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "10"]);
+    let addr = server.addr.clone();
+    let _r = runner(&repo, &server, "r");
+    let id = server.add(&[
+        "--title",
+        "t",
+        "--description",
+        "MODE: chatty-wait\nLINES: 20",
+    ]);
+    repo.wait_agent(&id);
+    let follow = ctl_in_background(&server.url, &["logs", &id, "--follow"]);
+    follow
+        .wait_for_line("line 10 of 20")
+        .expect("the first half");
+    server.kill();
+    follow
+        .wait_for_line("waiting for it")
+        .expect("says it waits for the server");
+    let server = Server::start(&repo, &["--lease-ttl", "10", "--listen", &addr]);
+    repo.release_agents();
+    server.wait_status(&id, "done");
+    let mut follow = follow;
+    let status = follow.wait_exit();
+    assert!(status.success(), "{}", follow.log());
+    let log = follow.log();
+    for i in 1..=20 {
+        let line = format!("line {i} of 20");
+        assert_eq!(
+            log.matches(&format!(" {line}\n")).count() + usize::from(log.ends_with(&line)),
+            1,
+            "{line} once: {log}"
+        );
+    }
+}
