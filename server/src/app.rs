@@ -31,7 +31,18 @@ use crate::store::sqlite::SqliteStore;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs the server until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+/// How the server came to stop, when it stopped without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// It was asked to (a signal), or `--dry-run` printed its plan.
+    Asked,
+    /// `--exit-when-idle`: no task could make progress; `needs_help` tasks need a person.
+    Idle { needs_help: u64 },
+}
+
+/// Runs the server until `shutdown` is cancelled (or, with `--exit-when-idle`, until no task
+/// can make progress).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped> {
     config.validate().map_err(Error::InvalidArgument)?;
     let config = config
         .with_absolute_paths()
@@ -83,6 +94,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .db
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("pipeline.db").display()));
+    if config.dry_run {
+        let store = SqliteStore::open(&db_url).await?;
+        let plan = dry_run(&store, &config).await;
+        store.close().await;
+        plan?;
+        return Ok(Stopped::Asked);
+    }
     // One server per state dir and per database: a second one would expire the first one's
     // leases and land its tasks twice.
     let mut locks = vec![StateLock::take(
@@ -263,15 +281,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         &registration_token,
         &runners_stop,
     );
+    let mut idle = None;
     let failed = tokio::select! {
         // A loop ends on its own once the shutdown token fires: that is no failure.
         biased;
         () = shutdown.cancelled() => None,
+        needs_help = until_idle(&coordinator), if config.exit_when_idle => {
+            tracing::info!(needs_help, "no task can make progress; stopping (--exit-when-idle)");
+            idle = Some(needs_help);
+            shutdown.cancel();
+            None
+        }
         result = &mut served => {
             // The server stopped without being asked to.
             store.close().await;
             return match result {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Ok(Stopped::Asked),
                 Ok(Err(e)) => Err(Error::Internal(format!("grpc server: {e}"))),
                 Err(e) => Err(Error::Internal(format!("grpc server task: {e}"))),
             };
@@ -305,7 +330,91 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         return Err(Error::Internal(ended));
     }
     tracing::info!("stopped");
+    Ok(match idle {
+        Some(needs_help) => Stopped::Idle { needs_help },
+        None => Stopped::Asked,
+    })
+}
+
+/// Waits until no task can make progress (checked at start and after every transition);
+/// returns how many need help.
+async fn until_idle<S: Store>(coordinator: &Coordinator<S>) -> u64 {
+    let mut transitions = coordinator.logs().watch();
+    loop {
+        match coordinator.is_idle().await {
+            Ok(true) => return coordinator.needing_help(),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot tell whether the queue is idle: {e}"),
+        }
+        // Whatever came (a transition, or news that some were missed), look again.
+        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = transitions.recv().await {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// `--dry-run`: what the server would lease and land now, printed on stdout; nothing changes.
+async fn dry_run(store: &SqliteStore, config: &Config) -> Result<()> {
+    use std::io::Write;
+    let now = pipeline_core::clock::now_ms();
+    let leasable = store.lease_candidates(now, None, 50).await?;
+    let verified = store.verified().await?;
+    let mut out = std::io::stdout().lock();
+    let w = |out: &mut std::io::StdoutLock<'_>, line: String| {
+        writeln!(out, "{line}").map_err(|e| Error::Internal(format!("stdout: {e}")))
+    };
+    w(
+        &mut out,
+        "dry run: nothing is leased, landed or written".to_owned(),
+    )?;
+    if leasable.is_empty() {
+        w(
+            &mut out,
+            "would lease: nothing (no open task is ready)".to_owned(),
+        )?;
+    } else {
+        w(
+            &mut out,
+            "would lease, in this order, to runners as their slots free up:".to_owned(),
+        )?;
+        for (i, t) in leasable.iter().enumerate() {
+            w(
+                &mut out,
+                format!(
+                    "  {:>3}. {}  P{}  {}",
+                    i + 1,
+                    t.id,
+                    t.priority,
+                    one_line(&t.title)
+                ),
+            )?;
+        }
+    }
+    let train: Vec<String> = verified
+        .iter()
+        .take(config.batch_max as usize)
+        .map(|t| t.id.to_string())
+        .collect();
+    if train.is_empty() {
+        w(
+            &mut out,
+            "would land: nothing (no task is verified)".to_owned(),
+        )?;
+    } else {
+        w(
+            &mut out,
+            format!(
+                "would land next, in one train (dependencies permitting): {}",
+                train.join(", ")
+            ),
+        )?;
+    }
     Ok(())
+}
+
+/// A title on one line, for the dry run's list.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The background loops, each a named task in its span, in one `JoinSet`.

@@ -128,6 +128,17 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=8))]
     pub integration_slots: u32,
 
+    /// Run until no task can make progress (none in progress or verified, and no open one
+    /// that could be leased), then stop cleanly: exit 0, or 1 if any task needs help. For cron
+    /// and CI jobs (the seed's `--once`).
+    #[arg(long, env = "PIPELINE_EXIT_WHEN_IDLE")]
+    pub exit_when_idle: bool,
+
+    /// Read the state, print what would be leased (in lease order) and what would land (the
+    /// next merge train), and exit without changing anything.
+    #[arg(long, env = "PIPELINE_DRY_RUN", conflicts_with = "exit_when_idle")]
+    pub dry_run: bool,
+
     /// Leases committed per database transaction when many are handed out at once (group
     /// commit); 1 commits each lease on its own.
     #[arg(long, env = "PIPELINE_DISPATCH_BATCH", default_value_t = 256,

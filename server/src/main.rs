@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use pipeline_server::app::Stopped;
 use pipeline_server::config::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -20,7 +21,11 @@ async fn main() -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     match pipeline_server::app::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Stopped::Idle { needs_help }) if needs_help > 0 => {
+            eprintln!("pipeline-server: idle, and {needs_help} task(s) need help");
+            ExitCode::FAILURE
+        }
+        Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("pipeline-server: {err}");
             ExitCode::FAILURE

@@ -173,3 +173,95 @@ fn logs_follow_waits_for_a_restarted_server_and_prints_each_line_once() {
         );
     }
 }
+
+/// Adds tasks to a server with no runner, then stops it: the queue is left for a later run.
+fn queue_up(repo: &TestRepo, tasks: &[&[&str]]) -> Vec<String> {
+    let server = Server::start(repo, &[]);
+    let ids = tasks.iter().map(|t| server.add(t)).collect();
+    assert!(server.terminate().success());
+    ids
+}
+
+fn local_runner_flags() -> Vec<String> {
+    let mut flags = vec!["--local-runners".to_owned(), "1".to_owned()];
+    flags.extend(pipeline_tests::agent_args(&["--no-verify"]));
+    flags
+}
+
+#[test]
+fn exit_when_idle_works_the_queue_off_then_stops_and_says_if_a_task_needs_help() {
+    let repo = TestRepo::new();
+    let ids = queue_up(&repo, &[&["--title", "one"], &["--title", "two"]]);
+    let mut flags = local_runner_flags();
+    flags.push("--exit-when-idle".into());
+    let mut server = Server::spawn(&mut Server::command(
+        &repo,
+        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    ))
+    .expect("server");
+    let status = server.proc.wait_exit();
+    assert!(status.success(), "exit 0 once idle: {}", server.log());
+    assert!(
+        server
+            .log()
+            .contains("no task can make progress; stopping (--exit-when-idle)")
+    );
+    let mut landed = repo.landed();
+    landed.sort();
+    assert_eq!(landed, ids, "both landed before it stopped");
+
+    // A task that fails for good: the run ends idle, with exit 1.
+    let repo = TestRepo::new();
+    queue_up(&repo, &[&["--title", "bad", "--description", "MODE: fail"]]);
+    flags.extend(["--max-retries".into(), "1".into()]);
+    let mut server = Server::spawn(&mut Server::command(
+        &repo,
+        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    ))
+    .expect("server");
+    let status = server.proc.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", server.log());
+    assert!(
+        server.log().contains("idle, and 1 task(s) need help"),
+        "{}",
+        server.log()
+    );
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_changes_nothing() {
+    let repo = TestRepo::new();
+    let ids = queue_up(
+        &repo,
+        &[
+            &["--title", "later", "--priority", "3"],
+            &["--title", "first", "--priority", "0"],
+        ],
+    );
+    let db = repo.state_dir().join("pipeline.db");
+    let before = std::fs::read(&db).expect("db");
+    let out = pipeline_tests::run(
+        Server::command(&repo, &["--dry-run"]).stdout(std::process::Stdio::piped()),
+    );
+    let text = out.ok();
+    assert!(
+        text.starts_with("dry run: nothing is leased, landed or written\n"),
+        "{text}"
+    );
+    let first = text
+        .find(&format!("1. {}  P0  first", ids[1]))
+        .expect(&text);
+    let later = text
+        .find(&format!("2. {}  P3  later", ids[0]))
+        .expect(&text);
+    assert!(first < later, "{text}");
+    assert!(
+        text.contains("would land: nothing (no task is verified)"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&db).expect("db"),
+        before,
+        "the database is unchanged"
+    );
+}

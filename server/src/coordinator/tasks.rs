@@ -348,6 +348,29 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// The runners known to the server, by name.
+    /// Whether no task can make progress: none in progress or verified, and no open one
+    /// whose dependencies are all done (in back-off or not). An open task that waits on a
+    /// dependency waits, down its chain, on a task that needs help or was cancelled.
+    pub async fn is_idle(&self) -> Result<bool> {
+        let busy = self
+            .counts_mut()
+            .as_ref()
+            .is_none_or(|c| c.in_progress > 0 || c.verified > 0);
+        if busy {
+            return Ok(false);
+        }
+        Ok(self
+            .store
+            .lease_candidates(i64::MAX, None, 1)
+            .await?
+            .is_empty())
+    }
+
+    /// How many tasks need help (from the counts in memory).
+    pub fn needing_help(&self) -> u64 {
+        self.counts_mut().as_ref().map_or(0, |c| c.needs_help)
+    }
+
     /// One page of runners by name, after `after`, and whether there are more.
     pub fn runners_page(&self, after: Option<&str>, size: u32) -> (Vec<RunnerInfo>, bool) {
         let mut all = self.runners();
