@@ -364,6 +364,15 @@ impl Client {
         r.map(drop).map_err(|s| self.failure(s))
     }
 
+    /// Drains runner `name` from the control plane, or (`drain` false) undrains it.
+    pub async fn drain_runner(&mut self, name: String, drain: bool) -> Result<(), Failure> {
+        let r = self
+            .inner
+            .drain_runner(unary(pb::DrainRunnerRequest { name, drain }))
+            .await;
+        r.map(drop).map_err(|s| self.failure(s))
+    }
+
     /// The merge train now and the tasks waiting behind it.
     pub async fn queue(&mut self) -> Result<model::Queue, Failure> {
         let r = self.inner.get_queue(unary(pb::GetQueueRequest {})).await;

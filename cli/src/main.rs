@@ -121,6 +121,17 @@ enum RunnersAction {
         #[arg(allow_hyphen_values = true)]
         name: String,
     },
+    /// Let a runner finish what it holds and take nothing new (as SIGTERM does, from here);
+    /// it stays drained when it reconnects, until undrained.
+    Drain {
+        #[arg(allow_hyphen_values = true)]
+        name: String,
+    },
+    /// Let a drained runner take work again.
+    Undrain {
+        #[arg(allow_hyphen_values = true)]
+        name: String,
+    },
     /// Remove a runner that is not connected from the list, freeing its name.
     Forget {
         #[arg(allow_hyphen_values = true)]
@@ -295,6 +306,23 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         } => {
             let released = client.revoke_runner(name.clone()).await?;
             writeln!(out, "{name}: revoked; {released} lease(s) given back")?;
+        }
+        Command::Runners {
+            action: Some(RunnersAction::Drain { name }),
+            ..
+        } => {
+            client.drain_runner(name.clone(), true).await?;
+            writeln!(
+                out,
+                "{name}: draining; it finishes what it holds and takes nothing new"
+            )?;
+        }
+        Command::Runners {
+            action: Some(RunnersAction::Undrain { name }),
+            ..
+        } => {
+            client.drain_runner(name.clone(), false).await?;
+            writeln!(out, "{name}: takes work again")?;
         }
         Command::Runners {
             action: Some(RunnersAction::Forget { name }),

@@ -173,6 +173,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     coordinator.forget_unopened_after(lease_ttl_ms.saturating_mul(2));
     coordinator.load_counts().await?;
     coordinator.load_landing().await?;
+    coordinator.load_held_runners().await?;
     coordinator
         .guard_task_ids(config.accept_existing_history)
         .await?;

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use pipeline_tests::{Proc, Server, TestRepo, bin, event_kinds, runner, scripts_path};
+use pipeline_tests::{Proc, Server, TestRepo, bin, event_kinds, runner, scripts_path, wait_for};
 use serde_json::Value;
 
 /// `pipelinectl ARGS` in the background, its stdout captured with its stderr.
@@ -264,4 +264,41 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
         before,
         "the database is unchanged"
     );
+}
+
+fn runner_state(server: &Server, name: &str) -> Value {
+    let runners = server.ctl(&["runners", "--json"]).json();
+    runners
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_drained_runner_finishes_its_work_takes_nothing_new_and_stays_drained_until_undrained() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let r = runner(&repo, &server, "r");
+    let first = server.add(&["--title", "first", "--description", "MODE: wait"]);
+    repo.wait_agent(&first);
+    let said = server.ctl(&["runners", "drain", "r"]).ok();
+    assert!(said.contains("r: draining"), "{said}");
+    assert_eq!(runner_state(&server, "r")["state"], "draining");
+    let second = server.add(&["--title", "second"]);
+    repo.release_agents();
+    server.wait_status(&first, "done");
+    // Back in its slot's freedom, it still takes nothing; nor after a restart of the runner.
+    let mut r = r;
+    r.proc.signal("TERM");
+    assert!(r.proc.wait_exit().success());
+    let _r = runner(&repo, &server, "r");
+    wait_for("the runner to be back, drained", || {
+        (runner_state(&server, "r")["state"] == "draining").then_some(())
+    });
+    assert_eq!(server.show(&second)["status"], "open");
+    server.ctl(&["runners", "undrain", "r"]).ok();
+    server.wait_status(&second, "done");
+    server
+        .ctl(&["runners", "drain", "nobody"])
+        .refused(3, "no runner named nobody");
 }

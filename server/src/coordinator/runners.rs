@@ -83,6 +83,9 @@ fn refused(lease: &LeaseRef, why: impl std::fmt::Display) -> Error {
     ))
 }
 
+/// `meta` keys of the runners drained from the control plane: this prefix and the name.
+const HELD_PREFIX: &str = "runner_held:";
+
 impl<S: Store> Coordinator<S> {
     /// Registers a runner and tells it how often to heartbeat. The registration token gets the
     /// runner a credential of its own; a runner's credential may register again only under its
@@ -224,6 +227,41 @@ impl<S: Store> Coordinator<S> {
         self.registry().set_forget_unopened_after(ms);
     }
 
+    /// Drains runner `name` from the control plane (`drain`), or lets it take work again: it
+    /// finishes what it holds and gets nothing new, also after it reconnects or the server
+    /// restarts (the hold is written to `meta` first). Refused for a name no runner has.
+    pub async fn hold_runner(&self, name: &str, drain: bool) -> Result<()> {
+        check_runner_name(name)?;
+        let known = self.registry().runners().iter().any(|r| r.name == name);
+        if !known {
+            return Err(Error::NotFound(format!(
+                "no runner named {name} (pipelinectl runners lists them)"
+            )));
+        }
+        let key = format!("{HELD_PREFIX}{name}");
+        if drain {
+            self.store.put_meta(&key, "1").await?;
+        } else {
+            self.store.delete_meta(&key).await?;
+        }
+        self.registry().hold(name, drain);
+        tracing::info!(runner = name, drain, "runner held from the control plane");
+        if !drain {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Loads the runners drained from the control plane (at start-up).
+    pub async fn load_held_runners(&self) -> Result<()> {
+        for (key, _) in self.store.list_meta(HELD_PREFIX).await? {
+            if let Some(name) = key.strip_prefix(HELD_PREFIX) {
+                self.registry().hold(name, true);
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets runner `name`, which must not be connected: it leaves the list and its name is
     /// free again (its credential, if any, stops working; a revoked name may be registered
     /// again).
@@ -241,6 +279,11 @@ impl<S: Store> Coordinator<S> {
         }
         let known = self.registry().forget(name);
         let freed = self.auth.forget(&self.store, name).await?;
+        // A forgotten name starts afresh: not drained.
+        self.store
+            .delete_meta(&format!("{HELD_PREFIX}{name}"))
+            .await?;
+        self.registry().hold(name, false);
         if !known && !freed {
             return Err(Error::NotFound(format!("no runner named {name}")));
         }

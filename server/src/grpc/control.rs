@@ -364,6 +364,18 @@ impl<S: Store> ControlService for ControlApi<S> {
         Ok(Response::new(pb::ForgetRunnerResponse {}))
     }
 
+    async fn drain_runner(
+        &self,
+        request: Request<pb::DrainRunnerRequest>,
+    ) -> Result<Response<pb::DrainRunnerResponse>, Status> {
+        let r = request.into_inner();
+        self.coordinator
+            .hold_runner(&r.name, r.drain)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::DrainRunnerResponse {}))
+    }
+
     async fn rotate_registration_token(
         &self,
         _request: Request<pb::RotateRegistrationTokenRequest>,

@@ -51,6 +51,9 @@ pub struct RunnerEntry {
     pub version: String,
     pub last_heartbeat: Option<Millis>,
     pub draining: bool,
+    /// Drained from the control plane (`pipelinectl runners drain`): it finishes what it holds
+    /// and gets nothing new until undrained, whatever it says itself.
+    pub held: bool,
     /// Why the runner takes no work, when it said it is unhealthy.
     pub unhealthy: Option<String>,
     /// When it registered.
@@ -71,7 +74,7 @@ impl RunnerEntry {
 
     /// Slots that may take a new lease now.
     pub fn free_slots(&self) -> u32 {
-        if !self.connected() || self.draining || self.unhealthy.is_some() {
+        if !self.connected() || self.draining || self.held || self.unhealthy.is_some() {
             return 0;
         }
         self.slots.saturating_sub(self.leases.len() as u32)
@@ -122,6 +125,8 @@ pub struct Registry {
     leases: HashMap<String, LiveLease>,
     next_runner: u64,
     next_stream: u64,
+    /// Names drained from the control plane (persisted by the coordinator).
+    held: BTreeSet<String>,
 }
 
 /// What `pipelinectl runners` shows of a runner.
@@ -147,6 +152,7 @@ impl Default for Registry {
             leases: HashMap::new(),
             next_runner: 0,
             next_stream: 0,
+            held: BTreeSet::new(),
         }
     }
 }
@@ -203,6 +209,7 @@ impl Registry {
                 version,
                 last_heartbeat: Some(now),
                 draining: false,
+                held: self.held.contains(name),
                 unhealthy: None,
                 registered_at: now,
                 opened: false,
@@ -432,6 +439,23 @@ impl Registry {
     }
 
     /// Every runner, by name.
+    /// Holds (or lets go of) the runner named `name`: held, it keeps what it has and gets
+    /// nothing new, now and whenever it registers again. Returns whether a runner of that
+    /// name is known now.
+    pub fn hold(&mut self, name: &str, held: bool) -> bool {
+        if held {
+            self.held.insert(name.to_owned());
+        } else {
+            self.held.remove(name);
+        }
+        let mut known = false;
+        for r in self.runners.values_mut().filter(|r| r.name == name) {
+            r.held = held;
+            known = true;
+        }
+        known
+    }
+
     pub fn runners(&self) -> Vec<RunnerView> {
         let mut all: Vec<RunnerView> = self
             .runners
@@ -445,7 +469,7 @@ impl Registry {
                 version: r.version.clone(),
                 last_heartbeat: r.last_heartbeat,
                 connected: r.connected(),
-                draining: r.draining,
+                draining: r.draining || r.held,
                 unhealthy: r.unhealthy.clone(),
             })
             .collect();
