@@ -588,3 +588,25 @@ fn a_bad_line_in_a_task_file_is_named_and_nothing_is_created() {
         "--title or --from-file is required"
     );
 }
+
+/// A list is paged and never carries descriptions: 70 tasks of 1 MiB descriptions (70 MiB, far
+/// past any message limit) list fine, and each shows its whole description on its own.
+#[test]
+fn a_list_of_tasks_with_huge_descriptions_fits_in_its_messages() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let file = repo.dir.path().join("big.md");
+    std::fs::write(&file, "x".repeat(1_000_000)).expect("write");
+    for i in 0..70 {
+        server.add(&[
+            "--title",
+            &format!("big {i}"),
+            "--description-file",
+            file.to_str().expect("utf-8"),
+        ]);
+    }
+    let listed = server.ctl(&["task", "list", "--json"]).json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(70));
+    let shown = server.show("t-70");
+    assert_eq!(shown["description"].as_str().map(str::len), Some(1_000_000));
+}
