@@ -498,6 +498,15 @@ impl Client {
         Ok((page.tasks.into_iter().map(Task::from).collect(), next))
     }
 
+    /// Changes the fields given of a task.
+    pub async fn edit_task(&mut self, change: model::TaskChange) -> Result<Task, Failure> {
+        let r = self
+            .inner
+            .edit_task(unary(pb::EditTaskRequest::from(change)))
+            .await;
+        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+    }
+
     /// Creates the tasks in one call, in order, all or none.
     pub async fn create_tasks(&mut self, tasks: Vec<NewTask>) -> Result<Vec<Task>, Failure> {
         let tasks = tasks.into_iter().map(pb::CreateTaskRequest::from).collect();

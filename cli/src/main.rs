@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::client::{Client, Failure};
-use crate::model::{NewTask, TaskStatus};
+use crate::model::{NewTask, TaskChange, TaskStatus};
 use crate::output::Format;
 
 /// See and steer a pipeline: tasks, runners, status.
@@ -224,6 +224,25 @@ enum TaskCommand {
         #[arg(allow_hyphen_values = true)]
         id: String,
     },
+    /// Change a task's title, description, namespace or priority (not while an agent works on
+    /// it, nor once it is done); its history records the edit.
+    Edit {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+        #[arg(long)]
+        title: Option<String>,
+        #[arg(long, conflicts_with = "description_file")]
+        description: Option<String>,
+        /// Read the description from a file (`-` for standard input).
+        #[arg(long)]
+        description_file: Option<String>,
+        /// An empty value clears it.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// 0 (highest) to 4 (lowest).
+        #[arg(long)]
+        priority: Option<u32>,
+    },
     /// Make a task wait for others to be done.
     Depend {
         #[arg(allow_hyphen_values = true)]
@@ -426,6 +445,29 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         Command::Task(TaskCommand::Cancel { id }) => {
             let task = client.cancel_task(id).await?;
             writeln!(out, "{}: {}", task.id, task.status.word())?;
+        }
+        Command::Task(TaskCommand::Edit {
+            id,
+            title,
+            description,
+            description_file,
+            namespace,
+            priority,
+        }) => {
+            let description = match (description, description_file) {
+                (None, None) => None,
+                (d, f) => Some(read_description(d, f.as_deref())?),
+            };
+            let task = client
+                .edit_task(TaskChange {
+                    id,
+                    title,
+                    description,
+                    namespace,
+                    priority,
+                })
+                .await?;
+            writeln!(out, "{}: edited", task.id)?;
         }
         Command::Task(TaskCommand::Depend { id, on }) => {
             let task = client.add_dependencies(id, on).await?;

@@ -235,6 +235,17 @@ pub struct NewTask {
     pub depends_on: Vec<String>,
 }
 
+/// A change to a task, as `task edit` asks for it: `None` leaves a field as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskChange {
+    pub id: String,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    /// An empty one clears it.
+    pub namespace: Option<String>,
+    pub priority: Option<u32>,
+}
+
 /// A task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {

@@ -13,8 +13,8 @@ use prost::Message as _;
 use crate::client::Failure;
 use crate::model::{
     CostSource, FailureKind, Health, Landing, LogItem, LogLine, LogRun, LogStream, NewTask, Phase,
-    Queue, Run, RunStatus, Runner, RunnerState, Status, Task, TaskDetail, TaskEvent, TaskStatus,
-    Train, Transition, Usage, Waiting,
+    Queue, Run, RunStatus, Runner, RunnerState, Status, Task, TaskChange, TaskDetail, TaskEvent,
+    TaskStatus, Train, Transition, Usage, Waiting,
 };
 
 /// The failure of a reply that should carry a task and does not.
@@ -155,6 +155,18 @@ impl From<NewTask> for pb::CreateTaskRequest {
             priority: Some(t.priority),
             parent: t.parent,
             depends_on: t.depends_on,
+        }
+    }
+}
+
+impl From<TaskChange> for pb::EditTaskRequest {
+    fn from(c: TaskChange) -> Self {
+        pb::EditTaskRequest {
+            id: c.id,
+            title: c.title,
+            description: c.description,
+            namespace: c.namespace,
+            priority: c.priority,
         }
     }
 }

@@ -429,6 +429,63 @@ impl NewTask {
     }
 }
 
+/// A person's edit of a task's fields (`pipelinectl task edit`), each validated as `task add`
+/// would; `None` leaves a field as it is. `namespace: Some(None)` clears it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TaskEdit {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub namespace: Option<Option<String>>,
+    pub priority: Option<u8>,
+}
+
+impl TaskEdit {
+    /// Validates the fields given (an empty namespace clears it).
+    pub fn new(
+        title: Option<String>,
+        description: Option<String>,
+        namespace: Option<String>,
+        priority: Option<u32>,
+    ) -> Result<Self, Error> {
+        // The rules of a new task, field by field.
+        let checked = NewTask::new(
+            None,
+            title.clone().unwrap_or_else(|| "unchanged".to_owned()),
+            description.clone().unwrap_or_default(),
+            namespace.clone(),
+            priority,
+            None,
+            vec![],
+        )?;
+        let edit = Self {
+            title: title.map(|_| checked.title),
+            description: description.map(|_| checked.description),
+            namespace: namespace.map(|_| checked.namespace),
+            priority: priority.map(|_| checked.priority),
+        };
+        if edit == Self::default() {
+            return Err(Error::InvalidArgument(
+                "nothing to change: pass --title, --description, --namespace or --priority"
+                    .to_owned(),
+            ));
+        }
+        Ok(edit)
+    }
+
+    /// The fields it changes, for the task's history.
+    pub fn fields(&self) -> Vec<&'static str> {
+        [
+            ("title", self.title.is_some()),
+            ("description", self.description.is_some()),
+            ("namespace", self.namespace.is_some()),
+            ("priority", self.priority.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+}
+
 /// A namespace names what `bild` builds (e.g. `Omni/Pipeline.hs`): a relative path inside the
 /// repository. It reaches a command line, so it must not look like an option or leave the tree.
 fn validate_namespace(ns: String) -> Result<String, Error> {

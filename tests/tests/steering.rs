@@ -302,3 +302,61 @@ fn a_drained_runner_finishes_its_work_takes_nothing_new_and_stays_drained_until_
         .ctl(&["runners", "drain", "nobody"])
         .refused(3, "no runner named nobody");
 }
+
+#[test]
+fn a_task_is_edited_when_no_agent_works_on_it_and_its_history_says_so() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let id = server.add(&["--title", "old title", "--namespace", "Old.hs"]);
+    let said = server
+        .ctl(&[
+            "task",
+            "edit",
+            &id,
+            "--title",
+            "new title",
+            "--priority",
+            "0",
+            "--namespace",
+            "",
+            "--description",
+            "now with a description",
+        ])
+        .ok();
+    assert_eq!(said, format!("{id}: edited\n"));
+    let task = server.show(&id);
+    assert_eq!(task["title"], "new title");
+    assert_eq!(task["priority"], 0);
+    assert_eq!(task["namespace"], Value::Null, "cleared");
+    assert_eq!(task["description"], "now with a description");
+    let edited = task["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["kind"] == "edited").cloned())
+        .expect("an edit in the history");
+    assert_eq!(
+        edited["message"],
+        "title, description, namespace, priority changed by pipelinectl"
+    );
+    server
+        .ctl(&["task", "edit", &id])
+        .refused(2, "nothing to change");
+    server
+        .ctl(&["task", "edit", &id, "--priority", "9"])
+        .refused(2, "invalid priority 9");
+    server
+        .ctl(&["task", "edit", "ghost", "--title", "x"])
+        .refused(3, "ghost");
+    // While an agent works on it: refused, and nothing changes.
+    let _r = runner(&repo, &server, "r");
+    let busy = server.add(&["--title", "busy", "--description", "MODE: wait"]);
+    repo.wait_agent(&busy);
+    server
+        .ctl(&["task", "edit", &busy, "--title", "x"])
+        .refused(4, "an agent is working on it");
+    assert_eq!(server.show(&busy)["title"], "busy");
+    repo.release_agents();
+    server.wait_status(&busy, "done");
+    server
+        .ctl(&["task", "edit", &busy, "--title", "x"])
+        .refused(4, "it is done");
+}

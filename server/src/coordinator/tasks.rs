@@ -2,7 +2,9 @@
 //! show, cancel, retry, dependencies, status, runners). Each method decides with the lifecycle
 //! and commits through the one path of [`super`].
 
-use crate::domain::{Millis, NewTask, Run, StatusCounts, Task, TaskEvent, TaskId, TaskStatus};
+use crate::domain::{
+    Millis, NewTask, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskStatus,
+};
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Event};
 use crate::store::{NewEvent, Store};
@@ -308,6 +310,43 @@ impl<S: Store> Coordinator<S> {
         // A new dependency that is not done takes the task out of the lease candidates.
         self.wake.notify_one();
         Ok(task)
+    }
+
+    /// Changes a task's title, description, namespace or priority, when the lifecycle allows
+    /// it ([`lifecycle::editable`]); the history says what changed and who changed it.
+    pub async fn edit_task(&self, id: &TaskId, edit: TaskEdit) -> Result<Task> {
+        // A write that lost its race to a transition is decided again on a fresh read.
+        for _ in 0..3 {
+            let task = self.get(id).await?;
+            lifecycle::editable(task.state.status).map_err(|why| {
+                Error::FailedPrecondition(format!("task {id} cannot be edited: {why}"))
+            })?;
+            let event = NewEvent {
+                kind: "edited".to_owned(),
+                message: format!("{} changed by pipelinectl", edit.fields().join(", ")),
+                from: task.state.status,
+                to: task.state.status,
+            };
+            match self
+                .store
+                .edit_task(id, task.version, &edit, event, self.now())
+                .await
+            {
+                Err(Error::Conflict(_)) => continue,
+                Ok(edited) => {
+                    if let Some(e) = self.store.events(id).await?.pop() {
+                        self.logs.publish_transition(e);
+                    }
+                    // A new priority changes the lease order.
+                    self.wake.notify_one();
+                    return Ok(edited);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "task {id} kept changing while it was being edited; try again"
+        )))
     }
 
     /// Cancels a task; a running agent is told to stop at once.

@@ -90,6 +90,24 @@ impl<S: Store> ControlService for ControlApi<S> {
         }))
     }
 
+    async fn edit_task(
+        &self,
+        request: Request<pb::EditTaskRequest>,
+    ) -> Result<Response<pb::EditTaskResponse>, Status> {
+        let r = request.into_inner();
+        let id = task_id(&r.id)?;
+        let edit = crate::domain::TaskEdit::new(r.title, r.description, r.namespace, r.priority)
+            .map_err(status_from_error)?;
+        let task = self
+            .coordinator
+            .edit_task(&id, edit)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::EditTaskResponse {
+            task: Some((&task).into()),
+        }))
+    }
+
     async fn list_tasks(
         &self,
         request: Request<pb::ListTasksRequest>,

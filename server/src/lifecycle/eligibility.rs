@@ -134,3 +134,18 @@ pub fn held_by_pauses(
 pub fn lease_order(a: (u8, i64), b: (u8, i64)) -> Ordering {
     a.0.cmp(&b.0).then(a.1.cmp(&b.1))
 }
+
+/// Whether a person may edit a task in `status` (`task edit`): not while an agent works on it
+/// or its commit waits to land (the edit would not be what was built), and never once done.
+pub fn editable(status: TaskStatus) -> Result<(), String> {
+    match status {
+        TaskStatus::Open | TaskStatus::NeedsHelp | TaskStatus::Cancelled => Ok(()),
+        TaskStatus::InProgress => {
+            Err("an agent is working on it; cancel it first, or edit it after this attempt".into())
+        }
+        TaskStatus::Verified => {
+            Err("its commit is verified and waits to land; edit it if it is sent back".into())
+        }
+        TaskStatus::Done => Err("it is done; create a new task for more work".into()),
+    }
+}

@@ -19,7 +19,7 @@ use crate::domain::{Millis, TaskState, TaskStatus};
 mod eligibility;
 pub mod judge;
 
-pub use eligibility::{Capacity, held_by_pauses, leasable, lease_order, waiting_for};
+pub use eligibility::{Capacity, editable, held_by_pauses, leasable, lease_order, waiting_for};
 
 /// Back-off never exceeds this many seconds (as in the seed).
 pub const MAX_BACKOFF_SECS: u64 = 600;

@@ -11,8 +11,8 @@ use super::{
     UsageBucket,
 };
 use crate::domain::{
-    LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEvent, TaskId,
-    TaskState, TaskStatus,
+    LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit, TaskEvent,
+    TaskId, TaskState, TaskStatus,
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::CommitId;
@@ -385,6 +385,50 @@ impl Store for MemoryStore {
             t.description.clear();
         }
         Ok(page)
+    }
+
+    async fn edit_task(
+        &self,
+        id: &TaskId,
+        version: i64,
+        edit: &TaskEdit,
+        event: NewEvent,
+        now: Millis,
+    ) -> Result<Task> {
+        let mut t = self.lock();
+        let task = t
+            .tasks
+            .get_mut(id)
+            .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
+        if task.version != version {
+            return Err(Error::Conflict(format!(
+                "task {id} changed while it was being edited"
+            )));
+        }
+        if let Some(title) = &edit.title {
+            task.title = title.clone();
+        }
+        if let Some(description) = &edit.description {
+            task.description = description.clone();
+        }
+        if let Some(namespace) = &edit.namespace {
+            task.namespace = namespace.clone();
+        }
+        if let Some(priority) = edit.priority {
+            task.priority = priority;
+        }
+        task.version += 1;
+        task.updated_at = now;
+        let edited = task.clone();
+        t.event(
+            id,
+            now,
+            &event.kind,
+            Some(event.from),
+            event.to,
+            &event.message,
+        );
+        Ok(edited)
     }
 
     async fn add_dependencies(

@@ -14,8 +14,8 @@ use std::future::Future;
 
 pub use crate::domain::{FinishedRun, NewRun, RunEnd};
 use crate::domain::{
-    Lease, LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEvent, TaskId, TaskState,
-    TaskStatus,
+    Lease, LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId,
+    TaskState, TaskStatus,
 };
 use crate::error::Result;
 use pipeline_core::ids::{CommitId, TreeId};
@@ -168,6 +168,17 @@ pub trait Store: Clone + Send + Sync + 'static {
         after: Option<(u8, i64)>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
+
+    /// Changes the fields `edit` names, by compare-and-swap on `version` (`Conflict` when the
+    /// task moved since it was read), recording `event` in its history.
+    fn edit_task(
+        &self,
+        id: &TaskId,
+        version: i64,
+        edit: &TaskEdit,
+        event: NewEvent,
+        now: Millis,
+    ) -> impl Future<Output = Result<Task>> + Send;
 
     /// Adds dependencies to an existing task, recording `event` in its history. Fails with
     /// `NotFound` for an unknown task or dependency and `FailedPrecondition` when a dependency

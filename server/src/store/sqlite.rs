@@ -20,7 +20,7 @@ use super::{
 };
 use crate::domain::{
     CostSource, FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus,
-    StatusCounts, Task, TaskEvent, TaskId, TaskState, TaskStatus, Usage,
+    StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskState, TaskStatus, Usage,
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::{CommitId, TreeId};
@@ -1008,6 +1008,59 @@ impl Store for SqliteStore {
         }
         tx.finish(result).await?;
         Ok(created)
+    }
+
+    async fn edit_task(
+        &self,
+        id: &TaskId,
+        version: i64,
+        edit: &TaskEdit,
+        event: NewEvent,
+        now: Millis,
+    ) -> Result<Task> {
+        let mut tx = self.write().await?;
+        let result = async {
+            let changed = sqlx::query(
+                "UPDATE tasks SET title = coalesce(?1, title), \
+                   description = coalesce(?2, description), \
+                   namespace = CASE WHEN ?3 THEN ?4 ELSE namespace END, \
+                   priority = coalesce(?5, priority), \
+                   version = version + 1, updated_at = ?6 \
+                 WHERE id = ?7 AND version = ?8",
+            )
+            .bind(edit.title.as_deref())
+            .bind(edit.description.as_deref())
+            .bind(edit.namespace.is_some())
+            .bind(edit.namespace.clone().flatten())
+            .bind(edit.priority.map(i64::from))
+            .bind(now)
+            .bind(id.as_str())
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+            if changed.rows_affected() == 0 {
+                return Err(if task_exists(&mut tx, id.as_str()).await? {
+                    Error::Conflict(format!("task {id} changed while it was being edited"))
+                } else {
+                    Error::NotFound(format!("task {id} does not exist"))
+                });
+            }
+            insert_event(
+                &mut tx,
+                id,
+                now,
+                &event.kind,
+                Some(event.from),
+                event.to,
+                &event.message,
+            )
+            .await?;
+            load_task(&mut tx, id.as_str())
+                .await?
+                .ok_or_else(|| Error::Internal(format!("task {id} vanished while edited")))
+        }
+        .await;
+        tx.finish(result).await
     }
 
     async fn add_dependencies(

@@ -94,6 +94,7 @@ macro_rules! store_test_suite {
             lists_in_lease_order_and_filters,
             lists_page_by_page_without_descriptions,
             creates_a_batch_all_or_none,
+            edits_a_task_by_compare_and_swap,
             transitions_are_compare_and_swap,
             runs_are_numbered_and_closed,
             keeps_usage_and_sums_it_by_time,
@@ -320,6 +321,46 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
         assert_eq!(seen.len(), 25, "each once");
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "in lease order");
     }
+}
+
+pub async fn edits_a_task_by_compare_and_swap<S: Store>(store: &S) {
+    let task = create(store, "before").await;
+    let edit =
+        crate::domain::TaskEdit::new(Some("after".into()), None, Some(String::new()), Some(0))
+            .expect("valid");
+    let event = NewEvent {
+        kind: "edited".into(),
+        message: "title changed".into(),
+        from: TaskStatus::Open,
+        to: TaskStatus::Open,
+    };
+    let edited = store
+        .edit_task(&task.id, task.version, &edit, event.clone(), 5)
+        .await
+        .expect("edit");
+    assert_eq!((edited.title.as_str(), edited.priority), ("after", 0));
+    assert_eq!(edited.version, task.version + 1);
+    assert_eq!(
+        store.get_task(&task.id).await.expect("get"),
+        Some(edited.clone())
+    );
+    let stale = store
+        .edit_task(&task.id, task.version, &edit, event, 6)
+        .await
+        .expect_err("a stale version");
+    assert!(matches!(stale, Error::Conflict(_)), "{stale}");
+    let kinds: Vec<String> = store
+        .events(&task.id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["created", "edited"],
+        "one entry per edit that happened"
+    );
 }
 
 pub async fn creates_a_batch_all_or_none<S: Store>(store: &S) {
