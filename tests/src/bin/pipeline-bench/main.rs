@@ -18,6 +18,7 @@ mod floors;
 mod heartbeats;
 mod integration;
 mod logs;
+mod train;
 
 use pipeline_tests::TestRepo;
 
@@ -30,6 +31,7 @@ const BENCHMARKS: &[&str] = &[
     "e2e",
     "memory",
     "logs",
+    "train",
 ];
 
 fn main() {
@@ -84,6 +86,7 @@ fn main() {
                 "e2e" => e2e::e2e(quick).await,
                 "memory" => control::memory(quick).await,
                 "logs" => logs::logs(quick).await,
+                "train" => train::train(quick).await,
                 _ => unreachable!("checked above"),
             }
         }

@@ -1,0 +1,524 @@
+//! Merge trains (issue 15): real `pipeline-runner`s with a no-op agent (it writes its task's own
+//! file and commits), and a verification that takes B seconds and fails when both files of a
+//! marked pair of tasks are in the tree (neither "fixed"): a semantic conflict that no runner
+//! can see, since each runner's worktree holds only its own change on the base it leased. The
+//! server runs the same command in its integration worktree, where the script also records
+//! each build. A task sent back with its build's output fixes itself on its next attempt (the
+//! agent writes "fixed" when the prompt says the previous attempt was rejected).
+//!
+//! Reported per configuration: wall time from the first task added to the last landed,
+//! landed/min, the server's integration builds per landed task (counted by the build script,
+//! and `builds_per_landed` from `status`), the ideal wall time (the runners' dev and
+//! verification time alone, spread over the runners), and wall / ideal; then whether every
+//! task landed exactly once and whether the base was ever red (every tip the base had, from
+//! its reflog, and every commit of its first-parent history).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pipeline_proto::v1 as pb;
+use pipeline_tests::fake_runner::authorized;
+use pipeline_tests::{Runner, Server, TestRepo};
+
+use crate::common::{Admin, git};
+
+/// Landed/min of one-at-a-time landing before trains (2 s build on runners and server,
+/// 8 runners, 16 and 32 tasks each touching its own file): 29, and 29.5–29.6 in a second
+/// measurement with 32 tasks.
+const TODAY_PER_MIN: f64 = 29.0;
+
+/// The agent: writes `train-<task>.txt` (adding "fixed" once an attempt was rejected) and
+/// commits it with the trailer, amending when it is given its previous commit.
+const AGENT: &str = r#"#!/bin/sh
+set -e
+f="train-$PIPELINE_TASK_ID.txt"
+echo "$PIPELINE_TASK_ID" > "$f"
+if grep -q "^## The previous" "$PIPELINE_PROMPT_FILE"; then echo fixed >> "$f"; fi
+git add "$f"
+g="git -c user.name=bench -c user.email=bench@example.invalid"
+if [ "$(git rev-parse HEAD)" != "$PIPELINE_BASE_COMMIT" ]; then
+    $g commit -q --amend --no-edit
+else
+    $g commit -q -m "train $PIPELINE_TASK_ID" -m "Task-Id: $PIPELINE_TASK_ID"
+fi
+"#;
+
+/// One configuration.
+#[derive(Clone, Copy)]
+struct Setup {
+    batch_max: u32,
+    /// The fraction of tasks in a marked pair.
+    marked: f64,
+    build_secs: f64,
+    runners: usize,
+    tasks: usize,
+}
+
+impl Setup {
+    fn label(&self) -> String {
+        format!(
+            "--batch-max {}, p = {:.0}%, B = {} s, {} runners, {} tasks",
+            self.batch_max,
+            self.marked * 100.0,
+            self.build_secs,
+            self.runners,
+            self.tasks
+        )
+    }
+
+    /// The marked pairs, by task index: ⌈p·M/2⌉ of them, spread over the queue, the partners
+    /// a few places apart so that both are in flight at once (neither runner sees the other).
+    fn pairs(&self) -> Vec<(usize, usize)> {
+        let n = (self.marked * self.tasks as f64 / 2.0).ceil() as usize;
+        let gap = 3.min(self.runners.saturating_sub(1)).max(1);
+        (0..n)
+            .map(|j| {
+                let a = (j * self.tasks / n + 2).min(self.tasks - 1 - gap);
+                (a, a + gap)
+            })
+            .collect()
+    }
+}
+
+fn task_id(i: usize) -> String {
+    format!("tr-{:02}", i + 1)
+}
+
+/// One train, as its members' integrate runs tell it.
+#[derive(Default)]
+struct TrainSeen {
+    members: usize,
+    landed: usize,
+    charged: usize,
+    requeued: usize,
+    builds: u32,
+}
+
+impl std::fmt::Display for TrainSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.landed, self.members)?;
+        if self.charged > 0 {
+            write!(f, " {}x", self.charged)?;
+        }
+        if self.requeued > 0 {
+            write!(f, " {}w", self.requeued)?;
+        }
+        write!(f, " {}b", self.builds)
+    }
+}
+
+/// What one run measured.
+struct Figures {
+    wall: f64,
+    /// From the first task added to the last unmarked task landed.
+    wall_unmarked: f64,
+    per_min: f64,
+    builds: usize,
+    red_builds: usize,
+    per_landed: f64,
+    status_per_landed: Option<f64>,
+    /// Per train, in order: its members, how many landed, were charged (the culprit) and
+    /// waited for the next train, and the builds that covered its first member.
+    trains: Vec<TrainSeen>,
+    ideal: f64,
+    ideal_waves: f64,
+    per_task_dev: f64,
+    /// Marked tasks that landed, and the attempts (dev runs) each took.
+    marked_landed: usize,
+    marked: usize,
+    marked_attempts: Vec<usize>,
+    /// Unmarked tasks whose trailer is on the base exactly once, and those with one dev run.
+    unmarked_once: usize,
+    unmarked_one_dev_run: usize,
+    unmarked: usize,
+    /// Tips of the base (reflog) and first-parent commits checked, and the red ones.
+    tips_checked: usize,
+    commits_checked: usize,
+    red_on_base: Vec<String>,
+}
+
+pub async fn train(quick: bool) {
+    let (build_secs, runners, tasks) = if quick { (0.2, 2, 8) } else { (2.0, 8, 32) };
+    let at = |batch_max, marked| Setup {
+        batch_max,
+        marked,
+        build_secs,
+        runners,
+        tasks,
+    };
+    let p0 = run(at(8, 0.0)).await;
+    let p10 = run(at(8, 0.1)).await;
+    let one = run(at(1, 0.0)).await;
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    // The speed goals are for the full sizes; at --quick sizes they are printed, not judged.
+    let sized = |ok: bool| {
+        if quick {
+            "not judged at --quick sizes"
+        } else {
+            verdict(ok)
+        }
+    };
+    println!("merge trains, against the goals:");
+    let want = 3.0 * TODAY_PER_MIN;
+    println!(
+        "  p = 0: {:.1} landed/min = {:.2}x today's {TODAY_PER_MIN} (and {:.2}x --batch-max 1 in this run, {:.1}/min)  [goal: >= 3x today's = {want:.0} landed/min: {}]",
+        p0.per_min,
+        p0.per_min / TODAY_PER_MIN,
+        p0.per_min / one.per_min,
+        one.per_min,
+        sized(p0.per_min >= want)
+    );
+    println!(
+        "  p = 0: {:.3} builds per landed change  [goal: <= 0.3: {}]",
+        p0.per_landed,
+        sized(p0.per_landed <= 0.3)
+    );
+    println!(
+        "  p = 10%: {:.3} builds per landed change  [goal: <= 0.7: {}]",
+        p10.per_landed,
+        sized(p10.per_landed <= 0.7)
+    );
+    println!(
+        "  p = 10%: {} of {} unmarked tasks landed exactly once ({} with one dev run); {} of {} marked landed  [goal: every unmarked task landed once: {}]",
+        p10.unmarked_once,
+        p10.unmarked,
+        p10.unmarked_one_dev_run,
+        p10.marked_landed,
+        p10.marked,
+        verdict(p10.unmarked_once == p10.unmarked)
+    );
+    let red: usize = [&p0, &p10, &one].iter().map(|f| f.red_on_base.len()).sum();
+    println!(
+        "  red trees on the base, all runs: {red}  [goal: no red tree ever on the base: {}]",
+        verdict(red == 0)
+    );
+}
+
+async fn run(setup: Setup) -> Figures {
+    let repo = TestRepo::new();
+    let dir = repo.dir.path().to_path_buf();
+    let record = dir.join("integration-builds");
+    let pairs = setup.pairs();
+    let agent = dir.join("train-agent.sh");
+    std::fs::write(&agent, AGENT).expect("write the agent");
+    let build = dir.join("train-build.sh");
+    std::fs::write(&build, build_script(&pairs, setup.build_secs, &record))
+        .expect("write the build");
+    let build_cmd = format!("sh {}", build.display());
+    let agent_cmd = format!("sh {}", agent.display());
+    let batch_max = setup.batch_max.to_string();
+    let server = Server::start(
+        &repo,
+        &[
+            "--lease-ttl",
+            "600",
+            "--backoff-base",
+            "0",
+            "--batch-max",
+            &batch_max,
+            "--build-cmd",
+            &build_cmd,
+        ],
+    );
+    let runner_args = [
+        "--agent",
+        "command",
+        "--agent-cmd",
+        &agent_cmd,
+        "--build-cmd",
+        &build_cmd,
+    ];
+    let _runners: Vec<Runner> = (0..setup.runners)
+        .map(|i| Runner::start(&repo, &server, &format!("train-{i}"), &runner_args))
+        .collect();
+    let mut admin = Admin::connect(&server.url, repo.admin_token()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin.status().await.runners < setup.runners as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the {} runners did not connect",
+            setup.runners
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start_tip = git(&repo.repo(), &["rev-parse", "refs/heads/main"]);
+    let marked: HashSet<usize> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    let ids: Vec<String> = (0..setup.tasks).map(task_id).collect();
+
+    let mut watch = admin.watch().await;
+    let start = Instant::now();
+    for (i, id) in ids.iter().enumerate() {
+        admin
+            .client
+            .create_task(authorized(
+                &admin.token,
+                pb::CreateTaskRequest {
+                    id: Some(id.clone()),
+                    title: format!("train task {}", i + 1),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("create a task");
+    }
+    // Until every task has landed; a task that can no longer land ends the run.
+    let limit = Duration::from_secs(60 + (setup.tasks as f64 * setup.build_secs * 4.0) as u64);
+    let mut landed_at: BTreeMap<String, Instant> = BTreeMap::new();
+    while landed_at.len() < setup.tasks {
+        let left = limit.saturating_sub(start.elapsed());
+        let got = tokio::time::timeout(left, watch.recv()).await;
+        let Ok(Some((at, t))) = got else {
+            panic!(
+                "train bench ({}): {} of {} tasks landed within {limit:?}; server log:\n{}",
+                setup.label(),
+                landed_at.len(),
+                setup.tasks,
+                server.log()
+            );
+        };
+        if t.kind == "integrated" {
+            landed_at.insert(t.task_id.clone(), at);
+        } else if t.to_status == pb::TaskStatus::NeedsHelp as i32
+            || t.to_status == pb::TaskStatus::Cancelled as i32
+        {
+            panic!(
+                "train bench ({}): task {} cannot land ({}: {}); server log:\n{}",
+                setup.label(),
+                t.task_id,
+                t.kind,
+                t.message,
+                server.log()
+            );
+        }
+    }
+    let last = landed_at.values().max().copied().unwrap_or(start);
+    let wall = last.duration_since(start).as_secs_f64();
+    let last_unmarked = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !marked.contains(i))
+        .filter_map(|(_, id)| landed_at.get(id))
+        .max()
+        .copied()
+        .unwrap_or(start);
+    let wall_unmarked = last_unmarked.duration_since(start).as_secs_f64();
+
+    // Each task's runs: its dev attempts (each a lease: the agent, then the verification, on a
+    // runner), and the trains it rode.
+    let mut busy_ms: i64 = 0;
+    let mut leases = 0usize;
+    let mut trains: BTreeMap<i64, TrainSeen> = BTreeMap::new();
+    let mut dev_runs = Vec::with_capacity(ids.len());
+    for id in &ids {
+        let task = admin
+            .client
+            .get_task(authorized(
+                &admin.token,
+                pb::GetTaskRequest { id: id.clone() },
+            ))
+            .await
+            .expect("get a task")
+            .into_inner();
+        // A dev run spans its lease: from the lease to the result (after verification).
+        let mut devs = 0;
+        for r in &task.runs {
+            if r.phase == pb::RunPhase::Integrate as i32 {
+                let Some(train) = r.train else { continue };
+                let seen = trains.entry(train).or_default();
+                seen.members += 1;
+                seen.builds = seen.builds.max(r.builds.unwrap_or(0));
+                if r.status == pb::RunStatus::Success as i32 {
+                    seen.landed += 1;
+                } else if r.failure_kind == pb::FailureKind::Task as i32 {
+                    seen.charged += 1;
+                } else {
+                    seen.requeued += 1;
+                }
+            } else if r.phase == pb::RunPhase::Dev as i32 {
+                devs += 1;
+                busy_ms += r.finished_at_ms.unwrap_or(r.started_at_ms) - r.started_at_ms;
+            }
+        }
+        dev_runs.push(devs);
+        leases += devs;
+    }
+    let per_task_dev = busy_ms as f64 / 1000.0 / leases.max(1) as f64;
+    let ideal = busy_ms as f64 / 1000.0 / setup.runners as f64;
+    let ideal_waves = setup.tasks.div_ceil(setup.runners) as f64 * per_task_dev;
+
+    let records = std::fs::read_to_string(&record).unwrap_or_default();
+    let builds = records.lines().count();
+    let red_builds = records.lines().filter(|l| l.contains(" red ")).count();
+    // The last train's figures reach `status` just after its tasks' transitions: wait (a
+    // little) for the figure to agree with the builds counted here.
+    let counted = builds as f64 / setup.tasks as f64;
+    let settle = Instant::now() + Duration::from_secs(5);
+    let status_per_landed = loop {
+        let got = admin.status().await.builds_per_landed;
+        if got.is_some_and(|b| (b - counted).abs() < 1e-9) || Instant::now() > settle {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // Landed once each, by the trailers on the base.
+    let trailers = git(
+        &repo.repo(),
+        &[
+            "log",
+            "--format=%(trailers:key=Task-Id,valueonly)",
+            &format!("{start_tip}..main"),
+        ],
+    );
+    let count = |id: &str| trailers.lines().filter(|l| l.trim() == id).count();
+    let unmarked: Vec<usize> = (0..setup.tasks).filter(|i| !marked.contains(i)).collect();
+    let unmarked_once = unmarked.iter().filter(|i| count(&ids[**i]) == 1).count();
+    let unmarked_one_dev_run = unmarked.iter().filter(|i| dev_runs[**i] == 1).count();
+    let mut marked_sorted: Vec<usize> = marked.iter().copied().collect();
+    marked_sorted.sort_unstable();
+    let marked_landed = marked_sorted
+        .iter()
+        .filter(|i| count(&ids[**i]) == 1)
+        .count();
+    let marked_attempts: Vec<usize> = marked_sorted.iter().map(|i| dev_runs[*i]).collect();
+
+    // Never red: every tip the base had (its reflog) and every commit of its history.
+    let repo_dir = repo.repo();
+    let tips: Vec<String> = git(
+        &repo_dir,
+        &["reflog", "show", "--format=%H", "refs/heads/main"],
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    let commits: Vec<String> = git(
+        &repo_dir,
+        &["rev-list", "--first-parent", &format!("{start_tip}..main")],
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    let mut red_on_base = Vec::new();
+    let mut seen = HashSet::new();
+    for c in tips.iter().chain(&commits) {
+        if seen.insert(c.clone())
+            && let Some(why) = red_tree(&repo_dir, c, &pairs)
+        {
+            red_on_base.push(format!("{c}: {why}"));
+        }
+    }
+
+    let landed = landed_at.len();
+    let f = Figures {
+        wall,
+        wall_unmarked,
+        per_min: landed as f64 / wall * 60.0,
+        builds,
+        red_builds,
+        per_landed: builds as f64 / landed as f64,
+        status_per_landed,
+        trains: trains.into_values().collect(),
+        ideal,
+        ideal_waves,
+        per_task_dev,
+        marked_landed,
+        marked: marked.len(),
+        marked_attempts,
+        unmarked_once,
+        unmarked_one_dev_run,
+        unmarked: unmarked.len(),
+        tips_checked: tips.len(),
+        commits_checked: commits.len(),
+        red_on_base,
+    };
+    print(&setup, &f, landed, leases);
+    f
+}
+
+fn print(setup: &Setup, f: &Figures, landed: usize, leases: usize) {
+    let label = setup.label();
+    println!(
+        "merge trains, {label}: {landed} landed in {:.2} s = {:.1} landed/min (last unmarked at {:.2} s)",
+        f.wall, f.per_min, f.wall_unmarked
+    );
+    println!(
+        "  integration builds: {} ({} red) for {landed} landed = {:.3} builds per landed change (status builds_per_landed {}); {} trains (landed/members, x charged, w waited, b builds): {}",
+        f.builds,
+        f.red_builds,
+        f.per_landed,
+        f.status_per_landed
+            .map_or_else(|| "unset".to_owned(), |b| format!("{b:.3}")),
+        f.trains.len(),
+        f.trains
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  ideal (dev capacity alone): {leases} leases x {:.2} s on {} runners = {:.2} s (ceil(M/N) x per-lease time = {:.2} s); wall / ideal = {:.2}x",
+        f.per_task_dev,
+        setup.runners,
+        f.ideal,
+        f.ideal_waves,
+        f.wall / f.ideal
+    );
+    println!(
+        "  landed exactly once: {} of {} unmarked ({} with one dev run), {} of {} marked (dev runs each: {:?}); base checked red-free: {} tips, {} commits, {} red{}",
+        f.unmarked_once,
+        f.unmarked,
+        f.unmarked_one_dev_run,
+        f.marked_landed,
+        f.marked,
+        f.marked_attempts,
+        f.tips_checked,
+        f.commits_checked,
+        f.red_on_base.len(),
+        if f.red_on_base.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", f.red_on_base.join("; "))
+        }
+    );
+}
+
+/// The build: red when both files of a marked pair are in the tree and neither is fixed; it
+/// takes `secs` either way; in the server's integration worktree it records itself.
+fn build_script(pairs: &[(usize, usize)], secs: f64, record: &Path) -> String {
+    let mut s = String::from("#!/bin/sh\nred=\n");
+    for (a, b) in pairs {
+        let (a, b) = (file(*a), file(*b));
+        s.push_str(&format!(
+            "if [ -e {a} ] && [ -e {b} ] && ! grep -q fixed {a} {b}; then red=\"$red {a}+{b}\"; fi\n"
+        ));
+    }
+    s.push_str(&format!("sleep {secs}\n"));
+    s.push_str(&format!(
+        "case $PWD in */integration) echo \"$(date +%s.%N) $([ -n \"$red\" ] && echo red || echo green) $(ls train-*.txt 2>/dev/null | wc -l) files\" >> '{}';; esac\n",
+        record.display()
+    ));
+    s.push_str(
+        "if [ -n \"$red\" ]; then echo \"semantic conflict:$red are both in the tree\"; exit 1; fi\n",
+    );
+    s
+}
+
+fn file(i: usize) -> String {
+    format!("train-{}.txt", task_id(i))
+}
+
+/// Why the tree of `commit` is red, if it is.
+fn red_tree(repo: &Path, commit: &str, pairs: &[(usize, usize)]) -> Option<String> {
+    let names: HashSet<String> = git(repo, &["ls-tree", "--name-only", commit])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let fixed =
+        |f: &str| git(repo, &["cat-file", "-p", &format!("{commit}:{f}")]).contains("fixed");
+    pairs.iter().find_map(|(a, b)| {
+        let (a, b) = (file(*a), file(*b));
+        (names.contains(&a) && names.contains(&b) && !fixed(&a) && !fixed(&b))
+            .then(|| format!("{a} and {b}, neither fixed"))
+    })
+}
