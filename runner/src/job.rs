@@ -304,7 +304,9 @@ async fn develop(
         cost_file: cost_file.clone(),
         env: env.clone(),
         budget_cents: a.budget_cents,
-        resume_session: a.resume_session.clone(),
+        // The agent's session goes on only where it left off: when this attempt amends the
+        // previous patchset (the worktree is that commit), not on a fresh start from the base.
+        resume_session: a.resume_session.clone().filter(|_| previous.is_some()),
         prices: ctx.prices.clone(),
     };
     if let Some(budget) = a.budget_cents {

@@ -379,3 +379,27 @@ fn a_preset_whose_program_is_missing_is_refused_at_start() {
         "{log}"
     );
 }
+
+#[test]
+fn a_retry_after_a_verify_failure_resumes_claudes_session() {
+    let repo = TestRepo::new();
+    // The first attempt's commit fails verification; the second amends it and passes.
+    let server = Server::start(
+        &repo,
+        &[
+            "--test-cmd",
+            "grep -q 'attempt 2' notes/*.md",
+            "--backoff-base",
+            "0",
+        ],
+    );
+    let _r = Runner::start(&repo, &server, "c", &["--agent", "claude"]);
+    let id = server.add(&["--title", "t", "--description", "CLAUDE: success"]);
+    let task = server.wait_status(&id, "done");
+    assert_eq!(dev_runs(&task).len(), 2, "{task}");
+    let args = args_of(&repo, "claude", &id);
+    assert!(
+        has_pair(&args, "--resume", &format!("sess-{id}-1")),
+        "the second attempt resumes the first's session: {args:?}"
+    );
+}
