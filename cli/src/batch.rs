@@ -57,7 +57,14 @@ fn parse(text: &str) -> Result<Option<NewTask>, String> {
     if text.trim().is_empty() {
         return Ok(None);
     }
-    let line: Line = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let line: Line = serde_json::from_str(text).map_err(|e| {
+        // serde counts lines within the one it was given: say the column only.
+        let message = e.to_string();
+        let what = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(what, _)| what);
+        format!("{what} (column {})", e.column())
+    })?;
     line.into_task().map(Some)
 }
 
