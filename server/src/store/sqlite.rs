@@ -5,6 +5,7 @@
 //! begin: two writers never meet at SQLite's lock, whose busy handler waits by sleeping (1 ms
 //! and up), and readers (WAL) never wait for writers.
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -712,7 +713,6 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
     })
 }
 
-/// Picks the next free `t-<n>`, skipping numbers a user already took by hand.
 /// The next generated task number, read from `meta` once per transaction (see
 /// [`IdCounter::store`]).
 struct IdCounter {
@@ -728,31 +728,21 @@ impl IdCounter {
         }
     }
 
-    /// The next free `t-<n>`.
-    async fn generate(&mut self, conn: &mut SqliteConnection) -> Result<TaskId> {
-        let mut n = match self.next {
-            Some(n) => n,
-            None => {
-                let stored: Option<String> =
-                    sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
-                        .bind(NEXT_TASK_NUMBER)
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                match stored {
-                    Some(v) => v.parse().map_err(|_| corrupt("task counter", &v))?,
-                    None => 1,
-                }
-            }
-        };
-        loop {
-            let id = TaskId::generated(n);
-            n += 1;
-            if !task_exists(conn, id.as_str()).await? {
-                self.next = Some(n);
-                self.changed = true;
-                return Ok(id);
-            }
+    /// The number the next generated ID tries first.
+    async fn peek(&mut self, conn: &mut SqliteConnection) -> Result<u64> {
+        if let Some(n) = self.next {
+            return Ok(n);
         }
+        let stored: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(NEXT_TASK_NUMBER)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let n = match stored {
+            Some(v) => v.parse().map_err(|_| corrupt("task counter", &v))?,
+            None => 1,
+        };
+        self.next = Some(n);
+        Ok(n)
     }
 
     /// Writes the counter back, if it moved (in the same transaction).
@@ -768,98 +758,229 @@ impl IdCounter {
     }
 }
 
-/// Inserts a task in state Open with its history's first entry; returns both (built from
-/// what was written, without reading the row back).
-async fn insert_task(
-    tx: &mut SqliteConnection,
-    new: NewTask,
-    now: Millis,
-    ids: &mut IdCounter,
-) -> Result<(Task, TaskEvent)> {
-    let id = match new.id {
-        Some(id) => {
-            if task_exists(&mut *tx, id.as_str()).await? {
-                return Err(Error::AlreadyExists(format!(
-                    "task {id} already exists; pick another --id or leave it out"
-                )));
-            }
-            id
+/// Rows a multi-row statement writes at once: well under SQLite's 32,766 parameters.
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// The statuses of the tasks among `ids` that exist, by ID (one statement a thousand IDs).
+async fn existing_statuses(
+    conn: &mut SqliteConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, String>> {
+    let mut found = HashMap::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new("SELECT id, status FROM tasks WHERE id IN (");
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
         }
-        None => ids.generate(&mut *tx).await?,
-    };
-    if let Some(parent) = &new.parent {
-        require_existing(&mut *tx, std::slice::from_ref(parent), "parent task").await?;
+        q.push(")");
+        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        found.extend(rows);
     }
-    require_existing(&mut *tx, &new.depends_on, "dependency").await?;
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
-         created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?) RETURNING seq",
-    )
-    .bind(id.as_str())
-    .bind(&new.title)
-    .bind(&new.description)
-    .bind(&new.namespace)
-    .bind(i64::from(new.priority))
-    .bind(new.parent.as_ref().map(TaskId::as_str))
-    .bind(now)
-    .bind(now)
-    .fetch_one(&mut *tx)
-    .await?;
-    for dep in &new.depends_on {
-        sqlx::query("INSERT INTO task_deps (task_id, depends_on) VALUES (?, ?)")
-            .bind(id.as_str())
-            .bind(dep.as_str())
-            .execute(&mut *tx)
-            .await?;
+    Ok(found)
+}
+
+/// Inserts tasks in state Open, in order, each with its history's first entry; returns them
+/// (built from what was written, without reading the rows back). The outcome is that of
+/// inserting them one at a time (a task may name one earlier in the list; the first that
+/// cannot be created fails the whole call, its error `in_batch` when `batch`), but the
+/// statements are per list, not per task: one read of every row the list names, then
+/// multi-row inserts of the tasks, their dependencies and their history.
+async fn insert_tasks(
+    tx: &mut SqliteConnection,
+    new: Vec<NewTask>,
+    now: Millis,
+    batch: bool,
+) -> Result<Vec<(Task, TaskEvent)>> {
+    let fail = |i: usize, e: Error| if batch { e.in_batch(i) } else { e };
+    // Every task the list names (chosen IDs, parents, dependencies), as the database has them.
+    let mut named: Vec<&str> = Vec::new();
+    for t in &new {
+        named.extend(
+            t.id.iter()
+                .chain(&t.parent)
+                .chain(&t.depends_on)
+                .map(|i| i.as_str()),
+        );
     }
-    let deps_pending = if new.depends_on.is_empty() {
-        0
-    } else {
-        refresh_deps_pending(&mut *tx, &id).await?
-    };
-    let message = format!("created with priority {}", new.priority);
-    let event_id = insert_event(
-        &mut *tx,
-        &id,
-        now,
-        "created",
-        None,
-        TaskStatus::Open,
-        &message,
-    )
-    .await?;
-    let mut depends_on = new.depends_on;
-    depends_on.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    let task = Task {
-        id: id.clone(),
-        seq,
-        title: new.title,
-        description: new.description,
-        namespace: new.namespace,
-        priority: new.priority,
-        parent: new.parent,
-        depends_on,
-        deps_pending,
-        state: TaskState::new(),
-        lease: None,
-        lease_epoch: 0,
-        patch_commit: None,
-        avoid_runner: None,
-        verified_tree: None,
-        version: 1,
-        created_at: now,
-        updated_at: now,
-    };
-    let event = TaskEvent {
-        id: event_id,
-        task_id: id,
-        at: now,
-        kind: "created".to_owned(),
-        from: None,
-        to: TaskStatus::Open,
-        message,
-    };
-    Ok((task, event))
+    named.sort_unstable();
+    named.dedup();
+    let stored = existing_statuses(&mut *tx, &named).await?;
+    drop(named);
+    // Which generated IDs the database holds, read ahead a range at a time.
+    let mut ids = IdCounter::new();
+    let generated = new.iter().filter(|t| t.id.is_none()).count();
+    let (mut next, mut read_until) = (ids.peek(&mut *tx).await?, 0);
+    let mut taken_numbers: HashSet<String> = HashSet::new();
+    // The IDs of the list so far: what a later task may name, and may not take.
+    let mut listed: HashSet<TaskId> = HashSet::with_capacity(new.len());
+    let mut left = generated;
+    let mut rows = Vec::with_capacity(new.len());
+    for (i, task) in new.into_iter().enumerate() {
+        let id = match task.id.clone() {
+            Some(id) => {
+                if stored.contains_key(id.as_str()) || listed.contains(&id) {
+                    return Err(fail(
+                        i,
+                        Error::AlreadyExists(format!(
+                            "task {id} already exists; pick another --id or leave it out"
+                        )),
+                    ));
+                }
+                id
+            }
+            None => loop {
+                if next >= read_until {
+                    let ahead = (left as u64 + 16).min(ROWS_PER_STATEMENT as u64);
+                    let candidates: Vec<TaskId> =
+                        (next..next + ahead).map(TaskId::generated).collect();
+                    let candidates: Vec<&str> = candidates.iter().map(|c| c.as_str()).collect();
+                    taken_numbers
+                        .extend(existing_statuses(&mut *tx, &candidates).await?.into_keys());
+                    read_until = next + ahead;
+                }
+                let id = TaskId::generated(next);
+                next += 1;
+                if !taken_numbers.contains(id.as_str()) && !listed.contains(&id) {
+                    left -= 1;
+                    ids.next = Some(next);
+                    ids.changed = true;
+                    break id;
+                }
+            },
+        };
+        let exists = |t: &TaskId| stored.contains_key(t.as_str()) || listed.contains(t);
+        if let Some(parent) = task.parent.as_ref().filter(|p| !exists(p)) {
+            return Err(fail(
+                i,
+                Error::NotFound(format!(
+                    "parent task {parent} does not exist; create it first"
+                )),
+            ));
+        }
+        if let Some(dep) = task.depends_on.iter().find(|d| !exists(d)) {
+            return Err(fail(
+                i,
+                Error::NotFound(format!("dependency {dep} does not exist; create it first")),
+            ));
+        }
+        // A dependency earlier in the list is Open: not done.
+        let deps_pending = task
+            .depends_on
+            .iter()
+            .filter(|d| {
+                stored
+                    .get(d.as_str())
+                    .is_none_or(|s| s != TaskStatus::Done.as_str())
+            })
+            .count();
+        listed.insert(id.clone());
+        rows.push((id, task, u32::try_from(deps_pending).unwrap_or(u32::MAX)));
+    }
+
+    let mut seqs: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
+             deps_pending, created_at, updated_at) ",
+        );
+        q.push_values(chunk, |mut row, (id, t, pending)| {
+            row.push_bind(id.as_str())
+                .push_bind(&t.title)
+                .push_bind(&t.description)
+                .push_bind(&t.namespace)
+                .push_bind(i64::from(t.priority))
+                .push_bind(t.parent.as_ref().map(TaskId::as_str))
+                .push_bind(TaskStatus::Open.as_str())
+                .push_bind(i64::from(*pending))
+                .push_bind(now)
+                .push_bind(now);
+        });
+        q.push(" RETURNING id, seq");
+        let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        seqs.extend(written);
+    }
+    let edges: Vec<(&TaskId, &TaskId)> = rows
+        .iter()
+        .flat_map(|(id, t, _)| t.depends_on.iter().map(move |d| (id, d)))
+        .collect();
+    for chunk in edges.chunks(ROWS_PER_STATEMENT) {
+        let mut q =
+            sqlx::QueryBuilder::<Sqlite>::new("INSERT INTO task_deps (task_id, depends_on) ");
+        q.push_values(chunk, |mut row, (id, dep)| {
+            row.push_bind(id.as_str()).push_bind(dep.as_str());
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    let messages: Vec<String> = rows
+        .iter()
+        .map(|(_, t, _)| format!("created with priority {}", t.priority))
+        .collect();
+    let mut event_ids: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+    for (chunk, texts) in rows
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(messages.chunks(ROWS_PER_STATEMENT))
+    {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO task_events (task_id, at, kind, from_status, to_status, message) ",
+        );
+        q.push_values(chunk.iter().zip(texts), |mut row, ((id, _, _), text)| {
+            row.push_bind(id.as_str())
+                .push_bind(now)
+                .push_bind("created")
+                .push_bind(None::<&str>)
+                .push_bind(TaskStatus::Open.as_str())
+                .push_bind(text.as_str());
+        });
+        q.push(" RETURNING task_id, id");
+        let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        event_ids.extend(written);
+    }
+    ids.store(&mut *tx).await?;
+
+    let mut created = Vec::with_capacity(rows.len());
+    for ((id, mut new, deps_pending), message) in rows.into_iter().zip(messages) {
+        let (Some(&seq), Some(&event_id)) = (seqs.get(id.as_str()), event_ids.get(id.as_str()))
+        else {
+            return Err(Error::Internal(format!(
+                "task {id} was inserted without its row or its history"
+            )));
+        };
+        let task = Task {
+            id: id.clone(),
+            seq,
+            title: new.title,
+            description: new.description,
+            namespace: new.namespace,
+            priority: new.priority,
+            parent: new.parent,
+            depends_on: {
+                new.depends_on.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                new.depends_on
+            },
+            deps_pending,
+            state: TaskState::new(),
+            lease: None,
+            lease_epoch: 0,
+            patch_commit: None,
+            avoid_runner: None,
+            verified_tree: None,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+        let event = TaskEvent {
+            id: event_id,
+            task_id: id,
+            at: now,
+            kind: "created".to_owned(),
+            from: None,
+            to: TaskStatus::Open,
+            message,
+        };
+        created.push((task, event));
+    }
+    Ok(created)
 }
 
 async fn insert_dependencies(
@@ -943,11 +1064,14 @@ async fn refresh_deps_pending(tx: &mut SqliteConnection, id: &TaskId) -> Result<
 impl Store for SqliteStore {
     async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
         let mut tx = self.write().await?;
-        let mut ids = IdCounter::new();
-        let result = match insert_task(&mut tx, new, now, &mut ids).await {
-            Ok((task, _)) => ids.store(&mut tx).await.map(|()| task),
-            Err(e) => Err(e),
-        };
+        let result = insert_tasks(&mut tx, vec![new], now, false)
+            .await
+            .and_then(|mut created| {
+                created
+                    .pop()
+                    .map(|(task, _)| task)
+                    .ok_or_else(|| Error::Internal("a task was not created".to_owned()))
+            });
         tx.finish(result).await
     }
 
@@ -991,23 +1115,8 @@ impl Store for SqliteStore {
 
     async fn create_tasks(&self, new: Vec<NewTask>, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
         let mut tx = self.write().await?;
-        let mut created = Vec::with_capacity(new.len());
-        let mut ids = IdCounter::new();
-        let mut result = Ok(());
-        for (i, task) in new.into_iter().enumerate() {
-            match insert_task(&mut tx, task, now, &mut ids).await {
-                Ok(t) => created.push(t),
-                Err(e) => {
-                    result = Err(e.in_batch(i));
-                    break;
-                }
-            }
-        }
-        if result.is_ok() {
-            result = ids.store(&mut tx).await;
-        }
-        tx.finish(result).await?;
-        Ok(created)
+        let result = insert_tasks(&mut tx, new, now, true).await;
+        tx.finish(result).await
     }
 
     async fn edit_task(

@@ -94,6 +94,7 @@ macro_rules! store_test_suite {
             lists_in_lease_order_and_filters,
             lists_page_by_page_without_descriptions,
             creates_a_batch_all_or_none,
+            creates_a_large_batch_as_one_at_a_time,
             edits_a_task_by_compare_and_swap,
             transitions_are_compare_and_swap,
             runs_are_numbered_and_closed,
@@ -421,6 +422,94 @@ pub async fn creates_a_batch_all_or_none<S: Store>(store: &S) {
     assert_eq!(
         store.list_tasks(None, None, 100).await.expect("list").len(),
         5
+    );
+}
+
+/// A batch larger than one statement's worth of rows comes out as creating its tasks one at a
+/// time would: generated IDs skip taken ones, a task may name one earlier in the batch, a
+/// dependency that is done is not pending, and the first task that cannot be created fails
+/// the batch with its own error.
+pub async fn creates_a_large_batch_as_one_at_a_time<S: Store>(store: &S) {
+    store
+        .create_task(new_task(Some("t-3"), "taken by hand", 2, &[]), 1)
+        .await
+        .expect("t-3");
+    let done = store
+        .create_task(new_task(Some("d-1"), "done", 2, &[]), 1)
+        .await
+        .expect("d-1");
+    transition(store, &done, TaskStatus::Done)
+        .await
+        .expect("d-1 done");
+    let mut asked: Vec<NewTask> = (0..2_500)
+        .map(|i| new_task(None, &format!("task {i}"), (i % 5) as u8, &[]))
+        .collect();
+    asked[1] = new_task(Some("x-1"), "chosen", 2, &[]);
+    asked[2] = new_task(None, "waits", 2, &["x-1", "d-1", "t-1"]);
+    let created = store.create_tasks(asked, 7).await.expect("create");
+    assert_eq!(created.len(), 2_500);
+    let ids: Vec<&str> = created.iter().map(|(t, _)| t.id.as_str()).collect();
+    assert_eq!(
+        &ids[..5],
+        ["t-1", "x-1", "t-2", "t-4", "t-5"],
+        "t-3 skipped"
+    );
+    assert_eq!(ids[2_499], "t-2500");
+    assert!(
+        created.windows(2).all(|w| w[0].0.seq < w[1].0.seq),
+        "in order"
+    );
+    assert!(
+        created
+            .iter()
+            .all(|(t, e)| e.task_id == t.id && e.kind == "created" && e.at == 7),
+        "one history entry each"
+    );
+    let waits = &created[2].0;
+    assert_eq!(waits.depends_on, [id("d-1"), id("t-1"), id("x-1")]);
+    assert_eq!(waits.deps_pending, 2, "d-1 is done, t-1 and x-1 are open");
+    for i in [0, 1, 2, 1_234, 2_499] {
+        let (task, event) = &created[i];
+        let stored = store.get_task(&task.id).await.expect("get").expect("task");
+        assert_eq!(&stored, task, "what create returns is what is stored");
+        let history = store.events(&task.id).await.expect("events");
+        assert_eq!(history.as_slice(), std::slice::from_ref(event));
+    }
+    assert_eq!(create(store, "next").await.id.as_str(), "t-2501");
+
+    let err = store
+        .create_tasks(
+            vec![
+                new_task(None, "takes t-2502", 2, &[]),
+                new_task(Some("t-2502"), "wants it too", 2, &[]),
+            ],
+            8,
+        )
+        .await
+        .expect_err("an ID taken earlier in the batch");
+    assert!(
+        matches!(&err, Error::AlreadyExists(m) if m.starts_with("task 2 of the batch: ")),
+        "{err}"
+    );
+    let err = store
+        .create_tasks(
+            vec![
+                new_task(None, "fine", 2, &[]),
+                new_task(None, "names a later one", 2, &["y-1"]),
+                new_task(Some("y-1"), "later", 2, &[]),
+            ],
+            8,
+        )
+        .await
+        .expect_err("a dependency later in the batch");
+    assert!(
+        matches!(&err, Error::NotFound(m) if m.starts_with("task 2 of the batch: ")),
+        "{err}"
+    );
+    assert_eq!(
+        create(store, "after the refusals").await.id.as_str(),
+        "t-2502",
+        "a refused batch takes no number"
     );
 }
 
