@@ -65,6 +65,16 @@ pub fn report(name: &str, figure: Summary, floor: Option<(&str, Summary)>, goal:
     println!("  [goal: {goal}]");
 }
 
+/// How a figure stands against its goal, as the figure lines print it.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+/// Prints one figure with its goal and whether it was met.
+pub fn report_judged(name: &str, figure: Summary, goal: &str, met: bool) {
+    println!("{name}: {figure}  [goal: {goal}: {}]", verdict(met));
+}
+
 /// Times `n` runs of `f`.
 pub async fn time_each<F, Fut>(n: usize, mut f: F) -> Vec<Duration>
 where
@@ -132,6 +142,84 @@ impl Admin {
             .into_inner()
     }
 
+    /// Creates the tasks in one `CreateTasks` call (all or none); returns their IDs.
+    pub async fn create_batch(&mut self, tasks: Vec<pb::CreateTaskRequest>) -> Vec<String> {
+        self.client
+            .create_tasks(authorized(&self.token, pb::CreateTasksRequest { tasks }))
+            .await
+            .expect("create a batch of tasks")
+            .into_inner()
+            .tasks
+            .into_iter()
+            .map(|t| t.id)
+            .collect()
+    }
+
+    /// Creates `n` tasks, `make(i)` the i-th, in `CreateTasks` calls of `batch`, two calls in
+    /// flight (one is encoded while the other is written); returns how many were created.
+    pub async fn seed(
+        &self,
+        n: usize,
+        batch: usize,
+        make: impl Fn(usize) -> pb::CreateTaskRequest + Send + Sync + 'static,
+    ) -> usize {
+        let make = std::sync::Arc::new(make);
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut handles = Vec::new();
+        for _ in 0..2 {
+            let (mut admin, make, next) = (self.clone(), make.clone(), next.clone());
+            handles.push(tokio::spawn(async move {
+                let mut created = 0;
+                loop {
+                    let from = next.fetch_add(batch, std::sync::atomic::Ordering::Relaxed);
+                    if from >= n {
+                        return created;
+                    }
+                    let tasks = (from..(from + batch).min(n)).map(|i| make(i)).collect();
+                    created += admin.create_batch(tasks).await.len();
+                }
+            }));
+        }
+        let mut created = 0;
+        for h in handles {
+            created += h.await.expect("seeder");
+        }
+        created
+    }
+
+    /// One page of `ListTasks`: the tasks and the next page's token (empty after the last).
+    pub async fn list_page(
+        &mut self,
+        status: Option<pb::TaskStatus>,
+        page_token: String,
+        page_size: u32,
+    ) -> (Vec<pb::Task>, String) {
+        let r = self
+            .client
+            .list_tasks(authorized(
+                &self.token,
+                pb::ListTasksRequest {
+                    status: status.map(|s| s as i32),
+                    page_size,
+                    page_token,
+                },
+            ))
+            .await
+            .expect("list tasks")
+            .into_inner();
+        (r.tasks, r.next_page_token)
+    }
+
+    pub async fn cancel(&mut self, id: &str) {
+        self.client
+            .cancel_task(authorized(
+                &self.token,
+                pb::CancelTaskRequest { id: id.to_owned() },
+            ))
+            .await
+            .expect("cancel a task");
+    }
+
     /// Every transition from now on, each with the instant it arrived.
     pub async fn watch(
         &mut self,
@@ -197,6 +285,8 @@ pub struct Sim {
     pub client: RunnerServiceClient<Channel>,
     pub id: String,
     pub credential: String,
+    /// How often the server asked this runner to heartbeat.
+    pub heartbeat_interval: Duration,
 }
 
 impl Sim {
@@ -220,6 +310,7 @@ impl Sim {
             client,
             id: r.runner_id,
             credential: r.credential.unwrap_or_default(),
+            heartbeat_interval: Duration::from_millis(r.heartbeat_interval_ms),
         }
     }
 
@@ -340,13 +431,23 @@ pub async fn register_sims(url: &str, token: &str, prefix: &str, n: usize, slots
 
 /// The server process's CPU time (user + system) so far.
 pub fn cpu_time(pid: u32) -> Duration {
+    cpu_times(pid).0
+}
+
+/// A process's own CPU time (user + system) so far, and that of its children it has waited
+/// for (the server's git processes).
+pub fn cpu_times(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
     // Fields after the command (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')').expect("stat") + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+    let ticks = |i: usize| {
+        fields[i]
+            .parse::<u64>()
+            .expect("a tick count in /proc stat")
+    };
+    let secs = |t: u64| Duration::from_secs_f64(t as f64 / clock_ticks() as f64);
+    (secs(ticks(11) + ticks(12)), secs(ticks(13) + ticks(14)))
 }
 
 fn clock_ticks() -> u64 {
@@ -364,14 +465,19 @@ fn clock_ticks() -> u64 {
 /// The server process's resident memory, in bytes (and its peak).
 pub fn rss(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    (
+        memory_field(&status, "VmRSS:"),
+        memory_field(&status, "VmHWM:"),
+    )
+}
+
+/// A memory field of `/proc/<pid>/status` (in kB there), in bytes; 0 when absent.
+fn memory_field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Runs git in `dir`; panics with its stderr if it fails; returns stdout.
@@ -384,4 +490,25 @@ pub fn bare_clone(repo: &Path, dest: &Path) {
     let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
     let parent = dest.parent().expect("a parent dir");
     git(parent, &["clone", "-q", "--bare", &path(repo), &path(dest)]);
+}
+
+/// Runs `cmd` to its end, reading its peak resident memory (`VmHWM` in `/proc/<pid>/status`,
+/// a high-water mark) every 5 ms while it runs; returns its exit status, that peak in bytes
+/// and how long it ran. Only growth in its last 5 ms could go unseen.
+pub fn run_watching_memory(
+    cmd: &mut std::process::Command,
+) -> (std::process::ExitStatus, u64, Duration) {
+    let start = Instant::now();
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut peak = 0;
+    loop {
+        // A process that has exited but is not yet reaped has no memory figures left.
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
+            peak = peak.max(memory_field(&status, "VmHWM:"));
+        }
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            return (status, peak, start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

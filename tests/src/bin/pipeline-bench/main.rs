@@ -10,14 +10,18 @@
 //! cargo run --release -p pipeline-tests --bin pipeline-bench -- --quick   # seconds (CI)
 //! ```
 
+mod backlog;
 mod common;
 mod control;
 mod dispatch;
 mod e2e;
+mod fleet;
 mod floors;
+mod from_file;
 mod heartbeats;
 mod integration;
 mod logs;
+mod million;
 mod train;
 
 use pipeline_tests::TestRepo;
@@ -31,6 +35,11 @@ const BENCHMARKS: &[&str] = &[
     "e2e",
     "memory",
     "logs",
+    "backlog",
+    "lists",
+    "scale-memory",
+    "fleet",
+    "from-file",
     "train",
 ];
 
@@ -86,6 +95,11 @@ fn main() {
                 "e2e" => e2e::e2e(quick).await,
                 "memory" => control::memory(quick).await,
                 "logs" => logs::logs(quick).await,
+                "backlog" => backlog::backlog(quick).await,
+                "lists" => million::lists(quick).await,
+                "scale-memory" => million::scale_memory(quick).await,
+                "fleet" => fleet::fleet(quick).await,
+                "from-file" => from_file::from_file(quick).await,
                 "train" => train::train(quick).await,
                 _ => unreachable!("checked above"),
             }

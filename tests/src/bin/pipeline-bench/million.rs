@@ -1,0 +1,259 @@
+//! The control plane at a million tasks (issue 16): `ListTasks` pages against the size of the
+//! table (`lists`), and the server's and `pipelinectl`'s memory with 1,000,000 tasks and 1,000
+//! runners, before and right after four full listings at once (`scale-memory`).
+//!
+//! The tasks are created through `CreateTasks`, 10,000 a call, two calls in flight, with a
+//! one-line description each and priorities 0 to 4 in turn (so that a page crosses from one
+//! priority to the next).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pipeline_proto::v1 as pb;
+use pipeline_tests::{Server, TestRepo};
+
+use crate::common::{
+    Admin, Summary, register_sims, report, rss, run_watching_memory, time_each, verdict,
+};
+use crate::dispatch::SERVER_FLAGS;
+
+/// The i-th task of the big table.
+fn task(i: usize) -> pb::CreateTaskRequest {
+    pb::CreateTaskRequest {
+        title: format!("task {i} of the million"),
+        description: format!(
+            "Task {i}: change the greeting in README to say hello to number {i}, and nothing else."
+        ),
+        priority: Some((i % 5) as u32),
+        ..Default::default()
+    }
+}
+
+/// Creates tasks `from..to` (of [`task`]); prints the rate.
+async fn seed(admin: &Admin, from: usize, to: usize) {
+    let start = Instant::now();
+    let created = admin.seed(to - from, 10_000, move |i| task(from + i)).await;
+    assert_eq!(created, to - from, "every task was created");
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "  seeded {created} tasks through CreateTasks in {secs:.1} s = {:.0} tasks/s",
+        created as f64 / secs
+    );
+}
+
+/// Times `n` calls of one page request.
+async fn time_page(
+    admin: &Admin,
+    n: usize,
+    status: Option<pb::TaskStatus>,
+    token: &str,
+    size: u32,
+) -> Summary {
+    for _ in 0..20 {
+        admin
+            .clone()
+            .list_page(status, token.to_owned(), size)
+            .await;
+    }
+    Summary::of(
+        time_each(n, |_| {
+            let mut a = admin.clone();
+            let token = token.to_owned();
+            async move {
+                a.list_page(status, token, size).await;
+            }
+        })
+        .await,
+    )
+}
+
+pub async fn lists(quick: bool) {
+    let size = if quick { 20_000 } else { 1_000_000 };
+    let small = 100;
+    let n = if quick { 50 } else { 500 };
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, SERVER_FLAGS);
+    let admin = Admin::connect(&server.url, repo.admin_token()).await;
+
+    // The floor: the same pages on a table of 100 tasks.
+    seed(&admin, 0, small).await;
+    if let Ok(spin) = std::env::var("LISTS_SPIN") {
+        let (secs, status, size): (u64, Option<pb::TaskStatus>, u32) = match spin.as_str() {
+            "empty" => (12, Some(pb::TaskStatus::Done), 100),
+            "full" => (12, None, 100),
+            _ => (12, None, 1),
+        };
+        eprintln!("SPIN pid {}", server.pid());
+        let start = Instant::now();
+        let mut a = admin.clone();
+        let mut k = 0u64;
+        while start.elapsed().as_secs() < secs {
+            a.list_page(status, String::new(), size).await;
+            k += 1;
+        }
+        eprintln!("SPIN {k} calls, {:?} each", start.elapsed() / k as u32);
+        return;
+    }
+    let first_small = time_page(&admin, n, None, "", 100).await;
+    let none_small = time_page(&admin, n, Some(pb::TaskStatus::Done), "", 100).await;
+    report(
+        &format!("floor: ListTasks, a page of 100 of {small} tasks"),
+        first_small,
+        None,
+        "-",
+    );
+
+    seed(&admin, small, size).await;
+    // A full walk in pages of 1,000, keeping the token of the last page.
+    let start = Instant::now();
+    let (mut token, mut seen, mut pages) = (String::new(), 0, 0);
+    let mut walker = admin.clone();
+    loop {
+        let (tasks, next) = walker.list_page(None, token.clone(), 1000).await;
+        seen += tasks.len();
+        pages += 1;
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    // `token` is now the one of the last page of 1,000: after all but the last 1,000 tasks.
+    let walk = start.elapsed();
+    assert_eq!(seen, size, "the walk saw every task once");
+    println!(
+        "ListTasks, a full walk of {size} tasks in {pages} pages of 1,000: {:.2} s ({:.2} ms a page)  [goal: -]",
+        walk.as_secs_f64(),
+        walk.as_secs_f64() * 1e3 / pages as f64
+    );
+    let deep = token;
+    let (deep_page, _) = admin.clone().list_page(None, deep.clone(), 100).await;
+    assert_eq!(deep_page.len(), 100, "a full page that deep");
+    let at = size - size.min(1000);
+    let goal = "p99 <= 5 ms";
+    let five = Duration::from_millis(5);
+    let cases = [
+        (
+            format!("a page of 100 of {size} tasks, the first"),
+            None,
+            String::new(),
+        ),
+        (
+            format!("a page of 100 of {size} tasks, after {at} of them"),
+            None,
+            deep.clone(),
+        ),
+        (
+            format!("a page of 100 of {size} tasks with status open, after {at} of them"),
+            Some(pb::TaskStatus::Open),
+            deep.clone(),
+        ),
+        (
+            format!("a page of 100 of {size} tasks with a status none has (done)"),
+            Some(pb::TaskStatus::Done),
+            String::new(),
+        ),
+        (
+            format!(
+                "a page of 100 of {size} tasks with a status none has (done), after {at} of them"
+            ),
+            Some(pb::TaskStatus::Done),
+            deep,
+        ),
+    ];
+    for (what, status, token) in cases {
+        let figure = time_page(&admin, n, status, &token, 100).await;
+        let floor = if status == Some(pb::TaskStatus::Done) {
+            none_small
+        } else {
+            first_small
+        };
+        println!(
+            "ListTasks, {what}: {figure}; p50 = {:.2}x the same on {small} tasks (p50 {})  [goal: {goal}: {}]",
+            figure.p50.as_secs_f64() / floor.p50.as_secs_f64(),
+            crate::common::ms(floor.p50),
+            verdict(figure.p99 <= five)
+        );
+    }
+}
+
+pub async fn scale_memory(quick: bool) {
+    let size = if quick { 20_000 } else { 1_000_000 };
+    let runners = if quick { 100 } else { 1_000 };
+    let listings = 4;
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, SERVER_FLAGS);
+    let admin = Admin::connect(&server.url, repo.admin_token()).await;
+    seed(&admin, 0, size).await;
+    let sims = register_sims(&server.url, &repo.registration_token(), "m", runners, 1).await;
+    let mut streams = Vec::new();
+    for mut s in sims {
+        streams.push(s.open().await);
+    }
+    let status = admin.clone().status().await;
+    assert_eq!(status.runners, runners as u64, "every runner is connected");
+    assert_eq!(status.open + status.in_progress, size as u64);
+    let limit = 150e6;
+    let (now, peak) = rss(server.pid());
+    println!(
+        "scale memory: server RSS {:.1} MB (peak {:.1} MB) with {size} tasks and {runners} runners connected  [goal: <= 150 MB: {}]",
+        now as f64 / 1e6,
+        peak as f64 / 1e6,
+        verdict((now as f64) <= limit)
+    );
+
+    // One full listing alone, then four at once, each its own
+    // `pipelinectl task list --json > /dev/null`.
+    let list_all = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            run_watching_memory(
+                Command::new(pipeline_tests::bin("pipelinectl"))
+                    .args(["--server", &url, "task", "list", "--json"])
+                    .env_remove("PIPELINE_SERVER")
+                    .env_remove("PIPELINE_TOKEN")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+        })
+    };
+    let (exit, alone_peak, alone) = list_all(server.url.clone()).await.expect("lister");
+    assert!(exit.success(), "pipelinectl task list failed: {exit}");
+    println!(
+        "scale memory: one `pipelinectl task list --json > /dev/null` of {size} tasks: {:.1} s, \
+         peak RSS {:.1} MB  [goal: -]",
+        alone.as_secs_f64(),
+        alone_peak as f64 / 1e6
+    );
+    let listers: Vec<_> = (0..listings)
+        .map(|_| list_all(server.url.clone()))
+        .collect();
+    let (mut ctl_peak, mut walls) = (alone_peak, Vec::new());
+    for l in listers {
+        let (exit, peak, wall) = l.await.expect("lister");
+        assert!(exit.success(), "pipelinectl task list failed: {exit}");
+        ctl_peak = ctl_peak.max(peak);
+        walls.push(wall);
+    }
+    let (after, peak) = rss(server.pid());
+    report(
+        &format!(
+            "scale memory: {listings} concurrent `pipelinectl task list --json > /dev/null` of {size} tasks, each"
+        ),
+        Summary::of(walls),
+        None,
+        "-",
+    );
+    println!(
+        "scale memory: server RSS {:.1} MB right after them (peak {:.1} MB)  [goal: <= 150 MB: {}]",
+        after as f64 / 1e6,
+        peak as f64 / 1e6,
+        verdict((after as f64) <= limit)
+    );
+    println!(
+        "scale memory: pipelinectl listing all {size} tasks, peak RSS {:.1} MB (the largest of {})  [goal: <= 50 MB: {}]",
+        ctl_peak as f64 / 1e6,
+        listings + 1,
+        verdict((ctl_peak as f64) <= 50e6)
+    );
+    drop(streams);
+}
