@@ -80,6 +80,10 @@ pub fn is_resource_failure(message: &str) -> bool {
     SIGNS.iter().any(|s| message.contains(s))
 }
 
+/// Held while worktrees are pruned and added ([`Git::checkout_worktree`]): git's
+/// `worktrees/` administration does not survive concurrent prunes and adds.
+static WORKTREE_ADMIN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A branch name, checked like `git check-ref-format --branch` would (letters, digits and
 /// `._/-`, no `..`, no component starting with `.` or `-` or ending with `.lock`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -795,7 +799,8 @@ impl Git {
         Ok(found)
     }
 
-    /// Forgets worktrees whose directories are gone.
+    /// Forgets worktrees whose directories are gone (see [`WORKTREE_ADMIN`] when others
+    /// may be created at the same time).
     pub async fn prune_worktrees(&self) -> Result<()> {
         self.run(&["worktree", "prune"]).await.map(drop)
     }
@@ -829,6 +834,11 @@ impl Git {
                 GitError::Unexpected(format!("cannot remove {}: {e}", path.display()))
             })?;
         }
+        // Prune and add touch the repository's `worktrees/` directory, which concurrent
+        // prunes and adds trip over (one removes it as another creates its entry): one at a
+        // time in this process. Creating a worktree is rare (a slot's first use), resets are not
+        // serialised.
+        let _one_at_a_time = WORKTREE_ADMIN.lock().await;
         self.prune_worktrees().await?;
         self.run(&[
             "worktree",
@@ -1093,6 +1103,37 @@ mod tests {
         sh_git(dir, &["add", file]);
         sh_git(dir, &["commit", "-q", "-m", message]);
         CommitId::parse(&sh_git(dir, &["rev-parse", "HEAD"])).expect("id")
+    }
+
+    /// Slots of one runner (or the server's integration slots) create their worktrees at
+    /// once: one's `worktree prune` removed the empty `worktrees/` directory while another's
+    /// `worktree add` was creating its entry in it ("could not create directory of
+    /// 'worktrees/0'"), an infrastructure failure that cost a lease.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn worktrees_created_at_once_do_not_trip_over_each_other() {
+        let dir = tempfile::tempdir().expect("dir");
+        let d = dir.path().join("repo");
+        std::fs::create_dir(&d).expect("repo dir");
+        sh_git(&d, &["init", "-q", "-b", "main"]);
+        let root = commit(&d, "a", "root");
+        let git = Git::at(&d);
+        for round in 0..15 {
+            let paths: Vec<PathBuf> = (0..6)
+                .map(|i| dir.path().join(format!("wt-{round}-{i}")))
+                .collect();
+            let adds = paths.iter().map(|p| {
+                let (git, root) = (git.clone(), root.clone());
+                let p = p.clone();
+                tokio::spawn(async move { git.checkout_worktree(&p, &root).await })
+            });
+            for add in adds.collect::<Vec<_>>() {
+                add.await.expect("join").expect("worktree created");
+            }
+            // Gone again, so that the next round's prunes empty `worktrees/`.
+            for p in &paths {
+                std::fs::remove_dir_all(p).expect("remove");
+            }
+        }
     }
 
     #[tokio::test]
