@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Payloads (bundles, logs) as `bytes::Bytes`: shared, not copied.
         .bytes(".pipeline.v1")
+        // Small per-call buffers: a runner keeps two calls open for its whole life.
+        .codec_path("crate::codec::CompactCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -7,6 +7,8 @@
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
+pub mod codec;
+
 /// Version 1 of the protocol.
 pub mod v1 {
     tonic::include_proto!("pipeline.v1");

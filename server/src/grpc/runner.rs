@@ -413,39 +413,35 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let id = runner_id(&r.runner_id)?.to_owned();
         self.authorize(&who, &id)?;
         let held = lease_refs(r.held)?;
-        let (generation, attached, mut pushes) = self
+        let (generation, attached, pushes) = self
             .coordinator
             .open_work(&id, &held, r.draining, health(r.unhealthy))
             .map_err(status_from_error)?;
-        let (tx, rx) = mpsc::channel(16);
         let first = pb::WorkMessage {
             kind: Some(pb::work_message::Kind::Attached(pb::Attached {
                 kept: attached.kept.iter().map(lease_to_pb).collect(),
                 dropped: attached.dropped.iter().map(lease_to_pb).collect(),
             })),
         };
-        let coordinator = Arc::clone(&self.coordinator);
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            if tx.send(Ok(first)).await.is_ok() {
-                loop {
-                    tokio::select! {
-                        push = pushes.recv() => match push {
-                            Some(push) => {
-                                if tx.send(Ok(push_to_pb(&push))).await.is_err() {
-                                    break;
-                                }
-                            }
-                            None => break,
-                        },
-                        () = tx.closed() => break,
-                        () = shutdown.cancelled() => break,
-                    }
-                }
-            }
-            coordinator.close_work(&id, generation);
+        // The pushes are encoded as tonic reads them: no task and no second channel per
+        // runner (a channel of encoded messages cost ~18 KiB a runner, its first block of
+        // slots). The stream ends when the registry drops its sender (a newer stream of the
+        // runner's replaced it) or at shutdown; when it is dropped (the runner went away, or
+        // it ended), the guard tells the registry, for this stream's generation only.
+        let closed = CloseWork {
+            coordinator: Arc::clone(&self.coordinator),
+            id,
+            generation,
+        };
+        let pushes = ReceiverStream::new(pushes).map(move |push| {
+            let _owned_by_the_stream = &closed;
+            Ok(push_to_pb(&push))
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = tokio_stream::once(Ok(first)).chain(pushes);
+        Ok(Response::new(Box::pin(super::until_cancelled(
+            stream,
+            self.shutdown.clone(),
+        ))))
     }
 
     async fn heartbeat(
@@ -785,6 +781,19 @@ async fn send_bundle(
                 return Sent::Stopped;
             }
         }
+    }
+}
+
+/// Tells the registry that a runner's work stream is gone when the stream is dropped.
+struct CloseWork<S: Store> {
+    coordinator: Arc<Coordinator<S>>,
+    id: String,
+    generation: u64,
+}
+
+impl<S: Store> Drop for CloseWork<S> {
+    fn drop(&mut self) {
+        self.coordinator.close_work(&self.id, self.generation);
     }
 }
 
