@@ -34,9 +34,6 @@ struct Line {
 
 impl Line {
     fn into_task(self) -> Result<NewTask, String> {
-        if !self.requires.is_empty() {
-            return Err("`requires` is not supported by this version yet".into());
-        }
         if self.max_cost.is_some() {
             return Err("`max_cost` is not supported by this version yet".into());
         }
@@ -48,6 +45,7 @@ impl Line {
             priority: self.priority.unwrap_or(2),
             parent: self.parent,
             depends_on: self.depends_on,
+            requires: self.requires,
         })
     }
 }
@@ -158,6 +156,10 @@ mod tests {
             .expect("a task");
         assert_eq!((t.title.as_str(), t.priority), ("a", 0));
         assert_eq!(t.depends_on, ["t-1"]);
+        let gpu = parse(r#"{"title": "g", "requires": ["gpu", "os=linux"]}"#)
+            .expect("parsed")
+            .expect("a task");
+        assert_eq!(gpu.requires, ["gpu", "os=linux"]);
         assert_eq!(parse("   ").expect("blank"), None);
         let typo = parse(r#"{"title": "a", "dependson": ["t-1"]}"#).expect_err("typo");
         assert!(typo.contains("unknown field `dependson`"), "{typo}");

@@ -167,9 +167,9 @@ enum TaskCommand {
         #[arg(long, required_unless_present = "from_file")]
         title: Option<String>,
         /// Create one task per line of this JSON-lines file (`-` for standard input); keys:
-        /// title (required), description, namespace, priority, parent, depends_on, id.
+        /// title (required), description, namespace, priority, parent, depends_on, requires, id.
         #[arg(long, conflicts_with_all = ["title", "description", "description_file", "namespace",
-              "parent", "depends_on", "id"])]
+              "parent", "depends_on", "id", "requires"])]
         from_file: Option<String>,
         #[arg(long, conflicts_with = "description_file")]
         description: Option<String>,
@@ -190,6 +190,14 @@ enum TaskCommand {
         /// Choose the ID instead of the generated `t-<n>`.
         #[arg(long, allow_hyphen_values = true)]
         id: Option<String>,
+        /// A label its runner must have (`KEY=VALUE`, or a bare `KEY` for any value); repeat
+        /// for several.
+        #[arg(
+            long = "requires",
+            value_name = "KEY[=VALUE]",
+            allow_hyphen_values = true
+        )]
+        requires: Vec<String>,
     },
     /// List tasks, highest priority and oldest first (printed page by page as they arrive).
     List {
@@ -242,6 +250,14 @@ enum TaskCommand {
         /// 0 (highest) to 4 (lowest).
         #[arg(long)]
         priority: Option<u32>,
+        /// What its runner must have from now on, replacing what it required; repeat for
+        /// several, or pass `--requires ''` for nothing.
+        #[arg(
+            long = "requires",
+            value_name = "KEY[=VALUE]",
+            allow_hyphen_values = true
+        )]
+        requires: Vec<String>,
     },
     /// Make a task wait for others to be done.
     Depend {
@@ -390,6 +406,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             parent,
             depends_on,
             id,
+            requires,
             ..
         }) => {
             let title = title.unwrap_or_default();
@@ -402,6 +419,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     priority,
                     parent,
                     depends_on,
+                    requires,
                 })
                 .await?;
             writeln!(out, "{}", task.id)?;
@@ -453,6 +471,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             description_file,
             namespace,
             priority,
+            requires,
         }) => {
             let description = match (description, description_file) {
                 (None, None) => None,
@@ -465,6 +484,9 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     description,
                     namespace,
                     priority,
+                    // `--requires ''` alone clears them.
+                    requires: (!requires.is_empty())
+                        .then(|| requires.into_iter().filter(|r| !r.is_empty()).collect()),
                 })
                 .await?;
             writeln!(out, "{}: edited", task.id)?;

@@ -233,6 +233,8 @@ pub struct NewTask {
     pub priority: u32,
     pub parent: Option<String>,
     pub depends_on: Vec<String>,
+    /// Labels a runner must have to lease it.
+    pub requires: Vec<String>,
 }
 
 /// A change to a task, as `task edit` asks for it: `None` leaves a field as it is.
@@ -244,6 +246,8 @@ pub struct TaskChange {
     /// An empty one clears it.
     pub namespace: Option<String>,
     pub priority: Option<u32>,
+    /// What it requires of its runner from now on (`Some(vec![])`: nothing).
+    pub requires: Option<Vec<String>>,
 }
 
 /// A task.
@@ -271,6 +275,8 @@ pub struct Task {
     pub updated_at_ms: i64,
     /// Why it is not moving, in sentences; empty when nothing holds it.
     pub waiting_for: Vec<String>,
+    /// Labels a runner must have to lease it.
+    pub requires: Vec<String>,
 }
 
 /// One run of a task: a dev run on a runner, its verification, or the server's integration.

@@ -157,6 +157,7 @@ pub fn task_json(t: &Task) -> Value {
         "created_at": rfc3339(t.created_at_ms),
         "updated_at": rfc3339(t.updated_at_ms),
         "waiting_for": t.waiting_for,
+        "requires": t.requires,
     })
 }
 
@@ -574,6 +575,9 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
         t.depends_on.join(", ")
     };
     writeln!(out, "depends on:  {deps}")?;
+    if !t.requires.is_empty() {
+        writeln!(out, "requires:    {}", t.requires.join(", "))?;
+    }
     writeln!(out, "patchset:    {}", t.patchset)?;
     writeln!(out, "failures:    {}", t.failures)?;
     writeln!(out, "cost:        {} cents", t.cost_cents)?;
@@ -695,6 +699,11 @@ pub fn runners(out: &mut impl Write, runners: &[Runner], format: Format) -> io::
                 r.state.word().to_owned(),
                 format!("{}/{}", r.slots_used, r.slots_total),
                 r.last_heartbeat_ms.map_or_else(|| "-".into(), rfc3339),
+                if r.labels.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.labels.join(",")
+                },
                 match &r.health {
                     Health::Unhealthy(why) => format!("unhealthy: {why}"),
                     Health::Healthy => "healthy".to_owned(),
@@ -704,7 +713,14 @@ pub fn runners(out: &mut impl Write, runners: &[Runner], format: Format) -> io::
         .collect();
     print_table(
         out,
-        &["NAME", "STATE", "SLOTS", "LAST HEARTBEAT", "HEALTH"],
+        &[
+            "NAME",
+            "STATE",
+            "SLOTS",
+            "LAST HEARTBEAT",
+            "LABELS",
+            "HEALTH",
+        ],
         &rows,
     )
 }
@@ -987,6 +1003,7 @@ mod snapshots {
             created_at_ms: at(0),
             updated_at_ms: at(0),
             waiting_for: vec![],
+            requires: vec![],
         }
     }
 

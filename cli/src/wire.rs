@@ -155,6 +155,7 @@ impl From<NewTask> for pb::CreateTaskRequest {
             priority: Some(t.priority),
             parent: t.parent,
             depends_on: t.depends_on,
+            requires: t.requires,
         }
     }
 }
@@ -167,6 +168,8 @@ impl From<TaskChange> for pb::EditTaskRequest {
             description: c.description,
             namespace: c.namespace,
             priority: c.priority,
+            set_requires: c.requires.is_some(),
+            requires: c.requires.unwrap_or_default(),
         }
     }
 }
@@ -191,6 +194,7 @@ impl From<pb::Task> for Task {
             created_at_ms: t.created_at_ms,
             updated_at_ms: t.updated_at_ms,
             waiting_for: t.waiting_for,
+            requires: t.requires,
         }
     }
 }

@@ -298,6 +298,8 @@ pub struct Task {
     pub priority: u8,
     pub parent: Option<TaskId>,
     pub depends_on: Vec<TaskId>,
+    /// Labels a runner must have to lease it (`KEY` or `KEY=VALUE`, see [`satisfies`]).
+    pub requires: Vec<String>,
     /// How many of `depends_on` are not Done (kept by the store as the dependencies move).
     pub deps_pending: u32,
     pub state: TaskState,
@@ -353,9 +355,68 @@ pub struct NewTask {
     pub priority: u8,
     pub parent: Option<TaskId>,
     pub depends_on: Vec<TaskId>,
+    /// Labels a runner must have to lease it.
+    pub requires: Vec<String>,
+}
+
+/// The most labels a task may require.
+pub const MAX_REQUIRES: usize = 16;
+
+/// Validates what a task requires of its runner: at most [`MAX_REQUIRES`] of `KEY` or
+/// `KEY=VALUE`, the key of letters, digits and `._/-` (at most 64 bytes), the value of those
+/// and `:` (at most 128), each starting with a letter or digit; sorted, each once.
+pub fn validate_requires(requires: Vec<String>) -> Result<Vec<String>, Error> {
+    if requires.len() > MAX_REQUIRES {
+        return Err(Error::InvalidArgument(format!(
+            "{} --requires; a task may require at most {MAX_REQUIRES} labels",
+            requires.len()
+        )));
+    }
+    let word = |w: &str, max: usize, extra: &[char]| {
+        w.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && w.len() <= max
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c) || extra.contains(&c))
+    };
+    let mut out = Vec::with_capacity(requires.len());
+    for r in requires {
+        let r = r.trim().to_owned();
+        let ok = match r.split_once('=') {
+            Some((k, v)) => word(k, 64, &[]) && word(v, 128, &[':']),
+            None => word(&r, 64, &[]),
+        };
+        if !ok {
+            return Err(Error::InvalidArgument(format!(
+                "invalid --requires {}: write KEY or KEY=VALUE (letters, digits, . _ / -, \
+                 starting with a letter or digit)",
+                quote_for_message(&r)
+            )));
+        }
+        out.push(r);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Whether a runner with `labels` may take a task that `requires` these: each `KEY=VALUE` is
+/// one of its labels, each bare `KEY` is a label or the key of one (as Buildkite agent tags
+/// and GitHub `runs-on` labels match).
+pub fn satisfies(labels: &[String], requires: &[String]) -> bool {
+    requires.iter().all(|r| {
+        labels
+            .iter()
+            .any(|l| l == r || (!r.contains('=') && l.split_once('=').is_some_and(|(k, _)| k == r)))
+    })
 }
 
 impl NewTask {
+    /// The same task, requiring `requires` of its runner (validated).
+    pub fn with_requires(mut self, requires: Vec<String>) -> Result<Self, Error> {
+        self.requires = validate_requires(requires)?;
+        Ok(self)
+    }
+
     /// Validates the free-text fields of a new task.
     pub fn new(
         id: Option<TaskId>,
@@ -425,6 +486,7 @@ impl NewTask {
             priority,
             parent,
             depends_on: deps,
+            requires: Vec::new(),
         })
     }
 }
@@ -437,6 +499,8 @@ pub struct TaskEdit {
     pub description: Option<String>,
     pub namespace: Option<Option<String>>,
     pub priority: Option<u8>,
+    /// What the task requires of its runner from now on (validated); empty: nothing.
+    pub requires: Option<Vec<String>>,
 }
 
 impl TaskEdit {
@@ -462,14 +526,27 @@ impl TaskEdit {
             description: description.map(|_| checked.description),
             namespace: namespace.map(|_| checked.namespace),
             priority: priority.map(|_| checked.priority),
+            requires: None,
         };
-        if edit == Self::default() {
+        Ok(edit)
+    }
+
+    /// The same edit, also setting what the task requires of its runner (validated).
+    pub fn with_requires(mut self, requires: Option<Vec<String>>) -> Result<Self, Error> {
+        self.requires = requires.map(validate_requires).transpose()?;
+        Ok(self)
+    }
+
+    /// Refuses an edit that changes nothing.
+    pub fn check_not_empty(self) -> Result<Self, Error> {
+        if self == Self::default() {
             return Err(Error::InvalidArgument(
-                "nothing to change: pass --title, --description, --namespace or --priority"
+                "nothing to change: pass --title, --description, --namespace, --priority or \
+                 --requires"
                     .to_owned(),
             ));
         }
-        Ok(edit)
+        Ok(self)
     }
 
     /// The fields it changes, for the task's history.
@@ -479,6 +556,7 @@ impl TaskEdit {
             ("description", self.description.is_some()),
             ("namespace", self.namespace.is_some()),
             ("priority", self.priority.is_some()),
+            ("requires", self.requires.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -658,6 +736,28 @@ impl StatusCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requires_are_checked_sorted_and_matched_like_runner_labels() {
+        let r = validate_requires(vec!["os=linux".into(), " gpu ".into(), "gpu".into()])
+            .expect("valid");
+        assert_eq!(r, ["gpu", "os=linux"]);
+        for bad in ["", "-rf", "a b", "k=", "=v", "k=v=w"] {
+            let err = validate_requires(vec![bad.into()]).expect_err(bad);
+            assert!(err.to_string().contains("KEY or KEY=VALUE"), "{bad}: {err}");
+        }
+        assert!(validate_requires((0..17).map(|i| format!("k{i}")).collect()).is_err());
+        let labels = ["gpu=a100".to_owned(), "os=linux".to_owned()];
+        assert!(satisfies(&labels, &[]));
+        assert!(
+            satisfies(&labels, &r),
+            "a bare key matches a KEY=VALUE label"
+        );
+        assert!(satisfies(&labels, &["gpu=a100".into()]));
+        assert!(!satisfies(&labels, &["gpu=h100".into()]));
+        assert!(!satisfies(&labels, &["os".into(), "arch".into()]));
+        assert!(!satisfies(&["gpu".to_owned()], &["gpu=a100".into()]));
+    }
 
     #[test]
     fn new_task_validates_its_fields() {

@@ -89,6 +89,7 @@ mod tests {
             priority: 2,
             parent: None,
             depends_on: vec![],
+            requires: vec![],
             deps_pending: 0,
             state: TaskState {
                 patchset,

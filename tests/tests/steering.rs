@@ -3,7 +3,10 @@
 
 use std::process::Command;
 
-use pipeline_tests::{Proc, Server, TestRepo, bin, event_kinds, runner, scripts_path, wait_for};
+use pipeline_tests::{
+    Proc, Runner, Server, TestRepo, agent_args, as_strs, bin, event_kinds, runner, scripts_path,
+    wait_for,
+};
 use serde_json::Value;
 
 /// `pipelinectl ARGS` in the background, its stdout captured with its stderr.
@@ -359,4 +362,83 @@ fn a_task_is_edited_when_no_agent_works_on_it_and_its_history_says_so() {
     server
         .ctl(&["task", "edit", &busy, "--title", "x"])
         .refused(4, "it is done");
+}
+
+/// The runner named in a task's dev runs.
+fn dev_runners(task: &Value) -> Vec<String> {
+    task["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter(|r| r["phase"] == "dev")
+        .filter_map(|r| r["runner"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn a_task_that_requires_labels_goes_only_to_a_runner_that_has_them_and_says_why_it_waits() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _plain = runner(&repo, &server, "plain");
+    let gpu = server.add(&[
+        "--title",
+        "needs a gpu",
+        "--requires",
+        "gpu",
+        "--requires",
+        "os=linux",
+    ]);
+    let any = server.add(&["--title", "runs anywhere"]);
+    // The task behind it needs no labels: it is not held up.
+    server.wait_status(&any, "done");
+    let waiting = server.show(&gpu);
+    assert_eq!(waiting["status"], "open");
+    assert_eq!(waiting["requires"], serde_json::json!(["gpu", "os=linux"]));
+    assert_eq!(
+        waiting["waiting_for"],
+        serde_json::json!([
+            "no connected runner has the labels it requires (gpu, os=linux); start one with \
+             --label for each"
+        ])
+    );
+    let shown = server.ctl(&["task", "show", &gpu]).ok();
+    assert!(shown.contains("requires:    gpu, os=linux"), "{shown}");
+    // A runner with only one of them does not take it either.
+    let half = agent_args(&["--no-verify", "--label", "gpu=a100"]);
+    let _half = Runner::start(&repo, &server, "half", &as_strs(&half));
+    let another = server.add(&["--title", "another"]);
+    server.wait_status(&another, "done");
+    assert_eq!(server.show(&gpu)["status"], "open");
+    let full = agent_args(&["--no-verify", "--label", "gpu=a100", "--label", "os=linux"]);
+    let _full = Runner::start(&repo, &server, "full", &as_strs(&full));
+    let landed = server.wait_status(&gpu, "done");
+    assert_eq!(dev_runners(&landed), ["full"]);
+    assert_eq!(
+        runner_state(&server, "full")["labels"],
+        serde_json::json!(["gpu=a100", "os=linux"])
+    );
+    let table = server.ctl(&["runners"]).ok();
+    assert!(table.contains("gpu=a100,os=linux"), "{table}");
+    // Edited to require what no runner has, an open task waits again; refusals name the value.
+    let later = server.add(&[
+        "--title",
+        "later",
+        "--requires",
+        "arch=riscv",
+        "--priority",
+        "0",
+    ]);
+    assert_eq!(server.show(&later)["status"], "open");
+    server
+        .ctl(&["task", "edit", &later, "--requires", "os=linux"])
+        .ok();
+    let done = server.wait_status(&later, "done");
+    assert_eq!(dev_runners(&done), ["full"]);
+    assert!(event_kinds(&done).contains(&"edited".to_owned()), "{done}");
+    server
+        .ctl(&["task", "add", "--title", "x", "--requires", "-rf"])
+        .refused(2, "invalid --requires \"-rf\"");
+    server
+        .ctl(&["task", "add", "--title", "x", "--requires", "a b"])
+        .refused(2, "KEY or KEY=VALUE");
 }

@@ -15,7 +15,7 @@ use pipeline_core::git::{FetchRef, RefName};
 use pipeline_core::ids::CommitId;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Lease, LeaseRef, Millis, NewRun, Phase, Task};
+use crate::domain::{Lease, LeaseRef, Millis, NewRun, Phase, Task, satisfies};
 use crate::error::{Error, Result};
 use crate::lifecycle::Event;
 use crate::prompt::{self, PromptContext};
@@ -25,6 +25,10 @@ use crate::store::Store;
 
 use super::runners::lease_matches;
 use super::{Coordinator, Decision};
+
+/// The most candidate rows a round reads past its budget for tasks that no free runner has
+/// the labels for.
+const MAX_SCAN: usize = 4096;
 
 /// After a failed dispatch round (database or git trouble), try again this much later.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
@@ -85,6 +89,7 @@ impl<S: Store> Coordinator<S> {
             .max(128);
         let mut budget = planner::total(&slots).saturating_mul(2);
         let mut after = None;
+        let mut scanned = 0;
         let mut tip = None;
         let mut batch = Vec::new();
         while planner::total(&slots) > 0 && budget > 0 {
@@ -106,6 +111,22 @@ impl<S: Store> Coordinator<S> {
                     }
                 }
                 kept.push(task);
+            }
+            // Tasks no free runner has the labels for are passed over; they do not use up the
+            // round's budget (else a crowd of them at the front would starve the rest), up to
+            // MAX_SCAN rows a round.
+            scanned += kept.len();
+            if scanned < MAX_SCAN {
+                let unplaceable = kept
+                    .iter()
+                    .filter(|t| {
+                        !t.requires.is_empty()
+                            && !slots
+                                .iter()
+                                .any(|s| s.free > 0 && satisfies(&s.labels, &t.requires))
+                    })
+                    .count();
+                budget = budget.saturating_add(u32::try_from(unplaceable).unwrap_or(u32::MAX));
             }
             let max = planner::total(&slots) as usize;
             for Pick {

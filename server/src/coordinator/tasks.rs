@@ -166,7 +166,7 @@ impl<S: Store> Coordinator<S> {
                 known.insert(id.to_string(), status);
             }
         }
-        let (capacity, now) = (self.capacity(), self.now());
+        let ((capacity, labels), now) = (self.capacity(), self.now());
         let pauses = self.pauses();
         Ok(tasks
             .into_iter()
@@ -190,6 +190,7 @@ impl<S: Store> Coordinator<S> {
                     self.policy(),
                     now,
                     capacity,
+                    routing(&task.requires, &labels),
                 ));
                 (task, why)
             })
@@ -223,13 +224,15 @@ impl<S: Store> Coordinator<S> {
             lifecycle::held_by_pauses(task.state.status, pauses.0.as_deref(), pauses.1.as_deref())
                 .into_iter()
                 .collect();
+        let (capacity, labels) = self.capacity();
         why.extend(lifecycle::waiting_for(
             task.id.as_str(),
             &task.state,
             &deps,
             self.policy(),
             self.now(),
-            self.capacity(),
+            capacity,
+            routing(&task.requires, &labels),
         ));
         Ok(why)
     }
@@ -247,13 +250,15 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// What the runners can take now.
-    fn capacity(&self) -> lifecycle::Capacity {
+    /// What the runners can take now, and the labels of each runner that takes work.
+    fn capacity(&self) -> (lifecycle::Capacity, Vec<Vec<String>>) {
         let registry = self.registry();
         let mut capacity = lifecycle::Capacity {
             connected: 0,
             taking: 0,
             free_slots: 0,
         };
+        let mut labels = Vec::new();
         for r in registry.runners() {
             if !r.connected {
                 continue;
@@ -262,9 +267,10 @@ impl<S: Store> Coordinator<S> {
             if !r.draining && r.unhealthy.is_none() {
                 capacity.taking += 1;
                 capacity.free_slots += r.slots.saturating_sub(r.used);
+                labels.push(r.labels);
             }
         }
-        capacity
+        (capacity, labels)
     }
 
     /// Refuses a dependency on a cancelled task: the dependent would wait for ever.
@@ -444,5 +450,20 @@ impl<S: Store> Coordinator<S> {
                 unhealthy: r.unhealthy,
             })
             .collect()
+    }
+}
+
+/// What `requires` asks of the runners, against the labels of those that take work.
+fn routing<'a>(requires: &'a [String], labels: &[Vec<String>]) -> lifecycle::Routing<'a> {
+    lifecycle::Routing {
+        requires,
+        fitting: if requires.is_empty() {
+            0
+        } else {
+            labels
+                .iter()
+                .filter(|l| crate::domain::satisfies(l, requires))
+                .count()
+        },
     }
 }

@@ -97,6 +97,8 @@ impl<S: Store> ControlService for ControlApi<S> {
         let r = request.into_inner();
         let id = task_id(&r.id)?;
         let edit = crate::domain::TaskEdit::new(r.title, r.description, r.namespace, r.priority)
+            .and_then(|e| e.with_requires(r.set_requires.then_some(r.requires)))
+            .and_then(crate::domain::TaskEdit::check_not_empty)
             .map_err(status_from_error)?;
         let task = self
             .coordinator

@@ -67,6 +67,7 @@ impl From<&Task> for pb::Task {
             updated_at_ms: t.updated_at,
             waiting_for: Vec::new(),
             lost_leases: t.state.lost_leases,
+            requires: t.requires.clone(),
         }
     }
 }
@@ -251,6 +252,7 @@ impl TryFrom<pb::CreateTaskRequest> for NewTask {
             parent,
             depends_on,
         )
+        .and_then(|t| t.with_requires(req.requires))
         .map_err(status_from_error)
     }
 }

@@ -27,6 +27,15 @@ pub struct Capacity {
     pub free_slots: u32,
 }
 
+/// What a task requires of its runner, and how many connected runners that take work have
+/// those labels, for [`waiting_for`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Routing<'a> {
+    pub requires: &'a [String],
+    /// Runners that take work and satisfy `requires` (ignored when it is empty).
+    pub fitting: usize,
+}
+
 /// Why a task is not moving, in short sentences (empty when nothing holds it): its
 /// dependencies that are not done (`deps`, with their statuses), its back-off, its limits, the
 /// runners. Pure, like the rest of the lifecycle.
@@ -37,6 +46,7 @@ pub fn waiting_for(
     policy: &Policy,
     now: Millis,
     capacity: Capacity,
+    routing: Routing<'_>,
 ) -> Vec<String> {
     let mut why = Vec::new();
     let blocking = || {
@@ -67,6 +77,12 @@ pub fn waiting_for(
             if why.is_empty() {
                 if capacity.connected == 0 {
                     why.push("no runner is connected".to_owned());
+                } else if !routing.requires.is_empty() && routing.fitting == 0 {
+                    why.push(format!(
+                        "no connected runner has the labels it requires ({}); start one with \
+                         --label for each",
+                        routing.requires.join(", ")
+                    ));
                 } else if capacity.taking == 0 {
                     why.push(format!(
                         "no connected runner takes work ({} draining or unhealthy)",

@@ -19,7 +19,9 @@ use crate::domain::{Millis, TaskState, TaskStatus};
 mod eligibility;
 pub mod judge;
 
-pub use eligibility::{Capacity, editable, held_by_pauses, leasable, lease_order, waiting_for};
+pub use eligibility::{
+    Capacity, Routing, editable, held_by_pauses, leasable, lease_order, waiting_for,
+};
 
 /// Back-off never exceeds this many seconds (as in the seed).
 pub const MAX_BACKOFF_SECS: u64 = 600;
@@ -819,7 +821,15 @@ mod tests {
             ("t-2".to_owned(), Open),
             ("t-3".to_owned(), Cancelled),
         ];
-        let w = waiting_for("t-9", &state(Open), &deps, &policy(), NOW, cap);
+        let w = waiting_for(
+            "t-9",
+            &state(Open),
+            &deps,
+            &policy(),
+            NOW,
+            cap,
+            Routing::default(),
+        );
         assert_eq!(w.len(), 2, "{w:?}");
         assert_eq!(w[0], "depends on t-2, which is open");
         assert!(w[1].contains("t-3, which is cancelled"), "{w:?}");
@@ -829,17 +839,44 @@ mod tests {
             ..state(Open)
         };
         assert_eq!(
-            waiting_for("t-9", &backing_off, &[], &policy(), NOW, cap),
+            waiting_for(
+                "t-9",
+                &backing_off,
+                &[],
+                &policy(),
+                NOW,
+                cap,
+                Routing::default()
+            ),
             ["in back-off for 2 s more after 1 failed attempt"]
         );
-        assert!(waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap).is_empty());
+        assert!(
+            waiting_for(
+                "t-9",
+                &state(Open),
+                &[],
+                &policy(),
+                NOW,
+                cap,
+                Routing::default()
+            )
+            .is_empty()
+        );
         let none = Capacity {
             connected: 0,
             taking: 0,
             free_slots: 0,
         };
         assert_eq!(
-            waiting_for("t-9", &state(Open), &[], &policy(), NOW, none),
+            waiting_for(
+                "t-9",
+                &state(Open),
+                &[],
+                &policy(),
+                NOW,
+                none,
+                Routing::default()
+            ),
             ["no runner is connected"]
         );
         let busy = Capacity {
@@ -847,20 +884,64 @@ mod tests {
             ..cap
         };
         assert_eq!(
-            waiting_for("t-9", &state(Open), &[], &policy(), NOW, busy),
+            waiting_for(
+                "t-9",
+                &state(Open),
+                &[],
+                &policy(),
+                NOW,
+                busy,
+                Routing::default()
+            ),
             ["every slot of the 1 runner is busy"]
         );
+        let gpu = ["gpu".to_owned(), "os=linux".to_owned()];
+        let unmet = Routing {
+            requires: &gpu,
+            fitting: 0,
+        };
+        assert_eq!(
+            waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap, unmet),
+            [
+                "no connected runner has the labels it requires (gpu, os=linux); start one with \
+              --label for each"
+            ]
+        );
+        let met = Routing {
+            fitting: 1,
+            ..unmet
+        };
+        assert!(waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap, met).is_empty());
         let spent = TaskState {
             failures: 3,
             ..state(NeedsHelp)
         };
-        let w = waiting_for("t-9", &spent, &[], &policy(), NOW, cap);
+        let w = waiting_for("t-9", &spent, &[], &policy(), NOW, cap, Routing::default());
         assert!(w[0].starts_with("retry limit reached: 3"), "{w:?}");
         assert!(w[0].contains("pipelinectl task retry t-9"), "{w:?}");
         for s in [InProgress, Done, Cancelled] {
-            assert!(waiting_for("t-9", &state(s), &deps, &policy(), NOW, none).is_empty());
+            assert!(
+                waiting_for(
+                    "t-9",
+                    &state(s),
+                    &deps,
+                    &policy(),
+                    NOW,
+                    none,
+                    Routing::default()
+                )
+                .is_empty()
+            );
         }
-        let w = waiting_for("t-9", &state(Verified), &deps, &policy(), NOW, cap);
+        let w = waiting_for(
+            "t-9",
+            &state(Verified),
+            &deps,
+            &policy(),
+            NOW,
+            cap,
+            Routing::default(),
+        );
         assert_eq!(w[0], "lands once done: it depends on t-2, which is open");
     }
 

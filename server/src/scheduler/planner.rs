@@ -1,11 +1,12 @@
 //! The lease planner: lease candidates (in lease order) × free slots → which task goes to which
 //! runner. Pure: no IO, no clock (the time is passed in), so it is unit-tested on its own.
 //!
-//! A task goes to the runner with the most free slots, preferring one other than the runner
-//! whose lease of it lapsed last (`avoid_runner`); a task the lifecycle does not allow to be
-//! leased ([`crate::lifecycle::leasable`]) is passed over.
+//! A task goes to the runner with the most free slots whose labels satisfy what the task
+//! requires ([`crate::domain::satisfies`]), preferring one other than the runner whose lease of
+//! it lapsed last (`avoid_runner`); a task the lifecycle does not allow to be leased
+//! ([`crate::lifecycle::leasable`]), or that no free runner can take, is passed over.
 
-use crate::domain::{Millis, Task};
+use crate::domain::{Millis, Task, satisfies};
 use crate::lifecycle::{self, Policy};
 
 /// Free room on a runner.
@@ -14,6 +15,8 @@ pub struct Slot {
     pub runner_id: String,
     pub runner: String,
     pub free: u32,
+    /// The runner's labels, which a task's `requires` must be satisfied by.
+    pub labels: Vec<String>,
 }
 
 /// One decision: the candidate at `task` (its index) goes to `runner`.
@@ -41,12 +44,14 @@ pub fn plan(
             continue;
         }
         let avoid = task.avoid_runner.as_deref();
+        let fits = |s: &Slot| s.free > 0 && satisfies(&s.labels, &task.requires);
         let Some(slot) = slots
             .iter()
-            .position(|s| s.free > 0 && Some(s.runner.as_str()) != avoid)
-            .or_else(|| slots.iter().position(|s| s.free > 0))
+            .position(|s| fits(s) && Some(s.runner.as_str()) != avoid)
+            .or_else(|| slots.iter().position(fits))
         else {
-            break;
+            // No free runner has its labels: the next task may need none.
+            continue;
         };
         slots[slot].free -= 1;
         picks.push(Pick {
@@ -78,6 +83,7 @@ mod tests {
             priority,
             parent: None,
             depends_on: vec![],
+            requires: vec![],
             deps_pending: 0,
             state: TaskState::new(),
             lease: None,
@@ -96,6 +102,7 @@ mod tests {
             runner_id: format!("id-{name}"),
             runner: name.into(),
             free,
+            labels: vec![],
         }
     }
 
@@ -154,5 +161,24 @@ mod tests {
         let mut slots = [slot("r1", 8)];
         assert_eq!(plan(&tasks, &mut slots, &Policy::default(), 0, 2).len(), 2);
         assert_eq!(slots[0].free, 6);
+    }
+
+    #[test]
+    fn a_task_goes_only_to_a_runner_with_the_labels_it_requires() {
+        let mut gpu = task("gpu", 0);
+        gpu.requires = vec!["gpu".into(), "os=linux".into()];
+        let tasks = [gpu, task("any", 0)];
+        // r1 has more room but not the labels; the task that needs none still gets it.
+        let mut slots = [slot("r1", 4), slot("r2", 1)];
+        slots[1].labels = vec!["gpu=a100".into(), "os=linux".into()];
+        let picks = plan(&tasks, &mut slots, &Policy::default(), 0, 8);
+        assert_eq!(
+            picked(&picks, &tasks),
+            [("gpu".into(), "r2".into()), ("any".into(), "r1".into())]
+        );
+        // With no runner that has them, it is passed over, not blocking the queue.
+        let mut slots = [slot("r1", 4)];
+        let picks = plan(&tasks, &mut slots, &Policy::default(), 0, 8);
+        assert_eq!(picked(&picks, &tasks), [("any".into(), "r1".into())]);
     }
 }

@@ -432,6 +432,7 @@ impl Registry {
                 runner_id: r.id.clone(),
                 runner: r.name.clone(),
                 free: r.free_slots(),
+                labels: r.labels.clone(),
             })
             .collect();
         free.sort_by(|a, b| b.free.cmp(&a.free).then(a.runner.cmp(&b.runner)));
@@ -561,7 +562,8 @@ mod tests {
             vec![super::super::planner::Slot {
                 runner_id: a.clone(),
                 runner: "a".into(),
-                free: 2
+                free: 2,
+                labels: vec![],
             }]
         );
         reg.add_lease("L1".into(), live(&a, "a", 1, 100));

@@ -314,6 +314,7 @@ impl Store for MemoryStore {
             priority: new.priority,
             parent: new.parent,
             depends_on: new.depends_on.clone(),
+            requires: new.requires.clone(),
             deps_pending: 0,
             state: TaskState::new(),
             lease: None,
@@ -416,6 +417,9 @@ impl Store for MemoryStore {
         }
         if let Some(priority) = edit.priority {
             task.priority = priority;
+        }
+        if let Some(requires) = &edit.requires {
+            task.requires = requires.clone();
         }
         task.version += 1;
         task.updated_at = now;

@@ -218,6 +218,7 @@ struct TaskRow {
     version: i64,
     created_at: i64,
     updated_at: i64,
+    requires: String,
 }
 
 /// A task row with its dependencies joined into one column.
@@ -255,7 +256,7 @@ const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priori
      status, patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, \
      feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
      lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
-     created_at, updated_at";
+     created_at, updated_at, requires";
 
 /// One page of `columns` of the tasks matching `filter` in lease order, after the key
 /// (`?1` priority, `?2` seq), at most `?3` rows; `filter` binds from `?4` (but see
@@ -280,7 +281,20 @@ const DEPS_COLUMN: &str = "(SELECT group_concat(depends_on, char(31)) FROM \
 const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
      patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
-     avoid_runner, verified_tree, deps_pending, version, created_at, updated_at";
+     avoid_runner, verified_tree, deps_pending, version, created_at, updated_at, requires";
+
+/// What a task requires of its runner, as stored: its labels joined by U+001F, which no label
+/// holds ([`crate::domain::validate_requires`]); empty for none.
+fn join_requires(requires: &[String]) -> String {
+    requires.join("\u{1f}")
+}
+
+fn split_requires(stored: &str) -> Vec<String> {
+    if stored.is_empty() {
+        return Vec::new();
+    }
+    stored.split('\u{1f}').map(str::to_owned).collect()
+}
 
 fn corrupt(what: &str, value: &str) -> Error {
     Error::Internal(format!("database holds an invalid {what}: {value:?}"))
@@ -340,6 +354,7 @@ impl TaskRow {
                 .map_err(|_| corrupt("priority", &self.priority.to_string()))?,
             parent: self.parent.as_deref().map(stored_id).transpose()?,
             depends_on,
+            requires: split_requires(&self.requires),
             deps_pending: to_u32("pending dependency count", self.deps_pending)?,
             state: TaskState {
                 status: stored_status(&self.status)?,
@@ -894,7 +909,7 @@ async fn insert_tasks(
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
-             deps_pending, created_at, updated_at) ",
+             deps_pending, created_at, updated_at, requires) ",
         );
         q.push_values(chunk, |mut row, (id, t, pending)| {
             row.push_bind(id.as_str())
@@ -906,7 +921,8 @@ async fn insert_tasks(
                 .push_bind(TaskStatus::Open.as_str())
                 .push_bind(i64::from(*pending))
                 .push_bind(now)
-                .push_bind(now);
+                .push_bind(now)
+                .push_bind(join_requires(&t.requires));
         });
         q.push(" RETURNING id, seq");
         let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
@@ -970,6 +986,7 @@ async fn insert_tasks(
                 new.depends_on.sort_by(|a, b| a.as_str().cmp(b.as_str()));
                 new.depends_on
             },
+            requires: new.requires,
             deps_pending,
             state: TaskState::new(),
             lease: None,
@@ -1140,7 +1157,8 @@ impl Store for SqliteStore {
                    description = coalesce(?2, description), \
                    namespace = CASE WHEN ?3 THEN ?4 ELSE namespace END, \
                    priority = coalesce(?5, priority), \
-                   version = version + 1, updated_at = ?6 \
+                   version = version + 1, updated_at = ?6, \
+                   requires = coalesce(?9, requires) \
                  WHERE id = ?7 AND version = ?8",
             )
             .bind(edit.title.as_deref())
@@ -1151,6 +1169,7 @@ impl Store for SqliteStore {
             .bind(now)
             .bind(id.as_str())
             .bind(version)
+            .bind(edit.requires.as_deref().map(join_requires))
             .execute(&mut *tx)
             .await?;
             if changed.rows_affected() == 0 {

@@ -70,6 +70,7 @@ fn ghost(raw: &str) -> Task {
         priority: 2,
         parent: None,
         depends_on: vec![],
+        requires: vec![],
         deps_pending: 0,
         state: TaskState::new(),
         lease: None,
@@ -132,6 +133,7 @@ fn new_task(id: Option<&str>, title: &str, priority: u8, deps: &[&str]) -> NewTa
         priority,
         parent: None,
         depends_on: deps.iter().map(|d| self::id(d)).collect(),
+        requires: vec![],
     }
 }
 
