@@ -34,9 +34,6 @@ struct Line {
 
 impl Line {
     fn into_task(self) -> Result<NewTask, String> {
-        if self.max_cost.is_some() {
-            return Err("`max_cost` is not supported by this version yet".into());
-        }
         Ok(NewTask {
             id: self.id,
             title: self.title,
@@ -46,6 +43,7 @@ impl Line {
             parent: self.parent,
             depends_on: self.depends_on,
             requires: self.requires,
+            max_cost_cents: self.max_cost,
         })
     }
 }

@@ -167,9 +167,9 @@ enum TaskCommand {
         #[arg(long, required_unless_present = "from_file")]
         title: Option<String>,
         /// Create one task per line of this JSON-lines file (`-` for standard input); keys:
-        /// title (required), description, namespace, priority, parent, depends_on, requires, id.
+        /// title (required), description, namespace, priority, parent, depends_on, requires, max_cost, id.
         #[arg(long, conflicts_with_all = ["title", "description", "description_file", "namespace",
-              "parent", "depends_on", "id", "requires"])]
+              "parent", "depends_on", "id", "requires", "max_cost"])]
         from_file: Option<String>,
         #[arg(long, conflicts_with = "description_file")]
         description: Option<String>,
@@ -198,6 +198,9 @@ enum TaskCommand {
             allow_hyphen_values = true
         )]
         requires: Vec<String>,
+        /// This task's cost cap in cents, over the server's --max-task-cost.
+        #[arg(long, value_name = "CENTS", allow_hyphen_values = true)]
+        max_cost: Option<f64>,
     },
     /// List tasks, highest priority and oldest first (printed page by page as they arrive).
     List {
@@ -407,6 +410,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             depends_on,
             id,
             requires,
+            max_cost,
             ..
         }) => {
             let title = title.unwrap_or_default();
@@ -420,6 +424,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     parent,
                     depends_on,
                     requires,
+                    max_cost_cents: max_cost,
                 })
                 .await?;
             writeln!(out, "{}", task.id)?;

@@ -235,6 +235,8 @@ pub struct NewTask {
     pub depends_on: Vec<String>,
     /// Labels a runner must have to lease it.
     pub requires: Vec<String>,
+    /// Its own cost cap in cents.
+    pub max_cost_cents: Option<f64>,
 }
 
 /// A change to a task, as `task edit` asks for it: `None` leaves a field as it is.
@@ -277,6 +279,8 @@ pub struct Task {
     pub waiting_for: Vec<String>,
     /// Labels a runner must have to lease it.
     pub requires: Vec<String>,
+    /// Its own cost cap in cents, when it has one.
+    pub max_cost_cents: Option<f64>,
 }
 
 /// One run of a task: a dev run on a runner, its verification, or the server's integration.

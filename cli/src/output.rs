@@ -158,6 +158,7 @@ pub fn task_json(t: &Task) -> Value {
         "updated_at": rfc3339(t.updated_at_ms),
         "waiting_for": t.waiting_for,
         "requires": t.requires,
+        "max_cost_cents": t.max_cost_cents,
     })
 }
 
@@ -580,7 +581,14 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
     }
     writeln!(out, "patchset:    {}", t.patchset)?;
     writeln!(out, "failures:    {}", t.failures)?;
-    writeln!(out, "cost:        {} cents", t.cost_cents)?;
+    match t.max_cost_cents {
+        Some(cap) => writeln!(
+            out,
+            "cost:        {} cents (its cap: {cap} cents)",
+            t.cost_cents
+        )?,
+        None => writeln!(out, "cost:        {} cents", t.cost_cents)?,
+    }
     if let Some(total) = usage_total(&d.runs) {
         writeln!(out, "usage:       {total}")?;
     }
@@ -1004,6 +1012,7 @@ mod snapshots {
             updated_at_ms: at(0),
             waiting_for: vec![],
             requires: vec![],
+            max_cost_cents: None,
         }
     }
 

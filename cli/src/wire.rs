@@ -156,6 +156,7 @@ impl From<NewTask> for pb::CreateTaskRequest {
             parent: t.parent,
             depends_on: t.depends_on,
             requires: t.requires,
+            max_cost_cents: t.max_cost_cents,
         }
     }
 }
@@ -195,6 +196,7 @@ impl From<pb::Task> for Task {
             updated_at_ms: t.updated_at_ms,
             waiting_for: t.waiting_for,
             requires: t.requires,
+            max_cost_cents: t.max_cost_cents,
         }
     }
 }

@@ -37,6 +37,19 @@ pub struct Config {
     #[arg(long = "label", env = "PIPELINE_RUNNER_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
 
+    /// Take only the children of this task (an epic); repeat for several.
+    #[arg(long = "only-parent", value_name = "ID", allow_hyphen_values = true)]
+    pub only_parent: Vec<String>,
+
+    /// Take only this task.
+    #[arg(
+        long,
+        value_name = "ID",
+        conflicts_with = "only_parent",
+        allow_hyphen_values = true
+    )]
+    pub only_task: Option<String>,
+
     /// On SIGTERM/SIGINT, how long to let running tasks finish before giving them back.
     #[arg(long, env = "PIPELINE_DRAIN_TIMEOUT", default_value_t = 600)]
     pub drain_timeout: u64,

@@ -65,6 +65,10 @@ pub struct Hello {
     pub name: String,
     pub labels: Vec<String>,
     pub slots: u32,
+    /// Only the children of these tasks (`--only-parent`).
+    pub only_parents: Vec<String>,
+    /// Only this task (`--only-task`).
+    pub only_task: Option<String>,
 }
 
 /// The server's answer to a registration.
@@ -347,6 +351,8 @@ impl Client {
             slots: hello.slots,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             protocol_version: pipeline_proto::PROTOCOL_VERSION,
+            only_parents: hello.only_parents.clone(),
+            only_task: hello.only_task.clone(),
         };
         let resp = self.inner.clone().register(request).await?.into_inner();
         let runner_id = RunnerId::parse(&resp.runner_id)

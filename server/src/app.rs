@@ -568,6 +568,8 @@ fn start_local_runners(
                 slots: 1,
                 work_dir: Some(state_dir.join("runners").join(&name)),
                 labels: vec!["local".to_owned()],
+                only_parent: vec![],
+                only_task: None,
                 drain_timeout: 0,
                 agent: config.agent.clone(),
                 verify: config.verify.clone(),

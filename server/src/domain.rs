@@ -254,6 +254,9 @@ pub struct TaskState {
     /// Whether the next attempt amends the previous patchset (after a verify failure) or starts
     /// fresh from the current base (first attempt, dev failure, conflict, red integration build).
     pub amend: bool,
+    /// This task's own cost cap in cents (`task add --max-cost`), over the server's
+    /// `--max-task-cost`; set at creation, no transition changes it.
+    pub max_cost_cents: Option<f64>,
 }
 
 impl TaskState {
@@ -269,6 +272,7 @@ impl TaskState {
             backoff_until: None,
             feedback: None,
             amend: false,
+            max_cost_cents: None,
         }
     }
 }
@@ -357,6 +361,8 @@ pub struct NewTask {
     pub depends_on: Vec<TaskId>,
     /// Labels a runner must have to lease it.
     pub requires: Vec<String>,
+    /// Its own cost cap in cents, over the server's `--max-task-cost`.
+    pub max_cost_cents: Option<f64>,
 }
 
 /// The most labels a task may require.
@@ -399,6 +405,46 @@ pub fn validate_requires(requires: Vec<String>) -> Result<Vec<String>, Error> {
     Ok(out)
 }
 
+/// The work a runner takes (`pipeline-runner --only-parent ID…` or `--only-task ID`, as the
+/// seed's `run --parent` and `--task-id`): everything when both are unset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Only the children of these tasks (epics).
+    pub parents: Vec<TaskId>,
+    /// Only this task.
+    pub task: Option<TaskId>,
+}
+
+impl Scope {
+    /// Whether a runner with this scope may take `task`.
+    pub fn admits(&self, task: &Task) -> bool {
+        if let Some(only) = &self.task {
+            return task.id == *only;
+        }
+        self.parents.is_empty()
+            || task
+                .parent
+                .as_ref()
+                .is_some_and(|p| self.parents.contains(p))
+    }
+
+    /// What it limits the runner to, for people: `None` when it takes everything.
+    pub fn describe(&self) -> Option<String> {
+        match (&self.task, self.parents.as_slice()) {
+            (Some(task), _) => Some(format!("only task {task}")),
+            (None, []) => None,
+            (None, parents) => Some(format!(
+                "only children of {}",
+                parents
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
 /// Whether a runner with `labels` may take a task that `requires` these: each `KEY=VALUE` is
 /// one of its labels, each bare `KEY` is a label or the key of one (as Buildkite agent tags
 /// and GitHub `runs-on` labels match).
@@ -414,6 +460,19 @@ impl NewTask {
     /// The same task, requiring `requires` of its runner (validated).
     pub fn with_requires(mut self, requires: Vec<String>) -> Result<Self, Error> {
         self.requires = validate_requires(requires)?;
+        Ok(self)
+    }
+
+    /// The same task with its own cost cap: a finite number of cents above 0, at most 1e9.
+    pub fn with_max_cost(mut self, cents: Option<f64>) -> Result<Self, Error> {
+        if let Some(c) = cents
+            && !(c.is_finite() && c > 0.0 && c <= 1e9)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "invalid --max-cost {c}: a number of cents above 0 and at most 1000000000"
+            )));
+        }
+        self.max_cost_cents = cents;
         Ok(self)
     }
 
@@ -487,6 +546,7 @@ impl NewTask {
             parent,
             depends_on: deps,
             requires: Vec::new(),
+            max_cost_cents: None,
         })
     }
 }

@@ -82,6 +82,7 @@ impl FakeRunner {
                 slots: 1,
                 version: "test".into(),
                 protocol_version,
+                ..Default::default()
             },
         )
     }

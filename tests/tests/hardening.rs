@@ -133,6 +133,7 @@ fn hello(name: &str, labels: Vec<String>, version: &str) -> pb::RegisterRequest 
         slots: 1,
         version: version.to_owned(),
         protocol_version: pipeline_proto::PROTOCOL_VERSION,
+        ..Default::default()
     }
 }
 

@@ -442,3 +442,40 @@ fn a_task_that_requires_labels_goes_only_to_a_runner_that_has_them_and_says_why_
         .ctl(&["task", "add", "--title", "x", "--requires", "a b"])
         .refused(2, "KEY or KEY=VALUE");
 }
+
+#[test]
+fn runners_limited_to_an_epic_or_one_task_take_only_that_work() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let epic = server.add(&["--title", "the epic", "--id", "e1"]);
+    let child = server.add(&["--title", "a child", "--parent", &epic]);
+    let solo = server.add(&["--title", "alone", "--id", "solo"]);
+    let stray = server.add(&["--title", "neither"]);
+    let scoped = agent_args(&["--no-verify", "--only-parent", &epic]);
+    let _epic_runner = Runner::start(&repo, &server, "epic-only", &as_strs(&scoped));
+    let one = agent_args(&["--no-verify", "--only-task", &solo]);
+    let _solo_runner = Runner::start(&repo, &server, "solo-only", &as_strs(&one));
+    assert_eq!(
+        dev_runners(&server.wait_status(&child, "done")),
+        ["epic-only"]
+    );
+    assert_eq!(
+        dev_runners(&server.wait_status(&solo, "done")),
+        ["solo-only"]
+    );
+    for id in [&epic, &stray] {
+        let task = server.show(id);
+        assert_eq!(task["status"], "open", "{task}");
+        assert_eq!(
+            task["waiting_for"],
+            serde_json::json!([
+                "every connected runner that could take it is limited to other work \
+                 (--only-parent, --only-task)"
+            ])
+        );
+    }
+    // A runner that takes everything picks them up.
+    let _any = runner(&repo, &server, "any");
+    server.wait_status(&stray, "done");
+    server.wait_status(&epic, "done");
+}

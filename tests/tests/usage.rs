@@ -190,3 +190,58 @@ fn a_usage_report_is_the_dev_runs_cost_counts_for_the_day_and_shapes_the_next_as
     let dev = &runs(&server.show(&id))[0];
     assert_eq!(dev["usage"]["input_tokens"], 1000);
 }
+
+#[test]
+fn a_tasks_own_cap_overrides_the_servers_and_stops_it_when_spent() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-task-cost", "1000", "--backoff-base", "0"]);
+    let mut fake = fake_runner(&repo, &server);
+    let id = server.add(&["--title", "a cheap one", "--max-cost", "50"]);
+    let shown = server.show(&id);
+    assert_eq!(shown["max_cost_cents"], 50.0);
+    let text = server.ctl(&["task", "show", &id]).ok();
+    assert!(
+        text.contains("cost:        0 cents (its cap: 50 cents)"),
+        "{text}"
+    );
+    let first = fake.next_assignment();
+    assert_eq!(
+        first.budget_cents,
+        Some(50.0),
+        "its own cap, not the server's 1000"
+    );
+    let lease = first.lease.expect("lease");
+    fake.complete_raw(dev_failed(
+        &fake,
+        &lease,
+        30.0,
+        Some(claude_usage(30.0, "s1")),
+    ))
+    .expect("first failure");
+    let second = fake.next_assignment();
+    assert_eq!(second.budget_cents, Some(20.0), "what is left of its cap");
+    let lease = second.lease.expect("lease");
+    fake.complete_raw(dev_failed(
+        &fake,
+        &lease,
+        30.0,
+        Some(claude_usage(30.0, "s2")),
+    ))
+    .expect("second failure");
+    let stopped = server.wait_status(&id, "needs_help");
+    assert_eq!(stopped["cost_cents"], 60.0);
+    assert_eq!(
+        stopped["waiting_for"],
+        json!([format!(
+            "cost limit reached: 60 of 50 cents (pipelinectl task retry {id})"
+        )])
+    );
+    // Out of bounds, refused with the reason; nothing created.
+    for bad in ["0", "-5", "NaN", "1e12"] {
+        server
+            .ctl(&["task", "add", "--title", "x", "--max-cost", bad])
+            .refused(2, "--max-cost");
+    }
+    let listed = server.ctl(&["task", "list", "--json"]).json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+}

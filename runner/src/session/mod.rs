@@ -84,6 +84,8 @@ pub async fn run(
             name,
             labels: config.labels.clone(),
             slots: config.slots,
+            only_parents: config.only_parent.clone(),
+            only_task: config.only_task.clone(),
         },
         url,
         runner_id: None,

@@ -30,6 +30,8 @@ const PUSH_BUFFER: usize = 64;
 pub struct RunnerHello {
     pub name: String,
     pub labels: Vec<String>,
+    /// The work it takes.
+    pub scope: crate::domain::Scope,
     pub slots: u32,
     pub version: String,
     pub protocol_version: u32,
@@ -157,6 +159,7 @@ impl<S: Store> Coordinator<S> {
                 self.now(),
             )
             .map_err(Error::AlreadyExists)?;
+        self.registry().set_scope(&runner_id, hello.scope);
         let credential = if issue {
             Some(self.auth.issue(&self.store, &hello.name).await?)
         } else {

@@ -190,7 +190,7 @@ impl<S: Store> Coordinator<S> {
                     self.policy(),
                     now,
                     capacity,
-                    routing(&task.requires, &labels),
+                    routing(&task, &labels),
                 ));
                 (task, why)
             })
@@ -232,7 +232,7 @@ impl<S: Store> Coordinator<S> {
             self.policy(),
             self.now(),
             capacity,
-            routing(&task.requires, &labels),
+            routing(task, &labels),
         ));
         Ok(why)
     }
@@ -250,8 +250,13 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// What the runners can take now.
-    /// What the runners can take now, and the labels of each runner that takes work.
-    fn capacity(&self) -> (lifecycle::Capacity, Vec<Vec<String>>) {
+    /// What the runners can take now, and the labels and scope of each runner that takes work.
+    fn capacity(
+        &self,
+    ) -> (
+        lifecycle::Capacity,
+        Vec<(Vec<String>, crate::domain::Scope)>,
+    ) {
         let registry = self.registry();
         let mut capacity = lifecycle::Capacity {
             connected: 0,
@@ -267,7 +272,7 @@ impl<S: Store> Coordinator<S> {
             if !r.draining && r.unhealthy.is_none() {
                 capacity.taking += 1;
                 capacity.free_slots += r.slots.saturating_sub(r.used);
-                labels.push(r.labels);
+                labels.push((r.labels, r.scope));
             }
         }
         (capacity, labels)
@@ -453,17 +458,23 @@ impl<S: Store> Coordinator<S> {
     }
 }
 
-/// What `requires` asks of the runners, against the labels of those that take work.
-fn routing<'a>(requires: &'a [String], labels: &[Vec<String>]) -> lifecycle::Routing<'a> {
+/// What `task` asks of the runners, against the labels and scopes of those that take work.
+fn routing<'a>(
+    task: &'a Task,
+    runners: &[(Vec<String>, crate::domain::Scope)],
+) -> lifecycle::Routing<'a> {
+    let scoped = runners.iter().any(|(_, s)| s.describe().is_some());
+    if task.requires.is_empty() && !scoped {
+        return lifecycle::Routing::default();
+    }
+    let with_labels: Vec<_> = runners
+        .iter()
+        .filter(|(l, _)| crate::domain::satisfies(l, &task.requires))
+        .collect();
     lifecycle::Routing {
-        requires,
-        fitting: if requires.is_empty() {
-            0
-        } else {
-            labels
-                .iter()
-                .filter(|l| crate::domain::satisfies(l, requires))
-                .count()
-        },
+        requires: &task.requires,
+        with_labels: with_labels.len(),
+        fitting: with_labels.iter().filter(|(_, s)| s.admits(task)).count(),
+        scoped,
     }
 }

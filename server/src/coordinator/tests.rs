@@ -89,6 +89,7 @@ async fn runner(
             RunnerHello {
                 name: name.into(),
                 labels: vec![],
+                scope: Default::default(),
                 slots,
                 version: "test".into(),
                 protocol_version: pipeline_proto::PROTOCOL_VERSION,

@@ -68,6 +68,7 @@ impl From<&Task> for pb::Task {
             waiting_for: Vec::new(),
             lost_leases: t.state.lost_leases,
             requires: t.requires.clone(),
+            max_cost_cents: t.state.max_cost_cents,
         }
     }
 }
@@ -253,6 +254,7 @@ impl TryFrom<pb::CreateTaskRequest> for NewTask {
             depends_on,
         )
         .and_then(|t| t.with_requires(req.requires))
+        .and_then(|t| t.with_max_cost(req.max_cost_cents))
         .map_err(status_from_error)
     }
 }

@@ -22,7 +22,7 @@ use pipeline_core::ids::CommitId;
 use super::status_from_error;
 use crate::auth::Caller;
 use crate::coordinator::{Coordinator, LeaseResult, RunnerHello};
-use crate::domain::{CostSource, Usage};
+use crate::domain::{CostSource, TaskId, Usage};
 use crate::lifecycle::judge::{Outcome, RunnerResult};
 use crate::repo::BundleStream;
 use crate::scheduler::registry::{Assignment, LeaseRef, Push};
@@ -336,9 +336,28 @@ impl TryFrom<pb::RegisterRequest> for RunnerHello {
         check_runner_name(&r.name)?;
         check_labels(&r.labels)?;
         check_version(&r.version)?;
+        let parents = r
+            .only_parents
+            .iter()
+            .map(|p| {
+                TaskId::parse(p)
+                    .map_err(|e| Status::invalid_argument(format!("--only-parent: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if parents.len() > 64 {
+            return Err(Status::invalid_argument("at most 64 --only-parent"));
+        }
+        let task = r
+            .only_task
+            .as_deref()
+            .map(|t| {
+                TaskId::parse(t).map_err(|e| Status::invalid_argument(format!("--only-task: {e}")))
+            })
+            .transpose()?;
         Ok(RunnerHello {
             name: r.name,
             labels: r.labels,
+            scope: crate::domain::Scope { parents, task },
             slots: r.slots,
             version: r.version,
             protocol_version: r.protocol_version,

@@ -32,8 +32,14 @@ pub struct Capacity {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Routing<'a> {
     pub requires: &'a [String],
-    /// Runners that take work and satisfy `requires` (ignored when it is empty).
+    /// Runners that take work and have the labels of `requires`.
+    pub with_labels: usize,
+    /// Of those, runners whose `--only-parent`/`--only-task` let them take this task.
     pub fitting: usize,
+    /// Whether any runner that takes work is limited by `--only-parent`/`--only-task`;
+    /// when none is, `with_labels` and `fitting` are not looked at for a task that requires
+    /// nothing.
+    pub scoped: bool,
 }
 
 /// Why a task is not moving, in short sentences (empty when nothing holds it): its
@@ -77,12 +83,21 @@ pub fn waiting_for(
             if why.is_empty() {
                 if capacity.connected == 0 {
                     why.push("no runner is connected".to_owned());
-                } else if !routing.requires.is_empty() && routing.fitting == 0 {
+                } else if !routing.requires.is_empty() && routing.with_labels == 0 {
                     why.push(format!(
                         "no connected runner has the labels it requires ({}); start one with \
                          --label for each",
                         routing.requires.join(", ")
                     ));
+                } else if (routing.scoped || !routing.requires.is_empty())
+                    && routing.with_labels > 0
+                    && routing.fitting == 0
+                {
+                    why.push(
+                        "every connected runner that could take it is limited to other work \
+                         (--only-parent, --only-task)"
+                            .to_owned(),
+                    );
                 } else if capacity.taking == 0 {
                     why.push(format!(
                         "no connected runner takes work ({} draining or unhealthy)",
@@ -110,7 +125,7 @@ pub fn waiting_for(
                 why.push(format!(
                     "cost limit reached: {:.0} of {:.0} cents (pipelinectl task retry {id})",
                     state.budget_spent(),
-                    policy.max_task_cost_cents
+                    policy.cost_cap(state).unwrap_or_default()
                 ));
             } else {
                 why.push(format!(

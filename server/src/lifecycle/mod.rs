@@ -69,13 +69,22 @@ impl Policy {
     /// What the task may still spend, in cents: its cap less what it has cost since the last
     /// retry, never below 0; `None` when there is no cap.
     pub fn remaining_budget(&self, state: &TaskState) -> Option<f64> {
-        (self.max_task_cost_cents > 0.0)
-            .then(|| (self.max_task_cost_cents - state.budget_spent()).max(0.0))
+        self.cost_cap(state)
+            .map(|cap| (cap - state.budget_spent()).max(0.0))
     }
 
     /// Whether the task has spent its budget.
     pub fn over_cost_limit(&self, state: &TaskState) -> bool {
-        self.max_task_cost_cents > 0.0 && state.budget_spent() >= self.max_task_cost_cents
+        self.cost_cap(state)
+            .is_some_and(|cap| state.budget_spent() >= cap)
+    }
+
+    /// The task's cost cap in cents: its own (`task add --max-cost`), else the server's
+    /// `--max-task-cost`; `None` for no cap.
+    pub fn cost_cap(&self, state: &TaskState) -> Option<f64> {
+        state
+            .max_cost_cents
+            .or((self.max_task_cost_cents > 0.0).then_some(self.max_task_cost_cents))
     }
 }
 
@@ -421,7 +430,7 @@ fn fail(
             format!(
                 "needs help: cost {:.0} cents reached the limit of {:.0}: {reason}",
                 next.budget_spent(),
-                policy.max_task_cost_cents
+                policy.cost_cap(&next).unwrap_or_default()
             ),
             vec![],
         )
@@ -898,7 +907,9 @@ mod tests {
         let gpu = ["gpu".to_owned(), "os=linux".to_owned()];
         let unmet = Routing {
             requires: &gpu,
+            with_labels: 0,
             fitting: 0,
+            scoped: false,
         };
         assert_eq!(
             waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap, unmet),
@@ -908,10 +919,24 @@ mod tests {
             ]
         );
         let met = Routing {
+            with_labels: 1,
             fitting: 1,
             ..unmet
         };
         assert!(waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap, met).is_empty());
+        let elsewhere = Routing {
+            requires: &[],
+            with_labels: 1,
+            fitting: 0,
+            scoped: true,
+        };
+        assert_eq!(
+            waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap, elsewhere),
+            [
+                "every connected runner that could take it is limited to other work \
+              (--only-parent, --only-task)"
+            ]
+        );
         let spent = TaskState {
             failures: 3,
             ..state(NeedsHelp)

@@ -6,7 +6,7 @@
 //! it lapsed last (`avoid_runner`); a task the lifecycle does not allow to be leased
 //! ([`crate::lifecycle::leasable`]), or that no free runner can take, is passed over.
 
-use crate::domain::{Millis, Task, satisfies};
+use crate::domain::{Millis, Scope, Task, satisfies};
 use crate::lifecycle::{self, Policy};
 
 /// Free room on a runner.
@@ -17,6 +17,15 @@ pub struct Slot {
     pub free: u32,
     /// The runner's labels, which a task's `requires` must be satisfied by.
     pub labels: Vec<String>,
+    /// The work it takes (`--only-parent`, `--only-task`).
+    pub scope: Scope,
+}
+
+impl Slot {
+    /// Whether the runner has room for `task` and may take it.
+    pub fn fits(&self, task: &Task) -> bool {
+        self.free > 0 && satisfies(&self.labels, &task.requires) && self.scope.admits(task)
+    }
 }
 
 /// One decision: the candidate at `task` (its index) goes to `runner`.
@@ -44,13 +53,12 @@ pub fn plan(
             continue;
         }
         let avoid = task.avoid_runner.as_deref();
-        let fits = |s: &Slot| s.free > 0 && satisfies(&s.labels, &task.requires);
         let Some(slot) = slots
             .iter()
-            .position(|s| fits(s) && Some(s.runner.as_str()) != avoid)
-            .or_else(|| slots.iter().position(fits))
+            .position(|s| s.fits(task) && Some(s.runner.as_str()) != avoid)
+            .or_else(|| slots.iter().position(|s| s.fits(task)))
         else {
-            // No free runner has its labels: the next task may need none.
+            // No free runner has its labels or takes it: the next task may go.
             continue;
         };
         slots[slot].free -= 1;
@@ -103,6 +111,7 @@ mod tests {
             runner: name.into(),
             free,
             labels: vec![],
+            scope: Scope::default(),
         }
     }
 
@@ -180,5 +189,23 @@ mod tests {
         let mut slots = [slot("r1", 4)];
         let picks = plan(&tasks, &mut slots, &Policy::default(), 0, 8);
         assert_eq!(picked(&picks, &tasks), [("any".into(), "r1".into())]);
+    }
+
+    #[test]
+    fn a_runner_limited_to_an_epic_or_a_task_takes_only_those() {
+        let mut child = task("child", 0);
+        child.parent = Some(TaskId::parse("epic").expect("id"));
+        let tasks = [task("other", 0), child, task("one", 0)];
+        let mut slots = [slot("epic-only", 4), slot("one-only", 4)];
+        slots[0].scope.parents = vec![TaskId::parse("epic").expect("id")];
+        slots[1].scope.task = Some(TaskId::parse("one").expect("id"));
+        let picks = plan(&tasks, &mut slots, &Policy::default(), 0, 8);
+        assert_eq!(
+            picked(&picks, &tasks),
+            [
+                ("child".into(), "epic-only".into()),
+                ("one".into(), "one-only".into())
+            ]
+        );
     }
 }

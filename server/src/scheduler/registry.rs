@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use tokio::sync::mpsc;
 
-use crate::domain::{Millis, TaskId};
+use crate::domain::{Millis, Scope, TaskId};
 
 pub use pipeline_core::ids::LeaseRef;
 
@@ -47,6 +47,8 @@ pub struct RunnerEntry {
     pub id: String,
     pub name: String,
     pub labels: Vec<String>,
+    /// The work it takes (`--only-parent`, `--only-task`).
+    pub scope: Scope,
     pub slots: u32,
     pub version: String,
     pub last_heartbeat: Option<Millis>,
@@ -135,6 +137,7 @@ pub struct RunnerView {
     pub id: String,
     pub name: String,
     pub labels: Vec<String>,
+    pub scope: Scope,
     pub slots: u32,
     pub used: u32,
     pub version: String,
@@ -205,6 +208,7 @@ impl Registry {
                 id: id.clone(),
                 name: name.to_owned(),
                 labels,
+                scope: Scope::default(),
                 slots,
                 version,
                 last_heartbeat: Some(now),
@@ -218,6 +222,13 @@ impl Registry {
             },
         );
         Ok(id)
+    }
+
+    /// Limits the runner `id` to some work (what it said at registration).
+    pub fn set_scope(&mut self, id: &str, scope: Scope) {
+        if let Some(r) = self.runners.get_mut(id) {
+            r.scope = scope;
+        }
     }
 
     pub fn runner(&self, id: &str) -> Option<&RunnerEntry> {
@@ -433,6 +444,7 @@ impl Registry {
                 runner: r.name.clone(),
                 free: r.free_slots(),
                 labels: r.labels.clone(),
+                scope: r.scope.clone(),
             })
             .collect();
         free.sort_by(|a, b| b.free.cmp(&a.free).then(a.runner.cmp(&b.runner)));
@@ -465,6 +477,7 @@ impl Registry {
                 id: r.id.clone(),
                 name: r.name.clone(),
                 labels: r.labels.clone(),
+                scope: r.scope.clone(),
                 slots: r.slots,
                 used: r.leases.len() as u32,
                 version: r.version.clone(),
@@ -564,6 +577,7 @@ mod tests {
                 runner: "a".into(),
                 free: 2,
                 labels: vec![],
+                scope: Scope::default(),
             }]
         );
         reg.add_lease("L1".into(), live(&a, "a", 1, 100));

@@ -316,7 +316,10 @@ impl Store for MemoryStore {
             depends_on: new.depends_on.clone(),
             requires: new.requires.clone(),
             deps_pending: 0,
-            state: TaskState::new(),
+            state: TaskState {
+                max_cost_cents: new.max_cost_cents,
+                ..TaskState::new()
+            },
             lease: None,
             lease_epoch: 0,
             patch_commit: None,

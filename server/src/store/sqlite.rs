@@ -219,6 +219,7 @@ struct TaskRow {
     created_at: i64,
     updated_at: i64,
     requires: String,
+    max_cost_cents: Option<f64>,
 }
 
 /// A task row with its dependencies joined into one column.
@@ -256,7 +257,7 @@ const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priori
      status, patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, \
      feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
      lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
-     created_at, updated_at, requires";
+     created_at, updated_at, requires, max_cost_cents";
 
 /// One page of `columns` of the tasks matching `filter` in lease order, after the key
 /// (`?1` priority, `?2` seq), at most `?3` rows; `filter` binds from `?4` (but see
@@ -281,7 +282,8 @@ const DEPS_COLUMN: &str = "(SELECT group_concat(depends_on, char(31)) FROM \
 const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, parent, status, \
      patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
-     avoid_runner, verified_tree, deps_pending, version, created_at, updated_at, requires";
+     avoid_runner, verified_tree, deps_pending, version, created_at, updated_at, requires, \
+     max_cost_cents";
 
 /// What a task requires of its runner, as stored: its labels joined by U+001F, which no label
 /// holds ([`crate::domain::validate_requires`]); empty for none.
@@ -366,6 +368,7 @@ impl TaskRow {
                 backoff_until: self.backoff_until,
                 feedback: self.feedback,
                 amend: self.amend != 0,
+                max_cost_cents: self.max_cost_cents,
             },
             lease,
             lease_epoch,
@@ -909,7 +912,7 @@ async fn insert_tasks(
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
-             deps_pending, created_at, updated_at, requires) ",
+             deps_pending, created_at, updated_at, requires, max_cost_cents) ",
         );
         q.push_values(chunk, |mut row, (id, t, pending)| {
             row.push_bind(id.as_str())
@@ -922,7 +925,8 @@ async fn insert_tasks(
                 .push_bind(i64::from(*pending))
                 .push_bind(now)
                 .push_bind(now)
-                .push_bind(join_requires(&t.requires));
+                .push_bind(join_requires(&t.requires))
+                .push_bind(t.max_cost_cents);
         });
         q.push(" RETURNING id, seq");
         let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
@@ -988,7 +992,10 @@ async fn insert_tasks(
             },
             requires: new.requires,
             deps_pending,
-            state: TaskState::new(),
+            state: TaskState {
+                max_cost_cents: new.max_cost_cents,
+                ..TaskState::new()
+            },
             lease: None,
             lease_epoch: 0,
             patch_commit: None,

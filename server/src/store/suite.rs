@@ -134,6 +134,7 @@ fn new_task(id: Option<&str>, title: &str, priority: u8, deps: &[&str]) -> NewTa
         parent: None,
         depends_on: deps.iter().map(|d| self::id(d)).collect(),
         requires: vec![],
+        max_cost_cents: None,
     }
 }
 

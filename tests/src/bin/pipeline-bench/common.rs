@@ -301,6 +301,7 @@ impl Sim {
                     slots,
                     version: "bench".into(),
                     protocol_version: pipeline_proto::PROTOCOL_VERSION,
+                    ..Default::default()
                 },
             ))
             .await
