@@ -481,6 +481,7 @@ impl Client {
     pub async fn list_tasks(
         &mut self,
         status: Option<TaskStatus>,
+        parent: Option<String>,
         page_token: String,
         page_size: u32,
     ) -> Result<(Vec<Task>, Option<String>), Failure> {
@@ -491,6 +492,7 @@ impl Client {
                 status,
                 page_size,
                 page_token,
+                parent,
             }))
             .await;
         let page = r.map_err(|s| self.failure(s))?.into_inner();

@@ -206,6 +206,9 @@ enum TaskCommand {
     List {
         #[arg(long, value_parser = ["open", "in_progress", "verified", "done", "needs_help", "cancelled"])]
         status: Option<String>,
+        /// Only the children of this task (an epic).
+        #[arg(long, allow_hyphen_values = true)]
+        parent: Option<String>,
         /// At most this many tasks.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
@@ -431,6 +434,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         }
         Command::Task(TaskCommand::List {
             status,
+            parent,
             limit,
             json,
         }) => {
@@ -446,7 +450,9 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             let mut token = String::new();
             while left > 0 {
                 let size = u32::try_from(left.min(1000)).unwrap_or(1000);
-                let (tasks, next) = client.list_tasks(status, token, size).await?;
+                let (tasks, next) = client
+                    .list_tasks(status, parent.clone(), token, size)
+                    .await?;
                 let tasks = &tasks[..tasks.len().min(usize::try_from(left).unwrap_or(usize::MAX))];
                 printer.page(out, tasks)?;
                 left -= tasks.len() as u64;

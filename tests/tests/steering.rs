@@ -451,12 +451,38 @@ fn runners_limited_to_an_epic_or_one_task_take_only_that_work() {
     let child = server.add(&["--title", "a child", "--parent", &epic]);
     let solo = server.add(&["--title", "alone", "--id", "solo"]);
     let stray = server.add(&["--title", "neither"]);
+    let second_child = server.add(&[
+        "--title",
+        "another child",
+        "--parent",
+        &epic,
+        "--priority",
+        "0",
+    ]);
+    // The epic's children, highest priority first; the others are not in the list.
+    let listed = server
+        .ctl(&["task", "list", "--parent", &epic, "--json"])
+        .json();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert_eq!(ids, [second_child.as_str(), child.as_str()]);
+    server
+        .ctl(&["task", "list", "--parent", "-rf"])
+        .refused(2, "parent");
     let scoped = agent_args(&["--no-verify", "--only-parent", &epic]);
     let _epic_runner = Runner::start(&repo, &server, "epic-only", &as_strs(&scoped));
     let one = agent_args(&["--no-verify", "--only-task", &solo]);
     let _solo_runner = Runner::start(&repo, &server, "solo-only", &as_strs(&one));
     assert_eq!(
         dev_runners(&server.wait_status(&child, "done")),
+        ["epic-only"]
+    );
+    assert_eq!(
+        dev_runners(&server.wait_status(&second_child, "done")),
         ["epic-only"]
     );
     assert_eq!(

@@ -6,7 +6,7 @@
 use crate::domain::{TaskId, TaskStatus};
 use crate::error::{Error, Result};
 use crate::landing::{self, Pause, QueuePause, TrainView};
-use crate::store::Store;
+use crate::store::{Store, TaskFilter};
 
 use super::Coordinator;
 
@@ -129,7 +129,7 @@ impl<S: Store> Coordinator<S> {
         let room = QUEUE_LIMIT.saturating_sub(verified.len());
         let open = self
             .store
-            .list_tasks(Some(TaskStatus::Open), None, room as u32)
+            .list_tasks(&TaskFilter::status(TaskStatus::Open), None, room as u32)
             .await?;
         let batch_max = self.settings.batch_max;
         for task in verified

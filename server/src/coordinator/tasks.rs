@@ -7,7 +7,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Event};
-use crate::store::{NewEvent, Store};
+use crate::store::{NewEvent, Store, TaskFilter};
 
 use super::Coordinator;
 
@@ -120,7 +120,10 @@ impl<S: Store> Coordinator<S> {
         let mut all: Vec<Task> = Vec::new();
         loop {
             let after = all.last().map(|t| (t.priority, t.seq));
-            let page = self.store.list_tasks(Some(status), after, 1000).await?;
+            let page = self
+                .store
+                .list_tasks(&TaskFilter::status(status), after, 1000)
+                .await?;
             let last = page.len() < 1000;
             all.extend(page);
             if last {
@@ -133,12 +136,12 @@ impl<S: Store> Coordinator<S> {
     /// the next page with (`None` after the last).
     pub async fn list_tasks(
         &self,
-        status: Option<TaskStatus>,
+        filter: &TaskFilter,
         page: Page,
     ) -> Result<(Vec<(Task, Vec<String>)>, Option<(u8, i64)>)> {
         let mut tasks = self
             .store
-            .list_tasks(status, page.after, page.size.saturating_add(1))
+            .list_tasks(filter, page.after, page.size.saturating_add(1))
             .await?;
         let next = if tasks.len() > page.size as usize {
             tasks.truncate(page.size as usize);

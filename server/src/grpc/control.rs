@@ -13,7 +13,7 @@ use super::convert::{
 };
 use super::{status_from_error, stream_from, until_cancelled};
 use crate::coordinator::{Coordinator, Page};
-use crate::domain::{NewTask, TaskEvent};
+use crate::domain::{NewTask, TaskEvent, TaskId};
 use crate::store::Store;
 
 /// The control service over a shared coordinator.
@@ -116,13 +116,19 @@ impl<S: Store> ControlService for ControlApi<S> {
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
         let r = request.into_inner();
         let status = r.status.map(status_from_pb).transpose()?;
+        let parent = r
+            .parent
+            .as_deref()
+            .map(|p| TaskId::parse(p).map_err(|e| Status::invalid_argument(format!("parent: {e}"))))
+            .transpose()?;
+        let filter = crate::store::TaskFilter { status, parent };
         let page = Page {
             after: task_page_key(&r.page_token)?,
             size: page_size(r.page_size),
         };
         let (tasks, next) = self
             .coordinator
-            .list_tasks(status, page)
+            .list_tasks(&filter, page)
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::ListTasksResponse {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite, TrainEnd, TrainStat,
-    UsageBucket,
+    Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskFilter, TaskWrite, TrainEnd,
+    TrainStat, UsageBucket,
 };
 use crate::domain::{
     LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit, TaskEvent,
@@ -376,12 +376,16 @@ impl Store for MemoryStore {
 
     async fn list_tasks(
         &self,
-        status: Option<TaskStatus>,
+        filter: &TaskFilter,
         after: Option<(u8, i64)>,
         limit: u32,
     ) -> Result<Vec<Task>> {
         let mut page = self.lock().sorted(|t| {
-            status.is_none_or(|s| t.state.status == s)
+            filter.status.is_none_or(|s| t.state.status == s)
+                && filter
+                    .parent
+                    .as_ref()
+                    .is_none_or(|p| t.parent.as_ref() == Some(p))
                 && after.is_none_or(|key| (t.priority, t.seq) > key)
         });
         page.truncate(limit as usize);

@@ -13,6 +13,24 @@
 use std::future::Future;
 
 pub use crate::domain::{FinishedRun, NewRun, RunEnd};
+
+/// Which tasks a list holds: every one, or only those with a status, or only the children of
+/// a task (an epic), or both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    pub status: Option<TaskStatus>,
+    pub parent: Option<TaskId>,
+}
+
+impl TaskFilter {
+    /// Only the tasks with `status`.
+    pub fn status(status: TaskStatus) -> Self {
+        Self {
+            status: Some(status),
+            parent: None,
+        }
+    }
+}
 use crate::domain::{
     Lease, LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId,
     TaskState, TaskStatus,
@@ -160,11 +178,11 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<(Task, TaskEvent)>>> + Send;
 
     /// One page of tasks in lease order (priority, then age): at most `limit`, after the key
-    /// `(priority, seq)` of the last task of the previous page, optionally only those with one
-    /// status. Descriptions are left empty: a list never carries them.
+    /// `(priority, seq)` of the last task of the previous page, those `filter` lets through.
+    /// Descriptions are left empty: a list never carries them.
     fn list_tasks(
         &self,
-        status: Option<TaskStatus>,
+        filter: &TaskFilter,
         after: Option<(u8, i64)>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;

@@ -17,8 +17,8 @@ use sqlx::sqlite::{
 use sqlx::{FromRow, Sqlite, SqliteConnection};
 
 use super::{
-    Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskWrite, TrainEnd, TrainStat,
-    UsageBucket,
+    Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskFilter, TaskWrite, TrainEnd,
+    TrainStat, UsageBucket,
 };
 use crate::domain::{
     CostSource, FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus,
@@ -1118,7 +1118,7 @@ impl Store for SqliteStore {
 
     async fn list_tasks(
         &self,
-        status: Option<TaskStatus>,
+        filter: &TaskFilter,
         after: Option<(u8, i64)>,
         limit: u32,
     ) -> Result<Vec<Task>> {
@@ -1130,16 +1130,23 @@ impl Store for SqliteStore {
         // The status is written into the statement, not bound: SQLite re-prepares a statement
         // whenever a parameter it compared with a partial index's WHERE (tasks_backoff's
         // `status = 'open'`) is bound again, which cost a ~0.3 ms re-parse on every page.
-        let filter = match status {
+        // With a parent, the range is tasks_by_parent's (the parent bound as ?4).
+        let mut shape = vec![match filter.status {
             Some(status) => format!("status = '{}'", status.as_str()),
             None => "1".to_owned(),
-        };
-        let rows = sqlx::query(&keyset_page(&columns, &filter))
+        }];
+        if filter.parent.is_some() {
+            shape.push("parent = ?4".to_owned());
+        }
+        let statement = keyset_page(&columns, &shape.join(" AND "));
+        let mut query = sqlx::query(&statement)
             .bind(priority)
             .bind(seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(i64::from(limit));
+        if let Some(parent) = &filter.parent {
+            query = query.bind(parent.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         candidates(rows)
     }
 

@@ -8,8 +8,8 @@ use crate::domain::{
 };
 use crate::error::Error;
 use crate::store::{
-    Journal, NewEvent, NewRun, RunChanges, RunEnd, Store, TaskRecord, TaskWrite, TrainEnd,
-    TrainStat, UsageBucket,
+    Journal, NewEvent, NewRun, RunChanges, RunEnd, Store, TaskFilter, TaskRecord, TaskWrite,
+    TrainEnd, TrainStat, UsageBucket,
 };
 use pipeline_core::ids::CommitId;
 
@@ -205,7 +205,11 @@ pub async fn refuses_taken_ids_and_unknown_references<S: Store>(store: &S) {
     );
     // Nothing of the refused tasks was kept.
     assert_eq!(
-        store.list_tasks(None, None, 100).await.expect("list").len(),
+        store
+            .list_tasks(&TaskFilter::default(), None, 100)
+            .await
+            .expect("list")
+            .len(),
         1
     );
 }
@@ -261,25 +265,28 @@ pub async fn lists_in_lease_order_and_filters<S: Store>(store: &S) {
             .await
             .expect("create");
     }
-    let all = store.list_tasks(None, None, 100).await.expect("list");
+    let all = store
+        .list_tasks(&TaskFilter::default(), None, 100)
+        .await
+        .expect("list");
     let names: Vec<&str> = all.iter().map(|t| t.id.as_str()).collect();
     assert_eq!(names, ["high", "mid1", "mid2", "low"]);
     transition(store, &all[1], TaskStatus::Cancelled)
         .await
         .expect("cancel mid1");
     let open = store
-        .list_tasks(Some(TaskStatus::Open), None, 100)
+        .list_tasks(&TaskFilter::status(TaskStatus::Open), None, 100)
         .await
         .expect("list open");
     assert_eq!(open.len(), 3);
     let cancelled = store
-        .list_tasks(Some(TaskStatus::Cancelled), None, 100)
+        .list_tasks(&TaskFilter::status(TaskStatus::Cancelled), None, 100)
         .await
         .expect("list cancelled");
     assert_eq!(cancelled.len(), 1);
     assert_eq!(cancelled[0].id.as_str(), "mid1");
     let none = store
-        .list_tasks(Some(TaskStatus::Done), None, 100)
+        .list_tasks(&TaskFilter::status(TaskStatus::Done), None, 100)
         .await
         .expect("list done");
     assert!(none.is_empty());
@@ -305,11 +312,11 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
         .expect("get")
         .expect("task");
     assert!(!full.description.is_empty(), "show keeps the description");
-    for status in [None, Some(TaskStatus::Open)] {
+    for filter in [TaskFilter::default(), TaskFilter::status(TaskStatus::Open)] {
         let mut seen = Vec::new();
         let mut after = None;
         loop {
-            let page = store.list_tasks(status, after, 7).await.expect("page");
+            let page = store.list_tasks(&filter, after, 7).await.expect("page");
             assert!(page.len() <= 7);
             assert!(
                 page.iter().all(|t| t.description.is_empty()),
@@ -325,6 +332,40 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
         assert_eq!(seen.len(), 25, "each once");
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "in lease order");
     }
+    // An epic's children, page by page, in lease order; the others are left out.
+    let epic = created[3].0.id.clone();
+    let children: Vec<NewTask> = (0..5u8)
+        .map(|i| {
+            let mut t = new_task(None, &format!("child {i}"), 4 - i % 2, &[]);
+            t.parent = Some(epic.clone());
+            t
+        })
+        .collect();
+    store.create_tasks(children, 6).await.expect("children");
+    let of_epic = TaskFilter {
+        status: None,
+        parent: Some(epic.clone()),
+    };
+    let first = store.list_tasks(&of_epic, None, 3).await.expect("page");
+    let after = first.last().map(|t| (t.priority, t.seq));
+    let rest = store.list_tasks(&of_epic, after, 3).await.expect("page");
+    let titles: Vec<String> = first.iter().chain(&rest).map(|t| t.title.clone()).collect();
+    assert_eq!(
+        titles,
+        ["child 1", "child 3", "child 0", "child 2", "child 4"]
+    );
+    let open_children = TaskFilter {
+        status: Some(TaskStatus::Open),
+        ..of_epic
+    };
+    assert_eq!(
+        store
+            .list_tasks(&open_children, None, 100)
+            .await
+            .expect("page")
+            .len(),
+        5
+    );
 }
 
 pub async fn edits_a_task_by_compare_and_swap<S: Store>(store: &S) {
@@ -423,7 +464,11 @@ pub async fn creates_a_batch_all_or_none<S: Store>(store: &S) {
         "none kept"
     );
     assert_eq!(
-        store.list_tasks(None, None, 100).await.expect("list").len(),
+        store
+            .list_tasks(&TaskFilter::default(), None, 100)
+            .await
+            .expect("list")
+            .len(),
         5
     );
 }

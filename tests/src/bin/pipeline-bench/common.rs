@@ -202,6 +202,7 @@ impl Admin {
                     status: status.map(|s| s as i32),
                     page_size,
                     page_token,
+                    parent: None,
                 },
             ))
             .await
