@@ -325,6 +325,8 @@ pub struct TaskDetail {
     pub task: Task,
     pub runs: Vec<Run>,
     pub events: Vec<TaskEvent>,
+    /// The tasks whose parent it is (an epic's), with their statuses.
+    pub children: Vec<(String, TaskStatus)>,
 }
 
 /// The server's counts and health, as `status` prints them.

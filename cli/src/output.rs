@@ -556,6 +556,12 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
             let mut value = task_json(t);
             value["runs"] = Value::Array(d.runs.iter().map(run_json).collect());
             value["events"] = Value::Array(d.events.iter().map(event_json).collect());
+            value["children"] = Value::Array(
+                d.children
+                    .iter()
+                    .map(|(id, status)| json!({"id": id, "status": status.word()}))
+                    .collect(),
+            );
             return print_json(out, &value);
         }
         Format::Text { terminal } => terminal,
@@ -576,6 +582,24 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
         t.depends_on.join(", ")
     };
     writeln!(out, "depends on:  {deps}")?;
+    if !d.children.is_empty() {
+        let done = d
+            .children
+            .iter()
+            .filter(|(_, s)| *s == TaskStatus::Done)
+            .count();
+        let listed: Vec<String> = d
+            .children
+            .iter()
+            .map(|(id, s)| format!("{id} ({})", s.word()))
+            .collect();
+        writeln!(
+            out,
+            "children:    {done} of {} done: {}",
+            d.children.len(),
+            listed.join(", ")
+        )?;
+    }
     if !t.requires.is_empty() {
         writeln!(out, "requires:    {}", t.requires.join(", "))?;
     }
@@ -1310,6 +1334,10 @@ mod snapshots {
                     message: "conflict with main in src/parser.rs".into(),
                 },
             ],
+            children: vec![
+                ("t-7".into(), TaskStatus::Done),
+                ("t-8".into(), TaskStatus::Open),
+            ],
         }
     }
 
@@ -1331,6 +1359,7 @@ mod snapshots {
                 to: TaskStatus::Open,
                 message: String::new(),
             }],
+            children: vec![],
         };
         insta::assert_snapshot!(printed(|out| super::task_detail(out, &d, TEXT)));
     }

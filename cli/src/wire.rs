@@ -242,6 +242,11 @@ impl TryFrom<pb::GetTaskResponse> for TaskDetail {
             task: task_of(d.task)?,
             runs: d.runs.into_iter().map(Run::from).collect(),
             events: d.events.into_iter().map(TaskEvent::from).collect(),
+            children: d
+                .children
+                .into_iter()
+                .map(|c| (c.id, c.status.into()))
+                .collect(),
         })
     }
 }

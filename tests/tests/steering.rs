@@ -486,6 +486,21 @@ fn runners_limited_to_an_epic_or_one_task_take_only_that_work() {
         ["epic-only"]
     );
     assert_eq!(
+        server.show(&epic)["children"],
+        serde_json::json!([
+            {"id": second_child, "status": "done"},
+            {"id": child, "status": "done"},
+        ])
+    );
+    let shown = server.ctl(&["task", "show", &epic]).ok();
+    assert!(
+        shown.contains(&format!(
+            "children:    2 of 2 done: {second_child} (done), {child} (done)"
+        )),
+        "{shown}"
+    );
+    assert_eq!(server.show(&stray)["children"], serde_json::json!([]));
+    assert_eq!(
         dev_runners(&server.wait_status(&solo, "done")),
         ["solo-only"]
     );

@@ -19,6 +19,8 @@ pub struct TaskDetail {
     pub events: Vec<TaskEvent>,
     /// Why it is not moving (see [`lifecycle::waiting_for`]).
     pub waiting_for: Vec<String>,
+    /// The tasks whose parent it is, in lease order.
+    pub children: Vec<(TaskId, TaskStatus)>,
 }
 
 /// A registered runner as `pipelinectl runners` shows it.
@@ -205,12 +207,33 @@ impl<S: Store> Coordinator<S> {
         let runs = self.store.runs(id).await?;
         let events = self.store.events(id).await?;
         let waiting_for = self.waiting_for(&task).await?;
+        let children = self.children(id).await?;
         Ok(TaskDetail {
             task,
             runs,
             events,
             waiting_for,
+            children,
         })
+    }
+
+    /// The tasks whose parent is `id`, in lease order, a page at a time from the index.
+    async fn children(&self, id: &TaskId) -> Result<Vec<(TaskId, TaskStatus)>> {
+        let filter = TaskFilter {
+            status: None,
+            parent: Some(id.clone()),
+        };
+        let mut children = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.store.list_tasks(&filter, after, 1000).await?;
+            after = page.last().map(|t| (t.priority, t.seq));
+            let last = page.len() < 1000;
+            children.extend(page.into_iter().map(|t| (t.id, t.state.status)));
+            if last {
+                return Ok(children);
+            }
+        }
     }
 
     /// Why `task` is not moving, in sentences.

@@ -309,6 +309,14 @@ pub(crate) fn detail_to_pb(d: &TaskDetail) -> pb::GetTaskResponse {
         task: Some(task),
         runs: d.runs.iter().map(Into::into).collect(),
         events: d.events.iter().map(Into::into).collect(),
+        children: d
+            .children
+            .iter()
+            .map(|(id, status)| pb::TaskChild {
+                id: id.to_string(),
+                status: status_to_pb(*status).into(),
+            })
+            .collect(),
     }
 }
 
