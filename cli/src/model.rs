@@ -327,6 +327,8 @@ pub struct TaskDetail {
     pub events: Vec<TaskEvent>,
     /// The tasks whose parent it is (an epic's), with their statuses.
     pub children: Vec<(String, TaskStatus)>,
+    /// What they have cost together, in cents.
+    pub children_cost_cents: f64,
 }
 
 /// The server's counts and health, as `status` prints them.

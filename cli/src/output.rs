@@ -562,6 +562,7 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
                     .map(|(id, status)| json!({"id": id, "status": status.word()}))
                     .collect(),
             );
+            value["children_cost_cents"] = json!(d.children_cost_cents);
             return print_json(out, &value);
         }
         Format::Text { terminal } => terminal,
@@ -595,8 +596,9 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
             .collect();
         writeln!(
             out,
-            "children:    {done} of {} done: {}",
+            "children:    {done} of {} done, {} cents together: {}",
             d.children.len(),
+            d.children_cost_cents,
             listed.join(", ")
         )?;
     }
@@ -1338,6 +1340,7 @@ mod snapshots {
                 ("t-7".into(), TaskStatus::Done),
                 ("t-8".into(), TaskStatus::Open),
             ],
+            children_cost_cents: 42.5,
         }
     }
 
@@ -1360,6 +1363,7 @@ mod snapshots {
                 message: String::new(),
             }],
             children: vec![],
+            children_cost_cents: 0.0,
         };
         insta::assert_snapshot!(printed(|out| super::task_detail(out, &d, TEXT)));
     }

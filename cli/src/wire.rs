@@ -247,6 +247,7 @@ impl TryFrom<pb::GetTaskResponse> for TaskDetail {
                 .into_iter()
                 .map(|c| (c.id, c.status.into()))
                 .collect(),
+            children_cost_cents: d.children_cost_cents,
         })
     }
 }

@@ -495,11 +495,12 @@ fn runners_limited_to_an_epic_or_one_task_take_only_that_work() {
     let shown = server.ctl(&["task", "show", &epic]).ok();
     assert!(
         shown.contains(&format!(
-            "children:    2 of 2 done: {second_child} (done), {child} (done)"
+            "children:    2 of 2 done, 0 cents together: {second_child} (done), {child} (done)"
         )),
         "{shown}"
     );
     assert_eq!(server.show(&stray)["children"], serde_json::json!([]));
+    assert_eq!(server.show(&epic)["children_cost_cents"], 0.0);
     assert_eq!(
         dev_runners(&server.wait_status(&solo, "done")),
         ["solo-only"]

@@ -195,8 +195,18 @@ fn a_usage_report_is_the_dev_runs_cost_counts_for_the_day_and_shapes_the_next_as
 fn a_tasks_own_cap_overrides_the_servers_and_stops_it_when_spent() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--max-task-cost", "1000", "--backoff-base", "0"]);
+    let epic = server.add(&["--title", "the epic", "--priority", "4"]);
+    let id = server.add(&[
+        "--title",
+        "a cheap one",
+        "--max-cost",
+        "50",
+        "--parent",
+        &epic,
+        "--priority",
+        "0",
+    ]);
     let mut fake = fake_runner(&repo, &server);
-    let id = server.add(&["--title", "a cheap one", "--max-cost", "50"]);
     let shown = server.show(&id);
     assert_eq!(shown["max_cost_cents"], 50.0);
     let text = server.ctl(&["task", "show", &id]).ok();
@@ -230,6 +240,8 @@ fn a_tasks_own_cap_overrides_the_servers_and_stops_it_when_spent() {
     .expect("second failure");
     let stopped = server.wait_status(&id, "needs_help");
     assert_eq!(stopped["cost_cents"], 60.0);
+    // Its epic shows what its children cost together.
+    assert_eq!(server.show(&epic)["children_cost_cents"], 60.0);
     assert_eq!(
         stopped["waiting_for"],
         json!([format!(
@@ -243,5 +255,5 @@ fn a_tasks_own_cap_overrides_the_servers_and_stops_it_when_spent() {
             .refused(2, "--max-cost");
     }
     let listed = server.ctl(&["task", "list", "--json"]).json();
-    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    assert_eq!(listed.as_array().map(Vec::len), Some(2));
 }

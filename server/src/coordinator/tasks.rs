@@ -21,6 +21,8 @@ pub struct TaskDetail {
     pub waiting_for: Vec<String>,
     /// The tasks whose parent it is, in lease order.
     pub children: Vec<(TaskId, TaskStatus)>,
+    /// What they have cost together, in cents.
+    pub children_cost_cents: f64,
 }
 
 /// A registered runner as `pipelinectl runners` shows it.
@@ -207,31 +209,33 @@ impl<S: Store> Coordinator<S> {
         let runs = self.store.runs(id).await?;
         let events = self.store.events(id).await?;
         let waiting_for = self.waiting_for(&task).await?;
-        let children = self.children(id).await?;
+        let (children, children_cost_cents) = self.children(id).await?;
         Ok(TaskDetail {
             task,
             runs,
             events,
             waiting_for,
             children,
+            children_cost_cents,
         })
     }
 
     /// The tasks whose parent is `id`, in lease order, a page at a time from the index.
-    async fn children(&self, id: &TaskId) -> Result<Vec<(TaskId, TaskStatus)>> {
+    async fn children(&self, id: &TaskId) -> Result<(Vec<(TaskId, TaskStatus)>, f64)> {
         let filter = TaskFilter {
             status: None,
             parent: Some(id.clone()),
         };
-        let mut children = Vec::new();
+        let (mut children, mut cost) = (Vec::new(), 0.0);
         let mut after = None;
         loop {
             let page = self.store.list_tasks(&filter, after, 1000).await?;
             after = page.last().map(|t| (t.priority, t.seq));
             let last = page.len() < 1000;
+            cost += page.iter().map(|t| t.state.cost_cents).sum::<f64>();
             children.extend(page.into_iter().map(|t| (t.id, t.state.status)));
             if last {
-                return Ok(children);
+                return Ok((children, cost));
             }
         }
     }

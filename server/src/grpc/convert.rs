@@ -317,6 +317,7 @@ pub(crate) fn detail_to_pb(d: &TaskDetail) -> pb::GetTaskResponse {
                 status: status_to_pb(*status).into(),
             })
             .collect(),
+        children_cost_cents: d.children_cost_cents,
     }
 }
 
