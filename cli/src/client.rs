@@ -548,6 +548,24 @@ impl Client {
         wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
     }
 
+    /// Pauses a task and its children; how many tasks it paused.
+    pub async fn pause_task(&mut self, id: String, reason: Option<String>) -> Result<u32, Failure> {
+        let r = self
+            .inner
+            .pause_task(unary(pb::PauseTaskRequest { id, reason }))
+            .await;
+        Ok(r.map_err(|s| self.failure(s))?.into_inner().tasks)
+    }
+
+    /// Resumes a paused task and its children; how many tasks it resumed.
+    pub async fn resume_task(&mut self, id: String) -> Result<u32, Failure> {
+        let r = self
+            .inner
+            .resume_task(unary(pb::ResumeTaskRequest { id }))
+            .await;
+        Ok(r.map_err(|s| self.failure(s))?.into_inner().tasks)
+    }
+
     pub async fn cancel_task(&mut self, id: String) -> Result<Task, Failure> {
         let r = self
             .inner

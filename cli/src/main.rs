@@ -238,6 +238,19 @@ enum TaskCommand {
         #[arg(allow_hyphen_values = true)]
         id: String,
     },
+    /// Hold a task and its children (an epic's) back from new leases; running work goes on.
+    Pause {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+        /// Why, shown with the tasks it holds.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let a paused task and its children be leased again.
+    Resume {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
     /// Change a task's title, description, namespace or priority (not while an agent works on
     /// it, nor once it is done); its history records the edit.
     Edit {
@@ -466,6 +479,22 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         Command::Task(TaskCommand::Show { id, json }) => {
             let detail = client.get_task(id).await?;
             output::task_detail(out, &detail, Format::for_stdout(json))?;
+        }
+        Command::Task(TaskCommand::Pause { id, reason }) => {
+            let n = client.pause_task(id.clone(), reason).await?;
+            writeln!(
+                out,
+                "{id}: paused ({n} task{})",
+                if n == 1 { "" } else { "s" }
+            )?;
+        }
+        Command::Task(TaskCommand::Resume { id }) => {
+            let n = client.resume_task(id.clone()).await?;
+            writeln!(
+                out,
+                "{id}: resumed ({n} task{})",
+                if n == 1 { "" } else { "s" }
+            )?;
         }
         Command::Task(TaskCommand::Retry { id, note, fresh }) => {
             let task = client.retry_task(id, note, fresh).await?;

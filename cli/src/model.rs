@@ -281,6 +281,8 @@ pub struct Task {
     pub requires: Vec<String>,
     /// Its own cost cap in cents, when it has one.
     pub max_cost_cents: Option<f64>,
+    /// Why it is paused, when it is.
+    pub paused: Option<String>,
 }
 
 /// One run of a task: a dev run on a runner, its verification, or the server's integration.

@@ -159,6 +159,7 @@ pub fn task_json(t: &Task) -> Value {
         "waiting_for": t.waiting_for,
         "requires": t.requires,
         "max_cost_cents": t.max_cost_cents,
+        "paused": t.paused,
     })
 }
 
@@ -1039,6 +1040,7 @@ mod snapshots {
             waiting_for: vec![],
             requires: vec![],
             max_cost_cents: None,
+            paused: None,
         }
     }
 

@@ -197,6 +197,7 @@ impl From<pb::Task> for Task {
             waiting_for: t.waiting_for,
             requires: t.requires,
             max_cost_cents: t.max_cost_cents,
+            paused: t.paused,
         }
     }
 }

@@ -304,6 +304,9 @@ pub struct Task {
     pub depends_on: Vec<TaskId>,
     /// Labels a runner must have to lease it (`KEY` or `KEY=VALUE`, see [`satisfies`]).
     pub requires: Vec<String>,
+    /// Why a person paused it (`task pause`, itself or its epic), when they did: it is not
+    /// leased until resumed.
+    pub paused: Option<String>,
     /// How many of `depends_on` are not Done (kept by the store as the dependencies move).
     pub deps_pending: u32,
     pub state: TaskState,

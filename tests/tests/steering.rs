@@ -521,3 +521,49 @@ fn runners_limited_to_an_epic_or_one_task_take_only_that_work() {
     server.wait_status(&stray, "done");
     server.wait_status(&epic, "done");
 }
+
+#[test]
+fn a_paused_epic_and_its_children_wait_until_resumed_while_other_work_goes_on() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let epic = server.add(&["--title", "the epic", "--id", "e1", "--priority", "0"]);
+    let children: Vec<String> = (0..2)
+        .map(|i| {
+            server.add(&[
+                "--title",
+                &format!("child {i}"),
+                "--parent",
+                &epic,
+                "--priority",
+                "0",
+            ])
+        })
+        .collect();
+    let said = server
+        .ctl(&["task", "pause", &epic, "--reason", "waiting for the API"])
+        .ok();
+    assert_eq!(said, format!("{epic}: paused (3 tasks)\n"));
+    let _r = runner(&repo, &server, "r");
+    let other = server.add(&["--title", "other work", "--priority", "4"]);
+    server.wait_status(&other, "done");
+    for id in children.iter().chain([&epic]) {
+        let task = server.show(id);
+        assert_eq!(task["status"], "open", "{task}");
+        assert_eq!(task["paused"], "waiting for the API");
+        assert_eq!(
+            task["waiting_for"],
+            serde_json::json!([format!(
+                "paused: waiting for the API (pipelinectl task resume {id})"
+            )])
+        );
+        assert!(event_kinds(&task).contains(&"paused".to_owned()), "{task}");
+    }
+    let said = server.ctl(&["task", "resume", &epic]).ok();
+    assert_eq!(said, format!("{epic}: resumed (3 tasks)\n"));
+    for id in children.iter().chain([&epic]) {
+        let task = server.wait_status(id, "done");
+        assert_eq!(task["paused"], serde_json::Value::Null);
+        assert!(event_kinds(&task).contains(&"resumed".to_owned()), "{task}");
+    }
+    server.ctl(&["task", "pause", "ghost"]).refused(3, "ghost");
+}

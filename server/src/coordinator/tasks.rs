@@ -190,6 +190,7 @@ impl<S: Store> Coordinator<S> {
                 )
                 .into_iter()
                 .collect();
+                why.extend(paused_reason(&task));
                 why.extend(lifecycle::waiting_for(
                     task.id.as_str(),
                     &task.state,
@@ -254,6 +255,7 @@ impl<S: Store> Coordinator<S> {
             lifecycle::held_by_pauses(task.state.status, pauses.0.as_deref(), pauses.1.as_deref())
                 .into_iter()
                 .collect();
+        why.extend(paused_reason(task));
         let (capacity, labels) = self.capacity();
         why.extend(lifecycle::waiting_for(
             task.id.as_str(),
@@ -390,6 +392,24 @@ impl<S: Store> Coordinator<S> {
         )))
     }
 
+    /// Pauses (`Some(why)`) or resumes (`None`) a task and its children: a paused task is not
+    /// leased (what runs goes on). Returns how many tasks changed.
+    pub async fn set_paused(&self, id: &TaskId, why: Option<String>) -> Result<u32> {
+        self.get(id).await?;
+        let message = match &why {
+            Some(why) => format!("paused by pipelinectl: {why}"),
+            None => "resumed by pipelinectl".to_owned(),
+        };
+        let changed = self
+            .store
+            .set_paused(id, why.as_deref(), &message, self.now())
+            .await?;
+        if why.is_none() {
+            self.wake.notify_one();
+        }
+        Ok(changed)
+    }
+
     /// Cancels a task; a running agent is told to stop at once.
     pub async fn cancel(&self, id: &TaskId) -> Result<Task> {
         self.transition(id, Event::Cancel).await
@@ -507,4 +527,11 @@ fn routing<'a>(
         fitting: with_labels.iter().filter(|(_, s)| s.admits(task)).count(),
         scoped,
     }
+}
+
+/// What a person's pause of the task says, while it waits for a lease.
+fn paused_reason(task: &Task) -> Option<String> {
+    let why = task.paused.as_deref()?;
+    (task.state.status == TaskStatus::Open)
+        .then(|| format!("paused: {why} (pipelinectl task resume {})", task.id))
 }

@@ -272,6 +272,47 @@ impl<S: Store> ControlService for ControlApi<S> {
         }))
     }
 
+    async fn pause_task(
+        &self,
+        request: Request<pb::PauseTaskRequest>,
+    ) -> Result<Response<pb::PauseTaskResponse>, Status> {
+        let r = request.into_inner();
+        let id = task_id(&r.id)?;
+        let reason = r
+            .reason
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        if let Some(reason) = &reason
+            && (reason.len() > 1000 || reason.chars().any(|c| c.is_control()))
+        {
+            return Err(Status::invalid_argument(
+                "--reason must be one line of at most 1000 bytes",
+            ));
+        }
+        let tasks = self
+            .coordinator
+            .set_paused(
+                &id,
+                Some(reason.unwrap_or_else(|| "no reason given".to_owned())),
+            )
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::PauseTaskResponse { tasks }))
+    }
+
+    async fn resume_task(
+        &self,
+        request: Request<pb::ResumeTaskRequest>,
+    ) -> Result<Response<pb::ResumeTaskResponse>, Status> {
+        let id = task_id(&request.into_inner().id)?;
+        let tasks = self
+            .coordinator
+            .set_paused(&id, None)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::ResumeTaskResponse { tasks }))
+    }
+
     async fn pause_queue(
         &self,
         request: Request<pb::PauseQueueRequest>,

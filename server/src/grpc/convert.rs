@@ -69,6 +69,7 @@ impl From<&Task> for pb::Task {
             lost_leases: t.state.lost_leases,
             requires: t.requires.clone(),
             max_cost_cents: t.state.max_cost_cents,
+            paused: t.paused.clone(),
         }
     }
 }

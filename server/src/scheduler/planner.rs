@@ -92,6 +92,7 @@ mod tests {
             parent: None,
             depends_on: vec![],
             requires: vec![],
+            paused: None,
             deps_pending: 0,
             state: TaskState::new(),
             lease: None,

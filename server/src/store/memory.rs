@@ -315,6 +315,7 @@ impl Store for MemoryStore {
             parent: new.parent,
             depends_on: new.depends_on.clone(),
             requires: new.requires.clone(),
+            paused: None,
             deps_pending: 0,
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,
@@ -393,6 +394,47 @@ impl Store for MemoryStore {
             t.description.clear();
         }
         Ok(page)
+    }
+
+    async fn set_paused(
+        &self,
+        id: &TaskId,
+        paused: Option<&str>,
+        message: &str,
+        now: Millis,
+    ) -> Result<u32> {
+        let mut t = self.lock();
+        let ids: Vec<TaskId> = t
+            .tasks
+            .values()
+            .filter(|task| {
+                (task.id == *id || task.parent.as_ref() == Some(id))
+                    && task.paused.is_some() != paused.is_some()
+            })
+            .map(|task| task.id.clone())
+            .collect();
+        for tid in &ids {
+            let Some(task) = t.tasks.get_mut(tid) else {
+                continue;
+            };
+            task.paused = paused.map(str::to_owned);
+            task.version += 1;
+            task.updated_at = now;
+            let status = task.state.status;
+            t.event(
+                tid,
+                now,
+                if paused.is_some() {
+                    "paused"
+                } else {
+                    "resumed"
+                },
+                Some(status),
+                status,
+                message,
+            );
+        }
+        Ok(u32::try_from(ids.len()).unwrap_or(u32::MAX))
     }
 
     async fn edit_task(
@@ -553,6 +595,7 @@ impl Store for MemoryStore {
         let mut out = t.sorted(|task| {
             task.state.status == TaskStatus::Open
                 && task.deps_pending == 0
+                && task.paused.is_none()
                 && task.state.backoff_until.is_none_or(|u| u <= now)
                 && after.is_none_or(|a| (task.priority, task.seq) > a)
         });

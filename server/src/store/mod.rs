@@ -187,6 +187,17 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Task>>> + Send;
 
+    /// Pauses (`Some(why)`) or resumes (`None`) the task `id` and its children, each with a
+    /// `paused` or `resumed` entry in its history saying `message`; returns how many tasks it
+    /// changed (0 when `id` does not exist).
+    fn set_paused(
+        &self,
+        id: &TaskId,
+        paused: Option<&str>,
+        message: &str,
+        now: Millis,
+    ) -> impl Future<Output = Result<u32>> + Send;
+
     /// Changes the fields `edit` names, by compare-and-swap on `version` (`Conflict` when the
     /// task moved since it was read), recording `event` in its history.
     fn edit_task(

@@ -220,6 +220,7 @@ struct TaskRow {
     updated_at: i64,
     requires: String,
     max_cost_cents: Option<f64>,
+    paused: Option<String>,
 }
 
 /// A task row with its dependencies joined into one column.
@@ -257,7 +258,7 @@ const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priori
      status, patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, \
      feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
      lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
-     created_at, updated_at, requires, max_cost_cents";
+     created_at, updated_at, requires, max_cost_cents, paused";
 
 /// One page of `columns` of the tasks matching `filter` in lease order, after the key
 /// (`?1` priority, `?2` seq), at most `?3` rows; `filter` binds from `?4` (but see
@@ -283,7 +284,7 @@ const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, pa
      patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
      avoid_runner, verified_tree, deps_pending, version, created_at, updated_at, requires, \
-     max_cost_cents";
+     max_cost_cents, paused";
 
 /// What a task requires of its runner, as stored: its labels joined by U+001F, which no label
 /// holds ([`crate::domain::validate_requires`]); empty for none.
@@ -357,6 +358,7 @@ impl TaskRow {
             parent: self.parent.as_deref().map(stored_id).transpose()?,
             depends_on,
             requires: split_requires(&self.requires),
+            paused: self.paused,
             deps_pending: to_u32("pending dependency count", self.deps_pending)?,
             state: TaskState {
                 status: stored_status(&self.status)?,
@@ -991,6 +993,7 @@ async fn insert_tasks(
                 new.depends_on
             },
             requires: new.requires,
+            paused: None,
             deps_pending,
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,
@@ -1156,6 +1159,49 @@ impl Store for SqliteStore {
         tx.finish(result).await
     }
 
+    async fn set_paused(
+        &self,
+        id: &TaskId,
+        paused: Option<&str>,
+        message: &str,
+        now: Millis,
+    ) -> Result<u32> {
+        let mut tx = self.write().await?;
+        let result = async {
+            let kind = if paused.is_some() {
+                "paused"
+            } else {
+                "resumed"
+            };
+            // The history first, while the rows still say what changes (those already in the
+            // state asked for are left alone).
+            sqlx::query(
+                "INSERT INTO task_events (task_id, at, kind, from_status, to_status, message) \
+                 SELECT id, ?2, ?3, status, status, ?4 FROM tasks \
+                 WHERE (id = ?1 OR parent = ?1) AND (paused IS NULL) = (?5 IS NOT NULL)",
+            )
+            .bind(id.as_str())
+            .bind(now)
+            .bind(kind)
+            .bind(message)
+            .bind(paused)
+            .execute(&mut *tx)
+            .await?;
+            let changed = sqlx::query(
+                "UPDATE tasks SET paused = ?2, version = version + 1, updated_at = ?3 \
+                 WHERE (id = ?1 OR parent = ?1) AND (paused IS NULL) = (?2 IS NOT NULL)",
+            )
+            .bind(id.as_str())
+            .bind(paused)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            Ok(u32::try_from(changed.rows_affected()).unwrap_or(u32::MAX))
+        }
+        .await;
+        tx.finish(result).await
+    }
+
     async fn edit_task(
         &self,
         id: &TaskId,
@@ -1250,12 +1296,13 @@ impl Store for SqliteStore {
         after: Option<(u8, i64)>,
         limit: u32,
     ) -> Result<Vec<Task>> {
-        // An index range (tasks_ready): no blocked task is read. Their dependencies come in
-        // the same statement, joined by a separator no ID holds.
+        // An index range (tasks_ready, which leaves paused tasks out): no blocked or paused
+        // task is read. Their dependencies come in the same statement, joined by a separator
+        // no ID holds.
         let (priority, seq) = after.map_or((-1, -1), |(p, s)| (i64::from(p), s));
         let rows = sqlx::query(&keyset_page(
             &format!("{TASK_COLUMNS}, {DEPS_COLUMN}"),
-            "status = 'open' AND deps_pending = 0 \
+            "status = 'open' AND deps_pending = 0 AND paused IS NULL \
              AND (backoff_until IS NULL OR backoff_until <= ?4)",
         ))
         .bind(priority)

@@ -71,6 +71,7 @@ fn ghost(raw: &str) -> Task {
         parent: None,
         depends_on: vec![],
         requires: vec![],
+        paused: None,
         deps_pending: 0,
         state: TaskState::new(),
         lease: None,
@@ -356,7 +357,7 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
     );
     let open_children = TaskFilter {
         status: Some(TaskStatus::Open),
-        ..of_epic
+        ..of_epic.clone()
     };
     assert_eq!(
         store
@@ -366,6 +367,42 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
             .len(),
         5
     );
+    // Paused with its epic, the children are no lease candidates until resumed.
+    let ready = || async {
+        store
+            .lease_candidates(i64::MAX, None, 1000)
+            .await
+            .expect("candidates")
+            .iter()
+            .filter(|t| t.parent.as_ref() == Some(&epic) || t.id == epic)
+            .count()
+    };
+    assert_eq!(ready().await, 6);
+    let paused = store
+        .set_paused(&epic, Some("hold"), "paused", 7)
+        .await
+        .expect("pause");
+    assert_eq!(paused, 6, "the epic and its five children");
+    assert_eq!(ready().await, 0);
+    let child = store.list_tasks(&of_epic, None, 1).await.expect("page");
+    assert_eq!(child[0].paused.as_deref(), Some("hold"));
+    assert_eq!(
+        store
+            .set_paused(&epic, Some("again"), "paused", 8)
+            .await
+            .expect("pause again"),
+        0,
+        "already paused"
+    );
+    let resumed = store
+        .set_paused(&epic, None, "resumed", 9)
+        .await
+        .expect("resume");
+    assert_eq!(resumed, 6);
+    assert_eq!(ready().await, 6);
+    let events = store.events(&child[0].id).await.expect("events");
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["created", "paused", "resumed"]);
 }
 
 pub async fn edits_a_task_by_compare_and_swap<S: Store>(store: &S) {
