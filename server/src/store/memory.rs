@@ -304,6 +304,12 @@ impl Store for MemoryStore {
                 "dependency {dep} does not exist; create it first"
             )));
         }
+        // A child of a paused task (an epic) is created paused with it.
+        let paused = new
+            .parent
+            .as_ref()
+            .and_then(|p| t.tasks.get(p))
+            .and_then(|p| p.paused.clone());
         t.next_seq += 1;
         let task = Task {
             id: id.clone(),
@@ -315,7 +321,7 @@ impl Store for MemoryStore {
             parent: new.parent,
             depends_on: new.depends_on.clone(),
             requires: new.requires.clone(),
-            paused: None,
+            paused,
             deps_pending: 0,
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,

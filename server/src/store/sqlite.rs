@@ -812,6 +812,24 @@ async fn existing_statuses(
     Ok(found)
 }
 
+/// Why each of `ids` that is paused is.
+async fn paused_of(conn: &mut SqliteConnection, ids: &[&str]) -> Result<HashMap<String, String>> {
+    let mut found = HashMap::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "SELECT id, paused FROM tasks WHERE paused IS NOT NULL AND id IN (",
+        );
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        q.push(")");
+        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        found.extend(rows);
+    }
+    Ok(found)
+}
+
 /// Inserts tasks in state Open, in order, each with its history's first entry; returns them
 /// (built from what was written, without reading the rows back). The outcome is that of
 /// inserting them one at a time (a task may name one earlier in the list; the first that
@@ -839,6 +857,15 @@ async fn insert_tasks(
     named.dedup();
     let stored = existing_statuses(&mut *tx, &named).await?;
     drop(named);
+    // A child of a paused task (an epic) is created paused with it.
+    let mut parents: Vec<&str> = new
+        .iter()
+        .filter_map(|t| t.parent.as_ref().map(TaskId::as_str))
+        .collect();
+    parents.sort_unstable();
+    parents.dedup();
+    let paused_parents = paused_of(&mut *tx, &parents).await?;
+    drop(parents);
     // Which generated IDs the database holds, read ahead a range at a time.
     let mut ids = IdCounter::new();
     let generated = new.iter().filter(|t| t.id.is_none()).count();
@@ -914,7 +941,7 @@ async fn insert_tasks(
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
-             deps_pending, created_at, updated_at, requires, max_cost_cents) ",
+             deps_pending, created_at, updated_at, requires, max_cost_cents, paused) ",
         );
         q.push_values(chunk, |mut row, (id, t, pending)| {
             row.push_bind(id.as_str())
@@ -928,7 +955,13 @@ async fn insert_tasks(
                 .push_bind(now)
                 .push_bind(now)
                 .push_bind(join_requires(&t.requires))
-                .push_bind(t.max_cost_cents);
+                .push_bind(t.max_cost_cents)
+                .push_bind(
+                    t.parent
+                        .as_ref()
+                        .and_then(|p| paused_parents.get(p.as_str()))
+                        .cloned(),
+                );
         });
         q.push(" RETURNING id, seq");
         let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
@@ -987,13 +1020,17 @@ async fn insert_tasks(
             description: new.description,
             namespace: new.namespace,
             priority: new.priority,
+            paused: new
+                .parent
+                .as_ref()
+                .and_then(|p| paused_parents.get(p.as_str()))
+                .cloned(),
             parent: new.parent,
             depends_on: {
                 new.depends_on.sort_by(|a, b| a.as_str().cmp(b.as_str()));
                 new.depends_on
             },
             requires: new.requires,
-            paused: None,
             deps_pending,
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,

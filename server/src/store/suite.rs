@@ -384,7 +384,23 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
         .expect("pause");
     assert_eq!(paused, 6, "the epic and its five children");
     assert_eq!(ready().await, 0);
-    let child = store.list_tasks(&of_epic, None, 1).await.expect("page");
+    let mut late = new_task(Some("late-child"), "late", 2, &[]);
+    late.parent = Some(epic.clone());
+    let (late, _) = store
+        .create_tasks(vec![late], 7)
+        .await
+        .expect("late child")
+        .remove(0);
+    assert_eq!(late.paused.as_deref(), Some("hold"), "paused with its epic");
+    let stored = store.get_task(&late.id).await.expect("get").expect("task");
+    assert_eq!(stored.paused.as_deref(), Some("hold"));
+    let child: Vec<Task> = store
+        .list_tasks(&of_epic, None, 100)
+        .await
+        .expect("page")
+        .into_iter()
+        .filter(|t| t.title == "child 1")
+        .collect();
     assert_eq!(child[0].paused.as_deref(), Some("hold"));
     assert_eq!(
         store
@@ -398,8 +414,8 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
         .set_paused(&epic, None, "resumed", 9)
         .await
         .expect("resume");
-    assert_eq!(resumed, 6);
-    assert_eq!(ready().await, 6);
+    assert_eq!(resumed, 7);
+    assert_eq!(ready().await, 7);
     let events = store.events(&child[0].id).await.expect("events");
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["created", "paused", "resumed"]);
