@@ -372,8 +372,8 @@ fn a_preset_whose_program_is_missing_is_refused_at_start() {
         &[("PATH", "/usr/bin:/bin")],
     );
     let status = r.proc.wait_exit();
-    assert!(!status.success());
     let log = r.log();
+    assert!(!status.success(), "{status:?}:\n{log}");
     assert!(
         log.contains("the agent program claude is not on PATH"),
         "{log}"
