@@ -278,17 +278,7 @@ impl<S: Store> ControlService for ControlApi<S> {
     ) -> Result<Response<pb::PauseTaskResponse>, Status> {
         let r = request.into_inner();
         let id = task_id(&r.id)?;
-        let reason = r
-            .reason
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty());
-        if let Some(reason) = &reason
-            && (reason.len() > 1000 || reason.chars().any(|c| c.is_control()))
-        {
-            return Err(Status::invalid_argument(
-                "--reason must be one line of at most 1000 bytes",
-            ));
-        }
+        let reason = pause_reason(r.reason)?;
         let tasks = self
             .coordinator
             .set_paused(
@@ -318,17 +308,7 @@ impl<S: Store> ControlService for ControlApi<S> {
         request: Request<pb::PauseQueueRequest>,
     ) -> Result<Response<pb::PauseQueueResponse>, Status> {
         let r = request.into_inner();
-        let reason = r
-            .reason
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty());
-        if let Some(reason) = &reason
-            && (reason.len() > 1000 || reason.chars().any(|c| c.is_control()))
-        {
-            return Err(Status::invalid_argument(
-                "--reason must be one line of at most 1000 bytes",
-            ));
-        }
+        let reason = pause_reason(r.reason)?;
         self.coordinator
             .pause_queue(reason, r.landing)
             .await
@@ -520,6 +500,21 @@ fn task_page_key(token: &str) -> Result<Option<(u8, i64)>, Status> {
         (Ok(p), Ok(s)) if p <= 4 && s >= 0 => Ok(Some((p, s))),
         _ => Err(bad_page_token()),
     }
+}
+
+/// A pause's `--reason`: trimmed, empty as none, one line of at most 1000 bytes.
+fn pause_reason(reason: Option<String>) -> Result<Option<String>, Status> {
+    let reason = reason
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
+    if let Some(reason) = &reason
+        && (reason.len() > 1000 || reason.chars().any(|c| c.is_control()))
+    {
+        return Err(Status::invalid_argument(
+            "--reason must be one line of at most 1000 bytes",
+        ));
+    }
+    Ok(reason)
 }
 
 #[cfg(test)]

@@ -798,27 +798,29 @@ async fn existing_statuses(
     conn: &mut SqliteConnection,
     ids: &[&str],
 ) -> Result<HashMap<String, String>> {
-    let mut found = HashMap::new();
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::QueryBuilder::<Sqlite>::new("SELECT id, status FROM tasks WHERE id IN (");
-        let mut list = q.separated(", ");
-        for id in chunk {
-            list.push_bind(*id);
-        }
-        q.push(")");
-        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut *conn).await?;
-        found.extend(rows);
-    }
-    Ok(found)
+    pairs_of(conn, "SELECT id, status FROM tasks WHERE id IN (", ids).await
 }
 
 /// Why each of `ids` that is paused is.
 async fn paused_of(conn: &mut SqliteConnection, ids: &[&str]) -> Result<HashMap<String, String>> {
+    pairs_of(
+        conn,
+        "SELECT id, paused FROM tasks WHERE paused IS NOT NULL AND id IN (",
+        ids,
+    )
+    .await
+}
+
+/// The (id, value) rows of `select` (a statement ending in `id IN (`) for `ids`, a chunk of
+/// them per statement.
+async fn pairs_of(
+    conn: &mut SqliteConnection,
+    select: &str,
+    ids: &[&str],
+) -> Result<HashMap<String, String>> {
     let mut found = HashMap::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
-            "SELECT id, paused FROM tasks WHERE paused IS NOT NULL AND id IN (",
-        );
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(select);
         let mut list = q.separated(", ");
         for id in chunk {
             list.push_bind(*id);
