@@ -281,14 +281,8 @@ impl<S: Store> Coordinator<S> {
         )
     }
 
-    /// What the runners can take now.
     /// What the runners can take now, and the labels and scope of each runner that takes work.
-    fn capacity(
-        &self,
-    ) -> (
-        lifecycle::Capacity,
-        Vec<(Vec<String>, crate::domain::Scope)>,
-    ) {
+    fn capacity(&self) -> (lifecycle::Capacity, Taking) {
         let registry = self.registry();
         let mut capacity = lifecycle::Capacity {
             connected: 0,
@@ -307,7 +301,14 @@ impl<S: Store> Coordinator<S> {
                 labels.push((r.labels, r.scope));
             }
         }
-        (capacity, labels)
+        let scoped = labels.iter().any(|(_, s)| s.describe().is_some());
+        (
+            capacity,
+            Taking {
+                runners: labels,
+                scoped,
+            },
+        )
     }
 
     /// Refuses a dependency on a cancelled task: the dependent would wait for ever.
@@ -508,16 +509,21 @@ impl<S: Store> Coordinator<S> {
     }
 }
 
+/// The labels and scope of each runner that takes work, and whether any of them is limited
+/// by `--only-parent`/`--only-task` (read once per list, not per task).
+struct Taking {
+    runners: Vec<(Vec<String>, crate::domain::Scope)>,
+    scoped: bool,
+}
+
 /// What `task` asks of the runners, against the labels and scopes of those that take work.
-fn routing<'a>(
-    task: &'a Task,
-    runners: &[(Vec<String>, crate::domain::Scope)],
-) -> lifecycle::Routing<'a> {
-    let scoped = runners.iter().any(|(_, s)| s.describe().is_some());
+fn routing<'a>(task: &'a Task, taking: &Taking) -> lifecycle::Routing<'a> {
+    let scoped = taking.scoped;
     if task.requires.is_empty() && !scoped {
         return lifecycle::Routing::default();
     }
-    let with_labels: Vec<_> = runners
+    let with_labels: Vec<_> = taking
+        .runners
         .iter()
         .filter(|(l, _)| crate::domain::satisfies(l, &task.requires))
         .collect();
