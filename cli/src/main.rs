@@ -91,6 +91,10 @@ enum Command {
         /// Only the runs of this attempt (the number in the `=== dev · attempt N ===` headers).
         #[arg(long, value_name = "N")]
         run: Option<u32>,
+        /// The agent's output as the runner received it (the JSON events of claude and codex),
+        /// instead of the readable lines made of it.
+        #[arg(long)]
+        raw: bool,
     },
     /// Every task transition, live, one line each.
     Watch {
@@ -251,8 +255,9 @@ enum TaskCommand {
         #[arg(allow_hyphen_values = true)]
         id: String,
     },
-    /// Change a task's title, description, namespace or priority (not while an agent works on
-    /// it, nor once it is done); its history records the edit.
+    /// Change a task's title, description, namespace, priority, requirements or cost cap (not
+    /// while an agent works on it unless --next-attempt, nor once it is done); its history
+    /// records the edit.
     Edit {
         #[arg(allow_hyphen_values = true)]
         id: String,
@@ -277,6 +282,14 @@ enum TaskCommand {
             allow_hyphen_values = true
         )]
         requires: Vec<String>,
+        /// Its own cost cap in cents from now on; on an epic, the cap of its children
+        /// together.
+        #[arg(long, value_name = "CENTS", allow_hyphen_values = true)]
+        max_cost: Option<f64>,
+        /// Edit a task an agent is working on (or whose commit waits to land) as well: the
+        /// attempt under way keeps its prompt, the next one gets the edit.
+        #[arg(long)]
+        next_attempt: bool,
     },
     /// Make a task wait for others to be done.
     Depend {
@@ -512,6 +525,8 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             namespace,
             priority,
             requires,
+            max_cost,
+            next_attempt,
         }) => {
             let description = match (description, description_file) {
                 (None, None) => None,
@@ -527,6 +542,8 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     // `--requires ''` alone clears them.
                     requires: (!requires.is_empty())
                         .then(|| requires.into_iter().filter(|r| !r.is_empty()).collect()),
+                    max_cost_cents: max_cost,
+                    next_attempt,
                 })
                 .await?;
             writeln!(out, "{}: edited", task.id)?;
@@ -541,6 +558,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             tail,
             since,
             run,
+            raw,
         } => {
             if follow {
                 // Say once what the task waits for, so a follow that shows nothing is not silent.
@@ -550,6 +568,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             }
             let mut printer = output::LogPrinter::new(output::stdout_is_terminal());
             printer.attempt = run;
+            printer.raw = raw;
             printer.since_ms =
                 since.map(|d| time::now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
             printer.tail = tail;

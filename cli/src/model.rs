@@ -206,17 +206,21 @@ pub enum LogStream {
     Runner,
     /// The server's lines (integration, cancels, lapsed leases).
     Server,
+    /// The agent's output as received, where the runner shows it rendered on stdout (the
+    /// JSON events of claude and codex): shown by `logs --raw` only.
+    Raw,
     Unknown,
 }
 
 impl LogStream {
-    /// `stdout`, `stderr`, `runner`, `server`, or `?`.
+    /// `stdout`, `stderr`, `runner`, `server`, `raw`, or `?`.
     pub fn word(self) -> &'static str {
         match self {
             LogStream::Stdout => "stdout",
             LogStream::Stderr => "stderr",
             LogStream::Runner => "runner",
             LogStream::Server => "server",
+            LogStream::Raw => "raw",
             LogStream::Unknown => "?",
         }
     }
@@ -250,6 +254,10 @@ pub struct TaskChange {
     pub priority: Option<u32>,
     /// What it requires of its runner from now on (`Some(vec![])`: nothing).
     pub requires: Option<Vec<String>>,
+    /// Its own cost cap from now on, in cents (an epic's: its children's together).
+    pub max_cost_cents: Option<f64>,
+    /// Apply it to a task in progress or verified too (its next attempt).
+    pub next_attempt: bool,
 }
 
 /// A task.

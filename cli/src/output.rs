@@ -775,7 +775,14 @@ pub struct LogPrinter {
     pub since_ms: Option<i64>,
     /// Keep only the last this many lines until [`LogPrinter::flush_tail`] (`logs --tail`).
     pub tail: Option<usize>,
-    held: std::collections::VecDeque<(i64, LogLine)>,
+    /// The agent's output as received instead of its readable rendering (`logs --raw`).
+    pub raw: bool,
+    /// Runs that have raw lines: their stdout lines are the rendering of those.
+    raw_runs: std::collections::HashSet<i64>,
+    /// Lines `--tail` holds back, each with whether it is left out (it still moves the run's
+    /// line numbering on), and how many are not.
+    held: std::collections::VecDeque<(i64, LogLine, bool)>,
+    held_shown: usize,
 }
 
 impl LogPrinter {
@@ -809,10 +816,24 @@ impl LogPrinter {
     /// Prints the lines `--tail` held back, and prints lines as they come from then on.
     pub fn flush_tail(&mut self, out: &mut impl Write) -> io::Result<()> {
         self.tail = None;
-        for (run_id, line) in std::mem::take(&mut self.held) {
+        self.held_shown = 0;
+        for (run_id, line, _) in std::mem::take(&mut self.held) {
             self.line(out, run_id, &line)?;
         }
         Ok(())
+    }
+
+    /// Whether `line` is left out: the agent's output as received unless `--raw`; with it, the
+    /// readable rendering of that output (stdout of a run that has raw lines, which come
+    /// before what is made of them).
+    fn hides(&mut self, run_id: i64, line: &LogLine) -> bool {
+        if line.stream == crate::model::LogStream::Raw {
+            self.raw_runs.insert(run_id);
+            return !self.raw;
+        }
+        self.raw
+            && line.stream == crate::model::LogStream::Stdout
+            && self.raw_runs.contains(&run_id)
     }
 
     fn line(&mut self, out: &mut impl Write, run_id: i64, line: &LogLine) -> io::Result<()> {
@@ -835,15 +856,25 @@ impl LogPrinter {
             || self
                 .held
                 .iter()
-                .any(|(r, l)| *r == run_id && l.seq >= line.seq)
+                .any(|(r, l, _)| *r == run_id && l.seq >= line.seq)
         {
             return Ok(());
         }
+        let hidden = self.hides(run_id, line);
         if let Some(n) = self.tail {
-            self.held.push_back((run_id, line.clone()));
-            while self.held.len() > n {
-                self.held.pop_front();
+            self.held.push_back((run_id, line.clone(), hidden));
+            self.held_shown += usize::from(!hidden);
+            while self.held_shown > n || self.held.front().is_some_and(|(_, _, hidden)| *hidden) {
+                let Some((_, _, hidden)) = self.held.pop_front() else {
+                    break;
+                };
+                self.held_shown -= usize::from(!hidden);
             }
+            return Ok(());
+        }
+        if hidden {
+            // Left out on purpose: not a gap to report.
+            self.last_seq.insert(run_id, line.seq);
             return Ok(());
         }
         if self.current != Some((run_id, line.phase)) {
@@ -1488,6 +1519,77 @@ mod snapshots {
         });
         assert_eq!(statuses, [TaskStatus::InProgress, TaskStatus::Done]);
         insta::assert_snapshot!(text);
+    }
+
+    #[test]
+    fn raw_lines_are_shown_instead_of_their_rendering_only_when_asked_and_leave_no_gap() {
+        let line = |seq, s, stream, phase, text: &str| LogLine {
+            seq,
+            at_ms: at(s),
+            stream,
+            phase,
+            text: text.to_owned(),
+        };
+        let run = LogRun {
+            run_id: 7,
+            phase: Phase::Dev,
+            attempt: 1,
+            runner: Some("r".into()),
+        };
+        let lines = vec![
+            line(1, 0, LogStream::Runner, Phase::Dev, "starting the agent"),
+            line(2, 1, LogStream::Raw, Phase::Dev, r#"{"type":"assistant"}"#),
+            line(3, 1, LogStream::Stdout, Phase::Dev, "claude: hello"),
+            line(4, 2, LogStream::Stderr, Phase::Dev, "a warning"),
+            line(5, 3, LogStream::Raw, Phase::Dev, r#"{"type":"result"}"#),
+            line(6, 3, LogStream::Stdout, Phase::Dev, "claude finished"),
+        ];
+        let show = |raw: bool, tail: Option<usize>| {
+            let mut printer = LogPrinter::new(false);
+            printer.raw = raw;
+            printer.tail = tail;
+            let text = printed(|out| {
+                printer.print(out, LogItem::Run(run.clone()))?;
+                printer.print(
+                    out,
+                    LogItem::Lines {
+                        run_id: 7,
+                        lines: lines.clone(),
+                    },
+                )?;
+                printer.flush_tail(out)
+            });
+            text.lines()
+                .skip(1)
+                .map(|l| l.split_once(' ').map_or(l, |(_, rest)| rest).to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            show(false, None),
+            [
+                "runner starting the agent",
+                "stdout claude: hello",
+                "stderr a warning",
+                "stdout claude finished"
+            ]
+        );
+        assert_eq!(
+            show(true, None),
+            [
+                "runner starting the agent",
+                r#"raw    {"type":"assistant"}"#,
+                "stderr a warning",
+                r#"raw    {"type":"result"}"#
+            ]
+        );
+        assert_eq!(
+            show(false, Some(2)),
+            ["stderr a warning", "stdout claude finished"]
+        );
+        assert_eq!(
+            show(true, Some(2)),
+            ["stderr a warning", r#"raw    {"type":"result"}"#]
+        );
     }
 
     fn transitions() -> Vec<Transition> {

@@ -140,6 +140,7 @@ impl From<i32> for LogStream {
             Ok(pb::LogStream::Stderr) => LogStream::Stderr,
             Ok(pb::LogStream::Runner) => LogStream::Runner,
             Ok(pb::LogStream::Server) => LogStream::Server,
+            Ok(pb::LogStream::Raw) => LogStream::Raw,
             Ok(pb::LogStream::Unspecified) | Err(_) => LogStream::Unknown,
         }
     }
@@ -171,6 +172,8 @@ impl From<TaskChange> for pb::EditTaskRequest {
             priority: c.priority,
             set_requires: c.requires.is_some(),
             requires: c.requires.unwrap_or_default(),
+            max_cost_cents: c.max_cost_cents,
+            next_attempt: c.next_attempt,
         }
     }
 }

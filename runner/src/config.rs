@@ -118,6 +118,13 @@ pub struct AgentArgs {
     #[arg(long, env = "PIPELINE_COMMIT_FOR_AGENT")]
     pub commit_for_agent: bool,
 
+    /// Start every attempt with a new agent session. By default an attempt that amends the
+    /// previous patchset (after its verification failed) continues the agent's session with
+    /// the feedback as its new message (`claude --resume`, `codex exec resume`), so the agent
+    /// keeps its context.
+    #[arg(long, env = "PIPELINE_NO_RESUME")]
+    pub no_resume: bool,
+
     /// Environment variables agents and builds may inherit, besides PATH, HOME, USER, LOGNAME,
     /// SHELL, LANG, LC_ALL, LC_CTYPE, TZ, TMPDIR and TERM (repeat, or separate with commas).
     /// Nothing else of this process's environment reaches them, credentials included.

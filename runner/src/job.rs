@@ -12,7 +12,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
-use pipeline_core::process::Stream;
 use pipeline_core::verify::{self, Verdict, Verifier};
 use pipeline_proto::{Disposition, classify};
 
@@ -305,8 +304,12 @@ async fn develop(
         env: env.clone(),
         budget_cents: a.budget_cents,
         // The agent's session goes on only where it left off: when this attempt amends the
-        // previous patchset (the worktree is that commit), not on a fresh start from the base.
-        resume_session: a.resume_session.clone().filter(|_| previous.is_some()),
+        // previous patchset (the worktree is that commit), not on a fresh start from the base;
+        // and never with --no-resume.
+        resume_session: a
+            .resume_session
+            .clone()
+            .filter(|_| previous.is_some() && !ctx.config.agent.no_resume),
         prices: ctx.prices.clone(),
     };
     if let Some(budget) = a.budget_cents {
@@ -314,7 +317,7 @@ async fn develop(
     }
     let agent_started = Instant::now();
     log.note(dev, "starting the agent");
-    let on_line = |stream: Stream, line: &str| log.line(Channel::from(stream), dev, line);
+    let on_line = |channel: Channel, line: &str| log.line(channel, dev, line);
     let result = agent::run(&ctx.config.agent, &job, cancel, on_line).await;
     let _ = std::fs::remove_file(&prompt_file);
     let _ = std::fs::remove_file(&cost_file);

@@ -36,6 +36,9 @@ pub enum Channel {
     Stderr,
     /// The runner's own lifecycle lines ("leased", "worktree ready", ...).
     Runner,
+    /// The agent's output as received, where the runner shows it rendered on `Stdout` (the
+    /// JSON events of claude and codex): `pipelinectl logs --raw` shows these instead.
+    Raw,
 }
 
 impl From<Stream> for Channel {

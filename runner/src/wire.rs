@@ -224,6 +224,7 @@ fn log_line_to_pb(l: &LogLine) -> pb::LogLine {
         LogChannel::Stdout => pb::LogStream::Stdout,
         LogChannel::Stderr => pb::LogStream::Stderr,
         LogChannel::Runner => pb::LogStream::Runner,
+        LogChannel::Raw => pb::LogStream::Raw,
     };
     let phase = match l.phase {
         Phase::Dev => pb::RunPhase::Dev,

@@ -145,6 +145,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         max_task_cost_cents: config.max_task_cost as f64,
         backoff_base_secs: config.backoff_base,
         max_lost_leases: config.max_lost_leases,
+        max_epic_cost_cents: config.max_epic_cost as f64,
     };
     let settings = Settings {
         policy,
@@ -180,6 +181,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
     let integrations_finished = Integrator::new(Arc::clone(&coordinator)).recover().await?;
     let found_landed = coordinator.reconcile_landed().await?;
+    let epics_settled = coordinator.settle_finished_epics().await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -196,6 +198,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         tasks_reopened,
         integrations_finished,
         found_landed,
+        epics_settled,
         "pipeline-server ready"
     );
     for lock in &mut locks {

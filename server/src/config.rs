@@ -64,6 +64,11 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_MAX_TASK_COST", default_value_t = 0)]
     pub max_task_cost: u64,
 
+    /// An epic's cap in cents on what its children cost together, for an epic without its
+    /// own `--max-cost` (0 = unlimited): once reached, its children are not leased again.
+    #[arg(long, env = "PIPELINE_MAX_EPIC_COST", default_value_t = 0)]
+    pub max_epic_cost: u64,
+
     /// Back-off after n failures is min(600, BACKOFF_BASE * 2^n) seconds.
     #[arg(long, env = "PIPELINE_BACKOFF_BASE", default_value_t = 10)]
     pub backoff_base: u64,

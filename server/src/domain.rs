@@ -96,6 +96,9 @@ pub enum LogStream {
     Runner,
     /// The server's lines (integration).
     Server,
+    /// The agent's output as received, where the runner shows it rendered on stdout (the
+    /// JSON events of claude and codex).
+    Raw,
 }
 
 impl LogStream {
@@ -105,13 +108,20 @@ impl LogStream {
             LogStream::Stderr => "stderr",
             LogStream::Runner => "runner",
             LogStream::Server => "server",
+            LogStream::Raw => "raw",
         }
     }
 
     pub fn parse(raw: &str) -> Option<Self> {
-        [Self::Stdout, Self::Stderr, Self::Runner, Self::Server]
-            .into_iter()
-            .find(|s| s.as_str() == raw)
+        [
+            Self::Stdout,
+            Self::Stderr,
+            Self::Runner,
+            Self::Server,
+            Self::Raw,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == raw)
     }
 }
 
@@ -290,6 +300,28 @@ impl Default for TaskState {
     }
 }
 
+/// What a task's children amount to, as the store keeps them: how many there are, how many
+/// are done and cancelled, and what they have cost together.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Children {
+    pub total: u32,
+    pub done: u32,
+    pub cancelled: u32,
+    pub cost_cents: f64,
+}
+
+impl Children {
+    /// Whether the task is an epic (it has children).
+    pub fn any(&self) -> bool {
+        self.total > 0
+    }
+
+    /// Children neither done nor cancelled.
+    pub fn unfinished(&self) -> u32 {
+        self.total.saturating_sub(self.done + self.cancelled)
+    }
+}
+
 /// A task as stored: its fixed attributes, its dependencies and its current state.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Task {
@@ -309,6 +341,9 @@ pub struct Task {
     pub paused: Option<String>,
     /// How many of `depends_on` are not Done (kept by the store as the dependencies move).
     pub deps_pending: u32,
+    /// Its children (kept by the store as they are created and move): a task with any is an
+    /// epic, never leased itself and Done once they are.
+    pub children: Children,
     pub state: TaskState,
     /// The lease a runner holds while the task is in progress.
     pub lease: Option<Lease>,
@@ -468,14 +503,7 @@ impl NewTask {
 
     /// The same task with its own cost cap: a finite number of cents above 0, at most 1e9.
     pub fn with_max_cost(mut self, cents: Option<f64>) -> Result<Self, Error> {
-        if let Some(c) = cents
-            && !(c.is_finite() && c > 0.0 && c <= 1e9)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "invalid --max-cost {c}: a number of cents above 0 and at most 1000000000"
-            )));
-        }
-        self.max_cost_cents = cents;
+        self.max_cost_cents = cents.map(validate_max_cost).transpose()?;
         Ok(self)
     }
 
@@ -564,6 +592,11 @@ pub struct TaskEdit {
     pub priority: Option<u8>,
     /// What the task requires of its runner from now on (validated); empty: nothing.
     pub requires: Option<Vec<String>>,
+    /// Its own cost cap from now on (on an epic, its children's together).
+    pub max_cost_cents: Option<f64>,
+    /// Whether the edit may apply to a task an agent works on or whose commit waits to land:
+    /// its next attempt gets it (the one running keeps the prompt it has).
+    pub next_attempt: bool,
 }
 
 impl TaskEdit {
@@ -589,9 +622,15 @@ impl TaskEdit {
             description: description.map(|_| checked.description),
             namespace: namespace.map(|_| checked.namespace),
             priority: priority.map(|_| checked.priority),
-            requires: None,
+            ..Self::default()
         };
         Ok(edit)
+    }
+
+    /// The same edit, also setting the task's own cost cap (validated).
+    pub fn with_max_cost(mut self, cents: Option<f64>) -> Result<Self, Error> {
+        self.max_cost_cents = cents.map(validate_max_cost).transpose()?;
+        Ok(self)
     }
 
     /// The same edit, also setting what the task requires of its runner (validated).
@@ -602,10 +641,10 @@ impl TaskEdit {
 
     /// Refuses an edit that changes nothing.
     pub fn check_not_empty(self) -> Result<Self, Error> {
-        if self == Self::default() {
+        if self.fields().is_empty() {
             return Err(Error::InvalidArgument(
-                "nothing to change: pass --title, --description, --namespace, --priority or \
-                 --requires"
+                "nothing to change: pass --title, --description, --namespace, --priority, \
+                 --requires or --max-cost"
                     .to_owned(),
             ));
         }
@@ -620,11 +659,22 @@ impl TaskEdit {
             ("namespace", self.namespace.is_some()),
             ("priority", self.priority.is_some()),
             ("requires", self.requires.is_some()),
+            ("max_cost", self.max_cost_cents.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
         .collect()
     }
+}
+
+/// A task's own cost cap (`--max-cost`): a finite number of cents above 0, at most 1e9.
+fn validate_max_cost(cents: f64) -> Result<f64, Error> {
+    if cents.is_finite() && cents > 0.0 && cents <= 1e9 {
+        return Ok(cents);
+    }
+    Err(Error::InvalidArgument(format!(
+        "invalid --max-cost {cents}: a number of cents above 0 and at most 1000000000"
+    )))
 }
 
 /// A namespace names what `bild` builds (e.g. `Omni/Pipeline.hs`): a relative path inside the

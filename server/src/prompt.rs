@@ -92,6 +92,7 @@ mod tests {
             requires: vec![],
             paused: None,
             deps_pending: 0,
+            children: Default::default(),
             state: TaskState {
                 patchset,
                 feedback: feedback.map(str::to_owned),

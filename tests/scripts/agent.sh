@@ -9,6 +9,7 @@
 #                     (or release-<task>)
 #   wait-once         wait on the first attempt only, commit on the next
 #   cost              commit, and report 25 cents through PIPELINE_COST_FILE
+#   costly-fail       report 10 cents through PIPELINE_COST_FILE, then exit 1
 #   sameline          wait like "wait", then write shared.txt (every task edits the same line)
 #   notrailer         commit without the Task-Id trailer
 #   chatty            print "line i of N" for i = 1..N (N from a "LINES: N" line, default 200)
@@ -59,6 +60,7 @@ case "$mode" in
     wait) wait_for_release ;;
     wait-once) if [ "$n" -eq 1 ]; then wait_for_release; fi ;;
     cost) echo 25 > "$PIPELINE_COST_FILE" ;;
+    costly-fail) echo 10 > "$PIPELINE_COST_FILE"; echo "agent: failed at a cost" >&2; exit 1 ;;
     sameline) if [ "$n" -eq 1 ]; then wait_for_release; fi; echo "$PIPELINE_TASK_ID attempt $n" > shared.txt ;;
 esac
 

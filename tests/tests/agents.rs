@@ -115,6 +115,36 @@ fn claude_runs_unattended_with_its_limits_and_its_reported_cost() {
         ),
         "{logs}"
     );
+    // --raw: the stream as claude printed it, each event once, instead of what was made of it.
+    let raw = server.ctl(&["logs", &id, "--raw"]).ok();
+    let events: Vec<&str> = raw.lines().filter(|l| l.contains(" raw ")).collect();
+    assert!(
+        events.iter().any(|l| l.contains("\"type\":\"assistant\"")),
+        "{raw}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|l| l.contains("\"type\":\"result\""))
+            .count(),
+        1,
+        "{raw}"
+    );
+    assert!(!raw.contains("claude: I will write the notes."), "{raw}");
+    assert!(raw.contains("runner"), "the runner's own lines stay: {raw}");
+    // With --tail, the last lines of the view asked for.
+    let tail = server.ctl(&["logs", &id, "--raw", "--tail", "3"]).ok();
+    assert_eq!(
+        tail.lines().filter(|l| !l.starts_with("===")).count(),
+        3,
+        "{tail}"
+    );
+    let tail = server.ctl(&["logs", &id, "--tail", "50"]).ok();
+    assert!(!tail.contains(" raw "), "{tail}");
+    assert!(
+        !tail.contains("passed its size cap"),
+        "what is left out is no gap: {tail}"
+    );
 }
 
 #[test]
@@ -402,4 +432,45 @@ fn a_retry_after_a_verify_failure_resumes_claudes_session() {
         has_pair(&args, "--resume", &format!("sess-{id}-1")),
         "the second attempt resumes the first's session: {args:?}"
     );
+}
+
+#[test]
+fn a_retry_after_a_verify_failure_resumes_codexs_thread_unless_told_not_to() {
+    for no_resume in [false, true] {
+        let repo = TestRepo::new();
+        // The first attempt's commit fails verification; the second amends it and passes.
+        let server = Server::start(
+            &repo,
+            &[
+                "--test-cmd",
+                "grep -q 'attempt 2' notes/*.md",
+                "--backoff-base",
+                "0",
+            ],
+        );
+        let mut flags = vec!["--agent", "codex"];
+        if no_resume {
+            flags.push("--no-resume");
+        }
+        let _r = Runner::start(&repo, &server, "x", &flags);
+        let id = server.add(&["--title", "t", "--description", "CODEX: success"]);
+        let task = server.wait_status(&id, "done");
+        assert_eq!(dev_runs(&task).len(), 2, "{task}");
+        assert_eq!(
+            dev_runs(&task)[0]["usage"]["agent"],
+            "codex",
+            "the first attempt's usage names its agent: {task}"
+        );
+        let args = args_of(&repo, "codex", &id);
+        let resumed = has_pair(&args, "resume", &format!("thread-{id}-1"));
+        assert_eq!(
+            resumed, !no_resume,
+            "the second attempt continues the first's thread unless --no-resume: {args:?}"
+        );
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("-"),
+            "prompt on stdin"
+        );
+    }
 }

@@ -4,8 +4,8 @@
 use std::process::Command;
 
 use pipeline_tests::{
-    Proc, Runner, Server, TestRepo, agent_args, as_strs, bin, event_kinds, runner, scripts_path,
-    wait_for,
+    Proc, Runner, Server, TestRepo, agent_args, as_strs, bin, event_kinds, runner, runs,
+    scripts_path, wait_for,
 };
 use serde_json::Value;
 
@@ -355,8 +355,30 @@ fn a_task_is_edited_when_no_agent_works_on_it_and_its_history_says_so() {
     repo.wait_agent(&busy);
     server
         .ctl(&["task", "edit", &busy, "--title", "x"])
-        .refused(4, "an agent is working on it");
+        .refused(4, "an agent is working on it; pass --next-attempt");
     assert_eq!(server.show(&busy)["title"], "busy");
+    // With --next-attempt the edit is taken now, for the attempt after this one.
+    server
+        .ctl(&[
+            "task",
+            "edit",
+            &busy,
+            "--description",
+            "MODE: commit, next time",
+            "--next-attempt",
+        ])
+        .ok();
+    let edited = server.show(&busy);
+    assert_eq!(edited["status"], "in_progress");
+    assert_eq!(edited["description"], "MODE: commit, next time");
+    assert!(
+        edited["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["message"]
+                == "description changed by pipelinectl (for its next attempt; the one under way \
+                keeps its prompt)")),
+        "{edited}"
+    );
     repo.release_agents();
     server.wait_status(&busy, "done");
     server
@@ -505,21 +527,21 @@ fn runners_limited_to_an_epic_or_one_task_take_only_that_work() {
         dev_runners(&server.wait_status(&solo, "done")),
         ["solo-only"]
     );
-    for id in [&epic, &stray] {
-        let task = server.show(id);
-        assert_eq!(task["status"], "open", "{task}");
-        assert_eq!(
-            task["waiting_for"],
-            serde_json::json!([
-                "every connected runner that could take it is limited to other work \
-                 (--only-parent, --only-task)"
-            ])
-        );
-    }
-    // A runner that takes everything picks them up.
+    // The epic was done with its children, without a run of its own.
+    let done = server.wait_status(&epic, "done");
+    assert_eq!(runs(&done), Vec::<Value>::new());
+    let task = server.show(&stray);
+    assert_eq!(task["status"], "open", "{task}");
+    assert_eq!(
+        task["waiting_for"],
+        serde_json::json!([
+            "every connected runner that could take it is limited to other work \
+             (--only-parent, --only-task)"
+        ])
+    );
+    // A runner that takes everything picks it up.
     let _any = runner(&repo, &server, "any");
     server.wait_status(&stray, "done");
-    server.wait_status(&epic, "done");
 }
 
 #[test]
@@ -554,10 +576,8 @@ fn a_paused_epic_and_its_children_wait_until_resumed_while_other_work_goes_on() 
         assert_eq!(task["status"], "open", "{task}");
         assert_eq!(task["paused"], "waiting for the API");
         assert_eq!(
-            task["waiting_for"],
-            serde_json::json!([format!(
-                "paused: waiting for the API (pipelinectl task resume {id})"
-            )])
+            task["waiting_for"][0],
+            format!("paused: waiting for the API (pipelinectl task resume {id})")
         );
     }
     assert!(event_kinds(&server.show(&epic)).contains(&"paused".to_owned()));
@@ -569,4 +589,132 @@ fn a_paused_epic_and_its_children_wait_until_resumed_while_other_work_goes_on() 
         assert!(event_kinds(&task).contains(&"resumed".to_owned()), "{task}");
     }
     server.ctl(&["task", "pause", "ghost"]).refused(3, "ghost");
+}
+
+#[test]
+fn an_epic_is_never_leased_and_is_done_when_its_children_are() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let epic = server.add(&["--title", "the epic", "--id", "e1", "--priority", "0"]);
+    let children: Vec<String> = (0..2)
+        .map(|i| server.add(&["--title", &format!("child {i}"), "--parent", &epic]))
+        .collect();
+    let after = server.add(&["--title", "after the epic", "--depends-on", &epic]);
+    let shown = server.show(&epic);
+    assert_eq!(
+        shown["waiting_for"],
+        serde_json::json!(["an epic: it is done when its children are (0 of 2 done)"])
+    );
+    let _r = runner(&repo, &server, "r");
+    let done = server.wait_status(&epic, "done");
+    assert_eq!(runs(&done), Vec::<Value>::new(), "never leased itself");
+    assert!(
+        event_kinds(&done).contains(&"children_done".to_owned()),
+        "{done}"
+    );
+    for child in &children {
+        assert_eq!(server.show(child)["status"], "done");
+    }
+    server.wait_status(&after, "done");
+    let landed = repo.landed();
+    assert!(
+        !landed.contains(&epic),
+        "the epic has no commit: {landed:?}"
+    );
+    let text = server.ctl(&["task", "show", &epic]).ok();
+    assert!(text.contains("children:    2 of 2 done"), "{text}");
+    // A done epic takes no more children; nor does a task that does not exist.
+    server
+        .ctl(&["task", "add", "--title", "late", "--parent", &epic])
+        .refused(4, "task e1 cannot take children: it is done");
+    server
+        .ctl(&["task", "add", "--title", "late", "--parent", "ghost"])
+        .refused(3, "ghost");
+
+    // A task that gets a child while its agent works stops, uncounted, and waits as an epic.
+    let big = server.add(&["--title", "too big", "--description", "MODE: wait"]);
+    repo.wait_agent(&big);
+    let part = server.add(&["--title", "a part of it", "--parent", &big]);
+    let epic_now = server.wait_task(&big, "an epic", |t| {
+        t["status"] == "open" && runs(t).first().is_some_and(|r| r["status"] == "failure")
+    });
+    assert_eq!(epic_now["failures"], 0, "not counted: {epic_now}");
+    assert_eq!(
+        runs(&epic_now)[0]["error"],
+        "stopped: the task became an epic (its children do the work)"
+    );
+    repo.release_agents();
+    server.wait_status(&part, "done");
+    let done = server.wait_status(&big, "done");
+    assert_eq!(runs(&done).len(), 1, "its one stopped run: {done}");
+}
+
+#[test]
+fn an_epics_children_finished_before_a_crash_leave_it_done_after_the_restart() {
+    let repo = TestRepo::new();
+    let mut cmd = Server::command(&repo, &[]);
+    cmd.env("PIPELINE_FAILPOINT", "before-epic-done");
+    let mut server = Server::spawn(&mut cmd).expect("server");
+    let addr = server.addr.clone();
+    let epic = server.add(&["--title", "the epic"]);
+    let child = server.add(&["--title", "its only child", "--parent", &epic]);
+    let _r = runner(&repo, &server, "r");
+    let status = server.proc.wait_exit();
+    assert!(!status.success(), "aborted at the failpoint: {status:?}");
+    let server = Server::start(&repo, &["--listen", &addr]);
+    assert_eq!(server.show(&child)["status"], "done");
+    let done = server.wait_status(&epic, "done");
+    assert!(
+        event_kinds(&done).contains(&"children_done".to_owned()),
+        "{done}"
+    );
+    assert_eq!(repo.landed(), [child], "landed once");
+}
+
+#[test]
+fn an_epics_cap_stops_leasing_its_children_until_raised() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--max-retries", "0", "--backoff-base", "0"]);
+    let epic = server.add(&["--title", "the epic", "--id", "e1", "--max-cost", "25"]);
+    // The scripted agent fails and reports 10 cents an attempt.
+    let child = server.add(&[
+        "--title",
+        "costly",
+        "--parent",
+        &epic,
+        "--description",
+        "MODE: costly-fail",
+    ]);
+    let _r = runner(&repo, &server, "r");
+    let stopped = server.wait_status(&child, "needs_help");
+    assert_eq!(
+        stopped["cost_cents"], 30.0,
+        "three attempts of 10: {stopped}"
+    );
+    assert_eq!(stopped["failures"], 3);
+    assert_eq!(server.show(&epic)["children_cost_cents"], 30.0);
+    assert_eq!(
+        stopped["waiting_for"],
+        serde_json::json!([format!(
+            "its epic e1 has spent 30 of its 25-cent cap (pipelinectl task edit e1 --max-cost \
+             CENTS, then pipelinectl task retry {child})"
+        )])
+    );
+    assert!(
+        event_kinds(&stopped).contains(&"epic_cap".to_owned()),
+        "{stopped}"
+    );
+    // Raising the cap and retrying lets it go on.
+    server
+        .ctl(&["task", "edit", &epic, "--max-cost", "1000"])
+        .ok();
+    server
+        .ctl(&["task", "edit", &child, "--description", "MODE: ok"])
+        .ok();
+    server.ctl(&["task", "retry", &child]).ok();
+    server.wait_status(&child, "done");
+    server.wait_status(&epic, "done");
+    server
+        .ctl(&["task", "edit", &epic, "--max-cost", "0"])
+        .refused(2, "invalid --max-cost 0");
 }

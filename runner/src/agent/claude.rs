@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AgentJob, AgentResult, one_line};
 use crate::config::AgentArgs;
+use crate::logship::Channel;
 use crate::usage::{CostSource, Usage};
 use pipeline_core::process::{self, Spec, Stream, with_tail};
 
@@ -36,7 +37,7 @@ pub async fn run(
     args: &AgentArgs,
     job: &AgentJob,
     cancel: &CancellationToken,
-    mut on_line: impl FnMut(Stream, &str),
+    mut on_line: impl FnMut(Channel, &str),
 ) -> AgentResult {
     let mut argv: Vec<String> = [
         "-p",
@@ -79,15 +80,16 @@ pub async fn run(
     let mut stream = ClaudeStream::new(args.model.clone());
     let finished = process::run(&spec, cancel, |s, line| match s {
         Stream::Stdout => {
+            on_line(Channel::Raw, line);
             let seen = stream.line(line);
             for shown in &seen.shown {
-                on_line(Stream::Stdout, shown);
+                on_line(Channel::Stdout, shown);
             }
             if seen.ended {
                 finish.cancel();
             }
         }
-        Stream::Stderr => on_line(s, line),
+        Stream::Stderr => on_line(Channel::Stderr, line),
     })
     .await;
     let finished = match finished {

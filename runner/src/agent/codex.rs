@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AgentJob, AgentResult, one_line};
 use crate::config::AgentArgs;
+use crate::logship::Channel;
 use crate::usage::{CostSource, Usage};
 use pipeline_core::process::{self, Spec, Stream, with_tail};
 
@@ -27,13 +28,17 @@ pub async fn run(
     args: &AgentArgs,
     job: &AgentJob,
     cancel: &CancellationToken,
-    mut on_line: impl FnMut(Stream, &str),
+    mut on_line: impl FnMut(Channel, &str),
 ) -> AgentResult {
     let mut argv: Vec<String> = ["exec", "--json", "--sandbox", "workspace-write"]
         .map(str::to_owned)
         .to_vec();
     if let Some(model) = &args.model {
         argv.extend(["--model".to_owned(), model.clone()]);
+    }
+    // A retry continues the thread of the previous attempt (the feedback is its new message).
+    if let Some(thread) = &job.resume_session {
+        argv.extend(["resume".to_owned(), thread.clone()]);
     }
     argv.push("-".to_owned());
     let finish = CancellationToken::new();
@@ -50,14 +55,15 @@ pub async fn run(
     let mut stream = CodexStream::new(args.model.clone(), job.budget_cents);
     let finished = process::run(&spec, cancel, |s, line| match s {
         Stream::Stdout => {
+            on_line(Channel::Raw, line);
             for shown in stream.line(line, |u| job.prices.cents(u)) {
-                on_line(Stream::Stdout, &shown);
+                on_line(Channel::Stdout, &shown);
             }
             if stream.stop.is_some() {
                 finish.cancel();
             }
         }
-        Stream::Stderr => on_line(s, line),
+        Stream::Stderr => on_line(Channel::Stderr, line),
     })
     .await;
     let finished = match finished {

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentArgs, AgentMode};
+use crate::logship::Channel;
 use crate::usage::{CostSource, Usage};
 use pipeline_core::process::{self, Spec, Stream, could_not_run, with_tail};
 
@@ -123,14 +124,15 @@ pub async fn run(
     args: &AgentArgs,
     job: &AgentJob,
     cancel: &CancellationToken,
-    on_line: impl FnMut(Stream, &str),
+    mut on_line: impl FnMut(Channel, &str),
 ) -> AgentResult {
+    let as_is = |s: Stream, line: &str| on_line(Channel::from(s), line);
     match args.mode() {
-        AgentMode::Command => run_command(args, job, cancel, on_line).await,
-        AgentMode::Agentd => run_agentd(args, job, cancel, on_line).await,
+        AgentMode::Command => run_command(args, job, cancel, as_is).await,
+        AgentMode::Agentd => run_agentd(args, job, cancel, as_is).await,
+        AgentMode::Aider => aider::run(args, job, cancel, as_is).await,
         AgentMode::Claude => claude::run(args, job, cancel, on_line).await,
         AgentMode::Codex => codex::run(args, job, cancel, on_line).await,
-        AgentMode::Aider => aider::run(args, job, cancel, on_line).await,
     }
 }
 

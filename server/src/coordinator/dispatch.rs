@@ -8,6 +8,7 @@
 //! leases through the coordinator's one commit path, up to `--dispatch-batch` in one
 //! transaction; each committed lease is then pushed to its runner.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use pipeline_core::git::{FetchRef, RefName};
 use pipeline_core::ids::CommitId;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Lease, LeaseRef, Millis, NewRun, Phase, Task, satisfies};
+use crate::domain::{Lease, LeaseRef, Millis, NewRun, Phase, Task, TaskId, satisfies};
 use crate::error::{Error, Result};
 use crate::lifecycle::Event;
 use crate::prompt::{self, PromptContext};
@@ -39,6 +40,15 @@ struct Planned {
     runner_id: String,
     runner: String,
     resume_session: Option<String>,
+    /// What its epic's children may still spend together (`None`: no epic cap).
+    epic_budget: Option<f64>,
+}
+
+/// An epic's cap and what its children have spent of it, in cents.
+#[derive(Clone, Copy)]
+struct EpicCap {
+    spent: f64,
+    cap: f64,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -92,6 +102,8 @@ impl<S: Store> Coordinator<S> {
         let mut scanned = 0;
         let mut tip = None;
         let mut batch = Vec::new();
+        // Each epic's cap, read once a round.
+        let mut epics: HashMap<TaskId, Option<EpicCap>> = HashMap::new();
         while planner::total(&slots) > 0 && budget > 0 {
             let limit = page.min(budget);
             let mut candidates = self.store.lease_candidates(now, after, limit).await?;
@@ -102,6 +114,7 @@ impl<S: Store> Coordinator<S> {
             }
             // A task with a patchset may have landed already (the database lost that): the
             // server's own record of its landing says so, and it is recorded Done instead.
+            // A child whose epic has spent its cap is not leased: it needs help.
             let mut kept = Vec::with_capacity(candidates.len());
             for task in candidates.drain(..) {
                 if task.patch_commit.is_some() {
@@ -109,6 +122,13 @@ impl<S: Store> Coordinator<S> {
                     if self.record_if_landed(task.clone(), &tip).await? {
                         continue;
                     }
+                }
+                if let Some(parent) = task.parent.clone()
+                    && let Some(cap) = self.epic_cap(&parent, &mut epics).await?
+                    && cap.spent >= cap.cap
+                {
+                    self.stop_at_epic_cap(task, &parent, cap).await?;
+                    continue;
                 }
                 kept.push(task);
             }
@@ -135,12 +155,18 @@ impl<S: Store> Coordinator<S> {
                 runner,
             } in planner::plan(&kept, &mut slots, self.policy(), now, max)
             {
+                let epic_budget = kept[task]
+                    .parent
+                    .as_ref()
+                    .and_then(|p| epics.get(p).copied().flatten())
+                    .map(|c| (c.cap - c.spent).max(0.0));
                 match self.prepare_lease(&kept[task], &mut tip).await {
                     Ok(decision) => batch.push(Planned {
                         decision,
                         runner_id,
                         runner,
                         resume_session: self.resume_session(&kept[task]).await?,
+                        epic_budget,
                     }),
                     Err(Error::FailedPrecondition(_)) => continue,
                     Err(err) => return Err(err),
@@ -220,6 +246,48 @@ impl<S: Store> Coordinator<S> {
         Ok(decision)
     }
 
+    /// The cap of the epic `id` and what its children have spent, when it has a cap; read
+    /// once a round (`known`).
+    async fn epic_cap(
+        &self,
+        id: &TaskId,
+        known: &mut HashMap<TaskId, Option<EpicCap>>,
+    ) -> Result<Option<EpicCap>> {
+        if let Some(cap) = known.get(id) {
+            return Ok(*cap);
+        }
+        let cap = self.store.get_task(id).await?.and_then(|epic| {
+            self.policy().epic_cap(&epic.state).map(|cap| EpicCap {
+                spent: epic.children.cost_cents,
+                cap,
+            })
+        });
+        known.insert(id.clone(), cap);
+        Ok(cap)
+    }
+
+    /// `task`'s epic has spent its cap: the task needs help (a lost race is left to the next
+    /// round).
+    async fn stop_at_epic_cap(&self, task: Task, epic: &TaskId, cap: EpicCap) -> Result<()> {
+        let event = Event::EpicCapReached {
+            epic: epic.to_string(),
+            spent: cap.spent,
+            cap: cap.cap,
+        };
+        let id = task.id.clone();
+        match self
+            .transition_from(task, &event, |_| Ok(()), |_, _| {})
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(task = %id, %epic, "its epic has spent its cap");
+                Ok(())
+            }
+            Err(Error::FailedPrecondition(_) | Error::Conflict(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The agent session a new attempt of `task` may resume: that of its latest dev run that
     /// reported one, whatever became of that attempt (the runner resumes it only when its
     /// worktree is at the commit the session left, as after a verify failure). Read before the
@@ -266,17 +334,33 @@ impl<S: Store> Coordinator<S> {
                     p.runner,
                     p.decision.before.id.clone(),
                     p.resume_session,
+                    p.epic_budget,
                 ));
                 p.decision
             })
             .collect();
         let results = self.commit(decisions).await?;
-        for ((runner_id, runner, task, resume_session), result) in runners.into_iter().zip(results)
+        for ((runner_id, runner, task, resume_session, epic_budget), result) in
+            runners.into_iter().zip(results)
         {
             match result {
                 Ok(done) => {
-                    self.push_lease(&done.task, done.run_id, &runner_id, &runner, resume_session)
-                        .await?
+                    let budget = match (
+                        self.policy().remaining_budget(&done.task.state),
+                        epic_budget,
+                    ) {
+                        (Some(own), Some(epic)) => Some(own.min(epic)),
+                        (own, epic) => own.or(epic),
+                    };
+                    self.push_lease(
+                        &done.task,
+                        done.run_id,
+                        &runner_id,
+                        &runner,
+                        resume_session,
+                        budget,
+                    )
+                    .await?
                 }
                 Err(err) => {
                     tracing::info!(%task, error = %err, "lease not taken");
@@ -296,6 +380,7 @@ impl<S: Store> Coordinator<S> {
         runner_id: &str,
         runner_name: &str,
         resume_session: Option<String>,
+        budget_cents: Option<f64>,
     ) -> Result<()> {
         let lease = leased.lease.clone().ok_or_else(|| {
             Error::Internal(format!("task {} was leased without a lease", leased.id))
@@ -321,7 +406,7 @@ impl<S: Store> Coordinator<S> {
             patchset: leased.state.patchset,
             prompt,
             verification: self.settings.verifier.clone(),
-            budget_cents: self.policy().remaining_budget(&leased.state),
+            budget_cents,
             resume_session,
         };
         let pushed = {

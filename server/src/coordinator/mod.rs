@@ -303,12 +303,55 @@ impl<S: Store> Coordinator<S> {
         } else {
             self.store.commit_all(writes).await?
         };
+        let mut epics = Vec::new();
         for (decision, result) in decisions.iter().zip(&results) {
             if let Ok(committed) = result {
                 self.committed(decision, committed);
+                epics.extend(finished_child_of(decision, committed));
             }
         }
+        if !epics.is_empty() {
+            crate::failpoint::abort_at("before-epic-done");
+            self.settle_epics(epics).await?;
+        }
         Ok(results)
+    }
+
+    /// Marks Done each of `epics` whose children are all done or cancelled (at least one
+    /// done), then the epics above them the same way. The store keeps the children's figures
+    /// in the child's own transaction, so what is read here is exact; a crash before this
+    /// runs is made good at start-up ([`Coordinator::recover`]).
+    pub(crate) async fn settle_epics(&self, mut epics: Vec<crate::domain::TaskId>) -> Result<()> {
+        while let Some(id) = epics.pop() {
+            for _ in 0..MAX_CAS_ATTEMPTS {
+                let Some(epic) = self.store.get_task(&id).await? else {
+                    break;
+                };
+                let c = epic.children;
+                if !c.any()
+                    || c.unfinished() > 0
+                    || c.done == 0
+                    || !matches!(epic.state.status, TaskStatus::Open | TaskStatus::NeedsHelp)
+                {
+                    break;
+                }
+                let event = Event::ChildrenDone {
+                    done: c.done,
+                    cancelled: c.cancelled,
+                };
+                let decision = self.decide(&epic, &event)?;
+                match self.store.commit(decision.write.clone()).await {
+                    Ok(committed) => {
+                        self.committed(&decision, &committed);
+                        epics.extend(epic.parent.clone());
+                        break;
+                    }
+                    Err(Error::Conflict(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// After `decision` is persisted as `committed`: memory follows (the counts, the lease in
@@ -406,6 +449,14 @@ impl<S: Store> Coordinator<S> {
     }
 }
 
+/// The epic of a task that has just become done or cancelled: it may be done now.
+fn finished_child_of(decision: &Decision, committed: &Committed) -> Option<crate::domain::TaskId> {
+    let finished = |s: TaskStatus| matches!(s, TaskStatus::Done | TaskStatus::Cancelled);
+    (finished(committed.task.state.status) && !finished(decision.before.state.status))
+        .then(|| committed.task.parent.clone())
+        .flatten()
+}
+
 /// How the runs still running end when `event` happens to their task.
 fn run_end_for(event: &Event, message: &str) -> Option<RunEnd> {
     let infra = Some(FailureKind::Infrastructure);
@@ -422,6 +473,10 @@ fn run_end_for(event: &Event, message: &str) -> Option<RunEnd> {
         }
         Event::FoundLanded { commit } => Some(RunEnd::failure(
             format!("abandoned: the task's commit {commit} was found on the base"),
+            None,
+        )),
+        Event::BecameEpic => Some(RunEnd::failure(
+            "stopped: the task became an epic (its children do the work)".to_owned(),
             None,
         )),
         _ => None,

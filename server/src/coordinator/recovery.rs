@@ -131,6 +131,15 @@ impl<S: Store> Coordinator<S> {
         Ok(found)
     }
 
+    /// At start-up: epics whose children all finished just before a crash are marked Done
+    /// now. Returns how many were.
+    pub async fn settle_finished_epics(&self) -> Result<usize> {
+        let epics = self.store.finished_epics().await?;
+        let n = epics.len();
+        self.settle_epics(epics).await?;
+        Ok(n)
+    }
+
     /// Records `task` Done if its own landed commit is on `tip`; true if it was.
     pub(crate) async fn record_if_landed(&self, task: Task, tip: &CommitId) -> Result<bool> {
         let Some(commit) = self.repo.landed_on(&task.id, tip).await? else {

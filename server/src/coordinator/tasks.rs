@@ -21,7 +21,7 @@ pub struct TaskDetail {
     pub waiting_for: Vec<String>,
     /// The tasks whose parent it is, in lease order.
     pub children: Vec<(TaskId, TaskStatus)>,
-    /// What they have cost together, in cents.
+    /// What they have cost together, in cents (kept by the store).
     pub children_cost_cents: f64,
 }
 
@@ -85,7 +85,9 @@ impl Page {
 impl<S: Store> Coordinator<S> {
     pub async fn create_task(&self, new: NewTask) -> Result<Task> {
         self.refuse_cancelled(None, &new.depends_on).await?;
+        let working = self.check_parents(new.parent.as_slice()).await?;
         let task = self.store.create_task(new, self.now()).await?;
+        self.became_epics(working).await?;
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.add(TaskStatus::Open, 1);
         }
@@ -100,12 +102,24 @@ impl<S: Store> Coordinator<S> {
     /// Creates the tasks in order, all or none; a task may depend on one before it in the
     /// batch.
     pub async fn create_tasks(&self, new: Vec<NewTask>) -> Result<Vec<Task>> {
+        let (mut parents, mut working) = (Vec::<TaskId>::new(), Vec::new());
         for (i, task) in new.iter().enumerate() {
             self.refuse_cancelled(None, &task.depends_on)
                 .await
                 .map_err(|e| e.in_batch(i))?;
+            if let Some(parent) = &task.parent
+                && !parents.contains(parent)
+            {
+                working.extend(
+                    self.check_parents(std::slice::from_ref(parent))
+                        .await
+                        .map_err(|e| e.in_batch(i))?,
+                );
+                parents.push(parent.clone());
+            }
         }
         let created = self.store.create_tasks(new, self.now()).await?;
+        self.became_epics(working).await?;
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.add(TaskStatus::Open, created.len() as u64);
         }
@@ -173,8 +187,8 @@ impl<S: Store> Coordinator<S> {
                 known.insert(id.to_string(), status);
             }
         }
-        let ((capacity, labels), now) = (self.capacity(), self.now());
-        let pauses = self.pauses();
+        let caps = self.capped_epics(&tasks).await?;
+        let view = self.view();
         Ok(tasks
             .into_iter()
             .map(|task| {
@@ -183,26 +197,96 @@ impl<S: Store> Coordinator<S> {
                     .iter()
                     .filter_map(|d| known.get(d.as_str()).map(|s| (d.to_string(), *s)))
                     .collect();
-                let mut why: Vec<String> = lifecycle::held_by_pauses(
-                    task.state.status,
-                    pauses.0.as_deref(),
-                    pauses.1.as_deref(),
-                )
-                .into_iter()
-                .collect();
-                why.extend(paused_reason(&task));
-                why.extend(lifecycle::waiting_for(
-                    task.id.as_str(),
-                    &task.state,
-                    &deps,
-                    self.policy(),
-                    now,
-                    capacity,
-                    routing(&task, &labels),
-                ));
+                let why = self.reasons(&task, &deps, &view, &caps);
                 (task, why)
             })
             .collect())
+    }
+
+    /// The epics among the parents of `tasks` that needed help whose children have spent
+    /// their cap: (spent, cap) cents, each epic read once.
+    async fn capped_epics(
+        &self,
+        tasks: &[Task],
+    ) -> Result<std::collections::HashMap<TaskId, (f64, f64)>> {
+        let mut caps = std::collections::HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for parent in tasks
+            .iter()
+            .filter(|t| t.state.status == TaskStatus::NeedsHelp)
+            .filter_map(|t| t.parent.as_ref())
+        {
+            if !seen.insert(parent.clone()) {
+                continue;
+            }
+            if let Some(epic) = self.store.get_task(parent).await?
+                && let Some(cap) = self.policy().epic_cap(&epic.state)
+                && epic.children.cost_cents >= cap
+            {
+                caps.insert(parent.clone(), (epic.children.cost_cents, cap));
+            }
+        }
+        Ok(caps)
+    }
+
+    /// What the reasons a task waits depend on besides the task: the pauses, the runners, now.
+    fn view(&self) -> View {
+        let (capacity, taking) = self.capacity();
+        View {
+            pauses: self.pauses(),
+            capacity,
+            taking,
+            now: self.now(),
+        }
+    }
+
+    /// Why `task` is not moving: the queue's pauses, its own pause, then for an epic its
+    /// children, for another task what the lifecycle says (its dependencies with their
+    /// statuses `deps`, its back-off and limits, the runners) and its epic's cap (`caps`).
+    fn reasons(
+        &self,
+        task: &Task,
+        deps: &[(String, TaskStatus)],
+        view: &View,
+        caps: &std::collections::HashMap<TaskId, (f64, f64)>,
+    ) -> Vec<String> {
+        let (leases, landing) = (&view.pauses.0, &view.pauses.1);
+        let mut why: Vec<String> =
+            lifecycle::held_by_pauses(task.state.status, leases.as_deref(), landing.as_deref())
+                .into_iter()
+                .collect();
+        why.extend(paused_reason(task));
+        if task.children.any() {
+            why.extend(lifecycle::epic_waiting_for(
+                task.state.status,
+                &task.children,
+            ));
+            return why;
+        }
+        if let Some((epic, (spent, cap))) = task
+            .parent
+            .as_ref()
+            .and_then(|p| caps.get_key_value(p))
+            .filter(|_| task.state.status == TaskStatus::NeedsHelp)
+        {
+            why.push(lifecycle::epic_cap_reached(
+                task.id.as_str(),
+                epic.as_str(),
+                *spent,
+                *cap,
+            ));
+            return why;
+        }
+        why.extend(lifecycle::waiting_for(
+            task.id.as_str(),
+            &task.state,
+            deps,
+            self.policy(),
+            view.now,
+            view.capacity,
+            routing(task, &view.taking),
+        ));
+        why
     }
 
     pub async fn show_task(&self, id: &TaskId) -> Result<TaskDetail> {
@@ -210,7 +294,12 @@ impl<S: Store> Coordinator<S> {
         let runs = self.store.runs(id).await?;
         let events = self.store.events(id).await?;
         let waiting_for = self.waiting_for(&task).await?;
-        let (children, children_cost_cents) = self.children(id).await?;
+        let children = if task.children.any() {
+            self.children(id).await?
+        } else {
+            Vec::new()
+        };
+        let children_cost_cents = task.children.cost_cents;
         Ok(TaskDetail {
             task,
             runs,
@@ -222,21 +311,20 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// The tasks whose parent is `id`, in lease order, a page at a time from the index.
-    async fn children(&self, id: &TaskId) -> Result<(Vec<(TaskId, TaskStatus)>, f64)> {
+    async fn children(&self, id: &TaskId) -> Result<Vec<(TaskId, TaskStatus)>> {
         let filter = TaskFilter {
             status: None,
             parent: Some(id.clone()),
         };
-        let (mut children, mut cost) = (Vec::new(), 0.0);
+        let mut children = Vec::new();
         let mut after = None;
         loop {
             let page = self.store.list_tasks(&filter, after, 1000).await?;
             after = page.last().map(|t| (t.priority, t.seq));
             let last = page.len() < 1000;
-            cost += page.iter().map(|t| t.state.cost_cents).sum::<f64>();
             children.extend(page.into_iter().map(|t| (t.id, t.state.status)));
             if last {
-                return Ok((children, cost));
+                return Ok(children);
             }
         }
     }
@@ -250,23 +338,8 @@ impl<S: Store> Coordinator<S> {
             .into_iter()
             .map(|(id, s)| (id.to_string(), s))
             .collect();
-        let pauses = self.pauses();
-        let mut why: Vec<String> =
-            lifecycle::held_by_pauses(task.state.status, pauses.0.as_deref(), pauses.1.as_deref())
-                .into_iter()
-                .collect();
-        why.extend(paused_reason(task));
-        let (capacity, labels) = self.capacity();
-        why.extend(lifecycle::waiting_for(
-            task.id.as_str(),
-            &task.state,
-            &deps,
-            self.policy(),
-            self.now(),
-            capacity,
-            routing(task, &labels),
-        ));
-        Ok(why)
+        let caps = self.capped_epics(std::slice::from_ref(task)).await?;
+        Ok(self.reasons(task, &deps, &self.view(), &caps))
     }
 
     /// The reasons of the pauses in force: (new leases, landing).
@@ -309,6 +382,43 @@ impl<S: Store> Coordinator<S> {
                 scoped,
             },
         )
+    }
+
+    /// Refuses children for a task whose own work is over or waits to land (Verified, Done,
+    /// Cancelled): it cannot become an epic now. Returns those of `parents` an agent works on
+    /// (see [`Coordinator::became_epics`]).
+    async fn check_parents(&self, parents: &[TaskId]) -> Result<Vec<TaskId>> {
+        let mut working = Vec::new();
+        for (parent, status) in self.store.statuses(parents).await? {
+            let why = match status {
+                TaskStatus::Open | TaskStatus::NeedsHelp => continue,
+                TaskStatus::InProgress => {
+                    working.push(parent);
+                    continue;
+                }
+                TaskStatus::Verified => "its own commit is verified and waits to land",
+                TaskStatus::Done => "it is done",
+                TaskStatus::Cancelled => "it is cancelled (pipelinectl task retry it first)",
+            };
+            return Err(Error::FailedPrecondition(format!(
+                "task {parent} cannot take children: {why}; add the task without --parent"
+            )));
+        }
+        Ok(working)
+    }
+
+    /// Parents that were in progress when they got their first children: their agents stop
+    /// (not counted) and they wait as epics for their children.
+    async fn became_epics(&self, parents: Vec<TaskId>) -> Result<()> {
+        for parent in parents {
+            match self.transition(&parent, Event::BecameEpic).await {
+                Ok(_) => tracing::info!(task = %parent, "became an epic; its run was stopped"),
+                // It moved on meanwhile (its result came in): nothing to stop.
+                Err(Error::FailedPrecondition(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a dependency on a cancelled task: the dependent would wait for ever.
@@ -362,12 +472,24 @@ impl<S: Store> Coordinator<S> {
         // A write that lost its race to a transition is decided again on a fresh read.
         for _ in 0..3 {
             let task = self.get(id).await?;
-            lifecycle::editable(task.state.status).map_err(|why| {
+            lifecycle::editable(task.state.status, edit.next_attempt).map_err(|why| {
                 Error::FailedPrecondition(format!("task {id} cannot be edited: {why}"))
             })?;
+            let running = matches!(
+                task.state.status,
+                TaskStatus::InProgress | TaskStatus::Verified
+            );
             let event = NewEvent {
                 kind: "edited".to_owned(),
-                message: format!("{} changed by pipelinectl", edit.fields().join(", ")),
+                message: format!(
+                    "{} changed by pipelinectl{}",
+                    edit.fields().join(", "),
+                    if running {
+                        " (for its next attempt; the one under way keeps its prompt)"
+                    } else {
+                        ""
+                    }
+                ),
                 from: task.state.status,
                 to: task.state.status,
             };
@@ -536,6 +658,15 @@ fn routing<'a>(task: &'a Task, taking: &Taking) -> lifecycle::Routing<'a> {
 }
 
 /// What a person's pause of the task says, while it waits for a lease.
+/// What the reasons a task waits depend on besides the task itself.
+struct View {
+    /// The reasons of the pauses in force: (new leases, landing).
+    pauses: (Option<String>, Option<String>),
+    capacity: lifecycle::Capacity,
+    taking: Taking,
+    now: Millis,
+}
+
 fn paused_reason(task: &Task) -> Option<String> {
     let why = task.paused.as_deref()?;
     (task.state.status == TaskStatus::Open)

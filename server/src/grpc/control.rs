@@ -98,7 +98,12 @@ impl<S: Store> ControlService for ControlApi<S> {
         let id = task_id(&r.id)?;
         let edit = crate::domain::TaskEdit::new(r.title, r.description, r.namespace, r.priority)
             .and_then(|e| e.with_requires(r.set_requires.then_some(r.requires)))
+            .and_then(|e| e.with_max_cost(r.max_cost_cents))
             .and_then(crate::domain::TaskEdit::check_not_empty)
+            .map(|e| crate::domain::TaskEdit {
+                next_attempt: r.next_attempt,
+                ..e
+            })
             .map_err(status_from_error)?;
         let task = self
             .coordinator

@@ -89,6 +89,7 @@ impl From<&LogLine> for pb::LogLine {
             LogStream::Stderr => pb::LogStream::Stderr,
             LogStream::Runner => pb::LogStream::Runner,
             LogStream::Server => pb::LogStream::Server,
+            LogStream::Raw => pb::LogStream::Raw,
         };
         pb::LogLine {
             seq: l.seq,
@@ -110,9 +111,10 @@ pub(crate) fn log_line_from_pb(l: pb::LogLine) -> Result<LogLine, Status> {
         Ok(pb::LogStream::Stdout) => LogStream::Stdout,
         Ok(pb::LogStream::Stderr) => LogStream::Stderr,
         Ok(pb::LogStream::Runner) => LogStream::Runner,
+        Ok(pb::LogStream::Raw) => LogStream::Raw,
         _ => {
             return Err(Status::invalid_argument(
-                "a log line needs a stream: stdout, stderr or runner",
+                "a log line needs a stream: stdout, stderr, runner or raw",
             ));
         }
     };

@@ -3,7 +3,7 @@
 use std::cmp::Ordering;
 
 use super::Policy;
-use crate::domain::{Millis, TaskState, TaskStatus};
+use crate::domain::{Children, Millis, TaskState, TaskStatus};
 
 /// Whether a runner may lease the task now: it is Open, none of the tasks it depends on is
 /// still not Done (`deps_pending`, counted by the store), it is not in back-off, and it is
@@ -138,6 +138,38 @@ pub fn waiting_for(
     why
 }
 
+/// What holds an epic (a task with children), instead of what [`waiting_for`] says of a task
+/// a runner would take: its children.
+pub fn epic_waiting_for(status: TaskStatus, children: &Children) -> Vec<String> {
+    if !matches!(status, TaskStatus::Open | TaskStatus::NeedsHelp) {
+        return Vec::new();
+    }
+    if children.unfinished() == 0 && children.done == 0 {
+        return vec![format!(
+            "an epic whose {} children are all cancelled: retry one, add one, or cancel the \
+             epic",
+            children.total
+        )];
+    }
+    vec![format!(
+        "an epic: it is done when its children are ({} of {} done{})",
+        children.done,
+        children.total,
+        match children.cancelled {
+            0 => String::new(),
+            n => format!(", {n} cancelled"),
+        }
+    )]
+}
+
+/// What holds a child whose epic has spent its cap (`spent` of `cap` cents).
+pub fn epic_cap_reached(id: &str, epic: &str, spent: f64, cap: f64) -> String {
+    format!(
+        "its epic {epic} has spent {spent:.0} of its {cap:.0}-cent cap (pipelinectl task edit \
+         {epic} --max-cost CENTS, then pipelinectl task retry {id})"
+    )
+}
+
 /// What the queue's pauses hold back of a task with `status` (before what [`waiting_for`]
 /// says): new leases paused holds Open tasks, landing paused holds Verified ones.
 pub fn held_by_pauses(
@@ -167,16 +199,18 @@ pub fn lease_order(a: (u8, i64), b: (u8, i64)) -> Ordering {
 }
 
 /// Whether a person may edit a task in `status` (`task edit`): not while an agent works on it
-/// or its commit waits to land (the edit would not be what was built), and never once done.
-pub fn editable(status: TaskStatus) -> Result<(), String> {
+/// or its commit waits to land (the edit would not be what was built) unless the edit is for
+/// the next attempt (`next_attempt`), and never once done.
+pub fn editable(status: TaskStatus, next_attempt: bool) -> Result<(), String> {
     match status {
         TaskStatus::Open | TaskStatus::NeedsHelp | TaskStatus::Cancelled => Ok(()),
-        TaskStatus::InProgress => {
-            Err("an agent is working on it; cancel it first, or edit it after this attempt".into())
-        }
-        TaskStatus::Verified => {
-            Err("its commit is verified and waits to land; edit it if it is sent back".into())
-        }
+        TaskStatus::InProgress | TaskStatus::Verified if next_attempt => Ok(()),
+        TaskStatus::InProgress => Err("an agent is working on it; pass --next-attempt to \
+             apply the edit to its next attempt, or cancel it first"
+            .into()),
+        TaskStatus::Verified => Err("its commit is verified and waits to land; pass \
+             --next-attempt to apply the edit if it is sent back"
+            .into()),
         TaskStatus::Done => Err("it is done; create a new task for more work".into()),
     }
 }

@@ -14,13 +14,14 @@
 //! Open ──retries or cost cap exceeded──▶ NeedsHelp        any ──cancel──▶ Cancelled
 //! ```
 
-use crate::domain::{Millis, TaskState, TaskStatus};
+use crate::domain::{Children, Millis, TaskState, TaskStatus};
 
 mod eligibility;
 pub mod judge;
 
 pub use eligibility::{
-    Capacity, Routing, editable, held_by_pauses, leasable, lease_order, waiting_for,
+    Capacity, Routing, editable, epic_cap_reached, epic_waiting_for, held_by_pauses, leasable,
+    lease_order, waiting_for,
 };
 
 /// Back-off never exceeds this many seconds (as in the seed).
@@ -39,6 +40,9 @@ pub struct Policy {
     /// A task whose lease is lost this many times in a row (its runners died or were cut off
     /// while on it) needs help; 0 means no limit. Lost leases are not the task's failures.
     pub max_lost_leases: u32,
+    /// An epic's children stop being leased once together they have cost this many cents,
+    /// unless the epic has its own cap (`--max-cost` on it); 0 means no limit.
+    pub max_epic_cost_cents: f64,
 }
 
 impl Default for Policy {
@@ -48,6 +52,7 @@ impl Default for Policy {
             max_task_cost_cents: 0.0,
             backoff_base_secs: 10,
             max_lost_leases: 5,
+            max_epic_cost_cents: 0.0,
         }
     }
 }
@@ -77,6 +82,20 @@ impl Policy {
     pub fn over_cost_limit(&self, state: &TaskState) -> bool {
         self.cost_cap(state)
             .is_some_and(|cap| state.budget_spent() >= cap)
+    }
+
+    /// What an epic's children may still spend together, in cents: the epic's cap (its own
+    /// `--max-cost`, else the server's `--max-epic-cost`) less what they have cost, never
+    /// below 0; `None` when there is no cap.
+    pub fn epic_remaining(&self, epic: &TaskState, children: &Children) -> Option<f64> {
+        self.epic_cap(epic)
+            .map(|cap| (cap - children.cost_cents).max(0.0))
+    }
+
+    /// An epic's cap on its children's cost together, in cents; `None` for no cap.
+    pub fn epic_cap(&self, epic: &TaskState) -> Option<f64> {
+        epic.max_cost_cents
+            .or((self.max_epic_cost_cents > 0.0).then_some(self.max_epic_cost_cents))
     }
 
     /// The task's cost cap in cents: its own (`task add --max-cost`), else the server's
@@ -130,6 +149,15 @@ pub enum Event {
     /// The task's own landed commit (the server's record of it) is on the base, although the
     /// task is not Done (the database lost that, e.g. rolled back after a power loss).
     FoundLanded { commit: String },
+    /// The task is an epic and every one of its children is done or cancelled, at least one
+    /// done.
+    ChildrenDone { done: u32, cancelled: u32 },
+    /// The task's epic has spent its cap (its children's cost together): it is not leased
+    /// again until a person raises the cap or retries it.
+    EpicCapReached { epic: String, spent: f64, cap: f64 },
+    /// A child was added while the task was in progress: it is an epic now, so its run stops
+    /// (not counted: nothing failed) and its children do the work.
+    BecameEpic,
 }
 
 impl Event {
@@ -148,6 +176,9 @@ impl Event {
             Event::Retry { .. } => "retried",
             Event::Recover => "recovered",
             Event::FoundLanded { .. } => "found_landed",
+            Event::ChildrenDone { .. } => "children_done",
+            Event::EpicCapReached { .. } => "epic_cap",
+            Event::BecameEpic => "became_epic",
         }
     }
 
@@ -163,6 +194,9 @@ impl Event {
             Event::Retry { .. } => "retry",
             Event::Recover => "recover",
             Event::FoundLanded { .. } => "record the landing of",
+            Event::ChildrenDone { .. } => "complete the children of",
+            Event::EpicCapReached { .. } => "stop at its epic's cap",
+            Event::BecameEpic => "make an epic of",
         }
     }
 }
@@ -376,6 +410,39 @@ pub fn apply(
                 effects,
             )
         }
+        (Open | NeedsHelp, Event::ChildrenDone { done, cancelled }) => {
+            next.status = Done;
+            next.feedback = None;
+            next.backoff_until = None;
+            let cancelled = match cancelled {
+                0 => String::new(),
+                n => format!(", {n} cancelled"),
+            };
+            (
+                format!("its children are done ({done} done{cancelled}), so the epic is done"),
+                vec![Effect::DependentsUnblocked, Effect::WakeScheduler],
+            )
+        }
+        (Open, Event::EpicCapReached { epic, spent, cap }) => {
+            next.status = NeedsHelp;
+            next.backoff_until = None;
+            (
+                format!(
+                    "needs help: its epic {epic} has spent {spent:.0} of its {cap:.0}-cent cap \
+                     (raise it with pipelinectl task edit {epic} --max-cost CENTS, then retry)"
+                ),
+                vec![],
+            )
+        }
+        (InProgress, Event::BecameEpic) => {
+            next.status = Open;
+            (
+                "it has children now, so it is an epic: its run was stopped (not counted) and \
+                 its children do the work"
+                    .to_owned(),
+                vec![Effect::StopRun, Effect::WakeScheduler],
+            )
+        }
         (InProgress, Event::Recover) => {
             next.status = Open;
             (
@@ -513,6 +580,7 @@ mod tests {
             max_task_cost_cents: 0.0,
             backoff_base_secs: 10,
             max_lost_leases: 2,
+            max_epic_cost_cents: 0.0,
         }
     }
 
@@ -776,6 +844,63 @@ mod tests {
         over.status = NeedsHelp;
         let t = apply(&over, &RETRY, &p, NOW).expect("applies");
         assert!(leasable(&t.state, 0, &p, NOW));
+    }
+
+    #[test]
+    fn an_epic_is_done_with_its_children_and_caps_them_together() {
+        let p = policy();
+        let done = Event::ChildrenDone {
+            done: 2,
+            cancelled: 1,
+        };
+        for from in [Open, NeedsHelp] {
+            let t = apply(&state(from), &done, &p, NOW).expect("applies");
+            assert_eq!(t.state.status, Done);
+            assert!(t.effects.contains(&Effect::DependentsUnblocked));
+            assert!(t.message.contains("2 done, 1 cancelled"), "{}", t.message);
+        }
+        for from in [InProgress, Verified, Done, Cancelled] {
+            assert!(apply(&state(from), &done, &p, NOW).is_err(), "{from}");
+        }
+        // Its cap: its own, else the server's; what is left never goes below 0.
+        let children = Children {
+            total: 3,
+            cost_cents: 80.0,
+            ..Children::default()
+        };
+        assert_eq!(p.epic_remaining(&state(Open), &children), None);
+        let server = Policy {
+            max_epic_cost_cents: 100.0,
+            ..policy()
+        };
+        assert_eq!(server.epic_remaining(&state(Open), &children), Some(20.0));
+        let own = TaskState {
+            max_cost_cents: Some(50.0),
+            ..state(Open)
+        };
+        assert_eq!(server.epic_remaining(&own, &children), Some(0.0));
+        let capped = Event::EpicCapReached {
+            epic: "e-1".into(),
+            spent: 80.0,
+            cap: 50.0,
+        };
+        let t = apply(&state(Open), &capped, &p, NOW).expect("applies");
+        assert_eq!(t.state.status, NeedsHelp);
+        assert_eq!(t.state.failures, 0, "not a failure of its own");
+        assert!(
+            t.message.contains("e-1 has spent 80 of its 50-cent cap"),
+            "{}",
+            t.message
+        );
+        // A task that gets children while an agent works on it stops, uncounted.
+        let t = apply(&state(InProgress), &Event::BecameEpic, &p, NOW).expect("applies");
+        assert_eq!((t.state.status, t.state.failures), (Open, 0));
+        assert!(t.effects.contains(&Effect::StopRun));
+        // An edit for the next attempt may reach a task under way, never a done one.
+        assert!(editable(InProgress, false).is_err());
+        assert!(editable(InProgress, true).is_ok());
+        assert!(editable(Verified, true).is_ok());
+        assert!(editable(Done, true).is_err());
     }
 
     #[test]
@@ -1152,6 +1277,7 @@ mod tests {
                             max_task_cost_cents,
                             backoff_base_secs,
                             max_lost_leases,
+                            max_epic_cost_cents: 0.0,
                         }
                     },
                 )

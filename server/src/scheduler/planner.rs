@@ -94,6 +94,7 @@ mod tests {
             requires: vec![],
             paused: None,
             deps_pending: 0,
+            children: Default::default(),
             state: TaskState::new(),
             lease: None,
             lease_epoch: 0,

@@ -197,7 +197,10 @@ impl Tables {
         task.version += 1;
         task.updated_at = w.at;
         task.depends_on = w.depends_on.clone();
-        self.tasks.insert(task.id.clone(), task.clone());
+        let before = self.tasks.insert(task.id.clone(), task.clone());
+        if let (Some(before), Some(parent)) = (before, task.parent.clone()) {
+            self.child_moved(&parent, Some(&before), &task);
+        }
         if task.state.status == TaskStatus::Done && w.event.from != TaskStatus::Done {
             let dependents: Vec<TaskId> = self
                 .deps
@@ -266,6 +269,33 @@ impl Tables {
     }
 }
 
+impl Tables {
+    /// What the SQLite store's triggers do: the parent's children figures follow a child that
+    /// was created (`before` none) or changed, and its version moves.
+    fn child_moved(&mut self, parent: &TaskId, before: Option<&Task>, after: &Task) {
+        let Some(p) = self.tasks.get_mut(parent) else {
+            return;
+        };
+        let is =
+            |t: Option<&Task>, s: TaskStatus| u32::from(t.is_some_and(|t| t.state.status == s));
+        let cost = |t: Option<&Task>| t.map_or(0.0, |t| t.state.cost_cents);
+        if before.is_some()
+            && before.map(|b| (b.state.status, b.state.cost_cents))
+                == Some((after.state.status, after.state.cost_cents))
+        {
+            return;
+        }
+        let c = &mut p.children;
+        c.total += u32::from(before.is_none());
+        c.done = (c.done + is(Some(after), TaskStatus::Done))
+            .saturating_sub(is(before, TaskStatus::Done));
+        c.cancelled = (c.cancelled + is(Some(after), TaskStatus::Cancelled))
+            .saturating_sub(is(before, TaskStatus::Cancelled));
+        c.cost_cents += cost(Some(after)) - cost(before);
+        p.version += 1;
+    }
+}
+
 impl Store for MemoryStore {
     async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
         let mut t = self.lock();
@@ -323,6 +353,7 @@ impl Store for MemoryStore {
             requires: new.requires.clone(),
             paused,
             deps_pending: 0,
+            children: Default::default(),
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,
                 ..TaskState::new()
@@ -336,6 +367,10 @@ impl Store for MemoryStore {
             created_at: now,
             updated_at: now,
         };
+        if let Some(parent) = &task.parent {
+            let parent = parent.clone();
+            t.child_moved(&parent, None, &task);
+        }
         t.tasks.insert(id.clone(), task);
         for dep in &new.depends_on {
             t.deps.push((id.clone(), dep.clone()));
@@ -476,6 +511,9 @@ impl Store for MemoryStore {
         if let Some(requires) = &edit.requires {
             task.requires = requires.clone();
         }
+        if let Some(cap) = edit.max_cost_cents {
+            task.state.max_cost_cents = Some(cap);
+        }
         task.version += 1;
         task.updated_at = now;
         let edited = task.clone();
@@ -602,6 +640,7 @@ impl Store for MemoryStore {
             task.state.status == TaskStatus::Open
                 && task.deps_pending == 0
                 && task.paused.is_none()
+                && !task.children.any()
                 && task.state.backoff_until.is_none_or(|u| u <= now)
                 && after.is_none_or(|a| (task.priority, task.seq) > a)
         });
@@ -613,6 +652,20 @@ impl Store for MemoryStore {
         Ok(self
             .lock()
             .sorted(|t| t.state.status == TaskStatus::Verified))
+    }
+
+    async fn finished_epics(&self) -> Result<Vec<TaskId>> {
+        Ok(self
+            .lock()
+            .sorted(|t| {
+                t.children.any()
+                    && t.children.unfinished() == 0
+                    && t.children.done > 0
+                    && matches!(t.state.status, TaskStatus::Open | TaskStatus::NeedsHelp)
+            })
+            .into_iter()
+            .map(|t| t.id)
+            .collect())
     }
 
     async fn unfinished(&self) -> Result<Vec<Task>> {

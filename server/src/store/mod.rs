@@ -258,6 +258,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// could concern.
     fn unfinished(&self) -> impl Future<Output = Result<Vec<Task>>> + Send;
 
+    /// Epics (tasks with children) that are Open or NeedsHelp although every child is done or
+    /// cancelled, one at least done: those a crash kept from being marked Done.
+    fn finished_epics(&self) -> impl Future<Output = Result<Vec<TaskId>>> + Send;
+
     /// The statuses of the tasks among `ids` that exist.
     fn statuses(
         &self,

@@ -21,8 +21,8 @@ use super::{
     TrainStat, UsageBucket,
 };
 use crate::domain::{
-    CostSource, FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run, RunStatus,
-    StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskState, TaskStatus, Usage,
+    Children, CostSource, FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run,
+    RunStatus, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskState, TaskStatus, Usage,
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::{CommitId, TreeId};
@@ -221,6 +221,10 @@ struct TaskRow {
     requires: String,
     max_cost_cents: Option<f64>,
     paused: Option<String>,
+    children: i64,
+    children_done: i64,
+    children_cancelled: i64,
+    children_cost_cents: f64,
 }
 
 /// A task row with its dependencies joined into one column.
@@ -258,7 +262,8 @@ const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priori
      status, patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, \
      feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
      lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
-     created_at, updated_at, requires, max_cost_cents, paused";
+     created_at, updated_at, requires, max_cost_cents, paused, children, children_done, \
+     children_cancelled, children_cost_cents";
 
 /// One page of `columns` of the tasks matching `filter` in lease order, after the key
 /// (`?1` priority, `?2` seq), at most `?3` rows; `filter` binds from `?4` (but see
@@ -284,7 +289,7 @@ const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, pa
      patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
      avoid_runner, verified_tree, deps_pending, version, created_at, updated_at, requires, \
-     max_cost_cents, paused";
+     max_cost_cents, paused, children, children_done, children_cancelled, children_cost_cents";
 
 /// What a task requires of its runner, as stored: its labels joined by U+001F, which no label
 /// holds ([`crate::domain::validate_requires`]); empty for none.
@@ -360,6 +365,12 @@ impl TaskRow {
             requires: split_requires(&self.requires),
             paused: self.paused,
             deps_pending: to_u32("pending dependency count", self.deps_pending)?,
+            children: Children {
+                total: to_u32("child count", self.children)?,
+                done: to_u32("done child count", self.children_done)?,
+                cancelled: to_u32("cancelled child count", self.children_cancelled)?,
+                cost_cents: self.children_cost_cents,
+            },
             state: TaskState {
                 status: stored_status(&self.status)?,
                 patchset: to_u32("patchset", self.patchset)?,
@@ -1007,6 +1018,13 @@ async fn insert_tasks(
     }
     ids.store(&mut *tx).await?;
 
+    // A task of the list with children later in it is an epic from the start.
+    let mut children: HashMap<TaskId, u32> = HashMap::new();
+    for (_, t, _) in &rows {
+        if let Some(parent) = &t.parent {
+            *children.entry(parent.clone()).or_default() += 1;
+        }
+    }
     let mut created = Vec::with_capacity(rows.len());
     for ((id, mut new, deps_pending), message) in rows.into_iter().zip(messages) {
         let (Some(&seq), Some(&event_id)) = (seqs.get(id.as_str()), event_ids.get(id.as_str()))
@@ -1034,6 +1052,10 @@ async fn insert_tasks(
             },
             requires: new.requires,
             deps_pending,
+            children: Children {
+                total: children.get(&id).copied().unwrap_or(0),
+                ..Children::default()
+            },
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,
                 ..TaskState::new()
@@ -1257,7 +1279,8 @@ impl Store for SqliteStore {
                    namespace = CASE WHEN ?3 THEN ?4 ELSE namespace END, \
                    priority = coalesce(?5, priority), \
                    version = version + 1, updated_at = ?6, \
-                   requires = coalesce(?9, requires) \
+                   requires = coalesce(?9, requires), \
+                   max_cost_cents = coalesce(?10, max_cost_cents) \
                  WHERE id = ?7 AND version = ?8",
             )
             .bind(edit.title.as_deref())
@@ -1269,6 +1292,7 @@ impl Store for SqliteStore {
             .bind(id.as_str())
             .bind(version)
             .bind(edit.requires.as_deref().map(join_requires))
+            .bind(edit.max_cost_cents)
             .execute(&mut *tx)
             .await?;
             if changed.rows_affected() == 0 {
@@ -1335,13 +1359,13 @@ impl Store for SqliteStore {
         after: Option<(u8, i64)>,
         limit: u32,
     ) -> Result<Vec<Task>> {
-        // An index range (tasks_ready, which leaves paused tasks out): no blocked or paused
-        // task is read. Their dependencies come in the same statement, joined by a separator
+        // An index range (tasks_ready, which leaves paused tasks and epics out): no blocked,
+        // paused or epic task is read. Their dependencies come in the same statement, joined by a separator
         // no ID holds.
         let (priority, seq) = after.map_or((-1, -1), |(p, s)| (i64::from(p), s));
         let rows = sqlx::query(&keyset_page(
             &format!("{TASK_COLUMNS}, {DEPS_COLUMN}"),
-            "status = 'open' AND deps_pending = 0 AND paused IS NULL \
+            "status = 'open' AND deps_pending = 0 AND paused IS NULL AND children = 0 \
              AND (backoff_until IS NULL OR backoff_until <= ?4)",
         ))
         .bind(priority)
@@ -1361,6 +1385,17 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         candidates(rows)
+    }
+
+    async fn finished_epics(&self) -> Result<Vec<TaskId>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM tasks INDEXED BY tasks_epics \
+             WHERE children > 0 AND status IN ('open', 'needs_help') AND children_done > 0 \
+             AND children_done + children_cancelled = children ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter().map(|id| stored_id(id)).collect()
     }
 
     async fn unfinished(&self) -> Result<Vec<Task>> {

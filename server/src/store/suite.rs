@@ -3,8 +3,8 @@
 //! `(guard, store)` over a fresh, empty database.
 
 use crate::domain::{
-    CostSource, LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId, TaskState, TaskStatus,
-    Usage,
+    Children, CostSource, LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId, TaskState,
+    TaskStatus, Usage,
 };
 use crate::error::Error;
 use crate::store::{
@@ -73,6 +73,7 @@ fn ghost(raw: &str) -> Task {
         requires: vec![],
         paused: None,
         deps_pending: 0,
+        children: Default::default(),
         state: TaskState::new(),
         lease: None,
         lease_epoch: 0,
@@ -103,6 +104,7 @@ macro_rules! store_test_suite {
             keeps_usage_and_sums_it_by_time,
             counts_by_status,
             counts_pending_dependencies,
+            keeps_an_epics_children_figures,
             keeps_meta,
             offers_lease_candidates_out_of_back_off_with_dependencies_done,
             keeps_an_integration_journal,
@@ -377,7 +379,11 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
             .filter(|t| t.parent.as_ref() == Some(&epic) || t.id == epic)
             .count()
     };
-    assert_eq!(ready().await, 6);
+    assert_eq!(
+        ready().await,
+        5,
+        "its children; an epic is never a candidate"
+    );
     let paused = store
         .set_paused(&epic, Some("hold"), "paused", 7)
         .await
@@ -415,7 +421,7 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
         .await
         .expect("resume");
     assert_eq!(resumed, 7);
-    assert_eq!(ready().await, 7);
+    assert_eq!(ready().await, 6);
     let events = store.events(&child[0].id).await.expect("events");
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["created", "paused", "resumed"]);
@@ -650,6 +656,81 @@ pub async fn transitions_are_compare_and_swap<S: Store>(store: &S) {
             ("test", Some(TaskStatus::Open), TaskStatus::InProgress)
         ]
     );
+}
+
+pub async fn keeps_an_epics_children_figures<S: Store>(store: &S) {
+    let epic = create(store, "the epic").await;
+    assert!(!epic.children.any());
+    let child = |title: &str| {
+        let mut t = new_task(None, title, 2, &[]);
+        t.parent = Some(epic.id.clone());
+        t
+    };
+    let a = store.create_task(child("a"), 2).await.expect("a");
+    let batch = store
+        .create_tasks(vec![child("b"), child("c")], 3)
+        .await
+        .expect("b, c");
+    let (b, c) = (&batch[0].0, &batch[1].0);
+    let read = || async { store.get_task(&epic.id).await.expect("get").expect("epic") };
+    let now = read().await;
+    assert_eq!((now.children.total, now.children.unfinished()), (3, 3));
+    assert!(
+        now.version > epic.version,
+        "a new child is a change to its epic"
+    );
+    let candidates = store
+        .lease_candidates(i64::MAX, None, 100)
+        .await
+        .expect("candidates");
+    assert!(
+        candidates.iter().all(|t| t.id != epic.id),
+        "an epic is never a lease candidate"
+    );
+    assert_eq!(candidates.len(), 3);
+    // Costs and endings of the children add up on the epic, in the child's own write.
+    let spent = TaskState {
+        cost_cents: 12.5,
+        ..a.state.clone()
+    };
+    let a = store
+        .commit(write(&a, spent, "dev_failed", 4))
+        .await
+        .expect("cost")
+        .task;
+    let a = transition(store, &a, TaskStatus::Done)
+        .await
+        .expect("a done");
+    transition(store, b, TaskStatus::Cancelled)
+        .await
+        .expect("b cancelled");
+    let now = read().await;
+    assert_eq!(
+        now.children,
+        Children {
+            total: 3,
+            done: 1,
+            cancelled: 1,
+            cost_cents: 12.5
+        }
+    );
+    assert!(store.finished_epics().await.expect("epics").is_empty());
+    transition(store, c, TaskStatus::Done)
+        .await
+        .expect("c done");
+    assert_eq!(
+        store.finished_epics().await.expect("epics"),
+        std::slice::from_ref(&epic.id),
+        "every child is done or cancelled"
+    );
+    // A child sent back (a retry of a cancelled one) is unfinished again.
+    let b = store.get_task(&b.id).await.expect("get").expect("b");
+    transition(store, &b, TaskStatus::Open)
+        .await
+        .expect("b reopened");
+    assert_eq!(read().await.children.unfinished(), 1);
+    assert!(store.finished_epics().await.expect("epics").is_empty());
+    assert_eq!(a.state.status, TaskStatus::Done);
 }
 
 pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
