@@ -429,8 +429,13 @@ impl Client {
     }
 
     /// Every task transition, live.
-    pub async fn watch(&mut self) -> Result<Feed<pb::TaskTransition>, Failure> {
-        let r = self.inner.watch(pb::WatchRequest {}).await;
+    /// Every task transition after the history entry `after_event`, or from now on (then the
+    /// first item is only where the stream starts: an empty task ID and its `event_id`).
+    pub async fn watch(
+        &mut self,
+        after_event: Option<i64>,
+    ) -> Result<Feed<pb::TaskTransition>, Failure> {
+        let r = self.inner.watch(pb::WatchRequest { after_event }).await;
         r.map(|r| self.feed(r)).map_err(|s| self.failure(s))
     }
 

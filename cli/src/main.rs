@@ -600,30 +600,53 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             }
             // Each task's parent, looked up once, for --parent.
             let mut parents: std::collections::HashMap<String, Option<String>> = Default::default();
-            let mut transitions = client.watch().await?;
-            while let Some(t) = transitions.next().await? {
-                if task.as_ref().is_some_and(|id| *id != t.task_id)
-                    || status.is_some_and(|s| s != t.to)
-                {
-                    continue;
-                }
-                if let Some(epic) = &parent
-                    && *epic != t.task_id
-                {
-                    let of = match parents.get(&t.task_id) {
-                        Some(p) => p.clone(),
-                        None => {
-                            let p = client.get_task(t.task_id.clone()).await?.task.parent;
-                            parents.insert(t.task_id.clone(), p.clone());
-                            p
+            // A server that goes away is waited for, and the watch goes on after the last
+            // transition it sent (none lost, none twice).
+            let mut last: Option<i64> = None;
+            let mut pause = std::time::Duration::from_millis(200);
+            loop {
+                let read = async {
+                    let mut transitions = client.watch(last).await?;
+                    while let Some(t) = transitions.next().await? {
+                        let t: model::Transition = t;
+                        last = Some(t.event_id);
+                        pause = std::time::Duration::from_millis(200);
+                        if t.task_id.is_empty()
+                            || task.as_ref().is_some_and(|id| *id != t.task_id)
+                            || status.is_some_and(|s| s != t.to)
+                        {
+                            continue;
                         }
-                    };
-                    if of.as_ref() != Some(epic) {
-                        continue;
+                        if let Some(epic) = &parent
+                            && *epic != t.task_id
+                        {
+                            let of = match parents.get(&t.task_id) {
+                                Some(p) => p.clone(),
+                                None => {
+                                    let p = client.get_task(t.task_id.clone()).await?.task.parent;
+                                    parents.insert(t.task_id.clone(), p.clone());
+                                    p
+                                }
+                            };
+                            if of.as_ref() != Some(epic) {
+                                continue;
+                            }
+                        }
+                        output::transition(out, &t, format)?;
+                        out.flush()?;
                     }
+                    Ok::<(), Stop>(())
+                };
+                match read.await {
+                    // The server ended the stream (it is stopping): watch again.
+                    Ok(()) => {}
+                    Err(Stop::Failed(f)) if f.exit_code == client::exit::UNAVAILABLE => {
+                        eprintln!("pipelinectl: {}; waiting for it", f.message);
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                    }
+                    Err(other) => return Err(other),
                 }
-                output::transition(out, &t, format)?;
-                out.flush()?;
             }
         }
         Command::Explain { id } => {

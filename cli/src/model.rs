@@ -473,6 +473,8 @@ pub enum LogItem {
 /// A task's transition, as `watch` prints it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
+    /// Its place in the server's history (a watch that reconnects goes on after it).
+    pub event_id: i64,
     pub task_id: String,
     pub at_ms: i64,
     pub kind: String,

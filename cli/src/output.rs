@@ -366,8 +366,13 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
                 w.position.to_string(),
                 w.id.clone(),
                 w.status.word().to_owned(),
-                w.eta_seconds
-                    .map_or_else(|| "-".to_owned(), |s| format!("~{}s", s.round())),
+                w.eta_seconds.map_or_else(
+                    || "-".to_owned(),
+                    |s| match w.status {
+                        TaskStatus::Verified => format!("lands ~{}s", s.round()),
+                        _ => format!("starts ~{}s", s.round()),
+                    },
+                ),
                 if w.waiting_for.is_empty() {
                     "-".to_owned()
                 } else {
@@ -376,11 +381,7 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
             ]
         })
         .collect();
-    print_table(
-        out,
-        &["#", "ID", "STATUS", "LANDS IN", "WAITING FOR"],
-        &rows,
-    )
+    print_table(out, &["#", "ID", "STATUS", "ETA", "WAITING FOR"], &rows)
 }
 
 const TASK_LIST_HEADER: [&str; 7] = [
@@ -1164,6 +1165,13 @@ mod snapshots {
             waiting: vec![
                 waiting("t-4", TaskStatus::Verified, 1, Some(12.4), &[]),
                 waiting("t-5", TaskStatus::Open, 2, None, &["t-4 to be done"]),
+                waiting(
+                    "t-6",
+                    TaskStatus::Open,
+                    3,
+                    Some(95.0),
+                    &["every slot is busy"],
+                ),
             ],
             landing: Landing::Running,
             queue_paused: false,
@@ -1595,6 +1603,7 @@ mod snapshots {
     fn transitions() -> Vec<Transition> {
         vec![
             Transition {
+                event_id: 1,
                 task_id: "t-1".into(),
                 at_ms: at(0),
                 kind: "created".into(),
@@ -1603,6 +1612,7 @@ mod snapshots {
                 message: String::new(),
             },
             Transition {
+                event_id: 1,
                 task_id: "t-1".into(),
                 at_ms: at(42),
                 kind: "dev_failed".into(),

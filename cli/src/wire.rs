@@ -375,6 +375,7 @@ pub fn log_item(msg: pb::TaskLogsResponse) -> Option<LogItem> {
 impl From<pb::TaskTransition> for Transition {
     fn from(t: pb::TaskTransition) -> Self {
         Transition {
+            event_id: t.event_id,
             task_id: t.task_id,
             at_ms: t.at_ms,
             kind: t.kind,
@@ -424,8 +425,10 @@ mod tests {
             from_status: 0,
             to_status: pb::TaskStatus::Open.into(),
             message: String::new(),
+            event_id: 9,
         });
         assert_eq!(t.from, None);
+        assert_eq!(t.event_id, 9);
         assert_eq!(t.to, TaskStatus::Open);
         assert_eq!(
             from_status(pb::TaskStatus::Done.into()),

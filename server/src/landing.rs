@@ -76,12 +76,39 @@ pub struct Landing {
     /// Trains that ended within the window (and the last few, whatever their age, for the
     /// estimates), oldest first.
     recent: VecDeque<TrainStat>,
+    /// How long the last dev runs took (lease to result), oldest first, for when an open task
+    /// will start; only those since the server started.
+    dev_ms: VecDeque<Millis>,
 }
 
 /// How many finished trains the estimates use at least, however old.
 const KEEP_FOR_ESTIMATES: usize = 16;
 
 impl Landing {
+    /// Records how long a dev run took, from its lease to its result.
+    pub fn record_dev(&mut self, ms: Millis) {
+        self.dev_ms.push_back(ms.max(0));
+        while self.dev_ms.len() > KEEP_FOR_ESTIMATES {
+            self.dev_ms.pop_front();
+        }
+    }
+
+    /// An estimate of when the open task that is `position`th (0: next) in lease order among
+    /// those only waiting for a slot starts, with `free` slots free of `slots` in all: at once
+    /// while slots are free, then one recent dev run's time per round of the slots; `None`
+    /// without slots or a finished dev run to go by.
+    pub fn start_eta_secs(&self, position: usize, free: u32, slots: u32) -> Option<f64> {
+        if position < free as usize {
+            return Some(0.0);
+        }
+        if slots == 0 || self.dev_ms.is_empty() {
+            return None;
+        }
+        let per_run = self.dev_ms.iter().sum::<Millis>() as f64 / 1000.0 / self.dev_ms.len() as f64;
+        let rounds = (position - free as usize) / slots as usize + 1;
+        Some(per_run * rounds as f64)
+    }
+
     /// Records a finished train.
     pub fn record(&mut self, stat: TrainStat, now: Millis) {
         self.recent.push_back(stat);
@@ -186,5 +213,26 @@ mod tests {
             step: "building".into(),
         });
         assert_eq!(l.eta_secs(0, 8), Some(6.0));
+    }
+
+    #[test]
+    fn an_open_task_starts_at_once_on_a_free_slot_then_a_run_later_per_round() {
+        let mut l = Landing::default();
+        assert_eq!(l.start_eta_secs(0, 1, 2), Some(0.0), "a free slot");
+        assert_eq!(l.start_eta_secs(1, 1, 2), None, "no run to go by yet");
+        l.record_dev(2_000);
+        l.record_dev(4_000);
+        assert_eq!(l.start_eta_secs(1, 1, 2), Some(3.0));
+        assert_eq!(l.start_eta_secs(2, 1, 2), Some(3.0));
+        assert_eq!(l.start_eta_secs(3, 1, 2), Some(6.0));
+        assert_eq!(l.start_eta_secs(0, 0, 0), None, "no slot at all");
+        for _ in 0..40 {
+            l.record_dev(10_000);
+        }
+        assert_eq!(
+            l.start_eta_secs(0, 0, 1),
+            Some(10.0),
+            "the recent runs only"
+        );
     }
 }

@@ -140,6 +140,41 @@ fn watch_filters_by_task_and_status() {
 }
 
 #[test]
+fn watch_waits_for_a_restarted_server_and_goes_on_where_it_was() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let addr = server.addr.clone();
+    let before = server.add(&["--title", "before the watch"]);
+    let watch = ctl_in_background(&server.url, &["watch"]);
+    // The first line the watch prints is the task created after it started.
+    let first = server.add(&["--title", "while watching"]);
+    watch
+        .wait_for_line(&format!("{first} - -> open (created)"))
+        .expect("the first transition");
+    server.kill();
+    watch
+        .wait_for_line("waiting for it")
+        .expect("says it waits for the server");
+    // What happens before the watch reconnects is not lost: it comes first, once.
+    let server = Server::start(&repo, &["--listen", &addr]);
+    let during = server.add(&["--title", "while it was away"]);
+    server.ctl(&["task", "cancel", &during]).ok();
+    watch
+        .wait_for_line(&format!("{during} open -> cancelled (cancelled)"))
+        .expect("the transitions after the restart");
+    let log = watch.log();
+    for (id, times) in [(&before, 0), (&first, 1), (&during, 2)] {
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains(&format!(" {id} ")))
+                .count(),
+            times,
+            "{id}: {log}"
+        );
+    }
+}
+
+#[test]
 fn logs_follow_waits_for_a_restarted_server_and_prints_each_line_once() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--lease-ttl", "10"]);
@@ -717,4 +752,40 @@ fn an_epics_cap_stops_leasing_its_children_until_raised() {
     server
         .ctl(&["task", "edit", &epic, "--max-cost", "0"])
         .refused(2, "invalid --max-cost 0");
+}
+
+#[test]
+fn queue_estimates_when_open_tasks_start_from_free_slots_and_recent_runs() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _r = runner(&repo, &server, "r");
+    // One run to go by.
+    let first = server.add(&["--title", "first"]);
+    server.wait_status(&first, "done");
+    let busy = server.add(&["--title", "busy", "--description", "MODE: wait"]);
+    repo.wait_agent(&busy);
+    let next = server.add(&["--title", "next"]);
+    let after = server.add(&["--title", "after"]);
+    let blocked = server.add(&["--title", "blocked", "--depends-on", &after]);
+    let queue = server.ctl(&["queue", "--json"]).json();
+    let eta = |id: &str| {
+        queue["waiting"]
+            .as_array()
+            .and_then(|w| w.iter().find(|t| t["id"] == id))
+            .map(|t| t["eta_seconds"].clone())
+            .unwrap_or_else(|| panic!("{id} in {queue}"))
+    };
+    let (n, a) = (
+        eta(&next).as_f64().expect("an estimate"),
+        eta(&after).as_f64().expect("an estimate"),
+    );
+    assert!(
+        n >= 0.0 && a >= 2.0 * n - 1e-9,
+        "one run per slot round: {queue}"
+    );
+    assert_eq!(eta(&blocked), Value::Null, "it waits for more than a slot");
+    let text = server.ctl(&["queue"]).ok();
+    assert!(text.contains("starts ~"), "{text}");
+    repo.release_agents();
+    server.wait_status(&blocked, "done");
 }

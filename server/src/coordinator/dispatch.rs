@@ -419,6 +419,7 @@ impl<S: Store> Coordinator<S> {
                     runner_id: runner_id.to_owned(),
                     runner: runner_name.to_owned(),
                     expires_at: self.now() + self.settings.lease_ttl_ms,
+                    leased_at: self.now(),
                     run_id,
                     verify_run_id: None,
                     last_seq: 0,

@@ -397,10 +397,14 @@ impl<S: Store> Coordinator<S> {
         {
             let live = self.registry().remove_lease(&old.id);
             if let Some(live) = live {
-                if !matches!(
+                let result = matches!(
                     write.event.kind.as_str(),
                     "verified" | "dev_failed" | "verify_failed"
-                ) {
+                );
+                if result {
+                    // How long a dev run takes, for when the open tasks will start.
+                    self.landing().record_dev(write.at - live.leased_at);
+                } else {
                     self.note_on_run(
                         &live,
                         &format!("{}: {}", write.event.kind, write.event.message),

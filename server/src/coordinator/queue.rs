@@ -6,6 +6,7 @@
 use crate::domain::{TaskId, TaskStatus};
 use crate::error::{Error, Result};
 use crate::landing::{self, Pause, QueuePause, TrainView};
+use crate::lifecycle;
 use crate::store::{Store, TaskFilter};
 
 use super::Coordinator;
@@ -21,7 +22,9 @@ pub struct Waiting {
     /// 1-based, in the order they will land (Verified) or be leased (Open, after them).
     pub position: u32,
     pub waiting_for: Vec<String>,
-    /// When a Verified task is expected to land, from the recent trains.
+    /// When a Verified task is expected to land, from the recent trains; when an Open one
+    /// that waits only for a slot is expected to start, from the free slots and the recent
+    /// dev runs.
     pub eta_seconds: Option<f64>,
 }
 
@@ -132,6 +135,9 @@ impl<S: Store> Coordinator<S> {
             .list_tasks(&TaskFilter::status(TaskStatus::Open), None, room as u32)
             .await?;
         let batch_max = self.settings.batch_max;
+        let (capacity, _) = self.capacity();
+        // Open tasks that wait for nothing but a slot, so far: the next one's place in line.
+        let mut startable = 0;
         for task in verified
             .into_iter()
             .filter(|t| !in_train(&t.id))
@@ -139,10 +145,23 @@ impl<S: Store> Coordinator<S> {
             .take(QUEUE_LIMIT)
         {
             let position = waiting.len();
-            let eta_seconds = (task.state.status == TaskStatus::Verified)
-                .then(|| self.landing().eta_secs(position, batch_max))
-                .flatten();
             let waiting_for = self.waiting_for(&task).await?;
+            let eta_seconds = match task.state.status {
+                TaskStatus::Verified => self.landing().eta_secs(position, batch_max),
+                TaskStatus::Open
+                    if waiting_for
+                        .iter()
+                        .all(|w| w.starts_with(lifecycle::ALL_SLOTS_BUSY)) =>
+                {
+                    startable += 1;
+                    self.landing().start_eta_secs(
+                        startable - 1,
+                        capacity.free_slots,
+                        capacity.slots,
+                    )
+                }
+                _ => None,
+            };
             waiting.push(Waiting {
                 id: task.id,
                 status: task.state.status,

@@ -57,6 +57,7 @@ impl<S: Store> Coordinator<S> {
                         runner_id: lease.runner_id.clone(),
                         runner: lease.runner.clone(),
                         expires_at,
+                        leased_at: self.now(),
                         run_id,
                         verify_run_id,
                         last_seq,

@@ -355,12 +355,13 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// What the runners can take now, and the labels and scope of each runner that takes work.
-    fn capacity(&self) -> (lifecycle::Capacity, Taking) {
+    pub(super) fn capacity(&self) -> (lifecycle::Capacity, Taking) {
         let registry = self.registry();
         let mut capacity = lifecycle::Capacity {
             connected: 0,
             taking: 0,
             free_slots: 0,
+            slots: 0,
         };
         let mut labels = Vec::new();
         for r in registry.runners() {
@@ -371,6 +372,7 @@ impl<S: Store> Coordinator<S> {
             if !r.draining && r.unhealthy.is_none() {
                 capacity.taking += 1;
                 capacity.free_slots += r.slots.saturating_sub(r.used);
+                capacity.slots += r.slots;
                 labels.push((r.labels, r.scope));
             }
         }
@@ -633,7 +635,7 @@ impl<S: Store> Coordinator<S> {
 
 /// The labels and scope of each runner that takes work, and whether any of them is limited
 /// by `--only-parent`/`--only-task` (read once per list, not per task).
-struct Taking {
+pub(super) struct Taking {
     runners: Vec<(Vec<String>, crate::domain::Scope)>,
     scoped: bool,
 }

@@ -13,7 +13,7 @@ use super::convert::{
 };
 use super::{status_from_error, stream_from, until_cancelled};
 use crate::coordinator::{Coordinator, Page};
-use crate::domain::{NewTask, TaskEvent, TaskId};
+use crate::domain::{NewTask, TaskId};
 use crate::store::Store;
 
 /// The control service over a shared coordinator.
@@ -449,8 +449,14 @@ impl<S: Store> ControlService for ControlApi<S> {
 
     async fn watch(
         &self,
-        _request: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let after = request.into_inner().after_event;
+        if after.is_some_and(|a| a < 0) {
+            return Err(Status::invalid_argument(
+                "after_event is the event_id of a transition this server sent (0 or more)",
+            ));
+        }
         let coordinator = Arc::clone(&self.coordinator);
         Ok(Response::new(Box::pin(until_cancelled(
             stream_from(
@@ -458,10 +464,17 @@ impl<S: Store> ControlService for ControlApi<S> {
                     crate::logs::stream_transitions(
                         Arc::clone(coordinator.logs()),
                         coordinator.store().clone(),
+                        after,
                         tx,
                     )
                 },
-                |e: &Arc<TaskEvent>| transition_to_pb(e),
+                |w: &crate::logs::Watched| match w {
+                    crate::logs::Watched::From(id) => pb::TaskTransition {
+                        event_id: *id,
+                        ..Default::default()
+                    },
+                    crate::logs::Watched::Event(e) => transition_to_pb(e),
+                },
             ),
             self.shutdown.clone(),
         ))))

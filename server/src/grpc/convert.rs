@@ -302,6 +302,7 @@ pub(crate) fn transition_to_pb(e: &TaskEvent) -> pb::TaskTransition {
             .into(),
         to_status: status_to_pb(e.to).into(),
         message: e.message.clone(),
+        event_id: e.id,
     }
 }
 

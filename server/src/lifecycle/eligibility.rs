@@ -25,7 +25,12 @@ pub struct Capacity {
     pub taking: usize,
     /// Free slots on the runners that take work.
     pub free_slots: u32,
+    /// All the slots of the runners that take work.
+    pub slots: u32,
 }
+
+/// How [`waiting_for`] says that a task waits only for a slot to free.
+pub const ALL_SLOTS_BUSY: &str = "every slot of the";
 
 /// What a task requires of its runner, and how many connected runners that take work have
 /// those labels, for [`waiting_for`].
@@ -105,7 +110,7 @@ pub fn waiting_for(
                     ));
                 } else if capacity.free_slots == 0 {
                     why.push(format!(
-                        "every slot of the {} runner{} is busy",
+                        "{ALL_SLOTS_BUSY} {} runner{} is busy",
                         capacity.taking,
                         if capacity.taking == 1 { "" } else { "s" }
                     ));

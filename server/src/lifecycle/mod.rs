@@ -20,8 +20,8 @@ mod eligibility;
 pub mod judge;
 
 pub use eligibility::{
-    Capacity, Routing, editable, epic_cap_reached, epic_waiting_for, held_by_pauses, leasable,
-    lease_order, waiting_for,
+    ALL_SLOTS_BUSY, Capacity, Routing, editable, epic_cap_reached, epic_waiting_for,
+    held_by_pauses, leasable, lease_order, waiting_for,
 };
 
 /// Back-off never exceeds this many seconds (as in the seed).
@@ -949,6 +949,7 @@ mod tests {
             connected: 1,
             taking: 1,
             free_slots: 1,
+            slots: 1,
         };
         let deps = [
             ("t-1".to_owned(), Done),
@@ -1000,6 +1001,7 @@ mod tests {
             connected: 0,
             taking: 0,
             free_slots: 0,
+            slots: 0,
         };
         assert_eq!(
             waiting_for(

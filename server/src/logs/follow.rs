@@ -137,38 +137,82 @@ async fn catch_up<S: Store>(
     Ok(())
 }
 
-/// Streams every task transition from now on; a watcher that falls behind catches up from
-/// the stored history. Ends when the receiver hangs up.
+/// What a watch streams.
+#[derive(Debug)]
+pub enum Watched {
+    /// Where the stream starts: the ID of the newest history entry.
+    From(i64),
+    Event(Arc<TaskEvent>),
+}
+
+/// Streams every task transition after the history entry `after` (those stored first, then
+/// the live ones, each once), or from now on; a watcher that falls behind catches up from the
+/// stored history. Without `after`, the first item is a marker with only the ID of the newest
+/// entry (an empty task ID): where a watcher that reconnects goes on from. Ends when the
+/// receiver hangs up.
 pub async fn stream_transitions<S: Store>(
     hub: Arc<LogHub>,
     store: S,
-    out: mpsc::Sender<Arc<TaskEvent>>,
+    after: Option<i64>,
+    out: mpsc::Sender<Watched>,
 ) -> Result<()> {
+    // Subscribed before the history is read, so nothing falls between the two.
     let mut live = hub.watch();
-    let mut last_id = 0;
+    let mut last_id = match after {
+        Some(after) => after,
+        None => {
+            let newest = store.last_event_id().await?;
+            if out.send(Watched::From(newest)).await.is_err() {
+                return Ok(());
+            }
+            newest
+        }
+    };
+    if !catch_up_events(&store, &mut last_id, &out).await? {
+        return Ok(());
+    }
+    // Live entries the history already gave are not sent again.
+    let replayed = last_id;
     loop {
         match live.recv().await {
+            Ok(event) if event.id <= replayed => {}
             Ok(event) => {
-                last_id = event.id;
-                if out.send(event).await.is_err() {
+                last_id = last_id.max(event.id);
+                if out.send(Watched::Event(event)).await.is_err() {
                     return Ok(());
                 }
             }
-            Err(broadcast::error::RecvError::Lagged(_)) => loop {
-                let missed = store.events_after(last_id, PAGE).await?;
-                let Some(last) = missed.last() else { break };
-                last_id = last.id;
-                let full = missed.len() == PAGE as usize;
-                for event in missed {
-                    if out.send(Arc::new(event)).await.is_err() {
-                        return Ok(());
-                    }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                if !catch_up_events(&store, &mut last_id, &out).await? {
+                    return Ok(());
                 }
-                if !full {
-                    break;
-                }
-            },
+            }
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+/// Sends the stored history entries after `last_id`, page by page, moving it on; false when
+/// the receiver hung up.
+async fn catch_up_events<S: Store>(
+    store: &S,
+    last_id: &mut i64,
+    out: &mpsc::Sender<Watched>,
+) -> Result<bool> {
+    loop {
+        let missed = store.events_after(*last_id, PAGE).await?;
+        let Some(last) = missed.last() else {
+            return Ok(true);
+        };
+        *last_id = last.id;
+        let full = missed.len() == PAGE as usize;
+        for event in missed {
+            if out.send(Watched::Event(Arc::new(event))).await.is_err() {
+                return Ok(false);
+            }
+        }
+        if !full {
+            return Ok(true);
         }
     }
 }
@@ -178,4 +222,54 @@ async fn get<S: Store>(store: &S, task: &TaskId) -> Result<crate::domain::Task> 
         .get_task(task)
         .await?
         .ok_or_else(|| Error::NotFound(format!("task {task} does not exist")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    async fn next_id(rx: &mut mpsc::Receiver<Watched>) -> (bool, i64) {
+        match rx.recv().await.expect("an item") {
+            Watched::From(id) => (true, id),
+            Watched::Event(e) => (false, e.id),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_goes_on_after_the_entry_it_names_each_once_then_live() {
+        let store = MemoryStore::new();
+        let hub = Arc::new(LogHub::new(1 << 20));
+        for i in 0..3 {
+            crate::store::suite::create(&store, &format!("t{i}")).await;
+        }
+        let events = store.events_after(0, 100).await.expect("events");
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        assert_eq!(ids.len(), 3);
+        // From now on: the marker says where it starts, then only what is new.
+        let (tx, mut fresh) = mpsc::channel(16);
+        tokio::spawn(stream_transitions(hub.clone(), store.clone(), None, tx));
+        assert_eq!(next_id(&mut fresh).await, (true, ids[2]));
+        // After the first: the two stored after it, then live ones, an entry published again
+        // (it was already replayed) not twice.
+        let (tx, mut resumed) = mpsc::channel(16);
+        tokio::spawn(stream_transitions(
+            hub.clone(),
+            store.clone(),
+            Some(ids[0]),
+            tx,
+        ));
+        assert_eq!(next_id(&mut resumed).await, (false, ids[1]));
+        assert_eq!(next_id(&mut resumed).await, (false, ids[2]));
+        hub.publish_transition(events[2].clone());
+        let t = crate::store::suite::create(&store, "t3").await;
+        let newest = store.events(&t.id).await.expect("events").remove(0);
+        hub.publish_transition(newest.clone());
+        assert_eq!(next_id(&mut resumed).await, (false, newest.id));
+        assert_eq!(
+            next_id(&mut fresh).await,
+            (false, newest.id),
+            "nothing from before its start"
+        );
+    }
 }

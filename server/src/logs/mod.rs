@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-pub use follow::{stream_logs, stream_transitions};
+pub use follow::{Watched, stream_logs, stream_transitions};
 pub use writer::run as writer;
 
 use crate::domain::{LogLine, Run, TaskEvent, TaskId, TaskStatus};

@@ -91,6 +91,8 @@ pub struct LiveLease {
     pub runner_id: String,
     pub runner: String,
     pub expires_at: Millis,
+    /// When it was leased (at a restart: when it was restored).
+    pub leased_at: Millis,
     /// The lease's dev run, whose log the runner's dev lines go to.
     pub run_id: Option<i64>,
     /// The lease's verify run, started by the first line of the verify phase.
@@ -550,6 +552,7 @@ mod tests {
             runner_id: runner_id.into(),
             runner: name.into(),
             expires_at,
+            leased_at: 0,
             run_id: None,
             verify_run_id: None,
             last_seq: 0,

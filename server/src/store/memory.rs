@@ -919,6 +919,10 @@ impl Store for MemoryStore {
         Ok((before_len - t.logs.len()) as u64)
     }
 
+    async fn last_event_id(&self) -> Result<i64> {
+        Ok(self.lock().events.last().map_or(0, |e| e.id))
+    }
+
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<TaskEvent>> {
         Ok(self
             .lock()

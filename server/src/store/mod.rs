@@ -380,6 +380,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Deletes the logs of runs that finished before `before`; returns the lines deleted.
     fn prune_logs(&self, before: Millis) -> impl Future<Output = Result<u64>> + Send;
 
+    /// The ID of the newest task history entry (0 when there is none).
+    fn last_event_id(&self) -> impl Future<Output = Result<i64>> + Send;
+
     /// Task history entries after `after_id`, oldest first, at most `limit` (for `watch`).
     fn events_after(
         &self,

@@ -1828,6 +1828,14 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn last_event_id(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM task_events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<TaskEvent>> {
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT id, task_id, at, kind, from_status, to_status, message \

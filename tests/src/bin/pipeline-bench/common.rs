@@ -227,13 +227,20 @@ impl Admin {
     ) -> tokio::sync::mpsc::UnboundedReceiver<(Instant, pb::TaskTransition)> {
         let mut stream = self
             .client
-            .watch(authorized(&self.token, pb::WatchRequest {}))
+            .watch(authorized(
+                &self.token,
+                pb::WatchRequest { after_event: None },
+            ))
             .await
             .expect("watch")
             .into_inner();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok(Some(t)) = stream.message().await {
+                // The first message only says where the stream starts.
+                if t.task_id.is_empty() {
+                    continue;
+                }
                 if tx.send((Instant::now(), t)).is_err() {
                     return;
                 }
