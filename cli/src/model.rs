@@ -356,8 +356,10 @@ pub struct Status {
     pub base: String,
     pub health: Health,
     pub landing: Landing,
-    /// New leases are paused (`queue pause`).
+    /// New leases are paused (`queue pause`), with the reason given and since when.
     pub queue_paused: bool,
+    pub queue_pause_reason: Option<String>,
+    pub queue_paused_at_ms: Option<i64>,
     /// Integration builds per landed task over the last hour; `None` when none landed.
     pub builds_per_landed: Option<f64>,
     /// What agents cost over the last 24 hours, in cents, and their input and output tokens.

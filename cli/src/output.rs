@@ -280,6 +280,8 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
                 "health_reason": s.health.reason(),
                 "landing": landing_json(&s.landing),
                 "queue_paused": s.queue_paused,
+                "queue_pause_reason": s.queue_pause_reason,
+                "queue_paused_since": s.queue_paused_at_ms.map(rfc3339),
                 "builds_per_landed": s.builds_per_landed,
                 "cost_cents_last_day": s.cost_cents_last_day,
                 "tokens_last_day": s.tokens_last_day,
@@ -290,7 +292,19 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
         writeln!(out, "health:          UNHEALTHY: {why}")?;
     }
     if s.queue_paused {
-        writeln!(out, "leases:          PAUSED (pipelinectl queue resume)")?;
+        let since = s
+            .queue_paused_at_ms
+            .map(|at| format!(" since {}", rfc3339(at)))
+            .unwrap_or_default();
+        let why = s
+            .queue_pause_reason
+            .as_deref()
+            .map(|r| format!(": {}", terminal_safe(r)))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "leases:          PAUSED by pipelinectl queue pause{since}{why} (pipelinectl queue resume)"
+        )?;
     }
     if let Some(why) = s.landing.reason() {
         writeln!(out, "landing:         PAUSED: {}", terminal_safe(why))?;
@@ -1090,6 +1104,8 @@ mod snapshots {
             health,
             landing: Landing::Running,
             queue_paused: false,
+            queue_pause_reason: None,
+            queue_paused_at_ms: None,
             builds_per_landed: None,
             cost_cents_last_day: 0.0,
             tokens_last_day: 0,
@@ -1141,6 +1157,8 @@ mod snapshots {
         let s = Status {
             landing: Landing::Paused("the base is red: main at 1a2b3c4d fails its build".into()),
             queue_paused: true,
+            queue_pause_reason: Some("a release".into()),
+            queue_paused_at_ms: Some(at(5)),
             builds_per_landed: Some(0.25),
             ..status_of(Health::Healthy)
         };

@@ -276,6 +276,8 @@ impl From<pb::GetStatusResponse> for Status {
             health: health(s.unhealthy),
             landing: landing(s.landing),
             queue_paused: s.queue_paused,
+            queue_pause_reason: s.queue_pause_reason,
+            queue_paused_at_ms: s.queue_paused_at_ms,
             builds_per_landed: s.builds_per_landed,
             cost_cents_last_day: s.cost_cents_last_day,
             tokens_last_day: s.tokens_last_day,

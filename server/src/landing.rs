@@ -56,6 +56,9 @@ mod commit_text {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QueuePause {
     pub reason: Option<String>,
+    /// When it was paused (unset in a pause stored before this was kept).
+    #[serde(default)]
+    pub at: Option<Millis>,
 }
 
 /// The train being integrated now.

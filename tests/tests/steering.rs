@@ -146,11 +146,19 @@ fn watch_waits_for_a_restarted_server_and_goes_on_where_it_was() {
     let addr = server.addr.clone();
     let before = server.add(&["--title", "before the watch"]);
     let watch = ctl_in_background(&server.url, &["watch"]);
-    // The first line the watch prints is the task created after it started.
-    let first = server.add(&["--title", "while watching"]);
-    watch
-        .wait_for_line(&format!("{first} - -> open (created)"))
-        .expect("the first transition");
+    // Tasks created until the watch (started in the background) shows one: from then on it
+    // is connected.
+    let mut created = Vec::new();
+    let first = wait_for("the watch to show a task created after it started", || {
+        if let Some(seen) = created
+            .iter()
+            .find(|id| watch.log().contains(&format!(" {id} - -> open (created)")))
+        {
+            return Some(String::clone(seen));
+        }
+        created.push(server.add(&["--title", "while watching"]));
+        None
+    });
     server.kill();
     watch
         .wait_for_line("waiting for it")
@@ -788,4 +796,45 @@ fn queue_estimates_when_open_tasks_start_from_free_slots_and_recent_runs() {
     assert!(text.contains("starts ~"), "{text}");
     repo.release_agents();
     server.wait_status(&blocked, "done");
+}
+
+#[test]
+fn a_paused_queue_leases_nothing_and_status_says_why_and_since_when() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let said = server
+        .ctl(&["queue", "pause", "--reason", "release freeze"])
+        .ok();
+    assert!(said.contains("paused"), "{said}");
+    let _r = runner(&repo, &server, "r");
+    let held = server.add(&["--title", "held"]);
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["queue_paused"], true);
+    assert_eq!(status["queue_pause_reason"], "release freeze");
+    assert!(status["queue_paused_since"].is_string(), "{status}");
+    let text = server.ctl(&["status"]).ok();
+    assert!(
+        text.contains("leases:          PAUSED by pipelinectl queue pause since ")
+            && text.contains(": release freeze (pipelinectl queue resume)"),
+        "{text}"
+    );
+    let task = server.show(&held);
+    assert_eq!(task["status"], "open");
+    assert_eq!(
+        task["waiting_for"],
+        serde_json::json!([
+            "the queue is paused, so no new leases: release freeze (pipelinectl queue resume)"
+        ])
+    );
+    // The pause outlives a restart (it is stored), then resume lets the task go.
+    let addr = server.addr.clone();
+    server.terminate();
+    let server = Server::start(&repo, &["--listen", &addr]);
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["queue_pause_reason"], "release freeze");
+    server.ctl(&["queue", "resume"]).ok();
+    server.wait_status(&held, "done");
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["queue_paused"], false);
+    assert_eq!(status["queue_pause_reason"], Value::Null);
 }

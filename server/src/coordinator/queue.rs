@@ -65,6 +65,7 @@ impl<S: Store> Coordinator<S> {
     pub async fn pause_queue(&self, reason: Option<String>, landing: bool) -> Result<()> {
         let pause = QueuePause {
             reason: reason.clone(),
+            at: Some(self.now()),
         };
         self.store
             .put_meta(landing::QUEUE_PAUSED, &to_json(&pause)?)

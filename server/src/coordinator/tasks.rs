@@ -59,8 +59,10 @@ pub struct Status {
     pub unhealthy: Option<String>,
     /// Landing: "running" or "paused", and why it is paused.
     pub landing: (&'static str, Option<String>),
-    /// Whether new leases are paused.
+    /// Whether new leases are paused, and if so why and since when.
     pub queue_paused: bool,
+    pub queue_pause_reason: Option<String>,
+    pub queue_paused_at: Option<Millis>,
     /// Integration builds per landed task over the last hour.
     pub builds_per_landed: Option<f64>,
     /// What the runs that ended over the last day cost, in cents, and their input and output
@@ -561,6 +563,8 @@ impl<S: Store> Coordinator<S> {
             tokens_last_day,
             landing: landing.state(),
             queue_paused: landing.queue_paused.is_some(),
+            queue_pause_reason: landing.queue_paused.as_ref().and_then(|p| p.reason.clone()),
+            queue_paused_at: landing.queue_paused.as_ref().and_then(|p| p.at),
             builds_per_landed: landing.builds_per_landed(now),
             counts,
             runners: self.registry().connected_count() as u64,

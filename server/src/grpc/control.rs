@@ -244,6 +244,8 @@ impl<S: Store> ControlService for ControlApi<S> {
             unhealthy: s.unhealthy,
             landing: Some(landing_to_pb(s.landing)),
             queue_paused: s.queue_paused,
+            queue_pause_reason: s.queue_pause_reason,
+            queue_paused_at_ms: s.queue_paused_at,
             builds_per_landed: s.builds_per_landed,
             cost_cents_last_day: s.cost_cents_last_day,
             tokens_last_day: s.tokens_last_day,
