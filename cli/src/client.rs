@@ -241,14 +241,27 @@ fn failure(url: &str, status: Status) -> Failure {
         Code::Unknown | Code::Internal
             if message.contains("transport error") || message.contains("h2 protocol error") =>
         {
-            (
-                exit::UNAVAILABLE,
+            let cause = one_line(&root_cause(&status));
+            let lost = [
+                "broken pipe",
+                "connection reset",
+                "stream closed",
+                "connection closed",
+            ]
+            .iter()
+            .any(|w| cause.to_lowercase().contains(w));
+            let message = if lost {
+                // It was talking to the server: the connection went, not a TLS mix-up.
+                format!("lost the connection to the pipeline server at {url}: {cause}")
+            } else if url.starts_with("http://") {
                 format!(
-                    "cannot reach the pipeline server at {url}: {}; if it serves TLS, use an \
-                     https:// URL (and --tls-ca for a private CA)",
-                    one_line(&root_cause(&status))
-                ),
-            )
+                    "cannot reach the pipeline server at {url}: {cause}; if it serves TLS, use \
+                     an https:// URL (and --tls-ca for a private CA)"
+                )
+            } else {
+                format!("cannot reach the pipeline server at {url}: {cause}")
+            };
+            (exit::UNAVAILABLE, message)
         }
         // pipelinectl cancels nothing itself: the server dropped the connection.
         Code::Cancelled => (
@@ -394,12 +407,14 @@ impl Client {
     }
 
     /// Lets leases (and landing) go on.
-    pub async fn resume_queue(&mut self) -> Result<(), Failure> {
+    /// Lifts every pause; whether anything was paused.
+    pub async fn resume_queue(&mut self) -> Result<bool, Failure> {
         let r = self
             .inner
             .resume_queue(unary(pb::ResumeQueueRequest {}))
             .await;
-        r.map(drop).map_err(|s| self.failure(s))
+        r.map(|r| r.into_inner().was_paused)
+            .map_err(|s| self.failure(s))
     }
 
     /// Replaces the registration token; returns it and where the server keeps it.

@@ -417,8 +417,11 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             action: Some(QueueAction::Resume),
             ..
         } => {
-            client.resume_queue().await?;
-            writeln!(out, "queue resumed")?;
+            if client.resume_queue().await? {
+                writeln!(out, "queue resumed")?;
+            } else {
+                writeln!(out, "nothing was paused")?;
+            }
         }
         Command::Token(TokenCommand::Rotate) => {
             let (token, path) = client.rotate_registration_token().await?;
@@ -604,6 +607,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             // transition it sent (none lost, none twice).
             let mut last: Option<i64> = None;
             let mut pause = std::time::Duration::from_millis(200);
+            let mut warned = false;
             loop {
                 let read = async {
                     let mut transitions = client.watch(last).await?;
@@ -611,6 +615,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                         let t: model::Transition = t;
                         last = Some(t.event_id);
                         pause = std::time::Duration::from_millis(200);
+                        warned = false;
                         if t.task_id.is_empty()
                             || task.as_ref().is_some_and(|id| *id != t.task_id)
                             || status.is_some_and(|s| s != t.to)
@@ -641,7 +646,10 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     // The server ended the stream (it is stopping): watch again.
                     Ok(()) => {}
                     Err(Stop::Failed(f)) if f.exit_code == client::exit::UNAVAILABLE => {
-                        eprintln!("pipelinectl: {}; waiting for it", f.message);
+                        // Said once an outage, not at every try.
+                        if !std::mem::replace(&mut warned, true) {
+                            eprintln!("pipelinectl: {}; waiting for it", f.message);
+                        }
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(std::time::Duration::from_secs(5));
                     }
@@ -668,6 +676,7 @@ async fn follow_logs(
     out: &mut impl Write,
 ) -> Result<(), Stop> {
     let mut pause = std::time::Duration::from_millis(200);
+    let mut warned = false;
     loop {
         let read = async {
             let mut logs = client.task_logs(id.to_owned(), follow).await?;
@@ -687,7 +696,10 @@ async fn follow_logs(
             // The server ended the stream (it is stopping): read it again.
             Ok(false) => {}
             Err(Stop::Failed(f)) if follow && f.exit_code == client::exit::UNAVAILABLE => {
-                eprintln!("pipelinectl: {}; waiting for it", f.message);
+                // Said once an outage, not at every try.
+                if !std::mem::replace(&mut warned, true) {
+                    eprintln!("pipelinectl: {}; waiting for it", f.message);
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
                 continue;
@@ -695,6 +707,7 @@ async fn follow_logs(
             Err(other) => return Err(other),
         }
         pause = std::time::Duration::from_millis(200);
+        warned = false;
     }
 }
 

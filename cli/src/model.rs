@@ -421,6 +421,8 @@ pub struct Queue {
     pub waiting: Vec<Waiting>,
     pub landing: Landing,
     pub queue_paused: bool,
+    /// Why new leases are paused, when a reason was given.
+    pub queue_pause_reason: Option<String>,
 }
 
 /// A runner known to the server.

@@ -356,11 +356,17 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
                 })).collect::<Vec<_>>(),
                 "landing": landing_json(&q.landing),
                 "queue_paused": q.queue_paused,
+                "queue_pause_reason": q.queue_pause_reason,
             }),
         );
     }
     if q.queue_paused {
-        writeln!(out, "leases:  PAUSED (pipelinectl queue resume)")?;
+        let why = q
+            .queue_pause_reason
+            .as_deref()
+            .map(|r| format!(": {}", terminal_safe(r)))
+            .unwrap_or_default();
+        writeln!(out, "leases:  PAUSED{why} (pipelinectl queue resume)")?;
     }
     if let Some(why) = q.landing.reason() {
         writeln!(out, "landing: PAUSED: {}", terminal_safe(why))?;
@@ -493,7 +499,28 @@ impl TaskListPrinter {
 pub fn explain(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
     let t = &d.task;
     let title = terminal_safe(&t.title);
+    let done_children = d
+        .children
+        .iter()
+        .filter(|(_, s)| *s == TaskStatus::Done)
+        .count();
+    let last_kind = d.events.last().map(|e| e.kind.as_str());
     let state = match t.status {
+        // An epic: its children do the work.
+        TaskStatus::Open | TaskStatus::NeedsHelp if !d.children.is_empty() => format!(
+            "is an epic: it is done when its children are ({done_children} of {} done, {} \
+             cents so far)",
+            d.children.len(),
+            d.children_cost_cents
+        ),
+        TaskStatus::Done if !d.children.is_empty() => format!(
+            "is an epic, done with its children ({done_children} of {} done, {} cents)",
+            d.children.len(),
+            d.children_cost_cents
+        ),
+        TaskStatus::NeedsHelp if last_kind == Some("epic_cap") => {
+            "needs help: its epic's cap is spent, so it is not leased again".to_owned()
+        }
         TaskStatus::Open if t.patchset == 0 && t.failures == 0 => {
             "is open and has not been worked on yet".to_owned()
         }
@@ -537,7 +564,10 @@ pub fn explain(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
         TaskStatus::Unknown => "is in a state this pipelinectl does not know".to_owned(),
     };
     writeln!(out, "{} ({title}) {state}.", t.id)?;
-    if t.waiting_for.is_empty() && matches!(t.status, TaskStatus::Open | TaskStatus::Verified) {
+    if t.waiting_for.is_empty()
+        && matches!(t.status, TaskStatus::Open | TaskStatus::Verified)
+        && d.children.is_empty()
+    {
         writeln!(
             out,
             "Nothing holds it: it goes next when a slot (or the merge train) is free."
@@ -1193,6 +1223,7 @@ mod snapshots {
             ],
             landing: Landing::Running,
             queue_paused: false,
+            queue_pause_reason: None,
         }
     }
 
@@ -1213,6 +1244,7 @@ mod snapshots {
             waiting: vec![],
             landing: Landing::Paused("paused by pipelinectl queue pause".into()),
             queue_paused: true,
+            queue_pause_reason: Some("a release".into()),
         };
         insta::assert_snapshot!(printed(|out| super::queue(out, &q, TEXT)));
     }
@@ -1485,15 +1517,18 @@ mod snapshots {
         insta::assert_snapshot!(printed(|out| super::runners(out, &[], TEXT)));
     }
 
-    #[test]
-    fn logs_of_two_runs_with_a_cut() {
-        let line = |seq, s, stream, phase, text: &str| LogLine {
+    fn line(seq: u64, s: i64, stream: LogStream, phase: Phase, text: &str) -> LogLine {
+        LogLine {
             seq,
             at_ms: at(s),
             stream,
             phase,
             text: text.to_owned(),
-        };
+        }
+    }
+
+    #[test]
+    fn logs_of_two_runs_with_a_cut() {
         let items = vec![
             LogItem::Status(TaskStatus::InProgress),
             LogItem::Run(LogRun {
@@ -1549,13 +1584,6 @@ mod snapshots {
 
     #[test]
     fn raw_lines_are_shown_instead_of_their_rendering_only_when_asked_and_leave_no_gap() {
-        let line = |seq, s, stream, phase, text: &str| LogLine {
-            seq,
-            at_ms: at(s),
-            stream,
-            phase,
-            text: text.to_owned(),
-        };
         let run = LogRun {
             run_id: 7,
             phase: Phase::Dev,

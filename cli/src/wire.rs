@@ -316,6 +316,7 @@ impl From<pb::GetQueueResponse> for Queue {
                 .collect(),
             landing: landing(q.landing),
             queue_paused: q.queue_paused,
+            queue_pause_reason: q.queue_pause_reason,
         }
     }
 }

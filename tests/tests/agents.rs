@@ -410,10 +410,10 @@ fn a_preset_whose_program_is_missing_is_refused_at_start() {
     );
 }
 
-#[test]
-fn a_retry_after_a_verify_failure_resumes_claudes_session() {
+/// A server whose verification fails an agent's first attempt (its note says "attempt 1")
+/// and passes the second, which amends it, with no back-off between.
+fn failing_the_first_verification() -> (TestRepo, Server) {
     let repo = TestRepo::new();
-    // The first attempt's commit fails verification; the second amends it and passes.
     let server = Server::start(
         &repo,
         &[
@@ -423,6 +423,12 @@ fn a_retry_after_a_verify_failure_resumes_claudes_session() {
             "0",
         ],
     );
+    (repo, server)
+}
+
+#[test]
+fn a_retry_after_a_verify_failure_resumes_claudes_session() {
+    let (repo, server) = failing_the_first_verification();
     let _r = Runner::start(&repo, &server, "c", &["--agent", "claude"]);
     let id = server.add(&["--title", "t", "--description", "CLAUDE: success"]);
     let task = server.wait_status(&id, "done");
@@ -437,17 +443,7 @@ fn a_retry_after_a_verify_failure_resumes_claudes_session() {
 #[test]
 fn a_retry_after_a_verify_failure_resumes_codexs_thread_unless_told_not_to() {
     for no_resume in [false, true] {
-        let repo = TestRepo::new();
-        // The first attempt's commit fails verification; the second amends it and passes.
-        let server = Server::start(
-            &repo,
-            &[
-                "--test-cmd",
-                "grep -q 'attempt 2' notes/*.md",
-                "--backoff-base",
-                "0",
-            ],
-        );
+        let (repo, server) = failing_the_first_verification();
         let mut flags = vec!["--agent", "codex"];
         if no_resume {
             flags.push("--no-resume");

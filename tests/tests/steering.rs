@@ -690,6 +690,54 @@ fn an_epic_is_never_leased_and_is_done_when_its_children_are() {
     server.wait_status(&part, "done");
     let done = server.wait_status(&big, "done");
     assert_eq!(runs(&done).len(), 1, "its one stopped run: {done}");
+    let explained = server.ctl(&["explain", &big]).ok();
+    assert!(
+        explained.contains("is an epic, done with its children (1 of 1 done"),
+        "{explained}"
+    );
+    // A done task cannot be paused; an epic that does not exist has no children to list.
+    server
+        .ctl(&["task", "pause", &epic])
+        .refused(4, "there is nothing of it to hold back");
+    server
+        .ctl(&["task", "list", "--parent", "ghost"])
+        .refused(3, "ghost");
+
+    // Cancelling an epic calls off its unfinished children, stopping their agents; retrying
+    // it takes them up again, and it is done with them.
+    let off = server.add(&["--title", "called off"]);
+    let working = server.add(&[
+        "--title",
+        "working",
+        "--parent",
+        &off,
+        "--description",
+        "MODE: wait-once",
+    ]);
+    repo.wait_agent(&working);
+    let waiting = server.add(&[
+        "--title",
+        "waiting",
+        "--parent",
+        &off,
+        "--depends-on",
+        &working,
+    ]);
+    let queue = server.ctl(&["queue", "--json"]).json();
+    assert!(
+        queue["waiting"]
+            .as_array()
+            .is_some_and(|w| w.iter().all(|t| t["id"] != off.as_str())),
+        "an epic is not in the line: {queue}"
+    );
+    server.ctl(&["task", "cancel", &off]).ok();
+    for child in [&working, &waiting] {
+        server.wait_status(child, "cancelled");
+    }
+    server.ctl(&["task", "retry", &off]).ok();
+    server.wait_status(&working, "done");
+    server.wait_status(&waiting, "done");
+    server.wait_status(&off, "done");
 }
 
 #[test]
@@ -746,6 +794,13 @@ fn an_epics_cap_stops_leasing_its_children_until_raised() {
     assert!(
         event_kinds(&stopped).contains(&"epic_cap".to_owned()),
         "{stopped}"
+    );
+    let explained = server.ctl(&["explain", &child]).ok();
+    assert!(explained.contains("its epic's cap is spent"), "{explained}");
+    // A retry under the spent cap would stop at once: refused, saying what to do.
+    server.ctl(&["task", "retry", &child]).refused(
+        4,
+        "raise it first (pipelinectl task edit e1 --max-cost CENTS)",
     );
     // Raising the cap and retrying lets it go on.
     server

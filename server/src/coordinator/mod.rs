@@ -307,7 +307,7 @@ impl<S: Store> Coordinator<S> {
         for (decision, result) in decisions.iter().zip(&results) {
             if let Ok(committed) = result {
                 self.committed(decision, committed);
-                epics.extend(finished_child_of(decision, committed));
+                epics.extend(epics_to_settle(decision, committed));
             }
         }
         if !epics.is_empty() {
@@ -453,12 +453,19 @@ impl<S: Store> Coordinator<S> {
     }
 }
 
-/// The epic of a task that has just become done or cancelled: it may be done now.
-fn finished_child_of(decision: &Decision, committed: &Committed) -> Option<crate::domain::TaskId> {
+/// The epics a committed change may have finished: the epic of a task that has just become
+/// done or cancelled, and an epic itself sent back to Open (a retry) whose children are done.
+fn epics_to_settle(decision: &Decision, committed: &Committed) -> Vec<crate::domain::TaskId> {
     let finished = |s: TaskStatus| matches!(s, TaskStatus::Done | TaskStatus::Cancelled);
-    (finished(committed.task.state.status) && !finished(decision.before.state.status))
-        .then(|| committed.task.parent.clone())
-        .flatten()
+    let (before, after) = (&decision.before, &committed.task);
+    let mut epics = Vec::new();
+    if finished(after.state.status) && !finished(before.state.status) {
+        epics.extend(after.parent.clone());
+    }
+    if after.children.any() && after.state.status != before.state.status {
+        epics.push(after.id.clone());
+    }
+    epics
 }
 
 /// How the runs still running end when `event` happens to their task.

@@ -35,6 +35,7 @@ pub struct QueueView {
     pub waiting: Vec<Waiting>,
     pub landing: (&'static str, Option<String>),
     pub queue_paused: bool,
+    pub queue_pause_reason: Option<String>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -63,9 +64,16 @@ impl<S: Store> Coordinator<S> {
 
     /// Stops new leases (running work goes on), and landing too with `landing`.
     pub async fn pause_queue(&self, reason: Option<String>, landing: bool) -> Result<()> {
-        let pause = QueuePause {
-            reason: reason.clone(),
-            at: Some(self.now()),
+        // Pausing what is paused keeps when it began, and its reason unless a new one is given.
+        let pause = match self.landing().queue_paused.clone() {
+            Some(before) => QueuePause {
+                reason: reason.clone().or(before.reason),
+                at: before.at,
+            },
+            None => QueuePause {
+                reason: reason.clone(),
+                at: Some(self.now()),
+            },
         };
         self.store
             .put_meta(landing::QUEUE_PAUSED, &to_json(&pause)?)
@@ -83,14 +91,18 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Lifts every pause (leases, landing, a red base's); wakes the dispatcher and the
-    /// integrator.
-    pub async fn resume_queue(&self) -> Result<()> {
+    /// integrator. Returns whether anything was paused.
+    pub async fn resume_queue(&self) -> Result<bool> {
+        let was_paused = {
+            let l = self.landing();
+            l.queue_paused.is_some() || l.paused.is_some()
+        };
         self.store.delete_meta(landing::QUEUE_PAUSED).await?;
         self.landing().queue_paused = None;
         self.resume_landing("pipelinectl queue resume").await?;
         self.wake_dispatch();
         tracing::info!("queue resumed");
-        Ok(())
+        Ok(was_paused)
     }
 
     /// Whether new leases are paused.
@@ -123,9 +135,15 @@ impl<S: Store> Coordinator<S> {
     /// The train now, then the Verified tasks in landing order, then the Open ones in lease
     /// order (at most [`QUEUE_LIMIT`] in all).
     pub async fn queue(&self) -> Result<QueueView> {
-        let (train, landing_state, queue_paused) = {
+        let (train, landing_state, queue_paused, queue_pause_reason) = {
             let l = self.landing();
-            (l.train.clone(), l.state(), l.queue_paused.is_some())
+            let pause = l.queue_paused.as_ref();
+            (
+                l.train.clone(),
+                l.state(),
+                pause.is_some(),
+                pause.and_then(|p| p.reason.clone()),
+            )
         };
         let in_train = |id: &TaskId| train.as_ref().is_some_and(|t| t.tasks.contains(id));
         let mut waiting = Vec::new();
@@ -142,7 +160,8 @@ impl<S: Store> Coordinator<S> {
         for task in verified
             .into_iter()
             .filter(|t| !in_train(&t.id))
-            .chain(open)
+            // An epic is never leased: its children are in the line, not it.
+            .chain(open.into_iter().filter(|t| !t.children.any()))
             .take(QUEUE_LIMIT)
         {
             let position = waiting.len();
@@ -176,6 +195,7 @@ impl<S: Store> Coordinator<S> {
             waiting,
             landing: landing_state,
             queue_paused,
+            queue_pause_reason,
         })
     }
 }

@@ -89,15 +89,17 @@ impl<S: Store> Coordinator<S> {
         self.refuse_cancelled(None, &new.depends_on).await?;
         let working = self.check_parents(new.parent.as_slice()).await?;
         let task = self.store.create_task(new, self.now()).await?;
-        self.became_epics(working).await?;
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.add(TaskStatus::Open, 1);
         }
         tracing::info!(task = %task.id, priority = task.priority, "task created");
-        self.wake.notify_one();
-        if let Some(created) = self.store.events(&task.id).await?.pop() {
+        // Its creation is published before anything else can happen to it (the dispatcher
+        // is woken after), and before what it does to its parent.
+        if let Some(created) = self.store.events(&task.id).await?.into_iter().next() {
             self.logs.publish_transition(created);
         }
+        self.wake.notify_one();
+        self.became_epics(working).await?;
         Ok(task)
     }
 
@@ -121,17 +123,17 @@ impl<S: Store> Coordinator<S> {
             }
         }
         let created = self.store.create_tasks(new, self.now()).await?;
-        self.became_epics(working).await?;
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.add(TaskStatus::Open, created.len() as u64);
         }
         tracing::info!(tasks = created.len(), "tasks created");
-        self.wake.notify_one();
         let mut tasks = Vec::with_capacity(created.len());
         for (task, event) in created {
             self.logs.publish_transition(event);
             tasks.push(task);
         }
+        self.wake.notify_one();
+        self.became_epics(working).await?;
         Ok(tasks)
     }
 
@@ -159,6 +161,12 @@ impl<S: Store> Coordinator<S> {
         filter: &TaskFilter,
         page: Page,
     ) -> Result<(Vec<(Task, Vec<String>)>, Option<(u8, i64)>)> {
+        // An epic that does not exist is said so, not listed as empty.
+        if let Some(parent) = &filter.parent
+            && page.after.is_none()
+        {
+            self.get(parent).await?;
+        }
         let mut tasks = self
             .store
             .list_tasks(filter, page.after, page.size.saturating_add(1))
@@ -205,19 +213,29 @@ impl<S: Store> Coordinator<S> {
             .collect())
     }
 
-    /// The epics among the parents of `tasks` that needed help whose children have spent
-    /// their cap: (spent, cap) cents, each epic read once.
+    /// The epics among the parents of `tasks` that need help whose children have spent their
+    /// cap: (spent, cap) cents, each epic read once.
     async fn capped_epics(
         &self,
         tasks: &[Task],
     ) -> Result<std::collections::HashMap<TaskId, (f64, f64)>> {
+        self.capped(
+            tasks
+                .iter()
+                .filter(|t| t.state.status == TaskStatus::NeedsHelp)
+                .filter_map(|t| t.parent.as_ref()),
+        )
+        .await
+    }
+
+    /// Those of the epics `parents` whose children have spent their cap: (spent, cap) cents.
+    async fn capped(
+        &self,
+        parents: impl Iterator<Item = &TaskId>,
+    ) -> Result<std::collections::HashMap<TaskId, (f64, f64)>> {
         let mut caps = std::collections::HashMap::new();
         let mut seen = std::collections::HashSet::new();
-        for parent in tasks
-            .iter()
-            .filter(|t| t.state.status == TaskStatus::NeedsHelp)
-            .filter_map(|t| t.parent.as_ref())
-        {
+        for parent in parents {
             if !seen.insert(parent.clone()) {
                 continue;
             }
@@ -522,7 +540,13 @@ impl<S: Store> Coordinator<S> {
     /// Pauses (`Some(why)`) or resumes (`None`) a task and its children: a paused task is not
     /// leased (what runs goes on). Returns how many tasks changed.
     pub async fn set_paused(&self, id: &TaskId, why: Option<String>) -> Result<u32> {
-        self.get(id).await?;
+        let task = self.get(id).await?;
+        if why.is_some() && matches!(task.state.status, TaskStatus::Done | TaskStatus::Cancelled) {
+            return Err(Error::FailedPrecondition(format!(
+                "task {id} is {}: there is nothing of it to hold back",
+                task.state.status
+            )));
+        }
         let message = match &why {
             Some(why) => format!("paused by pipelinectl: {why}"),
             None => "resumed by pipelinectl".to_owned(),
@@ -537,16 +561,65 @@ impl<S: Store> Coordinator<S> {
         Ok(changed)
     }
 
-    /// Cancels a task; a running agent is told to stop at once.
+    /// Cancels a task; a running agent is told to stop at once. An epic's unfinished children
+    /// (and theirs) are cancelled with it: it is the whole piece of work that is called off.
     pub async fn cancel(&self, id: &TaskId) -> Result<Task> {
-        self.transition(id, Event::Cancel).await
+        let cancelled = self.transition(id, Event::Cancel).await?;
+        let mut epics: Vec<Task> = Some(cancelled.clone())
+            .filter(|t| t.children.any())
+            .into_iter()
+            .collect();
+        while let Some(epic) = epics.pop() {
+            for (child, status) in self.children(&epic.id).await? {
+                if matches!(status, TaskStatus::Done | TaskStatus::Cancelled) {
+                    continue;
+                }
+                match self.transition(&child, Event::Cancel).await {
+                    Ok(task) if task.children.any() => epics.push(task),
+                    Ok(_) => {}
+                    // It finished meanwhile (landed, or another cancel).
+                    Err(Error::FailedPrecondition(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(cancelled)
     }
 
-    /// Sends a NeedsHelp, Cancelled or Open task back to Open with its failure count cleared;
+    /// Sends a NeedsHelp, Cancelled or Open task back to Open with its failure count cleared
+    /// (an epic: its cancelled children too), unless its epic's cap is spent;
     /// `note` goes to the next prompt as a person's guidance, and `fresh` drops the previous
     /// patchset so the next attempt starts from the current base.
     pub async fn retry(&self, id: &TaskId, note: Option<String>, fresh: bool) -> Result<Task> {
-        self.transition(id, Event::Retry { note, fresh }).await
+        // A child whose epic has spent its cap would need help again at once.
+        let task = self.get(id).await?;
+        if let Some((epic, (spent, cap))) =
+            self.capped(task.parent.iter()).await?.into_iter().next()
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "task {id} would stop again at once: its epic {epic} has spent {spent:.0} of its \
+                 {cap:.0}-cent cap; raise it first (pipelinectl task edit {epic} --max-cost CENTS)"
+            )));
+        }
+        // An epic called off and taken up again takes up its cancelled children with it
+        // (first, so that it is not found done meanwhile).
+        if task.children.any() && task.state.status == TaskStatus::Cancelled {
+            for (child, status) in self.children(id).await? {
+                if status != TaskStatus::Cancelled {
+                    continue;
+                }
+                let event = Event::Retry {
+                    note: None,
+                    fresh: false,
+                };
+                match self.transition(&child, event).await {
+                    Ok(_) | Err(Error::FailedPrecondition(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let retried = self.transition(id, Event::Retry { note, fresh }).await?;
+        Ok(retried)
     }
 
     pub async fn status(&self) -> Result<Status> {

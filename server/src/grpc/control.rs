@@ -276,6 +276,7 @@ impl<S: Store> ControlService for ControlApi<S> {
                 .collect(),
             landing: Some(landing_to_pb(q.landing)),
             queue_paused: q.queue_paused,
+            queue_pause_reason: q.queue_pause_reason,
         }))
     }
 
@@ -327,11 +328,12 @@ impl<S: Store> ControlService for ControlApi<S> {
         &self,
         _request: Request<pb::ResumeQueueRequest>,
     ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
-        self.coordinator
+        let was_paused = self
+            .coordinator
             .resume_queue()
             .await
             .map_err(status_from_error)?;
-        Ok(Response::new(pb::ResumeQueueResponse {}))
+        Ok(Response::new(pb::ResumeQueueResponse { was_paused }))
     }
 
     async fn list_runners(

@@ -150,11 +150,14 @@ pub fn epic_waiting_for(status: TaskStatus, children: &Children) -> Vec<String> 
         return Vec::new();
     }
     if children.unfinished() == 0 && children.done == 0 {
-        return vec![format!(
-            "an epic whose {} children are all cancelled: retry one, add one, or cancel the \
-             epic",
-            children.total
-        )];
+        return vec![match children.total {
+            1 => "an epic whose one child is cancelled: retry it, add one, or cancel the epic"
+                .to_owned(),
+            n => format!(
+                "an epic whose {n} children are all cancelled: retry one, add one, or cancel \
+                 the epic"
+            ),
+        }];
     }
     vec![format!(
         "an epic: it is done when its children are ({} of {} done{})",
