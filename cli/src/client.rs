@@ -242,24 +242,15 @@ fn failure(url: &str, status: Status) -> Failure {
             if message.contains("transport error") || message.contains("h2 protocol error") =>
         {
             let cause = one_line(&root_cause(&status));
-            let lost = [
-                "broken pipe",
-                "connection reset",
-                "stream closed",
-                "connection closed",
-            ]
-            .iter()
-            .any(|w| cause.to_lowercase().contains(w));
-            let message = if lost {
-                // It was talking to the server: the connection went, not a TLS mix-up.
-                format!("lost the connection to the pipeline server at {url}: {cause}")
-            } else if url.starts_with("http://") {
+            // Plain HTTP to a TLS port fails this way too ("broken pipe"): the hint is for
+            // that; an https:// URL has it right already.
+            let message = if url.starts_with("https://") {
+                format!("cannot reach the pipeline server at {url}: {cause}")
+            } else {
                 format!(
                     "cannot reach the pipeline server at {url}: {cause}; if it serves TLS, use \
                      an https:// URL (and --tls-ca for a private CA)"
                 )
-            } else {
-                format!("cannot reach the pipeline server at {url}: {cause}")
             };
             (exit::UNAVAILABLE, message)
         }
@@ -289,6 +280,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Connects to `url` (`http://host:port`, or just `host:port`) with `token` (or the local
     /// server's admin token).
     pub async fn connect(

@@ -646,9 +646,17 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     // The server ended the stream (it is stopping): watch again.
                     Ok(()) => {}
                     Err(Stop::Failed(f)) if f.exit_code == client::exit::UNAVAILABLE => {
-                        // Said once an outage, not at every try.
+                        // Said once an outage, not at every try; after a stream was open,
+                        // as the connection lost it is.
                         if !std::mem::replace(&mut warned, true) {
-                            eprintln!("pipelinectl: {}; waiting for it", f.message);
+                            match last {
+                                Some(_) => eprintln!(
+                                    "pipelinectl: lost the connection to the pipeline server \
+                                     at {}; waiting for it",
+                                    client.url()
+                                ),
+                                None => eprintln!("pipelinectl: {}; waiting for it", f.message),
+                            }
                         }
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(std::time::Duration::from_secs(5));
@@ -676,10 +684,11 @@ async fn follow_logs(
     out: &mut impl Write,
 ) -> Result<(), Stop> {
     let mut pause = std::time::Duration::from_millis(200);
-    let mut warned = false;
+    let (mut warned, mut connected) = (false, false);
     loop {
         let read = async {
             let mut logs = client.task_logs(id.to_owned(), follow).await?;
+            connected = true;
             while let Some(item) = logs.next().await? {
                 if let Some(status) = printer.print(out, item)?
                     && follow
@@ -696,9 +705,18 @@ async fn follow_logs(
             // The server ended the stream (it is stopping): read it again.
             Ok(false) => {}
             Err(Stop::Failed(f)) if follow && f.exit_code == client::exit::UNAVAILABLE => {
-                // Said once an outage, not at every try.
+                // Said once an outage, not at every try; after a stream was open, as the
+                // connection lost it is.
                 if !std::mem::replace(&mut warned, true) {
-                    eprintln!("pipelinectl: {}; waiting for it", f.message);
+                    if connected {
+                        eprintln!(
+                            "pipelinectl: lost the connection to the pipeline server at {}; \
+                             waiting for it",
+                            client.url()
+                        );
+                    } else {
+                        eprintln!("pipelinectl: {}; waiting for it", f.message);
+                    }
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
