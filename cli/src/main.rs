@@ -283,7 +283,7 @@ enum TaskCommand {
         )]
         requires: Vec<String>,
         /// Its own cost cap in cents from now on; on an epic, the cap of its children
-        /// together.
+        /// together; 0 removes it (the server's default applies again).
         #[arg(long, value_name = "CENTS", allow_hyphen_values = true)]
         max_cost: Option<f64>,
         /// Edit a task an agent is working on (or whose commit waits to land) as well: the
@@ -584,10 +584,13 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                 printer.flush_tail(out)?;
                 if !follow {
                     out.flush()?;
-                    return Ok(());
+                    return no_such_attempt(&id, run, &printer);
                 }
             }
             follow_logs(&mut client, &id, follow, &mut printer, out).await?;
+            if !follow {
+                no_such_attempt(&id, run, &printer)?;
+            }
         }
         Command::Watch {
             json,
@@ -727,6 +730,23 @@ async fn follow_logs(
         pause = std::time::Duration::from_millis(200);
         warned = false;
     }
+}
+
+/// `logs --run N` of an attempt the task has not had: said so, rather than printing nothing.
+fn no_such_attempt(id: &str, run: Option<u32>, printer: &output::LogPrinter) -> Result<(), Stop> {
+    let Some(n) = run else { return Ok(()) };
+    let attempts = printer.attempts();
+    if attempts.contains(&n) {
+        return Ok(());
+    }
+    let had = match attempts.last() {
+        None => "it has no runs yet".to_owned(),
+        Some(last) => format!("its attempts are 1 to {last}"),
+    };
+    Err(Stop::Failed(Failure {
+        message: format!("task {id} has no attempt {n}: {had}"),
+        exit_code: client::exit::NOT_FOUND,
+    }))
 }
 
 /// A duration as people write it: `90s`, `10m`, `2h`, `1d`.

@@ -858,6 +858,14 @@ impl LogPrinter {
         Ok(None)
     }
 
+    /// The attempts of the runs seen so far (for `--run N` of one there is not), highest last.
+    pub fn attempts(&self) -> Vec<u32> {
+        let mut seen: Vec<u32> = self.runs.values().map(|r| r.attempt).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen
+    }
+
     /// Prints the lines `--tail` held back, and prints lines as they come from then on.
     pub fn flush_tail(&mut self, out: &mut impl Write) -> io::Result<()> {
         self.tail = None;

@@ -592,8 +592,9 @@ pub struct TaskEdit {
     pub priority: Option<u8>,
     /// What the task requires of its runner from now on (validated); empty: nothing.
     pub requires: Option<Vec<String>>,
-    /// Its own cost cap from now on (on an epic, its children's together).
-    pub max_cost_cents: Option<f64>,
+    /// Its own cost cap from now on (on an epic, its children's together); `Some(None)`
+    /// removes it (the server's default applies again).
+    pub max_cost_cents: Option<Option<f64>>,
     /// Whether the edit may apply to a task an agent works on or whose commit waits to land:
     /// its next attempt gets it (the one running keeps the prompt it has).
     pub next_attempt: bool,
@@ -627,9 +628,13 @@ impl TaskEdit {
         Ok(edit)
     }
 
-    /// The same edit, also setting the task's own cost cap (validated).
+    /// The same edit, also setting the task's own cost cap (validated), or removing it with 0.
     pub fn with_max_cost(mut self, cents: Option<f64>) -> Result<Self, Error> {
-        self.max_cost_cents = cents.map(validate_max_cost).transpose()?;
+        self.max_cost_cents = match cents {
+            None => None,
+            Some(0.0) => Some(None),
+            Some(c) => Some(Some(validate_max_cost(c)?)),
+        };
         Ok(self)
     }
 

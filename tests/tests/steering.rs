@@ -96,8 +96,11 @@ fn logs_take_tail_since_and_run() {
         all.ends_with(&format!("{}\n", lines[2])),
         "the last line of all: {tail}"
     );
-    let none = server.ctl(&["logs", &id, "--run", "2"]).ok();
-    assert_eq!(none, "", "no attempt 2");
+    // An attempt it has not had is said so, not printed as nothing.
+    server.ctl(&["logs", &id, "--run", "2"]).refused(
+        3,
+        &format!("task {id} has no attempt 2: its attempts are 1 to 1"),
+    );
     let first = server.ctl(&["logs", &id, "--run", "1"]).ok();
     assert_eq!(first, all, "attempt 1 is everything");
     assert_eq!(server.ctl(&["logs", &id, "--since", "1h"]).ok(), all);
@@ -812,9 +815,16 @@ fn an_epics_cap_stops_leasing_its_children_until_raised() {
     server.ctl(&["task", "retry", &child]).ok();
     server.wait_status(&child, "done");
     server.wait_status(&epic, "done");
+    assert_eq!(server.show(&epic)["max_cost_cents"], 1000.0);
+    // 0 removes a task's own cap; a negative one is refused.
+    let other = server.add(&["--title", "capped", "--max-cost", "40", "--requires", "gpu"]);
     server
-        .ctl(&["task", "edit", &epic, "--max-cost", "0"])
-        .refused(2, "invalid --max-cost 0");
+        .ctl(&["task", "edit", &other, "--max-cost", "0"])
+        .ok();
+    assert_eq!(server.show(&other)["max_cost_cents"], Value::Null);
+    server
+        .ctl(&["task", "edit", &other, "--max-cost", "-5"])
+        .refused(2, "invalid --max-cost -5");
 }
 
 #[test]

@@ -512,7 +512,7 @@ impl Store for MemoryStore {
             task.requires = requires.clone();
         }
         if let Some(cap) = edit.max_cost_cents {
-            task.state.max_cost_cents = Some(cap);
+            task.state.max_cost_cents = cap;
         }
         task.version += 1;
         task.updated_at = now;

@@ -1280,7 +1280,7 @@ impl Store for SqliteStore {
                    priority = coalesce(?5, priority), \
                    version = version + 1, updated_at = ?6, \
                    requires = coalesce(?9, requires), \
-                   max_cost_cents = coalesce(?10, max_cost_cents) \
+                   max_cost_cents = CASE WHEN ?11 THEN ?10 ELSE max_cost_cents END \
                  WHERE id = ?7 AND version = ?8",
             )
             .bind(edit.title.as_deref())
@@ -1292,7 +1292,8 @@ impl Store for SqliteStore {
             .bind(id.as_str())
             .bind(version)
             .bind(edit.requires.as_deref().map(join_requires))
-            .bind(edit.max_cost_cents)
+            .bind(edit.max_cost_cents.flatten())
+            .bind(edit.max_cost_cents.is_some())
             .execute(&mut *tx)
             .await?;
             if changed.rows_affected() == 0 {
