@@ -152,14 +152,38 @@ fn the_fault_run_loses_nothing_and_charges_no_task_for_a_fault() {
     // Another freezes past the lease TTL, then thaws.
     goal = (goal + step).min(n_tasks);
     wait_done(&srv, goal);
-    let frozen = busy_runner(&srv);
-    let i = names
-        .iter()
-        .position(|n| *n == frozen)
-        .expect("known runner");
-    runners[i].signal("STOP");
-    srv.wait_for_log(&format!("lease lost: runner {frozen}"));
-    runners[i].signal("CONT");
+    // A busy runner can hand in its result just before SIGSTOP lands, and then holds no lease
+    // to lose: it is thawed and another is frozen.
+    loop {
+        let frozen = busy_runner(&srv);
+        let i = names
+            .iter()
+            .position(|n| *n == frozen)
+            .expect("known runner");
+        let lost = format!("lease lost: runner {frozen} ");
+        let before = srv.log().matches(&lost).count();
+        runners[i].signal("STOP");
+        let lapsed = wait_for(
+            "the frozen runner's lease to lapse, or it to hold none",
+            || {
+                if srv.log().matches(&lost).count() > before {
+                    return Some(true);
+                }
+                let idle = srv
+                    .ctl(&["runners", "--json"])
+                    .json()
+                    .as_array()
+                    .and_then(|rs| rs.iter().find(|r| r["name"] == frozen.as_str()).cloned())
+                    .is_some_and(|r| r["slots_used"] == 0);
+                // (The lapse's log line comes just after its lease leaves the list.)
+                idle.then(|| srv.log().matches(&lost).count() > before)
+            },
+        );
+        runners[i].signal("CONT");
+        if lapsed {
+            break;
+        }
+    }
     // The state disk fills up, and is freed.
     goal = (goal + step).min(n_tasks);
     wait_done(&srv, goal);
