@@ -278,6 +278,8 @@ pub struct Task {
     /// Leases it lost in a row (not counted as failures).
     pub lost_leases: u32,
     pub cost_cents: f64,
+    /// What its agents have used, input plus output tokens.
+    pub tokens: u64,
     pub backoff_until_ms: Option<i64>,
     /// Why the last attempt was rejected.
     pub feedback: Option<String>,

@@ -193,6 +193,7 @@ impl From<pb::Task> for Task {
             failures: t.failures,
             lost_leases: t.lost_leases,
             cost_cents: t.cost_cents,
+            tokens: t.tokens,
             backoff_until_ms: t.backoff_until_ms,
             feedback: t.feedback,
             created_at_ms: t.created_at_ms,

@@ -168,6 +168,21 @@ fn a_usage_report_is_the_dev_runs_cost_counts_for_the_day_and_shapes_the_next_as
     assert_eq!(dev_runs[1]["cost_cents"], 5.0);
     assert_eq!(dev_runs[1]["usage"], Value::Null);
     assert_eq!(last_day(&server), (json!(35.0), json!(1200)));
+    // The task's own totals, in its show and in a list.
+    let shown = server.show(&id);
+    assert_eq!(
+        (shown["cost_cents"].clone(), shown["tokens"].clone()),
+        (json!(35.0), json!(1200))
+    );
+    let listed = server.ctl(&["task", "list", "--json"]).json();
+    let row = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["id"] == id.as_str()).cloned())
+        .expect("listed");
+    assert_eq!(
+        (row["cost_cents"].clone(), row["tokens"].clone()),
+        (json!(35.0), json!(1200))
+    );
 
     // What people read.
     let text = server.ctl(&["task", "show", &id]).ok();

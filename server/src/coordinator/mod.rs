@@ -41,7 +41,7 @@ use crate::store::{Committed, NewEvent, RunChanges, Store, TaskRecord, TaskWrite
 use crate::usage::LastDay;
 
 pub use runners::{Attached, LeaseResult, Registered, RunnerHello, unregistered};
-pub use tasks::{Page, RunnerInfo, RunnerState, Status, TaskDetail};
+pub use tasks::{Listed, Page, RunnerInfo, RunnerState, Status, TaskDetail};
 
 /// How many times a transition is re-decided after losing a race to another writer.
 const MAX_CAS_ATTEMPTS: usize = 8;

@@ -25,6 +25,14 @@ pub struct TaskDetail {
     pub children_cost_cents: f64,
 }
 
+/// A task of a list page: with what it waits for and the tokens its agents have used.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub task: Task,
+    pub waiting_for: Vec<String>,
+    pub tokens: u64,
+}
+
 /// A registered runner as `pipelinectl runners` shows it.
 #[derive(Clone, Debug)]
 pub struct RunnerInfo {
@@ -160,7 +168,7 @@ impl<S: Store> Coordinator<S> {
         &self,
         filter: &TaskFilter,
         page: Page,
-    ) -> Result<(Vec<(Task, Vec<String>)>, Option<(u8, i64)>)> {
+    ) -> Result<(Vec<Listed>, Option<(u8, i64)>)> {
         // An epic that does not exist is said so, not listed as empty.
         if let Some(parent) = &filter.parent
             && page.after.is_none()
@@ -177,7 +185,20 @@ impl<S: Store> Coordinator<S> {
         } else {
             None
         };
-        Ok((self.with_reasons(tasks).await?, next))
+        let ids: Vec<TaskId> = tasks.iter().map(|t| t.id.clone()).collect();
+        let tokens: std::collections::HashMap<TaskId, u64> =
+            self.store.tokens_of(&ids).await?.into_iter().collect();
+        let listed = self
+            .with_reasons(tasks)
+            .await?
+            .into_iter()
+            .map(|(task, waiting_for)| Listed {
+                tokens: tokens.get(&task.id).copied().unwrap_or(0),
+                task,
+                waiting_for,
+            })
+            .collect();
+        Ok((listed, next))
     }
 
     /// Each task with what it waits for (its dependencies' statuses read in one query).

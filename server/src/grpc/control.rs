@@ -139,9 +139,10 @@ impl<S: Store> ControlService for ControlApi<S> {
         Ok(Response::new(pb::ListTasksResponse {
             tasks: tasks
                 .iter()
-                .map(|(t, why)| {
-                    let mut task = pb::Task::from(t);
-                    task.waiting_for = why.clone();
+                .map(|l| {
+                    let mut task = pb::Task::from(&l.task);
+                    task.waiting_for = l.waiting_for.clone();
+                    task.tokens = l.tokens;
                     task
                 })
                 .collect(),

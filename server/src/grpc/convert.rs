@@ -70,6 +70,8 @@ impl From<&Task> for pb::Task {
             requires: t.requires.clone(),
             max_cost_cents: t.state.max_cost_cents,
             paused: t.paused.clone(),
+            // Filled in where the runs are at hand (a list page, task show).
+            tokens: 0,
         }
     }
 }
@@ -309,6 +311,12 @@ pub(crate) fn transition_to_pb(e: &TaskEvent) -> pb::TaskTransition {
 pub(crate) fn detail_to_pb(d: &TaskDetail) -> pb::GetTaskResponse {
     let mut task = pb::Task::from(&d.task);
     task.waiting_for = d.waiting_for.clone();
+    task.tokens = d
+        .runs
+        .iter()
+        .filter_map(|r| r.usage.as_ref())
+        .map(crate::domain::Usage::tokens)
+        .sum();
     pb::GetTaskResponse {
         task: Some(task),
         runs: d.runs.iter().map(Into::into).collect(),

@@ -680,6 +680,23 @@ impl Store for MemoryStore {
         }))
     }
 
+    async fn tokens_of(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, u64)>> {
+        let t = self.lock();
+        let mut out: Vec<(TaskId, u64)> = Vec::new();
+        for id in ids {
+            let used: Vec<u64> = t
+                .runs
+                .iter()
+                .filter(|r| r.task_id == *id)
+                .filter_map(|r| r.usage.as_ref().map(crate::domain::Usage::tokens))
+                .collect();
+            if !used.is_empty() {
+                out.push((id.clone(), used.iter().sum()));
+            }
+        }
+        Ok(out)
+    }
+
     async fn statuses(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, TaskStatus)>> {
         let t = self.lock();
         Ok(ids

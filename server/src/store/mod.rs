@@ -262,6 +262,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// cancelled, one at least done: those a crash kept from being marked Done.
     fn finished_epics(&self) -> impl Future<Output = Result<Vec<TaskId>>> + Send;
 
+    /// What the runs of each of `ids` have used, input plus output tokens as their usage
+    /// reports say; tasks without a report are left out.
+    fn tokens_of(&self, ids: &[TaskId]) -> impl Future<Output = Result<Vec<(TaskId, u64)>>> + Send;
+
     /// The statuses of the tasks among `ids` that exist.
     fn statuses(
         &self,

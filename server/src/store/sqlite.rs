@@ -1504,6 +1504,27 @@ impl Store for SqliteStore {
         Ok(counts)
     }
 
+    async fn tokens_of(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, u64)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        // By runs_by_task, one parameter a task.
+        for chunk in ids.chunks(10_000) {
+            let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+                "SELECT task_id, SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)) \
+                 FROM runs WHERE input_tokens IS NOT NULL AND task_id IN (",
+            );
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(id.as_str());
+            }
+            q.push(") GROUP BY task_id");
+            let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(&self.pool).await?;
+            for (id, tokens) in rows {
+                out.push((stored_id(&id)?, u64::try_from(tokens).unwrap_or(0)));
+            }
+        }
+        Ok(out)
+    }
+
     async fn statuses(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, TaskStatus)>> {
         let mut out = Vec::with_capacity(ids.len());
         // One parameter a task: well under SQLite's limit of 32,766 a statement.

@@ -885,6 +885,17 @@ pub async fn keeps_usage_and_sums_it_by_time<S: Store>(store: &S) {
         store.usage_since(120_001, 60_000).await.expect("sums"),
         vec![]
     );
+    // Per task: the reported runs' input and output tokens; a task without a report is left
+    // out.
+    let quiet = create(store, "no usage").await;
+    let mut per_task = store
+        .tokens_of(&[task.id.clone(), other.id.clone(), quiet.id.clone()])
+        .await
+        .expect("tokens");
+    per_task.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    let mut expected = vec![(task.id.clone(), 1212), (other.id.clone(), 10)];
+    expected.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    assert_eq!(per_task, expected);
 }
 
 pub async fn counts_by_status<S: Store>(store: &S) {
