@@ -689,7 +689,7 @@ fn an_epic_is_never_leased_and_is_done_when_its_children_are() {
         runs(&epic_now)[0]["error"],
         "stopped: the task became an epic (its children do the work)"
     );
-    repo.release_agents();
+    repo.release_task(&big);
     server.wait_status(&part, "done");
     let done = server.wait_status(&big, "done");
     assert_eq!(runs(&done).len(), 1, "its one stopped run: {done}");
@@ -707,8 +707,11 @@ fn an_epic_is_never_leased_and_is_done_when_its_children_are() {
         .refused(3, "ghost");
 
     // Cancelling an epic calls off its unfinished children, stopping their agents; retrying
-    // it takes them up again, and it is done with them.
-    let off = server.add(&["--title", "called off"]);
+    // it takes them up again, and it is done with them. (No agent of this test has been let
+    // go by the release file that lets them all go, so `working` waits until cancelled.)
+    // (Its own agent waits, so that it is still in progress when its first child comes: a
+    // runner is connected, and a quick agent could finish it as a plain task first.)
+    let off = server.add(&["--title", "called off", "--description", "MODE: wait"]);
     let working = server.add(&[
         "--title",
         "working",
