@@ -184,16 +184,24 @@ fn the_fault_run_loses_nothing_and_charges_no_task_for_a_fault() {
             break;
         }
     }
-    // The state disk fills up, and is freed.
+    // The state disk fills up, and is freed. New leases are held back while it fills, so that
+    // work is left to meet it (a quick run could otherwise finish every task first); letting
+    // them go is then itself a write to the full disk.
     goal = (goal + step).min(n_tasks);
     wait_done(&srv, goal);
+    srv.ctl(&["queue", "pause", "--reason", "the disk fills"])
+        .ok();
     disk.fill();
+    let _refused_or_not = srv.ctl(&["queue", "resume"]);
     wait_for("the server to meet the full disk", || {
         let status = srv.ctl(&["status", "--json"]).json();
         (status["health"] == "unhealthy" || srv.log().contains("cannot spool a commit"))
             .then_some(())
     });
     disk.free();
+    wait_for("leases to go out again", || {
+        srv.ctl(&["queue", "resume"]).code().filter(|c| *c == 0)
+    });
     wait_done(&srv, n_tasks);
 
     // Every task is done, each commit on the base exactly once, and no task was charged for
