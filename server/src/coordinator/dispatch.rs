@@ -49,6 +49,8 @@ struct Planned {
 struct EpicCap {
     spent: f64,
     cap: f64,
+    /// What is left of it ([`crate::lifecycle::Policy::epic_remaining`]).
+    remaining: f64,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -125,7 +127,7 @@ impl<S: Store> Coordinator<S> {
                 }
                 if let Some(parent) = task.parent.clone()
                     && let Some(cap) = self.epic_cap(&parent, &mut epics).await?
-                    && cap.spent >= cap.cap
+                    && cap.remaining <= 0.0
                 {
                     self.stop_at_epic_cap(task, &parent, cap).await?;
                     continue;
@@ -159,7 +161,7 @@ impl<S: Store> Coordinator<S> {
                     .parent
                     .as_ref()
                     .and_then(|p| epics.get(p).copied().flatten())
-                    .map(|c| (c.cap - c.spent).max(0.0));
+                    .map(|c| c.remaining);
                 match self.prepare_lease(&kept[task], &mut tip).await {
                     Ok(decision) => batch.push(Planned {
                         decision,
@@ -257,9 +259,11 @@ impl<S: Store> Coordinator<S> {
             return Ok(*cap);
         }
         let cap = self.store.get_task(id).await?.and_then(|epic| {
-            self.policy().epic_cap(&epic.state).map(|cap| EpicCap {
+            let policy = self.policy();
+            Some(EpicCap {
                 spent: epic.children.cost_cents,
-                cap,
+                cap: policy.epic_cap(&epic.state)?,
+                remaining: policy.epic_remaining(&epic.state, &epic.children)?,
             })
         });
         known.insert(id.clone(), cap);
