@@ -740,11 +740,16 @@ impl SmallDisk {
         Self { path, _dir: dir }
     }
 
-    /// Fills the disk to the last byte with a file; returns it.
+    /// Fills the disk to the last byte with a file; returns it. Called again, it takes what
+    /// was freed since (a file the server removed) without giving back what it holds.
     pub fn fill(&self) -> PathBuf {
         use std::io::Write;
         let filler = self.path.join("filler");
-        let mut f = std::fs::File::create(&filler).expect("create filler");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&filler)
+            .expect("create filler");
         let block = vec![0u8; 64 * 1024];
         loop {
             match f.write(&block) {

@@ -186,16 +186,26 @@ fn the_fault_run_loses_nothing_and_charges_no_task_for_a_fault() {
     }
     // The state disk fills up, and is freed. New leases are held back while it fills, so that
     // work is left to meet it (a quick run could otherwise finish every task first); letting
-    // them go is then itself a write to the full disk.
+    // them go is then itself a write to the full disk. The disk is kept full until the server
+    // meets it: a spooled bundle removed as its task lands would otherwise give the next one
+    // room.
     goal = (goal + step).min(n_tasks);
     wait_done(&srv, goal);
     srv.ctl(&["queue", "pause", "--reason", "the disk fills"])
         .ok();
     disk.fill();
-    let _refused_or_not = srv.ctl(&["queue", "resume"]);
+    assert!(
+        done_count(&srv) < n_tasks,
+        "work is left to meet the full disk"
+    );
     wait_for("the server to meet the full disk", || {
+        disk.fill();
+        // Refused (the pause cannot be lifted on a full disk), or lifted, and the next
+        // commit cannot be spooled.
+        let resume = srv.ctl(&["queue", "resume"]);
+        let refused = resume.code() != Some(0) && resume.stderr.contains("full");
         let status = srv.ctl(&["status", "--json"]).json();
-        (status["health"] == "unhealthy" || srv.log().contains("cannot spool a commit"))
+        (refused || status["health"] == "unhealthy" || srv.log().contains("cannot spool a commit"))
             .then_some(())
     });
     disk.free();
