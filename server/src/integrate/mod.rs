@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pipeline_core::git::{Merged, RefName};
-use pipeline_core::ids::{CommitId, TreeId};
+use pipeline_core::ids::CommitId;
 use pipeline_core::verify::{Verdict, Verifier};
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::landing::{Pause, TrainView};
 use crate::lifecycle::Event;
 use crate::store::{Journal, Store, TrainEnd, TrainStat};
-use train::{Candidate, Fate, Input, Member, Outcome, Plan, Step, Train};
+use train::{Candidate, Fate, Green, Input, Member, Outcome, Plan, Step, Train};
 
 /// After a failed round (git or database trouble), try again this much later.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
@@ -52,8 +52,8 @@ const GREEN_TREES: usize = 64;
 /// The integrator over a coordinator.
 pub struct Integrator<S> {
     coordinator: Arc<Coordinator<S>>,
-    /// Trees built green under the server's verification, newest last.
-    green: std::sync::Mutex<Vec<TreeId>>,
+    /// Trees built green under the server's verification, with their scopes, newest last.
+    green: std::sync::Mutex<Vec<Green>>,
 }
 
 /// Where the integrator's lines for one run go: the task log, numbered.
@@ -219,6 +219,14 @@ impl<S: Store> Integrator<S> {
             .applies_to(task.namespace.as_deref())
     }
 
+    /// What the server's verification builds for `task`: its namespace when each namespace
+    /// is a build of its own, else nothing in particular.
+    fn scope(&self, task: &Task) -> Option<String> {
+        verifier_names_namespace(&self.c().settings().verifier)
+            .then(|| task.namespace.clone())
+            .flatten()
+    }
+
     /// Why no build can change any outcome (verification is off), if so.
     fn never_build(&self) -> Option<String> {
         matches!(self.c().settings().verifier, Verifier::Off)
@@ -226,17 +234,17 @@ impl<S: Store> Integrator<S> {
     }
 
     /// The trees known green, for a train's plan.
-    fn green_set(&self) -> HashSet<TreeId> {
+    fn green_set(&self) -> HashSet<Green> {
         self.green
             .lock()
             .map(|g| g.iter().cloned().collect())
             .unwrap_or_default()
     }
 
-    fn remember_green(&self, tree: TreeId) {
+    fn remember_green(&self, green: Green) {
         if let Ok(mut g) = self.green.lock() {
-            g.retain(|t| *t != tree);
-            g.push(tree);
+            g.retain(|t| *t != green);
+            g.push(green);
             let excess = g.len().saturating_sub(GREEN_TREES);
             g.drain(..excess);
         }
@@ -311,6 +319,7 @@ impl<S: Store> Integrator<S> {
                 verified_tree: task.verified_tree.clone(),
                 after,
                 buildable: self.buildable(&task),
+                scope: self.scope(&task),
             });
             riders.push(Rider {
                 log: RunLog {

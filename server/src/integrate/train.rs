@@ -47,7 +47,13 @@ pub struct Member {
     /// Whether the server's verification has anything to build for it (under `bild`, a task
     /// without a namespace has not).
     pub buildable: bool,
+    /// What a build covering it builds for it: its namespace when the server's verification
+    /// builds each namespace on its own (`bild`), else `None` (one build covers every task).
+    pub scope: Option<String>,
 }
+
+/// A tree built green, and for what: a tree green for one namespace says nothing of another.
+pub type Green = (TreeId, Option<String>);
 
 /// What the train needs to know besides its members.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -56,8 +62,9 @@ pub struct Plan {
     /// Why no build can change the outcome whatever the trees (verification off, nothing to
     /// build), if so.
     pub never_build: Option<String>,
-    /// Trees built green under the server's verification (recently landed tips).
-    pub green: HashSet<TreeId>,
+    /// Trees built green under the server's verification (recently landed tips), each with
+    /// the scope it was built for.
+    pub green: HashSet<Green>,
 }
 
 /// What to do next.
@@ -149,8 +156,9 @@ pub struct Outcome {
     pub red_base: Option<String>,
     /// The base kept moving; nothing was decided.
     pub gave_up: bool,
-    /// The trees this train built green (the base's included), to remember.
-    pub green_trees: Vec<TreeId>,
+    /// The trees this train built green (the base's included), with their scopes, to
+    /// remember.
+    pub green_trees: Vec<Green>,
 }
 
 /// A Verified task the next train may take, in landing order.
@@ -231,7 +239,7 @@ pub struct Train {
     built: Vec<Option<bool>>,
     skipped: Option<String>,
     /// Trees built green, over every formation.
-    green_trees: Vec<TreeId>,
+    green_trees: Vec<Green>,
     /// What is to be landed once the swap succeeds: the prefix length, and the culprit with
     /// its reason.
     landing: Option<(usize, Option<(usize, String)>)>,
@@ -369,18 +377,43 @@ impl Train {
                 "no task in it has a namespace".to_owned()
             });
         }
-        let tree = match len {
-            0 => &self.tip.as_ref()?.1,
-            n => &self.chain.get(n - 1)?.tree,
-        };
-        if self.plan.green.contains(tree) {
+        let tree = self.tree_of(len)?;
+        let scopes = self.scopes(len);
+        if !scopes.is_empty()
+            && scopes
+                .into_iter()
+                .all(|s| self.plan.green.contains(&(tree.clone(), s)))
+        {
             return Some("the tree was built green before".to_owned());
         }
         let verified = self.chain[..len]
             .iter()
-            .any(|l| self.plan.members[l.member].verified_tree.as_ref() == Some(tree));
+            .any(|l| self.plan.members[l.member].verified_tree.as_ref() == Some(&tree));
         verified
             .then(|| "the tree is the one the runner verified (the base did not move)".to_owned())
+    }
+
+    /// The tree of the prefix of `len` (0: the base tip's).
+    fn tree_of(&self, len: usize) -> Option<TreeId> {
+        match len {
+            0 => self.tip.as_ref().map(|(_, t)| t.clone()),
+            n => self.chain.get(n - 1).map(|l| l.tree.clone()),
+        }
+    }
+
+    /// What a build of the prefix of `len` builds: the scopes of its buildable members (the
+    /// base alone is built for the first member's).
+    fn scopes(&self, len: usize) -> Vec<Option<String>> {
+        let members = &self.chain[..len.max(1).min(self.chain.len())];
+        let mut scopes: Vec<Option<String>> = members
+            .iter()
+            .map(|l| &self.plan.members[l.member])
+            .filter(|m| m.buildable || len == 0)
+            .map(|m| m.scope.clone())
+            .collect();
+        scopes.sort();
+        scopes.dedup();
+        scopes
     }
 
     fn first_build(&mut self) -> Step {
@@ -559,12 +592,12 @@ impl Train {
                     self.builds[link.member] += 1;
                 }
                 self.built[len] = Some(result.is_ok());
-                if result.is_ok() {
-                    let tree = match len {
-                        0 => self.tip.as_ref().map(|(_, t)| t.clone()),
-                        n => self.chain.get(n - 1).map(|l| l.tree.clone()),
-                    };
-                    self.green_trees.extend(tree);
+                if result.is_ok()
+                    && let Some(tree) = self.tree_of(len)
+                {
+                    for scope in self.scopes(len) {
+                        self.green_trees.push((tree.clone(), scope));
+                    }
                 }
                 match (len, result) {
                     (0, Ok(())) => self.bisect(),
@@ -653,6 +686,7 @@ mod tests {
                 verified_tree: None,
                 after: vec![],
                 buildable: true,
+                scope: None,
             })
             .collect()
     }
@@ -818,7 +852,7 @@ mod tests {
                 let mut w = World::new(move |len| len >= culprit);
                 let mut p = plan(k);
                 // The base is known green, so a culprit in first place is not the base's fault.
-                p.green.insert(t(0));
+                p.green.insert((t(0), None));
                 let o = w.run(&mut Train::new(p));
                 assert_eq!(failed(&o), vec![culprit - 1], "k={k} culprit={culprit}");
                 assert_eq!(landed(&o), (0..culprit - 1).collect::<Vec<_>>());
@@ -843,16 +877,46 @@ mod tests {
         assert!(o.red_base.is_none());
         assert_eq!(
             o.green_trees,
-            vec![t(0)],
+            vec![(t(0), None)],
             "the base, built green, is remembered"
         );
         // A base known green is not built.
         let mut w = World::new(|len| len >= 1);
         let mut p = plan(1);
-        p.green.insert(t(0));
+        p.green.insert((t(0), None));
         let o = w.run(&mut Train::new(p));
         assert_eq!(w.built, vec![1]);
         assert_eq!(failed(&o), vec![0]);
+    }
+
+    #[test]
+    fn a_tree_green_for_one_namespace_is_not_green_for_another() {
+        // The base was built green for namespace a; a red first commit of namespace b has
+        // the base built for b, and a base red for b charges no one.
+        let mut p = plan(1);
+        p.members[0].scope = Some("b".to_owned());
+        p.green.insert((t(0), Some("a".to_owned())));
+        let mut w = World::new(|_| true);
+        let o = w.run(&mut Train::new(p.clone()));
+        assert_eq!(w.built, vec![1, 0]);
+        assert!(o.red_base.is_some());
+        assert!(failed(&o).is_empty());
+        // Built green for b as well, it is known green for b.
+        p.green.insert((t(0), Some("b".to_owned())));
+        let mut w = World::new(|len| len >= 1);
+        let o = w.run(&mut Train::new(p));
+        assert_eq!(w.built, vec![1]);
+        assert_eq!(failed(&o), vec![0]);
+        // A prefix built green covers every namespace in it.
+        let mut p = plan(2);
+        p.members[0].scope = Some("a".to_owned());
+        p.members[1].scope = Some("b".to_owned());
+        let mut w = World::new(|_| false);
+        let o = w.run(&mut Train::new(p));
+        assert_eq!(
+            o.green_trees,
+            vec![(t(2), Some("a".to_owned())), (t(2), Some("b".to_owned()))]
+        );
     }
 
     #[test]
