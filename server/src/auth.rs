@@ -234,12 +234,20 @@ impl Auth {
     /// per-address or the per-name limit, counting nothing then. Checked before the
     /// credential's count, so a host or a name over its limit does not use up the allowance of
     /// the credential the whole fleet shares.
-    pub fn count_registration_source(&self, peer: Option<IpAddr>, name: &str) -> Result<()> {
+    pub fn count_registration_source(
+        &self,
+        peer: Option<IpAddr>,
+        name: &str,
+        own_credential: bool,
+    ) -> Result<()> {
         let (per_address, per_name) = (
             self.max_registrations_per_address.max(1),
             self.max_registrations_per_name.max(1),
         );
-        let mut keys = vec![(format!("name:{name}"), per_name)];
+        // A name's registrations with its own credential are counted apart from those with
+        // the shared token: attempts to take a name over cannot lock its runner out.
+        let by = if own_credential { "own" } else { "shared" };
+        let mut keys = vec![(format!("name:{name}:{by}"), per_name)];
         if let Some(ip) = peer {
             keys.push((address_key(ip), per_address));
         }
@@ -384,22 +392,32 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().expect("ip");
         let b: IpAddr = "10.0.0.2".parse().expect("ip");
         // One name, twice: then that name is refused, from anywhere...
-        auth.count_registration_source(Some(a), "r").expect("1");
-        auth.count_registration_source(Some(a), "r").expect("2");
+        auth.count_registration_source(Some(a), "r", true)
+            .expect("1");
+        auth.count_registration_source(Some(a), "r", true)
+            .expect("2");
         let err = auth
-            .count_registration_source(Some(b), "r")
+            .count_registration_source(Some(b), "r", true)
             .expect_err("name");
         assert!(err.to_string().contains("of runner r"), "{err}");
         // ...but the refusal counted nothing: the address has room for one more name.
-        auth.count_registration_source(Some(a), "s").expect("3");
+        auth.count_registration_source(Some(a), "s", true)
+            .expect("3");
         let err = auth
-            .count_registration_source(Some(a), "t")
+            .count_registration_source(Some(a), "t", true)
             .expect_err("address");
         assert!(err.to_string().contains("from 10.0.0.1"), "{err}");
-        auth.count_registration_source(Some(b), "t")
+        auth.count_registration_source(Some(b), "t", true)
             .expect("another host");
-        auth.count_registration_source(None, "u")
+        auth.count_registration_source(None, "u", true)
             .expect("no address known");
+        // Attempts at a name with the shared token do not use up its own runner's count.
+        auth.count_registration_source(None, "v", false).expect("4");
+        auth.count_registration_source(None, "v", false).expect("5");
+        auth.count_registration_source(None, "v", false)
+            .expect_err("the shared token's attempts at v");
+        auth.count_registration_source(None, "v", true)
+            .expect("v with its own credential");
     }
 
     #[test]

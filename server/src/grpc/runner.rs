@@ -403,9 +403,10 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         // Per host and per name before the credential's own count (in `register`), so that
         // one host or one name over its limit does not use up the shared token's allowance.
         if matches!(who, Caller::Registration | Caller::Runner(_)) {
+            let own = matches!(&who, Caller::Runner(name) if *name == hello.name);
             self.coordinator
                 .auth()
-                .count_registration_source(peer, &hello.name)
+                .count_registration_source(peer, &hello.name, own)
                 .map_err(status_from_error)?;
         }
         let registered = self
