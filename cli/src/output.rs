@@ -786,7 +786,7 @@ pub fn runners(out: &mut impl Write, runners: &[Runner], format: Format) -> io::
                     r.labels.join(",")
                 },
                 match &r.health {
-                    Health::Unhealthy(why) => format!("unhealthy: {why}"),
+                    Health::Unhealthy(why) => format!("unhealthy: {}", terminal_safe(why)),
                     Health::Healthy => "healthy".to_owned(),
                 },
             ]
@@ -1520,6 +1520,24 @@ mod snapshots {
             runner("gone", RunnerState::Offline, 0, None, Health::Healthy),
         ];
         insta::assert_snapshot!(printed(|out| super::runners(out, &runners, TEXT)));
+    }
+
+    #[test]
+    fn a_runners_health_reason_reaches_the_terminal_escaped() {
+        let runner = Runner {
+            id: "r-x".into(),
+            name: "x".into(),
+            state: RunnerState::Idle,
+            slots_used: 0,
+            slots_total: 1,
+            last_heartbeat_ms: None,
+            labels: vec![],
+            version: "0.1.0".into(),
+            health: Health::Unhealthy("disk \u{1b}]0;owned\u{7} full".into()),
+        };
+        let text = printed(|out| super::runners(out, &[runner], TEXT));
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert!(text.contains("disk \\x1b]0;owned\\x07 full"), "{text:?}");
     }
 
     #[test]

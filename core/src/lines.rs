@@ -20,9 +20,37 @@ pub fn cut_line(line: &str) -> String {
     )
 }
 
+/// How much of a runner's failure text (a result's error, a release's reason) the server
+/// keeps: it becomes the task's feedback, the next prompt's "previous attempt" section.
+pub const MAX_FEEDBACK_BYTES: usize = 64 * 1024;
+
+/// How much of a task's feedback a list row carries (`task show` has all of it).
+pub const LIST_FEEDBACK_BYTES: usize = 1024;
+
+/// Keeps the last `max` bytes of `text` (at a character boundary; the end of a failure's
+/// output is where its reason is), after a marker saying how many went.
+pub fn keep_end(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[… {start} bytes cut …]\n{}", &text[start..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_end_keeps_the_end_with_a_marker() {
+        assert_eq!(keep_end("short", 10), "short");
+        assert_eq!(keep_end("0123456789", 4), "[… 6 bytes cut …]\n6789");
+        // Never inside a character.
+        assert_eq!(keep_end("aé", 1), "[… 3 bytes cut …]\n");
+    }
 
     #[test]
     fn long_lines_are_cut_with_a_marker() {

@@ -860,3 +860,55 @@ fn logs_are_escaped_on_a_terminal_and_kept_raw_through_a_pipe() {
         out.stdout
     );
 }
+
+#[test]
+fn a_runners_failure_text_is_bounded_and_a_list_stays_small() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let mut fakes = vec![fake_runner(&repo, &server)];
+    let mut second = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "fake-2",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    second.open(vec![]).expect("open");
+    fakes.push(second);
+    // Two failures of 3 MiB each: over the message limit together, as one list page.
+    let error = format!("{}THE REASON", "x".repeat(3 << 20));
+    let ids: Vec<String> = (0..2)
+        .map(|i| server.add(&["--title", &format!("t{i}")]))
+        .collect();
+    for fake in &mut fakes {
+        let lease = fake.next_assignment().lease.expect("lease");
+        let messages = pipeline_tests::fake_runner::complete_messages(
+            &fake.id,
+            lease,
+            pb::LeaseOutcome::DevFailed,
+            Some(error.clone()),
+            0.0,
+            None,
+            vec![],
+        );
+        fake.complete_raw(messages)
+            .expect("a long failure is taken");
+    }
+    for id in &ids {
+        let task = server.show(id);
+        let feedback = task["feedback"]
+            .as_str()
+            .unwrap_or_else(|| panic!("feedback: {task}"));
+        assert!(feedback.ends_with("THE REASON"), "the end is kept");
+        assert!(feedback.starts_with("[… "), "with a marker");
+        assert!(feedback.len() < 64 * 1024 + 64, "{}", feedback.len());
+    }
+    let listed = server.ctl(&["task", "list", "--json"]).json();
+    let rows = listed.as_array().expect("a list");
+    assert_eq!(rows.len(), 2, "{listed}");
+    for row in rows {
+        let feedback = row["feedback"].as_str().expect("feedback");
+        assert!(feedback.ends_with("THE REASON"), "{feedback}");
+        assert!(feedback.len() < 1024 + 64, "{}", feedback.len());
+    }
+}

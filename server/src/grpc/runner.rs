@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use pipeline_core::ids::CommitId;
+use pipeline_core::lines::{MAX_FEEDBACK_BYTES, keep_end};
 
 use super::status_from_error;
 use crate::auth::Caller;
@@ -602,7 +603,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             lease,
             result: RunnerResult {
                 outcome,
-                error: header.error,
+                error: header.error.map(|e| keep_end(&e, MAX_FEEDBACK_BYTES)),
                 cost_cents: header.cost_cents,
                 usage,
                 verify_skipped: header.verify_skipped,
@@ -662,7 +663,12 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             self.coordinator.runner_unhealthy(id, why);
         }
         self.coordinator
-            .release(id, &lease, &r.reason, r.infrastructure)
+            .release(
+                id,
+                &lease,
+                &keep_end(&r.reason, MAX_FEEDBACK_BYTES),
+                r.infrastructure,
+            )
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::ReleaseLeaseResponse {}))
