@@ -625,17 +625,20 @@ async fn fetch_base(
                 ctx.mirror.remember(&wanted).await;
                 return Ok(());
             }
-            Err(status) if fetch_failed(&status) == FetchFailed::Refused => {
+            Err(FetchError::Local(why)) => return Err(JobEnd::Infra(why)),
+            Err(FetchError::Call(status)) if fetch_failed(&status) == FetchFailed::Refused => {
                 return Err(JobEnd::Refused(status.message().to_owned()));
             }
-            Err(status) if fetch_failed(&status) == FetchFailed::Retry && attempt < 20 => {
+            Err(FetchError::Call(status))
+                if fetch_failed(&status) == FetchFailed::Retry && attempt < 20 =>
+            {
                 tracing::warn!(task = %a.task, error = %status.message(), "fetching the base failed; retrying");
                 attempt += 1;
                 if !pause(&mut backoff, cancel).await {
                     return Err(JobEnd::Cancelled);
                 }
             }
-            Err(status) => {
+            Err(FetchError::Call(status)) => {
                 return Err(JobEnd::Infra(format!(
                     "cannot fetch the base: {}",
                     status.message()
@@ -645,30 +648,44 @@ async fn fetch_base(
     }
 }
 
+/// Why a fetch of the base failed: the call (the server or the connection, which may come
+/// back), or this machine's own disk (no retry: the lease goes back, uncharged).
+enum FetchError {
+    Call(Status),
+    Local(String),
+}
+
+impl From<Status> for FetchError {
+    fn from(status: Status) -> Self {
+        FetchError::Call(status)
+    }
+}
+
 /// Fetches the bundle into `file`; returns (chunks, bytes).
 async fn fetch_once(
     ctx: &JobContext,
     a: &Assignment,
     file: &Path,
-) -> Result<(usize, usize), Status> {
+) -> Result<(usize, usize), FetchError> {
     let mut chunks_in = ctx
         .client
         .fetch_base(&ctx.runner.get()?, &a.lease, &ctx.mirror.haves())
         .await?;
-    let mut out = tokio::fs::File::create(file)
-        .await
-        .map_err(|e| Status::internal(format!("cannot write {}: {e}", file.display())))?;
+    let local = |e: std::io::Error| {
+        let _ = std::fs::remove_file(file);
+        FetchError::Local(format!(
+            "cannot write the base's bundle {}: {e}",
+            file.display()
+        ))
+    };
+    let mut out = tokio::fs::File::create(file).await.map_err(local)?;
     let (mut chunks, mut bytes) = (0, 0);
     while let Some(chunk) = chunks_in.next().await? {
         bytes += chunk.len();
-        out.write_all(&chunk)
-            .await
-            .map_err(|e| Status::internal(format!("cannot write the bundle: {e}")))?;
+        out.write_all(&chunk).await.map_err(local)?;
         chunks += 1;
     }
-    out.flush()
-        .await
-        .map_err(|e| Status::internal(format!("cannot write the bundle: {e}")))?;
+    out.flush().await.map_err(local)?;
     Ok((chunks, bytes))
 }
 

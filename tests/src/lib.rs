@@ -768,6 +768,18 @@ impl SmallDisk {
         filler
     }
 
+    /// Fills the disk but for about `bytes` (small writes still fit, a large one does not).
+    pub fn fill_leaving(&self, bytes: u64) {
+        let filler = self.fill();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&filler)
+            .expect("open filler");
+        let len = f.metadata().expect("filler size").len();
+        f.set_len(len.saturating_sub(bytes))
+            .expect("truncate filler");
+    }
+
     /// Frees what [`SmallDisk::fill`] took.
     pub fn free(&self) {
         let _ = std::fs::remove_file(self.path.join("filler"));

@@ -565,6 +565,23 @@ fn an_empty_database_beside_an_earlier_pipelines_history_is_refused() {
         log.contains("the database is empty but the repository shows an earlier pipeline"),
         "{log}"
     );
+    // The same with the pipeline's refs gone too: the base's trailers are history enough.
+    let refs = pipeline_tests::git(
+        &repo.repo(),
+        &["for-each-ref", "--format=%(refname)", "refs/pipeline"],
+    );
+    assert!(!refs.is_empty(), "the server keeps refs of its own");
+    for r in refs.lines() {
+        pipeline_tests::git(&repo.repo(), &["update-ref", "-d", r]);
+    }
+    let log = match Server::spawn(&mut Server::command(&repo, &[])) {
+        Ok(s) => panic!("started beside the trailers alone:\n{}", s.log()),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("the database is empty but the repository shows an earlier pipeline"),
+        "{log}"
+    );
     // Knowingly: the new IDs do not repeat the old ones.
     let server = Server::start(&repo, &["--accept-existing-history"]);
     let _runner = Runner::start(&repo, &server, "r2", &as_strs(&args));
@@ -709,6 +726,175 @@ fn a_full_disk_fails_writes_cleanly_and_they_come_back_with_the_space() {
         let done = server.wait_status(task, "done");
         assert_eq!(done["failures"], 0, "{done}");
     }
+}
+
+/// The server's state on a small disk of its own; the server, and its registration token.
+fn server_on(repo: &TestRepo, disk: &pipeline_tests::SmallDisk) -> (Server, String) {
+    let state = disk.path.join("state");
+    let mut cmd = Command::new(bin("pipeline-server"));
+    cmd.arg("--repo")
+        .arg(repo.repo())
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:0", "--backoff-base", "0"])
+        .env("RUST_LOG", "info");
+    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
+    let token = std::fs::read_to_string(state.join("runner-registration.token"))
+        .expect("token")
+        .trim()
+        .to_owned();
+    (server, token)
+}
+
+#[test]
+fn a_full_spool_disk_is_not_charged_and_leaves_no_file_behind() {
+    let repo = TestRepo::new();
+    let disk = pipeline_tests::SmallDisk::new(24);
+    let (server, token) = server_on(&repo, &disk);
+    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
+    let _runner = pipeline_tests::Proc::spawn(
+        Command::new(bin("pipeline-runner"))
+            .args(["--server", &server.url, "--name", "r", "--token", &token])
+            .arg("--work-dir")
+            .arg(repo.dir.path().join("runners").join("r"))
+            .args(["--agent-cmd", &agent, "--no-verify"])
+            .args(["--env-allow", "AGENT_LOG_DIR"])
+            .env("PATH", pipeline_tests::scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log()),
+    );
+    let id = server.add(&[
+        "--title",
+        "a large commit",
+        "--description",
+        "MODE: big-wait",
+    ]);
+    repo.wait_agent(&id);
+    // The disk fills while the agent works, but for 1 MiB: the database's small writes go
+    // on, the commit's 3 MB bundle cannot be spooled.
+    disk.fill_leaving(1 << 20);
+    repo.release_agents();
+    let spool = disk.path.join("state").join("spool");
+    let files = || {
+        std::fs::read_dir(&spool)
+            .map(|d| d.flatten().count())
+            .unwrap_or(0)
+    };
+    server.wait_for_log("cannot spool a commit's bundle (spool write)");
+    wait_for("the refused upload's file to go", || {
+        (files() == 0).then_some(())
+    });
+    let task = server.show(&id);
+    assert_eq!(task["failures"], 0, "{task}");
+    assert_eq!(task["status"], "in_progress", "the runner keeps it: {task}");
+    // With room again, the runner's next try lands it, charged nothing.
+    disk.free();
+    let done = server.wait_status(&id, "done");
+    assert_eq!(done["failures"], 0, "{done}");
+    for run in runs(&done) {
+        assert_ne!(run["failure_kind"], "task", "{run}");
+    }
+    assert_eq!(repo.landed(), [id.as_str()]);
+    assert_eq!(files(), 0, "no spool file left");
+}
+
+#[test]
+fn a_build_tool_missing_when_the_build_runs_is_not_charged() {
+    let repo = TestRepo::new();
+    // The server's verification names a program no machine has: the runners run it (the
+    // server's policy), it cannot start, and that is no task's fault.
+    let server = Server::start(
+        &repo,
+        &[
+            "--build-cmd",
+            "no-such-build-tool --all",
+            "--backoff-base",
+            "0",
+        ],
+    );
+    let r = Runner::start(
+        &repo,
+        &server,
+        "r",
+        &as_strs(
+            &[
+                scripted_agent(),
+                vec!["--max-infra-failures".into(), "2".into()],
+            ]
+            .concat(),
+        ),
+    );
+    let id = server.add(&["--title", "t"]);
+    wait_for("the runner to turn unhealthy", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        (runners[0]["health"] == "unhealthy").then_some(())
+    });
+    let task = server.show(&id);
+    assert_eq!(task["failures"], 0, "{task}");
+    assert_eq!(task["status"], "open", "{task}");
+    let failed: Vec<Value> = runs(&task)
+        .into_iter()
+        .filter(|r| r["status"] == "failure")
+        .collect();
+    assert!(!failed.is_empty(), "{task}");
+    for run in &failed {
+        assert_eq!(run["failure_kind"], "infrastructure", "{run}");
+        assert!(
+            run["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no-such-build-tool")),
+            "{run}"
+        );
+    }
+    assert!(r.log().contains("infrastructure failure"), "{}", r.log());
+}
+
+#[test]
+fn a_full_disk_on_the_runner_is_not_charged() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "0"]);
+    let disk = pipeline_tests::SmallDisk::new(16);
+    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
+    let runner = pipeline_tests::Proc::spawn(
+        Command::new(bin("pipeline-runner"))
+            .args(["--server", &server.url, "--name", "r"])
+            .args(["--token", &repo.registration_token()])
+            .arg("--work-dir")
+            .arg(disk.path.join("work"))
+            .args(["--agent-cmd", &agent, "--no-verify"])
+            .args(["--env-allow", "AGENT_LOG_DIR"])
+            .env("PATH", pipeline_tests::scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log()),
+    );
+    wait_for("the runner to connect", || {
+        (server.ctl(&["status", "--json"]).json()["runners"] == 1).then_some(())
+    });
+    // Its work dir is full before the work comes: the worktree cannot be made.
+    disk.fill();
+    let id = server.add(&["--title", "t"]);
+    wait_for("an attempt to meet the full disk", || {
+        disk.fill();
+        runs(&server.show(&id))
+            .iter()
+            .any(|r| r["status"] == "failure")
+            .then_some(())
+    });
+    let task = server.show(&id);
+    assert_eq!(task["failures"], 0, "{task}");
+    for run in runs(&task) {
+        if run["status"] == "failure" {
+            assert_eq!(run["failure_kind"], "infrastructure", "{run}");
+            assert!(
+                run["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("No space left on device")),
+                "the reason is on the run: {run}"
+            );
+        }
+    }
+    disk.free();
+    let done = server.wait_status(&id, "done");
+    assert_eq!(done["failures"], 0, "{done}");
+    drop(runner);
 }
 
 #[test]
@@ -943,4 +1129,28 @@ fn a_killed_servers_token_note_is_not_offered_to_the_next_server_on_its_port() {
     let out = ctl(&format!("http://127.0.0.1:{port}"));
     assert!(out.status.success(), "{}", out.stderr);
     drop(second);
+}
+
+#[test]
+fn a_task_in_back_off_says_so_and_for_how_long() {
+    use pipeline_proto::v1 as pb;
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "600"]);
+    let mut fake = pipeline_tests::fake_runner(&repo, &server);
+    let id = server.add(&["--title", "t"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    fake.complete(lease, pb::LeaseOutcome::DevFailed, None, vec![])
+        .expect("a failure");
+    let task = server.show(&id);
+    assert_eq!(task["status"], "open", "{task}");
+    let waiting = task["waiting_for"].as_array().cloned().unwrap_or_default();
+    assert!(
+        waiting.iter().any(|w| w.as_str().is_some_and(
+            |w| w.starts_with("in back-off for ") && w.contains("after 1 failed attempt")
+        )),
+        "{task}"
+    );
+    assert!(task["backoff_until"].is_string(), "{task}");
+    let text = server.ctl(&["task", "show", &id]).ok();
+    assert!(text.contains("in back-off for"), "{text}");
 }
