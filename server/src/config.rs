@@ -312,7 +312,19 @@ mod tests {
             (c.agent.timeout, c.agent.max_iter, c.agent.max_cost),
             (1800, 80, 300)
         );
+        assert_eq!((c.batch_max, c.integration_slots), (8, 1));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn speculative_trains_are_refused_with_what_to_use() {
+        let c = Config::try_parse_from(["s", "--repo", "/r", "--integration-slots", "2"])
+            .expect("parse");
+        let err = c.validate().expect_err("refused");
+        assert!(
+            err.contains("--integration-slots 2: speculative trains are not supported yet; use 1"),
+            "{err}"
+        );
     }
 
     #[test]

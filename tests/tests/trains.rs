@@ -92,11 +92,22 @@ fn verify_then_land_together(repo: &TestRepo, server: &Server, ids: &[&str]) {
 #[test]
 fn a_train_of_six_lands_with_one_build() {
     let repo = TestRepo::new();
+    // Every value the base takes is in its reflog.
+    git(&repo.repo(), &["config", "core.logAllRefUpdates", "always"]);
     let server = Server::start(&repo, &["--build-cmd", &build_cmd("true")]);
     let _r = runner_with_slots(&repo, &server, 6);
     let ids = ["a1", "a2", "a3", "a4", "a5", "a6"];
     add_waiting(&server, &ids, "wait");
     let before = main_tip(&repo);
+    let reflog = || {
+        git(
+            &repo.repo(),
+            &["reflog", "show", "--format=%H", "refs/heads/main"],
+        )
+        .lines()
+        .count()
+    };
+    let updates_before = reflog();
     verify_then_land_together(&repo, &server, &ids);
     let tasks: Vec<Value> = ids
         .iter()
@@ -114,6 +125,7 @@ fn a_train_of_six_lands_with_one_build() {
         ),
         "6"
     );
+    assert_eq!(reflog(), updates_before + 1, "one update of the base");
     let train = landed_train(&tasks[0]);
     for t in &tasks {
         assert_eq!(landed_train(t), train, "the same train");
@@ -194,12 +206,37 @@ fn a_culprit_in_the_middle_of_a_train_is_found_and_the_others_land_without_new_d
         all[0].starts_with("c1.md c2.md c3.md c4.md c5.md c6.md c7.md c8.md "),
         "{all:?}"
     );
-    let first_train = all.iter().take_while(|b| b.contains("c4.md")).count();
-    assert!((2..=4).contains(&first_train), "{all:?}");
-    // Each task is on the base once, and no red tree ever was.
+    // The bisection: the tip (8, red), then prefixes 4 (red), 2 and 3 (green): c4 is the
+    // first red commit, in four builds.
+    let prefix = |b: &str, n: usize| {
+        let notes: Vec<&str> = b.split(' ').take_while(|w| w.ends_with(".md")).collect();
+        notes
+            == ids[..n]
+                .iter()
+                .map(|id| format!("{id}.md"))
+                .collect::<Vec<_>>()
+    };
+    assert!(prefix(&all[0], 8) && prefix(&all[1], 4), "{all:?}");
+    assert!(prefix(&all[2], 2) && prefix(&all[3], 3), "{all:?}");
+    // Each task is on the base once, and no red tree ever was: no commit of the base has c4's
+    // note without its fix.
     let mut landed = repo.landed();
     landed.sort();
     assert_eq!(landed, ids);
+    for commit in git(&repo.repo(), &["rev-list", "--first-parent", "main"]).lines() {
+        let note = std::process::Command::new("git")
+            .arg("-C")
+            .arg(repo.repo())
+            .args(["show", &format!("{commit}:notes/c4.md")])
+            .output()
+            .expect("git show");
+        if note.status.success() {
+            assert!(
+                String::from_utf8_lossy(&note.stdout).contains("fixed"),
+                "{commit} on the base is red"
+            );
+        }
+    }
 }
 
 #[test]
@@ -460,4 +497,118 @@ fn batch_max_one_builds_every_commit_of_the_base_on_its_own() {
     // later one sits on a base that moved, and the server builds it.
     assert_eq!(builds(&repo).len(), 2, "{:?}", builds(&repo));
     assert_eq!(repo.landed(), ["b3", "b2", "b1"]);
+}
+
+#[test]
+fn a_base_red_for_want_of_its_environment_lands_again_on_queue_resume() {
+    let repo = TestRepo::new();
+    // The build fails while the machine lacks something (a marker file): the base itself is
+    // red, and nobody's commit is to blame.
+    let build = build_cmd(
+        "if [ -e \"$AGENT_LOG_DIR/env-broken\" ]; then echo 'the toolchain is gone' >&2; \
+         exit 1; fi",
+    );
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let _r = runner_with_slots(&repo, &server, 2);
+    add_waiting(&server, &["e1", "e2"], "wait");
+    repo.wait_agent("e1");
+    repo.wait_agent("e2");
+    std::fs::write(repo.agent_log().join("env-broken"), "").expect("break");
+    // A person's commit moves the base, so no tree of the train is one a runner verified.
+    let tip = repo.push_to_main("unrelated.txt", "a person's change");
+    verify_then_land_together(&repo, &server, &["e1", "e2"]);
+    let status = wait_for("landing to pause on the red base", || {
+        let s = server.ctl(&["status", "--json"]).json();
+        (s["landing"]["state"] == "paused").then_some(s)
+    });
+    let reason = status["landing"]["reason"].as_str().expect("a reason");
+    assert!(reason.contains(&tip), "names the base: {reason}");
+    for id in ["e1", "e2"] {
+        let t = server.show(id);
+        assert_eq!(
+            (t["status"].as_str(), t["failures"].as_u64()),
+            (Some("verified"), Some(0))
+        );
+    }
+    // Someone mends the machine; the base did not change, so a person resumes.
+    std::fs::remove_file(repo.agent_log().join("env-broken")).expect("mend");
+    let resumed = server.ctl(&["queue", "resume"]).ok();
+    assert!(!resumed.contains("nothing was paused"), "{resumed}");
+    for id in ["e1", "e2"] {
+        let t = server.wait_status(id, "done");
+        assert_eq!(t["failures"], 0, "{t}");
+        assert_eq!(dev_runs(&t), 1, "no new dev run: {t}");
+    }
+    let mut landed = repo.landed();
+    landed.sort();
+    assert_eq!(landed, ["e1", "e2"]);
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["landing"]["state"], "running", "{status}");
+}
+
+#[test]
+fn queue_shows_the_train_its_step_and_when_the_next_ones_land() {
+    let repo = TestRepo::new();
+    // The server's build waits while $AGENT_LOG_DIR/hold exists, so a train can be seen in
+    // the middle of its build.
+    let build = build_cmd("while [ -e \"$AGENT_LOG_DIR/hold\" ]; do sleep 0.05; done");
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let _r = runner_with_slots(&repo, &server, 5);
+    // A first train of two, built: the estimates learn how long a train takes.
+    add_waiting(&server, &["q1", "q2"], "wait");
+    verify_then_land_together(&repo, &server, &["q1", "q2"]);
+    server.wait_status("q2", "done");
+    // The next train holds in its build.
+    std::fs::write(repo.agent_log().join("hold"), "").expect("hold");
+    std::fs::remove_file(repo.agent_log().join("release")).expect("re-arm the agents");
+    add_waiting(&server, &["q3", "q4", "q5"], "wait");
+    for id in ["q3", "q4", "q5"] {
+        repo.wait_agent(id);
+    }
+    server.ctl(&["queue", "pause", "--landing"]).ok();
+    repo.release_task("q3");
+    repo.release_task("q4");
+    server.wait_status("q3", "verified");
+    server.wait_status("q4", "verified");
+    server.ctl(&["queue", "resume"]).ok();
+    let queue = wait_for("the train to be building", || {
+        let q = server.ctl(&["queue", "--json"]).json();
+        q["train"]["step"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("building"))
+            .then_some(q)
+    });
+    assert_eq!(
+        queue["train"]["tasks"],
+        serde_json::json!(["q3", "q4"]),
+        "{queue}"
+    );
+    assert_eq!(
+        queue["train"]["step"], "building the train's tip (2 commits)",
+        "{queue}"
+    );
+    // A task verified now waits behind the train, with an estimate.
+    repo.release_task("q5");
+    server.wait_status("q5", "verified");
+    let queue = server.ctl(&["queue", "--json"]).json();
+    let waiting = queue["waiting"].as_array().cloned().unwrap_or_default();
+    let q5 = waiting
+        .iter()
+        .find(|w| w["id"] == "q5")
+        .unwrap_or_else(|| panic!("q5 waits: {queue}"));
+    assert_eq!(
+        (q5["status"].as_str(), q5["position"].as_u64()),
+        (Some("verified"), Some(1))
+    );
+    assert!(
+        q5["eta_seconds"].as_f64().is_some_and(|s| s > 0.0),
+        "an estimate from the first train: {queue}"
+    );
+    let text = server.ctl(&["queue"]).ok();
+    assert!(text.contains("q3") && text.contains("q5"), "{text}");
+    assert!(text.contains("lands ~"), "{text}");
+    std::fs::remove_file(repo.agent_log().join("hold")).expect("let it build");
+    for id in ["q3", "q4", "q5"] {
+        server.wait_status(id, "done");
+    }
 }
