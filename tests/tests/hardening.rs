@@ -912,3 +912,52 @@ fn a_runners_failure_text_is_bounded_and_a_list_stays_small() {
         assert!(feedback.len() < 1024 + 64, "{}", feedback.len());
     }
 }
+
+#[test]
+fn a_peer_without_a_credential_cannot_hold_a_connection_slot() {
+    let repo = TestRepo::new();
+    let server = start_with_env(
+        &repo,
+        &[],
+        &[
+            ("PIPELINE_MAX_CONNECTIONS", "1"),
+            ("PIPELINE_HANDSHAKE_TIMEOUT", "1"),
+            ("PIPELINE_KEEPALIVE_INTERVAL", "1"),
+        ],
+    );
+    // A peer that sends a request without a credential, is refused, and stays: its runtime
+    // keeps running, so it answers the server's pings.
+    let (refused_tx, refused_rx) = std::sync::mpsc::channel();
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+    let url = server.url.clone();
+    let peer = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            let mut client =
+                pipeline_proto::v1::control_service_client::ControlServiceClient::new(channel);
+            let answer = client.get_status(pb::GetStatusRequest {}).await;
+            refused_tx.send(answer.map(drop)).expect("send");
+            let _ = end_rx.await;
+            drop(client);
+        });
+    });
+    let answer = refused_rx.recv().expect("the peer's answer");
+    let err = answer.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // The server closes it: a real client gets the one slot.
+    let status = wait_for("the slot to be free for a real client", || {
+        let out = server.ctl(&["status", "--json"]);
+        (out.code() == Some(0)).then(|| out.json())
+    });
+    assert_eq!(status["health"], "healthy", "{status}");
+    let _ = end_tx.send(());
+    peer.join().expect("the peer");
+}

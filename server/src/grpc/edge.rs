@@ -97,17 +97,32 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        if let Some(info) = conn_info(&req).cloned() {
+        let info = conn_info(&req).cloned();
+        if let Some(info) = &info {
             info.spoke();
-            req.extensions_mut().insert::<TcpConnectInfo>(info.tcp);
+            req.extensions_mut()
+                .insert::<TcpConnectInfo>(info.tcp.clone());
         }
         let call = self.inner.call(req);
         Box::pin(async move {
             let mut resp = call.await?;
+            if let Some(info) = info
+                && unauthenticated(&resp)
+            {
+                info.refused();
+            }
             map_oversized(&mut resp);
             Ok(resp)
         })
     }
+}
+
+/// Whether an answer refuses its call as unauthenticated (a trailers-only answer, as every
+/// refusal before a handler's answer starts is).
+fn unauthenticated<RB>(resp: &http::Response<RB>) -> bool {
+    resp.headers()
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"16")
 }
 
 #[cfg(test)]

@@ -6,8 +6,11 @@
 //!   server's file descriptors (git and SQLite need some too);
 //! - a handshake deadline: a connection must finish its TLS and HTTP/2 handshake and send its
 //!   first request within `--handshake-timeout`, or it is closed ([`ConnInfo::spoke`] is called
-//!   by [`crate::grpc::edge::Edge`] when a request arrives). After that, HTTP/2 keepalive pings
-//!   (set on the tonic server) find peers that went away;
+//!   by [`crate::grpc::edge::Edge`] when a request arrives). A connection whose request is
+//!   refused as unauthenticated ([`ConnInfo::refused`]) is closed a handshake timeout later,
+//!   whatever it sends next, so that peers without a credential cannot hold the connection
+//!   slots. After that, HTTP/2 keepalive pings (set on the tonic server) find peers that went
+//!   away;
 //! - Nagle's algorithm off on every accepted connection: a message pushed on a stream right
 //!   after another must not wait ~40 ms for the peer's delayed ACK (tonic's `tcp_nodelay`
 //!   applies only to listeners it binds itself).
@@ -142,12 +145,23 @@ impl Stream for Incoming {
 pub struct ConnInfo {
     pub tcp: TcpConnectInfo,
     spoken: Arc<AtomicBool>,
+    refused: Arc<AtomicBool>,
 }
 
 impl ConnInfo {
-    /// A request arrived on the connection: the handshake deadline no longer applies.
+    /// A request arrived on the connection: the handshake deadline no longer applies (unless
+    /// the connection was refused).
     pub fn spoke(&self) {
-        self.spoken.store(true, Ordering::Relaxed);
+        if !self.refused.load(Ordering::Relaxed) {
+            self.spoken.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A request on the connection was refused as unauthenticated: the connection is closed a
+    /// handshake timeout from now (time for the refusal to reach the peer), whatever follows.
+    pub fn refused(&self) {
+        self.refused.store(true, Ordering::Relaxed);
+        self.spoken.store(false, Ordering::Relaxed);
     }
 }
 
@@ -157,6 +171,9 @@ pub struct Conn {
     inner: TcpStream,
     info: ConnInfo,
     deadline: Option<Pin<Box<Sleep>>>,
+    handshake_timeout: Duration,
+    /// Whether the deadline after a refusal is set.
+    closing: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -165,11 +182,14 @@ impl Conn {
         let info = ConnInfo {
             tcp: inner.connect_info(),
             spoken: Arc::new(AtomicBool::new(false)),
+            refused: Arc::new(AtomicBool::new(false)),
         };
         Self {
             inner,
             info,
             deadline: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+            handshake_timeout,
+            closing: false,
             _permit: permit,
         }
     }
@@ -177,6 +197,10 @@ impl Conn {
     /// Fails once the handshake deadline has passed without a request; registers the deadline
     /// with `cx` otherwise, so that an idle connection is woken (and closed) when it passes.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.closing && self.info.refused.load(Ordering::Relaxed) {
+            self.closing = true;
+            self.deadline = Some(Box::pin(tokio::time::sleep(self.handshake_timeout)));
+        }
         let Some(deadline) = self.deadline.as_mut() else {
             return Ok(());
         };
