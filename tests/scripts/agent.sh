@@ -18,7 +18,8 @@
 #   spoof             also put a "Task-Id:" trailer of the task named by a "SPOOF: <id>" line
 #   slow              commit after a short pause (0.3 s), so that faults meet work in progress
 #   interleave        print out-1, err-2, out-3, ... err-10 alternately on stdout and stderr
-#   big-wait          wait like "wait", then commit 3 MB of random bytes too (a large bundle)
+#   big               commit 3 MB of random bytes too (a large bundle)
+#   big-wait          wait like "wait", then do as "big"
 # It logs each prompt and environment under $AGENT_LOG_DIR.
 set -eu
 log=${AGENT_LOG_DIR:?AGENT_LOG_DIR must be set}
@@ -59,6 +60,7 @@ case "$mode" in
     nocommit) echo "agent: did nothing"; exit 0 ;;
     slow) sleep 0.3 ;;
     wait) wait_for_release ;;
+    big) mkdir -p notes; head -c 3000000 /dev/urandom > "notes/$PIPELINE_TASK_ID.bin" ;;
     big-wait) wait_for_release; mkdir -p notes; head -c 3000000 /dev/urandom > "notes/$PIPELINE_TASK_ID.bin" ;;
     wait-once) if [ "$n" -eq 1 ]; then wait_for_release; fi ;;
     cost) echo 25 > "$PIPELINE_COST_FILE" ;;

@@ -184,23 +184,20 @@ fn the_fault_run_loses_nothing_and_charges_no_task_for_a_fault() {
             break;
         }
     }
-    // The state disk fills up, and is freed. New leases are held back while it fills, so that
-    // work is left to meet it (a quick run could otherwise finish every task first); letting
-    // them go is then itself a write to the full disk. The disk is kept full until the server
-    // meets it: a spooled bundle removed as its task lands would otherwise give the next one
-    // room.
+    // The state disk fills up, and is freed. New leases are held back while it fills, and it
+    // is left 1 MiB, so that the database's small writes may go on but the 3 MB bundle of a
+    // task added then cannot be spooled: the server meets the full disk whatever else it
+    // frees meanwhile (a spooled bundle removed as its task lands gives the next small one
+    // room).
     goal = (goal + step).min(n_tasks);
     wait_done(&srv, goal);
     srv.ctl(&["queue", "pause", "--reason", "the disk fills"])
         .ok();
-    disk.fill();
-    assert!(
-        done_count(&srv) < n_tasks,
-        "work is left to meet the full disk"
-    );
+    disk.fill_leaving(1 << 20);
+    let big = srv.add(&["--title", "a large commit", "--description", "MODE: big"]);
+    expected_failures.insert(big, 0);
     wait_for("the server to meet the full disk", || {
-        disk.fill();
-        // Refused (the pause cannot be lifted on a full disk), or lifted, and the next
+        // Refused (the pause cannot be lifted on a full disk), or lifted, and the large
         // commit cannot be spooled.
         let resume = srv.ctl(&["queue", "resume"]);
         let refused = resume.code() != Some(0) && resume.stderr.contains("full");
@@ -212,6 +209,7 @@ fn the_fault_run_loses_nothing_and_charges_no_task_for_a_fault() {
     wait_for("leases to go out again", || {
         srv.ctl(&["queue", "resume"]).code().filter(|c| *c == 0)
     });
+    let n_tasks = n_tasks + 1;
     wait_done(&srv, n_tasks);
 
     // Every task is done, each commit on the base exactly once, and no task was charged for
