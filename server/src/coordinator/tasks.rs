@@ -95,7 +95,8 @@ impl Page {
 impl<S: Store> Coordinator<S> {
     pub async fn create_task(&self, new: NewTask) -> Result<Task> {
         self.refuse_cancelled(None, &new.depends_on).await?;
-        let working = self.check_parents(new.parent.as_slice()).await?;
+        let parents: Vec<TaskId> = new.parent.iter().cloned().collect();
+        self.check_parents(&parents).await?;
         let task = self.store.create_task(new, self.now()).await?;
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.add(TaskStatus::Open, 1);
@@ -107,14 +108,14 @@ impl<S: Store> Coordinator<S> {
             self.logs.publish_transition(created);
         }
         self.wake.notify_one();
-        self.became_epics(working).await?;
+        self.became_epics(&parents).await?;
         Ok(task)
     }
 
     /// Creates the tasks in order, all or none; a task may depend on one before it in the
     /// batch.
     pub async fn create_tasks(&self, new: Vec<NewTask>) -> Result<Vec<Task>> {
-        let (mut parents, mut working) = (Vec::<TaskId>::new(), Vec::new());
+        let mut parents = Vec::<TaskId>::new();
         for (i, task) in new.iter().enumerate() {
             self.refuse_cancelled(None, &task.depends_on)
                 .await
@@ -122,11 +123,9 @@ impl<S: Store> Coordinator<S> {
             if let Some(parent) = &task.parent
                 && !parents.contains(parent)
             {
-                working.extend(
-                    self.check_parents(std::slice::from_ref(parent))
-                        .await
-                        .map_err(|e| e.in_batch(i))?,
-                );
+                self.check_parents(std::slice::from_ref(parent))
+                    .await
+                    .map_err(|e| e.in_batch(i))?;
                 parents.push(parent.clone());
             }
         }
@@ -141,7 +140,7 @@ impl<S: Store> Coordinator<S> {
             tasks.push(task);
         }
         self.wake.notify_one();
-        self.became_epics(working).await?;
+        self.became_epics(&parents).await?;
         Ok(tasks)
     }
 
@@ -428,17 +427,11 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Refuses children for a task whose own work is over or waits to land (Verified, Done,
-    /// Cancelled): it cannot become an epic now. Returns those of `parents` an agent works on
-    /// (see [`Coordinator::became_epics`]).
-    async fn check_parents(&self, parents: &[TaskId]) -> Result<Vec<TaskId>> {
-        let mut working = Vec::new();
+    /// Cancelled): it cannot become an epic now.
+    async fn check_parents(&self, parents: &[TaskId]) -> Result<()> {
         for (parent, status) in self.store.statuses(parents).await? {
             let why = match status {
-                TaskStatus::Open | TaskStatus::NeedsHelp => continue,
-                TaskStatus::InProgress => {
-                    working.push(parent);
-                    continue;
-                }
+                TaskStatus::Open | TaskStatus::NeedsHelp | TaskStatus::InProgress => continue,
                 TaskStatus::Verified => "its own commit is verified and waits to land",
                 TaskStatus::Done => "it is done",
                 TaskStatus::Cancelled => "it is cancelled (pipelinectl task retry it first)",
@@ -447,13 +440,24 @@ impl<S: Store> Coordinator<S> {
                 "task {parent} cannot take children: {why}; add the task without --parent"
             )));
         }
-        Ok(working)
+        Ok(())
     }
 
-    /// Parents that were in progress when they got their first children: their agents stop
-    /// (not counted) and they wait as epics for their children.
-    async fn became_epics(&self, parents: Vec<TaskId>) -> Result<()> {
-        for parent in parents {
+    /// Parents an agent works on now that they have children: their agents stop (not
+    /// counted) and they wait as epics for their children. Read after the children were
+    /// written: a lease decided on a parent before that loses its compare-and-swap (a child
+    /// moves its parent's version), and one that committed before is seen here, so no
+    /// parent's run goes on beside its children.
+    async fn became_epics(&self, parents: &[TaskId]) -> Result<()> {
+        let working: Vec<TaskId> = self
+            .store
+            .statuses(parents)
+            .await?
+            .into_iter()
+            .filter(|(_, status)| *status == TaskStatus::InProgress)
+            .map(|(parent, _)| parent)
+            .collect();
+        for parent in working {
             match self.transition(&parent, Event::BecameEpic).await {
                 Ok(_) => tracing::info!(task = %parent, "became an epic; its run was stopped"),
                 // It moved on meanwhile (its result came in): nothing to stop.
