@@ -653,42 +653,60 @@ fn done_tasks_a_rolled_back_database_forgot_are_recorded_done_not_redone() {
     assert_eq!(landed.iter().filter(|t| **t == id).count(), 1, "{landed:?}");
 }
 
-#[test]
-fn a_full_disk_fails_writes_cleanly_and_they_come_back_with_the_space() {
-    let repo = TestRepo::new();
-    let disk = pipeline_tests::SmallDisk::new(24);
+/// The server with its state on a small disk of its own, and `extra` flags; the server, and
+/// its registration token.
+fn server_on(
+    repo: &TestRepo,
+    disk: &pipeline_tests::SmallDisk,
+    extra: &[&str],
+) -> (Server, String) {
     let state = disk.path.join("state");
     let mut cmd = Command::new(bin("pipeline-server"));
     cmd.arg("--repo")
         .arg(repo.repo())
         .arg("--state-dir")
         .arg(&state)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--lease-ttl",
-            "2",
-            "--backoff-base",
-            "0",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--backoff-base", "0"])
+        .args(extra)
         .env("RUST_LOG", "info");
     let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
     let token = std::fs::read_to_string(state.join("runner-registration.token"))
         .expect("token")
         .trim()
         .to_owned();
+    (server, token)
+}
+
+/// A runner `name` of `url` with the scripted agent, no verification and its work in
+/// `work_dir`.
+fn script_runner(
+    repo: &TestRepo,
+    url: &str,
+    token: &str,
+    name: &str,
+    work_dir: &std::path::Path,
+) -> pipeline_tests::Proc {
+    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
+    pipeline_tests::Proc::spawn(
+        Command::new(bin("pipeline-runner"))
+            .args(["--server", url, "--name", name, "--token", token])
+            .arg("--work-dir")
+            .arg(work_dir)
+            .args(["--agent-cmd", &agent, "--no-verify", "--kill-grace", "1"])
+            .args(["--env-allow", "AGENT_LOG_DIR"])
+            .env("PATH", pipeline_tests::scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log()),
+    )
+}
+
+#[test]
+fn a_full_disk_fails_writes_cleanly_and_they_come_back_with_the_space() {
+    let repo = TestRepo::new();
+    let disk = pipeline_tests::SmallDisk::new(24);
+    let (server, token) = server_on(&repo, &disk, &["--lease-ttl", "2"]);
     let runner = |name: &str| {
-        let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
-        pipeline_tests::Proc::spawn(
-            Command::new(bin("pipeline-runner"))
-                .args(["--server", &server.url, "--name", name, "--token", &token])
-                .arg("--work-dir")
-                .arg(repo.dir.path().join("runners").join(name))
-                .args(["--agent-cmd", &agent, "--no-verify", "--kill-grace", "1"])
-                .args(["--env-allow", "AGENT_LOG_DIR"])
-                .env("PATH", pipeline_tests::scripts_path())
-                .env("AGENT_LOG_DIR", repo.agent_log()),
-        )
+        let work = repo.dir.path().join("runners").join(name);
+        script_runner(&repo, &server.url, &token, name, &work)
     };
     let mut first = runner("first");
     let id = server.add(&[
@@ -728,40 +746,13 @@ fn a_full_disk_fails_writes_cleanly_and_they_come_back_with_the_space() {
     }
 }
 
-/// The server's state on a small disk of its own; the server, and its registration token.
-fn server_on(repo: &TestRepo, disk: &pipeline_tests::SmallDisk) -> (Server, String) {
-    let state = disk.path.join("state");
-    let mut cmd = Command::new(bin("pipeline-server"));
-    cmd.arg("--repo")
-        .arg(repo.repo())
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--listen", "127.0.0.1:0", "--backoff-base", "0"])
-        .env("RUST_LOG", "info");
-    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
-    let token = std::fs::read_to_string(state.join("runner-registration.token"))
-        .expect("token")
-        .trim()
-        .to_owned();
-    (server, token)
-}
-
 #[test]
 fn a_full_spool_disk_is_not_charged_and_leaves_no_file_behind() {
     let repo = TestRepo::new();
     let disk = pipeline_tests::SmallDisk::new(24);
-    let (server, token) = server_on(&repo, &disk);
-    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
-    let _runner = pipeline_tests::Proc::spawn(
-        Command::new(bin("pipeline-runner"))
-            .args(["--server", &server.url, "--name", "r", "--token", &token])
-            .arg("--work-dir")
-            .arg(repo.dir.path().join("runners").join("r"))
-            .args(["--agent-cmd", &agent, "--no-verify"])
-            .args(["--env-allow", "AGENT_LOG_DIR"])
-            .env("PATH", pipeline_tests::scripts_path())
-            .env("AGENT_LOG_DIR", repo.agent_log()),
-    );
+    let (server, token) = server_on(&repo, &disk, &[]);
+    let work = repo.dir.path().join("runners").join("r");
+    let _runner = script_runner(&repo, &server.url, &token, "r", &work);
     let id = server.add(&[
         "--title",
         "a large commit",
@@ -853,18 +844,8 @@ fn a_full_disk_on_the_runner_is_not_charged() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--backoff-base", "0"]);
     let disk = pipeline_tests::SmallDisk::new(16);
-    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
-    let runner = pipeline_tests::Proc::spawn(
-        Command::new(bin("pipeline-runner"))
-            .args(["--server", &server.url, "--name", "r"])
-            .args(["--token", &repo.registration_token()])
-            .arg("--work-dir")
-            .arg(disk.path.join("work"))
-            .args(["--agent-cmd", &agent, "--no-verify"])
-            .args(["--env-allow", "AGENT_LOG_DIR"])
-            .env("PATH", pipeline_tests::scripts_path())
-            .env("AGENT_LOG_DIR", repo.agent_log()),
-    );
+    let token = repo.registration_token();
+    let runner = script_runner(&repo, &server.url, &token, "r", &disk.path.join("work"));
     wait_for("the runner to connect", || {
         (server.ctl(&["status", "--json"]).json()["runners"] == 1).then_some(())
     });
