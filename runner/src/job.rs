@@ -1,6 +1,8 @@
-//! One lease, start to finish: fetch the base (only the objects the mirror lacks), reset the
-//! slot's worktree, write the prompt outside it, run the agent, check for exactly one commit,
-//! verify, and send the result with the commit's bundle. Stops at once when cancelled.
+//! One lease, start to finish: check that the verifier it will run is here (else the lease
+//! goes back, uncharged, before anything is spent), fetch the base (only the objects the mirror
+//! lacks), reset the slot's worktree, write the prompt outside it, run the agent, check for
+//! exactly one commit, verify, and send the result with the commit's bundle. Stops at once
+//! when cancelled.
 //!
 //! A lease's own types live here: the [`Assignment`] the edge validated (so nothing is checked
 //! again here), its [`RunId`], the [`LeaseResult`] sent, and the [`JobEnd`] the session gets.
@@ -257,6 +259,38 @@ async fn develop(
         &format!("leased {task} (run {}, patchset {})", a.run_id, a.patchset),
     );
 
+    // The server's verification is the gate: the job runs exactly that, so that its pass can
+    // stand for a build of the tree. The runner's own flags serve an older server only. Its
+    // programs are checked now, before anything is spent on the lease: a runner that lacks
+    // them gives the lease back (uncharged) instead of running an agent whose work it cannot
+    // verify.
+    let (verifier, whose) = match &a.verification {
+        Some(v) => (v.clone(), "the server's"),
+        None => (ctx.config.verify.verifier(), "this runner's"),
+    };
+    if verifier.applies_to(a.namespace.as_deref()) {
+        let path = std::env::var("PATH").unwrap_or_default();
+        if let Err(missing) = crate::preflight::check_verifier(&verifier, &path) {
+            let reason = if a.verification.is_some() {
+                format!(
+                    "the server's verification cannot run on this runner: {missing}; install \
+                     it here, or have the server verify another way (--build-cmd/--test-cmd, \
+                     --no-verify)"
+                )
+            } else {
+                format!(
+                    "this runner's verification cannot run: {missing}; install it, or pass \
+                     --build-cmd/--test-cmd or --no-verify"
+                )
+            };
+            log.note(
+                dev,
+                &format!("infrastructure failure (not the task's): {reason}"),
+            );
+            return Err(JobEnd::Infra(reason));
+        }
+    }
+
     fetch_base(ctx, a, cancel).await?;
     let worktree = Mirror::worktree(&ctx.work_dir, slot);
     let start = previous.unwrap_or(base);
@@ -396,12 +430,6 @@ async fn develop(
         }
     };
     let check = Phase::Verify;
-    // The server's verification is the gate: the job runs exactly that, so that its pass can
-    // stand for a build of the tree. The runner's own flags serve an older server only.
-    let (verifier, whose) = match &a.verification {
-        Some(v) => (v.clone(), "the server's"),
-        None => (ctx.config.verify.verifier(), "this runner's"),
-    };
     log.note(
         check,
         &format!(

@@ -47,6 +47,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     let config = config
         .with_absolute_paths()
         .map_err(Error::InvalidArgument)?;
+    if config.local_runners > 0 && !config.dry_run {
+        check_local_runners(&config).map_err(Error::FailedPrecondition)?;
+    }
     let repo = Repo::open(&config.repo).await?;
     let base = BranchName::parse(&config.base)
         .map_err(|e| Error::InvalidArgument(format!("--base: {e}")))?;
@@ -539,6 +542,27 @@ impl StateLock {
         let _ = self.file.rewind();
         let _ = write!(self.file, "pid {}, address {addr}", self.pid);
     }
+}
+
+/// Refuses local runners this machine cannot run: their agent's program, git, and the
+/// programs of the server's verification, which the server sends them. Without one of them
+/// they would give back every task they took and the server would serve with no runner, so
+/// the server does not start (before it creates anything).
+fn check_local_runners(config: &Config) -> std::result::Result<(), String> {
+    use pipeline_runner::preflight;
+    let path = std::env::var("PATH").unwrap_or_default();
+    let cwd =
+        std::env::current_dir().map_err(|e| format!("cannot read the current directory: {e}"))?;
+    let mut agent = config.agent.clone();
+    preflight::resolve_agent_cmd(&mut agent, &cwd)
+        .and_then(|_| preflight::check_agent(&agent, &path))
+        .map_err(|e| format!("--local-runners cannot run their agent: {e}"))?;
+    preflight::check_verifier(&config.verify.verifier(), &path).map_err(|missing| {
+        format!(
+            "--local-runners cannot verify: {missing}; install it, or verify with \
+             --build-cmd/--test-cmd, or pass --no-verify"
+        )
+    })
 }
 
 /// Starts `--local-runners` runners in this process, speaking the runner protocol to the server

@@ -383,6 +383,28 @@ impl Proc {
         })
     }
 
+    /// Waits for the process to exit and for its log to close; returns its status and its
+    /// whole log.
+    pub fn wait_exit_log(&mut self) -> (ExitStatus, String) {
+        let status = self.wait_exit();
+        let start = Instant::now();
+        loop {
+            match self
+                .lines
+                .recv_timeout(DEADLINE.saturating_sub(start.elapsed()))
+            {
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => return (status, self.log()),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "the log stayed open after the process exited:\n{}",
+                        self.log()
+                    )
+                }
+            }
+        }
+    }
+
     /// SIGKILLs the process and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -602,6 +624,17 @@ impl Runner {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let mut cmd = Self::command(repo, url, name, args);
+        cmd.envs(env.iter().copied());
+        Self {
+            proc: Proc::spawn(&mut cmd),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The command [`Runner::spawn`] runs, for tests that change it first (its directory,
+    /// its environment) or expect it to fail.
+    pub fn command(repo: &TestRepo, url: &str, name: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("pipeline-runner"));
         cmd.args(["--server", url, "--name", name]);
         if !args.contains(&"--slots") {
@@ -616,12 +649,8 @@ impl Runner {
             .env("PATH", scripts_path())
             .env("AGENT_LOG_DIR", repo.agent_log())
             .env_remove("PIPELINE_SERVER")
-            .env_remove("PIPELINE_TOKEN")
-            .envs(env.iter().copied());
-        Self {
-            proc: Proc::spawn(&mut cmd),
-            name: name.to_owned(),
-        }
+            .env_remove("PIPELINE_TOKEN");
+        cmd
     }
 
     /// Everything the runner logged so far.

@@ -29,7 +29,8 @@ fn runner_once(repo: &TestRepo, url: &str, path: &str, args: &[&str]) -> pipelin
 fn bare_path() -> String {
     let dir = tempfile::tempdir().expect("dir").keep();
     for tool in [
-        "git", "sh", "cat", "env", "sed", "grep", "mkdir", "sort", "cp", "pwd",
+        "git", "sh", "cat", "env", "sed", "grep", "mkdir", "sort", "cp", "pwd", "head", "rm",
+        "sleep", "tr",
     ] {
         if let Some(found) = which(tool) {
             let _ = std::os::unix::fs::symlink(found, dir.join(tool));
@@ -98,18 +99,8 @@ fn a_runner_refuses_to_start_without_what_it_needs() {
     assert!(!out.status.success(), "started without its agent");
     assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
     assert!(out.stderr.contains("/nonexistent/agent"), "{}", out.stderr);
-    // bild (the default verifier) is not on PATH.
-    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
-    let out = runner_once(
-        &repo,
-        &server.url,
-        &path,
-        &["--agent", "command", "--agent-cmd", &agent],
-    );
-    assert!(!out.status.success(), "started without bild");
-    assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
-    assert!(out.stderr.contains("bild"), "{}", out.stderr);
     // The work dir cannot be written.
+    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
     let file = repo.dir.path().join("a-file");
     std::fs::write(&file, "").expect("write");
     let out = pipeline_tests::run(
@@ -212,6 +203,197 @@ fn an_agent_that_cannot_start_is_not_charged_and_its_runner_turns_unhealthy() {
     }
     let status = server.ctl(&["runners"]).ok();
     assert!(status.contains("unhealthy"), "{status}");
+}
+
+#[test]
+fn a_runner_without_bild_starts_and_gives_back_only_the_leases_it_cannot_verify() {
+    let repo = TestRepo::new();
+    // The server verifies with bild (the default) and sends that to its runners.
+    let server = Server::start(&repo, &["--backoff-base", "0"]);
+    // The README's command for another machine: an agent, no verification flags, no bild.
+    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
+    let path = bare_path();
+    let bildless = Runner::spawn_with_env(
+        &repo,
+        &server.url,
+        "bildless",
+        &["--agent-cmd", &agent, "--max-infra-failures", "2"],
+        &[("PATH", &path)],
+    );
+    if let Err(log) = bildless.proc.wait_for_line("registered") {
+        panic!("a runner without bild did not start:\n{log}");
+    }
+    // Bild does not apply to a task without a namespace: its work is done.
+    let plain = server.add(&["--title", "no namespace"]);
+    let task = server.wait_status(&plain, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+    // One with a namespace would be verified with bild: the lease goes back before its agent
+    // runs, uncharged, saying why.
+    let id = server.add(&["--title", "built with bild", "--namespace", "ok"]);
+    let failed = wait_for("the lease to come back", || {
+        let task = server.show(&id);
+        runs(&task).into_iter().find(|r| r["status"] == "failure")
+    });
+    assert_eq!(failed["failure_kind"], "infrastructure", "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("bild") && error.contains("not on PATH"),
+        "{failed}"
+    );
+    assert!(
+        repo.agent_file(&format!("{id}.attempts")).is_none(),
+        "the agent ran for work its runner cannot verify"
+    );
+    // A runner that has bild does it; nothing was charged.
+    let _with_bild = Runner::start(&repo, &server, "with-bild", &as_strs(&scripted_agent()));
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+}
+
+#[test]
+fn a_server_refuses_to_start_with_local_runners_it_cannot_run() {
+    let repo = TestRepo::new();
+    let path = bare_path();
+    let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
+    let refused = |args: &[&str]| -> String {
+        let mut cmd = Server::command(&repo, args);
+        cmd.env("PATH", &path).env("RUST_LOG", "off");
+        let (status, log) = pipeline_tests::Proc::spawn(&mut cmd).wait_exit_log();
+        assert!(!status.success(), "the server started: {log}");
+        assert_eq!(log.lines().count(), 1, "one line: {log}");
+        log
+    };
+    // bild verification (the default) without bild on PATH.
+    let line = refused(&["--local-runners", "1", "--agent-cmd", &agent]);
+    assert!(
+        line.contains("bild") && line.contains("--no-verify"),
+        "{line}"
+    );
+    // An agent program that does not exist.
+    let line = refused(&[
+        "--local-runners",
+        "1",
+        "--agent-cmd",
+        "/nonexistent/agent",
+        "--no-verify",
+    ]);
+    assert!(line.contains("/nonexistent/agent"), "{line}");
+    assert!(
+        !repo.state_dir().join("pipeline.db").exists(),
+        "a database was made for a server that did not start"
+    );
+    // With what they need, the local runners do the work.
+    let mut cmd = Server::command(
+        &repo,
+        &[
+            "--local-runners",
+            "1",
+            "--agent-cmd",
+            &agent,
+            "--build-cmd",
+            "true",
+        ],
+    );
+    cmd.env("PATH", &path);
+    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
+    let id = server.add(&["--title", "local work", "--namespace", "ok"]);
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+}
+
+#[test]
+fn a_relative_agent_command_runs_from_where_the_runner_started() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let home = repo.dir.path().join("home");
+    std::fs::create_dir_all(&home).expect("mkdir");
+    let script = home.join("my-agent.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec sh {}\n",
+            scripts_dir().join("agent.sh").display()
+        ),
+    )
+    .expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut cmd = Runner::command(
+        &repo,
+        &server.url,
+        "rel",
+        &["--agent-cmd", "./my-agent.sh --fast", "--no-verify"],
+    );
+    cmd.current_dir(&home);
+    let runner = pipeline_tests::Proc::spawn(&mut cmd);
+    runner.wait_for_line("registered").expect("registered");
+    let id = server.add(&["--title", "relative agent"]);
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+    // One that is not there is refused at start, in one line.
+    let mut cmd = Runner::command(
+        &repo,
+        &server.url,
+        "rel-missing",
+        &["--agent-cmd", "./missing-agent.sh", "--no-verify"],
+    );
+    cmd.current_dir(&home).env("RUST_LOG", "off");
+    let (status, log) = pipeline_tests::Proc::spawn(&mut cmd).wait_exit_log();
+    assert!(!status.success(), "{log}");
+    assert_eq!(log.lines().count(), 1, "one line: {log}");
+    assert!(
+        log.contains("./missing-agent.sh") && log.contains(&home.display().to_string()),
+        "{log}"
+    );
+}
+
+#[test]
+fn explain_names_the_unhealthy_runner_that_could_take_the_task() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "0"]);
+    // The agent exists when the runner starts, and is gone when the work comes.
+    let wrapper = repo.dir.path().join("vanishing-agent.sh");
+    std::fs::write(&wrapper, "#!/bin/sh\nexit 0\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cmd = wrapper.display().to_string();
+    let _broken = Runner::start(
+        &repo,
+        &server,
+        "broken",
+        &[
+            "--agent-cmd",
+            &cmd,
+            "--no-verify",
+            "--max-infra-failures",
+            "1",
+            "--label",
+            "gpu",
+        ],
+    );
+    std::fs::remove_file(&wrapper).expect("remove");
+    let gpu = server.add(&["--title", "needs a gpu", "--requires", "gpu"]);
+    let runners = wait_for("the runner to turn unhealthy", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        (runners[0]["health"] == "unhealthy").then_some(runners)
+    });
+    let reason = runners[0]["health_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("vanishing-agent.sh"), "{runners}");
+    let any = server.add(&["--title", "needs nothing"]);
+    for id in [&gpu, &any] {
+        let said = server.ctl(&["explain", id]).ok();
+        assert!(
+            said.contains("broken") && said.contains("unhealthy") && said.contains(reason),
+            "{said}"
+        );
+        assert!(
+            !said.contains("no connected runner has the labels"),
+            "{said}"
+        );
+        let task = server.show(id);
+        let waiting = task["waiting_for"].to_string();
+        assert!(waiting.contains("broken is unhealthy"), "{task}");
+    }
 }
 
 #[test]

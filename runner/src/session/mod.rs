@@ -56,11 +56,20 @@ pub async fn run(
     drain: CancellationToken,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut config = config;
     config.agent.validate().map_err(anyhow::Error::msg)?;
     let name = config.name();
     let work_dir = config.work_dir();
     let path = std::env::var("PATH").unwrap_or_default();
-    crate::preflight::check_programs(&config.agent, &config.verify, &path)?;
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    if let Some(written) = crate::preflight::resolve_agent_cmd(&mut config.agent, &cwd)? {
+        tracing::info!(
+            "--agent-cmd {written:?} runs as {:?} (its program resolved in {})",
+            config.agent.agent_cmd.as_deref().unwrap_or_default(),
+            cwd.display()
+        );
+    }
+    crate::preflight::check_agent(&config.agent, &path)?;
     crate::preflight::check_work_dir(&work_dir)?;
     let prices = crate::agent::Prices::load(config.agent.price_table.as_deref())
         .map_err(anyhow::Error::msg)?;

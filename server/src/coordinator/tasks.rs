@@ -404,6 +404,7 @@ impl<S: Store> Coordinator<S> {
             slots: 0,
         };
         let mut labels = Vec::new();
+        let mut resting = Vec::new();
         for r in registry.runners() {
             if !r.connected {
                 continue;
@@ -414,6 +415,12 @@ impl<S: Store> Coordinator<S> {
                 capacity.free_slots += r.slots.saturating_sub(r.used);
                 capacity.slots += r.slots;
                 labels.push((r.labels, r.scope));
+            } else {
+                resting.push(lifecycle::Resting {
+                    name: r.name,
+                    labels: r.labels,
+                    unhealthy: r.unhealthy,
+                });
             }
         }
         let scoped = labels.iter().any(|(_, s)| s.describe().is_some());
@@ -422,6 +429,7 @@ impl<S: Store> Coordinator<S> {
             Taking {
                 runners: labels,
                 scoped,
+                resting,
             },
         )
     }
@@ -735,18 +743,24 @@ impl<S: Store> Coordinator<S> {
     }
 }
 
-/// The labels and scope of each runner that takes work, and whether any of them is limited
-/// by `--only-parent`/`--only-task` (read once per list, not per task).
+/// The labels and scope of each runner that takes work, whether any of them is limited by
+/// `--only-parent`/`--only-task`, and the connected runners that take no work (read once per
+/// list, not per task).
 pub(super) struct Taking {
     runners: Vec<(Vec<String>, crate::domain::Scope)>,
     scoped: bool,
+    /// The connected runners that take no work (draining or unhealthy).
+    resting: Vec<lifecycle::Resting>,
 }
 
 /// What `task` asks of the runners, against the labels and scopes of those that take work.
-fn routing<'a>(task: &'a Task, taking: &Taking) -> lifecycle::Routing<'a> {
+fn routing<'a>(task: &'a Task, taking: &'a Taking) -> lifecycle::Routing<'a> {
     let scoped = taking.scoped;
     if task.requires.is_empty() && !scoped {
-        return lifecycle::Routing::default();
+        return lifecycle::Routing {
+            resting: &taking.resting,
+            ..lifecycle::Routing::default()
+        };
     }
     let with_labels: Vec<_> = taking
         .runners
@@ -754,6 +768,7 @@ fn routing<'a>(task: &'a Task, taking: &Taking) -> lifecycle::Routing<'a> {
         .filter(|(l, _)| crate::domain::satisfies(l, &task.requires))
         .collect();
     lifecycle::Routing {
+        resting: &taking.resting,
         requires: &task.requires,
         with_labels: with_labels.len(),
         fitting: with_labels.iter().filter(|(_, s)| s.admits(task)).count(),

@@ -32,10 +32,44 @@ pub struct Capacity {
 /// How [`waiting_for`] says that a task waits only for a slot to free.
 pub const ALL_SLOTS_BUSY: &str = "every slot of the";
 
+/// A connected runner that takes no work, for [`waiting_for`]: a task it could take waits
+/// for it to be fixed or undrained, and says so, by its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resting {
+    pub name: String,
+    pub labels: Vec<String>,
+    /// Why it takes no work when it said it is unhealthy; `None`: it is draining.
+    pub unhealthy: Option<String>,
+}
+
+impl Resting {
+    fn describe(&self) -> String {
+        match &self.unhealthy {
+            Some(reason) => format!(
+                "{} is unhealthy: {reason} (fix that, then restart the runner)",
+                self.name
+            ),
+            None => format!("{} is draining", self.name),
+        }
+    }
+}
+
+/// What the runners of `resting` are doing instead of taking work, in one sentence's tail.
+fn describe_resting(resting: &[&Resting]) -> String {
+    resting
+        .iter()
+        .map(|r| r.describe())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// What a task requires of its runner, and how many connected runners that take work have
 /// those labels, for [`waiting_for`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Routing<'a> {
+    /// The connected runners that take no work (draining or unhealthy), whatever the task
+    /// requires.
+    pub resting: &'a [Resting],
     pub requires: &'a [String],
     /// Runners that take work and have the labels of `requires`.
     pub with_labels: usize,
@@ -89,11 +123,28 @@ pub fn waiting_for(
                 if capacity.connected == 0 {
                     why.push("no runner is connected".to_owned());
                 } else if !routing.requires.is_empty() && routing.with_labels == 0 {
-                    why.push(format!(
-                        "no connected runner has the labels it requires ({}); start one with \
-                         --label for each",
-                        routing.requires.join(", ")
-                    ));
+                    let requires = routing.requires.join(", ");
+                    let idle: Vec<&Resting> = routing
+                        .resting
+                        .iter()
+                        .filter(|r| crate::domain::satisfies(&r.labels, routing.requires))
+                        .collect();
+                    why.push(match idle.len() {
+                        0 => format!(
+                            "no connected runner has the labels it requires ({requires}); start \
+                             one with --label for each"
+                        ),
+                        1 => format!(
+                            "the one connected runner with the labels it requires ({requires}) \
+                             takes no work: {}",
+                            describe_resting(&idle)
+                        ),
+                        n => format!(
+                            "the {n} connected runners with the labels it requires ({requires}) \
+                             take no work: {}",
+                            describe_resting(&idle)
+                        ),
+                    });
                 } else if (routing.scoped || !routing.requires.is_empty())
                     && routing.with_labels > 0
                     && routing.fitting == 0
@@ -104,10 +155,18 @@ pub fn waiting_for(
                             .to_owned(),
                     );
                 } else if capacity.taking == 0 {
-                    why.push(format!(
-                        "no connected runner takes work ({} draining or unhealthy)",
-                        capacity.connected
-                    ));
+                    let resting: Vec<&Resting> = routing.resting.iter().collect();
+                    why.push(if resting.is_empty() {
+                        format!(
+                            "no connected runner takes work ({} draining or unhealthy)",
+                            capacity.connected
+                        )
+                    } else {
+                        format!(
+                            "no connected runner takes work: {}",
+                            describe_resting(&resting)
+                        )
+                    });
                 } else if capacity.free_slots == 0 {
                     why.push(format!(
                         "{ALL_SLOTS_BUSY} {} runner{} is busy",

@@ -20,7 +20,7 @@ mod eligibility;
 pub mod judge;
 
 pub use eligibility::{
-    ALL_SLOTS_BUSY, Capacity, Routing, editable, epic_cap_reached, epic_waiting_for,
+    ALL_SLOTS_BUSY, Capacity, Resting, Routing, editable, epic_cap_reached, epic_waiting_for,
     held_by_pauses, leasable, lease_order, waiting_for,
 };
 
@@ -1033,6 +1033,7 @@ mod tests {
         );
         let gpu = ["gpu".to_owned(), "os=linux".to_owned()];
         let unmet = Routing {
+            resting: &[],
             requires: &gpu,
             with_labels: 0,
             fitting: 0,
@@ -1052,6 +1053,7 @@ mod tests {
         };
         assert!(waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap, met).is_empty());
         let elsewhere = Routing {
+            resting: &[],
             requires: &[],
             with_labels: 1,
             fitting: 0,
@@ -1062,6 +1064,56 @@ mod tests {
             [
                 "every connected runner that could take it is limited to other work \
               (--only-parent, --only-task)"
+            ]
+        );
+        // A runner that would take it but takes no work is named, with why.
+        let resting = [
+            Resting {
+                name: "gpu-1".to_owned(),
+                labels: vec!["gpu".to_owned(), "os=linux".to_owned()],
+                unhealthy: Some("agent not logged in".to_owned()),
+            },
+            Resting {
+                name: "cpu-1".to_owned(),
+                labels: vec![],
+                unhealthy: None,
+            },
+        ];
+        let sick = Routing {
+            resting: &resting,
+            ..unmet
+        };
+        assert_eq!(
+            waiting_for("t-9", &state(Open), &[], &policy(), NOW, cap, sick),
+            [
+                "the one connected runner with the labels it requires (gpu, os=linux) takes no \
+                 work: gpu-1 is unhealthy: agent not logged in (fix that, then restart the \
+                 runner)"
+            ]
+        );
+        let none_taking = Capacity {
+            taking: 0,
+            free_slots: 0,
+            slots: 0,
+            connected: 2,
+        };
+        let anything = Routing {
+            resting: &resting,
+            ..Routing::default()
+        };
+        assert_eq!(
+            waiting_for(
+                "t-9",
+                &state(Open),
+                &[],
+                &policy(),
+                NOW,
+                none_taking,
+                anything
+            ),
+            [
+                "no connected runner takes work: gpu-1 is unhealthy: agent not logged in (fix \
+                 that, then restart the runner); cpu-1 is draining"
             ]
         );
         let spent = TaskState {
