@@ -334,14 +334,24 @@ impl Client {
             }
             None => endpoint,
         };
-        let channel = endpoint.connect().await.map_err(|e| Failure {
-            message: format!(
-                "cannot reach the pipeline server at {url}: {}; is pipeline-server running? \
-                 (set --server or PIPELINE_SERVER)",
-                one_line(&root_cause(&e))
-            ),
-            exit_code: exit::UNAVAILABLE,
-        })?;
+        let channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(e) => {
+                // What failed and what to do: the CA (`--tls-ca`), the scheme, the URL, or
+                // whether the server is up.
+                let why = match pipeline_proto::reach::diagnose(&url, &e).await {
+                    Some(unreachable) => one_line(&unreachable.to_string()),
+                    None => format!(
+                        "{}; is pipeline-server running? (set --server or PIPELINE_SERVER)",
+                        one_line(&root_cause(&e))
+                    ),
+                };
+                return Err(Failure {
+                    message: format!("cannot reach the pipeline server at {url}: {why}"),
+                    exit_code: exit::UNAVAILABLE,
+                });
+            }
+        };
         let token = token.map(str::to_owned).or(local.map(|l| l.token));
         let bearer = Bearer(token.and_then(|t| format!("Bearer {}", t.trim()).parse().ok()));
         let inner = ControlServiceClient::with_interceptor(channel, bearer)

@@ -39,12 +39,30 @@ struct Cli {
     #[arg(long, global = true, env = "PIPELINE_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
 
-    /// The admin token [default: found in the local server's state dir].
-    #[arg(long, global = true, env = "PIPELINE_TOKEN", hide_env_values = true)]
+    /// The admin token [env: PIPELINE_ADMIN_TOKEN, else PIPELINE_TOKEN; default: found in the
+    /// local server's state dir].
+    #[arg(
+        long,
+        global = true,
+        env = "PIPELINE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
 
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    /// The admin token given: `--token`, else `PIPELINE_ADMIN_TOKEN`, else `PIPELINE_TOKEN`
+    /// (the one name `pipelinectl` and the runner shared before each had its own; the specific
+    /// name wins when both are set).
+    fn token(&self) -> Option<String> {
+        self.token
+            .clone()
+            .or_else(|| std::env::var("PIPELINE_TOKEN").ok())
+            .filter(|t| !t.trim().is_empty())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -357,7 +375,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         _ => None,
     };
     let mut client =
-        Client::connect(&cli.server, cli.token.as_deref(), cli.tls_ca.as_deref()).await?;
+        Client::connect(&cli.server, cli.token().as_deref(), cli.tls_ca.as_deref()).await?;
     match cli.command {
         Command::Status { json } => {
             let s = client.status().await?;

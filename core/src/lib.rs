@@ -10,10 +10,13 @@
 //! - [`verify`]: the verifier (`bild`, build and test commands, or off), the same on runner and
 //!   server.
 //! - [`git`]: the one typed layer over the `git` command line.
+//! - [`lock`]: an exclusive lock on a file for a process's life, naming its holder (the
+//!   server's state dir, a runner's work dir).
 
 pub mod clock;
 pub mod git;
 pub mod ids;
 pub mod lines;
+pub mod lock;
 pub mod process;
 pub mod verify;

@@ -3,11 +3,13 @@
 //!
 //! Only this crate and the `grpc` modules of the binaries know these types; the domain converts
 //! them at the edge with validating `TryFrom` implementations. [`client_tls`] is the one place
-//! clients (runner, `pipelinectl`) set up TLS.
+//! clients (runner, `pipelinectl`) set up TLS; [`reach`] is their one reading of a server they
+//! cannot reach (a mistake to fix, or something waiting heals).
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 pub mod codec;
+pub mod reach;
 
 /// Version 1 of the protocol.
 pub mod v1 {

@@ -58,8 +58,9 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 
-    /// The registration token (first start) or this runner's own credential.
-    #[arg(long, env = "PIPELINE_TOKEN", hide_env_values = true)]
+    /// The registration token (first start) or this runner's own credential [env:
+    /// PIPELINE_RUNNER_TOKEN, else PIPELINE_TOKEN].
+    #[arg(long, env = "PIPELINE_RUNNER_TOKEN", hide_env_values = true)]
     #[serde(skip)]
     pub token: Option<String>,
 
@@ -308,6 +309,16 @@ impl AgentArgs {
 }
 
 impl Config {
+    /// The credential given: `--token`, else `PIPELINE_RUNNER_TOKEN`, else `PIPELINE_TOKEN`
+    /// (the one name the runner and `pipelinectl` shared before each had its own; the
+    /// specific name wins when both are set).
+    pub fn token(&self) -> Option<String> {
+        self.token
+            .clone()
+            .or_else(|| std::env::var("PIPELINE_TOKEN").ok())
+            .filter(|t| !t.trim().is_empty())
+    }
+
     /// The runner's name: `--name`, or the host name.
     pub fn name(&self) -> String {
         self.name.clone().unwrap_or_else(|| {

@@ -27,7 +27,10 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("pipeline-runner: {err:#}");
+            // One line, whatever the causes' texts hold.
+            let line = format!("{err:#}");
+            let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("pipeline-runner: {line}");
             ExitCode::FAILURE
         }
     }

@@ -324,8 +324,18 @@ impl Client {
     /// A client of the server at `url` (`host:port` means `http://host:port`) presenting
     /// `bearer`; it connects on first use, and again after the connection breaks.
     pub fn connect_lazy(url: &str, tls_ca: Option<&Path>, bearer: Bearer) -> anyhow::Result<Self> {
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
-            .with_context(|| format!("invalid server URL {url:?}"))?;
+        let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| {
+            let cause =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .last()
+                .map_or_else(String::new, ToString::to_string);
+            anyhow::anyhow!(
+                "invalid server URL {url:?} ({cause}); use http://HOST:PORT or \
+                 https://HOST:PORT (--server)"
+            )
+        })?;
         if let Some(tls) = pipeline_proto::client_tls(url, tls_ca).map_err(anyhow::Error::msg)? {
             endpoint = endpoint
                 .tls_config(tls)

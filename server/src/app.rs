@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use pipeline_core::clock::SystemClock;
 use pipeline_core::git::{BranchName, RemoteName};
+use pipeline_core::lock::{FileLock, LockError};
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -484,63 +485,34 @@ fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
     (!path.is_empty() && !path.starts_with(':')).then(|| std::path::PathBuf::from(path))
 }
 
-/// An exclusive lock on a file beside what it guards, held for the server's life (the kernel
-/// drops it when the process ends, however it ends). The file names the holder: its PID, then
-/// its address once it listens.
-struct StateLock {
-    file: std::fs::File,
-    pid: u32,
-}
+/// One server per state dir and per database: an exclusive lock on a file beside what it
+/// guards ([`FileLock`]), held for the server's life, naming its PID and, once it listens, its
+/// address.
+struct StateLock(FileLock);
 
 impl StateLock {
     fn take(path: &std::path::Path, what: &str, guarded: &std::path::Path) -> Result<Self> {
-        use std::io::{Read, Seek, Write};
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| {
-                Error::Internal(format!("cannot open the lock file {}: {e}", path.display()))
-            })?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.split_whitespace().collect::<Vec<_>>().join(" ");
+        match FileLock::take(path) {
+            Ok(lock) => Ok(Self(lock)),
+            Err(LockError::Held(holder)) => {
                 let holder = if holder.is_empty() {
                     "another pipeline-server".to_owned()
                 } else {
                     format!("another pipeline-server ({holder})")
                 };
-                return Err(Error::FailedPrecondition(format!(
+                Err(Error::FailedPrecondition(format!(
                     "{holder} is using the {what} {}; stop it first, or give this server its own \
                      --state-dir (and --db)",
                     guarded.display()
-                )));
+                )))
             }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(Error::Internal(format!(
-                    "cannot lock {}: {e}",
-                    path.display()
-                )));
-            }
+            Err(e @ LockError::Io { .. }) => Err(Error::Internal(e.to_string())),
         }
-        let pid = std::process::id();
-        let _ = file.set_len(0);
-        let _ = file.rewind();
-        let _ = write!(file, "pid {pid}");
-        Ok(Self { file, pid })
     }
 
     /// Adds the listening address to the note.
     fn note_address(&mut self, addr: std::net::SocketAddr) {
-        use std::io::{Seek, Write};
-        let _ = self.file.set_len(0);
-        let _ = self.file.rewind();
-        let _ = write!(self.file, "pid {}, address {addr}", self.pid);
+        self.0.note(&format!("address {addr}"));
     }
 }
 

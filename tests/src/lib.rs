@@ -11,7 +11,8 @@
 //!   the test drives by hand ([`fake_runner::FakeRunner`]).
 //! - [`wait_for`] waits for a condition with a deadline: no test sleeps to synchronise.
 //! - Small readers shared by the test files: a task's [`runs`] and [`event_kinds`] from its
-//!   JSON, [`main_tip`], whether a process is [`alive`], [`as_strs`] for flags.
+//!   JSON, [`main_tip`], whether a process is [`alive`], [`as_strs`] for flags; and
+//!   [`make_certs`], a CA and a server certificate made with `openssl` for TLS tests.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -287,7 +288,8 @@ pub fn ctl(url: &str, args: &[&str]) -> Output {
         .arg(url)
         .args(args)
         .env_remove("PIPELINE_SERVER")
-        .env_remove("PIPELINE_TOKEN"))
+        .env_remove("PIPELINE_TOKEN")
+        .env_remove("PIPELINE_ADMIN_TOKEN"))
 }
 
 /// Runs a prepared command to completion with null stdin.
@@ -649,7 +651,8 @@ impl Runner {
             .env("PATH", scripts_path())
             .env("AGENT_LOG_DIR", repo.agent_log())
             .env_remove("PIPELINE_SERVER")
-            .env_remove("PIPELINE_TOKEN");
+            .env_remove("PIPELINE_TOKEN")
+            .env_remove("PIPELINE_RUNNER_TOKEN");
         cmd
     }
 
@@ -681,6 +684,35 @@ pub fn event_kinds(task: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Makes a CA and a server certificate for localhost / 127.0.0.1 in `dir` with `openssl`;
+/// returns (ca.pem, server.pem, server.key).
+pub fn make_certs(dir: &std::path::Path) -> (String, String, String) {
+    let sh = |script: &str| {
+        let out = run(Command::new("sh").arg("-c").arg(script).current_dir(dir));
+        assert!(out.status.success(), "{script}: {}", out.stderr);
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+        -subj '/CN=pipeline test CA' 2>/dev/null",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+        -subj '/CN=localhost' 2>/dev/null",
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    sh(
+        "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out server.pem -days 2 -extfile ext.cnf 2>/dev/null",
+    );
+    let p = |f: &str| dir.join(f).to_str().expect("utf-8").to_owned();
+    (p("ca.pem"), p("server.pem"), p("server.key"))
 }
 
 /// The commit `main` of the test repository is at.

@@ -122,8 +122,10 @@ fn a_non_loopback_url_gets_no_local_token() {
         return;
     };
     // The same server through a non-loopback address: the token is not offered.
-    ctl_home(&format!("http://{ip}:{port}"), home.path(), &["status"])
-        .refused(6, "no credential: pass --token or set PIPELINE_TOKEN");
+    ctl_home(&format!("http://{ip}:{port}"), home.path(), &["status"]).refused(
+        6,
+        "no credential: pass --token, or set PIPELINE_ADMIN_TOKEN",
+    );
 }
 
 fn hello(name: &str, labels: Vec<String>, version: &str) -> pb::RegisterRequest {

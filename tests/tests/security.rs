@@ -23,8 +23,10 @@ fn ctl_without_token(server: &Server, args: &[&str]) -> pipeline_tests::Output {
 fn the_control_api_needs_the_admin_token() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
-    ctl_without_token(&server, &["status"])
-        .refused(6, "no credential: pass --token or set PIPELINE_TOKEN");
+    ctl_without_token(&server, &["status"]).refused(
+        6,
+        "no credential: pass --token, or set PIPELINE_ADMIN_TOKEN",
+    );
     ctl_without_token(&server, &["--token", "pla_wrong", "task", "list"])
         .refused(6, "the credential is not valid");
     let registration = repo.registration_token();
@@ -206,39 +208,10 @@ fn no_token_value_appears_in_any_log() {
     );
 }
 
-/// Makes a CA and a server certificate for localhost / 127.0.0.1 in `dir` with `openssl`;
-/// returns (ca.pem, server.pem, server.key).
-fn make_certs(dir: &std::path::Path) -> (String, String, String) {
-    let sh = |script: &str| {
-        let out = run(Command::new("sh").arg("-c").arg(script).current_dir(dir));
-        assert!(out.status.success(), "{script}: {}", out.stderr);
-    };
-    sh(
-        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
-        -subj '/CN=pipeline test CA' 2>/dev/null",
-    );
-    sh(
-        "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
-        -subj '/CN=localhost' 2>/dev/null",
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext");
-    sh(
-        "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out server.pem -days 2 -extfile ext.cnf 2>/dev/null",
-    );
-    let p = |f: &str| dir.join(f).to_str().expect("utf-8").to_owned();
-    (p("ca.pem"), p("server.pem"), p("server.key"))
-}
-
 #[test]
 fn a_tls_round_trip_with_a_ca_made_in_the_test() {
     let repo = TestRepo::new();
-    let (ca, cert, key) = make_certs(repo.dir.path());
+    let (ca, cert, key) = pipeline_tests::make_certs(repo.dir.path());
     // With TLS, a non-loopback address needs no --insecure.
     let server = Server::start(
         &repo,

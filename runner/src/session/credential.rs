@@ -29,7 +29,7 @@ impl Credential {
             Some(token) => credential.bearer.set(&token),
             None => anyhow::bail!(
                 "no credential: pass the runner registration token with --token or \
-                 PIPELINE_TOKEN (the server's log says where it is)"
+                 PIPELINE_RUNNER_TOKEN (the server's log says where it is)"
             ),
         }
         Ok(credential)

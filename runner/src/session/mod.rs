@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pipeline_core::ids::{LeaseRef, RunnerId};
+use pipeline_core::lock::{FileLock, LockError};
 use pipeline_proto::{Disposition, classify};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -71,6 +72,8 @@ pub async fn run(
     }
     crate::preflight::check_agent(&config.agent, &path)?;
     crate::preflight::check_work_dir(&work_dir)?;
+    // Held until the runner exits: one runner per work dir.
+    let _work_dir_lock = lock_work_dir(&work_dir)?;
     let prices = crate::agent::Prices::load(config.agent.price_table.as_deref())
         .map_err(anyhow::Error::msg)?;
     if let Some(version) = crate::preflight::agent_version(&config.agent, &path).await {
@@ -84,7 +87,7 @@ pub async fn run(
     } else {
         format!("http://{}", config.server)
     };
-    let credential = Credential::load(&work_dir, config.token.clone())?;
+    let credential = Credential::load(&work_dir, config.token())?;
     let client = Client::connect_lazy(&url, config.tls_ca.as_deref(), credential.bearer())?;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let mut session = Session {
@@ -98,6 +101,8 @@ pub async fn run(
         },
         url,
         runner_id: None,
+        registered_once: false,
+        name_taken: 0,
         contact: Contact {
             heartbeat: Duration::from_secs(10),
             ttl: Duration::from_secs(30),
@@ -127,6 +132,26 @@ pub async fn run(
     lived
 }
 
+/// One runner per work dir (two would share a mirror, worktrees and a credential): an
+/// exclusive lock on `runner.lock` in it, held for the process's life, naming its PID.
+fn lock_work_dir(dir: &std::path::Path) -> anyhow::Result<FileLock> {
+    match FileLock::take(&dir.join("runner.lock")) {
+        Ok(lock) => Ok(lock),
+        Err(LockError::Held(holder)) => anyhow::bail!(
+            "another pipeline-runner ({holder}) is using the work dir {}; stop it first, or give \
+             this runner its own --work-dir (and --name)",
+            dir.display()
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How many times in a row a runner that never registered tries a name the server says is
+/// already connected before it gives up: enough for the server to see this runner's own
+/// earlier connection close (it was just killed and restarted), too few to wait on another
+/// live runner.
+const NAME_TAKEN_TRIES: u32 = 5;
+
 struct Session {
     client: Client,
     credential: Credential,
@@ -137,6 +162,12 @@ struct Session {
     /// This registration's ID: `None` until registered, and again once the server forgot the
     /// runner.
     runner_id: Option<RunnerId>,
+    /// Whether the runner has registered since it started. Until it has, a mistake (a URL, a
+    /// certificate, a name it cannot use) stops it at once; after, any failure but a refused
+    /// credential is taken for a server that restarts.
+    registered_once: bool,
+    /// Registrations in a row the server refused because a runner of this name is connected.
+    name_taken: u32,
     contact: Contact,
     slots: Slots<CancellationToken>,
     /// Jobs report their ends here: (lease ID, how it ended).
@@ -193,6 +224,9 @@ enum Cut {
     Revoked,
     /// The server refused this runner for good.
     Refused(Status),
+    /// Before the first registration: a mistake waiting cannot heal (a URL, a certificate, a
+    /// name the runner cannot use), said in one line with what to do.
+    Mistake(String),
 }
 
 /// What woke the loop.
@@ -402,14 +436,11 @@ impl Session {
     /// leases held) and the heartbeat stream.
     async fn connect(&mut self, backoff: &mut Backoff) -> Result<Link, Cut> {
         if self.runner_id.is_none() {
-            match self.register().await {
-                Ok(()) => {}
-                Err(status) if gives_up(&status) => return Err(Cut::Refused(status)),
-                Err(status) => {
-                    tracing::warn!(server = %self.url, error = %status.message(), "cannot register; retrying");
-                    return Err(Cut::Unreachable);
-                }
+            if let Err(status) = self.register().await {
+                return Err(self.registration_failed(status).await);
             }
+            self.registered_once = true;
+            self.name_taken = 0;
         }
         let work = match self.open_work().await {
             Ok(work) => work,
@@ -442,6 +473,54 @@ impl Session {
         })
     }
 
+    /// What a failed registration means. A refusal for good stops the runner, as always.
+    /// Before the runner first registered, so does a mistake: a server it cannot use (a host
+    /// that does not resolve, an address that is not a pipeline server, a certificate it does
+    /// not trust, TLS on one side only: `pipeline_proto::reach`), or a name that stays taken.
+    /// Anything else is retried: nothing listening yet, a server restarting or unavailable.
+    async fn registration_failed(&mut self, status: Status) -> Cut {
+        if gives_up(&status) {
+            return Cut::Refused(status);
+        }
+        if !self.registered_once {
+            let url = &self.url;
+            match status.code() {
+                Code::AlreadyExists => {
+                    self.name_taken += 1;
+                    let said = format!(
+                        "the server at {url} refused this runner: {}",
+                        status.message()
+                    );
+                    if self.name_taken >= NAME_TAKEN_TRIES {
+                        return Cut::Mistake(said);
+                    }
+                    tracing::warn!(
+                        "{said}; retrying, in case it is this runner's own earlier connection"
+                    );
+                    return Cut::Unreachable;
+                }
+                Code::Unimplemented => {
+                    return Cut::Mistake(format!(
+                        "the server at {url} does not serve the pipeline runner API ({}); check \
+                         that the URL (--server) is the pipeline server's gRPC address",
+                        status.message()
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(unreachable) = pipeline_proto::reach::diagnose(url, &status).await {
+                let said = format!("cannot reach the pipeline server at {url}: {unreachable}");
+                if unreachable.permanent {
+                    return Cut::Mistake(said);
+                }
+                tracing::warn!("{said}; retrying");
+                return Cut::Unreachable;
+            }
+        }
+        tracing::warn!(server = %self.url, error = %status.message(), "cannot register; retrying");
+        Cut::Unreachable
+    }
+
     /// After a cut: when to try connecting again, or why the runner must stop.
     async fn after_cut(&mut self, cut: Cut, backoff: &mut Backoff) -> anyhow::Result<Instant> {
         match cut {
@@ -461,6 +540,16 @@ impl Session {
                     self.url
                 );
             }
+            Cut::Refused(status) if status.code() == Code::Unauthenticated => {
+                self.abandon_all().await;
+                anyhow::bail!(
+                    "the server at {} refused this runner's credential: {}; pass the runner \
+                     registration token with --token or PIPELINE_RUNNER_TOKEN (the server's log \
+                     says where its file is)",
+                    self.url,
+                    status.message()
+                );
+            }
             Cut::Refused(status) => {
                 self.abandon_all().await;
                 anyhow::bail!(
@@ -468,6 +557,10 @@ impl Session {
                     self.url,
                     status.message()
                 );
+            }
+            Cut::Mistake(said) => {
+                self.abandon_all().await;
+                anyhow::bail!("{said}");
             }
         }
     }
@@ -600,7 +693,7 @@ impl Session {
             Cut::Lost => {
                 tracing::warn!(error = %status.message(), "the heartbeat stream broke");
             }
-            Cut::Unregistered | Cut::Unreachable | Cut::Refused(_) => {}
+            Cut::Unregistered | Cut::Unreachable | Cut::Refused(_) | Cut::Mistake(_) => {}
         }
         cut
     }
@@ -884,7 +977,7 @@ mod tests {
                 Cut::Unregistered => "unregistered",
                 Cut::Revoked => "revoked",
                 Cut::Lost => "lost",
-                Cut::Unreachable | Cut::Refused(_) => "other",
+                Cut::Unreachable | Cut::Refused(_) | Cut::Mistake(_) => "other",
             };
             let before = match status.code() {
                 Code::NotFound => "unregistered",

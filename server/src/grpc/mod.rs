@@ -110,7 +110,8 @@ impl tonic::service::Interceptor for Authenticate {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let Some(token) = bearer(req.metadata()) else {
             return Err(Status::unauthenticated(
-                "no credential: pass --token or set PIPELINE_TOKEN",
+                "no credential: pass --token, or set PIPELINE_ADMIN_TOKEN (pipelinectl) or \
+                 PIPELINE_RUNNER_TOKEN (a runner)",
             ));
         };
         let caller =
