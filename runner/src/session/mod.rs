@@ -18,6 +18,12 @@
 //!   to `--drain-timeout`, give back what is left, exit) and stop (second signal: stop jobs
 //!   now, give their leases back, exit).
 //!
+//! Before the loop: the start-up checks (`preflight`) and the work dir's lock (one runner per
+//! work dir). Until the runner has registered once, a registration that fails for a reason
+//! waiting cannot heal (a URL, a certificate or TLS it cannot use, read by
+//! `pipeline_proto::reach`; a refused credential; a name that stays taken) stops it with one
+//! line; after, any failure but a refused credential is taken for a server restarting.
+//!
 //! `slots` keeps the books (slots, leases, the queue, health), without IO; `credential` is
 //! what the runner presents. Leases go back through one path, `Session::release`, in the
 //! background, with the runner's health; the releases still under way are waited for (a
