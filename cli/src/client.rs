@@ -399,15 +399,20 @@ impl Client {
             .map_err(|s| self.failure(s))
     }
 
-    /// Stops new leases (and landing, with `landing`).
+    /// Stops new leases (and landing, with `landing`), or landing alone (`landing_only`).
     pub async fn pause_queue(
         &mut self,
         reason: Option<String>,
         landing: bool,
+        landing_only: bool,
     ) -> Result<(), Failure> {
         let r = self
             .inner
-            .pause_queue(unary(pb::PauseQueueRequest { reason, landing }))
+            .pause_queue(unary(pb::PauseQueueRequest {
+                reason,
+                landing,
+                landing_only,
+            }))
             .await;
         r.map(drop).map_err(|s| self.failure(s))
     }

@@ -163,14 +163,19 @@ enum RunnersAction {
 
 #[derive(Debug, Subcommand)]
 enum QueueAction {
-    /// Stop new leases; running work goes on, and so does landing unless --landing.
+    /// Stop new leases; running work goes on, and so does landing unless --landing. With
+    /// --landing-only, hold landing alone.
     Pause {
         /// Why, for `status` and `queue` to show.
         #[arg(long)]
         reason: Option<String>,
         /// Hold the merge train too (the train in flight finishes first).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "landing_only")]
         landing: bool,
+        /// Hold only the merge train: agents keep working and tasks keep reaching verified,
+        /// but nothing lands until `queue resume` (a closed tree).
+        #[arg(long)]
+        landing_only: bool,
     },
     /// Lift every pause: leases, landing, and a red base's hold on landing.
     Resume,
@@ -421,15 +426,28 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             output::queue(out, &q, Format::for_stdout(json))?;
         }
         Command::Queue {
-            action: Some(QueueAction::Pause { reason, landing }),
+            action:
+                Some(QueueAction::Pause {
+                    reason,
+                    landing,
+                    landing_only,
+                }),
             ..
         } => {
-            client.pause_queue(reason, landing).await?;
-            let held = if landing { ", and landing is held" } else { "" };
-            writeln!(
-                out,
-                "queue paused: no new leases{held}; `pipelinectl queue resume` goes on"
-            )?;
+            client.pause_queue(reason, landing, landing_only).await?;
+            if landing_only {
+                writeln!(
+                    out,
+                    "landing held: nothing lands, leases go on; `pipelinectl queue resume` \
+                     lands again"
+                )?;
+            } else {
+                let held = if landing { ", and landing is held" } else { "" };
+                writeln!(
+                    out,
+                    "queue paused: no new leases{held}; `pipelinectl queue resume` goes on"
+                )?;
+            }
         }
         Command::Queue {
             action: Some(QueueAction::Resume),

@@ -358,7 +358,10 @@ pub struct Status {
     pub base: String,
     pub health: Health,
     pub landing: Landing,
-    /// New leases are paused (`queue pause`), with the reason given and since when.
+    /// The base commit that fails the server's build, while it does (it holds leases too).
+    pub red_base: Option<String>,
+    /// New leases are paused (`queue pause`, or a red base), with the reason and since when
+    /// (a person's pause).
     pub queue_paused: bool,
     pub queue_pause_reason: Option<String>,
     pub queue_paused_at_ms: Option<i64>,
@@ -422,6 +425,8 @@ pub struct Queue {
     pub train: Option<Train>,
     pub waiting: Vec<Waiting>,
     pub landing: Landing,
+    /// The base commit that fails the server's build, while it does.
+    pub red_base: Option<String>,
     pub queue_paused: bool,
     /// Why new leases are paused, when a reason was given.
     pub queue_pause_reason: Option<String>,

@@ -279,7 +279,7 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
                 "base": s.base,
                 "health": s.health.word(),
                 "health_reason": s.health.reason(),
-                "landing": landing_json(&s.landing),
+                "landing": landing_json(&s.landing, s.red_base.as_deref()),
                 "queue_paused": s.queue_paused,
                 "queue_pause_reason": s.queue_pause_reason,
                 "queue_paused_since": s.queue_paused_at_ms.map(rfc3339),
@@ -292,7 +292,13 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
     if let Some(why) = s.health.reason() {
         writeln!(out, "health:          UNHEALTHY: {why}")?;
     }
-    if s.queue_paused {
+    if let Some(red) = &s.red_base {
+        writeln!(
+            out,
+            "leases:          PAUSED while the base is red at {red}; they go on once it is green \
+             again (pipelinectl queue resume goes on now)"
+        )?;
+    } else if s.queue_paused {
         let since = s
             .queue_paused_at_ms
             .map(|at| format!(" since {}", rfc3339(at)))
@@ -333,8 +339,8 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
     Ok(())
 }
 
-fn landing_json(l: &Landing) -> Value {
-    json!({"state": l.word(), "reason": l.reason()})
+fn landing_json(l: &Landing, red_base: Option<&str>) -> Value {
+    json!({"state": l.word(), "reason": l.reason(), "red_base": red_base})
 }
 
 /// The merge train now and the tasks behind it.
@@ -355,7 +361,7 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
                     "waiting_for": w.waiting_for,
                     "eta_seconds": w.eta_seconds,
                 })).collect::<Vec<_>>(),
-                "landing": landing_json(&q.landing),
+                "landing": landing_json(&q.landing, q.red_base.as_deref()),
                 "queue_paused": q.queue_paused,
                 "queue_pause_reason": q.queue_pause_reason,
             }),
@@ -1143,6 +1149,7 @@ mod snapshots {
             base: "main".into(),
             health,
             landing: Landing::Running,
+            red_base: None,
             queue_paused: false,
             queue_pause_reason: None,
             queue_paused_at_ms: None,
@@ -1196,10 +1203,28 @@ mod snapshots {
     fn status_with_landing_paused() {
         let s = Status {
             landing: Landing::Paused("the base is red: main at 1a2b3c4d fails its build".into()),
+            red_base: None,
             queue_paused: true,
             queue_pause_reason: Some("a release".into()),
             queue_paused_at_ms: Some(at(5)),
             builds_per_landed: Some(0.25),
+            ..status_of(Health::Healthy)
+        };
+        insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+        insta::assert_snapshot!(printed(|out| super::status(out, &s, Format::Json)));
+    }
+
+    #[test]
+    fn status_with_a_red_base() {
+        let s = Status {
+            landing: Landing::Paused(
+                "the base main at 1a2b3c4d fails its own build: tests failed (exit 1): make \
+                 test (its output ends: FAILED (failures=124))"
+                    .into(),
+            ),
+            red_base: Some("1a2b3c4d".into()),
+            queue_paused: true,
+            queue_pause_reason: Some("the base main at 1a2b3c4d fails its own build".into()),
             ..status_of(Health::Healthy)
         };
         insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
@@ -1232,6 +1257,7 @@ mod snapshots {
                 ),
             ],
             landing: Landing::Running,
+            red_base: None,
             queue_paused: false,
             queue_pause_reason: None,
         }
@@ -1253,6 +1279,7 @@ mod snapshots {
             train: None,
             waiting: vec![],
             landing: Landing::Paused("paused by pipelinectl queue pause".into()),
+            red_base: None,
             queue_paused: true,
             queue_pause_reason: Some("a release".into()),
         };

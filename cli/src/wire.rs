@@ -275,6 +275,7 @@ impl From<pb::GetStatusResponse> for Status {
             runners: s.runners,
             base: s.base,
             health: health(s.unhealthy),
+            red_base: s.landing.as_ref().and_then(|l| l.red_base.clone()),
             landing: landing(s.landing),
             queue_paused: s.queue_paused,
             queue_pause_reason: s.queue_pause_reason,
@@ -315,6 +316,7 @@ impl From<pb::GetQueueResponse> for Queue {
                     eta_seconds: w.eta_seconds,
                 })
                 .collect(),
+            red_base: q.landing.as_ref().and_then(|l| l.red_base.clone()),
             landing: landing(q.landing),
             queue_paused: q.queue_paused,
             queue_pause_reason: q.queue_pause_reason,
@@ -458,11 +460,13 @@ mod tests {
         let paused = pb::Landing {
             state: "paused".into(),
             reason: Some("the base is red".into()),
+            red_base: None,
         };
         assert_eq!(landing(Some(paused)).reason(), Some("the base is red"));
         let running = pb::Landing {
             state: "running".into(),
             reason: None,
+            red_base: None,
         };
         assert_eq!(landing(Some(running)), Landing::Running);
     }

@@ -2,35 +2,75 @@
 //! leases are paused, the merge train now, and the trains of the last hour (builds per landed
 //! task, how long a train takes, so how long a waiting task will wait).
 //!
+//! Three things can hold work back, each on its own: a person's pause of new leases
+//! (`queue pause`), a person's hold on landing (`queue pause --landing` or `--landing-only`),
+//! and a red base (the base fails the server's own build: neither leases nor landings go on
+//! until it is green again). A person's hold outlives a red base's end; `queue resume` lifts all
+//! three.
+//!
 //! The integrator and the queue commands write it; `status` and `queue` read it, without a
-//! database round trip. The pauses are persisted (`meta`: `landing_paused`, `queue_paused`)
-//! before they change here, and loaded at start-up with the last hour's trains: memory
-//! follows the database.
+//! database round trip. The pauses are persisted (`meta`: `landing_paused`, `queue_paused`,
+//! `red_base`) before they change here, and loaded at start-up with the last hour's trains:
+//! memory follows the database. The trees built green under the server's verification are
+//! kept here too (memory only), so that a runner's failed verification on a base known green
+//! is charged at once, without another build of that base.
 
 use std::collections::VecDeque;
 
-use pipeline_core::ids::CommitId;
+use pipeline_core::ids::{CommitId, TreeId};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Millis, TaskId};
+use crate::integrate::train::Green;
 use crate::store::TrainStat;
 
 /// The `meta` key of a landing pause.
 pub const LANDING_PAUSED: &str = "landing_paused";
 /// The `meta` key of a pause of new leases.
 pub const QUEUE_PAUSED: &str = "queue_paused";
+/// The `meta` key of a red base.
+pub const RED_BASE: &str = "red_base";
 
 /// How far back the recent figures look.
 pub const WINDOW_MS: Millis = 3_600_000;
 
-/// Why landing is paused.
+/// A person's hold on landing, and why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Pause {
     pub reason: String,
-    /// When the base itself was found red: that base commit. Landing resumes on its own once
-    /// the base is somewhere else (a person pushed a fix).
-    #[serde(with = "commit_text")]
+    /// Set only in a pause stored by an older server, where a red base was a landing pause:
+    /// it is loaded as a [`RedBase`].
+    #[serde(with = "commit_text", default, skip_serializing_if = "Option::is_none")]
     pub red_base: Option<CommitId>,
+}
+
+/// The base found red: it fails the server's own build under the server's verification.
+/// Nothing is leased or landed while it is (no one would be charged for it), and both go on
+/// by themselves once the base is somewhere else and builds green.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RedBase {
+    /// The base commit that fails its build.
+    #[serde(with = "commit_id_text")]
+    pub commit: CommitId,
+    /// What people are told: the commit, the failing command and the end of its output.
+    pub reason: String,
+    /// The namespace it was built for (under `bild`, a base is red for a namespace).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// A commit ID as its text in the stored red base.
+mod commit_id_text {
+    use pipeline_core::ids::CommitId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &CommitId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(c.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CommitId, D::Error> {
+        CommitId::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A commit ID as its text in the stored pause.
@@ -73,7 +113,11 @@ pub struct TrainView {
 /// The landing side's state.
 #[derive(Clone, Debug, Default)]
 pub struct Landing {
+    /// A person's hold on landing.
     pub paused: Option<Pause>,
+    /// The base, while it is red.
+    pub red_base: Option<RedBase>,
+    /// A person's pause of new leases.
     pub queue_paused: Option<QueuePause>,
     pub train: Option<TrainView>,
     /// Trains that ended within the window (and the last few, whatever their age, for the
@@ -82,7 +126,13 @@ pub struct Landing {
     /// How long the last dev runs took (lease to result), oldest first, for when an open task
     /// will start; only those since the server started.
     dev_ms: VecDeque<Millis>,
+    /// Trees built green, oldest first (at most [`GREEN_TREES`]).
+    green: VecDeque<Green>,
 }
+
+/// How many trees built green are remembered (so a base that is a landed tip is not built
+/// again, to clear a red first commit or to tell a runner's failure from a red base's).
+pub const GREEN_TREES: usize = 64;
 
 /// How many finished trains the estimates use at least, however old.
 const KEEP_FOR_ESTIMATES: usize = 16;
@@ -166,11 +216,54 @@ impl Landing {
         Some(per_train * (ahead + 1) as f64)
     }
 
-    /// Landing's state and reason, as `status` shows it.
+    /// Landing's state and reason, as `status` shows it: a red base's reason first (it also
+    /// holds leases), then a person's hold.
     pub fn state(&self) -> (&'static str, Option<String>) {
-        match &self.paused {
-            Some(p) => ("paused", Some(p.reason.clone())),
-            None => ("running", None),
+        match (&self.red_base, &self.paused) {
+            (Some(red), Some(hold)) => (
+                "paused",
+                Some(format!(
+                    "{}; landing is also held: {}",
+                    red.reason, hold.reason
+                )),
+            ),
+            (Some(red), None) => ("paused", Some(red.reason.clone())),
+            (None, Some(hold)) => ("paused", Some(hold.reason.clone())),
+            (None, None) => ("running", None),
+        }
+    }
+
+    /// Whether nothing lands now (a person's hold or a red base).
+    pub fn landing_held(&self) -> bool {
+        self.paused.is_some() || self.red_base.is_some()
+    }
+
+    /// Why no new leases are handed out, if none are: a red base, or a person's pause (its
+    /// reason, empty when none was given).
+    pub fn leases_held(&self) -> Option<String> {
+        match (&self.red_base, &self.queue_paused) {
+            (Some(red), _) => Some(red.reason.clone()),
+            (None, Some(p)) => Some(p.reason.clone().unwrap_or_default()),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether `tree` was built green for `scope` under the server's verification.
+    pub fn is_green(&self, tree: &TreeId, scope: &Option<String>) -> bool {
+        self.green.iter().any(|(t, s)| t == tree && s == scope)
+    }
+
+    /// The trees known green, for a train's plan.
+    pub fn green_trees(&self) -> impl Iterator<Item = &Green> {
+        self.green.iter()
+    }
+
+    /// Remembers a tree built green for a scope (the newest [`GREEN_TREES`]).
+    pub fn remember_green(&mut self, green: Green) {
+        self.green.retain(|t| *t != green);
+        self.green.push_back(green);
+        while self.green.len() > GREEN_TREES {
+            self.green.pop_front();
         }
     }
 }

@@ -1,11 +1,13 @@
 //! The queue as a whole: the merge train now and what waits behind it (`pipelinectl queue`),
-//! and its pauses. `queue pause` stops new leases (and landing, with `--landing`); a base
-//! that fails its own build pauses landing by itself, until the base changes or
-//! `queue resume`. A pause is written to `meta` before memory follows.
+//! and its pauses. `queue pause` stops new leases (and landing, with `--landing`; landing
+//! alone with `--landing-only`); a base that fails its own build holds both by itself, until
+//! the base is green again or `queue resume`. A pause is written to `meta` before memory
+//! follows, and every change of landing's state is announced in one place
+//! ([`Coordinator::announce_landing`]).
 
 use crate::domain::{TaskId, TaskStatus};
 use crate::error::{Error, Result};
-use crate::landing::{self, Pause, QueuePause, TrainView};
+use crate::landing::{self, Pause, QueuePause, RedBase, TrainView};
 use crate::lifecycle;
 use crate::store::{Store, TaskFilter};
 
@@ -28,12 +30,26 @@ pub struct Waiting {
     pub eta_seconds: Option<f64>,
 }
 
+/// What `queue pause` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// New leases; running work and landing go on.
+    Leases,
+    /// New leases and landing (`--landing`).
+    LeasesAndLanding,
+    /// Landing only (`--landing-only`): agents keep working and tasks keep reaching
+    /// Verified, but nothing lands (a closed tree).
+    LandingOnly,
+}
+
 /// What `queue` shows.
 #[derive(Clone, Debug)]
 pub struct QueueView {
     pub train: Option<TrainView>,
     pub waiting: Vec<Waiting>,
     pub landing: (&'static str, Option<String>),
+    /// The base commit found red, while it is.
+    pub red_base: Option<String>,
     pub queue_paused: bool,
     pub queue_pause_reason: Option<String>,
 }
@@ -41,52 +57,69 @@ pub struct QueueView {
 impl<S: Store> Coordinator<S> {
     /// Loads the pauses and the last hour's trains (at start-up, before serving).
     pub async fn load_landing(&self) -> Result<()> {
-        let paused = match self.store.get_meta(landing::LANDING_PAUSED).await? {
-            Some(json) => Some(serde_json::from_str::<Pause>(&json).map_err(|e| {
-                Error::Internal(format!("the stored landing pause is unreadable: {e}"))
-            })?),
-            None => None,
-        };
-        let queue_paused = match self.store.get_meta(landing::QUEUE_PAUSED).await? {
-            Some(json) => Some(serde_json::from_str::<QueuePause>(&json).map_err(|e| {
-                Error::Internal(format!("the stored queue pause is unreadable: {e}"))
-            })?),
-            None => None,
-        };
+        let mut paused: Option<Pause> = self.load_meta(landing::LANDING_PAUSED).await?;
+        let mut red_base: Option<RedBase> = self.load_meta(landing::RED_BASE).await?;
+        // An older server kept a red base as a landing pause that named it.
+        if let Some(old) = paused.take_if(|p| p.red_base.is_some()) {
+            red_base = red_base.or(old.red_base.map(|commit| RedBase {
+                commit,
+                reason: old.reason,
+                namespace: None,
+            }));
+        }
+        let queue_paused: Option<QueuePause> = self.load_meta(landing::QUEUE_PAUSED).await?;
         let now = self.now();
         let recent = self.store.trains_since(now - landing::WINDOW_MS).await?;
         let mut state = self.landing();
         state.paused = paused;
+        state.red_base = red_base;
         state.queue_paused = queue_paused;
         state.load(recent, now);
         Ok(())
     }
 
-    /// Stops new leases (running work goes on), and landing too with `landing`.
-    pub async fn pause_queue(&self, reason: Option<String>, landing: bool) -> Result<()> {
-        // Pausing what is paused keeps when it began, and its reason unless a new one is given.
-        let pause = match self.landing().queue_paused.clone() {
-            Some(before) => QueuePause {
-                reason: reason.clone().or(before.reason),
-                at: before.at,
-            },
-            None => QueuePause {
-                reason: reason.clone(),
-                at: Some(self.now()),
-            },
-        };
-        self.store
-            .put_meta(landing::QUEUE_PAUSED, &to_json(&pause)?)
-            .await?;
-        self.landing().queue_paused = Some(pause);
-        if landing {
+    /// A stored pause, if there is one.
+    async fn load_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.store.get_meta(key).await? {
+            Some(json) => serde_json::from_str(&json)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("the stored {key} is unreadable: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Holds new leases, landing, or both (`hold`); running work goes on.
+    pub async fn pause_queue(&self, reason: Option<String>, hold: Hold) -> Result<()> {
+        if hold != Hold::LandingOnly {
+            // Pausing what is paused keeps when it began, and its reason unless a new one is
+            // given.
+            let pause = match self.landing().queue_paused.clone() {
+                Some(before) => QueuePause {
+                    reason: reason.clone().or(before.reason),
+                    at: before.at,
+                },
+                None => QueuePause {
+                    reason: reason.clone(),
+                    at: Some(self.now()),
+                },
+            };
+            self.store
+                .put_meta(landing::QUEUE_PAUSED, &to_json(&pause)?)
+                .await?;
+            self.landing().queue_paused = Some(pause);
+        }
+        if hold != Hold::Leases {
+            let default = match hold {
+                Hold::LandingOnly => "held by pipelinectl queue pause --landing-only",
+                _ => "paused by pipelinectl queue pause",
+            };
             self.pause_landing(Pause {
-                reason: reason.unwrap_or_else(|| "paused by pipelinectl queue pause".to_owned()),
+                reason: reason.unwrap_or_else(|| default.to_owned()),
                 red_base: None,
             })
             .await?;
         }
-        tracing::info!(landing, "queue paused");
+        tracing::info!(?hold, "queue paused");
         Ok(())
     }
 
@@ -95,54 +128,94 @@ impl<S: Store> Coordinator<S> {
     pub async fn resume_queue(&self) -> Result<bool> {
         let was_paused = {
             let l = self.landing();
-            l.queue_paused.is_some() || l.paused.is_some()
+            l.queue_paused.is_some() || l.landing_held()
         };
         self.store.delete_meta(landing::QUEUE_PAUSED).await?;
         self.landing().queue_paused = None;
-        self.resume_landing("pipelinectl queue resume").await?;
+        if self.landing().paused.is_some() {
+            self.store.delete_meta(landing::LANDING_PAUSED).await?;
+            self.landing().paused = None;
+            self.announce_landing("pipelinectl queue resume");
+        }
+        self.clear_red_base("pipelinectl queue resume").await?;
+        self.integrator_wakeup().notify_one();
         self.wake_dispatch();
         tracing::info!("queue resumed");
         Ok(was_paused)
     }
 
-    /// Whether new leases are paused.
+    /// Whether new leases are held (a person's pause or a red base).
     pub fn leases_paused(&self) -> bool {
-        self.landing().queue_paused.is_some()
+        self.landing().leases_held().is_some()
     }
 
-    /// Pauses landing.
+    /// Holds landing, as a person asked.
     pub(crate) async fn pause_landing(&self, pause: Pause) -> Result<()> {
         self.store
             .put_meta(landing::LANDING_PAUSED, &to_json(&pause)?)
             .await?;
-        tracing::warn!(reason = %pause.reason, "landing paused");
+        let reason = pause.reason.clone();
         self.landing().paused = Some(pause);
+        self.announce_landing(&reason);
         Ok(())
     }
 
-    /// Lets landing go on.
-    pub(crate) async fn resume_landing(&self, why: &str) -> Result<()> {
-        if self.landing().paused.is_none() {
+    /// Records the base red: leases and landing wait until it is green again (a person's
+    /// hold, if any, stays as it is). A base already known red is recorded again only if it
+    /// is another commit.
+    pub(crate) async fn mark_red_base(&self, red: RedBase) -> Result<()> {
+        if self
+            .landing()
+            .red_base
+            .as_ref()
+            .is_some_and(|r| r.commit == red.commit)
+        {
             return Ok(());
         }
-        self.store.delete_meta(landing::LANDING_PAUSED).await?;
-        self.landing().paused = None;
-        tracing::info!("landing resumes: {why}");
-        self.integrator_wakeup().notify_one();
+        self.store
+            .put_meta(landing::RED_BASE, &to_json(&red)?)
+            .await?;
+        let reason = red.reason.clone();
+        self.landing().red_base = Some(red);
+        self.announce_landing(&reason);
         Ok(())
+    }
+
+    /// The base is no longer red (it moved and builds green, or a person resumed): leases and
+    /// landing go on, unless a person holds them.
+    pub(crate) async fn clear_red_base(&self, why: &str) -> Result<()> {
+        if self.landing().red_base.is_none() {
+            return Ok(());
+        }
+        self.store.delete_meta(landing::RED_BASE).await?;
+        self.landing().red_base = None;
+        self.announce_landing(why);
+        self.integrator_wakeup().notify_one();
+        self.wake_dispatch();
+        Ok(())
+    }
+
+    /// Says that landing's state changed (paused, or running again), and why. The one place
+    /// it is announced: the `landing.paused` and `landing.resumed` webhooks hook in here.
+    pub(crate) fn announce_landing(&self, why: &str) {
+        let (state, reason) = self.landing().state();
+        match reason {
+            Some(reason) => tracing::warn!(%reason, "landing paused"),
+            None => tracing::info!("landing {state}: {why}"),
+        }
     }
 
     /// The train now, then the Verified tasks in landing order, then the Open ones in lease
     /// order (at most [`QUEUE_LIMIT`] in all).
     pub async fn queue(&self) -> Result<QueueView> {
-        let (train, landing_state, queue_paused, queue_pause_reason) = {
+        let (train, landing_state, red_base, queue_paused, queue_pause_reason) = {
             let l = self.landing();
-            let pause = l.queue_paused.as_ref();
             (
                 l.train.clone(),
                 l.state(),
-                pause.is_some(),
-                pause.and_then(|p| p.reason.clone()),
+                l.red_base.as_ref().map(|r| r.commit.to_string()),
+                l.leases_held().is_some(),
+                super::tasks::queue_pause_reason(&l),
             )
         };
         let in_train = |id: &TaskId| train.as_ref().is_some_and(|t| t.tasks.contains(id));
@@ -194,6 +267,7 @@ impl<S: Store> Coordinator<S> {
             train,
             waiting,
             landing: landing_state,
+            red_base,
             queue_paused,
             queue_pause_reason,
         })

@@ -67,7 +67,10 @@ pub struct Status {
     pub unhealthy: Option<String>,
     /// Landing: "running" or "paused", and why it is paused.
     pub landing: (&'static str, Option<String>),
-    /// Whether new leases are paused, and if so why and since when.
+    /// The base commit found red, while it is.
+    pub red_base: Option<String>,
+    /// Whether new leases are paused (by a person or a red base), and if so why and since
+    /// when (a person's pause).
     pub queue_paused: bool,
     pub queue_pause_reason: Option<String>,
     pub queue_paused_at: Option<Millis>,
@@ -290,11 +293,12 @@ impl<S: Store> Coordinator<S> {
         view: &View,
         caps: &std::collections::HashMap<TaskId, (f64, f64)>,
     ) -> Vec<String> {
-        let (leases, landing) = (&view.pauses.0, &view.pauses.1);
-        let mut why: Vec<String> =
-            lifecycle::held_by_pauses(task.state.status, leases.as_deref(), landing.as_deref())
-                .into_iter()
-                .collect();
+        let pauses = lifecycle::Pauses {
+            leases: view.pauses.leases.as_deref(),
+            landing: view.pauses.landing.as_deref(),
+            red_base: view.pauses.red_base.as_deref(),
+        };
+        let mut why: Vec<String> = lifecycle::held_by_pauses(task.state.status, pauses);
         why.extend(paused_reason(task));
         if task.children.any() {
             why.extend(lifecycle::epic_waiting_for(
@@ -382,16 +386,17 @@ impl<S: Store> Coordinator<S> {
         Ok(self.reasons(task, &deps, &self.view(), &caps))
     }
 
-    /// The reasons of the pauses in force: (new leases, landing).
-    fn pauses(&self) -> (Option<String>, Option<String>) {
+    /// The reasons of the pauses in force.
+    fn pauses(&self) -> PauseReasons {
         let landing = self.landing();
-        (
-            landing
+        PauseReasons {
+            leases: landing
                 .queue_paused
                 .as_ref()
                 .map(|p| p.reason.clone().unwrap_or_default()),
-            landing.paused.as_ref().map(|p| p.reason.clone()),
-        )
+            landing: landing.paused.as_ref().map(|p| p.reason.clone()),
+            red_base: landing.red_base.as_ref().map(|r| r.reason.clone()),
+        }
     }
 
     /// What the runners can take now, and the labels and scope of each runner that takes work.
@@ -668,8 +673,9 @@ impl<S: Store> Coordinator<S> {
             cost_cents_last_day,
             tokens_last_day,
             landing: landing.state(),
-            queue_paused: landing.queue_paused.is_some(),
-            queue_pause_reason: landing.queue_paused.as_ref().and_then(|p| p.reason.clone()),
+            red_base: landing.red_base.as_ref().map(|r| r.commit.to_string()),
+            queue_paused: landing.leases_held().is_some(),
+            queue_pause_reason: queue_pause_reason(&landing),
             queue_paused_at: landing.queue_paused.as_ref().and_then(|p| p.at),
             builds_per_landed: landing.builds_per_landed(now),
             counts,
@@ -776,16 +782,34 @@ fn routing<'a>(task: &'a Task, taking: &'a Taking) -> lifecycle::Routing<'a> {
     }
 }
 
-/// What a person's pause of the task says, while it waits for a lease.
 /// What the reasons a task waits depend on besides the task itself.
 struct View {
-    /// The reasons of the pauses in force: (new leases, landing).
-    pauses: (Option<String>, Option<String>),
+    /// The reasons of the pauses in force.
+    pauses: PauseReasons,
     capacity: lifecycle::Capacity,
     taking: Taking,
     now: Millis,
 }
 
+/// Why new leases are paused, as `status` and `queue` say it: a red base's reason, then a
+/// person's.
+pub(super) fn queue_pause_reason(landing: &crate::landing::Landing) -> Option<String> {
+    let person = landing.queue_paused.as_ref().and_then(|p| p.reason.clone());
+    match (&landing.red_base, person) {
+        (Some(red), Some(person)) => Some(format!("{}; also paused: {person}", red.reason)),
+        (Some(red), None) => Some(red.reason.clone()),
+        (None, person) => person,
+    }
+}
+
+/// The reasons of the queue's pauses in force (see [`lifecycle::Pauses`]).
+struct PauseReasons {
+    leases: Option<String>,
+    landing: Option<String>,
+    red_base: Option<String>,
+}
+
+/// What a person's pause of the task says, while it waits for a lease.
 fn paused_reason(task: &Task) -> Option<String> {
     let why = task.paused.as_deref()?;
     (task.state.status == TaskStatus::Open)

@@ -13,6 +13,7 @@ use super::convert::{
     dependency_ids, detail_to_pb, log_item_to_pb, status_from_pb, task_id, transition_to_pb,
 };
 use super::{status_from_error, stream_from, until_cancelled};
+use crate::coordinator::queue::Hold;
 use crate::coordinator::{Coordinator, Page};
 use crate::domain::{NewTask, TaskId};
 use crate::store::Store;
@@ -247,7 +248,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             runners: s.runners,
             base: s.base,
             unhealthy: s.unhealthy,
-            landing: Some(landing_to_pb(s.landing)),
+            landing: Some(landing_to_pb(s.landing, s.red_base)),
             queue_paused: s.queue_paused,
             queue_pause_reason: s.queue_pause_reason,
             queue_paused_at_ms: s.queue_paused_at,
@@ -279,7 +280,7 @@ impl<S: Store> ControlService for ControlApi<S> {
                     eta_seconds: w.eta_seconds,
                 })
                 .collect(),
-            landing: Some(landing_to_pb(q.landing)),
+            landing: Some(landing_to_pb(q.landing, q.red_base)),
             queue_paused: q.queue_paused,
             queue_pause_reason: q.queue_pause_reason,
         }))
@@ -322,8 +323,18 @@ impl<S: Store> ControlService for ControlApi<S> {
     ) -> Result<Response<pb::PauseQueueResponse>, Status> {
         let r = request.into_inner();
         let reason = pause_reason(r.reason)?;
+        let hold = match (r.landing, r.landing_only) {
+            (false, false) => Hold::Leases,
+            (true, false) => Hold::LeasesAndLanding,
+            (false, true) => Hold::LandingOnly,
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "pass --landing (leases and landing) or --landing-only, not both",
+                ));
+            }
+        };
         self.coordinator
-            .pause_queue(reason, r.landing)
+            .pause_queue(reason, hold)
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::PauseQueueResponse {}))
@@ -490,10 +501,14 @@ impl<S: Store> ControlService for ControlApi<S> {
     }
 }
 
-fn landing_to_pb((state, reason): (&'static str, Option<String>)) -> pb::Landing {
+fn landing_to_pb(
+    (state, reason): (&'static str, Option<String>),
+    red_base: Option<String>,
+) -> pb::Landing {
     pb::Landing {
         state: state.to_owned(),
         reason,
+        red_base,
     }
 }
 

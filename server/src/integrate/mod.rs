@@ -32,7 +32,7 @@ use crate::domain::{
     TaskStatus,
 };
 use crate::error::{Error, Result};
-use crate::landing::{Pause, TrainView};
+use crate::landing::{RedBase, TrainView};
 use crate::lifecycle::Event;
 use crate::store::{Journal, Store, TrainEnd, TrainStat};
 use train::{Candidate, Fate, Green, Input, Member, Outcome, Plan, Step, Train};
@@ -45,15 +45,9 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 /// path: nothing lands meanwhile.
 const RED_BASE_RECHECK: Duration = Duration::from_secs(5);
 
-/// How many trees built green are remembered (so a base that is a landed tip is not built
-/// again to clear a red first commit).
-const GREEN_TREES: usize = 64;
-
 /// The integrator over a coordinator.
 pub struct Integrator<S> {
     coordinator: Arc<Coordinator<S>>,
-    /// Trees built green under the server's verification, with their scopes, newest last.
-    green: std::sync::Mutex<Vec<Green>>,
 }
 
 /// Where the integrator's lines for one run go: the task log, numbered.
@@ -97,10 +91,7 @@ struct Rider<'a> {
 
 impl<S: Store> Integrator<S> {
     pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
-        Self {
-            coordinator,
-            green: std::sync::Mutex::new(Vec::new()),
-        }
+        Self { coordinator }
     }
 
     fn c(&self) -> &Coordinator<S> {
@@ -127,13 +118,13 @@ impl<S: Store> Integrator<S> {
         }
     }
 
-    /// The base commit found red, while landing is paused for it.
+    /// The base commit found red, while it is.
     fn red_base(&self) -> Option<CommitId> {
         self.c()
             .landing()
-            .paused
+            .red_base
             .as_ref()
-            .and_then(|p| p.red_base.clone())
+            .map(|r| r.commit.clone())
     }
 
     /// Runs the next train; false if there is none to run (nothing Verified can land, or
@@ -145,10 +136,10 @@ impl<S: Store> Integrator<S> {
                 return Ok(false);
             }
             self.c()
-                .resume_landing(&format!("the base moved from {red} to {tip}"))
+                .clear_red_base(&format!("the base moved from {red} to {tip}"))
                 .await?;
         }
-        if self.c().landing().paused.is_some() {
+        if self.c().landing().landing_held() {
             return Ok(false);
         }
         let batch_max = self.c().settings().batch_max.max(1);
@@ -235,19 +226,11 @@ impl<S: Store> Integrator<S> {
 
     /// The trees known green, for a train's plan.
     fn green_set(&self) -> HashSet<Green> {
-        self.green
-            .lock()
-            .map(|g| g.iter().cloned().collect())
-            .unwrap_or_default()
+        self.c().landing().green_trees().cloned().collect()
     }
 
     fn remember_green(&self, green: Green) {
-        if let Ok(mut g) = self.green.lock() {
-            g.retain(|t| *t != green);
-            g.push(green);
-            let excess = g.len().saturating_sub(GREEN_TREES);
-            g.drain(..excess);
-        }
+        self.c().landing().remember_green(green);
     }
 
     fn set_step(&self, train: i64, step: String) {
@@ -732,16 +715,9 @@ impl<S: Store> Integrator<S> {
                 .tip
                 .clone()
                 .unwrap_or_else(|| riders[0].commit.clone());
+            let namespace = riders[0].task.namespace.clone();
             self.c()
-                .pause_landing(Pause {
-                    reason: format!(
-                        "the base {base} at {tip} fails its own build, so nothing can be \
-                         verified on it; landing resumes once {base} moves (push a fix) or on \
-                         pipelinectl queue resume. {}",
-                        first_line(why)
-                    ),
-                    red_base: Some(tip),
-                })
+                .mark_red_base(red_base(base, tip, why, namespace))
                 .await?;
         }
         // Trees built green (the base's, a landed tip's): a red first commit on them is then
@@ -951,6 +927,59 @@ fn verifier_names_namespace(verifier: &Verifier) -> bool {
     }
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or_default()
+/// The first `max` bytes of one line, marked when cut.
+fn line_start(line: &str, max: usize) -> String {
+    if line.len() <= max {
+        return line.to_owned();
+    }
+    let mut end = max;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end])
+}
+
+/// The last `max` bytes of one line, marked when cut.
+fn line_end(line: &str, max: usize) -> String {
+    if line.len() <= max {
+        return line.to_owned();
+    }
+    let mut start = line.len() - max;
+    while !line.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &line[start..])
+}
+
+/// The red base `commit` whose build (for `namespace`) failed with `why` (the failing command
+/// and the tail of its output), as people are told of it: the commit, the command, the last
+/// line of the output, and what ends it.
+fn red_base(
+    base: &pipeline_core::git::BranchName,
+    commit: CommitId,
+    why: &str,
+    namespace: Option<String>,
+) -> RedBase {
+    let lines: Vec<&str> = why
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let command = lines.first().map_or_else(
+        || "its build failed".to_owned(),
+        |l| line_start(l.trim_end_matches(':'), 300),
+    );
+    let said = match lines.as_slice() {
+        [_, .., last] => format!(" (its output ends: {})", line_end(last, 300)),
+        _ => String::new(),
+    };
+    RedBase {
+        reason: format!(
+            "the base {base} at {commit} fails its own build: {command}{said}; nothing is \
+             leased or landed and no one is charged until {base} is green again (push a fix) \
+             or pipelinectl queue resume"
+        ),
+        commit,
+        namespace,
+    }
 }

@@ -237,26 +237,55 @@ pub fn epic_cap_reached(id: &str, epic: &str, spent: f64, cap: f64) -> String {
     )
 }
 
+/// The queue's pauses in force, each with its reason (empty when a person gave none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pauses<'a> {
+    /// A person paused new leases (`queue pause`).
+    pub leases: Option<&'a str>,
+    /// A person holds landing (`queue pause --landing` or `--landing-only`).
+    pub landing: Option<&'a str>,
+    /// The base is red: it holds both.
+    pub red_base: Option<&'a str>,
+}
+
 /// What the queue's pauses hold back of a task with `status` (before what [`waiting_for`]
-/// says): new leases paused holds Open tasks, landing paused holds Verified ones.
-pub fn held_by_pauses(
-    status: TaskStatus,
-    leases_paused: Option<&str>,
-    landing_paused: Option<&str>,
-) -> Option<String> {
-    let why = |r: Option<&str>| r.filter(|r| !r.is_empty()).map(|r| format!(": {r}"));
-    match status {
-        TaskStatus::Open => leases_paused.map(|r| {
-            format!(
-                "the queue is paused, so no new leases{} (pipelinectl queue resume)",
-                why(Some(r)).unwrap_or_default()
-            )
-        }),
-        TaskStatus::Verified => {
-            landing_paused.map(|r| format!("landing is paused{}", why(Some(r)).unwrap_or_default()))
+/// says): new leases paused or a red base hold Open tasks; landing paused or a red base hold
+/// Verified ones.
+pub fn held_by_pauses(status: TaskStatus, pauses: Pauses<'_>) -> Vec<String> {
+    let why = |r: &str| {
+        if r.is_empty() {
+            String::new()
+        } else {
+            format!(": {r}")
         }
-        _ => None,
+    };
+    let mut held = Vec::new();
+    match status {
+        TaskStatus::Open => {
+            if let Some(r) = pauses.red_base {
+                held.push(format!("no new leases while the base is red{}", why(r)));
+            }
+            if let Some(r) = pauses.leases {
+                held.push(format!(
+                    "the queue is paused, so no new leases{} (pipelinectl queue resume)",
+                    why(r)
+                ));
+            }
+        }
+        TaskStatus::Verified => {
+            if let Some(r) = pauses.red_base {
+                held.push(format!("landing is paused{}", why(r)));
+            }
+            if let Some(r) = pauses.landing {
+                held.push(format!(
+                    "landing is paused{} (pipelinectl queue resume)",
+                    why(r)
+                ));
+            }
+        }
+        _ => {}
     }
+    held
 }
 
 /// The order in which leasable tasks are handed out: higher priority (lower number) first,

@@ -20,8 +20,8 @@ mod eligibility;
 pub mod judge;
 
 pub use eligibility::{
-    ALL_SLOTS_BUSY, Capacity, Resting, Routing, editable, epic_cap_reached, epic_waiting_for,
-    held_by_pauses, leasable, lease_order, waiting_for,
+    ALL_SLOTS_BUSY, Capacity, Pauses, Resting, Routing, editable, epic_cap_reached,
+    epic_waiting_for, held_by_pauses, leasable, lease_order, waiting_for,
 };
 
 /// Back-off never exceeds this many seconds (as in the seed).
@@ -1151,22 +1151,50 @@ mod tests {
 
     #[test]
     fn pauses_hold_open_and_verified_tasks() {
+        let leases = |r| Pauses {
+            leases: Some(r),
+            ..Pauses::default()
+        };
         assert_eq!(
-            held_by_pauses(Open, Some("release freeze"), None).as_deref(),
-            Some(
-                "the queue is paused, so no new leases: release freeze (pipelinectl queue resume)"
-            )
+            held_by_pauses(Open, leases("release freeze")),
+            ["the queue is paused, so no new leases: release freeze (pipelinectl queue resume)"]
         );
         assert_eq!(
-            held_by_pauses(Open, Some(""), None).as_deref(),
-            Some("the queue is paused, so no new leases (pipelinectl queue resume)")
+            held_by_pauses(Open, leases("")),
+            ["the queue is paused, so no new leases (pipelinectl queue resume)"]
         );
-        assert_eq!(held_by_pauses(Verified, Some("x"), None), None);
+        assert!(held_by_pauses(Verified, leases("x")).is_empty());
+        let landing = Pauses {
+            landing: Some("release"),
+            ..Pauses::default()
+        };
         assert_eq!(
-            held_by_pauses(Verified, None, Some("the base is red")).as_deref(),
-            Some("landing is paused: the base is red")
+            held_by_pauses(Verified, landing),
+            ["landing is paused: release (pipelinectl queue resume)"]
         );
-        assert_eq!(held_by_pauses(InProgress, Some("x"), Some("y")), None);
+        assert!(
+            held_by_pauses(Open, landing).is_empty(),
+            "a landing-only hold lets leases go on"
+        );
+        let red = Pauses {
+            red_base: Some("the base main at c0ffee fails its own build"),
+            ..Pauses::default()
+        };
+        assert_eq!(
+            held_by_pauses(Open, red),
+            ["no new leases while the base is red: the base main at c0ffee fails its own build"]
+        );
+        assert_eq!(
+            held_by_pauses(Verified, red),
+            ["landing is paused: the base main at c0ffee fails its own build"]
+        );
+        let all = Pauses {
+            leases: Some("x"),
+            landing: Some("y"),
+            red_base: Some("z"),
+        };
+        assert_eq!(held_by_pauses(Open, all).len(), 2);
+        assert!(held_by_pauses(InProgress, all).is_empty());
     }
 
     #[test]
