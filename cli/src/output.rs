@@ -367,7 +367,12 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
             }),
         );
     }
-    if q.queue_paused {
+    if let Some(red) = &q.red_base {
+        writeln!(
+            out,
+            "leases:  PAUSED while the base is red at {red} (pipelinectl queue resume goes on now)"
+        )?;
+    } else if q.queue_paused {
         let why = q
             .queue_pause_reason
             .as_deref()
@@ -552,6 +557,17 @@ pub fn explain(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
             ),
             None => "is in progress".to_owned(),
         },
+        TaskStatus::Verified if last_kind == Some("checking_base") => {
+            "is verified, not charged yet: its runner's verification failed, and the server \
+             builds the base alone to learn whether the base itself is red"
+                .to_owned()
+        }
+        TaskStatus::Verified if last_kind == Some("base_red") => {
+            "is verified without a pass: its runner's verification failed on a base that is red \
+             itself, so nobody was charged; its commit is built on the base once the base is \
+             green again, and lands if it builds green there"
+                .to_owned()
+        }
         TaskStatus::Verified => {
             "is verified: its commit passed on its runner and waits to land on the base".to_owned()
         }

@@ -267,6 +267,11 @@ pub struct TaskState {
     /// This task's own cost cap in cents (`task add --max-cost`), over the server's
     /// `--max-task-cost`; set at creation, no transition changes it.
     pub max_cost_cents: Option<f64>,
+    /// The runner's verification of the last patchset failed on a base the server did not
+    /// know green: the task waits Verified and uncharged, the failure in `feedback`, neither
+    /// leased nor put in a train, until the integrator has built that base (the patchset's
+    /// parent) and so learned whose failure it was.
+    pub base_check: bool,
 }
 
 impl TaskState {
@@ -283,6 +288,7 @@ impl TaskState {
             feedback: None,
             amend: false,
             max_cost_cents: None,
+            base_check: false,
         }
     }
 }

@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 
 use pipeline_core::ids::{CommitId, TreeId};
+use pipeline_core::verify::Verifier;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Millis, TaskId};
@@ -33,6 +34,26 @@ pub const RED_BASE: &str = "red_base";
 
 /// How far back the recent figures look.
 pub const WINDOW_MS: Millis = 3_600_000;
+
+/// Whether the verifier's commands name the namespace (so each namespace is its own build).
+pub fn names_namespace(verifier: &Verifier) -> bool {
+    match verifier {
+        Verifier::Bild => true,
+        Verifier::Commands { build, test } => [build, test]
+            .iter()
+            .any(|c| c.as_deref().is_some_and(|c| c.contains("{namespace}"))),
+        Verifier::Off => false,
+    }
+}
+
+/// What a build for a task with `namespace` builds: its namespace when each namespace is a
+/// build of its own, else nothing in particular (one build covers every task). A tree green
+/// for one scope says nothing of another.
+pub fn scope(verifier: &Verifier, namespace: Option<&str>) -> Option<String> {
+    names_namespace(verifier)
+        .then(|| namespace.map(str::to_owned))
+        .flatten()
+}
 
 /// A person's hold on landing, and why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

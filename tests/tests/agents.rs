@@ -411,14 +411,15 @@ fn a_preset_whose_program_is_missing_is_refused_at_start() {
 }
 
 /// A server whose verification fails an agent's first attempt (its note says "attempt 1")
-/// and passes the second, which amends it, with no back-off between.
+/// and passes the second, which amends it, with no back-off between (the base, without
+/// notes, is green).
 fn failing_the_first_verification() -> (TestRepo, Server) {
     let repo = TestRepo::new();
     let server = Server::start(
         &repo,
         &[
             "--test-cmd",
-            "grep -q 'attempt 2' notes/*.md",
+            "! ls notes/*.md >/dev/null 2>&1 || grep -q 'attempt 2' notes/*.md",
             "--backoff-base",
             "0",
         ],

@@ -3,8 +3,15 @@
 //! landing alone (`queue pause --landing-only`), and the approval gate (`--require-approval`,
 //! `task add --approval`, `task approve`, `task reject`).
 
-use pipeline_tests::{Server, TestRepo, main_tip, runner};
+use pipeline_tests::{
+    Runner, Server, TestRepo, agent_args, as_strs, main_tip, runner, runs, wait_for,
+};
 use serde_json::Value;
+
+/// The dev runs of a task, from its JSON.
+fn dev_runs(task: &Value) -> usize {
+    runs(task).iter().filter(|r| r["phase"] == "dev").count()
+}
 
 /// Whether any of the task's `waiting_for` sentences contains `needle`.
 fn waits_for(task: &Value, needle: &str) -> bool {
@@ -76,4 +83,97 @@ fn a_landing_only_hold_lets_agents_work_and_lands_nothing_until_resumed() {
     }
     let status = server.ctl(&["status", "--json"]).json();
     assert_eq!(status["landing"]["state"], "running", "{status}");
+}
+
+/// A verification (the server's, which runners run too) that fails while `broken.txt` is in
+/// the tree and `fixed.txt` is not, saying so last; each server build records the commit it
+/// built in `$AGENT_LOG_DIR/server-builds`.
+const BROKEN_UNLESS_FIXED: &str = "case $PWD in */integration) git rev-parse HEAD >> \
+     \"$AGENT_LOG_DIR/server-builds\";; esac; \
+     if [ -e broken.txt ] && [ ! -e fixed.txt ]; then echo 'checking the tree'; \
+     echo 'FAILED (failures=124): broken.txt breaks everything' >&2; exit 1; fi";
+
+#[test]
+fn a_red_base_charges_no_one_holds_leases_and_landing_and_lands_everything_once_fixed() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--test-cmd", BROKEN_UNLESS_FIXED]);
+    // A person pushes a breaking commit to the base while tasks are queued.
+    let broken = repo.push_to_main("broken.txt", "oops");
+    let ids = ["b1", "b2", "b3"];
+    for id in ids {
+        server.add(&["--id", id, "--title", id]);
+    }
+    let _r = Runner::start(
+        &repo,
+        &server,
+        "r",
+        &as_strs(&agent_args(&["--slots", "2"])),
+    );
+    let status = wait_for("leases and landing to pause on the red base", || {
+        for id in ids {
+            let t = server.show(id);
+            assert_eq!(t["failures"], 0, "charged for the red base: {t}");
+        }
+        let s = server.ctl(&["status", "--json"]).json();
+        (s["landing"]["red_base"] == broken.as_str()).then_some(s)
+    });
+    assert_eq!(status["landing"]["state"], "paused", "{status}");
+    let reason = status["landing"]["reason"].as_str().expect("a reason");
+    assert!(reason.contains(&broken), "names the base commit: {reason}");
+    assert!(
+        reason.contains("FAILED (failures=124): broken.txt breaks everything"),
+        "the failing output: {reason}"
+    );
+    assert_eq!(status["queue_paused"], true, "leases wait too: {status}");
+    let text = server.ctl(&["status"]).ok();
+    assert!(
+        text.contains(&format!("PAUSED while the base is red at {broken}")),
+        "{text}"
+    );
+    // Whatever ran on the red base is kept, verified and uncharged, and nothing else starts.
+    wait_for("every task that ran on the red base to settle", || {
+        ids.iter()
+            .all(|id| {
+                let t = server.show(id);
+                t["status"] == "verified" || t["status"] == "open"
+            })
+            .then_some(())
+    });
+    let late = server.add(&["--id", "b4", "--title", "b4"]);
+    for id in ids.iter().copied().chain([late.as_str()]) {
+        let t = server.show(id);
+        assert_eq!(t["failures"], 0, "nobody is charged: {t}");
+        match t["status"].as_str() {
+            Some("verified") => {
+                assert!(waits_for(&t, "landing is paused: the base main at"), "{t}");
+                let kinds = pipeline_tests::event_kinds(&t);
+                assert!(kinds.contains(&"base_red".to_owned()), "{kinds:?}");
+            }
+            _ => assert!(waits_for(&t, "no new leases while the base is red"), "{t}"),
+        }
+    }
+    let explained = server.ctl(&["explain", "b1"]).ok();
+    assert!(explained.contains(&broken), "{explained}");
+    let queue = server.ctl(&["queue", "--json"]).json();
+    assert_eq!(queue["landing"]["red_base"], broken.as_str(), "{queue}");
+    assert_eq!(main_tip(&repo), broken, "nothing landed on the red base");
+    let builds = repo.agent_file("server-builds").unwrap_or_default();
+    assert_eq!(
+        builds.lines().filter(|c| *c == broken).count(),
+        1,
+        "the server built the red base once: {builds}"
+    );
+    // A person pushes a fix: everything lands, each task after one dev run.
+    repo.push_to_main("fixed.txt", "fixed");
+    for id in ids.iter().copied().chain([late.as_str()]) {
+        let t = server.wait_status(id, "done");
+        assert_eq!(t["failures"], 0, "{t}");
+        assert_eq!(dev_runs(&t), 1, "the commit was kept, not redone: {t}");
+    }
+    let mut landed = repo.landed();
+    landed.sort();
+    assert_eq!(landed, ["b1", "b2", "b3", "b4"]);
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["landing"]["state"], "running", "{status}");
+    assert_eq!(status["queue_paused"], false, "{status}");
 }

@@ -661,23 +661,19 @@ fn a_retry_starts_from_the_current_base() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--max-retries", "1", "--backoff-base", "0"]);
     let _r = Runner::start(&repo, &server, "r", &as_strs(&scripted_agent()));
-    let id = server.add(&[
-        "--title",
-        "on a broken base",
-        "--namespace",
-        "needs-base-fix",
-    ]);
+    // Its first commit fails its verification on a green base: its own failure.
+    let id = server.add(&["--title", "needs a fix", "--namespace", "needs-fix"]);
     let task = server.wait_status(&id, "needs_help");
     assert_eq!(task["patchset"], 1, "its commit was kept: {task}");
-    // A person fixes the base; the retry must build on the fix.
-    let fixed = repo.push_to_main("base-fixed", "yes\n");
+    // A person moves the base; the retry must build on it.
+    let moved = repo.push_to_main("person.txt", "a person's change\n");
     server.ctl(&["task", "retry", &id]).ok();
     let task = server.wait_status(&id, "done");
     let env = repo
         .agent_file(&format!("dev-{id}-2.env"))
         .expect("second run's env");
     assert!(
-        env.contains(&format!("PIPELINE_BASE_COMMIT={fixed}")),
+        env.contains(&format!("PIPELINE_BASE_COMMIT={moved}")),
         "the retry ran on the old base:\n{env}"
     );
     assert_eq!(task["patchset"], 2, "{task}");
@@ -696,21 +692,15 @@ fn a_retry_whose_patchset_no_longer_applies_starts_fresh() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--max-retries", "1", "--backoff-base", "0"]);
     let _r = Runner::start(&repo, &server, "r", &as_strs(&scripted_agent()));
-    let id = server.add(&[
-        "--title",
-        "on a broken base",
-        "--namespace",
-        "needs-base-fix",
-    ]);
+    let id = server.add(&["--title", "needs a fix", "--namespace", "needs-fix"]);
     server.wait_status(&id, "needs_help");
-    // The fix also rewrites the very file the patchset wrote.
-    repo.push_to_main("base-fixed", "yes\n");
-    let fixed = repo.push_to_main(&format!("notes/{id}.md"), "the person's version\n");
+    // A person rewrites the very file the patchset wrote.
+    let moved = repo.push_to_main(&format!("notes/{id}.md"), "the person's version\n");
     server.ctl(&["task", "retry", &id]).ok();
     let task = server.wait_status(&id, "done");
     let env = repo.agent_file(&format!("dev-{id}-2.env")).expect("env");
     assert!(
-        env.contains(&format!("PIPELINE_BASE_COMMIT={fixed}")),
+        env.contains(&format!("PIPELINE_BASE_COMMIT={moved}")),
         "{env}"
     );
     let prompt = repo
@@ -1129,15 +1119,17 @@ fn logs_name_the_real_phase_and_attempt_and_end_with_the_reason() {
         .into_iter()
         .filter(|r| r["phase"] == "verify")
         .collect();
-    assert_eq!(verify_runs.len(), 2, "{task}");
+    assert_eq!(verify_runs.len(), 3, "{task}");
     let logs = server.ctl(&["logs", &id]).ok();
-    // Each run's lines are under a header naming its phase and the attempt task show gives.
+    // Each run's lines are under a header naming its phase and the attempt task show gives;
+    // the server's build of the base the first verification failed on is of that attempt.
     let headers: Vec<&str> = logs.lines().filter(|l| l.starts_with("=== ")).collect();
     assert_eq!(
         headers,
         [
             "=== dev · attempt 1 · r ===",
             "=== verify · attempt 1 · r ===",
+            "=== verify · attempt 1 · server ===",
             "=== dev · attempt 2 · r ===",
             "=== verify · attempt 2 · r ===",
             "=== integrate · attempt 1 · server ===",
@@ -1204,7 +1196,9 @@ fn failure_messages_show_the_command_as_run_and_are_not_cut_after_a_colon() {
             "--max-retries",
             "1",
             "--test-cmd",
-            "echo checking {namespace}; echo 'error: no good' >&2; exit 3",
+            // Red only with the agent's notes: the base itself is green.
+            "if [ -d notes ]; then echo checking {namespace}; echo 'error: no good' >&2; \
+             exit 3; fi",
         ],
     );
     let args = scripted_agent();

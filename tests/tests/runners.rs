@@ -126,13 +126,29 @@ fn verify_fails_then_passes_with_the_feedback_in_the_second_prompt() {
         [
             ("dev", "success"),
             ("verify", "failure"),
+            // The server built the base alone: green, so the failure was the task's.
+            ("verify", "failure"),
             ("dev", "success"),
             ("verify", "success"),
             ("integrate", "success")
         ]
     );
     assert_eq!(
-        runs[4]["error"],
+        runs[2]["runner"],
+        Value::Null,
+        "the server's: {:?}",
+        runs[2]
+    );
+    assert_eq!(runs[2]["failure_kind"], "task", "charged: {:?}", runs[2]);
+    assert!(
+        runs[2]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("builds green") && e.contains("missing fix")),
+        "{:?}",
+        runs[2]
+    );
+    assert_eq!(
+        runs[5]["error"],
         "build skipped: the tree is the one the runner verified (the base did not move)"
     );
     let error = runs[1]["error"].as_str().expect("verify error");

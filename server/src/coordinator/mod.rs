@@ -399,7 +399,7 @@ impl<S: Store> Coordinator<S> {
             if let Some(live) = live {
                 let result = matches!(
                     write.event.kind.as_str(),
-                    "verified" | "dev_failed" | "verify_failed"
+                    "verified" | "dev_failed" | "verify_failed" | "checking_base" | "base_red"
                 );
                 if result {
                     // How long a dev run takes, for when the open tasks will start.

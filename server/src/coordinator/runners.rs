@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use crate::auth::Caller;
 use crate::domain::{LogLine, LogStream, Millis, Phase, RunEnd, Task, TaskId};
 use crate::error::{Error, Result};
+use crate::landing;
 use crate::lifecycle::Event;
-use crate::lifecycle::judge::{Outcome, Received, RunnerResult, judge};
+use crate::lifecycle::judge::{Judgement, Outcome, Received, RunnerResult, judge};
 use crate::logs::cut_line;
 use crate::scheduler::registry::{LeaseRef, LiveLease, Push};
 use crate::store::{NewRun, Store};
@@ -498,6 +499,9 @@ impl<S: Store> Coordinator<S> {
             &lease.runner,
             &self.verify_digest,
         );
+        let judged = self
+            .blame_verify_failure(judged, &task, &lease.base_commit, &result.result)
+            .await?;
         let verify_run_id = self
             .registry()
             .lease(&result.lease.id)
@@ -537,6 +541,53 @@ impl<S: Store> Coordinator<S> {
             Some(why) => Err(Error::InvalidArgument(why)),
             None => Ok(updated),
         }
+    }
+
+    /// A verification that failed on the runner is the task's own only if its base builds
+    /// green under the same verification: on a base known red nobody is charged, and on a
+    /// base not known green (the server has not built its tree for this task's scope) the task
+    /// waits, Verified and uncharged, while the integrator builds that base alone. A failure
+    /// under another verification than the server's is judged as it is.
+    async fn blame_verify_failure(
+        &self,
+        mut judged: Judgement,
+        task: &Task,
+        base: &CommitId,
+        result: &RunnerResult,
+    ) -> Result<Judgement> {
+        let Event::VerifyFailed { reason, cost_cents } = &judged.event else {
+            return Ok(judged);
+        };
+        if result.verify_digest.as_deref() != Some(self.verify_digest.as_str()) {
+            return Ok(judged);
+        }
+        let verifier = &self.settings.verifier;
+        let scope = landing::scope(verifier, task.namespace.as_deref());
+        let known_red = self.landing().red_base.as_ref().is_some_and(|r| {
+            r.commit == *base && landing::scope(verifier, r.namespace.as_deref()) == scope
+        });
+        let event = if known_red {
+            Event::VerifyFailedOnRedBase {
+                base: base.to_string(),
+                reason: reason.clone(),
+                cost_cents: *cost_cents,
+            }
+        } else {
+            let tree = self.repo.tree_of(base).await?;
+            if self.landing().is_green(&tree, &scope) {
+                return Ok(judged);
+            }
+            Event::VerifyFailedOnUncheckedBase {
+                reason: reason.clone(),
+                cost_cents: *cost_cents,
+            }
+        };
+        // Not the task's failure, or not yet known to be.
+        if let Some(verify) = judged.verify.as_mut() {
+            verify.failure_kind = None;
+        }
+        judged.event = event;
+        Ok(judged)
     }
 
     /// A runner gives a lease back unfinished; the task is offered again without counting.

@@ -357,3 +357,54 @@ async fn a_dev_runs_usage_is_its_cost_counts_for_the_day_and_shapes_the_next_ass
         (0.0, 0)
     );
 }
+
+#[tokio::test]
+async fn a_red_base_holds_leases_and_landing_apart_from_a_persons_hold_and_outlives_a_restart() {
+    use crate::coordinator::queue::Hold;
+    use crate::landing::{LANDING_PAUSED, RED_BASE, RedBase};
+    let w = world().await;
+    let c = &w.c;
+    let commit = pipeline_core::ids::CommitId::parse(&"c".repeat(40)).expect("sha");
+    // An older server kept a red base as a landing pause naming it: it loads as a red base.
+    c.store()
+        .put_meta(
+            LANDING_PAUSED,
+            &format!(r#"{{"reason":"the base is red","red_base":"{commit}"}}"#),
+        )
+        .await
+        .expect("meta");
+    c.load_landing().await.expect("load");
+    {
+        let l = c.landing();
+        assert_eq!(l.paused, None, "no person's hold");
+        assert_eq!(l.red_base.as_ref().map(|r| &r.commit), Some(&commit));
+    }
+    assert!(c.leases_paused(), "a red base holds leases");
+    // A person holds landing too; the red base ends, the person's hold stays.
+    c.pause_queue(Some("freeze".into()), Hold::LandingOnly)
+        .await
+        .expect("hold");
+    c.clear_red_base("fixed").await.expect("clear");
+    assert!(!c.leases_paused(), "a landing-only hold lets leases go on");
+    assert_eq!(c.landing().state(), ("paused", Some("freeze".to_owned())));
+    // Both are stored apart, and loaded back so.
+    c.mark_red_base(RedBase {
+        commit: commit.clone(),
+        reason: "red again".into(),
+        namespace: None,
+    })
+    .await
+    .expect("red");
+    assert!(c.store().get_meta(RED_BASE).await.expect("meta").is_some());
+    c.load_landing().await.expect("load");
+    let (state, reason) = c.landing().state();
+    assert_eq!(state, "paused");
+    assert_eq!(
+        reason.as_deref(),
+        Some("red again; landing is also held: freeze")
+    );
+    assert!(c.resume_queue().await.expect("resume"), "it was paused");
+    assert_eq!(c.landing().state(), ("running", None));
+    c.load_landing().await.expect("load");
+    assert_eq!(c.landing().state(), ("running", None), "resumed for good");
+}

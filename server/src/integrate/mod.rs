@@ -8,8 +8,11 @@
 //! (a conflict is known here, without a build), build the chain's tip once, and on red search
 //! the prefixes for the first red commit; the green prefix before it lands, the culprit goes
 //! back with its build's output, the tasks after it wait for the next train uncharged. A base
-//! that fails its own build pauses landing (no one is charged) until it changes or
-//! `queue resume`. Each landing is journaled for the whole train before the base moves by
+//! that fails its own build holds leases and landing (no one is charged) until it moves to a
+//! commit that builds green, or `queue resume`. Before each train, the runners' verifications
+//! that failed on a base the server did not know green are settled ([`Integrator::check_bases`]):
+//! that base is built alone, once per base commit and scope; green charges the tasks, red
+//! charges no one and records the base red. Each landing is journaled for the whole train before the base moves by
 //! compare-and-swap (with a push with lease first when `--push-remote` is set); a crash after
 //! the journal entry is finished or undone by [`Integrator::recover`] at start-up, so a
 //! task's commit lands exactly once.
@@ -50,11 +53,19 @@ pub struct Integrator<S> {
     coordinator: Arc<Coordinator<S>>,
 }
 
+/// What a build of the base alone concluded.
+enum BaseVerdict {
+    Green,
+    /// Red, with why (the failing command and the tail of its output).
+    Red(String),
+}
+
 /// Where the integrator's lines for one run go: the task log, numbered.
 struct RunLog<'a> {
     logs: &'a crate::logs::LogHub,
     task: TaskId,
     run_id: i64,
+    phase: Phase,
     seq: AtomicU64,
     now: &'a (dyn Fn() -> i64 + Sync),
 }
@@ -66,7 +77,7 @@ impl RunLog<'_> {
             seq,
             at: (self.now)(),
             stream: LogStream::Server,
-            phase: Phase::Integrate,
+            phase: self.phase,
             text: crate::logs::cut_line(text),
         };
         self.logs
@@ -128,22 +139,50 @@ impl<S: Store> Integrator<S> {
     }
 
     /// Runs the next train; false if there is none to run (nothing Verified can land, or
-    /// landing is paused).
+    /// landing is held). Before it: a red base that moved is built again (green ends the
+    /// hold), and the runners' failures held on an unchecked base are settled.
     pub async fn next(&self, shutdown: &CancellationToken) -> Result<bool> {
-        if let Some(red) = self.red_base() {
+        let red = self.c().landing().red_base.clone();
+        if let Some(red) = red {
             let tip = self.base_tip().await?;
-            if tip == red {
-                return Ok(false);
+            if tip != red.commit {
+                let base = self.c().settings().base.clone();
+                match self
+                    .base_verdict(&tip, red.namespace.as_deref(), None, shutdown)
+                    .await?
+                {
+                    None => return Ok(false),
+                    Some(BaseVerdict::Green) => {
+                        self.c()
+                            .clear_red_base(&format!(
+                                "the base {base} moved from {} to {tip}, which builds green",
+                                red.commit
+                            ))
+                            .await?;
+                    }
+                    Some(BaseVerdict::Red(why)) => {
+                        self.c()
+                            .mark_red_base(red_base(&base, tip, &why, red.namespace))
+                            .await?;
+                    }
+                }
             }
-            self.c()
-                .clear_red_base(&format!("the base moved from {red} to {tip}"))
-                .await?;
+        }
+        let verified = self.c().store().verified().await?;
+        match self.check_bases(&verified, shutdown).await? {
+            None => return Ok(false),
+            // What was read is stale now: read again.
+            Some(true) => return Ok(true),
+            Some(false) => {}
         }
         if self.c().landing().landing_held() {
             return Ok(false);
         }
         let batch_max = self.c().settings().batch_max.max(1);
-        let verified = self.c().store().verified().await?;
+        let verified: Vec<Task> = verified
+            .into_iter()
+            .filter(|t| !t.state.base_check)
+            .collect();
         let candidates: Vec<Candidate<TaskId>> = verified
             .iter()
             .map(|t| Candidate {
@@ -169,6 +208,274 @@ impl<S: Store> Integrator<S> {
             .collect();
         self.run_train(tasks, shutdown).await?;
         Ok(true)
+    }
+
+    /// Settles the runners' verifications that failed on a base the server did not know
+    /// green (`base_check`): each such base is built once per scope, unless known green or
+    /// red already, in the integration worktree, its output in a run of the first task that
+    /// waits on it. Green: the failures were the tasks' own, charged. Red: the base is
+    /// recorded red (leases and landing wait) and no one is charged. Returns whether it
+    /// settled any; `None` if the server is stopping.
+    pub(crate) async fn check_bases(
+        &self,
+        verified: &[Task],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<bool>> {
+        let c = self.c();
+        let base_branch = c.settings().base.clone();
+        let mut groups: Vec<(CommitId, Option<String>, Vec<&Task>)> = Vec::new();
+        for task in verified.iter().filter(|t| t.state.base_check) {
+            let parents = match &task.patch_commit {
+                Some(commit) => c.repo().parents(commit).await?,
+                None => Vec::new(),
+            };
+            let [base] = parents.as_slice() else {
+                // No one base to build: judged as it always was, the task's own failure.
+                self.settle_base_check(task, &Event::BaseGreen, None)
+                    .await?;
+                continue;
+            };
+            let scope = self.scope(task);
+            match groups.iter_mut().find(|(b, s, _)| b == base && *s == scope) {
+                Some((_, _, tasks)) => tasks.push(task),
+                None => groups.push((base.clone(), scope, vec![task])),
+            }
+        }
+        if groups.is_empty() {
+            return Ok(Some(false));
+        }
+        let now = || c.now();
+        for (base, _, tasks) in groups {
+            let first = tasks[0];
+            let run = NewRun {
+                phase: Phase::Verify,
+                patchset: first.state.patchset,
+                runner: None,
+                train: None,
+            };
+            let run_id = c.store().start_run(&first.id, &run, c.now()).await?;
+            let log = RunLog {
+                logs: c.logs(),
+                task: first.id.clone(),
+                run_id,
+                phase: Phase::Verify,
+                seq: AtomicU64::new(0),
+                now: &now,
+            };
+            log.line(format!(
+                "the runner's verification failed on {base_branch} at {base}; the server builds \
+                 that base alone to learn whether the base itself is red"
+            ));
+            let verdict = self
+                .base_verdict(&base, first.namespace.as_deref(), Some(&log), shutdown)
+                .await;
+            log.flush().await;
+            let end = |why: String, kind| RunEnd::failure(why, kind);
+            let verdict = match verdict {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    let why = "interrupted: the server is stopping".to_owned();
+                    c.store()
+                        .end_run(
+                            run_id,
+                            &end(why, Some(FailureKind::Infrastructure)),
+                            c.now(),
+                        )
+                        .await?;
+                    return Ok(None);
+                }
+                Err(err) => {
+                    let why = format!("the base could not be built (not the task's fault): {err}");
+                    c.store()
+                        .end_run(
+                            run_id,
+                            &end(why, Some(FailureKind::Infrastructure)),
+                            c.now(),
+                        )
+                        .await?;
+                    return Err(err);
+                }
+            };
+            let (event, end) = match verdict {
+                BaseVerdict::Green => {
+                    tracing::info!(%base, "the base builds green: the runners' failures on it are the tasks' own");
+                    (
+                        Event::BaseGreen,
+                        end(
+                            format!(
+                                "the base {base_branch} at {base} builds green, so the runner's \
+                                 failed verification is the task's own: {}",
+                                first
+                                    .state
+                                    .feedback
+                                    .as_deref()
+                                    .unwrap_or("verification failed")
+                            ),
+                            Some(FailureKind::Task),
+                        ),
+                    )
+                }
+                BaseVerdict::Red(why) => {
+                    c.mark_red_base(red_base(
+                        &base_branch,
+                        base.clone(),
+                        &why,
+                        first.namespace.clone(),
+                    ))
+                    .await?;
+                    (
+                        Event::BaseRed {
+                            base: base.to_string(),
+                        },
+                        end(
+                            format!(
+                                "not charged: the base {base_branch} at {base} fails its own \
+                                 build too: {why}"
+                            ),
+                            None,
+                        ),
+                    )
+                }
+            };
+            for (i, task) in tasks.iter().enumerate() {
+                // The first task's run holds the build's output; the others record the verdict.
+                let recorded = (i > 0).then(|| FinishedRun {
+                    phase: Phase::Verify,
+                    patchset: task.state.patchset,
+                    runner: None,
+                    status: RunStatus::Failure,
+                    cost_cents: 0.0,
+                    started_at: c.now(),
+                    error: end
+                        .error
+                        .clone()
+                        .map(|e| format!("{e}\n(the build's output is in {}'s log)", first.id)),
+                    failure_kind: end.failure_kind,
+                    train: None,
+                    builds: None,
+                });
+                let settled = match recorded {
+                    Some(run) => self.settle_base_check(task, &event, Some(Err(run))),
+                    None => self.settle_base_check(task, &event, Some(Ok(end.clone()))),
+                };
+                settled.await?;
+            }
+        }
+        Ok(Some(true))
+    }
+
+    /// Settles one task's held failure with `event` (a lost race is re-decided; a task that
+    /// moved on meanwhile, cancelled say, is left as it is), ending its server run
+    /// (`Ok`) or recording one (`Err`).
+    async fn settle_base_check(
+        &self,
+        task: &Task,
+        event: &Event,
+        run: Option<std::result::Result<RunEnd, FinishedRun>>,
+    ) -> Result<()> {
+        let patchset = task.state.patchset;
+        let settled = self
+            .c()
+            .transition_from(
+                task.clone(),
+                event,
+                |t| {
+                    if t.state.base_check && t.state.patchset == patchset {
+                        Ok(())
+                    } else {
+                        Err(Error::FailedPrecondition(format!(
+                            "task {} has no failed verification to settle now",
+                            t.id
+                        )))
+                    }
+                },
+                |_, w| match &run {
+                    Some(Ok(end)) => w.runs.close_rest = Some(end.clone()),
+                    Some(Err(recorded)) => w.runs.record.push(recorded.clone()),
+                    None => {}
+                },
+            )
+            .await;
+        match settled {
+            Ok(_) | Err(Error::FailedPrecondition(_)) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Whether `commit`, as the base, builds green under the server's verification for a
+    /// task with `namespace`: known red (the red base) or green (a tree built green for that
+    /// scope) without a build, else built in the integration worktree (its output to `log`)
+    /// and remembered. `None` if the server is stopping; an error if the build could not run.
+    async fn base_verdict(
+        &self,
+        commit: &CommitId,
+        namespace: Option<&str>,
+        log: Option<&RunLog<'_>>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<BaseVerdict>> {
+        let c = self.c();
+        let verifier = &c.settings().verifier;
+        let scope = crate::landing::scope(verifier, namespace);
+        if let Some(red) = c.landing().red_base.as_ref()
+            && red.commit == *commit
+            && crate::landing::scope(verifier, red.namespace.as_deref()) == scope
+        {
+            return Ok(Some(BaseVerdict::Red(red.reason.clone())));
+        }
+        let tree = c.repo().tree_of(commit).await?;
+        if c.landing().is_green(&tree, &scope) {
+            if let Some(log) = log {
+                log.line("the base was built green before; not built again".to_owned());
+            }
+            return Ok(Some(BaseVerdict::Green));
+        }
+        let base = &c.settings().base;
+        let dir = &c.settings().integration_dir;
+        c.repo().checkout_worktree(dir, commit).await?;
+        tracing::info!(%commit, "building the base alone");
+        if let Some(log) = log {
+            log.line(format!("building {base} at {commit} in {}", dir.display()));
+        }
+        let mut env = c.settings().build_env.clone();
+        env.extend([
+            ("PIPELINE_BASE".to_owned(), base.to_string()),
+            ("PIPELINE_BASE_COMMIT".to_owned(), commit.to_string()),
+        ]);
+        let verdict = pipeline_core::verify::verify(
+            verifier,
+            dir,
+            namespace,
+            &env,
+            c.settings().kill_grace,
+            shutdown,
+            |_, line| {
+                if let Some(log) = log {
+                    log.line(line.to_owned());
+                }
+            },
+        )
+        .await;
+        Ok(Some(match verdict {
+            Verdict::Pass | Verdict::Skipped(_) => {
+                if let Some(log) = log {
+                    log.line("the base builds green".to_owned());
+                }
+                self.remember_green((tree, scope));
+                BaseVerdict::Green
+            }
+            Verdict::Fail(why) => {
+                if let Some(log) = log {
+                    log.line("the base fails its own build".to_owned());
+                }
+                BaseVerdict::Red(why)
+            }
+            Verdict::Cancelled => return Ok(None),
+            Verdict::Infra(why) => {
+                return Err(Error::Internal(format!(
+                    "the build of the base could not run: {why}"
+                )));
+            }
+        }))
     }
 
     /// The base tip to integrate on. With `--push-remote`, the remote's branch is the truth:
@@ -213,9 +520,7 @@ impl<S: Store> Integrator<S> {
     /// What the server's verification builds for `task`: its namespace when each namespace
     /// is a build of its own, else nothing in particular.
     fn scope(&self, task: &Task) -> Option<String> {
-        verifier_names_namespace(&self.c().settings().verifier)
-            .then(|| task.namespace.clone())
-            .flatten()
+        crate::landing::scope(&self.c().settings().verifier, task.namespace.as_deref())
     }
 
     /// Why no build can change any outcome (verification is off), if so.
@@ -309,6 +614,7 @@ impl<S: Store> Integrator<S> {
                     logs: c.logs(),
                     task: task.id.clone(),
                     run_id,
+                    phase: Phase::Integrate,
                     seq: AtomicU64::new(0),
                     now: &now,
                 },
@@ -535,7 +841,7 @@ impl<S: Store> Integrator<S> {
                 None => runs.push((r, ns)),
             }
         }
-        if !verifier_names_namespace(&c.settings().verifier) && runs.len() > 1 {
+        if !crate::landing::names_namespace(&c.settings().verifier) && runs.len() > 1 {
             let last = runs.last().copied().expect("not empty");
             runs = vec![last];
         }
@@ -847,13 +1153,11 @@ impl<S: Store> Integrator<S> {
     pub async fn recover(&self) -> Result<usize> {
         let c = self.c();
         let settings = c.settings();
-        c.store()
-            .abandon_runs(
-                Phase::Integrate,
-                "interrupted by a restart of the server",
-                c.now(),
-            )
-            .await?;
+        for phase in [Phase::Integrate, Phase::Verify] {
+            c.store()
+                .abandon_runs(phase, "interrupted by a restart of the server", c.now())
+                .await?;
+        }
         let mut finished = 0;
         for entry in c.store().pending_integrations().await? {
             let landed_on = match &settings.push_remote {
@@ -914,17 +1218,6 @@ fn conflict_reason(
         "the commit does not apply to {base} at {onto} (cherry-pick conflict); redo the task on \
          the current base:\n{conflict}"
     )
-}
-
-/// Whether the verifier's commands name the namespace (so each namespace is its own build).
-fn verifier_names_namespace(verifier: &Verifier) -> bool {
-    match verifier {
-        Verifier::Bild => true,
-        Verifier::Commands { build, test } => [build, test]
-            .iter()
-            .any(|c| c.as_deref().is_some_and(|c| c.contains("{namespace}"))),
-        Verifier::Off => false,
-    }
 }
 
 /// The first `max` bytes of one line, marked when cut.

@@ -177,6 +177,13 @@ pub fn waiting_for(
             }
         }
         TaskStatus::Verified => {
+            if state.base_check {
+                why.push(
+                    "its runner's verification failed: the server builds its base alone to learn \
+                     whether the base itself is red before anyone is charged"
+                        .to_owned(),
+                );
+            }
             why.extend(blocking().map(|d| format!("lands once done: it {d}")));
         }
         TaskStatus::NeedsHelp => {

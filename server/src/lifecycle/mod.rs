@@ -13,6 +13,12 @@
 //!   └─────────────────┴────────────────────────────────────────────────┘
 //! Open ──retries or cost cap exceeded──▶ NeedsHelp        any ──cancel──▶ Cancelled
 //! ```
+//!
+//! A runner's failed verification is charged only on a base the server knows green. On a base
+//! known red it is no one's: the task goes to Verified with its commit kept (built on the base
+//! once the base is green). On any other base the task waits Verified and uncharged
+//! (`base_check`) until the server has built that base: [`Event::BaseGreen`] charges it as a
+//! verify failure, [`Event::BaseRed`] does not.
 
 use crate::domain::{Children, Millis, TaskState, TaskStatus};
 
@@ -119,9 +125,27 @@ pub enum Event {
     Leased { deps_pending: u32 },
     /// The agent failed, timed out, or left something other than one commit on the base.
     DevFailed { reason: String, cost_cents: f64 },
-    /// The runner's verification of the agent's commit failed; the commit is kept as the next
-    /// patchset's starting point and the next agent amends it.
+    /// The runner's verification of the agent's commit failed on a base known green; the
+    /// commit is kept as the next patchset's starting point and the next agent amends it.
     VerifyFailed { reason: String, cost_cents: f64 },
+    /// The runner's verification failed on a base the server does not know green: the commit
+    /// is kept and the task waits, Verified and not charged yet, while the server builds that
+    /// base alone ([`Event::BaseGreen`] or [`Event::BaseRed`] then settles it).
+    VerifyFailedOnUncheckedBase { reason: String, cost_cents: f64 },
+    /// The runner's verification failed on `base`, which is known red (it fails the server's
+    /// own build): nobody's work is to blame, so nothing is charged, and the commit is kept,
+    /// Verified, to be built on the base once it is green again (without a new dev run).
+    VerifyFailedOnRedBase {
+        base: String,
+        reason: String,
+        cost_cents: f64,
+    },
+    /// The base a held failure was verified on builds green: the failure was the task's own,
+    /// charged as a verify failure (the next agent amends the commit).
+    BaseGreen,
+    /// The base a held failure was verified on fails its own build too: not charged; the
+    /// commit waits, Verified, to be built on the base once it is green again.
+    BaseRed { base: String },
     /// The agent's commit passed (or skipped) verification on the runner and was accepted.
     Verified { cost_cents: f64 },
     /// The lease lapsed before a result arrived (the runner died, froze or was cut off): not
@@ -166,7 +190,9 @@ impl Event {
         match self {
             Event::Leased { .. } => "leased",
             Event::DevFailed { .. } => "dev_failed",
-            Event::VerifyFailed { .. } => "verify_failed",
+            Event::VerifyFailed { .. } | Event::BaseGreen => "verify_failed",
+            Event::VerifyFailedOnUncheckedBase { .. } => "checking_base",
+            Event::VerifyFailedOnRedBase { .. } | Event::BaseRed { .. } => "base_red",
             Event::Verified { .. } => "verified",
             Event::LeaseLost { .. } => "lease_lost",
             Event::Released { .. } => "released",
@@ -185,9 +211,12 @@ impl Event {
     fn verb(&self) -> &'static str {
         match self {
             Event::Leased { .. } => "lease",
-            Event::DevFailed { .. } | Event::VerifyFailed { .. } | Event::Verified { .. } => {
-                "record a dev result for"
-            }
+            Event::DevFailed { .. }
+            | Event::VerifyFailed { .. }
+            | Event::VerifyFailedOnUncheckedBase { .. }
+            | Event::VerifyFailedOnRedBase { .. }
+            | Event::Verified { .. } => "record a dev result for",
+            Event::BaseGreen | Event::BaseRed { .. } => "settle the base check of",
             Event::LeaseLost { .. } | Event::Released { .. } => "end the lease of",
             Event::IntegrationFailed { .. } | Event::Integrated => "record an integration of",
             Event::Cancel => "cancel",
@@ -241,6 +270,21 @@ pub fn apply(
     policy: &Policy,
     now: Millis,
 ) -> Result<Transition, Refusal> {
+    let mut t = decide(state, event, policy, now)?;
+    // What holds a Verified task ends when it leaves Verified.
+    if t.state.status != TaskStatus::Verified {
+        t.state.base_check = false;
+    }
+    Ok(t)
+}
+
+/// [`apply`] before what every transition out of Verified clears.
+fn decide(
+    state: &TaskState,
+    event: &Event,
+    policy: &Policy,
+    now: Millis,
+) -> Result<Transition, Refusal> {
     use TaskStatus::*;
     let refuse = |hint: &'static str| Refusal {
         verb: event.verb(),
@@ -283,6 +327,74 @@ pub fn apply(
                 policy,
                 now,
             ));
+        }
+        (InProgress, Event::VerifyFailedOnUncheckedBase { reason, cost_cents }) => {
+            next.status = Verified;
+            next.lost_leases = 0;
+            next.patchset += 1;
+            next.cost_cents += cost_cents;
+            next.feedback = Some(reason.clone());
+            next.amend = true;
+            next.base_check = true;
+            (
+                format!(
+                    "the runner's verification of patchset {} failed; not charged yet: the \
+                     server builds its base alone to learn whether the base itself is red: {}",
+                    next.patchset,
+                    first_line(reason)
+                ),
+                vec![Effect::WakeIntegrator],
+            )
+        }
+        (
+            InProgress,
+            Event::VerifyFailedOnRedBase {
+                base,
+                reason,
+                cost_cents,
+            },
+        ) => {
+            next.status = Verified;
+            next.lost_leases = 0;
+            next.patchset += 1;
+            next.cost_cents += cost_cents;
+            next.amend = true;
+            next.feedback = None;
+            (
+                format!(
+                    "not charged: the runner's verification of patchset {} failed on the base \
+                     {base}, which fails its own build too ({}); the commit is kept and is \
+                     built on the base once the base is green again",
+                    next.patchset,
+                    first_line(reason)
+                ),
+                vec![],
+            )
+        }
+        (Verified, Event::BaseGreen) if state.base_check => {
+            let reason = state
+                .feedback
+                .clone()
+                .unwrap_or_else(|| "verification failed".to_owned());
+            let mut t = fail(state, event, &reason, 0.0, 0, true, policy, now);
+            t.state.base_check = false;
+            return Ok(t);
+        }
+        (Verified, Event::BaseRed { base }) if state.base_check => {
+            next.base_check = false;
+            let held = next.feedback.take().unwrap_or_default();
+            (
+                format!(
+                    "not charged: the base {base} fails its own build too, so the runner's \
+                     verification could not pass on it ({}); the commit is kept and is built on \
+                     the base once the base is green again",
+                    first_line(&held)
+                ),
+                vec![],
+            )
+        }
+        (Verified, Event::BaseGreen | Event::BaseRed { .. }) => {
+            return Err(refuse(": it has no failed verification to settle"));
         }
         (InProgress, Event::LeaseLost { reason }) => {
             // The work in flight is lost, so the next attempt starts where this one did, at
@@ -459,6 +571,17 @@ pub fn apply(
         message,
         effects,
     })
+}
+
+/// A failure's text in one line, for a history entry (the whole text is in the runs): its
+/// first line (what failed) and its last (where the output ends).
+fn first_line(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [only] => (*only).to_owned(),
+        [first, .., last] => format!("{first} … {last}"),
+    }
 }
 
 /// A failed attempt: count it, then back off, or give up past the retry or cost limit.
@@ -760,6 +883,82 @@ mod tests {
             },
             "cannot end the lease",
         );
+    }
+
+    #[test]
+    fn a_verify_failure_on_an_unchecked_base_waits_uncharged_until_the_base_is_built() {
+        let held = check(
+            &state(InProgress),
+            Event::VerifyFailedOnUncheckedBase {
+                reason: "tests failed".into(),
+                cost_cents: 3.0,
+            },
+            Verified,
+            &[Effect::WakeIntegrator],
+        );
+        assert_eq!(
+            (held.failures, held.patchset, held.cost_cents),
+            (0, 1, 3.0),
+            "the commit and its cost are kept, nothing is charged yet"
+        );
+        assert!(held.base_check && held.amend);
+        assert_eq!(held.feedback.as_deref(), Some("tests failed"));
+        assert!(
+            !leasable(&held, 0, &policy(), NOW),
+            "it is not leased while it waits"
+        );
+        // The base builds green: the failure was the task's own, charged as a verify failure.
+        let charged = check(&held, Event::BaseGreen, Open, &[Effect::WakeScheduler]);
+        assert_eq!((charged.failures, charged.patchset), (1, 1));
+        assert!(!charged.base_check && charged.amend);
+        assert_eq!(charged.backoff_until, Some(NOW + 20_000));
+        assert_eq!(charged.feedback.as_deref(), Some("tests failed"));
+        // The base is red: nobody is charged; the commit waits, verified, for a green base.
+        let red = Event::BaseRed {
+            base: "c0ffee".into(),
+        };
+        let t = apply(&held, &red, &policy(), NOW).expect("applies");
+        assert_eq!(t.state.status, Verified);
+        assert_eq!((t.state.failures, t.state.base_check), (0, false));
+        assert_eq!(t.state.feedback, None, "the failure was not the agent's");
+        assert!(
+            t.message.contains("not charged") && t.message.contains("c0ffee"),
+            "{}",
+            t.message
+        );
+        assert_eq!(t.kind, "base_red");
+        // Only a held failure is settled, and leaving Verified ends the hold.
+        check_refused(
+            Verified,
+            Event::BaseGreen,
+            "no failed verification to settle",
+        );
+        check_refused(Open, red, "cannot settle the base check");
+        let cancelled = check(&held, Event::Cancel, Cancelled, &[]);
+        assert!(!cancelled.base_check);
+    }
+
+    #[test]
+    fn a_verify_failure_on_a_red_base_charges_no_one_and_keeps_the_commit() {
+        let t = apply(
+            &state(InProgress),
+            &Event::VerifyFailedOnRedBase {
+                base: "c0ffee".into(),
+                reason: "tests failed".into(),
+                cost_cents: 2.0,
+            },
+            &policy(),
+            NOW,
+        )
+        .expect("applies");
+        assert_eq!(t.state.status, Verified);
+        assert_eq!(
+            (t.state.failures, t.state.patchset, t.state.cost_cents),
+            (0, 1, 2.0)
+        );
+        assert!(!t.state.base_check);
+        assert_eq!(t.state.backoff_until, None);
+        assert!(t.message.starts_with("not charged"), "{}", t.message);
     }
 
     #[test]
@@ -1342,6 +1541,19 @@ mod tests {
                 Just(RETRY),
                 Just(Event::Recover),
                 Just(Event::FoundLanded { commit: "c".into() }),
+                (0u8..50).prop_map(|c| Event::VerifyFailedOnUncheckedBase {
+                    reason: "verify".into(),
+                    cost_cents: f64::from(c)
+                }),
+                (0u8..50).prop_map(|c| Event::VerifyFailedOnRedBase {
+                    base: "c0ffee".into(),
+                    reason: "verify".into(),
+                    cost_cents: f64::from(c)
+                }),
+                Just(Event::BaseGreen),
+                Just(Event::BaseRed {
+                    base: "c0ffee".into()
+                }),
             ]
         }
 
@@ -1383,7 +1595,8 @@ mod tests {
                             if t.state.status == NeedsHelp && before.status != NeedsHelp {
                                 prop_assert!(
                                     matches!(event, Event::DevFailed{..} | Event::VerifyFailed{..}
-                                        | Event::LeaseLost{..} | Event::IntegrationFailed{..}),
+                                        | Event::LeaseLost{..} | Event::IntegrationFailed{..}
+                                        | Event::BaseGreen),
                                     "only a failure leads to NeedsHelp"
                                 );
                             }
@@ -1394,9 +1607,21 @@ mod tests {
                                 prop_assert_eq!(t.state.failures, before.failures,
                                     "a lost or released lease is never charged");
                             }
+                            if matches!(event, Event::VerifyFailedOnUncheckedBase { .. }
+                                | Event::VerifyFailedOnRedBase { .. } | Event::BaseRed { .. }) {
+                                prop_assert_eq!(t.state.failures, before.failures,
+                                    "a failure on a red or unchecked base is not charged");
+                            }
+                            if matches!(event, Event::BaseGreen | Event::BaseRed { .. }) {
+                                prop_assert!(before.base_check, "only a held failure is settled");
+                            }
                             prop_assert!(t.state.patchset >= before.patchset, "patchset never decreases");
                             prop_assert!(t.state.cost_cents >= before.cost_cents, "cost never decreases");
                             s = t.state;
+                    }
+                    // Only a Verified task waits on a base check.
+                    if s.base_check {
+                        prop_assert_eq!(s.status, Verified);
                     }
                     // No task is leasable unless it is Open.
                     if leasable(&s, 0, &policy, now) {

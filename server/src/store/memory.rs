@@ -83,12 +83,19 @@ impl Tables {
     }
 
     fn start_run(&mut self, task: &TaskId, run: &NewRun, at: Millis) -> i64 {
-        let attempt = self
-            .runs
-            .iter()
-            .filter(|r| r.task_id == *task && r.phase == run.phase)
-            .count() as u32
-            + 1;
+        // As the SQLite store numbers them: by phase and party; a server's verify run takes
+        // the attempt of the runner's verification it settles.
+        let count = |server: bool, phase: Phase| {
+            self.runs
+                .iter()
+                .filter(|r| r.task_id == *task && r.phase == phase && r.runner.is_none() == server)
+                .count() as u32
+        };
+        let attempt = if run.phase == Phase::Verify && run.runner.is_none() {
+            count(false, Phase::Verify).max(1)
+        } else {
+            count(run.runner.is_none(), run.phase) + 1
+        };
         let id = self.runs.len() as i64 + 1;
         self.runs.push(Run {
             id,
@@ -859,7 +866,7 @@ impl Store for MemoryStore {
         let mut t = self.lock();
         let mut n = 0;
         for run in &mut t.runs {
-            if run.phase == phase && run.status == RunStatus::Running {
+            if run.phase == phase && run.status == RunStatus::Running && run.runner.is_none() {
                 run.status = RunStatus::Failure;
                 run.finished_at = Some(at);
                 run.error = Some(error.to_owned());

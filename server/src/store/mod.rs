@@ -346,7 +346,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         at: Millis,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Ends every run of `phase` still running (at start-up, runs a crash interrupted).
+    /// Ends every run of `phase` the server ran itself (no runner) still running: at
+    /// start-up, the runs a crash interrupted (a runner's may yet be re-attached).
     fn abandon_runs(
         &self,
         phase: Phase,

@@ -225,6 +225,7 @@ struct TaskRow {
     children_done: i64,
     children_cancelled: i64,
     children_cost_cents: f64,
+    base_check: i64,
 }
 
 /// A task row with its dependencies joined into one column.
@@ -263,7 +264,7 @@ const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priori
      feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
      lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
      created_at, updated_at, requires, max_cost_cents, paused, children, children_done, \
-     children_cancelled, children_cost_cents";
+     children_cancelled, children_cost_cents, base_check";
 
 /// One page of `columns` of the tasks matching `filter` in lease order, after the key
 /// (`?1` priority, `?2` seq), at most `?3` rows; `filter` binds from `?4` (but see
@@ -289,7 +290,8 @@ const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, pa
      patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, feedback, amend, lease_id, \
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
      avoid_runner, verified_tree, deps_pending, version, created_at, updated_at, requires, \
-     max_cost_cents, paused, children, children_done, children_cancelled, children_cost_cents";
+     max_cost_cents, paused, children, children_done, children_cancelled, children_cost_cents, \
+     base_check";
 
 /// What a task requires of its runner, as stored: its labels joined by U+001F, which no label
 /// holds ([`crate::domain::validate_requires`]); empty for none.
@@ -382,6 +384,7 @@ impl TaskRow {
                 feedback: self.feedback,
                 amend: self.amend != 0,
                 max_cost_cents: self.max_cost_cents,
+                base_check: self.base_check != 0,
             },
             lease,
             lease_epoch,
@@ -577,6 +580,16 @@ async fn insert_event(
     Ok(id)
 }
 
+/// A new run's attempt (`?1` the task, `?2` the phase, `?4` the runner): its place among the
+/// task's runs of its phase by the same party (runners, or the server); a server's verify run
+/// (its build of the base a runner's verification failed on) takes the attempt of the
+/// runner's verification it settles, so `logs --run N` shows them together.
+const ATTEMPT: &str = "CASE WHEN ?2 = 'verify' AND ?4 IS NULL \
+     THEN (SELECT MAX(COUNT(*), 1) FROM runs \
+           WHERE task_id = ?1 AND phase = 'verify' AND runner IS NOT NULL) \
+     ELSE (SELECT COUNT(*) + 1 FROM runs \
+           WHERE task_id = ?1 AND phase = ?2 AND (runner IS NULL) = (?4 IS NULL)) END";
+
 /// Inserts a run that starts now; returns its ID.
 async fn insert_run(
     tx: &mut SqliteConnection,
@@ -584,12 +597,10 @@ async fn insert_run(
     run: &NewRun,
     at: Millis,
 ) -> Result<i64> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar(&format!(
         "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at, \
-         train) VALUES (?1, ?2, ?3, \
-           (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-           ?4, 'running', ?5, ?6) RETURNING id",
-    )
+             train) VALUES (?1, ?2, ?3, {ATTEMPT}, ?4, 'running', ?5, ?6) RETURNING id"
+    ))
     .bind(task.as_str())
     .bind(run.phase.as_str())
     .bind(i64::from(run.patchset))
@@ -653,7 +664,7 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
          cost_cents = ?5, cost_at_retry = ?6, backoff_until = ?7, feedback = ?8, amend = ?9, \
          lease_id = ?10, lease_epoch = ?11, lease_runner = ?12, lease_runner_id = ?13, \
          lease_base = ?14, lease_previous = ?15, patch_commit = ?16, avoid_runner = ?17, \
-         verified_tree = ?18, version = version + 1, updated_at = ?19 \
+         verified_tree = ?18, base_check = ?22, version = version + 1, updated_at = ?19 \
          WHERE id = ?20 AND version = ?21 RETURNING {TASK_COLUMNS}"
         ))
         .bind(s.status.as_str())
@@ -679,6 +690,7 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
         .bind(w.at)
         .bind(w.task_id.as_str())
         .bind(w.expected_version)
+        .bind(i64::from(s.base_check))
         .fetch_optional(&mut *tx)
         .await?;
     let Some(row) = row else {
@@ -727,13 +739,11 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
         run_id = Some(insert_run(tx, &w.task_id, run, w.at).await?);
     }
     for run in &w.runs.record {
-        sqlx::query(
+        sqlx::query(&format!(
             "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
              cost_cents, started_at, finished_at, error, failure_kind, train, builds) \
-             VALUES (?1, ?2, ?3, \
-             (SELECT COUNT(*) + 1 FROM runs WHERE task_id = ?1 AND phase = ?2), \
-             ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )
+             VALUES (?1, ?2, ?3, {ATTEMPT}, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        ))
         .bind(w.task_id.as_str())
         .bind(run.phase.as_str())
         .bind(i64::from(run.patchset))
@@ -1732,7 +1742,8 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         let done = sqlx::query(
             "UPDATE runs SET status = 'failure', finished_at = ?, error = ?, \
-             failure_kind = 'infrastructure' WHERE status = 'running' AND phase = ?",
+             failure_kind = 'infrastructure' \
+             WHERE status = 'running' AND phase = ? AND runner IS NULL",
         )
         .bind(at)
         .bind(error)

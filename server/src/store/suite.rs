@@ -100,6 +100,7 @@ macro_rules! store_test_suite {
             creates_a_large_batch_as_one_at_a_time,
             edits_a_task_by_compare_and_swap,
             transitions_are_compare_and_swap,
+            keeps_what_holds_a_verified_task,
             runs_are_numbered_and_closed,
             keeps_usage_and_sums_it_by_time,
             counts_by_status,
@@ -656,6 +657,45 @@ pub async fn transitions_are_compare_and_swap<S: Store>(store: &S) {
             ("test", Some(TaskStatus::Open), TaskStatus::InProgress)
         ]
     );
+}
+
+/// What holds a Verified task (a base check) is part of its state: written, read back by
+/// every read (one task, a list, the Verified ones), and cleared by the next write.
+pub async fn keeps_what_holds_a_verified_task<S: Store>(store: &S) {
+    let task = create(store, "held").await;
+    let held = TaskState {
+        status: TaskStatus::Verified,
+        patchset: 1,
+        amend: true,
+        feedback: Some("tests failed".into()),
+        base_check: true,
+        ..task.state.clone()
+    };
+    let written = store
+        .commit(write(&task, held.clone(), "checking_base", 2))
+        .await
+        .expect("write")
+        .task;
+    assert_eq!(written.state, held);
+    let read = store.get_task(&task.id).await.expect("get").expect("task");
+    assert_eq!(read.state, held);
+    let listed = store
+        .list_tasks(&TaskFilter::default(), None, 10)
+        .await
+        .expect("list");
+    assert_eq!(listed[0].state, held);
+    let verified = store.verified().await.expect("verified");
+    assert_eq!(verified[0].state, held);
+    let settled = TaskState {
+        base_check: false,
+        ..held
+    };
+    let written = store
+        .commit(write(&read, settled.clone(), "base_red", 3))
+        .await
+        .expect("write")
+        .task;
+    assert_eq!(written.state, settled);
 }
 
 pub async fn keeps_an_epics_children_figures<S: Store>(store: &S) {
@@ -1255,6 +1295,42 @@ pub async fn stores_trims_and_prunes_logs<S: Store>(store: &S) {
             .expect("abandon"),
         1
     );
+    // Only the server's own runs are abandoned: a runner's may be re-attached.
+    let verify = |runner: Option<&str>| NewRun {
+        phase: Phase::Verify,
+        patchset: 1,
+        runner: runner.map(str::to_owned),
+        train: None,
+    };
+    let runners = store
+        .start_run(&task.id, &verify(Some("r")), 600)
+        .await
+        .expect("run");
+    let servers = store
+        .start_run(&task.id, &verify(None), 600)
+        .await
+        .expect("run");
+    assert_eq!(
+        store
+            .abandon_runs(Phase::Verify, "stopped", 700)
+            .await
+            .expect("abandon"),
+        1
+    );
+    let get = |id| async move { store.run(id).await.expect("run").expect("exists") };
+    assert_eq!(get(servers).await.status, RunStatus::Failure);
+    assert_eq!(get(runners).await.status, RunStatus::Running);
+    // The server's verify run (a build of the base the runner's verification failed on)
+    // takes the attempt of the runner's it settles; the runner's next one is the next attempt.
+    assert_eq!(
+        (get(runners).await.attempt, get(servers).await.attempt),
+        (1, 1)
+    );
+    let next = store
+        .start_run(&task.id, &verify(Some("r")), 800)
+        .await
+        .expect("run");
+    assert_eq!(get(next).await.attempt, 2);
     assert_eq!(
         store.prune_logs(500).await.expect("prune"),
         0,
