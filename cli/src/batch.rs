@@ -30,6 +30,8 @@ struct Line {
     requires: Vec<String>,
     max_cost: Option<f64>,
     id: Option<String>,
+    #[serde(default)]
+    approval: bool,
 }
 
 impl Line {
@@ -44,6 +46,7 @@ impl Line {
             depends_on: self.depends_on,
             requires: self.requires,
             max_cost_cents: self.max_cost,
+            approval: self.approval,
         })
     }
 }

@@ -579,6 +579,34 @@ impl Client {
         wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
     }
 
+    /// Approves a verified task (`by`: who, for its history).
+    pub async fn approve_task(
+        &mut self,
+        id: String,
+        note: Option<String>,
+        by: Option<String>,
+    ) -> Result<Task, Failure> {
+        let r = self
+            .inner
+            .approve_task(unary(pb::ApproveTaskRequest { id, note, by }))
+            .await;
+        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+    }
+
+    /// Rejects a verified task with `note` for its agent (`by`: who, for its history).
+    pub async fn reject_task(
+        &mut self,
+        id: String,
+        note: String,
+        by: Option<String>,
+    ) -> Result<Task, Failure> {
+        let r = self
+            .inner
+            .reject_task(unary(pb::RejectTaskRequest { id, note, by }))
+            .await;
+        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+    }
+
     /// Pauses a task and its children; how many tasks it paused.
     pub async fn pause_task(&mut self, id: String, reason: Option<String>) -> Result<u32, Failure> {
         let r = self

@@ -194,9 +194,10 @@ enum TaskCommand {
         #[arg(long, required_unless_present = "from_file")]
         title: Option<String>,
         /// Create one task per line of this JSON-lines file (`-` for standard input); keys:
-        /// title (required), description, namespace, priority, parent, depends_on, requires, max_cost, id.
+        /// title (required), description, namespace, priority, parent, depends_on, requires, max_cost, id,
+        /// approval.
         #[arg(long, conflicts_with_all = ["title", "description", "description_file", "namespace",
-              "parent", "depends_on", "id", "requires", "max_cost"])]
+              "parent", "depends_on", "id", "requires", "max_cost", "approval"])]
         from_file: Option<String>,
         #[arg(long, conflicts_with = "description_file")]
         description: Option<String>,
@@ -228,6 +229,9 @@ enum TaskCommand {
         /// This task's cost cap in cents, over the server's --max-task-cost.
         #[arg(long, value_name = "CENTS", allow_hyphen_values = true)]
         max_cost: Option<f64>,
+        /// Once verified, it waits for a person's approval before it lands (`task approve`).
+        #[arg(long)]
+        approval: bool,
     },
     /// List tasks, highest priority and oldest first (printed page by page as they arrive).
     List {
@@ -259,6 +263,29 @@ enum TaskCommand {
         /// Drop the previous patchset: the next attempt starts from the current base.
         #[arg(long)]
         fresh: bool,
+    },
+    /// Approve a verified task that waits for approval: it may land.
+    Approve {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+        /// Why, for its history.
+        #[arg(long)]
+        note: Option<String>,
+        /// Who approves, for its history [default: $USER].
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
+    },
+    /// Reject a verified task: it goes back to its agent, which amends the commit with the
+    /// note as feedback (a failed attempt).
+    Reject {
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+        /// What the agent should change (the next prompt has it).
+        #[arg(long, required = true)]
+        note: String,
+        /// Who rejects, for its history [default: $USER].
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
     },
     /// Cancel a task, stopping its agent if one is running.
     Cancel {
@@ -479,6 +506,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             id,
             requires,
             max_cost,
+            approval,
             ..
         }) => {
             let title = title.unwrap_or_default();
@@ -493,6 +521,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     depends_on,
                     requires,
                     max_cost_cents: max_cost,
+                    approval,
                 })
                 .await?;
             writeln!(out, "{}", task.id)?;
@@ -551,6 +580,23 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         Command::Task(TaskCommand::Retry { id, note, fresh }) => {
             let task = client.retry_task(id, note, fresh).await?;
             writeln!(out, "{}: {}", task.id, task.status.word())?;
+        }
+        Command::Task(TaskCommand::Approve { id, note, by }) => {
+            let task = client.approve_task(id, note, by.or_else(os_user)).await?;
+            writeln!(
+                out,
+                "{} approved: it lands with the next merge train",
+                task.id
+            )?;
+        }
+        Command::Task(TaskCommand::Reject { id, note, by }) => {
+            let task = client.reject_task(id, note, by.or_else(os_user)).await?;
+            writeln!(
+                out,
+                "{} rejected: back to {} with the note for its agent",
+                task.id,
+                task.status.word()
+            )?;
         }
         Command::Task(TaskCommand::Cancel { id }) => {
             let task = client.cancel_task(id).await?;
@@ -804,4 +850,13 @@ fn read_description(inline: Option<String>, file: Option<&str>) -> Result<String
         (None, Some(path)) => std::fs::read_to_string(path)
             .map_err(|e| Failure::usage(format!("cannot read --description-file {path}: {e}"))),
     }
+}
+
+/// The person at this terminal, as the OS names them (`$USER`, else `$LOGNAME`), for the
+/// history of an approval or a rejection; `None` when neither is set.
+fn os_user() -> Option<String> {
+    ["USER", "LOGNAME"]
+        .into_iter()
+        .find_map(|v| std::env::var(v).ok())
+        .filter(|u| !u.trim().is_empty())
 }

@@ -241,6 +241,8 @@ pub struct NewTask {
     pub requires: Vec<String>,
     /// Its own cost cap in cents.
     pub max_cost_cents: Option<f64>,
+    /// Once verified, it waits for a person's approval before it lands.
+    pub approval: bool,
 }
 
 /// A change to a task, as `task edit` asks for it: `None` leaves a field as it is.
@@ -293,6 +295,8 @@ pub struct Task {
     pub max_cost_cents: Option<f64>,
     /// Why it is paused, when it is.
     pub paused: Option<String>,
+    /// `None` when it needs no approval, else `required` or `approved`.
+    pub approval: Option<String>,
 }
 
 /// One run of a task: a dev run on a runner, its verification, or the server's integration.

@@ -161,6 +161,7 @@ pub fn task_json(t: &Task) -> Value {
         "requires": t.requires,
         "max_cost_cents": t.max_cost_cents,
         "paused": t.paused,
+        "approval": t.approval,
     })
 }
 
@@ -675,6 +676,9 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
         writeln!(out, "requires:    {}", t.requires.join(", "))?;
     }
     writeln!(out, "patchset:    {}", t.patchset)?;
+    if let Some(approval) = &t.approval {
+        writeln!(out, "approval:    {approval}")?;
+    }
     writeln!(out, "failures:    {}", t.failures)?;
     match t.max_cost_cents {
         Some(cap) => writeln!(
@@ -1149,6 +1153,7 @@ mod snapshots {
             requires: vec![],
             max_cost_cents: None,
             paused: None,
+            approval: None,
         }
     }
 

@@ -158,6 +158,7 @@ impl From<NewTask> for pb::CreateTaskRequest {
             depends_on: t.depends_on,
             requires: t.requires,
             max_cost_cents: t.max_cost_cents,
+            approval: t.approval,
         }
     }
 }
@@ -202,6 +203,7 @@ impl From<pb::Task> for Task {
             requires: t.requires,
             max_cost_cents: t.max_cost_cents,
             paused: t.paused,
+            approval: t.approval,
         }
     }
 }

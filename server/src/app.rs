@@ -150,6 +150,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         backoff_base_secs: config.backoff_base,
         max_lost_leases: config.max_lost_leases,
         max_epic_cost_cents: config.max_epic_cost as f64,
+        require_approval: config.require_approval,
     };
     let settings = Settings {
         policy,

@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_MAX_EPIC_COST", default_value_t = 0)]
     pub max_epic_cost: u64,
 
+    /// Every verified task waits for a person's approval before it lands (pipelinectl task
+    /// approve ID, or task reject ID --note TEXT), not only those added with --approval.
+    #[arg(long, env = "PIPELINE_REQUIRE_APPROVAL")]
+    pub require_approval: bool,
+
     /// Back-off after n failures is min(600, BACKOFF_BASE * 2^n) seconds.
     #[arg(long, env = "PIPELINE_BACKOFF_BASE", default_value_t = 10)]
     pub backoff_base: u64,

@@ -272,6 +272,13 @@ pub struct TaskState {
     /// leased nor put in a train, until the integrator has built that base (the patchset's
     /// parent) and so learned whose failure it was.
     pub base_check: bool,
+    /// This task waits for a person's approval once verified (`task add --approval`), as
+    /// every task does under the server's `--require-approval`; set at creation, no
+    /// transition changes it.
+    pub approval_required: bool,
+    /// A person approved the current patchset (`task approve`); cleared when the task leaves
+    /// Verified for anything but Done.
+    pub approved: bool,
 }
 
 impl TaskState {
@@ -289,6 +296,8 @@ impl TaskState {
             amend: false,
             max_cost_cents: None,
             base_check: false,
+            approval_required: false,
+            approved: false,
         }
     }
 }
@@ -407,6 +416,8 @@ pub struct NewTask {
     pub requires: Vec<String>,
     /// Its own cost cap in cents, over the server's `--max-task-cost`.
     pub max_cost_cents: Option<f64>,
+    /// Once verified, it waits for a person's approval before it lands (`--approval`).
+    pub approval: bool,
 }
 
 /// The most labels a task may require.
@@ -584,6 +595,7 @@ impl NewTask {
             depends_on: deps,
             requires: Vec::new(),
             max_cost_cents: None,
+            approval: false,
         })
     }
 }

@@ -61,6 +61,14 @@ pub fn build(task: &Task, ctx: &PromptContext<'_>) -> String {
         out.push('\n');
         feedback = Some(after).filter(|f| !f.trim().is_empty());
     }
+    // A person's review of the previous patchset (`task reject --note`).
+    if let Some(note) = feedback.and_then(|f| f.strip_prefix(crate::lifecycle::REJECTED)) {
+        out.push_str("\n## A person rejected the previous patchset\n");
+        out.push_str("Change it as they ask:\n\n");
+        out.push_str(note.trim_end());
+        out.push('\n');
+        feedback = None;
+    }
     if let Some(feedback) = feedback {
         if task.state.patchset > 0 {
             out.push_str("\n## The previous patchset was rejected\n");
@@ -170,6 +178,20 @@ mod tests {
     #[test]
     fn the_prompt_of_a_first_attempt() {
         insta::assert_snapshot!(build(&task(0, None), &CTX));
+    }
+
+    #[test]
+    fn a_persons_rejection_is_shown_as_their_review() {
+        let p = build(
+            &task(1, Some("Rejected by a person: use the other parser")),
+            &PromptContext { amend: true, ..CTX },
+        );
+        assert!(
+            p.contains("## A person rejected the previous patchset\nChange it as they ask:\n\nuse the other parser\n"),
+            "{p}"
+        );
+        assert!(!p.contains("Rejected by a person"), "{p}");
+        assert!(p.contains("git commit --amend"), "{p}");
     }
 
     #[test]

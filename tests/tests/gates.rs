@@ -177,3 +177,167 @@ fn a_red_base_charges_no_one_holds_leases_and_landing_and_lands_everything_once_
     assert_eq!(status["landing"]["state"], "running", "{status}");
     assert_eq!(status["queue_paused"], false, "{status}");
 }
+
+/// Whether the task's history has an entry of `kind` whose message contains `says`.
+fn history_says(task: &Value, kind: &str, says: &str) -> bool {
+    task["events"].as_array().is_some_and(|e| {
+        e.iter()
+            .any(|e| e["kind"] == kind && e["message"].as_str().is_some_and(|m| m.contains(says)))
+    })
+}
+
+#[test]
+fn with_require_approval_a_verified_task_lands_only_once_a_person_approves_it() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--require-approval", "--backoff-base", "0"]);
+    let _r = runner(&repo, &server, "r");
+    let tip = main_tip(&repo);
+    let a = server.add(&["--title", "approve me"]);
+    let b = server.add(&["--title", "reject me"]);
+    for id in [&a, &b] {
+        let t = server.wait_status(id, "verified");
+        assert_eq!(t["approval"], "required", "{t}");
+        assert!(
+            waits_for(&t, &format!("pipelinectl task approve {id}")),
+            "{t}"
+        );
+    }
+    let queue = server.ctl(&["queue", "--json"]).json();
+    let waiting = queue["waiting"].as_array().cloned().unwrap_or_default();
+    assert_eq!(waiting.len(), 2, "{queue}");
+    assert!(
+        waiting.iter().all(|w| w["eta_seconds"].is_null()
+            && w["waiting_for"].as_array().is_some_and(|r| r
+                .iter()
+                .any(|r| r.as_str().is_some_and(|r| r.contains("approval"))))),
+        "{queue}"
+    );
+    let explained = server.ctl(&["explain", &a]).ok();
+    assert!(explained.contains("approval"), "{explained}");
+    assert_eq!(main_tip(&repo), tip, "nothing lands unapproved");
+    // Refusals: an unknown task, a task that is not verified, a reject without a note.
+    server
+        .ctl(&["task", "approve", "nope"])
+        .refused(3, "task nope does not exist");
+    let open = server.add(&["--title", "not yet", "--description", "MODE: wait"]);
+    repo.wait_agent(&open);
+    server
+        .ctl(&["task", "approve", &open])
+        .refused(4, "only a verified task waits for approval");
+    repo.release_agents();
+    server.wait_status(&open, "verified");
+    assert_eq!(
+        server.ctl(&["task", "reject", &b]).code(),
+        Some(2),
+        "--note is required"
+    );
+    // Approved: it lands, and its history says who approved it and why.
+    let said = server
+        .ctl(&[
+            "task",
+            "approve",
+            &a,
+            "--note",
+            "reviewed the diff",
+            "--by",
+            "alice",
+        ])
+        .ok();
+    assert!(said.contains("approved"), "{said}");
+    let done = server.wait_status(&a, "done");
+    assert_eq!(done["approval"], "approved", "{done}");
+    assert!(
+        history_says(&done, "approved", "alice")
+            && history_says(&done, "approved", "reviewed the diff"),
+        "{done}"
+    );
+    // The train that landed it was formed while the other was verified too, and left it out.
+    let t = server.show(&b);
+    assert_eq!(t["status"], "verified", "{t}");
+    assert_eq!(repo.landed(), [a.as_str()]);
+    server
+        .ctl(&["task", "approve", &a])
+        .refused(4, "cannot approve a task that is done");
+    // Rejected: back to open, charged, with the note in the next prompt; the agent amends its
+    // commit and the new patchset waits for approval again.
+    server
+        .ctl(&["task", "reject", &b, "--note", "use the other parser"])
+        .ok();
+    let again = server.wait_task(&b, "verified again", |t| {
+        t["status"] == "verified" && t["patchset"] == 2
+    });
+    assert_eq!(
+        again["failures"], 1,
+        "a rejection is a failed attempt: {again}"
+    );
+    assert_eq!(again["approval"], "required", "{again}");
+    assert!(
+        history_says(&again, "rejected", "use the other parser"),
+        "{again}"
+    );
+    let prompt = repo
+        .agent_file(&format!("dev-{b}-2.prompt"))
+        .expect("the second prompt");
+    assert!(prompt.contains("use the other parser"), "{prompt}");
+    assert!(prompt.contains("git commit --amend"), "{prompt}");
+    // An approval is part of the task's state: it outlives a restart.
+    server.ctl(&["queue", "pause", "--landing-only"]).ok();
+    server.ctl(&["task", "approve", &b]).ok();
+    let addr = server.addr.clone();
+    server.terminate();
+    let server = Server::start(
+        &repo,
+        &[
+            "--require-approval",
+            "--backoff-base",
+            "0",
+            "--listen",
+            &addr,
+        ],
+    );
+    assert_eq!(server.show(&b)["approval"], "approved");
+    server.ctl(&["queue", "resume"]).ok();
+    let done = server.wait_status(&b, "done");
+    assert_eq!(done["failures"], 1, "{done}");
+    assert_eq!(
+        server.show(&open)["status"],
+        "verified",
+        "never approved, never landed"
+    );
+}
+
+#[test]
+fn a_task_added_with_approval_waits_for_it_alone() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let gated = server.add(&["--title", "gated", "--approval"]);
+    let file = repo.dir.path().join("tasks.jsonl");
+    std::fs::write(
+        &file,
+        "{\"title\": \"gated too\", \"approval\": true}\n{\"title\": \"free\"}\n",
+    )
+    .expect("write");
+    let listed = server
+        .ctl(&["task", "add", "--from-file", file.to_str().expect("utf-8")])
+        .ok();
+    let ids: Vec<&str> = listed.lines().collect();
+    let (gated_too, free) = (ids[0].to_owned(), ids[1].to_owned());
+    let _r = runner(&repo, &server, "r");
+    let t = server.wait_status(&free, "done");
+    assert_eq!(t["approval"], Value::Null, "{t}");
+    for id in [&gated, &gated_too] {
+        let t = server.wait_status(id, "verified");
+        assert_eq!(t["approval"], "required", "{t}");
+    }
+    let list = server.ctl(&["task", "list", "--json"]).json();
+    assert!(
+        list.as_array().is_some_and(|l| l
+            .iter()
+            .any(|t| t["id"] == gated.as_str() && t["approval"] == "required")),
+        "{list}"
+    );
+    server.ctl(&["task", "approve", &gated]).ok();
+    server.wait_status(&gated, "done");
+    assert_eq!(server.show(&gated_too)["status"], "verified");
+    assert!(!repo.landed().contains(&gated_too));
+}

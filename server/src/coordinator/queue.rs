@@ -239,7 +239,14 @@ impl<S: Store> Coordinator<S> {
         {
             let position = waiting.len();
             let waiting_for = self.waiting_for(&task).await?;
+            let policy = self.policy();
             let eta_seconds = match task.state.status {
+                // Held until a base is built or a person approves it: no estimate.
+                TaskStatus::Verified
+                    if task.state.base_check || policy.awaits_approval(&task.state) =>
+                {
+                    None
+                }
                 TaskStatus::Verified => self.landing().eta_secs(position, batch_max),
                 TaskStatus::Open
                     if waiting_for

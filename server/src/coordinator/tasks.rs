@@ -660,6 +660,33 @@ impl<S: Store> Coordinator<S> {
         Ok(retried)
     }
 
+    /// A person approves the verified patchset of task `id`: it may land now. `by` names who
+    /// (recorded in its history with `note`).
+    pub async fn approve(&self, id: &TaskId, by: String, note: Option<String>) -> Result<Task> {
+        let approved = self.transition(id, Event::Approve { by, note }).await?;
+        tracing::info!(task = %id, "approved");
+        Ok(approved)
+    }
+
+    /// A person rejects the verified patchset of task `id`: it goes back to an agent, which
+    /// amends the commit with `note` as feedback (a failed attempt: the task's own work was
+    /// judged).
+    pub async fn reject(&self, id: &TaskId, by: String, note: String) -> Result<Task> {
+        let task = self.get(id).await?;
+        let rejected = self
+            .transition_from(
+                task,
+                &Event::Reject { by, note },
+                |_| Ok(()),
+                |_, w| {
+                    w.next.verified_tree = None;
+                },
+            )
+            .await?;
+        tracing::info!(task = %id, "rejected");
+        Ok(rejected)
+    }
+
     pub async fn status(&self) -> Result<Status> {
         let counts = self.counts_mut().clone();
         let counts = match counts {

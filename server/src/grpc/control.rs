@@ -35,6 +35,19 @@ impl<S> ControlApi<S> {
     }
 }
 
+impl<S: Store> ControlApi<S> {
+    /// A task on the wire, with what depends on the server's policy (its approval).
+    fn task_pb(&self, task: &crate::domain::Task) -> pb::Task {
+        let mut t = pb::Task::from(task);
+        t.approval = self
+            .coordinator
+            .policy()
+            .approval(&task.state)
+            .map(str::to_owned);
+        t
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> ControlService for ControlApi<S> {
     async fn create_task(
@@ -48,7 +61,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::CreateTaskResponse {
-            task: Some((&task).into()),
+            task: Some(self.task_pb(&task)),
         }))
     }
 
@@ -84,7 +97,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             tasks: tasks
                 .iter()
                 .map(|t| {
-                    let mut task = pb::Task::from(t);
+                    let mut task = self.task_pb(t);
                     task.description.clear();
                     task
                 })
@@ -113,7 +126,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::EditTaskResponse {
-            task: Some((&task).into()),
+            task: Some(self.task_pb(&task)),
         }))
     }
 
@@ -142,7 +155,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             tasks: tasks
                 .iter()
                 .map(|l| {
-                    let mut task = pb::Task::from(&l.task);
+                    let mut task = self.task_pb(&l.task);
                     // A row carries the end of the feedback only: a page stays small
                     // whatever the failures said (`task show` has it all).
                     task.feedback = task.feedback.map(|f| keep_end(&f, LIST_FEEDBACK_BYTES));
@@ -165,7 +178,18 @@ impl<S: Store> ControlService for ControlApi<S> {
             .show_task(&id)
             .await
             .map_err(status_from_error)?;
-        Ok(Response::new(detail_to_pb(&detail)))
+        let mut response = detail_to_pb(&detail);
+        if let Some(task) = response.task.as_mut() {
+            *task = pb::Task {
+                approval: self
+                    .coordinator
+                    .policy()
+                    .approval(&detail.task.state)
+                    .map(str::to_owned),
+                ..task.clone()
+            };
+        }
+        Ok(Response::new(response))
     }
 
     async fn cancel_task(
@@ -179,7 +203,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::CancelTaskResponse {
-            task: Some((&task).into()),
+            task: Some(self.task_pb(&task)),
         }))
     }
 
@@ -206,7 +230,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::RetryTaskResponse {
-            task: Some((&task).into()),
+            task: Some(self.task_pb(&task)),
         }))
     }
 
@@ -228,7 +252,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::AddDependenciesResponse {
-            task: Some((&task).into()),
+            task: Some(self.task_pb(&task)),
         }))
     }
 
@@ -315,6 +339,44 @@ impl<S: Store> ControlService for ControlApi<S> {
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::ResumeTaskResponse { tasks }))
+    }
+
+    async fn approve_task(
+        &self,
+        request: Request<pb::ApproveTaskRequest>,
+    ) -> Result<Response<pb::ApproveTaskResponse>, Status> {
+        let r = request.into_inner();
+        let id = task_id(&r.id)?;
+        let note = review_note(r.note)?;
+        let task = self
+            .coordinator
+            .approve(&id, approver(r.by)?, note)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::ApproveTaskResponse {
+            task: Some(self.task_pb(&task)),
+        }))
+    }
+
+    async fn reject_task(
+        &self,
+        request: Request<pb::RejectTaskRequest>,
+    ) -> Result<Response<pb::RejectTaskResponse>, Status> {
+        let r = request.into_inner();
+        let id = task_id(&r.id)?;
+        let Some(note) = review_note(Some(r.note))? else {
+            return Err(Status::invalid_argument(
+                "a rejection needs --note: what the agent should change",
+            ));
+        };
+        let task = self
+            .coordinator
+            .reject(&id, approver(r.by)?, note)
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RejectTaskResponse {
+            task: Some(self.task_pb(&task)),
+        }))
     }
 
     async fn pause_queue(
@@ -545,6 +607,34 @@ fn task_page_key(token: &str) -> Result<Option<(u8, i64)>, Status> {
 }
 
 /// A pause's `--reason`: trimmed, empty as none, one line of at most 1000 bytes.
+/// A person's note on an approval or a rejection: text of at most 64 KiB, trimmed; `None`
+/// when empty.
+fn review_note(note: Option<String>) -> Result<Option<String>, Status> {
+    let note = note.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
+    if let Some(note) = &note
+        && (note.len() > 64 * 1024 || note.contains('\0'))
+    {
+        return Err(Status::invalid_argument(
+            "--note must be text of at most 64 KiB (no NUL bytes)",
+        ));
+    }
+    Ok(note)
+}
+
+/// Who approves or rejects, for the task's history: the credential's role (the control API
+/// takes only the admin token), and the person as the client named them (`--by`, or the OS
+/// user), which no credential proves.
+fn approver(by: Option<String>) -> Result<String, Status> {
+    let by = by.map(|b| b.trim().to_owned()).filter(|b| !b.is_empty());
+    match by {
+        None => Ok("admin".to_owned()),
+        Some(b) if b.len() <= 64 && !b.chars().any(char::is_control) => Ok(format!("{b} (admin)")),
+        Some(_) => Err(Status::invalid_argument(
+            "--by must be one line of at most 64 bytes",
+        )),
+    }
+}
+
 fn pause_reason(reason: Option<String>) -> Result<Option<String>, Status> {
     let reason = reason
         .map(|s| s.trim().to_owned())

@@ -72,6 +72,8 @@ impl From<&Task> for pb::Task {
             paused: t.paused.clone(),
             // Filled in where the runs are at hand (a list page, task show).
             tokens: 0,
+            // Filled in by the control API, which knows the server's policy.
+            approval: None,
         }
     }
 }
@@ -260,6 +262,10 @@ impl TryFrom<pb::CreateTaskRequest> for NewTask {
         )
         .and_then(|t| t.with_requires(req.requires))
         .and_then(|t| t.with_max_cost(req.max_cost_cents))
+        .map(|t| NewTask {
+            approval: req.approval,
+            ..t
+        })
         .map_err(status_from_error)
     }
 }

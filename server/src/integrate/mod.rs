@@ -179,9 +179,11 @@ impl<S: Store> Integrator<S> {
             return Ok(false);
         }
         let batch_max = self.c().settings().batch_max.max(1);
+        // A held failure is settled first; an unapproved task waits for a person.
+        let policy = self.c().policy();
         let verified: Vec<Task> = verified
             .into_iter()
-            .filter(|t| !t.state.base_check)
+            .filter(|t| !t.state.base_check && !policy.awaits_approval(&t.state))
             .collect();
         let candidates: Vec<Candidate<TaskId>> = verified
             .iter()

@@ -184,6 +184,12 @@ pub fn waiting_for(
                         .to_owned(),
                 );
             }
+            if policy.awaits_approval(state) {
+                why.push(format!(
+                    "waiting for a person's approval (pipelinectl task approve {id}, or task \
+                     reject {id} --note TEXT)"
+                ));
+            }
             why.extend(blocking().map(|d| format!("lands once done: it {d}")));
         }
         TaskStatus::NeedsHelp => {

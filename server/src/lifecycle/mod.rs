@@ -49,6 +49,9 @@ pub struct Policy {
     /// An epic's children stop being leased once together they have cost this many cents,
     /// unless the epic has its own cap (`--max-cost` on it); 0 means no limit.
     pub max_epic_cost_cents: f64,
+    /// Every verified task waits for a person's approval before it lands
+    /// (`--require-approval`), not only those created with `--approval`.
+    pub require_approval: bool,
 }
 
 impl Default for Policy {
@@ -59,6 +62,7 @@ impl Default for Policy {
             backoff_base_secs: 10,
             max_lost_leases: 5,
             max_epic_cost_cents: 0.0,
+            require_approval: false,
         }
     }
 }
@@ -104,6 +108,27 @@ impl Policy {
             .or((self.max_epic_cost_cents > 0.0).then_some(self.max_epic_cost_cents))
     }
 
+    /// Whether the task must be approved by a person before it lands.
+    pub fn needs_approval(&self, state: &TaskState) -> bool {
+        self.require_approval || state.approval_required
+    }
+
+    /// Whether the task is Verified and waits for a person's approval (the integrator leaves
+    /// it out of every train until then).
+    pub fn awaits_approval(&self, state: &TaskState) -> bool {
+        state.status == TaskStatus::Verified && self.needs_approval(state) && !state.approved
+    }
+
+    /// The task's approval as `task show --json` says it: `None` when it needs none,
+    /// `"required"` until a person approves its current patchset, then `"approved"`.
+    pub fn approval(&self, state: &TaskState) -> Option<&'static str> {
+        match (self.needs_approval(state), state.approved) {
+            (false, _) => None,
+            (true, false) => Some("required"),
+            (true, true) => Some("approved"),
+        }
+    }
+
     /// The task's cost cap in cents: its own (`task add --max-cost`), else the server's
     /// `--max-task-cost`; `None` for no cap.
     pub fn cost_cap(&self, state: &TaskState) -> Option<f64> {
@@ -116,6 +141,10 @@ impl Policy {
 /// How a person's note to the agent (`task retry --note`) begins the task's feedback; the
 /// prompt shows it as guidance, apart from a rejection's output.
 pub const GUIDANCE: &str = "Guidance from a person: ";
+
+/// How a person's rejection of a verified patchset (`task reject --note`) begins the task's
+/// feedback; the prompt shows the note as the person's review.
+pub const REJECTED: &str = "Rejected by a person: ";
 
 /// Something that happened to a task.
 #[derive(Clone, Debug, PartialEq)]
@@ -182,6 +211,13 @@ pub enum Event {
     /// A child was added while the task was in progress: it is an epic now, so its run stops
     /// (not counted: nothing failed) and its children do the work.
     BecameEpic,
+    /// A person approved the verified patchset (`task approve`): it may land. `by` names who
+    /// (the credential, and the person as the CLI gave it).
+    Approve { by: String, note: Option<String> },
+    /// A person rejected the verified patchset (`task reject --note`): the task goes back to
+    /// an agent, which amends the commit with the note as feedback. The person judged the
+    /// task's own work, so it counts as a failed attempt.
+    Reject { by: String, note: String },
 }
 
 impl Event {
@@ -205,6 +241,8 @@ impl Event {
             Event::ChildrenDone { .. } => "children_done",
             Event::EpicCapReached { .. } => "epic_cap",
             Event::BecameEpic => "became_epic",
+            Event::Approve { .. } => "approved",
+            Event::Reject { .. } => "rejected",
         }
     }
 
@@ -226,6 +264,8 @@ impl Event {
             Event::ChildrenDone { .. } => "complete the children of",
             Event::EpicCapReached { .. } => "stop at its epic's cap",
             Event::BecameEpic => "make an epic of",
+            Event::Approve { .. } => "approve",
+            Event::Reject { .. } => "reject",
         }
     }
 }
@@ -271,9 +311,13 @@ pub fn apply(
     now: Millis,
 ) -> Result<Transition, Refusal> {
     let mut t = decide(state, event, policy, now)?;
-    // What holds a Verified task ends when it leaves Verified.
+    // What holds a Verified task ends when it leaves Verified; an approval is of the patchset
+    // that lands, so it ends unless the task is Done.
     if t.state.status != TaskStatus::Verified {
         t.state.base_check = false;
+        if t.state.status != TaskStatus::Done {
+            t.state.approved = false;
+        }
     }
     Ok(t)
 }
@@ -395,6 +439,37 @@ fn decide(
         }
         (Verified, Event::BaseGreen | Event::BaseRed { .. }) => {
             return Err(refuse(": it has no failed verification to settle"));
+        }
+        (Verified, Event::Approve { by, note }) => {
+            if !policy.needs_approval(state) {
+                return Err(refuse(
+                    ": it needs no approval (neither --require-approval nor task add --approval)",
+                ));
+            }
+            if state.approved {
+                return Err(refuse(": it is approved already"));
+            }
+            next.approved = true;
+            let note = note
+                .as_deref()
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default();
+            (
+                format!("patchset {} approved by {by}{note}", state.patchset),
+                vec![Effect::WakeIntegrator],
+            )
+        }
+        (_, Event::Approve { .. }) => {
+            return Err(refuse(": only a verified task waits for approval"));
+        }
+        (Verified, Event::Reject { by, note }) => {
+            let said = format!("rejected by {by}: {note}");
+            let mut t = fail(state, event, &said, 0.0, 0, true, policy, now);
+            t.state.feedback = Some(format!("{REJECTED}{note}"));
+            return Ok(t);
+        }
+        (_, Event::Reject { .. }) => {
+            return Err(refuse(": only a verified task can be rejected"));
         }
         (InProgress, Event::LeaseLost { reason }) => {
             // The work in flight is lost, so the next attempt starts where this one did, at
@@ -704,6 +779,7 @@ mod tests {
             backoff_base_secs: 10,
             max_lost_leases: 2,
             max_epic_cost_cents: 0.0,
+            require_approval: false,
         }
     }
 
@@ -959,6 +1035,106 @@ mod tests {
         assert!(!t.state.base_check);
         assert_eq!(t.state.backoff_until, None);
         assert!(t.message.starts_with("not charged"), "{}", t.message);
+    }
+
+    #[test]
+    fn an_approval_gate_holds_a_verified_task_until_a_person_approves_or_rejects_it() {
+        let gated = Policy {
+            require_approval: true,
+            ..policy()
+        };
+        let verified = TaskState {
+            patchset: 1,
+            ..state(Verified)
+        };
+        assert!(gated.awaits_approval(&verified));
+        assert_eq!(gated.approval(&verified), Some("required"));
+        assert!(!policy().awaits_approval(&verified), "no gate, no wait");
+        assert_eq!(policy().approval(&verified), None);
+        let own = TaskState {
+            approval_required: true,
+            ..verified.clone()
+        };
+        assert!(policy().awaits_approval(&own), "the task's own --approval");
+        let approve = |note: Option<&str>| Event::Approve {
+            by: "alice (admin)".into(),
+            note: note.map(str::to_owned),
+        };
+        let t = apply(&verified, &approve(Some("looks right")), &gated, NOW).expect("applies");
+        assert_eq!(t.state.status, Verified);
+        assert!(t.state.approved && !gated.awaits_approval(&t.state));
+        assert_eq!(gated.approval(&t.state), Some("approved"));
+        assert_eq!(t.effects, [Effect::WakeIntegrator]);
+        assert_eq!(
+            t.message,
+            "patchset 1 approved by alice (admin): looks right"
+        );
+        let approved = t.state;
+        let refused =
+            |s: &TaskState, e: Event, p: &Policy| apply(s, &e, p, NOW).expect_err("refused");
+        assert!(
+            refused(&approved, approve(None), &gated)
+                .to_string()
+                .contains("approved already")
+        );
+        assert!(
+            refused(&verified, approve(None), &policy())
+                .to_string()
+                .contains("needs no approval")
+        );
+        assert!(
+            refused(&state(Open), approve(None), &gated)
+                .to_string()
+                .contains("cannot approve a task that is open: only a verified task waits")
+        );
+        // Landing keeps the approval; a rejection or any way back to Open drops it.
+        let done = apply(&approved, &Event::Integrated, &gated, NOW).expect("lands");
+        assert!(done.state.approved);
+        let reject = Event::Reject {
+            by: "bob (admin)".into(),
+            note: "use the other parser".into(),
+        };
+        let t = apply(&approved, &reject, &gated, NOW).expect("applies");
+        assert_eq!(t.state.status, Open);
+        assert_eq!(
+            (
+                t.state.failures,
+                t.state.patchset,
+                t.state.amend,
+                t.state.approved
+            ),
+            (1, 1, true, false),
+            "charged; the agent amends the commit"
+        );
+        assert_eq!(
+            t.state.feedback.as_deref(),
+            Some("Rejected by a person: use the other parser")
+        );
+        assert!(
+            t.message
+                .contains("rejected by bob (admin): use the other parser"),
+            "{}",
+            t.message
+        );
+        assert_eq!(t.kind, "rejected");
+        assert!(
+            refused(&state(Open), reject, &gated)
+                .to_string()
+                .contains("only a verified task can be rejected")
+        );
+        let failed = apply(
+            &approved,
+            &Event::IntegrationFailed {
+                reason: "conflict".into(),
+            },
+            &gated,
+            NOW,
+        )
+        .expect("applies");
+        assert!(
+            !failed.state.approved,
+            "a new patchset needs a new approval"
+        );
     }
 
     #[test]
@@ -1554,6 +1730,14 @@ mod tests {
                 Just(Event::BaseRed {
                     base: "c0ffee".into()
                 }),
+                Just(Event::Approve {
+                    by: "admin".into(),
+                    note: None
+                }),
+                Just(Event::Reject {
+                    by: "admin".into(),
+                    note: "no".into()
+                }),
             ]
         }
 
@@ -1572,6 +1756,7 @@ mod tests {
                             backoff_base_secs,
                             max_lost_leases,
                             max_epic_cost_cents: 0.0,
+                            require_approval: max_retries % 2 == 1,
                         }
                     },
                 )
@@ -1596,7 +1781,7 @@ mod tests {
                                 prop_assert!(
                                     matches!(event, Event::DevFailed{..} | Event::VerifyFailed{..}
                                         | Event::LeaseLost{..} | Event::IntegrationFailed{..}
-                                        | Event::BaseGreen),
+                                        | Event::BaseGreen | Event::Reject{..}),
                                     "only a failure leads to NeedsHelp"
                                 );
                             }
@@ -1619,9 +1804,13 @@ mod tests {
                             prop_assert!(t.state.cost_cents >= before.cost_cents, "cost never decreases");
                             s = t.state;
                     }
-                    // Only a Verified task waits on a base check.
+                    // Only a Verified task waits on a base check, and only a Verified or Done
+                    // one is approved.
                     if s.base_check {
                         prop_assert_eq!(s.status, Verified);
+                    }
+                    if s.approved {
+                        prop_assert!(matches!(s.status, Verified | Done), "{:?}", s.status);
                     }
                     // No task is leasable unless it is Open.
                     if leasable(&s, 0, &policy, now) {

@@ -363,6 +363,7 @@ impl Store for MemoryStore {
             children: Default::default(),
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,
+                approval_required: new.approval,
                 ..TaskState::new()
             },
             lease: None,

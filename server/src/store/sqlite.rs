@@ -226,6 +226,8 @@ struct TaskRow {
     children_cancelled: i64,
     children_cost_cents: f64,
     base_check: i64,
+    approval_required: i64,
+    approved: i64,
 }
 
 /// A task row with its dependencies joined into one column.
@@ -264,7 +266,7 @@ const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priori
      feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
      lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
      created_at, updated_at, requires, max_cost_cents, paused, children, children_done, \
-     children_cancelled, children_cost_cents, base_check";
+     children_cancelled, children_cost_cents, base_check, approval_required, approved";
 
 /// One page of `columns` of the tasks matching `filter` in lease order, after the key
 /// (`?1` priority, `?2` seq), at most `?3` rows; `filter` binds from `?4` (but see
@@ -291,7 +293,7 @@ const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, pa
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
      avoid_runner, verified_tree, deps_pending, version, created_at, updated_at, requires, \
      max_cost_cents, paused, children, children_done, children_cancelled, children_cost_cents, \
-     base_check";
+     base_check, approval_required, approved";
 
 /// What a task requires of its runner, as stored: its labels joined by U+001F, which no label
 /// holds ([`crate::domain::validate_requires`]); empty for none.
@@ -385,6 +387,8 @@ impl TaskRow {
                 amend: self.amend != 0,
                 max_cost_cents: self.max_cost_cents,
                 base_check: self.base_check != 0,
+                approval_required: self.approval_required != 0,
+                approved: self.approved != 0,
             },
             lease,
             lease_epoch,
@@ -664,7 +668,8 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
          cost_cents = ?5, cost_at_retry = ?6, backoff_until = ?7, feedback = ?8, amend = ?9, \
          lease_id = ?10, lease_epoch = ?11, lease_runner = ?12, lease_runner_id = ?13, \
          lease_base = ?14, lease_previous = ?15, patch_commit = ?16, avoid_runner = ?17, \
-         verified_tree = ?18, base_check = ?22, version = version + 1, updated_at = ?19 \
+         verified_tree = ?18, base_check = ?22, approved = ?23, version = version + 1, \
+         updated_at = ?19 \
          WHERE id = ?20 AND version = ?21 RETURNING {TASK_COLUMNS}"
         ))
         .bind(s.status.as_str())
@@ -691,6 +696,7 @@ async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Result<Committe
         .bind(w.task_id.as_str())
         .bind(w.expected_version)
         .bind(i64::from(s.base_check))
+        .bind(i64::from(s.approved))
         .fetch_optional(&mut *tx)
         .await?;
     let Some(row) = row else {
@@ -964,7 +970,8 @@ async fn insert_tasks(
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
-             deps_pending, created_at, updated_at, requires, max_cost_cents, paused) ",
+             deps_pending, created_at, updated_at, requires, max_cost_cents, paused, \
+             approval_required) ",
         );
         q.push_values(chunk, |mut row, (id, t, pending)| {
             row.push_bind(id.as_str())
@@ -984,7 +991,8 @@ async fn insert_tasks(
                         .as_ref()
                         .and_then(|p| paused_parents.get(p.as_str()))
                         .cloned(),
-                );
+                )
+                .push_bind(i64::from(t.approval));
         });
         q.push(" RETURNING id, seq");
         let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
@@ -1068,6 +1076,7 @@ async fn insert_tasks(
             },
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,
+                approval_required: new.approval,
                 ..TaskState::new()
             },
             lease: None,

@@ -139,6 +139,7 @@ fn new_task(id: Option<&str>, title: &str, priority: u8, deps: &[&str]) -> NewTa
         depends_on: deps.iter().map(|d| self::id(d)).collect(),
         requires: vec![],
         max_cost_cents: None,
+        approval: false,
     }
 }
 
@@ -659,16 +660,32 @@ pub async fn transitions_are_compare_and_swap<S: Store>(store: &S) {
     );
 }
 
-/// What holds a Verified task (a base check) is part of its state: written, read back by
-/// every read (one task, a list, the Verified ones), and cleared by the next write.
+/// What holds a Verified task (a base check, an approval) is part of its state: written, read
+/// back by every read (one task, a list, the Verified ones), and changed by the next write;
+/// whether a task needs approval is set at its creation (alone or in a batch) and kept.
 pub async fn keeps_what_holds_a_verified_task<S: Store>(store: &S) {
-    let task = create(store, "held").await;
+    let gated = NewTask {
+        approval: true,
+        ..new_task(None, "held", 2, &[])
+    };
+    let task = store.create_task(gated.clone(), 1).await.expect("create");
+    assert!(task.state.approval_required);
+    let batch = store
+        .create_tasks(vec![gated, new_task(None, "free", 2, &[])], 1)
+        .await
+        .expect("batch");
+    let required: Vec<bool> = batch
+        .iter()
+        .map(|(t, _)| t.state.approval_required)
+        .collect();
+    assert_eq!(required, [true, false]);
     let held = TaskState {
         status: TaskStatus::Verified,
         patchset: 1,
         amend: true,
         feedback: Some("tests failed".into()),
         base_check: true,
+        approved: true,
         ..task.state.clone()
     };
     let written = store
@@ -688,6 +705,7 @@ pub async fn keeps_what_holds_a_verified_task<S: Store>(store: &S) {
     assert_eq!(verified[0].state, held);
     let settled = TaskState {
         base_check: false,
+        approved: false,
         ..held
     };
     let written = store
