@@ -1027,10 +1027,34 @@ impl ObjectReader {
         }
     }
 
+    /// The file at `path` in `commit`'s tree, if it is there (as a file). `path` is a constant
+    /// of the program (never raw input), so it cannot name anything but a path.
+    pub async fn file(&mut self, commit: &CommitId, path: &'static str) -> Result<Option<Vec<u8>>> {
+        if path.contains(['\n', '\0']) || path.starts_with('-') {
+            return Err(GitError::Unexpected(format!("not a path: {path:?}")));
+        }
+        let spec = format!("{commit}:{path}");
+        let raw = tokio::time::timeout(self.timeout, self.read_object(&spec, "blob"))
+            .await
+            .map_err(|_| GitError::TimedOut {
+                what: "git cat-file --batch".to_owned(),
+                after: self.timeout,
+            })??;
+        Ok(raw)
+    }
+
     async fn read(&mut self, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .read_object(id, "commit")
+            .await?
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned()))
+    }
+
+    /// Reads the object `spec` names; `None` if it is missing or not of `kind`.
+    async fn read_object(&mut self, spec: &str, kind: &str) -> Result<Option<Vec<u8>>> {
         let io = |e: std::io::Error| GitError::Unexpected(format!("git cat-file --batch: {e}"));
         self.stdin
-            .write_all(format!("{id}\n").as_bytes())
+            .write_all(format!("{spec}\n").as_bytes())
             .await
             .map_err(io)?;
         self.stdin.flush().await.map_err(io)?;
@@ -1040,18 +1064,18 @@ impl ObjectReader {
         }
         let fields: Vec<&str> = header.split_whitespace().collect();
         match fields.as_slice() {
-            [_, "missing"] => Ok(None),
-            [_, kind, size] => {
+            [_, "missing"] | [_, "ambiguous"] => Ok(None),
+            [_, found, size] => {
                 let size: usize = size.parse().map_err(|_| {
                     GitError::Unexpected(format!("git cat-file: bad header {header:?}"))
                 })?;
                 let mut content = vec![0; size + 1];
                 self.stdout.read_exact(&mut content).await.map_err(io)?;
                 content.pop();
-                if *kind != "commit" {
+                if *found != kind {
                     return Ok(None);
                 }
-                Ok(Some(String::from_utf8_lossy(&content).into_owned()))
+                Ok(Some(content))
             }
             _ => Err(GitError::Unexpected(format!(
                 "git cat-file: bad header {header:?}"

@@ -51,6 +51,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     if config.local_runners > 0 && !config.dry_run {
         check_local_runners(&config).map_err(Error::FailedPrecondition)?;
     }
+    let prompt = load_prompt_template(config.prompt_template.as_deref())?;
     let repo = Repo::open(&config.repo).await?;
     let base = BranchName::parse(&config.base)
         .map_err(|e| Error::InvalidArgument(format!("--base: {e}")))?;
@@ -166,6 +167,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         build_env: config.agent.child_env(),
         dispatch_batch: config.dispatch_batch as usize,
         batch_max: config.batch_max as usize,
+        prompt: Arc::new(prompt),
     };
     let lease_ttl_ms = settings.lease_ttl_ms;
     let coordinator = Arc::new(Coordinator::new(
@@ -649,6 +651,29 @@ fn publish_admin_token_path(
             None
         }
     }
+}
+
+/// The dev prompt's template: the built-in one, or `--prompt-template FILE`, checked now (one
+/// that does not parse or names an unknown variable is refused with its line and column).
+fn load_prompt_template(path: Option<&std::path::Path>) -> Result<crate::prompt::PromptTemplate> {
+    let Some(path) = path else {
+        return Ok(crate::prompt::PromptTemplate::default());
+    };
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "cannot read --prompt-template {}: {e}",
+            path.display()
+        ))
+    })?;
+    crate::prompt::PromptTemplate::parse(source).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "--prompt-template {}:{}:{}: {}",
+            path.display(),
+            e.line,
+            e.column,
+            e.message
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_MAX_EPIC_COST", default_value_t = 0)]
     pub max_epic_cost: u64,
 
+    /// A MiniJinja template for the dev prompt, instead of the built-in one (see the README
+    /// for its variables); checked at start-up.
+    #[arg(long, env = "PIPELINE_PROMPT_TEMPLATE", value_name = "FILE")]
+    pub prompt_template: Option<PathBuf>,
+
     /// Every verified task waits for a person's approval before it lands (pipelinectl task
     /// approve ID, or task reject ID --note TEXT), not only those added with --approval.
     #[arg(long, env = "PIPELINE_REQUIRE_APPROVAL")]
@@ -213,6 +218,7 @@ impl Config {
             &mut self.tls_cert,
             &mut self.tls_key,
             &mut self.tls_ca,
+            &mut self.prompt_template,
         ]
         .into_iter()
         .flatten()

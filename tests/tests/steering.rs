@@ -1,5 +1,6 @@
-//! Steering end to end: `task retry --note/--fresh`, `explain`, `watch` filters and the `logs`
-//! options (`--tail`, `--since`, `--run`, and `--follow` across a server restart).
+//! Steering end to end: `task retry --note/--fresh`, `explain`, `watch` filters, the `logs`
+//! options (`--tail`, `--since`, `--run`, and `--follow` across a server restart), and the
+//! prompt (`--prompt-template`, the project's `AGENTS.md`, the verification it names).
 
 use std::process::Command;
 
@@ -905,4 +906,119 @@ fn a_paused_queue_leases_nothing_and_status_says_why_and_since_when() {
     let status = server.ctl(&["status", "--json"]).json();
     assert_eq!(status["queue_paused"], false);
     assert_eq!(status["queue_pause_reason"], Value::Null);
+}
+
+/// A verification that fails an agent's first attempt (its note says "attempt 1") and passes
+/// the second; the base, without notes, is green.
+const FAILS_THE_FIRST_ATTEMPT: &str =
+    "! ls notes/*.md >/dev/null 2>&1 || grep -q 'attempt 2' notes/*.md";
+
+#[test]
+fn the_prompt_names_the_verification_and_carries_the_projects_agents_md() {
+    let repo = TestRepo::new();
+    repo.push_to_main("AGENTS.md", "Run the linter before you commit.\n");
+    let server = Server::start(
+        &repo,
+        &["--test-cmd", FAILS_THE_FIRST_ATTEMPT, "--backoff-base", "0"],
+    );
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&agent_args(&[])));
+    let id = server.add(&["--title", "with instructions"]);
+    server.wait_status(&id, "done");
+    let first = repo
+        .agent_file(&format!("dev-{id}-1.prompt"))
+        .expect("the first prompt");
+    assert!(
+        first.contains(&format!(
+            "judged by this verification, run in the workspace: `{FAILS_THE_FIRST_ATTEMPT}` (tests)"
+        )),
+        "{first}"
+    );
+    assert!(
+        first.contains("## Project instructions (AGENTS.md)\nRun the linter before you commit.\n"),
+        "{first}"
+    );
+}
+
+#[test]
+fn a_prompt_template_shapes_the_prompt_from_the_tasks_fields_and_its_feedback() {
+    let repo = TestRepo::new();
+    repo.push_to_main("AGENTS.md", "Use tabs.\n");
+    let template = repo.dir.path().join("prompt.j2");
+    std::fs::write(
+        &template,
+        "Task {{ task.id }} ({{ task.title }}), attempt {{ task.attempt }}, patchset \
+         {{ task.patchset }} on {{ base }}.\n\
+         {{ task.description }}\n\
+         Judged by: {{ verification }}\n\
+         House rules: {{ instructions }}\n\
+         {% if feedback %}The previous patchset was rejected: {{ feedback }}\n{% endif %}\
+         {% if note %}A person says: {{ note }}\n{% endif %}",
+    )
+    .expect("write");
+    let template = template.to_str().expect("utf-8").to_owned();
+    let server = Server::start(
+        &repo,
+        &[
+            "--prompt-template",
+            &template,
+            "--test-cmd",
+            FAILS_THE_FIRST_ATTEMPT,
+            "--backoff-base",
+            "0",
+        ],
+    );
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&agent_args(&[])));
+    let id = server.add(&["--title", "shaped", "--description", "Do the thing."]);
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 1, "{task}");
+    let first = repo
+        .agent_file(&format!("dev-{id}-1.prompt"))
+        .expect("the first prompt");
+    assert_eq!(
+        first,
+        format!(
+            "Task {id} (shaped), attempt 1, patchset 0 on main.\nDo the thing.\n\
+             Judged by: `{FAILS_THE_FIRST_ATTEMPT}` (tests)\nHouse rules: Use tabs.\n"
+        )
+    );
+    let second = repo
+        .agent_file(&format!("dev-{id}-2.prompt"))
+        .expect("the second prompt");
+    assert!(
+        second.starts_with(&format!(
+            "Task {id} (shaped), attempt 2, patchset 1 on main."
+        )),
+        "{second}"
+    );
+    assert!(
+        second.contains("The previous patchset was rejected: tests failed (exit 1)"),
+        "{second}"
+    );
+}
+
+#[test]
+fn a_prompt_template_that_does_not_parse_or_names_an_unknown_variable_is_refused_at_start_up() {
+    let repo = TestRepo::new();
+    let template = repo.dir.path().join("prompt.j2");
+    for (source, says) in [
+        (
+            "# Task\n\nDo {{ task.titel }} now.\n",
+            ":3:7: unknown variable task.titel",
+        ),
+        ("# Task\n\n{% if note %}{{ note }}\n", ":3:"),
+    ] {
+        std::fs::write(&template, source).expect("write");
+        let path = template.to_str().expect("utf-8");
+        let log = Server::spawn(&mut Server::command(&repo, &["--prompt-template", path]))
+            .err()
+            .expect("refused");
+        assert!(
+            log.contains(&format!("--prompt-template {path}{says}")),
+            "{log}"
+        );
+        assert!(
+            !repo.state_dir().join("pipeline.db").exists(),
+            "refused before anything was created"
+        );
+    }
 }

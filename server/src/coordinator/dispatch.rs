@@ -31,6 +31,32 @@ use super::{Coordinator, Decision};
 /// the labels for.
 const MAX_SCAN: usize = 4096;
 
+/// The file in the repository whose text goes into every prompt as the project's
+/// instructions for agents (read at the lease's base commit). `AGENTS.md` is the name agents
+/// share; `CLAUDE.md` is not read, since Claude Code reads it from the worktree itself.
+pub const INSTRUCTIONS_FILE: &str = "AGENTS.md";
+
+/// The most of the instructions file a prompt carries; the rest is cut, saying so.
+pub const MAX_INSTRUCTIONS_BYTES: usize = 32 * 1024;
+
+/// The instructions file's text as the prompt carries it: UTF-8 (lossy), at most
+/// [`MAX_INSTRUCTIONS_BYTES`], with a line saying what was cut.
+fn instructions_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    if text.len() <= MAX_INSTRUCTIONS_BYTES {
+        return text.into_owned();
+    }
+    let mut end = MAX_INSTRUCTIONS_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}\n[… {INSTRUCTIONS_FILE} goes on for {} more bytes, cut here]",
+        &text[..end],
+        text.len() - end
+    )
+}
+
 /// After a failed dispatch round (database or git trouble), try again this much later.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
@@ -390,12 +416,20 @@ impl<S: Store> Coordinator<S> {
             Error::Internal(format!("task {} was leased without a lease", leased.id))
         })?;
         let lease_ref = lease.lease_ref();
-        let prompt = prompt::build(
+        let instructions = self.instructions(&lease.base_commit).await;
+        let prompt = self.settings.prompt.render(
             leased,
             &PromptContext {
                 base: self.settings.base.as_str(),
                 base_commit: lease.base_commit.as_str(),
                 amend: lease.previous_commit.is_some(),
+                // Every lease starts one dev run: the epoch is the dev attempt.
+                attempt: lease.epoch,
+                verification: prompt::verification_text(
+                    &self.settings.verifier,
+                    leased.namespace.as_deref(),
+                ),
+                instructions: instructions.as_deref(),
             },
         );
         let assignment = Assignment {
@@ -442,6 +476,29 @@ impl<S: Store> Coordinator<S> {
             .await?;
         }
         Ok(())
+    }
+
+    /// The project's instructions for agents at `base` (`AGENTS.md`, at most
+    /// [`MAX_INSTRUCTIONS_BYTES`]), read once per base commit through the long-lived `git
+    /// cat-file`; none when the file is missing or cannot be read (logged: a prompt goes out
+    /// either way).
+    async fn instructions(&self, base: &CommitId) -> Option<Arc<str>> {
+        let mut cached = self.instructions.lock().await;
+        if let Some((commit, text)) = cached.as_ref()
+            && commit == base
+        {
+            return text.clone();
+        }
+        let text = match self.repo.file_at(base, INSTRUCTIONS_FILE).await {
+            Ok(Some(bytes)) => Some(Arc::from(instructions_text(&bytes))),
+            Ok(None) => None,
+            Err(err) => {
+                tracing::warn!(%base, error = %err, "cannot read {INSTRUCTIONS_FILE}; the prompt goes without it");
+                None
+            }
+        };
+        *cached = Some((base.clone(), text.clone()));
+        text
     }
 
     /// A lease's time ran out: the task goes back to Open (not charged: its runner died, froze

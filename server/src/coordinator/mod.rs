@@ -74,6 +74,8 @@ pub struct Settings {
     pub dispatch_batch: usize,
     /// The most tasks one merge train takes.
     pub batch_max: usize,
+    /// The dev prompt's template (`--prompt-template`, else the built-in one).
+    pub prompt: Arc<crate::prompt::PromptTemplate>,
 }
 
 /// A change decided on a task as it was read: the write to commit and what to do once it is.
@@ -110,6 +112,9 @@ pub struct Coordinator<S> {
     last_day: Mutex<LastDay>,
     /// The digest of the server's verification ([`Verifier::digest`]).
     verify_digest: String,
+    /// The project's instructions for agents (`AGENTS.md`) at the last base commit a prompt
+    /// was built on: read once per base commit, not once per lease.
+    instructions: tokio::sync::Mutex<Option<(pipeline_core::ids::CommitId, Option<Arc<str>>)>>,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -134,6 +139,7 @@ impl<S: Store> Coordinator<S> {
             counts: Mutex::new(None),
             landing: Mutex::new(Landing::default()),
             last_day: Mutex::new(LastDay::default()),
+            instructions: tokio::sync::Mutex::new(None),
         }
     }
 

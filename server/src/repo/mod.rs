@@ -147,6 +147,24 @@ impl Repo {
         info.ok_or_else(|| Error::NotFound(format!("commit {commit} is not in the repository")))
     }
 
+    /// The file at `path` (a constant of the program) in `commit`'s tree, read through the
+    /// long-lived `git cat-file --batch`; `None` if there is none.
+    pub async fn file_at(&self, commit: &CommitId, path: &'static str) -> Result<Option<Vec<u8>>> {
+        let mut slot = self.objects.lock().await;
+        if slot.is_none() {
+            *slot = Some(self.git.object_reader()?);
+        }
+        let read = match slot.as_mut() {
+            Some(reader) => reader.file(commit, path).await,
+            None => Err(GitError::Unexpected("git cat-file is not running".into())),
+        };
+        if read.is_err() {
+            // The process may have died: the next read starts a fresh one.
+            *slot = None;
+        }
+        Ok(read?)
+    }
+
     pub async fn parents(&self, commit: &CommitId) -> Result<Vec<CommitId>> {
         Ok(self.commit_info(commit).await?.parents)
     }
