@@ -401,8 +401,15 @@ async fn dry_run(store: &SqliteStore, config: &Config) -> Result<()> {
             )?;
         }
     }
+    // Held ones (a runner's failure the server has not settled, an approval not given) do not
+    // land next.
+    let policy = Policy {
+        require_approval: config.require_approval,
+        ..Policy::default()
+    };
     let train: Vec<String> = verified
         .iter()
+        .filter(|t| !t.state.base_check && !policy.awaits_approval(&t.state))
         .take(config.batch_max as usize)
         .map(|t| t.id.to_string())
         .collect();
