@@ -78,6 +78,10 @@ pub struct RedBase {
     /// The namespace it was built for (under `bild`, a base is red for a namespace).
     #[serde(default)]
     pub namespace: Option<String>,
+    /// The digest of the verification it failed (set when it is recorded): a server started
+    /// with another verification does not take the base as red under its own.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// A commit ID as its text in the stored red base.

@@ -65,7 +65,15 @@ impl<S: Store> Coordinator<S> {
                 commit,
                 reason: old.reason,
                 namespace: None,
+                digest: None,
             }));
+        }
+        // A base found red under another verification is not known red under this one.
+        if let Some(red) =
+            red_base.take_if(|r| r.digest.as_deref().is_some_and(|d| d != self.verify_digest))
+        {
+            self.store.delete_meta(landing::RED_BASE).await?;
+            tracing::info!(commit = %red.commit, "the base was found red under another verification; not held for it now");
         }
         let queue_paused: Option<QueuePause> = self.load_meta(landing::QUEUE_PAUSED).await?;
         let now = self.now();
@@ -163,7 +171,8 @@ impl<S: Store> Coordinator<S> {
     /// Records the base red: leases and landing wait until it is green again (a person's
     /// hold, if any, stays as it is). A base already known red is recorded again only if it
     /// is another commit.
-    pub(crate) async fn mark_red_base(&self, red: RedBase) -> Result<()> {
+    pub(crate) async fn mark_red_base(&self, mut red: RedBase) -> Result<()> {
+        red.digest = Some(self.verify_digest.clone());
         if self
             .landing()
             .red_base

@@ -393,6 +393,7 @@ async fn a_red_base_holds_leases_and_landing_apart_from_a_persons_hold_and_outli
         commit: commit.clone(),
         reason: "red again".into(),
         namespace: None,
+        digest: None,
     })
     .await
     .expect("red");
@@ -408,4 +409,15 @@ async fn a_red_base_holds_leases_and_landing_apart_from_a_persons_hold_and_outli
     assert_eq!(c.landing().state(), ("running", None));
     c.load_landing().await.expect("load");
     assert_eq!(c.landing().state(), ("running", None), "resumed for good");
+    // A base found red under another verification is not held for under this one.
+    c.store()
+        .put_meta(
+            RED_BASE,
+            &format!(r#"{{"commit":"{commit}","reason":"red","digest":"v1:other"}}"#),
+        )
+        .await
+        .expect("meta");
+    c.load_landing().await.expect("load");
+    assert!(c.landing().red_base.is_none());
+    assert!(c.store().get_meta(RED_BASE).await.expect("meta").is_none());
 }

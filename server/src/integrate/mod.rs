@@ -1276,5 +1276,6 @@ fn red_base(
         ),
         commit,
         namespace,
+        digest: None,
     }
 }
