@@ -341,3 +341,32 @@ fn a_task_added_with_approval_waits_for_it_alone() {
     assert_eq!(server.show(&gated_too)["status"], "verified");
     assert!(!repo.landed().contains(&gated_too));
 }
+
+#[test]
+fn under_bild_a_base_red_for_the_tasks_namespace_charges_no_one() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&agent_args(&[])));
+    // `needs-base-fix` fails on every tree until a file base-fixed is in it: the base too.
+    let id = server.add(&["--title", "on a red base", "--namespace", "needs-base-fix"]);
+    let status = wait_for("the base to be found red for the namespace", || {
+        let s = server.ctl(&["status", "--json"]).json();
+        s["landing"]["red_base"].is_string().then_some(s)
+    });
+    let reason = status["landing"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("needs-base-fix") && reason.contains("the base is broken"),
+        "{reason}"
+    );
+    let t = server.wait_status(&id, "verified");
+    assert_eq!(t["failures"], 0, "{t}");
+    let calls = repo.agent_file("bild.calls").unwrap_or_default();
+    assert!(
+        calls.lines().any(|c| c == "test=0 needs-base-fix"),
+        "the server built the base for the task's namespace: {calls}"
+    );
+    repo.push_to_main("base-fixed", "yes\n");
+    let done = server.wait_status(&id, "done");
+    assert_eq!(done["failures"], 0, "{done}");
+    assert_eq!(dev_runs(&done), 1, "{done}");
+}
