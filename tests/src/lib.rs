@@ -9,6 +9,10 @@
 //! - [`Runner`] runs `pipeline-runner`; [`runner`] starts one with the scripted agent
 //!   ([`scripted_agent`], [`agent_args`]) and `--no-verify`, [`fake_runner`] registers one that
 //!   the test drives by hand ([`fake_runner::FakeRunner`]).
+//! - Every process the harness starts gets a home of its own ([`isolate`]: `HOME` and the XDG
+//!   base directories, by default the [`TestRepo`]'s `home/`), so a test never reads or writes
+//!   the user's files (the servers' notes for `pipelinectl` live there too); [`command`],
+//!   [`TestRepo::command`] and [`Server::ctl_command`] make such commands.
 //! - [`wait_for`] waits for a condition with a deadline: no test sleeps to synchronise.
 //! - Small readers shared by the test files: a task's [`runs`] and [`event_kinds`] from its
 //!   JSON, [`main_tip`], whether a process is [`alive`], [`as_strs`] for flags; and
@@ -82,6 +86,31 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// Makes `cmd` run with `home` as its home: `HOME`, and the XDG base directories under it, so
+/// nothing it runs reads or writes the user's own files (the server's note for `pipelinectl`,
+/// a runner's default work dir). `home` need not exist: a process that writes there creates it.
+pub fn isolate<'a>(cmd: &'a mut Command, home: &Path) -> &'a mut Command {
+    cmd.env("HOME", home)
+        .env("XDG_STATE_HOME", home.join(".local/state"))
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_DATA_HOME", home.join(".local/share"))
+        .env_remove("XDG_RUNTIME_DIR")
+}
+
+/// One of the workspace's binaries as a command running with `home` as its home
+/// ([`isolate`]).
+pub fn command(name: &str, home: &Path) -> Command {
+    let mut cmd = Command::new(bin(name));
+    isolate(&mut cmd, home);
+    cmd
+}
+
+/// A home with nothing in it (never created), for `pipelinectl` runs that belong to no server.
+pub fn empty_home() -> PathBuf {
+    bin_dir().join("pipeline-tests-empty-home")
+}
+
 /// Polls `cond` until it returns `Some`, failing the test after [`DEADLINE`].
 pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -96,9 +125,10 @@ pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// Runs `git` in `dir`, panicking with its stderr on failure; returns stdout, trimmed.
+/// Runs `git` in `dir` (with no user configuration: an empty home), panicking with its stderr
+/// on failure; returns stdout, trimmed.
 pub fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
+    let out = isolate(&mut Command::new("git"), &empty_home())
         .arg("-C")
         .arg(dir)
         .args(args)
@@ -116,8 +146,8 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// A temp dir holding a git repository (`repo/`, branch `main`, one commit) and room for the
-/// server's state (`state/`).
+/// A temp dir holding a git repository (`repo/`, branch `main`, one commit), room for the
+/// server's state (`state/`), and the home (`home/`) of the processes started for it.
 pub struct TestRepo {
     pub dir: tempfile::TempDir,
 }
@@ -142,6 +172,16 @@ impl TestRepo {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// The home of the processes started for this repository (see [`isolate`]).
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// One of the workspace's binaries as a command with this repository's home.
+    pub fn command(&self, name: &str) -> Command {
+        command(name, &self.home())
     }
 
     /// Where the scripted agent and the fakes log what they saw.
@@ -281,15 +321,44 @@ impl Output {
     }
 }
 
-/// Runs `pipelinectl ARGS` against `url`.
+/// Runs `pipelinectl ARGS` against `url`, from the home of the server this process started
+/// last on the URL's port (so it finds that server's admin token, as a `pipelinectl` on the
+/// server's host would), or else from a home with nothing in it.
 pub fn ctl(url: &str, args: &[&str]) -> Output {
-    run(Command::new(bin("pipelinectl"))
-        .arg("--server")
+    ctl_in(&home_for(url), url, args)
+}
+
+/// The homes of the servers this process started, by port.
+static SERVER_HOMES: Mutex<Vec<(u16, PathBuf)>> = Mutex::new(Vec::new());
+
+/// The home of the server this process started last on `url`'s port, or [`empty_home`].
+pub fn home_for(url: &str) -> PathBuf {
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse::<u16>().ok());
+    let homes = SERVER_HOMES.lock().unwrap_or_else(|e| e.into_inner());
+    port.and_then(|port| homes.iter().rev().find(|(p, _)| *p == port))
+        .map(|(_, home)| home.clone())
+        .unwrap_or_else(empty_home)
+}
+
+/// Runs `pipelinectl ARGS` against `url` with `home` as its home.
+pub fn ctl_in(home: &Path, url: &str, args: &[&str]) -> Output {
+    run(ctl_command(home, url).args(args))
+}
+
+/// `pipelinectl --server URL` with `home` as its home and no server or token from the
+/// environment; add the arguments.
+pub fn ctl_command(home: &Path, url: &str) -> Command {
+    let mut cmd = command("pipelinectl", home);
+    cmd.arg("--server")
         .arg(url)
-        .args(args)
         .env_remove("PIPELINE_SERVER")
         .env_remove("PIPELINE_TOKEN")
-        .env_remove("PIPELINE_ADMIN_TOKEN"))
+        .env_remove("PIPELINE_ADMIN_TOKEN");
+    cmd
 }
 
 /// Runs a prepared command to completion with null stdin.
@@ -425,6 +494,10 @@ pub struct Server {
     pub proc: Proc,
     pub addr: String,
     pub url: String,
+    /// Its home (where it leaves its note for `pipelinectl`), from its command.
+    home: PathBuf,
+    /// The home made for a server whose command set none, removed with it.
+    _own_home: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -437,7 +510,7 @@ impl Server {
 
     /// The command [`Server::start`] runs, for tests that expect it to fail.
     pub fn command(repo: &TestRepo, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("pipeline-server"));
+        let mut cmd = repo.command("pipeline-server");
         cmd.arg("--repo")
             .arg(repo.repo())
             .arg("--state-dir")
@@ -455,8 +528,20 @@ impl Server {
     }
 
     /// Spawns the command and waits for its "listening on" line; on exit before it, returns
-    /// the log.
+    /// the log. A command without a `HOME` of its own gets a fresh one (see [`isolate`]).
     pub fn spawn(cmd: &mut Command) -> Result<Self, String> {
+        let set = cmd
+            .get_envs()
+            .find(|(k, _)| *k == "HOME")
+            .and_then(|(_, v)| v.map(PathBuf::from));
+        let (home, own_home) = match set {
+            Some(home) => (home, None),
+            None => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                isolate(cmd, dir.path());
+                (dir.path().to_path_buf(), Some(dir))
+            }
+        };
         let proc = Proc::spawn(cmd);
         let line = proc.wait_for_line("listening on ")?;
         let addr = line
@@ -465,16 +550,34 @@ impl Server {
             .expect("address")
             .trim()
             .to_owned();
+        if let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse().ok()) {
+            let mut homes = SERVER_HOMES.lock().unwrap_or_else(|e| e.into_inner());
+            homes.retain(|(p, _)| *p != port);
+            homes.push((port, home.clone()));
+        }
         Ok(Self {
             proc,
             url: format!("http://{addr}"),
             addr,
+            home,
+            _own_home: own_home,
         })
+    }
+
+    /// The server's home: `pipelinectl` run from it finds the server's admin token.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// `pipelinectl --server URL` from the server's home (see [`ctl_command`]); add the
+    /// arguments.
+    pub fn ctl_command(&self) -> Command {
+        ctl_command(&self.home, &self.url)
     }
 
     /// Runs `pipelinectl ARGS` against this server.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        ctl(&self.url, args)
+        run(self.ctl_command().args(args))
     }
 
     /// Creates a task with `args` (after `task add`) and returns its ID.
@@ -637,7 +740,7 @@ impl Runner {
     /// The command [`Runner::spawn`] runs, for tests that change it first (its directory,
     /// its environment) or expect it to fail.
     pub fn command(repo: &TestRepo, url: &str, name: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("pipeline-runner"));
+        let mut cmd = repo.command("pipeline-runner");
         cmd.args(["--server", url, "--name", name]);
         if !args.contains(&"--slots") {
             cmd.args(["--slots", "1"]);
@@ -690,7 +793,10 @@ pub fn event_kinds(task: &Value) -> Vec<String> {
 /// returns (ca.pem, server.pem, server.key).
 pub fn make_certs(dir: &std::path::Path) -> (String, String, String) {
     let sh = |script: &str| {
-        let out = run(Command::new("sh").arg("-c").arg(script).current_dir(dir));
+        let out = run(isolate(&mut Command::new("sh"), &dir.join("home"))
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir));
         assert!(out.status.success(), "{script}: {}", out.stderr);
     };
     sh(
@@ -773,32 +879,52 @@ pub fn task_ref(repo: &Path, task: &str, epoch: u64) -> String {
 }
 
 /// A small file system of its own (a tmpfs), for the tests that fill a disk. Mounting needs the
-/// right to (root, as in CI); without it the constructor fails the test with a line saying so.
+/// right to (root, as in CI): [`SmallDisk::try_new`] says so and lets the test skip without it.
 pub struct SmallDisk {
     pub path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl SmallDisk {
-    /// A fresh tmpfs of `mib` MiB.
+    /// A fresh tmpfs of `mib` MiB; fails the test if it cannot be mounted.
     pub fn new(mib: u32) -> Self {
+        Self::mount(mib).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// A fresh tmpfs of `mib` MiB, or `None` when this machine does not let the tests mount
+    /// one (not root): then it prints why on the terminal (past the test harness's capture),
+    /// and the test returns early, skipped.
+    pub fn try_new(mib: u32) -> Option<Self> {
+        match Self::mount(mib) {
+            Ok(disk) => Some(disk),
+            Err(why) => {
+                use std::io::Write;
+                let test = std::thread::current().name().unwrap_or("a test").to_owned();
+                let _ = writeln!(std::io::stderr(), "skipped {test}: {why}");
+                None
+            }
+        }
+    }
+
+    fn mount(mib: u32) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("disk");
         std::fs::create_dir(&path).expect("mkdir");
-        let out = run(Command::new("mount").args([
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={mib}m"),
-            "tmpfs",
-            path.to_str().expect("utf-8"),
-        ]));
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs to fill it and needs the right to (run as root): {}",
-            out.stderr.trim()
-        );
-        Self { path, _dir: dir }
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(out) if out.status.success() => Ok(Self { path, _dir: dir }),
+            Ok(out) => Err(format!(
+                "it mounts a small tmpfs to fill it, which needs root: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!(
+                "it mounts a small tmpfs to fill it, which needs root and mount(8): {e}"
+            )),
+        }
     }
 
     /// Fills the disk to the last byte with a file; returns it. Called again, it takes what

@@ -1,7 +1,7 @@
 //! The control API end to end: the real `pipeline-server` on a loopback port, driven by the
 //! real `pipelinectl`.
 
-use pipeline_tests::{Server, TestRepo, bin, ctl, run};
+use pipeline_tests::{Server, TestRepo, ctl, run};
 use serde_json::Value;
 
 fn assert_task_shape(task: &Value) {
@@ -154,8 +154,9 @@ fn description_from_a_file_and_from_stdin() {
     let shown = server.ctl(&["task", "show", &id, "--json"]).json();
     assert_eq!(shown["description"], "From a file.\n");
 
-    let out = run(std::process::Command::new(bin("pipelinectl"))
-        .args(["--server", &server.url, "task", "add", "--title", "stdin"])
+    let out = run(server
+        .ctl_command()
+        .args(["task", "add", "--title", "stdin"])
         .args(["--description-file", "/nonexistent/desc"]));
     out.refused(2, "cannot read --description-file /nonexistent/desc");
 }
@@ -323,7 +324,7 @@ fn the_server_refuses_to_start_without_a_repo_or_base() {
     let not_a_repo = repo.dir.path().join("plain");
     std::fs::create_dir(&not_a_repo).expect("mkdir");
     let log = Server::spawn(
-        std::process::Command::new(bin("pipeline-server"))
+        repo.command("pipeline-server")
             .arg("--repo")
             .arg(&not_a_repo)
             .args(["--listen", "127.0.0.1:0"]),
@@ -392,8 +393,9 @@ fn a_closed_pipe_ends_pipelinectl_quietly() {
             &format!("task number {i} with a title long enough to fill"),
         ]);
     }
-    let mut child = std::process::Command::new(bin("pipelinectl"))
-        .args(["--server", &server.url, "task", "list"])
+    let mut child = server
+        .ctl_command()
+        .args(["task", "list"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

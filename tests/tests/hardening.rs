@@ -19,13 +19,7 @@ fn start_with_home(repo: &TestRepo, home: &Path, extra: &[&str]) -> Server {
 
 /// `pipelinectl --server URL ARGS` with `HOME` set to `home` and no token in the environment.
 fn ctl_home(url: &str, home: &Path, args: &[&str]) -> Output {
-    run(Command::new(bin("pipelinectl"))
-        .arg("--server")
-        .arg(url)
-        .args(args)
-        .env("HOME", home)
-        .env_remove("PIPELINE_SERVER")
-        .env_remove("PIPELINE_TOKEN"))
+    run(pipeline_tests::ctl_command(home, url).args(args))
 }
 
 /// The notes servers left for `pipelinectl` under `home`, by file name.
@@ -844,7 +838,13 @@ fn logs_are_escaped_on_a_terminal_and_kept_raw_through_a_pipe() {
         server.url,
         repo.admin_token()
     );
-    let out = run(Command::new("script").args(["-qec", &command, "/dev/null"]));
+    let out = run(
+        pipeline_tests::isolate(&mut Command::new("script"), server.home()).args([
+            "-qec",
+            &command,
+            "/dev/null",
+        ]),
+    );
     if out.status.code() == Some(127) || out.stderr.contains("not found") {
         eprintln!("no `script` here to give pipelinectl a terminal; the unit tests cover it");
         return;

@@ -367,7 +367,7 @@ fn a_checked_out_base_is_refused_and_a_bare_repo_works() {
             "bare.git",
         ],
     );
-    let mut cmd = std::process::Command::new(pipeline_tests::bin("pipeline-server"));
+    let mut cmd = repo.command("pipeline-server");
     cmd.arg("--repo")
         .arg(&bare)
         .arg("--state-dir")

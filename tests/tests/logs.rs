@@ -1,8 +1,8 @@
 //! Run logs and `watch` end to end: live, complete, in order, resumable, capped.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use pipeline_tests::{Server, TestRepo, bin, runner, wait_for};
+use pipeline_tests::{Server, TestRepo, runner, wait_for};
 use serde_json::Value;
 
 /// `pipelinectl logs ID --follow` in the background, its stdout collected to a file.
@@ -15,8 +15,9 @@ impl Follower {
     fn start(repo: &TestRepo, server: &Server, id: &str, name: &str) -> Self {
         let out = repo.dir.path().join(format!("follow-{name}.out"));
         let file = std::fs::File::create(&out).expect("out file");
-        let child = Command::new(bin("pipelinectl"))
-            .args(["--server", &server.url, "logs", id, "--follow"])
+        let child = server
+            .ctl_command()
+            .args(["logs", id, "--follow"])
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(Stdio::inherit())
@@ -155,8 +156,9 @@ fn watch_shows_every_transition_of_a_task_through_a_failure_and_a_retry() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--backoff-base", "0"]);
     let out = repo.dir.path().join("watch.out");
-    let mut watch = Command::new(bin("pipelinectl"))
-        .args(["--server", &server.url, "watch", "--json"])
+    let mut watch = server
+        .ctl_command()
+        .args(["watch", "--json"])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).expect("out"))
         .spawn()

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use pipeline_tests::{
-    Proc, Server, TestRepo, as_strs, bin, ctl, make_certs, run, scripted_agent, scripts_path,
+    Proc, Server, TestRepo, as_strs, ctl, make_certs, run, scripted_agent, scripts_path,
 };
 
 /// A runner named `name` for `url`, working in `work`, presenting `token` (if any), with the
@@ -23,7 +23,7 @@ fn runner_with(
     token: Option<&str>,
     extra: &[&str],
 ) -> Command {
-    let mut cmd = Command::new(bin("pipeline-runner"));
+    let mut cmd = repo.command("pipeline-runner");
     cmd.args([
         "--server",
         url,
@@ -256,9 +256,8 @@ fn each_credential_has_a_variable_of_its_own() {
     // No note of a local server's token: only what the environment says counts.
     let home = tempfile::tempdir().expect("home");
     let status = |env: &[(&str, &str)]| {
-        run(Command::new(bin("pipelinectl"))
+        run(pipeline_tests::command("pipelinectl", home.path())
             .args(["--server", &server.url, "status", "--json"])
-            .env("HOME", home.path())
             .env_remove("PIPELINE_SERVER")
             .env_remove("PIPELINE_TOKEN")
             .env_remove("PIPELINE_ADMIN_TOKEN")

@@ -12,7 +12,7 @@ use serde_json::Value;
 /// `pipeline-runner ARGS` against `url` with `path` as its PATH, run to completion.
 fn runner_once(repo: &TestRepo, url: &str, path: &str, args: &[&str]) -> pipeline_tests::Output {
     pipeline_tests::run(
-        Command::new(bin("pipeline-runner"))
+        repo.command("pipeline-runner")
             .args(["--server", url, "--name", "checked"])
             .args(["--token", &repo.registration_token()])
             .arg("--work-dir")
@@ -104,7 +104,7 @@ fn a_runner_refuses_to_start_without_what_it_needs() {
     let file = repo.dir.path().join("a-file");
     std::fs::write(&file, "").expect("write");
     let out = pipeline_tests::run(
-        Command::new(bin("pipeline-runner"))
+        repo.command("pipeline-runner")
             .args(["--server", &server.url, "--name", "w"])
             .args(["--token", &repo.registration_token()])
             .arg("--work-dir")
@@ -419,7 +419,7 @@ fn a_second_server_on_the_same_state_dir_refuses_to_start() {
     let db = repo.state_dir().join("pipeline.db");
     let other = repo.dir.path().join("other-state");
     let log = refused(
-        Command::new(bin("pipeline-server"))
+        repo.command("pipeline-server")
             .arg("--repo")
             .arg(repo.repo())
             .arg("--state-dir")
@@ -445,7 +445,7 @@ fn sigterm_ends_watch_and_follow_streams_at_once() {
     // Their output goes to the captured stderr, to see that they are connected.
     let ctl = |args: &str| {
         pipeline_tests::Proc::spawn(
-            Command::new("sh")
+            pipeline_tests::isolate(&mut Command::new("sh"), server.home())
                 .arg("-c")
                 .arg(format!(
                     "exec {} --server {} {args} 1>&2",
@@ -622,7 +622,7 @@ fn a_git_failure_on_the_server_is_not_charged_to_the_task() {
 fn relative_paths_are_resolved_at_start_up() {
     let repo = TestRepo::new();
     let cwd = repo.dir.path();
-    let mut cmd = Command::new(bin("pipeline-server"));
+    let mut cmd = repo.command("pipeline-server");
     cmd.current_dir(cwd)
         .args(["--repo", "repo", "--state-dir", "st-scratch"])
         .args(["--listen", "127.0.0.1:0", "--env-allow", "AGENT_LOG_DIR"])
@@ -636,7 +636,7 @@ fn relative_paths_are_resolved_at_start_up() {
         .to_owned();
     let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
     let _runner = pipeline_tests::Proc::spawn(
-        Command::new(bin("pipeline-runner"))
+        repo.command("pipeline-runner")
             .current_dir(cwd)
             .args(["--server", &server.url, "--name", "rel", "--token", &token])
             .args([
@@ -833,7 +833,7 @@ fn server_on(
     extra: &[&str],
 ) -> (Server, String) {
     let state = disk.path.join("state");
-    let mut cmd = Command::new(bin("pipeline-server"));
+    let mut cmd = repo.command("pipeline-server");
     cmd.arg("--repo")
         .arg(repo.repo())
         .arg("--state-dir")
@@ -860,7 +860,7 @@ fn script_runner(
 ) -> pipeline_tests::Proc {
     let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
     pipeline_tests::Proc::spawn(
-        Command::new(bin("pipeline-runner"))
+        repo.command("pipeline-runner")
             .args(["--server", url, "--name", name, "--token", token])
             .arg("--work-dir")
             .arg(work_dir)
@@ -874,7 +874,9 @@ fn script_runner(
 #[test]
 fn a_full_disk_fails_writes_cleanly_and_they_come_back_with_the_space() {
     let repo = TestRepo::new();
-    let disk = pipeline_tests::SmallDisk::new(24);
+    let Some(disk) = pipeline_tests::SmallDisk::try_new(24) else {
+        return;
+    };
     let (server, token) = server_on(&repo, &disk, &["--lease-ttl", "2"]);
     let runner = |name: &str| {
         let work = repo.dir.path().join("runners").join(name);
@@ -921,7 +923,9 @@ fn a_full_disk_fails_writes_cleanly_and_they_come_back_with_the_space() {
 #[test]
 fn a_full_spool_disk_is_not_charged_and_leaves_no_file_behind() {
     let repo = TestRepo::new();
-    let disk = pipeline_tests::SmallDisk::new(24);
+    let Some(disk) = pipeline_tests::SmallDisk::try_new(24) else {
+        return;
+    };
     let (server, token) = server_on(&repo, &disk, &[]);
     let work = repo.dir.path().join("runners").join("r");
     let _runner = script_runner(&repo, &server.url, &token, "r", &work);
@@ -1015,7 +1019,9 @@ fn a_build_tool_missing_when_the_build_runs_is_not_charged() {
 fn a_full_disk_on_the_runner_is_not_charged() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &["--backoff-base", "0"]);
-    let disk = pipeline_tests::SmallDisk::new(16);
+    let Some(disk) = pipeline_tests::SmallDisk::try_new(16) else {
+        return;
+    };
     let token = repo.registration_token();
     let runner = script_runner(&repo, &server.url, &token, "r", &disk.path.join("work"));
     wait_for("the runner to connect", || {
@@ -1096,11 +1102,8 @@ fn a_dependency_on_a_cancelled_task_is_refused_and_waiting_is_explained() {
         "{table}"
     );
     // `logs --follow` of a task that has not started says why, then waits.
-    let follow = pipeline_tests::Proc::spawn(
-        Command::new(bin("pipelinectl"))
-            .args(["--server", &server.url, "logs", &second, "--follow"])
-            .env_remove("PIPELINE_TOKEN"),
-    );
+    let follow =
+        pipeline_tests::Proc::spawn(server.ctl_command().args(["logs", &second, "--follow"]));
     let line = follow
         .wait_for_line("is waiting")
         .expect("logs --follow said nothing");
@@ -1218,11 +1221,7 @@ fn failure_messages_show_the_command_as_run_and_are_not_cut_after_a_colon() {
         .find(|l| l.trim_start().starts_with("verify"))
         .expect("verify row");
     assert!(row.contains("error: no good"), "cut after a colon: {row}");
-    let transitions = pipeline_tests::run(
-        Command::new(bin("pipelinectl"))
-            .args(["--server", &server.url, "task", "show", &id])
-            .env_remove("PIPELINE_TOKEN"),
-    );
+    let transitions = pipeline_tests::run(server.ctl_command().args(["task", "show", &id]));
     assert!(transitions.status.success());
 }
 
@@ -1255,27 +1254,18 @@ fn stdout_and_stderr_keep_the_order_they_were_written_in() {
 #[test]
 fn a_killed_servers_token_note_is_not_offered_to_the_next_server_on_its_port() {
     let repo = TestRepo::new();
-    let home = repo.dir.path().join("home");
-    std::fs::create_dir_all(&home).expect("home");
+    let home = repo.home();
     let start = |state: &str, listen: &str| {
-        let mut cmd = Command::new(bin("pipeline-server"));
+        let mut cmd = repo.command("pipeline-server");
         cmd.arg("--repo")
             .arg(repo.repo())
             .arg("--state-dir")
             .arg(repo.dir.path().join(state))
             .args(["--listen", listen, "--insecure"])
-            .env("HOME", &home)
             .env("RUST_LOG", "info");
         Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"))
     };
-    let ctl = |url: &str| {
-        pipeline_tests::run(
-            Command::new(bin("pipelinectl"))
-                .args(["--server", url, "status", "--json"])
-                .env("HOME", &home)
-                .env_remove("PIPELINE_TOKEN"),
-        )
-    };
+    let ctl = |url: &str| pipeline_tests::ctl_in(&home, url, &["status", "--json"]);
     let first = start("state-a", "127.0.0.1:0");
     let port = first.addr.rsplit(':').next().expect("port").to_owned();
     first.kill();

@@ -1,22 +1,15 @@
 //! Credentials and roles end to end: nothing without a credential, each credential only for its
 //! role, a runner only for itself; revoke, rotate, rate limits; no token value in any log.
 
-use std::process::Command;
-
 use pipeline_proto::v1 as pb;
 use pipeline_tests::fake_runner::FakeRunner;
 use pipeline_tests::{
-    Runner, Server, TestRepo, alive, bin, fake_runner, git, run, runner, scripted_agent, wait_for,
+    Runner, Server, TestRepo, alive, fake_runner, git, run, runner, scripted_agent, wait_for,
 };
 
 /// `pipelinectl` with no way to find a token (no `--token`, no local note).
 fn ctl_without_token(server: &Server, args: &[&str]) -> pipeline_tests::Output {
-    let home = tempfile::tempdir().expect("home");
-    run(Command::new(bin("pipelinectl"))
-        .args(["--server", &server.url])
-        .args(args)
-        .env("HOME", home.path())
-        .env_remove("PIPELINE_TOKEN"))
+    run(pipeline_tests::ctl_command(&pipeline_tests::empty_home(), &server.url).args(args))
 }
 
 #[test]
@@ -346,7 +339,7 @@ fn a_runner_keeps_its_credential_and_a_revoked_one_needs_an_admin_to_come_back()
     first.proc.kill();
     // After a restart it needs no registration token: its own credential is enough.
     let second = pipeline_tests::Proc::spawn(
-        Command::new(bin("pipeline-runner"))
+        repo.command("pipeline-runner")
             .args(["--server", &server.url, "--name", "keeper", "--slots", "1"])
             .args(["--token", "plr_not-the-token"])
             .arg("--work-dir")

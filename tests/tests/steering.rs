@@ -13,7 +13,8 @@ use serde_json::Value;
 /// `pipelinectl ARGS` in the background, its stdout captured with its stderr.
 fn ctl_in_background(server_url: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new("sh");
-    cmd.arg("-c")
+    pipeline_tests::isolate(&mut cmd, &pipeline_tests::home_for(server_url))
+        .arg("-c")
         .arg("exec \"$0\" \"$@\" 1>&2")
         .arg(bin("pipelinectl"))
         .args(["--server", server_url])

@@ -4,7 +4,7 @@
 //! starting the process to its exit, IDs printed.
 
 use std::fmt::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use pipeline_tests::{Server, TestRepo};
 
@@ -31,11 +31,9 @@ pub async fn from_file(quick: bool) {
     let (path, out) = (file.clone(), ids.clone());
     let (exit, peak, wall) = tokio::task::spawn_blocking(move || {
         run_watching_memory(
-            Command::new(pipeline_tests::bin("pipelinectl"))
-                .args(["--server", &url, "task", "add", "--from-file"])
+            pipeline_tests::ctl_command(&pipeline_tests::home_for(&url), &url)
+                .args(["task", "add", "--from-file"])
                 .arg(&path)
-                .env_remove("PIPELINE_SERVER")
-                .env_remove("PIPELINE_TOKEN")
                 .stdin(Stdio::null())
                 .stdout(std::fs::File::create(&out).expect("the IDs file"))
                 .stderr(Stdio::null()),

@@ -6,7 +6,7 @@
 //! one-line description each and priorities 0 to 4 in turn (so that a page crosses from one
 //! priority to the next).
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pipeline_proto::v1 as pb;
@@ -206,10 +206,8 @@ pub async fn scale_memory(quick: bool) {
     let list_all = |url: String| {
         tokio::task::spawn_blocking(move || {
             run_watching_memory(
-                Command::new(pipeline_tests::bin("pipelinectl"))
-                    .args(["--server", &url, "task", "list", "--json"])
-                    .env_remove("PIPELINE_SERVER")
-                    .env_remove("PIPELINE_TOKEN")
+                pipeline_tests::ctl_command(&pipeline_tests::home_for(&url), &url)
+                    .args(["task", "list", "--json"])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null()),
