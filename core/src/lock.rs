@@ -29,8 +29,10 @@ pub enum LockError {
 }
 
 impl FileLock {
-    /// Takes the lock on `path` (creating the file), without waiting, and notes this
-    /// process's PID in it.
+    /// Takes the lock on `path` (creating the file), and notes this process's PID in it. A lock
+    /// held is waited for only a moment ([`PATIENCE`]): whoever checks whether the holder is
+    /// alive (`pipelinectl`, a server looking for stale notes) holds it shared for an instant,
+    /// which must not turn the taker away; a process that holds it keeps it.
     pub fn take(path: &Path) -> Result<Self, LockError> {
         let io = |source| LockError::Io {
             path: path.to_owned(),
@@ -43,7 +45,7 @@ impl FileLock {
             .truncate(false)
             .open(path)
             .map_err(io)?;
-        match file.try_lock() {
+        match try_lock_patiently(&file) {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
@@ -70,6 +72,22 @@ impl FileLock {
             "" => write!(self.file, "pid {}", self.pid),
             more => write!(self.file, "pid {}, {more}", self.pid),
         };
+    }
+}
+
+/// How long a lock held is waited for before it counts as held.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Takes the exclusive lock on `file`, trying again for [`PATIENCE`] while it is held.
+fn try_lock_patiently(file: &std::fs::File) -> Result<(), std::fs::TryLockError> {
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < PATIENCE => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -211,7 +211,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     for lock in &mut locks {
         lock.note_address(addr);
     }
-    let _admin_note = publish_admin_token_path(addr, &state_dir);
+    let _admin_note = crate::admin_note::publish(addr, &state_dir);
     // Tests and scripts wait for this line to learn the port (everything a client needs is in
     // place by then).
     tracing::info!("listening on {addr}");
@@ -520,7 +520,7 @@ impl StateLock {
         }
     }
 
-    /// Adds the listening address to the note.
+    /// Adds the listening address to the lock file.
     fn note_address(&mut self, addr: std::net::SocketAddr) {
         self.0.note(&format!("address {addr}"));
     }
@@ -612,54 +612,6 @@ async fn prune_logs(store: SqliteStore, days: u64, shutdown: CancellationToken) 
     }
 }
 
-/// The note that tells a `pipelinectl` on this host where the admin token is, so that the
-/// local quick start needs no `--token`: `~/.local/state/pipeline/servers/<ip>-<port>` (the
-/// exact listening address; `pipelinectl` offers the token only to that loopback address) holds
-/// the token file's path, never the token. Removed when dropped, at the end of [`run`].
-struct AdminNote {
-    path: std::path::PathBuf,
-    content: String,
-}
-
-impl Drop for AdminNote {
-    fn drop(&mut self) {
-        // Only if it is still ours (not rewritten by a server that took the address since).
-        if std::fs::read_to_string(&self.path).is_ok_and(|c| c == self.content) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// The file name of the note for a server listening on `addr` (`pipelinectl` reads the same
-/// name): `127.0.0.1-50051`, `__1-50051` for `[::1]:50051`.
-fn admin_note_name(addr: std::net::SocketAddr) -> String {
-    format!(
-        "{}-{}",
-        addr.ip().to_string().replace(':', "_"),
-        addr.port()
-    )
-}
-
-/// Writes the [`AdminNote`] for `addr`; `None` if there is no home or it cannot be written
-/// (then `pipelinectl` needs `--token`).
-fn publish_admin_token_path(
-    addr: std::net::SocketAddr,
-    state_dir: &std::path::Path,
-) -> Option<AdminNote> {
-    let home = std::env::var_os("HOME")?;
-    let dir = std::path::PathBuf::from(home).join(".local/state/pipeline/servers");
-    let token = state_dir.join("admin.token");
-    let content = token.canonicalize().unwrap_or(token).display().to_string();
-    let path = dir.join(admin_note_name(addr));
-    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &content)) {
-        Ok(()) => Some(AdminNote { path, content }),
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot note where the admin token is");
-            None
-        }
-    }
-}
-
 /// The dev prompt's template: the built-in one, or `--prompt-template FILE`, checked now (one
 /// that does not parse or names an unknown variable is refused with its line and column).
 fn load_prompt_template(path: Option<&std::path::Path>) -> Result<crate::prompt::PromptTemplate> {
@@ -681,17 +633,4 @@ fn load_prompt_template(path: Option<&std::path::Path>) -> Result<crate::prompt:
             e.message
         ))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn admin_notes_are_named_by_the_exact_address() {
-        let name = |a: &str| admin_note_name(a.parse().expect("addr"));
-        assert_eq!(name("127.0.0.1:50051"), "127.0.0.1-50051");
-        assert_eq!(name("[::1]:7"), "__1-7");
-        assert_eq!(name("0.0.0.0:7"), "0.0.0.0-7");
-    }
 }

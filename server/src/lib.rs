@@ -8,8 +8,10 @@
 //! transitions), [`repo`] (the canonical repository, through `pipeline_core::git`). [`domain`]
 //! holds the types every layer shares; [`landing`] and [`usage`] what `status` reads from memory
 //! (landing and its pauses, the last day's cost);
-//! [`app`] wires it all up and supervises the background loops.
+//! [`app`] wires it all up and supervises the background loops; [`admin_note`] tells a local
+//! `pipelinectl` where the admin token is.
 
+pub mod admin_note;
 pub mod app;
 pub mod auth;
 pub mod config;

@@ -53,5 +53,6 @@ async fn watch_signals(shutdown: CancellationToken) {
         _ = int.recv() => {}
     }
     tracing::warn!("second signal: exiting now");
+    pipeline_server::admin_note::withdraw();
     std::process::exit(130);
 }

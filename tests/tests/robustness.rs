@@ -1301,3 +1301,43 @@ fn a_task_in_back_off_says_so_and_for_how_long() {
     let text = server.ctl(&["task", "show", &id]).ok();
     assert!(text.contains("in back-off for"), "{text}");
 }
+
+#[test]
+fn a_server_takes_its_note_with_it_and_clears_those_of_servers_that_are_gone() {
+    let repo = TestRepo::new();
+    // The harness gives each test a home of its own: the notes go there, not to the user's.
+    let notes = repo.home().join(".local/state/pipeline/servers");
+    let listed = || {
+        let mut names: Vec<String> = std::fs::read_dir(&notes)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let note_of = |server: &Server| server.addr.replace(':', "-");
+    let first = Server::start(&repo, &[]);
+    assert_eq!(listed(), [note_of(&first)]);
+    // A graceful stop removes it.
+    assert!(first.terminate().success());
+    assert_eq!(listed(), Vec::<String>::new());
+    // A server that is SIGKILLed cannot; nor can a test's, whose temp dir is gone since.
+    let killed = Server::start(&repo, &[]);
+    let stale = note_of(&killed);
+    killed.kill();
+    std::fs::write(notes.join("127.0.0.1-1"), "/nonexistent/state/admin.token").expect("note");
+    assert_eq!(listed(), ["127.0.0.1-1".to_owned(), stale.clone()]);
+    // The next server removes both: their servers no longer hold their locks.
+    let mut next = Server::start(&repo, &[]);
+    assert_eq!(listed(), [note_of(&next)]);
+    next.ctl(&["status"]).ok();
+    // SIGINT then SIGTERM: the second signal stops it at once (exit 130), note and all.
+    next.proc.signal("INT");
+    next.proc.signal("TERM");
+    let status = next.proc.wait_exit();
+    assert_eq!(status.code(), Some(130), "{}", next.log());
+    assert_eq!(listed(), Vec::<String>::new());
+}
