@@ -80,6 +80,12 @@ pub fn is_resource_failure(message: &str) -> bool {
     SIGNS.iter().any(|s| message.contains(s))
 }
 
+/// Whether a message says a disk is full (`ENOSPC`, `EDQUOT`): a failure that heals once room
+/// is made, unlike the other resource failures.
+pub fn is_disk_full(message: &str) -> bool {
+    message.contains("No space left on device") || message.contains("Disk quota exceeded")
+}
+
 /// Held while worktrees are pruned and added ([`Git::checkout_worktree`]): git's
 /// `worktrees/` administration does not survive concurrent prunes and adds.
 static WORKTREE_ADMIN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

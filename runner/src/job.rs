@@ -143,6 +143,9 @@ pub enum JobEnd {
     /// The agent's provider refused work for now (a rate limit): the lease goes back
     /// uncharged and the runner takes no new work until `until_ms` (ms since the epoch).
     RateLimited { reason: String, until_ms: i64 },
+    /// As `Infra`, for want of room on the work dir's disk (at `at_ms`, ms since the epoch):
+    /// the runner takes no work until its disk has room again, which heals without a restart.
+    DiskFull { reason: String, at_ms: i64 },
 }
 
 /// How a lease's work came out.
@@ -219,13 +222,20 @@ pub async fn run(
             }
             end
         }
-        Err(end @ JobEnd::Infra(_)) => {
+        Err(JobEnd::Infra(reason)) => {
             // The reason reaches the run's log before the lease is given back.
             tokio::select! {
                 () = log.flush() => {}
                 () = cancel.cancelled() => {}
             }
-            end
+            if pipeline_core::git::is_disk_full(&reason) {
+                JobEnd::DiskFull {
+                    reason,
+                    at_ms: crate::now_ms(),
+                }
+            } else {
+                JobEnd::Infra(reason)
+            }
         }
         Err(end) => end,
     };

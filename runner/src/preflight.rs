@@ -264,6 +264,18 @@ pub fn check_work_dir(dir: &Path) -> Result<(), Missing> {
     std::fs::remove_file(&probe).map_err(fail)
 }
 
+/// How much a full disk must take again before the runner takes work after it.
+const ROOM_PROBE_BYTES: usize = 1 << 20;
+
+/// Whether the work dir's disk has room again after it was full: 1 MiB can be written there
+/// (and is removed at once). `Err` says why not.
+pub fn has_room(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(".pipeline-room-check");
+    let written = std::fs::write(&probe, vec![0u8; ROOM_PROBE_BYTES]);
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| format!("cannot write 1 MiB in {}: {e}", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -858,6 +858,18 @@ fn script_runner(
     name: &str,
     work_dir: &std::path::Path,
 ) -> pipeline_tests::Proc {
+    script_runner_with(repo, url, token, name, work_dir, &[])
+}
+
+/// [`script_runner`] with `extra` flags.
+fn script_runner_with(
+    repo: &TestRepo,
+    url: &str,
+    token: &str,
+    name: &str,
+    work_dir: &std::path::Path,
+    extra: &[&str],
+) -> pipeline_tests::Proc {
     let agent = format!("sh {}", scripts_dir().join("agent.sh").display());
     pipeline_tests::Proc::spawn(
         repo.command("pipeline-runner")
@@ -866,6 +878,7 @@ fn script_runner(
             .arg(work_dir)
             .args(["--agent-cmd", &agent, "--no-verify", "--kill-grace", "1"])
             .args(["--env-allow", "AGENT_LOG_DIR"])
+            .args(extra)
             .env("PATH", pipeline_tests::scripts_path())
             .env("AGENT_LOG_DIR", repo.agent_log()),
     )
@@ -1023,7 +1036,27 @@ fn a_full_disk_on_the_runner_is_not_charged() {
         return;
     };
     let token = repo.registration_token();
-    let runner = script_runner(&repo, &server.url, &token, "r", &disk.path.join("work"));
+    // A runner that turns unhealthy for good at its first infrastructure failure: a full disk
+    // must not count as one, since it heals once room is made (however often it is met
+    // meanwhile: it failed three times within 150 ms once, and the task never finished).
+    let runner = script_runner_with(
+        &repo,
+        &server.url,
+        &token,
+        "r",
+        &disk.path.join("work"),
+        &["--max-infra-failures", "1"],
+    );
+    let runner_health = || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        (
+            runners[0]["health"].as_str().unwrap_or_default().to_owned(),
+            runners[0]["health_reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
     wait_for("the runner to connect", || {
         (server.ctl(&["status", "--json"]).json()["runners"] == 1).then_some(())
     });
@@ -1050,10 +1083,16 @@ fn a_full_disk_on_the_runner_is_not_charged() {
             );
         }
     }
+    // The runner takes no work while its disk is full, and says why.
+    wait_for("the runner to say its disk is full", || {
+        let (health, reason) = runner_health();
+        (health == "unhealthy" && reason.contains("disk is full")).then_some(())
+    });
+    // Room again: it finds out by itself, and the task is done, charged nothing.
     disk.free();
     let done = server.wait_status(&id, "done");
     assert_eq!(done["failures"], 0, "{done}");
-    drop(runner);
+    assert_eq!(runner_health().0, "healthy", "{}", runner.log());
 }
 
 #[test]

@@ -47,7 +47,7 @@ use tonic::{Code, Status};
 use tracing::Instrument;
 
 use self::credential::Credential;
-use self::slots::{Busy, InfraFailure, Offer, Release, Slots};
+use self::slots::{Busy, InfraFailure, Offer, PauseCause, Release, Slots};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::git::Mirror;
@@ -337,8 +337,9 @@ impl Session {
         let lapses = (self.slots.jobs() > 0 && (connected || !self.contact.said_out_of_touch))
             .then(|| self.contact.lapses_at());
         let draining = self.slots.is_draining();
-        // A rate limit's end, as an instant of this process's clock.
-        let paused_until = self.slots.paused_until().map(|until| {
+        // A pause's end (a rate limit's, a full disk's check), as an instant of this process's
+        // clock.
+        let paused_until = self.slots.paused_until().map(|(until, _)| {
             let wait = until.saturating_sub(crate::now_ms()).max(0);
             Instant::now() + Duration::from_millis(u64::try_from(wait).unwrap_or(0))
         });
@@ -427,8 +428,25 @@ impl Session {
                 Next::Go
             }
             Event::Resume => {
+                if let Some((_, PauseCause::DiskFull)) = self.slots.paused_until() {
+                    let dir = self.ctx.work_dir.clone();
+                    let room =
+                        tokio::task::spawn_blocking(move || crate::preflight::has_room(&dir))
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()));
+                    if let Err(why) = room {
+                        let pause = self.slots.still_full(&why, crate::now_ms());
+                        tracing::warn!(
+                            "the work dir's disk is still full ({why}); checking again in {} s",
+                            pause / 1000
+                        );
+                        return Next::Go;
+                    }
+                    tracing::info!("the work dir's disk has room again: taking work again");
+                } else {
+                    tracing::info!("the rate limit has reset: taking work again");
+                }
                 self.slots.resume();
-                tracing::info!("the rate limit has reset: taking work again");
                 // Tell the server now, so that it hands out work without waiting a beat.
                 match link {
                     Some(link) => self.beat(link).await,
@@ -924,6 +942,12 @@ fn say_infra_failure(task: &str, infra: &InfraFailure) {
             "unhealthy after {} infrastructure failures in a row: taking no more work until \
              restarted (last: {first})",
             infra.in_a_row
+        );
+    }
+    if let Some(pause) = infra.disk_full_pause_ms {
+        tracing::error!(
+            "the work dir's disk is full: taking no work until it has room (checked in {} s)",
+            (pause / 1000).max(1)
         );
     }
 }

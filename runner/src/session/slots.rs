@@ -14,6 +14,10 @@
 //! - An agent that cannot work on this machine at all (no credentials, no network) makes the
 //!   runner unhealthy at once; a provider's rate limit pauses it (no new work) until a time
 //!   the session watches for.
+//! - A full disk (the work dir's) is not counted towards `--max-infra-failures`, since it heals
+//!   without a restart: it pauses the runner instead, for [`DISK_FULL_FIRST_PAUSE_MS`] doubling
+//!   with each full disk in a row up to [`DISK_FULL_MAX_PAUSE_MS`]; at the end of each pause the
+//!   session checks that the disk has room before the runner takes work again.
 //! - Draining, the runner takes no more work, and it has finished once no job is left, running
 //!   or queued.
 //!
@@ -24,6 +28,11 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use pipeline_core::ids::{LeaseRef, TaskId};
 
 use crate::job::{Assignment, JobEnd};
+
+/// The first pause after the work dir's disk is found full (ms).
+pub const DISK_FULL_FIRST_PAUSE_MS: i64 = 1_000;
+/// The longest pause for a full disk (ms): a disk freed is found within this.
+pub const DISK_FULL_MAX_PAUSE_MS: i64 = 300_000;
 
 /// A lease to give back to the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +76,18 @@ pub struct InfraFailure {
     pub why: String,
     /// Whether this one made the runner unhealthy.
     pub turned_unhealthy: bool,
+    /// A full disk (not counted in `in_a_row`): how long the runner now takes no work before it
+    /// checks the disk again (ms).
+    pub disk_full_pause_ms: Option<i64>,
+}
+
+/// Why the runner takes no work for a while.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseCause {
+    /// A provider's rate limit: over at its reset.
+    RateLimit,
+    /// The work dir's disk is full: over once it has room, checked at the pause's end.
+    DiskFull,
 }
 
 /// What a job's end means.
@@ -100,8 +121,10 @@ pub struct Slots<H> {
     infra_failures: u32,
     /// Why the runner takes no work, once it has had too many infrastructure failures.
     unhealthy: Option<String>,
-    /// Until when (ms since the epoch) and why it takes no new work: a rate limit.
-    paused: Option<(i64, String)>,
+    /// Until when (ms since the epoch), why and for what it takes no new work.
+    paused: Option<(i64, String, PauseCause)>,
+    /// Full disks met in a row (a delivered result starts the count again): the back-off.
+    disk_full_in_a_row: u32,
 }
 
 impl<H> Slots<H> {
@@ -117,6 +140,7 @@ impl<H> Slots<H> {
             infra_failures: 0,
             unhealthy: None,
             paused: None,
+            disk_full_in_a_row: 0,
         }
     }
 
@@ -206,18 +230,23 @@ impl<H> Slots<H> {
         let infra = match end {
             JobEnd::Delivered => {
                 self.infra_failures = 0;
+                self.disk_full_in_a_row = 0;
                 None
             }
             JobEnd::Infra(why) => Some(self.infra_failure(why, false)),
             JobEnd::Unusable(why) => Some(self.infra_failure(why, true)),
+            JobEnd::DiskFull { reason, at_ms } => Some(self.disk_full(reason, *at_ms)),
             JobEnd::RateLimited { reason, until_ms } => {
-                self.paused = Some((*until_ms, reason.clone()));
+                self.paused = Some((*until_ms, reason.clone(), PauseCause::RateLimit));
                 None
             }
             JobEnd::Refused(_) | JobEnd::Cancelled => None,
         };
         let release = match (end, job.release) {
-            (JobEnd::Infra(why) | JobEnd::Unusable(why), _) => Some((why.clone(), true)),
+            (
+                JobEnd::Infra(why) | JobEnd::Unusable(why) | JobEnd::DiskFull { reason: why, .. },
+                _,
+            ) => Some((why.clone(), true)),
             (JobEnd::RateLimited { reason, .. }, _) => Some((reason.clone(), true)),
             (JobEnd::Cancelled, true) => Some((
                 if stopping {
@@ -273,7 +302,43 @@ impl<H> Slots<H> {
             in_a_row: self.infra_failures,
             why: first,
             turned_unhealthy,
+            disk_full_pause_ms: None,
         }
+    }
+
+    /// A full disk at `at_ms` (`why` says so): the runner takes no work for a pause that
+    /// doubles with each one in a row, not counted towards `--max-infra-failures`.
+    fn disk_full(&mut self, why: &str, at_ms: i64) -> InfraFailure {
+        let first = why.lines().next().unwrap_or_default().to_owned();
+        let pause = self.pause_for_disk(&first, at_ms);
+        InfraFailure {
+            in_a_row: self.infra_failures,
+            why: first,
+            turned_unhealthy: false,
+            disk_full_pause_ms: Some(pause),
+        }
+    }
+
+    /// The disk was checked at `at_ms` and is still full (`why`): a longer pause; returns it
+    /// (ms).
+    pub fn still_full(&mut self, why: &str, at_ms: i64) -> i64 {
+        self.pause_for_disk(why, at_ms)
+    }
+
+    fn pause_for_disk(&mut self, why: &str, at_ms: i64) -> i64 {
+        let n = self.disk_full_in_a_row.min(20);
+        self.disk_full_in_a_row = self.disk_full_in_a_row.saturating_add(1);
+        let pause = DISK_FULL_FIRST_PAUSE_MS
+            .saturating_mul(1 << n)
+            .min(DISK_FULL_MAX_PAUSE_MS);
+        let reason =
+            format!("the work dir's disk is full; taking no work until it has room: {why}");
+        // A rate limit that ends later still holds.
+        match &self.paused {
+            Some((until, _, PauseCause::RateLimit)) if *until > at_ms + pause => {}
+            _ => self.paused = Some((at_ms + pause, reason, PauseCause::DiskFull)),
+        }
+        pause
     }
 
     /// The server took `lease` back: a queued assignment for it is forgotten; the job holding
@@ -337,19 +402,24 @@ impl<H> Slots<H> {
         self.draining && self.jobs.is_empty() && self.queued.is_empty()
     }
 
-    /// Why the runner takes no work: it is unhealthy, or paused by a rate limit.
+    /// Why the runner takes no work: it is unhealthy, or paused by a rate limit or a full
+    /// disk.
     pub fn unhealthy(&self) -> Option<&str> {
         self.unhealthy
             .as_deref()
-            .or(self.paused.as_ref().map(|(_, why)| why.as_str()))
+            .or(self.paused.as_ref().map(|(_, why, _)| why.as_str()))
     }
 
-    /// Until when (ms since the epoch) a rate limit pauses the runner.
-    pub fn paused_until(&self) -> Option<i64> {
-        self.paused.as_ref().map(|(until, _)| *until)
+    /// Until when (ms since the epoch) a rate limit or a full disk pauses the runner, and for
+    /// which.
+    pub fn paused_until(&self) -> Option<(i64, PauseCause)> {
+        self.paused
+            .as_ref()
+            .map(|(until, _, cause)| (*until, *cause))
     }
 
-    /// The pause is over: the runner takes work again (unless it is unhealthy).
+    /// The pause is over (the rate limit reset, the disk has room): the runner takes work again
+    /// (unless it is unhealthy).
     pub fn resume(&mut self) {
         self.paused = None;
     }
@@ -551,7 +621,7 @@ mod tests {
             ended.release.expect("given back").infrastructure,
             "uncharged"
         );
-        assert_eq!(s.paused_until(), Some(5_000));
+        assert_eq!(s.paused_until(), Some((5_000, PauseCause::RateLimit)));
         assert_eq!(s.unhealthy(), Some("claude's rate limit was reached"));
         assert!(matches!(
             s.offer(assignment("t-2"), "t-2"),
@@ -571,7 +641,7 @@ mod tests {
             started(s.offer(assignment(task), task));
             s.ended(
                 &lease_id(task),
-                &JobEnd::Infra("git: No space left on device\nmore".into()),
+                &JobEnd::Infra("git: Too many open files\nmore".into()),
                 false,
             )
             .expect("a job")
@@ -579,13 +649,14 @@ mod tests {
         let first = fail(&mut s, "t-1");
         let release = first.release.expect("given back");
         assert!(release.infrastructure);
-        assert_eq!(release.reason, "git: No space left on device\nmore");
+        assert_eq!(release.reason, "git: Too many open files\nmore");
         assert_eq!(
             first.infra,
             Some(InfraFailure {
                 in_a_row: 1,
-                why: "git: No space left on device".into(),
+                why: "git: Too many open files".into(),
                 turned_unhealthy: false,
+                disk_full_pause_ms: None,
             })
         );
         fail(&mut s, "t-2");
@@ -599,7 +670,7 @@ mod tests {
         assert!(third.infra.expect("counted").turned_unhealthy);
         assert_eq!(
             s.unhealthy(),
-            Some("3 infrastructure failures in a row; last: git: No space left on device")
+            Some("3 infrastructure failures in a row; last: git: Too many open files")
         );
         assert!(!s.needs_a_slot(), "an unhealthy runner takes no work");
         match s.offer(assignment("t-7"), "t-7") {
@@ -619,6 +690,68 @@ mod tests {
         assert!(!again.turned_unhealthy);
         assert_eq!(again.in_a_row, 4);
         assert!(s.unhealthy().is_some());
+    }
+
+    #[test]
+    fn a_full_disk_pauses_the_runner_longer_each_time_and_counts_nothing() {
+        let mut s = slots(1);
+        let full = |s: &mut Slots<&str>, task: &'static str, at_ms: i64| {
+            started(s.offer(assignment(task), task));
+            s.ended(
+                &lease_id(task),
+                &JobEnd::DiskFull {
+                    reason: "cannot prepare the worktree: No space left on device".into(),
+                    at_ms,
+                },
+                false,
+            )
+            .expect("a job")
+        };
+        // Never unhealthy for good, however often (3 would be with other failures).
+        for (i, task) in ["t-1", "t-2", "t-3", "t-4"].into_iter().enumerate() {
+            let at = 10_000 * i as i64;
+            let ended = full(&mut s, task, at);
+            let infra = ended.infra.expect("said");
+            assert!(!infra.turned_unhealthy);
+            assert_eq!(infra.in_a_row, 0, "not counted");
+            let pause = DISK_FULL_FIRST_PAUSE_MS << i;
+            assert_eq!(infra.disk_full_pause_ms, Some(pause));
+            assert!(ended.release.expect("given back").infrastructure);
+            assert_eq!(s.paused_until(), Some((at + pause, PauseCause::DiskFull)));
+            assert!(
+                s.unhealthy()
+                    .is_some_and(|w| w.starts_with("the work dir's disk is full"))
+            );
+            assert!(matches!(
+                s.offer(assignment("t-9"), "t-9"),
+                Offer::Refuse {
+                    busy: Busy::Unhealthy,
+                    ..
+                }
+            ));
+            s.resume();
+        }
+        // Checked and still full: longer again, up to the cap.
+        let pause = s.still_full("No space left on device", 50_000);
+        assert_eq!(pause, DISK_FULL_FIRST_PAUSE_MS << 4);
+        for _ in 0..20 {
+            s.still_full("No space left on device", 50_000);
+        }
+        assert_eq!(
+            s.paused_until(),
+            Some((50_000 + DISK_FULL_MAX_PAUSE_MS, PauseCause::DiskFull))
+        );
+        s.resume();
+        // A delivered result starts the back-off again; the disk never made it unhealthy.
+        started(s.offer(assignment("t-5"), "t-5"));
+        s.ended(&lease_id("t-5"), &JobEnd::Delivered, false);
+        let again = full(&mut s, "t-6", 0);
+        assert_eq!(
+            again.infra.and_then(|i| i.disk_full_pause_ms),
+            Some(DISK_FULL_FIRST_PAUSE_MS)
+        );
+        s.resume();
+        assert_eq!(s.unhealthy(), None);
     }
 
     #[test]
