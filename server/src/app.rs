@@ -217,9 +217,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     tracing::info!("listening on {addr}");
 
     // The signal stops the work (no more leases or landings); serving (the gRPC server, its
-    // streams and the log writer) ends only after the local runners have stopped, so they can
-    // still give their leases back and ship their last lines.
+    // streams) ends only after the local runners have stopped, so they can still give their
+    // leases back and ship their last lines; the log writer stops only once nothing is served
+    // (so a line in flight is stored), and the database closes last.
     let serving = CancellationToken::new();
+    let writer_stop = CancellationToken::new();
     let mut loops = Supervisor::default();
     loops.spawn(
         "dispatch",
@@ -234,7 +236,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         crate::logs::writer(
             Arc::clone(coordinator.logs()),
             store.clone(),
-            serving.clone(),
+            writer_stop.clone(),
         ),
     );
     if config.log_retention_days > 0 {
@@ -249,6 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         serving.clone(),
         Duration::from_secs(config.fetch_base_timeout),
     );
+    let streams_ended = services.streams_ended;
     // Windows large enough that a batch of log lines or a bundle chunk is not held up by
     // HTTP/2 flow control (the 64 KiB default costs round trips on every large message).
     let handshake_timeout = Duration::from_secs(config.handshake_timeout);
@@ -293,48 +296,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         &runners_stop,
     );
     let mut idle = None;
-    let failed = tokio::select! {
+    let mut served_done = false;
+    let mut failed = tokio::select! {
         // A loop ends on its own once the shutdown token fires: that is no failure.
         biased;
         () = shutdown.cancelled() => None,
         needs_help = until_idle(&coordinator), if config.exit_when_idle => {
             tracing::info!(needs_help, "no task can make progress; stopping (--exit-when-idle)");
             idle = Some(needs_help);
-            shutdown.cancel();
             None
         }
         result = &mut served => {
-            // The server stopped without being asked to.
-            store.close().await;
-            return match result {
-                Ok(Ok(())) => Ok(Stopped::Asked),
-                Ok(Err(e)) => Err(Error::Internal(format!("grpc server: {e}"))),
-                Err(e) => Err(Error::Internal(format!("grpc server task: {e}"))),
-            };
+            // The server stopped serving without being asked to: the rest stops in order.
+            served_done = true;
+            served_failure(result)
         }
         ended = loops.next_end() => (!shutdown.is_cancelled()).then_some(ended),
     };
     if let Some(ended) = &failed {
         // A loop the server cannot do without is gone: stop, and say so; a restart recovers.
         tracing::error!("{ended}; stopping the server");
-        shutdown.cancel();
     }
+    shutdown.cancel();
     tracing::info!("shutting down");
+    // The order matters: each step stops what the next one would otherwise leave in use.
     // Local runners stop first, giving their leases back while the server still listens.
     runners_stop.cancel();
     for runner in local_runners {
         let _ = tokio::time::timeout(DRAIN_DEADLINE, runner).await;
     }
+    // Then serving: requests under way finish (a bounded time: then they are dropped).
     serving.cancel();
-    match tokio::time::timeout(DRAIN_DEADLINE, served).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(Error::Internal(format!("grpc server: {e}"))),
-        Ok(Err(e)) => return Err(Error::Internal(format!("grpc server task: {e}"))),
-        Err(_) => {
-            tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping anyway")
+    if !served_done {
+        match tokio::time::timeout(DRAIN_DEADLINE, &mut served).await {
+            Ok(result) => failed = failed.or(served_failure(result)),
+            Err(_) => {
+                tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping them");
+                served.abort();
+                let _ = (&mut served).await;
+            }
         }
     }
+    // The streams' producers end with their streams, which ended with serving.
+    if tokio::time::timeout(DRAIN_DEADLINE, streams_ended.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("log and watch streams still running after {DRAIN_DEADLINE:?}");
+    }
+    // Then the loops: the log writer stores what is queued; the others stopped with the signal.
+    writer_stop.cancel();
     loops.wait_all().await;
+    // Nothing uses the database any more.
     store.close().await;
     drop(locks);
     if let Some(ended) = failed {
@@ -345,6 +358,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         Some(needs_help) => Stopped::Idle { needs_help },
         None => Stopped::Asked,
     })
+}
+
+/// What the end of the gRPC server says about how it went: `None` if it stopped cleanly.
+fn served_failure(
+    result: std::result::Result<
+        std::result::Result<(), tonic::transport::Error>,
+        tokio::task::JoinError,
+    >,
+) -> Option<String> {
+    match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("grpc server: {e}")),
+        Err(e) => Some(format!("grpc server task: {e}")),
+    }
 }
 
 /// Waits until no task can make progress (checked at start and after every transition);

@@ -2,7 +2,7 @@
 //! exactly once, never red, never before their dependencies, never losing a person's push, and
 //! surviving SIGKILL of the server at any point.
 
-use pipeline_tests::{Server, TestRepo, git, main_tip, runner, runs};
+use pipeline_tests::{Server, TestRepo, git, main_tip, runner, runs, wait_for};
 use serde_json::Value;
 
 fn integrate_runs(task: &Value) -> Vec<Value> {
@@ -243,6 +243,36 @@ fn sigkill_of_the_server_during_an_integration_build_then_restart() {
     repo.release_agents();
     server.wait_for_log("building the integrated commit");
     server.kill();
+    repo.touch("build-go");
+    let server = Server::start(&repo, &["--build-cmd", &build, "--listen", &addr]);
+    server.wait_status(&id, "done");
+    assert_eq!(repo.landed(), [id]);
+}
+
+/// SIGTERM while the integrator builds stops the build and the server (it used to form the
+/// train again at once, build-cancelled, for ever, and never exit); the train is formed again
+/// after the restart.
+#[test]
+fn sigterm_during_an_integration_build_stops_the_server_and_the_restart_lands_it() {
+    let repo = TestRepo::new();
+    let build = slow_build("build-go");
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let addr = server.addr.clone();
+    let _r = runner(&repo, &server, "r");
+    // The base moves while the agent works, so the server builds (see above).
+    let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    repo.push_to_main("person.txt", "a person's change");
+    repo.release_agents();
+    wait_for("the train's build", || {
+        let queue = server.ctl(&["queue", "--json"]).json();
+        queue["train"]["step"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("building"))
+            .then_some(())
+    });
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
     repo.touch("build-go");
     let server = Server::start(&repo, &["--build-cmd", &build, "--listen", &addr]);
     server.wait_status(&id, "done");

@@ -474,6 +474,62 @@ fn sigterm_ends_watch_and_follow_streams_at_once() {
     let _ = follow;
 }
 
+/// A graceful stop with work under way and clients following it logs no error: streams end,
+/// requests under way finish, and only then is the database closed (a follower that
+/// reconnected while the server stopped read it after it was closed: `ERROR … attempted to
+/// acquire a connection on a closed pool`).
+#[test]
+fn a_graceful_stop_with_work_and_followers_logs_no_error() {
+    let repo = TestRepo::new();
+    // A local runner: the server gives its lease back before it stops serving.
+    let args = pipeline_tests::agent_args(&["--no-verify", "--local-runners", "1"]);
+    let server = Server::start(&repo, &as_strs(&args));
+    let id = server.add(&["--title", "busy", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    // Followers of its log and watchers of every transition, each connected (it printed a
+    // line) before the signal; each reconnects when its stream ends.
+    let ctl = |args: &str| {
+        pipeline_tests::Proc::spawn(
+            pipeline_tests::isolate(&mut Command::new("sh"), server.home())
+                .arg("-c")
+                .arg(format!(
+                    "exec {} --server {} {args} 1>&2",
+                    bin("pipelinectl").display(),
+                    server.url
+                ))
+                .env_remove("PIPELINE_TOKEN"),
+        )
+    };
+    let clients: Vec<pipeline_tests::Proc> = (0..8)
+        .map(|i| match i % 4 {
+            0 => ctl("watch"),
+            _ => ctl(&format!("logs {id} --follow")),
+        })
+        .collect();
+    let other = server.add(&["--title", "a transition to see"]);
+    server.ctl(&["task", "cancel", &other]).ok();
+    for (i, client) in clients.iter().enumerate() {
+        let seen = if i % 4 == 0 {
+            "cancelled"
+        } else {
+            "agent: task"
+        };
+        client.wait_for_line(seen).expect("connected");
+    }
+    let mut server = server;
+    server.proc.signal("TERM");
+    let status = server.proc.wait_exit();
+    let log = server.log();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("stopped"), "{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(
+        errors.is_empty(),
+        "a graceful stop logged errors: {errors:#?}"
+    );
+    drop(clients);
+}
+
 #[test]
 fn a_server_down_longer_than_the_ttl_keeps_the_runners_work() {
     let repo = TestRepo::new();

@@ -22,16 +22,32 @@ use crate::store::Store;
 pub struct ControlApi<S> {
     coordinator: Arc<Coordinator<S>>,
     /// Cancelled when the server is asked to stop: streams that only read (logs, watch) end
-    /// at once, so they do not hold the shutdown up.
+    /// at once, so they do not hold the shutdown up, and new ones are refused as unavailable
+    /// (a client waits for the server to come back, instead of asking again at once).
     shutdown: CancellationToken,
+    /// Where the streams' producers run, for the app to wait for.
+    streams: super::StreamTasks,
 }
 
 impl<S> ControlApi<S> {
-    pub fn new(coordinator: Arc<Coordinator<S>>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        coordinator: Arc<Coordinator<S>>,
+        shutdown: CancellationToken,
+        streams: super::StreamTasks,
+    ) -> Self {
         Self {
             coordinator,
             shutdown,
+            streams,
         }
+    }
+
+    /// Refuses a new stream once the server is stopping.
+    fn not_stopping(&self) -> Result<(), Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("the server is stopping"));
+        }
+        Ok(())
     }
 }
 
@@ -447,6 +463,7 @@ impl<S: Store> ControlService for ControlApi<S> {
         &self,
         request: Request<pb::TaskLogsRequest>,
     ) -> Result<Response<Self::TaskLogsStream>, Status> {
+        self.not_stopping()?;
         let req = request.into_inner();
         let id = task_id(&req.id)?;
         // Refuse an unknown task before the stream starts.
@@ -458,6 +475,7 @@ impl<S: Store> ControlService for ControlApi<S> {
         let follow = req.follow;
         Ok(Response::new(Box::pin(until_cancelled(
             stream_from(
+                &self.streams,
                 move |tx| {
                     crate::logs::stream_logs(
                         Arc::clone(coordinator.logs()),
@@ -533,6 +551,7 @@ impl<S: Store> ControlService for ControlApi<S> {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.not_stopping()?;
         let after = request.into_inner().after_event;
         if after.is_some_and(|a| a < 0) {
             return Err(Status::invalid_argument(
@@ -542,6 +561,7 @@ impl<S: Store> ControlService for ControlApi<S> {
         let coordinator = Arc::clone(&self.coordinator);
         Ok(Response::new(Box::pin(until_cancelled(
             stream_from(
+                &self.streams,
                 move |tx| {
                     crate::logs::stream_transitions(
                         Arc::clone(coordinator.logs()),

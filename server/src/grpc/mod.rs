@@ -38,10 +38,39 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// A service as served: authenticated, then wrapped by the edge.
 pub type Served<T> = edge::Edge<tonic::service::interceptor::InterceptedService<T, Authenticate>>;
 
-/// Both services, ready to add to a tonic server.
+/// Both services, ready to add to a tonic server, and the end of their detached work.
 pub struct Services<S: crate::store::Store> {
     pub control: Served<ControlServiceServer<ControlApi<S>>>,
     pub runner: Served<RunnerServiceServer<runner::RunnerApi<S>>>,
+    /// Done once the services are dropped (served no more) and every stream's producer has
+    /// ended: only then may the database close.
+    pub streams_ended: StreamsEnded,
+}
+
+/// Held by each task a stream's producer runs in (and by the services): the app waits for all
+/// of them to be gone ([`StreamsEnded`]) before it closes the database, since a producer reads
+/// it until its stream is dropped.
+#[derive(Clone, Debug)]
+pub struct StreamTasks {
+    _alive: tokio::sync::mpsc::Sender<()>,
+}
+
+/// Resolves once every [`StreamTasks`] is dropped.
+#[derive(Debug)]
+pub struct StreamsEnded(tokio::sync::mpsc::Receiver<()>);
+
+impl StreamTasks {
+    pub fn new() -> (Self, StreamsEnded) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (Self { _alive: tx }, StreamsEnded(rx))
+    }
+}
+
+impl StreamsEnded {
+    /// Waits until no stream producer is left (nothing is ever sent: the channel closes).
+    pub async fn wait(mut self) {
+        let _ = self.0.recv().await;
+    }
 }
 
 /// The control service (admin token only) and the runner service, each behind the
@@ -57,8 +86,9 @@ pub fn services<S: crate::store::Store>(
         let coordinator = Arc::clone(&coordinator);
         Arc::new(move |token: &str| coordinator.auth().identify(token))
     };
+    let (streams, streams_ended) = StreamTasks::new();
     let control = edge::Edge::new(tonic::service::interceptor::InterceptedService::new(
-        ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator), shutdown))
+        ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator), shutdown, streams))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         Authenticate {
             auth: identify.clone(),
@@ -76,7 +106,11 @@ pub fn services<S: crate::store::Store>(
             admin_only: false,
         },
     ));
-    Services { control, runner }
+    Services {
+        control,
+        runner,
+        streams_ended,
+    }
 }
 
 /// Who holds a token (the server's `Auth::identify`).
@@ -158,9 +192,12 @@ pub fn status_from_error(err: Error) -> Status {
     }
 }
 
-/// Runs `produce` into a channel and streams what it sends, mapped by `map`; a failure of
-/// `produce` ends the stream with its status.
+/// Runs `produce` into a channel, in a task held in `tasks`, and streams what it sends, mapped
+/// by `map`; a failure of `produce` ends the stream with its status. Once the stream is dropped
+/// (the client went away, or the server stopped serving) `produce` is dropped too, wherever it
+/// waits.
 pub(crate) fn stream_from<T, U, F>(
+    tasks: &StreamTasks,
     produce: impl FnOnce(tokio::sync::mpsc::Sender<T>) -> F,
     map: fn(&T) -> U,
 ) -> std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<U, Status>> + Send>>
@@ -172,8 +209,11 @@ where
     let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(64);
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<U, Status>>(64);
     let work = produce(tx);
+    let held = tasks.clone();
     tokio::spawn(async move {
+        let _held = held;
         let fail = out_tx.clone();
+        let gone = out_tx.clone();
         let forward = async move {
             while let Some(item) = rx.recv().await {
                 if out_tx.send(Ok(map(&item))).await.is_err() {
@@ -181,9 +221,15 @@ where
                 }
             }
         };
-        let (result, ()) = tokio::join!(work, forward);
-        if let Err(err) = result {
-            let _ = fail.send(Err(status_from_error(err))).await;
+        let run = async move {
+            let (result, ()) = tokio::join!(work, forward);
+            if let Err(err) = result {
+                let _ = fail.send(Err(status_from_error(err))).await;
+            }
+        };
+        tokio::select! {
+            () = run => {}
+            () = gone.closed() => {}
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))

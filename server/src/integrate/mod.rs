@@ -113,6 +113,8 @@ impl<S: Store> Integrator<S> {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             let pause = match self.next(&shutdown).await {
+                // A train stopped by the shutdown is formed again after the restart.
+                _ if shutdown.is_cancelled() => return,
                 Ok(true) => continue,
                 Ok(false) if self.red_base().is_some() => Some(RED_BASE_RECHECK),
                 Ok(false) => None,
