@@ -612,3 +612,56 @@ fn a_list_of_tasks_with_huge_descriptions_fits_in_its_messages() {
     let shown = server.show("t-70");
     assert_eq!(shown["description"].as_str().map(str::len), Some(1_000_000));
 }
+
+#[test]
+fn task_show_history_says_each_failure_in_one_line_and_the_runs_keep_the_output() {
+    let repo = TestRepo::new();
+    // The server's verification (which the runners run) prints a build log and fails.
+    let build = "printf 'compiler: %s\\n' one two three four five; exit 1";
+    let server = Server::start(
+        &repo,
+        &[
+            "--build-cmd",
+            build,
+            "--max-retries",
+            "2",
+            "--backoff-base",
+            "0",
+        ],
+    );
+    let _r = pipeline_tests::runner(&repo, &server, "r");
+    let id = server.add(&["--title", "never builds"]);
+    let task = server.wait_status(&id, "needs_help");
+    // Each failed run keeps the output...
+    let failed: Vec<Value> = pipeline_tests::runs(&task)
+        .into_iter()
+        .filter(|r| r["status"] == "failure")
+        .collect();
+    assert_eq!(failed.len(), 2, "{task}");
+    for run in &failed {
+        let error = run["error"].as_str().unwrap_or_default();
+        assert!(error.contains("compiler: five"), "{run}");
+    }
+    // ...and the history says what happened, one line an entry.
+    let events = task["events"].as_array().cloned().unwrap_or_default();
+    for e in &events {
+        let message = e["message"].as_str().unwrap_or_default();
+        assert!(!message.contains('\n'), "{e}");
+        assert!(!message.contains("compiler: three"), "{e}");
+    }
+    let failures: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "verify_failed")
+        .collect();
+    assert_eq!(failures.len(), 2, "{task}");
+    assert!(
+        failures[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("attempt failed (1/2)") && m.contains("build failed")),
+        "{}",
+        failures[0]
+    );
+    let text = server.ctl(&["task", "show", &id]).ok();
+    let history = text.split("\nhistory:\n").nth(1).expect("a history");
+    assert_eq!(history.lines().count(), events.len(), "{history}");
+}

@@ -472,6 +472,7 @@ fn decide(
             return Err(refuse(": only a verified task can be rejected"));
         }
         (InProgress, Event::LeaseLost { reason }) => {
+            let reason = first_line(reason);
             // The work in flight is lost, so the next attempt starts where this one did, at
             // once (no back-off: it was not the task's failure).
             next.lost_leases += 1;
@@ -506,7 +507,10 @@ fn decide(
             } else {
                 "the runner gave the lease back"
             };
-            (format!("{what}: {reason}"), vec![Effect::WakeScheduler])
+            (
+                format!("{what}: {}", first_line(reason)),
+                vec![Effect::WakeScheduler],
+            )
         }
         (InProgress, Event::Verified { cost_cents }) => {
             next.status = Verified;
@@ -678,6 +682,7 @@ fn fail(
     next.patchset += accepted_commits;
     next.feedback = Some(reason.to_owned());
     next.amend = amend;
+    let reason = first_line(reason);
     let (message, effects) = if policy.over_retry_limit(&next) {
         next.status = TaskStatus::NeedsHelp;
         next.backoff_until = None;
@@ -732,6 +737,36 @@ mod tests {
         note: None,
         fresh: false,
     };
+
+    #[test]
+    fn a_failures_history_entry_is_one_line_and_its_feedback_the_whole_output() {
+        let s = TaskState {
+            status: InProgress,
+            ..TaskState::new()
+        };
+        let output = "tests failed (exit 1): make test:\ncc x.c\nerror: x.c:3: bad\n";
+        let t = apply(
+            &s,
+            &Event::VerifyFailed {
+                reason: output.into(),
+                cost_cents: 0.0,
+            },
+            &policy(),
+            NOW,
+        )
+        .expect("applies");
+        assert_eq!(
+            t.message,
+            "attempt failed (1/3), retrying after 20 s: tests failed (exit 1): make test: … \
+             error: x.c:3: bad"
+        );
+        assert_eq!(t.state.feedback.as_deref(), Some(output));
+        assert_eq!(
+            first_line("conflict with main in a.rs"),
+            "conflict with main in a.rs"
+        );
+        assert_eq!(first_line("\n  agent exited 1  \n"), "agent exited 1");
+    }
 
     #[test]
     fn a_retry_with_a_note_and_fresh_starts_over_with_guidance() {
