@@ -665,3 +665,21 @@ fn task_show_history_says_each_failure_in_one_line_and_the_runs_keep_the_output(
     let history = text.split("\nhistory:\n").nth(1).expect("a history");
     assert_eq!(history.lines().count(), events.len(), "{history}");
 }
+
+#[test]
+fn a_task_cannot_depend_on_itself() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let id = server.add(&["--title", "t"]);
+    let other = server.add(&["--title", "other"]);
+    let line = server
+        .ctl(&["task", "depend", &id, "--on", &other, "--on", &id])
+        .refused(2, &format!("task {id} cannot depend on itself"));
+    assert!(!line.contains("already depends"), "{line}");
+    // Refused whole: not even the other dependency was added.
+    assert_eq!(server.show(&id)["depends_on"], serde_json::json!([]));
+    // As for a new task.
+    server
+        .ctl(&["task", "add", "--title", "s", "--id", "s", "--depends-on", "s"])
+        .refused(2, "task s cannot depend on itself");
+}

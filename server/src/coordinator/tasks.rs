@@ -498,6 +498,12 @@ impl<S: Store> Coordinator<S> {
     /// Makes `id` wait for `deps` too. A Done task can no longer be held back, and a
     /// dependency on a cancelled task would hold it for ever: both are refused.
     pub async fn add_dependencies(&self, id: &TaskId, deps: &[TaskId]) -> Result<Task> {
+        if deps.contains(id) {
+            // As `task add --id X --depends-on X` says (not "X already depends on X").
+            return Err(Error::InvalidArgument(format!(
+                "task {id} cannot depend on itself"
+            )));
+        }
         let task = self.get(id).await?;
         if task.state.status == TaskStatus::Done {
             return Err(Error::FailedPrecondition(format!(
