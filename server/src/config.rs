@@ -57,16 +57,19 @@ pub struct Config {
     pub accept_existing_history: bool,
 
     /// Failed attempts before a task needs help (0 = no limit).
-    #[arg(long, env = "PIPELINE_MAX_RETRIES", default_value_t = 5)]
+    #[arg(long, env = "PIPELINE_MAX_RETRIES", default_value_t = 5,
+          allow_negative_numbers = true, value_parser = limit::<u32>)]
     pub max_retries: u32,
 
     /// A task's cost cap in cents (0 = unlimited).
-    #[arg(long, env = "PIPELINE_MAX_TASK_COST", default_value_t = 0)]
+    #[arg(long, env = "PIPELINE_MAX_TASK_COST", default_value_t = 0,
+          allow_negative_numbers = true, value_parser = limit::<u64>)]
     pub max_task_cost: u64,
 
     /// An epic's cap in cents on what its children cost together, for an epic without its
     /// own `--max-cost` (0 = unlimited): once reached, its children are not leased again.
-    #[arg(long, env = "PIPELINE_MAX_EPIC_COST", default_value_t = 0)]
+    #[arg(long, env = "PIPELINE_MAX_EPIC_COST", default_value_t = 0,
+          allow_negative_numbers = true, value_parser = limit::<u64>)]
     pub max_epic_cost: u64,
 
     /// A MiniJinja template for the dev prompt, instead of the built-in one (see the README
@@ -85,7 +88,8 @@ pub struct Config {
 
     /// Leases a task may lose in a row (its runner died, froze or was cut off while on it)
     /// before it needs help (0 = no limit); they are not counted as its failures.
-    #[arg(long, env = "PIPELINE_MAX_LOST_LEASES", default_value_t = 5)]
+    #[arg(long, env = "PIPELINE_MAX_LOST_LEASES", default_value_t = 5,
+          allow_negative_numbers = true, value_parser = limit::<u32>)]
     pub max_lost_leases: u32,
 
     /// Seconds a runner's lease lives without a heartbeat.
@@ -203,6 +207,17 @@ pub struct Config {
     pub agent: AgentArgs,
 }
 
+/// A limit where 0 means none (`--max-retries`, the cost caps): a negative one is refused
+/// saying so, rather than taken for an unknown flag.
+fn limit<T: std::str::FromStr>(raw: &str) -> Result<T, String> {
+    let raw = raw.trim();
+    if raw.starts_with('-') {
+        return Err("a limit is 0 or more; 0 means no limit".to_owned());
+    }
+    raw.parse()
+        .map_err(|_| "a limit is a whole number, 0 or more; 0 means no limit".to_owned())
+}
+
 impl Config {
     /// The same settings with every path absolute, resolved against the current directory now:
     /// later the server and its git and build processes work in other directories, where a
@@ -291,6 +306,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_negative_limit_is_refused_saying_that_0_means_none() {
+        for flag in [
+            "--max-retries",
+            "--max-lost-leases",
+            "--max-task-cost",
+            "--max-epic-cost",
+        ] {
+            let err = Config::try_parse_from(["pipeline-server", "--repo", "/r", flag, "-1"])
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains(flag) && err.contains("0 means no limit"),
+                "{flag}: {err}"
+            );
+            let ok = Config::try_parse_from(["pipeline-server", "--repo", "/r", flag, "0"]);
+            assert!(ok.is_ok(), "{flag} 0");
+        }
+    }
 
     #[test]
     fn defaults_follow_the_contract() {

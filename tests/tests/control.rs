@@ -683,3 +683,16 @@ fn a_task_cannot_depend_on_itself() {
         .ctl(&["task", "add", "--title", "s", "--id", "s", "--depends-on", "s"])
         .refused(2, "task s cannot depend on itself");
 }
+
+#[test]
+fn a_negative_limit_is_refused_saying_that_0_means_no_limit() {
+    let repo = TestRepo::new();
+    let log = Server::spawn(&mut Server::command(&repo, &["--max-retries", "-1"]))
+        .err()
+        .expect("refused");
+    assert!(
+        log.contains("--max-retries") && log.contains("0 means no limit"),
+        "{log}"
+    );
+    assert!(!repo.state_dir().exists(), "nothing was created");
+}
