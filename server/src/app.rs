@@ -89,6 +89,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         Some(dir) => dir.clone(),
         None => repo.common_dir().await?.join("pipeline"),
     };
+    // The listen address is taken before anything is created on disk: a port in use is a
+    // refusal that leaves nothing behind (a dry run listens on nothing).
+    let listener = if config.dry_run {
+        None
+    } else {
+        Some(listen(config.listen).await?)
+    };
     std::fs::create_dir_all(&state_dir).map_err(|e| {
         Error::Internal(format!(
             "cannot create the state directory {}: {e}",
@@ -190,9 +197,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     let found_landed = coordinator.reconcile_landed().await?;
     let epics_settled = coordinator.settle_finished_epics().await?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", config.listen)))?;
+    let Some(listener) = listener else {
+        return Err(Error::Internal("no listening socket".to_owned()));
+    };
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("cannot read the listening address: {e}")))?;
@@ -372,6 +379,19 @@ fn served_failure(
         Ok(Err(e)) => Some(format!("grpc server: {e}")),
         Err(e) => Some(format!("grpc server task: {e}")),
     }
+}
+
+/// Binds the listen address, saying what to do when it is taken.
+async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (is another pipeline-server, or something else, listening there? stop it or \
+             choose another --listen)"
+        } else {
+            ""
+        };
+        Error::InvalidArgument(format!("cannot listen on {addr}: {e}{hint}"))
+    })
 }
 
 /// Waits until no task can make progress (checked at start and after every transition);

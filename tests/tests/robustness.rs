@@ -1436,3 +1436,32 @@ fn a_server_takes_its_note_with_it_and_clears_those_of_servers_that_are_gone() {
     assert_eq!(status.code(), Some(130), "{}", next.log());
     assert_eq!(listed(), Vec::<String>::new());
 }
+
+#[test]
+fn a_port_in_use_is_refused_before_anything_is_created() {
+    let repo = TestRepo::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let log = match Server::spawn(&mut Server::command(&repo, &["--listen", &addr])) {
+        Ok(server) => panic!("started on a port in use:\n{}", server.log()),
+        Err(log) => log,
+    };
+    assert!(
+        !repo.state_dir().exists(),
+        "the state dir was created: {:?}",
+        std::fs::read_dir(repo.state_dir())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("pipeline-server:"))
+        .unwrap_or_else(|| panic!("no one-line reason: {log}"));
+    assert!(
+        line.contains(&format!("cannot listen on {addr}")) && line.contains("--listen"),
+        "{line}"
+    );
+    // Once the port is free, the same command starts.
+    drop(taken);
+    let server = Server::start(&repo, &["--listen", &addr]);
+    server.ctl(&["status"]).ok();
+}
