@@ -182,6 +182,8 @@ pub enum RunnerState {
     Busy,
     Draining,
     Offline,
+    /// Cut off; its name stays reserved until forgotten.
+    Revoked,
     Unknown,
 }
 
@@ -192,6 +194,7 @@ impl RunnerState {
             RunnerState::Busy => "busy",
             RunnerState::Draining => "draining",
             RunnerState::Offline => "offline",
+            RunnerState::Revoked => "revoked",
             RunnerState::Unknown => "unknown",
         }
     }

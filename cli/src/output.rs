@@ -1566,6 +1566,16 @@ mod snapshots {
                 Health::Unhealthy("3 infrastructure failures in a row: git: disk full".into()),
             ),
             runner("gone", RunnerState::Offline, 0, None, Health::Healthy),
+            runner(
+                "cut-off",
+                RunnerState::Revoked,
+                0,
+                None,
+                Health::Unhealthy(
+                    "revoked: its name stays reserved until `pipelinectl runners forget cut-off`"
+                        .into(),
+                ),
+            ),
         ];
         insta::assert_snapshot!(printed(|out| super::runners(out, &runners, TEXT)));
     }

@@ -128,6 +128,7 @@ impl From<i32> for RunnerState {
             Ok(pb::RunnerState::Busy) => RunnerState::Busy,
             Ok(pb::RunnerState::Draining) => RunnerState::Draining,
             Ok(pb::RunnerState::Offline) => RunnerState::Offline,
+            Ok(pb::RunnerState::Revoked) => RunnerState::Revoked,
             Ok(pb::RunnerState::Unspecified) | Err(_) => RunnerState::Unknown,
         }
     }

@@ -314,6 +314,11 @@ impl Auth {
         self.read().revoked.contains(name)
     }
 
+    /// The names of revoked runners (until forgotten: their names stay reserved).
+    pub fn revoked(&self) -> Vec<String> {
+        self.read().revoked.iter().cloned().collect()
+    }
+
     /// Cuts `name` off: its credential stops working, and the name cannot be registered again
     /// with the registration token until it is forgotten. False if it had no credential.
     pub async fn revoke<S: Store>(&self, store: &S, name: &str) -> Result<bool> {

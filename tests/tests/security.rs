@@ -410,3 +410,44 @@ fn a_commit_cannot_speak_for_another_task() {
         "the victim's own work is on the base: {task}"
     );
 }
+
+#[test]
+fn a_revoked_runner_is_listed_as_revoked_until_forgotten() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _fake = fake_runner(&repo, &server);
+    server.ctl(&["runners", "revoke", "fake"]).ok();
+    // Its name stays reserved, and `runners` says so, also after a restart.
+    let listed = |server: &Server| {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        runners
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["name"] == "fake").cloned())
+    };
+    let check = |server: &Server| {
+        let fake = listed(server).expect("the revoked runner is listed");
+        assert_eq!(fake["state"], "revoked", "{fake}");
+        assert_eq!(fake["health"], "unhealthy", "{fake}");
+        assert!(
+            fake["health_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("pipelinectl runners forget fake")),
+            "{fake}"
+        );
+        let table = server.ctl(&["runners"]).ok();
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("fake ") && l.contains("revoked")),
+            "{table}"
+        );
+    };
+    check(&server);
+    let addr = server.addr.clone();
+    assert!(server.terminate().success());
+    let server = Server::start(&repo, &["--listen", &addr]);
+    check(&server);
+    // Forgotten, it is gone, and its name free.
+    server.ctl(&["runners", "forget", "fake"]).ok();
+    assert_eq!(listed(&server), None);
+}

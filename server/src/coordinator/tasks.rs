@@ -55,6 +55,8 @@ pub enum RunnerState {
     Busy,
     Draining,
     Offline,
+    /// Cut off (`runners revoke`): its name stays reserved until `runners forget`.
+    Revoked,
 }
 
 /// Task counts plus the number of connected runners.
@@ -755,8 +757,12 @@ impl<S: Store> Coordinator<S> {
         (all, more)
     }
 
+    /// Every runner: the registered ones, and those revoked, whose names stay reserved until
+    /// forgotten (shown so, so that a name nobody can take is not a mystery).
     pub fn runners(&self) -> Vec<RunnerInfo> {
-        self.registry()
+        let mut revoked = self.auth.revoked();
+        let mut all: Vec<RunnerInfo> = self
+            .registry()
             .runners()
             .into_iter()
             .map(|r| RunnerInfo {
@@ -778,8 +784,32 @@ impl<S: Store> Coordinator<S> {
                 version: r.version,
                 unhealthy: r.unhealthy,
             })
-            .collect()
+            .collect();
+        for r in &mut all {
+            if let Some(i) = revoked.iter().position(|name| *name == r.name) {
+                revoked.swap_remove(i);
+                r.state = RunnerState::Revoked;
+                r.unhealthy = Some(revoked_reason(&r.name));
+            }
+        }
+        all.extend(revoked.into_iter().map(|name| RunnerInfo {
+            id: String::new(),
+            unhealthy: Some(revoked_reason(&name)),
+            name,
+            state: RunnerState::Revoked,
+            slots_used: 0,
+            slots_total: 0,
+            last_heartbeat: None,
+            labels: Vec::new(),
+            version: String::new(),
+        }));
+        all
     }
+}
+
+/// Why a revoked runner takes no work, and what frees its name.
+fn revoked_reason(name: &str) -> String {
+    format!("revoked: its name stays reserved until `pipelinectl runners forget {name}`")
 }
 
 /// The labels and scope of each runner that takes work, whether any of them is limited by

@@ -225,6 +225,7 @@ impl From<&RunnerInfo> for pb::Runner {
             RunnerState::Busy => pb::RunnerState::Busy,
             RunnerState::Draining => pb::RunnerState::Draining,
             RunnerState::Offline => pb::RunnerState::Offline,
+            RunnerState::Revoked => pb::RunnerState::Revoked,
         };
         pb::Runner {
             id: r.id.clone(),
