@@ -680,7 +680,16 @@ fn a_task_cannot_depend_on_itself() {
     assert_eq!(server.show(&id)["depends_on"], serde_json::json!([]));
     // As for a new task.
     server
-        .ctl(&["task", "add", "--title", "s", "--id", "s", "--depends-on", "s"])
+        .ctl(&[
+            "task",
+            "add",
+            "--title",
+            "s",
+            "--id",
+            "s",
+            "--depends-on",
+            "s",
+        ])
         .refused(2, "task s cannot depend on itself");
 }
 
