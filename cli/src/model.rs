@@ -414,6 +414,16 @@ pub struct Train {
     pub step: String,
 }
 
+/// A task an agent works on now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Running {
+    pub id: String,
+    /// The runner's name.
+    pub runner: String,
+    /// When it was leased.
+    pub since_ms: i64,
+}
+
 /// A task waiting behind the train.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Waiting {
@@ -430,6 +440,8 @@ pub struct Waiting {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Queue {
     pub train: Option<Train>,
+    /// The tasks in progress, oldest lease first.
+    pub running: Vec<Running>,
     pub waiting: Vec<Waiting>,
     pub landing: Landing,
     /// The base commit that fails the server's build, while it does.

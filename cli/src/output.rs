@@ -344,7 +344,7 @@ fn landing_json(l: &Landing, red_base: Option<&str>) -> Value {
     json!({"state": l.word(), "reason": l.reason(), "red_base": red_base})
 }
 
-/// The merge train now and the tasks behind it.
+/// The merge train now, the tasks in progress, and the tasks behind them.
 pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> {
     if format == Format::Json {
         return print_json(
@@ -355,6 +355,11 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
                     "tasks": t.tasks,
                     "step": t.step,
                 })),
+                "running": q.running.iter().map(|r| json!({
+                    "id": r.id,
+                    "runner": r.runner,
+                    "since": rfc3339(r.since_ms),
+                })).collect::<Vec<_>>(),
                 "waiting": q.waiting.iter().map(|w| json!({
                     "id": w.id,
                     "status": w.status.word(),
@@ -388,8 +393,20 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
         Some(t) => writeln!(out, "train {}: {} ({})", t.id, t.step, t.tasks.join(", "))?,
         None => writeln!(out, "train:   none")?,
     }
-    if q.waiting.is_empty() {
-        return writeln!(out, "nothing waiting");
+    if !q.running.is_empty() {
+        writeln!(out, "in progress ({}):", q.running.len())?;
+        let rows: Vec<Vec<String>> = q
+            .running
+            .iter()
+            .map(|r| vec![r.id.clone(), r.runner.clone(), rfc3339(r.since_ms)])
+            .collect();
+        print_table(out, &["ID", "RUNNER", "LEASED"], &rows)?;
+    }
+    match (q.waiting.is_empty(), q.running.is_empty()) {
+        (true, true) => return writeln!(out, "nothing in progress or waiting"),
+        (true, false) => return writeln!(out, "waiting: nothing"),
+        (false, true) => {}
+        (false, false) => writeln!(out, "waiting ({}):", q.waiting.len())?,
     }
     let rows: Vec<Vec<String>> = q
         .waiting
@@ -1107,7 +1124,7 @@ mod tests {
 #[cfg(test)]
 mod snapshots {
     use super::*;
-    use crate::model::{FailureKind, LogStream, RunStatus, RunnerState, Train, Waiting};
+    use crate::model::{FailureKind, LogStream, RunStatus, RunnerState, Running, Train, Waiting};
 
     /// 2026-11-24T01:01:02.123Z, and `s` seconds later.
     fn at(s: i64) -> i64 {
@@ -1266,6 +1283,18 @@ mod snapshots {
                 tasks: vec!["t-1".into(), "t-2".into(), "t-3".into()],
                 step: "building prefix 2 of 3".into(),
             }),
+            running: vec![
+                Running {
+                    id: "t-7".into(),
+                    runner: "runner-a".into(),
+                    since_ms: at(5),
+                },
+                Running {
+                    id: "t-10".into(),
+                    runner: "build-box-long-name".into(),
+                    since_ms: at(9),
+                },
+            ],
             waiting: vec![
                 waiting("t-4", TaskStatus::Verified, 1, Some(12.4), &[]),
                 waiting("t-5", TaskStatus::Open, 2, None, &["t-4 to be done"]),
@@ -1298,6 +1327,7 @@ mod snapshots {
     fn queue_empty_and_paused() {
         let q = Queue {
             train: None,
+            running: vec![],
             waiting: vec![],
             landing: Landing::Paused("paused by pipelinectl queue pause".into()),
             red_base: None,

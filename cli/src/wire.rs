@@ -13,8 +13,8 @@ use prost::Message as _;
 use crate::client::Failure;
 use crate::model::{
     CostSource, FailureKind, Health, Landing, LogItem, LogLine, LogRun, LogStream, NewTask, Phase,
-    Queue, Run, RunStatus, Runner, RunnerState, Status, Task, TaskChange, TaskDetail, TaskEvent,
-    TaskStatus, Train, Transition, Usage, Waiting,
+    Queue, Run, RunStatus, Runner, RunnerState, Running, Status, Task, TaskChange, TaskDetail,
+    TaskEvent, TaskStatus, Train, Transition, Usage, Waiting,
 };
 
 /// The failure of a reply that should carry a task and does not.
@@ -308,6 +308,15 @@ impl From<pb::GetQueueResponse> for Queue {
                 tasks: t.tasks,
                 step: t.step,
             }),
+            running: q
+                .running
+                .into_iter()
+                .map(|r| Running {
+                    id: r.id,
+                    runner: r.runner,
+                    since_ms: r.since_ms,
+                })
+                .collect(),
             waiting: q
                 .waiting
                 .into_iter()

@@ -1023,3 +1023,31 @@ fn a_prompt_template_that_does_not_parse_or_names_an_unknown_variable_is_refused
         );
     }
 }
+
+#[test]
+fn queue_shows_what_is_in_progress_instead_of_nothing_waiting() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _r = runner(&repo, &server, "r");
+    let id = server.add(&["--title", "at work", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    let queue = server.ctl(&["queue", "--json"]).json();
+    let running = queue["running"].as_array().cloned().unwrap_or_default();
+    assert_eq!(running.len(), 1, "{queue}");
+    assert_eq!(running[0]["id"], id.as_str(), "{queue}");
+    assert_eq!(running[0]["runner"], "r", "{queue}");
+    assert!(running[0]["since"].is_string(), "{queue}");
+    assert_eq!(queue["waiting"], serde_json::json!([]), "{queue}");
+    let text = server.ctl(&["queue"]).ok();
+    assert!(!text.contains("nothing waiting"), "{text}");
+    assert!(text.contains("in progress (1):"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains(" r ")),
+        "{text}"
+    );
+    repo.release_agents();
+    server.wait_status(&id, "done");
+    let text = server.ctl(&["queue"]).ok();
+    assert!(text.contains("nothing in progress or waiting"), "{text}");
+}

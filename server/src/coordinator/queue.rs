@@ -1,5 +1,5 @@
-//! The queue as a whole: the merge train now and what waits behind it (`pipelinectl queue`),
-//! and its pauses. `queue pause` stops new leases (and landing, with `--landing`; landing
+//! The queue as a whole: the merge train now, what agents work on, and what waits behind them
+//! (`pipelinectl queue`), and its pauses. `queue pause` stops new leases (and landing, with `--landing`; landing
 //! alone with `--landing-only`); a base that fails its own build holds both by itself, until
 //! the base is green again or `queue resume`. A pause is written to `meta` before memory
 //! follows, and every change of landing's state is announced in one place
@@ -42,10 +42,22 @@ pub enum Hold {
     LandingOnly,
 }
 
+/// A task an agent works on now, for `queue`.
+#[derive(Clone, Debug)]
+pub struct Running {
+    pub id: TaskId,
+    /// The runner's name.
+    pub runner: String,
+    /// When it was leased (after a restart: when the lease was restored).
+    pub since: crate::domain::Millis,
+}
+
 /// What `queue` shows.
 #[derive(Clone, Debug)]
 pub struct QueueView {
     pub train: Option<TrainView>,
+    /// The tasks in progress, oldest lease first (from memory: the live leases).
+    pub running: Vec<Running>,
     pub waiting: Vec<Waiting>,
     pub landing: (&'static str, Option<String>),
     /// The base commit found red, while it is.
@@ -279,8 +291,15 @@ impl<S: Store> Coordinator<S> {
                 eta_seconds,
             });
         }
+        let running = self
+            .registry()
+            .running()
+            .into_iter()
+            .map(|(id, runner, since)| Running { id, runner, since })
+            .collect();
         Ok(QueueView {
             train,
+            running,
             waiting,
             landing: landing_state,
             red_base,

@@ -323,6 +323,15 @@ impl<S: Store> ControlService for ControlApi<S> {
             landing: Some(landing_to_pb(q.landing, q.red_base)),
             queue_paused: q.queue_paused,
             queue_pause_reason: q.queue_pause_reason,
+            running: q
+                .running
+                .into_iter()
+                .map(|r| pb::QueueRunning {
+                    id: r.id.to_string(),
+                    runner: r.runner,
+                    since_ms: r.since,
+                })
+                .collect(),
         }))
     }
 

@@ -421,6 +421,17 @@ impl Registry {
         Some(live)
     }
 
+    /// Every live lease: (task, runner name, when it was leased), oldest first.
+    pub fn running(&self) -> Vec<(TaskId, String, Millis)> {
+        let mut running: Vec<(TaskId, String, Millis)> = self
+            .leases
+            .values()
+            .map(|l| (l.task.clone(), l.runner.clone(), l.leased_at))
+            .collect();
+        running.sort_by(|a, b| a.2.cmp(&b.2).then_with(|| a.0.cmp(&b.0)));
+        running
+    }
+
     /// The leases whose time is up.
     pub fn expired(&self, now: Millis) -> Vec<(String, LiveLease)> {
         self.leases
