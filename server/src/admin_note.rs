@@ -125,8 +125,8 @@ fn remove_stale(dir: &Path, own: &str) -> usize {
 /// Whether the server noted as `note` (the note's file name), whose admin token is at
 /// `token_file`, still runs: its token file exists, the lock on its state dir (`server.lock`
 /// beside it) is held, and the holder listens on the note's address (or does not listen yet).
-/// The lock is only tried, shared, and let go at once (`pipeline_core::lock::FileLock::take` waits out such a
-/// moment). `pipelinectl` asks much the same before it offers a noted token.
+/// The lock is only tried, shared, and let go at once (`pipeline_core::lock::FileLock::take`
+/// waits out such a moment). `pipelinectl` asks much the same before it offers a noted token.
 fn server_alive(token_file: &Path, note: &str) -> bool {
     use std::io::Read;
     if !token_file.is_file() {
