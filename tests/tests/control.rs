@@ -225,9 +225,10 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
     server
         .ctl(&["task", "depend", &a, "--on", &b])
         .refused(4, "would make a cycle");
+    // Itself: never valid, said so (as for `task add` above).
     server
         .ctl(&["task", "depend", &a, "--on", &a])
-        .refused(4, "would make a cycle");
+        .refused(2, &format!("task {a} cannot depend on itself"));
     server.ctl(&["task", "retry", &b]).ok();
     server
         .ctl(&["task", "list", "--status", "bogus"])
