@@ -19,7 +19,19 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    // The handlers are installed here, before anything starts: a signal that comes while the
+    // server starts stops it gracefully too (a handler installed later by the spawned task
+    // could miss it, and the default action kills the process).
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => {
+            tokio::spawn(watch_signals(term, int, shutdown.clone()));
+        }
+        _ => tracing::error!("cannot install signal handlers; stop the server with SIGKILL"),
+    }
     match pipeline_server::app::run(config, shutdown).await {
         Ok(Stopped::Idle { needs_help }) if needs_help > 0 => {
             eprintln!("pipeline-server: idle, and {needs_help} task(s) need help");
@@ -34,15 +46,11 @@ async fn main() -> ExitCode {
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second signal exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
-        return;
-    };
+async fn watch_signals(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),

@@ -298,6 +298,48 @@ impl FakeRunner {
     }
 }
 
+/// A `CompleteLease` call kept open: the server waits for the rest of its upload until this is
+/// dropped (then the call is cancelled).
+pub struct HeldCall {
+    _call: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HeldCall {
+    fn drop(&mut self) {
+        self._call.abort();
+    }
+}
+
+impl FakeRunner {
+    /// Sends `messages` as the start of a `CompleteLease` call that never ends, until `sent`
+    /// says the server has them; the call stays open (a request under way, for a server that
+    /// stops to wait for) until the returned [`HeldCall`] is dropped.
+    pub fn complete_and_hold(
+        &mut self,
+        messages: Vec<pb::CompleteLeaseRequest>,
+        sent: impl Fn() -> bool,
+    ) -> HeldCall {
+        use tonic::codegen::tokio_stream::StreamExt;
+        let endless = tokio_stream_iter(messages).chain(tonic::codegen::tokio_stream::pending());
+        let mut client = self.client.clone();
+        let req = authorized(&self.credential, endless);
+        let call = self.rt.spawn(async move {
+            let _ = client.complete_lease(req).await;
+        });
+        self.rt.block_on(async {
+            let start = std::time::Instant::now();
+            while !sent() {
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "the server never received the upload"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        HeldCall { _call: call }
+    }
+}
+
 fn tokio_stream_iter<T: Send + 'static>(
     items: Vec<T>,
 ) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send {

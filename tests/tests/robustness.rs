@@ -1428,8 +1428,22 @@ fn a_server_takes_its_note_with_it_and_clears_those_of_servers_that_are_gone() {
     // The next server removes both: their servers no longer hold their locks.
     let mut next = Server::start(&repo, &[]);
     assert_eq!(listed(), [note_of(&next)]);
-    next.ctl(&["status"]).ok();
-    // SIGINT then SIGTERM: the second signal stops it at once (exit 130), note and all.
+    // An upload under way holds a graceful stop up (for up to its drain deadline)...
+    use pipeline_proto::v1 as pb;
+    let mut fake = pipeline_tests::fake_runner(&repo, &next);
+    next.add(&["--title", "t"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    let messages = pipeline_tests::fake_runner::complete_messages(
+        &fake.id,
+        lease,
+        pb::LeaseOutcome::Verified,
+        None,
+        0.0,
+        Some("0".repeat(40)),
+        vec![b'x'; 1000],
+    );
+    let _held = fake.complete_and_hold(messages, || !spooled(&repo).is_empty());
+    // ...so a second signal meets it: it stops at once (exit 130), note and all.
     next.proc.signal("INT");
     next.proc.signal("TERM");
     let status = next.proc.wait_exit();
