@@ -919,7 +919,11 @@ impl SmallDisk {
             Ok(out) if out.status.success() => Ok(Self { path, _dir: dir }),
             Ok(out) => Err(format!(
                 "it mounts a small tmpfs to fill it, which needs root: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
             )),
             Err(e) => Err(format!(
                 "it mounts a small tmpfs to fill it, which needs root and mount(8): {e}"
