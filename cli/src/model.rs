@@ -377,6 +377,9 @@ pub struct Status {
     /// What agents cost over the last 24 hours, in cents, and their input and output tokens.
     pub cost_cents_last_day: f64,
     pub tokens_last_day: u64,
+    /// The sandbox the server's own builds run in (`landlock`, `user`, `off`); `None` from a
+    /// server that does not say (an older one).
+    pub sandbox: Option<String>,
 }
 
 /// Whether verified tasks land, and if not, why.
@@ -463,6 +466,8 @@ pub struct Runner {
     pub labels: Vec<String>,
     pub version: String,
     pub health: Health,
+    /// The sandbox its agents and builds run in; `None` when it did not say.
+    pub sandbox: Option<String>,
 }
 
 /// The run that the log lines after it belong to.

@@ -287,6 +287,7 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
                 "builds_per_landed": s.builds_per_landed,
                 "cost_cents_last_day": s.cost_cents_last_day,
                 "tokens_last_day": s.tokens_last_day,
+                "sandbox": s.sandbox,
             }),
         );
     }
@@ -316,6 +317,14 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
     }
     if let Some(why) = s.landing.reason() {
         writeln!(out, "landing:         PAUSED: {}", terminal_safe(why))?;
+    }
+    match s.sandbox.as_deref() {
+        Some("off") => writeln!(
+            out,
+            "sandbox:         OFF: builds and local agents can read the server's tokens and database (--no-sandbox)"
+        )?,
+        Some(kind) => writeln!(out, "sandbox:         {kind}")?,
+        None => {}
     }
     writeln!(out, "base branch:     {}", s.base)?;
     writeln!(out, "open:            {}", s.open)?;
@@ -807,6 +816,7 @@ pub fn runners(out: &mut impl Write, runners: &[Runner], format: Format) -> io::
                     "version": r.version,
                     "health": r.health.word(),
                     "health_reason": r.health.reason(),
+                    "sandbox": r.sandbox,
                 })
             })
             .collect();
@@ -1194,6 +1204,7 @@ mod snapshots {
             builds_per_landed: None,
             cost_cents_last_day: 0.0,
             tokens_last_day: 0,
+            sandbox: Some("landlock".into()),
         }
     }
 
@@ -1578,6 +1589,7 @@ mod snapshots {
             labels: vec![],
             version: "0.1.0".into(),
             health,
+            sandbox: Some("landlock".into()),
         };
         let runners = vec![
             runner("runner-a", RunnerState::Busy, 2, Some(5), Health::Healthy),
@@ -1622,6 +1634,7 @@ mod snapshots {
             labels: vec![],
             version: "0.1.0".into(),
             health: Health::Unhealthy("disk \u{1b}]0;owned\u{7} full".into()),
+            sandbox: None,
         };
         let text = printed(|out| super::runners(out, &[runner], TEXT));
         assert!(!text.contains('\u{1b}'), "{text:?}");

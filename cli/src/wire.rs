@@ -286,6 +286,7 @@ impl From<pb::GetStatusResponse> for Status {
             builds_per_landed: s.builds_per_landed,
             cost_cents_last_day: s.cost_cents_last_day,
             tokens_last_day: s.tokens_last_day,
+            sandbox: Some(s.sandbox).filter(|w| !w.is_empty()),
         }
     }
 }
@@ -348,6 +349,7 @@ impl From<pb::Runner> for Runner {
             labels: r.labels,
             version: r.version,
             health: health(r.unhealthy_reason),
+            sandbox: r.sandbox,
         }
     }
 }

@@ -86,7 +86,7 @@ pub fn is_disk_full(message: &str) -> bool {
     message.contains("No space left on device") || message.contains("Disk quota exceeded")
 }
 
-/// Held while worktrees are pruned and added ([`Git::checkout_worktree`]): git's
+/// Held while worktrees are pruned and added ([`Worktree::prepare`]): git's
 /// `worktrees/` administration does not survive concurrent prunes and adds.
 static WORKTREE_ADMIN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -319,6 +319,8 @@ pub enum Merged {
 pub struct Git {
     dir: PathBuf,
     timeout: Duration,
+    /// Variables naming the repository's directories ([`Worktree::git`]).
+    env: Vec<(&'static str, PathBuf)>,
 }
 
 /// A finished git command.
@@ -334,6 +336,7 @@ impl Git {
         Self {
             dir: dir.into(),
             timeout: DEFAULT_TIMEOUT,
+            env: Vec::new(),
         }
     }
 
@@ -356,6 +359,7 @@ impl Git {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("LC_ALL", "C")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .kill_on_drop(true);
         cmd
@@ -811,35 +815,8 @@ impl Git {
         self.run(&["worktree", "prune"]).await.map(drop)
     }
 
-    /// Puts the detached worktree at `path` of this repository on `commit`, clean: reset if it
-    /// exists, created if not, recreated if it is damaged.
-    pub async fn checkout_worktree(&self, path: &Path, commit: &CommitId) -> Result<()> {
-        if path.join(".git").exists() {
-            let wt = Git::at(path).with_timeout(self.timeout);
-            let reset = async {
-                wt.run(&[
-                    "checkout",
-                    "--quiet",
-                    "--force",
-                    "--detach",
-                    commit.as_str(),
-                ])
-                .await?;
-                wt.run(&["clean", "-ffdxq"]).await?;
-                Ok::<(), GitError>(())
-            };
-            match reset.await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(worktree = %path.display(), error = %e, "recreating a damaged worktree")
-                }
-            }
-        }
-        if path.exists() {
-            std::fs::remove_dir_all(path).map_err(|e| {
-                GitError::Unexpected(format!("cannot remove {}: {e}", path.display()))
-            })?;
-        }
+    /// Adds a detached worktree at `path` on `commit` (see [`WORKTREE_ADMIN`]).
+    async fn worktree_add(&self, path: &Path, commit: &CommitId) -> Result<()> {
         // Prune and add touch the repository's `worktrees/` directory, which concurrent
         // prunes and adds trip over (one removes it as another creates its entry): one at a
         // time in this process. Creating a worktree is rare (a slot's first use), resets are not
@@ -1001,6 +978,217 @@ impl Git {
     }
 }
 
+/// A linked worktree whose files, and for a runner's slot its own git state (its `HEAD`, index
+/// and new objects), a sandboxed process may have written. Its git runs with every directory
+/// named (`GIT_DIR`, `GIT_COMMON_DIR`, `GIT_WORK_TREE`), never found through the worktree's
+/// `.git` file, so nothing written there (a `.git` naming another repository, one with hooks or
+/// `core.fsmonitor`) runs as this process: the configuration and hooks in use are the
+/// repository's, which the sandbox keeps read-only.
+///
+/// A runner's slot is the worktree of a small repository of its own ([`Worktree::own`]) that
+/// borrows the mirror's objects (alternates): the agent's commits go to that repository's
+/// objects, which no other slot reads, and the mirror never sees a slot's `HEAD` on a commit
+/// it lacks (which would break its own commands).
+#[derive(Clone, Debug)]
+pub struct Worktree {
+    /// The files.
+    pub path: PathBuf,
+    /// The worktree's own git directory, `<common>/worktrees/<name of path>`.
+    pub admin: PathBuf,
+    /// The repository (its objects, refs, configuration and hooks).
+    pub common: PathBuf,
+    /// For a repository of the worktree's own: the object directory it borrows from. Its own
+    /// objects (its agent's) are thrown away by [`Worktree::prepare`].
+    pub borrows: Option<PathBuf>,
+    timeout: Duration,
+}
+
+impl Worktree {
+    /// The worktree at `path` of the repository whose common directory is `common`.
+    pub fn new(common: &Path, path: &Path) -> Self {
+        let name = path.file_name().unwrap_or_default();
+        Self {
+            path: path.to_path_buf(),
+            admin: common.join("worktrees").join(name),
+            common: common.to_path_buf(),
+            borrows: None,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The worktree at `path` of a bare repository of its own at `repo` (made by
+    /// [`Worktree::prepare`]), which borrows the objects of `objects`.
+    pub fn own(repo: &Path, path: &Path, objects: &Path) -> Self {
+        Self {
+            borrows: Some(objects.to_path_buf()),
+            ..Self::new(repo, path)
+        }
+    }
+
+    /// The same worktree with another time limit per command.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Git in this worktree, with its directories named.
+    pub fn git(&self) -> Git {
+        Git {
+            dir: self.path.clone(),
+            timeout: self.timeout,
+            env: vec![
+                ("GIT_DIR", self.admin.clone()),
+                ("GIT_COMMON_DIR", self.common.clone()),
+                ("GIT_WORK_TREE", self.path.clone()),
+            ],
+        }
+    }
+
+    /// The repository's object directory.
+    pub fn objects(&self) -> PathBuf {
+        self.common.join("objects")
+    }
+
+    /// Rewrites what the repository's objects borrow (a process in the worktree may have
+    /// pointed its alternates anywhere), before this process reads its objects.
+    pub fn restore_alternates(&self) -> std::io::Result<()> {
+        let Some(borrows) = &self.borrows else {
+            return Ok(());
+        };
+        let info = self.objects().join("info");
+        std::fs::create_dir_all(&info)?;
+        let _ = std::fs::remove_file(info.join("http-alternates"));
+        let alternates = info.join("alternates");
+        if std::fs::symlink_metadata(&alternates).is_ok_and(|m| !m.is_file()) {
+            remove_any(&alternates)?;
+        }
+        std::fs::write(alternates, format!("{}\n", borrows.display()))
+    }
+
+    /// Puts the worktree on `commit` (detached), clean: reset if it exists, created if not
+    /// (from `repo`, or for a repository of its own, from that repository, made first),
+    /// recreated if it is damaged. What a process left of the worktree's own git state (its
+    /// `.git` file, anything but the index in its git directory, its own objects) is thrown
+    /// away first.
+    pub async fn prepare(&self, repo: &Git, commit: &CommitId) -> Result<()> {
+        let io = |what: &str, e: std::io::Error| {
+            GitError::Unexpected(format!("cannot {what} for {}: {e}", self.path.display()))
+        };
+        let own = Git::at(&self.common).with_timeout(self.timeout);
+        let repo = if self.borrows.is_some() {
+            if !self.common.join("HEAD").is_file() {
+                std::fs::create_dir_all(&self.common)
+                    .map_err(|e| io("create the repository", e))?;
+                own.init_bare().await?;
+            }
+            &own
+        } else {
+            repo
+        };
+        if self.admin.join("HEAD").is_file() && self.path.is_dir() {
+            let reset = async {
+                self.scrub(commit)?;
+                let git = self.git();
+                git.run(&[
+                    "checkout",
+                    "--quiet",
+                    "--force",
+                    "--detach",
+                    commit.as_str(),
+                ])
+                .await?;
+                git.run(&["clean", "-ffdxq"]).await?;
+                Ok::<(), GitError>(())
+            };
+            match reset.await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(worktree = %self.path.display(), error = %e, "recreating a damaged worktree")
+                }
+            }
+        }
+        for dir in [&self.path, &self.admin] {
+            if std::fs::symlink_metadata(dir).is_ok() {
+                remove_any(dir).map_err(|e| io("remove the old worktree", e))?;
+            }
+        }
+        self.reset_objects()
+            .map_err(|e| io("reset the objects", e))?;
+        repo.worktree_add(&self.path, commit).await?;
+        // Git names the worktree's directory after the path's last part; another name (one
+        // taken) would leave this worktree's git pointed at someone else's.
+        let gitdir = std::fs::read_to_string(self.admin.join("gitdir")).unwrap_or_default();
+        if Path::new(gitdir.trim()) != self.path.join(".git") {
+            return Err(GitError::Unexpected(format!(
+                "git did not register the worktree {} as {}",
+                self.path.display(),
+                self.admin.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rewrites the worktree's git state from what this process knows: `.git` naming its git
+    /// directory; that directory holding `HEAD` (at `commit`), the way back to the repository
+    /// and to the worktree, and the index (kept: a cache of file states), nothing else; for a
+    /// repository of its own, its objects emptied and its alternates restored.
+    fn scrub(&self, commit: &CommitId) -> Result<()> {
+        let io = |what: &str, e: std::io::Error| {
+            GitError::Unexpected(format!(
+                "cannot reset the git state of {} ({what}): {e}",
+                self.path.display()
+            ))
+        };
+        let dot_git = self.path.join(".git");
+        if std::fs::symlink_metadata(&dot_git).is_ok() {
+            remove_any(&dot_git).map_err(|e| io(".git", e))?;
+        }
+        std::fs::write(&dot_git, format!("gitdir: {}\n", self.admin.display()))
+            .map_err(|e| io(".git", e))?;
+        for entry in std::fs::read_dir(&self.admin)
+            .map_err(|e| io("its git directory", e))?
+            .flatten()
+        {
+            let keep = entry.file_name() == "index" && entry.file_type().is_ok_and(|t| t.is_file());
+            if !keep {
+                remove_any(&entry.path()).map_err(|e| io("its git directory", e))?;
+            }
+        }
+        for (file, content) in [
+            ("HEAD", format!("{commit}\n")),
+            ("commondir", "../..\n".to_owned()),
+            ("gitdir", format!("{}\n", dot_git.display())),
+        ] {
+            std::fs::write(self.admin.join(file), content).map_err(|e| io(file, e))?;
+        }
+        self.reset_objects().map_err(|e| io("objects", e))
+    }
+
+    /// For a repository of the worktree's own: empties its object directory (the agent's
+    /// commits of an earlier lease went to the server; the borrowed objects stay where they
+    /// are) and restores its alternates.
+    fn reset_objects(&self) -> std::io::Result<()> {
+        if self.borrows.is_none() {
+            return Ok(());
+        }
+        let objects = self.objects();
+        if std::fs::symlink_metadata(&objects).is_ok() {
+            remove_any(&objects)?;
+        }
+        std::fs::create_dir_all(objects.join("pack"))?;
+        self.restore_alternates()
+    }
+}
+
+/// Removes a file, a link or a directory tree (a link is removed, not followed).
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}
+
 /// A path on a git command line must be text.
 fn utf8(path: &Path) -> Result<&str> {
     path.to_str()
@@ -1153,8 +1341,8 @@ mod tests {
                 .collect();
             let adds = paths.iter().map(|p| {
                 let (git, root) = (git.clone(), root.clone());
-                let p = p.clone();
-                tokio::spawn(async move { git.checkout_worktree(&p, &root).await })
+                let wt = Worktree::new(&d.join(".git"), p);
+                tokio::spawn(async move { wt.prepare(&git, &root).await })
             });
             for add in adds.collect::<Vec<_>>() {
                 add.await.expect("join").expect("worktree created");

@@ -6,7 +6,8 @@
 //! - [`clock`]: the clock behind a trait, and a fake one for tests.
 //! - [`lines`]: the one cap on a log line's length.
 //! - [`process`]: child processes in their own group, with time limits and a stop that
-//!   reaches grandchildren.
+//!   reaches grandchildren, started through the [`guard`] (this binary re-executed), which
+//!   applies the [`sandbox`] and never lets them outlive the process that started them.
 //! - [`verify`]: the verifier (`bild`, build and test commands, or off), the same on runner and
 //!   server.
 //! - [`git`]: the one typed layer over the `git` command line.
@@ -15,8 +16,10 @@
 
 pub mod clock;
 pub mod git;
+pub mod guard;
 pub mod ids;
 pub mod lines;
 pub mod lock;
 pub mod process;
+pub mod sandbox;
 pub mod verify;

@@ -7,6 +7,7 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{self, Spec, Stream, could_not_run, with_tail};
+use crate::sandbox::Policy;
 
 /// How commits are verified.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -82,17 +83,36 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// Verifies the worktree at `dir` for a task with `namespace`. The commands get exactly `env`
-/// (plus `PIPELINE_NAMESPACE`), nothing else of this process's environment.
+/// Where and how a verification runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Build<'a> {
+    /// The worktree.
+    pub dir: &'a Path,
+    /// The task's namespace.
+    pub namespace: Option<&'a str>,
+    /// The commands' whole environment (plus `PIPELINE_NAMESPACE`).
+    pub env: &'a [(String, String)],
+    pub kill_grace: std::time::Duration,
+    /// What the commands may reach; `None`: no sandbox.
+    pub sandbox: Option<&'a Policy>,
+}
+
+/// Verifies the worktree `build.dir` for a task with `build.namespace`. The commands get
+/// exactly `build.env` (plus `PIPELINE_NAMESPACE`), nothing else of this process's
+/// environment, and run in `build.sandbox`.
 pub async fn verify(
     verifier: &Verifier,
-    dir: &Path,
-    namespace: Option<&str>,
-    env: &[(String, String)],
-    kill_grace: std::time::Duration,
+    build: &Build<'_>,
     cancel: &CancellationToken,
     mut on_line: impl FnMut(Stream, &str),
 ) -> Verdict {
+    let Build {
+        dir,
+        namespace,
+        env,
+        kill_grace,
+        sandbox,
+    } = *build;
     if *verifier == Verifier::Off {
         return Verdict::Skipped("verification is off (--no-verify)".to_owned());
     }
@@ -105,6 +125,7 @@ pub async fn verify(
         env: env.clone(),
         clear_env: true,
         kill_grace,
+        sandbox: sandbox.cloned(),
         ..Spec::shell(&script, dir.to_path_buf())
     };
     if let Verifier::Commands { build, test } = verifier {

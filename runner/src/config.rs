@@ -59,16 +59,94 @@ pub struct Config {
     pub tls_ca: Option<PathBuf>,
 
     /// The registration token (first start) or this runner's own credential [env:
-    /// PIPELINE_RUNNER_TOKEN, else PIPELINE_TOKEN].
+    /// PIPELINE_RUNNER_TOKEN, else PIPELINE_TOKEN]. On the command line or in the environment
+    /// it is readable by other processes of this machine (`/proc/<pid>/cmdline`, `environ`):
+    /// prefer --token-file.
     #[arg(long, env = "PIPELINE_RUNNER_TOKEN", hide_env_values = true)]
     #[serde(skip)]
     pub token: Option<String>,
+
+    /// A file holding the registration token (or this runner's own credential), read once at
+    /// start; it wins over --token [default: $CREDENTIALS_DIRECTORY/pipeline-runner-token when
+    /// systemd passes it].
+    #[arg(long, env = "PIPELINE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 
     #[command(flatten)]
     pub agent: AgentArgs,
 
     #[command(flatten)]
     pub verify: VerifyArgs,
+
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// Where agents and builds may read and write (the same flags on the server, for its own
+/// builds and its `--local-runners`).
+#[derive(Clone, Debug, Default, Args, Serialize)]
+pub struct SandboxArgs {
+    /// Run agents and builds unconfined: they can then read and write all this process can
+    /// (its credential, the other worktrees, on a server its tokens and database). Without it,
+    /// a machine without Landlock is refused.
+    #[arg(long, env = "PIPELINE_NO_SANDBOX", conflicts_with_all = ["sandbox_read", "sandbox_write"])]
+    pub no_sandbox: bool,
+
+    /// A directory (or file) agents and builds may read, besides the system's and the
+    /// toolchains' (repeat, or separate with colons).
+    #[arg(
+        long = "sandbox-read",
+        env = "PIPELINE_SANDBOX_READ",
+        value_name = "PATH",
+        value_delimiter = ':'
+    )]
+    pub sandbox_read: Vec<PathBuf>,
+
+    /// A directory (or file) agents and builds may write, besides their worktree and temp dir
+    /// (repeat, or separate with colons). Never one this process runs programs from.
+    #[arg(
+        long = "sandbox-write",
+        env = "PIPELINE_SANDBOX_WRITE",
+        value_name = "PATH",
+        value_delimiter = ':'
+    )]
+    pub sandbox_write: Vec<PathBuf>,
+
+    /// Paths kept out of the sandbox besides the runner's own (a server's state dir, for its
+    /// local runners).
+    #[arg(skip)]
+    #[serde(skip)]
+    pub deny: Vec<PathBuf>,
+}
+
+/// The systemd credential a runner reads its token from (`LoadCredential=pipeline-runner-token:…`).
+pub const TOKEN_CREDENTIAL: &str = "pipeline-runner-token";
+
+impl SandboxArgs {
+    /// The sandbox agents and builds run in: Landlock, or none with --no-sandbox; refused
+    /// (saying what to do) on a kernel without Landlock. `deny` is kept out besides
+    /// [`SandboxArgs::deny`]; the base grants are the system's ([`default_rules`]) and the flags'.
+    ///
+    /// [`default_rules`]: pipeline_core::sandbox::default_rules
+    pub fn sandbox(&self, deny: &[PathBuf]) -> Result<pipeline_core::sandbox::Sandbox, String> {
+        use pipeline_core::sandbox::{Sandbox, default_rules};
+        let path = std::env::var("PATH").unwrap_or_default();
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let mut base = default_rules(&path, home.as_deref());
+        for p in &self.sandbox_read {
+            base.read(std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+        }
+        for p in &self.sandbox_write {
+            base.write(std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+        }
+        for p in deny.iter().chain(&self.deny) {
+            base.deny(p);
+        }
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            base.deny(PathBuf::from(dir));
+        }
+        Sandbox::choose(self.no_sandbox, base)
+    }
 }
 
 /// How agents run (the same flags on `pipeline-server --local-runners`).
@@ -204,6 +282,43 @@ impl AgentMode {
         }
     }
 
+    /// What the agent must reach beyond its worktree: its own files in the home directory
+    /// (its login, settings and sessions: written), and the directory its program really lives
+    /// in (an installer's link on `PATH` leads there: read).
+    fn preset_rules(self, path: &str) -> pipeline_core::sandbox::Rules {
+        let mut rules = pipeline_core::sandbox::Rules::default();
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+        let mut write: Vec<Option<PathBuf>> = Vec::new();
+        match self {
+            AgentMode::Agentd | AgentMode::Command => {}
+            AgentMode::Claude => {
+                write.push(
+                    var("CLAUDE_CONFIG_DIR").or_else(|| home.as_ref().map(|h| h.join(".claude"))),
+                );
+                write.push(home.as_ref().map(|h| h.join(".claude.json")));
+            }
+            AgentMode::Codex => {
+                write.push(var("CODEX_HOME").or_else(|| home.as_ref().map(|h| h.join(".codex"))));
+            }
+            AgentMode::Aider => write.push(home.as_ref().map(|h| h.join(".aider"))),
+        }
+        for dir in write.into_iter().flatten() {
+            rules.write(dir);
+        }
+        if let Some(program) = self.program() {
+            for dir in std::env::split_paths(path) {
+                if let Ok(real) = std::fs::canonicalize(dir.join(program))
+                    && let Some(parent) = real.parent()
+                {
+                    rules.read(parent);
+                    break;
+                }
+            }
+        }
+        rules
+    }
+
     /// The name usage reports carry.
     pub fn word(self) -> &'static str {
         match self {
@@ -294,6 +409,16 @@ impl AgentArgs {
         Duration::from_secs(self.kill_grace)
     }
 
+    /// What the agent may reach beyond what its build may: its preset's own files, and the
+    /// files `--agent-cmd` names.
+    pub fn sandbox_rules(&self, path: &str) -> pipeline_core::sandbox::Rules {
+        let mut rules = self.mode().preset_rules(path);
+        if let Some(cmd) = &self.agent_cmd {
+            rules.named_in(cmd);
+        }
+        rules
+    }
+
     /// The environment an agent or a build starts from: the allowed variables this process
     /// has (never a `PIPELINE_*` one: those are set per run).
     pub fn child_env(&self) -> Vec<(String, String)> {
@@ -309,14 +434,38 @@ impl AgentArgs {
 }
 
 impl Config {
-    /// The credential given: `--token`, else `PIPELINE_RUNNER_TOKEN`, else `PIPELINE_TOKEN`
-    /// (the one name the runner and `pipelinectl` shared before each had its own; the
-    /// specific name wins when both are set).
-    pub fn token(&self) -> Option<String> {
-        self.token
+    /// The credential given: `--token-file`'s (or the systemd credential's) content, else
+    /// `--token`, else `PIPELINE_RUNNER_TOKEN`, else `PIPELINE_TOKEN` (the one name the runner
+    /// and `pipelinectl` shared before each had its own; the specific name wins when both are
+    /// set); `None` when there is none (a saved credential may do).
+    pub fn token(&self) -> Result<Option<String>, String> {
+        let given = self
+            .token
             .clone()
             .or_else(|| std::env::var("PIPELINE_TOKEN").ok())
-            .filter(|t| !t.trim().is_empty())
+            .filter(|t| !t.trim().is_empty());
+        let file = self.token_file.clone().or_else(|| {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+            let file = PathBuf::from(dir).join(TOKEN_CREDENTIAL);
+            (given.is_none() && file.is_file()).then_some(file)
+        });
+        match file {
+            Some(file) => {
+                let token = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("cannot read the token file {}: {e}", file.display()))?;
+                let token = token.trim();
+                if token.is_empty() {
+                    return Err(format!("the token file {} is empty", file.display()));
+                }
+                Ok(Some(token.to_owned()))
+            }
+            None => Ok(given),
+        }
+    }
+
+    /// Files holding credentials this runner was given, kept out of the sandbox.
+    pub fn credential_files(&self) -> Vec<PathBuf> {
+        self.token_file.iter().cloned().collect()
     }
 
     /// The runner's name: `--name`, or the host name.

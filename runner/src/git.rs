@@ -1,7 +1,12 @@
-//! The runner's git: one local bare mirror under the work dir, holding only what the server sent
-//! and what agents committed, and one worktree per slot, reset (not recreated) for each task.
-//! Every command goes through `pipeline_core::git::Git` (its time limit, fixed environment and
-//! typed arguments); commits are [`CommitId`]s, so nothing unchecked reaches a command line.
+//! The runner's git: one local bare mirror under the work dir, holding only what the server sent,
+//! and one worktree per slot, reset (not recreated) for each task. A slot's worktree belongs to
+//! a small repository of its own (`slot-git/<n>`) that borrows the mirror's objects: its
+//! agent's commits go there, so a sandboxed agent reads the mirror's objects and writes nothing
+//! of the mirror, and no agent sees another's commits. The runner runs git on a slot with every
+//! directory named ([`Worktree`]), never through the worktree's `.git`, which the agent could
+//! have pointed anywhere, and restores the slot's alternates before reading its objects. Every command goes through
+//! `pipeline_core::git::Git` (its time limit, fixed environment and typed arguments); commits
+//! are [`CommitId`]s, so nothing unchecked reaches a command line.
 //!
 //! Git is spawned only for work: the commits the mirror keeps for the server
 //! (`refs/pipeline/base` and `refs/pipeline/previous`) are read once at start and then known
@@ -11,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use pipeline_core::git::{Git, GitError, KeptRef, RefName, RefPrefix};
+use pipeline_core::git::{Git, GitError, KeptRef, RefName, RefPrefix, Worktree};
 use pipeline_core::ids::CommitId;
 
 type Result<T> = std::result::Result<T, GitError>;
@@ -109,21 +114,28 @@ impl Mirror {
         self.git.has_commit(commit).await
     }
 
-    /// Puts the worktree at `path` on `commit` (detached), clean: reset if it exists, created
-    /// if not, recreated if it is damaged.
-    pub async fn prepare_worktree(&self, path: &Path, commit: &CommitId) -> Result<()> {
-        self.git.checkout_worktree(path, commit).await
+    /// The mirror's directory (the repository slots' worktrees belong to).
+    pub fn dir(&self) -> &Path {
+        self.git.dir()
     }
 
-    /// Commits everything the agent left in `worktree` as one commit with `message` (amending
-    /// the previous patchset's when `amend`); `false` when there was nothing to commit.
+    /// Puts the slot's worktree on `commit` (detached), clean: reset if it exists, created if
+    /// not, recreated if it is damaged; what its last agent left of its git state is gone.
+    pub async fn prepare_worktree(&self, slot: &Worktree, commit: &CommitId) -> Result<()> {
+        slot.prepare(&self.git, commit).await
+    }
+
+    /// Commits everything the agent left in the slot's worktree as one commit with `message`
+    /// (amending the previous patchset's when `amend`); `false` when there was nothing to
+    /// commit.
     pub async fn commit_for_agent(
         &self,
-        worktree: &Path,
+        slot: &Worktree,
         message: &str,
         amend: bool,
     ) -> Result<bool> {
-        Git::at(worktree).commit_all(message, amend).await
+        slot.restore_alternates().map_err(restore_failed)?;
+        slot.git().commit_all(message, amend).await
     }
 
     /// Checks that the worktree holds exactly one commit on top of `base` (and, when amending,
@@ -131,12 +143,14 @@ impl Mirror {
     /// failure) or that git itself failed (the runner's).
     pub async fn one_commit(
         &self,
-        worktree: &Path,
+        slot: &Worktree,
         base: &CommitId,
         previous: Option<&CommitId>,
     ) -> std::result::Result<CommitId, Found> {
         let infra = |e: GitError| Found::GitFailed(format!("cannot read the agent's commit: {e}"));
-        let wt = Git::at(worktree);
+        slot.restore_alternates()
+            .map_err(|e| infra(restore_failed(e)))?;
+        let wt = slot.git();
         // HEAD and its parents, in one spawn.
         let (head, parents) = wt.head_and_parents().await.map_err(infra)?;
         if head == *base {
@@ -173,16 +187,32 @@ impl Mirror {
         )))
     }
 
-    /// Writes a bundle of the worktree's `HEAD` (one commit on top of `base`) to `out`. The
+    /// Writes a bundle of the slot's `HEAD` (one commit on top of `base`) to `out`. The
     /// server checks it holds the announced commit.
-    pub async fn bundle_head(&self, worktree: &Path, base: &CommitId, out: &Path) -> Result<()> {
-        Git::at(worktree).bundle_head(base, out).await
+    pub async fn bundle_head(&self, slot: &Worktree, base: &CommitId, out: &Path) -> Result<()> {
+        slot.restore_alternates().map_err(restore_failed)?;
+        slot.git().bundle_head(base, out).await
     }
 
-    /// The worktree of `slot`.
-    pub fn worktree(work_dir: &Path, slot: usize) -> PathBuf {
-        work_dir.join("slots").join(slot.to_string())
+    /// Slot `n`'s worktree: its files in `slots/<n>`, its repository (which borrows the
+    /// mirror's objects and keeps its agent's) in `slot-git/<n>`.
+    pub fn slot(&self, work_dir: &Path, n: usize) -> Worktree {
+        Worktree::own(
+            &work_dir.join("slot-git").join(n.to_string()),
+            &work_dir.join("slots").join(n.to_string()),
+            &self.dir().join("objects"),
+        )
     }
+}
+
+fn restore_failed(e: std::io::Error) -> GitError {
+    GitError::Unexpected(format!("cannot restore the slot's alternates: {e}"))
+}
+
+/// Slot `n`'s private directory: its prompt and cost file, its temp dir, its objects; written
+/// by its agent and build, and by nothing else's.
+pub fn private_dir(work_dir: &Path, n: usize) -> PathBuf {
+    work_dir.join("private").join(n.to_string())
 }
 
 #[cfg(test)]
@@ -206,6 +236,25 @@ mod tests {
         sh_git(dir, &["add", file]);
         sh_git(dir, &["commit", "-q", "-m", file]);
         CommitId::parse(&sh_git(dir, &["rev-parse", "HEAD"])).expect("id")
+    }
+
+    /// Git in a slot's worktree as its agent runs it: found through `.git`.
+    fn agent_git(slot: &Worktree, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .current_dir(&slot.path)
+            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn agent_commit(slot: &Worktree, file: &str) -> CommitId {
+        std::fs::write(slot.path.join(file), file).expect("write");
+        agent_git(slot, &["add", file]);
+        agent_git(slot, &["commit", "-q", "-m", file]);
+        CommitId::parse(&agent_git(slot, &["rev-parse", "HEAD"])).expect("id")
     }
 
     /// A server's repository with a base, and a bundle of it.
@@ -239,7 +288,7 @@ mod tests {
         let again = Mirror::open(&work).await.expect("reopen");
         assert_eq!(again.haves(), std::slice::from_ref(&base));
 
-        let wt = Mirror::worktree(&work, 0);
+        let wt = mirror.slot(&work, 0);
         mirror.prepare_worktree(&wt, &base).await.expect("worktree");
         assert_eq!(
             mirror.one_commit(&wt, &base, None).await,
@@ -247,7 +296,9 @@ mod tests {
                 "the agent made no commit on top of the base".to_owned()
             ))
         );
-        let one = commit(&wt, "b");
+        let one = agent_commit(&wt, "b");
+        // The agent's objects are the slot's own, not the mirror's.
+        assert!(!mirror.has_commit(&one).await);
         assert_eq!(mirror.one_commit(&wt, &base, None).await, Ok(one.clone()));
         assert!(matches!(
             mirror.one_commit(&wt, &base, Some(&one)).await,
@@ -256,18 +307,89 @@ mod tests {
         let out = dir.path().join("out.bundle");
         mirror.bundle_head(&wt, &base, &out).await.expect("bundle");
         assert!(out.is_file());
-        commit(&wt, "c");
+        agent_commit(&wt, "c");
         assert!(matches!(
             mirror.one_commit(&wt, &base, None).await,
             Err(Found::Wrong(why)) if why.contains("made 2 commits")
         ));
         // Reset in place for the next task, not recreated: what the agent left is gone.
-        std::fs::write(wt.join("stray"), "x").expect("write");
+        std::fs::write(wt.path.join("stray"), "x").expect("write");
         mirror.prepare_worktree(&wt, &base).await.expect("reset");
-        assert!(!wt.join("stray").exists() && !wt.join("b").exists());
+        assert!(!wt.path.join("stray").exists() && !wt.path.join("b").exists());
         assert_eq!(
-            CommitId::parse(&sh_git(&wt, &["rev-parse", "HEAD"])).expect("id"),
+            CommitId::parse(&agent_git(&wt, &["rev-parse", "HEAD"])).expect("id"),
             base
+        );
+    }
+
+    /// An agent may write its worktree, `.git` included, and its slot's git state: nothing it
+    /// writes there makes the runner's own git run its code, and the next task's worktree is
+    /// as the runner made it.
+    #[tokio::test]
+    async fn what_an_agent_plants_in_its_slot_never_runs_as_the_runner() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (_repo, base, bundle) = origin(dir.path());
+        let work = dir.path().join("work");
+        let mirror = Mirror::open(&work).await.expect("open");
+        mirror.unbundle(&bundle).await.expect("unbundle");
+        let wt = mirror.slot(&work, 0);
+        mirror.prepare_worktree(&wt, &base).await.expect("worktree");
+        let one = agent_commit(&wt, "b");
+        // A repository of the agent's making, whose configuration runs a command, named by the
+        // worktree's `.git`; hooks and configuration in the slot's git directory; alternates.
+        let evil = dir.path().join("evil");
+        let ran = dir.path().join("ran");
+        std::fs::create_dir_all(&evil).expect("mkdir");
+        sh_git(&evil, &["init", "-q"]);
+        let hook = format!("!touch {}; false", ran.display());
+        sh_git(&evil, &["config", "core.fsmonitor", &hook]);
+        std::fs::write(
+            wt.path.join(".git"),
+            format!("gitdir: {}/.git\n", evil.display()),
+        )
+        .expect("write .git");
+        std::fs::write(
+            wt.admin.join("config.worktree"),
+            format!("[core]\n\tfsmonitor = {hook}\n"),
+        )
+        .expect("write config");
+        std::fs::write(
+            wt.admin.join("commondir"),
+            format!("{}/.git\n", evil.display()),
+        )
+        .expect("write commondir");
+        let own = wt.objects();
+        std::fs::write(own.join("info/alternates"), format!("{}\n", evil.display()))
+            .expect("write alternates");
+        assert_eq!(mirror.one_commit(&wt, &base, None).await, Ok(one));
+        mirror
+            .bundle_head(&wt, &base, &dir.path().join("out.bundle"))
+            .await
+            .expect("bundle");
+        std::fs::write(wt.path.join("more"), "x").expect("write");
+        mirror
+            .commit_for_agent(&wt, "all\n\nTask-Id: t-1\n", true)
+            .await
+            .expect("commit for the agent");
+        assert!(!ran.exists(), "the runner's git ran the agent's command");
+        mirror.prepare_worktree(&wt, &base).await.expect("reset");
+        assert!(!ran.exists(), "the runner's git ran the agent's command");
+        assert_eq!(
+            std::fs::read_to_string(wt.path.join(".git")).expect(".git"),
+            format!("gitdir: {}\n", wt.admin.display())
+        );
+        assert!(!wt.admin.join("config.worktree").exists());
+        assert_eq!(
+            std::fs::read_to_string(own.join("info/alternates")).expect("alternates"),
+            format!("{}\n", mirror.dir().join("objects").display())
+        );
+        assert_eq!(
+            CommitId::parse(&agent_git(&wt, &["rev-parse", "HEAD"])).expect("id"),
+            base
+        );
+        assert!(
+            !ran.exists(),
+            "the agent's git runs the agent's own command, not this one"
         );
     }
 }

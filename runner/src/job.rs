@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
+use pipeline_core::sandbox::{Rules, Sandbox};
 use pipeline_core::verify::{self, Verdict, Verifier};
 use pipeline_proto::{Disposition, classify};
 
@@ -25,7 +26,7 @@ use tonic::{Code, Status};
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::backoff::Backoff;
 use crate::config::{AgentMode, Config};
-use crate::git::{Found, Mirror};
+use crate::git::{Found, Mirror, private_dir};
 use crate::logship::{Channel, Phase, RunLog};
 use crate::wire::Client;
 
@@ -123,6 +124,8 @@ pub struct JobContext {
     pub runner: CurrentRunner,
     /// Prices per million tokens, for agents that report only tokens.
     pub prices: Arc<agent::Prices>,
+    /// The sandbox agents and builds run in.
+    pub sandbox: Sandbox,
 }
 
 /// How a job ended, for the session.
@@ -241,8 +244,8 @@ pub async fn run(
     };
     if matches!(end, JobEnd::Cancelled | JobEnd::Refused(_)) {
         // Leave nothing of the abandoned work behind.
-        let worktree = Mirror::worktree(&ctx.work_dir, slot);
-        if worktree.exists() {
+        let worktree = ctx.mirror.slot(&ctx.work_dir, slot);
+        if worktree.path.exists() {
             match ctx.mirror.prepare_worktree(&worktree, &a.base).await {
                 Ok(()) => tracing::info!(task, "worktree cleaned"),
                 Err(e) => tracing::warn!(task, error = %e, "cannot clean the worktree"),
@@ -302,24 +305,38 @@ async fn develop(
     }
 
     fetch_base(ctx, a, cancel).await?;
-    let worktree = Mirror::worktree(&ctx.work_dir, slot);
+    let slot_tree = ctx.mirror.slot(&ctx.work_dir, slot);
+    let worktree = slot_tree.path.clone();
     let start = previous.unwrap_or(base);
     ctx.mirror
-        .prepare_worktree(&worktree, start)
+        .prepare_worktree(&slot_tree, start)
         .await
         .map_err(|e| JobEnd::Infra(format!("cannot prepare the worktree: {e}")))?;
     tracing::info!(task, worktree = %worktree.display(), "worktree ready");
     log.note(dev, &format!("worktree ready at {start}"));
 
-    let prompts = ctx.work_dir.join("prompts");
-    std::fs::create_dir_all(&prompts)
-        .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", prompts.display())))?;
-    let prompt_file = prompts.join(format!("{}.md", a.run_id));
-    let cost_file = prompts.join(format!("{}.cost", a.run_id));
+    // The slot's private directory: the prompt (outside the worktree), the cost file and a
+    // temp dir, written by this lease's agent and build only.
+    let private = private_dir(&ctx.work_dir, slot);
+    let tmp = private.join("tmp");
+    let fresh = |dir: &Path| {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)
+    };
+    fresh(&tmp).map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
+    let prompt_file = private.join(format!("{}.md", a.run_id));
+    let cost_file = private.join(format!("{}.cost", a.run_id));
     let _ = std::fs::remove_file(&cost_file);
     std::fs::write(&prompt_file, &a.prompt)
         .map_err(|e| JobEnd::Infra(format!("cannot write the prompt: {e}")))?;
-    let mut env = ctx.config.agent.child_env();
+    let mut env: Vec<(String, String)> = ctx
+        .config
+        .agent
+        .child_env()
+        .into_iter()
+        .filter(|(k, _)| k != "TMPDIR")
+        .collect();
+    env.push(("TMPDIR".to_owned(), tmp.display().to_string()));
     env.extend([
         ("PIPELINE_TASK_ID".to_owned(), a.task.to_string()),
         ("PIPELINE_RUN_ID".to_owned(), a.run_id.to_string()),
@@ -339,6 +356,21 @@ async fn develop(
             cost_file.display().to_string(),
         ),
     ]);
+    // The build writes its worktree, the worktree's git state (its git directory and its
+    // repository's objects) and its private directory, and reads its repository and the
+    // mirror's objects; nothing else of the work dir (the credential, the other slots). The
+    // agent may also write its own files in the home directory.
+    let mut own = Rules::default();
+    own.write(&worktree)
+        .write(&slot_tree.admin)
+        .write(slot_tree.objects())
+        .write(&private)
+        .read(&slot_tree.common)
+        .read(ctx.mirror.dir().join("objects"));
+    let path = std::env::var("PATH").unwrap_or_default();
+    let agent_sandbox = ctx
+        .sandbox
+        .policy(&own.merged(&ctx.config.agent.sandbox_rules(&path)));
     let job = AgentJob {
         run_id: a.run_id.to_string(),
         worktree: worktree.clone(),
@@ -355,6 +387,7 @@ async fn develop(
             .clone()
             .filter(|_| previous.is_some() && !ctx.config.agent.no_resume),
         prices: ctx.prices.clone(),
+        sandbox: agent_sandbox,
     };
     if let Some(budget) = a.budget_cents {
         log.note(dev, &format!("the task may spend {budget:.2} more cents"));
@@ -406,7 +439,7 @@ async fn develop(
         let message = format!("{}\n\nTask-Id: {}\n", a.title, a.task);
         match ctx
             .mirror
-            .commit_for_agent(&worktree, &message, previous.is_some())
+            .commit_for_agent(&slot_tree, &message, previous.is_some())
             .await
         {
             Ok(true) => log.note(dev, "committed the agent's change for it"),
@@ -425,7 +458,7 @@ async fn develop(
     let secs = agent_started.elapsed().as_secs_f64();
     tracing::info!(task, "agent exited 0 after {secs:.1} s");
     log.note(dev, &format!("agent exited 0 after {secs:.1} s"));
-    let commit = match ctx.mirror.one_commit(&worktree, base, previous).await {
+    let commit = match ctx.mirror.one_commit(&slot_tree, base, previous).await {
         Ok(c) => c,
         Err(Found::Wrong(reason)) => {
             log.note(dev, &reason);
@@ -440,6 +473,14 @@ async fn develop(
         }
     };
     let check = Phase::Verify;
+    // The files a build command names are readable when this runner's operator gave that
+    // command (its own flags, as local runners share the server's), never on the server's
+    // word alone.
+    let mut build_rules = own.clone();
+    if verifier == ctx.config.verify.verifier() {
+        build_rules.named_in_verifier(&verifier);
+    }
+    let build_sandbox = ctx.sandbox.policy(&build_rules);
     log.note(
         check,
         &format!(
@@ -449,10 +490,13 @@ async fn develop(
     );
     let verdict = verify::verify(
         &verifier,
-        &worktree,
-        a.namespace.as_deref(),
-        &env,
-        ctx.config.agent.kill_grace(),
+        &verify::Build {
+            dir: &worktree,
+            namespace: a.namespace.as_deref(),
+            env: &env,
+            kill_grace: ctx.config.agent.kill_grace(),
+            sandbox: build_sandbox.as_ref(),
+        },
         cancel,
         |stream, line| log.line(Channel::from(stream), check, line),
     )
@@ -487,7 +531,7 @@ async fn develop(
         .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
     let bundle = tmp.join(format!("{}.out.bundle", a.run_id));
     ctx.mirror
-        .bundle_head(&worktree, base, &bundle)
+        .bundle_head(&slot_tree, base, &bundle)
         .await
         .map_err(|e| JobEnd::Infra(format!("cannot bundle the commit: {e}")))?;
     Ok(Report {

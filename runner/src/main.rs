@@ -1,5 +1,6 @@
 //! The `pipeline-runner` binary: parse the flags, set up logging, run until drained (first
-//! SIGTERM/SIGINT) or stopped (second signal).
+//! SIGTERM/SIGINT) or stopped (second signal). Started as `pipeline-runner __pipeline-guard
+//! PROGRAM…` it is the guard of one agent or build instead (`pipeline_core::guard`).
 
 use std::process::ExitCode;
 
@@ -8,8 +9,16 @@ use pipeline_runner::config::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+fn main() -> ExitCode {
+    if let Some(code) = pipeline_core::guard::enter() {
+        return code;
+    }
+    pipeline_core::process::install_guard();
+    runner()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn runner() -> ExitCode {
     let config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -69,6 +69,8 @@ pub struct Hello {
     pub only_parents: Vec<String>,
     /// Only this task (`--only-task`).
     pub only_task: Option<String>,
+    /// The sandbox agents and builds run in.
+    pub sandbox: pipeline_core::sandbox::Kind,
 }
 
 /// The server's answer to a registration.
@@ -364,6 +366,7 @@ impl Client {
             protocol_version: pipeline_proto::PROTOCOL_VERSION,
             only_parents: hello.only_parents.clone(),
             only_task: hello.only_task.clone(),
+            sandbox: Some(hello.sandbox.as_str().to_owned()),
         };
         let resp = self.inner.clone().register(request).await?.into_inner();
         let runner_id = RunnerId::parse(&resp.runner_id)

@@ -89,6 +89,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         Some(dir) => dir.clone(),
         None => repo.common_dir().await?.join("pipeline"),
     };
+    let db_url = config
+        .db
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("pipeline.db").display()));
+    // Builds (and local runners' agents) reach nothing of the state dir, the database or the
+    // TLS key; refused here, before anything is written, when no sandbox can be had.
+    let mut deny = vec![state_dir.clone()];
+    deny.extend(config.tls_key.clone());
+    if let Some(dir) = sqlite_path(&db_url).as_deref().and_then(|db| db.parent()) {
+        deny.push(dir.to_path_buf());
+    }
+    let sandbox = if config.dry_run {
+        pipeline_core::sandbox::Sandbox::off()
+    } else {
+        config
+            .sandbox
+            .sandbox(&deny)
+            .map_err(Error::FailedPrecondition)?
+    };
     // The listen address is taken before anything is created on disk: a port in use is a
     // refusal that leaves nothing behind (a dry run listens on nothing).
     let listener = if config.dry_run {
@@ -102,10 +121,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             state_dir.display()
         ))
     })?;
-    let db_url = config
-        .db
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("pipeline.db").display()));
     if config.dry_run {
         let store = SqliteStore::open(&db_url).await?;
         let plan = dry_run(&store, &config).await;
@@ -128,6 +143,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
                 .unwrap_or("pipeline.db")
         ));
         locks.push(StateLock::take(&lock, "database", &db)?);
+    }
+    // What a crash of this server left running (builds, local runners' agents) stops first.
+    let processes = state_dir.join("processes");
+    match pipeline_core::process::record_in(&processes) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            processes = n,
+            "stopped what an earlier run of this server left running"
+        ),
+        Err(e) => {
+            return Err(Error::Internal(format!(
+                "cannot record processes in {}: {e}",
+                processes.display()
+            )));
+        }
+    }
+    match sandbox.abi() {
+        Some(abi) => {
+            tracing::info!(sandbox = %sandbox.kind(), abi, "builds and agents are sandboxed")
+        }
+        None => {
+            tracing::warn!(sandbox = %sandbox.kind(), "builds and agents run unconfined (--no-sandbox): they can read the server's tokens and database")
+        }
     }
     let cleaned = crate::grpc::runner::clean_spool(&state_dir.join("spool"));
     if cleaned > 0 {
@@ -172,6 +210,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         push_remote,
         log_cap_bytes: config.log_cap_bytes.max(1024),
         build_env: config.agent.child_env(),
+        sandbox,
+        build_tmp: state_dir.join("build-tmp"),
         dispatch_batch: config.dispatch_batch as usize,
         batch_max: config.batch_max as usize,
         prompt: Arc::new(prompt),
@@ -298,6 +338,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     let local_runners = start_local_runners(
         &config,
         &state_dir,
+        &deny,
         addr,
         &registration_token,
         &runners_stop,
@@ -599,6 +640,7 @@ fn check_local_runners(config: &Config) -> std::result::Result<(), String> {
 fn start_local_runners(
     config: &Config,
     state_dir: &std::path::Path,
+    deny: &[std::path::PathBuf],
     addr: std::net::SocketAddr,
     registration_token: &str,
     stop: &CancellationToken,
@@ -627,8 +669,13 @@ fn start_local_runners(
                 only_parent: vec![],
                 only_task: None,
                 drain_timeout: 0,
+                token_file: None,
                 agent: config.agent.clone(),
                 verify: config.verify.clone(),
+                sandbox: pipeline_runner::config::SandboxArgs {
+                    deny: deny.to_vec(),
+                    ..config.sandbox.clone()
+                },
             };
             let stop = stop.clone();
             tokio::spawn(async move {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-pub use pipeline_runner::config::{AgentArgs, AgentMode, VerifyArgs, VerifyMode};
+pub use pipeline_runner::config::{AgentArgs, AgentMode, SandboxArgs, VerifyArgs, VerifyMode};
 use serde::Serialize;
 
 /// The pipeline coordinator: owns task state, the canonical git repository and the integration
@@ -205,6 +205,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub agent: AgentArgs,
+
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// A limit where 0 means none (`--max-retries`, the cost caps): a negative one is refused

@@ -1,4 +1,6 @@
 //! The `pipeline-server` binary: parse the flags, set up logging, run until SIGINT or SIGTERM.
+//! Started as `pipeline-server __pipeline-guard PROGRAM…` it is the guard of one build or
+//! agent instead (`pipeline_core::guard`).
 
 use std::process::ExitCode;
 
@@ -8,8 +10,16 @@ use pipeline_server::config::Config;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+fn main() -> ExitCode {
+    if let Some(code) = pipeline_core::guard::enter() {
+        return code;
+    }
+    pipeline_core::process::install_guard();
+    server()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn server() -> ExitCode {
     let config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -20,6 +20,11 @@
 #   interleave        print out-1, err-2, out-3, ... err-10 alternately on stdout and stderr
 #   big               commit 3 MB of random bytes too (a large bundle)
 #   big-wait          wait like "wait", then do as "big"
+#   orphan            start a daemon (its own session) that records its pid in <task>.daemon.pid,
+#                     waits like "wait" and then commits late.txt itself; wait like "wait"
+#   hostile           try to read every path in $AGENT_LOG_DIR/targets (one a line), record in
+#                     <task>.stolen what it got (READ path and the content, or DENIED path), and
+#                     commit that record too; hostile-wait: then wait like "wait"
 # It logs each prompt and environment under $AGENT_LOG_DIR.
 set -eu
 log=${AGENT_LOG_DIR:?AGENT_LOG_DIR must be set}
@@ -63,6 +68,30 @@ case "$mode" in
     big) mkdir -p notes; head -c 3000000 /dev/urandom > "notes/$PIPELINE_TASK_ID.bin" ;;
     big-wait) wait_for_release; mkdir -p notes; head -c 3000000 /dev/urandom > "notes/$PIPELINE_TASK_ID.bin" ;;
     wait-once) if [ "$n" -eq 1 ]; then wait_for_release; fi ;;
+    orphan)
+        LOG=$log TASK=$PIPELINE_TASK_ID setsid sh -c '
+            echo $$ > "$LOG/$TASK.daemon.pid"
+            i=0
+            while [ ! -e "$LOG/release" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+            echo late > late.txt
+            git -c user.name=daemon -c user.email=d@example.invalid add late.txt
+            git -c user.name=daemon -c user.email=d@example.invalid commit -q -m late
+        ' < /dev/null > /dev/null 2>&1 &
+        wait_for_release ;;
+    hostile|hostile-wait)
+        stolen=$(mktemp)
+        : > "$stolen"
+        while read -r target; do
+            if cat "$target" > /dev/null 2>&1; then
+                { echo "READ $target"; tr '\0' '\n' < "$target"; echo; } >> "$stolen"
+            else
+                echo "DENIED $target" >> "$stolen"
+            fi
+        done < "$log/targets"
+        mkdir -p notes
+        cp "$stolen" "notes/$PIPELINE_TASK_ID.stolen"
+        mv "$stolen" "$log/$PIPELINE_TASK_ID.stolen"
+        if [ "$mode" = hostile-wait ]; then wait_for_release; fi ;;
     cost) echo 25 > "$PIPELINE_COST_FILE" ;;
     costly-fail) echo 10 > "$PIPELINE_COST_FILE"; echo "agent: failed at a cost" >&2; exit 1 ;;
     sameline) if [ "$n" -eq 1 ]; then wait_for_release; fi; echo "$PIPELINE_TASK_ID attempt $n" > shared.txt ;;

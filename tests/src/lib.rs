@@ -163,6 +163,8 @@ impl TestRepo {
         git(&repo, &["commit", "-q", "-m", "initial"]);
         // A non-bare repo with `main` checked out is refused by later issues; keep it off.
         git(&repo, &["checkout", "-q", "--detach"]);
+        // The scripted agent and the fakes write here, from inside the sandbox.
+        std::fs::create_dir_all(dir.path().join("agent-log")).expect("mkdir agent-log");
         Self { dir }
     }
 
@@ -523,6 +525,7 @@ impl Server {
             .env("RUST_LOG", "info")
             .env("PATH", scripts_path())
             .env("AGENT_LOG_DIR", repo.agent_log())
+            .envs(sandbox_env(repo))
             .env_remove("PIPELINE_DB");
         cmd
     }
@@ -649,6 +652,16 @@ pub fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
 }
 
+/// What the sandboxed agents and builds of the tests need besides their worktrees: the
+/// scripts (read) and the agent log dir (written), as variables, so that the same commands
+/// also start binaries older than the sandbox (`PIPELINE_TEST_BIN_DIR`).
+pub fn sandbox_env(repo: &TestRepo) -> [(&'static str, PathBuf); 2] {
+    [
+        ("PIPELINE_SANDBOX_READ", scripts_dir()),
+        ("PIPELINE_SANDBOX_WRITE", repo.agent_log()),
+    ]
+}
+
 /// `PATH` with the fake `bild` and `agentd` first.
 pub fn scripts_path() -> String {
     format!(
@@ -753,6 +766,7 @@ impl Runner {
             .env("RUST_LOG", "info")
             .env("PATH", scripts_path())
             .env("AGENT_LOG_DIR", repo.agent_log())
+            .envs(sandbox_env(repo))
             .env_remove("PIPELINE_SERVER")
             .env_remove("PIPELINE_TOKEN")
             .env_remove("PIPELINE_RUNNER_TOKEN");

@@ -40,6 +40,7 @@ pub async fn run(
         clear_env: true,
         timeout: Some(Duration::from_secs(args.timeout)),
         kill_grace: args.kill_grace(),
+        sandbox: job.sandbox.clone(),
         ..Spec::program("aider", argv, job.worktree.clone())
     };
     let finished = process::run(&spec, cancel, on_line).await;

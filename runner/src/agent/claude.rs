@@ -75,6 +75,7 @@ pub async fn run(
         stdin: Some(job.prompt.clone().into_bytes()),
         finish: Some(finish.clone()),
         finish_grace: AFTER_RESULT,
+        sandbox: job.sandbox.clone(),
         ..Spec::program("claude", argv, job.worktree.clone())
     };
     let mut stream = ClaudeStream::new(args.model.clone());

@@ -50,6 +50,7 @@ pub async fn run(
         stdin: Some(job.prompt.clone().into_bytes()),
         finish: Some(finish.clone()),
         finish_grace: Duration::ZERO,
+        sandbox: job.sandbox.clone(),
         ..Spec::program("codex", argv, job.worktree.clone())
     };
     let mut stream = CodexStream::new(args.model.clone(), job.budget_cents);

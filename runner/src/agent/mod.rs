@@ -48,6 +48,8 @@ pub struct AgentJob {
     /// The agent's session of the previous attempt, to resume.
     pub resume_session: Option<String>,
     pub prices: Arc<Prices>,
+    /// What the agent may reach; `None`: no sandbox.
+    pub sandbox: Option<pipeline_core::sandbox::Policy>,
 }
 
 #[cfg(test)]
@@ -63,6 +65,7 @@ impl AgentJob {
             budget_cents: None,
             resume_session: None,
             prices: Arc::new(Prices::default()),
+            sandbox: None,
         }
     }
 }
@@ -136,9 +139,13 @@ pub async fn run(
     }
 }
 
+/// The cost the agent wrote in its cost file: a number alone, in a small regular file (the
+/// agent made the file: a link or a pipe in its place is not followed).
 fn read_cost(file: &std::path::Path) -> f64 {
-    std::fs::read_to_string(file)
+    std::fs::symlink_metadata(file)
         .ok()
+        .filter(|m| m.is_file() && m.len() < 1024)
+        .and_then(|_| std::fs::read_to_string(file).ok())
         .and_then(|s| s.trim().parse::<f64>().ok())
         .filter(|c| c.is_finite() && *c >= 0.0)
         .unwrap_or(0.0)
@@ -161,6 +168,7 @@ async fn run_command(
         clear_env: true,
         timeout: Some(Duration::from_secs(args.timeout)),
         kill_grace: args.kill_grace(),
+        sandbox: job.sandbox.clone(),
         ..Spec::shell(cmd, job.worktree.clone())
     };
     let finished = match process::run(&spec, cancel, on_line).await {
@@ -238,6 +246,7 @@ async fn run_agentd(
         clear_env: true,
         timeout: Some(Duration::from_secs(60)),
         kill_grace: args.kill_grace(),
+        sandbox: job.sandbox.clone(),
         ..Spec::program("agentd", args_, job.worktree.clone())
     };
     // `agentd run` starts the run in the background: what it leaves behind must live on.
@@ -275,6 +284,9 @@ async fn run_agentd(
             usage: cost_only(AgentMode::Agentd, 0.0),
         };
     }
+    // What `agentd run` left in the background (a run of its own) lives while this waits for
+    // it, and no longer: its guard kills it when this returns, or when the runner dies.
+    let _background = started.leftover;
     let limit = Duration::from_secs(args.timeout) + Duration::from_secs(30);
     let begun = Instant::now();
     let mut pause = Duration::from_millis(200);

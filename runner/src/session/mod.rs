@@ -82,6 +82,31 @@ pub async fn run(
     let _work_dir_lock = lock_work_dir(&work_dir)?;
     let prices = crate::agent::Prices::load(config.agent.price_table.as_deref())
         .map_err(anyhow::Error::msg)?;
+    // Agents and builds reach nothing of the work dir but their own slot, nor the token.
+    let mut deny = vec![work_dir.clone()];
+    deny.extend(config.credential_files());
+    let sandbox = config.sandbox.sandbox(&deny).map_err(anyhow::Error::msg)?;
+    match sandbox.abi() {
+        Some(abi) => {
+            tracing::info!(sandbox = %sandbox.kind(), abi, "agents and builds are sandboxed")
+        }
+        None => {
+            tracing::warn!(sandbox = %sandbox.kind(), "agents and builds run unconfined (--no-sandbox): they can read this runner's credential and the other worktrees")
+        }
+    }
+    // What a crash of this runner left running (agents, builds) is stopped before new work.
+    match pipeline_core::process::record_in(&work_dir.join("processes")) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            processes = n,
+            "stopped what an earlier run of this runner left running"
+        ),
+        Err(e) => anyhow::bail!(
+            "cannot record processes in {}: {e}",
+            work_dir.join("processes").display()
+        ),
+    }
+    let token = config.token().map_err(anyhow::Error::msg)?;
     if let Some(version) = crate::preflight::agent_version(&config.agent, &path).await {
         tracing::info!("agent: {version}");
     }
@@ -93,7 +118,7 @@ pub async fn run(
     } else {
         format!("http://{}", config.server)
     };
-    let credential = Credential::load(&work_dir, config.token())?;
+    let credential = Credential::load(&work_dir, token)?;
     let client = Client::connect_lazy(&url, config.tls_ca.as_deref(), credential.bearer())?;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let mut session = Session {
@@ -104,6 +129,7 @@ pub async fn run(
             slots: config.slots,
             only_parents: config.only_parent.clone(),
             only_task: config.only_task.clone(),
+            sandbox: sandbox.kind(),
         },
         url,
         runner_id: None,
@@ -130,6 +156,7 @@ pub async fn run(
             client: client.clone(),
             runner: CurrentRunner::default(),
             prices: Arc::new(prices),
+            sandbox,
         }),
         client,
     };

@@ -70,6 +70,10 @@ pub struct Settings {
     pub log_cap_bytes: u64,
     /// The environment integration builds start from (the allow-listed variables).
     pub build_env: Vec<(String, String)>,
+    /// The sandbox integration builds run in.
+    pub sandbox: pipeline_core::sandbox::Sandbox,
+    /// The integration build's temp dir (its `TMPDIR`, emptied before each build).
+    pub build_tmp: PathBuf,
     /// Leases committed per database transaction (1 = one transaction per lease).
     pub dispatch_batch: usize,
     /// The most tasks one merge train takes.

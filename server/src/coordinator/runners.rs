@@ -36,6 +36,8 @@ pub struct RunnerHello {
     pub slots: u32,
     pub version: String,
     pub protocol_version: u32,
+    /// The sandbox its agents and builds run in, if it said.
+    pub sandbox: Option<pipeline_core::sandbox::Kind>,
 }
 
 /// The server's answer to a registration.
@@ -161,6 +163,7 @@ impl<S: Store> Coordinator<S> {
             )
             .map_err(Error::AlreadyExists)?;
         self.registry().set_scope(&runner_id, hello.scope);
+        self.registry().set_sandbox(&runner_id, hello.sandbox);
         let credential = if issue {
             Some(self.auth.issue(&self.store, &hello.name).await?)
         } else {

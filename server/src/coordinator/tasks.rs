@@ -46,6 +46,8 @@ pub struct RunnerInfo {
     pub version: String,
     /// Why the runner takes no work (it said so after repeated infrastructure failures).
     pub unhealthy: Option<String>,
+    /// The sandbox its agents and builds run in; `None` when it did not say.
+    pub sandbox: Option<pipeline_core::sandbox::Kind>,
 }
 
 /// What a runner is doing.
@@ -82,6 +84,8 @@ pub struct Status {
     /// tokens.
     pub cost_cents_last_day: f64,
     pub tokens_last_day: u64,
+    /// The sandbox the server's own builds run in.
+    pub sandbox: pipeline_core::sandbox::Kind,
 }
 
 /// Which page of a list: after the key of the last item of the previous one, at most `size`.
@@ -716,6 +720,7 @@ impl<S: Store> Coordinator<S> {
             counts,
             runners: self.registry().connected_count() as u64,
             base: self.settings.base.to_string(),
+            sandbox: self.settings.sandbox.kind(),
             unhealthy: self
                 .store
                 .write_failure()
@@ -783,6 +788,7 @@ impl<S: Store> Coordinator<S> {
                 labels: r.labels,
                 version: r.version,
                 unhealthy: r.unhealthy,
+                sandbox: r.sandbox,
             })
             .collect();
         for r in &mut all {
@@ -802,6 +808,7 @@ impl<S: Store> Coordinator<S> {
             last_heartbeat: None,
             labels: Vec::new(),
             version: String::new(),
+            sandbox: None,
         }));
         all
     }

@@ -57,6 +57,8 @@ async fn world_with(policy: Policy) -> World {
         push_remote: None,
         log_cap_bytes: 1 << 20,
         build_env: Vec::new(),
+        sandbox: pipeline_core::sandbox::Sandbox::off(),
+        build_tmp: dir.path().join("build-tmp"),
         dispatch_batch: 64,
         batch_max: 8,
         prompt: Arc::new(crate::prompt::PromptTemplate::default()),
@@ -94,6 +96,7 @@ async fn runner(
                 slots,
                 version: "test".into(),
                 protocol_version: pipeline_proto::PROTOCOL_VERSION,
+                sandbox: None,
             },
             &Caller::Registration,
         )

@@ -295,6 +295,7 @@ impl<S: Store> ControlService for ControlApi<S> {
             builds_per_landed: s.builds_per_landed,
             cost_cents_last_day: s.cost_cents_last_day,
             tokens_last_day: s.tokens_last_day,
+            sandbox: s.sandbox.as_str().to_owned(),
         }))
     }
 

@@ -237,6 +237,7 @@ impl From<&RunnerInfo> for pb::Runner {
             labels: r.labels.clone(),
             version: r.version.clone(),
             unhealthy_reason: r.unhealthy.clone(),
+            sandbox: r.sandbox.map(|k| k.as_str().to_owned()),
         }
     }
 }

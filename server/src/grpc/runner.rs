@@ -362,6 +362,11 @@ impl TryFrom<pb::RegisterRequest> for RunnerHello {
             slots: r.slots,
             version: r.version,
             protocol_version: r.protocol_version,
+            // A word this server does not know is not shown as a sandbox.
+            sandbox: r
+                .sandbox
+                .as_deref()
+                .and_then(pipeline_core::sandbox::Kind::parse),
         })
     }
 }

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use pipeline_core::git::{Merged, RefName};
 use pipeline_core::ids::CommitId;
+use pipeline_core::sandbox::Rules;
 use pipeline_core::verify::{Verdict, Verifier};
 use tokio_util::sync::CancellationToken;
 
@@ -435,22 +436,25 @@ impl<S: Store> Integrator<S> {
         }
         let base = &c.settings().base;
         let dir = &c.settings().integration_dir;
-        c.repo().checkout_worktree(dir, commit).await?;
+        let site = self.ready_build(commit).await?;
         tracing::info!(%commit, "building the base alone");
         if let Some(log) = log {
             log.line(format!("building {base} at {commit} in {}", dir.display()));
         }
-        let mut env = c.settings().build_env.clone();
+        let mut env = site.env(&c.settings().build_env);
         env.extend([
             ("PIPELINE_BASE".to_owned(), base.to_string()),
             ("PIPELINE_BASE_COMMIT".to_owned(), commit.to_string()),
         ]);
         let verdict = pipeline_core::verify::verify(
             verifier,
-            dir,
-            namespace,
-            &env,
-            c.settings().kill_grace,
+            &pipeline_core::verify::Build {
+                dir,
+                namespace,
+                env: &env,
+                kill_grace: c.settings().kill_grace,
+                sandbox: site.sandbox.as_ref(),
+            },
             shutdown,
             |_, line| {
                 if let Some(log) = log {
@@ -480,6 +484,34 @@ impl<S: Store> Integrator<S> {
                 )));
             }
         }))
+    }
+
+    /// Puts the integration worktree on `commit` and readies what a build there runs with: an
+    /// empty temp dir, and its sandbox: it writes the worktree and the temp dir, and reads the
+    /// repository (its git needs it) but for the other worktrees' state and the server's state
+    /// dir.
+    async fn ready_build(&self, commit: &CommitId) -> Result<BuildSite> {
+        let c = self.c();
+        let dir = &c.settings().integration_dir;
+        let worktree = c.repo().worktree(dir).await?;
+        c.repo().prepare_worktree(&worktree, commit).await?;
+        let tmp = c.settings().build_tmp.clone();
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| {
+            Error::Internal(format!(
+                "cannot create the build's temp dir {}: {e}",
+                tmp.display()
+            ))
+        })?;
+        let mut own = Rules::default();
+        own.write(dir)
+            .write(&tmp)
+            .read(&worktree.common)
+            .deny(worktree.common.join("worktrees"))
+            .read(&worktree.admin)
+            .named_in_verifier(&c.settings().verifier);
+        let sandbox = c.settings().sandbox.policy(&own);
+        Ok(BuildSite { tmp, sandbox })
     }
 
     /// The base tip to integrate on. With `--push-remote`, the remote's branch is the truth:
@@ -830,7 +862,7 @@ impl<S: Store> Integrator<S> {
                 });
             }
         }
-        c.repo().checkout_worktree(dir, commit).await?;
+        let site = self.ready_build(commit).await?;
         tracing::info!(commit = %commit, len, "building the integrated commit");
         // One run per namespace named in the prefix (the last task naming it gives the
         // task ID), or one run when the commands do not name one.
@@ -851,7 +883,7 @@ impl<S: Store> Integrator<S> {
         }
         let tip_of_base = train.base_tip().cloned().unwrap_or_else(|| commit.clone());
         for (r, ns) in runs {
-            let mut env = c.settings().build_env.clone();
+            let mut env = site.env(&c.settings().build_env);
             env.extend([
                 ("PIPELINE_TASK_ID".to_owned(), r.task.id.to_string()),
                 ("PIPELINE_BASE".to_owned(), base.to_string()),
@@ -859,10 +891,13 @@ impl<S: Store> Integrator<S> {
             ]);
             let verdict = pipeline_core::verify::verify(
                 &c.settings().verifier,
-                dir,
-                ns,
-                &env,
-                c.settings().kill_grace,
+                &pipeline_core::verify::Build {
+                    dir,
+                    namespace: ns,
+                    env: &env,
+                    kill_grace: c.settings().kill_grace,
+                    sandbox: site.sandbox.as_ref(),
+                },
                 shutdown,
                 |_, line| owner.log.line(line.to_owned()),
             )
@@ -1209,6 +1244,25 @@ impl<S: Store> Integrator<S> {
             }
         }
         Ok(finished)
+    }
+}
+
+/// Where an integration build runs: its temp dir and its sandbox ([`Integrator::ready_build`]).
+struct BuildSite {
+    tmp: std::path::PathBuf,
+    sandbox: Option<pipeline_core::sandbox::Policy>,
+}
+
+impl BuildSite {
+    /// The build's environment: `base`'s variables, with `TMPDIR` its own temp dir.
+    fn env(&self, base: &[(String, String)]) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = base
+            .iter()
+            .filter(|(k, _)| k != "TMPDIR")
+            .cloned()
+            .collect();
+        env.push(("TMPDIR".to_owned(), self.tmp.display().to_string()));
+        env
     }
 }
 

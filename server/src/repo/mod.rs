@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use pipeline_core::git::{
     BranchName, CommitInfo, FetchRef, Git, GitError, Merged, ObjectReader, RefName, RefPrefix,
-    RemoteName, has_ref_files, read_ref_file,
+    RemoteName, Worktree, has_ref_files, read_ref_file,
 };
 use pipeline_core::ids::{CommitId, TaskId, TreeId};
 use tokio::process::Child;
@@ -431,9 +431,19 @@ impl Repo {
             .await?))
     }
 
-    /// Puts the detached worktree at `path` on `commit`, clean.
-    pub async fn checkout_worktree(&self, path: &Path, commit: &CommitId) -> Result<()> {
-        Ok(self.git.checkout_worktree(path, commit).await?)
+    /// The linked worktree at `path` (the integration worktree), whose git runs with its
+    /// directories named: a build may rewrite the worktree's `.git`.
+    pub async fn worktree(&self, path: &Path) -> Result<Worktree> {
+        let common = match &self.refs_dir {
+            Some(dir) => dir.clone(),
+            None => self.common_dir().await?,
+        };
+        Ok(Worktree::new(&common, path).with_timeout(GIT_TIMEOUT))
+    }
+
+    /// Puts the detached worktree on `commit`, clean.
+    pub async fn prepare_worktree(&self, worktree: &Worktree, commit: &CommitId) -> Result<()> {
+        Ok(worktree.prepare(&self.git, commit).await?)
     }
 
     /// Fetches `branch` from `remote`; returns its commit there.

@@ -5,6 +5,7 @@
 //!
 //! Pure data: no IO and no clock (times are passed in), so it is unit-tested directly.
 
+use pipeline_core::sandbox::Kind;
 use std::collections::{BTreeSet, HashMap};
 
 use tokio::sync::mpsc;
@@ -58,6 +59,8 @@ pub struct RunnerEntry {
     pub held: bool,
     /// Why the runner takes no work, when it said it is unhealthy.
     pub unhealthy: Option<String>,
+    /// The sandbox its agents and builds run in, as it said at registration.
+    pub sandbox: Option<Kind>,
     /// When it registered.
     pub registered_at: Millis,
     /// Whether it ever opened a work stream (one that never does is forgotten, see
@@ -147,6 +150,7 @@ pub struct RunnerView {
     pub connected: bool,
     pub draining: bool,
     pub unhealthy: Option<String>,
+    pub sandbox: Option<Kind>,
 }
 
 impl Default for Registry {
@@ -217,6 +221,7 @@ impl Registry {
                 draining: false,
                 held: self.held.contains(name),
                 unhealthy: None,
+                sandbox: None,
                 registered_at: now,
                 opened: false,
                 push: None,
@@ -230,6 +235,12 @@ impl Registry {
     pub fn set_scope(&mut self, id: &str, scope: Scope) {
         if let Some(r) = self.runners.get_mut(id) {
             r.scope = scope;
+        }
+    }
+
+    pub fn set_sandbox(&mut self, id: &str, sandbox: Option<Kind>) {
+        if let Some(r) = self.runners.get_mut(id) {
+            r.sandbox = sandbox;
         }
     }
 
@@ -498,6 +509,7 @@ impl Registry {
                 connected: r.connected(),
                 draining: r.draining || r.held,
                 unhealthy: r.unhealthy.clone(),
+                sandbox: r.sandbox,
             })
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));

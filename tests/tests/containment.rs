@@ -1,0 +1,303 @@
+//! What an agent or a build can reach, and how long it can live: agents and builds die with
+//! the runner or server that started them, however it dies (SIGKILL included), what a crash
+//! left behind is stopped at the next start, and they run in a sandbox that keeps them out of
+//! the secrets and the other work beside them, while a legitimate build still works.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pipeline_tests::*;
+
+/// Waits until none of `pids` is a live process.
+fn wait_gone(what: &str, pids: &[String]) {
+    wait_for(what, || pids.iter().all(|p| !alive(p)).then_some(()));
+}
+
+/// The pid written in the agent log's file `name`, once it is there.
+fn pid_in(repo: &TestRepo, name: &str) -> String {
+    wait_for(&format!("a pid in {name}"), || {
+        repo.agent_file(name)
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// A runner's worktree of slot 0 is still at `base`, with nothing an agent or a daemon of it
+/// left there (no `late.txt`).
+fn slot_untouched(repo: &TestRepo, runner: &str, base: &str) {
+    let slot = repo.dir.path().join("runners").join(runner).join("slots/0");
+    assert!(
+        !slot.join("late.txt").exists(),
+        "a daemon wrote into the slot"
+    );
+    let head = Command::new("git")
+        .arg("-C")
+        .arg(&slot)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .expect("git");
+    assert_eq!(
+        String::from_utf8_lossy(&head.stdout).trim(),
+        base,
+        "something committed into the slot after its runner died"
+    );
+}
+
+#[test]
+fn a_sigkilled_runner_takes_its_agent_and_what_the_agent_daemonized_with_it() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let base = main_tip(&repo);
+    let args = agent_args(&["--no-verify"]);
+    let mut runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "t", "--description", "MODE: orphan"]);
+    let agent = repo.wait_agent(&id);
+    let daemon = pid_in(&repo, &format!("{id}.daemon.pid"));
+    runner.proc.kill();
+    wait_gone(
+        "the agent and its daemon to die with their runner",
+        &[agent, daemon],
+    );
+    // Released now, nothing of them is left to commit.
+    repo.release_agents();
+    slot_untouched(&repo, "r", &base);
+}
+
+#[test]
+fn a_sigkilled_runner_takes_its_build_and_what_the_build_daemonized_with_it() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&[]);
+    let mut runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "t", "--namespace", "orphan"]);
+    let build = pid_in(&repo, "bild.pid");
+    let daemon = pid_in(&repo, "bild.daemon.pid");
+    assert_eq!(server.show(&id)["status"], "in_progress");
+    runner.proc.kill();
+    wait_gone(
+        "the build and its daemon to die with their runner",
+        &[build, daemon],
+    );
+    repo.release_agents();
+}
+
+#[test]
+fn agentd_runs_left_in_the_background_die_with_their_runner() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let base = main_tip(&repo);
+    let mut runner = Runner::start(&repo, &server, "r", &["--agent", "agentd", "--no-verify"]);
+    let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
+    // `agentd run` has exited; the scripted agent runs on in its own session.
+    let agent = repo.wait_agent(&id);
+    runner.proc.kill();
+    wait_gone("the agentd run to die with its runner", &[agent]);
+    repo.release_agents();
+    slot_untouched(&repo, "r", &base);
+}
+
+#[test]
+fn a_sigkilled_server_takes_its_integration_build_with_it() {
+    let repo = TestRepo::new();
+    let build = "case $PWD in */integration) exec bild orphan;; esac";
+    let server = Server::start(&repo, &["--build-cmd", build]);
+    let addr = server.addr.clone();
+    let _r = runner(&repo, &server, "r");
+    // The base moves while the agent works, so the server builds what it lands.
+    let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    repo.push_to_main("person.txt", "a person's change");
+    repo.release_task(&id);
+    let build_pid = pid_in(&repo, "bild.pid");
+    let daemon = pid_in(&repo, "bild.daemon.pid");
+    server.kill();
+    wait_gone(
+        "the integration build and its daemon to die with the server",
+        &[build_pid, daemon],
+    );
+    // A restarted server builds again and lands the task.
+    std::fs::remove_file(repo.agent_log().join("bild.pid")).expect("rm");
+    repo.release_agents();
+    let server = Server::start(&repo, &["--build-cmd", build, "--listen", &addr]);
+    server.wait_status(&id, "done");
+}
+
+#[test]
+fn what_a_crash_left_running_is_stopped_at_the_next_start() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&["--no-verify"]);
+    let mut runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
+    let agent = repo.wait_agent(&id);
+    // The guard of the agent (its process group's leader) dies first, then the runner: the
+    // agent is nobody's now, until the runner starts again.
+    let stat = std::fs::read_to_string(format!("/proc/{agent}/stat")).expect("stat");
+    let pgid = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+        .expect("pgid")
+        .to_owned();
+    assert_ne!(pgid, agent, "the agent is not its own group's leader");
+    let _ = Command::new("kill").args(["-KILL", &pgid]).status();
+    runner.proc.kill();
+    assert!(
+        alive(&agent),
+        "the agent outlived its guard and runner (the crash to recover from)"
+    );
+    let _again = Runner::start(&repo, &server, "r", &as_strs(&args));
+    wait_gone(
+        "the runner's next start to stop what its crash left",
+        &[agent],
+    );
+    repo.release_agents();
+}
+
+/// Paths a sandboxed agent or build tries to read, one a line, in the agent log's `targets`.
+fn targets(repo: &TestRepo, paths: &[PathBuf]) {
+    let text: String = paths.iter().map(|p| format!("{}\n", p.display())).collect();
+    std::fs::write(repo.agent_log().join("targets"), text).expect("targets");
+}
+
+/// The record a hostile agent or build left in the agent log's file `name`: every target
+/// denied, and none of `secrets` in it.
+fn all_denied(repo: &TestRepo, name: &str, paths: &[PathBuf], secrets: &[String]) -> String {
+    let record = wait_for(&format!("the record {name}"), || repo.agent_file(name));
+    for path in paths {
+        assert!(
+            record.contains(&format!("DENIED {}\n", path.display())),
+            "{name}: {} was read:\n{record}",
+            path.display()
+        );
+    }
+    for secret in secrets {
+        assert!(
+            !record.contains(secret.as_str()),
+            "{name} holds a secret:\n{record}"
+        );
+    }
+    record
+}
+
+/// None of `secrets` is anywhere in the base's tree.
+fn base_keeps_none_of(repo: &TestRepo, secrets: &[String]) {
+    let files = git(&repo.repo(), &["ls-tree", "-r", "--name-only", "main"]);
+    for file in files.lines() {
+        let content = git(&repo.repo(), &["show", &format!("main:{file}")]);
+        for secret in secrets {
+            assert!(
+                !content.contains(secret.as_str()),
+                "{file} on the base holds a secret"
+            );
+        }
+    }
+}
+
+fn read_trimmed(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_hostile_agent_and_build_on_a_runner_reach_none_of_its_secrets_nor_the_other_slot() {
+    let repo = TestRepo::new();
+    let build = format!("sh {}", scripts_dir().join("hostile-build.sh").display());
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let token = repo.registration_token();
+    // The registration token in the runner's environment (as PIPELINE_TOKEN) and in a file.
+    let token_file = repo.dir.path().join("runner.token");
+    std::fs::write(&token_file, &token).expect("token file");
+    let work = repo.dir.path().join("runners/r");
+    let mut cmd = Command::new(bin("pipeline-runner"));
+    cmd.args(["--server", &server.url, "--name", "r", "--slots", "2"])
+        .arg("--work-dir")
+        .arg(&work)
+        .args(["--kill-grace", "2", "--env-allow", "AGENT_LOG_DIR"])
+        .args(as_strs(&scripted_agent()))
+        .env("RUST_LOG", "info")
+        .env("PATH", scripts_path())
+        .env("AGENT_LOG_DIR", repo.agent_log())
+        .envs(sandbox_env(&repo))
+        .env("PIPELINE_TOKEN", &token)
+        .env_remove("PIPELINE_SERVER");
+    let runner = Proc::spawn(&mut cmd);
+    runner.wait_for_line("registered").expect("registered");
+    let credential = read_trimmed(&work.join("credential"));
+    // Another task's agent works in the other slot, its scratch file in its worktree.
+    let other = server.add(&["--title", "other", "--description", "MODE: wait"]);
+    repo.wait_agent(&other);
+    let paths = [
+        work.join("credential"),
+        token_file.clone(),
+        work.join("slots/0/scratch.txt"),
+        work.join("slots/1/scratch.txt"),
+        PathBuf::from(format!("/proc/{}/environ", runner.pid())),
+        PathBuf::from(format!("/proc/{}/mem", runner.pid())),
+    ];
+    targets(&repo, &paths);
+    let secrets = vec![credential, token];
+    let id = server.add(&["--title", "hostile", "--description", "MODE: hostile"]);
+    let task = server.wait_status(&id, "done");
+    let stolen = all_denied(&repo, &format!("{id}.stolen"), &paths, &secrets);
+    assert!(!stolen.contains("READ"), "{stolen}");
+    let built = all_denied(&repo, "build-runner.stolen", &paths, &secrets);
+    assert!(built.contains("legit build ok"), "{built}");
+    assert!(
+        runs(&task)
+            .iter()
+            .any(|r| r["phase"] == "verify" && r["status"] == "success"),
+        "the hostile build's legitimate part passed on the runner"
+    );
+    base_keeps_none_of(&repo, &secrets);
+    repo.release_agents();
+    server.wait_status(&other, "done");
+}
+
+#[test]
+fn a_hostile_agent_and_build_on_the_servers_host_reach_none_of_its_secrets() {
+    let repo = TestRepo::new();
+    let build = format!("sh {}", scripts_dir().join("hostile-build.sh").display());
+    let mut args = vec!["--local-runners".to_owned(), "1".to_owned()];
+    args.extend(agent_args(&["--build-cmd", &build]));
+    let server = Server::start(&repo, &as_strs(&args));
+    let state = repo.state_dir();
+    let paths = [
+        state.join("admin.token"),
+        state.join("runner-registration.token"),
+        state.join("pipeline.db"),
+        state.join("runners/local-1/credential"),
+        PathBuf::from(format!("/proc/{}/environ", server.pid())),
+    ];
+    targets(&repo, &paths);
+    let secrets = vec![repo.admin_token(), repo.registration_token()];
+    let id = server.add(&["--title", "hostile", "--description", "MODE: hostile-wait"]);
+    all_denied(&repo, &format!("{id}.stolen"), &paths, &secrets);
+    // The base moves meanwhile, so the server builds what it lands, in its own worktree.
+    repo.push_to_main("person.txt", "a person's change");
+    repo.release_agents();
+    let task = server.wait_status(&id, "done");
+    let built = all_denied(&repo, "build-runner.stolen", &paths, &secrets);
+    assert!(built.contains("legit build ok"), "{built}");
+    let built = all_denied(&repo, "build-server.stolen", &paths, &secrets);
+    assert!(built.contains("legit build ok"), "{built}");
+    assert!(
+        runs(&task)
+            .iter()
+            .any(|r| r["phase"] == "integrate" && r["status"] == "success"),
+        "the server built and landed it"
+    );
+    base_keeps_none_of(&repo, &secrets);
+    let logs = server.ctl(&["logs", &id]).ok();
+    for secret in &secrets {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a secret reached the task's log"
+        );
+    }
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["sandbox"], "landlock");
+    let runners = server.ctl(&["runners", "--json"]).json();
+    assert_eq!(runners[0]["sandbox"], "landlock");
+}
