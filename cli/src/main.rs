@@ -49,6 +49,10 @@ struct Cli {
     )]
     token: Option<String>,
 
+    /// A file holding the admin token (it wins over --token).
+    #[arg(long, global = true, env = "PIPELINE_ADMIN_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -406,8 +410,11 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         )?),
         _ => None,
     };
-    let mut client =
-        Client::connect(&cli.server, cli.token().as_deref(), cli.tls_ca.as_deref()).await?;
+    let token = match &cli.token_file {
+        Some(file) => Some(read_token_file(file)?),
+        None => cli.token(),
+    };
+    let mut client = Client::connect(&cli.server, token.as_deref(), cli.tls_ca.as_deref()).await?;
     match cli.command {
         Command::Status { json } => {
             let s = client.status().await?;
@@ -834,6 +841,20 @@ fn no_such_attempt(id: &str, run: Option<u32>, printer: &output::LogPrinter) -> 
 /// A duration as people write it: `90s`, `10m`, `2h`, `1d`.
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (write it like 90s, 10m, 2h or 1d)"))
+}
+
+/// The token in `--token-file`: its content, trimmed; an unreadable or empty file is refused.
+fn read_token_file(file: &std::path::Path) -> Result<String, Failure> {
+    let token = std::fs::read_to_string(file)
+        .map_err(|e| Failure::usage(format!("cannot read --token-file {}: {e}", file.display())))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(Failure::usage(format!(
+            "--token-file {} is empty",
+            file.display()
+        )));
+    }
+    Ok(token.to_owned())
 }
 
 fn read_description(inline: Option<String>, file: Option<&str>) -> Result<String, Failure> {

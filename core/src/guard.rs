@@ -144,6 +144,8 @@ fn guard(program: OsString, args: Vec<OsString>) -> ExitCode {
         Ok(o) => o,
         Err(e) => return failed(format!("unreadable orders: {e}")),
     };
+    // `ps` names it after the path it was started by (`/proc/self/exe`): call it what it is.
+    let _ = rustix::thread::set_name(c"pipeline-guard");
     let me = rustix::process::getpid();
     if let Err(e) = rustix::process::set_child_subreaper(Some(me)) {
         return failed(format!("cannot become a child subreaper: {e}"));

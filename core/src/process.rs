@@ -609,9 +609,13 @@ async fn run_guarded(
     {
         records.ended(pgid);
     }
-    let tail = output.drain(&mut on_line).await;
+    let mut tail = output.drain(&mut on_line).await;
     if let Some(e) = spawn_error {
         return Err(e);
+    }
+    let failed = !matches!(ended, Ended::Exited(s) if s.success());
+    if failed && spec.sandbox.is_some() && sandbox_may_have_denied(&tail) {
+        tail.push_str(SANDBOX_HINT);
     }
     let (status, timed_out, cancelled, finished_early) = match ended {
         Ended::Exited(status) => (Some(status), false, false, false),
@@ -634,6 +638,16 @@ async fn run_guarded(
         tail,
         leftover,
     })
+}
+
+/// Said after the output of a sandboxed process that failed with a permission error: the
+/// sandbox may be what refused it (Landlock's refusals look like any other).
+const SANDBOX_HINT: &str = "\n(this ran in the sandbox: if it needs a path outside its \
+                            worktree, allow it with --sandbox-read or --sandbox-write)";
+
+/// Whether an output's tail tells of a permission refused.
+fn sandbox_may_have_denied(tail: &str) -> bool {
+    tail.contains("Permission denied") || tail.contains("Operation not permitted")
 }
 
 /// Starts the program itself (no guard installed: unit tests), in its own group.

@@ -69,7 +69,7 @@ pub struct Config {
     /// A file holding the registration token (or this runner's own credential), read once at
     /// start; it wins over --token [default: $CREDENTIALS_DIRECTORY/pipeline-runner-token when
     /// systemd passes it].
-    #[arg(long, env = "PIPELINE_TOKEN_FILE")]
+    #[arg(long, env = "PIPELINE_RUNNER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
     #[command(flatten)]

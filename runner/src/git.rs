@@ -341,7 +341,7 @@ mod tests {
         let ran = dir.path().join("ran");
         std::fs::create_dir_all(&evil).expect("mkdir");
         sh_git(&evil, &["init", "-q"]);
-        let hook = format!("!touch {}; false", ran.display());
+        let hook = format!("touch {}; false", ran.display());
         sh_git(&evil, &["config", "core.fsmonitor", &hook]);
         std::fs::write(
             wt.path.join(".git"),
@@ -361,6 +361,14 @@ mod tests {
         let own = wt.objects();
         std::fs::write(own.join("info/alternates"), format!("{}\n", evil.display()))
             .expect("write alternates");
+        // The plant works on git that finds its repository through `.git`, as the runner's
+        // own did.
+        sh_git(&wt.path, &["add", "--all"]);
+        assert!(
+            ran.exists(),
+            "the planted command did not run: the test shows nothing"
+        );
+        std::fs::remove_file(&ran).expect("rm");
         assert_eq!(mirror.one_commit(&wt, &base, None).await, Ok(one));
         mirror
             .bundle_head(&wt, &base, &dir.path().join("out.bundle"))

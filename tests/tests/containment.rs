@@ -301,3 +301,56 @@ fn a_hostile_agent_and_build_on_the_servers_host_reach_none_of_its_secrets() {
     let runners = server.ctl(&["runners", "--json"]).json();
     assert_eq!(runners[0]["sandbox"], "landlock");
 }
+
+#[test]
+fn tokens_given_in_files_stay_out_of_the_command_line_and_the_environment() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let token = repo.registration_token();
+    let token_file = repo.dir.path().join("runner.token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let mut cmd = Command::new(bin("pipeline-runner"));
+    cmd.args(["--server", &server.url, "--name", "r"])
+        .arg("--work-dir")
+        .arg(repo.dir.path().join("runners/r"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .args(as_strs(&agent_args(&["--no-verify"])))
+        .env("RUST_LOG", "info")
+        .env("PATH", scripts_path())
+        .envs(sandbox_env(&repo))
+        .env_remove("PIPELINE_TOKEN")
+        .env_remove("PIPELINE_SERVER");
+    let runner = Proc::spawn(&mut cmd);
+    runner
+        .wait_for_line("registered")
+        .unwrap_or_else(|log| panic!("the runner did not register:\n{log}"));
+    for what in ["cmdline", "environ"] {
+        let seen = std::fs::read(format!("/proc/{}/{what}", runner.pid())).expect("proc");
+        assert!(
+            !String::from_utf8_lossy(&seen).contains(&token),
+            "the token is in the runner's {what}"
+        );
+    }
+    // pipelinectl reads one from a file too; an empty one is refused as a malformed request.
+    let admin = repo.dir.path().join("admin.token");
+    std::fs::copy(repo.state_dir().join("admin.token"), &admin).expect("copy");
+    let status = ctl(
+        &server.url,
+        &[
+            "--token-file",
+            admin.to_str().expect("utf-8"),
+            "status",
+            "--json",
+        ],
+    )
+    .json();
+    assert_eq!(status["runners"], 1);
+    let empty = repo.dir.path().join("empty.token");
+    std::fs::write(&empty, "\n").expect("write");
+    ctl(
+        &server.url,
+        &["--token-file", empty.to_str().expect("utf-8"), "status"],
+    )
+    .refused(2, "is empty");
+}

@@ -38,7 +38,8 @@ fn server(repo: &TestRepo, state: &Path, listen: &str) -> Server {
         .args(["--max-retries", "5", "--env-allow", "AGENT_LOG_DIR"])
         .env("RUST_LOG", "info")
         .env("PATH", pipeline_tests::scripts_path())
-        .env("AGENT_LOG_DIR", repo.agent_log());
+        .env("AGENT_LOG_DIR", repo.agent_log())
+        .envs(pipeline_tests::sandbox_env(repo));
     Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("the server did not start:\n{log}"))
 }
 
@@ -57,7 +58,8 @@ fn runner(repo: &TestRepo, state: &Path, url: &str, name: &str) -> Proc {
             .args(["--env-allow", "AGENT_LOG_DIR"])
             .env("RUST_LOG", "info")
             .env("PATH", pipeline_tests::scripts_path())
-            .env("AGENT_LOG_DIR", repo.agent_log()),
+            .env("AGENT_LOG_DIR", repo.agent_log())
+            .envs(pipeline_tests::sandbox_env(repo)),
     )
 }
 

@@ -403,7 +403,8 @@ fn a_checked_out_base_is_refused_and_a_bare_repo_works() {
         .arg("--state-dir")
         .arg(repo.state_dir())
         .args(["--listen", "127.0.0.1:0"])
-        .env("AGENT_LOG_DIR", repo.agent_log());
+        .env("AGENT_LOG_DIR", repo.agent_log())
+        .envs(pipeline_tests::sandbox_env(&repo));
     let server = Server::spawn(&mut cmd).expect("a bare repo is accepted");
     let _r = runner(&repo, &server, "r");
     let id = server.add(&["--title", "into a bare repo"]);

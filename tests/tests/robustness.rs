@@ -684,7 +684,8 @@ fn relative_paths_are_resolved_at_start_up() {
         .args(["--listen", "127.0.0.1:0", "--env-allow", "AGENT_LOG_DIR"])
         .env("RUST_LOG", "info")
         .env("PATH", pipeline_tests::scripts_path())
-        .env("AGENT_LOG_DIR", repo.agent_log());
+        .env("AGENT_LOG_DIR", repo.agent_log())
+        .envs(pipeline_tests::sandbox_env(&repo));
     let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
     let token = std::fs::read_to_string(cwd.join("st-scratch/runner-registration.token"))
         .expect("token")
@@ -704,7 +705,8 @@ fn relative_paths_are_resolved_at_start_up() {
             ])
             .args(["--env-allow", "AGENT_LOG_DIR"])
             .env("PATH", pipeline_tests::scripts_path())
-            .env("AGENT_LOG_DIR", repo.agent_log()),
+            .env("AGENT_LOG_DIR", repo.agent_log())
+            .envs(pipeline_tests::sandbox_env(&repo)),
     );
     let id = server.add(&["--title", "relative"]);
     let task = server.wait_status(&id, "done");
@@ -936,7 +938,8 @@ fn script_runner_with(
             .args(["--env-allow", "AGENT_LOG_DIR"])
             .args(extra)
             .env("PATH", pipeline_tests::scripts_path())
-            .env("AGENT_LOG_DIR", repo.agent_log()),
+            .env("AGENT_LOG_DIR", repo.agent_log())
+            .envs(pipeline_tests::sandbox_env(repo)),
     )
 }
 
