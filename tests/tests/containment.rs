@@ -354,3 +354,33 @@ fn tokens_given_in_files_stay_out_of_the_command_line_and_the_environment() {
     )
     .refused(2, "is empty");
 }
+
+#[test]
+fn without_a_sandbox_status_and_runners_say_so() {
+    let repo = TestRepo::new();
+    let mut args = vec!["--local-runners", "1", "--no-sandbox"];
+    let agent = agent_args(&["--no-verify"]);
+    args.extend(as_strs(&agent));
+    let mut cmd = Server::command(&repo, &args);
+    cmd.env_remove("PIPELINE_SANDBOX_READ")
+        .env_remove("PIPELINE_SANDBOX_WRITE");
+    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
+    server.wait_for_log("run unconfined (--no-sandbox)");
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["sandbox"], "off");
+    let text = server.ctl(&["status"]).ok();
+    assert!(text.contains("sandbox:         OFF"), "{text}");
+    let runners = wait_for("the local runner", || {
+        let r = server.ctl(&["runners", "--json"]).json();
+        (r[0]["sandbox"] == "off").then_some(r)
+    });
+    assert_eq!(runners[0]["name"], "local-1");
+    // Asking for no sandbox and for a sandbox's paths at once is a mistake, said at once.
+    let out = run(
+        Server::command(&repo, &["--no-sandbox", "--sandbox-read", "/srv"])
+            .env_remove("PIPELINE_SANDBOX_READ")
+            .env_remove("PIPELINE_SANDBOX_WRITE"),
+    );
+    assert_eq!(out.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("--sandbox-read"), "{}", out.stderr);
+}
