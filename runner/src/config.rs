@@ -133,6 +133,11 @@ impl SandboxArgs {
         let path = std::env::var("PATH").unwrap_or_default();
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let mut base = default_rules(&path, home.as_deref());
+        for p in self.sandbox_read.iter().chain(&self.sandbox_write) {
+            if !p.exists() {
+                tracing::warn!(path = %p.display(), "a --sandbox-read/--sandbox-write path does not exist (yet): agents and builds started once it exists get it");
+            }
+        }
         for p in &self.sandbox_read {
             base.read(std::path::absolute(p).unwrap_or_else(|_| p.clone()));
         }

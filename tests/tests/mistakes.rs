@@ -39,6 +39,7 @@ fn runner_with(
     .args(extra)
     .env("PATH", scripts_path())
     .env("AGENT_LOG_DIR", repo.agent_log())
+    .envs(pipeline_tests::sandbox_env(repo))
     .env("RUST_LOG", "info")
     .env_remove("PIPELINE_SERVER")
     .env_remove("PIPELINE_TOKEN")
