@@ -53,8 +53,15 @@ impl Mirror {
             })?;
             git.init_bare().await?;
         }
-        // Worktrees of a crashed run may be registered but gone.
-        git.prune_worktrees().await?;
+        // The slots were worktrees of the mirror until they had repositories of their own: an
+        // older runner's registrations would keep its agents' commits reachable, and nothing
+        // uses them now (one runner per work dir).
+        let old = dir.join("worktrees");
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| {
+                GitError::Unexpected(format!("cannot remove {}: {e}", old.display()))
+            })?;
+        }
         let mut kept: [Option<CommitId>; 2] = Default::default();
         for (refname, commit) in git.refs_under(RefPrefix::Pipeline).await? {
             if let Some(i) = KEPT
