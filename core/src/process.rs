@@ -184,11 +184,6 @@ pub fn install_guard() {
     let _ = GUARD.set(PathBuf::from("/proc/self/exe"));
 }
 
-/// Whether [`install_guard`] was called.
-pub fn guarded() -> bool {
-    GUARD.get().is_some()
-}
-
 /// The guards started by this process, one file each under `<dir>/<tag>/`, so that the next
 /// start can stop what a crash left behind.
 struct Records {
