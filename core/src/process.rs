@@ -581,6 +581,12 @@ async fn run_guarded(
         link.cut();
     } else if guard_status.is_some() {
         link.cut();
+        if matches!(ended, Ended::GuardGone) {
+            // The guard was killed (the OOM killer, a person): what stayed in its group goes
+            // now (its id cannot be taken while members live); what left the group waits for
+            // the next start's sweep.
+            signal_group(pgid, Signal::KILL);
+        }
     } else if spec.reap_group {
         // The guard kills what the program left, then exits.
         link.cut();

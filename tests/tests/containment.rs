@@ -130,16 +130,14 @@ fn what_a_crash_left_running_is_stopped_at_the_next_start() {
     let mut runner = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
     let agent = repo.wait_agent(&id);
-    // The guard of the agent (its process group's leader) dies first, then the runner: the
-    // agent is nobody's now, until the runner starts again.
-    let stat = std::fs::read_to_string(format!("/proc/{agent}/stat")).expect("stat");
-    let pgid = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(2))
-        .expect("pgid")
-        .to_owned();
+    // The runner is stopped (so that it cannot react), the guard of the agent (its process
+    // group's leader) killed, then the runner: the agent is nobody's now, until the runner
+    // starts again.
+    let pgid = pgid_of(&agent);
     assert_ne!(pgid, agent, "the agent is not its own group's leader");
+    runner.proc.signal("STOP");
     let _ = Command::new("kill").args(["-KILL", &pgid]).status();
+    wait_for("the guard to die", || (!alive(&pgid)).then_some(()));
     runner.proc.kill();
     assert!(
         alive(&agent),
@@ -151,6 +149,39 @@ fn what_a_crash_left_running_is_stopped_at_the_next_start() {
         &[agent],
     );
     repo.release_agents();
+}
+
+/// The process group of `pid` (its guard's pid, for an agent or build).
+fn pgid_of(pid: &str) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+        .expect("pgid")
+        .to_owned()
+}
+
+#[test]
+fn a_killed_guard_takes_its_group_with_it_and_the_lease_goes_back_uncharged() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "0"]);
+    let args = agent_args(&["--no-verify"]);
+    let _runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "t", "--description", "MODE: wait-once"]);
+    let agent = repo.wait_agent(&id);
+    let guard = pgid_of(&agent);
+    let _ = Command::new("kill").args(["-KILL", &guard]).status();
+    wait_gone("the agent to go with its guard", &[agent]);
+    let task = server.wait_status(&id, "done");
+    let first = &runs(&task)[0];
+    assert_eq!(first["failure_kind"], "infrastructure", "{task}");
+    assert!(
+        first["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the guard of the process died"),
+        "{task}"
+    );
+    assert_eq!(task["failures"], 0);
 }
 
 /// Paths a sandboxed agent or build tries to read, one a line, in the agent log's `targets`.
