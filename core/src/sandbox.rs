@@ -282,6 +282,10 @@ pub fn default_rules(path: &str, home: Option<&Path>) -> Rules {
             rules.read(home.join(dir));
         }
     }
+    // Git's own configuration, where XDG puts it (git fails on one it cannot read).
+    if let Some(config) = std::env::var_os("XDG_CONFIG_HOME") {
+        rules.read(PathBuf::from(config).join("git"));
+    }
     for dev in [
         "/dev/null",
         "/dev/zero",

@@ -241,7 +241,7 @@ fn a_hostile_agent_and_build_on_a_runner_reach_none_of_its_secrets_nor_the_other
     let token_file = repo.dir.path().join("runner.token");
     std::fs::write(&token_file, &token).expect("token file");
     let work = repo.dir.path().join("runners/r");
-    let mut cmd = Command::new(bin("pipeline-runner"));
+    let mut cmd = repo.command("pipeline-runner");
     cmd.args(["--server", &server.url, "--name", "r", "--slots", "2"])
         .arg("--work-dir")
         .arg(&work)
@@ -340,7 +340,7 @@ fn tokens_given_in_files_stay_out_of_the_command_line_and_the_environment() {
     let token = repo.registration_token();
     let token_file = repo.dir.path().join("runner.token");
     std::fs::write(&token_file, format!("{token}\n")).expect("token file");
-    let mut cmd = Command::new(bin("pipeline-runner"));
+    let mut cmd = repo.command("pipeline-runner");
     cmd.args(["--server", &server.url, "--name", "r"])
         .arg("--work-dir")
         .arg(repo.dir.path().join("runners/r"))
