@@ -162,6 +162,19 @@ impl Tables {
             .count() as u32
     }
 
+    /// Whether `ancestor` is `task`'s parent, or its parent's, and so on.
+    fn is_ancestor(&self, ancestor: &TaskId, task: &TaskId) -> bool {
+        let mut at = self.tasks.get(task).and_then(|t| t.parent.clone());
+        while let Some(p) = at {
+            if p == *ancestor {
+                return true;
+            }
+            at = self.tasks.get(&p).and_then(|t| t.parent.clone());
+        }
+        false
+    }
+
+    /// Whether `from` waits for `to`: through dependencies, and an epic through its children.
     fn reaches(&self, from: &TaskId, to: &TaskId) -> bool {
         let mut stack = vec![from.clone()];
         let mut seen = std::collections::HashSet::new();
@@ -175,6 +188,13 @@ impl Tables {
                         .iter()
                         .filter(|(t, _)| *t == at)
                         .map(|(_, d)| d.clone()),
+                );
+                // An epic waits for its children.
+                stack.extend(
+                    self.tasks
+                        .values()
+                        .filter(|t| t.parent.as_ref() == Some(&at))
+                        .map(|t| t.id.clone()),
                 );
             }
         }
@@ -340,6 +360,13 @@ impl Store for MemoryStore {
             return Err(Error::NotFound(format!(
                 "dependency {dep} does not exist; create it first"
             )));
+        }
+        // The new task's only waiter is its epic: a dependency that waits for the epic would
+        // wait for the task itself.
+        if let Some(parent) = &new.parent
+            && let Some(dep) = new.depends_on.iter().find(|d| t.reaches(d, parent))
+        {
+            return Err(super::cycle_refusal(&id, dep));
         }
         // A child of a paused task (an epic) is created paused with it.
         let paused = new
@@ -558,10 +585,10 @@ impl Store for MemoryStore {
             .collect();
         for dep in &new {
             if t.reaches(dep, id) {
-                return Err(Error::FailedPrecondition(format!(
-                    "task {id} cannot depend on {dep}: {dep} already depends on {id} \
-                     (directly or through other tasks), which would make a cycle"
-                )));
+                return Err(super::cycle_refusal(id, dep));
+            }
+            if t.is_ancestor(id, dep) {
+                return Err(super::descendant_refusal(id, dep));
             }
         }
         if new.is_empty() {

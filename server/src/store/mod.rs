@@ -3,7 +3,8 @@
 //! [`memory::MemoryStore`] is the in-memory fake the unit tests of the layers above use.
 //!
 //! Architecture invariant: the store applies no lifecycle rule. It persists what it is given
-//! and checks references (a dependency must exist, no cycles); the rules are in
+//! and checks references (a dependency must exist, no cycles, where an epic waits for its
+//! children as a task waits for its dependencies); the rules are in
 //! [`crate::lifecycle`], applied by the coordinator. A state change is one [`TaskWrite`]: the
 //! task's whole mutable record, written by compare-and-swap on its `version`, with its history
 //! entry and its runs, in one transaction. The store keeps one derived count, `deps_pending`
@@ -43,6 +44,26 @@ pub mod memory;
 pub mod sqlite;
 #[cfg(test)]
 pub mod suite;
+
+/// The refusal of `id` depending on `dep` when `dep` already waits for `id`. A task waits for
+/// its dependencies and an epic for its children (it is done only once they are), so a child
+/// depending on its epic (or on anything that waits for the epic) would never be leased.
+pub(crate) fn cycle_refusal(id: &TaskId, dep: &TaskId) -> crate::error::Error {
+    crate::error::Error::FailedPrecondition(format!(
+        "task {id} cannot depend on {dep}: {dep} waits for {id} (through its dependencies, or \
+         as an epic waits for its children), which would make a cycle"
+    ))
+}
+
+/// The refusal of an epic `id` depending on `dep`, one of its own descendants: it waits for
+/// its children already, and the edge would make the two wait for each other.
+pub(crate) fn descendant_refusal(id: &TaskId, dep: &TaskId) -> crate::error::Error {
+    crate::error::Error::FailedPrecondition(format!(
+        "task {id} cannot depend on {dep}: {dep} is one of its own children (or theirs), which \
+         it waits for as an epic already, so the two would wait for each other: that would \
+         make a cycle"
+    ))
+}
 
 /// Everything about a task that changes as it lives; a [`TaskWrite`] writes all of it.
 #[derive(Clone, Debug, PartialEq)]

@@ -560,6 +560,96 @@ async fn require_existing(conn: &mut SqliteConnection, ids: &[TaskId], role: &st
     Ok(())
 }
 
+/// Edges of tasks a batch creates before they are written (the earlier lines of the batch):
+/// each one's dependencies, and the children each parent gains.
+#[derive(Default)]
+struct Unwritten {
+    deps: HashMap<TaskId, Vec<TaskId>>,
+    children: HashMap<TaskId, Vec<TaskId>>,
+}
+
+/// Whether `from` waits for `to`, directly or not: a task waits for its dependencies, and an
+/// epic for its children. Walks the graph a level at a time (one statement per level for the
+/// stored tasks; `unwritten` for the batch's own).
+async fn waits_for(
+    conn: &mut SqliteConnection,
+    from: &TaskId,
+    to: &TaskId,
+    unwritten: &Unwritten,
+) -> Result<bool> {
+    let mut seen: HashSet<TaskId> = HashSet::new();
+    let mut frontier = vec![from.clone()];
+    while !frontier.is_empty() {
+        if frontier.contains(to) {
+            return Ok(true);
+        }
+        frontier.retain(|t| seen.insert(t.clone()));
+        let mut next = Vec::new();
+        let mut stored: Vec<&str> = Vec::new();
+        for t in &frontier {
+            next.extend(unwritten.children.get(t).into_iter().flatten().cloned());
+            match unwritten.deps.get(t) {
+                // A task of the batch: nothing stored depends on it or is its child yet.
+                Some(deps) => next.extend(deps.iter().cloned()),
+                None => stored.push(t.as_str()),
+            }
+        }
+        for select in [
+            "SELECT task_id, depends_on FROM task_deps WHERE task_id IN (",
+            "SELECT parent, id FROM tasks WHERE parent IN (",
+        ] {
+            for (_, to) in edges_of(&mut *conn, select, &stored).await? {
+                next.push(stored_id(&to)?);
+            }
+        }
+        frontier = next;
+    }
+    Ok(false)
+}
+
+/// Whether `ancestor` is `task`'s parent, or its parent's, and so on.
+async fn is_ancestor_task(
+    conn: &mut SqliteConnection,
+    ancestor: &TaskId,
+    task: &TaskId,
+) -> Result<bool> {
+    let found: Option<i64> = sqlx::query_scalar(
+        "WITH RECURSIVE up(id) AS ( \
+             SELECT parent FROM tasks WHERE id = ?1 \
+             UNION SELECT t.parent FROM tasks t JOIN up ON t.id = up.id) \
+         SELECT 1 FROM up WHERE id = ?2 LIMIT 1",
+    )
+    .bind(task.as_str())
+    .bind(ancestor.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.is_some())
+}
+
+/// The (id, other) rows of `select` (a statement ending in `IN (`) for `ids`, a chunk of them
+/// per statement; unlike [`pairs_of`], an id may have many.
+async fn edges_of(
+    conn: &mut SqliteConnection,
+    select: &str,
+    ids: &[&str],
+) -> Result<Vec<(String, String)>> {
+    let mut found = Vec::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(select);
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        q.push(")");
+        found.extend(
+            q.build_query_as::<(String, String)>()
+                .fetch_all(&mut *conn)
+                .await?,
+        );
+    }
+    Ok(found)
+}
+
 async fn insert_event(
     conn: &mut SqliteConnection,
     id: &TaskId,
@@ -902,6 +992,8 @@ async fn insert_tasks(
     let mut taken_numbers: HashSet<String> = HashSet::new();
     // The IDs of the list so far: what a later task may name, and may not take.
     let mut listed: HashSet<TaskId> = HashSet::with_capacity(new.len());
+    // Their edges, for the cycle check of the later ones.
+    let mut unwritten = Unwritten::default();
     let mut left = generated;
     let mut rows = Vec::with_capacity(new.len());
     for (i, task) in new.into_iter().enumerate() {
@@ -952,6 +1044,21 @@ async fn insert_tasks(
                 Error::NotFound(format!("dependency {dep} does not exist; create it first")),
             ));
         }
+        // The new task's only waiter is its epic: a dependency that waits for the epic would
+        // wait for the task itself.
+        if let Some(parent) = &task.parent {
+            for dep in &task.depends_on {
+                if waits_for(&mut *tx, dep, parent, &unwritten).await? {
+                    return Err(fail(i, super::cycle_refusal(&id, dep)));
+                }
+            }
+            unwritten
+                .children
+                .entry(parent.clone())
+                .or_default()
+                .push(id.clone());
+        }
+        unwritten.deps.insert(id.clone(), task.depends_on.clone());
         // A dependency earlier in the list is Open: not done.
         let deps_pending = task
             .depends_on
@@ -1118,22 +1225,13 @@ async fn insert_dependencies(
         if task.depends_on.contains(dep) {
             continue;
         }
-        // A cycle closes if `id` is reachable from `dep` (or is `dep`).
-        let reaches: Option<i64> = sqlx::query_scalar(
-            "WITH RECURSIVE reach(id) AS ( \
-                 SELECT ?1 \
-                 UNION SELECT d.depends_on FROM task_deps d JOIN reach r ON d.task_id = r.id) \
-             SELECT 1 FROM reach WHERE id = ?2 LIMIT 1",
-        )
-        .bind(dep.as_str())
-        .bind(id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if reaches.is_some() {
-            return Err(Error::FailedPrecondition(format!(
-                "task {id} cannot depend on {dep}: {dep} already depends on {id} \
-                 (directly or through other tasks), which would make a cycle"
-            )));
+        // A cycle closes if `dep` waits for `id` (or is `id`); an epic depending on one of
+        // its own descendants is refused too (it waits for them as their epic already).
+        if waits_for(&mut *tx, dep, id, &Unwritten::default()).await? {
+            return Err(super::cycle_refusal(id, dep));
+        }
+        if is_ancestor_task(&mut *tx, id, dep).await? {
+            return Err(super::descendant_refusal(id, dep));
         }
         let inserted =
             sqlx::query("INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?, ?)")

@@ -94,6 +94,7 @@ macro_rules! store_test_suite {
             generates_ids_and_skips_taken_ones,
             refuses_taken_ids_and_unknown_references,
             refuses_dependency_cycles,
+            refuses_cycles_through_epics,
             lists_in_lease_order_and_filters,
             lists_page_by_page_without_descriptions,
             creates_a_batch_all_or_none,
@@ -217,6 +218,82 @@ pub async fn refuses_taken_ids_and_unknown_references<S: Store>(store: &S) {
             .len(),
         1
     );
+}
+
+/// An epic waits for its children: a child that depends on its epic (or on a task that
+/// waits for the epic), or an epic that depends on its own descendant, would never move.
+pub async fn refuses_cycles_through_epics<S: Store>(store: &S) {
+    let child = |name: &str, parent: &str, deps: &[&str]| {
+        let mut t = new_task(Some(name), name, 2, deps);
+        t.parent = Some(id(parent));
+        t
+    };
+    let is_cycle =
+        |e: &Error| matches!(e, Error::FailedPrecondition(m) if m.contains("would make a cycle"));
+    store
+        .create_task(new_task(Some("e"), "epic", 2, &[]), 1)
+        .await
+        .expect("epic");
+    store
+        .create_task(child("sub", "e", &[]), 1)
+        .await
+        .expect("a sub-epic");
+    // X waits for the epic: it depends on it.
+    store
+        .create_task(new_task(Some("x"), "x", 2, &["e"]), 1)
+        .await
+        .expect("x depends on the epic");
+    for (deps, what) in [
+        (&["e"][..], "its own epic"),
+        (&["x"][..], "a task that waits for its epic"),
+    ] {
+        let err = store
+            .create_task(child("c", "e", deps), 1)
+            .await
+            .expect_err(what);
+        assert!(is_cycle(&err), "{what}: {err}");
+    }
+    // A grandchild depending on its grandparent.
+    let err = store
+        .create_task(child("g", "sub", &["e"]), 1)
+        .await
+        .expect_err("grandparent");
+    assert!(is_cycle(&err), "{err}");
+    // In one batch: the epic, then a child that depends on it.
+    let err = store
+        .create_tasks(
+            vec![
+                new_task(Some("e2"), "epic 2", 2, &[]),
+                child("c2", "e2", &["e2"]),
+            ],
+            1,
+        )
+        .await
+        .expect_err("batch");
+    assert!(is_cycle(&err), "{err}");
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.starts_with("task 2 of the batch")));
+    assert!(store.get_task(&id("e2")).await.expect("get").is_none());
+    // Added later: the child on its epic, the epic on its child, the sub-epic's child on x.
+    store
+        .create_task(child("c", "e", &[]), 1)
+        .await
+        .expect("a plain child");
+    for (task, dep) in [("c", "e"), ("e", "c"), ("e", "sub"), ("sub", "x")] {
+        let err = add_deps(store, task, &[dep], 2).await.expect_err("refused");
+        assert!(is_cycle(&err), "{task} -> {dep}: {err}");
+    }
+    // What is no cycle still goes: a child on its sibling, a task on an epic it is not under.
+    add_deps(store, "c", &["sub"], 2).await.expect("a sibling");
+    store
+        .create_task(child("c3", "e", &["sub"]), 1)
+        .await
+        .expect("on a sibling");
+    store
+        .create_task(new_task(Some("y"), "y", 2, &["e", "x"]), 1)
+        .await
+        .expect("outside the epic");
+    let c = store.get_task(&id("c")).await.expect("get").expect("c");
+    assert_eq!(c.depends_on, vec![id("sub")], "refused edges are not kept");
 }
 
 pub async fn refuses_dependency_cycles<S: Store>(store: &S) {
