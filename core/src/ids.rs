@@ -55,6 +55,10 @@ fn check_name(raw: &str, what: &str) -> Result<(), InvalidId> {
     Ok(())
 }
 
+/// The highest number a generated task ID (`t-<n>`) may have: the database's integer range, so
+/// that no arithmetic on it can wrap.
+pub const MAX_GENERATED: u64 = i64::MAX as u64;
+
 /// A task identifier: `t-<n>` when generated; when given by a user it must match
 /// `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` and be a valid git ref component.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,14 +71,45 @@ impl TaskId {
         Ok(Self(raw.to_owned()))
     }
 
+    /// Validates an identifier a person chooses for a new task (`task add --id`): as
+    /// [`TaskId::parse`], and `t-<n>`, the form of generated IDs, only as one of them exactly
+    /// (`n` from 1 to [`MAX_GENERATED`], no leading zero, lowercase): `t-0`, `t-01` or `T-1`
+    /// would name a generated task's refs and files under another spelling, and a number past
+    /// the bound would leave the generator nowhere to go.
+    pub fn parse_chosen(raw: &str) -> Result<Self, InvalidId> {
+        let id = Self::parse(raw)?;
+        let reserved = raw.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("t-"))
+            && raw.len() > 2
+            && raw[2..].bytes().all(|b| b.is_ascii_digit());
+        if reserved && id.number().is_none() {
+            return Err(InvalidId(format!(
+                "invalid task id {}: t-<n> is the form of generated IDs; choose one of them \
+                 exactly (n from 1 to {MAX_GENERATED}, no leading zero) or another name",
+                quote_for_message(raw)
+            )));
+        }
+        Ok(id)
+    }
+
     /// The identifier generated for the `n`th task.
     pub fn generated(n: u64) -> Self {
         Self(format!("t-{n}"))
     }
 
-    /// The `n` of a generated identifier `t-<n>`.
+    /// The `n` of a generated identifier `t-<n>`: only in its one spelling (no leading zero)
+    /// and from 1 to [`MAX_GENERATED`]; `None` for anything else.
     pub fn number(&self) -> Option<u64> {
-        self.0.strip_prefix("t-").and_then(|n| n.parse().ok())
+        let digits = self.0.strip_prefix("t-")?;
+        if digits.is_empty()
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        digits
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_GENERATED).contains(n))
     }
 
     pub fn as_str(&self) -> &str {
@@ -264,6 +299,36 @@ mod tests {
         }
         assert_eq!(TaskId::generated(7).number(), Some(7));
         assert_eq!(TaskId::parse("fix-1").ok().and_then(|t| t.number()), None);
+    }
+
+    #[test]
+    fn generated_numbers_have_one_spelling_and_a_bound() {
+        let number = |raw: &str| TaskId::parse(raw).ok().and_then(|t| t.number());
+        assert_eq!(number("t-9223372036854775807"), Some(MAX_GENERATED));
+        for never in [
+            "t-0",
+            "t-01",
+            "t-9223372036854775808",
+            "t-18446744073709551615",
+            "t-99999999999999999999",
+            "T-1",
+            "t-",
+        ] {
+            assert_eq!(number(never), None, "{never}");
+        }
+        for chosen in ["t-5", "t-9223372036854775807", "t-1a", "task-01", "t1"] {
+            assert!(TaskId::parse_chosen(chosen).is_ok(), "{chosen}");
+        }
+        for alias in [
+            "t-0",
+            "t-01",
+            "T-1",
+            "t-18446744073709551615",
+            "t-9223372036854775808",
+        ] {
+            let err = TaskId::parse_chosen(alias).expect_err(alias).to_string();
+            assert!(err.contains("the form of generated IDs"), "{alias}: {err}");
+        }
     }
 
     #[test]

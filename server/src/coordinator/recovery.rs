@@ -107,8 +107,9 @@ impl<S: Store> Coordinator<S> {
             .repo
             .highest_task_number(scanned.as_ref(), &tip)
             .await?;
-        if highest > 0 {
-            self.store.raise_next_task_number(highest + 1).await?;
+        // `highest` is at most `MAX_GENERATED`: the sum cannot wrap (and is checked anyway).
+        if let Some(next) = highest.checked_add(1).filter(|_| highest > 0) {
+            self.store.raise_next_task_number(next).await?;
         }
         self.store.put_meta(HISTORY_SCANNED, tip.as_str()).await?;
         Ok(())

@@ -246,7 +246,11 @@ impl TryFrom<pb::CreateTaskRequest> for NewTask {
     type Error = Status;
 
     fn try_from(req: pb::CreateTaskRequest) -> Result<Self, Status> {
-        let id = req.id.as_deref().map(task_id).transpose()?;
+        let id = req
+            .id
+            .as_deref()
+            .map(|raw| TaskId::parse_chosen(raw).map_err(|e| status_from_error(e.into())))
+            .transpose()?;
         let parent = req
             .parent
             .as_deref()

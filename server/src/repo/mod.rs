@@ -362,7 +362,23 @@ impl Repo {
         since: Option<&CommitId>,
         tip: &CommitId,
     ) -> Result<u64> {
-        let number = |id: &str| TaskId::parse(id.trim()).ok().and_then(|t| t.number());
+        // A generated-looking ID past the bound (or spelled with a leading zero) was never
+        // generated: it is not counted, so the counter cannot be pushed past its range.
+        let number = |id: &str| {
+            let id = id.trim();
+            let n = TaskId::parse(id).ok().and_then(|t| t.number());
+            if n.is_none()
+                && id
+                    .strip_prefix("t-")
+                    .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            {
+                tracing::warn!(
+                    id,
+                    "ignoring a task ID that no server generates (out of range or a leading zero)"
+                );
+            }
+            n
+        };
         let mut max = 0;
         for prefix in [RefPrefix::TaskPatches, RefPrefix::Landed] {
             for (name, _) in self.git.refs_under(prefix).await? {

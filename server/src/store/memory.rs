@@ -340,6 +340,9 @@ impl Store for MemoryStore {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(1);
                 loop {
+                    if n > pipeline_core::ids::MAX_GENERATED {
+                        return Err(super::ids_exhausted());
+                    }
                     let id = TaskId::generated(n);
                     n += 1;
                     if !t.tasks.contains_key(&id) {

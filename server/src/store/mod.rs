@@ -45,6 +45,15 @@ pub mod sqlite;
 #[cfg(test)]
 pub mod suite;
 
+/// The refusal of a task without an ID of its own once every generated number is used (or
+/// known to the repository, which raises the counter past it).
+pub(crate) fn ids_exhausted() -> crate::error::Error {
+    crate::error::Error::FailedPrecondition(format!(
+        "no generated task ID is left (t-{} is the last); give the task an ID of its own (--id)",
+        pipeline_core::ids::MAX_GENERATED
+    ))
+}
+
 /// The refusal of `id` depending on `dep` when `dep` already waits for `id`. A task waits for
 /// its dependencies and an epic for its children (it is done only once they are), so a child
 /// depending on its epic (or on anything that waits for the epic) would never be leased.

@@ -25,7 +25,7 @@ use crate::domain::{
     RunStatus, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskState, TaskStatus, Usage,
 };
 use crate::error::{Error, Result};
-use pipeline_core::ids::{CommitId, TreeId};
+use pipeline_core::ids::{CommitId, MAX_GENERATED, TreeId};
 
 const NEXT_TASK_NUMBER: &str = "next_task_number";
 
@@ -1010,8 +1010,13 @@ async fn insert_tasks(
                 id
             }
             None => loop {
+                if next > MAX_GENERATED {
+                    return Err(fail(i, super::ids_exhausted()));
+                }
                 if next >= read_until {
-                    let ahead = (left as u64 + 16).min(ROWS_PER_STATEMENT as u64);
+                    let ahead = (left as u64 + 16)
+                        .min(ROWS_PER_STATEMENT as u64)
+                        .min(MAX_GENERATED - next + 1);
                     let candidates: Vec<TaskId> =
                         (next..next + ahead).map(TaskId::generated).collect();
                     let candidates: Vec<&str> = candidates.iter().map(|c| c.as_str()).collect();

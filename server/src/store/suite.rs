@@ -92,6 +92,7 @@ macro_rules! store_test_suite {
     ($factory:path) => {
         $crate::store_test_suite!(@tests $factory;
             generates_ids_and_skips_taken_ones,
+            generated_ids_stop_at_the_bound,
             refuses_taken_ids_and_unknown_references,
             refuses_dependency_cycles,
             refuses_cycles_through_epics,
@@ -179,6 +180,33 @@ pub async fn generates_ids_and_skips_taken_ones<S: Store>(store: &S) {
         (events[0].kind.as_str(), events[0].from, events[0].to),
         ("created", None, TaskStatus::Open)
     );
+}
+
+/// The last generated ID is `t-<MAX_GENERATED>`; past it, a task needs an ID of its own (the
+/// counter never wraps).
+pub async fn generated_ids_stop_at_the_bound<S: Store>(store: &S) {
+    let max = pipeline_core::ids::MAX_GENERATED;
+    store.raise_next_task_number(max).await.expect("raise");
+    assert_eq!(create(store, "last").await.id, TaskId::generated(max));
+    for err in [
+        store
+            .create_task(new_task(None, "past it", 2, &[]), 1)
+            .await
+            .expect_err("no ID is left"),
+        store
+            .create_tasks(vec![new_task(None, "past it", 2, &[])], 1)
+            .await
+            .expect_err("no ID is left"),
+    ] {
+        assert!(
+            matches!(&err, Error::FailedPrecondition(m) if m.contains("no generated task ID is left")),
+            "{err}"
+        );
+    }
+    store
+        .create_task(new_task(Some("own"), "its own ID", 2, &[]), 1)
+        .await
+        .expect("a chosen ID");
 }
 
 pub async fn refuses_taken_ids_and_unknown_references<S: Store>(store: &S) {
