@@ -147,6 +147,13 @@ impl From<i32> for LogStream {
     }
 }
 
+/// How many bytes `task` takes in a `CreateTasks` request (its message, with its field key
+/// and length).
+pub fn create_request_len(task: &NewTask) -> usize {
+    let len = pb::CreateTaskRequest::from(task.clone()).encoded_len();
+    1 + prost::length_delimiter_len(len) + len
+}
+
 impl From<NewTask> for pb::CreateTaskRequest {
     fn from(t: NewTask) -> Self {
         pb::CreateTaskRequest {
