@@ -454,14 +454,22 @@ impl Client {
         r.map(|r| self.feed(r)).map_err(|s| self.failure(s))
     }
 
-    /// Every task transition, live.
-    /// Every task transition after the history entry `after_event`, or from now on (then the
-    /// first item is only where the stream starts: an empty task ID and its `event_id`).
+    /// Every task transition after the history entry `after_event` (whose time, when known,
+    /// is `after_at_ms`), or from now on (then the first item is only where the stream starts:
+    /// an empty task ID and its `event_id`; so is it when the server's history does not hold
+    /// the entry named).
     pub async fn watch(
         &mut self,
         after_event: Option<i64>,
+        after_at_ms: Option<i64>,
     ) -> Result<Feed<pb::TaskTransition>, Failure> {
-        let r = self.inner.watch(pb::WatchRequest { after_event }).await;
+        let r = self
+            .inner
+            .watch(pb::WatchRequest {
+                after_event,
+                after_at_ms,
+            })
+            .await;
         r.map(|r| self.feed(r)).map_err(|s| self.failure(s))
     }
 

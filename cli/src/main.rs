@@ -696,16 +696,31 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             // Each task's parent, looked up once, for --parent.
             let mut parents: std::collections::HashMap<String, Option<String>> = Default::default();
             // A server that goes away is waited for, and the watch goes on after the last
-            // transition it sent (none lost, none twice).
-            let mut last: Option<i64> = None;
+            // transition it sent (none lost, none twice). The position is the transition's ID
+            // and time (a marker has none), so that a server whose history went back does not
+            // take it for another one.
+            let mut last: Option<(i64, Option<i64>)> = None;
             let mut pause = std::time::Duration::from_millis(200);
             let mut warned = false;
             loop {
                 let read = async {
-                    let mut transitions = client.watch(last).await?;
+                    let resumed = last.is_some();
+                    let mut transitions = client
+                        .watch(last.map(|(id, _)| id), last.and_then(|(_, at)| at))
+                        .await?;
+                    let mut first = true;
                     while let Some(t) = transitions.next().await? {
                         let t: model::Transition = t;
-                        last = Some(t.event_id);
+                        if std::mem::take(&mut first) && resumed && t.task_id.is_empty() {
+                            // Its history does not hold where the watch was: it goes on from
+                            // where the server started.
+                            eprintln!(
+                                "pipelinectl: the server's history no longer holds the last \
+                                 transition shown (its database went back, e.g. restored from \
+                                 a backup); going on from where the server started"
+                            );
+                        }
+                        last = Some((t.event_id, (!t.task_id.is_empty()).then_some(t.at_ms)));
                         pause = std::time::Duration::from_millis(200);
                         warned = false;
                         if t.task_id.is_empty()

@@ -226,6 +226,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     ));
     // A registration that never opens its work stream is forgotten after two lease TTLs.
     coordinator.forget_unopened_after(lease_ttl_ms.saturating_mul(2));
+    // Before recovery writes any history: a watch whose position the history does not hold
+    // goes on from here.
+    coordinator
+        .logs()
+        .set_history_start(store.last_event_id().await?);
     coordinator.load_counts().await?;
     coordinator.load_landing().await?;
     coordinator.load_held_runners().await?;

@@ -2,7 +2,9 @@
 //! that depends on its own epic, generated IDs that wrap, a `watch` resumed from a position
 //! its server no longer has, two servers on one repository.
 
-use pipeline_tests::{Server, TestRepo, git, runner};
+use std::process::{Command, Stdio};
+
+use pipeline_tests::{Server, TestRepo, bin, git, runner, wait_for};
 
 /// A child may not depend on its epic (nor on a task that waits for it), nor an epic on its
 /// own child: each waits for the other for ever. Refused with exit 4, whatever the way in
@@ -131,4 +133,73 @@ fn generated_ids_never_wrap() {
         .ctl(&["task", "add", "--title", "y"])
         .refused(4, "no generated task ID is left");
     assert_eq!(server.add(&["--title", "y", "--id", "mine"]), "mine");
+}
+
+/// A `watch` that reconnects to a server whose database went back (restored from a backup)
+/// named a position past the server's newest transition: it was accepted and then nothing was
+/// ever delivered, not even new transitions. Now the watch says so on stderr and goes on from
+/// where the server started: what happens after the restart is printed.
+#[test]
+fn a_watch_goes_on_after_the_servers_history_went_back() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let addr = server.addr.clone();
+    server.add(&["--title", "a", "--id", "a"]);
+    server.add(&["--title", "b", "--id", "b"]);
+    assert!(server.terminate().success());
+    let db = repo.state_dir().join("pipeline.db");
+    let backup = repo.dir.path().join("backup.db");
+    std::fs::copy(&db, &backup).expect("back the database up");
+
+    let server = Server::start(&repo, &["--listen", &addr]);
+    let out = repo.dir.path().join("watch.out");
+    let err = repo.dir.path().join("watch.err");
+    let mut watch = Command::new(bin("pipelinectl"))
+        .args(["--server", &server.url, "watch", "--json"])
+        .env_remove("PIPELINE_SERVER")
+        .env_remove("PIPELINE_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .stderr(std::fs::File::create(&err).expect("err"))
+        .spawn()
+        .expect("spawn watch");
+    let printed = |id: &str| {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|t| t["task"] == id)
+    };
+    // Connected once it shows a transition made after it started.
+    let mut n = 0;
+    wait_for("watch to be connected", || {
+        n += 1;
+        let id = format!("c{n}");
+        server.add(&["--title", "c", "--id", &id]);
+        printed(&id).then_some(())
+    });
+    for id in ["d", "e", "f"] {
+        server.add(&["--title", id, "--id", id]);
+        wait_for("the watch to print it", || printed(id).then_some(()));
+    }
+    server.kill();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    std::fs::copy(&backup, &db).expect("restore the database");
+
+    let server = Server::start(&repo, &["--listen", &addr]);
+    server.add(&["--title", "after the restore", "--id", "restored"]);
+    wait_for("the watch to print what happened after the restart", || {
+        printed("restored").then_some(())
+    });
+    let said = std::fs::read_to_string(&err).expect("stderr");
+    assert!(
+        said.contains("no longer holds the last transition shown"),
+        "{said}"
+    );
+    server.add(&["--title", "later", "--id", "later"]);
+    wait_for("the watch to go on", || printed("later").then_some(()));
+    let _ = watch.kill();
+    let _ = watch.wait();
 }

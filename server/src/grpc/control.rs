@@ -562,12 +562,16 @@ impl<S: Store> ControlService for ControlApi<S> {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.not_stopping()?;
-        let after = request.into_inner().after_event;
-        if after.is_some_and(|a| a < 0) {
+        let req = request.into_inner();
+        if req.after_event.is_some_and(|a| a < 0) {
             return Err(Status::invalid_argument(
                 "after_event is the event_id of a transition this server sent (0 or more)",
             ));
         }
+        let after = req.after_event.map(|after| crate::logs::Resume {
+            after,
+            at: req.after_at_ms,
+        });
         let coordinator = Arc::clone(&self.coordinator);
         Ok(Response::new(Box::pin(until_cancelled(
             stream_from(

@@ -145,28 +145,55 @@ pub enum Watched {
     Event(Arc<TaskEvent>),
 }
 
+/// Where a watch goes on from: the history entry it saw last, and that entry's time when the
+/// watcher knows it (so that an entry of the same ID in another history is not taken for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub after: i64,
+    pub at: Option<i64>,
+}
+
 /// Streams every task transition after the history entry `after` (those stored first, then
 /// the live ones, each once), or from now on; a watcher that falls behind catches up from the
 /// stored history. Without `after`, the first item is a marker with only the ID of the newest
-/// entry (an empty task ID): where a watcher that reconnects goes on from. Ends when the
-/// receiver hangs up.
+/// entry (an empty task ID): where a watcher that reconnects goes on from. A position the
+/// stored history does not hold (past its newest entry, or naming another: the database went
+/// back, restored from a backup) is not taken as is, for nothing would come after it: the
+/// stream begins with a marker too, and goes on after the newest entry from before this
+/// server started, so what happened since comes first. Ends when the receiver hangs up.
 pub async fn stream_transitions<S: Store>(
     hub: Arc<LogHub>,
     store: S,
-    after: Option<i64>,
+    after: Option<Resume>,
     out: mpsc::Sender<Watched>,
 ) -> Result<()> {
     // Subscribed before the history is read, so nothing falls between the two.
     let mut live = hub.watch();
-    let mut last_id = match after {
-        Some(after) => after,
-        None => {
-            let newest = store.last_event_id().await?;
-            if out.send(Watched::From(newest)).await.is_err() {
+    let newest = store.last_event_id().await?;
+    let from = match after {
+        Some(resume) if holds(&store, resume, newest).await? => None,
+        Some(resume) => {
+            let from = hub.history_start().min(newest);
+            tracing::warn!(
+                after = resume.after,
+                newest,
+                from,
+                "a watch resumed from a position this server's history does not hold (its \
+                 database went back?); it goes on from where this server started"
+            );
+            Some(from)
+        }
+        None => Some(newest),
+    };
+    let mut last_id = match (from, after) {
+        (Some(from), _) => {
+            if out.send(Watched::From(from)).await.is_err() {
                 return Ok(());
             }
-            newest
+            from
         }
+        (None, Some(resume)) => resume.after,
+        (None, None) => newest,
     };
     if !catch_up_events(&store, &mut last_id, &out).await? {
         return Ok(());
@@ -190,6 +217,20 @@ pub async fn stream_transitions<S: Store>(
             Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
+}
+
+/// Whether the stored history holds the entry a watch resumes after (0: before the first).
+async fn holds<S: Store>(store: &S, resume: Resume, newest: i64) -> Result<bool> {
+    if resume.after > newest {
+        return Ok(false);
+    }
+    let (Some(at), true) = (resume.at, resume.after > 0) else {
+        return Ok(true);
+    };
+    let entry = store.events_after(resume.after - 1, 1).await?;
+    Ok(entry
+        .first()
+        .is_some_and(|e| e.id == resume.after && e.at == at))
 }
 
 /// Sends the stored history entries after `last_id`, page by page, moving it on; false when
@@ -256,7 +297,10 @@ mod tests {
         tokio::spawn(stream_transitions(
             hub.clone(),
             store.clone(),
-            Some(ids[0]),
+            Some(Resume {
+                after: ids[0],
+                at: Some(events[0].at),
+            }),
             tx,
         ));
         assert_eq!(next_id(&mut resumed).await, (false, ids[1]));
@@ -271,5 +315,51 @@ mod tests {
             (false, newest.id),
             "nothing from before its start"
         );
+    }
+
+    /// A position the history does not hold (past its newest entry, or naming another one)
+    /// would deliver nothing ever after: the watch goes on from where the server started.
+    #[tokio::test]
+    async fn a_watch_from_a_position_the_history_lacks_goes_on_from_the_start() {
+        let store = MemoryStore::new();
+        let hub = Arc::new(LogHub::new(1 << 20));
+        crate::store::suite::create(&store, "before").await;
+        let started = store.last_event_id().await.expect("newest");
+        hub.set_history_start(started);
+        crate::store::suite::create(&store, "since").await;
+        let since = store.events_after(started, 10).await.expect("events");
+        for resume in [
+            Resume {
+                after: started + 50,
+                at: None,
+            },
+            Resume {
+                after: since[0].id,
+                at: Some(since[0].at + 1),
+            },
+        ] {
+            let (tx, mut rx) = mpsc::channel(16);
+            tokio::spawn(stream_transitions(
+                hub.clone(),
+                store.clone(),
+                Some(resume),
+                tx,
+            ));
+            assert_eq!(next_id(&mut rx).await, (true, started), "{resume:?}");
+            assert_eq!(next_id(&mut rx).await, (false, since[0].id), "{resume:?}");
+        }
+        // A position it holds is taken as is.
+        let (tx, mut rx) = mpsc::channel(16);
+        let held = Resume {
+            after: started,
+            at: None,
+        };
+        tokio::spawn(stream_transitions(
+            hub.clone(),
+            store.clone(),
+            Some(held),
+            tx,
+        ));
+        assert_eq!(next_id(&mut rx).await, (false, since[0].id));
     }
 }

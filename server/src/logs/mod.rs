@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-pub use follow::{Watched, stream_logs, stream_transitions};
+pub use follow::{Resume, Watched, stream_logs, stream_transitions};
 pub use writer::run as writer;
 
 use crate::domain::{LogLine, Run, TaskEvent, TaskId, TaskStatus};
@@ -74,6 +74,9 @@ pub struct LogHub {
     queue: Mutex<Option<mpsc::Receiver<Append>>>,
     followers: Mutex<HashMap<TaskId, broadcast::Sender<LogEvent>>>,
     transitions: broadcast::Sender<Arc<TaskEvent>>,
+    /// The newest history entry when the server started: where a watch whose position the
+    /// history does not hold goes on from.
+    history_start: std::sync::atomic::AtomicI64,
     /// A run's log beyond this many bytes keeps its head and tail only.
     pub cap_bytes: u64,
 }
@@ -98,8 +101,21 @@ impl LogHub {
             queue: Mutex::new(Some(queue)),
             followers: Mutex::new(HashMap::new()),
             transitions,
+            history_start: std::sync::atomic::AtomicI64::new(0),
             cap_bytes,
         }
+    }
+
+    /// Records the newest history entry as the server starts (before it writes any).
+    pub fn set_history_start(&self, newest: i64) {
+        self.history_start
+            .store(newest, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The newest history entry when the server started.
+    pub fn history_start(&self) -> i64 {
+        self.history_start
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn followers(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, broadcast::Sender<LogEvent>>> {

@@ -229,7 +229,10 @@ impl Admin {
             .client
             .watch(authorized(
                 &self.token,
-                pb::WatchRequest { after_event: None },
+                pb::WatchRequest {
+                    after_event: None,
+                    after_at_ms: None,
+                },
             ))
             .await
             .expect("watch")
