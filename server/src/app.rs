@@ -130,10 +130,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     }
     // One server per state dir and per database: a second one would expire the first one's
     // leases and land its tasks twice.
+    const OWN_STATE: &str = "stop it first, or give this server its own --state-dir (and --db)";
     let mut locks = vec![StateLock::take(
         &state_dir.join("server.lock"),
         "state dir",
         &state_dir,
+        OWN_STATE,
     )?];
     if let Some(db) = sqlite_path(&db_url) {
         let lock = db.with_file_name(format!(
@@ -142,8 +144,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
                 .and_then(|n| n.to_str())
                 .unwrap_or("pipeline.db")
         ));
-        locks.push(StateLock::take(&lock, "database", &db)?);
+        locks.push(StateLock::take(&lock, "database", &db, OWN_STATE)?);
     }
+    // And one server per repository, whatever its state dir: two would take each other's
+    // landings for their own.
+    let git_dir = repo.common_dir().await?;
+    locks.push(StateLock::take(
+        &git_dir.join(crate::repo::owner::LOCK_FILE),
+        "repository",
+        &config.repo,
+        "stop it first: one server works on a repository",
+    )?);
     // What a crash of this server left running (builds, local runners' agents) stops first.
     let processes = state_dir.join("processes");
     match pipeline_core::process::record_in(&processes) {
@@ -172,6 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         tracing::info!(files = cleaned, "removed bundles a crash left in the spool");
     }
     let store = SqliteStore::open(&db_url).await?;
+    claim_repository(&store, &git_dir, &config, &db_url).await?;
     let mut auth =
         crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
     auth.max_registrations_per_address = config.max_registrations_per_address;
@@ -588,13 +600,76 @@ fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
     (!path.is_empty() && !path.starts_with(':')).then(|| std::path::PathBuf::from(path))
 }
 
-/// One server per state dir and per database: an exclusive lock on a file beside what it
-/// guards ([`FileLock`]), held for the server's life, naming its PID and, once it listens, its
-/// address.
+/// Makes sure the repository is this database's (see [`crate::repo::owner`]): claims one no
+/// database has claimed (or, with `--accept-existing-history`, one another database owns), and
+/// refuses one that belongs to another database. The database's ID is written before the
+/// repository's record, so a crash in between only leaves a claim to finish.
+async fn claim_repository(
+    store: &SqliteStore,
+    git_dir: &std::path::Path,
+    config: &Config,
+    db_url: &str,
+) -> Result<()> {
+    use crate::repo::owner::{self, DATABASE_ID, Decision, Owner};
+    let current = owner::read(git_dir)?;
+    let mine = store.get_meta(DATABASE_ID).await?;
+    let fresh = crate::auth::new_token("db_")?;
+    match owner::decide(
+        mine.as_deref(),
+        current.as_ref(),
+        config.accept_existing_history,
+        || fresh,
+    ) {
+        Decision::Owned => Ok(()),
+        Decision::Refuse { owner } => Err(owner::refusal(
+            &config.repo,
+            &owner,
+            store.is_fresh().await?,
+        )),
+        Decision::Claim { id, new } => {
+            if new {
+                store.put_meta(DATABASE_ID, &id).await?;
+            }
+            if let Some(other) = current.filter(|c| c.id != id) {
+                tracing::warn!(
+                    previous = %other.id,
+                    db = %other.db,
+                    "this database takes the repository over from another (--accept-existing-history)"
+                );
+            }
+            owner::write(
+                git_dir,
+                &Owner {
+                    id,
+                    db: redacted_url(db_url),
+                },
+            )
+        }
+    }
+}
+
+/// A database URL as it may be written down: without a password.
+fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// One server per state dir, per database and per repository: an exclusive lock on a file
+/// beside what it guards ([`FileLock`]), held for the server's life, naming its PID and, once
+/// it listens, its address.
 struct StateLock(FileLock);
 
 impl StateLock {
-    fn take(path: &std::path::Path, what: &str, guarded: &std::path::Path) -> Result<Self> {
+    fn take(
+        path: &std::path::Path,
+        what: &str,
+        guarded: &std::path::Path,
+        advice: &str,
+    ) -> Result<Self> {
         match FileLock::take(path) {
             Ok(lock) => Ok(Self(lock)),
             Err(LockError::Held(holder)) => {
@@ -604,8 +679,7 @@ impl StateLock {
                     format!("another pipeline-server ({holder})")
                 };
                 Err(Error::FailedPrecondition(format!(
-                    "{holder} is using the {what} {}; stop it first, or give this server its own \
-                     --state-dir (and --db)",
+                    "{holder} is using the {what} {}; {advice}",
                     guarded.display()
                 )))
             }

@@ -312,7 +312,15 @@ fn the_database_lives_in_the_state_dir_or_where_db_says() {
 
     let other = repo.dir.path().join("elsewhere.db");
     let url = format!("sqlite://{}", other.display());
-    let server = Server::start(&repo, &["--db", &url]);
+    // Another database on the same repository takes it over only when told to.
+    let refused = Server::spawn(&mut Server::command(&repo, &["--db", &url]))
+        .err()
+        .expect("the repository is the first database's");
+    assert!(
+        refused.contains("belongs to another pipeline database"),
+        "{refused}"
+    );
+    let server = Server::start(&repo, &["--db", &url, "--accept-existing-history"]);
     assert_eq!(server.ctl(&["status", "--json"]).json()["open"], 0);
     server.add(&["--title", "y"]);
     drop(server);

@@ -203,3 +203,85 @@ fn a_watch_goes_on_after_the_servers_history_went_back() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+/// `pipeline-server` on the test repository with its state in `state` (under the temp dir).
+fn server_command(repo: &TestRepo, state: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("pipeline-server"));
+    cmd.arg("--repo")
+        .arg(repo.repo())
+        .arg("--state-dir")
+        .arg(repo.dir.path().join(state))
+        .args(["--listen", "127.0.0.1:0", "--env-allow", "AGENT_LOG_DIR"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("PATH", pipeline_tests::scripts_path())
+        .env("AGENT_LOG_DIR", repo.agent_log())
+        .env_remove("PIPELINE_DB");
+    cmd
+}
+
+/// The one line a server that refused to start said why in.
+fn refusal(cmd: &mut Command) -> String {
+    let log = match Server::spawn(cmd) {
+        Ok(s) => panic!("the server started:\n{}", s.log()),
+        Err(log) => log,
+    };
+    log.lines()
+        .find(|l| l.starts_with("pipeline-server:"))
+        .unwrap_or_else(|| panic!("no one-line reason: {log}"))
+        .to_owned()
+}
+
+/// Two servers with their own state dirs on one repository would each take the other's
+/// landings for their own (the second's t-1 recorded Done from the first's landed record, its
+/// work never on the base). One server per repository: a second is refused while the first
+/// runs (a lock in the repository), and a database that is not the repository's is refused
+/// afterwards too, saying what to do; with --accept-existing-history it takes the repository
+/// over, and then the first one is the stranger.
+#[test]
+fn one_repository_one_server_and_one_database() {
+    let repo = TestRepo::new();
+    let first = Server::spawn(&mut server_command(&repo, "state-a", &[]))
+        .unwrap_or_else(|log| panic!("no server:\n{log}"));
+    let line = refusal(&mut server_command(&repo, "state", &[]));
+    assert!(
+        line.contains("is using the repository") && line.contains(&format!("pid {}", first.pid())),
+        "{line}"
+    );
+    let id = first.add(&["--title", "the first server's"]);
+    assert_eq!(id, "t-1");
+    assert!(first.terminate().success());
+
+    let line = refusal(&mut server_command(&repo, "state", &[]));
+    assert!(
+        line.contains("belongs to another pipeline database")
+            && line.contains("--accept-existing-history"),
+        "{line}"
+    );
+    // The first one's own database is its repository's still (and a restart finds its task).
+    let again = Server::spawn(&mut server_command(&repo, "state-a", &[]))
+        .unwrap_or_else(|log| panic!("no server:\n{log}"));
+    assert_eq!(again.show(&id)["status"], "open");
+    assert!(again.terminate().success());
+
+    // Taken over knowingly: the second database is the repository's now, and its work lands
+    // (its state dir is the harness's, where `runner` finds the token).
+    let second = Server::spawn(&mut server_command(
+        &repo,
+        "state",
+        &["--accept-existing-history"],
+    ))
+    .unwrap_or_else(|log| panic!("no server:\n{log}"));
+    let _runner = runner(&repo, &second, "r2");
+    let mine = second.add(&["--title", "the second server's"]);
+    second.wait_status(&mine, "done");
+    let note = git(&repo.repo(), &["show", &format!("main:notes/{mine}.md")]);
+    assert!(note.contains(&mine), "{note}");
+    drop(_runner);
+    assert!(second.terminate().success());
+    let line = refusal(&mut server_command(&repo, "state-a", &[]));
+    assert!(
+        line.contains("belongs to another pipeline database"),
+        "{line}"
+    );
+}

@@ -1359,7 +1359,13 @@ fn a_killed_servers_token_note_is_not_offered_to_the_next_server_on_its_port() {
             .arg(repo.repo())
             .arg("--state-dir")
             .arg(repo.dir.path().join(state))
-            .args(["--listen", listen, "--insecure"])
+            // The second state dir's database takes the repository over.
+            .args([
+                "--listen",
+                listen,
+                "--insecure",
+                "--accept-existing-history",
+            ])
             .env("RUST_LOG", "info");
         Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"))
     };

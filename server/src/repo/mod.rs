@@ -6,6 +6,7 @@
 //! ([`bundle`]).
 
 pub mod bundle;
+pub mod owner;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
