@@ -314,6 +314,23 @@ pub enum Merged {
     Conflict(String),
 }
 
+/// What a git process reads on stdin.
+enum Stdin<'a> {
+    Null,
+    Bytes(&'a [u8]),
+    /// An open file, from where it is positioned.
+    File(std::fs::File),
+}
+
+/// The depth of trees that git checks out by default (`core.maxTreeDepth`): a commit received
+/// with a deeper tree could not be checked out by a runner's git.
+pub const MAX_TREE_DEPTH: usize = 2048;
+
+/// Whether git's message says a tree was deeper than it allows.
+pub fn is_too_deep(message: &str) -> bool {
+    message.contains("exceeded maximum allowed tree depth")
+}
+
 /// One git repository (or worktree) directory, and how its commands are run.
 #[derive(Clone, Debug)]
 pub struct Git {
@@ -373,6 +390,20 @@ impl Git {
         env: &[(&str, &str)],
         input: Option<&[u8]>,
     ) -> Result<Output> {
+        let stdin = match input {
+            Some(bytes) => Stdin::Bytes(bytes),
+            None => Stdin::Null,
+        };
+        self.output_with(args, env, stdin).await
+    }
+
+    /// [`Git::output`] with stdin from `stdin`.
+    async fn output_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: Stdin<'_>,
+    ) -> Result<Output> {
         let what = format!("git {}", args.join(" "));
         let span = tracing::debug_span!("git", command = %what, dir = %self.dir.display());
         let _enter = span.enter();
@@ -380,9 +411,17 @@ impl Git {
         cmd.envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if input.is_some() {
-            cmd.stdin(Stdio::piped());
-        }
+        let input = match stdin {
+            Stdin::Null => None,
+            Stdin::Bytes(bytes) => {
+                cmd.stdin(Stdio::piped());
+                Some(bytes)
+            }
+            Stdin::File(file) => {
+                cmd.stdin(Stdio::from(file));
+                None
+            }
+        };
         let mut child = cmd.spawn().map_err(|source| GitError::Spawn {
             what: what.clone(),
             source,
@@ -773,6 +812,66 @@ impl Git {
             .lines()
             .filter_map(|l| l.split_whitespace().next())
             .filter_map(|sha| CommitId::parse(sha).ok())
+            .collect())
+    }
+
+    /// Stores the pack that starts at `offset` in `file` (a bundle's, after its header) as
+    /// git's strict reception does (`receive.fsckObjects`): `index-pack --strict` checks every
+    /// object (a `.git` entry in any spelling, duplicate or unsorted entries, bad modes,
+    /// `.gitmodules` that would run commands, broken commits) and that everything they name is
+    /// here; `--fix-thin` completes a pack made against objects the repository has. Nothing is
+    /// kept if it fails; git's message says why.
+    pub async fn index_pack_strict(&self, file: &Path, offset: u64) -> Result<()> {
+        use std::io::Seek;
+        let opened = std::fs::File::open(file).and_then(|mut f| {
+            f.seek(std::io::SeekFrom::Start(offset))?;
+            Ok(f)
+        });
+        let f = opened.map_err(|source| GitError::Spawn {
+            what: format!("git index-pack: opening {}", file.display()),
+            source,
+        })?;
+        let args = ["index-pack", "--stdin", "--fix-thin", "--strict"];
+        let out = self.output_with(&args, &[], Stdin::File(f)).await?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(GitError::Failed {
+            what: "git index-pack --strict".to_owned(),
+            stderr: out.stderr,
+        })
+    }
+
+    /// The paths `commit` adds or changes against `base` (trees included), as stored: what a
+    /// checkout of it writes that `base`'s did not. Deeper than [`MAX_TREE_DEPTH`], git stops
+    /// with a message [`is_too_deep`] recognises.
+    pub async fn new_paths(&self, base: &CommitId, commit: &CommitId) -> Result<Vec<Vec<u8>>> {
+        let depth = format!("core.maxTreeDepth={MAX_TREE_DEPTH}");
+        let args = [
+            "-c",
+            depth.as_str(),
+            "diff-tree",
+            "-r",
+            "-t",
+            "-z",
+            "--no-renames",
+            "--name-only",
+            "--diff-filter=d",
+            base.as_str(),
+            commit.as_str(),
+        ];
+        let out = self.output(&args, &[], None).await?;
+        if !out.status.success() {
+            return Err(GitError::Failed {
+                what: "git diff-tree".to_owned(),
+                stderr: out.stderr,
+            });
+        }
+        Ok(out
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .map(<[u8]>::to_vec)
             .collect())
     }
 

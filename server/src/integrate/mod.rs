@@ -16,16 +16,21 @@
 //! compare-and-swap (with a push with lease first when `--push-remote` is set); a crash after
 //! the journal entry is finished or undone by [`Integrator::recover`] at start-up, so a
 //! task's commit lands exactly once.
+//!
+//! Git failing on a train's own input (a commit it cannot cherry-pick onto a tree, a tree it
+//! cannot check out) for no reason of the machine's is counted per input; the [`REPEATS`]th
+//! failure in a row is fed to the train as a conflict or a red build, so it is blamed on its
+//! commit like any other, never retried for ever.
 
 pub mod train;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use pipeline_core::git::{Merged, RefName};
-use pipeline_core::ids::CommitId;
+use pipeline_core::git::{GitError, Merged, RefName};
+use pipeline_core::ids::{CommitId, TreeId};
 use pipeline_core::sandbox::Rules;
 use pipeline_core::verify::{Verdict, Verifier};
 use tokio_util::sync::CancellationToken;
@@ -49,9 +54,31 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 /// path: nothing lands meanwhile.
 const RED_BASE_RECHECK: Duration = Duration::from_secs(5);
 
+/// How many times in a row git may fail on the same input (a commit cherry-picked onto a tree,
+/// a tree checked out) for a reason that is not the machine's before the input is taken to be
+/// the cause: the train then blames it as it blames a conflict or a red build. Fewer would
+/// charge a task for a passing hiccup; without a bound, a commit git cannot handle was retried
+/// once a second for ever, its task never charged.
+const REPEATS: u32 = 3;
+
+/// How many inputs' failures are counted at once (more is a flood of trouble, not a pattern).
+const COUNTED_INPUTS: usize = 256;
+
+/// A step's own input, for counting git's failures on it: the same input fails the same way.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Attempt {
+    /// `commit` cherry-picked onto a commit whose tree is `onto`.
+    Pick { commit: CommitId, onto: TreeId },
+    /// A tree checked out in the integration worktree.
+    Checkout { tree: TreeId },
+}
+
 /// The integrator over a coordinator.
 pub struct Integrator<S> {
     coordinator: Arc<Coordinator<S>>,
+    /// Git's failures in a row on each step input that failed lately, not for the machine's
+    /// reasons (see [`REPEATS`]).
+    failures: std::sync::Mutex<HashMap<Attempt, u32>>,
 }
 
 /// What a build of the base alone concluded.
@@ -103,7 +130,50 @@ struct Rider<'a> {
 
 impl<S: Store> Integrator<S> {
     pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
-        Self { coordinator }
+        Self {
+            coordinator,
+            failures: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Judges git's failure on `attempt`'s input: the machine's (a resource, a timeout) is an
+    /// error, and so is a failure on an input that has not failed [`REPEATS`] times in a row
+    /// yet (the train is formed again, uncharged); the [`REPEATS`]th is the input's own: its
+    /// reason is returned for the train to blame.
+    fn judge_failure(&self, attempt: Attempt, err: GitError) -> Result<String> {
+        if err.is_infrastructure() {
+            return Err(err.into());
+        }
+        let Ok(mut failures) = self.failures.lock() else {
+            return Err(err.into());
+        };
+        if failures.len() >= COUNTED_INPUTS && !failures.contains_key(&attempt) {
+            failures.clear();
+        }
+        let count = failures.entry(attempt.clone()).or_default();
+        *count += 1;
+        if *count < REPEATS {
+            return Err(Error::Internal(format!(
+                "{err} (failure {count} of {REPEATS} on this input before it is taken for the \
+                 commit's fault)"
+            )));
+        }
+        failures.remove(&attempt);
+        Ok(format!(
+            "git failed the same way {REPEATS} times in a row: {err}"
+        ))
+    }
+
+    /// Forgets the failures counted on `attempt`'s input, once it went through.
+    fn succeeded(&self, attempt: &Attempt) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(attempt);
+        }
+    }
+
+    /// Whether any input has failures counted (else nothing needs forgetting).
+    fn counting(&self) -> bool {
+        self.failures.lock().is_ok_and(|f| !f.is_empty())
     }
 
     fn c(&self) -> &Coordinator<S> {
@@ -436,7 +506,7 @@ impl<S: Store> Integrator<S> {
         }
         let base = &c.settings().base;
         let dir = &c.settings().integration_dir;
-        let site = self.ready_build(commit).await?;
+        let site = self.ready_build(commit).await?.map_err(Error::from)?;
         tracing::info!(%commit, "building the base alone");
         if let Some(log) = log {
             log.line(format!("building {base} at {commit} in {}", dir.display()));
@@ -489,12 +559,18 @@ impl<S: Store> Integrator<S> {
     /// Puts the integration worktree on `commit` and readies what a build there runs with: an
     /// empty temp dir, and its sandbox: it writes the worktree and the temp dir, and reads the
     /// repository (its git needs it) but for the other worktrees' state and the server's state
-    /// dir.
-    async fn ready_build(&self, commit: &CommitId) -> Result<BuildSite> {
+    /// dir. `Ok(Err)` when git cannot put the worktree on `commit`: git's error, for the caller
+    /// to judge (the machine's trouble, or the tree's).
+    async fn ready_build(
+        &self,
+        commit: &CommitId,
+    ) -> Result<std::result::Result<BuildSite, GitError>> {
         let c = self.c();
         let dir = &c.settings().integration_dir;
         let worktree = c.repo().worktree(dir).await?;
-        c.repo().prepare_worktree(&worktree, commit).await?;
+        if let Err(e) = c.repo().prepare_worktree(&worktree, commit).await {
+            return Ok(Err(e));
+        }
         let tmp = c.settings().build_tmp.clone();
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| {
@@ -511,7 +587,7 @@ impl<S: Store> Integrator<S> {
             .read(&worktree.admin)
             .named_in_verifier(&c.settings().verifier);
         let sandbox = c.settings().sandbox.policy(&own);
-        Ok(BuildSite { tmp, sandbox })
+        Ok(Ok(BuildSite { tmp, sandbox }))
     }
 
     /// The base tip to integrate on. With `--push-remote`, the remote's branch is the truth:
@@ -739,8 +815,8 @@ impl<S: Store> Integrator<S> {
                 Step::Pick { member, onto } => {
                     let r = &riders[member];
                     let parent = &train.plan().members[member].parent;
-                    match c.repo().cherry_pick(parent, &onto, &r.commit).await? {
-                        Merged::Clean(tree) => {
+                    match self.pick(parent, &onto, &r.commit).await? {
+                        Ok(Merged::Clean(tree)) => {
                             let new = c
                                 .repo()
                                 .commit_for_task(&tree, &onto, &r.commit, &r.task.id)
@@ -748,19 +824,25 @@ impl<S: Store> Integrator<S> {
                             r.log.line(format!("cherry-picked onto {onto} as {new}"));
                             Input::Picked(Ok((new, tree)))
                         }
-                        Merged::Conflict(conflict) => {
+                        Ok(Merged::Conflict(conflict)) => {
                             Input::Picked(Err(conflict_reason(&base, &onto, &conflict)))
                         }
+                        Err(why) => Input::Picked(Err(format!(
+                            "the commit cannot be cherry-picked onto {base} at {onto}: {why}"
+                        ))),
                     }
                 }
                 Step::PickAlone { member, tip } => {
                     let r = &riders[member];
                     let parent = &train.plan().members[member].parent;
-                    match c.repo().cherry_pick(parent, &tip, &r.commit).await? {
-                        Merged::Clean(_) => Input::PickedAlone(None),
-                        Merged::Conflict(conflict) => {
+                    match self.pick(parent, &tip, &r.commit).await? {
+                        Ok(Merged::Clean(_)) => Input::PickedAlone(None),
+                        Ok(Merged::Conflict(conflict)) => {
                             Input::PickedAlone(Some(conflict_reason(&base, &tip, &conflict)))
                         }
+                        Err(why) => Input::PickedAlone(Some(format!(
+                            "the commit cannot be cherry-picked onto {base} at {tip}: {why}"
+                        ))),
                     }
                 }
                 Step::Build { len, commit } => {
@@ -829,6 +911,37 @@ impl<S: Store> Integrator<S> {
         }
     }
 
+    /// Cherry-picks `commit` (on `parent`) onto `onto`: the merge, or (`Ok(Err)`) why git
+    /// cannot, once it failed the same way on the same input [`REPEATS`] times in a row.
+    async fn pick(
+        &self,
+        parent: &CommitId,
+        onto: &CommitId,
+        commit: &CommitId,
+    ) -> Result<std::result::Result<Merged, String>> {
+        let repo = self.c().repo();
+        match repo.cherry_pick(parent, onto, commit).await {
+            Ok(merged) => {
+                if self.counting() {
+                    let onto = repo.tree_of(onto).await?;
+                    self.succeeded(&Attempt::Pick {
+                        commit: commit.clone(),
+                        onto,
+                    });
+                }
+                Ok(Ok(merged))
+            }
+            Err(e) => {
+                let onto = repo.tree_of(onto).await?;
+                let attempt = Attempt::Pick {
+                    commit: commit.clone(),
+                    onto,
+                };
+                self.judge_failure(attempt, e).map(Err)
+            }
+        }
+    }
+
     /// Builds the chain's prefix of `len` (`commit`; 0: the base alone) in the integration
     /// worktree, once per namespace its tasks name (under `bild`); `None` if the server is
     /// stopping. A build that cannot run at all is an error: no one's commit is to blame.
@@ -862,7 +975,23 @@ impl<S: Store> Integrator<S> {
                 });
             }
         }
-        let site = self.ready_build(commit).await?;
+        // A tree git cannot check out (the same way, again and again) fails its build: the
+        // train blames it as it blames a red one.
+        let site = match self.ready_build(commit).await? {
+            Ok(site) => site,
+            Err(e) => {
+                let tree = c.repo().tree_of(commit).await?;
+                let why = self.judge_failure(Attempt::Checkout { tree }, e)?;
+                owner.log.line(format!("cannot check out {what}"));
+                return Ok(Some(Err(format!(
+                    "the tree of {commit} cannot be checked out, so it cannot be built: {why}"
+                ))));
+            }
+        };
+        if self.counting() {
+            let tree = c.repo().tree_of(commit).await?;
+            self.succeeded(&Attempt::Checkout { tree });
+        }
         tracing::info!(commit = %commit, len, "building the integrated commit");
         // One run per namespace named in the prefix (the last task naming it gives the
         // task ID), or one run when the commands do not name one.

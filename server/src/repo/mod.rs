@@ -221,10 +221,14 @@ impl Repo {
     }
 
     /// Takes a runner's bundle: it must be a bundle, need nothing but `base`, hold exactly one
-    /// ref whose commit is `expected`, and that commit must have `base` as its only parent.
-    /// Stores the objects and returns the commit. A bundle that is not that is refused with
-    /// `InvalidArgument` saying what was wrong; a git that cannot run or runs out of a resource
-    /// is `Internal` (the server's trouble, never the commit's).
+    /// ref whose commit is `expected`, its objects must pass git's strict reception (as
+    /// `receive.fsckObjects` checks them: no `.git` entry in any spelling, no duplicate
+    /// entries, no `.gitmodules` that would run commands, nothing missing), that commit must
+    /// have `base` as its only parent, and the paths it adds must be ones any runner can check
+    /// out ([`bundle::check_paths`]). Stores the objects and returns the commit. A bundle that
+    /// is not that is refused with `InvalidArgument` saying what was wrong (the task's fault:
+    /// it is its agent's work); a git that cannot run or runs out of a resource is `Internal`
+    /// (the server's trouble, never the commit's).
     pub async fn receive_bundle(
         &self,
         path: &Path,
@@ -255,31 +259,65 @@ impl Repo {
                 "the bundle needs {other}, which is not the leased base {base}"
             ));
         }
-        // Unbundling checks the prerequisites are present and indexes the pack.
+        if self.commit_info(base).await.is_err() {
+            return Err(Error::Internal(format!(
+                "the leased base {base} is not in the repository"
+            )));
+        }
+        // Indexing the pack strictly checks every object and that everything they name is
+        // here (the base and what the pack holds).
         let permit = self.unbundles.acquire().await;
-        let unbundled = self.git.unbundle(path).await;
+        let indexed = self.git.index_pack_strict(path, header.pack_offset).await;
         drop(permit);
-        match unbundled {
-            Ok(_) => {}
+        match indexed {
+            Ok(()) => {}
             Err(e) if e.is_infrastructure() => {
                 return Err(Error::Internal(format!(
-                    "git bundle unbundle failed on the server: {e}"
+                    "git index-pack failed on the server: {e}"
                 )));
             }
-            Err(e) => return refuse(format!("not a valid bundle on top of the base: {e}")),
+            Err(e) => {
+                return refuse(format!(
+                    "its objects fail git's checks of what it receives (receive.fsckObjects): \
+                     {}",
+                    fsck_reason(&e)
+                ));
+            }
         }
         self.pack_added();
         let parents = self.parents(expected).await?;
         match parents.as_slice() {
-            [p] if p == base => Ok(expected.clone()),
-            [p] => refuse(format!(
-                "{expected} is not one commit on top of the leased base {base} (its parent is {p})"
-            )),
-            _ => refuse(format!(
-                "{expected} has {} parents; send one commit on top of the base {base}",
-                parents.len()
-            )),
+            [p] if p == base => {}
+            [p] => {
+                return refuse(format!(
+                    "{expected} is not one commit on top of the leased base {base} (its parent \
+                     is {p})"
+                ));
+            }
+            _ => {
+                return refuse(format!(
+                    "{expected} has {} parents; send one commit on top of the base {base}",
+                    parents.len()
+                ));
+            }
         }
+        let paths = match self.git.new_paths(base, expected).await {
+            Ok(paths) => paths,
+            Err(e) if e.is_infrastructure() => return Err(e.into()),
+            Err(GitError::Failed { stderr, .. }) if pipeline_core::git::is_too_deep(&stderr) => {
+                return refuse(format!(
+                    "its tree is deeper than git checks out ({} levels, core.maxTreeDepth)",
+                    pipeline_core::git::MAX_TREE_DEPTH
+                ));
+            }
+            Err(e) => return refuse(format!("git cannot read its tree: {e}")),
+        };
+        bundle::check_paths(&paths).map_err(|why| {
+            Error::InvalidArgument(format!(
+                "commit refused: {why}; no runner could check the base out with it"
+            ))
+        })?;
+        Ok(expected.clone())
     }
 
     /// Counts a pack added; every [`PACKS_BEFORE_GC`] packs, lets `git gc --auto` tidy the
@@ -401,14 +439,15 @@ impl Repo {
     }
 
     /// Cherry-picks `commit` (whose parent is `parent`) onto `onto` without touching any files:
-    /// the merged tree, or git's conflict messages.
+    /// the merged tree, or git's conflict messages. A failure keeps git's error, so that the
+    /// caller can tell the machine's trouble from the input's.
     pub async fn cherry_pick(
         &self,
         parent: &CommitId,
         onto: &CommitId,
         commit: &CommitId,
-    ) -> Result<Merged> {
-        Ok(self.git.merge_trees(parent, onto, commit).await?)
+    ) -> std::result::Result<Merged, GitError> {
+        self.git.merge_trees(parent, onto, commit).await
     }
 
     /// Makes the integrated commit: `tree` on top of `parent`, with `original`'s author and
@@ -458,9 +497,14 @@ impl Repo {
         Ok(Worktree::new(&common, path).with_timeout(GIT_TIMEOUT))
     }
 
-    /// Puts the detached worktree on `commit`, clean.
-    pub async fn prepare_worktree(&self, worktree: &Worktree, commit: &CommitId) -> Result<()> {
-        Ok(worktree.prepare(&self.git, commit).await?)
+    /// Puts the detached worktree on `commit`, clean. A failure keeps git's error (as
+    /// [`Repo::cherry_pick`]).
+    pub async fn prepare_worktree(
+        &self,
+        worktree: &Worktree,
+        commit: &CommitId,
+    ) -> std::result::Result<(), GitError> {
+        worktree.prepare(&self.git, commit).await
     }
 
     /// Fetches `branch` from `remote`; returns its commit there.
@@ -543,6 +587,24 @@ impl BundleStream {
     /// Kills git and reaps it.
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+/// What git said was wrong with the objects it refused: its `error:` lines (one per object
+/// and check, e.g. "object 9bee…: hasDotgit: contains '.git'"), joined, else its message.
+fn fsck_reason(e: &GitError) -> String {
+    let GitError::Failed { stderr, .. } = e else {
+        return e.to_string();
+    };
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("error: "))
+        .take(5)
+        .collect();
+    if errors.is_empty() {
+        stderr.trim().replace('\n', "; ")
+    } else {
+        errors.join("; ")
     }
 }
 
