@@ -227,6 +227,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         dispatch_batch: config.dispatch_batch as usize,
         batch_max: config.batch_max as usize,
         prompt: Arc::new(prompt),
+        verify_on_server: config.verify_on_server,
     };
     let lease_ttl_ms = settings.lease_ttl_ms;
     let coordinator = Arc::new(Coordinator::new(

@@ -8,6 +8,18 @@ use clap::Parser;
 pub use pipeline_runner::config::{AgentArgs, AgentMode, SandboxArgs, VerifyArgs, VerifyMode};
 use serde::Serialize;
 
+/// When the server builds a tree itself rather than take a runner's word that it verified it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyOnServer {
+    /// A tree a runner verified under the server's verification, on a base that did not move,
+    /// lands without the server building it again.
+    #[default]
+    WhenNeeded,
+    /// Every tree the server lands is covered by its own build; no runner's report stands in.
+    Always,
+}
+
 /// The pipeline coordinator: owns task state, the canonical git repository and the integration
 /// worktree, and serves the gRPC API that `pipelinectl` and `pipeline-runner` use.
 #[derive(Clone, Debug, Parser, Serialize)]
@@ -134,6 +146,17 @@ pub struct Config {
         default_value_t = crate::auth::DEFAULT_REGISTRATIONS_PER_NAME
     )]
     pub max_registrations_per_name: usize,
+
+    /// Whether a runner's report that it verified a commit may stand in for the server's own
+    /// build of that tree: `when-needed` (a train of one on a base that did not move lands
+    /// without a server build) or `always` (the server builds every tree it lands itself).
+    #[arg(
+        long,
+        env = "PIPELINE_VERIFY_ON_SERVER",
+        value_enum,
+        default_value_t = VerifyOnServer::WhenNeeded
+    )]
+    pub verify_on_server: VerifyOnServer,
 
     /// The most Verified tasks one merge train lands with one build (its tip's); a red tip is
     /// searched for its first red commit. 1 builds every task's commit on its own.
@@ -362,6 +385,13 @@ mod tests {
             (1800, 80, 300)
         );
         assert_eq!((c.batch_max, c.integration_slots), (8, 1));
+        assert_eq!(c.verify_on_server, VerifyOnServer::WhenNeeded);
+        let c = Config::try_parse_from(["s", "--repo", "/r", "--verify-on-server", "always"])
+            .expect("parse");
+        assert_eq!(c.verify_on_server, VerifyOnServer::Always);
+        assert!(
+            Config::try_parse_from(["s", "--repo", "/r", "--verify-on-server", "never"]).is_err()
+        );
         assert!(c.validate().is_ok());
     }
 

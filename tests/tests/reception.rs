@@ -301,3 +301,173 @@ fn a_tree_the_server_cannot_check_out_is_charged_not_retried_for_ever() {
     assert_eq!(main_tip(&repo), base, "the base did not move");
     assert_ne!(task["status"], "verified", "{task}");
 }
+
+/// A fake runner with `slots` slots, its work stream open.
+fn fake_with_slots(
+    repo: &TestRepo,
+    server: &Server,
+    slots: u32,
+) -> pipeline_tests::fake_runner::FakeRunner {
+    let mut fake = pipeline_tests::fake_runner::FakeRunner::register_with(
+        &server.url,
+        &repo.registration_token(),
+        pb::RegisterRequest {
+            name: "claimer".into(),
+            slots,
+            version: "test".into(),
+            protocol_version: pipeline_proto::PROTOCOL_VERSION,
+            ..Default::default()
+        },
+    )
+    .expect("register");
+    fake.open(vec![]).expect("open");
+    fake
+}
+
+/// Sends `file` (with `content`) on the assignment's base as a Verified result that claims the
+/// server's verification digest, as a runner that copies it from its assignment without
+/// building anything can.
+fn claim_verified(
+    fake: &mut pipeline_tests::fake_runner::FakeRunner,
+    dir: &Path,
+    a: &pb::Assignment,
+    file: &str,
+) {
+    let readme = git(dir, &["rev-parse", &format!("{}:README", a.base_commit)]);
+    let added = blob(dir, "x\n");
+    let mut entries: Vec<(&str, &str, &[u8])> = vec![("100644", &readme, b"README")];
+    entries.push(("100644", &added, file.as_bytes()));
+    entries.sort_by(|x, y| x.2.cmp(y.2));
+    let tree = raw_tree(dir, &entries);
+    let (commit, bundle) = commit_and_bundle(dir, &tree, &a.base_commit, file);
+    let mut messages = pipeline_tests::fake_runner::complete_messages(
+        &fake.id,
+        a.lease.clone().expect("lease"),
+        pb::LeaseOutcome::Verified,
+        None,
+        1.0,
+        Some(commit),
+        bundle,
+    );
+    if let Some(pb::complete_lease_request::Kind::Header(h)) = messages[0].kind.as_mut() {
+        h.verify_digest = a.verification.as_ref().map(|v| v.digest.clone());
+    }
+    fake.complete_raw(messages).expect("accepted");
+}
+
+/// The integrate runs of a task, from its JSON.
+fn integrate_runs(task: &Value) -> Vec<Value> {
+    runs(task)
+        .into_iter()
+        .filter(|r| r["phase"] == "integrate")
+        .collect()
+}
+
+/// Two tasks in one train, the first from a runner that claimed the server's verification
+/// without building (its commit breaks the build): the train's tip builds red, and the search
+/// for the culprit took the claimed prefix as green without building it, so the innocent task
+/// after it was charged and the broken one landed. A prefix counts as green in that search only
+/// on the server's own build: the claimant is found red and charged, the other lands.
+#[test]
+fn a_runners_unchecked_claim_never_gets_another_task_charged() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &[
+            "--build-cmd",
+            "test ! -e broken",
+            "--backoff-base",
+            "0",
+            "--max-retries",
+            "1",
+        ],
+    );
+    let mut fake = fake_with_slots(&repo, &server, 2);
+    let dir = forge(&repo);
+    let base = main_tip(&repo);
+    let liar = server.add(&[
+        "--title",
+        "claims green, breaks the build",
+        "--priority",
+        "1",
+    ]);
+    let innocent = server.add(&["--title", "fine", "--priority", "2"]);
+    let first = fake.next_assignment();
+    let second = fake.next_assignment();
+    let (a_liar, a_innocent) = if first.task_id == liar {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    // Both verified before the integrator looks: one train of two.
+    server.ctl(&["queue", "pause", "--landing"]).ok();
+    claim_verified(&mut fake, &dir, &a_liar, "broken");
+    claim_verified(&mut fake, &dir, &a_innocent, "fine");
+    server.wait_status(&innocent, "verified");
+    server.ctl(&["queue", "resume"]).ok();
+
+    let charged = server.wait_task(&liar, "charged", |t| {
+        integrate_runs(t)
+            .iter()
+            .any(|r| r["failure_kind"] == "task")
+    });
+    assert_ne!(charged["status"], "done", "{charged}");
+    server.wait_status(&innocent, "done");
+    let innocent_runs = integrate_runs(&server.show(&innocent));
+    assert!(
+        innocent_runs.iter().all(|r| r["failure_kind"] != "task"),
+        "the innocent task was never charged: {innocent_runs:?}"
+    );
+    let tip = main_tip(&repo);
+    assert_ne!(tip, base);
+    assert!(
+        pipeline_tests::git(&repo.repo(), &["ls-tree", "--name-only", &tip])
+            .lines()
+            .all(|f| f != "broken"),
+        "the broken commit never landed"
+    );
+}
+
+/// With `--verify-on-server always` no runner's word stands in for a build: a train of one on
+/// the base its runner was leased on (which lands on the runner's word by default) is built by
+/// the server, so a claim that lies is found out and charged, and an honest one lands covered
+/// by the server's own build.
+#[test]
+fn verify_on_server_always_builds_what_runners_claim() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &[
+            "--build-cmd",
+            "test ! -e broken",
+            "--verify-on-server",
+            "always",
+            "--max-retries",
+            "1",
+        ],
+    );
+    let mut fake = fake_with_slots(&repo, &server, 1);
+    let dir = forge(&repo);
+    let base = main_tip(&repo);
+    let liar = server.add(&["--title", "claims green, breaks the build"]);
+    let a = fake.next_assignment();
+    claim_verified(&mut fake, &dir, &a, "broken");
+    let charged = server.wait_task(&liar, "charged", |t| {
+        integrate_runs(t)
+            .iter()
+            .any(|r| r["failure_kind"] == "task")
+    });
+    assert_eq!(charged["status"], "needs_help", "{charged}");
+    assert_eq!(main_tip(&repo), base, "nothing landed on the claim");
+
+    let honest = server.add(&["--title", "claims green, is green"]);
+    let a = fake.next_assignment();
+    claim_verified(&mut fake, &dir, &a, "fine");
+    let done = server.wait_status(&honest, "done");
+    let landed = integrate_runs(&done);
+    assert_eq!(
+        landed.last().map(|r| r["builds"].clone()),
+        Some(serde_json::json!(1)),
+        "covered by the server's build: {landed:?}"
+    );
+}

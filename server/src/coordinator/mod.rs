@@ -80,6 +80,9 @@ pub struct Settings {
     pub batch_max: usize,
     /// The dev prompt's template (`--prompt-template`, else the built-in one).
     pub prompt: Arc<crate::prompt::PromptTemplate>,
+    /// Whether a runner's verified tree may stand in for the server's build (`when-needed`)
+    /// or never (`always`).
+    pub verify_on_server: crate::config::VerifyOnServer,
 }
 
 /// A change decided on a task as it was read: the write to commit and what to do once it is.

@@ -62,6 +62,7 @@ async fn world_with(policy: Policy) -> World {
         dispatch_batch: 64,
         batch_max: 8,
         prompt: Arc::new(crate::prompt::PromptTemplate::default()),
+        verify_on_server: Default::default(),
     };
     let repo = Repo::open(&repo_dir).await.expect("repo");
     let auth = crate::auth::Auth::open(&store, dir.path(), 10)

@@ -35,6 +35,7 @@ use pipeline_core::sandbox::Rules;
 use pipeline_core::verify::{Verdict, Verifier};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::VerifyOnServer;
 use crate::coordinator::Coordinator;
 use crate::domain::{
     FailureKind, FinishedRun, LogLine, LogStream, NewRun, Phase, RunEnd, RunStatus, Task, TaskId,
@@ -716,7 +717,11 @@ impl<S: Store> Integrator<S> {
             members.push(Member {
                 commit: commit.clone(),
                 parent,
-                verified_tree: task.verified_tree.clone(),
+                // Under --verify-on-server always, no runner's word stands in for a build.
+                verified_tree: task
+                    .verified_tree
+                    .clone()
+                    .filter(|_| c.settings().verify_on_server == VerifyOnServer::WhenNeeded),
                 after,
                 buildable: self.buildable(&task),
                 scope: self.scope(&task),

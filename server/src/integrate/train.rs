@@ -363,6 +363,15 @@ impl Train {
     /// Whether the prefix of `len` needs no build: nothing can be built, or its tree is known
     /// green (a landed tip, or the tree the runner verified under the server's verification).
     fn known_green(&self, len: usize) -> Option<String> {
+        self.known_green_by_server(len)
+            .or_else(|| self.claimed_green(len))
+    }
+
+    /// Whether the prefix of `len` needs no build on the server's own knowledge: nothing can be
+    /// built, or the server built its tree green before. Never a runner's claim: the search
+    /// for a culprit rests on this only, so that no task is charged because another task's
+    /// runner said its commit was green.
+    fn known_green_by_server(&self, len: usize) -> Option<String> {
         if let Some(why) = &self.plan.never_build {
             return Some(why.clone());
         }
@@ -386,6 +395,14 @@ impl Train {
         {
             return Some("the tree was built green before".to_owned());
         }
+        None
+    }
+
+    /// Whether a runner said it verified the prefix's tree under the server's verification
+    /// (a member alone on the base it was leased on). Its word, unchecked: it may let the
+    /// train's tip land without a build, but never decides whom a red build blames.
+    fn claimed_green(&self, len: usize) -> Option<String> {
+        let tree = self.tree_of(len)?;
         let verified = self.chain[..len]
             .iter()
             .any(|l| self.plan.members[l.member].verified_tree.as_ref() == Some(&tree));
@@ -450,7 +467,7 @@ impl Train {
         };
         if search.red - search.green > 1 {
             let mid = (search.green + search.red) / 2;
-            if self.known_green(mid).is_some() {
+            if self.known_green_by_server(mid).is_some() {
                 self.built[mid] = Some(true);
                 self.search.as_mut().expect("search").green = mid;
                 return self.bisect();
@@ -461,7 +478,7 @@ impl Train {
             };
         }
         // The culprit is the commit that makes prefix `red` red.
-        if search.red == 1 && self.built[0].is_none() && self.known_green(0).is_none() {
+        if search.red == 1 && self.built[0].is_none() && self.known_green_by_server(0).is_none() {
             // Its base may be the red one: build the base alone.
             return Step::Build {
                 len: 0,
@@ -982,6 +999,26 @@ mod tests {
         let o = World::new(|_| panic!("no build")).run(&mut Train::new(p));
         assert_eq!(landed(&o).len(), 4);
         assert!(o.green_trees.is_empty());
+    }
+
+    /// A runner that claims its commit green without building it must not get the task after
+    /// it charged: in the search for the culprit, a prefix counts as green only on a build of
+    /// the server's own, so the claimed prefix is built, and the claimant found red.
+    #[test]
+    fn a_runners_claim_never_decides_whom_a_red_build_blames() {
+        let mut p = plan(2);
+        // Member 0's runner verified its tree (the prefix of 1) and lied: it builds red.
+        p.members[0].verified_tree = Some(t(1));
+        let mut w = World::new(|len| len >= 1);
+        let o = w.run(&mut Train::new(p));
+        assert_eq!(failed(&o), vec![0], "the claimant is the culprit");
+        assert_eq!(requeued(&o), vec![1], "the task after it waits, uncharged");
+        assert!(landed(&o).is_empty());
+        assert_eq!(
+            w.built,
+            vec![2, 1, 0],
+            "the tip, the claimed prefix, the base"
+        );
     }
 
     #[test]
