@@ -484,8 +484,11 @@ impl<S: Store> ControlService for ControlApi<S> {
         let coordinator = Arc::clone(&self.coordinator);
         let follow = req.follow;
         Ok(Response::new(Box::pin(until_cancelled(
+            // Each item is a batch of lines (up to a runner's message): two at a time on the
+            // way, so what a client that stops reading holds stays within a few of them.
             stream_from(
                 &self.streams,
+                2,
                 move |tx| {
                     crate::logs::stream_logs(
                         Arc::clone(coordinator.logs()),
@@ -576,6 +579,7 @@ impl<S: Store> ControlService for ControlApi<S> {
         Ok(Response::new(Box::pin(until_cancelled(
             stream_from(
                 &self.streams,
+                64,
                 move |tx| {
                     crate::logs::stream_transitions(
                         Arc::clone(coordinator.logs()),

@@ -195,9 +195,12 @@ pub fn status_from_error(err: Error) -> Status {
 /// Runs `produce` into a channel, in a task held in `tasks`, and streams what it sends, mapped
 /// by `map`; a failure of `produce` ends the stream with its status. Once the stream is dropped
 /// (the client went away, or the server stopped serving) `produce` is dropped too, wherever it
-/// waits.
+/// waits. At most `depth` items wait in each of the two channels on the way to the client (for
+/// a client that stops reading, that and the connection's flow-control window is all that is
+/// held for it).
 pub(crate) fn stream_from<T, U, F>(
     tasks: &StreamTasks,
+    depth: usize,
     produce: impl FnOnce(tokio::sync::mpsc::Sender<T>) -> F,
     map: fn(&T) -> U,
 ) -> std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<U, Status>> + Send>>
@@ -206,8 +209,8 @@ where
     U: Send + 'static,
     F: std::future::Future<Output = crate::error::Result<()>> + Send + 'static,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(64);
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<U, Status>>(64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<T>(depth);
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<U, Status>>(depth);
     let work = produce(tx);
     let held = tasks.clone();
     tokio::spawn(async move {

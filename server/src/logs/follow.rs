@@ -13,8 +13,20 @@ use crate::domain::{LogLine, TaskEvent, TaskId};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
-/// Lines read from storage at a time when catching up.
+/// Lines read from storage at a time when catching up, at most.
 const PAGE: u32 = 2_000;
+
+/// About the bytes one page read from storage should hold: the lines per page follow the
+/// size of the lines read so far (a log of 64 KiB lines is read 32 at a time, not 2,000).
+const PAGE_BYTES: usize = 2 << 20;
+
+/// The lines of the next page, after a page of `lines` lines holding `bytes` bytes.
+fn next_page(lines: usize, bytes: usize) -> u32 {
+    let per_line = (bytes / lines.max(1)).max(1);
+    u32::try_from(PAGE_BYTES / per_line)
+        .unwrap_or(PAGE)
+        .clamp(16, PAGE)
+}
 
 /// Streams a task's logs: every run's stored lines, oldest run first; with `follow`, then
 /// the task's status and new lines as they come. Ends when the receiver hangs up.
@@ -82,15 +94,14 @@ pub async fn stream_logs<S: Store>(
                     return Ok(());
                 }
             }
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(%task, missed, "a log follower fell behind; catching up from storage");
+            Err(super::Lagged) => {
+                tracing::debug!(%task, "a log follower fell behind; catching up from storage");
                 catch_up(&store, &task, &mut sent, &out).await?;
                 let status = get(&store, &task).await?.state.status;
                 if out.send(LogItem::Status(status)).await.is_err() {
                     return Ok(());
                 }
             }
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
         }
     }
 }
@@ -110,13 +121,16 @@ async fn catch_up<S: Store>(
                 return Ok(());
             }
         }
+        // The first page small: lines may be up to 64 KiB each.
+        let mut limit = 32;
         loop {
             let after = sent.get(&id).copied().unwrap_or(0);
-            let page = store.read_logs(id, after, PAGE).await?;
+            let page = store.read_logs(id, after, limit).await?;
             let Some(top) = page.last().map(|l| l.seq) else {
                 break;
             };
-            let full = page.len() == PAGE as usize;
+            let full = page.len() == limit as usize;
+            limit = next_page(page.len(), page.iter().map(|l| l.text.len()).sum());
             sent.insert(id, top);
             if out
                 .send(LogItem::Lines {

@@ -1,7 +1,8 @@
 //! Logs: durable ingest (lines/s, as one runner ships them: sequential batches of up to 5,000
 //! lines; and from 4 senders at once), then follow latency with 100 followers attached (line
 //! sent to the server → line delivered to each follower, so it includes both loopback hops: an
-//! upper bound on the server's share).
+//! upper bound on the server's share); then the server's memory with one follower that never
+//! reads while a runner ships a flood of lines.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,8 +196,80 @@ async fn bench_logs(server: &Server, repo: &TestRepo, quick: bool) {
     );
 }
 
+/// `VmHWM` (peak) and `VmRSS` of a process, in MiB.
+fn memory_mib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Ships `mib` MiB of 1 KB lines in batches of 2,000 (2 MiB, a runner's largest).
+async fn ship_mib(l: &mut Lease, mib: u64) {
+    let text = "z".repeat(1000);
+    let lines = mib * 1024;
+    let mut seq = 1;
+    while seq <= lines {
+        let n = 2_000.min(lines + 1 - seq);
+        let req = pb::AppendLogsRequest {
+            runner_id: l.runner_id.clone(),
+            lease: Some(l.lease.clone()),
+            lines: (seq..seq + n)
+                .map(|s| line(s, format!("{s} {text}")))
+                .collect(),
+        };
+        l.runner
+            .append_logs(authorized(&l.credential, req))
+            .await
+            .expect("append");
+        seq += n;
+    }
+}
+
+/// A follower that opens `logs --follow` and never reads: the server's memory over a flood of
+/// log lines, with no follower and then with the stalled one.
+async fn bench_stalled_follower(server: &Server, repo: &TestRepo, quick: bool) {
+    let mib: u64 = if quick { 20 } else { 200 };
+    let mut alone = take_lease(server, repo, "flood-alone").await;
+    ship_mib(&mut alone, mib).await;
+    let (before, rss_before) = memory_mib(server.pid());
+    let mut followed = take_lease(server, repo, "flood-followed").await;
+    let mut control = ControlServiceClient::connect(server.url.clone())
+        .await
+        .expect("connect");
+    let _stalled = control
+        .task_logs(authorized(
+            &repo.admin_token(),
+            pb::TaskLogsRequest {
+                id: followed.task.clone(),
+                follow: true,
+            },
+        ))
+        .await
+        .expect("follow")
+        .into_inner();
+    ship_mib(&mut followed, mib).await;
+    let (after, rss_after) = memory_mib(server.pid());
+    println!(
+        "logs, one stalled follower: server peak {before} MiB after {mib} MiB of lines with no \
+         follower, {after} MiB after {mib} MiB more with a follower that never reads (RSS \
+         {rss_before} -> {rss_after} MiB)"
+    );
+}
+
 pub async fn logs(quick: bool) {
     let repo = TestRepo::new();
     let server = Server::start(&repo, crate::dispatch::SERVER_FLAGS);
     bench_logs(&server, &repo, quick).await;
+    let repo = TestRepo::new();
+    let mut flags = crate::dispatch::SERVER_FLAGS.to_vec();
+    flags.extend(["--log-cap-bytes", "1073741824"]);
+    let server = Server::start(&repo, &flags);
+    bench_stalled_follower(&server, &repo, quick).await;
 }
