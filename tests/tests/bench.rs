@@ -37,6 +37,7 @@ fn the_benchmark_harness_runs_every_benchmark() {
         "memory: server RSS",
         "logs ingest, one sender",
         "logs follow latency",
+        "logs, one stalled follower: server peak",
         "backlog, no backlog: created -> leased",
         "backlog, no backlog: server CPU per task",
         "blocked open tasks: created -> leased",

@@ -139,8 +139,8 @@ impl<S: Store> Integrator<S> {
 
     /// Judges git's failure on `attempt`'s input: the machine's (a resource, a timeout) is an
     /// error, and so is a failure on an input that has not failed [`REPEATS`] times in a row
-    /// yet (the train is formed again, uncharged); the [`REPEATS`]th is the input's own: its
-    /// reason is returned for the train to blame.
+    /// yet (the train is formed again, uncharged); from the [`REPEATS`]th on it is the
+    /// input's own: its reason is returned for the train to blame.
     fn judge_failure(&self, attempt: Attempt, err: GitError) -> Result<String> {
         if err.is_infrastructure() {
             return Err(err.into());
@@ -159,7 +159,9 @@ impl<S: Store> Integrator<S> {
                  commit's fault)"
             )));
         }
-        failures.remove(&attempt);
+        // Kept until the input goes through: it is judged at once from now on (a pick judged
+        // so may need its pick onto the tip alone judged next, in a later formation).
+        *count = REPEATS;
         Ok(format!(
             "git failed the same way {REPEATS} times in a row: {err}"
         ))

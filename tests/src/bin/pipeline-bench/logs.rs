@@ -1,8 +1,8 @@
 //! Logs: durable ingest (lines/s, as one runner ships them: sequential batches of up to 5,000
 //! lines; and from 4 senders at once), then follow latency with 100 followers attached (line
 //! sent to the server → line delivered to each follower, so it includes both loopback hops: an
-//! upper bound on the server's share); then the server's memory with one follower that never
-//! reads while a runner ships a flood of lines.
+//! upper bound on the server's share). `follow-memory`: the server's memory with one follower
+//! that never reads while a runner ships a flood of lines.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -267,6 +267,10 @@ pub async fn logs(quick: bool) {
     let repo = TestRepo::new();
     let server = Server::start(&repo, crate::dispatch::SERVER_FLAGS);
     bench_logs(&server, &repo, quick).await;
+}
+
+/// The server's memory with one follower that never reads (`follow-memory`).
+pub async fn follow_memory(quick: bool) {
     let repo = TestRepo::new();
     let mut flags = crate::dispatch::SERVER_FLAGS.to_vec();
     flags.extend(["--log-cap-bytes", "1073741824"]);
