@@ -340,11 +340,23 @@ fn claim_verified(
     entries.sort_by(|x, y| x.2.cmp(y.2));
     let tree = raw_tree(dir, &entries);
     let (commit, bundle) = commit_and_bundle(dir, &tree, &a.base_commit, file);
+    report(fake, a, pb::LeaseOutcome::Verified, commit, bundle);
+}
+
+/// Sends a result for the assignment's lease under the server's verification digest (as a
+/// runner that ran, or says it ran, the verification the assignment named).
+fn report(
+    fake: &mut pipeline_tests::fake_runner::FakeRunner,
+    a: &pb::Assignment,
+    outcome: pb::LeaseOutcome,
+    commit: String,
+    bundle: Vec<u8>,
+) {
     let mut messages = pipeline_tests::fake_runner::complete_messages(
         &fake.id,
         a.lease.clone().expect("lease"),
-        pb::LeaseOutcome::Verified,
-        None,
+        outcome,
+        Some("test ! -e broken: exit 1".into()),
         1.0,
         Some(commit),
         bundle,
@@ -470,4 +482,64 @@ fn verify_on_server_always_builds_what_runners_claim() {
         Some(serde_json::json!(1)),
         "covered by the server's build: {landed:?}"
     );
+}
+
+/// A commit that lands on its runner's word alone (a train of one on the base it was leased
+/// on, under `--verify-on-server when-needed`) is not thereby known green: when the next
+/// task's runner reports a failed verification on it, that task is not charged on the first
+/// runner's word. The server builds that base itself, finds it red, and charges no one.
+#[test]
+fn a_failure_on_a_base_that_landed_on_a_claim_is_not_charged_on_that_claim() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--build-cmd", "test ! -e broken"]);
+    let mut fake = fake_with_slots(&repo, &server, 1);
+    let dir = forge(&repo);
+    let base = main_tip(&repo);
+    let liar = server.add(&["--title", "claims green, breaks the build"]);
+    let a = fake.next_assignment();
+    claim_verified(&mut fake, &dir, &a, "broken");
+    server.wait_status(&liar, "done");
+    let broken_base = main_tip(&repo);
+    assert_ne!(broken_base, base, "it landed on its runner's word");
+
+    let next = server.add(&["--title", "fails on the broken base"]);
+    let a = fake.next_assignment();
+    assert_eq!(a.base_commit, broken_base);
+    git(
+        &dir,
+        &[
+            "fetch",
+            "-q",
+            "origin",
+            "+refs/heads/main:refs/remotes/origin/main",
+        ],
+    );
+    let readme = git(&dir, &["rev-parse", &format!("{broken_base}:README")]);
+    let broken = git(&dir, &["rev-parse", &format!("{broken_base}:broken")]);
+    let fine = blob(&dir, "fine\n");
+    let tree = raw_tree(
+        &dir,
+        &[
+            ("100644", &readme, b"README"),
+            ("100644", &broken, b"broken"),
+            ("100644", &fine, b"fine"),
+        ],
+    );
+    let (commit, bundle) = commit_and_bundle(&dir, &tree, &broken_base, "fine");
+    report(
+        &mut fake,
+        &a,
+        pb::LeaseOutcome::VerifyFailed,
+        commit,
+        bundle,
+    );
+    // The server builds the base itself: red, so no one is charged.
+    let status = pipeline_tests::wait_for("the base to be found red", || {
+        let s = server.ctl(&["status", "--json"]).json();
+        (s["landing"]["red_base"] == broken_base.as_str()).then_some(s)
+    });
+    assert_eq!(status["landing"]["red_base"], broken_base.as_str());
+    let task = server.show(&next);
+    assert_eq!(task["failures"], 0, "not charged: {task}");
+    assert_eq!(task["status"], "verified", "its commit is kept: {task}");
 }
