@@ -4,7 +4,7 @@
 
 use std::process::{Command, Stdio};
 
-use pipeline_tests::{Server, TestRepo, bin, git, runner, wait_for};
+use pipeline_tests::{Server, TestRepo, git, runner, wait_for};
 
 /// A child may not depend on its epic (nor on a task that waits for it), nor an epic on its
 /// own child: each waits for the other for ever. Refused with exit 4, whatever the way in
@@ -154,10 +154,9 @@ fn a_watch_goes_on_after_the_servers_history_went_back() {
     let server = Server::start(&repo, &["--listen", &addr]);
     let out = repo.dir.path().join("watch.out");
     let err = repo.dir.path().join("watch.err");
-    let mut watch = Command::new(bin("pipelinectl"))
-        .args(["--server", &server.url, "watch", "--json"])
-        .env_remove("PIPELINE_SERVER")
-        .env_remove("PIPELINE_TOKEN")
+    let mut watch = server
+        .ctl_command()
+        .args(["watch", "--json"])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).expect("out"))
         .stderr(std::fs::File::create(&err).expect("err"))
@@ -206,7 +205,7 @@ fn a_watch_goes_on_after_the_servers_history_went_back() {
 
 /// `pipeline-server` on the test repository with its state in `state` (under the temp dir).
 fn server_command(repo: &TestRepo, state: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("pipeline-server"));
+    let mut cmd = repo.command("pipeline-server");
     cmd.arg("--repo")
         .arg(repo.repo())
         .arg("--state-dir")

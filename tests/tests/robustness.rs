@@ -622,14 +622,14 @@ fn spooled_bundles_never_leak() {
     assert!(spooled(&repo).is_empty(), "{:?}", spooled(&repo));
 }
 
-/// A `git` for the server that fails `bundle unbundle` for want of file descriptors while
-/// `marker` exists, and is the real git otherwise.
+/// A `git` for the server that fails `index-pack` (storing a received commit) for want of
+/// file descriptors while `marker` exists, and is the real git otherwise.
 fn failing_git(repo: &TestRepo, marker: &std::path::Path) -> std::path::PathBuf {
     let dir = repo.dir.path().join("failing-git");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let real = which("git").expect("git on PATH");
     let script = format!(
-        "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = unbundle ] && [ -e {marker} ]; then\n    \
+        "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = index-pack ] && [ -e {marker} ]; then\n    \
          echo 'fatal: unable to create pipe: Too many open files' >&2\n    exit 128\n  fi\n\
          done\nexec {real} \"$@\"\n",
         marker = marker.display(),
