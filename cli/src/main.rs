@@ -137,6 +137,12 @@ enum Command {
         #[arg(allow_hyphen_values = true)]
         id: String,
     },
+    /// Print a completion script for a shell (e.g. `pipelinectl completions bash >
+    /// /etc/bash_completion.d/pipelinectl`); needs no server.
+    Completions {
+        #[arg(value_enum)]
+        shell: pipeline_core::manual::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -377,6 +383,9 @@ impl From<io::Error> for Stop {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if let Some(code) = pipeline_core::manual::generate_if_asked::<Cli>() {
+        return code;
+    }
     let cli = Cli::parse();
     let stdout = io::stdout();
     let mut out = stdout.lock();
@@ -397,6 +406,9 @@ async fn main() -> ExitCode {
 
 /// Runs one command, printing to `out`.
 async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
+    if let Command::Completions { shell } = cli.command {
+        return pipeline_core::manual::completions::<Cli>(shell, out).map_err(Stop::Stdout);
+    }
     // Checked before connecting, so that a mistake is reported even with no server.
     let add_description = match &cli.command {
         Command::Task(TaskCommand::Add {
@@ -776,6 +788,8 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             let detail = client.get_task(id).await?;
             output::explain(out, &detail)?;
         }
+        // Answered above, before connecting.
+        Command::Completions { .. } => {}
     }
     out.flush()?;
     Ok(())

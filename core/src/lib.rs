@@ -13,6 +13,9 @@
 //! - [`git`]: the one typed layer over the `git` command line.
 //! - [`lock`]: an exclusive lock on a file for a process's life, naming its holder (the
 //!   server's state dir, a runner's work dir).
+//! - [`manual`]: shell completions and man pages generated from a binary's clap definition.
+//! - [`units`]: durations and sizes as people write them on a command line (`30s`, `256MiB`),
+//!   bare numbers keeping their old meaning.
 
 pub mod clock;
 pub mod git;
@@ -20,6 +23,8 @@ pub mod guard;
 pub mod ids;
 pub mod lines;
 pub mod lock;
+pub mod manual;
 pub mod process;
 pub mod sandbox;
+pub mod units;
 pub mod verify;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
+use pipeline_core::units;
 use serde::Serialize;
 
 /// Runs coding agents and verification for a pipeline server: registers, leases tasks, works in
@@ -50,8 +51,10 @@ pub struct Config {
     )]
     pub only_task: Option<String>,
 
-    /// On SIGTERM/SIGINT, how long to let running tasks finish before giving them back.
-    #[arg(long, env = "PIPELINE_DRAIN_TIMEOUT", default_value_t = 600)]
+    /// On SIGTERM/SIGINT, how long to let running tasks finish before giving them back (10m;
+    /// a bare number is seconds).
+    #[arg(long, env = "PIPELINE_DRAIN_TIMEOUT", default_value = "10m", value_name = "DURATION",
+          value_parser = units::seconds)]
     pub drain_timeout: u64,
 
     /// The CA to trust for the server's certificate (PEM), for an https:// server.
@@ -165,8 +168,9 @@ pub struct AgentArgs {
     #[arg(long, env = "PIPELINE_AGENT_CMD")]
     pub agent_cmd: Option<String>,
 
-    /// The agent's time limit in seconds.
-    #[arg(long, env = "PIPELINE_AGENT_TIMEOUT", default_value_t = 1800)]
+    /// The agent's time limit (30m, 2h; a bare number is seconds).
+    #[arg(long, env = "PIPELINE_AGENT_TIMEOUT", default_value = "30m", value_name = "DURATION",
+          value_parser = units::seconds)]
     pub timeout: u64,
 
     /// The agent's iteration limit (agentd).
@@ -215,8 +219,10 @@ pub struct AgentArgs {
     #[arg(long = "env-allow", env = "PIPELINE_ENV_ALLOW", value_delimiter = ',')]
     pub env_allow: Vec<String>,
 
-    /// Seconds between SIGTERM and SIGKILL when an agent or build is stopped.
-    #[arg(long, env = "PIPELINE_KILL_GRACE", default_value_t = 10)]
+    /// The time between SIGTERM and SIGKILL when an agent or build is stopped (a bare number is
+    /// seconds).
+    #[arg(long, env = "PIPELINE_KILL_GRACE", default_value = "10s", value_name = "DURATION",
+          value_parser = units::seconds)]
     pub kill_grace: u64,
 
     /// Infrastructure failures in a row (an agent or build tool that cannot start, a git or
@@ -513,6 +519,32 @@ mod tests {
         );
         assert_eq!(c.verify.verify, VerifyMode::Bild);
         assert!(!c.verify.no_verify);
+        assert_eq!((c.drain_timeout, c.agent.kill_grace), (600, 10));
+    }
+
+    #[test]
+    fn durations_take_units_and_bare_numbers_are_seconds() {
+        let c = Config::try_parse_from([
+            "r",
+            "--timeout",
+            "30m",
+            "--drain-timeout",
+            "1h",
+            "--kill-grace",
+            "5s",
+        ])
+        .expect("parse");
+        assert_eq!(
+            (c.agent.timeout, c.drain_timeout, c.agent.kill_grace),
+            (1800, 3600, 5)
+        );
+        let c = Config::try_parse_from(["r", "--timeout", "90", "--drain-timeout", "0"])
+            .expect("parse");
+        assert_eq!((c.agent.timeout, c.drain_timeout), (90, 0));
+        let err = Config::try_parse_from(["r", "--timeout", "half an hour"])
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("write it like 90s, 10m or 2h"), "{err}");
     }
 
     #[test]

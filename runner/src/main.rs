@@ -13,6 +13,9 @@ fn main() -> ExitCode {
     if let Some(code) = pipeline_core::guard::enter() {
         return code;
     }
+    if let Some(code) = pipeline_core::manual::generate_if_asked::<Config>() {
+        return code;
+    }
     pipeline_core::process::install_guard();
     runner()
 }

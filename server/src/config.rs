@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use pipeline_core::units;
 pub use pipeline_runner::config::{AgentArgs, AgentMode, SandboxArgs, VerifyArgs, VerifyMode};
 use serde::Serialize;
 
@@ -94,8 +95,9 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_REQUIRE_APPROVAL")]
     pub require_approval: bool,
 
-    /// Back-off after n failures is min(600, BACKOFF_BASE * 2^n) seconds.
-    #[arg(long, env = "PIPELINE_BACKOFF_BASE", default_value_t = 10)]
+    /// Back-off after n failures is min(600 s, BACKOFF_BASE * 2^n) (a duration: 10s, or 10).
+    #[arg(long, env = "PIPELINE_BACKOFF_BASE", default_value = "10s", value_name = "DURATION",
+          value_parser = units::seconds)]
     pub backoff_base: u64,
 
     /// Leases a task may lose in a row (its runner died, froze or was cut off while on it)
@@ -104,9 +106,9 @@ pub struct Config {
           allow_negative_numbers = true, value_parser = limit::<u32>)]
     pub max_lost_leases: u32,
 
-    /// Seconds a runner's lease lives without a heartbeat.
-    #[arg(long, env = "PIPELINE_LEASE_TTL", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(1..))]
+    /// How long a runner's lease lives without a heartbeat (30s, 2m; a bare number is seconds).
+    #[arg(long, env = "PIPELINE_LEASE_TTL", default_value = "30s", value_name = "DURATION",
+          value_parser = units::positive_seconds)]
     pub lease_ttl: u64,
 
     /// After each integration, push the base to this git remote (with a lease on its old value;
@@ -114,12 +116,16 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_PUSH_REMOTE")]
     pub push_remote: Option<String>,
 
-    /// A run's log beyond this many bytes keeps its head and tail, with a marker between.
-    #[arg(long, env = "PIPELINE_LOG_CAP_BYTES", default_value_t = 64 * 1024 * 1024)]
+    /// A run's log beyond this size keeps its head and tail, with a marker between (64MiB,
+    /// 1GB; a bare number is bytes).
+    #[arg(long, env = "PIPELINE_LOG_CAP_BYTES", default_value = "64MiB", value_name = "SIZE",
+          value_parser = units::bytes)]
     pub log_cap_bytes: u64,
 
-    /// Delete the logs of runs that finished more than this many days ago (0 keeps them).
-    #[arg(long, env = "PIPELINE_LOG_RETENTION_DAYS", default_value_t = 0)]
+    /// Delete the logs of runs that finished longer ago than this (30d, 2w; a bare number is
+    /// days; 0 keeps them).
+    #[arg(long, env = "PIPELINE_LOG_RETENTION_DAYS", default_value = "0", value_name = "DAYS",
+          value_parser = units::days)]
     pub log_retention_days: u64,
 
     /// Registrations allowed per minute from one credential (the registration token the fleet
@@ -193,30 +199,33 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
-    /// Seconds a new connection has to finish its TLS and HTTP/2 handshake and send its first
-    /// request before it is closed.
-    #[arg(long, env = "PIPELINE_HANDSHAKE_TIMEOUT", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..))]
+    /// How long a new connection has to finish its TLS and HTTP/2 handshake and send its
+    /// first request before it is closed (a bare number is seconds).
+    #[arg(long, env = "PIPELINE_HANDSHAKE_TIMEOUT", default_value = "10s", value_name = "DURATION",
+          value_parser = units::positive_seconds)]
     pub handshake_timeout: u64,
 
-    /// Seconds between HTTP/2 pings on a connection that is otherwise quiet.
-    #[arg(long, env = "PIPELINE_KEEPALIVE_INTERVAL", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(1..))]
+    /// The time between HTTP/2 pings on a connection that is otherwise quiet (a bare number
+    /// is seconds).
+    #[arg(long, env = "PIPELINE_KEEPALIVE_INTERVAL", default_value = "30s", value_name = "DURATION",
+          value_parser = units::positive_seconds)]
     pub keepalive_interval: u64,
 
-    /// Seconds a peer has to answer a ping before its connection is closed.
-    #[arg(long, env = "PIPELINE_KEEPALIVE_TIMEOUT", default_value_t = 20,
-          value_parser = clap::value_parser!(u64).range(1..))]
+    /// How long a peer has to answer a ping before its connection is closed (a bare number is
+    /// seconds).
+    #[arg(long, env = "PIPELINE_KEEPALIVE_TIMEOUT", default_value = "20s", value_name = "DURATION",
+          value_parser = units::positive_seconds)]
     pub keepalive_timeout: u64,
 
-    /// Seconds a runner has to read a base bundle (FetchBase); past it the fetch is cut off and
-    /// its git stopped.
-    #[arg(long, env = "PIPELINE_FETCH_BASE_TIMEOUT", default_value_t = 600,
-          value_parser = clap::value_parser!(u64).range(1..))]
+    /// How long a runner has to read a base bundle (FetchBase); past it the fetch is cut off
+    /// and its git stopped (a bare number is seconds).
+    #[arg(long, env = "PIPELINE_FETCH_BASE_TIMEOUT", default_value = "10m", value_name = "DURATION",
+          value_parser = units::positive_seconds)]
     pub fetch_base_timeout: u64,
 
-    /// The largest commit bundle a runner may send, in bytes.
-    #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    /// The largest commit bundle a runner may send (256MiB, 1GiB; a bare number is bytes).
+    #[arg(long, env = "PIPELINE_MAX_BUNDLE_BYTES", default_value = "256MiB", value_name = "SIZE",
+          value_parser = units::bytes)]
     pub max_bundle_bytes: u64,
 
     #[command(flatten)]
@@ -393,6 +402,83 @@ mod tests {
             Config::try_parse_from(["s", "--repo", "/r", "--verify-on-server", "never"]).is_err()
         );
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn durations_and_sizes_take_units_and_bare_numbers_keep_their_meaning() {
+        let c = Config::try_parse_from([
+            "s",
+            "--repo",
+            "/r",
+            "--lease-ttl",
+            "2m",
+            "--backoff-base",
+            "1m",
+            "--max-bundle-bytes",
+            "1GiB",
+            "--log-cap-bytes",
+            "512KiB",
+            "--log-retention-days",
+            "2w",
+            "--handshake-timeout",
+            "5s",
+            "--keepalive-interval",
+            "1m",
+            "--keepalive-timeout",
+            "15",
+            "--fetch-base-timeout",
+            "1h",
+            "--timeout",
+            "45m",
+            "--kill-grace",
+            "3s",
+        ])
+        .expect("parse");
+        assert_eq!((c.lease_ttl, c.backoff_base), (120, 60));
+        assert_eq!((c.max_bundle_bytes, c.log_cap_bytes), (1 << 30, 512 << 10));
+        assert_eq!(c.log_retention_days, 14);
+        assert_eq!(
+            (
+                c.handshake_timeout,
+                c.keepalive_interval,
+                c.keepalive_timeout,
+                c.fetch_base_timeout
+            ),
+            (5, 60, 15, 3600)
+        );
+        assert_eq!((c.agent.timeout, c.agent.kill_grace), (2700, 3));
+
+        let c = Config::try_parse_from([
+            "s",
+            "--repo",
+            "/r",
+            "--lease-ttl",
+            "45",
+            "--max-bundle-bytes",
+            "1000",
+            "--log-retention-days",
+            "7",
+        ])
+        .expect("parse");
+        assert_eq!((c.lease_ttl, c.max_bundle_bytes), (45, 1000));
+        assert_eq!(c.log_retention_days, 7);
+
+        let defaults = Config::try_parse_from(["s", "--repo", "/r"]).expect("parse");
+        assert_eq!(defaults.max_bundle_bytes, 256 * 1024 * 1024);
+        assert_eq!(defaults.log_cap_bytes, 64 * 1024 * 1024);
+        assert_eq!(defaults.log_retention_days, 0);
+
+        for (flag, bad, says) in [
+            ("--lease-ttl", "1500ms", "not a whole number of seconds"),
+            ("--lease-ttl", "0s", "must be at least 1s"),
+            ("--max-bundle-bytes", "lots", "is not a size"),
+            ("--log-retention-days", "36h", "not a whole number of days"),
+        ] {
+            let err = Config::try_parse_from(["s", "--repo", "/r", flag, bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains(says), "{flag} {bad}: {err}");
+        }
     }
 
     #[test]

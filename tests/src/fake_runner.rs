@@ -17,6 +17,8 @@ pub struct FakeRunner {
     pub id: String,
     /// The credential the server issued at registration.
     pub credential: String,
+    /// The lease TTL the server announced at registration.
+    pub lease_ttl_ms: u64,
     stream: Option<Streaming<pb::WorkMessage>>,
 }
 
@@ -110,6 +112,7 @@ impl FakeRunner {
             id: resp.runner_id,
             // Registering with its own credential, a runner gets none new: it keeps that one.
             credential: resp.credential.unwrap_or_else(|| token.to_owned()),
+            lease_ttl_ms: resp.lease_ttl_ms,
             stream: None,
         })
     }
