@@ -51,6 +51,13 @@ pub struct Config {
     )]
     pub only_task: Option<String>,
 
+    /// Take one task, finish it (its result delivered, or its lease given back) and exit,
+    /// with a status that says how it went: 0 verified (or stopped before any task came), 3
+    /// the task's own failure, 4 no result taken (given back uncharged, or refused). For
+    /// autoscalers that start a runner per job. Works one task at a time whatever --slots says.
+    #[arg(long, env = "PIPELINE_RUNNER_ONCE")]
+    pub once: bool,
+
     /// On SIGTERM/SIGINT, how long to let running tasks finish before giving them back (10m;
     /// a bare number is seconds).
     #[arg(long, env = "PIPELINE_DRAIN_TIMEOUT", default_value = "10m", value_name = "DURATION",

@@ -131,8 +131,8 @@ pub struct JobContext {
 /// How a job ended, for the session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobEnd {
-    /// The server took the result.
-    Delivered,
+    /// The server took the result, which said this.
+    Delivered(Outcome),
     /// The server no longer wants it (lease gone, commit refused): nothing more to do.
     Refused(String),
     /// Stopped before a result.
@@ -801,7 +801,7 @@ async fn deliver(
         match sent {
             Ok(status) => {
                 tracing::info!(task = %a.task, status, "result delivered");
-                return JobEnd::Delivered;
+                return JobEnd::Delivered(r.result.outcome);
             }
             Err(s) if result_refused(&s) => {
                 tracing::warn!(task = %a.task, error = %s.message(), "the server refused the result");

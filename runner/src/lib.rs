@@ -25,7 +25,7 @@ pub mod session;
 pub mod usage;
 pub mod wire;
 
-pub use session::run;
+pub use session::{Finished, OnceOutcome, run};
 
 /// Milliseconds since the Unix epoch, the protocol's time unit.
 pub(crate) fn now_ms() -> i64 {

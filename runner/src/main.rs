@@ -34,9 +34,9 @@ async fn runner() -> ExitCode {
     let stop = CancellationToken::new();
     tokio::spawn(watch_signals(drain.clone(), stop.clone()));
     match pipeline_runner::run(config, drain, stop).await {
-        Ok(()) => {
-            tracing::info!("runner exited");
-            ExitCode::SUCCESS
+        Ok(finished) => {
+            tracing::info!(?finished, "runner exited");
+            ExitCode::from(finished.exit_code())
         }
         Err(err) => {
             // One line, whatever the causes' texts hold.

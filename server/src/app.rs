@@ -748,6 +748,7 @@ fn start_local_runners(
                 labels: vec!["local".to_owned()],
                 only_parent: vec![],
                 only_task: None,
+                once: false,
                 drain_timeout: 0,
                 token_file: None,
                 agent: config.agent.clone(),

@@ -209,3 +209,129 @@ fn man_pages_are_generated_for_the_three_binaries_and_render() {
     );
     assert_eq!(out.code(), Some(2), "{}", out.stderr);
 }
+
+/// Starts a `--once` runner for `server` and waits for it to exit; returns its exit code and
+/// its log.
+fn once(repo: &TestRepo, server: &Server, name: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = agent_args(&["--once"]);
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let mut runner = Runner::spawn(repo, &server.url, name, &as_strs(&args));
+    let (status, log) = runner.proc.wait_exit_log();
+    (status.code(), log)
+}
+
+#[test]
+fn a_once_runner_takes_one_task_finishes_it_and_exits_by_its_outcome() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    // Two tasks wait; the runner takes the first (priority 0), lands it and exits 0, and leaves
+    // the second alone.
+    let first = server.add(&["--title", "first", "--priority", "0"]);
+    let second = server.add(&["--title", "second", "--priority", "1"]);
+    let (code, log) = once(&repo, &server, "once-ok", &["--no-verify", "--slots", "4"]);
+    assert_eq!(code, Some(0), "{log}");
+    let task = server.wait_status(&first, "done");
+    assert_eq!(task["patchset"], 1);
+    let logs = server.ctl(&["logs", &first]).ok();
+    assert!(
+        logs.contains("sending the result"),
+        "its log was shipped: {logs}"
+    );
+    let other = server.show(&second);
+    assert_eq!(other["status"], "open", "{other}");
+    assert!(
+        pipeline_tests::runs(&other).is_empty(),
+        "the second task was never leased: {other}"
+    );
+    let runners = server.ctl(&["runners", "--json"]).json();
+    let me = runners
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "once-ok"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(me["state"], "offline", "{runners}");
+    server.ctl(&["task", "cancel", &second]).ok();
+
+    // The task's own failure: the result is taken and charged, exit 3.
+    let failing = server.add(&["--title", "fails", "--description", "MODE: fail"]);
+    let (code, log) = once(&repo, &server, "once-fail", &["--no-verify"]);
+    assert_eq!(code, Some(3), "{log}");
+    let task = server.show(&failing);
+    assert_eq!(task["failures"], 1, "charged: {task}");
+    assert_eq!(task["status"], "open");
+
+    // Nothing to take: a SIGTERM before any lease ends it with 0.
+    let mut args = agent_args(&["--once", "--no-verify", "--only-task", "nothing-here"]);
+    args.push("--label=idle".to_owned());
+    let mut idle = Runner::spawn(&repo, &server.url, "once-idle", &as_strs(&args));
+    if let Err(log) = idle.proc.wait_for_line("registered") {
+        panic!("did not register: {log}");
+    }
+    idle.proc.signal("TERM");
+    let (status, log) = idle.proc.wait_exit_log();
+    assert_eq!(status.code(), Some(0), "{log}");
+}
+
+#[test]
+fn a_once_runner_that_cannot_do_the_work_gives_it_back_and_exits_4() {
+    let repo = TestRepo::new();
+    // The server's verification names a program no machine here has: the runner gives the
+    // lease back before its agent runs, uncharged.
+    let server = Server::start(&repo, &["--build-cmd", "no-such-build-tool {namespace}"]);
+    let id = server.add(&["--title", "t", "--namespace", "ns"]);
+    let (code, log) = once(&repo, &server, "once-infra", &[]);
+    assert_eq!(code, Some(4), "{log}");
+    let task = server.wait_task(&id, "given back", |t| {
+        pipeline_tests::runs(t)
+            .iter()
+            .any(|r| r["failure_kind"] == "infrastructure")
+    });
+    assert_eq!(task["failures"], 0, "uncharged: {task}");
+    assert_eq!(task["status"], "open");
+}
+
+#[test]
+fn the_dockerfile_names_what_exists() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    // Every binary it builds and copies is one the workspace builds.
+    let built: Vec<&str> = dockerfile
+        .split("--bin ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert_eq!(built, ["pipeline-server", "pipeline-runner", "pipelinectl"]);
+    for name in &built {
+        assert!(bin(name).exists(), "{name}");
+        assert!(
+            dockerfile.contains(&format!("target/release/{name}")),
+            "{name} is copied"
+        );
+    }
+    // The user is made before it is used, and the runner's default arguments are its flags.
+    let made = dockerfile.find("useradd").expect("useradd");
+    let used = dockerfile.find("USER pipeline").expect("USER");
+    assert!(made < used);
+    assert!(
+        dockerfile[made..used].contains(" pipeline\n"),
+        "useradd … pipeline"
+    );
+    assert!(dockerfile.contains("CMD [\"--once\"]"));
+    let help =
+        pipeline_tests::run(std::process::Command::new(bin("pipeline-runner")).arg("--help")).ok();
+    assert!(help.contains("--once"), "{help}");
+    for var in [
+        "PIPELINE_RUNNER_WORK_DIR",
+        "PIPELINE_REPO",
+        "PIPELINE_STATE_DIR",
+        "PIPELINE_LISTEN",
+    ] {
+        assert!(dockerfile.contains(&format!("{var}=")), "{var}");
+    }
+    let server_help =
+        pipeline_tests::run(std::process::Command::new(bin("pipeline-server")).arg("--help")).ok();
+    for var in ["PIPELINE_REPO", "PIPELINE_STATE_DIR", "PIPELINE_LISTEN"] {
+        assert!(server_help.contains(var), "{var}");
+    }
+    assert!(help.contains("PIPELINE_RUNNER_WORK_DIR"));
+}

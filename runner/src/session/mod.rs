@@ -17,6 +17,9 @@
 //! - Either: jobs ending, drain (first SIGTERM/SIGINT: take no more work, let jobs finish for up
 //!   to `--drain-timeout`, give back what is left, exit) and stop (second signal: stop jobs
 //!   now, give their leases back, exit).
+//! - `--once`: the first assignment drains the runner (the server is told at once, so it sends
+//!   nothing more, and without a deadline: the job has its own limits); the runner exits when
+//!   that lease is over, and [`Finished::exit_code`] says how it went.
 //!
 //! Before the loop: the start-up checks (`preflight`) and the work dir's lock (one runner per
 //! work dir). Until the runner has registered once, a registration that fails for a reason
@@ -51,19 +54,72 @@ use self::slots::{Busy, InfraFailure, Offer, PauseCause, Release, Slots};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::git::Mirror;
-use crate::job::{self, Assignment, CurrentRunner, JobContext, JobEnd};
+use crate::job::{self, Assignment, CurrentRunner, JobContext, JobEnd, Outcome};
 use crate::wire::{Client, Heartbeats, Hello, Pushed, Standing, WorkStream};
 
 /// How long one release call may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs the runner until it has drained or been stopped.
+/// How a runner's life ended, when it ended well.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// Drained or stopped by signals.
+    Stopped,
+    /// `--once`: what came of the one lease.
+    Once(OnceOutcome),
+}
+
+/// What came of a `--once` runner's one lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnceOutcome {
+    /// No lease came before the runner was stopped.
+    NoTask,
+    /// The work passed verification and the server took it.
+    Verified,
+    /// The task's own failure (its agent, its verification), taken by the server and charged.
+    TaskFailed,
+    /// The server took no result: the lease went back uncharged (an infrastructure failure, a
+    /// rate limit, a stop) or the server no longer wanted it (cancelled, lost), saying why.
+    NoResult(String),
+}
+
+impl OnceOutcome {
+    /// What a job's end means for a `--once` runner.
+    pub fn of(end: &JobEnd) -> Self {
+        match end {
+            JobEnd::Delivered(Outcome::Verified) => Self::Verified,
+            JobEnd::Delivered(Outcome::DevFailed | Outcome::VerifyFailed) => Self::TaskFailed,
+            JobEnd::Refused(why) | JobEnd::Infra(why) | JobEnd::Unusable(why) => {
+                Self::NoResult(why.clone())
+            }
+            JobEnd::RateLimited { reason, .. } => Self::NoResult(reason.clone()),
+            JobEnd::Cancelled => Self::NoResult("stopped before it finished".to_owned()),
+        }
+    }
+}
+
+impl Finished {
+    /// The process's exit status (README: `--once`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Stopped | Self::Once(OnceOutcome::NoTask | OnceOutcome::Verified) => 0,
+            Self::Once(OnceOutcome::TaskFailed) => 3,
+            Self::Once(OnceOutcome::NoResult(_)) => 4,
+        }
+    }
+}
+
+/// Runs the runner until it has drained or been stopped, or (`--once`) has finished its one
+/// task.
 pub async fn run(
     config: Config,
     drain: CancellationToken,
     stop: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Finished> {
     let mut config = config;
+    if config.once {
+        config.slots = 1;
+    }
     config.agent.validate().map_err(anyhow::Error::msg)?;
     let name = config.name();
     let work_dir = config.work_dir();
@@ -148,6 +204,7 @@ pub async fn run(
         stop,
         drain_timeout: Duration::from_secs(config.drain_timeout),
         drain_deadline: None,
+        once: config.once.then(OnceState::default),
         releases: JoinSet::new(),
         ctx: Arc::new(JobContext {
             config,
@@ -162,7 +219,11 @@ pub async fn run(
     };
     let lived = session.life().await;
     session.finish_releases().await;
-    lived
+    lived?;
+    Ok(match session.once {
+        None => Finished::Stopped,
+        Some(once) => Finished::Once(once.outcome()),
+    })
 }
 
 /// One runner per work dir (two would share a mirror, worktrees and a credential): an
@@ -213,6 +274,30 @@ struct Session {
     drain_deadline: Option<Instant>,
     /// Releases under way.
     releases: JoinSet<()>,
+    /// With `--once`: the one lease taken, and what came of it.
+    once: Option<OnceState>,
+}
+
+/// A `--once` runner's one lease: whether it came, and what came of it once known.
+#[derive(Debug, Default)]
+struct OnceState {
+    took: bool,
+    outcome: Option<OnceOutcome>,
+}
+
+impl OnceState {
+    /// Records what came of the lease, the first time.
+    fn ended(&mut self, outcome: OnceOutcome) {
+        self.outcome.get_or_insert(outcome);
+    }
+
+    fn outcome(self) -> OnceOutcome {
+        match (self.took, self.outcome) {
+            (_, Some(outcome)) => outcome,
+            (true, None) => OnceOutcome::NoResult("stopped before it finished".to_owned()),
+            (false, None) => OnceOutcome::NoTask,
+        }
+    }
 }
 
 /// How the runner keeps in touch with the server: the intervals the server set, and when it
@@ -389,11 +474,24 @@ impl Session {
             Event::Retry => Next::Go,
             Event::Pushed(Ok(Some(pushed))) => {
                 match pushed {
-                    Pushed::Assignment(a) => self.assign(*a),
+                    Pushed::Assignment(a) => {
+                        self.assign(*a);
+                        return self.took_one(link).await;
+                    }
                     Pushed::Cancel(lease) => {
                         self.drop_lease(&lease, "the task was cancelled or its lease ended");
                     }
-                    Pushed::Refused { lease, why } => return self.refuse(lease, &why, link).await,
+                    Pushed::Refused { lease, why } => {
+                        let once = lease.is_some() && self.once.is_some();
+                        if once && let Some(state) = &mut self.once {
+                            state.ended(OnceOutcome::NoResult(why.clone()));
+                        }
+                        let next = self.refuse(lease, &why, link).await;
+                        if !once || !matches!(next, Next::Go) {
+                            return next;
+                        }
+                        return self.took_one(link).await;
+                    }
                     Pushed::Ignored => {}
                 }
                 Next::Go
@@ -749,6 +847,23 @@ impl Session {
         cut
     }
 
+    /// With `--once`, after the first assignment: takes no more work (telling the server at
+    /// once), so the runner exits when that lease is over. Without, nothing.
+    async fn took_one(&mut self, link: Option<&Link>) -> Next {
+        let Some(once) = &mut self.once else {
+            return Next::Go;
+        };
+        once.took = true;
+        if !self.slots.drain() {
+            return Next::Go;
+        }
+        tracing::info!("--once: one task taken; taking no more, exiting when it is over");
+        match link {
+            Some(link) => self.beat(link).await,
+            None => Next::Go,
+        }
+    }
+
     /// An assignment from the server: started in a free slot, queued, or given back.
     fn assign(&mut self, a: Assignment) {
         // A job that just delivered its result may not have reported its end yet.
@@ -782,6 +897,11 @@ impl Session {
                 busy,
                 release,
             } => {
+                if let Some(once) = &mut self.once
+                    && !once.took
+                {
+                    once.ended(OnceOutcome::NoResult(release.reason.clone()));
+                }
                 match busy {
                     Busy::Draining => {}
                     Busy::Unhealthy => {
@@ -814,6 +934,9 @@ impl Session {
     /// and a queued assignment started in its slot.
     async fn job_ended(&mut self, lease_id: &str, end: JobEnd, link: Option<&Link>) -> Next {
         let mut next = Next::Go;
+        if let Some(once) = &mut self.once {
+            once.ended(OnceOutcome::of(&end));
+        }
         if let Some(ended) = self.slots.ended(lease_id, &end, self.stop.is_cancelled()) {
             if let Some(infra) = &ended.infra {
                 next = self.infra_failed(ended.task.as_str(), infra, link).await;
@@ -1011,6 +1134,44 @@ mod tests {
 
     fn every_status() -> impl Iterator<Item = Status> {
         (0..=16).map(|c| Status::new(Code::from(c), "x"))
+    }
+
+    #[test]
+    fn a_once_runner_exits_by_what_came_of_its_lease() {
+        let code = |end: JobEnd| Finished::Once(OnceOutcome::of(&end)).exit_code();
+        assert_eq!(code(JobEnd::Delivered(Outcome::Verified)), 0);
+        assert_eq!(code(JobEnd::Delivered(Outcome::DevFailed)), 3);
+        assert_eq!(code(JobEnd::Delivered(Outcome::VerifyFailed)), 3);
+        for end in [
+            JobEnd::Refused("lease gone".into()),
+            JobEnd::Cancelled,
+            JobEnd::Infra("no git".into()),
+            JobEnd::Unusable("not logged in".into()),
+            JobEnd::RateLimited {
+                reason: "rate limited".into(),
+                until_ms: 0,
+            },
+        ] {
+            assert_eq!(code(end.clone()), 4, "{end:?}");
+        }
+        assert_eq!(Finished::Once(OnceOutcome::NoTask).exit_code(), 0);
+        assert_eq!(Finished::Stopped.exit_code(), 0);
+        let took = OnceState {
+            took: true,
+            outcome: None,
+        };
+        assert_eq!(
+            took.outcome(),
+            OnceOutcome::NoResult("stopped before it finished".into())
+        );
+        let mut first = OnceState::default();
+        first.ended(OnceOutcome::TaskFailed);
+        first.ended(OnceOutcome::Verified);
+        assert_eq!(
+            first.outcome(),
+            OnceOutcome::TaskFailed,
+            "the first end counts"
+        );
     }
 
     #[test]

@@ -228,7 +228,7 @@ impl<H> Slots<H> {
         let job = self.jobs.remove(lease_id)?;
         self.free.insert(job.slot);
         let infra = match end {
-            JobEnd::Delivered => {
+            JobEnd::Delivered(_) => {
                 self.infra_failures = 0;
                 self.disk_full_in_a_row = 0;
                 None
@@ -430,7 +430,7 @@ mod tests {
     use super::*;
     use pipeline_core::ids::CommitId;
 
-    use crate::job::RunId;
+    use crate::job::{Outcome, RunId};
 
     fn assignment(task: &str) -> Assignment {
         let task = TaskId::parse(task).expect("task");
@@ -479,14 +479,22 @@ mod tests {
         assert_eq!(s.jobs(), 2);
         assert!(s.needs_a_slot());
         let ended = s
-            .ended(&lease_id("t-1"), &JobEnd::Delivered, false)
+            .ended(
+                &lease_id("t-1"),
+                &JobEnd::Delivered(Outcome::Verified),
+                false,
+            )
             .expect("a job");
         assert_eq!(ended.task.as_str(), "t-1");
         assert_eq!((ended.release, ended.infra), (None, None));
         assert!(!s.needs_a_slot());
         assert_eq!(started(s.offer(assignment("t-3"), "t-3")), 0);
         assert_eq!(
-            s.ended(&lease_id("t-1"), &JobEnd::Delivered, false),
+            s.ended(
+                &lease_id("t-1"),
+                &JobEnd::Delivered(Outcome::Verified),
+                false
+            ),
             None,
             "ended once"
         );
@@ -512,7 +520,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        s.ended(&lease_id("t-1"), &JobEnd::Delivered, false);
+        s.ended(
+            &lease_id("t-1"),
+            &JobEnd::Delivered(Outcome::Verified),
+            false,
+        );
         match s.start_queued("t-2") {
             Some(Offer::Start(a, 0)) => assert_eq!(a.task.as_str(), "t-2"),
             other => panic!("{other:?}"),
@@ -577,7 +589,11 @@ mod tests {
         // A job that finished its work anyway is not given back either.
         started(s.offer(assignment("t-4"), "t-4"));
         s.stop_all(true);
-        let ended = s.ended(&lease_id("t-4"), &JobEnd::Delivered, true);
+        let ended = s.ended(
+            &lease_id("t-4"),
+            &JobEnd::Delivered(Outcome::Verified),
+            true,
+        );
         assert_eq!(ended.and_then(|e| e.release), None);
     }
 
@@ -662,7 +678,11 @@ mod tests {
         fail(&mut s, "t-2");
         // A delivered result starts the count again.
         started(s.offer(assignment("t-3"), "t-3"));
-        s.ended(&lease_id("t-3"), &JobEnd::Delivered, false);
+        s.ended(
+            &lease_id("t-3"),
+            &JobEnd::Delivered(Outcome::Verified),
+            false,
+        );
         fail(&mut s, "t-4");
         fail(&mut s, "t-5");
         assert_eq!(s.unhealthy(), None);
@@ -786,7 +806,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        s.ended(&lease_id("t-1"), &JobEnd::Delivered, false);
+        s.ended(
+            &lease_id("t-1"),
+            &JobEnd::Delivered(Outcome::Verified),
+            false,
+        );
         assert!(
             !s.finished(),
             "the queued one was taken before the drain: it runs"
