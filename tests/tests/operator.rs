@@ -335,3 +335,189 @@ fn the_dockerfile_names_what_exists() {
     }
     assert!(help.contains("PIPELINE_RUNNER_WORK_DIR"));
 }
+
+/// The `KEY=VALUE` settings of a unit file, in order (comments and sections left out).
+fn unit_settings(name: &str) -> Vec<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(name);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The one value of `key` in `settings`.
+fn setting<'a>(settings: &'a [(String, String)], key: &str) -> &'a str {
+    let values: Vec<&str> = settings
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(values.len(), 1, "{key}: {values:?}");
+    values[0]
+}
+
+/// A systemd time span as the units write them (`11min`, `10s`, `2min`).
+fn span(text: &str) -> std::time::Duration {
+    let text = text.replace("min", "m");
+    std::time::Duration::from_secs(
+        pipeline_core::units::seconds(&text).unwrap_or_else(|e| panic!("{text}: {e}")),
+    )
+}
+
+#[test]
+fn the_systemd_units_are_hardened_and_stop_a_runner_after_its_drain() {
+    for unit in ["pipeline-server.service", "pipeline-runner.service"] {
+        let s = unit_settings(unit);
+        for (key, want) in [
+            ("KillMode", "mixed"),
+            ("KillSignal", "SIGTERM"),
+            ("Restart", "on-failure"),
+            ("NoNewPrivileges", "yes"),
+            ("ProtectSystem", "strict"),
+            ("PrivateTmp", "yes"),
+            ("ProtectHome", "yes"),
+            ("CapabilityBoundingSet", ""),
+        ] {
+            assert_eq!(setting(&s, key), want, "{unit}: {key}");
+        }
+        let user = setting(&s, "User");
+        assert!(
+            user.starts_with("pipeline"),
+            "{unit}: a dedicated user, not {user}"
+        );
+        assert!(
+            !setting(&s, "StateDirectory").is_empty(),
+            "{unit}: the writable state"
+        );
+    }
+    let sysusers = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pipeline.sysusers.conf"),
+    )
+    .expect("sysusers");
+    for user in ["pipeline ", "pipeline-runner "] {
+        assert!(
+            sysusers
+                .lines()
+                .any(|l| l.starts_with("u") && l[1..].trim_start().starts_with(user)),
+            "{user}is made"
+        );
+    }
+
+    // The runner: the token as a credential under the name the runner reads, and a stop
+    // timeout past the drain, the agents' kill grace and the releases (5 s), so that the
+    // runner gives its leases back before systemd's SIGKILL.
+    let s = unit_settings("pipeline-runner.service");
+    let creds: Vec<&str> = s
+        .iter()
+        .filter(|(k, _)| k == "LoadCredential")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert!(
+        creds
+            .iter()
+            .any(|c| c.starts_with("pipeline-runner-token:")),
+        "{creds:?}"
+    );
+    let env = |name: &str| -> String {
+        s.iter()
+            .filter(|(k, _)| k == "Environment")
+            .find_map(|(_, v)| v.strip_prefix(&format!("{name}=")).map(str::to_owned))
+            .unwrap_or_else(|| panic!("Environment={name}=…"))
+    };
+    let drain = span(&env("PIPELINE_DRAIN_TIMEOUT"));
+    let grace = span(&env("PIPELINE_KILL_GRACE"));
+    let stop = span(setting(&s, "TimeoutStopSec"));
+    assert!(
+        stop >= drain + grace + std::time::Duration::from_secs(30),
+        "TimeoutStopSec {stop:?} must outlast the drain {drain:?} + kill grace {grace:?} + releases"
+    );
+
+    // systemd's own reading of both units, where systemd-analyze is installed.
+    if have("systemd-analyze") {
+        verify_units();
+    } else {
+        eprintln!("skipping systemd-analyze verify: systemd-analyze is not installed");
+    }
+
+    // What the unit does on `systemctl stop`, against the real runner, its timings scaled
+    // down: SIGTERM to the runner alone (KillMode=mixed), an agent that would run past the
+    // drain. The agent keeps working while the runner drains; when the drain's bound passes
+    // the runner stops it and gives the lease back, uncharged, and exits 0 by itself, with no
+    // process of the agent left for systemd's SIGKILL.
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&["--no-verify", "--drain-timeout", "2s"]);
+    let mut runner = Runner::start(&repo, &server, "unit", &as_strs(&args));
+    let id = server.add(&["--title", "long", "--description", "MODE: wait"]);
+    let agent = repo.wait_agent(&id);
+    runner.proc.signal("TERM");
+    pipeline_tests::wait_for("the runner to drain", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        (runners[0]["state"] == "draining").then_some(())
+    });
+    let status = runner.proc.wait_exit();
+    assert!(status.success(), "{status:?}\n{}", runner.log());
+    assert!(
+        !pipeline_tests::alive(&agent),
+        "the agent {agent} outlived its runner"
+    );
+    let task = server.wait_task(&id, "given back", |t| {
+        pipeline_tests::event_kinds(t).contains(&"released".to_owned())
+    });
+    assert_eq!(task["failures"], 0, "uncharged: {task}");
+    assert_ne!(task["status"], "in_progress");
+    assert_eq!(
+        repo.agent_file(&format!("{id}.attempts"))
+            .as_deref()
+            .map(str::trim),
+        Some("1"),
+        "the agent ran once, and was not killed by the runner's SIGTERM before the drain's end"
+    );
+}
+
+/// `systemd-analyze verify` of both units in a root of their own (the binaries they name,
+/// systemd's own units), with nothing said: a setting it cannot read is only a warning, so
+/// any output fails.
+fn verify_units() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let bin_dir = root.path().join("usr/local/bin");
+    let units = root.path().join("etc/systemd/system");
+    let system = root.path().join("usr/lib/systemd/system");
+    for dir in [&bin_dir, &units, &system] {
+        std::fs::create_dir_all(dir).expect("mkdir");
+    }
+    for name in ["pipeline-server", "pipeline-runner"] {
+        std::fs::copy(bin(name), bin_dir.join(name)).expect("copy binary");
+    }
+    for entry in std::fs::read_dir("/usr/lib/systemd/system")
+        .into_iter()
+        .flatten()
+    {
+        let Ok(entry) = entry else { continue };
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::copy(entry.path(), system.join(entry.file_name()));
+        }
+    }
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    for unit in ["pipeline-server.service", "pipeline-runner.service"] {
+        std::fs::copy(deploy.join(unit), units.join(unit)).expect("copy unit");
+    }
+    let out = pipeline_tests::run(
+        std::process::Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(format!("--root={}", root.path().display()))
+            .args([
+                "/etc/systemd/system/pipeline-server.service",
+                "/etc/systemd/system/pipeline-runner.service",
+            ]),
+    );
+    assert!(
+        out.status.success() && out.stderr.trim().is_empty() && out.stdout.trim().is_empty(),
+        "systemd-analyze verify: {out:?}"
+    );
+}
