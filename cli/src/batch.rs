@@ -41,6 +41,8 @@ struct Line {
     id: Option<String>,
     #[serde(default)]
     approval: bool,
+    #[serde(default)]
+    epic: bool,
 }
 
 impl Line {
@@ -56,6 +58,7 @@ impl Line {
             requires: self.requires,
             max_cost_cents: self.max_cost,
             approval: self.approval,
+            epic: self.epic,
         })
     }
 }

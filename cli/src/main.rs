@@ -204,10 +204,10 @@ enum TaskCommand {
         #[arg(long, required_unless_present = "from_file")]
         title: Option<String>,
         /// Create one task per line of this JSON-lines file (`-` for standard input); keys:
-        /// title (required), description, namespace, priority, parent, depends_on, requires, max_cost, id,
-        /// approval.
+        /// title (required), description, namespace, priority, parent, depends_on, requires,
+        /// max_cost, id, approval, epic.
         #[arg(long, conflicts_with_all = ["title", "description", "description_file", "namespace",
-              "parent", "depends_on", "id", "requires", "max_cost", "approval"])]
+              "parent", "depends_on", "id", "requires", "max_cost", "approval", "epic"])]
         from_file: Option<String>,
         #[arg(long, conflicts_with = "description_file")]
         description: Option<String>,
@@ -242,6 +242,10 @@ enum TaskCommand {
         /// Once verified, it waits for a person's approval before it lands (`task approve`).
         #[arg(long)]
         approval: bool,
+        /// An epic from the start: never leased itself, done once its children (added later
+        /// with --parent) are, so no agent starts on it while they are being added.
+        #[arg(long)]
+        epic: bool,
     },
     /// List tasks, highest priority and oldest first (printed page by page as they arrive).
     List {
@@ -526,6 +530,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             requires,
             max_cost,
             approval,
+            epic,
             ..
         }) => {
             let title = title.unwrap_or_default();
@@ -541,6 +546,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     requires,
                     max_cost_cents: max_cost,
                     approval,
+                    epic,
                 })
                 .await?;
             writeln!(out, "{}", task.id)?;

@@ -246,6 +246,8 @@ pub struct NewTask {
     pub max_cost_cents: Option<f64>,
     /// Once verified, it waits for a person's approval before it lands.
     pub approval: bool,
+    /// An epic from the start: never leased, done once its children are.
+    pub epic: bool,
 }
 
 /// A change to a task, as `task edit` asks for it: `None` leaves a field as it is.
@@ -300,6 +302,8 @@ pub struct Task {
     pub paused: Option<String>,
     /// `None` when it needs no approval, else `required` or `approved`.
     pub approval: Option<String>,
+    /// An epic: it has children, or was created one; never leased itself.
+    pub epic: bool,
 }
 
 /// One run of a task: a dev run on a runner, its verification, or the server's integration.

@@ -162,6 +162,7 @@ pub fn task_json(t: &Task) -> Value {
         "max_cost_cents": t.max_cost_cents,
         "paused": t.paused,
         "approval": t.approval,
+        "epic": t.epic,
     })
 }
 
@@ -546,6 +547,11 @@ pub fn explain(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
     let last_kind = d.events.last().map(|e| e.kind.as_str());
     let state = match t.status {
         // An epic: its children do the work.
+        TaskStatus::Open | TaskStatus::NeedsHelp if t.epic && d.children.is_empty() => {
+            "is an epic with no children yet: it is never leased itself, and is done once the \
+             children added to it are"
+                .to_owned()
+        }
         TaskStatus::Open | TaskStatus::NeedsHelp if !d.children.is_empty() => format!(
             "is an epic: it is done when its children are ({done_children} of {} done, {} \
              cents so far)",
@@ -616,7 +622,7 @@ pub fn explain(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
     writeln!(out, "{} ({title}) {state}.", t.id)?;
     if t.waiting_for.is_empty()
         && matches!(t.status, TaskStatus::Open | TaskStatus::Verified)
-        && d.children.is_empty()
+        && !t.epic
     {
         writeln!(
             out,
@@ -679,6 +685,13 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
         t.depends_on.join(", ")
     };
     writeln!(out, "depends on:  {deps}")?;
+    if t.epic && d.children.is_empty() {
+        writeln!(
+            out,
+            "children:    none yet (an epic: add them with --parent {})",
+            t.id
+        )?;
+    }
     if !d.children.is_empty() {
         let done = d
             .children
@@ -1181,6 +1194,7 @@ mod snapshots {
             max_cost_cents: None,
             paused: None,
             approval: None,
+            epic: false,
         }
     }
 

@@ -167,6 +167,7 @@ impl From<NewTask> for pb::CreateTaskRequest {
             requires: t.requires,
             max_cost_cents: t.max_cost_cents,
             approval: t.approval,
+            epic: t.epic,
         }
     }
 }
@@ -212,6 +213,7 @@ impl From<pb::Task> for Task {
             max_cost_cents: t.max_cost_cents,
             paused: t.paused,
             approval: t.approval,
+            epic: t.epic,
         }
     }
 }

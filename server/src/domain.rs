@@ -323,12 +323,14 @@ pub struct Children {
     pub done: u32,
     pub cancelled: u32,
     pub cost_cents: f64,
+    /// Created an epic (`task add --epic`): one before it has any child.
+    pub declared: bool,
 }
 
 impl Children {
-    /// Whether the task is an epic (it has children).
+    /// Whether the task is an epic: it has children, or was created one.
     pub fn any(&self) -> bool {
-        self.total > 0
+        self.total > 0 || self.declared
     }
 
     /// Children neither done nor cancelled.
@@ -418,6 +420,8 @@ pub struct NewTask {
     pub max_cost_cents: Option<f64>,
     /// Once verified, it waits for a person's approval before it lands (`--approval`).
     pub approval: bool,
+    /// An epic from the start (`task add --epic`): never leased, done once its children are.
+    pub epic: bool,
 }
 
 /// The most labels a task may require.
@@ -524,6 +528,12 @@ impl NewTask {
         Ok(self)
     }
 
+    /// The same task, an epic from the start when `epic` (`task add --epic`).
+    pub fn as_epic(mut self, epic: bool) -> Self {
+        self.epic = epic;
+        self
+    }
+
     /// Validates the free-text fields of a new task.
     pub fn new(
         id: Option<TaskId>,
@@ -596,6 +606,7 @@ impl NewTask {
             requires: Vec::new(),
             max_cost_cents: None,
             approval: false,
+            epic: false,
         })
     }
 }

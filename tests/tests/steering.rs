@@ -1051,3 +1051,77 @@ fn queue_shows_what_is_in_progress_instead_of_nothing_waiting() {
     let text = server.ctl(&["queue"]).ok();
     assert!(text.contains("nothing in progress or waiting"), "{text}");
 }
+
+#[test]
+fn an_epic_created_as_one_is_never_leased_while_its_children_are_added() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let _runner = runner(&repo, &server, "r");
+    // The epic comes first in lease order (same priority, older): a runner free for work
+    // still passes it over and takes the plain task behind it.
+    let epic = server.add(&["--title", "the plan", "--epic"]);
+    let plain = server.add(&["--title", "plain"]);
+    server.wait_status(&plain, "done");
+    let shown = server.show(&epic);
+    assert_eq!(shown["status"], "open", "{shown}");
+    assert_eq!(shown["epic"], true, "{shown}");
+    assert_eq!(shown["children"], serde_json::json!([]), "{shown}");
+    assert!(runs(&shown).is_empty(), "never leased: {shown}");
+    assert!(
+        shown["waiting_for"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("an epic with no children yet")),
+        "{shown}"
+    );
+    let text = server.ctl(&["task", "show", &epic]).ok();
+    assert!(text.contains("children:    none yet"), "{text}");
+    let explained = server.ctl(&["explain", &epic]).ok();
+    assert!(
+        explained.contains("is an epic with no children yet"),
+        "{explained}"
+    );
+    let listed = server.ctl(&["task", "list", "--json"]).json();
+    let row = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["id"] == epic.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(row["epic"], true, "{listed}");
+
+    // Its children, added one by one, do the work; it is done with them, never worked on.
+    let first = server.add(&[
+        "--title",
+        "step 1",
+        "--parent",
+        &epic,
+        "--description",
+        "MODE: wait",
+    ]);
+    repo.wait_agent(&first);
+    let second = server.add(&["--title", "step 2", "--parent", &epic]);
+    assert_eq!(server.show(&epic)["status"], "open");
+    repo.release_agents();
+    server.wait_status(&first, "done");
+    server.wait_status(&second, "done");
+    // Done once every child is done: the epic has no runs of its own.
+    let done = server.wait_status(&epic, "done");
+    assert!(runs(&done).is_empty(), "{done}");
+    assert_eq!(done["epic"], true);
+
+    // The same from a file: the key `epic`.
+    let file = repo.dir.path().join("plan.jsonl");
+    std::fs::write(
+        &file,
+        "{\"title\": \"a filed plan\", \"epic\": true, \"id\": \"filed\"}\n\
+         {\"title\": \"its step\", \"parent\": \"filed\", \"id\": \"filed-1\"}\n",
+    )
+    .expect("write");
+    let ids = server
+        .ctl(&["task", "add", "--from-file", file.to_str().expect("utf-8")])
+        .ok();
+    assert_eq!(ids.lines().collect::<Vec<_>>(), ["filed", "filed-1"]);
+    server.wait_status("filed-1", "done");
+    let filed = server.wait_status("filed", "done");
+    assert_eq!(filed["epic"], true);
+    assert!(runs(&filed).is_empty(), "{filed}");
+}

@@ -74,6 +74,7 @@ impl From<&Task> for pb::Task {
             tokens: 0,
             // Filled in by the control API, which knows the server's policy.
             approval: None,
+            epic: t.children.any(),
         }
     }
 }
@@ -272,6 +273,7 @@ impl TryFrom<pb::CreateTaskRequest> for NewTask {
             approval: req.approval,
             ..t
         })
+        .map(|t| t.as_epic(req.epic))
         .map_err(status_from_error)
     }
 }

@@ -223,6 +223,8 @@ pub fn epic_waiting_for(status: TaskStatus, children: &Children) -> Vec<String> 
     }
     if children.unfinished() == 0 && children.done == 0 {
         return vec![match children.total {
+            0 => "an epic with no children yet: add them with pipelinectl task add --parent ID"
+                .to_owned(),
             1 => "an epic whose one child is cancelled: retry it, add one, or cancel the epic"
                 .to_owned(),
             n => format!(

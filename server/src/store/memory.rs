@@ -11,8 +11,8 @@ use super::{
     TrainStat, UsageBucket,
 };
 use crate::domain::{
-    LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit, TaskEvent,
-    TaskId, TaskState, TaskStatus,
+    Children, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit,
+    TaskEvent, TaskId, TaskState, TaskStatus,
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::CommitId;
@@ -390,7 +390,10 @@ impl Store for MemoryStore {
             requires: new.requires.clone(),
             paused,
             deps_pending: 0,
-            children: Default::default(),
+            children: Children {
+                declared: new.epic,
+                ..Children::default()
+            },
             state: TaskState {
                 max_cost_cents: new.max_cost_cents,
                 approval_required: new.approval,

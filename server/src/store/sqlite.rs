@@ -228,6 +228,7 @@ struct TaskRow {
     base_check: i64,
     approval_required: i64,
     approved: i64,
+    epic: i64,
 }
 
 /// A task row with its dependencies joined into one column.
@@ -266,7 +267,7 @@ const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priori
      feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
      lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
      created_at, updated_at, requires, max_cost_cents, paused, children, children_done, \
-     children_cancelled, children_cost_cents, base_check, approval_required, approved";
+     children_cancelled, children_cost_cents, base_check, approval_required, approved, epic";
 
 /// One page of `columns` of the tasks matching `filter` in lease order, after the key
 /// (`?1` priority, `?2` seq), at most `?3` rows; `filter` binds from `?4` (but see
@@ -293,7 +294,7 @@ const TASK_COLUMNS: &str = "seq, id, title, description, namespace, priority, pa
      lease_epoch, lease_runner, lease_runner_id, lease_base, lease_previous, patch_commit, \
      avoid_runner, verified_tree, deps_pending, version, created_at, updated_at, requires, \
      max_cost_cents, paused, children, children_done, children_cancelled, children_cost_cents, \
-     base_check, approval_required, approved";
+     base_check, approval_required, approved, epic";
 
 /// What a task requires of its runner, as stored: its labels joined by U+001F, which no label
 /// holds ([`crate::domain::validate_requires`]); empty for none.
@@ -374,6 +375,7 @@ impl TaskRow {
                 done: to_u32("done child count", self.children_done)?,
                 cancelled: to_u32("cancelled child count", self.children_cancelled)?,
                 cost_cents: self.children_cost_cents,
+                declared: self.epic != 0,
             },
             state: TaskState {
                 status: stored_status(&self.status)?,
@@ -1083,7 +1085,7 @@ async fn insert_tasks(
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
              deps_pending, created_at, updated_at, requires, max_cost_cents, paused, \
-             approval_required) ",
+             approval_required, epic) ",
         );
         q.push_values(chunk, |mut row, (id, t, pending)| {
             row.push_bind(id.as_str())
@@ -1104,7 +1106,8 @@ async fn insert_tasks(
                         .and_then(|p| paused_parents.get(p.as_str()))
                         .cloned(),
                 )
-                .push_bind(i64::from(t.approval));
+                .push_bind(i64::from(t.approval))
+                .push_bind(i64::from(t.epic));
         });
         q.push(" RETURNING id, seq");
         let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
@@ -1184,6 +1187,7 @@ async fn insert_tasks(
             deps_pending,
             children: Children {
                 total: children.get(&id).copied().unwrap_or(0),
+                declared: new.epic,
                 ..Children::default()
             },
             state: TaskState {
@@ -1489,7 +1493,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(&keyset_page(
             &format!("{TASK_COLUMNS}, {DEPS_COLUMN}"),
             "status = 'open' AND deps_pending = 0 AND paused IS NULL AND children = 0 \
-             AND (backoff_until IS NULL OR backoff_until <= ?4)",
+             AND epic = 0 AND (backoff_until IS NULL OR backoff_until <= ?4)",
         ))
         .bind(priority)
         .bind(seq)

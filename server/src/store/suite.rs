@@ -108,6 +108,7 @@ macro_rules! store_test_suite {
             counts_by_status,
             counts_pending_dependencies,
             keeps_an_epics_children_figures,
+            keeps_an_epic_created_as_one_out_of_the_candidates,
             keeps_meta,
             offers_lease_candidates_out_of_back_off_with_dependencies_done,
             keeps_an_integration_journal,
@@ -142,6 +143,7 @@ fn new_task(id: Option<&str>, title: &str, priority: u8, deps: &[&str]) -> NewTa
         requires: vec![],
         max_cost_cents: None,
         approval: false,
+        epic: false,
     }
 }
 
@@ -821,6 +823,50 @@ pub async fn keeps_what_holds_a_verified_task<S: Store>(store: &S) {
     assert_eq!(written.state, settled);
 }
 
+/// An epic created as such (`task add --epic`) is one before it has any child: kept through a
+/// read, never a lease candidate, with or without children; and its children are.
+pub async fn keeps_an_epic_created_as_one_out_of_the_candidates<S: Store>(store: &S) {
+    let mut new = new_task(Some("plan"), "the plan", 0, &[]);
+    new.epic = true;
+    let epic = store.create_task(new, 1).await.expect("epic");
+    assert!(epic.children.any() && epic.children.declared);
+    assert_eq!(epic.children.total, 0);
+    let mut listed = new_task(Some("listed"), "an epic in a batch", 0, &[]);
+    listed.epic = true;
+    store
+        .create_tasks(vec![listed, new_task(Some("plain"), "plain", 1, &[])], 2)
+        .await
+        .expect("batch");
+    for id in ["plan", "listed"] {
+        let read = store
+            .get_task(&self::id(id))
+            .await
+            .expect("get")
+            .expect("there");
+        assert!(read.children.declared, "{id} is an epic as read back");
+    }
+    let candidates = || async {
+        store
+            .lease_candidates(i64::MAX, None, 100)
+            .await
+            .expect("candidates")
+            .into_iter()
+            .map(|t| t.id.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(candidates().await, ["plain"], "no epic with no children");
+    let mut child = new_task(Some("step-1"), "the first step", 2, &[]);
+    child.parent = Some(self::id("plan"));
+    store.create_task(child, 3).await.expect("child");
+    assert_eq!(candidates().await, ["plain", "step-1"]);
+    let plan = store
+        .get_task(&self::id("plan"))
+        .await
+        .expect("get")
+        .expect("plan");
+    assert_eq!((plan.children.total, plan.children.declared), (1, true));
+}
+
 pub async fn keeps_an_epics_children_figures<S: Store>(store: &S) {
     let epic = create(store, "the epic").await;
     assert!(!epic.children.any());
@@ -874,7 +920,8 @@ pub async fn keeps_an_epics_children_figures<S: Store>(store: &S) {
             total: 3,
             done: 1,
             cancelled: 1,
-            cost_cents: 12.5
+            cost_cents: 12.5,
+            declared: false,
         }
     );
     assert!(store.finished_epics().await.expect("epics").is_empty());
