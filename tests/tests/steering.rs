@@ -1125,3 +1125,56 @@ fn an_epic_created_as_one_is_never_leased_while_its_children_are_added() {
     assert_eq!(filed["epic"], true);
     assert!(runs(&filed).is_empty(), "{filed}");
 }
+
+/// The race fixed in 894e18d, made to happen every time: a child's creation is held (a fault
+/// point) after its parent was checked (open) and before the child is written; meanwhile a
+/// runner leases the parent and its agent starts. Once the child is written, the parent's
+/// run must be stopped (it became an epic) so that its child gets the slot. With the old
+/// order (the parents in progress read before the write) the parent's agent went on beside
+/// its child, holding the runner's one slot.
+#[test]
+fn a_parent_leased_while_its_first_child_is_added_stops_for_the_child() {
+    let repo = TestRepo::new();
+    let gate = repo.dir.path().join("gate");
+    let mut cmd = Server::command(&repo, &[]);
+    cmd.env("PIPELINE_FAILPOINT", "child-after-parent-check")
+        .env("PIPELINE_FAILPOINT_FILE", &gate);
+    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("server:\n{log}"));
+    let parent = server.add(&["--title", "parent", "--description", "MODE: wait"]);
+    let adding = {
+        let (url, parent) = (server.url.clone(), parent.clone());
+        std::thread::spawn(move || {
+            pipeline_tests::ctl(
+                &url,
+                &["task", "add", "--title", "child", "--parent", &parent],
+            )
+        })
+    };
+    wait_for("the child's creation to reach the fault point", || {
+        gate.with_extension("reached").exists().then_some(())
+    });
+    assert_eq!(server.show(&parent)["status"], "open", "checked while open");
+    let _runner = runner(&repo, &server, "r");
+    let agent = repo.wait_agent(&parent);
+    assert_eq!(server.show(&parent)["status"], "in_progress");
+    std::fs::write(&gate, b"").expect("open the gate");
+    let child = adding.join().expect("task add").ok().trim().to_owned();
+
+    // The parent's agent is stopped (not counted), the child takes the slot and lands, and
+    // the parent is done with it, without its own run ever delivering.
+    wait_for("the parent's agent to stop", || {
+        (!pipeline_tests::alive(&agent)).then_some(())
+    });
+    server.wait_status(&child, "done");
+    let done = server.wait_status(&parent, "done");
+    assert!(
+        event_kinds(&done).contains(&"became_epic".to_owned()),
+        "{done}"
+    );
+    assert_eq!(done["failures"], 0);
+    assert_eq!(
+        done["patchset"], 0,
+        "the parent's own work never landed: {done}"
+    );
+    repo.release_agents();
+}

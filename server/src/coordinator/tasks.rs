@@ -106,6 +106,10 @@ impl<S: Store> Coordinator<S> {
         self.refuse_cancelled(None, &new.depends_on).await?;
         let parents: Vec<TaskId> = new.parent.iter().cloned().collect();
         self.check_parents(&parents).await?;
+        if !parents.is_empty() {
+            // Where a lease of the parent may commit: see `became_epics`.
+            crate::failpoint::pause_at("child-after-parent-check").await;
+        }
         let task = self.store.create_task(new, self.now()).await?;
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.add(TaskStatus::Open, 1);
