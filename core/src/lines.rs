@@ -30,14 +30,27 @@ pub const LIST_FEEDBACK_BYTES: usize = 1024;
 /// Keeps the last `max` bytes of `text` (at a character boundary; the end of a failure's
 /// output is where its reason is), after a marker saying how many went.
 pub fn keep_end(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
+    let bytes = text.as_bytes();
+    keep_end_of(bytes.len(), &bytes[bytes.len().saturating_sub(max)..])
+}
+
+/// What [`keep_end`] keeps of a text of `len` bytes, from its last bytes alone (`tail`: the
+/// last `max`, or all of them when it is shorter), for a reader that fetches only those (a
+/// store's list page, with `substr`).
+pub fn keep_end_of(len: usize, tail: &[u8]) -> String {
+    if tail.len() >= len {
+        return String::from_utf8_lossy(tail).into_owned();
     }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("[… {start} bytes cut …]\n{}", &text[start..])
+    // The tail may begin inside a character: skip its continuation bytes.
+    let skipped = tail
+        .iter()
+        .take_while(|b| (**b & 0b1100_0000) == 0b1000_0000)
+        .count();
+    let start = len - tail.len() + skipped;
+    format!(
+        "[… {start} bytes cut …]\n{}",
+        String::from_utf8_lossy(&tail[skipped..])
+    )
 }
 
 #[cfg(test)]
@@ -50,6 +63,35 @@ mod tests {
         assert_eq!(keep_end("0123456789", 4), "[… 6 bytes cut …]\n6789");
         // Never inside a character.
         assert_eq!(keep_end("aé", 1), "[… 3 bytes cut …]\n");
+    }
+
+    #[test]
+    fn the_end_from_the_tail_alone_is_the_end_from_the_whole() {
+        let texts = [
+            "",
+            "short",
+            "0123456789",
+            "aé",
+            "ééééé",
+            "x€yz€",
+            "€€€€€€€€",
+        ];
+        for text in texts {
+            for max in 0..=text.len() + 1 {
+                let tail = &text.as_bytes()[text.len().saturating_sub(max)..];
+                let whole = if text.len() <= max {
+                    text.to_owned()
+                } else {
+                    let mut start = text.len() - max;
+                    while !text.is_char_boundary(start) {
+                        start += 1;
+                    }
+                    format!("[… {start} bytes cut …]\n{}", &text[start..])
+                };
+                assert_eq!(keep_end_of(text.len(), tail), whole, "{text:?} {max}");
+                assert_eq!(keep_end(text, max), whole, "{text:?} {max}");
+            }
+        }
     }
 
     #[test]

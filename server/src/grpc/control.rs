@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use pipeline_core::lines::{LIST_FEEDBACK_BYTES, keep_end};
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_server::ControlService;
 use tokio_util::sync::CancellationToken;
@@ -171,10 +170,9 @@ impl<S: Store> ControlService for ControlApi<S> {
             tasks: tasks
                 .iter()
                 .map(|l| {
+                    // A row carries the end of the feedback only (the store reads no more):
+                    // a page stays small whatever the failures said (`task show` has it all).
                     let mut task = self.task_pb(&l.task);
-                    // A row carries the end of the feedback only: a page stays small
-                    // whatever the failures said (`task show` has it all).
-                    task.feedback = task.feedback.map(|f| keep_end(&f, LIST_FEEDBACK_BYTES));
                     task.waiting_for = l.waiting_for.clone();
                     task.tokens = l.tokens;
                     task

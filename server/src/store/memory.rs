@@ -16,6 +16,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::CommitId;
+use pipeline_core::lines::{LIST_FEEDBACK_BYTES, keep_end};
 
 #[derive(Clone, Default)]
 struct Tables {
@@ -474,6 +475,11 @@ impl Store for MemoryStore {
         page.truncate(limit as usize);
         for t in &mut page {
             t.description.clear();
+            t.state.feedback = t
+                .state
+                .feedback
+                .as_deref()
+                .map(|f| keep_end(f, LIST_FEEDBACK_BYTES));
         }
         Ok(page)
     }

@@ -209,7 +209,9 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// One page of tasks in lease order (priority, then age): at most `limit`, after the key
     /// `(priority, seq)` of the last task of the previous page, those `filter` lets through.
-    /// Descriptions are left empty: a list never carries them.
+    /// Descriptions are left empty and each feedback is its last `LIST_FEEDBACK_BYTES`
+    /// (`keep_end`), read as such: a list never carries more, and its rows are for showing,
+    /// never for writing back.
     fn list_tasks(
         &self,
         filter: &TaskFilter,

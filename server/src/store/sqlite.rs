@@ -26,6 +26,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::{CommitId, MAX_GENERATED, TreeId};
+use pipeline_core::lines::keep_end_of;
 
 const NEXT_TASK_NUMBER: &str = "next_task_number";
 
@@ -231,6 +232,29 @@ struct TaskRow {
     epic: i64,
 }
 
+/// A list row: a task row whose feedback is its length and last bytes ([`LIST_COLUMNS`]).
+#[derive(FromRow)]
+struct ListRow {
+    #[sqlx(flatten)]
+    row: CandidateRow,
+    feedback_bytes: Option<i64>,
+    feedback_tail: Option<Vec<u8>>,
+}
+
+impl ListRow {
+    fn into_task(self) -> Result<Task> {
+        let mut task = self.row.into_task()?;
+        task.state.feedback = match (self.feedback_bytes, self.feedback_tail) {
+            (Some(len), Some(tail)) => Some(keep_end_of(
+                usize::try_from(len).map_err(|_| corrupt("feedback length", &len.to_string()))?,
+                &tail,
+            )),
+            _ => None,
+        };
+        Ok(task)
+    }
+}
+
 /// A task row with its dependencies joined into one column.
 #[derive(FromRow)]
 struct CandidateRow {
@@ -261,10 +285,12 @@ impl CandidateRow {
     }
 }
 
-/// The task columns of a list: the description stays behind (lists never carry it).
+/// The task columns of a list: the description stays behind (lists never carry it), and of
+/// the feedback (up to 64 KiB) only its length and last `LIST_FEEDBACK_BYTES` bytes come.
 const LIST_COLUMNS: &str = "seq, id, title, '' AS description, namespace, priority, parent, \
      status, patchset, failures, lost_leases, cost_cents, cost_at_retry, backoff_until, \
-     feedback, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
+     NULL AS feedback, length(CAST(feedback AS BLOB)) AS feedback_bytes, \
+     substr(CAST(feedback AS BLOB), -1024) AS feedback_tail, amend, lease_id, lease_epoch, lease_runner, lease_runner_id, lease_base, \
      lease_previous, patch_commit, avoid_runner, verified_tree, deps_pending, version, \
      created_at, updated_at, requires, max_cost_cents, paused, children, children_done, \
      children_cancelled, children_cost_cents, base_check, approval_required, approved, epic";
@@ -1337,7 +1363,9 @@ impl Store for SqliteStore {
             query = query.bind(parent.as_str());
         }
         let rows = query.fetch_all(&self.pool).await?;
-        candidates(rows)
+        rows.iter()
+            .map(|row| ListRow::from_row(row)?.into_task())
+            .collect()
     }
 
     async fn create_tasks(&self, new: Vec<NewTask>, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
@@ -2054,6 +2082,19 @@ mod tests {
     }
 
     crate::store_test_suite!(fresh);
+
+    #[test]
+    fn a_list_reads_as_much_feedback_as_a_row_shows() {
+        let tail = format!(
+            "substr(CAST(feedback AS BLOB), -{})",
+            pipeline_core::lines::LIST_FEEDBACK_BYTES
+        );
+        assert!(
+            super::LIST_COLUMNS.contains(&tail),
+            "{}",
+            super::LIST_COLUMNS
+        );
+    }
 
     #[tokio::test]
     async fn state_survives_reopening_the_file() {

@@ -98,6 +98,7 @@ macro_rules! store_test_suite {
             refuses_cycles_through_epics,
             lists_in_lease_order_and_filters,
             lists_page_by_page_without_descriptions,
+            lists_only_the_end_of_each_feedback,
             creates_a_batch_all_or_none,
             creates_a_large_batch_as_one_at_a_time,
             edits_a_task_by_compare_and_swap,
@@ -402,6 +403,59 @@ pub async fn lists_in_lease_order_and_filters<S: Store>(store: &S) {
         .await
         .expect("list done");
     assert!(none.is_empty());
+}
+
+/// A list row carries the end of its feedback only (what `keep_end` keeps of the last
+/// `LIST_FEEDBACK_BYTES`), read as such; `get_task` has all of it.
+pub async fn lists_only_the_end_of_each_feedback<S: Store>(store: &S) {
+    use pipeline_core::lines::{LIST_FEEDBACK_BYTES, MAX_FEEDBACK_BYTES, keep_end};
+    // 64 KiB of failure, ending in a multi-byte character that straddles the cut; a short
+    // one; none.
+    let long =
+        "build output\n".repeat(6_000)[..MAX_FEEDBACK_BYTES - 20].to_owned() + "€€ the reason";
+    let cut_inside = "é".repeat(LIST_FEEDBACK_BYTES) + "!";
+    let feedbacks = [
+        Some(long),
+        Some("a short reason".to_owned()),
+        Some(cut_inside),
+        None,
+    ];
+    for (i, feedback) in feedbacks.iter().enumerate() {
+        let t = store
+            .create_task(new_task(None, &format!("f{i}"), 2, &[]), 1)
+            .await
+            .expect("create");
+        let state = TaskState {
+            feedback: feedback.clone(),
+            ..t.state.clone()
+        };
+        store
+            .commit(write(&t, state, "dev_failed", 2))
+            .await
+            .expect("feedback");
+    }
+    let page = store
+        .list_tasks(&TaskFilter::default(), None, 100)
+        .await
+        .expect("page");
+    assert_eq!(page.len(), feedbacks.len());
+    for (row, feedback) in page.iter().zip(&feedbacks) {
+        let want = feedback
+            .as_deref()
+            .map(|f| keep_end(f, LIST_FEEDBACK_BYTES));
+        assert_eq!(row.state.feedback, want, "{}", row.title);
+        let full = store.get_task(&row.id).await.expect("get").expect("task");
+        assert_eq!(&full.state.feedback, feedback, "show has it all");
+    }
+    assert!(
+        page[0]
+            .state
+            .feedback
+            .as_deref()
+            .is_some_and(|f| f.starts_with("[… ") && f.ends_with("€€ the reason")),
+        "{:?}",
+        page[0].state.feedback
+    );
 }
 
 pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
