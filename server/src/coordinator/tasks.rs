@@ -2,6 +2,8 @@
 //! show, cancel, retry, dependencies, status, runners). Each method decides with the lifecycle
 //! and commits through the one path of [`super`].
 
+use std::collections::{HashMap, HashSet};
+
 use crate::domain::{
     Millis, NewTask, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskStatus,
 };
@@ -126,22 +128,47 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Creates the tasks in order, all or none; a task may depend on one before it in the
-    /// batch.
+    /// batch. What the batch names outside itself (its dependencies, its parents) is read in
+    /// one statement each, not one per task: a dependency costs about what a row costs.
     pub async fn create_tasks(&self, new: Vec<NewTask>) -> Result<Vec<Task>> {
+        let mut deps: Vec<TaskId> = new.iter().flat_map(|t| t.depends_on.clone()).collect();
+        deps.sort();
+        deps.dedup();
+        let cancelled: HashSet<TaskId> = self
+            .store
+            .statuses(&deps)
+            .await?
+            .into_iter()
+            .filter(|(_, status)| *status == TaskStatus::Cancelled)
+            .map(|(dep, _)| dep)
+            .collect();
+        drop(deps);
         let mut parents = Vec::<TaskId>::new();
-        for (i, task) in new.iter().enumerate() {
-            self.refuse_cancelled(None, &task.depends_on)
-                .await
-                .map_err(|e| e.in_batch(i))?;
+        for task in &new {
             if let Some(parent) = &task.parent
                 && !parents.contains(parent)
             {
-                self.check_parents(std::slice::from_ref(parent))
-                    .await
-                    .map_err(|e| e.in_batch(i))?;
                 parents.push(parent.clone());
             }
         }
+        let parent_statuses: HashMap<TaskId, TaskStatus> =
+            self.store.statuses(&parents).await?.into_iter().collect();
+        // The first task that cannot be created, in order, as one at a time would find it.
+        let mut checked = HashSet::new();
+        for (i, task) in new.iter().enumerate() {
+            if let Some(dep) = task.depends_on.iter().find(|d| cancelled.contains(*d)) {
+                return Err(cancelled_dependency(dep, None).in_batch(i));
+            }
+            if let Some(parent) = &task.parent
+                && checked.insert(parent)
+                && let Some(refused) = parent_statuses
+                    .get(parent)
+                    .and_then(|status| refused_parent(parent, *status))
+            {
+                return Err(refused.in_batch(i));
+            }
+        }
+        drop(checked);
         let created = self.store.create_tasks(new, self.now()).await?;
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.add(TaskStatus::Open, created.len() as u64);
@@ -453,15 +480,9 @@ impl<S: Store> Coordinator<S> {
     /// Cancelled): it cannot become an epic now.
     async fn check_parents(&self, parents: &[TaskId]) -> Result<()> {
         for (parent, status) in self.store.statuses(parents).await? {
-            let why = match status {
-                TaskStatus::Open | TaskStatus::NeedsHelp | TaskStatus::InProgress => continue,
-                TaskStatus::Verified => "its own commit is verified and waits to land",
-                TaskStatus::Done => "it is done",
-                TaskStatus::Cancelled => "it is cancelled (pipelinectl task retry it first)",
-            };
-            return Err(Error::FailedPrecondition(format!(
-                "task {parent} cannot take children: {why}; add the task without --parent"
-            )));
+            if let Some(refused) = refused_parent(&parent, status) {
+                return Err(refused);
+            }
         }
         Ok(())
     }
@@ -495,11 +516,7 @@ impl<S: Store> Coordinator<S> {
     async fn refuse_cancelled(&self, id: Option<&TaskId>, deps: &[TaskId]) -> Result<()> {
         for (dep, status) in self.store.statuses(deps).await? {
             if status == TaskStatus::Cancelled {
-                let who = id.map_or_else(|| "the task".to_owned(), |i| format!("task {i}"));
-                return Err(Error::FailedPrecondition(format!(
-                    "{dep} is cancelled, so {who} would wait for it for ever; retry {dep} first \
-                     (pipelinectl task retry {dep}) or leave it out"
-                )));
+                return Err(cancelled_dependency(&dep, id));
             }
         }
         Ok(())
@@ -888,4 +905,27 @@ fn paused_reason(task: &Task) -> Option<String> {
     let why = task.paused.as_deref()?;
     (task.state.status == TaskStatus::Open)
         .then(|| format!("paused: {why} (pipelinectl task resume {})", task.id))
+}
+
+/// Why a task (`id`, or the one being created) cannot depend on the cancelled `dep`.
+fn cancelled_dependency(dep: &TaskId, id: Option<&TaskId>) -> Error {
+    let who = id.map_or_else(|| "the task".to_owned(), |i| format!("task {i}"));
+    Error::FailedPrecondition(format!(
+        "{dep} is cancelled, so {who} would wait for it for ever; retry {dep} first \
+         (pipelinectl task retry {dep}) or leave it out"
+    ))
+}
+
+/// Why `parent`, with `status`, cannot take children now (its own work is over or waits to
+/// land), if it cannot.
+fn refused_parent(parent: &TaskId, status: TaskStatus) -> Option<Error> {
+    let why = match status {
+        TaskStatus::Open | TaskStatus::NeedsHelp | TaskStatus::InProgress => return None,
+        TaskStatus::Verified => "its own commit is verified and waits to land",
+        TaskStatus::Done => "it is done",
+        TaskStatus::Cancelled => "it is cancelled (pipelinectl task retry it first)",
+    };
+    Some(Error::FailedPrecondition(format!(
+        "task {parent} cannot take children: {why}; add the task without --parent"
+    )))
 }
