@@ -188,6 +188,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
     auth.max_registrations_per_address = config.max_registrations_per_address;
     auth.max_registrations_per_name = config.max_registrations_per_name;
+    auth.free_unconnected_after_ms =
+        i64::try_from(config.free_unconnected_names_after.saturating_mul(1000)).unwrap_or(i64::MAX);
     // Where, never what: the tokens stay in their files.
     tracing::info!(
         admin_token = %auth.admin_file.display(),

@@ -35,6 +35,13 @@ const REGISTRATION_FILE: &str = "runner-registration.token";
 const RUNNER_KEY: &str = "runner_credential:";
 /// A revoked runner's name: it cannot be registered again until forgotten.
 const REVOKED_KEY: &str = "runner_revoked:";
+/// A runner name whose credential has not opened a work stream yet, with when it was issued
+/// (ms since the epoch): freed after [`Auth::free_unconnected_after_ms`].
+const UNCONNECTED_KEY: &str = "runner_unconnected:";
+/// How long a name registered with the registration token stays reserved if its runner never
+/// connects (opens its work stream), unless the server says otherwise
+/// (`--free-unconnected-names-after`).
+pub const FREE_UNCONNECTED_AFTER_MS: i64 = 3_600_000;
 
 /// A new random token with `prefix`.
 pub fn new_token(prefix: &str) -> Result<String> {
@@ -90,10 +97,27 @@ struct State {
     runners: HashMap<String, String>,
     /// Names of revoked runners (until `pipelinectl runners forget`).
     revoked: std::collections::HashSet<String>,
+    /// Names whose credential never opened a work stream: name → when it was issued, and the
+    /// same in the order they are freed in.
+    unconnected: HashMap<String, i64>,
+    unconnected_by_age: std::collections::BTreeSet<(i64, String)>,
     /// Recent registrations per key (a credential, `address:…`, `name:…`), for the rate limits.
     registrations: HashMap<String, VecDeque<Instant>>,
     /// Past this many keys, those without a registration in the last minute are dropped.
     sweep_at: usize,
+}
+
+impl State {
+    /// Sets (`Some(issued at)`) or clears (`None`) that `name` has not connected yet.
+    fn unconnect(&mut self, name: &str, issued_at: Option<i64>) {
+        if let Some(at) = self.unconnected.remove(name) {
+            self.unconnected_by_age.remove(&(at, name.to_owned()));
+        }
+        if let Some(at) = issued_at {
+            self.unconnected.insert(name.to_owned(), at);
+            self.unconnected_by_age.insert((at, name.to_owned()));
+        }
+    }
 }
 
 /// The window of the registration rate limits.
@@ -117,6 +141,9 @@ pub struct Auth {
     /// Registrations allowed per minute under one runner name: strict, so that one runner
     /// registering in a loop does not crowd out the others.
     pub max_registrations_per_name: usize,
+    /// How long a name registered with the registration token stays reserved if its runner
+    /// never opens its work stream (ms).
+    pub free_unconnected_after_ms: i64,
 }
 
 /// Drops the instants of `recent` older than the window.
@@ -172,12 +199,24 @@ impl Auth {
             .into_iter()
             .filter_map(|(key, _)| key.strip_prefix(REVOKED_KEY).map(str::to_owned))
             .collect();
+        let mut unconnected = HashMap::new();
+        for (key, value) in store.list_meta(UNCONNECTED_KEY).await? {
+            if let (Some(name), Ok(at)) = (key.strip_prefix(UNCONNECTED_KEY), value.parse()) {
+                unconnected.insert(name.to_owned(), at);
+            }
+        }
+        let unconnected_by_age = unconnected
+            .iter()
+            .map(|(name, at)| (*at, name.clone()))
+            .collect();
         Ok(Self {
             state: RwLock::new(State {
                 admin: hash(&admin),
                 registration: hash(&registration),
                 runners,
                 revoked,
+                unconnected,
+                unconnected_by_age,
                 registrations: HashMap::new(),
                 sweep_at: 1024,
             }),
@@ -186,6 +225,7 @@ impl Auth {
             max_registrations_per_minute: max_registrations_per_minute.max(1),
             max_registrations_per_address: DEFAULT_REGISTRATIONS_PER_ADDRESS,
             max_registrations_per_name: DEFAULT_REGISTRATIONS_PER_NAME,
+            free_unconnected_after_ms: FREE_UNCONNECTED_AFTER_MS,
         })
     }
 
@@ -292,15 +332,61 @@ impl Auth {
         Ok(())
     }
 
-    /// Issues `name` a credential of its own (replacing any earlier one); returns it.
-    pub async fn issue<S: Store>(&self, store: &S, name: &str) -> Result<String> {
+    /// Issues `name` a credential of its own (replacing any earlier one) at `now` (ms since
+    /// the epoch); returns it. The name stays reserved for it; until its runner opens its work
+    /// stream ([`Auth::connected`]), only for [`Auth::free_unconnected_after_ms`].
+    pub async fn issue<S: Store>(&self, store: &S, name: &str, now: i64) -> Result<String> {
         let token = new_token("plc_")?;
         let h = hash(&token);
+        store
+            .put_meta(&format!("{UNCONNECTED_KEY}{name}"), &now.to_string())
+            .await?;
         store.put_meta(&format!("{RUNNER_KEY}{name}"), &h).await?;
         let mut state = self.write();
         state.runners.retain(|_, n| n != name);
         state.runners.insert(h, name.to_owned());
+        state.unconnect(name, Some(now));
         Ok(token)
+    }
+
+    /// Runner `name` opened its work stream: its name is no longer freed for want of it (a
+    /// database write the first time only).
+    pub async fn connected<S: Store>(&self, store: &S, name: &str) -> Result<()> {
+        if !self.read().unconnected.contains_key(name) {
+            return Ok(());
+        }
+        store
+            .delete_meta(&format!("{UNCONNECTED_KEY}{name}"))
+            .await?;
+        self.write().unconnect(name, None);
+        Ok(())
+    }
+
+    /// Frees the names whose credentials were issued at least
+    /// [`Auth::free_unconnected_after_ms`] before `now` and never opened a work stream: the
+    /// credential stops working and the registration token may register the name again.
+    /// Returns them. Only the names due are looked at.
+    pub async fn free_unconnected<S: Store>(&self, store: &S, now: i64) -> Result<Vec<String>> {
+        let due: Vec<String> = {
+            let state = self.read();
+            let until = now.saturating_sub(self.free_unconnected_after_ms);
+            state
+                .unconnected_by_age
+                .iter()
+                .take_while(|(at, _)| *at <= until)
+                .map(|(_, name)| name.clone())
+                .collect()
+        };
+        for name in &due {
+            store.delete_meta(&format!("{RUNNER_KEY}{name}")).await?;
+            store
+                .delete_meta(&format!("{UNCONNECTED_KEY}{name}"))
+                .await?;
+            let mut state = self.write();
+            state.runners.retain(|_, n| n != name);
+            state.unconnect(name, None);
+        }
+        Ok(due)
     }
 
     /// Whether a live credential holds the runner name `name` (then only that credential may
@@ -326,7 +412,11 @@ impl Auth {
             .put_meta(&format!("{REVOKED_KEY}{name}"), "revoked")
             .await?;
         store.delete_meta(&format!("{RUNNER_KEY}{name}")).await?;
+        store
+            .delete_meta(&format!("{UNCONNECTED_KEY}{name}"))
+            .await?;
         let mut state = self.write();
+        state.unconnect(name, None);
         state.revoked.insert(name.to_owned());
         let before = state.runners.len();
         state.runners.retain(|_, n| n != name);
@@ -338,7 +428,11 @@ impl Auth {
     pub async fn forget<S: Store>(&self, store: &S, name: &str) -> Result<bool> {
         store.delete_meta(&format!("{REVOKED_KEY}{name}")).await?;
         store.delete_meta(&format!("{RUNNER_KEY}{name}")).await?;
+        store
+            .delete_meta(&format!("{UNCONNECTED_KEY}{name}"))
+            .await?;
         let mut state = self.write();
+        state.unconnect(name, None);
         let had = state.revoked.remove(name);
         let before = state.runners.len();
         state.runners.retain(|_, n| n != name);
@@ -423,6 +517,50 @@ mod tests {
             .expect_err("the shared token's attempts at v");
         auth.count_registration_source(None, "v", true)
             .expect("v with its own credential");
+    }
+
+    #[tokio::test]
+    async fn names_whose_runners_never_connect_are_freed_after_the_time_set() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = format!("sqlite://{}", dir.path().join("db").display());
+        let store = crate::store::sqlite::SqliteStore::open(&url)
+            .await
+            .expect("store");
+        let mut auth = Auth::open(&store, dir.path(), 100).await.expect("auth");
+        auth.free_unconnected_after_ms = 1_000;
+        let ghost = auth.issue(&store, "ghost", 10_000).await.expect("ghost");
+        let live = auth.issue(&store, "live", 10_000).await.expect("live");
+        let late = auth.issue(&store, "late", 10_500).await.expect("late");
+        auth.connected(&store, "live")
+            .await
+            .expect("live connected");
+        assert!(
+            auth.free_unconnected(&store, 10_999)
+                .await
+                .expect("sweep")
+                .is_empty()
+        );
+        assert_eq!(
+            auth.free_unconnected(&store, 11_000).await.expect("sweep"),
+            ["ghost"]
+        );
+        assert!(!auth.name_taken("ghost") && auth.identify(&ghost).is_none());
+        assert!(auth.name_taken("live") && auth.name_taken("late"));
+        // As the database has it: a server started again frees the same, and keeps the rest.
+        let mut again = Auth::open(&store, dir.path(), 100).await.expect("reopen");
+        again.free_unconnected_after_ms = 1_000;
+        assert!(!again.name_taken("ghost"));
+        assert_eq!(again.identify(&live), Some(Caller::Runner("live".into())));
+        assert_eq!(
+            again
+                .free_unconnected(&store, 1_000_000)
+                .await
+                .expect("sweep"),
+            ["late"]
+        );
+        assert!(again.identify(&late).is_none());
+        assert_eq!(again.identify(&live), Some(Caller::Runner("live".into())));
+        store.close().await;
     }
 
     #[test]

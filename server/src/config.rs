@@ -164,6 +164,13 @@ pub struct Config {
     )]
     pub verify_on_server: VerifyOnServer,
 
+    /// How long a runner name registered with the registration token stays reserved if its
+    /// runner never connects (opens its work stream): then its credential is dropped and the
+    /// name can be registered again (a bare number is seconds).
+    #[arg(long, env = "PIPELINE_FREE_UNCONNECTED_NAMES_AFTER", default_value = "1h",
+          value_name = "DURATION", value_parser = units::positive_seconds)]
+    pub free_unconnected_names_after: u64,
+
     /// The most Verified tasks one merge train lands with one build (its tip's); a red tip is
     /// searched for its first red commit. 1 builds every task's commit on its own.
     #[arg(long, env = "PIPELINE_BATCH_MAX", default_value_t = 8,

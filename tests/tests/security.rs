@@ -454,3 +454,65 @@ fn a_revoked_runner_is_listed_as_revoked_until_forgotten() {
     server.ctl(&["runners", "forget", "fake"]).ok();
     assert_eq!(listed(&server), None);
 }
+
+/// A name registered with the registration token whose runner never opens its work stream is
+/// freed after `--free-unconnected-names-after`: its credential stops working and the token
+/// can register the name again. A runner that connected keeps its name however long it is
+/// away.
+#[test]
+fn names_whose_runners_never_connected_are_freed_after_the_time_set() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &[
+            "--free-unconnected-names-after",
+            "4s",
+            "--max-registrations-per-name",
+            "1000",
+            "--max-registrations-per-address",
+            "1000",
+        ],
+    );
+    let token = repo.registration_token();
+    let register = |name: &str| {
+        FakeRunner::register(&server.url, &token, name, pipeline_proto::PROTOCOL_VERSION)
+    };
+    let ghost = register("ghost").expect("ghost registers and never connects");
+    let mut kept = register("kept").expect("kept registers");
+    kept.open(vec![]).expect("kept connects");
+    kept.close();
+    let err = register("ghost").err().expect("taken at first");
+    assert!(
+        err.message().contains("belongs to a registered runner"),
+        "{}",
+        err.message()
+    );
+    // Once the time has passed, a registration frees it (polled: the time is the server's).
+    let again = wait_for("the name ghost to be freed", || register("ghost").ok());
+    assert_ne!(again.credential, ghost.credential, "a new credential");
+    // The old one no longer works, and the runner that connected keeps its name.
+    let old = FakeRunner::register_with(
+        &server.url,
+        &ghost.credential,
+        pb::RegisterRequest {
+            name: "ghost".into(),
+            slots: 1,
+            version: "test".into(),
+            protocol_version: pipeline_proto::PROTOCOL_VERSION,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("the freed credential is refused");
+    assert_eq!(old.code(), tonic::Code::Unauthenticated, "{old:?}");
+    let err = register("kept").err().expect("kept is still taken");
+    assert!(
+        err.message().contains("belongs to a registered runner"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        server.log().contains("freed the runner name"),
+        "the server says so"
+    );
+}

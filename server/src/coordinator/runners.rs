@@ -98,6 +98,14 @@ impl<S: Store> Coordinator<S> {
     pub async fn register(&self, hello: RunnerHello, caller: &Caller) -> Result<Registered> {
         let issue = match caller {
             Caller::Registration => {
+                // Names reserved by registrations whose runners never connected are freed
+                // after a while (`--free-unconnected-names-after`); those due go now.
+                for name in self.auth.free_unconnected(&self.store, self.now()).await? {
+                    tracing::info!(
+                        runner = %name,
+                        "freed the runner name: it was registered but its runner never connected"
+                    );
+                }
                 // A name belongs to the credential that registered it: the shared token cannot
                 // take it over (a runner that lost its saved credential is revoked, then
                 // forgotten, to free its name).
@@ -165,7 +173,11 @@ impl<S: Store> Coordinator<S> {
         self.registry().set_scope(&runner_id, hello.scope);
         self.registry().set_sandbox(&runner_id, hello.sandbox);
         let credential = if issue {
-            Some(self.auth.issue(&self.store, &hello.name).await?)
+            Some(
+                self.auth
+                    .issue(&self.store, &hello.name, self.now())
+                    .await?,
+            )
         } else {
             None
         };
@@ -309,14 +321,19 @@ impl<S: Store> Coordinator<S> {
     }
 
     /// Opens a runner's work stream: re-attaches the leases it still holds (after a reconnect)
-    /// and returns the receiving end of its pushes, with the stream's generation.
-    pub fn open_work(
+    /// and returns the receiving end of its pushes, with the stream's generation. The first
+    /// time a runner does, its name stops being one whose runner never connected.
+    pub async fn open_work(
         &self,
         runner_id: &str,
         held: &[LeaseRef],
         draining: bool,
         unhealthy: Option<String>,
     ) -> Result<(u64, Attached, mpsc::Receiver<Push>)> {
+        let name = self.registry().runner(runner_id).map(|r| r.name.clone());
+        if let Some(name) = name {
+            self.auth.connected(&self.store, &name).await?;
+        }
         let (tx, rx) = mpsc::channel(PUSH_BUFFER);
         let now = self.now();
         let mut registry = self.registry();

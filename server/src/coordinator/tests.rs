@@ -105,6 +105,7 @@ async fn runner(
         .expect("register");
     let (_, attached, rx) = c
         .open_work(&registered.runner_id, &[], false, None)
+        .await
         .expect("open");
     assert!(attached.kept.is_empty());
     (registered.runner_id, rx)

@@ -442,6 +442,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let (generation, attached, pushes) = self
             .coordinator
             .open_work(&id, &held, r.draining, health(r.unhealthy))
+            .await
             .map_err(status_from_error)?;
         let first = pb::WorkMessage {
             kind: Some(pb::work_message::Kind::Attached(pb::Attached {
