@@ -77,7 +77,7 @@ fn have(program: &str) -> bool {
 #[test]
 fn the_bash_completion_loads_and_completes_subcommands_and_flags() {
     let ctl = bin("pipelinectl");
-    // COMP_* as bash sets them for `pipelinectl ta<TAB>`, `… task a<TAB>`, `… task add --pri<TAB>`.
+    // COMP_* as bash sets them for `pipelinectl ta<TAB>`, `… task ad<TAB>`, `… task add --pri<TAB>`.
     let script = format!(
         r#"set -e
 source <({ctl} completions bash)
@@ -85,8 +85,8 @@ complete -p pipelinectl
 COMP_WORDS=(pipelinectl ta); COMP_CWORD=1
 _pipelinectl pipelinectl ta pipelinectl
 echo "1:${{COMPREPLY[*]}}"
-COMP_WORDS=(pipelinectl task a); COMP_CWORD=2
-_pipelinectl pipelinectl a task
+COMP_WORDS=(pipelinectl task ad); COMP_CWORD=2
+_pipelinectl pipelinectl ad task
 echo "2:${{COMPREPLY[*]}}"
 COMP_WORDS=(pipelinectl task add --pri); COMP_CWORD=3
 _pipelinectl pipelinectl --pri add
@@ -520,4 +520,42 @@ fn verify_units() {
         out.status.success() && out.stderr.trim().is_empty() && out.stdout.trim().is_empty(),
         "systemd-analyze verify: {out:?}"
     );
+}
+
+/// The token as the runner unit hands it over: a systemd credential, in the file
+/// `$CREDENTIALS_DIRECTORY/pipeline-runner-token`, with nothing on the command line or in the
+/// environment.
+#[test]
+fn a_runner_registers_with_the_token_of_its_systemd_credential() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let creds = tempfile::tempdir().expect("credentials dir");
+    std::fs::write(
+        creds.path().join("pipeline-runner-token"),
+        format!("{}\n", repo.registration_token()),
+    )
+    .expect("write the credential");
+    let args = agent_args(&["--no-verify"]);
+    let cmd = Runner::command(&repo, &server.url, "from-credential", &as_strs(&args));
+    // The harness passes --token; a unit passes none.
+    let argv: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let at = argv.iter().position(|a| a == "--token").expect("--token");
+    let mut without = std::process::Command::new(cmd.get_program());
+    without.args(argv[..at].iter().chain(&argv[at + 2..]));
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => without.env(key, value),
+            None => without.env_remove(key),
+        };
+    }
+    without.env("CREDENTIALS_DIRECTORY", creds.path());
+    let runner = pipeline_tests::Proc::spawn(&mut without);
+    if let Err(log) = runner.wait_for_line("registered") {
+        panic!("did not register with the credential's token:\n{log}");
+    }
+    let id = server.add(&["--title", "through the credential"]);
+    server.wait_status(&id, "done");
 }
