@@ -92,7 +92,9 @@ impl OnceOutcome {
             JobEnd::Refused(why) | JobEnd::Infra(why) | JobEnd::Unusable(why) => {
                 Self::NoResult(why.clone())
             }
-            JobEnd::RateLimited { reason, .. } => Self::NoResult(reason.clone()),
+            JobEnd::RateLimited { reason, .. } | JobEnd::DiskFull { reason, .. } => {
+                Self::NoResult(reason.clone())
+            }
             JobEnd::Cancelled => Self::NoResult("stopped before it finished".to_owned()),
         }
     }
@@ -1150,6 +1152,10 @@ mod tests {
             JobEnd::RateLimited {
                 reason: "rate limited".into(),
                 until_ms: 0,
+            },
+            JobEnd::DiskFull {
+                reason: "the work dir's disk is full".into(),
+                at_ms: 0,
             },
         ] {
             assert_eq!(code(end.clone()), 4, "{end:?}");

@@ -764,7 +764,11 @@ mod tests {
         s.resume();
         // A delivered result starts the back-off again; the disk never made it unhealthy.
         started(s.offer(assignment("t-5"), "t-5"));
-        s.ended(&lease_id("t-5"), &JobEnd::Delivered, false);
+        s.ended(
+            &lease_id("t-5"),
+            &JobEnd::Delivered(Outcome::Verified),
+            false,
+        );
         let again = full(&mut s, "t-6", 0);
         assert_eq!(
             again.infra.and_then(|i| i.disk_full_pause_ms),
