@@ -10,6 +10,8 @@
 //!   applies the [`sandbox`] and never lets them outlive the process that started them.
 //! - [`verify`]: the verifier (`bild`, build and test commands, or off), the same on runner and
 //!   server.
+//! - [`failpoint`]: named fault points (`PIPELINE_FAILPOINT`) for the crash and supervision
+//!   tests of both binaries.
 //! - [`git`]: the one typed layer over the `git` command line.
 //! - [`lock`]: an exclusive lock on a file for a process's life, naming its holder (the
 //!   server's state dir, a runner's work dir).
@@ -18,6 +20,7 @@
 //!   bare numbers keeping their old meaning.
 
 pub mod clock;
+pub mod failpoint;
 pub mod git;
 pub mod guard;
 pub mod ids;

@@ -271,6 +271,7 @@ async fn develop(
         dev,
         &format!("leased {task} (run {}, patchset {})", a.run_id, a.patchset),
     );
+    pipeline_core::failpoint::panic_at("panic-job");
 
     // The server's verification is the gate: the job runs exactly that, so that its pass can
     // stand for a build of the tree. The runner's own flags serve an older server only. Its

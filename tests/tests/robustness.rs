@@ -1488,3 +1488,51 @@ fn a_port_in_use_is_refused_before_anything_is_created() {
     let server = Server::start(&repo, &["--listen", &addr]);
     server.ctl(&["status"]).ok();
 }
+
+/// A job that panics (a bug in the runner) ends like any other infrastructure failure: its slot
+/// is freed, its lease goes back uncharged with the panic as the reason, and it counts towards
+/// the runner's health. It used to keep its slot for ever and report its lease in every
+/// heartbeat, so the server never expired it and the task hung in progress.
+#[test]
+fn a_panicking_job_gives_its_lease_back_and_frees_its_slot() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--backoff-base", "0"]);
+    let mut args = scripted_agent();
+    args.extend(["--no-verify", "--max-infra-failures", "2"].map(String::from));
+    let panicky = Runner::spawn_with_env(
+        &repo,
+        &server.url,
+        "panicky",
+        &as_strs(&args),
+        &[("PIPELINE_FAILPOINT", "panic-job")],
+    );
+    let id = server.add(&["--title", "met a panic"]);
+    // Each job panics; each gives its lease back and frees the slot for the next, until the
+    // runner has failed twice in a row and turns unhealthy.
+    let runners = wait_for("the panicking runner to turn unhealthy", || {
+        let runners = server.ctl(&["runners", "--json"]).json();
+        (runners[0]["health"] == "unhealthy").then_some(runners)
+    });
+    let reason = runners[0]["health_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("panicked"), "{reason}");
+    let task = server.wait_task(&id, "given back", |t| t["status"] == "open");
+    assert_eq!(
+        task["failures"], 0,
+        "a panic is not the task's failure: {task}"
+    );
+    let dev = runs(&task);
+    assert!(dev.len() >= 2, "one run per panicked job: {task}");
+    for run in &dev {
+        assert_eq!(run["status"], "failure", "{run}");
+        assert_eq!(run["failure_kind"], "infrastructure", "{run}");
+        let error = run["error"].as_str().unwrap_or_default();
+        assert!(error.contains("panicked"), "{error}");
+    }
+    drop(panicky);
+    // Nothing was lost: a sound runner takes the task and lands it.
+    let args = scripted_agent();
+    let mut sound = as_strs(&args);
+    sound.push("--no-verify");
+    let _sound = Runner::start(&repo, &server, "sound", &sound);
+    server.wait_status(&id, "done");
+}

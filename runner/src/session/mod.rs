@@ -918,14 +918,25 @@ impl Session {
         }
     }
 
+    /// Starts a job, supervised: however it ends, panic included, its end is reported, so its
+    /// slot is freed and its lease given back (a panic is the runner's failure, never the
+    /// task's).
     fn spawn_job(&self, a: Assignment, slot: usize, cancel: CancellationToken) {
         let ctx = Arc::clone(&self.ctx);
         let done = self.done_tx.clone();
         let lease_id = a.lease.id.clone();
         let span = tracing::info_span!("job", task = %a.task, slot);
+        let job = tokio::spawn(job::run(ctx, a, slot, cancel).instrument(span.clone()));
         tokio::spawn(
             async move {
-                let end = job::run(ctx, a, slot, cancel).await;
+                let end = match job.await {
+                    Ok(end) => end,
+                    Err(e) => {
+                        let end = JobEnd::Infra(job_failure(e));
+                        tracing::error!(?end, "the job did not end normally");
+                        end
+                    }
+                };
                 let _ = done.send((lease_id, end));
             }
             .instrument(span),
@@ -1079,6 +1090,21 @@ impl Session {
         })
         .await;
     }
+}
+
+/// Why a job's task ended without a [`JobEnd`]: a panic (a bug in the runner, said with its
+/// message), or a cancellation of the task itself.
+fn job_failure(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return "the runner's job was stopped before it ended".to_owned();
+    }
+    let payload = e.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    format!("the runner's job panicked (a bug in the runner, not the task's failure): {message}")
 }
 
 /// Says an infrastructure failure, and the runner turning unhealthy.
