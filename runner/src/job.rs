@@ -4,115 +4,32 @@
 //! exactly one commit, verify, and send the result with the commit's bundle. Stops at once
 //! when cancelled.
 //!
-//! A lease's own types live here: the [`Assignment`] the edge validated (so nothing is checked
-//! again here), its [`RunId`], the [`LeaseResult`] sent, and the [`JobEnd`] the session gets.
-//! A fetch or a delivery that fails is read with `pipeline_proto::classify` and retried with
-//! the runner's [`Backoff`] while the server is away.
+//! A lease's words ([`Assignment`], already validated by the edge, so nothing is checked again
+//! here; the [`LeaseResult`] sent; the [`JobEnd`] the session gets) are the runner's
+//! vocabulary, in `domain`. A fetch or a delivery that fails ([`CallError`], as `wire` read it)
+//! is retried with the runner's [`Backoff`] while the server is away.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
+use pipeline_core::clock::now_ms;
+use pipeline_core::ids::CommitId;
 use pipeline_core::sandbox::{Rules, Sandbox};
 use pipeline_core::verify::{self, Verdict, Verifier};
-use pipeline_proto::{Disposition, classify};
-
-use crate::usage::Usage;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status};
 
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::backoff::Backoff;
 use crate::config::{AgentMode, Config};
+use crate::domain::{
+    Assignment, CallError, Channel, CurrentRunner, JobEnd, LeaseResult, Outcome, Phase,
+};
 use crate::git::{Found, Mirror, private_dir};
-use crate::logship::{Channel, Phase, RunLog};
+use crate::logship::RunLog;
+use crate::usage::Usage;
 use crate::wire::Client;
-
-/// A lease the server gave this runner, as the edge checked it: everything a job needs, valid.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Assignment {
-    pub lease: LeaseRef,
-    pub task: TaskId,
-    pub run_id: RunId,
-    /// The task's title (the message of a commit the runner makes for its agent).
-    pub title: String,
-    pub namespace: Option<String>,
-    /// The base branch's name.
-    pub base_branch: String,
-    /// The commit the work starts from.
-    pub base: CommitId,
-    /// The previous patchset, when the agent amends it (its parent is `base`).
-    pub previous: Option<CommitId>,
-    pub patchset: u32,
-    /// The whole prompt, built by the server.
-    pub prompt: String,
-    /// How the server verifies: the job verifies the same way. `None` from an older server,
-    /// which leaves it to the runner's own verification flags.
-    pub verification: Option<Verifier>,
-    /// What the task may still spend, in cents (finite, ≥ 0); `None`: no cap.
-    pub budget_cents: Option<f64>,
-    /// The agent's session of the previous attempt (letters, digits, `.`, `_`, `-`).
-    pub resume_session: Option<String>,
-}
-
-/// A run's ID as the server names it (`dev-<task>-<epoch>`): safe in a file name and as an
-/// argument (letters, digits, `.`, `_` and `-`, starting with a letter or a digit, at most 200
-/// bytes).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct RunId(String);
-
-impl RunId {
-    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
-        let ok = !raw.is_empty()
-            && raw.len() <= 200
-            && raw.as_bytes()[0].is_ascii_alphanumeric()
-            && raw
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !ok {
-            return Err(InvalidId(format!(
-                "invalid run id {}",
-                pipeline_core::ids::quote_for_message(raw)
-            )));
-        }
-        Ok(Self(raw.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for RunId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// The runner ID calls about leases carry: the current registration's, published by the
-/// session once the server has re-attached the runner's leases to it.
-#[derive(Clone, Debug, Default)]
-pub struct CurrentRunner(Arc<RwLock<Option<RunnerId>>>);
-
-impl CurrentRunner {
-    pub fn set(&self, id: RunnerId) {
-        if let Ok(mut current) = self.0.write() {
-            *current = Some(id);
-        }
-    }
-
-    /// The ID, for a call. Before the first attachment a call fails as if the server were away
-    /// (no job starts before it, so none is made).
-    pub fn get(&self) -> Result<RunnerId, Status> {
-        self.0
-            .read()
-            .ok()
-            .and_then(|id| id.clone())
-            .ok_or_else(|| Status::unavailable("the runner is not registered yet"))
-    }
-}
 
 /// What every job shares.
 pub struct JobContext {
@@ -126,58 +43,6 @@ pub struct JobContext {
     pub prices: Arc<agent::Prices>,
     /// The sandbox agents and builds run in.
     pub sandbox: Sandbox,
-}
-
-/// How a job ended, for the session.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum JobEnd {
-    /// The server took the result, which said this.
-    Delivered(Outcome),
-    /// The server no longer wants it (lease gone, commit refused): nothing more to do.
-    Refused(String),
-    /// Stopped before a result.
-    Cancelled,
-    /// The runner could not do the work (a missing program, a git or disk error: not the
-    /// task's fault): give the lease back, uncharged, saying why.
-    Infra(String),
-    /// As `Infra`, and the next task would fail the same way (the agent has no credentials,
-    /// no network): the runner turns unhealthy at once, in the agent's words.
-    Unusable(String),
-    /// The agent's provider refused work for now (a rate limit): the lease goes back
-    /// uncharged and the runner takes no new work until `until_ms` (ms since the epoch).
-    RateLimited { reason: String, until_ms: i64 },
-    /// As `Infra`, for want of room on the work dir's disk (at `at_ms`, ms since the epoch):
-    /// the runner takes no work until its disk has room again, which heals without a restart.
-    DiskFull { reason: String, at_ms: i64 },
-}
-
-/// How a lease's work came out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The agent failed or left something other than one commit; no bundle follows.
-    DevFailed,
-    /// The commit was made but verification failed; its bundle follows.
-    VerifyFailed,
-    /// The commit passed (or skipped) verification; its bundle follows.
-    Verified,
-}
-
-/// A lease's result, as sent to the server.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LeaseResult {
-    pub outcome: Outcome,
-    /// The reason, with the tail of the failing command's output.
-    pub error: Option<String>,
-    pub cost_cents: f64,
-    /// The commit the bundle holds (for `VerifyFailed` and `Verified`).
-    pub commit: Option<CommitId>,
-    /// Why verification was skipped, when it was.
-    pub verify_skipped: Option<String>,
-    /// The digest of the verification run, when one ran.
-    pub verify_digest: Option<String>,
-    pub dev_finished_at_ms: i64,
-    /// What the agent used, when known.
-    pub usage: Option<Usage>,
 }
 
 /// The result of the dev and verify steps, ready to send.
@@ -234,7 +99,7 @@ pub async fn run(
             if pipeline_core::git::is_disk_full(&reason) {
                 JobEnd::DiskFull {
                     reason,
-                    at_ms: crate::now_ms(),
+                    at_ms: now_ms(),
                 }
             } else {
                 JobEnd::Infra(reason)
@@ -399,7 +264,7 @@ async fn develop(
     let result = agent::run(&ctx.config.agent, &job, cancel, on_line).await;
     let _ = std::fs::remove_file(&prompt_file);
     let _ = std::fs::remove_file(&cost_file);
-    let dev_finished_at_ms = crate::now_ms();
+    let dev_finished_at_ms = now_ms();
     let usage = match result {
         AgentResult::Cancelled => return Err(JobEnd::Cancelled),
         AgentResult::Infra { reason, unhealthy } => {
@@ -419,7 +284,7 @@ async fn develop(
             usage,
         } => {
             // A limit that does not say when it resets is tried again in a minute.
-            let until_ms = until_ms.unwrap_or_else(|| crate::now_ms() + RATE_LIMIT_PAUSE_MS);
+            let until_ms = until_ms.unwrap_or_else(|| now_ms() + RATE_LIMIT_PAUSE_MS);
             let reason = format!("{reason}; no new work until {}", rfc3339(until_ms));
             log.note(dev, &format!("{reason}; {}", usage_note(&usage)));
             return Err(JobEnd::RateLimited { reason, until_ms });
@@ -621,49 +486,6 @@ async fn pause(backoff: &mut Backoff, cancel: &CancellationToken) -> bool {
     }
 }
 
-/// What a failed base fetch means for the job.
-#[derive(Debug, PartialEq, Eq)]
-enum FetchFailed {
-    /// The lease is no longer this runner's: nothing more to do.
-    Refused,
-    /// Try again: the server is away or failed inside, or does not know the runner until it
-    /// registers again.
-    Retry,
-    /// The runner's failure (a malformed request, a credential not allowed, a conflict or a
-    /// limit on the fetch): give the lease back.
-    Infra,
-}
-
-/// `classify`'s reading of a failed fetch, as the runner has always taken it: of the Refused
-/// codes only `FAILED_PRECONDITION` refuses the lease, and `ABORTED` and `RESOURCE_EXHAUSTED`
-/// are not retried.
-fn fetch_failed(status: &Status) -> FetchFailed {
-    match classify(status) {
-        Disposition::Refused if status.code() == Code::FailedPrecondition => FetchFailed::Refused,
-        Disposition::Retry | Disposition::Unregistered
-            if !matches!(
-                status.code(),
-                Code::Aborted | Code::ResourceExhausted | Code::Ok
-            ) =>
-        {
-            FetchFailed::Retry
-        }
-        _ => FetchFailed::Infra,
-    }
-}
-
-/// Whether the server refused a result for good; any other failure is sent again (until the
-/// session stops the job). `classify`'s Refused, but for `ALREADY_EXISTS` and `OUT_OF_RANGE`,
-/// which the server does not send for a result; and `RESOURCE_EXHAUSTED`, which it sends for a
-/// bundle over its size limit: sending that again cannot help.
-fn result_refused(status: &Status) -> bool {
-    match classify(status) {
-        Disposition::Refused => !matches!(status.code(), Code::AlreadyExists | Code::OutOfRange),
-        Disposition::Retry => status.code() == Code::ResourceExhausted,
-        Disposition::Unregistered | Disposition::Fatal => false,
-    }
-}
-
 /// Fetches what the mirror lacks of the base (and the previous patchset).
 async fn fetch_base(
     ctx: &JobContext,
@@ -709,23 +531,24 @@ async fn fetch_base(
                 return Ok(());
             }
             Err(FetchError::Local(why)) => return Err(JobEnd::Infra(why)),
-            Err(FetchError::Call(status)) if fetch_failed(&status) == FetchFailed::Refused => {
-                return Err(JobEnd::Refused(status.message().to_owned()));
+            // The lease is no longer this runner's: nothing more to do.
+            Err(FetchError::Call(CallError::Refused { why, .. })) => {
+                return Err(JobEnd::Refused(why));
             }
-            Err(FetchError::Call(status))
-                if fetch_failed(&status) == FetchFailed::Retry && attempt < 20 =>
+            // The server is away or failed inside, or does not know the runner until it
+            // registers again.
+            Err(FetchError::Call(e @ (CallError::Retry(_) | CallError::Unregistered(_))))
+                if attempt < 20 =>
             {
-                tracing::warn!(task = %a.task, error = %status.message(), "fetching the base failed; retrying");
+                tracing::warn!(task = %a.task, error = %e, "fetching the base failed; retrying");
                 attempt += 1;
                 if !pause(&mut backoff, cancel).await {
                     return Err(JobEnd::Cancelled);
                 }
             }
-            Err(FetchError::Call(status)) => {
-                return Err(JobEnd::Infra(format!(
-                    "cannot fetch the base: {}",
-                    status.message()
-                )));
+            // The runner's failure (a fetch that cannot succeed as it is): give the lease back.
+            Err(FetchError::Call(e)) => {
+                return Err(JobEnd::Infra(format!("cannot fetch the base: {e}")));
             }
         }
     }
@@ -734,13 +557,13 @@ async fn fetch_base(
 /// Why a fetch of the base failed: the call (the server or the connection, which may come
 /// back), or this machine's own disk (no retry: the lease goes back, uncharged).
 enum FetchError {
-    Call(Status),
+    Call(CallError),
     Local(String),
 }
 
-impl From<Status> for FetchError {
-    fn from(status: Status) -> Self {
-        FetchError::Call(status)
+impl From<CallError> for FetchError {
+    fn from(e: CallError) -> Self {
+        FetchError::Call(e)
     }
 }
 
@@ -804,58 +627,20 @@ async fn deliver(
                 tracing::info!(task = %a.task, status, "result delivered");
                 return JobEnd::Delivered(r.result.outcome);
             }
-            Err(s) if result_refused(&s) => {
-                tracing::warn!(task = %a.task, error = %s.message(), "the server refused the result");
-                return JobEnd::Refused(s.message().to_owned());
+            // Refused for good (the lease is over, the commit refused, the bundle too large):
+            // sending it again cannot help.
+            Err(CallError::Refused { why, .. }) => {
+                tracing::warn!(task = %a.task, error = %why, "the server refused the result");
+                return JobEnd::Refused(why);
             }
-            Err(s) => {
+            // Anything else is sent again: the lease's fence makes a repeat harmless.
+            Err(e) => {
                 attempt += 1;
-                tracing::warn!(task = %a.task, error = %s.message(), attempt, "delivering the result failed; retrying");
+                tracing::warn!(task = %a.task, error = %e, attempt, "delivering the result failed; retrying");
                 if !pause(&mut backoff, cancel).await {
                     return JobEnd::Cancelled;
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn every_status() -> impl Iterator<Item = Status> {
-        (0..=16).map(|c| Status::new(Code::from(c), "x"))
-    }
-
-    #[test]
-    fn failed_fetches_and_deliveries_are_read_as_they_always_were() {
-        for status in every_status() {
-            let code = status.code();
-            let fetch_before = match code {
-                Code::FailedPrecondition => FetchFailed::Refused,
-                Code::Unavailable
-                | Code::Unknown
-                | Code::Internal
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-                | Code::NotFound => FetchFailed::Retry,
-                _ => FetchFailed::Infra,
-            };
-            assert_eq!(fetch_failed(&status), fetch_before, "{code:?}");
-            let refused_before = matches!(
-                code,
-                Code::FailedPrecondition | Code::InvalidArgument | Code::ResourceExhausted
-            );
-            assert_eq!(result_refused(&status), refused_before, "{code:?}");
-        }
-    }
-
-    #[test]
-    fn run_ids_are_safe_in_file_names_and_arguments() {
-        assert!(RunId::parse("dev-t-1-2").is_ok());
-        assert!(RunId::parse(&format!("dev-{}-18446744073709551615", "x".repeat(64))).is_ok());
-        for bad in ["", "-n", ".hidden", "a/b", "../x", "a b", &"x".repeat(201)] {
-            assert!(RunId::parse(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -4,12 +4,15 @@
 //!
 //! - [`session`]: the runner's life (register, work stream, heartbeats, reconnect, drain,
 //!   stop) in one event loop; its slots' bookkeeping is pure (`session/slots.rs`).
-//! - [`job`]: one lease, and the lease's own types; [`logship`]: its log on the way to the
-//!   server; [`agent`]: the agent (`pipeline_core::verify` runs the verifier, and
-//!   `pipeline_core::process` both, in process groups with time limits).
+//! - [`domain`]: the runner's vocabulary (a lease as validated, its result, its log lines, how
+//!   a call failed), which every other module imports and which imports none of them.
+//! - [`job`]: one lease; [`logship`]: its log on the way to the server; [`agent`]: the agent
+//!   (`pipeline_core::verify` runs the verifier, and `pipeline_core::process` both, in process
+//!   groups with time limits).
 //! - [`git`]: the mirror and the per-slot worktrees, on `pipeline_core::git`.
-//! - [`wire`]: the edge, the only module that names the protocol's generated types: it
-//!   converts them, validated, to and from the runner's own, and wraps the generated client.
+//! - [`wire`]: the edge, the only module that names the protocol's generated types (and
+//!   `tonic::Status`): it converts them, validated, to and from the runner's own, wraps the
+//!   generated client, and reads each failed call once into a [`domain::CallError`].
 //! - [`usage`]: what an agent run used (tokens, cents, where the cents came from).
 //! - [`backoff`]: the one back-off of every retry; [`config`]: the flags; [`preflight`]: what
 //!   is checked before registering.
@@ -17,6 +20,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
+pub mod domain;
 pub mod git;
 pub mod job;
 pub mod logship;
@@ -26,11 +30,3 @@ pub mod usage;
 pub mod wire;
 
 pub use session::{Finished, OnceOutcome, run};
-
-/// Milliseconds since the Unix epoch, the protocol's time unit.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}

@@ -4,21 +4,19 @@
 //! batch, a quiet one a call per line). While the server is away the lines wait here and go
 //! out on reconnect; a line the server already has is ignored there, so nothing is doubled.
 //! Failed calls are retried with the runner's [`Backoff`] until the server refuses the lines
-//! for good (the lease is over).
+//! for good (the lease is over: [`CallError::Refused`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use pipeline_core::clock::now_ms;
 use pipeline_core::ids::LeaseRef;
 use pipeline_core::lines::cut_line;
-use pipeline_core::process::Stream;
-use pipeline_proto::{Disposition, classify};
 use tokio::sync::{mpsc, oneshot};
-use tonic::{Code, Status};
 
 use crate::backoff::Backoff;
-use crate::job::CurrentRunner;
+use crate::domain::{CallError, Channel, CurrentRunner, LogLine, Phase};
 use crate::wire::Client;
 
 /// Lines waiting for the server beyond this many bytes are dropped oldest first (the reader
@@ -28,45 +26,6 @@ const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 const MAX_BATCH_LINES: usize = 5_000;
 /// The most bytes one call carries (well under the 4 MiB message limit).
 const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
-
-/// Where a line came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Channel {
-    Stdout,
-    Stderr,
-    /// The runner's own lifecycle lines ("leased", "worktree ready", ...).
-    Runner,
-    /// The agent's output as received, where the runner shows it rendered on `Stdout` (the
-    /// JSON events of claude and codex): `pipelinectl logs --raw` shows these instead.
-    Raw,
-}
-
-impl From<Stream> for Channel {
-    fn from(stream: Stream) -> Self {
-        match stream {
-            Stream::Stdout => Channel::Stdout,
-            Stream::Stderr => Channel::Stderr,
-        }
-    }
-}
-
-/// The phase of the run a line belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Dev,
-    Verify,
-}
-
-/// One line of a lease's log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LogLine {
-    /// Per run, from 1; a gap means lines were dropped.
-    pub seq: u64,
-    pub at_ms: i64,
-    pub channel: Channel,
-    pub phase: Phase,
-    pub text: String,
-}
 
 enum Msg {
     Line(LogLine),
@@ -96,7 +55,7 @@ impl RunLog {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = self.tx.send(Msg::Line(LogLine {
             seq,
-            at_ms: crate::now_ms(),
+            at_ms: now_ms(),
             channel,
             phase,
             text: cut_line(text),
@@ -175,7 +134,7 @@ async fn ship(
                 let lines = pending.iter().take(batch);
                 client.append_logs(&id, &lease, lines).await
             }
-            Err(status) => Err(status),
+            Err(e) => Err(e),
         };
         match sent {
             Ok(acked) => {
@@ -186,9 +145,9 @@ async fn ship(
                     }
                 }
             }
-            Err(status) if lines_refused(&status) => {
+            Err(CallError::Refused { why, .. }) => {
                 // The lease is over (or the lines are refused): nothing more will be taken.
-                tracing::warn!(lease = %lease.id, error = %status.message(), "log shipping stopped");
+                tracing::warn!(lease = %lease.id, error = %why, "log shipping stopped");
                 pending.clear();
                 pending_bytes = 0;
             }
@@ -206,27 +165,6 @@ async fn ship(
                     }
                 }
             }
-        }
-    }
-}
-
-/// Whether the server refused the lines for good (the lease is over, or the lines are
-/// malformed); any other failure is retried. `classify`'s Refused, but for `ALREADY_EXISTS` and
-/// `OUT_OF_RANGE`, which the server does not send for log lines and the runner always retried.
-fn lines_refused(status: &Status) -> bool {
-    classify(status) == Disposition::Refused
-        && !matches!(status.code(), Code::AlreadyExists | Code::OutOfRange)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines_are_refused_on_the_codes_they_always_were() {
-        for code in (0..=16).map(Code::from) {
-            let before = matches!(code, Code::FailedPrecondition | Code::InvalidArgument);
-            assert_eq!(lines_refused(&Status::new(code, "x")), before, "{code:?}");
         }
     }
 }

@@ -4,8 +4,9 @@
 //! types: an [`Assignment`] has a lease, a valid task ID, run ID and commit IDs, or it is
 //! [`Pushed::Refused`] here and never reaches a job. What the runner sends is built here from its
 //! own types. [`Client`] wraps the generated client: every call takes and returns domain types
-//! and fails with the call's `tonic::Status`, which the caller reads with
-//! `pipeline_proto::classify`. [`Bearer`] is the credential every call presents.
+//! and fails with the runner's own [`CallError`], read here once from the call's status the way
+//! that call means it ([`read`]): no other module of the runner sees a `tonic::Status`.
+//! [`Bearer`] is the credential every call presents.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
 use pipeline_core::verify::Verifier;
 use pipeline_proto::v1 as pb;
+use pipeline_proto::{Disposition, classify};
 
 use crate::usage::{CostSource, Usage};
 use pipeline_proto::v1::runner_service_client::RunnerServiceClient;
@@ -25,15 +27,101 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
-use crate::job::{Assignment, LeaseResult, Outcome, RunId};
-use crate::logship::{Channel as LogChannel, LogLine, Phase};
+use crate::domain::{
+    Assignment, CallError, Channel as LogChannel, Fatal, LeaseResult, LogLine, Outcome, Phase,
+    Refusal, RunId,
+};
 
 /// Bundle chunks sent to the server (well under tonic's 4 MiB message limit).
 const CHUNK_BYTES: usize = 256 * 1024;
 /// The largest message either way (bundle chunks and log batches are far smaller).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The calls of the runner API, each of whose failures means something of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    Register,
+    OpenWork,
+    /// The heartbeat stream (opening it, and its replies) and the single heartbeat call.
+    Heartbeat,
+    /// The work stream's messages.
+    WorkStream,
+    FetchBase,
+    CompleteLease,
+    AppendLogs,
+    ReleaseLease,
+}
+
+/// How the runner takes a failed `call`: `pipeline_proto::classify`'s reading, narrowed for
+/// each call to what the runner has always done with it.
+///
+/// - A base fetch is refused only when the lease is no longer the runner's
+///   (`FAILED_PRECONDITION`); a malformed, conflicting or oversized fetch, or one the runner may
+///   not make, cannot succeed by trying again: fatal (the lease goes back, uncharged).
+/// - A result is refused too when its bundle is over the server's size limit
+///   (`RESOURCE_EXHAUSTED`: sending it again cannot help).
+/// - A registration whose name is held by a connected runner is refused as such (it may be this
+///   runner's own earlier connection, which goes away).
+/// - A heartbeat's failure is fatal only for a refused credential; a registration's,
+///   a work stream's and a heartbeat's `DATA_LOSS` or `OUT_OF_RANGE` are retried, as are
+///   `ALREADY_EXISTS` and `OUT_OF_RANGE` for calls the server never sends them for.
+fn read(call: Call, status: &Status) -> CallError {
+    let why = status.message().to_owned();
+    let code = status.code();
+    let refused = |refusal| CallError::Refused {
+        why: why.clone(),
+        refusal,
+    };
+    let fatal = |cause| CallError::Fatal {
+        why: why.clone(),
+        cause,
+    };
+    let retry = || CallError::Retry(why.clone());
+    match (call, code) {
+        (_, Code::NotFound) => CallError::Unregistered(why),
+        (Call::FetchBase, Code::FailedPrecondition) => refused(Refusal::Other),
+        (
+            Call::FetchBase,
+            Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::DeadlineExceeded
+            | Code::Cancelled,
+        ) => retry(),
+        (Call::FetchBase, Code::Unauthenticated) => fatal(Fatal::Credential),
+        (Call::FetchBase, _) => fatal(Fatal::Other),
+        (Call::Heartbeat, Code::Unauthenticated) => fatal(Fatal::Credential),
+        (Call::Heartbeat, _) => retry(),
+        (Call::CompleteLease, Code::ResourceExhausted) => refused(Refusal::Other),
+        (Call::Register, Code::AlreadyExists) => refused(Refusal::NameTaken),
+        (Call::Register, Code::Unimplemented) => fatal(Fatal::Unsupported),
+        (
+            Call::Register | Call::OpenWork,
+            Code::AlreadyExists | Code::OutOfRange | Code::Unimplemented | Code::DataLoss,
+        ) => retry(),
+        (
+            Call::CompleteLease | Call::AppendLogs | Call::ReleaseLease | Call::WorkStream,
+            Code::AlreadyExists | Code::OutOfRange,
+        ) => retry(),
+        (_, _) => match classify(status) {
+            Disposition::Retry => retry(),
+            Disposition::Unregistered => CallError::Unregistered(why),
+            Disposition::Refused => refused(Refusal::Other),
+            Disposition::Fatal => match code {
+                Code::Unauthenticated => fatal(Fatal::Credential),
+                Code::Unimplemented => fatal(Fatal::Unsupported),
+                _ => fatal(Fatal::Other),
+            },
+        },
+    }
+}
+
+/// Reads a failed `call`'s status ([`read`]).
+fn failed(call: Call) -> impl Fn(Status) -> CallError {
+    move |status| read(call, &status)
+}
 
 /// The credential every call presents (`authorization: Bearer <token>`): the registration token
 /// until the server issues the runner its own. Shared by the session and its jobs.
@@ -320,6 +408,8 @@ fn heartbeat_request(runner: &RunnerId, standing: &Standing) -> pb::HeartbeatReq
 #[derive(Clone)]
 pub struct Client {
     inner: RunnerServiceClient<InterceptedService<Channel, Bearer>>,
+    /// The server's URL, for what is said of a server that cannot be reached.
+    url: String,
 }
 
 impl Client {
@@ -353,11 +443,17 @@ impl Client {
         let inner = RunnerServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            url: url.to_owned(),
+        })
     }
 
     /// Registers (again); the server answers with the runner's ID for this registration.
-    pub async fn register(&self, hello: &Hello) -> Result<Registered, Status> {
+    /// With `diagnose` (before the runner first registered), a server that cannot be reached is
+    /// read with `pipeline_proto::reach`: a mistake waiting cannot heal (a URL, a certificate,
+    /// TLS on one side only) is [`Fatal::Unreachable`], saying what to do.
+    pub async fn register(&self, hello: &Hello, diagnose: bool) -> Result<Registered, CallError> {
         let request = pb::RegisterRequest {
             name: hello.name.clone(),
             labels: hello.labels.clone(),
@@ -368,9 +464,30 @@ impl Client {
             only_task: hello.only_task.clone(),
             sandbox: Some(hello.sandbox.as_str().to_owned()),
         };
-        let resp = self.inner.clone().register(request).await?.into_inner();
+        let resp = match self.inner.clone().register(request).await {
+            Ok(resp) => resp.into_inner(),
+            Err(status) => {
+                let err = read(Call::Register, &status);
+                if diagnose && matches!(err, CallError::Retry(_) | CallError::Unregistered(_)) {
+                    let url = &self.url;
+                    if let Some(unreachable) = pipeline_proto::reach::diagnose(url, &status).await {
+                        let why =
+                            format!("cannot reach the pipeline server at {url}: {unreachable}");
+                        return Err(if unreachable.permanent {
+                            CallError::Fatal {
+                                why,
+                                cause: Fatal::Unreachable,
+                            }
+                        } else {
+                            CallError::Retry(why)
+                        });
+                    }
+                }
+                return Err(err);
+            }
+        };
         let runner_id = RunnerId::parse(&resp.runner_id)
-            .map_err(|e| Status::internal(format!("the server's registration answer: {e}")))?;
+            .map_err(|e| CallError::Retry(format!("the server's registration answer: {e}")))?;
         Ok(Registered {
             runner_id,
             heartbeat: Duration::from_millis(resp.heartbeat_interval_ms),
@@ -385,34 +502,42 @@ impl Client {
         &self,
         runner: &RunnerId,
         standing: &Standing,
-    ) -> Result<(WorkStream, Vec<LeaseRef>), Status> {
+    ) -> Result<(WorkStream, Vec<LeaseRef>), CallError> {
         let request = pb::OpenWorkRequest {
             runner_id: runner.to_string(),
             held: standing.held.iter().map(lease_to_pb).collect(),
             draining: standing.draining,
             unhealthy: standing.unhealthy.clone(),
         };
-        let mut stream = self.inner.clone().open_work(request).await?.into_inner();
-        match stream.message().await? {
+        let mut stream = self
+            .inner
+            .clone()
+            .open_work(request)
+            .await
+            .map_err(failed(Call::OpenWork))?
+            .into_inner();
+        match stream.message().await.map_err(failed(Call::OpenWork))? {
             Some(pb::WorkMessage {
                 kind: Some(pb::work_message::Kind::Attached(attached)),
             }) => Ok((WorkStream(stream), leases_from_pb(attached.dropped))),
-            _ => Err(Status::internal(
-                "the work stream did not start with 'attached'",
+            _ => Err(CallError::Retry(
+                "the work stream did not start with 'attached'".to_owned(),
             )),
         }
     }
 
-    /// Opens the heartbeat stream (a server without it answers `UNIMPLEMENTED`).
-    pub async fn open_heartbeats(&self) -> Result<Heartbeats, Status> {
+    /// Opens the heartbeat stream; `None` from a server older than it (it answers
+    /// `UNIMPLEMENTED`: a capability, not a refusal), which takes heartbeats one call at a time.
+    pub async fn open_heartbeats(&self) -> Result<Option<Heartbeats>, CallError> {
         let (tx, rx) = mpsc::channel(4);
-        let replies = self
-            .inner
-            .clone()
-            .heartbeats(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok(Heartbeats { tx, replies })
+        match self.inner.clone().heartbeats(ReceiverStream::new(rx)).await {
+            Ok(replies) => Ok(Some(Heartbeats {
+                tx,
+                replies: replies.into_inner(),
+            })),
+            Err(status) if status.code() == Code::Unimplemented => Ok(None),
+            Err(status) => Err(read(Call::Heartbeat, &status)),
+        }
     }
 
     /// One heartbeat as a call of its own; returns the leases the runner must drop.
@@ -420,12 +545,13 @@ impl Client {
         &self,
         runner: &RunnerId,
         standing: &Standing,
-    ) -> Result<Vec<LeaseRef>, Status> {
+    ) -> Result<Vec<LeaseRef>, CallError> {
         let reply = self
             .inner
             .clone()
             .heartbeat(heartbeat_request(runner, standing))
-            .await?
+            .await
+            .map_err(failed(Call::Heartbeat))?
             .into_inner();
         Ok(leases_from_pb(reply.dropped))
     }
@@ -437,13 +563,19 @@ impl Client {
         runner: &RunnerId,
         lease: &LeaseRef,
         have: &[CommitId],
-    ) -> Result<BaseChunks, Status> {
+    ) -> Result<BaseChunks, CallError> {
         let request = pb::FetchBaseRequest {
             runner_id: runner.to_string(),
             lease: Some(lease_to_pb(lease)),
             have: have.iter().map(CommitId::to_string).collect(),
         };
-        let stream = self.inner.clone().fetch_base(request).await?.into_inner();
+        let stream = self
+            .inner
+            .clone()
+            .fetch_base(request)
+            .await
+            .map_err(failed(Call::FetchBase))?
+            .into_inner();
         Ok(BaseChunks(stream))
     }
 
@@ -455,13 +587,14 @@ impl Client {
         lease: &LeaseRef,
         result: &LeaseResult,
         bundle: Option<&Bytes>,
-    ) -> Result<String, Status> {
+    ) -> Result<String, CallError> {
         let messages = complete_lease_messages(runner, lease, result, bundle);
         let resp = self
             .inner
             .clone()
             .complete_lease(tokio_stream::iter(messages))
-            .await?
+            .await
+            .map_err(failed(Call::CompleteLease))?
             .into_inner();
         Ok(resp
             .status()
@@ -479,7 +612,7 @@ impl Client {
         reason: &str,
         infrastructure: bool,
         unhealthy: Option<String>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), CallError> {
         let request = pb::ReleaseLeaseRequest {
             runner_id: runner.to_string(),
             lease: Some(lease_to_pb(lease)),
@@ -487,7 +620,12 @@ impl Client {
             infrastructure,
             unhealthy,
         };
-        self.inner.clone().release_lease(request).await.map(drop)
+        self.inner
+            .clone()
+            .release_lease(request)
+            .await
+            .map(drop)
+            .map_err(failed(Call::ReleaseLease))
     }
 
     /// Appends log lines to `lease`'s run; returns the last line number the server stored.
@@ -496,13 +634,18 @@ impl Client {
         runner: &RunnerId,
         lease: &LeaseRef,
         lines: impl IntoIterator<Item = &LogLine>,
-    ) -> Result<u64, Status> {
+    ) -> Result<u64, CallError> {
         let request = pb::AppendLogsRequest {
             runner_id: runner.to_string(),
             lease: Some(lease_to_pb(lease)),
             lines: lines.into_iter().map(log_line_to_pb).collect(),
         };
-        let resp = self.inner.clone().append_logs(request).await?;
+        let resp = self
+            .inner
+            .clone()
+            .append_logs(request)
+            .await
+            .map_err(failed(Call::AppendLogs))?;
         Ok(resp.into_inner().acked_seq)
     }
 }
@@ -512,8 +655,13 @@ pub struct WorkStream(Streaming<pb::WorkMessage>);
 
 impl WorkStream {
     /// The next message; `None` when the server ended the stream.
-    pub async fn next(&mut self) -> Result<Option<Pushed>, Status> {
-        Ok(self.0.message().await?.map(Pushed::from))
+    pub async fn next(&mut self) -> Result<Option<Pushed>, CallError> {
+        Ok(self
+            .0
+            .message()
+            .await
+            .map_err(failed(Call::WorkStream))?
+            .map(Pushed::from))
     }
 }
 
@@ -533,11 +681,12 @@ impl Heartbeats {
 
     /// The next reply: the leases the runner must drop; `None` when the server ended the
     /// stream.
-    pub async fn reply(&mut self) -> Result<Option<Vec<LeaseRef>>, Status> {
+    pub async fn reply(&mut self) -> Result<Option<Vec<LeaseRef>>, CallError> {
         Ok(self
             .replies
             .message()
-            .await?
+            .await
+            .map_err(failed(Call::Heartbeat))?
             .map(|r| leases_from_pb(r.dropped)))
     }
 }
@@ -547,8 +696,13 @@ pub struct BaseChunks(Streaming<pb::BundleChunk>);
 
 impl BaseChunks {
     /// The next chunk; `None` at the end.
-    pub async fn next(&mut self) -> Result<Option<Bytes>, Status> {
-        Ok(self.0.message().await?.map(|c| c.data))
+    pub async fn next(&mut self) -> Result<Option<Bytes>, CallError> {
+        Ok(self
+            .0
+            .message()
+            .await
+            .map_err(failed(Call::FetchBase))?
+            .map(|c| c.data))
     }
 }
 
@@ -753,6 +907,101 @@ mod tests {
         assert_eq!(
             complete_lease_messages(&runner, &lease, &result, None).len(),
             1
+        );
+    }
+
+    fn every_code() -> impl Iterator<Item = Code> {
+        (0..=16).map(Code::from)
+    }
+
+    /// The one reading of each failed call keeps what the runner has always done with it.
+    #[test]
+    fn each_call_is_read_as_the_runner_always_took_it() {
+        for code in every_code() {
+            let status = Status::new(code, "x");
+            // A base fetch: the lease is over, try again, or give the lease back.
+            let fetch = match read(Call::FetchBase, &status) {
+                CallError::Refused { .. } => "refused",
+                CallError::Retry(_) | CallError::Unregistered(_) => "retry",
+                CallError::Fatal { .. } => "infra",
+            };
+            let fetch_before = match code {
+                Code::FailedPrecondition => "refused",
+                Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::NotFound => "retry",
+                _ => "infra",
+            };
+            assert_eq!(fetch, fetch_before, "fetch {code:?}");
+            // A result: refused for good, or sent again.
+            let refused = matches!(
+                read(Call::CompleteLease, &status),
+                CallError::Refused { .. }
+            );
+            let refused_before = matches!(
+                code,
+                Code::FailedPrecondition | Code::InvalidArgument | Code::ResourceExhausted
+            );
+            assert_eq!(refused, refused_before, "result {code:?}");
+            // Log lines: refused for good, or sent again.
+            let refused = matches!(read(Call::AppendLogs, &status), CallError::Refused { .. });
+            let refused_before = matches!(code, Code::FailedPrecondition | Code::InvalidArgument);
+            assert_eq!(refused, refused_before, "log lines {code:?}");
+            // A registration or work stream: the runner gives up on these codes only (a name
+            // taken and a server without the API are said before the first registration, and
+            // retried after it).
+            for call in [Call::Register, Call::OpenWork] {
+                let gives_up = matches!(
+                    read(call, &status),
+                    CallError::Refused {
+                        refusal: Refusal::Other,
+                        ..
+                    } | CallError::Fatal {
+                        cause: Fatal::Credential | Fatal::Other,
+                        ..
+                    }
+                );
+                let before = matches!(
+                    code,
+                    Code::FailedPrecondition
+                        | Code::InvalidArgument
+                        | Code::PermissionDenied
+                        | Code::Unauthenticated
+                );
+                assert_eq!(gives_up, before, "{call:?} {code:?}");
+            }
+            // A heartbeat: re-register, cut off, or a link to make again.
+            let beat = match read(Call::Heartbeat, &status) {
+                CallError::Unregistered(_) => "unregistered",
+                CallError::Fatal {
+                    cause: Fatal::Credential,
+                    ..
+                } => "revoked",
+                _ => "lost",
+            };
+            let beat_before = match code {
+                Code::NotFound => "unregistered",
+                Code::Unauthenticated => "revoked",
+                _ => "lost",
+            };
+            assert_eq!(beat, beat_before, "heartbeat {code:?}");
+        }
+        assert_eq!(
+            read(Call::Register, &Status::already_exists("taken")),
+            CallError::Refused {
+                why: "taken".into(),
+                refusal: Refusal::NameTaken
+            }
+        );
+        assert_eq!(
+            read(Call::Register, &Status::unimplemented("no")),
+            CallError::Fatal {
+                why: "no".into(),
+                cause: Fatal::Unsupported
+            }
         );
     }
 

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AgentJob, AgentResult, one_line};
 use crate::config::AgentArgs;
-use crate::logship::Channel;
+use crate::domain::Channel;
 use crate::usage::{CostSource, Usage};
 use pipeline_core::process::{self, Spec, Stream, with_tail};
 

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentArgs, AgentMode};
-use crate::logship::Channel;
+use crate::domain::Channel;
 use crate::usage::{CostSource, Usage};
 use pipeline_core::process::{self, Spec, Stream, could_not_run, with_tail};
 

@@ -39,22 +39,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use pipeline_core::clock::now_ms;
 use pipeline_core::ids::{LeaseRef, RunnerId};
 use pipeline_core::lock::{FileLock, LockError};
-use pipeline_proto::{Disposition, classify};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status};
 use tracing::Instrument;
 
 use self::credential::Credential;
 use self::slots::{Busy, InfraFailure, Offer, PauseCause, Release, Slots};
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::domain::{Assignment, CallError, CurrentRunner, Fatal, JobEnd, Outcome, Refusal};
 use crate::git::Mirror;
-use crate::job::{self, Assignment, CurrentRunner, JobContext, JobEnd, Outcome};
+use crate::job::{self, JobContext};
 use crate::wire::{Client, Heartbeats, Hello, Pushed, Standing, WorkStream};
 
 /// How long one release call may take.
@@ -343,7 +343,7 @@ enum Cut {
     /// The server no longer accepts this runner's credential (it was revoked): stop everything.
     Revoked,
     /// The server refused this runner for good.
-    Refused(Status),
+    Refused(CallError),
     /// Before the first registration: a mistake waiting cannot heal (a URL, a certificate, a
     /// name the runner cannot use), said in one line with what to do.
     Mistake(String),
@@ -353,9 +353,9 @@ enum Cut {
 enum Event {
     /// Time to try connecting again.
     Retry,
-    Pushed(Result<Option<Pushed>, Status>),
+    Pushed(Result<Option<Pushed>, CallError>),
     Tick,
-    Reply(Result<Option<Vec<LeaseRef>>, Status>),
+    Reply(Result<Option<Vec<LeaseRef>>, CallError>),
     Ended(String, JobEnd),
     Stop,
     Drain,
@@ -381,7 +381,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// The next message pushed; never, without a link.
-async fn next_push(work: Option<&mut WorkStream>) -> Result<Option<Pushed>, Status> {
+async fn next_push(work: Option<&mut WorkStream>) -> Result<Option<Pushed>, CallError> {
     match work {
         Some(work) => work.next().await,
         None => std::future::pending().await,
@@ -397,7 +397,7 @@ async fn next_tick(ticker: Option<&mut Interval>) {
 }
 
 /// The next heartbeat reply (the leases to drop); never, without a heartbeat stream.
-async fn next_reply(beats: Option<&mut Heartbeats>) -> Result<Option<Vec<LeaseRef>>, Status> {
+async fn next_reply(beats: Option<&mut Heartbeats>) -> Result<Option<Vec<LeaseRef>>, CallError> {
     match beats {
         Some(beats) => beats.reply().await,
         None => std::future::pending().await,
@@ -454,7 +454,7 @@ impl Session {
         // A pause's end (a rate limit's, a full disk's check), as an instant of this process's
         // clock.
         let paused_until = self.slots.paused_until().map(|(until, _)| {
-            let wait = until.saturating_sub(crate::now_ms()).max(0);
+            let wait = until.saturating_sub(now_ms()).max(0);
             Instant::now() + Duration::from_millis(u64::try_from(wait).unwrap_or(0))
         });
         tokio::select! {
@@ -508,7 +508,7 @@ impl Session {
                 Next::Go
             }
             Event::Reply(Ok(None)) => Next::Cut(Cut::Lost),
-            Event::Reply(Err(status)) => Next::Cut(self.heartbeat_refused(&status)),
+            Event::Reply(Err(e)) => Next::Cut(self.heartbeat_refused(e)),
             Event::Ended(lease, end) => self.job_ended(&lease, end, link).await,
             Event::Stop => {
                 self.stop_now().await;
@@ -562,7 +562,7 @@ impl Session {
                             .await
                             .unwrap_or_else(|e| Err(e.to_string()));
                     if let Err(why) = room {
-                        let pause = self.slots.still_full(&why, crate::now_ms());
+                        let pause = self.slots.still_full(&why, now_ms());
                         tracing::warn!(
                             "the work dir's disk is still full ({why}); checking again in {} s",
                             pause / 1000
@@ -587,32 +587,32 @@ impl Session {
     /// leases held) and the heartbeat stream.
     async fn connect(&mut self, backoff: &mut Backoff) -> Result<Link, Cut> {
         if self.runner_id.is_none() {
-            if let Err(status) = self.register().await {
-                return Err(self.registration_failed(status).await);
+            if let Err(e) = self.register().await {
+                return Err(self.registration_failed(e));
             }
             self.registered_once = true;
             self.name_taken = 0;
         }
         let work = match self.open_work().await {
             Ok(work) => work,
-            Err(status) if classify(&status) == Disposition::Unregistered => {
-                return Err(Cut::Unregistered);
+            Err(CallError::Unregistered(_)) => return Err(Cut::Unregistered),
+            Err(e @ (CallError::Refused { .. } | CallError::Fatal { .. })) => {
+                return Err(Cut::Refused(e));
             }
-            Err(status) if gives_up(&status) => return Err(Cut::Refused(status)),
-            Err(status) => {
-                tracing::warn!(error = %status.message(), "cannot open the work stream; retrying");
+            Err(e @ CallError::Retry(_)) => {
+                tracing::warn!(error = %e, "cannot open the work stream; retrying");
                 return Err(Cut::Unreachable);
             }
         };
         backoff.reset();
         let beats = match self.client.open_heartbeats().await {
-            Ok(beats) => Some(beats),
+            Ok(Some(beats)) => Some(beats),
             // A server older than the heartbeat stream: a capability, not a refusal.
-            Err(status) if status.code() == Code::Unimplemented => {
+            Ok(None) => {
                 tracing::info!("the server takes heartbeats one call at a time");
                 None
             }
-            Err(status) => return Err(self.heartbeat_refused(&status)),
+            Err(e) => return Err(self.heartbeat_refused(e)),
         };
         let mut ticker = tokio::time::interval(self.contact.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -627,49 +627,55 @@ impl Session {
     /// What a failed registration means. A refusal for good stops the runner, as always.
     /// Before the runner first registered, so does a mistake: a server it cannot use (a host
     /// that does not resolve, an address that is not a pipeline server, a certificate it does
-    /// not trust, TLS on one side only: `pipeline_proto::reach`), or a name that stays taken.
-    /// Anything else is retried: nothing listening yet, a server restarting or unavailable.
-    async fn registration_failed(&mut self, status: Status) -> Cut {
-        if gives_up(&status) {
-            return Cut::Refused(status);
-        }
-        if !self.registered_once {
-            let url = &self.url;
-            match status.code() {
-                Code::AlreadyExists => {
-                    self.name_taken += 1;
-                    let said = format!(
-                        "the server at {url} refused this runner: {}",
-                        status.message()
-                    );
-                    if self.name_taken >= NAME_TAKEN_TRIES {
-                        return Cut::Mistake(said);
-                    }
-                    tracing::warn!(
-                        "{said}; retrying, in case it is this runner's own earlier connection"
-                    );
-                    return Cut::Unreachable;
-                }
-                Code::Unimplemented => {
-                    return Cut::Mistake(format!(
-                        "the server at {url} does not serve the pipeline runner API ({}); check \
-                         that the URL (--server) is the pipeline server's gRPC address",
-                        status.message()
-                    ));
-                }
-                _ => {}
-            }
-            if let Some(unreachable) = pipeline_proto::reach::diagnose(url, &status).await {
-                let said = format!("cannot reach the pipeline server at {url}: {unreachable}");
-                if unreachable.permanent {
+    /// not trust, TLS on one side only: read by `wire` with `pipeline_proto::reach`), or a
+    /// name that stays taken. Anything else is retried: nothing listening yet, a server
+    /// restarting or unavailable.
+    fn registration_failed(&mut self, e: CallError) -> Cut {
+        let first = !self.registered_once;
+        let url = &self.url;
+        match e {
+            CallError::Refused {
+                refusal: Refusal::NameTaken,
+                why,
+            } if first => {
+                self.name_taken += 1;
+                let said = format!("the server at {url} refused this runner: {why}");
+                if self.name_taken >= NAME_TAKEN_TRIES {
                     return Cut::Mistake(said);
                 }
-                tracing::warn!("{said}; retrying");
-                return Cut::Unreachable;
+                tracing::warn!(
+                    "{said}; retrying, in case it is this runner's own earlier connection"
+                );
+                Cut::Unreachable
             }
+            CallError::Fatal {
+                cause: Fatal::Unsupported,
+                why,
+            } if first => Cut::Mistake(format!(
+                "the server at {url} does not serve the pipeline runner API ({why}); check \
+                 that the URL (--server) is the pipeline server's gRPC address"
+            )),
+            CallError::Fatal {
+                cause: Fatal::Unreachable,
+                why,
+            } => Cut::Mistake(why),
+            // Retried after the first registration: a name held by this runner's own earlier
+            // connection, a server being replaced.
+            CallError::Refused {
+                refusal: Refusal::NameTaken,
+                ..
+            }
+            | CallError::Fatal {
+                cause: Fatal::Unsupported,
+                ..
+            }
+            | CallError::Retry(_)
+            | CallError::Unregistered(_) => {
+                tracing::warn!(server = %self.url, error = %e, "cannot register; retrying");
+                Cut::Unreachable
+            }
+            CallError::Refused { .. } | CallError::Fatal { .. } => Cut::Refused(e),
         }
-        tracing::warn!(server = %self.url, error = %status.message(), "cannot register; retrying");
-        Cut::Unreachable
     }
 
     /// After a cut: when to try connecting again, or why the runner must stop.
@@ -691,23 +697,21 @@ impl Session {
                     self.url
                 );
             }
-            Cut::Refused(status) if status.code() == Code::Unauthenticated => {
+            Cut::Refused(CallError::Fatal {
+                cause: Fatal::Credential,
+                why,
+            }) => {
                 self.abandon_all().await;
                 anyhow::bail!(
-                    "the server at {} refused this runner's credential: {}; pass the runner \
+                    "the server at {} refused this runner's credential: {why}; pass the runner \
                      registration token with --token or PIPELINE_RUNNER_TOKEN (the server's log \
                      says where its file is)",
                     self.url,
-                    status.message()
                 );
             }
-            Cut::Refused(status) => {
+            Cut::Refused(e) => {
                 self.abandon_all().await;
-                anyhow::bail!(
-                    "the server at {} refused this runner: {}",
-                    self.url,
-                    status.message()
-                );
+                anyhow::bail!("the server at {} refused this runner: {e}", self.url);
             }
             Cut::Mistake(said) => {
                 self.abandon_all().await;
@@ -731,24 +735,25 @@ impl Session {
         pause.min((left / 4).max(Duration::from_millis(250)))
     }
 
-    async fn register(&mut self) -> Result<(), Status> {
-        let registered = match self.client.register(&self.hello).await {
+    async fn register(&mut self) -> Result<(), CallError> {
+        let diagnose = !self.registered_once;
+        let registered = match self.client.register(&self.hello, diagnose).await {
             Ok(registered) => registered,
             // The saved credential is unknown to the server (it lost its database, or the
             // runner was forgotten): the registration token, if given, registers it afresh.
-            // (A reading of this one call, narrower than `classify`'s Fatal.)
-            Err(status)
-                if status.code() == Code::Unauthenticated && self.credential.can_fall_back() =>
-            {
+            Err(CallError::Fatal {
+                cause: Fatal::Credential,
+                why,
+            }) if self.credential.can_fall_back() => {
                 tracing::warn!(
-                    error = %status.message(),
+                    error = %why,
                     "the server does not know this runner's saved credential; registering \
                      with the registration token"
                 );
                 self.credential.fall_back();
-                self.client.register(&self.hello).await?
+                self.client.register(&self.hello, diagnose).await?
             }
-            Err(status) => return Err(status),
+            Err(e) => return Err(e),
         };
         if let Some(credential) = &registered.credential {
             self.credential.issued(credential);
@@ -769,9 +774,11 @@ impl Session {
         }
     }
 
-    async fn open_work(&mut self) -> Result<WorkStream, Status> {
+    async fn open_work(&mut self) -> Result<WorkStream, CallError> {
         let Some(id) = self.runner_id.clone() else {
-            return Err(Status::not_found("the runner is not registered"));
+            return Err(CallError::Unregistered(
+                "the runner is not registered".to_owned(),
+            ));
         };
         let (work, dropped) = self.client.open_work(&id, &self.standing()).await?;
         // The server's first message said which held leases survived.
@@ -814,11 +821,11 @@ impl Session {
             }
             // One lost heartbeat is no lost connection: the watchdog deals with a server that
             // keeps not answering.
-            Ok(Err(status)) if matches!(heartbeat_cut(&status), Cut::Lost) => {
-                tracing::warn!(error = %status.message(), "heartbeat failed");
+            Ok(Err(e)) if matches!(heartbeat_cut(&e), Cut::Lost) => {
+                tracing::warn!(error = %e, "heartbeat failed");
                 Next::Go
             }
-            Ok(Err(status)) => Next::Cut(self.heartbeat_refused(&status)),
+            Ok(Err(e)) => Next::Cut(self.heartbeat_refused(e)),
             Err(_) => {
                 tracing::warn!("heartbeat timed out");
                 Next::Go
@@ -835,14 +842,14 @@ impl Session {
     }
 
     /// What a refused heartbeat (or heartbeat stream) means, said.
-    fn heartbeat_refused(&self, status: &Status) -> Cut {
-        let cut = heartbeat_cut(status);
+    fn heartbeat_refused(&self, e: CallError) -> Cut {
+        let cut = heartbeat_cut(&e);
         match cut {
             Cut::Revoked => {
-                tracing::error!(error = %status.message(), "the server no longer accepts this runner's credential");
+                tracing::error!(error = %e, "the server no longer accepts this runner's credential");
             }
             Cut::Lost => {
-                tracing::warn!(error = %status.message(), "the heartbeat stream broke");
+                tracing::warn!(error = %e, "the heartbeat stream broke");
             }
             Cut::Unregistered | Cut::Unreachable | Cut::Refused(_) | Cut::Mistake(_) => {}
         }
@@ -1130,39 +1137,23 @@ fn say_infra_failure(task: &str, infra: &InfraFailure) {
     }
 }
 
-/// Whether a refused registration or work stream is final (the runner stops): `classify`'s
-/// Refused and Fatal, but for what the runner has always retried: `AlreadyExists` (its name is
-/// held by a runner still connected, such as its own earlier connection, which goes away) and
-/// codes the server does not send for these calls (`OutOfRange`, `Unimplemented`, `DataLoss`).
-fn gives_up(status: &Status) -> bool {
-    match classify(status) {
-        Disposition::Refused | Disposition::Fatal => !matches!(
-            status.code(),
-            Code::AlreadyExists | Code::OutOfRange | Code::Unimplemented | Code::DataLoss
-        ),
-        Disposition::Retry | Disposition::Unregistered => false,
-    }
-}
-
-/// What a refused heartbeat means for the link. Of `classify`'s Fatal readings only a refused
-/// credential cuts the runner off; the others (such as a credential acting for another runner)
-/// are taken as a broken link, and reconnecting says whether the server still takes the
-/// runner.
-fn heartbeat_cut(status: &Status) -> Cut {
-    match classify(status) {
-        Disposition::Unregistered => Cut::Unregistered,
-        Disposition::Fatal if status.code() == Code::Unauthenticated => Cut::Revoked,
-        Disposition::Fatal | Disposition::Refused | Disposition::Retry => Cut::Lost,
+/// What a failed heartbeat means for the link. Of the fatal failures only a refused credential
+/// cuts the runner off; the others are taken as a broken link, and reconnecting says whether
+/// the server still takes the runner (`wire` reads a heartbeat's failure that way).
+fn heartbeat_cut(e: &CallError) -> Cut {
+    match e {
+        CallError::Unregistered(_) => Cut::Unregistered,
+        CallError::Fatal {
+            cause: Fatal::Credential,
+            ..
+        } => Cut::Revoked,
+        CallError::Fatal { .. } | CallError::Refused { .. } | CallError::Retry(_) => Cut::Lost,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn every_status() -> impl Iterator<Item = Status> {
-        (0..=16).map(|c| Status::new(Code::from(c), "x"))
-    }
 
     #[test]
     fn a_once_runner_exits_by_what_came_of_its_lease() {
@@ -1207,34 +1198,40 @@ mod tests {
     }
 
     #[test]
-    fn registration_gives_up_on_the_codes_it_always_did() {
-        for status in every_status() {
-            let before = matches!(
-                status.code(),
-                Code::FailedPrecondition
-                    | Code::InvalidArgument
-                    | Code::PermissionDenied
-                    | Code::Unauthenticated
-            );
-            assert_eq!(gives_up(&status), before, "{:?}", status.code());
-        }
-    }
-
-    #[test]
-    fn a_heartbeat_cuts_the_link_as_it_always_did() {
-        for status in every_status() {
-            let got = match heartbeat_cut(&status) {
+    fn a_failed_heartbeat_cuts_the_link_only_for_a_refused_credential() {
+        let why = || "x".to_owned();
+        for (e, want) in [
+            (CallError::Unregistered(why()), "unregistered"),
+            (
+                CallError::Fatal {
+                    why: why(),
+                    cause: Fatal::Credential,
+                },
+                "revoked",
+            ),
+            (
+                CallError::Fatal {
+                    why: why(),
+                    cause: Fatal::Other,
+                },
+                "lost",
+            ),
+            (
+                CallError::Refused {
+                    why: why(),
+                    refusal: Refusal::Other,
+                },
+                "lost",
+            ),
+            (CallError::Retry(why()), "lost"),
+        ] {
+            let got = match heartbeat_cut(&e) {
                 Cut::Unregistered => "unregistered",
                 Cut::Revoked => "revoked",
                 Cut::Lost => "lost",
                 Cut::Unreachable | Cut::Refused(_) | Cut::Mistake(_) => "other",
             };
-            let before = match status.code() {
-                Code::NotFound => "unregistered",
-                Code::Unauthenticated => "revoked",
-                _ => "lost",
-            };
-            assert_eq!(got, before, "{:?}", status.code());
+            assert_eq!(got, want, "{e:?}");
         }
     }
 }

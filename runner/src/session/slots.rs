@@ -27,7 +27,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use pipeline_core::ids::{LeaseRef, TaskId};
 
-use crate::job::{Assignment, JobEnd};
+use crate::domain::{Assignment, JobEnd};
 
 /// The first pause after the work dir's disk is found full (ms).
 pub const DISK_FULL_FIRST_PAUSE_MS: i64 = 1_000;
@@ -430,7 +430,7 @@ mod tests {
     use super::*;
     use pipeline_core::ids::CommitId;
 
-    use crate::job::{Outcome, RunId};
+    use crate::domain::{Outcome, RunId};
 
     fn assignment(task: &str) -> Assignment {
         let task = TaskId::parse(task).expect("task");
