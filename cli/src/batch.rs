@@ -9,7 +9,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 
 use serde::Deserialize;
 
-use crate::client::{Client, Failure};
+use crate::client::Client;
+use crate::failure::Failure;
 use crate::model::NewTask;
 
 /// Tasks per call.

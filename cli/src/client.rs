@@ -1,5 +1,5 @@
-//! The connection to the server and the one mapping from gRPC failures to a line a person can
-//! act on and a stable exit code. Every answer comes back as the view types of `model.rs`
+//! The connection to the server and the one mapping from gRPC failures to a [`Failure`]: a line
+//! a person can act on and a stable exit code. Every answer comes back as the view types of `model.rs`
 //! (converted by `wire.rs`); streams as a [`Feed`] of them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -13,52 +13,14 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::failure::{Failure, exit};
 use crate::model::{self, LogItem, NewTask, Runner, Task, TaskDetail, TaskStatus, Transition};
 use crate::wire;
-
-/// Exit codes, stable for scripts (also listed in the README).
-pub mod exit {
-    /// Anything unexpected, including an internal error of the server.
-    pub const FAILURE: u8 = 1;
-    /// The request was refused as malformed (also clap's code for bad flags).
-    pub const USAGE: u8 = 2;
-    /// The named task (or other thing) does not exist.
-    pub const NOT_FOUND: u8 = 3;
-    /// The request is valid but the current state does not allow it.
-    pub const REFUSED: u8 = 4;
-    /// The server cannot be reached.
-    pub const UNAVAILABLE: u8 = 5;
-    /// A missing or wrong credential.
-    pub const AUTH: u8 = 6;
-}
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unary requests give up after this long (streams live as long as they are read).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
-/// A failed command: one line for stderr and the exit code.
-#[derive(Debug)]
-pub struct Failure {
-    pub message: String,
-    pub exit_code: u8,
-}
-
-impl Failure {
-    pub fn usage(message: String) -> Self {
-        Self {
-            message,
-            exit_code: exit::USAGE,
-        }
-    }
-
-    pub fn internal(message: String) -> Self {
-        Self {
-            message,
-            exit_code: exit::FAILURE,
-        }
-    }
-}
 
 /// Makes any text one line.
 fn one_line(text: &str) -> String {

@@ -8,6 +8,7 @@
 
 mod batch;
 mod client;
+mod failure;
 mod model;
 mod output;
 mod time;
@@ -18,7 +19,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::{Client, Failure};
+use crate::client::Client;
+use crate::failure::{Failure, exit};
 use crate::model::{NewTask, TaskChange, TaskStatus};
 use crate::output::Format;
 
@@ -399,7 +401,7 @@ async fn main() -> ExitCode {
         Err(Stop::Stdout(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(Stop::Stdout(e)) => {
             eprintln!("pipelinectl: cannot write to stdout: {e}");
-            ExitCode::from(client::exit::FAILURE)
+            ExitCode::from(exit::FAILURE)
         }
         Err(Stop::Failed(failure)) => {
             eprintln!("pipelinectl: {}", failure.message);
@@ -679,8 +681,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             let mut printer = output::LogPrinter::new(output::stdout_is_terminal());
             printer.attempt = run;
             printer.raw = raw;
-            printer.since_ms =
-                since.map(|d| time::now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            printer.since_ms = since.map(time::ms_ago);
             printer.tail = tail;
             if tail.is_some() {
                 // The stored lines first, their last N kept; then, with --follow, the live ones.
@@ -770,7 +771,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                 match read.await {
                     // The server ended the stream (it is stopping): watch again.
                     Ok(()) => {}
-                    Err(Stop::Failed(f)) if f.exit_code == client::exit::UNAVAILABLE => {
+                    Err(Stop::Failed(f)) if f.exit_code == exit::UNAVAILABLE => {
                         // Said once an outage, not at every try; after a stream was open,
                         // as the connection lost it is.
                         if !std::mem::replace(&mut warned, true) {
@@ -831,7 +832,7 @@ async fn follow_logs(
             Ok(true) => return Ok(()),
             // The server ended the stream (it is stopping): read it again.
             Ok(false) => {}
-            Err(Stop::Failed(f)) if follow && f.exit_code == client::exit::UNAVAILABLE => {
+            Err(Stop::Failed(f)) if follow && f.exit_code == exit::UNAVAILABLE => {
                 // Said once an outage, not at every try; after a stream was open, as the
                 // connection lost it is.
                 if !std::mem::replace(&mut warned, true) {
@@ -869,7 +870,7 @@ fn no_such_attempt(id: &str, run: Option<u32>, printer: &output::LogPrinter) -> 
     };
     Err(Stop::Failed(Failure {
         message: format!("task {id} has no attempt {n}: {had}"),
-        exit_code: client::exit::NOT_FOUND,
+        exit_code: exit::NOT_FOUND,
     }))
 }
 

@@ -10,7 +10,7 @@
 use pipeline_proto::v1 as pb;
 use prost::Message as _;
 
-use crate::client::Failure;
+use crate::failure::Failure;
 use crate::model::{
     CostSource, FailureKind, Health, Landing, LogItem, LogLine, LogRun, LogStream, NewTask, Phase,
     Queue, Run, RunStatus, Runner, RunnerState, Running, Status, Task, TaskChange, TaskDetail,
@@ -498,7 +498,7 @@ mod tests {
     fn a_reply_without_its_task_is_refused() {
         let err = TaskDetail::try_from(pb::GetTaskResponse::default()).expect_err("refused");
         assert_eq!(err.message, "the server answered without the task");
-        assert_eq!(err.exit_code, crate::client::exit::FAILURE);
+        assert_eq!(err.exit_code, crate::failure::exit::FAILURE);
     }
 
     #[test]
