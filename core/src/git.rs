@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tracing::Instrument;
 
 use crate::ids::{CommitId, InvalidId, TaskId, TreeId};
 
@@ -406,7 +407,21 @@ impl Git {
     ) -> Result<Output> {
         let what = format!("git {}", args.join(" "));
         let span = tracing::debug_span!("git", command = %what, dir = %self.dir.display());
-        let _enter = span.enter();
+        // The span follows the future, not the thread: entered across an await, it would take
+        // in whatever else the thread runs meanwhile.
+        self.spawn_and_wait(what, args, env, stdin)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Git::output`]'s work, in its span.
+    async fn spawn_and_wait(
+        &self,
+        what: String,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: Stdin<'_>,
+    ) -> Result<Output> {
         let mut cmd = self.command(args);
         cmd.envs(env.iter().copied())
             .stdout(Stdio::piped())
