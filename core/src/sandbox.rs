@@ -118,12 +118,10 @@ impl Rules {
         self
     }
 
-    /// [`Rules::named_in`] each command of `verifier`.
-    pub fn named_in_verifier(&mut self, verifier: &crate::verify::Verifier) -> &mut Self {
-        if let crate::verify::Verifier::Commands { build, test } = verifier {
-            for command in [build, test].into_iter().flatten() {
-                self.named_in(command);
-            }
+    /// [`Rules::named_in`] each of `commands` (a verifier's: `Verifier::commands`).
+    pub fn named_in_all<'a>(&mut self, commands: impl IntoIterator<Item = &'a str>) -> &mut Self {
+        for command in commands {
+            self.named_in(command);
         }
         self
     }

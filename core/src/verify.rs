@@ -24,6 +24,16 @@ pub enum Verifier {
 }
 
 impl Verifier {
+    /// The commands an operator gave (`--build-cmd`, `--test-cmd`), in order; none under
+    /// `bild` or with verification off.
+    pub fn commands(&self) -> impl Iterator<Item = &str> {
+        let (build, test) = match self {
+            Verifier::Commands { build, test } => (build.as_deref(), test.as_deref()),
+            Verifier::Off | Verifier::Bild => (None, None),
+        };
+        build.into_iter().chain(test)
+    }
+
     /// Names this policy: the same on every machine for the same mode and commands, different
     /// for any other (`v1:` and a SHA-256 of the mode and each command, length-prefixed). A
     /// runner's pass counts as a build of a tree only under the server's own digest.
@@ -219,6 +229,22 @@ mod tests {
                 assert_ne!(a.digest(), b.digest(), "{a:?} vs {b:?}");
             }
         }
+    }
+
+    #[test]
+    fn the_commands_are_the_operators_in_order() {
+        let cmds = Verifier::Commands {
+            build: Some("make".into()),
+            test: Some("make test".into()),
+        };
+        assert_eq!(cmds.commands().collect::<Vec<_>>(), ["make", "make test"]);
+        let test_only = Verifier::Commands {
+            build: None,
+            test: Some("make test".into()),
+        };
+        assert_eq!(test_only.commands().collect::<Vec<_>>(), ["make test"]);
+        assert_eq!(Verifier::Bild.commands().count(), 0);
+        assert_eq!(Verifier::Off.commands().count(), 0);
     }
 
     #[test]

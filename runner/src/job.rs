@@ -344,7 +344,7 @@ async fn develop(
     // word alone.
     let mut build_rules = own.clone();
     if verifier == ctx.config.verify.verifier() {
-        build_rules.named_in_verifier(&verifier);
+        build_rules.named_in_all(verifier.commands());
     }
     let build_sandbox = ctx.sandbox.policy(&build_rules);
     log.note(

@@ -18,12 +18,14 @@ use pipeline_core::git::{BranchName, RemoteName};
 use pipeline_core::lock::{FileLock, LockError};
 use tracing::Instrument;
 
+use crate::build::LocalBuilder;
 use crate::config::Config;
 use crate::coordinator::{Coordinator, Settings};
 use crate::error::{Error, Result};
 use crate::grpc::listener::{Incoming, Limits};
 use crate::integrate::Integrator;
 use crate::lifecycle::Policy;
+use crate::ports::Repository;
 use crate::repo::Repo;
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
@@ -232,6 +234,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         verify_on_server: config.verify_on_server,
     };
     let lease_ttl_ms = settings.lease_ttl_ms;
+    // The middle layer's adapters: the repository, and the integration build on this machine.
+    let builder = LocalBuilder::new(repo.clone(), &settings);
     let coordinator = Arc::new(Coordinator::new(
         store.clone(),
         settings,
@@ -253,7 +257,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         .guard_task_ids(config.accept_existing_history)
         .await?;
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
-    let integrations_finished = Integrator::new(Arc::clone(&coordinator)).recover().await?;
+    let integrator = Integrator::new(Arc::clone(&coordinator), builder);
+    let integrations_finished = integrator.recover().await?;
     let found_landed = coordinator.reconcile_landed().await?;
     let epics_settled = coordinator.settle_finished_epics().await?;
 
@@ -294,10 +299,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         "dispatch",
         Arc::clone(&coordinator).dispatch_loop(shutdown.clone()),
     );
-    loops.spawn(
-        "integrator",
-        Integrator::new(Arc::clone(&coordinator)).run(shutdown.clone()),
-    );
+    loops.spawn("integrator", integrator.run(shutdown.clone()));
     loops.spawn(
         "log writer",
         crate::logs::writer(
@@ -457,7 +459,7 @@ async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener> {
 
 /// Waits until no task can make progress (checked at start and after every transition);
 /// returns how many need help.
-async fn until_idle<S: Store>(coordinator: &Coordinator<S>) -> u64 {
+async fn until_idle<S: Store, R: Repository>(coordinator: &Coordinator<S, R>) -> u64 {
     let mut transitions = coordinator.logs().watch();
     loop {
         match coordinator.is_idle().await {

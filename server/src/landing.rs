@@ -22,8 +22,11 @@ use pipeline_core::verify::Verifier;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Millis, TaskId};
-use crate::integrate::train::Green;
 use crate::store::TrainStat;
+
+/// A tree built green, with the scope it was built for (its namespace when each namespace is
+/// a build of its own: [`scope`]).
+pub type Green = (TreeId, Option<String>);
 
 /// The `meta` key of a landing pause.
 pub const LANDING_PAUSED: &str = "landing_paused";

@@ -14,6 +14,7 @@
 pub mod admin_note;
 pub mod app;
 pub mod auth;
+pub mod build;
 pub mod config;
 pub mod coordinator;
 pub mod domain;
@@ -24,6 +25,7 @@ pub mod integrate;
 pub mod landing;
 pub mod lifecycle;
 pub mod logs;
+pub mod ports;
 pub mod prompt;
 pub mod repo;
 pub mod scheduler;

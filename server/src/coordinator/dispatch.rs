@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{Lease, LeaseRef, Millis, NewRun, Phase, Task, TaskId, satisfies};
 use crate::error::{Error, Result};
 use crate::lifecycle::Event;
+use crate::ports::Repository;
 use crate::prompt::{self, PromptContext};
 use crate::scheduler::planner::{self, Pick};
 use crate::scheduler::registry::{Assignment, LiveLease, Push};
@@ -79,7 +80,7 @@ struct EpicCap {
     remaining: f64,
 }
 
-impl<S: Store> Coordinator<S> {
+impl<S: Store, R: Repository> Coordinator<S, R> {
     /// Pushes eligible tasks to free slots and expires lapsed leases, until `shutdown`.
     pub async fn dispatch_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {

@@ -12,9 +12,12 @@
 //! - [`runners`]: the runner API (register, work stream, heartbeats, results, logs).
 //! - [`dispatch`]: the dispatch loop, which expires lapsed leases and hands out new ones.
 //! - [`queue`]: the queue as a whole (the merge train and what waits behind it, pauses).
+//! - [`integration`]: what the integrator asks of the coordinator (its runs, a train's life,
+//!   the journal of base moves, what landing knows).
 //! - [`recovery`]: what start-up finds (leases to restore, lost landings, task IDs in use).
 
 pub mod dispatch;
+pub mod integration;
 pub mod queue;
 pub mod recovery;
 pub mod runners;
@@ -35,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::landing::Landing;
 use crate::lifecycle::{self, Effect, Event, Policy};
 use crate::logs::LogHub;
-use crate::repo::Repo;
+use crate::ports::Repository;
 use crate::scheduler::registry::{LeaseRef, Push, Registry};
 use crate::store::{Committed, NewEvent, RunChanges, Store, TaskRecord, TaskWrite};
 use crate::usage::LastDay;
@@ -94,11 +97,12 @@ pub struct Decision {
     pub effects: Vec<Effect>,
 }
 
-/// The coordinator's domain API over a [`Store`]: tasks, runners, leases.
-pub struct Coordinator<S> {
+/// The coordinator's domain API over a [`Store`] and a [`Repository`]: tasks, runners, leases.
+pub struct Coordinator<S, R> {
     store: S,
     settings: Settings,
-    repo: Repo,
+    /// The canonical repository, through the middle layer's port.
+    repo: R,
     clock: Arc<dyn Clock>,
     registry: Mutex<Registry>,
     /// Wakes the dispatch loop: a task may have become leasable or a slot may have freed.
@@ -124,11 +128,11 @@ pub struct Coordinator<S> {
     instructions: tokio::sync::Mutex<Option<(pipeline_core::ids::CommitId, Option<Arc<str>>)>>,
 }
 
-impl<S: Store> Coordinator<S> {
+impl<S: Store, R: Repository> Coordinator<S, R> {
     pub fn new(
         store: S,
         settings: Settings,
-        repo: Repo,
+        repo: R,
         auth: crate::auth::Auth,
         clock: Arc<dyn Clock>,
     ) -> Self {
@@ -162,7 +166,7 @@ impl<S: Store> Coordinator<S> {
         &self.settings.policy
     }
 
-    pub fn repo(&self) -> &Repo {
+    pub fn repo(&self) -> &R {
         &self.repo
     }
 

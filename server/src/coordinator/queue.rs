@@ -9,6 +9,7 @@ use crate::domain::{TaskId, TaskStatus};
 use crate::error::{Error, Result};
 use crate::landing::{self, Pause, QueuePause, RedBase, TrainView};
 use crate::lifecycle;
+use crate::ports::Repository;
 use crate::store::{Store, TaskFilter};
 
 use super::Coordinator;
@@ -66,7 +67,7 @@ pub struct QueueView {
     pub queue_pause_reason: Option<String>,
 }
 
-impl<S: Store> Coordinator<S> {
+impl<S: Store, R: Repository> Coordinator<S, R> {
     /// Loads the pauses and the last hour's trains (at start-up, before serving).
     pub async fn load_landing(&self) -> Result<()> {
         let mut paused: Option<Pause> = self.load_meta(landing::LANDING_PAUSED).await?;

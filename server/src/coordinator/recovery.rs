@@ -8,6 +8,7 @@ use pipeline_core::ids::CommitId;
 use crate::domain::{Phase, Task, TaskStatus};
 use crate::error::{Error, Result};
 use crate::lifecycle::Event;
+use crate::ports::Repository;
 use crate::scheduler::registry::LiveLease;
 use crate::store::Store;
 use crate::usage::{self, LastDay};
@@ -17,7 +18,7 @@ use super::Coordinator;
 /// The base tip up to which the trailers on the base were scanned for task IDs (`meta`).
 const HISTORY_SCANNED: &str = "history_scanned_tip";
 
-impl<S: Store> Coordinator<S> {
+impl<S: Store, R: Repository> Coordinator<S, R> {
     /// Reads the task counts and the last day's cost from the store once; from then on every
     /// committed change keeps them current (call it before any change can happen: at
     /// start-up, before serving).

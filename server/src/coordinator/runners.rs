@@ -16,6 +16,7 @@ use crate::landing;
 use crate::lifecycle::Event;
 use crate::lifecycle::judge::{Judgement, Outcome, Received, RunnerResult, judge};
 use crate::logs::cut_line;
+use crate::ports::Repository;
 use crate::scheduler::registry::{LeaseRef, LiveLease, Push};
 use crate::store::{NewRun, Store};
 
@@ -91,7 +92,7 @@ fn refused(lease: &LeaseRef, why: impl std::fmt::Display) -> Error {
 /// `meta` keys of the runners drained from the control plane: this prefix and the name.
 const HELD_PREFIX: &str = "runner_held:";
 
-impl<S: Store> Coordinator<S> {
+impl<S: Store, R: Repository> Coordinator<S, R> {
     /// Registers a runner and tells it how often to heartbeat. The registration token gets the
     /// runner a credential of its own; a runner's credential may register again only under its
     /// own name (after a restart of either side).
@@ -433,15 +434,15 @@ impl<S: Store> Coordinator<S> {
         Ok(task)
     }
 
-    /// Starts `git bundle create` for what a lease's runner lacks: the base commit (and the
-    /// previous patchset's) less what it already `have`s. Its stdout is the bundle; an empty
-    /// bundle (git refuses to make one) means the runner has everything.
+    /// What a lease's runner lacks: the base commit (and the previous patchset's) less what it
+    /// already `have`s, as the repository makes it (`git bundle create`, whose stdout is the
+    /// bundle; an empty bundle, which git refuses to make, means the runner has everything).
     pub async fn base_bundle(
         &self,
         runner_id: &str,
         lease: &LeaseRef,
         have: &[CommitId],
-    ) -> Result<tokio::process::Child> {
+    ) -> Result<R::BaseBundle> {
         let task = self.check_lease(runner_id, lease).await?;
         let l = task
             .lease

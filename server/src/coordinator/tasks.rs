@@ -9,6 +9,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Event};
+use crate::ports::Repository;
 use crate::store::{NewEvent, Store, TaskFilter};
 
 use super::Coordinator;
@@ -103,7 +104,7 @@ impl Page {
     pub const MAX_SIZE: u32 = 1000;
 }
 
-impl<S: Store> Coordinator<S> {
+impl<S: Store, R: Repository> Coordinator<S, R> {
     pub async fn create_task(&self, new: NewTask) -> Result<Task> {
         self.refuse_cancelled(None, &new.depends_on).await?;
         let parents: Vec<TaskId> = new.parent.iter().cloned().collect();

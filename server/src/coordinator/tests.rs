@@ -1,6 +1,6 @@
-//! The coordinator's middle layer, against the in-memory store, a fake clock and a real git
-//! repository in a temp dir: transitions through the one commit path, leases handed out by the
-//! dispatcher and expired by the clock, recovery.
+//! The coordinator's middle layer, against the in-memory store, a fake clock and the in-memory
+//! repository and builder (`ports::fake`): transitions through the one commit path, leases
+//! handed out by the dispatcher and expired by the clock, recovery.
 
 use std::sync::Arc;
 
@@ -10,8 +10,12 @@ use pipeline_core::verify::Verifier;
 use tokio::sync::mpsc;
 
 use super::*;
+
+use tokio_util::sync::CancellationToken;
+
 use crate::auth::Caller;
 use crate::domain::{NewTask, RunStatus, TaskId};
+use crate::ports::fake::FakeRepo;
 use crate::scheduler::registry::Push;
 use crate::store::memory::MemoryStore;
 
@@ -20,18 +24,8 @@ const TTL: i64 = 30_000;
 struct World {
     _dir: tempfile::TempDir,
     clock: FakeClock,
-    c: Coordinator<MemoryStore>,
-}
-
-fn git(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
-        .args(args)
-        .output()
-        .expect("git");
-    assert!(out.status.success(), "git {args:?}: {out:?}");
+    repo: FakeRepo,
+    c: Arc<Coordinator<MemoryStore, FakeRepo>>,
 }
 
 async fn world() -> World {
@@ -39,19 +33,40 @@ async fn world() -> World {
 }
 
 async fn world_with(policy: Policy) -> World {
+    world_of(policy, Verifier::Off).await
+}
+
+async fn world_of(policy: Policy, verifier: Verifier) -> World {
     let dir = tempfile::tempdir().expect("temp dir");
-    let repo_dir = dir.path().join("repo");
-    std::fs::create_dir(&repo_dir).expect("mkdir");
-    git(&repo_dir, &["init", "-q", "-b", "main"]);
-    git(&repo_dir, &["commit", "-q", "--allow-empty", "-m", "root"]);
     let store = MemoryStore::new();
+    let base = BranchName::parse("main").expect("branch");
+    let repo = FakeRepo::new(&base, &[("README", "root")]);
+    let clock = FakeClock::at(1_000_000);
+    let c = start(&dir, store, repo.clone(), &clock, policy, verifier).await;
+    World {
+        _dir: dir,
+        clock,
+        repo,
+        c,
+    }
+}
+
+/// A coordinator over `store` and `repo`, as a server starts one (again, after a restart).
+async fn start(
+    dir: &tempfile::TempDir,
+    store: MemoryStore,
+    repo: FakeRepo,
+    clock: &FakeClock,
+    policy: Policy,
+    verifier: Verifier,
+) -> Arc<Coordinator<MemoryStore, FakeRepo>> {
     let settings = Settings {
         policy,
         base: BranchName::parse("main").expect("branch"),
         spool_dir: dir.path().join("spool"),
         lease_ttl_ms: TTL,
         max_bundle_bytes: 1 << 20,
-        verifier: Verifier::Off,
+        verifier,
         kill_grace: std::time::Duration::from_secs(1),
         integration_dir: dir.path().join("integration"),
         push_remote: None,
@@ -64,18 +79,19 @@ async fn world_with(policy: Policy) -> World {
         prompt: Arc::new(crate::prompt::PromptTemplate::default()),
         verify_on_server: Default::default(),
     };
-    let repo = Repo::open(&repo_dir).await.expect("repo");
     let auth = crate::auth::Auth::open(&store, dir.path(), 10)
         .await
         .expect("auth");
-    let clock = FakeClock::at(1_000_000);
-    let c = Coordinator::new(store, settings, repo, auth, Arc::new(clock.clone()));
+    let c = Coordinator::new(store.clone(), settings, repo, auth, Arc::new(clock.clone()));
     c.load_counts().await.expect("counts");
-    World {
-        _dir: dir,
-        clock,
-        c,
-    }
+    c.load_landing().await.expect("landing");
+    // The log writer, as the server runs it (the integrator waits for its runs' lines).
+    tokio::spawn(crate::logs::writer(
+        Arc::clone(c.logs()),
+        store,
+        CancellationToken::new(),
+    ));
+    Arc::new(c)
 }
 
 fn new_task(title: &str) -> NewTask {
@@ -84,7 +100,7 @@ fn new_task(title: &str) -> NewTask {
 
 /// A runner registered and connected, with the receiving end of its pushes.
 async fn runner(
-    c: &Coordinator<MemoryStore>,
+    c: &Coordinator<MemoryStore, FakeRepo>,
     name: &str,
     slots: u32,
 ) -> (String, mpsc::Receiver<Push>) {
@@ -169,6 +185,11 @@ async fn the_dispatcher_leases_to_free_slots_and_pushes_the_work() {
             panic!("an assignment")
         };
         assert_eq!(assignment.lease, lease.lease_ref());
+        assert_eq!(
+            assignment.base_commit,
+            w.repo.branch_tip(&c.settings().base),
+            "on the base tip"
+        );
         assert!(assignment.prompt.contains(task.id.as_str()));
     }
     assert_eq!(

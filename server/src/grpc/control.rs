@@ -15,11 +15,12 @@ use super::{status_from_error, stream_from, until_cancelled};
 use crate::coordinator::queue::Hold;
 use crate::coordinator::{Coordinator, Page};
 use crate::domain::{NewTask, TaskId};
+use crate::repo::Repo;
 use crate::store::Store;
 
 /// The control service over a shared coordinator.
 pub struct ControlApi<S> {
-    coordinator: Arc<Coordinator<S>>,
+    coordinator: Arc<Coordinator<S, Repo>>,
     /// Cancelled when the server is asked to stop: streams that only read (logs, watch) end
     /// at once, so they do not hold the shutdown up, and new ones are refused as unavailable
     /// (a client waits for the server to come back, instead of asking again at once).
@@ -30,7 +31,7 @@ pub struct ControlApi<S> {
 
 impl<S> ControlApi<S> {
     pub fn new(
-        coordinator: Arc<Coordinator<S>>,
+        coordinator: Arc<Coordinator<S, Repo>>,
         shutdown: CancellationToken,
         streams: super::StreamTasks,
     ) -> Self {

@@ -31,6 +31,7 @@ use tonic::{Request, Status};
 
 use crate::auth::Caller;
 use crate::error::Error;
+use crate::repo::Repo;
 
 /// The largest gRPC message the server accepts (descriptions are at most 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -77,7 +78,7 @@ impl StreamsEnded {
 /// authentication interceptor and the [`edge::Edge`] wrapper, ready to add to a tonic server.
 /// `shutdown` stops the work (watch streams end); `serving` ends the runner streams, later.
 pub fn services<S: crate::store::Store>(
-    coordinator: Arc<crate::coordinator::Coordinator<S>>,
+    coordinator: Arc<crate::coordinator::Coordinator<S, Repo>>,
     shutdown: CancellationToken,
     serving: CancellationToken,
     fetch_base_timeout: std::time::Duration,

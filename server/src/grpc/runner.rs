@@ -25,7 +25,7 @@ use crate::auth::Caller;
 use crate::coordinator::{Coordinator, LeaseResult, RunnerHello};
 use crate::domain::{CostSource, TaskId, Usage};
 use crate::lifecycle::judge::{Outcome, RunnerResult};
-use crate::repo::BundleStream;
+use crate::repo::{BundleStream, Repo};
 use crate::scheduler::registry::{Assignment, LeaseRef, Push};
 use crate::store::Store;
 
@@ -39,7 +39,7 @@ pub const FETCH_BASE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The runner service over a shared coordinator.
 pub struct RunnerApi<S> {
-    coordinator: Arc<Coordinator<S>>,
+    coordinator: Arc<Coordinator<S, Repo>>,
     shutdown: CancellationToken,
     spool_seq: AtomicU64,
     /// A base fetch whose bundle is not all read by then is cut off and its git stopped.
@@ -47,7 +47,7 @@ pub struct RunnerApi<S> {
 }
 
 impl<S> RunnerApi<S> {
-    pub fn new(coordinator: Arc<Coordinator<S>>, shutdown: CancellationToken) -> Self {
+    pub fn new(coordinator: Arc<Coordinator<S, Repo>>, shutdown: CancellationToken) -> Self {
         Self {
             coordinator,
             shutdown,
@@ -380,7 +380,7 @@ fn runner_id(raw: &str) -> Result<&str, Status> {
 
 /// One heartbeat from `who`: renews its leases; answers those it must drop.
 fn beat<S: Store>(
-    coordinator: &Coordinator<S>,
+    coordinator: &Coordinator<S, Repo>,
     who: &crate::auth::Caller,
     r: pb::HeartbeatRequest,
 ) -> Result<pb::HeartbeatResponse, Status> {
@@ -818,7 +818,7 @@ async fn send_bundle(
 
 /// Tells the registry that a runner's work stream is gone when the stream is dropped.
 struct CloseWork<S: Store> {
-    coordinator: Arc<Coordinator<S>>,
+    coordinator: Arc<Coordinator<S, Repo>>,
     id: String,
     generation: u64,
 }

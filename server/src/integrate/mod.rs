@@ -31,20 +31,20 @@ use std::time::Duration;
 
 use pipeline_core::git::{GitError, Merged, RefName};
 use pipeline_core::ids::{CommitId, TreeId};
-use pipeline_core::sandbox::Rules;
-use pipeline_core::verify::{Verdict, Verifier};
+use pipeline_core::verify::Verifier;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::VerifyOnServer;
 use crate::coordinator::Coordinator;
 use crate::domain::{
-    FailureKind, FinishedRun, LogLine, LogStream, NewRun, Phase, RunEnd, RunStatus, Task, TaskId,
+    FailureKind, FinishedRun, LogLine, LogStream, Phase, RunEnd, RunStatus, Task, TaskId,
     TaskStatus,
 };
 use crate::error::{Error, Result};
-use crate::landing::{RedBase, TrainView};
+use crate::landing::RedBase;
 use crate::lifecycle::Event;
-use crate::store::{Journal, Store, TrainEnd, TrainStat};
+use crate::ports::{BuildJob, BuildRun, Builder, Built, Repository};
+use crate::store::{Journal, Store, TrainEnd};
 use train::{Candidate, Fate, Green, Input, Member, Outcome, Plan, Step, Train};
 
 /// After a failed round (git or database trouble), try again this much later.
@@ -74,9 +74,10 @@ enum Attempt {
     Checkout { tree: TreeId },
 }
 
-/// The integrator over a coordinator.
-pub struct Integrator<S> {
-    coordinator: Arc<Coordinator<S>>,
+/// The integrator over a coordinator, building with `B`.
+pub struct Integrator<S, R, B> {
+    coordinator: Arc<Coordinator<S, R>>,
+    builder: B,
     /// Git's failures in a row on each step input that failed lately, not for the machine's
     /// reasons (see [`REPEATS`]).
     failures: std::sync::Mutex<HashMap<Attempt, u32>>,
@@ -129,10 +130,11 @@ struct Rider<'a> {
     log: RunLog<'a>,
 }
 
-impl<S: Store> Integrator<S> {
-    pub fn new(coordinator: Arc<Coordinator<S>>) -> Self {
+impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
+    pub fn new(coordinator: Arc<Coordinator<S, R>>, builder: B) -> Self {
         Self {
             coordinator,
+            builder,
             failures: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -179,7 +181,7 @@ impl<S: Store> Integrator<S> {
         self.failures.lock().is_ok_and(|f| !f.is_empty())
     }
 
-    fn c(&self) -> &Coordinator<S> {
+    fn c(&self) -> &Coordinator<S, R> {
         &self.coordinator
     }
 
@@ -207,19 +209,14 @@ impl<S: Store> Integrator<S> {
 
     /// The base commit found red, while it is.
     fn red_base(&self) -> Option<CommitId> {
-        self.c()
-            .landing()
-            .red_base
-            .as_ref()
-            .map(|r| r.commit.clone())
+        self.c().red_base().map(|r| r.commit)
     }
 
     /// Runs the next train; false if there is none to run (nothing Verified can land, or
     /// landing is held). Before it: a red base that moved is built again (green ends the
     /// hold), and the runners' failures held on an unchecked base are settled.
     pub async fn next(&self, shutdown: &CancellationToken) -> Result<bool> {
-        let red = self.c().landing().red_base.clone();
-        if let Some(red) = red {
+        if let Some(red) = self.c().red_base() {
             let tip = self.base_tip().await?;
             if tip != red.commit {
                 let base = self.c().settings().base.clone();
@@ -244,14 +241,14 @@ impl<S: Store> Integrator<S> {
                 }
             }
         }
-        let verified = self.c().store().verified().await?;
+        let verified = self.c().verified_tasks().await?;
         match self.check_bases(&verified, shutdown).await? {
             None => return Ok(false),
             // What was read is stale now: read again.
             Some(true) => return Ok(true),
             Some(false) => {}
         }
-        if self.c().landing().landing_held() {
+        if self.c().landing_held() {
             return Ok(false);
         }
         let batch_max = self.c().settings().batch_max.max(1);
@@ -325,13 +322,7 @@ impl<S: Store> Integrator<S> {
         let now = || c.now();
         for (base, _, tasks) in groups {
             let first = tasks[0];
-            let run = NewRun {
-                phase: Phase::Verify,
-                patchset: first.state.patchset,
-                runner: None,
-                train: None,
-            };
-            let run_id = c.store().start_run(&first.id, &run, c.now()).await?;
+            let run_id = c.start_server_run(first, Phase::Verify, None).await?;
             let log = RunLog {
                 logs: c.logs(),
                 task: first.id.clone(),
@@ -353,23 +344,13 @@ impl<S: Store> Integrator<S> {
                 Ok(Some(v)) => v,
                 Ok(None) => {
                     let why = "interrupted: the server is stopping".to_owned();
-                    c.store()
-                        .end_run(
-                            run_id,
-                            &end(why, Some(FailureKind::Infrastructure)),
-                            c.now(),
-                        )
+                    c.end_server_run(run_id, &end(why, Some(FailureKind::Infrastructure)))
                         .await?;
                     return Ok(None);
                 }
                 Err(err) => {
                     let why = format!("the base could not be built (not the task's fault): {err}");
-                    c.store()
-                        .end_run(
-                            run_id,
-                            &end(why, Some(FailureKind::Infrastructure)),
-                            c.now(),
-                        )
+                    c.end_server_run(run_id, &end(why, Some(FailureKind::Infrastructure)))
                         .await?;
                     return Err(err);
                 }
@@ -482,8 +463,8 @@ impl<S: Store> Integrator<S> {
 
     /// Whether `commit`, as the base, builds green under the server's verification for a
     /// task with `namespace`: known red (the red base) or green (a tree built green for that
-    /// scope) without a build, else built in the integration worktree (its output to `log`)
-    /// and remembered. `None` if the server is stopping; an error if the build could not run.
+    /// scope) without a build, else built by the builder (its output to `log`) and
+    /// remembered. `None` if the server is stopping; an error if the build could not run.
     async fn base_verdict(
         &self,
         commit: &CommitId,
@@ -494,103 +475,61 @@ impl<S: Store> Integrator<S> {
         let c = self.c();
         let verifier = &c.settings().verifier;
         let scope = crate::landing::scope(verifier, namespace);
-        if let Some(red) = c.landing().red_base.as_ref()
+        if let Some(red) = c.red_base()
             && red.commit == *commit
             && crate::landing::scope(verifier, red.namespace.as_deref()) == scope
         {
-            return Ok(Some(BaseVerdict::Red(red.reason.clone())));
+            return Ok(Some(BaseVerdict::Red(red.reason)));
         }
         let tree = c.repo().tree_of(commit).await?;
-        if c.landing().is_green(&tree, &scope) {
+        if c.is_green(&tree, &scope) {
             if let Some(log) = log {
                 log.line("the base was built green before; not built again".to_owned());
             }
             return Ok(Some(BaseVerdict::Green));
         }
         let base = &c.settings().base;
-        let dir = &c.settings().integration_dir;
-        let site = self.ready_build(commit).await?.map_err(Error::from)?;
         tracing::info!(%commit, "building the base alone");
         if let Some(log) = log {
-            log.line(format!("building {base} at {commit} in {}", dir.display()));
+            log.line(format!(
+                "building {base} at {commit} {}",
+                self.builder.site()
+            ));
         }
-        let mut env = site.env(&c.settings().build_env);
-        env.extend([
-            ("PIPELINE_BASE".to_owned(), base.to_string()),
-            ("PIPELINE_BASE_COMMIT".to_owned(), commit.to_string()),
-        ]);
-        let verdict = pipeline_core::verify::verify(
-            verifier,
-            &pipeline_core::verify::Build {
-                dir,
-                namespace,
-                env: &env,
-                kill_grace: c.settings().kill_grace,
-                sandbox: site.sandbox.as_ref(),
+        let job = BuildJob {
+            commit: commit.clone(),
+            verifier: verifier.clone(),
+            base_commit: commit.clone(),
+            runs: vec![BuildRun {
+                namespace: namespace.map(str::to_owned),
+                task: None,
+            }],
+        };
+        let to_log = |line: &str| {
+            if let Some(log) = log {
+                log.line(line.to_owned());
+            }
+        };
+        Ok(Some(
+            match self.builder.build(&job, shutdown, &to_log).await? {
+                Built::Green => {
+                    if let Some(log) = log {
+                        log.line("the base builds green".to_owned());
+                    }
+                    self.remember_green((tree, scope));
+                    BaseVerdict::Green
+                }
+                Built::Red(why) => {
+                    if let Some(log) = log {
+                        log.line("the base fails its own build".to_owned());
+                    }
+                    BaseVerdict::Red(why)
+                }
+                Built::Cancelled => return Ok(None),
+                // The base alone: git's trouble with it is the server's, whatever it is.
+                Built::NoCheckout(e) => return Err(e.into()),
             },
-            shutdown,
-            |_, line| {
-                if let Some(log) = log {
-                    log.line(line.to_owned());
-                }
-            },
-        )
-        .await;
-        Ok(Some(match verdict {
-            Verdict::Pass | Verdict::Skipped(_) => {
-                if let Some(log) = log {
-                    log.line("the base builds green".to_owned());
-                }
-                self.remember_green((tree, scope));
-                BaseVerdict::Green
-            }
-            Verdict::Fail(why) => {
-                if let Some(log) = log {
-                    log.line("the base fails its own build".to_owned());
-                }
-                BaseVerdict::Red(why)
-            }
-            Verdict::Cancelled => return Ok(None),
-            Verdict::Infra(why) => {
-                return Err(Error::Internal(format!(
-                    "the build of the base could not run: {why}"
-                )));
-            }
-        }))
-    }
-
-    /// Puts the integration worktree on `commit` and readies what a build there runs with: an
-    /// empty temp dir, and its sandbox: it writes the worktree and the temp dir, and reads the
-    /// repository (its git needs it) but for the other worktrees' state and the server's state
-    /// dir. `Ok(Err)` when git cannot put the worktree on `commit`: git's error, for the caller
-    /// to judge (the machine's trouble, or the tree's).
-    async fn ready_build(
-        &self,
-        commit: &CommitId,
-    ) -> Result<std::result::Result<BuildSite, GitError>> {
-        let c = self.c();
-        let dir = &c.settings().integration_dir;
-        let worktree = c.repo().worktree(dir).await?;
-        if let Err(e) = c.repo().prepare_worktree(&worktree, commit).await {
-            return Ok(Err(e));
-        }
-        let tmp = c.settings().build_tmp.clone();
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| {
-            Error::Internal(format!(
-                "cannot create the build's temp dir {}: {e}",
-                tmp.display()
-            ))
-        })?;
-        let mut own = Rules::default();
-        own.write(dir)
-            .write(&tmp)
-            .read(&worktree.common)
-            .deny(worktree.common.join("worktrees"))
-            .read(&worktree.admin)
-            .named_in_verifier(&c.settings().verifier);
-        let sandbox = c.settings().sandbox.policy(&own);
-        Ok(Ok(BuildSite { tmp, sandbox }))
+        ))
     }
 
     /// The base tip to integrate on. With `--push-remote`, the remote's branch is the truth:
@@ -646,19 +585,15 @@ impl<S: Store> Integrator<S> {
 
     /// The trees known green, for a train's plan.
     fn green_set(&self) -> HashSet<Green> {
-        self.c().landing().green_trees().cloned().collect()
+        self.c().green_trees()
     }
 
     fn remember_green(&self, green: Green) {
-        self.c().landing().remember_green(green);
+        self.c().remember_green(green);
     }
 
     fn set_step(&self, train: i64, step: String) {
-        if let Some(view) = self.c().landing().train.as_mut()
-            && view.id == train
-        {
-            view.step = step;
-        }
+        self.c().train_step(train, step);
     }
 
     /// Forms and drives one train of `tasks` (each with the members it depends on), then
@@ -704,18 +639,12 @@ impl<S: Store> Integrator<S> {
         }
         let tip = self.base_tip().await?;
         let started_at = c.now();
-        let train_id = c.store().start_train(&tip, started_at).await?;
+        let tasks: Vec<Task> = kept.iter().map(|(task, ..)| task.clone()).collect();
+        let (train_id, run_ids) = c.start_train(&tip, &tasks).await?;
         let now = || c.now();
         let mut riders = Vec::with_capacity(kept.len());
         let mut members = Vec::with_capacity(kept.len());
-        for (task, commit, parent, after) in kept {
-            let run = NewRun {
-                phase: Phase::Integrate,
-                patchset: task.state.patchset,
-                runner: None,
-                train: Some(train_id),
-            };
-            let run_id = c.store().start_run(&task.id, &run, c.now()).await?;
+        for ((task, commit, parent, after), run_id) in kept.into_iter().zip(run_ids) {
             members.push(Member {
                 commit: commit.clone(),
                 parent,
@@ -751,46 +680,35 @@ impl<S: Store> Integrator<S> {
                 if ids.len() == 1 { "" } else { "s" }
             ));
         }
-        c.landing().train = Some(TrainView {
-            id: train_id,
-            tasks: ids,
-            step: "cherry-picking".to_owned(),
-        });
         let mut train = Train::new(Plan {
             members,
             never_build: self.never_build(),
             green: self.green_set(),
         });
         let driven = self.drive(train_id, &mut train, &riders, shutdown).await;
-        c.landing().train = None;
         match driven {
-            Ok(Some(outcome)) => {
-                self.finish(train_id, started_at, &riders, &train, outcome)
-                    .await
-            }
-            Ok(None) => Ok(()),
+            Ok(Some(outcome)) => self.finish(train_id, started_at, &riders, outcome).await,
+            Ok(None) => c.end_train(train_id, started_at, None).await,
             Err(err) => {
                 // Nobody's fault: the train ends uncharged and is formed again.
-                let why = format!("the integration could not go on (not the task's fault): {err}");
-                for (i, r) in riders.iter().enumerate() {
-                    r.log.line(why.clone());
-                    r.log.flush().await;
-                    c.store()
-                        .end_run(
-                            r.log.run_id,
-                            &RunEnd::failure(why.clone(), Some(FailureKind::Infrastructure))
-                                .with_builds(train.builds()[i]),
-                            c.now(),
-                        )
-                        .await?;
-                }
                 let end = TrainEnd {
                     outcome: "error".to_owned(),
                     builds: train.total_builds(),
                     landed: 0,
                     red_commit: None,
                 };
-                c.store().end_train(train_id, &end, c.now()).await?;
+                c.end_train(train_id, started_at, Some(&end)).await?;
+                let why = format!("the integration could not go on (not the task's fault): {err}");
+                for (i, r) in riders.iter().enumerate() {
+                    r.log.line(why.clone());
+                    r.log.flush().await;
+                    c.end_server_run(
+                        r.log.run_id,
+                        &RunEnd::failure(why.clone(), Some(FailureKind::Infrastructure))
+                            .with_builds(train.builds()[i]),
+                    )
+                    .await?;
+                }
                 Err(err)
             }
         }
@@ -885,7 +803,7 @@ impl<S: Store> Integrator<S> {
                             )
                         })
                         .collect();
-                    match c.store().begin_integration(&entries).await? {
+                    match c.begin_landing(&entries).await? {
                         Some(changed) => {
                             tracing::info!(task = %changed, "task changed during integration; not landing it");
                             let member = riders
@@ -962,7 +880,6 @@ impl<S: Store> Integrator<S> {
     ) -> Result<Option<std::result::Result<(), String>>> {
         let c = self.c();
         let base = &c.settings().base;
-        let dir = &c.settings().integration_dir;
         let chain = train.chained();
         let covered: Vec<&Rider<'_>> = chain.iter().take(len.max(1)).map(|m| &riders[*m]).collect();
         // The build's output goes to the run of the task whose commit is built (the first
@@ -976,28 +893,11 @@ impl<S: Store> Integrator<S> {
         for r in riders {
             if covered.iter().any(|c| c.task.id == r.task.id) || len == 0 {
                 r.log.line(if r.task.id == owner.task.id {
-                    format!("building {what} in {}", dir.display())
+                    format!("building {what} {}", self.builder.site())
                 } else {
                     format!("building {what}; its output is in {}'s log", owner.task.id)
                 });
             }
-        }
-        // A tree git cannot check out (the same way, again and again) fails its build: the
-        // train blames it as it blames a red one.
-        let site = match self.ready_build(commit).await? {
-            Ok(site) => site,
-            Err(e) => {
-                let tree = c.repo().tree_of(commit).await?;
-                let why = self.judge_failure(Attempt::Checkout { tree }, e)?;
-                owner.log.line(format!("cannot check out {what}"));
-                return Ok(Some(Err(format!(
-                    "the tree of {commit} cannot be checked out, so it cannot be built: {why}"
-                ))));
-            }
-        };
-        if self.counting() {
-            let tree = c.repo().tree_of(commit).await?;
-            self.succeeded(&Attempt::Checkout { tree });
         }
         tracing::info!(commit = %commit, len, "building the integrated commit");
         // One run per namespace named in the prefix (the last task naming it gives the
@@ -1018,52 +918,55 @@ impl<S: Store> Integrator<S> {
             runs = vec![last];
         }
         let tip_of_base = train.base_tip().cloned().unwrap_or_else(|| commit.clone());
-        for (r, ns) in runs {
-            let mut env = site.env(&c.settings().build_env);
-            env.extend([
-                ("PIPELINE_TASK_ID".to_owned(), r.task.id.to_string()),
-                ("PIPELINE_BASE".to_owned(), base.to_string()),
-                ("PIPELINE_BASE_COMMIT".to_owned(), tip_of_base.to_string()),
-            ]);
-            let verdict = pipeline_core::verify::verify(
-                &c.settings().verifier,
-                &pipeline_core::verify::Build {
-                    dir,
-                    namespace: ns,
-                    env: &env,
-                    kill_grace: c.settings().kill_grace,
-                    sandbox: site.sandbox.as_ref(),
-                },
-                shutdown,
-                |_, line| owner.log.line(line.to_owned()),
-            )
-            .await;
-            match verdict {
-                Verdict::Pass | Verdict::Skipped(_) => {}
-                Verdict::Cancelled => return Ok(None),
-                Verdict::Infra(why) => {
-                    return Err(Error::Internal(format!(
-                        "the integration build could not run: {why}"
-                    )));
-                }
-                Verdict::Fail(why) => {
-                    owner.log.line(format!("build failed: {what}"));
-                    return Ok(Some(Err(if len == 0 {
-                        format!("the build of the base {base} at {commit} failed: {why}")
-                    } else if len == 1 {
-                        format!("the build of the commit on {base} at {tip_of_base} failed: {why}")
-                    } else {
-                        let before: Vec<&str> = covered[..covered.len() - 1]
-                            .iter()
-                            .map(|r| r.task.id.as_str())
-                            .collect();
-                        format!(
-                            "the build of the commit on {base} at {tip_of_base}, after {} (which \
-                             build green without it), failed: {why}",
-                            before.join(" ")
-                        )
-                    })));
-                }
+        let job = BuildJob {
+            commit: commit.clone(),
+            verifier: c.settings().verifier.clone(),
+            base_commit: tip_of_base.clone(),
+            runs: runs
+                .into_iter()
+                .map(|(r, ns)| BuildRun {
+                    namespace: ns.map(str::to_owned),
+                    task: Some(r.task.id.clone()),
+                })
+                .collect(),
+        };
+        let to_log = |line: &str| owner.log.line(line.to_owned());
+        let built = self.builder.build(&job, shutdown, &to_log).await?;
+        // A tree git cannot check out (the same way, again and again) fails its build: the
+        // train blames it as it blames a red one.
+        if let Built::NoCheckout(e) = built {
+            let tree = c.repo().tree_of(commit).await?;
+            let why = self.judge_failure(Attempt::Checkout { tree }, e)?;
+            owner.log.line(format!("cannot check out {what}"));
+            return Ok(Some(Err(format!(
+                "the tree of {commit} cannot be checked out, so it cannot be built: {why}"
+            ))));
+        }
+        if self.counting() {
+            let tree = c.repo().tree_of(commit).await?;
+            self.succeeded(&Attempt::Checkout { tree });
+        }
+        match built {
+            Built::Green => {}
+            Built::Cancelled => return Ok(None),
+            Built::NoCheckout(_) => unreachable!("judged above"),
+            Built::Red(why) => {
+                owner.log.line(format!("build failed: {what}"));
+                return Ok(Some(Err(if len == 0 {
+                    format!("the build of the base {base} at {commit} failed: {why}")
+                } else if len == 1 {
+                    format!("the build of the commit on {base} at {tip_of_base} failed: {why}")
+                } else {
+                    let before: Vec<&str> = covered[..covered.len() - 1]
+                        .iter()
+                        .map(|r| r.task.id.as_str())
+                        .collect();
+                    format!(
+                        "the build of the commit on {base} at {tip_of_base}, after {} (which \
+                         build green without it), failed: {why}",
+                        before.join(" ")
+                    )
+                })));
             }
         }
         owner.log.line("build passed".to_owned());
@@ -1077,7 +980,7 @@ impl<S: Store> Integrator<S> {
         let base = &c.settings().base;
         let undo = async || -> Result<()> {
             for r in prefix {
-                c.store().abort_integration(&r.task.id).await?;
+                c.abort_landing(&r.task.id).await?;
             }
             Ok(())
         };
@@ -1116,19 +1019,41 @@ impl<S: Store> Integrator<S> {
         Ok(true)
     }
 
-    /// Records what became of each task of the train, and the train itself.
+    /// Records the train's end, then what became of each of its tasks.
     async fn finish(
         &self,
         train_id: i64,
         started_at: i64,
         riders: &[Rider<'_>],
-        train: &Train,
         outcome: Outcome,
     ) -> Result<()> {
         let c = self.c();
         let base = &c.settings().base;
         let k = riders.len();
-        let mut landed = 0u32;
+        let landed = outcome
+            .fates
+            .iter()
+            .filter(|f| matches!(f, Fate::Landed { .. } | Fate::AlreadyLanded { .. }))
+            .count();
+        let landed = u32::try_from(landed).unwrap_or(u32::MAX);
+        let word = if outcome.red_base.is_some() {
+            "red_base"
+        } else if outcome.red.is_some() {
+            "red"
+        } else if outcome.gave_up {
+            "gave_up"
+        } else if landed > 0 {
+            "landed"
+        } else {
+            "nothing_landed"
+        };
+        let end = TrainEnd {
+            outcome: word.to_owned(),
+            builds: outcome.total_builds,
+            landed,
+            red_commit: outcome.red.clone(),
+        };
+        c.end_train(train_id, started_at, Some(&end)).await?;
         for (i, (r, fate)) in riders.iter().zip(&outcome.fates).enumerate() {
             let builds = outcome.builds[i];
             let covered = match builds {
@@ -1138,7 +1063,6 @@ impl<S: Store> Integrator<S> {
             };
             match fate {
                 Fate::Landed { commit } => {
-                    landed += 1;
                     tracing::info!(task = %r.task.id, commit = %commit, train = train_id, "landed on {base}");
                     let note = match &outcome.skipped {
                         Some(why) => format!("build skipped: {why}"),
@@ -1156,7 +1080,6 @@ impl<S: Store> Integrator<S> {
                         .await?;
                 }
                 Fate::AlreadyLanded { commit } => {
-                    landed += 1;
                     let note = format!("already on {base} as {commit}");
                     r.log.line(note.clone());
                     r.log.flush().await;
@@ -1181,13 +1104,11 @@ impl<S: Store> Integrator<S> {
                     let why = format!("not landed, not charged: {reason}");
                     r.log.line(why.clone());
                     r.log.flush().await;
-                    c.store()
-                        .end_run(
-                            r.log.run_id,
-                            &RunEnd::failure(why, None).with_builds(builds),
-                            c.now(),
-                        )
-                        .await?;
+                    c.end_server_run(
+                        r.log.run_id,
+                        &RunEnd::failure(why, None).with_builds(builds),
+                    )
+                    .await?;
                 }
             }
         }
@@ -1197,44 +1118,13 @@ impl<S: Store> Integrator<S> {
                 .clone()
                 .unwrap_or_else(|| riders[0].commit.clone());
             let namespace = riders[0].task.namespace.clone();
-            self.c()
-                .mark_red_base(red_base(base, tip, why, namespace))
-                .await?;
+            c.mark_red_base(red_base(base, tip, why, namespace)).await?;
         }
         // Trees built green (the base's, a landed tip's): a red first commit on them is then
         // the commit's fault, without building the base again.
         for tree in &outcome.green_trees {
             self.remember_green(tree.clone());
         }
-        let word = if outcome.red_base.is_some() {
-            "red_base"
-        } else if outcome.red.is_some() {
-            "red"
-        } else if outcome.gave_up {
-            "gave_up"
-        } else if landed > 0 {
-            "landed"
-        } else {
-            "nothing_landed"
-        };
-        let end = TrainEnd {
-            outcome: word.to_owned(),
-            builds: outcome.total_builds,
-            landed,
-            red_commit: outcome.red.clone(),
-        };
-        let now = c.now();
-        c.store().end_train(train_id, &end, now).await?;
-        c.landing().record(
-            TrainStat {
-                started_at,
-                ended_at: now,
-                builds: outcome.total_builds,
-                landed,
-            },
-            now,
-        );
-        let _ = train;
         if outcome.gave_up {
             return Err(Error::Conflict(
                 "the base kept moving while a train was being integrated; will try again".into(),
@@ -1328,13 +1218,9 @@ impl<S: Store> Integrator<S> {
     pub async fn recover(&self) -> Result<usize> {
         let c = self.c();
         let settings = c.settings();
-        for phase in [Phase::Integrate, Phase::Verify] {
-            c.store()
-                .abandon_runs(phase, "interrupted by a restart of the server", c.now())
-                .await?;
-        }
+        c.abandon_server_runs().await?;
         let mut finished = 0;
-        for entry in c.store().pending_integrations().await? {
+        for entry in c.pending_landings().await? {
             let landed_on = match &settings.push_remote {
                 Some(remote) => c.repo().fetch_branch(remote, &settings.base).await?,
                 None => c.repo().tip(&settings.base).await?,
@@ -1373,32 +1259,13 @@ impl<S: Store> Integrator<S> {
                 tracing::warn!(task = %task.id, "finished an integration interrupted by a restart");
                 finished += 1;
             } else {
-                c.store().abort_integration(&entry.task_id).await?;
+                c.abort_landing(&entry.task_id).await?;
                 if !landed {
                     tracing::warn!(task = %task.id, "undid an integration interrupted before the base moved");
                 }
             }
         }
         Ok(finished)
-    }
-}
-
-/// Where an integration build runs: its temp dir and its sandbox ([`Integrator::ready_build`]).
-struct BuildSite {
-    tmp: std::path::PathBuf,
-    sandbox: Option<pipeline_core::sandbox::Policy>,
-}
-
-impl BuildSite {
-    /// The build's environment: `base`'s variables, with `TMPDIR` its own temp dir.
-    fn env(&self, base: &[(String, String)]) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = base
-            .iter()
-            .filter(|(k, _)| k != "TMPDIR")
-            .cloned()
-            .collect();
-        env.push(("TMPDIR".to_owned(), self.tmp.display().to_string()));
-        env
     }
 }
 

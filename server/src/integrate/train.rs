@@ -52,8 +52,7 @@ pub struct Member {
     pub scope: Option<String>,
 }
 
-/// A tree built green, and for what: a tree green for one namespace says nothing of another.
-pub type Green = (TreeId, Option<String>);
+pub use crate::landing::Green;
 
 /// What the train needs to know besides its members.
 #[derive(Clone, Debug, Default, PartialEq)]

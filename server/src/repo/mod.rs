@@ -3,7 +3,8 @@
 //! the server's own records of landings. Every git process goes through `pipeline_core::git`;
 //! what can be done without one is: branch tips and landed records are read from the ref files,
 //! commits through one long-lived `git cat-file --batch`, bundle headers in Rust
-//! ([`bundle`]).
+//! ([`bundle`]). [`Repo`] is the server's adapter of the middle layer's
+//! [`crate::ports::Repository`] port.
 
 pub mod bundle;
 pub mod owner;
@@ -525,6 +526,126 @@ impl Repo {
             .git
             .push_with_lease(remote, branch, new, expected)
             .await?)
+    }
+}
+
+/// The repository the coordinator and the integrator work on: each port method is the
+/// method of the same name above.
+impl crate::ports::Repository for Repo {
+    type BaseBundle = Child;
+
+    async fn tip(&self, branch: &BranchName) -> Result<CommitId> {
+        Repo::tip(self, branch).await
+    }
+
+    async fn parents(&self, commit: &CommitId) -> Result<Vec<CommitId>> {
+        Repo::parents(self, commit).await
+    }
+
+    async fn tree_of(&self, commit: &CommitId) -> Result<TreeId> {
+        Repo::tree_of(self, commit).await
+    }
+
+    async fn file_at(&self, commit: &CommitId, path: &'static str) -> Result<Option<Vec<u8>>> {
+        Repo::file_at(self, commit, path).await
+    }
+
+    async fn is_ancestor(&self, ancestor: &CommitId, descendant: &CommitId) -> Result<bool> {
+        Repo::is_ancestor(self, ancestor, descendant).await
+    }
+
+    async fn update_ref(&self, name: &RefName, commit: &CommitId) -> Result<()> {
+        Repo::update_ref(self, name, commit).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        name: &RefName,
+        new: &CommitId,
+        old: &CommitId,
+    ) -> Result<bool> {
+        Repo::compare_and_swap(self, name, new, old).await
+    }
+
+    async fn base_bundle(
+        &self,
+        task: &TaskId,
+        base: &CommitId,
+        previous: Option<&CommitId>,
+        have: &[CommitId],
+    ) -> Result<Child> {
+        Repo::base_bundle(self, task, base, previous, have).await
+    }
+
+    async fn receive_bundle(
+        &self,
+        path: &Path,
+        base: &CommitId,
+        expected: &CommitId,
+    ) -> Result<CommitId> {
+        Repo::receive_bundle(self, path, base, expected).await
+    }
+
+    async fn landed_on(&self, task: &TaskId, tip: &CommitId) -> Result<Option<CommitId>> {
+        Repo::landed_on(self, task, tip).await
+    }
+
+    async fn landed_commits(&self) -> Result<std::collections::HashMap<String, CommitId>> {
+        Repo::landed_commits(self).await
+    }
+
+    async fn record_landing(&self, task: &TaskId, commit: &CommitId) -> Result<()> {
+        Repo::record_landing(self, task, commit).await
+    }
+
+    async fn pipeline_history(&self, branch: &BranchName) -> Result<Option<String>> {
+        Repo::pipeline_history(self, branch).await
+    }
+
+    async fn highest_task_number(&self, since: Option<&CommitId>, tip: &CommitId) -> Result<u64> {
+        Repo::highest_task_number(self, since, tip).await
+    }
+
+    async fn cherry_pick(
+        &self,
+        parent: &CommitId,
+        onto: &CommitId,
+        commit: &CommitId,
+    ) -> std::result::Result<Merged, GitError> {
+        Repo::cherry_pick(self, parent, onto, commit).await
+    }
+
+    async fn commit_for_task(
+        &self,
+        tree: &TreeId,
+        parent: &CommitId,
+        original: &CommitId,
+        task: &TaskId,
+    ) -> Result<CommitId> {
+        Repo::commit_for_task(self, tree, parent, original, task).await
+    }
+
+    async fn replay(
+        &self,
+        parent: &CommitId,
+        onto: &CommitId,
+        commit: &CommitId,
+    ) -> Result<std::result::Result<CommitId, String>> {
+        Repo::replay(self, parent, onto, commit).await
+    }
+
+    async fn fetch_branch(&self, remote: &RemoteName, branch: &BranchName) -> Result<CommitId> {
+        Repo::fetch_branch(self, remote, branch).await
+    }
+
+    async fn push_with_lease(
+        &self,
+        remote: &RemoteName,
+        branch: &BranchName,
+        new: &CommitId,
+        expected: &CommitId,
+    ) -> Result<bool> {
+        Repo::push_with_lease(self, remote, branch, new, expected).await
     }
 }
 

@@ -1,0 +1,153 @@
+//! What the integrator asks of the coordinator, as everything else does: the Verified tasks,
+//! the runs the server itself runs (an integrate run per task of a train, a verify run for a
+//! base built alone), a train's life (formed, each step, ended), the journal of base moves,
+//! and what landing knows (the red base, the trees built green). Each is the one place it
+//! happens: the store is written first, then memory (`Landing`) follows; the change feed's
+//! train and landing entries belong here.
+
+use pipeline_core::ids::{CommitId, TreeId};
+
+use crate::domain::{Millis, NewRun, Phase, RunEnd, Task, TaskId};
+use crate::error::Result;
+use crate::landing::{Green, RedBase, TrainView};
+use crate::ports::Repository;
+use crate::store::{Journal, Store, TrainEnd, TrainStat};
+
+use super::Coordinator;
+
+impl<S: Store, R: Repository> Coordinator<S, R> {
+    /// The Verified tasks, in landing order (priority, then age).
+    pub async fn verified_tasks(&self) -> Result<Vec<Task>> {
+        self.store.verified().await
+    }
+
+    /// Starts a run the server runs itself for `task` (no runner): `phase` is `Integrate` for a
+    /// train's member, `Verify` for a build of its base alone. Returns the run's ID.
+    pub async fn start_server_run(
+        &self,
+        task: &Task,
+        phase: Phase,
+        train: Option<i64>,
+    ) -> Result<i64> {
+        let run = NewRun {
+            phase,
+            patchset: task.state.patchset,
+            runner: None,
+            train,
+        };
+        self.store.start_run(&task.id, &run, self.now()).await
+    }
+
+    /// Ends a server run that leaves its task as it is (a train member that waits for the next
+    /// train, a build the server could not finish).
+    pub async fn end_server_run(&self, run: i64, end: &RunEnd) -> Result<()> {
+        self.store.end_run(run, end, self.now()).await
+    }
+
+    /// At start-up: the server's own runs a crash interrupted (integrate and verify) end.
+    pub async fn abandon_server_runs(&self) -> Result<()> {
+        for phase in [Phase::Integrate, Phase::Verify] {
+            self.store
+                .abandon_runs(phase, "interrupted by a restart of the server", self.now())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Forms a train of `members` on the base tip `tip`: recorded, an integrate run started
+    /// for each member, and shown as the train now (`queue`). Returns the train's ID and the
+    /// members' run IDs, in order.
+    pub async fn start_train(&self, tip: &CommitId, members: &[Task]) -> Result<(i64, Vec<i64>)> {
+        let train = self.store.start_train(tip, self.now()).await?;
+        let mut runs = Vec::with_capacity(members.len());
+        for task in members {
+            runs.push(
+                self.start_server_run(task, Phase::Integrate, Some(train))
+                    .await?,
+            );
+        }
+        self.landing().train = Some(TrainView {
+            id: train,
+            tasks: members.iter().map(|t| t.id.clone()).collect(),
+            step: "cherry-picking".to_owned(),
+        });
+        Ok((train, runs))
+    }
+
+    /// What the train now is doing, in a few words ("building prefix 2 of 4", "landing").
+    pub fn train_step(&self, train: i64, step: String) {
+        if let Some(view) = self.landing().train.as_mut()
+            && view.id == train
+        {
+            view.step = step;
+        }
+    }
+
+    /// The train is over: no longer the train now; with its `end`, recorded and counted in
+    /// the last hour's trains. Without one the server is stopping mid-train: the train is
+    /// formed again after the restart.
+    pub async fn end_train(
+        &self,
+        train: i64,
+        started_at: Millis,
+        end: Option<&TrainEnd>,
+    ) -> Result<()> {
+        self.landing().train.take_if(|view| view.id == train);
+        let Some(end) = end else {
+            return Ok(());
+        };
+        let now = self.now();
+        self.store.end_train(train, end, now).await?;
+        self.landing().record(
+            TrainStat {
+                started_at,
+                ended_at: now,
+                builds: end.builds,
+                landed: end.landed,
+            },
+            now,
+        );
+        Ok(())
+    }
+
+    /// Journals the base moves of a train's landing prefix, all or none, while each task is
+    /// still Verified with that commit; the task that changed, if one did (nothing written).
+    pub async fn begin_landing(&self, entries: &[(Journal, CommitId)]) -> Result<Option<TaskId>> {
+        self.store.begin_integration(entries).await
+    }
+
+    /// Forgets a journaled base move that did not happen.
+    pub async fn abort_landing(&self, task: &TaskId) -> Result<()> {
+        self.store.abort_integration(task).await
+    }
+
+    /// The journaled base moves a crash may have interrupted.
+    pub async fn pending_landings(&self) -> Result<Vec<Journal>> {
+        self.store.pending_integrations().await
+    }
+
+    /// The base found red, while it is.
+    pub fn red_base(&self) -> Option<RedBase> {
+        self.landing().red_base.clone()
+    }
+
+    /// Whether landing is held (a person's hold, or a red base).
+    pub fn landing_held(&self) -> bool {
+        self.landing().landing_held()
+    }
+
+    /// Whether `tree` was built green for `scope`.
+    pub fn is_green(&self, tree: &TreeId, scope: &Option<String>) -> bool {
+        self.landing().is_green(tree, scope)
+    }
+
+    /// The trees known green, for a train's plan.
+    pub fn green_trees(&self) -> std::collections::HashSet<Green> {
+        self.landing().green_trees().cloned().collect()
+    }
+
+    /// Remembers a tree built green (by the server, or a landed tip).
+    pub fn remember_green(&self, green: Green) {
+        self.landing().remember_green(green);
+    }
+}
