@@ -1,6 +1,7 @@
 //! The coordinator's middle layer, against the in-memory store, a fake clock and the in-memory
 //! repository and builder (`ports::fake`): transitions through the one commit path, leases
-//! handed out by the dispatcher and expired by the clock, recovery.
+//! handed out by the dispatcher and expired by the clock, results judged with their commits,
+//! recovery, and the integrator's trains (landing, bisection of a red member).
 
 use std::sync::Arc;
 
@@ -10,12 +11,18 @@ use pipeline_core::verify::Verifier;
 use tokio::sync::mpsc;
 
 use super::*;
+use std::collections::HashMap;
 
+use pipeline_core::git::RefName;
+use pipeline_core::ids::CommitId;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Caller;
+use crate::domain::Task;
 use crate::domain::{NewTask, RunStatus, TaskId};
-use crate::ports::fake::FakeRepo;
+use crate::integrate::Integrator;
+use crate::ports::fake::{FakeBuilder, FakeRepo};
+use crate::scheduler::registry::Assignment;
 use crate::scheduler::registry::Push;
 use crate::store::memory::MemoryStore;
 
@@ -34,6 +41,18 @@ async fn world() -> World {
 
 async fn world_with(policy: Policy) -> World {
     world_of(policy, Verifier::Off).await
+}
+
+/// A world whose server verifies with a build command (the fake builder's).
+async fn world_verifying() -> World {
+    world_of(
+        Policy::default(),
+        Verifier::Commands {
+            build: Some("make".into()),
+            test: None,
+        },
+    )
+    .await
 }
 
 async fn world_of(policy: Policy, verifier: Verifier) -> World {
@@ -446,4 +465,394 @@ async fn a_red_base_holds_leases_and_landing_apart_from_a_persons_hold_and_outli
     c.load_landing().await.expect("load");
     assert!(c.landing().red_base.is_none());
     assert!(c.store().get_meta(RED_BASE).await.expect("meta").is_none());
+}
+
+/// The assignments pushed so far, by task.
+fn assignments(rx: &mut mpsc::Receiver<Push>) -> HashMap<TaskId, Assignment> {
+    let mut out = HashMap::new();
+    while let Ok(push) = rx.try_recv() {
+        if let Push::Assign(a) = push {
+            out.insert(a.task_id.clone(), *a);
+        }
+    }
+    out
+}
+
+/// A runner's result for `assignment`: verified, with `commit` sent in a bundle.
+fn verified(assignment: &Assignment, commit: &CommitId, at: i64) -> LeaseResult {
+    use crate::lifecycle::judge::{Outcome, RunnerResult};
+    LeaseResult {
+        lease: assignment.lease.clone(),
+        result: RunnerResult {
+            outcome: Outcome::Verified,
+            error: None,
+            cost_cents: 2.0,
+            usage: None,
+            verify_skipped: None,
+            verify_digest: None,
+            dev_finished_at: at,
+        },
+        commit: Some(commit.clone()),
+    }
+}
+
+/// The bundle path a runner's result comes with (the fake repository does not read it).
+fn bundle() -> &'static std::path::Path {
+    std::path::Path::new("spool/bundle")
+}
+
+/// Tasks `files.len()`, each leased to one runner and brought to Verified with a commit of its
+/// own (on the base tip) writing its files. Returns the runner (its ID and pushes) and the
+/// tasks.
+async fn verified_tasks(
+    w: &World,
+    files: &[&[(&str, &str)]],
+) -> ((String, mpsc::Receiver<Push>), Vec<Task>) {
+    let c = &w.c;
+    let slots = u32::try_from(files.len()).expect("few");
+    let (runner_id, mut rx) = runner(c, "r1", slots).await;
+    let mut tasks = Vec::new();
+    for (i, _) in files.iter().enumerate() {
+        tasks.push(
+            c.create_task(new_task(&format!("task {i}")))
+                .await
+                .expect("create"),
+        );
+    }
+    c.dispatch_once().await.expect("round");
+    let pushed = assignments(&mut rx);
+    let mut out = Vec::new();
+    for (task, files) in tasks.iter().zip(files) {
+        let a = &pushed[&task.id];
+        let commit = w.repo.runner_commit(&a.base_commit, files);
+        let done = c
+            .complete(
+                &runner_id,
+                verified(a, &commit, w.clock.now_ms()),
+                Some(bundle()),
+            )
+            .await
+            .expect("complete");
+        assert_eq!(done.state.status, TaskStatus::Verified, "{}", task.id);
+        out.push(done);
+    }
+    ((runner_id, rx), out)
+}
+
+#[tokio::test]
+async fn a_result_is_judged_with_its_commit_which_is_stored_under_the_lease_or_refused() {
+    let w = world().await;
+    let c = &w.c;
+    let (runner_id, mut rx) = runner(c, "r1", 2).await;
+    let good = c.create_task(new_task("good")).await.expect("create");
+    let bad = c.create_task(new_task("bad")).await.expect("create");
+    c.dispatch_once().await.expect("round");
+    let pushed = assignments(&mut rx);
+
+    // A commit on the lease's base: stored under the task's patch ref, the task Verified
+    // with it, its dev and verify runs ended as the runner said.
+    let a = &pushed[&good.id];
+    let commit = w.repo.runner_commit(&a.base_commit, &[("good.txt", "x")]);
+    let task = c
+        .complete(
+            &runner_id,
+            verified(a, &commit, w.clock.now_ms()),
+            Some(bundle()),
+        )
+        .await
+        .expect("complete");
+    assert_eq!(task.state.status, TaskStatus::Verified);
+    assert_eq!(task.patch_commit.as_ref(), Some(&commit));
+    assert_eq!((task.state.patchset, task.state.failures), (1, 0));
+    assert_eq!(
+        w.repo
+            .reference(&RefName::task_patch(&good.id, a.lease.epoch)),
+        Some(commit.clone())
+    );
+    let runs = c.store().runs(&good.id).await.expect("runs");
+    let phases: Vec<(Phase, RunStatus)> = runs.iter().map(|r| (r.phase, r.status)).collect();
+    assert_eq!(
+        phases,
+        [
+            (Phase::Dev, RunStatus::Success),
+            (Phase::Verify, RunStatus::Success)
+        ]
+    );
+
+    // A commit that is not one commit on the lease's base is refused: the call says why, and
+    // the attempt is the task's failure; nothing is stored.
+    let b = &pushed[&bad.id];
+    let elsewhere = w
+        .repo
+        .commit_on(&b.base_commit, &[("other", "y")], "elsewhere");
+    let stray = w.repo.runner_commit(&elsewhere, &[("bad.txt", "z")]);
+    let err = c
+        .complete(
+            &runner_id,
+            verified(b, &stray, w.clock.now_ms()),
+            Some(bundle()),
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, Error::InvalidArgument(why) if why.contains("not one commit on the base")),
+        "{err}"
+    );
+    let task = c.get(&bad.id).await.expect("get");
+    assert_eq!(task.state.failures, 1, "charged to the task");
+    assert_ne!(task.state.status, TaskStatus::Verified);
+    assert_eq!(task.patch_commit, None);
+    assert_eq!(
+        w.repo.received(),
+        [commit],
+        "only the good bundle was taken"
+    );
+
+    // A verified result without its commit is refused the same way.
+    let again = c.get(&bad.id).await.expect("get");
+    if let Some(lease) = again.lease {
+        let mut result = verified(b, &stray, w.clock.now_ms());
+        result.lease = lease.lease_ref();
+        result.commit = None;
+        let err = c
+            .complete(&runner_id, result, None)
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains("needs the commit"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_restart_keeps_leases_for_their_runners_and_finishes_only_the_landings_that_happened() {
+    let w = world().await;
+    let base = w.c.settings().base.clone();
+    let ((_runner, mut rx), tasks) = verified_tasks(
+        &w,
+        &[&[("a.txt", "a")], &[("b.txt", "b")], &[("c.txt", "c")]],
+    )
+    .await;
+    let (a, b) = (&tasks[0], &tasks[1]);
+    let c = &w.c;
+    // One more task, leased when the server dies.
+    let leased = c.create_task(new_task("leased")).await.expect("create");
+    c.dispatch_once().await.expect("round");
+    let lease = assignments(&mut rx)[&leased.id].lease.clone();
+
+    // The integrator journaled a's and b's base moves; the base moved to a's, then the server
+    // died (b's never happened).
+    let tip = w.repo.branch_tip(&base);
+    let a_on_base = w.repo.commit_on(&tip, &[("a.txt", "a")], "a");
+    let b_on_base = w.repo.commit_on(&tip, &[("b.txt", "b")], "b");
+    let journal = |task: &Task, new_commit: &CommitId| {
+        (
+            crate::store::Journal {
+                task_id: task.id.clone(),
+                train: None,
+                old_tip: tip.clone(),
+                new_commit: new_commit.clone(),
+                started_at: w.clock.now_ms(),
+            },
+            task.patch_commit.clone().expect("a commit"),
+        )
+    };
+    assert_eq!(
+        c.begin_landing(&[journal(a, &a_on_base)])
+            .await
+            .expect("journal"),
+        None
+    );
+    assert_eq!(
+        c.begin_landing(&[journal(b, &b_on_base)])
+            .await
+            .expect("journal"),
+        None
+    );
+    w.repo.set_branch(&base, &a_on_base);
+
+    // The restart: a new coordinator over the same store and repository.
+    let c = start(
+        &w._dir,
+        c.store().clone(),
+        w.repo.clone(),
+        &w.clock,
+        Policy::default(),
+        Verifier::Off,
+    )
+    .await;
+    assert_eq!(
+        c.recover().await.expect("recover"),
+        (1, 0),
+        "the lease kept"
+    );
+    let kept = c.get(&leased.id).await.expect("get");
+    assert_eq!(kept.state.status, TaskStatus::InProgress);
+    assert_eq!(kept.lease.map(|l| l.lease_ref()), Some(lease));
+    let integrator = Integrator::new(Arc::clone(&c), FakeBuilder::new(&w.repo));
+    assert_eq!(integrator.recover().await.expect("recover"), 1);
+    assert_eq!(
+        c.get(&a.id).await.expect("a").state.status,
+        TaskStatus::Done
+    );
+    let b_now = c.get(&b.id).await.expect("b");
+    assert_eq!(
+        (b_now.state.status, b_now.state.failures),
+        (TaskStatus::Verified, 0),
+        "integrated again, uncharged"
+    );
+    assert!(c.pending_landings().await.expect("journal").is_empty());
+    assert_eq!(w.repo.branch_tip(&base), a_on_base, "nothing landed twice");
+    // Recovering again finds nothing to do.
+    assert_eq!(integrator.recover().await.expect("again"), 0);
+    assert_eq!(c.recover().await.expect("again"), (1, 0));
+}
+
+/// Runs trains until the integrator has none to run (at most `n`).
+async fn integrate_all(integrator: &Integrator<MemoryStore, FakeRepo, FakeBuilder>, n: usize) {
+    let shutdown = CancellationToken::new();
+    for _ in 0..n {
+        if !integrator.next(&shutdown).await.expect("a train") {
+            return;
+        }
+    }
+    panic!("the integrator still had trains to run after {n}");
+}
+
+#[tokio::test]
+async fn a_train_with_a_red_member_lands_the_others_and_charges_only_the_red_one() {
+    let w = world_verifying().await;
+    let base = w.c.settings().base.clone();
+    let root = w.repo.branch_tip(&base);
+    let (_runner, tasks) = verified_tasks(
+        &w,
+        &[&[("a.txt", "a")], &[("b.txt", "red")], &[("c.txt", "c")]],
+    )
+    .await;
+    let (a, b, cc) = (&tasks[0], &tasks[1], &tasks[2]);
+    let c = &w.c;
+    let builder = FakeBuilder::new(&w.repo);
+    let integrator = Integrator::new(Arc::clone(c), builder.clone());
+    integrate_all(&integrator, 10).await;
+
+    for t in [a, cc] {
+        assert_eq!(
+            c.get(&t.id).await.expect("get").state.status,
+            TaskStatus::Done,
+            "{}",
+            t.id
+        );
+    }
+    let red = c.get(&b.id).await.expect("get");
+    assert_ne!(red.state.status, TaskStatus::Done);
+    assert_eq!(red.state.failures, 1, "the red member is charged");
+    let runs = c.store().runs(&b.id).await.expect("runs");
+    let integrate = runs
+        .iter()
+        .find(|r| r.phase == Phase::Integrate && r.status == RunStatus::Failure)
+        .expect("its integrate run failed");
+    assert_eq!(integrate.failure_kind, Some(FailureKind::Task));
+    assert!(
+        integrate
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("b.txt is red")),
+        "{:?}",
+        integrate.error
+    );
+    for t in [a, cc] {
+        let runs = c.store().runs(&t.id).await.expect("runs");
+        assert!(
+            runs.iter()
+                .all(|r| r.failure_kind != Some(FailureKind::Task)),
+            "{} is not charged: {runs:?}",
+            t.id
+        );
+    }
+
+    // The base has a's and c's changes, each in a commit of its own with its Task-Id, and
+    // not b's; each landing is recorded in the repository.
+    let tip = w.repo.branch_tip(&base);
+    let files = w.repo.files_of(&tip);
+    assert!(
+        files.contains_key("a.txt") && files.contains_key("c.txt"),
+        "{files:?}"
+    );
+    assert!(!files.contains_key("b.txt"), "{files:?}");
+    let mut trailers = w.repo.trailers(&tip);
+    trailers.sort();
+    assert_eq!(trailers, [a.id.clone(), cc.id.clone()]);
+    for t in [a, cc] {
+        assert!(
+            w.repo.reference(&RefName::landed(&t.id)).is_some(),
+            "{}",
+            t.id
+        );
+    }
+    assert!(w.repo.reference(&RefName::landed(&b.id)).is_none());
+
+    // The builds: the train's tip (red), then its prefixes, halving: a alone (green), a and
+    // b (red: b is the first red commit); then c in a train of its own on the new base.
+    let builds = builder.builds();
+    let built: Vec<(Vec<String>, Option<TaskId>)> = builds
+        .iter()
+        .map(|b| {
+            let files = w.repo.files_of(&b.commit).into_keys().collect();
+            (files, b.runs[0].task.clone())
+        })
+        .collect();
+    let files = |names: &[&str]| -> Vec<String> {
+        std::iter::once("README")
+            .chain(names.iter().copied())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        built,
+        [
+            (files(&["a.txt", "b.txt", "c.txt"]), Some(cc.id.clone())),
+            (files(&["a.txt"]), Some(a.id.clone())),
+            (files(&["a.txt", "b.txt"]), Some(b.id.clone())),
+            (files(&["a.txt", "c.txt"]), Some(cc.id.clone())),
+        ]
+    );
+    assert!(
+        builds[..3].iter().all(|b| b.base_commit == root),
+        "the first train sits on the root"
+    );
+    assert!(
+        builds.iter().all(|b| b.verifier == c.settings().verifier),
+        "under the server's verification"
+    );
+    // Nothing is left running, and the train is no longer shown.
+    let queue = c.queue().await.expect("queue");
+    assert!(queue.train.is_none());
+}
+
+#[tokio::test]
+async fn a_build_that_cannot_run_charges_nobody_and_the_train_is_formed_again() {
+    let w = world_verifying().await;
+    let base = w.c.settings().base.clone();
+    let root = w.repo.branch_tip(&base);
+    let (_runner, tasks) = verified_tasks(&w, &[&[("a.txt", "a")]]).await;
+    let c = &w.c;
+    let builder = FakeBuilder::new(&w.repo);
+    let integrator = Integrator::new(Arc::clone(c), builder.clone());
+    builder.break_with(Some("no make"));
+    let err = integrator
+        .next(&CancellationToken::new())
+        .await
+        .expect_err("the build could not run");
+    assert!(err.to_string().contains("no make"), "{err}");
+    let task = c.get(&tasks[0].id).await.expect("get");
+    assert_eq!(
+        (task.state.status, task.state.failures),
+        (TaskStatus::Verified, 0)
+    );
+    assert_eq!(w.repo.branch_tip(&base), root);
+    builder.break_with(None);
+    integrate_all(&integrator, 5).await;
+    let task = c.get(&tasks[0].id).await.expect("get");
+    assert_eq!(
+        (task.state.status, task.state.failures),
+        (TaskStatus::Done, 0)
+    );
 }
