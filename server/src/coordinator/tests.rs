@@ -856,3 +856,50 @@ async fn a_build_that_cannot_run_charges_nobody_and_the_train_is_formed_again() 
         (TaskStatus::Done, 0)
     );
 }
+
+#[tokio::test]
+async fn a_member_that_conflicts_with_the_one_before_it_waits_then_is_charged_for_the_base() {
+    let w = world_verifying().await;
+    let base = w.c.settings().base.clone();
+    let (_runner, tasks) = verified_tasks(&w, &[&[("f.txt", "a")], &[("f.txt", "b")]]).await;
+    let (a, b) = (&tasks[0], &tasks[1]);
+    let c = &w.c;
+    let integrator = Integrator::new(Arc::clone(c), FakeBuilder::new(&w.repo));
+    // The first train lands a; b conflicts only with a, in the same train: it waits, uncharged.
+    assert!(
+        integrator
+            .next(&CancellationToken::new())
+            .await
+            .expect("a train")
+    );
+    assert_eq!(
+        c.get(&a.id).await.expect("a").state.status,
+        TaskStatus::Done
+    );
+    let waiting = c.get(&b.id).await.expect("b");
+    assert_eq!(
+        (waiting.state.status, waiting.state.failures),
+        (TaskStatus::Verified, 0)
+    );
+    // The next train finds b in conflict with the base itself: its own failure, with git's
+    // words and what to do.
+    integrate_all(&integrator, 5).await;
+    let charged = c.get(&b.id).await.expect("b");
+    assert_eq!(charged.state.failures, 1);
+    assert_ne!(charged.state.status, TaskStatus::Done);
+    let runs = c.store().runs(&b.id).await.expect("runs");
+    let failed = runs
+        .iter()
+        .rfind(|r| r.phase == Phase::Integrate)
+        .expect("an integrate run");
+    assert_eq!(failed.failure_kind, Some(FailureKind::Task));
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("Merge conflict in f.txt")),
+        "{:?}",
+        failed.error
+    );
+    assert_eq!(w.repo.files_of(&w.repo.branch_tip(&base))["f.txt"], "a");
+}
