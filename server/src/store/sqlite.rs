@@ -3,7 +3,8 @@
 //! transaction (a deferred transaction that reads then writes fails with `SQLITE_BUSY` instead of
 //! waiting for the lock). Write transactions take turns at an in-process queue before they
 //! begin: two writers never meet at SQLite's lock, whose busy handler waits by sleeping (1 ms
-//! and up), and readers (WAL) never wait for writers.
+//! and up), and readers (WAL) never wait for writers. A write that is dropped before it ends
+//! keeps its turn until its connection is rolled back and closed (`WriteTx`).
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -45,23 +46,56 @@ pub struct SqliteStore {
 /// transaction did not end cleanly (a failed statement or commit, a full disk, a cancelled
 /// future) is closed instead of going back to the pool: the next write gets a fresh one, so a
 /// fault never outlives its cause.
+///
+/// Architecture invariant: the write turn is released only once its connection holds no
+/// transaction (committed, rolled back, or closed). A transaction dropped before it ended (a
+/// gRPC handler cancelled when its client went away) hands both to a task that rolls back and
+/// closes the connection and only then lets the next writer begin: its statements, even its
+/// `BEGIN IMMEDIATE`, may still be running on the connection's worker thread.
 struct WriteTx {
-    conn: sqlx::pool::PoolConnection<Sqlite>,
-    _turn: tokio::sync::OwnedMutexGuard<()>,
+    /// The connection and the turn, together until the transaction ends (`None` only once
+    /// `Drop` took them).
+    held: Option<Held>,
     ended: bool,
     failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
+/// A write transaction's connection and the write turn it holds.
+struct Held {
+    conn: sqlx::pool::PoolConnection<Sqlite>,
+    turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Held {
+    /// Ends whatever transaction the connection holds and closes it, then releases the turn.
+    /// The `ROLLBACK` queues on the connection's worker behind whatever a cancelled future left
+    /// running there (a statement, a `BEGIN IMMEDIATE` that may yet succeed), so once it
+    /// answers, the connection holds no lock.
+    async fn end(self) {
+        let Held { mut conn, turn } = self;
+        // Should this task be dropped first (the runtime stopping), the connection is closed,
+        // not handed back.
+        conn.close_on_drop();
+        // An error is expected when no transaction was open (a `BEGIN` that failed).
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        if let Err(e) = conn.close().await {
+            tracing::warn!(error = %e, "closing a failed write's database connection");
+        }
+        drop(turn);
+    }
+}
+
 impl WriteTx {
     async fn commit(mut self) -> Result<()> {
-        match sqlx::query("COMMIT").execute(&mut *self.conn).await {
+        match sqlx::query("COMMIT").execute(&mut *self).await {
             Ok(_) => {
                 self.ended = true;
                 self.set_failure(None);
                 Ok(())
             }
             Err(e) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *self.conn).await;
+                // Dropped unended: its connection is rolled back and closed before the turn
+                // goes to the next writer.
                 self.set_failure(Some(format!("committing a write failed: {e}")));
                 Err(e.into())
             }
@@ -70,11 +104,7 @@ impl WriteTx {
 
     /// Ends the transaction without writing anything (a refused request).
     async fn rollback(mut self) {
-        if sqlx::query("ROLLBACK")
-            .execute(&mut *self.conn)
-            .await
-            .is_ok()
-        {
+        if sqlx::query("ROLLBACK").execute(&mut *self).await.is_ok() {
             self.ended = true;
         }
     }
@@ -107,13 +137,28 @@ impl WriteTx {
 
 impl Drop for WriteTx {
     fn drop(&mut self) {
-        if !self.ended {
-            // Closing the connection rolls back whatever it held.
-            self.conn.close_on_drop();
-            if let Ok(mut f) = self.failure.lock()
-                && f.is_none()
-            {
-                *f = Some("a write transaction failed (see the server log)".to_owned());
+        if self.ended {
+            return;
+        }
+        if let Ok(mut f) = self.failure.lock()
+            && f.is_none()
+        {
+            *f = Some("a write transaction failed (see the server log)".to_owned());
+        }
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(held.end());
+            }
+            // No runtime to end it on (the server is gone): closing the connection rolls back
+            // whatever it held.
+            Err(_) => {
+                let Held { mut conn, turn } = held;
+                conn.close_on_drop();
+                drop(conn);
+                drop(turn);
             }
         }
     }
@@ -123,13 +168,13 @@ impl std::ops::Deref for WriteTx {
     type Target = SqliteConnection;
 
     fn deref(&self) -> &SqliteConnection {
-        &self.conn
+        &self.held.as_ref().expect("held until dropped").conn
     }
 }
 
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
+        &mut self.held.as_mut().expect("held until dropped").conn
     }
 }
 
@@ -168,22 +213,22 @@ impl SqliteStore {
     }
 
     /// Begins a write transaction: a connection first, then the write turn, so the turn is
-    /// held only while the transaction runs.
+    /// held only while the transaction runs. The transaction counts as begun (and is ended by
+    /// `Drop` when this future is dropped) from the moment its `BEGIN IMMEDIATE` is sent: a
+    /// future dropped while that runs must not hand back a connection the `BEGIN` then took
+    /// the write lock on.
     async fn write(&self) -> Result<WriteTx> {
         let conn = self.pool.acquire().await?;
         let turn = Arc::clone(&self.writer).lock_owned().await;
         let mut tx = WriteTx {
-            conn,
-            _turn: turn,
-            ended: true,
+            held: Some(Held { conn, turn }),
+            ended: false,
             failure: Arc::clone(&self.write_failure),
         };
-        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx.conn).await {
-            tx.conn.close_on_drop();
+        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx).await {
             tx.set_failure(Some(format!("beginning a write failed: {e}")));
             return Err(e.into());
         }
-        tx.ended = false;
         Ok(tx)
     }
 }
@@ -2071,6 +2116,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::SqliteStore;
     use crate::store::suite;
+    use std::sync::Arc;
 
     async fn fresh() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -2094,6 +2140,115 @@ mod tests {
             "{}",
             super::LIST_COLUMNS
         );
+    }
+
+    /// A write whose future is dropped while its `BEGIN IMMEDIATE` runs (a gRPC handler whose
+    /// client went away: a runner SIGKILLed while it opened its work stream) leaves no
+    /// transaction open behind it: the next write begins at once, and the dropped one wrote
+    /// nothing. (Its connection went back to the pool holding the write lock, and every
+    /// later write failed after the busy timeout with "database is locked".)
+    #[tokio::test]
+    async fn a_write_dropped_while_it_begins_leaves_no_transaction_behind() {
+        use crate::store::Store;
+        use sqlx::Connection;
+        use std::future::Future;
+        use std::task::Poll;
+
+        let (dir, store) = fresh().await;
+        // Another connection holds the write lock, so the store's BEGIN IMMEDIATE waits on its
+        // connection's worker thread (in SQLite's busy handler) until that one lets go.
+        let path = dir.path().join("pipeline.db");
+        let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("connect");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .expect("hold the write lock");
+        let mut dropped = Box::pin(store.put_meta("dropped", "1"));
+        // Polled until it holds the write turn: it then waits for its BEGIN IMMEDIATE.
+        while store.writer.try_lock().is_ok() {
+            let pending =
+                std::future::poll_fn(|cx| Poll::Ready(dropped.as_mut().poll(cx).is_pending()))
+                    .await;
+            assert!(pending, "the write cannot end while the lock is held");
+            tokio::task::yield_now().await;
+        }
+        drop(dropped);
+        sqlx::query("ROLLBACK")
+            .execute(&mut holder)
+            .await
+            .expect("let go");
+        holder.close().await.expect("close");
+        // Whatever became of the dropped write's connection happened: it is back in the pool
+        // or closed, and the write turn is free.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while store.pool.num_idle() != store.pool.size() as usize
+            || store.writer.try_lock().is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the dropped write's connection never came back"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // A reader has the pool's idle connection, so the next write gets another one: it
+        // waits for the write lock, not for the dropped write's connection to be handed out.
+        let _reader = store.pool.acquire().await.expect("acquire");
+
+        store
+            .put_meta("after", "1")
+            .await
+            .expect("the next write begins");
+        assert_eq!(
+            store.get_meta("after").await.expect("read").as_deref(),
+            Some("1")
+        );
+        assert_eq!(store.get_meta("dropped").await.expect("read"), None);
+        assert_eq!(store.write_failure(), None, "a later write succeeded");
+    }
+
+    /// A write transaction dropped before it ended (its handler cancelled mid-statement)
+    /// keeps the write turn until its connection let go of SQLite's lock: when the next
+    /// writer gets the turn, the lock is free at once (no wait in the busy handler, which a
+    /// close that outlasts it would turn into "database is locked").
+    #[tokio::test]
+    async fn a_write_dropped_mid_transaction_keeps_the_turn_until_its_lock_is_gone() {
+        use crate::store::Store;
+        use sqlx::Connection;
+
+        let (dir, store) = fresh().await;
+        let path = dir.path().join("pipeline.db");
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .busy_timeout(std::time::Duration::ZERO);
+        let mut other = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .expect("connect");
+        let mut tx = store.write().await.expect("begin");
+        sqlx::query("INSERT INTO meta (key, value) VALUES ('dropped', '1')")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        drop(tx);
+        assert!(
+            store.writer.try_lock().is_err(),
+            "the turn stays with the dropped transaction until its connection let go"
+        );
+        let turn = Arc::clone(&store.writer).lock_owned().await;
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .expect("the write lock is free");
+        sqlx::query("ROLLBACK")
+            .execute(&mut other)
+            .await
+            .expect("rollback");
+        drop(turn);
+        assert_eq!(store.get_meta("dropped").await.expect("read"), None);
+        assert!(store.write_failure().is_some(), "a failed write is told");
+        store.put_meta("after", "1").await.expect("write");
+        assert_eq!(store.write_failure(), None);
     }
 
     #[tokio::test]
