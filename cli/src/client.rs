@@ -196,6 +196,11 @@ fn failure(url: &str, status: Status) -> Failure {
         Code::InvalidArgument | Code::OutOfRange => (exit::USAGE, message),
         Code::NotFound => (exit::NOT_FOUND, message),
         Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => (exit::REFUSED, message),
+        // Reached, but its database stayed locked for its busy timeout: nothing was done.
+        Code::Unavailable if message.starts_with("the database is busy") => (
+            exit::UNAVAILABLE,
+            format!("the pipeline server at {url} did nothing: {message}"),
+        ),
         Code::Unavailable => (
             exit::UNAVAILABLE,
             format!("cannot reach the pipeline server at {url}: {message}"),
@@ -693,6 +698,12 @@ mod tests {
                 Status::unavailable("connection refused"),
                 exit::UNAVAILABLE,
                 "cannot reach the pipeline server at http://127.0.0.1:7: connection refused",
+            ),
+            (
+                Status::unavailable("the database is busy, try again"),
+                exit::UNAVAILABLE,
+                "the pipeline server at http://127.0.0.1:7 did nothing: the database is busy, \
+                 try again",
             ),
             (
                 Status::cancelled("gone"),

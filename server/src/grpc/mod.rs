@@ -186,6 +186,7 @@ pub fn status_from_error(err: Error) -> Status {
         Error::Unauthenticated(m) => Status::unauthenticated(m),
         Error::PermissionDenied(m) => Status::permission_denied(m),
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::Busy(m) => Status::unavailable(m),
         err @ Error::Internal(_) => {
             tracing::error!(error = %err, "internal error");
             Status::internal(err.to_string())
