@@ -1063,11 +1063,16 @@ fn a_build_tool_missing_when_the_build_runs_is_not_charged() {
         ),
     );
     let id = server.add(&["--title", "t"]);
-    wait_for("the runner to turn unhealthy", || {
-        let runners = server.ctl(&["runners", "--json"]).json();
-        (runners[0]["health"] == "unhealthy").then_some(())
-    });
-    let task = server.show(&id);
+    // The runner's health (a heartbeat) and its last attempt's release (a call of its own)
+    // may reach the server in either order: both are waited for.
+    let task = wait_for(
+        "the runner to turn unhealthy and the task to be back",
+        || {
+            let runners = server.ctl(&["runners", "--json"]).json();
+            let task = server.show(&id);
+            (runners[0]["health"] == "unhealthy" && task["status"] != "in_progress").then_some(task)
+        },
+    );
     assert_eq!(task["failures"], 0, "{task}");
     assert_eq!(task["status"], "open", "{task}");
     let failed: Vec<Value> = runs(&task)
