@@ -479,7 +479,9 @@ impl Client {
             .inner
             .create_task(unary(pb::CreateTaskRequest::from(task)))
             .await;
-        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+        Ok(wire::task_of(
+            r.map_err(|s| self.failure(s))?.into_inner().task,
+        )?)
     }
 
     /// One page of tasks (or of those with `status`), and the token of the next page (`None`
@@ -512,7 +514,9 @@ impl Client {
             .inner
             .edit_task(unary(pb::EditTaskRequest::from(change)))
             .await;
-        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+        Ok(wire::task_of(
+            r.map_err(|s| self.failure(s))?.into_inner().task,
+        )?)
     }
 
     /// Creates the tasks in one call, in order, all or none.
@@ -529,7 +533,9 @@ impl Client {
     /// A task with its runs and history.
     pub async fn get_task(&mut self, id: String) -> Result<TaskDetail, Failure> {
         let r = self.inner.get_task(unary(pb::GetTaskRequest { id })).await;
-        TaskDetail::try_from(r.map_err(|s| self.failure(s))?.into_inner())
+        Ok(TaskDetail::try_from(
+            r.map_err(|s| self.failure(s))?.into_inner(),
+        )?)
     }
 
     /// What holds a task, in sentences (nothing when the answer lacks the task).
@@ -551,7 +557,9 @@ impl Client {
             .inner
             .retry_task(unary(pb::RetryTaskRequest { id, note, fresh }))
             .await;
-        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+        Ok(wire::task_of(
+            r.map_err(|s| self.failure(s))?.into_inner().task,
+        )?)
     }
 
     /// Approves a verified task (`by`: who, for its history).
@@ -565,7 +573,9 @@ impl Client {
             .inner
             .approve_task(unary(pb::ApproveTaskRequest { id, note, by }))
             .await;
-        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+        Ok(wire::task_of(
+            r.map_err(|s| self.failure(s))?.into_inner().task,
+        )?)
     }
 
     /// Rejects a verified task with `note` for its agent (`by`: who, for its history).
@@ -579,7 +589,9 @@ impl Client {
             .inner
             .reject_task(unary(pb::RejectTaskRequest { id, note, by }))
             .await;
-        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+        Ok(wire::task_of(
+            r.map_err(|s| self.failure(s))?.into_inner().task,
+        )?)
     }
 
     /// Pauses a task and its children; how many tasks it paused.
@@ -605,7 +617,9 @@ impl Client {
             .inner
             .cancel_task(unary(pb::CancelTaskRequest { id }))
             .await;
-        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+        Ok(wire::task_of(
+            r.map_err(|s| self.failure(s))?.into_inner().task,
+        )?)
     }
 
     pub async fn add_dependencies(
@@ -617,7 +631,9 @@ impl Client {
             .inner
             .add_dependencies(unary(pb::AddDependenciesRequest { id, depends_on }))
             .await;
-        wire::task_of(r.map_err(|s| self.failure(s))?.into_inner().task)
+        Ok(wire::task_of(
+            r.map_err(|s| self.failure(s))?.into_inner().task,
+        )?)
     }
 }
 

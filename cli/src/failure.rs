@@ -25,6 +25,13 @@ pub struct Failure {
     pub exit_code: u8,
 }
 
+/// A reply without the task it should carry is the server's fault.
+impl From<pipeline_api::wire::WithoutTask> for Failure {
+    fn from(without: pipeline_api::wire::WithoutTask) -> Self {
+        Failure::internal(without.to_string())
+    }
+}
+
 impl Failure {
     pub fn usage(message: String) -> Self {
         Self {

@@ -9,10 +9,9 @@
 mod batch;
 mod client;
 mod failure;
-mod model;
 mod output;
-mod time;
-mod wire;
+
+use pipeline_api::{model, time, wire};
 
 use std::io::{self, Read, Write};
 use std::process::ExitCode;

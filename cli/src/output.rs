@@ -13,11 +13,12 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{self, IsTerminal, Write};
 
-use serde_json::{Value, json};
+use pipeline_api::json;
+use serde_json::Value;
 
 use crate::model::{
-    CostSource, FailureKind, Health, Landing, LogItem, LogLine, LogRun, Phase, Queue, Run, Runner,
-    Status, Task, TaskDetail, TaskEvent, TaskStatus, Transition, Usage,
+    CostSource, Health, LogItem, LogLine, LogRun, Phase, Queue, Run, Runner, Status, Task,
+    TaskDetail, TaskStatus, Transition, Usage,
 };
 use crate::time::rfc3339;
 
@@ -90,17 +91,8 @@ impl Format {
     }
 }
 
-fn time_or_null(ms: Option<i64>) -> Value {
-    ms.map_or(Value::Null, |ms| Value::String(rfc3339(ms)))
-}
-
 fn print_json(out: &mut impl Write, value: &Value) -> io::Result<()> {
-    // Serializing a `Value` cannot fail.
-    writeln!(
-        out,
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-    )
+    writeln!(out, "{}", json::pretty(value))
 }
 
 /// Prints rows under a header, each column as wide as its widest cell.
@@ -136,68 +128,6 @@ fn print_row(out: &mut impl Write, widths: &[usize], cells: &[impl AsRef<str>]) 
         }
     }
     writeln!(out, "{}", text.trim_end())
-}
-
-pub fn task_json(t: &Task) -> Value {
-    json!({
-        "id": t.id,
-        "title": t.title,
-        "description": t.description,
-        "status": t.status.word(),
-        "priority": t.priority,
-        "patchset": t.patchset,
-        "namespace": t.namespace,
-        "depends_on": t.depends_on,
-        "parent": t.parent,
-        "failures": t.failures,
-        "lost_leases": t.lost_leases,
-        "cost_cents": t.cost_cents,
-        "tokens": t.tokens,
-        "backoff_until": time_or_null(t.backoff_until_ms),
-        "feedback": t.feedback,
-        "created_at": rfc3339(t.created_at_ms),
-        "updated_at": rfc3339(t.updated_at_ms),
-        "waiting_for": t.waiting_for,
-        "requires": t.requires,
-        "max_cost_cents": t.max_cost_cents,
-        "paused": t.paused,
-        "approval": t.approval,
-        "epic": t.epic,
-    })
-}
-
-fn run_json(r: &Run) -> Value {
-    json!({
-        "id": r.id,
-        "phase": r.phase.word(),
-        "patchset": r.patchset,
-        "attempt": r.attempt,
-        "status": r.status.word(),
-        "runner": r.runner,
-        "cost_cents": r.cost_cents,
-        "started_at": rfc3339(r.started_at_ms),
-        "finished_at": time_or_null(r.finished_at_ms),
-        "error": r.error,
-        "failure_kind": r.failure_kind.map(FailureKind::word),
-        "train": r.train,
-        "builds": r.builds,
-        "usage": r.usage.as_ref().map(usage_json),
-    })
-}
-
-fn usage_json(u: &Usage) -> Value {
-    json!({
-        "agent": u.agent,
-        "model": u.model,
-        "input_tokens": u.input_tokens,
-        "cached_input_tokens": u.cached_input_tokens,
-        "cache_write_tokens": u.cache_write_tokens,
-        "output_tokens": u.output_tokens,
-        "reasoning_tokens": u.reasoning_tokens,
-        "cost_cents": u.cost_cents,
-        "cost_source": u.cost_source.word(),
-        "complete": u.complete,
-    })
 }
 
 /// A count with thousands separators: `12,345`.
@@ -255,42 +185,9 @@ fn usage_total(runs: &[Run]) -> Option<String> {
     Some(text)
 }
 
-fn event_json(e: &TaskEvent) -> Value {
-    json!({
-        "at": rfc3339(e.at_ms),
-        "kind": e.kind,
-        "from": e.from.map(TaskStatus::word),
-        "to": e.to.word(),
-        "message": e.message,
-    })
-}
-
 pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()> {
     if format == Format::Json {
-        return print_json(
-            out,
-            &json!({
-                "open": s.open,
-                "in_progress": s.in_progress,
-                "verified": s.verified,
-                "done": s.done,
-                "needs_help": s.needs_help,
-                "cancelled": s.cancelled,
-                "active_dev_runs": s.active_dev_runs,
-                "runners": s.runners,
-                "base": s.base,
-                "health": s.health.word(),
-                "health_reason": s.health.reason(),
-                "landing": landing_json(&s.landing, s.red_base.as_deref()),
-                "queue_paused": s.queue_paused,
-                "queue_pause_reason": s.queue_pause_reason,
-                "queue_paused_since": s.queue_paused_at_ms.map(rfc3339),
-                "builds_per_landed": s.builds_per_landed,
-                "cost_cents_last_day": s.cost_cents_last_day,
-                "tokens_last_day": s.tokens_last_day,
-                "sandbox": s.sandbox,
-            }),
-        );
+        return print_json(out, &json::status(s));
     }
     if let Some(why) = s.health.reason() {
         writeln!(out, "health:          UNHEALTHY: {why}")?;
@@ -350,38 +247,10 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
     Ok(())
 }
 
-fn landing_json(l: &Landing, red_base: Option<&str>) -> Value {
-    json!({"state": l.word(), "reason": l.reason(), "red_base": red_base})
-}
-
-/// The merge train now, the tasks in progress, and the tasks behind them.
+/// The merge train now and the tasks behind it.
 pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> {
     if format == Format::Json {
-        return print_json(
-            out,
-            &json!({
-                "train": q.train.as_ref().map(|t| json!({
-                    "id": t.id,
-                    "tasks": t.tasks,
-                    "step": t.step,
-                })),
-                "running": q.running.iter().map(|r| json!({
-                    "id": r.id,
-                    "runner": r.runner,
-                    "since": rfc3339(r.since_ms),
-                })).collect::<Vec<_>>(),
-                "waiting": q.waiting.iter().map(|w| json!({
-                    "id": w.id,
-                    "status": w.status.word(),
-                    "position": w.position,
-                    "waiting_for": w.waiting_for,
-                    "eta_seconds": w.eta_seconds,
-                })).collect::<Vec<_>>(),
-                "landing": landing_json(&q.landing, q.red_base.as_deref()),
-                "queue_paused": q.queue_paused,
-                "queue_pause_reason": q.queue_pause_reason,
-            }),
-        );
+        return print_json(out, &json::queue(q));
     }
     if let Some(red) = &q.red_base {
         writeln!(
@@ -475,8 +344,7 @@ impl TaskListPrinter {
     pub fn page(&mut self, out: &mut impl Write, tasks: &[Task]) -> io::Result<()> {
         if self.format == Format::Json {
             for t in tasks {
-                // Serializing a `Value` cannot fail.
-                let one = serde_json::to_string_pretty(&task_json(t)).unwrap_or_default();
+                let one = json::pretty(&json::task(t));
                 out.write_all(if self.printed == 0 { b"[\n" } else { b",\n" })?;
                 for (i, line) in one.lines().enumerate() {
                     if i > 0 {
@@ -654,19 +522,7 @@ pub fn explain(out: &mut impl Write, d: &TaskDetail) -> io::Result<()> {
 pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::Result<()> {
     let t = &d.task;
     let terminal = match format {
-        Format::Json => {
-            let mut value = task_json(t);
-            value["runs"] = Value::Array(d.runs.iter().map(run_json).collect());
-            value["events"] = Value::Array(d.events.iter().map(event_json).collect());
-            value["children"] = Value::Array(
-                d.children
-                    .iter()
-                    .map(|(id, status)| json!({"id": id, "status": status.word()}))
-                    .collect(),
-            );
-            value["children_cost_cents"] = json!(d.children_cost_cents);
-            return print_json(out, &value);
-        }
+        Format::Json => return print_json(out, &json::task_detail(d)),
         Format::Text { terminal } => terminal,
     };
     let agent_text = |text: &str| shown(text, terminal).into_owned();
@@ -815,25 +671,7 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
 
 pub fn runners(out: &mut impl Write, runners: &[Runner], format: Format) -> io::Result<()> {
     if format == Format::Json {
-        let values = runners
-            .iter()
-            .map(|r| {
-                json!({
-                    "id": r.id,
-                    "name": r.name,
-                    "state": r.state.word(),
-                    "slots_used": r.slots_used,
-                    "slots_total": r.slots_total,
-                    "last_heartbeat": time_or_null(r.last_heartbeat_ms),
-                    "labels": r.labels,
-                    "version": r.version,
-                    "health": r.health.word(),
-                    "health_reason": r.health.reason(),
-                    "sandbox": r.sandbox,
-                })
-            })
-            .collect();
-        return print_json(out, &Value::Array(values));
+        return print_json(out, &json::runners(runners));
     }
     if runners.is_empty() {
         return writeln!(out, "no runners");
@@ -1053,18 +891,7 @@ pub fn one_line_summary(text: &str) -> String {
 pub fn transition(out: &mut impl Write, t: &Transition, format: Format) -> io::Result<()> {
     let from = t.from.map(TaskStatus::word);
     match format {
-        Format::Json => writeln!(
-            out,
-            "{}",
-            json!({
-                "at": rfc3339(t.at_ms),
-                "task": t.task_id,
-                "kind": t.kind,
-                "from": from,
-                "to": t.to.word(),
-                "message": t.message,
-            })
-        )?,
+        Format::Json => writeln!(out, "{}", json::transition(t))?,
         Format::Text { terminal } => writeln!(
             out,
             "{} {} {} -> {} ({}) {}",
@@ -1147,7 +974,9 @@ mod tests {
 #[cfg(test)]
 mod snapshots {
     use super::*;
-    use crate::model::{FailureKind, LogStream, RunStatus, RunnerState, Running, Train, Waiting};
+    use crate::model::{
+        FailureKind, Landing, LogStream, RunStatus, RunnerState, Running, TaskEvent, Train, Waiting,
+    };
 
     /// 2026-11-24T01:01:02.123Z, and `s` seconds later.
     fn at(s: i64) -> i64 {
@@ -1404,7 +1233,7 @@ mod snapshots {
             p.finish(out)
         });
         let whole =
-            serde_json::to_string_pretty(&Value::Array(tasks.iter().map(task_json).collect()))
+            serde_json::to_string_pretty(&Value::Array(tasks.iter().map(json::task).collect()))
                 .expect("json");
         assert_eq!(streamed, format!("{whole}\n"));
         assert_eq!(printed(|out| whole_list(out, &[], Format::Json)), "[]\n");

@@ -1,5 +1,6 @@
-//! What `pipelinectl` knows of the server's answers, in its own types: the view that
-//! `output.rs` prints. Statuses are enums that print as the contract's lowercase words, times
+//! The server's answers as people and scripts see them, in their own types: the view that
+//! `pipelinectl` prints and the HTTP API serves (as the JSON of [`crate::json`]). Statuses are
+//! enums that print as the contract's lowercase words, times
 //! are milliseconds since the Unix epoch, absent values are `None`. Nothing here names a
 //! protocol type: `wire.rs` converts the server's messages into these.
 

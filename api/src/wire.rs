@@ -1,30 +1,37 @@
-//! The edge between the protocol and the CLI: the server's prost messages converted into the
-//! view types of `model.rs`, and the CLI's requests into messages. prost makes every enum an
+//! The edge between the protocol and the views: the server's prost messages converted into the
+//! view types of `model.rs`, and `pipelinectl`'s requests into messages. prost makes every enum an
 //! `i32` and every message field optional; here, once, an enum value this client does not know
 //! becomes `Unknown` (an unspecified `from` status becomes `None`), and a reply that lacks its
 //! task is refused.
 //!
-//! Architecture invariant: this is the only module of `pipelinectl` that names
-//! `pipeline_proto::v1` types, besides `client.rs`'s calls of the generated client.
+//! Architecture invariant: this is the only module of `pipeline-api` that names
+//! `pipeline_proto::v1` types; `pipelinectl` (besides its `client.rs`'s calls of the generated
+//! client) and the server's HTTP API see the server's answers only through it.
 
 use pipeline_proto::v1 as pb;
 use prost::Message as _;
 
-use crate::failure::Failure;
 use crate::model::{
     CostSource, FailureKind, Health, Landing, LogItem, LogLine, LogRun, LogStream, NewTask, Phase,
     Queue, Run, RunStatus, Runner, RunnerState, Running, Status, Task, TaskChange, TaskDetail,
     TaskEvent, TaskStatus, Train, Transition, Usage, Waiting,
 };
 
-/// The failure of a reply that should carry a task and does not.
-pub fn without_task() -> Failure {
-    Failure::internal("the server answered without the task".into())
+/// A reply that should carry a task and does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WithoutTask;
+
+impl std::fmt::Display for WithoutTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server answered without the task")
+    }
 }
 
+impl std::error::Error for WithoutTask {}
+
 /// The task a reply carries.
-pub fn task_of(task: Option<pb::Task>) -> Result<Task, Failure> {
-    task.map(Task::from).ok_or_else(without_task)
+pub fn task_of(task: Option<pb::Task>) -> Result<Task, WithoutTask> {
+    task.ok_or(WithoutTask).map(Task::from)
 }
 
 fn health(unhealthy: Option<String>) -> Health {
@@ -252,9 +259,9 @@ impl From<pb::TaskEvent> for TaskEvent {
 }
 
 impl TryFrom<pb::GetTaskResponse> for TaskDetail {
-    type Error = Failure;
+    type Error = WithoutTask;
 
-    fn try_from(d: pb::GetTaskResponse) -> Result<Self, Failure> {
+    fn try_from(d: pb::GetTaskResponse) -> Result<Self, WithoutTask> {
         Ok(TaskDetail {
             task: task_of(d.task)?,
             runs: d.runs.into_iter().map(Run::from).collect(),
@@ -497,8 +504,7 @@ mod tests {
     #[test]
     fn a_reply_without_its_task_is_refused() {
         let err = TaskDetail::try_from(pb::GetTaskResponse::default()).expect_err("refused");
-        assert_eq!(err.message, "the server answered without the task");
-        assert_eq!(err.exit_code, crate::failure::exit::FAILURE);
+        assert_eq!(err.to_string(), "the server answered without the task");
     }
 
     #[test]
