@@ -408,6 +408,20 @@ impl Client {
         .map_err(|s| self.failure(s))
     }
 
+    /// Replaces the viewer token: the new one, where the server keeps it, and how many of the
+    /// page's sessions ended with the old one.
+    pub async fn rotate_viewer_token(&mut self) -> Result<(String, String, u32), Failure> {
+        let r = self
+            .inner
+            .rotate_viewer_token(unary(pb::RotateViewerTokenRequest {}))
+            .await;
+        r.map(|r| {
+            let r = r.into_inner();
+            (r.token, r.path, r.sessions_ended)
+        })
+        .map_err(|s| self.failure(s))
+    }
+
     /// A task's logs as a stream (with `follow`, live until the caller stops reading).
     pub async fn task_logs(
         &mut self,

@@ -194,8 +194,14 @@ enum QueueAction {
 
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
-    /// Replace the runner registration token; prints the new one.
-    Rotate,
+    /// Replace the runner registration token (or, with --viewer, the read-only viewer token);
+    /// prints the new one.
+    Rotate {
+        /// Replace the viewer token instead: the web page's sessions opened with the old one
+        /// end.
+        #[arg(long)]
+        viewer: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -510,9 +516,17 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                 writeln!(out, "nothing was paused")?;
             }
         }
-        Command::Token(TokenCommand::Rotate) => {
+        Command::Token(TokenCommand::Rotate { viewer: false }) => {
             let (token, path) = client.rotate_registration_token().await?;
             eprintln!("the new runner registration token (also in {path}):");
+            writeln!(out, "{token}")?;
+        }
+        Command::Token(TokenCommand::Rotate { viewer: true }) => {
+            let (token, path, ended) = client.rotate_viewer_token().await?;
+            eprintln!(
+                "the new viewer token (also in {path}); {ended} session{} of the web page ended:",
+                if ended == 1 { "" } else { "s" }
+            );
             writeln!(out, "{token}")?;
         }
         Command::Task(TaskCommand::Add {

@@ -656,6 +656,73 @@ impl Git {
         ))
     }
 
+    /// A commit as people read it: its header and message, a stat of its files, then its
+    /// patch against its first parent (`git show --stat --patch`), at most `max_bytes` of that
+    /// text (git is stopped once that much is read, so a huge commit costs no more); and
+    /// whether it was cut there.
+    pub async fn show_commit(&self, commit: &CommitId, max_bytes: usize) -> Result<(String, bool)> {
+        let args = [
+            "show",
+            "--no-color",
+            "--no-ext-diff",
+            "--stat",
+            "--patch",
+            "--format=commit %H%nAuthor: %an <%ae>%nDate:   %aI%n%n%w(0,4,4)%B",
+            commit.as_str(),
+            "--",
+        ];
+        let what = "git show";
+        let mut child = self
+            .command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| GitError::Spawn {
+                what: what.to_owned(),
+                source,
+            })?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| GitError::Unexpected(format!("{what}: no stdout")))?;
+        let limit = u64::try_from(max_bytes)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let mut text = Vec::new();
+        let mut stdout = stdout.take(limit);
+        let read = stdout.read_to_end(&mut text);
+        tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| GitError::TimedOut {
+                what: what.to_owned(),
+                after: self.timeout,
+            })?
+            .map_err(|e| GitError::Unexpected(format!("{what}: reading its output: {e}")))?;
+        let cut = text.len() > max_bytes;
+        if cut {
+            // The rest is not wanted: git is stopped (killed when dropped).
+            text.truncate(max_bytes);
+        } else {
+            let status = tokio::time::timeout(self.timeout, child.wait())
+                .await
+                .map_err(|_| GitError::TimedOut {
+                    what: what.to_owned(),
+                    after: self.timeout,
+                })?
+                .map_err(|source| GitError::Spawn {
+                    what: what.to_owned(),
+                    source,
+                })?;
+            if !status.success() {
+                return Err(GitError::Failed {
+                    what: format!("git show {commit}"),
+                    stderr: format!("exit {status}"),
+                });
+            }
+        }
+        Ok((String::from_utf8_lossy(&text).into_owned(), cut))
+    }
+
     /// Whether the commit object is here.
     pub async fn has_commit(&self, commit: &CommitId) -> bool {
         self.run(&["cat-file", "-e", &format!("{commit}^{{commit}}")])
@@ -1525,6 +1592,36 @@ mod tests {
             .await
             .expect("commit");
         assert!(git.is_ancestor(&one, &made).await.expect("ancestor"));
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_shown_whole_or_cut_at_the_bound() {
+        let dir = tempfile::tempdir().expect("dir");
+        let d = dir.path();
+        sh_git(d, &["init", "-q", "-b", "main"]);
+        commit(d, "a", "root");
+        std::fs::write(d.join("big"), "line\n".repeat(50_000)).expect("write");
+        sh_git(d, &["add", "big"]);
+        sh_git(d, &["commit", "-q", "-m", "Add big\n\nTask-Id: t-1"]);
+        let big = CommitId::parse(&sh_git(d, &["rev-parse", "HEAD"])).expect("id");
+        let git = Git::at(d);
+        let (whole, cut) = git.show_commit(&big, 1 << 20).await.expect("show");
+        assert!(!cut);
+        assert!(
+            whole.starts_with(&format!("commit {big}\nAuthor: T")),
+            "{whole:.200}"
+        );
+        assert!(
+            whole.contains("    Add big") && whole.contains(" big | 50000 +"),
+            "{whole:.400}"
+        );
+        assert!(whole.contains("+++ b/big\n@@ -0,0 +1,50000 @@\n+line\n"));
+        let (part, cut) = git.show_commit(&big, 1000).await.expect("show");
+        assert!(cut);
+        assert_eq!(part.len(), 1000);
+        assert!(whole.starts_with(&part));
+        let missing = CommitId::parse(&"0".repeat(40)).expect("id");
+        assert!(git.show_commit(&missing, 1000).await.is_err());
     }
 
     #[test]

@@ -356,6 +356,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         .add_service(services.runner)
         .serve_with_incoming_shutdown(incoming, serving.clone().cancelled_owned());
     let mut served = tokio::spawn(serve);
+    // The web page and the HTTP API, on their own port, served until `serving` ends.
+    if let Some(http_addr) = config.http {
+        let http = TcpListener::bind(http_addr).await.map_err(|e| {
+            Error::InvalidArgument(format!("--http: cannot listen on {http_addr}: {e}"))
+        })?;
+        let http_addr = http
+            .local_addr()
+            .map_err(|e| Error::Internal(format!("cannot read the http address: {e}")))?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::http::tls_config(cert, key)?),
+            _ => None,
+        };
+        let web = Arc::new(crate::http::Web {
+            coordinator: Arc::clone(&coordinator),
+            tls: tls.is_some(),
+            streams: Arc::new(tokio::sync::Semaphore::new(
+                config.http_max_streams as usize,
+            )),
+            max_streams: config.http_max_streams as usize,
+            rolling: crate::http::charts::Rolling::default(),
+            shutdown: shutdown.clone(),
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let host = if http_addr.ip().is_unspecified() {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), http_addr.port())
+        } else {
+            http_addr
+        };
+        tracing::info!("http listening on {http_addr}");
+        tracing::info!(
+            viewer_token = %coordinator.auth().viewer_file.display(),
+            admin_token = %coordinator.auth().admin_file.display(),
+            "the web page: open {scheme}://{host}/ and sign in with the viewer or the admin token"
+        );
+        loops.spawn(
+            "web figures",
+            crate::http::charts::follow(
+                Arc::clone(&coordinator),
+                Arc::clone(&web),
+                shutdown.clone(),
+            ),
+        );
+        let router = crate::http::router(web);
+        let limits = crate::http::Limits {
+            max_connections: config.max_connections as usize,
+            handshake_timeout,
+        };
+        tokio::spawn(
+            crate::http::serve(http, router, tls, limits, serving.clone())
+                .instrument(tracing::info_span!("http")),
+        );
+    }
     let runners_stop = CancellationToken::new();
     let local_runners = start_local_runners(
         &config,

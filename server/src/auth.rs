@@ -1,11 +1,20 @@
-//! Credentials and roles. Three kinds of token, each a random 256-bit value with a prefix that
-//! says what it is: the admin token (`pla_…`, the control API), the runner registration token
+//! Credentials and roles. Four kinds of token, each a random 256-bit value with a prefix that
+//! says what it is: the admin token (`pla_…`, the control API), the viewer token (`plv_…`, the
+//! control API's read calls and the web page, read-only), the runner registration token
 //! (`plr_…`, good only to register), and a runner's own credential (`plc_…`, issued at
 //! registration, good only for the runner API and only for that runner's leases).
 //!
-//! The admin and registration tokens live in files of mode 0600 in the state dir; the database
-//! holds only SHA-256 hashes, and runner credentials exist nowhere but on their runner. Checking
-//! a token is a hash and a map lookup in memory, in a gRPC interceptor.
+//! The admin, viewer and registration tokens live in files of mode 0600 in the state dir; the
+//! database holds only SHA-256 hashes, and runner credentials exist nowhere but on their
+//! runner. Checking a token is a hash and a map lookup in memory, in a gRPC interceptor (or the
+//! HTTP server's extractor).
+//!
+//! Sessions of the web page (`POST /login` with the admin or viewer token) are random IDs
+//! (`pls_…`) kept in the browser's cookie; the database keeps each one's SHA-256, its role, the
+//! hash of the token that opened it and its end (`sessions`), and memory a copy, loaded at
+//! start-up. A session ends at its end, at `POST /logout`, or when its token is rotated
+//! (`pipelinectl token rotate --viewer`, or a new admin token made at start-up): sessions whose
+//! token is no longer current are dropped when the server starts.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -18,12 +27,14 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{EndSessions, SessionRecord, Store};
 
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
     Admin,
+    /// The holder of the viewer token (or a session it opened): may read, not change.
+    Viewer,
     /// The holder of the registration token: may only register.
     Registration,
     /// A registered runner, by name.
@@ -31,6 +42,7 @@ pub enum Caller {
 }
 
 const ADMIN_FILE: &str = "admin.token";
+const VIEWER_FILE: &str = "viewer.token";
 const REGISTRATION_FILE: &str = "runner-registration.token";
 const RUNNER_KEY: &str = "runner_credential:";
 /// A revoked runner's name: it cannot be registered again until forgotten.
@@ -90,9 +102,24 @@ fn load_or_create(path: &Path, prefix: &str) -> Result<String> {
     }
 }
 
+/// A live session of the web page, in memory (keyed by its ID's hash).
+#[derive(Clone, Debug)]
+struct Session {
+    caller: Caller,
+    /// The hash of the token that opened it.
+    token: String,
+    expires_at: i64,
+}
+
+/// How long a session of the web page lasts.
+pub const SESSION_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 struct State {
     admin: String,
+    viewer: String,
     registration: String,
+    /// Session ID hash → the session.
+    sessions: HashMap<String, Session>,
     /// Credential hash → runner name.
     runners: HashMap<String, String>,
     /// Names of revoked runners (until `pipelinectl runners forget`).
@@ -131,6 +158,7 @@ pub const DEFAULT_REGISTRATIONS_PER_NAME: usize = 20;
 pub struct Auth {
     state: RwLock<State>,
     pub admin_file: PathBuf,
+    pub viewer_file: PathBuf,
     pub registration_file: PathBuf,
     /// Registrations allowed per minute from one credential (the shared registration token,
     /// or a runner's own): generous, since the whole fleet shares the token.
@@ -144,6 +172,52 @@ pub struct Auth {
     /// How long a name registered with the registration token stays reserved if its runner
     /// never opens its work stream (ms).
     pub free_unconnected_after_ms: i64,
+}
+
+/// A role as the `sessions` table names it.
+fn role_word(caller: &Caller) -> &'static str {
+    match caller {
+        Caller::Admin => "admin",
+        _ => "viewer",
+    }
+}
+
+/// The sessions of the web page in the database, less those that ended or whose token is not
+/// `admin` or `viewer` any more (a token rotated, a new admin token made): those are deleted.
+async fn load_sessions<S: Store>(
+    store: &S,
+    admin: &str,
+    viewer: &str,
+) -> Result<HashMap<String, Session>> {
+    let now = pipeline_core::clock::now_ms();
+    let mut live = HashMap::new();
+    for record in store.sessions().await? {
+        let caller = match (record.role.as_str(), record.token_sha256.as_str()) {
+            ("admin", t) if t == admin => Caller::Admin,
+            ("viewer", t) if t == viewer => Caller::Viewer,
+            _ => {
+                store
+                    .end_sessions(EndSessions::One(&record.id_sha256))
+                    .await?;
+                continue;
+            }
+        };
+        if record.expires_at < now {
+            store
+                .end_sessions(EndSessions::One(&record.id_sha256))
+                .await?;
+            continue;
+        }
+        live.insert(
+            record.id_sha256,
+            Session {
+                caller,
+                token: record.token_sha256,
+                expires_at: record.expires_at,
+            },
+        );
+    }
+    Ok(live)
 }
 
 /// Drops the instants of `recent` older than the window.
@@ -180,10 +254,16 @@ impl Auth {
         max_registrations_per_minute: usize,
     ) -> Result<Self> {
         let admin_file = state_dir.join(ADMIN_FILE);
+        let viewer_file = state_dir.join(VIEWER_FILE);
         let registration_file = state_dir.join(REGISTRATION_FILE);
         let admin = load_or_create(&admin_file, "pla_")?;
+        let viewer = load_or_create(&viewer_file, "plv_")?;
         let registration = load_or_create(&registration_file, "plr_")?;
         store.put_meta("admin_token_sha256", &hash(&admin)).await?;
+        store
+            .put_meta("viewer_token_sha256", &hash(&viewer))
+            .await?;
+        let sessions = load_sessions(store, &hash(&admin), &hash(&viewer)).await?;
         store
             .put_meta("registration_token_sha256", &hash(&registration))
             .await?;
@@ -212,7 +292,9 @@ impl Auth {
         Ok(Self {
             state: RwLock::new(State {
                 admin: hash(&admin),
+                viewer: hash(&viewer),
                 registration: hash(&registration),
+                sessions,
                 runners,
                 revoked,
                 unconnected,
@@ -221,6 +303,7 @@ impl Auth {
                 sweep_at: 1024,
             }),
             admin_file,
+            viewer_file,
             registration_file,
             max_registrations_per_minute: max_registrations_per_minute.max(1),
             max_registrations_per_address: DEFAULT_REGISTRATIONS_PER_ADDRESS,
@@ -252,6 +335,8 @@ impl Auth {
         let state = self.read();
         if h == state.admin {
             Some(Caller::Admin)
+        } else if h == state.viewer {
+            Some(Caller::Viewer)
         } else if h == state.registration {
             Some(Caller::Registration)
         } else {
@@ -437,6 +522,88 @@ impl Auth {
         let before = state.runners.len();
         state.runners.retain(|_, n| n != name);
         Ok(had || state.runners.len() < before)
+    }
+
+    /// Replaces the viewer token (file and hash) and ends the sessions the old one opened;
+    /// returns the new one and how many sessions ended. The database first, then the file and
+    /// memory: a crash in between leaves the old token working and its sessions ended, and the
+    /// rotation can be asked again.
+    pub async fn rotate_viewer<S: Store>(&self, store: &S) -> Result<(String, u64)> {
+        let token = new_token("plv_")?;
+        let old = self.read().viewer.clone();
+        let ended = store.end_sessions(EndSessions::OfToken(&old)).await?;
+        store.put_meta("viewer_token_sha256", &hash(&token)).await?;
+        write_secret(&self.viewer_file, &token)?;
+        let mut state = self.write();
+        state.viewer = hash(&token);
+        state.sessions.retain(|_, s| s.token != old);
+        Ok((token, ended))
+    }
+
+    /// Opens a session of the web page for the holder of `token` (the admin or the viewer
+    /// token; anything else is `Unauthenticated`): stored, then kept in memory. Returns the
+    /// session's ID (for the cookie), who it is, and its end.
+    pub async fn open_session<S: Store>(
+        &self,
+        store: &S,
+        token: &str,
+        now: i64,
+    ) -> Result<(String, Caller, i64)> {
+        let token_hash = hash(token);
+        let caller = match self.identify_hash(&token_hash) {
+            Some(c @ (Caller::Admin | Caller::Viewer)) => c,
+            _ => {
+                return Err(Error::Unauthenticated(
+                    "that is not the admin or the viewer token (the files admin.token and \
+                     viewer.token in the server's state dir hold them)"
+                        .into(),
+                ));
+            }
+        };
+        // Sessions that ended are swept as new ones open (not on a timer).
+        store.end_sessions(EndSessions::ExpiredBefore(now)).await?;
+        let id = new_token("pls_")?;
+        let ttl = i64::try_from(SESSION_TTL.as_millis()).unwrap_or(i64::MAX);
+        let expires_at = now.saturating_add(ttl);
+        let record = SessionRecord {
+            id_sha256: hash(&id),
+            role: role_word(&caller).to_owned(),
+            token_sha256: token_hash.clone(),
+            created_at: now,
+            expires_at,
+        };
+        store.put_session(&record).await?;
+        let mut state = self.write();
+        state.sessions.retain(|_, s| s.expires_at >= now);
+        state.sessions.insert(
+            record.id_sha256,
+            Session {
+                caller: caller.clone(),
+                token: token_hash,
+                expires_at,
+            },
+        );
+        Ok((id, caller, expires_at))
+    }
+
+    /// Who a session ID stands for, while it lasts and its token is current.
+    pub fn session(&self, id: &str, now: i64) -> Option<Caller> {
+        let state = self.read();
+        let s = state.sessions.get(&hash(id))?;
+        let current = match s.caller {
+            Caller::Admin => s.token == state.admin,
+            Caller::Viewer => s.token == state.viewer,
+            _ => false,
+        };
+        (current && s.expires_at >= now).then(|| s.caller.clone())
+    }
+
+    /// Ends the session `id` (`POST /logout`): in the database, then in memory.
+    pub async fn end_session<S: Store>(&self, store: &S, id: &str) -> Result<()> {
+        let h = hash(id);
+        store.end_sessions(EndSessions::One(&h)).await?;
+        self.write().sessions.remove(&h);
+        Ok(())
     }
 
     /// Replaces the registration token (file and hash); returns the new one.

@@ -50,6 +50,17 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 
+    /// Serve the web page and the HTTP API (JSON, server-sent events) on this address too;
+    /// HTTPS with --tls-cert/--tls-key. Port 0 picks a free one (the log says which).
+    #[arg(long, env = "PIPELINE_HTTP")]
+    pub http: Option<SocketAddr>,
+
+    /// Server-sent event streams (the page's live updates and logs) open at once; more are
+    /// refused (503) until one closes.
+    #[arg(long, env = "PIPELINE_HTTP_MAX_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_streams: u32,
+
     /// Allow listening on a non-loopback address without TLS: anyone who can reach the port
     /// can then lease work, send commits and steer the queue.
     #[arg(long, env = "PIPELINE_INSECURE")]
@@ -315,6 +326,17 @@ impl Config {
                  send commits and steer the queue; pass --tls-cert and --tls-key, listen on a \
                  loopback address (127.0.0.1), or pass --insecure on a network you trust",
                 self.listen
+            ));
+        }
+        if let Some(http) = self.http
+            && !http.ip().is_loopback()
+            && !self.insecure
+            && self.tls_cert.is_none()
+        {
+            return Err(format!(
+                "refusing to serve the web page on {http} without TLS: tokens and session \
+                 cookies would cross the network in clear; pass --tls-cert and --tls-key, use a \
+                 loopback address (127.0.0.1), or pass --insecure on a network you trust"
             ));
         }
         if let Some(remote) = &self.push_remote

@@ -1,7 +1,8 @@
 //! `pipeline-server`, the coordinator: the one owner of task state.
 //!
 //! Layers, from the edge inwards: [`grpc`] (decode, validate, call one coordinator method,
-//! encode) → [`coordinator`] (read, decide with [`lifecycle`], commit, act: the one place that
+//! encode) and [`http`] (the web page and the JSON API, over the same coordinator methods and
+//! conversions) → [`coordinator`] (read, decide with [`lifecycle`], commit, act: the one place that
 //! changes state) → [`store`] (durable state behind a trait; SQLite by default). Beside the
 //! coordinator: [`scheduler`] (the registry of runners and leases, and the pure lease planner),
 //! [`integrate`] (the integrator, which lands Verified tasks), [`logs`] (run logs and live
@@ -21,6 +22,7 @@ pub mod domain;
 pub mod error;
 pub mod failpoint;
 pub mod grpc;
+pub mod http;
 pub mod integrate;
 pub mod landing;
 pub mod lifecycle;

@@ -14,6 +14,8 @@
 //!   the user's files (the servers' notes for `pipelinectl` live there too); [`command`],
 //!   [`TestRepo::command`] and [`Server::ctl_command`] make such commands.
 //! - [`wait_for`] waits for a condition with a deadline: no test sleeps to synchronise.
+//! - [`web`]: the server's HTTP side (its address, an HTTP client, server-sent events off a
+//!   socket) and a headless Chromium driven through WebDriver ([`web::Browser`]).
 //! - Small readers shared by the test files: a task's [`runs`] and [`event_kinds`] from its
 //!   JSON, [`main_tip`], whether a process is [`alive`], [`as_strs`] for flags; and
 //!   [`make_certs`], a CA and a server certificate made with `openssl` for TLS tests.
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod fake_runner;
+pub mod web;
 
 /// How long a test waits for anything before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);

@@ -138,9 +138,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     hello.name
                 )));
             }
-            Caller::Admin => {
+            Caller::Admin | Caller::Viewer => {
                 return Err(Error::PermissionDenied(
-                    "the admin token cannot register a runner; use the runner registration token"
+                    "the admin and viewer tokens cannot register a runner; use the runner \
+                     registration token"
                         .to_owned(),
                 ));
             }
@@ -319,6 +320,18 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             "runner registration token replaced"
         );
         Ok((token, self.auth.registration_file.clone()))
+    }
+
+    /// Replaces the viewer token and ends the page's sessions the old one opened; returns the
+    /// new token, where it is kept, and how many sessions ended.
+    pub async fn rotate_viewer_token(&self) -> Result<(String, std::path::PathBuf, u64)> {
+        let (token, ended) = self.auth.rotate_viewer(&self.store).await?;
+        tracing::warn!(
+            path = %self.auth.viewer_file.display(),
+            sessions_ended = ended,
+            "viewer token replaced"
+        );
+        Ok((token, self.auth.viewer_file.clone(), ended))
     }
 
     /// Opens a runner's work stream: re-attaches the leases it still holds (after a reconnect)

@@ -774,6 +774,18 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         self.counts_mut().as_ref().map_or(0, |c| c.needs_help)
     }
 
+    /// The tasks being worked on now, each with its runner's name and when it was leased, from
+    /// the live leases in memory (no database read), oldest lease first.
+    pub fn working(&self) -> Vec<(TaskId, String, Millis)> {
+        let mut working: Vec<(TaskId, String, Millis)> = self
+            .registry()
+            .leases()
+            .map(|l| (l.task.clone(), l.runner.clone(), l.leased_at))
+            .collect();
+        working.sort_by(|a, b| a.2.cmp(&b.2).then_with(|| a.0.cmp(&b.0)));
+        working
+    }
+
     /// One page of runners by name, after `after`, and whether there are more.
     pub fn runners_page(&self, after: Option<&str>, size: u32) -> (Vec<RunnerInfo>, bool) {
         let mut all = self.runners();

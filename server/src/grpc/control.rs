@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    dependency_ids, detail_to_pb, log_item_to_pb, status_from_pb, task_id, transition_to_pb,
+    dependency_ids, listed_to_pb, log_item_to_pb, queue_response, status_from_pb, status_response,
+    task_id, task_response, task_to_pb, transition_to_pb,
 };
 use super::{status_from_error, stream_from, until_cancelled};
 use crate::coordinator::queue::Hold;
@@ -54,13 +55,7 @@ impl<S> ControlApi<S> {
 impl<S: Store> ControlApi<S> {
     /// A task on the wire, with what depends on the server's policy (its approval).
     fn task_pb(&self, task: &crate::domain::Task) -> pb::Task {
-        let mut t = pb::Task::from(task);
-        t.approval = self
-            .coordinator
-            .policy()
-            .approval(&task.state)
-            .map(str::to_owned);
-        t
+        task_to_pb(self.coordinator.policy(), task)
     }
 }
 
@@ -170,16 +165,9 @@ impl<S: Store> ControlService for ControlApi<S> {
         Ok(Response::new(pb::ListTasksResponse {
             tasks: tasks
                 .iter()
-                .map(|l| {
-                    // A row carries the end of the feedback only (the store reads no more):
-                    // a page stays small whatever the failures said (`task show` has it all).
-                    let mut task = self.task_pb(&l.task);
-                    task.waiting_for = l.waiting_for.clone();
-                    task.tokens = l.tokens;
-                    task
-                })
+                .map(|l| listed_to_pb(self.coordinator.policy(), l))
                 .collect(),
-            next_page_token: next.map_or_else(String::new, |(p, seq)| format!("t{p}.{seq}")),
+            next_page_token: next.map_or_else(String::new, task_page_token),
         }))
     }
 
@@ -193,18 +181,10 @@ impl<S: Store> ControlService for ControlApi<S> {
             .show_task(&id)
             .await
             .map_err(status_from_error)?;
-        let mut response = detail_to_pb(&detail);
-        if let Some(task) = response.task.as_mut() {
-            *task = pb::Task {
-                approval: self
-                    .coordinator
-                    .policy()
-                    .approval(&detail.task.state)
-                    .map(str::to_owned),
-                ..task.clone()
-            };
-        }
-        Ok(Response::new(response))
+        Ok(Response::new(task_response(
+            self.coordinator.policy(),
+            &detail,
+        )))
     }
 
     async fn cancel_task(
@@ -276,26 +256,7 @@ impl<S: Store> ControlService for ControlApi<S> {
         _request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let s = self.coordinator.status().await.map_err(status_from_error)?;
-        Ok(Response::new(pb::GetStatusResponse {
-            open: s.counts.open,
-            in_progress: s.counts.in_progress,
-            verified: s.counts.verified,
-            done: s.counts.done,
-            needs_help: s.counts.needs_help,
-            cancelled: s.counts.cancelled,
-            active_dev_runs: s.counts.active_dev_runs,
-            runners: s.runners,
-            base: s.base,
-            unhealthy: s.unhealthy,
-            landing: Some(landing_to_pb(s.landing, s.red_base)),
-            queue_paused: s.queue_paused,
-            queue_pause_reason: s.queue_pause_reason,
-            queue_paused_at_ms: s.queue_paused_at,
-            builds_per_landed: s.builds_per_landed,
-            cost_cents_last_day: s.cost_cents_last_day,
-            tokens_last_day: s.tokens_last_day,
-            sandbox: s.sandbox.as_str().to_owned(),
-        }))
+        Ok(Response::new(status_response(s)))
     }
 
     async fn get_queue(
@@ -303,36 +264,7 @@ impl<S: Store> ControlService for ControlApi<S> {
         _request: Request<pb::GetQueueRequest>,
     ) -> Result<Response<pb::GetQueueResponse>, Status> {
         let q = self.coordinator.queue().await.map_err(status_from_error)?;
-        Ok(Response::new(pb::GetQueueResponse {
-            train: q.train.map(|t| pb::QueueTrain {
-                id: t.id,
-                tasks: t.tasks.iter().map(ToString::to_string).collect(),
-                step: t.step,
-            }),
-            waiting: q
-                .waiting
-                .into_iter()
-                .map(|w| pb::QueueEntry {
-                    id: w.id.to_string(),
-                    status: crate::grpc::convert::status_to_pb(w.status).into(),
-                    position: w.position,
-                    waiting_for: w.waiting_for,
-                    eta_seconds: w.eta_seconds,
-                })
-                .collect(),
-            landing: Some(landing_to_pb(q.landing, q.red_base)),
-            queue_paused: q.queue_paused,
-            queue_pause_reason: q.queue_pause_reason,
-            running: q
-                .running
-                .into_iter()
-                .map(|r| pb::QueueRunning {
-                    id: r.id.to_string(),
-                    runner: r.runner,
-                    since_ms: r.since,
-                })
-                .collect(),
-        }))
+        Ok(Response::new(queue_response(q)))
     }
 
     async fn pause_task(
@@ -555,6 +487,22 @@ impl<S: Store> ControlService for ControlApi<S> {
         }))
     }
 
+    async fn rotate_viewer_token(
+        &self,
+        _request: Request<pb::RotateViewerTokenRequest>,
+    ) -> Result<Response<pb::RotateViewerTokenResponse>, Status> {
+        let (token, path, ended) = self
+            .coordinator
+            .rotate_viewer_token()
+            .await
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::RotateViewerTokenResponse {
+            token,
+            path: path.display().to_string(),
+            sessions_ended: u32::try_from(ended).unwrap_or(u32::MAX),
+        }))
+    }
+
     type WatchStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::TaskTransition, Status>> + Send>,
     >;
@@ -600,17 +548,6 @@ impl<S: Store> ControlService for ControlApi<S> {
     }
 }
 
-fn landing_to_pb(
-    (state, reason): (&'static str, Option<String>),
-    red_base: Option<String>,
-) -> pb::Landing {
-    pb::Landing {
-        state: state.to_owned(),
-        reason,
-        red_base,
-    }
-}
-
 /// The most tasks one `CreateTasks` call may create.
 const MAX_BATCH: usize = 10_000;
 
@@ -622,14 +559,19 @@ fn page_size(asked: u32) -> u32 {
     }
 }
 
-fn bad_page_token() -> Status {
+pub(crate) fn bad_page_token() -> Status {
     Status::invalid_argument(
         "the page token is not one this server gave out; list again from the first page",
     )
 }
 
+/// The token of the page after the task with this key: `t<priority>.<seq>`.
+pub(crate) fn task_page_token((priority, seq): (u8, i64)) -> String {
+    format!("t{priority}.{seq}")
+}
+
 /// The key a task page token stands for: `t<priority>.<seq>` (empty: the first page).
-fn task_page_key(token: &str) -> Result<Option<(u8, i64)>, Status> {
+pub(crate) fn task_page_key(token: &str) -> Result<Option<(u8, i64)>, Status> {
     if token.is_empty() {
         return Ok(None);
     }

@@ -5,11 +5,13 @@ use pipeline_proto::v1 as pb;
 use tonic::Status;
 
 use super::status_from_error;
-use crate::coordinator::{RunnerInfo, RunnerState, TaskDetail};
+use crate::coordinator::queue::QueueView;
+use crate::coordinator::{Listed, RunnerInfo, RunnerState, Status as StatusView, TaskDetail};
 use crate::domain::{
     CostSource, FailureKind, LogLine, LogStream, NewTask, Phase, Run, RunStatus, Task, TaskEvent,
     TaskId, TaskStatus, Usage,
 };
+use crate::lifecycle::Policy;
 use crate::logs::LogItem;
 
 pub(crate) fn task_id(raw: &str) -> Result<TaskId, Status> {
@@ -319,6 +321,102 @@ pub(crate) fn transition_to_pb(e: &TaskEvent) -> pb::TaskTransition {
         to_status: status_to_pb(e.to).into(),
         message: e.message.clone(),
         event_id: e.id,
+    }
+}
+
+/// A task on the wire, with what depends on the server's policy (its approval).
+pub(crate) fn task_to_pb(policy: &Policy, task: &Task) -> pb::Task {
+    let mut t = pb::Task::from(task);
+    t.approval = policy.approval(&task.state).map(str::to_owned);
+    t
+}
+
+/// A row of a task list: the task with what holds it and its tokens, and only the end of its
+/// feedback, so that a page stays small whatever the failures said (`task show` has it all).
+pub(crate) fn listed_to_pb(policy: &Policy, l: &Listed) -> pb::Task {
+    // A row carries the end of the feedback only (the store reads no more): a page stays
+    // small whatever the failures said (`task show` has it all).
+    let mut task = task_to_pb(policy, &l.task);
+    task.waiting_for = l.waiting_for.clone();
+    task.tokens = l.tokens;
+    task
+}
+
+/// `task show`'s answer: the task (with its approval), its runs, history and children.
+pub(crate) fn task_response(policy: &Policy, d: &TaskDetail) -> pb::GetTaskResponse {
+    let mut response = detail_to_pb(d);
+    if let Some(task) = response.task.as_mut() {
+        task.approval = policy.approval(&d.task.state).map(str::to_owned);
+    }
+    response
+}
+
+fn landing_to_pb(
+    (state, reason): (&'static str, Option<String>),
+    red_base: Option<String>,
+) -> pb::Landing {
+    pb::Landing {
+        state: state.to_owned(),
+        reason,
+        red_base,
+    }
+}
+
+/// `status`'s answer.
+pub(crate) fn status_response(s: StatusView) -> pb::GetStatusResponse {
+    pb::GetStatusResponse {
+        open: s.counts.open,
+        in_progress: s.counts.in_progress,
+        verified: s.counts.verified,
+        done: s.counts.done,
+        needs_help: s.counts.needs_help,
+        cancelled: s.counts.cancelled,
+        active_dev_runs: s.counts.active_dev_runs,
+        runners: s.runners,
+        base: s.base,
+        unhealthy: s.unhealthy,
+        landing: Some(landing_to_pb(s.landing, s.red_base)),
+        queue_paused: s.queue_paused,
+        queue_pause_reason: s.queue_pause_reason,
+        queue_paused_at_ms: s.queue_paused_at,
+        builds_per_landed: s.builds_per_landed,
+        cost_cents_last_day: s.cost_cents_last_day,
+        tokens_last_day: s.tokens_last_day,
+        sandbox: s.sandbox.as_str().to_owned(),
+    }
+}
+
+/// `queue`'s answer.
+pub(crate) fn queue_response(q: QueueView) -> pb::GetQueueResponse {
+    pb::GetQueueResponse {
+        train: q.train.map(|t| pb::QueueTrain {
+            id: t.id,
+            tasks: t.tasks.iter().map(ToString::to_string).collect(),
+            step: t.step,
+        }),
+        waiting: q
+            .waiting
+            .into_iter()
+            .map(|w| pb::QueueEntry {
+                id: w.id.to_string(),
+                status: status_to_pb(w.status).into(),
+                position: w.position,
+                waiting_for: w.waiting_for,
+                eta_seconds: w.eta_seconds,
+            })
+            .collect(),
+        landing: Some(landing_to_pb(q.landing, q.red_base)),
+        queue_paused: q.queue_paused,
+        queue_pause_reason: q.queue_pause_reason,
+        running: q
+            .running
+            .into_iter()
+            .map(|r| pb::QueueRunning {
+                id: r.id.to_string(),
+                runner: r.runner,
+                since_ms: r.since,
+            })
+            .collect(),
     }
 }
 

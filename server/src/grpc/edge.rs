@@ -1,6 +1,8 @@
 //! What every gRPC call goes through first, around both services (a plain `tower` service
 //! wrapper, so tonic needs no extra layer types):
 //!
+//! - it names the call in the request's extensions ([`CallPath`]), for the authentication
+//!   interceptor's allow-list of what the viewer token may call;
 //! - it tells the connection a request arrived ([`ConnInfo::spoke`]), which lifts the
 //!   connection's handshake deadline, and puts the connection's [`TcpConnectInfo`] where
 //!   `Request::remote_addr` finds it;
@@ -21,6 +23,11 @@ use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::grpc::listener::ConnInfo;
+
+/// The path of the call a request makes (`/pipeline.v1.ControlService/GetTask`), put in the
+/// request's extensions for the authentication interceptor, which sees no URI.
+#[derive(Clone, Debug)]
+pub struct CallPath(pub String);
 
 /// A service with the edge's bookkeeping around it.
 #[derive(Clone, Debug)]
@@ -97,6 +104,8 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let path = CallPath(req.uri().path().to_owned());
+        req.extensions_mut().insert(path);
         let info = conn_info(&req).cloned();
         if let Some(info) = &info {
             info.spoke();

@@ -119,7 +119,12 @@ pub type Identify = Arc<dyn Fn(&str) -> Option<Caller> + Send + Sync>;
 
 /// Identifies the caller from `authorization: Bearer <token>` and puts a [`Caller`] in the
 /// request's extensions; a missing or unknown credential is `Unauthenticated`. With
-/// `admin_only` (the control API), anything but the admin token is `PermissionDenied`.
+/// `admin_only` (the control API), anything but the admin token is `PermissionDenied`, except
+/// the viewer token on the read calls of [`VIEWER_CALLS`]. The runner API refuses the viewer
+/// token.
+///
+/// Architecture invariant: what the viewer token may call is an allow-list of read calls,
+/// checked here before any handler runs; a new control call is the admin's until it is added.
 #[derive(Clone)]
 pub struct Authenticate {
     pub auth: Identify,
@@ -151,13 +156,48 @@ impl tonic::service::Interceptor for Authenticate {
         };
         let caller =
             (self.auth)(token).ok_or_else(|| Status::unauthenticated(INVALID_CREDENTIAL))?;
-        if self.admin_only && caller != Caller::Admin {
-            return Err(Status::permission_denied(
-                "this credential may not use the control API; use the admin token",
-            ));
+        if let Some(refusal) = self.refusal(&caller, req.extensions().get::<edge::CallPath>()) {
+            return Err(refusal);
         }
         req.extensions_mut().insert(caller);
         Ok(req)
+    }
+}
+
+/// The control calls the viewer token may make: they read and change nothing (`explain` is
+/// `GetTask`).
+pub const VIEWER_CALLS: [&str; 7] = [
+    "/pipeline.v1.ControlService/GetStatus",
+    "/pipeline.v1.ControlService/ListTasks",
+    "/pipeline.v1.ControlService/GetTask",
+    "/pipeline.v1.ControlService/GetQueue",
+    "/pipeline.v1.ControlService/ListRunners",
+    "/pipeline.v1.ControlService/TaskLogs",
+    "/pipeline.v1.ControlService/Watch",
+];
+
+impl Authenticate {
+    /// Why `caller` may not make the call at `path` (the edge names it), if it may not.
+    fn refusal(&self, caller: &Caller, path: Option<&edge::CallPath>) -> Option<Status> {
+        match caller {
+            Caller::Admin if self.admin_only => None,
+            Caller::Viewer if self.admin_only => {
+                let read = path.is_some_and(|p| VIEWER_CALLS.contains(&p.0.as_str()));
+                (!read).then(|| {
+                    Status::permission_denied(
+                        "the viewer token may only read (status, tasks, queue, runners, logs, \
+                         watch, explain); use the admin token to change anything",
+                    )
+                })
+            }
+            Caller::Viewer => Some(Status::permission_denied(
+                "the viewer token may not use the runner API",
+            )),
+            _ if self.admin_only => Some(Status::permission_denied(
+                "this credential may not use the control API; use the admin token",
+            )),
+            _ => None,
+        }
     }
 }
 

@@ -125,6 +125,12 @@ impl Repo {
         })
     }
 
+    /// A commit as `git show --stat --patch` prints it, at most `max_bytes` of it, and whether
+    /// it was cut (for the web page's diff of a task's commit).
+    pub async fn show_commit(&self, commit: &CommitId, max_bytes: usize) -> Result<(String, bool)> {
+        Ok(self.git.show_commit(commit, max_bytes).await?)
+    }
+
     /// Reads a commit through the long-lived `git cat-file --batch` (started on first use,
     /// restarted if it died): no process is spawned per read.
     pub async fn commit_info(&self, commit: &CommitId) -> Result<CommitInfo> {

@@ -387,6 +387,11 @@ impl Registry {
     }
 
     /// A live lease.
+    /// Every live lease.
+    pub fn leases(&self) -> impl Iterator<Item = &LiveLease> {
+        self.leases.values()
+    }
+
     pub fn lease(&self, id: &str) -> Option<&LiveLease> {
         self.leases.get(id)
     }

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskFilter, TaskWrite, TrainEnd,
-    TrainStat, UsageBucket,
+    Committed, EndSessions, Journal, NewEvent, NewRun, RunEnd, SessionRecord, Store, TaskFilter,
+    TaskWrite, TrainEnd, TrainStat, UsageBucket,
 };
 use crate::domain::{
     Children, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit,
@@ -29,6 +29,7 @@ struct Tables {
     trains: Vec<TrainRow>,
     logs: BTreeMap<(i64, u64), LogLine>,
     meta: BTreeMap<String, String>,
+    sessions: BTreeMap<String, SessionRecord>,
 }
 
 /// A train: its base tip, when it started, and when and how it ended.
@@ -1024,6 +1025,31 @@ impl Store for MemoryStore {
     async fn delete_meta(&self, key: &str) -> Result<()> {
         self.lock().meta.remove(key);
         Ok(())
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionRecord>> {
+        Ok(self.lock().sessions.values().cloned().collect())
+    }
+
+    async fn put_session(&self, session: &SessionRecord) -> Result<()> {
+        let mut t = self.lock();
+        if t.sessions.contains_key(&session.id_sha256) {
+            return Err(Error::AlreadyExists("a session with that ID exists".into()));
+        }
+        t.sessions
+            .insert(session.id_sha256.clone(), session.clone());
+        Ok(())
+    }
+
+    async fn end_sessions(&self, which: EndSessions<'_>) -> Result<u64> {
+        let mut t = self.lock();
+        let before = t.sessions.len();
+        t.sessions.retain(|id, s| match which {
+            EndSessions::One(one) => id != one,
+            EndSessions::OfToken(token) => s.token_sha256 != token,
+            EndSessions::ExpiredBefore(at) => s.expires_at >= at,
+        });
+        Ok((before - t.sessions.len()) as u64)
     }
 }
 

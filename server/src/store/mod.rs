@@ -190,6 +190,29 @@ pub struct UsageBucket {
     pub tokens: u64,
 }
 
+/// A session of the web page, as stored: never its ID, only the ID's SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id_sha256: String,
+    /// `admin` or `viewer`.
+    pub role: String,
+    /// The SHA-256 of the token that opened it: a session ends with its token.
+    pub token_sha256: String,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+}
+
+/// Which sessions to end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndSessions<'a> {
+    /// One, by the SHA-256 of its ID (`POST /logout`).
+    One(&'a str),
+    /// Those opened with the token of this SHA-256 (it was rotated).
+    OfToken(&'a str),
+    /// Those that ended before this time.
+    ExpiredBefore(Millis),
+}
+
 /// Persistence of tasks, runs and history. Every write is one short transaction.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Creates a task in state Open, generating `t-<n>` when no ID is given. Fails with
@@ -442,4 +465,13 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Forgets a fact.
     fn delete_meta(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every session of the web page (read at start-up; memory keeps them after).
+    fn sessions(&self) -> impl Future<Output = Result<Vec<SessionRecord>>> + Send;
+
+    /// Stores a new session (`AlreadyExists` for an ID hash that is taken).
+    fn put_session(&self, session: &SessionRecord) -> impl Future<Output = Result<()>> + Send;
+
+    /// Ends sessions; returns how many ended.
+    fn end_sessions(&self, which: EndSessions<'_>) -> impl Future<Output = Result<u64>> + Send;
 }

@@ -6,6 +6,8 @@
 //! and up), and readers (WAL) never wait for writers. A write that is dropped before it ends
 //! keeps its turn until its connection is rolled back and closed (`WriteTx`).
 
+mod sessions;
+
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -18,8 +20,8 @@ use sqlx::sqlite::{
 use sqlx::{FromRow, Sqlite, SqliteConnection};
 
 use super::{
-    Committed, Journal, NewEvent, NewRun, RunEnd, Store, TaskFilter, TaskWrite, TrainEnd,
-    TrainStat, UsageBucket,
+    Committed, EndSessions, Journal, NewEvent, NewRun, RunEnd, SessionRecord, Store, TaskFilter,
+    TaskWrite, TrainEnd, TrainStat, UsageBucket,
 };
 use crate::domain::{
     Children, CostSource, FailureKind, Lease, LogLine, LogStream, Millis, NewTask, Phase, Run,
@@ -2109,6 +2111,22 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionRecord>> {
+        sessions::all(&self.pool).await
+    }
+
+    async fn put_session(&self, session: &SessionRecord) -> Result<()> {
+        let mut tx = self.write().await?;
+        let result = sessions::put(&mut tx, session).await;
+        tx.finish(result).await
+    }
+
+    async fn end_sessions(&self, which: EndSessions<'_>) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let result = sessions::end(&mut tx, which).await;
+        tx.finish(result).await
     }
 }
 

@@ -8,8 +8,8 @@ use crate::domain::{
 };
 use crate::error::Error;
 use crate::store::{
-    Journal, NewEvent, NewRun, RunChanges, RunEnd, Store, TaskFilter, TaskRecord, TaskWrite,
-    TrainEnd, TrainStat, UsageBucket,
+    EndSessions, Journal, NewEvent, NewRun, RunChanges, RunEnd, SessionRecord, Store, TaskFilter,
+    TaskRecord, TaskWrite, TrainEnd, TrainStat, UsageBucket,
 };
 use pipeline_core::ids::CommitId;
 
@@ -115,6 +115,7 @@ macro_rules! store_test_suite {
             keeps_an_integration_journal,
             records_trains_and_their_runs,
             stores_trims_and_prunes_logs,
+            keeps_and_ends_sessions,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
@@ -1565,4 +1566,68 @@ pub async fn stores_trims_and_prunes_logs<S: Store>(store: &S) {
     let finished = store.run(run).await.expect("run").expect("exists");
     assert_eq!(finished.status, RunStatus::Failure);
     assert_eq!(finished.error.as_deref(), Some("stopped"));
+}
+
+/// The web page's sessions: stored once by ID hash, listed, and ended one by one, by the token
+/// that opened them, or by their end.
+pub async fn keeps_and_ends_sessions<S: Store>(store: &S) {
+    let session = |id: &str, role: &str, token: &str, expires_at| SessionRecord {
+        id_sha256: id.to_owned(),
+        role: role.to_owned(),
+        token_sha256: token.to_owned(),
+        created_at: 10,
+        expires_at,
+    };
+    assert!(store.sessions().await.expect("none").is_empty());
+    for s in [
+        session("a", "admin", "ta", 100),
+        session("b", "viewer", "tv", 200),
+        session("c", "viewer", "tv", 300),
+        session("d", "viewer", "tv2", 50),
+    ] {
+        store.put_session(&s).await.expect("put");
+    }
+    let taken = store.put_session(&session("a", "viewer", "tv", 1)).await;
+    assert!(matches!(taken, Err(Error::AlreadyExists(_))), "{taken:?}");
+    let mut all = store.sessions().await.expect("all");
+    all.sort_by(|x, y| x.id_sha256.cmp(&y.id_sha256));
+    assert_eq!(all[0], session("a", "admin", "ta", 100), "kept as written");
+    assert_eq!(all.len(), 4);
+    assert_eq!(
+        store
+            .end_sessions(EndSessions::ExpiredBefore(60))
+            .await
+            .expect("expired"),
+        1
+    );
+    assert_eq!(
+        store
+            .end_sessions(EndSessions::OfToken("tv"))
+            .await
+            .expect("token"),
+        2
+    );
+    assert_eq!(
+        store
+            .end_sessions(EndSessions::One("zz"))
+            .await
+            .expect("none"),
+        0
+    );
+    let left: Vec<String> = store
+        .sessions()
+        .await
+        .expect("left")
+        .into_iter()
+        .map(|s| s.id_sha256)
+        .collect();
+    assert_eq!(left, ["a"]);
+    assert_eq!(
+        store
+            .end_sessions(EndSessions::One("a"))
+            .await
+            .expect("one"),
+        1
+    );
+    assert!(store.sessions().await.expect("none").is_empty());
 }
