@@ -8,6 +8,7 @@
 //! CI installs `chromium` and `chromium-driver`; without them these tests fail, unless
 //! `PIPELINE_SKIP_BROWSER=1`, which skips them saying why.
 
+use pipeline_tests::wait_for;
 use pipeline_tests::web::{Browser, browser_missing, http_url, viewer_token};
 use pipeline_tests::{Runner, Server, TestRepo, agent_args, as_strs};
 
@@ -120,6 +121,22 @@ fn the_page_in_a_browser() {
     let doomed = &server.add(&["--title", "A task to cancel", "--description", "MODE: wait"]);
     server.wait_status(chatty, "in_progress");
     server.wait_status(doomed, "in_progress");
+    let hola = &server.add(&[
+        "--title",
+        "Say hola",
+        "--depends-on",
+        chatty,
+        "--priority",
+        "1",
+    ]);
+    // The queue at work: two tasks leased, one waiting for another (the README's picture).
+    browser.goto(&format!("{http}/"));
+    browser.wait_text(
+        "#live-queue",
+        "the tasks at work and the one waiting",
+        |t| t.contains(chatty) && t.contains(doomed) && t.contains(hola),
+    );
+    browser.screenshot("queue-busy");
 
     // As the admin: the live log, followed as it is written, and the task done in place.
     browser.goto(&format!("{http}/"));
@@ -157,4 +174,51 @@ fn the_page_in_a_browser() {
     browser.click("#cancel");
     browser.wait_text("#task-status", "cancelled", |t| t == "cancelled");
     assert_eq!(server.show(doomed)["status"], "cancelled");
+}
+
+/// A page left open while its server is killed and started again comes back by itself: its
+/// session (kept in the database) still holds, its event stream reconnects and what changed
+/// meanwhile shows without a reload.
+#[test]
+fn a_page_recovers_by_itself_after_a_server_restart() {
+    if let Some(why) = browser_missing() {
+        println!("skipped: {why}");
+        return;
+    }
+    let repo = TestRepo::new();
+    // A fixed port, so that the page's address stays the same across the restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = Server::start(&repo, &["--http", &addr]);
+    let http = http_url(&server);
+    let first = server.add(&["--title", "Before the restart"]);
+    let browser = Browser::start();
+    browser.sign_in(&http, &viewer_token(&repo));
+    browser.goto(&format!("{http}/"));
+    browser.wait_text("#live-queue", "the open task", |t| t.contains(&first));
+    browser.eval("window.loadedOnce = 'yes'; return true");
+    server.kill();
+    wait_for("the page to see the server go", || {
+        let off =
+            browser.eval("return document.getElementById('live-dot').classList.contains('off')");
+        (off == serde_json::json!(true)).then_some(())
+    });
+    let server = Server::start(&repo, &["--http", &addr]);
+    let second = server.add(&["--title", "After the restart"]);
+    browser.wait_text("#live-queue", "the task added after the restart", |t| {
+        t.contains(&second)
+    });
+    assert_eq!(
+        browser.eval("return window.loadedOnce"),
+        serde_json::json!("yes"),
+        "no reload"
+    );
+    assert!(
+        browser.url().ends_with(&format!("{port}/")),
+        "still signed in: {}",
+        browser.url()
+    );
 }
