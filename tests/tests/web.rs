@@ -593,3 +593,32 @@ fn live_streams_are_bounded_and_a_reader_that_stops_is_dropped() {
         (s.status == 200).then_some(())
     });
 }
+
+/// A peer that sends part of a request's head and then nothing is closed after
+/// `--handshake-timeout`, so trickling bytes cannot hold the HTTP port's connection slots.
+#[test]
+fn a_request_head_that_never_ends_is_closed() {
+    use std::io::{Read, Write};
+    let repo = TestRepo::new();
+    let (_server, http) = server(&repo, &["--handshake-timeout", "1"]);
+    let mut sock =
+        std::net::TcpStream::connect(http.trim_start_matches("http://")).expect("connect");
+    sock.set_read_timeout(Some(pipeline_tests::DEADLINE))
+        .expect("timeout");
+    sock.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")
+        .expect("send");
+    let mut got = Vec::new();
+    let read = sock.read_to_end(&mut got);
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the connection was left open: {read:?}"
+    );
+    let said = String::from_utf8_lossy(&got);
+    assert!(
+        said.is_empty() || said.starts_with("HTTP/1.1 408"),
+        "{said}"
+    );
+}

@@ -35,7 +35,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -269,7 +269,7 @@ impl IntoResponse for Refusal {
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_connections: usize,
-    /// Time a connection has for its TLS handshake.
+    /// Time a connection has for its TLS handshake, and an HTTP/1 request for its head.
     pub handshake_timeout: Duration,
 }
 
@@ -352,23 +352,31 @@ pub async fn serve(
                     match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream))
                         .await
                     {
-                        Ok(Ok(tls)) => connection(tls, peer, router, stop).await,
+                        Ok(Ok(tls)) => {
+                            connection(tls, peer, router, limits.handshake_timeout, stop).await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "http: TLS handshake failed")
                         }
                         Err(_) => tracing::debug!(%peer, "http: TLS handshake timed out"),
                     }
                 }
-                None => connection(stream, peer, router, stop).await,
+                None => connection(stream, peer, router, limits.handshake_timeout, stop).await,
             }
         });
     }
 }
 
 /// Serves one connection; a graceful end when `stop` fires, an abrupt one when a live stream
-/// on it asks ([`ConnKill`]).
-async fn connection<I>(io: I, peer: SocketAddr, router: Router, stop: CancellationToken)
-where
+/// on it asks ([`ConnKill`]). An HTTP/1 request's head must arrive within `head_timeout`, so a
+/// peer that trickles bytes cannot hold a connection slot.
+async fn connection<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    head_timeout: Duration,
+    stop: CancellationToken,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let kill = CancellationToken::new();
@@ -382,7 +390,11 @@ where
             async move { tower::Service::call(&mut router, req).await }
         })
     };
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
