@@ -622,3 +622,84 @@ fn a_request_head_that_never_ends_is_closed() {
         "{said}"
     );
 }
+
+/// A million tasks: the pages and the API answer one keyset page at a time (50 rows, or the
+/// `limit` asked, at most 500), each with the link to the next, never the whole table.
+#[test]
+fn a_million_tasks_are_paged_never_rendered_whole() {
+    let repo = TestRepo::new();
+    let (first, _) = server(&repo, &[]);
+    first.add(&["--title", "the first"]);
+    assert!(first.terminate().success());
+    let n = 1_000_000;
+    let sql = format!(
+        "PRAGMA busy_timeout = 10000;
+         BEGIN IMMEDIATE;
+         WITH RECURSIVE i(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM i WHERE n < {n})
+         INSERT INTO tasks (id, title, status, priority, patchset, version, created_at,
+                            updated_at)
+           SELECT 'bulk-' || n, 'bulk task ' || n, 'done', n % 5, 1, 4,
+                  1780000000000 + n, 1780000000000 + n
+           FROM i;
+         COMMIT;"
+    );
+    let out = std::process::Command::new("sqlite3")
+        .arg(repo.state_dir().join("pipeline.db"))
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 CLI (apt install sqlite3)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (_server, http) = server(&repo, &[]);
+    let viewer = viewer_token(&repo);
+    let status = get(&format!("{http}/api/status"), &viewer).json();
+    assert_eq!(status["done"], n);
+    assert_eq!(status["open"], 1);
+    // The page: 50 rows and a link to the next page, a few tens of KiB.
+    let page = get(&format!("{http}/tasks?status=done"), &viewer);
+    assert_eq!(page.status, 200);
+    let rows = page.body.matches("<tr><td><a href=\"/tasks/").count();
+    assert_eq!(rows, 50, "one page of rows");
+    assert!(page.body.contains("id=\"next-page\""), "a next page");
+    println!("a page of tasks out of {n}: {} bytes", page.body.len());
+    assert!(page.body.len() < 256 * 1024, "{} bytes", page.body.len());
+    // The API: the limit asked, at most 500, and pages that follow on.
+    let first = get(
+        &format!("{http}/api/tasks?status=done&limit=100000"),
+        &viewer,
+    );
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.json().as_array().map(Vec::len), Some(500));
+    let link = first.header("link");
+    let next = link
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .expect("link");
+    let second = get(&format!("{http}{next}"), &viewer).json();
+    let (a, b) = (first.json(), second);
+    assert_eq!(b.as_array().map(Vec::len), Some(500));
+    assert_ne!(a[0]["id"], b[0]["id"], "the next page goes on");
+    // A title filter over the million finds its one task, looking at a bounded part at a
+    // time.
+    let mut url = format!("{http}/tasks?q=bulk+task+4320");
+    wait_for("the filtered task, page by page", || {
+        let page = get(&url, &viewer);
+        assert_eq!(page.status, 200);
+        if page.body.contains("/tasks/bulk-4320\"") {
+            return Some(());
+        }
+        assert!(
+            page.body.contains("id=\"next-page\""),
+            "neither found nor a next page"
+        );
+        let next = page.body.split("id=\"next-page\"").next()?;
+        let href = next.rsplit("href=\"").next()?.split('"').next()?;
+        url = format!("{http}{}", href.replace("&amp;", "&"));
+        None
+    });
+}
