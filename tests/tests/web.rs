@@ -703,3 +703,73 @@ fn a_million_tasks_are_paged_never_rendered_whole() {
         None
     });
 }
+
+/// The admin's actions from the page do what the matching `pipelinectl` commands do: approve
+/// (it lands, the note in its history) and reject with a note (back to open with it), drain and
+/// undrain a runner, cancel.
+#[test]
+fn the_admins_actions_approve_reject_drain_and_cancel() {
+    let repo = TestRepo::new();
+    let (server, http) = server(&repo, &["--require-approval", "--backoff-base", "0"]);
+    let _r = runner(&repo, &server, "r1");
+    let admin = repo.admin_token();
+    // As a browser's form sends them: urlencoded, from this site.
+    let post = |path: &str, form: &[(&str, &str)]| {
+        send(
+            client()
+                .post(format!("{http}{path}"))
+                .bearer_auth(&admin)
+                .header("sec-fetch-site", "same-origin")
+                .form(form),
+        )
+    };
+    let a = server.add(&["--title", "approve me"]);
+    let b = server.add(&["--title", "reject me"]);
+    server.wait_status(&a, "verified");
+    server.wait_status(&b, "verified");
+    let page = get(&format!("{http}/tasks/{a}"), &admin);
+    assert!(page.body.contains("id=\"approve\""), "the approve button");
+    let approved = post(&format!("/tasks/{a}/approve"), &[("note", "looks right")]);
+    assert_eq!(approved.status, 303, "{approved:?}");
+    assert_eq!(approved.header("location"), format!("/tasks/{a}"));
+    let done = server.wait_status(&a, "done");
+    assert_eq!(done["approval"], "approved", "{done}");
+    assert!(done.to_string().contains("looks right"), "{done}");
+    let rejected = post(
+        &format!("/tasks/{b}/reject"),
+        &[("note", "say it in French")],
+    );
+    assert_eq!(rejected.status, 303, "{rejected:?}");
+    let again = server.wait_task(&b, "the rejection's feedback", |t| {
+        t["feedback"]
+            .as_str()
+            .is_some_and(|f| f.contains("say it in French"))
+    });
+    assert_ne!(again["status"], "done", "{again}");
+
+    // Drain: the runner takes nothing new until undrained.
+    assert_eq!(post("/runners/r1/drain", &[]).status, 303);
+    let state = |server: &pipeline_tests::Server| {
+        server.ctl(&["runners", "--json"]).json()[0]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(state(&server), "draining");
+    let c = server.add(&["--title", "after the drain", "--description", "MODE: wait"]);
+    assert_eq!(server.show(&c)["status"], "open");
+    let runners = get(&format!("{http}/runners"), &admin);
+    assert!(
+        runners.body.contains("action=\"/runners/r1/undrain\""),
+        "the undrain button"
+    );
+    assert_eq!(post("/runners/r1/undrain", &[]).status, 303);
+    assert_ne!(state(&server), "draining");
+    server.wait_status(&c, "in_progress");
+    // Cancel, with a click's form.
+    assert_eq!(post(&format!("/tasks/{c}/cancel"), &[]).status, 303);
+    server.wait_status(&c, "cancelled");
+    // An unknown runner: a one-line 404.
+    let missing = post("/runners/nobody/drain", &[]);
+    assert_eq!(missing.status, 404, "{missing:?}");
+}
