@@ -260,7 +260,7 @@ pub async fn login<S: Store>(
     let (id, _, _) = match opened {
         Ok(opened) => opened,
         Err(crate::error::Error::Unauthenticated(why)) => {
-            return Ok(super::pages::login_page(
+            return Ok(super::html::login_page(
                 StatusCode::UNAUTHORIZED,
                 Some(&why),
                 &local_path(form.next.as_deref()),

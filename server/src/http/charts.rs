@@ -76,7 +76,7 @@ impl Rolling {
 /// Keeps [`Rolling`] up to date from the transitions (seeded with the last ones stored), until
 /// `stop`.
 pub async fn follow<S: Store>(
-    coordinator: Arc<crate::coordinator::Coordinator<S>>,
+    coordinator: Arc<crate::coordinator::Coordinator<S, crate::repo::Repo>>,
     rolling: Arc<super::Web<S>>,
     stop: tokio_util::sync::CancellationToken,
 ) {

@@ -8,7 +8,8 @@
 //! - [`access`]: who is asking (a bearer token or a session cookie), `POST /login` and
 //!   `/logout`, and the refusal of cross-site state changes.
 //! - `api`: `/api/status`, `/api/queue`, `/api/tasks`, `/api/tasks/{id}`, `/api/runners`.
-//! - `pages`: the pages (askama templates in `server/templates/`, checked at compile time).
+//! - `pages`: the pages (askama templates in `server/templates/`, checked at compile time);
+//!   `html`: the renderer and the two pages any part may answer with (a refusal, sign-in).
 //! - `actions`: the admin's buttons (`POST`), each one coordinator call.
 //! - `live`: server-sent events (`/events`, a task's live log), each stream with a bounded
 //!   queue and counted against `--http-max-streams`.
@@ -23,6 +24,7 @@ pub mod access;
 mod actions;
 mod api;
 pub mod charts;
+mod html;
 mod live;
 mod pages;
 
@@ -49,7 +51,7 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// What every handler shares.
 pub struct Web<S> {
-    pub coordinator: Arc<Coordinator<S>>,
+    pub coordinator: Arc<Coordinator<S, crate::repo::Repo>>,
     /// Served over TLS: cookies are `Secure` and `__Host-`.
     pub tls: bool,
     /// One permit per open server-sent event stream.
@@ -260,7 +262,7 @@ impl IntoResponse for Refusal {
                 self.message + "\n",
             )
                 .into_response(),
-            Kind::Page => pages::error_page(self.status, &self.message),
+            Kind::Page => html::error_page(self.status, &self.message),
         }
     }
 }

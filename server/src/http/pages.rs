@@ -9,13 +9,14 @@ use std::collections::HashMap;
 use askama::Template;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::Response;
 use pipeline_api::model::{self, TaskStatus};
 use pipeline_api::time::rfc3339;
 
 use super::access::{NextQuery, Who, local_path};
 use super::api::{ListQuery, list, path_id, queue_view, runner_views, status_view, task_view};
 use super::charts::Chart;
+use super::html::{login_page, render};
 use super::{App, Kind, Refusal};
 use crate::domain::TaskId;
 use crate::store::Store;
@@ -34,65 +35,8 @@ fn cents(c: f64) -> String {
     text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
-fn render(status: StatusCode, page: &impl Template) -> Response {
-    match page.render() {
-        Ok(html) => (status, Html(html)).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "a page did not render");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the page did not render\n",
-            )
-                .into_response()
-        }
-    }
-}
-
 fn refused(err: crate::error::Error) -> Refusal {
     Refusal::from_error(err, Kind::Page)
-}
-
-#[derive(Template)]
-#[template(path = "error.html")]
-struct ErrorPage<'a> {
-    role: &'a str,
-    nav: &'a str,
-    code: u16,
-    message: &'a str,
-}
-
-/// A refusal as a page.
-pub fn error_page(status: StatusCode, message: &str) -> Response {
-    render(
-        status,
-        &ErrorPage {
-            role: "",
-            nav: "",
-            code: status.as_u16(),
-            message,
-        },
-    )
-}
-
-#[derive(Template)]
-#[template(path = "login.html")]
-struct LoginPage<'a> {
-    role: &'a str,
-    nav: &'a str,
-    error: Option<&'a str>,
-    next: &'a str,
-}
-
-pub fn login_page(status: StatusCode, error: Option<&str>, next: &str) -> Response {
-    render(
-        status,
-        &LoginPage {
-            role: "",
-            nav: "",
-            error,
-            next,
-        },
-    )
 }
 
 pub async fn login<S: Store>(State(_): State<App<S>>, Query(q): NextQuery) -> Response {
