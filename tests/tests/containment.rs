@@ -366,17 +366,20 @@ fn tokens_given_in_files_stay_out_of_the_command_line_and_the_environment() {
     // pipelinectl reads one from a file too; an empty one is refused as a malformed request.
     let admin = repo.dir.path().join("admin.token");
     std::fs::copy(repo.state_dir().join("admin.token"), &admin).expect("copy");
-    let status = ctl(
-        &server.url,
-        &[
-            "--token-file",
-            admin.to_str().expect("utf-8"),
-            "status",
-            "--json",
-        ],
-    )
-    .json();
-    assert_eq!(status["runners"], 1);
+    // The runner counts once its work stream is open, a moment after its "registered" line.
+    wait_for("the runner, through the admin token's file", || {
+        let status = ctl(
+            &server.url,
+            &[
+                "--token-file",
+                admin.to_str().expect("utf-8"),
+                "status",
+                "--json",
+            ],
+        )
+        .json();
+        (status["runners"] == 1).then_some(())
+    });
     let empty = repo.dir.path().join("empty.token");
     std::fs::write(&empty, "\n").expect("write");
     ctl(
