@@ -69,6 +69,15 @@ fn the_api_answers_what_pipelinectl_prints() {
     let done = get(&format!("{http}/api/tasks?status=done&q=HELLO"), &viewer).json();
     assert_eq!(done.as_array().map(Vec::len), Some(1));
     assert_eq!(done[0]["id"], a.as_str());
+    // The task's page shows the change it landed: its commit's diff, read on the server.
+    let page = get(&format!("{http}/tasks/{a}"), &viewer);
+    assert!(page.body.contains("The change it landed"), "{}", page.body);
+    assert!(
+        page.body.contains(&format!("notes/{a}.md"))
+            && page.body.contains(&format!("+task {a} attempt 1")),
+        "the diff: {}",
+        page.body
+    );
 }
 
 #[test]
