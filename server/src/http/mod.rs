@@ -210,6 +210,8 @@ impl Refusal {
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+            // The database is busy: try again (gRPC's UNAVAILABLE).
+            Error::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => {
                 tracing::error!(error = %err, "internal error (http)");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -224,6 +226,7 @@ impl Refusal {
             | Error::Unauthenticated(m)
             | Error::PermissionDenied(m)
             | Error::ResourceExhausted(m)
+            | Error::Busy(m)
             | Error::Internal(m) => m,
         };
         Self::new(status, one_line(&message), kind)
