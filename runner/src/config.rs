@@ -69,9 +69,9 @@ pub struct Config {
     pub tls_ca: Option<PathBuf>,
 
     /// The registration token (first start) or this runner's own credential [env:
-    /// PIPELINE_RUNNER_TOKEN, else PIPELINE_TOKEN]. On the command line or in the environment
-    /// it is readable by other processes of this machine (`/proc/<pid>/cmdline`, `environ`):
-    /// prefer --token-file.
+    /// PIPELINE_RUNNER_TOKEN, else PIPELINE_TOKEN]. On the command line it is readable by
+    /// other processes of this machine (`/proc/<pid>/cmdline`): prefer --token-file; from the
+    /// environment it is taken out at start (the runner starts itself again without it).
     #[arg(long, env = "PIPELINE_RUNNER_TOKEN", hide_env_values = true)]
     #[serde(skip)]
     pub token: Option<String>,
@@ -479,6 +479,63 @@ impl Config {
             }
             None => Ok(given),
         }
+    }
+
+    /// Takes a token given through the environment (`PIPELINE_RUNNER_TOKEN`, `PIPELINE_TOKEN`)
+    /// out of it for good: a process's environment is readable for its whole life (by its
+    /// user's other processes, in `/proc/<pid>/environ`), and Rust cannot safely remove a
+    /// variable from a running process's own. So, when either is set, the runner executes
+    /// itself again (the same binary and arguments) without them, the token handed over
+    /// through an inherited pipe named as `--token-file /dev/fd/N` (when no `--token-file` is
+    /// given; the pipe is empty once read). Called once at start, before any thread;
+    /// returns only when there is nothing to do, or with why it could not.
+    pub fn shed_token_env(&self) -> Result<(), String> {
+        const VARS: [&str; 2] = ["PIPELINE_RUNNER_TOKEN", "PIPELINE_TOKEN"];
+        if !VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+            return Ok(());
+        }
+        let given = self
+            .token
+            .clone()
+            .or_else(|| std::env::var("PIPELINE_TOKEN").ok())
+            .filter(|t| !t.trim().is_empty());
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let mut command = std::process::Command::new("/proc/self/exe");
+        if let Some(arg0) = std::env::args_os().next() {
+            std::os::unix::process::CommandExt::arg0(&mut command, arg0);
+        }
+        // Held until exec: its read end is the new process's token file.
+        let mut _pipe = None;
+        if let (None, Some(token)) = (&self.token_file, given) {
+            use std::io::Write;
+            // A pipe holds at least a page before a writer blocks (and nobody reads yet).
+            if token.len() > 4000 {
+                return Err("the token in the environment is longer than 4000 bytes; \
+                            give it with --token-file"
+                    .to_owned());
+            }
+            let (reader, mut writer) =
+                std::io::pipe().map_err(|e| format!("cannot hand the token over (pipe): {e}"))?;
+            writer
+                .write_all(token.trim().as_bytes())
+                .map_err(|e| format!("cannot hand the token over (pipe): {e}"))?;
+            drop(writer);
+            // std makes it close-on-exec; the new process must inherit it.
+            rustix::io::fcntl_setfd(&reader, rustix::io::FdFlags::empty())
+                .map_err(|e| format!("cannot hand the token over (pipe): {e}"))?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&reader);
+            args.push("--token-file".into());
+            args.push(format!("/dev/fd/{fd}").into());
+            _pipe = Some(reader);
+        }
+        command.args(args);
+        for var in VARS {
+            command.env_remove(var);
+        }
+        let e = std::os::unix::process::CommandExt::exec(&mut command);
+        Err(format!(
+            "cannot start again without the token in the environment: {e}"
+        ))
     }
 
     /// Files holding credentials this runner was given, kept out of the sandbox.

@@ -17,12 +17,17 @@ fn main() -> ExitCode {
         return code;
     }
     pipeline_core::process::install_guard();
-    runner()
+    let config = Config::parse();
+    // Before any thread: a token in the environment is shed by executing this binary again.
+    if let Err(why) = config.shed_token_env() {
+        eprintln!("pipeline-runner: {why}");
+        return ExitCode::FAILURE;
+    }
+    runner(config)
 }
 
 #[tokio::main]
-async fn runner() -> ExitCode {
-    let config = Config::parse();
+async fn runner(config: Config) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

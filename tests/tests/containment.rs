@@ -418,3 +418,57 @@ fn without_a_sandbox_status_and_runners_say_so() {
     assert_eq!(out.code(), Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("--sandbox-read"), "{}", out.stderr);
 }
+
+#[test]
+fn a_token_given_in_the_environment_leaves_the_runners_environment() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let token = repo.registration_token();
+    for var in ["PIPELINE_RUNNER_TOKEN", "PIPELINE_TOKEN"] {
+        let name = format!("r-{}", var.len());
+        let mut cmd = repo.command("pipeline-runner");
+        cmd.args(["--server", &server.url, "--name", &name])
+            .arg("--work-dir")
+            .arg(repo.dir.path().join("runners").join(&name))
+            .args(["--kill-grace", "2", "--env-allow", "AGENT_LOG_DIR"])
+            .args(as_strs(&agent_args(&["--no-verify"])))
+            .env("RUST_LOG", "info")
+            .env("PATH", scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log())
+            .envs(sandbox_env(&repo))
+            .env_remove("PIPELINE_TOKEN")
+            .env_remove("PIPELINE_RUNNER_TOKEN")
+            .env(var, &token)
+            .env_remove("PIPELINE_SERVER");
+        let runner = Proc::spawn(&mut cmd);
+        runner
+            .wait_for_line("registered")
+            .unwrap_or_else(|log| panic!("the runner did not register:\n{log}"));
+        for what in ["environ", "cmdline"] {
+            let seen = std::fs::read(format!("/proc/{}/{what}", runner.pid())).expect("proc");
+            let seen = String::from_utf8_lossy(&seen);
+            assert!(
+                !seen.contains(&token),
+                "the token ({var}) is in the runner's {what}"
+            );
+            if what == "environ" {
+                assert!(
+                    seen.contains("RUST_LOG=info"),
+                    "not its environment: {seen}"
+                );
+            }
+        }
+        // It works: a task lands through it.
+        let id = server.add(&["--title", &name]);
+        server.wait_status(&id, "done");
+        drop(runner);
+    }
+    assert_eq!(
+        server
+            .ctl(&["runners", "--json"])
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+}

@@ -123,6 +123,9 @@ pub async fn run(
         config.slots = 1;
     }
     config.agent.validate().map_err(anyhow::Error::msg)?;
+    // First, before any process is started: a token handed over in a pipe
+    // (`Config::shed_token_env`) is emptied out of it here.
+    let token = config.token().map_err(anyhow::Error::msg)?;
     let name = config.name();
     let work_dir = config.work_dir();
     let path = std::env::var("PATH").unwrap_or_default();
@@ -164,7 +167,6 @@ pub async fn run(
             work_dir.join("processes").display()
         ),
     }
-    let token = config.token().map_err(anyhow::Error::msg)?;
     if let Some(version) = crate::preflight::agent_version(&config.agent, &path).await {
         tracing::info!("agent: {version}");
     }
