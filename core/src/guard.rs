@@ -9,7 +9,9 @@
 //!    daemonize (`setsid`, double forks) are re-parented to it rather than to init;
 //! 3. starts the program from a thread that first applies the sandbox
 //!    ([`crate::sandbox::Policy`]) to itself (Landlock confines a thread and what it starts),
-//!    so the program is confined and the guard is not; the program shares the guard's process
+//!    so the program is confined and the guard is not; or, under a separate user
+//!    (`--sandbox user`), hands the program's own trees to that user and starts the program as
+//!    it (uid, gid, no supplementary groups, its `HOME`); the program shares the guard's process
 //!    group (the guard leads it), stdout and stderr;
 //! 4. says `started PID`, then `ended STATUS` (the raw wait status) or `failed KIND MESSAGE`
 //!    (the program could not be started) on the link;
@@ -174,10 +176,29 @@ fn guard(program: OsString, args: Vec<OsString>) -> ExitCode {
         })
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
-    // The sandbox is applied by a thread of its own, which then starts the program (which
+    // A separate user: the program's own trees are handed to it, and the program starts as
+    // it (std drops the supplementary groups, then sets the gid and the uid).
+    if let Some((policy, user)) = orders
+        .sandbox
+        .as_ref()
+        .and_then(|p| Some((p, p.user.as_ref()?)))
+    {
+        if let Err(why) = policy.hand_over() {
+            say(Report::Failed(std::io::ErrorKind::Other, why));
+            return ExitCode::SUCCESS;
+        }
+        use std::os::unix::process::CommandExt;
+        command
+            .uid(user.uid)
+            .gid(user.gid)
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
+    // Landlock is applied by a thread of its own, which then starts the program (which
     // inherits it) and ends: the guard itself stays outside the sandbox, free to find and kill
     // what it guards.
-    let sandbox = orders.sandbox.clone();
+    let sandbox = orders.sandbox.clone().filter(|p| p.user.is_none());
     let spawned = std::thread::spawn(move || {
         if let Some(policy) = &sandbox {
             policy

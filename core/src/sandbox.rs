@@ -11,6 +11,11 @@
 //! processes outside its sandbox (so `/proc/<runner pid>/environ` is unreadable), and from
 //! ABI 6 on from signalling them or reaching their abstract Unix sockets.
 //!
+//! Where the kernel has no Landlock, or `--sandbox user` asks for it, the sandbox is a
+//! separate unprivileged [`User`] instead: the guard hands the run's own trees
+//! ([`Rules::own`]) to it and starts the program as it; the files' modes keep it out of the
+//! rest (the runner and the server set theirs for that).
+//!
 //! What it does not cover (SECURITY.md): the network, Unix sockets by path (Landlock ABI < 9),
 //! CPU, memory, disk and process counts, and what the world may read of any process
 //! (`/proc/<pid>/cmdline`).
@@ -25,8 +30,8 @@ use serde::{Deserialize, Serialize};
 pub enum Kind {
     /// The kernel's Landlock (read and write limited to the policy).
     Landlock,
-    /// A separate unprivileged user: only what that user may read (named by the contract;
-    /// not offered yet, see SECURITY.md).
+    /// A separate unprivileged user ([`User`]): only what that user may reach by the files'
+    /// modes, and the process's own tree, handed to that user before it starts.
     User,
     /// None (`--no-sandbox`): agents and builds can read and write what this process can.
     Off,
@@ -72,7 +77,15 @@ pub enum Access {
 /// path (see [`Rules::policy`]). Sent to the guard, which applies it to itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
+    /// Landlock's grants (empty, and not applied, under a separate user).
     pub rules: Vec<(PathBuf, Access)>,
+    /// The process's own trees ([`Rules::own`]): under a separate user, handed to it (owner
+    /// and group, recursively) before the program starts.
+    #[serde(default)]
+    pub owned: Vec<PathBuf>,
+    /// The separate user the program runs as, instead of Landlock (`--sandbox user`).
+    #[serde(default)]
+    pub user: Option<User>,
 }
 
 /// Grants and denials, before they are resolved into a [`Policy`].
@@ -83,6 +96,8 @@ pub struct Rules {
     deny: Vec<PathBuf>,
     /// Read grants that yield to every denial (see [`Rules::named_in`]).
     named: Vec<PathBuf>,
+    /// Write grants that are the process's own (see [`Rules::own`]).
+    own: Vec<PathBuf>,
 }
 
 impl Rules {
@@ -95,6 +110,14 @@ impl Rules {
     /// Lets the process read and write `path` and everything beneath it.
     pub fn write(&mut self, path: impl Into<PathBuf>) -> &mut Self {
         self.write.push(path.into());
+        self
+    }
+
+    /// Lets the process read and write `path` as its own: its worktree, its temp dir. Under a
+    /// separate user ([`Kind::User`]) the tree is handed to that user before the process
+    /// starts (a [`Rules::write`] grant is not: the user reaches it only if its modes allow).
+    pub fn own(&mut self, path: impl Into<PathBuf>) -> &mut Self {
+        self.own.push(path.into());
         self
     }
 
@@ -133,6 +156,7 @@ impl Rules {
         all.write.extend(more.write.iter().cloned());
         all.deny.extend(more.deny.iter().cloned());
         all.named.extend(more.named.iter().cloned());
+        all.own.extend(more.own.iter().cloned());
         all
     }
 
@@ -142,7 +166,12 @@ impl Rules {
     pub fn policy(&self) -> Policy {
         let deny: Vec<PathBuf> = self.deny.iter().filter_map(|p| canonical(p)).collect();
         let mut rules: Vec<(PathBuf, Access)> = Vec::new();
-        for (paths, access) in [(&self.write, Access::Write), (&self.read, Access::Read)] {
+        let owned: Vec<PathBuf> = self.own.iter().filter_map(|p| canonical(p)).collect();
+        for (paths, access) in [
+            (&self.own, Access::Write),
+            (&self.write, Access::Write),
+            (&self.read, Access::Read),
+        ] {
             for path in paths {
                 if let Some(path) = canonical(path) {
                     carve(&path, &deny, &mut |p| rules.push((p, access)));
@@ -160,7 +189,11 @@ impl Rules {
         // A tree granted twice keeps its widest access (writes were pushed first).
         let mut seen = std::collections::HashSet::new();
         rules.retain(|(p, _)| seen.insert(p.clone()));
-        Policy { rules }
+        Policy {
+            rules,
+            owned,
+            user: None,
+        }
     }
 }
 
@@ -298,6 +331,104 @@ pub fn default_rules(path: &str, home: Option<&Path>) -> Rules {
     rules
 }
 
+/// The user `--sandbox user` runs agents and builds as when `--sandbox-user` names none.
+pub const DEFAULT_USER: &str = "pipeline-sandbox";
+
+/// A separate unprivileged user agents and builds run as (`--sandbox user`): a local user of
+/// `/etc/passwd`, never root. The guard switches to its uid and gid, with no supplementary
+/// groups, before the program starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Its home directory (the program's `HOME`; it need not exist).
+    pub home: PathBuf,
+}
+
+impl User {
+    /// The local user `name` (`/etc/passwd`), refused when it is missing or root.
+    pub fn lookup(name: &str) -> Result<Self, String> {
+        let passwd = std::fs::read_to_string("/etc/passwd")
+            .map_err(|e| format!("cannot read /etc/passwd to find the sandbox user: {e}"))?;
+        let user = parse_passwd(&passwd, name).ok_or_else(|| {
+            format!(
+                "the sandbox user {name} does not exist: create it (useradd --system \
+                 --no-create-home --shell /usr/sbin/nologin {name}) or name another with \
+                 --sandbox-user"
+            )
+        })?;
+        if user.uid == 0 || user.gid == 0 {
+            return Err(format!(
+                "the sandbox user {name} is root (uid or gid 0): name an unprivileged user with \
+                 --sandbox-user"
+            ));
+        }
+        Ok(user)
+    }
+
+    /// Whether this user may pass through `dir` and every directory above it (by the modes:
+    /// others' or, for its group or as owner, the group's or owner's execute bit); the first
+    /// one it may not is the error, saying what to do.
+    pub fn can_reach(&self, dir: &Path) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        for d in dir.ancestors() {
+            let Ok(meta) = std::fs::metadata(d) else {
+                continue; // not there yet: made by this process, with its umask
+            };
+            let mode = meta.mode();
+            let ok = if meta.uid() == self.uid {
+                mode & 0o100 != 0
+            } else if meta.gid() == self.gid {
+                mode & 0o010 != 0
+            } else {
+                mode & 0o001 != 0
+            };
+            if !ok {
+                return Err(format!(
+                    "the sandbox user {} cannot reach {}: {} is mode {:o} (let others pass \
+                     with chmod o+x, or choose a directory it can reach)",
+                    self.name,
+                    dir.display(),
+                    d.display(),
+                    mode & 0o7777
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The user `name` of an `/etc/passwd` text.
+fn parse_passwd(passwd: &str, name: &str) -> Option<User> {
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 || f[0] != name {
+            return None;
+        }
+        Some(User {
+            name: name.to_owned(),
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: PathBuf::from(f[5]),
+        })
+    })
+}
+
+/// Whether this process may start programs as another user and hand it files: root, or the
+/// capabilities CAP_CHOWN, CAP_SETGID and CAP_SETUID (effective).
+pub fn can_switch_users() -> bool {
+    const NEEDED: u64 = (1 << 0) | (1 << 6) | (1 << 7);
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let caps = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(caps.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & NEEDED == NEEDED)
+}
+
 /// The sandbox a process runs its agents and builds in, chosen once at start-up.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
@@ -306,31 +437,75 @@ pub struct Sandbox {
     base: Rules,
     /// The kernel's Landlock ABI, when Landlock is in use.
     abi: Option<i32>,
+    /// The user agents and builds run as, under [`Kind::User`].
+    user: Option<User>,
+    /// Chosen because the kernel has no Landlock (no `--sandbox` given).
+    fallback: bool,
 }
 
+const NO_LANDLOCK: &str = "this kernel has no Landlock (Linux 5.13 or later, with landlock in \
+                           the lsm= boot list)";
+
 impl Sandbox {
-    /// Landlock when the kernel has it; none when `off` (`--no-sandbox`); a kernel without
-    /// Landlock is refused, saying what to do.
-    pub fn choose(off: bool, base: Rules) -> Result<Self, String> {
-        if off {
-            return Ok(Self {
+    /// The sandbox `wanted` (`--sandbox`), or by default Landlock when the kernel has it, else
+    /// a separate user when this process can switch to one (`user`: `--sandbox-user`, else
+    /// [`DEFAULT_USER`]); none only when asked for (`--no-sandbox`, `--sandbox off`). What
+    /// cannot be had is refused, saying what to do.
+    pub fn choose(wanted: Option<Kind>, user: Option<&str>, base: Rules) -> Result<Self, String> {
+        let landlock = |abi| Self {
+            kind: Kind::Landlock,
+            base: base.clone(),
+            abi: Some(abi),
+            user: None,
+            fallback: false,
+        };
+        let as_user = || -> Result<Self, String> {
+            let name = user.unwrap_or(DEFAULT_USER);
+            let user = User::lookup(name)?;
+            if !can_switch_users() {
+                return Err(format!(
+                    "--sandbox user needs root (or the capabilities CAP_SETUID, CAP_SETGID and \
+                     CAP_CHOWN) to run agents and builds as {name}"
+                ));
+            }
+            Ok(Self {
+                kind: Kind::User,
+                base: base.clone(),
+                abi: None,
+                user: Some(user),
+                fallback: false,
+            })
+        };
+        match wanted {
+            Some(Kind::Off) => Ok(Self {
                 kind: Kind::Off,
                 base,
                 abi: None,
-            });
-        }
-        match landlock_abi() {
-            Some(abi) => Ok(Self {
-                kind: Kind::Landlock,
-                base,
-                abi: Some(abi),
+                user: None,
+                fallback: false,
             }),
-            None => Err(
-                "this kernel has no Landlock (Linux 5.13 or later, with landlock in the lsm= \
-                 boot list), so agents and builds cannot be sandboxed; pass --no-sandbox to run \
-                 them unconfined (they can then read this process's credentials and files)"
-                    .to_owned(),
-            ),
+            Some(Kind::Landlock) => landlock_abi().map(landlock).ok_or_else(|| {
+                format!(
+                    "{NO_LANDLOCK}; run agents and builds as a separate user with --sandbox \
+                     user, or unconfined with --no-sandbox"
+                )
+            }),
+            Some(Kind::User) => as_user(),
+            None => match landlock_abi() {
+                Some(abi) => Ok(landlock(abi)),
+                None => as_user()
+                    .map(|s| Self {
+                        fallback: true,
+                        ..s
+                    })
+                    .map_err(|why| {
+                        format!(
+                            "{NO_LANDLOCK} and no separate user can be had ({why}); pass \
+                             --no-sandbox to run agents and builds unconfined (they can then \
+                             read this process's credentials and files)"
+                        )
+                    }),
+            },
         }
     }
 
@@ -340,6 +515,8 @@ impl Sandbox {
             kind: Kind::Off,
             base: Rules::default(),
             abi: None,
+            user: None,
+            fallback: false,
         }
     }
 
@@ -352,12 +529,45 @@ impl Sandbox {
         self.abi
     }
 
+    /// The user agents and builds run as, under [`Kind::User`].
+    pub fn user(&self) -> Option<&User> {
+        self.user.as_ref()
+    }
+
+    /// What the start-up log says of the sandbox (a warning when there is none).
+    pub fn describe(&self) -> String {
+        match (self.kind, &self.user) {
+            (Kind::Landlock, _) => format!(
+                "sandboxed by Landlock (ABI {})",
+                self.abi.unwrap_or_default()
+            ),
+            (Kind::User, Some(u)) => format!(
+                "sandboxed as the user {} (uid {}, gid {}){}",
+                u.name,
+                u.uid,
+                u.gid,
+                if self.fallback {
+                    ": this kernel has no Landlock, so the files' modes are the sandbox"
+                } else {
+                    ""
+                }
+            ),
+            _ => "unconfined".to_owned(),
+        }
+    }
+
     /// The policy of a process that may also reach `own` (its worktree, its temp dir…);
-    /// `None` when there is no sandbox.
+    /// `None` when there is no sandbox. Under a separate user: that user, and the process's
+    /// own trees ([`Rules::own`]) to hand it.
     pub fn policy(&self, own: &Rules) -> Option<Policy> {
-        match self.kind {
-            Kind::Off => None,
-            Kind::Landlock | Kind::User => Some(self.base.merged(own).policy()),
+        match (self.kind, &self.user) {
+            (Kind::Landlock, _) => Some(self.base.merged(own).policy()),
+            (Kind::User, Some(user)) => Some(Policy {
+                rules: Vec::new(),
+                owned: own.own.iter().filter_map(|p| canonical(p)).collect(),
+                user: Some(user.clone()),
+            }),
+            _ => None,
         }
     }
 }
@@ -365,6 +575,10 @@ impl Sandbox {
 /// The Landlock ABI this kernel offers, found by restricting a throwaway thread (the rest of
 /// the process is untouched); `None` where Landlock is missing or disabled.
 pub fn landlock_abi() -> Option<i32> {
+    // The tests' stand-in for a kernel without Landlock.
+    if crate::failpoint::armed("no-landlock") {
+        return None;
+    }
     use landlock::{ABI, Access as _, AccessFs, LandlockStatus, Ruleset, RulesetAttr};
     std::thread::spawn(|| {
         let status = Ruleset::default()
@@ -388,6 +602,30 @@ pub fn landlock_abi() -> Option<i32> {
 }
 
 impl Policy {
+    /// Hands the process's own trees ([`Policy::owned`]) to its separate user, if it has one:
+    /// owner and group, recursively. The walk holds each directory open and never follows a
+    /// link (a link swapped in while it walks is changed itself, not its target), and leaves a
+    /// file with more than one link as it is (a hard link to a file outside the tree).
+    pub fn hand_over(&self) -> Result<(), String> {
+        let Some(user) = &self.user else {
+            return Ok(());
+        };
+        let ids = (
+            rustix::fs::Uid::from_raw(user.uid),
+            rustix::fs::Gid::from_raw(user.gid),
+        );
+        for tree in &self.owned {
+            chown_tree(rustix::fs::CWD, tree.as_path(), ids).map_err(|e| {
+                format!(
+                    "cannot hand {} to the sandbox user {}: {e}",
+                    tree.display(),
+                    user.name
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// Confines the calling thread, and every process it starts from now on, to the policy
     /// (Landlock). Fails unless the kernel enforced it.
     pub fn apply(&self) -> Result<(), String> {
@@ -420,6 +658,45 @@ impl Policy {
             return Err("the kernel did not enforce the Landlock sandbox".to_owned());
         }
         Ok(())
+    }
+}
+
+/// Changes the owner of `name` (in `dir`) and, for a directory, of all beneath it (see
+/// [`Policy::hand_over`]).
+fn chown_tree<P: rustix::path::Arg + Copy>(
+    dir: impl std::os::fd::AsFd,
+    name: P,
+    (uid, gid): (rustix::fs::Uid, rustix::fs::Gid),
+) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    use rustix::io::Errno;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(&dir, name, flags, Mode::empty()) {
+        Ok(sub) => {
+            rustix::fs::fchown(&sub, Some(uid), Some(gid))?;
+            let mut entries = rustix::fs::Dir::read_from(&sub)?;
+            while let Some(entry) = entries.read() {
+                let entry = entry?;
+                let child = entry.file_name();
+                if child == c"." || child == c".." {
+                    continue;
+                }
+                chown_tree(&sub, child, (uid, gid))?;
+            }
+            Ok(())
+        }
+        // Not a directory (a file, a link): itself, never what a link names.
+        Err(Errno::NOTDIR | Errno::LOOP) => {
+            let stat = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            let is_dir = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_dir();
+            if stat.st_nlink > 1 && !is_dir {
+                return Ok(());
+            }
+            rustix::fs::chownat(&dir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
+            Ok(())
+        }
+        Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -535,6 +812,70 @@ mod tests {
             rules.policy().rules.is_empty(),
             "a named path holding a denied one is not granted"
         );
+    }
+
+    #[test]
+    fn users_are_read_from_passwd_lines() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nbox:x:998:997::/nonexistent:/usr/sbin/nologin\nbad:x:y:1::/:/bin/sh\n";
+        assert_eq!(
+            parse_passwd(passwd, "box"),
+            Some(User {
+                name: "box".into(),
+                uid: 998,
+                gid: 997,
+                home: PathBuf::from("/nonexistent"),
+            })
+        );
+        assert_eq!(parse_passwd(passwd, "bo"), None);
+        assert_eq!(parse_passwd(passwd, "bad"), None);
+    }
+
+    #[test]
+    fn handing_a_tree_over_never_follows_a_link_nor_a_hard_linked_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tree();
+        let root = dir.path().canonicalize().expect("canonical");
+        let outside = tempfile::tempdir().expect("dir");
+        std::fs::write(outside.path().join("secret"), "s").expect("write");
+        std::os::unix::fs::symlink(outside.path(), root.join("a/open/link")).expect("link");
+        std::fs::hard_link(outside.path().join("secret"), root.join("a/open/hard"))
+            .expect("hard link");
+        let me = std::fs::metadata(&root).expect("meta");
+        // Handing it to this very user and group exercises the walk without privileges.
+        let policy = Policy {
+            rules: Vec::new(),
+            owned: vec![root.join("a"), root.join("missing")],
+            user: Some(User {
+                name: "me".into(),
+                uid: me.uid(),
+                gid: me.gid(),
+                home: PathBuf::from("/"),
+            }),
+        };
+        policy.hand_over().expect("hand over");
+        // As root, a real handover to another user: the link and the hard link stay as they are.
+        if me.uid() == 0 {
+            let other = Policy {
+                user: Some(User {
+                    name: "nobody".into(),
+                    uid: 65534,
+                    gid: 65534,
+                    home: PathBuf::from("/"),
+                }),
+                ..policy
+            };
+            other.hand_over().expect("hand over");
+            let uid = |p: &Path| std::fs::symlink_metadata(p).expect("meta").uid();
+            assert_eq!(uid(&root.join("a/deep/er")), 65534);
+            assert_eq!(uid(&root.join("a/file")), 65534);
+            assert_eq!(uid(&root.join("a/open/link")), 65534, "the link itself");
+            assert_eq!(uid(outside.path()), 0, "never what a link names");
+            assert_eq!(
+                uid(&outside.path().join("secret")),
+                0,
+                "nor a hard-linked file"
+            );
+        }
     }
 
     #[test]

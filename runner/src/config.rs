@@ -99,8 +99,20 @@ pub struct SandboxArgs {
     /// Run agents and builds unconfined: they can then read and write all this process can
     /// (its credential, the other worktrees, on a server its tokens and database). Without it,
     /// a machine without Landlock is refused.
-    #[arg(long, env = "PIPELINE_NO_SANDBOX", conflicts_with_all = ["sandbox_read", "sandbox_write"])]
+    #[arg(long, env = "PIPELINE_NO_SANDBOX", conflicts_with_all = ["sandbox_read", "sandbox_write", "sandbox"])]
     pub no_sandbox: bool,
+
+    /// The sandbox agents and builds run in: `landlock` (the kernel's), `user` (as the
+    /// separate unprivileged user --sandbox-user, which needs root or CAP_SETUID, CAP_SETGID
+    /// and CAP_CHOWN) or `off` (as --no-sandbox) [default: landlock where the kernel has it,
+    /// else user where this process can switch to it, else refused].
+    #[arg(long, env = "PIPELINE_SANDBOX", value_name = "KIND", value_parser = sandbox_kind)]
+    pub sandbox: Option<pipeline_core::sandbox::Kind>,
+
+    /// The user agents and builds run as under `--sandbox user`: a local unprivileged user
+    /// that owns nothing of this process's [default: pipeline-sandbox].
+    #[arg(long, env = "PIPELINE_SANDBOX_USER", value_name = "NAME")]
+    pub sandbox_user: Option<String>,
 
     /// A directory (or file) agents and builds may read, besides the system's and the
     /// toolchains' (repeat, or separate with colons).
@@ -133,13 +145,14 @@ pub struct SandboxArgs {
 pub const TOKEN_CREDENTIAL: &str = "pipeline-runner-token";
 
 impl SandboxArgs {
-    /// The sandbox agents and builds run in: Landlock, or none with --no-sandbox; refused
-    /// (saying what to do) on a kernel without Landlock. `deny` is kept out besides
+    /// The sandbox agents and builds run in (`--sandbox`, `--no-sandbox`,
+    /// [`Sandbox::choose`](pipeline_core::sandbox::Sandbox::choose)); refused, saying what to
+    /// do, when it cannot be had. `deny` is kept out besides
     /// [`SandboxArgs::deny`]; the base grants are the system's ([`default_rules`]) and the flags'.
     ///
     /// [`default_rules`]: pipeline_core::sandbox::default_rules
     pub fn sandbox(&self, deny: &[PathBuf]) -> Result<pipeline_core::sandbox::Sandbox, String> {
-        use pipeline_core::sandbox::{Sandbox, default_rules};
+        use pipeline_core::sandbox::{Kind, Sandbox, default_rules};
         let path = std::env::var("PATH").unwrap_or_default();
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let mut base = default_rules(&path, home.as_deref());
@@ -160,8 +173,25 @@ impl SandboxArgs {
         if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
             base.deny(PathBuf::from(dir));
         }
-        Sandbox::choose(self.no_sandbox, base)
+        let wanted = if self.no_sandbox {
+            Some(Kind::Off)
+        } else {
+            self.sandbox
+        };
+        if self.sandbox_user.is_some() && matches!(wanted, Some(Kind::Landlock | Kind::Off)) {
+            return Err(format!(
+                "--sandbox-user names the user of --sandbox user, not of --sandbox {}",
+                wanted.map(Kind::as_str).unwrap_or_default()
+            ));
+        }
+        Sandbox::choose(wanted, self.sandbox_user.as_deref(), base)
     }
+}
+
+/// `--sandbox`'s value: `landlock`, `user` or `off`.
+fn sandbox_kind(word: &str) -> Result<pipeline_core::sandbox::Kind, String> {
+    pipeline_core::sandbox::Kind::parse(word)
+        .ok_or_else(|| format!("{word:?} is not a sandbox: landlock, user or off"))
 }
 
 /// How agents run (the same flags on `pipeline-server --local-runners`).

@@ -227,10 +227,10 @@ async fn develop(
     // mirror's objects; nothing else of the work dir (the credential, the other slots). The
     // agent may also write its own files in the home directory.
     let mut own = Rules::default();
-    own.write(&worktree)
-        .write(&slot_tree.admin)
-        .write(slot_tree.objects())
-        .write(&private)
+    own.own(&worktree)
+        .own(&slot_tree.admin)
+        .own(slot_tree.objects())
+        .own(&private)
         .read(&slot_tree.common)
         .read(ctx.mirror.dir().join("objects"));
     let path = std::env::var("PATH").unwrap_or_default();

@@ -7,6 +7,7 @@
 //! runs, the server logs which and stops with an error (exit non-zero), so that systemd or the
 //! operator restarts it (recovery is crash-safe): it never keeps answering while doing nothing.
 
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,6 +124,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             state_dir.display()
         ))
     })?;
+    // Only this process's user enters the state dir; a sandbox user passes through it to the
+    // integration worktree and the local runners' slots, and reaches nothing else of it (see
+    // `seal_state_dir`).
+    let state_mode = if sandbox.user().is_some() {
+        0o711
+    } else {
+        0o700
+    };
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(state_mode)).map_err(
+        |e| {
+            Error::Internal(format!(
+                "cannot set the mode of the state directory {}: {e}",
+                state_dir.display()
+            ))
+        },
+    )?;
     if config.dry_run {
         let store = SqliteStore::open(&db_url).await?;
         let plan = dry_run(&store, &config).await;
@@ -172,11 +189,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             )));
         }
     }
-    match sandbox.abi() {
-        Some(abi) => {
-            tracing::info!(sandbox = %sandbox.kind(), abi, "builds and agents are sandboxed")
+    match sandbox.kind() {
+        pipeline_core::sandbox::Kind::Landlock | pipeline_core::sandbox::Kind::User => {
+            tracing::info!(sandbox = %sandbox.kind(), "builds and agents are {}", sandbox.describe())
         }
-        None => {
+        pipeline_core::sandbox::Kind::Off => {
             tracing::warn!(sandbox = %sandbox.kind(), "builds and agents run unconfined (--no-sandbox): they can read the server's tokens and database")
         }
     }
@@ -188,6 +205,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     claim_repository(&store, &git_dir, &config, &db_url).await?;
     let mut auth =
         crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
+    if let Some(user) = sandbox.user() {
+        seal_state_dir(&state_dir).map_err(Error::Internal)?;
+        user.can_reach(&state_dir.join("integration"))
+            .map_err(Error::FailedPrecondition)?;
+    }
     auth.max_registrations_per_address = config.max_registrations_per_address;
     auth.max_registrations_per_name = config.max_registrations_per_name;
     auth.free_unconnected_after_ms =
@@ -754,6 +776,37 @@ impl StateLock {
 /// programs of the server's verification, which the server sends them. Without one of them
 /// they would give back every task they took and the server would serve with no runner, so
 /// the server does not start (before it creates anything).
+/// Under a separate sandbox user: takes every permission of others off the state dir's
+/// entries (the database and its journals, the tokens, the spool, the TLS files…) but the
+/// directories that user works in (`integration`, `build-tmp`, `runners`, whose own trees
+/// are handed to it run by run).
+fn seal_state_dir(state_dir: &std::path::Path) -> std::result::Result<(), String> {
+    let entries = std::fs::read_dir(state_dir).map_err(|e| {
+        format!(
+            "cannot read the state directory {}: {e}",
+            state_dir.display()
+        )
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if ["integration", "build-tmp", "runners"].contains(&name.to_string_lossy().as_ref()) {
+            continue;
+        }
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode & !0o077))
+                .map_err(|e| format!("cannot set the mode of {}: {e}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn check_local_runners(config: &Config) -> std::result::Result<(), String> {
     use pipeline_runner::preflight;
     let path = std::env::var("PATH").unwrap_or_default();

@@ -65,8 +65,8 @@ impl LocalBuilder {
             ))
         })?;
         let mut own = Rules::default();
-        own.write(&self.dir)
-            .write(&self.tmp)
+        own.own(&self.dir)
+            .own(&self.tmp)
             .read(&worktree.common)
             .deny(worktree.common.join("worktrees"))
             .read(&worktree.admin)

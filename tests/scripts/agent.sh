@@ -24,7 +24,9 @@
 #                     waits like "wait" and then commits late.txt itself; wait like "wait"
 #   hostile           try to read every path in $AGENT_LOG_DIR/targets (one a line), record in
 #                     <task>.stolen what it got (READ path and the content, or DENIED path), and
-#                     commit that record too; hostile-wait: then wait like "wait"
+#                     commit that record too; hostile-wait: then wait like "wait". It also
+#                     tries to create each path in $AGENT_LOG_DIR/write-targets, if there is
+#                     one, and records WROTE path or UNWRITABLE path
 # It logs each prompt and environment under $AGENT_LOG_DIR.
 set -eu
 log=${AGENT_LOG_DIR:?AGENT_LOG_DIR must be set}
@@ -88,6 +90,16 @@ case "$mode" in
                 echo "DENIED $target" >> "$stolen"
             fi
         done < "$log/targets"
+        # Paths it tries to create (one a line, optional).
+        if [ -e "$log/write-targets" ]; then
+            while read -r target; do
+                if (: > "$target") 2>/dev/null; then
+                    echo "WROTE $target" >> "$stolen"
+                else
+                    echo "UNWRITABLE $target" >> "$stolen"
+                fi
+            done < "$log/write-targets"
+        fi
         mkdir -p notes
         cp "$stolen" "notes/$PIPELINE_TASK_ID.stolen"
         mv "$stolen" "$log/$PIPELINE_TASK_ID.stolen"

@@ -472,3 +472,174 @@ fn a_token_given_in_the_environment_leaves_the_runners_environment() {
         Some(2)
     );
 }
+
+/// The unprivileged user the tests run agents as under `--sandbox user`, made when missing;
+/// `None` (the test skipped, saying why) when the tests do not run as root.
+fn sandbox_user() -> Option<&'static str> {
+    const NAME: &str = "pipeline-test-box";
+    let uid = Command::new("id").arg("-u").output().expect("id");
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        eprintln!("skipped: --sandbox user needs the tests to run as root");
+        return None;
+    }
+    let exists = || {
+        Command::new("id")
+            .arg(NAME)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !exists() {
+        // Another test may make it at the same moment: then it exists all the same.
+        let _ = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .status();
+    }
+    assert!(exists(), "cannot create the sandbox user {NAME} (useradd)");
+    Some(NAME)
+}
+
+/// Lets every user pass through `dir` (not list it), and write `writable`.
+fn open_to_others(dir: &Path, writable: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    std::fs::set_permissions(writable, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+}
+
+#[test]
+fn a_hostile_agent_run_as_a_separate_user_reaches_none_of_the_runners_secrets() {
+    let Some(user) = sandbox_user() else {
+        return;
+    };
+    let repo = TestRepo::new();
+    open_to_others(repo.dir.path(), &repo.agent_log());
+    let server = Server::start(&repo, &[]);
+    let token = repo.registration_token();
+    let token_file = repo.dir.path().join("runner.token");
+    std::fs::write(&token_file, &token).expect("token file");
+    let work = repo.dir.path().join("runners/r");
+    let start = |token_file: &Path| {
+        let mut cmd = repo.command("pipeline-runner");
+        cmd.args(["--server", &server.url, "--name", "r", "--slots", "1"])
+            .arg("--work-dir")
+            .arg(&work)
+            .arg("--token-file")
+            .arg(token_file)
+            .args(["--sandbox", "user", "--sandbox-user", user])
+            .args(["--kill-grace", "2", "--env-allow", "AGENT_LOG_DIR"])
+            .args(as_strs(&agent_args(&["--no-verify"])))
+            .env("RUST_LOG", "info")
+            .env("PATH", scripts_path())
+            .env("AGENT_LOG_DIR", repo.agent_log())
+            .env_remove("PIPELINE_TOKEN")
+            .env_remove("PIPELINE_SERVER");
+        cmd
+    };
+    // A token file the sandbox user could read is refused, saying what to do.
+    let out = run(&mut start(&token_file));
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("chmod 600"), "{}", out.stderr);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let runner = Proc::spawn(&mut start(&token_file));
+    runner
+        .wait_for_line("registered")
+        .unwrap_or_else(|log| panic!("the runner did not register:\n{log}"));
+    let credential = read_trimmed(&work.join("credential"));
+    let state = repo.state_dir();
+    let paths = [
+        work.join("credential"),
+        token_file.clone(),
+        state.join("admin.token"),
+        state.join("runner-registration.token"),
+        state.join("pipeline.db"),
+        PathBuf::from(format!("/proc/{}/environ", runner.pid())),
+        PathBuf::from(format!("/proc/{}/mem", runner.pid())),
+    ];
+    targets(&repo, &paths);
+    let writes = [
+        work.join("evil"),
+        work.join("mirror/evil"),
+        state.join("evil"),
+        repo.repo().join("evil"),
+        scripts_dir().join("evil"),
+    ];
+    let text: String = writes
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    std::fs::write(repo.agent_log().join("write-targets"), text).expect("write-targets");
+    let secrets = vec![credential, token, repo.admin_token()];
+    let id = server.add(&["--title", "hostile", "--description", "MODE: hostile"]);
+    server.wait_status(&id, "done");
+    let stolen = all_denied(&repo, &format!("{id}.stolen"), &paths, &secrets);
+    for path in &writes {
+        assert!(
+            stolen.contains(&format!("UNWRITABLE {}\n", path.display())),
+            "{} was written:\n{stolen}",
+            path.display()
+        );
+        assert!(!path.exists(), "{} exists", path.display());
+    }
+    base_keeps_none_of(&repo, &secrets);
+    // The agent ran as the sandbox user (its files in the agent log are that user's).
+    let pid_owner = Command::new("stat")
+        .args(["-c", "%U"])
+        .arg(repo.agent_log().join(format!("{id}.stolen")))
+        .output()
+        .expect("stat");
+    assert_eq!(String::from_utf8_lossy(&pid_owner.stdout).trim(), user);
+    // A normal task still lands, and the runner says which sandbox it uses.
+    let normal = server.add(&["--title", "normal"]);
+    server.wait_status(&normal, "done");
+    let runners = server.ctl(&["runners", "--json"]).json();
+    assert_eq!(runners[0]["sandbox"], "user", "{runners}");
+}
+
+#[test]
+fn without_landlock_a_runner_falls_back_to_a_separate_user_or_refuses() {
+    let Some(user) = sandbox_user() else {
+        return;
+    };
+    let repo = TestRepo::new();
+    open_to_others(repo.dir.path(), &repo.agent_log());
+    let server = Server::start(&repo, &[]);
+    let args = agent_args(&["--no-verify"]);
+    // No user to fall back to: refused, saying both ways out.
+    let out = run(Runner::command(
+        &repo,
+        &server.url,
+        "r",
+        &[
+            &as_strs(&args)[..],
+            &["--sandbox-user", "no-such-user-here"],
+        ]
+        .concat(),
+    )
+    .env("PIPELINE_FAILPOINT", "no-landlock"));
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("no Landlock"), "{}", out.stderr);
+    assert!(out.stderr.contains("useradd"), "{}", out.stderr);
+    assert!(out.stderr.contains("--no-sandbox"), "{}", out.stderr);
+    // With one, agents run as it, and the runner says so.
+    let mut cmd = Runner::command(
+        &repo,
+        &server.url,
+        "r",
+        &[&as_strs(&args)[..], &["--sandbox-user", user]].concat(),
+    );
+    cmd.env("PIPELINE_FAILPOINT", "no-landlock");
+    let runner = Proc::spawn(&mut cmd);
+    runner
+        .wait_for_line("registered")
+        .unwrap_or_else(|log| panic!("the runner did not register:\n{log}"));
+    let id = server.add(&["--title", "t"]);
+    server.wait_status(&id, "done");
+    let runners = server.ctl(&["runners", "--json"]).json();
+    assert_eq!(runners[0]["sandbox"], "user", "{runners}");
+}

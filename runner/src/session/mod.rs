@@ -42,6 +42,7 @@ use anyhow::Context;
 use pipeline_core::clock::now_ms;
 use pipeline_core::ids::{LeaseRef, RunnerId};
 use pipeline_core::lock::{FileLock, LockError};
+use pipeline_core::sandbox::Kind;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Interval};
@@ -147,12 +148,35 @@ pub async fn run(
     let mut deny = vec![work_dir.clone()];
     deny.extend(config.credential_files());
     let sandbox = config.sandbox.sandbox(&deny).map_err(anyhow::Error::msg)?;
-    match sandbox.abi() {
-        Some(abi) => {
-            tracing::info!(sandbox = %sandbox.kind(), abi, "agents and builds are sandboxed")
+    match sandbox.kind() {
+        Kind::Landlock | Kind::User => {
+            tracing::info!(sandbox = %sandbox.kind(), "agents and builds are {}", sandbox.describe())
         }
-        None => {
+        Kind::Off => {
             tracing::warn!(sandbox = %sandbox.kind(), "agents and builds run unconfined (--no-sandbox): they can read this runner's credential and the other worktrees")
+        }
+    }
+    if let Some(user) = sandbox.user() {
+        use std::os::unix::fs::PermissionsExt;
+        // The sandbox user passes through the work dir to its slots (each run's own trees are
+        // handed to it), and lists and reads nothing else of it: the credential is 0600.
+        std::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("cannot set the mode of {}", work_dir.display()))?;
+        user.can_reach(&work_dir).map_err(anyhow::Error::msg)?;
+        for file in config.credential_files() {
+            let mode = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                anyhow::bail!(
+                    "the token file {} is readable by other users (mode {:o}): chmod 600 it, \
+                     or the sandbox user {} can read it",
+                    file.display(),
+                    mode & 0o777,
+                    user.name
+                );
+            }
         }
     }
     // What a crash of this runner left running (agents, builds) is stopped before new work.
