@@ -194,6 +194,20 @@ fn guard(program: OsString, args: Vec<OsString>) -> ExitCode {
             .env("HOME", &user.home)
             .env("USER", &user.name)
             .env("LOGNAME", &user.name);
+        // Git refuses a worktree whose git directory another user owns (the server's
+        // integration worktree: its git directory stays the server's, read-only); the run's
+        // own trees are safe for the run's own git (the command scope, which git honours).
+        let mut n: usize = std::env::var("GIT_CONFIG_COUNT")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        for dir in &policy.owned {
+            command
+                .env(format!("GIT_CONFIG_KEY_{n}"), "safe.directory")
+                .env(format!("GIT_CONFIG_VALUE_{n}"), dir);
+            n += 1;
+        }
+        command.env("GIT_CONFIG_COUNT", n.to_string());
     }
     // Landlock is applied by a thread of its own, which then starts the program (which
     // inherits it) and ends: the guard itself stays outside the sandbox, free to find and kill

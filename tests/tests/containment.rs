@@ -643,3 +643,45 @@ fn without_landlock_a_runner_falls_back_to_a_separate_user_or_refuses() {
     let runners = server.ctl(&["runners", "--json"]).json();
     assert_eq!(runners[0]["sandbox"], "user", "{runners}");
 }
+
+#[test]
+fn a_hostile_agent_and_build_run_as_a_separate_user_on_the_servers_host_reach_none_of_its_secrets()
+{
+    let Some(user) = sandbox_user() else {
+        return;
+    };
+    let repo = TestRepo::new();
+    open_to_others(repo.dir.path(), &repo.agent_log());
+    let build = format!("sh {}", scripts_dir().join("hostile-build.sh").display());
+    let mut args = vec!["--local-runners".to_owned(), "1".to_owned()];
+    args.extend(agent_args(&["--build-cmd", &build]));
+    args.extend(["--sandbox", "user", "--sandbox-user", user].map(String::from));
+    let server = Server::start(&repo, &as_strs(&args));
+    let state = repo.state_dir();
+    let paths = [
+        state.join("admin.token"),
+        state.join("runner-registration.token"),
+        state.join("pipeline.db"),
+        state.join("runners/local-1/credential"),
+        PathBuf::from(format!("/proc/{}/environ", server.pid())),
+    ];
+    targets(&repo, &paths);
+    let secrets = vec![repo.admin_token(), repo.registration_token()];
+    let id = server.add(&["--title", "hostile", "--description", "MODE: hostile-wait"]);
+    all_denied(&repo, &format!("{id}.stolen"), &paths, &secrets);
+    // The base moves meanwhile, so the server builds what it lands, in its own worktree.
+    repo.push_to_main("person.txt", "a person's change");
+    repo.release_agents();
+    let task = server.wait_status(&id, "done");
+    let built = all_denied(&repo, "build-server.stolen", &paths, &secrets);
+    assert!(built.contains("legit build ok"), "{built}");
+    assert!(
+        runs(&task)
+            .iter()
+            .any(|r| r["phase"] == "integrate" && r["status"] == "success"),
+        "the server built and landed it"
+    );
+    base_keeps_none_of(&repo, &secrets);
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["sandbox"], "user");
+}
