@@ -1,0 +1,660 @@
+//! Tasks: created (one or a batch), read, listed, edited, paused, given dependencies.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{FromRow, Sqlite, SqliteConnection};
+
+use super::SqliteStore;
+use super::events::insert_event;
+use super::graph::{Unwritten, is_ancestor_task, refresh_deps_pending, waits_for};
+use super::meta::IdCounter;
+use super::rows::{
+    DEPS_COLUMN, LIST_COLUMNS, ListRow, ROWS_PER_STATEMENT, TASK_COLUMNS, TaskRow, candidates,
+    join_requires, keyset_page, load_task, pairs_of, require_existing, stored_id, stored_status,
+    task_exists,
+};
+use crate::domain::{
+    Children, Millis, NewTask, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskState,
+    TaskStatus,
+};
+use crate::error::{Error, Result};
+use crate::store::{NewEvent, TaskFilter};
+use pipeline_core::ids::MAX_GENERATED;
+
+/// The statuses of the tasks among `ids` that exist, by ID (one statement a thousand IDs).
+pub(super) async fn existing_statuses(
+    conn: &mut SqliteConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, String>> {
+    pairs_of(conn, "SELECT id, status FROM tasks WHERE id IN (", ids).await
+}
+
+/// Why each of `ids` that is paused is.
+pub(super) async fn paused_of(
+    conn: &mut SqliteConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, String>> {
+    pairs_of(
+        conn,
+        "SELECT id, paused FROM tasks WHERE paused IS NOT NULL AND id IN (",
+        ids,
+    )
+    .await
+}
+
+/// Inserts tasks in state Open, in order, each with its history's first entry; returns them
+/// (built from what was written, without reading the rows back). The outcome is that of
+/// inserting them one at a time (a task may name one earlier in the list; the first that
+/// cannot be created fails the whole call, its error `in_batch` when `batch`), but the
+/// statements are per list, not per task: one read of every row the list names, then
+/// multi-row inserts of the tasks, their dependencies and their history.
+pub(super) async fn insert_tasks(
+    tx: &mut SqliteConnection,
+    new: Vec<NewTask>,
+    now: Millis,
+    batch: bool,
+) -> Result<Vec<(Task, TaskEvent)>> {
+    let fail = |i: usize, e: Error| if batch { e.in_batch(i) } else { e };
+    // Every task the list names (chosen IDs, parents, dependencies), as the database has them.
+    let mut named: Vec<&str> = Vec::new();
+    for t in &new {
+        named.extend(
+            t.id.iter()
+                .chain(&t.parent)
+                .chain(&t.depends_on)
+                .map(|i| i.as_str()),
+        );
+    }
+    named.sort_unstable();
+    named.dedup();
+    let stored = existing_statuses(&mut *tx, &named).await?;
+    drop(named);
+    // A child of a paused task (an epic) is created paused with it.
+    let mut parents: Vec<&str> = new
+        .iter()
+        .filter_map(|t| t.parent.as_ref().map(TaskId::as_str))
+        .collect();
+    parents.sort_unstable();
+    parents.dedup();
+    let paused_parents = paused_of(&mut *tx, &parents).await?;
+    drop(parents);
+    // Which generated IDs the database holds, read ahead a range at a time.
+    let mut ids = IdCounter::new();
+    let generated = new.iter().filter(|t| t.id.is_none()).count();
+    let (mut next, mut read_until) = (ids.peek(&mut *tx).await?, 0);
+    let mut taken_numbers: HashSet<String> = HashSet::new();
+    // The IDs of the list so far: what a later task may name, and may not take.
+    let mut listed: HashSet<TaskId> = HashSet::with_capacity(new.len());
+    // Their edges, for the cycle check of the later ones.
+    let mut unwritten = Unwritten::default();
+    let mut left = generated;
+    let mut rows = Vec::with_capacity(new.len());
+    for (i, task) in new.into_iter().enumerate() {
+        let id = match task.id.clone() {
+            Some(id) => {
+                if stored.contains_key(id.as_str()) || listed.contains(&id) {
+                    return Err(fail(
+                        i,
+                        Error::AlreadyExists(format!(
+                            "task {id} already exists; pick another --id or leave it out"
+                        )),
+                    ));
+                }
+                id
+            }
+            None => loop {
+                if next > MAX_GENERATED {
+                    return Err(fail(i, crate::store::ids_exhausted()));
+                }
+                if next >= read_until {
+                    let ahead = (left as u64 + 16)
+                        .min(ROWS_PER_STATEMENT as u64)
+                        .min(MAX_GENERATED - next + 1);
+                    let candidates: Vec<TaskId> =
+                        (next..next + ahead).map(TaskId::generated).collect();
+                    let candidates: Vec<&str> = candidates.iter().map(|c| c.as_str()).collect();
+                    taken_numbers
+                        .extend(existing_statuses(&mut *tx, &candidates).await?.into_keys());
+                    read_until = next + ahead;
+                }
+                let id = TaskId::generated(next);
+                next += 1;
+                if !taken_numbers.contains(id.as_str()) && !listed.contains(&id) {
+                    left -= 1;
+                    ids.next = Some(next);
+                    ids.changed = true;
+                    break id;
+                }
+            },
+        };
+        let exists = |t: &TaskId| stored.contains_key(t.as_str()) || listed.contains(t);
+        if let Some(parent) = task.parent.as_ref().filter(|p| !exists(p)) {
+            return Err(fail(
+                i,
+                Error::NotFound(format!(
+                    "parent task {parent} does not exist; create it first"
+                )),
+            ));
+        }
+        if let Some(dep) = task.depends_on.iter().find(|d| !exists(d)) {
+            return Err(fail(
+                i,
+                Error::NotFound(format!("dependency {dep} does not exist; create it first")),
+            ));
+        }
+        // The new task's only waiter is its epic: a dependency that waits for the epic would
+        // wait for the task itself.
+        if let Some(parent) = &task.parent {
+            for dep in &task.depends_on {
+                if waits_for(&mut *tx, dep, parent, &unwritten).await? {
+                    return Err(fail(i, crate::store::cycle_refusal(&id, dep)));
+                }
+            }
+            unwritten
+                .children
+                .entry(parent.clone())
+                .or_default()
+                .push(id.clone());
+        }
+        unwritten.deps.insert(id.clone(), task.depends_on.clone());
+        // A dependency earlier in the list is Open: not done.
+        let deps_pending = task
+            .depends_on
+            .iter()
+            .filter(|d| {
+                stored
+                    .get(d.as_str())
+                    .is_none_or(|s| s != TaskStatus::Done.as_str())
+            })
+            .count();
+        listed.insert(id.clone());
+        rows.push((id, task, u32::try_from(deps_pending).unwrap_or(u32::MAX)));
+    }
+
+    let mut seqs: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
+             deps_pending, created_at, updated_at, requires, max_cost_cents, paused, \
+             approval_required, epic) ",
+        );
+        q.push_values(chunk, |mut row, (id, t, pending)| {
+            row.push_bind(id.as_str())
+                .push_bind(&t.title)
+                .push_bind(&t.description)
+                .push_bind(&t.namespace)
+                .push_bind(i64::from(t.priority))
+                .push_bind(t.parent.as_ref().map(TaskId::as_str))
+                .push_bind(TaskStatus::Open.as_str())
+                .push_bind(i64::from(*pending))
+                .push_bind(now)
+                .push_bind(now)
+                .push_bind(join_requires(&t.requires))
+                .push_bind(t.max_cost_cents)
+                .push_bind(
+                    t.parent
+                        .as_ref()
+                        .and_then(|p| paused_parents.get(p.as_str()))
+                        .cloned(),
+                )
+                .push_bind(i64::from(t.approval))
+                .push_bind(i64::from(t.epic));
+        });
+        q.push(" RETURNING id, seq");
+        let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        seqs.extend(written);
+    }
+    let edges: Vec<(&TaskId, &TaskId)> = rows
+        .iter()
+        .flat_map(|(id, t, _)| t.depends_on.iter().map(move |d| (id, d)))
+        .collect();
+    for chunk in edges.chunks(ROWS_PER_STATEMENT) {
+        let mut q =
+            sqlx::QueryBuilder::<Sqlite>::new("INSERT INTO task_deps (task_id, depends_on) ");
+        q.push_values(chunk, |mut row, (id, dep)| {
+            row.push_bind(id.as_str()).push_bind(dep.as_str());
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    let messages: Vec<String> = rows
+        .iter()
+        .map(|(_, t, _)| format!("created with priority {}", t.priority))
+        .collect();
+    let mut event_ids: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+    for (chunk, texts) in rows
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(messages.chunks(ROWS_PER_STATEMENT))
+    {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO task_events (task_id, at, kind, from_status, to_status, message) ",
+        );
+        q.push_values(chunk.iter().zip(texts), |mut row, ((id, _, _), text)| {
+            row.push_bind(id.as_str())
+                .push_bind(now)
+                .push_bind("created")
+                .push_bind(None::<&str>)
+                .push_bind(TaskStatus::Open.as_str())
+                .push_bind(text.as_str());
+        });
+        q.push(" RETURNING task_id, id");
+        let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        event_ids.extend(written);
+    }
+    ids.store(&mut *tx).await?;
+
+    // A task of the list with children later in it is an epic from the start.
+    let mut children: HashMap<TaskId, u32> = HashMap::new();
+    for (_, t, _) in &rows {
+        if let Some(parent) = &t.parent {
+            *children.entry(parent.clone()).or_default() += 1;
+        }
+    }
+    let mut created = Vec::with_capacity(rows.len());
+    for ((id, mut new, deps_pending), message) in rows.into_iter().zip(messages) {
+        let (Some(&seq), Some(&event_id)) = (seqs.get(id.as_str()), event_ids.get(id.as_str()))
+        else {
+            return Err(Error::Internal(format!(
+                "task {id} was inserted without its row or its history"
+            )));
+        };
+        let task = Task {
+            id: id.clone(),
+            seq,
+            title: new.title,
+            description: new.description,
+            namespace: new.namespace,
+            priority: new.priority,
+            paused: new
+                .parent
+                .as_ref()
+                .and_then(|p| paused_parents.get(p.as_str()))
+                .cloned(),
+            parent: new.parent,
+            depends_on: {
+                new.depends_on.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                new.depends_on
+            },
+            requires: new.requires,
+            deps_pending,
+            children: Children {
+                total: children.get(&id).copied().unwrap_or(0),
+                declared: new.epic,
+                ..Children::default()
+            },
+            state: TaskState {
+                max_cost_cents: new.max_cost_cents,
+                approval_required: new.approval,
+                ..TaskState::new()
+            },
+            lease: None,
+            lease_epoch: 0,
+            patch_commit: None,
+            avoid_runner: None,
+            verified_tree: None,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+        let event = TaskEvent {
+            id: event_id,
+            task_id: id,
+            at: now,
+            kind: "created".to_owned(),
+            from: None,
+            to: TaskStatus::Open,
+            message,
+        };
+        created.push((task, event));
+    }
+    Ok(created)
+}
+
+pub(super) async fn insert_dependencies(
+    tx: &mut SqliteConnection,
+    id: &TaskId,
+    deps: &[TaskId],
+    event: &NewEvent,
+    now: Millis,
+) -> Result<Task> {
+    let task = load_task(&mut *tx, id.as_str())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
+    require_existing(&mut *tx, deps, "dependency").await?;
+    let mut added = 0;
+    for dep in deps {
+        if task.depends_on.contains(dep) {
+            continue;
+        }
+        // A cycle closes if `dep` waits for `id` (or is `id`); an epic depending on one of
+        // its own descendants is refused too (it waits for them as their epic already).
+        if waits_for(&mut *tx, dep, id, &Unwritten::default()).await? {
+            return Err(crate::store::cycle_refusal(id, dep));
+        }
+        if is_ancestor_task(&mut *tx, id, dep).await? {
+            return Err(crate::store::descendant_refusal(id, dep));
+        }
+        let inserted =
+            sqlx::query("INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?, ?)")
+                .bind(id.as_str())
+                .bind(dep.as_str())
+                .execute(&mut *tx)
+                .await?;
+        added += inserted.rows_affected();
+    }
+    if added > 0 {
+        refresh_deps_pending(&mut *tx, id).await?;
+        insert_event(
+            &mut *tx,
+            id,
+            now,
+            &event.kind,
+            Some(event.from),
+            event.to,
+            &event.message,
+        )
+        .await?;
+        sqlx::query("UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+    }
+    load_task(&mut *tx, id.as_str())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))
+}
+
+pub(super) async fn create_task(store: &SqliteStore, new: NewTask, now: Millis) -> Result<Task> {
+    let mut tx = store.write().await?;
+    let result = insert_tasks(&mut tx, vec![new], now, false)
+        .await
+        .and_then(|mut created| {
+            created
+                .pop()
+                .map(|(task, _)| task)
+                .ok_or_else(|| Error::Internal("a task was not created".to_owned()))
+        });
+    tx.finish(result).await
+}
+
+pub(super) async fn get_task(store: &SqliteStore, id: &TaskId) -> Result<Option<Task>> {
+    let mut conn = store.pool.acquire().await?;
+    load_task(&mut conn, id.as_str()).await
+}
+
+pub(super) async fn list_tasks(
+    store: &SqliteStore,
+    filter: &TaskFilter,
+    after: Option<(u8, i64)>,
+    limit: u32,
+) -> Result<Vec<Task>> {
+    // One statement per filter shape, each an index range (tasks_by_status or
+    // tasks_by_order) from the last key of the previous page: a page costs the same on the
+    // millionth task as on the first. Descriptions stay behind; dependencies come along.
+    let (priority, seq) = after.map_or((-1, -1), |(p, s)| (i64::from(p), s));
+    let columns = format!("{LIST_COLUMNS}, {DEPS_COLUMN}");
+    // The status is written into the statement, not bound: SQLite re-prepares a statement
+    // whenever a parameter it compared with a partial index's WHERE (tasks_backoff's
+    // `status = 'open'`) is bound again, which cost a ~0.3 ms re-parse on every page.
+    // With a parent, the range is tasks_by_parent's (the parent bound as ?4).
+    let mut shape = vec![match filter.status {
+        Some(status) => format!("status = '{}'", status.as_str()),
+        None => "1".to_owned(),
+    }];
+    if filter.parent.is_some() {
+        shape.push("parent = ?4".to_owned());
+    }
+    let statement = keyset_page(&columns, &shape.join(" AND "));
+    let mut query = sqlx::query(&statement)
+        .bind(priority)
+        .bind(seq)
+        .bind(i64::from(limit));
+    if let Some(parent) = &filter.parent {
+        query = query.bind(parent.as_str());
+    }
+    let rows = query.fetch_all(&store.pool).await?;
+    rows.iter()
+        .map(|row| ListRow::from_row(row)?.into_task())
+        .collect()
+}
+
+pub(super) async fn create_tasks(
+    store: &SqliteStore,
+    new: Vec<NewTask>,
+    now: Millis,
+) -> Result<Vec<(Task, TaskEvent)>> {
+    let mut tx = store.write().await?;
+    let result = insert_tasks(&mut tx, new, now, true).await;
+    tx.finish(result).await
+}
+
+pub(super) async fn set_paused(
+    store: &SqliteStore,
+    id: &TaskId,
+    paused: Option<&str>,
+    message: &str,
+    now: Millis,
+) -> Result<u32> {
+    let mut tx = store.write().await?;
+    let result = async {
+        let kind = if paused.is_some() {
+            "paused"
+        } else {
+            "resumed"
+        };
+        // The history first, while the rows still say what changes (those already in the
+        // state asked for are left alone).
+        sqlx::query(
+            "INSERT INTO task_events (task_id, at, kind, from_status, to_status, message) \
+             SELECT id, ?2, ?3, status, status, ?4 FROM tasks \
+             WHERE (id = ?1 OR parent = ?1) AND (paused IS NULL) = (?5 IS NOT NULL)",
+        )
+        .bind(id.as_str())
+        .bind(now)
+        .bind(kind)
+        .bind(message)
+        .bind(paused)
+        .execute(&mut *tx)
+        .await?;
+        let changed = sqlx::query(
+            "UPDATE tasks SET paused = ?2, version = version + 1, updated_at = ?3 \
+             WHERE (id = ?1 OR parent = ?1) AND (paused IS NULL) = (?2 IS NOT NULL)",
+        )
+        .bind(id.as_str())
+        .bind(paused)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        Ok(u32::try_from(changed.rows_affected()).unwrap_or(u32::MAX))
+    }
+    .await;
+    tx.finish(result).await
+}
+
+pub(super) async fn edit_task(
+    store: &SqliteStore,
+    id: &TaskId,
+    version: i64,
+    edit: &TaskEdit,
+    event: NewEvent,
+    now: Millis,
+) -> Result<Task> {
+    let mut tx = store.write().await?;
+    let result = async {
+        let changed = sqlx::query(
+            "UPDATE tasks SET title = coalesce(?1, title), \
+               description = coalesce(?2, description), \
+               namespace = CASE WHEN ?3 THEN ?4 ELSE namespace END, \
+               priority = coalesce(?5, priority), \
+               version = version + 1, updated_at = ?6, \
+               requires = coalesce(?9, requires), \
+               max_cost_cents = CASE WHEN ?11 THEN ?10 ELSE max_cost_cents END \
+             WHERE id = ?7 AND version = ?8",
+        )
+        .bind(edit.title.as_deref())
+        .bind(edit.description.as_deref())
+        .bind(edit.namespace.is_some())
+        .bind(edit.namespace.clone().flatten())
+        .bind(edit.priority.map(i64::from))
+        .bind(now)
+        .bind(id.as_str())
+        .bind(version)
+        .bind(edit.requires.as_deref().map(join_requires))
+        .bind(edit.max_cost_cents.flatten())
+        .bind(edit.max_cost_cents.is_some())
+        .execute(&mut *tx)
+        .await?;
+        if changed.rows_affected() == 0 {
+            return Err(if task_exists(&mut tx, id.as_str()).await? {
+                Error::Conflict(format!("task {id} changed while it was being edited"))
+            } else {
+                Error::NotFound(format!("task {id} does not exist"))
+            });
+        }
+        insert_event(
+            &mut tx,
+            id,
+            now,
+            &event.kind,
+            Some(event.from),
+            event.to,
+            &event.message,
+        )
+        .await?;
+        load_task(&mut tx, id.as_str())
+            .await?
+            .ok_or_else(|| Error::Internal(format!("task {id} vanished while edited")))
+    }
+    .await;
+    tx.finish(result).await
+}
+
+pub(super) async fn add_dependencies(
+    store: &SqliteStore,
+    id: &TaskId,
+    deps: &[TaskId],
+    event: NewEvent,
+    now: Millis,
+) -> Result<Task> {
+    let mut tx = store.write().await?;
+    let result = insert_dependencies(&mut tx, id, deps, &event, now).await;
+    tx.finish(result).await
+}
+
+pub(super) async fn lease_candidates(
+    store: &SqliteStore,
+    now: Millis,
+    after: Option<(u8, i64)>,
+    limit: u32,
+) -> Result<Vec<Task>> {
+    // An index range (tasks_ready, which leaves paused tasks and epics out): no blocked,
+    // paused or epic task is read. Their dependencies come in the same statement, joined by a separator
+    // no ID holds.
+    let (priority, seq) = after.map_or((-1, -1), |(p, s)| (i64::from(p), s));
+    let rows = sqlx::query(&keyset_page(
+        &format!("{TASK_COLUMNS}, {DEPS_COLUMN}"),
+        "status = 'open' AND deps_pending = 0 AND paused IS NULL AND children = 0 \
+         AND epic = 0 AND (backoff_until IS NULL OR backoff_until <= ?4)",
+    ))
+    .bind(priority)
+    .bind(seq)
+    .bind(i64::from(limit))
+    .bind(now)
+    .fetch_all(&store.pool)
+    .await?;
+    candidates(rows)
+}
+
+pub(super) async fn verified(store: &SqliteStore) -> Result<Vec<Task>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {TASK_COLUMNS}, {DEPS_COLUMN} \
+         FROM tasks t WHERE status = 'verified' ORDER BY priority, seq"
+    ))
+    .fetch_all(&store.pool)
+    .await?;
+    candidates(rows)
+}
+
+pub(super) async fn finished_epics(store: &SqliteStore) -> Result<Vec<TaskId>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM tasks INDEXED BY tasks_epics \
+         WHERE children > 0 AND status IN ('open', 'needs_help') AND children_done > 0 \
+         AND children_done + children_cancelled = children ORDER BY seq",
+    )
+    .fetch_all(&store.pool)
+    .await?;
+    ids.iter().map(|id| stored_id(id)).collect()
+}
+
+pub(super) async fn unfinished(store: &SqliteStore) -> Result<Vec<Task>> {
+    let mut conn = store.pool.acquire().await?;
+    let rows: Vec<TaskRow> = sqlx::query_as(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE status IN \
+         ('open', 'in_progress', 'verified', 'needs_help') ORDER BY priority, seq"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut tasks = Vec::with_capacity(rows.len());
+    for row in rows {
+        let deps: Vec<String> = sqlx::query_scalar(
+            "SELECT depends_on FROM task_deps WHERE task_id = ? ORDER BY depends_on",
+        )
+        .bind(&row.id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let deps = deps.iter().map(|d| stored_id(d)).collect::<Result<_>>()?;
+        tasks.push(row.into_task(deps)?);
+    }
+    Ok(tasks)
+}
+
+pub(super) async fn next_backoff_end(store: &SqliteStore, now: Millis) -> Result<Option<Millis>> {
+    // The partial index of open tasks in back-off, named so that the planner never picks
+    // the status index and scans every open task instead.
+    Ok(sqlx::query_scalar(
+        "SELECT backoff_until FROM tasks INDEXED BY tasks_backoff \
+         WHERE status = 'open' AND backoff_until > ? ORDER BY backoff_until LIMIT 1",
+    )
+    .bind(now)
+    .fetch_optional(&store.pool)
+    .await?)
+}
+
+pub(super) async fn status_counts(store: &SqliteStore) -> Result<StatusCounts> {
+    let mut conn = store.pool.acquire().await?;
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut counts = StatusCounts::default();
+    for (status, n) in rows {
+        counts.add(stored_status(&status)?, n.unsigned_abs());
+    }
+    let active: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE status = 'running' AND phase = 'dev'")
+            .fetch_one(&mut *conn)
+            .await?;
+    counts.active_dev_runs = active.unsigned_abs();
+    Ok(counts)
+}
+
+pub(super) async fn statuses(
+    store: &SqliteStore,
+    ids: &[TaskId],
+) -> Result<Vec<(TaskId, TaskStatus)>> {
+    let mut out = Vec::with_capacity(ids.len());
+    // One parameter a task: well under SQLite's limit of 32,766 a statement.
+    for chunk in ids.chunks(10_000) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new("SELECT id, status FROM tasks WHERE id IN (");
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(id.as_str());
+        }
+        q.push(")");
+        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&store.pool).await?;
+        for (id, status) in rows {
+            out.push((stored_id(&id)?, stored_status(&status)?));
+        }
+    }
+    Ok(out)
+}
