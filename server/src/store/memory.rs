@@ -4,15 +4,18 @@
 //! one mutex and forgets it all when dropped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
+use super::plan::{self, Creation};
 use super::{
     Committed, EndSessions, Journal, NewEvent, NewRun, RunEnd, SessionRecord, Store, TaskFilter,
     TaskWrite, TrainEnd, TrainStat, UsageBucket,
 };
 use crate::domain::{
-    Children, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit,
-    TaskEvent, TaskId, TaskState, TaskStatus,
+    LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit, TaskEvent,
+    TaskId, TaskStatus,
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::CommitId;
@@ -176,33 +179,6 @@ impl Tables {
         false
     }
 
-    /// Whether `from` waits for `to`: through dependencies, and an epic through its children.
-    fn reaches(&self, from: &TaskId, to: &TaskId) -> bool {
-        let mut stack = vec![from.clone()];
-        let mut seen = std::collections::HashSet::new();
-        while let Some(at) = stack.pop() {
-            if at == *to {
-                return true;
-            }
-            if seen.insert(at.clone()) {
-                stack.extend(
-                    self.deps
-                        .iter()
-                        .filter(|(t, _)| *t == at)
-                        .map(|(_, d)| d.clone()),
-                );
-                // An epic waits for its children.
-                stack.extend(
-                    self.tasks
-                        .values()
-                        .filter(|t| t.parent.as_ref() == Some(&at))
-                        .map(|t| t.id.clone()),
-                );
-            }
-        }
-        false
-    }
-
     fn write(&mut self, w: &TaskWrite) -> Result<Committed> {
         let Some(current) = self.tasks.get(&w.task_id) else {
             return Err(Error::NotFound(format!(
@@ -299,139 +275,118 @@ impl Tables {
 }
 
 impl Tables {
-    /// What the SQLite store's triggers do: the parent's children figures follow a child that
-    /// was created (`before` none) or changed, and its version moves.
+    /// What the SQLite store's triggers do ([`plan::child_moved`]): the parent's children
+    /// figures follow a child that was created (`before` none) or changed, and its version
+    /// moves with them.
     fn child_moved(&mut self, parent: &TaskId, before: Option<&Task>, after: &Task) {
-        let Some(p) = self.tasks.get_mut(parent) else {
-            return;
-        };
-        let is =
-            |t: Option<&Task>, s: TaskStatus| u32::from(t.is_some_and(|t| t.state.status == s));
-        let cost = |t: Option<&Task>| t.map_or(0.0, |t| t.state.cost_cents);
-        if before.is_some()
-            && before.map(|b| (b.state.status, b.state.cost_cents))
-                == Some((after.state.status, after.state.cost_cents))
+        if let Some(p) = self.tasks.get_mut(parent)
+            && plan::child_moved(&mut p.children, before, after)
         {
-            return;
+            p.version += 1;
         }
-        let c = &mut p.children;
-        c.total += u32::from(before.is_none());
-        c.done = (c.done + is(Some(after), TaskStatus::Done))
-            .saturating_sub(is(before, TaskStatus::Done));
-        c.cancelled = (c.cancelled + is(Some(after), TaskStatus::Cancelled))
-            .saturating_sub(is(before, TaskStatus::Cancelled));
-        c.cost_cents += cost(Some(after)) - cost(before);
-        p.version += 1;
+    }
+
+    /// Writes what [`plan::create`] decided, as the SQLite store does: the rows (their
+    /// children figures following their children as these come), their dependencies, their
+    /// history and the counter.
+    fn create(&mut self, plan: Creation, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
+        if let Some(n) = plan.next_number {
+            self.meta.insert(NEXT_TASK_NUMBER.to_owned(), n.to_string());
+        }
+        let mut written = HashMap::with_capacity(plan.rows.len());
+        for row in &plan.rows {
+            self.next_seq += 1;
+            let event = self.event(
+                &row.id,
+                now,
+                plan::CREATED,
+                None,
+                TaskStatus::Open,
+                &row.message,
+            );
+            written.insert(row.id.clone(), (self.next_seq, event));
+        }
+        let edges: Vec<(TaskId, TaskId)> =
+            plan.edges().map(|(t, d)| (t.clone(), d.clone())).collect();
+        self.deps.extend(edges);
+        let created = plan.created(now, |id| written.get(id).copied())?;
+        for (task, _) in &created {
+            let mut row = task.clone();
+            row.children.total = 0;
+            self.tasks.insert(row.id.clone(), row);
+            if let Some(parent) = &task.parent {
+                self.child_moved(parent, None, task);
+            }
+        }
+        Ok(created)
+    }
+}
+
+/// Runs a plan on the tables under their lock: their reads never wait, so it ends at its first
+/// poll (and no lock is held across an await).
+fn at_once<T>(plan: impl Future<Output = Result<T>>) -> Result<T> {
+    let mut plan = std::pin::pin!(plan);
+    match plan.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => result,
+        Poll::Pending => Err(Error::Internal(
+            "a plan waited on the in-memory store".to_owned(),
+        )),
+    }
+}
+
+impl plan::Reads for Tables {
+    async fn statuses(&mut self, ids: &[&TaskId]) -> Result<HashMap<TaskId, TaskStatus>> {
+        Ok(ids
+            .iter()
+            .filter_map(|i| Some(((*i).clone(), self.tasks.get(*i)?.state.status)))
+            .collect())
+    }
+
+    async fn paused(&mut self, ids: &[&TaskId]) -> Result<HashMap<TaskId, String>> {
+        Ok(ids
+            .iter()
+            .filter_map(|i| Some(((*i).clone(), self.tasks.get(*i)?.paused.clone()?)))
+            .collect())
+    }
+
+    async fn next_number(&mut self) -> Result<u64> {
+        Ok(self
+            .meta
+            .get(NEXT_TASK_NUMBER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1))
+    }
+
+    async fn waited_on(&mut self, ids: &[&TaskId]) -> Result<Vec<TaskId>> {
+        let mut out: Vec<TaskId> = self
+            .deps
+            .iter()
+            .filter(|(t, _)| ids.contains(&t))
+            .map(|(_, d)| d.clone())
+            .collect();
+        // An epic waits for its children.
+        out.extend(
+            self.tasks
+                .values()
+                .filter(|t| t.parent.as_ref().is_some_and(|p| ids.contains(&p)))
+                .map(|t| t.id.clone()),
+        );
+        Ok(out)
+    }
+
+    async fn is_ancestor(&mut self, ancestor: &TaskId, task: &TaskId) -> Result<bool> {
+        Ok(Tables::is_ancestor(self, ancestor, task))
     }
 }
 
 impl Store for MemoryStore {
     async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
         let mut t = self.lock();
-        let id = match new.id {
-            Some(id) if t.tasks.contains_key(&id) => {
-                return Err(Error::AlreadyExists(format!(
-                    "task {id} already exists; pick another --id or leave it out"
-                )));
-            }
-            Some(id) => id,
-            None => {
-                let mut n: u64 = t
-                    .meta
-                    .get(NEXT_TASK_NUMBER)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(1);
-                loop {
-                    if n > pipeline_core::ids::MAX_GENERATED {
-                        return Err(super::ids_exhausted());
-                    }
-                    let id = TaskId::generated(n);
-                    n += 1;
-                    if !t.tasks.contains_key(&id) {
-                        t.meta.insert(NEXT_TASK_NUMBER.to_owned(), n.to_string());
-                        break id;
-                    }
-                }
-            }
-        };
-        if let Some(parent) = &new.parent
-            && !t.tasks.contains_key(parent)
-        {
-            return Err(Error::NotFound(format!(
-                "parent task {parent} does not exist; create it first"
-            )));
-        }
-        if let Some(dep) = new.depends_on.iter().find(|d| !t.tasks.contains_key(*d)) {
-            return Err(Error::NotFound(format!(
-                "dependency {dep} does not exist; create it first"
-            )));
-        }
-        // The new task's only waiter is its epic: a dependency that waits for the epic would
-        // wait for the task itself.
-        if let Some(parent) = &new.parent
-            && let Some(dep) = new.depends_on.iter().find(|d| t.reaches(d, parent))
-        {
-            return Err(super::cycle_refusal(&id, dep));
-        }
-        // A child of a paused task (an epic) is created paused with it.
-        let paused = new
-            .parent
-            .as_ref()
-            .and_then(|p| t.tasks.get(p))
-            .and_then(|p| p.paused.clone());
-        t.next_seq += 1;
-        let task = Task {
-            id: id.clone(),
-            seq: t.next_seq,
-            title: new.title,
-            description: new.description,
-            namespace: new.namespace,
-            priority: new.priority,
-            parent: new.parent,
-            depends_on: new.depends_on.clone(),
-            requires: new.requires.clone(),
-            paused,
-            deps_pending: 0,
-            children: Children {
-                declared: new.epic,
-                ..Children::default()
-            },
-            state: TaskState {
-                max_cost_cents: new.max_cost_cents,
-                approval_required: new.approval,
-                ..TaskState::new()
-            },
-            lease: None,
-            lease_epoch: 0,
-            patch_commit: None,
-            avoid_runner: None,
-            verified_tree: None,
-            version: 1,
-            created_at: now,
-            updated_at: now,
-        };
-        if let Some(parent) = &task.parent {
-            let parent = parent.clone();
-            t.child_moved(&parent, None, &task);
-        }
-        t.tasks.insert(id.clone(), task);
-        for dep in &new.depends_on {
-            t.deps.push((id.clone(), dep.clone()));
-        }
-        let pending = t.pending_of(&id);
-        if let Some(task) = t.tasks.get_mut(&id) {
-            task.deps_pending = pending;
-            task.depends_on.sort();
-        }
-        t.event(
-            &id,
-            now,
-            "created",
-            None,
-            TaskStatus::Open,
-            &format!("created with priority {}", new.priority),
-        );
-        Ok(t.tasks[&id].clone())
+        let plan = at_once(plan::create(&mut *t, vec![new], false))?;
+        t.create(plan, now)?
+            .pop()
+            .map(|(task, _)| task)
+            .ok_or_else(|| Error::Internal("a task was not created".to_owned()))
     }
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
@@ -439,24 +394,9 @@ impl Store for MemoryStore {
     }
 
     async fn create_tasks(&self, new: Vec<NewTask>, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
-        // All or none: on a failure the tables go back to what they were.
-        let before = self.lock().clone();
-        let mut created = Vec::with_capacity(new.len());
-        for (i, task) in new.into_iter().enumerate() {
-            match self.create_task(task, now).await {
-                Ok(t) => {
-                    let event = self.events(&t.id).await?.pop().ok_or_else(|| {
-                        Error::Internal(format!("task {} was created without history", t.id))
-                    })?;
-                    created.push((t, event));
-                }
-                Err(e) => {
-                    *self.lock() = before;
-                    return Err(e.in_batch(i));
-                }
-            }
-        }
-        Ok(created)
+        let mut t = self.lock();
+        let plan = at_once(plan::create(&mut *t, new, true))?;
+        t.create(plan, now)
     }
 
     async fn list_tasks(
@@ -587,30 +527,12 @@ impl Store for MemoryStore {
         let Some(task) = t.tasks.get(id).cloned() else {
             return Err(Error::NotFound(format!("task {id} does not exist")));
         };
-        if let Some(dep) = deps.iter().find(|d| !t.tasks.contains_key(*d)) {
-            return Err(Error::NotFound(format!(
-                "dependency {dep} does not exist; create it first"
-            )));
-        }
-        let new: Vec<&TaskId> = deps
-            .iter()
-            .filter(|d| !task.depends_on.contains(d))
-            .collect();
-        for dep in &new {
-            if t.reaches(dep, id) {
-                return Err(super::cycle_refusal(id, dep));
-            }
-            if t.is_ancestor(id, dep) {
-                return Err(super::descendant_refusal(id, dep));
-            }
-        }
+        let new = at_once(plan::add_dependencies(&mut *t, &task, deps))?;
         if new.is_empty() {
             return Ok(task);
         }
         for dep in new {
-            if !t.deps.contains(&(id.clone(), dep.clone())) {
-                t.deps.push((id.clone(), dep.clone()));
-            }
+            t.deps.push((id.clone(), dep));
         }
         let pending = t.pending_of(id);
         let depends_on = t.deps_of(id);

@@ -10,6 +10,11 @@
 //! entry and its runs, in one transaction. The store keeps one derived count, `deps_pending`
 //! (how many of a task's dependencies are not Done), up to date in the same transaction as the
 //! write that changes it, so that eligibility never needs a scan.
+//!
+//! Architecture invariant: a backend is SQL (or maps) and row mapping. What creating tasks and
+//! adding dependencies decide (IDs, reference checks and their hints, history texts, inherited
+//! pauses, pending counts, cycle refusals, an epic's figures) is in [`plan`], which reads
+//! through [`plan::Reads`]; a backend answers those reads and writes what the plan says.
 
 use std::future::Future;
 
@@ -41,6 +46,7 @@ use pipeline_core::ids::{CommitId, TreeId};
 
 #[cfg(test)]
 pub mod memory;
+pub mod plan;
 pub mod sqlite;
 #[cfg(test)]
 pub mod suite;

@@ -60,7 +60,7 @@ async fn add_deps<S: Store>(store: &S, task: &str, deps: &[&str], at: i64) -> Re
         .await
 }
 
-fn ghost(raw: &str) -> Task {
+pub(crate) fn ghost(raw: &str) -> Task {
     Task {
         id: id(raw),
         seq: 0,

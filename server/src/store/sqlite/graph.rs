@@ -1,7 +1,5 @@
-//! The graph of tasks as stored: whether one waits for another (dependencies, and an epic
-//! for its children), and the pending-dependency count it keeps.
-
-use std::collections::{HashMap, HashSet};
+//! The graph of tasks as stored: what a task waits for (its dependencies, and an epic its
+//! children), its ancestors, and the pending-dependency count the store keeps.
 
 use sqlx::SqliteConnection;
 
@@ -9,51 +7,18 @@ use super::rows::{corrupt, edges_of, stored_id};
 use crate::domain::TaskId;
 use crate::error::Result;
 
-/// Edges of tasks a batch creates before they are written (the earlier lines of the batch):
-/// each one's dependencies, and the children each parent gains.
-#[derive(Default)]
-pub(super) struct Unwritten {
-    pub(super) deps: HashMap<TaskId, Vec<TaskId>>,
-    pub(super) children: HashMap<TaskId, Vec<TaskId>>,
-}
-
-/// Whether `from` waits for `to`, directly or not: a task waits for its dependencies, and an
-/// epic for its children. Walks the graph a level at a time (one statement per level for the
-/// stored tasks; `unwritten` for the batch's own).
-pub(super) async fn waits_for(
-    conn: &mut SqliteConnection,
-    from: &TaskId,
-    to: &TaskId,
-    unwritten: &Unwritten,
-) -> Result<bool> {
-    let mut seen: HashSet<TaskId> = HashSet::new();
-    let mut frontier = vec![from.clone()];
-    while !frontier.is_empty() {
-        if frontier.contains(to) {
-            return Ok(true);
+/// What `ids` wait for directly: their dependencies, and (epics) their children.
+pub(super) async fn waited_on(conn: &mut SqliteConnection, ids: &[&str]) -> Result<Vec<TaskId>> {
+    let mut next = Vec::new();
+    for select in [
+        "SELECT task_id, depends_on FROM task_deps WHERE task_id IN (",
+        "SELECT parent, id FROM tasks WHERE parent IN (",
+    ] {
+        for (_, to) in edges_of(&mut *conn, select, ids).await? {
+            next.push(stored_id(&to)?);
         }
-        frontier.retain(|t| seen.insert(t.clone()));
-        let mut next = Vec::new();
-        let mut stored: Vec<&str> = Vec::new();
-        for t in &frontier {
-            next.extend(unwritten.children.get(t).into_iter().flatten().cloned());
-            match unwritten.deps.get(t) {
-                // A task of the batch: nothing stored depends on it or is its child yet.
-                Some(deps) => next.extend(deps.iter().cloned()),
-                None => stored.push(t.as_str()),
-            }
-        }
-        for select in [
-            "SELECT task_id, depends_on FROM task_deps WHERE task_id IN (",
-            "SELECT parent, id FROM tasks WHERE parent IN (",
-        ] {
-            for (_, to) in edges_of(&mut *conn, select, &stored).await? {
-                next.push(stored_id(&to)?);
-            }
-        }
-        frontier = next;
     }
-    Ok(false)
+    Ok(next)
 }
 
 /// Whether `ancestor` is `task`'s parent, or its parent's, and so on.

@@ -8,49 +8,26 @@ use crate::error::Result;
 
 pub(super) const NEXT_TASK_NUMBER: &str = "next_task_number";
 
-/// The next generated task number, read from `meta` once per transaction (see
-/// [`IdCounter::store`]).
-pub(super) struct IdCounter {
-    pub(super) next: Option<u64>,
-    pub(super) changed: bool,
+/// The number the next generated ID tries first.
+pub(super) async fn next_number(conn: &mut SqliteConnection) -> Result<u64> {
+    let stored: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+        .bind(NEXT_TASK_NUMBER)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match stored {
+        Some(v) => v.parse().map_err(|_| corrupt("task counter", &v)),
+        None => Ok(1),
+    }
 }
 
-impl IdCounter {
-    pub(super) fn new() -> Self {
-        Self {
-            next: None,
-            changed: false,
-        }
-    }
-
-    /// The number the next generated ID tries first.
-    pub(super) async fn peek(&mut self, conn: &mut SqliteConnection) -> Result<u64> {
-        if let Some(n) = self.next {
-            return Ok(n);
-        }
-        let stored: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
-            .bind(NEXT_TASK_NUMBER)
-            .fetch_optional(&mut *conn)
-            .await?;
-        let n = match stored {
-            Some(v) => v.parse().map_err(|_| corrupt("task counter", &v))?,
-            None => 1,
-        };
-        self.next = Some(n);
-        Ok(n)
-    }
-
-    /// Writes the counter back, if it moved (in the same transaction).
-    pub(super) async fn store(self, conn: &mut SqliteConnection) -> Result<()> {
-        if let (true, Some(n)) = (self.changed, self.next) {
-            sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)")
-                .bind(NEXT_TASK_NUMBER)
-                .bind(n.to_string())
-                .execute(&mut *conn)
-                .await?;
-        }
-        Ok(())
-    }
+/// Writes the counter of generated IDs (in the caller's transaction).
+pub(super) async fn set_next_number(conn: &mut SqliteConnection, n: u64) -> Result<()> {
+    sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)")
+        .bind(NEXT_TASK_NUMBER)
+        .bind(n.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 pub(super) async fn raise_next_task_number(store: &SqliteStore, at_least: u64) -> Result<()> {

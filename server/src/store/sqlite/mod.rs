@@ -11,13 +11,15 @@
 //! and adding dependencies), `commit` (the compare-and-swap write of a transition), `runs`,
 //! `events` (task history), `trains` (merge trains and the journal of base moves), `logs`,
 //! `meta` (server facts and the generated-ID counter), `sessions` (the web page's). Below them
-//! `graph` (whether one task waits for another) and `rows` (row types, columns, decoding).
+//! `reads` (the plan's reads, [`crate::store::plan::Reads`], in SQL), `graph` (what a task
+//! waits for, its ancestors) and `rows` (row types, columns, decoding).
 
 mod commit;
 mod events;
 mod graph;
 mod logs;
 mod meta;
+mod reads;
 mod rows;
 mod runs;
 mod sessions;

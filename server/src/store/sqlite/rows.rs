@@ -403,21 +403,6 @@ pub(super) async fn load_task(conn: &mut SqliteConnection, id: &str) -> Result<O
     row.into_task(deps).map(Some)
 }
 
-pub(super) async fn require_existing(
-    conn: &mut SqliteConnection,
-    ids: &[TaskId],
-    role: &str,
-) -> Result<()> {
-    for dep in ids {
-        if !task_exists(conn, dep.as_str()).await? {
-            return Err(Error::NotFound(format!(
-                "{role} {dep} does not exist; create it first"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The (id, other) rows of `select` (a statement ending in `IN (`) for `ids`, a chunk of them
 /// per statement; unlike [`pairs_of`], an id may have many.
 pub(super) async fn edges_of(

@@ -1,202 +1,55 @@
 //! Tasks: created (one or a batch), read, listed, edited, paused, given dependencies.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sqlx::{FromRow, Sqlite, SqliteConnection};
 
 use super::SqliteStore;
 use super::events::insert_event;
-use super::graph::{Unwritten, is_ancestor_task, refresh_deps_pending, waits_for};
-use super::meta::IdCounter;
+use super::graph::refresh_deps_pending;
+use super::meta::set_next_number;
+use super::reads::PlanReads;
 use super::rows::{
     DEPS_COLUMN, LIST_COLUMNS, ListRow, ROWS_PER_STATEMENT, TASK_COLUMNS, TaskRow, candidates,
-    join_requires, keyset_page, load_task, pairs_of, require_existing, stored_id, stored_status,
-    task_exists,
+    join_requires, keyset_page, load_task, stored_id, stored_status, task_exists,
 };
-use crate::domain::{
-    Children, Millis, NewTask, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskState,
-    TaskStatus,
-};
+use crate::domain::{Millis, NewTask, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskStatus};
 use crate::error::{Error, Result};
-use crate::store::{NewEvent, TaskFilter};
-use pipeline_core::ids::MAX_GENERATED;
+use crate::store::{NewEvent, TaskFilter, plan};
 
-/// The statuses of the tasks among `ids` that exist, by ID (one statement a thousand IDs).
-pub(super) async fn existing_statuses(
-    conn: &mut SqliteConnection,
-    ids: &[&str],
-) -> Result<HashMap<String, String>> {
-    pairs_of(conn, "SELECT id, status FROM tasks WHERE id IN (", ids).await
-}
-
-/// Why each of `ids` that is paused is.
-pub(super) async fn paused_of(
-    conn: &mut SqliteConnection,
-    ids: &[&str],
-) -> Result<HashMap<String, String>> {
-    pairs_of(
-        conn,
-        "SELECT id, paused FROM tasks WHERE paused IS NOT NULL AND id IN (",
-        ids,
-    )
-    .await
-}
-
-/// Inserts tasks in state Open, in order, each with its history's first entry; returns them
-/// (built from what was written, without reading the rows back). The outcome is that of
-/// inserting them one at a time (a task may name one earlier in the list; the first that
-/// cannot be created fails the whole call, its error `in_batch` when `batch`), but the
-/// statements are per list, not per task: one read of every row the list names, then
-/// multi-row inserts of the tasks, their dependencies and their history.
+/// Inserts tasks in state Open, in order, each with its history's first entry, as
+/// [`plan::create`] decides them; returns them (built from what was written, without reading
+/// the rows back). The statements are per list, not per task: one read of every row the list
+/// names, then multi-row inserts of the tasks, their dependencies and their history.
 pub(super) async fn insert_tasks(
     tx: &mut SqliteConnection,
     new: Vec<NewTask>,
     now: Millis,
     batch: bool,
 ) -> Result<Vec<(Task, TaskEvent)>> {
-    let fail = |i: usize, e: Error| if batch { e.in_batch(i) } else { e };
-    // Every task the list names (chosen IDs, parents, dependencies), as the database has them.
-    let mut named: Vec<&str> = Vec::new();
-    for t in &new {
-        named.extend(
-            t.id.iter()
-                .chain(&t.parent)
-                .chain(&t.depends_on)
-                .map(|i| i.as_str()),
-        );
-    }
-    named.sort_unstable();
-    named.dedup();
-    let stored = existing_statuses(&mut *tx, &named).await?;
-    drop(named);
-    // A child of a paused task (an epic) is created paused with it.
-    let mut parents: Vec<&str> = new
-        .iter()
-        .filter_map(|t| t.parent.as_ref().map(TaskId::as_str))
-        .collect();
-    parents.sort_unstable();
-    parents.dedup();
-    let paused_parents = paused_of(&mut *tx, &parents).await?;
-    drop(parents);
-    // Which generated IDs the database holds, read ahead a range at a time.
-    let mut ids = IdCounter::new();
-    let generated = new.iter().filter(|t| t.id.is_none()).count();
-    let (mut next, mut read_until) = (ids.peek(&mut *tx).await?, 0);
-    let mut taken_numbers: HashSet<String> = HashSet::new();
-    // The IDs of the list so far: what a later task may name, and may not take.
-    let mut listed: HashSet<TaskId> = HashSet::with_capacity(new.len());
-    // Their edges, for the cycle check of the later ones.
-    let mut unwritten = Unwritten::default();
-    let mut left = generated;
-    let mut rows = Vec::with_capacity(new.len());
-    for (i, task) in new.into_iter().enumerate() {
-        let id = match task.id.clone() {
-            Some(id) => {
-                if stored.contains_key(id.as_str()) || listed.contains(&id) {
-                    return Err(fail(
-                        i,
-                        Error::AlreadyExists(format!(
-                            "task {id} already exists; pick another --id or leave it out"
-                        )),
-                    ));
-                }
-                id
-            }
-            None => loop {
-                if next > MAX_GENERATED {
-                    return Err(fail(i, crate::store::ids_exhausted()));
-                }
-                if next >= read_until {
-                    let ahead = (left as u64 + 16)
-                        .min(ROWS_PER_STATEMENT as u64)
-                        .min(MAX_GENERATED - next + 1);
-                    let candidates: Vec<TaskId> =
-                        (next..next + ahead).map(TaskId::generated).collect();
-                    let candidates: Vec<&str> = candidates.iter().map(|c| c.as_str()).collect();
-                    taken_numbers
-                        .extend(existing_statuses(&mut *tx, &candidates).await?.into_keys());
-                    read_until = next + ahead;
-                }
-                let id = TaskId::generated(next);
-                next += 1;
-                if !taken_numbers.contains(id.as_str()) && !listed.contains(&id) {
-                    left -= 1;
-                    ids.next = Some(next);
-                    ids.changed = true;
-                    break id;
-                }
-            },
-        };
-        let exists = |t: &TaskId| stored.contains_key(t.as_str()) || listed.contains(t);
-        if let Some(parent) = task.parent.as_ref().filter(|p| !exists(p)) {
-            return Err(fail(
-                i,
-                Error::NotFound(format!(
-                    "parent task {parent} does not exist; create it first"
-                )),
-            ));
-        }
-        if let Some(dep) = task.depends_on.iter().find(|d| !exists(d)) {
-            return Err(fail(
-                i,
-                Error::NotFound(format!("dependency {dep} does not exist; create it first")),
-            ));
-        }
-        // The new task's only waiter is its epic: a dependency that waits for the epic would
-        // wait for the task itself.
-        if let Some(parent) = &task.parent {
-            for dep in &task.depends_on {
-                if waits_for(&mut *tx, dep, parent, &unwritten).await? {
-                    return Err(fail(i, crate::store::cycle_refusal(&id, dep)));
-                }
-            }
-            unwritten
-                .children
-                .entry(parent.clone())
-                .or_default()
-                .push(id.clone());
-        }
-        unwritten.deps.insert(id.clone(), task.depends_on.clone());
-        // A dependency earlier in the list is Open: not done.
-        let deps_pending = task
-            .depends_on
-            .iter()
-            .filter(|d| {
-                stored
-                    .get(d.as_str())
-                    .is_none_or(|s| s != TaskStatus::Done.as_str())
-            })
-            .count();
-        listed.insert(id.clone());
-        rows.push((id, task, u32::try_from(deps_pending).unwrap_or(u32::MAX)));
-    }
-
-    let mut seqs: HashMap<String, i64> = HashMap::with_capacity(rows.len());
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+    let plan = plan::create(&mut PlanReads(&mut *tx), new, batch).await?;
+    let mut seqs: HashMap<String, i64> = HashMap::with_capacity(plan.rows.len());
+    for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO tasks (id, title, description, namespace, priority, parent, status, \
              deps_pending, created_at, updated_at, requires, max_cost_cents, paused, \
              approval_required, epic) ",
         );
-        q.push_values(chunk, |mut row, (id, t, pending)| {
-            row.push_bind(id.as_str())
+        q.push_values(chunk, |mut row, r| {
+            let t = &r.new;
+            row.push_bind(r.id.as_str())
                 .push_bind(&t.title)
                 .push_bind(&t.description)
                 .push_bind(&t.namespace)
                 .push_bind(i64::from(t.priority))
                 .push_bind(t.parent.as_ref().map(TaskId::as_str))
                 .push_bind(TaskStatus::Open.as_str())
-                .push_bind(i64::from(*pending))
+                .push_bind(i64::from(r.deps_pending))
                 .push_bind(now)
                 .push_bind(now)
                 .push_bind(join_requires(&t.requires))
                 .push_bind(t.max_cost_cents)
-                .push_bind(
-                    t.parent
-                        .as_ref()
-                        .and_then(|p| paused_parents.get(p.as_str()))
-                        .cloned(),
-                )
+                .push_bind(r.paused.as_deref())
                 .push_bind(i64::from(t.approval))
                 .push_bind(i64::from(t.epic));
         });
@@ -204,10 +57,7 @@ pub(super) async fn insert_tasks(
         let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
         seqs.extend(written);
     }
-    let edges: Vec<(&TaskId, &TaskId)> = rows
-        .iter()
-        .flat_map(|(id, t, _)| t.depends_on.iter().map(move |d| (id, d)))
-        .collect();
+    let edges: Vec<(&TaskId, &TaskId)> = plan.edges().collect();
     for chunk in edges.chunks(ROWS_PER_STATEMENT) {
         let mut q =
             sqlx::QueryBuilder::<Sqlite>::new("INSERT INTO task_deps (task_id, depends_on) ");
@@ -216,99 +66,34 @@ pub(super) async fn insert_tasks(
         });
         q.build().execute(&mut *tx).await?;
     }
-    let messages: Vec<String> = rows
-        .iter()
-        .map(|(_, t, _)| format!("created with priority {}", t.priority))
-        .collect();
-    let mut event_ids: HashMap<String, i64> = HashMap::with_capacity(rows.len());
-    for (chunk, texts) in rows
-        .chunks(ROWS_PER_STATEMENT)
-        .zip(messages.chunks(ROWS_PER_STATEMENT))
-    {
+    drop(edges);
+    let mut event_ids: HashMap<String, i64> = HashMap::with_capacity(plan.rows.len());
+    for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO task_events (task_id, at, kind, from_status, to_status, message) ",
         );
-        q.push_values(chunk.iter().zip(texts), |mut row, ((id, _, _), text)| {
-            row.push_bind(id.as_str())
+        q.push_values(chunk, |mut row, r| {
+            row.push_bind(r.id.as_str())
                 .push_bind(now)
-                .push_bind("created")
+                .push_bind(plan::CREATED)
                 .push_bind(None::<&str>)
                 .push_bind(TaskStatus::Open.as_str())
-                .push_bind(text.as_str());
+                .push_bind(r.message.as_str());
         });
         q.push(" RETURNING task_id, id");
         let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
         event_ids.extend(written);
     }
-    ids.store(&mut *tx).await?;
-
-    // A task of the list with children later in it is an epic from the start.
-    let mut children: HashMap<TaskId, u32> = HashMap::new();
-    for (_, t, _) in &rows {
-        if let Some(parent) = &t.parent {
-            *children.entry(parent.clone()).or_default() += 1;
-        }
+    if let Some(n) = plan.next_number {
+        set_next_number(&mut *tx, n).await?;
     }
-    let mut created = Vec::with_capacity(rows.len());
-    for ((id, mut new, deps_pending), message) in rows.into_iter().zip(messages) {
-        let (Some(&seq), Some(&event_id)) = (seqs.get(id.as_str()), event_ids.get(id.as_str()))
-        else {
-            return Err(Error::Internal(format!(
-                "task {id} was inserted without its row or its history"
-            )));
-        };
-        let task = Task {
-            id: id.clone(),
-            seq,
-            title: new.title,
-            description: new.description,
-            namespace: new.namespace,
-            priority: new.priority,
-            paused: new
-                .parent
-                .as_ref()
-                .and_then(|p| paused_parents.get(p.as_str()))
-                .cloned(),
-            parent: new.parent,
-            depends_on: {
-                new.depends_on.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-                new.depends_on
-            },
-            requires: new.requires,
-            deps_pending,
-            children: Children {
-                total: children.get(&id).copied().unwrap_or(0),
-                declared: new.epic,
-                ..Children::default()
-            },
-            state: TaskState {
-                max_cost_cents: new.max_cost_cents,
-                approval_required: new.approval,
-                ..TaskState::new()
-            },
-            lease: None,
-            lease_epoch: 0,
-            patch_commit: None,
-            avoid_runner: None,
-            verified_tree: None,
-            version: 1,
-            created_at: now,
-            updated_at: now,
-        };
-        let event = TaskEvent {
-            id: event_id,
-            task_id: id,
-            at: now,
-            kind: "created".to_owned(),
-            from: None,
-            to: TaskStatus::Open,
-            message,
-        };
-        created.push((task, event));
-    }
-    Ok(created)
+    plan.created(now, |id| {
+        Some((*seqs.get(id.as_str())?, *event_ids.get(id.as_str())?))
+    })
 }
 
+/// Adds the dependencies [`plan::add_dependencies`] finds new, with the history entry, the
+/// pending count and the version; returns the task as it is then.
 pub(super) async fn insert_dependencies(
     tx: &mut SqliteConnection,
     id: &TaskId,
@@ -319,46 +104,33 @@ pub(super) async fn insert_dependencies(
     let task = load_task(&mut *tx, id.as_str())
         .await?
         .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))?;
-    require_existing(&mut *tx, deps, "dependency").await?;
-    let mut added = 0;
-    for dep in deps {
-        if task.depends_on.contains(dep) {
-            continue;
-        }
-        // A cycle closes if `dep` waits for `id` (or is `id`); an epic depending on one of
-        // its own descendants is refused too (it waits for them as their epic already).
-        if waits_for(&mut *tx, dep, id, &Unwritten::default()).await? {
-            return Err(crate::store::cycle_refusal(id, dep));
-        }
-        if is_ancestor_task(&mut *tx, id, dep).await? {
-            return Err(crate::store::descendant_refusal(id, dep));
-        }
-        let inserted =
-            sqlx::query("INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?, ?)")
-                .bind(id.as_str())
-                .bind(dep.as_str())
-                .execute(&mut *tx)
-                .await?;
-        added += inserted.rows_affected();
+    let new = plan::add_dependencies(&mut PlanReads(&mut *tx), &task, deps).await?;
+    if new.is_empty() {
+        return Ok(task);
     }
-    if added > 0 {
-        refresh_deps_pending(&mut *tx, id).await?;
-        insert_event(
-            &mut *tx,
-            id,
-            now,
-            &event.kind,
-            Some(event.from),
-            event.to,
-            &event.message,
-        )
-        .await?;
-        sqlx::query("UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?")
-            .bind(now)
+    for dep in &new {
+        sqlx::query("INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?, ?)")
             .bind(id.as_str())
+            .bind(dep.as_str())
             .execute(&mut *tx)
             .await?;
     }
+    refresh_deps_pending(&mut *tx, id).await?;
+    insert_event(
+        &mut *tx,
+        id,
+        now,
+        &event.kind,
+        Some(event.from),
+        event.to,
+        &event.message,
+    )
+    .await?;
+    sqlx::query("UPDATE tasks SET version = version + 1, updated_at = ? WHERE id = ?")
+        .bind(now)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
     load_task(&mut *tx, id.as_str())
         .await?
         .ok_or_else(|| Error::NotFound(format!("task {id} does not exist")))
