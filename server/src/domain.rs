@@ -185,6 +185,119 @@ impl FailureKind {
     }
 }
 
+/// What a task history entry records, as the commit path decides it: one word in the
+/// database and on the wire ([`EventKind::as_str`]), typed everywhere between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Created,
+    Leased,
+    DevFailed,
+    VerifyFailed,
+    /// A runner's verification failed on a base not yet checked: the server builds the base.
+    CheckingBase,
+    BaseRed,
+    Verified,
+    LeaseLost,
+    Released,
+    IntegrationFailed,
+    Integrated,
+    Cancelled,
+    Retried,
+    Recovered,
+    FoundLanded,
+    ChildrenDone,
+    EpicCap,
+    BecameEpic,
+    Approved,
+    Rejected,
+    DependenciesAdded,
+    Edited,
+    Paused,
+    Resumed,
+}
+
+impl EventKind {
+    /// Every kind, for [`EventKind::parse`].
+    const ALL: [EventKind; 24] = [
+        Self::Created,
+        Self::Leased,
+        Self::DevFailed,
+        Self::VerifyFailed,
+        Self::CheckingBase,
+        Self::BaseRed,
+        Self::Verified,
+        Self::LeaseLost,
+        Self::Released,
+        Self::IntegrationFailed,
+        Self::Integrated,
+        Self::Cancelled,
+        Self::Retried,
+        Self::Recovered,
+        Self::FoundLanded,
+        Self::ChildrenDone,
+        Self::EpicCap,
+        Self::BecameEpic,
+        Self::Approved,
+        Self::Rejected,
+        Self::DependenciesAdded,
+        Self::Edited,
+        Self::Paused,
+        Self::Resumed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Leased => "leased",
+            Self::DevFailed => "dev_failed",
+            Self::VerifyFailed => "verify_failed",
+            Self::CheckingBase => "checking_base",
+            Self::BaseRed => "base_red",
+            Self::Verified => "verified",
+            Self::LeaseLost => "lease_lost",
+            Self::Released => "released",
+            Self::IntegrationFailed => "integration_failed",
+            Self::Integrated => "integrated",
+            Self::Cancelled => "cancelled",
+            Self::Retried => "retried",
+            Self::Recovered => "recovered",
+            Self::FoundLanded => "found_landed",
+            Self::ChildrenDone => "children_done",
+            Self::EpicCap => "epic_cap",
+            Self::BecameEpic => "became_epic",
+            Self::Approved => "approved",
+            Self::Rejected => "rejected",
+            Self::DependenciesAdded => "dependencies_added",
+            Self::Edited => "edited",
+            Self::Paused => "paused",
+            Self::Resumed => "resumed",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == raw)
+    }
+
+    /// Whether the entry records a runner's result for its lease (the lease ended with a
+    /// result, not taken back).
+    pub fn is_result(self) -> bool {
+        matches!(
+            self,
+            Self::Verified
+                | Self::DevFailed
+                | Self::VerifyFailed
+                | Self::CheckingBase
+                | Self::BaseRed
+        )
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a run's cost came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CostSource {

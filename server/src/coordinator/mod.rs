@@ -290,7 +290,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 at: now,
                 next,
                 event: NewEvent {
-                    kind: decided.kind.to_owned(),
+                    kind: decided.kind,
                     message: decided.message.clone(),
                     from: task.state.status,
                     to,
@@ -414,11 +414,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         {
             let live = self.registry().remove_lease(&old.id);
             if let Some(live) = live {
-                let result = matches!(
-                    write.event.kind.as_str(),
-                    "verified" | "dev_failed" | "verify_failed" | "checking_base" | "base_red"
-                );
-                if result {
+                if write.event.kind.is_result() {
                     // How long a dev run takes, for when the open tasks will start.
                     self.landing().record_dev(write.at - live.leased_at);
                 } else {
@@ -443,7 +439,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             id: committed.event_id,
             task_id: before.id.clone(),
             at: write.at,
-            kind: write.event.kind.clone(),
+            kind: write.event.kind.as_str().to_owned(),
             from: Some(before.state.status),
             to: write.next.state.status,
             message: write.event.message.clone(),

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::domain::{
-    Millis, NewTask, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskStatus,
+    EventKind, Millis, NewTask, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskStatus,
 };
 use crate::error::{Error, Result};
 use crate::lifecycle::{self, Event};
@@ -546,7 +546,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .collect();
         new.dedup();
         let event = NewEvent {
-            kind: "dependencies_added".to_owned(),
+            kind: EventKind::DependenciesAdded,
             message: format!("now also depends on {}", new.join(", ")),
             from: task.state.status,
             to: task.state.status,
@@ -574,7 +574,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 TaskStatus::InProgress | TaskStatus::Verified
             );
             let event = NewEvent {
-                kind: "edited".to_owned(),
+                kind: EventKind::Edited,
                 message: format!(
                     "{} changed by pipelinectl{}",
                     edit.fields().join(", "),

@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::landing::RedBase;
 use crate::lifecycle::Event;
 use crate::ports::{BuildJob, BuildRun, Builder, Built, Repository};
-use crate::store::{Journal, Store, TrainEnd};
+use crate::store::{Journal, Store, TrainEnd, TrainOutcome};
 use train::{Candidate, Fate, Green, Input, Member, Outcome, Plan, Step, Train};
 
 /// After a failed round (git or database trouble), try again this much later.
@@ -692,7 +692,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             Err(err) => {
                 // Nobody's fault: the train ends uncharged and is formed again.
                 let end = TrainEnd {
-                    outcome: "error".to_owned(),
+                    outcome: TrainOutcome::Error,
                     builds: train.total_builds(),
                     landed: 0,
                     red_commit: None,
@@ -1037,18 +1037,18 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             .count();
         let landed = u32::try_from(landed).unwrap_or(u32::MAX);
         let word = if outcome.red_base.is_some() {
-            "red_base"
+            TrainOutcome::RedBase
         } else if outcome.red.is_some() {
-            "red"
+            TrainOutcome::Red
         } else if outcome.gave_up {
-            "gave_up"
+            TrainOutcome::GaveUp
         } else if landed > 0 {
-            "landed"
+            TrainOutcome::Landed
         } else {
-            "nothing_landed"
+            TrainOutcome::NothingLanded
         };
         let end = TrainEnd {
-            outcome: word.to_owned(),
+            outcome: word,
             builds: outcome.total_builds,
             landed,
             red_commit: outcome.red.clone(),

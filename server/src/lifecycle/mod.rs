@@ -20,7 +20,7 @@
 //! (`base_check`) until the server has built that base: [`Event::BaseGreen`] charges it as a
 //! verify failure, [`Event::BaseRed`] does not.
 
-use crate::domain::{Children, Millis, TaskState, TaskStatus};
+use crate::domain::{Children, EventKind, Millis, TaskState, TaskStatus};
 
 mod eligibility;
 pub mod judge;
@@ -222,27 +222,27 @@ pub enum Event {
 
 impl Event {
     /// The one-word name recorded in the task's history.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> EventKind {
         match self {
-            Event::Leased { .. } => "leased",
-            Event::DevFailed { .. } => "dev_failed",
-            Event::VerifyFailed { .. } | Event::BaseGreen => "verify_failed",
-            Event::VerifyFailedOnUncheckedBase { .. } => "checking_base",
-            Event::VerifyFailedOnRedBase { .. } | Event::BaseRed { .. } => "base_red",
-            Event::Verified { .. } => "verified",
-            Event::LeaseLost { .. } => "lease_lost",
-            Event::Released { .. } => "released",
-            Event::IntegrationFailed { .. } => "integration_failed",
-            Event::Integrated => "integrated",
-            Event::Cancel => "cancelled",
-            Event::Retry { .. } => "retried",
-            Event::Recover => "recovered",
-            Event::FoundLanded { .. } => "found_landed",
-            Event::ChildrenDone { .. } => "children_done",
-            Event::EpicCapReached { .. } => "epic_cap",
-            Event::BecameEpic => "became_epic",
-            Event::Approve { .. } => "approved",
-            Event::Reject { .. } => "rejected",
+            Event::Leased { .. } => EventKind::Leased,
+            Event::DevFailed { .. } => EventKind::DevFailed,
+            Event::VerifyFailed { .. } | Event::BaseGreen => EventKind::VerifyFailed,
+            Event::VerifyFailedOnUncheckedBase { .. } => EventKind::CheckingBase,
+            Event::VerifyFailedOnRedBase { .. } | Event::BaseRed { .. } => EventKind::BaseRed,
+            Event::Verified { .. } => EventKind::Verified,
+            Event::LeaseLost { .. } => EventKind::LeaseLost,
+            Event::Released { .. } => EventKind::Released,
+            Event::IntegrationFailed { .. } => EventKind::IntegrationFailed,
+            Event::Integrated => EventKind::Integrated,
+            Event::Cancel => EventKind::Cancelled,
+            Event::Retry { .. } => EventKind::Retried,
+            Event::Recover => EventKind::Recovered,
+            Event::FoundLanded { .. } => EventKind::FoundLanded,
+            Event::ChildrenDone { .. } => EventKind::ChildrenDone,
+            Event::EpicCapReached { .. } => EventKind::EpicCap,
+            Event::BecameEpic => EventKind::BecameEpic,
+            Event::Approve { .. } => EventKind::Approved,
+            Event::Reject { .. } => EventKind::Rejected,
         }
     }
 
@@ -288,7 +288,7 @@ pub enum Effect {
 pub struct Transition {
     pub state: TaskState,
     /// The history entry's kind (see [`Event::kind`]).
-    pub kind: &'static str,
+    pub kind: EventKind,
     /// The history entry's text: what happened and why.
     pub message: String,
     pub effects: Vec<Effect>,
@@ -1037,7 +1037,7 @@ mod tests {
             "{}",
             t.message
         );
-        assert_eq!(t.kind, "base_red");
+        assert_eq!(t.kind, EventKind::BaseRed);
         // Only a held failure is settled, and leaving Verified ends the hold.
         check_refused(
             Verified,
@@ -1151,7 +1151,7 @@ mod tests {
             "{}",
             t.message
         );
-        assert_eq!(t.kind, "rejected");
+        assert_eq!(t.kind, EventKind::Rejected);
         assert!(
             refused(&state(Open), reject, &gated)
                 .to_string()

@@ -14,8 +14,8 @@ use super::{
     TaskWrite, TrainEnd, TrainStat, UsageBucket,
 };
 use crate::domain::{
-    LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit, TaskEvent,
-    TaskId, TaskStatus,
+    EventKind, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit,
+    TaskEvent, TaskId, TaskStatus,
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::CommitId;
@@ -225,7 +225,7 @@ impl Tables {
         let event_id = self.event(
             &w.task_id,
             w.at,
-            &w.event.kind,
+            w.event.kind.as_str(),
             Some(w.event.from),
             w.event.to,
             &w.event.message,
@@ -299,7 +299,7 @@ impl Tables {
             let event = self.event(
                 &row.id,
                 now,
-                plan::CREATED,
+                EventKind::Created.as_str(),
                 None,
                 TaskStatus::Open,
                 &row.message,
@@ -454,9 +454,9 @@ impl Store for MemoryStore {
                 tid,
                 now,
                 if paused.is_some() {
-                    "paused"
+                    EventKind::Paused.as_str()
                 } else {
-                    "resumed"
+                    EventKind::Resumed.as_str()
                 },
                 Some(status),
                 status,
@@ -508,7 +508,7 @@ impl Store for MemoryStore {
         t.event(
             id,
             now,
-            &event.kind,
+            event.kind.as_str(),
             Some(event.from),
             event.to,
             &event.message,
@@ -539,7 +539,7 @@ impl Store for MemoryStore {
         t.event(
             id,
             now,
-            &event.kind,
+            event.kind.as_str(),
             Some(event.from),
             event.to,
             &event.message,

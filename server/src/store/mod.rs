@@ -38,8 +38,8 @@ impl TaskFilter {
     }
 }
 use crate::domain::{
-    Lease, LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId,
-    TaskState, TaskStatus,
+    EventKind, Lease, LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEdit,
+    TaskEvent, TaskId, TaskState, TaskStatus,
 };
 use crate::error::Result;
 use pipeline_core::ids::{CommitId, TreeId};
@@ -108,7 +108,7 @@ impl TaskRecord {
 /// The history entry a write records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewEvent {
-    pub kind: String,
+    pub kind: EventKind,
     pub message: String,
     pub from: TaskStatus,
     pub to: TaskStatus,
@@ -169,12 +169,41 @@ pub struct Journal {
 /// How a merge train ended, as recorded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainEnd {
-    /// One word: landed, red, red_base, abandoned, gave_up, empty.
-    pub outcome: String,
+    pub outcome: TrainOutcome,
     pub builds: u32,
     pub landed: u32,
     /// The first red commit of its chain, when one was found.
     pub red_commit: Option<CommitId>,
+}
+
+/// How a merge train ended: one word in the database ([`TrainOutcome::as_str`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainOutcome {
+    /// A prefix landed.
+    Landed,
+    /// A member built red (the first red commit is named); the green prefix, if any, landed.
+    Red,
+    /// The base itself built red: landing holds until it changes.
+    RedBase,
+    /// It stopped trying (the base kept moving under it).
+    GaveUp,
+    /// It ended without landing anything.
+    NothingLanded,
+    /// It could not go on (nobody's fault): formed again.
+    Error,
+}
+
+impl TrainOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Landed => "landed",
+            Self::Red => "red",
+            Self::RedBase => "red_base",
+            Self::GaveUp => "gave_up",
+            Self::NothingLanded => "nothing_landed",
+            Self::Error => "error",
+        }
+    }
 }
 
 /// A finished train, for the recent-throughput figures.

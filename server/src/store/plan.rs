@@ -14,12 +14,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::domain::{Children, Millis, NewTask, Task, TaskEvent, TaskId, TaskState, TaskStatus};
+use crate::domain::{
+    Children, EventKind, Millis, NewTask, Task, TaskEvent, TaskId, TaskState, TaskStatus,
+};
 use crate::error::{Error, Result};
 use pipeline_core::ids::MAX_GENERATED;
-
-/// The history kind of a task's first entry.
-pub const CREATED: &str = "created";
 
 /// How many IDs a read of taken generated IDs asks about at most.
 const READ_AHEAD_MAX: u64 = 1000;
@@ -52,7 +51,7 @@ pub struct NewRow {
     pub deps_pending: u32,
     /// The pause it inherits from its epic.
     pub paused: Option<String>,
-    /// Its history's first entry (kind [`CREATED`], from none to Open).
+    /// Its history's first entry ([`EventKind::Created`], from none to Open).
     pub message: String,
 }
 
@@ -136,7 +135,7 @@ impl Creation {
                 id: event_id,
                 task_id: id,
                 at: now,
-                kind: CREATED.to_owned(),
+                kind: EventKind::Created.as_str().to_owned(),
                 from: None,
                 to: TaskStatus::Open,
                 message,
@@ -578,7 +577,7 @@ mod tests {
             "x has a child later in the list"
         );
         assert_eq!(created[1].0.depends_on, [id("done"), id("open"), id("x")]);
-        assert_eq!(created[1].1.kind, CREATED);
+        assert_eq!(created[1].1.kind, "created");
     }
 
     #[test]

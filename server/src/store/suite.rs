@@ -3,18 +3,18 @@
 //! `(guard, store)` over a fresh, empty database.
 
 use crate::domain::{
-    Children, CostSource, LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId, TaskState,
-    TaskStatus, Usage,
+    Children, CostSource, EventKind, LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId,
+    TaskState, TaskStatus, Usage,
 };
 use crate::error::Error;
 use crate::store::{
     EndSessions, Journal, NewEvent, NewRun, RunChanges, RunEnd, SessionRecord, Store, TaskFilter,
-    TaskRecord, TaskWrite, TrainEnd, TrainStat, UsageBucket,
+    TaskRecord, TaskWrite, TrainEnd, TrainOutcome, TrainStat, UsageBucket,
 };
 use pipeline_core::ids::CommitId;
 
 /// A write that moves `task` to `state` and records `kind`, changing nothing else.
-fn write(task: &Task, state: TaskState, kind: &'static str, at: i64) -> TaskWrite {
+fn write(task: &Task, state: TaskState, kind: EventKind, at: i64) -> TaskWrite {
     let to = state.status;
     let mut next = TaskRecord::of(task);
     next.state = state;
@@ -25,7 +25,7 @@ fn write(task: &Task, state: TaskState, kind: &'static str, at: i64) -> TaskWrit
         at,
         next,
         event: NewEvent {
-            kind: kind.to_owned(),
+            kind,
             message: format!("to {to}"),
             from: task.state.status,
             to,
@@ -41,7 +41,7 @@ fn sha(c: char) -> CommitId {
 
 fn deps_event(task: &Task) -> NewEvent {
     NewEvent {
-        kind: "dependencies_added".into(),
+        kind: EventKind::DependenciesAdded,
         message: "now also depends on others".into(),
         from: task.state.status,
         to: task.state.status,
@@ -163,7 +163,7 @@ async fn transition<S: Store>(store: &S, task: &Task, to: TaskStatus) -> Result<
         ..task.state.clone()
     };
     store
-        .commit(write(task, state, "test", 2_000))
+        .commit(write(task, state, EventKind::Recovered, 2_000))
         .await
         .map(|c| c.task)
 }
@@ -431,7 +431,7 @@ pub async fn lists_only_the_end_of_each_feedback<S: Store>(store: &S) {
             ..t.state.clone()
         };
         store
-            .commit(write(&t, state, "dev_failed", 2))
+            .commit(write(&t, state, EventKind::DevFailed, 2))
             .await
             .expect("feedback");
     }
@@ -597,7 +597,7 @@ pub async fn edits_a_task_by_compare_and_swap<S: Store>(store: &S) {
         crate::domain::TaskEdit::new(Some("after".into()), None, Some(String::new()), Some(0))
             .expect("valid");
     let event = NewEvent {
-        kind: "edited".into(),
+        kind: EventKind::Edited,
         message: "title changed".into(),
         from: TaskStatus::Open,
         to: TaskStatus::Open,
@@ -817,7 +817,7 @@ pub async fn transitions_are_compare_and_swap<S: Store>(store: &S) {
         kinds,
         [
             ("created", None, TaskStatus::Open),
-            ("test", Some(TaskStatus::Open), TaskStatus::InProgress)
+            ("recovered", Some(TaskStatus::Open), TaskStatus::InProgress)
         ]
     );
 }
@@ -851,7 +851,7 @@ pub async fn keeps_what_holds_a_verified_task<S: Store>(store: &S) {
         ..task.state.clone()
     };
     let written = store
-        .commit(write(&task, held.clone(), "checking_base", 2))
+        .commit(write(&task, held.clone(), EventKind::CheckingBase, 2))
         .await
         .expect("write")
         .task;
@@ -871,7 +871,7 @@ pub async fn keeps_what_holds_a_verified_task<S: Store>(store: &S) {
         ..held
     };
     let written = store
-        .commit(write(&read, settled.clone(), "base_red", 3))
+        .commit(write(&read, settled.clone(), EventKind::BaseRed, 3))
         .await
         .expect("write")
         .task;
@@ -958,7 +958,7 @@ pub async fn keeps_an_epics_children_figures<S: Store>(store: &S) {
         ..a.state.clone()
     };
     let a = store
-        .commit(write(&a, spent, "dev_failed", 4))
+        .commit(write(&a, spent, EventKind::DevFailed, 4))
         .await
         .expect("cost")
         .task;
@@ -1005,7 +1005,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
         let mut start = write(
             &current,
             current.state.clone(),
-            "leased",
+            EventKind::Leased,
             10 * i64::from(attempt),
         );
         start.runs.start = Some(NewRun {
@@ -1020,7 +1020,7 @@ pub async fn runs_are_numbered_and_closed<S: Store>(store: &S) {
         let mut end = write(
             &current,
             current.state.clone(),
-            "dev_failed",
+            EventKind::DevFailed,
             10 * i64::from(attempt) + 5,
         );
         end.runs.close_rest = Some(RunEnd {
@@ -1093,7 +1093,7 @@ pub async fn keeps_usage_and_sums_it_by_time<S: Store>(store: &S) {
     ];
     for (t, at, usage, cost_cents) in ends {
         let current = store.get_task(&t.id).await.expect("get").expect("task");
-        let mut start = write(&current, current.state.clone(), "leased", at);
+        let mut start = write(&current, current.state.clone(), EventKind::Leased, at);
         start.runs.start = Some(NewRun {
             phase: Phase::Dev,
             patchset: 0,
@@ -1101,7 +1101,12 @@ pub async fn keeps_usage_and_sums_it_by_time<S: Store>(store: &S) {
             train: None,
         });
         let current = store.commit(start).await.expect("start").task;
-        let mut end = write(&current, current.state.clone(), "dev_failed", at + 10);
+        let mut end = write(
+            &current,
+            current.state.clone(),
+            EventKind::DevFailed,
+            at + 10,
+        );
         end.runs.close_rest = Some(RunEnd {
             usage,
             ..RunEnd::success(cost_cents, None)
@@ -1272,7 +1277,7 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
         ..waiting.state.clone()
     };
     store
-        .commit(write(&waiting, state, "test", 2))
+        .commit(write(&waiting, state, EventKind::Recovered, 2))
         .await
         .expect("back off");
     let ids = |tasks: Vec<Task>| {
@@ -1306,7 +1311,7 @@ pub async fn offers_lease_candidates_out_of_back_off_with_dependencies_done<S: S
         ..dep.state.clone()
     };
     store
-        .commit(write(&dep, done, "test", 3))
+        .commit(write(&dep, done, EventKind::Recovered, 3))
         .await
         .expect("done");
     assert_eq!(
@@ -1352,7 +1357,7 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     );
     let mut verified = task.state.clone();
     verified.status = TaskStatus::Verified;
-    let mut w = write(&task, verified.clone(), "verified", 8);
+    let mut w = write(&task, verified.clone(), EventKind::Verified, 8);
     w.next.patch_commit = Some(patch.clone());
     let task = store.commit(w).await.expect("verified").task;
     assert_eq!(task.patch_commit, Some(patch.clone()));
@@ -1376,7 +1381,7 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
         Some(other.id.clone())
     );
     assert!(pending().await.is_empty());
-    let mut w = write(&other, verified, "verified", 8);
+    let mut w = write(&other, verified, EventKind::Verified, 8);
     w.next.patch_commit = Some(sha('e'));
     store.commit(w).await.expect("verified");
     assert_eq!(
@@ -1394,7 +1399,7 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     assert!(pending().await.is_empty());
     // Ending it with a transition removes it in the same transaction.
     assert_eq!(begin(&[(entry.clone(), patch.clone())]).await, None);
-    let mut w = write(&task, task.state.clone(), "test", 8);
+    let mut w = write(&task, task.state.clone(), EventKind::Recovered, 8);
     w.end_integration = true;
     store.commit(w).await.expect("transition");
     assert!(pending().await.is_empty());
@@ -1426,7 +1431,7 @@ pub async fn records_trains_and_their_runs<S: Store>(store: &S) {
     let runs = store.runs(&task.id).await.expect("runs");
     assert_eq!((runs[0].train, runs[0].builds), (Some(second), Some(3)));
     let end = |builds, landed| TrainEnd {
-        outcome: "landed".into(),
+        outcome: TrainOutcome::Landed,
         builds,
         landed,
         red_commit: None,

@@ -85,7 +85,7 @@ pub(super) async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Resu
         tx,
         &w.task_id,
         w.at,
-        &w.event.kind,
+        w.event.kind.as_str(),
         Some(w.event.from),
         w.event.to,
         &w.event.message,

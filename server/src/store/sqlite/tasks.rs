@@ -13,7 +13,9 @@ use super::rows::{
     DEPS_COLUMN, LIST_COLUMNS, ListRow, ROWS_PER_STATEMENT, TASK_COLUMNS, TaskRow, candidates,
     join_requires, keyset_page, load_task, stored_id, stored_status, task_exists,
 };
-use crate::domain::{Millis, NewTask, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskStatus};
+use crate::domain::{
+    EventKind, Millis, NewTask, StatusCounts, Task, TaskEdit, TaskEvent, TaskId, TaskStatus,
+};
 use crate::error::{Error, Result};
 use crate::store::{NewEvent, TaskFilter, plan};
 
@@ -75,7 +77,7 @@ pub(super) async fn insert_tasks(
         q.push_values(chunk, |mut row, r| {
             row.push_bind(r.id.as_str())
                 .push_bind(now)
-                .push_bind(plan::CREATED)
+                .push_bind(EventKind::Created.as_str())
                 .push_bind(None::<&str>)
                 .push_bind(TaskStatus::Open.as_str())
                 .push_bind(r.message.as_str());
@@ -120,7 +122,7 @@ pub(super) async fn insert_dependencies(
         &mut *tx,
         id,
         now,
-        &event.kind,
+        event.kind.as_str(),
         Some(event.from),
         event.to,
         &event.message,
@@ -210,9 +212,9 @@ pub(super) async fn set_paused(
     let mut tx = store.write().await?;
     let result = async {
         let kind = if paused.is_some() {
-            "paused"
+            EventKind::Paused.as_str()
         } else {
-            "resumed"
+            EventKind::Resumed.as_str()
         };
         // The history first, while the rows still say what changes (those already in the
         // state asked for are left alone).
@@ -287,7 +289,7 @@ pub(super) async fn edit_task(
             &mut tx,
             id,
             now,
-            &event.kind,
+            event.kind.as_str(),
             Some(event.from),
             event.to,
             &event.message,

@@ -77,7 +77,7 @@ pub(super) async fn end_train(
          WHERE id = ?",
     )
     .bind(at)
-    .bind(&end.outcome)
+    .bind(end.outcome.as_str())
     .bind(i64::from(end.builds))
     .bind(i64::from(end.landed))
     .bind(end.red_commit.as_ref().map(CommitId::as_str))
