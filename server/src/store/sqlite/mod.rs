@@ -12,9 +12,11 @@
 //! `events` (task history), `trains` (merge trains and the journal of base moves), `logs`,
 //! `meta` (server facts and the generated-ID counter), `sessions` (the web page's). Below them
 //! `reads` (the plan's reads, [`crate::store::plan::Reads`], in SQL), `graph` (what a task
-//! waits for, its ancestors) and `rows` (row types, columns, decoding).
+//! waits for, its ancestors), `rows` (row types, columns, decoding) and `errors` (SQLite's
+//! errors as the domain's [`Error`], mapped at this edge).
 
 mod commit;
+mod errors;
 mod events;
 mod graph;
 mod logs;
