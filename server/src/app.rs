@@ -29,7 +29,7 @@ use crate::lifecycle::Policy;
 use crate::ports::Repository;
 use crate::repo::Repo;
 use crate::store::Store;
-use crate::store::sqlite::SqliteStore;
+use crate::store::any::Database;
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -96,11 +96,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         .db
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", state_dir.join("pipeline.db").display()));
+    let database = Database::parse(&db_url)?;
     // Builds (and local runners' agents) reach nothing of the state dir, the database or the
     // TLS key; refused here, before anything is written, when no sandbox can be had.
     let mut deny = vec![state_dir.clone()];
     deny.extend(config.tls_key.clone());
-    if let Some(dir) = sqlite_path(&db_url).as_deref().and_then(|db| db.parent()) {
+    if let Some(dir) = database.file().and_then(|db| db.parent()) {
         deny.push(dir.to_path_buf());
     }
     let sandbox = if config.dry_run {
@@ -141,7 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         },
     )?;
     if config.dry_run {
-        let store = SqliteStore::open(&db_url).await?;
+        let store = database.open().await?;
         let plan = dry_run(&store, &config).await;
         store.close().await;
         plan?;
@@ -156,14 +157,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         &state_dir,
         OWN_STATE,
     )?];
-    if let Some(db) = sqlite_path(&db_url) {
+    if let Some(db) = database.file() {
         let lock = db.with_file_name(format!(
             "{}.lock",
             db.file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or("pipeline.db")
         ));
-        locks.push(StateLock::take(&lock, "database", &db, OWN_STATE)?);
+        locks.push(StateLock::take(&lock, "database", db, OWN_STATE)?);
     }
     // And one server per repository, whatever its state dir: two would take each other's
     // landings for their own.
@@ -201,7 +202,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     if cleaned > 0 {
         tracing::info!(files = cleaned, "removed bundles a crash left in the spool");
     }
-    let store = SqliteStore::open(&db_url).await?;
+    let store = database.open().await?;
     claim_repository(&store, &git_dir, &config, &db_url).await?;
     let mut auth =
         crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
@@ -549,7 +550,7 @@ async fn until_idle<S: Store, R: Repository>(coordinator: &Coordinator<S, R>) ->
 }
 
 /// `--dry-run`: what the server would lease and land now, printed on stdout; nothing changes.
-async fn dry_run(store: &SqliteStore, config: &Config) -> Result<()> {
+async fn dry_run<S: Store>(store: &S, config: &Config) -> Result<()> {
     use std::io::Write;
     let now = pipeline_core::clock::now_ms();
     let leasable = store.lease_candidates(now, None, 50).await?;
@@ -669,22 +670,12 @@ impl Supervisor {
     }
 }
 
-/// The path of an SQLite database URL's file (`sqlite://PATH`, `sqlite:PATH` or a plain path).
-fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .unwrap_or(url);
-    let path = rest.split('?').next().unwrap_or_default();
-    (!path.is_empty() && !path.starts_with(':')).then(|| std::path::PathBuf::from(path))
-}
-
 /// Makes sure the repository is this database's (see [`crate::repo::owner`]): claims one no
 /// database has claimed (or, with `--accept-existing-history`, one another database owns), and
 /// refuses one that belongs to another database. The database's ID is written before the
 /// repository's record, so a crash in between only leaves a claim to finish.
-async fn claim_repository(
-    store: &SqliteStore,
+async fn claim_repository<S: Store>(
+    store: &S,
     git_dir: &std::path::Path,
     config: &Config,
     db_url: &str,
@@ -880,7 +871,7 @@ fn start_local_runners(
 
 /// Deletes the logs of runs older than the retention, now and then once an hour (a
 /// housekeeping timer, not a poll of anything on the work path).
-async fn prune_logs(store: SqliteStore, days: u64, shutdown: CancellationToken) {
+async fn prune_logs<S: Store>(store: S, days: u64, shutdown: CancellationToken) {
     let keep_ms = i64::try_from(days.saturating_mul(24 * 3600 * 1000)).unwrap_or(i64::MAX);
     loop {
         let before = pipeline_core::clock::now_ms().saturating_sub(keep_ms);

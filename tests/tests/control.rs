@@ -325,6 +325,19 @@ fn the_database_lives_in_the_state_dir_or_where_db_says() {
     server.add(&["--title", "y"]);
     drop(server);
     assert!(other.is_file());
+    // A kind of database this server has no backend for is refused in one line, naming no
+    // password.
+    let refused = Server::spawn(&mut Server::command(
+        &repo,
+        &["--db", "postgres://u:secret@db.example/pipeline"],
+    ))
+    .err()
+    .expect("no PostgreSQL backend yet");
+    assert!(
+        refused.contains("PostgreSQL is not supported yet"),
+        "{refused}"
+    );
+    assert!(!refused.contains("secret"), "{refused}");
 }
 
 #[test]

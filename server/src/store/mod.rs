@@ -44,6 +44,7 @@ use crate::domain::{
 use crate::error::Result;
 use pipeline_core::ids::{CommitId, TreeId};
 
+pub mod any;
 #[cfg(test)]
 pub mod memory;
 pub mod plan;
