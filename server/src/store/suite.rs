@@ -1,6 +1,9 @@
 //! The behaviour every [`Store`] backend must have, as generic async checks. A backend runs them
 //! all with `store_test_suite!(factory)`, where `factory` is an async fn returning
-//! `(guard, store)` over a fresh, empty database.
+//! `(guard, store)` over a fresh, empty database. It covers every method of the trait, and
+//! writers at the same time (two worker threads): inserts racing for the next generated ID,
+//! edits racing to close a dependency cycle. Written against the trait only, so a new backend
+//! (Postgres, issue 28) runs it as it is.
 
 use crate::domain::{
     Children, CostSource, EventKind, LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId,
@@ -116,11 +119,19 @@ macro_rules! store_test_suite {
             records_trains_and_their_runs,
             stores_trims_and_prunes_logs,
             keeps_and_ends_sessions,
+            group_commits_write_each_or_refuse_it,
+            reads_history_after_a_position,
+            reads_the_statuses_of_those_that_exist,
+            knows_a_fresh_store_and_raises_the_next_id,
+            has_no_write_failure_while_writes_succeed,
+            racing_inserts_take_distinct_ids,
+            racing_edits_close_no_cycle,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
         $(
-            #[tokio::test]
+            // Two worker threads: the racing checks' writers run in parallel.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let (_guard, store) = $factory().await;
                 $crate::store::suite::$name(&store).await;
@@ -1635,4 +1646,200 @@ pub async fn keeps_and_ends_sessions<S: Store>(store: &S) {
         1
     );
     assert!(store.sessions().await.expect("none").is_empty());
+}
+
+/// A group commit writes each write that holds and refuses, in its place, each that lost its
+/// race (`Conflict`) or names no task (`NotFound`); the others are written all the same.
+pub async fn group_commits_write_each_or_refuse_it<S: Store>(store: &S) {
+    let a = create(store, "a").await;
+    let b = create(store, "b").await;
+    let leased = |t: &Task| TaskState {
+        status: TaskStatus::InProgress,
+        ..t.state.clone()
+    };
+    let mut stale = write(&b, leased(&b), EventKind::Leased, 5);
+    stale.expected_version += 1;
+    let mut nobody = write(&b, leased(&b), EventKind::Leased, 5);
+    nobody.task_id = id("ghost");
+    let done = store
+        .commit_all(vec![
+            write(&a, leased(&a), EventKind::Leased, 5),
+            stale,
+            nobody,
+        ])
+        .await
+        .expect("group commit");
+    assert_eq!(done.len(), 3);
+    let written = done[0].as_ref().expect("a is written");
+    assert_eq!(written.task.state.status, TaskStatus::InProgress);
+    assert_eq!(written.task.version, a.version + 1);
+    assert!(matches!(done[1], Err(Error::Conflict(_))), "{:?}", done[1]);
+    assert!(matches!(done[2], Err(Error::NotFound(_))), "{:?}", done[2]);
+    let read_a = store.get_task(&a.id).await.expect("a").expect("a");
+    assert_eq!(read_a.state.status, TaskStatus::InProgress);
+    let read_b = store.get_task(&b.id).await.expect("b").expect("b");
+    assert_eq!(read_b, b, "b untouched");
+    let kinds: Vec<String> = store
+        .events(&a.id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["created", "leased"]);
+    assert_eq!(store.events(&b.id).await.expect("events").len(), 1);
+    assert!(store.commit_all(vec![]).await.expect("nothing").is_empty());
+}
+
+/// History entries have increasing IDs; `watch` reads them after a position, a page at a time.
+pub async fn reads_history_after_a_position<S: Store>(store: &S) {
+    assert_eq!(store.last_event_id().await.expect("none yet"), 0);
+    assert!(store.events_after(0, 10).await.expect("none").is_empty());
+    let a = create(store, "a").await;
+    let b = create(store, "b").await;
+    transition(store, &a, TaskStatus::Cancelled)
+        .await
+        .expect("cancel");
+    let all = store.events_after(0, 10).await.expect("all");
+    let seen: Vec<(&str, &str)> = all
+        .iter()
+        .map(|e| (e.task_id.as_str(), e.kind.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (a.id.as_str(), "created"),
+            (b.id.as_str(), "created"),
+            (a.id.as_str(), "recovered")
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "in order");
+    assert_eq!(store.last_event_id().await.expect("last"), all[2].id);
+    let page = store.events_after(all[0].id, 1).await.expect("page");
+    assert_eq!(page, all[1..2]);
+    assert!(
+        store
+            .events_after(all[2].id, 10)
+            .await
+            .expect("after the last")
+            .is_empty()
+    );
+    assert_eq!(all[2].from, Some(TaskStatus::Open));
+    assert_eq!(all[2].to, TaskStatus::Cancelled);
+}
+
+/// The statuses of the named tasks that exist; the others are left out.
+pub async fn reads_the_statuses_of_those_that_exist<S: Store>(store: &S) {
+    let a = create(store, "a").await;
+    let b = create(store, "b").await;
+    transition(store, &b, TaskStatus::Cancelled)
+        .await
+        .expect("cancel");
+    assert!(store.statuses(&[]).await.expect("none").is_empty());
+    let mut found = store
+        .statuses(&[b.id.clone(), id("ghost"), a.id.clone()])
+        .await
+        .expect("statuses");
+    found.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        found,
+        [(a.id, TaskStatus::Open), (b.id, TaskStatus::Cancelled)]
+    );
+}
+
+/// A store that never held a task and never generated an ID is fresh; raising the next ID
+/// (what the repository's landed tasks ask at start-up) makes it not, and never lowers it.
+pub async fn knows_a_fresh_store_and_raises_the_next_id<S: Store>(store: &S) {
+    assert!(store.is_fresh().await.expect("fresh"));
+    store.raise_next_task_number(5).await.expect("raise");
+    assert!(!store.is_fresh().await.expect("not fresh"));
+    assert_eq!(create(store, "a").await.id.as_str(), "t-5");
+    store
+        .raise_next_task_number(3)
+        .await
+        .expect("lower: nothing");
+    assert_eq!(create(store, "b").await.id.as_str(), "t-6");
+    store.raise_next_task_number(9).await.expect("raise");
+    assert_eq!(create(store, "c").await.id.as_str(), "t-9");
+}
+
+/// No failure to report while writes succeed.
+pub async fn has_no_write_failure_while_writes_succeed<S: Store>(store: &S) {
+    assert_eq!(store.write_failure(), None);
+    create(store, "a").await;
+    store.put_meta("k", "v").await.expect("meta");
+    assert_eq!(store.write_failure(), None);
+}
+
+/// Writers at the same time (tasks of the runtime, each its own call) never take the same
+/// generated ID, and none is used again afterwards.
+pub async fn racing_inserts_take_distinct_ids<S: Store>(store: &S) {
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..6u8 {
+        let store = store.clone();
+        racers.spawn(async move {
+            if i % 2 == 0 {
+                let batch = vec![
+                    new_task(None, "one of a batch", 2, &[]),
+                    new_task(None, "one of a batch", 2, &[]),
+                ];
+                store
+                    .create_tasks(batch, 1)
+                    .await
+                    .map(|c| c.into_iter().map(|(t, _)| t.id).collect::<Vec<_>>())
+            } else {
+                store
+                    .create_task(new_task(None, "alone", 2, &[]), 1)
+                    .await
+                    .map(|t| vec![t.id])
+            }
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(done) = racers.join_next().await {
+        ids.extend(done.expect("no panic").expect("created"));
+    }
+    assert_eq!(ids.len(), 9);
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 9, "no ID taken twice: {ids:?}");
+    let next = create(store, "after").await;
+    assert!(!ids.contains(&next.id), "{} used again", next.id);
+    assert_eq!(next.id.as_str(), "t-10", "none skipped either");
+}
+
+/// Two edits at the same time that would each close half of a cycle: exactly one is refused.
+pub async fn racing_edits_close_no_cycle<S: Store>(store: &S) {
+    let a = create(store, "a").await;
+    let b = create(store, "b").await;
+    let edit = |task: Task, dep: TaskId| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .add_dependencies(&task.id, &[dep], deps_event(&task), 3)
+                .await
+        })
+    };
+    let one = edit(a.clone(), b.id.clone());
+    let other = edit(b.clone(), a.id.clone());
+    let results = [one.await.expect("no panic"), other.await.expect("no panic")];
+    let refused: Vec<&Error> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{results:?}");
+    assert!(
+        matches!(refused[0], Error::FailedPrecondition(m) if m.contains("cycle")),
+        "{}",
+        refused[0]
+    );
+    let mut edges = 0;
+    for t in [a, b] {
+        edges += store
+            .get_task(&t.id)
+            .await
+            .expect("get")
+            .expect("task")
+            .depends_on
+            .len();
+    }
+    assert_eq!(edges, 1, "one edge, not a cycle");
 }
