@@ -1,5 +1,11 @@
 //! A runner spoken by hand over the real gRPC protocol, for the tests that need to misbehave:
 //! stop heartbeating, send a late result for a dead lease, announce the wrong protocol version.
+//!
+//! Its connection runs on a runtime thread of its own, so that what the test drops (a work
+//! stream, a call under way) reaches the server while the test waits on something else; what
+//! a step stands for is waited on where the server shows it (`runners --json`, a spool file),
+//! never for a fixed time. [`FakeRunner::register_frozen`] makes one whose connection runs
+//! only during the test's calls (between them nothing answers the server's pings).
 
 use std::time::Duration;
 
@@ -13,6 +19,8 @@ use crate::DEADLINE;
 /// A hand-driven runner (blocking API over its own Tokio runtime).
 pub struct FakeRunner {
     rt: tokio::runtime::Runtime,
+    /// The server's URL (to ask it, as an admin, what it sees of this runner).
+    url: String,
     client: RunnerServiceClient<Channel>,
     pub id: String,
     /// The credential the server issued at registration.
@@ -75,18 +83,33 @@ impl FakeRunner {
         name: &str,
         protocol_version: u32,
     ) -> Result<Self, Status> {
-        Self::register_with(
-            url,
-            token,
-            pb::RegisterRequest {
-                name: name.to_owned(),
-                labels: vec!["fake".into()],
-                slots: 1,
-                version: "test".into(),
-                protocol_version,
-                ..Default::default()
-            },
-        )
+        Self::register_with(url, token, Self::request(name, protocol_version))
+    }
+
+    /// [`FakeRunner::register`], with a connection that runs only while the test calls the
+    /// runner: between calls it is frozen, and answers not even the server's pings.
+    pub fn register_frozen(
+        url: &str,
+        token: &str,
+        name: &str,
+        protocol_version: u32,
+    ) -> Result<Self, Status> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Self::connect(rt, url, token, Self::request(name, protocol_version))
+    }
+
+    fn request(name: &str, protocol_version: u32) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            name: name.to_owned(),
+            labels: vec!["fake".into()],
+            slots: 1,
+            version: "test".into(),
+            protocol_version,
+            ..Default::default()
+        }
     }
 
     /// Registers with the registration `token` and a request made by the test.
@@ -95,10 +118,22 @@ impl FakeRunner {
         token: &str,
         request: pb::RegisterRequest,
     ) -> Result<Self, Status> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // A worker thread drives the connection between the test's calls (a dropped stream is
+        // reset at once, not at the next call).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
+        Self::connect(rt, url, token, request)
+    }
+
+    fn connect(
+        rt: tokio::runtime::Runtime,
+        url: &str,
+        token: &str,
+        request: pb::RegisterRequest,
+    ) -> Result<Self, Status> {
         let mut client = rt
             .block_on(RunnerServiceClient::connect(url.to_owned()))
             .map_err(|e| Status::unavailable(e.to_string()))?
@@ -108,6 +143,7 @@ impl FakeRunner {
             .into_inner();
         Ok(Self {
             rt,
+            url: url.to_owned(),
             client,
             id: resp.runner_id,
             // Registering with its own credential, a runner gets none new: it keeps that one.
@@ -139,12 +175,18 @@ impl FakeRunner {
         }
     }
 
-    /// Drops the work stream (the runner loses its connection).
+    /// Drops the work stream (the runner loses its connection) and waits until the server
+    /// lists this runner offline (`runners --json`, with the admin token of the server this
+    /// process started on the URL's port).
     pub fn close(&mut self) {
         self.stream = None;
-        // The connection runs on this runtime: let it tell the server.
-        self.rt
-            .block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
+        crate::wait_for("the server to see the fake runner's stream closed", || {
+            let runners = crate::listed(crate::ctl(&self.url, &["runners", "--json"]).json());
+            (!runners
+                .iter()
+                .any(|r| r["id"] == self.id.as_str() && crate::connected(r)))
+            .then_some(())
+        });
     }
 
     /// The next message pushed on the work stream.
@@ -268,7 +310,8 @@ impl FakeRunner {
     }
 
     /// Sends `messages` as the start of a `CompleteLease` call that never ends, until `sent`
-    /// says the server has them; then hangs up (a cancelled upload).
+    /// says the server has them; then hangs up (a cancelled upload: the connection's thread
+    /// resets the call; the test waits for what the server does about it).
     pub fn complete_then_hang_up(
         &mut self,
         messages: Vec<pb::CompleteLeaseRequest>,
@@ -278,26 +321,17 @@ impl FakeRunner {
         let endless = tokio_stream_iter(messages).chain(tonic::codegen::tokio_stream::pending());
         let mut client = self.client.clone();
         let req = authorized(&self.credential, endless);
-        self.rt.block_on(async move {
-            let call = client.complete_lease(req);
-            tokio::pin!(call);
-            let start = std::time::Instant::now();
-            loop {
-                tokio::select! {
-                    answer = &mut call => panic!("the server answered a call that never ended: {answer:?}"),
-                    () = tokio::time::sleep(Duration::from_millis(20)) => {
-                        if sent() {
-                            break;
-                        }
-                        assert!(start.elapsed() < DEADLINE, "the server never received the upload");
-                    }
-                }
-            }
+        let call = self
+            .rt
+            .spawn(async move { client.complete_lease(req).await });
+        crate::wait_for("the server to receive the upload", || {
+            assert!(
+                !call.is_finished(),
+                "the server answered a call that never ended"
+            );
+            sent().then_some(())
         });
-        // The connection runs on this runtime: drive it a moment so that it tells the server
-        // the call was cancelled.
-        self.rt
-            .block_on(async { tokio::time::sleep(Duration::from_millis(200)).await });
+        call.abort();
     }
 }
 
@@ -329,16 +363,7 @@ impl FakeRunner {
         let call = self.rt.spawn(async move {
             let _ = client.complete_lease(req).await;
         });
-        self.rt.block_on(async {
-            let start = std::time::Instant::now();
-            while !sent() {
-                assert!(
-                    start.elapsed() < DEADLINE,
-                    "the server never received the upload"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
+        crate::wait_for("the server to receive the upload", || sent().then_some(()));
         HeldCall { _call: call }
     }
 }

@@ -13,7 +13,17 @@
 //!   base directories, by default the [`TestRepo`]'s `home/`), so a test never reads or writes
 //!   the user's files (the servers' notes for `pipelinectl` live there too); [`command`],
 //!   [`TestRepo::command`] and [`Server::ctl_command`] make such commands.
-//! - [`wait_for`] waits for a condition with a deadline: no test sleeps to synchronise.
+//! - [`wait_for`] waits for a condition with a deadline: no test sleeps to synchronise, and no
+//!   test waits for log wording to learn that something happened. They wait for what a user
+//!   could see: a task's JSON ([`Server::wait_task`], [`Server::wait_status`]), a runner's in
+//!   `runners --json` ([`Server::wait_runner`], [`Server::wait_connected`] and
+//!   [`wait_connected`]: registered with its work stream open; [`Server::wait_runner_gone`]),
+//!   the queue's ([`Server::wait_queue`], [`Server::wait_train_building`]), a file a script
+//!   touches ([`TestRepo::wait_agent`], [`TestRepo::agent_file`]), a process that exited.
+//!   Log lines are read only where the line is itself the feature (an operator-facing message,
+//!   a refusal's one line); each test file lists those it checks in its module doc. The harness
+//!   reads one: the server's start-up line with its address (`listening on`, how a user learns
+//!   the port of `--listen 127.0.0.1:0`; its HTTP side's likewise in [`web`]).
 //! - [`web`]: the server's HTTP side (its address, an HTTP client, server-sent events off a
 //!   socket) and a headless Chromium driven through WebDriver ([`web::Browser`]).
 //! - Small readers shared by the test files: a task's [`runs`] and [`event_kinds`] from its
@@ -126,6 +136,37 @@ pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(200));
     }
+}
+
+/// Whether a runner's JSON (from `runners --json`) says its work stream is open.
+pub fn connected(runner: &Value) -> bool {
+    ["idle", "busy", "draining"].contains(&runner["state"].as_str().unwrap_or_default())
+}
+
+/// The array `runners --json` (or any JSON array) printed, as a `Vec`.
+pub fn listed(json: Value) -> Vec<Value> {
+    match json {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+/// Waits until `runner`, a runner process named `name`, has registered and opened its work
+/// stream: `runners` (the server's `runners --json`, however the test reaches it) lists it
+/// [`connected`]. Fails at once, with its log, if the process exits first. Another runner of
+/// that name must not be connected at the same time (wait for it to be offline first).
+pub fn wait_connected(runner: &Proc, name: &str, runners: impl Fn() -> Vec<Value>) -> Value {
+    wait_for(&format!("runner {name} to connect"), || {
+        if !alive(runner.pid()) {
+            panic!(
+                "runner {name} exited before it connected:\n{}",
+                runner.log()
+            );
+        }
+        runners()
+            .into_iter()
+            .find(|r| r["name"] == name && connected(r))
+    })
 }
 
 /// Runs `git` in `dir` (with no user configuration: an empty home), panicking with its stderr
@@ -412,7 +453,8 @@ impl Proc {
     }
 
     /// Waits for a log line containing `needle` and returns it; `Err` with the whole log if the
-    /// process closed its log first.
+    /// process closed its log first. Only for a line that is itself what the test checks (an
+    /// operator-facing message, a command's output), never to learn that something happened.
     pub fn wait_for_line(&self, needle: &str) -> Result<String, String> {
         if let Some(line) = self.log_lines().into_iter().find(|l| l.contains(needle)) {
             return Ok(line);
@@ -622,7 +664,60 @@ impl Server {
         self.wait_task(id, status, |t| t["status"] == status)
     }
 
-    /// Waits for a log line containing `needle`.
+    /// `runners --json`: every runner the server knows.
+    pub fn runners(&self) -> Vec<Value> {
+        listed(self.ctl(&["runners", "--json"]).json())
+    }
+
+    /// Waits until the runner named `name` is listed by `runners --json` and satisfies `cond`;
+    /// returns its JSON.
+    pub fn wait_runner(&self, name: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        wait_for(&format!("runner {name} to be {what}"), || {
+            self.runners()
+                .into_iter()
+                .find(|r| r["name"] == name && cond(r))
+        })
+    }
+
+    /// Waits until `runner`, a runner process named `name`, has its work stream open to this
+    /// server (see [`wait_connected`]); returns its JSON.
+    pub fn wait_connected(&self, runner: &Proc, name: &str) -> Value {
+        wait_connected(runner, name, || self.runners())
+    }
+
+    /// Waits until no runner named `name` is connected (one that was stopped is offline).
+    pub fn wait_runner_gone(&self, name: &str) {
+        wait_for(&format!("runner {name} to be offline"), || {
+            (!self
+                .runners()
+                .iter()
+                .any(|r| r["name"] == name && connected(r)))
+            .then_some(())
+        });
+    }
+
+    /// `queue --json`.
+    pub fn queue(&self) -> Value {
+        self.ctl(&["queue", "--json"]).json()
+    }
+
+    /// Waits until `queue --json` satisfies `cond`; returns it.
+    pub fn wait_queue(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, || Some(self.queue()).filter(|q| cond(q)))
+    }
+
+    /// Waits until the merge train is at its build (`queue --json`'s `train.step` says
+    /// `building…`); returns the queue.
+    pub fn wait_train_building(&self) -> Value {
+        self.wait_queue("the train's build", |q| {
+            q["train"]["step"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("building"))
+        })
+    }
+
+    /// Waits for a log line containing `needle`: only for a line that is itself what the test
+    /// checks (an operator-facing message), never to learn that something happened.
     pub fn wait_for_log(&self, needle: &str) {
         if let Err(log) = self.proc.wait_for_line(needle) {
             panic!("the server exited before logging {needle:?}:\n{log}");
@@ -723,12 +818,13 @@ pub struct Runner {
 
 impl Runner {
     /// Starts a runner named `name` for `server`, working in the repo's temp dir, with `args`
-    /// (agent and verification flags), and waits until it has registered.
+    /// (agent and verification flags), and waits until it is connected (`runners --json`).
+    /// A runner of that name that was just stopped is first seen offline, so that the new one
+    /// is not refused and the old one not taken for it.
     pub fn start(repo: &TestRepo, server: &Server, name: &str, args: &[&str]) -> Self {
+        server.wait_runner_gone(name);
         let runner = Self::spawn(repo, &server.url, name, args);
-        if let Err(log) = runner.proc.wait_for_line("registered") {
-            panic!("runner {name} did not register:\n{log}");
-        }
+        server.wait_connected(&runner.proc, name);
         runner
     }
 
