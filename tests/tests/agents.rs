@@ -3,6 +3,9 @@
 //! is invoked, how each ending is classified (the task's failure, or the machine's), what is
 //! recorded (cents, and where they came from), the budget stopping Codex, the runner-made
 //! commit, and a rate limit pausing the runner until it resets.
+//!
+//! Log lines checked on purpose (operator-facing): the runner's start-up line naming its
+//! agent's version, and the one line of a runner refused at start.
 
 use pipeline_tests::{Runner, Server, TestRepo, alive, git, runs, wait_for};
 use serde_json::Value;
@@ -52,11 +55,9 @@ fn claude_runs_unattended_with_its_limits_and_its_reported_cost() {
             "claude-sonnet-4-5",
         ],
     );
-    assert!(
-        r.log().contains("agent: claude 2.1.332 (Claude Code)"),
-        "{}",
-        r.log()
-    );
+    r.proc
+        .wait_for_line("agent: claude 2.1.332 (Claude Code)")
+        .expect("the runner names its agent's version");
     let id = server.add(&["--title", "notes", "--description", "CLAUDE: success"]);
     let task = server.wait_status(&id, "done");
     let args = args_of(&repo, "claude", &id);
@@ -401,8 +402,7 @@ fn a_preset_whose_program_is_missing_is_refused_at_start() {
         &["--agent", "claude"],
         &[("PATH", "/usr/bin:/bin")],
     );
-    let status = r.proc.wait_exit();
-    let log = r.log();
+    let (status, log) = r.proc.wait_exit_log();
     assert!(!status.success(), "{status:?}:\n{log}");
     assert!(
         log.contains("the agent program claude is not on PATH"),

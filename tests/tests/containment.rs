@@ -2,6 +2,10 @@
 //! the runner or server that started them, however it dies (SIGKILL included), what a crash
 //! left behind is stopped at the next start, and they run in a sandbox that keeps them out of
 //! the secrets and the other work beside them, while a legitimate build still works.
+//!
+//! Log lines checked on purpose (the line is the feature): the server's warning that agents run
+//! unconfined under `--no-sandbox`, an operator-facing message (checked after `status` and
+//! `runners` have shown it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -254,7 +258,7 @@ fn a_hostile_agent_and_build_on_a_runner_reach_none_of_its_secrets_nor_the_other
         .env("PIPELINE_TOKEN", &token)
         .env_remove("PIPELINE_SERVER");
     let runner = Proc::spawn(&mut cmd);
-    runner.wait_for_line("registered").expect("registered");
+    server.wait_connected(&runner, "r");
     let credential = read_trimmed(&work.join("credential"));
     // Another task's agent works in the other slot, its scratch file in its worktree.
     let other = server.add(&["--title", "other", "--description", "MODE: wait"]);
@@ -353,9 +357,7 @@ fn tokens_given_in_files_stay_out_of_the_command_line_and_the_environment() {
         .env_remove("PIPELINE_TOKEN")
         .env_remove("PIPELINE_SERVER");
     let runner = Proc::spawn(&mut cmd);
-    runner
-        .wait_for_line("registered")
-        .unwrap_or_else(|log| panic!("the runner did not register:\n{log}"));
+    server.wait_connected(&runner, "r");
     for what in ["cmdline", "environ"] {
         let seen = std::fs::read(format!("/proc/{}/{what}", runner.pid())).expect("proc");
         assert!(
@@ -366,7 +368,7 @@ fn tokens_given_in_files_stay_out_of_the_command_line_and_the_environment() {
     // pipelinectl reads one from a file too; an empty one is refused as a malformed request.
     let admin = repo.dir.path().join("admin.token");
     std::fs::copy(repo.state_dir().join("admin.token"), &admin).expect("copy");
-    // The runner counts once its work stream is open, a moment after its "registered" line.
+    // The connected runner is seen through the admin token's file too.
     wait_for("the runner, through the admin token's file", || {
         let status = ctl(
             &server.url,
@@ -399,7 +401,6 @@ fn without_a_sandbox_status_and_runners_say_so() {
     cmd.env_remove("PIPELINE_SANDBOX_READ")
         .env_remove("PIPELINE_SANDBOX_WRITE");
     let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("no server:\n{log}"));
-    server.wait_for_log("run unconfined (--no-sandbox)");
     let status = server.ctl(&["status", "--json"]).json();
     assert_eq!(status["sandbox"], "off");
     let text = server.ctl(&["status"]).ok();
@@ -409,6 +410,8 @@ fn without_a_sandbox_status_and_runners_say_so() {
         (r[0]["sandbox"] == "off").then_some(r)
     });
     assert_eq!(runners[0]["name"], "local-1");
+    // ...and the log warns the operator.
+    server.wait_for_log("run unconfined (--no-sandbox)");
     // Asking for no sandbox and for a sandbox's paths at once is a mistake, said at once.
     let out = run(
         Server::command(&repo, &["--no-sandbox", "--sandbox-read", "/srv"])
@@ -441,9 +444,7 @@ fn a_token_given_in_the_environment_leaves_the_runners_environment() {
             .env(var, &token)
             .env_remove("PIPELINE_SERVER");
         let runner = Proc::spawn(&mut cmd);
-        runner
-            .wait_for_line("registered")
-            .unwrap_or_else(|log| panic!("the runner did not register:\n{log}"));
+        server.wait_connected(&runner, &name);
         for what in ["environ", "cmdline"] {
             let seen = std::fs::read(format!("/proc/{}/{what}", runner.pid())).expect("proc");
             let seen = String::from_utf8_lossy(&seen);
@@ -547,9 +548,7 @@ fn a_hostile_agent_run_as_a_separate_user_reaches_none_of_the_runners_secrets() 
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let runner = Proc::spawn(&mut start(&token_file));
-    runner
-        .wait_for_line("registered")
-        .unwrap_or_else(|log| panic!("the runner did not register:\n{log}"));
+    server.wait_connected(&runner, "r");
     let credential = read_trimmed(&work.join("credential"));
     let state = repo.state_dir();
     let paths = [
@@ -635,9 +634,7 @@ fn without_landlock_a_runner_falls_back_to_a_separate_user_or_refuses() {
     );
     cmd.env("PIPELINE_FAILPOINT", "no-landlock");
     let runner = Proc::spawn(&mut cmd);
-    runner
-        .wait_for_line("registered")
-        .unwrap_or_else(|log| panic!("the runner did not register:\n{log}"));
+    server.wait_connected(&runner, "r");
     let id = server.add(&["--title", "t"]);
     server.wait_status(&id, "done");
     let runners = server.ctl(&["runners", "--json"]).json();

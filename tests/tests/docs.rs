@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pipeline_tests::{Runner, Server, TestRepo, run, scripted_agent};
+use pipeline_tests::{Runner, Server, TestRepo, listed, run, scripted_agent, wait_connected};
 
 /// The workspace's root.
 fn root() -> PathBuf {
@@ -147,7 +147,6 @@ fn the_tls_recipe_makes_certificates_the_server_serves_and_clients_trust() {
             &key,
         ],
     );
-    server.wait_for_log("serving TLS");
     let port = server.addr.rsplit(':').next().expect("port").to_owned();
     let token = repo.admin_token();
     // pipelinectl trusts it with --tls-ca, by each name the certificate has here...
@@ -172,11 +171,16 @@ fn the_tls_recipe_makes_certificates_the_server_serves_and_clients_trust() {
     args.extend(["--no-verify".to_owned(), "--tls-ca".to_owned(), ca.clone()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let runner = Runner::spawn(&repo, &format!("https://localhost:{port}"), "tls", &args);
-    runner
-        .proc
-        .wait_for_line("registered")
-        .unwrap_or_else(|log| panic!("the runner did not register over TLS:\n{log}"));
     let url = format!("https://localhost:{port}");
+    wait_connected(&runner.proc, "tls", || {
+        listed(
+            pipeline_tests::ctl(
+                &url,
+                &["--tls-ca", &ca, "--token", &token, "runners", "--json"],
+            )
+            .json(),
+        )
+    });
     let status = pipeline_tests::ctl(
         &url,
         &["--tls-ca", &ca, "--token", &token, "status", "--json"],

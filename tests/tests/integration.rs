@@ -1,6 +1,10 @@
 //! Integration end to end: verified commits land on the base by cherry-pick and compare-and-swap,
 //! exactly once, never red, never before their dependencies, never losing a person's push, and
 //! surviving SIGKILL of the server at any point.
+//!
+//! Log lines checked on purpose (each the feature, read once the server has exited): the
+//! server's last word when its dispatch loop panics, and the failpoint line that says where a
+//! crash test aborted it (the only sign of which point of the integration it died at).
 
 use pipeline_tests::{Server, TestRepo, git, main_tip, runner, runs, wait_for};
 use serde_json::Value;
@@ -169,12 +173,11 @@ fn a_concurrent_push_to_the_base_by_a_person_is_kept() {
     // The base moves before integration, so the server must build ...
     let p1 = repo.push_to_main("person1.txt", "one");
     repo.release_agents();
-    server.wait_for_log("building the integrated commit");
-    // ... and moves again while it builds.
+    server.wait_train_building();
+    // ... and moves again while it builds: the server redoes it on the new tip.
     let p2 = repo.push_to_main("person2.txt", "two");
     repo.touch("build-go");
     server.wait_status(&id, "done");
-    server.wait_for_log("the base moved during the integration; redoing it on the new tip");
     let landed = landed_commit(&repo, &id);
     assert_eq!(main_tip(&repo), landed);
     assert_eq!(git(&repo.repo(), &["rev-parse", &format!("{landed}^")]), p2);
@@ -200,9 +203,19 @@ fn a_task_never_lands_before_the_tasks_it_depends_on() {
     server.ctl(&["task", "depend", &later, "--on", &dep]).ok();
     repo.release_task(&later);
     server.wait_status(&later, "verified");
-    server.wait_for_log("waiting for its dependencies before integrating");
-    assert_eq!(server.show(&later)["status"], "verified", "held back");
-    assert!(repo.landed().is_empty());
+    // A task without dependencies, verified after it, lands past it: the integrator saw it
+    // and held it back.
+    let free = server.add(&["--title", "independent"]);
+    server.wait_status(&free, "done");
+    let held = server.show(&later);
+    assert_eq!(held["status"], "verified", "held back: {held}");
+    assert!(
+        held["waiting_for"]
+            .to_string()
+            .contains(&format!("depends on {dep}")),
+        "{held}"
+    );
+    assert_eq!(repo.landed(), [free]);
     repo.release_task(&dep);
     server.wait_status(&later, "done");
     let (d, l) = (landed_commit(&repo, &dep), landed_commit(&repo, &later));
@@ -241,7 +254,7 @@ fn sigkill_of_the_server_during_an_integration_build_then_restart() {
     repo.wait_agent(&id);
     repo.push_to_main("person.txt", "a person's change");
     repo.release_agents();
-    server.wait_for_log("building the integrated commit");
+    server.wait_train_building();
     server.kill();
     repo.touch("build-go");
     let server = Server::start(&repo, &["--build-cmd", &build, "--listen", &addr]);
@@ -295,10 +308,11 @@ fn a_task_cancelled_while_its_integration_builds_never_lands() {
     // The base moves, so the server builds (see above).
     let before = repo.push_to_main("person.txt", "a person's change");
     repo.release_agents();
-    server.wait_for_log("building the integrated commit");
+    server.wait_train_building();
     server.ctl(&["task", "cancel", &id]).ok();
     repo.touch("build-go");
-    server.wait_for_log("task changed during integration; not landing it");
+    // The train ends without it.
+    server.wait_queue("the train to end", |q| q["train"].is_null());
     assert_eq!(server.show(&id)["status"], "cancelled");
     assert_eq!(main_tip(&repo), before, "the base did not move");
     assert!(repo.landed().is_empty());
@@ -444,14 +458,15 @@ fn push_remote_keeps_the_remote_in_step_and_retries_a_rejected_push() {
     repo.wait_agent(&id);
     let p1 = pipeline_tests::push_commit(&origin, &person, "p1.txt", "one");
     repo.release_agents();
-    server.wait_for_log("building the integrated commit");
-    // Another push while the server builds: its own push is rejected, then redone.
+    server.wait_train_building();
+    // Another push while the server builds: its own push is rejected, then redone on top.
     let p2 = pipeline_tests::push_commit(&origin, &person, "p2.txt", "two");
     repo.touch("build-go");
     server.wait_status(&id, "done");
-    server.wait_for_log("push rejected: the remote moved; fetching and redoing");
-    let remote_tip = git(&origin, &["rev-parse", "main"]);
-    assert_eq!(remote_tip, main_tip(&repo), "local and remote agree");
+    let remote_tip = wait_for("local and remote to agree", || {
+        let remote_tip = git(&origin, &["rev-parse", "main"]);
+        (remote_tip == main_tip(&repo)).then_some(remote_tip)
+    });
     assert_eq!(git(&origin, &["rev-parse", &format!("{remote_tip}^")]), p2);
     let trailers = git(
         &origin,

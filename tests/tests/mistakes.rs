@@ -4,13 +4,18 @@
 //! name the server refuses, or whose work dir another runner holds, exits at once with one line
 //! saying what to fix; one whose server is not up yet waits for it. `pipelinectl` reads a
 //! server it cannot reach the same way. And each credential has a variable of its own.
+//!
+//! Log lines checked on purpose (each is the feature): the one line a refused runner prints as
+//! it exits, and the waiting runner's "retrying", the only sign, while nothing listens, that it
+//! waits instead of giving up.
 
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
 use pipeline_tests::{
-    Proc, Server, TestRepo, as_strs, ctl, make_certs, run, scripted_agent, scripts_path,
+    Proc, Server, TestRepo, as_strs, ctl, listed, make_certs, run, scripted_agent, scripts_path,
+    wait_connected,
 };
 
 /// A runner named `name` for `url`, working in `work`, presenting `token` (if any), with the
@@ -163,7 +168,9 @@ fn a_runner_exits_at_once_on_tls_it_cannot_use_and_pipelinectl_says_why() {
     ctl(&http, &["status"]).refused(5, "https://");
     // Trusting the CA, it works.
     let ok = Proc::spawn(&mut runner(&repo, &https, "d", &["--tls-ca", &ca]));
-    ok.wait_for_line("registered").expect("registered over TLS");
+    wait_connected(&ok, "d", || {
+        listed(ctl(&https, &["--tls-ca", &ca, "runners", "--json"]).json())
+    });
 }
 
 #[test]
@@ -181,7 +188,7 @@ fn a_runner_waits_for_a_server_that_is_not_listening_yet() {
     ));
     patient.wait_for_line("retrying").expect("still trying");
     let server = Server::start(&repo, &["--listen", &addr]);
-    patient.wait_for_line("registered").expect("registered");
+    server.wait_connected(&patient, "patient");
     let id = server.add(&["--title", "after the wait"]);
     server.wait_status(&id, "done");
 }
@@ -214,7 +221,7 @@ fn a_runner_the_server_refuses_exits_with_what_to_do() {
         Some(&repo.registration_token()),
         &[],
     ));
-    first.wait_for_line("registered").expect("registered");
+    server.wait_connected(&first, "first");
     let line = one_line_exit(&mut runner_with(
         &repo,
         &server.url,
@@ -285,11 +292,11 @@ fn each_credential_has_a_variable_of_its_own() {
     cmd.env("PIPELINE_RUNNER_TOKEN", &registration)
         .env("PIPELINE_TOKEN", &admin);
     let by_name = Proc::spawn(&mut cmd);
-    by_name.wait_for_line("registered").expect("registered");
+    server.wait_connected(&by_name, "by-name");
     // And PIPELINE_TOKEN alone still.
     let work = repo.dir.path().join("runners/by-old-name");
     let mut cmd = runner_with(&repo, &server.url, "by-old-name", &work, None, &[]);
     cmd.env("PIPELINE_TOKEN", &registration);
     let by_old_name = Proc::spawn(&mut cmd);
-    by_old_name.wait_for_line("registered").expect("registered");
+    server.wait_connected(&by_old_name, "by-old-name");
 }

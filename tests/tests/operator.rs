@@ -264,9 +264,7 @@ fn a_once_runner_takes_one_task_finishes_it_and_exits_by_its_outcome() {
     let mut args = agent_args(&["--once", "--no-verify", "--only-task", "nothing-here"]);
     args.push("--label=idle".to_owned());
     let mut idle = Runner::spawn(&repo, &server.url, "once-idle", &as_strs(&args));
-    if let Err(log) = idle.proc.wait_for_line("registered") {
-        panic!("did not register: {log}");
-    }
+    server.wait_connected(&idle.proc, "once-idle");
     idle.proc.signal("TERM");
     let (status, log) = idle.proc.wait_exit_log();
     assert_eq!(status.code(), Some(0), "{log}");
@@ -553,9 +551,7 @@ fn a_runner_registers_with_the_token_of_its_systemd_credential() {
     }
     without.env("CREDENTIALS_DIRECTORY", creds.path());
     let runner = pipeline_tests::Proc::spawn(&mut without);
-    if let Err(log) = runner.wait_for_line("registered") {
-        panic!("did not register with the credential's token:\n{log}");
-    }
+    server.wait_connected(&runner, "from-credential");
     let id = server.add(&["--title", "through the credential"]);
     server.wait_status(&id, "done");
 }

@@ -1,6 +1,19 @@
 //! Nothing lost, nothing misattributed: a task is charged only for its own failures. A
 //! missing program, a git or disk error, a lost connection are the infrastructure's, and give
 //! the lease back uncharged, with the reason on the run.
+//!
+//! Log lines checked on purpose, each operator-facing and the only sign of what it says:
+//! - a refusal's one line as a server or runner exits;
+//! - the output of `pipelinectl watch` and `logs --follow` (their stdout, read through the
+//!   captured stream: what a user sees, the feature), and a server's "stopped" with no error
+//!   and no "still running" once a graceful stop is over;
+//! - a runner's "no contact with the server": the only sign that a whole TTL went by with the
+//!   server down while the runner kept its agent;
+//! - "dispatch round failed": a lapsed lease the server could not record on a full disk
+//!   changes nothing anyone can see (that is the point), so only the error says the round met
+//!   the full disk before it is freed;
+//! - "cannot spool a commit's bundle": the server says so in its log and nowhere else (the
+//!   runner sends it again).
 
 use std::process::Command;
 
@@ -138,7 +151,7 @@ fn an_agent_that_cannot_start_is_not_charged_and_its_runner_turns_unhealthy() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let cmd = wrapper.display().to_string();
-    let broken = Runner::start(
+    let _broken = Runner::start(
         &repo,
         &server,
         "broken",
@@ -162,12 +175,9 @@ fn an_agent_that_cannot_start_is_not_charged_and_its_runner_turns_unhealthy() {
     });
     let reason = runners[0]["health_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("vanishing-agent.sh"), "{reason}");
-    assert!(
-        broken.log().contains("infrastructure failure"),
-        "{}",
-        broken.log()
-    );
-    // Nothing was charged: every task is open, with no failure counted.
+    // Nothing was charged: every task is open, with no failure counted, and the runs that
+    // failed say it was the infrastructure.
+    let mut infra = 0;
     for id in &ids {
         let task = server.show(id);
         assert_eq!(task["failures"], 0, "{task}");
@@ -182,9 +192,11 @@ fn an_agent_that_cannot_start_is_not_charged_and_its_runner_turns_unhealthy() {
                             && e.contains("exit 127")),
                     "{run}"
                 );
+                infra += 1;
             }
         }
     }
+    assert!(infra > 0, "no run ended as an infrastructure failure");
     // A healthy runner does the work; the unhealthy one takes none.
     let args = {
         let mut a = scripted_agent();
@@ -220,9 +232,7 @@ fn a_runner_without_bild_starts_and_gives_back_only_the_leases_it_cannot_verify(
         &["--agent-cmd", &agent, "--max-infra-failures", "2"],
         &[("PATH", &path)],
     );
-    if let Err(log) = bildless.proc.wait_for_line("registered") {
-        panic!("a runner without bild did not start:\n{log}");
-    }
+    server.wait_connected(&bildless.proc, "bildless");
     // Bild does not apply to a task without a namespace: its work is done.
     let plain = server.add(&["--title", "no namespace"]);
     let task = server.wait_status(&plain, "done");
@@ -326,7 +336,7 @@ fn a_relative_agent_command_runs_from_where_the_runner_started() {
     );
     cmd.current_dir(&home);
     let runner = pipeline_tests::Proc::spawn(&mut cmd);
-    runner.wait_for_line("registered").expect("registered");
+    server.wait_connected(&runner, "rel");
     let id = server.add(&["--title", "relative agent"]);
     let task = server.wait_status(&id, "done");
     assert_eq!(task["failures"], 0, "{task}");
@@ -554,7 +564,10 @@ fn a_server_down_longer_than_the_ttl_keeps_the_runners_work() {
         "the agent was stopped"
     );
     let server = Server::start(&repo, &["--lease-ttl", "2", "--listen", &addr]);
-    server.wait_for_log("kept=1");
+    // The runner comes back holding its lease, and the server keeps it.
+    server.wait_runner("r", "back with its lease", |r| {
+        pipeline_tests::connected(r) && r["slots_used"] == 1
+    });
     repo.release_agents();
     let task = server.wait_status(&id, "done");
     assert_eq!(task["failures"], 0, "{task}");
@@ -564,11 +577,6 @@ fn a_server_down_longer_than_the_ttl_keeps_the_runners_work() {
         .collect();
     assert_eq!(dev.len(), 1, "one dev run, not redone: {dev:?}");
     assert_eq!(dev[0]["status"], "success");
-    assert!(
-        !runner.log().contains("dropping the work"),
-        "{}",
-        runner.log()
-    );
 }
 
 /// The files in the server's spool dir.
@@ -623,16 +631,19 @@ fn spooled_bundles_never_leak() {
 }
 
 /// A `git` for the server that fails `index-pack` (storing a received commit) for want of
-/// file descriptors while `marker` exists, and is the real git otherwise.
+/// file descriptors while `marker` exists (and then leaves `git-failed` in the agent log dir),
+/// and is the real git otherwise.
 fn failing_git(repo: &TestRepo, marker: &std::path::Path) -> std::path::PathBuf {
     let dir = repo.dir.path().join("failing-git");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let real = which("git").expect("git on PATH");
     let script = format!(
         "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = index-pack ] && [ -e {marker} ]; then\n    \
-         echo 'fatal: unable to create pipe: Too many open files' >&2\n    exit 128\n  fi\n\
+         echo 'fatal: unable to create pipe: Too many open files' >&2\n    \
+         touch {failed}\n    exit 128\n  fi\n\
          done\nexec {real} \"$@\"\n",
         marker = marker.display(),
+        failed = repo.agent_log().join("git-failed").display(),
         real = real.display()
     );
     let git = dir.join("git");
@@ -662,7 +673,9 @@ fn a_git_failure_on_the_server_is_not_charged_to_the_task() {
     };
     let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "a valid commit"]);
-    server.wait_for_log("could not store the commit");
+    wait_for("the server's git to fail on the commit", || {
+        repo.agent_file("git-failed").map(|_| ())
+    });
     std::fs::remove_file(&marker).expect("git works again");
     let task = server.wait_status(&id, "done");
     assert_eq!(task["failures"], 0, "{task}");
@@ -1050,7 +1063,7 @@ fn a_build_tool_missing_when_the_build_runs_is_not_charged() {
             "0",
         ],
     );
-    let r = Runner::start(
+    let _r = Runner::start(
         &repo,
         &server,
         "r",
@@ -1089,7 +1102,6 @@ fn a_build_tool_missing_when_the_build_runs_is_not_charged() {
             "{run}"
         );
     }
-    assert!(r.log().contains("infrastructure failure"), "{}", r.log());
 }
 
 #[test]

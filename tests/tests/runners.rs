@@ -1,6 +1,12 @@
 //! Runners end to end: the real `pipeline-server` and `pipeline-runner` binaries, real git, the
 //! scripted agent (`tests/scripts/agent.sh`, driven by a `MODE:` line in the description) and
 //! fake `bild`/`agentd` scripts.
+//!
+//! Log lines checked on purpose, each the runner telling its operator something nothing else
+//! shows: why it stopped its agent when it could not renew its leases for a whole TTL, what a
+//! base fetch carried ("fetched the base's missing objects" with its bytes, "base already in
+//! the mirror": how much travels is the feature), and that an old server takes heartbeats one
+//! call at a time.
 
 use std::collections::BTreeSet;
 
@@ -468,7 +474,7 @@ fn cancel_stops_the_agent_group_and_cleans_the_worktree() {
     let repo = TestRepo::new();
     let server = Server::start(&repo, &[]);
     let args = agent_args(&["--no-verify"]);
-    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let _runner = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "endless", "--description", "MODE: wait"]);
     let pid = repo.wait_agent(&id);
     let scratch = repo.dir.path().join("runners/r/slots/0/scratch.txt");
@@ -483,12 +489,6 @@ fn cancel_stops_the_agent_group_and_cleans_the_worktree() {
     assert_eq!(task["status"], "cancelled");
     assert_eq!(runs(&task)[0]["status"], "failure");
     assert_eq!(runs(&task)[0]["error"], "cancelled");
-    wait_for("the runner to log the stop", || {
-        runner
-            .log()
-            .contains("the task was cancelled")
-            .then_some(())
-    });
     // The runner is free again.
     let next = server.add(&["--title", "next"]);
     server.wait_status(&next, "done");
@@ -500,12 +500,15 @@ fn the_server_restarting_while_a_runner_works_loses_nothing() {
     let server = Server::start(&repo, &["--lease-ttl", "10"]);
     let addr = server.addr.clone();
     let args = agent_args(&["--no-verify"]);
-    let runner = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let _runner = Runner::start(&repo, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "survivor", "--description", "MODE: wait"]);
     repo.wait_agent(&id);
     server.kill();
     let server = Server::start(&repo, &["--lease-ttl", "10", "--listen", &addr]);
-    server.wait_for_log("kept=1");
+    // The runner reconnects holding its lease, and the server keeps it.
+    server.wait_runner("r", "back with its lease", |r| {
+        pipeline_tests::connected(r) && r["slots_used"] == 1
+    });
     repo.release_agents();
     let task = server.wait_status(&id, "done");
     let runs = runs(&task);
@@ -517,7 +520,6 @@ fn the_server_restarting_while_a_runner_works_loses_nothing() {
     assert_eq!(runs[0]["status"], "success");
     assert_eq!(task["failures"], 0);
     assert!(!event_kinds(&task).contains(&"lease_lost".to_owned()));
-    assert!(runner.log().contains("reconnecting"), "{}", runner.log());
 }
 
 #[test]
@@ -696,9 +698,7 @@ fn a_draining_runner_finishes_its_work_and_a_second_signal_gives_it_back() {
     let id = server.add(&["--title", "give me back", "--description", "MODE: wait"]);
     repo.wait_agent(&id);
     runner.proc.signal("TERM");
-    wait_for("the runner to drain", || {
-        runner.log().contains("draining").then_some(())
-    });
+    server.wait_runner("r2", "draining", |r| r["state"] == "draining");
     runner.proc.signal("TERM");
     let status = runner.proc.wait_exit();
     assert!(status.success(), "{status:?}\n{}", runner.log());
@@ -952,10 +952,7 @@ fn agents_and_builds_get_a_controlled_environment() {
         &as_strs(&args),
         &[("SECRET_TOKEN", "hunter2"), ("PIPELINE_TOKEN", "hunter3")],
     );
-    cmd_runner
-        .proc
-        .wait_for_line("registered")
-        .expect("registered");
+    server.wait_connected(&cmd_runner.proc, "r");
     let id = server.add(&["--title", "t", "--namespace", "ok"]);
     server.wait_status(&id, "done");
     let agent_env = repo

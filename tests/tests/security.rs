@@ -1,5 +1,9 @@
 //! Credentials and roles end to end: nothing without a credential, each credential only for its
 //! role, a runner only for itself; revoke, rotate, rate limits; no token value in any log.
+//!
+//! Log lines checked on purpose, each the feature: no token value in any log (and the server
+//! saying where the token files are), a refused runner's reason as it exits (revoked, its
+//! credential not valid), and the server saying it freed a runner name.
 
 use pipeline_proto::v1 as pb;
 use pipeline_tests::fake_runner::FakeRunner;
@@ -240,10 +244,11 @@ fn a_tls_round_trip_with_a_ca_made_in_the_test() {
     args.extend(["--no-verify".to_owned(), "--tls-ca".to_owned(), ca.clone()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let runner = Runner::spawn(&repo, &url, "tls-runner", &args);
-    runner
-        .proc
-        .wait_for_line("registered")
-        .expect("registered over TLS");
+    pipeline_tests::wait_connected(&runner.proc, "tls-runner", || {
+        pipeline_tests::listed(
+            pipeline_tests::ctl(&url, &["--tls-ca", &ca, "runners", "--json"]).json(),
+        )
+    });
     let id = pipeline_tests::ctl(
         &url,
         &["--tls-ca", &ca, "task", "add", "--title", "over tls"],
@@ -337,6 +342,7 @@ fn a_runner_keeps_its_credential_and_a_revoked_one_needs_an_admin_to_come_back()
             .starts_with("plc_")
     );
     first.proc.kill();
+    server.wait_runner_gone("keeper");
     // After a restart it needs no registration token: its own credential is enough.
     let second = pipeline_tests::Proc::spawn(
         repo.command("pipeline-runner")
@@ -351,7 +357,7 @@ fn a_runner_keeps_its_credential_and_a_revoked_one_needs_an_admin_to_come_back()
             .envs(pipeline_tests::sandbox_env(&repo))
             .env("RUST_LOG", "info"),
     );
-    second.wait_for_line("registered").expect("registered");
+    server.wait_connected(&second, "keeper");
     let id = server.add(&["--title", "after a restart"]);
     server.wait_status(&id, "done");
     // Revoked, it cannot come back with the registration token alone...
@@ -359,12 +365,13 @@ fn a_runner_keeps_its_credential_and_a_revoked_one_needs_an_admin_to_come_back()
     let mut second = second;
     second.wait_exit();
     let mut again = Runner::spawn(&repo, &server.url, "keeper", &args);
-    let line = again
-        .proc
-        .wait_for_line("refused this runner")
-        .expect("refused");
+    let (status, log) = again.proc.wait_exit_log();
+    assert!(!status.success(), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("refused this runner"))
+        .unwrap_or_else(|| panic!("no refusal: {log}"));
     assert!(line.contains("was revoked"), "{line}");
-    again.proc.wait_exit();
     // ...until an admin forgets it; a connected runner cannot be forgotten.
     server.ctl(&["runners", "forget", "keeper"]).ok();
     let _back = Runner::start(&repo, &server, "keeper", &args);

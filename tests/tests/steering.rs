@@ -1,6 +1,11 @@
 //! Steering end to end: `task retry --note/--fresh`, `explain`, `watch` filters, the `logs`
 //! options (`--tail`, `--since`, `--run`, and `--follow` across a server restart), and the
 //! prompt (`--prompt-template`, the project's `AGENTS.md`, the verification it names).
+//!
+//! Lines read on purpose: what `watch` and `logs --follow` print (the feature itself, read
+//! through the captured stream), their "waiting for it" while the server is down (the
+//! operator's only sign that they wait instead of giving up), and `--exit-when-idle`'s last
+//! word on why the server stopped.
 
 use std::process::Command;
 

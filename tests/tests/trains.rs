@@ -426,7 +426,7 @@ fn sigkill_of_the_server_during_a_trains_build_then_restart() {
     let ids = ["k1", "k2", "k3"];
     add_waiting(&server, &ids, "wait");
     verify_then_land_together(&repo, &server, &ids);
-    server.wait_for_log("building the integrated commit");
+    server.wait_train_building();
     server.kill();
     repo.touch("build-go");
     let server = Server::start(&repo, &["--build-cmd", &build, "--listen", &addr]);
