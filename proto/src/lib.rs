@@ -14,6 +14,15 @@ pub mod reach;
 /// Version 1 of the protocol.
 pub mod v1 {
     tonic::include_proto!("pipeline.v1");
+
+    /// The encoded `FileDescriptorSet` of `pipeline.v1` (with what it imports), for the
+    /// server's gRPC reflection service.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/pipeline_descriptor.bin"));
+
+    /// The full names of the services, as gRPC health and reflection name them.
+    pub const SERVICE_NAMES: [&str; 2] =
+        ["pipeline.v1.ControlService", "pipeline.v1.RunnerService"];
 }
 
 /// TLS settings for a client of `url`: with an `https://` URL, trust `ca` (or the system's

@@ -317,7 +317,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     // (so a line in flight is stored), and the database closes last.
     let serving = CancellationToken::new();
     let writer_stop = CancellationToken::new();
-    let mut loops = Supervisor::default();
+    let liveness = Arc::new(crate::health::Loops::default());
+    let mut loops = Supervisor::new(Arc::clone(&liveness));
     loops.spawn(
         "dispatch",
         Arc::clone(&coordinator).dispatch_loop(shutdown.clone()),
@@ -372,11 +373,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             handshake_timeout,
         },
     );
+    // gRPC health and reflection: no token (grpcurl lists the services; an orchestrator
+    // asks the health), while the API's calls keep needing theirs.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pipeline_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error =
+        |e: tonic_reflection::server::Error| Error::Internal(format!("grpc reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    loops.spawn(
+        "health",
+        follow_health(
+            Arc::clone(&coordinator),
+            Arc::clone(&liveness),
+            health,
+            shutdown.clone(),
+        ),
+    );
     let serve = builder
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .add_service(services.control)
         .add_service(services.runner)
+        .add_service(crate::grpc::edge::Edge::new(health_service))
+        .add_service(crate::grpc::edge::Edge::new(reflection_v1))
+        .add_service(crate::grpc::edge::Edge::new(reflection_v1alpha))
         .serve_with_incoming_shutdown(incoming, serving.clone().cancelled_owned());
     let mut served = tokio::spawn(serve);
     // The web page and the HTTP API, on their own port, served until `serving` ends.
@@ -400,6 +425,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             max_streams: config.http_max_streams as usize,
             rolling: crate::http::charts::Rolling::default(),
             shutdown: shutdown.clone(),
+            loops: Arc::clone(&liveness),
+            metrics_public: config.metrics_public,
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
         let host = if http_addr.ip().is_unspecified() {
@@ -503,6 +530,53 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         Some(needs_help) => Stopped::Idle { needs_help },
         None => Stopped::Asked,
     })
+}
+
+/// How often the gRPC health service's answer is checked again (a loop that stops says so at
+/// once; the database's state is found at the next check).
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the gRPC health service's answer (the empty service name and each pipeline service)
+/// at what `/readyz` says: SERVING while ready, NOT_SERVING otherwise and once stopping.
+async fn follow_health<S: Store, R: Repository>(
+    coordinator: Arc<Coordinator<S, R>>,
+    loops: Arc<crate::health::Loops>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let set = |status: ServingStatus| {
+        let reporter = reporter.clone();
+        async move {
+            for name in std::iter::once("").chain(pipeline_proto::v1::SERVICE_NAMES) {
+                reporter.set_service_status(name, status).await;
+            }
+        }
+    };
+    let mut last = None;
+    loop {
+        let changed = loops.changed();
+        let ready = coordinator.readiness(&loops).await;
+        let status = if ready.is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            match &ready {
+                Ok(()) => tracing::info!("ready (gRPC health: SERVING)"),
+                Err(why) => tracing::warn!("{why} (gRPC health: NOT_SERVING)"),
+            }
+            set(status).await;
+            last = Some(status);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = changed => {}
+            () = tokio::time::sleep(HEALTH_CHECK_INTERVAL) => {}
+        }
+    }
+    set(ServingStatus::NotServing).await;
 }
 
 /// What the end of the gRPC server says about how it went: `None` if it stopped cleanly.
@@ -620,21 +694,37 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The background loops, each a named task in its span, in one `JoinSet`.
-#[derive(Default)]
+/// The background loops, each a named task in its span, in one `JoinSet`, each holding its
+/// liveness in `loops` while it runs (for `/readyz` and gRPC health).
 struct Supervisor {
     tasks: tokio::task::JoinSet<()>,
     names: std::collections::HashMap<tokio::task::Id, &'static str>,
+    loops: Arc<crate::health::Loops>,
 }
 
 impl Supervisor {
+    fn new(loops: Arc<crate::health::Loops>) -> Self {
+        Self {
+            tasks: tokio::task::JoinSet::new(),
+            names: std::collections::HashMap::new(),
+            loops,
+        }
+    }
+
     fn spawn(
         &mut self,
         name: &'static str,
         work: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         let span = tracing::info_span!("loop", name);
-        let handle = self.tasks.spawn(work.instrument(span));
+        let alive = self.loops.enter(name);
+        let handle = self.tasks.spawn(
+            async move {
+                let _alive = alive;
+                work.await;
+            }
+            .instrument(span),
+        );
         self.names.insert(handle.id(), name);
     }
 

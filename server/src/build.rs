@@ -11,6 +11,7 @@ use pipeline_core::ids::CommitId;
 use pipeline_core::sandbox::{Policy, Rules, Sandbox};
 use pipeline_core::verify::{self, Verdict};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::coordinator::Settings;
 use crate::error::{Error, Result};
@@ -106,6 +107,32 @@ impl Builder for LocalBuilder {
         shutdown: &CancellationToken,
         log: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Built> {
+        // The server's own run of a train's build (the `run` step of a task's trace).
+        let span = tracing::info_span!("run", phase = "integrate", commit = %job.commit);
+        let built = self.build_here(job, shutdown, log).instrument(span).await;
+        crate::metrics::metrics().integration_build(match &built {
+            Ok(Built::Green) => "green",
+            Ok(Built::Red(_)) => "red",
+            Ok(Built::Cancelled) => "cancelled",
+            Ok(Built::NoCheckout(_)) => "no_checkout",
+            Err(_) => "error",
+        });
+        built
+    }
+
+    fn site(&self) -> String {
+        format!("in {}", self.dir.display())
+    }
+}
+
+impl LocalBuilder {
+    /// One build, in the integration worktree (counted by [`Builder::build`]).
+    async fn build_here(
+        &self,
+        job: &BuildJob,
+        shutdown: &CancellationToken,
+        log: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Built> {
         let sandbox = match self.ready(job).await? {
             Ok(sandbox) => sandbox,
             Err(e) => return Ok(Built::NoCheckout(e)),
@@ -137,9 +164,5 @@ impl Builder for LocalBuilder {
             }
         }
         Ok(Built::Green)
-    }
-
-    fn site(&self) -> String {
-        format!("in {}", self.dir.display())
     }
 }

@@ -61,6 +61,17 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub http_max_streams: u32,
 
+    /// Serve GET /metrics on the --http port without a credential (a Prometheus that scrapes
+    /// without a token); by default it needs the viewer or the admin token.
+    #[arg(long, env = "PIPELINE_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+
+    /// Export tracing spans (a task's lease, run, result, train and landing, each carrying
+    /// its task ID) as OTLP over HTTP/protobuf to this collector, e.g. http://localhost:4318
+    /// (spans go to its /v1/traces; a URL whose path is given is used as it is).
+    #[arg(long, env = "PIPELINE_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
     /// Allow listening on a non-loopback address without TLS: anyone who can reach the port
     /// can then lease work, send commits and steer the queue.
     #[arg(long, env = "PIPELINE_INSECURE")]
@@ -318,6 +329,12 @@ impl Config {
     }
 
     /// Checks what clap cannot: combinations of flags.
+    /// `--otlp-endpoint`'s URL for the spans: `http://HOST:PORT` alone gets OTLP's
+    /// `/v1/traces`; a URL with its own path is used as it is.
+    pub fn otlp_traces_url(&self) -> Option<Result<String, String>> {
+        self.otlp_endpoint.as_deref().map(otlp_endpoint)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         self.agent.validate()?;
         if !self.listen.ip().is_loopback() && !self.insecure && self.tls_cert.is_none() {
@@ -338,6 +355,14 @@ impl Config {
                  cookies would cross the network in clear; pass --tls-cert and --tls-key, use a \
                  loopback address (127.0.0.1), or pass --insecure on a network you trust"
             ));
+        }
+        if self.metrics_public && self.http.is_none() {
+            return Err(
+                "--metrics-public needs --http ADDR: /metrics is served on the web port".to_owned(),
+            );
+        }
+        if let Some(url) = &self.otlp_endpoint {
+            otlp_endpoint(url)?;
         }
         if let Some(remote) = &self.push_remote
             && (remote.is_empty()
@@ -364,6 +389,32 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// The OTLP/HTTP traces URL of `--otlp-endpoint URL`, or why it is refused.
+pub fn otlp_endpoint(url: &str) -> Result<String, String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(if url.starts_with("https://") {
+            format!(
+                "--otlp-endpoint {url}: only http:// is supported (the exporter speaks plain \
+                 HTTP); run a collector on this machine or a trusted network and name it with \
+                 http://"
+            )
+        } else {
+            format!("--otlp-endpoint {url}: expected an http:// URL, e.g. http://localhost:4318")
+        });
+    };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!(
+            "--otlp-endpoint {url}: expected an http:// URL with a host, e.g. http://localhost:4318"
+        ));
+    }
+    if path.is_empty() {
+        Ok(format!("http://{host}/v1/traces"))
+    } else {
+        Ok(url.to_owned())
     }
 }
 
@@ -554,5 +605,27 @@ mod tests {
         assert!(Config::try_parse_from(["s", "--repo", "/r", "--lease-ttl", "0"]).is_err());
         let c = Config::try_parse_from(["s", "--repo", "/r", "--agent", "command"]).expect("parse");
         assert!(c.validate().unwrap_err().contains("--agent-cmd"));
+    }
+
+    #[test]
+    fn the_otlp_endpoint_gets_its_traces_path_or_a_reason() {
+        assert_eq!(
+            otlp_endpoint("http://localhost:4318").as_deref(),
+            Ok("http://localhost:4318/v1/traces")
+        );
+        assert_eq!(
+            otlp_endpoint("http://c:4318/custom/traces").as_deref(),
+            Ok("http://c:4318/custom/traces")
+        );
+        assert!(
+            otlp_endpoint("https://c:4318")
+                .unwrap_err()
+                .contains("only http://")
+        );
+        assert!(
+            otlp_endpoint("c:4318")
+                .unwrap_err()
+                .contains("expected an http:// URL")
+        );
     }
 }

@@ -10,7 +10,9 @@
 //! holds the types every layer shares; [`landing`] and [`usage`] what `status` reads from memory
 //! (landing and its pauses, the last day's cost);
 //! [`app`] wires it all up and supervises the background loops; [`admin_note`] tells a local
-//! `pipelinectl` where the admin token is.
+//! `pipelinectl` where the admin token is. [`metrics`] (the Prometheus registry), [`health`]
+//! (which loops are alive) and [`telemetry`] (tracing, and its optional OTLP export) sit
+//! lowest, so every layer may report to them.
 
 pub mod admin_note;
 pub mod app;
@@ -22,14 +24,17 @@ pub mod domain;
 pub mod error;
 pub mod failpoint;
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod integrate;
 pub mod landing;
 pub mod lifecycle;
 pub mod logs;
+pub mod metrics;
 pub mod ports;
 pub mod prompt;
 pub mod repo;
 pub mod scheduler;
 pub mod store;
+pub mod telemetry;
 pub mod usage;

@@ -1,4 +1,5 @@
-//! The `pipeline-server` binary: parse the flags, set up logging, run until SIGINT or SIGTERM.
+//! The `pipeline-server` binary: parse the flags, set up logging (and with `--otlp-endpoint`
+//! the span export, `telemetry`), run until SIGINT or SIGTERM.
 //! Started as `pipeline-server __pipeline-guard PROGRAM…` it is the guard of one build or
 //! agent instead (`pipeline_core::guard`).
 
@@ -8,7 +9,6 @@ use clap::Parser;
 use pipeline_server::app::Stopped;
 use pipeline_server::config::Config;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     if let Some(code) = pipeline_core::guard::enter() {
@@ -24,13 +24,20 @@ fn main() -> ExitCode {
 #[tokio::main]
 async fn server() -> ExitCode {
     let config = Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let otlp = match config.otlp_traces_url().transpose() {
+        Ok(url) => url,
+        Err(why) => {
+            eprintln!("pipeline-server: {why}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = match pipeline_server::telemetry::init(otlp.as_deref()) {
+        Ok(telemetry) => telemetry,
+        Err(why) => {
+            eprintln!("pipeline-server: {why}");
+            return ExitCode::FAILURE;
+        }
+    };
     let shutdown = CancellationToken::new();
     // The handlers are installed here, before anything starts: a signal that comes while the
     // server starts stops it gracefully too (a handler installed later by the spawned task
@@ -45,7 +52,11 @@ async fn server() -> ExitCode {
         }
         _ => tracing::error!("cannot install signal handlers; stop the server with SIGKILL"),
     }
-    match pipeline_server::app::run(config, shutdown).await {
+    let stopped = pipeline_server::app::run(config, shutdown).await;
+    // The last spans go out before the process ends (a blocking flush, off the runtime's
+    // workers).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    match stopped {
         Ok(Stopped::Idle { needs_help }) if needs_help > 0 => {
             eprintln!("pipeline-server: idle, and {needs_help} task(s) need help");
             ExitCode::FAILURE

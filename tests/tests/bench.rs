@@ -48,6 +48,7 @@ fn the_benchmark_harness_runs_every_benchmark() {
         "ListTasks, a full walk of",
         "scale memory: server RSS",
         "scale memory: pipelinectl listing all",
+        "metrics: GET /metrics with",
         "runners heartbeating every",
         "task add --from-file,",
         "landed/min (last unmarked at",

@@ -15,6 +15,7 @@ use std::time::Duration;
 use pipeline_core::git::{FetchRef, RefName};
 use pipeline_core::ids::CommitId;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::domain::{Lease, LeaseRef, Millis, NewRun, Phase, Task, TaskId, satisfies};
 use crate::error::{Error, Result};
@@ -360,22 +361,34 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     train: None,
                 });
                 p.decision.write.event.message = format!("leased to {} (epoch {epoch})", p.runner);
+                // The task was ready to lease from its last change or its back-off's end,
+                // whichever came later (`pipeline_dispatch_latency_seconds`).
+                let before = &p.decision.before;
+                let ready_at = before
+                    .state
+                    .backoff_until
+                    .map_or(before.updated_at, |until| until.max(before.updated_at));
                 runners.push((
                     p.runner_id,
                     p.runner,
                     p.decision.before.id.clone(),
                     p.resume_session,
                     p.epic_budget,
+                    ready_at,
                 ));
                 p.decision
             })
             .collect();
         let results = self.commit(decisions).await?;
-        for ((runner_id, runner, task, resume_session, epic_budget), result) in
+        for ((runner_id, runner, task, resume_session, epic_budget, ready_at), result) in
             runners.into_iter().zip(results)
         {
             match result {
                 Ok(done) => {
+                    let m = crate::metrics::metrics();
+                    m.leases.inc();
+                    m.dispatch_latency
+                        .observe((self.now() - ready_at).max(0) as f64 / 1000.0);
                     let budget = match (
                         self.policy().remaining_budget(&done.task.state),
                         epic_budget,
@@ -383,6 +396,12 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                         (Some(own), Some(epic)) => Some(own.min(epic)),
                         (own, epic) => own.or(epic),
                     };
+                    let span = tracing::info_span!(
+                        "lease",
+                        task = %done.task.id,
+                        runner = %runner,
+                        epoch = done.task.lease_epoch
+                    );
                     self.push_lease(
                         &done.task,
                         done.run_id,
@@ -391,6 +410,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                         resume_session,
                         budget,
                     )
+                    .instrument(span)
                     .await?
                 }
                 Err(err) => {

@@ -32,7 +32,7 @@ use pipeline_core::verify::Verifier;
 use tokio::sync::Notify;
 
 use crate::domain::{
-    FailureKind, Millis, Phase, RunEnd, StatusCounts, Task, TaskEvent, TaskStatus,
+    FailureKind, Millis, Phase, RunEnd, RunStatus, StatusCounts, Task, TaskEvent, TaskStatus,
 };
 use crate::error::{Error, Result};
 use crate::landing::Landing;
@@ -371,11 +371,101 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         Ok(())
     }
 
+    /// What a committed write did, counted in the metrics: the runs it ended
+    /// (`pipeline_runs_total`, `pipeline_run_duration_seconds`), the agents' cost and tokens,
+    /// a landing. A run's phase follows from the write: the runs it records say theirs, the
+    /// runs it ends by ID are verify runs (the runner's verification), and the runs it ends
+    /// all at once are the dev run of a task that leaves InProgress (timed from its lease) or
+    /// the integrate run of a task whose integration ends. A failure nobody is charged for is
+    /// `infrastructure`, but a person's cancel, `cancelled`.
+    fn count(&self, decision: &Decision, after: &Task) {
+        let (before, write) = (&decision.before, &decision.write);
+        let m = crate::metrics::metrics();
+        let outcome = |status: RunStatus, kind: Option<FailureKind>| match (status, kind) {
+            (RunStatus::Success | RunStatus::Running, _) => "success",
+            (RunStatus::Failure, Some(FailureKind::Task)) => "task_failure",
+            (RunStatus::Failure, Some(FailureKind::Infrastructure)) => "infrastructure",
+            (RunStatus::Failure, None) if write.event.kind == "cancelled" => "cancelled",
+            (RunStatus::Failure, None) => "infrastructure",
+        };
+        let since = |from: Millis| Some((write.at - from).max(0) as f64 / 1000.0);
+        for r in &write.runs.record {
+            m.run_ended(
+                r.phase.as_str(),
+                outcome(r.status, r.failure_kind),
+                since(r.started_at),
+            );
+        }
+        for (_, e) in &write.runs.end {
+            m.run_ended(
+                Phase::Verify.as_str(),
+                outcome(e.status, e.failure_kind),
+                None,
+            );
+        }
+        if let Some(e) = &write.runs.close_rest {
+            if before.state.status == TaskStatus::InProgress {
+                let leased_at = before
+                    .lease
+                    .as_ref()
+                    .and_then(|l| self.registry().lease(&l.id).map(|live| live.leased_at));
+                m.run_ended(
+                    Phase::Dev.as_str(),
+                    outcome(e.status, e.failure_kind),
+                    leased_at.and_then(since),
+                );
+            } else if write.end_integration
+                && !write
+                    .runs
+                    .record
+                    .iter()
+                    .any(|r| r.phase == Phase::Integrate)
+            {
+                m.run_ended(
+                    Phase::Integrate.as_str(),
+                    outcome(e.status, e.failure_kind),
+                    None,
+                );
+            }
+        }
+        for e in write
+            .runs
+            .end
+            .iter()
+            .map(|(_, e)| e)
+            .chain(&write.runs.close_rest)
+        {
+            match &e.usage {
+                Some(u) => m.agent_used(
+                    &u.agent,
+                    u.model.as_deref().unwrap_or("unknown"),
+                    e.cost_cents,
+                    &[
+                        ("input", u.input_tokens),
+                        ("cached_input", u.cached_input_tokens),
+                        ("cache_write", u.cache_write_tokens),
+                        ("output", u.output_tokens),
+                        ("reasoning", u.reasoning_tokens),
+                    ],
+                ),
+                None if e.cost_cents > 0.0 => m.agent_used("unknown", "unknown", e.cost_cents, &[]),
+                None => {}
+            }
+        }
+        if write.event.kind == "integrated"
+            && after.state.status == TaskStatus::Done
+            && before.state.status != TaskStatus::Done
+        {
+            m.tasks_landed.inc();
+        }
+    }
+
     /// After `decision` is persisted as `committed`: memory follows (the counts, the lease in
     /// the registry, the runner told to stop), the run's log says why a lease ended, the
     /// transition is published, the effects are carried out.
     fn committed(&self, decision: &Decision, committed: &Committed) {
         let (before, write, after) = (&decision.before, &decision.write, &committed.task);
+        self.count(decision, after);
         if let Some(counts) = self.counts_mut().as_mut() {
             counts.moved(before.state.status, after.state.status);
             // A dev run runs exactly while its task is leased: it starts with the lease and

@@ -472,6 +472,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// refused fails the attempt and the call (`InvalidArgument`, saying why); one the server
     /// cannot store for want of a resource is the server's trouble (`Internal`: the runner
     /// sends it again), never the task's.
+    #[tracing::instrument(name = "result", skip_all, fields(task = tracing::field::Empty, lease = %result.lease.id))]
     pub async fn complete(
         &self,
         runner_id: &str,
@@ -479,6 +480,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         bundle: Option<&Path>,
     ) -> Result<Task> {
         let task = self.check_lease(runner_id, &result.lease).await?;
+        tracing::Span::current().record("task", tracing::field::display(&task.id));
         let lease = task
             .lease
             .clone()

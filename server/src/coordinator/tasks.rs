@@ -64,6 +64,9 @@ pub enum RunnerState {
     Revoked,
 }
 
+/// How long readiness waits for the database to begin a write.
+pub const READY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Task counts plus the number of connected runners.
 #[derive(Clone, Debug)]
 pub struct Status {
@@ -748,6 +751,35 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 .write_failure()
                 .map(|why| format!("database writes are failing: {why}")),
         })
+    }
+
+    /// Whether the server is ready for work, as `/readyz` and the gRPC health service say:
+    /// every background loop in `loops` is alive and the database takes a write (a write
+    /// transaction begun and rolled back, within [`READY_WRITE_TIMEOUT`]); else why not, in
+    /// one line.
+    pub async fn readiness(&self, loops: &crate::health::Loops) -> std::result::Result<(), String> {
+        let stopped = loops.stopped();
+        if !stopped.is_empty() {
+            return Err(format!(
+                "not ready: the {} loop stopped (the server is stopping; a restart recovers)",
+                stopped.join(", ")
+            ));
+        }
+        match tokio::time::timeout(READY_WRITE_TIMEOUT, self.store.check_writable()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "not ready: the database does not take writes: {}",
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+            Err(_) => Err(format!(
+                "not ready: the database took no write within {}s (another process may hold \
+                 its write lock, or the disk is stalled)",
+                READY_WRITE_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     /// The runners known to the server, by name.

@@ -13,11 +13,13 @@
 //! - `actions`: the admin's buttons (`POST`), each one coordinator call.
 //! - `live`: server-sent events (`/events`, a task's live log), each stream with a bounded
 //!   queue and counted against `--http-max-streams`.
+//! - `ops`: the operators' endpoints, `/metrics` (Prometheus text), `/healthz` and
+//!   `/readyz`.
 //! - `charts`: the small SVG charts, from figures the server keeps (trains, usage) or rolls in
 //!   memory (queue depth, recently landed).
 //!
-//! Architecture invariant: every route but `/login`, `/logout` and the static files needs the
-//! viewer or admin credential, and every state change is a `POST` that needs the admin's and is
+//! Architecture invariant: every route but `/login`, `/logout`, the static files, `/healthz`,
+//! `/readyz` (and `/metrics` with `--metrics-public`) needs the viewer or admin credential, and every state change is a `POST` that needs the admin's and is
 //! refused when it comes from another site (`Sec-Fetch-Site`, else `Origin`).
 
 pub mod access;
@@ -26,6 +28,7 @@ mod api;
 pub mod charts;
 mod html;
 mod live;
+mod ops;
 mod pages;
 
 use std::net::SocketAddr;
@@ -61,12 +64,21 @@ pub struct Web<S> {
     pub rolling: charts::Rolling,
     /// Cancelled when the server stops: live streams end.
     pub shutdown: CancellationToken,
+    /// The background loops, for `/readyz`.
+    pub loops: Arc<crate::health::Loops>,
+    /// `--metrics-public`: `/metrics` needs no credential.
+    pub metrics_public: bool,
 }
 
 pub type App<S> = Arc<Web<S>>;
 
 /// The routes, for any store.
 pub fn router<S: Store>(app: App<S>) -> Router {
+    let metrics = if app.metrics_public {
+        get(ops::metrics_public::<S>)
+    } else {
+        get(ops::metrics_guarded::<S>)
+    };
     Router::new()
         .route("/login", get(pages::login::<S>).post(access::login::<S>))
         .route("/logout", post(access::logout::<S>))
@@ -93,8 +105,10 @@ pub fn router<S: Store>(app: App<S>) -> Router {
         .route("/runners/{name}/undrain", post(actions::undrain::<S>))
         .route("/static/app.js", get(app_js))
         .route("/static/style.css", get(style_css))
-        // The operators' endpoints (`/metrics`, `/healthz`, `/readyz`) join here, beside the
-        // page, with their own access rules.
+        // The operators' endpoints, beside the page, with their own access rules.
+        .route("/metrics", metrics)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz::<S>))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(security_headers))
@@ -170,7 +184,10 @@ impl Kind {
     pub fn of_path(path: &str) -> Kind {
         if path.starts_with("/api/") {
             Kind::Json
-        } else if path == "/events" || path.ends_with("/log") {
+        } else if path == "/events"
+            || path.ends_with("/log")
+            || matches!(path, "/metrics" | "/healthz" | "/readyz")
+        {
             Kind::Text
         } else {
             Kind::Page

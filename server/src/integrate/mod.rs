@@ -33,6 +33,7 @@ use pipeline_core::git::{GitError, Merged, RefName};
 use pipeline_core::ids::{CommitId, TreeId};
 use pipeline_core::verify::Verifier;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::VerifyOnServer;
 use crate::coordinator::Coordinator;
@@ -281,7 +282,13 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             .into_iter()
             .map(|(i, after)| (verified[i].clone(), after))
             .collect();
-        self.run_train(tasks, shutdown).await?;
+        let members: Vec<String> = tasks.iter().map(|(t, _)| t.id.to_string()).collect();
+        // One span for the train, naming its tasks (`task` when it has one).
+        let span = match members.as_slice() {
+            [one] => tracing::info_span!("train", task = %one, tasks = %one),
+            _ => tracing::info_span!("train", tasks = %members.join(",")),
+        };
+        self.run_train(tasks, shutdown).instrument(span).await?;
         Ok(true)
     }
 
@@ -1135,6 +1142,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
 
     /// Records the task Done (and ends its journal entry), ending its running integrate run,
     /// or recording one that started at `recorded_from` (after a restart).
+    #[tracing::instrument(name = "land", skip_all, fields(task = %task.id, commit = %commit))]
     async fn integrated(
         &self,
         task: &Task,

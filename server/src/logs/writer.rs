@@ -70,6 +70,11 @@ pub async fn run<S: Store>(hub: Arc<LogHub>, store: S, shutdown: CancellationTok
             }
         }
         let stored = store.append_logs(&rows).await;
+        if stored.is_ok() {
+            crate::metrics::metrics()
+                .log_lines
+                .inc_by(rows.len() as u64);
+        }
         for a in batch {
             let status = a.status;
             let task = a.task.clone();

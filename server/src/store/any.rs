@@ -394,6 +394,12 @@ impl Store for AnyStore {
         }
     }
 
+    async fn check_writable(&self) -> Result<()> {
+        match self {
+            AnyStore::Sqlite(s) => s.check_writable().await,
+        }
+    }
+
     async fn delete_meta(&self, key: &str) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.delete_meta(key).await,

@@ -944,6 +944,10 @@ impl Store for MemoryStore {
         None
     }
 
+    async fn check_writable(&self) -> Result<()> {
+        Ok(())
+    }
+
     async fn delete_meta(&self, key: &str) -> Result<()> {
         self.lock().meta.remove(key);
         Ok(())

@@ -499,6 +499,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Why writes are failing, when the last one failed (cleared by one that succeeds).
     fn write_failure(&self) -> Option<String>;
 
+    /// Whether the database takes a write now: a write transaction begun and rolled back
+    /// (nothing written), for the server's readiness.
+    fn check_writable(&self) -> impl Future<Output = Result<()>> + Send;
+
     /// Forgets a fact.
     fn delete_meta(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
 

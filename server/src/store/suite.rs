@@ -126,6 +126,7 @@ macro_rules! store_test_suite {
             has_no_write_failure_while_writes_succeed,
             racing_inserts_take_distinct_ids,
             racing_edits_close_no_cycle,
+            checks_that_it_takes_writes_without_writing,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
@@ -1842,4 +1843,27 @@ pub async fn racing_edits_close_no_cycle<S: Store>(store: &S) {
             .len();
     }
     assert_eq!(edges, 1, "one edge, not a cycle");
+}
+
+pub async fn checks_that_it_takes_writes_without_writing<S: Store>(store: &S) {
+    store.put_meta("k", "v").await.expect("put");
+    let before = store.list_meta("").await.expect("meta");
+    store
+        .check_writable()
+        .await
+        .expect("a fresh store takes writes");
+    store
+        .check_writable()
+        .await
+        .expect("and again: the check ended its transaction");
+    assert_eq!(
+        store.list_meta("").await.expect("meta"),
+        before,
+        "nothing written"
+    );
+    assert_eq!(store.write_failure(), None);
+    store
+        .put_meta("k", "w")
+        .await
+        .expect("a write after the checks");
 }

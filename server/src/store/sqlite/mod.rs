@@ -75,6 +75,9 @@ struct WriteTx {
     held: Option<Held>,
     ended: bool,
     failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// When its `BEGIN IMMEDIATE` was sent (`pipeline_db_write_seconds` runs from here to
+    /// the `COMMIT`'s answer).
+    began: std::time::Instant,
 }
 
 /// A write transaction's connection and the write turn it holds.
@@ -108,6 +111,9 @@ impl WriteTx {
             Ok(_) => {
                 self.ended = true;
                 self.set_failure(None);
+                crate::metrics::metrics()
+                    .db_write
+                    .observe(self.began.elapsed().as_secs_f64());
                 Ok(())
             }
             Err(e) => {
@@ -157,6 +163,9 @@ impl Drop for WriteTx {
         if self.ended {
             return;
         }
+        // Every write that did not end cleanly ends here (a failed begin, statement or commit,
+        // a cancelled future): `pipeline_db_errors_total` counts them.
+        crate::metrics::metrics().db_errors.inc();
         if let Ok(mut f) = self.failure.lock()
             && f.is_none()
         {
@@ -241,6 +250,7 @@ impl SqliteStore {
             held: Some(Held { conn, turn }),
             ended: false,
             failure: Arc::clone(&self.write_failure),
+            began: std::time::Instant::now(),
         };
         if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx).await {
             tx.set_failure(Some(format!("beginning a write failed: {e}")));
@@ -446,6 +456,12 @@ impl Store for SqliteStore {
 
     fn write_failure(&self) -> Option<String> {
         self.write_failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    async fn check_writable(&self) -> Result<()> {
+        let tx = self.write().await?;
+        tx.rollback().await;
+        Ok(())
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {

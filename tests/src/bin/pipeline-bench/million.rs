@@ -1,6 +1,7 @@
 //! The control plane at a million tasks (issue 16): `ListTasks` pages against the size of the
 //! table (`lists`), and the server's and `pipelinectl`'s memory with 1,000,000 tasks and 1,000
-//! runners, before and right after four full listings at once (`scale-memory`).
+//! runners, before and right after four full listings at once (`scale-memory`), and a
+//! `/metrics` scrape with as many (`metrics`).
 //!
 //! The tasks are created through `CreateTasks`, 10,000 a call, two calls in flight, with a
 //! one-line description each and priorities 0 to 4 in turn (so that a page crosses from one
@@ -252,6 +253,69 @@ pub async fn scale_memory(quick: bool) {
         ctl_peak as f64 / 1e6,
         listings + 1,
         verdict((ctl_peak as f64) <= 50e6)
+    );
+    drop(streams);
+}
+
+/// `GET /metrics` (with the viewer's token, over HTTP/1.1 on loopback, a connection kept
+/// open) with 1,000,000 tasks and 1,000 connected runners: the whole answer, timed at the
+/// client.
+pub async fn metrics(quick: bool) {
+    let size = if quick { 20_000 } else { 1_000_000 };
+    let runners = if quick { 100 } else { 1_000 };
+    let repo = TestRepo::new();
+    let mut flags = SERVER_FLAGS.to_vec();
+    flags.extend(["--http", "127.0.0.1:0"]);
+    let server = Server::start(&repo, &flags);
+    let http = pipeline_tests::web::http_url(&server);
+    let admin = Admin::connect(&server.url, repo.admin_token()).await;
+    seed(&admin, 0, size).await;
+    let sims = register_sims(&server.url, &repo.registration_token(), "m", runners, 1).await;
+    let mut streams = Vec::new();
+    for mut s in sims {
+        streams.push(s.open().await);
+    }
+    let status = admin.clone().status().await;
+    assert_eq!(status.runners, runners as u64, "every runner is connected");
+    let viewer = pipeline_tests::web::viewer_token(&repo);
+    let n = if quick { 50 } else { 500 };
+    let (times, bytes) = tokio::task::spawn_blocking(move || {
+        let client = pipeline_tests::web::client();
+        let scrape = || {
+            let resp = client
+                .get(format!("{http}/metrics"))
+                .bearer_auth(&viewer)
+                .send()
+                .expect("scrape");
+            assert_eq!(resp.status().as_u16(), 200, "scrape");
+            resp.text().expect("body")
+        };
+        for _ in 0..20 {
+            scrape();
+        }
+        let mut times = Vec::with_capacity(n);
+        let mut bytes = 0;
+        for _ in 0..n {
+            let start = Instant::now();
+            let body = scrape();
+            times.push(start.elapsed());
+            bytes = body.len();
+            assert!(
+                body.contains(&format!("pipeline_runners{{state=\"idle\"}} {runners}")),
+                "the scrape counts the runners:\n{body}"
+            );
+        }
+        (times, bytes)
+    })
+    .await
+    .expect("scraper");
+    let figure = Summary::of(times);
+    let met = figure.p99 <= Duration::from_millis(50);
+    crate::common::report_judged(
+        &format!("metrics: GET /metrics with {size} tasks and {runners} runners ({bytes} bytes)"),
+        figure,
+        "<= 50 ms",
+        met,
     );
     drop(streams);
 }
