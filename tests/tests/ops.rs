@@ -1,6 +1,6 @@
 //! What operators use, through the real server: `/metrics` (who may read it, and the families
 //! after a task's life), `/healthz` and `/readyz` (and `/readyz` while another process holds
-//! the database's write lock), the gRPC health service and server reflection (no token, while
+//! the database's write lock, with the gRPC health service following), the gRPC health service and server reflection (no token, while
 //! the API keeps needing one), and the spans exported to an OTLP/HTTP collector, which carry
 //! the task's ID.
 
@@ -197,8 +197,32 @@ fn metrics_public_needs_the_http_port() {
     );
 }
 
+/// What the gRPC health service says of the empty service name (the server as a whole).
+fn grpc_health(rt: &tokio::runtime::Runtime, url: &str) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = HealthClient::new(channel);
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health")
+            .into_inner()
+            .status
+    })
+}
+
 #[test]
 fn readyz_says_when_the_database_takes_no_writes_and_recovers() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
     let repo = TestRepo::new();
     let (server, http) = server(&repo, &[]);
     let ready = || send(client().get(format!("{http}/readyz")));
@@ -234,13 +258,19 @@ fn readyz_says_when_the_database_takes_no_writes_and_recovers() {
         "one line: {}",
         refused.body
     );
-    // Health still says the process serves.
+    // Health still says the process serves; gRPC health follows readiness.
     assert_eq!(send(client().get(format!("{http}/healthz"))).status, 200);
+    wait_for("gRPC health to say NOT_SERVING", || {
+        (grpc_health(&rt, &server.url) == ServingStatus::NotServing as i32).then_some(())
+    });
     writeln!(stdin, "ROLLBACK;").expect("write");
     drop(stdin);
     holder.wait().expect("sqlite3 ends");
     wait_for("readyz to say ready again", || {
         (ready().status == 200).then_some(())
+    });
+    wait_for("gRPC health to say SERVING again", || {
+        (grpc_health(&rt, &server.url) == ServingStatus::Serving as i32).then_some(())
     });
     // And the server works on.
     let _runner = runner(&repo, &server, "r1");
