@@ -98,7 +98,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         };
         let now = self.now();
         self.store.end_train(train, end, now).await?;
-        crate::metrics::metrics().train_ended(&end.outcome);
+        crate::metrics::metrics().train_ended(end.outcome.as_str());
         self.landing().record(
             TrainStat {
                 started_at,

@@ -32,7 +32,8 @@ use pipeline_core::verify::Verifier;
 use tokio::sync::Notify;
 
 use crate::domain::{
-    FailureKind, Millis, Phase, RunEnd, RunStatus, StatusCounts, Task, TaskEvent, TaskStatus,
+    EventKind, FailureKind, Millis, Phase, RunEnd, RunStatus, StatusCounts, Task, TaskEvent,
+    TaskStatus,
 };
 use crate::error::{Error, Result};
 use crate::landing::Landing;
@@ -385,7 +386,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             (RunStatus::Success | RunStatus::Running, _) => "success",
             (RunStatus::Failure, Some(FailureKind::Task)) => "task_failure",
             (RunStatus::Failure, Some(FailureKind::Infrastructure)) => "infrastructure",
-            (RunStatus::Failure, None) if write.event.kind == "cancelled" => "cancelled",
+            (RunStatus::Failure, None) if write.event.kind == EventKind::Cancelled => "cancelled",
             (RunStatus::Failure, None) => "infrastructure",
         };
         let since = |from: Millis| Some((write.at - from).max(0) as f64 / 1000.0);
@@ -452,7 +453,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 None => {}
             }
         }
-        if write.event.kind == "integrated"
+        if write.event.kind == EventKind::Integrated
             && after.state.status == TaskStatus::Done
             && before.state.status != TaskStatus::Done
         {
