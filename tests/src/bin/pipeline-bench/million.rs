@@ -300,8 +300,17 @@ pub async fn metrics(quick: bool) {
             let body = scrape();
             times.push(start.elapsed());
             bytes = body.len();
-            assert!(
-                body.contains(&format!("pipeline_runners{{state=\"idle\"}} {runners}")),
+            // Connected runners are idle or busy (each sim takes a task as it connects).
+            let connected: u64 = body
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("pipeline_runners{state=\"idle\"} ")
+                        .or_else(|| l.strip_prefix("pipeline_runners{state=\"busy\"} "))
+                })
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum();
+            assert_eq!(
+                connected, runners as u64,
                 "the scrape counts the runners:\n{body}"
             );
         }
