@@ -606,19 +606,27 @@ async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener> {
     })
 }
 
-/// Waits until no task can make progress (checked at start and after every transition);
-/// returns how many need help.
+/// Waits until no task can make progress (checked at start, after every entry of the change
+/// feed, and after the task counts in memory move: the feed is published as the store
+/// commits, a moment before memory follows); returns how many need help.
 async fn until_idle<S: Store, R: Repository>(coordinator: &Coordinator<S, R>) -> u64 {
-    let mut transitions = coordinator.logs().watch();
+    let mut feed = coordinator.store().feed().subscribe();
+    let mut counts = coordinator.counts_moved();
     loop {
+        counts.borrow_and_update();
         match coordinator.is_idle().await {
             Ok(true) => return coordinator.needing_help(),
             Ok(false) => {}
             Err(e) => tracing::warn!("cannot tell whether the queue is idle: {e}"),
         }
-        // Whatever came (a transition, or news that some were missed), look again.
-        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = transitions.recv().await {
-            std::future::pending::<()>().await;
+        // Whatever came (an entry, news that some were missed, the counts), look again.
+        tokio::select! {
+            entry = feed.recv() => {
+                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = entry {
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ = counts.changed() => {}
         }
     }
 }

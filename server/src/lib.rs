@@ -23,6 +23,7 @@ pub mod coordinator;
 pub mod domain;
 pub mod error;
 pub mod failpoint;
+pub mod feed;
 pub mod grpc;
 pub mod health;
 pub mod http;

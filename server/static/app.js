@@ -64,6 +64,10 @@
     events.addEventListener("task", (e) => {
       try { if (relevant(JSON.parse(e.data))) schedule(); } catch (err) { schedule(); }
     });
+    // Runners, landing, the queue and trains change what the lists show (not a task's page).
+    for (const topic of ["runner", "landing", "queue", "train"]) {
+      events.addEventListener(topic, () => { if (regions.some((r) => !r.dataset.task)) schedule(); });
+    }
     events.addEventListener("open", () => { setLive(true); if (lost) { lost = false; schedule(); } });
     events.addEventListener("error", () => { lost = true; setLive(false); });
   }

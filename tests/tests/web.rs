@@ -467,9 +467,27 @@ fn events_and_a_live_log_stream_as_they_happen_and_resume() {
     assert_eq!(data["status"], "open");
     let args = agent_args(&["--no-verify"]);
     let _r = pipeline_tests::Runner::start(&repo, &server, "r1", &as_strs(&args));
-    events.until("done", |e| {
+    let seen = events.until("done", |e| {
         e.event == "task" && e.data.contains("\"status\":\"done\"")
     });
+    // The change feed: the runner connecting and the train that landed the task come too,
+    // each with its position.
+    let runner = seen
+        .iter()
+        .find(|e| e.event == "runner" && e.data.contains("\"kind\":\"connected\""))
+        .unwrap_or_else(|| panic!("a runner event: {seen:?}"));
+    let runner: serde_json::Value = serde_json::from_str(&runner.data).expect("json");
+    assert_eq!(runner["subject"], "r1", "{runner}");
+    assert!(
+        seen.iter()
+            .any(|e| e.event == "train" && e.data.contains("\"kind\":\"formed\"")),
+        "a train event: {seen:?}"
+    );
+    let positions: Vec<i64> = seen
+        .iter()
+        .filter_map(|e| e.id.as_deref()?.parse().ok())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
     // Resumed from where it started: everything after, in order, nothing before.
     let mut again = EventStream::open(&http, "/events", &viewer, &[("Last-Event-ID", &from)], None);
     let replay = again.until("done again", |e| e.data.contains("\"status\":\"done\""));

@@ -9,6 +9,7 @@ use pipeline_core::ids::{CommitId, TreeId};
 
 use crate::domain::{Millis, NewRun, Phase, RunEnd, Task, TaskId};
 use crate::error::Result;
+use crate::feed::{NewEntry, Topic};
 use crate::landing::{Green, RedBase, TrainView};
 use crate::ports::Repository;
 use crate::store::{Journal, Store, TrainEnd, TrainStat};
@@ -58,7 +59,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// for each member, and shown as the train now (`queue`). Returns the train's ID and the
     /// members' run IDs, in order.
     pub async fn start_train(&self, tip: &CommitId, members: &[Task]) -> Result<(i64, Vec<i64>)> {
-        let train = self.store.start_train(tip, self.now()).await?;
+        let ids: Vec<TaskId> = members.iter().map(|t| t.id.clone()).collect();
+        let train = self.store.start_train(tip, &ids, self.now()).await?;
         let mut runs = Vec::with_capacity(members.len());
         for task in members {
             runs.push(
@@ -74,12 +76,33 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         Ok((train, runs))
     }
 
-    /// What the train now is doing, in a few words ("building prefix 2 of 4", "landing").
-    pub fn train_step(&self, train: i64, step: String) {
-        if let Some(view) = self.landing().train.as_mut()
-            && view.id == train
-        {
-            view.step = step;
+    /// What the train now is doing, in a few words ("building prefix 2 of 4", "landing"):
+    /// shown as the train now, and a `step` entry of the feed (in a transaction of its own:
+    /// the step lives in memory only; one that cannot be written is only logged, the train
+    /// goes on).
+    pub async fn train_step(&self, train: i64, step: String) {
+        let current = {
+            let mut landing = self.landing();
+            match landing.train.as_mut() {
+                Some(view) if view.id == train => {
+                    view.step = step.clone();
+                    true
+                }
+                _ => false,
+            }
+        };
+        if current {
+            let entry = NewEntry::new(
+                Topic::Train,
+                train.to_string(),
+                "step",
+                self.now(),
+                format!("train {train}: {step}"),
+                serde_json::json!({ "id": train, "step": step }),
+            );
+            if let Err(e) = self.store.record(&entry).await {
+                tracing::warn!(train, "cannot record the train's step in the feed: {e}");
+            }
         }
     }
 

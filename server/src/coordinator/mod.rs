@@ -32,8 +32,7 @@ use pipeline_core::verify::Verifier;
 use tokio::sync::Notify;
 
 use crate::domain::{
-    EventKind, FailureKind, Millis, Phase, RunEnd, RunStatus, StatusCounts, Task, TaskEvent,
-    TaskStatus,
+    EventKind, FailureKind, Millis, Phase, RunEnd, RunStatus, StatusCounts, Task, TaskStatus,
 };
 use crate::error::{Error, Result};
 use crate::landing::Landing;
@@ -117,6 +116,10 @@ pub struct Coordinator<S, R> {
     /// Task counts kept in step with every committed change, so `status` reads no database;
     /// `None` until [`Coordinator::load_counts`].
     counts: Mutex<Option<StatusCounts>>,
+    /// Moves on each time the counts were held to change: the change feed is published as
+    /// the store commits, before memory follows, so a follower that reads the counts on an
+    /// entry (`--exit-when-idle`) also waits for this.
+    counts_moved: tokio::sync::watch::Sender<u64>,
     /// The landing side: pauses, the train now, recent trains.
     landing: Mutex<Landing>,
     /// What the runs that ended over the last day cost, kept in step with every committed
@@ -127,9 +130,68 @@ pub struct Coordinator<S, R> {
     /// The project's instructions for agents (`AGENTS.md`) at the last base commit a prompt
     /// was built on: read once per base commit, not once per lease.
     instructions: tokio::sync::Mutex<Option<(pipeline_core::ids::CommitId, Option<Arc<str>>)>>,
+    /// The queue of the feed entries of changes that live in memory only and happen where
+    /// nothing may wait on the database (a runner's work stream ending, its health told in a
+    /// heartbeat): one task records them, each in a transaction of its own, in the order
+    /// they happened (started on first use).
+    noted: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::feed::NewEntry>>,
+}
+
+/// The task counts, held; when let go after a change (a mutable borrow), whoever waits on
+/// [`Coordinator::counts_moved`] is told.
+struct CountsGuard<'a> {
+    counts: MutexGuard<'a, Option<StatusCounts>>,
+    moved: &'a tokio::sync::watch::Sender<u64>,
+    changed: bool,
+}
+
+impl std::ops::Deref for CountsGuard<'_> {
+    type Target = Option<StatusCounts>;
+    fn deref(&self) -> &Option<StatusCounts> {
+        &self.counts
+    }
+}
+
+impl std::ops::DerefMut for CountsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Option<StatusCounts> {
+        self.changed = true;
+        &mut self.counts
+    }
+}
+
+impl Drop for CountsGuard<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            self.moved.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
 }
 
 impl<S: Store, R: Repository> Coordinator<S, R> {
+    /// Records `entry`, a change that lives in memory only, in the feed without waiting:
+    /// queued to one task that writes each in a transaction of its own, in order. One that
+    /// cannot be written is only logged (the change itself has happened).
+    pub(crate) fn note(&self, entry: crate::feed::NewEntry) {
+        let queue = self.noted.get_or_init(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::feed::NewEntry>();
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                while let Some(entry) = rx.recv().await {
+                    if let Err(e) = store.record(&entry).await {
+                        tracing::warn!(
+                            topic = %entry.topic,
+                            subject = %entry.subject,
+                            kind = %entry.kind,
+                            "cannot record a change in the feed: {e}"
+                        );
+                    }
+                }
+            });
+            tx
+        });
+        let _ = queue.send(entry);
+    }
+
     pub fn new(
         store: S,
         settings: Settings,
@@ -148,7 +210,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             registry: Mutex::new(Registry::default()),
             wake: Notify::new(),
             integrate_wake: Notify::new(),
+            noted: std::sync::OnceLock::new(),
             counts: Mutex::new(None),
+            counts_moved: tokio::sync::watch::Sender::new(0),
             landing: Mutex::new(Landing::default()),
             last_day: Mutex::new(LastDay::default()),
             instructions: tokio::sync::Mutex::new(None),
@@ -207,10 +271,20 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn counts_mut(&self) -> MutexGuard<'_, Option<StatusCounts>> {
-        self.counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn counts_mut(&self) -> CountsGuard<'_> {
+        CountsGuard {
+            counts: self
+                .counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            moved: &self.counts_moved,
+            changed: false,
+        }
+    }
+
+    /// A receiver told each time the task counts in memory may have changed.
+    pub fn counts_moved(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.counts_moved.subscribe()
     }
 
     /// The registry, even if a thread panicked while holding it (its data stays consistent:
@@ -526,15 +600,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             }
             self.wake.notify_one();
         }
-        self.logs.publish_transition(TaskEvent {
-            id: committed.event_id,
-            task_id: before.id.clone(),
-            at: write.at,
-            kind: write.event.kind.as_str().to_owned(),
-            from: Some(before.state.status),
-            to: write.next.state.status,
-            message: write.event.message.clone(),
-        });
+        self.logs
+            .publish_transition(&before.id, write.next.state.status);
         tracing::info!(
             task = %before.id,
             from = %before.state.status,

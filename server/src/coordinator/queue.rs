@@ -7,6 +7,7 @@
 
 use crate::domain::{TaskId, TaskStatus};
 use crate::error::{Error, Result};
+use crate::feed::{NewEntry, Topic};
 use crate::landing::{self, Pause, QueuePause, RedBase, TrainView};
 use crate::lifecycle;
 use crate::ports::Repository;
@@ -124,8 +125,19 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     at: Some(self.now()),
                 },
             };
+            let entry = NewEntry::new(
+                Topic::Queue,
+                "queue",
+                "paused",
+                self.now(),
+                match &pause.reason {
+                    Some(reason) => format!("new leases paused: {reason}"),
+                    None => "new leases paused".to_owned(),
+                },
+                serde_json::json!({ "reason": pause.reason }),
+            );
             self.store
-                .put_meta(landing::QUEUE_PAUSED, &to_json(&pause)?)
+                .set_meta_recording(landing::QUEUE_PAUSED, Some(&to_json(&pause)?), &entry)
                 .await?;
             self.landing().queue_paused = Some(pause);
         }
@@ -151,10 +163,28 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             let l = self.landing();
             l.queue_paused.is_some() || l.landing_held()
         };
-        self.store.delete_meta(landing::QUEUE_PAUSED).await?;
+        let resumed = NewEntry::new(
+            Topic::Queue,
+            "queue",
+            "resumed",
+            self.now(),
+            "new leases resumed",
+            serde_json::json!({}),
+        );
+        self.store
+            .set_meta_recording(landing::QUEUE_PAUSED, None, &resumed)
+            .await?;
         self.landing().queue_paused = None;
         if self.landing().paused.is_some() {
-            self.store.delete_meta(landing::LANDING_PAUSED).await?;
+            let red_base = self.landing().red_base.is_some();
+            let entry = landing_entry(
+                self.now(),
+                red_base,
+                "landing resumed by pipelinectl queue resume",
+            );
+            self.store
+                .set_meta_recording(landing::LANDING_PAUSED, None, &entry)
+                .await?;
             self.landing().paused = None;
             self.announce_landing("pipelinectl queue resume");
         }
@@ -172,8 +202,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
 
     /// Holds landing, as a person asked.
     pub(crate) async fn pause_landing(&self, pause: Pause) -> Result<()> {
+        let entry = landing_entry(self.now(), true, &pause.reason);
         self.store
-            .put_meta(landing::LANDING_PAUSED, &to_json(&pause)?)
+            .set_meta_recording(landing::LANDING_PAUSED, Some(&to_json(&pause)?), &entry)
             .await?;
         let reason = pause.reason.clone();
         self.landing().paused = Some(pause);
@@ -194,8 +225,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         {
             return Ok(());
         }
+        let entry = landing_entry(self.now(), true, &red.reason);
         self.store
-            .put_meta(landing::RED_BASE, &to_json(&red)?)
+            .set_meta_recording(landing::RED_BASE, Some(&to_json(&red)?), &entry)
             .await?;
         let reason = red.reason.clone();
         self.landing().red_base = Some(red);
@@ -209,7 +241,11 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         if self.landing().red_base.is_none() {
             return Ok(());
         }
-        self.store.delete_meta(landing::RED_BASE).await?;
+        let held = self.landing().paused.is_some();
+        let entry = landing_entry(self.now(), held, why);
+        self.store
+            .set_meta_recording(landing::RED_BASE, None, &entry)
+            .await?;
         self.landing().red_base = None;
         self.announce_landing(why);
         self.integrator_wakeup().notify_one();
@@ -308,6 +344,24 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             queue_pause_reason,
         })
     }
+}
+
+/// Landing's feed entry: `paused` (with why) or `resumed` (and why), as it is after the
+/// change.
+fn landing_entry(at: crate::domain::Millis, paused: bool, why: &str) -> NewEntry {
+    let (kind, state) = if paused {
+        ("paused", "paused")
+    } else {
+        ("resumed", "running")
+    };
+    NewEntry::new(
+        Topic::Landing,
+        "landing",
+        kind,
+        at,
+        format!("landing {state}: {why}"),
+        serde_json::json!({ "state": state, "reason": why }),
+    )
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {

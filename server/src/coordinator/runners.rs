@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::auth::Caller;
 use crate::domain::{LogLine, LogStream, Millis, Phase, RunEnd, Task, TaskId};
 use crate::error::{Error, Result};
+use crate::feed::{NewEntry, Topic};
 use crate::landing;
 use crate::lifecycle::Event;
 use crate::lifecycle::judge::{Judgement, Outcome, Received, RunnerResult, judge};
@@ -162,6 +163,21 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             )));
         }
         let ttl = self.settings.lease_ttl_ms;
+        let entry = NewEntry::new(
+            Topic::Runner,
+            hello.name.clone(),
+            "registered",
+            self.now(),
+            format!(
+                "runner {} registered with {} slots",
+                hello.name, hello.slots
+            ),
+            serde_json::json!({
+                "slots": hello.slots,
+                "labels": hello.labels.clone(),
+                "version": hello.version.clone(),
+            }),
+        );
         let runner_id = self
             .registry()
             .register(
@@ -172,6 +188,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 self.now(),
             )
             .map_err(Error::AlreadyExists)?;
+        self.note(entry);
         self.registry().set_scope(&runner_id, hello.scope);
         self.registry().set_sandbox(&runner_id, hello.sandbox);
         let credential = if issue {
@@ -260,11 +277,25 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             )));
         }
         let key = format!("{HELD_PREFIX}{name}");
-        if drain {
-            self.store.put_meta(&key, "1").await?;
+        let (kind, said) = if drain {
+            (
+                "drained",
+                "drained from the control plane: it takes no new work",
+            )
         } else {
-            self.store.delete_meta(&key).await?;
-        }
+            ("undrained", "takes work again")
+        };
+        let entry = NewEntry::new(
+            Topic::Runner,
+            name,
+            kind,
+            self.now(),
+            format!("runner {name} {said}"),
+            serde_json::json!({ "draining": drain }),
+        );
+        self.store
+            .set_meta_recording(&key, drain.then_some("1"), &entry)
+            .await?;
         self.registry().hold(name, drain);
         tracing::info!(runner = name, drain, "runner held from the control plane");
         if !drain {
@@ -362,7 +393,21 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 attached.dropped.push(lease.clone());
             }
         }
+        let name = registry.runner(runner_id).map(|r| r.name.clone());
         drop(registry);
+        if let Some(name) = name {
+            self.note(NewEntry::new(
+                Topic::Runner,
+                name.clone(),
+                "connected",
+                now,
+                format!("runner {name} connected"),
+                serde_json::json!({
+                    "kept": attached.kept.len(),
+                    "dropped": attached.dropped.len(),
+                }),
+            ));
+        }
         tracing::info!(
             %runner_id,
             kept = attached.kept.len(),
@@ -375,8 +420,47 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
 
     /// The work stream of `generation` ended.
     pub fn close_work(&self, runner_id: &str, generation: u64) {
-        self.registry().detach(runner_id, generation);
+        let name = {
+            let mut registry = self.registry();
+            // Only when this stream was the runner's (a newer one may have replaced it).
+            registry
+                .detach(runner_id, generation)
+                .then(|| registry.runner(runner_id).map(|r| r.name.clone()))
+                .flatten()
+        };
+        if let Some(name) = name {
+            self.note(NewEntry::new(
+                Topic::Runner,
+                name.clone(),
+                "disconnected",
+                self.now(),
+                format!("runner {name} disconnected"),
+                serde_json::json!({}),
+            ));
+        }
         tracing::info!(%runner_id, "runner disconnected");
+    }
+
+    /// The feed entry of a runner's health changing to `unhealthy` (`None`: healthy again).
+    fn health_entry(&self, name: &str, unhealthy: Option<&str>) -> NewEntry {
+        let (kind, message) = match unhealthy {
+            Some(why) => (
+                "unhealthy",
+                format!("runner {name} unhealthy, taking no work: {why}"),
+            ),
+            None => ("healthy", format!("runner {name} healthy again")),
+        };
+        NewEntry::new(
+            Topic::Runner,
+            name,
+            kind,
+            self.now(),
+            message,
+            serde_json::json!({
+                "health": if unhealthy.is_some() { "unhealthy" } else { "healthy" },
+                "health_reason": unhealthy,
+            }),
+        )
     }
 
     /// The runner says it takes no more work (before it gives a lease back).
@@ -386,7 +470,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             && r.unhealthy.is_none()
         {
             tracing::error!(runner = %r.name, "runner unhealthy, taking no work: {why}");
+            let entry = self.health_entry(&r.name, Some(&why));
             r.unhealthy = Some(why);
+            drop(registry);
+            self.note(entry);
         }
     }
 
@@ -401,6 +488,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     ) -> Result<Vec<LeaseRef>> {
         let mut registry = self.registry();
         let before = registry.runner(runner_id).map(|r| r.free_slots());
+        let was = registry
+            .runner(runner_id)
+            .map(|r| (r.unhealthy.clone(), r.draining));
         if let Some(why) = &unhealthy
             && let Some(r) = registry.runner(runner_id)
             && r.unhealthy.is_none()
@@ -418,7 +508,35 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             )
             .ok_or_else(|| unregistered(runner_id))?;
         let after = registry.runner(runner_id).map(|r| r.free_slots());
+        // A change of health or of the runner's own drain is a feed entry (queued: a
+        // heartbeat never waits on the database); an unchanged one is nothing.
+        let changes = match (was, registry.runner(runner_id)) {
+            (Some((was_unhealthy, was_draining)), Some(r)) => {
+                let mut changes = Vec::new();
+                if was_unhealthy.is_some() != r.unhealthy.is_some() {
+                    changes.push(self.health_entry(&r.name, r.unhealthy.as_deref()));
+                }
+                if !was_draining && r.draining {
+                    changes.push(NewEntry::new(
+                        Topic::Runner,
+                        r.name.clone(),
+                        "draining",
+                        self.now(),
+                        format!(
+                            "runner {} drains: it finishes its work and takes no more",
+                            r.name
+                        ),
+                        serde_json::json!({ "draining": true }),
+                    ));
+                }
+                changes
+            }
+            _ => Vec::new(),
+        };
         drop(registry);
+        for entry in changes {
+            self.note(entry);
+        }
         if after > before {
             self.wake.notify_one();
         }

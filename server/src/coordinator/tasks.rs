@@ -121,11 +121,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             counts.add(TaskStatus::Open, 1);
         }
         tracing::info!(task = %task.id, priority = task.priority, "task created");
-        // Its creation is published before anything else can happen to it (the dispatcher
-        // is woken after), and before what it does to its parent.
-        if let Some(created) = self.store.events(&task.id).await?.into_iter().next() {
-            self.logs.publish_transition(created);
-        }
+        // Its creation is in the feed (published by the store as it committed) before
+        // anything else can happen to it: the dispatcher is woken after.
         self.wake.notify_one();
         self.became_epics(&parents).await?;
         Ok(task)
@@ -179,8 +176,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         }
         tracing::info!(tasks = created.len(), "tasks created");
         let mut tasks = Vec::with_capacity(created.len());
-        for (task, event) in created {
-            self.logs.publish_transition(event);
+        for (task, _) in created {
             tasks.push(task);
         }
         self.wake.notify_one();
@@ -597,9 +593,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             {
                 Err(Error::Conflict(_)) => continue,
                 Ok(edited) => {
-                    if let Some(e) = self.store.events(id).await?.pop() {
-                        self.logs.publish_transition(e);
-                    }
                     // A new priority changes the lease order.
                     self.wake.notify_one();
                     return Ok(edited);
@@ -786,6 +779,11 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// Whether no task can make progress: none in progress or verified, and no open one
     /// whose dependencies are all done (in back-off or not). An open task that waits on a
     /// dependency waits, down its chain, on a task that needs help or was cancelled.
+    ///
+    /// The counts in memory answer "busy" at once; "idle" is checked against the store (an
+    /// indexed row or none per question), for the change feed that wakes the caller is
+    /// published as the store commits, a moment before memory follows: a task just leased
+    /// is no longer a candidate in the store while memory may not count it in progress yet.
     pub async fn is_idle(&self) -> Result<bool> {
         let busy = self
             .counts_mut()
@@ -794,11 +792,28 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         if busy {
             return Ok(false);
         }
-        Ok(self
+        // The questions are one snapshot only if nothing was written between them: every
+        // change of a task's status is an entry of the feed, so its newest position must not
+        // move (if it does, the caller is woken by that entry and asks again).
+        let before = self.store.last_event_id().await?;
+        if !self
             .store
             .lease_candidates(i64::MAX, None, 1)
             .await?
-            .is_empty())
+            .is_empty()
+        {
+            return Ok(false);
+        }
+        for status in [TaskStatus::InProgress, TaskStatus::Verified] {
+            let any = self
+                .store
+                .list_tasks(&crate::store::TaskFilter::status(status), None, 1)
+                .await?;
+            if !any.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(self.store.last_event_id().await? == before)
     }
 
     /// How many tasks need help (from the counts in memory).

@@ -503,6 +503,57 @@ impl<S: Store> ControlService for ControlApi<S> {
         }))
     }
 
+    type FeedStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FeedEntry, Status>> + Send>>;
+
+    async fn feed(
+        &self,
+        request: Request<pb::FeedRequest>,
+    ) -> Result<Response<Self::FeedStream>, Status> {
+        self.not_stopping()?;
+        let req = request.into_inner();
+        if req.after.is_some_and(|a| a < 0) {
+            return Err(Status::invalid_argument(
+                "after is the position of an entry this server sent (0 or more)",
+            ));
+        }
+        let mut topics = Vec::with_capacity(req.topics.len());
+        for word in &req.topics {
+            topics.push(crate::feed::Topic::parse(word).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "{word:?} is not a topic of the feed (task, runner, landing, queue, train)"
+                ))
+            })?);
+        }
+        let after = req
+            .after
+            .map(|after| crate::logs::Resume { after, at: None });
+        let coordinator = Arc::clone(&self.coordinator);
+        Ok(Response::new(Box::pin(until_cancelled(
+            stream_from(
+                &self.streams,
+                64,
+                move |tx| {
+                    crate::logs::stream_feed(
+                        Arc::clone(coordinator.logs()),
+                        coordinator.store().clone(),
+                        after,
+                        move |e| topics.is_empty() || topics.contains(&e.topic),
+                        tx,
+                    )
+                },
+                |w: &crate::logs::Watched| match w {
+                    crate::logs::Watched::From(position) => pb::FeedEntry {
+                        position: *position,
+                        ..Default::default()
+                    },
+                    crate::logs::Watched::Event(e) => feed_entry_to_pb(e),
+                },
+            ),
+            self.shutdown.clone(),
+        ))))
+    }
+
     type WatchStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::TaskTransition, Status>> + Send>,
     >;
@@ -540,11 +591,31 @@ impl<S: Store> ControlService for ControlApi<S> {
                         event_id: *id,
                         ..Default::default()
                     },
-                    crate::logs::Watched::Event(e) => transition_to_pb(e),
+                    crate::logs::Watched::Event(e) => match e.task_event() {
+                        Some(e) => transition_to_pb(&e),
+                        // Only task entries pass the watch's filter.
+                        None => pb::TaskTransition {
+                            event_id: e.position,
+                            ..Default::default()
+                        },
+                    },
                 },
             ),
             self.shutdown.clone(),
         ))))
+    }
+}
+
+/// A feed entry on the wire (its details as JSON, a task's with its ID and statuses).
+fn feed_entry_to_pb(e: &crate::feed::FeedEntry) -> pb::FeedEntry {
+    pb::FeedEntry {
+        position: e.position,
+        topic: e.topic.as_str().to_owned(),
+        subject: e.subject.clone(),
+        kind: e.kind.clone(),
+        at_ms: e.at,
+        message: e.message.clone(),
+        data_json: e.data_json().to_string(),
     }
 }
 

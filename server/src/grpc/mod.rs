@@ -166,7 +166,7 @@ impl tonic::service::Interceptor for Authenticate {
 
 /// The control calls the viewer token may make: they read and change nothing (`explain` is
 /// `GetTask`).
-pub const VIEWER_CALLS: [&str; 7] = [
+pub const VIEWER_CALLS: [&str; 8] = [
     "/pipeline.v1.ControlService/GetStatus",
     "/pipeline.v1.ControlService/ListTasks",
     "/pipeline.v1.ControlService/GetTask",
@@ -174,6 +174,7 @@ pub const VIEWER_CALLS: [&str; 7] = [
     "/pipeline.v1.ControlService/ListRunners",
     "/pipeline.v1.ControlService/TaskLogs",
     "/pipeline.v1.ControlService/Watch",
+    "/pipeline.v1.ControlService/Feed",
 ];
 
 impl Authenticate {

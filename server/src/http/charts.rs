@@ -73,14 +73,14 @@ impl Rolling {
     }
 }
 
-/// Keeps [`Rolling`] up to date from the transitions (seeded with the last ones stored), until
+/// Keeps [`Rolling`] up to date from the feed's task transitions (seeded with the last ones stored), until
 /// `stop`.
 pub async fn follow<S: Store>(
     coordinator: Arc<crate::coordinator::Coordinator<S, crate::repo::Repo>>,
     rolling: Arc<super::Web<S>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut live = coordinator.logs().watch();
+    let mut live = coordinator.store().feed().subscribe();
     let sample = |at: Millis| {
         let coordinator = Arc::clone(&coordinator);
         let web = Arc::clone(&rolling);
@@ -107,7 +107,11 @@ pub async fn follow<S: Store>(
             event = live.recv() => event,
         };
         match event {
-            Ok(e) => {
+            Ok(entry) => {
+                // Only a task's transitions move the figures.
+                let Some(e) = entry.task_event() else {
+                    continue;
+                };
                 if e.to == TaskStatus::Done {
                     rolling.rolling.note_landed(e.task_id.clone(), e.at);
                 }

@@ -1,5 +1,6 @@
-//! Server-sent events: `/events` (every task transition; `id:` the transition's position, so a
-//! browser that reconnects with `Last-Event-ID` gets what it missed first) and a task's live
+//! Server-sent events: `/events` (the change feed: tasks, runners, landing, the queue and
+//! trains; `id:` the entry's position, so a browser that reconnects with `Last-Event-ID` gets
+//! what it missed first) and a task's live
 //! log (`GET /tasks/{id}/log` with `Accept: text/event-stream`; `id:` `<run>:<seq>`).
 //!
 //! Each stream holds a permit of `--http-max-streams` (past it: 503) and a queue of at most
@@ -111,8 +112,10 @@ fn last_event_id(headers: &HeaderMap) -> Option<&str> {
         .filter(|v| !v.is_empty())
 }
 
-/// `GET /events`: every task transition as `event: task`, `data:` `{id, status, from, kind,
-/// at, message}`; first `event: ready` with the position it starts after.
+/// `GET /events`: every entry of the change feed, `event:` its topic (`task`, `runner`,
+/// `landing`, `queue`, `train`), `id:` its position, `data:` a task's `{id, status, from,
+/// kind, at, message}`, another's `{subject, kind, at, message, …its details}`; first `event:
+/// ready` with the position it starts after.
 pub async fn events<S: Store>(
     _: Who,
     State(app): State<App<S>>,
@@ -133,10 +136,11 @@ pub async fn events<S: Store>(
     let coordinator = Arc::clone(&app.coordinator);
     let sse = stream(&app, version, kill.map(|k| k.0), move |feeder| async move {
         let (up_tx, mut up_rx) = mpsc::channel::<Watched>(64);
-        let producer = crate::logs::stream_transitions(
+        let producer = crate::logs::stream_feed(
             Arc::clone(coordinator.logs()),
             coordinator.store().clone(),
             after.map(|after| crate::logs::Resume { after, at: None }),
+            |_| true,
             up_tx,
         );
         tokio::pin!(producer);
@@ -158,19 +162,9 @@ pub async fn events<S: Store>(
                     let event = match item {
                         Watched::From(id) => Event::default().event("ready").id(id.to_string()).data("{}"),
                         Watched::Event(e) => Event::default()
-                            .event("task")
-                            .id(e.id.to_string())
-                            .data(
-                                serde_json::json!({
-                                    "id": e.task_id.as_str(),
-                                    "status": e.to.as_str(),
-                                    "from": e.from.map(TaskStatus::as_str),
-                                    "kind": e.kind,
-                                    "at": pipeline_api::time::rfc3339(e.at),
-                                    "message": e.message,
-                                })
-                                .to_string(),
-                            ),
+                            .event(e.topic.as_str())
+                            .id(e.position.to_string())
+                            .data(event_data(&e).to_string()),
                     };
                     if let Err(stop) = feeder.send(event) {
                         if matches!(stop, Stop::Stalled) {
@@ -183,6 +177,20 @@ pub async fn events<S: Store>(
         }
     })?;
     Ok(sse)
+}
+
+/// The `data:` of a feed entry: a task's `{id, status, from, kind, at, message}`, another's
+/// `{subject, kind, at, message}` and its details.
+fn event_data(e: &crate::feed::FeedEntry) -> serde_json::Value {
+    let mut data = e.data_json();
+    if let serde_json::Value::Object(map) = &mut data {
+        if e.topic != crate::feed::Topic::Task {
+            map.insert("subject".into(), e.subject.clone().into());
+        }
+        map.insert("kind".into(), e.kind.clone().into());
+        map.insert("at".into(), pipeline_api::time::rfc3339(e.at).into());
+    }
+    data
 }
 
 /// Where a resumed log stream goes on: after line `seq` of run `run`.

@@ -599,8 +599,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         self.c().remember_green(green);
     }
 
-    fn set_step(&self, train: i64, step: String) {
-        self.c().train_step(train, step);
+    async fn set_step(&self, train: i64, step: String) {
+        self.c().train_step(train, step).await;
     }
 
     /// Forms and drives one train of `tasks` (each with the members it depends on), then
@@ -786,14 +786,15 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                             n if n == k => format!("building the train's tip ({k} commits)"),
                             n => format!("building prefix {n} of {k}"),
                         },
-                    );
+                    )
+                    .await;
                     match self.build(train, riders, len, &commit, shutdown).await? {
                         Some(result) => Input::Built(result),
                         None => return Ok(None),
                     }
                 }
                 Step::Journal { len, tip, commit } => {
-                    self.set_step(train_id, "landing".to_owned());
+                    self.set_step(train_id, "landing".to_owned()).await;
                     let prefix = train.prefix(len);
                     let entries: Vec<(Journal, CommitId)> = prefix
                         .iter()

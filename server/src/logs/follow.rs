@@ -1,7 +1,8 @@
-//! Reading logs and transitions as streams: a task's logs, stored then live (`logs
-//! --follow`), and every transition live (`watch`). Followers are fed from memory; one that
-//! falls behind catches up from storage, so a slow follower never slows the writer, the runner
-//! or other followers.
+//! Reading logs and the change feed as streams: a task's logs, stored then live (`logs
+//! --follow`), and the feed's entries live (`watch`: its task entries; `watch --all`, the
+//! `Feed` RPC and `/events`: every topic, or those asked for), from the feed's broadcast
+//! ([`crate::feed::Feed`]). Followers are fed from memory; one that falls behind catches up
+//! from storage, so a slow follower never slows the writer, the runner or other followers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,8 +10,9 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{LogEvent, LogHub, LogItem, SharedEncoding};
-use crate::domain::{LogLine, TaskEvent, TaskId};
+use crate::domain::{LogLine, TaskId};
 use crate::error::{Error, Result};
+use crate::feed::{FeedEntry, Topic};
 use crate::store::Store;
 
 /// Lines read from storage at a time when catching up, at most.
@@ -154,35 +156,49 @@ async fn catch_up<S: Store>(
 /// What a watch streams.
 #[derive(Debug)]
 pub enum Watched {
-    /// Where the stream starts: the ID of the newest history entry.
+    /// Where the stream starts: the newest position of the feed.
     From(i64),
-    Event(Arc<TaskEvent>),
+    Event(Arc<FeedEntry>),
 }
 
-/// Where a watch goes on from: the history entry it saw last, and that entry's time when the
-/// watcher knows it (so that an entry of the same ID in another history is not taken for it).
+/// Where a watch goes on from: the feed position it saw last, and that entry's time when the
+/// watcher knows it (so that an entry of the same position in another feed is not taken for
+/// it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Resume {
     pub after: i64,
     pub at: Option<i64>,
 }
 
-/// Streams every task transition after the history entry `after` (those stored first, then
-/// the live ones, each once), or from now on; a watcher that falls behind catches up from the
-/// stored history. Without `after`, the first item is a marker with only the ID of the newest
-/// entry (an empty task ID): where a watcher that reconnects goes on from. A position the
-/// stored history does not hold (past its newest entry, or naming another: the database went
-/// back, restored from a backup) is not taken as is, for nothing would come after it: the
-/// stream begins with a marker too, and goes on after the newest entry from before this
-/// server started, so what happened since comes first. Ends when the receiver hangs up.
+/// Streams every task transition (the feed's `task` entries) after the position `after`;
+/// see [`stream_feed`].
 pub async fn stream_transitions<S: Store>(
     hub: Arc<LogHub>,
     store: S,
     after: Option<Resume>,
     out: mpsc::Sender<Watched>,
 ) -> Result<()> {
-    // Subscribed before the history is read, so nothing falls between the two.
-    let mut live = hub.watch();
+    stream_feed(hub, store, after, |e| e.topic == Topic::Task, out).await
+}
+
+/// Streams the feed's entries that `keep` lets through after the position `after` (those
+/// stored first, then the live ones, each once), or from now on; a watcher that falls behind
+/// (the broadcast lagged) catches up from storage. Without `after`, the first item is a
+/// marker with only the newest position: where a watcher that reconnects goes on from. A
+/// position the stored feed does not hold (past its newest entry, or naming another: the
+/// database went back, restored from a backup) is not taken as is, for nothing would come
+/// after it: the stream begins with a marker too, and goes on after the newest entry from
+/// before this server started, so what happened since comes first. Ends when the receiver
+/// hangs up.
+pub async fn stream_feed<S: Store>(
+    hub: Arc<LogHub>,
+    store: S,
+    after: Option<Resume>,
+    keep: impl Fn(&FeedEntry) -> bool + Send + Sync,
+    out: mpsc::Sender<Watched>,
+) -> Result<()> {
+    // Subscribed before the feed is read, so nothing falls between the two.
+    let mut live = store.feed().subscribe();
     let newest = store.last_event_id().await?;
     let from = match after {
         Some(resume) if holds(&store, resume, newest).await? => None,
@@ -192,14 +208,14 @@ pub async fn stream_transitions<S: Store>(
                 after = resume.after,
                 newest,
                 from,
-                "a watch resumed from a position this server's history does not hold (its \
+                "a watch resumed from a position this server's feed does not hold (its \
                  database went back?); it goes on from where this server started"
             );
             Some(from)
         }
         None => Some(newest),
     };
-    let mut last_id = match (from, after) {
+    let mut last = match (from, after) {
         (Some(from), _) => {
             if out.send(Watched::From(from)).await.is_err() {
                 return Ok(());
@@ -209,22 +225,34 @@ pub async fn stream_transitions<S: Store>(
         (None, Some(resume)) => resume.after,
         (None, None) => newest,
     };
-    if !catch_up_events(&store, &mut last_id, &out).await? {
+    if !catch_up_feed(&store, &mut last, &keep, &out).await? {
         return Ok(());
     }
-    // Live entries the history already gave are not sent again.
-    let replayed = last_id;
     loop {
         match live.recv().await {
-            Ok(event) if event.id <= replayed => {}
-            Ok(event) => {
-                last_id = last_id.max(event.id);
-                if out.send(Watched::Event(event)).await.is_err() {
+            // Published in position order: what storage already gave is not sent again.
+            Ok(entry) if entry.position <= last => {}
+            Ok(entry) if entry.position > last + 1 => {
+                // An entry this subscriber never received (published before it subscribed
+                // but after the read, or a publication that failed): read it from storage.
+                if !catch_up_feed(&store, &mut last, &keep, &out).await? {
+                    return Ok(());
+                }
+                if entry.position > last {
+                    last = entry.position;
+                    if keep(&entry) && out.send(Watched::Event(entry)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(entry) => {
+                last = entry.position;
+                if keep(&entry) && out.send(Watched::Event(entry)).await.is_err() {
                     return Ok(());
                 }
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {
-                if !catch_up_events(&store, &mut last_id, &out).await? {
+                if !catch_up_feed(&store, &mut last, &keep, &out).await? {
                     return Ok(());
                 }
             }
@@ -233,7 +261,7 @@ pub async fn stream_transitions<S: Store>(
     }
 }
 
-/// Whether the stored history holds the entry a watch resumes after (0: before the first).
+/// Whether the stored feed holds the entry a watch resumes after (0: before the first).
 async fn holds<S: Store>(store: &S, resume: Resume, newest: i64) -> Result<bool> {
     if resume.after > newest {
         return Ok(false);
@@ -241,28 +269,29 @@ async fn holds<S: Store>(store: &S, resume: Resume, newest: i64) -> Result<bool>
     let (Some(at), true) = (resume.at, resume.after > 0) else {
         return Ok(true);
     };
-    let entry = store.events_after(resume.after - 1, 1).await?;
+    let entry = store.entries_after(resume.after - 1, 1).await?;
     Ok(entry
         .first()
-        .is_some_and(|e| e.id == resume.after && e.at == at))
+        .is_some_and(|e| e.position == resume.after && e.at == at))
 }
 
-/// Sends the stored history entries after `last_id`, page by page, moving it on; false when
-/// the receiver hung up.
-async fn catch_up_events<S: Store>(
+/// Sends the stored entries after `last` that `keep` lets through, page by page, moving it
+/// on; false when the receiver hung up.
+async fn catch_up_feed<S: Store>(
     store: &S,
-    last_id: &mut i64,
+    last: &mut i64,
+    keep: &impl Fn(&FeedEntry) -> bool,
     out: &mpsc::Sender<Watched>,
 ) -> Result<bool> {
     loop {
-        let missed = store.events_after(*last_id, PAGE).await?;
-        let Some(last) = missed.last() else {
+        let missed = store.entries_after(*last, PAGE).await?;
+        let Some(newest) = missed.last() else {
             return Ok(true);
         };
-        *last_id = last.id;
+        *last = newest.position;
         let full = missed.len() == PAGE as usize;
-        for event in missed {
-            if out.send(Watched::Event(Arc::new(event))).await.is_err() {
+        for entry in missed.into_iter().filter(|e| keep(e)) {
+            if out.send(Watched::Event(Arc::new(entry))).await.is_err() {
                 return Ok(false);
             }
         }
@@ -287,7 +316,7 @@ mod tests {
     async fn next_id(rx: &mut mpsc::Receiver<Watched>) -> (bool, i64) {
         match rx.recv().await.expect("an item") {
             Watched::From(id) => (true, id),
-            Watched::Event(e) => (false, e.id),
+            Watched::Event(e) => (false, e.position),
         }
     }
 
@@ -319,10 +348,12 @@ mod tests {
         ));
         assert_eq!(next_id(&mut resumed).await, (false, ids[1]));
         assert_eq!(next_id(&mut resumed).await, (false, ids[2]));
-        hub.publish_transition(events[2].clone());
+        store
+            .feed()
+            .publish(crate::feed::FeedEntry::of_task_event(&events[2]));
+        // The store publishes what it commits.
         let t = crate::store::suite::create(&store, "t3").await;
         let newest = store.events(&t.id).await.expect("events").remove(0);
-        hub.publish_transition(newest.clone());
         assert_eq!(next_id(&mut resumed).await, (false, newest.id));
         assert_eq!(
             next_id(&mut fresh).await,

@@ -18,18 +18,16 @@ mod writer;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
-pub use follow::{Resume, Watched, stream_logs, stream_transitions};
+pub use follow::{Resume, Watched, stream_feed, stream_logs, stream_transitions};
 pub use writer::run as writer;
 
-use crate::domain::{LogLine, Run, TaskEvent, TaskId, TaskStatus};
+use crate::domain::{LogLine, Run, TaskId, TaskStatus};
 use crate::error::{Error, Result};
 
 /// How many appends may wait for the writer before senders wait.
 const WRITER_QUEUE: usize = 1024;
-/// Transitions a watcher may fall behind by before it catches up from storage.
-const FOLLOW_BUFFER: usize = 1024;
 
 /// The bytes of log lines a follower of a task may hold, published but not yet taken: past
 /// it, what it holds is dropped and it catches up from storage (the lines are stored before
@@ -171,7 +169,6 @@ pub struct LogHub {
     writer: mpsc::Sender<Append>,
     queue: Mutex<Option<mpsc::Receiver<Append>>>,
     followers: Mutex<HashMap<TaskId, Vec<std::sync::Weak<Follower>>>>,
-    transitions: broadcast::Sender<Arc<TaskEvent>>,
     /// The newest history entry when the server started: where a watch whose position the
     /// history does not hold goes on from.
     history_start: std::sync::atomic::AtomicI64,
@@ -193,12 +190,10 @@ pub fn cut_line(text: String) -> String {
 impl LogHub {
     pub fn new(cap_bytes: u64) -> Self {
         let (writer, queue) = mpsc::channel(WRITER_QUEUE);
-        let (transitions, _) = broadcast::channel(FOLLOW_BUFFER);
         Self {
             writer,
             queue: Mutex::new(Some(queue)),
             followers: Mutex::new(HashMap::new()),
-            transitions,
             history_start: std::sync::atomic::AtomicI64::new(0),
             cap_bytes,
         }
@@ -252,15 +247,15 @@ impl LogHub {
         }
     }
 
-    /// Tells every watcher about a transition, and the task's followers through the writer,
-    /// after the lines queued before it (so a follower that stops at the end of a task has
-    /// seen its last lines).
-    pub fn publish_transition(&self, event: TaskEvent) {
+    /// Tells the task's log followers about a transition through the writer, after the lines
+    /// queued before it (so a follower that stops at the end of a task has seen its last
+    /// lines). Watchers follow the change feed, which the store publishes.
+    pub fn publish_transition(&self, task: &TaskId, to: TaskStatus) {
         let status = Append {
-            task: event.task_id.clone(),
+            task: task.clone(),
             run_id: 0,
             lines: Vec::new(),
-            status: Some(event.to),
+            status: Some(to),
             done: None,
         };
         if let Err(err) = self.writer.try_send(status) {
@@ -270,12 +265,6 @@ impl LogHub {
                 self.publish(&a.task, LogEvent::Status(to));
             }
         }
-        let _ = self.transitions.send(Arc::new(event));
-    }
-
-    /// A receiver of every task transition from now on.
-    pub fn watch(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
-        self.transitions.subscribe()
     }
 
     /// Queues lines and waits until they are durable; returns the highest seq stored.

@@ -271,12 +271,15 @@ impl Registry {
     }
 
     /// Detaches the work stream of `generation`, if it is still the current one.
-    pub fn detach(&mut self, runner_id: &str, generation: u64) {
+    /// Returns whether it did (a newer stream of the runner is left alone).
+    pub fn detach(&mut self, runner_id: &str, generation: u64) -> bool {
         if let Some(runner) = self.runners.get_mut(runner_id)
             && runner.push.as_ref().is_some_and(|(g, _)| *g == generation)
         {
             runner.push = None;
+            return true;
         }
+        false
     }
 
     /// Sends `push` to a runner; false if it has no open stream (or the stream is full).

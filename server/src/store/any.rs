@@ -256,9 +256,9 @@ impl Store for AnyStore {
         }
     }
 
-    async fn start_train(&self, base_tip: &CommitId, at: Millis) -> Result<i64> {
+    async fn start_train(&self, base_tip: &CommitId, tasks: &[TaskId], at: Millis) -> Result<i64> {
         match self {
-            AnyStore::Sqlite(s) => s.start_train(base_tip, at).await,
+            AnyStore::Sqlite(s) => s.start_train(base_tip, tasks, at).await,
         }
     }
 
@@ -385,6 +385,35 @@ impl Store for AnyStore {
     async fn list_meta(&self, prefix: &str) -> Result<Vec<(String, String)>> {
         match self {
             AnyStore::Sqlite(s) => s.list_meta(prefix).await,
+        }
+    }
+
+    fn feed(&self) -> &crate::feed::Feed {
+        match self {
+            AnyStore::Sqlite(s) => s.feed(),
+        }
+    }
+
+    async fn record(&self, entry: &crate::feed::NewEntry) -> Result<i64> {
+        match self {
+            AnyStore::Sqlite(s) => s.record(entry).await,
+        }
+    }
+
+    async fn entries_after(&self, after: i64, limit: u32) -> Result<Vec<crate::feed::FeedEntry>> {
+        match self {
+            AnyStore::Sqlite(s) => s.entries_after(after, limit).await,
+        }
+    }
+
+    async fn set_meta_recording(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        entry: &crate::feed::NewEntry,
+    ) -> Result<i64> {
+        match self {
+            AnyStore::Sqlite(s) => s.set_meta_recording(key, value, entry).await,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::domain::{
     TaskEvent, TaskId, TaskStatus,
 };
 use crate::error::{Error, Result};
+use crate::feed::{Feed, FeedEntry, NewEntry, Topic};
 use pipeline_core::ids::CommitId;
 use pipeline_core::lines::{LIST_FEEDBACK_BYTES, keep_end};
 
@@ -28,6 +29,10 @@ struct Tables {
     deps: Vec<(TaskId, TaskId)>,
     runs: Vec<Run>,
     events: Vec<TaskEvent>,
+    /// The feed: every entry, a task's history entries too (`position` = index + 1).
+    entries: Vec<FeedEntry>,
+    /// How many of `entries` are published.
+    published: usize,
     integrations: BTreeMap<TaskId, Journal>,
     trains: Vec<TrainRow>,
     logs: BTreeMap<(i64, u64), LogLine>,
@@ -42,6 +47,38 @@ type TrainRow = (CommitId, Millis, Option<(Millis, TrainEnd)>);
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     tables: Arc<Mutex<Tables>>,
+    feed: Feed,
+}
+
+/// The tables, held: when let go, the feed entries written meanwhile are published, in
+/// order, before another writer can add any (a write that failed and put the tables back
+/// as they were published nothing).
+struct Guard<'a> {
+    tables: MutexGuard<'a, Tables>,
+    feed: &'a Feed,
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Tables;
+    fn deref(&self) -> &Tables {
+        &self.tables
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut Tables {
+        &mut self.tables
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let t = &mut *self.tables;
+        for entry in t.entries.iter().skip(t.published) {
+            self.feed.publish(entry.clone());
+        }
+        t.published = t.entries.len();
+    }
 }
 
 impl MemoryStore {
@@ -49,10 +86,14 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Tables> {
-        self.tables
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> Guard<'_> {
+        Guard {
+            tables: self
+                .tables
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            feed: &self.feed,
+        }
     }
 }
 
@@ -74,8 +115,8 @@ impl Tables {
         to: TaskStatus,
         message: &str,
     ) -> i64 {
-        let id = self.events.len() as i64 + 1;
-        self.events.push(TaskEvent {
+        let id = self.entries.len() as i64 + 1;
+        let event = TaskEvent {
             id,
             task_id: task.clone(),
             at,
@@ -83,8 +124,32 @@ impl Tables {
             from,
             to,
             message: message.to_owned(),
-        });
+        };
+        self.entries.push(FeedEntry::of_task_event(&event));
+        self.events.push(event);
         id
+    }
+
+    /// Records an entry that is not a task's; returns its position.
+    fn record(&mut self, entry: &NewEntry) -> Result<i64> {
+        if entry.topic == Topic::Task {
+            return Err(Error::Internal(
+                "a task's feed entry is written with its task's change".into(),
+            ));
+        }
+        let position = self.entries.len() as i64 + 1;
+        self.entries.push(FeedEntry {
+            position,
+            topic: entry.topic,
+            subject: entry.subject.clone(),
+            kind: entry.kind.clone(),
+            at: entry.at,
+            from: None,
+            to: None,
+            message: entry.message.clone(),
+            data: entry.data.clone(),
+        });
+        Ok(position)
     }
 
     fn start_run(&mut self, task: &TaskId, run: &NewRun, at: Millis) -> i64 {
@@ -722,10 +787,12 @@ impl Store for MemoryStore {
         Ok(None)
     }
 
-    async fn start_train(&self, base_tip: &CommitId, at: Millis) -> Result<i64> {
+    async fn start_train(&self, base_tip: &CommitId, tasks: &[TaskId], at: Millis) -> Result<i64> {
         let mut t = self.lock();
         t.trains.push((base_tip.clone(), at, None));
-        Ok(t.trains.len() as i64)
+        let id = t.trains.len() as i64;
+        t.record(&crate::feed::train_formed(id, base_tip, tasks, at))?;
+        Ok(id)
     }
 
     async fn end_train(&self, id: i64, end: &TrainEnd, at: Millis) -> Result<()> {
@@ -735,6 +802,14 @@ impl Store for MemoryStore {
             .and_then(|i| t.trains.get_mut(i))
             .ok_or_else(|| crate::error::Error::NotFound(format!("train {id} does not exist")))?;
         train.2 = Some((at, end.clone()));
+        t.record(&crate::feed::train_ended(
+            id,
+            end.outcome.as_str(),
+            end.landed,
+            end.builds,
+            end.red_commit.as_ref(),
+            at,
+        ))?;
         Ok(())
     }
 
@@ -907,7 +982,41 @@ impl Store for MemoryStore {
     }
 
     async fn last_event_id(&self) -> Result<i64> {
-        Ok(self.lock().events.last().map_or(0, |e| e.id))
+        Ok(self.lock().entries.len() as i64)
+    }
+
+    fn feed(&self) -> &Feed {
+        &self.feed
+    }
+
+    async fn record(&self, entry: &NewEntry) -> Result<i64> {
+        self.lock().record(entry)
+    }
+
+    async fn entries_after(&self, after: i64, limit: u32) -> Result<Vec<FeedEntry>> {
+        let t = self.lock();
+        let from = usize::try_from(after.max(0)).unwrap_or(usize::MAX);
+        Ok(t.entries
+            .iter()
+            .skip(from)
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn set_meta_recording(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        entry: &NewEntry,
+    ) -> Result<i64> {
+        let mut t = self.lock();
+        let position = t.record(entry)?;
+        match value {
+            Some(value) => t.meta.insert(key.to_owned(), value.to_owned()),
+            None => t.meta.remove(key),
+        };
+        Ok(position)
     }
 
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<TaskEvent>> {

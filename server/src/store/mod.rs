@@ -15,6 +15,10 @@
 //! adding dependencies decide (IDs, reference checks and their hints, history texts, inherited
 //! pauses, pending counts, cycle refusals, an epic's figures) is in [`plan`], which reads
 //! through [`plan::Reads`]; a backend answers those reads and writes what the plan says.
+//!
+//! The store also keeps the change feed ([`crate::feed`]): each write records its entries in
+//! its own transaction (a task's history entries are its `task` entries) and publishes them on
+//! the store's broadcast once it commits, in position order.
 
 use std::future::Future;
 
@@ -42,6 +46,7 @@ use crate::domain::{
     TaskEvent, TaskId, TaskState, TaskStatus,
 };
 use crate::error::Result;
+use crate::feed::{FeedEntry, NewEntry};
 use pipeline_core::ids::{CommitId, TreeId};
 
 pub mod any;
@@ -380,14 +385,16 @@ pub trait Store: Clone + Send + Sync + 'static {
         entries: &[(Journal, CommitId)],
     ) -> impl Future<Output = Result<Option<TaskId>>> + Send;
 
-    /// Starts a merge train on `base_tip`; returns its ID.
+    /// Starts a merge train of `tasks` on `base_tip`, with its `formed` entry in the feed;
+    /// returns its ID.
     fn start_train(
         &self,
         base_tip: &CommitId,
+        tasks: &[TaskId],
         at: Millis,
     ) -> impl Future<Output = Result<i64>> + Send;
 
-    /// Records how a train ended.
+    /// Records how a train ended, with its `ended` entry in the feed.
     fn end_train(
         &self,
         id: i64,
@@ -476,10 +483,36 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Deletes the logs of runs that finished before `before`; returns the lines deleted.
     fn prune_logs(&self, before: Millis) -> impl Future<Output = Result<u64>> + Send;
 
-    /// The ID of the newest task history entry (0 when there is none).
+    /// The newest position of the feed, a task's history entry or another (0 when there is
+    /// none).
     fn last_event_id(&self) -> impl Future<Output = Result<i64>> + Send;
 
-    /// Task history entries after `after_id`, oldest first, at most `limit` (for `watch`).
+    /// The change feed's broadcast: the entries of each write, published once it commits,
+    /// in position order (see [`crate::feed`]).
+    fn feed(&self) -> &crate::feed::Feed;
+
+    /// Records an entry of the feed that is not a task's (a task's are written with its
+    /// change) in a transaction of its own, for a change that lives in memory only; returns
+    /// its position.
+    fn record(&self, entry: &NewEntry) -> impl Future<Output = Result<i64>> + Send;
+
+    /// The feed's entries after position `after`, oldest first, at most `limit`.
+    fn entries_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<FeedEntry>>> + Send;
+
+    /// Writes (`Some`) or forgets (`None`) a server fact and records `entry` in the feed, in
+    /// one transaction (a pause of the queue or of landing); returns the entry's position.
+    fn set_meta_recording(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        entry: &NewEntry,
+    ) -> impl Future<Output = Result<i64>> + Send;
+
+    /// Task history entries (the feed's `task` entries) after `after_id`, oldest first, at most `limit` (for `watch`).
     fn events_after(
         &self,
         after_id: i64,

@@ -127,6 +127,9 @@ macro_rules! store_test_suite {
             racing_inserts_take_distinct_ids,
             racing_edits_close_no_cycle,
             checks_that_it_takes_writes_without_writing,
+            keeps_the_change_feed_in_position_order,
+            publishes_feed_positions_in_commit_order_with_concurrent_writers,
+            publishes_nothing_of_a_refused_write,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
@@ -1350,7 +1353,7 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
     let task = create(store, "landing").await;
     let other = create(store, "landing too").await;
     let patch = sha('c');
-    let train = store.start_train(&sha('a'), 6).await.expect("train");
+    let train = store.start_train(&sha('a'), &[], 6).await.expect("train");
     let entry = Journal {
         task_id: task.id.clone(),
         train: Some(train),
@@ -1420,8 +1423,8 @@ pub async fn keeps_an_integration_journal<S: Store>(store: &S) {
 pub async fn records_trains_and_their_runs<S: Store>(store: &S) {
     let task = create(store, "train").await;
     assert!(store.trains_since(0).await.expect("trains").is_empty());
-    let first = store.start_train(&sha('a'), 100).await.expect("train");
-    let second = store.start_train(&sha('b'), 200).await.expect("train");
+    let first = store.start_train(&sha('a'), &[], 100).await.expect("train");
+    let second = store.start_train(&sha('b'), &[], 200).await.expect("train");
     assert_ne!(first, second);
     let run = store
         .start_run(
@@ -1866,4 +1869,229 @@ pub async fn checks_that_it_takes_writes_without_writing<S: Store>(store: &S) {
         .put_meta("k", "w")
         .await
         .expect("a write after the checks");
+}
+
+/// Drains what a feed subscriber has been sent so far.
+fn received(
+    rx: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<crate::feed::FeedEntry>>,
+) -> Vec<crate::feed::FeedEntry> {
+    let mut got = Vec::new();
+    while let Ok(entry) = rx.try_recv() {
+        got.push((*entry).clone());
+    }
+    got
+}
+
+fn runner_entry(name: &str, kind: &str, at: i64) -> crate::feed::NewEntry {
+    crate::feed::NewEntry::new(
+        crate::feed::Topic::Runner,
+        name,
+        kind,
+        at,
+        format!("runner {name} {kind}"),
+        serde_json::json!({ "n": at }),
+    )
+}
+
+/// Every kind of entry (a task's history, a change in memory recorded on its own, a fact
+/// written with its entry, a train's formation and end) gets the next position, is read back
+/// as written, and is published once committed, in position order.
+pub async fn keeps_the_change_feed_in_position_order<S: Store>(store: &S) {
+    use crate::feed::Topic;
+    let mut rx = store.feed().subscribe();
+    let task = create(store, "followed").await;
+    let runner = store
+        .record(&runner_entry("r1", "connected", 1_100))
+        .await
+        .expect("record");
+    let paused = crate::feed::NewEntry::new(
+        Topic::Queue,
+        "queue",
+        "paused",
+        1_200,
+        "new leases paused",
+        serde_json::json!({ "reason": "lunch" }),
+    );
+    let pause = store
+        .set_meta_recording("queue_paused", Some("{}"), &paused)
+        .await
+        .expect("pause");
+    assert_eq!(
+        store
+            .get_meta("queue_paused")
+            .await
+            .expect("meta")
+            .as_deref(),
+        Some("{}")
+    );
+    let train = store
+        .start_train(&sha('a'), std::slice::from_ref(&task.id), 1_300)
+        .await
+        .expect("train");
+    transition(store, &task, TaskStatus::InProgress)
+        .await
+        .expect("transition");
+    store
+        .end_train(
+            train,
+            &TrainEnd {
+                outcome: crate::store::TrainOutcome::Landed,
+                builds: 1,
+                landed: 1,
+                red_commit: None,
+            },
+            1_400,
+        )
+        .await
+        .expect("end train");
+    let resumed = crate::feed::NewEntry::new(
+        Topic::Queue,
+        "queue",
+        "resumed",
+        1_500,
+        "new leases resumed",
+        serde_json::json!({}),
+    );
+    store
+        .set_meta_recording("queue_paused", None, &resumed)
+        .await
+        .expect("resume");
+    assert_eq!(store.get_meta("queue_paused").await.expect("meta"), None);
+
+    let all = store.entries_after(0, 100).await.expect("entries");
+    let seen: Vec<(Topic, &str, &str)> = all
+        .iter()
+        .map(|e| (e.topic, e.subject.as_str(), e.kind.as_str()))
+        .collect();
+    let train_id = train.to_string();
+    assert_eq!(
+        seen,
+        vec![
+            (Topic::Task, task.id.as_str(), "created"),
+            (Topic::Runner, "r1", "connected"),
+            (Topic::Queue, "queue", "paused"),
+            (Topic::Train, train_id.as_str(), "formed"),
+            (Topic::Task, task.id.as_str(), all[4].kind.as_str()),
+            (Topic::Train, train_id.as_str(), "ended"),
+            (Topic::Queue, "queue", "resumed"),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+    assert_eq!(all[1].position, runner);
+    assert_eq!(all[2].position, pause);
+    assert_eq!(all[1].at, 1_100);
+    assert_eq!(all[1].message, "runner r1 connected");
+    assert_eq!(all[1].data, r#"{"n":1100}"#);
+    assert_eq!((all[1].from, all[1].to), (None, None));
+    assert_eq!(
+        (all[4].from, all[4].to),
+        (Some(TaskStatus::Open), Some(TaskStatus::InProgress))
+    );
+    let formed: serde_json::Value = serde_json::from_str(&all[3].data).expect("json");
+    assert_eq!(formed["tasks"], serde_json::json!([task.id.as_str()]));
+    // The newest position, pages, and the task history as a subset of the feed.
+    assert_eq!(
+        store.last_event_id().await.expect("newest"),
+        all.last().expect("some").position
+    );
+    let page = store.entries_after(all[1].position, 2).await.expect("page");
+    assert_eq!(page, all[2..4].to_vec());
+    let history = store.events_after(0, 100).await.expect("events");
+    let task_positions: Vec<i64> = history.iter().map(|e| e.id).collect();
+    assert_eq!(task_positions, vec![all[0].position, all[4].position]);
+    assert_eq!(
+        all[4].task_event().expect("a task's"),
+        store.events(&task.id).await.expect("history")[1]
+    );
+    // Published once each, in position order, as stored.
+    assert_eq!(received(&mut rx), all);
+    // A task's entry is written with its change, never on its own.
+    let mut stray = runner_entry("r1", "created", 1);
+    stray.topic = Topic::Task;
+    assert!(store.record(&stray).await.is_err());
+}
+
+/// Writers racing (entries recorded on their own, tasks created, facts with their entries)
+/// still publish in position order, each position once, and what a subscriber was sent is
+/// exactly what storage holds: a reader that resumes from any position skips nothing.
+pub async fn publishes_feed_positions_in_commit_order_with_concurrent_writers<S: Store>(store: &S) {
+    let mut rx = store.feed().subscribe();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..6 {
+        let store = store.clone();
+        writers.spawn(async move {
+            for i in 0..10 {
+                let at = w * 100 + i;
+                match i % 3 {
+                    0 => {
+                        store
+                            .record(&runner_entry(&format!("r{w}"), "connected", at))
+                            .await
+                            .expect("record");
+                    }
+                    1 => {
+                        store
+                            .create_task(new_task(None, &format!("w{w}-{i}"), 2, &[]), at)
+                            .await
+                            .expect("create");
+                    }
+                    _ => {
+                        store
+                            .set_meta_recording(
+                                &format!("k{w}"),
+                                Some("1"),
+                                &runner_entry(&format!("r{w}"), "drained", at),
+                            )
+                            .await
+                            .expect("meta");
+                    }
+                }
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("writer");
+    }
+    let stored = store.entries_after(0, 1_000).await.expect("entries");
+    assert_eq!(stored.len(), 60);
+    let sent = received(&mut rx);
+    assert_eq!(sent, stored, "published in position order, none skipped");
+    let positions: Vec<i64> = stored.iter().map(|e| e.position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    // Resuming after any position gives exactly the rest.
+    for (k, entry) in stored.iter().enumerate().step_by(7) {
+        let rest = store
+            .entries_after(entry.position, 1_000)
+            .await
+            .expect("rest");
+        assert_eq!(rest, stored[k + 1..].to_vec());
+    }
+}
+
+/// A write that is refused (a lost compare-and-swap) records and publishes nothing.
+pub async fn publishes_nothing_of_a_refused_write<S: Store>(store: &S) {
+    let task = create(store, "raced").await;
+    transition(store, &task, TaskStatus::InProgress)
+        .await
+        .expect("first");
+    let newest = store.last_event_id().await.expect("newest");
+    let mut rx = store.feed().subscribe();
+    let stale = transition(store, &task, TaskStatus::Cancelled).await;
+    assert!(matches!(stale, Err(Error::Conflict(_))), "{stale:?}");
+    assert_eq!(store.last_event_id().await.expect("newest"), newest);
+    assert!(
+        store
+            .entries_after(newest, 10)
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    assert!(received(&mut rx).is_empty());
+    // The next write's entry comes right after.
+    let record = store
+        .record(&runner_entry("r", "connected", 5))
+        .await
+        .expect("record");
+    assert_eq!(record, newest + 1);
+    assert_eq!(received(&mut rx).len(), 1);
 }

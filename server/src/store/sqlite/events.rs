@@ -1,11 +1,15 @@
-//! Task history: its rows written and read.
+//! The change feed's rows (`task_events`): a task's history written and read, the entries
+//! of other topics recorded in a write's transaction (`record`), and the feed read by
+//! position.
 
 use sqlx::SqliteConnection;
 
 use super::SqliteStore;
-use super::rows::EventRow;
+use super::rows::{EventRow, FEED_COLUMNS, FeedRow};
 use crate::domain::{Millis, TaskEvent, TaskId, TaskStatus};
+use crate::error::Error;
 use crate::error::Result;
+use crate::feed::{FeedEntry, NewEntry, Topic};
 
 pub(super) async fn insert_event(
     conn: &mut SqliteConnection,
@@ -57,11 +61,97 @@ pub(super) async fn events_after(
 ) -> Result<Vec<TaskEvent>> {
     let rows: Vec<EventRow> = sqlx::query_as(
         "SELECT id, task_id, at, kind, from_status, to_status, message \
-         FROM task_events WHERE id > ? ORDER BY id LIMIT ?",
+         FROM task_events WHERE id > ? AND topic = 'task' ORDER BY id LIMIT ?",
     )
     .bind(after_id)
     .bind(i64::from(limit))
     .fetch_all(&store.pool)
     .await?;
     rows.into_iter().map(EventRow::into_event).collect()
+}
+
+/// Records a feed entry that is not a task's (those are its history, written with the task)
+/// in the transaction `tx`; returns its position. It is published once `tx` commits.
+pub(super) async fn record(tx: &mut SqliteConnection, entry: &NewEntry) -> Result<i64> {
+    if entry.topic == Topic::Task {
+        return Err(Error::Internal(
+            "a task's feed entry is written with its task's change".into(),
+        ));
+    }
+    Ok(sqlx::query_scalar(
+        "INSERT INTO task_events (topic, subject, at, kind, message, data) \
+         VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(entry.topic.as_str())
+    .bind(&entry.subject)
+    .bind(entry.at)
+    .bind(&entry.kind)
+    .bind(&entry.message)
+    .bind(&entry.data)
+    .fetch_one(tx)
+    .await?)
+}
+
+/// Records `entry` in a transaction of its own.
+pub(super) async fn record_alone(store: &SqliteStore, entry: &NewEntry) -> Result<i64> {
+    let mut tx = store.write().await?;
+    let position = record(&mut tx, entry).await;
+    tx.finish(position).await
+}
+
+/// Writes or forgets a server fact and records `entry`, in one transaction.
+pub(super) async fn set_meta_recording(
+    store: &SqliteStore,
+    key: &str,
+    value: Option<&str>,
+    entry: &NewEntry,
+) -> Result<i64> {
+    let mut tx = store.write().await?;
+    let written = async {
+        match value {
+            Some(value) => {
+                sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)")
+                    .bind(key)
+                    .bind(value)
+                    .execute(&mut *tx)
+                    .await?
+            }
+            None => {
+                sqlx::query("DELETE FROM meta WHERE key = ?")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?
+            }
+        };
+        record(&mut tx, entry).await
+    }
+    .await;
+    tx.finish(written).await
+}
+
+/// The feed's entries after `after`, oldest first, at most `limit`.
+pub(super) async fn entries_after(
+    store: &SqliteStore,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<FeedEntry>> {
+    let rows: Vec<FeedRow> = sqlx::query_as(&format!(
+        "SELECT {FEED_COLUMNS} FROM task_events WHERE id > ? ORDER BY id LIMIT ?"
+    ))
+    .bind(after)
+    .bind(i64::from(limit))
+    .fetch_all(&store.pool)
+    .await?;
+    rows.into_iter().map(FeedRow::into_entry).collect()
+}
+
+/// The entries after `after` on the connection of a write that just committed (for its
+/// publication).
+pub(super) async fn unpublished(conn: &mut SqliteConnection, after: i64) -> Result<Vec<FeedRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {FEED_COLUMNS} FROM task_events WHERE id > ? ORDER BY id"
+    ))
+    .bind(after)
+    .fetch_all(conn)
+    .await?)
 }

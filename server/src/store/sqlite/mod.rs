@@ -9,7 +9,7 @@
 //! This module holds the pool and the write turn, and the [`Store`] impl, each method handed
 //! to the module of its concern: `tasks` (creating, reading, listing, editing, pausing tasks
 //! and adding dependencies), `commit` (the compare-and-swap write of a transition), `runs`,
-//! `events` (task history), `trains` (merge trains and the journal of base moves), `logs`,
+//! `events` (the change feed: task history and the other topics' entries), `trains` (merge trains and the journal of base moves), `logs`,
 //! `meta` (server facts and the generated-ID counter), `sessions` (the web page's). Below them
 //! `reads` (the plan's reads, [`crate::store::plan::Reads`], in SQL), `graph` (what a task
 //! waits for, its ancestors), `rows` (row types, columns, decoding) and `errors` (SQLite's
@@ -46,6 +46,7 @@ use crate::domain::{
     TaskStatus,
 };
 use crate::error::{Error, Result};
+use crate::feed::{Feed, FeedEntry, NewEntry};
 use pipeline_core::ids::CommitId;
 
 /// A task store in one SQLite file.
@@ -56,6 +57,43 @@ pub struct SqliteStore {
     writer: Arc<tokio::sync::Mutex<()>>,
     /// Why the last write failed, until one succeeds again (for the server's health).
     write_failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The change feed's broadcast and the newest position published on it.
+    feed: Publisher,
+}
+
+/// What publishes the feed's entries: after each write commits, while it still holds the
+/// write turn, the entries after the newest one published are read on its connection and
+/// sent in position order. Positions are the table's `AUTOINCREMENT` IDs, given by the one
+/// writer in commit order, so publication follows commit order and no follower sees a
+/// position before one that precedes it. Entries a failed read left unpublished go out with
+/// the next write (and followers catch up from storage when behind or when they see a gap).
+#[derive(Clone)]
+struct Publisher {
+    feed: Feed,
+    published: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Publisher {
+    /// Publishes what the last transaction (and any before it left unpublished) recorded.
+    async fn publish(&self, conn: &mut SqliteConnection) {
+        use std::sync::atomic::Ordering;
+        let after = self.published.load(Ordering::Acquire);
+        let rows = match events::unpublished(conn, after).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the feed's new entries to publish them");
+                return;
+            }
+        };
+        for row in rows {
+            let position = row.id;
+            match row.into_entry() {
+                Ok(entry) => self.feed.publish(entry),
+                Err(e) => tracing::warn!(position, "a feed entry that cannot be read: {e}"),
+            }
+            self.published.store(position, Ordering::Release);
+        }
+    }
 }
 
 /// A write transaction holding the store's write turn until it ends. It is begun, committed
@@ -78,6 +116,7 @@ struct WriteTx {
     /// When its `BEGIN IMMEDIATE` was sent (`pipeline_db_write_seconds` runs from here to
     /// the `COMMIT`'s answer).
     began: std::time::Instant,
+    publisher: Publisher,
 }
 
 /// A write transaction's connection and the write turn it holds.
@@ -114,6 +153,9 @@ impl WriteTx {
                 crate::metrics::metrics()
                     .db_write
                     .observe(self.began.elapsed().as_secs_f64());
+                // Still holding the write turn: the next writer's entries come after these.
+                let publisher = self.publisher.clone();
+                publisher.publish(&mut self).await;
                 Ok(())
             }
             Err(e) => {
@@ -226,10 +268,17 @@ impl SqliteStore {
             .await
             .map_err(|e| Error::Internal(format!("cannot open the database {url}: {e}")))?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        let newest: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM task_events")
+            .fetch_one(&pool)
+            .await?;
         Ok(Self {
             pool,
             writer: Arc::new(tokio::sync::Mutex::new(())),
             write_failure: Arc::default(),
+            feed: Publisher {
+                feed: Feed::new(),
+                published: Arc::new(std::sync::atomic::AtomicI64::new(newest)),
+            },
         })
     }
 
@@ -251,6 +300,7 @@ impl SqliteStore {
             ended: false,
             failure: Arc::clone(&self.write_failure),
             began: std::time::Instant::now(),
+            publisher: self.feed.clone(),
         };
         if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx).await {
             tx.set_failure(Some(format!("beginning a write failed: {e}")));
@@ -378,8 +428,8 @@ impl Store for SqliteStore {
         trains::begin_integration(self, entries).await
     }
 
-    async fn start_train(&self, base_tip: &CommitId, at: Millis) -> Result<i64> {
-        trains::start_train(self, base_tip, at).await
+    async fn start_train(&self, base_tip: &CommitId, tasks: &[TaskId], at: Millis) -> Result<i64> {
+        trains::start_train(self, base_tip, tasks, at).await
     }
 
     async fn end_train(&self, id: i64, end: &TrainEnd, at: Millis) -> Result<()> {
@@ -452,6 +502,27 @@ impl Store for SqliteStore {
 
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<TaskEvent>> {
         events::events_after(self, after_id, limit).await
+    }
+
+    fn feed(&self) -> &Feed {
+        &self.feed.feed
+    }
+
+    async fn record(&self, entry: &NewEntry) -> Result<i64> {
+        events::record_alone(self, entry).await
+    }
+
+    async fn entries_after(&self, after: i64, limit: u32) -> Result<Vec<FeedEntry>> {
+        events::entries_after(self, after, limit).await
+    }
+
+    async fn set_meta_recording(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        entry: &NewEntry,
+    ) -> Result<i64> {
+        events::set_meta_recording(self, key, value, entry).await
     }
 
     fn write_failure(&self) -> Option<String> {

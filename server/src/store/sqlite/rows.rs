@@ -450,3 +450,37 @@ pub(super) async fn pairs_of(
     }
     Ok(found)
 }
+
+/// The columns of a feed entry, in [`FeedRow`]'s order (a task's subject is its ID).
+pub(super) const FEED_COLUMNS: &str = "id, topic, COALESCE(subject, task_id) AS subject, at, \
+     kind, from_status, to_status, message, data";
+
+#[derive(FromRow)]
+pub(super) struct FeedRow {
+    pub(super) id: i64,
+    pub(super) topic: String,
+    pub(super) subject: String,
+    pub(super) at: i64,
+    pub(super) kind: String,
+    pub(super) from_status: Option<String>,
+    pub(super) to_status: Option<String>,
+    pub(super) message: String,
+    pub(super) data: String,
+}
+
+impl FeedRow {
+    pub(super) fn into_entry(self) -> Result<crate::feed::FeedEntry> {
+        Ok(crate::feed::FeedEntry {
+            position: self.id,
+            topic: crate::feed::Topic::parse(&self.topic)
+                .ok_or_else(|| corrupt("feed topic", &self.topic))?,
+            subject: self.subject,
+            at: self.at,
+            kind: self.kind,
+            from: self.from_status.as_deref().map(stored_status).transpose()?,
+            to: self.to_status.as_deref().map(stored_status).transpose()?,
+            message: self.message,
+            data: self.data,
+        })
+    }
+}

@@ -52,16 +52,22 @@ pub(super) async fn begin_integration(
 pub(super) async fn start_train(
     store: &SqliteStore,
     base_tip: &CommitId,
+    tasks: &[TaskId],
     at: Millis,
 ) -> Result<i64> {
     let mut tx = store.write().await?;
-    let result =
-        sqlx::query_scalar("INSERT INTO trains (base_tip, started_at) VALUES (?, ?) RETURNING id")
-            .bind(base_tip.as_str())
-            .bind(at)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(Error::from);
+    let result = async {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO trains (base_tip, started_at) VALUES (?, ?) RETURNING id",
+        )
+        .bind(base_tip.as_str())
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await?;
+        super::events::record(&mut tx, &crate::feed::train_formed(id, base_tip, tasks, at)).await?;
+        Ok(id)
+    }
+    .await;
     tx.finish(result).await
 }
 
@@ -86,6 +92,22 @@ pub(super) async fn end_train(
     .await
     .map(drop)
     .map_err(Error::from);
+    let result = match result {
+        Ok(()) => super::events::record(
+            &mut tx,
+            &crate::feed::train_ended(
+                id,
+                end.outcome.as_str(),
+                end.landed,
+                end.builds,
+                end.red_commit.as_ref(),
+                at,
+            ),
+        )
+        .await
+        .map(drop),
+        Err(e) => Err(e),
+    };
     tx.finish(result).await
 }
 
