@@ -6,8 +6,8 @@
 use serde_json::{Value, json};
 
 use crate::model::{
-    FailureKind, Landing, Queue, Run, Runner, Status, Task, TaskDetail, TaskEvent, TaskStatus,
-    Transition, Usage,
+    FailureKind, FeedEntry, Landing, Queue, Run, Runner, Status, Task, TaskDetail, TaskEvent,
+    TaskStatus, Transition, Usage,
 };
 use crate::time::rfc3339;
 
@@ -182,6 +182,24 @@ pub fn runner(r: &Runner) -> Value {
 /// The runners, as `runners --json` prints them.
 pub fn runners(runners: &[Runner]) -> Value {
     Value::Array(runners.iter().map(runner).collect())
+}
+
+/// One entry of the change feed, as `watch --all --json` prints each: `position`, `topic`,
+/// `subject`, `kind`, `at` and `data` (its details, with its `message`).
+pub fn feed_entry(e: &FeedEntry) -> Value {
+    let mut data = e.data.clone();
+    if let Value::Object(map) = &mut data {
+        map.entry("message")
+            .or_insert_with(|| e.message.clone().into());
+    }
+    json!({
+        "position": e.position,
+        "topic": e.topic,
+        "subject": e.subject,
+        "kind": e.kind,
+        "at": rfc3339(e.at_ms),
+        "data": data,
+    })
 }
 
 /// One task transition, as `watch --json` prints each.

@@ -510,6 +510,22 @@ pub enum LogItem {
     Undecodable(String),
 }
 
+/// An entry of the change feed, as `watch --all` prints it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedEntry {
+    /// Its place in the feed (a watch that reconnects goes on after it).
+    pub position: i64,
+    /// `task`, `runner`, `landing`, `queue` or `train`; empty on the marker a stream begins
+    /// with (where it starts).
+    pub topic: String,
+    pub subject: String,
+    pub kind: String,
+    pub at_ms: i64,
+    pub message: String,
+    /// Its details, a JSON object (`{}` when none or unreadable).
+    pub data: serde_json::Value,
+}
+
 /// A task's transition, as `watch` prints it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {

@@ -12,9 +12,9 @@ use pipeline_proto::v1 as pb;
 use prost::Message as _;
 
 use crate::model::{
-    CostSource, FailureKind, Health, Landing, LogItem, LogLine, LogRun, LogStream, NewTask, Phase,
-    Queue, Run, RunStatus, Runner, RunnerState, Running, Status, Task, TaskChange, TaskDetail,
-    TaskEvent, TaskStatus, Train, Transition, Usage, Waiting,
+    CostSource, FailureKind, FeedEntry, Health, Landing, LogItem, LogLine, LogRun, LogStream,
+    NewTask, Phase, Queue, Run, RunStatus, Runner, RunnerState, Running, Status, Task, TaskChange,
+    TaskDetail, TaskEvent, TaskStatus, Train, Transition, Usage, Waiting,
 };
 
 /// A reply that should carry a task and does not.
@@ -406,6 +406,24 @@ pub fn log_item(msg: pb::TaskLogsResponse) -> Option<LogItem> {
         },
         Kind::Status(raw) => LogItem::Status(raw.into()),
     })
+}
+
+impl From<pb::FeedEntry> for FeedEntry {
+    fn from(e: pb::FeedEntry) -> Self {
+        let data = match serde_json::from_str::<serde_json::Value>(&e.data_json) {
+            Ok(value @ serde_json::Value::Object(_)) => value,
+            _ => serde_json::Value::Object(serde_json::Map::new()),
+        };
+        FeedEntry {
+            position: e.position,
+            topic: e.topic,
+            subject: e.subject,
+            kind: e.kind,
+            at_ms: e.at_ms,
+            message: e.message,
+            data,
+        }
+    }
 }
 
 impl From<pb::TaskTransition> for Transition {

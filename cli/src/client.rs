@@ -454,6 +454,18 @@ impl Client {
         r.map(|r| self.feed(r)).map_err(|s| self.failure(s))
     }
 
+    /// The change feed's entries after `after` (or from now on: the first item is then a
+    /// marker, an empty topic and its position; so is it when the server's feed does not hold
+    /// the position named), of `topics` (empty: every topic).
+    pub async fn change_feed(
+        &mut self,
+        after: Option<i64>,
+        topics: Vec<String>,
+    ) -> Result<Feed<pb::FeedEntry>, Failure> {
+        let r = self.inner.feed(pb::FeedRequest { after, topics }).await;
+        r.map(|r| self.feed(r)).map_err(|s| self.failure(s))
+    }
+
     fn feed<W>(&self, response: tonic::Response<tonic::Streaming<W>>) -> Feed<W> {
         Feed {
             messages: response.into_inner(),
@@ -679,6 +691,13 @@ impl Feed<pb::TaskLogsResponse> {
                 return Ok(Some(item));
             }
         }
+    }
+}
+
+impl Feed<pb::FeedEntry> {
+    /// The next entry of the change feed; `None` at the stream's end.
+    pub async fn next(&mut self) -> Result<Option<model::FeedEntry>, Failure> {
+        Ok(self.message().await?.map(model::FeedEntry::from))
     }
 }
 

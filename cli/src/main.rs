@@ -119,10 +119,22 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
-    /// Every task transition, live, one line each.
+    /// Every task transition, live, one line each; with --all or --kind, the whole change feed
+    /// (runners, landing, the queue, trains and tasks).
     Watch {
         #[arg(long)]
         json: bool,
+        /// Every entry of the change feed, not only task transitions.
+        #[arg(long, conflicts_with_all = ["task", "parent", "status"])]
+        all: bool,
+        /// Only the feed's entries of this topic (repeatable).
+        #[arg(long, value_name = "K", value_parser = ["task", "runner", "landing", "queue", "train"],
+              conflicts_with_all = ["task", "parent", "status"])]
+        kind: Vec<String>,
+        /// With --all or --kind: go on after this position of the feed (the `position` of
+        /// the last entry seen), the entries since first.
+        #[arg(long, value_name = "POS", value_parser = clap::value_parser!(i64).range(0..))]
+        after: Option<i64>,
         /// Only this task's transitions.
         #[arg(long, allow_hyphen_values = true, conflicts_with = "parent")]
         task: Option<String>,
@@ -715,9 +727,25 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         }
         Command::Watch {
             json,
+            all,
+            kind,
+            after,
+            ..
+        } if all || !kind.is_empty() || after.is_some() => {
+            if !all && kind.is_empty() {
+                return Err(Failure::usage(
+                    "--after goes with --all or --kind (a task watch resumes by itself)".into(),
+                )
+                .into());
+            }
+            watch_feed(&mut client, Format::for_stdout(json), kind, after, out).await?;
+        }
+        Command::Watch {
+            json,
             task,
             parent,
             status,
+            ..
         } => {
             let format = Format::for_stdout(json);
             let status = status.as_deref().and_then(TaskStatus::from_word);
@@ -813,6 +841,57 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// `watch --all` / `--kind`: the change feed's entries, live, after `after` if given; a
+/// server that goes away is waited for, and the watch goes on after the last position it
+/// sent (none lost, none twice).
+async fn watch_feed(
+    client: &mut Client,
+    format: Format,
+    topics: Vec<String>,
+    after: Option<i64>,
+    out: &mut impl Write,
+) -> Result<(), Stop> {
+    let mut last = after;
+    let mut pause = std::time::Duration::from_millis(200);
+    let mut warned = false;
+    loop {
+        let read = async {
+            let mut entries = client.change_feed(last, topics.clone()).await?;
+            let mut first = true;
+            while let Some(e) = entries.next().await? {
+                if std::mem::take(&mut first) && last.is_some() && e.topic.is_empty() {
+                    eprintln!(
+                        "pipelinectl: the server's feed does not hold position {} (its database \
+                         went back, e.g. restored from a backup); going on from where the \
+                         server started",
+                        last.unwrap_or_default()
+                    );
+                }
+                last = Some(e.position);
+                pause = std::time::Duration::from_millis(200);
+                warned = false;
+                if e.topic.is_empty() {
+                    continue;
+                }
+                output::feed_entry(out, &e, format)?;
+            }
+            Ok::<(), Stop>(())
+        };
+        match read.await {
+            // The server ended the stream (it is stopping): watch again.
+            Ok(()) => {}
+            Err(Stop::Failed(f)) if f.exit_code == exit::UNAVAILABLE => {
+                if !std::mem::replace(&mut warned, true) {
+                    eprintln!("pipelinectl: {}; waiting for it", f.message);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(other) => return Err(other),
+        }
+    }
 }
 
 /// Prints a task's logs; with `follow`, until the task is final, waiting for a server that goes

@@ -888,6 +888,27 @@ pub fn one_line_summary(text: &str) -> String {
 
 /// Prints one task transition, as a line or as JSON, and flushes it (a pipe reader, `| grep`,
 /// sees each transition at once).
+/// One entry of the change feed: `<at> <topic> <subject> <kind>: <message>`, or its JSON.
+pub fn feed_entry(
+    out: &mut impl Write,
+    e: &pipeline_api::model::FeedEntry,
+    format: Format,
+) -> io::Result<()> {
+    match format {
+        Format::Json => writeln!(out, "{}", json::feed_entry(e))?,
+        Format::Text { terminal } => writeln!(
+            out,
+            "{} {} {} {}: {}",
+            rfc3339(e.at_ms),
+            e.topic,
+            shown(&e.subject, terminal),
+            e.kind,
+            shown(&one_line_summary(&e.message), terminal)
+        )?,
+    }
+    out.flush()
+}
+
 pub fn transition(out: &mut impl Write, t: &Transition, format: Format) -> io::Result<()> {
     let from = t.from.map(TaskStatus::word);
     match format {

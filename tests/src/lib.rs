@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod fake_runner;
+pub mod feed;
 pub mod web;
 
 /// How long a test waits for anything before it fails.
