@@ -490,7 +490,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         let before = registry.runner(runner_id).map(|r| r.free_slots());
         let was = registry
             .runner(runner_id)
-            .map(|r| (r.unhealthy.clone(), r.draining));
+            .map(|r| (r.unhealthy.is_some(), r.draining));
         if let Some(why) = &unhealthy
             && let Some(r) = registry.runner(runner_id)
             && r.unhealthy.is_none()
@@ -513,7 +513,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         let changes = match (was, registry.runner(runner_id)) {
             (Some((was_unhealthy, was_draining)), Some(r)) => {
                 let mut changes = Vec::new();
-                if was_unhealthy.is_some() != r.unhealthy.is_some() {
+                if was_unhealthy != r.unhealthy.is_some() {
                     changes.push(self.health_entry(&r.name, r.unhealthy.as_deref()));
                 }
                 if !was_draining && r.draining {

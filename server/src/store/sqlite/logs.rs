@@ -12,6 +12,8 @@ pub(super) async fn append_logs(store: &SqliteStore, lines: &[(i64, LogLine)]) -
         return Ok(());
     }
     let mut tx = store.write().await?;
+    // Log lines are no entry of the feed: nothing to publish after this commit.
+    tx.publisher = None;
     // 6 parameters a row: 30,000 a statement, under SQLite's limit of 32,766.
     for chunk in lines.chunks(5000) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(

@@ -116,7 +116,9 @@ struct WriteTx {
     /// When its `BEGIN IMMEDIATE` was sent (`pipeline_db_write_seconds` runs from here to
     /// the `COMMIT`'s answer).
     began: std::time::Instant,
-    publisher: Publisher,
+    /// Publishes the feed after the commit; `None` for a write that records no entry (log
+    /// lines: anything one did record would go out with the next write).
+    publisher: Option<Publisher>,
 }
 
 /// A write transaction's connection and the write turn it holds.
@@ -154,8 +156,9 @@ impl WriteTx {
                     .db_write
                     .observe(self.began.elapsed().as_secs_f64());
                 // Still holding the write turn: the next writer's entries come after these.
-                let publisher = self.publisher.clone();
-                publisher.publish(&mut self).await;
+                if let Some(publisher) = self.publisher.clone() {
+                    publisher.publish(&mut self).await;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -300,7 +303,7 @@ impl SqliteStore {
             ended: false,
             failure: Arc::clone(&self.write_failure),
             began: std::time::Instant::now(),
-            publisher: self.feed.clone(),
+            publisher: Some(self.feed.clone()),
         };
         if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx).await {
             tx.set_failure(Some(format!("beginning a write failed: {e}")));
