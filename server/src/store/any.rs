@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::sqlite::SqliteStore;
 use super::{
     Committed, EndSessions, Journal, NewEvent, NewRun, RunEnd, SessionRecord, Store, TaskFilter,
-    TaskWrite, TrainEnd, TrainStat, UsageBucket,
+    TaskWrite, TrainEnd, TrainStat, UsageBucket, WebhookCursor,
 };
 use crate::domain::{
     LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId,
@@ -450,6 +450,24 @@ impl Store for AnyStore {
     async fn end_sessions(&self, which: EndSessions<'_>) -> Result<u64> {
         match self {
             AnyStore::Sqlite(s) => s.end_sessions(which).await,
+        }
+    }
+
+    async fn webhooks(&self) -> Result<Vec<WebhookCursor>> {
+        match self {
+            AnyStore::Sqlite(s) => s.webhooks().await,
+        }
+    }
+
+    async fn open_webhook(&self, url: &str, head: i64, now: Millis) -> Result<WebhookCursor> {
+        match self {
+            AnyStore::Sqlite(s) => s.open_webhook(url, head, now).await,
+        }
+    }
+
+    async fn put_webhook(&self, cursor: &WebhookCursor) -> Result<bool> {
+        match self {
+            AnyStore::Sqlite(s) => s.put_webhook(cursor).await,
         }
     }
 }

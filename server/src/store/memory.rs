@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Waker};
 use super::plan::{self, Creation};
 use super::{
     Committed, EndSessions, Journal, NewEvent, NewRun, RunEnd, SessionRecord, Store, TaskFilter,
-    TaskWrite, TrainEnd, TrainStat, UsageBucket,
+    TaskWrite, TrainEnd, TrainStat, UsageBucket, WebhookCursor,
 };
 use crate::domain::{
     EventKind, LogLine, Millis, NewTask, Phase, Run, RunStatus, StatusCounts, Task, TaskEdit,
@@ -38,6 +38,7 @@ struct Tables {
     logs: BTreeMap<(i64, u64), LogLine>,
     meta: BTreeMap<String, String>,
     sessions: BTreeMap<String, SessionRecord>,
+    webhooks: BTreeMap<String, WebhookCursor>,
 }
 
 /// A train: its base tip, when it started, and when and how it ended.
@@ -1085,6 +1086,30 @@ impl Store for MemoryStore {
             EndSessions::ExpiredBefore(at) => s.expires_at >= at,
         });
         Ok((before - t.sessions.len()) as u64)
+    }
+
+    async fn webhooks(&self) -> Result<Vec<WebhookCursor>> {
+        Ok(self.lock().webhooks.values().cloned().collect())
+    }
+
+    async fn open_webhook(&self, url: &str, head: i64, _now: Millis) -> Result<WebhookCursor> {
+        Ok(self
+            .lock()
+            .webhooks
+            .entry(url.to_owned())
+            .or_insert_with(|| WebhookCursor::at(url, head))
+            .clone())
+    }
+
+    async fn put_webhook(&self, cursor: &WebhookCursor) -> Result<bool> {
+        let mut t = self.lock();
+        match t.webhooks.get_mut(&cursor.url) {
+            Some(stored) if stored.position <= cursor.position => {
+                *stored = cursor.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 }
 

@@ -254,6 +254,43 @@ pub enum EndSessions<'a> {
     ExpiredBefore(Millis),
 }
 
+/// A webhook endpoint's place in the change feed, as stored (see `crate::webhooks`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookCursor {
+    /// The endpoint, as given to `--webhook`.
+    pub url: String,
+    /// The last entry handled: every entry up to it was delivered, refused for good, given up
+    /// on, or not one the endpoint takes.
+    pub position: i64,
+    /// Failed attempts at the first entry after `position` (0 when none failed).
+    pub attempts: u32,
+    /// When that entry is tried again, while it fails.
+    pub next_attempt_at: Option<Millis>,
+    /// When that entry first failed (it is given up on a day later).
+    pub failing_since: Option<Millis>,
+    /// The last failure (of that entry, or the last entry refused or given up on), and when.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<Millis>,
+    /// When an entry was last delivered (answered 2xx).
+    pub last_delivered_at: Option<Millis>,
+}
+
+impl WebhookCursor {
+    /// A cursor at `position` with nothing failing and nothing delivered yet.
+    pub fn at(url: &str, position: i64) -> Self {
+        Self {
+            url: url.to_owned(),
+            position,
+            attempts: 0,
+            next_attempt_at: None,
+            failing_since: None,
+            last_error: None,
+            last_error_at: None,
+            last_delivered_at: None,
+        }
+    }
+}
+
 /// Persistence of tasks, runs and history. Every write is one short transaction.
 pub trait Store: Clone + Send + Sync + 'static {
     /// Creates a task in state Open, generating `t-<n>` when no ID is given. Fails with
@@ -547,4 +584,20 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Ends sessions; returns how many ended.
     fn end_sessions(&self, which: EndSessions<'_>) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Every webhook endpoint's cursor, by URL.
+    fn webhooks(&self) -> impl Future<Output = Result<Vec<WebhookCursor>>> + Send;
+
+    /// The cursor of `url`, made at `head` (the feed's newest entry) if it has none: a new
+    /// endpoint is not sent what happened before it.
+    fn open_webhook(
+        &self,
+        url: &str,
+        head: i64,
+        now: Millis,
+    ) -> impl Future<Output = Result<WebhookCursor>> + Send;
+
+    /// Writes an endpoint's cursor, which never goes back: returns false (and writes nothing)
+    /// for an unknown URL or a position before the stored one.
+    fn put_webhook(&self, cursor: &WebhookCursor) -> impl Future<Output = Result<bool>> + Send;
 }

@@ -130,6 +130,7 @@ macro_rules! store_test_suite {
             keeps_the_change_feed_in_position_order,
             publishes_feed_positions_in_commit_order_with_concurrent_writers,
             publishes_nothing_of_a_refused_write,
+            keeps_webhook_cursors_that_never_go_back,
         );
     };
     (@tests $factory:path; $($name:ident),* $(,)?) => {
@@ -2094,4 +2095,56 @@ pub async fn publishes_nothing_of_a_refused_write<S: Store>(store: &S) {
         .expect("record");
     assert_eq!(record, newest + 1);
     assert_eq!(received(&mut rx).len(), 1);
+}
+
+/// A webhook endpoint's cursor: made once at the head it is given (opening it again leaves it
+/// where it is), written whole, and never moved back.
+pub async fn keeps_webhook_cursors_that_never_go_back<S: Store>(store: &S) {
+    use crate::store::WebhookCursor;
+    assert!(store.webhooks().await.expect("none").is_empty());
+    let url = "http://127.0.0.1:9/hook";
+    let opened = store.open_webhook(url, 7, 1_000).await.expect("open");
+    assert_eq!(opened, WebhookCursor::at(url, 7));
+    let failing = WebhookCursor {
+        attempts: 2,
+        next_attempt_at: Some(5_000),
+        failing_since: Some(2_000),
+        last_error: Some("connection refused".into()),
+        last_error_at: Some(3_000),
+        ..opened.clone()
+    };
+    assert!(store.put_webhook(&failing).await.expect("put"));
+    assert_eq!(
+        store.open_webhook(url, 99, 4_000).await.expect("again"),
+        failing,
+        "an endpoint that has a cursor keeps it"
+    );
+    let delivered = WebhookCursor {
+        position: 9,
+        last_delivered_at: Some(6_000),
+        ..WebhookCursor::at(url, 0)
+    };
+    assert!(store.put_webhook(&delivered).await.expect("forward"));
+    assert!(
+        !store
+            .put_webhook(&WebhookCursor::at(url, 8))
+            .await
+            .expect("back"),
+        "a cursor never goes back"
+    );
+    assert!(
+        !store
+            .put_webhook(&WebhookCursor::at("http://127.0.0.1:9/other", 1))
+            .await
+            .expect("unknown"),
+        "an endpoint never opened is not written"
+    );
+    store
+        .open_webhook("http://127.0.0.1:9/a", 3, 1_000)
+        .await
+        .expect("second");
+    let all = store.webhooks().await.expect("all");
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].url, "http://127.0.0.1:9/a");
+    assert_eq!(all[1], delivered);
 }

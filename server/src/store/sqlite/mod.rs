@@ -27,6 +27,7 @@ mod runs;
 mod sessions;
 mod tasks;
 mod trains;
+mod webhooks;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ use sqlx::{Sqlite, SqliteConnection};
 
 use super::{
     Committed, EndSessions, Journal, NewEvent, NewRun, RunEnd, SessionRecord, Store, TaskFilter,
-    TaskWrite, TrainEnd, TrainStat, UsageBucket,
+    TaskWrite, TrainEnd, TrainStat, UsageBucket, WebhookCursor,
 };
 use crate::domain::{
     LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId,
@@ -567,6 +568,22 @@ impl Store for SqliteStore {
     async fn end_sessions(&self, which: EndSessions<'_>) -> Result<u64> {
         let mut tx = self.write().await?;
         let result = sessions::end(&mut tx, which).await;
+        tx.finish(result).await
+    }
+
+    async fn webhooks(&self) -> Result<Vec<WebhookCursor>> {
+        webhooks::all(&self.pool).await
+    }
+
+    async fn open_webhook(&self, url: &str, head: i64, now: Millis) -> Result<WebhookCursor> {
+        let mut tx = self.write().await?;
+        let result = webhooks::open(&mut tx, url, head, now).await;
+        tx.finish(result).await
+    }
+
+    async fn put_webhook(&self, cursor: &WebhookCursor) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let result = webhooks::put(&mut tx, cursor).await;
         tx.finish(result).await
     }
 }
