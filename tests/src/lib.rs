@@ -75,6 +75,25 @@ pub fn ensure_built() {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--bins", "--manifest-path"])
             .arg(manifest);
+        // Cargo sets these for the test's crate; a build script that reads them (ring's)
+        // would see them change between `cargo test` and this build, and everything above it
+        // (rustls, tonic, the workspace) would be built again on every run.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
+                || key == "CARGO_TARGET_TMPDIR"
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
         // The benchmark (built with --release) drives release binaries.
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
