@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::model::{
     FailureKind, FeedEntry, Landing, Queue, Run, Runner, Status, Task, TaskDetail, TaskEvent,
-    TaskStatus, Transition, Usage,
+    TaskStatus, Transition, Usage, Webhook,
 };
 use crate::time::rfc3339;
 
@@ -133,6 +133,24 @@ pub fn status(s: &Status) -> Value {
         "cost_cents_last_day": s.cost_cents_last_day,
         "tokens_last_day": s.tokens_last_day,
         "sandbox": s.sandbox,
+        "webhooks": s.webhooks.iter().map(webhook).collect::<Vec<_>>(),
+    })
+}
+
+/// A webhook endpoint's deliveries, as `status --json` prints each.
+pub fn webhook(w: &Webhook) -> Value {
+    json!({
+        "url": w.url,
+        "position": w.position,
+        "last_delivery": time_or_null(w.last_delivered_at_ms),
+        "pending": w.pending.as_ref().map(|p| json!({
+            "id": p.id,
+            "type": p.kind,
+            "attempts": p.attempts,
+            "next_attempt": time_or_null(p.next_attempt_at_ms),
+        })),
+        "last_error": w.last_error,
+        "last_error_at": time_or_null(w.last_error_at_ms),
     })
 }
 

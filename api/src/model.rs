@@ -385,6 +385,33 @@ pub struct Status {
     /// The sandbox the server's own builds run in (`landlock`, `user`, `off`); `None` from a
     /// server that does not say (an older one).
     pub sandbox: Option<String>,
+    /// Each `--webhook` endpoint's deliveries.
+    pub webhooks: Vec<Webhook>,
+}
+
+/// A webhook endpoint's deliveries, as `status` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    /// Its origin (the rest of the URL shown as `…`).
+    pub url: String,
+    /// The last entry of the feed it has handled.
+    pub position: i64,
+    pub last_delivered_at_ms: Option<i64>,
+    /// The message it is trying again, while one fails.
+    pub pending: Option<PendingWebhook>,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+}
+
+/// A message a webhook endpoint is trying again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingWebhook {
+    /// Its `webhook-id`.
+    pub id: String,
+    /// Its `type`.
+    pub kind: String,
+    pub attempts: u32,
+    pub next_attempt_at_ms: Option<i64>,
 }
 
 /// Whether verified tasks land, and if not, why.

@@ -13,8 +13,9 @@ use prost::Message as _;
 
 use crate::model::{
     CostSource, FailureKind, FeedEntry, Health, Landing, LogItem, LogLine, LogRun, LogStream,
-    NewTask, Phase, Queue, Run, RunStatus, Runner, RunnerState, Running, Status, Task, TaskChange,
-    TaskDetail, TaskEvent, TaskStatus, Train, Transition, Usage, Waiting,
+    NewTask, PendingWebhook, Phase, Queue, Run, RunStatus, Runner, RunnerState, Running, Status,
+    Task, TaskChange, TaskDetail, TaskEvent, TaskStatus, Train, Transition, Usage, Waiting,
+    Webhook,
 };
 
 /// A reply that should carry a task and does not.
@@ -303,6 +304,26 @@ impl From<pb::GetStatusResponse> for Status {
             cost_cents_last_day: s.cost_cents_last_day,
             tokens_last_day: s.tokens_last_day,
             sandbox: Some(s.sandbox).filter(|w| !w.is_empty()),
+            webhooks: s.webhooks.into_iter().map(Webhook::from).collect(),
+        }
+    }
+}
+
+impl From<pb::WebhookEndpoint> for Webhook {
+    fn from(w: pb::WebhookEndpoint) -> Self {
+        let pending = w.pending_id.map(|id| PendingWebhook {
+            id,
+            kind: w.pending_type.unwrap_or_default(),
+            attempts: w.attempts,
+            next_attempt_at_ms: w.next_attempt_at_ms,
+        });
+        Webhook {
+            url: w.url,
+            position: w.position,
+            last_delivered_at_ms: w.last_delivered_at_ms,
+            pending,
+            last_error: w.last_error,
+            last_error_at_ms: w.last_error_at_ms,
         }
     }
 }

@@ -244,6 +244,36 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
             thousands(s.tokens_last_day)
         )?;
     }
+    for w in &s.webhooks {
+        let last = w
+            .last_delivered_at_ms
+            .map_or("nothing delivered yet".to_owned(), |at| {
+                format!("last delivered {}", rfc3339(at))
+            });
+        let pending = match &w.pending {
+            Some(p) => format!(
+                "; RETRYING {} ({}) after {} failed attempt{}{}",
+                p.id,
+                p.kind,
+                p.attempts,
+                if p.attempts == 1 { "" } else { "s" },
+                p.next_attempt_at_ms
+                    .map(|at| format!(", next at {}", rfc3339(at)))
+                    .unwrap_or_default()
+            ),
+            None => String::new(),
+        };
+        let error = match (&w.last_error, w.last_error_at_ms) {
+            (Some(e), Some(at)) => format!("; last error at {}: {}", rfc3339(at), terminal_safe(e)),
+            (Some(e), None) => format!("; last error: {}", terminal_safe(e)),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "webhook:         {} {last}{pending}{error}",
+            terminal_safe(&w.url)
+        )?;
+    }
     Ok(())
 }
 
@@ -1069,6 +1099,7 @@ mod snapshots {
             cost_cents_last_day: 0.0,
             tokens_last_day: 0,
             sandbox: Some("landlock".into()),
+            webhooks: vec![],
         }
     }
 
@@ -1076,6 +1107,42 @@ mod snapshots {
     fn status() {
         let s = status_of(Health::Healthy);
         insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+    }
+
+    #[test]
+    fn status_with_webhooks() {
+        let s = Status {
+            webhooks: vec![
+                crate::model::Webhook {
+                    url: "https://hooks.example.com/…".into(),
+                    position: 41,
+                    last_delivered_at_ms: Some(1_700_000_000_000),
+                    pending: None,
+                    last_error: None,
+                    last_error_at_ms: None,
+                },
+                crate::model::Webhook {
+                    url: "http://127.0.0.1:8080/".into(),
+                    position: 40,
+                    last_delivered_at_ms: None,
+                    pending: Some(crate::model::PendingWebhook {
+                        id: "msg_41".into(),
+                        kind: "task.done".into(),
+                        attempts: 3,
+                        next_attempt_at_ms: Some(1_700_000_060_000),
+                    }),
+                    last_error: Some(
+                        "msg_41 (task.done): cannot connect: connection refused".into(),
+                    ),
+                    last_error_at_ms: Some(1_700_000_020_000),
+                },
+            ],
+            ..status_of(Health::Healthy)
+        };
+        insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
+        let json = printed(|out| super::status(out, &s, Format::Json));
+        assert!(json.contains("\"webhooks\""), "{json}");
+        assert!(json.contains("\"id\": \"msg_41\""), "{json}");
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         check_local_runners(&config).map_err(Error::FailedPrecondition)?;
     }
     let prompt = load_prompt_template(config.prompt_template.as_deref())?;
+    // Webhooks: the URLs, the secret and the events, refused with their reason before
+    // anything is created.
+    let webhooks = webhook_plan(&config).map_err(Error::InvalidArgument)?;
     let repo = Repo::open(&config.repo).await?;
     let base = BranchName::parse(&config.base)
         .map_err(|e| Error::InvalidArgument(format!("--base: {e}")))?;
@@ -273,6 +276,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     coordinator
         .logs()
         .set_history_start(store.last_event_id().await?);
+    // Webhooks' cursors, before recovery writes anything: a new endpoint is sent what happens
+    // from here on.
+    let webhooks = match webhooks {
+        Some((urls, settings)) => {
+            let (opened, board) =
+                crate::webhooks::open(&store, &urls, pipeline_core::clock::now_ms()).await?;
+            coordinator.set_webhooks(Arc::clone(&board));
+            Some((opened, board, settings))
+        }
+        None => None,
+    };
     coordinator.load_counts().await?;
     coordinator.load_landing().await?;
     coordinator.load_held_runners().await?;
@@ -332,6 +346,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             writer_stop.clone(),
         ),
     );
+    if let Some((opened, board, settings)) = webhooks {
+        let settings = Arc::new(crate::webhooks::Settings {
+            render: task_json(coordinator.policy().clone()),
+            ..settings
+        });
+        for (index, endpoint) in opened.into_iter().enumerate() {
+            loops.spawn(
+                "webhook",
+                crate::webhooks::run(
+                    store.clone(),
+                    Arc::clone(&board),
+                    index,
+                    endpoint,
+                    Arc::clone(&settings),
+                    shutdown.clone(),
+                ),
+            );
+        }
+    }
     if config.log_retention_days > 0 {
         loops.spawn(
             "log pruner",
@@ -983,6 +1016,49 @@ async fn prune_logs<S: Store>(store: S, days: u64, shutdown: CancellationToken) 
             () = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
     }
+}
+
+/// `--webhook`'s endpoints and what their workers are given (the task's JSON shape is set once
+/// the coordinator is made), or why the flags are refused; `None` without `--webhook`.
+fn webhook_plan(
+    config: &Config,
+) -> std::result::Result<Option<(Vec<reqwest::Url>, crate::webhooks::Settings)>, String> {
+    if config.webhooks.is_empty() {
+        return Ok(None);
+    }
+    let urls = config
+        .webhooks
+        .iter()
+        .map(|raw| crate::webhooks::parse_url(raw))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let Some(secret_file) = &config.webhook_secret_file else {
+        return Err("--webhook needs --webhook-secret-file FILE (whsec_<base64 key>)".to_owned());
+    };
+    let secret = crate::webhooks::Secret::read(secret_file)?;
+    let kinds = crate::webhooks::Kinds::parse(&config.webhook_events)?;
+    let timeout = Duration::from_millis(
+        config
+            .webhook_timeout_ms
+            .unwrap_or(config.webhook_timeout.saturating_mul(1000)),
+    );
+    crate::webhooks::check(&urls, timeout)?;
+    let settings = crate::webhooks::Settings {
+        secret,
+        kinds,
+        backoff_base: Duration::from_millis(config.webhook_backoff_ms.max(1)),
+        timeout,
+        render: Arc::new(|_| serde_json::Value::Null),
+    };
+    Ok(Some((urls, settings)))
+}
+
+/// A task as the JSON API shows it (domain → prost → view → JSON, as `/api/tasks` does).
+fn task_json(policy: Policy) -> crate::webhooks::Render {
+    Arc::new(move |task| {
+        pipeline_api::json::task(&pipeline_api::model::Task::from(
+            crate::grpc::convert::task_to_pb(&policy, task),
+        ))
+    })
 }
 
 /// The dev prompt's template: the built-in one, or `--prompt-template FILE`, checked now (one

@@ -72,6 +72,52 @@ pub struct Config {
     #[arg(long, env = "PIPELINE_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
 
+    /// POST the events named by --webhook-events to this URL, signed as Standard Webhooks
+    /// specifies (repeatable: each endpoint has its own queue); needs --webhook-secret-file.
+    #[arg(
+        long = "webhook",
+        env = "PIPELINE_WEBHOOK",
+        value_name = "URL",
+        requires = "webhook_secret_file"
+    )]
+    pub webhooks: Vec<String>,
+
+    /// The webhooks' signing secret: a file only its owner may read, holding
+    /// whsec_<base64 of a 24 to 64 byte key>.
+    #[arg(long, env = "PIPELINE_WEBHOOK_SECRET_FILE", value_name = "FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// The events webhooks are sent, comma-separated [default: all]: task.done,
+    /// task.needs_help, task.cancelled, landing.paused, landing.resumed, runner.unhealthy.
+    #[arg(
+        long,
+        env = "PIPELINE_WEBHOOK_EVENTS",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    pub webhook_events: Vec<String>,
+
+    /// How long a webhook's receiver has to connect and answer (10s; a bare number is
+    /// seconds); past it the attempt failed and is retried.
+    #[arg(long, env = "PIPELINE_WEBHOOK_TIMEOUT", default_value = "10s", value_name = "DURATION",
+          value_parser = units::positive_seconds)]
+    pub webhook_timeout: u64,
+
+    /// The first wait before a failed webhook is tried again, in milliseconds (doubled after
+    /// each failure, up to an hour): a knob for the tests.
+    #[arg(
+        long,
+        env = "PIPELINE_WEBHOOK_BACKOFF_MS",
+        default_value_t = 5000,
+        hide = true
+    )]
+    pub webhook_backoff_ms: u64,
+
+    /// The time limit on a webhook's attempt in milliseconds, overriding --webhook-timeout: a
+    /// knob for the tests.
+    #[arg(long, env = "PIPELINE_WEBHOOK_TIMEOUT_MS", hide = true)]
+    pub webhook_timeout_ms: Option<u64>,
+
     /// Allow listening on a non-loopback address without TLS: anyone who can reach the port
     /// can then lease work, send commits and steer the queue.
     #[arg(long, env = "PIPELINE_INSECURE")]
@@ -298,6 +344,7 @@ impl Config {
             &mut self.tls_key,
             &mut self.tls_ca,
             &mut self.prompt_template,
+            &mut self.webhook_secret_file,
         ]
         .into_iter()
         .flatten()

@@ -9,6 +9,8 @@
 //! transitions), [`repo`] (the canonical repository, through `pipeline_core::git`). [`domain`]
 //! holds the types every layer shares; [`landing`] and [`usage`] what `status` reads from memory
 //! (landing and its pauses, the last day's cost);
+//! [`webhooks`] sends the feed's events to `--webhook` endpoints, signed, at least once, from a
+//! durable cursor.
 //! [`app`] wires it all up and supervises the background loops; [`admin_note`] tells a local
 //! `pipelinectl` where the admin token is. [`metrics`] (the Prometheus registry), [`health`]
 //! (which loops are alive) and [`telemetry`] (tracing, and its optional OTLP export) sit
@@ -39,3 +41,4 @@ pub mod scheduler;
 pub mod store;
 pub mod telemetry;
 pub mod usage;
+pub mod webhooks;

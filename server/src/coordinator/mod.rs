@@ -135,6 +135,8 @@ pub struct Coordinator<S, R> {
     /// heartbeat): one task records them, each in a transaction of its own, in the order
     /// they happened (started on first use).
     noted: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::feed::NewEntry>>,
+    /// What the `--webhook` endpoints are doing, for `status` (set once at start-up).
+    webhooks: std::sync::OnceLock<Arc<crate::webhooks::Board>>,
 }
 
 /// The task counts, held; when let go after a change (a mutable borrow), whoever waits on
@@ -216,7 +218,21 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             landing: Mutex::new(Landing::default()),
             last_day: Mutex::new(LastDay::default()),
             instructions: tokio::sync::Mutex::new(None),
+            webhooks: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Shows the webhooks' board in `status` (once, at start-up).
+    pub fn set_webhooks(&self, board: Arc<crate::webhooks::Board>) {
+        let _ = self.webhooks.set(board);
+    }
+
+    /// Every webhook endpoint, as `status` shows it.
+    pub fn webhooks(&self) -> Vec<crate::webhooks::EndpointStatus> {
+        self.webhooks
+            .get()
+            .map(|b| b.snapshot())
+            .unwrap_or_default()
     }
 
     pub fn store(&self) -> &S {

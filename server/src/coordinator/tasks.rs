@@ -92,6 +92,9 @@ pub struct Status {
     pub tokens_last_day: u64,
     /// The sandbox the server's own builds run in.
     pub sandbox: pipeline_core::sandbox::Kind,
+    /// Each `--webhook` endpoint: what it was last sent, what it is trying again, its last
+    /// error.
+    pub webhooks: Vec<crate::webhooks::EndpointStatus>,
 }
 
 /// Which page of a list: after the key of the last item of the previous one, at most `size`.
@@ -739,6 +742,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             runners: self.registry().connected_count() as u64,
             base: self.settings.base.to_string(),
             sandbox: self.settings.sandbox.kind(),
+            webhooks: self.webhooks(),
             unhealthy: self
                 .store
                 .write_failure()

@@ -383,6 +383,22 @@ pub(crate) fn status_response(s: StatusView) -> pb::GetStatusResponse {
         cost_cents_last_day: s.cost_cents_last_day,
         tokens_last_day: s.tokens_last_day,
         sandbox: s.sandbox.as_str().to_owned(),
+        webhooks: s.webhooks.into_iter().map(webhook_to_pb).collect(),
+    }
+}
+
+fn webhook_to_pb(w: crate::webhooks::EndpointStatus) -> pb::WebhookEndpoint {
+    let pending = w.pending.as_ref();
+    pb::WebhookEndpoint {
+        url: w.url,
+        position: w.position,
+        last_delivered_at_ms: w.last_delivered_at,
+        pending_id: pending.map(|p| p.id.clone()),
+        pending_type: pending.map(|p| p.kind.to_owned()),
+        attempts: pending.map_or(0, |p| p.attempts),
+        next_attempt_at_ms: pending.and_then(|p| p.next_attempt_at),
+        last_error: w.last_error,
+        last_error_at_ms: w.last_error_at,
     }
 }
 
