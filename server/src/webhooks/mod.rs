@@ -203,6 +203,69 @@ fn now_ms() -> Millis {
     pipeline_core::clock::now_ms()
 }
 
+/// Moves `cursor` past `position`, which is settled: nothing is pending.
+fn pass(cursor: &mut WebhookCursor, position: i64) {
+    cursor.position = position;
+    cursor.attempts = 0;
+    cursor.next_attempt_at = None;
+    cursor.failing_since = None;
+}
+
+/// What an attempt at the entry at `position` did to the cursor.
+#[derive(Debug, PartialEq, Eq)]
+enum Settled {
+    /// Delivered: the cursor moved past it.
+    Delivered,
+    /// Refused for good or given up on: the cursor moved past it, the reason in `last_error`.
+    Passed,
+    /// To be tried again at `next_attempt_at`.
+    Retry,
+}
+
+/// The cursor after an attempt at the entry at `position` (`label` names it in errors) came
+/// out as `outcome` at `now`: the worker's one decision, without IO.
+fn settle(
+    cursor: &mut WebhookCursor,
+    position: i64,
+    label: &str,
+    outcome: Outcome,
+    now: Millis,
+    backoff_base: Duration,
+) -> Settled {
+    match outcome {
+        Outcome::Delivered => {
+            pass(cursor, position);
+            cursor.last_delivered_at = Some(now);
+            Settled::Delivered
+        }
+        Outcome::Refused(why) => {
+            pass(cursor, position);
+            cursor.last_error = Some(format!("{label}: {why}"));
+            cursor.last_error_at = Some(now);
+            Settled::Passed
+        }
+        Outcome::Failed(why) => {
+            cursor.attempts = cursor.attempts.saturating_add(1);
+            let since = *cursor.failing_since.get_or_insert(now);
+            cursor.last_error_at = Some(now);
+            if now.saturating_sub(since) >= RETRY_FOR.as_millis() as i64 {
+                let attempts = cursor.attempts;
+                pass(cursor, position);
+                cursor.last_error = Some(format!(
+                    "{label}: gave up after {attempts} attempts over {} h: {why}",
+                    RETRY_FOR.as_secs() / 3600
+                ));
+                Settled::Passed
+            } else {
+                let wait = deliver::backoff(backoff_base, cursor.attempts);
+                cursor.next_attempt_at = Some(now.saturating_add(wait.as_millis() as i64));
+                cursor.last_error = Some(format!("{label}: {why}"));
+                Settled::Retry
+            }
+        }
+    }
+}
+
 /// One endpoint's worker.
 struct Worker<S> {
     store: S,
@@ -233,14 +296,6 @@ impl<S: Store> Worker<S> {
     fn publish(&self, pending: Option<Pending>) {
         self.board
             .set(self.index, status_of(&self.url, &self.cursor, pending));
-    }
-
-    /// Moves the cursor past `position`, which is settled: nothing is pending.
-    fn pass(&mut self, position: i64) {
-        self.cursor.position = position;
-        self.cursor.attempts = 0;
-        self.cursor.next_attempt_at = None;
-        self.cursor.failing_since = None;
     }
 
     /// A message's body: its type, the entry's time, and what it is about as it is now.
@@ -298,45 +353,30 @@ impl<S: Store> Worker<S> {
                 () = shutdown.cancelled() => return Go::Stop,
                 outcome = self.client.send(&self.settings.secret, &message, now_ms() / 1000) => outcome,
             };
-            let now = now_ms();
-            match outcome {
-                Outcome::Delivered => {
-                    self.pass(entry.position);
-                    self.cursor.last_delivered_at = Some(now);
-                }
-                Outcome::Refused(why) => {
-                    tracing::warn!(endpoint = %shown(&self.url), "{id} ({}): {why}", kind.word());
-                    self.pass(entry.position);
-                    self.cursor.last_error = Some(format!("{id} ({}): {why}", kind.word()));
-                    self.cursor.last_error_at = Some(now);
-                }
-                Outcome::Failed(why) => {
-                    self.cursor.attempts = self.cursor.attempts.saturating_add(1);
-                    let since = *self.cursor.failing_since.get_or_insert(now);
-                    self.cursor.last_error_at = Some(now);
-                    if now.saturating_sub(since) >= RETRY_FOR.as_millis() as i64 {
-                        let attempts = self.cursor.attempts;
-                        let why = format!(
-                            "{id} ({}): gave up after {attempts} attempts over {} h: {why}",
-                            kind.word(),
-                            RETRY_FOR.as_secs() / 3600
-                        );
+            let label = format!("{id} ({})", kind.word());
+            match settle(
+                &mut self.cursor,
+                entry.position,
+                &label,
+                outcome,
+                now_ms(),
+                self.settings.backoff_base,
+            ) {
+                Settled::Delivered => {}
+                Settled::Passed => {
+                    if let Some(why) = &self.cursor.last_error {
                         tracing::warn!(endpoint = %shown(&self.url), "{why}");
-                        self.pass(entry.position);
-                        self.cursor.last_error = Some(why);
-                    } else {
-                        let wait =
-                            deliver::backoff(self.settings.backoff_base, self.cursor.attempts);
-                        self.cursor.next_attempt_at = Some(now + wait.as_millis() as i64);
-                        self.cursor.last_error = Some(format!("{id} ({}): {why}", kind.word()));
-                        tracing::info!(
-                            endpoint = %shown(&self.url),
-                            attempts = self.cursor.attempts,
-                            "{id} not delivered, trying again in {wait:?}: {why}"
-                        );
-                        self.persist(pending(&self.cursor)).await;
-                        continue;
                     }
+                }
+                Settled::Retry => {
+                    tracing::info!(
+                        endpoint = %shown(&self.url),
+                        attempts = self.cursor.attempts,
+                        "{}; trying again",
+                        self.cursor.last_error.as_deref().unwrap_or(&label),
+                    );
+                    self.persist(pending(&self.cursor)).await;
+                    continue;
                 }
             }
             self.persist(None).await;
@@ -400,7 +440,7 @@ pub async fn run<S: Store>(
                         return;
                     }
                 }
-                None => worker.pass(entry.position),
+                None => pass(&mut worker.cursor, entry.position),
             }
         }
         if full {
@@ -431,4 +471,73 @@ pub fn check(urls: &[reqwest::Url], timeout: Duration) -> Result<(), String> {
         Client::new(url.clone(), timeout)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: Duration = Duration::from_secs(5);
+    const HOUR: Millis = 3_600_000;
+
+    #[test]
+    fn a_failure_is_retried_with_back_off_for_a_day_then_given_up_on() {
+        let mut c = WebhookCursor::at("http://h/", 10);
+        let failed = || Outcome::Failed("cannot connect".into());
+        assert_eq!(
+            settle(&mut c, 11, "msg_11", failed(), 1_000, BASE),
+            Settled::Retry
+        );
+        assert_eq!((c.position, c.attempts), (10, 1));
+        assert_eq!(c.next_attempt_at, Some(6_000));
+        assert_eq!(c.failing_since, Some(1_000));
+        assert_eq!(c.last_error.as_deref(), Some("msg_11: cannot connect"));
+        assert_eq!(
+            settle(&mut c, 11, "msg_11", failed(), 6_000, BASE),
+            Settled::Retry
+        );
+        assert_eq!(c.next_attempt_at, Some(16_000), "doubled");
+        assert_eq!(c.failing_since, Some(1_000), "since the first failure");
+        // A day after the first failure, the last attempt fails: given up, the next one goes.
+        let later = 1_000 + 24 * HOUR;
+        assert_eq!(
+            settle(&mut c, 11, "msg_11", failed(), later, BASE),
+            Settled::Passed
+        );
+        assert_eq!((c.position, c.attempts, c.next_attempt_at), (11, 0, None));
+        assert_eq!(c.failing_since, None);
+        assert!(
+            c.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("msg_11: gave up after 3 attempts over 24 h")),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_moves_on_with_its_reason_and_a_delivery_clears_the_failures() {
+        let mut c = WebhookCursor::at("http://h/", 10);
+        let failed = Outcome::Failed("the receiver answered 503".into());
+        assert_eq!(
+            settle(&mut c, 11, "msg_11", failed, 1_000, BASE),
+            Settled::Retry
+        );
+        assert_eq!(
+            settle(&mut c, 11, "msg_11", Outcome::Delivered, 7_000, BASE),
+            Settled::Delivered
+        );
+        assert_eq!((c.position, c.attempts, c.next_attempt_at), (11, 0, None));
+        assert_eq!(c.last_delivered_at, Some(7_000));
+        let refused = Outcome::Refused("the receiver answered 400".into());
+        assert_eq!(
+            settle(&mut c, 12, "msg_12", refused, 8_000, BASE),
+            Settled::Passed
+        );
+        assert_eq!((c.position, c.attempts), (12, 0));
+        assert_eq!(
+            c.last_error.as_deref(),
+            Some("msg_12: the receiver answered 400")
+        );
+        assert_eq!(c.last_error_at, Some(8_000));
+    }
 }
