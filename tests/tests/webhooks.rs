@@ -516,3 +516,41 @@ fn a_bad_secret_file_or_event_stops_the_server_at_start_with_its_reason() {
 fn dir_of(repo: &TestRepo) -> PathBuf {
     repo.repo().parent().expect("the test's dir").to_path_buf()
 }
+
+#[test]
+fn landing_paused_and_resumed_by_a_person_are_sent_from_the_change_feed() {
+    let repo = TestRepo::new();
+    let receiver = Receiver::up();
+    let secret = secret_file(&dir_of(&repo), SECRET);
+    let server = start(
+        &repo,
+        &flags(&receiver, &secret, Some("landing.paused,landing.resumed")),
+    );
+    server
+        .ctl(&[
+            "queue",
+            "pause",
+            "--landing-only",
+            "--reason",
+            "release freeze",
+        ])
+        .ok();
+    server.ctl(&["queue", "resume"]).ok();
+    let got = receiver.wait("landing.paused then landing.resumed", |got| {
+        got.iter().filter(|g| g.delivered()).count() >= 2
+    });
+    let bodies: Vec<Value> = got.iter().map(Got::json).collect();
+    assert!(got.iter().all(Got::signed), "{got:?}");
+    assert_eq!(bodies[0]["type"], "landing.paused", "{bodies:?}");
+    assert_eq!(bodies[0]["data"]["state"], "paused", "{bodies:?}");
+    assert!(
+        bodies[0]["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("release freeze")),
+        "{bodies:?}"
+    );
+    assert_eq!(bodies[1]["type"], "landing.resumed", "{bodies:?}");
+    assert_eq!(bodies[1]["data"]["state"], "running", "{bodies:?}");
+    let position = |g: &Got| -> i64 { g.id().trim_start_matches("msg_").parse().expect("msg_N") };
+    assert!(position(&got[0]) < position(&got[1]), "{got:?}");
+}

@@ -2,8 +2,8 @@
 //! as signed POSTs (Standard Webhooks 1.0, [`sign`]), delivered at least once, in order, from
 //! a durable cursor.
 //!
-//! - The events are entries of the server's feed ([`source`]: today the tasks' history, in
-//!   commit order). Each endpoint keeps its place in it in the store (`webhooks`, migration
+//! - The events are entries of the server's feed ([`source`]: the change feed, in commit order;
+//!   the worker wakes on its broadcast). Each endpoint keeps its place in it in the store (`webhooks`, migration
 //!   0019): the last entry handled, and the attempts, next attempt and last error of the entry
 //!   after it. A new endpoint starts at the feed's head (no history is replayed to it).
 //! - One worker per endpoint ([`run`]), so a slow or dead receiver holds up only itself. It
@@ -306,6 +306,7 @@ impl<S: Store> Worker<S> {
                 .get_task(id)
                 .await?
                 .map_or(serde_json::Value::Null, |t| (self.settings.render)(&t)),
+            Subject::Other(data) => data.clone(),
         };
         let body = json!({
             "type": kind.word(),

@@ -1,14 +1,14 @@
 //! Where webhooks' events come from, in one small place: the entries after a position, in
 //! commit order, each with the event it is (or none) and what it is about.
 //!
-//! Today the source is the tasks' history (`task_events`, whose IDs are given in commit order
-//! by the one writer): a transition to Done, NeedsHelp or Cancelled is `task.done`,
-//! `task.needs_help` or `task.cancelled`. When the change feed carries runner and landing
-//! entries, [`entries_after`] reads it instead and [`Kind::LandingPaused`],
-//! [`Kind::LandingResumed`] and [`Kind::RunnerUnhealthy`] come from it; nothing else changes.
+//! The source is the change feed (`Store::entries_after`, positions in commit order): a task's
+//! transition to Done, NeedsHelp or Cancelled is `task.done`, `task.needs_help` or
+//! `task.cancelled`; landing's `paused` and `resumed` entries are `landing.paused` and
+//! `landing.resumed`; a runner's `unhealthy` entry is `runner.unhealthy`.
 
 use crate::domain::{Millis, TaskEvent, TaskId, TaskStatus};
 use crate::error::Result;
+use crate::feed::{FeedEntry, Topic};
 use crate::store::Store;
 
 /// The events a webhook is sent (`CONTRACT.md`).
@@ -95,6 +95,8 @@ impl Kinds {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subject {
     Task(TaskId),
+    /// A runner or landing: what its feed entry says (its name and its details).
+    Other(serde_json::Value),
 }
 
 /// One entry of the source.
@@ -122,6 +124,36 @@ pub fn kind_of(event: &TaskEvent) -> Option<Kind> {
     }
 }
 
+/// The event a feed entry is, if any.
+pub fn kind_of_entry(entry: &FeedEntry) -> Option<Kind> {
+    match entry.topic {
+        Topic::Task => entry.task_event().as_ref().and_then(kind_of),
+        Topic::Landing => match entry.kind.as_str() {
+            "paused" => Some(Kind::LandingPaused),
+            "resumed" => Some(Kind::LandingResumed),
+            _ => None,
+        },
+        Topic::Runner => (entry.kind == "unhealthy").then_some(Kind::RunnerUnhealthy),
+        _ => None,
+    }
+}
+
+/// What a feed entry is about: a task by its ID (sent as it is when delivered), or the
+/// entry's own details with its subject's name (a runner's health and reason; landing's state
+/// and reason).
+fn subject_of(entry: &FeedEntry) -> Subject {
+    if entry.topic == Topic::Task
+        && let Ok(id) = TaskId::parse(&entry.subject)
+    {
+        return Subject::Task(id);
+    }
+    let mut data = entry.data_json();
+    if let serde_json::Value::Object(map) = &mut data {
+        map.insert("name".into(), entry.subject.clone().into());
+    }
+    Subject::Other(data)
+}
+
 /// The source's newest position (0 when it is empty): where a new endpoint starts.
 pub async fn head<S: Store>(store: &S) -> Result<i64> {
     store.last_event_id().await
@@ -130,14 +162,14 @@ pub async fn head<S: Store>(store: &S) -> Result<i64> {
 /// The entries after `after`, oldest first, at most `limit`.
 pub async fn entries_after<S: Store>(store: &S, after: i64, limit: u32) -> Result<Vec<Entry>> {
     Ok(store
-        .events_after(after, limit)
+        .entries_after(after, limit)
         .await?
-        .into_iter()
+        .iter()
         .map(|e| Entry {
-            position: e.id,
-            kind: kind_of(&e),
+            position: e.position,
+            kind: kind_of_entry(e),
             at: e.at,
-            subject: Subject::Task(e.task_id),
+            subject: subject_of(e),
         })
         .collect())
 }
@@ -168,6 +200,56 @@ mod tests {
         check(Some(NeedsHelp), NeedsHelp, None);
         check(Some(InProgress), Verified, None);
         check(None, Open, None);
+    }
+
+    fn entry(topic: Topic, subject: &str, kind: &str, data: &str) -> FeedEntry {
+        FeedEntry {
+            position: 3,
+            topic,
+            subject: subject.into(),
+            kind: kind.into(),
+            at: 0,
+            from: None,
+            to: None,
+            message: String::new(),
+            data: data.into(),
+        }
+    }
+
+    #[test]
+    fn landing_and_runner_entries_of_the_feed_are_events_with_their_details() {
+        let paused = entry(Topic::Landing, "landing", "paused", r#"{"reason":"why"}"#);
+        assert_eq!(kind_of_entry(&paused), Some(Kind::LandingPaused));
+        let resumed = entry(Topic::Landing, "landing", "resumed", "{}");
+        assert_eq!(kind_of_entry(&resumed), Some(Kind::LandingResumed));
+        let sick = entry(
+            Topic::Runner,
+            "r1",
+            "unhealthy",
+            r#"{"health":"unhealthy","health_reason":"disk full"}"#,
+        );
+        assert_eq!(kind_of_entry(&sick), Some(Kind::RunnerUnhealthy));
+        let Subject::Other(data) = subject_of(&sick) else {
+            panic!("a runner's entry is about the runner")
+        };
+        assert_eq!(data["name"], "r1");
+        assert_eq!(data["health_reason"], "disk full");
+        assert_eq!(
+            kind_of_entry(&entry(Topic::Runner, "r1", "healthy", "{}")),
+            None
+        );
+        assert_eq!(
+            kind_of_entry(&entry(Topic::Runner, "r1", "connected", "{}")),
+            None
+        );
+        assert_eq!(
+            kind_of_entry(&entry(Topic::Queue, "queue", "paused", "{}")),
+            None
+        );
+        let mut done = entry(Topic::Task, "t-1", "landed", "{}");
+        done.from = Some(TaskStatus::Verified);
+        done.to = Some(TaskStatus::Done);
+        assert_eq!(kind_of_entry(&done), Some(Kind::TaskDone));
     }
 
     #[test]
