@@ -18,6 +18,8 @@
 //! - [`manual`]: shell completions and man pages generated from a binary's clap definition.
 //! - [`units`]: durations and sizes as people write them on a command line (`30s`, `256MiB`),
 //!   bare numbers keeping their old meaning.
+//! - `pgtest` (feature `test-support`, for tests only): a real PostgreSQL the tests start
+//!   themselves, a database per test.
 
 pub mod clock;
 pub mod failpoint;
@@ -27,6 +29,8 @@ pub mod ids;
 pub mod lines;
 pub mod lock;
 pub mod manual;
+#[cfg(any(test, feature = "test-support"))]
+pub mod pgtest;
 pub mod process;
 pub mod sandbox;
 pub mod units;
