@@ -52,6 +52,8 @@ fn the_benchmark_harness_runs_every_benchmark() {
         "runners heartbeating every",
         "task add --from-file,",
         "landed/min (last unmarked at",
+        "floor: PostgreSQL single-row INSERT + commit",
+        "floor: PostgreSQL claim loop",
         "pipeline-bench: done",
     ] {
         let line = stdout

@@ -22,6 +22,7 @@ mod heartbeats;
 mod integration;
 mod logs;
 mod million;
+mod pg_floor;
 mod train;
 
 use pipeline_tests::TestRepo;
@@ -43,6 +44,7 @@ const BENCHMARKS: &[&str] = &[
     "fleet",
     "from-file",
     "train",
+    "pg-floor",
 ];
 
 fn main() {
@@ -105,6 +107,7 @@ fn main() {
                 "fleet" => fleet::fleet(quick).await,
                 "from-file" => from_file::from_file(quick).await,
                 "train" => train::train(quick).await,
+                "pg-floor" => pg_floor::pg_floor(quick).await,
                 _ => unreachable!("checked above"),
             }
         }
