@@ -31,6 +31,7 @@ pub mod health;
 pub mod http;
 pub mod integrate;
 pub mod landing;
+pub mod leader;
 pub mod lifecycle;
 pub mod logs;
 pub mod metrics;
