@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pipeline_proto::servers::Servers;
 use pipeline_proto::v1 as pb;
 use pipeline_proto::v1::control_service_client::ControlServiceClient;
 use tonic::codegen::http::Uri;
@@ -244,6 +245,13 @@ fn failure(url: &str, status: Status) -> Failure {
 pub struct Client {
     url: String,
     inner: ControlServiceClient<InterceptedService<Channel, Bearer>>,
+    /// The servers given (`--server URL1,URL2`), this one among them.
+    servers: Servers,
+    /// The leader a standby named when it refused the last call, if it did.
+    refused_by_standby: std::sync::Mutex<Option<String>>,
+    /// What it connected with, to connect to another server.
+    token: Option<String>,
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Client {
@@ -252,13 +260,119 @@ impl Client {
         &self.url
     }
 
-    /// Connects to `url` (`http://host:port`, or just `host:port`) with `token` (or the local
-    /// server's admin token).
+    /// Connects to the first of `urls` (commas between them; `http://host:port`, or just
+    /// `host:port`) that can be reached, with `token` (or the local server's admin token).
     pub async fn connect(
-        url: &str,
+        urls: &str,
         token: Option<&str>,
         tls_ca: Option<&std::path::Path>,
     ) -> Result<Self, Failure> {
+        let Some(servers) = Servers::new(pipeline_proto::servers::split(urls)) else {
+            return Err(Failure::usage(
+                "no server URL given; use http://HOST:PORT (--server)".to_owned(),
+            ));
+        };
+        Self::connect_from(servers, 0, token, tls_ca).await
+    }
+
+    /// Connects to the first server that can be reached, starting at `start` and going round.
+    async fn connect_from(
+        servers: Servers,
+        start: usize,
+        token: Option<&str>,
+        tls_ca: Option<&std::path::Path>,
+    ) -> Result<Self, Failure> {
+        let n = servers.urls().len();
+        let mut first_failure = None;
+        for i in (0..n).map(|k| (start + k) % n) {
+            let url = servers.urls()[i].clone();
+            match Self::connect_one(&url, token, tls_ca).await {
+                Ok((url, inner)) => {
+                    return Ok(Self {
+                        url,
+                        inner,
+                        servers,
+                        refused_by_standby: std::sync::Mutex::new(None),
+                        token: token.map(str::to_owned),
+                        tls_ca: tls_ca.map(std::path::Path::to_path_buf),
+                    });
+                }
+                // Another server may be up: a malformed URL is said at once, though.
+                Err(f) if f.exit_code == exit::UNAVAILABLE => {
+                    first_failure.get_or_insert(f);
+                }
+                Err(f) => return Err(f),
+            }
+        }
+        Err(first_failure.unwrap_or_else(|| Failure::internal("no server to connect to".into())))
+    }
+
+    /// After a call a standby refused naming the leader (so it did nothing): a client of the
+    /// leader when it is one of the servers given, else of the next one that can be reached;
+    /// `None` when the last call was not such a refusal or there is no other server.
+    pub async fn follow_leader(&self) -> Option<Result<Self, Failure>> {
+        let leader = self
+            .refused_by_standby
+            .lock()
+            .map(|mut r| r.take())
+            .unwrap_or_default()?;
+        let urls = self.servers.urls();
+        let here = self.here();
+        let start = urls
+            .iter()
+            .position(|u| *u == leader)
+            .filter(|&i| i != here)
+            .unwrap_or((here + 1) % urls.len());
+        self.connect_at(start).await
+    }
+
+    /// After the server was lost (a call answered `UNAVAILABLE`): with other servers given, a
+    /// client of the next one that can be reached (this one again if no other can); `None`
+    /// with one server.
+    pub async fn fail_over(&self) -> Option<Result<Self, Failure>> {
+        let next = (self.here() + 1) % self.servers.urls().len();
+        self.connect_at(next).await
+    }
+
+    /// The index of this client's server among those given.
+    fn here(&self) -> usize {
+        self.servers
+            .urls()
+            .iter()
+            .position(|u| *u == self.url)
+            .unwrap_or(0)
+    }
+
+    async fn connect_at(&self, start: usize) -> Option<Result<Self, Failure>> {
+        let urls = self.servers.urls();
+        if urls.len() < 2 {
+            return None;
+        }
+        let servers = Servers::new(urls.to_vec())?;
+        Some(
+            Self::connect_from(
+                servers,
+                start,
+                self.token.as_deref(),
+                self.tls_ca.as_deref(),
+            )
+            .await,
+        )
+    }
+
+    /// Connects to `url` (`http://host:port`, or just `host:port`) with `token` (or the local
+    /// server's admin token).
+    async fn connect_one(
+        url: &str,
+        token: Option<&str>,
+        tls_ca: Option<&std::path::Path>,
+    ) -> Result<
+        (
+            String,
+            ControlServiceClient<InterceptedService<Channel, Bearer>>,
+        ),
+        Failure,
+    > {
         let url = if url.contains("://") {
             url.to_owned()
         } else {
@@ -324,10 +438,15 @@ impl Client {
         let inner = ControlServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { url, inner })
+        Ok((url, inner))
     }
 
     fn failure(&self, status: Status) -> Failure {
+        if let Some(leader) = pipeline_proto::servers::leader_named(&status)
+            && let Ok(mut refused) = self.refused_by_standby.lock()
+        {
+            *refused = Some(leader);
+        }
         failure(&self.url, status)
     }
 

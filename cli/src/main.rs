@@ -24,10 +24,11 @@ use crate::model::{NewTask, TaskChange, TaskStatus};
 use crate::output::Format;
 
 /// See and steer a pipeline: tasks, runners, status.
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(name = "pipelinectl", version)]
 struct Cli {
-    /// The server's URL.
+    /// The server's URL; several, separated by commas, for servers of which one leads (a
+    /// command a standby refuses goes to the leader it names).
     #[arg(
         long,
         global = true,
@@ -70,7 +71,7 @@ impl Cli {
     }
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 enum Command {
     /// Counts of tasks by status, active dev runs and runners.
     Status {
@@ -158,7 +159,7 @@ enum Command {
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 enum RunnersAction {
     /// Cut a runner off at once: its credential stops working, its leases go back to Open, and
     /// its name cannot be registered again until it is forgotten.
@@ -184,7 +185,7 @@ enum RunnersAction {
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 enum QueueAction {
     /// Stop new leases; running work goes on, and so does landing unless --landing. With
     /// --landing-only, hold landing alone.
@@ -204,7 +205,7 @@ enum QueueAction {
     Resume,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 enum TokenCommand {
     /// Replace the runner registration token (or, with --viewer, the read-only viewer token);
     /// prints the new one.
@@ -216,7 +217,7 @@ enum TokenCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 enum TaskCommand {
     /// Create a task; prints its ID alone on stdout. With --from-file, many tasks, one ID a line.
     Add {
@@ -450,7 +451,40 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         None => cli.token(),
     };
     let mut client = Client::connect(&cli.server, token.as_deref(), cli.tls_ca.as_deref()).await?;
-    match cli.command {
+    // A standby's refusal names the leader and did nothing: the command goes there, once per
+    // server given at most.
+    let mut tries = 1;
+    loop {
+        let failure = match execute(
+            cli.command.clone(),
+            &mut client,
+            add_description.clone(),
+            out,
+        )
+        .await
+        {
+            Err(Stop::Failed(f)) if f.exit_code == exit::UNAVAILABLE => f,
+            other => return other,
+        };
+        if tries > cli.server.split(',').count() {
+            return Err(Stop::Failed(failure));
+        }
+        match client.follow_leader().await {
+            Some(Ok(leader)) => client = leader,
+            Some(Err(_)) | None => return Err(Stop::Failed(failure)),
+        }
+        tries += 1;
+    }
+}
+
+/// Runs `command` on the server of `client`, printing to `out`.
+async fn execute(
+    command: Command,
+    client: &mut Client,
+    add_description: Option<String>,
+    out: &mut impl Write,
+) -> Result<(), Stop> {
+    match command {
         Command::Status { json } => {
             let s = client.status().await?;
             output::status(out, &s, Format::for_stdout(json))?;
@@ -545,7 +579,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
             from_file: Some(path),
             ..
         }) => {
-            batch::create_from_file(&mut client, &path, out).await?;
+            batch::create_from_file(client, &path, out).await?;
         }
         Command::Task(TaskCommand::Add {
             title,
@@ -720,7 +754,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                     return no_such_attempt(&id, run, &printer);
                 }
             }
-            follow_logs(&mut client, &id, follow, &mut printer, out).await?;
+            follow_logs(client, &id, follow, &mut printer, out).await?;
             if !follow {
                 no_such_attempt(&id, run, &printer)?;
             }
@@ -738,7 +772,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                 )
                 .into());
             }
-            watch_feed(&mut client, Format::for_stdout(json), kind, after, out).await?;
+            watch_feed(client, Format::for_stdout(json), kind, after, out).await?;
         }
         Command::Watch {
             json,
@@ -827,6 +861,10 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
                         }
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                        // With several servers given, the next one that can be reached.
+                        if let Some(Ok(next)) = client.fail_over().await {
+                            *client = next;
+                        }
                     }
                     Err(other) => return Err(other),
                 }
@@ -888,6 +926,10 @@ async fn watch_feed(
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                // With several servers given, the next one that can be reached.
+                if let Some(Ok(next)) = client.fail_over().await {
+                    *client = next;
+                }
             }
             Err(other) => return Err(other),
         }
@@ -940,6 +982,10 @@ async fn follow_logs(
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                // With several servers given, the next one that can be reached.
+                if let Some(Ok(next)) = client.fail_over().await {
+                    *client = next;
+                }
                 continue;
             }
             Err(other) => return Err(other),

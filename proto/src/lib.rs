@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod reach;
+pub mod servers;
 
 /// Version 1 of the protocol.
 pub mod v1 {

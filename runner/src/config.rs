@@ -13,7 +13,8 @@ use serde::Serialize;
 #[derive(Clone, Debug, Parser, Serialize)]
 #[command(name = "pipeline-runner", version)]
 pub struct Config {
-    /// The server's URL.
+    /// The server's URL; several, separated by commas, for servers of which one leads (the
+    /// runner follows the leader when one is unavailable or names it).
     #[arg(
         long,
         env = "PIPELINE_SERVER",

@@ -16,6 +16,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use pipeline_core::ids::{CommitId, InvalidId, LeaseRef, RunnerId, TaskId};
 use pipeline_core::verify::Verifier;
+use pipeline_proto::servers::Servers;
 use pipeline_proto::v1 as pb;
 use pipeline_proto::{Disposition, classify};
 
@@ -404,18 +405,37 @@ fn heartbeat_request(runner: &RunnerId, standing: &Standing) -> pb::HeartbeatReq
     }
 }
 
-/// The runner's client of the runner API, in the runner's types.
+/// The runner's client of the runner API, in the runner's types. Given several servers
+/// (`--server URL1,URL2`), it talks to one at a time and moves on after an `UNAVAILABLE` (nothing
+/// listening, a standby: to the leader it names first); the session's next attempt goes there.
 #[derive(Clone)]
 pub struct Client {
-    inner: RunnerServiceClient<InterceptedService<Channel, Bearer>>,
-    /// The server's URL, for what is said of a server that cannot be reached.
-    url: String,
+    inner: Arc<[RunnerServiceClient<InterceptedService<Channel, Bearer>>]>,
+    servers: Arc<Servers>,
 }
 
+type Inner = RunnerServiceClient<InterceptedService<Channel, Bearer>>;
+
 impl Client {
-    /// A client of the server at `url` (`host:port` means `http://host:port`) presenting
-    /// `bearer`; it connects on first use, and again after the connection breaks.
-    pub fn connect_lazy(url: &str, tls_ca: Option<&Path>, bearer: Bearer) -> anyhow::Result<Self> {
+    /// A client of the servers at `urls` (commas between them; `host:port` means
+    /// `http://host:port`) presenting `bearer`; it connects on first use, and again after the
+    /// connection breaks.
+    pub fn connect_lazy(urls: &str, tls_ca: Option<&Path>, bearer: Bearer) -> anyhow::Result<Self> {
+        let list = pipeline_proto::servers::split(urls);
+        let inner = list
+            .iter()
+            .map(|url| Self::channel(url, tls_ca, bearer.clone()))
+            .collect::<anyhow::Result<Arc<[Inner]>>>()?;
+        let servers = Servers::new(list).ok_or_else(|| {
+            anyhow::anyhow!("no server URL given; use http://HOST:PORT (--server)")
+        })?;
+        Ok(Self {
+            inner,
+            servers: Arc::new(servers),
+        })
+    }
+
+    fn channel(url: &str, tls_ca: Option<&Path>, bearer: Bearer) -> anyhow::Result<Inner> {
         let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| {
             let cause =
                 std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
@@ -440,13 +460,35 @@ impl Client {
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(16 * 1024 * 1024))
             .connect_lazy();
-        let inner = RunnerServiceClient::with_interceptor(channel, bearer)
+        Ok(RunnerServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self {
-            inner,
-            url: url.to_owned(),
-        })
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The URL of the server the runner talks to now.
+    pub fn url(&self) -> &str {
+        self.servers.current_url()
+    }
+
+    /// The server to talk to now: its index and a client of it.
+    fn pick(&self) -> (usize, Inner) {
+        let i = self.servers.current();
+        (i, self.inner[i].clone())
+    }
+
+    /// Reads `call`'s failure on server `tried`, moving on to another server when it says so.
+    fn failed(&self, tried: usize, call: Call) -> impl Fn(Status) -> CallError + '_ {
+        move |status| {
+            if self.servers.failed(tried, &status) {
+                tracing::warn!(
+                    from = %self.servers.urls()[tried],
+                    to = %self.servers.current_url(),
+                    error = %status.message(),
+                    "the server is unavailable; trying the next"
+                );
+            }
+            read(call, &status)
+        }
     }
 
     /// Registers (again); the server answers with the runner's ID for this registration.
@@ -464,24 +506,26 @@ impl Client {
             only_task: hello.only_task.clone(),
             sandbox: Some(hello.sandbox.as_str().to_owned()),
         };
-        let resp = match self.inner.clone().register(request).await {
+        let (tried, mut inner) = self.pick();
+        let resp = match inner.register(request).await {
             Ok(resp) => resp.into_inner(),
             Err(status) => {
-                let err = read(Call::Register, &status);
-                if diagnose && matches!(err, CallError::Retry(_) | CallError::Unregistered(_)) {
-                    let url = &self.url;
-                    if let Some(unreachable) = pipeline_proto::reach::diagnose(url, &status).await {
-                        let why =
-                            format!("cannot reach the pipeline server at {url}: {unreachable}");
-                        return Err(if unreachable.permanent {
-                            CallError::Fatal {
-                                why,
-                                cause: Fatal::Unreachable,
-                            }
-                        } else {
-                            CallError::Retry(why)
-                        });
-                    }
+                let url = self.servers.urls()[tried].clone();
+                let err = self.failed(tried, Call::Register)(status.clone());
+                if diagnose
+                    && matches!(err, CallError::Retry(_) | CallError::Unregistered(_))
+                    && let Some(unreachable) = pipeline_proto::reach::diagnose(&url, &status).await
+                {
+                    let why = format!("cannot reach the pipeline server at {url}: {unreachable}");
+                    // With other servers to try, one that cannot be used is passed over.
+                    return Err(if unreachable.permanent && self.servers.urls().len() == 1 {
+                        CallError::Fatal {
+                            why,
+                            cause: Fatal::Unreachable,
+                        }
+                    } else {
+                        CallError::Retry(why)
+                    });
                 }
                 return Err(err);
             }
@@ -509,14 +553,17 @@ impl Client {
             draining: standing.draining,
             unhealthy: standing.unhealthy.clone(),
         };
-        let mut stream = self
-            .inner
-            .clone()
+        let (tried, mut inner) = self.pick();
+        let mut stream = inner
             .open_work(request)
             .await
-            .map_err(failed(Call::OpenWork))?
+            .map_err(self.failed(tried, Call::OpenWork))?
             .into_inner();
-        match stream.message().await.map_err(failed(Call::OpenWork))? {
+        match stream
+            .message()
+            .await
+            .map_err(self.failed(tried, Call::OpenWork))?
+        {
             Some(pb::WorkMessage {
                 kind: Some(pb::work_message::Kind::Attached(attached)),
             }) => Ok((WorkStream(stream), leases_from_pb(attached.dropped))),
@@ -530,13 +577,14 @@ impl Client {
     /// `UNIMPLEMENTED`: a capability, not a refusal), which takes heartbeats one call at a time.
     pub async fn open_heartbeats(&self) -> Result<Option<Heartbeats>, CallError> {
         let (tx, rx) = mpsc::channel(4);
-        match self.inner.clone().heartbeats(ReceiverStream::new(rx)).await {
+        let (tried, mut inner) = self.pick();
+        match inner.heartbeats(ReceiverStream::new(rx)).await {
             Ok(replies) => Ok(Some(Heartbeats {
                 tx,
                 replies: replies.into_inner(),
             })),
             Err(status) if status.code() == Code::Unimplemented => Ok(None),
-            Err(status) => Err(read(Call::Heartbeat, &status)),
+            Err(status) => Err(self.failed(tried, Call::Heartbeat)(status)),
         }
     }
 
@@ -546,12 +594,11 @@ impl Client {
         runner: &RunnerId,
         standing: &Standing,
     ) -> Result<Vec<LeaseRef>, CallError> {
-        let reply = self
-            .inner
-            .clone()
+        let (tried, mut inner) = self.pick();
+        let reply = inner
             .heartbeat(heartbeat_request(runner, standing))
             .await
-            .map_err(failed(Call::Heartbeat))?
+            .map_err(self.failed(tried, Call::Heartbeat))?
             .into_inner();
         Ok(leases_from_pb(reply.dropped))
     }
@@ -569,12 +616,11 @@ impl Client {
             lease: Some(lease_to_pb(lease)),
             have: have.iter().map(CommitId::to_string).collect(),
         };
-        let stream = self
-            .inner
-            .clone()
+        let (tried, mut inner) = self.pick();
+        let stream = inner
             .fetch_base(request)
             .await
-            .map_err(failed(Call::FetchBase))?
+            .map_err(self.failed(tried, Call::FetchBase))?
             .into_inner();
         Ok(BaseChunks(stream))
     }
@@ -589,12 +635,11 @@ impl Client {
         bundle: Option<&Bytes>,
     ) -> Result<String, CallError> {
         let messages = complete_lease_messages(runner, lease, result, bundle);
-        let resp = self
-            .inner
-            .clone()
+        let (tried, mut inner) = self.pick();
+        let resp = inner
             .complete_lease(tokio_stream::iter(messages))
             .await
-            .map_err(failed(Call::CompleteLease))?
+            .map_err(self.failed(tried, Call::CompleteLease))?
             .into_inner();
         Ok(resp
             .status()
@@ -620,12 +665,12 @@ impl Client {
             infrastructure,
             unhealthy,
         };
-        self.inner
-            .clone()
+        let (tried, mut inner) = self.pick();
+        inner
             .release_lease(request)
             .await
             .map(drop)
-            .map_err(failed(Call::ReleaseLease))
+            .map_err(self.failed(tried, Call::ReleaseLease))
     }
 
     /// Appends log lines to `lease`'s run; returns the last line number the server stored.
@@ -640,12 +685,11 @@ impl Client {
             lease: Some(lease_to_pb(lease)),
             lines: lines.into_iter().map(log_line_to_pb).collect(),
         };
-        let resp = self
-            .inner
-            .clone()
+        let (tried, mut inner) = self.pick();
+        let resp = inner
             .append_logs(request)
             .await
-            .map_err(failed(Call::AppendLogs))?;
+            .map_err(self.failed(tried, Call::AppendLogs))?;
         Ok(resp.into_inner().acked_seq)
     }
 }

@@ -197,13 +197,12 @@ pub async fn run(
     let mirror = Mirror::open(&work_dir)
         .await
         .with_context(|| format!("cannot open the mirror in {}", work_dir.display()))?;
-    let url = if config.server.contains("://") {
-        config.server.clone()
-    } else {
-        format!("http://{}", config.server)
-    };
     let credential = Credential::load(&work_dir, token)?;
-    let client = Client::connect_lazy(&url, config.tls_ca.as_deref(), credential.bearer())?;
+    let client = Client::connect_lazy(
+        &config.server,
+        config.tls_ca.as_deref(),
+        credential.bearer(),
+    )?;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let mut session = Session {
         credential,
@@ -215,7 +214,6 @@ pub async fn run(
             only_task: config.only_task.clone(),
             sandbox: sandbox.kind(),
         },
-        url,
         runner_id: None,
         registered_once: false,
         name_taken: 0,
@@ -278,7 +276,6 @@ struct Session {
     client: Client,
     credential: Credential,
     hello: Hello,
-    url: String,
     /// What every job shares (the runner ID it presents is published there).
     ctx: Arc<JobContext>,
     /// This registration's ID: `None` until registered, and again once the server forgot the
@@ -658,7 +655,7 @@ impl Session {
     /// restarting or unavailable.
     fn registration_failed(&mut self, e: CallError) -> Cut {
         let first = !self.registered_once;
-        let url = &self.url;
+        let url = self.client.url().to_owned();
         match e {
             CallError::Refused {
                 refusal: Refusal::NameTaken,
@@ -697,7 +694,7 @@ impl Session {
             }
             | CallError::Retry(_)
             | CallError::Unregistered(_) => {
-                tracing::warn!(server = %self.url, error = %e, "cannot register; retrying");
+                tracing::warn!(server = %self.client.url(), error = %e, "cannot register; retrying");
                 Cut::Unreachable
             }
             CallError::Refused { .. } | CallError::Fatal { .. } => Cut::Refused(e),
@@ -709,7 +706,7 @@ impl Session {
         match cut {
             Cut::Unreachable => Ok(Instant::now() + self.reconnect_pause(backoff)),
             Cut::Lost => {
-                tracing::warn!(server = %self.url, "lost the server; reconnecting");
+                tracing::warn!(server = %self.client.url(), "lost the server; reconnecting");
                 Ok(Instant::now() + self.reconnect_pause(backoff))
             }
             Cut::Unregistered => {
@@ -720,7 +717,7 @@ impl Session {
                 self.abandon_all().await;
                 anyhow::bail!(
                     "the server at {} no longer accepts this runner's credential (revoked?)",
-                    self.url
+                    self.client.url()
                 );
             }
             Cut::Refused(CallError::Fatal {
@@ -732,12 +729,15 @@ impl Session {
                     "the server at {} refused this runner's credential: {why}; pass the runner \
                      registration token with --token or PIPELINE_RUNNER_TOKEN (the server's log \
                      says where its file is)",
-                    self.url,
+                    self.client.url(),
                 );
             }
             Cut::Refused(e) => {
                 self.abandon_all().await;
-                anyhow::bail!("the server at {} refused this runner: {e}", self.url);
+                anyhow::bail!(
+                    "the server at {} refused this runner: {e}",
+                    self.client.url()
+                );
             }
             Cut::Mistake(said) => {
                 self.abandon_all().await;
@@ -786,7 +786,7 @@ impl Session {
         }
         self.contact.heartbeat = registered.heartbeat.max(Duration::from_millis(10));
         self.contact.ttl = registered.ttl.max(Duration::from_millis(30));
-        tracing::info!(runner = %self.hello.name, id = %registered.runner_id, server = %self.url, "registered");
+        tracing::info!(runner = %self.hello.name, id = %registered.runner_id, server = %self.client.url(), "registered");
         self.runner_id = Some(registered.runner_id);
         Ok(())
     }
