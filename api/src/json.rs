@@ -134,6 +134,11 @@ pub fn status(s: &Status) -> Value {
         "tokens_last_day": s.tokens_last_day,
         "sandbox": s.sandbox,
         "webhooks": s.webhooks.iter().map(webhook).collect::<Vec<_>>(),
+        "server": s.server.as_ref().map(|r| json!({
+            "role": r.role,
+            "term": r.term,
+            "leader": r.leader,
+        })),
     })
 }
 

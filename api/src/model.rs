@@ -387,6 +387,20 @@ pub struct Status {
     pub sandbox: Option<String>,
     /// Each `--webhook` endpoint's deliveries.
     pub webhooks: Vec<Webhook>,
+    /// The server's role among the servers of one database; `None` from a server that does
+    /// not say (an older one).
+    pub server: Option<ServerRole>,
+}
+
+/// A server's role: one leads, the others stand by (issue 28).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRole {
+    /// `leader` or `standby`.
+    pub role: String,
+    /// The term the server leads in; 0 on a standby.
+    pub term: i64,
+    /// The leader's URL (the server's own when it leads), when known.
+    pub leader: Option<String>,
 }
 
 /// A webhook endpoint's deliveries, as `status` shows them.

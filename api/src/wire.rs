@@ -13,9 +13,9 @@ use prost::Message as _;
 
 use crate::model::{
     CostSource, FailureKind, FeedEntry, Health, Landing, LogItem, LogLine, LogRun, LogStream,
-    NewTask, PendingWebhook, Phase, Queue, Run, RunStatus, Runner, RunnerState, Running, Status,
-    Task, TaskChange, TaskDetail, TaskEvent, TaskStatus, Train, Transition, Usage, Waiting,
-    Webhook,
+    NewTask, PendingWebhook, Phase, Queue, Run, RunStatus, Runner, RunnerState, Running,
+    ServerRole, Status, Task, TaskChange, TaskDetail, TaskEvent, TaskStatus, Train, Transition,
+    Usage, Waiting, Webhook,
 };
 
 /// A reply that should carry a task and does not.
@@ -305,6 +305,11 @@ impl From<pb::GetStatusResponse> for Status {
             tokens_last_day: s.tokens_last_day,
             sandbox: Some(s.sandbox).filter(|w| !w.is_empty()),
             webhooks: s.webhooks.into_iter().map(Webhook::from).collect(),
+            server: s.server.map(|r| ServerRole {
+                role: r.role,
+                term: r.term,
+                leader: r.leader,
+            }),
         }
     }
 }

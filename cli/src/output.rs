@@ -192,6 +192,13 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
     if let Some(why) = s.health.reason() {
         writeln!(out, "health:          UNHEALTHY: {why}")?;
     }
+    if let Some(role) = s.server.as_ref().filter(|r| r.role == "standby") {
+        let leader = role.leader.as_deref().map_or_else(
+            || "no leader known yet".to_owned(),
+            |url| format!("the leader is at {}", terminal_safe(url)),
+        );
+        writeln!(out, "server:          STANDBY: {leader}")?;
+    }
     if let Some(red) = &s.red_base {
         writeln!(
             out,
@@ -1100,6 +1107,7 @@ mod snapshots {
             tokens_last_day: 0,
             sandbox: Some("landlock".into()),
             webhooks: vec![],
+            server: None,
         }
     }
 
@@ -1209,6 +1217,41 @@ mod snapshots {
         };
         insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));
         insta::assert_snapshot!(printed(|out| super::status(out, &s, Format::Json)));
+    }
+
+    #[test]
+    fn status_says_a_standby_and_where_the_leader_is() {
+        let standby = Status {
+            server: Some(crate::model::ServerRole {
+                role: "standby".into(),
+                term: 0,
+                leader: Some("http://10.0.0.2:50051".into()),
+            }),
+            ..status_of(Health::Healthy)
+        };
+        let text = printed(|out| super::status(out, &standby, TEXT));
+        assert!(
+            text.starts_with("server:          STANDBY: the leader is at http://10.0.0.2:50051\n"),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&printed(|out| super::status(out, &standby, Format::Json)))
+                .expect("json");
+        assert_eq!(
+            json["server"],
+            serde_json::json!({"role": "standby", "term": 0, "leader": "http://10.0.0.2:50051"})
+        );
+        // The leader says nothing more than before in text.
+        let leader = Status {
+            server: Some(crate::model::ServerRole {
+                role: "leader".into(),
+                term: 3,
+                leader: Some("http://10.0.0.1:50051".into()),
+            }),
+            ..status_of(Health::Healthy)
+        };
+        let text = printed(|out| super::status(out, &leader, TEXT));
+        assert!(!text.contains("server:"), "{text}");
     }
 
     fn queue_now() -> Queue {

@@ -305,6 +305,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("cannot read the listening address: {e}")))?;
+    // Alone with its SQLite database, this server leads for good (issue 28: several servers
+    // share a PostgreSQL database, and an elector decides).
+    coordinator.set_leadership(
+        crate::leader::Leadership::sole(),
+        config.advertise.as_deref().map_or_else(
+            || format!("http://{addr}"),
+            pipeline_proto::servers::normalize,
+        ),
+    );
     tracing::info!(
         repo = %config.repo.display(),
         base = %config.base,

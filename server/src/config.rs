@@ -179,6 +179,18 @@ pub struct Config {
           value_parser = units::positive_seconds)]
     pub lease_ttl: u64,
 
+    /// The URL clients reach this server at, as a standby names it to them when it refuses
+    /// (`http://10.0.0.2:50051`) [default: http://<the listening address>].
+    #[arg(long, env = "PIPELINE_ADVERTISE", value_name = "URL")]
+    pub advertise: Option<String>,
+
+    /// With several servers on one PostgreSQL database: how long the leader's lease lasts
+    /// without a renewal, and so how soon a standby takes over (10s; a bare number is
+    /// seconds). The leader stops writing a fifth of it before the lease ends.
+    #[arg(long, env = "PIPELINE_LEADER_TTL", default_value = "10s", value_name = "DURATION",
+          value_parser = units::positive_seconds)]
+    pub leader_ttl: u64,
+
     /// After each integration, push the base to this git remote (with a lease on its old value;
     /// a rejected push is retried after fetching, never forced).
     #[arg(long, env = "PIPELINE_PUSH_REMOTE")]

@@ -44,7 +44,7 @@ use crate::store::{Committed, NewEvent, RunChanges, Store, TaskRecord, TaskWrite
 use crate::usage::LastDay;
 
 pub use runners::{Attached, LeaseResult, Registered, RunnerHello, unregistered};
-pub use tasks::{Listed, Page, RunnerInfo, RunnerState, Status, TaskDetail};
+pub use tasks::{Listed, Page, RunnerInfo, RunnerState, ServerRole, Status, TaskDetail};
 
 /// How many times a transition is re-decided after losing a race to another writer.
 const MAX_CAS_ATTEMPTS: usize = 8;
@@ -137,6 +137,9 @@ pub struct Coordinator<S, R> {
     noted: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::feed::NewEntry>>,
     /// What the `--webhook` endpoints are doing, for `status` (set once at start-up).
     webhooks: std::sync::OnceLock<Arc<crate::webhooks::Board>>,
+    /// This server's leadership and the URL clients reach it at (set once at start-up; unset,
+    /// the server leads alone, in term 1).
+    leadership: std::sync::OnceLock<(crate::leader::Leadership, String)>,
 }
 
 /// The task counts, held; when let go after a change (a mutable borrow), whoever waits on
@@ -219,12 +222,47 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             last_day: Mutex::new(LastDay::default()),
             instructions: tokio::sync::Mutex::new(None),
             webhooks: std::sync::OnceLock::new(),
+            leadership: std::sync::OnceLock::new(),
         }
     }
 
     /// Shows the webhooks' board in `status` (once, at start-up).
     pub fn set_webhooks(&self, board: Arc<crate::webhooks::Board>) {
         let _ = self.webhooks.set(board);
+    }
+
+    /// Sets this server's leadership, and `advertise`, the URL clients reach it at (once, at
+    /// start-up).
+    pub fn set_leadership(&self, leadership: crate::leader::Leadership, advertise: String) {
+        let _ = self.leadership.set((leadership, advertise));
+    }
+
+    /// This server's leadership: alone with its database, the leader for good.
+    pub fn leadership(&self) -> crate::leader::Leadership {
+        self.leadership
+            .get()
+            .map_or_else(crate::leader::Leadership::sole, |(l, _)| l.clone())
+    }
+
+    /// The server's role as `status` shows it: leader or standby, the term, and the leader's
+    /// URL (its own when it leads).
+    pub fn server_role(&self) -> ServerRole {
+        let (role, advertise) = match self.leadership.get() {
+            Some((l, advertise)) => (l.role(), Some(advertise.clone())),
+            None => (crate::leader::Role::Leader { term: 1 }, None),
+        };
+        match role {
+            crate::leader::Role::Leader { term } => ServerRole {
+                role: "leader",
+                term,
+                leader: advertise,
+            },
+            crate::leader::Role::Standby { leader_url } => ServerRole {
+                role: "standby",
+                term: 0,
+                leader: leader_url,
+            },
+        }
     }
 
     /// Every webhook endpoint, as `status` shows it.

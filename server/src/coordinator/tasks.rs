@@ -95,6 +95,19 @@ pub struct Status {
     /// Each `--webhook` endpoint: what it was last sent, what it is trying again, its last
     /// error.
     pub webhooks: Vec<crate::webhooks::EndpointStatus>,
+    /// Whether this server leads (issue 28).
+    pub server: ServerRole,
+}
+
+/// A server's role among the servers of one database, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerRole {
+    /// `leader` or `standby`.
+    pub role: &'static str,
+    /// The term it leads in (0 on a standby).
+    pub term: i64,
+    /// The leader's `--advertise` URL (its own when it leads), when known.
+    pub leader: Option<String>,
 }
 
 /// Which page of a list: after the key of the last item of the previous one, at most `size`.
@@ -743,6 +756,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             base: self.settings.base.to_string(),
             sandbox: self.settings.sandbox.kind(),
             webhooks: self.webhooks(),
+            server: self.server_role(),
             unhealthy: self
                 .store
                 .write_failure()
@@ -750,11 +764,23 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         })
     }
 
-    /// Whether the server is ready for work, as `/readyz` and the gRPC health service say:
-    /// every background loop in `loops` is alive and the database takes a write (a write
+    /// Whether the server is ready for work, as `/readyz` and the gRPC health service say: it
+    /// leads (a standby is not ready), every background loop in `loops` is alive and the database takes a write (a write
     /// transaction begun and rolled back, within [`READY_WRITE_TIMEOUT`]); else why not, in
     /// one line.
     pub async fn readiness(&self, loops: &crate::health::Loops) -> std::result::Result<(), String> {
+        // Only the leader is ready: a standby takes no runner calls and no writes.
+        if let ServerRole {
+            role: "standby",
+            leader,
+            ..
+        } = self.server_role()
+        {
+            return Err(match leader {
+                Some(url) => format!("not ready: this server is a standby; the leader is at {url}"),
+                None => "not ready: this server is a standby; no leader is known yet".to_owned(),
+            });
+        }
         let stopped = loops.stopped();
         if !stopped.is_empty() {
             return Err(format!(

@@ -384,6 +384,11 @@ pub(crate) fn status_response(s: StatusView) -> pb::GetStatusResponse {
         tokens_last_day: s.tokens_last_day,
         sandbox: s.sandbox.as_str().to_owned(),
         webhooks: s.webhooks.into_iter().map(webhook_to_pb).collect(),
+        server: Some(pb::ServerRole {
+            role: s.server.role.to_owned(),
+            term: s.server.term,
+            leader: s.server.leader,
+        }),
     }
 }
 

@@ -88,12 +88,14 @@ pub fn services<S: crate::store::Store>(
         Arc::new(move |token: &str| coordinator.auth().identify(token))
     };
     let (streams, streams_ended) = StreamTasks::new();
+    let leadership = coordinator.leadership();
     let control = edge::Edge::new(tonic::service::interceptor::InterceptedService::new(
         ControlServiceServer::new(ControlApi::new(Arc::clone(&coordinator), shutdown, streams))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         Authenticate {
             auth: identify.clone(),
             admin_only: true,
+            leadership: leadership.clone(),
         },
     ));
     let runner = edge::Edge::new(tonic::service::interceptor::InterceptedService::new(
@@ -105,6 +107,7 @@ pub fn services<S: crate::store::Store>(
         Authenticate {
             auth: identify,
             admin_only: false,
+            leadership,
         },
     ));
     Services {
@@ -125,10 +128,15 @@ pub type Identify = Arc<dyn Fn(&str) -> Option<Caller> + Send + Sync>;
 ///
 /// Architecture invariant: what the viewer token may call is an allow-list of read calls,
 /// checked here before any handler runs; a new control call is the admin's until it is added.
+///
+/// On a standby (issue 28), every call but those reads is refused before the credential is
+/// looked at (a standby's credentials may lag the leader's) with `UNAVAILABLE` naming the
+/// leader's URL in the `pipeline-leader` metadata, for the client to go there.
 #[derive(Clone)]
 pub struct Authenticate {
     pub auth: Identify,
     pub admin_only: bool,
+    pub leadership: crate::leader::Leadership,
 }
 
 /// The bearer token a call presents: `authorization: Bearer <token>`, the scheme matched
@@ -148,6 +156,16 @@ pub(crate) const INVALID_CREDENTIAL: &str =
 
 impl tonic::service::Interceptor for Authenticate {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let crate::leader::Role::Standby { leader_url } = self.leadership.role() {
+            let path = req.extensions().get::<edge::CallPath>();
+            let read =
+                self.admin_only && path.is_some_and(|p| VIEWER_CALLS.contains(&p.0.as_str()));
+            if !read {
+                return Err(pipeline_proto::servers::not_the_leader(
+                    leader_url.as_deref(),
+                ));
+            }
+        }
         let Some(token) = bearer(req.metadata()) else {
             return Err(Status::unauthenticated(
                 "no credential: pass --token, or set PIPELINE_ADMIN_TOKEN (pipelinectl) or \
@@ -315,6 +333,70 @@ impl<St: Stream> Stream for UntilCancelled<St> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::leader::{Leadership, Role};
+    use tonic::service::Interceptor as _;
+
+    fn call(path: &str, token: Option<&str>) -> Request<()> {
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(edge::CallPath(format!("/pipeline.v1.{path}")));
+        if let Some(token) = token {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("header"),
+            );
+        }
+        req
+    }
+
+    #[test]
+    fn a_standby_refuses_runner_calls_and_writes_naming_the_leader_and_serves_reads() {
+        let standby = Leadership::fixed(Role::Standby {
+            leader_url: Some("http://10.0.0.1:50051".to_owned()),
+        });
+        let auth: Identify = Arc::new(|t: &str| (t == "admin").then_some(Caller::Admin));
+        let mut control = Authenticate {
+            auth: auth.clone(),
+            admin_only: true,
+            leadership: standby.clone(),
+        };
+        let mut runner = Authenticate {
+            auth,
+            admin_only: false,
+            leadership: standby,
+        };
+        let leader_named = |status: Status| {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert_eq!(
+                pipeline_proto::servers::leader_named(&status).as_deref(),
+                Some("http://10.0.0.1:50051")
+            );
+        };
+        // Writes and runner calls: refused before the credential is looked at (a standby's
+        // may lag the leader's).
+        for path in ["ControlService/CreateTask", "ControlService/PauseQueue"] {
+            leader_named(control.call(call(path, Some("admin"))).expect_err(path));
+        }
+        for path in ["RunnerService/Register", "RunnerService/CompleteLease"] {
+            leader_named(runner.call(call(path, None)).expect_err(path));
+        }
+        // Reads: served, with the credential checked as always.
+        for path in VIEWER_CALLS {
+            let path = path.trim_start_matches("/pipeline.v1.");
+            assert!(control.call(call(path, Some("admin"))).is_ok(), "{path}");
+            let refused = control.call(call(path, None)).expect_err(path);
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        }
+        // The leader serves everything.
+        let mut leading = Authenticate {
+            leadership: Leadership::sole(),
+            ..runner.clone()
+        };
+        let refused = leading
+            .call(call("RunnerService/Register", None))
+            .expect_err("no credential");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
 
     #[test]
     fn errors_map_to_a_small_code_set() {

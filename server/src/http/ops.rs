@@ -71,8 +71,8 @@ async fn scrape<S: Store>(app: &App<S>) -> Result<Response, Refusal> {
         runners: runners.to_vec(),
         queue_paused: status.queue_paused,
         landing_paused: status.landing.0 == "paused",
-        // One server, which leads (a standby would say 0).
-        leader: true,
+        // 0 on a standby (issue 28).
+        leader: status.server.role == "leader",
     });
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
 }

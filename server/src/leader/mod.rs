@@ -100,12 +100,21 @@ pub struct Leadership {
 impl Leadership {
     /// A server alone with its database (SQLite): the leader for good, term 1.
     pub fn sole() -> Self {
-        let (tx, role) = watch::channel(Role::Leader { term: 1 });
+        Self::fixed(Role::Leader { term: 1 })
+    }
+
+    /// A role that never changes (a leader with no deadline): a sole server's, and tests'.
+    pub fn fixed(role: Role) -> Self {
+        let term = match role {
+            Role::Leader { term } => term,
+            Role::Standby { .. } => 0,
+        };
+        let (tx, role) = watch::channel(role);
         // Nothing will change it: the receiver keeps the value after the sender is gone.
         drop(tx);
         Self {
             shared: Arc::new(Shared {
-                term: AtomicI64::new(1),
+                term: AtomicI64::new(term),
                 deadline: AtomicU64::new(u64::MAX),
                 base: Instant::now(),
                 sole: true,

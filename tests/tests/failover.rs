@@ -1,0 +1,179 @@
+//! Clients that follow the leader (issue 28): `pipeline-runner` and `pipelinectl` given several
+//! server URLs (`--server URL1,URL2`) use the next when one refuses connections or answers
+//! `UNAVAILABLE`, going first to the leader a standby's refusal names; a runner keeps its work
+//! across the change of server.
+
+use std::convert::Infallible;
+use std::net::TcpListener as StdListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use pipeline_tests::{Runner, Server, TestRepo, agent_args, as_strs};
+use serde_json::Value;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::codegen::{Context, Future, Pin, Poll, Service};
+use tonic::server::NamedService;
+
+/// A loopback port nothing listens on (taken, then let go).
+fn free_port() -> u16 {
+    let listener = StdListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A gRPC service that answers every call as a standby does: `UNAVAILABLE`, naming `leader`.
+#[derive(Clone)]
+struct Standby<const RUNNER: bool> {
+    leader: String,
+}
+
+impl<const RUNNER: bool> NamedService for Standby<RUNNER> {
+    const NAME: &'static str = if RUNNER {
+        "pipeline.v1.RunnerService"
+    } else {
+        "pipeline.v1.ControlService"
+    };
+}
+
+impl<const RUNNER: bool> Service<http::Request<Body>> for Standby<RUNNER> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+        let status = pipeline_proto::servers::not_the_leader(Some(&self.leader));
+        Box::pin(async move { Ok(status.into_http()) })
+    }
+}
+
+/// A fake standby naming `leader`, served on a runtime of its own; returns its URL.
+fn start_standby(rt: &tokio::runtime::Runtime, leader: &str) -> String {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let leader = leader.to_owned();
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(Standby::<true> {
+                leader: leader.clone(),
+            })
+            .add_service(Standby::<false> { leader })
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    url
+}
+
+/// A port that accepts connections and drops them at once, counting them: a server that is
+/// away, which a client should not have tried.
+fn start_counting_dropper(rt: &tokio::runtime::Runtime) -> (String, Arc<AtomicUsize>) {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    rt.spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    (url, count)
+}
+
+fn runs(task: &Value) -> Vec<Value> {
+    task["runs"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_runner_and_pipelinectl_given_a_url_that_refuses_connections_first_use_the_next() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let urls = format!("{dead},{}", server.url);
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    server.wait_connected(&runner.proc, "r");
+    // pipelinectl, from the server's home (its admin token), given the same list.
+    let ctl = |args: &[&str]| {
+        pipeline_tests::run(pipeline_tests::ctl_command(server.home(), &urls).args(args))
+    };
+    let id = ctl(&["task", "add", "--title", "via the second URL"])
+        .ok()
+        .trim()
+        .to_owned();
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0);
+    let status = ctl(&["status", "--json"]).json();
+    assert_eq!(status["server"]["role"], "leader");
+    assert_eq!(status["server"]["term"], 1);
+    assert_eq!(status["server"]["leader"], server.url.as_str());
+}
+
+#[test]
+fn a_runner_follows_the_server_restarted_on_another_port_and_keeps_its_work() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--lease-ttl", "10"]);
+    let second = format!("127.0.0.1:{}", free_port());
+    let urls = format!("{},http://{second}", server.url);
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    server.wait_connected(&runner.proc, "r");
+    let id = server.add(&["--title", "survivor", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    server.kill();
+    // The same database, another address: the first URL now refuses connections.
+    let server = Server::start(&repo, &["--lease-ttl", "10", "--listen", &second]);
+    server.wait_runner("r", "back with its lease", |r| {
+        pipeline_tests::connected(r) && r["slots_used"] == 1
+    });
+    repo.release_agents();
+    let task = server.wait_status(&id, "done");
+    let runs = runs(&task);
+    assert_eq!(
+        runs.len(),
+        3,
+        "one dev, one verify, one integrate: {runs:?}"
+    );
+    assert_eq!(runs[0]["status"], "success");
+    assert_eq!(task["failures"], 0);
+    let events = pipeline_tests::event_kinds(&task);
+    assert!(!events.contains(&"lease_lost".to_owned()), "{events:?}");
+}
+
+#[test]
+fn a_standbys_refusal_sends_runner_and_pipelinectl_to_the_leader_it_names_first() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let standby = start_standby(&rt, &server.url);
+    // Between the standby and the leader in the list: never tried, since the standby named
+    // the leader.
+    let (away, tried) = start_counting_dropper(&rt);
+    let urls = format!("{standby},{away},{}", server.url);
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    server.wait_connected(&runner.proc, "r");
+    let ctl = |args: &[&str]| {
+        pipeline_tests::run(pipeline_tests::ctl_command(server.home(), &urls).args(args))
+    };
+    let id = ctl(&["task", "add", "--title", "sent to the leader"])
+        .ok()
+        .trim()
+        .to_owned();
+    server.wait_status(&id, "done");
+    assert_eq!(
+        tried.load(Ordering::SeqCst),
+        0,
+        "the server after the standby was tried"
+    );
+    // One task: the standby's refusal did nothing, and the command ran once, on the leader.
+    let listed = ctl(&["task", "list", "--json"]).json();
+    assert_eq!(pipeline_tests::listed(listed).len(), 1);
+}
