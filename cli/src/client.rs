@@ -19,6 +19,10 @@ use crate::model::{self, LogItem, NewTask, Runner, Task, TaskDetail, TaskStatus,
 use crate::wire;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often pipelinectl pings its server on the connection, and how long it waits for the
+/// answer before it takes the connection for lost.
+const KEEPALIVE: Duration = Duration::from_secs(10);
 /// Unary requests give up after this long (streams live as long as they are read).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -401,7 +405,12 @@ impl Client {
                     root_cause(&e)
                 ))
             })?
-            .connect_timeout(CONNECT_TIMEOUT);
+            .connect_timeout(CONNECT_TIMEOUT)
+            // A server that accepts connections but answers nothing (frozen) ends a command, or
+            // a watch moves on, instead of waiting for ever.
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true);
         let endpoint = match pipeline_proto::client_tls(&url, tls_ca).map_err(Failure::usage)? {
             Some(tls) => {
                 // Pinned to an address, the certificate is still checked for the URL's host.

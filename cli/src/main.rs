@@ -454,6 +454,7 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
     // A standby's refusal names the leader and did nothing: the command goes there, once per
     // server given at most.
     let mut tries = 1;
+    let reads_only = reads_only(&cli.command);
     loop {
         let failure = match execute(
             cli.command.clone(),
@@ -469,11 +470,31 @@ async fn run(cli: Cli, out: &mut impl Write) -> Result<(), Stop> {
         if tries > cli.server.split(',').count() {
             return Err(Stop::Failed(failure));
         }
-        match client.follow_leader().await {
-            Some(Ok(leader)) => client = leader,
+        // A command that changes nothing is asked again of the next server after a lost one
+        // too (it may have been done there: asking again does no harm).
+        let next = match client.follow_leader().await {
+            None if reads_only => client.fail_over().await,
+            next => next,
+        };
+        match next {
+            Some(Ok(next)) => client = next,
             Some(Err(_)) | None => return Err(Stop::Failed(failure)),
         }
         tries += 1;
+    }
+}
+
+/// Whether `command` only reads and prints its answer at the end (asking again is harmless).
+/// `watch` and `logs --follow` go to the next server themselves.
+fn reads_only(command: &Command) -> bool {
+    match command {
+        Command::Status { .. }
+        | Command::Explain { .. }
+        | Command::Completions { .. }
+        | Command::Runners { action: None, .. }
+        | Command::Queue { action: None, .. } => true,
+        Command::Task(task) => matches!(task, TaskCommand::List { .. } | TaskCommand::Show { .. }),
+        _ => false,
     }
 }
 

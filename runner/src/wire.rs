@@ -35,6 +35,10 @@ use crate::domain::{
     Refusal, RunId,
 };
 
+/// How often the runner pings its server on an HTTP/2 connection, and how long it waits for the
+/// answer before it takes the connection for lost.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// Bundle chunks sent to the server (well under tonic's 4 MiB message limit).
 const CHUNK_BYTES: usize = 256 * 1024;
 /// The largest message either way (bundle chunks and log batches are far smaller).
@@ -455,6 +459,12 @@ impl Client {
         }
         let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
+            // A server that accepts connections but answers nothing (frozen: SIGSTOP, or cut
+            // off past its kernel) fails the calls open on it, so the runner tries again, or
+            // tries the next server, instead of waiting for ever.
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             // Large log batches and bundle chunks are not held up by HTTP/2 flow control.
             .initial_stream_window_size(Some(4 * 1024 * 1024))

@@ -87,6 +87,22 @@ fn start_counting_dropper(rt: &tokio::runtime::Runtime) -> (String, Arc<AtomicUs
     (url, count)
 }
 
+/// A port that accepts connections and never answers on them: a server frozen (SIGSTOP), whose
+/// kernel still completes the TCP handshake. Returns its URL.
+fn start_frozen(rt: &tokio::runtime::Runtime) -> String {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    rt.spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    url
+}
+
 fn runs(task: &Value) -> Vec<Value> {
     task["runs"].as_array().cloned().unwrap_or_default()
 }
@@ -176,4 +192,25 @@ fn a_standbys_refusal_sends_runner_and_pipelinectl_to_the_leader_it_names_first(
     // One task: the standby's refusal did nothing, and the command ran once, on the leader.
     let listed = ctl(&["task", "list", "--json"]).json();
     assert_eq!(pipeline_tests::listed(listed).len(), 1);
+}
+
+#[test]
+fn a_runner_gives_up_on_a_frozen_server_and_uses_the_next() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let frozen = start_frozen(&rt);
+    let urls = format!("{frozen},{}", server.url);
+    let args = agent_args(&["--no-verify"]);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    // Its calls to the frozen server never get an answer: the connection's keepalive ends them.
+    server.wait_connected(&runner.proc, "r");
+    let id = server.add(&["--title", "after the frozen one"]);
+    server.wait_status(&id, "done");
+    // pipelinectl too: it connects to the next server.
+    let status = pipeline_tests::run(
+        pipeline_tests::ctl_command(server.home(), &urls).args(["status", "--json"]),
+    )
+    .json();
+    assert_eq!(status["done"], 1);
 }
