@@ -159,6 +159,34 @@ impl Leadership {
 #[error("the leader lease: {0}")]
 pub struct LeaseError(#[from] sqlx::Error);
 
+/// Who leads now, as the lease row says: its term and `--advertise` URL, while its lease is live.
+pub async fn live_leader(pool: &PgPool) -> Result<Option<(i64, String)>, LeaseError> {
+    let row: Option<(i64, String)> = sqlx::query_as(
+        "SELECT term, advertise FROM leader_lease WHERE id = 1 AND expires_at > now()",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row)
+}
+
+/// At start-up, before the server changes anything: a server that would join a live leader
+/// without `--push-remote` is refused, saying why (a standby takes over from the remote the
+/// leader pushes to; without one it would take over a base it never saw land).
+pub async fn check_joining(pool: &PgPool, push_remote: bool) -> Result<(), String> {
+    if push_remote {
+        return Ok(());
+    }
+    match live_leader(pool).await {
+        Ok(None) => Ok(()),
+        Ok(Some((term, url))) => Err(format!(
+            "another server leads this database (term {term}, at {url}) and this one has no \
+             --push-remote: a standby takes over from the remote the leader pushes to; start \
+             every server of the group with --push-remote naming the same remote"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Holds, renews and takes the lease for one server.
 pub struct Elector {
     pool: PgPool,

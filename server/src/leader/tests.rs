@@ -264,3 +264,32 @@ async fn two_contenders_never_both_lead() {
         last = Some((term, end));
     }
 }
+
+#[tokio::test]
+async fn a_server_without_a_push_remote_may_not_join_a_live_leader() {
+    let db = PgServer::shared().database();
+    let pool = pool(db.url()).await;
+    // No leader yet: the first server may start with or without a remote.
+    assert_eq!(live_leader(&pool).await.expect("read"), None);
+    assert_eq!(check_joining(&pool, false).await, Ok(()));
+    let (a, _a_role) = elector(&pool, "a", Duration::from_secs(30));
+    a.step().await;
+    assert_eq!(
+        live_leader(&pool).await.expect("read"),
+        Some((1, "http://a:50051".to_owned()))
+    );
+    let refused = check_joining(&pool, false)
+        .await
+        .expect_err("a live leader");
+    assert!(
+        refused.contains("term 1, at http://a:50051") && refused.contains("--push-remote"),
+        "{refused}"
+    );
+    assert_eq!(check_joining(&pool, true).await, Ok(()));
+    // Once the leader has stopped (its lease given up), a server may start alone again.
+    let stop = CancellationToken::new();
+    stop.cancel();
+    a.run(stop).await;
+    assert_eq!(live_leader(&pool).await.expect("read"), None);
+    assert_eq!(check_joining(&pool, false).await, Ok(()));
+}
