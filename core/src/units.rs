@@ -22,6 +22,25 @@ pub fn positive_seconds(text: &str) -> Result<u64, String> {
     }
 }
 
+/// A duration in whole milliseconds: `250`, `250ms`, `1s` (a bare number is milliseconds).
+pub fn milliseconds(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if let Ok(n) = text.parse::<u64>() {
+        return Ok(n);
+    }
+    if text.starts_with('-') {
+        return Err("a duration cannot be negative".to_owned());
+    }
+    let d: Duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration: {e} (write it like 250ms or 1s)"))?;
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        return Err(format!(
+            "{text:?} is not a whole number of milliseconds (write it like 250ms or 1s)"
+        ));
+    }
+    u64::try_from(d.as_millis()).map_err(|_| format!("{text:?} is too long"))
+}
+
 /// A duration in whole days: `30` (days, as the flag took before units), `30d`, `2w`.
 pub fn days(text: &str) -> Result<u64, String> {
     whole(text, 86_400, "days", "30d or 2w")
@@ -67,6 +86,17 @@ fn whole(text: &str, unit: u64, unit_name: &str, example: &str) -> Result<u64, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn milliseconds_take_units_and_bare_numbers() {
+        assert_eq!(milliseconds("250"), Ok(250));
+        assert_eq!(milliseconds("250ms"), Ok(250));
+        assert_eq!(milliseconds("1s"), Ok(1000));
+        assert_eq!(milliseconds("0"), Ok(0));
+        assert!(milliseconds("-1ms").is_err());
+        assert!(milliseconds("1us").is_err());
+        assert!(milliseconds("soon").is_err());
+    }
 
     #[test]
     fn bare_numbers_keep_their_old_meaning() {

@@ -261,7 +261,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     };
     let lease_ttl_ms = settings.lease_ttl_ms;
     // The middle layer's adapters: the repository, and the integration build on this machine.
-    let builder = LocalBuilder::new(repo.clone(), &settings);
+    // Trains built at once each need a build slot for their builds to overlap.
+    let build_slots = config.build_slots.max(config.integration_slots) as usize;
+    let builder = LocalBuilder::new(repo.clone(), &settings, build_slots);
     let coordinator = Arc::new(Coordinator::new(
         store.clone(),
         settings,
@@ -294,7 +296,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         .guard_task_ids(config.accept_existing_history)
         .await?;
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
-    let integrator = Integrator::new(Arc::clone(&coordinator), builder);
+    let integrator = Integrator::new(Arc::clone(&coordinator), builder)
+        .gathering(std::time::Duration::from_millis(config.gather_window))
+        .speculating(config.integration_slots as usize);
     let integrations_finished = integrator.recover().await?;
     let found_landed = coordinator.reconcile_landed().await?;
     let epics_settled = coordinator.settle_finished_epics().await?;
@@ -920,7 +924,17 @@ fn seal_state_dir(state_dir: &std::path::Path) -> std::result::Result<(), String
     })?;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if ["integration", "build-tmp", "runners"].contains(&name.to_string_lossy().as_ref()) {
+        let name = name.to_string_lossy();
+        // The build slots' own (`integration-2`, `build-tmp-2`, …) too.
+        let slot = |first: &str| {
+            name.strip_prefix(first)
+                .and_then(|n| n.strip_prefix('-'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if ["integration", "build-tmp", "runners"].contains(&name.as_ref())
+            || slot("integration")
+            || slot("build-tmp")
+        {
             continue;
         }
         let Ok(meta) = entry.path().symlink_metadata() else {

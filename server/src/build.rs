@@ -1,10 +1,13 @@
 //! The integration build on the server's own machine: the middle layer's
-//! [`Builder`](crate::ports::Builder) port over the integration worktree. Each build puts the
-//! worktree on the commit (clean), empties its temp dir, and runs the verification there, in
-//! a sandbox that writes the worktree and the temp dir and reads the repository (its git needs
-//! it) but for the other worktrees' state and the server's state dir.
+//! [`Builder`](crate::ports::Builder) port over the integration worktrees, one per build slot
+//! (`--build-slots`: `integration` and `build-tmp` in the state dir, then `integration-2`,
+//! `build-tmp-2`, …). Each build takes a free slot (or waits for one), puts its worktree on
+//! the commit (clean), empties its temp dir, and runs the verification there, in a sandbox
+//! that writes the worktree and the temp dir and reads the repository (its git needs it) but
+//! for the other worktrees' state and the server's state dir.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use pipeline_core::git::{BranchName, GitError};
 use pipeline_core::ids::CommitId;
@@ -18,15 +21,23 @@ use crate::error::{Error, Result};
 use crate::ports::{BuildJob, Builder, Built};
 use crate::repo::Repo;
 
-/// Builds in the integration worktree, one at a time (the integrator builds one at a time).
+/// Where one build slot builds.
+struct Site {
+    /// Its integration worktree.
+    dir: PathBuf,
+    /// Its builds' temp dir (their `TMPDIR`, emptied before each build).
+    tmp: PathBuf,
+}
+
+/// Builds in the integration worktrees, one build per slot at a time.
 pub struct LocalBuilder {
     repo: Repo,
     /// The base branch (`PIPELINE_BASE`).
     base: BranchName,
-    /// The integration worktree.
-    dir: PathBuf,
-    /// The builds' temp dir (their `TMPDIR`, emptied before each build).
-    tmp: PathBuf,
+    sites: Vec<Site>,
+    /// The slots free now (indexes into `sites`), and a permit for each.
+    free: Mutex<Vec<usize>>,
+    permits: tokio::sync::Semaphore,
     /// The environment builds start from (the allow-listed variables).
     env: Vec<(String, String)>,
     sandbox: Sandbox,
@@ -34,40 +45,78 @@ pub struct LocalBuilder {
     kill_grace: std::time::Duration,
 }
 
+/// A build slot taken: given back when dropped.
+struct Taken<'a> {
+    free: &'a Mutex<Vec<usize>>,
+    slot: usize,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.free.lock() {
+            free.push(self.slot);
+        }
+    }
+}
+
+/// The name of build slot `slot`'s dir beside `first` (slot 0's): `first` itself, then
+/// `first-2`, `first-3`, …
+pub fn slot_dir(first: &Path, slot: usize) -> PathBuf {
+    match slot {
+        0 => first.to_path_buf(),
+        n => {
+            let mut name = first.file_name().unwrap_or_default().to_os_string();
+            name.push(format!("-{}", n + 1));
+            first.with_file_name(name)
+        }
+    }
+}
+
 impl LocalBuilder {
-    /// Builds in `settings`' integration worktree of `repo`.
-    pub fn new(repo: Repo, settings: &Settings) -> Self {
+    /// Builds in `settings`' integration worktree of `repo`, and `slots - 1` more beside it.
+    pub fn new(repo: Repo, settings: &Settings, slots: usize) -> Self {
+        let slots = slots.max(1);
         Self {
             repo,
             base: settings.base.clone(),
-            dir: settings.integration_dir.clone(),
-            tmp: settings.build_tmp.clone(),
+            sites: (0..slots)
+                .map(|i| Site {
+                    dir: slot_dir(&settings.integration_dir, i),
+                    tmp: slot_dir(&settings.build_tmp, i),
+                })
+                .collect(),
+            free: Mutex::new((0..slots).rev().collect()),
+            permits: tokio::sync::Semaphore::new(slots),
             env: settings.build_env.clone(),
             sandbox: settings.sandbox.clone(),
             kill_grace: settings.kill_grace,
         }
     }
 
-    /// Puts the integration worktree on `commit` and readies what a build there runs with: an
+    /// Puts the slot's worktree on `commit` and readies what a build there runs with: an
     /// empty temp dir, and its sandbox. `Ok(Err)` when git cannot put the worktree on the
     /// commit for a reason that is not the machine's: git's error, for the caller to judge.
-    async fn ready(&self, job: &BuildJob) -> Result<std::result::Result<Option<Policy>, GitError>> {
-        let worktree = self.repo.worktree(&self.dir).await?;
+    async fn ready(
+        &self,
+        site: &Site,
+        job: &BuildJob,
+    ) -> Result<std::result::Result<Option<Policy>, GitError>> {
+        let worktree = self.repo.worktree(&site.dir).await?;
         match self.repo.prepare_worktree(&worktree, &job.commit).await {
             Ok(()) => {}
             Err(e) if e.is_infrastructure() => return Err(e.into()),
             Err(e) => return Ok(Err(e)),
         }
-        let _ = std::fs::remove_dir_all(&self.tmp);
-        std::fs::create_dir_all(&self.tmp).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&site.tmp);
+        std::fs::create_dir_all(&site.tmp).map_err(|e| {
             Error::Internal(format!(
                 "cannot create the build's temp dir {}: {e}",
-                self.tmp.display()
+                site.tmp.display()
             ))
         })?;
         let mut own = Rules::default();
-        own.own(&self.dir)
-            .own(&self.tmp)
+        own.own(&site.dir)
+            .own(&site.tmp)
             .read(&worktree.common)
             .deny(worktree.common.join("worktrees"))
             .read(&worktree.admin)
@@ -79,6 +128,7 @@ impl LocalBuilder {
     /// pipeline's.
     fn env(
         &self,
+        site: &Site,
         task: Option<&pipeline_core::ids::TaskId>,
         base_commit: &CommitId,
     ) -> Vec<(String, String)> {
@@ -88,7 +138,7 @@ impl LocalBuilder {
             .filter(|(k, _)| k != "TMPDIR")
             .cloned()
             .collect();
-        env.push(("TMPDIR".to_owned(), self.tmp.display().to_string()));
+        env.push(("TMPDIR".to_owned(), site.tmp.display().to_string()));
         if let Some(task) = task {
             env.push(("PIPELINE_TASK_ID".to_owned(), task.to_string()));
         }
@@ -121,7 +171,19 @@ impl Builder for LocalBuilder {
     }
 
     fn site(&self) -> String {
-        format!("in {}", self.dir.display())
+        match self.sites.as_slice() {
+            [one] => format!("in {}", one.dir.display()),
+            [first, ..] => format!(
+                "in {} (or one of the {} build slots beside it)",
+                first.dir.display(),
+                self.sites.len()
+            ),
+            [] => "nowhere".to_owned(),
+        }
+    }
+
+    fn slots(&self) -> usize {
+        self.sites.len()
     }
 }
 
@@ -133,16 +195,41 @@ impl LocalBuilder {
         shutdown: &CancellationToken,
         log: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<Built> {
-        let sandbox = match self.ready(job).await? {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return Ok(Built::Cancelled);
+        };
+        let slot = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut free| free.pop())
+            .ok_or_else(|| Error::Internal("no free build slot under a permit".to_owned()))?;
+        // The slot is free again however the build ends (a dropped future included).
+        let _taken = Taken {
+            free: &self.free,
+            slot,
+        };
+        self.build_in(&self.sites[slot], job, shutdown, log).await
+    }
+
+    /// One build in `site`.
+    async fn build_in(
+        &self,
+        site: &Site,
+        job: &BuildJob,
+        shutdown: &CancellationToken,
+        log: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Built> {
+        let sandbox = match self.ready(site, job).await? {
             Ok(sandbox) => sandbox,
             Err(e) => return Ok(Built::NoCheckout(e)),
         };
         for run in &job.runs {
-            let env = self.env(run.task.as_ref(), &job.base_commit);
+            let env = self.env(site, run.task.as_ref(), &job.base_commit);
             let verdict = verify::verify(
                 &job.verifier,
                 &verify::Build {
-                    dir: &self.dir,
+                    dir: &site.dir,
                     namespace: run.namespace.as_deref(),
                     env: &env,
                     kill_grace: self.kill_grace,

@@ -257,8 +257,27 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub batch_max: u32,
 
-    /// Merge trains built at once. Only 1 is supported so far (speculative trains, built on
-    /// the tip of the one before, are to come).
+    /// Integration builds the server runs at once, each in a worktree of its own
+    /// (`integration`, `integration-2`, … in the state dir): with more than one, a red train's
+    /// prefixes are built at once, so its culprit is found in about one build time instead of
+    /// one build per halving.
+    #[arg(long, env = "PIPELINE_BUILD_SLOTS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub build_slots: u32,
+
+    /// How long the integrator, woken from idle by a Verified task, waits for more before it
+    /// forms a train (it forms one at once when --batch-max tasks are in): the first wave's
+    /// results, milliseconds apart, then go in one train instead of a train of one that costs
+    /// a full build while the rest arrive. `0` forms a train at once. A bare number is
+    /// milliseconds.
+    #[arg(long, env = "PIPELINE_GATHER_WINDOW", default_value = "250ms",
+          value_name = "DURATION", value_parser = units::milliseconds)]
+    pub gather_window: u64,
+
+    /// Merge trains built at once: each behind the first is built on the tip of the one ahead
+    /// of it as if that had landed (speculatively), and lands only once it has; one whose
+    /// train ahead does not land that tip is formed again on the base. Each train has a build
+    /// slot of its own (--build-slots is raised to it).
     #[arg(long, env = "PIPELINE_INTEGRATION_SLOTS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=8))]
     pub integration_slots: u32,
@@ -432,13 +451,6 @@ impl Config {
         {
             return Err(format!(
                 "--push-remote {remote:?} must name a remote of the repository (e.g. origin)"
-            ));
-        }
-        if self.integration_slots > 1 {
-            return Err(format!(
-                "--integration-slots {}: speculative trains are not supported yet; use 1 (one \
-                 train at a time, up to --batch-max tasks each)",
-                self.integration_slots
             ));
         }
         if self.local_runners > 64 {
@@ -621,14 +633,15 @@ mod tests {
     }
 
     #[test]
-    fn speculative_trains_are_refused_with_what_to_use() {
+    fn speculative_trains_are_accepted() {
         let c = Config::try_parse_from(["s", "--repo", "/r", "--integration-slots", "2"])
             .expect("parse");
-        let err = c.validate().expect_err("refused");
-        assert!(
-            err.contains("--integration-slots 2: speculative trains are not supported yet; use 1"),
-            "{err}"
+        c.validate().expect("accepted");
+        assert_eq!(
+            (c.integration_slots, c.build_slots, c.gather_window),
+            (2, 1, 250)
         );
+        assert!(Config::try_parse_from(["s", "--repo", "/r", "--integration-slots", "9"]).is_err());
     }
 
     #[test]

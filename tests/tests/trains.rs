@@ -14,10 +14,11 @@ use pipeline_tests::{
 };
 use serde_json::Value;
 
-/// A build command that records each integration build and then runs `then` there.
+/// A build command that records each integration build (in any of the server's build slots'
+/// worktrees, `integration`, `integration-2`, …) and then runs `then` there.
 fn build_cmd(then: &str) -> String {
     format!(
-        "case $PWD in */integration) mkdir -p \"$AGENT_LOG_DIR\"; \
+        "case $PWD in */integration|*/integration-[0-9]*) mkdir -p \"$AGENT_LOG_DIR\"; \
          echo \"$(ls notes 2>/dev/null | tr '\\n' ' ')$(cat notes/* 2>/dev/null | cksum)\" \
          >> \"$AGENT_LOG_DIR/builds\"; {then};; esac"
     )
@@ -611,4 +612,143 @@ fn queue_shows_the_train_its_step_and_when_the_next_ones_land() {
     for id in ["q3", "q4", "q5"] {
         server.wait_status(id, "done");
     }
+}
+
+/// Whether a commit of the base's first-parent history has `id`'s note without its fix.
+fn red_on_base(repo: &TestRepo, id: &str) -> Option<String> {
+    git(&repo.repo(), &["rev-list", "--first-parent", "main"])
+        .lines()
+        .find(|commit| {
+            let note = std::process::Command::new("git")
+                .arg("-C")
+                .arg(repo.repo())
+                .args(["show", &format!("{commit}:notes/{id}.md")])
+                .output()
+                .expect("git show");
+            note.status.success() && !String::from_utf8_lossy(&note.stdout).contains("fixed")
+        })
+        .map(str::to_owned)
+}
+
+/// Two trains at once (`--integration-slots 2`, two tasks each): the second is built on the
+/// first's tip as if it had landed; the first turns red (x2), so the second's guess never
+/// lands: it is formed again on the real base and lands there, none of its tasks charged for
+/// what their build on the guess showed (x2 was in it).
+#[test]
+fn a_speculative_train_whose_train_ahead_turns_red_is_rebuilt_on_the_new_base() {
+    let repo = TestRepo::new();
+    let build = build_cmd(
+        "if [ -e notes/x2.md ] && ! grep -q fixed notes/x2.md; then \
+         echo 'x2 breaks the build' >&2; exit 1; fi",
+    );
+    let server = Server::start(
+        &repo,
+        &[
+            "--build-cmd",
+            &build,
+            "--batch-max",
+            "2",
+            "--integration-slots",
+            "2",
+        ],
+    );
+    let _r = runner_with_slots(&repo, &server, 4);
+    let ids = ["x1", "x2", "y1", "y2"];
+    add_waiting(&server, &ids, "wait-once");
+    verify_then_land_together(&repo, &server, &ids);
+    let tasks: Vec<Value> = ids
+        .iter()
+        .map(|id| server.wait_status(id, "done"))
+        .collect();
+    // x2 was charged in the first train; the second train's tasks never were.
+    assert_eq!(tasks[1]["failures"], 1, "{}", tasks[1]);
+    for t in [&tasks[0], &tasks[2], &tasks[3]] {
+        assert_eq!(t["failures"], 0, "{t}");
+        assert_eq!(dev_runs(t), 1, "{t}");
+    }
+    let (first, second) = (landed_train(&tasks[0]), landed_train(&tasks[2]));
+    assert_ne!(first, second);
+    assert_eq!(landed_train(&tasks[3]), second, "y1 and y2 together");
+    let runs = integrate_runs(&tasks[2]);
+    assert_eq!(
+        runs.len(),
+        1,
+        "one train for y1, formed again within it: {runs:?}"
+    );
+    assert_eq!(runs[0]["train"], second);
+    // The second train was built on the guess (with x2's note in it) before it was built on
+    // the real base (x1 only).
+    let all = builds(&repo);
+    let guess = all
+        .iter()
+        .position(|b| b.starts_with("x1.md x2.md y1.md y2.md "))
+        .unwrap_or_else(|| panic!("a build on the guess: {all:?}"));
+    let real = all
+        .iter()
+        .position(|b| b.starts_with("x1.md y1.md y2.md "))
+        .unwrap_or_else(|| panic!("a build on the real base: {all:?}"));
+    assert!(guess < real, "{all:?}");
+    // Each task on the base once, the first train's before the second's, and no red tree.
+    let landed = repo.landed();
+    let at = |id: &str| landed.iter().position(|l| l == id).expect("landed");
+    assert_eq!(landed.len(), 4, "{landed:?}");
+    assert!(at("x1") > at("y1") && at("x1") > at("y2"), "{landed:?}");
+    assert_eq!(
+        red_on_base(&repo, "x2"),
+        None,
+        "never a red tree on the base"
+    );
+}
+
+/// The server SIGKILLed right after the first of two trains built at once moved the base,
+/// the second (speculative, on the first's tip) still in flight: after a restart, the first's
+/// landing is finished from the journal, the second's is formed again, and nothing lands twice.
+#[test]
+fn sigkill_of_the_server_with_speculative_trains_in_flight_then_restart() {
+    let repo = TestRepo::new();
+    let build = build_cmd("true");
+    let args = [
+        "--build-cmd",
+        &build,
+        "--batch-max",
+        "2",
+        "--integration-slots",
+        "2",
+    ];
+    let mut cmd = Server::command(&repo, &args);
+    cmd.env("PIPELINE_FAILPOINT", "after-base-update");
+    let mut server = Server::spawn(&mut cmd).expect("server");
+    let addr = server.addr.clone();
+    let _r = runner_with_slots(&repo, &server, 4);
+    let ids = ["p1", "p2", "q1", "q2"];
+    add_waiting(&server, &ids, "wait");
+    verify_then_land_together(&repo, &server, &ids);
+    let status = server.proc.wait_exit();
+    assert!(
+        !status.success(),
+        "aborted right after the first swap: {status:?}"
+    );
+    assert_eq!(repo.landed(), ["p2", "p1"], "only the first train's swap");
+    let mut restart = args.to_vec();
+    restart.extend(["--listen", &addr]);
+    let server = Server::start(&repo, &restart);
+    for id in ids {
+        let t = server.wait_status(id, "done");
+        assert_eq!(t["failures"], 0, "{t}");
+        assert_eq!(dev_runs(&t), 1, "{t}");
+    }
+    for id in ["p1", "p2"] {
+        let runs = integrate_runs(&server.show(id));
+        assert!(
+            runs.last()
+                .and_then(|r| r["error"].as_str())
+                .is_some_and(|e| e.contains("before a restart; recorded after it")),
+            "{runs:?}"
+        );
+    }
+    assert_eq!(
+        repo.landed(),
+        ["q2", "q1", "p2", "p1"],
+        "each once, in order"
+    );
 }

@@ -68,7 +68,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     .await?,
             );
         }
-        self.landing().train = Some(TrainView {
+        // The train now is the first of those built at once (speculative trains behind it
+        // are not shown).
+        self.landing().train.get_or_insert_with(|| TrainView {
             id: train,
             tasks: members.iter().map(|t| t.id.clone()).collect(),
             step: "cherry-picking".to_owned(),

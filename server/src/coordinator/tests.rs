@@ -827,6 +827,136 @@ async fn a_train_with_a_red_member_lands_the_others_and_charges_only_the_red_one
     assert!(queue.train.is_none());
 }
 
+/// With build slots to spare, a red train's prefixes are built at once: the tip, then one
+/// wave of every prefix (and nothing twice); the culprit alone is charged, the prefix before
+/// it lands, the task after it lands in the next train, every task exactly once.
+#[tokio::test]
+async fn with_build_slots_a_red_trains_prefixes_are_built_at_once() {
+    let w = world_verifying().await;
+    let base = w.c.settings().base.clone();
+    let (_runner, tasks) = verified_tasks(
+        &w,
+        &[
+            &[("a.txt", "a")],
+            &[("b.txt", "b")],
+            &[("c.txt", "red")],
+            &[("d.txt", "d")],
+            &[("e.txt", "e")],
+        ],
+    )
+    .await;
+    let c = &w.c;
+    let builder = FakeBuilder::new(&w.repo).with_slots(8);
+    let integrator = Integrator::new(Arc::clone(c), builder.clone());
+    integrate_all(&integrator, 10).await;
+    let red = c.get(&tasks[2].id).await.expect("get");
+    assert_eq!(red.state.failures, 1, "the red member is charged");
+    assert_ne!(red.state.status, TaskStatus::Done);
+    for i in [0, 1, 3, 4] {
+        let t = c.get(&tasks[i].id).await.expect("get");
+        assert_eq!(
+            (t.state.status, t.state.failures),
+            (TaskStatus::Done, 0),
+            "{}",
+            t.id
+        );
+    }
+    let tip = w.repo.branch_tip(&base);
+    let mut trailers = w.repo.trailers(&tip);
+    trailers.sort();
+    let mut want: Vec<TaskId> = [0, 1, 3, 4].iter().map(|i| tasks[*i].id.clone()).collect();
+    want.sort();
+    assert_eq!(trailers, want, "each landed exactly once");
+    // The tip (5), then prefixes 1 to 4 and the base (not known green) at once; then d and e
+    // on the new base.
+    let sizes: Vec<usize> = builder
+        .builds()
+        .iter()
+        .map(|b| w.repo.files_of(&b.commit).len() - 1)
+        .collect();
+    assert_eq!(sizes, [5, 0, 1, 2, 3, 4, 4]);
+    assert_eq!(
+        builder.most_at_once(),
+        5,
+        "the wave's five builds ran at once"
+    );
+}
+
+/// Whether `f` is still pending after being polled a few times (each poll sees every wake
+/// delivered so far): no clock is involved.
+async fn still_pending<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+    for _ in 0..20 {
+        if tokio::time::timeout(std::time::Duration::ZERO, &mut *f)
+            .await
+            .is_ok()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Woken from idle, the integrator gathers: with a window too long to end on its own it waits
+/// while fewer than --batch-max (8) tasks are Verified, each new one waking it, and ends as the
+/// eighth arrives; a short window ends by itself.
+#[tokio::test]
+async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_ends() {
+    let w = world_verifying().await;
+    let c = &w.c;
+    let (runner_id, mut rx) = runner(c, "r1", 8).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        tasks.push(
+            c.create_task(new_task(&format!("task {i}")))
+                .await
+                .expect("create"),
+        );
+    }
+    c.dispatch_once().await.expect("round");
+    let pushed = assignments(&mut rx);
+    let complete = async |i: usize| {
+        let a = &pushed[&tasks[i].id];
+        let commit = w
+            .repo
+            .runner_commit(&a.base_commit, &[(format!("f{i}.txt").as_str(), "x")]);
+        c.complete(
+            &runner_id,
+            verified(a, &commit, w.clock.now_ms()),
+            Some(bundle()),
+        )
+        .await
+        .expect("complete");
+    };
+    complete(0).await;
+    let integrator = Integrator::new(Arc::clone(c), FakeBuilder::new(&w.repo))
+        .gathering(std::time::Duration::from_secs(3600));
+    let shutdown = CancellationToken::new();
+    let gather = integrator.gather(&shutdown);
+    tokio::pin!(gather);
+    assert!(still_pending(&mut gather).await, "one Verified: it waits");
+    for i in 1..7 {
+        complete(i).await;
+        assert!(
+            still_pending(&mut gather).await,
+            "{} Verified: it waits",
+            i + 1
+        );
+    }
+    complete(7).await;
+    assert!(
+        !still_pending(&mut gather).await,
+        "eight: the train is full"
+    );
+    // One train of all eight, one build.
+    let builder = FakeBuilder::new(&w.repo);
+    let integrator = Integrator::new(Arc::clone(c), builder.clone())
+        .gathering(std::time::Duration::from_millis(1));
+    integrate_all(&integrator, 2).await;
+    assert_eq!(builder.builds().len(), 1);
+    // A short window ends by itself, whatever is Verified.
+    integrator.gather(&shutdown).await;
+}
+
 #[tokio::test]
 async fn a_build_that_cannot_run_charges_nobody_and_the_train_is_formed_again() {
     let w = world_verifying().await;

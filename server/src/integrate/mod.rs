@@ -82,6 +82,32 @@ pub struct Integrator<S, R, B> {
     /// Git's failures in a row on each step input that failed lately, not for the machine's
     /// reasons (see [`REPEATS`]).
     failures: std::sync::Mutex<HashMap<Attempt, u32>>,
+    /// How long a wake from idle waits for more Verified tasks before a train forms
+    /// ([`Integrator::gather`]).
+    gather_window: Duration,
+    /// How many trains are built at once (`--integration-slots`): each behind the first on
+    /// the tip of the one ahead of it, as if that had landed.
+    depth: usize,
+}
+
+/// What a train tells the train behind it (a speculative one, built on its tip).
+#[derive(Clone, Debug, Default)]
+struct Relay {
+    /// The tip it leaves the base at if its whole chain lands, once every member is placed:
+    /// the train behind is formed on it.
+    guess: Option<(CommitId, TreeId)>,
+    /// Once it is over: where the base is after it, or `None` if it could not finish (an
+    /// error, the server stopping, the base found red, the base kept moving).
+    end: Option<Option<CommitId>>,
+}
+
+/// A train's links to the trains beside it when several are built at once.
+#[derive(Default)]
+struct Links {
+    /// The train ahead's relay (this train is speculative).
+    ahead: Option<tokio::sync::watch::Receiver<Relay>>,
+    /// This train's relay, for the train behind.
+    behind: Option<tokio::sync::watch::Sender<Relay>>,
 }
 
 /// What a build of the base alone concluded.
@@ -137,6 +163,46 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             coordinator,
             builder,
             failures: std::sync::Mutex::new(HashMap::new()),
+            gather_window: Duration::ZERO,
+            depth: 1,
+        }
+    }
+
+    /// Builds up to `depth` trains at once (`--integration-slots`), each behind the first on
+    /// the tip of the one ahead of it.
+    pub fn speculating(mut self, depth: usize) -> Self {
+        self.depth = depth.max(1);
+        self
+    }
+
+    /// Waits up to `window` after a wake from idle for more Verified tasks (`--gather-window`).
+    pub fn gathering(mut self, window: Duration) -> Self {
+        self.gather_window = window;
+        self
+    }
+
+    /// Woken from idle: gathers what arrives within the window before a train forms, so that
+    /// a wave of results milliseconds apart goes in one train. Ends early once `--batch-max`
+    /// tasks are Verified (a train cannot take more), at the window's end, or on shutdown;
+    /// between, it is woken by the same events as the integrator (each Verified task), never
+    /// by a timer of its own.
+    pub(crate) async fn gather(&self, shutdown: &CancellationToken) {
+        if self.gather_window.is_zero() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.gather_window;
+        let batch_max = self.c().settings().batch_max.max(1);
+        loop {
+            match self.c().verified_tasks().await {
+                Ok(verified) if verified.len() < batch_max => {}
+                // Full, or the store cannot say: the train forms now.
+                _ => return,
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.c().integrator_wakeup().notified() => {}
+                () = tokio::time::sleep_until(deadline) => return,
+            }
         }
     }
 
@@ -202,7 +268,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             };
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = self.c().integrator_wakeup().notified() => {}
+                () = self.c().integrator_wakeup().notified() => self.gather(&shutdown).await,
                 () = tokio::time::sleep(pause.unwrap_or(Duration::from_secs(24 * 3600))) => {}
             }
         }
@@ -278,17 +344,55 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         if chosen.is_empty() {
             return Ok(false);
         }
-        let tasks: Vec<(Task, Vec<usize>)> = chosen
-            .into_iter()
-            .map(|(i, after)| (verified[i].clone(), after))
-            .collect();
-        let members: Vec<String> = tasks.iter().map(|(t, _)| t.id.to_string()).collect();
-        // One span for the train, naming its tasks (`task` when it has one).
-        let span = match members.as_slice() {
-            [one] => tracing::info_span!("train", task = %one, tasks = %one),
-            _ => tracing::info_span!("train", tasks = %members.join(",")),
-        };
-        self.run_train(tasks, shutdown).instrument(span).await?;
+        // With --integration-slots N, up to N - 1 more trains from the tasks left, each to be
+        // built on the tip of the one ahead (a task whose dependency is in a train ahead waits:
+        // `select` takes it only with its dependencies in the same train).
+        let mut groups = vec![chosen];
+        while groups.len() < self.depth {
+            let taken: HashSet<usize> = groups.iter().flatten().map(|(i, _)| *i).collect();
+            let rest: Vec<usize> = (0..candidates.len())
+                .filter(|i| !taken.contains(i))
+                .collect();
+            let left: Vec<Candidate<TaskId>> =
+                rest.iter().map(|i| candidates[*i].clone()).collect();
+            let more = train::select(&left, batch_max);
+            if more.is_empty() {
+                break;
+            }
+            groups.push(
+                more.into_iter()
+                    .map(|(j, after)| (rest[j], after))
+                    .collect(),
+            );
+        }
+        let mut trains = Vec::with_capacity(groups.len());
+        let mut ahead = None;
+        let several = groups.len() > 1;
+        for group in groups {
+            let tasks: Vec<(Task, Vec<usize>)> = group
+                .into_iter()
+                .map(|(i, after)| (verified[i].clone(), after))
+                .collect();
+            let members: Vec<String> = tasks.iter().map(|(t, _)| t.id.to_string()).collect();
+            // One span for the train, naming its tasks (`task` when it has one).
+            let span = match members.as_slice() {
+                [one] => tracing::info_span!("train", task = %one, tasks = %one),
+                _ => tracing::info_span!("train", tasks = %members.join(",")),
+            };
+            let mut links = Links {
+                ahead: ahead.take(),
+                behind: None,
+            };
+            if several {
+                let (tx, rx) = tokio::sync::watch::channel(Relay::default());
+                links.behind = Some(tx);
+                ahead = Some(rx);
+            }
+            trains.push(self.run_train(tasks, links, shutdown).instrument(span));
+        }
+        for result in futures_util::future::join_all(trains).await {
+            result?;
+        }
         Ok(true)
     }
 
@@ -608,6 +712,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
     async fn run_train(
         &self,
         tasks: Vec<(Task, Vec<usize>)>,
+        links: Links,
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let c = self.c();
@@ -691,8 +796,23 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             members,
             never_build: self.never_build(),
             green: self.green_set(),
+            slots: self.builder.slots(),
+            speculative: links.ahead.is_some(),
         });
-        let driven = self.drive(train_id, &mut train, &riders, shutdown).await;
+        let driven = self
+            .drive(train_id, &mut train, &riders, &links, shutdown)
+            .await;
+        // The train behind learns where the base is now (before this train's tasks are
+        // recorded: the base has moved already).
+        if let Some(behind) = &links.behind {
+            let end = match &driven {
+                Ok(Some(o)) if !o.gave_up && o.red_base.is_none() => {
+                    o.new_tip.clone().or_else(|| o.tip.clone())
+                }
+                _ => None,
+            };
+            behind.send_modify(|r| r.end = Some(end));
+        }
         match driven {
             Ok(Some(outcome)) => self.finish(train_id, started_at, &riders, outcome).await,
             Ok(None) => c.end_train(train_id, started_at, None).await,
@@ -727,12 +847,93 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         train_id: i64,
         train: &mut Train,
         riders: &[Rider<'_>],
+        links: &Links,
         shutdown: &CancellationToken,
     ) -> Result<Option<Outcome>> {
         let c = self.c();
         let base = c.settings().base.clone();
         loop {
+            // Once its members are placed, the train behind may be formed on its tip.
+            if let Some(behind) = &links.behind
+                && train.placed()
+                && behind.borrow().guess.is_none()
+                && let Some(tip) = train.chain_tip()
+            {
+                behind.send_modify(|r| r.guess = Some(tip));
+            }
+            let guess = match (&links.ahead, train.step()) {
+                (Some(ahead), Step::ReadTip) if train.guessing() => {
+                    let mut ahead = ahead.clone();
+                    let relay = async {
+                        ahead
+                            .wait_for(|r| r.guess.is_some() || r.end.is_some())
+                            .await
+                            .ok()
+                            .and_then(|r| r.guess.clone())
+                    };
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(None),
+                        guess = relay => guess,
+                    }
+                }
+                _ => None,
+            };
             let input = match train.step().clone() {
+                Step::ReadTip if guess.is_some() => {
+                    let (tip, tree) = guess.expect("matched");
+                    let mut landed = Vec::new();
+                    for (i, r) in riders.iter().enumerate() {
+                        if let Some(commit) = c.repo().landed_on(&r.task.id, &tip).await? {
+                            landed.push((i, commit));
+                        }
+                    }
+                    for r in riders {
+                        r.log.line(format!(
+                            "built speculatively on {tip}, the tip of the train ahead, as if it \
+                             had landed; nothing lands or is charged before it has"
+                        ));
+                    }
+                    Input::Tip { tip, tree, landed }
+                }
+                Step::Confirm => {
+                    self.set_step(train_id, "waiting for the train ahead to land".to_owned())
+                        .await;
+                    let end = match &links.ahead {
+                        Some(ahead) => {
+                            let mut ahead = ahead.clone();
+                            let relay = async {
+                                ahead
+                                    .wait_for(|r| r.end.is_some())
+                                    .await
+                                    .ok()
+                                    .and_then(|r| r.end.clone())
+                                    .flatten()
+                            };
+                            tokio::select! {
+                                () = shutdown.cancelled() => return Ok(None),
+                                end = relay => end,
+                            }
+                        }
+                        None => None,
+                    };
+                    let guessed = train.base_tip().cloned();
+                    let landed = end.as_ref().map(|tip| Some(tip) == guessed.as_ref());
+                    let note = match landed {
+                        Some(true) => {
+                            "the train ahead landed the tip this train was built on".to_owned()
+                        }
+                        Some(false) => format!(
+                            "the train ahead did not land the tip this train was built on; \
+                             forming it again on {base}"
+                        ),
+                        None => "the train ahead did not finish; this train waits for the next"
+                            .to_owned(),
+                    };
+                    for r in riders {
+                        r.log.line(note.clone());
+                    }
+                    Input::Ahead(landed)
+                }
                 Step::ReadTip => {
                     let tip = self.base_tip().await?;
                     let tree = c.repo().tree_of(&tip).await?;
@@ -792,6 +993,35 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                         Some(result) => Input::Built(result),
                         None => return Ok(None),
                     }
+                }
+                Step::BuildMany { builds } => {
+                    let k = train.chained().len();
+                    let lens: Vec<String> = builds
+                        .iter()
+                        .map(|(len, _)| match len {
+                            0 => "the base".to_owned(),
+                            n => n.to_string(),
+                        })
+                        .collect();
+                    self.set_step(
+                        train_id,
+                        format!("building prefixes {} of {k} at once", lens.join(", ")),
+                    )
+                    .await;
+                    let train = &*train;
+                    let built =
+                        futures_util::future::join_all(builds.iter().map(|(len, commit)| {
+                            self.build(train, riders, *len, commit, shutdown)
+                        }))
+                        .await;
+                    let mut results = Vec::with_capacity(built.len());
+                    for b in built {
+                        match b? {
+                            Some(result) => results.push(result),
+                            None => return Ok(None),
+                        }
+                    }
+                    Input::BuiltMany(results)
                 }
                 Step::Journal { len, tip, commit } => {
                     self.set_step(train_id, "landing".to_owned()).await;

@@ -64,6 +64,14 @@ pub struct Plan {
     /// Trees built green under the server's verification (recently landed tips), each with
     /// the scope it was built for.
     pub green: HashSet<Green>,
+    /// How many builds may run at once (the builder's slots; 0 counts as 1). With more than
+    /// one, a red tip's prefixes are built in waves ([`Step::BuildMany`]) instead of one at
+    /// a time.
+    pub slots: usize,
+    /// A speculative train: its first formation sits on the tip of the train ahead of it as if
+    /// that had landed (the driver's answer to [`Step::ReadTip`]), and nothing it decides
+    /// takes effect before [`Step::Confirm`] says the train ahead landed exactly that tip.
+    pub speculative: bool,
 }
 
 /// What to do next.
@@ -80,6 +88,9 @@ pub enum Step {
     PickAlone { member: usize, tip: CommitId },
     /// Build `commit`: the chain's prefix of `len` commits (0: the base tip alone).
     Build { len: usize, commit: CommitId },
+    /// Build each of these prefixes (`len`, `commit`, as [`Step::Build`]) at once: a wave of
+    /// the search for the first red prefix, when the builder has slots to spare.
+    BuildMany { builds: Vec<(usize, CommitId)> },
     /// Record the move of the base from `tip` to `commit` (the prefix of `len`) in the journal,
     /// for every member in that prefix (only if each is still Verified with that patchset).
     Journal {
@@ -94,6 +105,10 @@ pub enum Step {
         tip: CommitId,
         commit: CommitId,
     },
+    /// A speculative train is about to journal a landing or to end: wait for the train ahead
+    /// of it and say whether it landed exactly the tip this train was formed on
+    /// ([`Input::Ahead`]).
+    Confirm,
     /// Over.
     Done(Outcome),
 }
@@ -113,10 +128,17 @@ pub enum Input {
     PickedAlone(Option<String>),
     /// The build: passed, or failed with why (the tail of its output).
     Built(Result<(), String>),
+    /// The builds of a [`Step::BuildMany`], in its order.
+    BuiltMany(Vec<Result<(), String>>),
     /// The journal: written, or the member that changed meanwhile (nothing written).
     Journaled(Result<(), usize>),
     /// Whether the base (and the remote) moved to the commit (false: it moved first).
     Swapped(bool),
+    /// What became of the train ahead: it landed exactly the guessed tip (`Some(true)`: what
+    /// this train decided stands), the base is elsewhere (`Some(false)`: formed again on the
+    /// real base, nothing charged), or it could not finish (`None`: every member waits for
+    /// a later train, uncharged).
+    Ahead(Option<bool>),
 }
 
 /// What became of one member.
@@ -221,6 +243,9 @@ struct Search {
     red: usize,
     /// The failing build's output for the prefix of `red`.
     why: String,
+    /// The base's own build failed (built in a wave beside the prefixes), with why: it
+    /// decides only if the first prefix turns out red.
+    base_red: Option<String>,
 }
 
 /// One merge train.
@@ -242,12 +267,17 @@ pub struct Train {
     /// What is to be landed once the swap succeeds: the prefix length, and the culprit with
     /// its reason.
     landing: Option<(usize, Option<(usize, String)>)>,
+    /// While the tip is the train ahead's guessed tip: the step held back until it is
+    /// confirmed ([`Step::Confirm`]).
+    guess: bool,
+    held: Option<Step>,
     step: Step,
 }
 
 impl Train {
     pub fn new(plan: Plan) -> Self {
         let n = plan.members.len();
+        let guess = plan.speculative;
         Self {
             plan,
             swaps: 0,
@@ -261,6 +291,8 @@ impl Train {
             skipped: None,
             green_trees: Vec::new(),
             landing: None,
+            guess,
+            held: None,
             step: Step::ReadTip,
         }
     }
@@ -287,6 +319,31 @@ impl Train {
     /// How many builds covered each member so far.
     pub fn builds(&self) -> &[u32] {
         &self.builds
+    }
+
+    /// Whether the current formation sits on a guess (the train ahead's tip, not landed yet):
+    /// [`Step::ReadTip`] is then answered with that guess.
+    pub fn guessing(&self) -> bool {
+        self.guess
+    }
+
+    /// The tip this train would leave the base at if every member in its chain landed: the
+    /// chain's last commit and its tree, or the base tip when the chain is empty. What a
+    /// train behind it guesses; `None` before the tip is read.
+    pub fn chain_tip(&self) -> Option<(CommitId, TreeId)> {
+        match self.chain.last() {
+            Some(l) => Some((l.commit.clone(), l.tree.clone())),
+            None => self.tip.clone(),
+        }
+    }
+
+    /// Whether every member is placed (picked into the chain or left out), so that
+    /// [`Train::chain_tip`] is final for this formation.
+    pub fn placed(&self) -> bool {
+        !matches!(
+            self.step,
+            Step::ReadTip | Step::Pick { .. } | Step::PickAlone { .. }
+        )
     }
 
     /// The base tip of the current formation.
@@ -451,11 +508,19 @@ impl Train {
         }
     }
 
+    /// How many builds may run at once.
+    fn slots(&self) -> usize {
+        self.plan.slots.max(1)
+    }
+
     /// The next step of the search for the first red prefix.
     fn bisect(&mut self) -> Step {
         let Some(search) = self.search.clone() else {
             return self.land(self.chain.len(), None);
         };
+        if search.red - search.green > 1 && self.slots() > 1 {
+            return self.wave(&search);
+        }
         if search.red - search.green > 1 {
             let mid = (search.green + search.red) / 2;
             if self.known_green_by_server(mid).is_some() {
@@ -469,15 +534,122 @@ impl Train {
             };
         }
         // The culprit is the commit that makes prefix `red` red.
-        if search.red == 1 && self.built[0].is_none() && self.known_green_by_server(0).is_none() {
-            // Its base may be the red one: build the base alone.
-            return Step::Build {
-                len: 0,
-                commit: self.tip_commit(),
-            };
+        if search.red == 1 && self.known_green_by_server(0).is_none() {
+            match (&self.built[0], search.base_red) {
+                // Its base may be the red one: build the base alone.
+                (None, _) => {
+                    return Step::Build {
+                        len: 0,
+                        commit: self.tip_commit(),
+                    };
+                }
+                (Some(false), Some(why)) => return self.red_base(why),
+                _ => {}
+            }
         }
         let culprit = self.chain[search.red - 1].member;
         self.land(search.red - 1, Some((culprit, search.why)))
+    }
+
+    /// A wave of the search: the prefixes strictly between the last known green and the first
+    /// known red, all of them if the slots allow, else `slots` of them evenly spaced (an
+    /// (S+1)-ary search); and the base alone beside them when the search may end on it and a
+    /// slot is left. Prefixes the server knows green move the search on without a build.
+    fn wave(&mut self, search: &Search) -> Step {
+        let slots = self.slots();
+        let (lo, hi) = (search.green, search.red);
+        let mut points: Vec<usize> = if hi - lo - 1 <= slots {
+            (lo + 1..hi).collect()
+        } else {
+            (1..=slots)
+                .map(|j| lo + j * (hi - lo) / (slots + 1))
+                .collect()
+        };
+        points.retain(|p| *p > lo && *p < hi);
+        points.dedup();
+        if let Some(green) = points
+            .iter()
+            .rev()
+            .copied()
+            .find(|p| self.known_green_by_server(*p).is_some())
+        {
+            self.built[green] = Some(true);
+            self.search.as_mut().expect("search").green = green;
+            return self.bisect();
+        }
+        let mut builds: Vec<(usize, CommitId)> = points
+            .into_iter()
+            .map(|len| (len, self.chain[len - 1].commit.clone()))
+            .collect();
+        if lo == 0
+            && builds.len() < slots
+            && self.built[0].is_none()
+            && self.known_green_by_server(0).is_none()
+        {
+            builds.insert(0, (0, self.tip_commit()));
+        }
+        match builds.as_slice() {
+            [(len, commit)] => Step::Build {
+                len: *len,
+                commit: commit.clone(),
+            },
+            _ => Step::BuildMany { builds },
+        }
+    }
+
+    /// Counts a build of the prefix of `len` (0: the base) and what it showed.
+    fn record_build(&mut self, len: usize, green: bool) {
+        self.total_builds += 1;
+        for link in &self.chain[..len] {
+            self.builds[link.member] += 1;
+        }
+        self.built[len] = Some(green);
+        if green && let Some(tree) = self.tree_of(len) {
+            for scope in self.scopes(len) {
+                self.green_trees.push((tree.clone(), scope));
+            }
+        }
+    }
+
+    /// The base fails its own build (`why`): nothing lands, no one is charged, landing pauses.
+    fn red_base(&mut self, why: String) -> Step {
+        let tip = self.tip_commit();
+        let mut step = self.requeue_all(&format!(
+            "the base at {tip} fails its own build; landing is paused"
+        ));
+        if let Step::Done(outcome) = &mut step {
+            outcome.red_base = Some(why);
+        }
+        step
+    }
+
+    /// Takes a wave's results: the first red prefix among them bounds the search from above,
+    /// the last green one below it from below (a prefix green after a red one is a later
+    /// fix: the first red one is what counts, as in the search one at a time).
+    fn waved(&mut self, builds: &[(usize, CommitId)], results: Vec<Result<(), String>>) -> Step {
+        for ((len, _), result) in builds.iter().zip(&results) {
+            self.record_build(*len, result.is_ok());
+        }
+        let Some(mut search) = self.search.clone() else {
+            return self.land(self.chain.len(), None);
+        };
+        for ((len, _), result) in builds.iter().zip(results) {
+            match result {
+                Err(why) if *len == 0 => search.base_red = Some(why),
+                Err(why) if *len < search.red => {
+                    search.red = *len;
+                    search.why = why;
+                }
+                _ => {}
+            }
+        }
+        for (len, _) in builds {
+            if *len > search.green && *len < search.red && self.built[*len] == Some(true) {
+                search.green = *len;
+            }
+        }
+        self.search = Some(search);
+        self.bisect()
     }
 
     /// Lands the prefix of `len` (journal, then swap), or ends at once if it is empty.
@@ -605,31 +777,16 @@ impl Train {
                 });
                 self.next_pick(member + 1)
             }
+            (Step::BuildMany { builds }, Input::BuiltMany(results))
+                if results.len() == builds.len() =>
+            {
+                self.waved(&builds, results)
+            }
             (Step::Build { len, .. }, Input::Built(result)) => {
-                self.total_builds += 1;
-                for link in &self.chain[..len] {
-                    self.builds[link.member] += 1;
-                }
-                self.built[len] = Some(result.is_ok());
-                if result.is_ok()
-                    && let Some(tree) = self.tree_of(len)
-                {
-                    for scope in self.scopes(len) {
-                        self.green_trees.push((tree.clone(), scope));
-                    }
-                }
+                self.record_build(len, result.is_ok());
                 match (len, result) {
                     (0, Ok(())) => self.bisect(),
-                    (0, Err(why)) => {
-                        let tip = self.tip_commit();
-                        let mut step = self.requeue_all(&format!(
-                            "the base at {tip} fails its own build; landing is paused"
-                        ));
-                        if let Step::Done(outcome) = &mut step {
-                            outcome.red_base = Some(why);
-                        }
-                        step
-                    }
+                    (0, Err(why)) => self.red_base(why),
                     (len, Ok(())) => match &mut self.search {
                         None => self.land(len, None),
                         Some(search) => {
@@ -642,6 +799,7 @@ impl Train {
                             green: 0,
                             red: len,
                             why: why.clone(),
+                            base_red: None,
                         });
                         search.red = len;
                         search.why = why;
@@ -656,6 +814,28 @@ impl Train {
             )),
             (Step::Journal { len, tip, commit }, Input::Journaled(Ok(()))) => {
                 Step::Swap { len, tip, commit }
+            }
+            (Step::Confirm, Input::Ahead(Some(true))) => {
+                self.guess = false;
+                self.held.take().unwrap_or(Step::ReadTip)
+            }
+            (Step::Confirm, Input::Ahead(Some(false))) => {
+                // Nothing decided on the guess stands: formed again on the real base.
+                self.guess = false;
+                self.held = None;
+                Step::ReadTip
+            }
+            (Step::Confirm, Input::Ahead(None)) => {
+                self.guess = false;
+                self.held = None;
+                let mut step = self.requeue_all(
+                    "the train ahead of it, on whose tip it was built, did not finish; it waits \
+                     for the next train",
+                );
+                if let Step::Done(outcome) = &mut step {
+                    outcome.new_tip = None;
+                }
+                step
             }
             (Step::Swap { .. }, Input::Swapped(true)) => self.settle(),
             (Step::Swap { .. }, Input::Swapped(false)) => {
@@ -680,7 +860,14 @@ impl Train {
                 step
             }
         };
-        self.step = next;
+        // On a guess, nothing lands or ends before the train ahead is known to have landed it.
+        self.step = match next {
+            next @ (Step::Journal { .. } | Step::Done(_)) if self.guess => {
+                self.held = Some(next);
+                Step::Confirm
+            }
+            next => next,
+        };
         &self.step
     }
 }
@@ -718,7 +905,13 @@ mod tests {
         conflicts: Vec<usize>,
         chain_conflicts: Vec<usize>,
         built: Vec<usize>,
+        /// The build steps (one build, or a wave of them), in order: the builds' sizes.
+        rounds: Vec<usize>,
         swap_fails: usize,
+        /// The answer to [`Step::Confirm`] (a speculative train's), and the tips journaled.
+        ahead: Option<Option<bool>>,
+        journaled: Vec<CommitId>,
+        confirms: usize,
     }
 
     impl World {
@@ -728,7 +921,11 @@ mod tests {
                 conflicts: vec![],
                 chain_conflicts: vec![],
                 built: vec![],
+                rounds: vec![],
                 swap_fails: 0,
+                ahead: None,
+                journaled: vec![],
+                confirms: 0,
             }
         }
 
@@ -738,11 +935,18 @@ mod tests {
                 let input = match train.step().clone() {
                     Step::ReadTip => {
                         chain_len = 0;
+                        // A speculative train's first formation: the train ahead's tip.
+                        let at = if train.guessing() { 900 } else { 0 };
+                        self.built.clear();
                         Input::Tip {
-                            tip: c(0),
-                            tree: t(0),
+                            tip: c(at),
+                            tree: t(at),
                             landed: vec![],
                         }
+                    }
+                    Step::Confirm => {
+                        self.confirms += 1;
+                        Input::Ahead(self.ahead.expect("a speculative train's confirmation"))
                     }
                     Step::Pick { member, onto } => {
                         if self.conflicts.contains(&member)
@@ -760,18 +964,24 @@ mod tests {
                             .then(|| format!("conflict {member} with the base")),
                     ),
                     Step::Build { len, commit } => {
-                        assert!(!self.built.contains(&len), "prefix {len} built twice");
-                        if len > 0 {
-                            assert_eq!(commit, c(len));
-                        }
-                        self.built.push(len);
-                        Input::Built(if (self.red)(len) {
-                            Err(format!("red {len}"))
-                        } else {
-                            Ok(())
-                        })
+                        self.rounds.push(1);
+                        Input::Built(self.build(len, &commit))
                     }
-                    Step::Journal { .. } => Input::Journaled(Ok(())),
+                    Step::BuildMany { builds } => {
+                        assert!(builds.len() > 1, "a wave of one: {builds:?}");
+                        self.rounds.push(builds.len());
+                        Input::BuiltMany(
+                            builds
+                                .iter()
+                                .map(|(len, commit)| self.build(*len, commit))
+                                .collect(),
+                        )
+                    }
+                    Step::Journal { tip, .. } => {
+                        assert!(!train.guessing(), "journaled on a guess");
+                        self.journaled.push(tip);
+                        Input::Journaled(Ok(()))
+                    }
                     Step::Swap { .. } => {
                         if self.swap_fails > 0 {
                             self.swap_fails -= 1;
@@ -786,6 +996,19 @@ mod tests {
                 train.on(input);
             }
             panic!("the train did not end")
+        }
+
+        fn build(&mut self, len: usize, commit: &CommitId) -> Result<(), String> {
+            assert!(!self.built.contains(&len), "prefix {len} built twice");
+            if len > 0 {
+                assert_eq!(*commit, c(len));
+            }
+            self.built.push(len);
+            if (self.red)(len) {
+                Err(format!("red {len}"))
+            } else {
+                Ok(())
+            }
         }
     }
 
@@ -878,6 +1101,186 @@ mod tests {
                 assert!(o.total_builds as usize <= 1 + (k as f64).log2().ceil() as usize);
             }
         }
+    }
+
+    /// With a slot for every prefix, a red tip's culprit is found in one wave after the tip
+    /// (a culprit costs about one build time), wherever it is, and no prefix is built twice;
+    /// with fewer slots, in (slots + 1)-ary search waves.
+    #[test]
+    fn with_slots_to_spare_the_prefixes_are_built_at_once() {
+        for slots in [2, 3, 8] {
+            for k in 1..=9 {
+                for culprit in 1..=k {
+                    let mut w = World::new(move |len| len >= culprit);
+                    let mut p = plan(k);
+                    p.slots = slots;
+                    p.green.insert((t(0), None));
+                    let o = w.run(&mut Train::new(p));
+                    let at = format!("slots={slots} k={k} culprit={culprit}");
+                    assert_eq!(failed(&o), vec![culprit - 1], "{at}");
+                    assert_eq!(landed(&o), (0..culprit - 1).collect::<Vec<_>>(), "{at}");
+                    assert_eq!(
+                        requeued(&o),
+                        (culprit..k).collect::<Vec<_>>(),
+                        "{at}: the tasks after it wait, uncharged"
+                    );
+                    assert_eq!(o.new_tip, Some(c(culprit - 1)), "{at}");
+                    assert!(w.rounds.iter().all(|n| *n <= slots), "{at}: {:?}", w.rounds);
+                    // The tip, then waves: with S slots each wave cuts the interval S+1 ways.
+                    let mut waves = 0;
+                    let mut left = k.saturating_sub(1);
+                    while left > 0 {
+                        waves += 1;
+                        left /= slots + 1;
+                    }
+                    assert!(w.rounds.len() <= 1 + waves, "{at}: {:?}", w.rounds);
+                    if slots + 1 >= k {
+                        assert!(w.rounds.len() <= 2, "{at}: one wave: {:?}", w.rounds);
+                    }
+                }
+            }
+        }
+    }
+
+    /// In a wave, the base is built beside the prefixes when it is not known green and a slot
+    /// is left: a red first commit then costs one wave, and a red base still pauses landing,
+    /// charging no one; a red base that a member fixes decides nothing.
+    #[test]
+    fn a_wave_builds_the_base_beside_the_prefixes_and_a_red_base_still_charges_no_one() {
+        let mut p = plan(4);
+        p.slots = 4;
+        let mut w = World::new(|_| true);
+        let o = w.run(&mut Train::new(p.clone()));
+        assert_eq!(w.built, vec![4, 0, 1, 2, 3]);
+        assert_eq!(w.rounds, vec![1, 4]);
+        assert!(o.red_base.is_some());
+        assert!(failed(&o).is_empty() && landed(&o).is_empty());
+        assert_eq!(requeued(&o), vec![0, 1, 2, 3]);
+        // A green base: the first commit is the culprit, found in the same wave.
+        let mut w = World::new(|len| len >= 1);
+        let o = w.run(&mut Train::new(p.clone()));
+        assert_eq!(w.rounds, vec![1, 4]);
+        assert_eq!(failed(&o), vec![0]);
+        assert!(o.red_base.is_none());
+        // The base is red, the first member fixes it, the third breaks the build again: the
+        // third is charged, the first two land.
+        let mut w = World::new(|len| len == 0 || len >= 3);
+        let o = w.run(&mut Train::new(p.clone()));
+        assert_eq!(failed(&o), vec![2]);
+        assert_eq!(landed(&o), vec![0, 1]);
+        assert!(o.red_base.is_none());
+        // No slot left for the base: it is built after, alone, only when the first is red.
+        let mut p = plan(5);
+        p.slots = 4;
+        let mut w = World::new(|len| len >= 1);
+        let o = w.run(&mut Train::new(p));
+        assert_eq!(w.built, vec![5, 1, 2, 3, 4, 0]);
+        assert_eq!(failed(&o), vec![0]);
+    }
+
+    /// A prefix the server knows green is not built in a wave: the search moves past it.
+    #[test]
+    fn a_wave_skips_a_prefix_known_green() {
+        let mut p = plan(4);
+        p.slots = 8;
+        p.green.insert((t(0), None));
+        p.green.insert((t(2), None));
+        let mut w = World::new(|len| len >= 4);
+        let o = w.run(&mut Train::new(p));
+        assert_eq!(w.built, vec![4, 3]);
+        assert_eq!(failed(&o), vec![3]);
+        assert_eq!(landed(&o), vec![0, 1, 2]);
+    }
+
+    fn speculative(k: usize) -> Plan {
+        Plan {
+            speculative: true,
+            ..plan(k)
+        }
+    }
+
+    /// A speculative train whose train ahead lands exactly the guessed tip: its decisions
+    /// stand once confirmed, and it lands on that tip without building again.
+    #[test]
+    fn a_speculative_train_lands_once_the_train_ahead_landed_its_guess() {
+        let mut w = World::new(|len| len >= 3);
+        w.ahead = Some(Some(true));
+        let o = w.run(&mut Train::new(speculative(4)));
+        assert_eq!(w.confirms, 1);
+        assert_eq!(w.journaled, vec![c(900)], "journaled on the confirmed tip");
+        assert_eq!(landed(&o), vec![0, 1]);
+        assert_eq!(failed(&o), vec![2], "charged once confirmed");
+        assert_eq!(o.tip, Some(c(900)));
+        // Nothing to land and a member charged: confirmed before it ends, too.
+        let mut w = World::new(|_| false);
+        w.conflicts = vec![0];
+        w.ahead = Some(Some(true));
+        let o = w.run(&mut Train::new(speculative(1)));
+        assert_eq!((w.confirms, failed(&o)), (1, vec![0]));
+    }
+
+    /// A speculative train whose train ahead did not land the guessed tip (it turned red): it
+    /// is formed again and built on the real base, never journaled or landed on the guess, and
+    /// nothing it found on the guess is charged.
+    #[test]
+    fn a_speculative_train_whose_train_ahead_turned_red_is_rebuilt_on_the_real_base() {
+        // On the guess, member 1 looks red (say the train ahead broke it); on the real base
+        // everything is green.
+        let red_on_guess = std::rc::Rc::new(std::cell::Cell::new(true));
+        let flag = std::rc::Rc::clone(&red_on_guess);
+        let mut w = World::new(move |len| flag.get() && len >= 2);
+        w.ahead = Some(Some(false));
+        let mut train = Train::new(speculative(3));
+        // Drive by hand up to the confirmation, then let the world go on.
+        let mut steps = 0;
+        while !matches!(train.step(), Step::Confirm) {
+            let input = match train.step().clone() {
+                Step::ReadTip => {
+                    assert!(train.guessing());
+                    Input::Tip {
+                        tip: c(900),
+                        tree: t(900),
+                        landed: vec![],
+                    }
+                }
+                Step::Pick { member, .. } => Input::Picked(Ok((c(member + 1), t(member + 1)))),
+                Step::Build { len, commit } => Input::Built(w.build(len, &commit)),
+                Step::BuildMany { builds } => Input::BuiltMany(
+                    builds
+                        .iter()
+                        .map(|(len, commit)| w.build(*len, commit))
+                        .collect(),
+                ),
+                other => panic!("unexpected before the confirmation: {other:?}"),
+            };
+            train.on(input);
+            steps += 1;
+            assert!(steps < 100);
+        }
+        assert!(train.guessing());
+        red_on_guess.set(false);
+        let o = w.run(&mut train);
+        assert_eq!(w.journaled, vec![c(0)], "landed on the real base only");
+        assert_eq!(landed(&o), vec![0, 1, 2]);
+        assert!(
+            failed(&o).is_empty(),
+            "nothing found on the guess is charged"
+        );
+        assert_eq!(o.tip, Some(c(0)));
+        assert!(o.total_builds >= 2, "built again on the real base");
+    }
+
+    /// The train ahead could not finish (stopped, or an error): the speculative train's
+    /// members all wait for a later train, uncharged, nothing landed.
+    #[test]
+    fn a_speculative_train_whose_train_ahead_did_not_finish_requeues_everyone() {
+        let mut w = World::new(|len| len >= 1);
+        w.ahead = Some(None);
+        let o = w.run(&mut Train::new(speculative(3)));
+        assert!(landed(&o).is_empty() && failed(&o).is_empty());
+        assert_eq!(requeued(&o), vec![0, 1, 2]);
+        assert!(w.journaled.is_empty());
+        assert_eq!(o.new_tip, None);
     }
 
     #[test]

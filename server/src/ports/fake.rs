@@ -475,6 +475,10 @@ pub struct FakeBuilder {
     builds: Arc<Mutex<Vec<BuildJob>>>,
     /// While set, a build cannot run (an infrastructure failure).
     broken: Arc<Mutex<Option<String>>>,
+    /// How many builds it says it runs at once.
+    slots: usize,
+    /// Builds running now, and the most that ever ran at once.
+    running: Arc<Mutex<(usize, usize)>>,
 }
 
 impl FakeBuilder {
@@ -484,7 +488,20 @@ impl FakeBuilder {
             repo: repo.clone(),
             builds: Arc::default(),
             broken: Arc::default(),
+            slots: 1,
+            running: Arc::default(),
         }
+    }
+
+    /// The same builder, saying it runs `slots` builds at once.
+    pub fn with_slots(mut self, slots: usize) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    /// The most builds that ever ran at once.
+    pub fn most_at_once(&self) -> usize {
+        self.running.lock().expect("lock").1
     }
 
     /// The builds so far, in order.
@@ -514,6 +531,14 @@ impl Builder for FakeBuilder {
         if shutdown.is_cancelled() {
             return Ok(Built::Cancelled);
         }
+        {
+            let mut running = self.running.lock().expect("lock");
+            running.0 += 1;
+            running.1 = running.1.max(running.0);
+        }
+        // Lets the other builds asked for at once start before this one ends.
+        tokio::task::yield_now().await;
+        self.running.lock().expect("lock").0 -= 1;
         let files = self.repo.files_of(&job.commit);
         log(&format!("building {} files", files.len()));
         Ok(
@@ -529,5 +554,9 @@ impl Builder for FakeBuilder {
 
     fn site(&self) -> String {
         "in memory".to_owned()
+    }
+
+    fn slots(&self) -> usize {
+        self.slots
     }
 }

@@ -222,4 +222,10 @@ pub trait Builder: Send + Sync + 'static {
 
     /// Where builds run, for the runs' logs ("in /state/integration").
     fn site(&self) -> String;
+
+    /// How many builds it runs at once (its slots): the integrator builds up to that many
+    /// prefixes of a red train at once. A build asked beyond them waits for a free slot.
+    fn slots(&self) -> usize {
+        1
+    }
 }

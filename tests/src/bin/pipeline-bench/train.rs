@@ -53,13 +53,23 @@ struct Setup {
     build_secs: f64,
     runners: usize,
     tasks: usize,
+    /// `--build-slots`: the server's integration builds at once.
+    build_slots: u32,
+    /// `--gather-window` in ms; `None`: the server's default.
+    gather_ms: Option<u64>,
 }
 
 impl Setup {
     fn label(&self) -> String {
+        let mut label = format!("--batch-max {}", self.batch_max);
+        if self.build_slots > 1 {
+            label.push_str(&format!(" --build-slots {}", self.build_slots));
+        }
+        if let Some(ms) = self.gather_ms {
+            label.push_str(&format!(" --gather-window {ms}ms"));
+        }
         format!(
-            "--batch-max {}, p = {:.0}%, B = {} s, {} runners, {} tasks",
-            self.batch_max,
+            "{label}, p = {:.0}%, B = {} s, {} runners, {} tasks",
             self.marked * 100.0,
             self.build_secs,
             self.runners,
@@ -146,9 +156,24 @@ pub async fn train(quick: bool) {
         build_secs,
         runners,
         tasks,
+        build_slots: 1,
+        gather_ms: None,
     };
     let p0 = run(at(8, 0.0)).await;
+    // Without the gathering window: a train forms on the first result.
+    let p0_at_once = run(Setup {
+        gather_ms: Some(0),
+        ..at(8, 0.0)
+    })
+    .await;
     let p10 = run(at(8, 0.1)).await;
+    // A build slot for every prefix: a red train's culprit found in one wave.
+    let slots = 8;
+    let p10_slots = run(Setup {
+        build_slots: slots,
+        ..at(8, 0.1)
+    })
+    .await;
     let one = run(at(1, 0.0)).await;
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     // The speed goals are for the full sizes; at --quick sizes they are printed, not judged.
@@ -188,7 +213,27 @@ pub async fn train(quick: bool) {
         p10.marked,
         verdict(p10.unmarked_once == p10.unmarked)
     );
-    let red: usize = [&p0, &p10, &one].iter().map(|f| f.red_on_base.len()).sum();
+    println!(
+        "  p = 0: wall {:.2} s = {:.2}x ideal with the gathering window, {:.2} s = {:.2}x without; {} and {} builds",
+        p0.wall,
+        p0.wall / p0.ideal,
+        p0_at_once.wall,
+        p0_at_once.wall / p0_at_once.ideal,
+        p0.builds,
+        p0_at_once.builds
+    );
+    println!(
+        "  p = 10%: {:.1} landed/min = {:.2}x p = 0 with one build slot; {:.1} landed/min = {:.2}x p = 0 with --build-slots {slots} ({:.3} builds per landed change)  [issue 29's goal: >= 0.8x, with speculative trains too]",
+        p10.per_min,
+        p10.per_min / p0.per_min,
+        p10_slots.per_min,
+        p10_slots.per_min / p0.per_min,
+        p10_slots.per_landed
+    );
+    let red: usize = [&p0, &p0_at_once, &p10, &p10_slots, &one]
+        .iter()
+        .map(|f| f.red_on_base.len())
+        .sum();
     println!(
         "  red trees on the base, all runs: {red}  [goal: no red tree ever on the base: {}]",
         verdict(red == 0)
@@ -208,19 +253,24 @@ async fn run(setup: Setup) -> Figures {
     let build_cmd = format!("sh {}", build.display());
     let agent_cmd = format!("sh {}", agent.display());
     let batch_max = setup.batch_max.to_string();
-    let server = Server::start(
-        &repo,
-        &[
-            "--lease-ttl",
-            "600",
-            "--backoff-base",
-            "0",
-            "--batch-max",
-            &batch_max,
-            "--build-cmd",
-            &build_cmd,
-        ],
-    );
+    let build_slots = setup.build_slots.to_string();
+    let mut args = vec![
+        "--lease-ttl",
+        "600",
+        "--backoff-base",
+        "0",
+        "--batch-max",
+        &batch_max,
+        "--build-slots",
+        &build_slots,
+        "--build-cmd",
+        &build_cmd,
+    ];
+    let gather = setup.gather_ms.map(|ms| format!("{ms}ms"));
+    if let Some(gather) = &gather {
+        args.extend(["--gather-window", gather]);
+    }
+    let server = Server::start(&repo, &args);
     let runner_args = [
         "--agent",
         "command",
@@ -484,7 +534,8 @@ fn print(setup: &Setup, f: &Figures, landed: usize, leases: usize) {
 }
 
 /// The build: red when both files of a marked pair are in the tree and neither is fixed; it
-/// takes `secs` either way; in the server's integration worktree it records itself.
+/// takes `secs` either way; in the server's integration worktrees (`integration`,
+/// `integration-2`, …: one per build slot) it records itself.
 fn build_script(pairs: &[(usize, usize)], secs: f64, record: &Path) -> String {
     let mut s = String::from("#!/bin/sh\nred=\n");
     for (a, b) in pairs {
@@ -495,7 +546,7 @@ fn build_script(pairs: &[(usize, usize)], secs: f64, record: &Path) -> String {
     }
     s.push_str(&format!("sleep {secs}\n"));
     s.push_str(&format!(
-        "case $PWD in */integration) echo \"$(date +%s.%N) $([ -n \"$red\" ] && echo red || echo green) $(ls train-*.txt 2>/dev/null | wc -l) files\" >> '{}';; esac\n",
+        "case $PWD in */integration|*/integration-[0-9]*) echo \"$(date +%s.%N) $([ -n \"$red\" ] && echo red || echo green) $(ls train-*.txt 2>/dev/null | wc -l) files\" >> '{}';; esac\n",
         record.display()
     ));
     s.push_str(
