@@ -957,6 +957,77 @@ async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_en
     integrator.gather(&shutdown).await;
 }
 
+/// Two trains at once (`--integration-slots 2`): eight tasks in the first, one of them red,
+/// two in the second, built on the first's tip as if it had landed. The first lands three
+/// and charges the red one; the second's guess (with the red commit in it) never lands: it is
+/// formed again on the real base, lands there, and none of its tasks is charged.
+#[tokio::test]
+async fn a_speculative_train_whose_predecessor_turns_red_lands_on_the_real_base_uncharged() {
+    let w = world_verifying().await;
+    let base = w.c.settings().base.clone();
+    let names: Vec<String> = (0..10).map(|i| format!("f{i}.txt")).collect();
+    let files: Vec<[(&str, &str); 1]> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| [(n.as_str(), if i == 3 { "red" } else { "ok" })])
+        .collect();
+    let files: Vec<&[(&str, &str)]> = files.iter().map(|f| &f[..]).collect();
+    let (_runner, tasks) = verified_tasks(&w, &files).await;
+    let c = &w.c;
+    let builder = FakeBuilder::new(&w.repo).with_slots(2);
+    let integrator = Integrator::new(Arc::clone(c), builder.clone()).speculating(2);
+    // One round: both trains.
+    assert!(
+        integrator
+            .next(&CancellationToken::new())
+            .await
+            .expect("a round")
+    );
+    let status = async |i: usize| {
+        let t = c.get(&tasks[i].id).await.expect("get");
+        (t.state.status, t.state.failures)
+    };
+    for i in [0, 1, 2, 8, 9] {
+        assert_eq!(status(i).await, (TaskStatus::Done, 0), "task {i}");
+    }
+    assert_eq!(status(3).await.1, 1, "the red one is charged");
+    for i in 4..8 {
+        assert_eq!(status(i).await, (TaskStatus::Verified, 0), "task {i} waits");
+    }
+    // The second train was built on the guess (the first's whole chain, red member included)
+    // and then on the real base (the first's three).
+    let built: Vec<Vec<String>> = builder
+        .builds()
+        .iter()
+        .map(|b| w.repo.files_of(&b.commit).into_keys().collect())
+        .collect();
+    let has = |b: &Vec<String>, i: usize| b.contains(&names[i]);
+    assert!(
+        built.iter().any(|b| has(b, 3) && has(b, 8) && has(b, 9)),
+        "on the guess: {built:?}"
+    );
+    assert!(
+        built
+            .iter()
+            .any(|b| !has(b, 3) && has(b, 2) && has(b, 8) && has(b, 9) && !has(b, 4)),
+        "on the real base: {built:?}"
+    );
+    // Each once on the base, the first train's first, never the red file.
+    let tip = w.repo.branch_tip(&base);
+    assert!(!w.repo.files_of(&tip).contains_key(&names[3]));
+    let on_base = w.repo.trailers(&tip);
+    let want: Vec<TaskId> = [9, 8, 2, 1, 0]
+        .iter()
+        .map(|i| tasks[*i].id.clone())
+        .collect();
+    assert_eq!(on_base, want, "newest first, each once");
+    // The rest land in the next round.
+    integrate_all(&integrator, 5).await;
+    for i in 4..8 {
+        assert_eq!(status(i).await, (TaskStatus::Done, 0), "task {i}");
+    }
+}
+
 #[tokio::test]
 async fn a_build_that_cannot_run_charges_nobody_and_the_train_is_formed_again() {
     let w = world_verifying().await;
