@@ -253,3 +253,19 @@ impl LocalBuilder {
         Ok(Built::Green)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_build_slot_has_dirs_of_its_own_beside_the_first() {
+        let first = Path::new("/state/integration");
+        assert_eq!(slot_dir(first, 0), first);
+        assert_eq!(slot_dir(first, 1), Path::new("/state/integration-2"));
+        assert_eq!(
+            slot_dir(Path::new("/state/build-tmp"), 7),
+            Path::new("/state/build-tmp-8")
+        );
+    }
+}
