@@ -1,10 +1,10 @@
 //! The store `--db` names: the one place a database URL is read ([`Database::parse`]) and a
 //! backend chosen ([`Database::open`], yielding an [`AnyStore`]). SQLite takes `sqlite://PATH`,
-//! `sqlite:PATH` or a plain path; `postgres://` is refused until issue 28 builds that backend
-//! (a variant of [`AnyStore`] then).
+//! `sqlite:PATH` or a plain path; PostgreSQL `postgres://…` or `postgresql://…`.
 
 use std::path::{Path, PathBuf};
 
+use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use super::{
     Committed, EndSessions, Journal, NewEvent, NewRun, RunEnd, SessionRecord, Store, TaskFilter,
@@ -23,12 +23,15 @@ pub enum Database {
     /// An SQLite file: the URL as given, and the file's path when it is a file (not
     /// `:memory:`).
     Sqlite { url: String, file: Option<PathBuf> },
+    /// A PostgreSQL database: the URL as given (`postgres://…` or `postgresql://…`).
+    Postgres { url: String },
 }
 
 impl Database {
     /// Reads `--db`: `sqlite://PATH`, `sqlite:PATH` (either with `?options`) or a plain path is
-    /// SQLite; `postgres://` and `postgresql://` are refused for now with why, as is any other
-    /// `scheme://`.
+    /// SQLite; `postgres://…` and `postgresql://…` are PostgreSQL (the URL is checked here,
+    /// the server reached at [`Database::open`]); any other `scheme://` is refused saying
+    /// what is taken.
     pub fn parse(url: &str) -> Result<Self> {
         if let Some((scheme, _)) = url.split_once("://")
             && scheme != "sqlite"
@@ -37,19 +40,22 @@ impl Database {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
         {
-            return Err(Error::InvalidArgument(
-                if matches!(scheme, "postgres" | "postgresql") {
-                    format!(
-                        "--db {scheme}://…: PostgreSQL is not supported yet (issue 28 adds it); \
-                         give an SQLite file (sqlite://PATH or a path)"
-                    )
-                } else {
-                    format!(
-                        "--db {scheme}://…: unknown kind of database; give an SQLite file \
-                         (sqlite://PATH or a path)"
-                    )
-                },
-            ));
+            if matches!(scheme, "postgres" | "postgresql") {
+                return match url.parse::<sqlx::postgres::PgConnectOptions>() {
+                    Ok(_) => Ok(Database::Postgres {
+                        url: url.to_owned(),
+                    }),
+                    Err(e) => Err(Error::InvalidArgument(format!(
+                        "--db {}: not a valid PostgreSQL URL ({e}); give \
+                         postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+                        super::postgres::shown_url(url)
+                    ))),
+                };
+            }
+            return Err(Error::InvalidArgument(format!(
+                "--db {scheme}://…: unknown kind of database; give an SQLite file \
+                 (sqlite://PATH or a path) or a PostgreSQL URL (postgres://…)"
+            )));
         }
         let rest = url
             .strip_prefix("sqlite://")
@@ -68,6 +74,7 @@ impl Database {
     pub fn file(&self) -> Option<&Path> {
         match self {
             Database::Sqlite { file, .. } => file.as_deref(),
+            Database::Postgres { .. } => None,
         }
     }
 
@@ -75,6 +82,7 @@ impl Database {
     pub async fn open(&self) -> Result<AnyStore> {
         match self {
             Database::Sqlite { url, .. } => Ok(AnyStore::Sqlite(SqliteStore::open(url).await?)),
+            Database::Postgres { url } => Ok(AnyStore::Postgres(PgStore::open(url).await?)),
         }
     }
 }
@@ -83,6 +91,7 @@ impl Database {
 #[derive(Clone)]
 pub enum AnyStore {
     Sqlite(SqliteStore),
+    Postgres(PgStore),
 }
 
 impl AnyStore {
@@ -90,6 +99,7 @@ impl AnyStore {
     pub async fn close(&self) {
         match self {
             AnyStore::Sqlite(s) => s.close().await,
+            AnyStore::Postgres(s) => s.close().await,
         }
     }
 }
@@ -98,18 +108,21 @@ impl Store for AnyStore {
     async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
         match self {
             AnyStore::Sqlite(s) => s.create_task(new, now).await,
+            AnyStore::Postgres(s) => s.create_task(new, now).await,
         }
     }
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
         match self {
             AnyStore::Sqlite(s) => s.get_task(id).await,
+            AnyStore::Postgres(s) => s.get_task(id).await,
         }
     }
 
     async fn create_tasks(&self, new: Vec<NewTask>, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
         match self {
             AnyStore::Sqlite(s) => s.create_tasks(new, now).await,
+            AnyStore::Postgres(s) => s.create_tasks(new, now).await,
         }
     }
 
@@ -121,6 +134,7 @@ impl Store for AnyStore {
     ) -> Result<Vec<Task>> {
         match self {
             AnyStore::Sqlite(s) => s.list_tasks(filter, after, limit).await,
+            AnyStore::Postgres(s) => s.list_tasks(filter, after, limit).await,
         }
     }
 
@@ -133,6 +147,7 @@ impl Store for AnyStore {
     ) -> Result<u32> {
         match self {
             AnyStore::Sqlite(s) => s.set_paused(id, paused, message, now).await,
+            AnyStore::Postgres(s) => s.set_paused(id, paused, message, now).await,
         }
     }
 
@@ -146,6 +161,7 @@ impl Store for AnyStore {
     ) -> Result<Task> {
         match self {
             AnyStore::Sqlite(s) => s.edit_task(id, version, edit, event, now).await,
+            AnyStore::Postgres(s) => s.edit_task(id, version, edit, event, now).await,
         }
     }
 
@@ -158,36 +174,42 @@ impl Store for AnyStore {
     ) -> Result<Task> {
         match self {
             AnyStore::Sqlite(s) => s.add_dependencies(id, deps, event, now).await,
+            AnyStore::Postgres(s) => s.add_dependencies(id, deps, event, now).await,
         }
     }
 
     async fn commit(&self, write: TaskWrite) -> Result<Committed> {
         match self {
             AnyStore::Sqlite(s) => s.commit(write).await,
+            AnyStore::Postgres(s) => s.commit(write).await,
         }
     }
 
     async fn commit_all(&self, writes: Vec<TaskWrite>) -> Result<Vec<Result<Committed>>> {
         match self {
             AnyStore::Sqlite(s) => s.commit_all(writes).await,
+            AnyStore::Postgres(s) => s.commit_all(writes).await,
         }
     }
 
     async fn runs(&self, id: &TaskId) -> Result<Vec<Run>> {
         match self {
             AnyStore::Sqlite(s) => s.runs(id).await,
+            AnyStore::Postgres(s) => s.runs(id).await,
         }
     }
 
     async fn events(&self, id: &TaskId) -> Result<Vec<TaskEvent>> {
         match self {
             AnyStore::Sqlite(s) => s.events(id).await,
+            AnyStore::Postgres(s) => s.events(id).await,
         }
     }
 
     async fn status_counts(&self) -> Result<StatusCounts> {
         match self {
             AnyStore::Sqlite(s) => s.status_counts().await,
+            AnyStore::Postgres(s) => s.status_counts().await,
         }
     }
 
@@ -199,210 +221,245 @@ impl Store for AnyStore {
     ) -> Result<Vec<Task>> {
         match self {
             AnyStore::Sqlite(s) => s.lease_candidates(now, after, limit).await,
+            AnyStore::Postgres(s) => s.lease_candidates(now, after, limit).await,
         }
     }
 
     async fn verified(&self) -> Result<Vec<Task>> {
         match self {
             AnyStore::Sqlite(s) => s.verified().await,
+            AnyStore::Postgres(s) => s.verified().await,
         }
     }
 
     async fn unfinished(&self) -> Result<Vec<Task>> {
         match self {
             AnyStore::Sqlite(s) => s.unfinished().await,
+            AnyStore::Postgres(s) => s.unfinished().await,
         }
     }
 
     async fn finished_epics(&self) -> Result<Vec<TaskId>> {
         match self {
             AnyStore::Sqlite(s) => s.finished_epics().await,
+            AnyStore::Postgres(s) => s.finished_epics().await,
         }
     }
 
     async fn tokens_of(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, u64)>> {
         match self {
             AnyStore::Sqlite(s) => s.tokens_of(ids).await,
+            AnyStore::Postgres(s) => s.tokens_of(ids).await,
         }
     }
 
     async fn statuses(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, TaskStatus)>> {
         match self {
             AnyStore::Sqlite(s) => s.statuses(ids).await,
+            AnyStore::Postgres(s) => s.statuses(ids).await,
         }
     }
 
     async fn raise_next_task_number(&self, at_least: u64) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.raise_next_task_number(at_least).await,
+            AnyStore::Postgres(s) => s.raise_next_task_number(at_least).await,
         }
     }
 
     async fn is_fresh(&self) -> Result<bool> {
         match self {
             AnyStore::Sqlite(s) => s.is_fresh().await,
+            AnyStore::Postgres(s) => s.is_fresh().await,
         }
     }
 
     async fn next_backoff_end(&self, now: Millis) -> Result<Option<Millis>> {
         match self {
             AnyStore::Sqlite(s) => s.next_backoff_end(now).await,
+            AnyStore::Postgres(s) => s.next_backoff_end(now).await,
         }
     }
 
     async fn begin_integration(&self, entries: &[(Journal, CommitId)]) -> Result<Option<TaskId>> {
         match self {
             AnyStore::Sqlite(s) => s.begin_integration(entries).await,
+            AnyStore::Postgres(s) => s.begin_integration(entries).await,
         }
     }
 
     async fn start_train(&self, base_tip: &CommitId, tasks: &[TaskId], at: Millis) -> Result<i64> {
         match self {
             AnyStore::Sqlite(s) => s.start_train(base_tip, tasks, at).await,
+            AnyStore::Postgres(s) => s.start_train(base_tip, tasks, at).await,
         }
     }
 
     async fn end_train(&self, id: i64, end: &TrainEnd, at: Millis) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.end_train(id, end, at).await,
+            AnyStore::Postgres(s) => s.end_train(id, end, at).await,
         }
     }
 
     async fn trains_since(&self, since: Millis) -> Result<Vec<TrainStat>> {
         match self {
             AnyStore::Sqlite(s) => s.trains_since(since).await,
+            AnyStore::Postgres(s) => s.trains_since(since).await,
         }
     }
 
     async fn abort_integration(&self, task: &TaskId) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.abort_integration(task).await,
+            AnyStore::Postgres(s) => s.abort_integration(task).await,
         }
     }
 
     async fn pending_integrations(&self) -> Result<Vec<Journal>> {
         match self {
             AnyStore::Sqlite(s) => s.pending_integrations().await,
+            AnyStore::Postgres(s) => s.pending_integrations().await,
         }
     }
 
     async fn running_runs(&self, task: &TaskId) -> Result<Vec<Run>> {
         match self {
             AnyStore::Sqlite(s) => s.running_runs(task).await,
+            AnyStore::Postgres(s) => s.running_runs(task).await,
         }
     }
 
     async fn usage_since(&self, since: Millis, bucket_ms: Millis) -> Result<Vec<UsageBucket>> {
         match self {
             AnyStore::Sqlite(s) => s.usage_since(since, bucket_ms).await,
+            AnyStore::Postgres(s) => s.usage_since(since, bucket_ms).await,
         }
     }
 
     async fn latest_session(&self, task: &TaskId) -> Result<Option<String>> {
         match self {
             AnyStore::Sqlite(s) => s.latest_session(task).await,
+            AnyStore::Postgres(s) => s.latest_session(task).await,
         }
     }
 
     async fn start_run(&self, task: &TaskId, run: &NewRun, at: Millis) -> Result<i64> {
         match self {
             AnyStore::Sqlite(s) => s.start_run(task, run, at).await,
+            AnyStore::Postgres(s) => s.start_run(task, run, at).await,
         }
     }
 
     async fn end_run(&self, run: i64, end: &RunEnd, at: Millis) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.end_run(run, end, at).await,
+            AnyStore::Postgres(s) => s.end_run(run, end, at).await,
         }
     }
 
     async fn abandon_runs(&self, phase: Phase, error: &str, at: Millis) -> Result<u64> {
         match self {
             AnyStore::Sqlite(s) => s.abandon_runs(phase, error, at).await,
+            AnyStore::Postgres(s) => s.abandon_runs(phase, error, at).await,
         }
     }
 
     async fn run(&self, id: i64) -> Result<Option<Run>> {
         match self {
             AnyStore::Sqlite(s) => s.run(id).await,
+            AnyStore::Postgres(s) => s.run(id).await,
         }
     }
 
     async fn append_logs(&self, lines: &[(i64, LogLine)]) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.append_logs(lines).await,
+            AnyStore::Postgres(s) => s.append_logs(lines).await,
         }
     }
 
     async fn last_log_seq(&self, run: i64) -> Result<u64> {
         match self {
             AnyStore::Sqlite(s) => s.last_log_seq(run).await,
+            AnyStore::Postgres(s) => s.last_log_seq(run).await,
         }
     }
 
     async fn read_logs(&self, run: i64, after_seq: u64, limit: u32) -> Result<Vec<LogLine>> {
         match self {
             AnyStore::Sqlite(s) => s.read_logs(run, after_seq, limit).await,
+            AnyStore::Postgres(s) => s.read_logs(run, after_seq, limit).await,
         }
     }
 
     async fn trim_log(&self, run: i64, head_last_seq: u64, keep_tail_bytes: u64) -> Result<u64> {
         match self {
             AnyStore::Sqlite(s) => s.trim_log(run, head_last_seq, keep_tail_bytes).await,
+            AnyStore::Postgres(s) => s.trim_log(run, head_last_seq, keep_tail_bytes).await,
         }
     }
 
     async fn prune_logs(&self, before: Millis) -> Result<u64> {
         match self {
             AnyStore::Sqlite(s) => s.prune_logs(before).await,
+            AnyStore::Postgres(s) => s.prune_logs(before).await,
         }
     }
 
     async fn last_event_id(&self) -> Result<i64> {
         match self {
             AnyStore::Sqlite(s) => s.last_event_id().await,
+            AnyStore::Postgres(s) => s.last_event_id().await,
         }
     }
 
     async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<TaskEvent>> {
         match self {
             AnyStore::Sqlite(s) => s.events_after(after_id, limit).await,
+            AnyStore::Postgres(s) => s.events_after(after_id, limit).await,
         }
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<String>> {
         match self {
             AnyStore::Sqlite(s) => s.get_meta(key).await,
+            AnyStore::Postgres(s) => s.get_meta(key).await,
         }
     }
 
     async fn put_meta(&self, key: &str, value: &str) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.put_meta(key, value).await,
+            AnyStore::Postgres(s) => s.put_meta(key, value).await,
         }
     }
 
     async fn list_meta(&self, prefix: &str) -> Result<Vec<(String, String)>> {
         match self {
             AnyStore::Sqlite(s) => s.list_meta(prefix).await,
+            AnyStore::Postgres(s) => s.list_meta(prefix).await,
         }
     }
 
     fn feed(&self) -> &crate::feed::Feed {
         match self {
             AnyStore::Sqlite(s) => s.feed(),
+            AnyStore::Postgres(s) => s.feed(),
         }
     }
 
     async fn record(&self, entry: &crate::feed::NewEntry) -> Result<i64> {
         match self {
             AnyStore::Sqlite(s) => s.record(entry).await,
+            AnyStore::Postgres(s) => s.record(entry).await,
         }
     }
 
     async fn entries_after(&self, after: i64, limit: u32) -> Result<Vec<crate::feed::FeedEntry>> {
         match self {
             AnyStore::Sqlite(s) => s.entries_after(after, limit).await,
+            AnyStore::Postgres(s) => s.entries_after(after, limit).await,
         }
     }
 
@@ -414,60 +471,70 @@ impl Store for AnyStore {
     ) -> Result<i64> {
         match self {
             AnyStore::Sqlite(s) => s.set_meta_recording(key, value, entry).await,
+            AnyStore::Postgres(s) => s.set_meta_recording(key, value, entry).await,
         }
     }
 
     fn write_failure(&self) -> Option<String> {
         match self {
             AnyStore::Sqlite(s) => s.write_failure(),
+            AnyStore::Postgres(s) => s.write_failure(),
         }
     }
 
     async fn check_writable(&self) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.check_writable().await,
+            AnyStore::Postgres(s) => s.check_writable().await,
         }
     }
 
     async fn delete_meta(&self, key: &str) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.delete_meta(key).await,
+            AnyStore::Postgres(s) => s.delete_meta(key).await,
         }
     }
 
     async fn sessions(&self) -> Result<Vec<SessionRecord>> {
         match self {
             AnyStore::Sqlite(s) => s.sessions().await,
+            AnyStore::Postgres(s) => s.sessions().await,
         }
     }
 
     async fn put_session(&self, session: &SessionRecord) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.put_session(session).await,
+            AnyStore::Postgres(s) => s.put_session(session).await,
         }
     }
 
     async fn end_sessions(&self, which: EndSessions<'_>) -> Result<u64> {
         match self {
             AnyStore::Sqlite(s) => s.end_sessions(which).await,
+            AnyStore::Postgres(s) => s.end_sessions(which).await,
         }
     }
 
     async fn webhooks(&self) -> Result<Vec<WebhookCursor>> {
         match self {
             AnyStore::Sqlite(s) => s.webhooks().await,
+            AnyStore::Postgres(s) => s.webhooks().await,
         }
     }
 
     async fn open_webhook(&self, url: &str, head: i64, now: Millis) -> Result<WebhookCursor> {
         match self {
             AnyStore::Sqlite(s) => s.open_webhook(url, head, now).await,
+            AnyStore::Postgres(s) => s.open_webhook(url, head, now).await,
         }
     }
 
     async fn put_webhook(&self, cursor: &WebhookCursor) -> Result<bool> {
         match self {
             AnyStore::Sqlite(s) => s.put_webhook(cursor).await,
+            AnyStore::Postgres(s) => s.put_webhook(cursor).await,
         }
     }
 }
@@ -493,17 +560,31 @@ mod tests {
     }
 
     #[test]
-    fn postgres_is_refused_for_now_with_why() {
-        for url in ["postgres://u:secret@h/db", "postgresql://h/db"] {
-            let err = Database::parse(url).expect_err(url).to_string();
-            assert!(err.contains("not supported yet"), "{err}");
-            assert!(err.contains("sqlite://PATH"), "{err}");
-            assert!(!err.contains("secret"), "no password in the refusal: {err}");
-            assert!(!err.contains('\n'), "one line: {err}");
+    fn postgres_urls_are_postgres_and_other_schemes_are_refused_with_why() {
+        for url in [
+            "postgres://u:secret@h/db",
+            "postgresql://h/db",
+            "postgres://postgres@localhost/db?host=/tmp/pg",
+        ] {
+            let db = Database::parse(url).expect(url);
+            assert_eq!(
+                db,
+                Database::Postgres {
+                    url: url.to_owned()
+                }
+            );
+            assert_eq!(db.file(), None, "{url}");
         }
+        let err = Database::parse("postgres://u:secret@h:notaport/db")
+            .expect_err("bad port")
+            .to_string();
+        assert!(err.contains("not a valid PostgreSQL URL"), "{err}");
+        assert!(!err.contains("secret"), "no password in the refusal: {err}");
+        assert!(!err.contains('\n'), "one line: {err}");
         let err = Database::parse("mysql://h/db")
             .expect_err("mysql")
             .to_string();
         assert!(err.contains("unknown kind of database"), "{err}");
+        assert!(err.contains("postgres://"), "{err}");
     }
 }

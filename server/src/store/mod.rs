@@ -53,6 +53,7 @@ pub mod any;
 #[cfg(test)]
 pub mod memory;
 pub mod plan;
+pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 pub mod suite;

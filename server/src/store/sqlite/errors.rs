@@ -1,4 +1,5 @@
-//! SQLite's errors as the domain's ([`Error`]), mapped here at the backend's edge: a lock
+//! SQLite's errors as the domain's ([`Error`]), mapped here at the backend's edge (the one
+//! `From<sqlx::Error>` is here; it hands PostgreSQL's to `store/postgres/errors.rs`): a lock
 //! still held at the end of the busy timeout (`SQLITE_BUSY`, `SQLITE_LOCKED`) is
 //! [`Error::Busy`] with [`DATABASE_BUSY`] (gRPC `UNAVAILABLE`, HTTP 503: try again); any other
 //! database or migration error is [`Error::Internal`].
@@ -7,6 +8,10 @@ use crate::error::{DATABASE_BUSY, Error};
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
+        // PostgreSQL's errors are mapped by its backend's edge.
+        if let Some(mapped) = crate::store::postgres::errors::domain(&err) {
+            return mapped;
+        }
         if is_busy(&err) {
             tracing::warn!(error = %err, "the database stayed locked for its busy timeout");
             return Error::Busy(DATABASE_BUSY.to_owned());

@@ -1,0 +1,709 @@
+//! The PostgreSQL [`Store`] (`--db postgres://…`): a pool of connections, migrations from
+//! `migrations/postgres` run at open (sqlx takes an advisory lock, so servers starting at once
+//! on one database migrate it once), and one short transaction per state change, begun by
+//! [`PgStore::begin_write`] and nowhere else.
+//!
+//! The write turn is the row lock of the feed's one-row counter (`feed_head`): every write that
+//! may record a feed entry takes it first (`SELECT … FOR UPDATE`), so writers of this process
+//! and of any other on the same database take turns there, as SQLite's take turns at
+//! `SqliteStore`'s queue. Holding it to `COMMIT` orders the feed's positions (each from
+//! `UPDATE feed_head SET pos = pos + n RETURNING pos`, `events.rs`) in commit order, keeps the
+//! plan's reads (generated IDs, cycle checks) true until the write commits, and, taken first
+//! by all, can make no deadlock. Log lines, which record no entry, do not take it.
+//!
+//! Readers never wait for writers (MVCC). A compare-and-swap on a task's `version` is the
+//! `UPDATE … WHERE id = $ AND version = $` of `commit.rs`; an epic's figures are kept by
+//! PostgreSQL triggers (`child_created`, `child_changed` in `0001_schema.sql`), the same rule as
+//! SQLite's triggers and `plan::child_moved`.
+//!
+//! The feed is published after each `COMMIT`, in position order: the entries after the newest
+//! one published are read and sent under an in-process lock ([`Publisher`]). A position is
+//! visible only once every position before it is (the counter's lock), so such a read never
+//! skips one.
+//!
+//! Modules by concern as in `sqlite/`: `tasks`, `commit`, `runs`, `events`, `trains`, `logs`,
+//! `meta`, `sessions`, `webhooks`; below them `reads` (the plan's reads in SQL), `graph`, `rows`
+//! and `errors` (PostgreSQL's errors as the domain's).
+
+mod commit;
+pub(crate) mod errors;
+mod events;
+mod graph;
+mod logs;
+mod meta;
+mod reads;
+mod rows;
+mod runs;
+mod sessions;
+mod tasks;
+mod trains;
+mod webhooks;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{PgConnection, Postgres};
+
+use super::{
+    Committed, EndSessions, Journal, NewEvent, NewRun, RunEnd, SessionRecord, Store, TaskFilter,
+    TaskWrite, TrainEnd, TrainStat, UsageBucket, WebhookCursor,
+};
+use crate::domain::{
+    LogLine, Millis, NewTask, Phase, Run, StatusCounts, Task, TaskEdit, TaskEvent, TaskId,
+    TaskStatus,
+};
+use crate::error::{Error, Result};
+use crate::feed::{Feed, FeedEntry, NewEntry};
+use pipeline_core::ids::CommitId;
+
+/// Connections of one server's pool: writers wait at the counter's lock holding one each, and
+/// readers take the rest.
+const POOL_SIZE: u32 = 10;
+
+/// A task store in a PostgreSQL database.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// Why the last write failed, until one succeeds again (for the server's health).
+    write_failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The change feed's broadcast and the newest position published on it.
+    feed: Publisher,
+}
+
+/// What publishes the feed's entries: after a write commits, the entries after the newest one
+/// published are read and sent in position order, one publisher at a time. Entries a failed
+/// read left unpublished go out with the next write (followers catch up from storage when
+/// behind or when they see a gap).
+#[derive(Clone)]
+struct Publisher {
+    feed: Feed,
+    published: Arc<tokio::sync::Mutex<i64>>,
+}
+
+impl Publisher {
+    /// Publishes what the last transaction (and any before it, of this process or another)
+    /// recorded.
+    async fn publish(&self, pool: &PgPool) {
+        let mut published = self.published.lock().await;
+        let rows = match events::unpublished(pool, *published).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the feed's new entries to publish them");
+                return;
+            }
+        };
+        for row in rows {
+            let position = row.id;
+            match row.into_entry() {
+                Ok(entry) => self.feed.publish(entry),
+                Err(e) => tracing::warn!(position, "a feed entry that cannot be read: {e}"),
+            }
+            *published = position;
+        }
+    }
+}
+
+/// Which writes take the write turn (the counter's row lock) as they begin.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// Every write that may record a feed entry or reads what it then writes.
+    Take,
+    /// Log lines: they record no entry and decide nothing on what they read.
+    Skip,
+}
+
+/// A write transaction. A dropped one that did not end (a failed statement or commit, a
+/// cancelled future) is rolled back by sqlx before its connection is used again (the pool
+/// flushes the `ROLLBACK` as the connection comes back), which also lets go of the write turn;
+/// a connection that broke is closed instead.
+struct WriteTx {
+    tx: Option<sqlx::Transaction<'static, Postgres>>,
+    ended: bool,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+    began: std::time::Instant,
+    /// Publishes the feed after the commit; `None` for a write that records no entry.
+    publisher: Option<(Publisher, PgPool)>,
+}
+
+impl WriteTx {
+    async fn commit(mut self) -> Result<()> {
+        let tx = self.tx.take().expect("held until it ends");
+        match tx.commit().await {
+            Ok(()) => {
+                self.ended = true;
+                self.set_failure(None);
+                crate::metrics::metrics()
+                    .db_write
+                    .observe(self.began.elapsed().as_secs_f64());
+                if let Some((publisher, pool)) = self.publisher.take() {
+                    publisher.publish(&pool).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.set_failure(Some(format!("committing a write failed: {e}")));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Ends the transaction without writing anything (a refused request).
+    async fn rollback(mut self) {
+        if let Some(tx) = self.tx.take()
+            && tx.rollback().await.is_ok()
+        {
+            self.ended = true;
+        }
+    }
+
+    /// Commits when `result` is a success, rolls back when it is a refusal, and otherwise
+    /// drops the transaction (rolled back as its connection comes back).
+    async fn finish<T>(self, result: Result<T>) -> Result<T> {
+        match result {
+            Ok(value) => self.commit().await.map(|()| value),
+            Err(
+                refusal @ (Error::Conflict(_)
+                | Error::NotFound(_)
+                | Error::AlreadyExists(_)
+                | Error::FailedPrecondition(_)
+                | Error::InvalidArgument(_)),
+            ) => {
+                self.rollback().await;
+                Err(refusal)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    fn set_failure(&self, failure: Option<String>) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = failure;
+        }
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        // Every write that did not end cleanly ends here: `pipeline_db_errors_total` counts
+        // them.
+        crate::metrics::metrics().db_errors.inc();
+        if let Ok(mut f) = self.failure.lock()
+            && f.is_none()
+        {
+            *f = Some("a write transaction failed (see the server log)".to_owned());
+        }
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.tx.as_ref().expect("held until it ends")
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.tx.as_mut().expect("held until it ends")
+    }
+}
+
+/// `url` with its password, if any, left out: what a message may show.
+pub(crate) fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://…` or `postgresql://…`) and brings its
+    /// schema up to date.
+    pub async fn open(url: &str) -> Result<Self> {
+        let shown = shown_url(url);
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "--db {shown}: not a PostgreSQL URL ({e}); give postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+            ))
+        })?;
+        // One connection first: its failure says why (the pool would retry an unreachable
+        // server until its timeout and then say only that).
+        let first = <PgConnection as sqlx::Connection>::connect_with(&options)
+            .await
+            .map_err(|e| errors::cannot_open(&shown, &e))?;
+        let _ = sqlx::Connection::close(first).await;
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| errors::cannot_open(&shown, &e))?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let newest: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM task_events")
+            .fetch_one(&pool)
+            .await?;
+        Ok(Self {
+            pool,
+            write_failure: Arc::default(),
+            feed: Publisher {
+                feed: Feed::new(),
+                published: Arc::new(tokio::sync::Mutex::new(newest)),
+            },
+        })
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Begins a write transaction: `write` (the write turn taken) or `write_logs`.
+    async fn write(&self) -> Result<WriteTx> {
+        self.begin_write(Turn::Take).await
+    }
+
+    /// Begins a write transaction that records no feed entry (log lines).
+    async fn write_logs(&self) -> Result<WriteTx> {
+        self.begin_write(Turn::Skip).await
+    }
+
+    /// The one place a write transaction begins.
+    // Helper `leader` adds the leader-term check here (issue 28): in the same transaction as
+    // every write, before anything is written.
+    async fn begin_write(&self, turn: Turn) -> Result<WriteTx> {
+        let failure = Arc::clone(&self.write_failure);
+        let began = std::time::Instant::now();
+        let tx = match self.pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                if let Ok(mut f) = failure.lock() {
+                    *f = Some(format!("beginning a write failed: {e}"));
+                }
+                return Err(e.into());
+            }
+        };
+        let mut tx = WriteTx {
+            tx: Some(tx),
+            ended: false,
+            failure,
+            began,
+            publisher: (turn == Turn::Take).then(|| (self.feed.clone(), self.pool.clone())),
+        };
+        if turn == Turn::Take
+            && let Err(e) = sqlx::query("SELECT pos FROM feed_head FOR UPDATE")
+                .execute(&mut *tx)
+                .await
+        {
+            tx.set_failure(Some(format!("beginning a write failed: {e}")));
+            return Err(e.into());
+        }
+        Ok(tx)
+    }
+}
+
+impl Store for PgStore {
+    async fn create_task(&self, new: NewTask, now: Millis) -> Result<Task> {
+        tasks::create_task(self, new, now).await
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<Task>> {
+        tasks::get_task(self, id).await
+    }
+
+    async fn list_tasks(
+        &self,
+        filter: &TaskFilter,
+        after: Option<(u8, i64)>,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
+        tasks::list_tasks(self, filter, after, limit).await
+    }
+
+    async fn create_tasks(&self, new: Vec<NewTask>, now: Millis) -> Result<Vec<(Task, TaskEvent)>> {
+        tasks::create_tasks(self, new, now).await
+    }
+
+    async fn set_paused(
+        &self,
+        id: &TaskId,
+        paused: Option<&str>,
+        message: &str,
+        now: Millis,
+    ) -> Result<u32> {
+        tasks::set_paused(self, id, paused, message, now).await
+    }
+
+    async fn edit_task(
+        &self,
+        id: &TaskId,
+        version: i64,
+        edit: &TaskEdit,
+        event: NewEvent,
+        now: Millis,
+    ) -> Result<Task> {
+        tasks::edit_task(self, id, version, edit, event, now).await
+    }
+
+    async fn add_dependencies(
+        &self,
+        id: &TaskId,
+        deps: &[TaskId],
+        event: NewEvent,
+        now: Millis,
+    ) -> Result<Task> {
+        tasks::add_dependencies(self, id, deps, event, now).await
+    }
+
+    async fn commit(&self, w: TaskWrite) -> Result<Committed> {
+        commit::commit(self, w).await
+    }
+
+    async fn commit_all(&self, writes: Vec<TaskWrite>) -> Result<Vec<Result<Committed>>> {
+        commit::commit_all(self, writes).await
+    }
+
+    async fn lease_candidates(
+        &self,
+        now: Millis,
+        after: Option<(u8, i64)>,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
+        tasks::lease_candidates(self, now, after, limit).await
+    }
+
+    async fn verified(&self) -> Result<Vec<Task>> {
+        tasks::verified(self).await
+    }
+
+    async fn finished_epics(&self) -> Result<Vec<TaskId>> {
+        tasks::finished_epics(self).await
+    }
+
+    async fn unfinished(&self) -> Result<Vec<Task>> {
+        tasks::unfinished(self).await
+    }
+
+    async fn raise_next_task_number(&self, at_least: u64) -> Result<()> {
+        meta::raise_next_task_number(self, at_least).await
+    }
+
+    async fn is_fresh(&self) -> Result<bool> {
+        meta::is_fresh(self).await
+    }
+
+    async fn next_backoff_end(&self, now: Millis) -> Result<Option<Millis>> {
+        tasks::next_backoff_end(self, now).await
+    }
+
+    async fn runs(&self, id: &TaskId) -> Result<Vec<Run>> {
+        runs::runs(self, id).await
+    }
+
+    async fn events(&self, id: &TaskId) -> Result<Vec<TaskEvent>> {
+        events::events(self, id).await
+    }
+
+    async fn status_counts(&self) -> Result<StatusCounts> {
+        tasks::status_counts(self).await
+    }
+
+    async fn tokens_of(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, u64)>> {
+        runs::tokens_of(self, ids).await
+    }
+
+    async fn statuses(&self, ids: &[TaskId]) -> Result<Vec<(TaskId, TaskStatus)>> {
+        tasks::statuses(self, ids).await
+    }
+
+    async fn begin_integration(&self, entries: &[(Journal, CommitId)]) -> Result<Option<TaskId>> {
+        trains::begin_integration(self, entries).await
+    }
+
+    async fn start_train(&self, base_tip: &CommitId, tasks: &[TaskId], at: Millis) -> Result<i64> {
+        trains::start_train(self, base_tip, tasks, at).await
+    }
+
+    async fn end_train(&self, id: i64, end: &TrainEnd, at: Millis) -> Result<()> {
+        trains::end_train(self, id, end, at).await
+    }
+
+    async fn trains_since(&self, since: Millis) -> Result<Vec<TrainStat>> {
+        trains::trains_since(self, since).await
+    }
+
+    async fn abort_integration(&self, task: &TaskId) -> Result<()> {
+        trains::abort_integration(self, task).await
+    }
+
+    async fn pending_integrations(&self) -> Result<Vec<Journal>> {
+        trains::pending_integrations(self).await
+    }
+
+    async fn running_runs(&self, task: &TaskId) -> Result<Vec<Run>> {
+        runs::running_runs(self, task).await
+    }
+
+    async fn usage_since(&self, since: Millis, bucket_ms: Millis) -> Result<Vec<UsageBucket>> {
+        runs::usage_since(self, since, bucket_ms).await
+    }
+
+    async fn latest_session(&self, task: &TaskId) -> Result<Option<String>> {
+        runs::latest_session(self, task).await
+    }
+
+    async fn start_run(&self, task: &TaskId, run: &NewRun, at: Millis) -> Result<i64> {
+        runs::start_run(self, task, run, at).await
+    }
+
+    async fn end_run(&self, run: i64, end: &RunEnd, at: Millis) -> Result<()> {
+        runs::end_run(self, run, end, at).await
+    }
+
+    async fn abandon_runs(&self, phase: Phase, error: &str, at: Millis) -> Result<u64> {
+        runs::abandon_runs(self, phase, error, at).await
+    }
+
+    async fn run(&self, id: i64) -> Result<Option<Run>> {
+        runs::run(self, id).await
+    }
+
+    async fn append_logs(&self, lines: &[(i64, LogLine)]) -> Result<()> {
+        logs::append_logs(self, lines).await
+    }
+
+    async fn last_log_seq(&self, run: i64) -> Result<u64> {
+        logs::last_log_seq(self, run).await
+    }
+
+    async fn read_logs(&self, run: i64, after_seq: u64, limit: u32) -> Result<Vec<LogLine>> {
+        logs::read_logs(self, run, after_seq, limit).await
+    }
+
+    async fn trim_log(&self, run: i64, head_last_seq: u64, keep_tail_bytes: u64) -> Result<u64> {
+        logs::trim_log(self, run, head_last_seq, keep_tail_bytes).await
+    }
+
+    async fn prune_logs(&self, before: Millis) -> Result<u64> {
+        logs::prune_logs(self, before).await
+    }
+
+    async fn last_event_id(&self) -> Result<i64> {
+        events::last_event_id(self).await
+    }
+
+    async fn events_after(&self, after_id: i64, limit: u32) -> Result<Vec<TaskEvent>> {
+        events::events_after(self, after_id, limit).await
+    }
+
+    fn feed(&self) -> &Feed {
+        &self.feed.feed
+    }
+
+    async fn record(&self, entry: &NewEntry) -> Result<i64> {
+        events::record_alone(self, entry).await
+    }
+
+    async fn entries_after(&self, after: i64, limit: u32) -> Result<Vec<FeedEntry>> {
+        events::entries_after(self, after, limit).await
+    }
+
+    async fn set_meta_recording(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        entry: &NewEntry,
+    ) -> Result<i64> {
+        events::set_meta_recording(self, key, value, entry).await
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.write_failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    async fn check_writable(&self) -> Result<()> {
+        let tx = self.write().await?;
+        tx.rollback().await;
+        Ok(())
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        meta::get_meta(self, key).await
+    }
+
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        meta::list_meta(self, prefix).await
+    }
+
+    async fn delete_meta(&self, key: &str) -> Result<()> {
+        meta::delete_meta(self, key).await
+    }
+
+    async fn put_meta(&self, key: &str, value: &str) -> Result<()> {
+        meta::put_meta(self, key, value).await
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionRecord>> {
+        sessions::all(&self.pool).await
+    }
+
+    async fn put_session(&self, session: &SessionRecord) -> Result<()> {
+        let mut tx = self.write().await?;
+        let result = sessions::put(&mut tx, session).await;
+        tx.finish(result).await
+    }
+
+    async fn end_sessions(&self, which: EndSessions<'_>) -> Result<u64> {
+        let mut tx = self.write().await?;
+        let result = sessions::end(&mut tx, which).await;
+        tx.finish(result).await
+    }
+
+    async fn webhooks(&self) -> Result<Vec<WebhookCursor>> {
+        webhooks::all(&self.pool).await
+    }
+
+    async fn open_webhook(&self, url: &str, head: i64, now: Millis) -> Result<WebhookCursor> {
+        let mut tx = self.write().await?;
+        let result = webhooks::open(&mut tx, url, head, now).await;
+        tx.finish(result).await
+    }
+
+    async fn put_webhook(&self, cursor: &WebhookCursor) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let result = webhooks::put(&mut tx, cursor).await;
+        tx.finish(result).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PgStore;
+    use pipeline_core::pgtest::{PgDatabase, PgServer};
+
+    /// A store on a fresh database of the test process's PostgreSQL.
+    async fn fresh() -> (PgDatabase<'static>, PgStore) {
+        let db = PgServer::shared().database();
+        let store = PgStore::open(db.url()).await.expect("open store");
+        (db, store)
+    }
+
+    crate::store_test_suite!(fresh);
+
+    /// A write dropped mid-transaction (its handler cancelled) wrote nothing and does not keep
+    /// the write turn (the counter's row lock): the next write, from this store or another
+    /// on the same database, goes through.
+    #[tokio::test]
+    async fn a_dropped_write_leaves_nothing_and_lets_the_next_writer_go() {
+        use crate::store::Store;
+        let (db, store) = fresh().await;
+        let mut tx = store.write().await.expect("begin");
+        sqlx::query("INSERT INTO meta (key, value) VALUES ('dropped', '1')")
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        drop(tx);
+        let other = PgStore::open(db.url()).await.expect("second store");
+        other.put_meta("after", "1").await.expect("the next write");
+        store
+            .put_meta("again", "1")
+            .await
+            .expect("and this store's");
+        assert_eq!(store.get_meta("dropped").await.expect("read"), None);
+        assert_eq!(
+            other.get_meta("after").await.expect("read").as_deref(),
+            Some("1")
+        );
+        assert_eq!(store.write_failure(), None, "a later write succeeded");
+    }
+
+    /// Two stores on one database (two servers' processes) writing at once: the positions
+    /// they give are distinct, none is skipped, and each store publishes every entry (its own
+    /// and the other's) in position order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writers_of_two_stores_on_one_database_take_turns_at_the_counter() {
+        use crate::store::Store;
+        let (db, one) = fresh().await;
+        let two = PgStore::open(db.url()).await.expect("second store");
+        let mut rx_one = one.feed().subscribe();
+        let mut writers = tokio::task::JoinSet::new();
+        for (w, store) in [one.clone(), two.clone(), one.clone(), two.clone()]
+            .into_iter()
+            .enumerate()
+        {
+            writers.spawn(async move {
+                for i in 0..15 {
+                    store
+                        .record(&crate::feed::NewEntry {
+                            topic: crate::feed::Topic::Runner,
+                            subject: format!("r{w}"),
+                            kind: "connected".into(),
+                            at: i,
+                            message: format!("{w}/{i}"),
+                            data: "{}".into(),
+                        })
+                        .await
+                        .expect("record");
+                }
+            });
+        }
+        while let Some(done) = writers.join_next().await {
+            done.expect("writer");
+        }
+        let stored = one.entries_after(0, 1_000).await.expect("entries");
+        let positions: Vec<i64> = stored.iter().map(|e| e.position).collect();
+        assert_eq!(positions, (1..=60).collect::<Vec<i64>>(), "none skipped");
+        let mut sent = Vec::new();
+        while let Ok(entry) = rx_one.try_recv() {
+            sent.push(entry.position);
+        }
+        // Store one published after each of its own commits: at least up to its last one, in
+        // order, none twice.
+        assert!(sent.windows(2).all(|w| w[1] == w[0] + 1), "{sent:?}");
+        assert_eq!(sent.first(), Some(&1));
+    }
+
+    /// A database that cannot be reached is refused at open in one line saying what to check.
+    #[tokio::test]
+    async fn an_unreachable_database_is_refused_in_one_line() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!(
+            "postgres://ann:secret@localhost/pipeline?host={}",
+            dir.path().display()
+        );
+        let err = PgStore::open(&url)
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("is PostgreSQL running"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn a_list_reads_as_much_feedback_as_a_row_shows() {
+        let tail = format!(
+            "octet_length(feedback) - {}",
+            pipeline_core::lines::LIST_FEEDBACK_BYTES - 1
+        );
+        assert!(
+            super::rows::LIST_COLUMNS.contains(&tail),
+            "{}",
+            super::rows::LIST_COLUMNS
+        );
+    }
+}
