@@ -236,6 +236,16 @@ impl TestRepo {
         self.dir.path().join("repo")
     }
 
+    /// For a test about the SQLite file itself (it reads, locks, copies or removes
+    /// `pipeline.db`): the servers of this repository stay on SQLite whatever
+    /// `PIPELINE_TEST_DB` says ([`test_database`]).
+    pub fn sqlite_only(&self) {
+        SQLITE_ONLY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.state_dir());
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
@@ -556,6 +566,47 @@ impl Drop for Proc {
     }
 }
 
+/// Which database the servers of the end-to-end tests run on: `PIPELINE_TEST_DB=postgres`
+/// (or `postgresql`) picks PostgreSQL, anything else (or nothing) SQLite in the state dir.
+pub fn test_on_postgres() -> bool {
+    matches!(
+        std::env::var("PIPELINE_TEST_DB").as_deref(),
+        Ok("postgres" | "postgresql")
+    )
+}
+
+/// The `--db` URL of `repo`'s servers when the tests run on PostgreSQL: a database of its own
+/// on the test process's PostgreSQL ([`pipeline_core::pgtest::PgServer::shared`]), the same
+/// one for every server started on `repo` (a restart finds its state), kept until the process
+/// ends. `None` on SQLite.
+pub fn test_database(repo: &TestRepo) -> Option<String> {
+    use pipeline_core::pgtest::{PgDatabase, PgServer};
+    use std::collections::HashMap;
+    static DATABASES: Mutex<Option<HashMap<PathBuf, PgDatabase<'static>>>> = Mutex::new(None);
+    if !test_on_postgres() {
+        return None;
+    }
+    if SQLITE_ONLY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&repo.state_dir())
+    {
+        return None;
+    }
+    let mut databases = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
+    let url = databases
+        .get_or_insert_with(HashMap::new)
+        .entry(repo.state_dir())
+        .or_insert_with(|| PgServer::shared().database())
+        .url()
+        .to_owned();
+    Some(url)
+}
+
+/// The state dirs of the test repositories whose servers stay on SQLite
+/// ([`TestRepo::sqlite_only`]).
+static SQLITE_ONLY: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
 /// A running `pipeline-server`.
 pub struct Server {
     pub proc: Proc,
@@ -585,6 +636,11 @@ impl Server {
             .args(["--env-allow", "AGENT_LOG_DIR"]);
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--db")
+            && let Some(url) = test_database(repo)
+        {
+            cmd.args(["--db", &url]);
         }
         cmd.args(extra)
             .env("RUST_LOG", "info")

@@ -9,6 +9,8 @@ fn the_benchmark_harness_runs_every_benchmark() {
     pipeline_tests::ensure_built();
     let out = Command::new(env!("CARGO_BIN_EXE_pipeline-bench"))
         .arg("--quick")
+        // The benchmarks choose their databases themselves (some seed the SQLite file).
+        .env_remove("PIPELINE_TEST_DB")
         .output()
         .expect("run pipeline-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -54,6 +56,11 @@ fn the_benchmark_harness_runs_every_benchmark() {
         "landed/min (last unmarked at",
         "floor: PostgreSQL single-row INSERT + commit",
         "floor: PostgreSQL claim loop",
+        "backend: postgres",
+        "postgres: dispatch latency",
+        "lease throughput, postgres, one transaction per lease:",
+        "lease throughput, postgres, batched commits:",
+        "postgres: task creation",
         "pipeline-bench: done",
     ] {
         let line = stdout

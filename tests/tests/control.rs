@@ -305,6 +305,8 @@ fn state_survives_restarts_and_sigkill() {
 #[test]
 fn the_database_lives_in_the_state_dir_or_where_db_says() {
     let repo = TestRepo::new();
+    // About the SQLite file itself.
+    repo.sqlite_only();
     let server = Server::start(&repo, &[]);
     server.add(&["--title", "x"]);
     drop(server);

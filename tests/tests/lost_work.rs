@@ -142,6 +142,8 @@ fn generated_ids_never_wrap() {
 #[test]
 fn a_watch_goes_on_after_the_servers_history_went_back() {
     let repo = TestRepo::new();
+    // About the SQLite file itself.
+    repo.sqlite_only();
     let server = Server::start(&repo, &[]);
     let addr = server.addr.clone();
     server.add(&["--title", "a", "--id", "a"]);

@@ -224,6 +224,8 @@ fn readyz_says_when_the_database_takes_no_writes_and_recovers() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let repo = TestRepo::new();
+    // About the SQLite file itself.
+    repo.sqlite_only();
     let (server, http) = server(&repo, &[]);
     let ready = || send(client().get(format!("{http}/readyz")));
     assert_eq!(ready().status, 200);
@@ -298,20 +300,33 @@ fn grpc_health_and_reflection_answer_without_a_token_and_the_api_still_needs_one
             .await
             .expect("connect");
         let mut health = HealthClient::new(channel.clone());
+        // The services' health is set once the server's first readiness check is done
+        // (a moment after it listens; longer on PostgreSQL): until then a service is not
+        // found. Each becomes SERVING within the deadline.
+        let deadline = std::time::Instant::now() + pipeline_tests::DEADLINE;
         for service in [
             "",
             "pipeline.v1.ControlService",
             "pipeline.v1.RunnerService",
         ] {
-            let status = health
-                .check(HealthCheckRequest {
-                    service: service.to_owned(),
-                })
-                .await
-                .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
-                .into_inner()
-                .status;
-            assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+            loop {
+                let answer = health
+                    .check(HealthCheckRequest {
+                        service: service.to_owned(),
+                    })
+                    .await;
+                let last = match answer {
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => break,
+                    Ok(r) => format!("{:?}", r.into_inner().status),
+                    Err(e) if e.code() == tonic::Code::NotFound => e.to_string(),
+                    Err(e) => panic!("health of {service:?}: {e}"),
+                };
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "health of {service:?} never SERVING: {last}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
         }
 
         let mut reflection = ServerReflectionClient::new(channel.clone());

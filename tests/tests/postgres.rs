@@ -188,3 +188,57 @@ async fn positions_from_the_one_row_counter_commit_in_order_under_concurrent_wri
         .get("n");
     assert_eq!(count, total);
 }
+
+/// `pipeline-server --db postgres://…` keeps its state in PostgreSQL: its schema is made at
+/// start, a task added is there after the server is SIGKILLed and started again on the same
+/// database, and the change feed goes on from where it was.
+#[test]
+fn a_server_on_postgres_keeps_its_state_across_a_kill() {
+    use pipeline_tests::{Server, TestRepo};
+    let repo = TestRepo::new();
+    let db = PgServer::shared().database();
+    let server = Server::start(&repo, &["--db", db.url()]);
+    let id = server.add(&["--title", "first on postgres"]);
+    let before = server.show(&id);
+    assert_eq!(before["status"], "open");
+    drop(server); // SIGKILL
+    let tables = PgServer::shared()
+        .psql(db.name(), "SELECT count(*) FROM tasks")
+        .expect("psql");
+    assert_eq!(tables, "1", "the task is in PostgreSQL");
+    let again = Server::start(&repo, &["--db", db.url()]);
+    let after = again.show(&id);
+    assert_eq!(after["title"], "first on postgres");
+    assert_eq!(after["status"], "open");
+    let next = again.add(&["--title", "second"]);
+    assert_ne!(next, id, "no generated ID is used twice");
+}
+
+/// A PostgreSQL that cannot be reached stops the server at start with one line naming the URL
+/// (without its password) and what to check; nothing is served.
+#[test]
+fn a_server_refuses_an_unreachable_postgres_in_one_line() {
+    use pipeline_tests::{Server, TestRepo, run};
+    let repo = TestRepo::new();
+    let nowhere = tempfile::tempdir().expect("temp dir");
+    let url = format!(
+        "postgres://ann:secret@localhost/pipeline?host={}",
+        nowhere.path().display()
+    );
+    let out = run(&mut Server::command(&repo, &["--db", &url]));
+    assert_ne!(out.code(), Some(0), "{}", out.stderr);
+    let last = out
+        .stderr
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        last.starts_with("pipeline-server: --db postgres://ann:***@"),
+        "{}",
+        out.stderr
+    );
+    assert!(last.contains("is PostgreSQL running"), "{}", out.stderr);
+    assert!(!out.stderr.contains("secret"), "{}", out.stderr);
+}

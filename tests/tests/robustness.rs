@@ -409,6 +409,8 @@ fn explain_names_the_unhealthy_runner_that_could_take_the_task() {
 #[test]
 fn a_second_server_on_the_same_state_dir_refuses_to_start() {
     let repo = TestRepo::new();
+    // About the SQLite file itself.
+    repo.sqlite_only();
     let first = Server::start(&repo, &[]);
     let refused = |cmd: &mut Command| match Server::spawn(cmd) {
         Ok(second) => panic!("a second server started:\n{}", second.log()),
@@ -785,6 +787,8 @@ fn a_retry_whose_patchset_no_longer_applies_starts_fresh() {
 #[test]
 fn an_empty_database_beside_an_earlier_pipelines_history_is_refused() {
     let repo = TestRepo::new();
+    // About the SQLite file itself.
+    repo.sqlite_only();
     let server = Server::start(&repo, &["--no-verify"]);
     let args = {
         let mut a = scripted_agent();
@@ -842,6 +846,8 @@ fn an_empty_database_beside_an_earlier_pipelines_history_is_refused() {
 #[test]
 fn done_tasks_a_rolled_back_database_forgot_are_recorded_done_not_redone() {
     let repo = TestRepo::new();
+    // About the SQLite file itself.
+    repo.sqlite_only();
     let server = Server::start(&repo, &[]);
     let args = {
         let mut a = scripted_agent();

@@ -287,6 +287,8 @@ fn exit_when_idle_works_the_queue_off_then_stops_and_says_if_a_task_needs_help()
 #[test]
 fn dry_run_prints_the_plan_and_changes_nothing() {
     let repo = TestRepo::new();
+    // About the SQLite file itself.
+    repo.sqlite_only();
     let ids = queue_up(
         &repo,
         &[

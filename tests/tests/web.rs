@@ -655,6 +655,8 @@ fn a_request_head_that_never_ends_is_closed() {
 #[test]
 fn a_million_tasks_are_paged_never_rendered_whole() {
     let repo = TestRepo::new();
+    // About the SQLite file itself.
+    repo.sqlite_only();
     let (first, _) = server(&repo, &[]);
     first.add(&["--title", "the first"]);
     assert!(first.terminate().success());

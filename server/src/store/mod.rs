@@ -1,5 +1,5 @@
-//! Durable task state behind the [`Store`] trait, so that a second backend (Postgres) can be
-//! added and run the same test suite ([`suite`]). [`sqlite::SqliteStore`] is the default;
+//! Durable task state behind the [`Store`] trait; every backend runs the same test suite
+//! ([`suite`]). [`sqlite::SqliteStore`] is the default, [`postgres::PgStore`] the other;
 //! [`memory::MemoryStore`] is the in-memory fake the unit tests of the layers above use.
 //!
 //! Architecture invariant: the store applies no lifecycle rule. It persists what it is given

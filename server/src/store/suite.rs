@@ -2,8 +2,9 @@
 //! all with `store_test_suite!(factory)`, where `factory` is an async fn returning
 //! `(guard, store)` over a fresh, empty database. It covers every method of the trait, and
 //! writers at the same time (two worker threads): inserts racing for the next generated ID,
-//! edits racing to close a dependency cycle. Written against the trait only, so a new backend
-//! (Postgres, issue 28) runs it as it is.
+//! edits racing to close a dependency cycle. Written against the trait only: the memory store,
+//! SQLite and PostgreSQL (a database per test on `pipeline_core::pgtest`'s server) run it as it
+//! is.
 
 use crate::domain::{
     Children, CostSource, EventKind, LogLine, LogStream, NewTask, Phase, RunStatus, Task, TaskId,

@@ -62,6 +62,9 @@ use pipeline_core::ids::CommitId;
 /// readers take the rest.
 const POOL_SIZE: u32 = 10;
 
+/// How long a session may sit in a transaction between statements before PostgreSQL ends it.
+const IDLE_IN_TRANSACTION: &str = "30s";
+
 /// A task store in a PostgreSQL database.
 #[derive(Clone)]
 pub struct PgStore {
@@ -235,11 +238,17 @@ impl PgStore {
     /// schema up to date.
     pub async fn open(url: &str) -> Result<Self> {
         let shown = shown_url(url);
-        let options = PgConnectOptions::from_str(url).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "--db {shown}: not a PostgreSQL URL ({e}); give postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
-            ))
-        })?;
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "--db {shown}: not a PostgreSQL URL ({e}); give \
+                     postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+                ))
+            })?
+            // A transaction left open by a process that froze (SIGSTOP) or lost its way holds
+            // the write turn; the server ends its session after this long, so writers of other
+            // processes go on. Ours are milliseconds between statements.
+            .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]);
         // One connection first: its failure says why (the pool would retry an unreachable
         // server until its timeout and then say only that).
         let first = <PgConnection as sqlx::Connection>::connect_with(&options)

@@ -83,7 +83,7 @@ async fn ship(l: &mut Lease, first: u64, lines: u64, batch: u64) {
     }
 }
 
-async fn bench_logs(server: &Server, repo: &TestRepo, quick: bool) {
+pub async fn bench_logs(server: &Server, repo: &TestRepo, quick: bool) {
     let total: u64 = if quick { 50_000 } else { 1_000_000 };
     // Ingest, one sender.
     let mut one = take_lease(server, repo, "ingest-1").await;

@@ -10,6 +10,7 @@
 //! cargo run --release -p pipeline-tests --bin pipeline-bench -- --quick   # seconds (CI)
 //! ```
 
+mod backends;
 mod backlog;
 mod common;
 mod control;
@@ -45,6 +46,7 @@ const BENCHMARKS: &[&str] = &[
     "from-file",
     "train",
     "pg-floor",
+    "backends",
 ];
 
 fn main() {
@@ -108,6 +110,7 @@ fn main() {
                 "from-file" => from_file::from_file(quick).await,
                 "train" => train::train(quick).await,
                 "pg-floor" => pg_floor::pg_floor(quick).await,
+                "backends" => backends::backends(quick).await,
                 _ => unreachable!("checked above"),
             }
         }

@@ -69,11 +69,18 @@ async fn time_page(
 }
 
 pub async fn lists(quick: bool) {
+    lists_with(quick, &[]).await;
+}
+
+/// `lists` with `extra` server flags (another `--db`).
+pub async fn lists_with(quick: bool, extra: &[&str]) {
     let size = if quick { 20_000 } else { 1_000_000 };
     let small = 100;
     let n = if quick { 50 } else { 500 };
     let repo = TestRepo::new();
-    let server = Server::start(&repo, SERVER_FLAGS);
+    let mut flags = SERVER_FLAGS.to_vec();
+    flags.extend_from_slice(extra);
+    let server = Server::start(&repo, &flags);
     let admin = Admin::connect(&server.url, repo.admin_token()).await;
 
     // The floor: the same pages on a table of 100 tasks.
