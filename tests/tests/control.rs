@@ -327,16 +327,17 @@ fn the_database_lives_in_the_state_dir_or_where_db_says() {
     server.add(&["--title", "y"]);
     drop(server);
     assert!(other.is_file());
-    // A kind of database this server has no backend for is refused in one line, naming no
-    // password.
-    let refused = Server::spawn(&mut Server::command(
-        &repo,
-        &["--db", "postgres://u:secret@db.example/pipeline"],
-    ))
-    .err()
-    .expect("no PostgreSQL backend yet");
+    // A PostgreSQL that cannot be reached is refused in one line, naming no password.
+    let nowhere = repo.dir.path().join("no-postgres-here");
+    let url = format!(
+        "postgres://u:secret@localhost/pipeline?host={}",
+        nowhere.display()
+    );
+    let refused = Server::spawn(&mut Server::command(&repo, &["--db", &url]))
+        .err()
+        .expect("no PostgreSQL there");
     assert!(
-        refused.contains("PostgreSQL is not supported yet"),
+        refused.contains("is PostgreSQL running there?"),
         "{refused}"
     );
     assert!(!refused.contains("secret"), "{refused}");
