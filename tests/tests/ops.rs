@@ -75,6 +75,15 @@ fn metrics_need_a_credential_and_count_a_tasks_life() {
         1.0,
     );
     has("pipeline_run_duration_seconds_count{phase=\"dev\"}", 1.0);
+    // The server's integrate run, ended with the task's landing, is timed too.
+    has(
+        "pipeline_runs_total{phase=\"integrate\",outcome=\"success\"}",
+        1.0,
+    );
+    has(
+        "pipeline_run_duration_seconds_count{phase=\"integrate\"}",
+        1.0,
+    );
     has("pipeline_trains_total{outcome=\"landed\"}", 1.0);
     has("pipeline_runners{state=\"idle\"}", 1.0);
     has("pipeline_log_lines_total", 1.0);
@@ -169,6 +178,46 @@ fn metrics_count_a_failed_attempt_and_what_its_agent_used() {
         ("pipeline_tasks_landed_total", 0.0),
     ] {
         assert_eq!(sample(text, name), Some(value), "{name}:\n{text}");
+    }
+}
+
+#[test]
+fn a_verification_under_way_when_its_task_is_cancelled_is_counted_and_timed() {
+    let repo = TestRepo::new();
+    let (server, http) = server(&repo, &[]);
+    let mut fake = fake_runner(&repo, &server);
+    let id = server.add(&["--title", "cancelled while verifying"]);
+    let lease = fake.next_assignment().lease.expect("lease");
+    // The first line of the verify phase starts the lease's verify run on the server.
+    let line = pb::LogLine {
+        seq: 1,
+        at_ms: 1_700_000_000_000,
+        stream: pb::LogStream::Stdout.into(),
+        phase: pb::RunPhase::Verify.into(),
+        text: "cargo test".to_owned(),
+    };
+    fake.append_logs(lease, vec![line]).expect("a verify line");
+    server.wait_task(&id, "its verify run", |t| {
+        t["runs"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["phase"] == "verify"))
+    });
+    server.ctl(&["task", "cancel", &id]).ok();
+    server.wait_status(&id, "cancelled");
+    let text = get(&format!("{http}/metrics"), &viewer_token(&repo)).body;
+    for (name, value) in [
+        (
+            "pipeline_runs_total{phase=\"dev\",outcome=\"cancelled\"}",
+            1.0,
+        ),
+        ("pipeline_run_duration_seconds_count{phase=\"dev\"}", 1.0),
+        (
+            "pipeline_runs_total{phase=\"verify\",outcome=\"cancelled\"}",
+            1.0,
+        ),
+        ("pipeline_run_duration_seconds_count{phase=\"verify\"}", 1.0),
+    ] {
+        assert_eq!(sample(&text, name), Some(value), "{name}:\n{text}");
     }
 }
 
@@ -515,7 +564,7 @@ fn a_tasks_spans_reach_an_otlp_collector_carrying_its_id() {
             .iter()
             .any(|(n, attrs)| n == name && attrs.iter().any(|(k, v)| k == "task" && *v == id))
     };
-    for step in ["lease", "result", "train", "land"] {
+    for step in ["lease", "run", "result", "train", "land"] {
         wait_for(&format!("the {step} span of {id}"), || {
             of_task(step).then_some(())
         });

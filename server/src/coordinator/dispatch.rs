@@ -23,7 +23,7 @@ use crate::lifecycle::Event;
 use crate::ports::Repository;
 use crate::prompt::{self, PromptContext};
 use crate::scheduler::planner::{self, Pick};
-use crate::scheduler::registry::{Assignment, LiveLease, Push};
+use crate::scheduler::registry::{Assignment, LiveLease, Push, RunSpan};
 use crate::store::Store;
 
 use super::runners::lease_matches;
@@ -482,6 +482,14 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     run_id,
                     verify_run_id: None,
                     last_seq: 0,
+                    // Inside the `lease` span: the run it began.
+                    span: RunSpan(tracing::info_span!(
+                        "run",
+                        task = %leased.id,
+                        phase = "dev",
+                        runner = runner_name,
+                        epoch = lease.epoch
+                    )),
                 },
             );
             registry.push(runner_id, Push::Assign(Box::new(assignment)))

@@ -36,13 +36,27 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             runner: None,
             train,
         };
-        self.store.start_run(&task.id, &run, self.now()).await
+        let at = self.now();
+        let id = self.store.start_run(&task.id, &run, at).await?;
+        self.run_clocks().start(id, &task.id, phase, at);
+        Ok(id)
     }
 
     /// Ends a server run that leaves its task as it is (a train member that waits for the next
     /// train, a build the server could not finish).
     pub async fn end_server_run(&self, run: i64, end: &RunEnd) -> Result<()> {
-        self.store.end_run(run, end, self.now()).await
+        let at = self.now();
+        self.store.end_run(run, end, at).await?;
+        // Counted as a committed write's runs are (`Coordinator::count`); one begun before a
+        // restart was ended by it, so every run ended here was started by this process.
+        if let Some((_, phase, started)) = self.run_clocks().end(run) {
+            crate::metrics::metrics().run_ended(
+                phase.as_str(),
+                super::run_outcome(end.status, end.failure_kind, false),
+                Some((at - started).max(0) as f64 / 1000.0),
+            );
+        }
+        Ok(())
     }
 
     /// At start-up: the server's own runs a crash interrupted (integrate and verify) end.

@@ -88,6 +88,60 @@ pub struct Settings {
     pub verify_on_server: crate::config::VerifyOnServer,
 }
 
+/// A run's outcome as `pipeline_runs_total` counts it: a failure nobody is charged for is
+/// `infrastructure`, but a person's cancel (`cancelled`), `cancelled`.
+pub(crate) fn run_outcome(
+    status: RunStatus,
+    kind: Option<FailureKind>,
+    cancelled: bool,
+) -> &'static str {
+    match (status, kind) {
+        (RunStatus::Success | RunStatus::Running, _) => "success",
+        (RunStatus::Failure, Some(FailureKind::Task)) => "task_failure",
+        (RunStatus::Failure, Some(FailureKind::Infrastructure)) => "infrastructure",
+        (RunStatus::Failure, None) if cancelled => "cancelled",
+        (RunStatus::Failure, None) => "infrastructure",
+    }
+}
+
+/// When each verify and integrate run in flight began, by run ID: as many entries as runs in
+/// flight (the slots' verifications, a train's members), each gone when its run ends.
+#[derive(Debug, Default)]
+pub(crate) struct RunClocks {
+    running: std::collections::HashMap<i64, (crate::domain::TaskId, Phase, Millis)>,
+}
+
+impl RunClocks {
+    pub(crate) fn start(
+        &mut self,
+        id: i64,
+        task: &crate::domain::TaskId,
+        phase: Phase,
+        at: Millis,
+    ) {
+        self.running.insert(id, (task.clone(), phase, at));
+    }
+
+    /// The run `id` ended: its task, phase and start, if it was in flight.
+    pub(crate) fn end(&mut self, id: i64) -> Option<(crate::domain::TaskId, Phase, Millis)> {
+        self.running.remove(&id)
+    }
+
+    /// Every run of `task` in flight ended: their phases and starts.
+    pub(crate) fn end_all(&mut self, task: &crate::domain::TaskId) -> Vec<(Phase, Millis)> {
+        let ids: Vec<i64> = self
+            .running
+            .iter()
+            .filter(|(_, (t, ..))| t == task)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.running.remove(&id))
+            .map(|(_, phase, at)| (phase, at))
+            .collect()
+    }
+}
+
 /// A change decided on a task as it was read: the write to commit and what to do once it is.
 #[derive(Clone, Debug)]
 pub struct Decision {
@@ -127,6 +181,9 @@ pub struct Coordinator<S, R> {
     last_day: Mutex<LastDay>,
     /// The digest of the server's verification ([`Verifier::digest`]).
     verify_digest: String,
+    /// When each verify and integrate run in flight began (they end by ID, or with their
+    /// task's other runs), for `pipeline_run_duration_seconds`.
+    run_clocks: Mutex<RunClocks>,
     /// The project's instructions for agents (`AGENTS.md`) at the last base commit a prompt
     /// was built on: read once per base commit, not once per lease.
     instructions: tokio::sync::Mutex<Option<(pipeline_core::ids::CommitId, Option<Arc<str>>)>>,
@@ -223,6 +280,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             instructions: tokio::sync::Mutex::new(None),
             webhooks: std::sync::OnceLock::new(),
             leadership: std::sync::OnceLock::new(),
+            run_clocks: Mutex::new(RunClocks::default()),
         }
     }
 
@@ -345,6 +403,12 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// every method leaves it whole).
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn run_clocks(&self) -> MutexGuard<'_, RunClocks> {
+        self.run_clocks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -502,21 +566,16 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
 
     /// What a committed write did, counted in the metrics: the runs it ended
     /// (`pipeline_runs_total`, `pipeline_run_duration_seconds`), the agents' cost and tokens,
-    /// a landing. A run's phase follows from the write: the runs it records say theirs, the
-    /// runs it ends by ID are verify runs (the runner's verification), and the runs it ends
-    /// all at once are the dev run of a task that leaves InProgress (timed from its lease) or
-    /// the integrate run of a task whose integration ends. A failure nobody is charged for is
-    /// `infrastructure`, but a person's cancel, `cancelled`.
+    /// a landing. A run's phase and start: the runs it records say theirs; the runs it ends by
+    /// ID and the verify and integrate runs it ends all at once are in the run clocks (a run
+    /// begun before a restart is not there: one ended by ID is then counted as a verify run,
+    /// untimed); the dev run of a task that leaves InProgress is timed from its lease. A
+    /// failure nobody is charged for is `infrastructure`, but a person's cancel, `cancelled`.
     fn count(&self, decision: &Decision, after: &Task) {
         let (before, write) = (&decision.before, &decision.write);
         let m = crate::metrics::metrics();
-        let outcome = |status: RunStatus, kind: Option<FailureKind>| match (status, kind) {
-            (RunStatus::Success | RunStatus::Running, _) => "success",
-            (RunStatus::Failure, Some(FailureKind::Task)) => "task_failure",
-            (RunStatus::Failure, Some(FailureKind::Infrastructure)) => "infrastructure",
-            (RunStatus::Failure, None) if write.event.kind == EventKind::Cancelled => "cancelled",
-            (RunStatus::Failure, None) => "infrastructure",
-        };
+        let cancelled = write.event.kind == EventKind::Cancelled;
+        let outcome = |status, kind| run_outcome(status, kind, cancelled);
         let since = |from: Millis| Some((write.at - from).max(0) as f64 / 1000.0);
         for r in &write.runs.record {
             m.run_ended(
@@ -525,11 +584,16 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 since(r.started_at),
             );
         }
-        for (_, e) in &write.runs.end {
+        for (id, e) in &write.runs.end {
+            // A run begun before a restart of the server is not timed.
+            let (phase, started) = match self.run_clocks().end(*id) {
+                Some((_, phase, at)) => (phase, Some(at)),
+                None => (Phase::Verify, None),
+            };
             m.run_ended(
-                Phase::Verify.as_str(),
+                phase.as_str(),
                 outcome(e.status, e.failure_kind),
-                None,
+                started.and_then(since),
             );
         }
         if let Some(e) = &write.runs.close_rest {
@@ -543,18 +607,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     outcome(e.status, e.failure_kind),
                     leased_at.and_then(since),
                 );
-            } else if write.end_integration
-                && !write
-                    .runs
-                    .record
-                    .iter()
-                    .any(|r| r.phase == Phase::Integrate)
-            {
-                m.run_ended(
-                    Phase::Integrate.as_str(),
-                    outcome(e.status, e.failure_kind),
-                    None,
-                );
+            }
+            // The task's verify and integrate runs in flight end with it.
+            for (phase, at) in self.run_clocks().end_all(&write.task_id) {
+                m.run_ended(phase.as_str(), outcome(e.status, e.failure_kind), since(at));
             }
         }
         for e in write

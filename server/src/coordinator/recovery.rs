@@ -9,7 +9,7 @@ use crate::domain::{Phase, Task, TaskStatus};
 use crate::error::{Error, Result};
 use crate::lifecycle::Event;
 use crate::ports::Repository;
-use crate::scheduler::registry::LiveLease;
+use crate::scheduler::registry::{LiveLease, RunSpan};
 use crate::store::Store;
 use crate::usage::{self, LastDay};
 
@@ -46,6 +46,11 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 let running = self.store.running_runs(&task.id).await?;
                 let of = |phase| running.iter().find(|r| r.phase == phase).map(|r| r.id);
                 let (run_id, verify_run_id) = (of(Phase::Dev), of(Phase::Verify));
+                // The runner's verification, under way, is timed from its start as stored.
+                for run in running.iter().filter(|r| r.phase == Phase::Verify) {
+                    self.run_clocks()
+                        .start(run.id, &task.id, Phase::Verify, run.started_at);
+                }
                 let mut last_seq = 0;
                 for run in &running {
                     last_seq = last_seq.max(self.store.last_log_seq(run.id).await?);
@@ -62,6 +67,14 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                         run_id,
                         verify_run_id,
                         last_seq,
+                        span: RunSpan(tracing::info_span!(
+                            "run",
+                            task = %task.id,
+                            phase = "dev",
+                            runner = %lease.runner,
+                            epoch = lease.epoch,
+                            restored = true
+                        )),
                     },
                 );
                 restored += 1;

@@ -599,6 +599,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     ) -> Result<Task> {
         let task = self.check_lease(runner_id, &result.lease).await?;
         tracing::Span::current().record("task", tracing::field::display(&task.id));
+        if let Some(live) = self.registry().lease(&result.lease.id) {
+            // The result ends the lease's `run`.
+            tracing::Span::current().follows_from(&live.span.0);
+        }
         let lease = task
             .lease
             .clone()
@@ -846,6 +850,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 None => {
                     // The verify run belongs to the patchset the runner is about to send.
                     let patchset = self.get(&task).await?.state.patchset + 1;
+                    let at = self.now();
                     let id = self
                         .store
                         .start_run(
@@ -856,9 +861,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                                 runner: Some(runner),
                                 train: None,
                             },
-                            self.now(),
+                            at,
                         )
                         .await?;
+                    self.run_clocks().start(id, &task, Phase::Verify, at);
                     self.registry().set_verify_run(&lease.id, id);
                     id
                 }

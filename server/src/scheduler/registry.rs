@@ -103,6 +103,27 @@ pub struct LiveLease {
     /// The highest log line number taken for the lease (its runner numbers the lines of both
     /// its runs in one sequence); a line the server adds (a cancel) comes after it.
     pub last_seq: u64,
+    /// The dev run's `run` span, from the lease to its end.
+    pub span: RunSpan,
+}
+
+/// The tracing span of a lease's dev run (`run`, carrying the task's ID): open from the lease
+/// until the lease ends (the runner's result, a cancel, a lapse), when the registry drops it.
+#[derive(Clone, Debug)]
+pub struct RunSpan(pub tracing::Span);
+
+/// No span (a lease made in a test).
+impl Default for RunSpan {
+    fn default() -> Self {
+        Self(tracing::Span::none())
+    }
+}
+
+/// A span is not part of a lease's value.
+impl PartialEq for RunSpan {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Why a runner's message about a lease is refused.
@@ -587,6 +608,7 @@ mod tests {
             run_id: None,
             verify_run_id: None,
             last_seq: 0,
+            span: RunSpan::default(),
         }
     }
 
