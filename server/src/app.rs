@@ -287,7 +287,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             coordinator.set_webhooks(Arc::clone(&board));
             Some((opened, board, settings))
         }
-        None => None,
+        None => {
+            crate::webhooks::forget_unconfigured(&store, &[]).await?;
+            None
+        }
     };
     coordinator.load_counts().await?;
     coordinator.load_landing().await?;
@@ -362,6 +365,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     if let Some((opened, board, settings)) = webhooks {
         let settings = Arc::new(crate::webhooks::Settings {
             render: task_json(coordinator.policy().clone()),
+            render_runner: runner_json(Arc::clone(&coordinator)),
             ..settings
         });
         for (index, endpoint) in opened.into_iter().enumerate() {
@@ -1071,6 +1075,7 @@ fn webhook_plan(
         backoff_base: Duration::from_millis(config.webhook_backoff_ms.max(1)),
         timeout,
         render: Arc::new(|_| serde_json::Value::Null),
+        render_runner: Arc::new(|_| None),
     };
     Ok(Some((urls, settings)))
 }
@@ -1081,6 +1086,20 @@ fn task_json(policy: Policy) -> crate::webhooks::Render {
         pipeline_api::json::task(&pipeline_api::model::Task::from(
             crate::grpc::convert::task_to_pb(&policy, task),
         ))
+    })
+}
+
+/// A runner, by name, as the JSON API's runners view shows it (`/api/runners`,
+/// `runners --json`: [`crate::http::api::runner_view`]).
+fn runner_json<S: Store, R: Repository>(
+    coordinator: Arc<Coordinator<S, R>>,
+) -> crate::webhooks::RenderRunner {
+    Arc::new(move |name| {
+        coordinator
+            .runners()
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| pipeline_api::json::runner(&crate::http::api::runner_view(r)))
     })
 }
 

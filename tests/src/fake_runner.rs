@@ -210,11 +210,20 @@ impl FakeRunner {
     }
 
     pub fn heartbeat(&mut self, held: Vec<pb::LeaseRef>) -> Result<pb::HeartbeatResponse, Status> {
+        self.heartbeat_saying(held, None)
+    }
+
+    /// A heartbeat that says the runner is unhealthy (takes no work) and why, or healthy.
+    pub fn heartbeat_saying(
+        &mut self,
+        held: Vec<pb::LeaseRef>,
+        unhealthy: Option<&str>,
+    ) -> Result<pb::HeartbeatResponse, Status> {
         let req = pb::HeartbeatRequest {
             runner_id: self.id.clone(),
             held,
             draining: false,
-            unhealthy: None,
+            unhealthy: unhealthy.map(str::to_owned),
         };
         let req = authorized(&self.credential, req);
         Ok(self.rt.block_on(self.client.heartbeat(req))?.into_inner())

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use pipeline_tests::fake_runner::FakeRunner;
 use pipeline_tests::{Server, TestRepo, runner, wait_for};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -553,4 +554,107 @@ fn landing_paused_and_resumed_by_a_person_are_sent_from_the_change_feed() {
     assert_eq!(bodies[1]["data"]["state"], "running", "{bodies:?}");
     let position = |g: &Got| -> i64 { g.id().trim_start_matches("msg_").parse().expect("msg_N") };
     assert!(position(&got[0]) < position(&got[1]), "{got:?}");
+}
+
+#[test]
+fn a_runner_turning_unhealthy_is_sent_whole_as_the_runners_view_shows_it() {
+    let repo = TestRepo::new();
+    let receiver = Receiver::up();
+    let secret = secret_file(&dir_of(&repo), SECRET);
+    let server = start(&repo, &flags(&receiver, &secret, Some("runner.unhealthy")));
+    let mut sick = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "sick",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    sick.open(vec![]).expect("open the work stream");
+    sick.heartbeat_saying(vec![], Some("the work dir's disk is full"))
+        .expect("heartbeat");
+    let got = receiver.wait("runner.unhealthy", |got| got.iter().any(Got::delivered));
+    let message = &got[0];
+    assert!(message.signed(), "{message:?}");
+    let body = message.json();
+    assert_eq!(body["type"], "runner.unhealthy", "{body}");
+    let data = &body["data"];
+    assert_eq!(data["health"], "unhealthy", "{body}");
+    assert_eq!(
+        data["health_reason"], "the work dir's disk is full",
+        "{body}"
+    );
+    // The whole runner, as `runners --json` (and `/api/runners`) shows it: the same keys, and
+    // the same values for what has not moved since (its heartbeat time may have).
+    let listed = server
+        .runners()
+        .into_iter()
+        .find(|r| r["name"] == "sick")
+        .expect("listed");
+    let keys = |v: &Value| {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(keys(data), keys(&listed), "{body}\n{listed}");
+    for key in [
+        "id",
+        "name",
+        "state",
+        "labels",
+        "slots_total",
+        "version",
+        "health",
+        "health_reason",
+    ] {
+        assert_eq!(data[key], listed[key], "{key}: {body}\n{listed}");
+    }
+    assert_eq!(data["labels"], serde_json::json!(["fake"]), "{body}");
+}
+
+#[test]
+fn an_endpoint_dropped_from_the_flags_is_forgotten_and_given_again_starts_afresh() {
+    let repo = TestRepo::new();
+    let receiver = Receiver::up();
+    let secret = secret_file(&dir_of(&repo), SECRET);
+    // The endpoint fails, so an event is pending on it when the server stops.
+    receiver.otherwise(Reply::Status(503));
+    let server = start(&repo, &flags(&receiver, &secret, Some("task.cancelled")));
+    let pending = server.add(&["--title", "pending when dropped"]);
+    server.ctl(&["task", "cancel", &pending]).ok();
+    wait_for("the message pending in status", || {
+        (!endpoint(&server)["pending"].is_null()).then_some(())
+    });
+    server.terminate();
+    // Started without it: its place is forgotten (said in the log), and it shows nowhere.
+    let server = start(&repo, &[]);
+    assert!(
+        server
+            .proc
+            .log()
+            .contains("forgot a webhook endpoint no longer configured"),
+        "{}",
+        server.proc.log()
+    );
+    assert_eq!(
+        server.ctl(&["status", "--json"]).json()["webhooks"],
+        serde_json::json!([]),
+    );
+    let meanwhile = server.add(&["--title", "cancelled while dropped"]);
+    server.ctl(&["task", "cancel", &meanwhile]).ok();
+    server.terminate();
+    // Given again, it is a new endpoint: sent what happens from now on, not what it missed
+    // nor what was pending on it when it was dropped.
+    receiver.otherwise(Reply::Status(204));
+    let seen = receiver.got().len();
+    let server = start(&repo, &flags(&receiver, &secret, Some("task.cancelled")));
+    let now = server.add(&["--title", "after"]);
+    server.ctl(&["task", "cancel", &now]).ok();
+    let got = receiver.wait("the event after it was given again", |got| {
+        got[seen..].iter().any(Got::delivered)
+    });
+    let sent: Vec<Value> = got[seen..]
+        .iter()
+        .map(|g| g.json()["data"]["id"].clone())
+        .collect();
+    assert_eq!(sent, vec![Value::from(now.as_str())], "{got:?}");
 }

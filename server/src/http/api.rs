@@ -56,6 +56,11 @@ pub async fn task_view<S: Store>(
         .map_err(|e| crate::error::Error::Internal(e.to_string()))
 }
 
+/// A runner, as a view: the one shape of a runner in the JSON API, the page and webhooks.
+pub fn runner_view(r: &crate::coordinator::RunnerInfo) -> model::Runner {
+    model::Runner::from(pb::Runner::from(r))
+}
+
 /// Every runner, as views (a page at a time from the registry, in memory).
 pub fn runner_views<S: Store>(app: &App<S>) -> Vec<model::Runner> {
     let mut all = Vec::new();
@@ -65,11 +70,7 @@ pub fn runner_views<S: Store>(app: &App<S>) -> Vec<model::Runner> {
             .coordinator
             .runners_page(after.as_deref(), Page::MAX_SIZE);
         after = runners.last().map(|r| r.name.clone());
-        all.extend(
-            runners
-                .iter()
-                .map(|r| model::Runner::from(pb::Runner::from(r))),
-        );
+        all.extend(runners.iter().map(runner_view));
         if !more {
             return all;
         }

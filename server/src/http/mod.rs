@@ -24,7 +24,7 @@
 
 pub mod access;
 mod actions;
-mod api;
+pub(crate) mod api;
 pub mod charts;
 mod html;
 mod live;

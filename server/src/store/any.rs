@@ -537,6 +537,12 @@ impl Store for AnyStore {
             AnyStore::Postgres(s) => s.put_webhook(cursor).await,
         }
     }
+
+    async fn forget_webhook(&self, url: &str) -> Result<bool> {
+        match self {
+            AnyStore::Sqlite(s) => s.forget_webhook(url).await,
+        }
+    }
 }
 
 #[cfg(test)]

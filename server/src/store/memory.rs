@@ -1111,6 +1111,10 @@ impl Store for MemoryStore {
             _ => Ok(false),
         }
     }
+
+    async fn forget_webhook(&self, url: &str) -> Result<bool> {
+        Ok(self.lock().webhooks.remove(url).is_some())
+    }
 }
 
 #[cfg(test)]

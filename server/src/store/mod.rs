@@ -601,4 +601,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Writes an endpoint's cursor, which never goes back: returns false (and writes nothing)
     /// for an unknown URL or a position before the stored one.
     fn put_webhook(&self, cursor: &WebhookCursor) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Forgets an endpoint's cursor (it is no longer configured): returns whether it had one.
+    /// Opened again later, it starts at the head it is then given.
+    fn forget_webhook(&self, url: &str) -> impl Future<Output = Result<bool>> + Send;
 }

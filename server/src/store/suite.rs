@@ -2099,7 +2099,7 @@ pub async fn publishes_nothing_of_a_refused_write<S: Store>(store: &S) {
 }
 
 /// A webhook endpoint's cursor: made once at the head it is given (opening it again leaves it
-/// where it is), written whole, and never moved back.
+/// where it is), written whole, never moved back, and forgotten on demand.
 pub async fn keeps_webhook_cursors_that_never_go_back<S: Store>(store: &S) {
     use crate::store::WebhookCursor;
     assert!(store.webhooks().await.expect("none").is_empty());
@@ -2148,4 +2148,14 @@ pub async fn keeps_webhook_cursors_that_never_go_back<S: Store>(store: &S) {
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].url, "http://127.0.0.1:9/a");
     assert_eq!(all[1], delivered);
+    // Forgotten (no longer configured): gone, and opened again it starts afresh.
+    assert!(store.forget_webhook(url).await.expect("forget"));
+    assert!(!store.forget_webhook(url).await.expect("again"), "gone");
+    let all = store.webhooks().await.expect("all");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].url, "http://127.0.0.1:9/a");
+    assert_eq!(
+        store.open_webhook(url, 12, 7_000).await.expect("reopen"),
+        WebhookCursor::at(url, 12)
+    );
 }

@@ -5,7 +5,9 @@
 //! - The events are entries of the server's feed ([`source`]: the change feed, in commit order;
 //!   the worker wakes on its broadcast). Each endpoint keeps its place in it in the store (`webhooks`, migration
 //!   0019): the last entry handled, and the attempts, next attempt and last error of the entry
-//!   after it. A new endpoint starts at the feed's head (no history is replayed to it).
+//!   after it. A new endpoint starts at the feed's head (no history is replayed to it); the
+//!   cursor of an endpoint no longer configured is forgotten at start-up, so one given again
+//!   later is new too.
 //! - One worker per endpoint ([`run`]), so a slow or dead receiver holds up only itself. It
 //!   delivers the entries after its cursor in order, moving the cursor (in the store first,
 //!   then in memory) only once an entry is answered 2xx, or refused for good (a 4xx other than
@@ -16,8 +18,9 @@
 //!   stored cursor: an entry may be sent again, never skipped.
 //! - A message's `webhook-id` is `msg_<position>`, the same on every attempt and after a
 //!   restart (receivers de-duplicate on it); its `webhook-timestamp` and signature are made
-//!   afresh for each attempt. The body is `{"type", "timestamp", "data"}`, `data` the task as
-//!   the JSON API shows it when the message is sent.
+//!   afresh for each attempt. The body is `{"type", "timestamp", "data"}`, `data` the task, or
+//!   the runner, as the JSON API shows it when the message is sent (a runner with the health
+//!   and reason its entry reported); landing's entries carry their own details.
 //! - No polling: a worker waits for the next entry (the in-process broadcast of transitions,
 //!   [`LogHub::watch`], subscribed before it reads so nothing falls between), or for its next
 //!   attempt's time, or for the shutdown.
@@ -54,6 +57,11 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// which knows that shape).
 pub type Render = Arc<dyn Fn(&Task) -> serde_json::Value + Send + Sync>;
 
+/// How a runner, by name, is shown in a message's `data`: as the JSON API's runners view shows
+/// it now, or `None` for a runner the server no longer knows (given by the caller, which knows
+/// that shape and the runners).
+pub type RenderRunner = Arc<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
+
 /// What every endpoint's worker is given.
 pub struct Settings {
     pub secret: Secret,
@@ -63,6 +71,7 @@ pub struct Settings {
     /// The time limit on connecting and on a whole request.
     pub timeout: Duration,
     pub render: Render,
+    pub render_runner: RenderRunner,
 }
 
 /// An endpoint's URL, checked: `http` or `https`, with a host.
@@ -145,14 +154,40 @@ pub struct Opened {
     pub cursor: WebhookCursor,
 }
 
+/// Forgets the cursors of endpoints no longer given to `--webhook` (`urls`, maybe none), each
+/// logged: they are sent nothing more, and one given again later is a new endpoint, sent what
+/// happens from then on (not everything it missed meanwhile).
+pub async fn forget_unconfigured<S: Store>(
+    store: &S,
+    urls: &[reqwest::Url],
+) -> crate::error::Result<()> {
+    for cursor in store.webhooks().await? {
+        if urls.iter().any(|u| u.as_str() == cursor.url) {
+            continue;
+        }
+        if store.forget_webhook(&cursor.url).await? {
+            let endpoint = reqwest::Url::parse(&cursor.url)
+                .map_or_else(|_| "an endpoint".to_owned(), |u| shown(&u));
+            tracing::info!(
+                %endpoint,
+                position = cursor.position,
+                "forgot a webhook endpoint no longer configured"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Opens every endpoint's cursor, a new one at the feed's head, before anything else is
-/// written (so a new endpoint is sent everything from the server's start on); returns them
-/// and the board that shows them.
+/// written (so a new endpoint is sent everything from the server's start on), and forgets
+/// those of endpoints no longer configured ([`forget_unconfigured`]); returns them and the
+/// board that shows them.
 pub async fn open<S: Store>(
     store: &S,
     urls: &[reqwest::Url],
     now: Millis,
 ) -> crate::error::Result<(Vec<Opened>, Arc<Board>)> {
+    forget_unconfigured(store, urls).await?;
     let head = source::head(store).await?;
     let mut opened = Vec::new();
     for url in urls {
@@ -182,6 +217,33 @@ fn status_of(url: &reqwest::Url, c: &WebhookCursor, pending: Option<Pending>) ->
         last_error: c.last_error.clone(),
         last_error_at: c.last_error_at,
     }
+}
+
+/// A `runner.unhealthy` message's `data`: the runner as the JSON API shows it when the message
+/// is sent (`now`), with the health and reason its entry `reported` (so a message sent late,
+/// after the runner recovered, still says why it was unhealthy). A runner the server no
+/// longer knows (forgotten) is its name and what the entry reported.
+fn runner_data(
+    now: Option<serde_json::Value>,
+    name: &str,
+    reported: &serde_json::Value,
+) -> serde_json::Value {
+    let mut data = match now {
+        Some(serde_json::Value::Object(map)) => map,
+        _ => {
+            let mut map = serde_json::Map::new();
+            map.insert("name".into(), name.into());
+            map
+        }
+    };
+    if let serde_json::Value::Object(reported) = reported {
+        for key in ["health", "health_reason"] {
+            if let Some(value) = reported.get(key) {
+                data.insert(key.into(), value.clone());
+            }
+        }
+    }
+    serde_json::Value::Object(data)
 }
 
 /// Whether the worker goes on or stops (shutdown).
@@ -306,6 +368,9 @@ impl<S: Store> Worker<S> {
                 .get_task(id)
                 .await?
                 .map_or(serde_json::Value::Null, |t| (self.settings.render)(&t)),
+            Subject::Runner { name, reported } => {
+                runner_data((self.settings.render_runner)(name), name, reported)
+            }
             Subject::Other(data) => data.clone(),
         };
         let body = json!({
@@ -512,6 +577,24 @@ mod tests {
                 .as_deref()
                 .is_some_and(|e| e.starts_with("msg_11: gave up after 3 attempts over 24 h")),
             "{c:?}"
+        );
+    }
+
+    #[test]
+    fn a_runner_is_sent_whole_as_now_with_the_health_its_entry_reported() {
+        let reported = json!({"health": "unhealthy", "health_reason": "disk full"});
+        let now = json!({"name": "r1", "state": "idle", "labels": ["os=linux"],
+                         "health": "healthy", "health_reason": null});
+        let data = runner_data(Some(now), "r1", &reported);
+        assert_eq!(
+            data,
+            json!({"name": "r1", "state": "idle", "labels": ["os=linux"],
+                   "health": "unhealthy", "health_reason": "disk full"})
+        );
+        // A runner forgotten since: its name and what was reported.
+        assert_eq!(
+            runner_data(None, "r1", &reported),
+            json!({"name": "r1", "health": "unhealthy", "health_reason": "disk full"})
         );
     }
 

@@ -4,7 +4,7 @@
 //! The source is the change feed (`Store::entries_after`, positions in commit order): a task's
 //! transition to Done, NeedsHelp or Cancelled is `task.done`, `task.needs_help` or
 //! `task.cancelled`; landing's `paused` and `resumed` entries are `landing.paused` and
-//! `landing.resumed`; a runner's `unhealthy` entry is `runner.unhealthy`.
+//! `landing.resumed`; a runner's `unhealthy` entry is `runner.unhealthy`, about the runner.
 
 use crate::domain::{Millis, TaskEvent, TaskId, TaskStatus};
 use crate::error::Result;
@@ -95,7 +95,12 @@ impl Kinds {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subject {
     Task(TaskId),
-    /// A runner or landing: what its feed entry says (its name and its details).
+    /// A runner, by name, with what its entry reported (its health and reason).
+    Runner {
+        name: String,
+        reported: serde_json::Value,
+    },
+    /// Landing: what its feed entry says (its name and its details).
     Other(serde_json::Value),
 }
 
@@ -138,14 +143,20 @@ pub fn kind_of_entry(entry: &FeedEntry) -> Option<Kind> {
     }
 }
 
-/// What a feed entry is about: a task by its ID (sent as it is when delivered), or the
-/// entry's own details with its subject's name (a runner's health and reason; landing's state
-/// and reason).
+/// What a feed entry is about: a task by its ID or a runner by its name (each sent as it is
+/// when delivered), or the entry's own details with its subject's name (landing's state and
+/// reason).
 fn subject_of(entry: &FeedEntry) -> Subject {
     if entry.topic == Topic::Task
         && let Ok(id) = TaskId::parse(&entry.subject)
     {
         return Subject::Task(id);
+    }
+    if entry.topic == Topic::Runner {
+        return Subject::Runner {
+            name: entry.subject.clone(),
+            reported: entry.data_json(),
+        };
     }
     let mut data = entry.data_json();
     if let serde_json::Value::Object(map) = &mut data {
@@ -229,11 +240,18 @@ mod tests {
             r#"{"health":"unhealthy","health_reason":"disk full"}"#,
         );
         assert_eq!(kind_of_entry(&sick), Some(Kind::RunnerUnhealthy));
-        let Subject::Other(data) = subject_of(&sick) else {
+        let Subject::Runner { name, reported } = subject_of(&sick) else {
             panic!("a runner's entry is about the runner")
         };
-        assert_eq!(data["name"], "r1");
-        assert_eq!(data["health_reason"], "disk full");
+        assert_eq!(name, "r1");
+        assert_eq!(reported["health_reason"], "disk full");
+        let Subject::Other(data) = subject_of(&paused) else {
+            panic!("landing's entry carries its details")
+        };
+        assert_eq!(
+            (&data["name"], &data["reason"]),
+            (&"landing".into(), &"why".into())
+        );
         assert_eq!(
             kind_of_entry(&entry(Topic::Runner, "r1", "healthy", "{}")),
             None

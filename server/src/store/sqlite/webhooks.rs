@@ -92,3 +92,11 @@ pub(super) async fn put(conn: &mut SqliteConnection, c: &WebhookCursor) -> Resul
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+pub(super) async fn forget(conn: &mut SqliteConnection, url: &str) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM webhooks WHERE url = ?")
+        .bind(url)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
