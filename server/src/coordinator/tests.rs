@@ -1104,3 +1104,38 @@ async fn a_member_that_conflicts_with_the_one_before_it_waits_then_is_charged_fo
     );
     assert_eq!(w.repo.files_of(&w.repo.branch_tip(&base))["f.txt"], "a");
 }
+
+#[test]
+fn run_clocks_end_a_run_by_id_or_every_run_of_its_task() {
+    let (a, b) = (
+        crate::domain::TaskId::parse("t-1").expect("id"),
+        crate::domain::TaskId::parse("t-2").expect("id"),
+    );
+    let mut clocks = RunClocks::default();
+    clocks.start(1, &a, Phase::Verify, 1_000);
+    clocks.start(2, &a, Phase::Integrate, 2_000);
+    clocks.start(3, &b, Phase::Integrate, 3_000);
+    assert_eq!(clocks.end(1), Some((a.clone(), Phase::Verify, 1_000)));
+    assert_eq!(clocks.end(1), None, "ended once");
+    assert_eq!(clocks.end_all(&a), vec![(Phase::Integrate, 2_000)]);
+    assert_eq!(clocks.end_all(&a), vec![], "nothing of t-1 left");
+    assert_eq!(clocks.end(3), Some((b, Phase::Integrate, 3_000)));
+    assert!(
+        clocks.running.is_empty(),
+        "nothing kept once every run ended"
+    );
+}
+
+#[test]
+fn a_runs_outcome_blames_the_right_party() {
+    use crate::domain::{FailureKind, RunStatus};
+    assert_eq!(run_outcome(RunStatus::Success, None, false), "success");
+    let failed = |kind, cancelled| run_outcome(RunStatus::Failure, kind, cancelled);
+    assert_eq!(failed(Some(FailureKind::Task), false), "task_failure");
+    assert_eq!(
+        failed(Some(FailureKind::Infrastructure), true),
+        "infrastructure"
+    );
+    assert_eq!(failed(None, true), "cancelled");
+    assert_eq!(failed(None, false), "infrastructure");
+}
