@@ -541,6 +541,7 @@ impl Store for AnyStore {
     async fn forget_webhook(&self, url: &str) -> Result<bool> {
         match self {
             AnyStore::Sqlite(s) => s.forget_webhook(url).await,
+            AnyStore::Postgres(s) => s.forget_webhook(url).await,
         }
     }
 }

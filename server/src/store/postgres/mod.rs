@@ -596,6 +596,12 @@ impl Store for PgStore {
         let result = webhooks::put(&mut tx, cursor).await;
         tx.finish(result).await
     }
+
+    async fn forget_webhook(&self, url: &str) -> Result<bool> {
+        let mut tx = self.write().await?;
+        let result = webhooks::forget(&mut tx, url).await;
+        tx.finish(result).await
+    }
 }
 
 #[cfg(test)]

@@ -92,3 +92,12 @@ pub(super) async fn put(conn: &mut PgConnection, c: &WebhookCursor) -> Result<bo
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// Forgets an endpoint's cursor; false if it had none.
+pub(super) async fn forget(conn: &mut PgConnection, url: &str) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM webhooks WHERE url = $1")
+        .bind(url)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
