@@ -1,7 +1,8 @@
 //! The dispatch loop: expire lapsed leases, then fill free slots. It sleeps until something can
-//! change the answer: a task became leasable or a slot freed (the `wake` notification), a
-//! back-off ends or a lease expires (a timer set to that instant). There is no fixed polling
-//! interval.
+//! change the answer: an entry of the change feed that may (a task became leasable or freed a
+//! slot, a runner came or recovered, the queue resumed: [`super::wakeups`], once memory has
+//! followed it), a back-off ends or a lease expires (a timer set to that instant). There is no
+//! fixed polling interval.
 //!
 //! A round reads lease candidates in pages, has the pure [`planner`] match them to free slots,
 //! prepares each lease (the base tip, the previous patchset replayed onto it), and commits the
@@ -84,6 +85,9 @@ struct EpicCap {
 impl<S: Store, R: Repository> Coordinator<S, R> {
     /// Pushes eligible tasks to free slots and expires lapsed leases, until `shutdown`.
     pub async fn dispatch_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        // Subscribed before the first round: nothing published from now on is missed.
+        let mut wakeups =
+            super::wakeups::Wakeups::new(self.store.feed(), super::wakeups::wakes_dispatcher);
         loop {
             let next = match self.dispatch_once().await {
                 Ok(next) => next,
@@ -98,7 +102,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             };
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = self.wake.notified() => {}
+                () = wakeups.next(&self.following) => {}
                 () = tokio::time::sleep(sleep) => {}
             }
         }
@@ -134,6 +138,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         let mut batch = Vec::new();
         // Each epic's cap, read once a round.
         let mut epics: HashMap<TaskId, Option<EpicCap>> = HashMap::new();
+        // A lease that lost its race (the task changed meanwhile) asks for another round now.
+        let mut again = false;
         while planner::total(&slots) > 0 && budget > 0 {
             let limit = page.min(budget);
             let mut candidates = self.store.lease_candidates(now, after, limit).await?;
@@ -202,7 +208,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     Err(err) => return Err(err),
                 }
                 if batch.len() >= self.settings.dispatch_batch.max(1) {
-                    self.commit_leases(std::mem::take(&mut batch)).await?;
+                    again |= self.commit_leases(std::mem::take(&mut batch)).await?;
                 }
             }
             if last_page {
@@ -210,7 +216,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             }
         }
         if !batch.is_empty() {
-            self.commit_leases(batch).await?;
+            again |= self.commit_leases(batch).await?;
+        }
+        if again {
+            return Ok(Some(self.now()));
         }
         let next_backoff = self.store.next_backoff_end(now).await?;
         let next_expiry = self.registry().next_expiry();
@@ -342,9 +351,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     }
 
     /// Commits planned leases in one transaction (through the one commit path), then pushes
-    /// each to its runner. A lease that lost a race (the task changed) is dropped and another
-    /// round is asked for.
-    async fn commit_leases(&self, batch: Vec<Planned>) -> Result<()> {
+    /// each to its runner. A lease that lost a race (the task changed) is dropped; true if one
+    /// did (another round is due).
+    async fn commit_leases(&self, batch: Vec<Planned>) -> Result<bool> {
+        let mut lost = false;
         let mut runners = Vec::with_capacity(batch.len());
         let decisions = batch
             .into_iter()
@@ -415,11 +425,11 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 }
                 Err(err) => {
                     tracing::info!(%task, error = %err, "lease not taken");
-                    self.wake.notify_one();
+                    lost = true;
                 }
             }
         }
-        Ok(())
+        Ok(lost)
     }
 
     /// Registers a committed lease as live and pushes its work to the runner; if the runner is

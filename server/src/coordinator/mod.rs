@@ -22,6 +22,7 @@ pub mod queue;
 pub mod recovery;
 pub mod runners;
 pub mod tasks;
+mod wakeups;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,7 +30,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use pipeline_core::clock::Clock;
 use pipeline_core::git::{BranchName, RemoteName};
 use pipeline_core::verify::Verifier;
-use tokio::sync::Notify;
 
 use crate::domain::{
     EventKind, FailureKind, Millis, Phase, RunEnd, RunStatus, StatusCounts, Task, TaskStatus,
@@ -159,10 +159,9 @@ pub struct Coordinator<S, R> {
     repo: R,
     clock: Arc<dyn Clock>,
     registry: Mutex<Registry>,
-    /// Wakes the dispatch loop: a task may have become leasable or a slot may have freed.
-    wake: Notify,
-    /// Wakes the integrator: a task became Verified or a dependency Done.
-    integrate_wake: Notify,
+    /// The writes whose memory has not followed yet: the dispatcher and the integrator, woken
+    /// by the feed, wait for them before they read memory ([`wakeups`]).
+    following: wakeups::Following,
     /// Run logs and live transitions.
     logs: Arc<LogHub>,
     /// Credentials and roles.
@@ -270,8 +269,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             repo,
             clock,
             registry: Mutex::new(Registry::default()),
-            wake: Notify::new(),
-            integrate_wake: Notify::new(),
+            following: wakeups::Following::default(),
             noted: std::sync::OnceLock::new(),
             counts: Mutex::new(None),
             counts_moved: tokio::sync::watch::Sender::new(0),
@@ -360,14 +358,19 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         self.clock.now_ms()
     }
 
-    /// Wakes the dispatch loop.
-    pub fn wake_dispatch(&self) {
-        self.wake.notify_one();
+    /// A ticket for a write whose memory follows (see [`wakeups`]): held from before the
+    /// store is called until memory has followed.
+    pub(crate) fn following(&self) -> wakeups::Ticket<'_> {
+        self.following.begin()
     }
 
-    /// What the integrator waits on.
-    pub fn integrator_wakeup(&self) -> &Notify {
-        &self.integrate_wake
+    /// What wakes the integrator: the feed's entries that may change what it does, each once
+    /// memory has followed. Subscribed now: take it before the first round.
+    pub fn integrator_wakeups(&self) -> IntegratorWakeups<'_, S, R> {
+        IntegratorWakeups {
+            coordinator: self,
+            wakeups: wakeups::Wakeups::new(self.store.feed(), wakeups::wakes_integrator),
+        }
     }
 
     /// The landing side's state.
@@ -502,6 +505,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// that lost its race is `Err(Conflict)` in its place), then acts on each that committed.
     /// The outer error means nothing was written.
     pub async fn commit(&self, decisions: Vec<Decision>) -> Result<Vec<Result<Committed>>> {
+        let ticket = self.following();
         let writes: Vec<TaskWrite> = decisions.iter().map(|d| d.write.clone()).collect();
         let results = if writes.len() == 1 {
             let mut writes = writes;
@@ -520,6 +524,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 epics.extend(epics_to_settle(decision, committed));
             }
         }
+        drop(ticket);
         if !epics.is_empty() {
             crate::failpoint::abort_at("before-epic-done");
             self.settle_epics(epics).await?;
@@ -550,6 +555,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     cancelled: c.cancelled,
                 };
                 let decision = self.decide(&epic, &event)?;
+                let _ticket = self.following();
                 match self.store.commit(decision.write.clone()).await {
                     Ok(committed) => {
                         self.committed(&decision, &committed);
@@ -708,7 +714,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     );
                 }
             }
-            self.wake.notify_one();
         }
         self.logs
             .publish_transition(&before.id, write.next.state.status);
@@ -719,18 +724,23 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             kind = %write.event.kind,
             "task transition"
         );
-        for effect in &decision.effects {
-            match effect {
-                Effect::WakeScheduler => self.wake.notify_one(),
-                Effect::DependentsUnblocked => {
-                    self.wake.notify_one();
-                    self.integrate_wake.notify_one();
-                }
-                Effect::WakeIntegrator => self.integrate_wake.notify_one(),
-                // The runner was told above.
-                Effect::StopRun => {}
-            }
-        }
+        // The dispatcher and the integrator are woken by the change's entry in the feed
+        // (`wakeups`), once memory has followed: the lifecycle's wake-up effects are what
+        // their filters (`wakes_dispatcher`, `wakes_integrator`) let through.
+    }
+}
+
+/// What wakes the integrator ([`Coordinator::integrator_wakeups`]).
+pub struct IntegratorWakeups<'a, S, R> {
+    coordinator: &'a Coordinator<S, R>,
+    wakeups: wakeups::Wakeups,
+}
+
+impl<S, R> IntegratorWakeups<'_, S, R> {
+    /// Waits for an entry of the feed that may change what the integrator does, and for memory
+    /// to follow it. Cancel-safe.
+    pub async fn next(&mut self) {
+        self.wakeups.next(&self.coordinator.following).await;
     }
 }
 

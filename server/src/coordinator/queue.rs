@@ -112,6 +112,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
 
     /// Holds new leases, landing, or both (`hold`); running work goes on.
     pub async fn pause_queue(&self, reason: Option<String>, hold: Hold) -> Result<()> {
+        // Landing's memory follows the write: the dispatcher and the integrator, woken by
+        // its entry, wait for it (`wakeups`).
+        let _ticket = self.following();
         if hold != Hold::LandingOnly {
             // Pausing what is paused keeps when it began, and its reason unless a new one is
             // given.
@@ -156,9 +159,12 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         Ok(())
     }
 
-    /// Lifts every pause (leases, landing, a red base's); wakes the dispatcher and the
-    /// integrator. Returns whether anything was paused.
+    /// Lifts every pause (leases, landing, a red base's); its entries wake the dispatcher and
+    /// the integrator. Returns whether anything was paused.
     pub async fn resume_queue(&self) -> Result<bool> {
+        // Landing's memory follows the write: the dispatcher and the integrator, woken by
+        // its entry, wait for it (`wakeups`).
+        let _ticket = self.following();
         let was_paused = {
             let l = self.landing();
             l.queue_paused.is_some() || l.landing_held()
@@ -189,8 +195,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             self.announce_landing("pipelinectl queue resume");
         }
         self.clear_red_base("pipelinectl queue resume").await?;
-        self.integrator_wakeup().notify_one();
-        self.wake_dispatch();
         tracing::info!("queue resumed");
         Ok(was_paused)
     }
@@ -202,6 +206,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
 
     /// Holds landing, as a person asked.
     pub(crate) async fn pause_landing(&self, pause: Pause) -> Result<()> {
+        // Landing's memory follows the write: the dispatcher and the integrator, woken by
+        // its entry, wait for it (`wakeups`).
+        let _ticket = self.following();
         let entry = landing_entry(self.now(), true, &pause.reason);
         self.store
             .set_meta_recording(landing::LANDING_PAUSED, Some(&to_json(&pause)?), &entry)
@@ -216,6 +223,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// hold, if any, stays as it is). A base already known red is recorded again only if it
     /// is another commit.
     pub(crate) async fn mark_red_base(&self, mut red: RedBase) -> Result<()> {
+        // Landing's memory follows the write: the dispatcher and the integrator, woken by
+        // its entry, wait for it (`wakeups`).
+        let _ticket = self.following();
         red.digest = Some(self.verify_digest.clone());
         if self
             .landing()
@@ -238,6 +248,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// The base is no longer red (it moved and builds green, or a person resumed): leases and
     /// landing go on, unless a person holds them.
     pub(crate) async fn clear_red_base(&self, why: &str) -> Result<()> {
+        // Landing's memory follows the write: the dispatcher and the integrator, woken by
+        // its entry, wait for it (`wakeups`).
+        let _ticket = self.following();
         if self.landing().red_base.is_none() {
             return Ok(());
         }
@@ -248,8 +261,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .await?;
         self.landing().red_base = None;
         self.announce_landing(why);
-        self.integrator_wakeup().notify_one();
-        self.wake_dispatch();
         Ok(())
     }
 

@@ -293,14 +293,13 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             format!("runner {name} {said}"),
             serde_json::json!({ "draining": drain }),
         );
+        // The registry follows the write: the dispatcher, woken by its entry, waits for it.
+        let _ticket = self.following();
         self.store
             .set_meta_recording(&key, drain.then_some("1"), &entry)
             .await?;
         self.registry().hold(name, drain);
         tracing::info!(runner = name, drain, "runner held from the control plane");
-        if !drain {
-            self.wake.notify_one();
-        }
         Ok(())
     }
 
@@ -414,7 +413,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             dropped = attached.dropped.len(),
             "runner connected"
         );
-        self.wake.notify_one();
         Ok((generation, attached, rx))
     }
 
@@ -487,7 +485,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         unhealthy: Option<String>,
     ) -> Result<Vec<LeaseRef>> {
         let mut registry = self.registry();
-        let before = registry.runner(runner_id).map(|r| r.free_slots());
         let was = registry
             .runner(runner_id)
             .map(|r| (r.unhealthy.is_some(), r.draining));
@@ -507,9 +504,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 self.settings.lease_ttl_ms,
             )
             .ok_or_else(|| unregistered(runner_id))?;
-        let after = registry.runner(runner_id).map(|r| r.free_slots());
         // A change of health or of the runner's own drain is a feed entry (queued: a
-        // heartbeat never waits on the database); an unchanged one is nothing.
+        // heartbeat never waits on the database; memory has changed first, so the entry
+        // wakes the dispatcher when slots free); an unchanged one is nothing.
         let changes = match (was, registry.runner(runner_id)) {
             (Some((was_unhealthy, was_draining)), Some(r)) => {
                 let mut changes = Vec::new();
@@ -529,6 +526,16 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                         serde_json::json!({ "draining": true }),
                     ));
                 }
+                if was_draining && !r.draining {
+                    changes.push(NewEntry::new(
+                        Topic::Runner,
+                        r.name.clone(),
+                        "undrained",
+                        self.now(),
+                        format!("runner {} no longer drains: it takes work again", r.name),
+                        serde_json::json!({ "draining": false }),
+                    ));
+                }
                 changes
             }
             _ => Vec::new(),
@@ -536,9 +543,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         drop(registry);
         for entry in changes {
             self.note(entry);
-        }
-        if after > before {
-            self.wake.notify_one();
         }
         Ok(dropped)
     }

@@ -137,9 +137,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             counts.add(TaskStatus::Open, 1);
         }
         tracing::info!(task = %task.id, priority = task.priority, "task created");
-        // Its creation is in the feed (published by the store as it committed) before
-        // anything else can happen to it: the dispatcher is woken after.
-        self.wake.notify_one();
+        // Its creation is in the feed (published by the store as it committed): that entry
+        // wakes the dispatcher.
         self.became_epics(&parents).await?;
         Ok(task)
     }
@@ -195,7 +194,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         for (task, _) in created {
             tasks.push(task);
         }
-        self.wake.notify_one();
         self.became_epics(&parents).await?;
         Ok(tasks)
     }
@@ -570,8 +568,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .store
             .add_dependencies(id, deps, event, self.now())
             .await?;
-        // A new dependency that is not done takes the task out of the lease candidates.
-        self.wake.notify_one();
         Ok(task)
     }
 
@@ -608,11 +604,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 .await
             {
                 Err(Error::Conflict(_)) => continue,
-                Ok(edited) => {
-                    // A new priority changes the lease order.
-                    self.wake.notify_one();
-                    return Ok(edited);
-                }
+                // A new priority changes the lease order: its entry wakes the dispatcher.
+                Ok(edited) => return Ok(edited),
                 Err(other) => return Err(other),
             }
         }
@@ -639,9 +632,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .store
             .set_paused(id, why.as_deref(), &message, self.now())
             .await?;
-        if why.is_none() {
-            self.wake.notify_one();
-        }
         Ok(changed)
     }
 

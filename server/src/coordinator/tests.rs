@@ -931,7 +931,8 @@ async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_en
     let integrator = Integrator::new(Arc::clone(c), FakeBuilder::new(&w.repo))
         .gathering(std::time::Duration::from_secs(3600));
     let shutdown = CancellationToken::new();
-    let gather = integrator.gather(&shutdown);
+    let mut wakeups = c.integrator_wakeups();
+    let gather = integrator.gather(&mut wakeups, &shutdown);
     tokio::pin!(gather);
     assert!(still_pending(&mut gather).await, "one Verified: it waits");
     for i in 1..7 {
@@ -954,7 +955,7 @@ async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_en
     integrate_all(&integrator, 2).await;
     assert_eq!(builder.builds().len(), 1);
     // A short window ends by itself, whatever is Verified.
-    integrator.gather(&shutdown).await;
+    integrator.gather(&mut c.integrator_wakeups(), &shutdown).await;
 }
 
 /// Two trains at once (`--integration-slots 2`): eight tasks in the first, one of them red,

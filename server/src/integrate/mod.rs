@@ -186,7 +186,11 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
     /// tasks are Verified (a train cannot take more), at the window's end, or on shutdown;
     /// between, it is woken by the same events as the integrator (each Verified task), never
     /// by a timer of its own.
-    pub(crate) async fn gather(&self, shutdown: &CancellationToken) {
+    pub(crate) async fn gather(
+        &self,
+        wakeups: &mut crate::coordinator::IntegratorWakeups<'_, S, R>,
+        shutdown: &CancellationToken,
+    ) {
         if self.gather_window.is_zero() {
             return;
         }
@@ -200,7 +204,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = self.c().integrator_wakeup().notified() => {}
+                () = wakeups.next() => {}
                 () = tokio::time::sleep_until(deadline) => return,
             }
         }
@@ -254,6 +258,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
 
     /// Integrates Verified tasks as they come, until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        // Subscribed before the first round: nothing published from now on is missed.
+        let mut wakeups = self.c().integrator_wakeups();
         loop {
             let pause = match self.next(&shutdown).await {
                 // A train stopped by the shutdown is formed again after the restart.
@@ -266,10 +272,13 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                     Some(RETRY_AFTER_ERROR)
                 }
             };
-            tokio::select! {
+            let woken = tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = self.c().integrator_wakeup().notified() => self.gather(&shutdown).await,
-                () = tokio::time::sleep(pause.unwrap_or(Duration::from_secs(24 * 3600))) => {}
+                () = wakeups.next() => true,
+                () = tokio::time::sleep(pause.unwrap_or(Duration::from_secs(24 * 3600))) => false,
+            };
+            if woken {
+                self.gather(&mut wakeups, &shutdown).await;
             }
         }
     }
