@@ -951,7 +951,8 @@ pub struct TaskEvent {
     pub id: i64,
     pub task_id: TaskId,
     pub at: Millis,
-    pub kind: String,
+    /// What the entry records (a word only in the database and on the wire).
+    pub kind: EventKind,
     pub from: Option<TaskStatus>,
     pub to: TaskStatus,
     pub message: String,

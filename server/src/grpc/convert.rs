@@ -210,7 +210,7 @@ impl From<&TaskEvent> for pb::TaskEvent {
         pb::TaskEvent {
             id: e.id,
             at_ms: e.at,
-            kind: e.kind.clone(),
+            kind: e.kind.as_str().to_owned(),
             from_status: e
                 .from
                 .map_or(pb::TaskStatus::Unspecified, status_to_pb)
@@ -313,7 +313,7 @@ pub(crate) fn transition_to_pb(e: &TaskEvent) -> pb::TaskTransition {
     pb::TaskTransition {
         task_id: e.task_id.to_string(),
         at_ms: e.at,
-        kind: e.kind.clone(),
+        kind: e.kind.as_str().to_owned(),
         from_status: e
             .from
             .map_or(pb::TaskStatus::Unspecified, status_to_pb)

@@ -111,7 +111,7 @@ impl Tables {
         &mut self,
         task: &TaskId,
         at: Millis,
-        kind: &str,
+        kind: EventKind,
         from: Option<TaskStatus>,
         to: TaskStatus,
         message: &str,
@@ -121,7 +121,7 @@ impl Tables {
             id,
             task_id: task.clone(),
             at,
-            kind: kind.to_owned(),
+            kind,
             from,
             to,
             message: message.to_owned(),
@@ -291,7 +291,7 @@ impl Tables {
         let event_id = self.event(
             &w.task_id,
             w.at,
-            w.event.kind.as_str(),
+            w.event.kind,
             Some(w.event.from),
             w.event.to,
             &w.event.message,
@@ -365,7 +365,7 @@ impl Tables {
             let event = self.event(
                 &row.id,
                 now,
-                EventKind::Created.as_str(),
+                EventKind::Created,
                 None,
                 TaskStatus::Open,
                 &row.message,
@@ -520,9 +520,9 @@ impl Store for MemoryStore {
                 tid,
                 now,
                 if paused.is_some() {
-                    EventKind::Paused.as_str()
+                    EventKind::Paused
                 } else {
-                    EventKind::Resumed.as_str()
+                    EventKind::Resumed
                 },
                 Some(status),
                 status,
@@ -574,7 +574,7 @@ impl Store for MemoryStore {
         t.event(
             id,
             now,
-            event.kind.as_str(),
+            event.kind,
             Some(event.from),
             event.to,
             &event.message,
@@ -605,7 +605,7 @@ impl Store for MemoryStore {
         t.event(
             id,
             now,
-            event.kind.as_str(),
+            event.kind,
             Some(event.from),
             event.to,
             &event.message,

@@ -135,7 +135,7 @@ impl Creation {
                 id: event_id,
                 task_id: id,
                 at: now,
-                kind: EventKind::Created.as_str().to_owned(),
+                kind: EventKind::Created,
                 from: None,
                 to: TaskStatus::Open,
                 message,
@@ -577,7 +577,7 @@ mod tests {
             "x has a child later in the list"
         );
         assert_eq!(created[1].0.depends_on, [id("done"), id("open"), id("x")]);
-        assert_eq!(created[1].1.kind, "created");
+        assert_eq!(created[1].1.kind, EventKind::Created);
     }
 
     #[test]

@@ -384,7 +384,7 @@ pub async fn refuses_dependency_cycles<S: Store>(store: &S) {
         .await
         .expect("events")
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.as_str().to_owned())
         .collect();
     assert_eq!(kinds, ["created", "dependencies_added"]);
 }
@@ -488,7 +488,7 @@ pub async fn lists_page_by_page_without_descriptions<S: Store>(store: &S) {
     assert!(
         created
             .iter()
-            .all(|(t, e)| e.task_id == t.id && e.kind == "created")
+            .all(|(t, e)| e.task_id == t.id && e.kind == crate::domain::EventKind::Created)
     );
     let full = store
         .get_task(&created[0].0.id)
@@ -639,7 +639,7 @@ pub async fn edits_a_task_by_compare_and_swap<S: Store>(store: &S) {
         .await
         .expect("events")
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.as_str().to_owned())
         .collect();
     assert_eq!(
         kinds,
@@ -750,7 +750,7 @@ pub async fn creates_a_large_batch_as_one_at_a_time<S: Store>(store: &S) {
     assert!(
         created
             .iter()
-            .all(|(t, e)| e.task_id == t.id && e.kind == "created" && e.at == 7),
+            .all(|(t, e)| e.task_id == t.id && e.kind == crate::domain::EventKind::Created && e.at == 7),
         "one history entry each"
     );
     let waits = &created[2].0;
@@ -1690,7 +1690,7 @@ pub async fn group_commits_write_each_or_refuse_it<S: Store>(store: &S) {
         .await
         .expect("events")
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.as_str().to_owned())
         .collect();
     assert_eq!(kinds, ["created", "leased"]);
     assert_eq!(store.events(&b.id).await.expect("events").len(), 1);

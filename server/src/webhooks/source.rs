@@ -194,7 +194,7 @@ mod tests {
             id: 1,
             task_id: TaskId::parse("t-1").expect("id"),
             at: 0,
-            kind: "k".into(),
+            kind: crate::domain::EventKind::Edited,
             from,
             to,
             message: String::new(),
@@ -264,7 +264,7 @@ mod tests {
             kind_of_entry(&entry(Topic::Queue, "queue", "paused", "{}")),
             None
         );
-        let mut done = entry(Topic::Task, "t-1", "landed", "{}");
+        let mut done = entry(Topic::Task, "t-1", "integrated", "{}");
         done.from = Some(TaskStatus::Verified);
         done.to = Some(TaskStatus::Done);
         assert_eq!(kind_of_entry(&done), Some(Kind::TaskDone));

@@ -366,7 +366,8 @@ impl EventRow {
             id: self.id,
             task_id: stored_id(&self.task_id)?,
             at: self.at,
-            kind: self.kind,
+            kind: crate::domain::EventKind::parse(&self.kind)
+                .ok_or_else(|| corrupt("history entry's kind", &self.kind))?,
             from: self.from_status.as_deref().map(stored_status).transpose()?,
             to: stored_status(&self.to_status)?,
             message: self.message,
