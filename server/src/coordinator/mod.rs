@@ -18,6 +18,7 @@
 
 pub mod dispatch;
 pub mod integration;
+mod noted;
 pub mod queue;
 pub mod recovery;
 pub mod runners;
@@ -189,8 +190,8 @@ pub struct Coordinator<S, R> {
     /// The queue of the feed entries of changes that live in memory only and happen where
     /// nothing may wait on the database (a runner's work stream ending, its health told in a
     /// heartbeat): one task records them, each in a transaction of its own, in the order
-    /// they happened (started on first use).
-    noted: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::feed::NewEntry>>,
+    /// they happened (started on first use; bounded, [`noted`]).
+    noted: std::sync::OnceLock<noted::NoteQueue>,
     /// What the `--webhook` endpoints are doing, for `status` (set once at start-up).
     webhooks: std::sync::OnceLock<Arc<crate::webhooks::Board>>,
     /// This server's leadership and the URL clients reach it at (set once at start-up; unset,
@@ -231,26 +232,12 @@ impl Drop for CountsGuard<'_> {
 impl<S: Store, R: Repository> Coordinator<S, R> {
     /// Records `entry`, a change that lives in memory only, in the feed without waiting:
     /// queued to one task that writes each in a transaction of its own, in order. One that
-    /// cannot be written is only logged (the change itself has happened).
+    /// cannot be written is only logged (the change itself has happened); one that finds the
+    /// queue full is dropped and counted ([`noted`]).
     pub(crate) fn note(&self, entry: crate::feed::NewEntry) {
-        let queue = self.noted.get_or_init(|| {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::feed::NewEntry>();
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                while let Some(entry) = rx.recv().await {
-                    if let Err(e) = store.record(&entry).await {
-                        tracing::warn!(
-                            topic = %entry.topic,
-                            subject = %entry.subject,
-                            kind = %entry.kind,
-                            "cannot record a change in the feed: {e}"
-                        );
-                    }
-                }
-            });
-            tx
-        });
-        let _ = queue.send(entry);
+        self.noted
+            .get_or_init(|| noted::NoteQueue::start(self.store.clone()))
+            .push(entry);
     }
 
     pub fn new(
