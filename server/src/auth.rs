@@ -491,10 +491,16 @@ impl Auth {
     }
 
     /// Cuts `name` off: its credential stops working, and the name cannot be registered again
-    /// with the registration token until it is forgotten. False if it had no credential.
-    pub async fn revoke<S: Store>(&self, store: &S, name: &str) -> Result<bool> {
+    /// with the registration token until it is forgotten; `entry` is the feed's, written with
+    /// the revocation. False if it had no credential.
+    pub async fn revoke<S: Store>(
+        &self,
+        store: &S,
+        name: &str,
+        entry: &crate::feed::NewEntry,
+    ) -> Result<bool> {
         store
-            .put_meta(&format!("{REVOKED_KEY}{name}"), "revoked")
+            .set_meta_recording(&format!("{REVOKED_KEY}{name}"), Some("revoked"), entry)
             .await?;
         store.delete_meta(&format!("{RUNNER_KEY}{name}")).await?;
         store
@@ -508,10 +514,23 @@ impl Auth {
         Ok(state.runners.len() < before)
     }
 
-    /// Frees the name `name`: no credential holds it and it is not revoked any more. True if
-    /// there was anything to forget.
-    pub async fn forget<S: Store>(&self, store: &S, name: &str) -> Result<bool> {
-        store.delete_meta(&format!("{REVOKED_KEY}{name}")).await?;
+    /// Whether `name` is known here: revoked, or holding a credential.
+    pub fn knows(&self, name: &str) -> bool {
+        let state = self.read();
+        state.revoked.contains(name) || state.runners.values().any(|n| n == name)
+    }
+
+    /// Frees the name `name`: no credential holds it and it is not revoked any more; `entry`
+    /// is the feed's, written with the revocation's end. True if there was anything to forget.
+    pub async fn forget<S: Store>(
+        &self,
+        store: &S,
+        name: &str,
+        entry: &crate::feed::NewEntry,
+    ) -> Result<bool> {
+        store
+            .set_meta_recording(&format!("{REVOKED_KEY}{name}"), None, entry)
+            .await?;
         store.delete_meta(&format!("{RUNNER_KEY}{name}")).await?;
         store
             .delete_meta(&format!("{UNCONNECTED_KEY}{name}"))

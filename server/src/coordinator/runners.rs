@@ -230,7 +230,17 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// leases go back to Open (not counted against their tasks). Returns how many.
     pub async fn revoke(&self, name: &str) -> Result<u32> {
         check_runner_name(name)?;
-        let had_credential = self.auth.revoke(&self.store, name).await?;
+        let entry = NewEntry::new(
+            Topic::Runner,
+            name,
+            "revoked",
+            self.now(),
+            format!(
+                "runner {name} revoked: its credential no longer works and its leases go back"
+            ),
+            serde_json::json!({}),
+        );
+        let had_credential = self.auth.revoke(&self.store, name, &entry).await?;
         let leases = self.registry().disconnect(name);
         if !had_credential && leases.is_none() {
             return Err(Error::NotFound(format!("no runner named {name}")));
@@ -329,15 +339,23 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             )));
         }
         let known = self.registry().forget(name);
-        let freed = self.auth.forget(&self.store, name).await?;
+        if !known && !self.auth.knows(name) {
+            return Err(Error::NotFound(format!("no runner named {name}")));
+        }
+        let entry = NewEntry::new(
+            Topic::Runner,
+            name,
+            "forgotten",
+            self.now(),
+            format!("runner {name} forgotten: its name is free again"),
+            serde_json::json!({}),
+        );
+        self.auth.forget(&self.store, name, &entry).await?;
         // A forgotten name starts afresh: not drained.
         self.store
             .delete_meta(&format!("{HELD_PREFIX}{name}"))
             .await?;
         self.registry().hold(name, false);
-        if !known && !freed {
-            return Err(Error::NotFound(format!("no runner named {name}")));
-        }
         tracing::warn!(runner = name, "runner forgotten; its name is free");
         Ok(())
     }

@@ -1140,3 +1140,92 @@ fn a_runs_outcome_blames_the_right_party() {
     assert_eq!(failed(None, true), "cancelled");
     assert_eq!(failed(None, false), "infrastructure");
 }
+
+/// The next push to a runner, waited for with a deadline.
+async fn next_push(rx: &mut mpsc::Receiver<Push>) -> Push {
+    tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a push before the deadline")
+        .expect("the runner's channel is open")
+}
+
+#[tokio::test]
+async fn the_dispatch_loop_is_woken_by_the_feed_once_memory_has_followed() {
+    let w = world().await;
+    let c = &w.c;
+    let (runner_id, mut rx) = runner(c, "r1", 1).await;
+    let shutdown = CancellationToken::new();
+    let dispatcher = tokio::spawn(Arc::clone(c).dispatch_loop(shutdown.clone()));
+    // A task created: its entry wakes the loop.
+    let a = c.create_task(new_task("a")).await.expect("a");
+    let Push::Assign(first) = next_push(&mut rx).await else {
+        panic!("an assignment")
+    };
+    assert_eq!(first.task_id, a.id);
+    // The only slot is taken: b waits. The release's entry wakes the loop, which must see
+    // the slot the release freed in memory (the registry follows the commit).
+    let b = c.create_task(new_task("b")).await.expect("b");
+    c.release(&runner_id, &first.lease, "giving it back", true)
+        .await
+        .expect("release");
+    let Push::Assign(second) = next_push(&mut rx).await else {
+        panic!("an assignment")
+    };
+    assert!(
+        second.task_id == b.id || second.task_id == a.id,
+        "{second:?}"
+    );
+    // A paused queue leases nothing; its resumption's entry wakes the loop, which must see
+    // the pause lifted in memory.
+    c.release(&runner_id, &second.lease, "giving it back", true)
+        .await
+        .expect("release");
+    c.pause_queue(None, super::queue::Hold::Leases).await.expect("pause");
+    c.resume_queue().await.expect("resume");
+    let Push::Assign(third) = next_push(&mut rx).await else {
+        panic!("an assignment")
+    };
+    assert_ne!(third.lease, second.lease);
+    shutdown.cancel();
+    dispatcher.await.expect("the loop ends");
+}
+
+#[tokio::test]
+async fn a_runners_revocation_and_forgetting_are_entries_of_the_feed() {
+    let w = world().await;
+    let c = &w.c;
+    let _runner = runner(c, "r1", 1).await;
+    c.revoke("r1").await.expect("revoke");
+    // Revoked, it is no longer connected: it may be forgotten.
+    c.forget("r1").await.expect("forget");
+    // A name nobody has is refused and writes nothing.
+    assert!(matches!(c.forget("nobody").await, Err(Error::NotFound(_))));
+    // (Its registration and connection are recorded by another task, in their own time.)
+    let runner_entries: Vec<(String, String, String)> = c
+        .store()
+        .entries_after(0, 100)
+        .await
+        .expect("entries")
+        .into_iter()
+        .filter(|e| {
+            e.topic == crate::feed::Topic::Runner && ["revoked", "forgotten"].contains(&&*e.kind)
+        })
+        .map(|e| (e.subject, e.kind, e.message))
+        .collect();
+    assert_eq!(
+        runner_entries,
+        [
+            (
+                "r1".to_owned(),
+                "revoked".to_owned(),
+                "runner r1 revoked: its credential no longer works and its leases go back"
+                    .to_owned()
+            ),
+            (
+                "r1".to_owned(),
+                "forgotten".to_owned(),
+                "runner r1 forgotten: its name is free again".to_owned()
+            ),
+        ]
+    );
+}
