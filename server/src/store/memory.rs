@@ -246,91 +246,44 @@ impl Tables {
     }
 
     fn write(&mut self, w: &TaskWrite) -> Result<Committed> {
-        let Some(current) = self.tasks.get(&w.task_id) else {
-            return Err(Error::NotFound(format!(
-                "task {} does not exist",
-                w.task_id
-            )));
-        };
-        if current.version != w.expected_version {
-            return Err(Error::Conflict(format!(
-                "task {} changed while this request was being decided; try again",
-                w.task_id
-            )));
-        }
-        let mut task = current.clone();
-        task.state = w.next.state.clone();
-        task.lease = w.next.lease.clone();
-        task.lease_epoch = w.next.lease_epoch;
-        task.patch_commit = w.next.patch_commit.clone();
-        task.avoid_runner = w.next.avoid_runner.clone();
-        task.verified_tree = w.next.verified_tree.clone();
-        task.version += 1;
-        task.updated_at = w.at;
-        task.depends_on = w.depends_on.clone();
+        let task = plan::swapped(self.tasks.get(&w.task_id), w)?;
         let before = self.tasks.insert(task.id.clone(), task.clone());
         if let (Some(before), Some(parent)) = (before, task.parent.clone()) {
             self.child_moved(&parent, Some(&before), &task);
         }
-        if task.state.status == TaskStatus::Done && w.event.from != TaskStatus::Done {
-            let dependents: Vec<TaskId> = self
-                .deps
-                .iter()
-                .filter(|(_, d)| *d == task.id)
-                .map(|(t, _)| t.clone())
-                .collect();
-            for t in dependents {
-                if let Some(dependent) = self.tasks.get_mut(&t) {
-                    dependent.deps_pending = dependent.deps_pending.saturating_sub(1);
+        let (mut event_id, mut run_id) = (0, None);
+        for step in plan::write_steps(w) {
+            match step {
+                plan::Step::ReleaseDependents => {
+                    let dependents: Vec<TaskId> = self
+                        .deps
+                        .iter()
+                        .filter(|(_, d)| *d == task.id)
+                        .map(|(t, _)| t.clone())
+                        .collect();
+                    for t in dependents {
+                        if let Some(dependent) = self.tasks.get_mut(&t) {
+                            dependent.deps_pending = dependent.deps_pending.saturating_sub(1);
+                        }
+                    }
+                }
+                plan::Step::EndIntegration => {
+                    self.integrations.remove(&w.task_id);
+                }
+                plan::Step::Event {
+                    kind,
+                    from,
+                    to,
+                    message,
+                } => event_id = self.event(&w.task_id, w.at, kind, Some(from), to, message),
+                plan::Step::EndRuns { run, end } => self.end_runs(&w.task_id, run, end, w.at),
+                plan::Step::StartRun(run) => run_id = Some(self.start_run(&w.task_id, run, w.at)),
+                plan::Step::RecordRun(run) => {
+                    let (new, end) = plan::finished_run(run);
+                    let id = self.start_run(&w.task_id, &new, run.started_at);
+                    self.end_runs(&w.task_id, Some(id), &end, w.at);
                 }
             }
-        }
-        if w.end_integration {
-            self.integrations.remove(&w.task_id);
-        }
-        let event_id = self.event(
-            &w.task_id,
-            w.at,
-            w.event.kind,
-            Some(w.event.from),
-            w.event.to,
-            &w.event.message,
-        );
-        for (run, end) in &w.runs.end {
-            self.end_runs(&w.task_id, Some(*run), end, w.at);
-        }
-        if let Some(end) = &w.runs.close_rest {
-            self.end_runs(&w.task_id, None, end, w.at);
-        }
-        let run_id = w
-            .runs
-            .start
-            .as_ref()
-            .map(|run| self.start_run(&w.task_id, run, w.at));
-        for run in &w.runs.record {
-            let id = self.start_run(
-                &w.task_id,
-                &NewRun {
-                    phase: run.phase,
-                    patchset: run.patchset,
-                    runner: run.runner.clone(),
-                    train: run.train,
-                },
-                run.started_at,
-            );
-            self.end_runs(
-                &w.task_id,
-                Some(id),
-                &RunEnd {
-                    status: run.status,
-                    cost_cents: run.cost_cents,
-                    error: run.error.clone(),
-                    failure_kind: run.failure_kind,
-                    builds: run.builds,
-                    usage: None,
-                },
-                w.at,
-            );
         }
         Ok(Committed {
             task,

@@ -2,7 +2,9 @@
 //! asks this module what to write. Creating tasks ([`create`]: the ID each gets, the checks of
 //! what it names with their hints, its pending dependencies, the pause it inherits from its
 //! epic, its history's first entry) and adding dependencies ([`add_dependencies`]: which edges
-//! are new, the cycle refusals). The plan reads through [`Reads`], which a backend answers from
+//! are new, the cycle refusals), and a task's write ([`swapped`]: the compare-and-swap of its
+//! record, [`lost_race`]: the error when it fails, [`write_steps`]: what follows it, in
+//! order). The plan reads through [`Reads`], which a backend answers from
 //! its tables in as few round trips as it likes; then the backend writes what the plan says.
 //!
 //! An epic's figures (`children`, `children_done`, `children_cancelled`,
@@ -14,8 +16,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::TaskWrite;
 use crate::domain::{
-    Children, EventKind, Millis, NewTask, Task, TaskEvent, TaskId, TaskState, TaskStatus,
+    Children, EventKind, FinishedRun, Millis, NewRun, NewTask, RunEnd, Task, TaskEvent, TaskId,
+    TaskState, TaskStatus,
 };
 use crate::error::{Error, Result};
 use pipeline_core::ids::MAX_GENERATED;
@@ -371,6 +375,118 @@ pub fn child_moved(figures: &mut Children, before: Option<&Task>, after: &Task) 
         .saturating_sub(is(before, TaskStatus::Cancelled));
     figures.cost_cents += cost(Some(after)) - cost(before);
     true
+}
+
+/// One step of a task's write after its compare-and-swap, as every backend carries it out
+/// ([`write_steps`]), in order, in the write's transaction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Step<'a> {
+    /// The task became Done: each task that depends on it waits on one fewer (never below
+    /// none).
+    ReleaseDependents,
+    /// The task's entry in the integration journal is removed.
+    EndIntegration,
+    /// The change's history entry (its entry in the feed).
+    Event {
+        kind: EventKind,
+        from: TaskStatus,
+        to: TaskStatus,
+        message: &'a str,
+    },
+    /// Ends one run of the task, or (`run` none) every run of it still running.
+    EndRuns { run: Option<i64>, end: &'a RunEnd },
+    /// Starts a run: its ID is the write's `run_id`.
+    StartRun(&'a NewRun),
+    /// Records a run that is already over (started at its own time, ended at the write's).
+    RecordRun(&'a FinishedRun),
+}
+
+/// What a task's write does once its compare-and-swap holds: the dependents it releases, the
+/// journal entry it ends, its history entry, the runs it ends, starts and records, in that
+/// order.
+pub fn write_steps(w: &TaskWrite) -> Vec<Step<'_>> {
+    let mut steps = Vec::new();
+    if w.next.state.status == TaskStatus::Done && w.event.from != TaskStatus::Done {
+        steps.push(Step::ReleaseDependents);
+    }
+    if w.end_integration {
+        steps.push(Step::EndIntegration);
+    }
+    steps.push(Step::Event {
+        kind: w.event.kind,
+        from: w.event.from,
+        to: w.event.to,
+        message: &w.event.message,
+    });
+    for (run, end) in &w.runs.end {
+        steps.push(Step::EndRuns {
+            run: Some(*run),
+            end,
+        });
+    }
+    if let Some(end) = &w.runs.close_rest {
+        steps.push(Step::EndRuns { run: None, end });
+    }
+    if let Some(run) = &w.runs.start {
+        steps.push(Step::StartRun(run));
+    }
+    steps.extend(w.runs.record.iter().map(Step::RecordRun));
+    steps
+}
+
+/// The error of a write whose compare-and-swap failed: the task changed since the decision
+/// was read (`exists`), or it is gone.
+pub fn lost_race(w: &TaskWrite, exists: bool) -> Error {
+    if exists {
+        Error::Conflict(format!(
+            "task {} changed while this request was being decided; try again",
+            w.task_id
+        ))
+    } else {
+        Error::NotFound(format!("task {} does not exist", w.task_id))
+    }
+}
+
+/// The compare-and-swap for a backend that holds the row (`current`, none if there is no such
+/// task): the task as `w` leaves it (every mutable field from the write, its version moved
+/// on), or [`lost_race`]'s error.
+pub fn swapped(current: Option<&Task>, w: &TaskWrite) -> Result<Task> {
+    let current = match current {
+        Some(t) if t.version == w.expected_version => t,
+        other => return Err(lost_race(w, other.is_some())),
+    };
+    let mut task = current.clone();
+    task.state = w.next.state.clone();
+    task.lease = w.next.lease.clone();
+    task.lease_epoch = w.next.lease_epoch;
+    task.patch_commit = w.next.patch_commit.clone();
+    task.avoid_runner = w.next.avoid_runner.clone();
+    task.verified_tree = w.next.verified_tree.clone();
+    task.version += 1;
+    task.updated_at = w.at;
+    task.depends_on = w.depends_on.clone();
+    Ok(task)
+}
+
+/// A run already over as a backend without a one-statement insert records it: the run it
+/// starts and how it ends.
+pub fn finished_run(run: &FinishedRun) -> (NewRun, RunEnd) {
+    (
+        NewRun {
+            phase: run.phase,
+            patchset: run.patchset,
+            runner: run.runner.clone(),
+            train: run.train,
+        },
+        RunEnd {
+            status: run.status,
+            cost_cents: run.cost_cents,
+            error: run.error.clone(),
+            failure_kind: run.failure_kind,
+            builds: run.builds,
+            usage: None,
+        },
+    )
 }
 
 #[cfg(test)]
