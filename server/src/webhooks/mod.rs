@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use pipeline_core::clock::now_ms;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Millis, Task};
@@ -259,10 +260,6 @@ async fn pause(wait: Duration, shutdown: &CancellationToken) -> Go {
         () = shutdown.cancelled() => Go::Stop,
         () = tokio::time::sleep(wait) => Go::On,
     }
-}
-
-fn now_ms() -> Millis {
-    pipeline_core::clock::now_ms()
 }
 
 /// Moves `cursor` past `position`, which is settled: nothing is pending.
