@@ -7,7 +7,8 @@
 //! then an entry that finds it full is not recorded: the change itself has happened and is in
 //! memory (`runners` shows it), only its line in the feed is missing. The entries dropped are
 //! counted, the first of a spell is logged at once, and the recorder says how many were
-//! dropped when it next records one, so memory never grows with a database that stalls.
+//! dropped when it next records one, so memory never grows with a database that stalls. An
+//! entry the database refuses is tried again until it is written (see [`record`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,8 +73,16 @@ impl NoteQueue {
     }
 }
 
-/// Records the queue's entries in order, each in a transaction of its own; one that cannot be
-/// written is only logged (the change itself has happened).
+/// The first wait before an entry that could not be written is tried again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Records the queue's entries in order, each in a transaction of its own. One that cannot be
+/// written (the database failing) is tried again, waiting longer each time, until it is: the
+/// feed then still tells of the change, and the loops it wakes (a runner connected is what
+/// tells the dispatcher of its slots) still hear of it once the database is back. Meanwhile
+/// the queue fills and drops what finds it full, as it says.
 async fn record<S: Store>(store: S, mut rx: mpsc::Receiver<NewEntry>, dropped: Arc<AtomicU64>) {
     while let Some(entry) = rx.recv().await {
         let missed = dropped.swap(0, Ordering::Relaxed);
@@ -83,13 +92,20 @@ async fn record<S: Store>(store: S, mut rx: mpsc::Receiver<NewEntry>, dropped: A
                 "changes of runners were not recorded in the feed while its queue was full"
             );
         }
-        if let Err(e) = store.record(&entry).await {
-            tracing::warn!(
-                topic = %entry.topic,
-                subject = %entry.subject,
-                kind = %entry.kind,
-                "cannot record a change in the feed: {e}"
-            );
+        let mut wait = RETRY_FIRST;
+        let mut failed = false;
+        while let Err(e) = store.record(&entry).await {
+            if !failed {
+                tracing::warn!(
+                    topic = %entry.topic,
+                    subject = %entry.subject,
+                    kind = %entry.kind,
+                    "cannot record a change in the feed (trying again): {e}"
+                );
+                failed = true;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
         }
     }
 }
@@ -101,14 +117,7 @@ mod tests {
     use crate::store::memory::MemoryStore;
 
     fn entry(kind: &str) -> NewEntry {
-        NewEntry::new(
-            Topic::Runner,
-            "r1",
-            kind,
-            0,
-            kind,
-            serde_json::json!({}),
-        )
+        NewEntry::new(Topic::Runner, "r1", kind, 0, kind, serde_json::json!({}))
     }
 
     #[tokio::test]

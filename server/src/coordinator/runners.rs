@@ -235,9 +235,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             name,
             "revoked",
             self.now(),
-            format!(
-                "runner {name} revoked: its credential no longer works and its leases go back"
-            ),
+            format!("runner {name} revoked: its credential no longer works and its leases go back"),
             serde_json::json!({}),
         );
         let had_credential = self.auth.revoke(&self.store, name, &entry).await?;

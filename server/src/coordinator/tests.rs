@@ -1180,7 +1180,9 @@ async fn the_dispatch_loop_is_woken_by_the_feed_once_memory_has_followed() {
     c.release(&runner_id, &second.lease, "giving it back", true)
         .await
         .expect("release");
-    c.pause_queue(None, super::queue::Hold::Leases).await.expect("pause");
+    c.pause_queue(None, super::queue::Hold::Leases)
+        .await
+        .expect("pause");
     c.resume_queue().await.expect("resume");
     let Push::Assign(third) = next_push(&mut rx).await else {
         panic!("an assignment")

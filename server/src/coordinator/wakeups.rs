@@ -253,15 +253,24 @@ mod tests {
             Topic::Task,
             Some(TaskStatus::InProgress)
         )));
-        assert!(wakes_dispatcher(&entry(Topic::Task, Some(TaskStatus::Open))));
+        assert!(wakes_dispatcher(&entry(
+            Topic::Task,
+            Some(TaskStatus::Open)
+        )));
         assert!(wakes_dispatcher(&entry(
             Topic::Task,
             Some(TaskStatus::Verified)
         )));
         assert!(wakes_dispatcher(&entry(Topic::Runner, None)));
         assert!(!wakes_dispatcher(&entry(Topic::Train, None)));
-        assert!(wakes_integrator(&entry(Topic::Task, Some(TaskStatus::Done))));
-        assert!(!wakes_integrator(&entry(Topic::Task, Some(TaskStatus::Open))));
+        assert!(wakes_integrator(&entry(
+            Topic::Task,
+            Some(TaskStatus::Done)
+        )));
+        assert!(!wakes_integrator(&entry(
+            Topic::Task,
+            Some(TaskStatus::Open)
+        )));
         assert!(!wakes_integrator(&entry(Topic::Runner, None)));
         assert!(wakes_integrator(&entry(Topic::Queue, None)));
     }

@@ -748,9 +748,9 @@ pub async fn creates_a_large_batch_as_one_at_a_time<S: Store>(store: &S) {
         "in order"
     );
     assert!(
-        created
-            .iter()
-            .all(|(t, e)| e.task_id == t.id && e.kind == crate::domain::EventKind::Created && e.at == 7),
+        created.iter().all(|(t, e)| e.task_id == t.id
+            && e.kind == crate::domain::EventKind::Created
+            && e.at == 7),
         "one history entry each"
     );
     let waits = &created[2].0;

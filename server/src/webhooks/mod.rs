@@ -33,9 +33,9 @@ mod source;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pipeline_core::clock::now_ms;
 use serde_json::json;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use pipeline_core::clock::now_ms;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Millis, Task};

@@ -59,7 +59,10 @@ pub(super) async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Resu
         .fetch_optional(&mut *tx)
         .await?;
     let Some(row) = row else {
-        return Err(plan::lost_race(w, task_exists(tx, w.task_id.as_str()).await?));
+        return Err(plan::lost_race(
+            w,
+            task_exists(tx, w.task_id.as_str()).await?,
+        ));
     };
     let (mut event_id, mut run_id) = (0, None);
     for step in plan::write_steps(w) {
@@ -85,16 +88,9 @@ pub(super) async fn write_task(tx: &mut SqliteConnection, w: &TaskWrite) -> Resu
                 to,
                 message,
             } => {
-                event_id = insert_event(
-                    tx,
-                    &w.task_id,
-                    w.at,
-                    kind.as_str(),
-                    Some(from),
-                    to,
-                    message,
-                )
-                .await?;
+                event_id =
+                    insert_event(tx, &w.task_id, w.at, kind.as_str(), Some(from), to, message)
+                        .await?;
             }
             Step::EndRuns { run, end } => end_runs(tx, &w.task_id, run, end, w.at).await?,
             Step::StartRun(run) => run_id = Some(insert_run(tx, &w.task_id, run, w.at).await?),
