@@ -955,7 +955,9 @@ async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_en
     integrate_all(&integrator, 2).await;
     assert_eq!(builder.builds().len(), 1);
     // A short window ends by itself, whatever is Verified.
-    integrator.gather(&mut c.integrator_wakeups(), &shutdown).await;
+    integrator
+        .gather(&mut c.integrator_wakeups(), &shutdown)
+        .await;
 }
 
 /// Two trains at once (`--integration-slots 2`): eight tasks in the first, one of them red,

@@ -139,11 +139,8 @@ impl Wakeups {
                     Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
                 }
             }
-            loop {
-                match self.feed.try_recv() {
-                    Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
-                    Err(_) => break,
-                }
+            while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = self.feed.try_recv()
+            {
             }
             self.pending = Some(following.mark());
         }
