@@ -206,6 +206,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         tracing::info!(files = cleaned, "removed bundles a crash left in the spool");
     }
     let store = database.open().await?;
+    // Several servers on one PostgreSQL database (issue 28): one leads, the others wait here
+    // as standbys. Winning the lease, a server goes on exactly as a restarted one (below:
+    // recovery, then the loops), after following the remote the leader pushed to. Alone with
+    // its SQLite database, a server leads for good.
+    let advertise = match &listener {
+        Some(listener) => config.advertise.as_deref().map_or_else(
+            || {
+                listener
+                    .local_addr()
+                    .map(|addr| format!("http://{addr}"))
+                    .unwrap_or_default()
+            },
+            pipeline_proto::servers::normalize,
+        ),
+        None => String::new(),
+    };
+    let elector_stop = CancellationToken::new();
+    let (leadership, elector) = match &store {
+        crate::store::any::AnyStore::Postgres(pg) => {
+            if let Err(why) = crate::leader::check_joining(pg.pool(), push_remote.is_some()).await {
+                store.close().await;
+                return Err(Error::FailedPrecondition(why));
+            }
+            let (elector, leadership) = crate::leader::Elector::new(
+                pg.pool().clone(),
+                crate::leader::Settings {
+                    ttl: Duration::from_secs(config.leader_ttl),
+                    advertise: advertise.clone(),
+                },
+            );
+            pg.set_leadership(leadership.clone());
+            let elector = tokio::spawn(elector.run(elector_stop.clone()));
+            if !wait_to_lead(&leadership, &shutdown).await {
+                elector_stop.cancel();
+                let _ = elector.await;
+                store.close().await;
+                return Ok(Stopped::Asked);
+            }
+            if let Some(remote) = &push_remote {
+                follow_remote(&repo, remote, &base).await?;
+            }
+            (leadership, Some(elector))
+        }
+        crate::store::any::AnyStore::Sqlite(_) => (crate::leader::Leadership::sole(), None),
+    };
     claim_repository(&store, &git_dir, &config, &db_url).await?;
     let mut auth =
         crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
@@ -312,15 +357,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("cannot read the listening address: {e}")))?;
-    // Alone with its SQLite database, this server leads for good (issue 28: several servers
-    // share a PostgreSQL database, and an elector decides).
-    coordinator.set_leadership(
-        crate::leader::Leadership::sole(),
-        config.advertise.as_deref().map_or_else(
-            || format!("http://{addr}"),
-            pipeline_proto::servers::normalize,
-        ),
-    );
+    coordinator.set_leadership(leadership.clone(), advertise);
     tracing::info!(
         repo = %config.repo.display(),
         base = %config.base,
@@ -534,6 +571,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             served_failure(result)
         }
         ended = loops.next_end() => (!shutdown.is_cancelled()).then_some(ended),
+        // Its lease lost (a deadline passed unrenewed, or the fence refused a write): it
+        // writes nothing more; it stops, and a restart waits as a standby.
+        () = lose_lead(&leadership) => Some(
+            "this server lost the leader lease (another server leads now)".to_owned()
+        ),
     };
     if let Some(ended) = &failed {
         // A loop the server cannot do without is gone: stop, and say so; a restart recovers.
@@ -569,6 +611,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     // Then the loops: the log writer stores what is queued; the others stopped with the signal.
     writer_stop.cancel();
     loops.wait_all().await;
+    // Nothing writes any more: a leader gives its lease up, for a standby not to wait out
+    // the TTL.
+    elector_stop.cancel();
+    if let Some(elector) = elector {
+        let _ = elector.await;
+    }
     // Nothing uses the database any more.
     store.close().await;
     drop(locks);
@@ -580,6 +628,73 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         Some(needs_help) => Stopped::Idle { needs_help },
         None => Stopped::Asked,
     })
+}
+
+/// Waits as a standby until this server leads (true) or is asked to stop (false).
+async fn wait_to_lead(
+    leadership: &crate::leader::Leadership,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut role = leadership.watch();
+    let mut said = None;
+    loop {
+        let now = role.borrow_and_update().clone();
+        match now {
+            crate::leader::Role::Leader { term } => {
+                tracing::info!(term, "this server leads the database");
+                return true;
+            }
+            crate::leader::Role::Standby { leader_url } => {
+                if said.as_ref() != Some(&leader_url) {
+                    tracing::info!(
+                        leader = leader_url.as_deref().unwrap_or("not known yet"),
+                        "a standby: another server leads this database; this one takes over \
+                         when its lease ends"
+                    );
+                    said = Some(leader_url);
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            changed = role.changed() => if changed.is_err() { return false },
+        }
+    }
+}
+
+/// Returns once this server, which led, no longer does (never for a sole leader).
+async fn lose_lead(leadership: &crate::leader::Leadership) {
+    let mut role = leadership.watch();
+    loop {
+        if matches!(
+            *role.borrow_and_update(),
+            crate::leader::Role::Standby { .. }
+        ) {
+            return;
+        }
+        if role.changed().await.is_err() {
+            // A fixed role: it never changes.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A new leader's local base follows the remote the previous leader pushed to (fast-forward
+/// only; the integrator does the same before each integration).
+async fn follow_remote(repo: &Repo, remote: &RemoteName, base: &BranchName) -> Result<()> {
+    let theirs = repo.fetch_branch(remote, base).await?;
+    let local = repo.tip(base).await?;
+    if theirs != local && repo.is_ancestor(&local, &theirs).await? {
+        let name = pipeline_core::git::RefName::branch(base);
+        if !repo.compare_and_swap(&name, &theirs, &local).await? {
+            return Err(Error::Conflict(format!(
+                "{base} moved while following {}",
+                remote.as_str()
+            )));
+        }
+        tracing::info!(%theirs, "the base follows {}", remote.as_str());
+    }
+    Ok(())
 }
 
 /// How often the gRPC health service's answer is checked again (a loop that stops says so at

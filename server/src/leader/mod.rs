@@ -12,8 +12,9 @@
 //!
 //! A SQLite server is alone with its database: [`Leadership::sole`] leads for good, term 1.
 //!
-//! Architecture invariant: only the [`Elector`] changes the role; the store's one `begin_write`
-//! asks [`Leadership::may_write`] and runs [`FENCE_SQL`] with the same term.
+//! Architecture invariant: only the [`Elector`] changes the role, but for a write the fence
+//! refused ([`Leadership::lost`], which only ends a term); the store's one `begin_write` asks
+//! [`Leadership::writing_term`] and runs [`FENCE_SQL`] with that term.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -95,6 +96,9 @@ struct Shared {
 pub struct Leadership {
     shared: Arc<Shared>,
     role: watch::Receiver<Role>,
+    /// The elector's sender, for a write the fence refused to end the term at once (`None`:
+    /// a fixed role).
+    steer: Option<Arc<watch::Sender<Role>>>,
 }
 
 impl Leadership {
@@ -120,7 +124,28 @@ impl Leadership {
                 sole: true,
             }),
             role,
+            steer: None,
         }
+    }
+
+    /// The database refused a write in `term` (the fence: another server took the lease): this
+    /// server writes nothing more in it and is a standby until the elector learns more. A
+    /// sole or fixed leader is never fenced.
+    pub fn lost(&self, term: i64) {
+        let Some(steer) = &self.steer else { return };
+        let s = &self.shared;
+        if s.term
+            .compare_exchange(term, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        s.deadline.store(0, Ordering::Release);
+        tracing::warn!(
+            term,
+            "the database refused a write in this term: this server no longer leads"
+        );
+        steer.send_replace(Role::Standby { leader_url: None });
     }
 
     /// Whether a write in `term` may go ahead now: this server leads in `term` and its local
@@ -194,7 +219,7 @@ pub struct Elector {
     /// This process: unique among the servers (its advertise URL, host, PID and a start time).
     holder: String,
     shared: Arc<Shared>,
-    role: watch::Sender<Role>,
+    role: Arc<watch::Sender<Role>>,
 }
 
 impl Elector {
@@ -216,9 +241,11 @@ impl Elector {
             sole: false,
         });
         let (role, rx) = watch::channel(Role::Standby { leader_url: None });
+        let role = Arc::new(role);
         let leadership = Leadership {
             shared: shared.clone(),
             role: rx,
+            steer: Some(Arc::clone(&role)),
         };
         (
             Self {

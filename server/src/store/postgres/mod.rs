@@ -65,6 +65,9 @@ const POOL_SIZE: u32 = 10;
 /// How long a session may sit in a transaction between statements before PostgreSQL ends it.
 const IDLE_IN_TRANSACTION: &str = "30s";
 
+/// Why a write is refused on a server that does not lead (or no longer does).
+const NOT_LEADING: &str = "this server does not lead the database now (a standby); try the leader";
+
 /// A task store in a PostgreSQL database.
 #[derive(Clone)]
 pub struct PgStore {
@@ -73,6 +76,10 @@ pub struct PgStore {
     write_failure: Arc<std::sync::Mutex<Option<String>>>,
     /// The change feed's broadcast and the newest position published on it.
     feed: Publisher,
+    /// This server's leadership among the servers on the database (issue 28), once the server
+    /// set it: every write checks it and runs the fence with its term. Unset (the store suite,
+    /// tools), writes are not fenced.
+    leadership: Arc<std::sync::OnceLock<crate::leader::Leadership>>,
 }
 
 /// What publishes the feed's entries: after a write commits, the entries after the newest one
@@ -268,6 +275,7 @@ impl PgStore {
         Ok(Self {
             pool,
             write_failure: Arc::default(),
+            leadership: Arc::default(),
             feed: Publisher {
                 feed: Feed::new(),
                 published: Arc::new(tokio::sync::Mutex::new(newest)),
@@ -280,6 +288,16 @@ impl PgStore {
         self.pool.close().await;
     }
 
+    /// The pool, for the leader's elector (its lease is a row of this database).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Fences every write from now on by `leadership` (once; later calls change nothing).
+    pub fn set_leadership(&self, leadership: crate::leader::Leadership) {
+        let _ = self.leadership.set(leadership);
+    }
+
     /// Begins a write transaction: `write` (the write turn taken) or `write_logs`.
     async fn write(&self) -> Result<WriteTx> {
         self.begin_write(Turn::Take).await
@@ -290,10 +308,20 @@ impl PgStore {
         self.begin_write(Turn::Skip).await
     }
 
-    /// The one place a write transaction begins.
-    // Helper `leader` adds the leader-term check here (issue 28): in the same transaction as
-    // every write, before anything is written.
+    /// The one place a write transaction begins. With a leadership set (issue 28): only in a
+    /// term this server leads in before its local deadline, and the transaction's first
+    /// statement is the fence with that term, so the database refuses (`PLF01`) a term that
+    /// no longer holds a live lease and orders the write before any takeover. A refusal is
+    /// [`Error::Busy`] (`UNAVAILABLE`: the infrastructure's, never a task's), and a fenced
+    /// term is lost at once ([`crate::leader::Leadership::lost`]).
     async fn begin_write(&self, turn: Turn) -> Result<WriteTx> {
+        let term = match self.leadership.get() {
+            None => None,
+            Some(leadership) => match leadership.writing_term() {
+                Some(term) => Some((leadership, term)),
+                None => return Err(Error::Busy(NOT_LEADING.to_owned())),
+            },
+        };
         let failure = Arc::clone(&self.write_failure);
         let began = std::time::Instant::now();
         let tx = match self.pool.begin().await {
@@ -312,6 +340,24 @@ impl PgStore {
             began,
             publisher: (turn == Turn::Take).then(|| (self.feed.clone(), self.pool.clone())),
         };
+        if let Some((leadership, term)) = term
+            && let Err(e) = sqlx::query(crate::leader::FENCE_SQL)
+                .bind(term)
+                .execute(&mut *tx)
+                .await
+        {
+            if e.as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == crate::leader::FENCED_SQLSTATE)
+            {
+                // Refused, not failed: nothing was written and the database is fine.
+                tx.rollback().await;
+                leadership.lost(term);
+                return Err(Error::Busy(NOT_LEADING.to_owned()));
+            }
+            tx.set_failure(Some(format!("beginning a write failed: {e}")));
+            return Err(e.into());
+        }
         if turn == Turn::Take
             && let Err(e) = sqlx::query("SELECT pos FROM feed_head FOR UPDATE")
                 .execute(&mut *tx)
@@ -689,6 +735,58 @@ mod tests {
         // order, none twice.
         assert!(sent.windows(2).all(|w| w[1] == w[0] + 1), "{sent:?}");
         assert_eq!(sent.first(), Some(&1));
+    }
+
+    /// With a leadership set (issue 28): a standby's write is refused before anything is
+    /// written; the leader's goes through; once another server took the lease, the fence in
+    /// the write's own transaction refuses it (`UNAVAILABLE`, no failure of the database), and
+    /// this server is at once a standby that writes nothing more.
+    #[tokio::test]
+    async fn writes_are_fenced_by_the_leaders_term() {
+        use crate::error::Error;
+        use crate::leader::{Elector, Role, Settings};
+        use crate::store::Store;
+        use std::time::Duration;
+        let (_db, store) = fresh().await;
+        let (elector, leadership) = Elector::new(
+            store.pool().clone(),
+            Settings {
+                ttl: Duration::from_secs(60),
+                advertise: "http://a:50051".to_owned(),
+            },
+        );
+        store.set_leadership(leadership.clone());
+        let refused = store.put_meta("standby", "1").await;
+        assert!(matches!(refused, Err(Error::Busy(_))), "{refused:?}");
+        elector.step().await;
+        assert_eq!(leadership.role(), Role::Leader { term: 1 });
+        store
+            .put_meta("leader", "1")
+            .await
+            .expect("the leader writes");
+        // Another server takes the lease (as if this one's had expired).
+        sqlx::query(
+            "UPDATE leader_lease SET term = term + 1, holder = 'b', advertise = 'http://b:50051',
+             expires_at = now() + interval '1 hour' WHERE id = 1",
+        )
+        .execute(store.pool())
+        .await
+        .expect("take over");
+        let fenced = store.put_meta("fenced", "1").await;
+        assert!(matches!(fenced, Err(Error::Busy(_))), "{fenced:?}");
+        assert!(matches!(leadership.role(), Role::Standby { .. }));
+        assert_eq!(leadership.writing_term(), None);
+        assert_eq!(store.write_failure(), None, "a refusal, not a failure");
+        assert_eq!(store.get_meta("fenced").await.expect("read"), None);
+        assert_eq!(store.get_meta("standby").await.expect("read"), None);
+        // The elector then learns who leads.
+        elector.step().await;
+        assert_eq!(
+            leadership.role(),
+            Role::Standby {
+                leader_url: Some("http://b:50051".to_owned())
+            }
+        );
     }
 
     /// A database that cannot be reached is refused at open in one line saying what to check.
