@@ -244,9 +244,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
                 store.close().await;
                 return Ok(Stopped::Asked);
             }
-            if let Some(remote) = &push_remote {
-                follow_remote(&repo, remote, &base).await?;
-            }
             (leadership, Some(elector))
         }
         crate::store::any::AnyStore::Sqlite(_) => (crate::leader::Leadership::sole(), None),
@@ -343,6 +340,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     coordinator
         .guard_task_ids(config.accept_existing_history)
         .await?;
+    // A new leader's base follows the remote the previous one pushed to, before recovery
+    // reads it (after the history guard, which a fetch's refs would confuse).
+    if let (Some(_), Some(remote)) = (&elector, &coordinator.settings().push_remote) {
+        follow_remote(coordinator.repo(), remote, &base).await?;
+    }
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
     let integrator = Integrator::new(Arc::clone(&coordinator), builder)
         .gathering(std::time::Duration::from_millis(config.gather_window))
@@ -636,7 +638,8 @@ async fn wait_to_lead(
     shutdown: &CancellationToken,
 ) -> bool {
     let mut role = leadership.watch();
-    let mut said = None;
+    // An unknown leader at first is the elector not having looked yet: not worth a line.
+    let mut said = Some(None);
     loop {
         let now = role.borrow_and_update().clone();
         match now {

@@ -214,3 +214,115 @@ fn a_runner_gives_up_on_a_frozen_server_and_uses_the_next() {
     .json();
     assert_eq!(status["done"], 1);
 }
+
+/// Two servers on one PostgreSQL database, each with its own clone of one bare upstream
+/// repository (`--push-remote`): the first leads, the second waits as a standby. The leader
+/// killed (SIGKILL) while an agent works, the standby takes the lease over (a higher term),
+/// follows the upstream branch and recovers as a restarted server does; the runner, given both
+/// URLs, re-attaches its lease to it, and the task lands once upstream with its agent run once.
+#[test]
+fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
+    use pipeline_core::pgtest::PgServer;
+    let repo = TestRepo::new();
+    let db = PgServer::shared().database();
+    let dir = repo.dir.path();
+    let upstream = dir.join("upstream.git");
+    let upstream_url = upstream.to_str().expect("utf-8").to_owned();
+    let repo_path = repo.repo();
+    pipeline_tests::git(
+        dir,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            repo_path.to_str().expect("utf-8"),
+            &upstream_url,
+        ],
+    );
+    pipeline_tests::git(&repo_path, &["remote", "add", "upstream", &upstream_url]);
+    let second_repo = dir.join("repo-b");
+    pipeline_tests::git(
+        dir,
+        &[
+            "clone",
+            "-q",
+            "--origin",
+            "upstream",
+            &upstream_url,
+            second_repo.to_str().expect("utf-8"),
+        ],
+    );
+    pipeline_tests::git(&second_repo, &["checkout", "-q", "--detach"]);
+    let shared = [
+        "--db",
+        db.url(),
+        "--push-remote",
+        "upstream",
+        "--leader-ttl",
+        "2",
+        "--lease-ttl",
+        "10",
+    ];
+    let leader = Server::start(&repo, &shared);
+    // The standby: its own clone, state dir and home, on a port known in advance (it serves
+    // once it leads).
+    let second_addr = format!("127.0.0.1:{}", free_port());
+    let second_url = format!("http://{second_addr}");
+    let second_home = dir.join("home-b");
+    std::fs::create_dir_all(&second_home).expect("mkdir");
+    let mut cmd = repo.command("pipeline-server");
+    cmd.arg("--repo")
+        .arg(&second_repo)
+        .arg("--state-dir")
+        .arg(dir.join("state-b"))
+        .args(["--env-allow", "AGENT_LOG_DIR", "--listen", &second_addr])
+        .args(shared)
+        .env("HOME", &second_home)
+        .env("RUST_LOG", "info")
+        .env("PATH", pipeline_tests::scripts_path())
+        .env("AGENT_LOG_DIR", repo.agent_log())
+        .envs(pipeline_tests::sandbox_env(&repo))
+        .env_remove("PIPELINE_DB");
+    let standby = std::thread::spawn(move || {
+        Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("the standby did not start:\n{log}"))
+    });
+    let status = leader.ctl(&["status", "--json"]).json();
+    assert_eq!(status["server"]["role"], "leader");
+    let first_term = status["server"]["term"].as_i64().expect("term");
+
+    let args = agent_args(&["--no-verify"]);
+    let urls = format!("{},{second_url}", leader.url);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    leader.wait_connected(&runner.proc, "r");
+    let id = leader.add(&["--title", "survivor", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    leader.kill();
+
+    let second = standby.join().expect("the standby's thread");
+    let status = second.ctl(&["status", "--json"]).json();
+    assert_eq!(status["server"]["role"], "leader");
+    assert!(
+        status["server"]["term"].as_i64().expect("term") > first_term,
+        "{status}"
+    );
+    second.wait_runner("r", "back with its lease", |r| {
+        pipeline_tests::connected(r) && r["slots_used"] == 1
+    });
+    repo.release_agents();
+    let task = second.wait_status(&id, "done");
+    let runs = runs(&task);
+    let devs = runs.iter().filter(|r| r["phase"] == "dev").count();
+    assert_eq!(devs, 1, "the agent ran once: {runs:?}");
+    assert_eq!(task["failures"], 0);
+    let trailers = pipeline_tests::git(
+        &upstream,
+        &["log", "--format=%(trailers:key=Task-Id,valueonly)", "main"],
+    );
+    let landed: Vec<&str> = trailers
+        .lines()
+        .map(str::trim)
+        .filter(|l| *l == id)
+        .collect();
+    assert_eq!(landed.len(), 1, "once upstream: {trailers}");
+    drop(runner);
+}
