@@ -216,14 +216,19 @@ fn a_runner_gives_up_on_a_frozen_server_and_uses_the_next() {
 }
 
 /// Two servers on one PostgreSQL database, each with its own clone of one bare upstream
-/// repository (`--push-remote`): the first leads, the second waits as a standby. The leader
-/// killed (SIGKILL) while an agent works, the standby takes the lease over (a higher term),
-/// follows the upstream branch and recovers as a restarted server does; the runner, given both
-/// URLs, re-attaches its lease to it, and the task lands once upstream with its agent run once.
-#[test]
-fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
+/// repository (`--push-remote upstream`, a short `--leader-ttl`): the leader, started and
+/// serving, and the second, started as a standby on a port known in advance (it serves once it
+/// leads: the thread's result). Also the upstream's path and the second's URL.
+struct Pair {
+    leader: Server,
+    standby: std::thread::JoinHandle<Server>,
+    upstream: std::path::PathBuf,
+    second_url: String,
+    _db: pipeline_core::pgtest::PgDatabase<'static>,
+}
+
+fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
     use pipeline_core::pgtest::PgServer;
-    let repo = TestRepo::new();
     let db = PgServer::shared().database();
     let dir = repo.dir.path();
     let upstream = dir.join("upstream.git");
@@ -261,11 +266,9 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
         "--leader-ttl",
         "2",
         "--lease-ttl",
-        "10",
+        lease_ttl,
     ];
-    let leader = Server::start(&repo, &shared);
-    // The standby: its own clone, state dir and home, on a port known in advance (it serves
-    // once it leads).
+    let leader = Server::start(repo, &shared);
     let second_addr = format!("127.0.0.1:{}", free_port());
     let second_url = format!("http://{second_addr}");
     let second_home = dir.join("home-b");
@@ -281,48 +284,115 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
         .env("RUST_LOG", "info")
         .env("PATH", pipeline_tests::scripts_path())
         .env("AGENT_LOG_DIR", repo.agent_log())
-        .envs(pipeline_tests::sandbox_env(&repo))
+        .envs(pipeline_tests::sandbox_env(repo))
         .env_remove("PIPELINE_DB");
     let standby = std::thread::spawn(move || {
         Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("the standby did not start:\n{log}"))
     });
-    let status = leader.ctl(&["status", "--json"]).json();
-    assert_eq!(status["server"]["role"], "leader");
-    let first_term = status["server"]["term"].as_i64().expect("term");
+    Pair {
+        leader,
+        standby,
+        upstream,
+        second_url,
+        _db: db,
+    }
+}
 
-    let args = agent_args(&["--no-verify"]);
-    let urls = format!("{},{second_url}", leader.url);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    leader.wait_connected(&runner.proc, "r");
-    let id = leader.add(&["--title", "survivor", "--description", "MODE: wait"]);
-    repo.wait_agent(&id);
-    leader.kill();
+/// The term `server` leads in, as `status --json` says; panics unless it leads.
+fn leading_term(server: &Server) -> i64 {
+    let status = server.ctl(&["status", "--json"]).json();
+    assert_eq!(status["server"]["role"], "leader", "{status}");
+    status["server"]["term"].as_i64().expect("term")
+}
 
-    let second = standby.join().expect("the standby's thread");
-    let status = second.ctl(&["status", "--json"]).json();
-    assert_eq!(status["server"]["role"], "leader");
-    assert!(
-        status["server"]["term"].as_i64().expect("term") > first_term,
-        "{status}"
+/// The task ended done with one dev run, and its `Task-Id` trailer is once on upstream `main`.
+fn done_once(task: &Value, upstream: &std::path::Path) {
+    let id = task["id"].as_str().expect("id");
+    let runs = runs(task);
+    let devs = runs.iter().filter(|r| r["phase"] == "dev").count();
+    assert_eq!(devs, 1, "the agent ran once: {runs:?}");
+    assert_eq!(task["failures"], 0);
+    let trailers = pipeline_tests::git(
+        upstream,
+        &["log", "--format=%(trailers:key=Task-Id,valueonly)", "main"],
     );
+    let landed = trailers.lines().filter(|l| l.trim() == id).count();
+    assert_eq!(landed, 1, "once upstream: {trailers}");
+}
+
+/// The leader killed (SIGKILL) while an agent works: the standby takes the lease over (a higher
+/// term), follows the upstream branch and recovers as a restarted server does; the runner,
+/// given both URLs, re-attaches its lease to it, and the task lands once upstream with its
+/// agent run once.
+#[test]
+fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
+    let repo = TestRepo::new();
+    let pair = two_servers(&repo, "10");
+    let first_term = leading_term(&pair.leader);
+    let args = agent_args(&["--no-verify"]);
+    let urls = format!("{},{}", pair.leader.url, pair.second_url);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    pair.leader.wait_connected(&runner.proc, "r");
+    let id = pair
+        .leader
+        .add(&["--title", "survivor", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    pair.leader.kill();
+
+    let second = pair.standby.join().expect("the standby's thread");
+    assert!(leading_term(&second) > first_term);
     second.wait_runner("r", "back with its lease", |r| {
         pipeline_tests::connected(r) && r["slots_used"] == 1
     });
     repo.release_agents();
     let task = second.wait_status(&id, "done");
-    let runs = runs(&task);
-    let devs = runs.iter().filter(|r| r["phase"] == "dev").count();
-    assert_eq!(devs, 1, "the agent ran once: {runs:?}");
-    assert_eq!(task["failures"], 0);
-    let trailers = pipeline_tests::git(
-        &upstream,
-        &["log", "--format=%(trailers:key=Task-Id,valueonly)", "main"],
+    done_once(&task, &pair.upstream);
+    drop(runner);
+}
+
+/// The leader frozen (SIGSTOP) past its lease: the standby takes over and the runner follows
+/// it. Resumed, the old leader writes nothing (its deadline passed, its term is fenced) and
+/// stops with an error (a restart waits as a standby); the task lands once, by the new leader.
+#[test]
+fn a_leader_frozen_past_its_lease_and_resumed_writes_nothing_and_stops() {
+    let repo = TestRepo::new();
+    // A runner gives a frozen server up only after its keepalive (10 s) times out (10 s
+    // more): the task's lease outlasts that and the takeover.
+    let mut pair = two_servers(&repo, "60");
+    let first_term = leading_term(&pair.leader);
+    let args = agent_args(&["--no-verify"]);
+    let urls = format!("{},{}", pair.leader.url, pair.second_url);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    pair.leader.wait_connected(&runner.proc, "r");
+    let id = pair
+        .leader
+        .add(&["--title", "survivor", "--description", "MODE: wait"]);
+    repo.wait_agent(&id);
+    let before = pipeline_tests::git(&pair.upstream, &["rev-parse", "main"]);
+    pair.leader.proc.signal("STOP");
+
+    let second = pair.standby.join().expect("the standby's thread");
+    assert!(leading_term(&second) > first_term);
+    second.wait_runner("r", "back with its lease", |r| {
+        pipeline_tests::connected(r) && r["slots_used"] == 1
+    });
+    pair.leader.proc.signal("CONT");
+    let exit = pair.leader.proc.wait_exit();
+    assert!(
+        !exit.success(),
+        "the old leader stops with an error: {exit:?}"
     );
-    let landed: Vec<&str> = trailers
-        .lines()
-        .map(str::trim)
-        .filter(|l| *l == id)
-        .collect();
-    assert_eq!(landed.len(), 1, "once upstream: {trailers}");
+    assert_eq!(
+        pipeline_tests::git(&pair.upstream, &["rev-parse", "main"]),
+        before,
+        "nothing pushed while the task is not finished"
+    );
+    assert!(
+        leading_term(&second) > first_term,
+        "the new leader still leads"
+    );
+    repo.release_agents();
+    let task = second.wait_status(&id, "done");
+    done_once(&task, &pair.upstream);
     drop(runner);
 }
