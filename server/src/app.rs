@@ -225,16 +225,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     let elector_stop = CancellationToken::new();
     let (leadership, elector) = match &store {
         crate::store::any::AnyStore::Postgres(pg) => {
+            // This machine and state dir, whose lock this process holds: a lease left live by
+            // the process before it here (killed) is its own, not another server's.
+            let place = format!("{} {}", machine_id(), state_dir.display());
+            match crate::leader::end_own_lease(pg.pool(), &place).await {
+                Ok(true) => tracing::info!(
+                    "ended the leader lease this server's previous run left (it was killed)"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    store.close().await;
+                    return Err(Error::Internal(e.to_string()));
+                }
+            }
             if let Err(why) = crate::leader::check_joining(pg.pool(), push_remote.is_some()).await {
                 store.close().await;
                 return Err(Error::FailedPrecondition(why));
             }
-            let (elector, leadership) = crate::leader::Elector::new(
+            let (elector, leadership) = crate::leader::Elector::placed(
                 pg.pool().clone(),
                 crate::leader::Settings {
                     ttl: Duration::from_secs(config.leader_ttl),
                     advertise: advertise.clone(),
                 },
+                &place,
             );
             pg.set_leadership(leadership.clone());
             let elector = tokio::spawn(elector.run(elector_stop.clone()));
@@ -630,6 +644,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         Some(needs_help) => Stopped::Idle { needs_help },
         None => Stopped::Asked,
     })
+}
+
+/// This machine, as the leader lease's holder names it: its systemd machine ID, else its host
+/// name.
+fn machine_id() -> String {
+    ["/etc/machine-id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .find_map(|p| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "unknown-machine".to_owned())
 }
 
 /// Waits as a standby until this server leads (true) or is asked to stop (false).

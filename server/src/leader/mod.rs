@@ -212,6 +212,27 @@ pub async fn check_joining(pool: &PgPool, push_remote: bool) -> Result<(), Strin
     }
 }
 
+/// What ends the place at the start of a lease's holder.
+const PLACE_END: &str = " | ";
+
+/// A server restarted at `place` (its machine and state dir, whose lock it holds: the process
+/// before it there is gone) ends the lease that process may have left live, instead of waiting
+/// it out (or being refused as if another server led). The dead holder's term stays fenced; the
+/// next to take the lease leads in a higher one. Returns whether there was one.
+pub async fn end_own_lease(pool: &PgPool, place: &str) -> Result<bool, LeaseError> {
+    if place.is_empty() {
+        return Ok(false);
+    }
+    let ended = sqlx::query(
+        "UPDATE leader_lease SET expires_at = now()
+         WHERE id = 1 AND expires_at > now() AND starts_with(holder, $1)",
+    )
+    .bind(format!("{place}{PLACE_END}"))
+    .execute(pool)
+    .await?;
+    Ok(ended.rows_affected() > 0)
+}
+
 /// Holds, renews and takes the lease for one server.
 pub struct Elector {
     pool: PgPool,
@@ -226,11 +247,17 @@ impl Elector {
     /// An elector for this server on `pool`'s database (whose `leader_lease` exists), and the
     /// leadership it steers, a standby until it first takes the lease.
     pub fn new(pool: PgPool, settings: Settings) -> (Self, Leadership) {
+        Self::placed(pool, settings, "")
+    }
+
+    /// As [`Elector::new`], for a server at `place` (its machine and state dir, see
+    /// [`end_own_lease`]), which the lease's holder names first.
+    pub fn placed(pool: PgPool, settings: Settings, place: &str) -> (Self, Leadership) {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let holder = format!(
-            "{} pid {} at {started}",
+            "{place}{PLACE_END}{} pid {} at {started}",
             settings.advertise,
             std::process::id()
         );

@@ -293,3 +293,28 @@ async fn a_server_without_a_push_remote_may_not_join_a_live_leader() {
     assert_eq!(live_leader(&pool).await.expect("read"), None);
     assert_eq!(check_joining(&pool, false).await, Ok(()));
 }
+
+/// A server restarted in the same place (machine and state dir) ends the lease its killed
+/// predecessor left live; a server elsewhere ends nothing.
+#[tokio::test]
+async fn a_restart_in_the_same_place_ends_its_predecessors_lease_and_no_other() {
+    let db = PgServer::shared().database();
+    let pool = pool(db.url()).await;
+    let settings = Settings {
+        ttl: Duration::from_secs(60),
+        advertise: "http://a:50051".to_owned(),
+    };
+    let (killed, role) = Elector::placed(pool.clone(), settings, "m1 /srv/a");
+    killed.step().await;
+    assert_eq!(role.role(), Role::Leader { term: 1 });
+    drop(killed);
+    assert!(!end_own_lease(&pool, "m1 /srv/b").await.expect("end"));
+    assert!(!end_own_lease(&pool, "m2 /srv/a").await.expect("end"));
+    assert!(!end_own_lease(&pool, "").await.expect("end"));
+    assert!(live_leader(&pool).await.expect("read").is_some());
+    assert!(end_own_lease(&pool, "m1 /srv/a").await.expect("end"));
+    assert_eq!(live_leader(&pool).await.expect("read"), None);
+    assert!(is_fenced(
+        &fenced_write(&pool, 1).await.expect_err("term 1 is over")
+    ));
+}
