@@ -242,8 +242,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
                 store.close().await;
                 return Err(Error::FailedPrecondition(why));
             }
+            // The elector's own two connections: on the store's pool a renewal could wait
+            // for a connection behind a burst of writes until the deadline passed.
+            let elector_pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect_with((*pg.pool().connect_options()).clone())
+                .await
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!("--db: the leader lease's connection: {e}"))
+                })?;
             let (elector, leadership) = crate::leader::Elector::placed(
-                pg.pool().clone(),
+                elector_pool,
                 crate::leader::Settings {
                     ttl: Duration::from_secs(config.leader_ttl),
                     advertise: advertise.clone(),

@@ -27,7 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 /// The lease's table and the fence function, for a database that lacks them (PgStore's
 /// migrations include the same file; tests apply it with `sqlx::raw_sql`).
-pub const MIGRATION: &str = include_str!("../../migrations/postgres/0100_leader.sql");
+pub const MIGRATION: &str = concat!(
+    include_str!("../../migrations/postgres/0100_leader.sql"),
+    include_str!("../../migrations/postgres/0101_leader_fence_key_share.sql"),
+);
 
 /// The statement a write transaction runs first, with the writer's term as `$1`: it fails
 /// (SQLSTATE [`FENCED_SQLSTATE`]) unless that term holds a live lease.
@@ -399,18 +402,33 @@ impl Elector {
     /// Takes the lease if it has expired: `Ok(term)`, or `Err(the leader's URL)` when another
     /// server holds it.
     async fn try_acquire(&self, ttl_ms: i64) -> Result<Result<i64, Option<String>>, LeaseError> {
-        let taken = sqlx::query_scalar::<_, i64>(
-            "UPDATE leader_lease
-             SET term = term + 1, holder = $1, advertise = $2,
-                 expires_at = now() + $3 * interval '1 millisecond'
-             WHERE id = 1 AND expires_at <= now()
-             RETURNING term",
+        // FOR UPDATE first: it waits for every write the fence let in (they hold the row FOR
+        // KEY SHARE, which the renewal's UPDATE passes but this lock does not), so a write of
+        // the old term is ordered before the new term.
+        let mut tx = self.pool.begin().await?;
+        let expired: Option<i32> = sqlx::query_scalar(
+            "SELECT id FROM leader_lease WHERE id = 1 AND expires_at <= now() FOR UPDATE",
         )
-        .bind(&self.holder)
-        .bind(&self.settings.advertise)
-        .bind(ttl_ms)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        let taken = match expired {
+            None => None,
+            Some(_) => {
+                sqlx::query_scalar::<_, i64>(
+                    "UPDATE leader_lease
+                     SET term = term + 1, holder = $1, advertise = $2,
+                         expires_at = now() + $3 * interval '1 millisecond'
+                     WHERE id = 1 AND expires_at <= now()
+                     RETURNING term",
+                )
+                .bind(&self.holder)
+                .bind(&self.settings.advertise)
+                .bind(ttl_ms)
+                .fetch_optional(&mut *tx)
+                .await?
+            }
+        };
+        tx.commit().await?;
         if let Some(term) = taken {
             return Ok(Ok(term));
         }

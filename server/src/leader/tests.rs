@@ -168,6 +168,41 @@ async fn a_frozen_holder_stops_writing_at_its_deadline_and_its_old_term_is_fence
     assert!(matches!(a_role.role(), Role::Standby { .. }));
 }
 
+/// A busy leader's writes overlap without a gap, each holding the fence's lock on the lease row
+/// to its end: the holder's renewal must pass them, or its deadline passes under load and the
+/// only server steps down (seen in pipeline-bench's backends figure before 0101).
+#[tokio::test]
+async fn the_holder_renews_while_a_write_the_fence_let_in_is_still_open() {
+    let db = PgServer::shared().database();
+    let pool = pool(db.url()).await;
+    let (a, a_role) = elector(&pool, "a", Duration::from_secs(10));
+    a.step().await;
+    assert_eq!(a_role.role(), Role::Leader { term: 1 });
+    let before: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM expires_at)::float8 FROM leader_lease")
+            .fetch_one(&pool)
+            .await
+            .expect("expires_at");
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query(FENCE_SQL)
+        .bind(1_i64)
+        .execute(&mut *tx)
+        .await
+        .expect("the fence");
+    // The renewal completes with the write still open (it would wait for ever on FOR SHARE).
+    tokio::time::timeout(Duration::from_secs(30), a.step())
+        .await
+        .expect("the renewal waited on the open write");
+    assert_eq!(a_role.role(), Role::Leader { term: 1 });
+    let after: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM expires_at)::float8 FROM leader_lease")
+            .fetch_one(&pool)
+            .await
+            .expect("expires_at");
+    assert!(after > before, "renewed: {before} -> {after}");
+    tx.commit().await.expect("the write commits");
+}
+
 #[tokio::test]
 async fn a_write_the_fence_let_in_is_ordered_before_the_takeover() {
     let db = PgServer::shared().database();
