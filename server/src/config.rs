@@ -258,7 +258,7 @@ pub struct Config {
     pub batch_max: u32,
 
     /// Integration builds the server runs at once, each in a worktree of its own
-    /// (`integration`, `integration-2`, … in the state dir): with more than one, a red train's
+    /// (`integration`, `integration-2`, ... in the state dir): with more than one, a red train's
     /// prefixes are built at once, so its culprit is found in about one build time instead of
     /// one build per halving.
     #[arg(long, env = "PIPELINE_BUILD_SLOTS", default_value_t = 1,
