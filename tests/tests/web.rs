@@ -575,7 +575,10 @@ fn live_streams_are_bounded_and_a_reader_that_stops_is_dropped() {
     // A reader that stops reading, with a small receive buffer.
     let mut stalled = EventStream::open(&http, "/events", &viewer, &[], Some(4096));
     assert_eq!(stalled.status, 200);
-    let total = 20_000;
+    // Enough that half of it is far more than the kernel's socket buffers can hold (the send
+    // buffer autotunes up to tcp_wmem's maximum, 4 MiB by default: about 13,000 of these events,
+    // which made 20,000 too few to tell a dropped stream from a buffered one).
+    let total = 50_000;
     let lines: String = (0..total)
         .map(|i| format!("{{\"title\": \"task {i} with a title long enough to fill the stream's queue and the socket's buffers quickly\"}}\n"))
         .collect();
