@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod database;
 pub mod fake_runner;
 pub mod feed;
 pub mod web;
@@ -580,6 +581,12 @@ pub fn test_on_postgres() -> bool {
 /// one for every server started on `repo` (a restart finds its state), kept until the process
 /// ends. `None` on SQLite.
 pub fn test_database(repo: &TestRepo) -> Option<String> {
+    pg_database(repo).map(|(_, url)| url)
+}
+
+/// The name and URL of `repo`'s PostgreSQL database (see [`test_database`]), made on first use;
+/// `None` on SQLite.
+fn pg_database(repo: &TestRepo) -> Option<(String, String)> {
     use pipeline_core::pgtest::{PgDatabase, PgServer};
     use std::collections::HashMap;
     static DATABASES: Mutex<Option<HashMap<PathBuf, PgDatabase<'static>>>> = Mutex::new(None);
@@ -594,13 +601,11 @@ pub fn test_database(repo: &TestRepo) -> Option<String> {
         return None;
     }
     let mut databases = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
-    let url = databases
+    let db = databases
         .get_or_insert_with(HashMap::new)
         .entry(repo.state_dir())
-        .or_insert_with(|| PgServer::shared().database())
-        .url()
-        .to_owned();
-    Some(url)
+        .or_insert_with(|| PgServer::shared().database());
+    Some((db.name().to_owned(), db.url().to_owned()))
 }
 
 /// The state dirs of the test repositories whose servers stay on SQLite

@@ -305,7 +305,8 @@ fn state_survives_restarts_and_sigkill() {
 #[test]
 fn the_database_lives_in_the_state_dir_or_where_db_says() {
     let repo = TestRepo::new();
-    // About the SQLite file itself.
+    // About the SQLite file itself: where the default `pipeline.db` is made, and another
+    // one named by `--db sqlite://` (PostgreSQL's refusal is checked below either way).
     repo.sqlite_only();
     let server = Server::start(&repo, &[]);
     server.add(&["--title", "x"]);

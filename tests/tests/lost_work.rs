@@ -142,16 +142,13 @@ fn generated_ids_never_wrap() {
 #[test]
 fn a_watch_goes_on_after_the_servers_history_went_back() {
     let repo = TestRepo::new();
-    // About the SQLite file itself.
-    repo.sqlite_only();
     let server = Server::start(&repo, &[]);
     let addr = server.addr.clone();
     server.add(&["--title", "a", "--id", "a"]);
     server.add(&["--title", "b", "--id", "b"]);
     assert!(server.terminate().success());
-    let db = repo.state_dir().join("pipeline.db");
-    let backup = repo.dir.path().join("backup.db");
-    std::fs::copy(&db, &backup).expect("back the database up");
+    // A backup (SQLite's file, or PostgreSQL's database: pipeline_tests::database).
+    let backup = repo.snapshot_database("backup");
 
     let server = Server::start(&repo, &["--listen", &addr]);
     let out = repo.dir.path().join("watch.out");
@@ -184,10 +181,7 @@ fn a_watch_goes_on_after_the_servers_history_went_back() {
         wait_for("the watch to print it", || printed(id).then_some(()));
     }
     server.kill();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
-    std::fs::copy(&backup, &db).expect("restore the database");
+    repo.restore_database(&backup);
 
     let server = Server::start(&repo, &["--listen", &addr]);
     server.add(&["--title", "after the restore", "--id", "restored"]);

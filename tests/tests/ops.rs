@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use pipeline_proto::v1 as pb;
@@ -273,27 +272,12 @@ fn readyz_says_when_the_database_takes_no_writes_and_recovers() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let repo = TestRepo::new();
-    // About the SQLite file itself.
-    repo.sqlite_only();
     let (server, http) = server(&repo, &[]);
     let ready = || send(client().get(format!("{http}/readyz")));
     assert_eq!(ready().status, 200);
-    // Another process takes the database's write lock and keeps it.
-    let db = repo.state_dir().join("pipeline.db");
-    let mut holder = Command::new("sqlite3")
-        .arg(&db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sqlite3 (the CLI)");
-    let mut stdin = holder.stdin.take().expect("stdin");
-    writeln!(stdin, "BEGIN IMMEDIATE; SELECT 'locked';").expect("write");
-    stdin.flush().expect("flush");
-    let mut out = BufReader::new(holder.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "locked", "sqlite3 took the write lock");
+    // Another process takes the database's write lock and keeps it (sqlite3's BEGIN
+    // IMMEDIATE, or psql's lock on the row every PostgreSQL write locks first).
+    let holder = repo.hold_write_lock();
     let refused = wait_for("readyz to refuse", || {
         let a = ready();
         (a.status == 503).then_some(a)
@@ -314,9 +298,7 @@ fn readyz_says_when_the_database_takes_no_writes_and_recovers() {
     wait_for("gRPC health to say NOT_SERVING", || {
         (grpc_health(&rt, &server.url) == ServingStatus::NotServing as i32).then_some(())
     });
-    writeln!(stdin, "ROLLBACK;").expect("write");
-    drop(stdin);
-    holder.wait().expect("sqlite3 ends");
+    holder.release();
     wait_for("readyz to say ready again", || {
         (ready().status == 200).then_some(())
     });

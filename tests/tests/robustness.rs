@@ -409,8 +409,6 @@ fn explain_names_the_unhealthy_runner_that_could_take_the_task() {
 #[test]
 fn a_second_server_on_the_same_state_dir_refuses_to_start() {
     let repo = TestRepo::new();
-    // About the SQLite file itself.
-    repo.sqlite_only();
     let first = Server::start(&repo, &[]);
     let refused = |cmd: &mut Command| match Server::spawn(cmd) {
         Ok(second) => panic!("a second server started:\n{}", second.log()),
@@ -427,21 +425,24 @@ fn a_second_server_on_the_same_state_dir_refuses_to_start() {
             && line.contains(&format!("address {}", first.addr)),
         "{line}"
     );
-    // The same database from another state dir is refused too.
-    let db = repo.state_dir().join("pipeline.db");
-    let other = repo.dir.path().join("other-state");
-    let log = refused(
-        repo.command("pipeline-server")
-            .arg("--repo")
-            .arg(repo.repo())
-            .arg("--state-dir")
-            .arg(&other)
-            .arg("--db")
-            .arg(format!("sqlite://{}", db.display()))
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info"),
-    );
-    assert!(log.contains("is using the database"), "{log}");
+    // The same SQLite file from another state dir is refused too (on PostgreSQL a second
+    // server on one database stands by instead: failover.rs).
+    if !repo.on_postgres() {
+        let db = repo.state_dir().join("pipeline.db");
+        let other = repo.dir.path().join("other-state");
+        let log = refused(
+            repo.command("pipeline-server")
+                .arg("--repo")
+                .arg(repo.repo())
+                .arg("--state-dir")
+                .arg(&other)
+                .arg("--db")
+                .arg(format!("sqlite://{}", db.display()))
+                .args(["--listen", "127.0.0.1:0"])
+                .env("RUST_LOG", "info"),
+        );
+        assert!(log.contains("is using the database"), "{log}");
+    }
     // The first one is unharmed, and once it stops another may start.
     first.ctl(&["status"]).ok();
     first.terminate();
@@ -787,8 +788,6 @@ fn a_retry_whose_patchset_no_longer_applies_starts_fresh() {
 #[test]
 fn an_empty_database_beside_an_earlier_pipelines_history_is_refused() {
     let repo = TestRepo::new();
-    // About the SQLite file itself.
-    repo.sqlite_only();
     let server = Server::start(&repo, &["--no-verify"]);
     let args = {
         let mut a = scripted_agent();
@@ -800,10 +799,8 @@ fn an_empty_database_beside_an_earlier_pipelines_history_is_refused() {
     server.wait_status(&first, "done");
     drop(runner);
     server.kill();
-    // The database is lost.
-    for f in ["pipeline.db", "pipeline.db-wal", "pipeline.db-shm"] {
-        let _ = std::fs::remove_file(repo.state_dir().join(f));
-    }
+    // The database is lost (SQLite's files, or PostgreSQL's database made again empty).
+    repo.lose_database();
     let log = match Server::spawn(&mut Server::command(&repo, &[])) {
         Ok(s) => panic!("started on an empty database:\n{}", s.log()),
         Err(log) => log,
@@ -846,8 +843,6 @@ fn an_empty_database_beside_an_earlier_pipelines_history_is_refused() {
 #[test]
 fn done_tasks_a_rolled_back_database_forgot_are_recorded_done_not_redone() {
     let repo = TestRepo::new();
-    // About the SQLite file itself.
-    repo.sqlite_only();
     let server = Server::start(&repo, &[]);
     let args = {
         let mut a = scripted_agent();
@@ -863,33 +858,13 @@ fn done_tasks_a_rolled_back_database_forgot_are_recorded_done_not_redone() {
         "MODE: wait",
     ]);
     repo.wait_agent(&id);
-    let snapshot = repo.dir.path().join("snapshot.db");
-    let out = Command::new("sqlite3")
-        .arg(repo.state_dir().join("pipeline.db"))
-        .arg(format!(".backup {}", snapshot.display()))
-        .output();
-    let snapshot_taken = out.is_ok_and(|o| o.status.success());
-    if !snapshot_taken {
-        // No sqlite3 tool: copy the files (the server writes nothing while the agent waits).
-        std::fs::copy(repo.state_dir().join("pipeline.db"), &snapshot).expect("copy");
-        let _ = std::fs::copy(
-            repo.state_dir().join("pipeline.db-wal"),
-            repo.dir.path().join("snapshot.db-wal"),
-        );
-    }
+    let snapshot = repo.snapshot_database("in-progress");
     repo.release_agents();
     server.wait_status(&id, "done");
     drop(runner);
     // ...comes back after a power loss: the task is in progress again, its commit on the base.
     server.kill();
-    for f in ["pipeline.db-wal", "pipeline.db-shm"] {
-        let _ = std::fs::remove_file(repo.state_dir().join(f));
-    }
-    std::fs::copy(&snapshot, repo.state_dir().join("pipeline.db")).expect("restore");
-    let wal = repo.dir.path().join("snapshot.db-wal");
-    if wal.exists() {
-        std::fs::copy(&wal, repo.state_dir().join("pipeline.db-wal")).expect("restore wal");
-    }
+    repo.restore_database(&snapshot);
     let server = Server::start(&repo, &[]);
     let _runner = Runner::start(&repo, &server, "r", &as_strs(&args));
     let task = server.wait_status(&id, "done");
