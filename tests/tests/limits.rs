@@ -142,9 +142,18 @@ async fn read_flood(
 fn a_stalled_follower_holds_a_bounded_amount_and_still_gets_every_line() {
     use pipeline_proto::v1 as pb;
     let repo = TestRepo::new();
+    // The fake runner sends no heartbeats while it ships: its lease must outlast a flood's
+    // storing (over 30 s on PostgreSQL on a loaded machine).
     let server = Server::start(
         &repo,
-        &["--log-cap-bytes", "1073741824", "--max-retries", "1"],
+        &[
+            "--log-cap-bytes",
+            "1073741824",
+            "--max-retries",
+            "1",
+            "--lease-ttl",
+            "10m",
+        ],
     );
     let mut fake = pipeline_tests::fake_runner(&repo, &server);
     let rt = tokio::runtime::Builder::new_multi_thread()
