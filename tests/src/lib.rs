@@ -576,6 +576,23 @@ pub fn test_on_postgres() -> bool {
     )
 }
 
+/// For a test that the PostgreSQL pass (`PIPELINE_TEST_DB=postgres`) would only repeat: its
+/// servers' database is its own choice (it is on PostgreSQL on either pass, or the benchmark
+/// picks its own). On that pass it prints why on the terminal (past the test harness's capture)
+/// and returns true, and the test returns at once, skipped; on the SQLite pass it returns false.
+pub fn runs_the_same_on_both_passes(why: &str) -> bool {
+    if !test_on_postgres() {
+        return false;
+    }
+    use std::io::Write;
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped {test} with PIPELINE_TEST_DB=postgres: {why}"
+    );
+    true
+}
+
 /// The `--db` URL of `repo`'s servers when the tests run on PostgreSQL: a database of its own
 /// on the test process's PostgreSQL ([`pipeline_core::pgtest::PgServer::shared`]), the same
 /// one for every server started on `repo` (a restart finds its state), kept until the process
