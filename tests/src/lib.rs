@@ -24,6 +24,12 @@
 //!   a refusal's one line); each test file lists those it checks in its module doc. The harness
 //!   reads one: the server's start-up line with its address (`listening on`, how a user learns
 //!   the port of `--listen 127.0.0.1:0`; its HTTP side's likewise in [`web`]).
+//! - The servers' database: SQLite in the state dir, or with `PIPELINE_TEST_DB=postgres` a
+//!   database of each [`TestRepo`]'s own on the test process's PostgreSQL ([`test_database`]);
+//!   [`database`] does to either what a test does behind the server's back (a backup restored,
+//!   the database lost, its write lock held, rows made in bulk, a dump compared), and
+//!   [`runs_the_same_on_both_passes`] skips on the PostgreSQL pass a test that picks its
+//!   databases itself.
 //! - [`web`]: the server's HTTP side (its address, an HTTP client, server-sent events off a
 //!   socket) and a headless Chromium driven through WebDriver ([`web::Browser`]).
 //! - Small readers shared by the test files: a task's [`runs`] and [`event_kinds`] from its
@@ -237,9 +243,10 @@ impl TestRepo {
         self.dir.path().join("repo")
     }
 
-    /// For a test about the SQLite file itself (it reads, locks, copies or removes
-    /// `pipeline.db`): the servers of this repository stay on SQLite whatever
-    /// `PIPELINE_TEST_DB` says ([`test_database`]).
+    /// For a test about the SQLite file itself (where `pipeline.db` is made, a `sqlite://`
+    /// URL): the servers of this repository stay on SQLite whatever `PIPELINE_TEST_DB` says
+    /// ([`test_database`]). A test that only copies, removes, locks or fills the database uses
+    /// [`database`]'s helpers instead, which do that on either backend.
     pub fn sqlite_only(&self) {
         SQLITE_ONLY
             .lock()
