@@ -476,8 +476,8 @@ fn sigterm_ends_watch_and_follow_streams_at_once() {
     let log = {
         let mut server = server;
         server.proc.signal("TERM");
-        server.proc.wait_exit();
-        server.log()
+        // Its whole log: the last lines may still be on their way when it has exited.
+        server.proc.wait_exit_log().1
     };
     assert!(log.contains("stopped"), "{log}");
     assert!(
@@ -531,8 +531,7 @@ fn a_graceful_stop_with_work_and_followers_logs_no_error() {
     }
     let mut server = server;
     server.proc.signal("TERM");
-    let status = server.proc.wait_exit();
-    let log = server.log();
+    let (status, log) = server.proc.wait_exit_log();
     assert!(status.success(), "{status:?}\n{log}");
     assert!(log.contains("stopped"), "{log}");
     let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
