@@ -54,6 +54,7 @@ pub mod any;
 pub mod memory;
 pub mod plan;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 #[cfg(test)]
 pub mod suite;

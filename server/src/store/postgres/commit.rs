@@ -7,14 +7,16 @@ use super::PgStore;
 use super::events::insert_event;
 use super::rows::{TASK_COLUMNS, TaskRow, task_exists};
 use super::runs::{ATTEMPT, end_runs, insert_run};
-use crate::domain::{FailureKind, TaskStatus};
+use crate::domain::FailureKind;
 use crate::error::{Error, Result};
+use crate::store::plan::{self, Step};
 use crate::store::{Committed, TaskWrite};
 use pipeline_core::ids::{CommitId, TreeId};
 
 /// One write inside a write transaction: the compare-and-swap on the version (every mutable
-/// column set from the record, the row read back in the same statement), the dependents'
-/// pending counts when the task became Done, its history entry and its runs.
+/// column set from the record, the row read back in the same statement), then what
+/// [`plan::write_steps`] says follows it (the dependents' pending counts when the task became
+/// Done, the journal entry, its history entry and its runs), in order.
 pub(super) async fn write_task(tx: &mut PgConnection, w: &TaskWrite) -> Result<Committed> {
     let n = &w.next;
     let s = &n.state;
@@ -57,70 +59,63 @@ pub(super) async fn write_task(tx: &mut PgConnection, w: &TaskWrite) -> Result<C
         .fetch_optional(&mut *tx)
         .await?;
     let Some(row) = row else {
-        return Err(if task_exists(tx, w.task_id.as_str()).await? {
-            Error::Conflict(format!(
-                "task {} changed while this request was being decided; try again",
-                w.task_id
-            ))
-        } else {
-            Error::NotFound(format!("task {} does not exist", w.task_id))
-        });
+        return Err(plan::lost_race(
+            w,
+            task_exists(tx, w.task_id.as_str()).await?,
+        ));
     };
-    if s.status == TaskStatus::Done && w.event.from != TaskStatus::Done {
-        sqlx::query(
-            "UPDATE tasks SET deps_pending = deps_pending - 1 WHERE deps_pending > 0 AND id IN \
-             (SELECT task_id FROM task_deps WHERE depends_on = $1)",
-        )
-        .bind(w.task_id.as_str())
-        .execute(&mut *tx)
-        .await?;
-    }
-    if w.end_integration {
-        sqlx::query("DELETE FROM integrations WHERE task_id = $1")
-            .bind(w.task_id.as_str())
-            .execute(&mut *tx)
-            .await?;
-    }
-    let event_id = insert_event(
-        tx,
-        &w.task_id,
-        w.at,
-        w.event.kind.as_str(),
-        Some(w.event.from),
-        w.event.to,
-        &w.event.message,
-    )
-    .await?;
-    for (run, end) in &w.runs.end {
-        end_runs(tx, &w.task_id, Some(*run), end, w.at).await?;
-    }
-    if let Some(end) = &w.runs.close_rest {
-        end_runs(tx, &w.task_id, None, end, w.at).await?;
-    }
-    let mut run_id = None;
-    if let Some(run) = &w.runs.start {
-        run_id = Some(insert_run(tx, &w.task_id, run, w.at).await?);
-    }
-    for run in &w.runs.record {
-        sqlx::query(&format!(
-            "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
-             cost_cents, started_at, finished_at, error, failure_kind, train, builds) \
-             VALUES ($1, $2, $3, {ATTEMPT}, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-        ))
-        .bind(w.task_id.as_str())
-        .bind(run.phase.as_str())
-        .bind(i64::from(run.patchset))
-        .bind(&run.runner)
-        .bind(run.status.as_str())
-        .bind(run.cost_cents)
-        .bind(run.started_at)
-        .bind(w.at)
-        .bind(&run.error)
-        .bind(run.failure_kind.map(FailureKind::as_str))
-        .bind(run.train)
-        .bind(run.builds.map(i64::from))
-        .execute(&mut *tx)
-        .await?;
+    let (mut event_id, mut run_id) = (0, None);
+    for step in plan::write_steps(w) {
+        match step {
+            Step::ReleaseDependents => {
+                sqlx::query(
+                    "UPDATE tasks SET deps_pending = deps_pending - 1 WHERE deps_pending > 0 \
+                     AND id IN (SELECT task_id FROM task_deps WHERE depends_on = $1)",
+                )
+                .bind(w.task_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+            Step::EndIntegration => {
+                sqlx::query("DELETE FROM integrations WHERE task_id = $1")
+                    .bind(w.task_id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Step::Event {
+                kind,
+                from,
+                to,
+                message,
+            } => {
+                event_id =
+                    insert_event(tx, &w.task_id, w.at, kind.as_str(), Some(from), to, message)
+                        .await?;
+            }
+            Step::EndRuns { run, end } => end_runs(tx, &w.task_id, run, end, w.at).await?,
+            Step::StartRun(run) => run_id = Some(insert_run(tx, &w.task_id, run, w.at).await?),
+            Step::RecordRun(run) => {
+                sqlx::query(&format!(
+                    "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, \
+                     cost_cents, started_at, finished_at, error, failure_kind, train, builds) \
+                     VALUES ($1, $2, $3, {ATTEMPT}, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                ))
+                .bind(w.task_id.as_str())
+                .bind(run.phase.as_str())
+                .bind(i64::from(run.patchset))
+                .bind(&run.runner)
+                .bind(run.status.as_str())
+                .bind(run.cost_cents)
+                .bind(run.started_at)
+                .bind(w.at)
+                .bind(&run.error)
+                .bind(run.failure_kind.map(FailureKind::as_str))
+                .bind(run.train)
+                .bind(run.builds.map(i64::from))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
     }
     Ok(Committed {
         task: row.into_task(w.depends_on.clone())?,
