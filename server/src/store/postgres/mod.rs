@@ -124,12 +124,15 @@ enum Turn {
     Skip,
 }
 
-/// A write transaction. A dropped one that did not end (a failed statement or commit, a
-/// cancelled future) is rolled back by sqlx before its connection is used again (the pool
-/// flushes the `ROLLBACK` as the connection comes back), which also lets go of the write turn;
-/// a connection that broke is closed instead.
+/// A write transaction on a connection of the pool, begun by one simple query that also runs
+/// the fence and takes the write turn ([`PgStore::begin_write`]) and ended by `COMMIT` or
+/// `ROLLBACK`. A dropped one that did not end (a failed statement or commit, a cancelled
+/// future) closes its connection instead of returning it to the pool: PostgreSQL rolls the
+/// transaction back as the session ends, which also lets go of the write turn. (sqlx's own
+/// `Transaction` would queue a `ROLLBACK` instead, but it begins with a `BEGIN` round trip of
+/// its own: one write paid three round trips before its first statement, now one.)
 struct WriteTx {
-    tx: Option<sqlx::Transaction<'static, Postgres>>,
+    conn: Option<sqlx::pool::PoolConnection<Postgres>>,
     ended: bool,
     failure: Arc<std::sync::Mutex<Option<String>>>,
     began: std::time::Instant,
@@ -139,14 +142,16 @@ struct WriteTx {
 
 impl WriteTx {
     async fn commit(mut self) -> Result<()> {
-        let tx = self.tx.take().expect("held until it ends");
-        match tx.commit().await {
-            Ok(()) => {
+        let conn = self.conn.as_mut().expect("held until it ends");
+        match sqlx::Executor::execute(&mut **conn, "COMMIT").await {
+            Ok(_) => {
                 self.ended = true;
                 self.set_failure(None);
                 crate::metrics::metrics()
                     .db_write
                     .observe(self.began.elapsed().as_secs_f64());
+                // The connection goes back to the pool before the feed is published.
+                drop(self.conn.take());
                 if let Some((publisher, pool)) = self.publisher.take() {
                     publisher.publish(&pool).await;
                 }
@@ -161,15 +166,17 @@ impl WriteTx {
 
     /// Ends the transaction without writing anything (a refused request).
     async fn rollback(mut self) {
-        if let Some(tx) = self.tx.take()
-            && tx.rollback().await.is_ok()
+        if let Some(conn) = self.conn.as_mut()
+            && sqlx::Executor::execute(&mut **conn, "ROLLBACK")
+                .await
+                .is_ok()
         {
             self.ended = true;
         }
     }
 
     /// Commits when `result` is a success, rolls back when it is a refusal, and otherwise
-    /// drops the transaction (rolled back as its connection comes back).
+    /// drops the transaction (its connection closed, which rolls it back).
     async fn finish<T>(self, result: Result<T>) -> Result<T> {
         match result {
             Ok(value) => self.commit().await.map(|()| value),
@@ -199,6 +206,10 @@ impl Drop for WriteTx {
         if self.ended {
             return;
         }
+        // The session ends with the connection, and PostgreSQL rolls its transaction back.
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
         // Every write that did not end cleanly ends here: `pipeline_db_errors_total` counts
         // them.
         crate::metrics::metrics().db_errors.inc();
@@ -214,13 +225,13 @@ impl std::ops::Deref for WriteTx {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
-        self.tx.as_ref().expect("held until it ends")
+        self.conn.as_ref().expect("held until it ends")
     }
 }
 
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        self.tx.as_mut().expect("held until it ends")
+        self.conn.as_mut().expect("held until it ends")
     }
 }
 
@@ -324,8 +335,8 @@ impl PgStore {
         };
         let failure = Arc::clone(&self.write_failure);
         let began = std::time::Instant::now();
-        let tx = match self.pool.begin().await {
-            Ok(tx) => tx,
+        let conn = match self.pool.acquire().await {
+            Ok(conn) => conn,
             Err(e) => {
                 if let Ok(mut f) = failure.lock() {
                     *f = Some(format!("beginning a write failed: {e}"));
@@ -334,35 +345,34 @@ impl PgStore {
             }
         };
         let mut tx = WriteTx {
-            tx: Some(tx),
+            conn: Some(conn),
             ended: false,
             failure,
             began,
             publisher: (turn == Turn::Take).then(|| (self.feed.clone(), self.pool.clone())),
         };
-        if let Some((leadership, term)) = term
-            && let Err(e) = sqlx::query(crate::leader::FENCE_SQL)
-                .bind(term)
-                .execute(&mut *tx)
-                .await
-        {
-            if e.as_database_error()
-                .and_then(|d| d.code())
-                .is_some_and(|c| c == crate::leader::FENCED_SQLSTATE)
+        // One simple query, one round trip: the term is a number written into it.
+        let mut begin = String::from("BEGIN");
+        if let Some((_, term)) = term {
+            begin.push_str(&format!(
+                "; {}",
+                crate::leader::FENCE_SQL.replace("$1", &term.to_string())
+            ));
+        }
+        if turn == Turn::Take {
+            begin.push_str("; SELECT pos FROM feed_head FOR UPDATE");
+        }
+        if let Err(e) = sqlx::Executor::execute(&mut *tx, begin.as_str()).await {
+            if let Some((leadership, term)) = term
+                && e.as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c == crate::leader::FENCED_SQLSTATE)
             {
                 // Refused, not failed: nothing was written and the database is fine.
                 tx.rollback().await;
                 leadership.lost(term);
                 return Err(Error::Busy(NOT_LEADING.to_owned()));
             }
-            tx.set_failure(Some(format!("beginning a write failed: {e}")));
-            return Err(e.into());
-        }
-        if turn == Turn::Take
-            && let Err(e) = sqlx::query("SELECT pos FROM feed_head FOR UPDATE")
-                .execute(&mut *tx)
-                .await
-        {
             tx.set_failure(Some(format!("beginning a write failed: {e}")));
             return Err(e.into());
         }

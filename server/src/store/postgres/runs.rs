@@ -8,15 +8,20 @@ use crate::domain::{FailureKind, Millis, Phase, Run, TaskId};
 use crate::error::{Error, Result};
 use crate::store::{NewRun, RunEnd, UsageBucket};
 
-/// A new run's attempt (`$1` the task, `$2` the phase, `$4` the runner): its place among the
+/// A new run's attempt (the placeholders of the task, the phase and the runner): its place among the
 /// task's runs of its phase by the same party (runners, or the server); a server's verify run
 /// (its build of the base a runner's verification failed on) takes the attempt of the
 /// runner's verification it settles, so `logs --run N` shows them together.
-pub(super) const ATTEMPT: &str = "CASE WHEN $2 = 'verify' AND $4::text IS NULL \
-     THEN (SELECT GREATEST(COUNT(*), 1) FROM runs \
-           WHERE task_id = $1 AND phase = 'verify' AND runner IS NOT NULL) \
-     ELSE (SELECT COUNT(*) + 1 FROM runs \
-           WHERE task_id = $1 AND phase = $2 AND (runner IS NULL) = ($4::text IS NULL)) END";
+pub(super) fn attempt(task: &str, phase: &str, runner: &str) -> String {
+    format!(
+        "CASE WHEN {phase} = 'verify' AND {runner}::text IS NULL \
+         THEN (SELECT GREATEST(COUNT(*), 1) FROM runs \
+               WHERE task_id = {task} AND phase = 'verify' AND runner IS NOT NULL) \
+         ELSE (SELECT COUNT(*) + 1 FROM runs \
+               WHERE task_id = {task} AND phase = {phase} \
+               AND (runner IS NULL) = ({runner}::text IS NULL)) END"
+    )
+}
 
 /// Inserts a run that starts now; returns its ID.
 pub(super) async fn insert_run(
@@ -27,7 +32,8 @@ pub(super) async fn insert_run(
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(&format!(
         "INSERT INTO runs (task_id, phase, patchset, attempt, runner, status, started_at, \
-             train) VALUES ($1, $2, $3, {ATTEMPT}, $4, 'running', $5, $6) RETURNING id"
+             train) VALUES ($1, $2, $3, {}, $4, 'running', $5, $6) RETURNING id",
+        attempt("$1", "$2", "$4")
     ))
     .bind(task.as_str())
     .bind(run.phase.as_str())
