@@ -160,15 +160,3 @@ pub(super) async fn unpublished(pool: &sqlx::PgPool, after: i64) -> Result<Vec<F
     .fetch_all(pool)
     .await?)
 }
-
-/// Takes `n` positions from the feed's counter in the transaction `tx`; returns the first
-/// (the rest follow it).
-pub(super) async fn take_positions(tx: &mut PgConnection, n: usize) -> Result<i64> {
-    let n = i64::try_from(n).map_err(|_| Error::Internal("too many feed entries".into()))?;
-    Ok(
-        sqlx::query_scalar("UPDATE feed_head SET pos = pos + $1 RETURNING pos - $1 + 1")
-            .bind(n)
-            .fetch_one(tx)
-            .await?,
-    )
-}

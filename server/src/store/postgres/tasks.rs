@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use sqlx::{FromRow, PgConnection, Postgres};
 
 use super::PgStore;
-use super::events::{insert_event, take_positions};
+use super::events::insert_event;
 use super::graph::refresh_deps_pending;
 use super::meta::set_next_number;
 use super::reads::PlanReads;
@@ -69,32 +69,38 @@ pub(super) async fn insert_tasks(
         q.build().execute(&mut *tx).await?;
     }
     drop(edges);
-    // The entries' positions, in the tasks' order, from the feed's counter.
-    let first = take_positions(&mut *tx, plan.rows.len()).await?;
+    // The entries, their positions in the tasks' order from the feed's counter, in the same
+    // statement (one round trip fewer: a single task's creation is a handful of them).
     let mut event_ids: HashMap<String, i64> = HashMap::with_capacity(plan.rows.len());
-    for (k, chunk) in plan.rows.chunks(ROWS_PER_STATEMENT).enumerate() {
-        let mut q = sqlx::QueryBuilder::<Postgres>::new(
-            "INSERT INTO task_events (id, task_id, at, kind, from_status, to_status, message) ",
+    for chunk in plan.rows.chunks(ROWS_PER_STATEMENT) {
+        let n = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+        let mut q =
+            sqlx::QueryBuilder::<Postgres>::new("WITH p AS (UPDATE feed_head SET pos = pos + ");
+        q.push_bind(n);
+        q.push(" RETURNING pos - ");
+        q.push_bind(n);
+        q.push(
+            " AS base) INSERT INTO task_events (id, task_id, at, kind, from_status, to_status, \
+             message) SELECT p.base + v.k, v.task_id, v.at, v.kind, v.from_status, v.to_status, \
+             v.message FROM p CROSS JOIN (",
         );
-        let base = first + i64::try_from(k * ROWS_PER_STATEMENT).unwrap_or(i64::MAX);
-        let mut position = base;
+        let mut k = 0i64;
         q.push_values(chunk, |mut row, r| {
-            row.push_bind(position)
+            k += 1;
+            row.push_bind(k)
                 .push_bind(r.id.as_str())
                 .push_bind(now)
                 .push_bind(EventKind::Created.as_str())
                 .push_bind(None::<&str>)
                 .push_bind(TaskStatus::Open.as_str())
                 .push_bind(r.message.as_str());
-            position += 1;
         });
-        q.build().execute(&mut *tx).await?;
-        event_ids.extend(
-            chunk
-                .iter()
-                .zip(base..)
-                .map(|(r, id)| (r.id.as_str().to_owned(), id)),
+        q.push(
+            ") AS v (k, task_id, at, kind, from_status, to_status, message) \
+             RETURNING task_id, id",
         );
+        let written: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *tx).await?;
+        event_ids.extend(written);
     }
     if let Some(n) = plan.next_number {
         set_next_number(&mut *tx, n).await?;

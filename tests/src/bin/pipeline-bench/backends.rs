@@ -17,7 +17,12 @@ use crate::dispatch::SERVER_FLAGS;
 pub async fn backends(quick: bool) {
     crate::pg_floor::pg_floor(quick).await;
     let pg = PgServer::start(Options { fsync: true }).unwrap_or_else(|e| panic!("{e}"));
+    // `PIPELINE_BENCH_BACKENDS=postgres` (or `sqlite`) measures one backend only.
+    let only = std::env::var("PIPELINE_BENCH_BACKENDS").unwrap_or_default();
     for backend in ["sqlite", "postgres"] {
+        if !only.is_empty() && !only.split(',').any(|b| b == backend) {
+            continue;
+        }
         println!("backend: {backend}");
         // Each figure on a database of its own (SQLite: the repository's state dir).
         let db = || (backend == "postgres").then(|| pg.database());
