@@ -37,7 +37,11 @@ use crate::domain::{
 
 /// How often the runner pings its server on an HTTP/2 connection, and how long it waits for the
 /// answer before it takes the connection for lost.
-const KEEPALIVE: Duration = Duration::from_secs(10);
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// How long the runner takes, at most, to give up a server that stopped answering (frozen, cut
+/// off) and go to the next one: a keepalive's wait, then its answer's.
+pub const GIVES_UP_AFTER: Duration = Duration::from_secs(2 * KEEPALIVE.as_secs());
 
 /// Bundle chunks sent to the server (well under tonic's 4 MiB message limit).
 const CHUNK_BYTES: usize = 256 * 1024;

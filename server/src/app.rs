@@ -56,8 +56,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     }
     let prompt = load_prompt_template(config.prompt_template.as_deref())?;
     // Webhooks: the URLs, the secret and the events, refused with their reason before
-    // anything is created.
-    let webhooks = webhook_plan(&config).map_err(Error::InvalidArgument)?;
+    // anything is created (read again by each leader's phase).
+    webhook_plan(&config).map_err(Error::InvalidArgument)?;
     let repo = Repo::open(&config.repo).await?;
     let base = BranchName::parse(&config.base)
         .map_err(|e| Error::InvalidArgument(format!("--base: {e}")))?;
@@ -201,27 +201,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             tracing::warn!(sandbox = %sandbox.kind(), "builds and agents run unconfined (--no-sandbox): they can read the server's tokens and database")
         }
     }
-    let cleaned = crate::grpc::runner::clean_spool(&state_dir.join("spool"));
-    if cleaned > 0 {
-        tracing::info!(files = cleaned, "removed bundles a crash left in the spool");
-    }
     let store = database.open().await?;
-    // Several servers on one PostgreSQL database (issue 28): one leads, the others wait here
-    // as standbys. Winning the lease, a server goes on exactly as a restarted one (below:
-    // recovery, then the loops), after following the remote the leader pushed to. Alone with
-    // its SQLite database, a server leads for good.
-    let advertise = match &listener {
-        Some(listener) => config.advertise.as_deref().map_or_else(
-            || {
-                listener
-                    .local_addr()
-                    .map(|addr| format!("http://{addr}"))
-                    .unwrap_or_default()
-            },
-            pipeline_proto::servers::normalize,
-        ),
-        None => String::new(),
+    // Several servers on one PostgreSQL database (issue 28): one leads, the others serve the
+    // read calls as standbys. Winning the lease, a server goes on exactly as a restarted one
+    // (recovery, then the loops), after following the remote the leader pushed to; losing it,
+    // it stops every writing loop and serves as a standby again. Alone with its SQLite
+    // database, a server leads for good.
+    let Some(listener) = listener else {
+        return Err(Error::Internal("no listening socket".to_owned()));
     };
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(format!("cannot read the listening address: {e}")))?;
+    let advertise = config.advertise.as_deref().map_or_else(
+        || format!("http://{addr}"),
+        pipeline_proto::servers::normalize,
+    );
     let elector_stop = CancellationToken::new();
     let (leadership, elector) = match &store {
         crate::store::any::AnyStore::Postgres(pg) => {
@@ -242,6 +237,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
                 store.close().await;
                 return Err(Error::FailedPrecondition(why));
             }
+            if let Some(warning) = lease_ttl_warning(config.lease_ttl, config.leader_ttl) {
+                tracing::warn!("{warning}");
+            }
             // The elector's own two connections: on the store's pool a renewal could wait
             // for a connection behind a burst of writes until the deadline passed.
             let elector_pool = sqlx::postgres::PgPoolOptions::new()
@@ -260,199 +258,320 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
                 &place,
             );
             pg.set_leadership(leadership.clone());
+            // One round first: a server alone (the lease free or expired) leads before it
+            // serves anything, as a restarted one does; one that finds a live leader serves
+            // as a standby.
+            elector.step().await;
             let elector = tokio::spawn(elector.run(elector_stop.clone()));
-            if !wait_to_lead(&leadership, &shutdown).await {
-                elector_stop.cancel();
-                let _ = elector.await;
-                store.close().await;
-                return Ok(Stopped::Asked);
-            }
             (leadership, Some(elector))
         }
         crate::store::any::AnyStore::Sqlite(_) => (crate::leader::Leadership::sole(), None),
     };
-    claim_repository(&store, &git_dir, &config, &db_url).await?;
-    let mut auth =
-        crate::auth::Auth::open(&store, &state_dir, config.max_registrations_per_minute).await?;
-    if let Some(user) = sandbox.user() {
-        seal_state_dir(&state_dir).map_err(Error::Internal)?;
-        user.can_reach(&state_dir.join("integration"))
-            .map_err(Error::FailedPrecondition)?;
-    }
-    auth.max_registrations_per_address = config.max_registrations_per_address;
-    auth.max_registrations_per_name = config.max_registrations_per_name;
-    auth.free_unconnected_after_ms =
-        i64::try_from(config.free_unconnected_names_after.saturating_mul(1000)).unwrap_or(i64::MAX);
-    // Where, never what: the tokens stay in their files.
-    tracing::info!(
-        admin_token = %auth.admin_file.display(),
-        runner_registration_token = %auth.registration_file.display(),
-        "credentials (files readable by their owner only)"
-    );
-    let registration_token = std::fs::read_to_string(&auth.registration_file)
-        .map_err(|e| Error::Internal(format!("cannot read the registration token: {e}")))?
-        .trim()
-        .to_owned();
-    let settings = serde_json::to_string(&config)
-        .map_err(|e| Error::Internal(format!("cannot record the settings: {e}")))?;
-    store.put_meta("settings", &settings).await?;
-
-    let policy = Policy {
-        max_retries: config.max_retries,
-        max_task_cost_cents: config.max_task_cost as f64,
-        backoff_base_secs: config.backoff_base,
-        max_lost_leases: config.max_lost_leases,
-        max_epic_cost_cents: config.max_epic_cost as f64,
-        require_approval: config.require_approval,
+    // `--http`: bound once, served by every phase.
+    let http = match config.http {
+        Some(http_addr) => Some(Arc::new(TcpListener::bind(http_addr).await.map_err(
+            |e| Error::InvalidArgument(format!("--http: cannot listen on {http_addr}: {e}")),
+        )?)),
+        None => None,
     };
-    let settings = Settings {
-        policy,
-        base: base.clone(),
-        spool_dir: state_dir.join("spool"),
-        lease_ttl_ms: i64::try_from(config.lease_ttl.saturating_mul(1000)).unwrap_or(i64::MAX),
-        max_bundle_bytes: config.max_bundle_bytes,
-        verifier: config.verify.verifier(),
-        kill_grace: config.agent.kill_grace(),
-        integration_dir: state_dir.join("integration"),
-        push_remote,
-        log_cap_bytes: config.log_cap_bytes.max(1024),
-        build_env: config.agent.child_env(),
-        sandbox,
-        build_tmp: state_dir.join("build-tmp"),
-        dispatch_batch: config.dispatch_batch as usize,
-        batch_max: config.batch_max as usize,
-        prompt: Arc::new(prompt),
-        verify_on_server: config.verify_on_server,
-    };
-    let lease_ttl_ms = settings.lease_ttl_ms;
-    // The middle layer's adapters: the repository, and the integration build on this machine.
-    // Trains built at once each need a build slot for their builds to overlap.
-    let build_slots = config.build_slots.max(config.integration_slots) as usize;
-    let builder = LocalBuilder::new(repo.clone(), &settings, build_slots);
-    let coordinator = Arc::new(Coordinator::new(
-        store.clone(),
-        settings,
-        repo,
-        auth,
-        Arc::new(SystemClock),
-    ));
-    // A registration that never opens its work stream is forgotten after two lease TTLs.
-    coordinator.forget_unopened_after(lease_ttl_ms.saturating_mul(2));
-    // Before recovery writes any history: a watch whose position the history does not hold
-    // goes on from here.
-    coordinator
-        .logs()
-        .set_history_start(store.last_event_id().await?);
-    // Webhooks' cursors, before recovery writes anything: a new endpoint is sent what happens
-    // from here on.
-    let webhooks = match webhooks {
-        Some((urls, settings)) => {
-            let (opened, board) =
-                crate::webhooks::open(&store, &urls, pipeline_core::clock::now_ms()).await?;
-            coordinator.set_webhooks(Arc::clone(&board));
-            Some((opened, board, settings))
-        }
-        None => {
-            crate::webhooks::forget_unconfigured(&store, &[]).await?;
-            None
-        }
-    };
-    coordinator.load_counts().await?;
-    coordinator.load_landing().await?;
-    coordinator.load_held_runners().await?;
-    coordinator
-        .guard_task_ids(config.accept_existing_history)
-        .await?;
-    // A new leader's base follows the remote the previous one pushed to, before recovery
-    // reads it (after the history guard, which a fetch's refs would confuse).
-    if let (Some(_), Some(remote)) = (&elector, &coordinator.settings().push_remote) {
-        follow_remote(coordinator.repo(), remote, &base).await?;
-    }
-    let (leases_restored, tasks_reopened) = coordinator.recover().await?;
-    let integrator = Integrator::new(Arc::clone(&coordinator), builder)
-        .gathering(std::time::Duration::from_millis(config.gather_window))
-        .speculating(config.integration_slots as usize);
-    let integrations_finished = integrator.recover().await?;
-    let found_landed = coordinator.reconcile_landed().await?;
-    let epics_settled = coordinator.settle_finished_epics().await?;
-
-    let Some(listener) = listener else {
-        return Err(Error::Internal("no listening socket".to_owned()));
-    };
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::Internal(format!("cannot read the listening address: {e}")))?;
-    coordinator.set_leadership(leadership.clone(), advertise);
-    tracing::info!(
-        repo = %config.repo.display(),
-        base = %config.base,
-        base_commit = %base_commit,
-        state_dir = %state_dir.display(),
-        leases_restored,
-        tasks_reopened,
-        integrations_finished,
-        found_landed,
-        epics_settled,
-        "pipeline-server ready"
-    );
     for lock in &mut locks {
         lock.note_address(addr);
     }
     let _admin_note = crate::admin_note::publish(addr, &state_dir);
-    // Tests and scripts wait for this line to learn the port (everything a client needs is in
-    // place by then).
-    tracing::info!("listening on {addr}");
+    let ground = Ground {
+        prompt: Arc::new(prompt),
+        elected: elector.is_some(),
+        config,
+        state_dir,
+        deny,
+        repo,
+        base,
+        base_commit,
+        git_dir,
+        db_url,
+        store,
+        leadership,
+        sandbox,
+        push_remote,
+        listener: Arc::new(listener),
+        addr,
+        http,
+        advertise,
+        said_listening: std::sync::atomic::AtomicBool::new(false),
+    };
+    let ended = loop {
+        match stand_by(&ground, &shutdown).await {
+            Ok(true) => {}
+            Ok(false) => break Ok(Stopped::Asked),
+            Err(e) => break Err(e),
+        }
+        match lead(&ground, &shutdown).await {
+            Ok(Led::Stopped(stopped)) => break Ok(stopped),
+            // Its lease lost (a deadline passed unrenewed, or the fence refused a write):
+            // it wrote nothing more and stopped its loops; it serves as a standby again.
+            Ok(Led::Lost) => {
+                tracing::warn!(
+                    "this server lost the leader lease (another server leads now): a standby"
+                );
+            }
+            // Its recovery refused because the lead was lost meanwhile: a standby again.
+            Err(e)
+                if matches!(
+                    ground.leadership.role(),
+                    crate::leader::Role::Standby { .. }
+                ) && !shutdown.is_cancelled() =>
+            {
+                tracing::warn!(error = %e, "this server lost the leader lease while taking over");
+            }
+            Err(e) => {
+                shutdown.cancel();
+                break Err(e);
+            }
+        }
+    };
+    // Nothing writes any more: a leader gives its lease up, for a standby not to wait out
+    // the TTL.
+    elector_stop.cancel();
+    if let Some(elector) = elector {
+        let _ = elector.await;
+    }
+    // Nothing uses the database any more.
+    ground.store.close().await;
+    drop(locks);
+    if ended.is_ok() {
+        tracing::info!("stopped");
+    }
+    ended
+}
 
-    // The signal stops the work (no more leases or landings); serving (the gRPC server, its
-    // streams) ends only after the local runners have stopped, so they can still give their
-    // leases back and ship their last lines; the log writer stops only once nothing is served
-    // (so a line in flight is stored), and the database closes last.
-    let serving = CancellationToken::new();
-    let writer_stop = CancellationToken::new();
-    let liveness = Arc::new(crate::health::Loops::default());
-    let mut loops = Supervisor::new(Arc::clone(&liveness));
-    loops.spawn(
-        "dispatch",
-        Arc::clone(&coordinator).dispatch_loop(shutdown.clone()),
-    );
-    loops.spawn("integrator", integrator.run(shutdown.clone()));
-    loops.spawn(
-        "log writer",
-        crate::logs::writer(
-            Arc::clone(coordinator.logs()),
-            store.clone(),
-            writer_stop.clone(),
-        ),
-    );
-    if let Some((opened, board, settings)) = webhooks {
-        let settings = Arc::new(crate::webhooks::Settings {
-            render: task_json(coordinator.policy().clone()),
-            render_runner: runner_json(Arc::clone(&coordinator)),
-            ..settings
-        });
-        for (index, endpoint) in opened.into_iter().enumerate() {
-            loops.spawn(
-                "webhook",
-                crate::webhooks::run(
-                    store.clone(),
-                    Arc::clone(&board),
-                    index,
-                    endpoint,
-                    Arc::clone(&settings),
-                    shutdown.clone(),
-                ),
-            );
+/// Why `--lease-ttl` is too short for `--leader-ttl`, if it is. A runner's lease must outlive
+/// a takeover from a frozen leader: the runner gives the frozen server up only after its
+/// keepalive fails ([`pipeline_runner::wire::GIVES_UP_AFTER`], 20 s), and the standby takes
+/// over within `--leader-ttl`; a shorter lease ends first and its work runs again. A killed
+/// leader is found at once (its port refuses), and recovery gives every lease one more TTL.
+pub fn lease_ttl_warning(lease_ttl: u64, leader_ttl: u64) -> Option<String> {
+    let least = leader_ttl.saturating_add(pipeline_runner::wire::GIVES_UP_AFTER.as_secs());
+    (lease_ttl < least).then(|| {
+        format!(
+            "--lease-ttl {lease_ttl}s is shorter than --leader-ttl {leader_ttl}s plus the 20s a              runner takes to give a frozen leader up: a takeover from a frozen leader would              cost the running agents their leases (their work runs again); give --lease-ttl              at least {least}s"
+        )
+    })
+}
+
+/// What every phase of a server's life shares. On PostgreSQL (issue 28) one process may serve
+/// as a standby, lead, lose the lead and serve as a standby again, on one listening socket (a
+/// connection made between two phases waits in its backlog).
+struct Ground {
+    config: Config,
+    state_dir: std::path::PathBuf,
+    deny: Vec<std::path::PathBuf>,
+    repo: Repo,
+    base: BranchName,
+    base_commit: pipeline_core::ids::CommitId,
+    git_dir: std::path::PathBuf,
+    db_url: String,
+    store: crate::store::any::AnyStore,
+    leadership: crate::leader::Leadership,
+    /// Whether an elector steers the leadership (PostgreSQL), not a sole leader.
+    elected: bool,
+    sandbox: pipeline_core::sandbox::Sandbox,
+    prompt: Arc<crate::prompt::PromptTemplate>,
+    push_remote: Option<RemoteName>,
+    listener: Arc<TcpListener>,
+    addr: std::net::SocketAddr,
+    http: Option<Arc<TcpListener>>,
+    advertise: String,
+    /// Whether the `listening on` line was logged (once: tests and scripts read it).
+    said_listening: std::sync::atomic::AtomicBool,
+}
+
+impl Ground {
+    fn settings(&self) -> Settings {
+        let config = &self.config;
+        let policy = Policy {
+            max_retries: config.max_retries,
+            max_task_cost_cents: config.max_task_cost as f64,
+            backoff_base_secs: config.backoff_base,
+            max_lost_leases: config.max_lost_leases,
+            max_epic_cost_cents: config.max_epic_cost as f64,
+            require_approval: config.require_approval,
+        };
+        Settings {
+            policy,
+            base: self.base.clone(),
+            spool_dir: self.state_dir.join("spool"),
+            lease_ttl_ms: i64::try_from(config.lease_ttl.saturating_mul(1000)).unwrap_or(i64::MAX),
+            max_bundle_bytes: config.max_bundle_bytes,
+            verifier: config.verify.verifier(),
+            kill_grace: config.agent.kill_grace(),
+            integration_dir: self.state_dir.join("integration"),
+            push_remote: self.push_remote.clone(),
+            log_cap_bytes: config.log_cap_bytes.max(1024),
+            build_env: config.agent.child_env(),
+            sandbox: self.sandbox.clone(),
+            build_tmp: self.state_dir.join("build-tmp"),
+            dispatch_batch: config.dispatch_batch as usize,
+            batch_max: config.batch_max as usize,
+            prompt: Arc::clone(&self.prompt),
+            verify_on_server: config.verify_on_server,
         }
     }
-    if config.log_retention_days > 0 {
-        loops.spawn(
-            "log pruner",
-            prune_logs(store.clone(), config.log_retention_days, shutdown.clone()),
-        );
+
+    /// Logs the `listening on` line the first time a phase serves (everything a client needs
+    /// is in place by then).
+    fn say_listening(&self) {
+        if !self
+            .said_listening
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            // Tests and scripts wait for this line to learn the port.
+            tracing::info!("listening on {}", self.addr);
+        }
     }
+}
+
+/// How a leader's phase ended.
+enum Led {
+    /// The server stops.
+    Stopped(Stopped),
+    /// It lost the lead: it serves as a standby next.
+    Lost,
+}
+
+/// How often a standby publishes what the leader recorded in the change feed since it last
+/// looked (`watch`, `feed` on a standby trail the leader by at most this much). A standby's
+/// housekeeping, never on the leader's work path.
+const STANDBY_FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+
+/// While this server is a standby: serves the read calls (from the database: each answer is
+/// read when asked, the feed followed every [`STANDBY_FOLLOW_INTERVAL`]) and refuses runner
+/// calls and writes naming the leader, until it leads (true) or is asked to stop (false).
+/// Writes nothing to the database. Returns at once when it leads already.
+async fn stand_by(g: &Ground, shutdown: &CancellationToken) -> Result<bool> {
+    let mut role = g.leadership.watch();
+    if matches!(
+        *role.borrow_and_update(),
+        crate::leader::Role::Leader { .. }
+    ) {
+        return Ok(true);
+    }
+    let auth = crate::auth::Auth::open_as(
+        &g.store,
+        &g.state_dir,
+        g.config.max_registrations_per_minute,
+        false,
+    )
+    .await?;
+    let coordinator = Arc::new(Coordinator::new(
+        g.store.clone(),
+        g.settings(),
+        g.repo.clone(),
+        auth,
+        Arc::new(SystemClock),
+    ));
+    coordinator.set_leadership(g.leadership.clone(), g.advertise.clone());
+    let work = shutdown.child_token();
+    let serving = CancellationToken::new();
+    let liveness = Arc::new(crate::health::Loops::default());
+    let mut loops = Supervisor::new(Arc::clone(&liveness));
+    if let crate::store::any::AnyStore::Postgres(pg) = &g.store {
+        loops.spawn("feed follower", follow_feed(pg.clone(), work.clone()));
+    }
+    let (mut served, streams_ended) =
+        serve(g, &coordinator, &liveness, &mut loops, &work, &serving)?;
+    g.say_listening();
+    let mut said = None;
+    let mut failed = None;
+    let leads = loop {
+        if let crate::leader::Role::Standby { leader_url } = role.borrow_and_update().clone() {
+            if said.as_ref() != Some(&leader_url) {
+                tracing::info!(
+                    leader = leader_url.as_deref().unwrap_or("not known yet"),
+                    "a standby: another server leads this database; this one serves the read \
+                     calls and takes over when its lease ends"
+                );
+                said = Some(leader_url);
+            }
+        } else {
+            break true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break false,
+            changed = role.changed() => if changed.is_err() { break false },
+            ended = loops.next_end() => {
+                failed = Some(ended);
+                break false;
+            }
+            result = &mut served => {
+                failed = Some(served_failure(result).unwrap_or_else(|| "the grpc server stopped".to_owned()));
+                break false;
+            }
+        }
+    };
+    work.cancel();
+    serving.cancel();
+    if failed.is_none() {
+        drain(&mut served).await;
+    }
+    if tokio::time::timeout(DRAIN_DEADLINE, streams_ended.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("watch streams still running after {DRAIN_DEADLINE:?}");
+    }
+    loops.wait_all().await;
+    if let Some(ended) = failed {
+        tracing::error!("{ended}; stopping the server");
+        return Err(Error::Internal(ended));
+    }
+    Ok(leads)
+}
+
+/// A standby's feed: what the leader records is published here too (read from the database).
+async fn follow_feed(store: crate::store::postgres::PgStore, stop: CancellationToken) {
+    loop {
+        store.follow_feed().await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(STANDBY_FOLLOW_INTERVAL) => {}
+        }
+    }
+}
+
+/// Waits (a bounded time) for the gRPC server to end after `serving` was cancelled.
+async fn drain(
+    served: &mut tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+) -> Option<String> {
+    match tokio::time::timeout(DRAIN_DEADLINE, &mut *served).await {
+        Ok(result) => served_failure(result),
+        Err(_) => {
+            tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping them");
+            served.abort();
+            let _ = (&mut *served).await;
+            None
+        }
+    }
+}
+
+/// Serves the gRPC services (and `--http`'s page and API) for `coordinator` on the ground's
+/// sockets until `serving` is cancelled; `work` ends the watch streams and the loops started
+/// here (the health, the web figures). Returns the gRPC server's task and the end of its
+/// streams.
+fn serve(
+    g: &Ground,
+    coordinator: &Arc<Coordinator<crate::store::any::AnyStore, Repo>>,
+    liveness: &Arc<crate::health::Loops>,
+    loops: &mut Supervisor,
+    work: &CancellationToken,
+    serving: &CancellationToken,
+) -> Result<(
+    tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    crate::grpc::StreamsEnded,
+)> {
+    let config = &g.config;
     let services = crate::grpc::services(
-        Arc::clone(&coordinator),
-        shutdown.clone(),
+        Arc::clone(coordinator),
+        work.clone(),
         serving.clone(),
         Duration::from_secs(config.fetch_base_timeout),
     );
@@ -476,10 +595,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         builder = builder
             .tls_config(tls)
             .map_err(|e| Error::InvalidArgument(format!("invalid TLS certificate or key: {e}")))?;
-        tracing::info!(cert = %cert.display(), "serving TLS");
+        if !g.said_listening.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::info!(cert = %cert.display(), "serving TLS");
+        }
     }
     let incoming = Incoming::new(
-        listener,
+        Arc::clone(&g.listener),
         Limits {
             max_connections: config.max_connections as usize,
             handshake_timeout,
@@ -500,10 +621,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     loops.spawn(
         "health",
         follow_health(
-            Arc::clone(&coordinator),
-            Arc::clone(&liveness),
+            Arc::clone(coordinator),
+            Arc::clone(liveness),
             health,
-            shutdown.clone(),
+            work.clone(),
         ),
     );
     let serve = builder
@@ -515,12 +636,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
         .add_service(crate::grpc::edge::Edge::new(reflection_v1))
         .add_service(crate::grpc::edge::Edge::new(reflection_v1alpha))
         .serve_with_incoming_shutdown(incoming, serving.clone().cancelled_owned());
-    let mut served = tokio::spawn(serve);
+    let served = tokio::spawn(serve);
     // The web page and the HTTP API, on their own port, served until `serving` ends.
-    if let Some(http_addr) = config.http {
-        let http = TcpListener::bind(http_addr).await.map_err(|e| {
-            Error::InvalidArgument(format!("--http: cannot listen on {http_addr}: {e}"))
-        })?;
+    if let Some(http) = &g.http {
         let http_addr = http
             .local_addr()
             .map_err(|e| Error::Internal(format!("cannot read the http address: {e}")))?;
@@ -529,36 +647,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             _ => None,
         };
         let web = Arc::new(crate::http::Web {
-            coordinator: Arc::clone(&coordinator),
+            coordinator: Arc::clone(coordinator),
             tls: tls.is_some(),
             streams: Arc::new(tokio::sync::Semaphore::new(
                 config.http_max_streams as usize,
             )),
             max_streams: config.http_max_streams as usize,
             rolling: crate::http::charts::Rolling::default(),
-            shutdown: shutdown.clone(),
-            loops: Arc::clone(&liveness),
+            shutdown: work.clone(),
+            loops: Arc::clone(liveness),
             metrics_public: config.metrics_public,
         });
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let host = if http_addr.ip().is_unspecified() {
-            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), http_addr.port())
-        } else {
-            http_addr
-        };
-        tracing::info!("http listening on {http_addr}");
-        tracing::info!(
-            viewer_token = %coordinator.auth().viewer_file.display(),
-            admin_token = %coordinator.auth().admin_file.display(),
-            "the web page: open {scheme}://{host}/ and sign in with the viewer or the admin token"
-        );
+        if !g.said_listening.load(std::sync::atomic::Ordering::Acquire) {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let host = if http_addr.ip().is_unspecified() {
+                std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), http_addr.port())
+            } else {
+                http_addr
+            };
+            tracing::info!("http listening on {http_addr}");
+            tracing::info!(
+                viewer_token = %coordinator.auth().viewer_file.display(),
+                admin_token = %coordinator.auth().admin_file.display(),
+                "the web page: open {scheme}://{host}/ and sign in with the viewer or the admin token"
+            );
+        }
         loops.spawn(
             "web figures",
-            crate::http::charts::follow(
-                Arc::clone(&coordinator),
-                Arc::clone(&web),
-                shutdown.clone(),
-            ),
+            crate::http::charts::follow(Arc::clone(coordinator), Arc::clone(&web), work.clone()),
         );
         let router = crate::http::router(web);
         let limits = crate::http::Limits {
@@ -566,21 +682,183 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             handshake_timeout,
         };
         tokio::spawn(
-            crate::http::serve(http, router, tls, limits, serving.clone())
+            crate::http::serve(Arc::clone(http), router, tls, limits, serving.clone())
                 .instrument(tracing::info_span!("http")),
         );
     }
+    Ok((served, streams_ended))
+}
+
+/// While this server leads: recovers as a restarted server does, runs every writing loop and
+/// serves, until it is asked to stop, a loop it cannot do without ends (an error), or it loses
+/// the lead ([`Led::Lost`]: its loops stopped, it serves as a standby next).
+async fn lead(g: &Ground, shutdown: &CancellationToken) -> Result<Led> {
+    let config = &g.config;
+    let store = &g.store;
+    let state_dir = &g.state_dir;
+    let base = &g.base;
+    // Bundles an earlier phase (or a crash) left in the spool: their runners send them again.
+    let cleaned = crate::grpc::runner::clean_spool(&state_dir.join("spool"));
+    if cleaned > 0 {
+        tracing::info!(files = cleaned, "removed bundles a crash left in the spool");
+    }
+    claim_repository(store, &g.git_dir, config, &g.db_url).await?;
+    let mut auth =
+        crate::auth::Auth::open(store, state_dir, config.max_registrations_per_minute).await?;
+    if let Some(user) = g.sandbox.user() {
+        seal_state_dir(state_dir).map_err(Error::Internal)?;
+        user.can_reach(&state_dir.join("integration"))
+            .map_err(Error::FailedPrecondition)?;
+    }
+    auth.max_registrations_per_address = config.max_registrations_per_address;
+    auth.max_registrations_per_name = config.max_registrations_per_name;
+    auth.free_unconnected_after_ms =
+        i64::try_from(config.free_unconnected_names_after.saturating_mul(1000)).unwrap_or(i64::MAX);
+    // Where, never what: the tokens stay in their files.
+    tracing::info!(
+        admin_token = %auth.admin_file.display(),
+        runner_registration_token = %auth.registration_file.display(),
+        "credentials (files readable by their owner only)"
+    );
+    let registration_token = std::fs::read_to_string(&auth.registration_file)
+        .map_err(|e| Error::Internal(format!("cannot read the registration token: {e}")))?
+        .trim()
+        .to_owned();
+    let recorded = serde_json::to_string(config)
+        .map_err(|e| Error::Internal(format!("cannot record the settings: {e}")))?;
+    store.put_meta("settings", &recorded).await?;
+    let settings = g.settings();
+    let lease_ttl_ms = settings.lease_ttl_ms;
+    // The middle layer's adapters: the repository, and the integration build on this machine.
+    // Trains built at once each need a build slot for their builds to overlap.
+    let build_slots = config.build_slots.max(config.integration_slots) as usize;
+    let builder = LocalBuilder::new(g.repo.clone(), &settings, build_slots);
+    let coordinator = Arc::new(Coordinator::new(
+        store.clone(),
+        settings,
+        g.repo.clone(),
+        auth,
+        Arc::new(SystemClock),
+    ));
+    // A registration that never opens its work stream is forgotten after two lease TTLs.
+    coordinator.forget_unopened_after(lease_ttl_ms.saturating_mul(2));
+    // Before recovery writes any history: a watch whose position the history does not hold
+    // goes on from here.
+    coordinator
+        .logs()
+        .set_history_start(store.last_event_id().await?);
+    // Webhooks' cursors, before recovery writes anything: a new endpoint is sent what happens
+    // from here on. Only the leader sends them, and forgets the cursors of endpoints no longer
+    // configured.
+    let webhooks = match webhook_plan(config).map_err(Error::InvalidArgument)? {
+        Some((urls, settings)) => {
+            let (opened, board) =
+                crate::webhooks::open(store, &urls, pipeline_core::clock::now_ms()).await?;
+            coordinator.set_webhooks(Arc::clone(&board));
+            Some((opened, board, settings))
+        }
+        None => {
+            crate::webhooks::forget_unconfigured(store, &[]).await?;
+            None
+        }
+    };
+    coordinator.load_counts().await?;
+    coordinator.load_landing().await?;
+    coordinator.load_held_runners().await?;
+    coordinator
+        .guard_task_ids(config.accept_existing_history)
+        .await?;
+    // A new leader's base follows the remote the previous one pushed to, before recovery
+    // reads it (after the history guard, which a fetch's refs would confuse).
+    if let (true, Some(remote)) = (g.elected, &coordinator.settings().push_remote) {
+        follow_remote(coordinator.repo(), remote, base).await?;
+    }
+    let (leases_restored, tasks_reopened) = coordinator.recover().await?;
+    let integrator = Integrator::new(Arc::clone(&coordinator), builder)
+        .gathering(std::time::Duration::from_millis(config.gather_window))
+        .speculating(config.integration_slots as usize);
+    let integrations_finished = integrator.recover().await?;
+    let found_landed = coordinator.reconcile_landed().await?;
+    let epics_settled = coordinator.settle_finished_epics().await?;
+
+    coordinator.set_leadership(g.leadership.clone(), g.advertise.clone());
+    tracing::info!(
+        repo = %config.repo.display(),
+        base = %config.base,
+        base_commit = %g.base_commit,
+        state_dir = %state_dir.display(),
+        leases_restored,
+        tasks_reopened,
+        integrations_finished,
+        found_landed,
+        epics_settled,
+        "pipeline-server ready"
+    );
+
+    // The signal (or the lead lost) stops the work (no more leases or landings); serving (the
+    // gRPC server, its streams) ends only after the local runners have stopped, so they can
+    // still give their leases back and ship their last lines; the log writer stops only once
+    // nothing is served (so a line in flight is stored), and the database closes last.
+    // Every loop here writes: only the leader runs them.
+    let work = shutdown.child_token();
+    let serving = CancellationToken::new();
+    let writer_stop = CancellationToken::new();
+    let liveness = Arc::new(crate::health::Loops::default());
+    let mut loops = Supervisor::new(Arc::clone(&liveness));
+    loops.spawn(
+        "dispatch",
+        Arc::clone(&coordinator).dispatch_loop(work.clone()),
+    );
+    loops.spawn("integrator", integrator.run(work.clone()));
+    loops.spawn(
+        "log writer",
+        crate::logs::writer(
+            Arc::clone(coordinator.logs()),
+            store.clone(),
+            writer_stop.clone(),
+        ),
+    );
+    if let Some((opened, board, settings)) = webhooks {
+        let settings = Arc::new(crate::webhooks::Settings {
+            render: task_json(coordinator.policy().clone()),
+            render_runner: runner_json(Arc::clone(&coordinator)),
+            ..settings
+        });
+        for (index, endpoint) in opened.into_iter().enumerate() {
+            loops.spawn(
+                "webhook",
+                crate::webhooks::run(
+                    store.clone(),
+                    Arc::clone(&board),
+                    index,
+                    endpoint,
+                    Arc::clone(&settings),
+                    work.clone(),
+                ),
+            );
+        }
+    }
+    if config.log_retention_days > 0 {
+        loops.spawn(
+            "log pruner",
+            prune_logs(store.clone(), config.log_retention_days, work.clone()),
+        );
+    }
+    let (mut served, streams_ended) =
+        serve(g, &coordinator, &liveness, &mut loops, &work, &serving)?;
+    g.say_listening();
     let runners_stop = CancellationToken::new();
     let local_runners = start_local_runners(
-        &config,
-        &state_dir,
-        &deny,
-        addr,
+        config,
+        state_dir,
+        &g.deny,
+        g.addr,
         &registration_token,
         &runners_stop,
     );
     let mut idle = None;
     let mut served_done = false;
+    let mut lost = false;
     let mut failed = tokio::select! {
         // A loop ends on its own once the shutdown token fires: that is no failure.
         biased;
@@ -595,19 +873,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             served_done = true;
             served_failure(result)
         }
-        ended = loops.next_end() => (!shutdown.is_cancelled()).then_some(ended),
         // Its lease lost (a deadline passed unrenewed, or the fence refused a write): it
-        // writes nothing more; it stops, and a restart waits as a standby.
-        () = lose_lead(&leadership) => Some(
-            "this server lost the leader lease (another server leads now)".to_owned()
-        ),
+        // writes nothing more (the store refuses); its loops stop and it serves as a standby.
+        () = lose_lead(&g.leadership) => {
+            lost = true;
+            None
+        }
+        ended = loops.next_end() => (!shutdown.is_cancelled()).then_some(ended),
     };
     if let Some(ended) = &failed {
         // A loop the server cannot do without is gone: stop, and say so; a restart recovers.
         tracing::error!("{ended}; stopping the server");
     }
-    shutdown.cancel();
-    tracing::info!("shutting down");
+    if lost {
+        tracing::warn!("this server no longer leads: stopping its work to serve as a standby");
+    } else {
+        shutdown.cancel();
+        tracing::info!("shutting down");
+    }
+    work.cancel();
     // The order matters: each step stops what the next one would otherwise leave in use.
     // Local runners stop first, giving their leases back while the server still listens.
     runners_stop.cancel();
@@ -617,14 +901,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     // Then serving: requests under way finish (a bounded time: then they are dropped).
     serving.cancel();
     if !served_done {
-        match tokio::time::timeout(DRAIN_DEADLINE, &mut served).await {
-            Ok(result) => failed = failed.or(served_failure(result)),
-            Err(_) => {
-                tracing::warn!("requests still running after {DRAIN_DEADLINE:?}; stopping them");
-                served.abort();
-                let _ = (&mut served).await;
-            }
-        }
+        failed = failed.or(drain(&mut served).await);
     }
     // The streams' producers end with their streams, which ended with serving.
     if tokio::time::timeout(DRAIN_DEADLINE, streams_ended.wait())
@@ -636,23 +913,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
     // Then the loops: the log writer stores what is queued; the others stopped with the signal.
     writer_stop.cancel();
     loops.wait_all().await;
-    // Nothing writes any more: a leader gives its lease up, for a standby not to wait out
-    // the TTL.
-    elector_stop.cancel();
-    if let Some(elector) = elector {
-        let _ = elector.await;
-    }
-    // Nothing uses the database any more.
-    store.close().await;
-    drop(locks);
     if let Some(ended) = failed {
         return Err(Error::Internal(ended));
     }
-    tracing::info!("stopped");
-    Ok(match idle {
+    if lost {
+        return Ok(Led::Lost);
+    }
+    Ok(Led::Stopped(match idle {
         Some(needs_help) => Stopped::Idle { needs_help },
         None => Stopped::Asked,
-    })
+    }))
 }
 
 /// This machine, as the leader lease's holder names it: its systemd machine ID, else its host
@@ -667,39 +937,6 @@ fn machine_id() -> String {
                 .filter(|s| !s.is_empty())
         })
         .unwrap_or_else(|| "unknown-machine".to_owned())
-}
-
-/// Waits as a standby until this server leads (true) or is asked to stop (false).
-async fn wait_to_lead(
-    leadership: &crate::leader::Leadership,
-    shutdown: &CancellationToken,
-) -> bool {
-    let mut role = leadership.watch();
-    // An unknown leader at first is the elector not having looked yet: not worth a line.
-    let mut said = Some(None);
-    loop {
-        let now = role.borrow_and_update().clone();
-        match now {
-            crate::leader::Role::Leader { term } => {
-                tracing::info!(term, "this server leads the database");
-                return true;
-            }
-            crate::leader::Role::Standby { leader_url } => {
-                if said.as_ref() != Some(&leader_url) {
-                    tracing::info!(
-                        leader = leader_url.as_deref().unwrap_or("not known yet"),
-                        "a standby: another server leads this database; this one takes over \
-                         when its lease ends"
-                    );
-                    said = Some(leader_url);
-                }
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return false,
-            changed = role.changed() => if changed.is_err() { return false },
-        }
-    }
 }
 
 /// Returns once this server, which led, no longer does (never for a sole leader).
@@ -1279,4 +1516,20 @@ fn load_prompt_template(path: Option<&std::path::Path>) -> Result<crate::prompt:
             e.message
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lease_ttl_warning;
+
+    #[test]
+    fn a_lease_ttl_shorter_than_a_takeover_from_a_frozen_leader_is_warned_about() {
+        // The defaults (30 s, 10 s) are long enough.
+        assert_eq!(lease_ttl_warning(30, 10), None);
+        assert_eq!(lease_ttl_warning(60, 2), None);
+        let warning = lease_ttl_warning(10, 2).expect("too short");
+        assert!(warning.contains("at least 22s"), "{warning}");
+        assert!(!warning.contains('\n'), "one line: {warning}");
+        assert!(lease_ttl_warning(29, 10).is_some());
+    }
 }

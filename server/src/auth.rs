@@ -183,11 +183,13 @@ fn role_word(caller: &Caller) -> &'static str {
 }
 
 /// The sessions of the web page in the database, less those that ended or whose token is not
-/// `admin` or `viewer` any more (a token rotated, a new admin token made): those are deleted.
+/// `admin` or `viewer` any more (a token rotated, a new admin token made): those are deleted
+/// (when `writing`; a standby only leaves them out).
 async fn load_sessions<S: Store>(
     store: &S,
     admin: &str,
     viewer: &str,
+    writing: bool,
 ) -> Result<HashMap<String, Session>> {
     let now = pipeline_core::clock::now_ms();
     let mut live = HashMap::new();
@@ -196,16 +198,20 @@ async fn load_sessions<S: Store>(
             ("admin", t) if t == admin => Caller::Admin,
             ("viewer", t) if t == viewer => Caller::Viewer,
             _ => {
-                store
-                    .end_sessions(EndSessions::One(&record.id_sha256))
-                    .await?;
+                if writing {
+                    store
+                        .end_sessions(EndSessions::One(&record.id_sha256))
+                        .await?;
+                }
                 continue;
             }
         };
         if record.expires_at < now {
-            store
-                .end_sessions(EndSessions::One(&record.id_sha256))
-                .await?;
+            if writing {
+                store
+                    .end_sessions(EndSessions::One(&record.id_sha256))
+                    .await?;
+            }
             continue;
         }
         live.insert(
@@ -253,20 +259,35 @@ impl Auth {
         state_dir: &Path,
         max_registrations_per_minute: usize,
     ) -> Result<Self> {
+        Self::open_as(store, state_dir, max_registrations_per_minute, true).await
+    }
+
+    /// As [`Auth::open`], for a standby (issue 28) when not `writing`: it reads the database
+    /// and writes nothing to it (the tokens' files are its own, in its state dir).
+    pub async fn open_as<S: Store>(
+        store: &S,
+        state_dir: &Path,
+        max_registrations_per_minute: usize,
+        writing: bool,
+    ) -> Result<Self> {
         let admin_file = state_dir.join(ADMIN_FILE);
         let viewer_file = state_dir.join(VIEWER_FILE);
         let registration_file = state_dir.join(REGISTRATION_FILE);
         let admin = load_or_create(&admin_file, "pla_")?;
         let viewer = load_or_create(&viewer_file, "plv_")?;
         let registration = load_or_create(&registration_file, "plr_")?;
-        store.put_meta("admin_token_sha256", &hash(&admin)).await?;
-        store
-            .put_meta("viewer_token_sha256", &hash(&viewer))
-            .await?;
-        let sessions = load_sessions(store, &hash(&admin), &hash(&viewer)).await?;
-        store
-            .put_meta("registration_token_sha256", &hash(&registration))
-            .await?;
+        if writing {
+            store.put_meta("admin_token_sha256", &hash(&admin)).await?;
+            store
+                .put_meta("viewer_token_sha256", &hash(&viewer))
+                .await?;
+        }
+        let sessions = load_sessions(store, &hash(&admin), &hash(&viewer), writing).await?;
+        if writing {
+            store
+                .put_meta("registration_token_sha256", &hash(&registration))
+                .await?;
+        }
         let mut runners = HashMap::new();
         for (key, value) in store.list_meta(RUNNER_KEY).await? {
             if let Some(name) = key.strip_prefix(RUNNER_KEY) {

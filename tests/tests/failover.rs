@@ -217,13 +217,11 @@ fn a_runner_gives_up_on_a_frozen_server_and_uses_the_next() {
 
 /// Two servers on one PostgreSQL database, each with its own clone of one bare upstream
 /// repository (`--push-remote upstream`, a short `--leader-ttl`): the leader, started and
-/// serving, and the second, started as a standby on a port known in advance (it serves once it
-/// leads: the thread's result). Also the upstream's path and the second's URL.
+/// serving, and the second, a standby serving the read calls. Also the upstream's path.
 struct Pair {
     leader: Server,
-    standby: std::thread::JoinHandle<Server>,
+    standby: Server,
     upstream: std::path::PathBuf,
-    second_url: String,
     _db: pipeline_core::pgtest::PgDatabase<'static>,
 }
 
@@ -269,8 +267,6 @@ fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
         lease_ttl,
     ];
     let leader = Server::start(repo, &shared);
-    let second_addr = format!("127.0.0.1:{}", free_port());
-    let second_url = format!("http://{second_addr}");
     let second_home = dir.join("home-b");
     std::fs::create_dir_all(&second_home).expect("mkdir");
     let mut cmd = repo.command("pipeline-server");
@@ -278,7 +274,7 @@ fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
         .arg(&second_repo)
         .arg("--state-dir")
         .arg(dir.join("state-b"))
-        .args(["--env-allow", "AGENT_LOG_DIR", "--listen", &second_addr])
+        .args(["--env-allow", "AGENT_LOG_DIR", "--listen", "127.0.0.1:0"])
         .args(shared)
         .env("HOME", &second_home)
         .env("RUST_LOG", "info")
@@ -286,23 +282,35 @@ fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
         .env("AGENT_LOG_DIR", repo.agent_log())
         .envs(pipeline_tests::sandbox_env(repo))
         .env_remove("PIPELINE_DB");
-    let standby = std::thread::spawn(move || {
-        Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("the standby did not start:\n{log}"))
-    });
+    let standby =
+        Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("the standby did not start:\n{log}"));
     Pair {
         leader,
         standby,
         upstream,
-        second_url,
         _db: db,
     }
 }
 
+/// `status --json`'s `server` object: the role, the term, the leader's URL.
+fn server_role(server: &Server) -> Value {
+    server.ctl(&["status", "--json"]).json()["server"].clone()
+}
+
 /// The term `server` leads in, as `status --json` says; panics unless it leads.
 fn leading_term(server: &Server) -> i64 {
-    let status = server.ctl(&["status", "--json"]).json();
-    assert_eq!(status["server"]["role"], "leader", "{status}");
-    status["server"]["term"].as_i64().expect("term")
+    let role = server_role(server);
+    assert_eq!(role["role"], "leader", "{role}");
+    role["term"].as_i64().expect("term")
+}
+
+/// Waits until `server` says it has role `role` (`leader`, `standby`); returns its `server`
+/// object.
+fn wait_role(server: &Server, role: &str) -> Value {
+    pipeline_tests::wait_for(
+        &format!("the server at {} to be the {role}", server.url),
+        || Some(server_role(server)).filter(|r| r["role"] == role),
+    )
 }
 
 /// The task ended done with one dev run, and its `Task-Id` trailer is once on upstream `main`.
@@ -333,7 +341,7 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
     let pair = two_servers(&repo, "10");
     let first_term = leading_term(&pair.leader);
     let args = agent_args(&["--no-verify"]);
-    let urls = format!("{},{}", pair.leader.url, pair.second_url);
+    let urls = format!("{},{}", pair.leader.url, pair.standby.url);
     let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
     pair.leader.wait_connected(&runner.proc, "r");
     let id = pair
@@ -342,8 +350,8 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
     repo.wait_agent(&id);
     pair.leader.kill();
 
-    let second = pair.standby.join().expect("the standby's thread");
-    assert!(leading_term(&second) > first_term);
+    let second = pair.standby;
+    assert!(wait_role(&second, "leader")["term"].as_i64().expect("term") > first_term);
     second.wait_runner("r", "back with its lease", |r| {
         pipeline_tests::connected(r) && r["slots_used"] == 1
     });
@@ -354,20 +362,21 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
 }
 
 /// The leader frozen (SIGSTOP) past its lease: the standby takes over and the runner follows
-/// it. Resumed, the old leader writes nothing (its deadline passed, its term is fenced) and
-/// stops with an error (a restart waits as a standby); the task lands once, by the new leader.
+/// it. Resumed, the old leader writes nothing (its deadline passed, its term is fenced): it
+/// stops its loops and serves as a standby, naming the new leader, and reads the task's end
+/// from the database; the task lands once, by the new leader.
 #[test]
-fn a_leader_frozen_past_its_lease_and_resumed_writes_nothing_and_stops() {
+fn a_leader_frozen_past_its_lease_and_resumed_writes_nothing_and_stands_by() {
     if pipeline_tests::runs_the_same_on_both_passes("its two servers are on PostgreSQL anyway") {
         return;
     }
     let repo = TestRepo::new();
     // A runner gives a frozen server up only after its keepalive (10 s) times out (10 s
     // more): the task's lease outlasts that and the takeover.
-    let mut pair = two_servers(&repo, "60");
+    let pair = two_servers(&repo, "60");
     let first_term = leading_term(&pair.leader);
     let args = agent_args(&["--no-verify"]);
-    let urls = format!("{},{}", pair.leader.url, pair.second_url);
+    let urls = format!("{},{}", pair.leader.url, pair.standby.url);
     let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
     pair.leader.wait_connected(&runner.proc, "r");
     let id = pair
@@ -377,28 +386,68 @@ fn a_leader_frozen_past_its_lease_and_resumed_writes_nothing_and_stops() {
     let before = pipeline_tests::git(&pair.upstream, &["rev-parse", "main"]);
     pair.leader.proc.signal("STOP");
 
-    let second = pair.standby.join().expect("the standby's thread");
-    assert!(leading_term(&second) > first_term);
+    let second = &pair.standby;
+    let new_term = wait_role(second, "leader")["term"].as_i64().expect("term");
+    assert!(new_term > first_term);
     second.wait_runner("r", "back with its lease", |r| {
         pipeline_tests::connected(r) && r["slots_used"] == 1
     });
     pair.leader.proc.signal("CONT");
-    let exit = pair.leader.proc.wait_exit();
-    assert!(
-        !exit.success(),
-        "the old leader stops with an error: {exit:?}"
-    );
+    // A standby, which learns the new leader at its elector's next look.
+    pipeline_tests::wait_for("the old leader to name the new one", || {
+        Some(server_role(&pair.leader))
+            .filter(|r| r["role"] == "standby" && r["leader"] == second.url.as_str())
+    });
     assert_eq!(
         pipeline_tests::git(&pair.upstream, &["rev-parse", "main"]),
         before,
         "nothing pushed while the task is not finished"
     );
-    assert!(
-        leading_term(&second) > first_term,
-        "the new leader still leads"
-    );
+    assert_eq!(leading_term(second), new_term, "the new leader still leads");
     repo.release_agents();
     let task = second.wait_status(&id, "done");
     done_once(&task, &pair.upstream);
+    // The old leader, a standby, reads the task's end from the database, and is alive.
+    let seen = pair.leader.wait_status(&id, "done");
+    assert_eq!(seen["runs"], task["runs"]);
+    assert_eq!(server_role(&pair.leader)["role"], "standby");
     drop(runner);
+}
+
+/// A standby serves `status` and the read calls from the database (a task the leader created,
+/// its history, the queue, the feed) and refuses writes with `UNAVAILABLE` naming the leader;
+/// it is not ready (`/readyz`, gRPC health) while the leader is.
+#[test]
+fn a_standby_serves_the_read_calls_and_refuses_writes_naming_the_leader() {
+    let repo = TestRepo::new();
+    let pair = two_servers(&repo, "10");
+    let term = leading_term(&pair.leader);
+    let role = server_role(&pair.standby);
+    assert_eq!(role["role"], "standby", "{role}");
+    assert_eq!(role["leader"], pair.leader.url.as_str(), "{role}");
+    let id = pair.leader.add(&["--title", "seen from the standby"]);
+    // Straight from the database: the task, its history, the counts.
+    let shown = pair.standby.show(&id);
+    assert_eq!(shown["title"], "seen from the standby");
+    assert_eq!(shown["status"], "open");
+    let listed = pipeline_tests::listed(pair.standby.ctl(&["task", "list", "--json"]).json());
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let status = pair.standby.ctl(&["status", "--json"]).json();
+    assert_eq!(status["open"], 1, "{status}");
+    pair.standby.ctl(&["queue", "--json"]).json();
+    // A write is refused, naming the leader; nothing is created.
+    let refused = pipeline_tests::run(
+        pair.standby
+            .ctl_command()
+            .args(["task", "add", "--title", "refused"]),
+    );
+    let said = &refused.stderr;
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("standby") && said.contains(&pair.leader.url),
+        "{said}"
+    );
+    let listed = pipeline_tests::listed(pair.leader.ctl(&["task", "list", "--json"]).json());
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(leading_term(&pair.leader), term);
 }

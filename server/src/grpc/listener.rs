@@ -47,7 +47,9 @@ pub struct Limits {
 
 /// The listener's connections, within [`Limits`].
 pub struct Incoming {
-    listener: TcpListener,
+    /// Shared: a server that changes role serves its phases one after the other on one
+    /// socket, so a connection made between them waits in the backlog, never refused.
+    listener: Arc<TcpListener>,
     limits: Limits,
     permits: Arc<Semaphore>,
     /// Connections closed at the limit since it was last below it (the burst so far).
@@ -58,9 +60,9 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    pub fn new(listener: TcpListener, limits: Limits) -> Self {
+    pub fn new(listener: impl Into<Arc<TcpListener>>, limits: Limits) -> Self {
         Self {
-            listener,
+            listener: listener.into(),
             limits,
             permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             refused: 0,

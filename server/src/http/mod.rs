@@ -331,7 +331,7 @@ pub fn tls_config(
 /// `limits.max_connections` at once; more are closed as they arrive) served as HTTP/1.1 or
 /// HTTP/2, through TLS when `tls` is given.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: Limits,

@@ -304,6 +304,13 @@ impl PgStore {
         &self.pool
     }
 
+    /// Publishes on the feed's broadcast what other servers recorded since the last entry
+    /// published here: a standby (issue 28), which writes nothing itself, follows the leader's
+    /// feed with this.
+    pub async fn follow_feed(&self) {
+        self.feed.publish(&self.pool).await;
+    }
+
     /// Fences every write from now on by `leadership` (once; later calls change nothing).
     pub fn set_leadership(&self, leadership: crate::leader::Leadership) {
         let _ = self.leadership.set(leadership);
