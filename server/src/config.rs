@@ -175,6 +175,7 @@ pub struct Config {
     pub max_lost_leases: u32,
 
     /// How long a runner's lease lives without a heartbeat (30s, 2m; a bare number is seconds).
+    /// With several servers, at least --leader-ttl plus 20s (a start-up warning says so).
     #[arg(long, env = "PIPELINE_LEASE_TTL", default_value = "30s", value_name = "DURATION",
           value_parser = units::positive_seconds)]
     pub lease_ttl: u64,
