@@ -167,6 +167,9 @@ impl RefName {
         Self(format!("refs/heads/{branch}"))
     }
 
+    /// Where every task's patches are: `refs/pipeline/tasks/`.
+    pub const TASK_PATCHES: &'static str = "refs/pipeline/tasks/";
+
     /// `refs/pipeline/tasks/<task>/<epoch>`: a runner's commit for a lease, as received.
     pub fn task_patch(task: &TaskId, epoch: u64) -> Self {
         Self(format!("refs/pipeline/tasks/{task}/{epoch}"))
@@ -1070,6 +1073,43 @@ impl Git {
         self.resolve(&copy).await?.ok_or_else(|| {
             GitError::Unexpected(format!("{copy} is missing after fetching {remote:?}"))
         })
+    }
+
+    /// Points `remote`'s ref `name` at `commit` (pushing its objects). For the server's own
+    /// refs (`refs/pipeline/…`), never a branch: it forces.
+    pub async fn push_ref(
+        &self,
+        remote: &RemoteName,
+        name: &RefName,
+        commit: &CommitId,
+    ) -> Result<()> {
+        let spec = format!("+{commit}:{name}");
+        self.run(&[
+            "push",
+            "--quiet",
+            "--no-verify",
+            "--end-of-options",
+            remote.as_str(),
+            &spec,
+        ])
+        .await?;
+        Ok(())
+    }
+
+    /// Fetches every ref under `prefix` (`refs/pipeline/tasks/`) from `remote` into the same
+    /// names here (forced: they are the server's own).
+    pub async fn fetch_prefix(&self, remote: &RemoteName, prefix: &str) -> Result<()> {
+        let spec = format!("+{prefix}*:{prefix}*");
+        self.run(&[
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--end-of-options",
+            remote.as_str(),
+            &spec,
+        ])
+        .await?;
+        Ok(())
     }
 
     /// Pushes `new` to `remote`'s `branch` only if it is still at `expected`; false when the

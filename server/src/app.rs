@@ -959,6 +959,9 @@ async fn lose_lead(leadership: &crate::leader::Leadership) {
 /// A new leader's local base follows the remote the previous leader pushed to (fast-forward
 /// only; the integrator does the same before each integration).
 async fn follow_remote(repo: &Repo, remote: &RemoteName, base: &BranchName) -> Result<()> {
+    // The commits of results the previous leader accepted and had not landed: it kept them
+    // on the remote before acknowledging them.
+    repo.fetch_task_patches(remote).await?;
     let theirs = repo.fetch_branch(remote, base).await?;
     let local = repo.tip(base).await?;
     if theirs != local && repo.is_ancestor(&local, &theirs).await? {

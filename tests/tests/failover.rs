@@ -451,3 +451,31 @@ fn a_standby_serves_the_read_calls_and_refuses_writes_naming_the_leader() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(leading_term(&pair.leader), term);
 }
+
+/// A result the leader accepted and had not landed (landing held): its commit was kept on the
+/// remote before the result was acknowledged, so the standby that takes over from the killed
+/// leader fetches it and lands it; the agent is not run again.
+#[test]
+fn a_result_the_killed_leader_accepted_and_had_not_landed_lands_once_by_the_new_leader() {
+    let repo = TestRepo::new();
+    let pair = two_servers(&repo, "30");
+    let first_term = leading_term(&pair.leader);
+    pair.leader
+        .ctl(&["queue", "pause", "--landing-only", "--reason", "held"])
+        .ok();
+    let args = agent_args(&["--no-verify"]);
+    let urls = format!("{},{}", pair.leader.url, pair.standby.url);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    pair.leader.wait_connected(&runner.proc, "r");
+    let id = pair.leader.add(&["--title", "accepted, not landed"]);
+    pair.leader.wait_status(&id, "verified");
+    pair.leader.kill();
+
+    let second = &pair.standby;
+    let term = wait_role(second, "leader")["term"].as_i64().expect("term");
+    assert!(term > first_term);
+    second.ctl(&["queue", "resume"]).ok();
+    let task = second.wait_status(&id, "done");
+    done_once(&task, &pair.upstream);
+    drop(runner);
+}

@@ -287,6 +287,14 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .map_or_else(crate::leader::Leadership::sole, |(l, _)| l.clone())
     }
 
+    /// Where a task's commit is kept before its result is acknowledged, besides this server's
+    /// repository: the push remote, when several servers may share the database (issue 28),
+    /// so that a new leader can integrate what the old one accepted.
+    pub(crate) fn patches_remote(&self) -> Option<&RemoteName> {
+        let elected = self.leadership.get().is_some_and(|(l, _)| l.is_elected());
+        self.settings.push_remote.as_ref().filter(|_| elected)
+    }
+
     /// The server's role as `status` shows it: leader or standby, the term, and the leader's
     /// URL (its own when it leads).
     pub fn server_role(&self) -> ServerRole {

@@ -636,9 +636,15 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     .await
                 {
                     Ok(commit) => {
-                        self.repo
-                            .update_ref(&RefName::task_patch(&task.id, lease.epoch), &commit)
-                            .await?;
+                        let patch = RefName::task_patch(&task.id, lease.epoch);
+                        self.repo.update_ref(&patch, &commit).await?;
+                        // With several servers (issue 28): the commit is kept on the remote
+                        // before the result is acknowledged, where a new leader fetches it
+                        // from; a push that fails is the infrastructure's (the runner sends
+                        // the result again).
+                        if let Some(remote) = self.patches_remote() {
+                            self.repo.push_ref(remote, &patch, &commit).await?;
+                        }
                         // The tree the runner really verified: a build of it can be skipped.
                         let verified_tree =
                             match (result.result.outcome, &result.result.verify_skipped) {

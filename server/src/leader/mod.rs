@@ -171,6 +171,12 @@ impl Leadership {
         self.may_write(term).then_some(term)
     }
 
+    /// Whether an elector steers this leadership (several servers may share the database),
+    /// not a sole or fixed one.
+    pub fn is_elected(&self) -> bool {
+        self.steer.is_some()
+    }
+
     /// The role now.
     pub fn role(&self) -> Role {
         self.role.borrow().clone()

@@ -272,6 +272,14 @@ impl Repository for FakeRepo {
         Ok(())
     }
 
+    async fn push_ref(&self, remote: &RemoteName, name: &RefName, commit: &CommitId) -> Result<()> {
+        let mut s = self.state();
+        s.commit(commit)?;
+        s.remote
+            .insert(format!("{}/{name}", remote.as_str()), commit.clone());
+        Ok(())
+    }
+
     async fn compare_and_swap(
         &self,
         name: &RefName,

@@ -62,6 +62,15 @@ pub trait Repository: Send + Sync + 'static {
         commit: &CommitId,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Points `remote`'s ref `name` at `commit`, pushing its objects: the server's own refs
+    /// (a task's patch kept where another server can read it), never a branch.
+    fn push_ref(
+        &self,
+        remote: &RemoteName,
+        name: &RefName,
+        commit: &CommitId,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// Moves `name` from `old` to `new` only if it is still at `old`; false if it moved.
     fn compare_and_swap(
         &self,

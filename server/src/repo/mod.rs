@@ -519,6 +519,22 @@ impl Repo {
         Ok(self.git.fetch_branch(remote, branch).await?)
     }
 
+    /// Points `remote`'s ref `name` at `commit` (the server's own refs only).
+    pub async fn push_ref(
+        &self,
+        remote: &RemoteName,
+        name: &RefName,
+        commit: &CommitId,
+    ) -> Result<()> {
+        Ok(self.git.push_ref(remote, name, commit).await?)
+    }
+
+    /// Fetches the task patches `remote` keeps (`refs/pipeline/tasks/…`): what another
+    /// server accepted and this one integrates after a takeover (issue 28).
+    pub async fn fetch_task_patches(&self, remote: &RemoteName) -> Result<()> {
+        Ok(self.git.fetch_prefix(remote, RefName::TASK_PATCHES).await?)
+    }
+
     /// Pushes `new` to `remote`'s `branch` only if it is still at `expected`; false when the
     /// remote refused (it moved).
     pub async fn push_with_lease(
@@ -562,6 +578,10 @@ impl crate::ports::Repository for Repo {
 
     async fn update_ref(&self, name: &RefName, commit: &CommitId) -> Result<()> {
         Repo::update_ref(self, name, commit).await
+    }
+
+    async fn push_ref(&self, remote: &RemoteName, name: &RefName, commit: &CommitId) -> Result<()> {
+        Repo::push_ref(self, remote, name, commit).await
     }
 
     async fn compare_and_swap(
