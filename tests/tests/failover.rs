@@ -226,6 +226,11 @@ struct Pair {
 }
 
 fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
+    two_servers_with(repo, &["--lease-ttl", lease_ttl], &[])
+}
+
+/// [`two_servers`], both given `extra` flags, the leader also `leader_env`.
+fn two_servers_with(repo: &TestRepo, extra: &[&str], leader_env: &[(&str, &str)]) -> Pair {
     use pipeline_core::pgtest::PgServer;
     let db = PgServer::shared().database();
     let dir = repo.dir.path();
@@ -256,17 +261,17 @@ fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
         ],
     );
     pipeline_tests::git(&second_repo, &["checkout", "-q", "--detach"]);
-    let shared = [
+    let mut shared = vec![
         "--db",
         db.url(),
         "--push-remote",
         "upstream",
         "--leader-ttl",
         "2",
-        "--lease-ttl",
-        lease_ttl,
     ];
-    let leader = Server::start(repo, &shared);
+    shared.extend_from_slice(extra);
+    let leader = Server::spawn(Server::command(repo, &shared).envs(leader_env.iter().copied()))
+        .unwrap_or_else(|log| panic!("the leader did not start:\n{log}"));
     let second_home = dir.join("home-b");
     std::fs::create_dir_all(&second_home).expect("mkdir");
     let mut cmd = repo.command("pipeline-server");
@@ -275,7 +280,7 @@ fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
         .arg("--state-dir")
         .arg(dir.join("state-b"))
         .args(["--env-allow", "AGENT_LOG_DIR", "--listen", "127.0.0.1:0"])
-        .args(shared)
+        .args(&shared)
         .env("HOME", &second_home)
         .env("RUST_LOG", "info")
         .env("PATH", pipeline_tests::scripts_path())
@@ -475,6 +480,92 @@ fn a_result_the_killed_leader_accepted_and_had_not_landed_lands_once_by_the_new_
     let term = wait_role(second, "leader")["term"].as_i64().expect("term");
     assert!(term > first_term);
     second.ctl(&["queue", "resume"]).ok();
+    let task = second.wait_status(&id, "done");
+    done_once(&task, &pair.upstream);
+    drop(runner);
+}
+
+/// A build slow in the servers' integration worktrees only (runners run the same command): it
+/// waits for `file` in the agent log dir.
+fn slow_build(file: &str) -> String {
+    format!(
+        "case $PWD in */integration) while [ ! -e \"$AGENT_LOG_DIR/{file}\" ]; do sleep 0.05; \
+         done;; esac"
+    )
+}
+
+/// The leader killed (SIGKILL) while its merge train builds: the standby takes over, forms
+/// the train again and lands the task once; the agent is not run again.
+#[test]
+fn the_leader_killed_during_a_train_build_lands_nothing_and_the_standby_lands_once() {
+    let repo = TestRepo::new();
+    let build = slow_build("build-go");
+    let pair = two_servers_with(
+        &repo,
+        &[
+            "--lease-ttl",
+            "30",
+            "--build-cmd",
+            &build,
+            "--verify-on-server",
+            "always",
+        ],
+        &[],
+    );
+    let first_term = leading_term(&pair.leader);
+    let before = pipeline_tests::git(&pair.upstream, &["rev-parse", "main"]);
+    let args = agent_args(&[]);
+    let urls = format!("{},{}", pair.leader.url, pair.standby.url);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    pair.leader.wait_connected(&runner.proc, "r");
+    let id = pair.leader.add(&["--title", "built twice, landed once"]);
+    pair.leader.wait_train_building();
+    pair.leader.kill();
+    assert_eq!(
+        pipeline_tests::git(&pair.upstream, &["rev-parse", "main"]),
+        before,
+        "nothing pushed during the build"
+    );
+
+    let second = &pair.standby;
+    assert!(wait_role(second, "leader")["term"].as_i64().expect("term") > first_term);
+    repo.touch("build-go");
+    let task = second.wait_status(&id, "done");
+    done_once(&task, &pair.upstream);
+    drop(runner);
+}
+
+/// The leader dies (a failpoint's abort) after its push moved the remote's branch and before
+/// it moved its own base and recorded the landing: the standby that takes over follows the
+/// remote, finds the task landed there and finishes it, without landing it again.
+#[test]
+fn the_leader_killed_between_its_push_and_its_base_update_lands_once() {
+    let repo = TestRepo::new();
+    let pair = two_servers_with(
+        &repo,
+        &["--lease-ttl", "30"],
+        &[("PIPELINE_FAILPOINT", "before-base-update")],
+    );
+    let mut leader = pair.leader;
+    let first_term = leading_term(&leader);
+    let args = agent_args(&["--no-verify"]);
+    let urls = format!("{},{}", leader.url, pair.standby.url);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    leader.wait_connected(&runner.proc, "r");
+    let id = leader.add(&["--title", "pushed, then the leader died"]);
+    let exit = leader.proc.wait_exit();
+    assert!(!exit.success(), "the failpoint aborts the leader: {exit:?}");
+    let trailers = pipeline_tests::git(
+        &pair.upstream,
+        &["log", "--format=%(trailers:key=Task-Id,valueonly)", "main"],
+    );
+    assert!(
+        trailers.lines().any(|l| l.trim() == id),
+        "pushed: {trailers}"
+    );
+
+    let second = &pair.standby;
+    assert!(wait_role(second, "leader")["term"].as_i64().expect("term") > first_term);
     let task = second.wait_status(&id, "done");
     done_once(&task, &pair.upstream);
     drop(runner);
