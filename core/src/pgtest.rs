@@ -47,6 +47,7 @@ pub struct PgServer {
     pid: u32,
     keeper: Option<std::thread::JoinHandle<()>>,
     next_db: AtomicU64,
+    options: Options,
 }
 
 /// A database of its own on a [`PgServer`], for one test; dropped with it.
@@ -119,47 +120,14 @@ impl PgServer {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
-        let log = std::fs::File::create(dir.join("postgres.log"))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut postgres = as_postgres(&bin.join("postgres"), &dir);
-        postgres
-            .arg("-D")
-            .arg(&data)
-            .arg("-k")
-            .arg(&dir)
-            .args(["-c", "listen_addresses=", "-c", "max_connections=300"])
-            .args(["-c", "logging_collector=off"]);
-        if !options.fsync {
-            postgres.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
-        }
-        postgres
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log);
-        // The keeper thread spawns postgres and waits on it: the parent-death signal fires
-        // when the thread that spawned the child ends, so it must live as long as the server.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let keeper = std::thread::Builder::new()
-            .name("pgtest-keeper".into())
-            .spawn(move || match postgres.spawn() {
-                Ok(mut child) => {
-                    let _ = tx.send(Ok(child.id()));
-                    let _ = child.wait();
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(format!("cannot start postgres: {e}")));
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        let pid = rx
-            .recv()
-            .map_err(|_| "the postgres keeper thread ended".to_owned())??;
+        let (pid, keeper) = spawn_postgres(&bin, &dir, options)?;
         let server = PgServer {
             dir,
             bin,
             pid,
             keeper: Some(keeper),
             next_db: AtomicU64::new(0),
+            options,
         };
         server.wait_ready()?;
         Ok(server)
@@ -191,6 +159,29 @@ impl PgServer {
             // Start-up only, bounded by the deadline; not a hot path.
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Stops the server as `pg_ctl stop -m fast` does (`SIGINT`: every session ended, the data
+    /// kept), for a test of what a database restart does to its clients; [`PgServer::start_again`]
+    /// brings it back.
+    pub fn shut_down(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        }
+        if let Some(keeper) = self.keeper.take() {
+            let _ = keeper.join();
+        }
+        // Gone: nothing to signal on drop (a PID of 0 is none).
+        self.pid = 0;
+    }
+
+    /// Starts the server again on its data after [`PgServer::shut_down`], and waits until it
+    /// accepts connections.
+    pub fn start_again(&mut self) -> Result<(), String> {
+        let (pid, keeper) = spawn_postgres(&self.bin, &self.dir, self.options)?;
+        self.pid = pid;
+        self.keeper = Some(keeper);
+        self.wait_ready()
     }
 
     /// The directory of the server's Unix socket (and data, and log).
@@ -320,6 +311,55 @@ fn copy_template(root: &Path, bin: &Path, data: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Starts `postgres` on the data in `dir` (its log appended to `dir/postgres.log`), from a
+/// keeper thread that waits on it: its PID and that thread.
+fn spawn_postgres(
+    bin: &Path,
+    dir: &Path,
+    options: Options,
+) -> Result<(u32, std::thread::JoinHandle<()>), String> {
+    let data = dir.join("data");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("postgres.log"))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut postgres = as_postgres(&bin.join("postgres"), dir);
+    postgres
+        .arg("-D")
+        .arg(&data)
+        .arg("-k")
+        .arg(dir)
+        .args(["-c", "listen_addresses=", "-c", "max_connections=300"])
+        .args(["-c", "logging_collector=off"]);
+    if !options.fsync {
+        postgres.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
+    }
+    postgres
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    // The keeper thread spawns postgres and waits on it: the parent-death signal fires
+    // when the thread that spawned the child ends, so it must live as long as the server.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let keeper = std::thread::Builder::new()
+        .name("pgtest-keeper".into())
+        .spawn(move || match postgres.spawn() {
+            Ok(mut child) => {
+                let _ = tx.send(Ok(child.id()));
+                let _ = child.wait();
+            }
+            Err(e) => {
+                let _ = tx.send(Err(format!("cannot start postgres: {e}")));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let pid = rx
+        .recv()
+        .map_err(|_| "the postgres keeper thread ended".to_owned())??;
+    Ok((pid, keeper))
 }
 
 /// Stops a postmaster at once (`SIGQUIT`: immediate shutdown, its backends with it).

@@ -222,7 +222,8 @@ struct Pair {
     leader: Server,
     standby: Server,
     upstream: std::path::PathBuf,
-    _db: pipeline_core::pgtest::PgDatabase<'static>,
+    /// The shared PostgreSQL's database they use (none: the test's own server's).
+    _db: Option<pipeline_core::pgtest::PgDatabase<'static>>,
 }
 
 fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
@@ -231,8 +232,14 @@ fn two_servers(repo: &TestRepo, lease_ttl: &str) -> Pair {
 
 /// [`two_servers`], both given `extra` flags, the leader also `leader_env`.
 fn two_servers_with(repo: &TestRepo, extra: &[&str], leader_env: &[(&str, &str)]) -> Pair {
-    use pipeline_core::pgtest::PgServer;
-    let db = PgServer::shared().database();
+    let db = pipeline_core::pgtest::PgServer::shared().database();
+    let mut pair = two_servers_at(repo, db.url(), extra, leader_env);
+    pair._db = Some(db);
+    pair
+}
+
+/// [`two_servers_with`] on the database at `url`.
+fn two_servers_at(repo: &TestRepo, url: &str, extra: &[&str], leader_env: &[(&str, &str)]) -> Pair {
     let dir = repo.dir.path();
     let upstream = dir.join("upstream.git");
     let upstream_url = upstream.to_str().expect("utf-8").to_owned();
@@ -263,7 +270,7 @@ fn two_servers_with(repo: &TestRepo, extra: &[&str], leader_env: &[(&str, &str)]
     pipeline_tests::git(&second_repo, &["checkout", "-q", "--detach"]);
     let mut shared = vec![
         "--db",
-        db.url(),
+        url,
         "--push-remote",
         "upstream",
         "--leader-ttl",
@@ -293,7 +300,7 @@ fn two_servers_with(repo: &TestRepo, extra: &[&str], leader_env: &[(&str, &str)]
         leader,
         standby,
         upstream,
-        _db: db,
+        _db: None,
     }
 }
 
@@ -568,5 +575,58 @@ fn the_leader_killed_between_its_push_and_its_base_update_lands_once() {
     assert!(wait_role(second, "leader")["term"].as_i64().expect("term") > first_term);
     let task = second.wait_status(&id, "done");
     done_once(&task, &pair.upstream);
+    drop(runner);
+}
+
+/// The database restarted (a fast shutdown, then started again) while agents work and tasks
+/// land: the servers and the runner reconnect, one server leads, and every task ends done once
+/// upstream with its agent run once.
+#[test]
+fn the_database_restarted_under_load_loses_nothing_and_lands_nothing_twice() {
+    use pipeline_core::pgtest::{Options, PgServer};
+    let mut pg = PgServer::start(Options::default()).expect("a PostgreSQL of its own");
+    let url = pg.url("postgres");
+    let repo = TestRepo::new();
+    let pair = two_servers_at(&repo, &url, &["--lease-ttl", "30"], &[]);
+    let args = agent_args(&["--no-verify", "--slots", "2"]);
+    let urls = format!("{},{}", pair.leader.url, pair.standby.url);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    pair.leader.wait_connected(&runner.proc, "r");
+    let waiting = pair.leader.add(&[
+        "--title",
+        "at work across the restart",
+        "--description",
+        "MODE: wait",
+    ]);
+    let quick: Vec<String> = (0..3)
+        .map(|i| pair.leader.add(&["--title", &format!("quick {i}")]))
+        .collect();
+    repo.wait_agent(&waiting);
+
+    pg.shut_down();
+    pg.start_again().expect("PostgreSQL back");
+    repo.release_agents();
+    let more = pipeline_tests::wait_for("a leader taking a task after the restart", || {
+        [&pair.leader, &pair.standby].into_iter().find_map(|s| {
+            let added =
+                pipeline_tests::run(s.ctl_command().args(["task", "add", "--title", "after"]));
+            added
+                .status
+                .success()
+                .then(|| added.stdout.trim().to_owned())
+        })
+    });
+    let leader = pipeline_tests::wait_for("one server to lead", || {
+        [&pair.leader, &pair.standby].into_iter().find(|s| {
+            let out = pipeline_tests::run(s.ctl_command().args(["status", "--json"]));
+            out.status.success()
+                && serde_json::from_str::<Value>(&out.stdout)
+                    .is_ok_and(|v| v["server"]["role"] == "leader")
+        })
+    });
+    for id in quick.iter().chain([&waiting, &more]) {
+        let task = leader.wait_status(id, "done");
+        done_once(&task, &pair.upstream);
+    }
     drop(runner);
 }
