@@ -376,7 +376,8 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
 /// The leader frozen (SIGSTOP) past its lease: the standby takes over and the runner follows
 /// it. Resumed, the old leader writes nothing (its deadline passed, its term is fenced): it
 /// stops its loops and serves as a standby, naming the new leader, and reads the task's end
-/// from the database; the task lands once, by the new leader.
+/// from the database; the task lands once, by the new leader. The new leader killed in turn,
+/// the old one leads again (a higher term) and lands the next task.
 #[test]
 fn a_leader_frozen_past_its_lease_and_resumed_writes_nothing_and_stands_by() {
     if pipeline_tests::runs_the_same_on_both_passes("its two servers are on PostgreSQL anyway") {
@@ -423,6 +424,20 @@ fn a_leader_frozen_past_its_lease_and_resumed_writes_nothing_and_stands_by() {
     let seen = pair.leader.wait_status(&id, "done");
     assert_eq!(seen["runs"], task["runs"]);
     assert_eq!(server_role(&pair.leader)["role"], "standby");
+    // The new leader killed, the old one takes the lease again (a higher term still),
+    // recovers as a takeover does, and lands the next task; the runner follows it.
+    let Pair {
+        leader: old,
+        standby: second,
+        upstream,
+        _db,
+    } = pair;
+    second.kill();
+    let term = wait_role(&old, "leader")["term"].as_i64().expect("term");
+    assert!(term > new_term);
+    let next = old.add(&["--title", "after the second takeover"]);
+    let task = old.wait_status(&next, "done");
+    done_once(&task, &upstream);
     drop(runner);
 }
 
