@@ -479,7 +479,6 @@ async fn stand_by(g: &Ground, shutdown: &CancellationToken) -> Result<bool> {
     }
     let (mut served, streams_ended) =
         serve(g, &coordinator, &liveness, &mut loops, &work, &serving)?;
-    g.say_listening();
     let mut said = None;
     let mut failed = None;
     let leads = loop {
@@ -637,6 +636,10 @@ fn serve(
         .add_service(crate::grpc::edge::Edge::new(reflection_v1alpha))
         .serve_with_incoming_shutdown(incoming, serving.clone().cancelled_owned());
     let served = tokio::spawn(serve);
+    // Before the HTTP lines: a reader of the log takes the first `listening on` for the gRPC
+    // address.
+    let first = !g.said_listening.load(std::sync::atomic::Ordering::Acquire);
+    g.say_listening();
     // The web page and the HTTP API, on their own port, served until `serving` ends.
     if let Some(http) = &g.http {
         let http_addr = http
@@ -658,7 +661,7 @@ fn serve(
             loops: Arc::clone(liveness),
             metrics_public: config.metrics_public,
         });
-        if !g.said_listening.load(std::sync::atomic::Ordering::Acquire) {
+        if first {
             let scheme = if tls.is_some() { "https" } else { "http" };
             let host = if http_addr.ip().is_unspecified() {
                 std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), http_addr.port())
@@ -846,7 +849,6 @@ async fn lead(g: &Ground, shutdown: &CancellationToken) -> Result<Led> {
     }
     let (mut served, streams_ended) =
         serve(g, &coordinator, &liveness, &mut loops, &work, &serving)?;
-    g.say_listening();
     let runners_stop = CancellationToken::new();
     let local_runners = start_local_runners(
         config,

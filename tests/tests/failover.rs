@@ -462,6 +462,8 @@ fn a_standby_serves_the_read_calls_and_refuses_writes_naming_the_leader() {
     let status = pair.standby.ctl(&["status", "--json"]).json();
     assert_eq!(status["open"], 1, "{status}");
     pair.standby.ctl(&["queue", "--json"]).json();
+    // Runners connect to the leader: none is connected here.
+    assert!(!pair.standby.runners().iter().any(pipeline_tests::connected));
     // A write is refused, naming the leader; nothing is created.
     let refused = pipeline_tests::run(
         pair.standby

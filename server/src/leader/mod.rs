@@ -438,12 +438,17 @@ impl Elector {
         if let Some(term) = taken {
             return Ok(Ok(term));
         }
-        let leader: Option<(String, bool)> =
-            sqlx::query_as("SELECT advertise, expires_at > now() FROM leader_lease WHERE id = 1")
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(Err(leader.and_then(|(url, live)| {
-            (live && !url.is_empty()).then_some(url)
+        // A live lease of this very process (its term lost or its deadline passed, the row
+        // not expired yet) names no leader: clients told to come here would only be refused
+        // again.
+        let leader: Option<(String, bool, bool)> = sqlx::query_as(
+            "SELECT advertise, expires_at > now(), holder = $1 FROM leader_lease WHERE id = 1",
+        )
+        .bind(&self.holder)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Err(leader.and_then(|(url, live, own)| {
+            (live && !own && !url.is_empty()).then_some(url)
         })))
     }
 

@@ -353,3 +353,27 @@ async fn a_restart_in_the_same_place_ends_its_predecessors_lease_and_no_other() 
         &fenced_write(&pool, 1).await.expect_err("term 1 is over")
     ));
 }
+
+/// A server whose term ended while its lease row is still live (the fence refused a write, or
+/// its deadline passed before the row's expiry) is a standby that names no leader until the
+/// row expires: naming itself would send its clients back to be refused again.
+#[tokio::test]
+async fn a_server_that_lost_its_term_does_not_name_itself_the_leader() {
+    let db = PgServer::shared().database();
+    let pool = pool(db.url()).await;
+    let (a, a_role) = elector(&pool, "a", Duration::from_secs(30));
+    a.step().await;
+    assert_eq!(a_role.role(), Role::Leader { term: 1 });
+    a_role.lost(1);
+    a.step().await;
+    assert_eq!(a_role.role(), Role::Standby { leader_url: None });
+    // Another server names it while its lease lives.
+    let (b, b_role) = elector(&pool, "b", Duration::from_secs(30));
+    b.step().await;
+    assert_eq!(
+        b_role.role(),
+        Role::Standby {
+            leader_url: Some("http://a:50051".to_owned())
+        }
+    );
+}
