@@ -470,6 +470,9 @@ async fn stand_by(g: &Ground, shutdown: &CancellationToken) -> Result<bool> {
         Arc::new(SystemClock),
     ));
     coordinator.set_leadership(g.leadership.clone(), g.advertise.clone());
+    coordinator
+        .logs()
+        .set_history_start(g.store.last_event_id().await?);
     let work = shutdown.child_token();
     let serving = CancellationToken::new();
     let liveness = Arc::new(crate::health::Loops::default());
