@@ -460,6 +460,7 @@ async fn stand_by(g: &Ground, shutdown: &CancellationToken) -> Result<bool> {
         &g.state_dir,
         g.config.max_registrations_per_minute,
         false,
+        g.elected,
     )
     .await?;
     let coordinator = Arc::new(Coordinator::new(
@@ -709,8 +710,14 @@ async fn lead(g: &Ground, shutdown: &CancellationToken) -> Result<Led> {
         tracing::info!(files = cleaned, "removed bundles a crash left in the spool");
     }
     claim_repository(store, &g.git_dir, config, &g.db_url).await?;
-    let mut auth =
-        crate::auth::Auth::open(store, state_dir, config.max_registrations_per_minute).await?;
+    let mut auth = crate::auth::Auth::open_as(
+        store,
+        state_dir,
+        config.max_registrations_per_minute,
+        true,
+        g.elected,
+    )
+    .await?;
     if let Some(user) = g.sandbox.user() {
         seal_state_dir(state_dir).map_err(Error::Internal)?;
         user.can_reach(&state_dir.join("integration"))

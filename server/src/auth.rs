@@ -102,6 +102,61 @@ fn load_or_create(path: &Path, prefix: &str) -> Result<String> {
     }
 }
 
+/// How a server's tokens (admin, viewer, registration) and their hashes in the database are
+/// reconciled.
+struct Tokens {
+    /// Whether this server may write the database (a leader, or a server alone).
+    writing: bool,
+    /// Whether the database is shared by a group of servers (PostgreSQL, issue 28).
+    group: bool,
+}
+
+/// The hashes one kind of token is accepted by: the group's (in the database) and this
+/// server's own (its state dir's file); the same alone.
+#[derive(Clone, Debug)]
+struct TokenHash {
+    group: String,
+    own: String,
+}
+
+impl TokenHash {
+    fn one(h: String) -> Self {
+        Self {
+            group: h.clone(),
+            own: h,
+        }
+    }
+
+    fn is(&self, h: &str) -> bool {
+        h == self.group || h == self.own
+    }
+}
+
+impl Tokens {
+    /// The hashes of one token. The state dir's file is the server's own (made on first start,
+    /// and made again when deleted). Alone, the database learns its hash. In a group the tokens
+    /// live in the database: the first server's are the group's and work against every server
+    /// of the group, each server also taking its own file's (a local `pipelinectl`'s).
+    async fn hash<S: Store>(
+        &self,
+        store: &S,
+        file: &Path,
+        prefix: &str,
+        key: &str,
+    ) -> Result<TokenHash> {
+        let own = hash(&load_or_create(file, prefix)?);
+        if self.group
+            && let Some(group) = store.get_meta(key).await?
+        {
+            return Ok(TokenHash { group, own });
+        }
+        if self.writing {
+            store.put_meta(key, &own).await?;
+        }
+        Ok(TokenHash::one(own))
+    }
+}
+
 /// A live session of the web page, in memory (keyed by its ID's hash).
 #[derive(Clone, Debug)]
 struct Session {
@@ -115,9 +170,9 @@ struct Session {
 pub const SESSION_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 struct State {
-    admin: String,
-    viewer: String,
-    registration: String,
+    admin: TokenHash,
+    viewer: TokenHash,
+    registration: TokenHash,
     /// Session ID hash → the session.
     sessions: HashMap<String, Session>,
     /// Credential hash → runner name.
@@ -187,16 +242,16 @@ fn role_word(caller: &Caller) -> &'static str {
 /// (when `writing`; a standby only leaves them out).
 async fn load_sessions<S: Store>(
     store: &S,
-    admin: &str,
-    viewer: &str,
+    admin: &TokenHash,
+    viewer: &TokenHash,
     writing: bool,
 ) -> Result<HashMap<String, Session>> {
     let now = pipeline_core::clock::now_ms();
     let mut live = HashMap::new();
     for record in store.sessions().await? {
         let caller = match (record.role.as_str(), record.token_sha256.as_str()) {
-            ("admin", t) if t == admin => Caller::Admin,
-            ("viewer", t) if t == viewer => Caller::Viewer,
+            ("admin", t) if admin.is(t) => Caller::Admin,
+            ("viewer", t) if viewer.is(t) => Caller::Viewer,
             _ => {
                 if writing {
                     store
@@ -259,35 +314,38 @@ impl Auth {
         state_dir: &Path,
         max_registrations_per_minute: usize,
     ) -> Result<Self> {
-        Self::open_as(store, state_dir, max_registrations_per_minute, true).await
+        Self::open_as(store, state_dir, max_registrations_per_minute, true, false).await
     }
 
     /// As [`Auth::open`], for a standby (issue 28) when not `writing`: it reads the database
-    /// and writes nothing to it (the tokens' files are its own, in its state dir).
+    /// and writes nothing to it. In a `group` (several servers on one PostgreSQL database) the
+    /// tokens are the group's, held in the database: see [`token_hash`].
     pub async fn open_as<S: Store>(
         store: &S,
         state_dir: &Path,
         max_registrations_per_minute: usize,
         writing: bool,
+        group: bool,
     ) -> Result<Self> {
         let admin_file = state_dir.join(ADMIN_FILE);
         let viewer_file = state_dir.join(VIEWER_FILE);
         let registration_file = state_dir.join(REGISTRATION_FILE);
-        let admin = load_or_create(&admin_file, "pla_")?;
-        let viewer = load_or_create(&viewer_file, "plv_")?;
-        let registration = load_or_create(&registration_file, "plr_")?;
-        if writing {
-            store.put_meta("admin_token_sha256", &hash(&admin)).await?;
-            store
-                .put_meta("viewer_token_sha256", &hash(&viewer))
-                .await?;
-        }
-        let sessions = load_sessions(store, &hash(&admin), &hash(&viewer), writing).await?;
-        if writing {
-            store
-                .put_meta("registration_token_sha256", &hash(&registration))
-                .await?;
-        }
+        let tokens = Tokens { writing, group };
+        let admin = tokens
+            .hash(store, &admin_file, "pla_", "admin_token_sha256")
+            .await?;
+        let viewer = tokens
+            .hash(store, &viewer_file, "plv_", "viewer_token_sha256")
+            .await?;
+        let sessions = load_sessions(store, &admin, &viewer, writing).await?;
+        let registration = tokens
+            .hash(
+                store,
+                &registration_file,
+                "plr_",
+                "registration_token_sha256",
+            )
+            .await?;
         let mut runners = HashMap::new();
         for (key, value) in store.list_meta(RUNNER_KEY).await? {
             if let Some(name) = key.strip_prefix(RUNNER_KEY) {
@@ -312,9 +370,9 @@ impl Auth {
             .collect();
         Ok(Self {
             state: RwLock::new(State {
-                admin: hash(&admin),
-                viewer: hash(&viewer),
-                registration: hash(&registration),
+                admin,
+                viewer,
+                registration,
                 sessions,
                 runners,
                 revoked,
@@ -354,11 +412,11 @@ impl Auth {
     /// credential on every message without hashing it again).
     pub fn identify_hash(&self, h: &str) -> Option<Caller> {
         let state = self.read();
-        if h == state.admin {
+        if state.admin.is(h) {
             Some(Caller::Admin)
-        } else if h == state.viewer {
+        } else if state.viewer.is(h) {
             Some(Caller::Viewer)
-        } else if h == state.registration {
+        } else if state.registration.is(h) {
             Some(Caller::Registration)
         } else {
             state
@@ -571,12 +629,15 @@ impl Auth {
     pub async fn rotate_viewer<S: Store>(&self, store: &S) -> Result<(String, u64)> {
         let token = new_token("plv_")?;
         let old = self.read().viewer.clone();
-        let ended = store.end_sessions(EndSessions::OfToken(&old)).await?;
+        let mut ended = store.end_sessions(EndSessions::OfToken(&old.group)).await?;
+        if old.own != old.group {
+            ended += store.end_sessions(EndSessions::OfToken(&old.own)).await?;
+        }
         store.put_meta("viewer_token_sha256", &hash(&token)).await?;
         write_secret(&self.viewer_file, &token)?;
         let mut state = self.write();
-        state.viewer = hash(&token);
-        state.sessions.retain(|_, s| s.token != old);
+        state.viewer = TokenHash::one(hash(&token));
+        state.sessions.retain(|_, s| !old.is(&s.token));
         Ok((token, ended))
     }
 
@@ -631,8 +692,8 @@ impl Auth {
         let state = self.read();
         let s = state.sessions.get(&hash(id))?;
         let current = match s.caller {
-            Caller::Admin => s.token == state.admin,
-            Caller::Viewer => s.token == state.viewer,
+            Caller::Admin => state.admin.is(&s.token),
+            Caller::Viewer => state.viewer.is(&s.token),
             _ => false,
         };
         (current && s.expires_at >= now).then(|| s.caller.clone())
@@ -653,7 +714,7 @@ impl Auth {
         store
             .put_meta("registration_token_sha256", &hash(&token))
             .await?;
-        self.write().registration = hash(&token);
+        self.write().registration = TokenHash::one(hash(&token));
         Ok(token)
     }
 }

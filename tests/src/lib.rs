@@ -983,7 +983,7 @@ impl Runner {
     }
 }
 
-fn read_token(path: &Path) -> String {
+pub fn read_token(path: &Path) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
         .trim()

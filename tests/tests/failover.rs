@@ -304,6 +304,16 @@ fn two_servers_at(repo: &TestRepo, url: &str, extra: &[&str], leader_env: &[(&st
     }
 }
 
+/// `pipelinectl ARGS` against `server`, from an empty home, holding `token`: a token of
+/// another server's state dir.
+fn ctl_holding(server: &Server, token: &str, args: &[&str]) -> pipeline_tests::Output {
+    pipeline_tests::run(
+        pipeline_tests::ctl_command(&pipeline_tests::empty_home(), &server.url)
+            .env("PIPELINE_ADMIN_TOKEN", token)
+            .args(args),
+    )
+}
+
 /// `status --json`'s `server` object: the role, the term, the leader's URL.
 fn server_role(server: &Server) -> Value {
     server.ctl(&["status", "--json"]).json()["server"].clone()
@@ -370,6 +380,13 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
     repo.release_agents();
     let task = second.wait_status(&id, "done");
     done_once(&task, &pair.upstream);
+    // Tokens live in the database: the first server's admin token steers the new leader.
+    ctl_holding(
+        &second,
+        &repo.admin_token(),
+        &["task", "add", "--title", "next"],
+    )
+    .ok();
     drop(runner);
 }
 
@@ -465,6 +482,13 @@ fn a_standby_serves_the_read_calls_and_refuses_writes_naming_the_leader() {
     let status = pair.standby.ctl(&["status", "--json"]).json();
     assert_eq!(status["open"], 1, "{status}");
     pair.standby.ctl(&["queue", "--json"]).json();
+    // Tokens live in the database: the leader's admin and viewer tokens (its state dir's
+    // files) are taken by the standby too, as is the standby's own.
+    let viewer = pipeline_tests::read_token(&repo.state_dir().join("viewer.token"));
+    for token in [repo.admin_token(), viewer] {
+        let status = ctl_holding(&pair.standby, &token, &["status", "--json"]).json();
+        assert_eq!(status["server"]["role"], "standby", "{status}");
+    }
     // Runners connect to the leader: none is connected here.
     assert!(!pair.standby.runners().iter().any(pipeline_tests::connected));
     // A write is refused, naming the leader; nothing is created.
