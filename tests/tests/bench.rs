@@ -86,3 +86,108 @@ fn the_benchmark_harness_runs_every_benchmark() {
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown benchmark \"nonsense\""));
 }
+
+/// A small history to replay: a test script in the tree (red when a file says BAD), changes
+/// that touch the same file (so a change made on an older base is merged into a newer one),
+/// an executable, a deletion, and a merge commit on the first-parent line.
+fn replayable_history(dir: &std::path::Path) -> std::path::PathBuf {
+    let repo = dir.join("src");
+    std::fs::create_dir(&repo).expect("mkdir");
+    let git = |args: &[&str]| pipeline_tests::git(&repo, args);
+    let write = |name: &str, text: &str| std::fs::write(repo.join(name), text).expect("write");
+    let commit = |subject: &str| {
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "-m", subject]);
+    };
+    git(&["init", "-q", "-b", "main"]);
+    write("check.sh", "#!/bin/sh\n! grep -rl BAD --exclude=check.sh .\n");
+    write("shared.txt", "a\nb\nc\nd\ne\nf\ng\nh\n");
+    commit("initial");
+    for i in 1..=3 {
+        write(&format!("f{i}.txt"), &format!("{i}\n"));
+        commit(&format!("add f{i}"));
+    }
+    write("shared.txt", "a\nB\nc\nd\ne\nf\ng\nh\n");
+    commit("shared: b");
+    write("shared.txt", "a\nB\nc\nd\ne\nf\nG\nh\n");
+    commit("shared: g");
+    write("run.sh", "#!/bin/sh\necho run\n");
+    git(&["add", "run.sh"]);
+    git(&["update-index", "--chmod=+x", "run.sh"]);
+    commit("an executable");
+    git(&["checkout", "-q", "-b", "side"]);
+    write("side.txt", "side\n");
+    commit("on the side");
+    git(&["checkout", "-q", "main"]);
+    write("m.txt", "m\n");
+    commit("m");
+    git(&["merge", "-q", "--no-ff", "side", "-m", "merge side"]);
+    git(&["rm", "-q", "f1.txt"]);
+    commit("remove f1");
+    repo
+}
+
+/// `pipeline-bench replay` on a small generated history, so that it cannot rot: every change
+/// lands, the final tree is the original's, and no commit the base passed through is red; bad
+/// input is refused in one line.
+#[test]
+fn replay_lands_a_real_history_and_refuses_bad_input() {
+    pipeline_tests::ensure_built();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = replayable_history(dir.path());
+    let bench = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pipeline-bench"))
+            .arg("replay")
+            .args(args)
+            .env_remove("PIPELINE_TEST_DB")
+            .output()
+            .expect("run pipeline-bench replay")
+    };
+    let src = repo.to_str().expect("utf-8");
+    let out = bench(&[
+        "--repo",
+        src,
+        "--last",
+        "9",
+        "--test-cmd",
+        "sh check.sh",
+        "--runners",
+        "2",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "replay failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "replay: 9 changes of",
+        "replay: 1 of the 9 changes are merge commits: each is replayed as one change, its diff against its first parent",
+        "replay: 9 of 9 landed in",
+        "integration builds per landed change",
+        "replay: final tree equals the original's: yes",
+        "replay: green base: 0 of 9 commits the base passed through are red",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+
+    let not_a_repo = dir.path().join("plain");
+    std::fs::create_dir(&not_a_repo).expect("mkdir");
+    for (args, says) in [
+        (
+            vec!["--repo", not_a_repo.to_str().expect("utf-8"), "--last", "2", "--test-cmd", "true"],
+            "is not a git repository",
+        ),
+        (
+            vec!["--repo", src, "--last", "11", "--test-cmd", "true"],
+            "--last 11: ",
+        ),
+        (vec!["--repo", src, "--last", "2"], "--test-cmd CMD is missing"),
+    ] {
+        let out = bench(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -8,6 +8,7 @@
 //! cargo run --release -p pipeline-tests --bin pipeline-bench              # everything
 //! cargo run --release -p pipeline-tests --bin pipeline-bench -- dispatch  # one benchmark
 //! cargo run --release -p pipeline-tests --bin pipeline-bench -- --quick   # seconds (CI)
+//! cargo run --release -p pipeline-tests --bin pipeline-bench -- replay --repo PATH --last N --test-cmd CMD
 //! ```
 
 mod backends;
@@ -24,6 +25,7 @@ mod integration;
 mod logs;
 mod million;
 mod pg_floor;
+mod replay;
 mod train;
 
 use pipeline_tests::TestRepo;
@@ -51,6 +53,16 @@ const BENCHMARKS: &[&str] = &[
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `replay` takes flags of its own and runs alone (it replays the repository it is given).
+    if args.first().is_some_and(|a| a == "replay") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(replay::main(&args[1..]));
+        println!("pipeline-bench: done");
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let chosen: Vec<&str> = args
         .iter()
@@ -59,7 +71,7 @@ fn main() {
         .collect();
     if let Some(bad) = chosen.iter().find(|c| !BENCHMARKS.contains(c)) {
         eprintln!(
-            "pipeline-bench: unknown benchmark {bad:?}; choose from: {}",
+            "pipeline-bench: unknown benchmark {bad:?}; choose from: {} (or: replay --repo PATH --last N --test-cmd CMD)",
             BENCHMARKS.join(", ")
         );
         std::process::exit(2);
