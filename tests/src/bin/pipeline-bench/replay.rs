@@ -353,6 +353,27 @@ git -c user.name=replay -c user.email=replay@example.invalid commit -q --allow-e
     )
 }
 
+/// Runs the test command in `dir` (outside the server, with this process's environment).
+fn run_test(cmd: &str, dir: &Path) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A task's title: the change's subject, cut to fit (a title is at most 1,024 bytes).
+fn title(subject: &str) -> String {
+    let mut end = subject.len().min(200);
+    while !subject.is_char_boundary(end) {
+        end -= 1;
+    }
+    subject[..end].to_owned()
+}
+
 /// A tree, path by path: path → (mode, object).
 fn tree(repo: &Path, rev: &str) -> BTreeMap<Vec<u8>, (String, String)> {
     let raw = git_bytes(repo, &["ls-tree", "-r", "-z", "--full-tree", rev]);
@@ -518,7 +539,7 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
                 &admin.token,
                 pb::CreateTaskRequest {
                     id: Some(c.id.clone()),
-                    title: c.subject.clone(),
+                    title: title(&c.subject),
                     ..Default::default()
                 },
             ))
@@ -578,6 +599,18 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
         }
         out.dev_runs += devs;
         out.dev_retries += devs.saturating_sub(1);
+        // What kept a task that did not land: its last failed run's error.
+        if !landed_at.contains_key(&c.id)
+            && let Some(r) = task.runs.iter().rev().find(|r| r.error.is_some())
+        {
+            let error = r.error.as_deref().unwrap_or_default();
+            let error = error.lines().next().unwrap_or_default();
+            println!(
+                "replay: {} not landed ({} runs); its last failed run: {error}",
+                c.id,
+                task.runs.len()
+            );
+        }
     }
     // The last train's figure reaches `status` just after its tasks' transitions: read it until
     // two readings agree (or 3 s pass).
@@ -686,18 +719,32 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
         pipeline_tests::git(&check, &["checkout", "-q", "--force", "--detach", c]);
         // Ignored files (build caches) stay, as on a CI runner that keeps its cache.
         pipeline_tests::git(&check, &["clean", "-q", "-f", "-f", "-d"]);
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(&o.test_cmd)
-            .current_dir(&check)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("run the test command");
         checked += 1;
-        if !status.success() {
+        if !run_test(&o.test_cmd, &check) {
             red.push(c[..12].to_owned());
         }
+    }
+    // A change that did not land: is the original commit itself red under the test command?
+    for c in plan.changes.iter().filter(|c| !landed_at.contains_key(&c.id)) {
+        let tree = repo.dir.path().join("original").join(&c.id);
+        std::fs::create_dir_all(&tree).expect("mkdir");
+        let unpacked = Command::new("sh")
+            .arg("-c")
+            .arg("git -C \"$1\" archive \"$2\" | tar -x -C \"$3\"")
+            .args(["sh", &path(&plan.source), &c.commit, &path(&tree)])
+            .status()
+            .is_ok_and(|s| s.success());
+        let green = unpacked && run_test(&o.test_cmd, &tree);
+        println!(
+            "replay: {} ({}) did not land; the original commit under the test command: {}",
+            c.id,
+            &c.commit[..12],
+            match (unpacked, green) {
+                (false, _) => "could not be checked out",
+                (true, true) => "green",
+                (true, false) => "red too",
+            }
+        );
     }
     println!(
         "replay: green base: {} of {checked} commits the base passed through are red{} ({} tips, {} first-parent commits; the test command run again on each, {:.1} s)",
