@@ -269,8 +269,9 @@ pub struct Config {
     /// How long the integrator, woken from idle by a Verified task, waits for more before it
     /// forms a train (it forms one at once when --batch-max tasks are in): the first wave's
     /// results, milliseconds apart, then go in one train instead of a train of one that costs
-    /// a full build while the rest arrive. `0` forms a train at once. A bare number is
-    /// milliseconds.
+    /// a full build while the rest arrive. A lone task its runner verified on the base as it
+    /// is lands at once, without a build, and the rest of the window gathers what follows.
+    /// `0` forms a train at once. A bare number is milliseconds.
     #[arg(long, env = "PIPELINE_GATHER_WINDOW", default_value = "250ms",
           value_name = "DURATION", value_parser = units::milliseconds)]
     pub gather_window: u64,

@@ -334,6 +334,22 @@ fn a_red_base_pauses_landing_until_a_fix_is_pushed() {
     }
 }
 
+/// A lone task whose runner verified it on the base as it is lands on its runner's word, without
+/// waiting out the gathering window (an hour here: a server that waited would fail the test's
+/// deadline) and without a build.
+#[test]
+fn a_lone_task_verified_on_the_base_lands_without_waiting_out_the_gathering_window() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &["--test-cmd", &build_cmd("true"), "--gather-window", "1h"],
+    );
+    let _runner = Runner::start(&repo, &server, "r", &as_strs(&agent_args(&[])));
+    let id = server.add(&["--title", "t"]);
+    server.wait_status(&id, "done");
+    assert!(builds(&repo).is_empty(), "no build: {:?}", builds(&repo));
+}
+
 #[test]
 fn a_pass_under_another_verification_does_not_make_the_server_skip_its_build() {
     let repo = TestRepo::new();

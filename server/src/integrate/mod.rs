@@ -185,29 +185,67 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
     /// a wave of results milliseconds apart goes in one train. Ends early once `--batch-max`
     /// tasks are Verified (a train cannot take more), at the window's end, or on shutdown;
     /// between, it is woken by the same events as the integrator (each Verified task), never
-    /// by a timer of its own.
+    /// by a timer of its own. It also ends early when the one Verified task can land without
+    /// a build (its runner verified its tree on the base as it is): waiting would gain no
+    /// build. It then returns the window's deadline, for [`Integrator::gather_until`] to gather
+    /// what follows once that task has landed.
     pub(crate) async fn gather(
         &self,
         wakeups: &mut crate::coordinator::IntegratorWakeups<'_, S, R>,
         shutdown: &CancellationToken,
-    ) {
+    ) -> Option<tokio::time::Instant> {
         if self.gather_window.is_zero() {
-            return;
+            return None;
         }
         let deadline = tokio::time::Instant::now() + self.gather_window;
+        self.gather_until(deadline, wakeups, shutdown).await
+    }
+
+    /// [`Integrator::gather`] until `deadline`.
+    pub(crate) async fn gather_until(
+        &self,
+        deadline: tokio::time::Instant,
+        wakeups: &mut crate::coordinator::IntegratorWakeups<'_, S, R>,
+        shutdown: &CancellationToken,
+    ) -> Option<tokio::time::Instant> {
         let batch_max = self.c().settings().batch_max.max(1);
         loop {
             match self.c().verified_tasks().await {
+                Ok(verified) if verified.len() == 1 && self.lands_unbuilt(&verified[0]).await => {
+                    return Some(deadline);
+                }
                 Ok(verified) if verified.len() < batch_max => {}
                 // Full, or the store cannot say: the train forms now.
-                _ => return,
+                _ => return None,
             }
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return None,
                 () = wakeups.next() => {}
-                () = tokio::time::sleep_until(deadline) => return,
+                () = tokio::time::sleep_until(deadline) => return None,
             }
         }
+    }
+
+    /// Whether `task`, alone in a train, would land on its runner's word: its runner verified
+    /// its tree under the server's verification, and its commit sits on the base's tip.
+    async fn lands_unbuilt(&self, task: &Task) -> bool {
+        let c = self.c();
+        if task.verified_tree.is_none()
+            || c.settings().verify_on_server != VerifyOnServer::WhenNeeded
+            || self.never_build().is_some()
+        {
+            return false;
+        }
+        let Some(commit) = &task.patch_commit else {
+            return false;
+        };
+        let (Ok(parents), Ok(tip)) = (
+            c.repo().parents(commit).await,
+            c.repo().tip(&c.settings().base).await,
+        ) else {
+            return false;
+        };
+        parents.as_slice() == [tip]
     }
 
     /// Judges git's failure on `attempt`'s input: the machine's (a resource, a timeout) is an
@@ -260,11 +298,19 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
     pub async fn run(self, shutdown: CancellationToken) {
         // Subscribed before the first round: nothing published from now on is missed.
         let mut wakeups = self.c().integrator_wakeups();
+        // What is left of a gathering window that a lone task landing on its runner's word
+        // ended early: what arrives in it is gathered once that task has landed.
+        let mut window_left = None;
         loop {
             let pause = match self.next(&shutdown).await {
                 // A train stopped by the shutdown is formed again after the restart.
                 _ if shutdown.is_cancelled() => return,
-                Ok(true) => continue,
+                Ok(true) => {
+                    if let Some(deadline) = window_left.take() {
+                        window_left = self.gather_until(deadline, &mut wakeups, &shutdown).await;
+                    }
+                    continue;
+                }
                 Ok(false) if self.red_base().is_some() => Some(RED_BASE_RECHECK),
                 Ok(false) => None,
                 Err(err) => {
@@ -277,8 +323,9 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                 () = wakeups.next() => true,
                 () = tokio::time::sleep(pause.unwrap_or(Duration::from_secs(24 * 3600))) => false,
             };
+            window_left = None;
             if woken {
-                self.gather(&mut wakeups, &shutdown).await;
+                window_left = self.gather(&mut wakeups, &shutdown).await;
             }
         }
     }
