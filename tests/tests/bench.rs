@@ -57,6 +57,7 @@ fn the_benchmark_harness_runs_every_benchmark() {
         "runners heartbeating every",
         "task add --from-file,",
         "landed/min (last unmarked at",
+        "red trees on the base, B = ",
         "floor: PostgreSQL single-row INSERT + commit",
         "floor: PostgreSQL claim loop",
         "backend: postgres",

@@ -47,6 +47,7 @@ const BENCHMARKS: &[&str] = &[
     "fleet",
     "from-file",
     "train",
+    "train-30s",
     "pg-floor",
     "backends",
 ];
@@ -121,6 +122,7 @@ fn main() {
                 "fleet" => fleet::fleet(quick).await,
                 "from-file" => from_file::from_file(quick).await,
                 "train" => train::train(quick).await,
+                "train-30s" => train::train_30s(quick).await,
                 "pg-floor" => pg_floor::pg_floor(quick).await,
                 "backends" => backends::backends(quick).await,
                 _ => unreachable!("checked above"),

@@ -286,6 +286,66 @@ pub async fn train(quick: bool) {
     );
 }
 
+/// The shape of a real project (issue 29): a 30 s build and 16 runners, 32 tasks, at p = 0 and
+/// p = 10%, with one build slot and speculative (`--build-slots 8 --integration-slots 2`).
+pub async fn train_30s(quick: bool) {
+    let (build_secs, runners, tasks) = if quick { (0.2, 4, 8) } else { (30.0, 16, 32) };
+    let at = |marked, build_slots, integration_slots| Setup {
+        batch_max: 8,
+        marked,
+        build_secs,
+        runners,
+        tasks,
+        build_slots,
+        integration_slots,
+        gather_ms: None,
+    };
+    let p0 = run(at(0.0, 1, 1)).await;
+    let p10 = run(at(0.1, 1, 1)).await;
+    let p0_spec = run(at(0.0, 8, 2)).await;
+    let p10_spec = run(at(0.1, 8, 2)).await;
+    let sized = |ok: bool| {
+        if quick {
+            "not judged at --quick sizes"
+        } else if ok {
+            "met"
+        } else {
+            "MISSED"
+        }
+    };
+    println!("merge trains, B = {build_secs} s, {runners} runners, {tasks} tasks, against issue 29's goals:");
+    for (what, p0, p10) in [
+        ("one build slot", &p0, &p10),
+        ("--build-slots 8 --integration-slots 2", &p0_spec, &p10_spec),
+    ] {
+        println!(
+            "  {what}: p = 10% {:.1} landed/min = {:.2}x p = 0's {:.1}  [>= 0.8x: {}]; p = 0 wall {:.1} s = {:.2}x ideal {:.1} s  [<= 1.2x: {}]; builds per landed change {:.3} at p = 0 [<= 0.3: {}], {:.3} at p = 10% [<= 0.7: {}]; {} of {} unmarked landed once at p = 10%",
+            p10.per_min,
+            p10.per_min / p0.per_min,
+            p0.per_min,
+            sized(p10.per_min >= 0.8 * p0.per_min),
+            p0.wall,
+            p0.wall / p0.ideal,
+            p0.ideal,
+            sized(p0.wall <= 1.2 * p0.ideal),
+            p0.per_landed,
+            sized(p0.per_landed <= 0.3),
+            p10.per_landed,
+            sized(p10.per_landed <= 0.7),
+            p10.unmarked_once,
+            p10.unmarked
+        );
+    }
+    let red: usize = [&p0, &p10, &p0_spec, &p10_spec]
+        .iter()
+        .map(|f| f.red_on_base.len())
+        .sum();
+    println!(
+        "  red trees on the base, B = {build_secs} s runs: {red}  [goal: no red tree ever on the base: {}]",
+        if red == 0 { "met" } else { "MISSED" }
+    );
+}
+
 async fn run(setup: Setup) -> Figures {
     let repo = TestRepo::new();
     let dir = repo.dir.path().to_path_buf();
