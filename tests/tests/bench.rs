@@ -101,7 +101,10 @@ fn replayable_history(dir: &std::path::Path) -> std::path::PathBuf {
         git(&["commit", "-q", "-m", subject]);
     };
     git(&["init", "-q", "-b", "main"]);
-    write("check.sh", "#!/bin/sh\n! grep -rl BAD --exclude=check.sh .\n");
+    write(
+        "check.sh",
+        "#!/bin/sh\n! grep -rl BAD --exclude=check.sh .\n",
+    );
     write("shared.txt", "a\nb\nc\nd\ne\nf\ng\nh\n");
     commit("initial");
     for i in 1..=3 {
@@ -176,14 +179,24 @@ fn replay_lands_a_real_history_and_refuses_bad_input() {
     std::fs::create_dir(&not_a_repo).expect("mkdir");
     for (args, says) in [
         (
-            vec!["--repo", not_a_repo.to_str().expect("utf-8"), "--last", "2", "--test-cmd", "true"],
+            vec![
+                "--repo",
+                not_a_repo.to_str().expect("utf-8"),
+                "--last",
+                "2",
+                "--test-cmd",
+                "true",
+            ],
             "is not a git repository",
         ),
         (
             vec!["--repo", src, "--last", "11", "--test-cmd", "true"],
             "--last 11: ",
         ),
-        (vec!["--repo", src, "--last", "2"], "--test-cmd CMD is missing"),
+        (
+            vec!["--repo", src, "--last", "2"],
+            "--test-cmd CMD is missing",
+        ),
     ] {
         let out = bench(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);

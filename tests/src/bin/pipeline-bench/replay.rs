@@ -191,7 +191,12 @@ fn prepare(o: &Options, scratch: &Path) -> Result<Plan, String> {
         .map_err(|_| format!("{shown} is not a git repository"))?;
     let head = git(
         &source,
-        &["rev-parse", "--verify", "-q", &format!("{}^{{commit}}", o.rev)],
+        &[
+            "rev-parse",
+            "--verify",
+            "-q",
+            &format!("{}^{{commit}}", o.rev),
+        ],
     )
     .map_err(|_| format!("{shown} has no commit {:?}", o.rev))?;
     let lines = git(
@@ -272,7 +277,10 @@ fn write_change(source: &Path, c: &Change, dir: &Path) -> Result<(), String> {
         let meta = String::from_utf8_lossy(meta);
         let m: Vec<&str> = meta.trim_start_matches(':').split_whitespace().collect();
         let [old_mode, new_mode, old, new, status] = m[..] else {
-            return Err(format!("{}: cannot read git diff-tree's {meta:?}", c.commit));
+            return Err(format!(
+                "{}: cannot read git diff-tree's {meta:?}",
+                c.commit
+            ));
         };
         if old_mode == "160000" || new_mode == "160000" {
             return Err(format!(
@@ -289,8 +297,11 @@ fn write_change(source: &Path, c: &Change, dir: &Path) -> Result<(), String> {
         std::fs::write(file("op"), if delete { "D" } else { "W" }).expect("write");
         std::fs::write(file("mode"), new_mode).expect("write");
         if !old.bytes().all(|b| b == b'0') {
-            std::fs::write(file("before"), git_bytes(source, &["cat-file", "blob", old]))
-                .expect("write");
+            std::fs::write(
+                file("before"),
+                git_bytes(source, &["cat-file", "blob", old]),
+            )
+            .expect("write");
         }
         if !delete {
             std::fs::write(file("after"), git_bytes(source, &["cat-file", "blob", new]))
@@ -498,7 +509,8 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
     server_args.extend(sandbox.iter().cloned());
     let mut cmd = Server::command(&repo, &pipeline_tests::as_strs(&server_args));
     cmd.envs(tool_vars.iter().map(|(k, v)| (k, v)));
-    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("server did not start:\n{log}"));
+    let server =
+        Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("server did not start:\n{log}"));
     let agent = format!("sh {}", plan.data.join("agent.sh").display());
     let mut runner_args: Vec<String> = vec![
         "--agent".into(),
@@ -643,10 +655,10 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
     }
     println!(
         "replay: integration builds per landed change {} ({} trains); dev runs {} for {n} tasks = {} retries; trains sent back {} (charged to the task), put back to wait {}",
-        per_landed.map_or_else(|| "unset".to_owned(), |b| format!(
-            "{b:.3} = {:.0} builds",
-            b * landed as f64
-        )),
+        per_landed.map_or_else(
+            || "unset".to_owned(),
+            |b| format!("{b:.3} = {:.0} builds", b * landed as f64)
+        ),
         out.trains.len(),
         out.dev_runs,
         out.dev_retries,
@@ -677,13 +689,11 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
     }
 
     // Every commit the base passed through, tested again.
-    let tips: Vec<String> = pipeline_tests::git(
-        &bare,
-        &["reflog", "show", "--format=%H", "refs/heads/main"],
-    )
-    .lines()
-    .map(str::to_owned)
-    .collect();
+    let tips: Vec<String> =
+        pipeline_tests::git(&bare, &["reflog", "show", "--format=%H", "refs/heads/main"])
+            .lines()
+            .map(str::to_owned)
+            .collect();
     let history: Vec<String> = pipeline_tests::git(
         &bare,
         &[
@@ -725,7 +735,11 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
         }
     }
     // A change that did not land: is the original commit itself red under the test command?
-    for c in plan.changes.iter().filter(|c| !landed_at.contains_key(&c.id)) {
+    for c in plan
+        .changes
+        .iter()
+        .filter(|c| !landed_at.contains_key(&c.id))
+    {
         let tree = repo.dir.path().join("original").join(&c.id);
         std::fs::create_dir_all(&tree).expect("mkdir");
         let unpacked = Command::new("sh")
@@ -777,8 +791,14 @@ mod tests {
             ("--repo /r --test-cmd true", "--last N is missing"),
             ("--repo /r --last 5", "--test-cmd CMD is missing"),
             ("--repo /r --last 0 --test-cmd true", "--last \"0\""),
-            ("--repo /r --last 5 --test-cmd true --runners", "--runners needs a value"),
-            ("--repo /r --last 5 --test-cmd true --bogus 1", "unknown flag"),
+            (
+                "--repo /r --last 5 --test-cmd true --runners",
+                "--runners needs a value",
+            ),
+            (
+                "--repo /r --last 5 --test-cmd true --bogus 1",
+                "unknown flag",
+            ),
         ] {
             let err = parse(&args(bad)).expect_err(bad);
             assert!(err.contains(says), "{bad}: {err}");

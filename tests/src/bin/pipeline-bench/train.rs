@@ -313,7 +313,9 @@ pub async fn train_30s(quick: bool) {
             "MISSED"
         }
     };
-    println!("merge trains, B = {build_secs} s, {runners} runners, {tasks} tasks, against issue 29's goals:");
+    println!(
+        "merge trains, B = {build_secs} s, {runners} runners, {tasks} tasks, against issue 29's goals:"
+    );
     for (what, p0, p10) in [
         ("one build slot", &p0, &p10),
         ("--build-slots 8 --integration-slots 2", &p0_spec, &p10_spec),
