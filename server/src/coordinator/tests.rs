@@ -896,10 +896,9 @@ async fn still_pending<F: std::future::Future + Unpin>(f: &mut F) -> bool {
     true
 }
 
-/// Woken from idle, the integrator gathers: with a window too long to end on its own it ends
-/// at once for a lone task that lands without a build, then waits while fewer than
-/// --batch-max (8) tasks are Verified, each new one waking it, and ends as the eighth arrives;
-/// a short window ends by itself.
+/// Woken from idle, the integrator gathers: with a window too long to end on its own it waits
+/// while fewer than --batch-max (8) tasks are Verified, each new one waking it, and ends as the
+/// eighth arrives; a short window ends by itself.
 #[tokio::test]
 async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_ends() {
     let w = world_verifying().await;
@@ -933,17 +932,10 @@ async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_en
         .gathering(std::time::Duration::from_secs(3600));
     let shutdown = CancellationToken::new();
     let mut wakeups = c.integrator_wakeups();
-    // One Verified, its tree verified by its runner on the base as it is: alone it lands
-    // without a build, so the window does not hold it; the rest of the window is returned.
-    let deadline = integrator
-        .gather(&mut wakeups, &shutdown)
-        .await
-        .expect("a lone task its runner verified on the base is not held");
-    complete(1).await;
-    let gather = integrator.gather_until(deadline, &mut wakeups, &shutdown);
+    let gather = integrator.gather(&mut wakeups, &shutdown);
     tokio::pin!(gather);
-    assert!(still_pending(&mut gather).await, "two Verified: it waits");
-    for i in 2..7 {
+    assert!(still_pending(&mut gather).await, "one Verified: it waits");
+    for i in 1..7 {
         complete(i).await;
         assert!(
             still_pending(&mut gather).await,
