@@ -199,6 +199,11 @@ pub fn runner(r: &Runner) -> Value {
         "health": r.health.word(),
         "health_reason": r.health.reason(),
         "sandbox": r.sandbox,
+        "builds": r
+            .builds
+            .iter()
+            .map(|b| json!({ "id": b.id, "commit": b.commit }))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -514,6 +514,17 @@ pub struct Runner {
     pub health: Health,
     /// The sandbox its agents and builds run in; `None` when it did not say.
     pub sandbox: Option<String>,
+    /// The train builds it runs now (`--remote-builds`).
+    pub builds: Vec<RunnerBuild>,
+}
+
+/// A train build a runner runs now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunnerBuild {
+    /// The build job's ID.
+    pub id: String,
+    /// The commit it builds.
+    pub commit: String,
 }
 
 /// The run that the log lines after it belong to.

@@ -13,9 +13,9 @@ use prost::Message as _;
 
 use crate::model::{
     CostSource, FailureKind, FeedEntry, Health, Landing, LogItem, LogLine, LogRun, LogStream,
-    NewTask, PendingWebhook, Phase, Queue, Run, RunStatus, Runner, RunnerState, Running,
-    ServerRole, Status, Task, TaskChange, TaskDetail, TaskEvent, TaskStatus, Train, Transition,
-    Usage, Waiting, Webhook,
+    NewTask, PendingWebhook, Phase, Queue, Run, RunStatus, Runner, RunnerBuild, RunnerState,
+    Running, ServerRole, Status, Task, TaskChange, TaskDetail, TaskEvent, TaskStatus, Train,
+    Transition, Usage, Waiting, Webhook,
 };
 
 /// A reply that should carry a task and does not.
@@ -392,6 +392,14 @@ impl From<pb::Runner> for Runner {
             version: r.version,
             health: health(r.unhealthy_reason),
             sandbox: r.sandbox,
+            builds: r
+                .builds
+                .into_iter()
+                .map(|b| RunnerBuild {
+                    id: b.id,
+                    commit: b.commit,
+                })
+                .collect(),
         }
     }
 }

@@ -1564,6 +1564,7 @@ mod snapshots {
             version: "0.1.0".into(),
             health,
             sandbox: Some("landlock".into()),
+            builds: vec![],
         };
         let runners = vec![
             runner("runner-a", RunnerState::Busy, 2, Some(5), Health::Healthy),
@@ -1609,6 +1610,7 @@ mod snapshots {
             version: "0.1.0".into(),
             health: Health::Unhealthy("disk \u{1b}]0;owned\u{7} full".into()),
             sandbox: None,
+            builds: vec![],
         };
         let text = printed(|out| super::runners(out, &[runner], TEXT));
         assert!(!text.contains('\u{1b}'), "{text:?}");

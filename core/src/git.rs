@@ -200,6 +200,12 @@ impl RefName {
         Self(format!("refs/pipeline/train/{n}"))
     }
 
+    /// `refs/pipeline/builds/<n>`: the commit of build job `n` on a runner
+    /// (`--remote-builds`), kept while the runner fetches it.
+    pub fn build(n: u64) -> Self {
+        Self(format!("refs/pipeline/builds/{n}"))
+    }
+
     /// `refs/pipeline/<name>` for the runner's mirror (`base`, `previous`).
     pub fn kept(name: KeptRef) -> Self {
         Self(format!(

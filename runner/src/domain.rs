@@ -100,6 +100,35 @@ impl CurrentRunner {
     }
 }
 
+/// A train build the server hands the runner (`--remote-builds`): build `commit` under the
+/// server's verification in a clean worktree and say green or red.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildJob {
+    /// Its fence: reported in heartbeats as a lease is.
+    pub build: LeaseRef,
+    pub commit: CommitId,
+    pub base_branch: String,
+    pub base: CommitId,
+    /// The server's verification; `None` for a mode this runner does not know.
+    pub verification: Option<Verifier>,
+    /// (namespace, task) of each run, in order.
+    pub runs: Vec<(Option<String>, Option<TaskId>)>,
+}
+
+/// How a build job came out, as sent to the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BuildOutcome {
+    Green {
+        digest: String,
+    },
+    Red {
+        why: String,
+        digest: String,
+    },
+    /// The runner could not build it (not the commit's fault): built elsewhere.
+    Infra(String),
+}
+
 /// How a job ended, for the session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JobEnd {

@@ -201,6 +201,16 @@ impl Mirror {
         slot.git().bundle_head(base, out).await
     }
 
+    /// Build worktree `n` (`--remote-builds` on the server): its files in `builds/<n>`, its
+    /// repository in `build-git/<n>`, borrowing the mirror's objects.
+    pub fn build_tree(&self, work_dir: &Path, n: usize) -> Worktree {
+        Worktree::own(
+            &work_dir.join("build-git").join(n.to_string()),
+            &work_dir.join("builds").join(n.to_string()),
+            &self.dir().join("objects"),
+        )
+    }
+
     /// Slot `n`'s worktree: its files in `slots/<n>`, its repository (which borrows the
     /// mirror's objects and keeps its agent's) in `slot-git/<n>`.
     pub fn slot(&self, work_dir: &Path, n: usize) -> Worktree {

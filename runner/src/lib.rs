@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod build;
 pub mod config;
 pub mod domain;
 pub mod git;

@@ -31,8 +31,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
 use crate::domain::{
-    Assignment, CallError, Channel as LogChannel, Fatal, LeaseResult, LogLine, Outcome, Phase,
-    Refusal, RunId,
+    Assignment, BuildJob, BuildOutcome, CallError, Channel as LogChannel, Fatal, LeaseResult,
+    LogLine, Outcome, Phase, Refusal, RunId,
 };
 
 /// How often the runner pings its server on an HTTP/2 connection, and how long it waits for the
@@ -196,6 +196,8 @@ pub struct Standing {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Pushed {
     Assignment(Box<Assignment>),
+    /// A train build to run (`--remote-builds`).
+    Build(Box<BuildJob>),
     /// Stop the job holding this lease and forget it (cancelled, lapsed or re-issued).
     Cancel(LeaseRef),
     /// An assignment the runner cannot work on, refused here: its lease (when it names a valid
@@ -294,9 +296,35 @@ impl From<pb::WorkMessage> for Pushed {
                 Ok(lease) => Pushed::Cancel(lease),
                 Err(_) => Pushed::Ignored,
             },
+            Some(pb::work_message::Kind::Build(b)) => match build_from_pb(b) {
+                Some(job) => Pushed::Build(Box::new(job)),
+                None => Pushed::Ignored,
+            },
             Some(pb::work_message::Kind::Attached(_)) | None => Pushed::Ignored,
         }
     }
+}
+
+/// A build job, validated; `None` when it does not hold what a build needs (the server then
+/// loses it to the runner's heartbeat, which does not report it).
+fn build_from_pb(b: pb::BuildAssignment) -> Option<BuildJob> {
+    let build = lease_from_pb(b.build?).ok()?;
+    let runs = b
+        .runs
+        .into_iter()
+        .map(|r| {
+            let task = r.task_id.map(|t| TaskId::parse(&t)).transpose().ok()?;
+            Some((r.namespace, task))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(BuildJob {
+        build,
+        commit: CommitId::parse(&b.commit).ok()?,
+        base_branch: b.base,
+        base: CommitId::parse(&b.base_commit).ok()?,
+        verification: b.verification.and_then(verification_from_pb),
+        runs,
+    })
 }
 
 fn lease_from_pb(l: pb::LeaseRef) -> Result<LeaseRef, InvalidId> {
@@ -637,6 +665,59 @@ impl Client {
             .map_err(self.failed(tried, Call::FetchBase))?
             .into_inner();
         Ok(BaseChunks(stream))
+    }
+
+    /// Asks for the objects of build job `build`'s commit the runner lacks, as a bundle in
+    /// chunks.
+    pub async fn fetch_build(
+        &self,
+        runner: &RunnerId,
+        build: &LeaseRef,
+        have: &[CommitId],
+    ) -> Result<BaseChunks, CallError> {
+        let request = pb::FetchBuildRequest {
+            runner_id: runner.to_string(),
+            build: Some(lease_to_pb(build)),
+            have: have.iter().map(CommitId::to_string).collect(),
+        };
+        let (tried, mut inner) = self.pick();
+        let stream = inner
+            .fetch_build(request)
+            .await
+            .map_err(self.failed(tried, Call::FetchBase))?
+            .into_inner();
+        Ok(BaseChunks(stream))
+    }
+
+    /// Sends a build job's result.
+    pub async fn complete_build(
+        &self,
+        runner: &RunnerId,
+        build: &LeaseRef,
+        outcome: &BuildOutcome,
+    ) -> Result<(), CallError> {
+        let (outcome, error, verify_digest) = match outcome {
+            BuildOutcome::Green { digest } => (pb::BuildOutcome::Green, None, Some(digest.clone())),
+            BuildOutcome::Red { why, digest } => (
+                pb::BuildOutcome::Red,
+                Some(why.clone()),
+                Some(digest.clone()),
+            ),
+            BuildOutcome::Infra(why) => (pb::BuildOutcome::Infrastructure, Some(why.clone()), None),
+        };
+        let request = pb::CompleteBuildRequest {
+            runner_id: runner.to_string(),
+            build: Some(lease_to_pb(build)),
+            outcome: outcome.into(),
+            error,
+            verify_digest,
+        };
+        let (tried, mut inner) = self.pick();
+        inner
+            .complete_build(request)
+            .await
+            .map(drop)
+            .map_err(self.failed(tried, Call::CompleteLease))
     }
 
     /// Sends `lease`'s result, with the commit's bundle; returns the task's status after it

@@ -787,6 +787,14 @@ async fn lead(g: &Ground, shutdown: &CancellationToken) -> Result<Led> {
         follow_remote(coordinator.repo(), remote, base).await?;
     }
     let (leases_restored, tasks_reopened) = coordinator.recover().await?;
+    let builder = crate::remote_build::ServerBuilder::new(
+        builder,
+        config.remote_builds.then(|| crate::remote_build::Remote {
+            coordinator: Arc::clone(&coordinator),
+            requires: config.build_requires.clone(),
+            wait: Duration::from_secs(config.remote_build_wait),
+        }),
+    );
     let integrator = Integrator::new(Arc::clone(&coordinator), builder)
         .gathering(std::time::Duration::from_millis(config.gather_window))
         .speculating(config.integration_slots as usize);

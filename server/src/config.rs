@@ -284,6 +284,30 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=8))]
     pub integration_slots: u32,
 
+    /// Run train builds (each tip, each bisection prefix) on connected runners as build jobs,
+    /// before new dev work, instead of on this machine: each runner fetches the exact commit,
+    /// runs this server's verification in a clean worktree and reports green or red. With no
+    /// runner able to build for --remote-build-wait, the server builds itself.
+    #[arg(long, env = "PIPELINE_REMOTE_BUILDS")]
+    pub remote_builds: bool,
+
+    /// With --remote-builds: only runners with these labels take build jobs (repeatable;
+    /// `KEY=VALUE` is one of a runner's --label, a bare `KEY` a label or the key of one).
+    #[arg(
+        long = "build-requires",
+        env = "PIPELINE_BUILD_REQUIRES",
+        value_name = "LABEL",
+        value_delimiter = ','
+    )]
+    pub build_requires: Vec<String>,
+
+    /// With --remote-builds: how long a build waits while no connected runner can take it
+    /// (none connected with the labels, or all drained or unhealthy) before the server builds
+    /// it itself. A bare number is seconds.
+    #[arg(long, env = "PIPELINE_REMOTE_BUILD_WAIT", default_value = "10s",
+          value_name = "DURATION", value_parser = units::seconds)]
+    pub remote_build_wait: u64,
+
     /// Run until no task can make progress (none in progress or verified, and no open one
     /// that could be leased), then stop cleanly: exit 0, or 1 if any task needs help. For cron
     /// and CI jobs (the seed's `--once`).

@@ -37,6 +37,7 @@ pub mod logs;
 pub mod metrics;
 pub mod ports;
 pub mod prompt;
+pub mod remote_build;
 pub mod repo;
 pub mod scheduler;
 pub mod store;

@@ -244,6 +244,27 @@ impl FakeRunner {
         Ok(self.rt.block_on(self.client.append_logs(req))?.into_inner())
     }
 
+    /// Sends a build job's result (`--remote-builds`).
+    pub fn complete_build(
+        &mut self,
+        build: pb::LeaseRef,
+        outcome: pb::BuildOutcome,
+        verify_digest: Option<String>,
+    ) -> Result<pb::CompleteBuildResponse, Status> {
+        let req = pb::CompleteBuildRequest {
+            runner_id: self.id.clone(),
+            build: Some(build),
+            outcome: outcome.into(),
+            error: None,
+            verify_digest,
+        };
+        let req = authorized(&self.credential, req);
+        Ok(self
+            .rt
+            .block_on(self.client.complete_build(req))?
+            .into_inner())
+    }
+
     /// Fetches a lease's base bundle; returns its bytes.
     pub fn fetch(&mut self, lease: pb::LeaseRef) -> Result<Vec<u8>, Status> {
         let req = pb::FetchBaseRequest {

@@ -1095,6 +1095,22 @@ impl RunnerService for OldServer {
         Err(Status::unimplemented("not in this version"))
     }
 
+    type FetchBuildStream = Boxed<pb::BundleChunk>;
+
+    async fn fetch_build(
+        &self,
+        _: Request<pb::FetchBuildRequest>,
+    ) -> Result<Response<Self::FetchBuildStream>, Status> {
+        Err(Status::unimplemented("not in this version"))
+    }
+
+    async fn complete_build(
+        &self,
+        _: Request<pb::CompleteBuildRequest>,
+    ) -> Result<Response<pb::CompleteBuildResponse>, Status> {
+        Err(Status::unimplemented("not in this version"))
+    }
+
     type FetchBaseStream = Boxed<pb::BundleChunk>;
 
     async fn fetch_base(

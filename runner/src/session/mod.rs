@@ -231,6 +231,7 @@ pub async fn run(
         drain_timeout: Duration::from_secs(config.drain_timeout),
         drain_deadline: None,
         once: config.once.then(OnceState::default),
+        builds: Builds::default(),
         releases: JoinSet::new(),
         ctx: Arc::new(JobContext {
             config,
@@ -301,7 +302,14 @@ struct Session {
     releases: JoinSet<()>,
     /// With `--once`: the one lease taken, and what came of it.
     once: Option<OnceState>,
+    /// The build jobs running (`--remote-builds` on the server), by ID: each one's fence,
+    /// build worktree and stop. A job removes itself when it ends.
+    builds: Builds,
 }
+
+/// The build jobs running, shared with the jobs themselves.
+type Builds =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, (LeaseRef, usize, CancellationToken)>>>;
 
 /// A `--once` runner's one lease: whether it came, and what came of it once known.
 #[derive(Debug, Default)]
@@ -506,6 +514,7 @@ impl Session {
                     Pushed::Cancel(lease) => {
                         self.drop_lease(&lease, "the task was cancelled or its lease ended");
                     }
+                    Pushed::Build(job) => self.start_build(*job),
                     Pushed::Refused { lease, why } => {
                         let once = lease.is_some() && self.once.is_some();
                         if once && let Some(state) = &mut self.once {
@@ -703,6 +712,8 @@ impl Session {
 
     /// After a cut: when to try connecting again, or why the runner must stop.
     async fn after_cut(&mut self, cut: Cut, backoff: &mut Backoff) -> anyhow::Result<Instant> {
+        // The server gives a build job to another runner as soon as this one's link ends.
+        self.stop_builds("the link to the server ended");
         match cut {
             Cut::Unreachable => Ok(Instant::now() + self.reconnect_pause(backoff)),
             Cut::Lost => {
@@ -793,8 +804,10 @@ impl Session {
 
     /// Where the runner stands, for the server.
     fn standing(&self) -> Standing {
+        let mut held = self.slots.held();
+        held.extend(self.builds().values().map(|(build, _, _)| build.clone()));
         Standing {
-            held: self.slots.held(),
+            held,
             draining: self.slots.is_draining(),
             unhealthy: self.slots.unhealthy().map(str::to_owned),
         }
@@ -1067,8 +1080,67 @@ impl Session {
         self.releases.detach_all();
     }
 
+    fn builds(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, (LeaseRef, usize, CancellationToken)>,
+    > {
+        self.builds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts a build job in a build worktree of its own (the server counted it against a
+    /// free slot). Not while draining or stopping: the server, told of the drain, builds it
+    /// elsewhere.
+    fn start_build(&mut self, job: crate::domain::BuildJob) {
+        if self.slots.is_draining() || self.stop.is_cancelled() {
+            tracing::info!(build = %job.build.id, "draining: not taking the build job");
+            return;
+        }
+        let cancel = CancellationToken::new();
+        let n = {
+            let mut builds = self.builds();
+            let n = (0..)
+                .find(|n| builds.values().all(|(_, used, _)| used != n))
+                .unwrap_or(0);
+            builds.insert(job.build.id.clone(), (job.build.clone(), n, cancel.clone()));
+            n
+        };
+        let ctx = Arc::clone(&self.ctx);
+        let builds = Arc::clone(&self.builds);
+        let id = job.build.id.clone();
+        let span = tracing::info_span!("build", build = %id, commit = %job.commit);
+        tracing::info!(parent: &span, "build job taken");
+        tokio::spawn(
+            async move {
+                let _ = crate::build::run(ctx, job, n, cancel).await;
+                builds
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Stops every build job (the link to the server broke: it builds them elsewhere).
+    fn stop_builds(&mut self, why: &str) {
+        for (id, (_, _, cancel)) in self.builds().drain() {
+            tracing::warn!(build = %id, "stopping the build job: {why}");
+            cancel.cancel();
+        }
+    }
+
     /// Stops the job holding `lease` without giving it back (the server already took it).
     fn drop_lease(&mut self, lease: &LeaseRef, why: &str) {
+        let build = self.builds().remove(&lease.id);
+        if let Some((_, _, cancel)) = build {
+            tracing::warn!(build = %lease.id, "stopping the build job: {why}");
+            cancel.cancel();
+            return;
+        }
         if let Some((task, cancel)) = self.slots.drop_lease(lease) {
             tracing::warn!(%task, lease = %lease.id, "stopping: {why}");
             cancel.cancel();
@@ -1099,6 +1171,7 @@ impl Session {
 
     /// Stop (the second signal): stops every job and gives its lease back.
     async fn stop_now(&mut self) {
+        self.stop_builds("stopping");
         tracing::warn!(jobs = self.slots.jobs(), "stopping now; giving leases back");
         self.stop_jobs(true);
         self.wait_for_jobs(|s, lease, end| {
@@ -1117,6 +1190,7 @@ impl Session {
     /// Stops every job and waits (a bounded time) for them to end, without giving anything
     /// back: the server no longer takes this runner's word. Agents' process groups are stopped.
     async fn abandon_all(&mut self) {
+        self.stop_builds("stopping");
         self.stop_jobs(false);
         self.wait_for_jobs(|s, lease, end| {
             s.slots.ended(&lease, &end, s.stop.is_cancelled());

@@ -103,6 +103,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = wakeups.next(&self.following) => {}
+                () = self.build_woken().notified() => {}
                 () = tokio::time::sleep(sleep) => {}
             }
         }
@@ -117,6 +118,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         for (lease_id, live) in expired {
             self.expire(&lease_id, &live).await?;
         }
+        // Build jobs first: a build unblocks many tasks.
+        let next_build = self.assign_builds();
         // A paused queue hands out nothing (running work goes on, and lapsed leases still
         // expire above); `queue resume` wakes this loop.
         let mut slots = if self.leases_paused() {
@@ -223,7 +226,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         }
         let next_backoff = self.store.next_backoff_end(now).await?;
         let next_expiry = self.registry().next_expiry();
-        Ok([next_backoff, next_expiry].into_iter().flatten().min())
+        Ok([next_backoff, next_expiry, next_build]
+            .into_iter()
+            .flatten()
+            .min())
     }
 
     /// Decides to lease `task` (the runner is filled in when it is committed): the lease's

@@ -16,6 +16,7 @@
 //!   the journal of base moves, what landing knows).
 //! - [`recovery`]: what start-up finds (leases to restore, lost landings, task IDs in use).
 
+pub mod builds;
 pub mod dispatch;
 pub mod integration;
 mod noted;
@@ -197,6 +198,13 @@ pub struct Coordinator<S, R> {
     /// This server's leadership and the URL clients reach it at (set once at start-up; unset,
     /// the server leads alone, in term 1).
     leadership: std::sync::OnceLock<(crate::leader::Leadership, String)>,
+    /// The build jobs for runners (`--remote-builds`), submitted and not ended.
+    builds: Mutex<builds::BuildBoard>,
+    /// Wakes the dispatch loop when a build job waits or ends.
+    build_wake: tokio::sync::Notify,
+    /// The epoch of every build job of this run of the server (its start, in milliseconds):
+    /// a runner's answer for a job of an earlier run is refused.
+    build_epoch: u64,
 }
 
 /// The task counts, held; when let go after a change (a mutable borrow), whoever waits on
@@ -254,7 +262,6 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             store,
             settings,
             repo,
-            clock,
             registry: Mutex::new(Registry::default()),
             following: wakeups::Following::default(),
             noted: std::sync::OnceLock::new(),
@@ -266,6 +273,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             webhooks: std::sync::OnceLock::new(),
             leadership: std::sync::OnceLock::new(),
             run_clocks: Mutex::new(RunClocks::default()),
+            builds: Mutex::new(builds::BuildBoard::default()),
+            build_wake: tokio::sync::Notify::new(),
+            build_epoch: u64::try_from(clock.now_ms()).unwrap_or(0),
+            clock,
         }
     }
 

@@ -239,6 +239,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             serde_json::json!({}),
         );
         let had_credential = self.auth.revoke(&self.store, name, &entry).await?;
+        for id in self.runner_ids(name) {
+            self.lose_builds_of(&id, "was revoked");
+        }
         let leases = self.registry().disconnect(name);
         if !had_credential && leases.is_none() {
             return Err(Error::NotFound(format!("no runner named {name}")));
@@ -307,6 +310,11 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .set_meta_recording(&key, drain.then_some("1"), &entry)
             .await?;
         self.registry().hold(name, drain);
+        if drain {
+            for id in self.runner_ids(name) {
+                self.lose_builds_of(&id, "was drained");
+            }
+        }
         tracing::info!(runner = name, drain, "runner held from the control plane");
         Ok(())
     }
@@ -432,6 +440,16 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         Ok((generation, attached, rx))
     }
 
+    /// The IDs of the runners called `name`.
+    fn runner_ids(&self, name: &str) -> Vec<String> {
+        self.registry()
+            .runners()
+            .into_iter()
+            .filter(|r| r.name == name)
+            .map(|r| r.id)
+            .collect()
+    }
+
     /// The work stream of `generation` ended.
     pub fn close_work(&self, runner_id: &str, generation: u64) {
         let name = {
@@ -442,6 +460,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 .then(|| registry.runner(runner_id).map(|r| r.name.clone()))
                 .flatten()
         };
+        if name.is_some() {
+            // A build job is not kept over a reconnect: it is built elsewhere at once.
+            self.lose_builds_of(runner_id, "disconnected");
+        }
         if let Some(name) = name {
             self.note(NewEntry::new(
                 Topic::Runner,
@@ -523,6 +545,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         // A change of health or of the runner's own drain is a feed entry (queued: a
         // heartbeat never waits on the database; memory has changed first, so the entry
         // wakes the dispatcher when slots free); an unchanged one is nothing.
+        let mut lose_builds = false;
         let changes = match (was, registry.runner(runner_id)) {
             (Some((was_unhealthy, was_draining)), Some(r)) => {
                 let mut changes = Vec::new();
@@ -530,6 +553,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     changes.push(self.health_entry(&r.name, r.unhealthy.as_deref()));
                 }
                 if !was_draining && r.draining {
+                    lose_builds = true;
                     changes.push(NewEntry::new(
                         Topic::Runner,
                         r.name.clone(),
@@ -557,6 +581,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             _ => Vec::new(),
         };
         drop(registry);
+        if lose_builds {
+            self.lose_builds_of(runner_id, "drains");
+        }
         for entry in changes {
             self.note(entry);
         }
@@ -820,6 +847,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         lease: &LeaseRef,
         lines: Vec<LogLine>,
     ) -> Result<u64> {
+        if self.registry().is_build(&lease.id) {
+            return self.build_lines(runner_id, lease, lines);
+        }
         let (task, run_id, verify_run_id, runner) = {
             let mut registry = self.registry();
             // An ID the server does not know (it restarted, the runner is registering again)

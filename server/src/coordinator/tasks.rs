@@ -51,6 +51,8 @@ pub struct RunnerInfo {
     pub unhealthy: Option<String>,
     /// The sandbox its agents and builds run in; `None` when it did not say.
     pub sandbox: Option<pipeline_core::sandbox::Kind>,
+    /// The build jobs it runs now (`--remote-builds`): (ID, commit).
+    pub builds: Vec<(String, pipeline_core::ids::CommitId)>,
 }
 
 /// What a runner is doing.
@@ -890,6 +892,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 version: r.version,
                 unhealthy: r.unhealthy,
                 sandbox: r.sandbox,
+                builds: r.builds,
             })
             .collect();
         for r in &mut all {
@@ -910,6 +913,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             labels: Vec::new(),
             version: String::new(),
             sandbox: None,
+            builds: Vec::new(),
         }));
         all
     }

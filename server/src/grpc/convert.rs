@@ -241,6 +241,14 @@ impl From<&RunnerInfo> for pb::Runner {
             version: r.version.clone(),
             unhealthy_reason: r.unhealthy.clone(),
             sandbox: r.sandbox.map(|k| k.as_str().to_owned()),
+            builds: r
+                .builds
+                .iter()
+                .map(|(id, commit)| pb::RunnerBuild {
+                    id: id.clone(),
+                    commit: commit.to_string(),
+                })
+                .collect(),
         }
     }
 }

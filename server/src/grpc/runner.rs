@@ -22,6 +22,7 @@ use pipeline_core::lines::{MAX_FEEDBACK_BYTES, keep_end};
 
 use super::status_from_error;
 use crate::auth::Caller;
+use crate::coordinator::builds::BuildResult;
 use crate::coordinator::{Coordinator, LeaseResult, RunnerHello};
 use crate::domain::{CostSource, TaskId, Usage};
 use crate::lifecycle::judge::{Outcome, RunnerResult};
@@ -118,6 +119,21 @@ fn push_to_pb(push: &Push) -> pb::WorkMessage {
     let kind = match push {
         Push::Assign(a) => pb::work_message::Kind::Assignment(assignment_to_pb(a)),
         Push::Cancel(l) => pb::work_message::Kind::Cancel(lease_to_pb(l)),
+        Push::Build(b) => pb::work_message::Kind::Build(pb::BuildAssignment {
+            build: Some(lease_to_pb(&b.build)),
+            commit: b.commit.to_string(),
+            base: b.base.clone(),
+            base_commit: b.base_commit.to_string(),
+            verification: Some(verification_to_pb(&b.verification)),
+            runs: b
+                .runs
+                .iter()
+                .map(|(namespace, task)| pb::BuildRunSpec {
+                    namespace: namespace.clone(),
+                    task_id: task.as_ref().map(ToString::to_string),
+                })
+                .collect(),
+        }),
     };
     pb::WorkMessage { kind: Some(kind) }
 }
@@ -678,6 +694,83 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             .await
             .map_err(status_from_error)?;
         Ok(Response::new(pb::ReleaseLeaseResponse {}))
+    }
+
+    type FetchBuildStream = BoxStream<pb::BundleChunk>;
+
+    async fn fetch_build(
+        &self,
+        request: Request<pb::FetchBuildRequest>,
+    ) -> Result<Response<Self::FetchBuildStream>, Status> {
+        let who = super::caller(&request)?;
+        let r = request.into_inner();
+        let id = runner_id(&r.runner_id)?;
+        self.authorize(&who, id)?;
+        let build = lease_ref(r.build)?;
+        if r.have.len() > 64 {
+            return Err(Status::invalid_argument("at most 64 'have' commits"));
+        }
+        let have: Vec<CommitId> = r
+            .have
+            .iter()
+            .filter_map(|c| CommitId::parse(c).ok())
+            .collect();
+        let (n, commit) = self
+            .coordinator
+            .check_build(id, &build)
+            .map_err(status_from_error)?;
+        let child = self
+            .coordinator
+            .repo()
+            .build_bundle(n, &commit, &have)
+            .await
+            .map_err(status_from_error)?;
+        let mut bundle = BundleStream::new(child);
+        let (tx, rx) = mpsc::channel(4);
+        let deadline = self.fetch_base_timeout;
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let sent = tokio::select! {
+                sent = tokio::time::timeout(deadline, send_bundle(&mut bundle, &tx)) => sent,
+                () = shutdown.cancelled() => Ok(Sent::Stopped),
+            };
+            if !matches!(sent, Ok(Sent::All)) {
+                let _ = tx.try_send(Err(Status::deadline_exceeded(
+                    "the build's bundle was not read in time; fetch it again",
+                )));
+                bundle.stop().await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn complete_build(
+        &self,
+        request: Request<pb::CompleteBuildRequest>,
+    ) -> Result<Response<pb::CompleteBuildResponse>, Status> {
+        let who = super::caller(&request)?;
+        let r = request.into_inner();
+        let id = runner_id(&r.runner_id)?;
+        self.authorize(&who, id)?;
+        let build = lease_ref(r.build)?;
+        let error = r.error.map(|e| keep_end(&e, MAX_FEEDBACK_BYTES));
+        let result = match pb::BuildOutcome::try_from(r.outcome) {
+            Ok(pb::BuildOutcome::Green) => BuildResult::Green {
+                digest: r.verify_digest,
+            },
+            Ok(pb::BuildOutcome::Red) => BuildResult::Red {
+                why: error.unwrap_or_else(|| "the build failed".to_owned()),
+                digest: r.verify_digest,
+            },
+            Ok(pb::BuildOutcome::Infrastructure) => BuildResult::Infra {
+                why: error.unwrap_or_else(|| "the runner could not build".to_owned()),
+            },
+            _ => return Err(Status::invalid_argument("unknown build outcome")),
+        };
+        self.coordinator
+            .complete_build(id, &build, result)
+            .map_err(status_from_error)?;
+        Ok(Response::new(pb::CompleteBuildResponse {}))
     }
 }
 

@@ -227,6 +227,20 @@ impl Repo {
         Ok(self.git.bundle_to_stdout(&refs, &known)?)
     }
 
+    /// What a runner lacks of build job `n`'s commit, less what it `have`s (`--remote-builds`):
+    /// the commit is kept under `refs/pipeline/builds/<n>` while it is fetched.
+    pub async fn build_bundle(
+        &self,
+        n: u64,
+        commit: &CommitId,
+        have: &[CommitId],
+    ) -> Result<Child> {
+        let build_ref = RefName::build(n);
+        self.git.update_ref(&build_ref, commit).await?;
+        let known = self.git.existing(have).await?;
+        Ok(self.git.bundle_to_stdout(&[build_ref], &known)?)
+    }
+
     /// Takes a runner's bundle: it must be a bundle, need nothing but `base`, hold exactly one
     /// ref whose commit is `expected`, its objects must pass git's strict reception (as
     /// `receive.fsckObjects` checks them: no `.git` entry in any spelling, no duplicate

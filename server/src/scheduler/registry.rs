@@ -35,11 +35,37 @@ pub struct Assignment {
     pub resume_session: Option<String>,
 }
 
+/// A train build handed to a runner (`--remote-builds`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildAssignment {
+    /// The build job's fence: its ID and epoch.
+    pub build: LeaseRef,
+    pub commit: pipeline_core::ids::CommitId,
+    pub base: String,
+    pub base_commit: pipeline_core::ids::CommitId,
+    pub verification: pipeline_core::verify::Verifier,
+    /// (namespace, task) of each run, in order.
+    pub runs: Vec<(Option<String>, Option<TaskId>)>,
+}
+
 /// What the server pushes on a runner's work stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Push {
     Assign(Box<Assignment>),
+    /// Stop a lease's job, or a build job's.
     Cancel(LeaseRef),
+    Build(Box<BuildAssignment>),
+}
+
+/// A build job live on a runner: fenced as a lease is (its epoch, its owner, its expiry,
+/// renewed by the runner's heartbeats).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveBuild {
+    pub epoch: u64,
+    pub runner_id: String,
+    pub runner: String,
+    pub commit: pipeline_core::ids::CommitId,
+    pub expires_at: Millis,
 }
 
 /// A connected (or recently connected) runner.
@@ -70,6 +96,8 @@ pub struct RunnerEntry {
     /// a newer one.
     push: Option<(u64, mpsc::Sender<Push>)>,
     pub leases: BTreeSet<String>,
+    /// The build jobs it runs (each takes a slot).
+    pub builds: BTreeSet<String>,
 }
 
 impl RunnerEntry {
@@ -82,7 +110,19 @@ impl RunnerEntry {
         if !self.connected() || self.draining || self.held || self.unhealthy.is_some() {
             return 0;
         }
-        self.slots.saturating_sub(self.leases.len() as u32)
+        self.slots
+            .saturating_sub((self.leases.len() + self.builds.len()) as u32)
+    }
+
+    /// Whether it may be handed a build job needing `requires` when a slot is free:
+    /// connected, healthy, not drained, with the labels.
+    pub fn may_build(&self, requires: &[String]) -> bool {
+        self.connected()
+            && !self.draining
+            && !self.held
+            && self.unhealthy.is_none()
+            && self.slots > 0
+            && crate::domain::satisfies(&self.labels, requires)
     }
 }
 
@@ -151,6 +191,8 @@ pub struct Registry {
     forget_unopened_after: Millis,
     runners: HashMap<String, RunnerEntry>,
     leases: HashMap<String, LiveLease>,
+    /// Build jobs live on runners, by ID.
+    builds: HashMap<String, LiveBuild>,
     next_runner: u64,
     next_stream: u64,
     /// Names drained from the control plane (persisted by the coordinator).
@@ -172,6 +214,8 @@ pub struct RunnerView {
     pub draining: bool,
     pub unhealthy: Option<String>,
     pub sandbox: Option<Kind>,
+    /// The build jobs it runs: (ID, commit).
+    pub builds: Vec<(String, pipeline_core::ids::CommitId)>,
 }
 
 impl Default for Registry {
@@ -180,6 +224,7 @@ impl Default for Registry {
             forget_unopened_after: FORGET_UNOPENED_AFTER,
             runners: HashMap::new(),
             leases: HashMap::new(),
+            builds: HashMap::new(),
             next_runner: 0,
             next_stream: 0,
             held: BTreeSet::new(),
@@ -247,6 +292,7 @@ impl Registry {
                 opened: false,
                 push: None,
                 leases: BTreeSet::new(),
+                builds: BTreeSet::new(),
             },
         );
         Ok(id)
@@ -376,6 +422,14 @@ impl Registry {
                         && live.expires_at > now =>
                 {
                     live.expires_at = now + ttl;
+                }
+                None if self.builds.get(&lease.id).is_some_and(|b| {
+                    b.epoch == lease.epoch && b.runner_id == runner_id && b.expires_at > now
+                }) =>
+                {
+                    if let Some(b) = self.builds.get_mut(&lease.id) {
+                        b.expires_at = now + ttl;
+                    }
                 }
                 _ => dropped.push(lease.clone()),
             }
@@ -532,13 +586,18 @@ impl Registry {
                 labels: r.labels.clone(),
                 scope: r.scope.clone(),
                 slots: r.slots,
-                used: r.leases.len() as u32,
+                used: (r.leases.len() + r.builds.len()) as u32,
                 version: r.version.clone(),
                 last_heartbeat: r.last_heartbeat,
                 connected: r.connected(),
                 draining: r.draining || r.held,
                 unhealthy: r.unhealthy.clone(),
                 sandbox: r.sandbox,
+                builds: r
+                    .builds
+                    .iter()
+                    .filter_map(|id| self.builds.get(id).map(|b| (id.clone(), b.commit.clone())))
+                    .collect(),
             })
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
@@ -576,6 +635,101 @@ impl Registry {
         let before = self.runners.len();
         self.runners.retain(|_, r| r.name != name || r.connected());
         self.runners.len() < before
+    }
+
+    /// Adds a build job live on `live.runner_id`.
+    pub fn add_build(&mut self, id: String, live: LiveBuild) {
+        if let Some(runner) = self.runners.get_mut(&live.runner_id) {
+            runner.builds.insert(id.clone());
+        }
+        self.builds.insert(id, live);
+    }
+
+    /// Forgets a build job; returns it if it was live.
+    pub fn remove_build(&mut self, id: &str) -> Option<LiveBuild> {
+        let live = self.builds.remove(id)?;
+        if let Some(runner) = self.runners.get_mut(&live.runner_id) {
+            runner.builds.remove(id);
+        }
+        Some(live)
+    }
+
+    /// Checks that build job `build` is live, at this epoch, and `runner_id`'s.
+    pub fn check_build(
+        &self,
+        runner_id: &str,
+        build: &LeaseRef,
+        now: Millis,
+    ) -> Result<&LiveBuild, LeaseRefusal> {
+        let live = self
+            .builds
+            .get(&build.id)
+            .ok_or_else(|| LeaseRefusal::Unknown(build.id.clone()))?;
+        if live.epoch != build.epoch {
+            return Err(LeaseRefusal::Reissued {
+                id: build.id.clone(),
+                live: live.epoch,
+                given: build.epoch,
+            });
+        }
+        if live.runner_id != runner_id {
+            return Err(LeaseRefusal::NotYours(build.id.clone()));
+        }
+        if live.expires_at <= now {
+            return Err(LeaseRefusal::Expired(build.id.clone()));
+        }
+        Ok(live)
+    }
+
+    /// Whether `id` names a build job live now.
+    pub fn is_build(&self, id: &str) -> bool {
+        self.builds.contains_key(id)
+    }
+
+    /// The build jobs of runner `runner_id` (its stream ended, it was drained or cut off).
+    pub fn builds_of(&self, runner_id: &str) -> Vec<String> {
+        self.runners
+            .get(runner_id)
+            .map(|r| r.builds.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The build jobs whose time is up.
+    pub fn expired_builds(&self, now: Millis) -> Vec<String> {
+        self.builds
+            .iter()
+            .filter(|(_, b)| b.expires_at <= now)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// When the next build job expires.
+    pub fn next_build_expiry(&self) -> Option<Millis> {
+        self.builds.values().map(|b| b.expires_at).min()
+    }
+
+    /// Runners that may take a build job needing `requires` now (a free slot), most free
+    /// first, less those in `avoid`.
+    pub fn build_slots(&self, requires: &[String], avoid: &[String]) -> Vec<String> {
+        let mut free: Vec<(&RunnerEntry, u32)> = self
+            .runners
+            .values()
+            .filter(|r| r.may_build(requires) && !avoid.contains(&r.name))
+            .map(|r| (r, r.free_slots()))
+            .filter(|(_, f)| *f > 0)
+            .collect();
+        free.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name.cmp(&b.0.name)));
+        free.into_iter().map(|(r, _)| r.id.clone()).collect()
+    }
+
+    /// Slots of the runners that may build for `requires` (busy or not), less those in
+    /// `avoid`.
+    pub fn build_capacity(&self, requires: &[String], avoid: &[String]) -> u32 {
+        self.runners
+            .values()
+            .filter(|r| r.may_build(requires) && !avoid.contains(&r.name))
+            .map(|r| r.slots)
+            .sum()
     }
 
     /// Number of runners with an open work stream.

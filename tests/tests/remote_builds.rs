@@ -1,0 +1,169 @@
+//! Train builds on runners (`--remote-builds`), end to end with real runners: a train built on
+//! a runner with the build label lands while the coordinator builds nothing; a build job whose
+//! runner is SIGKILLed mid-build is built again on another runner, nobody charged; a runner
+//! that answers a build job it lost is refused; with no runner able to build, the server
+//! builds itself.
+//!
+//! The verification below records every train build (a runner's build worktree,
+//! `<work dir>/builds/<n>`, or the server's integration worktree) in `$AGENT_LOG_DIR/builds`,
+//! by its directory, and holds it while `$AGENT_LOG_DIR/hold-builds` exists until
+//! `$AGENT_LOG_DIR/release-build` does. A runner's verification of its own task (in its slot's
+//! worktree) records nothing.
+
+use pipeline_proto::v1 as pb;
+use pipeline_tests::{Runner, Server, TestRepo, agent_args, as_strs, fake_runner, wait_for};
+
+const BUILD_CMD: &str = "case $PWD in */builds/*|*/integration|*/integration-[0-9]*) \
+     echo \"$PWD\" >> \"$AGENT_LOG_DIR/builds\"; \
+     if [ -e \"$AGENT_LOG_DIR/hold-builds\" ]; then i=0; \
+     while [ ! -e \"$AGENT_LOG_DIR/release-build\" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; \
+     fi;; esac";
+
+/// The train builds so far (their directories), oldest first.
+fn builds(repo: &TestRepo) -> Vec<String> {
+    repo.agent_file("builds")
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The runner a build ran on (`…/runners/<name>/builds/<n>`), or `None` for the server's.
+fn built_on(dir: &str) -> Option<String> {
+    let (before, _) = dir.rsplit_once("/builds/")?;
+    before.rsplit('/').next().map(str::to_owned)
+}
+
+/// A server with remote builds: every train built (`--verify-on-server always`), plus `extra`.
+fn server(repo: &TestRepo, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--remote-builds",
+        "--verify-on-server",
+        "always",
+        "--build-cmd",
+        BUILD_CMD,
+    ];
+    args.extend_from_slice(extra);
+    Server::start(repo, &args)
+}
+
+fn runner(repo: &TestRepo, server: &Server, name: &str, extra: &[&str]) -> Runner {
+    let args = agent_args(extra);
+    Runner::start(repo, server, name, &as_strs(&args))
+}
+
+fn add(server: &Server, id: &str) {
+    server.add(&["--id", id, "--title", id, "--description", "MODE: commit"]);
+}
+
+#[test]
+fn trains_are_built_on_the_runners_with_the_build_label_and_land() {
+    let repo = TestRepo::new();
+    let server = server(&repo, &["--build-requires", "builder"]);
+    let _dev = runner(&repo, &server, "dev", &["--slots", "2"]);
+    let _builder = runner(&repo, &server, "b", &["--label", "builder"]);
+    for id in ["a1", "a2", "a3"] {
+        add(&server, id);
+    }
+    for id in ["a1", "a2", "a3"] {
+        let task = server.wait_status(id, "done");
+        assert_eq!(task["failures"], 0, "{task}");
+    }
+    let all = builds(&repo);
+    assert!(!all.is_empty(), "built");
+    for dir in &all {
+        assert_eq!(built_on(dir).as_deref(), Some("b"), "only on b: {all:?}");
+    }
+    // The build's lines are in the log of the last task it covers (each task's says which).
+    let log = ["a1", "a2", "a3"]
+        .iter()
+        .map(|id| server.ctl(&["logs", id]).ok())
+        .collect::<String>();
+    assert!(log.contains("building on runner b"), "{log}");
+    assert!(log.contains("built green on runner b"), "{log}");
+    // Every runner has the key, a list.
+    for r in server.runners() {
+        assert!(r["builds"].is_array(), "{r}");
+    }
+}
+
+#[test]
+fn a_build_jobs_runner_killed_mid_build_is_built_on_another_nobody_charged() {
+    let repo = TestRepo::new();
+    let server = server(&repo, &[]);
+    let mut r1 = runner(&repo, &server, "r1", &[]);
+    let mut r2 = runner(&repo, &server, "r2", &[]);
+    repo.touch("hold-builds");
+    add(&server, "k1");
+    let first = wait_for("the train's build to start on a runner", || {
+        builds(&repo).first().cloned()
+    });
+    let holder = built_on(&first).expect("built on a runner");
+    // It shows in `runners --json` while it runs.
+    server.wait_runner(&holder, "its build job listed", |r| {
+        r["builds"].as_array().is_some_and(|b| b.len() == 1)
+    });
+    let other = if holder == "r1" { "r2" } else { "r1" };
+    if holder == "r1" {
+        r1.proc.kill();
+    } else {
+        r2.proc.kill();
+    }
+    repo.touch("release-build");
+    let task = server.wait_status("k1", "done");
+    assert_eq!(task["failures"], 0, "nobody charged: {task}");
+    let all = builds(&repo);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(built_on(&all[1]).as_deref(), Some(other), "{all:?}");
+}
+
+#[test]
+fn a_late_answer_for_a_lost_build_job_is_refused_and_the_server_builds_when_no_runner_can() {
+    let repo = TestRepo::new();
+    let server = server(
+        &repo,
+        &["--build-requires", "fake", "--remote-build-wait", "1s"],
+    );
+    let _dev = runner(&repo, &server, "dev", &[]);
+    server.ctl(&["queue", "pause", "--landing-only"]).ok();
+    add(&server, "l1");
+    server.wait_status("l1", "verified");
+    // The fake runner has the build label; the task is done with, so its one slot takes the
+    // build job when landing resumes.
+    let mut fake = fake_runner(&repo, &server);
+    server.ctl(&["queue", "resume"]).ok();
+    let build = match fake.next_push() {
+        pb::work_message::Kind::Build(b) => b,
+        other => panic!("expected a build job, got {other:?}"),
+    };
+    let lease = build.build.clone().expect("a build ref");
+    let digest = build.verification.as_ref().map(|v| v.digest.clone());
+    // Cut off: the job is lost, and its late answer refused.
+    fake.close();
+    let refused = fake
+        .complete_build(lease, pb::BuildOutcome::Green, digest)
+        .expect_err("refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("no longer yours") && !refused.message().contains('\n'),
+        "{refused:?}"
+    );
+    // No other runner may build it: the server does, and the task lands uncharged.
+    let task = server.wait_status("l1", "done");
+    assert_eq!(task["failures"], 0, "{task}");
+    let all = builds(&repo);
+    assert!(
+        !all.is_empty() && all.iter().all(|d| built_on(d).is_none()),
+        "built by the server: {all:?}"
+    );
+    let log = server.ctl(&["logs", "l1"]).ok();
+    assert!(
+        log.contains("refused") || log.contains("could not build"),
+        "{log}"
+    );
+    assert!(log.contains("the server builds it"), "{log}");
+}
