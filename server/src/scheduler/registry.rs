@@ -775,6 +775,84 @@ mod tests {
         (id, rx)
     }
 
+    fn live_build(runner_id: &str, name: &str, epoch: u64, expires_at: Millis) -> LiveBuild {
+        LiveBuild {
+            epoch,
+            runner_id: runner_id.into(),
+            runner: name.into(),
+            commit: pipeline_core::ids::CommitId::parse(&"a".repeat(40)).expect("commit"),
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn a_build_job_takes_a_slot_and_is_fenced_like_a_lease() {
+        let mut reg = Registry::default();
+        let (a, _rx_a) = connected(&mut reg, "a", 1);
+        let labelled = reg
+            .register("b", vec!["builder".into()], 2, "1".into(), 0)
+            .expect("b");
+        let (tx, _rx_b) = mpsc::channel(8);
+        reg.attach(&labelled, tx, false, None).expect("attach");
+        let builder = vec!["builder".to_owned()];
+        // Routed by label; a runner that failed the build is passed over.
+        assert_eq!(reg.build_slots(&builder, &[]), vec![labelled.clone()]);
+        assert_eq!(reg.build_capacity(&builder, &[]), 2);
+        assert_eq!(reg.build_capacity(&builder, &["b".to_owned()]), 0);
+        assert_eq!(reg.build_slots(&[], &[]).len(), 2);
+
+        reg.add_build("build-1".into(), live_build(&a, "a", 7, 100));
+        assert_eq!(reg.runner(&a).map(RunnerEntry::free_slots), Some(0));
+        assert!(reg.build_slots(&[], &[]).iter().all(|id| *id != a), "full");
+        assert_eq!(
+            reg.runners().iter().find(|r| r.id == a).map(|r| r.used),
+            Some(1)
+        );
+        // Renewed by its own runner's heartbeat at its epoch; anything else is dropped.
+        let dropped = reg
+            .heartbeat(
+                &a,
+                &[lease("build-1", 7), lease("build-1", 6)],
+                false,
+                None,
+                50,
+                TTL,
+            )
+            .expect("known");
+        assert_eq!(dropped, vec![lease("build-1", 6)]);
+        assert!(
+            reg.check_build(&a, &lease("build-1", 7), 50 + TTL - 1)
+                .is_ok()
+        );
+        assert_eq!(
+            reg.check_build(&a, &lease("build-1", 6), 60),
+            Err(LeaseRefusal::Reissued {
+                id: "build-1".into(),
+                live: 7,
+                given: 6
+            })
+        );
+        assert_eq!(
+            reg.check_build(&labelled, &lease("build-1", 7), 60),
+            Err(LeaseRefusal::NotYours("build-1".into()))
+        );
+        assert_eq!(
+            reg.check_build(&a, &lease("build-1", 7), 50 + TTL),
+            Err(LeaseRefusal::Expired("build-1".into()))
+        );
+        assert_eq!(reg.expired_builds(50 + TTL), vec!["build-1".to_owned()]);
+        assert_eq!(reg.builds_of(&a), vec!["build-1".to_owned()]);
+        assert!(reg.remove_build("build-1").is_some());
+        assert_eq!(
+            reg.check_build(&a, &lease("build-1", 7), 60),
+            Err(LeaseRefusal::Unknown("build-1".into()))
+        );
+        assert_eq!(reg.runner(&a).map(RunnerEntry::free_slots), Some(1));
+        // A drained runner takes no build jobs.
+        reg.hold("b", true);
+        assert_eq!(reg.build_capacity(&builder, &[]), 0);
+    }
+
     #[test]
     fn slots_count_only_connected_undrained_runners() {
         let mut reg = Registry::default();

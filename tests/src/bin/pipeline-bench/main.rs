@@ -65,6 +65,8 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // `train --remote-builds`: the trains built on the runners, against the server's own.
+    let remote_builds = args.iter().any(|a| a == "--remote-builds");
     let chosen: Vec<&str> = args
         .iter()
         .filter(|a| !a.starts_with("--"))
@@ -121,6 +123,7 @@ fn main() {
                 "metrics" => million::metrics(quick).await,
                 "fleet" => fleet::fleet(quick).await,
                 "from-file" => from_file::from_file(quick).await,
+                "train" if remote_builds => train::remote(quick).await,
                 "train" => train::train(quick).await,
                 "train-30s" => train::train_30s(quick).await,
                 "pg-floor" => pg_floor::pg_floor(quick).await,

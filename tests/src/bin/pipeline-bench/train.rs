@@ -59,6 +59,8 @@ struct Setup {
     integration_slots: u32,
     /// `--gather-window` in ms; `None`: the server's default.
     gather_ms: Option<u64>,
+    /// `--remote-builds`: trains built on the runners.
+    remote_builds: bool,
 }
 
 impl Setup {
@@ -72,6 +74,9 @@ impl Setup {
         }
         if let Some(ms) = self.gather_ms {
             label.push_str(&format!(" --gather-window {ms}ms"));
+        }
+        if self.remote_builds {
+            label.push_str(" --remote-builds");
         }
         format!(
             "{label}, p = {:.0}%, B = {} s, {} runners, {} tasks",
@@ -151,6 +156,15 @@ struct Figures {
     tips_checked: usize,
     commits_checked: usize,
     red_on_base: Vec<String>,
+    /// The server process's CPU time (user + system) from the first task added to the last
+    /// landed, in seconds.
+    server_cpu: f64,
+    /// The same with its children that ended (its builds).
+    server_tree_cpu: f64,
+    /// Train builds recorded by the build script: in the server's integration worktrees, and
+    /// in runners' build worktrees.
+    server_builds: usize,
+    runner_builds: usize,
 }
 
 pub async fn train(quick: bool) {
@@ -164,6 +178,7 @@ pub async fn train(quick: bool) {
         build_slots: 1,
         integration_slots: 1,
         gather_ms: None,
+        remote_builds: false,
     };
     let p0 = run(at(8, 0.0)).await;
     // Without the gathering window: a train forms on the first result.
@@ -299,6 +314,7 @@ pub async fn train_30s(quick: bool) {
         build_slots,
         integration_slots,
         gather_ms: None,
+        remote_builds: false,
     };
     let p0 = run(at(0.0, 1, 1)).await;
     let p10 = run(at(0.1, 1, 1)).await;
@@ -351,7 +367,10 @@ pub async fn train_30s(quick: bool) {
 async fn run(setup: Setup) -> Figures {
     let repo = TestRepo::new();
     let dir = repo.dir.path().to_path_buf();
-    let record = dir.join("integration-builds");
+    // In the agent log dir, which the sandboxed builds may write (the server's and the
+    // runners' alike); the bench's temp dir they may not.
+    std::fs::create_dir_all(repo.agent_log()).expect("create the agent log dir");
+    let record = repo.agent_log().join("integration-builds");
     let pairs = setup.pairs();
     let agent = dir.join("train-agent.sh");
     std::fs::write(&agent, AGENT).expect("write the agent");
@@ -381,6 +400,9 @@ async fn run(setup: Setup) -> Figures {
     if let Some(gather) = &gather {
         args.extend(["--gather-window", gather]);
     }
+    if setup.remote_builds {
+        args.push("--remote-builds");
+    }
     let server = Server::start(&repo, &args);
     let runner_args = [
         "--agent",
@@ -408,6 +430,7 @@ async fn run(setup: Setup) -> Figures {
     let ids: Vec<String> = (0..setup.tasks).map(task_id).collect();
 
     let mut watch = admin.watch().await;
+    let cpu_before = cpu_secs(server.pid());
     let start = Instant::now();
     for (i, id) in ids.iter().enumerate() {
         admin
@@ -453,6 +476,9 @@ async fn run(setup: Setup) -> Figures {
             );
         }
     }
+    let cpu_after = cpu_secs(server.pid());
+    let server_cpu = cpu_after.0 - cpu_before.0;
+    let server_tree_cpu = cpu_after.1 - cpu_before.1;
     let last = landed_at.values().max().copied().unwrap_or(start);
     let wall = last.duration_since(start).as_secs_f64();
     let last_unmarked = ids
@@ -510,6 +536,8 @@ async fn run(setup: Setup) -> Figures {
 
     let records = std::fs::read_to_string(&record).unwrap_or_default();
     let builds = records.lines().count();
+    let runner_builds = records.lines().filter(|l| l.ends_with(" runner")).count();
+    let server_builds = builds - runner_builds;
     let red_builds = records.lines().filter(|l| l.contains(" red ")).count();
     // The last train's figures reach `status` just after its tasks' transitions: wait (a
     // little) for the figure to agree with the builds counted here.
@@ -599,6 +627,10 @@ async fn run(setup: Setup) -> Figures {
         tips_checked: tips.len(),
         commits_checked: commits.len(),
         red_on_base,
+        server_cpu,
+        server_tree_cpu,
+        server_builds,
+        runner_builds,
     };
     print(&setup, &f, landed, leases);
     f
@@ -623,6 +655,10 @@ fn print(setup: &Setup, f: &Figures, landed: usize, leases: usize) {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    println!(
+        "  server CPU (user + system) over the run: {:.2} s, {:.2} s with its builds; builds recorded on the server {}, on runners {}",
+        f.server_cpu, f.server_tree_cpu, f.server_builds, f.runner_builds
     );
     println!(
         "  ideal (dev capacity alone): {leases} leases x {:.2} s on {} runners = {:.2} s (ceil(M/N) x per-lease time = {:.2} s); wall / ideal = {:.2}x",
@@ -664,13 +700,81 @@ fn build_script(pairs: &[(usize, usize)], secs: f64, record: &Path) -> String {
     }
     s.push_str(&format!("sleep {secs}\n"));
     s.push_str(&format!(
-        "case $PWD in */integration|*/integration-[0-9]*) echo \"$(date +%s.%N) $([ -n \"$red\" ] && echo red || echo green) $(ls train-*.txt 2>/dev/null | wc -l) files\" >> '{}';; esac\n",
+        "case $PWD in */integration|*/integration-[0-9]*) echo \"$(date +%s.%N) $([ -n \"$red\" ] && echo red || echo green) $(ls train-*.txt 2>/dev/null | wc -l) files server\" >> '{0}';; \
+         */builds/[0-9]*) echo \"$(date +%s.%N) $([ -n \"$red\" ] && echo red || echo green) $(ls train-*.txt 2>/dev/null | wc -l) files runner\" >> '{0}';; esac\n",
         record.display()
     ));
     s.push_str(
         "if [ -n \"$red\" ]; then echo \"semantic conflict:$red are both in the tree\"; exit 1; fi\n",
     );
     s
+}
+
+/// The CPU time (user + system) process `pid` has used so far, in seconds: its own, and with
+/// its children that ended (its builds: the guard it waits for, which waits for the build)
+/// (`/proc/<pid>/stat`, fields 14–17, in clock ticks of `getconf CLK_TCK`).
+fn cpu_secs(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command (in parentheses, which may hold spaces).
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let own = field(11) + field(12);
+    let children = field(13) + field(14);
+    let per_sec = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    (own / per_sec, (own + children) / per_sec)
+}
+
+/// `train --remote-builds`: p = 0 and p = 10%, the trains built by the server (one build slot,
+/// and 8 for p = 10%) and on the runners (`--remote-builds`), with the server's CPU.
+pub async fn remote(quick: bool) {
+    let (build_secs, runners, tasks) = if quick { (0.2, 2, 8) } else { (2.0, 8, 32) };
+    let at = |marked, build_slots, remote_builds| Setup {
+        batch_max: 8,
+        marked,
+        build_secs,
+        runners,
+        tasks,
+        build_slots,
+        integration_slots: 1,
+        gather_ms: None,
+        remote_builds,
+    };
+    let runs = [
+        at(0.0, 1, false),
+        at(0.0, 1, true),
+        at(0.1, 8, false),
+        at(0.1, 1, true),
+    ];
+    let mut figures = Vec::new();
+    for setup in runs {
+        figures.push((setup, run(setup).await));
+    }
+    println!("merge trains, builds on the server against builds on runners:");
+    for (setup, f) in &figures {
+        println!(
+            "  {}: {:.1} landed/min, {:.3} builds per landed change, server CPU {:.2} s ({:.2} s with its builds), builds recorded on the server {} / on runners {}, {} red on the base",
+            setup.label(),
+            f.per_min,
+            f.per_landed,
+            f.server_cpu,
+            f.server_tree_cpu,
+            f.server_builds,
+            f.runner_builds,
+            f.red_on_base.len()
+        );
+    }
 }
 
 fn file(i: usize) -> String {
