@@ -103,6 +103,12 @@ fn a_build_jobs_runner_killed_mid_build_is_built_on_another_nobody_charged() {
     server.wait_runner(&holder, "its build job listed", |r| {
         r["builds"].as_array().is_some_and(|b| b.len() == 1)
     });
+    // `queue` says where the train's build runs.
+    server.wait_queue("the train's step naming its runner", |q| {
+        q["train"]["step"]
+            .as_str()
+            .is_some_and(|s| s.contains(&format!("(on runner {holder})")))
+    });
     let other = if holder == "r1" { "r2" } else { "r1" };
     if holder == "r1" {
         r1.proc.kill();

@@ -287,6 +287,16 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 super::tasks::queue_pause_reason(&l),
             )
         };
+        // Where the train's builds run, with --remote-builds.
+        let mut train = train;
+        if let Some(t) = &mut train
+            && t.step.starts_with("building")
+        {
+            let on = self.registry().build_runners();
+            if !on.is_empty() {
+                t.step = format!("{} (on runner {})", t.step, on.join(", "));
+            }
+        }
         let in_train = |id: &TaskId| train.as_ref().is_some_and(|t| t.tasks.contains(id));
         let mut waiting = Vec::new();
         let verified = self.store.verified().await?;
