@@ -173,3 +173,34 @@ fn a_late_answer_for_a_lost_build_job_is_refused_and_the_server_builds_when_no_r
     );
     assert!(log.contains("the server builds it"), "{log}");
 }
+
+#[test]
+fn sigkill_of_the_server_during_a_runners_build_then_restart_lands_each_once() {
+    let repo = TestRepo::new();
+    let server = server(&repo, &[]);
+    let addr = server.addr.clone();
+    let _r = runner(&repo, &server, "r", &["--slots", "2"]);
+    repo.touch("hold-builds");
+    add(&server, "s1");
+    add(&server, "s2");
+    wait_for("the train's build to start on the runner", || {
+        builds(&repo).first().cloned()
+    });
+    server.kill();
+    repo.touch("release-build");
+    // Nothing of the build job is kept: the restarted server forms the train again from its
+    // state and builds it as a new job, on the runner once it is back.
+    let server = self::server(&repo, &["--listen", &addr]);
+    for id in ["s1", "s2"] {
+        let t = server.wait_status(id, "done");
+        assert_eq!(t["failures"], 0, "{t}");
+    }
+    let mut landed = repo.landed();
+    landed.sort();
+    assert_eq!(landed, ["s1", "s2"], "each once");
+    let all = builds(&repo);
+    assert!(
+        all.len() >= 2 && all.iter().all(|d| built_on(d).as_deref() == Some("r")),
+        "built again, on the runner: {all:?}"
+    );
+}
