@@ -159,7 +159,7 @@ struct Figures {
     /// The server process's CPU time (user + system) from the first task added to the last
     /// landed, in seconds.
     server_cpu: f64,
-    /// The same with its children that ended (its builds).
+    /// The same with its children that ended (its git commands and builds).
     server_tree_cpu: f64,
     /// Train builds recorded by the build script: in the server's integration worktrees, and
     /// in runners' build worktrees.
@@ -657,7 +657,7 @@ fn print(setup: &Setup, f: &Figures, landed: usize, leases: usize) {
             .join(", ")
     );
     println!(
-        "  server CPU (user + system) over the run: {:.2} s, {:.2} s with its builds; builds recorded on the server {}, on runners {}",
+        "  server CPU (user + system) over the run: {:.2} s, {:.2} s with its children (git, builds); builds recorded on the server {}, on runners {}",
         f.server_cpu, f.server_tree_cpu, f.server_builds, f.runner_builds
     );
     println!(
@@ -764,7 +764,7 @@ pub async fn remote(quick: bool) {
     println!("merge trains, builds on the server against builds on runners:");
     for (setup, f) in &figures {
         println!(
-            "  {}: {:.1} landed/min, {:.3} builds per landed change, server CPU {:.2} s ({:.2} s with its builds), builds recorded on the server {} / on runners {}, {} red on the base",
+            "  {}: {:.1} landed/min, {:.3} builds per landed change, server CPU {:.2} s ({:.2} s with its children: git, builds), builds recorded on the server {} / on runners {}, {} red on the base",
             setup.label(),
             f.per_min,
             f.per_landed,
