@@ -297,7 +297,8 @@ pub struct Config {
         long = "build-requires",
         env = "PIPELINE_BUILD_REQUIRES",
         value_name = "LABEL",
-        value_delimiter = ','
+        value_delimiter = ',',
+        requires = "remote_builds"
     )]
     pub build_requires: Vec<String>,
 
@@ -305,7 +306,7 @@ pub struct Config {
     /// (none connected with the labels, or all drained or unhealthy) before the server builds
     /// it itself. A bare number is seconds.
     #[arg(long, env = "PIPELINE_REMOTE_BUILD_WAIT", default_value = "10s",
-          value_name = "DURATION", value_parser = units::seconds)]
+          value_name = "DURATION", value_parser = units::seconds, requires = "remote_builds")]
     pub remote_build_wait: u64,
 
     /// Run until no task can make progress (none in progress or verified, and no open one
@@ -536,6 +537,28 @@ mod tests {
             );
             let ok = Config::try_parse_from(["pipeline-server", "--repo", "/r", flag, "0"]);
             assert!(ok.is_ok(), "{flag} 0");
+        }
+    }
+
+    #[test]
+    fn the_remote_builds_options_are_refused_without_remote_builds() {
+        for (flag, value) in [
+            ("--build-requires", "builder"),
+            ("--remote-build-wait", "5s"),
+        ] {
+            let err = Config::try_parse_from(["pipeline-server", "--repo", "/r", flag, value])
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("--remote-builds"), "{flag}: {err}");
+            let ok = Config::try_parse_from([
+                "pipeline-server",
+                "--repo",
+                "/r",
+                "--remote-builds",
+                flag,
+                value,
+            ]);
+            assert!(ok.is_ok(), "{flag} with --remote-builds");
         }
     }
 
