@@ -106,6 +106,7 @@ fn replayable_history(dir: &std::path::Path) -> std::path::PathBuf {
         "#!/bin/sh\n! grep -rl BAD --exclude=check.sh .\n",
     );
     write("shared.txt", "a\nb\nc\nd\ne\nf\ng\nh\n");
+    write("old.txt", "old\n");
     commit("initial");
     for i in 1..=3 {
         write(&format!("f{i}.txt"), &format!("{i}\n"));
@@ -126,8 +127,10 @@ fn replayable_history(dir: &std::path::Path) -> std::path::PathBuf {
     write("m.txt", "m\n");
     commit("m");
     git(&["merge", "-q", "--no-ff", "side", "-m", "merge side"]);
-    git(&["rm", "-q", "f1.txt"]);
-    commit("remove f1");
+    // A file of the first base: removing one the range added (f1) would land before or after
+    // its adding, as the runners finish.
+    git(&["rm", "-q", "old.txt"]);
+    commit("remove old");
     repo
 }
 
