@@ -64,6 +64,18 @@ impl<S> RunnerApi<S> {
     }
 }
 
+/// The commits a runner's mirror has (a fetch sends only what it lacks): at most 64; those
+/// that are not full IDs are not the server's to know, and are left out.
+fn have_commits(have: &[String]) -> Result<Vec<CommitId>, Status> {
+    if have.len() > 64 {
+        return Err(Status::invalid_argument("at most 64 'have' commits"));
+    }
+    Ok(have
+        .iter()
+        .filter_map(|c| CommitId::parse(c).ok())
+        .collect())
+}
+
 fn lease_ref(raw: Option<pb::LeaseRef>) -> Result<LeaseRef, Status> {
     let raw = raw.ok_or_else(|| Status::invalid_argument("the request names no lease"))?;
     LeaseRef::parse(raw.lease_id, raw.epoch).map_err(|e| Status::invalid_argument(e.0))
@@ -532,15 +544,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let id = runner_id(&r.runner_id)?;
         self.authorize(&who, id)?;
         let lease = lease_ref(r.lease)?;
-        if r.have.len() > 64 {
-            return Err(Status::invalid_argument("at most 64 'have' commits"));
-        }
-        // Commits of `have` that are not full IDs are not the server's to know: left out.
-        let have: Vec<CommitId> = r
-            .have
-            .iter()
-            .filter_map(|c| CommitId::parse(c).ok())
-            .collect();
+        let have = have_commits(&r.have)?;
         let child = self
             .coordinator
             .base_bundle(id, &lease, &have)
@@ -707,14 +711,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         let id = runner_id(&r.runner_id)?;
         self.authorize(&who, id)?;
         let build = lease_ref(r.build)?;
-        if r.have.len() > 64 {
-            return Err(Status::invalid_argument("at most 64 'have' commits"));
-        }
-        let have: Vec<CommitId> = r
-            .have
-            .iter()
-            .filter_map(|c| CommitId::parse(c).ok())
-            .collect();
+        let have = have_commits(&r.have)?;
         let (n, commit) = self
             .coordinator
             .check_build(id, &build)
