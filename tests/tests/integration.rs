@@ -328,9 +328,8 @@ fn a_server_whose_dispatch_loop_panics_stops_with_an_error() {
     cmd.env("PIPELINE_FAILPOINT", "panic-dispatch")
         .env("RUST_BACKTRACE", "0");
     let mut server = Server::spawn(&mut cmd).expect("server");
-    let status = server.proc.wait_exit();
+    let (status, log) = server.proc.wait_exit_log();
     assert!(!status.success(), "exits non-zero: {status:?}");
-    let log = server.log();
     assert!(
         log.contains("the dispatch loop panicked; stopping the server"),
         "{log}"
@@ -350,9 +349,9 @@ fn crash_at(failpoint: &str) -> Value {
     let addr = server.addr.clone();
     let _r = runner(&repo, &server, "r");
     let id = server.add(&["--title", "t"]);
-    let status = server.proc.wait_exit();
+    let (status, log) = server.proc.wait_exit_log();
     assert!(!status.success(), "aborted at the failpoint: {status:?}");
-    assert!(server.log().contains(&format!("failpoint {failpoint}")));
+    assert!(log.contains(&format!("failpoint {failpoint}")), "{log}");
     let server = Server::start(&repo, &["--listen", &addr]);
     let task = server.wait_status(&id, "done");
     assert_eq!(repo.landed(), std::slice::from_ref(&id), "exactly once");

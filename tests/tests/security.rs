@@ -124,14 +124,12 @@ fn a_revoked_real_runner_stops_its_agent_and_exits() {
     let id = server.add(&["--title", "t", "--description", "MODE: wait"]);
     let pid = repo.wait_agent(&id);
     server.ctl(&["runners", "revoke", "r"]).ok();
-    let status = r.proc.wait_exit();
+    let (status, log) = r.proc.wait_exit_log();
     assert!(!status.success(), "a revoked runner exits with an error");
     assert!(
-        r.log().contains("credential is not valid")
-            || r.log()
-                .contains("no longer accepts this runner's credential"),
-        "{}",
-        r.log()
+        log.contains("credential is not valid")
+            || log.contains("no longer accepts this runner's credential"),
+        "{log}"
     );
     let start = std::time::Instant::now();
     while alive(&pid) {

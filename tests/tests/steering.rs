@@ -255,12 +255,12 @@ fn exit_when_idle_works_the_queue_off_then_stops_and_says_if_a_task_needs_help()
         &flags.iter().map(String::as_str).collect::<Vec<_>>(),
     ))
     .expect("server");
-    let status = server.proc.wait_exit();
-    assert!(status.success(), "exit 0 once idle: {}", server.log());
+    // The whole log: the reader thread may still hold its last lines when the process ends.
+    let (status, log) = server.proc.wait_exit_log();
+    assert!(status.success(), "exit 0 once idle: {log}");
     assert!(
-        server
-            .log()
-            .contains("no task can make progress; stopping (--exit-when-idle)")
+        log.contains("no task can make progress; stopping (--exit-when-idle)"),
+        "{log}"
     );
     let mut landed = repo.landed();
     landed.sort();
@@ -275,13 +275,9 @@ fn exit_when_idle_works_the_queue_off_then_stops_and_says_if_a_task_needs_help()
         &flags.iter().map(String::as_str).collect::<Vec<_>>(),
     ))
     .expect("server");
-    let status = server.proc.wait_exit();
-    assert_eq!(status.code(), Some(1), "{}", server.log());
-    assert!(
-        server.log().contains("idle, and 1 task(s) need help"),
-        "{}",
-        server.log()
-    );
+    let (status, log) = server.proc.wait_exit_log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("idle, and 1 task(s) need help"), "{log}");
 }
 
 #[test]
