@@ -910,12 +910,17 @@ impl LogPrinter {
 }
 
 /// A reason of several lines as one: its first line, and when that ends with a colon (a
-/// command's output follows), the last line of what follows, which is usually the error.
+/// command's output follows), the last line of what follows, which is usually the error (or,
+/// when the last is a hint in parentheses, such as the sandbox's, the error and its hint).
 pub fn one_line_summary(text: &str) -> String {
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = lines.next().unwrap_or_default();
     match first.strip_suffix(':') {
         Some(head) => match lines.next_back() {
+            Some(hint) if hint.starts_with('(') => match lines.next_back() {
+                Some(error) => format!("{head}: … {error} {hint}"),
+                None => format!("{head}: … {hint}"),
+            },
             Some(last) => format!("{head}: … {last}"),
             None => head.to_owned(),
         },
@@ -979,6 +984,10 @@ mod summary_tests {
             "build failed (exit 1): make test: … error: x.c:3: bad"
         );
         assert_eq!(one_line_summary("tests failed:"), "tests failed");
+        assert_eq!(
+            one_line_summary("could not be run: a.sh:\nb.sh: Permission denied\n(in the sandbox)"),
+            "could not be run: a.sh: … b.sh: Permission denied (in the sandbox)"
+        );
         assert_eq!(one_line_summary("\n\n  first\nsecond"), "first");
         assert_eq!(one_line_summary(""), "");
     }

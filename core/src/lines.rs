@@ -20,6 +20,24 @@ pub fn cut_line(line: &str) -> String {
     )
 }
 
+/// A failure's text in one line (a history entry, a runner's unhealthy reason; the whole text
+/// is kept elsewhere): its first line (what failed) and its last (where the output ends); when
+/// the last is a hint in parentheses (the sandbox's), the line before it too: the error the
+/// hint is about.
+pub fn one_line_reason(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [only] => (*only).to_owned(),
+        [first, .., error, hint] if hint.starts_with('(') => format!("{first} … {error} {hint}"),
+        [first, .., last] => format!("{first} … {last}"),
+    }
+}
+
 /// How much of a runner's failure text (a result's error, a release's reason) the server
 /// keeps: it becomes the task's feedback, the next prompt's "previous attempt" section.
 pub const MAX_FEEDBACK_BYTES: usize = 64 * 1024;

@@ -285,7 +285,7 @@ impl<H> Slots<H> {
     /// the runner turns unhealthy now, in the failure's words.
     fn infra_failure(&mut self, why: &str, at_once: bool) -> InfraFailure {
         self.infra_failures = self.infra_failures.saturating_add(1);
-        let first = why.lines().next().unwrap_or_default().to_owned();
+        let first = pipeline_core::lines::one_line_reason(why);
         let turned_unhealthy =
             (at_once || self.infra_failures >= self.max_infra_failures) && self.unhealthy.is_none();
         if turned_unhealthy {
@@ -309,7 +309,7 @@ impl<H> Slots<H> {
     /// A full disk at `at_ms` (`why` says so): the runner takes no work for a pause that
     /// doubles with each one in a row, not counted towards `--max-infra-failures`.
     fn disk_full(&mut self, why: &str, at_ms: i64) -> InfraFailure {
-        let first = why.lines().next().unwrap_or_default().to_owned();
+        let first = pipeline_core::lines::one_line_reason(why);
         let pause = self.pause_for_disk(&first, at_ms);
         InfraFailure {
             in_a_row: self.infra_failures,
@@ -670,7 +670,7 @@ mod tests {
             first.infra,
             Some(InfraFailure {
                 in_a_row: 1,
-                why: "git: Too many open files".into(),
+                why: "git: Too many open files … more".into(),
                 turned_unhealthy: false,
                 disk_full_pause_ms: None,
             })
@@ -690,7 +690,7 @@ mod tests {
         assert!(third.infra.expect("counted").turned_unhealthy);
         assert_eq!(
             s.unhealthy(),
-            Some("3 infrastructure failures in a row; last: git: Too many open files")
+            Some("3 infrastructure failures in a row; last: git: Too many open files … more")
         );
         assert!(!s.needs_a_slot(), "an unhealthy runner takes no work");
         match s.offer(assignment("t-7"), "t-7") {

@@ -652,15 +652,9 @@ fn decide(
     })
 }
 
-/// A failure's text in one line, for a history entry (the whole text is in the runs): its
-/// first line (what failed) and its last (where the output ends).
+/// A failure's text in one line, for a history entry (the whole text is in the runs).
 fn first_line(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    match lines.as_slice() {
-        [] => String::new(),
-        [only] => (*only).to_owned(),
-        [first, .., last] => format!("{first} … {last}"),
-    }
+    pipeline_core::lines::one_line_reason(s)
 }
 
 /// A failed attempt: count it, then back off, or give up past the retry or cost limit.
@@ -766,6 +760,15 @@ mod tests {
             "conflict with main in a.rs"
         );
         assert_eq!(first_line("\n  agent exited 1  \n"), "agent exited 1");
+        // The sandbox's hint comes last; the error it is about is kept beside it.
+        assert_eq!(
+            first_line(
+                "the agent command could not be run (exit 126): a.sh:\nstarting\na.sh: 3: exec: \
+                 /opt/b.sh: Permission denied\n(this ran in the sandbox: allow it)"
+            ),
+            "the agent command could not be run (exit 126): a.sh: … a.sh: 3: exec: /opt/b.sh: \
+             Permission denied (this ran in the sandbox: allow it)"
+        );
     }
 
     #[test]
