@@ -463,6 +463,7 @@ async fn stand_by(g: &Ground, shutdown: &CancellationToken) -> Result<bool> {
         g.elected,
     )
     .await?;
+    say_credentials(&auth);
     let coordinator = Arc::new(Coordinator::new(
         g.store.clone(),
         g.settings(),
@@ -727,12 +728,7 @@ async fn lead(g: &Ground, shutdown: &CancellationToken) -> Result<Led> {
     auth.max_registrations_per_name = config.max_registrations_per_name;
     auth.free_unconnected_after_ms =
         i64::try_from(config.free_unconnected_names_after.saturating_mul(1000)).unwrap_or(i64::MAX);
-    // Where, never what: the tokens stay in their files.
-    tracing::info!(
-        admin_token = %auth.admin_file.display(),
-        runner_registration_token = %auth.registration_file.display(),
-        "credentials (files readable by their owner only)"
-    );
+    say_credentials(&auth);
     let registration_token = std::fs::read_to_string(&auth.registration_file)
         .map_err(|e| Error::Internal(format!("cannot read the registration token: {e}")))?
         .trim()
@@ -1165,6 +1161,24 @@ async fn dry_run<S: Store>(store: &S, config: &Config) -> Result<()> {
 /// A title on one line, for the dry run's list.
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Where the tokens are (never what: they stay in their files), and, in a group of servers
+/// whose tokens are another's, that this server's files work against it alone: a runner given
+/// this server's registration token would be refused by the leader.
+fn say_credentials(auth: &crate::auth::Auth) {
+    tracing::info!(
+        admin_token = %auth.admin_file.display(),
+        runner_registration_token = %auth.registration_file.display(),
+        "credentials (files readable by their owner only)"
+    );
+    if auth.has_tokens_of_its_own() {
+        tracing::info!(
+            "this server's token files work against this server only: the group's tokens \
+             (for runners and pipelinectl against any server of the group) are the first \
+             server's of this database, in its state dir"
+        );
+    }
 }
 
 /// The background loops, each a named task in its span, in one `JoinSet`, each holding its

@@ -403,6 +403,15 @@ impl Auth {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether this server's token files are its own only (in a group whose tokens are another
+    /// server's, the first of the database): they work against this server alone.
+    pub fn has_tokens_of_its_own(&self) -> bool {
+        let state = self.read();
+        [&state.admin, &state.viewer, &state.registration]
+            .iter()
+            .any(|t| t.own != t.group)
+    }
+
     /// Who holds `token`, if anyone.
     pub fn identify(&self, token: &str) -> Option<Caller> {
         self.identify_hash(&hash(token))

@@ -489,6 +489,17 @@ fn a_standby_serves_the_read_calls_and_refuses_writes_naming_the_leader() {
         let status = ctl_holding(&pair.standby, &token, &["status", "--json"]).json();
         assert_eq!(status["server"]["role"], "standby", "{status}");
     }
+    // The standby's own token files work against it alone, and its log says so: a runner
+    // given its registration token would be refused by the leader.
+    pair.standby
+        .wait_for_log("this server's token files work against this server only");
+    assert!(
+        !pair
+            .leader
+            .log()
+            .contains("this server's token files work against this server only"),
+        "the first server's tokens are the group's"
+    );
     // Runners connect to the leader: none is connected here.
     assert!(!pair.standby.runners().iter().any(pipeline_tests::connected));
     // A write is refused, naming the leader; nothing is created.
