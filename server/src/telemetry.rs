@@ -26,7 +26,12 @@ pub struct Telemetry {
 /// Sets up the process's tracing: stderr, and the OTLP export to `otlp_traces_url` (the full
 /// URL of the collector's traces endpoint) when given. Call from within the Tokio runtime.
 pub fn init(otlp_traces_url: Option<&str>) -> Result<Telemetry, String> {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's notices (`relation "_sqlx_migrations" already exists, skipping` at every
+    // start) are the database's chatter, not the server's news: warnings and up only.
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"))
+    };
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
