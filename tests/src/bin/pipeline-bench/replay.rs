@@ -29,7 +29,7 @@ use pipeline_tests::{Runner, Server, TestRepo};
 
 use crate::common::Admin;
 
-const USAGE: &str = "pipeline-bench replay --repo PATH --last N --test-cmd CMD [--runners K] [--rev REV] [--batch-max N] [--build-slots N] [--integration-slots N] [--gather-window D] [--no-recheck] [--timeout SECS]";
+const USAGE: &str = "pipeline-bench replay --repo PATH --last N --test-cmd CMD [--runners K] [--rev REV] [--batch-max N] [--build-slots N] [--integration-slots N] [--gather-window D] [--backoff-base D] [--no-recheck] [--timeout SECS]";
 
 /// What to replay, and how.
 #[derive(Debug)]
@@ -43,6 +43,8 @@ pub struct Options {
     build_slots: u32,
     integration_slots: u32,
     gather_window: Option<String>,
+    /// The server's `--backoff-base` (0: a failed task is offered again at once).
+    backoff_base: String,
     recheck: bool,
     timeout: Option<Duration>,
 }
@@ -62,6 +64,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         build_slots: 1,
         integration_slots: 1,
         gather_window: None,
+        backoff_base: "0".to_owned(),
         recheck: true,
         timeout: None,
     };
@@ -100,6 +103,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             "--build-slots" => o.build_slots = number(1, 64)? as u32,
             "--integration-slots" => o.integration_slots = number(1, 8)? as u32,
             "--gather-window" => o.gather_window = Some(value),
+            "--backoff-base" => o.backoff_base = value,
             "--timeout" => o.timeout = Some(Duration::from_secs(number(1, 86_400)?)),
             _ => return Err(format!("unknown flag {flag:?}")),
         }
@@ -112,6 +116,10 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
 
 /// Runs `replay` with its flags; exits 2 with one line on bad input.
 pub async fn main(args: &[String]) {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("usage: {USAGE}");
+        std::process::exit(0);
+    }
     let opts = match parse(args) {
         Ok(o) => o,
         Err(why) if args.is_empty() => refuse(&format!("{why} ({USAGE})")),
@@ -493,7 +501,7 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
         "--lease-ttl".into(),
         "600".into(),
         "--backoff-base".into(),
-        "0".into(),
+        o.backoff_base.clone(),
         "--batch-max".into(),
         o.batch_max.to_string(),
         "--build-slots".into(),
