@@ -500,10 +500,14 @@ async fn stand_by(g: &Ground, shutdown: &CancellationToken) -> Result<bool> {
             break true;
         }
         tokio::select! {
+            // The signal first: the loops end with it, and that is no failure.
+            biased;
             () = shutdown.cancelled() => break false,
             changed = role.changed() => if changed.is_err() { break false },
             ended = loops.next_end() => {
-                failed = Some(ended);
+                if !shutdown.is_cancelled() {
+                    failed = Some(ended);
+                }
                 break false;
             }
             result = &mut served => {

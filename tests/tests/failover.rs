@@ -517,6 +517,13 @@ fn a_standby_serves_the_read_calls_and_refuses_writes_naming_the_leader() {
     let listed = pipeline_tests::listed(pair.leader.ctl(&["task", "list", "--json"]).json());
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(leading_term(&pair.leader), term);
+    // Asked to stop (SIGTERM), the standby stops cleanly: its loops ending with the signal are
+    // no failure (it said "the health loop stopped unexpectedly" and exited 1).
+    let mut standby = pair.standby;
+    standby.proc.signal("TERM");
+    let (status, log) = standby.proc.wait_exit_log();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(!log.contains("unexpectedly"), "{log}");
 }
 
 /// A result the leader accepted and had not landed (landing held): its commit was kept on the
