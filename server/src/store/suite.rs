@@ -121,6 +121,7 @@ macro_rules! store_test_suite {
             stores_trims_and_prunes_logs,
             keeps_and_ends_sessions,
             group_commits_write_each_or_refuse_it,
+            group_commits_of_leases_start_their_runs_in_order,
             reads_history_after_a_position,
             reads_the_statuses_of_those_that_exist,
             knows_a_fresh_store_and_raises_the_next_id,
@@ -1695,6 +1696,93 @@ pub async fn group_commits_write_each_or_refuse_it<S: Store>(store: &S) {
     assert_eq!(kinds, ["created", "leased"]);
     assert_eq!(store.events(&b.id).await.expect("events").len(), 1);
     assert!(store.commit_all(vec![]).await.expect("nothing").is_empty());
+}
+
+/// A group of leases, each starting its run (a dispatch round's batch), is written as the
+/// same writes one after another: the history entries take positions in the group's order,
+/// each run is the task's own with its attempt, the feed carries the entries, and a lost race
+/// in the middle writes nothing of its own and nothing else differs.
+pub async fn group_commits_of_leases_start_their_runs_in_order<S: Store>(store: &S) {
+    let tasks = [
+        create(store, "a").await,
+        create(store, "b").await,
+        create(store, "c").await,
+    ];
+    let lease = |t: &Task, at: i64| {
+        let mut w = write(
+            t,
+            TaskState {
+                status: TaskStatus::InProgress,
+                ..t.state.clone()
+            },
+            EventKind::Leased,
+            at,
+        );
+        w.runs.start = Some(NewRun {
+            phase: Phase::Dev,
+            patchset: 1,
+            runner: Some(format!("r-{}", t.id)),
+            train: None,
+        });
+        w
+    };
+    let mut stale = lease(&tasks[1], 7);
+    stale.expected_version += 1;
+    let done = store
+        .commit_all(vec![lease(&tasks[0], 7), stale, lease(&tasks[2], 7)])
+        .await
+        .expect("group commit");
+    assert_eq!(done.len(), 3);
+    assert!(matches!(done[1], Err(Error::Conflict(_))), "{:?}", done[1]);
+    let (a, c) = (
+        done[0].as_ref().expect("a is written"),
+        done[2].as_ref().expect("c is written"),
+    );
+    assert_eq!(c.event_id, a.event_id + 1, "positions in the group's order");
+    assert_eq!(a.task.version, tasks[0].version + 1);
+    assert_eq!(a.task.state.status, TaskStatus::InProgress);
+    for (t, written) in [(&tasks[0], a), (&tasks[2], c)] {
+        let runs = store.runs(&t.id).await.expect("runs");
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        assert_eq!(Some(runs[0].id), written.run_id);
+        assert_eq!(runs[0].attempt, 1);
+        assert_eq!(runs[0].status, RunStatus::Running);
+        assert_eq!(
+            runs[0].runner.as_deref(),
+            Some(format!("r-{}", t.id).as_str())
+        );
+        assert_eq!(runs[0].started_at, 7);
+        assert_eq!(
+            store.get_task(&t.id).await.expect("read"),
+            Some(written.task.clone())
+        );
+    }
+    assert!(store.runs(&tasks[1].id).await.expect("runs").is_empty());
+    assert_eq!(store.events(&tasks[1].id).await.expect("events").len(), 1);
+    // The next lease of `a` is its run's second attempt.
+    let again = store
+        .commit_all(vec![lease(&a.task, 8), lease(&c.task, 8)])
+        .await
+        .expect("second group");
+    let again_a = again[0].as_ref().expect("a again");
+    let runs = store.runs(&tasks[0].id).await.expect("runs");
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1].attempt, 2);
+    assert_eq!(Some(runs[1].id), again_a.run_id);
+    // The feed holds each entry at its position, for its task.
+    let feed = store.entries_after(0, 100).await.expect("entries");
+    for (position, task) in [
+        (a.event_id, &tasks[0]),
+        (c.event_id, &tasks[2]),
+        (again_a.event_id, &tasks[0]),
+    ] {
+        let entry = feed.iter().find(|e| e.position == position);
+        assert_eq!(
+            entry.map(|e| (e.subject.as_str(), e.kind.as_str())),
+            Some((task.id.as_str(), "leased")),
+            "{feed:?}"
+        );
+    }
 }
 
 /// History entries have increasing IDs; `watch` reads them after a position, a page at a time.
