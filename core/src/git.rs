@@ -157,6 +157,9 @@ impl RemoteName {
     }
 }
 
+/// Refs one `git push` deletes at most (its command line stays short).
+pub const REFS_PER_PUSH: usize = 200;
+
 /// A full ref name, made only by the constructors below from validated parts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RefName(String);
@@ -1099,6 +1102,52 @@ impl Git {
             &spec,
         ])
         .await?;
+        Ok(())
+    }
+
+    /// The refs under `prefix` (`refs/pipeline/tasks/`) on `remote`, with their commits
+    /// (`git ls-remote`).
+    pub async fn remote_refs_under(
+        &self,
+        remote: &RemoteName,
+        prefix: &str,
+    ) -> Result<Vec<(String, CommitId)>> {
+        let pattern = format!("{prefix}*");
+        let out = self
+            .run(&[
+                "ls-remote",
+                "--refs",
+                "--end-of-options",
+                remote.as_str(),
+                &pattern,
+            ])
+            .await?;
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let (sha, name) = l
+                    .split_once('\t')
+                    .ok_or_else(|| GitError::Unexpected(format!("git ls-remote: {l:?}")))?;
+                Ok((name.to_owned(), CommitId::parse(sha)?))
+            })
+            .collect()
+    }
+
+    /// Deletes `names` (the server's own refs, `refs/pipeline/…`) from `remote`, in pushes of
+    /// [`REFS_PER_PUSH`] refs.
+    pub async fn delete_remote_refs(&self, remote: &RemoteName, names: &[String]) -> Result<()> {
+        for chunk in names.chunks(REFS_PER_PUSH) {
+            let specs: Vec<String> = chunk.iter().map(|n| format!(":{n}")).collect();
+            let mut args = vec![
+                "push",
+                "--quiet",
+                "--no-verify",
+                "--end-of-options",
+                remote.as_str(),
+            ];
+            args.extend(specs.iter().map(String::as_str));
+            self.run(&args).await?;
+        }
         Ok(())
     }
 

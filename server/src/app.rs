@@ -859,6 +859,19 @@ async fn lead(g: &Ground, shutdown: &CancellationToken) -> Result<Led> {
             );
         }
     }
+    // With several servers (issue 28) the leader keeps accepted results on the push remote
+    // until they land; this deletes the refs of those that did.
+    if let (true, Some(remote)) = (g.elected, &coordinator.settings().push_remote) {
+        loops.spawn(
+            "task refs sweeper",
+            crate::task_refs::run(
+                store.clone(),
+                coordinator.repo().clone(),
+                remote.clone(),
+                work.clone(),
+            ),
+        );
+    }
     if config.log_retention_days > 0 {
         loops.spawn(
             "log pruner",

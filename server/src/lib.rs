@@ -9,6 +9,7 @@
 //! transitions), [`repo`] (the canonical repository, through `pipeline_core::git`). [`domain`]
 //! holds the types every layer shares; [`landing`] and [`usage`] what `status` reads from memory
 //! (landing and its pauses, the last day's cost);
+//! [`task_refs`] deletes the refs of landed tasks from the push remote (servers in a group).
 //! [`webhooks`] sends the feed's events to `--webhook` endpoints, signed, at least once, from a
 //! durable cursor.
 //! [`app`] wires it all up and supervises the background loops; [`admin_note`] tells a local
@@ -41,6 +42,7 @@ pub mod remote_build;
 pub mod repo;
 pub mod scheduler;
 pub mod store;
+pub mod task_refs;
 pub mod telemetry;
 pub mod usage;
 pub mod webhooks;

@@ -557,6 +557,77 @@ fn a_result_the_killed_leader_accepted_and_had_not_landed_lands_once_by_the_new_
     drop(runner);
 }
 
+/// The names of `task`'s refs under `refs/pipeline/tasks/` in the repository at `git_dir`.
+fn task_refs(git_dir: &std::path::Path, task: &str) -> Vec<String> {
+    pipeline_tests::git(
+        git_dir,
+        &[
+            "for-each-ref",
+            "--format=%(refname)",
+            &format!("refs/pipeline/tasks/{task}/"),
+        ],
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Accepted results are kept on the push remote only until they land: the leader deletes a
+/// landed task's refs there, and a task accepted and not landed (waiting for its approval)
+/// keeps its own. The leader dies (a failpoint's abort) between a landing and that deletion:
+/// the new leader's first sweep deletes them, and the waiting task's ref is still there for
+/// it to fetch and land.
+#[test]
+fn the_refs_of_landed_tasks_leave_the_remote_and_those_of_unlanded_ones_stay() {
+    if pipeline_tests::runs_the_same_on_both_passes("its two servers are on PostgreSQL anyway") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let pair = two_servers_with(
+        &repo,
+        &["--lease-ttl", "30"],
+        &[("PIPELINE_FAILPOINT", "before-task-refs-deleted")],
+    );
+    let mut leader = pair.leader;
+    let first_term = leading_term(&leader);
+    let args = agent_args(&["--no-verify"]);
+    let urls = format!("{},{}", leader.url, pair.standby.url);
+    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
+    leader.wait_connected(&runner.proc, "r");
+    let held = leader.add(&["--title", "waits for its approval", "--approval"]);
+    leader.wait_status(&held, "verified");
+    assert_eq!(task_refs(&pair.upstream, &held).len(), 1, "kept upstream");
+    let landed = leader.add(&["--title", "lands"]);
+    let exit = leader.proc.wait_exit();
+    assert!(!exit.success(), "the failpoint aborts the leader: {exit:?}");
+    // It landed, and died before deleting its refs.
+    assert_eq!(
+        task_refs(&pair.upstream, &landed).len(),
+        1,
+        "not yet deleted"
+    );
+
+    let second = &pair.standby;
+    assert!(wait_role(second, "leader")["term"].as_i64().expect("term") > first_term);
+    let task = second.wait_status(&landed, "done");
+    done_once(&task, &pair.upstream);
+    pipeline_tests::wait_for("the landed task's refs to leave the remote", || {
+        task_refs(&pair.upstream, &landed).is_empty().then_some(())
+    });
+    assert_eq!(
+        task_refs(&pair.upstream, &held).len(),
+        1,
+        "a task not landed keeps its ref"
+    );
+    second.ctl(&["task", "approve", &held]).ok();
+    let task = second.wait_status(&held, "done");
+    done_once(&task, &pair.upstream);
+    pipeline_tests::wait_for("the approved task's refs to leave the remote", || {
+        task_refs(&pair.upstream, &held).is_empty().then_some(())
+    });
+    drop(runner);
+}
+
 /// A build slow in the servers' integration worktrees only (runners run the same command): it
 /// waits for `file` in the agent log dir.
 fn slow_build(file: &str) -> String {

@@ -549,6 +549,22 @@ impl Repo {
         Ok(self.git.fetch_prefix(remote, RefName::TASK_PATCHES).await?)
     }
 
+    /// The task patches `remote` keeps (`refs/pipeline/tasks/…`), by name.
+    pub async fn remote_task_patches(&self, remote: &RemoteName) -> Result<Vec<String>> {
+        Ok(self
+            .git
+            .remote_refs_under(remote, RefName::TASK_PATCHES)
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Deletes the server's refs `names` from `remote` (batched pushes).
+    pub async fn delete_remote_refs(&self, remote: &RemoteName, names: &[String]) -> Result<()> {
+        Ok(self.git.delete_remote_refs(remote, names).await?)
+    }
+
     /// Pushes `new` to `remote`'s `branch` only if it is still at `expected`; false when the
     /// remote refused (it moved).
     pub async fn push_with_lease(
