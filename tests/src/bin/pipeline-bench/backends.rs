@@ -19,6 +19,10 @@ pub async fn backends(quick: bool) {
     let pg = PgServer::start(Options { fsync: true }).unwrap_or_else(|e| panic!("{e}"));
     // `PIPELINE_BENCH_BACKENDS=postgres` (or `sqlite`) measures one backend only.
     let only = std::env::var("PIPELINE_BENCH_BACKENDS").unwrap_or_default();
+    // `PIPELINE_BENCH_FIGURES=leases,lists` (of latency, leases, creation, logs, lists)
+    // measures those figures only; unset, all.
+    let figures = std::env::var("PIPELINE_BENCH_FIGURES").unwrap_or_default();
+    let wanted = |figure: &str| figures.is_empty() || figures.split(',').any(|f| f == figure);
     for backend in ["sqlite", "postgres"] {
         if !only.is_empty() && !only.split(',').any(|b| b == backend) {
             continue;
@@ -27,46 +31,56 @@ pub async fn backends(quick: bool) {
         // Each figure on a database of its own (SQLite: the repository's state dir).
         let db = || (backend == "postgres").then(|| pg.database());
 
-        let one = db();
-        let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
-        latency(backend, &extra, quick).await;
+        if wanted("latency") {
+            let one = db();
+            let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
+            latency(backend, &extra, quick).await;
+        }
 
-        let one = db();
-        let mut extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
-        extra.extend(["--dispatch-batch", "1"]);
-        crate::dispatch::throughput(
-            &format!("{backend}, one transaction per lease"),
-            &extra,
-            "postgres >= 80% of the claim loop's claims/s",
-            quick,
-        )
-        .await;
-        let one = db();
-        let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
-        crate::dispatch::throughput(
-            &format!("{backend}, batched commits"),
-            &extra,
-            "postgres >= 80% of the claim loop's claims/s",
-            quick,
-        )
-        .await;
+        if wanted("leases") {
+            let one = db();
+            let mut extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
+            extra.extend(["--dispatch-batch", "1"]);
+            crate::dispatch::throughput(
+                &format!("{backend}, one transaction per lease"),
+                &extra,
+                "postgres >= 80% of the claim loop's claims/s",
+                quick,
+            )
+            .await;
+            let one = db();
+            let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
+            crate::dispatch::throughput(
+                &format!("{backend}, batched commits"),
+                &extra,
+                "postgres >= 80% of the claim loop's claims/s",
+                quick,
+            )
+            .await;
+        }
 
-        let one = db();
-        let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
-        creation(backend, &extra, quick).await;
+        if wanted("creation") {
+            let one = db();
+            let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
+            creation(backend, &extra, quick).await;
+        }
 
-        let one = db();
-        let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
-        let repo = TestRepo::new();
-        let mut flags = SERVER_FLAGS.to_vec();
-        flags.extend_from_slice(&extra);
-        let server = Server::start(&repo, &flags);
-        crate::logs::bench_logs(&server, &repo, quick).await;
-        drop(server);
+        if wanted("logs") {
+            let one = db();
+            let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
+            let repo = TestRepo::new();
+            let mut flags = SERVER_FLAGS.to_vec();
+            flags.extend_from_slice(&extra);
+            let server = Server::start(&repo, &flags);
+            crate::logs::bench_logs(&server, &repo, quick).await;
+            drop(server);
+        }
 
-        let one = db();
-        let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
-        crate::million::lists_with(quick, &extra).await;
+        if wanted("lists") {
+            let one = db();
+            let extra: Vec<&str> = one.iter().flat_map(|d| ["--db", d.url()]).collect();
+            crate::million::lists_with(quick, &extra).await;
+        }
     }
 }
 

@@ -137,8 +137,12 @@ pub async fn lists_with(quick: bool, extra: &[&str]) {
     let (deep_page, _) = admin.clone().list_page(None, deep.clone(), 100).await;
     assert_eq!(deep_page.len(), 100, "a full page that deep");
     let at = size - size.min(1000);
-    let goal = "p99 <= 5 ms";
-    let five = Duration::from_millis(5);
+    // Issue 16's goal on SQLite; issue 28's on PostgreSQL (another `--db`): 10 ms a page.
+    let (goal, limit) = if extra.contains(&"--db") {
+        ("p99 <= 10 ms", Duration::from_millis(10))
+    } else {
+        ("p99 <= 5 ms", Duration::from_millis(5))
+    };
     let cases = [
         (
             format!("a page of 100 of {size} tasks, the first"),
@@ -179,7 +183,7 @@ pub async fn lists_with(quick: bool, extra: &[&str]) {
             "ListTasks, {what}: {figure}; p50 = {:.2}x the same on {small} tasks (p50 {})  [goal: {goal}: {}]",
             figure.p50.as_secs_f64() / floor.p50.as_secs_f64(),
             crate::common::ms(floor.p50),
-            verdict(figure.p99 <= five)
+            verdict(figure.p99 <= limit)
         );
     }
 }
