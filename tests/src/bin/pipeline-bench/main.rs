@@ -8,6 +8,7 @@
 //! cargo run --release -p pipeline-tests --bin pipeline-bench              # everything
 //! cargo run --release -p pipeline-tests --bin pipeline-bench -- dispatch  # one benchmark
 //! cargo run --release -p pipeline-tests --bin pipeline-bench -- --quick   # seconds (CI)
+//! cargo run --release -p pipeline-tests --bin pipeline-bench -- train --remote-builds [--cpu-build]
 //! cargo run --release -p pipeline-tests --bin pipeline-bench -- replay --repo PATH --last N --test-cmd CMD
 //! ```
 
@@ -67,6 +68,8 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     // `train --remote-builds`: the trains built on the runners, against the server's own.
     let remote_builds = args.iter().any(|a| a == "--remote-builds");
+    // `train --remote-builds --cpu-build`: the same with a CPU-bound build instead of a sleep.
+    let cpu_build = args.iter().any(|a| a == "--cpu-build");
     let chosen: Vec<&str> = args
         .iter()
         .filter(|a| !a.starts_with("--"))
@@ -123,7 +126,7 @@ fn main() {
                 "metrics" => million::metrics(quick).await,
                 "fleet" => fleet::fleet(quick).await,
                 "from-file" => from_file::from_file(quick).await,
-                "train" if remote_builds => train::remote(quick).await,
+                "train" if remote_builds => train::remote(quick, cpu_build).await,
                 "train" => train::train(quick).await,
                 "train-30s" => train::train_30s(quick).await,
                 "pg-floor" => pg_floor::pg_floor(quick).await,

@@ -61,6 +61,9 @@ struct Setup {
     gather_ms: Option<u64>,
     /// `--remote-builds`: trains built on the runners.
     remote_builds: bool,
+    /// A CPU-bound build (`train --remote-builds --cpu-build`): this many rounds of `sh`
+    /// arithmetic, about `build_secs` of CPU, instead of `sleep build_secs`.
+    cpu_rounds: Option<u64>,
 }
 
 impl Setup {
@@ -79,9 +82,14 @@ impl Setup {
             label.push_str(" --remote-builds");
         }
         format!(
-            "{label}, p = {:.0}%, B = {} s, {} runners, {} tasks",
+            "{label}, p = {:.0}%, B = {} s{}, {} runners, {} tasks",
             self.marked * 100.0,
             self.build_secs,
+            if self.cpu_rounds.is_some() {
+                " of CPU"
+            } else {
+                ""
+            },
             self.runners,
             self.tasks
         )
@@ -179,6 +187,7 @@ pub async fn train(quick: bool) {
         integration_slots: 1,
         gather_ms: None,
         remote_builds: false,
+        cpu_rounds: None,
     };
     let p0 = run(at(8, 0.0)).await;
     // Without the gathering window: a train forms on the first result.
@@ -315,6 +324,7 @@ pub async fn train_30s(quick: bool) {
         integration_slots,
         gather_ms: None,
         remote_builds: false,
+        cpu_rounds: None,
     };
     let p0 = run(at(0.0, 1, 1)).await;
     let p10 = run(at(0.1, 1, 1)).await;
@@ -375,7 +385,7 @@ async fn run(setup: Setup) -> Figures {
     let agent = dir.join("train-agent.sh");
     std::fs::write(&agent, AGENT).expect("write the agent");
     let build = dir.join("train-build.sh");
-    std::fs::write(&build, build_script(&pairs, setup.build_secs, &record))
+    std::fs::write(&build, build_script(&pairs, setup.build_secs, setup.cpu_rounds, &record))
         .expect("write the build");
     let build_cmd = format!("sh {}", build.display());
     let agent_cmd = format!("sh {}", agent.display());
@@ -688,9 +698,15 @@ fn print(setup: &Setup, f: &Figures, landed: usize, leases: usize) {
 }
 
 /// The build: red when both files of a marked pair are in the tree and neither is fixed; it
-/// takes `secs` either way; in the server's integration worktrees (`integration`,
-/// `integration-2`, …: one per build slot) it records itself.
-fn build_script(pairs: &[(usize, usize)], secs: f64, record: &Path) -> String {
+/// takes `secs` either way (asleep, or `cpu_rounds` rounds of [`burn`]); in the server's
+/// integration worktrees (`integration`, `integration-2`, …: one per build slot) and the
+/// runners' build worktrees it records itself.
+fn build_script(
+    pairs: &[(usize, usize)],
+    secs: f64,
+    cpu_rounds: Option<u64>,
+    record: &Path,
+) -> String {
     let mut s = String::from("#!/bin/sh\nred=\n");
     for (a, b) in pairs {
         let (a, b) = (file(*a), file(*b));
@@ -698,7 +714,10 @@ fn build_script(pairs: &[(usize, usize)], secs: f64, record: &Path) -> String {
             "if [ -e {a} ] && [ -e {b} ] && ! grep -q fixed {a} {b}; then red=\"$red {a}+{b}\"; fi\n"
         ));
     }
-    s.push_str(&format!("sleep {secs}\n"));
+    match cpu_rounds {
+        Some(rounds) => s.push_str(&burn(rounds)),
+        None => s.push_str(&format!("sleep {secs}\n")),
+    }
     s.push_str(&format!(
         "case $PWD in */integration|*/integration-[0-9]*) echo \"$(date +%s.%N) $([ -n \"$red\" ] && echo red || echo green) $(ls train-*.txt 2>/dev/null | wc -l) files server\" >> '{0}';; \
          */builds/[0-9]*) echo \"$(date +%s.%N) $([ -n \"$red\" ] && echo red || echo green) $(ls train-*.txt 2>/dev/null | wc -l) files runner\" >> '{0}';; esac\n",
@@ -708,6 +727,40 @@ fn build_script(pairs: &[(usize, usize)], secs: f64, record: &Path) -> String {
         "if [ -n \"$red\" ]; then echo \"semantic conflict:$red are both in the tree\"; exit 1; fi\n",
     );
     s
+}
+
+/// A CPU-bound step of `rounds` rounds of arithmetic in the shell itself (no process per
+/// round: POSIX `sh` alone, the same on any machine with one).
+fn burn(rounds: u64) -> String {
+    format!("i=0; while [ \"$i\" -lt {rounds} ]; do i=$((i + 1)); done\n")
+}
+
+/// The CPU (user + system) one `sh` run of [`burn`]`(rounds)` costs, in seconds: this
+/// process's reaped children's CPU before and after it.
+fn burn_cost(rounds: u64) -> f64 {
+    let before = cpu_secs(std::process::id());
+    let ok = std::process::Command::new("sh")
+        .args(["-c", &burn(rounds)])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "sh could not run the CPU-bound build step");
+    let after = cpu_secs(std::process::id());
+    (after.1 - after.0) - (before.1 - before.0)
+}
+
+/// How many rounds of [`burn`] cost about `secs` of CPU here, and what that many cost when
+/// measured once.
+fn calibrate(secs: f64) -> (u64, f64) {
+    let mut rounds: u64 = 100_000;
+    loop {
+        let cost = burn_cost(rounds);
+        // Scaled from a measurement of at least a tenth of a second (clock ticks are 10 ms).
+        if cost >= 0.1 {
+            let rounds = ((rounds as f64) * secs / cost).round().max(1.0) as u64;
+            return (rounds, burn_cost(rounds));
+        }
+        rounds *= 4;
+    }
 }
 
 /// The CPU time (user + system) process `pid` has used so far, in seconds: its own, and with
@@ -737,9 +790,18 @@ fn cpu_secs(pid: u32) -> (f64, f64) {
 }
 
 /// `train --remote-builds`: p = 0 and p = 10%, the trains built by the server (one build slot,
-/// and 8 for p = 10%) and on the runners (`--remote-builds`), with the server's CPU.
-pub async fn remote(quick: bool) {
+/// and 8 for p = 10%) and on the runners (`--remote-builds`), with the server's CPU. With
+/// `cpu_build` the build burns about B seconds of CPU (`sh` arithmetic, its cost measured
+/// once here) instead of sleeping, on the runners' verifications and the trains' builds alike.
+pub async fn remote(quick: bool, cpu_build: bool) {
     let (build_secs, runners, tasks) = if quick { (0.2, 2, 8) } else { (2.0, 8, 32) };
+    let cpu_rounds = cpu_build.then(|| {
+        let (rounds, cost) = calibrate(build_secs);
+        println!(
+            "merge trains, a CPU-bound build: {rounds} rounds of sh arithmetic, measured once at {cost:.2} s of CPU (target B = {build_secs} s)"
+        );
+        rounds
+    });
     let at = |marked, build_slots, remote_builds| Setup {
         batch_max: 8,
         marked,
@@ -750,6 +812,7 @@ pub async fn remote(quick: bool) {
         integration_slots: 1,
         gather_ms: None,
         remote_builds,
+        cpu_rounds,
     };
     let runs = [
         at(0.0, 1, false),
@@ -773,6 +836,27 @@ pub async fn remote(quick: bool) {
             f.server_builds,
             f.runner_builds,
             f.red_on_base.len()
+        );
+    }
+    // Each load's server CPU with --remote-builds as a fraction of the same load built by the
+    // server (own, and with its children: its git and, when it builds, the builds).
+    for pair in figures.chunks(2) {
+        let [(server, s), (_, r)] = pair else {
+            continue;
+        };
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        println!(
+            "  p = {:.0}%: server CPU with --remote-builds = {:.2}x its own with server builds, {:.2}x with children ({:.2} s against {:.2} s){}",
+            server.marked * 100.0,
+            ratio(r.server_cpu, s.server_cpu),
+            ratio(r.server_tree_cpu, s.server_tree_cpu),
+            r.server_tree_cpu,
+            s.server_tree_cpu,
+            if r.server_builds == 0 {
+                "; the server ran no build"
+            } else {
+                "; the server RAN BUILDS"
+            }
         );
     }
 }
