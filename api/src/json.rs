@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::model::{
     FailureKind, FeedEntry, Landing, Queue, Run, Runner, Status, Task, TaskDetail, TaskEvent,
-    TaskStatus, Transition, Usage, Webhook,
+    TaskStatus, Train, Transition, Usage, Webhook,
 };
 use crate::time::rfc3339;
 
@@ -159,14 +159,23 @@ pub fn webhook(w: &Webhook) -> Value {
     })
 }
 
+/// A train in flight, as `queue --json` prints each.
+fn train(t: &Train) -> Value {
+    json!({
+        "id": t.id,
+        "tasks": t.tasks,
+        "step": t.step,
+        "speculative": t.ahead.is_some(),
+        "ahead": t.ahead,
+        "runners": t.runners,
+    })
+}
+
 /// The merge train now, the tasks in progress and the tasks behind them, as `queue --json` prints them.
 pub fn queue(q: &Queue) -> Value {
     json!({
-        "train": q.train.as_ref().map(|t| json!({
-            "id": t.id,
-            "tasks": t.tasks,
-            "step": t.step,
-        })),
+        "train": q.train.as_ref().map(train),
+        "trains": q.trains.iter().map(train).collect::<Vec<_>>(),
         "running": q.running.iter().map(|r| json!({
             "id": r.id,
             "runner": r.runner,

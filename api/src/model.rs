@@ -453,7 +453,7 @@ impl Landing {
     }
 }
 
-/// The merge train being integrated now.
+/// A merge train being integrated now.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Train {
     pub id: i64,
@@ -461,6 +461,11 @@ pub struct Train {
     pub tasks: Vec<String>,
     /// What it is doing: cherry-picking, building prefix i of k, landing.
     pub step: String,
+    /// The train in flight whose tip it is built on as if that had landed (speculative);
+    /// `None`: built on the base.
+    pub ahead: Option<i64>,
+    /// The runners building it now (`--remote-builds`).
+    pub runners: Vec<String>,
 }
 
 /// A task an agent works on now.
@@ -488,7 +493,10 @@ pub struct Waiting {
 /// The merge train and the tasks behind it, as `queue` prints them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Queue {
+    /// The train that lands next (the first of `trains`).
     pub train: Option<Train>,
+    /// Every train in flight, the one that lands next first.
+    pub trains: Vec<Train>,
     /// The tasks in progress, oldest lease first.
     pub running: Vec<Running>,
     pub waiting: Vec<Waiting>,

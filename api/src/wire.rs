@@ -343,14 +343,26 @@ fn landing(l: Option<pb::Landing>) -> Landing {
     }
 }
 
+fn train(t: pb::QueueTrain) -> Train {
+    Train {
+        id: t.id,
+        tasks: t.tasks,
+        step: t.step,
+        ahead: t.ahead,
+        runners: t.runners,
+    }
+}
+
 impl From<pb::GetQueueResponse> for Queue {
     fn from(q: pb::GetQueueResponse) -> Self {
         Queue {
-            train: q.train.map(|t| Train {
-                id: t.id,
-                tasks: t.tasks,
-                step: t.step,
-            }),
+            // A server older than `trains` sends the first train alone.
+            trains: if q.trains.is_empty() {
+                q.train.clone().into_iter().map(train).collect()
+            } else {
+                q.trains.into_iter().map(train).collect()
+            },
+            train: q.train.map(train),
             running: q
                 .running
                 .into_iter()

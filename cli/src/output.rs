@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::model::{
     CostSource, Health, LogItem, LogLine, LogRun, Phase, Queue, Run, Runner, Status, Task,
-    TaskDetail, TaskStatus, Transition, Usage,
+    TaskDetail, TaskStatus, Train, Transition, Usage,
 };
 use crate::time::rfc3339;
 
@@ -305,9 +305,27 @@ pub fn queue(out: &mut impl Write, q: &Queue, format: Format) -> io::Result<()> 
     if let Some(why) = q.landing.reason() {
         writeln!(out, "landing: PAUSED: {}", terminal_safe(why))?;
     }
-    match &q.train {
-        Some(t) => writeln!(out, "train {}: {} ({})", t.id, t.step, t.tasks.join(", "))?,
-        None => writeln!(out, "train:   none")?,
+    // Every train in flight, the one that lands next first (an older server: its one train).
+    let trains: Vec<&Train> = if q.trains.is_empty() {
+        q.train.iter().collect()
+    } else {
+        q.trains.iter().collect()
+    };
+    if trains.is_empty() {
+        writeln!(out, "train:   none")?;
+    }
+    for t in trains {
+        write!(
+            out,
+            "train {}: {} ({})",
+            t.id,
+            terminal_safe(&t.step),
+            t.tasks.join(", ")
+        )?;
+        match t.ahead {
+            Some(ahead) => writeln!(out, ", speculative on train {ahead}'s tip")?,
+            None => writeln!(out)?,
+        }
     }
     if !q.running.is_empty() {
         writeln!(out, "in progress ({}):", q.running.len())?;
@@ -1042,7 +1060,7 @@ mod tests {
 mod snapshots {
     use super::*;
     use crate::model::{
-        FailureKind, Landing, LogStream, RunStatus, RunnerState, Running, TaskEvent, Train, Waiting,
+        FailureKind, Landing, LogStream, RunStatus, RunnerState, Running, TaskEvent, Waiting,
     };
 
     /// 2026-11-24T01:01:02.123Z, and `s` seconds later.
@@ -1271,12 +1289,25 @@ mod snapshots {
             waiting_for: why.iter().map(|w| (*w).to_owned()).collect(),
             eta_seconds: eta,
         };
-        Queue {
-            train: Some(Train {
+        let trains = vec![
+            Train {
                 id: 7,
                 tasks: vec!["t-1".into(), "t-2".into(), "t-3".into()],
-                step: "building prefix 2 of 3".into(),
-            }),
+                step: "building prefix 2 of 3 (on runner build-1)".into(),
+                ahead: None,
+                runners: vec!["build-1".into()],
+            },
+            Train {
+                id: 8,
+                tasks: vec!["t-8".into(), "t-9".into()],
+                step: "building the train's tip (2 commits) (on runner build-2)".into(),
+                ahead: Some(7),
+                runners: vec!["build-2".into()],
+            },
+        ];
+        Queue {
+            train: Some(trains[0].clone()),
+            trains,
             running: vec![
                 Running {
                     id: "t-7".into(),
@@ -1321,6 +1352,7 @@ mod snapshots {
     fn queue_empty_and_paused() {
         let q = Queue {
             train: None,
+            trains: vec![],
             running: vec![],
             waiting: vec![],
             landing: Landing::Paused("paused by pipelinectl queue pause".into()),

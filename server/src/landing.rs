@@ -129,13 +129,18 @@ pub struct QueuePause {
     pub at: Option<Millis>,
 }
 
-/// The train being integrated now.
+/// A train being integrated now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainView {
     pub id: i64,
     pub tasks: Vec<TaskId>,
     /// What it is doing, in a few words: "cherry-picking", "building prefix 2 of 4", …
     pub step: String,
+    /// The train ahead whose tip it is built on as if that had landed (`--integration-slots`),
+    /// while that train is in flight: set, this train is speculative.
+    pub ahead: Option<i64>,
+    /// The runners building it now (`--remote-builds`), by name: filled when the queue is read.
+    pub runners: Vec<String>,
 }
 
 /// The landing side's state.
@@ -147,7 +152,9 @@ pub struct Landing {
     pub red_base: Option<RedBase>,
     /// A person's pause of new leases.
     pub queue_paused: Option<QueuePause>,
-    pub train: Option<TrainView>,
+    /// The trains in flight, the first (the one that lands next) first: several with
+    /// `--integration-slots`, each behind the first built on the tip of the one ahead.
+    pub trains: Vec<TrainView>,
     /// Trains that ended within the window (and the last few, whatever their age, for the
     /// estimates), oldest first.
     recent: VecDeque<TrainStat>,
@@ -240,7 +247,7 @@ impl Landing {
     /// lands, with trains of up to `batch_max`.
     pub fn eta_secs(&self, position: usize, batch_max: usize) -> Option<f64> {
         let per_train = self.train_secs()?;
-        let ahead = usize::from(self.train.is_some()) + position / batch_max.max(1);
+        let ahead = usize::from(!self.trains.is_empty()) + position / batch_max.max(1);
         Some(per_train * (ahead + 1) as f64)
     }
 
@@ -258,6 +265,21 @@ impl Landing {
             (Some(red), None) => ("paused", Some(red.reason.clone())),
             (None, Some(hold)) => ("paused", Some(hold.reason.clone())),
             (None, None) => ("running", None),
+        }
+    }
+
+    /// A train formed: shown behind those in flight.
+    pub fn train_formed(&mut self, view: TrainView) {
+        self.trains.retain(|t| t.id != view.id);
+        self.trains.push(view);
+    }
+
+    /// A train is over: no longer shown, and the trains built on its tip are no longer
+    /// speculative on it (it landed that tip, or they are formed again on the base).
+    pub fn train_over(&mut self, id: i64) {
+        self.trains.retain(|t| t.id != id);
+        for t in &mut self.trains {
+            t.ahead.take_if(|a| *a == id);
         }
     }
 
@@ -322,6 +344,27 @@ mod tests {
     }
 
     #[test]
+    fn a_train_over_is_no_longer_shown_nor_the_one_behind_speculative_on_it() {
+        let view = |id, ahead| TrainView {
+            id,
+            tasks: vec![],
+            step: "cherry-picking".into(),
+            ahead,
+            runners: vec![],
+        };
+        let mut l = Landing::default();
+        l.train_formed(view(1, None));
+        l.train_formed(view(2, Some(1)));
+        l.train_formed(view(3, Some(2)));
+        let shown = |l: &Landing| l.trains.iter().map(|t| (t.id, t.ahead)).collect::<Vec<_>>();
+        assert_eq!(shown(&l), [(1, None), (2, Some(1)), (3, Some(2))]);
+        l.train_over(1);
+        assert_eq!(shown(&l), [(2, None), (3, Some(2))]);
+        l.train_over(3);
+        assert_eq!(shown(&l), [(2, None)]);
+    }
+
+    #[test]
     fn estimates_come_from_recent_trains_that_built() {
         let mut l = Landing::default();
         assert_eq!(l.eta_secs(0, 8), None);
@@ -331,10 +374,12 @@ mod tests {
         assert_eq!(l.train_secs(), Some(3.0));
         assert_eq!(l.eta_secs(0, 8), Some(3.0));
         assert_eq!(l.eta_secs(8, 8), Some(6.0));
-        l.train = Some(TrainView {
+        l.trains.push(TrainView {
             id: 1,
             tasks: vec![],
             step: "building".into(),
+            ahead: None,
+            runners: vec![],
         });
         assert_eq!(l.eta_secs(0, 8), Some(6.0));
     }

@@ -665,7 +665,13 @@ fn the_leader_killed_during_a_train_build_lands_nothing_and_the_standby_lands_on
     let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
     pair.leader.wait_connected(&runner.proc, "r");
     let id = pair.leader.add(&["--title", "built twice, landed once"]);
-    pair.leader.wait_train_building();
+    let building = pair.leader.wait_train_building();
+    // The standby shows the train in flight from the database: its ID and members.
+    let seen = pair.standby.queue();
+    let train = &seen["trains"][0];
+    assert_eq!(train["id"], building["train"]["id"], "{seen}");
+    assert_eq!(train["tasks"], serde_json::json!([id]), "{seen}");
+    assert_eq!(seen["train"], *train, "{seen}");
     pair.leader.kill();
     assert_eq!(
         pipeline_tests::git(&pair.upstream, &["rev-parse", "main"]),

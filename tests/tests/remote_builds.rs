@@ -11,6 +11,7 @@
 //! worktree) records nothing.
 
 use pipeline_proto::v1 as pb;
+use pipeline_tests::web::{get, http_url, viewer_token};
 use pipeline_tests::{Runner, Server, TestRepo, agent_args, as_strs, fake_runner, wait_for};
 
 const BUILD_CMD: &str = "case $PWD in */builds/*|*/integration|*/integration-[0-9]*) \
@@ -203,4 +204,129 @@ fn sigkill_of_the_server_during_a_runners_build_then_restart_lands_each_once() {
         all.len() >= 2 && all.iter().all(|d| built_on(d).as_deref() == Some("r")),
         "built again, on the runner: {all:?}"
     );
+}
+
+/// Two trains in flight at once (`--integration-slots 2`, two tasks each, builds held on the
+/// runners): `queue` shows both, the one that lands next first (also as `train`), the second
+/// speculative on the first's tip, each with its members and the runner building it; the text
+/// output, the web page's queue view and `/api/queue` show both. Then both land.
+#[test]
+fn queue_shows_every_train_in_flight_with_its_members_and_runner() {
+    let repo = TestRepo::new();
+    let server = server(
+        &repo,
+        &[
+            "--batch-max",
+            "2",
+            "--integration-slots",
+            "2",
+            "--http",
+            "127.0.0.1:0",
+        ],
+    );
+    let _r1 = runner(&repo, &server, "r1", &["--slots", "2"]);
+    let _r2 = runner(&repo, &server, "r2", &["--slots", "2"]);
+    repo.touch("hold-builds");
+    server.ctl(&["queue", "pause", "--landing-only"]).ok();
+    let ids = ["q1", "q2", "q3", "q4"];
+    for id in ids {
+        add(&server, id);
+    }
+    for id in ids {
+        server.wait_status(id, "verified");
+    }
+    server.ctl(&["queue", "resume"]).ok();
+    let building = |t: &serde_json::Value| {
+        t["step"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("building"))
+            && t["runners"].as_array().is_some_and(|r| r.len() == 1)
+    };
+    let q = server.wait_queue("two trains building on runners at once", |q| {
+        q["trains"]
+            .as_array()
+            .is_some_and(|t| t.len() == 2 && t.iter().all(building))
+    });
+    let trains = q["trains"].as_array().expect("trains");
+    assert_eq!(q["train"], trains[0], "train is the first of trains: {q}");
+    let (first, second) = (&trains[0], &trains[1]);
+    assert_eq!(first["speculative"], false, "{q}");
+    assert_eq!(first["ahead"], serde_json::Value::Null, "{q}");
+    assert_eq!(second["speculative"], true, "{q}");
+    assert_eq!(second["ahead"], first["id"], "{q}");
+    let members = |t: &serde_json::Value| -> Vec<String> {
+        let mut m: Vec<String> = t["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .filter_map(|id| id.as_str().map(str::to_owned))
+            .collect();
+        m.sort();
+        m
+    };
+    let mut all = [members(first), members(second)].concat();
+    assert_eq!((members(first).len(), members(second).len()), (2, 2), "{q}");
+    all.sort();
+    assert_eq!(all, ids, "{q}");
+    // Each names its runner in its step too, and neither task waits behind them.
+    for t in trains {
+        let runner = t["runners"][0].as_str().expect("a runner");
+        assert!(
+            t["step"]
+                .as_str()
+                .is_some_and(|s| s.ends_with(&format!("(on runner {runner})"))),
+            "{t}"
+        );
+    }
+    assert_eq!(q["waiting"].as_array().map(Vec::len), Some(0), "{q}");
+    // The text output lists both.
+    let text = server.ctl(&["queue"]).ok();
+    let line = |t: &serde_json::Value| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("train {}: ", t["id"])))
+            .unwrap_or_else(|| panic!("a line for train {}: {text}", t["id"]))
+            .to_owned()
+    };
+    assert!(!line(first).contains("speculative"), "{text}");
+    assert!(
+        line(second).ends_with(&format!(", speculative on train {}'s tip", first["id"])),
+        "{text}"
+    );
+    // The web page's queue view shows both, the second as speculative; its API has the key.
+    let http = http_url(&server);
+    let viewer = viewer_token(&repo);
+    let page = get(&format!("{http}/"), &viewer).body;
+    for t in trains {
+        let at = page
+            .find(&format!("id=\"train-{}\"", t["id"]))
+            .unwrap_or_else(|| panic!("train {} on the page: {page}", t["id"]));
+        let block = &page[at..];
+        let block = &block[..block.find("</div>").unwrap_or(block.len())];
+        for id in members(t) {
+            assert!(block.contains(&format!("/tasks/{id}")), "{block}");
+        }
+    }
+    assert!(
+        page.contains(&format!("speculative on train {}&#x27;s tip", first["id"]))
+            || page.contains(&format!("speculative on train {}&#39;s tip", first["id"]))
+            || page.contains(&format!("speculative on train {}'s tip", first["id"])),
+        "{page}"
+    );
+    let api = get(&format!("{http}/api/queue"), &viewer).json();
+    assert_eq!(
+        api["trains"]
+            .as_array()
+            .map(|t| t.iter().map(|t| t["id"].clone()).collect::<Vec<_>>()),
+        Some(vec![first["id"].clone(), second["id"].clone()]),
+        "{api}"
+    );
+    repo.touch("release-build");
+    for id in ids {
+        let t = server.wait_status(id, "done");
+        assert_eq!(t["failures"], 0, "{t}");
+    }
+    let q = server.wait_queue("no train in flight", |q| {
+        q["trains"].as_array().is_some_and(Vec::is_empty)
+    });
+    assert_eq!(q["train"], serde_json::Value::Null, "{q}");
 }

@@ -128,6 +128,28 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         }
     }
 
+    /// The build jobs running on runners now: each one's runner (by name) and the tasks it
+    /// is built for, so that `queue` can say which runners build which train.
+    pub(crate) fn live_build_runners(&self) -> Vec<(String, Vec<TaskId>)> {
+        let board = self.board();
+        let registry = self.registry();
+        board
+            .jobs
+            .iter()
+            .filter(|(id, _)| registry.is_build(id))
+            .filter_map(|(_, job)| {
+                let runner = job.assigned.borrow().clone()?;
+                let tasks = job
+                    .spec
+                    .runs
+                    .iter()
+                    .filter_map(|(_, t)| t.clone())
+                    .collect();
+                Some((runner, tasks))
+            })
+            .collect()
+    }
+
     /// Takes a build job off the board (its builder no longer waits for it); a runner that
     /// runs it is told to stop.
     pub fn withdraw_build(&self, id: &str) {

@@ -69,10 +69,16 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         Ok(())
     }
 
-    /// Forms a train of `members` on the base tip `tip`: recorded, an integrate run started
-    /// for each member, and shown as the train now (`queue`). Returns the train's ID and the
+    /// Forms a train of `members` on the base tip `tip` (or, `ahead`, on the tip of that train
+    /// in flight, as if it had landed): recorded, an integrate run started for each member,
+    /// and shown behind the trains in flight (`queue`). Returns the train's ID and the
     /// members' run IDs, in order.
-    pub async fn start_train(&self, tip: &CommitId, members: &[Task]) -> Result<(i64, Vec<i64>)> {
+    pub async fn start_train(
+        &self,
+        tip: &CommitId,
+        members: &[Task],
+        ahead: Option<i64>,
+    ) -> Result<(i64, Vec<i64>)> {
         let ids: Vec<TaskId> = members.iter().map(|t| t.id.clone()).collect();
         let train = self.store.start_train(tip, &ids, self.now()).await?;
         let mut runs = Vec::with_capacity(members.len());
@@ -82,32 +88,34 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     .await?,
             );
         }
-        // The train now is the first of those built at once (speculative trains behind it
-        // are not shown).
-        self.landing().train.get_or_insert_with(|| TrainView {
+        let mut landing = self.landing();
+        // The train ahead may have ended meanwhile: then this one is not built on it.
+        let ahead = ahead.filter(|a| landing.trains.iter().any(|t| t.id == *a));
+        landing.train_formed(TrainView {
             id: train,
-            tasks: members.iter().map(|t| t.id.clone()).collect(),
+            tasks: ids,
             step: "cherry-picking".to_owned(),
+            ahead,
+            runners: Vec::new(),
         });
         Ok((train, runs))
     }
 
-    /// What the train now is doing, in a few words ("building prefix 2 of 4", "landing"):
-    /// shown as the train now, and a `step` entry of the feed (in a transaction of its own:
-    /// the step lives in memory only; one that cannot be written is only logged, the train
-    /// goes on).
+    /// What a train in flight is doing, in a few words ("building prefix 2 of 4", "landing"):
+    /// shown in `queue`, and a `step` entry of the feed (in a transaction of its own: the step
+    /// lives in memory only; one that cannot be written is only logged, the train goes on).
     pub async fn train_step(&self, train: i64, step: String) {
-        let current = {
+        let in_flight = {
             let mut landing = self.landing();
-            match landing.train.as_mut() {
-                Some(view) if view.id == train => {
+            match landing.trains.iter_mut().find(|t| t.id == train) {
+                Some(view) => {
                     view.step = step.clone();
                     true
                 }
-                _ => false,
+                None => false,
             }
         };
-        if current {
+        if in_flight {
             let entry = NewEntry::new(
                 Topic::Train,
                 train.to_string(),
@@ -122,7 +130,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         }
     }
 
-    /// The train is over: no longer the train now; with its `end`, recorded and counted in
+    /// The train is over: no longer shown in flight; with its `end`, recorded and counted in
     /// the last hour's trains. Without one the server is stopping mid-train: the train is
     /// formed again after the restart.
     pub async fn end_train(
@@ -131,7 +139,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         started_at: Millis,
         end: Option<&TrainEnd>,
     ) -> Result<()> {
-        self.landing().train.take_if(|view| view.id == train);
+        self.landing().train_over(train);
         let Some(end) = end else {
             return Ok(());
         };

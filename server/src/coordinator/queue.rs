@@ -57,7 +57,9 @@ pub struct Running {
 /// What `queue` shows.
 #[derive(Clone, Debug)]
 pub struct QueueView {
-    pub train: Option<TrainView>,
+    /// The trains in flight, the one that lands next first (several with
+    /// `--integration-slots`); `queue`'s `train` is the first.
+    pub trains: Vec<TrainView>,
     /// The tasks in progress, oldest lease first (from memory: the live leases).
     pub running: Vec<Running>,
     pub waiting: Vec<Waiting>,
@@ -277,27 +279,52 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// The train now, then the Verified tasks in landing order, then the Open ones in lease
     /// order (at most [`QUEUE_LIMIT`] in all).
     pub async fn queue(&self) -> Result<QueueView> {
-        let (train, landing_state, red_base, queue_paused, queue_pause_reason) = {
+        let (mut trains, landing_state, red_base, queue_paused, queue_pause_reason) = {
             let l = self.landing();
             (
-                l.train.clone(),
+                l.trains.clone(),
                 l.state(),
                 l.red_base.as_ref().map(|r| r.commit.to_string()),
                 l.leases_held().is_some(),
                 super::tasks::queue_pause_reason(&l),
             )
         };
-        // Where the train's builds run, with --remote-builds.
-        let mut train = train;
-        if let Some(t) = &mut train
-            && t.step.starts_with("building")
-        {
-            let on = self.registry().build_runners();
-            if !on.is_empty() {
+        // A standby keeps no train in memory: the trains in flight are those whose members'
+        // integrate runs are running in the database; what each is doing, and whose tip it is
+        // built on, are the leader's to tell.
+        if self.server_role().role == "standby" {
+            trains = self
+                .store
+                .trains_in_flight()
+                .await?
+                .into_iter()
+                .map(|(id, tasks)| TrainView {
+                    id,
+                    tasks,
+                    step: "in flight on the leader".to_owned(),
+                    ahead: None,
+                    runners: Vec::new(),
+                })
+                .collect();
+        }
+        // Which runners build each train, with --remote-builds: those of the live build jobs
+
+        // built for its tasks (the step names them too).
+        let building = self.live_build_runners();
+        for t in &mut trains {
+            let mut on: Vec<String> = building
+                .iter()
+                .filter(|(_, tasks)| tasks.iter().any(|id| t.tasks.contains(id)))
+                .map(|(runner, _)| runner.clone())
+                .collect();
+            on.sort();
+            on.dedup();
+            if !on.is_empty() && t.step.starts_with("building") {
                 t.step = format!("{} (on runner {})", t.step, on.join(", "));
             }
+            t.runners = on;
         }
-        let in_train = |id: &TaskId| train.as_ref().is_some_and(|t| t.tasks.contains(id));
+        let in_train = |id: &TaskId| trains.iter().any(|t| t.tasks.contains(id));
         let mut waiting = Vec::new();
         let verified = self.store.verified().await?;
         let room = QUEUE_LIMIT.saturating_sub(verified.len());
@@ -356,7 +383,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .map(|(id, runner, since)| Running { id, runner, since })
             .collect();
         Ok(QueueView {
-            train,
+            trains,
             running,
             waiting,
             landing: landing_state,

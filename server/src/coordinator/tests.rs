@@ -824,7 +824,7 @@ async fn a_train_with_a_red_member_lands_the_others_and_charges_only_the_red_one
     );
     // Nothing is left running, and the train is no longer shown.
     let queue = c.queue().await.expect("queue");
-    assert!(queue.train.is_none());
+    assert!(queue.trains.is_empty());
 }
 
 /// With build slots to spare, a red train's prefixes are built at once: the tip, then one

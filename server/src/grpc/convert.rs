@@ -417,12 +417,20 @@ fn webhook_to_pb(w: crate::webhooks::EndpointStatus) -> pb::WebhookEndpoint {
 
 /// `queue`'s answer.
 pub(crate) fn queue_response(q: QueueView) -> pb::GetQueueResponse {
-    pb::GetQueueResponse {
-        train: q.train.map(|t| pb::QueueTrain {
+    let trains: Vec<pb::QueueTrain> = q
+        .trains
+        .into_iter()
+        .map(|t| pb::QueueTrain {
             id: t.id,
             tasks: t.tasks.iter().map(ToString::to_string).collect(),
             step: t.step,
-        }),
+            ahead: t.ahead,
+            runners: t.runners,
+        })
+        .collect();
+    pb::GetQueueResponse {
+        train: trains.first().cloned(),
+        trains,
         waiting: q
             .waiting
             .into_iter()

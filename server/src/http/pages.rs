@@ -115,7 +115,8 @@ struct QueuePage<'a> {
     cards: Vec<Card>,
     leases_paused: Option<String>,
     landing_paused: Option<String>,
-    train: Option<model::Train>,
+    /// Every train in flight, the one that lands next first.
+    trains: Vec<model::Train>,
     verified: Vec<WaitRow>,
     open: Vec<WaitRow>,
     working: Vec<Working>,
@@ -239,7 +240,7 @@ pub async fn queue<S: Store>(who: Who, State(app): State<App<S>>) -> Result<Resp
         cards,
         leases_paused,
         landing_paused,
-        train: q.train.clone(),
+        trains: q.trains.clone(),
         verified,
         open,
         working,

@@ -93,6 +93,8 @@ pub struct Integrator<S, R, B> {
 /// What a train tells the train behind it (a speculative one, built on its tip).
 #[derive(Clone, Debug, Default)]
 struct Relay {
+    /// Its ID, once formed (for `queue`: the train behind is shown as built on it).
+    train: Option<i64>,
     /// The tip it leaves the base at if its whole chain lands, once every member is placed:
     /// the train behind is formed on it.
     guess: Option<(CommitId, TreeId)>,
@@ -808,7 +810,20 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         let tip = self.base_tip().await?;
         let started_at = c.now();
         let tasks: Vec<Task> = kept.iter().map(|(task, ..)| task.clone()).collect();
-        let (train_id, run_ids) = c.start_train(&tip, &tasks).await?;
+        // A speculative train is shown behind the train ahead, once that is formed.
+        let ahead = match &links.ahead {
+            Some(ahead) => ahead
+                .clone()
+                .wait_for(|r| r.train.is_some() || r.end.is_some())
+                .await
+                .ok()
+                .and_then(|r| r.train),
+            None => None,
+        };
+        let (train_id, run_ids) = c.start_train(&tip, &tasks, ahead).await?;
+        if let Some(behind) = &links.behind {
+            behind.send_modify(|r| r.train = Some(train_id));
+        }
         let now = || c.now();
         let mut riders = Vec::with_capacity(kept.len());
         let mut members = Vec::with_capacity(kept.len());

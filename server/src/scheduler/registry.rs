@@ -703,12 +703,6 @@ impl Registry {
             .collect()
     }
 
-    /// The runners that run build jobs now, by name, each once.
-    pub fn build_runners(&self) -> Vec<String> {
-        let names: BTreeSet<&str> = self.builds.values().map(|b| b.runner.as_str()).collect();
-        names.into_iter().map(str::to_owned).collect()
-    }
-
     /// When the next build job expires.
     pub fn next_build_expiry(&self) -> Option<Millis> {
         self.builds.values().map(|b| b.expires_at).min()

@@ -295,6 +295,13 @@ impl Store for AnyStore {
         }
     }
 
+    async fn trains_in_flight(&self) -> Result<Vec<(i64, Vec<TaskId>)>> {
+        match self {
+            AnyStore::Sqlite(s) => s.trains_in_flight().await,
+            AnyStore::Postgres(s) => s.trains_in_flight().await,
+        }
+    }
+
     async fn end_train(&self, id: i64, end: &TrainEnd, at: Millis) -> Result<()> {
         match self {
             AnyStore::Sqlite(s) => s.end_train(id, end, at).await,

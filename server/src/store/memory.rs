@@ -784,6 +784,19 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn trains_in_flight(&self) -> Result<Vec<(i64, Vec<TaskId>)>> {
+        let mut trains: BTreeMap<i64, Vec<TaskId>> = BTreeMap::new();
+        for r in &self.lock().runs {
+            if let Some(train) = r.train
+                && r.status == RunStatus::Running
+                && r.phase == Phase::Integrate
+            {
+                trains.entry(train).or_default().push(r.task_id.clone());
+            }
+        }
+        Ok(trains.into_iter().collect())
+    }
+
     async fn abort_integration(&self, task: &TaskId) -> Result<()> {
         self.lock().integrations.remove(task);
         Ok(())

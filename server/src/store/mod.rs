@@ -444,6 +444,11 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Trains that ended at or after `since`, oldest first.
     fn trains_since(&self, since: Millis) -> impl Future<Output = Result<Vec<TrainStat>>> + Send;
 
+    /// The trains whose members' integrate runs are still running, by train ID, each with
+    /// those members in the order their runs started (a standby's `queue`; served by the
+    /// index of running runs).
+    fn trains_in_flight(&self) -> impl Future<Output = Result<Vec<(i64, Vec<TaskId>)>>> + Send;
+
     /// Forgets a base move that did not happen.
     fn abort_integration(&self, task: &TaskId) -> impl Future<Output = Result<()>> + Send;
 

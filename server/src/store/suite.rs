@@ -1442,10 +1442,22 @@ pub async fn records_trains_and_their_runs<S: Store>(store: &S) {
         )
         .await
         .expect("run");
+    // In flight while its member's integrate run runs.
+    assert_eq!(
+        store.trains_in_flight().await.expect("in flight"),
+        [(second, vec![task.id.clone()])]
+    );
     store
         .end_run(run, &RunEnd::success(0.0, None).with_builds(3), 250)
         .await
         .expect("end");
+    assert!(
+        store
+            .trains_in_flight()
+            .await
+            .expect("in flight")
+            .is_empty()
+    );
     let runs = store.runs(&task.id).await.expect("runs");
     assert_eq!((runs[0].train, runs[0].builds), (Some(second), Some(3)));
     let end = |builds, landed| TrainEnd {

@@ -444,6 +444,10 @@ impl Store for SqliteStore {
         trains::trains_since(self, since).await
     }
 
+    async fn trains_in_flight(&self) -> Result<Vec<(i64, Vec<TaskId>)>> {
+        trains::trains_in_flight(self).await
+    }
+
     async fn abort_integration(&self, task: &TaskId) -> Result<()> {
         trains::abort_integration(self, task).await
     }

@@ -131,6 +131,25 @@ pub(super) async fn trains_since(store: &SqliteStore, since: Millis) -> Result<V
         .collect()
 }
 
+pub(super) async fn trains_in_flight(store: &SqliteStore) -> Result<Vec<(i64, Vec<TaskId>)>> {
+    // The running runs only (the partial index runs_running), whatever the history's size.
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT train, task_id FROM runs \
+         WHERE status = 'running' AND phase = 'integrate' AND train IS NOT NULL ORDER BY train, id",
+    )
+    .fetch_all(&store.pool)
+    .await?;
+    let mut trains: Vec<(i64, Vec<TaskId>)> = Vec::new();
+    for (train, task) in rows {
+        let task = stored_id(&task)?;
+        match trains.last_mut() {
+            Some((id, tasks)) if *id == train => tasks.push(task),
+            _ => trains.push((train, vec![task])),
+        }
+    }
+    Ok(trains)
+}
+
 pub(super) async fn abort_integration(store: &SqliteStore, task: &TaskId) -> Result<()> {
     let mut tx = store.write().await?;
     sqlx::query("DELETE FROM integrations WHERE task_id = ?")

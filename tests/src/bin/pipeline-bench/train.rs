@@ -385,8 +385,11 @@ async fn run(setup: Setup) -> Figures {
     let agent = dir.join("train-agent.sh");
     std::fs::write(&agent, AGENT).expect("write the agent");
     let build = dir.join("train-build.sh");
-    std::fs::write(&build, build_script(&pairs, setup.build_secs, setup.cpu_rounds, &record))
-        .expect("write the build");
+    std::fs::write(
+        &build,
+        build_script(&pairs, setup.build_secs, setup.cpu_rounds, &record),
+    )
+    .expect("write the build");
     let build_cmd = format!("sh {}", build.display());
     let agent_cmd = format!("sh {}", agent.display());
     let batch_max = setup.batch_max.to_string();
