@@ -11,7 +11,7 @@
 //! worktree) records nothing.
 
 use pipeline_proto::v1 as pb;
-use pipeline_tests::web::{get, http_url, viewer_token};
+use pipeline_tests::web::{Browser, browser_missing, get, http_url, viewer_token};
 use pipeline_tests::{Runner, Server, TestRepo, agent_args, as_strs, fake_runner, wait_for};
 
 const BUILD_CMD: &str = "case $PWD in */builds/*|*/integration|*/integration-[0-9]*) \
@@ -209,7 +209,8 @@ fn sigkill_of_the_server_during_a_runners_build_then_restart_lands_each_once() {
 /// Two trains in flight at once (`--integration-slots 2`, two tasks each, builds held on the
 /// runners): `queue` shows both, the one that lands next first (also as `train`), the second
 /// speculative on the first's tip, each with its members and the runner building it; the text
-/// output, the web page's queue view and `/api/queue` show both. Then both land.
+/// output, the web page's queue view (live, in a real browser where there is one: see
+/// browser.rs) and `/api/queue` show both. Then both land.
 #[test]
 fn queue_shows_every_train_in_flight_with_its_members_and_runner() {
     let repo = TestRepo::new();
@@ -235,6 +236,20 @@ fn queue_shows_every_train_in_flight_with_its_members_and_runner() {
     for id in ids {
         server.wait_status(id, "verified");
     }
+    let http = http_url(&server);
+    let viewer = viewer_token(&repo);
+    // The queue view open in a browser (where there is one) before the trains form: they show
+    // there without a reload.
+    let browser = browser_missing().is_none().then(|| {
+        let browser = Browser::start();
+        browser.sign_in(&http, &viewer);
+        browser.goto(&format!("{http}/"));
+        browser.wait_text("#live-queue", "no train yet", |t| {
+            t.contains("no train is running")
+        });
+        browser.eval("window.loadedOnce = 'yes'; return true");
+        browser
+    });
     server.ctl(&["queue", "resume"]).ok();
     let building = |t: &serde_json::Value| {
         t["step"]
@@ -293,8 +308,6 @@ fn queue_shows_every_train_in_flight_with_its_members_and_runner() {
         "{text}"
     );
     // The web page's queue view shows both, the second as speculative; its API has the key.
-    let http = http_url(&server);
-    let viewer = viewer_token(&repo);
     let page = get(&format!("{http}/"), &viewer).body;
     for t in trains {
         let at = page
@@ -312,6 +325,20 @@ fn queue_shows_every_train_in_flight_with_its_members_and_runner() {
             || page.contains(&format!("speculative on train {}'s tip", first["id"])),
         "{page}"
     );
+    if let Some(browser) = &browser {
+        let (a, b) = (&first["id"], &second["id"]);
+        browser.wait_text("#live-queue", "both trains, live", |t| {
+            t.contains(&format!("train {a}"))
+                && t.contains(&format!("train {b}"))
+                && t.contains(&format!("speculative on train {a}'s tip"))
+        });
+        assert_eq!(
+            browser.eval("return window.loadedOnce"),
+            serde_json::json!("yes"),
+            "no reload"
+        );
+        browser.screenshot("queue-trains");
+    }
     let api = get(&format!("{http}/api/queue"), &viewer).json();
     assert_eq!(
         api["trains"]
