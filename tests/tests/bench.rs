@@ -208,3 +208,26 @@ fn replay_lands_a_real_history_and_refuses_bad_input() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// A mistyped flag is refused (it was dropped, and every benchmark ran at full size, for
+/// minutes); `--help` says what there is and runs nothing.
+#[test]
+fn a_mistyped_flag_is_refused_and_help_runs_nothing() {
+    let bench = || Command::new(env!("CARGO_BIN_EXE_pipeline-bench"));
+    let out = bench().arg("--quik").output().expect("run pipeline-bench");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.starts_with("pipeline-bench: unknown flag \"--quik\""),
+        "{said}"
+    );
+    assert!(out.stdout.is_empty(), "nothing ran: {out:?}");
+    let out = bench().arg("--help").output().expect("run pipeline-bench");
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("usage: pipeline-bench"), "{said}");
+    assert!(
+        said.contains("train-30s"),
+        "the benchmarks are listed: {said}"
+    );
+}

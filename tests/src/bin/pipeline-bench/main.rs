@@ -53,6 +53,9 @@ const BENCHMARKS: &[&str] = &[
     "backends",
 ];
 
+/// The flags of the benchmarks (`replay` reads its own).
+const FLAGS: &[&str] = &["--quick", "--remote-builds", "--cpu-build"];
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `replay` takes flags of its own and runs alone (it replays the repository it is given).
@@ -64,6 +67,23 @@ fn main() {
         rt.block_on(replay::main(&args[1..]));
         println!("pipeline-bench: done");
         return;
+    }
+    let usage = format!(
+        "usage: pipeline-bench [--quick] [--remote-builds [--cpu-build]] [BENCHMARK ...]\n       \
+         pipeline-bench replay --help\nbenchmarks (all when none is named): {}",
+        BENCHMARKS.join(", ")
+    );
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{usage}");
+        return;
+    }
+    // A mistyped flag would otherwise be dropped and every benchmark run at full size.
+    if let Some(bad) = args
+        .iter()
+        .find(|a| a.starts_with('-') && !FLAGS.contains(&a.as_str()))
+    {
+        eprintln!("pipeline-bench: unknown flag {bad:?}\n{usage}");
+        std::process::exit(2);
     }
     let quick = args.iter().any(|a| a == "--quick");
     // `train --remote-builds`: the trains built on the runners, against the server's own.
