@@ -130,6 +130,8 @@ pub fn status(s: &Status) -> Value {
         "queue_pause_reason": s.queue_pause_reason,
         "queue_paused_since": s.queue_paused_at_ms.map(rfc3339),
         "builds_per_landed": s.builds_per_landed,
+        "integration_depth": s.integration_depth,
+        "integration_slots": s.integration_slots,
         "cost_cents_last_day": s.cost_cents_last_day,
         "tokens_last_day": s.tokens_last_day,
         "sandbox": s.sandbox,

@@ -379,6 +379,10 @@ pub struct Status {
     pub queue_paused_at_ms: Option<i64>,
     /// Integration builds per landed task over the last hour; `None` when none landed.
     pub builds_per_landed: Option<f64>,
+    /// Trains built at once now (the depth of speculation in use) and at most
+    /// (`--integration-slots`); `None` from a server whose integrator does not run.
+    pub integration_depth: Option<u32>,
+    pub integration_slots: Option<u32>,
     /// What agents cost over the last 24 hours, in cents, and their input and output tokens.
     pub cost_cents_last_day: f64,
     pub tokens_last_day: u64,

@@ -301,6 +301,8 @@ impl From<pb::GetStatusResponse> for Status {
             queue_pause_reason: s.queue_pause_reason,
             queue_paused_at_ms: s.queue_paused_at_ms,
             builds_per_landed: s.builds_per_landed,
+            integration_depth: s.integration_depth,
+            integration_slots: s.integration_slots,
             cost_cents_last_day: s.cost_cents_last_day,
             tokens_last_day: s.tokens_last_day,
             sandbox: Some(s.sandbox).filter(|w| !w.is_empty()),

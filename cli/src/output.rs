@@ -243,6 +243,11 @@ pub fn status(out: &mut impl Write, s: &Status, format: Format) -> io::Result<()
     if let Some(b) = s.builds_per_landed {
         writeln!(out, "builds/landed:   {b:.2} (last hour)")?;
     }
+    if let (Some(depth), Some(slots)) = (s.integration_depth, s.integration_slots)
+        && slots > 1
+    {
+        writeln!(out, "trains at once:  {depth} of at most {slots}")?;
+    }
     if s.cost_cents_last_day > 0.0 || s.tokens_last_day > 0 {
         writeln!(
             out,
@@ -1130,6 +1135,8 @@ mod snapshots {
             queue_pause_reason: None,
             queue_paused_at_ms: None,
             builds_per_landed: None,
+            integration_depth: None,
+            integration_slots: None,
             cost_cents_last_day: 0.0,
             tokens_last_day: 0,
             sandbox: Some("landlock".into()),
@@ -1223,6 +1230,8 @@ mod snapshots {
             queue_pause_reason: Some("a release".into()),
             queue_paused_at_ms: Some(at(5)),
             builds_per_landed: Some(0.25),
+            integration_depth: None,
+            integration_slots: None,
             ..status_of(Health::Healthy)
         };
         insta::assert_snapshot!(printed(|out| super::status(out, &s, TEXT)));

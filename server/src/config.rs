@@ -266,20 +266,21 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub build_slots: u32,
 
-    /// How long the integrator, woken from idle by a Verified task, waits for more before it
-    /// forms a train (it forms one at once when --batch-max tasks are in): the first wave's
-    /// results, milliseconds apart, then go in one train instead of a train of one that costs
-    /// a full build while the rest arrive. A lone task its runner verified on the base as it
-    /// is lands at once, without a build, and the rest of the window gathers what follows.
-    /// `0` forms a train at once. A bare number is milliseconds.
+    /// How long a train's first Verified task waits for more before the train forms (at once
+    /// when --batch-max tasks are in, or when no task is leased: no result can come): a wave
+    /// of results, milliseconds apart, then goes in one train instead of a train of one that
+    /// costs a full build while the rest arrive. A lone task its runner verified on the base as
+    /// it is lands at once, without a build. `0` forms a train at once. A bare number is
+    /// milliseconds.
     #[arg(long, env = "PIPELINE_GATHER_WINDOW", default_value = "250ms",
           value_name = "DURATION", value_parser = units::milliseconds)]
     pub gather_window: u64,
 
-    /// Merge trains built at once: each behind the first is built on the tip of the one ahead
-    /// of it as if that had landed (speculatively), and lands only once it has; one whose
-    /// train ahead does not land that tip is formed again on the base. Each train has a build
-    /// slot of its own (--build-slots is raised to it).
+    /// The most merge trains built at once: each behind the first is built on the tip of the
+    /// one ahead of it as if that had landed (speculatively), and lands only once it has; one
+    /// whose train ahead does not land that tip is formed again on the base. The depth in use
+    /// starts at 2 (or this, if lower), grows by 1 after a green train and halves after a red
+    /// one. Each train has a build slot of its own (--build-slots is raised to it).
     #[arg(long, env = "PIPELINE_INTEGRATION_SLOTS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=8))]
     pub integration_slots: u32,

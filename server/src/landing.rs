@@ -155,6 +155,9 @@ pub struct Landing {
     /// The trains in flight, the first (the one that lands next) first: several with
     /// `--integration-slots`, each behind the first built on the tip of the one ahead.
     pub trains: Vec<TrainView>,
+    /// The depth of speculation in use (trains built at once) and its ceiling
+    /// (`--integration-slots`), once the integrator runs.
+    pub integration_depth: Option<(u32, u32)>,
     /// Trains that ended within the window (and the last few, whatever their age, for the
     /// estimates), oldest first.
     recent: VecDeque<TrainStat>,

@@ -768,3 +768,79 @@ fn sigkill_of_the_server_with_speculative_trains_in_flight_then_restart() {
         "each once, in order"
     );
 }
+
+/// The depth of speculation adapts (`--integration-slots 3`: at most three trains at once): it
+/// starts at two, a red train halves it, each green train adds one up to the ceiling. `status`
+/// shows the depth in use and the ceiling; each change is a `depth` entry of the feed.
+#[test]
+fn the_depth_of_speculation_shrinks_after_a_red_train_and_grows_after_green_ones() {
+    let repo = TestRepo::new();
+    let build = build_cmd(
+        "if [ -e notes/d2.md ] && ! grep -q fixed notes/d2.md; then \
+         echo 'd2 breaks the build' >&2; exit 1; fi",
+    );
+    let server = Server::start(
+        &repo,
+        &[
+            "--build-cmd",
+            &build,
+            "--batch-max",
+            "2",
+            "--integration-slots",
+            "3",
+        ],
+    );
+    let watch = server.feed();
+    let _r = runner_with_slots(&repo, &server, 2);
+    let depth = || {
+        let status = server.ctl(&["status", "--json"]).json();
+        (
+            status["integration_depth"].clone(),
+            status["integration_slots"].clone(),
+        )
+    };
+    let start = wait_for("the integrator's depth in status", || {
+        Some(depth()).filter(|(d, _)| !d.is_null())
+    });
+    assert_eq!(start, (2.into(), 3.into()), "it starts at two");
+    // A red train (d1 lands, d2 is its culprit): the depth halves to one.
+    add_waiting(&server, &["d1", "d2"], "wait-once");
+    verify_then_land_together(&repo, &server, &["d1", "d2"]);
+    let red = watch.wait("the depth after the red train", |e| e["kind"] == "depth");
+    assert_eq!(
+        (&red["topic"], &red["data"]["depth"], &red["data"]["green"]),
+        (&Value::from("train"), &Value::from(1), &Value::from(false)),
+        "{red}"
+    );
+    // d2, fixed on its next attempt, lands alone: green, two.
+    let d2 = server.wait_status("d2", "done");
+    assert_eq!(d2["failures"], 1, "{d2}");
+    // Two more land together: green, three (the ceiling).
+    add_waiting(&server, &["e1", "e2"], "wait");
+    verify_then_land_together(&repo, &server, &["e1", "e2"]);
+    for id in ["e1", "e2"] {
+        server.wait_status(id, "done");
+    }
+    watch.wait("the depth at the ceiling", |e| {
+        e["kind"] == "depth" && e["data"]["depth"] == 3
+    });
+    let depths: Vec<(i64, bool)> = watch
+        .entries()
+        .iter()
+        .filter(|e| e["kind"] == "depth")
+        .map(|e| {
+            (
+                e["data"]["depth"].as_i64().expect("a depth"),
+                e["data"]["green"].as_bool().expect("green or not"),
+            )
+        })
+        .collect();
+    assert_eq!(depths, [(1, false), (2, true), (3, true)], "{depths:?}");
+    assert_eq!(depth(), (3.into(), 3.into()));
+    assert_eq!(
+        red_on_base(&repo, "d2"),
+        None,
+        "never a red tree on the base"
+    );
+    assert_eq!(repo.landed().len(), 4, "each once: {:?}", repo.landed());
+}

@@ -174,6 +174,39 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         self.store.pending_integrations().await
     }
 
+    /// How many tasks are leased now (dev work whose result may come), when known.
+    pub fn leased_now(&self) -> Option<u64> {
+        self.counts_mut().as_ref().map(|c| c.in_progress)
+    }
+
+    /// The depth of speculation in use (trains built at once) and its ceiling
+    /// (`--integration-slots`), shown by `status`; a change after a train (`green`: it was
+    /// green; else red) is a `depth` entry of the feed (its own transaction; one that cannot
+    /// be written is only logged).
+    pub async fn set_depth(&self, depth: crate::integrate::Depth, green: Option<bool>) {
+        let (in_use, ceiling) = (depth.in_use as u32, depth.ceiling as u32);
+        self.landing().integration_depth = Some((in_use, ceiling));
+        let Some(green) = green else {
+            return;
+        };
+        let why = if green {
+            "after a green train"
+        } else {
+            "after a red train"
+        };
+        let entry = NewEntry::new(
+            Topic::Train,
+            "depth".to_owned(),
+            "depth",
+            self.now(),
+            format!("trains built at once: {in_use} of at most {ceiling} ({why})"),
+            serde_json::json!({ "depth": in_use, "ceiling": ceiling, "green": green }),
+        );
+        if let Err(e) = self.store.record(&entry).await {
+            tracing::warn!("cannot record the depth of speculation in the feed: {e}");
+        }
+    }
+
     /// The base found red, while it is.
     pub fn red_base(&self) -> Option<RedBase> {
         self.landing().red_base.clone()

@@ -88,6 +88,8 @@ pub struct Status {
     pub queue_paused_at: Option<Millis>,
     /// Integration builds per landed task over the last hour.
     pub builds_per_landed: Option<f64>,
+    /// Trains built at once now, and at most (`--integration-slots`).
+    pub integration_depth: Option<(u32, u32)>,
     /// What the runs that ended over the last day cost, in cents, and their input and output
     /// tokens.
     pub cost_cents_last_day: f64,
@@ -743,6 +745,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             queue_pause_reason: queue_pause_reason(&landing),
             queue_paused_at: landing.queue_paused.as_ref().and_then(|p| p.at),
             builds_per_landed: landing.builds_per_landed(now),
+            integration_depth: landing.integration_depth,
             counts,
             runners: self.registry().connected_count() as u64,
             base: self.settings.base.to_string(),

@@ -882,27 +882,16 @@ async fn with_build_slots_a_red_trains_prefixes_are_built_at_once() {
     );
 }
 
-/// Whether `f` is still pending after being polled a few times (each poll sees every wake
-/// delivered so far): no clock is involved.
-async fn still_pending<F: std::future::Future + Unpin>(f: &mut F) -> bool {
-    for _ in 0..20 {
-        if tokio::time::timeout(std::time::Duration::ZERO, &mut *f)
-            .await
-            .is_ok()
-        {
-            return false;
-        }
-    }
-    true
-}
-
-/// Woken from idle, the integrator gathers: with a window too long to end on its own it waits
-/// while fewer than --batch-max (8) tasks are Verified, each new one waking it, and ends as the
-/// eighth arrives; a short window ends by itself.
+/// A train's gathering window: with a window too long to end on its own, the train waits
+/// while fewer than --batch-max (8) tasks are Verified and one is still leased, and forms as
+/// the eighth arrives; a window that has ended forms it whatever is Verified; with no task
+/// leased (no result can come) it forms at once.
 #[tokio::test]
-async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_ends() {
+async fn a_train_gathers_results_until_it_is_full_its_window_ends_or_nothing_is_leased() {
+    use crate::integrate::Form;
     let w = world_verifying().await;
     let c = &w.c;
+    c.load_counts().await.expect("counts");
     let (runner_id, mut rx) = runner(c, "r1", 8).await;
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -927,37 +916,66 @@ async fn a_wake_from_idle_gathers_results_until_a_train_is_full_or_the_window_en
         .await
         .expect("complete");
     };
-    complete(0).await;
     let integrator = Integrator::new(Arc::clone(c), FakeBuilder::new(&w.repo))
         .gathering(std::time::Duration::from_secs(3600));
-    let shutdown = CancellationToken::new();
-    let mut wakeups = c.integrator_wakeups();
-    let gather = integrator.gather(&mut wakeups, &shutdown);
-    tokio::pin!(gather);
-    assert!(still_pending(&mut gather).await, "one Verified: it waits");
-    for i in 1..7 {
+    let mut window = None;
+    let form = async |window: &mut Option<tokio::time::Instant>| {
+        let verified = c.verified_tasks().await.expect("verified");
+        match integrator.formable(&verified, false, window).await {
+            Form::Now(chosen) => Some(chosen.len()),
+            Form::Wait(_) => None,
+            Form::Nothing => Some(0),
+        }
+    };
+    for i in 0..7 {
         complete(i).await;
-        assert!(
-            still_pending(&mut gather).await,
+        assert_eq!(
+            form(&mut window).await,
+            None,
             "{} Verified: it waits",
             i + 1
         );
     }
+    // The window that ended forms the train of seven.
+    let ended = Some(tokio::time::Instant::now() - std::time::Duration::from_millis(1));
+    assert_eq!(form(&mut ended.clone()).await, Some(7));
     complete(7).await;
-    assert!(
-        !still_pending(&mut gather).await,
-        "eight: the train is full"
-    );
+    assert_eq!(form(&mut window).await, Some(8), "eight: the train is full");
     // One train of all eight, one build.
     let builder = FakeBuilder::new(&w.repo);
     let integrator = Integrator::new(Arc::clone(c), builder.clone())
         .gathering(std::time::Duration::from_millis(1));
     integrate_all(&integrator, 2).await;
     assert_eq!(builder.builds().len(), 1);
-    // A short window ends by itself, whatever is Verified.
-    integrator
-        .gather(&mut c.integrator_wakeups(), &shutdown)
-        .await;
+
+    // Two Verified and none leased: no result can come, it forms at once.
+    for i in 0..2 {
+        c.create_task(new_task(&format!("more {i}")))
+            .await
+            .expect("create");
+    }
+    c.dispatch_once().await.expect("round");
+    let more = assignments(&mut rx);
+    for (i, a) in more.values().enumerate() {
+        let commit = w
+            .repo
+            .runner_commit(&a.base_commit, &[(format!("g{i}.txt").as_str(), "x")]);
+        c.complete(
+            &runner_id,
+            verified(a, &commit, w.clock.now_ms()),
+            Some(bundle()),
+        )
+        .await
+        .expect("complete");
+    }
+    assert_eq!(c.leased_now(), Some(0));
+    let integrator = Integrator::new(Arc::clone(c), FakeBuilder::new(&w.repo))
+        .gathering(std::time::Duration::from_secs(3600));
+    let verified = c.verified_tasks().await.expect("verified");
+    assert!(matches!(
+        integrator.formable(&verified, false, &mut None).await,
+        Form::Now(chosen) if chosen.len() == 2
+    ));
 }
 
 /// Two trains at once (`--integration-slots 2`): eight tasks in the first, one of them red,

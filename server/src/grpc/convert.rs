@@ -388,6 +388,8 @@ pub(crate) fn status_response(s: StatusView) -> pb::GetStatusResponse {
         queue_pause_reason: s.queue_pause_reason,
         queue_paused_at_ms: s.queue_paused_at,
         builds_per_landed: s.builds_per_landed,
+        integration_depth: s.integration_depth.map(|d| d.0),
+        integration_slots: s.integration_depth.map(|d| d.1),
         cost_cents_last_day: s.cost_cents_last_day,
         tokens_last_day: s.tokens_last_day,
         sandbox: s.sandbox.as_str().to_owned(),

@@ -82,11 +82,12 @@ pub struct Integrator<S, R, B> {
     /// Git's failures in a row on each step input that failed lately, not for the machine's
     /// reasons (see [`REPEATS`]).
     failures: std::sync::Mutex<HashMap<Attempt, u32>>,
-    /// How long a wake from idle waits for more Verified tasks before a train forms
-    /// ([`Integrator::gather`]).
+    /// How long a train's first candidate waits for more Verified tasks before the train
+    /// forms ([`Integrator::formable`]).
     gather_window: Duration,
-    /// How many trains are built at once (`--integration-slots`): each behind the first on
-    /// the tip of the one ahead of it, as if that had landed.
+    /// How many trains are built at most at once (`--integration-slots`): each behind the
+    /// first on the tip of the one ahead of it, as if that had landed. [`Integrator::run`]
+    /// adapts the depth in use up to it ([`Depth`]); [`Integrator::next`] uses all of it.
     depth: usize,
 }
 
@@ -110,6 +111,77 @@ struct Links {
     ahead: Option<tokio::sync::watch::Receiver<Relay>>,
     /// This train's relay, for the train behind.
     behind: Option<tokio::sync::watch::Sender<Relay>>,
+}
+
+/// What the integrator may do next ([`Integrator::prepare`]).
+enum Ready {
+    /// Nothing: landing is held, or the server is stopping.
+    Idle,
+    /// Something was settled: what was read is stale, read again.
+    Again,
+    /// The Verified tasks a train may take, in landing order.
+    Tasks(Vec<Task>),
+}
+
+/// What a train's end says of the depth of speculation ([`Integrator::run`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Its tip landed (built green, or known green) and no build of it was red.
+    Green,
+    /// A build of it was red (a culprit, or the base itself).
+    Red,
+    /// Neither: nothing to judge by (requeued, the server stopping, nothing built or landed).
+    Neither,
+}
+
+/// Whether a pending train may form now ([`Integrator::formable`]).
+pub(crate) enum Form {
+    /// These candidates, by index, each with the members it depends on.
+    Now(Vec<(usize, Vec<usize>)>),
+    /// Not yet: the gathering window ends then.
+    Wait(tokio::time::Instant),
+    /// Nothing can form (no candidate whose dependencies are met).
+    Nothing,
+}
+
+/// The depth of speculation in use: the trains built at once, from 1 up to the ceiling
+/// (`--integration-slots`); it starts at 2 (or the ceiling, if lower), grows by 1 after each
+/// green train and halves after a red one (Zuul's window), so that a run of red trains stops
+/// wasting builds on guesses and a green run speculates as deep as allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Depth {
+    pub in_use: usize,
+    pub ceiling: usize,
+}
+
+impl Depth {
+    pub fn new(ceiling: usize) -> Self {
+        let ceiling = ceiling.max(1);
+        Self {
+            in_use: ceiling.min(2),
+            ceiling,
+        }
+    }
+
+    /// After a train ended with `verdict`: whether the depth changed.
+    fn after(&mut self, verdict: Verdict) -> bool {
+        let before = self.in_use;
+        self.in_use = match verdict {
+            Verdict::Green => (self.in_use + 1).min(self.ceiling),
+            Verdict::Red => (self.in_use / 2).max(1),
+            Verdict::Neither => self.in_use,
+        };
+        self.in_use != before
+    }
+}
+
+/// A train's span, naming its tasks (`task` when it has one).
+fn train_span(tasks: &[(Task, Vec<usize>)]) -> tracing::Span {
+    let members: Vec<String> = tasks.iter().map(|(t, _)| t.id.to_string()).collect();
+    match members.as_slice() {
+        [one] => tracing::info_span!("train", task = %one, tasks = %one),
+        _ => tracing::info_span!("train", tasks = %members.join(",")),
+    }
 }
 
 /// What a build of the base alone concluded.
@@ -177,55 +249,11 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         self
     }
 
-    /// Waits up to `window` after a wake from idle for more Verified tasks (`--gather-window`).
+    /// Waits up to `window` from a train's first candidate for more Verified tasks
+    /// (`--gather-window`).
     pub fn gathering(mut self, window: Duration) -> Self {
         self.gather_window = window;
         self
-    }
-
-    /// Woken from idle: gathers what arrives within the window before a train forms, so that
-    /// a wave of results milliseconds apart goes in one train. Ends early once `--batch-max`
-    /// tasks are Verified (a train cannot take more), at the window's end, or on shutdown;
-    /// between, it is woken by the same events as the integrator (each Verified task), never
-    /// by a timer of its own. It also ends early when the one Verified task can land without
-    /// a build (its runner verified its tree on the base as it is): waiting would gain no
-    /// build. It then returns the window's deadline, for [`Integrator::gather_until`] to gather
-    /// what follows once that task has landed.
-    pub(crate) async fn gather(
-        &self,
-        wakeups: &mut crate::coordinator::IntegratorWakeups<'_, S, R>,
-        shutdown: &CancellationToken,
-    ) -> Option<tokio::time::Instant> {
-        if self.gather_window.is_zero() {
-            return None;
-        }
-        let deadline = tokio::time::Instant::now() + self.gather_window;
-        self.gather_until(deadline, wakeups, shutdown).await
-    }
-
-    /// [`Integrator::gather`] until `deadline`.
-    pub(crate) async fn gather_until(
-        &self,
-        deadline: tokio::time::Instant,
-        wakeups: &mut crate::coordinator::IntegratorWakeups<'_, S, R>,
-        shutdown: &CancellationToken,
-    ) -> Option<tokio::time::Instant> {
-        let batch_max = self.c().settings().batch_max.max(1);
-        loop {
-            match self.c().verified_tasks().await {
-                Ok(verified) if verified.len() == 1 && self.lands_unbuilt(&verified[0]).await => {
-                    return Some(deadline);
-                }
-                Ok(verified) if verified.len() < batch_max => {}
-                // Full, or the store cannot say: the train forms now.
-                _ => return None,
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return None,
-                () = wakeups.next() => {}
-                () = tokio::time::sleep_until(deadline) => return None,
-            }
-        }
     }
 
     /// Whether `task`, alone in a train, would land on its runner's word: its runner verified
@@ -296,39 +324,180 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         &self.coordinator
     }
 
-    /// Integrates Verified tasks as they come, until `shutdown`.
+    /// Integrates Verified tasks as they come, until `shutdown`: a train forms as soon as
+    /// there is room for it (fewer trains in flight than the depth in use) and its gathering
+    /// window allows ([`Integrator::formable`]); behind a train in flight it is built on that
+    /// train's tip, as if it had landed. Each train runs as a task of its own, so that one
+    /// building never holds up the forming of the next.
     pub async fn run(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
         // Subscribed before the first round: nothing published from now on is missed.
-        let mut wakeups = self.c().integrator_wakeups();
-        // What is left of a gathering window that a lone task landing on its runner's word
-        // ended early: what arrives in it is gathered once that task has landed.
-        let mut window_left = None;
+        let mut wakeups = this.c().integrator_wakeups();
+        let mut depth = Depth::new(this.depth);
+        this.c().set_depth(depth, None).await;
+        let mut in_flight: tokio::task::JoinSet<Result<Verdict>> = tokio::task::JoinSet::new();
+        // The tasks of each train in flight, and all of them.
+        let mut trains: HashMap<tokio::task::Id, Vec<TaskId>> = HashMap::new();
+        let mut riding: HashSet<TaskId> = HashSet::new();
+        // The relay of the train formed last, for the next one to ride on while it is in flight.
+        let mut last: Option<tokio::sync::watch::Receiver<Relay>> = None;
+        // The gathering window of the train to form next, once it has a candidate.
+        let mut window: Option<tokio::time::Instant> = None;
+        // No train forms before then (after an error, or while the base is red).
+        let mut hold: Option<tokio::time::Instant> = None;
         loop {
-            let pause = match self.next(&shutdown).await {
+            if shutdown.is_cancelled() {
                 // A train stopped by the shutdown is formed again after the restart.
-                _ if shutdown.is_cancelled() => return,
-                Ok(true) => {
-                    if let Some(deadline) = window_left.take() {
-                        window_left = self.gather_until(deadline, &mut wakeups, &shutdown).await;
-                    }
-                    continue;
-                }
-                Ok(false) if self.red_base().is_some() => Some(RED_BASE_RECHECK),
-                Ok(false) => None,
-                Err(err) => {
-                    tracing::error!(error = %err, "integration round failed; retrying");
-                    Some(RETRY_AFTER_ERROR)
-                }
-            };
-            let woken = tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = wakeups.next() => true,
-                () = tokio::time::sleep(pause.unwrap_or(Duration::from_secs(24 * 3600))) => false,
-            };
-            window_left = None;
-            if woken {
-                window_left = self.gather(&mut wakeups, &shutdown).await;
+                while in_flight.join_next().await.is_some() {}
+                return;
             }
+            let now = tokio::time::Instant::now();
+            let mut until = hold.filter(|h| *h > now);
+            if in_flight.len() < depth.in_use && until.is_none() {
+                hold = None;
+                match this
+                    .pending(&riding, in_flight.is_empty(), &shutdown, &mut window)
+                    .await
+                {
+                    Err(err) => {
+                        tracing::error!(error = %err, "integration round failed; retrying");
+                        hold = Some(now + RETRY_AFTER_ERROR);
+                        until = hold;
+                    }
+                    Ok(None) => {
+                        window = None;
+                        if in_flight.is_empty() && this.red_base().is_some() {
+                            hold = Some(now + RED_BASE_RECHECK);
+                            until = hold;
+                        }
+                    }
+                    Ok(Some((_, Form::Nothing))) => window = None,
+                    Ok(Some((_, Form::Wait(deadline)))) => until = Some(deadline),
+                    Ok(Some((verified, Form::Now(group)))) => {
+                        window = None;
+                        let tasks: Vec<(Task, Vec<usize>)> = group
+                            .into_iter()
+                            .map(|(i, after)| (verified[i].clone(), after))
+                            .collect();
+                        let ids: Vec<TaskId> = tasks.iter().map(|(t, _)| t.id.clone()).collect();
+                        riding.extend(ids.iter().cloned());
+                        let (tx, rx) = tokio::sync::watch::channel(Relay::default());
+                        let links = Links {
+                            // Behind the train formed last while it is not over.
+                            ahead: last
+                                .take()
+                                .filter(|r| !in_flight.is_empty() && r.borrow().end.is_none()),
+                            behind: Some(tx),
+                        };
+                        last = Some(rx);
+                        let span = train_span(&tasks);
+                        let train = Arc::clone(&this);
+                        let stop = shutdown.clone();
+                        let handle = in_flight.spawn(
+                            async move { train.run_train(tasks, links, &stop).await }
+                                .instrument(span),
+                        );
+                        trains.insert(handle.id(), ids);
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                Some(joined) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    let (id, verdict) = match joined {
+                        Ok((id, verdict)) => (id, verdict),
+                        // A train that panicked: its tasks are formed again.
+                        Err(err) => (
+                            err.id(),
+                            Err(Error::Internal(format!("a train's task failed: {err}"))),
+                        ),
+                    };
+                    for task in trains.remove(&id).unwrap_or_default() {
+                        riding.remove(&task);
+                    }
+                    match verdict {
+                        Ok(verdict) => {
+                            if depth.after(verdict) {
+                                this.c().set_depth(depth, Some(verdict == Verdict::Green)).await;
+                            }
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %err, "integration round failed; retrying");
+                            hold = Some(tokio::time::Instant::now() + RETRY_AFTER_ERROR);
+                        }
+                    }
+                }
+                () = wakeups.next() => {}
+                () = sleep_until_or_never(until) => {}
+            }
+        }
+    }
+
+    /// The train to form next, from the Verified tasks not `riding` a train in flight, and
+    /// whether it may form now: `None` if nothing can (landing held, the server stopping).
+    /// With nothing in flight (`alone`), a red base that moved and the runners' held failures
+    /// are settled first.
+    async fn pending(
+        &self,
+        riding: &HashSet<TaskId>,
+        alone: bool,
+        shutdown: &CancellationToken,
+        window: &mut Option<tokio::time::Instant>,
+    ) -> Result<Option<(Vec<Task>, Form)>> {
+        let verified = loop {
+            match self.prepare(alone, shutdown).await? {
+                Ready::Idle => return Ok(None),
+                Ready::Again => {}
+                Ready::Tasks(verified) => break verified,
+            }
+        };
+        let verified: Vec<Task> = verified
+            .into_iter()
+            .filter(|t| !riding.contains(&t.id))
+            .collect();
+        let form = self.formable(&verified, alone, window).await;
+        Ok(Some((verified, form)))
+    }
+
+    /// Whether a train of `verified` (in landing order) forms now. The gathering window
+    /// (`--gather-window`), started by the first candidate, lets a wave of results
+    /// milliseconds apart go in one train; it ends early once the train is full
+    /// (`--batch-max`), once no task is leased (no result can come), or, with no train in
+    /// flight (`alone`), when the one candidate lands without a build (its runner verified
+    /// its tree on the base as it is: waiting would gain no build).
+    pub(crate) async fn formable(
+        &self,
+        verified: &[Task],
+        alone: bool,
+        window: &mut Option<tokio::time::Instant>,
+    ) -> Form {
+        let batch_max = self.c().settings().batch_max.max(1);
+        let candidates: Vec<Candidate<TaskId>> = verified
+            .iter()
+            .map(|t| Candidate {
+                id: t.id.clone(),
+                deps_pending: t.deps_pending,
+                depends_on: t.depends_on.clone(),
+            })
+            .collect();
+        let chosen = train::select(&candidates, batch_max);
+        if chosen.is_empty() {
+            return Form::Nothing;
+        }
+        if self.gather_window.is_zero()
+            || chosen.len() >= batch_max
+            || self.c().leased_now() == Some(0)
+            || (alone && verified.len() == 1 && self.lands_unbuilt(&verified[0]).await)
+        {
+            return Form::Now(chosen);
+        }
+        let now = tokio::time::Instant::now();
+        let deadline = *window.get_or_insert(now + self.gather_window);
+        if deadline <= now {
+            Form::Now(chosen)
+        } else {
+            Form::Wait(deadline)
         }
     }
 
@@ -337,11 +506,12 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         self.c().red_base().map(|r| r.commit)
     }
 
-    /// Runs the next train; false if there is none to run (nothing Verified can land, or
-    /// landing is held). Before it: a red base that moved is built again (green ends the
-    /// hold), and the runners' failures held on an unchecked base are settled.
-    pub async fn next(&self, shutdown: &CancellationToken) -> Result<bool> {
-        if let Some(red) = self.c().red_base() {
+    /// What a train may take now: first (with `settle`, when no train is in flight) a red
+    /// base that moved is built again (green ends the hold) and the runners' failures held on
+    /// an unchecked base are settled; then the Verified tasks, in landing order, without those
+    /// whose failure is held or that await a person's approval.
+    async fn prepare(&self, settle: bool, shutdown: &CancellationToken) -> Result<Ready> {
+        if settle && let Some(red) = self.c().red_base() {
             let tip = self.base_tip().await?;
             if tip != red.commit {
                 let base = self.c().settings().base.clone();
@@ -349,7 +519,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                     .base_verdict(&tip, red.namespace.as_deref(), None, shutdown)
                     .await?
                 {
-                    None => return Ok(false),
+                    None => return Ok(Ready::Idle),
                     Some(BaseVerdict::Green) => {
                         self.c()
                             .clear_red_base(&format!(
@@ -367,22 +537,39 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             }
         }
         let verified = self.c().verified_tasks().await?;
-        match self.check_bases(&verified, shutdown).await? {
-            None => return Ok(false),
-            // What was read is stale now: read again.
-            Some(true) => return Ok(true),
-            Some(false) => {}
+        if settle {
+            match self.check_bases(&verified, shutdown).await? {
+                None => return Ok(Ready::Idle),
+                // What was read is stale now: read again.
+                Some(true) => return Ok(Ready::Again),
+                Some(false) => {}
+            }
         }
         if self.c().landing_held() {
-            return Ok(false);
+            return Ok(Ready::Idle);
         }
-        let batch_max = self.c().settings().batch_max.max(1);
         // A held failure is settled first; an unapproved task waits for a person.
         let policy = self.c().policy();
-        let verified: Vec<Task> = verified
-            .into_iter()
-            .filter(|t| !t.state.base_check && !policy.awaits_approval(&t.state))
-            .collect();
+        Ok(Ready::Tasks(
+            verified
+                .into_iter()
+                .filter(|t| !t.state.base_check && !policy.awaits_approval(&t.state))
+                .collect(),
+        ))
+    }
+
+    /// Runs the next train; false if there is none to run (nothing Verified can land, or
+    /// landing is held). Before it: a red base that moved is built again (green ends the
+    /// hold), and the runners' failures held on an unchecked base are settled. With
+    /// `--integration-slots N`, up to N trains are formed at once and all of them run to
+    /// their end (the round a test drives; [`Integrator::run`] forms them as they come).
+    pub async fn next(&self, shutdown: &CancellationToken) -> Result<bool> {
+        let verified = match self.prepare(true, shutdown).await? {
+            Ready::Idle => return Ok(false),
+            Ready::Again => return Ok(true),
+            Ready::Tasks(verified) => verified,
+        };
+        let batch_max = self.c().settings().batch_max.max(1);
         let candidates: Vec<Candidate<TaskId>> = verified
             .iter()
             .map(|t| Candidate {
@@ -431,12 +618,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                 .into_iter()
                 .map(|(i, after)| (verified[i].clone(), after))
                 .collect();
-            let members: Vec<String> = tasks.iter().map(|(t, _)| t.id.to_string()).collect();
-            // One span for the train, naming its tasks (`task` when it has one).
-            let span = match members.as_slice() {
-                [one] => tracing::info_span!("train", task = %one, tasks = %one),
-                _ => tracing::info_span!("train", tasks = %members.join(",")),
-            };
+            let span = train_span(&tasks);
             let mut links = Links {
                 ahead: ahead.take(),
                 behind: None,
@@ -772,7 +954,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         tasks: Vec<(Task, Vec<usize>)>,
         links: Links,
         shutdown: &CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<Verdict> {
         let c = self.c();
         let base = c.settings().base.clone();
         // A task whose record is broken (no commit, a merge commit) fails on its own; its
@@ -805,7 +987,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             }
         }
         if kept.is_empty() {
-            return Ok(());
+            return Ok(Verdict::Neither);
         }
         let tip = self.base_tip().await?;
         let started_at = c.now();
@@ -885,8 +1067,26 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             behind.send_modify(|r| r.end = Some(end));
         }
         match driven {
-            Ok(Some(outcome)) => self.finish(train_id, started_at, &riders, outcome).await,
-            Ok(None) => c.end_train(train_id, started_at, None).await,
+            Ok(Some(outcome)) => {
+                let verdict = if outcome.red.is_some() || outcome.red_base.is_some() {
+                    Verdict::Red
+                } else if outcome
+                    .fates
+                    .iter()
+                    .any(|f| matches!(f, Fate::Landed { .. }))
+                {
+                    Verdict::Green
+                } else {
+                    Verdict::Neither
+                };
+                self.finish(train_id, started_at, &riders, outcome)
+                    .await
+                    .map(|()| verdict)
+            }
+            Ok(None) => c
+                .end_train(train_id, started_at, None)
+                .await
+                .map(|()| Verdict::Neither),
             Err(err) => {
                 // Nobody's fault: the train ends uncharged and is formed again.
                 let end = TrainEnd {
@@ -1576,6 +1776,14 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             }
         }
         Ok(finished)
+    }
+}
+
+/// Sleeps until `until`, or for ever without one.
+async fn sleep_until_or_never(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
     }
 }
 
