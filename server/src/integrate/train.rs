@@ -860,9 +860,17 @@ impl Train {
                 step
             }
         };
-        // On a guess, nothing lands or ends before the train ahead is known to have landed it.
+        // On a guess, nothing lands or ends before the train ahead is known to have landed it;
+        // nor does a red tip's search for its culprit begin: the red may be the train ahead's
+        // (its culprit is in the guess), and every prefix would be built red for nothing.
         self.step = match next {
             next @ (Step::Journal { .. } | Step::Done(_)) if self.guess => {
+                self.held = Some(next);
+                Step::Confirm
+            }
+            next @ (Step::Build { .. } | Step::BuildMany { .. })
+                if self.guess && self.search.is_some() =>
+            {
                 self.held = Some(next);
                 Step::Confirm
             }
@@ -1268,6 +1276,45 @@ mod tests {
         );
         assert_eq!(o.tip, Some(c(0)));
         assert!(o.total_builds >= 2, "built again on the real base");
+    }
+
+    /// A red tip on the guess: no prefix is built before the train ahead is known to have
+    /// landed that guess (its culprit may be what is red); once it has, the search goes on and
+    /// charges the culprit.
+    #[test]
+    fn a_speculative_train_searches_a_red_tip_only_once_its_guess_is_confirmed() {
+        let mut w = World::new(|len| len >= 2);
+        let mut train = Train::new(speculative(4));
+        let mut builds = 0;
+        while !matches!(train.step(), Step::Confirm) {
+            let input = match train.step().clone() {
+                Step::ReadTip => Input::Tip {
+                    tip: c(900),
+                    tree: t(900),
+                    landed: vec![],
+                },
+                Step::Pick { member, .. } => Input::Picked(Ok((c(member + 1), t(member + 1)))),
+                Step::Build { len, commit } => {
+                    builds += 1;
+                    Input::Built(w.build(len, &commit))
+                }
+                other => panic!("unexpected before the confirmation: {other:?}"),
+            };
+            train.on(input);
+        }
+        assert_eq!(builds, 1, "the tip alone is built on the guess");
+        // The train ahead landed the guess: the search goes on, and member 1 is charged.
+        train.on(Input::Ahead(Some(true)));
+        assert!(!train.guessing());
+        assert!(
+            matches!(train.step(), Step::Build { .. } | Step::BuildMany { .. }),
+            "{:?}",
+            train.step()
+        );
+        let o = w.run(&mut train);
+        assert_eq!(landed(&o), vec![0]);
+        assert_eq!(failed(&o), vec![1]);
+        assert_eq!(requeued(&o), vec![2, 3]);
     }
 
     /// The train ahead could not finish (stopped, or an error): the speculative train's
