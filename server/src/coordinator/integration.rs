@@ -183,8 +183,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// (`--integration-slots`), shown by `status`; a change after a train (`green`: it was
     /// green; else red) is a `depth` entry of the feed (its own transaction; one that cannot
     /// be written is only logged).
-    pub async fn set_depth(&self, depth: crate::integrate::Depth, green: Option<bool>) {
-        let (in_use, ceiling) = (depth.in_use as u32, depth.ceiling as u32);
+    pub async fn set_depth(&self, in_use: usize, ceiling: usize, green: Option<bool>) {
+        let (in_use, ceiling) = (in_use as u32, ceiling as u32);
         self.landing().integration_depth = Some((in_use, ceiling));
         let Some(green) = green else {
             return;

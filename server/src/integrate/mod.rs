@@ -334,7 +334,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         // Subscribed before the first round: nothing published from now on is missed.
         let mut wakeups = this.c().integrator_wakeups();
         let mut depth = Depth::new(this.depth);
-        this.c().set_depth(depth, None).await;
+        this.c().set_depth(depth.in_use, depth.ceiling, None).await;
         let mut in_flight: tokio::task::JoinSet<Result<Verdict>> = tokio::task::JoinSet::new();
         // The tasks of each train in flight, and all of them.
         let mut trains: HashMap<tokio::task::Id, Vec<TaskId>> = HashMap::new();
@@ -419,7 +419,9 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                     match verdict {
                         Ok(verdict) => {
                             if depth.after(verdict) {
-                                this.c().set_depth(depth, Some(verdict == Verdict::Green)).await;
+                                this.c()
+                                    .set_depth(depth.in_use, depth.ceiling, Some(verdict == Verdict::Green))
+                                    .await;
                             }
                         }
                         Err(err) => {
