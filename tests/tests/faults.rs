@@ -186,6 +186,21 @@ fn the_fault_run_loses_nothing_and_charges_no_task_for_a_fault() {
         srv.kill();
         srv = server(&repo, &state, &addr);
     }
+    // Work that waits for the test's word (`release-<task>` in the agent log dir), so that a
+    // runner is at work when the next two steps look for one: the other tasks take 0.3 s
+    // each, and on a loaded machine they could all be done by then (the wait timed out).
+    let mut held = Vec::new();
+    for what in ["the kill", "the freeze"] {
+        let id = srv.add(&[
+            "--title",
+            &format!("held for {what}"),
+            "--description",
+            "MODE: wait",
+        ]);
+        expected_failures.insert(id.clone(), 0);
+        held.push(id);
+    }
+    let n_tasks = n_tasks + held.len();
     // A runner is killed while it works, and comes back.
     goal = (goal + step).min(n_tasks);
     wait_done(&srv, goal);
@@ -221,6 +236,9 @@ fn the_fault_run_loses_nothing_and_charges_no_task_for_a_fault() {
         if lapsed {
             break;
         }
+    }
+    for id in &held {
+        std::fs::write(repo.agent_log().join(format!("release-{id}")), "").expect("release");
     }
     // The state disk fills up (if it is a small disk of its own), and is freed, while a task
     // with a large commit comes. New leases are held back while it fills, and it is left 1 MiB, so that the database's small writes may go on but the 3 MB bundle of a
