@@ -592,15 +592,7 @@ impl Git {
                 prefix.as_str(),
             ])
             .await?;
-        out.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                let (sha, name) = l
-                    .split_once(' ')
-                    .ok_or_else(|| GitError::Unexpected(format!("git for-each-ref: {l:?}")))?;
-                Ok((name.to_owned(), CommitId::parse(sha)?))
-            })
-            .collect()
+        ref_lines(&out, ' ', "for-each-ref")
     }
 
     /// Whether any ref exists under `prefix`; the first one if so.
@@ -1122,15 +1114,7 @@ impl Git {
                 &pattern,
             ])
             .await?;
-        out.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                let (sha, name) = l
-                    .split_once('\t')
-                    .ok_or_else(|| GitError::Unexpected(format!("git ls-remote: {l:?}")))?;
-                Ok((name.to_owned(), CommitId::parse(sha)?))
-            })
-            .collect()
+        ref_lines(&out, '\t', "ls-remote")
     }
 
     /// Deletes `names` (the server's own refs, `refs/pipeline/…`) from `remote`, in pushes of
@@ -1574,6 +1558,20 @@ pub fn read_ref_file(common_dir: &Path, name: &RefName) -> Option<CommitId> {
 /// Whether the files backend holds refs here at all (so that a ref absent from it is absent).
 pub fn has_ref_files(common_dir: &Path) -> bool {
     common_dir.join("refs").is_dir()
+}
+
+/// The refs a git command listed, a line each (`<sha><sep><refname>`): their names and
+/// commits.
+fn ref_lines(out: &str, sep: char, command: &str) -> Result<Vec<(String, CommitId)>, GitError> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (sha, name) = l
+                .split_once(sep)
+                .ok_or_else(|| GitError::Unexpected(format!("git {command}: {l:?}")))?;
+            Ok((name.to_owned(), CommitId::parse(sha)?))
+        })
+        .collect()
 }
 
 #[cfg(test)]

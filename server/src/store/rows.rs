@@ -141,6 +141,24 @@ pub(crate) fn corrupt(what: &str, value: &str) -> Error {
     Error::Internal(format!("database holds an invalid {what}: {value:?}"))
 }
 
+/// The integrate runs still running, as both backends read them (the partial index
+/// `runs_running` serves it, whatever the history's size): a train's ID and a member task.
+pub(crate) const TRAINS_IN_FLIGHT: &str = "SELECT train, task_id FROM runs \
+     WHERE status = 'running' AND phase = 'integrate' AND train IS NOT NULL ORDER BY train, id";
+
+/// [`TRAINS_IN_FLIGHT`]'s rows as trains: each train's ID and its members, in order.
+pub(crate) fn trains_in_flight(rows: Vec<(i64, String)>) -> Result<Vec<(i64, Vec<TaskId>)>> {
+    let mut trains: Vec<(i64, Vec<TaskId>)> = Vec::new();
+    for (train, task) in rows {
+        let task = stored_id(&task)?;
+        match trains.last_mut() {
+            Some((id, tasks)) if *id == train => tasks.push(task),
+            _ => trains.push((train, vec![task])),
+        }
+    }
+    Ok(trains)
+}
+
 pub(crate) fn stored_id(raw: &str) -> Result<TaskId> {
     TaskId::parse(raw).map_err(|_| corrupt("task id", raw))
 }

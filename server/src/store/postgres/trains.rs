@@ -129,22 +129,10 @@ pub(super) async fn trains_since(store: &PgStore, since: Millis) -> Result<Vec<T
 }
 
 pub(super) async fn trains_in_flight(store: &PgStore) -> Result<Vec<(i64, Vec<TaskId>)>> {
-    // The running runs only (the partial index runs_running), whatever the history's size.
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT train, task_id FROM runs \
-         WHERE status = 'running' AND phase = 'integrate' AND train IS NOT NULL ORDER BY train, id",
-    )
-    .fetch_all(&store.pool)
-    .await?;
-    let mut trains: Vec<(i64, Vec<TaskId>)> = Vec::new();
-    for (train, task) in rows {
-        let task = stored_id(&task)?;
-        match trains.last_mut() {
-            Some((id, tasks)) if *id == train => tasks.push(task),
-            _ => trains.push((train, vec![task])),
-        }
-    }
-    Ok(trains)
+    let rows: Vec<(i64, String)> = sqlx::query_as(crate::store::rows::TRAINS_IN_FLIGHT)
+        .fetch_all(&store.pool)
+        .await?;
+    crate::store::rows::trains_in_flight(rows)
 }
 
 pub(super) async fn abort_integration(store: &PgStore, task: &TaskId) -> Result<()> {
