@@ -506,6 +506,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                         runner = runner_name,
                         epoch = lease.epoch
                     )),
+                    offered: None,
                 },
             );
             registry.push(runner_id, Push::Assign(Box::new(assignment)))

@@ -14,12 +14,14 @@
 //! - [`queue`]: the queue as a whole (the merge train and what waits behind it, pauses).
 //! - [`integration`]: what the integrator asks of the coordinator (its runs, a train's life,
 //!   the journal of base moves, what landing knows).
+//! - [`offers`]: commits runners offer before their verification ends (`--early-builds`).
 //! - [`recovery`]: what start-up finds (leases to restore, lost landings, task IDs in use).
 
 pub mod builds;
 pub mod dispatch;
 pub mod integration;
 mod noted;
+pub mod offers;
 pub mod queue;
 pub mod recovery;
 pub mod runners;
@@ -205,6 +207,8 @@ pub struct Coordinator<S, R> {
     /// The epoch of every build job of this run of the server (its start, in milliseconds):
     /// a runner's answer for a job of an earlier run is refused.
     build_epoch: u64,
+    /// Moves on each time a runner offers a commit before verifying it ([`offers`]).
+    offers_moved: tokio::sync::watch::Sender<u64>,
 }
 
 /// The task counts, held; when let go after a change (a mutable borrow), whoever waits on
@@ -276,6 +280,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             builds: Mutex::new(builds::BuildBoard::default()),
             build_wake: tokio::sync::Notify::new(),
             build_epoch: u64::try_from(clock.now_ms()).unwrap_or(0),
+            offers_moved: tokio::sync::watch::Sender::new(0),
             clock,
         }
     }

@@ -75,6 +75,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                             epoch = lease.epoch,
                             restored = true
                         )),
+                        offered: None,
                     },
                 );
                 restored += 1;

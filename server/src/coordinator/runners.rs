@@ -83,7 +83,7 @@ pub fn unregistered(runner_id: &str) -> Error {
     ))
 }
 
-fn refused(lease: &LeaseRef, why: impl std::fmt::Display) -> Error {
+pub(super) fn refused(lease: &LeaseRef, why: impl std::fmt::Display) -> Error {
     Error::FailedPrecondition(format!(
         "lease {} (epoch {}) is no longer yours: {why}; drop the work",
         lease.id, lease.epoch

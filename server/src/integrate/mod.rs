@@ -89,6 +89,9 @@ pub struct Integrator<S, R, B> {
     /// first on the tip of the one ahead of it, as if that had landed. [`Integrator::run`]
     /// adapts the depth in use up to it ([`Depth`]); [`Integrator::next`] uses all of it.
     depth: usize,
+    /// Whether trains are built from the commits runners offer before their verification ends
+    /// (`--early-builds`).
+    early: bool,
 }
 
 /// What a train tells the train behind it (a speculative one, built on its tip).
@@ -239,7 +242,15 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             failures: std::sync::Mutex::new(HashMap::new()),
             gather_window: Duration::ZERO,
             depth: 1,
+            early: false,
         }
+    }
+
+    /// Builds trains early, from the commits runners offer before their verification ends
+    /// (`--early-builds`).
+    pub fn building_early(mut self, early: bool) -> Self {
+        self.early = early;
+        self
     }
 
     /// Builds up to `depth` trains at once (`--integration-slots`), each behind the first on

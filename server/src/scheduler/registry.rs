@@ -145,6 +145,18 @@ pub struct LiveLease {
     pub last_seq: u64,
     /// The dev run's `run` span, from the lease to its end.
     pub span: RunSpan,
+    /// The commit its runner offered before verifying it (`--early-builds`): the server may
+    /// build a train with it while the runner verifies. Gone with the lease.
+    pub offered: Option<Offered>,
+}
+
+/// A commit offered on a lease before its runner's verification ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offered {
+    pub commit: pipeline_core::ids::CommitId,
+    /// Its one parent (the base the runner worked on).
+    pub parent: pipeline_core::ids::CommitId,
+    pub at: Millis,
 }
 
 /// The tracing span of a lease's dev run (`run`, carrying the task's ID): open from the lease
@@ -474,6 +486,11 @@ impl Registry {
         self.leases.get(id)
     }
 
+    /// A live lease, to change.
+    pub fn lease_mut(&mut self, id: &str) -> Option<&mut LiveLease> {
+        self.leases.get_mut(id)
+    }
+
     /// Takes the log line numbers up to `seq` for a live lease.
     pub fn note_seq(&mut self, lease_id: &str, seq: u64) {
         if let Some(live) = self.leases.get_mut(lease_id) {
@@ -763,6 +780,7 @@ mod tests {
             verify_run_id: None,
             last_seq: 0,
             span: RunSpan::default(),
+            offered: None,
         }
     }
 
