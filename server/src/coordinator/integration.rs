@@ -175,6 +175,21 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     }
 
     /// How many tasks are leased now (dev work whose result may come), when known.
+    /// Counts a build no train took (an early build whose group was dropped) in builds per
+    /// landed change, as a train of one build that landed nothing.
+    pub fn count_wasted_build(&self, started_at: Millis, ended_at: Millis) {
+        let now = self.now();
+        self.landing().record(
+            crate::store::TrainStat {
+                started_at,
+                ended_at,
+                builds: 1,
+                landed: 0,
+            },
+            now,
+        );
+    }
+
     pub fn leased_now(&self) -> Option<u64> {
         self.counts_mut().as_ref().map(|c| c.in_progress)
     }

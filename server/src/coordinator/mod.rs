@@ -377,10 +377,17 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
 
     /// What wakes the integrator: the feed's entries that may change what it does, each once
     /// memory has followed. Subscribed now: take it before the first round.
-    pub fn integrator_wakeups(&self) -> IntegratorWakeups<'_, S, R> {
+    /// With `early` (`--early-builds`), a lease's end wakes it too (a task whose commit was
+    /// offered may have failed its verification: the early group it was in is dropped).
+    pub fn integrator_wakeups(&self, early: bool) -> IntegratorWakeups<'_, S, R> {
+        let wakes = if early {
+            wakeups::wakes_integrator_early
+        } else {
+            wakeups::wakes_integrator
+        };
         IntegratorWakeups {
             coordinator: self,
-            wakeups: wakeups::Wakeups::new(self.store.feed(), wakeups::wakes_integrator),
+            wakeups: wakeups::Wakeups::new(self.store.feed(), wakes),
         }
     }
 

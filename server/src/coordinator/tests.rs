@@ -1251,3 +1251,130 @@ async fn a_runners_revocation_and_forgetting_are_entries_of_the_feed() {
         ]
     );
 }
+
+/// Waits (a deadline, no fixed sleep) until `check` holds, yielding to the spawned loops.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// `--early-builds`: three leases offer their commits before their results; the integrator
+/// builds the train they will form while no task is Verified yet, and when the results come
+/// the train lands on that build, with no second one. Then a group one of whose runners fails
+/// its own verification is dropped (its build counts, wasted) and the others land on a build
+/// of their own.
+#[tokio::test]
+async fn a_train_built_early_from_offered_commits_lands_without_a_second_build() {
+    let w = world_verifying().await;
+    let c = &w.c;
+    let base = c.settings().base.clone();
+    c.load_counts().await.expect("counts");
+    let (runner_id, mut rx) = runner(c, "r1", 3).await;
+    let builder = FakeBuilder::new(&w.repo);
+    let shutdown = CancellationToken::new();
+    let integrator = Integrator::new(Arc::clone(c), builder.clone())
+        .building_early(true)
+        .gathering(std::time::Duration::from_secs(3600));
+    let running = tokio::spawn(integrator.run(shutdown.clone()));
+    // Leases, their commits offered (the bundle received first, as the server does).
+    let lease = async |rx: &mut mpsc::Receiver<Push>, tag: &str| {
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            tasks.push(
+                c.create_task(new_task(&format!("{tag} {i}")))
+                    .await
+                    .expect("create"),
+            );
+        }
+        c.dispatch_once().await.expect("round");
+        let pushed = assignments(rx);
+        let mut out = Vec::new();
+        for (i, t) in tasks.iter().enumerate() {
+            let a = pushed[&t.id].clone();
+            let commit = w
+                .repo
+                .runner_commit(&a.base_commit, &[(format!("{tag}{i}.txt").as_str(), "x")]);
+            c.repo()
+                .receive_bundle(bundle(), &a.base_commit, &commit)
+                .await
+                .expect("received");
+            c.offer_commit(&runner_id, &a.lease, commit.clone(), a.base_commit.clone())
+                .expect("offered");
+            out.push((a, commit));
+        }
+        out
+    };
+    let first = lease(&mut rx, "a").await;
+    eventually("the early build", || builder.builds().len() == 1).await;
+    assert_eq!(
+        c.verified_tasks().await.expect("verified").len(),
+        0,
+        "built before any result"
+    );
+    for (a, commit) in &first {
+        c.complete(
+            &runner_id,
+            verified(a, commit, w.clock.now_ms()),
+            Some(bundle()),
+        )
+        .await
+        .expect("complete");
+    }
+    let done = async |ids: Vec<TaskId>| {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        for id in ids {
+            while c.get(&id).await.expect("task").state.status != TaskStatus::Done {
+                assert!(tokio::time::Instant::now() < deadline, "{id} did not land");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    };
+    done(first.iter().map(|(a, _)| a.task_id.clone()).collect()).await;
+    assert_eq!(builder.builds().len(), 1, "the train took the early build");
+    let mut landed = w.repo.trailers(&w.repo.branch_tip(&base));
+    landed.sort();
+    let mut want: Vec<TaskId> = first.iter().map(|(a, _)| a.task_id.clone()).collect();
+    want.sort();
+    assert_eq!(landed, want);
+
+    // A group whose second runner's verification fails: dropped, the other two land on a build
+    // of their own, and the wasted build counts.
+    let second = lease(&mut rx, "b").await;
+    eventually("the second early build", || builder.builds().len() == 2).await;
+    for (i, (a, commit)) in second.iter().enumerate() {
+        let mut result = verified(a, commit, w.clock.now_ms());
+        if i == 1 {
+            result.result.outcome = crate::lifecycle::judge::Outcome::VerifyFailed;
+            result.result.error = Some("its own tests failed".into());
+        }
+        c.complete(&runner_id, result, Some(bundle()))
+            .await
+            .expect("complete");
+    }
+    done(vec![
+        second[0].0.task_id.clone(),
+        second[2].0.task_id.clone(),
+    ])
+    .await;
+    assert_eq!(
+        builder.builds().len(),
+        3,
+        "the train of two built its own tree"
+    );
+    assert_ne!(
+        c.get(&second[1].0.task_id)
+            .await
+            .expect("task")
+            .state
+            .status,
+        TaskStatus::Done
+    );
+    // 3 builds for 5 landed, the dropped group's build included.
+    let per_landed = c.landing().builds_per_landed(c.now()).expect("a figure");
+    assert!((per_landed - 3.0 / 5.0).abs() < 1e-9, "{per_landed}");
+    shutdown.cancel();
+    running.await.expect("the loop ends");
+}

@@ -174,6 +174,13 @@ pub(crate) fn wakes_integrator(entry: &FeedEntry) -> bool {
     }
 }
 
+/// [`wakes_integrator`], and with `--early-builds` a lease's end too (the task leaves
+/// In progress): an early group waiting for the task is dropped if it did not come Verified.
+pub(crate) fn wakes_integrator_early(entry: &FeedEntry) -> bool {
+    wakes_integrator(entry)
+        || (entry.topic == Topic::Task && entry.from == Some(TaskStatus::InProgress))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

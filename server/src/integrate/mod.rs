@@ -22,6 +22,7 @@
 //! failure in a row is fed to the train as a conflict or a red build, so it is blamed on its
 //! commit like any other, never retried for ever.
 
+mod early;
 pub mod train;
 
 use std::collections::{HashMap, HashSet};
@@ -92,6 +93,11 @@ pub struct Integrator<S, R, B> {
     /// Whether trains are built from the commits runners offer before their verification ends
     /// (`--early-builds`).
     early: bool,
+    /// The early groups planned ([`early`]).
+    early_board: std::sync::Mutex<early::Board>,
+    /// Wakes the integrator's loop when an early group's picks or build end, or a train's
+    /// members are placed (the next group may be planned on its tip).
+    early_woken: tokio::sync::Notify,
 }
 
 /// What a train tells the train behind it (a speculative one, built on its tip).
@@ -243,6 +249,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             gather_window: Duration::ZERO,
             depth: 1,
             early: false,
+            early_board: std::sync::Mutex::default(),
+            early_woken: tokio::sync::Notify::new(),
         }
     }
 
@@ -343,7 +351,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         // Subscribed before the first round: nothing published from now on is missed.
-        let mut wakeups = this.c().integrator_wakeups();
+        let mut wakeups = this.c().integrator_wakeups(this.early);
+        let mut offers = this.c().offers_moved();
         let mut depth = Depth::new(this.depth);
         this.c().set_depth(depth.in_use, depth.ceiling, None).await;
         let mut in_flight: tokio::task::JoinSet<Result<Verdict>> = tokio::task::JoinSet::new();
@@ -361,6 +370,22 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                 // A train stopped by the shutdown is formed again after the restart.
                 while in_flight.join_next().await.is_some() {}
                 return;
+            }
+            // Early builds (`--early-builds`): the next group, from the commits offered.
+            let mut early_until = None;
+            if this.early {
+                let ahead =
+                    if in_flight.is_empty() {
+                        early::Ahead::Nothing
+                    } else {
+                        early::Ahead::Train(last.as_ref().and_then(|r| {
+                            r.borrow().guess.as_ref().map(|(commit, _)| commit.clone())
+                        }))
+                    };
+                match this.plan_early(&riding, ahead, &shutdown).await {
+                    Ok(at) => early_until = at,
+                    Err(err) => tracing::warn!(error = %err, "an early build could not be planned"),
+                }
             }
             let now = tokio::time::Instant::now();
             let mut until = hold.filter(|h| *h > now);
@@ -424,7 +449,9 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                             Err(Error::Internal(format!("a train's task failed: {err}"))),
                         ),
                     };
-                    for task in trains.remove(&id).unwrap_or_default() {
+                    let ended = trains.remove(&id).unwrap_or_default();
+                    this.early_train_ended(&ended);
+                    for task in ended {
                         riding.remove(&task);
                     }
                     match verdict {
@@ -442,7 +469,10 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                     }
                 }
                 () = wakeups.next() => {}
+                Ok(()) = offers.changed(), if this.early => {}
+                () = this.early_woken.notified(), if this.early => {}
                 () = sleep_until_or_never(until) => {}
+                () = sleep_until_or_never(early_until), if early_until.is_some() => {}
             }
         }
     }
@@ -497,6 +527,9 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         let chosen = train::select(&candidates, batch_max);
         if chosen.is_empty() {
             return Form::Nothing;
+        }
+        if let Some(form) = self.early_form(verified, &chosen) {
+            return form;
         }
         if self.gather_window.is_zero()
             || chosen.len() >= batch_max
@@ -1144,6 +1177,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                 && let Some(tip) = train.chain_tip()
             {
                 behind.send_modify(|r| r.guess = Some(tip));
+                // An early group may be planned on this tip now.
+                self.early_woken.notify_one();
             }
             let guess = match (&links.ahead, train.step()) {
                 (Some(ahead), Step::ReadTip) if train.guessing() => {
@@ -1422,38 +1457,30 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             }
         }
         tracing::info!(commit = %commit, len, "building the integrated commit");
-        // One run per namespace named in the prefix (the last task naming it gives the
-        // task ID), or one run when the commands do not name one.
-        let mut runs: Vec<(&Rider<'_>, Option<&str>)> = Vec::new();
-        for r in &covered {
-            let ns = r.task.namespace.as_deref();
-            if !c.settings().verifier.applies_to(ns) {
-                continue;
-            }
-            match runs.iter_mut().find(|(_, n)| *n == ns) {
-                Some(slot) => slot.0 = r,
-                None => runs.push((r, ns)),
-            }
-        }
-        if !crate::landing::names_namespace(&c.settings().verifier) && runs.len() > 1 {
-            let last = runs.last().copied().expect("not empty");
-            runs = vec![last];
-        }
         let tip_of_base = train.base_tip().cloned().unwrap_or_else(|| commit.clone());
+        let covered_tasks: Vec<&Task> = covered.iter().map(|r| &r.task).collect();
         let job = BuildJob {
             commit: commit.clone(),
             verifier: c.settings().verifier.clone(),
             base_commit: tip_of_base.clone(),
-            runs: runs
-                .into_iter()
-                .map(|(r, ns)| BuildRun {
-                    namespace: ns.map(str::to_owned),
-                    task: Some(r.task.id.clone()),
-                })
-                .collect(),
+            runs: self.runs_for(&covered_tasks),
         };
         let to_log = |line: &str| owner.log.line(line.to_owned());
-        let built = self.builder.build(&job, shutdown, &to_log).await?;
+        // Built early, while its runners verified (`--early-builds`): the same tree and runs.
+        let built = match self.early_result(&job, shutdown).await? {
+            Some((built, lines)) => {
+                owner.log.line(
+                    "built early, from the commits its runners offered before their \
+                     verification ended; its output:"
+                        .to_owned(),
+                );
+                for line in lines.iter() {
+                    owner.log.line(line.clone());
+                }
+                built
+            }
+            None => self.builder.build(&job, shutdown, &to_log).await?,
+        };
         // A tree git cannot check out (the same way, again and again) fails its build: the
         // train blames it as it blames a red one.
         if let Built::NoCheckout(e) = built {
@@ -1493,6 +1520,33 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         }
         owner.log.line("build passed".to_owned());
         Ok(Some(Ok(())))
+    }
+
+    /// The runs of a build of `covered` (in train order): one per namespace named among them
+    /// (the last task naming it gives the task ID), or one when the commands do not name one.
+    fn runs_for(&self, covered: &[&Task]) -> Vec<BuildRun> {
+        let c = self.c();
+        let mut runs: Vec<(&Task, Option<&str>)> = Vec::new();
+        for t in covered {
+            let ns = t.namespace.as_deref();
+            if !c.settings().verifier.applies_to(ns) {
+                continue;
+            }
+            match runs.iter_mut().find(|(_, n)| *n == ns) {
+                Some(slot) => slot.0 = t,
+                None => runs.push((t, ns)),
+            }
+        }
+        if !crate::landing::names_namespace(&c.settings().verifier) && runs.len() > 1 {
+            let last = runs.last().copied().expect("not empty");
+            runs = vec![last];
+        }
+        runs.into_iter()
+            .map(|(t, ns)| BuildRun {
+                namespace: ns.map(str::to_owned),
+                task: Some(t.id.clone()),
+            })
+            .collect()
     }
 
     /// Pushes (with `--push-remote`) and moves the base from `tip` to `new`; false (and the

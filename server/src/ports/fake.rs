@@ -316,6 +316,13 @@ impl Repository for FakeRepo {
         expected: &CommitId,
     ) -> Result<CommitId> {
         let mut s = self.state();
+        // Received before (a commit offered early, then its result's bundle): git keeps it.
+        if s.commits
+            .get(expected)
+            .is_some_and(|c| c.parents == [base.clone()])
+        {
+            return Ok(expected.clone());
+        }
         let Some(commit) = s.outside.get(expected).cloned() else {
             return Err(Error::InvalidArgument(format!(
                 "commit refused: the bundle does not hold {expected}"

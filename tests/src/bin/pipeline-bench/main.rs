@@ -49,6 +49,7 @@ const BENCHMARKS: &[&str] = &[
     "from-file",
     "train",
     "train-30s",
+    "train-early",
     "pg-floor",
     "backends",
 ];
@@ -149,6 +150,7 @@ fn main() {
                 "train" if remote_builds => train::remote(quick, cpu_build).await,
                 "train" => train::train(quick).await,
                 "train-30s" => train::train_30s(quick).await,
+                "train-early" => train::train_early(quick).await,
                 "pg-floor" => pg_floor::pg_floor(quick).await,
                 "backends" => backends::backends(quick).await,
                 _ => unreachable!("checked above"),

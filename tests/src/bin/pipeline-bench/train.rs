@@ -61,6 +61,8 @@ struct Setup {
     gather_ms: Option<u64>,
     /// `--remote-builds`: trains built on the runners.
     remote_builds: bool,
+    /// `--early-builds`: trains built from the commits runners offer before verifying them.
+    early: bool,
     /// A CPU-bound build (`train --remote-builds --cpu-build`): this many rounds of `sh`
     /// arithmetic, about `build_secs` of CPU, instead of `sleep build_secs`.
     cpu_rounds: Option<u64>,
@@ -80,6 +82,9 @@ impl Setup {
         }
         if self.remote_builds {
             label.push_str(" --remote-builds");
+        }
+        if self.early {
+            label.push_str(" --early-builds");
         }
         format!(
             "{label}, p = {:.0}%, B = {} s{}, {} runners, {} tasks",
@@ -190,6 +195,7 @@ pub async fn train(quick: bool) {
         integration_slots: 1,
         gather_ms: None,
         remote_builds: false,
+        early: false,
         cpu_rounds: None,
     };
     let p0 = run(at(8, 0.0)).await;
@@ -343,6 +349,7 @@ pub async fn train_30s(quick: bool) {
         integration_slots,
         gather_ms: None,
         remote_builds: false,
+        early: false,
         cpu_rounds: None,
     };
     let p0 = run(at(0.0, 1, 1)).await;
@@ -434,6 +441,9 @@ async fn run(setup: Setup) -> Figures {
     }
     if setup.remote_builds {
         args.push("--remote-builds");
+    }
+    if setup.early {
+        args.push("--early-builds");
     }
     let server = Server::start(&repo, &args);
     let runner_args = [
@@ -843,6 +853,7 @@ pub async fn remote(quick: bool, cpu_build: bool) {
         integration_slots: 1,
         gather_ms: None,
         remote_builds,
+        early: false,
         cpu_rounds,
     };
     let runs = [
@@ -909,4 +920,64 @@ fn red_tree(repo: &Path, commit: &str, pairs: &[(usize, usize)]) -> Option<Strin
         (names.contains(&a) && names.contains(&b) && !fixed(&a) && !fixed(&b))
             .then(|| format!("{a} and {b}, neither fixed"))
     })
+}
+
+/// `train-early`: the speculative configuration (`--build-slots 8 --integration-slots 2`) at
+/// p = 0 and p = 10%, without and with `--early-builds` (trains built from the commits the
+/// runners offer before their verification ends), against issue 29's goals.
+pub async fn train_early(quick: bool) {
+    let (build_secs, runners, tasks) = if quick { (0.2, 2, 8) } else { (2.0, 8, 32) };
+    let at = |marked, early| Setup {
+        batch_max: 8,
+        marked,
+        build_secs,
+        runners,
+        tasks,
+        build_slots: 8,
+        integration_slots: 2,
+        gather_ms: None,
+        remote_builds: false,
+        early,
+        cpu_rounds: None,
+    };
+    let p0 = run(at(0.0, false)).await;
+    let p10 = run(at(0.1, false)).await;
+    let p0_early = run(at(0.0, true)).await;
+    let p10_early = run(at(0.1, true)).await;
+    let sized = |ok: bool| {
+        if quick {
+            "not judged at --quick sizes"
+        } else if ok {
+            "met"
+        } else {
+            "MISSED"
+        }
+    };
+    println!(
+        "merge trains, built after the runners' results and built early, against issue 29's goals:"
+    );
+    for (what, p0, p10) in [
+        ("after the results", &p0, &p10),
+        ("--early-builds", &p0_early, &p10_early),
+    ] {
+        println!(
+            "  {what}: p = 10% {:.1} landed/min = {:.2}x p = 0's {:.1}  [>= 0.8x: {}]; p = 0 wall {:.2} s = {:.2}x ideal {:.2} s  [<= 1.2x: {}] ({:.2} s after the runners' last result); builds per landed change {:.3} at p = 0 [<= 0.3: {}], {:.3} at p = 10% [<= 0.7: {}]; {} of {} unmarked landed once at p = 10%; red on the base: {}",
+            p10.per_min,
+            p10.per_min / p0.per_min,
+            p0.per_min,
+            sized(p10.per_min >= 0.8 * p0.per_min),
+            p0.wall,
+            p0.wall / p0.ideal,
+            p0.ideal,
+            sized(p0.wall <= 1.2 * p0.ideal),
+            p0.wall - p0.last_result,
+            p0.per_landed,
+            sized(p0.per_landed <= 0.3),
+            p10.per_landed,
+            sized(p10.per_landed <= 0.7),
+            p10.unmarked_once,
+            p10.unmarked,
+            p0.red_on_base.len() + p10.red_on_base.len(),
+        );
+    }
 }

@@ -1,0 +1,480 @@
+//! Early builds (`--early-builds`): a train's build started from the commits runners offer
+//! before their own verification ends ([`crate::coordinator::offers`]), so that the server's
+//! build and the runners' verifications run at once instead of one after the other.
+//!
+//! The integrator plans the train those commits will ride, an early group: the tasks that
+//! would form the next train (Verified ones not riding a train, and offered ones), in landing
+//! order, gathered as a train is (`--gather-window`, `--batch-max`), on the tip that train will
+//! be formed on (the tip of the group planned before it, else the tip of the train formed last
+//! while it is in flight, else the base's). It cherry-picks their commits onto that tip as a
+//! train does and builds the result with the server's builder. Nothing lands and no one is
+//! charged on it: once every task of the group is Verified, the real train forms with exactly
+//! them ([`Integrator::early_form`] waits for them, no longer than the build itself took), and
+//! its build of the same tree with the same runs takes the early build's result (in flight or
+//! done) instead of building again ([`Integrator::early_result`]). A build is a function of its
+//! tree and its runs, so that result is the one the train's own build would have given. A
+//! group one of whose tasks is neither offered nor Verified any more (its runner's
+//! verification failed, its lease lapsed) is dropped; its build, wasted, still counts in
+//! builds per landed, as does an early build no train took.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pipeline_core::git::Merged;
+use pipeline_core::ids::{CommitId, TreeId};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::train::{self, Candidate};
+use super::{Form, Integrator};
+use crate::domain::{Millis, Task, TaskId};
+use crate::error::Result;
+use crate::ports::{BuildJob, Builder, Built, Repository};
+use crate::store::Store;
+
+/// The most output lines an early build keeps for the train that takes it.
+const MAX_LINES: usize = 2_000;
+
+/// The most groups planned ahead at once.
+const MAX_GROUPS: usize = 8;
+
+/// What a build is a function of: its tree and its runs (namespace, task).
+type Key = (TreeId, Vec<(Option<String>, Option<TaskId>)>);
+
+/// How an early build ended.
+#[derive(Clone, Debug)]
+enum End {
+    Green,
+    Red(String),
+    /// It did not build (a conflict, an error, the server stopping): the train builds itself.
+    None,
+}
+
+/// An early build's result, once it ended: how, its output, when it began and ended.
+type Done = Option<(End, Arc<Vec<String>>, Millis, Millis)>;
+
+/// One planned group.
+struct Group {
+    id: u64,
+    members: Vec<TaskId>,
+    /// The tip of its chain, once its commits are cherry-picked (the next group's tip).
+    chain_tip: Option<CommitId>,
+    /// What its build is of, once known.
+    key: Option<Key>,
+    done: watch::Receiver<Done>,
+    /// A train formed with it (its tasks ride it).
+    formed: bool,
+    /// A train took its result.
+    taken: bool,
+}
+
+/// The early groups, in the order their trains are to form.
+#[derive(Default)]
+pub(super) struct Board {
+    groups: VecDeque<Group>,
+    next_id: AtomicU64,
+    /// Groups dropped while their build ran, untaken: counted wasted when it ends.
+    orphans: HashSet<u64>,
+}
+
+impl Board {
+    /// Takes `group` off the board; a build no train took is a build wasted.
+    fn leave<S: Store, R: Repository>(
+        &mut self,
+        group: &Group,
+        c: &crate::coordinator::Coordinator<S, R>,
+    ) {
+        if group.taken || group.key.is_none() {
+            return;
+        }
+        match group.done.borrow().as_ref() {
+            Some((End::None, ..)) => {}
+            Some((_, _, began, ended)) => c.count_wasted_build(*began, *ended),
+            None => {
+                self.orphans.insert(group.id);
+            }
+        }
+    }
+}
+
+/// What the integrator knows of the trains in flight, for planning the next group's tip.
+pub(super) enum Ahead {
+    /// None in flight: the next train forms on the base's tip.
+    Nothing,
+    /// The train formed last is in flight; its tip once its members are placed.
+    Train(Option<CommitId>),
+}
+
+impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
+    fn board(&self) -> std::sync::MutexGuard<'_, Board> {
+        self.early_board
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Plans the next early group from the offers not planned yet and starts its build;
+    /// returns when to look again if its gathering window is still open.
+    pub(super) async fn plan_early(
+        self: &Arc<Self>,
+        riding: &HashSet<TaskId>,
+        ahead: Ahead,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<tokio::time::Instant>> {
+        let c = self.c();
+        let offers = c.offers();
+        if offers.is_empty() || shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        let (planned, tip_of_last, full) = {
+            let board = self.board();
+            let planned: HashSet<TaskId> = board
+                .groups
+                .iter()
+                .flat_map(|g| g.members.iter().cloned())
+                .collect();
+            let last = board.groups.back().map(|g| g.chain_tip.clone());
+            (planned, last, board.groups.len() >= MAX_GROUPS)
+        };
+        let fresh: Vec<_> = offers
+            .iter()
+            .filter(|(t, _)| !planned.contains(t) && !riding.contains(t))
+            .collect();
+        if fresh.is_empty() || full {
+            return Ok(None);
+        }
+        let tip = match (tip_of_last, ahead) {
+            // The group before is not picked yet: its tip is not known.
+            (Some(None), _) | (None, Ahead::Train(None)) => return Ok(None),
+            (Some(Some(tip)), _) | (None, Ahead::Train(Some(tip))) => tip,
+            (None, Ahead::Nothing) => self.base_tip().await?,
+        };
+        // The tasks the next train would take: the Verified ones not riding nor planned, and
+        // the offered ones, in landing order.
+        let policy = c.policy();
+        let mut tasks: Vec<(Task, Option<(CommitId, CommitId)>)> = c
+            .verified_tasks()
+            .await?
+            .into_iter()
+            .filter(|t| {
+                !riding.contains(&t.id)
+                    && !planned.contains(&t.id)
+                    && !t.state.base_check
+                    && !policy.awaits_approval(&t.state)
+            })
+            .map(|t| (t, None))
+            .collect();
+        for (task, offered) in &fresh {
+            if tasks.iter().any(|(t, _)| &t.id == task) {
+                continue;
+            }
+            let Ok(t) = c.get(task).await else { continue };
+            tasks.push((t, Some((offered.commit.clone(), offered.parent.clone()))));
+        }
+        tasks.sort_by_key(|(t, _)| (t.priority, t.seq));
+        let batch_max = c.settings().batch_max.max(1);
+        let candidates: Vec<Candidate<TaskId>> = tasks
+            .iter()
+            .map(|(t, _)| Candidate {
+                id: t.id.clone(),
+                deps_pending: t.deps_pending,
+                depends_on: t.depends_on.clone(),
+            })
+            .collect();
+        let chosen = train::select(&candidates, batch_max);
+        if !chosen.iter().any(|(i, _)| tasks[*i].1.is_some()) {
+            return Ok(None);
+        }
+        // Gathered like a train: the window from the first fresh offer, unless the group is
+        // full or every leased task has offered already (no more can come).
+        let first = fresh.iter().map(|(_, o)| o.at).min().unwrap_or_default();
+        let window = Millis::try_from(self.gather_window.as_millis()).unwrap_or(Millis::MAX);
+        let wait = first.saturating_add(window) - c.now();
+        let all_offered = c.leased_now().is_some_and(|n| n <= offers.len() as u64);
+        if chosen.len() < batch_max && wait > 0 && !all_offered {
+            let wait = std::time::Duration::from_millis(u64::try_from(wait).unwrap_or(0));
+            return Ok(Some(tokio::time::Instant::now() + wait));
+        }
+        let mut members = Vec::with_capacity(chosen.len());
+        for (i, _) in &chosen {
+            let (task, offered) = &tasks[*i];
+            let (commit, parent) = match offered {
+                Some(o) => o.clone(),
+                None => {
+                    let Some(commit) = task.patch_commit.clone() else {
+                        return Ok(None);
+                    };
+                    let parents = c.repo().parents(&commit).await?;
+                    let [parent] = parents.as_slice() else {
+                        return Ok(None);
+                    };
+                    (commit, parent.clone())
+                }
+            };
+            members.push((task.clone(), commit, parent));
+        }
+        let (tx, rx) = watch::channel(None);
+        let id = {
+            let mut board = self.board();
+            let id = board.next_id.fetch_add(1, Ordering::Relaxed);
+            board.groups.push_back(Group {
+                id,
+                members: members.iter().map(|(t, ..)| t.id.clone()).collect(),
+                chain_tip: None,
+                key: None,
+                done: rx,
+                formed: false,
+                taken: false,
+            });
+            id
+        };
+        let names: Vec<&str> = members.iter().map(|(t, ..)| t.id.as_str()).collect();
+        tracing::info!(group = id, tasks = %names.join(" "), %tip, "building early");
+        let this = Arc::clone(self);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let end = this.build_early(id, members, tip, &stop).await;
+            let _ = tx.send(Some(end));
+            this.early_woken.notify_one();
+        });
+        Ok(None)
+    }
+
+    /// Picks the group's commits onto `tip` and builds the result.
+    async fn build_early(
+        &self,
+        id: u64,
+        members: Vec<(Task, CommitId, CommitId)>,
+        tip: CommitId,
+        shutdown: &CancellationToken,
+    ) -> (End, Arc<Vec<String>>, Millis, Millis) {
+        let c = self.c();
+        let began = c.now();
+        let none = |at| (End::None, Arc::new(Vec::new()), began, at);
+        let mut onto = tip.clone();
+        let mut tree = None;
+        for (task, commit, parent) in &members {
+            match c.repo().cherry_pick(parent, &onto, commit).await {
+                Ok(Merged::Clean(t)) => {
+                    match c.repo().commit_for_task(&t, &onto, commit, &task.id).await {
+                        Ok(new) => onto = new,
+                        Err(_) => return self.early_failed(id, none(c.now())),
+                    }
+                    tree = Some(t);
+                }
+                // The train finds the conflict itself.
+                _ => return self.early_failed(id, none(c.now())),
+            }
+        }
+        let Some(tree) = tree else {
+            return self.early_failed(id, none(c.now()));
+        };
+        let covered: Vec<&Task> = members.iter().map(|(t, ..)| t).collect();
+        let runs = self.runs_for(&covered);
+        let key: Key = (
+            tree,
+            runs.iter()
+                .map(|r| (r.namespace.clone(), r.task.clone()))
+                .collect(),
+        );
+        {
+            let mut board = self.board();
+            if let Some(g) = board.groups.iter_mut().find(|g| g.id == id) {
+                g.chain_tip = Some(onto.clone());
+                g.key = Some(key);
+            }
+        }
+        // The next group may be planned on this one's tip now.
+        self.early_woken.notify_one();
+        let job = BuildJob {
+            commit: onto,
+            verifier: c.settings().verifier.clone(),
+            base_commit: tip,
+            runs,
+        };
+        let lines = std::sync::Mutex::new(Vec::new());
+        let keep = |line: &str| {
+            let mut lines = lines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if lines.len() < MAX_LINES {
+                lines.push(line.to_owned());
+            }
+        };
+        let built = self.builder.build(&job, shutdown, &keep).await;
+        let lines = Arc::new(lines.into_inner().unwrap_or_default());
+        let end = match built {
+            Ok(Built::Green) => End::Green,
+            Ok(Built::Red(why)) => End::Red(why),
+            Ok(Built::Cancelled | Built::NoCheckout(_)) | Err(_) => End::None,
+        };
+        let ended = c.now();
+        // Dropped while it built, no train took it: a build wasted.
+        if !matches!(end, End::None) && self.board().orphans.remove(&id) {
+            c.count_wasted_build(began, ended);
+        }
+        (end, lines, began, ended)
+    }
+
+    /// A group that could not be built is dropped at once.
+    fn early_failed(
+        &self,
+        id: u64,
+        end: (End, Arc<Vec<String>>, Millis, Millis),
+    ) -> (End, Arc<Vec<String>>, Millis, Millis) {
+        // Nothing was built: nothing to count.
+        self.board().groups.retain(|g| g.id != id);
+        self.early_woken.notify_one();
+        end
+    }
+
+    /// The early build of `job`'s tree and runs, waited for if still in flight: what it
+    /// concluded and its output; `None` if there is none (or it did not build).
+    pub(super) async fn early_result(
+        &self,
+        job: &BuildJob,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(Built, Arc<Vec<String>>)>> {
+        if !self.early {
+            return Ok(None);
+        }
+        let tree = self.c().repo().tree_of(&job.commit).await?;
+        let key: Key = (
+            tree,
+            job.runs
+                .iter()
+                .map(|r| (r.namespace.clone(), r.task.clone()))
+                .collect(),
+        );
+        let found = {
+            let mut board = self.board();
+            board
+                .groups
+                .iter_mut()
+                .find(|g| g.key.as_ref() == Some(&key) && !g.taken)
+                .map(|g| {
+                    g.taken = true;
+                    g.done.clone()
+                })
+        };
+        let Some(mut done) = found else {
+            return Ok(None);
+        };
+        let ended = tokio::select! {
+            () = shutdown.cancelled() => return Ok(Some((Built::Cancelled, Arc::default()))),
+            ended = done.wait_for(Option::is_some) => ended.ok().and_then(|d| d.clone()),
+        };
+        Ok(match ended {
+            Some((End::Green, lines, ..)) => Some((Built::Green, lines)),
+            Some((End::Red(why), lines, ..)) => Some((Built::Red(why), lines)),
+            _ => None,
+        })
+    }
+
+    /// Whether the next train forms now, with an early group planned (`--early-builds`):
+    /// `Some` if the group decides it. The group's tasks all Verified: the train is exactly
+    /// them. Some still offered: wait for them (no longer after the group's build ended than
+    /// the build took: building again would take as long). `verified` is what the train would
+    /// take otherwise, in landing order; a candidate ahead of the group's in it forms as
+    /// usual.
+    pub(super) fn early_form(
+        &self,
+        verified: &[Task],
+        chosen: &[(usize, Vec<usize>)],
+    ) -> Option<Form> {
+        if !self.early || chosen.is_empty() {
+            return None;
+        }
+        let c = self.c();
+        let now = c.now();
+        let mut board = self.board();
+        let g = board.groups.iter().position(|g| !g.formed)?;
+        // A candidate in no group forms as usual (the groups' builds may be wasted); one in
+        // a group waits for the groups ahead of it to form first.
+        if chosen.iter().any(|(i, _)| {
+            !board
+                .groups
+                .iter()
+                .skip(g)
+                .any(|group| group.members.contains(&verified[*i].id))
+        }) {
+            return None;
+        }
+        let group = &board.groups[g];
+        let mut pending = false;
+        let mut dead = false;
+        let mut at = Vec::with_capacity(group.members.len());
+        for m in &group.members {
+            match verified.iter().position(|t| &t.id == m) {
+                Some(i) => at.push(i),
+                None if c.offer_of(m).is_some() => pending = true,
+                None => dead = true,
+            }
+        }
+        let ended = group
+            .done
+            .borrow()
+            .as_ref()
+            .map(|(_, _, began, ended)| (*began, *ended));
+        let overdue = ended.is_some_and(|(began, ended)| now > ended + (ended - began));
+        if dead || (pending && overdue) {
+            let gone = board.groups.remove(g).expect("found");
+            board.leave(&gone, c);
+            drop(board);
+            tracing::info!(
+                group = gone.id,
+                "an early group is dropped: not all of its tasks came Verified"
+            );
+            self.early_woken.notify_one();
+            return None;
+        }
+        if pending {
+            return Some(match ended {
+                Some((began, ended)) => {
+                    let left = u64::try_from(ended + (ended - began) - now).unwrap_or(0);
+                    Form::Wait(tokio::time::Instant::now() + std::time::Duration::from_millis(left))
+                }
+                // Woken when the build ends or a task's state moves.
+                None => Form::Nothing,
+            });
+        }
+        board.groups[g].formed = true;
+        let candidates: Vec<Candidate<TaskId>> = at
+            .iter()
+            .map(|i| Candidate {
+                id: verified[*i].id.clone(),
+                deps_pending: verified[*i].deps_pending,
+                depends_on: verified[*i].depends_on.clone(),
+            })
+            .collect();
+        let picked = train::select(&candidates, candidates.len());
+        if picked.len() != at.len() {
+            board.groups[g].formed = false;
+            return None;
+        }
+        Some(Form::Now(
+            picked
+                .into_iter()
+                .map(|(j, after)| (at[j], after))
+                .collect(),
+        ))
+    }
+
+    /// A train of `tasks` ended: the groups it formed from leave the board.
+    pub(super) fn early_train_ended(&self, tasks: &[TaskId]) {
+        if !self.early {
+            return;
+        }
+        let c = self.c();
+        let mut board = self.board();
+        let (over, kept): (VecDeque<Group>, VecDeque<Group>) = std::mem::take(&mut board.groups)
+            .into_iter()
+            .partition(|g| g.formed && g.members.iter().all(|m| tasks.contains(m)));
+        board.groups = kept;
+        for g in &over {
+            board.leave(g, c);
+        }
+        drop(board);
+        self.early_woken.notify_one();
+    }
+}
