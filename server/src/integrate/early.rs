@@ -39,8 +39,9 @@ const MAX_LINES: usize = 2_000;
 /// The most groups planned ahead at once.
 const MAX_GROUPS: usize = 8;
 
-/// What a build is a function of: its tree and its runs (namespace, task).
-type Key = (TreeId, Vec<(Option<String>, Option<TaskId>)>);
+/// What a build is a function of: its tree, its base's tree (`PIPELINE_BASE_COMMIT` names a
+/// commit with that tree) and its runs (namespace, task).
+type Key = (TreeId, TreeId, Vec<(Option<String>, Option<TaskId>)>);
 
 /// How an early build ended.
 #[derive(Clone, Debug)]
@@ -126,6 +127,42 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         if offers.is_empty() || shutdown.is_cancelled() {
             return Ok(None);
         }
+        // Nothing new offered: nothing to plan (and no read of the store).
+        {
+            let board = self.board();
+            let new = offers.iter().any(|(t, _)| {
+                !riding.contains(t) && !board.groups.iter().any(|g| g.members.contains(t))
+            });
+            if !new {
+                return Ok(None);
+            }
+        }
+        let policy = c.policy();
+        let verified: Vec<Task> = c
+            .verified_tasks()
+            .await?
+            .into_iter()
+            .filter(|t| !t.state.base_check && !policy.awaits_approval(&t.state))
+            .collect();
+        // A group not formed, one of whose tasks is neither offered nor Verified and waiting,
+        // will never form: it leaves (its tip would mislead the groups planned after it).
+        {
+            let mut board = self.board();
+            let (dead, kept): (VecDeque<Group>, VecDeque<Group>) =
+                std::mem::take(&mut board.groups)
+                    .into_iter()
+                    .partition(|g| {
+                        !g.formed
+                            && g.members.iter().any(|m| {
+                                !offers.iter().any(|(t, _)| t == m)
+                                    && !verified.iter().any(|t| &t.id == m && !riding.contains(m))
+                            })
+                    });
+            board.groups = kept;
+            for g in &dead {
+                board.leave(g, c);
+            }
+        }
         let (planned, tip_of_last, full) = {
             let board = self.board();
             let planned: HashSet<TaskId> = board
@@ -151,17 +188,9 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         };
         // The tasks the next train would take: the Verified ones not riding nor planned, and
         // the offered ones, in landing order.
-        let policy = c.policy();
-        let mut tasks: Vec<(Task, Option<(CommitId, CommitId)>)> = c
-            .verified_tasks()
-            .await?
+        let mut tasks: Vec<(Task, Option<(CommitId, CommitId)>)> = verified
             .into_iter()
-            .filter(|t| {
-                !riding.contains(&t.id)
-                    && !planned.contains(&t.id)
-                    && !t.state.base_check
-                    && !policy.awaits_approval(&t.state)
-            })
+            .filter(|t| !riding.contains(&t.id) && !planned.contains(&t.id))
             .map(|t| (t, None))
             .collect();
         for (task, offered) in &fresh {
@@ -271,8 +300,12 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         };
         let covered: Vec<&Task> = members.iter().map(|(t, ..)| t).collect();
         let runs = self.runs_for(&covered);
+        let Ok(base_tree) = c.repo().tree_of(&tip).await else {
+            return self.early_failed(id, none(c.now()));
+        };
         let key: Key = (
             tree,
+            base_tree,
             runs.iter()
                 .map(|r| (r.namespace.clone(), r.task.clone()))
                 .collect(),
@@ -339,8 +372,10 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             return Ok(None);
         }
         let tree = self.c().repo().tree_of(&job.commit).await?;
+        let base_tree = self.c().repo().tree_of(&job.base_commit).await?;
         let key: Key = (
             tree,
+            base_tree,
             job.runs
                 .iter()
                 .map(|r| (r.namespace.clone(), r.task.clone()))
