@@ -209,6 +209,38 @@ fn replay_lands_a_real_history_and_refuses_bad_input() {
     }
 }
 
+/// A test command that fails on the range's base itself: the server holds everything (nothing
+/// lands on a red base), and the replay stops at once, saying so in one line (exit 2). It used
+/// to wait out its whole limit (10 minutes and more by default), then exit 0 with "0 of N
+/// landed".
+#[test]
+fn replay_with_a_test_command_red_on_the_base_stops_at_once_saying_so() {
+    pipeline_tests::ensure_built();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = replayable_history(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeline-bench"))
+        .arg("replay")
+        .args(["--repo", repo.to_str().expect("utf-8"), "--last", "2"])
+        .args(["--test-cmd", "false", "--runners", "1"])
+        // The old code's end, so that this test fails rather than hangs on it.
+        .args(["--timeout", "90"])
+        .env_remove("PIPELINE_TEST_DB")
+        .output()
+        .expect("run pipeline-bench replay");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "stdout:\n{}\nstderr:\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("the test command fails on the base itself"),
+        "{stderr}"
+    );
+}
+
 /// A mistyped flag is refused (it was dropped, and every benchmark ran at full size, for
 /// minutes); `--help` says what there is and runs nothing.
 #[test]

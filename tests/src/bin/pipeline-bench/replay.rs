@@ -551,6 +551,21 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
 
     let mut admin = Admin::connect(&server.url, repo.admin_token()).await;
     let mut watch = admin.watch().await;
+    // Landing's changes: a base red under the test command holds every lease and every landing
+    // until the base is green again, which nothing in a replay makes it.
+    let mut landing = admin
+        .client
+        .feed(authorized(
+            &admin.token,
+            pb::FeedRequest {
+                after: None,
+                topics: vec!["landing".to_owned()],
+            },
+        ))
+        .await
+        .expect("follow the feed")
+        .into_inner();
+    let mut following = true;
     let start = Instant::now();
     for c in &plan.changes {
         admin
@@ -574,7 +589,37 @@ async fn run(o: &Options, plan: Plan, scratch: tempfile::TempDir) {
     let mut timed_out = false;
     while landed_at.len() + stuck.len() < n {
         let left = limit.saturating_sub(start.elapsed());
-        let Ok(Some((at, t))) = tokio::time::timeout(left, watch.recv()).await else {
+        let next = tokio::select! {
+            t = tokio::time::timeout(left, watch.recv()) => t,
+            entry = landing.message(), if following => {
+                let red = match entry {
+                    Ok(Some(_)) => admin.status().await.landing.and_then(|l| l.red_base),
+                    // The feed ended (the server went away): the watch says the rest.
+                    _ => {
+                        following = false;
+                        None
+                    }
+                };
+                if let Some(red) = red {
+                    drop(runners);
+                    drop(server);
+                    drop(repo);
+                    refuse(&format!(
+                        "the test command fails on the base itself (main at {}{}), so nothing \
+                         can land; choose a range whose base passes it (--last, --rev) or \
+                         another --test-cmd",
+                        &red[..12.min(red.len())],
+                        if red == plan.base {
+                            ", the parent of the first change"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                continue;
+            }
+        };
+        let Ok(Some((at, t))) = next else {
             timed_out = true;
             break;
         };
