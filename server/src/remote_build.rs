@@ -94,6 +94,7 @@ impl<S: Store> Remote<S> {
                     .collect(),
                 requires: self.requires.clone(),
                 avoid: avoid.clone(),
+                wait: self.wait,
             };
             let ticket = self.coordinator.submit_build(spec);
             match self.attempt(ticket, &avoid, shutdown, log).await {

@@ -357,3 +357,33 @@ fn queue_shows_every_train_in_flight_with_its_members_and_runner() {
     });
     assert_eq!(q["train"], serde_json::Value::Null, "{q}");
 }
+
+/// A train whose build no connected runner can take (`--build-requires` a label none has):
+/// `queue` says what the build waits for, and that the server builds it itself after
+/// `--remote-build-wait`; it said "building the train's tip" as if a build ran.
+#[test]
+fn queue_says_a_build_waits_for_a_runner_with_the_build_labels() {
+    let repo = TestRepo::new();
+    let server = server(
+        &repo,
+        &["--build-requires", "gpu", "--remote-build-wait", "1m"],
+    );
+    let _dev = runner(&repo, &server, "dev", &[]);
+    add(&server, "w1");
+    add(&server, "w2");
+    let q = server.wait_queue("a train whose build waits for a runner", |q| {
+        q["train"]["step"]
+            .as_str()
+            .is_some_and(|s| s.contains("waiting for a runner"))
+    });
+    let step = q["train"]["step"].as_str().expect("a step");
+    assert!(
+        step.contains(
+            "(waiting for a runner with gpu (--build-requires): none connected can take it; \
+             the server builds it itself after 60 s)"
+        ),
+        "{q}"
+    );
+    assert_eq!(q["train"]["runners"], serde_json::json!([]), "{q}");
+    assert!(builds(&repo).is_empty(), "nothing built yet");
+}

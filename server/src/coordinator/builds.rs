@@ -38,6 +38,21 @@ pub struct RemoteJob {
     pub requires: Vec<String>,
     /// Runners (by name) not to hand it to: they failed it.
     pub avoid: Vec<String>,
+    /// How long it waits while no connected runner can take it before the server builds it
+    /// itself (`--remote-build-wait`), for `queue` to say.
+    pub wait: std::time::Duration,
+}
+
+/// A build job not yet handed to a runner, as `queue` tells it.
+#[derive(Clone, Debug)]
+pub(crate) struct WaitingBuild {
+    /// The tasks it is built for.
+    pub tasks: Vec<TaskId>,
+    /// The labels a runner needs to take it (`--build-requires`).
+    pub requires: Vec<String>,
+    pub wait: std::time::Duration,
+    /// Whether a connected runner may take it (its slots are busy); else none can.
+    pub able: bool,
 }
 
 /// How a build job ended.
@@ -146,6 +161,31 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                     .filter_map(|(_, t)| t.clone())
                     .collect();
                 Some((runner, tasks))
+            })
+            .collect()
+    }
+
+    /// The build jobs waiting for a runner, oldest first: what each is built for, and whether
+    /// a connected runner could take it, so that `queue` can say why a train's build has not
+    /// started.
+    pub(crate) fn waiting_builds(&self) -> Vec<WaitingBuild> {
+        let specs: Vec<RemoteJob> = {
+            let board = self.board();
+            board
+                .waiting
+                .iter()
+                .filter_map(|id| board.jobs.get(id))
+                .map(|job| job.spec.clone())
+                .collect()
+        };
+        let registry = self.registry();
+        specs
+            .into_iter()
+            .map(|spec| WaitingBuild {
+                able: registry.build_capacity(&spec.requires, &spec.avoid) > 0,
+                tasks: spec.runs.iter().filter_map(|(_, t)| t.clone()).collect(),
+                requires: spec.requires,
+                wait: spec.wait,
             })
             .collect()
     }

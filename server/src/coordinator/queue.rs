@@ -311,6 +311,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
 
         // built for its tasks (the step names them too).
         let building = self.live_build_runners();
+        let unassigned = self.waiting_builds();
         for t in &mut trains {
             let mut on: Vec<String> = building
                 .iter()
@@ -321,6 +322,12 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             on.dedup();
             if !on.is_empty() && t.step.starts_with("building") {
                 t.step = format!("{} (on runner {})", t.step, on.join(", "));
+            } else if t.step.starts_with("building")
+                && let Some(w) = unassigned
+                    .iter()
+                    .find(|w| w.tasks.iter().any(|id| t.tasks.contains(id)))
+            {
+                t.step = format!("{} ({})", t.step, waiting_for_a_builder(w));
             }
             t.runners = on;
         }
@@ -396,6 +403,27 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
 
 /// Landing's feed entry: `paused` (with why) or `resumed` (and why), as it is after the
 /// change.
+/// Why a train's build, a job on the board, has not started: the runners it needs are busy, or
+/// none connected can take it (none has the labels, or each is drained, unhealthy or already
+/// failed it), and then the server builds it itself after the wait.
+fn waiting_for_a_builder(w: &super::builds::WaitingBuild) -> String {
+    if w.able {
+        return "waiting for a free slot on a runner that can build it".to_owned();
+    }
+    let who = if w.requires.is_empty() {
+        "waiting for a runner: none connected can build".to_owned()
+    } else {
+        format!(
+            "waiting for a runner with {} (--build-requires): none connected can take it",
+            w.requires.join(", ")
+        )
+    };
+    format!(
+        "{who}; the server builds it itself after {} s",
+        w.wait.as_secs()
+    )
+}
+
 fn landing_entry(at: crate::domain::Millis, paused: bool, why: &str) -> NewEntry {
     let (kind, state) = if paused {
         ("paused", "paused")
