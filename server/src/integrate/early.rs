@@ -77,6 +77,8 @@ pub(super) struct Board {
     next_id: AtomicU64,
     /// Groups dropped while their build ran, untaken: counted wasted when it ends.
     orphans: HashSet<u64>,
+    /// How long the last early build took.
+    last_build: Option<Millis>,
 }
 
 impl Board {
@@ -215,9 +217,15 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             return Ok(None);
         }
         // Gathered like a train: the window from the first fresh offer, unless the group is
-        // full or every leased task has offered already (no more can come).
+        // full or every leased task has offered already (no more can come). The window is at
+        // least half a build: a commit offered that much later still has its result about
+        // when the group's build ends (a runner's verification takes about a build), so
+        // gathering it costs little time and saves a build of its own.
         let first = fresh.iter().map(|(_, o)| o.at).min().unwrap_or_default();
-        let window = Millis::try_from(self.gather_window.as_millis()).unwrap_or(Millis::MAX);
+        let half_build = self.board().last_build.unwrap_or(0) / 2;
+        let window = Millis::try_from(self.gather_window.as_millis())
+            .unwrap_or(Millis::MAX)
+            .max(half_build);
         let wait = first.saturating_add(window) - c.now();
         let all_offered = c.leased_now().is_some_and(|n| n <= offers.len() as u64);
         if chosen.len() < batch_max && wait > 0 && !all_offered {
@@ -342,9 +350,13 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             Ok(Built::Cancelled | Built::NoCheckout(_)) | Err(_) => End::None,
         };
         let ended = c.now();
-        // Dropped while it built, no train took it: a build wasted.
-        if !matches!(end, End::None) && self.board().orphans.remove(&id) {
-            c.count_wasted_build(began, ended);
+        if !matches!(end, End::None) {
+            let mut board = self.board();
+            board.last_build = Some(ended - began);
+            // Dropped while it built, no train took it: a build wasted.
+            if board.orphans.remove(&id) {
+                c.count_wasted_build(began, ended);
+            }
         }
         (end, lines, began, ended)
     }

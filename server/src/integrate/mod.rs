@@ -198,6 +198,9 @@ enum BaseVerdict {
     Green,
     /// Red, with why (the failing command and the tail of its output).
     Red(String),
+    /// The base already recorded red (for this scope), with the reason recorded then (a
+    /// sentence of its own: "the base … fails its own build: …"; not to be wrapped again).
+    KnownRed(String),
 }
 
 /// Where the integrator's lines for one run go: the task log, numbered.
@@ -579,6 +582,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                             .mark_red_base(red_base(&base, tip, &why, red.namespace))
                             .await?;
                     }
+                    // Recorded red already: nothing to record.
+                    Some(BaseVerdict::KnownRed(_)) => {}
                 }
             }
         }
@@ -792,6 +797,13 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                         ),
                     )
                 }
+                // Recorded red already (its reason says so in full): said once, not wrapped.
+                BaseVerdict::KnownRed(reason) => (
+                    Event::BaseRed {
+                        base: base.to_string(),
+                    },
+                    end(format!("not charged: {reason}"), None),
+                ),
             };
             for (i, task) in tasks.iter().enumerate() {
                 // The first task's run holds the build's output; the others record the verdict.
@@ -876,7 +888,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             && red.commit == *commit
             && crate::landing::scope(verifier, red.namespace.as_deref()) == scope
         {
-            return Ok(Some(BaseVerdict::Red(red.reason)));
+            return Ok(Some(BaseVerdict::KnownRed(red.reason)));
         }
         let tree = c.repo().tree_of(commit).await?;
         if c.is_green(&tree, &scope) {
@@ -1303,6 +1315,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                         train_id,
                         match len {
                             0 => format!("building the base {base} alone"),
+                            1 if k == 1 => "building the train's tip (1 commit)".to_owned(),
                             n if n == k => format!("building the train's tip ({k} commits)"),
                             n => format!("building prefix {n} of {k}"),
                         },
