@@ -103,6 +103,7 @@ pub fn task_detail(d: &TaskDetail) -> Value {
             .collect(),
     );
     value["children_cost_cents"] = json!(d.children_cost_cents);
+    value["offered_commit"] = json!(d.offered_commit);
     value
 }
 

@@ -353,6 +353,9 @@ pub struct TaskDetail {
     pub children: Vec<(String, TaskStatus)>,
     /// What they have cost together, in cents.
     pub children_cost_cents: f64,
+    /// The commit its runner offered before its verification ended (`--early-builds`), while
+    /// the lease holds the offer.
+    pub offered_commit: Option<String>,
 }
 
 /// The server's counts and health, as `status` prints them.

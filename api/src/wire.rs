@@ -273,6 +273,7 @@ impl TryFrom<pb::GetTaskResponse> for TaskDetail {
                 .map(|c| (c.id, c.status.into()))
                 .collect(),
             children_cost_cents: d.children_cost_cents,
+            offered_commit: d.offered_commit,
         })
     }
 }

@@ -631,6 +631,13 @@ pub fn task_detail(out: &mut impl Write, d: &TaskDetail, format: Format) -> io::
         writeln!(out, "requires:    {}", t.requires.join(", "))?;
     }
     writeln!(out, "patchset:    {}", t.patchset)?;
+    if let Some(commit) = &d.offered_commit {
+        writeln!(
+            out,
+            "offered:     {commit} (before its runner's verification ends; its train may be \
+             building)"
+        )?;
+    }
     if let Some(approval) = &t.approval {
         writeln!(out, "approval:    {approval}")?;
     }
@@ -1555,6 +1562,7 @@ mod snapshots {
                 ("t-8".into(), TaskStatus::Open),
             ],
             children_cost_cents: 42.5,
+            offered_commit: None,
         }
     }
 
@@ -1578,6 +1586,7 @@ mod snapshots {
             }],
             children: vec![],
             children_cost_cents: 0.0,
+            offered_commit: None,
         };
         insta::assert_snapshot!(printed(|out| super::task_detail(out, &d, TEXT)));
     }

@@ -49,6 +49,32 @@ pub fn client_tls(
     Ok(Some(tls))
 }
 
+/// The response metadata a server that takes no early offers (`--early-builds` off) puts on
+/// its `FAILED_PRECONDITION` answer to `OfferCommit`, telling it apart from a lease that is no
+/// longer the runner's: the runner stops offering to that server.
+pub const OFFERS_OFF_METADATA: &str = "pipeline-offers";
+
+/// `OfferCommit`'s answer from a server that takes no early offers.
+pub fn offers_off() -> tonic::Status {
+    let mut status = tonic::Status::failed_precondition(
+        "this server does not take early offers (--early-builds is off)",
+    );
+    status.metadata_mut().insert(
+        OFFERS_OFF_METADATA,
+        tonic::metadata::MetadataValue::from_static("off"),
+    );
+    status
+}
+
+/// Whether `status` is [`offers_off`]'s.
+pub fn is_offers_off(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status
+            .metadata()
+            .get(OFFERS_OFF_METADATA)
+            .is_some_and(|v| v.as_bytes() == b"off")
+}
+
 /// The protocol version a runner must announce at registration; bumped on breaking changes.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -1,8 +1,14 @@
 //! One lease, start to finish: check that the verifier it will run is here (else the lease
 //! goes back, uncharged, before anything is spent), fetch the base (only the objects the mirror
 //! lacks), reset the slot's worktree, write the prompt outside it, run the agent, check for
-//! exactly one commit, verify, and send the result with the commit's bundle. Stops at once
-//! when cancelled.
+//! exactly one commit, bundle it, verify, and send the result with the commit's bundle. Stops
+//! at once when cancelled.
+//!
+//! With a server that takes early offers (`--early-builds`), the commit's bundle is also
+//! offered ([`offer`]) as soon as it is made, in a task of its own that never holds the
+//! verification up: the server may build the commit's train meanwhile. The offer changes
+//! nothing else; its failure is logged at debug and forgotten (the result carries the bundle
+//! as ever).
 //!
 //! A lease's words ([`Assignment`], already validated by the edge, so nothing is checked again
 //! here; the [`LeaseResult`] sent; the [`JobEnd`] the session gets) are the runner's
@@ -11,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pipeline_core::clock::now_ms;
@@ -19,12 +26,13 @@ use pipeline_core::sandbox::{Rules, Sandbox};
 use pipeline_core::verify::{self, Verdict, Verifier};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::agent::{self, AgentJob, AgentResult};
 use crate::backoff::Backoff;
 use crate::config::{AgentMode, Config};
 use crate::domain::{
-    Assignment, CallError, Channel, CurrentRunner, JobEnd, LeaseResult, Outcome, Phase,
+    Assignment, CallError, Channel, CurrentRunner, Fatal, JobEnd, LeaseResult, Outcome, Phase,
 };
 use crate::git::{Found, Mirror, private_dir};
 use crate::logship::RunLog;
@@ -43,6 +51,9 @@ pub struct JobContext {
     pub prices: Arc<agent::Prices>,
     /// The sandbox agents and builds run in.
     pub sandbox: Sandbox,
+    /// The server takes early offers (`--early-builds`): set at each registration from its
+    /// answer, cleared when it says it takes none.
+    pub early_offers: AtomicBool,
 }
 
 /// The result of the dev and verify steps, ready to send.
@@ -122,7 +133,7 @@ pub async fn run(
 }
 
 async fn develop(
-    ctx: &JobContext,
+    ctx: &Arc<JobContext>,
     a: &Assignment,
     slot: usize,
     cancel: &CancellationToken,
@@ -338,6 +349,19 @@ async fn develop(
             return Err(JobEnd::Infra(reason));
         }
     };
+    // The bundle is made once, before the verification: offered at once to a server that
+    // builds early, and sent with the result (the commit as it was verified).
+    let tmp = ctx.work_dir.join("tmp");
+    std::fs::create_dir_all(&tmp)
+        .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
+    let bundle = tmp.join(format!("{}.out.bundle", a.run_id));
+    ctx.mirror
+        .bundle_head(&slot_tree, base, &bundle)
+        .await
+        .map_err(|e| JobEnd::Infra(format!("cannot bundle the commit: {e}")))?;
+    if ctx.early_offers.load(Ordering::Relaxed) {
+        offer(ctx, a, &commit, &bundle, cancel).await;
+    }
     let check = Phase::Verify;
     // The files a build command names are readable when this runner's operator gave that
     // command (its own flags, as local runners share the server's), never on the server's
@@ -392,14 +416,6 @@ async fn develop(
         (None, None) => "verification passed".to_owned(),
     };
     log.note(check, &verdict);
-    let tmp = ctx.work_dir.join("tmp");
-    std::fs::create_dir_all(&tmp)
-        .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
-    let bundle = tmp.join(format!("{}.out.bundle", a.run_id));
-    ctx.mirror
-        .bundle_head(&slot_tree, base, &bundle)
-        .await
-        .map_err(|e| JobEnd::Infra(format!("cannot bundle the commit: {e}")))?;
     Ok(Report {
         result: LeaseResult {
             outcome,
@@ -413,6 +429,61 @@ async fn develop(
         },
         bundle: Some(bundle),
     })
+}
+
+/// Offers the lease's `commit` with its `bundle` (`--early-builds`), once, in a task of its
+/// own: returns as soon as the bundle is read. The task ends with the offer's answer or the
+/// job's cancellation; a server that takes no offers is not offered to again (until it says
+/// otherwise at a registration); any other failure (the server away, the lease over, the
+/// commit refused) is the result's to meet, and only logged.
+async fn offer(
+    ctx: &Arc<JobContext>,
+    a: &Assignment,
+    commit: &CommitId,
+    bundle: &Path,
+    cancel: &CancellationToken,
+) {
+    let task = a.task.to_string();
+    let bytes = match tokio::fs::read(bundle).await {
+        Ok(bytes) => bytes::Bytes::from(bytes),
+        Err(e) => {
+            tracing::debug!(%task, error = %e, "cannot read the commit's bundle to offer it");
+            return;
+        }
+    };
+    let (ctx, lease, commit, cancel) = (
+        Arc::clone(ctx),
+        a.lease.clone(),
+        commit.clone(),
+        cancel.clone(),
+    );
+    let span = tracing::debug_span!("offer", %task, %commit);
+    tokio::spawn(
+        async move {
+            let send = async {
+                let runner = ctx.runner.get()?;
+                ctx.client
+                    .offer_commit(&runner, &lease, &commit, &bytes)
+                    .await
+            };
+            let offered = tokio::select! {
+                offered = send => offered,
+                () = cancel.cancelled() => return,
+            };
+            match offered {
+                Ok(()) => tracing::debug!("commit offered before its verification"),
+                Err(CallError::Fatal {
+                    why,
+                    cause: Fatal::Unsupported,
+                }) => {
+                    ctx.early_offers.store(false, Ordering::Relaxed);
+                    tracing::debug!(error = %why, "the server takes no early offers; none sent again");
+                }
+                Err(e) => tracing::debug!(error = %e, "the offer failed (the result follows as ever)"),
+            }
+        }
+        .instrument(span),
+    );
 }
 
 /// How long a rate limit that does not say when it resets pauses the runner.

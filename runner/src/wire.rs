@@ -61,6 +61,7 @@ enum Call {
     CompleteLease,
     AppendLogs,
     ReleaseLease,
+    OfferCommit,
 }
 
 /// How the runner takes a failed `call`: `pipeline_proto::classify`'s reading, narrowed for
@@ -73,6 +74,9 @@ enum Call {
 ///   (`RESOURCE_EXHAUSTED`: sending it again cannot help).
 /// - A registration whose name is held by a connected runner is refused as such (it may be this
 ///   runner's own earlier connection, which goes away).
+/// - An offer (`--early-builds`) to a server that takes none (`Unimplemented`: an older one;
+///   or its own word, [`pipeline_proto::is_offers_off`]) cannot succeed there: fatal
+///   ([`Fatal::Unsupported`]); any other refusal is the lease's (it is over), or the commit's.
 /// - A heartbeat's failure is fatal only for a refused credential; a registration's,
 ///   a work stream's and a heartbeat's `DATA_LOSS` or `OUT_OF_RANGE` are retried, as are
 ///   `ALREADY_EXISTS` and `OUT_OF_RANGE` for calls the server never sends them for.
@@ -104,6 +108,10 @@ fn read(call: Call, status: &Status) -> CallError {
         (Call::Heartbeat, Code::Unauthenticated) => fatal(Fatal::Credential),
         (Call::Heartbeat, _) => retry(),
         (Call::CompleteLease, Code::ResourceExhausted) => refused(Refusal::Other),
+        (Call::OfferCommit, Code::Unimplemented) => fatal(Fatal::Unsupported),
+        (Call::OfferCommit, _) if pipeline_proto::is_offers_off(status) => {
+            fatal(Fatal::Unsupported)
+        }
         (Call::Register, Code::AlreadyExists) => refused(Refusal::NameTaken),
         (Call::Register, Code::Unimplemented) => fatal(Fatal::Unsupported),
         (
@@ -180,6 +188,9 @@ pub struct Registered {
     pub ttl: Duration,
     /// The runner's own credential, when it registered with the registration token.
     pub credential: Option<String>,
+    /// The server takes early offers (`--early-builds`): each lease's commit is offered
+    /// before it is verified.
+    pub early_builds: bool,
 }
 
 /// Where the runner stands, as every work-stream opening and heartbeat tells the server.
@@ -418,18 +429,38 @@ fn complete_lease_messages(
         kind: Some(pb::complete_lease_request::Kind::Header(header)),
     }];
     if let Some(bytes) = bundle {
-        let mut at = 0;
-        while at < bytes.len() {
-            let end = (at + CHUNK_BYTES).min(bytes.len());
-            messages.push(pb::CompleteLeaseRequest {
-                kind: Some(pb::complete_lease_request::Kind::Chunk(pb::BundleChunk {
-                    data: bytes.slice(at..end),
-                })),
-            });
-            at = end;
-        }
+        messages.extend(chunks(bytes).map(|c| pb::CompleteLeaseRequest {
+            kind: Some(pb::complete_lease_request::Kind::Chunk(c)),
+        }));
     }
     messages
+}
+
+/// An offer's messages: its header, then the commit's bundle in chunks.
+fn offer_commit_messages(
+    runner: &RunnerId,
+    lease: &LeaseRef,
+    commit: &CommitId,
+    bundle: &Bytes,
+) -> Vec<pb::OfferCommitRequest> {
+    let header = pb::OfferCommitHeader {
+        runner_id: runner.to_string(),
+        lease: Some(lease_to_pb(lease)),
+        commit: commit.to_string(),
+    };
+    std::iter::once(pb::offer_commit_request::Kind::Header(header))
+        .chain(chunks(bundle).map(pb::offer_commit_request::Kind::Chunk))
+        .map(|kind| pb::OfferCommitRequest { kind: Some(kind) })
+        .collect()
+}
+
+/// A bundle in chunks of [`CHUNK_BYTES`] (shared, not copied).
+fn chunks(bytes: &Bytes) -> impl Iterator<Item = pb::BundleChunk> + '_ {
+    (0..bytes.len())
+        .step_by(CHUNK_BYTES)
+        .map(|at| pb::BundleChunk {
+            data: bytes.slice(at..(at + CHUNK_BYTES).min(bytes.len())),
+        })
 }
 
 fn heartbeat_request(runner: &RunnerId, standing: &Standing) -> pb::HeartbeatRequest {
@@ -579,6 +610,7 @@ impl Client {
             heartbeat: Duration::from_millis(resp.heartbeat_interval_ms),
             ttl: Duration::from_millis(resp.lease_ttl_ms),
             credential: resp.credential,
+            early_builds: resp.early_builds,
         })
     }
 
@@ -741,6 +773,24 @@ impl Client {
             .as_str_name()
             .trim_start_matches("TASK_STATUS_")
             .to_ascii_lowercase())
+    }
+
+    /// Offers `lease`'s `commit`, with its bundle, before the runner verifies it
+    /// (`--early-builds`).
+    pub async fn offer_commit(
+        &self,
+        runner: &RunnerId,
+        lease: &LeaseRef,
+        commit: &CommitId,
+        bundle: &Bytes,
+    ) -> Result<(), CallError> {
+        let messages = offer_commit_messages(runner, lease, commit, bundle);
+        let (tried, mut inner) = self.pick();
+        inner
+            .offer_commit(tokio_stream::iter(messages))
+            .await
+            .map(drop)
+            .map_err(self.failed(tried, Call::OfferCommit))
     }
 
     /// Gives `lease` back without a result, saying why, whether it was an infrastructure

@@ -414,6 +414,7 @@ impl Ground {
             batch_max: config.batch_max as usize,
             prompt: Arc::clone(&self.prompt),
             verify_on_server: config.verify_on_server,
+            early_builds: config.early_builds,
         }
     }
 
@@ -797,7 +798,8 @@ async fn lead(g: &Ground, shutdown: &CancellationToken) -> Result<Led> {
     );
     let integrator = Integrator::new(Arc::clone(&coordinator), builder)
         .gathering(std::time::Duration::from_millis(config.gather_window))
-        .speculating(config.integration_slots as usize);
+        .speculating(config.integration_slots as usize)
+        .building_early(config.early_builds);
     let integrations_finished = integrator.recover().await?;
     let found_landed = coordinator.reconcile_landed().await?;
     let epics_settled = coordinator.settle_finished_epics().await?;

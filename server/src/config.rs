@@ -310,6 +310,13 @@ pub struct Config {
           value_name = "DURATION", value_parser = units::seconds, requires = "remote_builds")]
     pub remote_build_wait: u64,
 
+    /// Take early offers: a runner sends its task's commit as soon as the agent made it,
+    /// before its own verification ends, and the integrator builds the train that commit will
+    /// ride while the runner verifies. The task still becomes verified only by the runner's
+    /// result; a train built early is wasted when that verification fails.
+    #[arg(long, env = "PIPELINE_EARLY_BUILDS")]
+    pub early_builds: bool,
+
     /// Run until no task can make progress (none in progress or verified, and no open one
     /// that could be leased), then stop cleanly: exit 0, or 1 if any task needs help. For cron
     /// and CI jobs (the seed's `--once`).

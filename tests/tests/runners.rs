@@ -1058,6 +1058,7 @@ impl RunnerService for OldServer {
             heartbeat_interval_ms: 100,
             lease_ttl_ms: 30_000,
             credential: None,
+            early_builds: false,
         }))
     }
 
@@ -1125,6 +1126,13 @@ impl RunnerService for OldServer {
         _: Request<tonic::Streaming<pb::CompleteLeaseRequest>>,
     ) -> Result<Response<pb::CompleteLeaseResponse>, Status> {
         Err(Status::unimplemented("not needed here"))
+    }
+
+    async fn offer_commit(
+        &self,
+        _: Request<tonic::Streaming<pb::OfferCommitRequest>>,
+    ) -> Result<Response<pb::OfferCommitResponse>, Status> {
+        Err(Status::unimplemented("not in this version"))
     }
 
     async fn release_lease(

@@ -241,6 +241,7 @@ pub async fn run(
             runner: CurrentRunner::default(),
             prices: Arc::new(prices),
             sandbox,
+            early_offers: std::sync::atomic::AtomicBool::new(false),
         }),
         client,
     };
@@ -799,6 +800,11 @@ impl Session {
         self.contact.ttl = registered.ttl.max(Duration::from_millis(30));
         tracing::info!(runner = %self.hello.name, id = %registered.runner_id, server = %self.client.url(), "registered");
         self.runner_id = Some(registered.runner_id);
+        // Each registration says afresh whether this server takes early offers.
+        self.ctx.early_offers.store(
+            registered.early_builds,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(())
     }
 

@@ -90,6 +90,9 @@ pub struct Settings {
     /// Whether a runner's verified tree may stand in for the server's build (`when-needed`)
     /// or never (`always`).
     pub verify_on_server: crate::config::VerifyOnServer,
+    /// Whether runners' commits are taken before their verification ends (`--early-builds`,
+    /// [`offers`]).
+    pub early_builds: bool,
 }
 
 /// A run's outcome as `pipeline_runs_total` counts it: a failure nobody is charged for is

@@ -18,6 +18,32 @@ use super::Coordinator;
 use super::runners::refused;
 
 impl<S: Store, R: Repository> Coordinator<S, R> {
+    /// Takes a commit `runner_id` offers on `lease` with its bundle at `bundle`: received as
+    /// a result's commit is ([`Repository::receive_bundle`]: one commit whose only parent is
+    /// the lease's base, nothing else needed, git's strict checks), then recorded as the
+    /// lease's offer ([`Coordinator::offer_commit`]). A commit that is not that is refused
+    /// (`InvalidArgument`, saying why) and changes nothing: the task is judged by its result
+    /// alone.
+    #[tracing::instrument(name = "offer", skip_all, fields(lease = %lease.id, %commit))]
+    pub async fn receive_offer(
+        &self,
+        runner_id: &str,
+        lease: &LeaseRef,
+        commit: &CommitId,
+        bundle: &std::path::Path,
+    ) -> Result<TaskId> {
+        let task = self.check_lease(runner_id, lease).await?;
+        let base = task
+            .lease
+            .as_ref()
+            .map(|l| l.base_commit.clone())
+            .ok_or_else(|| refused(lease, "the task has no lease"))?;
+        let received = self.repo.receive_bundle(bundle, &base, commit).await?;
+        let task = self.offer_commit(runner_id, lease, received.clone(), base)?;
+        tracing::debug!(%task, "commit offered before its verification");
+        Ok(task)
+    }
+
     /// Records `commit` (on `parent`), which the repository holds already, as offered on
     /// `lease` by `runner_id`; refused like any call on a lease that is not live and theirs.
     pub fn offer_commit(

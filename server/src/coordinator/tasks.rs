@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::lifecycle::{self, Event};
 use crate::ports::Repository;
 use crate::store::{NewEvent, Store, TaskFilter};
+use pipeline_core::ids::CommitId;
 
 use super::Coordinator;
 
@@ -26,6 +27,9 @@ pub struct TaskDetail {
     pub children: Vec<(TaskId, TaskStatus)>,
     /// What they have cost together, in cents (kept by the store).
     pub children_cost_cents: f64,
+    /// The commit its runner offered before verifying it (`--early-builds`), while its lease
+    /// holds the offer.
+    pub offered_commit: Option<CommitId>,
 }
 
 /// A task of a list page: with what it waits for and the tokens its agents have used.
@@ -399,6 +403,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             Vec::new()
         };
         let children_cost_cents = task.children.cost_cents;
+        let offered_commit = self.offer_of(id).map(|o| o.commit);
         Ok(TaskDetail {
             task,
             runs,
@@ -406,6 +411,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             waiting_for,
             children,
             children_cost_cents,
+            offered_commit,
         })
     }
 

@@ -97,6 +97,7 @@ async fn start(
         batch_max: 8,
         prompt: Arc::new(crate::prompt::PromptTemplate::default()),
         verify_on_server: Default::default(),
+        early_builds: false,
     };
     let auth = crate::auth::Auth::open(&store, dir.path(), 10)
         .await

@@ -481,6 +481,7 @@ pub(crate) fn detail_to_pb(d: &TaskDetail) -> pb::GetTaskResponse {
             })
             .collect(),
         children_cost_cents: d.children_cost_cents,
+        offered_commit: d.offered_commit.as_ref().map(ToString::to_string),
     }
 }
 

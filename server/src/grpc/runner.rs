@@ -453,6 +453,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             heartbeat_interval_ms: registered.heartbeat_interval_ms,
             lease_ttl_ms: registered.lease_ttl_ms,
             credential: registered.credential,
+            early_builds: self.coordinator.settings().early_builds,
         }))
     }
 
@@ -654,6 +655,50 @@ impl<S: Store> RunnerService for RunnerApi<S> {
         }))
     }
 
+    /// A commit offered before its runner's verification ends (`--early-builds`): the header
+    /// is checked and the lease found live before the bundle is read, then the coordinator
+    /// receives the commit as it would a result's and records the offer.
+    async fn offer_commit(
+        &self,
+        request: Request<Streaming<pb::OfferCommitRequest>>,
+    ) -> Result<Response<pb::OfferCommitResponse>, Status> {
+        let who = super::caller(&request)?;
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::OfferCommitRequest {
+                kind: Some(pb::offer_commit_request::Kind::Header(h)),
+            })) => h,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of OfferCommit must be its header",
+                ));
+            }
+        };
+        let id = runner_id(&header.runner_id)?.to_owned();
+        self.authorize(&who, &id)?;
+        if !self.coordinator.settings().early_builds {
+            return Err(pipeline_proto::offers_off());
+        }
+        let lease = lease_ref(header.lease)?;
+        let commit = CommitId::parse(&header.commit)
+            .map_err(|e| Status::invalid_argument(format!("commit refused: {e}")))?;
+        // Refuse a dead lease before reading a possibly large bundle.
+        self.coordinator
+            .check_live_lease(&id, &lease)
+            .map_err(status_from_error)?;
+        let Some(spool) = self.spool(&mut stream, true).await? else {
+            return Err(Status::invalid_argument(pb::OfferCommitRequest::MISSING));
+        };
+        let offered = self
+            .coordinator
+            .receive_offer(&id, &lease, &commit, &spool.0)
+            .await;
+        drop(spool);
+        offered.map_err(status_from_error)?;
+        Ok(Response::new(pb::OfferCommitResponse {}))
+    }
+
     async fn append_logs(
         &self,
         request: Request<pb::AppendLogsRequest>,
@@ -781,9 +826,9 @@ impl<S: Store> RunnerApi<S> {
     /// Writes the bundle chunks that follow a header to a spool file, up to the size cap. The
     /// file is removed when the returned guard is dropped, whatever happens: a cancelled
     /// upload, a refused one, a full disk.
-    async fn spool(
+    async fn spool<M: Upload>(
         &self,
-        stream: &mut Streaming<pb::CompleteLeaseRequest>,
+        stream: &mut Streaming<M>,
         expect_bundle: bool,
     ) -> Result<Option<Spooled>, Status> {
         let dir = &self.coordinator.settings().spool_dir;
@@ -796,13 +841,11 @@ impl<S: Store> RunnerApi<S> {
             self.spool_seq.fetch_add(1, Ordering::Relaxed)
         )));
         while let Some(msg) = stream.next().await {
-            let chunk = match msg?.kind {
-                Some(pb::complete_lease_request::Kind::Chunk(c)) => c,
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "only one header per CompleteLease",
-                    ));
-                }
+            let Some(chunk) = msg?.chunk() else {
+                return Err(Status::invalid_argument(format!(
+                    "only one header per {}",
+                    M::CALL
+                )));
             };
             size += chunk.data.len() as u64;
             if size > cap {
@@ -833,10 +876,41 @@ impl<S: Store> RunnerApi<S> {
                     .map_err(|e| spool_failed("spool flush", &e))?;
                 Ok(Some(spooled))
             }
-            None if expect_bundle => Err(Status::invalid_argument(
-                "a verified or verify-failed result needs its commit's bundle",
-            )),
+            None if expect_bundle => Err(Status::invalid_argument(M::MISSING)),
             None => Ok(None),
+        }
+    }
+}
+
+/// A call that uploads a commit's bundle after its header (CompleteLease, OfferCommit): what
+/// [`RunnerApi::spool`] reads of its messages.
+trait Upload: Send + 'static {
+    /// The call's name, for refusals.
+    const CALL: &'static str;
+    /// The refusal of an upload that needs a bundle and sent none.
+    const MISSING: &'static str;
+    /// The message's bundle chunk; `None` for anything else (a second header).
+    fn chunk(self) -> Option<pb::BundleChunk>;
+}
+
+impl Upload for pb::CompleteLeaseRequest {
+    const CALL: &'static str = "CompleteLease";
+    const MISSING: &'static str = "a verified or verify-failed result needs its commit's bundle";
+    fn chunk(self) -> Option<pb::BundleChunk> {
+        match self.kind {
+            Some(pb::complete_lease_request::Kind::Chunk(c)) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+impl Upload for pb::OfferCommitRequest {
+    const CALL: &'static str = "OfferCommit";
+    const MISSING: &'static str = "an offer needs its commit's bundle";
+    fn chunk(self) -> Option<pb::BundleChunk> {
+        match self.kind {
+            Some(pb::offer_commit_request::Kind::Chunk(c)) => Some(c),
+            _ => None,
         }
     }
 }
