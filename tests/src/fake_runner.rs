@@ -27,6 +27,8 @@ pub struct FakeRunner {
     pub credential: String,
     /// The lease TTL the server announced at registration.
     pub lease_ttl_ms: u64,
+    /// Whether the server said it takes early offers (`--early-builds`).
+    pub early_builds: bool,
     stream: Option<Streaming<pb::WorkMessage>>,
 }
 
@@ -149,6 +151,7 @@ impl FakeRunner {
             // Registering with its own credential, a runner gets none new: it keeps that one.
             credential: resp.credential.unwrap_or_else(|| token.to_owned()),
             lease_ttl_ms: resp.lease_ttl_ms,
+            early_builds: resp.early_builds,
             stream: None,
         })
     }
@@ -324,6 +327,39 @@ impl FakeRunner {
 }
 
 impl FakeRunner {
+    /// Offers `commit` on `lease` before any result (`OfferCommit`), with `bundle` in one
+    /// chunk.
+    pub fn offer(
+        &mut self,
+        lease: pb::LeaseRef,
+        commit: &str,
+        bundle: Vec<u8>,
+    ) -> Result<pb::OfferCommitResponse, Status> {
+        let header = pb::OfferCommitHeader {
+            runner_id: self.id.clone(),
+            lease: Some(lease),
+            commit: commit.to_owned(),
+        };
+        let messages = vec![
+            pb::OfferCommitRequest {
+                kind: Some(pb::offer_commit_request::Kind::Header(header)),
+            },
+            pb::OfferCommitRequest {
+                kind: Some(pb::offer_commit_request::Kind::Chunk(pb::BundleChunk {
+                    data: bundle.into(),
+                })),
+            },
+        ];
+        let call = self
+            .client
+            .offer_commit(authorized(&self.credential, tokio_stream_iter(messages)));
+        Ok(self
+            .rt
+            .block_on(async { tokio::time::timeout(DEADLINE, call).await })
+            .map_err(|_| Status::deadline_exceeded("offer_commit"))??
+            .into_inner())
+    }
+
     /// Sends `messages` as one `CompleteLease` call and waits for the answer.
     pub fn complete_raw(
         &mut self,

@@ -1187,3 +1187,180 @@ fn a_runner_heartbeats_with_single_calls_to_a_server_without_the_heartbeat_strea
         runner.log()
     );
 }
+
+/// Early offers (`--early-builds`): a runner's verification held in its own worktree until
+/// `$AGENT_LOG_DIR/verify-go` exists (at most a minute); the server's integration builds pass
+/// at once.
+const HELD_VERIFY: &str = "case $PWD in */integration|*/integration-[0-9]*) ;; *) i=0; \
+     while [ ! -e \"$AGENT_LOG_DIR/verify-go\" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); \
+     done;; esac";
+
+/// The commit a task's lease offers now (`offered_commit` in `task show --json`), if any.
+fn offered(task: &Value) -> Option<String> {
+    task["offered_commit"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn a_runner_offers_its_commit_while_it_verifies_and_that_commit_lands() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &[
+            "--early-builds",
+            "--build-cmd",
+            HELD_VERIFY,
+            "--test-cmd",
+            "true",
+        ],
+    );
+    let args = agent_args(&[]);
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "offered early"]);
+    let task = server.wait_task(&id, "offered", |t| offered(t).is_some());
+    let commit = offered(&task).expect("offered");
+    // Still the runner's: its verification has not ended, so nothing is verified yet.
+    assert_eq!(task["status"], "in_progress", "{task}");
+    assert_eq!(
+        git(&repo.repo(), &["rev-parse", &format!("{commit}^")]),
+        main_tip(&repo),
+        "one commit on the leased base"
+    );
+    repo.touch("verify-go");
+    let done = server.wait_status(&id, "done");
+    assert_eq!(offered(&done), None, "the offer ended with its lease");
+    assert_eq!(
+        task_ref(&repo.repo(), &id, 1),
+        commit,
+        "the result carried the offered commit"
+    );
+    let landed = main_tip(&repo);
+    assert_eq!(
+        git(&repo.repo(), &["rev-parse", &format!("{landed}^{{tree}}")]),
+        git(&repo.repo(), &["rev-parse", &format!("{commit}^{{tree}}")]),
+        "what landed is the offered commit's tree"
+    );
+}
+
+#[test]
+fn an_offer_ends_with_its_lease_when_the_runner_is_killed() {
+    let repo = TestRepo::new();
+    let server = Server::start(
+        &repo,
+        &[
+            "--early-builds",
+            "--lease-ttl",
+            "2",
+            "--build-cmd",
+            HELD_VERIFY,
+        ],
+    );
+    let args = agent_args(&[]);
+    let mut r = Runner::start(&repo, &server, "r", &as_strs(&args));
+    let id = server.add(&["--title", "offered, then lost"]);
+    server.wait_task(&id, "offered", |t| offered(t).is_some());
+    r.proc.kill();
+    let task = server.wait_task(&id, "without its offer", |t| offered(t).is_none());
+    assert_ne!(task["status"], "done", "{task}");
+    // The orphaned verification ends.
+    repo.touch("verify-go");
+}
+
+#[test]
+fn an_offer_is_taken_only_on_a_live_lease_of_the_runner_and_only_when_asked_for() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--early-builds"]);
+    let mut fake = fake_runner(&repo, &server);
+    assert!(fake.early_builds, "the server says it takes offers");
+    let id = server.add(&["--title", "t"]);
+    let a = fake.next_assignment();
+    let lease = a.lease.clone().expect("lease");
+    let (head, bundle) = hand_made_bundle(&repo, &a.base_commit, 2, &["refs/heads/out"]);
+    // Two commits: not one on the base.
+    let err = fake
+        .offer(lease.clone(), &head, bundle)
+        .expect_err("two commits");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("not one commit on top of the leased base"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(offered(&server.show(&id)), None);
+    // One commit on the base, as a runner sends it.
+    let work = repo.dir.path().join("hand-made");
+    git(&work, &["update-ref", "refs/heads/one", "HEAD~1"]);
+    let one = git(&work, &["rev-parse", "HEAD~1"]);
+    let not_base = format!("^{}", a.base_commit);
+    git(
+        &work,
+        &[
+            "bundle",
+            "create",
+            "-q",
+            "../one.bundle",
+            "refs/heads/one",
+            &not_base,
+        ],
+    );
+    let bundle = std::fs::read(repo.dir.path().join("one.bundle")).expect("bundle");
+    // On another runner's lease: refused.
+    let mut other = FakeRunner::register(
+        &server.url,
+        &repo.registration_token(),
+        "other",
+        pipeline_proto::PROTOCOL_VERSION,
+    )
+    .expect("register");
+    let err = other
+        .offer(lease.clone(), &one, bundle.clone())
+        .expect_err("not its lease");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(!pipeline_proto::is_offers_off(&err), "{err:?}");
+    // On a stale epoch: refused.
+    let stale = pb::LeaseRef {
+        epoch: lease.epoch + 1,
+        ..lease.clone()
+    };
+    let err = fake
+        .offer(stale, &one, bundle.clone())
+        .expect_err("stale lease");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(offered(&server.show(&id)), None);
+    // Its own live lease: taken, and shown.
+    fake.offer(lease.clone(), &one, bundle.clone())
+        .expect("offered");
+    assert_eq!(offered(&server.show(&id)).as_deref(), Some(one.as_str()));
+    // The result ends the lease and its offer; an offer after it is refused.
+    fake.complete(
+        lease.clone(),
+        pb::LeaseOutcome::Verified,
+        Some(one.clone()),
+        bundle.clone(),
+    )
+    .expect("result");
+    assert_eq!(offered(&server.show(&id)), None);
+    let err = fake.offer(lease, &one, bundle).expect_err("lease over");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+}
+
+#[test]
+fn a_server_without_early_builds_asks_for_no_offers_and_refuses_them() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &[]);
+    let mut fake = fake_runner(&repo, &server);
+    assert!(!fake.early_builds);
+    let id = server.add(&["--title", "t"]);
+    let a = fake.next_assignment();
+    let (head, bundle) = hand_made_bundle(&repo, &a.base_commit, 1, &["refs/heads/out"]);
+    let err = fake
+        .offer(a.lease.clone().expect("lease"), &head, bundle)
+        .expect_err("no offers taken");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(pipeline_proto::is_offers_off(&err), "{err:?}");
+    assert_eq!(
+        err.message(),
+        "this server does not take early offers (--early-builds is off)"
+    );
+    assert_eq!(offered(&server.show(&id)), None);
+}
