@@ -1190,8 +1190,9 @@ fn a_runner_heartbeats_with_single_calls_to_a_server_without_the_heartbeat_strea
 
 /// Early offers (`--early-builds`): a runner's verification held in its own worktree until
 /// `$AGENT_LOG_DIR/verify-go` exists (at most a minute); the server's integration builds pass
-/// at once.
-const HELD_VERIFY: &str = "case $PWD in */integration|*/integration-[0-9]*) ;; *) i=0; \
+/// at once, each noted in `$AGENT_LOG_DIR/server-builds`.
+const HELD_VERIFY: &str = "case $PWD in */integration|*/integration-[0-9]*) \
+     echo \"$PWD\" >> \"$AGENT_LOG_DIR/server-builds\";; *) i=0; \
      while [ ! -e \"$AGENT_LOG_DIR/verify-go\" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); \
      done;; esac";
 
@@ -1218,8 +1219,14 @@ fn a_runner_offers_its_commit_while_it_verifies_and_that_commit_lands() {
     let id = server.add(&["--title", "offered early"]);
     let task = server.wait_task(&id, "offered", |t| offered(t).is_some());
     let commit = offered(&task).expect("offered");
-    // Still the runner's: its verification has not ended, so nothing is verified yet.
+    // The server builds the train it will ride while the runner still verifies (held until
+    // the test says so).
+    wait_for("an early build of the offered commit", || {
+        repo.agent_file("server-builds").filter(|b| !b.is_empty())
+    });
+    let task = server.show(&id);
     assert_eq!(task["status"], "in_progress", "{task}");
+    assert_eq!(offered(&task).as_deref(), Some(commit.as_str()));
     assert_eq!(
         git(&repo.repo(), &["rev-parse", &format!("{commit}^")]),
         main_tip(&repo),
