@@ -1099,6 +1099,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_offer_goes_out_as_a_header_then_its_bundle_in_chunks() {
+        let runner = RunnerId::parse("r1-1").expect("id");
+        let lease = LeaseRef::parse("t-1@2".into(), 2).expect("lease");
+        let commit = CommitId::parse(&sha('c')).expect("id");
+        let bundle = Bytes::from(vec![0u8; CHUNK_BYTES + 1]);
+        let messages = offer_commit_messages(&runner, &lease, &commit, &bundle);
+        let Some(pb::offer_commit_request::Kind::Header(h)) = &messages[0].kind else {
+            panic!("no header first")
+        };
+        assert_eq!(
+            (h.runner_id.as_str(), h.commit.as_str()),
+            ("r1-1", &*sha('c'))
+        );
+        assert_eq!(h.lease, Some(lease_to_pb(&lease)));
+        let sizes: Vec<usize> = messages[1..]
+            .iter()
+            .map(|m| match &m.kind {
+                Some(pb::offer_commit_request::Kind::Chunk(c)) => c.data.len(),
+                _ => panic!("not a chunk"),
+            })
+            .collect();
+        assert_eq!(sizes, [CHUNK_BYTES, 1]);
+    }
+
+    /// An offer stops only at a server that takes none (an older one, or one that says so);
+    /// a lease that is over refuses that offer alone.
+    #[test]
+    fn an_offer_is_given_up_for_good_only_by_a_server_that_takes_none() {
+        let no_offers = |e: &CallError| {
+            matches!(
+                e,
+                CallError::Fatal {
+                    cause: Fatal::Unsupported,
+                    ..
+                }
+            )
+        };
+        for code in every_code() {
+            let read = read(Call::OfferCommit, &Status::new(code, "x"));
+            assert_eq!(no_offers(&read), code == Code::Unimplemented, "{code:?}");
+        }
+        assert!(no_offers(&read(
+            Call::OfferCommit,
+            &pipeline_proto::offers_off()
+        )));
+        assert!(matches!(
+            read(
+                Call::OfferCommit,
+                &Status::failed_precondition("lease over")
+            ),
+            CallError::Refused { .. }
+        ));
+    }
+
     fn every_code() -> impl Iterator<Item = Code> {
         (0..=16).map(Code::from)
     }
