@@ -59,6 +59,8 @@ type Done = Option<(End, Arc<Vec<String>>, Millis, Millis)>;
 struct Group {
     id: u64,
     members: Vec<TaskId>,
+    /// The offers it was planned from: (task, commit).
+    offered: Vec<(TaskId, CommitId)>,
     /// The tip of its chain, once its commits are cherry-picked (the next group's tip).
     chain_tip: Option<CommitId>,
     /// What its build is of, once known.
@@ -79,6 +81,10 @@ pub(super) struct Board {
     orphans: HashSet<u64>,
     /// How long the last early build took.
     last_build: Option<Millis>,
+    /// Offers (task, commit) whose group left without forming: not planned again (their
+    /// build was spent; a runner that verifies longer than a build would have them built
+    /// over and over).
+    spent: HashSet<(TaskId, CommitId)>,
 }
 
 impl Board {
@@ -88,6 +94,9 @@ impl Board {
         group: &Group,
         c: &crate::coordinator::Coordinator<S, R>,
     ) {
+        if !group.formed {
+            self.spent.extend(group.offered.iter().cloned());
+        }
         if group.taken || group.key.is_none() {
             return;
         }
@@ -131,9 +140,16 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         }
         // Nothing new offered: nothing to plan (and no read of the store).
         {
-            let board = self.board();
-            let new = offers.iter().any(|(t, _)| {
-                !riding.contains(t) && !board.groups.iter().any(|g| g.members.contains(t))
+            let mut board = self.board();
+            board.spent.retain(|(t, commit)| {
+                offers
+                    .iter()
+                    .any(|(o, off)| o == t && &off.commit == commit)
+            });
+            let new = offers.iter().any(|(t, o)| {
+                !riding.contains(t)
+                    && !board.groups.iter().any(|g| g.members.contains(t))
+                    && !board.spent.contains(&(t.clone(), o.commit.clone()))
             });
             if !new {
                 return Ok(None);
@@ -171,6 +187,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                 .groups
                 .iter()
                 .flat_map(|g| g.members.iter().cloned())
+                .chain(board.spent.iter().map(|(t, _)| t.clone()))
                 .collect();
             let last = board.groups.back().map(|g| g.chain_tip.clone());
             (planned, last, board.groups.len() >= MAX_GROUPS)
@@ -257,6 +274,15 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             board.groups.push_back(Group {
                 id,
                 members: members.iter().map(|(t, ..)| t.id.clone()).collect(),
+                offered: chosen
+                    .iter()
+                    .filter_map(|(i, _)| {
+                        tasks[*i]
+                            .1
+                            .as_ref()
+                            .map(|(c, _)| (tasks[*i].0.id.clone(), c.clone()))
+                    })
+                    .collect(),
                 chain_tip: None,
                 key: None,
                 done: rx,
