@@ -6,18 +6,15 @@
 //! server builds it elsewhere and charges nobody. A cancelled job (the server took it back,
 //! the link broke) answers nothing.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pipeline_core::sandbox::Rules;
 use pipeline_core::verify::{self, Verdict};
-use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::domain::{BuildJob, BuildOutcome, CallError, Channel, Phase};
-use crate::job::JobContext;
+use crate::job::{FetchEnd, JobContext, fresh_dir};
 use crate::logship::RunLog;
 
 /// Runs build job `job` in build worktree `n`; returns what it told the server (`None`:
@@ -103,30 +100,16 @@ async fn build(
         .join("private")
         .join(format!("build-{n}"))
         .join("tmp");
-    let _ = std::fs::remove_dir_all(&private);
-    if let Err(e) = std::fs::create_dir_all(&private) {
-        return infra(format!("cannot create {}: {e}", private.display()));
+    if let Err(why) = fresh_dir(&private) {
+        return infra(why);
     }
-    let mut own = Rules::default();
-    own.own(&tree.path)
-        .own(&tree.admin)
-        .own(tree.objects())
-        .own(&private)
-        .read(&tree.common)
-        .read(ctx.mirror.dir().join("objects"));
+    let mut own = ctx.own_rules(&tree, &private);
     if verifier == ctx.config.verify.verifier() {
         own.named_in_all(verifier.commands());
     }
     let sandbox = ctx.sandbox.policy(&own);
     for (namespace, task) in &job.runs {
-        let mut env: Vec<(String, String)> = ctx
-            .config
-            .agent
-            .child_env()
-            .into_iter()
-            .filter(|(k, _)| k != "TMPDIR")
-            .collect();
-        env.push(("TMPDIR".to_owned(), private.display().to_string()));
+        let mut env = ctx.child_env(&private);
         if let Some(task) = task {
             env.push(("PIPELINE_TASK_ID".to_owned(), task.to_string()));
         }
@@ -174,81 +157,36 @@ async fn fetch(
     if ctx.mirror.has_commit(&job.commit).await {
         return Some(Ok(()));
     }
-    let tmp = ctx.work_dir.join("tmp");
-    if let Err(e) = std::fs::create_dir_all(&tmp) {
-        return Some(Err(format!("cannot create {}: {e}", tmp.display())));
-    }
-    let file = tmp.join(format!("{}.build.bundle", job.build.id));
-    let (mut attempt, mut backoff) = (0, Backoff::new());
-    loop {
-        if cancel.is_cancelled() {
+    let call = || async {
+        let runner = ctx.runner.get()?;
+        ctx.client
+            .fetch_build(&runner, &job.build, &ctx.mirror.haves())
+            .await
+    };
+    let name = format!("{}.build.bundle", job.build.id);
+    let fetched = match ctx
+        .fetch_bundle("the build's commit", &name, cancel, call)
+        .await
+    {
+        Ok(fetched) => fetched,
+        Err(FetchEnd::Cancelled) => return None,
+        Err(FetchEnd::Refused(why)) => {
+            tracing::warn!(build = %job.build.id, "the server took the build job back: {why}");
             return None;
         }
-        match fetch_once(ctx, job, &file).await {
-            Ok(chunks) => {
-                if chunks > 0 {
-                    let stored = ctx.mirror.unbundle(&file).await;
-                    let _ = std::fs::remove_file(&file);
-                    if let Err(e) = stored {
-                        return Some(Err(format!("cannot store the build's commit: {e}")));
-                    }
-                }
-                if !ctx.mirror.has_commit(&job.commit).await {
-                    return Some(Err(format!("the server's bundle lacks {}", job.commit)));
-                }
-                return Some(Ok(()));
-            }
-            Err(Fetch::Local(why)) => return Some(Err(why)),
-            Err(Fetch::Call(CallError::Refused { why, .. })) => {
-                tracing::warn!(build = %job.build.id, "the server took the build job back: {why}");
-                return None;
-            }
-            Err(Fetch::Call(e @ (CallError::Retry(_) | CallError::Unregistered(_))))
-                if attempt < 20 =>
-            {
-                tracing::warn!(build = %job.build.id, error = %e, "fetching the build's commit failed; retrying");
-                attempt += 1;
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.next()) => {}
-                    () = cancel.cancelled() => return None,
-                }
-            }
-            Err(Fetch::Call(e)) => {
-                return Some(Err(format!("cannot fetch the build's commit: {e}")));
-            }
+        Err(FetchEnd::Infra(why)) => return Some(Err(why)),
+    };
+    if fetched.chunks > 0 {
+        let stored = ctx.mirror.unbundle(&fetched.file).await;
+        let _ = std::fs::remove_file(&fetched.file);
+        if let Err(e) = stored {
+            return Some(Err(format!("cannot store the build's commit: {e}")));
         }
     }
-}
-
-enum Fetch {
-    Call(CallError),
-    Local(String),
-}
-
-impl From<CallError> for Fetch {
-    fn from(e: CallError) -> Self {
-        Fetch::Call(e)
+    if !ctx.mirror.has_commit(&job.commit).await {
+        return Some(Err(format!("the server's bundle lacks {}", job.commit)));
     }
-}
-
-/// Fetches the bundle into `file`; returns how many chunks came.
-async fn fetch_once(ctx: &JobContext, job: &BuildJob, file: &Path) -> Result<usize, Fetch> {
-    let mut chunks_in = ctx
-        .client
-        .fetch_build(&ctx.runner.get()?, &job.build, &ctx.mirror.haves())
-        .await?;
-    let local = |e: std::io::Error| {
-        let _ = std::fs::remove_file(file);
-        Fetch::Local(format!("cannot write {}: {e}", file.display()))
-    };
-    let mut out = tokio::fs::File::create(file).await.map_err(local)?;
-    let mut chunks = 0;
-    while let Some(chunk) = chunks_in.next().await? {
-        out.write_all(&chunk).await.map_err(local)?;
-        chunks += 1;
-    }
-    out.flush().await.map_err(local)?;
-    Ok(chunks)
+    Some(Ok(()))
 }
 
 /// Sends the outcome, retrying while the server is away; false when it was refused (the job

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pipeline_core::clock::now_ms;
+use pipeline_core::git::Worktree;
 use pipeline_core::ids::CommitId;
 use pipeline_core::sandbox::{Rules, Sandbox};
 use pipeline_core::verify::{self, Verdict, Verifier};
@@ -37,7 +38,7 @@ use crate::domain::{
 use crate::git::{Found, Mirror, private_dir};
 use crate::logship::RunLog;
 use crate::usage::Usage;
-use crate::wire::Client;
+use crate::wire::{BaseChunks, Client};
 
 /// What every job shares.
 pub struct JobContext {
@@ -54,6 +55,120 @@ pub struct JobContext {
     /// The server takes early offers (`--early-builds`): set at each registration from its
     /// answer, cleared when it says it takes none.
     pub early_offers: AtomicBool,
+}
+
+impl JobContext {
+    /// A file in the work dir's `tmp` (the bundles fetched and sent), the directory made if
+    /// it is missing.
+    fn tmp_file(&self, name: &str) -> Result<PathBuf, String> {
+        let tmp = self.work_dir.join("tmp");
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        Ok(tmp.join(name))
+    }
+
+    /// The environment a job's agent and build run in: the agent's, with the job's own temp
+    /// dir `tmp` for the runner's.
+    pub(crate) fn child_env(&self, tmp: &Path) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self
+            .config
+            .agent
+            .child_env()
+            .into_iter()
+            .filter(|(k, _)| k != "TMPDIR")
+            .collect();
+        env.push(("TMPDIR".to_owned(), tmp.display().to_string()));
+        env
+    }
+
+    /// What a job's sandbox lets it at: it writes its worktree, the worktree's git state (its
+    /// git directory and its repository's objects) and its private directory `private`, and
+    /// reads its repository and the mirror's objects; nothing else of the work dir (the
+    /// credential, the other slots and build worktrees).
+    pub(crate) fn own_rules(&self, tree: &Worktree, private: &Path) -> Rules {
+        let mut own = Rules::default();
+        own.own(&tree.path)
+            .own(&tree.admin)
+            .own(tree.objects())
+            .own(private)
+            .read(&tree.common)
+            .read(self.mirror.dir().join("objects"));
+        own
+    }
+
+    /// Fetches a bundle of what the mirror lacks of `what` into the file `name` in the work
+    /// dir's `tmp`, calling the server with `call`; retries while the server is away or does
+    /// not know the runner yet. Returns the file, and how many chunks and bytes came (no
+    /// chunks: the mirror had it all).
+    pub(crate) async fn fetch_bundle<F>(
+        &self,
+        what: &str,
+        name: &str,
+        cancel: &CancellationToken,
+        call: impl Fn() -> F,
+    ) -> Result<Fetched, FetchEnd>
+    where
+        F: Future<Output = Result<BaseChunks, CallError>>,
+    {
+        let file = self.tmp_file(name).map_err(FetchEnd::Infra)?;
+        let (mut attempt, mut backoff) = (0, Backoff::new());
+        loop {
+            if cancel.is_cancelled() {
+                return Err(FetchEnd::Cancelled);
+            }
+            match fetch_once(&call, &file, what).await {
+                Ok((chunks, bytes)) => {
+                    return Ok(Fetched {
+                        file,
+                        chunks,
+                        bytes,
+                    });
+                }
+                Err(FetchError::Local(why)) => return Err(FetchEnd::Infra(why)),
+                // The lease or build job is no longer this runner's: nothing more to do.
+                Err(FetchError::Call(CallError::Refused { why, .. })) => {
+                    return Err(FetchEnd::Refused(why));
+                }
+                // The server is away or failed inside, or does not know the runner until it
+                // registers again.
+                Err(FetchError::Call(e @ (CallError::Retry(_) | CallError::Unregistered(_))))
+                    if attempt < 20 =>
+                {
+                    tracing::warn!(error = %e, "fetching {what} failed; retrying");
+                    attempt += 1;
+                    if !pause(&mut backoff, cancel).await {
+                        return Err(FetchEnd::Cancelled);
+                    }
+                }
+                // The runner's failure (a fetch that cannot succeed as it is).
+                Err(FetchError::Call(e)) => {
+                    return Err(FetchEnd::Infra(format!("cannot fetch {what}: {e}")));
+                }
+            }
+        }
+    }
+}
+
+/// A bundle fetched into `file` (empty when no chunks came).
+pub(crate) struct Fetched {
+    pub file: PathBuf,
+    pub chunks: usize,
+    pub bytes: usize,
+}
+
+/// Why a fetch ended without a bundle.
+pub(crate) enum FetchEnd {
+    Cancelled,
+    /// The server refused: the work is no longer this runner's.
+    Refused(String),
+    /// This runner's trouble (its disk, a call that cannot succeed): not the work's fault.
+    Infra(String),
+}
+
+/// Makes `dir` anew, empty: a job's temp dir holds nothing of the job before it.
+pub(crate) fn fresh_dir(dir: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
 }
 
 /// The result of the dev and verify steps, ready to send.
@@ -196,24 +311,13 @@ async fn develop(
     // temp dir, written by this lease's agent and build only.
     let private = private_dir(&ctx.work_dir, slot);
     let tmp = private.join("tmp");
-    let fresh = |dir: &Path| {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir)
-    };
-    fresh(&tmp).map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
+    fresh_dir(&tmp).map_err(JobEnd::Infra)?;
     let prompt_file = private.join(format!("{}.md", a.run_id));
     let cost_file = private.join(format!("{}.cost", a.run_id));
     let _ = std::fs::remove_file(&cost_file);
     std::fs::write(&prompt_file, &a.prompt)
         .map_err(|e| JobEnd::Infra(format!("cannot write the prompt: {e}")))?;
-    let mut env: Vec<(String, String)> = ctx
-        .config
-        .agent
-        .child_env()
-        .into_iter()
-        .filter(|(k, _)| k != "TMPDIR")
-        .collect();
-    env.push(("TMPDIR".to_owned(), tmp.display().to_string()));
+    let mut env = ctx.child_env(&tmp);
     env.extend([
         ("PIPELINE_TASK_ID".to_owned(), a.task.to_string()),
         ("PIPELINE_RUN_ID".to_owned(), a.run_id.to_string()),
@@ -233,17 +337,8 @@ async fn develop(
             cost_file.display().to_string(),
         ),
     ]);
-    // The build writes its worktree, the worktree's git state (its git directory and its
-    // repository's objects) and its private directory, and reads its repository and the
-    // mirror's objects; nothing else of the work dir (the credential, the other slots). The
-    // agent may also write its own files in the home directory.
-    let mut own = Rules::default();
-    own.own(&worktree)
-        .own(&slot_tree.admin)
-        .own(slot_tree.objects())
-        .own(&private)
-        .read(&slot_tree.common)
-        .read(ctx.mirror.dir().join("objects"));
+    // The agent may also write its own files in the home directory.
+    let own = ctx.own_rules(&slot_tree, &private);
     let path = std::env::var("PATH").unwrap_or_default();
     let agent_sandbox = ctx
         .sandbox
@@ -351,10 +446,9 @@ async fn develop(
     };
     // The bundle is made once, before the verification: offered at once to a server that
     // builds early, and sent with the result (the commit as it was verified).
-    let tmp = ctx.work_dir.join("tmp");
-    std::fs::create_dir_all(&tmp)
-        .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
-    let bundle = tmp.join(format!("{}.out.bundle", a.run_id));
+    let bundle = ctx
+        .tmp_file(&format!("{}.out.bundle", a.run_id))
+        .map_err(JobEnd::Infra)?;
     ctx.mirror
         .bundle_head(&slot_tree, base, &bundle)
         .await
@@ -571,62 +665,45 @@ async fn fetch_base(
         tracing::info!(task = %a.task, "base already in the mirror; nothing fetched");
         return Ok(());
     }
-    let tmp = ctx.work_dir.join("tmp");
-    std::fs::create_dir_all(&tmp)
-        .map_err(|e| JobEnd::Infra(format!("cannot create {}: {e}", tmp.display())))?;
-    let file = tmp.join(format!("{}.base.bundle", a.run_id));
-    let (mut attempt, mut backoff) = (0, Backoff::new());
-    loop {
-        if cancel.is_cancelled() {
-            return Err(JobEnd::Cancelled);
-        }
-        match fetch_once(ctx, a, &file).await {
-            Ok((chunks, bytes)) => {
-                tracing::info!(task = %a.task, bytes, "fetched the base's missing objects");
-                let mut heads = Vec::new();
-                if chunks > 0 {
-                    let stored = ctx.mirror.unbundle(&file).await;
-                    let _ = std::fs::remove_file(&file);
-                    heads =
-                        stored.map_err(|e| JobEnd::Infra(format!("cannot store the base: {e}")))?;
-                }
-                // What the bundle did not bring the mirror must have had (the server left it
-                // out): check that with git.
-                for c in &wanted {
-                    if !heads.contains(c) && !ctx.mirror.keeps(c) && !ctx.mirror.has_commit(c).await
-                    {
-                        return Err(JobEnd::Infra(format!("the server's bundle lacks {c}")));
-                    }
-                }
-                ctx.mirror.remember(&wanted).await;
-                return Ok(());
-            }
-            Err(FetchError::Local(why)) => return Err(JobEnd::Infra(why)),
-            // The lease is no longer this runner's: nothing more to do.
-            Err(FetchError::Call(CallError::Refused { why, .. })) => {
-                return Err(JobEnd::Refused(why));
-            }
-            // The server is away or failed inside, or does not know the runner until it
-            // registers again.
-            Err(FetchError::Call(e @ (CallError::Retry(_) | CallError::Unregistered(_))))
-                if attempt < 20 =>
-            {
-                tracing::warn!(task = %a.task, error = %e, "fetching the base failed; retrying");
-                attempt += 1;
-                if !pause(&mut backoff, cancel).await {
-                    return Err(JobEnd::Cancelled);
-                }
-            }
-            // The runner's failure (a fetch that cannot succeed as it is): give the lease back.
-            Err(FetchError::Call(e)) => {
-                return Err(JobEnd::Infra(format!("cannot fetch the base: {e}")));
-            }
+    let call = || async {
+        let runner = ctx.runner.get()?;
+        ctx.client
+            .fetch_base(&runner, &a.lease, &ctx.mirror.haves())
+            .await
+    };
+    let fetched = ctx
+        .fetch_bundle(
+            "the base",
+            &format!("{}.base.bundle", a.run_id),
+            cancel,
+            call,
+        )
+        .await
+        .map_err(|end| match end {
+            FetchEnd::Cancelled => JobEnd::Cancelled,
+            FetchEnd::Refused(why) => JobEnd::Refused(why),
+            FetchEnd::Infra(why) => JobEnd::Infra(why),
+        })?;
+    tracing::info!(task = %a.task, bytes = fetched.bytes, "fetched the base's missing objects");
+    let mut heads = Vec::new();
+    if fetched.chunks > 0 {
+        let stored = ctx.mirror.unbundle(&fetched.file).await;
+        let _ = std::fs::remove_file(&fetched.file);
+        heads = stored.map_err(|e| JobEnd::Infra(format!("cannot store the base: {e}")))?;
+    }
+    // What the bundle did not bring the mirror must have had (the server left it out): check
+    // that with git.
+    for c in &wanted {
+        if !heads.contains(c) && !ctx.mirror.keeps(c) && !ctx.mirror.has_commit(c).await {
+            return Err(JobEnd::Infra(format!("the server's bundle lacks {c}")));
         }
     }
+    ctx.mirror.remember(&wanted).await;
+    Ok(())
 }
 
-/// Why a fetch of the base failed: the call (the server or the connection, which may come
-/// back), or this machine's own disk (no retry: the lease goes back, uncharged).
+/// Why one fetch failed: the call (the server or the connection, which may come back), or
+/// this machine's own disk (no retry: the work goes back, uncharged).
 enum FetchError {
     Call(CallError),
     Local(String),
@@ -638,20 +715,20 @@ impl From<CallError> for FetchError {
     }
 }
 
-/// Fetches the bundle into `file`; returns (chunks, bytes).
-async fn fetch_once(
-    ctx: &JobContext,
-    a: &Assignment,
+/// Fetches the bundle of `what` into `file`; returns (chunks, bytes).
+async fn fetch_once<F>(
+    call: impl Fn() -> F,
     file: &Path,
-) -> Result<(usize, usize), FetchError> {
-    let mut chunks_in = ctx
-        .client
-        .fetch_base(&ctx.runner.get()?, &a.lease, &ctx.mirror.haves())
-        .await?;
+    what: &str,
+) -> Result<(usize, usize), FetchError>
+where
+    F: Future<Output = Result<BaseChunks, CallError>>,
+{
+    let mut chunks_in = call().await?;
     let local = |e: std::io::Error| {
         let _ = std::fs::remove_file(file);
         FetchError::Local(format!(
-            "cannot write the base's bundle {}: {e}",
+            "cannot write the bundle of {what} {}: {e}",
             file.display()
         ))
     };
