@@ -530,11 +530,9 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         let writes: Vec<TaskWrite> = decisions.iter().map(|d| d.write.clone()).collect();
         let results = if writes.len() == 1 {
             let mut writes = writes;
-            match self.store.commit(writes.remove(0)).await {
-                Ok(c) => vec![Ok(c)],
-                Err(e @ (Error::Conflict(_) | Error::NotFound(_))) => vec![Err(e)],
-                Err(e) => return Err(e),
-            }
+            vec![crate::store::plan::answer_in_group(
+                self.store.commit(writes.remove(0)).await,
+            )?]
         } else {
             self.store.commit_all(writes).await?
         };

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::TaskWrite;
+use super::{Committed, TaskWrite};
 use crate::domain::{
     Children, EventKind, FinishedRun, Millis, NewRun, NewTask, RunEnd, Task, TaskEvent, TaskId,
     TaskState, TaskStatus,
@@ -444,6 +444,20 @@ pub fn lost_race(w: &TaskWrite, exists: bool) -> Error {
         ))
     } else {
         Error::NotFound(format!("task {} does not exist", w.task_id))
+    }
+}
+
+/// A write's answer in a group written in one transaction ([`Store::commit_all`]): a write
+/// that lost its race wrote nothing (the compare-and-swap is its first statement), so its
+/// error is its answer and the group goes on; any other error ends the group (the outer
+/// `Err`: nothing is written).
+///
+/// [`Store::commit_all`]: super::Store::commit_all
+pub fn answer_in_group(written: Result<Committed>) -> Result<Result<Committed>> {
+    match written {
+        Err(e @ (Error::Conflict(_) | Error::NotFound(_))) => Ok(Err(e)),
+        Err(other) => Err(other),
+        Ok(done) => Ok(Ok(done)),
     }
 }
 

@@ -187,12 +187,7 @@ pub(super) async fn commit_all(
     }
     let mut out = Vec::with_capacity(writes.len());
     for w in &writes {
-        match write_task(&mut tx, w).await {
-            // A lost race wrote nothing (the CAS is the first statement): go on.
-            Err(e @ (Error::Conflict(_) | Error::NotFound(_))) => out.push(Err(e)),
-            Err(other) => return Err(other),
-            Ok(done) => out.push(Ok(done)),
-        }
+        out.push(plan::answer_in_group(write_task(&mut tx, w).await)?);
     }
     tx.commit().await?;
     Ok(out)
