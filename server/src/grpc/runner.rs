@@ -551,37 +551,27 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             .base_bundle(id, &lease, &have)
             .await
             .map_err(status_from_error)?;
-        let mut bundle = BundleStream::new(child);
-        let (tx, rx) = mpsc::channel(4);
         let deadline = self.fetch_base_timeout;
-        let shutdown = self.shutdown.clone();
         let (runner, lease_id) = (id.to_owned(), lease.id);
-        tokio::spawn(async move {
-            let sent = tokio::select! {
-                sent = tokio::time::timeout(deadline, send_bundle(&mut bundle, &tx)) => sent,
-                () = shutdown.cancelled() => Ok(Sent::Stopped),
-            };
-            match sent {
-                Ok(Sent::All) => return,
-                Ok(Sent::Stopped) => {}
-                Err(_) => {
-                    tracing::warn!(
-                        %runner,
-                        lease = %lease_id,
-                        deadline_secs = deadline.as_secs(),
-                        "a base fetch was not read within its deadline; stopped its git bundle create"
-                    );
-                    let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
-                        "the base bundle was not read within {} s (--fetch-base-timeout); \
-                         fetch it again",
-                        deadline.as_secs()
-                    ))));
-                }
-            }
-            // SIGKILL and reap; whatever git started dies on the closed pipe.
-            bundle.stop().await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Only a runner too slow to read is told: at shutdown the stream just ends.
+        let late = move |unsent| {
+            (unsent == Unsent::Late).then(|| {
+                tracing::warn!(
+                    %runner,
+                    lease = %lease_id,
+                    deadline_secs = deadline.as_secs(),
+                    "a base fetch was not read within its deadline; stopped its git bundle create"
+                );
+                Status::deadline_exceeded(format!(
+                    "the base bundle was not read within {} s (--fetch-base-timeout); \
+                     fetch it again",
+                    deadline.as_secs()
+                ))
+            })
+        };
+        Ok(Response::new(
+            self.send_bundle_within(BundleStream::new(child), late),
+        ))
     }
 
     async fn complete_lease(
@@ -767,23 +757,15 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             .build_bundle(n, &commit, &have)
             .await
             .map_err(status_from_error)?;
-        let mut bundle = BundleStream::new(child);
-        let (tx, rx) = mpsc::channel(4);
-        let deadline = self.fetch_base_timeout;
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let sent = tokio::select! {
-                sent = tokio::time::timeout(deadline, send_bundle(&mut bundle, &tx)) => sent,
-                () = shutdown.cancelled() => Ok(Sent::Stopped),
-            };
-            if !matches!(sent, Ok(Sent::All)) {
-                let _ = tx.try_send(Err(Status::deadline_exceeded(
-                    "the build's bundle was not read in time; fetch it again",
-                )));
-                bundle.stop().await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Whatever cut it short, the runner is told to fetch it again.
+        let unsent = |_| {
+            Some(Status::deadline_exceeded(
+                "the build's bundle was not read in time; fetch it again",
+            ))
+        };
+        Ok(Response::new(
+            self.send_bundle_within(BundleStream::new(child), unsent),
+        ))
     }
 
     async fn complete_build(
@@ -821,6 +803,36 @@ impl<S: Store> RunnerApi<S> {
         self.coordinator
             .authorize_runner(who, runner_id)
             .map_err(status_from_error)
+    }
+
+    /// A response stream of the chunks of `bundle` (a `git bundle create` running), sent in
+    /// the background. A bundle not sent whole (not read within `--fetch-base-timeout`, the
+    /// server shutting down, the runner gone or git failed) stops git, and the runner is
+    /// told what `tell` says of it, if anything.
+    fn send_bundle_within(
+        &self,
+        mut bundle: BundleStream,
+        tell: impl FnOnce(Unsent) -> Option<Status> + Send + 'static,
+    ) -> BoxStream<pb::BundleChunk> {
+        let (tx, rx) = mpsc::channel(4);
+        let deadline = self.fetch_base_timeout;
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let unsent = tokio::select! {
+                sent = tokio::time::timeout(deadline, send_bundle(&mut bundle, &tx)) => match sent {
+                    Ok(Sent::All) => return,
+                    Ok(Sent::Stopped) => Unsent::Stopped,
+                    Err(_) => Unsent::Late,
+                },
+                () = shutdown.cancelled() => Unsent::Shutdown,
+            };
+            if let Some(status) = tell(unsent) {
+                let _ = tx.try_send(Err(status));
+            }
+            // SIGKILL and reap; whatever git started dies on the closed pipe.
+            bundle.stop().await;
+        });
+        Box::pin(ReceiverStream::new(rx))
     }
 
     /// Writes the bundle chunks that follow a header to a spool file, up to the size cap. The
@@ -956,6 +968,17 @@ enum Sent {
     /// Everything git wrote was sent (or its failure reported).
     All,
     /// The receiver went away, or reading git failed: git is to be stopped.
+    Stopped,
+}
+
+/// Why a bundle was not sent whole.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unsent {
+    /// Not read within `--fetch-base-timeout`.
+    Late,
+    /// The server is shutting down.
+    Shutdown,
+    /// The runner went away, or reading git failed (its failure already sent).
     Stopped,
 }
 
