@@ -332,6 +332,15 @@ impl TestRepo {
         std::fs::read_to_string(self.agent_log().join(name)).ok()
     }
 
+    /// The lines of a file the scripted agent or a fake wrote (none if it does not exist).
+    pub fn agent_lines(&self, name: &str) -> Vec<String> {
+        self.agent_file(name)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Waits until the scripted agent working on `task` has started; returns its pid.
     pub fn wait_agent(&self, task: &str) -> String {
         // The shell creates the file before it writes the pid into it: wait for the number.
@@ -933,6 +942,20 @@ impl Runner {
         runner
     }
 
+    /// Spawns a runner named `name` given `urls` (servers it tries in order, comma-separated),
+    /// and waits until it is connected to `server`.
+    pub fn start_with_urls(
+        repo: &TestRepo,
+        urls: &str,
+        server: &Server,
+        name: &str,
+        args: &[&str],
+    ) -> Self {
+        let runner = Self::spawn(repo, urls, name, args);
+        server.wait_connected(&runner.proc, name);
+        runner
+    }
+
     /// Spawns a runner without waiting for it.
     pub fn spawn(repo: &TestRepo, url: &str, name: &str, args: &[&str]) -> Self {
         Self::spawn_with_env(repo, url, name, args, &[])
@@ -993,6 +1016,17 @@ pub fn read_token(path: &Path) -> String {
 /// A task's runs, from its `task show --json`; none when it has none.
 pub fn runs(task: &Value) -> Vec<Value> {
     task["runs"].as_array().cloned().unwrap_or_default()
+}
+
+/// Asserts that `task` (its `task show --json`) kept its first lease to the end, through
+/// whatever happened to its server or runner meanwhile: its dev run succeeded, nobody was
+/// charged, and no lease was lost.
+pub fn assert_kept_its_lease(task: &Value) {
+    let runs = runs(task);
+    assert_eq!(runs[0]["status"], "success", "{runs:?}");
+    assert_eq!(task["failures"], 0, "{task}");
+    let events = event_kinds(task);
+    assert!(!events.contains(&"lease_lost".to_owned()), "{events:?}");
 }
 
 /// The kinds of a task's events (`created`, `leased`, …) in order, from its `task show --json`.

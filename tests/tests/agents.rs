@@ -18,11 +18,7 @@ fn dev_runs(task: &Value) -> Vec<Value> {
 }
 
 fn args_of(repo: &TestRepo, agent: &str, task: &str) -> Vec<String> {
-    repo.agent_file(&format!("{agent}-{task}.args"))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    repo.agent_lines(&format!("{agent}-{task}.args"))
 }
 
 /// `flag` followed by `value` in `args`.

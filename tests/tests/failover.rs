@@ -8,7 +8,7 @@ use std::net::TcpListener as StdListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use pipeline_tests::{Runner, Server, TestRepo, agent_args, as_strs};
+use pipeline_tests::{Runner, Server, TestRepo, agent_args, as_strs, runs};
 use serde_json::Value;
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -103,10 +103,6 @@ fn start_frozen(rt: &tokio::runtime::Runtime) -> String {
     url
 }
 
-fn runs(task: &Value) -> Vec<Value> {
-    task["runs"].as_array().cloned().unwrap_or_default()
-}
-
 #[test]
 fn a_runner_and_pipelinectl_given_a_url_that_refuses_connections_first_use_the_next() {
     let repo = TestRepo::new();
@@ -114,8 +110,7 @@ fn a_runner_and_pipelinectl_given_a_url_that_refuses_connections_first_use_the_n
     let dead = format!("http://127.0.0.1:{}", free_port());
     let urls = format!("{dead},{}", server.url);
     let args = agent_args(&["--no-verify"]);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    server.wait_connected(&runner.proc, "r");
+    let _runner = Runner::start_with_urls(&repo, &urls, &server, "r", &as_strs(&args));
     // pipelinectl, from the server's home (its admin token), given the same list.
     let ctl = |args: &[&str]| {
         pipeline_tests::run(pipeline_tests::ctl_command(server.home(), &urls).args(args))
@@ -139,8 +134,7 @@ fn a_runner_follows_the_server_restarted_on_another_port_and_keeps_its_work() {
     let second = format!("127.0.0.1:{}", free_port());
     let urls = format!("{},http://{second}", server.url);
     let args = agent_args(&["--no-verify"]);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    server.wait_connected(&runner.proc, "r");
+    let _runner = Runner::start_with_urls(&repo, &urls, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "survivor", "--description", "MODE: wait"]);
     repo.wait_agent(&id);
     server.kill();
@@ -157,10 +151,7 @@ fn a_runner_follows_the_server_restarted_on_another_port_and_keeps_its_work() {
         3,
         "one dev, one verify, one integrate: {runs:?}"
     );
-    assert_eq!(runs[0]["status"], "success");
-    assert_eq!(task["failures"], 0);
-    let events = pipeline_tests::event_kinds(&task);
-    assert!(!events.contains(&"lease_lost".to_owned()), "{events:?}");
+    pipeline_tests::assert_kept_its_lease(&task);
 }
 
 #[test]
@@ -174,8 +165,7 @@ fn a_standbys_refusal_sends_runner_and_pipelinectl_to_the_leader_it_names_first(
     let (away, tried) = start_counting_dropper(&rt);
     let urls = format!("{standby},{away},{}", server.url);
     let args = agent_args(&["--no-verify"]);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    server.wait_connected(&runner.proc, "r");
+    let _runner = Runner::start_with_urls(&repo, &urls, &server, "r", &as_strs(&args));
     let ctl = |args: &[&str]| {
         pipeline_tests::run(pipeline_tests::ctl_command(server.home(), &urls).args(args))
     };
@@ -202,9 +192,8 @@ fn a_runner_gives_up_on_a_frozen_server_and_uses_the_next() {
     let frozen = start_frozen(&rt);
     let urls = format!("{frozen},{}", server.url);
     let args = agent_args(&["--no-verify"]);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
     // Its calls to the frozen server never get an answer: the connection's keepalive ends them.
-    server.wait_connected(&runner.proc, "r");
+    let _runner = Runner::start_with_urls(&repo, &urls, &server, "r", &as_strs(&args));
     let id = server.add(&["--title", "after the frozen one"]);
     server.wait_status(&id, "done");
     // pipelinectl too: it connects to the next server.
@@ -364,8 +353,7 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_runner_keeps_its_work() {
     let first_term = leading_term(&pair.leader);
     let args = agent_args(&["--no-verify"]);
     let urls = format!("{},{}", pair.leader.url, pair.standby.url);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    pair.leader.wait_connected(&runner.proc, "r");
+    let runner = Runner::start_with_urls(&repo, &urls, &pair.leader, "r", &as_strs(&args));
     let id = pair
         .leader
         .add(&["--title", "survivor", "--description", "MODE: wait"]);
@@ -407,8 +395,7 @@ fn a_leader_frozen_past_its_lease_and_resumed_writes_nothing_and_stands_by() {
     let first_term = leading_term(&pair.leader);
     let args = agent_args(&["--no-verify"]);
     let urls = format!("{},{}", pair.leader.url, pair.standby.url);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    pair.leader.wait_connected(&runner.proc, "r");
+    let runner = Runner::start_with_urls(&repo, &urls, &pair.leader, "r", &as_strs(&args));
     let id = pair
         .leader
         .add(&["--title", "survivor", "--description", "MODE: wait"]);
@@ -542,8 +529,7 @@ fn a_result_the_killed_leader_accepted_and_had_not_landed_lands_once_by_the_new_
         .ok();
     let args = agent_args(&["--no-verify"]);
     let urls = format!("{},{}", pair.leader.url, pair.standby.url);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    pair.leader.wait_connected(&runner.proc, "r");
+    let runner = Runner::start_with_urls(&repo, &urls, &pair.leader, "r", &as_strs(&args));
     let id = pair.leader.add(&["--title", "accepted, not landed"]);
     pair.leader.wait_status(&id, "verified");
     pair.leader.kill();
@@ -592,8 +578,7 @@ fn the_refs_of_landed_tasks_leave_the_remote_and_those_of_unlanded_ones_stay() {
     let first_term = leading_term(&leader);
     let args = agent_args(&["--no-verify"]);
     let urls = format!("{},{}", leader.url, pair.standby.url);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    leader.wait_connected(&runner.proc, "r");
+    let runner = Runner::start_with_urls(&repo, &urls, &leader, "r", &as_strs(&args));
     let held = leader.add(&["--title", "waits for its approval", "--approval"]);
     leader.wait_status(&held, "verified");
     assert_eq!(task_refs(&pair.upstream, &held).len(), 1, "kept upstream");
@@ -662,8 +647,7 @@ fn the_leader_killed_during_a_train_build_lands_nothing_and_the_standby_lands_on
     let before = pipeline_tests::git(&pair.upstream, &["rev-parse", "main"]);
     let args = agent_args(&[]);
     let urls = format!("{},{}", pair.leader.url, pair.standby.url);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    pair.leader.wait_connected(&runner.proc, "r");
+    let runner = Runner::start_with_urls(&repo, &urls, &pair.leader, "r", &as_strs(&args));
     let id = pair.leader.add(&["--title", "built twice, landed once"]);
     let building = pair.leader.wait_train_building();
     // The standby shows the train in flight from the database: its ID and members.
@@ -705,8 +689,7 @@ fn the_leader_killed_between_its_push_and_its_base_update_lands_once() {
     let first_term = leading_term(&leader);
     let args = agent_args(&["--no-verify"]);
     let urls = format!("{},{}", leader.url, pair.standby.url);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    leader.wait_connected(&runner.proc, "r");
+    let runner = Runner::start_with_urls(&repo, &urls, &leader, "r", &as_strs(&args));
     let id = leader.add(&["--title", "pushed, then the leader died"]);
     let exit = leader.proc.wait_exit();
     assert!(!exit.success(), "the failpoint aborts the leader: {exit:?}");
@@ -743,8 +726,7 @@ fn the_database_restarted_under_load_loses_nothing_and_lands_nothing_twice() {
     let pair = two_servers_at(&repo, &url, &["--lease-ttl", "30"], &[]);
     let args = agent_args(&["--no-verify", "--slots", "2"]);
     let urls = format!("{},{}", pair.leader.url, pair.standby.url);
-    let runner = Runner::spawn(&repo, &urls, "r", &as_strs(&args));
-    pair.leader.wait_connected(&runner.proc, "r");
+    let runner = Runner::start_with_urls(&repo, &urls, &pair.leader, "r", &as_strs(&args));
     let waiting = pair.leader.add(&[
         "--title",
         "at work across the restart",

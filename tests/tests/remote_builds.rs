@@ -22,11 +22,7 @@ const BUILD_CMD: &str = "case $PWD in */builds/*|*/integration|*/integration-[0-
 
 /// The train builds so far (their directories), oldest first.
 fn builds(repo: &TestRepo) -> Vec<String> {
-    repo.agent_file("builds")
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    repo.agent_lines("builds")
 }
 
 /// The runner a build ran on (`…/runners/<name>/builds/<n>`), or `None` for the server's.

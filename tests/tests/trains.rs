@@ -24,13 +24,32 @@ fn build_cmd(then: &str) -> String {
     )
 }
 
+/// A build command that fails while task `id`'s note is in the tree and not marked fixed.
+fn breaks_until_fixed(id: &str) -> String {
+    build_cmd(&format!(
+        "if [ -e notes/{id}.md ] && ! grep -q fixed notes/{id}.md; then \
+         echo '{id} breaks the build' >&2; exit 1; fi"
+    ))
+}
+
+/// A server that builds with `build`, trains of two, at most `slots` trains at once.
+fn speculating_server(repo: &TestRepo, build: &str, slots: &str) -> Server {
+    Server::start(
+        repo,
+        &[
+            "--build-cmd",
+            build,
+            "--batch-max",
+            "2",
+            "--integration-slots",
+            slots,
+        ],
+    )
+}
+
 /// The integration builds so far, oldest first.
 fn builds(repo: &TestRepo) -> Vec<String> {
-    repo.agent_file("builds")
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    repo.agent_lines("builds")
 }
 
 fn integrate_runs(task: &Value) -> Vec<Value> {
@@ -149,10 +168,7 @@ fn a_train_of_six_lands_with_one_build() {
 #[test]
 fn a_culprit_in_the_middle_of_a_train_is_found_and_the_others_land_without_new_dev_runs() {
     let repo = TestRepo::new();
-    let build = build_cmd(
-        "if [ -e notes/c4.md ] && ! grep -q fixed notes/c4.md; then \
-         echo 'c4 breaks the build' >&2; exit 1; fi",
-    );
+    let build = breaks_until_fixed("c4");
     let server = Server::start(&repo, &["--build-cmd", &build]);
     let _r = runner_with_slots(&repo, &server, 8);
     let ids = ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8"];
@@ -653,21 +669,8 @@ fn red_on_base(repo: &TestRepo, id: &str) -> Option<String> {
 #[test]
 fn a_speculative_train_whose_train_ahead_turns_red_is_rebuilt_on_the_new_base() {
     let repo = TestRepo::new();
-    let build = build_cmd(
-        "if [ -e notes/x2.md ] && ! grep -q fixed notes/x2.md; then \
-         echo 'x2 breaks the build' >&2; exit 1; fi",
-    );
-    let server = Server::start(
-        &repo,
-        &[
-            "--build-cmd",
-            &build,
-            "--batch-max",
-            "2",
-            "--integration-slots",
-            "2",
-        ],
-    );
+    let build = breaks_until_fixed("x2");
+    let server = speculating_server(&repo, &build, "2");
     let _r = runner_with_slots(&repo, &server, 4);
     let ids = ["x1", "x2", "y1", "y2"];
     add_waiting(&server, &ids, "wait-once");
@@ -775,21 +778,8 @@ fn sigkill_of_the_server_with_speculative_trains_in_flight_then_restart() {
 #[test]
 fn the_depth_of_speculation_shrinks_after_a_red_train_and_grows_after_green_ones() {
     let repo = TestRepo::new();
-    let build = build_cmd(
-        "if [ -e notes/d2.md ] && ! grep -q fixed notes/d2.md; then \
-         echo 'd2 breaks the build' >&2; exit 1; fi",
-    );
-    let server = Server::start(
-        &repo,
-        &[
-            "--build-cmd",
-            &build,
-            "--batch-max",
-            "2",
-            "--integration-slots",
-            "3",
-        ],
-    );
+    let build = breaks_until_fixed("d2");
+    let server = speculating_server(&repo, &build, "3");
     let watch = server.feed();
     let _r = runner_with_slots(&repo, &server, 2);
     let depth = || {
