@@ -55,6 +55,7 @@ pub mod memory;
 pub mod plan;
 pub mod postgres;
 mod rows;
+mod sql;
 pub mod sqlite;
 #[cfg(test)]
 pub mod suite;
