@@ -1,6 +1,7 @@
-//! Row mapping shared by the SQL backends: the task, run, history and feed rows as SQLite and
-//! PostgreSQL both return them (sqlx decodes a stored 0/1 `INTEGER` into `bool` on SQLite as
-//! a `boolean` on PostgreSQL), the columns both read, and their decoding into domain records.
+//! Row mapping shared by the SQL backends: the task, run, history, feed and webhook rows as
+//! SQLite and PostgreSQL both return them (sqlx decodes a stored 0/1 `INTEGER` into `bool` on
+//! SQLite as a `boolean` on PostgreSQL), the columns both read, and their decoding into domain
+//! records.
 //! What differs between the engines (the list columns, the dependencies' aggregate, the
 //! keyset query, the reads on a connection) stays in each backend's `rows.rs`.
 
@@ -404,5 +405,44 @@ impl FeedRow {
             message: self.message,
             data: self.data,
         })
+    }
+}
+
+/// A webhook cursor's row, in [`WEBHOOK_COLUMNS`]' order.
+pub(crate) type WebhookRow = (
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
+pub(crate) const WEBHOOK_COLUMNS: &str = "url, position, attempts, next_attempt_at, failing_since, last_error, \
+                       last_error_at, last_delivered_at";
+
+pub(crate) fn webhook_cursor(
+    (
+        url,
+        position,
+        attempts,
+        next_attempt_at,
+        failing_since,
+        last_error,
+        last_error_at,
+        last_delivered_at,
+    ): WebhookRow,
+) -> crate::store::WebhookCursor {
+    crate::store::WebhookCursor {
+        url,
+        position,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        next_attempt_at,
+        failing_since,
+        last_error,
+        last_error_at,
+        last_delivered_at,
     }
 }

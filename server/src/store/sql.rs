@@ -1,9 +1,9 @@
 //! What the two SQL backends share in shape: their [`Store`](super::Store) impl, each method
 //! the function of the same name in the backend's module of its concern (`tasks`, `commit`,
 //! `runs`, `events`, `trains`, `logs`, `meta`, `sessions`, `webhooks`), a write transaction
-//! from the backend's `write()` where that function takes one. The modules and their functions
-//! are the backend's own (`sqlite/`, `postgres/`); only the way the trait reaches them is here,
-//! once.
+//! from the backend's `write()` where that function takes one; and their plan reads
+//! ([`Reads`](super::plan::Reads) on a connection). The modules and their functions are the
+//! backend's own (`sqlite/`, `postgres/`); only the way the traits reach them is here, once.
 
 /// Implements `Store` for `$store`, a SQL backend, in the backend's `mod.rs`: there the names
 /// the methods use (the concern modules, the domain types, `Store`) resolve to the backend's.
@@ -327,3 +327,54 @@ macro_rules! impl_store_by_concern {
 }
 
 pub(crate) use impl_store_by_concern;
+
+/// Defines `PlanReads`, what [`plan`](super::plan) reads answered with SQL on a `$conn`, in the
+/// backend's `reads.rs`: there the functions each read calls (the backend's `graph`, `meta`
+/// and `rows`) resolve to the backend's.
+macro_rules! plan_reads_on {
+    ($conn:ty) => {
+        /// The plan's reads on a connection (inside the write transaction that then writes the plan).
+        pub(super) struct PlanReads<'a>(pub(super) &'a mut $conn);
+
+        impl Reads for PlanReads<'_> {
+            async fn statuses(&mut self, ids: &[&TaskId]) -> Result<HashMap<TaskId, TaskStatus>> {
+                let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+                let found =
+                    pairs_of(self.0, "SELECT id, status FROM tasks WHERE id IN (", &ids).await?;
+                found
+                    .into_iter()
+                    .map(|(id, status)| Ok((stored_id(&id)?, stored_status(&status)?)))
+                    .collect()
+            }
+
+            async fn paused(&mut self, ids: &[&TaskId]) -> Result<HashMap<TaskId, String>> {
+                let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+                let found = pairs_of(
+                    self.0,
+                    "SELECT id, paused FROM tasks WHERE paused IS NOT NULL AND id IN (",
+                    &ids,
+                )
+                .await?;
+                found
+                    .into_iter()
+                    .map(|(id, why)| Ok((stored_id(&id)?, why)))
+                    .collect()
+            }
+
+            async fn next_number(&mut self) -> Result<u64> {
+                next_number(self.0).await
+            }
+
+            async fn waited_on(&mut self, ids: &[&TaskId]) -> Result<Vec<TaskId>> {
+                let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+                waited_on(self.0, &ids).await
+            }
+
+            async fn is_ancestor(&mut self, ancestor: &TaskId, task: &TaskId) -> Result<bool> {
+                is_ancestor_task(self.0, ancestor, task).await
+            }
+        }
+    };
+}
+
+pub(crate) use plan_reads_on;

@@ -5,50 +5,15 @@ use sqlx::SqliteConnection;
 use crate::domain::Millis;
 use crate::error::Result;
 use crate::store::WebhookCursor;
-
-type Row = (
-    String,
-    i64,
-    i64,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-);
-
-const COLUMNS: &str = "url, position, attempts, next_attempt_at, failing_since, last_error, \
-                       last_error_at, last_delivered_at";
-
-fn cursor(
-    (
-        url,
-        position,
-        attempts,
-        next_attempt_at,
-        failing_since,
-        last_error,
-        last_error_at,
-        last_delivered_at,
-    ): Row,
-) -> WebhookCursor {
-    WebhookCursor {
-        url,
-        position,
-        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-        next_attempt_at,
-        failing_since,
-        last_error,
-        last_error_at,
-        last_delivered_at,
-    }
-}
+use crate::store::rows::{WEBHOOK_COLUMNS, WebhookRow, webhook_cursor};
 
 pub(super) async fn all(pool: &sqlx::SqlitePool) -> Result<Vec<WebhookCursor>> {
-    let rows: Vec<Row> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM webhooks ORDER BY url"))
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(cursor).collect())
+    let rows: Vec<WebhookRow> = sqlx::query_as(&format!(
+        "SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY url"
+    ))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(webhook_cursor).collect())
 }
 
 pub(super) async fn open(
@@ -66,11 +31,13 @@ pub(super) async fn open(
     .bind(now)
     .execute(&mut *conn)
     .await?;
-    let row: Row = sqlx::query_as(&format!("SELECT {COLUMNS} FROM webhooks WHERE url = ?"))
-        .bind(url)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(cursor(row))
+    let row: WebhookRow = sqlx::query_as(&format!(
+        "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE url = ?"
+    ))
+    .bind(url)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(webhook_cursor(row))
 }
 
 pub(super) async fn put(conn: &mut SqliteConnection, c: &WebhookCursor) -> Result<bool> {
