@@ -1577,25 +1577,7 @@ fn ref_lines(out: &str, sep: char, command: &str) -> Result<Vec<(String, CommitI
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sh_git(dir: &Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
-            .args(args)
-            .output()
-            .expect("git");
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn commit(dir: &Path, file: &str, message: &str) -> CommitId {
-        std::fs::write(dir.join(file), file).expect("write");
-        sh_git(dir, &["add", file]);
-        sh_git(dir, &["commit", "-q", "-m", message]);
-        CommitId::parse(&sh_git(dir, &["rev-parse", "HEAD"])).expect("id")
-    }
+    use crate::testgit::{commit, git as sh_git};
 
     /// Slots of one runner (or the server's integration slots) create their worktrees at
     /// once: one's `worktree prune` removed the empty `worktrees/` directory while another's

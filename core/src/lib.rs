@@ -20,6 +20,8 @@
 //!   bare numbers keeping their old meaning.
 //! - `pgtest` (feature `test-support`, for tests only): a real PostgreSQL the tests start
 //!   themselves, a database per test.
+//! - `testgit` (feature `test-support`, for tests only): git for unit tests that build a
+//!   repository by hand.
 
 pub mod clock;
 pub mod failpoint;
@@ -33,5 +35,7 @@ pub mod manual;
 pub mod pgtest;
 pub mod process;
 pub mod sandbox;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testgit;
 pub mod units;
 pub mod verify;

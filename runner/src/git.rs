@@ -235,24 +235,10 @@ pub fn private_dir(work_dir: &Path, n: usize) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sh_git(dir: &Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
-            .args(args)
-            .output()
-            .expect("git");
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
+    use pipeline_core::testgit::git as sh_git;
 
     fn commit(dir: &Path, file: &str) -> CommitId {
-        std::fs::write(dir.join(file), file).expect("write");
-        sh_git(dir, &["add", file]);
-        sh_git(dir, &["commit", "-q", "-m", file]);
-        CommitId::parse(&sh_git(dir, &["rev-parse", "HEAD"])).expect("id")
+        pipeline_core::testgit::commit(dir, file, file)
     }
 
     /// Git in a slot's worktree as its agent runs it: found through `.git`.

@@ -118,24 +118,10 @@ pub fn check_paths(paths: &[Vec<u8>]) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn git(dir: &Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
-            .args(args)
-            .output()
-            .expect("git");
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
+    use pipeline_core::testgit::git;
 
     fn commit(dir: &Path, file: &str, message: &str) -> String {
-        std::fs::write(dir.join(file), file).expect("write");
-        git(dir, &["add", file]);
-        git(dir, &["commit", "-q", "-m", message]);
-        git(dir, &["rev-parse", "HEAD"])
+        pipeline_core::testgit::commit(dir, file, message).to_string()
     }
 
     #[tokio::test]

@@ -817,25 +817,7 @@ pub fn with_own_trailer(message: &str, task: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn git(dir: &Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=T", "-c", "user.email=t@example.invalid"])
-            .args(args)
-            .output()
-            .expect("git");
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn commit(dir: &Path, file: &str, message: &str) -> CommitId {
-        std::fs::write(dir.join(file), file).expect("write");
-        git(dir, &["add", file]);
-        git(dir, &["commit", "-q", "-m", message]);
-        CommitId::parse(&git(dir, &["rev-parse", "HEAD"])).expect("id")
-    }
+    use pipeline_core::testgit::{commit, git};
 
     #[tokio::test]
     async fn commits_are_read_through_one_cat_file_and_landings_from_refs() {
