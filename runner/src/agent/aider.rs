@@ -49,18 +49,10 @@ pub async fn run(
     if usage.model.is_none() {
         usage.model = args.model.clone();
     }
-    let finished = match finished {
+    let finished = match super::ran(finished, "aider") {
         Ok(f) => f,
-        Err(e) => {
-            return AgentResult::Infra {
-                reason: format!("cannot start aider: {e}"),
-                unhealthy: false,
-            };
-        }
+        Err(end) => return *end,
     };
-    if finished.cancelled {
-        return AgentResult::Cancelled;
-    }
     if finished.success() {
         usage.complete = true;
         return AgentResult::Completed { usage };

@@ -93,18 +93,10 @@ pub async fn run(
         Stream::Stderr => on_line(Channel::Stderr, line),
     })
     .await;
-    let finished = match finished {
+    let finished = match super::ran(finished, "claude") {
         Ok(f) => f,
-        Err(e) => {
-            return AgentResult::Infra {
-                reason: format!("cannot start claude: {e}"),
-                unhealthy: false,
-            };
-        }
+        Err(end) => return *end,
     };
-    if finished.cancelled {
-        return AgentResult::Cancelled;
-    }
     let ended = Ended {
         code: finished.code(),
         timed_out: finished.timed_out,

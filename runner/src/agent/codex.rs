@@ -67,18 +67,10 @@ pub async fn run(
         Stream::Stderr => on_line(Channel::Stderr, line),
     })
     .await;
-    let finished = match finished {
+    let finished = match super::ran(finished, "codex") {
         Ok(f) => f,
-        Err(e) => {
-            return AgentResult::Infra {
-                reason: format!("cannot start codex: {e}"),
-                unhealthy: false,
-            };
-        }
+        Err(end) => return *end,
     };
-    if finished.cancelled {
-        return AgentResult::Cancelled;
-    }
     let usage = stream.usage(|u| job.prices.cents(u));
     match &stream.stop {
         Some(Stop::Budget) => {

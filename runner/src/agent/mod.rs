@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AgentArgs, AgentMode};
 use crate::domain::Channel;
 use crate::usage::{CostSource, Usage};
-use pipeline_core::process::{self, Spec, Stream, could_not_run, with_tail};
+use pipeline_core::process::{self, Finished, Spec, Stream, could_not_run, with_tail};
 
 pub use prices::Prices;
 
@@ -171,19 +171,12 @@ async fn run_command(
         sandbox: job.sandbox.clone(),
         ..Spec::shell(cmd, job.worktree.clone())
     };
-    let finished = match process::run(&spec, cancel, on_line).await {
+    let what = format!("the agent command (sh -c {cmd})");
+    let finished = match ran(process::run(&spec, cancel, on_line).await, &what) {
         Ok(f) => f,
-        Err(e) => {
-            return AgentResult::Infra {
-                reason: format!("cannot start the agent command (sh -c {cmd}): {e}"),
-                unhealthy: false,
-            };
-        }
+        Err(end) => return *end,
     };
     let usage = cost_only(AgentMode::Command, read_cost(&job.cost_file));
-    if finished.cancelled {
-        return AgentResult::Cancelled;
-    }
     if finished.success() {
         return AgentResult::Completed { usage };
     }
@@ -208,6 +201,19 @@ async fn run_command(
         reason: with_tail(reason, &finished.tail),
         usage,
     }
+}
+
+/// An agent's process as it ended, or how its job ends without one: the runner's failure
+/// when `what` could not be started, cancelled when the job was.
+fn ran(finished: std::io::Result<Finished>, what: &str) -> Result<Finished, Box<AgentResult>> {
+    let finished = finished.map_err(|e| AgentResult::Infra {
+        reason: format!("cannot start {what}: {e}"),
+        unhealthy: false,
+    })?;
+    if finished.cancelled {
+        return Err(Box::new(AgentResult::Cancelled));
+    }
+    Ok(finished)
 }
 
 /// `agentd status --json`.
