@@ -928,11 +928,12 @@ impl Upload for pb::OfferCommitRequest {
 }
 
 /// A bundle that cannot be spooled (a full disk): the server's trouble, not the commit's; the
-/// runner sends it again. Said in the server's log, once a failure.
+/// runner sends a result again (an offer it drops: the result still comes). Said in the
+/// server's log, once a failure.
 fn spool_failed(what: &str, e: &std::io::Error) -> Status {
     tracing::warn!(
         error = %e,
-        "cannot spool a commit's bundle ({what}); the runner will send it again"
+        "cannot spool a commit's bundle ({what}); a result is sent again, an offer is dropped"
     );
     Status::internal(format!("the server cannot store the bundle ({what}): {e}"))
 }

@@ -126,6 +126,8 @@ struct TrainSeen {
     charged: usize,
     requeued: usize,
     builds: u32,
+    /// When its first member's run began and its last one's ended, in ms from the run's start.
+    span: Option<(i64, i64)>,
 }
 
 impl std::fmt::Display for TrainSeen {
@@ -137,7 +139,16 @@ impl std::fmt::Display for TrainSeen {
         if self.requeued > 0 {
             write!(f, " {}w", self.requeued)?;
         }
-        write!(f, " {}b", self.builds)
+        write!(f, " {}b", self.builds)?;
+        if let Some((from, to)) = self.span {
+            write!(
+                f,
+                " @{:.1}-{:.1}s",
+                from as f64 / 1000.0,
+                to as f64 / 1000.0
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -559,6 +570,14 @@ async fn run(setup: Setup) -> Figures {
             if r.phase == pb::RunPhase::Integrate as i32 {
                 let Some(train) = r.train else { continue };
                 let seen = trains.entry(train).or_default();
+                let (from, to) = (
+                    r.started_at_ms - start_ms,
+                    r.finished_at_ms.unwrap_or(r.started_at_ms) - start_ms,
+                );
+                seen.span = Some(
+                    seen.span
+                        .map_or((from, to), |(f, t)| (f.min(from), t.max(to))),
+                );
                 seen.members += 1;
                 seen.builds = seen.builds.max(r.builds.unwrap_or(0));
                 if r.status == pb::RunStatus::Success as i32 {
