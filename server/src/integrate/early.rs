@@ -189,6 +189,15 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                 .flat_map(|g| g.members.iter().cloned())
                 .chain(board.spent.iter().map(|(t, _)| t.clone()))
                 .collect();
+            // A group after one whose build came back red would be built on a tip that does
+            // not land as it is: wait for that group's train to end (the tip is real then).
+            if board
+                .groups
+                .back()
+                .is_some_and(|g| matches!(g.done.borrow().as_ref(), Some((End::Red(_), ..))))
+            {
+                return Ok(None);
+            }
             let last = board.groups.back().map(|g| g.chain_tip.clone());
             (planned, last, board.groups.len() >= MAX_GROUPS)
         };
