@@ -367,15 +367,6 @@ pub async fn train_30s(quick: bool) {
     let p10 = run(at(0.1, 1, 1)).await;
     let p0_spec = run(at(0.0, 8, 2)).await;
     let p10_spec = run(at(0.1, 8, 2)).await;
-    let sized = |ok: bool| {
-        if quick {
-            "not judged at --quick sizes"
-        } else if ok {
-            "met"
-        } else {
-            "MISSED"
-        }
-    };
     println!(
         "merge trains, B = {build_secs} s, {runners} runners, {tasks} tasks, against issue 29's goals:"
     );
@@ -383,23 +374,7 @@ pub async fn train_30s(quick: bool) {
         ("one build slot", &p0, &p10),
         ("--build-slots 8 --integration-slots 2", &p0_spec, &p10_spec),
     ] {
-        println!(
-            "  {what}: p = 10% {:.1} landed/min = {:.2}x p = 0's {:.1}  [>= 0.8x: {}]; p = 0 wall {:.1} s = {:.2}x ideal {:.1} s  [<= 1.2x: {}]; builds per landed change {:.3} at p = 0 [<= 0.3: {}], {:.3} at p = 10% [<= 0.7: {}]; {} of {} unmarked landed once at p = 10%",
-            p10.per_min,
-            p10.per_min / p0.per_min,
-            p0.per_min,
-            sized(p10.per_min >= 0.8 * p0.per_min),
-            p0.wall,
-            p0.wall / p0.ideal,
-            p0.ideal,
-            sized(p0.wall <= 1.2 * p0.ideal),
-            p0.per_landed,
-            sized(p0.per_landed <= 0.3),
-            p10.per_landed,
-            sized(p10.per_landed <= 0.7),
-            p10.unmarked_once,
-            p10.unmarked
-        );
+        print_goals(what, p0, p10, quick);
     }
     let red: usize = [&p0, &p10, &p0_spec, &p10_spec]
         .iter()
@@ -963,6 +938,20 @@ pub async fn train_early(quick: bool) {
     let p10 = run(at(0.1, false)).await;
     let p0_early = run(at(0.0, true)).await;
     let p10_early = run(at(0.1, true)).await;
+    println!(
+        "merge trains, built after the runners' results and built early, against issue 29's goals:"
+    );
+    for (what, p0, p10) in [
+        ("after the results", &p0, &p10),
+        ("--early-builds", &p0_early, &p10_early),
+    ] {
+        print_goals(what, p0, p10, quick);
+    }
+}
+
+/// One line of issue 29's goals for a configuration's p = 0 and p = 10% runs (judged only at
+/// full sizes).
+fn print_goals(what: &str, p0: &Figures, p10: &Figures, quick: bool) {
     let sized = |ok: bool| {
         if quick {
             "not judged at --quick sizes"
@@ -973,30 +962,22 @@ pub async fn train_early(quick: bool) {
         }
     };
     println!(
-        "merge trains, built after the runners' results and built early, against issue 29's goals:"
+        "  {what}: p = 10% {:.1} landed/min = {:.2}x p = 0's {:.1}  [>= 0.8x: {}]; p = 0 wall {:.2} s = {:.2}x ideal {:.2} s  [<= 1.2x: {}] ({:.2} s after the runners' last result); builds per landed change {:.3} at p = 0 [<= 0.3: {}], {:.3} at p = 10% [<= 0.7: {}]; {} of {} unmarked landed once at p = 10%; red on the base: {}",
+        p10.per_min,
+        p10.per_min / p0.per_min,
+        p0.per_min,
+        sized(p10.per_min >= 0.8 * p0.per_min),
+        p0.wall,
+        p0.wall / p0.ideal,
+        p0.ideal,
+        sized(p0.wall <= 1.2 * p0.ideal),
+        p0.wall - p0.last_result,
+        p0.per_landed,
+        sized(p0.per_landed <= 0.3),
+        p10.per_landed,
+        sized(p10.per_landed <= 0.7),
+        p10.unmarked_once,
+        p10.unmarked,
+        p0.red_on_base.len() + p10.red_on_base.len(),
     );
-    for (what, p0, p10) in [
-        ("after the results", &p0, &p10),
-        ("--early-builds", &p0_early, &p10_early),
-    ] {
-        println!(
-            "  {what}: p = 10% {:.1} landed/min = {:.2}x p = 0's {:.1}  [>= 0.8x: {}]; p = 0 wall {:.2} s = {:.2}x ideal {:.2} s  [<= 1.2x: {}] ({:.2} s after the runners' last result); builds per landed change {:.3} at p = 0 [<= 0.3: {}], {:.3} at p = 10% [<= 0.7: {}]; {} of {} unmarked landed once at p = 10%; red on the base: {}",
-            p10.per_min,
-            p10.per_min / p0.per_min,
-            p0.per_min,
-            sized(p10.per_min >= 0.8 * p0.per_min),
-            p0.wall,
-            p0.wall / p0.ideal,
-            p0.ideal,
-            sized(p0.wall <= 1.2 * p0.ideal),
-            p0.wall - p0.last_result,
-            p0.per_landed,
-            sized(p0.per_landed <= 0.3),
-            p10.per_landed,
-            sized(p10.per_landed <= 0.7),
-            p10.unmarked_once,
-            p10.unmarked,
-            p0.red_on_base.len() + p10.red_on_base.len(),
-        );
-    }
 }
