@@ -15,7 +15,10 @@
 //! tree and its runs, so that result is the one the train's own build would have given. A
 //! group one of whose tasks is neither offered nor Verified any more (its runner's
 //! verification failed, its lease lapsed) is dropped; its build, wasted, still counts in
-//! builds per landed, as does an early build no train took.
+//! builds per landed, as does an early build no train took; its offers are not planned again
+//! (a runner that verifies for longer than a build would have them built over and over). No
+//! group is planned on the tip of one whose early build came back red (that tip does not land
+//! as it is), and nothing with verification off (trains never build then).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
