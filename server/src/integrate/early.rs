@@ -30,10 +30,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::train::{self, Candidate};
-use super::{Form, Integrator};
+use super::{Form, Integrator, candidate};
 use crate::domain::{Millis, Task, TaskId};
 use crate::error::Result;
-use crate::ports::{BuildJob, Builder, Built, Repository};
+use crate::ports::{BuildJob, BuildRun, Builder, Built, Repository};
 use crate::store::Store;
 
 /// The most output lines an early build keeps for the train that takes it.
@@ -45,6 +45,16 @@ const MAX_GROUPS: usize = 8;
 /// What a build is a function of: its tree, its base's tree (`PIPELINE_BASE_COMMIT` names a
 /// commit with that tree) and its runs (namespace, task).
 type Key = (TreeId, TreeId, Vec<(Option<String>, Option<TaskId>)>);
+
+fn key(tree: TreeId, base_tree: TreeId, runs: &[BuildRun]) -> Key {
+    (
+        tree,
+        base_tree,
+        runs.iter()
+            .map(|r| (r.namespace.clone(), r.task.clone()))
+            .collect(),
+    )
+}
 
 /// How an early build ended.
 #[derive(Clone, Debug)]
@@ -237,14 +247,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         }
         tasks.sort_by_key(|(t, _)| (t.priority, t.seq));
         let batch_max = c.settings().batch_max.max(1);
-        let candidates: Vec<Candidate<TaskId>> = tasks
-            .iter()
-            .map(|(t, _)| Candidate {
-                id: t.id.clone(),
-                deps_pending: t.deps_pending,
-                depends_on: t.depends_on.clone(),
-            })
-            .collect();
+        let candidates: Vec<Candidate<TaskId>> = tasks.iter().map(|(t, _)| candidate(t)).collect();
         let chosen = train::select(&candidates, batch_max);
         if !chosen.iter().any(|(i, _)| tasks[*i].1.is_some()) {
             return Ok(None);
@@ -353,13 +356,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         let Ok(base_tree) = c.repo().tree_of(&tip).await else {
             return self.early_failed(id, none(c.now()));
         };
-        let key: Key = (
-            tree,
-            base_tree,
-            runs.iter()
-                .map(|r| (r.namespace.clone(), r.task.clone()))
-                .collect(),
-        );
+        let key = key(tree, base_tree, &runs);
         {
             let mut board = self.board();
             if let Some(g) = board.groups.iter_mut().find(|g| g.id == id) {
@@ -422,19 +419,19 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         job: &BuildJob,
         shutdown: &CancellationToken,
     ) -> Result<Option<(Built, Arc<Vec<String>>)>> {
-        if !self.early {
+        // No early build to take: no git call on a train's build.
+        if !self.early
+            || !self
+                .board()
+                .groups
+                .iter()
+                .any(|g| g.key.is_some() && !g.taken)
+        {
             return Ok(None);
         }
         let tree = self.c().repo().tree_of(&job.commit).await?;
         let base_tree = self.c().repo().tree_of(&job.base_commit).await?;
-        let key: Key = (
-            tree,
-            base_tree,
-            job.runs
-                .iter()
-                .map(|r| (r.namespace.clone(), r.task.clone()))
-                .collect(),
-        );
+        let key = key(tree, base_tree, &job.runs);
         let found = {
             let mut board = self.board();
             board
@@ -528,14 +525,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             });
         }
         board.groups[g].formed = true;
-        let candidates: Vec<Candidate<TaskId>> = at
-            .iter()
-            .map(|i| Candidate {
-                id: verified[*i].id.clone(),
-                deps_pending: verified[*i].deps_pending,
-                depends_on: verified[*i].depends_on.clone(),
-            })
-            .collect();
+        let candidates: Vec<Candidate<TaskId>> =
+            at.iter().map(|i| candidate(&verified[*i])).collect();
         let picked = train::select(&candidates, candidates.len());
         if picked.len() != at.len() {
             board.groups[g].formed = false;

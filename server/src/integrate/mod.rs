@@ -519,14 +519,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         window: &mut Option<tokio::time::Instant>,
     ) -> Form {
         let batch_max = self.c().settings().batch_max.max(1);
-        let candidates: Vec<Candidate<TaskId>> = verified
-            .iter()
-            .map(|t| Candidate {
-                id: t.id.clone(),
-                deps_pending: t.deps_pending,
-                depends_on: t.depends_on.clone(),
-            })
-            .collect();
+        let candidates: Vec<Candidate<TaskId>> = verified.iter().map(candidate).collect();
         let chosen = train::select(&candidates, batch_max);
         if chosen.is_empty() {
             return Form::Nothing;
@@ -621,14 +614,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             Ready::Tasks(verified) => verified,
         };
         let batch_max = self.c().settings().batch_max.max(1);
-        let candidates: Vec<Candidate<TaskId>> = verified
-            .iter()
-            .map(|t| Candidate {
-                id: t.id.clone(),
-                deps_pending: t.deps_pending,
-                depends_on: t.depends_on.clone(),
-            })
-            .collect();
+        let candidates: Vec<Candidate<TaskId>> = verified.iter().map(candidate).collect();
         let chosen = train::select(&candidates, batch_max);
         if chosen.len() < batch_max {
             for (i, t) in verified.iter().enumerate() {
@@ -1860,6 +1846,15 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
 }
 
 /// Sleeps until `until`, or for ever without one.
+/// What train selection needs of a task ([`train::select`]).
+fn candidate(t: &Task) -> Candidate<TaskId> {
+    Candidate {
+        id: t.id.clone(),
+        deps_pending: t.deps_pending,
+        depends_on: t.depends_on.clone(),
+    }
+}
+
 async fn sleep_until_or_never(until: Option<tokio::time::Instant>) {
     match until {
         Some(until) => tokio::time::sleep_until(until).await,
