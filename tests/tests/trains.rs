@@ -662,10 +662,10 @@ fn red_on_base(repo: &TestRepo, id: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Two trains at once (`--integration-slots 2`, two tasks each): the second is built on the
+/// Two trains at once (`--integration-slots 2`, two tasks each): the second is formed on the
 /// first's tip as if it had landed; the first turns red (x2), so the second's guess never
 /// lands: it is formed again on the real base and lands there, none of its tasks charged for
-/// what their build on the guess showed (x2 was in it).
+/// anything on the guess (x2 was in it).
 #[test]
 fn a_speculative_train_whose_train_ahead_turns_red_is_rebuilt_on_the_new_base() {
     let repo = TestRepo::new();
@@ -695,18 +695,14 @@ fn a_speculative_train_whose_train_ahead_turns_red_is_rebuilt_on_the_new_base() 
         "one train for y1, formed again within it: {runs:?}"
     );
     assert_eq!(runs[0]["train"], second);
-    // The second train was built on the guess (with x2's note in it) before it was built on
-    // the real base (x1 only).
+    // The second train was built on the real base (x1 only). On the guess (x2's note in it)
+    // it was built at most until the first's tip came back red: then that build was stopped
+    // (or, formed after that, it was never built on it).
     let all = builds(&repo);
-    let guess = all
-        .iter()
-        .position(|b| b.starts_with("x1.md x2.md y1.md y2.md "))
-        .unwrap_or_else(|| panic!("a build on the guess: {all:?}"));
-    let real = all
-        .iter()
-        .position(|b| b.starts_with("x1.md y1.md y2.md "))
-        .unwrap_or_else(|| panic!("a build on the real base: {all:?}"));
-    assert!(guess < real, "{all:?}");
+    assert!(
+        all.iter().any(|b| b.starts_with("x1.md y1.md y2.md ")),
+        "a build on the real base: {all:?}"
+    );
     // Each task on the base once, the first train's before the second's, and no red tree.
     let landed = repo.landed();
     let at = |id: &str| landed.iter().position(|l| l == id).expect("landed");

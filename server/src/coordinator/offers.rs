@@ -92,6 +92,11 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             .and_then(|l| l.offered.clone())
     }
 
+    /// Whether `task` has a live lease (its result not in yet).
+    pub fn leased(&self, task: &TaskId) -> bool {
+        self.registry().leases().any(|l| &l.task == task)
+    }
+
     /// Moves on each time a commit is offered (an offer's end is its lease's, which the
     /// change feed tells).
     pub fn offers_moved(&self) -> tokio::sync::watch::Receiver<u64> {

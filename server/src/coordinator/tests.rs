@@ -11,7 +11,7 @@ use pipeline_core::verify::Verifier;
 use tokio::sync::mpsc;
 
 use super::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use pipeline_core::git::RefName;
 use pipeline_core::ids::CommitId;
@@ -922,7 +922,10 @@ async fn a_train_gathers_results_until_it_is_full_its_window_ends_or_nothing_is_
     let mut window = None;
     let form = async |window: &mut Option<tokio::time::Instant>| {
         let verified = c.verified_tasks().await.expect("verified");
-        match integrator.formable(&verified, false, window).await {
+        match integrator
+            .formable(&verified, &HashSet::new(), false, window)
+            .await
+        {
             Form::Now(chosen) => Some(chosen.len()),
             Form::Wait(_) => None,
             Form::Nothing => Some(0),
@@ -974,7 +977,7 @@ async fn a_train_gathers_results_until_it_is_full_its_window_ends_or_nothing_is_
         .gathering(std::time::Duration::from_secs(3600));
     let verified = c.verified_tasks().await.expect("verified");
     assert!(matches!(
-        integrator.formable(&verified, false, &mut None).await,
+        integrator.formable(&verified, &HashSet::new(), false, &mut None).await,
         Form::Now(chosen) if chosen.len() == 2
     ));
 }
@@ -1048,6 +1051,71 @@ async fn a_speculative_train_whose_predecessor_turns_red_lands_on_the_real_base_
     for i in 4..8 {
         assert_eq!(status(i).await, (TaskStatus::Done, 0), "task {i}");
     }
+}
+
+/// Two trains at once: the second is built on the first's tip as if it had landed. When the
+/// first's tip comes back red, that guess is withdrawn: the second's build on it is stopped
+/// at once (not built to its end for nothing), and the second is formed again on the real
+/// base once the first is over, where it lands uncharged.
+#[tokio::test]
+async fn a_build_on_a_guess_is_stopped_when_the_train_ahead_finds_its_tip_red() {
+    let w = world_verifying().await;
+    let names: Vec<String> = (0..10).map(|i| format!("f{i}.txt")).collect();
+    let files: Vec<[(&str, &str); 1]> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| [(n.as_str(), if i == 3 { "red" } else { "ok" })])
+        .collect();
+    let files: Vec<&[(&str, &str)]> = files.iter().map(|f| &f[..]).collect();
+    let (_runner, tasks) = verified_tasks(&w, &files).await;
+    let c = Arc::clone(&w.c);
+    let builder = FakeBuilder::new(&w.repo).with_slots(8).holding();
+    let integrator = Integrator::new(Arc::clone(&c), builder.clone()).speculating(2);
+    let round = tokio::spawn(async move { integrator.next(&CancellationToken::new()).await });
+    let deadline = std::time::Duration::from_secs(30);
+    // The first train's tip and the second's, on the guess, both held.
+    tokio::time::timeout(deadline, builder.started(2))
+        .await
+        .expect("two builds started");
+    let has = |commit: &CommitId, i: usize| w.repo.files_of(commit).contains_key(&names[i]);
+    let started: Vec<CommitId> = builder.builds().iter().map(|b| b.commit.clone()).collect();
+    let first_tip = started
+        .iter()
+        .find(|b| !has(b, 8))
+        .expect("the first train's tip")
+        .clone();
+    let on_guess = started
+        .iter()
+        .find(|b| has(b, 8) && has(b, 9) && has(b, 3))
+        .expect("the second train's tip, on the first's")
+        .clone();
+    // The first train's tip is red: the build on its guess stops, though it was never let go.
+    builder.release(Some(&first_tip));
+    let cancelled = tokio::time::timeout(deadline, builder.cancelled(1))
+        .await
+        .expect("the build on the guess stopped");
+    assert_eq!(cancelled, vec![on_guess.clone()]);
+    builder.release(None);
+    assert!(round.await.expect("the round").expect("a round"));
+    let status = async |i: usize| {
+        let t = c.get(&tasks[i].id).await.expect("get");
+        (t.state.status, t.state.failures)
+    };
+    for i in [0, 1, 2, 8, 9] {
+        assert_eq!(status(i).await, (TaskStatus::Done, 0), "task {i}");
+    }
+    assert_eq!(status(3).await.1, 1, "the red one is charged");
+    let base = c.settings().base.clone();
+    let tip = w.repo.branch_tip(&base);
+    assert!(!has(&tip, 3), "never the red file on the base");
+    // The second train was formed again on the real base: built without the red file.
+    assert!(
+        builder
+            .builds()
+            .iter()
+            .any(|b| has(&b.commit, 8) && has(&b.commit, 2) && !has(&b.commit, 3)),
+        "built again on the real base"
+    );
 }
 
 #[tokio::test]

@@ -18,7 +18,10 @@
 //! builds per landed, as does an early build no train took; its offers are not planned again
 //! (a runner that verifies for longer than a build would have them built over and over). No
 //! group is planned on the tip of one whose early build came back red (that tip does not land
-//! as it is), and nothing with verification off (trains never build then).
+//! as it is), and nothing with verification off (trains never build then). Groups planned on
+//! a tip that will not be the next train's (the train ahead withdrew it: its tip came back red,
+//! or it landed another) leave, their builds stopped, and are planned again on the right tip;
+//! a group whose commits do not apply on its tip is not planned again before a train ends.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -74,8 +77,14 @@ struct Group {
     members: Vec<TaskId>,
     /// The offers it was planned from: (task, commit).
     offered: Vec<(TaskId, CommitId)>,
-    /// The tip of its chain, once its commits are cherry-picked (the next group's tip).
-    chain_tip: Option<CommitId>,
+    /// The tree of the tip it is planned on: the group is stale once the train it would
+    /// ride is to form on another.
+    on: TreeId,
+    /// Stops its build (the group left before its build ended).
+    cancel: CancellationToken,
+    /// The tip of its chain, once its commits are cherry-picked (the next group's tip), and
+    /// its tree.
+    chain_tip: Option<(CommitId, TreeId)>,
     /// What its build is of, once known.
     key: Option<Key>,
     done: watch::Receiver<Done>,
@@ -98,17 +107,28 @@ pub(super) struct Board {
     /// build was spent; a runner that verifies longer than a build would have them built
     /// over and over).
     spent: HashSet<(TaskId, CommitId)>,
+    /// Offers whose group could not be built on its tip (a conflict there): not planned
+    /// again before a train ends (the tips move then).
+    unbuildable: HashSet<(TaskId, CommitId)>,
 }
 
 impl Board {
-    /// Takes `group` off the board; a build no train took is a build wasted.
+    /// Takes `group` off the board; a build no train took is a build wasted. Its offers are
+    /// spent unless it was `stale` (planned on a tip its train will not form on: they are
+    /// planned again on the right one) or formed.
     fn leave<S: Store, R: Repository>(
         &mut self,
         group: &Group,
+        stale: bool,
         c: &crate::coordinator::Coordinator<S, R>,
     ) {
-        if !group.formed {
+        if !group.formed && !stale {
             self.spent.extend(group.offered.iter().cloned());
+        }
+        if stale {
+            // Its build, if still running, is of no use: stopped (a build stopped is not
+            // counted; one that ended counts as wasted, below).
+            group.cancel.cancel();
         }
         if group.taken || group.key.is_none() {
             return;
@@ -127,8 +147,11 @@ impl Board {
 pub(super) enum Ahead {
     /// None in flight: the next train forms on the base's tip.
     Nothing,
-    /// The train formed last is in flight; its tip once its members are placed.
-    Train(Option<CommitId>),
+    /// The train formed last is in flight; its tip (and tree) once its members are placed.
+    Train(Option<(CommitId, TreeId)>),
+    /// The train formed last is in flight and its tip came back red: it will not land as it
+    /// is (nothing is planned on it).
+    Doomed,
 }
 
 impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
@@ -155,18 +178,64 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         if offers.is_empty() {
             return Ok(None);
         }
+        // Groups planned on a tip their train will not form on leave, their builds stopped;
+        // their offers are planned again on the right tip: those after a group whose early
+        // build came back red, all of them once the train ahead's tip came back red, and all
+        // of them if the first is on another tip than the train ahead's (or the base's).
+        let (first_on, after_red) = {
+            let board = self.board();
+            let first = board
+                .groups
+                .iter()
+                .find(|g| !g.formed)
+                .map(|g| g.on.clone());
+            let after_red = board
+                .groups
+                .iter()
+                .position(|g| matches!(g.done.borrow().as_ref(), Some((End::Red(_), ..))))
+                .map(|red| red + 1);
+            (first, after_red)
+        };
+        if let Some(on) = first_on {
+            let stale_from = match &ahead {
+                Ahead::Doomed => Some(0),
+                Ahead::Train(Some((_, tree))) if *tree != on => Some(0),
+                Ahead::Nothing if c.repo().tree_of(&self.base_tip().await?).await? != on => Some(0),
+                _ => after_red,
+            };
+            if let Some(from) = stale_from {
+                let mut board = self.board();
+                let first = board.groups.iter().position(|g| !g.formed).unwrap_or(0);
+                let from = from.max(first).min(board.groups.len());
+                let stale: Vec<Group> = board.groups.drain(from..).collect();
+                for g in &stale {
+                    board.leave(g, true, c);
+                }
+                drop(board);
+                if !stale.is_empty() {
+                    tracing::info!(
+                        groups = stale.len(),
+                        "early groups planned on a tip that will not be the next train's leave"
+                    );
+                }
+            }
+        }
         // Nothing new offered: nothing to plan (and no read of the store).
         {
             let mut board = self.board();
-            board.spent.retain(|(t, commit)| {
+            let offered = |(t, commit): &(TaskId, CommitId)| {
                 offers
                     .iter()
                     .any(|(o, off)| o == t && &off.commit == commit)
-            });
+            };
+            board.spent.retain(offered);
+            board.unbuildable.retain(offered);
             let new = offers.iter().any(|(t, o)| {
+                let offer = (t.clone(), o.commit.clone());
                 !riding.contains(t)
                     && !board.groups.iter().any(|g| g.members.contains(t))
-                    && !board.spent.contains(&(t.clone(), o.commit.clone()))
+                    && !board.spent.contains(&offer)
+                    && !board.unbuildable.contains(&offer)
             });
             if !new {
                 return Ok(None);
@@ -179,23 +248,38 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             .into_iter()
             .filter(|t| !t.state.base_check && !policy.awaits_approval(&t.state))
             .collect();
-        // A group not formed, one of whose tasks is neither offered nor Verified and waiting,
-        // will never form: it leaves (its tip would mislead the groups planned after it).
-        {
+        // A group not formed, one of whose tasks can no longer ride it (neither offered nor
+        // Verified and waiting, nor its result being stored), will never form: it leaves (its
+        // tip would mislead the groups planned after it).
+        let members: Vec<(u64, Vec<TaskId>)> = self
+            .board()
+            .groups
+            .iter()
+            .filter(|g| !g.formed)
+            .map(|g| (g.id, g.members.clone()))
+            .collect();
+        let mut dead = HashSet::new();
+        for (id, members) in members {
+            for m in &members {
+                if !self.may_ride(m, &verified, riding).await {
+                    dead.insert(id);
+                    break;
+                }
+            }
+        }
+        if !dead.is_empty() {
             let mut board = self.board();
-            let (dead, kept): (VecDeque<Group>, VecDeque<Group>) =
+            let (gone, kept): (VecDeque<Group>, VecDeque<Group>) =
                 std::mem::take(&mut board.groups)
                     .into_iter()
-                    .partition(|g| {
-                        !g.formed
-                            && g.members.iter().any(|m| {
-                                !offers.iter().any(|(t, _)| t == m)
-                                    && !verified.iter().any(|t| &t.id == m && !riding.contains(m))
-                            })
-                    });
+                    .partition(|g| dead.contains(&g.id));
             board.groups = kept;
-            for g in &dead {
-                board.leave(g, c);
+            for g in &gone {
+                tracing::info!(
+                    group = g.id,
+                    "an early group leaves: one of its tasks can no longer ride its train"
+                );
+                board.leave(g, false, c);
             }
         }
         let (planned, tip_of_last, full) = {
@@ -205,13 +289,14 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                 .iter()
                 .flat_map(|g| g.members.iter().cloned())
                 .chain(board.spent.iter().map(|(t, _)| t.clone()))
+                .chain(board.unbuildable.iter().map(|(t, _)| t.clone()))
                 .collect();
             // A group after one whose build came back red would be built on a tip that does
             // not land as it is: wait for that group's train to end (the tip is real then).
             if board
                 .groups
-                .back()
-                .is_some_and(|g| matches!(g.done.borrow().as_ref(), Some((End::Red(_), ..))))
+                .iter()
+                .any(|g| matches!(g.done.borrow().as_ref(), Some((End::Red(_), ..))))
             {
                 return Ok(None);
             }
@@ -225,11 +310,15 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         if fresh.is_empty() || full {
             return Ok(None);
         }
-        let tip = match (tip_of_last, ahead) {
+        let (tip, on) = match (tip_of_last, ahead) {
             // The group before is not picked yet: its tip is not known.
-            (Some(None), _) | (None, Ahead::Train(None)) => return Ok(None),
+            (Some(None), _) | (None, Ahead::Train(None) | Ahead::Doomed) => return Ok(None),
             (Some(Some(tip)), _) | (None, Ahead::Train(Some(tip))) => tip,
-            (None, Ahead::Nothing) => self.base_tip().await?,
+            (None, Ahead::Nothing) => {
+                let tip = self.base_tip().await?;
+                let tree = c.repo().tree_of(&tip).await?;
+                (tip, tree)
+            }
         };
         // The tasks the next train would take: the Verified ones not riding nor planned, and
         // the offered ones, in landing order.
@@ -287,6 +376,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             members.push((task.clone(), commit, parent));
         }
         let (tx, rx) = watch::channel(None);
+        let cancel = shutdown.child_token();
         let id = {
             let mut board = self.board();
             let id = board.next_id.fetch_add(1, Ordering::Relaxed);
@@ -302,6 +392,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                             .map(|(c, _)| (tasks[*i].0.id.clone(), c.clone()))
                     })
                     .collect(),
+                on,
+                cancel: cancel.clone(),
                 chain_tip: None,
                 key: None,
                 done: rx,
@@ -313,9 +405,8 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         let names: Vec<&str> = members.iter().map(|(t, ..)| t.id.as_str()).collect();
         tracing::info!(group = id, tasks = %names.join(" "), %tip, "building early");
         let this = Arc::clone(self);
-        let stop = shutdown.clone();
         tokio::spawn(async move {
-            let end = this.build_early(id, members, tip, &stop).await;
+            let end = this.build_early(id, members, tip, &cancel).await;
             let _ = tx.send(Some(end));
             this.early_woken.notify_one();
         });
@@ -360,7 +451,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         {
             let mut board = self.board();
             if let Some(g) = board.groups.iter_mut().find(|g| g.id == id) {
-                g.chain_tip = Some(onto.clone());
+                g.chain_tip = Some((onto.clone(), key.0.clone()));
                 g.key = Some(key);
             }
         }
@@ -406,8 +497,18 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         id: u64,
         end: (End, Arc<Vec<String>>, Millis, Millis),
     ) -> (End, Arc<Vec<String>>, Millis, Millis) {
-        // Nothing was built: nothing to count.
-        self.board().groups.retain(|g| g.id != id);
+        // Nothing was built: nothing to count. Its offers are not planned again on this tip
+        // (they would fail the same way, over and over): not before a train ends.
+        let mut board = self.board();
+        if let Some(at) = board.groups.iter().position(|g| g.id == id) {
+            tracing::info!(
+                group = id,
+                "an early group could not be built on its tip; its train builds itself"
+            );
+            let gone = board.groups.remove(at).expect("found");
+            board.unbuildable.extend(gone.offered);
+        }
+        drop(board);
         self.early_woken.notify_one();
         end
     }
@@ -457,21 +558,71 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         })
     }
 
+    /// Whether `member` of a group may still ride the group's train: offered, or Verified and
+    /// not riding a train (in `verified`, read a moment ago, or read again: its result may
+    /// have been stored since, its offer gone with its lease), or its result being stored now
+    /// (no live lease, the task still in progress). A live lease without an offer is a new
+    /// attempt: not the commit the group was planned with.
+    async fn may_ride(&self, member: &TaskId, verified: &[Task], riding: &HashSet<TaskId>) -> bool {
+        let c = self.c();
+        if riding.contains(member) {
+            return false;
+        }
+        if c.offer_of(member).is_some() || verified.iter().any(|t| &t.id == member) {
+            return true;
+        }
+        if c.leased(member) {
+            return false;
+        }
+        c.get(member).await.is_ok_and(|t| {
+            matches!(
+                t.state.status,
+                crate::domain::TaskStatus::Verified | crate::domain::TaskStatus::InProgress
+            )
+        })
+    }
+
     /// Whether the next train forms now, with an early group planned (`--early-builds`):
     /// `Some` if the group decides it. The group's tasks all Verified: the train is exactly
     /// them. Some still offered: wait for them (no longer after the group's build ended than
     /// the build took: building again would take as long). `verified` is what the train would
     /// take otherwise, in landing order; a candidate ahead of the group's in it forms as
     /// usual.
-    pub(super) fn early_form(
+    pub(super) async fn early_form(
         &self,
         verified: &[Task],
+        riding: &HashSet<TaskId>,
         chosen: &[(usize, Vec<usize>)],
     ) -> Option<Form> {
         if !self.early || chosen.is_empty() {
             return None;
         }
         let c = self.c();
+        // The first group's members neither offered nor in `verified`: whether they may still
+        // ride it (read again: a result may have been stored since `verified` was read).
+        let unseen: Vec<TaskId> = {
+            let board = self.board();
+            board
+                .groups
+                .iter()
+                .find(|g| !g.formed)
+                .map(|g| {
+                    g.members
+                        .iter()
+                        .filter(|m| {
+                            !verified.iter().any(|t| &t.id == *m) && c.offer_of(m).is_none()
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut coming = HashSet::new();
+        for m in unseen {
+            if self.may_ride(&m, verified, riding).await {
+                coming.insert(m);
+            }
+        }
         let now = c.now();
         let mut board = self.board();
         let g = board.groups.iter().position(|g| !g.formed)?;
@@ -493,7 +644,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         for m in &group.members {
             match verified.iter().position(|t| &t.id == m) {
                 Some(i) => at.push(i),
-                None if c.offer_of(m).is_some() => pending = true,
+                None if c.offer_of(m).is_some() || coming.contains(m) => pending = true,
                 None => dead = true,
             }
         }
@@ -505,7 +656,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         let overdue = ended.is_some_and(|(began, ended)| now > ended + (ended - began));
         if dead || (pending && overdue) {
             let gone = board.groups.remove(g).expect("found");
-            board.leave(&gone, c);
+            board.leave(&gone, false, c);
             drop(board);
             tracing::info!(
                 group = gone.id,
@@ -552,8 +703,10 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             .partition(|g| g.formed && g.members.iter().all(|m| tasks.contains(m)));
         board.groups = kept;
         for g in &over {
-            board.leave(g, c);
+            board.leave(g, false, c);
         }
+        // The base moved: an offer that could not be built on the old tips may be now.
+        board.unbuildable.clear();
         drop(board);
         self.early_woken.notify_one();
     }

@@ -108,6 +108,8 @@ struct Relay {
     /// The tip it leaves the base at if its whole chain lands, once every member is placed:
     /// the train behind is formed on it.
     guess: Option<(CommitId, TreeId)>,
+    /// Whether a build of its tip came back red (its chain tip will not land as it is).
+    doomed: bool,
     /// Once it is over: where the base is after it, or `None` if it could not finish (an
     /// error, the server stopping, the base found red, the base kept moving).
     end: Option<Option<CommitId>>,
@@ -181,6 +183,62 @@ impl Depth {
             Verdict::Neither => self.in_use,
         };
         self.in_use != before
+    }
+}
+
+/// Resolves once the train ahead withdraws the guess `train` is built on (its tip came back
+/// red, or it was formed again) before it ends; never if `train` is not on a guess, or once
+/// the train ahead ended (its end is answered at [`train::Step::Confirm`]).
+fn guess_withdrawn(links: &Links, train: &Train) -> impl Future<Output = ()> + use<> {
+    let ahead = links.ahead.clone();
+    let on = train
+        .guessing()
+        .then(|| train.base_tip().cloned())
+        .flatten();
+    async move {
+        if let (Some(mut ahead), Some(on)) = (ahead, on) {
+            let gone = ahead
+                .wait_for(|r| {
+                    r.end.is_none() && r.guess.as_ref().is_none_or(|(commit, _)| *commit != on)
+                })
+                .await
+                .is_ok();
+            if gone {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Runs `work` (builds, stopped by `cancel`) unless `withdrawn` resolves first: then the
+/// builds are stopped, waited for, and `None` says their answers are not to be taken.
+async fn unless_withdrawn<T>(
+    work: impl Future<Output = T>,
+    withdrawn: impl Future<Output = ()>,
+    cancel: &CancellationToken,
+) -> Option<T> {
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        out = &mut work => Some(out),
+        () = withdrawn => {
+            cancel.cancel();
+            let _ = work.await;
+            None
+        }
+    }
+}
+
+/// Tells each rider that its build on the guess was stopped.
+fn withdrawn_note(riders: &[Rider<'_>]) {
+    for r in riders {
+        r.log.line(
+            "the train ahead will not land the tip this train was being built on (its own \
+             build came back red, or it was formed again): the build on that guess was \
+             stopped; formed again once the train ahead is over"
+                .to_owned(),
+        );
     }
 }
 
@@ -377,14 +435,14 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             // Early builds (`--early-builds`): the next group, from the commits offered.
             let mut early_until = None;
             if this.early {
-                let ahead =
-                    if in_flight.is_empty() {
-                        early::Ahead::Nothing
-                    } else {
-                        early::Ahead::Train(last.as_ref().and_then(|r| {
-                            r.borrow().guess.as_ref().map(|(commit, _)| commit.clone())
-                        }))
-                    };
+                let ahead = if in_flight.is_empty() {
+                    early::Ahead::Nothing
+                } else {
+                    match last.as_ref().map(|r| r.borrow().clone()) {
+                        Some(relay) if relay.doomed => early::Ahead::Doomed,
+                        relay => early::Ahead::Train(relay.and_then(|r| r.guess)),
+                    }
+                };
                 match this.plan_early(&riding, ahead, &shutdown).await {
                     Ok(at) => early_until = at,
                     Err(err) => tracing::warn!(error = %err, "an early build could not be planned"),
@@ -502,7 +560,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             .into_iter()
             .filter(|t| !riding.contains(&t.id))
             .collect();
-        let form = self.formable(&verified, alone, window).await;
+        let form = self.formable(&verified, riding, alone, window).await;
         Ok(Some((verified, form)))
     }
 
@@ -515,6 +573,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
     pub(crate) async fn formable(
         &self,
         verified: &[Task],
+        riding: &HashSet<TaskId>,
         alone: bool,
         window: &mut Option<tokio::time::Instant>,
     ) -> Form {
@@ -524,7 +583,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         if chosen.is_empty() {
             return Form::Nothing;
         }
-        if let Some(form) = self.early_form(verified, &chosen) {
+        if let Some(form) = self.early_form(verified, riding, &chosen).await {
             return form;
         }
         if self.gather_window.is_zero()
@@ -1168,15 +1227,24 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         let c = self.c();
         let base = c.settings().base.clone();
         loop {
-            // Once its members are placed, the train behind may be formed on its tip.
-            if let Some(behind) = &links.behind
-                && train.placed()
-                && behind.borrow().guess.is_none()
-                && let Some(tip) = train.chain_tip()
-            {
-                behind.send_modify(|r| r.guess = Some(tip));
-                // An early group may be planned on this tip now.
-                self.early_woken.notify_one();
+            // Once its members are placed, the train behind may be formed on its tip; once
+            // that tip is doomed (built red) or the train is formed again, the guess is
+            // withdrawn, and the train behind stops building on it.
+            if let Some(behind) = &links.behind {
+                let guess = if train.placed() && !train.doomed() {
+                    train.chain_tip()
+                } else {
+                    None
+                };
+                let doomed = train.doomed();
+                if behind.borrow().guess != guess || behind.borrow().doomed != doomed {
+                    behind.send_modify(|r| {
+                        r.guess = guess;
+                        r.doomed = doomed;
+                    });
+                    // An early group may be planned on this tip now (or not any more).
+                    self.early_woken.notify_one();
+                }
             }
             let guess = match (&links.ahead, train.step()) {
                 (Some(ahead), Step::ReadTip) if train.guessing() => {
@@ -1307,9 +1375,19 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                         },
                     )
                     .await;
-                    match self.build(train, riders, len, &commit, shutdown).await? {
-                        Some(result) => Input::Built(result),
-                        None => return Ok(None),
+                    let cancel = shutdown.child_token();
+                    let withdrawn = guess_withdrawn(links, train);
+                    let built = self.build(train, riders, len, &commit, &cancel);
+                    match unless_withdrawn(built, withdrawn, &cancel).await {
+                        Some(built) => match built? {
+                            Some(result) => Input::Built(result),
+                            None => return Ok(None),
+                        },
+                        None => {
+                            withdrawn_note(riders);
+                            train.guess_withdrawn();
+                            continue;
+                        }
                     }
                 }
                 Step::BuildMany { builds } => {
@@ -1326,12 +1404,18 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                         format!("building prefixes {} of {k} at once", lens.join(", ")),
                     )
                     .await;
-                    let train = &*train;
+                    let cancel = shutdown.child_token();
+                    let withdrawn = guess_withdrawn(links, train);
+                    let building = &*train;
                     let built =
                         futures_util::future::join_all(builds.iter().map(|(len, commit)| {
-                            self.build(train, riders, *len, commit, shutdown)
-                        }))
-                        .await;
+                            self.build(building, riders, *len, commit, &cancel)
+                        }));
+                    let Some(built) = unless_withdrawn(built, withdrawn, &cancel).await else {
+                        withdrawn_note(riders);
+                        train.guess_withdrawn();
+                        continue;
+                    };
                     let mut results = Vec::with_capacity(built.len());
                     for b in built {
                         match b? {

@@ -327,6 +327,23 @@ impl Train {
         self.guess
     }
 
+    /// Whether this formation's chain tip is known not to land as it is: a build of it came
+    /// back red (the search for its culprit is on, or over). The train behind must not build
+    /// on it: the driver withdraws it as the guess of the train behind.
+    pub fn doomed(&self) -> bool {
+        self.search.is_some()
+    }
+
+    /// The train ahead withdrew the tip this one is built on (its own tip came back red, or it
+    /// was formed again): whatever this one was doing on the guess is dropped, and it waits
+    /// for the train ahead to end ([`Step::Confirm`]), to be formed again on the real base.
+    pub fn guess_withdrawn(&mut self) {
+        if self.guess {
+            self.held = None;
+            self.step = Step::Confirm;
+        }
+    }
+
     /// The tip this train would leave the base at if every member in its chain landed: the
     /// chain's last commit and its tree, or the base tip when the chain is empty. What a
     /// train behind it guesses; `None` before the tip is read.
@@ -1276,6 +1293,77 @@ mod tests {
         );
         assert_eq!(o.tip, Some(c(0)));
         assert!(o.total_builds >= 2, "built again on the real base");
+    }
+
+    /// The train ahead withdrew its guess while this one built on it (its own tip came back
+    /// red): the build's answer is never taken, the train waits for the train ahead to end
+    /// and is formed again on the real base; nothing decided on the guess is charged. A train
+    /// whose tip came back red is doomed (its tip is no guess for the train behind).
+    #[test]
+    fn a_speculative_train_whose_guess_is_withdrawn_mid_build_waits_and_forms_again() {
+        let mut w = World::new(|_| false);
+        w.ahead = Some(Some(false));
+        let mut train = Train::new(speculative(2));
+        while !matches!(train.step(), Step::Build { .. }) {
+            let input = match train.step().clone() {
+                Step::ReadTip => Input::Tip {
+                    tip: c(900),
+                    tree: t(900),
+                    landed: vec![],
+                },
+                Step::Pick { member, .. } => Input::Picked(Ok((c(member + 1), t(member + 1)))),
+                other => panic!("unexpected before the build: {other:?}"),
+            };
+            train.on(input);
+        }
+        assert!(!train.doomed());
+        train.guess_withdrawn();
+        assert!(matches!(train.step(), Step::Confirm), "{:?}", train.step());
+        assert_eq!(
+            train.total_builds(),
+            0,
+            "the build on the guess is not counted"
+        );
+        let o = w.run(&mut train);
+        assert_eq!(w.journaled, vec![c(0)], "landed on the real base only");
+        assert_eq!(landed(&o), vec![0, 1]);
+        assert!(failed(&o).is_empty());
+        // A train not on a guess ignores it; one whose tip is red is doomed.
+        let mut w = World::new(|len| len >= 2);
+        let mut train = Train::new(plan(3));
+        train.guess_withdrawn();
+        assert!(matches!(train.step(), Step::ReadTip));
+        let mut doomed_after = Vec::new();
+        for _ in 0..100 {
+            let input = match train.step().clone() {
+                Step::ReadTip => Input::Tip {
+                    tip: c(0),
+                    tree: t(0),
+                    landed: vec![],
+                },
+                Step::Pick { member, .. } => Input::Picked(Ok((c(member + 1), t(member + 1)))),
+                Step::Build { len, commit } => Input::Built(w.build(len, &commit)),
+                Step::BuildMany { builds } => Input::BuiltMany(
+                    builds
+                        .iter()
+                        .map(|(len, commit)| w.build(*len, commit))
+                        .collect(),
+                ),
+                Step::Journal { .. } => Input::Journaled(Ok(())),
+                Step::Swap { .. } => Input::Swapped(true),
+                _ => break,
+            };
+            let building = matches!(input, Input::Built(_) | Input::BuiltMany(_));
+            train.on(input);
+            if building {
+                doomed_after.push(train.doomed());
+            }
+        }
+        assert_eq!(
+            doomed_after.first(),
+            Some(&true),
+            "the red tip dooms the chain tip at once: {doomed_after:?}"
+        );
     }
 
     /// A red tip on the guess: no prefix is built before the train ahead is known to have

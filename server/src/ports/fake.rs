@@ -494,6 +494,18 @@ pub struct FakeBuilder {
     slots: usize,
     /// Builds running now, and the most that ever ran at once.
     running: Arc<Mutex<(usize, usize)>>,
+    /// While holding, which builds may run; and what became of the builds so far.
+    gate: Arc<tokio::sync::watch::Sender<Gate>>,
+}
+
+/// Which builds a holding [`FakeBuilder`] lets run, and the builds it saw start and stop.
+#[derive(Default)]
+struct Gate {
+    holding: bool,
+    all: bool,
+    released: HashSet<CommitId>,
+    started: usize,
+    cancelled: Vec<CommitId>,
 }
 
 impl FakeBuilder {
@@ -505,7 +517,37 @@ impl FakeBuilder {
             broken: Arc::default(),
             slots: 1,
             running: Arc::default(),
+            gate: Arc::new(tokio::sync::watch::Sender::new(Gate::default())),
         }
+    }
+
+    /// The same builder, each build held until [`FakeBuilder::release`] lets its commit run
+    /// (a build stopped while held is [`Built::Cancelled`], and recorded).
+    pub fn holding(self) -> Self {
+        self.gate.send_modify(|g| g.holding = true);
+        self
+    }
+
+    /// Lets the builds of `commit` run (`None`: every build, from now on).
+    pub fn release(&self, commit: Option<&CommitId>) {
+        self.gate.send_modify(|g| match commit {
+            Some(commit) => {
+                g.released.insert(commit.clone());
+            }
+            None => g.all = true,
+        });
+    }
+
+    /// Waits until `n` builds have started.
+    pub async fn started(&self, n: usize) {
+        let _ = self.gate.subscribe().wait_for(|g| g.started >= n).await;
+    }
+
+    /// Waits until `n` builds were stopped while held; returns their commits.
+    pub async fn cancelled(&self, n: usize) -> Vec<CommitId> {
+        let mut gate = self.gate.subscribe();
+        let _ = gate.wait_for(|g| g.cancelled.len() >= n).await;
+        gate.borrow().cancelled.clone()
     }
 
     /// The same builder, saying it runs `slots` builds at once.
@@ -543,8 +585,19 @@ impl Builder for FakeBuilder {
             )));
         }
         self.builds.lock().expect("lock").push(job.clone());
+        self.gate.send_modify(|g| g.started += 1);
         if shutdown.is_cancelled() {
             return Ok(Built::Cancelled);
+        }
+        let mut gate = self.gate.subscribe();
+        let commit = &job.commit;
+        tokio::select! {
+            biased;
+            _ = gate.wait_for(|g| !g.holding || g.all || g.released.contains(commit)) => {}
+            () = shutdown.cancelled() => {
+                self.gate.send_modify(|g| g.cancelled.push(commit.clone()));
+                return Ok(Built::Cancelled);
+            }
         }
         {
             let mut running = self.running.lock().expect("lock");
