@@ -92,20 +92,50 @@ fn add_waiting(server: &Server, ids: &[&str], description: &str) {
     }
 }
 
+/// Whether the agent of task `id` would go on at once instead of waiting: a release file that
+/// lets it go (all agents', or its own) is there already. Release files stay once written.
+fn released(repo: &TestRepo, id: &str) -> bool {
+    ["release".to_owned(), format!("release-{id}")]
+        .iter()
+        .any(|f| repo.agent_log().join(f).exists())
+}
+
 /// Lets the waiting agents of `ids` commit while landing is held, then lets them land together:
-/// the integrator sees all of them Verified at once.
+/// the integrator sees all of them Verified at once. Each agent is released by a file of its
+/// own: the agents of a later call (and of other tasks) still wait, so none of theirs can
+/// reach Verified, and form a train, before landing is held.
 fn verify_then_land_together(repo: &TestRepo, server: &Server, ids: &[&str]) {
     for id in ids {
+        assert!(
+            !released(repo, id),
+            "the agent of {id} was released already: it would not wait for landing to be held"
+        );
         repo.wait_agent(id);
     }
     server.ctl(&["queue", "pause", "--landing"]).ok();
-    repo.release_agents();
+    for id in ids {
+        repo.release_task(id);
+    }
     for id in ids {
         server.wait_status(id, "verified");
     }
     let queue = server.ctl(&["queue", "--json"]).json();
-    assert_eq!(queue["landing"]["state"], "paused", "{queue}");
-    assert_eq!(queue["waiting"].as_array().map(Vec::len), Some(ids.len()));
+    // Should this fail, all that explains it: the queue, and each task as the server sees it.
+    let explain = || {
+        let tasks: Vec<Value> = ids.iter().map(|id| server.show(id)).collect();
+        format!(
+            "queue: {queue}\ntasks: {}\nthe server's log:\n{}",
+            Value::from(tasks),
+            server.log()
+        )
+    };
+    assert_eq!(queue["landing"]["state"], "paused", "{}", explain());
+    assert_eq!(
+        queue["waiting"].as_array().map(Vec::len),
+        Some(ids.len()),
+        "{}",
+        explain()
+    );
     server.ctl(&["queue", "resume"]).ok();
 }
 
@@ -593,7 +623,6 @@ fn queue_shows_the_train_its_step_and_when_the_next_ones_land() {
     server.wait_status("q2", "done");
     // The next train holds in its build.
     std::fs::write(repo.agent_log().join("hold"), "").expect("hold");
-    std::fs::remove_file(repo.agent_log().join("release")).expect("re-arm the agents");
     add_waiting(&server, &["q3", "q4", "q5"], "wait");
     for id in ["q3", "q4", "q5"] {
         repo.wait_agent(id);
