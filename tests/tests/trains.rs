@@ -32,19 +32,19 @@ fn breaks_until_fixed(id: &str) -> String {
     ))
 }
 
-/// A server that builds with `build`, trains of two, at most `slots` trains at once.
-fn speculating_server(repo: &TestRepo, build: &str, slots: &str) -> Server {
-    Server::start(
-        repo,
-        &[
-            "--build-cmd",
-            build,
-            "--batch-max",
-            "2",
-            "--integration-slots",
-            slots,
-        ],
-    )
+/// A server that builds with `build`, trains of two, at most `slots` trains at once, plus
+/// `extra` flags.
+fn speculating_server(repo: &TestRepo, build: &str, slots: &str, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--build-cmd",
+        build,
+        "--batch-max",
+        "2",
+        "--integration-slots",
+        slots,
+    ];
+    args.extend_from_slice(extra);
+    Server::start(repo, &args)
 }
 
 /// The integration builds so far, oldest first.
@@ -699,7 +699,7 @@ fn red_on_base(repo: &TestRepo, id: &str) -> Option<String> {
 fn a_speculative_train_whose_train_ahead_turns_red_is_rebuilt_on_the_new_base() {
     let repo = TestRepo::new();
     let build = breaks_until_fixed("x2");
-    let server = speculating_server(&repo, &build, "2");
+    let server = speculating_server(&repo, &build, "2", &[]);
     let _r = runner_with_slots(&repo, &server, 4);
     let ids = ["x1", "x2", "y1", "y2"];
     add_waiting(&server, &ids, "wait-once");
@@ -804,7 +804,9 @@ fn sigkill_of_the_server_with_speculative_trains_in_flight_then_restart() {
 fn the_depth_of_speculation_shrinks_after_a_red_train_and_grows_after_green_ones() {
     let repo = TestRepo::new();
     let build = breaks_until_fixed("d2");
-    let server = speculating_server(&repo, &build, "3");
+    // No back-off for d2 after its red train (10 s doubled by default): its next attempt
+    // starts at once.
+    let server = speculating_server(&repo, &build, "3", &["--backoff-base", "0"]);
     let watch = server.feed();
     let _r = runner_with_slots(&repo, &server, 2);
     let depth = || {
