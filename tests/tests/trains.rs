@@ -675,6 +675,52 @@ fn queue_shows_the_train_its_step_and_when_the_next_ones_land() {
     }
 }
 
+/// `queue pause --landing-only` while a train builds: nothing lands (CONTRACT: "nothing
+/// lands"). The train finishes its build, then holds before landing, its step saying so, and
+/// lands once a person resumes.
+#[test]
+fn a_train_in_flight_holds_its_landing_while_a_person_pauses_landing() {
+    let repo = TestRepo::new();
+    let build = build_cmd("while [ -e \"$AGENT_LOG_DIR/hold\" ]; do sleep 0.05; done");
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let _r = runner_with_slots(&repo, &server, 2);
+    std::fs::write(repo.agent_log().join("hold"), "").expect("hold");
+    add_waiting(&server, &["h1", "h2"], "wait");
+    verify_then_land_together(&repo, &server, &["h1", "h2"]);
+    wait_for("the train to be building", || {
+        let q = server.ctl(&["queue", "--json"]).json();
+        q["train"]["step"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("building"))
+            .then_some(q)
+    });
+    let before = main_tip(&repo);
+    server.ctl(&["queue", "pause", "--landing-only"]).ok();
+    std::fs::remove_file(repo.agent_log().join("hold")).expect("let it build");
+    let queue = wait_for("the train to hold before landing", || {
+        let q = server.ctl(&["queue", "--json"]).json();
+        q["train"]["step"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("held"))
+            .then_some(q)
+    });
+    assert_eq!(queue["landing"]["state"], "paused", "{queue}");
+    for id in ["h1", "h2"] {
+        assert_eq!(server.show(id)["status"], "verified", "{id} did not land");
+    }
+    assert_eq!(
+        main_tip(&repo),
+        before,
+        "the base did not move while paused"
+    );
+    server.ctl(&["queue", "resume"]).ok();
+    for id in ["h1", "h2"] {
+        let t = server.wait_status(id, "done");
+        assert_eq!(t["failures"], 0, "{t}");
+    }
+    assert_eq!(repo.landed().len(), 2, "each once: {:?}", repo.landed());
+}
+
 /// Whether a commit of the base's first-parent history has `id`'s note without its fix.
 fn red_on_base(repo: &TestRepo, id: &str) -> Option<String> {
     git(&repo.repo(), &["rev-list", "--first-parent", "main"])

@@ -227,6 +227,12 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         self.landing().red_base.clone()
     }
 
+    /// A person's hold on landing (`queue pause --landing-only`, `--landing`), with its
+    /// reason, while there is one.
+    pub fn landing_hold(&self) -> Option<String> {
+        self.landing().paused.as_ref().map(|p| p.reason.clone())
+    }
+
     /// Whether landing is held (a person's hold, or a red base).
     pub fn landing_held(&self) -> bool {
         self.landing().landing_held()

@@ -212,6 +212,8 @@ pub struct Coordinator<S, R> {
     build_epoch: u64,
     /// Moves on each time a runner offers a commit before verifying it ([`offers`]).
     offers_moved: tokio::sync::watch::Sender<u64>,
+    /// Moves on each time landing's state changes (paused, running again).
+    landing_moved: tokio::sync::watch::Sender<u64>,
 }
 
 /// The task counts, held; when let go after a change (a mutable borrow), whoever waits on
@@ -284,6 +286,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             build_wake: tokio::sync::Notify::new(),
             build_epoch: u64::try_from(clock.now_ms()).unwrap_or(0),
             offers_moved: tokio::sync::watch::Sender::new(0),
+            landing_moved: tokio::sync::watch::Sender::new(0),
             clock,
         }
     }
@@ -416,6 +419,11 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
             moved: &self.counts_moved,
             changed: false,
         }
+    }
+
+    /// A receiver told each time landing's state changes (a person's hold, a red base).
+    pub fn landing_moved(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.landing_moved.subscribe()
     }
 
     /// A receiver told each time the task counts in memory may have changed.

@@ -269,6 +269,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     /// Says that landing's state changed (paused, or running again), and why. The one place
     /// it is announced: the `landing.paused` and `landing.resumed` webhooks hook in here.
     pub(crate) fn announce_landing(&self, why: &str) {
+        self.landing_moved.send_modify(|n| *n = n.wrapping_add(1));
         let (state, reason) = self.landing().state();
         match reason {
             Some(reason) => tracing::warn!(%reason, "landing paused"),

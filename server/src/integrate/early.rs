@@ -262,6 +262,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         for (id, members) in members {
             for m in &members {
                 if !self.may_ride(m, &verified, riding).await {
+                    tracing::info!(group = id, task = %m, "an early group's task can no longer ride it");
                     dead.insert(id);
                     break;
                 }
@@ -431,21 +432,35 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                 Ok(Merged::Clean(t)) => {
                     match c.repo().commit_for_task(&t, &onto, commit, &task.id).await {
                         Ok(new) => onto = new,
-                        Err(_) => return self.early_failed(id, none(c.now())),
+                        Err(e) => {
+                            let why = format!("{}'s commit could not be written: {e}", task.id);
+                            return self.early_failed(id, &why, none(c.now()));
+                        }
                     }
                     tree = Some(t);
                 }
                 // The train finds the conflict itself.
-                _ => return self.early_failed(id, none(c.now())),
+                Ok(Merged::Conflict(_)) => {
+                    let why = format!("{}'s commit conflicts there", task.id);
+                    return self.early_failed(id, &why, none(c.now()));
+                }
+                Err(e) => {
+                    let why = format!("{}'s commit could not be picked: {e}", task.id);
+                    return self.early_failed(id, &why, none(c.now()));
+                }
             }
         }
         let Some(tree) = tree else {
-            return self.early_failed(id, none(c.now()));
+            return self.early_failed(id, "it has no commit", none(c.now()));
         };
         let covered: Vec<&Task> = members.iter().map(|(t, ..)| t).collect();
         let runs = self.runs_for(&covered);
-        let Ok(base_tree) = c.repo().tree_of(&tip).await else {
-            return self.early_failed(id, none(c.now()));
+        let base_tree = match c.repo().tree_of(&tip).await {
+            Ok(tree) => tree,
+            Err(e) => {
+                let why = format!("its tip's tree could not be read: {e}");
+                return self.early_failed(id, &why, none(c.now()));
+            }
         };
         let key = key(tree, base_tree, &runs);
         {
@@ -495,6 +510,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
     fn early_failed(
         &self,
         id: u64,
+        why: &str,
         end: (End, Arc<Vec<String>>, Millis, Millis),
     ) -> (End, Arc<Vec<String>>, Millis, Millis) {
         // Nothing was built: nothing to count. Its offers are not planned again on this tip
@@ -503,6 +519,7 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
         if let Some(at) = board.groups.iter().position(|g| g.id == id) {
             tracing::info!(
                 group = id,
+                %why,
                 "an early group could not be built on its tip; its train builds itself"
             );
             let gone = board.groups.remove(at).expect("found");

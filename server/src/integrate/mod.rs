@@ -1426,6 +1426,12 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
                     Input::BuiltMany(results)
                 }
                 Step::Journal { len, tip, commit } => {
+                    // A person's hold on landing: nothing lands, not even a train built
+                    // before it; it waits here, built, until the hold is lifted (the base
+                    // may have moved by then: the swap finds out and it is formed again).
+                    if !self.wait_while_held(train_id, riders, shutdown).await {
+                        return Ok(None);
+                    }
                     self.set_step(train_id, "landing".to_owned()).await;
                     let prefix = train.prefix(len);
                     let entries: Vec<(Journal, CommitId)> = prefix
@@ -1474,6 +1480,43 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             };
             train.on(input);
         }
+    }
+
+    /// Waits while a person holds landing (not a red base: a train in flight is how a red
+    /// base turns green again); false if the server is stopping meanwhile.
+    async fn wait_while_held(
+        &self,
+        train_id: i64,
+        riders: &[Rider<'_>],
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let c = self.c();
+        let mut moved = c.landing_moved();
+        let mut told = false;
+        while let Some(reason) = c.landing_hold() {
+            if !told {
+                told = true;
+                self.set_step(
+                    train_id,
+                    "held before landing: landing is paused (pipelinectl queue resume)".to_owned(),
+                )
+                .await;
+                for r in riders {
+                    r.log.line(format!(
+                        "built; held before landing while landing is paused ({reason})"
+                    ));
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                changed = moved.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// Cherry-picks `commit` (on `parent`) onto `onto`: the merge, or (`Ok(Err)`) why git
