@@ -136,6 +136,10 @@ fn verify_then_land_together(repo: &TestRepo, server: &Server, ids: &[&str]) {
         "{}",
         explain()
     );
+    // Nothing lands while landing is held: no task says when it will.
+    for w in queue["waiting"].as_array().into_iter().flatten() {
+        assert!(w["eta_seconds"].is_null(), "{w}: {}", explain());
+    }
     server.ctl(&["queue", "resume"]).ok();
 }
 

@@ -361,6 +361,8 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 {
                     None
                 }
+                // Nothing lands while landing is held: no estimate either.
+                TaskStatus::Verified if self.landing().landing_held() => None,
                 TaskStatus::Verified => self.landing().eta_secs(position, batch_max),
                 TaskStatus::Open
                     if waiting_for

@@ -350,7 +350,7 @@ pub async fn train(quick: bool) {
 /// p = 10%, with one build slot and speculative (`--build-slots 8 --integration-slots 2`).
 pub async fn train_30s(quick: bool) {
     let (build_secs, runners, tasks) = if quick { (0.2, 4, 8) } else { (30.0, 16, 32) };
-    let at = |marked, build_slots, integration_slots| Setup {
+    let at = |marked, build_slots, integration_slots, early| Setup {
         batch_max: 8,
         marked,
         build_secs,
@@ -360,24 +360,37 @@ pub async fn train_30s(quick: bool) {
         integration_slots,
         gather_ms: None,
         remote_builds: false,
-        early: false,
+        early,
         cpu_rounds: None,
     };
-    let p0 = run(at(0.0, 1, 1)).await;
-    let p10 = run(at(0.1, 1, 1)).await;
-    let p0_spec = run(at(0.0, 8, 2)).await;
-    let p10_spec = run(at(0.1, 8, 2)).await;
+    // `PIPELINE_BENCH_EARLY=only` runs the configuration with early builds alone.
+    let mut pairs = Vec::new();
+    if !only_early() {
+        pairs.push((
+            "one build slot",
+            run(at(0.0, 1, 1, false)).await,
+            run(at(0.1, 1, 1, false)).await,
+        ));
+        pairs.push((
+            "--build-slots 8 --integration-slots 2",
+            run(at(0.0, 8, 2, false)).await,
+            run(at(0.1, 8, 2, false)).await,
+        ));
+    }
+    pairs.push((
+        "--build-slots 8 --integration-slots 2 --early-builds",
+        run(at(0.0, 8, 2, true)).await,
+        run(at(0.1, 8, 2, true)).await,
+    ));
     println!(
         "merge trains, B = {build_secs} s, {runners} runners, {tasks} tasks, against issue 29's goals:"
     );
-    for (what, p0, p10) in [
-        ("one build slot", &p0, &p10),
-        ("--build-slots 8 --integration-slots 2", &p0_spec, &p10_spec),
-    ] {
+    for (what, p0, p10) in &pairs {
         print_goals(what, p0, p10, quick);
     }
-    let red: usize = [&p0, &p10, &p0_spec, &p10_spec]
+    let red: usize = pairs
         .iter()
+        .flat_map(|(_, p0, p10)| [p0, p10])
         .map(|f| f.red_on_base.len())
         .sum();
     println!(
@@ -944,14 +957,19 @@ pub async fn train_early(quick: bool) {
         early,
         cpu_rounds: None,
     };
-    // `PIPELINE_BENCH_EARLY=only` runs the two configurations with early builds alone.
-    let only_early = std::env::var("PIPELINE_BENCH_EARLY").is_ok_and(|v| v == "only");
-    let late = if only_early {
+    // `PIPELINE_BENCH_EARLY=only` runs the configurations with early builds alone.
+    let late = if only_early() {
         None
     } else {
         Some((run(at(0.0, false)).await, run(at(0.1, false)).await))
     };
     let early = (run(at(0.0, true)).await, run(at(0.1, true)).await);
+    // Early builds with the train builds on runners: an early build is then a build job.
+    let remote = |marked| Setup {
+        remote_builds: true,
+        ..at(marked, true)
+    };
+    let early_remote = (run(remote(0.0)).await, run(remote(0.1)).await);
     println!(
         "merge trains, built after the runners' results and built early, against issue 29's goals:"
     );
@@ -959,6 +977,17 @@ pub async fn train_early(quick: bool) {
         print_goals("after the results", p0, p10, quick);
     }
     print_goals("--early-builds", &early.0, &early.1, quick);
+    print_goals(
+        "--early-builds --remote-builds",
+        &early_remote.0,
+        &early_remote.1,
+        quick,
+    );
+}
+
+/// Whether `PIPELINE_BENCH_EARLY=only` asks for the configurations with early builds alone.
+fn only_early() -> bool {
+    std::env::var("PIPELINE_BENCH_EARLY").is_ok_and(|v| v == "only")
 }
 
 /// One line of issue 29's goals for a configuration's p = 0 and p = 10% runs (judged only at
