@@ -1311,10 +1311,20 @@ impl Worktree {
 
     /// Rewrites what the repository's objects borrow (a process in the worktree may have
     /// pointed its alternates anywhere), before this process reads its objects.
+    ///
+    /// It also removes what a process may have left at the end of the repository's
+    /// `packed-refs` link (see [`Worktree::prepare`]): this process's git never reads a
+    /// `packed-refs` written in the sandbox.
     pub fn restore_alternates(&self) -> std::io::Result<()> {
         let Some(borrows) = &self.borrows else {
             return Ok(());
         };
+        for name in [PACKED_REFS, "packed-refs.lock"] {
+            let path = self.admin.join(name);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                remove_any(&path)?;
+            }
+        }
         let info = self.objects().join("info");
         std::fs::create_dir_all(&info)?;
         let _ = std::fs::remove_file(info.join("http-alternates"));
@@ -1341,6 +1351,8 @@ impl Worktree {
                     .map_err(|e| io("create the repository", e))?;
                 own.init_bare().await?;
             }
+            self.link_packed_refs()
+                .map_err(|e| io("link packed-refs", e))?;
             &own
         } else {
             repo
@@ -1386,6 +1398,24 @@ impl Worktree {
             )));
         }
         Ok(())
+    }
+
+    /// For a repository of the worktree's own: makes its `packed-refs` a link to the same
+    /// name in the worktree's git directory (where nothing is). Git locks `packed-refs` to
+    /// delete any ref, and `git commit` deletes the worktree's `AUTO_MERGE` every time; the
+    /// repository's directory is read-only in the sandbox (its configuration and hooks run as
+    /// this process), so every commit logged "Unable to create …/packed-refs.lock: Permission
+    /// denied". Git takes the lock beside the link's target, in the worktree's git directory,
+    /// which its agent writes anyway; nothing is ever packed there, and what a process leaves
+    /// there is removed before this process's git runs ([`Worktree::restore_alternates`]).
+    fn link_packed_refs(&self) -> std::io::Result<()> {
+        let link = self.common.join(PACKED_REFS);
+        if std::fs::symlink_metadata(&link).is_ok() {
+            return Ok(());
+        }
+        let name = self.admin.file_name().unwrap_or_default();
+        let target = Path::new("worktrees").join(name).join(PACKED_REFS);
+        std::os::unix::fs::symlink(target, link)
     }
 
     /// Rewrites the worktree's git state from what this process knows: `.git` naming its git
@@ -1439,6 +1469,9 @@ impl Worktree {
         self.restore_alternates()
     }
 }
+
+/// The file git keeps packed refs in, in a repository's common directory.
+const PACKED_REFS: &str = "packed-refs";
 
 /// Removes a file, a link or a directory tree (a link is removed, not followed).
 fn remove_any(path: &Path) -> std::io::Result<()> {

@@ -682,3 +682,33 @@ fn a_hostile_agent_and_build_run_as_a_separate_user_on_the_servers_host_reach_no
     let status = server.ctl(&["status", "--json"]).json();
     assert_eq!(status["sandbox"], "user");
 }
+
+/// An agent's ordinary `git commit` in its sandbox leaves no error in its log: git deletes the
+/// worktree's `AUTO_MERGE` on every commit, which locks `packed-refs` in the slot's repository,
+/// a directory the sandbox keeps read-only (its configuration and hooks are the runner's). The
+/// commit succeeded before too, but "Unable to create …/packed-refs.lock: Permission denied"
+/// in every task's log alarmed people. The slot's repository itself stays out of reach.
+#[test]
+fn an_agents_git_commit_in_the_sandbox_logs_no_permission_error() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--no-verify"]);
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&agent_args(&[])));
+    let id = server.add(&["--title", "plain"]);
+    server.wait_status(&id, "done");
+    // A second lease in the same slot, on the slot's repository as the first one left it.
+    let again = server.add(&["--title", "again"]);
+    server.wait_status(&again, "done");
+    for task in [&id, &again] {
+        let log = server.ctl(&["logs", task]).ok();
+        assert!(!log.contains("packed-refs"), "{log}");
+        assert!(!log.contains("Permission denied"), "{log}");
+    }
+    // What the agent can write stays its own: the slot's repository (its configuration, its
+    // refs) is not writable from inside the sandbox.
+    let common = repo.dir.path().join("runners/r/slot-git/0");
+    assert!(
+        common.join("config").is_file(),
+        "the slot's repository is where it was"
+    );
+    drop(runner);
+}
