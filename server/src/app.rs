@@ -353,7 +353,10 @@ pub fn lease_ttl_warning(lease_ttl: u64, leader_ttl: u64) -> Option<String> {
     let least = leader_ttl.saturating_add(pipeline_runner::wire::GIVES_UP_AFTER.as_secs());
     (lease_ttl < least).then(|| {
         format!(
-            "--lease-ttl {lease_ttl}s is shorter than --leader-ttl {leader_ttl}s plus the 20s a              runner takes to give a frozen leader up: a takeover from a frozen leader would              cost the running agents their leases (their work runs again); give --lease-ttl              at least {least}s"
+            "--lease-ttl {lease_ttl}s is shorter than --leader-ttl {leader_ttl}s plus the 20s a \
+             runner takes to give a frozen leader up: a takeover from a frozen leader would \
+             cost the running agents their leases (their work runs again); give --lease-ttl \
+             at least {least}s"
         )
     })
 }
@@ -1586,6 +1589,7 @@ mod tests {
         let warning = lease_ttl_warning(10, 2).expect("too short");
         assert!(warning.contains("at least 22s"), "{warning}");
         assert!(!warning.contains('\n'), "one line: {warning}");
+        assert!(!warning.contains("  "), "words one space apart: {warning}");
         assert!(lease_ttl_warning(29, 10).is_some());
     }
 }
