@@ -1533,3 +1533,43 @@ fn a_panicking_job_gives_its_lease_back_and_frees_its_slot() {
     let _sound = Runner::start(&repo, &server, "sound", &sound);
     server.wait_status(&id, "done");
 }
+
+/// A server that stops in the middle of sending a lease's base bundle ends the stream with
+/// an error (`UNAVAILABLE`), not as if the bundle were whole: the runner fetches it again from
+/// the restarted server and keeps its lease (no lease given back, nothing charged). The send
+/// is held after its first chunk by a fault point, so the stop always falls mid-stream.
+#[test]
+fn a_server_stopped_mid_base_fetch_tells_the_runner_which_fetches_again() {
+    let repo = TestRepo::new();
+    // A base of several chunks (256 KiB each): 2 MiB of hex digits that do not repeat.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let big: String = (0..(2 << 20) / 16)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("{x:016x}")
+        })
+        .collect();
+    repo.push_to_main("big.txt", &big);
+    let gate = repo.dir.path().join("gate");
+    let mut cmd = Server::command(&repo, &["--no-verify"]);
+    cmd.env("PIPELINE_FAILPOINT", "base-fetch-mid-stream")
+        .env("PIPELINE_FAILPOINT_FILE", &gate);
+    let server = Server::spawn(&mut cmd).unwrap_or_else(|log| panic!("server:\n{log}"));
+    let addr = server.addr.clone();
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&scripted_agent()));
+    let id = server.add(&["--title", "fetched"]);
+    wait_for("the base fetch to be held mid-stream", || {
+        gate.with_extension("reached").exists().then_some(())
+    });
+    let status = server.terminate();
+    assert!(status.success(), "{status}");
+    let server = Server::start(&repo, &["--no-verify", "--listen", &addr]);
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+    let dev = runs(&task).iter().filter(|r| r["phase"] == "dev").count();
+    assert_eq!(dev, 1, "the lease was kept, not given back: {task}");
+    assert_eq!(repo.landed(), [id.as_str()], "landed once");
+    drop(runner);
+}

@@ -553,9 +553,13 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             .map_err(status_from_error)?;
         let deadline = self.fetch_base_timeout;
         let (runner, lease_id) = (id.to_owned(), lease.id);
-        // Only a runner too slow to read is told: at shutdown the stream just ends.
-        let late = move |unsent| {
-            (unsent == Unsent::Late).then(|| {
+        // A runner too slow to read is told, and so is one whose server stops mid-stream (a
+        // stream that just ended would pass for a whole bundle, and the runner would give its
+        // lease back for a base it cannot store).
+        let late = move |unsent| match unsent {
+            Unsent::Shutdown => Some(shutting_down()),
+            Unsent::Stopped => None,
+            Unsent::Late => Some({
                 tracing::warn!(
                     %runner,
                     lease = %lease_id,
@@ -567,7 +571,7 @@ impl<S: Store> RunnerService for RunnerApi<S> {
                      fetch it again",
                     deadline.as_secs()
                 ))
-            })
+            }),
         };
         Ok(Response::new(
             self.send_bundle_within(BundleStream::new(child), late),
@@ -758,10 +762,12 @@ impl<S: Store> RunnerService for RunnerApi<S> {
             .await
             .map_err(status_from_error)?;
         // Whatever cut it short, the runner is told to fetch it again.
-        let unsent = |_| {
-            Some(Status::deadline_exceeded(
-                "the build's bundle was not read in time; fetch it again",
-            ))
+        let unsent = |unsent| {
+            Some(if unsent == Unsent::Shutdown {
+                shutting_down()
+            } else {
+                Status::deadline_exceeded("the build's bundle was not read in time; fetch it again")
+            })
         };
         Ok(Response::new(
             self.send_bundle_within(BundleStream::new(child), unsent),
@@ -827,7 +833,9 @@ impl<S: Store> RunnerApi<S> {
                 () = shutdown.cancelled() => Unsent::Shutdown,
             };
             if let Some(status) = tell(unsent) {
-                let _ = tx.try_send(Err(status));
+                // Room for it even when the runner has not read the chunks before it: the
+                // status must follow them, or the stream would end as if it were whole.
+                let _ = tokio::time::timeout(STATUS_SEND, tx.send(Err(status))).await;
             }
             // SIGKILL and reap; whatever git started dies on the closed pipe.
             bundle.stop().await;
@@ -983,16 +991,29 @@ enum Unsent {
     Stopped,
 }
 
+/// How long a bundle stream that stops waits for room to say why.
+const STATUS_SEND: Duration = Duration::from_secs(2);
+
+/// Why a bundle stream stopped at shutdown: the runner fetches it again from the server that
+/// comes back (or the next one), as it does when the server is away.
+fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down; fetch the bundle again")
+}
+
 /// Sends the bundle's chunks, then reports git's failure if it failed.
 async fn send_bundle(
     bundle: &mut BundleStream,
     tx: &mpsc::Sender<Result<pb::BundleChunk, Status>>,
 ) -> Sent {
+    let mut first = true;
     loop {
         match bundle.next_chunk(CHUNK_BYTES).await {
             Ok(Some(data)) => {
                 if tx.send(Ok(pb::BundleChunk { data })).await.is_err() {
                     return Sent::Stopped;
+                }
+                if std::mem::take(&mut first) {
+                    crate::failpoint::pause_at("base-fetch-mid-stream").await;
                 }
             }
             Ok(None) => return Sent::All,
