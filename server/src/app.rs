@@ -201,6 +201,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped>
             tracing::warn!(sandbox = %sandbox.kind(), "builds and agents run unconfined (--no-sandbox): they can read the server's tokens and database")
         }
     }
+    if let Some(warning) = verification_off_warning(&config) {
+        tracing::warn!("{warning}");
+    }
     let store = database.open().await?;
     // Several servers on one PostgreSQL database (issue 28): one leads, the others serve the
     // read calls as standbys. Winning the lease, a server goes on exactly as a restarted one
@@ -361,6 +364,35 @@ pub fn lease_ttl_warning(lease_ttl: u64, leader_ttl: u64) -> Option<String> {
     })
 }
 
+/// Whether runners are asked for early offers: with `--early-builds`, and only when the
+/// server verifies (with `--no-verify` trains never build, so an offer would travel and be
+/// checked for nothing).
+fn takes_offers(config: &Config) -> bool {
+    config.early_builds && config.verify.verifier() != pipeline_core::verify::Verifier::Off
+}
+
+/// What `--no-verify` turns off of the flags given with it (`--early-builds`,
+/// `--remote-builds`: trains never build), if any: said once at start-up, in one line.
+pub fn verification_off_warning(config: &Config) -> Option<String> {
+    if config.verify.verifier() != pipeline_core::verify::Verifier::Off {
+        return None;
+    }
+    let idle: Vec<&str> = [
+        (config.early_builds, "--early-builds"),
+        (config.remote_builds, "--remote-builds"),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect();
+    (!idle.is_empty()).then(|| {
+        format!(
+            "{} does nothing with --no-verify: trains land without a build, so nothing is built \
+             early or on runners (runners are not asked for offers)",
+            idle.join(" and ")
+        )
+    })
+}
+
 /// What every phase of a server's life shares. On PostgreSQL (issue 28) one process may serve
 /// as a standby, lead, lose the lead and serve as a standby again, on one listening socket (a
 /// connection made between two phases waits in its backlog).
@@ -417,7 +449,7 @@ impl Ground {
             batch_max: config.batch_max as usize,
             prompt: Arc::clone(&self.prompt),
             verify_on_server: config.verify_on_server,
-            early_builds: config.early_builds,
+            early_builds: takes_offers(config),
         }
     }
 

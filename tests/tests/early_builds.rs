@@ -10,6 +10,9 @@
 //! runners' verifications while the server's early build runs, and fails a task's first attempt
 //! when the task's description asks for it (`FAIL-VERIFY-ONCE` in its notes is not used: the
 //! attempts file the scripted agent keeps says which attempt it is).
+//!
+//! A log line checked on purpose (the line is the feature): the server's start-up warning
+//! that `--early-builds` does nothing with `--no-verify`.
 
 use pipeline_tests::{Runner, Server, TestRepo, agent_args, as_strs, runs, wait_for};
 use serde_json::Value;
@@ -190,4 +193,24 @@ fn sigkill_of_the_server_during_an_early_build_then_restart_lands_each_once() {
     let mut landed = repo.landed();
     landed.sort();
     assert_eq!(landed, ids, "each once");
+}
+
+/// `--early-builds` with `--no-verify` (a mistake people make trying it out): trains never
+/// build, so nothing would be built early; the server says so at start, in one line (it also
+/// asks runners for no offers, which would travel and be checked for nothing), and tasks land
+/// as without the flag.
+#[test]
+fn early_builds_with_verification_off_say_at_start_that_they_do_nothing() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--early-builds", "--no-verify"]);
+    let log = server.log();
+    assert!(
+        log.contains("--early-builds does nothing with --no-verify"),
+        "{log}"
+    );
+    let _r = Runner::start(&repo, &server, "r", &as_strs(&agent_args(&[])));
+    let id = server.add(&["--title", "plain"]);
+    let t = server.wait_status(&id, "done");
+    assert_eq!(t["failures"], 0, "{t}");
+    assert_eq!(repo.landed(), [id.as_str()], "landed once");
 }
