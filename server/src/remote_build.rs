@@ -65,9 +65,10 @@ impl<S: Store> ServerBuilder<S> {
 /// What came of one build job.
 enum Attempt {
     Done(Built),
-    /// The runner could not build it: try another.
+    /// The runner could not build it (why): try another.
     Elsewhere {
         runner: String,
+        why: String,
     },
     /// No runner could take it for the whole wait: build it here.
     Here,
@@ -82,6 +83,7 @@ impl<S: Store> Remote<S> {
         log: &(dyn Fn(&str) + Send + Sync),
     ) -> Option<Built> {
         let mut avoid: Vec<String> = Vec::new();
+        let mut failed = None;
         while avoid.len() < MAX_RUNNERS_TRIED {
             let spec = RemoteJob {
                 commit: job.commit.clone(),
@@ -94,12 +96,16 @@ impl<S: Store> Remote<S> {
                     .collect(),
                 requires: self.requires.clone(),
                 avoid: avoid.clone(),
+                failed: failed.clone(),
                 wait: self.wait,
             };
             let ticket = self.coordinator.submit_build(spec);
             match self.attempt(ticket, &avoid, shutdown, log).await {
                 Attempt::Done(built) => return Some(built),
-                Attempt::Elsewhere { runner } => avoid.push(runner),
+                Attempt::Elsewhere { runner, why } => {
+                    failed = Some(format!("runner {runner} could not: {why}"));
+                    avoid.push(runner);
+                }
                 Attempt::Here => return None,
             }
         }
@@ -157,7 +163,7 @@ impl<S: Store> Remote<S> {
                                 "runner {runner} could not build it (not a task's fault): {why}; \
                                  building it elsewhere"
                             ));
-                            Attempt::Elsewhere { runner }
+                            Attempt::Elsewhere { runner, why }
                         }
                         // The board let go of it (it cannot: only a withdraw does).
                         Err(_) => Attempt::Here,

@@ -383,3 +383,71 @@ fn queue_says_a_build_waits_for_a_runner_with_the_build_labels() {
     assert_eq!(q["train"]["runners"], serde_json::json!([]), "{q}");
     assert!(builds(&repo).is_empty(), "nothing built yet");
 }
+
+/// A build job given back by the only runner with the build label (its verifier's program is
+/// missing there): nobody is charged, and `queue` says why no connected runner can take the
+/// build. It said only "none connected can take it" while that runner sat connected, idle and
+/// healthy, the reason in the server's log alone.
+#[test]
+fn queue_says_why_the_runner_with_the_build_label_could_not_build() {
+    let repo = TestRepo::new();
+    // The build's program is on the dev runner's PATH, not on the builder's.
+    let bin = repo.dir.path().join("dev-bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let program = bin.join("only-on-dev");
+    std::fs::write(&program, "#!/bin/sh\nexit 0\n").expect("write");
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let server = Server::start(
+        &repo,
+        &[
+            "--remote-builds",
+            "--verify-on-server",
+            "always",
+            "--build-cmd",
+            "only-on-dev",
+            "--build-requires",
+            "builder",
+            "--remote-build-wait",
+            "1m",
+        ],
+    );
+    let path = format!("{}:{}", bin.display(), pipeline_tests::scripts_path());
+    let args = agent_args(&[]);
+    let _dev = Runner::spawn_with_env(
+        &repo,
+        &server.url,
+        "dev",
+        &as_strs(&args),
+        &[("PATH", &path)],
+    );
+    server.ctl(&["queue", "pause", "--landing-only"]).ok();
+    add(&server, "m1");
+    server.wait_status("m1", "verified");
+    // The builder comes once the task is verified: its one slot takes the build job first.
+    let _b = runner(&repo, &server, "b", &["--label", "builder"]);
+    server.ctl(&["queue", "resume"]).ok();
+    let q = server.wait_queue("the build given back by b", |q| {
+        q["train"]["step"]
+            .as_str()
+            .is_some_and(|s| s.contains("runner b could not"))
+    });
+    let step = q["train"]["step"].as_str().expect("a step");
+    assert!(
+        step.contains("none connected can take it (runner b could not: ")
+            && step.contains("only-on-dev is not on PATH"),
+        "{q}"
+    );
+    assert!(!step.contains('\n'), "one line: {step}");
+    let task = server.show("m1");
+    assert_eq!(task["failures"], 0, "nobody charged: {task}");
+    let b = server
+        .runners()
+        .into_iter()
+        .find(|r| r["name"] == "b")
+        .expect("b");
+    assert_eq!(b["health"], "healthy", "one failure: {b}");
+}

@@ -38,6 +38,9 @@ pub struct RemoteJob {
     pub requires: Vec<String>,
     /// Runners (by name) not to hand it to: they failed it.
     pub avoid: Vec<String>,
+    /// Why the last of them could not build it (`runner NAME could not: WHY`), for `queue`
+    /// to say when none left can take it.
+    pub failed: Option<String>,
     /// How long it waits while no connected runner can take it before the server builds it
     /// itself (`--remote-build-wait`), for `queue` to say.
     pub wait: std::time::Duration,
@@ -53,6 +56,8 @@ pub(crate) struct WaitingBuild {
     pub wait: std::time::Duration,
     /// Whether a connected runner may take it (its slots are busy); else none can.
     pub able: bool,
+    /// Why the last runner that had it could not build it ([`RemoteJob::failed`]).
+    pub failed: Option<String>,
 }
 
 /// How a build job ended.
@@ -186,6 +191,7 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
                 tasks: spec.runs.iter().filter_map(|(_, t)| t.clone()).collect(),
                 requires: spec.requires,
                 wait: spec.wait,
+                failed: spec.failed,
             })
             .collect()
     }

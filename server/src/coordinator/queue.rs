@@ -404,11 +404,10 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
     }
 }
 
-/// Landing's feed entry: `paused` (with why) or `resumed` (and why), as it is after the
-/// change.
 /// Why a train's build, a job on the board, has not started: the runners it needs are busy, or
 /// none connected can take it (none has the labels, or each is drained, unhealthy or already
-/// failed it), and then the server builds it itself after the wait.
+/// failed it: then the last failure is said, or an idle runner with the labels would seem to
+/// be ignored), and then the server builds it itself after the wait.
 fn waiting_for_a_builder(w: &super::builds::WaitingBuild) -> String {
     if w.able {
         return "waiting for a free slot on a runner that can build it".to_owned();
@@ -421,12 +420,27 @@ fn waiting_for_a_builder(w: &super::builds::WaitingBuild) -> String {
             w.requires.join(", ")
         )
     };
+    let failed = w
+        .failed
+        .as_deref()
+        .map_or_else(String::new, |f| format!(" ({})", one_line(f)));
     format!(
-        "{who}; the server builds it itself after {} s",
+        "{who}{failed}; the server builds it itself after {} s",
         w.wait.as_secs()
     )
 }
 
+/// `text` on one line: its lines joined with " … ".
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" … ")
+}
+
+/// Landing's feed entry: `paused` (with why) or `resumed` (and why), as it is after the
+/// change.
 fn landing_entry(at: crate::domain::Millis, paused: bool, why: &str) -> NewEntry {
     let (kind, state) = if paused {
         ("paused", "paused")
