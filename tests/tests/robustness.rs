@@ -18,7 +18,7 @@
 use std::process::Command;
 
 use pipeline_tests::{
-    Runner, Server, TestRepo, as_strs, bin, runs, scripted_agent, scripts_dir, wait_for,
+    Runner, Server, TestRepo, agent_args, as_strs, bin, runs, scripted_agent, scripts_dir, wait_for,
 };
 use serde_json::Value;
 
@@ -1572,4 +1572,33 @@ fn a_server_stopped_mid_base_fetch_tells_the_runner_which_fetches_again() {
     assert_eq!(dev, 1, "the lease was kept, not given back: {task}");
     assert_eq!(repo.landed(), [id.as_str()], "landed once");
     drop(runner);
+}
+
+/// Runners unhealthy for the same reason are named together, the reason said once: a queue
+/// of tasks each said the whole reason again for every runner (three runners missing the
+/// build command's program made each task's line about 1000 characters of the same text).
+#[test]
+fn runners_unhealthy_for_one_reason_are_named_together_the_reason_once() {
+    let repo = TestRepo::new();
+    let server = Server::start(&repo, &["--build-cmd", "not-installed-anywhere"]);
+    let args = agent_args(&["--max-infra-failures", "1"]);
+    let _r1 = Runner::start(&repo, &server, "r1", &as_strs(&args));
+    let _r2 = Runner::start(&repo, &server, "r2", &as_strs(&args));
+    let id = server.add(&["--title", "waits"]);
+    wait_for("both runners to turn unhealthy", || {
+        let runners = server.runners();
+        runners
+            .iter()
+            .all(|r| r["health"] == "unhealthy")
+            .then_some(())
+    });
+    let task = server.show(&id);
+    let waiting = task["waiting_for"].to_string();
+    assert!(waiting.contains("r1 and r2 are unhealthy: "), "{task}");
+    assert_eq!(
+        waiting.matches("not-installed-anywhere").count(),
+        1,
+        "the reason once: {task}"
+    );
+    assert!(waiting.contains("restart the runners"), "{task}");
 }

@@ -42,23 +42,37 @@ pub struct Resting {
     pub unhealthy: Option<String>,
 }
 
-impl Resting {
-    fn describe(&self) -> String {
-        match &self.unhealthy {
-            Some(reason) => format!(
-                "{} is unhealthy: {reason} (fix that, then restart the runner)",
-                self.name
-            ),
-            None => format!("{} is draining", self.name),
+/// What the runners of `resting` are doing instead of taking work, in one sentence's tail:
+/// those in the same state (draining, or unhealthy for the same reason) named together, so a
+/// reason shared by the fleet is said once.
+fn describe_resting(resting: &[&Resting]) -> String {
+    let mut groups: Vec<(&Option<String>, Vec<&str>)> = Vec::new();
+    for r in resting {
+        match groups.iter_mut().find(|(why, _)| **why == r.unhealthy) {
+            Some((_, names)) => names.push(&r.name),
+            None => groups.push((&r.unhealthy, vec![&r.name])),
         }
     }
-}
-
-/// What the runners of `resting` are doing instead of taking work, in one sentence's tail.
-fn describe_resting(resting: &[&Resting]) -> String {
-    resting
-        .iter()
-        .map(|r| r.describe())
+    groups
+        .into_iter()
+        .map(|(why, names)| {
+            let one = names.len() == 1;
+            let names = match names.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+                _ => names.concat(),
+            };
+            let (is, runner) = if one {
+                ("is", "runner")
+            } else {
+                ("are", "runners")
+            };
+            match why {
+                Some(reason) => format!(
+                    "{names} {is} unhealthy: {reason} (fix that, then restart the {runner})"
+                ),
+                None => format!("{names} {is} draining"),
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
