@@ -194,6 +194,12 @@ impl<S: Store, R: Repository> Coordinator<S, R> {
         self.counts_mut().as_ref().map(|c| c.in_progress)
     }
 
+    /// How many tasks are Open now (waiting for a lease, or for their back-off or
+    /// dependencies), once counted.
+    pub fn open_now(&self) -> Option<u64> {
+        self.counts_mut().as_ref().map(|c| c.open)
+    }
+
     /// The depth of speculation in use (trains built at once) and its ceiling
     /// (`--integration-slots`), shown by `status`; a change after a train (`green`: it was
     /// green; else red) is a `depth` entry of the feed (its own transaction; one that cannot

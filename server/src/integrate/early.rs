@@ -343,17 +343,30 @@ impl<S: Store, R: Repository, B: Builder> Integrator<S, R, B> {
             return Ok(None);
         }
         // Gathered like a train: the window from the first fresh offer, unless the group is
-        // full or every leased task has offered already (no more can come). The window is at
+        // full or no more can come (every leased task has offered, none waits for a lease). The window is at
         // least half a build: a commit offered that much later still has its result about
         // when the group's build ends (a runner's verification takes about a build), so
         // gathering it costs little time and saves a build of its own.
+        // Before any early build has ended its length is not known: while the first one
+        // builds, the next group gathers until it ends (woken then).
         let first = fresh.iter().map(|(_, o)| o.at).min().unwrap_or_default();
-        let half_build = self.board().last_build.unwrap_or(0) / 2;
+        let (last_build, first_building) = {
+            let board = self.board();
+            let building = board.groups.iter().any(|g| g.done.borrow().is_none());
+            (board.last_build, board.last_build.is_none() && building)
+        };
+        let half_build = last_build.unwrap_or(0) / 2;
         let window = Millis::try_from(self.gather_window.as_millis())
             .unwrap_or(Millis::MAX)
             .max(half_build);
         let wait = first.saturating_add(window) - c.now();
-        let all_offered = c.leased_now().is_some_and(|n| n <= offers.len() as u64);
+        // No more can come: every leased task has offered, and no task waits for a lease
+        // (a runner whose result comes leases the next one, whose offer follows soon).
+        let all_offered =
+            c.leased_now().is_some_and(|n| n <= offers.len() as u64) && c.open_now() == Some(0);
+        if chosen.len() < batch_max && !all_offered && first_building {
+            return Ok(None);
+        }
         if chosen.len() < batch_max && wait > 0 && !all_offered {
             let wait = std::time::Duration::from_millis(u64::try_from(wait).unwrap_or(0));
             return Ok(Some(tokio::time::Instant::now() + wait));
