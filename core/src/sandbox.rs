@@ -602,6 +602,26 @@ pub fn landlock_abi() -> Option<i32> {
 }
 
 impl Policy {
+    /// The files an operator's command line names by absolute path (as [`Rules::named_in`]
+    /// reads them) that this policy does not let the process read: under a Landlock policy,
+    /// those beneath no grant. Empty under a separate user (file modes decide there) or when
+    /// every one is readable.
+    pub fn unreadable_in<'a>(&self, commands: impl IntoIterator<Item = &'a str>) -> Vec<PathBuf> {
+        if self.user.is_some() {
+            return Vec::new();
+        }
+        commands
+            .into_iter()
+            .flat_map(|c| shell_words::split(c).unwrap_or_default())
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute() && p.exists())
+            .filter(|p| {
+                canonical(p)
+                    .is_none_or(|p| !self.rules.iter().any(|(grant, _)| p.starts_with(grant)))
+            })
+            .collect()
+    }
+
     /// Hands the process's own trees ([`Policy::owned`]) to its separate user, if it has one:
     /// owner and group, recursively. The walk holds each directory open and never follows a
     /// link (a link swapped in while it walks is changed itself, not its target), and leaves a
@@ -703,6 +723,27 @@ fn chown_tree<P: rustix::path::Arg + Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A command naming a script beneath no grant is told (a runner then gives the lease
+    /// back before its agent runs); beneath a grant, or named by a relative path, it is not.
+    #[test]
+    fn a_command_naming_a_file_beneath_no_grant_is_told() {
+        let dir = tree();
+        let script = dir.path().join("a/open/build.sh");
+        std::fs::write(&script, "true").expect("write");
+        let cmd = format!("sh {} --fast", script.display());
+        let mut rules = Rules::default();
+        rules.read("/usr");
+        assert_eq!(rules.policy().unreadable_in([cmd.as_str()]), vec![script]);
+        assert!(
+            rules
+                .policy()
+                .unreadable_in(["sh ./build.sh", "/usr/bin/env true"])
+                .is_empty()
+        );
+        rules.read(dir.path().join("a/open"));
+        assert!(rules.policy().unreadable_in([cmd.as_str()]).is_empty());
+    }
 
     fn tree() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("dir");

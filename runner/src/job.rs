@@ -294,6 +294,28 @@ async fn develop(
             );
             return Err(JobEnd::Infra(reason));
         }
+        // A file the server's command names by absolute path is readable by builds only if
+        // this runner's sandbox grants it (never on the server's word alone, below): one it
+        // cannot read would fail every verification after the agent has run. Given back
+        // now, uncharged, saying what to grant.
+        if verifier != ctx.config.verify.verifier()
+            && let Some(policy) = ctx.sandbox.policy(&Rules::default())
+            && let Some(file) = policy.unreadable_in(verifier.commands()).first()
+        {
+            let dir = file.parent().unwrap_or(file);
+            let reason = format!(
+                "the server's verification runs {}, which this runner's sandbox does not let \
+                 builds read; pass --sandbox-read {} to this runner, or keep the script in the \
+                 repository",
+                file.display(),
+                dir.display()
+            );
+            log.note(
+                dev,
+                &format!("infrastructure failure (not the task's): {reason}"),
+            );
+            return Err(JobEnd::Infra(reason));
+        }
     }
 
     fetch_base(ctx, a, cancel).await?;

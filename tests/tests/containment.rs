@@ -712,3 +712,46 @@ fn an_agents_git_commit_in_the_sandbox_logs_no_permission_error() {
     );
     drop(runner);
 }
+
+/// The server's verification runs a script by absolute path that this runner's sandbox does
+/// not let builds read (never granted on the server's word alone): the runner gives the lease
+/// back before its agent runs, uncharged, saying what to grant; with `--sandbox-read` on that
+/// directory the task lands.
+#[test]
+fn a_server_script_the_runners_sandbox_cannot_read_is_told_before_the_agent_runs() {
+    let repo = TestRepo::new();
+    let ci = repo.dir.path().join("ci");
+    std::fs::create_dir_all(&ci).expect("mkdir");
+    let script = ci.join("build.sh");
+    std::fs::write(&script, "true\n").expect("write the build");
+    let build = format!("sh {}", script.display());
+    let server = Server::start(&repo, &["--build-cmd", &build]);
+    let runner = Runner::start(&repo, &server, "r", &as_strs(&agent_args(&[])));
+    let id = server.add(&["--title", "t"]);
+    let task = server.wait_task(&id, "a lease given back, saying what to grant", |t| {
+        runs(t).iter().any(|r| {
+            r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("--sandbox-read"))
+        })
+    });
+    assert_eq!(task["failures"], 0, "nobody charged: {task}");
+    let why = runs(&task)
+        .iter()
+        .find_map(|r| r["error"].as_str().map(str::to_owned))
+        .expect("a reason");
+    assert!(why.contains(&script.display().to_string()), "{why}");
+    assert!(
+        repo.agent_file(&format!("{id}.attempts")).is_none(),
+        "no agent ran"
+    );
+    // The runner stops taking leases it cannot verify (unhealthy, saying why); one granted
+    // the directory takes the task and lands it.
+    server.wait_runner("r", "unhealthy", |r| r["health"] == "unhealthy");
+    let ci = ci.display().to_string();
+    let args = agent_args(&["--sandbox-read", &ci]);
+    let _granted = Runner::start(&repo, &server, "r2", &as_strs(&args));
+    let task = server.wait_status(&id, "done");
+    assert_eq!(task["failures"], 0, "{task}");
+    drop(runner);
+}
