@@ -300,14 +300,16 @@ fn connections_that_never_speak_are_closed_and_capped() {
             pipeline_tests::DEADLINE
         );
     }
-    // The limit was reached and said so once for the burst, not once per connection.
+    // The limit was reached and said so once a burst, not once per connection: 150 of the
+    // 200 are over the limit; a loaded machine lets a few slots free up mid-burst (14 warnings
+    // seen in CI), each starting a burst of its own.
     let warnings = server
         .log()
         .lines()
         .filter(|l| l.contains("connection limit reached"))
         .count();
     assert!(
-        (1..10).contains(&warnings),
+        (1..40).contains(&warnings),
         "{warnings} warnings:\n{}",
         server.log()
     );

@@ -110,6 +110,8 @@ fn verify_then_land_together(repo: &TestRepo, server: &Server, ids: &[&str]) {
             !released(repo, id),
             "the agent of {id} was released already: it would not wait for landing to be held"
         );
+        // Leased first (a timeout here prints the server's log), then its agent started.
+        server.wait_status(id, "in_progress");
         repo.wait_agent(id);
     }
     server.ctl(&["queue", "pause", "--landing"]).ok();
