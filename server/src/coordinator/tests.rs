@@ -982,6 +982,22 @@ async fn a_train_gathers_results_until_it_is_full_its_window_ends_or_nothing_is_
     ));
 }
 
+/// Ten Verified tasks, each writing its own file `f0.txt` … `f9.txt`; the fourth's is red.
+/// Returns the file names, the runner and the tasks.
+async fn ten_verified_the_fourth_red(
+    w: &World,
+) -> (Vec<String>, (String, mpsc::Receiver<Push>), Vec<Task>) {
+    let names: Vec<String> = (0..10).map(|i| format!("f{i}.txt")).collect();
+    let files: Vec<[(&str, &str); 1]> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| [(n.as_str(), if i == 3 { "red" } else { "ok" })])
+        .collect();
+    let files: Vec<&[(&str, &str)]> = files.iter().map(|f| &f[..]).collect();
+    let (runner, tasks) = verified_tasks(w, &files).await;
+    (names, runner, tasks)
+}
+
 /// Two trains at once (`--integration-slots 2`): eight tasks in the first, one of them red,
 /// two in the second, built on the first's tip as if it had landed. The first lands three
 /// and charges the red one; the second's guess (with the red commit in it) never lands: it is
@@ -990,14 +1006,7 @@ async fn a_train_gathers_results_until_it_is_full_its_window_ends_or_nothing_is_
 async fn a_speculative_train_whose_predecessor_turns_red_lands_on_the_real_base_uncharged() {
     let w = world_verifying().await;
     let base = w.c.settings().base.clone();
-    let names: Vec<String> = (0..10).map(|i| format!("f{i}.txt")).collect();
-    let files: Vec<[(&str, &str); 1]> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| [(n.as_str(), if i == 3 { "red" } else { "ok" })])
-        .collect();
-    let files: Vec<&[(&str, &str)]> = files.iter().map(|f| &f[..]).collect();
-    let (_runner, tasks) = verified_tasks(&w, &files).await;
+    let (names, _runner, tasks) = ten_verified_the_fourth_red(&w).await;
     let c = &w.c;
     let builder = FakeBuilder::new(&w.repo).with_slots(2);
     let integrator = Integrator::new(Arc::clone(c), builder.clone()).speculating(2);
@@ -1060,14 +1069,7 @@ async fn a_speculative_train_whose_predecessor_turns_red_lands_on_the_real_base_
 #[tokio::test]
 async fn a_build_on_a_guess_is_stopped_when_the_train_ahead_finds_its_tip_red() {
     let w = world_verifying().await;
-    let names: Vec<String> = (0..10).map(|i| format!("f{i}.txt")).collect();
-    let files: Vec<[(&str, &str); 1]> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| [(n.as_str(), if i == 3 { "red" } else { "ok" })])
-        .collect();
-    let files: Vec<&[(&str, &str)]> = files.iter().map(|f| &f[..]).collect();
-    let (_runner, tasks) = verified_tasks(&w, &files).await;
+    let (names, _runner, tasks) = ten_verified_the_fourth_red(&w).await;
     let c = Arc::clone(&w.c);
     let builder = FakeBuilder::new(&w.repo).with_slots(8).holding();
     let integrator = Integrator::new(Arc::clone(&c), builder.clone()).speculating(2);
